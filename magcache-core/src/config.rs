@@ -1,0 +1,299 @@
+//! Configuration: the `[cache]` strategy table (a typetag trait object picked by `strategy = "..."`)
+//! and the whole run file. Unknown keys are errors everywhere.
+
+use crate::cache::TimestepCache;
+use crate::error::{Error, Result};
+use crate::registry::ModelInfo;
+use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+
+/// What a strategy config may consult when it builds its cache.
+pub struct BuildEnv<'a> {
+    /// The config file, for messages.
+    pub file: &'a str,
+    /// Directory relative paths in the config are resolved against.
+    pub base_dir: &'a Path,
+    /// The model the cache will run on: family, variant, published curves.
+    pub model: &'a ModelInfo,
+}
+
+impl BuildEnv<'_> {
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        let path = Path::new(p);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+}
+
+/// A strategy's configuration: the `[cache]` table. `strategy = "NAME"` selects the implementation.
+#[typetag::serde(tag = "strategy")]
+pub trait StrategyConfig: Debug + Send + Sync {
+    /// Checks the values; errors name `file` and the key.
+    fn validate(&self, file: &str) -> Result<()>;
+    /// Builds the cache; `None` means no caching.
+    fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>>;
+    /// True when decisions depend on the data (cannot be planned before a run).
+    fn decides_from_data(&self) -> bool {
+        true
+    }
+    /// The threshold the strategy's metric is compared with, if any (for reports and plots).
+    fn threshold(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// `strategy = "none"`: dense, no hooks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoCache {}
+
+#[typetag::serde(name = "none")]
+impl StrategyConfig for NoCache {
+    fn validate(&self, _file: &str) -> Result<()> {
+        Ok(())
+    }
+    fn build(&self, _env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        Ok(None)
+    }
+    fn decides_from_data(&self) -> bool {
+        false
+    }
+}
+
+inventory::submit! {
+    crate::registry::StrategyRegistration { name: "none", description: "no caching: every call computes every block (dense reference)" }
+}
+
+/// `weights = "path"` or, for two experts, `weights = ["high", "low"]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum WeightsSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl WeightsSpec {
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            WeightsSpec::One(s) => vec![s.as_str()],
+            WeightsSpec::Many(v) => v.iter().map(|s| s.as_str()).collect(),
+        }
+    }
+}
+
+/// `[model]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub family: String,
+    #[serde(default)]
+    pub weights: Option<WeightsSpec>,
+    /// `config.json` for a weights file that is not in a diffusers folder.
+    #[serde(default)]
+    pub config: Option<String>,
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub seed: u64,
+    /// Any config.json field, applied over the preset or the loaded config.
+    #[serde(default)]
+    pub overrides: Option<toml::Table>,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+/// `[inputs]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputsSection {
+    /// safetensors with `latents_init` and the conditioning tensors of the family.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Shape of seeded random latents when no file is given.
+    #[serde(default)]
+    pub latent_shape: Option<Vec<usize>>,
+    /// Text length of seeded random conditioning when no file is given.
+    #[serde(default)]
+    pub text_len: Option<usize>,
+    /// Seed of random inputs (default: the model seed).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Class-conditioned models: rows of `class_embeddings.safetensors` beside the weights.
+    #[serde(default)]
+    pub classes: Option<Vec<usize>>,
+}
+
+/// `[sampling]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingSection {
+    pub steps: usize,
+    #[serde(default)]
+    pub shift: Option<f64>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    /// Guidance of the low-noise expert (wan2.2); default: `guidance_scale`.
+    #[serde(default)]
+    pub guidance_scale_2: Option<f64>,
+    #[serde(default)]
+    pub boundary_ratio: Option<f64>,
+}
+
+/// A whole `RUN.toml`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub inputs: InputsSection,
+    pub sampling: SamplingSection,
+    /// Absent: no caching.
+    #[serde(default)]
+    pub cache: Option<Box<dyn StrategyConfig>>,
+}
+
+impl RunConfig {
+    /// Reads and validates a run file.
+    pub fn load(path: &Path) -> Result<RunConfig> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(&file, e))?;
+        let cfg = parse_toml::<RunConfig>(&text, &file)?;
+        cfg.validate(&file)?;
+        Ok(cfg)
+    }
+
+    /// Range checks that the types alone do not express.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        if self.sampling.steps == 0 {
+            return Err(Error::config(file, "sampling.steps", "must be at least 1"));
+        }
+        if let Some(s) = self.sampling.shift {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(Error::config(file, "sampling.shift", format!("must be a positive number, got {s}")));
+            }
+        }
+        for (k, v) in [("sampling.guidance_scale", self.sampling.guidance_scale), ("sampling.guidance_scale_2", self.sampling.guidance_scale_2)] {
+            if let Some(g) = v {
+                if !g.is_finite() {
+                    return Err(Error::config(file, k, format!("must be finite, got {g}")));
+                }
+            }
+        }
+        if let Some(b) = self.sampling.boundary_ratio {
+            if !(0.0..=1.0).contains(&b) {
+                return Err(Error::config(file, "sampling.boundary_ratio", format!("must lie in [0, 1], got {b}")));
+            }
+        }
+        if self.model.dtype != "f32" {
+            return Err(Error::config(
+                file,
+                "model.dtype",
+                format!("`{}` is not supported: only \"f32\" runs on CPU (candle has no bf16 matmul there)", self.model.dtype),
+            ));
+        }
+        if self.model.weights.is_some() && self.model.preset.is_some() {
+            return Err(Error::config(file, "model.preset", "give either `weights` or `preset`, not both"));
+        }
+        if self.model.weights.is_none() && self.model.preset.is_none() {
+            return Err(Error::config(file, "model.weights", "give `weights` (a checkpoint) or `preset` (a named architecture)"));
+        }
+        if let Some(shape) = &self.inputs.latent_shape {
+            if shape.is_empty() || shape.contains(&0) {
+                return Err(Error::config(file, "inputs.latent_shape", format!("every dimension must be positive, got {shape:?}")));
+            }
+        }
+        if self.inputs.text_len == Some(0) {
+            return Err(Error::config(file, "inputs.text_len", "must be at least 1"));
+        }
+        if let Some(c) = &self.cache {
+            c.validate(file)?;
+        }
+        Ok(())
+    }
+
+    /// The cache config, or `none`.
+    pub fn strategy(&self) -> &dyn StrategyConfig {
+        static NONE: NoCache = NoCache {};
+        self.cache.as_deref().unwrap_or(&NONE)
+    }
+}
+
+/// Parses TOML into `T`, turning a parse error into one line that names the file, the key and the
+/// position.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T> {
+    toml::from_str::<T>(text).map_err(|e| toml_error(text, file, &e))
+}
+
+fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
+    let msg = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return Error::config(file, "(document)", msg);
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    // The table the error is in: the last `[header]` before the error.
+    let mut table = String::new();
+    for line in text[..start].lines() {
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+    }
+    let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let key = if line.starts_with('[') {
+        line.trim_matches(|c| c == '[' || c == ']').trim().to_string()
+    } else if let Some((k, _)) = line.split_once('=') {
+        let k = k.trim();
+        if table.is_empty() {
+            k.to_string()
+        } else {
+            format!("{table}.{k}")
+        }
+    } else if table.is_empty() {
+        "(document)".to_string()
+    } else {
+        format!("[{table}]")
+    };
+    Error::config(format!("{file}:{line_no}"), key, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[model]\nfamily = \"wan2.1\"\npreset = \"x\"\n[sampling]\nsteps = 4\n";
+
+    #[test]
+    fn unknown_key_names_table_and_key() {
+        let text = format!("{BASE}bogus = 1\n");
+        let err = parse_toml::<RunConfig>(&text, "run.toml").unwrap_err().to_string();
+        assert!(err.contains("run.toml:6"), "{err}");
+        assert!(err.contains("sampling.bogus"), "{err}");
+    }
+
+    #[test]
+    fn none_strategy_and_unknown_strategy() {
+        let ok = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"none\"\n"), "f").unwrap();
+        assert!(ok.strategy().build(&BuildEnv { file: "f", base_dir: Path::new("."), model: &ModelInfo::default() }).unwrap().is_none());
+        let err = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"warp\"\n"), "f").unwrap_err().to_string();
+        assert!(err.contains("warp"), "{err}");
+        let err = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"none\"\nx = 1\n"), "f").unwrap_err().to_string();
+        assert!(err.contains('x'), "{err}");
+    }
+
+    #[test]
+    fn zero_steps_is_an_error() {
+        let cfg = parse_toml::<RunConfig>(&BASE.replace("steps = 4", "steps = 0"), "f").unwrap();
+        let err = cfg.validate("f").unwrap_err().to_string();
+        assert!(err.contains("sampling.steps"), "{err}");
+    }
+}

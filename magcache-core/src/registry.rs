@@ -1,0 +1,100 @@
+//! Registries filled at link time through `inventory`: model families and strategies.
+//!
+//! A crate that registers something must be referenced by the final binary or test, or the linker
+//! drops its registrations (see `magcache_strategies::link()` and `magcache_models::link()`).
+
+use crate::config::RunConfig;
+use crate::error::Result;
+use crate::metadata::BlockMetadata;
+use crate::pipeline::Pipeline;
+use crate::scope::Branch;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The sampling a published or calibrated curve was measured on.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScheduleMeta {
+    pub steps: usize,
+    #[serde(default)]
+    pub shift: Option<f64>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub boundary_ratio: Option<f64>,
+    /// Sigmas of the calibrated steps, where known (enables `resample = "sigma"`).
+    #[serde(default)]
+    pub sigmas: Option<Vec<f64>>,
+}
+
+/// A MagCache ratio curve per expert and branch, with the schedule it was calibrated on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RatioCurves {
+    /// Index = expert. Each expert's curves cover that expert's own steps.
+    pub experts: Vec<BTreeMap<Branch, Vec<f64>>>,
+    pub schedule: Option<ScheduleMeta>,
+    /// Where the curves come from, for messages (`published wan21_t2v_1_3b`, a profile path, ...).
+    pub source: String,
+}
+
+/// Published TeaCache rescale coefficients (highest power first).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TeaCoefficients {
+    pub plain: Vec<f64>,
+    pub ret_steps: Option<Vec<f64>>,
+}
+
+/// What a strategy may know about the model it runs on.
+#[derive(Clone, Debug, Default)]
+pub struct ModelInfo {
+    pub family: String,
+    /// Preset name, or the published variant the loaded weights were matched to, if any.
+    pub variant: Option<String>,
+    pub mag_ratios: Option<RatioCurves>,
+    pub tea_coefficients: Option<TeaCoefficients>,
+}
+
+/// Builds a family's pipeline from a run config. `file` names the config for messages and `base_dir`
+/// resolves its relative paths.
+pub type BuildPipeline = fn(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Box<dyn Pipeline>>;
+
+/// A model family, registered by the models crate with `inventory::submit!`.
+pub struct ModelFamily {
+    /// `family = "..."` in the run file.
+    pub name: &'static str,
+    pub description: &'static str,
+    /// The block kinds of its cache chain, in chain order of their first appearance.
+    pub blocks: &'static [BlockMetadata],
+    /// Preset names (`preset = "..."`).
+    pub presets: &'static [&'static str],
+    /// Names of the published MagCache curves and TeaCache coefficient sets it carries.
+    pub published: &'static [&'static str],
+    pub build: BuildPipeline,
+}
+
+inventory::collect!(ModelFamily);
+
+/// A strategy, registered with `inventory::submit!` beside its typetag config.
+pub struct StrategyRegistration {
+    pub name: &'static str,
+    pub description: &'static str,
+}
+
+inventory::collect!(StrategyRegistration);
+
+/// Every registered family, by name.
+pub fn families() -> Vec<&'static ModelFamily> {
+    let mut v: Vec<_> = inventory::iter::<ModelFamily>.into_iter().collect();
+    v.sort_by_key(|f| f.name);
+    v
+}
+
+pub fn family(name: &str) -> Option<&'static ModelFamily> {
+    inventory::iter::<ModelFamily>.into_iter().find(|f| f.name == name)
+}
+
+/// Every registered strategy, by name.
+pub fn strategies() -> Vec<&'static StrategyRegistration> {
+    let mut v: Vec<_> = inventory::iter::<StrategyRegistration>.into_iter().collect();
+    v.sort_by_key(|s| s.name);
+    v
+}

@@ -1,0 +1,24 @@
+//! # magcache-strategies
+//!
+//! Timestep-caching strategies behind [`magcache_core::TimestepCache`], each configured by a typetag
+//! `[cache]` table:
+//! - [`magcache`]: MagCache, magnitude-ratio error model over calibrated curves (`strategy = "magcache"`);
+//! - [`fbcache`]: First-Block Cache, relative L1 of the first block's residual (`strategy = "fbcache"`).
+//!
+//! Strategies know nothing of a model's internals: they see block tuples through
+//! [`magcache_core::BlockMetadata`] and scopes through [`magcache_core::ScopeStates`].
+
+pub mod fbcache;
+pub mod magcache;
+pub mod ratios;
+
+pub use fbcache::{FbCache, FbCacheConfig};
+pub use magcache::{MagCache, MagCacheConfig};
+
+/// Call this from a binary or test that uses the strategies only through config files: it keeps the
+/// linker from dropping the crate and with it the typetag and inventory registrations.
+#[inline(never)]
+pub fn link() {
+    std::hint::black_box(magcache::MagCacheConfig::default());
+    std::hint::black_box(fbcache::FbCacheConfig::default());
+}

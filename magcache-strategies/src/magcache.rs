@@ -1,0 +1,244 @@
+//! MagCache: skip a call while the accumulated magnitude error of reusing the last residual stays
+//! small.
+//!
+//! Per scope, with `retention = floor(retention_ratio * steps + 0.5)` and the scope's ratio curve
+//! resampled to its steps: from step `retention` on, every call does `acc_ratio *= ratio[step]`,
+//! `acc_steps += 1`, `acc_err += |1 - acc_ratio|`; it reuses when a residual exists,
+//! `acc_err <= threshold` and `acc_steps <= max_skip_steps`, otherwise it computes and resets the three
+//! accumulators. The residual is the last block's hidden output minus the first block's hidden input;
+//! a reused call returns the first block's input plus that residual (added once, at the head).
+
+use crate::ratios::{RatioSource, RatioSpec};
+use magcache_core::maths::tensor_bytes;
+use magcache_core::registry::StrategyRegistration;
+use magcache_core::{
+    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey, ScopeStates,
+    StrategyConfig, TimestepCache,
+};
+use magcache_core::candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// `[cache] strategy = "magcache"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MagCacheConfig {
+    /// Largest accumulated error a reused call may carry.
+    #[serde(default = "d_threshold")]
+    pub threshold: f64,
+    /// K: most consecutive reused calls per scope.
+    #[serde(default = "d_k")]
+    pub max_skip_steps: usize,
+    /// Fraction of each scope's first steps that always compute.
+    #[serde(default = "d_retention")]
+    pub retention_ratio: f64,
+    /// Ratio curve(s); default: the curves registered for the model.
+    #[serde(default)]
+    pub mag_ratios: Option<RatioSpec>,
+}
+
+fn d_threshold() -> f64 {
+    0.24
+}
+fn d_k() -> usize {
+    5
+}
+fn d_retention() -> f64 {
+    0.1
+}
+
+impl Default for MagCacheConfig {
+    fn default() -> Self {
+        MagCacheConfig { threshold: d_threshold(), max_skip_steps: d_k(), retention_ratio: d_retention(), mag_ratios: None }
+    }
+}
+
+#[typetag::serde(name = "magcache")]
+impl StrategyConfig for MagCacheConfig {
+    fn validate(&self, file: &str) -> Result<()> {
+        if !(self.threshold.is_finite() && self.threshold >= 0.0) {
+            return Err(Error::config(file, "cache.threshold", format!("must be a non-negative number, got {}", self.threshold)));
+        }
+        if !(0.0..=1.0).contains(&self.retention_ratio) {
+            return Err(Error::config(file, "cache.retention_ratio", format!("must lie in [0, 1], got {}", self.retention_ratio)));
+        }
+        if let Some(r) = &self.mag_ratios {
+            r.validate(file)?;
+        }
+        Ok(())
+    }
+
+    fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        let source = match &self.mag_ratios {
+            Some(spec) => RatioSource::Config(spec.clone()),
+            None => match &env.model.mag_ratios {
+                Some(rc) => RatioSource::Registered(rc.clone()),
+                None => {
+                    return Err(Error::config(
+                        env.file,
+                        "cache.mag_ratios",
+                        format!(
+                            "MagCache needs ratios: no `mag_ratios` in the config and none registered for model family `{}`{} (run `magcache calibrate` to measure them)",
+                            env.model.family,
+                            env.model.variant.as_deref().map(|v| format!(" variant `{v}`")).unwrap_or_default()
+                        ),
+                    ))
+                }
+            },
+        };
+        Ok(Some(Box::new(MagCache::new(self.clone(), source))))
+    }
+
+    fn decides_from_data(&self) -> bool {
+        false
+    }
+
+    fn threshold(&self) -> Option<f64> {
+        Some(self.threshold)
+    }
+}
+
+inventory::submit! {
+    StrategyRegistration { name: "magcache", description: "MagCache: accumulated magnitude-ratio error over a calibrated curve (decisions known before the run)" }
+}
+
+#[derive(Debug, Default)]
+struct MagState {
+    ratios: Vec<f64>,
+    retention: usize,
+    acc_ratio: f64,
+    acc_err: f64,
+    acc_steps: usize,
+    residual: Option<Tensor>,
+    head_input: Option<Tensor>,
+    reusing: bool,
+    last: Option<CallDecision>,
+}
+
+/// The MagCache strategy.
+pub struct MagCache {
+    cfg: MagCacheConfig,
+    source: RatioSource,
+    states: ScopeStates<MagState>,
+}
+
+impl MagCache {
+    pub fn new(cfg: MagCacheConfig, source: RatioSource) -> Self {
+        MagCache { cfg, source, states: ScopeStates::default() }
+    }
+
+    /// The resampled curve a scope uses in the current generation.
+    pub fn scope_ratios(&self, scope: ScopeKey) -> Result<&[f64]> {
+        Ok(&self.states.get(scope)?.state.ratios)
+    }
+}
+
+/// The decision rule on the accumulators of one scope; returns `(reuse, metric)`.
+fn decide(cfg: &MagCacheConfig, st: &mut MagState, step: usize, has_residual: bool) -> (bool, f64) {
+    let mut reuse = false;
+    if step >= st.retention {
+        let scale = st.ratios.get(step).copied().unwrap_or(1.0);
+        st.acc_ratio *= scale;
+        st.acc_steps += 1;
+        st.acc_err += (1.0 - st.acc_ratio).abs();
+        if has_residual && st.acc_err <= cfg.threshold && st.acc_steps <= cfg.max_skip_steps {
+            reuse = true;
+        } else {
+            st.acc_ratio = 1.0;
+            st.acc_steps = 0;
+            st.acc_err = 0.0;
+        }
+    }
+    (reuse, st.acc_err)
+}
+
+/// Predicted decisions of one scope from its resampled curve alone: `(computed, metric)` per call.
+/// MagCache decisions do not depend on the data, so this is exact.
+pub fn predict(cfg: &MagCacheConfig, ratios: &[f64], steps: usize) -> Vec<(bool, f64)> {
+    let mut st = MagState {
+        ratios: ratios.to_vec(),
+        retention: retention_steps(cfg.retention_ratio, steps),
+        acc_ratio: 1.0,
+        ..Default::default()
+    };
+    let mut has_residual = false;
+    (0..steps)
+        .map(|step| {
+            let (reuse, m) = decide(cfg, &mut st, step, has_residual);
+            has_residual |= !reuse;
+            (!reuse, m)
+        })
+        .collect()
+}
+
+/// `floor(retention_ratio * steps + 0.5)`.
+pub fn retention_steps(retention_ratio: f64, steps: usize) -> usize {
+    (retention_ratio * steps as f64 + 0.5).floor() as usize
+}
+
+impl TimestepCache for MagCache {
+    fn name(&self) -> &str {
+        "magcache"
+    }
+
+    fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
+        let cfg = &self.cfg;
+        let source = &self.source;
+        self.states.begin(plan, |sp| {
+            Ok(MagState {
+                ratios: source.curve_for(plan, sp)?,
+                retention: retention_steps(cfg.retention_ratio, sp.steps),
+                acc_ratio: 1.0,
+                ..Default::default()
+            })
+        })?;
+        Ok(self.source.schedule_warnings(plan.shift, plan.boundary_ratio))
+    }
+
+    fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
+        let (step, slot) = self.states.start_call(cx.scope)?;
+        let st = &mut slot.state;
+        let has_residual = st.residual.is_some();
+        let (reuse, metric) = decide(&self.cfg, st, step, has_residual);
+        st.reusing = reuse;
+        st.last = Some(CallDecision { computed: !reuse, metric: Some(metric) });
+        let hidden = cx.meta.hidden_input(inputs)?;
+        if reuse {
+            let res = st.residual.as_ref().expect("reuse requires a residual");
+            if res.dims() != hidden.dims() {
+                return Err(Error::msg(format!(
+                    "MagCache scope {}: cached residual has shape {:?} but the hidden states have {:?}; the input size changed within a generation",
+                    cx.scope,
+                    res.dims(),
+                    hidden.dims()
+                )));
+            }
+            let out = (hidden + res)?;
+            let enc = cx.meta.encoder_input(inputs)?.cloned();
+            st.head_input = None;
+            return Ok(HeadAction::Reuse(cx.meta.make_output(out, enc)?));
+        }
+        st.head_input = Some(hidden.clone());
+        Ok(HeadAction::Compute)
+    }
+
+    fn is_reusing(&self, scope: ScopeKey) -> bool {
+        self.states.get(scope).map(|s| s.state.reusing).unwrap_or(false)
+    }
+
+    fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
+        let st = &mut self.states.get_mut(cx.scope)?.state;
+        let input = st.head_input.take().ok_or_else(|| {
+            Error::Hooks(format!("MagCache scope {}: tail ran without a head in the same call", cx.scope))
+        })?;
+        st.residual = Some((cx.meta.hidden_output(outputs)? - input)?);
+        Ok(())
+    }
+
+    fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
+        self.states.get(scope).ok().and_then(|s| s.state.last)
+    }
+
+    fn cached_bytes(&self) -> usize {
+        self.states.values().map(|s| s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0)).sum()
+    }
+}

@@ -1,0 +1,129 @@
+//! Resolution of MagCache ratio curves to one curve per scope.
+//!
+//! Sources, in order of precedence: `mag_ratios` in the config (one curve, or `high_noise` /
+//! `low_noise` per expert), then the curves the model registered. Every curve is resampled to the
+//! number of steps its scope runs.
+
+use magcache_core::maths::nearest_interp;
+use magcache_core::{Branch, Error, GenerationPlan, RatioCurves, Result, ScopePlan};
+use serde::{Deserialize, Serialize};
+
+/// `mag_ratios = [...]` or `[cache.mag_ratios] high_noise = [...], low_noise = [...]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RatioSpec {
+    Curve(Vec<f64>),
+    PerExpert(PerExpert),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerExpert {
+    pub high_noise: Vec<f64>,
+    pub low_noise: Vec<f64>,
+}
+
+/// Checks a curve: non-empty, every entry finite and positive.
+pub fn check_curve(file: &str, key: &str, c: &[f64]) -> Result<()> {
+    if c.is_empty() {
+        return Err(Error::config(file, key, "the ratio curve is empty"));
+    }
+    if let Some((i, v)) = c.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v > 0.0)) {
+        return Err(Error::config(file, key, format!("entry {i} is {v}: ratios must be positive and finite")));
+    }
+    Ok(())
+}
+
+impl RatioSpec {
+    pub fn validate(&self, file: &str) -> Result<()> {
+        match self {
+            RatioSpec::Curve(c) => check_curve(file, "cache.mag_ratios", c),
+            RatioSpec::PerExpert(p) => {
+                check_curve(file, "cache.mag_ratios.high_noise", &p.high_noise)?;
+                check_curve(file, "cache.mag_ratios.low_noise", &p.low_noise)
+            }
+        }
+    }
+}
+
+/// Where the curves of a run come from.
+#[derive(Clone, Debug)]
+pub enum RatioSource {
+    Config(RatioSpec),
+    Registered(RatioCurves),
+}
+
+/// Number of steps the given expert runs in the plan (0 if none).
+fn expert_steps(plan: &GenerationPlan, expert: usize) -> usize {
+    plan.scopes.iter().filter(|s| s.key.expert == expert).map(|s| s.steps).max().unwrap_or(0)
+}
+
+impl RatioSource {
+    /// The curve of one scope, resampled to its steps.
+    pub fn curve_for(&self, plan: &GenerationPlan, sp: &ScopePlan) -> Result<Vec<f64>> {
+        let experts = plan.experts();
+        match self {
+            RatioSource::Config(RatioSpec::Curve(c)) => {
+                if experts.len() <= 1 {
+                    nearest_interp(c, sp.steps)
+                } else {
+                    // One curve over the whole generation: resample to all steps, then each expert
+                    // takes its own consecutive part (high-noise expert first).
+                    let all = nearest_interp(c, plan.total_steps)?;
+                    let before: usize = experts.iter().filter(|&&e| e < sp.key.expert).map(|&e| expert_steps(plan, e)).sum();
+                    all.get(before..before + sp.steps).map(|s| s.to_vec()).ok_or_else(|| {
+                        Error::msg(format!(
+                            "mag_ratios: scope {} needs steps {}..{} of a {}-step curve",
+                            sp.key,
+                            before,
+                            before + sp.steps,
+                            plan.total_steps
+                        ))
+                    })
+                }
+            }
+            RatioSource::Config(RatioSpec::PerExpert(p)) => {
+                let c = match sp.key.expert {
+                    0 => &p.high_noise,
+                    1 => &p.low_noise,
+                    e => return Err(Error::msg(format!("mag_ratios has curves for experts 0 and 1, not {e}"))),
+                };
+                nearest_interp(c, sp.steps)
+            }
+            RatioSource::Registered(rc) => {
+                let per = rc.experts.get(sp.key.expert).ok_or_else(|| {
+                    Error::msg(format!("{} has no ratio curve for expert {}", rc.source, sp.key.expert))
+                })?;
+                let c = per
+                    .get(&sp.key.branch)
+                    .or_else(|| per.get(&Branch::Cond))
+                    .ok_or_else(|| Error::msg(format!("{} has no `{}` curve", rc.source, sp.key.branch)))?;
+                nearest_interp(c, sp.steps)
+            }
+        }
+    }
+
+    /// Warnings for a curve calibrated on a schedule other than the run's.
+    pub fn schedule_warnings(&self, plan_shift: Option<f64>, plan_boundary: Option<f64>) -> Vec<String> {
+        let RatioSource::Registered(rc) = self else { return Vec::new() };
+        let Some(s) = &rc.schedule else { return Vec::new() };
+        let mut w = Vec::new();
+        if let (Some(a), Some(b)) = (s.shift, plan_shift) {
+            if (a - b).abs() > 1e-9 {
+                w.push(format!(
+                    "MagCache ratios from {} were calibrated with shift {a}, this run uses shift {b}: skips may land on the wrong steps",
+                    rc.source
+                ));
+            }
+        }
+        if let (Some(a), Some(b)) = (s.boundary_ratio, plan_boundary) {
+            if (a - b).abs() > 1e-9 {
+                w.push(format!(
+                    "MagCache ratios from {} were calibrated with boundary_ratio {a}, this run uses {b}: the experts' curves are split differently",
+                    rc.source
+                ));
+            }
+        }
+        w
+    }
+}

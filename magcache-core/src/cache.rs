@@ -53,7 +53,12 @@ pub trait TimestepCache: Send {
 
     /// After [`HeadAction::RunFirstBlock`]: the first block ran and produced `outputs`. Returns the
     /// tuple to continue with: `outputs` to compute the remaining blocks, or the reused result.
-    fn after_first_block(&mut self, cx: &HookCx<'_>, inputs: &[Tensor], outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    fn after_first_block(
+        &mut self,
+        cx: &HookCx<'_>,
+        inputs: &[Tensor],
+        outputs: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         let _ = (cx, inputs);
         Ok(outputs)
     }
@@ -84,12 +89,16 @@ pub const TAIL_HOOK: &str = "cache.tail";
 
 impl CacheHandle {
     pub fn new(cache: Box<dyn TimestepCache>) -> Self {
-        CacheHandle { inner: Arc::new(Mutex::new(cache)) }
+        CacheHandle {
+            inner: Arc::new(Mutex::new(cache)),
+        }
     }
 
     /// Locks the strategy. Fails only if a previous holder panicked.
     pub fn lock(&self) -> Result<MutexGuard<'_, Box<dyn TimestepCache>>> {
-        self.inner.lock().map_err(|_| Error::msg("cache state is poisoned by an earlier panic"))
+        self.inner
+            .lock()
+            .map_err(|_| Error::msg("cache state is poisoned by an earlier panic"))
     }
 
     /// Attaches the cache to a chain: head on the first block, pass-through on the others, tail on
@@ -97,13 +106,33 @@ impl CacheHandle {
     pub fn install(&self, reg: &mut HookRegistry) -> Result<()> {
         let n = reg.num_blocks();
         if n == 0 {
-            return Err(Error::Hooks("cannot install a cache on a chain without blocks".into()));
+            return Err(Error::Hooks(
+                "cannot install a cache on a chain without blocks".into(),
+            ));
         }
-        reg.register(0, Arc::new(CacheHook { cache: self.clone(), role: Role::Head }))?;
+        reg.register(
+            0,
+            Arc::new(CacheHook {
+                cache: self.clone(),
+                role: Role::Head,
+            }),
+        )?;
         for b in 1..n {
-            reg.register(b, Arc::new(CacheHook { cache: self.clone(), role: Role::Pass }))?;
+            reg.register(
+                b,
+                Arc::new(CacheHook {
+                    cache: self.clone(),
+                    role: Role::Pass,
+                }),
+            )?;
         }
-        reg.register(n - 1, Arc::new(CacheHook { cache: self.clone(), role: Role::Tail }))?;
+        reg.register(
+            n - 1,
+            Arc::new(CacheHook {
+                cache: self.clone(),
+                role: Role::Tail,
+            }),
+        )?;
         Ok(())
     }
 

@@ -177,10 +177,17 @@ impl RunConfig {
         }
         if let Some(s) = self.sampling.shift {
             if !(s.is_finite() && s > 0.0) {
-                return Err(Error::config(file, "sampling.shift", format!("must be a positive number, got {s}")));
+                return Err(Error::config(
+                    file,
+                    "sampling.shift",
+                    format!("must be a positive number, got {s}"),
+                ));
             }
         }
-        for (k, v) in [("sampling.guidance_scale", self.sampling.guidance_scale), ("sampling.guidance_scale_2", self.sampling.guidance_scale_2)] {
+        for (k, v) in [
+            ("sampling.guidance_scale", self.sampling.guidance_scale),
+            ("sampling.guidance_scale_2", self.sampling.guidance_scale_2),
+        ] {
             if let Some(g) = v {
                 if !g.is_finite() {
                     return Err(Error::config(file, k, format!("must be finite, got {g}")));
@@ -189,7 +196,11 @@ impl RunConfig {
         }
         if let Some(b) = self.sampling.boundary_ratio {
             if !(0.0..=1.0).contains(&b) {
-                return Err(Error::config(file, "sampling.boundary_ratio", format!("must lie in [0, 1], got {b}")));
+                return Err(Error::config(
+                    file,
+                    "sampling.boundary_ratio",
+                    format!("must lie in [0, 1], got {b}"),
+                ));
             }
         }
         if self.model.dtype != "f32" {
@@ -200,14 +211,26 @@ impl RunConfig {
             ));
         }
         if self.model.weights.is_some() && self.model.preset.is_some() {
-            return Err(Error::config(file, "model.preset", "give either `weights` or `preset`, not both"));
+            return Err(Error::config(
+                file,
+                "model.preset",
+                "give either `weights` or `preset`, not both",
+            ));
         }
         if self.model.weights.is_none() && self.model.preset.is_none() {
-            return Err(Error::config(file, "model.weights", "give `weights` (a checkpoint) or `preset` (a named architecture)"));
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "give `weights` (a checkpoint) or `preset` (a named architecture)",
+            ));
         }
         if let Some(shape) = &self.inputs.latent_shape {
             if shape.is_empty() || shape.contains(&0) {
-                return Err(Error::config(file, "inputs.latent_shape", format!("every dimension must be positive, got {shape:?}")));
+                return Err(Error::config(
+                    file,
+                    "inputs.latent_shape",
+                    format!("every dimension must be positive, got {shape:?}"),
+                ));
             }
         }
         if self.inputs.text_len == Some(0) {
@@ -250,7 +273,9 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line = text[line_start..].lines().next().unwrap_or("").trim();
     let key = if line.starts_with('[') {
-        line.trim_matches(|c| c == '[' || c == ']').trim().to_string()
+        line.trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string()
     } else if let Some((k, _)) = line.split_once('=') {
         let k = k.trim();
         if table.is_empty() {
@@ -275,18 +300,34 @@ mod tests {
     #[test]
     fn unknown_key_names_table_and_key() {
         let text = format!("{BASE}bogus = 1\n");
-        let err = parse_toml::<RunConfig>(&text, "run.toml").unwrap_err().to_string();
+        let err = parse_toml::<RunConfig>(&text, "run.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("run.toml:6"), "{err}");
         assert!(err.contains("sampling.bogus"), "{err}");
     }
 
     #[test]
     fn none_strategy_and_unknown_strategy() {
-        let ok = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"none\"\n"), "f").unwrap();
-        assert!(ok.strategy().build(&BuildEnv { file: "f", base_dir: Path::new("."), model: &ModelInfo::default() }).unwrap().is_none());
-        let err = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"warp\"\n"), "f").unwrap_err().to_string();
+        let ok =
+            parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"none\"\n"), "f").unwrap();
+        assert!(ok
+            .strategy()
+            .build(&BuildEnv {
+                file: "f",
+                base_dir: Path::new("."),
+                model: &ModelInfo::default()
+            })
+            .unwrap()
+            .is_none());
+        let err = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"warp\"\n"), "f")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("warp"), "{err}");
-        let err = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"none\"\nx = 1\n"), "f").unwrap_err().to_string();
+        let err =
+            parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"none\"\nx = 1\n"), "f")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains('x'), "{err}");
     }
 

@@ -10,15 +10,27 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A configuration value is wrong (unknown key, wrong type, out of range, ...).
     #[error("{file}: {key}: {msg}")]
-    Config { file: String, key: String, msg: String },
+    Config {
+        file: String,
+        key: String,
+        msg: String,
+    },
 
     /// A weight file is unreadable, truncated, or lacks a tensor.
     #[error("{file}: tensor `{tensor}`: {msg}")]
-    Weights { file: String, tensor: String, msg: String },
+    Weights {
+        file: String,
+        tensor: String,
+        msg: String,
+    },
 
     /// An inputs file is unreadable or a tensor in it is missing, mis-shaped or not finite.
     #[error("{file}: tensor `{tensor}`: {msg}")]
-    Inputs { file: String, tensor: String, msg: String },
+    Inputs {
+        file: String,
+        tensor: String,
+        msg: String,
+    },
 
     /// A file could not be read or written.
     #[error("{path}: {msg}")]
@@ -34,7 +46,11 @@ pub enum Error {
 
     /// A scope received more calls than the steps it was told it would run.
     #[error("cache scope {scope} received call {call} but was told it runs {steps} steps")]
-    ScopeOverrun { scope: ScopeKey, call: usize, steps: usize },
+    ScopeOverrun {
+        scope: ScopeKey,
+        call: usize,
+        steps: usize,
+    },
 
     /// A hook or registry was used inconsistently (wrong block index, duplicate name, ...).
     #[error("hook registry: {0}")]
@@ -51,16 +67,39 @@ pub enum Error {
 
 impl Error {
     pub fn config(file: impl Into<String>, key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config { file: file.into(), key: key.into(), msg: msg.into() }
+        Error::Config {
+            file: file.into(),
+            key: key.into(),
+            msg: msg.into(),
+        }
     }
-    pub fn weights(file: impl Into<String>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Weights { file: file.into(), tensor: tensor.into(), msg: msg.into() }
+    pub fn weights(
+        file: impl Into<String>,
+        tensor: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Weights {
+            file: file.into(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
     }
-    pub fn inputs(file: impl Into<String>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Inputs { file: file.into(), tensor: tensor.into(), msg: msg.into() }
+    pub fn inputs(
+        file: impl Into<String>,
+        tensor: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Inputs {
+            file: file.into(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl Into<String>, err: impl std::fmt::Display) -> Self {
-        Error::Io { path: path.into(), msg: err.to_string() }
+        Error::Io {
+            path: path.into(),
+            msg: err.to_string(),
+        }
     }
     pub fn msg(m: impl Into<String>) -> Self {
         Error::Msg(m.into())

@@ -64,8 +64,15 @@ pub struct HookRegistry {
 
 impl std::fmt::Debug for HookRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<Vec<&str>> = self.hooks.iter().map(|h| h.iter().map(|x| x.name()).collect()).collect();
-        f.debug_struct("HookRegistry").field("hooks", &names).field("scope", &self.scope).finish()
+        let names: Vec<Vec<&str>> = self
+            .hooks
+            .iter()
+            .map(|h| h.iter().map(|x| x.name()).collect())
+            .collect();
+        f.debug_struct("HookRegistry")
+            .field("hooks", &names)
+            .field("scope", &self.scope)
+            .finish()
     }
 }
 
@@ -73,7 +80,12 @@ impl HookRegistry {
     /// A registry for a chain of blocks, each with its tuple metadata.
     pub fn new(metas: Vec<BlockMetadata>) -> Self {
         let n = metas.len();
-        HookRegistry { metas, hooks: (0..n).map(|_| Vec::new()).collect(), scope: None, indicators: BTreeMap::new() }
+        HookRegistry {
+            metas,
+            hooks: (0..n).map(|_| Vec::new()).collect(),
+            scope: None,
+            indicators: BTreeMap::new(),
+        }
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -92,15 +104,22 @@ impl HookRegistry {
     /// Adds a hook to a block. Names are unique per block.
     pub fn register(&mut self, block: usize, hook: Arc<dyn BlockHook>) -> Result<()> {
         let n = self.metas.len();
-        let list = self
-            .hooks
-            .get_mut(block)
-            .ok_or_else(|| Error::Hooks(format!("block {block} does not exist (chain of {n} blocks)")))?;
+        let list = self.hooks.get_mut(block).ok_or_else(|| {
+            Error::Hooks(format!(
+                "block {block} does not exist (chain of {n} blocks)"
+            ))
+        })?;
         if list.iter().any(|h| h.name() == hook.name()) {
-            return Err(Error::Hooks(format!("block {block} already has a hook named `{}`", hook.name())));
+            return Err(Error::Hooks(format!(
+                "block {block} already has a hook named `{}`",
+                hook.name()
+            )));
         }
         // Stable insert: after every hook of the same or an outer order.
-        let pos = list.iter().position(|h| h.order() > hook.order()).unwrap_or(list.len());
+        let pos = list
+            .iter()
+            .position(|h| h.order() > hook.order())
+            .unwrap_or(list.len());
         list.insert(pos, hook);
         Ok(())
     }
@@ -130,7 +149,10 @@ impl HookRegistry {
 
     /// Names of the hooks on a block, outermost first.
     pub fn hook_names(&self, block: usize) -> Vec<String> {
-        self.hooks.get(block).map(|l| l.iter().map(|h| h.name().to_string()).collect()).unwrap_or_default()
+        self.hooks
+            .get(block)
+            .map(|l| l.iter().map(|h| h.name().to_string()).collect())
+            .unwrap_or_default()
     }
 
     /// Sets the cache scope of the next transformer call(s).
@@ -158,10 +180,12 @@ impl HookRegistry {
         inputs: &[Tensor],
         forward: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
     ) -> Result<Vec<Tensor>> {
-        let list = self
-            .hooks
-            .get(block)
-            .ok_or_else(|| Error::Hooks(format!("block {block} does not exist (chain of {} blocks)", self.metas.len())))?;
+        let list = self.hooks.get(block).ok_or_else(|| {
+            Error::Hooks(format!(
+                "block {block} does not exist (chain of {} blocks)",
+                self.metas.len()
+            ))
+        })?;
         if list.is_empty() {
             return forward(inputs);
         }

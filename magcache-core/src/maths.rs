@@ -53,14 +53,24 @@ pub fn sigma_interp(src: &[f64], src_sigmas: &[f64], dst_sigmas: &[f64]) -> Resu
 
 /// Mean absolute value of a tensor, as f64.
 pub fn mean_abs(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F32)?.abs()?.mean_all()?.to_scalar::<f32>()? as f64)
+    Ok(t.to_dtype(DType::F32)?
+        .abs()?
+        .mean_all()?
+        .to_scalar::<f32>()? as f64)
 }
 
 /// Relative L1 distance `mean|a - b| / mean|b|`. A zero `b` gives `0` when `a == b` and
 /// `f64::INFINITY` otherwise: never NaN, never a division by zero.
 pub fn rel_l1(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let num = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.mean_all()?.to_scalar::<f32>()?;
-    let den = b.to_dtype(DType::F32)?.abs()?.mean_all()?.to_scalar::<f32>()?;
+    let num = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    let den = b
+        .to_dtype(DType::F32)?
+        .abs()?
+        .mean_all()?
+        .to_scalar::<f32>()?;
     Ok(safe_ratio(num as f64, den as f64))
 }
 
@@ -116,7 +126,11 @@ pub fn mag_stats(curr: &Tensor, prev: &Tensor) -> Result<MagStats> {
     let denom = (cn.clamp(1e-8, f32::MAX)? * pn.clamp(1e-8, f32::MAX)?)?;
     let cos = (dot / denom)?;
     let cos_dist = 1.0 - cos.mean_all()?.to_scalar::<f32>()? as f64;
-    Ok(MagStats { ratio, std, cos_dist })
+    Ok(MagStats {
+        ratio,
+        std,
+        cos_dist,
+    })
 }
 
 /// Bytes held by a tensor's elements.
@@ -133,11 +147,17 @@ mod tests {
     fn interp_matches_numpy_rounding() {
         // numpy: np.round(np.arange(5) * 27/4) = [0, 7, 14, 20, 27] (6.75->7, 13.5->14, 20.25->20)
         let src: Vec<f64> = (0..28).map(|i| i as f64).collect();
-        assert_eq!(nearest_interp(&src, 5).unwrap(), vec![0.0, 7.0, 14.0, 20.0, 27.0]);
+        assert_eq!(
+            nearest_interp(&src, 5).unwrap(),
+            vec![0.0, 7.0, 14.0, 20.0, 27.0]
+        );
         // 10 of 28: scale 3; exact
         assert_eq!(nearest_interp(&src, 10).unwrap()[3], 9.0);
         // round half to even: src len 3 -> 5 => idx i*0.5 = [0, .5->0, 1, 1.5->2, 2]
-        assert_eq!(nearest_interp(&[1.0, 2.0, 3.0], 5).unwrap(), vec![1.0, 1.0, 2.0, 3.0, 3.0]);
+        assert_eq!(
+            nearest_interp(&[1.0, 2.0, 3.0], 5).unwrap(),
+            vec![1.0, 1.0, 2.0, 3.0, 3.0]
+        );
         assert_eq!(nearest_interp(&[1.0, 2.0, 3.0], 1).unwrap(), vec![3.0]);
         assert!(nearest_interp(&[], 3).is_err());
     }

@@ -38,7 +38,9 @@ impl BlockMetadata {
     }
     /// The encoder hidden states among the block's inputs, if the block has them.
     pub fn encoder_input<'a>(&self, inputs: &'a [Tensor]) -> Result<Option<&'a Tensor>> {
-        self.encoder_in.map(|i| self.get(inputs, i, "encoder input")).transpose()
+        self.encoder_in
+            .map(|i| self.get(inputs, i, "encoder input"))
+            .transpose()
     }
     /// The hidden states among the block's outputs.
     pub fn hidden_output<'a>(&self, outputs: &'a [Tensor]) -> Result<&'a Tensor> {
@@ -46,7 +48,9 @@ impl BlockMetadata {
     }
     /// The encoder hidden states among the block's outputs, if the block returns them.
     pub fn encoder_output<'a>(&self, outputs: &'a [Tensor]) -> Result<Option<&'a Tensor>> {
-        self.encoder_out.map(|i| self.get(outputs, i, "encoder output")).transpose()
+        self.encoder_out
+            .map(|i| self.get(outputs, i, "encoder output"))
+            .transpose()
     }
 
     /// Builds an output tuple from the given streams. `encoder` is required when the block returns
@@ -54,14 +58,23 @@ impl BlockMetadata {
     pub fn make_output(&self, hidden: Tensor, encoder: Option<Tensor>) -> Result<Vec<Tensor>> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.outputs];
         *slots.get_mut(self.hidden_out).ok_or_else(|| {
-            Error::Hooks(format!("block `{}`: hidden output index out of range", self.kind))
+            Error::Hooks(format!(
+                "block `{}`: hidden output index out of range",
+                self.kind
+            ))
         })? = Some(hidden);
         if let Some(i) = self.encoder_out {
             let e = encoder.ok_or_else(|| {
-                Error::Hooks(format!("block `{}` returns encoder states but none were given", self.kind))
+                Error::Hooks(format!(
+                    "block `{}` returns encoder states but none were given",
+                    self.kind
+                ))
             })?;
             *slots.get_mut(i).ok_or_else(|| {
-                Error::Hooks(format!("block `{}`: encoder output index out of range", self.kind))
+                Error::Hooks(format!(
+                    "block `{}`: encoder output index out of range",
+                    self.kind
+                ))
             })? = Some(e);
         }
         slots
@@ -69,7 +82,10 @@ impl BlockMetadata {
             .enumerate()
             .map(|(i, s)| {
                 s.ok_or_else(|| {
-                    Error::Hooks(format!("block `{}`: output slot {i} is neither hidden nor encoder", self.kind))
+                    Error::Hooks(format!(
+                        "block `{}`: output slot {i} is neither hidden nor encoder",
+                        self.kind
+                    ))
                 })
             })
             .collect()

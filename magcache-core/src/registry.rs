@@ -55,7 +55,8 @@ pub struct ModelInfo {
 
 /// Builds a family's pipeline from a run config. `file` names the config for messages and `base_dir`
 /// resolves its relative paths.
-pub type BuildPipeline = fn(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Box<dyn Pipeline>>;
+pub type BuildPipeline =
+    fn(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Box<dyn Pipeline>>;
 
 /// A model family, registered by the models crate with `inventory::submit!`.
 pub struct ModelFamily {
@@ -89,12 +90,16 @@ pub fn families() -> Vec<&'static ModelFamily> {
 }
 
 pub fn family(name: &str) -> Option<&'static ModelFamily> {
-    inventory::iter::<ModelFamily>.into_iter().find(|f| f.name == name)
+    inventory::iter::<ModelFamily>
+        .into_iter()
+        .find(|f| f.name == name)
 }
 
 /// Every registered strategy, by name.
 pub fn strategies() -> Vec<&'static StrategyRegistration> {
-    let mut v: Vec<_> = inventory::iter::<StrategyRegistration>.into_iter().collect();
+    let mut v: Vec<_> = inventory::iter::<StrategyRegistration>
+        .into_iter()
+        .collect();
     v.sort_by_key(|s| s.name);
     v
 }

@@ -22,20 +22,37 @@ pub struct ScopeStates<S> {
 
 impl<S> Default for ScopeStates<S> {
     fn default() -> Self {
-        ScopeStates { map: BTreeMap::new() }
+        ScopeStates {
+            map: BTreeMap::new(),
+        }
     }
 }
 
 impl<S> ScopeStates<S> {
     /// Drops all state and creates one fresh slot per planned scope.
-    pub fn begin(&mut self, plan: &GenerationPlan, mut init: impl FnMut(&ScopePlan) -> Result<S>) -> Result<()> {
+    pub fn begin(
+        &mut self,
+        plan: &GenerationPlan,
+        mut init: impl FnMut(&ScopePlan) -> Result<S>,
+    ) -> Result<()> {
         self.map.clear();
         for sp in &plan.scopes {
             if self.map.contains_key(&sp.key) {
-                return Err(Error::msg(format!("generation plan lists scope {} twice", sp.key)));
+                return Err(Error::msg(format!(
+                    "generation plan lists scope {} twice",
+                    sp.key
+                )));
             }
             let state = init(sp)?;
-            self.map.insert(sp.key, ScopeSlot { steps: sp.steps, calls: 0, sigmas: sp.sigmas.clone(), state });
+            self.map.insert(
+                sp.key,
+                ScopeSlot {
+                    steps: sp.steps,
+                    calls: 0,
+                    sigmas: sp.sigmas.clone(),
+                    state,
+                },
+            );
         }
         Ok(())
     }
@@ -54,7 +71,11 @@ impl<S> ScopeStates<S> {
         let slot = self.get_mut(key)?;
         let step = slot.calls;
         if step >= slot.steps {
-            return Err(Error::ScopeOverrun { scope: key, call: step + 1, steps: slot.steps });
+            return Err(Error::ScopeOverrun {
+                scope: key,
+                call: step + 1,
+                steps: slot.steps,
+            });
         }
         slot.calls += 1;
         Ok((step, slot))

@@ -1,1 +1,21 @@
+//! # magcache-models
+//!
+//! candle implementations of the diffusion transformers, their checkpoint loaders, schedulers and
+//! denoising loops. Each family registers itself with `inventory` ([`magcache_core::ModelFamily`]):
+//! block metadata, presets and published calibration data. Models know nothing of a strategy's
+//! maths: they run their blocks through [`magcache_core::HookRegistry`] and set each call's scope.
 
+pub mod inputs;
+pub mod nn;
+pub mod published;
+pub mod random;
+pub mod scheduler;
+pub mod wan;
+pub mod weights;
+
+/// Call this from a binary or test that reaches the families only through the registry: it keeps
+/// the linker from dropping this crate's `inventory` registrations.
+#[inline(never)]
+pub fn link() {
+    std::hint::black_box(wan::WAN21_PRESETS.len());
+}

@@ -6,13 +6,13 @@
 //! `diff > threshold`; otherwise the first block's output plus the cached residual of the remaining
 //! blocks (hidden and, where the blocks carry it, encoder stream) is returned.
 
+use magcache_core::candle_core::Tensor;
 use magcache_core::maths::{rel_l1, tensor_bytes};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey, ScopeStates,
-    StrategyConfig, TimestepCache,
+    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey,
+    ScopeStates, StrategyConfig, TimestepCache,
 };
-use magcache_core::candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// `[cache] strategy = "fbcache"`.
@@ -30,7 +30,9 @@ fn d_threshold() -> f64 {
 
 impl Default for FbCacheConfig {
     fn default() -> Self {
-        FbCacheConfig { threshold: d_threshold() }
+        FbCacheConfig {
+            threshold: d_threshold(),
+        }
     }
 }
 
@@ -38,7 +40,11 @@ impl Default for FbCacheConfig {
 impl StrategyConfig for FbCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         if !(self.threshold.is_finite() && self.threshold >= 0.0) {
-            return Err(Error::config(file, "cache.threshold", format!("must be a non-negative number, got {}", self.threshold)));
+            return Err(Error::config(
+                file,
+                "cache.threshold",
+                format!("must be a non-negative number, got {}", self.threshold),
+            ));
         }
         Ok(())
     }
@@ -93,12 +99,18 @@ pub struct FbCache {
 
 impl FbCache {
     pub fn new(cfg: FbCacheConfig) -> Self {
-        FbCache { cfg, states: ScopeStates::default() }
+        FbCache {
+            cfg,
+            states: ScopeStates::default(),
+        }
     }
 }
 
 fn streams(meta: &magcache_core::BlockMetadata, outputs: &[Tensor]) -> Result<Streams> {
-    Ok(Streams { hidden: meta.hidden_output(outputs)?.clone(), encoder: meta.encoder_output(outputs)?.cloned() })
+    Ok(Streams {
+        hidden: meta.hidden_output(outputs)?.clone(),
+        encoder: meta.encoder_output(outputs)?.cloned(),
+    })
 }
 
 fn residual(last: &Streams, first: &Streams) -> Result<Streams> {
@@ -127,7 +139,12 @@ impl TimestepCache for FbCache {
         Ok(HeadAction::RunFirstBlock)
     }
 
-    fn after_first_block(&mut self, cx: &HookCx<'_>, inputs: &[Tensor], outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    fn after_first_block(
+        &mut self,
+        cx: &HookCx<'_>,
+        inputs: &[Tensor],
+        outputs: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         let st = &mut self.states.get_mut(cx.scope)?.state;
         let first = streams(cx.meta, &outputs)?;
         let r1 = (&first.hidden - cx.meta.hidden_input(inputs)?)?;
@@ -139,7 +156,10 @@ impl TimestepCache for FbCache {
             (Some(d), Some(_)) => d > self.cfg.threshold,
             _ => true,
         };
-        st.last = Some(CallDecision { computed: compute, metric });
+        st.last = Some(CallDecision {
+            computed: compute,
+            metric,
+        });
         if !compute {
             st.phase = Phase::Reusing;
             let res = st.tail_residual.as_ref().expect("checked above");
@@ -164,7 +184,10 @@ impl TimestepCache for FbCache {
     }
 
     fn is_reusing(&self, scope: ScopeKey) -> bool {
-        self.states.get(scope).map(|s| s.state.phase == Phase::Reusing).unwrap_or(false)
+        self.states
+            .get(scope)
+            .map(|s| s.state.phase == Phase::Reusing)
+            .unwrap_or(false)
     }
 
     fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
@@ -174,11 +197,19 @@ impl TimestepCache for FbCache {
             Phase::FirstBlock => st.pending_tail = Some(last),
             Phase::Computing => {
                 let first = st.head_out.take().ok_or_else(|| {
-                    Error::Hooks(format!("FBCache scope {}: tail ran without the first block's output", cx.scope))
+                    Error::Hooks(format!(
+                        "FBCache scope {}: tail ran without the first block's output",
+                        cx.scope
+                    ))
                 })?;
                 st.tail_residual = Some(residual(&last, &first)?);
             }
-            p => return Err(Error::Hooks(format!("FBCache scope {}: tail ran in phase {p:?}", cx.scope))),
+            p => {
+                return Err(Error::Hooks(format!(
+                    "FBCache scope {}: tail ran in phase {p:?}",
+                    cx.scope
+                )))
+            }
         }
         Ok(())
     }
@@ -189,11 +220,22 @@ impl TimestepCache for FbCache {
 
     fn cached_bytes(&self) -> usize {
         let b = |s: &Option<Streams>| {
-            s.as_ref().map(|s| tensor_bytes(&s.hidden) + s.encoder.as_ref().map(tensor_bytes).unwrap_or(0)).unwrap_or(0)
+            s.as_ref()
+                .map(|s| {
+                    tensor_bytes(&s.hidden) + s.encoder.as_ref().map(tensor_bytes).unwrap_or(0)
+                })
+                .unwrap_or(0)
         };
         self.states
             .values()
-            .map(|s| s.state.head_residual.as_ref().map(tensor_bytes).unwrap_or(0) + b(&s.state.tail_residual))
+            .map(|s| {
+                s.state
+                    .head_residual
+                    .as_ref()
+                    .map(tensor_bytes)
+                    .unwrap_or(0)
+                    + b(&s.state.tail_residual)
+            })
             .sum()
     }
 }

@@ -9,13 +9,13 @@
 //! a reused call returns the first block's input plus that residual (added once, at the head).
 
 use crate::ratios::{RatioSource, RatioSpec};
+use magcache_core::candle_core::Tensor;
 use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey, ScopeStates,
-    StrategyConfig, TimestepCache,
+    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey,
+    ScopeStates, StrategyConfig, TimestepCache,
 };
-use magcache_core::candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// `[cache] strategy = "magcache"`.
@@ -48,7 +48,12 @@ fn d_retention() -> f64 {
 
 impl Default for MagCacheConfig {
     fn default() -> Self {
-        MagCacheConfig { threshold: d_threshold(), max_skip_steps: d_k(), retention_ratio: d_retention(), mag_ratios: None }
+        MagCacheConfig {
+            threshold: d_threshold(),
+            max_skip_steps: d_k(),
+            retention_ratio: d_retention(),
+            mag_ratios: None,
+        }
     }
 }
 
@@ -56,10 +61,18 @@ impl Default for MagCacheConfig {
 impl StrategyConfig for MagCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         if !(self.threshold.is_finite() && self.threshold >= 0.0) {
-            return Err(Error::config(file, "cache.threshold", format!("must be a non-negative number, got {}", self.threshold)));
+            return Err(Error::config(
+                file,
+                "cache.threshold",
+                format!("must be a non-negative number, got {}", self.threshold),
+            ));
         }
         if !(0.0..=1.0).contains(&self.retention_ratio) {
-            return Err(Error::config(file, "cache.retention_ratio", format!("must lie in [0, 1], got {}", self.retention_ratio)));
+            return Err(Error::config(
+                file,
+                "cache.retention_ratio",
+                format!("must lie in [0, 1], got {}", self.retention_ratio),
+            ));
         }
         if let Some(r) = &self.mag_ratios {
             r.validate(file)?;
@@ -123,7 +136,11 @@ pub struct MagCache {
 
 impl MagCache {
     pub fn new(cfg: MagCacheConfig, source: RatioSource) -> Self {
-        MagCache { cfg, source, states: ScopeStates::default() }
+        MagCache {
+            cfg,
+            source,
+            states: ScopeStates::default(),
+        }
     }
 
     /// The resampled curve a scope uses in the current generation.
@@ -191,7 +208,9 @@ impl TimestepCache for MagCache {
                 ..Default::default()
             })
         })?;
-        Ok(self.source.schedule_warnings(plan.shift, plan.boundary_ratio))
+        Ok(self
+            .source
+            .schedule_warnings(plan.shift, plan.boundary_ratio))
     }
 
     fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
@@ -200,7 +219,10 @@ impl TimestepCache for MagCache {
         let has_residual = st.residual.is_some();
         let (reuse, metric) = decide(&self.cfg, st, step, has_residual);
         st.reusing = reuse;
-        st.last = Some(CallDecision { computed: !reuse, metric: Some(metric) });
+        st.last = Some(CallDecision {
+            computed: !reuse,
+            metric: Some(metric),
+        });
         let hidden = cx.meta.hidden_input(inputs)?;
         if reuse {
             let res = st.residual.as_ref().expect("reuse requires a residual");
@@ -222,13 +244,19 @@ impl TimestepCache for MagCache {
     }
 
     fn is_reusing(&self, scope: ScopeKey) -> bool {
-        self.states.get(scope).map(|s| s.state.reusing).unwrap_or(false)
+        self.states
+            .get(scope)
+            .map(|s| s.state.reusing)
+            .unwrap_or(false)
     }
 
     fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
         let st = &mut self.states.get_mut(cx.scope)?.state;
         let input = st.head_input.take().ok_or_else(|| {
-            Error::Hooks(format!("MagCache scope {}: tail ran without a head in the same call", cx.scope))
+            Error::Hooks(format!(
+                "MagCache scope {}: tail ran without a head in the same call",
+                cx.scope
+            ))
         })?;
         st.residual = Some((cx.meta.hidden_output(outputs)? - input)?);
         Ok(())
@@ -239,6 +267,9 @@ impl TimestepCache for MagCache {
     }
 
     fn cached_bytes(&self) -> usize {
-        self.states.values().map(|s| s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0)).sum()
+        self.states
+            .values()
+            .map(|s| s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0))
+            .sum()
     }
 }

@@ -28,8 +28,16 @@ pub fn check_curve(file: &str, key: &str, c: &[f64]) -> Result<()> {
     if c.is_empty() {
         return Err(Error::config(file, key, "the ratio curve is empty"));
     }
-    if let Some((i, v)) = c.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v > 0.0)) {
-        return Err(Error::config(file, key, format!("entry {i} is {v}: ratios must be positive and finite")));
+    if let Some((i, v)) = c
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v > 0.0))
+    {
+        return Err(Error::config(
+            file,
+            key,
+            format!("entry {i} is {v}: ratios must be positive and finite"),
+        ));
     }
     Ok(())
 }
@@ -55,7 +63,12 @@ pub enum RatioSource {
 
 /// Number of steps the given expert runs in the plan (0 if none).
 fn expert_steps(plan: &GenerationPlan, expert: usize) -> usize {
-    plan.scopes.iter().filter(|s| s.key.expert == expert).map(|s| s.steps).max().unwrap_or(0)
+    plan.scopes
+        .iter()
+        .filter(|s| s.key.expert == expert)
+        .map(|s| s.steps)
+        .max()
+        .unwrap_or(0)
 }
 
 impl RatioSource {
@@ -70,43 +83,66 @@ impl RatioSource {
                     // One curve over the whole generation: resample to all steps, then each expert
                     // takes its own consecutive part (high-noise expert first).
                     let all = nearest_interp(c, plan.total_steps)?;
-                    let before: usize = experts.iter().filter(|&&e| e < sp.key.expert).map(|&e| expert_steps(plan, e)).sum();
-                    all.get(before..before + sp.steps).map(|s| s.to_vec()).ok_or_else(|| {
-                        Error::msg(format!(
-                            "mag_ratios: scope {} needs steps {}..{} of a {}-step curve",
-                            sp.key,
-                            before,
-                            before + sp.steps,
-                            plan.total_steps
-                        ))
-                    })
+                    let before: usize = experts
+                        .iter()
+                        .filter(|&&e| e < sp.key.expert)
+                        .map(|&e| expert_steps(plan, e))
+                        .sum();
+                    all.get(before..before + sp.steps)
+                        .map(|s| s.to_vec())
+                        .ok_or_else(|| {
+                            Error::msg(format!(
+                                "mag_ratios: scope {} needs steps {}..{} of a {}-step curve",
+                                sp.key,
+                                before,
+                                before + sp.steps,
+                                plan.total_steps
+                            ))
+                        })
                 }
             }
             RatioSource::Config(RatioSpec::PerExpert(p)) => {
                 let c = match sp.key.expert {
                     0 => &p.high_noise,
                     1 => &p.low_noise,
-                    e => return Err(Error::msg(format!("mag_ratios has curves for experts 0 and 1, not {e}"))),
+                    e => {
+                        return Err(Error::msg(format!(
+                            "mag_ratios has curves for experts 0 and 1, not {e}"
+                        )))
+                    }
                 };
                 nearest_interp(c, sp.steps)
             }
             RatioSource::Registered(rc) => {
                 let per = rc.experts.get(sp.key.expert).ok_or_else(|| {
-                    Error::msg(format!("{} has no ratio curve for expert {}", rc.source, sp.key.expert))
+                    Error::msg(format!(
+                        "{} has no ratio curve for expert {}",
+                        rc.source, sp.key.expert
+                    ))
                 })?;
                 let c = per
                     .get(&sp.key.branch)
                     .or_else(|| per.get(&Branch::Cond))
-                    .ok_or_else(|| Error::msg(format!("{} has no `{}` curve", rc.source, sp.key.branch)))?;
+                    .ok_or_else(|| {
+                        Error::msg(format!("{} has no `{}` curve", rc.source, sp.key.branch))
+                    })?;
                 nearest_interp(c, sp.steps)
             }
         }
     }
 
     /// Warnings for a curve calibrated on a schedule other than the run's.
-    pub fn schedule_warnings(&self, plan_shift: Option<f64>, plan_boundary: Option<f64>) -> Vec<String> {
-        let RatioSource::Registered(rc) = self else { return Vec::new() };
-        let Some(s) = &rc.schedule else { return Vec::new() };
+    pub fn schedule_warnings(
+        &self,
+        plan_shift: Option<f64>,
+        plan_boundary: Option<f64>,
+    ) -> Vec<String> {
+        let RatioSource::Registered(rc) = self else {
+            return Vec::new();
+        };
+        let Some(s) = &rc.schedule else {
+            return Vec::new();
+        };
         let mut w = Vec::new();
         if let (Some(a), Some(b)) = (s.shift, plan_shift) {
             if (a - b).abs() > 1e-9 {

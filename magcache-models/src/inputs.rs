@@ -1,0 +1,72 @@
+//! Reading an inputs file (`[inputs] file`): named tensors, checked for presence, shape and finiteness.
+
+use candle_core::{Device, Tensor};
+use magcache_core::{Error, Result};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct InputFile {
+    pub path: String,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl InputFile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        if !path.is_file() {
+            return Err(Error::inputs(
+                &shown,
+                "(file)",
+                "inputs file does not exist",
+            ));
+        }
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            Error::inputs(
+                &shown,
+                "(header)",
+                format!("not a readable safetensors file: {e}"),
+            )
+        })?;
+        Ok(InputFile {
+            path: shown,
+            tensors,
+        })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// A required tensor of the given rank, converted to f32 and checked finite.
+    pub fn get(&self, name: &str, rank: usize, what: &str) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::inputs(&self.path, name, format!("missing ({what})")))?;
+        if t.rank() != rank {
+            return Err(Error::inputs(
+                &self.path,
+                name,
+                format!("has shape {:?}; expected {what}", t.dims()),
+            ));
+        }
+        let t = t
+            .to_dtype(candle_core::DType::F32)
+            .map_err(|e| Error::inputs(&self.path, name, e.to_string()))?;
+        check_finite(&t, &self.path, name)?;
+        Ok(t)
+    }
+}
+
+/// Errors if the tensor holds NaN or Inf.
+pub fn check_finite(t: &Tensor, file: &str, name: &str) -> Result<()> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Error::inputs(
+            file,
+            name,
+            format!("holds a non-finite value ({}) at flat index {i}", v[i]),
+        ));
+    }
+    Ok(())
+}

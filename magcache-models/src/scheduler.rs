@@ -1,0 +1,102 @@
+//! Flow-matching Euler sampling (diffusers `FlowMatchEulerDiscreteScheduler`).
+
+/// The sampler's schedule: `timesteps[i]` (0..1000) for each step and `sigmas` with a final 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowSchedule {
+    pub timesteps: Vec<f32>,
+    pub sigmas: Vec<f32>,
+}
+
+impl FlowSchedule {
+    pub fn steps(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// Euler step size of step `i`: `sigma[i+1] - sigma[i]` (in f32, as the reference).
+    pub fn dt(&self, i: usize) -> f32 {
+        self.sigmas[i + 1] - self.sigmas[i]
+    }
+}
+
+/// numpy's `linspace(start, stop, n)`: `start + i * step`, with the last entry exactly `stop`.
+fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
+    match n {
+        0 => vec![],
+        1 => vec![start],
+        _ => {
+            let step = (stop - start) / (n - 1) as f64;
+            let mut v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
+            v[n - 1] = stop;
+            v
+        }
+    }
+}
+
+/// Static shift (Wan): the training sigmas are shifted, their ends give the inference range, and the
+/// evenly spaced inference sigmas are shifted again: `s' = shift s / (1 + (shift - 1) s)`.
+pub fn flow_match_static(steps: usize, shift: f64) -> FlowSchedule {
+    let n_train = 1000usize;
+    // The shifted training sigma at t = 1 (float32 arithmetic, as torch does it).
+    let s_min_raw = 1.0f32 / n_train as f32;
+    let sh = shift as f32;
+    let sigma_min = (sh * s_min_raw / (1.0 + (sh - 1.0) * s_min_raw)) as f64;
+    let sigma_max = 1.0f64; // shift * 1 / (1 + (shift - 1)) = 1
+    let ts = linspace(
+        sigma_max * n_train as f64,
+        sigma_min * n_train as f64,
+        steps,
+    );
+    let sigmas: Vec<f32> = ts
+        .iter()
+        .map(|t| {
+            let s = t / n_train as f64;
+            (shift * s / (1.0 + (shift - 1.0) * s)) as f32
+        })
+        .collect();
+    finish(sigmas, n_train)
+}
+
+/// Dynamic shift (FLUX): `sigmas` given (`linspace(1, 1/steps, steps)`), shifted by
+/// `exp(mu) / (exp(mu) + (1/s - 1))`.
+pub fn flow_match_dynamic(steps: usize, mu: f64) -> FlowSchedule {
+    let base: Vec<f32> = linspace(1.0, 1.0 / steps as f64, steps)
+        .into_iter()
+        .map(|s| s as f32)
+        .collect();
+    let sigmas: Vec<f32> = base
+        .iter()
+        .map(|&s| {
+            let s = s as f64;
+            (mu.exp() / (mu.exp() + (1.0 / s - 1.0))) as f32
+        })
+        .collect();
+    finish(sigmas, 1000)
+}
+
+/// FLUX's `mu` from the image sequence length: linear from (256, 0.5) to (4096, 1.15).
+pub fn flux_mu(image_seq_len: usize) -> f64 {
+    let m = (1.15 - 0.5) / (4096.0 - 256.0);
+    let b = 0.5 - m * 256.0;
+    image_seq_len as f64 * m + b
+}
+
+fn finish(sigmas: Vec<f32>, n_train: usize) -> FlowSchedule {
+    let timesteps = sigmas.iter().map(|s| s * n_train as f32).collect();
+    let mut sigmas = sigmas;
+    sigmas.push(0.0);
+    FlowSchedule { timesteps, sigmas }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_shift_ends() {
+        let s = flow_match_static(12, 5.0);
+        assert_eq!(s.timesteps[0], 1000.0);
+        assert!((s.timesteps[11] - 24.414066).abs() < 1e-3);
+        assert_eq!(s.sigmas.len(), 13);
+        assert_eq!(s.sigmas[12], 0.0);
+    }
+}

@@ -1,0 +1,219 @@
+//! `WanTransformer3DModel` configuration, read from diffusers' `config.json` or the original Wan
+//! `config.json` (`dim`, `num_heads`, `in_dim`, ...), with `[model.overrides]` applied on top.
+
+use magcache_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WanConfig {
+    pub patch_size: [usize; 3],
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub text_dim: usize,
+    pub freq_dim: usize,
+    pub ffn_dim: usize,
+    pub num_layers: usize,
+    pub cross_attn_norm: bool,
+    pub qk_norm: Option<String>,
+    pub eps: f64,
+    pub image_dim: Option<usize>,
+    pub added_kv_proj_dim: Option<usize>,
+    pub rope_max_seq_len: usize,
+    pub pos_embed_seq_len: Option<usize>,
+}
+
+impl Default for WanConfig {
+    /// diffusers' defaults (the 14B architecture).
+    fn default() -> Self {
+        WanConfig {
+            patch_size: [1, 2, 2],
+            num_attention_heads: 40,
+            attention_head_dim: 128,
+            in_channels: 16,
+            out_channels: 16,
+            text_dim: 4096,
+            freq_dim: 256,
+            ffn_dim: 13824,
+            num_layers: 40,
+            cross_attn_norm: true,
+            qk_norm: Some("rms_norm_across_heads".into()),
+            eps: 1e-6,
+            image_dim: None,
+            added_kv_proj_dim: None,
+            rope_max_seq_len: 1024,
+            pos_embed_seq_len: None,
+        }
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+    "cross_attn_norm",
+    "qk_norm",
+    "eps",
+    "image_dim",
+    "added_kv_proj_dim",
+    "rope_max_seq_len",
+    "pos_embed_seq_len",
+];
+
+impl WanConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Parses a config.json (diffusers or original Wan keys). Keys starting with `_` are metadata.
+    pub fn from_json(v: &Value, file: &str) -> Result<Self> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::config(file, "(document)", "config.json is not a JSON object"))?;
+        let obj = if obj.contains_key("dim") || obj.contains_key("num_heads") {
+            original_to_diffusers(obj, file)?
+        } else {
+            obj.clone()
+        };
+        Self::from_map(obj, file, &Map::new())
+    }
+
+    /// Starts from `base` values, applies `obj` then `overrides` (both diffusers keys); unknown keys in
+    /// overrides are errors, unknown keys in the config file are ignored only if they start with `_`
+    /// or are known to be irrelevant.
+    pub fn from_map(
+        obj: Map<String, Value>,
+        file: &str,
+        overrides: &Map<String, Value>,
+    ) -> Result<Self> {
+        let mut merged = serde_json::to_value(WanConfig::default()).expect("serializable");
+        let m = merged.as_object_mut().expect("object");
+        for (k, v) in obj {
+            if k.starts_with('_') {
+                continue;
+            }
+            if !FIELDS.contains(&k.as_str()) {
+                return Err(Error::config(
+                    file,
+                    &k,
+                    "unknown WanTransformer3DModel config field",
+                ));
+            }
+            m.insert(k, v);
+        }
+        for (k, v) in overrides {
+            if !FIELDS.contains(&k.as_str()) {
+                return Err(Error::config(
+                    file,
+                    format!("model.overrides.{k}"),
+                    format!(
+                        "not a WanTransformer3DModel config field (known: {})",
+                        FIELDS.join(", ")
+                    ),
+                ));
+            }
+            m.insert(k.clone(), v.clone());
+        }
+        let cfg: WanConfig = serde_json::from_value(merged)
+            .map_err(|e| Error::config(file, "model config", e.to_string()))?;
+        cfg.check(file)?;
+        Ok(cfg)
+    }
+
+    pub fn check(&self, file: &str) -> Result<()> {
+        let pos = [
+            ("num_attention_heads", self.num_attention_heads),
+            ("attention_head_dim", self.attention_head_dim),
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("text_dim", self.text_dim),
+            ("freq_dim", self.freq_dim),
+            ("ffn_dim", self.ffn_dim),
+            ("num_layers", self.num_layers),
+            ("rope_max_seq_len", self.rope_max_seq_len),
+        ];
+        for (k, v) in pos {
+            if v == 0 {
+                return Err(Error::config(file, k, "must be at least 1"));
+            }
+        }
+        if self.patch_size.contains(&0) {
+            return Err(Error::config(
+                file,
+                "patch_size",
+                "every patch dimension must be at least 1",
+            ));
+        }
+        if self.attention_head_dim % 2 != 0 {
+            return Err(Error::config(
+                file,
+                "attention_head_dim",
+                "must be even (rotary embedding pairs)",
+            ));
+        }
+        match self.qk_norm.as_deref() {
+            None | Some("rms_norm_across_heads") => {}
+            Some(o) => {
+                return Err(Error::config(
+                    file,
+                    "qk_norm",
+                    format!("`{o}` is not supported (only rms_norm_across_heads or null)"),
+                ))
+            }
+        }
+        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
+            return Err(Error::config(
+                file,
+                "image_dim",
+                "image-embedding cross-attention (Wan2.1 I2V) is not supported yet; Wan2.2 I2V (36 input channels) is",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Maps the original Wan config (`WanModel`) to diffusers field names.
+fn original_to_diffusers(o: &Map<String, Value>, file: &str) -> Result<Map<String, Value>> {
+    let get = |k: &str| o.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let dim = get("dim")
+        .ok_or_else(|| Error::config(file, "dim", "missing in the original Wan config"))?;
+    let heads = get("num_heads")
+        .ok_or_else(|| Error::config(file, "num_heads", "missing in the original Wan config"))?;
+    if heads == 0 || dim % heads != 0 {
+        return Err(Error::config(
+            file,
+            "num_heads",
+            format!("{heads} heads do not divide dim {dim}"),
+        ));
+    }
+    let mut m = Map::new();
+    m.insert("num_attention_heads".into(), heads.into());
+    m.insert("attention_head_dim".into(), (dim / heads).into());
+    for (from, to) in [
+        ("in_dim", "in_channels"),
+        ("out_dim", "out_channels"),
+        ("ffn_dim", "ffn_dim"),
+        ("freq_dim", "freq_dim"),
+        ("num_layers", "num_layers"),
+        ("text_dim", "text_dim"),
+    ] {
+        if let Some(v) = o.get(from) {
+            m.insert(to.into(), v.clone());
+        }
+    }
+    if let Some(v) = o.get("eps") {
+        m.insert("eps".into(), v.clone());
+    }
+    if let Some(v) = o.get("patch_size") {
+        m.insert("patch_size".into(), v.clone());
+    }
+    Ok(m)
+}

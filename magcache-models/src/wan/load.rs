@@ -1,0 +1,175 @@
+//! Loading Wan checkpoints: the diffusers layout (`config.json` + `diffusion_pytorch_model*.safetensors`)
+//! and the original Wan layout (`blocks.N.self_attn.q`, `head.head`, ...), detected from the keys.
+
+use super::config::WanConfig;
+use crate::weights::{weight_files, WeightStore};
+use magcache_core::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Key layouts a Wan checkpoint may come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WanLayout {
+    Diffusers,
+    Original,
+}
+
+/// Detects the layout from the tensor names.
+pub fn detect_layout(store: &WeightStore) -> Result<WanLayout> {
+    let has = |p: &str| {
+        store
+            .keys()
+            .any(|k| k.starts_with(p) || k.contains(&format!(".{p}")))
+    };
+    if has("condition_embedder.") || store.keys().any(|k| k.contains(".attn1.")) {
+        Ok(WanLayout::Diffusers)
+    } else if has("time_embedding.") || store.keys().any(|k| k.contains(".self_attn.")) {
+        Ok(WanLayout::Original)
+    } else {
+        Err(Error::weights(
+            &store.origin,
+            "(layout)",
+            "neither diffusers (`condition_embedder.*`, `blocks.N.attn1.*`) nor original Wan (`time_embedding.*`, `blocks.N.self_attn.*`) tensor names",
+        ))
+    }
+}
+
+/// Original Wan name -> diffusers name.
+pub fn original_to_diffusers(k: &str) -> String {
+    let k = k.strip_prefix("model.diffusion_model.").unwrap_or(k);
+    let top = [
+        (
+            "time_embedding.0.",
+            "condition_embedder.time_embedder.linear_1.",
+        ),
+        (
+            "time_embedding.2.",
+            "condition_embedder.time_embedder.linear_2.",
+        ),
+        ("time_projection.1.", "condition_embedder.time_proj."),
+        (
+            "text_embedding.0.",
+            "condition_embedder.text_embedder.linear_1.",
+        ),
+        (
+            "text_embedding.2.",
+            "condition_embedder.text_embedder.linear_2.",
+        ),
+        ("head.head.", "proj_out."),
+    ];
+    for (a, b) in top {
+        if let Some(rest) = k.strip_prefix(a) {
+            return format!("{b}{rest}");
+        }
+    }
+    if k == "head.modulation" {
+        return "scale_shift_table".into();
+    }
+    if let Some(rest) = k.strip_prefix("blocks.") {
+        if let Some((idx, tail)) = rest.split_once('.') {
+            let mapped = match tail {
+                "modulation" => "scale_shift_table".to_string(),
+                // The original norm3 is the cross-attention norm (diffusers norm2).
+                t if t.starts_with("norm3.") => format!("norm2.{}", &t[6..]),
+                t if t.starts_with("norm2.") => format!("norm3.{}", &t[6..]),
+                t if t.starts_with("ffn.0.") => format!("ffn.net.0.proj.{}", &t[6..]),
+                t if t.starts_with("ffn.2.") => format!("ffn.net.2.{}", &t[6..]),
+                t => {
+                    let (attn, rest) = if let Some(r) = t.strip_prefix("self_attn.") {
+                        ("attn1", r)
+                    } else if let Some(r) = t.strip_prefix("cross_attn.") {
+                        ("attn2", r)
+                    } else {
+                        return format!("blocks.{idx}.{t}");
+                    };
+                    let rest = match rest.split_once('.') {
+                        Some(("q", r)) => format!("to_q.{r}"),
+                        Some(("k", r)) => format!("to_k.{r}"),
+                        Some(("v", r)) => format!("to_v.{r}"),
+                        Some(("o", r)) => format!("to_out.0.{r}"),
+                        _ => rest.to_string(),
+                    };
+                    format!("{attn}.{rest}")
+                }
+            };
+            return format!("blocks.{idx}.{mapped}");
+        }
+    }
+    k.to_string()
+}
+
+/// A loaded checkpoint: its config and diffusers-named tensors.
+pub struct LoadedWan {
+    pub config: WanConfig,
+    pub store: WeightStore,
+    pub layout: WanLayout,
+    pub origin: PathBuf,
+}
+
+/// Finds the config.json of a weights path: `explicit`, else `config.json` in the folder or beside the
+/// file.
+fn config_path(weights: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let dir = if weights.is_dir() {
+        weights.to_path_buf()
+    } else {
+        weights.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let c = dir.join("config.json");
+    if c.is_file() {
+        Ok(c)
+    } else {
+        Err(Error::weights(
+            weights.display().to_string(),
+            "config.json",
+            "no config.json beside the weights; add one or set `config = \"...\"` in [model]",
+        ))
+    }
+}
+
+/// Loads a Wan checkpoint from a diffusers folder, a file, or a sharded index.
+pub fn load_wan(
+    weights: &Path,
+    config: Option<&Path>,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+    cfg_file: &str,
+) -> Result<LoadedWan> {
+    let cpath = config_path(weights, config)?;
+    let cshown = cpath.display().to_string();
+    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cshown, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&cshown, "(document)", format!("invalid JSON: {e}")))?;
+    let base = WanConfig::from_json(&json, &cshown)?;
+    let config = if overrides.is_empty() {
+        base
+    } else {
+        let obj = serde_json::to_value(&base)
+            .expect("serializable")
+            .as_object()
+            .cloned()
+            .expect("object");
+        WanConfig::from_map(obj, cfg_file, overrides)?
+    };
+    let files = weight_files(weights)?;
+    let mut store = WeightStore::load_files(&weights.display().to_string(), &files)?;
+    let layout = detect_layout(&store)?;
+    if layout == WanLayout::Original {
+        store.rename(original_to_diffusers);
+    } else if store
+        .keys()
+        .any(|k| k.starts_with("model.diffusion_model."))
+    {
+        store.rename(|k| {
+            k.strip_prefix("model.diffusion_model.")
+                .unwrap_or(k)
+                .to_string()
+        });
+    }
+    Ok(LoadedWan {
+        config,
+        store,
+        layout,
+        origin: weights.to_path_buf(),
+    })
+}

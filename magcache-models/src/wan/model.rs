@@ -1,0 +1,492 @@
+//! `WanTransformer3DModel` (Wan2.1 / Wan2.2) in candle, f32.
+
+use super::config::WanConfig;
+use crate::nn::{
+    attention, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm, Linear, RmsNorm,
+};
+use crate::weights::WeightStore;
+use candle_core::{DType, Device, Tensor};
+use magcache_core::{BlockMetadata, Error, HookRegistry, Result};
+
+/// A Wan block takes `(hidden, encoder, modulation, rope_cos, rope_sin)` and returns `(hidden,)`.
+pub const WAN_BLOCK: BlockMetadata = BlockMetadata {
+    kind: "wan.block",
+    hidden_in: 0,
+    encoder_in: Some(1),
+    hidden_out: 0,
+    encoder_out: None,
+    outputs: 1,
+};
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+    heads: usize,
+}
+
+impl Attention {
+    fn load(w: &WeightStore, p: &str, cfg: &WanConfig) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let lin = |n: &str| -> Result<Linear> {
+            Linear::new(
+                w.get_shape(&format!("{p}.{n}.weight"), &[d, d])?,
+                Some(w.get_shape(&format!("{p}.{n}.bias"), &[d])?),
+            )
+        };
+        let norm = |n: &str| -> Result<Option<RmsNorm>> {
+            if cfg.qk_norm.is_some() {
+                Ok(Some(RmsNorm::new(
+                    w.get_shape(&format!("{p}.{n}.weight"), &[d])?,
+                    cfg.eps,
+                )))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Attention {
+            q: lin("to_q")?,
+            k: lin("to_k")?,
+            v: lin("to_v")?,
+            o: lin("to_out.0")?,
+            norm_q: norm("norm_q")?,
+            norm_k: norm("norm_k")?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `x [B, S, d]`, `kv [B, L, d]`; rope `(cos, sin)` `[S, head_dim/2]` for self-attention.
+    fn forward(&self, x: &Tensor, kv: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let mut q = self.q.forward(x)?;
+        let mut k = self.k.forward(kv)?;
+        let v = self.v.forward(kv)?;
+        if let Some(n) = &self.norm_q {
+            q = n.forward(&q)?;
+        }
+        if let Some(n) = &self.norm_k {
+            k = n.forward(&k)?;
+        }
+        let mut q = split_heads(&q, self.heads)?;
+        let mut k = split_heads(&k, self.heads)?;
+        let v = split_heads(&v, self.heads)?;
+        if let Some((cos, sin)) = rope {
+            q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
+            k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+        }
+        let o = attention(&q, &k, &v)?;
+        self.o.forward(&merge_heads(&o)?)
+    }
+}
+
+struct Block {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: Option<LayerNorm>,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+    /// `[1, 1, 6, d]`
+    table: Tensor,
+}
+
+impl Block {
+    fn load(w: &WeightStore, i: usize, cfg: &WanConfig, dev: &Device) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let p = format!("blocks.{i}");
+        let norm2 = if cfg.cross_attn_norm {
+            Some(LayerNorm::new(
+                d,
+                cfg.eps,
+                Some((
+                    w.get_shape(&format!("{p}.norm2.weight"), &[d])?,
+                    w.get_shape(&format!("{p}.norm2.bias"), &[d])?,
+                )),
+                dev,
+            )?)
+        } else {
+            None
+        };
+        Ok(Block {
+            norm1: LayerNorm::new(d, cfg.eps, None, dev)?,
+            attn1: Attention::load(w, &format!("{p}.attn1"), cfg)?,
+            norm2,
+            attn2: Attention::load(w, &format!("{p}.attn2"), cfg)?,
+            norm3: LayerNorm::new(d, cfg.eps, None, dev)?,
+            ff1: Linear::new(
+                w.get_shape(&format!("{p}.ffn.net.0.proj.weight"), &[cfg.ffn_dim, d])?,
+                Some(w.get_shape(&format!("{p}.ffn.net.0.proj.bias"), &[cfg.ffn_dim])?),
+            )?,
+            ff2: Linear::new(
+                w.get_shape(&format!("{p}.ffn.net.2.weight"), &[d, cfg.ffn_dim])?,
+                Some(w.get_shape(&format!("{p}.ffn.net.2.bias"), &[d])?),
+            )?,
+            table: w
+                .get_shape(&format!("{p}.scale_shift_table"), &[1, 6, d])?
+                .unsqueeze(0)?,
+        })
+    }
+
+    /// Inputs: `(hidden [B,S,d], encoder [B,L,d], modulation [B,S',6,d], cos, sin)`.
+    fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let [h, enc, tproj, cos, sin] = inputs else {
+            return Err(Error::msg(format!(
+                "wan block expects 5 inputs, got {}",
+                inputs.len()
+            )));
+        };
+        let m = self.table.broadcast_add(tproj)?;
+        let chunk = |i: usize| -> Result<Tensor> { Ok(m.narrow(2, i, 1)?.squeeze(2)?) };
+        let (shift, scale, gate) = (chunk(0)?, chunk(1)?, chunk(2)?);
+        let (c_shift, c_scale, c_gate) = (chunk(3)?, chunk(4)?, chunk(5)?);
+
+        let x = modulate(&self.norm1.forward(h)?, &shift, &scale)?;
+        let a = self.attn1.forward(&x, &x, Some((cos, sin)))?;
+        let h = (h + a.broadcast_mul(&gate)?)?;
+
+        let x = match &self.norm2 {
+            Some(n) => n.forward(&h)?,
+            None => h.clone(),
+        };
+        let h = (&h + self.attn2.forward(&x, enc, None)?)?;
+
+        let x = modulate(&self.norm3.forward(&h)?, &c_shift, &c_scale)?;
+        let f = self.ff2.forward(&self.ff1.forward(&x)?.gelu()?)?;
+        let h = (h + f.broadcast_mul(&c_gate)?)?;
+        Ok(vec![h])
+    }
+}
+
+/// Intermediate values of one forward, for parity tests.
+#[derive(Debug, Default)]
+pub struct WanTrace {
+    pub temb: Option<Tensor>,
+    pub timestep_proj: Option<Tensor>,
+    pub encoder_embedded: Option<Tensor>,
+    pub rope_cos: Option<Tensor>,
+    pub rope_sin: Option<Tensor>,
+    pub blocks: Vec<Tensor>,
+}
+
+/// The Wan transformer with its hook registry.
+pub struct WanModel {
+    pub cfg: WanConfig,
+    patch_w: Tensor,
+    patch_b: Tensor,
+    time1: Linear,
+    time2: Linear,
+    time_proj: Linear,
+    text1: Linear,
+    text2: Linear,
+    blocks: Vec<Block>,
+    norm_out: LayerNorm,
+    proj_out: Linear,
+    /// `[1, 1, 2, d]`
+    out_table: Tensor,
+    /// Per-axis rotary frequencies (f64), lengths t/2, h/2, w/2 of the head dim.
+    rope_freqs: [Vec<f64>; 3],
+    pub hooks: HookRegistry,
+}
+
+impl WanModel {
+    /// Builds the model from diffusers-named tensors.
+    pub fn from_weights(cfg: WanConfig, w: &WeightStore) -> Result<Self> {
+        let dev = Device::Cpu;
+        let d = cfg.inner_dim();
+        let [pt, ph, pw] = cfg.patch_size;
+        let patch_w = w.get_shape("patch_embedding.weight", &[d, cfg.in_channels, pt, ph, pw])?;
+        let patch_w = patch_w
+            .reshape((d, cfg.in_channels * pt * ph * pw))?
+            .t()?
+            .contiguous()?;
+        let lin = |n: &str, o: usize, i: usize| -> Result<Linear> {
+            Linear::new(
+                w.get_shape(&format!("{n}.weight"), &[o, i])?,
+                Some(w.get_shape(&format!("{n}.bias"), &[o])?),
+            )
+        };
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Block::load(w, i, &cfg, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        let out_dim = cfg.out_channels * pt * ph * pw;
+        let hd = cfg.attention_head_dim;
+        let h_dim = 2 * (hd / 6);
+        let t_dim = hd - 2 * h_dim;
+        let freqs = |dim: usize| -> Vec<f64> {
+            (0..dim / 2)
+                .map(|j| 1.0 / 10000f64.powf((2 * j) as f64 / dim as f64))
+                .collect()
+        };
+        let n_blocks = cfg.num_layers;
+        Ok(WanModel {
+            patch_b: w.get_shape("patch_embedding.bias", &[d])?,
+            patch_w,
+            time1: lin("condition_embedder.time_embedder.linear_1", d, cfg.freq_dim)?,
+            time2: lin("condition_embedder.time_embedder.linear_2", d, d)?,
+            time_proj: lin("condition_embedder.time_proj", 6 * d, d)?,
+            text1: lin("condition_embedder.text_embedder.linear_1", d, cfg.text_dim)?,
+            text2: lin("condition_embedder.text_embedder.linear_2", d, d)?,
+            blocks,
+            norm_out: LayerNorm::new(d, cfg.eps, None, &dev)?,
+            proj_out: lin("proj_out", out_dim, d)?,
+            out_table: w.get_shape("scale_shift_table", &[1, 2, d])?.unsqueeze(0)?,
+            rope_freqs: [freqs(t_dim), freqs(h_dim), freqs(h_dim)],
+            hooks: HookRegistry::new(vec![WAN_BLOCK; n_blocks]),
+            cfg,
+        })
+    }
+
+    /// Rotary tables `[S, head_dim/2]` for a latent grid of `f x h x w` patches.
+    pub fn rope(&self, f: usize, h: usize, w: usize) -> Result<(Tensor, Tensor)> {
+        let half: usize = self.rope_freqs.iter().map(|v| v.len()).sum();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(f * h * w * half),
+            Vec::with_capacity(f * h * w * half),
+        );
+        for fi in 0..f {
+            for hi in 0..h {
+                for wi in 0..w {
+                    for (axis, pos) in [(0, fi), (1, hi), (2, wi)] {
+                        for fr in &self.rope_freqs[axis] {
+                            let a = pos as f64 * fr;
+                            cos.push(a.cos() as f32);
+                            sin.push(a.sin() as f32);
+                        }
+                    }
+                }
+            }
+        }
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(cos, (f * h * w, half), &dev)?,
+            Tensor::from_vec(sin, (f * h * w, half), &dev)?,
+        ))
+    }
+
+    /// Time and text conditioning: `temb [B, S', d]`, `timestep_proj [B, S', 6, d]`, text `[B, L, d]`.
+    /// `t` is `[B]` (one timestep per sample, S' = 1) or `[B, S]` (one per token).
+    pub fn condition(&self, t: &Tensor, ctx: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = self.cfg.inner_dim();
+        let b = t.dim(0)?;
+        let s = if t.rank() == 2 { t.dim(1)? } else { 1 };
+        let e = timestep_embedding(&t.flatten_all()?, self.cfg.freq_dim)?;
+        let temb = self.time2.forward(&self.time1.forward(&e)?.silu()?)?;
+        let tproj = self.time_proj.forward(&temb.silu()?)?;
+        let temb = temb.reshape((b, s, d))?;
+        let tproj = tproj.reshape((b, s, 6, d))?;
+        let text = self.text2.forward(&self.text1.forward(ctx)?.gelu()?)?;
+        Ok((temb, tproj, text))
+    }
+
+    /// Patchify `[B, C, F, H, W] -> [B, S, C*pt*ph*pw]` (the Conv3d with kernel = stride = patch).
+    fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, f, h, w) = x.dims5()?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        let x = x.reshape(vec![b, c, f / pt, pt, h / ph, ph, w / pw, pw])?;
+        let x = x.permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?.contiguous()?;
+        let s = (f / pt) * (h / ph) * (w / pw);
+        let x = x.reshape((b * s, c * pt * ph * pw))?;
+        let y = x.matmul(&self.patch_w)?.broadcast_add(&self.patch_b)?;
+        Ok(y.reshape((b, s, self.cfg.inner_dim()))?)
+    }
+
+    /// Checks an input latent against the config.
+    pub fn check_latents(&self, x: &Tensor) -> Result<()> {
+        let dims = x.dims();
+        let [pt, ph, pw] = self.cfg.patch_size;
+        if dims.len() != 5
+            || dims[1] != self.cfg.in_channels
+            || dims[2] % pt != 0
+            || dims[3] % ph != 0
+            || dims[4] % pw != 0
+        {
+            return Err(Error::msg(format!(
+                "latents have shape {dims:?}; expected [B, {}, F, H, W] with F, H, W multiples of {:?}",
+                self.cfg.in_channels, self.cfg.patch_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward: `x [B, C, F, H, W]`, `t [B]` or `[B, S]` (0..1000), `ctx [B, L, text_dim]` -> `[B, C_out, F, H, W]`.
+    pub fn forward(&mut self, x: &Tensor, t: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        self.forward_traced(x, t, ctx, None)
+    }
+
+    pub fn forward_traced(
+        &mut self,
+        x: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        mut trace: Option<&mut WanTrace>,
+    ) -> Result<Tensor> {
+        self.check_latents(x)?;
+        let (b, _c, f, h, w) = x.dims5()?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        let (pf, phh, pww) = (f / pt, h / ph, w / pw);
+        let seq = pf * phh * pww;
+        if t.rank() == 2 && (t.dim(0)? != b || t.dim(1)? != seq) {
+            return Err(Error::msg(format!(
+                "per-token timesteps have shape {:?}, expected [{b}, {seq}]",
+                t.dims()
+            )));
+        }
+        if t.rank() == 1 && t.dim(0)? != b {
+            return Err(Error::msg(format!(
+                "timesteps have shape {:?}, expected [{b}]",
+                t.dims()
+            )));
+        }
+        let (cos, sin) = self.rope(pf, phh, pww)?;
+        let hidden = self.patchify(x)?;
+        let (temb, tproj, text) = self.condition(t, ctx)?;
+        self.hooks.set_indicator("temb", temb.clone());
+        self.hooks.set_indicator("timestep_proj", tproj.clone());
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.temb = Some(temb.clone());
+            tr.timestep_proj = Some(tproj.clone());
+            tr.encoder_embedded = Some(text.clone());
+            tr.rope_cos = Some(cos.clone());
+            tr.rope_sin = Some(sin.clone());
+        }
+        let mut hs = hidden;
+        let res = (|| -> Result<Tensor> {
+            for (i, blk) in self.blocks.iter().enumerate() {
+                let inputs = [
+                    hs.clone(),
+                    text.clone(),
+                    tproj.clone(),
+                    cos.clone(),
+                    sin.clone(),
+                ];
+                let out = self
+                    .hooks
+                    .run_block(i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
+                hs = out
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::msg("wan block returned nothing"))?;
+                if let Some(tr) = trace.as_deref_mut() {
+                    tr.blocks.push(hs.clone());
+                }
+            }
+            Ok(hs)
+        })();
+        self.hooks.clear_indicators();
+        let hs = res?;
+        // Output norm with the final modulation, projection, unpatchify.
+        let m = self.out_table.broadcast_add(&temb.unsqueeze(2)?)?; // [B, S', 2, d]
+        let shift = m.narrow(2, 0, 1)?.squeeze(2)?;
+        let scale = m.narrow(2, 1, 1)?.squeeze(2)?;
+        let y = modulate(&self.norm_out.forward(&hs)?, &shift, &scale)?;
+        let y = self.proj_out.forward(&y)?; // [B, S, pt*ph*pw*C]
+        let c_out = self.cfg.out_channels;
+        let y = y.reshape(vec![b, pf, phh, pww, pt, ph, pw, c_out])?;
+        let y = y.permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?.contiguous()?;
+        Ok(y.reshape((b, c_out, f, h, w))?)
+    }
+
+    /// Number of blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+/// Diffusers-named random weights for a config (presets): linear weights uniform with std
+/// `1/sqrt(fan_in)`, zero biases, unit norms, modulation tables `randn / sqrt(d)`.
+pub fn random_weights(cfg: &WanConfig, seed: u64) -> Result<WeightStore> {
+    use crate::random::{randn, sub_seed, uniform};
+    let d = cfg.inner_dim();
+    let [pt, ph, pw] = cfg.patch_size;
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        (
+            "patch_embedding.weight".into(),
+            vec![d, cfg.in_channels, pt, ph, pw],
+        ),
+        ("patch_embedding.bias".into(), vec![d]),
+        (
+            "condition_embedder.time_embedder.linear_1.weight".into(),
+            vec![d, cfg.freq_dim],
+        ),
+        (
+            "condition_embedder.time_embedder.linear_1.bias".into(),
+            vec![d],
+        ),
+        (
+            "condition_embedder.time_embedder.linear_2.weight".into(),
+            vec![d, d],
+        ),
+        (
+            "condition_embedder.time_embedder.linear_2.bias".into(),
+            vec![d],
+        ),
+        ("condition_embedder.time_proj.weight".into(), vec![6 * d, d]),
+        ("condition_embedder.time_proj.bias".into(), vec![6 * d]),
+        (
+            "condition_embedder.text_embedder.linear_1.weight".into(),
+            vec![d, cfg.text_dim],
+        ),
+        (
+            "condition_embedder.text_embedder.linear_1.bias".into(),
+            vec![d],
+        ),
+        (
+            "condition_embedder.text_embedder.linear_2.weight".into(),
+            vec![d, d],
+        ),
+        (
+            "condition_embedder.text_embedder.linear_2.bias".into(),
+            vec![d],
+        ),
+        (
+            "proj_out.weight".into(),
+            vec![cfg.out_channels * pt * ph * pw, d],
+        ),
+        (
+            "proj_out.bias".into(),
+            vec![cfg.out_channels * pt * ph * pw],
+        ),
+        ("scale_shift_table".into(), vec![1, 2, d]),
+    ];
+    for i in 0..cfg.num_layers {
+        let p = format!("blocks.{i}");
+        for a in ["attn1", "attn2"] {
+            for l in ["to_q", "to_k", "to_v", "to_out.0"] {
+                shapes.push((format!("{p}.{a}.{l}.weight"), vec![d, d]));
+                shapes.push((format!("{p}.{a}.{l}.bias"), vec![d]));
+            }
+            if cfg.qk_norm.is_some() {
+                shapes.push((format!("{p}.{a}.norm_q.weight"), vec![d]));
+                shapes.push((format!("{p}.{a}.norm_k.weight"), vec![d]));
+            }
+        }
+        if cfg.cross_attn_norm {
+            shapes.push((format!("{p}.norm2.weight"), vec![d]));
+            shapes.push((format!("{p}.norm2.bias"), vec![d]));
+        }
+        shapes.push((format!("{p}.ffn.net.0.proj.weight"), vec![cfg.ffn_dim, d]));
+        shapes.push((format!("{p}.ffn.net.0.proj.bias"), vec![cfg.ffn_dim]));
+        shapes.push((format!("{p}.ffn.net.2.weight"), vec![d, cfg.ffn_dim]));
+        shapes.push((format!("{p}.ffn.net.2.bias"), vec![d]));
+        shapes.push((format!("{p}.scale_shift_table"), vec![1, 6, d]));
+    }
+    let mut map = std::collections::HashMap::new();
+    for (name, shape) in shapes {
+        let s = sub_seed(seed, &name);
+        let t = if name.ends_with("scale_shift_table") {
+            (randn(s, &shape)? / (d as f64).sqrt())?
+        } else if name.contains("norm") && name.ends_with(".weight") {
+            Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?
+        } else if name.ends_with(".bias") {
+            Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            uniform(s, &shape, (3.0 / fan_in as f32).sqrt())?
+        };
+        map.insert(name, t);
+    }
+    Ok(WeightStore::from_map("(random init)", map))
+}

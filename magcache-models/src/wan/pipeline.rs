@@ -1,0 +1,262 @@
+//! The Wan denoising loop: flow-matching Euler with static shift, classifier-free guidance with the
+//! cond call then the uncond call (each its own cache branch), one or two experts.
+
+use super::model::WanModel;
+use crate::scheduler::{flow_match_static, FlowSchedule};
+use candle_core::Tensor;
+use magcache_core::pipeline::{CallEvent, Observer};
+use magcache_core::{
+    Branch, CacheHandle, Error, GenerationPlan, ModelInfo, Pipeline, Result, ScopeKey, ScopePlan,
+};
+
+/// Conditioning of a Wan generation.
+pub struct WanInputs {
+    /// `[B, C, F, H, W]`
+    pub latents: Tensor,
+    /// `[B, L, text_dim]`
+    pub cond: Tensor,
+    /// `[B, L', text_dim]`; required when guidance is on.
+    pub uncond: Option<Tensor>,
+    /// Wan2.2 TI2V: the first latent frame is the conditioning image, kept clean (per-token timesteps
+    /// with t = 0 on its tokens).
+    pub first_frame: Option<Tensor>,
+}
+
+pub struct WanPipeline {
+    pub family: String,
+    /// `experts[0]` (high noise / only model), `experts[1]` (low noise).
+    pub experts: Vec<WanModel>,
+    pub boundary_ratio: Option<f64>,
+    pub schedule: FlowSchedule,
+    pub shift: f64,
+    pub guidance: f64,
+    pub guidance_2: Option<f64>,
+    pub inputs: WanInputs,
+    pub info: ModelInfo,
+    pub description: String,
+    /// Per-token timesteps (Wan2.2 TI2V `expand_timesteps`).
+    pub expand_timesteps: bool,
+    cache: Option<CacheHandle>,
+}
+
+impl WanPipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        family: &str,
+        experts: Vec<WanModel>,
+        boundary_ratio: Option<f64>,
+        steps: usize,
+        shift: f64,
+        guidance: f64,
+        guidance_2: Option<f64>,
+        inputs: WanInputs,
+        info: ModelInfo,
+        description: String,
+    ) -> Result<Self> {
+        if experts.is_empty() || experts.len() > 2 {
+            return Err(Error::msg(format!(
+                "a Wan pipeline has one or two experts, not {}",
+                experts.len()
+            )));
+        }
+        if experts.len() == 2 && boundary_ratio.is_none() {
+            return Err(Error::msg(
+                "two experts need `boundary_ratio` in [sampling]",
+            ));
+        }
+        Ok(WanPipeline {
+            family: family.to_string(),
+            experts,
+            boundary_ratio,
+            schedule: flow_match_static(steps, shift),
+            shift,
+            guidance,
+            guidance_2,
+            inputs,
+            info,
+            description,
+            expand_timesteps: false,
+            cache: None,
+        })
+    }
+
+    /// The expert that runs timestep `t`: the high-noise expert for `t >= boundary * 1000`.
+    pub fn expert_for(&self, t: f32) -> usize {
+        match self.boundary_ratio {
+            Some(b) if self.experts.len() == 2 && (t as f64) < b * 1000.0 => 1,
+            _ => 0,
+        }
+    }
+
+    fn guidance_of(&self, expert: usize) -> f64 {
+        if expert == 1 {
+            self.guidance_2.unwrap_or(self.guidance)
+        } else {
+            self.guidance
+        }
+    }
+
+    fn uses_cfg(&self, expert: usize) -> bool {
+        self.guidance_of(expert) > 1.0 && self.inputs.uncond.is_some()
+    }
+
+    fn timestep_tensor(&self, t: f32, model: &WanModel) -> Result<Tensor> {
+        let (b, _, f, h, w) = self.inputs.latents.dims5()?;
+        if self.expand_timesteps {
+            let [pt, ph, pw] = model.cfg.patch_size;
+            let seq = (f / pt) * (h / ph) * (w / pw);
+            let per_frame = (h / ph) * (w / pw);
+            let clean = if self.inputs.first_frame.is_some() {
+                per_frame
+            } else {
+                0
+            };
+            let mut v = vec![t; b * seq];
+            for bi in 0..b {
+                for x in &mut v[bi * seq..bi * seq + clean] {
+                    *x = 0.0;
+                }
+            }
+            Ok(Tensor::from_vec(v, (b, seq), &candle_core::Device::Cpu)?)
+        } else {
+            Ok(Tensor::from_vec(vec![t; b], b, &candle_core::Device::Cpu)?)
+        }
+    }
+}
+
+impl Pipeline for WanPipeline {
+    fn family(&self) -> &str {
+        &self.family
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn plan(&self) -> GenerationPlan {
+        let mut scopes: Vec<ScopePlan> = Vec::new();
+        for e in 0..self.experts.len() {
+            let sig: Vec<f64> = self
+                .schedule
+                .timesteps
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| self.expert_for(t) == e)
+                .map(|(i, _)| self.schedule.sigmas[i] as f64)
+                .collect();
+            if sig.is_empty() {
+                continue;
+            }
+            let mut branches = vec![Branch::Cond];
+            if self.uses_cfg(e) {
+                branches.push(Branch::Uncond);
+            }
+            for b in branches {
+                scopes.push(ScopePlan {
+                    key: ScopeKey::new(e, b),
+                    steps: sig.len(),
+                    sigmas: sig.clone(),
+                });
+            }
+        }
+        GenerationPlan {
+            scopes,
+            total_steps: self.schedule.steps(),
+            family: self.family.clone(),
+            scheduler: "flow-euler".into(),
+            shift: Some(self.shift),
+            boundary_ratio: if self.experts.len() == 2 {
+                self.boundary_ratio
+            } else {
+                None
+            },
+        }
+    }
+
+    fn model_info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
+        for m in &mut self.experts {
+            CacheHandle::uninstall(&mut m.hooks);
+            if let Some(c) = &cache {
+                c.install(&mut m.hooks)?;
+            }
+        }
+        self.cache = cache;
+        Ok(())
+    }
+
+    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
+        if let Some(c) = &self.cache {
+            for w in c.lock()?.begin_generation(&self.plan())? {
+                obs.warning(&w);
+            }
+        }
+        let mut lat = self.inputs.latents.clone();
+        if let Some(ff) = &self.inputs.first_frame {
+            lat = replace_first_frame(&lat, ff)?;
+        }
+        let steps = self.schedule.steps();
+        let mut index = 0;
+        for i in 0..steps {
+            let t = self.schedule.timesteps[i];
+            let e = self.expert_for(t);
+            let g = self.guidance_of(e);
+            let cfg = self.uses_cfg(e);
+            let tt = self.timestep_tensor(t, &self.experts[e])?;
+            let mut preds = Vec::with_capacity(2);
+            let mut branches = vec![(Branch::Cond, self.inputs.cond.clone())];
+            if cfg {
+                branches.push((
+                    Branch::Uncond,
+                    self.inputs.uncond.clone().expect("checked by uses_cfg"),
+                ));
+            }
+            for (branch, ctx) in branches {
+                let scope = ScopeKey::new(e, branch);
+                let model = &mut self.experts[e];
+                model.hooks.set_scope(Some(scope));
+                let out = model.forward(&lat, &tt, &ctx);
+                model.hooks.set_scope(None);
+                preds.push(out?);
+                let decision = match &self.cache {
+                    Some(c) => c.lock()?.last_decision(scope),
+                    None => None,
+                };
+                obs.call(&CallEvent {
+                    index,
+                    step: i,
+                    branch,
+                    expert: e,
+                    timestep: t as f64,
+                    decision,
+                });
+                index += 1;
+            }
+            let pred = if cfg {
+                let (pc, pu) = (&preds[0], &preds[1]);
+                (pu + ((pc - pu)? * g)?)?
+            } else {
+                preds.pop().expect("one prediction")
+            };
+            let dt = self.schedule.dt(i) as f64;
+            lat = (&lat + (pred * dt)?)?;
+            if let Some(ff) = &self.inputs.first_frame {
+                lat = replace_first_frame(&lat, ff)?;
+            }
+            obs.step(i + 1, steps);
+        }
+        Ok(lat)
+    }
+}
+
+/// Puts the conditioning frame `[B, C, 1, H, W]` in place of latent frame 0.
+fn replace_first_frame(lat: &Tensor, ff: &Tensor) -> Result<Tensor> {
+    let f = lat.dim(2)?;
+    if f == 1 {
+        return Ok(ff.clone());
+    }
+    Ok(Tensor::cat(&[ff, &lat.narrow(2, 1, f - 1)?], 2)?)
+}

@@ -40,3 +40,123 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A run file for one reference-loop run: the `[cache]` table from the run's config in the fixture
+/// json (`None` = dense).
+pub fn loop_toml(
+    family: &str,
+    weights: &str,
+    inputs: &str,
+    meta: &serde_json::Value,
+    cache: Option<&str>,
+) -> String {
+    let mut s = format!(
+        "[model]\nfamily = \"{family}\"\nweights = {weights}\n\n[inputs]\nfile = \"{inputs}\"\n\n[sampling]\nsteps = {}\n",
+        meta["steps"]
+    );
+    if let Some(sh) = meta.get("shift") {
+        s.push_str(&format!("shift = {sh}\n"));
+    }
+    if let Some(g) = meta.get("guidance_scale").or_else(|| meta.get("guidance")) {
+        s.push_str(&format!("guidance_scale = {g}\n"));
+    }
+    if let Some(b) = meta.get("boundary_ratio") {
+        s.push_str(&format!("boundary_ratio = {b}\n"));
+    }
+    if let Some(c) = cache {
+        s.push_str("\n[cache]\n");
+        s.push_str(c);
+    }
+    s
+}
+
+/// `[cache]` body of a MagCache run config from the fixture json.
+pub fn magcache_table(c: &serde_json::Value) -> String {
+    format!(
+        "strategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\nmag_ratios = {}\n",
+        c["threshold"], c["max_skip_steps"], c["retention_ratio"], c["mag_ratios"]
+    )
+}
+
+/// Runs a run file through the runner library; returns final latents and the report.
+pub fn run_toml(dir: &std::path::Path, toml_text: &str) -> (Tensor, magcache_cli::Report) {
+    link_all();
+    let path = dir.join("run.toml");
+    std::fs::write(&path, toml_text).unwrap();
+    let mut p =
+        magcache_cli::prepare(&path).unwrap_or_else(|e| panic!("prepare: {e}\n{toml_text}"));
+    magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap()
+}
+
+/// Asserts that the report's calls reproduce the reference calls: same order, step, branch, expert,
+/// identical `computed`, and metrics within `metric_tol` (relative) where the reference has one.
+///
+/// One exception: diffusers' MagCache resets its accumulators when a scope's last step ends, and the
+/// fixture generator reads the state after the call, so the reference logs `0.0` for the last call of
+/// every MagCache scope. We report the accumulated error the decision used; that one metric is not
+/// compared (the decision is).
+pub fn assert_calls_match(
+    name: &str,
+    report: &magcache_cli::Report,
+    reference: &serde_json::Value,
+    metric_tol: f64,
+) {
+    let refc = reference.as_array().expect("calls array");
+    assert_eq!(report.calls.len(), refc.len(), "{name}: number of calls");
+    let last_of_scope = |i: usize| {
+        let key = |c: &serde_json::Value| {
+            (
+                c["expert"].as_u64(),
+                c["context"].as_str().map(String::from),
+            )
+        };
+        !refc[i + 1..].iter().any(|c| key(c) == key(&refc[i]))
+    };
+    for (i, (a, b)) in report.calls.iter().zip(refc).enumerate() {
+        if name.contains("magcache") && last_of_scope(i) {
+            assert_eq!(
+                a.computed,
+                b["computed"].as_bool(),
+                "{name} call {i}: computed"
+            );
+            continue;
+        }
+        assert_eq!(
+            a.step as u64,
+            b["step"].as_u64().unwrap(),
+            "{name} call {i}: step"
+        );
+        assert_eq!(
+            a.branch,
+            b["context"].as_str().unwrap(),
+            "{name} call {i}: branch"
+        );
+        assert_eq!(
+            a.expert as u64,
+            b["expert"].as_u64().unwrap(),
+            "{name} call {i}: expert"
+        );
+        assert_eq!(
+            a.computed,
+            b["computed"].as_bool(),
+            "{name} call {i}: computed (metric {:?} vs {})",
+            a.metric,
+            b["metric"]
+        );
+        if let Some(m) = b["metric"].as_f64() {
+            let got = a
+                .metric
+                .unwrap_or_else(|| panic!("{name} call {i}: metric missing"));
+            assert!(
+                (got - m).abs() <= metric_tol * m.abs().max(1e-3),
+                "{name} call {i}: metric {got} vs {m}"
+            );
+        } else {
+            assert!(
+                a.metric.is_none(),
+                "{name} call {i}: unexpected metric {:?}",
+                a.metric
+            );
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The runner behind the `magcache` binary: reads a run file, builds the family's pipeline and the
+//! strategy, runs the generation and reports every transformer call. See `../shared/CONTRACT.md`
+//! (copied to `docs/contract.md`) for the contract.
+
+use candle_core::Tensor;
+use magcache_core::pipeline::{CallEvent, Observer};
+use magcache_core::{registry, BuildEnv, CacheHandle, Error, Pipeline, Result, RunConfig};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Keeps every registration linked in.
+pub fn link_all() {
+    magcache_strategies::link();
+    magcache_models::link();
+}
+
+/// A run file, its pipeline and its cache, ready to generate.
+pub struct Prepared {
+    pub cfg: RunConfig,
+    pub file: String,
+    pub pipeline: Box<dyn Pipeline>,
+    pub cache: Option<CacheHandle>,
+    pub strategy: String,
+}
+
+/// Loads and validates a run file and builds the pipeline and the cache.
+pub fn prepare(config: &Path) -> Result<Prepared> {
+    link_all();
+    let cfg = RunConfig::load(config)?;
+    let file = config.display().to_string();
+    let base = config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let fam = registry::family(&cfg.model.family).ok_or_else(|| {
+        let known: Vec<&str> = registry::families().iter().map(|f| f.name).collect();
+        Error::config(
+            &file,
+            "model.family",
+            format!(
+                "unknown family `{}` (known: {})",
+                cfg.model.family,
+                known.join(", ")
+            ),
+        )
+    })?;
+    let mut pipeline = (fam.build)(&cfg, &file, &base)?;
+    let info = pipeline.model_info();
+    let env = BuildEnv {
+        file: &file,
+        base_dir: &base,
+        model: &info,
+    };
+    let strategy_cfg = cfg.strategy();
+    let strategy = strategy_cfg.typetag_name().to_string();
+    let cache = strategy_cfg.build(&env)?.map(CacheHandle::new);
+    pipeline.set_cache(cache.clone())?;
+    Ok(Prepared {
+        cfg,
+        file,
+        pipeline,
+        cache,
+        strategy,
+    })
+}
+
+/// One call in the report.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CallReport {
+    pub step: usize,
+    pub branch: String,
+    /// Same as `branch` (the reference fixtures' name for it).
+    pub context: String,
+    pub expert: usize,
+    pub timestep: f64,
+    /// `null` when no cache ran (dense).
+    pub computed: Option<bool>,
+    pub metric: Option<f64>,
+}
+
+/// Per scope summary.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ScopeSummary {
+    pub expert: usize,
+    pub branch: String,
+    pub calls: usize,
+    pub computed: usize,
+    pub reused: usize,
+    pub longest_reuse_run: usize,
+}
+
+/// The JSON report of `magcache run`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub family: String,
+    pub model: String,
+    pub strategy: String,
+    pub steps: usize,
+    pub calls: Vec<CallReport>,
+    pub computed_calls: usize,
+    pub total_calls: usize,
+    pub wall_seconds: f64,
+    pub cache_bytes: usize,
+    pub scopes: Vec<ScopeSummary>,
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    pub fn from_calls(
+        p: &Prepared,
+        calls: Vec<CallReport>,
+        wall: f64,
+        cache_bytes: usize,
+        warnings: Vec<String>,
+    ) -> Report {
+        let computed_calls = calls.iter().filter(|c| c.computed != Some(false)).count();
+        let mut scopes: BTreeMap<(usize, String), ScopeSummary> = BTreeMap::new();
+        let mut runs: HashMap<(usize, String), usize> = HashMap::new();
+        for c in &calls {
+            let key = (c.expert, c.branch.clone());
+            let s = scopes.entry(key.clone()).or_insert_with(|| ScopeSummary {
+                expert: c.expert,
+                branch: c.branch.clone(),
+                calls: 0,
+                computed: 0,
+                reused: 0,
+                longest_reuse_run: 0,
+            });
+            s.calls += 1;
+            let run = runs.entry(key).or_insert(0);
+            if c.computed == Some(false) {
+                s.reused += 1;
+                *run += 1;
+                s.longest_reuse_run = s.longest_reuse_run.max(*run);
+            } else {
+                s.computed += 1;
+                *run = 0;
+            }
+        }
+        Report {
+            family: p.cfg.model.family.clone(),
+            model: p.pipeline.describe(),
+            strategy: p.strategy.clone(),
+            steps: p.cfg.sampling.steps,
+            total_calls: calls.len(),
+            computed_calls,
+            calls,
+            wall_seconds: wall,
+            cache_bytes,
+            scopes: scopes.into_values().collect(),
+            warnings,
+        }
+    }
+}
+
+/// What the runner shows while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+}
+
+struct Collector {
+    calls: Vec<CallReport>,
+    warnings: Vec<String>,
+    bar: Option<indicatif::ProgressBar>,
+    last: String,
+}
+
+impl Observer for Collector {
+    fn warning(&mut self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("warning: {msg}")),
+            None => eprintln!("warning: {msg}"),
+        }
+        self.warnings.push(msg.to_string());
+    }
+    fn call(&mut self, ev: &CallEvent) {
+        let computed = ev.decision.map(|d| d.computed);
+        self.last = format!(
+            "expert {} {} {}",
+            ev.expert,
+            ev.branch,
+            match computed {
+                Some(false) => "reused",
+                _ => "computed",
+            }
+        );
+        self.calls.push(CallReport {
+            step: ev.step,
+            branch: ev.branch.to_string(),
+            context: ev.branch.to_string(),
+            expert: ev.expert,
+            timestep: ev.timestep,
+            computed,
+            metric: ev.decision.and_then(|d| d.metric),
+        });
+    }
+    fn step(&mut self, done: usize, _total: usize) {
+        if let Some(b) = &self.bar {
+            b.set_position(done as u64);
+            b.set_message(self.last.clone());
+        }
+    }
+}
+
+/// Runs the generation of a prepared run; returns the final latents and the report.
+pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Report)> {
+    let bar = if verbosity == Verbosity::Normal {
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(p.cfg.sampling.steps as u64),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] step {pos}/{len} {msg} ({elapsed})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b.set_prefix(format!("{} {}", p.cfg.model.family, p.strategy));
+        Some(b)
+    } else {
+        None
+    };
+    let mut col = Collector {
+        calls: Vec::new(),
+        warnings: Vec::new(),
+        bar,
+        last: String::new(),
+    };
+    let t0 = Instant::now();
+    let out = p.pipeline.generate(&mut col);
+    let wall = t0.elapsed().as_secs_f64();
+    if let Some(b) = &col.bar {
+        b.finish_and_clear();
+    }
+    let out = out?;
+    let bytes = match &p.cache {
+        Some(c) => c.lock()?.cached_bytes(),
+        None => 0,
+    };
+    let report = Report::from_calls(p, col.calls, wall, bytes, col.warnings);
+    Ok((out, report))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a failed
+/// run never leaves a partial file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let shown = path.display().to_string();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::io(&shown, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&shown, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(&shown, e)
+    })
+}
+
+/// Writes the final latents as safetensors (`final`).
+pub fn write_latents(path: &Path, t: &Tensor) -> Result<()> {
+    let shown = path.display().to_string();
+    let tmp = tempfile_in(path)?;
+    let map: HashMap<String, Tensor> = HashMap::from([("final".to_string(), t.contiguous()?)]);
+    candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::io(&shown, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(&shown, e)
+    })
+}
+
+fn tempfile_in(path: &Path) -> Result<PathBuf> {
+    let shown = path.display().to_string();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::io(&shown, "the output folder does not exist"));
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::io(&shown, "not a file path"))?;
+    Ok(dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+/// Human summary of a report (stdout of `magcache run`).
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("model:    {}\n", r.model));
+    s.push_str(&format!("strategy: {}   steps: {}\n", r.strategy, r.steps));
+    s.push_str("scope                 calls  computed  reused  longest reuse\n");
+    for sc in &r.scopes {
+        s.push_str(&format!(
+            "expert {} {:<8}  {:>9}  {:>8}  {:>6}  {:>13}\n",
+            sc.expert, sc.branch, sc.calls, sc.computed, sc.reused, sc.longest_reuse_run
+        ));
+    }
+    let map: String = r
+        .calls
+        .iter()
+        .map(|c| match c.computed {
+            Some(false) => '.',
+            _ => '#',
+        })
+        .collect();
+    s.push_str(&format!("calls (# computed, . reused): {map}\n"));
+    s.push_str(&format!(
+        "transformer calls computed: {}/{} ({:.2}x fewer)   cache holds {} bytes   wall {:.3} s\n",
+        r.computed_calls,
+        r.total_calls,
+        r.total_calls as f64 / r.computed_calls.max(1) as f64,
+        r.cache_bytes,
+        r.wall_seconds
+    ));
+    for w in &r.warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    s
+}
+
+/// Text of `magcache list`.
+pub fn list() -> String {
+    link_all();
+    let mut s = String::from("model families:\n");
+    for f in registry::families() {
+        s.push_str(&format!("  {:<10} {}\n", f.name, f.description));
+        if !f.presets.is_empty() {
+            s.push_str(&format!("             presets: {}\n", f.presets.join(", ")));
+        }
+        if !f.published.is_empty() {
+            s.push_str(&format!(
+                "             published: {}\n",
+                f.published.join(", ")
+            ));
+        }
+        let kinds: Vec<String> = f
+            .blocks
+            .iter()
+            .map(|b| {
+                format!(
+                    "{} (hidden in {} out {}, encoder in {} out {})",
+                    b.kind,
+                    b.hidden_in,
+                    b.hidden_out,
+                    b.encoder_in.map(|i| i.to_string()).unwrap_or("-".into()),
+                    b.encoder_out.map(|i| i.to_string()).unwrap_or("-".into())
+                )
+            })
+            .collect();
+        s.push_str(&format!("             blocks: {}\n", kinds.join("; ")));
+    }
+    s.push_str("strategies:\n");
+    for st in registry::strategies() {
+        s.push_str(&format!("  {:<10} {}\n", st.name, st.description));
+    }
+    s
+}

@@ -73,6 +73,24 @@ impl WanConfig {
         self.num_attention_heads * self.attention_head_dim
     }
 
+    /// Why a latent shape does not fit this model (`[B, in_channels, F, H, W]` with F, H, W multiples
+    /// of the patch size), or `None` if it fits.
+    pub fn latent_shape_error(&self, dims: &[usize]) -> Option<String> {
+        let fits = dims.len() == 5
+            && dims[0] > 0
+            && dims[1] == self.in_channels
+            && dims[2..]
+                .iter()
+                .zip(self.patch_size)
+                .all(|(&d, p)| d > 0 && d.is_multiple_of(p));
+        (!fits).then(|| {
+            format!(
+                "shape {dims:?} does not fit the model: expected [B, {}, F, H, W] with F, H, W positive multiples of the patch size {:?}",
+                self.in_channels, self.patch_size
+            )
+        })
+    }
+
     /// Parses a config.json (diffusers or original Wan keys). Keys starting with `_` are metadata.
     pub fn from_json(v: &Value, file: &str) -> Result<Self> {
         let obj = v
@@ -152,7 +170,7 @@ impl WanConfig {
                 "every patch dimension must be at least 1",
             ));
         }
-        if self.attention_head_dim % 2 != 0 {
+        if !self.attention_head_dim.is_multiple_of(2) {
             return Err(Error::config(
                 file,
                 "attention_head_dim",

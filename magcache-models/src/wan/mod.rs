@@ -180,15 +180,10 @@ pub fn build_inputs(
             5,
             &format!("[B, {}, F, H, W] latents", c.in_channels),
         )?;
-        let ld = lat.dims().to_vec();
-        let [pt, ph, pw] = c.patch_size;
-        if ld[1] != c.in_channels || ld[2] % pt != 0 || ld[3] % ph != 0 || ld[4] % pw != 0 {
-            return Err(Error::inputs(
-                &inp.path,
-                "latents_init",
-                format!("has shape {ld:?}; the model needs [B, {}, F, H, W] with F, H, W multiples of {:?}", c.in_channels, c.patch_size),
-            ));
+        if let Some(msg) = c.latent_shape_error(lat.dims()) {
+            return Err(Error::inputs(&inp.path, "latents_init", msg));
         }
+        let ld = lat.dims().to_vec();
         let text = |name: &str| -> Result<Tensor> {
             let t = inp.get(name, 3, &format!("[B, L, {}] text embeddings", c.text_dim))?;
             if t.dim(0)? != ld[0] || t.dim(2)? != c.text_dim {
@@ -227,23 +222,8 @@ pub fn build_inputs(
         .latent_shape
         .clone()
         .unwrap_or_else(|| vec![1, c.in_channels, 3, 24, 40]);
-    if shape.len() != 5 || shape[1] != c.in_channels {
-        return Err(Error::config(
-            file,
-            "inputs.latent_shape",
-            format!("{shape:?} is not [B, {}, F, H, W]", c.in_channels),
-        ));
-    }
-    let [pt, ph, pw] = c.patch_size;
-    if shape[2] % pt != 0 || shape[3] % ph != 0 || shape[4] % pw != 0 {
-        return Err(Error::config(
-            file,
-            "inputs.latent_shape",
-            format!(
-                "F, H, W of {shape:?} must be multiples of the patch size {:?}",
-                c.patch_size
-            ),
-        ));
+    if let Some(msg) = c.latent_shape_error(&shape) {
+        return Err(Error::config(file, "inputs.latent_shape", msg));
     }
     let latents = randn(seed.wrapping_add(1), &shape)?;
     if let Some(classes) = &cfg.inputs.classes {

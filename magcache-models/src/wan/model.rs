@@ -295,20 +295,10 @@ impl WanModel {
 
     /// Checks an input latent against the config.
     pub fn check_latents(&self, x: &Tensor) -> Result<()> {
-        let dims = x.dims();
-        let [pt, ph, pw] = self.cfg.patch_size;
-        if dims.len() != 5
-            || dims[1] != self.cfg.in_channels
-            || dims[2] % pt != 0
-            || dims[3] % ph != 0
-            || dims[4] % pw != 0
-        {
-            return Err(Error::msg(format!(
-                "latents have shape {dims:?}; expected [B, {}, F, H, W] with F, H, W multiples of {:?}",
-                self.cfg.in_channels, self.cfg.patch_size
-            )));
+        match self.cfg.latent_shape_error(x.dims()) {
+            Some(msg) => Err(Error::msg(format!("latents: {msg}"))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Forward: `x [B, C, F, H, W]`, `t [B]` or `[B, S]` (0..1000), `ctx [B, L, text_dim]` -> `[B, C_out, F, H, W]`.

@@ -1,0 +1,174 @@
+//! Hook registry: composition order, removal, scope errors.
+
+use candle_core::{Device, Tensor};
+use magcache_core::hooks::{BlockHook, HookCx, HookOrder, HookRegistry, Next};
+use magcache_core::{BlockMetadata, Error, Result, ScopeKey};
+use std::sync::{Arc, Mutex};
+
+const META: BlockMetadata = BlockMetadata {
+    kind: "toy",
+    hidden_in: 0,
+    encoder_in: None,
+    hidden_out: 0,
+    encoder_out: None,
+    outputs: 1,
+};
+
+struct Tracer {
+    name: String,
+    order: HookOrder,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl BlockHook for Tracer {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn order(&self) -> HookOrder {
+        self.order
+    }
+    fn forward(&self, _cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("enter {}", self.name));
+        let out = next(inputs)?;
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("leave {}", self.name));
+        Ok(out)
+    }
+}
+
+fn tracer(name: &str, order: HookOrder, log: &Arc<Mutex<Vec<String>>>) -> Arc<dyn BlockHook> {
+    Arc::new(Tracer {
+        name: name.into(),
+        order,
+        log: log.clone(),
+    })
+}
+
+fn x() -> Tensor {
+    Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn hooks_compose_by_order_then_registration() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut reg = HookRegistry::new(vec![META]);
+    reg.register(0, tracer("inner", HookOrder::Inner, &log))
+        .unwrap();
+    reg.register(0, tracer("mid1", HookOrder::Middle, &log))
+        .unwrap();
+    reg.register(0, tracer("outer", HookOrder::Outer, &log))
+        .unwrap();
+    reg.register(0, tracer("mid2", HookOrder::Middle, &log))
+        .unwrap();
+    assert_eq!(reg.hook_names(0), ["outer", "mid1", "mid2", "inner"]);
+    reg.set_scope(Some(ScopeKey::new(0, magcache_core::Branch::Cond)));
+    let blog = log.clone();
+    reg.run_block(0, &[x()], &|i: &[Tensor]| {
+        blog.lock().unwrap().push("block".into());
+        Ok(i.to_vec())
+    })
+    .unwrap();
+    let got = log.lock().unwrap().clone();
+    assert_eq!(
+        got,
+        [
+            "enter outer",
+            "enter mid1",
+            "enter mid2",
+            "enter inner",
+            "block",
+            "leave inner",
+            "leave mid2",
+            "leave mid1",
+            "leave outer"
+        ]
+    );
+}
+
+#[test]
+fn removing_a_hook_keeps_the_others_working() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut reg = HookRegistry::new(vec![META, META]);
+    reg.register(0, tracer("a", HookOrder::Outer, &log))
+        .unwrap();
+    reg.register(0, tracer("b", HookOrder::Middle, &log))
+        .unwrap();
+    reg.register(0, tracer("c", HookOrder::Inner, &log))
+        .unwrap();
+    assert!(reg.remove(0, "b"));
+    assert!(!reg.remove(0, "b"));
+    assert!(!reg.remove(7, "a"));
+    assert_eq!(reg.hook_names(0), ["a", "c"]);
+    reg.set_scope(Some(ScopeKey::new(0, magcache_core::Branch::Cond)));
+    let out = reg
+        .run_block(0, &[x()], &|i: &[Tensor]| Ok(vec![(&i[0] * 3.0)?]))
+        .unwrap();
+    assert_eq!(out[0].to_vec1::<f32>().unwrap(), [3.0, 6.0]);
+    assert_eq!(
+        log.lock().unwrap().as_slice(),
+        ["enter a", "enter c", "leave c", "leave a"]
+    );
+    assert_eq!(reg.remove_prefixed(""), 2);
+    assert!(reg.is_empty());
+}
+
+#[test]
+fn duplicate_names_and_bad_blocks_are_errors() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut reg = HookRegistry::new(vec![META]);
+    reg.register(0, tracer("a", HookOrder::Outer, &log))
+        .unwrap();
+    assert!(matches!(
+        reg.register(0, tracer("a", HookOrder::Inner, &log)),
+        Err(Error::Hooks(_))
+    ));
+    assert!(matches!(
+        reg.register(1, tracer("z", HookOrder::Inner, &log)),
+        Err(Error::Hooks(_))
+    ));
+}
+
+#[test]
+fn hooked_call_without_scope_is_an_error_unhooked_is_not() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut reg = HookRegistry::new(vec![META]);
+    assert!(reg
+        .run_block(0, &[x()], &|i: &[Tensor]| Ok(i.to_vec()))
+        .is_ok());
+    reg.register(0, tracer("a", HookOrder::Outer, &log))
+        .unwrap();
+    let err = reg
+        .run_block(0, &[x()], &|i: &[Tensor]| Ok(i.to_vec()))
+        .unwrap_err();
+    assert!(matches!(err, Error::ScopeNotSet), "{err}");
+}
+
+#[test]
+fn pass_through_maps_streams_through_metadata() {
+    // A FLUX-like double block: inputs (hidden, encoder, temb), outputs (encoder, hidden).
+    let meta = BlockMetadata {
+        kind: "double",
+        hidden_in: 0,
+        encoder_in: Some(1),
+        hidden_out: 1,
+        encoder_out: Some(0),
+        outputs: 2,
+    };
+    let h = x();
+    let e = (x() * 10.0).unwrap();
+    let t = (x() * 100.0).unwrap();
+    let out = meta.pass_through(&[h.clone(), e.clone(), t]).unwrap();
+    assert_eq!(
+        out[1].to_vec1::<f32>().unwrap(),
+        h.to_vec1::<f32>().unwrap()
+    );
+    assert_eq!(
+        out[0].to_vec1::<f32>().unwrap(),
+        e.to_vec1::<f32>().unwrap()
+    );
+}

@@ -273,9 +273,16 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line = text[line_start..].lines().next().unwrap_or("").trim();
     let key = if line.starts_with('[') {
-        line.trim_matches(|c| c == '[' || c == ']')
+        // The span covers a whole table (typetag tables are read as one value): name the field from
+        // the message when it says which.
+        let header = line
+            .trim_matches(|c| c == '[' || c == ']')
             .trim()
-            .to_string()
+            .to_string();
+        match field_in_message(&msg) {
+            Some(f) => format!("{header}.{f}"),
+            None => header,
+        }
     } else if let Some((k, _)) = line.split_once('=') {
         let k = k.trim();
         if table.is_empty() {
@@ -289,6 +296,22 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
         format!("[{table}]")
     };
     Error::config(format!("{file}:{line_no}"), key, msg)
+}
+
+/// The field a serde message is about: "unknown field `x`", "... in `x`", "missing field `x`".
+fn field_in_message(msg: &str) -> Option<String> {
+    let after = |pat: &str| -> Option<String> {
+        let i = msg.find(pat)? + pat.len();
+        let rest = &msg[i..];
+        Some(rest[..rest.find('`')?].to_string())
+    };
+    after("unknown field `")
+        .or_else(|| after("missing field `"))
+        .or_else(|| {
+            let i = msg.rfind(" in `")? + 5;
+            let rest = &msg[i..];
+            Some(rest[..rest.find('`')?].to_string())
+        })
 }
 
 #[cfg(test)]

@@ -1,0 +1,352 @@
+//! Bad input ends with a non-zero exit and one line on stderr naming the file and the key or tensor;
+//! no panic, no partial output file.
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference")
+}
+
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new() -> Self {
+        Case {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    /// A valid run over the tiny reference model; `edit` changes its text.
+    fn toml(&self, weights: &Path, inputs: &Path, cache: &str) -> String {
+        format!(
+            "[model]\nfamily = \"wan2.1\"\nweights = \"{}\"\n\n[inputs]\nfile = \"{}\"\n\n[sampling]\nsteps = 3\nshift = 5.0\nguidance_scale = 5.0\n\n[cache]\n{cache}",
+            weights.display(),
+            inputs.display()
+        )
+    }
+    fn default_toml(&self, cache: &str) -> String {
+        self.toml(
+            &fixtures().join("wan21_tiny"),
+            &fixtures().join("wan21_tiny_loop.safetensors"),
+            cache,
+        )
+    }
+    /// Runs `magcache run` and returns (exit code, stderr); asserts the error contract.
+    fn run_err(&self, text: &str, must_name: &[&str]) -> String {
+        let cfg = self.path("run.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let out_file = self.path("out.safetensors");
+        let report = self.path("report.json");
+        let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+            .args(["run", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out_file)
+            .arg("--report")
+            .arg(&report)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "expected failure for:\n{text}");
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "one line expected:\n{stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{stderr}"
+        );
+        for n in must_name {
+            assert!(stderr.contains(n), "stderr should name `{n}`: {stderr}");
+        }
+        assert!(
+            !out_file.exists() && !report.exists(),
+            "partial output left behind"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            leftovers
+                .iter()
+                .all(|n| !n.to_string_lossy().contains(".tmp")),
+            "{leftovers:?}"
+        );
+        stderr
+    }
+    fn write_tensors(&self, name: &str, t: HashMap<String, Tensor>) -> PathBuf {
+        let p = self.path(name);
+        candle_core::safetensors::save(&t, &p).unwrap();
+        p
+    }
+}
+
+const MAG: &str = "strategy = \"magcache\"\nthreshold = 0.1\nmag_ratios = [1.0, 0.99]\n";
+
+#[test]
+fn unknown_strategy() {
+    let c = Case::new();
+    c.run_err(
+        &c.default_toml("strategy = \"warp\"\n"),
+        &["run.toml", "cache", "warp"],
+    );
+}
+
+#[test]
+fn unknown_key() {
+    let c = Case::new();
+    c.run_err(
+        &c.default_toml(&format!("{MAG}thresold = 0.2\n")),
+        &["run.toml", "cache.thresold"],
+    );
+}
+
+#[test]
+fn wrong_type() {
+    let c = Case::new();
+    c.run_err(
+        &c.default_toml("strategy = \"magcache\"\nthreshold = \"high\"\n"),
+        &["run.toml", "cache.threshold"],
+    );
+}
+
+#[test]
+fn zero_steps() {
+    let c = Case::new();
+    c.run_err(
+        &c.default_toml(MAG).replace("steps = 3", "steps = 0"),
+        &["run.toml", "sampling.steps"],
+    );
+}
+
+#[test]
+fn empty_and_non_positive_ratios() {
+    let c = Case::new();
+    c.run_err(
+        &c.default_toml("strategy = \"magcache\"\nmag_ratios = []\n"),
+        &["run.toml", "cache.mag_ratios"],
+    );
+    c.run_err(
+        &c.default_toml("strategy = \"magcache\"\nmag_ratios = [1.0, -0.5]\n"),
+        &["run.toml", "cache.mag_ratios"],
+    );
+    c.run_err(
+        &c.default_toml("strategy = \"magcache\"\nmag_ratios = [1.0, 0.0]\n"),
+        &["run.toml", "cache.mag_ratios"],
+    );
+}
+
+#[test]
+fn negative_threshold() {
+    let c = Case::new();
+    c.run_err(
+        &c.default_toml("strategy = \"fbcache\"\nthreshold = -0.1\n"),
+        &["run.toml", "cache.threshold"],
+    );
+}
+
+#[test]
+fn missing_ratios_for_unknown_model() {
+    let c = Case::new();
+    c.run_err(
+        &c.default_toml("strategy = \"magcache\"\n"),
+        &["run.toml", "cache.mag_ratios"],
+    );
+}
+
+#[test]
+fn missing_weights() {
+    let c = Case::new();
+    let t = c.toml(
+        &c.path("nowhere"),
+        &fixtures().join("wan21_tiny_loop.safetensors"),
+        MAG,
+    );
+    c.run_err(&t, &["nowhere"]);
+}
+
+#[test]
+fn truncated_weights() {
+    let c = Case::new();
+    let w = c.path("w");
+    std::fs::create_dir(&w).unwrap();
+    std::fs::copy(
+        fixtures().join("wan21_tiny/config.json"),
+        w.join("config.json"),
+    )
+    .unwrap();
+    let bytes =
+        std::fs::read(fixtures().join("wan21_tiny/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(
+        w.join("diffusion_pytorch_model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let t = c.toml(&w, &fixtures().join("wan21_tiny_loop.safetensors"), MAG);
+    c.run_err(&t, &["diffusion_pytorch_model.safetensors"]);
+}
+
+#[test]
+fn missing_weight_tensor_is_named() {
+    let c = Case::new();
+    let w = c.path("w");
+    std::fs::create_dir(&w).unwrap();
+    std::fs::copy(
+        fixtures().join("wan21_tiny/config.json"),
+        w.join("config.json"),
+    )
+    .unwrap();
+    let mut m = candle_core::safetensors::load(
+        fixtures().join("wan21_tiny/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    m.remove("blocks.1.attn2.to_k.weight");
+    candle_core::safetensors::save(&m, w.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let t = c.toml(&w, &fixtures().join("wan21_tiny_loop.safetensors"), MAG);
+    c.run_err(&t, &["blocks.1.attn2.to_k.weight"]);
+}
+
+#[test]
+fn missing_inputs_file() {
+    let c = Case::new();
+    let t = c.toml(
+        &fixtures().join("wan21_tiny"),
+        &c.path("absent.safetensors"),
+        MAG,
+    );
+    c.run_err(&t, &["absent.safetensors"]);
+}
+
+fn inputs() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("wan21_tiny_loop.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| ["latents_init", "cond", "uncond"].contains(&k.as_str()))
+        .collect()
+}
+
+#[test]
+fn missing_input_tensor() {
+    let c = Case::new();
+    let mut m = inputs();
+    m.remove("uncond");
+    let p = c.write_tensors("in.safetensors", m);
+    c.run_err(
+        &c.toml(&fixtures().join("wan21_tiny"), &p, MAG),
+        &["in.safetensors", "uncond"],
+    );
+}
+
+#[test]
+fn input_of_wrong_shape() {
+    let c = Case::new();
+    let mut m = inputs();
+    m.insert(
+        "latents_init".into(),
+        Tensor::zeros((1, 3, 3, 8, 12), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let p = c.write_tensors("in.safetensors", m);
+    c.run_err(
+        &c.toml(&fixtures().join("wan21_tiny"), &p, MAG),
+        &["in.safetensors", "latents_init"],
+    );
+    let mut m = inputs();
+    m.insert(
+        "cond".into(),
+        Tensor::zeros((1, 7, 23), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let p = c.write_tensors("in2.safetensors", m);
+    c.run_err(
+        &c.toml(&fixtures().join("wan21_tiny"), &p, MAG),
+        &["in2.safetensors", "cond"],
+    );
+}
+
+#[test]
+fn nan_in_inputs() {
+    let c = Case::new();
+    let mut m = inputs();
+    let mut v = m["latents_init"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    v[5] = f32::NAN;
+    m.insert(
+        "latents_init".into(),
+        Tensor::from_vec(v, (1, 4, 3, 8, 12), &Device::Cpu).unwrap(),
+    );
+    let p = c.write_tensors("in.safetensors", m);
+    c.run_err(
+        &c.toml(&fixtures().join("wan21_tiny"), &p, MAG),
+        &["in.safetensors", "latents_init", "NaN"],
+    );
+}
+
+#[test]
+fn unknown_family_and_preset() {
+    let c = Case::new();
+    c.run_err(
+        "[model]\nfamily = \"sdxl\"\npreset = \"x\"\n[sampling]\nsteps = 2\n",
+        &["run.toml", "model.family", "sdxl"],
+    );
+    c.run_err(
+        "[model]\nfamily = \"wan2.1\"\npreset = \"wan9\"\n[sampling]\nsteps = 2\n",
+        &["run.toml", "model.preset", "wan9"],
+    );
+    c.run_err(
+        "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\n[model.overrides]\nlayers = 2\n[sampling]\nsteps = 2\n",
+        &["run.toml", "model.overrides.layers"],
+    );
+}
+
+#[test]
+fn missing_config_file() {
+    let c = Case::new();
+    let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--config", "/nonexistent/run.toml"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(e.contains("/nonexistent/run.toml"), "{e}");
+    drop(c);
+}
+
+#[test]
+fn good_run_writes_outputs() {
+    let c = Case::new();
+    let cfg = c.path("run.toml");
+    std::fs::write(&cfg, c.default_toml(MAG)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(c.path("o.safetensors"))
+        .arg("--report")
+        .arg(c.path("r.json"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = candle_core::safetensors::load(c.path("o.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(t["final"].dims(), [1, 4, 3, 8, 12]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.path("r.json")).unwrap()).unwrap();
+    assert_eq!(r["total_calls"], 6);
+    assert_eq!(r["calls"][0]["branch"], "cond");
+    assert_eq!(r["calls"][1]["branch"], "uncond");
+}

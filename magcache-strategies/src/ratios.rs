@@ -163,3 +163,86 @@ impl RatioSource {
         w
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use magcache_core::{ScheduleMeta, ScopeKey};
+    use std::collections::BTreeMap;
+
+    fn two_expert_plan(n_high: usize, n_low: usize) -> GenerationPlan {
+        let mut scopes = Vec::new();
+        for (e, n) in [(0, n_high), (1, n_low)] {
+            for b in [Branch::Cond, Branch::Uncond] {
+                scopes.push(ScopePlan {
+                    key: ScopeKey::new(e, b),
+                    steps: n,
+                    sigmas: vec![0.5; n],
+                });
+            }
+        }
+        GenerationPlan {
+            scopes,
+            total_steps: n_high + n_low,
+            shift: Some(12.0),
+            boundary_ratio: Some(0.9),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn per_expert_curves_are_resampled_to_each_experts_steps() {
+        let plan = two_expert_plan(3, 5);
+        let src = RatioSource::Config(RatioSpec::PerExpert(PerExpert {
+            high_noise: vec![1.0, 2.0],
+            low_noise: vec![3.0, 4.0, 5.0],
+        }));
+        // 0.5 rounds to 0 (half to even, as numpy)
+        assert_eq!(
+            src.curve_for(&plan, &plan.scopes[0]).unwrap(),
+            [1.0, 1.0, 2.0]
+        );
+        assert_eq!(
+            src.curve_for(&plan, &plan.scopes[2]).unwrap(),
+            [3.0, 3.0, 4.0, 5.0, 5.0]
+        );
+    }
+
+    #[test]
+    fn one_curve_is_split_at_the_boundary() {
+        let plan = two_expert_plan(2, 3);
+        let src = RatioSource::Config(RatioSpec::Curve(vec![1.0, 2.0, 3.0, 4.0, 5.0]));
+        assert_eq!(src.curve_for(&plan, &plan.scopes[1]).unwrap(), [1.0, 2.0]);
+        assert_eq!(
+            src.curve_for(&plan, &plan.scopes[3]).unwrap(),
+            [3.0, 4.0, 5.0]
+        );
+    }
+
+    #[test]
+    fn a_curve_from_another_boundary_or_shift_is_warned_about() {
+        let per = BTreeMap::from([(Branch::Cond, vec![1.0; 4])]);
+        let rc = RatioCurves {
+            experts: vec![per.clone(), per],
+            schedule: Some(ScheduleMeta {
+                steps: 8,
+                shift: Some(12.0),
+                boundary_ratio: Some(0.875),
+                ..Default::default()
+            }),
+            source: "published curve `x`".into(),
+        };
+        let src = RatioSource::Registered(rc);
+        let w = src.schedule_warnings(Some(12.0), Some(0.9));
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("boundary_ratio 0.875") && w[0].contains("0.9"),
+            "{w:?}"
+        );
+        assert_eq!(src.schedule_warnings(Some(5.0), Some(0.875)).len(), 1);
+        assert!(src.schedule_warnings(Some(12.0), Some(0.875)).is_empty());
+        // Registered per-branch curves fall back to cond when a branch has none.
+        let plan = two_expert_plan(2, 2);
+        assert_eq!(src.curve_for(&plan, &plan.scopes[3]).unwrap(), [1.0, 1.0]);
+    }
+}

@@ -26,6 +26,14 @@ pub struct WanPreset {
     pub curve: Option<&'static str>,
     /// Published TeaCache coefficient set.
     pub tea: Option<&'static str>,
+    /// Number of transformers (2: high-noise and low-noise experts).
+    pub experts: usize,
+    /// Default expert boundary (two experts).
+    pub boundary_ratio: Option<f64>,
+    /// Steps of the published curve that belong to the high-noise expert (two experts).
+    pub curve_high_steps: Option<usize>,
+    /// One timestep per token (Wan2.2 TI2V).
+    pub expand_timesteps: bool,
 }
 
 fn cfg_1_3b() -> WanConfig {
@@ -40,21 +48,88 @@ fn cfg_1_3b() -> WanConfig {
 fn cfg_14b() -> WanConfig {
     WanConfig::default()
 }
+fn cfg_i2v_a14b() -> WanConfig {
+    WanConfig {
+        in_channels: 36,
+        ..WanConfig::default()
+    }
+}
+fn cfg_ti2v_5b() -> WanConfig {
+    WanConfig {
+        num_attention_heads: 24,
+        attention_head_dim: 128,
+        ffn_dim: 14336,
+        num_layers: 30,
+        in_channels: 48,
+        out_channels: 48,
+        ..WanConfig::default()
+    }
+}
+
+const fn single(
+    name: &'static str,
+    config: fn() -> WanConfig,
+    curve: Option<&'static str>,
+    tea: Option<&'static str>,
+) -> WanPreset {
+    WanPreset {
+        name,
+        family: "wan2.1",
+        config,
+        curve,
+        tea,
+        experts: 1,
+        boundary_ratio: None,
+        curve_high_steps: None,
+        expand_timesteps: false,
+    }
+}
 
 pub const WAN21_PRESETS: &[WanPreset] = &[
+    single(
+        "wan2.1-t2v-1.3b",
+        cfg_1_3b,
+        Some("wan21_t2v_1_3b"),
+        Some("wan21_t2v_1_3b"),
+    ),
+    single("wan2.1-t2v-14b", cfg_14b, Some("wan21_t2v_14b"), None),
+];
+
+/// Wan2.2: the A14B models are two 14B experts; the published curves span both experts
+/// (26 of 40 steps high-noise for T2V at shift 12, 15 of 40 for I2V at shift 5).
+pub const WAN22_PRESETS: &[WanPreset] = &[
     WanPreset {
-        name: "wan2.1-t2v-1.3b",
-        family: "wan2.1",
-        config: cfg_1_3b,
-        curve: Some("wan21_t2v_1_3b"),
-        tea: Some("wan21_t2v_1_3b"),
+        name: "wan2.2-t2v-a14b",
+        family: "wan2.2",
+        config: cfg_14b,
+        curve: Some("wan22_t2v_a14b"),
+        tea: None,
+        experts: 2,
+        boundary_ratio: Some(0.875),
+        curve_high_steps: Some(26),
+        expand_timesteps: false,
     },
     WanPreset {
-        name: "wan2.1-t2v-14b",
-        family: "wan2.1",
-        config: cfg_14b,
-        curve: Some("wan21_t2v_14b"),
+        name: "wan2.2-i2v-a14b",
+        family: "wan2.2",
+        config: cfg_i2v_a14b,
+        curve: Some("wan22_i2v_a14b"),
         tea: None,
+        experts: 2,
+        boundary_ratio: Some(0.9),
+        curve_high_steps: Some(15),
+        expand_timesteps: false,
+    },
+    WanPreset {
+        name: "wan2.2-ti2v-5b",
+        family: "wan2.2",
+        config: cfg_ti2v_5b,
+        curve: None,
+        tea: None,
+        experts: 1,
+        boundary_ratio: None,
+        curve_high_steps: None,
+        expand_timesteps: true,
     },
 ];
 
@@ -150,12 +225,9 @@ pub fn build_model(
             params as f64 / 1e9
         );
         let store = model::random_weights(&c, cfg.model.seed + seed_offset)?;
-        let same_arch = (preset.config)() == c;
-        Ok((
-            WanModel::from_weights(c, &store)?,
-            if same_arch { Some(preset) } else { None },
-            desc,
-        ))
+        // A shrunk preset (overrides) keeps the preset's published curves: the curve shape belongs
+        // to the model family and sampler far more than to the exact depth.
+        Ok((WanModel::from_weights(c, &store)?, Some(preset), desc))
     }
 }
 
@@ -173,6 +245,13 @@ pub fn build_inputs(
     weights_dir: Option<&Path>,
 ) -> Result<WanInputs> {
     let c = &model.cfg;
+    // Image-conditioned experts (Wan2.2 I2V, 36 channels) take the latents plus `in - out` condition
+    // channels; the latents themselves have `out_channels`.
+    let extra = c.in_channels.saturating_sub(c.out_channels);
+    let latent_cfg = WanConfig {
+        in_channels: c.in_channels - extra,
+        ..c.clone()
+    };
     if let Some(f) = &cfg.inputs.file {
         let inp = InputFile::load(&resolve(base, f))?;
         let lat = inp.get(
@@ -180,7 +259,7 @@ pub fn build_inputs(
             5,
             &format!("[B, {}, F, H, W] latents", c.in_channels),
         )?;
-        if let Some(msg) = c.latent_shape_error(lat.dims()) {
+        if let Some(msg) = latent_cfg.latent_shape_error(lat.dims()) {
             return Err(Error::inputs(&inp.path, "latents_init", msg));
         }
         let ld = lat.dims().to_vec();
@@ -209,11 +288,48 @@ pub fn build_inputs(
         if uncond.is_none() && cfg.sampling.guidance_scale.unwrap_or(5.0) > 1.0 {
             return Err(Error::inputs(&inp.path, "uncond", "missing: classifier-free guidance (guidance_scale > 1) needs the unconditional embeddings"));
         }
+        let condition = if extra > 0 {
+            let t = inp.get(
+                "condition",
+                5,
+                &format!("[B, {extra}, F, H, W] image condition (mask + image latents)"),
+            )?;
+            let want = [ld[0], extra, ld[2], ld[3], ld[4]];
+            if t.dims() != want {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "condition",
+                    format!("has shape {:?}; expected {want:?}", t.dims()),
+                ));
+            }
+            Some(t)
+        } else {
+            None
+        };
+        let first_frame = if inp.has("image_latents") {
+            let t = inp.get(
+                "image_latents",
+                5,
+                "[B, C, 1, H, W] latents of the conditioning image",
+            )?;
+            let want = [ld[0], ld[1], 1, ld[3], ld[4]];
+            if t.dims() != want {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "image_latents",
+                    format!("has shape {:?}; expected {want:?}", t.dims()),
+                ));
+            }
+            Some(t)
+        } else {
+            None
+        };
         return Ok(WanInputs {
             latents: lat,
             cond,
             uncond,
-            first_frame: None,
+            condition,
+            first_frame,
         });
     }
     let seed = cfg.inputs.seed.unwrap_or(cfg.model.seed);
@@ -221,27 +337,34 @@ pub fn build_inputs(
         .inputs
         .latent_shape
         .clone()
-        .unwrap_or_else(|| vec![1, c.in_channels, 3, 24, 40]);
-    if let Some(msg) = c.latent_shape_error(&shape) {
+        .unwrap_or_else(|| vec![1, latent_cfg.in_channels, 3, 24, 40]);
+    if let Some(msg) = latent_cfg.latent_shape_error(&shape) {
         return Err(Error::config(file, "inputs.latent_shape", msg));
     }
     let latents = randn(seed.wrapping_add(1), &shape)?;
-    if let Some(classes) = &cfg.inputs.classes {
-        let (cond, uncond) = class_conditioning(file, weights_dir, classes, shape[0])?;
-        return Ok(WanInputs {
-            latents,
-            cond,
-            uncond: Some(uncond),
-            first_frame: None,
-        });
-    }
-    let l = cfg.inputs.text_len.unwrap_or(64);
-    let cond = randn(seed.wrapping_add(2), &[shape[0], l, c.text_dim])?;
-    let uncond = randn(seed.wrapping_add(3), &[shape[0], l, c.text_dim])?;
+    let condition = if extra > 0 {
+        Some(randn(
+            seed.wrapping_add(4),
+            &[shape[0], extra, shape[2], shape[3], shape[4]],
+        )?)
+    } else {
+        None
+    };
+    let (cond, uncond) = match &cfg.inputs.classes {
+        Some(classes) => class_conditioning(file, weights_dir, classes, shape[0])?,
+        None => {
+            let l = cfg.inputs.text_len.unwrap_or(64);
+            (
+                randn(seed.wrapping_add(2), &[shape[0], l, c.text_dim])?,
+                randn(seed.wrapping_add(3), &[shape[0], l, c.text_dim])?,
+            )
+        }
+    };
     Ok(WanInputs {
         latents,
         cond,
         uncond: Some(uncond),
+        condition,
         first_frame: None,
     })
 }
@@ -300,10 +423,22 @@ fn info_for(family: &str, preset: Option<&WanPreset>) -> ModelInfo {
     };
     if let Some(p) = preset {
         info.variant = Some(p.name.to_string());
-        info.mag_ratios = p.curve.and_then(|c| published::wan_curves(c, None).ok());
+        info.mag_ratios = p
+            .curve
+            .and_then(|c| published::wan_curves(c, p.curve_high_steps).ok());
         info.tea_coefficients = p.tea.and_then(|t| published::tea_coefficients(t).ok());
     }
     info
+}
+
+/// The folder class embeddings and other side files are looked up in.
+fn weights_dir(base: &Path, w: &str) -> std::path::PathBuf {
+    let p = resolve(base, w);
+    if p.is_dir() {
+        p
+    } else {
+        p.parent().map(|x| x.to_path_buf()).unwrap_or_default()
+    }
 }
 
 fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
@@ -318,23 +453,21 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         }
         None => None,
     };
-    if cfg.sampling.boundary_ratio.is_some() {
+    if cfg.sampling.boundary_ratio.is_some() || cfg.sampling.guidance_scale_2.is_some() {
         return Err(Error::config(
             file,
             "sampling.boundary_ratio",
-            "only wan2.2 (two experts) has an expert boundary",
+            "only wan2.2 (two experts) has an expert boundary and a second guidance scale",
         ));
     }
     let (model, preset, desc) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
-    let wdir = weights.map(|w| {
-        let p = resolve(base, w);
-        if p.is_dir() {
-            p
-        } else {
-            p.parent().map(|x| x.to_path_buf()).unwrap_or_default()
-        }
-    });
-    let inputs = build_inputs(cfg, file, base, &model, wdir.as_deref())?;
+    let inputs = build_inputs(
+        cfg,
+        file,
+        base,
+        &model,
+        weights.map(|w| weights_dir(base, w)).as_deref(),
+    )?;
     let p = WanPipeline::new(
         "wan2.1",
         vec![model],
@@ -350,6 +483,105 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     Ok(Box::new(p))
 }
 
+/// Wan2.2: `weights = [high, low]`, a pipeline folder with `transformer/` and `transformer_2/`, or one
+/// model (TI2V-5B); or a preset.
+fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    let paths: Vec<String> = match &cfg.model.weights {
+        Some(WeightsSpec::Many(v)) => {
+            if v.len() != 2 {
+                return Err(Error::config(
+                    file,
+                    "model.weights",
+                    format!(
+                        "wan2.2 takes [high_noise, low_noise] weights, got {} paths",
+                        v.len()
+                    ),
+                ));
+            }
+            v.clone()
+        }
+        Some(WeightsSpec::One(w)) => {
+            let dir = resolve(base, w);
+            if dir.join("transformer").is_dir() && dir.join("transformer_2").is_dir() {
+                vec![
+                    dir.join("transformer").display().to_string(),
+                    dir.join("transformer_2").display().to_string(),
+                ]
+            } else if dir.join("transformer").is_dir() {
+                vec![dir.join("transformer").display().to_string()]
+            } else {
+                vec![w.clone()]
+            }
+        }
+        None => Vec::new(),
+    };
+    let mut experts = Vec::new();
+    let mut descs = Vec::new();
+    let mut preset = None;
+    if paths.is_empty() {
+        let name = cfg.model.preset.as_deref().unwrap_or_default();
+        let p = WAN22_PRESETS.iter().find(|p| p.name == name);
+        let n = p.map(|p| p.experts).unwrap_or(1);
+        for e in 0..n {
+            let (m, pr, d) = build_model(cfg, file, base, None, WAN22_PRESETS, e as u64)?;
+            preset = pr;
+            experts.push(m);
+            descs.push(d);
+        }
+    } else {
+        for w in &paths {
+            let (m, pr, d) = build_model(cfg, file, base, Some(w), WAN22_PRESETS, 0)?;
+            preset = pr;
+            experts.push(m);
+            descs.push(d);
+        }
+        // A single loaded model matches the TI2V preset; two loaded experts match an A14B preset.
+        preset = preset.filter(|p| p.experts == experts.len());
+    }
+    if experts.len() == 2 && experts[0].cfg != experts[1].cfg {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            "the two experts have different architectures",
+        ));
+    }
+    let boundary = cfg
+        .sampling
+        .boundary_ratio
+        .or(preset.and_then(|p| p.boundary_ratio));
+    if experts.len() == 2 && boundary.is_none() {
+        return Err(Error::config(file, "sampling.boundary_ratio", "two experts need the boundary between them (e.g. 0.875 for T2V-A14B, 0.9 for I2V-A14B)"));
+    }
+    if experts.len() == 1 && cfg.sampling.boundary_ratio.is_some() {
+        return Err(Error::config(
+            file,
+            "sampling.boundary_ratio",
+            "a single-model wan2.2 (TI2V) has no expert boundary",
+        ));
+    }
+    let expand = experts.len() == 1;
+    let wdir = paths.first().map(|w| weights_dir(base, w));
+    let inputs = build_inputs(cfg, file, base, &experts[0], wdir.as_deref())?;
+    let mut p = WanPipeline::new(
+        "wan2.2",
+        experts,
+        boundary,
+        cfg.sampling.steps,
+        cfg.sampling
+            .shift
+            .unwrap_or(if expand { 5.0 } else { 12.0 }),
+        cfg.sampling
+            .guidance_scale
+            .unwrap_or(if expand { 5.0 } else { 4.0 }),
+        cfg.sampling.guidance_scale_2,
+        inputs,
+        info_for("wan2.2", preset),
+        descs.join(" | "),
+    )?;
+    p.expand_timesteps = expand;
+    Ok(Box::new(p))
+}
+
 inventory::submit! {
     ModelFamily {
         name: "wan2.1",
@@ -358,5 +590,16 @@ inventory::submit! {
         presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
         published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "teacache wan21_t2v_1_3b"],
         build: build_wan21,
+    }
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "wan2.2",
+        description: "Wan2.2: A14B dual-expert (high-noise `transformer` for t >= boundary*1000, low-noise `transformer_2` below) and TI2V-5B (per-token timesteps)",
+        blocks: &[WAN_BLOCK],
+        presets: &["wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"],
+        published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b"],
+        build: build_wan22,
     }
 }

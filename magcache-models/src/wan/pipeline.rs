@@ -17,6 +17,9 @@ pub struct WanInputs {
     pub cond: Tensor,
     /// `[B, L', text_dim]`; required when guidance is on.
     pub uncond: Option<Tensor>,
+    /// Image-conditioned experts (Wan2.2 I2V): `[B, in - out, F, H, W]` concatenated to the latents
+    /// along the channels at every call.
+    pub condition: Option<Tensor>,
     /// Wan2.2 TI2V: the first latent frame is the conditioning image, kept clean (per-token timesteps
     /// with t = 0 on its tokens).
     pub first_frame: Option<Tensor>,
@@ -96,8 +99,10 @@ impl WanPipeline {
         }
     }
 
-    fn uses_cfg(&self, expert: usize) -> bool {
-        self.guidance_of(expert) > 1.0 && self.inputs.uncond.is_some()
+    /// Classifier-free guidance runs on every step when the (high-noise) guidance scale is above 1, as
+    /// in diffusers; the low-noise expert then uses `guidance_scale_2`.
+    fn uses_cfg(&self) -> bool {
+        self.guidance > 1.0 && self.inputs.uncond.is_some()
     }
 
     fn timestep_tensor(&self, t: f32, model: &WanModel) -> Result<Tensor> {
@@ -148,7 +153,7 @@ impl Pipeline for WanPipeline {
                 continue;
             }
             let mut branches = vec![Branch::Cond];
-            if self.uses_cfg(e) {
+            if self.uses_cfg() {
                 branches.push(Branch::Uncond);
             }
             for b in branches {
@@ -204,7 +209,7 @@ impl Pipeline for WanPipeline {
             let t = self.schedule.timesteps[i];
             let e = self.expert_for(t);
             let g = self.guidance_of(e);
-            let cfg = self.uses_cfg(e);
+            let cfg = self.uses_cfg();
             let tt = self.timestep_tensor(t, &self.experts[e])?;
             let mut preds = Vec::with_capacity(2);
             let mut branches = vec![(Branch::Cond, self.inputs.cond.clone())];
@@ -214,11 +219,15 @@ impl Pipeline for WanPipeline {
                     self.inputs.uncond.clone().expect("checked by uses_cfg"),
                 ));
             }
+            let input = match &self.inputs.condition {
+                Some(c) => Tensor::cat(&[&lat, c], 1)?,
+                None => lat.clone(),
+            };
             for (branch, ctx) in branches {
                 let scope = ScopeKey::new(e, branch);
                 let model = &mut self.experts[e];
                 model.hooks.set_scope(Some(scope));
-                let out = model.forward(&lat, &tt, &ctx);
+                let out = model.forward(&input, &tt, &ctx);
                 model.hooks.set_scope(None);
                 preds.push(out?);
                 let decision = match &self.cache {

@@ -74,6 +74,12 @@ pub trait TimestepCache: Send {
 
     /// Bytes of tensors the cache holds now (residuals, indicators).
     fn cached_bytes(&self) -> usize;
+
+    /// Names of the model indicators the strategy decides from (see
+    /// [`crate::HookRegistry::set_indicator`]); models compute costly ones only when asked.
+    fn indicators(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A shared handle on one strategy instance; hooks and the denoising loop hold clones of it.
@@ -169,6 +175,15 @@ impl BlockHook for CacheHook {
             Role::Pass => HookOrder::Middle,
             Role::Tail => HookOrder::Inner,
         }
+    }
+
+    fn wants_indicator(&self, name: &str) -> bool {
+        self.role == Role::Head
+            && self
+                .cache
+                .lock()
+                .map(|c| c.indicators().iter().any(|n| n == name))
+                .unwrap_or(false)
     }
 
     fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {

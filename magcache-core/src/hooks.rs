@@ -52,6 +52,11 @@ pub trait BlockHook: Send + Sync {
     fn order(&self) -> HookOrder;
     /// Runs around the block: call `next(inputs)` to run the rest of the chain, or return without it.
     fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>>;
+    /// Whether this hook reads the indicator `name` (models compute costly indicators only on demand).
+    fn wants_indicator(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
 }
 
 /// The hooks of one model's block chain (for FLUX: the double blocks, then the single blocks).
@@ -162,6 +167,11 @@ impl HookRegistry {
 
     pub fn scope(&self) -> Option<ScopeKey> {
         self.scope
+    }
+
+    /// Whether any hook reads the indicator `name`.
+    pub fn wants_indicator(&self, name: &str) -> bool {
+        self.hooks.iter().flatten().any(|h| h.wants_indicator(name))
     }
 
     /// Publishes an indicator tensor for the current call (cleared by [`HookRegistry::clear_indicators`]).

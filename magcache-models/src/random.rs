@@ -40,3 +40,29 @@ pub fn uniform(seed: u64, shape: &[usize], a: f32) -> Result<Tensor> {
     let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-a..=a)).collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
+
+/// Random weights for a list of `(name, shape)`: 1-D `*.weight` (norm scales) ones, biases zeros,
+/// `*scale_shift_table` `randn / sqrt(d)`, other tensors uniform with std `1/sqrt(fan_in)`.
+pub fn random_store(
+    seed: u64,
+    shapes: Vec<(String, Vec<usize>)>,
+    d: usize,
+) -> Result<crate::weights::WeightStore> {
+    use candle_core::DType;
+    let mut map = std::collections::HashMap::new();
+    for (name, shape) in shapes {
+        let s = sub_seed(seed, &name);
+        let t = if name.ends_with("scale_shift_table") {
+            (randn(s, &shape)? / (d as f64).sqrt())?
+        } else if shape.len() == 1 && name.ends_with(".weight") {
+            Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?
+        } else if name.ends_with(".bias") {
+            Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            uniform(s, &shape, (3.0 / fan_in.max(1) as f32).sqrt())?
+        };
+        map.insert(name, t);
+    }
+    Ok(crate::weights::WeightStore::from_map("(random init)", map))
+}

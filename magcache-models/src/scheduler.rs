@@ -56,20 +56,31 @@ pub fn flow_match_static(steps: usize, shift: f64) -> FlowSchedule {
     finish(sigmas, n_train)
 }
 
-/// Dynamic shift (FLUX): `sigmas` given (`linspace(1, 1/steps, steps)`), shifted by
-/// `exp(mu) / (exp(mu) + (1/s - 1))`.
-pub fn flow_match_dynamic(steps: usize, mu: f64) -> FlowSchedule {
-    let base: Vec<f32> = linspace(1.0, 1.0 / steps as f64, steps)
-        .into_iter()
-        .map(|s| s as f32)
-        .collect();
-    let sigmas: Vec<f32> = base
-        .iter()
-        .map(|&s| {
-            let s = s as f64;
-            (mu.exp() / (mu.exp() + (1.0 / s - 1.0))) as f32
+/// torch's float32 `linspace`: the first half counts up from `start`, the second half down from
+/// `end`, both with `step = (end - start) / (n - 1)`.
+fn linspace_f32_torch(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
         })
-        .collect();
+        .collect()
+}
+
+/// Dynamic shift (FLUX): sigmas `linspace(1, 1/steps, steps)` (float32, as torch), shifted by
+/// `e^mu / (e^mu + (1/s - 1))` in float32 (as numpy does on a float32 array).
+pub fn flow_match_dynamic(steps: usize, mu: f64) -> FlowSchedule {
+    let base = linspace_f32_torch(1.0, 1.0 / steps as f32, steps);
+    let e = mu.exp() as f32;
+    let sigmas: Vec<f32> = base.iter().map(|&s| e / (e + (1.0 / s - 1.0))).collect();
     finish(sigmas, 1000)
 }
 

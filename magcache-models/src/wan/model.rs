@@ -5,7 +5,7 @@ use crate::nn::{
     attention, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm, Linear, RmsNorm,
 };
 use crate::weights::WeightStore;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, Error, HookRegistry, Result};
 
 /// A Wan block takes `(hidden, encoder, modulation, rope_cos, rope_sin)` and returns `(hidden,)`.
@@ -388,7 +388,6 @@ impl WanModel {
 /// Diffusers-named random weights for a config (presets): linear weights uniform with std
 /// `1/sqrt(fan_in)`, zero biases, unit norms, modulation tables `randn / sqrt(d)`.
 pub fn random_weights(cfg: &WanConfig, seed: u64) -> Result<WeightStore> {
-    use crate::random::{randn, sub_seed, uniform};
     let d = cfg.inner_dim();
     let [pt, ph, pw] = cfg.patch_size;
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
@@ -463,20 +462,5 @@ pub fn random_weights(cfg: &WanConfig, seed: u64) -> Result<WeightStore> {
         shapes.push((format!("{p}.ffn.net.2.bias"), vec![d]));
         shapes.push((format!("{p}.scale_shift_table"), vec![1, 6, d]));
     }
-    let mut map = std::collections::HashMap::new();
-    for (name, shape) in shapes {
-        let s = sub_seed(seed, &name);
-        let t = if name.ends_with("scale_shift_table") {
-            (randn(s, &shape)? / (d as f64).sqrt())?
-        } else if name.contains("norm") && name.ends_with(".weight") {
-            Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?
-        } else if name.ends_with(".bias") {
-            Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?
-        } else {
-            let fan_in: usize = shape[1..].iter().product();
-            uniform(s, &shape, (3.0 / fan_in as f32).sqrt())?
-        };
-        map.insert(name, t);
-    }
-    Ok(WeightStore::from_map("(random init)", map))
+    crate::random::random_store(seed, shapes, d)
 }

@@ -1,0 +1,139 @@
+//! `FluxTransformer2DModel` configuration (diffusers `config.json`), with overrides.
+
+use magcache_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FluxConfig {
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub out_channels: Option<usize>,
+    pub num_layers: usize,
+    pub num_single_layers: usize,
+    pub attention_head_dim: usize,
+    pub num_attention_heads: usize,
+    pub joint_attention_dim: usize,
+    pub pooled_projection_dim: usize,
+    pub guidance_embeds: bool,
+    pub axes_dims_rope: Vec<usize>,
+}
+
+impl Default for FluxConfig {
+    /// FLUX.1-dev.
+    fn default() -> Self {
+        FluxConfig {
+            patch_size: 1,
+            in_channels: 64,
+            out_channels: None,
+            num_layers: 19,
+            num_single_layers: 38,
+            attention_head_dim: 128,
+            num_attention_heads: 24,
+            joint_attention_dim: 4096,
+            pooled_projection_dim: 768,
+            guidance_embeds: true,
+            axes_dims_rope: vec![16, 56, 56],
+        }
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+    "guidance_embeds",
+    "axes_dims_rope",
+];
+
+impl FluxConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// From a base and a map of diffusers fields (keys starting with `_` are metadata), then overrides
+    /// (unknown override keys are errors naming `model.overrides.KEY`).
+    pub fn from_map(
+        base: FluxConfig,
+        obj: &Map<String, Value>,
+        file: &str,
+        overrides: &Map<String, Value>,
+    ) -> Result<Self> {
+        let mut merged = serde_json::to_value(base).expect("serializable");
+        let m = merged.as_object_mut().expect("object");
+        for (k, v) in obj {
+            if k.starts_with('_') {
+                continue;
+            }
+            if !FIELDS.contains(&k.as_str()) {
+                return Err(Error::config(
+                    file,
+                    k,
+                    "unknown FluxTransformer2DModel config field",
+                ));
+            }
+            m.insert(k.clone(), v.clone());
+        }
+        for (k, v) in overrides {
+            if !FIELDS.contains(&k.as_str()) {
+                return Err(Error::config(
+                    file,
+                    format!("model.overrides.{k}"),
+                    format!(
+                        "not a FluxTransformer2DModel config field (known: {})",
+                        FIELDS.join(", ")
+                    ),
+                ));
+            }
+            m.insert(k.clone(), v.clone());
+        }
+        let cfg: FluxConfig = serde_json::from_value(merged)
+            .map_err(|e| Error::config(file, "model config", e.to_string()))?;
+        cfg.check(file)?;
+        Ok(cfg)
+    }
+
+    pub fn check(&self, file: &str) -> Result<()> {
+        for (k, v) in [
+            ("in_channels", self.in_channels),
+            ("num_layers", self.num_layers),
+            ("attention_head_dim", self.attention_head_dim),
+            ("num_attention_heads", self.num_attention_heads),
+            ("joint_attention_dim", self.joint_attention_dim),
+            ("pooled_projection_dim", self.pooled_projection_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::config(file, k, "must be at least 1"));
+            }
+        }
+        if self.patch_size != 1 {
+            return Err(Error::config(
+                file,
+                "patch_size",
+                "only patch_size 1 (FLUX packs 2x2 latents itself) is supported",
+            ));
+        }
+        if self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim
+            || self.axes_dims_rope.iter().any(|d| !d.is_multiple_of(2))
+        {
+            return Err(Error::config(
+                file,
+                "axes_dims_rope",
+                format!(
+                    "{:?} must be even and sum to attention_head_dim {}",
+                    self.axes_dims_rope, self.attention_head_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

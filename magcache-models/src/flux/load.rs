@@ -1,0 +1,312 @@
+//! Loading FLUX checkpoints: the diffusers layout and the original BFL single-file layout
+//! (`double_blocks.N.img_attn.qkv`, fused projections), detected from the keys.
+
+use super::config::FluxConfig;
+use crate::weights::{weight_files, WeightStore};
+use candle_core::Tensor;
+use magcache_core::{Error, Result};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FluxLayout {
+    Diffusers,
+    Bfl,
+}
+
+pub fn detect_layout(store: &WeightStore) -> Result<FluxLayout> {
+    if store
+        .keys()
+        .any(|k| k.starts_with("transformer_blocks.") || k.starts_with("x_embedder."))
+    {
+        Ok(FluxLayout::Diffusers)
+    } else if store
+        .keys()
+        .any(|k| k.starts_with("double_blocks.") || k.starts_with("img_in."))
+    {
+        Ok(FluxLayout::Bfl)
+    } else {
+        Err(Error::weights(
+            &store.origin,
+            "(layout)",
+            "neither diffusers (`transformer_blocks.*`, `x_embedder.*`) nor BFL (`double_blocks.*`, `img_in.*`) FLUX tensor names",
+        ))
+    }
+}
+
+fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
+    store
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map(|m| m + 1)
+        .unwrap_or(0)
+}
+
+/// Splits a fused `[n * d (+ extra), in]` weight (or bias) into parts of the given row counts.
+fn split_rows(t: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    for &s in sizes {
+        out.push(t.narrow(0, off, s)?.contiguous()?);
+        off += s;
+    }
+    Ok(out)
+}
+
+/// Renames and splits BFL tensors into diffusers names, in place. `d` is the inner dimension.
+pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
+    let origin = store.origin.clone();
+    let take = |s: &mut WeightStore, k: &str| {
+        s.take(k)
+            .ok_or_else(|| Error::weights(&origin, k, "missing from the BFL checkpoint"))
+    };
+    let d = store.get("img_in.weight")?.dim(0)?;
+    let simple: Vec<(String, String)> = {
+        let mut v = vec![
+            ("img_in".to_string(), "x_embedder".to_string()),
+            ("txt_in".into(), "context_embedder".into()),
+            (
+                "time_in.in_layer".into(),
+                "time_text_embed.timestep_embedder.linear_1".into(),
+            ),
+            (
+                "time_in.out_layer".into(),
+                "time_text_embed.timestep_embedder.linear_2".into(),
+            ),
+            (
+                "guidance_in.in_layer".into(),
+                "time_text_embed.guidance_embedder.linear_1".into(),
+            ),
+            (
+                "guidance_in.out_layer".into(),
+                "time_text_embed.guidance_embedder.linear_2".into(),
+            ),
+            (
+                "vector_in.in_layer".into(),
+                "time_text_embed.text_embedder.linear_1".into(),
+            ),
+            (
+                "vector_in.out_layer".into(),
+                "time_text_embed.text_embedder.linear_2".into(),
+            ),
+            ("final_layer.linear".into(), "proj_out".into()),
+        ];
+        for i in 0..count_blocks(store, "double_blocks.") {
+            let (b, t) = (
+                format!("double_blocks.{i}"),
+                format!("transformer_blocks.{i}"),
+            );
+            for (a, c) in [
+                ("img_mod.lin", "norm1.linear"),
+                ("txt_mod.lin", "norm1_context.linear"),
+                ("img_attn.proj", "attn.to_out.0"),
+                ("txt_attn.proj", "attn.to_add_out"),
+                ("img_mlp.0", "ff.net.0.proj"),
+                ("img_mlp.2", "ff.net.2"),
+                ("txt_mlp.0", "ff_context.net.0.proj"),
+                ("txt_mlp.2", "ff_context.net.2"),
+            ] {
+                v.push((format!("{b}.{a}"), format!("{t}.{c}")));
+            }
+        }
+        for i in 0..count_blocks(store, "single_blocks.") {
+            v.push((
+                format!("single_blocks.{i}.modulation.lin"),
+                format!("single_transformer_blocks.{i}.norm.linear"),
+            ));
+            v.push((
+                format!("single_blocks.{i}.linear2"),
+                format!("single_transformer_blocks.{i}.proj_out"),
+            ));
+        }
+        v
+    };
+    for (a, b) in simple {
+        for suffix in ["weight", "bias"] {
+            if let Some(t) = store.take(&format!("{a}.{suffix}")) {
+                store.insert(&format!("{b}.{suffix}"), t);
+            }
+        }
+    }
+    let norm = |s: &mut WeightStore, from: &str, to: &str| -> Result<()> {
+        let t = take(s, from)?;
+        s.insert(to, t);
+        Ok(())
+    };
+    for i in 0..count_blocks(store, "double_blocks.") {
+        let (b, t) = (
+            format!("double_blocks.{i}"),
+            format!("transformer_blocks.{i}.attn"),
+        );
+        for (stream, names) in [
+            ("img", ["to_q", "to_k", "to_v"]),
+            ("txt", ["add_q_proj", "add_k_proj", "add_v_proj"]),
+        ] {
+            for suffix in ["weight", "bias"] {
+                let fused = take(store, &format!("{b}.{stream}_attn.qkv.{suffix}"))?;
+                for (n, part) in names.iter().zip(split_rows(&fused, &[d, d, d])?) {
+                    store.insert(&format!("{t}.{n}.{suffix}"), part);
+                }
+            }
+        }
+        norm(
+            store,
+            &format!("{b}.img_attn.norm.query_norm.scale"),
+            &format!("{t}.norm_q.weight"),
+        )?;
+        norm(
+            store,
+            &format!("{b}.img_attn.norm.key_norm.scale"),
+            &format!("{t}.norm_k.weight"),
+        )?;
+        norm(
+            store,
+            &format!("{b}.txt_attn.norm.query_norm.scale"),
+            &format!("{t}.norm_added_q.weight"),
+        )?;
+        norm(
+            store,
+            &format!("{b}.txt_attn.norm.key_norm.scale"),
+            &format!("{t}.norm_added_k.weight"),
+        )?;
+    }
+    for i in 0..count_blocks(store, "single_blocks.") {
+        let (b, t) = (
+            format!("single_blocks.{i}"),
+            format!("single_transformer_blocks.{i}"),
+        );
+        for suffix in ["weight", "bias"] {
+            let fused = take(store, &format!("{b}.linear1.{suffix}"))?;
+            let mlp = fused.dim(0)? - 3 * d;
+            let parts = split_rows(&fused, &[d, d, d, mlp])?;
+            for (n, part) in ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+                .iter()
+                .zip(parts)
+            {
+                store.insert(&format!("{t}.{n}.{suffix}"), part);
+            }
+        }
+        norm(
+            store,
+            &format!("{b}.norm.query_norm.scale"),
+            &format!("{t}.attn.norm_q.weight"),
+        )?;
+        norm(
+            store,
+            &format!("{b}.norm.key_norm.scale"),
+            &format!("{t}.attn.norm_k.weight"),
+        )?;
+    }
+    // BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift).
+    for suffix in ["weight", "bias"] {
+        let t = take(store, &format!("final_layer.adaLN_modulation.1.{suffix}"))?;
+        let parts = split_rows(&t, &[d, d])?;
+        store.insert(
+            &format!("norm_out.linear.{suffix}"),
+            Tensor::cat(&[&parts[1], &parts[0]], 0)?,
+        );
+    }
+    Ok(())
+}
+
+/// Infers a config from BFL tensors (head dim 128 and rope axes (16, 56, 56) unless overridden).
+pub fn infer_bfl_config(store: &WeightStore) -> Result<FluxConfig> {
+    let w = store.get("img_in.weight")?;
+    let (d, cin) = w.dims2()?;
+    let hd = 128;
+    Ok(FluxConfig {
+        in_channels: cin,
+        num_layers: count_blocks(store, "double_blocks."),
+        num_single_layers: count_blocks(store, "single_blocks."),
+        attention_head_dim: hd,
+        num_attention_heads: (d / hd).max(1),
+        joint_attention_dim: store.get("txt_in.weight")?.dim(1)?,
+        pooled_projection_dim: store.get("vector_in.in_layer.weight")?.dim(1)?,
+        guidance_embeds: store.contains("guidance_in.in_layer.weight"),
+        ..FluxConfig::default()
+    })
+}
+
+pub struct LoadedFlux {
+    pub config: FluxConfig,
+    pub store: WeightStore,
+    pub layout: FluxLayout,
+}
+
+/// Loads a FLUX checkpoint: a diffusers folder or file (with `config.json` beside it or given), or a
+/// BFL single file (config inferred, `config.json` or overrides taking precedence).
+pub fn load_flux(
+    weights: &Path,
+    config: Option<&Path>,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+    cfg_file: &str,
+) -> Result<LoadedFlux> {
+    let files = weight_files(weights)?;
+    let mut store = WeightStore::load_files(&weights.display().to_string(), &files)?;
+    if store
+        .keys()
+        .any(|k| k.starts_with("model.diffusion_model."))
+    {
+        store.rename(|k| {
+            k.strip_prefix("model.diffusion_model.")
+                .unwrap_or(k)
+                .to_string()
+        });
+    }
+    let layout = detect_layout(&store)?;
+    let dir = if weights.is_dir() {
+        weights.to_path_buf()
+    } else {
+        weights.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let cpath = config
+        .map(Path::to_path_buf)
+        .or_else(|| Some(dir.join("config.json")).filter(|p| p.is_file()));
+    let (base, obj, shown) = match &cpath {
+        Some(p) => {
+            let shown = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(&shown, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+            let obj = v.as_object().cloned().ok_or_else(|| {
+                Error::config(&shown, "(document)", "config.json is not a JSON object")
+            })?;
+            (FluxConfig::default(), obj, shown)
+        }
+        None if layout == FluxLayout::Bfl => (
+            infer_bfl_config(&store)?,
+            serde_json::Map::new(),
+            weights.display().to_string(),
+        ),
+        None => {
+            return Err(Error::weights(
+                weights.display().to_string(),
+                "config.json",
+                "no config.json beside the weights; add one or set `config = \"...\"` in [model]",
+            ))
+        }
+    };
+    let mut config = FluxConfig::from_map(base, &obj, &shown, &serde_json::Map::new())?;
+    if !overrides.is_empty() {
+        let cur = serde_json::to_value(&config)
+            .expect("serializable")
+            .as_object()
+            .cloned()
+            .expect("object");
+        config = FluxConfig::from_map(FluxConfig::default(), &cur, cfg_file, overrides)?;
+    }
+    if layout == FluxLayout::Bfl {
+        bfl_to_diffusers(&mut store)?;
+    }
+    Ok(LoadedFlux {
+        config,
+        store,
+        layout,
+    })
+}

@@ -1,0 +1,454 @@
+//! FLUX.1: model, loading (diffusers and BFL), presets, the Euler sampler with dynamic shift and
+//! embedded guidance, and the family registration.
+
+pub mod config;
+pub mod load;
+pub mod model;
+
+use crate::inputs::InputFile;
+use crate::published;
+use crate::random::{randn, random_store};
+use crate::scheduler::{flow_match_dynamic, flux_mu, FlowSchedule};
+use crate::wan::{overrides_json, resolve};
+use candle_core::{Device, Tensor};
+use config::FluxConfig;
+use magcache_core::config::{RunConfig, WeightsSpec};
+use magcache_core::pipeline::{CallEvent, Observer};
+use magcache_core::registry::ModelFamily;
+use magcache_core::{
+    Branch, CacheHandle, Error, GenerationPlan, ModelInfo, Pipeline, Result, ScopeKey, ScopePlan,
+};
+use model::{FluxModel, FLUX_DOUBLE, FLUX_SINGLE};
+use std::path::Path;
+
+pub struct FluxPreset {
+    pub name: &'static str,
+    pub config: fn() -> FluxConfig,
+}
+
+fn dev() -> FluxConfig {
+    FluxConfig::default()
+}
+fn schnell() -> FluxConfig {
+    FluxConfig {
+        guidance_embeds: false,
+        ..FluxConfig::default()
+    }
+}
+
+pub const FLUX_PRESETS: &[FluxPreset] = &[
+    FluxPreset {
+        name: "flux-dev",
+        config: dev,
+    },
+    FluxPreset {
+        name: "flux-schnell",
+        config: schnell,
+    },
+];
+
+/// Diffusers names and shapes of a FLUX model.
+fn shapes(c: &FluxConfig) -> Vec<(String, Vec<usize>)> {
+    let d = c.inner_dim();
+    let hd = c.attention_head_dim;
+    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut lin = |n: String, o: usize, i: usize| {
+        v.push((format!("{n}.weight"), vec![o, i]));
+        v.push((format!("{n}.bias"), vec![o]));
+    };
+    lin("x_embedder".into(), d, c.in_channels);
+    lin("context_embedder".into(), d, c.joint_attention_dim);
+    lin("time_text_embed.timestep_embedder.linear_1".into(), d, 256);
+    lin("time_text_embed.timestep_embedder.linear_2".into(), d, d);
+    if c.guidance_embeds {
+        lin("time_text_embed.guidance_embedder.linear_1".into(), d, 256);
+        lin("time_text_embed.guidance_embedder.linear_2".into(), d, d);
+    }
+    lin(
+        "time_text_embed.text_embedder.linear_1".into(),
+        d,
+        c.pooled_projection_dim,
+    );
+    lin("time_text_embed.text_embedder.linear_2".into(), d, d);
+    lin("norm_out.linear".into(), 2 * d, d);
+    lin("proj_out".into(), c.out_channels(), d);
+    for i in 0..c.num_layers {
+        let p = format!("transformer_blocks.{i}");
+        lin(format!("{p}.norm1.linear"), 6 * d, d);
+        lin(format!("{p}.norm1_context.linear"), 6 * d, d);
+        for n in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_out.0",
+            "to_add_out",
+        ] {
+            lin(format!("{p}.attn.{n}"), d, d);
+        }
+        for f in ["ff", "ff_context"] {
+            lin(format!("{p}.{f}.net.0.proj"), 4 * d, d);
+            lin(format!("{p}.{f}.net.2"), d, 4 * d);
+        }
+    }
+    for i in 0..c.num_single_layers {
+        let p = format!("single_transformer_blocks.{i}");
+        lin(format!("{p}.norm.linear"), 3 * d, d);
+        for n in ["to_q", "to_k", "to_v"] {
+            lin(format!("{p}.attn.{n}"), d, d);
+        }
+        lin(format!("{p}.proj_mlp"), 4 * d, d);
+        lin(format!("{p}.proj_out"), d, 5 * d);
+    }
+    for i in 0..c.num_layers {
+        for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
+            v.push((format!("transformer_blocks.{i}.attn.{n}.weight"), vec![hd]));
+        }
+    }
+    for i in 0..c.num_single_layers {
+        for n in ["norm_q", "norm_k"] {
+            v.push((
+                format!("single_transformer_blocks.{i}.attn.{n}.weight"),
+                vec![hd],
+            ));
+        }
+    }
+    v
+}
+
+/// Conditioning of a FLUX generation (packed latents).
+pub struct FluxInputs {
+    /// `[B, seq, C]`
+    pub latents: Tensor,
+    /// `[B, L, joint_attention_dim]`
+    pub ctx: Tensor,
+    /// `[B, pooled_projection_dim]`
+    pub pooled: Tensor,
+    /// `[seq, 3]`, `[L, 3]`
+    pub img_ids: Tensor,
+    pub txt_ids: Tensor,
+}
+
+pub struct FluxPipeline {
+    pub model: FluxModel,
+    pub schedule: FlowSchedule,
+    pub mu: f64,
+    pub guidance: f64,
+    pub inputs: FluxInputs,
+    pub info: ModelInfo,
+    pub description: String,
+    cache: Option<CacheHandle>,
+}
+
+impl Pipeline for FluxPipeline {
+    fn family(&self) -> &str {
+        "flux"
+    }
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+    fn plan(&self) -> GenerationPlan {
+        let steps = self.schedule.steps();
+        GenerationPlan {
+            scopes: vec![ScopePlan {
+                key: ScopeKey::new(0, Branch::Cond),
+                steps,
+                sigmas: self.schedule.sigmas[..steps]
+                    .iter()
+                    .map(|&s| s as f64)
+                    .collect(),
+            }],
+            total_steps: steps,
+            family: "flux".into(),
+            scheduler: "flow-euler-dynamic".into(),
+            shift: None,
+            boundary_ratio: None,
+        }
+    }
+    fn model_info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
+        CacheHandle::uninstall(&mut self.model.hooks);
+        if let Some(c) = &cache {
+            c.install(&mut self.model.hooks)?;
+        }
+        self.cache = cache;
+        Ok(())
+    }
+    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
+        if let Some(c) = &self.cache {
+            for w in c.lock()?.begin_generation(&self.plan())? {
+                obs.warning(&w);
+            }
+        }
+        let b = self.inputs.latents.dim(0)?;
+        let dev = Device::Cpu;
+        let g = self
+            .model
+            .cfg
+            .guidance_embeds
+            .then(|| Tensor::from_vec(vec![self.guidance as f32; b], b, &dev))
+            .transpose()?;
+        let mut lat = self.inputs.latents.clone();
+        let steps = self.schedule.steps();
+        let scope = ScopeKey::new(0, Branch::Cond);
+        for i in 0..steps {
+            let t = self.schedule.timesteps[i];
+            let tt = Tensor::from_vec(vec![t / 1000.0; b], b, &dev)?;
+            self.model.hooks.set_scope(Some(scope));
+            let inp = &self.inputs;
+            let out = self.model.forward(
+                &lat,
+                &inp.ctx,
+                &inp.pooled,
+                &tt,
+                &inp.img_ids,
+                &inp.txt_ids,
+                g.as_ref(),
+            );
+            self.model.hooks.set_scope(None);
+            let v = out?;
+            let decision = match &self.cache {
+                Some(c) => c.lock()?.last_decision(scope),
+                None => None,
+            };
+            obs.call(&CallEvent {
+                index: i,
+                step: i,
+                branch: Branch::Cond,
+                expert: 0,
+                timestep: t as f64,
+                decision,
+            });
+            lat = (&lat + (v * self.schedule.dt(i) as f64)?)?;
+            obs.step(i + 1, steps);
+        }
+        Ok(lat)
+    }
+}
+
+/// Position ids of a packed `h x w` image grid: `[0, row, col]`.
+pub fn image_ids(h: usize, w: usize) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(h * w * 3);
+    for r in 0..h {
+        for c in 0..w {
+            v.extend_from_slice(&[0.0f32, r as f32, c as f32]);
+        }
+    }
+    Ok(Tensor::from_vec(v, (h * w, 3), &Device::Cpu)?)
+}
+
+fn build_inputs(cfg: &RunConfig, file: &str, base: &Path, c: &FluxConfig) -> Result<FluxInputs> {
+    if let Some(f) = &cfg.inputs.file {
+        let inp = InputFile::load(&resolve(base, f))?;
+        let lat = inp.get(
+            "latents_init",
+            3,
+            &format!("[B, seq, {}] packed latents", c.in_channels),
+        )?;
+        let (b, seq, ch) = lat.dims3()?;
+        if ch != c.in_channels {
+            return Err(Error::inputs(
+                &inp.path,
+                "latents_init",
+                format!(
+                    "has shape {:?}; the model takes {} channels",
+                    lat.dims(),
+                    c.in_channels
+                ),
+            ));
+        }
+        let ctx = inp.get(
+            "encoder_hidden_states",
+            3,
+            &format!("[B, L, {}]", c.joint_attention_dim),
+        )?;
+        if ctx.dim(0)? != b || ctx.dim(2)? != c.joint_attention_dim {
+            return Err(Error::inputs(
+                &inp.path,
+                "encoder_hidden_states",
+                format!(
+                    "has shape {:?}; expected [{b}, L, {}]",
+                    ctx.dims(),
+                    c.joint_attention_dim
+                ),
+            ));
+        }
+        let pooled = inp.get(
+            "pooled_projections",
+            2,
+            &format!("[B, {}]", c.pooled_projection_dim),
+        )?;
+        if pooled.dims() != [b, c.pooled_projection_dim] {
+            return Err(Error::inputs(
+                &inp.path,
+                "pooled_projections",
+                format!(
+                    "has shape {:?}; expected [{b}, {}]",
+                    pooled.dims(),
+                    c.pooled_projection_dim
+                ),
+            ));
+        }
+        let n_axes = c.axes_dims_rope.len();
+        let ids = |name: &str, n: usize| -> Result<Tensor> {
+            let mut t = inp.get(name, 2, &format!("[{n}, {n_axes}] position ids"))?;
+            if t.rank() == 3 {
+                t = t.get(0)?;
+            }
+            if t.dims() != [n, n_axes] {
+                return Err(Error::inputs(
+                    &inp.path,
+                    name,
+                    format!("has shape {:?}; expected [{n}, {n_axes}]", t.dims()),
+                ));
+            }
+            Ok(t)
+        };
+        let img_ids = ids("img_ids", seq)?;
+        let txt_ids = ids("txt_ids", ctx.dim(1)?)?;
+        return Ok(FluxInputs {
+            latents: lat,
+            ctx,
+            pooled,
+            img_ids,
+            txt_ids,
+        });
+    }
+    // Random inputs: latent_shape = [B, C, H, W] of unpacked latents (C * 4 = in_channels), packed 2x2.
+    let seed = cfg.inputs.seed.unwrap_or(cfg.model.seed);
+    let shape = cfg
+        .inputs
+        .latent_shape
+        .clone()
+        .unwrap_or_else(|| vec![1, c.in_channels / 4, 64, 64]);
+    if shape.len() != 4
+        || shape[1] * 4 != c.in_channels
+        || !shape[2].is_multiple_of(2)
+        || !shape[3].is_multiple_of(2)
+    {
+        return Err(Error::config(
+            file,
+            "inputs.latent_shape",
+            format!("{shape:?} is not [B, {}, H, W] with even H and W (FLUX packs 2x2 latents into {} channels)", c.in_channels / 4, c.in_channels),
+        ));
+    }
+    let (b, h, w) = (shape[0], shape[2] / 2, shape[3] / 2);
+    let l = cfg.inputs.text_len.unwrap_or(64);
+    Ok(FluxInputs {
+        latents: randn(seed.wrapping_add(1), &[b, h * w, c.in_channels])?,
+        ctx: randn(seed.wrapping_add(2), &[b, l, c.joint_attention_dim])?,
+        pooled: randn(seed.wrapping_add(3), &[b, c.pooled_projection_dim])?,
+        img_ids: image_ids(h, w)?,
+        txt_ids: Tensor::zeros(
+            (l, c.axes_dims_rope.len()),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?,
+    })
+}
+
+fn flux_info(preset: Option<&str>) -> ModelInfo {
+    ModelInfo {
+        family: "flux".into(),
+        variant: preset.map(String::from),
+        mag_ratios: published::single_curve("flux_dev").ok(),
+        tea_coefficients: published::tea_coefficients("flux_dev").ok(),
+    }
+}
+
+fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    if cfg.sampling.boundary_ratio.is_some() || cfg.sampling.guidance_scale_2.is_some() {
+        return Err(Error::config(
+            file,
+            "sampling.boundary_ratio",
+            "flux has one model: no expert boundary or second guidance scale",
+        ));
+    }
+    if cfg.sampling.shift.is_some() {
+        return Err(Error::config(
+            file,
+            "sampling.shift",
+            "flux shifts dynamically from the image length (mu); a static shift does not apply",
+        ));
+    }
+    let overrides = overrides_json(cfg);
+    let (model, desc, variant) = match &cfg.model.weights {
+        Some(WeightsSpec::One(w)) => {
+            let path = resolve(base, w);
+            let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
+            let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            let c = &l.config;
+            let desc = format!(
+                "{} ({:?} layout): {}+{} blocks, dim {}, {} heads",
+                path.display(),
+                l.layout,
+                c.num_layers,
+                c.num_single_layers,
+                c.inner_dim(),
+                c.num_attention_heads
+            );
+            let variant = FLUX_PRESETS
+                .iter()
+                .find(|p| (p.config)() == l.config)
+                .map(|p| p.name);
+            (FluxModel::from_weights(l.config, &l.store)?, desc, variant)
+        }
+        Some(WeightsSpec::Many(_)) => {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "flux takes one weights path",
+            ))
+        }
+        None => {
+            let name = cfg.model.preset.as_deref().expect("validated");
+            let p = FLUX_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
+                Error::config(file, "model.preset", format!("unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"))
+            })?;
+            let base_cfg = serde_json::to_value((p.config)())
+                .expect("serializable")
+                .as_object()
+                .cloned()
+                .expect("object");
+            let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
+            let desc = format!(
+                "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
+                p.name,
+                cfg.model.seed,
+                c.num_layers,
+                c.num_single_layers,
+                c.inner_dim(),
+                c.num_attention_heads
+            );
+            let store = random_store(cfg.model.seed, shapes(&c), c.inner_dim())?;
+            (FluxModel::from_weights(c, &store)?, desc, Some(p.name))
+        }
+    };
+    let inputs = build_inputs(cfg, file, base, &model.cfg)?;
+    let mu = flux_mu(inputs.latents.dim(1)?);
+    Ok(Box::new(FluxPipeline {
+        schedule: flow_match_dynamic(cfg.sampling.steps, mu),
+        mu,
+        guidance: cfg.sampling.guidance_scale.unwrap_or(3.5),
+        inputs,
+        info: flux_info(variant),
+        description: desc,
+        model,
+        cache: None,
+    }))
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "flux",
+        description: "FLUX.1 (FluxTransformer2DModel): double- then single-stream blocks in one cache chain, Euler with dynamic shift, embedded guidance",
+        blocks: &[FLUX_DOUBLE, FLUX_SINGLE],
+        presets: &["flux-dev", "flux-schnell"],
+        published: &["magcache flux_dev", "teacache flux_dev"],
+        build: build_flux,
+    }
+}

@@ -1,0 +1,451 @@
+//! `FluxTransformer2DModel` (FLUX.1) in candle, f32: double-stream blocks (joint attention over
+//! `[text, image]`), single-stream blocks, one cache chain over both lists.
+
+use super::config::FluxConfig;
+use crate::nn::{attention, timestep_embedding, LayerNorm, Linear, RmsNorm};
+use crate::weights::WeightStore;
+use candle_core::{Device, Tensor, D};
+use magcache_core::{BlockMetadata, Error, HookRegistry, Result};
+
+/// Double-stream block: inputs `(hidden, encoder, temb, cos, sin)`, outputs `(encoder, hidden)`.
+pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata {
+    kind: "flux.double",
+    hidden_in: 0,
+    encoder_in: Some(1),
+    hidden_out: 1,
+    encoder_out: Some(0),
+    outputs: 2,
+};
+/// Single-stream block: same tuples as diffusers returns them, `(encoder, hidden)`.
+pub const FLUX_SINGLE: BlockMetadata = BlockMetadata {
+    kind: "flux.single",
+    hidden_in: 0,
+    encoder_in: Some(1),
+    hidden_out: 1,
+    encoder_out: Some(0),
+    outputs: 2,
+};
+
+fn lin(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    Linear::new(
+        w.get_shape(&format!("{name}.weight"), &[out, inp])?,
+        Some(w.get_shape(&format!("{name}.bias"), &[out])?),
+    )
+}
+
+/// `[B, S, H*D]` -> `[B, S, H, D]` RMS-normed per head -> `[B, H, S, D]`.
+fn heads_normed(x: &Tensor, heads: usize, norm: &RmsNorm) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    let x = norm.forward(&x.reshape((b, s, heads, hd / heads))?)?;
+    Ok(x.transpose(1, 2)?.contiguous()?)
+}
+
+fn heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    Ok(x.reshape((b, s, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+fn merge(x: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))?)
+}
+
+fn rope(q: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::rotary_emb::rope_i(q, cos, sin)?)
+}
+
+/// `chunks` equal parts of the modulation linear's output, each `[B, 1, d]`.
+fn modulation(lin: &Linear, temb: &Tensor, chunks: usize) -> Result<Vec<Tensor>> {
+    let m = lin.forward(&temb.silu()?)?; // [B, chunks*d]
+    let d = m.dim(D::Minus1)? / chunks;
+    (0..chunks)
+        .map(|i| Ok(m.narrow(1, i * d, d)?.unsqueeze(1)?))
+        .collect()
+}
+
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+}
+
+struct Ff {
+    a: Linear,
+    b: Linear,
+}
+
+impl Ff {
+    fn load(w: &WeightStore, p: &str, d: usize) -> Result<Self> {
+        Ok(Ff {
+            a: lin(w, &format!("{p}.net.0.proj"), 4 * d, d)?,
+            b: lin(w, &format!("{p}.net.2"), d, 4 * d)?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.b.forward(&self.a.forward(x)?.gelu()?)
+    }
+}
+
+struct DoubleBlock {
+    norm1: Linear,
+    norm1_ctx: Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    aq: Linear,
+    ak: Linear,
+    av: Linear,
+    nq: RmsNorm,
+    nk: RmsNorm,
+    naq: RmsNorm,
+    nak: RmsNorm,
+    out: Linear,
+    add_out: Linear,
+    ff: Ff,
+    ff_ctx: Ff,
+    ln: LayerNorm,
+    heads: usize,
+}
+
+impl DoubleBlock {
+    fn load(w: &WeightStore, i: usize, c: &FluxConfig, dev: &Device) -> Result<Self> {
+        let d = c.inner_dim();
+        let hd = c.attention_head_dim;
+        let p = format!("transformer_blocks.{i}");
+        let a = format!("{p}.attn");
+        let rms = |n: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                w.get_shape(&format!("{a}.{n}.weight"), &[hd])?,
+                1e-6,
+            ))
+        };
+        Ok(DoubleBlock {
+            norm1: lin(w, &format!("{p}.norm1.linear"), 6 * d, d)?,
+            norm1_ctx: lin(w, &format!("{p}.norm1_context.linear"), 6 * d, d)?,
+            q: lin(w, &format!("{a}.to_q"), d, d)?,
+            k: lin(w, &format!("{a}.to_k"), d, d)?,
+            v: lin(w, &format!("{a}.to_v"), d, d)?,
+            aq: lin(w, &format!("{a}.add_q_proj"), d, d)?,
+            ak: lin(w, &format!("{a}.add_k_proj"), d, d)?,
+            av: lin(w, &format!("{a}.add_v_proj"), d, d)?,
+            nq: rms("norm_q")?,
+            nk: rms("norm_k")?,
+            naq: rms("norm_added_q")?,
+            nak: rms("norm_added_k")?,
+            out: lin(w, &format!("{a}.to_out.0"), d, d)?,
+            add_out: lin(w, &format!("{a}.to_add_out"), d, d)?,
+            ff: Ff::load(w, &format!("{p}.ff"), d)?,
+            ff_ctx: Ff::load(w, &format!("{p}.ff_context"), d)?,
+            ln: LayerNorm::new(d, 1e-6, None, dev)?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    /// The image stream after `norm1` (the modulated input): FLUX's TeaCache indicator.
+    fn norm1_out(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = modulation(&self.norm1, temb, 6)?;
+        modulate(&self.ln.forward(h)?, &m[0], &m[1])
+    }
+
+    fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let [h, e, temb, cos, sin] = inputs else {
+            return Err(Error::msg(format!(
+                "flux double block expects 5 inputs, got {}",
+                inputs.len()
+            )));
+        };
+        let m = modulation(&self.norm1, temb, 6)?;
+        let mc = modulation(&self.norm1_ctx, temb, 6)?;
+        let nh = modulate(&self.ln.forward(h)?, &m[0], &m[1])?;
+        let ne = modulate(&self.ln.forward(e)?, &mc[0], &mc[1])?;
+        let q = Tensor::cat(
+            &[
+                heads_normed(&self.aq.forward(&ne)?, self.heads, &self.naq)?,
+                heads_normed(&self.q.forward(&nh)?, self.heads, &self.nq)?,
+            ],
+            2,
+        )?;
+        let k = Tensor::cat(
+            &[
+                heads_normed(&self.ak.forward(&ne)?, self.heads, &self.nak)?,
+                heads_normed(&self.k.forward(&nh)?, self.heads, &self.nk)?,
+            ],
+            2,
+        )?;
+        let v = Tensor::cat(
+            &[
+                heads(&self.av.forward(&ne)?, self.heads)?,
+                heads(&self.v.forward(&nh)?, self.heads)?,
+            ],
+            2,
+        )?;
+        let o = merge(&attention(&rope(&q, cos, sin)?, &rope(&k, cos, sin)?, &v)?)?;
+        let lt = e.dim(1)?;
+        let li = h.dim(1)?;
+        let attn_e = self.add_out.forward(&o.narrow(1, 0, lt)?)?;
+        let attn_h = self.out.forward(&o.narrow(1, lt, li)?)?;
+
+        let h = (h + attn_h.broadcast_mul(&m[2])?)?;
+        let x = modulate(&self.ln.forward(&h)?, &m[3], &m[4])?;
+        let h = (&h + self.ff.forward(&x)?.broadcast_mul(&m[5])?)?;
+
+        let e = (e + attn_e.broadcast_mul(&mc[2])?)?;
+        let x = modulate(&self.ln.forward(&e)?, &mc[3], &mc[4])?;
+        let e = (&e + self.ff_ctx.forward(&x)?.broadcast_mul(&mc[5])?)?;
+        Ok(vec![e, h])
+    }
+}
+
+struct SingleBlock {
+    norm: Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    nq: RmsNorm,
+    nk: RmsNorm,
+    mlp: Linear,
+    out: Linear,
+    ln: LayerNorm,
+    heads: usize,
+}
+
+impl SingleBlock {
+    fn load(w: &WeightStore, i: usize, c: &FluxConfig, dev: &Device) -> Result<Self> {
+        let d = c.inner_dim();
+        let hd = c.attention_head_dim;
+        let p = format!("single_transformer_blocks.{i}");
+        let a = format!("{p}.attn");
+        Ok(SingleBlock {
+            norm: lin(w, &format!("{p}.norm.linear"), 3 * d, d)?,
+            q: lin(w, &format!("{a}.to_q"), d, d)?,
+            k: lin(w, &format!("{a}.to_k"), d, d)?,
+            v: lin(w, &format!("{a}.to_v"), d, d)?,
+            nq: RmsNorm::new(w.get_shape(&format!("{a}.norm_q.weight"), &[hd])?, 1e-6),
+            nk: RmsNorm::new(w.get_shape(&format!("{a}.norm_k.weight"), &[hd])?, 1e-6),
+            mlp: lin(w, &format!("{p}.proj_mlp"), 4 * d, d)?,
+            out: lin(w, &format!("{p}.proj_out"), d, 5 * d)?,
+            ln: LayerNorm::new(d, 1e-6, None, dev)?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let [h, e, temb, cos, sin] = inputs else {
+            return Err(Error::msg(format!(
+                "flux single block expects 5 inputs, got {}",
+                inputs.len()
+            )));
+        };
+        let lt = e.dim(1)?;
+        let li = h.dim(1)?;
+        let x = Tensor::cat(&[e, h], 1)?;
+        let m = modulation(&self.norm, temb, 3)?;
+        let nx = modulate(&self.ln.forward(&x)?, &m[0], &m[1])?;
+        let mlp = self.mlp.forward(&nx)?.gelu()?;
+        let q = rope(
+            &heads_normed(&self.q.forward(&nx)?, self.heads, &self.nq)?,
+            cos,
+            sin,
+        )?;
+        let k = rope(
+            &heads_normed(&self.k.forward(&nx)?, self.heads, &self.nk)?,
+            cos,
+            sin,
+        )?;
+        let v = heads(&self.v.forward(&nx)?, self.heads)?;
+        let a = merge(&attention(&q, &k, &v)?)?;
+        let y = self
+            .out
+            .forward(&Tensor::cat(&[a, mlp], 2)?)?
+            .broadcast_mul(&m[2])?;
+        let x = (x + y)?;
+        Ok(vec![x.narrow(1, 0, lt)?, x.narrow(1, lt, li)?])
+    }
+}
+
+/// The FLUX transformer with its hook registry (chain: double blocks, then single blocks).
+pub struct FluxModel {
+    pub cfg: FluxConfig,
+    x_emb: Linear,
+    ctx_emb: Linear,
+    t1: Linear,
+    t2: Linear,
+    g: Option<(Linear, Linear)>,
+    p1: Linear,
+    p2: Linear,
+    double: Vec<DoubleBlock>,
+    single: Vec<SingleBlock>,
+    norm_out: Linear,
+    ln_out: LayerNorm,
+    proj_out: Linear,
+    pub hooks: HookRegistry,
+}
+
+/// Intermediates of one forward, for parity tests: each block's two outputs in chain order.
+#[derive(Debug, Default)]
+pub struct FluxTrace {
+    pub blocks: Vec<(Tensor, Tensor)>,
+}
+
+impl FluxModel {
+    pub fn from_weights(cfg: FluxConfig, w: &WeightStore) -> Result<Self> {
+        let dev = Device::Cpu;
+        let d = cfg.inner_dim();
+        let tt = "time_text_embed";
+        let g = if cfg.guidance_embeds {
+            Some((
+                lin(w, &format!("{tt}.guidance_embedder.linear_1"), d, 256)?,
+                lin(w, &format!("{tt}.guidance_embedder.linear_2"), d, d)?,
+            ))
+        } else {
+            None
+        };
+        let double = (0..cfg.num_layers)
+            .map(|i| DoubleBlock::load(w, i, &cfg, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        let single = (0..cfg.num_single_layers)
+            .map(|i| SingleBlock::load(w, i, &cfg, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        let mut metas = vec![FLUX_DOUBLE; cfg.num_layers];
+        metas.extend(vec![FLUX_SINGLE; cfg.num_single_layers]);
+        Ok(FluxModel {
+            x_emb: lin(w, "x_embedder", d, cfg.in_channels)?,
+            ctx_emb: lin(w, "context_embedder", d, cfg.joint_attention_dim)?,
+            t1: lin(w, &format!("{tt}.timestep_embedder.linear_1"), d, 256)?,
+            t2: lin(w, &format!("{tt}.timestep_embedder.linear_2"), d, d)?,
+            g,
+            p1: lin(
+                w,
+                &format!("{tt}.text_embedder.linear_1"),
+                d,
+                cfg.pooled_projection_dim,
+            )?,
+            p2: lin(w, &format!("{tt}.text_embedder.linear_2"), d, d)?,
+            double,
+            single,
+            norm_out: lin(w, "norm_out.linear", 2 * d, d)?,
+            ln_out: LayerNorm::new(d, 1e-6, None, &dev)?,
+            proj_out: lin(w, "proj_out", cfg.out_channels(), d)?,
+            hooks: HookRegistry::new(metas),
+            cfg,
+        })
+    }
+
+    /// Rotary tables `[S, head_dim/2]` from position ids `[S, n_axes]`.
+    pub fn rope(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (s, n) = ids.dims2()?;
+        if n != self.cfg.axes_dims_rope.len() {
+            return Err(Error::msg(format!(
+                "position ids have {n} axes, the model has {}",
+                self.cfg.axes_dims_rope.len()
+            )));
+        }
+        let ids = ids.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let half: usize = self.cfg.axes_dims_rope.iter().sum::<usize>() / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(s * half), Vec::with_capacity(s * half));
+        for row in &ids {
+            for (axis, &dim) in self.cfg.axes_dims_rope.iter().enumerate() {
+                let pos = row[axis] as f64;
+                for j in 0..dim / 2 {
+                    let f = 1.0 / 10000f64.powf((2 * j) as f64 / dim as f64);
+                    cos.push((pos * f).cos() as f32);
+                    sin.push((pos * f).sin() as f32);
+                }
+            }
+        }
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(cos, (s, half), &dev)?,
+            Tensor::from_vec(sin, (s, half), &dev)?,
+        ))
+    }
+
+    /// Time (+ guidance) + pooled-text conditioning `[B, d]`. `t` and `guidance` are on the 0..1 scale:
+    /// the model multiplies them by 1000 itself.
+    pub fn temb(&self, t: &Tensor, guidance: Option<&Tensor>, pooled: &Tensor) -> Result<Tensor> {
+        let te = timestep_embedding(&(t * 1000.0)?, 256)?;
+        let mut emb = self.t2.forward(&self.t1.forward(&te)?.silu()?)?;
+        if let Some((g1, g2)) = &self.g {
+            let g = guidance.ok_or_else(|| {
+                Error::msg("this FLUX model embeds guidance: a guidance value is required")
+            })?;
+            let ge = timestep_embedding(&(g * 1000.0)?, 256)?;
+            emb = (emb + g2.forward(&g1.forward(&ge)?.silu()?)?)?;
+        }
+        let p = self.p2.forward(&self.p1.forward(pooled)?.silu()?)?;
+        Ok((emb + p)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        x: &Tensor,
+        ctx: &Tensor,
+        pooled: &Tensor,
+        t: &Tensor,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_traced(x, ctx, pooled, t, img_ids, txt_ids, guidance, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_traced(
+        &mut self,
+        x: &Tensor,
+        ctx: &Tensor,
+        pooled: &Tensor,
+        t: &Tensor,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        guidance: Option<&Tensor>,
+        mut trace: Option<&mut FluxTrace>,
+    ) -> Result<Tensor> {
+        let h = self.x_emb.forward(x)?;
+        let temb = self.temb(t, guidance, pooled)?;
+        let e = self.ctx_emb.forward(ctx)?;
+        let (cos, sin) = self.rope(&Tensor::cat(&[txt_ids, img_ids], 0)?)?;
+        if let Some(first) = self.double.first() {
+            if self.hooks.wants_indicator("flux.norm1") {
+                self.hooks
+                    .set_indicator("flux.norm1", first.norm1_out(&h, &temb)?);
+            }
+        }
+        let nd = self.double.len();
+        let (mut h, mut e) = (h, e);
+        let res = (|| -> Result<Tensor> {
+            for i in 0..nd + self.single.len() {
+                let inputs = [h.clone(), e.clone(), temb.clone(), cos.clone(), sin.clone()];
+                let out = if i < nd {
+                    let b = &self.double[i];
+                    self.hooks
+                        .run_block(i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
+                } else {
+                    let b = &self.single[i - nd];
+                    self.hooks
+                        .run_block(i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
+                };
+                let meta = &self.hooks.metadata()[i];
+                h = meta.hidden_output(&out)?.clone();
+                e = meta
+                    .encoder_output(&out)?
+                    .cloned()
+                    .ok_or_else(|| Error::msg("flux block returned no encoder stream"))?;
+                if let Some(tr) = trace.as_deref_mut() {
+                    tr.blocks.push((out[0].clone(), out[1].clone()));
+                }
+            }
+            Ok(h.clone())
+        })();
+        self.hooks.clear_indicators();
+        let h = res?;
+        // AdaLayerNormContinuous: (scale, shift) in that order.
+        let m = self.norm_out.forward(&temb.silu()?)?;
+        let d = self.cfg.inner_dim();
+        let scale = m.narrow(1, 0, d)?.unsqueeze(1)?;
+        let shift = m.narrow(1, d, d)?.unsqueeze(1)?;
+        let y = modulate(&self.ln_out.forward(&h)?, &shift, &scale)?;
+        self.proj_out.forward(&y)
+    }
+}

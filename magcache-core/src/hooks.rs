@@ -16,6 +16,16 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// Names of the indicators models publish before any block runs (see
+/// [`HookRegistry::set_indicator`]). Each model decides which of its tensors serves: the strategy only
+/// knows the name.
+pub mod indicator {
+    /// TeaCache's indicator: Wan's time embedding, FLUX's first double block's modulated image input.
+    pub const TEACACHE: &str = "teacache";
+    /// TeaCache with `ret_steps`: Wan's 6*dim timestep projection (FLUX: as `TEACACHE`).
+    pub const TEACACHE_RET_STEPS: &str = "teacache.ret_steps";
+}
+
 /// Where a hook sits in the composition around a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookOrder {

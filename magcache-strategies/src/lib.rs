@@ -3,7 +3,8 @@
 //! Timestep-caching strategies behind [`magcache_core::TimestepCache`], each configured by a typetag
 //! `[cache]` table:
 //! - [`magcache`]: MagCache, magnitude-ratio error model over calibrated curves (`strategy = "magcache"`);
-//! - [`fbcache`]: First-Block Cache, relative L1 of the first block's residual (`strategy = "fbcache"`).
+//! - [`fbcache`]: First-Block Cache, relative L1 of the first block's residual (`strategy = "fbcache"`);
+//! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`).
 //!
 //! Strategies know nothing of a model's internals: they see block tuples through
 //! [`magcache_core::BlockMetadata`] and scopes through [`magcache_core::ScopeStates`].
@@ -11,9 +12,11 @@
 pub mod fbcache;
 pub mod magcache;
 pub mod ratios;
+pub mod teacache;
 
 pub use fbcache::{FbCache, FbCacheConfig};
 pub use magcache::{MagCache, MagCacheConfig};
+pub use teacache::{TeaCache, TeaCacheConfig};
 
 /// Call this from a binary or test that uses the strategies only through config files: it keeps the
 /// linker from dropping the crate and with it the typetag and inventory registrations.
@@ -21,4 +24,5 @@ pub use magcache::{MagCache, MagCacheConfig};
 pub fn link() {
     std::hint::black_box(magcache::MagCacheConfig::default());
     std::hint::black_box(fbcache::FbCacheConfig::default());
+    std::hint::black_box(teacache::TeaCacheConfig::default());
 }

@@ -78,6 +78,14 @@ pub fn magcache_table(c: &serde_json::Value) -> String {
     )
 }
 
+/// `[cache]` body of a TeaCache run config from the fixture json.
+pub fn teacache_table(c: &serde_json::Value) -> String {
+    format!(
+        "strategy = \"teacache\"\nthreshold = {}\ncoefficients = {}\nret_steps = {}\n",
+        c["threshold"], c["coefficients"], c["ret_steps"]
+    )
+}
+
 /// Runs a run file through the runner library; returns final latents and the report.
 pub fn run_toml(dir: &std::path::Path, toml_text: &str) -> (Tensor, magcache_cli::Report) {
     link_all();

@@ -6,7 +6,7 @@ use magcache_models::flux::load::{load_flux, FluxLayout};
 use magcache_models::flux::model::{FluxModel, FluxTrace};
 use magcache_models::scheduler::flow_match_dynamic;
 use magcache_tests::{
-    assert_calls_match, fixture, load, load_json, loop_toml, max_abs_diff, run_toml,
+    assert_calls_match, fixture, load, load_json, loop_toml, max_abs_diff, run_toml, teacache_table,
 };
 use std::collections::HashMap;
 
@@ -254,6 +254,8 @@ fn check_run(name: &str) {
             "strategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\nmag_ratios = {}\n",
             c["threshold"], c["max_skip_steps"], c["retention_ratio"], c["mag_ratios"]
         ))
+    } else if name.starts_with("teacache") {
+        Some(teacache_table(c))
     } else {
         Some(format!(
             "strategy = \"fbcache\"\nthreshold = {}\n",
@@ -278,6 +280,14 @@ fn check_run(name: &str) {
     assert!(d < 1e-3, "{name}: final differs by {d}");
 }
 
+#[test]
+fn loop_teacache_a() {
+    check_run("teacache_a");
+}
+#[test]
+fn loop_teacache_b() {
+    check_run("teacache_b");
+}
 #[test]
 fn loop_dense() {
     check_run("dense");

@@ -2,7 +2,8 @@
 //! identical, final latents within 1e-3.
 
 use magcache_tests::{
-    assert_calls_match, fixture, load, load_json, loop_toml, magcache_table, max_abs_diff, run_toml,
+    assert_calls_match, fixture, load, load_json, loop_toml, magcache_table, max_abs_diff,
+    run_toml, teacache_table,
 };
 
 fn check_run(name: &str) {
@@ -13,6 +14,8 @@ fn check_run(name: &str) {
         None
     } else if name.starts_with("magcache") {
         Some(magcache_table(&run["config"]))
+    } else if name.starts_with("teacache") {
+        Some(teacache_table(&run["config"]))
     } else if name.starts_with("fbcache") {
         Some(format!(
             "strategy = \"fbcache\"\nthreshold = {}\n",
@@ -42,6 +45,18 @@ fn check_run(name: &str) {
     assert!(d < 1e-3, "{name}: final differs by {d}");
 }
 
+#[test]
+fn teacache_a() {
+    check_run("teacache_a");
+}
+#[test]
+fn teacache_b() {
+    check_run("teacache_b");
+}
+#[test]
+fn teacache_ret_steps() {
+    check_run("teacache_ret");
+}
 #[test]
 fn dense() {
     check_run("dense");

@@ -407,9 +407,14 @@ impl FluxModel {
         let e = self.ctx_emb.forward(ctx)?;
         let (cos, sin) = self.rope(&Tensor::cat(&[txt_ids, img_ids], 0)?)?;
         if let Some(first) = self.double.first() {
-            if self.hooks.wants_indicator("flux.norm1") {
-                self.hooks
-                    .set_indicator("flux.norm1", first.norm1_out(&h, &temb)?);
+            use magcache_core::hooks::indicator::{TEACACHE, TEACACHE_RET_STEPS};
+            if self.hooks.wants_indicator(TEACACHE)
+                || self.hooks.wants_indicator(TEACACHE_RET_STEPS)
+            {
+                // TeaCache's FLUX indicator: the image stream after the first double block's norm1.
+                let ind = first.norm1_out(&h, &temb)?;
+                self.hooks.set_indicator(TEACACHE, ind.clone());
+                self.hooks.set_indicator(TEACACHE_RET_STEPS, ind);
             }
         }
         let nd = self.double.len();

@@ -333,8 +333,10 @@ impl WanModel {
         let (cos, sin) = self.rope(pf, phh, pww)?;
         let hidden = self.patchify(x)?;
         let (temb, tproj, text) = self.condition(t, ctx)?;
-        self.hooks.set_indicator("temb", temb.clone());
-        self.hooks.set_indicator("timestep_proj", tproj.clone());
+        use magcache_core::hooks::indicator;
+        self.hooks.set_indicator(indicator::TEACACHE, temb.clone());
+        self.hooks
+            .set_indicator(indicator::TEACACHE_RET_STEPS, tproj.clone());
         if let Some(tr) = trace.as_deref_mut() {
             tr.temb = Some(temb.clone());
             tr.timestep_proj = Some(tproj.clone());

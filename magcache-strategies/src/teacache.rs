@@ -180,17 +180,20 @@ impl TimestepCache for TeaCache {
         } else {
             step == 0 || step + 1 == steps
         };
-        let (compute, metric) = if forced || st.prev.is_none() || st.residual.is_none() {
-            st.acc = 0.0;
-            (true, None)
-        } else {
-            st.acc += poly(coef, rel_l1(&ind, st.prev.as_ref().expect("checked"))?);
-            let m = st.acc;
-            let compute = st.acc >= thr || !st.acc.is_finite();
-            if compute {
-                st.acc = 0.0;
+        let (compute, metric) = match (&st.prev, &st.residual) {
+            (Some(prev), Some(_)) if !forced => {
+                st.acc += poly(coef, rel_l1(&ind, prev)?);
+                let m = st.acc;
+                let compute = st.acc >= thr || !st.acc.is_finite();
+                if compute {
+                    st.acc = 0.0;
+                }
+                (compute, Some(m))
             }
-            (compute, Some(m))
+            _ => {
+                st.acc = 0.0;
+                (true, None)
+            }
         };
         st.prev = Some(ind);
         st.reusing = !compute;

@@ -25,19 +25,52 @@ pub struct Prepared {
     pub strategy: String,
 }
 
-/// Loads and validates a run file and builds the pipeline and the cache.
-pub fn prepare(config: &Path) -> Result<Prepared> {
+/// Loads and validates a run file and builds the pipeline, without a cache.
+pub fn prepare_pipeline(config: &Path) -> Result<Prepared> {
     link_all();
     let cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
-    let base = config
+    let base = base_dir(config);
+    let fam = family_of(&cfg, &file)?;
+    let pipeline = (fam.build)(&cfg, &file, &base)?;
+    Ok(Prepared {
+        cfg,
+        file,
+        pipeline,
+        cache: None,
+        strategy: "none".into(),
+    })
+}
+
+/// Loads and validates a run file and builds the pipeline and the cache.
+pub fn prepare(config: &Path) -> Result<Prepared> {
+    let mut p = prepare_pipeline(config)?;
+    let base = base_dir(config);
+    let info = p.pipeline.model_info();
+    let env = BuildEnv {
+        file: &p.file,
+        base_dir: &base,
+        model: &info,
+    };
+    let strategy_cfg = p.cfg.strategy();
+    p.strategy = strategy_cfg.typetag_name().to_string();
+    p.cache = strategy_cfg.build(&env)?.map(CacheHandle::new);
+    p.pipeline.set_cache(p.cache.clone())?;
+    Ok(p)
+}
+
+fn base_dir(config: &Path) -> PathBuf {
+    config
         .parent()
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let fam = registry::family(&cfg.model.family).ok_or_else(|| {
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
+    registry::family(&cfg.model.family).ok_or_else(|| {
         let known: Vec<&str> = registry::families().iter().map(|f| f.name).collect();
         Error::config(
-            &file,
+            file,
             "model.family",
             format!(
                 "unknown family `{}` (known: {})",
@@ -45,24 +78,6 @@ pub fn prepare(config: &Path) -> Result<Prepared> {
                 known.join(", ")
             ),
         )
-    })?;
-    let mut pipeline = (fam.build)(&cfg, &file, &base)?;
-    let info = pipeline.model_info();
-    let env = BuildEnv {
-        file: &file,
-        base_dir: &base,
-        model: &info,
-    };
-    let strategy_cfg = cfg.strategy();
-    let strategy = strategy_cfg.typetag_name().to_string();
-    let cache = strategy_cfg.build(&env)?.map(CacheHandle::new);
-    pipeline.set_cache(cache.clone())?;
-    Ok(Prepared {
-        cfg,
-        file,
-        pipeline,
-        cache,
-        strategy,
     })
 }
 
@@ -329,9 +344,6 @@ pub fn summary(r: &Report) -> String {
         r.cache_bytes,
         r.wall_seconds
     ));
-    for w in &r.warnings {
-        s.push_str(&format!("warning: {w}\n"));
-    }
     s
 }
 
@@ -370,5 +382,227 @@ pub fn list() -> String {
     for st in registry::strategies() {
         s.push_str(&format!("  {:<10} {}\n", st.name, st.description));
     }
+    s
+}
+
+/// Runs the configured generation without skipping and measures the MagCache statistics of every
+/// scope; returns the profile `[cache] profile = ...` accepts.
+pub fn calibrate(
+    config: &Path,
+    verbosity: Verbosity,
+) -> Result<(magcache_core::profile::Profile, Report)> {
+    use magcache_core::profile::{expert_name, Profile, ProfileMeta};
+    let mut p = prepare_pipeline(config)?;
+    let (cal, results) = magcache_strategies::calibrate::Calibrator::new();
+    let handle = CacheHandle::new(Box::new(cal));
+    p.pipeline.set_cache(Some(handle.clone()))?;
+    p.cache = Some(handle);
+    p.strategy = "calibrate".into();
+    let (_, report) = generate(&mut p, verbosity)?;
+    let plan = p.pipeline.plan();
+    let n = plan.experts().len();
+    let mut sigmas = vec![0.0; plan.total_steps];
+    for sp in &plan.scopes {
+        for (&step, &s) in sp.step_indices.iter().zip(&sp.sigmas) {
+            sigmas[step] = s;
+        }
+    }
+    let mut prof = Profile {
+        meta: ProfileMeta {
+            family: p.cfg.model.family.clone(),
+            model: fingerprint(&p.cfg, &base_dir(config)),
+            steps: plan.total_steps,
+            shift: plan.shift,
+            scheduler: plan.scheduler.clone(),
+            boundary_ratio: plan.boundary_ratio,
+            sigmas,
+        },
+        ..Default::default()
+    };
+    let res = results
+        .lock()
+        .map_err(|_| Error::msg("calibration results poisoned"))?;
+    for sp in &plan.scopes {
+        let name = expert_name(sp.key.expert, n).to_string();
+        let c = res.get(&sp.key).cloned().unwrap_or_default();
+        let b = sp.key.branch.to_string();
+        prof.ratios
+            .entry(name.clone())
+            .or_default()
+            .insert(b.clone(), c.ratios);
+        prof.mag_stds
+            .entry(name.clone())
+            .or_default()
+            .insert(b.clone(), c.stds);
+        prof.cos_dists
+            .entry(name.clone())
+            .or_default()
+            .insert(b, c.cos_dists);
+        prof.sigmas.insert(name, sp.sigmas.clone());
+    }
+    Ok((prof, report))
+}
+
+/// What identifies the model a profile was measured on: the preset and seed, or an FNV-1a
+/// fingerprint of the weight files (sizes, first and last 64 KiB).
+pub fn fingerprint(cfg: &RunConfig, base: &Path) -> String {
+    if let Some(p) = &cfg.model.preset {
+        return format!("preset {p} seed {}", cfg.model.seed);
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    for w in cfg
+        .model
+        .weights
+        .as_ref()
+        .map(|w| w.paths())
+        .unwrap_or_default()
+    {
+        collect_safetensors(&base.join(w), 2, &mut files);
+    }
+    files.sort();
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    };
+    for f in &files {
+        if let Ok(data) = std::fs::read(f) {
+            feed(&(data.len() as u64).to_le_bytes());
+            feed(&data[..data.len().min(65536)]);
+            feed(&data[data.len().saturating_sub(65536)..]);
+        }
+    }
+    format!("weights fnv64:{h:016x} ({} files)", files.len())
+}
+
+fn collect_safetensors(p: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    if p.is_file() {
+        if p.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+            out.push(p.to_path_buf());
+        }
+    } else if p.is_dir() && depth > 0 {
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                collect_safetensors(&e.path(), depth - 1, out);
+            }
+        }
+    }
+}
+
+/// The predicted compute/reuse map of a run (`magcache plan`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanReport {
+    pub family: String,
+    pub strategy: String,
+    /// True when the strategy decides from the data (TeaCache, FBCache): no calls are predicted.
+    pub decides_from_data: bool,
+    pub calls: Vec<CallReport>,
+    pub computed_calls: usize,
+    pub total_calls: usize,
+    pub predicted_speedup: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Predicts every call of a run from the config alone (no model is built or run).
+pub fn plan(config: &Path) -> Result<PlanReport> {
+    link_all();
+    let cfg = RunConfig::load(config)?;
+    let file = config.display().to_string();
+    let base = base_dir(config);
+    let fam = family_of(&cfg, &file)?;
+    let (gplan, info) = (fam.plan)(&cfg, &file, &base)?;
+    let strategy_cfg = cfg.strategy();
+    let strategy = strategy_cfg.typetag_name().to_string();
+    let env = BuildEnv {
+        file: &file,
+        base_dir: &base,
+        model: &info,
+    };
+    let cache = strategy_cfg.build(&env)?;
+    let mut warnings = Vec::new();
+    let mut predicted: HashMap<magcache_core::ScopeKey, Vec<magcache_core::CallDecision>> =
+        HashMap::new();
+    let mut from_data = false;
+    if let Some(mut c) = cache {
+        warnings = c.begin_generation(&gplan)?;
+        for sp in &gplan.scopes {
+            match c.predict(sp.key) {
+                Some(d) => {
+                    predicted.insert(sp.key, d);
+                }
+                None => from_data = true,
+            }
+        }
+    }
+    let sigma_of = |key: magcache_core::ScopeKey, i: usize| {
+        gplan.scope(key).map(|s| s.sigmas[i]).unwrap_or(0.0)
+    };
+    let calls: Vec<CallReport> = gplan
+        .calls()
+        .into_iter()
+        .map(|(step, key, i)| {
+            let d = if from_data {
+                None
+            } else {
+                predicted.get(&key).and_then(|v| v.get(i)).copied()
+            };
+            CallReport {
+                step,
+                branch: key.branch.to_string(),
+                context: key.branch.to_string(),
+                expert: key.expert,
+                timestep: sigma_of(key, i) * 1000.0,
+                computed: d.map(|d| d.computed),
+                metric: d.and_then(|d| d.metric),
+            }
+        })
+        .collect();
+    let computed_calls = calls.iter().filter(|c| c.computed != Some(false)).count();
+    Ok(PlanReport {
+        family: cfg.model.family.clone(),
+        strategy,
+        decides_from_data: from_data,
+        total_calls: calls.len(),
+        computed_calls,
+        predicted_speedup: calls.len() as f64 / computed_calls.max(1) as f64,
+        calls,
+        warnings,
+    })
+}
+
+/// Human text of a plan.
+pub fn plan_text(r: &PlanReport) -> String {
+    let mut s = String::new();
+    if r.decides_from_data {
+        s.push_str(&format!(
+            "{} decides from the data of each call (the model's activations), so its decisions cannot be known before the run: use `magcache run` to see them.\n",
+            r.strategy
+        ));
+        s.push_str(&format!(
+            "transformer calls: {} (an upper bound on the computed ones)\n",
+            r.total_calls
+        ));
+        return s;
+    }
+    let mut scopes: BTreeMap<(usize, String), String> = BTreeMap::new();
+    for c in &r.calls {
+        scopes
+            .entry((c.expert, c.branch.clone()))
+            .or_default()
+            .push(if c.computed == Some(false) { '.' } else { '#' });
+    }
+    s.push_str(&format!(
+        "{} plan for {} (# computed, . reused; one mark per call of the scope)\n",
+        r.strategy, r.family
+    ));
+    for ((e, b), m) in &scopes {
+        s.push_str(&format!("expert {e} {b:<8} {m}\n"));
+    }
+    s.push_str(&format!(
+        "predicted transformer calls: {}/{} computed   predicted speedup {:.2}x (transformer calls)\n",
+        r.computed_calls, r.total_calls, r.predicted_speedup
+    ));
     s
 }

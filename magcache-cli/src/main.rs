@@ -35,6 +35,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run without skipping and write the MagCache calibration profile of the run.
+    Calibrate {
+        #[arg(long)]
+        config: PathBuf,
+        /// The profile (TOML) to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Predict the compute/reuse map of a MagCache run without running the model.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List registered model families, presets and strategies.
     List,
 }
@@ -52,6 +70,43 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> magcache_core::Result<()> {
     match cli.cmd {
+        Cmd::Calibrate { config, out, quiet } => {
+            let (profile, report) = magcache_cli::calibrate(
+                &config,
+                if quiet {
+                    Verbosity::Quiet
+                } else {
+                    Verbosity::Normal
+                },
+            )?;
+            write_atomic(&out, profile.to_toml()?.as_bytes())?;
+            if !quiet {
+                println!(
+                    "calibrated {} calls over {} steps in {:.3} s; profile written to {}",
+                    report.total_calls,
+                    profile.meta.steps,
+                    report.wall_seconds,
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Plan { config, json } => {
+            let r = magcache_cli::plan(&config)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&r)
+                        .map_err(|e| magcache_core::Error::msg(e.to_string()))?
+                );
+            } else {
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
+                print!("{}", magcache_cli::plan_text(&r));
+            }
+            Ok(())
+        }
         Cmd::List => {
             print!("{}", list());
             Ok(())

@@ -75,6 +75,14 @@ pub trait TimestepCache: Send {
     /// Bytes of tensors the cache holds now (residuals, indicators).
     fn cached_bytes(&self) -> usize;
 
+    /// The decisions the scope's calls will get in the current generation, when they do not depend on
+    /// the data (MagCache); `None` for strategies that decide from the data. Valid after
+    /// `begin_generation`.
+    fn predict(&self, scope: ScopeKey) -> Option<Vec<CallDecision>> {
+        let _ = scope;
+        None
+    }
+
     /// Names of the model indicators the strategy decides from (see
     /// [`crate::HookRegistry::set_indicator`]); models compute costly ones only when asked.
     fn indicators(&self) -> Vec<String> {

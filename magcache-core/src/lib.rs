@@ -5,7 +5,7 @@
 //! - [`HookRegistry`]: hooks composed around each block of a model's cache chain;
 //! - [`BlockMetadata`]: where hidden and encoder states sit in a block's tuples;
 //! - [`ScopeKey`] / [`ScopeStates`]: per (expert, branch) state and step accounting;
-//! - [`maths`]: curve resampling and calibration statistics;
+//! - [`maths`]: curve resampling and calibration statistics; [`profile`]: calibration profiles;
 //! - [`config`]: the TOML run file and the typetag strategy table;
 //! - [`registry`]: model families and strategies registered through `inventory`;
 //! - [`Pipeline`]: the denoising loop interface the runner drives.
@@ -19,6 +19,7 @@ pub mod hooks;
 pub mod maths;
 pub mod metadata;
 pub mod pipeline;
+pub mod profile;
 pub mod registry;
 pub mod scope;
 pub mod states;

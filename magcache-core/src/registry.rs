@@ -32,6 +32,9 @@ pub struct RatioCurves {
     /// Index = expert. Each expert's curves cover that expert's own steps.
     pub experts: Vec<BTreeMap<Branch, Vec<f64>>>,
     pub schedule: Option<ScheduleMeta>,
+    /// Sigma of each entry of each expert's curves, where known (calibration profiles); enables
+    /// `resample = "sigma"`.
+    pub expert_sigmas: Vec<Vec<f64>>,
     /// Where the curves come from, for messages (`published wan21_t2v_1_3b`, a profile path, ...).
     pub source: String,
 }
@@ -58,6 +61,13 @@ pub struct ModelInfo {
 pub type BuildPipeline =
     fn(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Box<dyn Pipeline>>;
 
+/// The plan of a run and the model's info, without building the model (for `magcache plan`).
+pub type PlanRun = fn(
+    cfg: &RunConfig,
+    file: &str,
+    base_dir: &Path,
+) -> Result<(crate::scope::GenerationPlan, ModelInfo)>;
+
 /// A model family, registered by the models crate with `inventory::submit!`.
 pub struct ModelFamily {
     /// `family = "..."` in the run file.
@@ -70,6 +80,7 @@ pub struct ModelFamily {
     /// Names of the published MagCache curves and TeaCache coefficient sets it carries.
     pub published: &'static [&'static str],
     pub build: BuildPipeline,
+    pub plan: PlanRun,
 }
 
 inventory::collect!(ModelFamily);

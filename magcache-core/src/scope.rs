@@ -54,6 +54,8 @@ pub struct ScopePlan {
     pub steps: usize,
     /// The noise level (sigma, 0..1) of each of those calls, in call order.
     pub sigmas: Vec<f64>,
+    /// The sampler step (over the whole generation) of each of those calls.
+    pub step_indices: Vec<usize>,
 }
 
 /// Everything a cache is told before a generation: the scopes, and what the run samples with.
@@ -76,6 +78,23 @@ impl GenerationPlan {
     pub fn scope(&self, key: ScopeKey) -> Option<&ScopePlan> {
         self.scopes.iter().find(|s| s.key == key)
     }
+    /// Every call of the generation in order: `(step, scope key, index of the call within its scope)`.
+    /// Within a step, the cond call comes before the uncond call.
+    pub fn calls(&self) -> Vec<(usize, ScopeKey, usize)> {
+        let mut v: Vec<(usize, ScopeKey, usize)> = self
+            .scopes
+            .iter()
+            .flat_map(|sp| {
+                sp.step_indices
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, &step)| (step, sp.key, i))
+            })
+            .collect();
+        v.sort_by_key(|(step, key, _)| (*step, key.branch, key.expert));
+        v
+    }
+
     /// The experts in the plan, ascending.
     pub fn experts(&self) -> Vec<usize> {
         let mut e: Vec<usize> = self.scopes.iter().map(|s| s.key.expert).collect();

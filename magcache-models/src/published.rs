@@ -78,6 +78,7 @@ pub fn wan_curves(name: &str, high_steps: Option<usize>) -> Result<RatioCurves> 
         experts,
         schedule: Some(schedule),
         source: format!("published curve `{name}`"),
+        expert_sigmas: Vec::new(),
     })
 }
 
@@ -88,6 +89,7 @@ pub fn single_curve(name: &str) -> Result<RatioCurves> {
         experts: vec![BTreeMap::from([(Branch::Cond, r)])],
         schedule: Some(schedule),
         source: format!("published curve `{name}`"),
+        expert_sigmas: Vec::new(),
     })
 }
 

@@ -9,6 +9,7 @@
 //! Strategies know nothing of a model's internals: they see block tuples through
 //! [`magcache_core::BlockMetadata`] and scopes through [`magcache_core::ScopeStates`].
 
+pub mod calibrate;
 pub mod fbcache;
 pub mod magcache;
 pub mod ratios;

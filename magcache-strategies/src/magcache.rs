@@ -8,7 +8,7 @@
 //! accumulators. The residual is the last block's hidden output minus the first block's hidden input;
 //! a reused call returns the first block's input plus that residual (added once, at the head).
 
-use crate::ratios::{RatioSource, RatioSpec};
+use crate::ratios::{RatioSource, RatioSpec, Resample};
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
@@ -31,9 +31,15 @@ pub struct MagCacheConfig {
     /// Fraction of each scope's first steps that always compute.
     #[serde(default = "d_retention")]
     pub retention_ratio: f64,
-    /// Ratio curve(s); default: the curves registered for the model.
+    /// Ratio curve(s); default: a profile, else the curves registered for the model.
     #[serde(default)]
     pub mag_ratios: Option<RatioSpec>,
+    /// A calibration profile written by `magcache calibrate`.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// How curves are mapped onto a scope's steps: `"index"` (default) or `"sigma"` (profiles).
+    #[serde(default)]
+    pub resample: Resample,
 }
 
 fn d_threshold() -> f64 {
@@ -53,6 +59,8 @@ impl Default for MagCacheConfig {
             max_skip_steps: d_k(),
             retention_ratio: d_retention(),
             mag_ratios: None,
+            profile: None,
+            resample: Resample::Index,
         }
     }
 }
@@ -81,16 +89,31 @@ impl StrategyConfig for MagCacheConfig {
     }
 
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
-        let source = match &self.mag_ratios {
-            Some(spec) => RatioSource::Config(spec.clone()),
-            None => match &env.model.mag_ratios {
+        let source = match (&self.mag_ratios, &self.profile) {
+            (Some(_), Some(_)) => {
+                return Err(Error::config(env.file, "cache.profile", "give either `mag_ratios` or `profile`, not both"))
+            }
+            (Some(spec), None) => RatioSource::Config(spec.clone()),
+            (None, Some(p)) => {
+                let path = env.resolve(p);
+                let prof = magcache_core::profile::Profile::load(&path)?;
+                if prof.meta.family != env.model.family {
+                    return Err(Error::config(
+                        env.file,
+                        "cache.profile",
+                        format!("{} was calibrated on family `{}`, this run is `{}`", path.display(), prof.meta.family, env.model.family),
+                    ));
+                }
+                RatioSource::Registered(prof.curves(&path.display().to_string()))
+            }
+            (None, None) => match &env.model.mag_ratios {
                 Some(rc) => RatioSource::Registered(rc.clone()),
                 None => {
                     return Err(Error::config(
                         env.file,
                         "cache.mag_ratios",
                         format!(
-                            "MagCache needs ratios: no `mag_ratios` in the config and none registered for model family `{}`{} (run `magcache calibrate` to measure them)",
+                            "MagCache needs ratios: no `mag_ratios` or `profile` in the config and none registered for model family `{}`{} (run `magcache calibrate` to measure them)",
                             env.model.family,
                             env.model.variant.as_deref().map(|v| format!(" variant `{v}`")).unwrap_or_default()
                         ),
@@ -98,6 +121,15 @@ impl StrategyConfig for MagCacheConfig {
                 }
             },
         };
+        if self.resample == Resample::Sigma
+            && !matches!(source, RatioSource::Registered(ref rc) if !rc.expert_sigmas.is_empty())
+        {
+            return Err(Error::config(
+                env.file,
+                "cache.resample",
+                "resample = \"sigma\" needs a calibration profile (`profile = ...`), which records the sigma of every step",
+            ));
+        }
         Ok(Some(Box::new(MagCache::new(self.clone(), source))))
     }
 
@@ -202,15 +234,13 @@ impl TimestepCache for MagCache {
         let source = &self.source;
         self.states.begin(plan, |sp| {
             Ok(MagState {
-                ratios: source.curve_for(plan, sp)?,
+                ratios: source.curve_for_mode(plan, sp, cfg.resample)?,
                 retention: retention_steps(cfg.retention_ratio, sp.steps),
                 acc_ratio: 1.0,
                 ..Default::default()
             })
         })?;
-        Ok(self
-            .source
-            .schedule_warnings(plan.shift, plan.boundary_ratio))
+        Ok(self.source.schedule_warnings(plan, self.cfg.resample))
     }
 
     fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
@@ -264,6 +294,19 @@ impl TimestepCache for MagCache {
 
     fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
         self.states.get(scope).ok().and_then(|s| s.state.last)
+    }
+
+    fn predict(&self, scope: ScopeKey) -> Option<Vec<CallDecision>> {
+        let slot = self.states.get(scope).ok()?;
+        Some(
+            predict(&self.cfg, &slot.state.ratios, slot.steps)
+                .into_iter()
+                .map(|(computed, m)| CallDecision {
+                    computed,
+                    metric: Some(m),
+                })
+                .collect(),
+        )
     }
 
     fn cached_bytes(&self) -> usize {

@@ -54,6 +54,18 @@ impl RatioSpec {
     }
 }
 
+/// How a curve is mapped onto a scope's steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resample {
+    /// Nearest step index (`round(i * (len - 1) / (steps - 1))`), as the reference implementations.
+    #[default]
+    Index,
+    /// Nearest noise level: each step takes the calibrated step whose sigma is closest. Needs a
+    /// calibration profile (which records the sigmas); lets a profile serve another shift.
+    Sigma,
+}
+
 /// Where the curves of a run come from.
 #[derive(Clone, Debug)]
 pub enum RatioSource {
@@ -72,7 +84,35 @@ fn expert_steps(plan: &GenerationPlan, expert: usize) -> usize {
 }
 
 impl RatioSource {
-    /// The curve of one scope, resampled to its steps.
+    /// The curve of one scope, mapped onto its steps by `mode`.
+    pub fn curve_for_mode(
+        &self,
+        plan: &GenerationPlan,
+        sp: &ScopePlan,
+        mode: Resample,
+    ) -> Result<Vec<f64>> {
+        match (mode, self) {
+            (Resample::Index, _) => self.curve_for(plan, sp),
+            (Resample::Sigma, RatioSource::Registered(rc)) => {
+                let per = rc.experts.get(sp.key.expert).ok_or_else(|| {
+                    Error::msg(format!("{} has no ratio curve for expert {}", rc.source, sp.key.expert))
+                })?;
+                let c = per
+                    .get(&sp.key.branch)
+                    .or_else(|| per.get(&Branch::Cond))
+                    .ok_or_else(|| Error::msg(format!("{} has no `{}` curve", rc.source, sp.key.branch)))?;
+                let sig = rc.expert_sigmas.get(sp.key.expert).filter(|s| s.len() == c.len()).ok_or_else(|| {
+                    Error::msg(format!("resample = \"sigma\" needs the sigma of every calibrated step; {} does not record them", rc.source))
+                })?;
+                magcache_core::maths::sigma_interp(c, sig, &sp.sigmas)
+            }
+            (Resample::Sigma, RatioSource::Config(_)) => Err(Error::msg(
+                "resample = \"sigma\" needs a calibration profile (`profile = ...`): a bare `mag_ratios` curve has no sigmas",
+            )),
+        }
+    }
+
+    /// The curve of one scope, resampled to its steps by index.
     pub fn curve_for(&self, plan: &GenerationPlan, sp: &ScopePlan) -> Result<Vec<f64>> {
         let experts = plan.experts();
         match self {
@@ -131,12 +171,9 @@ impl RatioSource {
         }
     }
 
-    /// Warnings for a curve calibrated on a schedule other than the run's.
-    pub fn schedule_warnings(
-        &self,
-        plan_shift: Option<f64>,
-        plan_boundary: Option<f64>,
-    ) -> Vec<String> {
+    /// Warnings for a curve calibrated on a schedule other than the run's. With `resample = "sigma"`
+    /// a different shift is what the mapping by noise level is for, and is not warned about.
+    pub fn schedule_warnings(&self, plan: &GenerationPlan, mode: Resample) -> Vec<String> {
         let RatioSource::Registered(rc) = self else {
             return Vec::new();
         };
@@ -144,15 +181,23 @@ impl RatioSource {
             return Vec::new();
         };
         let mut w = Vec::new();
-        if let (Some(a), Some(b)) = (s.shift, plan_shift) {
+        if let Some(a) = s.scheduler.as_deref() {
+            if !plan.scheduler.is_empty() && a != plan.scheduler {
+                w.push(format!(
+                    "MagCache ratios from {} were calibrated with the `{a}` sampler, this run uses `{}`: skips may land on the wrong steps",
+                    rc.source, plan.scheduler
+                ));
+            }
+        }
+        if let (Some(a), Some(b), Resample::Index) = (s.shift, plan.shift, mode) {
             if (a - b).abs() > 1e-9 {
                 w.push(format!(
-                    "MagCache ratios from {} were calibrated with shift {a}, this run uses shift {b}: skips may land on the wrong steps",
+                    "MagCache ratios from {} were calibrated with shift {a}, this run uses shift {b}: skips may land on the wrong steps (resample = \"sigma\" maps a profile by noise level instead)",
                     rc.source
                 ));
             }
         }
-        if let (Some(a), Some(b)) = (s.boundary_ratio, plan_boundary) {
+        if let (Some(a), Some(b)) = (s.boundary_ratio, plan.boundary_ratio) {
             if (a - b).abs() > 1e-9 {
                 w.push(format!(
                     "MagCache ratios from {} were calibrated with boundary_ratio {a}, this run uses {b}: the experts' curves are split differently",
@@ -178,6 +223,7 @@ mod tests {
                     key: ScopeKey::new(e, b),
                     steps: n,
                     sigmas: vec![0.5; n],
+                    step_indices: (0..n).collect(),
                 });
             }
         }
@@ -231,16 +277,31 @@ mod tests {
                 ..Default::default()
             }),
             source: "published curve `x`".into(),
+            expert_sigmas: Vec::new(),
         };
         let src = RatioSource::Registered(rc);
-        let w = src.schedule_warnings(Some(12.0), Some(0.9));
+        let at = |shift: f64, boundary: f64| GenerationPlan {
+            shift: Some(shift),
+            boundary_ratio: Some(boundary),
+            ..Default::default()
+        };
+        let w = src.schedule_warnings(&at(12.0, 0.9), Resample::Index);
         assert_eq!(w.len(), 1);
         assert!(
             w[0].contains("boundary_ratio 0.875") && w[0].contains("0.9"),
             "{w:?}"
         );
-        assert_eq!(src.schedule_warnings(Some(5.0), Some(0.875)).len(), 1);
-        assert!(src.schedule_warnings(Some(12.0), Some(0.875)).is_empty());
+        assert_eq!(
+            src.schedule_warnings(&at(5.0, 0.875), Resample::Index)
+                .len(),
+            1
+        );
+        assert!(src
+            .schedule_warnings(&at(5.0, 0.875), Resample::Sigma)
+            .is_empty());
+        assert!(src
+            .schedule_warnings(&at(12.0, 0.875), Resample::Index)
+            .is_empty());
         // Registered per-branch curves fall back to cond when a branch has none.
         let plan = two_expert_plan(2, 2);
         assert_eq!(src.curve_for(&plan, &plan.scopes[3]).unwrap(), [1.0, 1.0]);

@@ -107,9 +107,14 @@ inventory::submit! {
     StrategyRegistration { name: "teacache", description: "TeaCache: accumulated rescaled distance of a timestep-embedding indicator, decided before any block (decides from data)" }
 }
 
-/// Horner evaluation, coefficients highest power first.
+/// Horner evaluation, coefficients highest power first. Leading zeros are skipped, so an infinite `x`
+/// gives an infinite value, never `0 * inf = NaN`.
 pub fn poly(coefficients: &[f64], x: f64) -> f64 {
-    coefficients.iter().fold(0.0, |y, c| y * x + c)
+    let mut it = coefficients.iter().skip_while(|c| **c == 0.0);
+    match it.next() {
+        Some(&first) => it.fold(first, |y, c| y * x + c),
+        None => 0.0,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +187,7 @@ impl TimestepCache for TeaCache {
         };
         let (compute, metric) = match (&st.prev, &st.residual) {
             (Some(prev), Some(_)) if !forced => {
+                // A change from an all-zero indicator is an infinite distance: compute.
                 st.acc += poly(coef, rel_l1(&ind, prev)?);
                 let m = st.acc;
                 let compute = st.acc >= thr || !st.acc.is_finite();
@@ -268,6 +274,8 @@ mod tests {
         assert_eq!(poly(&[2.0, 0.0, 0.0], 3.0), 18.0);
         assert_eq!(poly(&[0.5, 0.1], 2.0), 1.1);
         assert_eq!(poly(&[], 2.0), 0.0);
+        assert_eq!(poly(&[0.0, 0.0, 3.0], f64::INFINITY), 3.0);
+        assert_eq!(poly(&[0.0, 2.0, 1.0], f64::INFINITY), f64::INFINITY);
     }
 
     #[test]

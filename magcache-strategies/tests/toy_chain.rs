@@ -78,6 +78,7 @@ fn plan(steps: usize, branches: &[Branch]) -> GenerationPlan {
                 key: ScopeKey::new(0, b),
                 steps,
                 sigmas: vec![0.5; steps],
+                step_indices: (0..steps).collect(),
             })
             .collect(),
         total_steps: steps,
@@ -93,6 +94,7 @@ fn always_reuse_magcache(k: usize) -> MagCache {
         max_skip_steps: k,
         retention_ratio: 0.0,
         mag_ratios: None,
+        ..Default::default()
     };
     MagCache::new(cfg, RatioSource::Config(RatioSpec::Curve(vec![1.0])))
 }
@@ -245,7 +247,7 @@ proptest! {
         k in 0usize..6,
         retention in 0.0f64..1.0,
     ) {
-        let cfg = MagCacheConfig { threshold, max_skip_steps: k, retention_ratio: retention, mag_ratios: None };
+        let cfg = MagCacheConfig { threshold, max_skip_steps: k, retention_ratio: retention, mag_ratios: None, ..Default::default() };
         let ratios = nearest_interp(&curve, steps).unwrap();
         let d = predict(&cfg, &ratios, steps);
         let keep = retention_steps(retention, steps);
@@ -265,7 +267,7 @@ proptest! {
         threshold in 0.0f64..0.5,
         k in 1usize..4,
     ) {
-        let cfg = MagCacheConfig { threshold, max_skip_steps: k, retention_ratio: 0.1, mag_ratios: Some(RatioSpec::Curve(curve.clone())) };
+        let cfg = MagCacheConfig { threshold, max_skip_steps: k, retention_ratio: 0.1, mag_ratios: Some(RatioSpec::Curve(curve.clone())), ..Default::default() };
         let predicted = predict(&cfg, &nearest_interp(&curve, steps).unwrap(), steps);
         let cache = CacheHandle::new(Box::new(MagCache::new(cfg, RatioSource::Config(RatioSpec::Curve(curve)))));
         let mut toy = Toy::new(2, &cache);

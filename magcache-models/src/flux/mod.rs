@@ -150,22 +150,7 @@ impl Pipeline for FluxPipeline {
         self.description.clone()
     }
     fn plan(&self) -> GenerationPlan {
-        let steps = self.schedule.steps();
-        GenerationPlan {
-            scopes: vec![ScopePlan {
-                key: ScopeKey::new(0, Branch::Cond),
-                steps,
-                sigmas: self.schedule.sigmas[..steps]
-                    .iter()
-                    .map(|&s| s as f64)
-                    .collect(),
-            }],
-            total_steps: steps,
-            family: "flux".into(),
-            scheduler: "flow-euler-dynamic".into(),
-            shift: None,
-            boundary_ratio: None,
-        }
+        flux_plan(&self.schedule)
     }
     fn model_info(&self) -> ModelInfo {
         self.info.clone()
@@ -227,6 +212,24 @@ impl Pipeline for FluxPipeline {
             obs.step(i + 1, steps);
         }
         Ok(lat)
+    }
+}
+
+/// The one scope of a FLUX generation (no CFG: guidance is embedded).
+pub fn flux_plan(schedule: &FlowSchedule) -> GenerationPlan {
+    let steps = schedule.steps();
+    GenerationPlan {
+        scopes: vec![ScopePlan {
+            key: ScopeKey::new(0, Branch::Cond),
+            steps,
+            sigmas: schedule.sigmas[..steps].iter().map(|&s| s as f64).collect(),
+            step_indices: (0..steps).collect(),
+        }],
+        total_steps: steps,
+        family: "flux".into(),
+        scheduler: "flow-euler-dynamic".into(),
+        shift: None,
+        boundary_ratio: None,
     }
 }
 
@@ -442,6 +445,40 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     }))
 }
 
+/// The plan without building the model: the image length (for `mu`) comes from the inputs.
+fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    let seq = match &cfg.inputs.file {
+        Some(f) => InputFile::load(&resolve(base, f))?
+            .get("latents_init", 3, "[B, seq, C] packed latents")?
+            .dim(1)?,
+        None => {
+            let s = cfg
+                .inputs
+                .latent_shape
+                .clone()
+                .unwrap_or_else(|| vec![1, 16, 64, 64]);
+            if s.len() != 4 {
+                return Err(Error::config(
+                    file,
+                    "inputs.latent_shape",
+                    format!("{s:?} is not [B, C, H, W]"),
+                ));
+            }
+            (s[2] / 2) * (s[3] / 2)
+        }
+    };
+    let variant = cfg
+        .model
+        .preset
+        .as_deref()
+        .and_then(|n| FLUX_PRESETS.iter().find(|p| p.name == n))
+        .map(|p| p.name);
+    Ok((
+        flux_plan(&flow_match_dynamic(cfg.sampling.steps, flux_mu(seq))),
+        flux_info(variant),
+    ))
+}
+
 inventory::submit! {
     ModelFamily {
         name: "flux",
@@ -450,5 +487,6 @@ inventory::submit! {
         presets: &["flux-dev", "flux-schnell"],
         published: &["magcache flux_dev", "teacache flux_dev"],
         build: build_flux,
+        plan: plan_flux,
     }
 }

@@ -128,6 +128,30 @@ fn config_path(weights: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
+/// Reads the config of a Wan checkpoint (and applies overrides) without touching the weights.
+pub fn read_wan_config(
+    weights: &Path,
+    config: Option<&Path>,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+    cfg_file: &str,
+) -> Result<WanConfig> {
+    let cpath = config_path(weights, config)?;
+    let cshown = cpath.display().to_string();
+    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cshown, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&cshown, "(document)", format!("invalid JSON: {e}")))?;
+    let base = WanConfig::from_json(&json, &cshown)?;
+    if overrides.is_empty() {
+        return Ok(base);
+    }
+    let obj = serde_json::to_value(&base)
+        .expect("serializable")
+        .as_object()
+        .cloned()
+        .expect("object");
+    WanConfig::from_map(obj, cfg_file, overrides)
+}
+
 /// Loads a Wan checkpoint from a diffusers folder, a file, or a sharded index.
 pub fn load_wan(
     weights: &Path,
@@ -135,22 +159,7 @@ pub fn load_wan(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<LoadedWan> {
-    let cpath = config_path(weights, config)?;
-    let cshown = cpath.display().to_string();
-    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cshown, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&cshown, "(document)", format!("invalid JSON: {e}")))?;
-    let base = WanConfig::from_json(&json, &cshown)?;
-    let config = if overrides.is_empty() {
-        base
-    } else {
-        let obj = serde_json::to_value(&base)
-            .expect("serializable")
-            .as_object()
-            .cloned()
-            .expect("object");
-        WanConfig::from_map(obj, cfg_file, overrides)?
-    };
+    let config = read_wan_config(weights, config, overrides, cfg_file)?;
     let files = weight_files(weights)?;
     let mut store = WeightStore::load_files(&weights.display().to_string(), &files)?;
     let layout = detect_layout(&store)?;

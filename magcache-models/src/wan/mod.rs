@@ -8,11 +8,12 @@ pub mod pipeline;
 use crate::inputs::InputFile;
 use crate::published;
 use crate::random::randn;
+use crate::scheduler::flow_match_static;
 use candle_core::Tensor;
 use config::WanConfig;
 use magcache_core::config::{RunConfig, WeightsSpec};
 use magcache_core::registry::ModelFamily;
-use magcache_core::{Error, ModelInfo, Pipeline, Result};
+use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use model::{WanModel, WAN_BLOCK};
 use pipeline::{WanInputs, WanPipeline};
 use std::path::Path;
@@ -486,35 +487,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 /// Wan2.2: `weights = [high, low]`, a pipeline folder with `transformer/` and `transformer_2/`, or one
 /// model (TI2V-5B); or a preset.
 fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    let paths: Vec<String> = match &cfg.model.weights {
-        Some(WeightsSpec::Many(v)) => {
-            if v.len() != 2 {
-                return Err(Error::config(
-                    file,
-                    "model.weights",
-                    format!(
-                        "wan2.2 takes [high_noise, low_noise] weights, got {} paths",
-                        v.len()
-                    ),
-                ));
-            }
-            v.clone()
-        }
-        Some(WeightsSpec::One(w)) => {
-            let dir = resolve(base, w);
-            if dir.join("transformer").is_dir() && dir.join("transformer_2").is_dir() {
-                vec![
-                    dir.join("transformer").display().to_string(),
-                    dir.join("transformer_2").display().to_string(),
-                ]
-            } else if dir.join("transformer").is_dir() {
-                vec![dir.join("transformer").display().to_string()]
-            } else {
-                vec![w.clone()]
-            }
-        }
-        None => Vec::new(),
-    };
+    let paths = wan22_paths(cfg, file, base)?;
     let mut experts = Vec::new();
     let mut descs = Vec::new();
     let mut preset = None;
@@ -582,6 +555,137 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     Ok(Box::new(p))
 }
 
+/// The weights paths of a wan2.2 run: `[high, low]`, a pipeline folder's `transformer/` (and
+/// `transformer_2/`), or one model.
+fn wan22_paths(cfg: &RunConfig, file: &str, base: &Path) -> Result<Vec<String>> {
+    Ok(match &cfg.model.weights {
+        Some(WeightsSpec::Many(v)) => {
+            if v.len() != 2 {
+                return Err(Error::config(
+                    file,
+                    "model.weights",
+                    format!(
+                        "wan2.2 takes [high_noise, low_noise] weights, got {} paths",
+                        v.len()
+                    ),
+                ));
+            }
+            v.clone()
+        }
+        Some(WeightsSpec::One(w)) => {
+            let dir = resolve(base, w);
+            let sub = |n: &str| dir.join(n).display().to_string();
+            match (
+                dir.join("transformer").is_dir(),
+                dir.join("transformer_2").is_dir(),
+            ) {
+                (true, true) => vec![sub("transformer"), sub("transformer_2")],
+                (true, false) => vec![sub("transformer")],
+                _ => vec![w.clone()],
+            }
+        }
+        None => Vec::new(),
+    })
+}
+
+/// `(experts, preset)` of a run, reading only configs.
+fn wan_arch(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    paths: &[String],
+    presets: &'static [WanPreset],
+) -> Result<(usize, Option<&'static WanPreset>)> {
+    if paths.is_empty() {
+        let name = cfg.model.preset.as_deref().unwrap_or_default();
+        let p = presets.iter().find(|p| p.name == name).ok_or_else(|| {
+            Error::config(
+                file,
+                "model.preset",
+                format!(
+                    "unknown preset `{name}` for family `{}` (known: {})",
+                    cfg.model.family,
+                    presets
+                        .iter()
+                        .map(|p| p.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        return Ok((p.experts, Some(p)));
+    }
+    let c = load::read_wan_config(
+        &resolve(base, &paths[0]),
+        cfg.model
+            .config
+            .as_deref()
+            .map(|c| resolve(base, c))
+            .as_deref(),
+        &overrides_json(cfg),
+        file,
+    )?;
+    Ok((
+        paths.len(),
+        match_preset(presets, &c).filter(|p| p.experts == paths.len()),
+    ))
+}
+
+fn plan_wan(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    family: &str,
+) -> Result<(GenerationPlan, ModelInfo)> {
+    let (paths, presets) = if family == "wan2.2" {
+        (wan22_paths(cfg, file, base)?, WAN22_PRESETS)
+    } else {
+        (
+            cfg.model
+                .weights
+                .as_ref()
+                .map(|w| w.paths().iter().map(|s| s.to_string()).collect())
+                .unwrap_or_default(),
+            WAN21_PRESETS,
+        )
+    };
+    let (n, preset) = wan_arch(cfg, file, base, &paths, presets)?;
+    let boundary = cfg
+        .sampling
+        .boundary_ratio
+        .or(preset.and_then(|p| p.boundary_ratio));
+    let single = n == 1;
+    let shift = cfg
+        .sampling
+        .shift
+        .unwrap_or(if family == "wan2.2" && !single {
+            12.0
+        } else {
+            5.0
+        });
+    let guidance = cfg
+        .sampling
+        .guidance_scale
+        .unwrap_or(if family == "wan2.2" && !single {
+            4.0
+        } else {
+            5.0
+        });
+    let schedule = flow_match_static(cfg.sampling.steps, shift);
+    Ok((
+        pipeline::wan_plan(family, n, boundary, &schedule, shift, guidance > 1.0),
+        info_for(family, preset),
+    ))
+}
+
+fn plan_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    plan_wan(cfg, file, base, "wan2.1")
+}
+
+fn plan_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    plan_wan(cfg, file, base, "wan2.2")
+}
+
 inventory::submit! {
     ModelFamily {
         name: "wan2.1",
@@ -590,6 +694,7 @@ inventory::submit! {
         presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
         published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "teacache wan21_t2v_1_3b"],
         build: build_wan21,
+        plan: plan_wan21,
     }
 }
 
@@ -601,5 +706,6 @@ inventory::submit! {
         presets: &["wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"],
         published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b"],
         build: build_wan22,
+        plan: plan_wan22,
     }
 }

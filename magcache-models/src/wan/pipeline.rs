@@ -85,10 +85,7 @@ impl WanPipeline {
 
     /// The expert that runs timestep `t`: the high-noise expert for `t >= boundary * 1000`.
     pub fn expert_for(&self, t: f32) -> usize {
-        match self.boundary_ratio {
-            Some(b) if self.experts.len() == 2 && (t as f64) < b * 1000.0 => 1,
-            _ => 0,
-        }
+        expert_for(t, self.experts.len(), self.boundary_ratio)
     }
 
     fn guidance_of(&self, expert: usize) -> f64 {
@@ -139,43 +136,14 @@ impl Pipeline for WanPipeline {
     }
 
     fn plan(&self) -> GenerationPlan {
-        let mut scopes: Vec<ScopePlan> = Vec::new();
-        for e in 0..self.experts.len() {
-            let sig: Vec<f64> = self
-                .schedule
-                .timesteps
-                .iter()
-                .enumerate()
-                .filter(|(_, &t)| self.expert_for(t) == e)
-                .map(|(i, _)| self.schedule.sigmas[i] as f64)
-                .collect();
-            if sig.is_empty() {
-                continue;
-            }
-            let mut branches = vec![Branch::Cond];
-            if self.uses_cfg() {
-                branches.push(Branch::Uncond);
-            }
-            for b in branches {
-                scopes.push(ScopePlan {
-                    key: ScopeKey::new(e, b),
-                    steps: sig.len(),
-                    sigmas: sig.clone(),
-                });
-            }
-        }
-        GenerationPlan {
-            scopes,
-            total_steps: self.schedule.steps(),
-            family: self.family.clone(),
-            scheduler: "flow-euler".into(),
-            shift: Some(self.shift),
-            boundary_ratio: if self.experts.len() == 2 {
-                self.boundary_ratio
-            } else {
-                None
-            },
-        }
+        wan_plan(
+            &self.family,
+            self.experts.len(),
+            self.boundary_ratio,
+            &self.schedule,
+            self.shift,
+            self.uses_cfg(),
+        )
     }
 
     fn model_info(&self) -> ModelInfo {
@@ -258,6 +226,58 @@ impl Pipeline for WanPipeline {
             obs.step(i + 1, steps);
         }
         Ok(lat)
+    }
+}
+
+/// The expert that runs timestep `t`: the high-noise expert (0) for `t >= boundary * 1000`, the
+/// low-noise expert (1) below (diffusers' rule); always 0 for one model.
+pub fn expert_for(t: f32, n_experts: usize, boundary_ratio: Option<f64>) -> usize {
+    match boundary_ratio {
+        Some(b) if n_experts == 2 && (t as f64) < b * 1000.0 => 1,
+        _ => 0,
+    }
+}
+
+/// The scopes of a Wan generation: every expert that runs at least one step, times cond (and uncond
+/// with CFG), each with the steps it runs.
+pub fn wan_plan(
+    family: &str,
+    n_experts: usize,
+    boundary_ratio: Option<f64>,
+    schedule: &FlowSchedule,
+    shift: f64,
+    cfg: bool,
+) -> GenerationPlan {
+    let mut scopes: Vec<ScopePlan> = Vec::new();
+    for e in 0..n_experts {
+        let steps: Vec<usize> = (0..schedule.steps())
+            .filter(|&i| expert_for(schedule.timesteps[i], n_experts, boundary_ratio) == e)
+            .collect();
+        if steps.is_empty() {
+            continue;
+        }
+        let sigmas: Vec<f64> = steps.iter().map(|&i| schedule.sigmas[i] as f64).collect();
+        let branches: &[Branch] = if cfg {
+            &[Branch::Cond, Branch::Uncond]
+        } else {
+            &[Branch::Cond]
+        };
+        for &b in branches {
+            scopes.push(ScopePlan {
+                key: ScopeKey::new(e, b),
+                steps: steps.len(),
+                sigmas: sigmas.clone(),
+                step_indices: steps.clone(),
+            });
+        }
+    }
+    GenerationPlan {
+        scopes,
+        total_steps: schedule.steps(),
+        family: family.to_string(),
+        scheduler: "flow-euler".into(),
+        shift: Some(shift),
+        boundary_ratio: if n_experts == 2 { boundary_ratio } else { None },
     }
 }
 

@@ -1,0 +1,158 @@
+//! Calibration profiles: the MagCache statistics of a dense run per scope, with what it ran on.
+//!
+//! ```toml
+//! [meta]                       # family, model, steps, shift, scheduler, boundary_ratio, sigmas
+//! [ratios.main]                # single model; two experts: [ratios.high_noise], [ratios.low_noise]
+//! cond = [1.0, ...]
+//! uncond = [1.0, ...]
+//! [mag_stds.main]              # same shape
+//! [cos_dists.main]
+//! [sigmas]                     # the noise level of every step of each expert
+//! main = [1.0, ...]
+//! ```
+
+use crate::config::parse_toml;
+use crate::error::{Error, Result};
+use crate::registry::{RatioCurves, ScheduleMeta};
+use crate::scope::Branch;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What a profile was calibrated on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileMeta {
+    pub family: String,
+    /// Preset name, or a fingerprint of the weight files.
+    pub model: String,
+    pub steps: usize,
+    #[serde(default)]
+    pub shift: Option<f64>,
+    pub scheduler: String,
+    #[serde(default)]
+    pub boundary_ratio: Option<f64>,
+    /// Sigmas of every step of the run.
+    pub sigmas: Vec<f64>,
+}
+
+/// Per expert name (`main`, `high_noise`, `low_noise`), per branch (`cond`, `uncond`).
+pub type ScopeTable = BTreeMap<String, BTreeMap<String, Vec<f64>>>;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub meta: ProfileMeta,
+    pub ratios: ScopeTable,
+    pub mag_stds: ScopeTable,
+    pub cos_dists: ScopeTable,
+    /// Sigmas of each expert's own steps.
+    pub sigmas: BTreeMap<String, Vec<f64>>,
+}
+
+/// The table name of an expert: `main` for single-model runs, else `high_noise` / `low_noise`.
+pub fn expert_name(expert: usize, n_experts: usize) -> &'static str {
+    match (n_experts, expert) {
+        (1, _) => "main",
+        (_, 0) => "high_noise",
+        _ => "low_noise",
+    }
+}
+
+impl Profile {
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::msg(format!("cannot write the profile: {e}")))
+    }
+
+    pub fn load(path: &Path) -> Result<Profile> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(&shown, e))?;
+        let p: Profile = parse_toml(&text, &shown)?;
+        p.check(&shown)?;
+        Ok(p)
+    }
+
+    fn expert_names(&self) -> Vec<&'static str> {
+        if self.ratios.contains_key("main") {
+            vec!["main"]
+        } else {
+            vec!["high_noise", "low_noise"]
+        }
+    }
+
+    fn check(&self, file: &str) -> Result<()> {
+        if self.ratios.is_empty() {
+            return Err(Error::config(
+                file,
+                "ratios",
+                "the profile has no ratio tables",
+            ));
+        }
+        for name in self.expert_names() {
+            let t = self
+                .ratios
+                .get(name)
+                .ok_or_else(|| Error::config(file, format!("ratios.{name}"), "missing"))?;
+            for (branch, c) in t {
+                if !matches!(branch.as_str(), "cond" | "uncond") {
+                    return Err(Error::config(
+                        file,
+                        format!("ratios.{name}.{branch}"),
+                        "branches are `cond` and `uncond`",
+                    ));
+                }
+                if c.is_empty() || c.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                    return Err(Error::config(
+                        file,
+                        format!("ratios.{name}.{branch}"),
+                        "ratios must be a non-empty list of positive numbers",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ratio curves as strategies use them, with the schedule they were measured on.
+    pub fn curves(&self, source: &str) -> RatioCurves {
+        let names = self.expert_names();
+        let experts = names
+            .iter()
+            .map(|n| {
+                self.ratios
+                    .get(*n)
+                    .map(|t| {
+                        t.iter()
+                            .map(|(b, c)| {
+                                (
+                                    if b == "uncond" {
+                                        Branch::Uncond
+                                    } else {
+                                        Branch::Cond
+                                    },
+                                    c.clone(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let expert_sigmas = names
+            .iter()
+            .map(|n| self.sigmas.get(*n).cloned().unwrap_or_default())
+            .collect();
+        RatioCurves {
+            experts,
+            schedule: Some(ScheduleMeta {
+                steps: self.meta.steps,
+                shift: self.meta.shift,
+                scheduler: Some(self.meta.scheduler.clone()),
+                boundary_ratio: self.meta.boundary_ratio,
+                sigmas: Some(self.meta.sigmas.clone()),
+            }),
+            expert_sigmas,
+            source: format!("profile {source}"),
+        }
+    }
+}

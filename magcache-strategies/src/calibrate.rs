@@ -1,0 +1,120 @@
+//! Calibration: a cache that never skips and records, per scope and step, the MagCache statistics of
+//! the residual (last block's hidden output minus first block's hidden input) against the previous
+//! step's: `ratio` (mean per-token norm ratio; 1.0 at the first step), its std, and the cosine distance.
+
+use magcache_core::candle_core::Tensor;
+use magcache_core::maths::{mag_stats, tensor_bytes};
+use magcache_core::{
+    CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey, ScopeStates,
+    TimestepCache,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// The statistics of one scope, one entry per step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScopeCalibration {
+    pub ratios: Vec<f64>,
+    pub stds: Vec<f64>,
+    pub cos_dists: Vec<f64>,
+}
+
+/// Results shared between the calibrator (inside the hooks) and whoever reads them after the run.
+pub type CalibrationResults = Arc<Mutex<BTreeMap<ScopeKey, ScopeCalibration>>>;
+
+#[derive(Default)]
+struct CalState {
+    head_input: Option<Tensor>,
+    prev: Option<Tensor>,
+    last: Option<CallDecision>,
+}
+
+/// A never-skipping cache that measures the ratio curves.
+pub struct Calibrator {
+    states: ScopeStates<CalState>,
+    out: CalibrationResults,
+}
+
+impl Calibrator {
+    /// The calibrator and the handle its results appear in.
+    pub fn new() -> (Self, CalibrationResults) {
+        let out: CalibrationResults = Arc::new(Mutex::new(BTreeMap::new()));
+        (
+            Calibrator {
+                states: ScopeStates::default(),
+                out: out.clone(),
+            },
+            out,
+        )
+    }
+}
+
+impl TimestepCache for Calibrator {
+    fn name(&self) -> &str {
+        "calibrate"
+    }
+
+    fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
+        self.states.begin(plan, |_| Ok(CalState::default()))?;
+        let mut out = self
+            .out
+            .lock()
+            .map_err(|_| Error::msg("calibration results poisoned"))?;
+        out.clear();
+        for sp in &plan.scopes {
+            out.insert(sp.key, ScopeCalibration::default());
+        }
+        Ok(Vec::new())
+    }
+
+    fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
+        let (_, slot) = self.states.start_call(cx.scope)?;
+        slot.state.head_input = Some(cx.meta.hidden_input(inputs)?.clone());
+        Ok(HeadAction::Compute)
+    }
+
+    fn is_reusing(&self, _scope: ScopeKey) -> bool {
+        false
+    }
+
+    fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
+        let st = &mut self.states.get_mut(cx.scope)?.state;
+        let input = st
+            .head_input
+            .take()
+            .ok_or_else(|| Error::Hooks("calibration: tail without head".into()))?;
+        let res = (cx.meta.hidden_output(outputs)? - input)?;
+        let (ratio, std, cos) = match &st.prev {
+            None => (1.0, 0.0, 0.0),
+            Some(prev) => {
+                let s = mag_stats(&res, prev)?;
+                (s.ratio, s.std, s.cos_dist)
+            }
+        };
+        st.prev = Some(res);
+        st.last = Some(CallDecision {
+            computed: true,
+            metric: Some(ratio),
+        });
+        let mut out = self
+            .out
+            .lock()
+            .map_err(|_| Error::msg("calibration results poisoned"))?;
+        let c = out.entry(cx.scope).or_default();
+        c.ratios.push(ratio);
+        c.stds.push(std);
+        c.cos_dists.push(cos);
+        Ok(())
+    }
+
+    fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
+        self.states.get(scope).ok().and_then(|s| s.state.last)
+    }
+
+    fn cached_bytes(&self) -> usize {
+        self.states
+            .values()
+            .map(|s| s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0))
+            .sum()
+    }
+}

@@ -34,6 +34,28 @@ enum Cmd {
         /// Print the report as JSON on stdout instead of the summary.
         #[arg(long)]
         json: bool,
+        /// Write the final latents of image-like models as a grid of pictures (PNG).
+        #[arg(long)]
+        png: Option<PathBuf>,
+    },
+    /// Run dense and cached on the same inputs and compare speed and quality.
+    Compare {
+        #[arg(long)]
+        config: PathBuf,
+        /// The per-call compute/reuse map with the strategy's metric and threshold (SVG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Dense, cached and |difference| (x4) as three rows of pictures (PNG).
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// Value range for PSNR/SSIM and pictures (default: the dense result's max - min).
+        #[arg(long)]
+        data_range: Option<f64>,
+        #[arg(long)]
+        quiet: bool,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run without skipping and write the MagCache calibration profile of the run.
     Calibrate {
@@ -111,12 +133,73 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
             print!("{}", list());
             Ok(())
         }
+        Cmd::Compare {
+            config,
+            plot,
+            png,
+            data_range,
+            quiet,
+            json,
+        } => {
+            let c = magcache_cli::compare(
+                &config,
+                if quiet || json {
+                    Verbosity::Quiet
+                } else {
+                    Verbosity::Normal
+                },
+                data_range,
+            )?;
+            let r = &c.report;
+            if let Some(f) = &plot {
+                let title = format!(
+                    "{} {} ({} computed of {} calls)",
+                    r.family, r.strategy, r.cached_computed_calls, r.total_calls
+                );
+                write_atomic(
+                    f,
+                    magcache_cli::image::calls_svg(
+                        &title,
+                        &r.cached.calls,
+                        r.threshold,
+                        magcache_cli::metric_name(&r.strategy),
+                    )
+                    .as_bytes(),
+                )?;
+            }
+            if let Some(f) = &png {
+                let (lo, hi) = picture_range(&c.dense_planes, data_range)?;
+                let diff = ((&c.dense_planes - &c.cached_planes)?.abs()? * 4.0)?;
+                let diff = (diff + lo as f64)?;
+                write_atomic(
+                    f,
+                    &magcache_cli::image::planes_png(
+                        &[c.dense_planes.clone(), c.cached_planes.clone(), diff],
+                        lo,
+                        hi,
+                        16,
+                        4,
+                    )?,
+                )?;
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(r)
+                        .map_err(|e| magcache_core::Error::msg(e.to_string()))?
+                );
+            } else if !quiet {
+                print!("{}", magcache_cli::compare_text(r));
+            }
+            Ok(())
+        }
         Cmd::Run {
             config,
             out,
             report,
             quiet,
             json,
+            png,
         } => {
             let mut p = prepare(&config)?;
             if !quiet && !json {
@@ -132,6 +215,14 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
             )?;
             if let Some(o) = &out {
                 write_latents(o, &latents)?;
+            }
+            if let Some(f) = &png {
+                let planes = p.pipeline.to_planes(&latents)?;
+                let (lo, hi) = picture_range(&planes, None)?;
+                write_atomic(
+                    f,
+                    &magcache_cli::image::planes_png(&[planes], lo, hi, 16, 4)?,
+                )?;
             }
             if let Some(r) = &report {
                 let text = serde_json::to_string_pretty(&rep)
@@ -150,4 +241,22 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The value range pictures are drawn with: `data_range` centred on the data, or its min..max.
+fn picture_range(
+    planes: &candle_core::Tensor,
+    data_range: Option<f64>,
+) -> magcache_core::Result<(f32, f32)> {
+    let v = planes.flatten_all()?.to_vec1::<f32>()?;
+    let (lo, hi) = v
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    Ok(match data_range {
+        Some(r) => {
+            let mid = (lo + hi) / 2.0;
+            (mid - r as f32 / 2.0, mid + r as f32 / 2.0)
+        }
+        None => (lo, hi),
+    })
 }

@@ -18,6 +18,7 @@ pub mod error;
 pub mod hooks;
 pub mod maths;
 pub mod metadata;
+pub mod metrics;
 pub mod pipeline;
 pub mod profile;
 pub mod registry;

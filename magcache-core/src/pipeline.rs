@@ -53,6 +53,10 @@ pub trait Pipeline {
     fn model_info(&self) -> ModelInfo;
     /// Attaches a cache to every expert (replacing any previous one); `None` removes it.
     fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()>;
+    /// The final latents as 2-D image planes `[N, H, W]` (every sample, channel and frame), for image
+    /// metrics. This is the named "latents to pixels" stage: for models whose latents are the pixels
+    /// (the digits model) the planes are the picture; a VAE decoder would take its place.
+    fn to_planes(&self, latents: &Tensor) -> Result<Tensor>;
     /// Runs the whole loop and returns the final latents. With a cache attached, the pipeline starts a
     /// new cache generation first (warnings go to the observer).
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor>;

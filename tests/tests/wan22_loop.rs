@@ -159,8 +159,18 @@ fn preset_uses_its_published_split_curve_and_warns_on_another_boundary() {
     assert_eq!(rc.experts[1][&magcache_core::Branch::Cond].len(), 14);
     let (_, rep) = run_toml(dir.path(), &text(0.875));
     // Same boundary and shift as the published curve: only the sampler differs (UniPC there).
-    assert!(!rep.warnings.iter().any(|w| w.contains("boundary_ratio") || w.contains("shift")), "{:?}", rep.warnings);
-    assert!(rep.warnings.iter().any(|w| w.contains("`unipc` sampler")), "{:?}", rep.warnings);
+    assert!(
+        !rep.warnings
+            .iter()
+            .any(|w| w.contains("boundary_ratio") || w.contains("shift")),
+        "{:?}",
+        rep.warnings
+    );
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("`unipc` sampler")),
+        "{:?}",
+        rep.warnings
+    );
     let (_, rep) = run_toml(dir.path(), &text(0.9));
     assert!(
         rep.warnings.iter().any(|w| w.contains("boundary_ratio")),

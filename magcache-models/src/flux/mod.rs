@@ -163,6 +163,25 @@ impl Pipeline for FluxPipeline {
         self.cache = cache;
         Ok(())
     }
+    /// Packed `[B, h*w, C]` -> `[B*C, h, w]` on the grid of `img_ids`.
+    fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, seq, c) = latents.dims3()?;
+        let ids = self.inputs.img_ids.to_vec2::<f32>()?;
+        let h = ids.iter().map(|r| r[1] as usize).max().unwrap_or(0) + 1;
+        let w = ids.iter().map(|r| r[2] as usize).max().unwrap_or(0) + 1;
+        if h * w != seq {
+            return Ok(latents
+                .permute((0, 2, 1))?
+                .contiguous()?
+                .reshape((b * c, 1, seq))?);
+        }
+        Ok(latents
+            .reshape((b, h, w, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .reshape((b * c, h, w))?)
+    }
+
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         if let Some(c) = &self.cache {
             for w in c.lock()?.begin_generation(&self.plan())? {

@@ -161,6 +161,11 @@ impl Pipeline for WanPipeline {
         Ok(())
     }
 
+    fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, c, f, h, w) = latents.dims5()?;
+        Ok(latents.reshape((b * c * f, h, w))?)
+    }
+
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         if let Some(c) = &self.cache {
             for w in c.lock()?.begin_generation(&self.plan())? {

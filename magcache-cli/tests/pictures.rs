@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn example(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
 }
 
 #[test]
@@ -24,16 +26,28 @@ fn run_png_shows_digits_not_noise() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Size: 10 digits of 16x16 drawn 4x with 2-pixel gaps.
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+    let dec = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&png_path).unwrap(),
+    ));
     let reader = dec.read_info().unwrap();
     let info = reader.info();
-    assert_eq!((info.width, info.height), (10 * (16 * 4 + 2) + 2, 16 * 4 + 2 + 2));
+    assert_eq!(
+        (info.width, info.height),
+        (10 * (16 * 4 + 2) + 2, 16 * 4 + 2 + 2)
+    );
     // The picture is digits, not the initial noise: the result is far from its starting latents, has
     // the model's pixel range, and a mostly dark background with bright strokes.
     let fin = &candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["final"];
     // The seeded initial noise of the example (`[inputs] seed = 0`: latents drawn with seed 0 + 1).
     let noise = magcache_models::random::randn(1, &[10, 1, 1, 16, 16]).unwrap();
-    let diff = (fin - &noise).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (fin - &noise)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff > 0.5, "mean |final - noise| = {diff}");
     let v = fin.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let dark = v.iter().filter(|x| **x < -0.5).count() as f32 / v.len() as f32;
@@ -66,7 +80,13 @@ fn compare_reports_quality_and_writes_plot_and_png() {
     assert!((0.9..1.0).contains(&ssim), "SSIM {ssim}");
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.contains("threshold 0.06"));
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+    let dec = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&png_path).unwrap(),
+    ));
     let info = dec.read_info().unwrap().info().clone();
-    assert_eq!(info.height, 3 * (16 * 4 + 2) + 2, "three rows: dense, cached, difference");
+    assert_eq!(
+        info.height,
+        3 * (16 * 4 + 2) + 2,
+        "three rows: dense, cached, difference"
+    );
 }

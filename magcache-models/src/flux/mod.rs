@@ -246,7 +246,7 @@ pub fn flux_plan(schedule: &FlowSchedule) -> GenerationPlan {
         }],
         total_steps: steps,
         family: "flux".into(),
-        scheduler: "flow-euler-dynamic".into(),
+        scheduler: "flow-euler, dynamic shift".into(),
         shift: None,
         boundary_ratio: None,
     }

@@ -573,8 +573,9 @@ fn wan22_paths(cfg: &RunConfig, file: &str, base: &Path) -> Result<Vec<String>> 
             v.clone()
         }
         Some(WeightsSpec::One(w)) => {
+            // Sub-paths stay relative to the run file, like `w` itself (resolved once, later).
             let dir = resolve(base, w);
-            let sub = |n: &str| dir.join(n).display().to_string();
+            let sub = |n: &str| Path::new(w).join(n).display().to_string();
             match (
                 dir.join("transformer").is_dir(),
                 dir.join("transformer_2").is_dir(),

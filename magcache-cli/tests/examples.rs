@@ -1,0 +1,50 @@
+//! Every example runs: the tiny and trained models end to end, the real-size presets through `plan`
+//! (no weights are built).
+
+use std::path::PathBuf;
+
+fn examples() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_example_runs_or_plans() {
+    magcache_cli::link_all();
+    let mut families = std::collections::BTreeSet::new();
+    let mut strategies = std::collections::BTreeSet::new();
+    for ex in examples() {
+        let name = ex.file_name().unwrap().to_string_lossy().to_string();
+        let plan = magcache_cli::plan(&ex).unwrap_or_else(|e| panic!("{name}: plan: {e}"));
+        families.insert(plan.family.clone());
+        strategies.insert(plan.strategy.clone());
+        if name.contains("preset") {
+            assert!(plan.total_calls > 0, "{name}");
+            continue;
+        }
+        let mut p = magcache_cli::prepare(&ex).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (out, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(rep.total_calls, plan.total_calls, "{name}");
+        if !plan.decides_from_data {
+            assert_eq!(
+                rep.computed_calls, plan.computed_calls,
+                "{name}: plan and run disagree"
+            );
+        }
+        let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name}");
+    }
+    for f in ["wan2.1", "wan2.2", "flux"] {
+        assert!(families.contains(f), "no example for family {f}");
+    }
+    for s in ["none", "magcache", "fbcache", "teacache"] {
+        assert!(strategies.contains(s), "no example for strategy {s}");
+    }
+}

@@ -2,7 +2,7 @@
 //! `[text, image]`), single-stream blocks, one cache chain over both lists.
 
 use super::config::FluxConfig;
-use crate::nn::{attention, timestep_embedding, LayerNorm, Linear, RmsNorm};
+use crate::nn::{attention, gelu, timestep_embedding, LayerNorm, Linear, RmsNorm};
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor, D};
 use magcache_core::{BlockMetadata, Error, HookRegistry, Result};
@@ -82,7 +82,7 @@ impl Ff {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.b.forward(&self.a.forward(x)?.gelu()?)
+        self.b.forward(&gelu(&self.a.forward(x)?)?)
     }
 }
 
@@ -241,7 +241,7 @@ impl SingleBlock {
         let x = Tensor::cat(&[e, h], 1)?;
         let m = modulation(&self.norm, temb, 3)?;
         let nx = modulate(&self.ln.forward(&x)?, &m[0], &m[1])?;
-        let mlp = self.mlp.forward(&nx)?.gelu()?;
+        let mlp = gelu(&self.mlp.forward(&nx)?)?;
         let q = rope(
             &heads_normed(&self.q.forward(&nx)?, self.heads, &self.nq)?,
             cos,

@@ -2,7 +2,8 @@
 
 use super::config::WanConfig;
 use crate::nn::{
-    attention, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm, Linear, RmsNorm,
+    attention, gelu, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm, Linear,
+    RmsNorm,
 };
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
@@ -154,7 +155,7 @@ impl Block {
         let h = (&h + self.attn2.forward(&x, enc, None)?)?;
 
         let x = modulate(&self.norm3.forward(&h)?, &c_shift, &c_scale)?;
-        let f = self.ff2.forward(&self.ff1.forward(&x)?.gelu()?)?;
+        let f = self.ff2.forward(&gelu(&self.ff1.forward(&x)?)?)?;
         let h = (h + f.broadcast_mul(&c_gate)?)?;
         Ok(vec![h])
     }
@@ -277,7 +278,7 @@ impl WanModel {
         let tproj = self.time_proj.forward(&temb.silu()?)?;
         let temb = temb.reshape((b, s, d))?;
         let tproj = tproj.reshape((b, s, 6, d))?;
-        let text = self.text2.forward(&self.text1.forward(ctx)?.gelu()?)?;
+        let text = self.text2.forward(&gelu(&self.text1.forward(ctx)?)?)?;
         Ok((temb, tproj, text))
     }
 

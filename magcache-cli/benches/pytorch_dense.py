@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Times the dense denoising loop of a magcache run file in the PyTorch reference (diffusers), on CPU,
+f32: the same architecture (preset + overrides), latent shape, text length, steps and CFG calls.
+Weights are random (timing does not depend on them). Prints JSON: {"wall_seconds": ..., "calls": ...}.
+
+Usage: python pytorch_dense.py RUN.toml [--threads N]
+Needs: torch, diffusers."""
+import argparse, json, time, tomllib
+
+import torch
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+WAN = {
+    "wan2.1-t2v-1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "wan2.1-t2v-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    "wan2.2-ti2v-5b": dict(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
+}
+WAN_BASE = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+FLUX = {"flux-dev": dict(guidance_embeds=True), "flux-schnell": dict(guidance_embeds=False)}
+FLUX_BASE = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+
+ap = argparse.ArgumentParser()
+ap.add_argument("config")
+ap.add_argument("--threads", type=int, default=None)
+a = ap.parse_args()
+if a.threads:
+    torch.set_num_threads(a.threads)
+torch.set_grad_enabled(False)
+cfg = tomllib.load(open(a.config, "rb"))
+m, inp, smp = cfg["model"], cfg.get("inputs", {}), cfg["sampling"]
+over = m.get("overrides", {})
+steps = smp["steps"]
+torch.manual_seed(0)
+if m["family"].startswith("wan"):
+    c = {**WAN_BASE, **WAN[m["preset"]], **over}
+    if "patch_size" in c:
+        c["patch_size"] = tuple(c["patch_size"])
+    model = WanTransformer3DModel(**c).float().eval()
+    shape = inp.get("latent_shape", [1, c["in_channels"], 3, 24, 40])
+    x = torch.randn(*shape)
+    ctx = torch.randn(shape[0], inp.get("text_len", 64), c["text_dim"])
+    cfg_calls = 2 if smp.get("guidance_scale", 5.0) > 1 else 1
+
+    def call(t):
+        return model(x, torch.full((shape[0],), t), ctx, return_dict=False)[0]
+else:
+    c = {**FLUX_BASE, **FLUX[m["preset"]], **over}
+    c["axes_dims_rope"] = tuple(c["axes_dims_rope"])
+    model = FluxTransformer2DModel(**c).float().eval()
+    b, _, h, w = inp.get("latent_shape", [1, c["in_channels"] // 4, 64, 64])
+    seq, L = (h // 2) * (w // 2), inp.get("text_len", 64)
+    x = torch.randn(b, seq, c["in_channels"])
+    ctx, pooled = torch.randn(b, L, c["joint_attention_dim"]), torch.randn(b, c["pooled_projection_dim"])
+    img_ids = torch.zeros(h // 2, w // 2, 3)
+    img_ids[..., 1] = torch.arange(h // 2)[:, None]
+    img_ids[..., 2] = torch.arange(w // 2)[None, :]
+    img_ids, txt_ids = img_ids.reshape(-1, 3), torch.zeros(L, 3)
+    g = torch.full((b,), smp.get("guidance_scale", 3.5)) if c["guidance_embeds"] else None
+    cfg_calls = 1
+
+    def call(t):
+        return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=torch.full((b,), t / 1000),
+                     img_ids=img_ids, txt_ids=txt_ids, guidance=g, return_dict=False)[0]
+
+t0 = time.perf_counter()
+n = 0
+for i in range(steps):
+    for _ in range(cfg_calls):
+        call(1000.0 * (1 - i / steps))
+        n += 1
+print(json.dumps({"wall_seconds": time.perf_counter() - t0, "calls": n, "threads": torch.get_num_threads(), "torch": torch.__version__}))

@@ -1,6 +1,6 @@
 //! Small building blocks shared by the transformers (f32, CPU-friendly layouts).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use magcache_core::Result;
 
 /// A linear layer with its weight stored transposed (`[in, out]`, contiguous) so the hot matmul needs

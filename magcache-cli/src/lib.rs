@@ -120,6 +120,8 @@ pub struct Report {
     pub total_calls: usize,
     pub wall_seconds: f64,
     pub cache_bytes: usize,
+    /// Peak resident memory of the process so far (Linux `VmHWM`), if known.
+    pub peak_rss_bytes: Option<u64>,
     pub scopes: Vec<ScopeSummary>,
     pub warnings: Vec<String>,
 }
@@ -166,10 +168,19 @@ impl Report {
             calls,
             wall_seconds: wall,
             cache_bytes,
+            peak_rss_bytes: peak_rss_bytes(),
             scopes: scopes.into_values().collect(),
             warnings,
         }
     }
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// What the runner shows while it runs.
@@ -339,11 +350,12 @@ pub fn summary(r: &Report) -> String {
         .collect();
     s.push_str(&format!("calls (# computed, . reused): {map}\n"));
     s.push_str(&format!(
-        "transformer calls computed: {}/{} ({:.2}x fewer)   cache holds {} bytes   wall {:.3} s\n",
+        "transformer calls computed: {}/{} ({:.2}x fewer)   cache holds {} bytes   peak RSS {}   wall {:.3} s\n",
         r.computed_calls,
         r.total_calls,
         r.total_calls as f64 / r.computed_calls.max(1) as f64,
         r.cache_bytes,
+        r.peak_rss_bytes.map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or_else(|| "n/a".into()),
         r.wall_seconds
     ));
     s

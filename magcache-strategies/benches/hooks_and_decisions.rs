@@ -191,11 +191,13 @@ fn decisions(c: &mut Criterion) {
                     n,
                     1,
                     || {
-                        reg.run_block(0, &[h.clone()], &first).unwrap();
-                        reg.run_block(1, &[h.clone()], &|inp: &[Tensor]| Ok(inp.to_vec()))
-                            .unwrap();
+                        reg.run_block(0, std::slice::from_ref(&h), &first).unwrap();
+                        reg.run_block(1, std::slice::from_ref(&h), &|inp: &[Tensor]| {
+                            Ok(inp.to_vec())
+                        })
+                        .unwrap();
                     },
-                    || drop(reg.run_block(0, &[h2.clone()], &first).unwrap()),
+                    || drop(reg.run_block(0, std::slice::from_ref(&h2), &first).unwrap()),
                 )
             })
         },

@@ -106,6 +106,8 @@ pub struct ScopeSummary {
     pub computed: usize,
     pub reused: usize,
     pub longest_reuse_run: usize,
+    /// Bytes the cache holds for this scope at the end of the run.
+    pub cache_bytes: usize,
 }
 
 /// The JSON report of `magcache run`.
@@ -131,7 +133,7 @@ impl Report {
         p: &Prepared,
         calls: Vec<CallReport>,
         wall: f64,
-        cache_bytes: usize,
+        scope_bytes: &[(magcache_core::ScopeKey, usize)],
         warnings: Vec<String>,
     ) -> Report {
         let computed_calls = calls.iter().filter(|c| c.computed != Some(false)).count();
@@ -146,6 +148,7 @@ impl Report {
                 computed: 0,
                 reused: 0,
                 longest_reuse_run: 0,
+                cache_bytes: 0,
             });
             s.calls += 1;
             let run = runs.entry(key).or_insert(0);
@@ -158,6 +161,12 @@ impl Report {
                 *run = 0;
             }
         }
+        for (k, b) in scope_bytes {
+            if let Some(sc) = scopes.get_mut(&(k.expert, k.branch.to_string())) {
+                sc.cache_bytes = *b;
+            }
+        }
+        let cache_bytes = scope_bytes.iter().map(|(_, b)| b).sum();
         Report {
             family: p.cfg.model.family.clone(),
             model: p.pipeline.describe(),
@@ -188,9 +197,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub enum Verbosity {
     Quiet,
     Normal,
+    /// One JSON object per transformer call on stderr (machine-readable progress).
+    Json,
 }
 
 struct Collector {
+    json: bool,
     calls: Vec<CallReport>,
     warnings: Vec<String>,
     bar: Option<indicatif::ProgressBar>,
@@ -207,6 +219,13 @@ impl Observer for Collector {
     }
     fn call(&mut self, ev: &CallEvent) {
         let computed = ev.decision.map(|d| d.computed);
+        if self.json {
+            let line = serde_json::json!({
+                "event": "call", "step": ev.step, "branch": ev.branch.as_str(), "expert": ev.expert,
+                "computed": computed, "metric": ev.decision.and_then(|d| d.metric),
+            });
+            eprintln!("{line}");
+        }
         self.last = format!(
             "expert {} {} {}",
             ev.expert,
@@ -254,6 +273,7 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         None
     };
     let mut col = Collector {
+        json: verbosity == Verbosity::Json,
         calls: Vec::new(),
         warnings: Vec::new(),
         bar,
@@ -267,10 +287,10 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
     }
     let out = out?;
     let bytes = match &p.cache {
-        Some(c) => c.lock()?.cached_bytes(),
-        None => 0,
+        Some(c) => c.lock()?.cached_bytes_by_scope(),
+        None => Vec::new(),
     };
-    let report = Report::from_calls(p, col.calls, wall, bytes, col.warnings);
+    let report = Report::from_calls(p, col.calls, wall, &bytes, col.warnings);
     Ok((out, report))
 }
 
@@ -333,11 +353,17 @@ pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("model:    {}\n", r.model));
     s.push_str(&format!("strategy: {}   steps: {}\n", r.strategy, r.steps));
-    s.push_str("scope                 calls  computed  reused  longest reuse\n");
+    s.push_str("scope                 calls  computed  reused  longest reuse  cache bytes\n");
     for sc in &r.scopes {
         s.push_str(&format!(
-            "expert {} {:<8}  {:>9}  {:>8}  {:>6}  {:>13}\n",
-            sc.expert, sc.branch, sc.calls, sc.computed, sc.reused, sc.longest_reuse_run
+            "expert {} {:<8}  {:>9}  {:>8}  {:>6}  {:>13}  {:>11}\n",
+            sc.expert,
+            sc.branch,
+            sc.calls,
+            sc.computed,
+            sc.reused,
+            sc.longest_reuse_run,
+            sc.cache_bytes
         ));
     }
     let map: String = r

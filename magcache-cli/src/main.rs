@@ -143,7 +143,9 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
         } => {
             let c = magcache_cli::compare(
                 &config,
-                if quiet || json {
+                if json {
+                    Verbosity::Json
+                } else if quiet {
                     Verbosity::Quiet
                 } else {
                     Verbosity::Normal
@@ -207,7 +209,9 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
             }
             let (latents, rep) = generate(
                 &mut p,
-                if quiet || json {
+                if json {
+                    Verbosity::Json
+                } else if quiet {
                     Verbosity::Quiet
                 } else {
                     Verbosity::Normal

@@ -350,3 +350,24 @@ fn good_run_writes_outputs() {
     assert_eq!(r["calls"][0]["branch"], "cond");
     assert_eq!(r["calls"][1]["branch"], "uncond");
 }
+
+#[test]
+fn json_mode_streams_one_event_per_call_and_prints_the_report() {
+    let c = Case::new();
+    let cfg = c.path("run.toml");
+    std::fs::write(&cfg, c.default_toml(MAG)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stderr line is JSON"))
+        .collect();
+    assert_eq!(events.len() as u64, report["total_calls"].as_u64().unwrap());
+    assert!(events.iter().all(|e| e["event"] == "call"));
+    assert_eq!(report["scopes"].as_array().unwrap().len(), 2);
+}

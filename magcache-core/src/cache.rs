@@ -72,8 +72,13 @@ pub trait TimestepCache: Send {
     /// The decision of the last call of `scope`, if it has had one.
     fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision>;
 
-    /// Bytes of tensors the cache holds now (residuals, indicators).
-    fn cached_bytes(&self) -> usize;
+    /// Bytes of tensors each scope holds now (residuals, indicators).
+    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)>;
+
+    /// Bytes of tensors the cache holds now, all scopes together.
+    fn cached_bytes(&self) -> usize {
+        self.cached_bytes_by_scope().iter().map(|(_, b)| b).sum()
+    }
 
     /// The decisions the scope's calls will get in the current generation, when they do not depend on
     /// the data (MagCache); `None` for strategies that decide from the data. Valid after

@@ -111,10 +111,10 @@ impl TimestepCache for Calibrator {
         self.states.get(scope).ok().and_then(|s| s.state.last)
     }
 
-    fn cached_bytes(&self) -> usize {
+    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
         self.states
-            .values()
-            .map(|s| s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0))
-            .sum()
+            .iter()
+            .map(|(k, s)| (*k, s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0)))
+            .collect()
     }
 }

@@ -218,7 +218,7 @@ impl TimestepCache for FbCache {
         self.states.get(scope).ok().and_then(|s| s.state.last)
     }
 
-    fn cached_bytes(&self) -> usize {
+    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
         let b = |s: &Option<Streams>| {
             s.as_ref()
                 .map(|s| {
@@ -227,15 +227,18 @@ impl TimestepCache for FbCache {
                 .unwrap_or(0)
         };
         self.states
-            .values()
-            .map(|s| {
-                s.state
-                    .head_residual
-                    .as_ref()
-                    .map(tensor_bytes)
-                    .unwrap_or(0)
-                    + b(&s.state.tail_residual)
+            .iter()
+            .map(|(k, s)| {
+                (
+                    *k,
+                    s.state
+                        .head_residual
+                        .as_ref()
+                        .map(tensor_bytes)
+                        .unwrap_or(0)
+                        + b(&s.state.tail_residual),
+                )
             })
-            .sum()
+            .collect()
     }
 }

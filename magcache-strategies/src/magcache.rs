@@ -309,10 +309,10 @@ impl TimestepCache for MagCache {
         )
     }
 
-    fn cached_bytes(&self) -> usize {
+    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
         self.states
-            .values()
-            .map(|s| s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0))
-            .sum()
+            .iter()
+            .map(|(k, s)| (*k, s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0)))
+            .collect()
     }
 }

@@ -252,14 +252,17 @@ impl TimestepCache for TeaCache {
         self.states.get(scope).ok().and_then(|s| s.state.last)
     }
 
-    fn cached_bytes(&self) -> usize {
+    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
         self.states
-            .values()
-            .map(|s| {
-                s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0)
-                    + s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0)
+            .iter()
+            .map(|(k, s)| {
+                (
+                    *k,
+                    s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0)
+                        + s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0),
+                )
             })
-            .sum()
+            .collect()
     }
 }
 

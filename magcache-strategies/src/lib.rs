@@ -13,6 +13,7 @@ pub mod calibrate;
 pub mod fbcache;
 pub mod magcache;
 pub mod ratios;
+pub mod residual;
 pub mod teacache;
 
 pub use fbcache::{FbCache, FbCacheConfig};

@@ -9,8 +9,8 @@
 //! a reused call returns the first block's input plus that residual (added once, at the head).
 
 use crate::ratios::{RatioSource, RatioSpec, Resample};
+use crate::residual::ResidualCache;
 use magcache_core::candle_core::Tensor;
-use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
     BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey,
@@ -153,9 +153,7 @@ struct MagState {
     acc_ratio: f64,
     acc_err: f64,
     acc_steps: usize,
-    residual: Option<Tensor>,
-    head_input: Option<Tensor>,
-    reusing: bool,
+    cache: ResidualCache,
     last: Option<CallDecision>,
 }
 
@@ -246,50 +244,28 @@ impl TimestepCache for MagCache {
     fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
         let (step, slot) = self.states.start_call(cx.scope)?;
         let st = &mut slot.state;
-        let has_residual = st.residual.is_some();
+        let has_residual = st.cache.has_residual();
         let (reuse, metric) = decide(&self.cfg, st, step, has_residual);
-        st.reusing = reuse;
         st.last = Some(CallDecision {
             computed: !reuse,
             metric: Some(metric),
         });
-        let hidden = cx.meta.hidden_input(inputs)?;
-        if reuse {
-            let res = st.residual.as_ref().expect("reuse requires a residual");
-            if res.dims() != hidden.dims() {
-                return Err(Error::msg(format!(
-                    "MagCache scope {}: cached residual has shape {:?} but the hidden states have {:?}; the input size changed within a generation",
-                    cx.scope,
-                    res.dims(),
-                    hidden.dims()
-                )));
-            }
-            let out = (hidden + res)?;
-            let enc = cx.meta.encoder_input(inputs)?.cloned();
-            st.head_input = None;
-            return Ok(HeadAction::Reuse(cx.meta.make_output(out, enc)?));
-        }
-        st.head_input = Some(hidden.clone());
-        Ok(HeadAction::Compute)
+        st.cache.head("MagCache", cx, inputs, reuse)
     }
 
     fn is_reusing(&self, scope: ScopeKey) -> bool {
         self.states
             .get(scope)
-            .map(|s| s.state.reusing)
+            .map(|s| s.state.cache.is_reusing())
             .unwrap_or(false)
     }
 
     fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
-        let st = &mut self.states.get_mut(cx.scope)?.state;
-        let input = st.head_input.take().ok_or_else(|| {
-            Error::Hooks(format!(
-                "MagCache scope {}: tail ran without a head in the same call",
-                cx.scope
-            ))
-        })?;
-        st.residual = Some((cx.meta.hidden_output(outputs)? - input)?);
-        Ok(())
+        self.states
+            .get_mut(cx.scope)?
+            .state
+            .cache
+            .tail("MagCache", cx, outputs)
     }
 
     fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
@@ -312,7 +288,7 @@ impl TimestepCache for MagCache {
     fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
         self.states
             .iter()
-            .map(|(k, s)| (*k, s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0)))
+            .map(|(k, s)| (*k, s.state.cache.bytes()))
             .collect()
     }
 }

@@ -7,6 +7,7 @@
 //! reuse as MagCache (last block's hidden output minus first block's hidden input, added once at the
 //! head).
 
+use crate::residual::ResidualCache;
 use magcache_core::candle_core::Tensor;
 use magcache_core::hooks::indicator;
 use magcache_core::maths::{rel_l1, tensor_bytes};
@@ -121,9 +122,7 @@ pub fn poly(coefficients: &[f64], x: f64) -> f64 {
 struct TeaState {
     acc: f64,
     prev: Option<Tensor>,
-    residual: Option<Tensor>,
-    head_input: Option<Tensor>,
-    reusing: bool,
+    cache: ResidualCache,
     last: Option<CallDecision>,
 }
 
@@ -185,8 +184,8 @@ impl TimestepCache for TeaCache {
         } else {
             step == 0 || step + 1 == steps
         };
-        let (compute, metric) = match (&st.prev, &st.residual) {
-            (Some(prev), Some(_)) if !forced => {
+        let (compute, metric) = match &st.prev {
+            Some(prev) if !forced && st.cache.has_residual() => {
                 // A change from an all-zero indicator is an infinite distance: compute.
                 st.acc += poly(coef, rel_l1(&ind, prev)?);
                 let m = st.acc;
@@ -202,50 +201,26 @@ impl TimestepCache for TeaCache {
             }
         };
         st.prev = Some(ind);
-        st.reusing = !compute;
         st.last = Some(CallDecision {
             computed: compute,
             metric,
         });
-        let hidden = cx.meta.hidden_input(inputs)?;
-        if !compute {
-            let res = st.residual.as_ref().expect("reuse requires a residual");
-            if res.dims() != hidden.dims() {
-                return Err(Error::msg(format!(
-                    "TeaCache scope {}: cached residual has shape {:?} but the hidden states have {:?}",
-                    cx.scope,
-                    res.dims(),
-                    hidden.dims()
-                )));
-            }
-            let out = (hidden + res)?;
-            st.head_input = None;
-            return Ok(HeadAction::Reuse(
-                cx.meta
-                    .make_output(out, cx.meta.encoder_input(inputs)?.cloned())?,
-            ));
-        }
-        st.head_input = Some(hidden.clone());
-        Ok(HeadAction::Compute)
+        st.cache.head("TeaCache", cx, inputs, !compute)
     }
 
     fn is_reusing(&self, scope: ScopeKey) -> bool {
         self.states
             .get(scope)
-            .map(|s| s.state.reusing)
+            .map(|s| s.state.cache.is_reusing())
             .unwrap_or(false)
     }
 
     fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
-        let st = &mut self.states.get_mut(cx.scope)?.state;
-        let input = st.head_input.take().ok_or_else(|| {
-            Error::Hooks(format!(
-                "TeaCache scope {}: tail ran without a head in the same call",
-                cx.scope
-            ))
-        })?;
-        st.residual = Some((cx.meta.hidden_output(outputs)? - input)?);
-        Ok(())
+        self.states
+            .get_mut(cx.scope)?
+            .state
+            .cache
+            .tail("TeaCache", cx, outputs)
     }
 
     fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
@@ -258,8 +233,7 @@ impl TimestepCache for TeaCache {
             .map(|(k, s)| {
                 (
                     *k,
-                    s.state.residual.as_ref().map(tensor_bytes).unwrap_or(0)
-                        + s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0),
+                    s.state.cache.bytes() + s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0),
                 )
             })
             .collect()

@@ -5,6 +5,7 @@
 //! block metadata, presets and published calibration data. Models know nothing of a strategy's
 //! maths: they run their blocks through [`magcache_core::HookRegistry`] and set each call's scope.
 
+pub mod config_util;
 pub mod flux;
 pub mod inputs;
 pub mod nn;

@@ -61,6 +61,18 @@ impl WeightStore {
         Ok(store)
     }
 
+    /// Loads every weight file of a model path (see [`weight_files`]) and strips the
+    /// `model.diffusion_model.` prefix single-file checkpoints often carry.
+    pub fn load_checkpoint(path: &Path) -> Result<Self> {
+        let files = weight_files(path)?;
+        let mut store = WeightStore::load_files(&path.display().to_string(), &files)?;
+        const PREFIX: &str = "model.diffusion_model.";
+        if store.keys().any(|k| k.starts_with(PREFIX)) {
+            store.rename(|k| k.strip_prefix(PREFIX).unwrap_or(k).to_string());
+        }
+        Ok(store)
+    }
+
     pub fn len(&self) -> usize {
         self.tensors.len()
     }

@@ -68,36 +68,14 @@ impl FluxConfig {
         file: &str,
         overrides: &Map<String, Value>,
     ) -> Result<Self> {
-        let mut merged = serde_json::to_value(base).expect("serializable");
-        let m = merged.as_object_mut().expect("object");
-        for (k, v) in obj {
-            if k.starts_with('_') {
-                continue;
-            }
-            if !FIELDS.contains(&k.as_str()) {
-                return Err(Error::config(
-                    file,
-                    k,
-                    "unknown FluxTransformer2DModel config field",
-                ));
-            }
-            m.insert(k.clone(), v.clone());
-        }
-        for (k, v) in overrides {
-            if !FIELDS.contains(&k.as_str()) {
-                return Err(Error::config(
-                    file,
-                    format!("model.overrides.{k}"),
-                    format!(
-                        "not a FluxTransformer2DModel config field (known: {})",
-                        FIELDS.join(", ")
-                    ),
-                ));
-            }
-            m.insert(k.clone(), v.clone());
-        }
-        let cfg: FluxConfig = serde_json::from_value(merged)
-            .map_err(|e| Error::config(file, "model config", e.to_string()))?;
+        let cfg = crate::config_util::merge_config(
+            &base,
+            obj,
+            overrides,
+            file,
+            FIELDS,
+            "FluxTransformer2DModel",
+        )?;
         cfg.check(file)?;
         Ok(cfg)
     }

@@ -2,7 +2,7 @@
 //! (`double_blocks.N.img_attn.qkv`, fused projections), detected from the keys.
 
 use super::config::FluxConfig;
-use crate::weights::{weight_files, WeightStore};
+use crate::weights::WeightStore;
 use candle_core::Tensor;
 use magcache_core::{Error, Result};
 use std::path::Path;
@@ -247,18 +247,7 @@ pub fn load_flux(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<LoadedFlux> {
-    let files = weight_files(weights)?;
-    let mut store = WeightStore::load_files(&weights.display().to_string(), &files)?;
-    if store
-        .keys()
-        .any(|k| k.starts_with("model.diffusion_model."))
-    {
-        store.rename(|k| {
-            k.strip_prefix("model.diffusion_model.")
-                .unwrap_or(k)
-                .to_string()
-        });
-    }
+    let mut store = WeightStore::load_checkpoint(weights)?;
     let layout = detect_layout(&store)?;
     let dir = if weights.is_dir() {
         weights.to_path_buf()

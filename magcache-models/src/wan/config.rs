@@ -112,36 +112,14 @@ impl WanConfig {
         file: &str,
         overrides: &Map<String, Value>,
     ) -> Result<Self> {
-        let mut merged = serde_json::to_value(WanConfig::default()).expect("serializable");
-        let m = merged.as_object_mut().expect("object");
-        for (k, v) in obj {
-            if k.starts_with('_') {
-                continue;
-            }
-            if !FIELDS.contains(&k.as_str()) {
-                return Err(Error::config(
-                    file,
-                    &k,
-                    "unknown WanTransformer3DModel config field",
-                ));
-            }
-            m.insert(k, v);
-        }
-        for (k, v) in overrides {
-            if !FIELDS.contains(&k.as_str()) {
-                return Err(Error::config(
-                    file,
-                    format!("model.overrides.{k}"),
-                    format!(
-                        "not a WanTransformer3DModel config field (known: {})",
-                        FIELDS.join(", ")
-                    ),
-                ));
-            }
-            m.insert(k.clone(), v.clone());
-        }
-        let cfg: WanConfig = serde_json::from_value(merged)
-            .map_err(|e| Error::config(file, "model config", e.to_string()))?;
+        let cfg = crate::config_util::merge_config(
+            &WanConfig::default(),
+            &obj,
+            overrides,
+            file,
+            FIELDS,
+            "WanTransformer3DModel",
+        )?;
         cfg.check(file)?;
         Ok(cfg)
     }

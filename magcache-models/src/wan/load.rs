@@ -2,7 +2,7 @@
 //! and the original Wan layout (`blocks.N.self_attn.q`, `head.head`, ...), detected from the keys.
 
 use super::config::WanConfig;
-use crate::weights::{weight_files, WeightStore};
+use crate::weights::WeightStore;
 use magcache_core::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -160,20 +160,10 @@ pub fn load_wan(
     cfg_file: &str,
 ) -> Result<LoadedWan> {
     let config = read_wan_config(weights, config, overrides, cfg_file)?;
-    let files = weight_files(weights)?;
-    let mut store = WeightStore::load_files(&weights.display().to_string(), &files)?;
+    let mut store = WeightStore::load_checkpoint(weights)?;
     let layout = detect_layout(&store)?;
     if layout == WanLayout::Original {
         store.rename(original_to_diffusers);
-    } else if store
-        .keys()
-        .any(|k| k.starts_with("model.diffusion_model."))
-    {
-        store.rename(|k| {
-            k.strip_prefix("model.diffusion_model.")
-                .unwrap_or(k)
-                .to_string()
-        });
     }
     Ok(LoadedWan {
         config,

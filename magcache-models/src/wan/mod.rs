@@ -134,6 +134,27 @@ pub const WAN22_PRESETS: &[WanPreset] = &[
     },
 ];
 
+/// The preset `name` of the run's family, or an error naming `model.preset` and the known ones.
+fn find_preset(
+    cfg: &RunConfig,
+    file: &str,
+    presets: &'static [WanPreset],
+    name: &str,
+) -> Result<&'static WanPreset> {
+    presets.iter().find(|p| p.name == name).ok_or_else(|| {
+        let known: Vec<&str> = presets.iter().map(|p| p.name).collect();
+        Error::config(
+            file,
+            "model.preset",
+            format!(
+                "unknown preset `{name}` for family `{}` (known: {})",
+                cfg.model.family,
+                known.join(", ")
+            ),
+        )
+    })
+}
+
 /// The preset whose architecture matches a loaded config (for published curves), if any.
 fn match_preset(presets: &'static [WanPreset], cfg: &WanConfig) -> Option<&'static WanPreset> {
     presets.iter().find(|p| (p.config)() == *cfg)
@@ -194,21 +215,7 @@ pub fn build_model(
             .preset
             .as_deref()
             .expect("validated: weights or preset");
-        let preset = presets.iter().find(|p| p.name == name).ok_or_else(|| {
-            Error::config(
-                file,
-                "model.preset",
-                format!(
-                    "unknown preset `{name}` for family `{}` (known: {})",
-                    cfg.model.family,
-                    presets
-                        .iter()
-                        .map(|p| p.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        })?;
+        let preset = find_preset(cfg, file, presets, name)?;
         let base_cfg = serde_json::to_value((preset.config)())
             .expect("serializable")
             .as_object()
@@ -599,21 +606,7 @@ fn wan_arch(
 ) -> Result<(usize, Option<&'static WanPreset>)> {
     if paths.is_empty() {
         let name = cfg.model.preset.as_deref().unwrap_or_default();
-        let p = presets.iter().find(|p| p.name == name).ok_or_else(|| {
-            Error::config(
-                file,
-                "model.preset",
-                format!(
-                    "unknown preset `{name}` for family `{}` (known: {})",
-                    cfg.model.family,
-                    presets
-                        .iter()
-                        .map(|p| p.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        })?;
+        let p = find_preset(cfg, file, presets, name)?;
         return Ok((p.experts, Some(p)));
     }
     let c = load::read_wan_config(

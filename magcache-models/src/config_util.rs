@@ -1,0 +1,49 @@
+//! Merging model configs: a base, the fields of a `config.json`, then `[model.overrides]`.
+
+use magcache_core::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// `base` with the fields of `obj` (keys starting with `_` are metadata and skipped), then
+/// `overrides`, applied. `fields` are the config's field names; an unknown key in `obj` or in the
+/// overrides is an error naming `file` and the key (`model.overrides.KEY` for overrides). `class` names
+/// the model class in messages.
+pub fn merge_config<T: Serialize + DeserializeOwned>(
+    base: &T,
+    obj: &Map<String, Value>,
+    overrides: &Map<String, Value>,
+    file: &str,
+    fields: &[&str],
+    class: &str,
+) -> Result<T> {
+    let mut merged =
+        serde_json::to_value(base).map_err(|e| Error::msg(format!("{class} config: {e}")))?;
+    let m = merged
+        .as_object_mut()
+        .ok_or_else(|| Error::msg(format!("{class} config is not an object")))?;
+    for (k, v) in obj {
+        if k.starts_with('_') {
+            continue;
+        }
+        if !fields.contains(&k.as_str()) {
+            return Err(Error::config(
+                file,
+                k,
+                format!("unknown {class} config field"),
+            ));
+        }
+        m.insert(k.clone(), v.clone());
+    }
+    for (k, v) in overrides {
+        if !fields.contains(&k.as_str()) {
+            return Err(Error::config(
+                file,
+                format!("model.overrides.{k}"),
+                format!("not a {class} config field (known: {})", fields.join(", ")),
+            ));
+        }
+        m.insert(k.clone(), v.clone());
+    }
+    serde_json::from_value(merged).map_err(|e| Error::config(file, "model config", e.to_string()))
+}

@@ -168,3 +168,65 @@ pub fn assert_calls_match(
         }
     }
 }
+
+/// `[cache]` body of a reference run from its name and its config in the fixture json (`None` for
+/// dense). MagCache runs of dual experts (`high`/`low` configs) give one curve per expert.
+pub fn cache_table_for(name: &str, c: &serde_json::Value) -> Option<String> {
+    if name == "dense" {
+        None
+    } else if name.starts_with("magcache") && c.get("high").is_some() {
+        let h = &c["high"];
+        Some(format!(
+            "strategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\n[cache.mag_ratios]\nhigh_noise = {}\nlow_noise = {}\n",
+            h["threshold"], h["max_skip_steps"], h["retention_ratio"], h["mag_ratios"], c["low"]["mag_ratios"]
+        ))
+    } else if name.starts_with("magcache") {
+        Some(magcache_table(c))
+    } else if name.starts_with("teacache") {
+        Some(teacache_table(c))
+    } else if name.starts_with("fbcache") {
+        Some(format!(
+            "strategy = \"fbcache\"\nthreshold = {}\n",
+            c["threshold"]
+        ))
+    } else {
+        panic!("unknown reference run {name}")
+    }
+}
+
+/// Runs reference run `name` of the loop fixture `loop_rel` (`.json` + `.safetensors` under
+/// `tests/fixtures/`) through the runner with `weights` (a TOML value) and asserts identical decisions
+/// (metrics within 1e-3 relative) and final latents within 1e-3. Returns the report.
+pub fn check_reference_run(
+    family: &str,
+    weights: &str,
+    loop_rel: &str,
+    name: &str,
+) -> magcache_cli::Report {
+    let meta = load_json(&format!("{loop_rel}.json"));
+    let tensors = load(&format!("{loop_rel}.safetensors"));
+    let run = &meta["runs"][name];
+    let cache = cache_table_for(name, &run["config"]);
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = fixture(&format!("{loop_rel}.safetensors"))
+        .display()
+        .to_string();
+    let (fin, report) = run_toml(
+        dir.path(),
+        &loop_toml(family, weights, &inputs, &meta, cache.as_deref()),
+    );
+    assert_calls_match(name, &report, &run["calls"], 1e-3);
+    assert_eq!(
+        report.computed_calls as u64,
+        run["computed_calls"].as_u64().unwrap(),
+        "{name}: computed calls"
+    );
+    let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
+    assert!(d < 1e-3, "{name}: final differs by {d}");
+    report
+}
+
+/// A fixture folder as a TOML string value.
+pub fn weights_of(rel: &str) -> String {
+    format!("\"{}\"", fixture(rel).display())
+}

@@ -1,38 +1,15 @@
 //! The runner reproduces every run of `trained/digits_loop` (a trained Wan-architecture digit
 //! generator, batch of 10, decisions per call for the whole batch).
 
-use magcache_tests::{
-    assert_calls_match, fixture, load, load_json, loop_toml, magcache_table, max_abs_diff, run_toml,
-};
+use magcache_tests::{check_reference_run, weights_of};
 
 fn check_run(name: &str) {
-    let meta = load_json("trained/digits_loop.json");
-    let tensors = load("trained/digits_loop.safetensors");
-    let run = &meta["runs"][name];
-    let cache = if name == "dense" {
-        None
-    } else if name.starts_with("magcache") {
-        Some(magcache_table(&run["config"]))
-    } else {
-        Some(format!(
-            "strategy = \"fbcache\"\nthreshold = {}\n",
-            run["config"]["threshold"]
-        ))
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let text = loop_toml(
+    check_reference_run(
         "wan2.1",
-        &format!("\"{}\"", fixture("trained/digits_wan").display()),
-        &fixture("trained/digits_loop.safetensors")
-            .display()
-            .to_string(),
-        &meta,
-        cache.as_deref(),
+        &weights_of("trained/digits_wan"),
+        "trained/digits_loop",
+        name,
     );
-    let (fin, report) = run_toml(dir.path(), &text);
-    assert_calls_match(name, &report, &run["calls"], 1e-3);
-    let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
-    assert!(d < 1e-3, "{name}: final differs by {d}");
 }
 
 #[test]

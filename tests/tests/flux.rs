@@ -5,9 +5,7 @@ use candle_core::Tensor;
 use magcache_models::flux::load::{load_flux, FluxLayout};
 use magcache_models::flux::model::{FluxModel, FluxTrace};
 use magcache_models::scheduler::flow_match_dynamic;
-use magcache_tests::{
-    assert_calls_match, fixture, load, load_json, loop_toml, max_abs_diff, run_toml, teacache_table,
-};
+use magcache_tests::{check_reference_run, fixture, load, load_json, max_abs_diff, weights_of};
 use std::collections::HashMap;
 
 fn tiny() -> FluxModel {
@@ -243,41 +241,12 @@ fn dynamic_shift_schedule_matches_reference() {
 }
 
 fn check_run(name: &str) {
-    let meta = load_json("reference/flux_tiny_loop.json");
-    let tensors = load("reference/flux_tiny_loop.safetensors");
-    let run = &meta["runs"][name];
-    let c = &run["config"];
-    let cache = if name == "dense" {
-        None
-    } else if name.starts_with("magcache") {
-        Some(format!(
-            "strategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\nmag_ratios = {}\n",
-            c["threshold"], c["max_skip_steps"], c["retention_ratio"], c["mag_ratios"]
-        ))
-    } else if name.starts_with("teacache") {
-        Some(teacache_table(c))
-    } else {
-        Some(format!(
-            "strategy = \"fbcache\"\nthreshold = {}\n",
-            c["threshold"]
-        ))
-    };
-    let mut meta2 = meta.clone();
-    meta2.as_object_mut().unwrap().remove("shift");
-    let dir = tempfile::tempdir().unwrap();
-    let text = loop_toml(
+    check_reference_run(
         "flux",
-        &format!("\"{}\"", fixture("reference/flux_tiny").display()),
-        &fixture("reference/flux_tiny_loop.safetensors")
-            .display()
-            .to_string(),
-        &meta2,
-        cache.as_deref(),
+        &weights_of("reference/flux_tiny"),
+        "reference/flux_tiny_loop",
+        name,
     );
-    let (fin, report) = run_toml(dir.path(), &text);
-    assert_calls_match(name, &report, &run["calls"], 1e-3);
-    let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
-    assert!(d < 1e-3, "{name}: final differs by {d}");
 }
 
 #[test]

@@ -1,48 +1,15 @@
 //! The runner reproduces every run of the reference `wan21_tiny_loop` (diffusers): per-call decisions
 //! identical, final latents within 1e-3.
 
-use magcache_tests::{
-    assert_calls_match, fixture, load, load_json, loop_toml, magcache_table, max_abs_diff,
-    run_toml, teacache_table,
-};
+use magcache_tests::{check_reference_run, weights_of};
 
 fn check_run(name: &str) {
-    let meta = load_json("reference/wan21_tiny_loop.json");
-    let tensors = load("reference/wan21_tiny_loop.safetensors");
-    let run = &meta["runs"][name];
-    let cache = if name == "dense" {
-        None
-    } else if name.starts_with("magcache") {
-        Some(magcache_table(&run["config"]))
-    } else if name.starts_with("teacache") {
-        Some(teacache_table(&run["config"]))
-    } else if name.starts_with("fbcache") {
-        Some(format!(
-            "strategy = \"fbcache\"\nthreshold = {}\n",
-            run["config"]["threshold"]
-        ))
-    } else {
-        panic!("unknown run {name}")
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let text = loop_toml(
+    check_reference_run(
         "wan2.1",
-        &format!("\"{}\"", fixture("reference/wan21_tiny").display()),
-        &fixture("reference/wan21_tiny_loop.safetensors")
-            .display()
-            .to_string(),
-        &meta,
-        cache.as_deref(),
+        &weights_of("reference/wan21_tiny"),
+        "reference/wan21_tiny_loop",
+        name,
     );
-    let (fin, report) = run_toml(dir.path(), &text);
-    assert_calls_match(name, &report, &run["calls"], 1e-3);
-    assert_eq!(
-        report.computed_calls as u64,
-        run["computed_calls"].as_u64().unwrap(),
-        "{name}: computed calls"
-    );
-    let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
-    assert!(d < 1e-3, "{name}: final differs by {d}");
 }
 
 #[test]

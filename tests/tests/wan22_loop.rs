@@ -3,7 +3,7 @@
 
 use magcache_models::scheduler::flow_match_static;
 use magcache_tests::{
-    assert_calls_match, fixture, load, load_json, loop_toml, max_abs_diff, run_toml,
+    assert_calls_match, check_reference_run, fixture, load_json, loop_toml, run_toml,
 };
 
 fn weights_list() -> String {
@@ -14,36 +14,16 @@ fn weights_list() -> String {
     )
 }
 
-fn per_expert_table(c: &serde_json::Value) -> String {
-    let h = &c["high"];
-    format!(
-        "strategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\n[cache.mag_ratios]\nhigh_noise = {}\nlow_noise = {}\n",
-        h["threshold"], h["max_skip_steps"], h["retention_ratio"], h["mag_ratios"], c["low"]["mag_ratios"]
-    )
-}
-
 fn check(name: &str, weights: &str) {
-    let meta = load_json("reference/wan22_tiny_loop.json");
-    let tensors = load("reference/wan22_tiny_loop.safetensors");
-    let run = &meta["runs"][name];
-    let cache = (name != "dense").then(|| per_expert_table(&run["config"]));
-    let dir = tempfile::tempdir().unwrap();
-    let text = loop_toml(
-        "wan2.2",
-        weights,
-        &fixture("reference/wan22_tiny_loop.safetensors")
-            .display()
-            .to_string(),
-        &meta,
-        cache.as_deref(),
+    let report = check_reference_run("wan2.2", weights, "reference/wan22_tiny_loop", name);
+    let n_high = load_json("reference/wan22_tiny_loop.json")["steps_high_noise"]
+        .as_u64()
+        .unwrap() as usize;
+    assert_eq!(
+        report.calls.iter().filter(|c| c.expert == 0).count(),
+        2 * n_high,
+        "each expert runs its own steps"
     );
-    let (fin, report) = run_toml(dir.path(), &text);
-    assert_calls_match(name, &report, &run["calls"], 1e-3);
-    let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
-    assert!(d < 1e-3, "{name}: final differs by {d}");
-    let experts: Vec<usize> = report.calls.iter().map(|c| c.expert).collect();
-    let n_high = meta["steps_high_noise"].as_u64().unwrap() as usize;
-    assert_eq!(experts.iter().filter(|&&e| e == 0).count(), 2 * n_high);
 }
 
 #[test]

@@ -371,3 +371,19 @@ fn json_mode_streams_one_event_per_call_and_prints_the_report() {
     assert!(events.iter().all(|e| e["event"] == "call"));
     assert_eq!(report["scopes"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn class_conditioning_errors_name_the_key() {
+    let c = Case::new();
+    let digits =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trained/digits_wan");
+    let toml = |classes: &str, batch: usize| {
+        format!(
+            "[model]\nfamily = \"wan2.1\"\nweights = \"{}\"\n[inputs]\nclasses = {classes}\nlatent_shape = [{batch}, 1, 1, 16, 16]\n[sampling]\nsteps = 2\nshift = 3.0\nguidance_scale = 4.0\n",
+            digits.display()
+        )
+    };
+    c.run_err(&toml("[3, 12]", 2), &["run.toml", "inputs.classes", "12"]);
+    c.run_err(&toml("[3, 1, 4]", 2), &["run.toml", "inputs.classes"]);
+    c.run_err(&toml("[10]", 1), &["run.toml", "inputs.classes"]);
+}

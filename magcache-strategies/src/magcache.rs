@@ -40,6 +40,10 @@ pub struct MagCacheConfig {
     /// How curves are mapped onto a scope's steps: `"index"` (default) or `"sigma"` (profiles).
     #[serde(default)]
     pub resample: Resample,
+    /// Accepted for configs written for diffusers' `MagCacheConfig`; each scope counts its own steps
+    /// from the run's plan, so a value that matches no scope is warned about, never used.
+    #[serde(default)]
+    pub num_inference_steps: Option<usize>,
 }
 
 fn d_threshold() -> f64 {
@@ -61,6 +65,7 @@ impl Default for MagCacheConfig {
             mag_ratios: None,
             profile: None,
             resample: Resample::Index,
+            num_inference_steps: None,
         }
     }
 }
@@ -238,7 +243,17 @@ impl TimestepCache for MagCache {
                 ..Default::default()
             })
         })?;
-        Ok(self.source.schedule_warnings(plan, self.cfg.resample))
+        let mut warnings = self.source.schedule_warnings(plan, self.cfg.resample);
+        if let Some(n) = self.cfg.num_inference_steps {
+            if n != plan.total_steps && plan.scopes.iter().all(|s| s.steps != n) {
+                warnings.push(format!(
+                    "cache.num_inference_steps = {n} is not used: this run has {} steps and each cache scope counts its own ({})",
+                    plan.total_steps,
+                    plan.scopes.iter().map(|s| format!("{} {}", s.key, s.steps)).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        Ok(warnings)
     }
 
     fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {

@@ -139,6 +139,8 @@ pub struct FluxPipeline {
     pub inputs: FluxInputs,
     pub info: ModelInfo,
     pub description: String,
+    /// Found while building; reported at the start of every generation.
+    pub warnings: Vec<String>,
     cache: Option<CacheHandle>,
 }
 
@@ -183,6 +185,9 @@ impl Pipeline for FluxPipeline {
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
+        for w in &self.warnings {
+            obs.warning(w);
+        }
         if let Some(c) = &self.cache {
             for w in c.lock()?.begin_generation(&self.plan())? {
                 obs.warning(&w);
@@ -390,11 +395,10 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             "flux has one model: no expert boundary or second guidance scale",
         ));
     }
-    if cfg.sampling.shift.is_some() {
-        return Err(Error::config(
-            file,
-            "sampling.shift",
-            "flux shifts dynamically from the image length (mu); a static shift does not apply",
+    let mut warnings = Vec::new();
+    if let Some(shift) = cfg.sampling.shift {
+        warnings.push(format!(
+            "{file}: sampling.shift = {shift} is not used by flux: it shifts dynamically from the image length (mu)"
         ));
     }
     let overrides = overrides_json(cfg);
@@ -459,6 +463,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         inputs,
         info: flux_info(variant),
         description: desc,
+        warnings,
         model,
         cache: None,
     }))

@@ -39,13 +39,7 @@ impl Default for FbCacheConfig {
 #[typetag::serde(name = "fbcache")]
 impl StrategyConfig for FbCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
-        if !(self.threshold.is_finite() && self.threshold >= 0.0) {
-            return Err(Error::config(
-                file,
-                "cache.threshold",
-                format!("must be a non-negative number, got {}", self.threshold),
-            ));
-        }
+        crate::check_threshold(file, self.threshold)?;
         Ok(())
     }
     fn build(&self, _env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {

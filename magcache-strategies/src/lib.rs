@@ -20,6 +20,19 @@ pub use fbcache::{FbCache, FbCacheConfig};
 pub use magcache::{MagCache, MagCacheConfig};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
+/// Every strategy's `threshold`: a finite, non-negative number.
+pub(crate) fn check_threshold(file: &str, threshold: f64) -> magcache_core::Result<()> {
+    if threshold.is_finite() && threshold >= 0.0 {
+        Ok(())
+    } else {
+        Err(magcache_core::Error::config(
+            file,
+            "cache.threshold",
+            format!("must be a non-negative number, got {threshold}"),
+        ))
+    }
+}
+
 /// Call this from a binary or test that uses the strategies only through config files: it keeps the
 /// linker from dropping the crate and with it the typetag and inventory registrations.
 #[inline(never)]

@@ -73,13 +73,7 @@ impl Default for MagCacheConfig {
 #[typetag::serde(name = "magcache")]
 impl StrategyConfig for MagCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
-        if !(self.threshold.is_finite() && self.threshold >= 0.0) {
-            return Err(Error::config(
-                file,
-                "cache.threshold",
-                format!("must be a non-negative number, got {}", self.threshold),
-            ));
-        }
+        crate::check_threshold(file, self.threshold)?;
         if !(0.0..=1.0).contains(&self.retention_ratio) {
             return Err(Error::config(
                 file,

@@ -50,13 +50,7 @@ impl Default for TeaCacheConfig {
 #[typetag::serde(name = "teacache")]
 impl StrategyConfig for TeaCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
-        if !(self.threshold.is_finite() && self.threshold >= 0.0) {
-            return Err(Error::config(
-                file,
-                "cache.threshold",
-                format!("must be a non-negative number, got {}", self.threshold),
-            ));
-        }
+        crate::check_threshold(file, self.threshold)?;
         if let Some(c) = &self.coefficients {
             if c.is_empty() || c.iter().any(|x| !x.is_finite()) {
                 return Err(Error::config(

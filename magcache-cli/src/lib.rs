@@ -663,6 +663,8 @@ pub struct Comparison {
     pub dense_planes: Tensor,
     pub cached_planes: Tensor,
     pub report: CompareReport,
+    /// What the strategy's per-call metric measures (plot label).
+    pub metric_name: &'static str,
 }
 
 /// Runs the config dense and then with its cache, on the same inputs in one process.
@@ -701,6 +703,7 @@ pub fn compare(config: &Path, verbosity: Verbosity, data_range: Option<f64>) -> 
         cached: rep,
     };
     Ok(Comparison {
+        metric_name: p.cfg.strategy().metric_name(),
         dense,
         cached,
         dense_planes,
@@ -747,14 +750,4 @@ pub fn compare_text(r: &CompareReport) -> String {
         s.push_str(&format!("warning: {w}\n"));
     }
     s
-}
-
-/// The metric each strategy reports, for plot labels.
-pub fn metric_name(strategy: &str) -> &'static str {
-    match strategy {
-        "magcache" => "MagCache accumulated error",
-        "fbcache" => "FBCache relative L1 of the first-block residual",
-        "teacache" => "TeaCache accumulated rescaled distance",
-        _ => "metric",
-    }
 }

@@ -164,7 +164,7 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
                         &title,
                         &r.cached.calls,
                         r.threshold,
-                        magcache_cli::metric_name(&r.strategy),
+                        c.metric_name,
                     )
                     .as_bytes(),
                 )?;

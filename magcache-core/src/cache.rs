@@ -1,33 +1,16 @@
-//! The strategy trait [`TimestepCache`] and the hooks that attach a strategy to a block chain.
+//! The strategy trait [`TimestepCache`], the shared [`CacheHandle`] and the per-call [`CallCx`].
 //!
-//! A cache attaches three kinds of hooks (see [`CacheHandle::install`]):
-//! - `cache.head` (order `Outer`) on the first block of the chain: asks [`TimestepCache::head`] whether
-//!   to compute or reuse. On reuse the strategy returns the first block's output tuple (first-block
-//!   input plus the cached residual) and no block runs; the residual is added exactly once, here.
-//! - `cache.pass` (order `Middle`) on every block after the first: while the scope reuses, the block
-//!   is passed through unchanged.
-//! - `cache.tail` (order `Inner`) on the last block: after a computed call it hands the last block's
-//!   output to [`TimestepCache::tail`], which records what the strategy keeps.
-//!
-//! On a one-block chain the head and the tail hook sit on the same block; the order makes the head
-//! decide first and the tail see the block's output.
+//! A cache wraps a model's block chain as a whole: for every transformer call the model hands the
+//! chain ([`BlockChain`]) and the streams entering its first block to [`CallCx::run_chain`]; the
+//! strategy decides and runs none, the first, or all of the blocks (FBCache: the first, decide, the
+//! rest). A reused call's residual is added exactly once, by the strategy, to the chain's input.
+//! No per-block hook takes part and the strategy is locked once per call.
 
+use crate::chain::{BlockChain, Streams};
 use crate::error::{Error, Result};
-use crate::hooks::{BlockHook, HookCx, HookOrder, HookRegistry, Next};
 use crate::scope::{GenerationPlan, ScopeKey};
-use candle_core::Tensor;
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-/// What the head hook does with the current call.
-#[derive(Debug)]
-pub enum HeadAction {
-    /// Run every block; the tail hook records.
-    Compute,
-    /// Skip every block: this is the first block's output tuple.
-    Reuse(Vec<Tensor>),
-    /// Run the first block, then decide in [`TimestepCache::after_first_block`] (FBCache).
-    RunFirstBlock,
-}
 
 /// The decision a cache took for one transformer call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,9 +20,25 @@ pub struct CallDecision {
     pub metric: Option<f64>,
 }
 
+impl CallDecision {
+    /// A computed call.
+    pub fn computed(metric: Option<f64>) -> Self {
+        CallDecision {
+            computed: true,
+            metric,
+        }
+    }
+    /// A reused call.
+    pub fn reused(metric: Option<f64>) -> Self {
+        CallDecision {
+            computed: false,
+            metric,
+        }
+    }
+}
+
 /// A timestep-caching strategy. Implementations keep per-scope state (see [`crate::ScopeStates`]),
-/// read and write block tuples only through [`crate::BlockMetadata`], and know nothing of a model's
-/// internals.
+/// see a model only through [`BlockChain`] and [`Streams`], and know nothing of its internals.
 pub trait TimestepCache: Send {
     /// Strategy name (`magcache`, ...).
     fn name(&self) -> &str;
@@ -48,29 +47,14 @@ pub trait TimestepCache: Send {
     /// Returns warnings for the user (for example a ratio curve calibrated on another schedule).
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>>;
 
-    /// Called at the first block of a call, before it runs. Counts the call in its scope.
-    fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction>;
-
-    /// After [`HeadAction::RunFirstBlock`]: the first block ran and produced `outputs`. Returns the
-    /// tuple to continue with: `outputs` to compute the remaining blocks, or the reused result.
-    fn after_first_block(
+    /// One transformer call of `scope`: decide, run what must run of `chain` on `x` (the streams
+    /// entering block 0), and return the streams leaving the last block with the decision.
+    fn run(
         &mut self,
-        cx: &HookCx<'_>,
-        inputs: &[Tensor],
-        outputs: Vec<Tensor>,
-    ) -> Result<Vec<Tensor>> {
-        let _ = (cx, inputs);
-        Ok(outputs)
-    }
-
-    /// True while the current call of `scope` reuses (blocks after the head are passed through).
-    fn is_reusing(&self, scope: ScopeKey) -> bool;
-
-    /// Called at the last block of a computed call with that block's outputs.
-    fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()>;
-
-    /// The decision of the last call of `scope`, if it has had one.
-    fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision>;
+        scope: ScopeKey,
+        chain: &dyn BlockChain,
+        x: Streams,
+    ) -> Result<(Streams, CallDecision)>;
 
     /// Bytes of tensors each scope holds now (residuals, indicators).
     fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)>;
@@ -87,24 +71,20 @@ pub trait TimestepCache: Send {
         let _ = scope;
         None
     }
-
-    /// Names of the model indicators the strategy decides from (see
-    /// [`crate::HookRegistry::set_indicator`]); models compute costly ones only when asked.
-    fn indicators(&self) -> Vec<String> {
-        Vec::new()
-    }
 }
 
-/// A shared handle on one strategy instance; hooks and the denoising loop hold clones of it.
+/// A shared handle on one strategy instance: the pipeline runs calls through it, the runner reads
+/// the cache's size and results after a generation.
 #[derive(Clone)]
 pub struct CacheHandle {
     inner: Arc<Mutex<Box<dyn TimestepCache>>>,
 }
 
-/// Hook names the cache uses on a registry.
-pub const HEAD_HOOK: &str = "cache.head";
-pub const PASS_HOOK: &str = "cache.pass";
-pub const TAIL_HOOK: &str = "cache.tail";
+impl std::fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheHandle")
+    }
+}
 
 impl CacheHandle {
     pub fn new(cache: Box<dyn TimestepCache>) -> Self {
@@ -119,118 +99,50 @@ impl CacheHandle {
             .lock()
             .map_err(|_| Error::msg("cache state is poisoned by an earlier panic"))
     }
-
-    /// Attaches the cache to a chain: head on the first block, pass-through on the others, tail on
-    /// the last (on a one-block chain the head and the tail share block 0).
-    pub fn install(&self, reg: &mut HookRegistry) -> Result<()> {
-        let n = reg.num_blocks();
-        if n == 0 {
-            return Err(Error::Hooks(
-                "cannot install a cache on a chain without blocks".into(),
-            ));
-        }
-        reg.register(
-            0,
-            Arc::new(CacheHook {
-                cache: self.clone(),
-                role: Role::Head,
-            }),
-        )?;
-        for b in 1..n {
-            reg.register(
-                b,
-                Arc::new(CacheHook {
-                    cache: self.clone(),
-                    role: Role::Pass,
-                }),
-            )?;
-        }
-        reg.register(
-            n - 1,
-            Arc::new(CacheHook {
-                cache: self.clone(),
-                role: Role::Tail,
-            }),
-        )?;
-        Ok(())
-    }
-
-    /// Removes the cache's hooks from a chain.
-    pub fn uninstall(reg: &mut HookRegistry) -> usize {
-        reg.remove_prefixed("cache.")
-    }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    Head,
-    Pass,
-    Tail,
+/// What one transformer call carries into the model's forward: its cache scope and the cache (if
+/// any). Built by [`crate::Denoiser::call`]; the model passes it to [`CallCx::run_chain`] and, for
+/// general per-block hooks, [`crate::HookRegistry::run_block`].
+pub struct CallCx<'a> {
+    pub scope: ScopeKey,
+    cache: Option<&'a CacheHandle>,
+    decision: Cell<Option<CallDecision>>,
 }
 
-struct CacheHook {
-    cache: CacheHandle,
-    role: Role,
-}
-
-impl BlockHook for CacheHook {
-    fn name(&self) -> &str {
-        match self.role {
-            Role::Head => HEAD_HOOK,
-            Role::Pass => PASS_HOOK,
-            Role::Tail => TAIL_HOOK,
+impl<'a> CallCx<'a> {
+    /// A call of `scope` through `cache` (dense when `None`).
+    pub fn new(scope: ScopeKey, cache: Option<&'a CacheHandle>) -> Self {
+        CallCx {
+            scope,
+            cache,
+            decision: Cell::new(None),
         }
     }
 
-    fn order(&self) -> HookOrder {
-        match self.role {
-            Role::Head => HookOrder::Outer,
-            Role::Pass => HookOrder::Middle,
-            Role::Tail => HookOrder::Inner,
-        }
+    /// A call without a cache (forward tests, calibration-free tools).
+    pub fn dense(scope: ScopeKey) -> CallCx<'static> {
+        CallCx::new(scope, None)
     }
 
-    fn wants_indicator(&self, name: &str) -> bool {
-        self.role == Role::Head
-            && self
-                .cache
-                .lock()
-                .map(|c| c.indicators().iter().any(|n| n == name))
-                .unwrap_or(false)
-    }
-
-    fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {
-        match self.role {
-            Role::Head => {
-                // The lock is never held while blocks run: the tail hook of a one-block chain runs
-                // inside `next`.
-                let action = self.cache.lock()?.head(cx, inputs)?;
-                match action {
-                    HeadAction::Compute => next(inputs),
-                    HeadAction::Reuse(out) => Ok(out),
-                    HeadAction::RunFirstBlock => {
-                        let out = next(inputs)?;
-                        self.cache.lock()?.after_first_block(cx, inputs, out)
-                    }
+    /// Runs the model's block chain for this call: through the cache when there is one (which may
+    /// skip blocks), else every block. Call it once per call.
+    pub fn run_chain(&self, chain: &dyn BlockChain, x: Streams) -> Result<Streams> {
+        match self.cache {
+            None => chain.run(0..chain.num_blocks(), x),
+            Some(c) => {
+                if chain.num_blocks() == 0 {
+                    return Err(Error::Hooks("cannot cache a chain without blocks".into()));
                 }
-            }
-            Role::Pass => {
-                if self.cache.lock()?.is_reusing(cx.scope) {
-                    cx.meta.pass_through(inputs)
-                } else {
-                    next(inputs)
-                }
-            }
-            Role::Tail => {
-                if self.cache.lock()?.is_reusing(cx.scope) {
-                    // A reused call has already been answered at the head (or passed through by the
-                    // pass hook of this block); never add anything here.
-                    return cx.meta.pass_through(inputs);
-                }
-                let out = next(inputs)?;
-                self.cache.lock()?.tail(cx, &out)?;
+                let (out, d) = c.lock()?.run(self.scope, chain, x)?;
+                self.decision.set(Some(d));
                 Ok(out)
             }
         }
+    }
+
+    /// The cache's decision for this call, once the chain ran (`None` without a cache).
+    pub fn decision(&self) -> Option<CallDecision> {
+        self.decision.get()
     }
 }

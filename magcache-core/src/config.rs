@@ -44,6 +44,10 @@ pub trait StrategyConfig: Debug + Send + Sync {
     fn threshold(&self) -> Option<f64> {
         None
     }
+    /// What the strategy's per-call metric measures (plot labels).
+    fn metric_name(&self) -> &'static str {
+        "metric"
+    }
 }
 
 /// `strategy = "none"`: dense, no hooks.

@@ -36,10 +36,6 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },
 
-    /// A hooked model was called with no cache scope set.
-    #[error("a model with cache hooks was called without a cache scope: call `set_scope` before the forward")]
-    ScopeNotSet,
-
     /// A cache received a call for a scope the generation plan did not announce.
     #[error("cache scope {0} was not announced by the generation plan (call `begin_generation` with every scope)")]
     ScopeNotPlanned(ScopeKey),

@@ -4,8 +4,9 @@
 //! Hooks on one block are sorted by [`HookOrder`] (`Outer` first, then `Middle`, then `Inner`); hooks of
 //! the same order keep their registration order. The first hook in that order is the outermost wrapper:
 //! it receives the block inputs and a `next` that runs the remaining hooks and finally the block.
-//! A cache's head hook is `Outer` and its tail hook `Inner`, so on a one-block model the head decides
-//! before the tail records, and the tail sees the block's own output.
+//! Caches do not use hooks (they wrap the whole chain, see [`crate::CallCx::run_chain`]); hooks are
+//! for anything else a user attaches to a block: observers, probes, modifications. Head and tail hooks
+//! on the same block chain: the outer one sees the inner one's result.
 //!
 //! Removing a hook keeps the others (and their order) intact.
 
@@ -13,27 +14,16 @@ use crate::error::{Error, Result};
 use crate::metadata::BlockMetadata;
 use crate::scope::ScopeKey;
 use candle_core::Tensor;
-use std::collections::BTreeMap;
 use std::sync::Arc;
-
-/// Names of the indicators models publish before any block runs (see
-/// [`HookRegistry::set_indicator`]). Each model decides which of its tensors serves: the strategy only
-/// knows the name.
-pub mod indicator {
-    /// TeaCache's indicator: Wan's time embedding, FLUX's first double block's modulated image input.
-    pub const TEACACHE: &str = "teacache";
-    /// TeaCache with `ret_steps`: Wan's 6*dim timestep projection (FLUX: as `TEACACHE`).
-    pub const TEACACHE_RET_STEPS: &str = "teacache.ret_steps";
-}
 
 /// Where a hook sits in the composition around a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookOrder {
-    /// Outermost: sees the block inputs first (cache head hooks).
+    /// Outermost: sees the block inputs first.
     Outer,
-    /// Between outer and inner (pass-through hooks of the blocks a reused step skips, observers).
+    /// Between outer and inner (observers).
     Middle,
-    /// Innermost: sees the block output first (cache tail hooks).
+    /// Innermost: sees the block output first.
     Inner,
 }
 
@@ -48,8 +38,6 @@ pub struct HookCx<'a> {
     pub num_blocks: usize,
     /// Metadata of this block's tuples.
     pub meta: &'a BlockMetadata,
-    /// Indicators the model published for this call before any block ran (TeaCache reads them).
-    pub indicators: &'a BTreeMap<String, Tensor>,
 }
 
 /// The rest of the chain: the remaining hooks and the block itself.
@@ -62,19 +50,12 @@ pub trait BlockHook: Send + Sync {
     fn order(&self) -> HookOrder;
     /// Runs around the block: call `next(inputs)` to run the rest of the chain, or return without it.
     fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>>;
-    /// Whether this hook reads the indicator `name` (models compute costly indicators only on demand).
-    fn wants_indicator(&self, name: &str) -> bool {
-        let _ = name;
-        false
-    }
 }
 
 /// The hooks of one model's block chain (for FLUX: the double blocks, then the single blocks).
 pub struct HookRegistry {
     metas: Vec<BlockMetadata>,
     hooks: Vec<Vec<Arc<dyn BlockHook>>>,
-    scope: Option<ScopeKey>,
-    indicators: BTreeMap<String, Tensor>,
 }
 
 impl std::fmt::Debug for HookRegistry {
@@ -86,7 +67,6 @@ impl std::fmt::Debug for HookRegistry {
             .collect();
         f.debug_struct("HookRegistry")
             .field("hooks", &names)
-            .field("scope", &self.scope)
             .finish()
     }
 }
@@ -98,8 +78,6 @@ impl HookRegistry {
         HookRegistry {
             metas,
             hooks: (0..n).map(|_| Vec::new()).collect(),
-            scope: None,
-            indicators: BTreeMap::new(),
         }
     }
 
@@ -170,32 +148,10 @@ impl HookRegistry {
             .unwrap_or_default()
     }
 
-    /// Sets the cache scope of the next transformer call(s).
-    pub fn set_scope(&mut self, scope: Option<ScopeKey>) {
-        self.scope = scope;
-    }
-
-    pub fn scope(&self) -> Option<ScopeKey> {
-        self.scope
-    }
-
-    /// Whether any hook reads the indicator `name`.
-    pub fn wants_indicator(&self, name: &str) -> bool {
-        self.hooks.iter().flatten().any(|h| h.wants_indicator(name))
-    }
-
-    /// Publishes an indicator tensor for the current call (cleared by [`HookRegistry::clear_indicators`]).
-    pub fn set_indicator(&mut self, name: &str, t: Tensor) {
-        self.indicators.insert(name.to_string(), t);
-    }
-
-    pub fn clear_indicators(&mut self) {
-        self.indicators.clear();
-    }
-
-    /// Runs block `block` through its hooks. `forward` is the block itself.
+    /// Runs block `block` of a call of `scope` through its hooks. `forward` is the block itself.
     pub fn run_block(
         &self,
+        scope: ScopeKey,
         block: usize,
         inputs: &[Tensor],
         forward: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
@@ -209,13 +165,15 @@ impl HookRegistry {
         if list.is_empty() {
             return forward(inputs);
         }
-        let scope = self.scope.ok_or(Error::ScopeNotSet)?;
+        let meta = self
+            .metas
+            .get(block)
+            .ok_or_else(|| Error::Hooks(format!("block {block} has no metadata")))?;
         let cx = HookCx {
             scope,
             block,
             num_blocks: self.metas.len(),
-            meta: &self.metas[block],
-            indicators: &self.indicators,
+            meta,
         };
         chain(list, &cx, inputs, forward)
     }

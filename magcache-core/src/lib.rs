@@ -1,18 +1,21 @@
 //! # magcache-core
 //!
 //! The framework the strategies and the models meet in:
-//! - [`TimestepCache`]: the strategy trait (head decision, tail record);
-//! - [`HookRegistry`]: hooks composed around each block of a model's cache chain;
-//! - [`BlockMetadata`]: where hidden and encoder states sit in a block's tuples;
+//! - [`TimestepCache`]: the strategy trait: one call of a [`BlockChain`], decided and run as a whole;
+//! - [`Denoiser`], [`CallCx`], [`GenerationPlan::from_steps`]: the denoising kit a model's loop uses;
+//! - [`Indicator`]: the tensors a model can compute for strategies, named by what they are;
+//! - [`HookRegistry`]: general hooks composed around each block (observers, probes);
+//! - [`BlockMetadata`]: where hidden and encoder states sit in a block's tuples (for hooks);
 //! - [`ScopeKey`] / [`ScopeStates`]: per (expert, branch) state and step accounting;
 //! - [`maths`]: curve resampling and calibration statistics; [`profile`]: calibration profiles;
 //! - [`config`]: the TOML run file and the typetag strategy table;
 //! - [`registry`]: model families and strategies registered through `inventory`;
 //! - [`Pipeline`]: the denoising loop interface the runner drives.
 //!
-//! See `docs/architecture.md` for how a call flows: loop -> model -> registry -> hooks -> strategy.
+//! See `docs/architecture.md` for how a call flows: loop -> denoiser -> model -> cache -> chain.
 
 pub mod cache;
+pub mod chain;
 pub mod config;
 pub mod error;
 pub mod hooks;
@@ -25,14 +28,15 @@ pub mod registry;
 pub mod scope;
 pub mod states;
 
-pub use cache::{CacheHandle, CallDecision, HeadAction, TimestepCache};
+pub use cache::{CacheHandle, CallCx, CallDecision, TimestepCache};
+pub use chain::{BlockChain, Indicator, Streams};
 pub use config::{BuildEnv, RunConfig, StrategyConfig};
 pub use error::{Error, Result};
 pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};
 pub use metadata::BlockMetadata;
-pub use pipeline::{CallEvent, Observer, Pipeline};
+pub use pipeline::{CallEvent, Denoiser, Observer, Pipeline, Silent};
 pub use registry::{ModelFamily, ModelInfo, RatioCurves, ScheduleMeta, StrategyRegistration};
-pub use scope::{Branch, GenerationPlan, ScopeKey, ScopePlan};
+pub use scope::{Branch, GenerationPlan, ScopeKey, ScopePlan, StepsSpec};
 pub use states::{ScopeSlot, ScopeStates};
 
 pub use candle_core;

@@ -1,10 +1,16 @@
-//! The denoising-loop interface the runner drives: a family's pipeline owns its model(s), sampler and
-//! inputs, runs the transformer calls in order, sets each call's cache scope and reports every call.
+//! The denoising kit: what a model crate's loop needs around its transformer calls, and the
+//! [`Pipeline`] interface the runner drives.
+//!
+//! A loop builds its [`GenerationPlan`] with [`GenerationPlan::from_steps`], starts a [`Denoiser`]
+//! (which announces the plan to the cache and forwards its warnings), and runs every transformer call
+//! through [`Denoiser::call`]: the closure gets the call's [`CallCx`] (scope and cache) to hand to the
+//! model, and the denoiser reports the call with the cache's decision. No scope is set or unset by
+//! hand and no cache is locked by the loop.
 
-use crate::cache::{CacheHandle, CallDecision};
+use crate::cache::{CacheHandle, CallCx, CallDecision};
 use crate::error::Result;
 use crate::registry::ModelInfo;
-use crate::scope::{Branch, GenerationPlan};
+use crate::scope::{Branch, GenerationPlan, ScopeKey};
 use candle_core::Tensor;
 
 /// One transformer call of a generation, as reported.
@@ -42,6 +48,70 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
+/// Drives the transformer calls of one generation: scopes, the cache's generation start, the call
+/// log and the observer's events.
+pub struct Denoiser<'a> {
+    cache: Option<&'a CacheHandle>,
+    obs: &'a mut dyn Observer,
+    index: usize,
+    total_steps: usize,
+}
+
+impl<'a> Denoiser<'a> {
+    /// Starts a generation: announces `plan` to the cache (if any) and passes its warnings on.
+    pub fn start(
+        plan: &GenerationPlan,
+        cache: Option<&'a CacheHandle>,
+        obs: &'a mut dyn Observer,
+    ) -> Result<Self> {
+        if let Some(c) = cache {
+            for w in c.lock()?.begin_generation(plan)? {
+                obs.warning(&w);
+            }
+        }
+        Ok(Denoiser {
+            cache,
+            obs,
+            index: 0,
+            total_steps: plan.total_steps,
+        })
+    }
+
+    /// One transformer call of sampler step `step`, expert `expert`, CFG branch `branch` at model
+    /// timestep `timestep` (0..1000). `forward` runs the model with the call's context.
+    pub fn call<T>(
+        &mut self,
+        step: usize,
+        expert: usize,
+        branch: Branch,
+        timestep: f64,
+        forward: impl FnOnce(&CallCx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let cx = CallCx::new(ScopeKey::new(expert, branch), self.cache);
+        let out = forward(&cx)?;
+        self.obs.call(&CallEvent {
+            index: self.index,
+            step,
+            branch,
+            expert,
+            timestep,
+            decision: cx.decision(),
+        });
+        self.index += 1;
+        Ok(out)
+    }
+
+    /// Reports that sampler step `step` (0-based) is done.
+    pub fn step_done(&mut self, step: usize) {
+        self.obs.step(step + 1, self.total_steps);
+    }
+
+    /// Passes a warning to the observer.
+    pub fn warning(&mut self, msg: &str) {
+        self.obs.warning(msg);
+    }
+}
+
 /// A runnable denoising pipeline of one family.
 pub trait Pipeline {
     fn family(&self) -> &str;
@@ -49,7 +119,7 @@ pub trait Pipeline {
     fn describe(&self) -> String;
     /// Scopes and step counts of a generation with the current sampling settings.
     fn plan(&self) -> GenerationPlan;
-    /// Family, variant and published curves, for strategies.
+    /// Family, variant and published calibration data, for strategies.
     fn model_info(&self) -> ModelInfo;
     /// Attaches a cache to every expert (replacing any previous one); `None` removes it.
     fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()>;

@@ -39,21 +39,31 @@ pub struct RatioCurves {
     pub source: String,
 }
 
-/// Published TeaCache rescale coefficients (highest power first).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct TeaCoefficients {
-    pub plain: Vec<f64>,
-    pub ret_steps: Option<Vec<f64>>,
-}
-
 /// What a strategy may know about the model it runs on.
 #[derive(Clone, Debug, Default)]
 pub struct ModelInfo {
     pub family: String,
     /// Preset name, or the published variant the loaded weights were matched to, if any.
     pub variant: Option<String>,
-    pub mag_ratios: Option<RatioCurves>,
-    pub tea_coefficients: Option<TeaCoefficients>,
+    /// Published calibration data of the variant, one table per key. Each strategy owns a key (its
+    /// name) and gives the table its own type ([`ModelInfo::published`]); neither core nor the
+    /// models interpret it.
+    pub published: BTreeMap<String, toml::Value>,
+}
+
+impl ModelInfo {
+    /// The published table under `key`, typed by the reader. `Ok(None)` when there is none.
+    pub fn published<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.published.get(key) {
+            None => Ok(None),
+            Some(v) => v.clone().try_into().map(Some).map_err(|e| {
+                crate::error::Error::msg(format!(
+                    "published `{key}` data of model family `{}`: {e}",
+                    self.family
+                ))
+            }),
+        }
+    }
 }
 
 /// Builds a family's pipeline from a run config. `file` names the config for messages and `base_dir`

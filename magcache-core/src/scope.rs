@@ -74,7 +74,54 @@ pub struct GenerationPlan {
     pub boundary_ratio: Option<f64>,
 }
 
+/// What a loop knows before it runs, from which [`GenerationPlan::from_steps`] derives the plan.
+#[derive(Clone, Debug, Default)]
+pub struct StepsSpec<'a> {
+    pub family: &'a str,
+    /// Sampler name (`flow-euler`, `unipc`, ...).
+    pub scheduler: &'a str,
+    pub shift: Option<f64>,
+    pub boundary_ratio: Option<f64>,
+    /// Noise level (sigma, 0..1) of every sampler step.
+    pub sigmas: &'a [f64],
+    /// The expert of every sampler step (empty: expert 0 everywhere).
+    pub experts: &'a [usize],
+    /// The CFG branches every step calls, in call order.
+    pub branches: &'a [Branch],
+}
+
 impl GenerationPlan {
+    /// The plan of a loop that calls, at every step, each of `spec.branches` on the step's expert:
+    /// one scope per (expert, branch) that runs at least one step, with its own step count.
+    pub fn from_steps(spec: &StepsSpec<'_>) -> GenerationPlan {
+        let steps = spec.sigmas.len();
+        let expert_of = |i: usize| spec.experts.get(i).copied().unwrap_or(0);
+        let mut experts: Vec<usize> = (0..steps).map(expert_of).collect();
+        experts.sort_unstable();
+        experts.dedup();
+        let mut scopes = Vec::new();
+        for e in experts {
+            let idx: Vec<usize> = (0..steps).filter(|&i| expert_of(i) == e).collect();
+            let sigmas: Vec<f64> = idx.iter().map(|&i| spec.sigmas[i]).collect();
+            for &b in spec.branches {
+                scopes.push(ScopePlan {
+                    key: ScopeKey::new(e, b),
+                    steps: idx.len(),
+                    sigmas: sigmas.clone(),
+                    step_indices: idx.clone(),
+                });
+            }
+        }
+        GenerationPlan {
+            scopes,
+            total_steps: steps,
+            family: spec.family.to_string(),
+            scheduler: spec.scheduler.to_string(),
+            shift: spec.shift,
+            boundary_ratio: spec.boundary_ratio,
+        }
+    }
+
     pub fn scope(&self, key: ScopeKey) -> Option<&ScopePlan> {
         self.scopes.iter().find(|s| s.key == key)
     }

@@ -1,4 +1,4 @@
-//! Hook registry: composition order, removal, scope errors.
+//! Hook registry: composition order, removal, the call scope reaching every hook.
 
 use candle_core::{Device, Tensor};
 use magcache_core::hooks::{BlockHook, HookCx, HookOrder, HookRegistry, Next};
@@ -49,6 +49,8 @@ fn tracer(name: &str, order: HookOrder, log: &Arc<Mutex<Vec<String>>>) -> Arc<dy
     })
 }
 
+const S: ScopeKey = ScopeKey::new(0, magcache_core::Branch::Cond);
+
 fn x() -> Tensor {
     Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()
 }
@@ -66,9 +68,8 @@ fn hooks_compose_by_order_then_registration() {
     reg.register(0, tracer("mid2", HookOrder::Middle, &log))
         .unwrap();
     assert_eq!(reg.hook_names(0), ["outer", "mid1", "mid2", "inner"]);
-    reg.set_scope(Some(ScopeKey::new(0, magcache_core::Branch::Cond)));
     let blog = log.clone();
-    reg.run_block(0, &[x()], &|i: &[Tensor]| {
+    reg.run_block(S, 0, &[x()], &|i: &[Tensor]| {
         blog.lock().unwrap().push("block".into());
         Ok(i.to_vec())
     })
@@ -104,9 +105,8 @@ fn removing_a_hook_keeps_the_others_working() {
     assert!(!reg.remove(0, "b"));
     assert!(!reg.remove(7, "a"));
     assert_eq!(reg.hook_names(0), ["a", "c"]);
-    reg.set_scope(Some(ScopeKey::new(0, magcache_core::Branch::Cond)));
     let out = reg
-        .run_block(0, &[x()], &|i: &[Tensor]| Ok(vec![(&i[0] * 3.0)?]))
+        .run_block(S, 0, &[x()], &|i: &[Tensor]| Ok(vec![(&i[0] * 3.0)?]))
         .unwrap();
     assert_eq!(out[0].to_vec1::<f32>().unwrap(), [3.0, 6.0]);
     assert_eq!(
@@ -133,19 +133,42 @@ fn duplicate_names_and_bad_blocks_are_errors() {
     ));
 }
 
+/// Records the scope and block each call arrives with.
+struct ScopeProbe(Arc<Mutex<Vec<(ScopeKey, usize)>>>);
+
+impl BlockHook for ScopeProbe {
+    fn name(&self) -> &str {
+        "probe"
+    }
+    fn order(&self) -> HookOrder {
+        HookOrder::Middle
+    }
+    fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {
+        self.0.lock().unwrap().push((cx.scope, cx.block));
+        next(inputs)
+    }
+}
+
 #[test]
-fn hooked_call_without_scope_is_an_error_unhooked_is_not() {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let mut reg = HookRegistry::new(vec![META]);
-    assert!(reg
-        .run_block(0, &[x()], &|i: &[Tensor]| Ok(i.to_vec()))
-        .is_ok());
-    reg.register(0, tracer("a", HookOrder::Outer, &log))
+fn every_hook_sees_the_scope_of_its_call() {
+    use magcache_core::Branch;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut reg = HookRegistry::new(vec![META, META]);
+    reg.register(1, Arc::new(ScopeProbe(seen.clone()))).unwrap();
+    let uncond = ScopeKey::new(1, Branch::Uncond);
+    let id = |i: &[Tensor]| Ok(i.to_vec());
+    reg.run_block(uncond, 0, &[x()], &id).unwrap();
+    reg.run_block(uncond, 1, &[x()], &id).unwrap();
+    reg.run_block(ScopeKey::new(0, Branch::Cond), 1, &[x()], &id)
         .unwrap();
-    let err = reg
-        .run_block(0, &[x()], &|i: &[Tensor]| Ok(i.to_vec()))
-        .unwrap_err();
-    assert!(matches!(err, Error::ScopeNotSet), "{err}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(uncond, 1), (ScopeKey::new(0, Branch::Cond), 1)]
+    );
+    assert!(matches!(
+        reg.run_block(uncond, 2, &[x()], &id),
+        Err(Error::Hooks(_))
+    ));
 }
 
 #[test]

@@ -1,22 +1,23 @@
 //! Hook dispatch and decision costs (criterion): `cargo bench -p magcache-strategies`.
 //!
-//! - `dispatch/*`: one transformer call through a 30-block chain whose blocks are identities, with no
-//!   hooks vs with a cache installed (MagCache computing every call): the registry's and hooks' own
-//!   overhead per call, to compare with a real block's milliseconds.
+//! - `dispatch/*`: one transformer call through a 30-block chain whose blocks are identities, run
+//!   directly vs through a cache (MagCache computing every call): the framework's own overhead per
+//!   call, to compare with a real block's milliseconds.
 //! - `decision/*`: one call of each strategy on a Wan2.1-1.3B-sized hidden state (`[1, 720, 1536]`):
 //!   MagCache (curve arithmetic), TeaCache (relative L1 of a `[1, 1, 1536]` time embedding), FBCache
 //!   (relative L1 of the first block's residual).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use magcache_core::candle_core::{Device, Tensor};
-use magcache_core::hooks::indicator;
 use magcache_core::{
-    BlockMetadata, Branch, CacheHandle, GenerationPlan, HookRegistry, ScopeKey, ScopePlan,
+    BlockChain, BlockMetadata, Branch, CacheHandle, CallCx, GenerationPlan, HookRegistry,
+    Indicator, ScopeKey, ScopePlan, Streams,
 };
 use magcache_strategies::ratios::{RatioSource, RatioSpec};
 use magcache_strategies::{
     FbCache, FbCacheConfig, MagCache, MagCacheConfig, TeaCache, TeaCacheConfig,
 };
+use std::ops::Range;
 
 const META: BlockMetadata = BlockMetadata {
     kind: "bench",
@@ -65,15 +66,39 @@ fn timed(
     t.elapsed()
 }
 
-fn call(reg: &HookRegistry, x: &Tensor, blocks: usize) -> Tensor {
-    let mut h = x.clone();
-    for i in 0..blocks {
-        h = reg
-            .run_block(i, &[h], &|inp: &[Tensor]| Ok(inp.to_vec()))
-            .unwrap()
-            .remove(0);
+/// A chain of blocks run through a (hook-free) registry; block 0 scales by `first`, the others are
+/// identities; the indicator is `temb`.
+struct Chain<'a> {
+    reg: &'a HookRegistry,
+    first: f64,
+    temb: Tensor,
+}
+
+impl BlockChain for Chain<'_> {
+    fn num_blocks(&self) -> usize {
+        self.reg.num_blocks()
     }
-    h
+    fn run(&self, blocks: Range<usize>, x: Streams) -> magcache_core::Result<Streams> {
+        let mut h = x.hidden;
+        for i in blocks {
+            let f = if i == 0 { self.first } else { 1.0 };
+            h = self
+                .reg
+                .run_block(COND, i, &[h], &|inp: &[Tensor]| Ok(vec![(&inp[0] * f)?]))?
+                .remove(0);
+        }
+        Ok(Streams::hidden(h))
+    }
+    fn indicator(&self, kind: Indicator) -> magcache_core::Result<Option<Tensor>> {
+        Ok((kind == Indicator::TimestepEmbedding).then(|| self.temb.clone()))
+    }
+}
+
+fn call(cache: Option<&CacheHandle>, chain: &Chain<'_>, x: &Tensor) -> Tensor {
+    CallCx::new(COND, cache)
+        .run_chain(chain, Streams::hidden(x.clone()))
+        .unwrap()
+        .hidden
 }
 
 fn never_reusing_magcache() -> MagCache {
@@ -93,17 +118,18 @@ fn dispatch(c: &mut Criterion) {
         &Device::Cpu,
     )
     .unwrap();
-    let mut bare = HookRegistry::new(vec![META; 30]);
-    bare.set_scope(Some(COND));
-    c.bench_function("dispatch/30 blocks, no hooks", |b| {
-        b.iter(|| call(&bare, &x, 30))
+    let reg = HookRegistry::new(vec![META; 30]);
+    let chain = Chain {
+        reg: &reg,
+        first: 1.0,
+        temb: x.clone(),
+    };
+    c.bench_function("dispatch/30 blocks, no cache", |b| {
+        b.iter(|| call(None, &chain, &x))
     });
-    let mut hooked = HookRegistry::new(vec![META; 30]);
     let cache = CacheHandle::new(Box::new(never_reusing_magcache()));
-    cache.install(&mut hooked).unwrap();
-    hooked.set_scope(Some(COND));
-    c.bench_function("dispatch/30 blocks, cache hooks (computing)", |b| {
-        b.iter_custom(|n| timed(&cache, n, 0, || (), || drop(call(&hooked, &x, 30))))
+    c.bench_function("dispatch/30 blocks, cache (computing)", |b| {
+        b.iter_custom(|n| timed(&cache, n, 0, || (), || drop(call(Some(&cache), &chain, &x))))
     });
 }
 
@@ -113,9 +139,10 @@ fn decisions(c: &mut Criterion) {
     let h2 = (&h * 1.01).unwrap();
     let temb = Tensor::randn(0f32, 1.0, (1, 1, 1536), &dev).unwrap();
     let temb2 = (&temb * 1.01).unwrap();
+    let one = HookRegistry::new(vec![META]);
+    let two = HookRegistry::new(vec![META; 2]);
 
-    // MagCache: one head decision (reusing, big threshold).
-    let mut reg = HookRegistry::new(vec![META]);
+    // MagCache: one decision (reusing, big threshold): curve arithmetic and the residual add.
     let cfg = MagCacheConfig {
         threshold: 1e9,
         max_skip_steps: usize::MAX,
@@ -126,62 +153,66 @@ fn decisions(c: &mut Criterion) {
         cfg,
         RatioSource::Config(RatioSpec::Curve(vec![1.0])),
     )));
-    cache.install(&mut reg).unwrap();
-    reg.set_scope(Some(COND));
+    let chain = Chain {
+        reg: &one,
+        first: 1.0,
+        temb: temb.clone(),
+    };
     c.bench_function("decision/magcache (reuse, add residual)", |b| {
         b.iter_custom(|n| {
             timed(
                 &cache,
                 n,
                 1,
-                || drop(call(&reg, &h, 1)),
-                || drop(call(&reg, &h2, 1)),
+                || drop(call(Some(&cache), &chain, &h)),
+                || drop(call(Some(&cache), &chain, &h2)),
             )
         })
     });
 
-    // TeaCache: relative L1 of the indicator and the polynomial.
-    let mut reg = HookRegistry::new(vec![META]);
+    // TeaCache: relative L1 of the indicator and the polynomial. Alternate two indicators so every
+    // timed call measures a real distance.
     let cfg = TeaCacheConfig {
         threshold: 1e9,
         coefficients: Some(vec![1.0, 0.0]),
-        ret_steps: false,
+        ..Default::default()
     };
     let cache = CacheHandle::new(Box::new(TeaCache::new(cfg)));
-    cache.install(&mut reg).unwrap();
-    reg.set_scope(Some(COND));
-    // Alternate two indicators so every timed call measures a real distance.
-    let tea = std::cell::RefCell::new(reg);
-    let mut flip = false;
+    let chains = [
+        Chain {
+            reg: &one,
+            first: 1.0,
+            temb: temb.clone(),
+        },
+        Chain {
+            reg: &one,
+            first: 1.0,
+            temb: temb2.clone(),
+        },
+    ];
+    let mut flip = 0;
     c.bench_function("decision/teacache (rel L1 of temb, reuse)", |b| {
         b.iter_custom(|n| {
             timed(
                 &cache,
                 n,
                 1,
+                || drop(call(Some(&cache), &chains[0], &h)),
                 || {
-                    tea.borrow_mut()
-                        .set_indicator(indicator::TEACACHE, temb.clone());
-                    drop(call(&tea.borrow(), &h, 1))
-                },
-                || {
-                    flip = !flip;
-                    tea.borrow_mut().set_indicator(
-                        indicator::TEACACHE,
-                        if flip { temb2.clone() } else { temb.clone() },
-                    );
-                    drop(call(&tea.borrow(), &h2, 1))
+                    flip = 1 - flip;
+                    drop(call(Some(&cache), &chains[flip], &h2))
                 },
             )
         })
     });
 
-    // FBCache: relative L1 of the first-block residual (the first block itself is an identity here).
-    let mut reg = HookRegistry::new(vec![META; 2]);
+    // FBCache: the first block (a scale) and the relative L1 of its residual.
     let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold: 1e9 })));
-    cache.install(&mut reg).unwrap();
-    reg.set_scope(Some(COND));
-    let first = |inp: &[Tensor]| Ok(vec![(&inp[0] * 1.5)?]);
+    let chain = Chain {
+        reg: &two,
+        first: 1.5,
+        temb,
+    };
     c.bench_function(
         "decision/fbcache (rel L1 of a [1,720,1536] residual)",
         |b| {
@@ -190,14 +221,8 @@ fn decisions(c: &mut Criterion) {
                     &cache,
                     n,
                     1,
-                    || {
-                        reg.run_block(0, std::slice::from_ref(&h), &first).unwrap();
-                        reg.run_block(1, std::slice::from_ref(&h), &|inp: &[Tensor]| {
-                            Ok(inp.to_vec())
-                        })
-                        .unwrap();
-                    },
-                    || drop(reg.run_block(0, std::slice::from_ref(&h2), &first).unwrap()),
+                    || drop(call(Some(&cache), &chain, &h)),
+                    || drop(call(Some(&cache), &chain, &h2)),
                 )
             })
         },

@@ -1,11 +1,11 @@
 //! Calibration: a cache that never skips and records, per scope and step, the MagCache statistics of
-//! the residual (last block's hidden output minus first block's hidden input) against the previous
+//! the residual (the chain's hidden output minus its hidden input) against the previous
 //! step's: `ratio` (mean per-token norm ratio; 1.0 at the first step), its std, and the cosine distance.
 
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::{mag_stats, tensor_bytes};
 use magcache_core::{
-    CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey, ScopeStates,
+    BlockChain, CallDecision, Error, GenerationPlan, Result, ScopeKey, ScopeStates, Streams,
     TimestepCache,
 };
 use std::collections::BTreeMap;
@@ -24,9 +24,7 @@ pub type CalibrationResults = Arc<Mutex<BTreeMap<ScopeKey, ScopeCalibration>>>;
 
 #[derive(Default)]
 struct CalState {
-    head_input: Option<Tensor>,
     prev: Option<Tensor>,
-    last: Option<CallDecision>,
 }
 
 /// A never-skipping cache that measures the ratio curves.
@@ -67,23 +65,17 @@ impl TimestepCache for Calibrator {
         Ok(Vec::new())
     }
 
-    fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
-        let (_, slot) = self.states.start_call(cx.scope)?;
-        slot.state.head_input = Some(cx.meta.hidden_input(inputs)?.clone());
-        Ok(HeadAction::Compute)
-    }
-
-    fn is_reusing(&self, _scope: ScopeKey) -> bool {
-        false
-    }
-
-    fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
-        let st = &mut self.states.get_mut(cx.scope)?.state;
-        let input = st
-            .head_input
-            .take()
-            .ok_or_else(|| Error::Hooks("calibration: tail without head".into()))?;
-        let res = (cx.meta.hidden_output(outputs)? - input)?;
+    fn run(
+        &mut self,
+        scope: ScopeKey,
+        chain: &dyn BlockChain,
+        x: Streams,
+    ) -> Result<(Streams, CallDecision)> {
+        let (_, slot) = self.states.start_call(scope)?;
+        let st = &mut slot.state;
+        let input = x.hidden.clone();
+        let out = chain.run(0..chain.num_blocks(), x)?;
+        let res = (&out.hidden - &input)?;
         let (ratio, std, cos) = match &st.prev {
             None => (1.0, 0.0, 0.0),
             Some(prev) => {
@@ -92,23 +84,15 @@ impl TimestepCache for Calibrator {
             }
         };
         st.prev = Some(res);
-        st.last = Some(CallDecision {
-            computed: true,
-            metric: Some(ratio),
-        });
-        let mut out = self
+        let mut results = self
             .out
             .lock()
             .map_err(|_| Error::msg("calibration results poisoned"))?;
-        let c = out.entry(cx.scope).or_default();
+        let c = results.entry(scope).or_default();
         c.ratios.push(ratio);
         c.stds.push(std);
         c.cos_dists.push(cos);
-        Ok(())
-    }
-
-    fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
-        self.states.get(scope).ok().and_then(|s| s.state.last)
+        Ok((out, CallDecision::computed(Some(ratio))))
     }
 
     fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {

@@ -10,8 +10,8 @@ use magcache_core::candle_core::Tensor;
 use magcache_core::maths::{rel_l1, tensor_bytes};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey,
-    ScopeStates, StrategyConfig, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, GenerationPlan, Result, ScopeKey, ScopeStates,
+    StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 
@@ -48,41 +48,21 @@ impl StrategyConfig for FbCacheConfig {
     fn threshold(&self) -> Option<f64> {
         Some(self.threshold)
     }
+    fn metric_name(&self) -> &'static str {
+        "FBCache relative L1 of the first-block residual"
+    }
 }
 
 inventory::submit! {
     StrategyRegistration { name: "fbcache", description: "First-Block Cache: relative L1 change of the first block's residual (decides from data)" }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum Phase {
-    #[default]
-    Idle,
-    /// The first block is running (on a one-block chain the tail runs now).
-    FirstBlock,
-    Computing,
-    Reusing,
-}
-
-/// The two streams of a block output.
-#[derive(Debug, Clone)]
-struct Streams {
-    hidden: Tensor,
-    encoder: Option<Tensor>,
-}
-
 #[derive(Debug, Default)]
 struct FbState {
-    phase: Phase,
     /// First-block residual of the last computed call.
     head_residual: Option<Tensor>,
-    /// First block's output in the current computed call.
-    head_out: Option<Streams>,
-    /// Last block's output when the tail ran before the head finished (one-block chain).
-    pending_tail: Option<Streams>,
     /// Residual of the remaining blocks (last output - first output) of the last computed call.
     tail_residual: Option<Streams>,
-    last: Option<CallDecision>,
 }
 
 /// The FBCache strategy.
@@ -100,22 +80,6 @@ impl FbCache {
     }
 }
 
-fn streams(meta: &magcache_core::BlockMetadata, outputs: &[Tensor]) -> Result<Streams> {
-    Ok(Streams {
-        hidden: meta.hidden_output(outputs)?.clone(),
-        encoder: meta.encoder_output(outputs)?.cloned(),
-    })
-}
-
-fn residual(last: &Streams, first: &Streams) -> Result<Streams> {
-    let hidden = (&last.hidden - &first.hidden)?;
-    let encoder = match (&last.encoder, &first.encoder) {
-        (Some(a), Some(b)) => Some((a - b)?),
-        _ => None,
-    };
-    Ok(Streams { hidden, encoder })
-}
-
 impl TimestepCache for FbCache {
     fn name(&self) -> &str {
         "fbcache"
@@ -126,100 +90,33 @@ impl TimestepCache for FbCache {
         Ok(Vec::new())
     }
 
-    fn head(&mut self, cx: &HookCx<'_>, _inputs: &[Tensor]) -> Result<HeadAction> {
-        let (_, slot) = self.states.start_call(cx.scope)?;
-        slot.state.phase = Phase::FirstBlock;
-        slot.state.pending_tail = None;
-        Ok(HeadAction::RunFirstBlock)
-    }
-
-    fn after_first_block(
+    fn run(
         &mut self,
-        cx: &HookCx<'_>,
-        inputs: &[Tensor],
-        outputs: Vec<Tensor>,
-    ) -> Result<Vec<Tensor>> {
-        let st = &mut self.states.get_mut(cx.scope)?.state;
-        let first = streams(cx.meta, &outputs)?;
-        let r1 = (&first.hidden - cx.meta.hidden_input(inputs)?)?;
+        scope: ScopeKey,
+        chain: &dyn BlockChain,
+        x: Streams,
+    ) -> Result<(Streams, CallDecision)> {
+        let (_, slot) = self.states.start_call(scope)?;
+        let st = &mut slot.state;
+        let input = x.hidden.clone();
+        let first = chain.run(0..1, x)?;
+        let r1 = (&first.hidden - &input)?;
         let metric = match &st.head_residual {
             Some(prev) => Some(rel_l1(&r1, prev)?),
             None => None,
         };
-        let compute = match (metric, &st.tail_residual) {
-            (Some(d), Some(_)) => d > self.cfg.threshold,
-            _ => true,
-        };
-        st.last = Some(CallDecision {
-            computed: compute,
-            metric,
-        });
-        if !compute {
-            st.phase = Phase::Reusing;
-            let res = st.tail_residual.as_ref().expect("checked above");
-            let hidden = (&first.hidden + &res.hidden)?;
-            let encoder = match (&first.encoder, &res.encoder) {
-                (Some(e), Some(r)) => Some((e + r)?),
-                (e, _) => e.clone(),
-            };
-            return cx.meta.make_output(hidden, encoder);
+        if let (Some(d), Some(res)) = (metric, &st.tail_residual) {
+            if d <= self.cfg.threshold {
+                return Ok((first.add(res)?, CallDecision::reused(metric)));
+            }
         }
-        st.phase = Phase::Computing;
         st.head_residual = Some(r1);
-        match st.pending_tail.take() {
-            // One-block chain: the tail already ran inside the first block; nothing remains after it.
-            Some(last) => {
-                st.tail_residual = Some(residual(&last, &first)?);
-                st.head_out = None;
-            }
-            None => st.head_out = Some(first),
-        }
-        Ok(outputs)
-    }
-
-    fn is_reusing(&self, scope: ScopeKey) -> bool {
-        self.states
-            .get(scope)
-            .map(|s| s.state.phase == Phase::Reusing)
-            .unwrap_or(false)
-    }
-
-    fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
-        let st = &mut self.states.get_mut(cx.scope)?.state;
-        let last = streams(cx.meta, outputs)?;
-        match st.phase {
-            Phase::FirstBlock => st.pending_tail = Some(last),
-            Phase::Computing => {
-                let first = st.head_out.take().ok_or_else(|| {
-                    Error::Hooks(format!(
-                        "FBCache scope {}: tail ran without the first block's output",
-                        cx.scope
-                    ))
-                })?;
-                st.tail_residual = Some(residual(&last, &first)?);
-            }
-            p => {
-                return Err(Error::Hooks(format!(
-                    "FBCache scope {}: tail ran in phase {p:?}",
-                    cx.scope
-                )))
-            }
-        }
-        Ok(())
-    }
-
-    fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
-        self.states.get(scope).ok().and_then(|s| s.state.last)
+        let last = chain.run(1..chain.num_blocks(), first.clone())?;
+        st.tail_residual = Some(last.sub(&first)?);
+        Ok((last, CallDecision::computed(metric)))
     }
 
     fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
-        let b = |s: &Option<Streams>| {
-            s.as_ref()
-                .map(|s| {
-                    tensor_bytes(&s.hidden) + s.encoder.as_ref().map(tensor_bytes).unwrap_or(0)
-                })
-                .unwrap_or(0)
-        };
         self.states
             .iter()
             .map(|(k, s)| {
@@ -230,7 +127,11 @@ impl TimestepCache for FbCache {
                         .as_ref()
                         .map(tensor_bytes)
                         .unwrap_or(0)
-                        + b(&s.state.tail_residual),
+                        + s.state
+                            .tail_residual
+                            .as_ref()
+                            .map(Streams::bytes)
+                            .unwrap_or(0),
                 )
             })
             .collect()

@@ -6,8 +6,9 @@
 //! - [`fbcache`]: First-Block Cache, relative L1 of the first block's residual (`strategy = "fbcache"`);
 //! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`).
 //!
-//! Strategies know nothing of a model's internals: they see block tuples through
-//! [`magcache_core::BlockMetadata`] and scopes through [`magcache_core::ScopeStates`].
+//! Strategies know nothing of a model's internals: they see a call's block chain through
+//! [`magcache_core::BlockChain`] (run a range of blocks, ask for an [`magcache_core::Indicator`]) and
+//! keep per-scope state in [`magcache_core::ScopeStates`].
 
 pub mod calibrate;
 pub mod fbcache;
@@ -18,6 +19,7 @@ pub mod teacache;
 
 pub use fbcache::{FbCache, FbCacheConfig};
 pub use magcache::{MagCache, MagCacheConfig};
+pub use ratios::{RatioSource, RatioSpec, Resample};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
 /// Every strategy's `threshold`: a finite, non-negative number.

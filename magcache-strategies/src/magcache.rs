@@ -5,16 +5,15 @@
 //! resampled to its steps: from step `retention` on, every call does `acc_ratio *= ratio[step]`,
 //! `acc_steps += 1`, `acc_err += |1 - acc_ratio|`; it reuses when a residual exists,
 //! `acc_err <= threshold` and `acc_steps <= max_skip_steps`, otherwise it computes and resets the three
-//! accumulators. The residual is the last block's hidden output minus the first block's hidden input;
-//! a reused call returns the first block's input plus that residual (added once, at the head).
+//! accumulators. The residual is the chain's hidden output minus its hidden input; a reused call
+//! returns the chain's input plus that residual (added once) and runs no block.
 
 use crate::ratios::{RatioSource, RatioSpec, Resample};
 use crate::residual::ResidualCache;
-use magcache_core::candle_core::Tensor;
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey,
-    ScopeStates, StrategyConfig, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, Error, GenerationPlan, Result, ScopeKey, ScopeStates,
+    StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 
@@ -105,8 +104,8 @@ impl StrategyConfig for MagCacheConfig {
                 }
                 RatioSource::Registered(prof.curves(&path.display().to_string()))
             }
-            (None, None) => match &env.model.mag_ratios {
-                Some(rc) => RatioSource::Registered(rc.clone()),
+            (None, None) => match crate::ratios::published_curves(env.model)? {
+                Some(rc) => RatioSource::Registered(rc),
                 None => {
                     return Err(Error::config(
                         env.file,
@@ -136,6 +135,10 @@ impl StrategyConfig for MagCacheConfig {
         false
     }
 
+    fn metric_name(&self) -> &'static str {
+        "MagCache accumulated error"
+    }
+
     fn threshold(&self) -> Option<f64> {
         Some(self.threshold)
     }
@@ -153,7 +156,6 @@ struct MagState {
     acc_err: f64,
     acc_steps: usize,
     cache: ResidualCache,
-    last: Option<CallDecision>,
 }
 
 /// The MagCache strategy.
@@ -250,35 +252,24 @@ impl TimestepCache for MagCache {
         Ok(warnings)
     }
 
-    fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
-        let (step, slot) = self.states.start_call(cx.scope)?;
+    fn run(
+        &mut self,
+        scope: ScopeKey,
+        chain: &dyn BlockChain,
+        x: Streams,
+    ) -> Result<(Streams, CallDecision)> {
+        let (step, slot) = self.states.start_call(scope)?;
         let st = &mut slot.state;
         let has_residual = st.cache.has_residual();
         let (reuse, metric) = decide(&self.cfg, st, step, has_residual);
-        st.last = Some(CallDecision {
-            computed: !reuse,
-            metric: Some(metric),
-        });
-        st.cache.head("MagCache", cx, inputs, reuse)
-    }
-
-    fn is_reusing(&self, scope: ScopeKey) -> bool {
-        self.states
-            .get(scope)
-            .map(|s| s.state.cache.is_reusing())
-            .unwrap_or(false)
-    }
-
-    fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
-        self.states
-            .get_mut(cx.scope)?
-            .state
-            .cache
-            .tail("MagCache", cx, outputs)
-    }
-
-    fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
-        self.states.get(scope).ok().and_then(|s| s.state.last)
+        let out = st.cache.run("MagCache", scope, chain, x, reuse)?;
+        Ok((
+            out,
+            CallDecision {
+                computed: !reuse,
+                metric: Some(metric),
+            },
+        ))
     }
 
     fn predict(&self, scope: ScopeKey) -> Option<Vec<CallDecision>> {

@@ -5,8 +5,74 @@
 //! number of steps its scope runs.
 
 use magcache_core::maths::nearest_interp;
-use magcache_core::{Branch, Error, GenerationPlan, RatioCurves, Result, ScopePlan};
+use magcache_core::{
+    Branch, Error, GenerationPlan, ModelInfo, RatioCurves, Result, ScheduleMeta, ScopePlan,
+};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a model publishes for MagCache under the `magcache` key: a ratio curve from the MagCache
+/// authors with the schedule it was calibrated on.
+#[derive(Clone, Debug, Deserialize)]
+pub struct MagPublished {
+    /// Name of the curve, for messages.
+    pub name: String,
+    pub ratios: Vec<f64>,
+    #[serde(default)]
+    pub schedule: Option<ScheduleMeta>,
+    /// `[cond 0, uncond 0, cond 1, uncond 1, ...]` (models calibrated with CFG) rather than one curve.
+    #[serde(default)]
+    pub interleaved: bool,
+    /// Dual-expert models: the curve spans both experts; the high-noise expert ran this many steps.
+    #[serde(default)]
+    pub high_steps: Option<usize>,
+}
+
+/// Splits an interleaved `[cond0, uncond0, cond1, uncond1, ...]` array into per-branch curves.
+pub fn deinterleave(v: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let cond = v.iter().step_by(2).copied().collect();
+    let uncond = v.iter().skip(1).step_by(2).copied().collect();
+    (cond, uncond)
+}
+
+impl MagPublished {
+    /// The curves per expert and branch.
+    pub fn curves(&self) -> RatioCurves {
+        let branches = |lo: usize, hi: Option<usize>| -> BTreeMap<Branch, Vec<f64>> {
+            if self.interleaved {
+                let (c, u) = deinterleave(&self.ratios);
+                let cut = |v: Vec<f64>| -> Vec<f64> {
+                    let hi = hi.unwrap_or(v.len()).min(v.len());
+                    v.get(lo.min(hi)..hi)
+                        .map(<[f64]>::to_vec)
+                        .unwrap_or_default()
+                };
+                BTreeMap::from([(Branch::Cond, cut(c)), (Branch::Uncond, cut(u))])
+            } else {
+                let hi = hi.unwrap_or(self.ratios.len()).min(self.ratios.len());
+                let v = self.ratios.get(lo.min(hi)..hi).map(<[f64]>::to_vec);
+                BTreeMap::from([(Branch::Cond, v.unwrap_or_default())])
+            }
+        };
+        let experts = match self.high_steps {
+            None => vec![branches(0, None)],
+            Some(n) => vec![branches(0, Some(n)), branches(n, None)],
+        };
+        RatioCurves {
+            experts,
+            schedule: self.schedule.clone(),
+            expert_sigmas: Vec::new(),
+            source: format!("published curve `{}`", self.name),
+        }
+    }
+}
+
+/// The curves the model publishes for MagCache, if any.
+pub fn published_curves(model: &ModelInfo) -> Result<Option<RatioCurves>> {
+    Ok(model
+        .published::<MagPublished>("magcache")?
+        .map(|p| p.curves()))
+}
 
 /// `mag_ratios = [...]` or `[cache.mag_ratios] high_noise = [...], low_noise = [...]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

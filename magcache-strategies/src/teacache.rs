@@ -5,16 +5,20 @@
 //! polynomial (coefficients highest power first); the call reuses while `acc < threshold`, else it
 //! computes and sets `acc = 0`. `ind_prev` is updated on every call, computed or not. Residual and
 //! reuse as MagCache (last block's hidden output minus first block's hidden input, added once at the
-//! head).
+//! chain's input, no block run).
+//!
+//! Which model tensor serves as the indicator is part of the calibration: the TeaCache authors fit
+//! Wan's coefficients on its timestep embedding (`timestep_modulation` with `ret_steps`) and FLUX's on
+//! the first block's modulated input. Models publish that choice (and, per variant, the
+//! coefficients) under the `teacache` key; `indicator = "..."` in the config overrides it.
 
 use crate::residual::ResidualCache;
 use magcache_core::candle_core::Tensor;
-use magcache_core::hooks::indicator;
 use magcache_core::maths::{rel_l1, tensor_bytes};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BuildEnv, CallDecision, Error, GenerationPlan, HeadAction, HookCx, Result, ScopeKey,
-    ScopeStates, StrategyConfig, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, Error, GenerationPlan, Indicator, ModelInfo, Result,
+    ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,9 +32,38 @@ pub struct TeaCacheConfig {
     /// Rescale polynomial, highest power first; default: the model's published coefficients.
     #[serde(default)]
     pub coefficients: Option<Vec<f64>>,
-    /// Use the timestep-projection indicator and force the first 5 steps (last step not forced).
+    /// Use the published `ret_steps` coefficients and indicator, and force the first 5 steps (last
+    /// step not forced).
     #[serde(default)]
     pub ret_steps: bool,
+    /// The model tensor to measure; default: the one the model's published data names.
+    #[serde(default)]
+    pub indicator: Option<Indicator>,
+}
+
+/// What a model publishes for TeaCache under the `teacache` key.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct TeaPublished {
+    /// Rescale polynomial fit for this model variant, highest power first.
+    #[serde(default)]
+    pub coefficients: Option<Vec<f64>>,
+    /// The polynomial fit with `ret_steps`.
+    #[serde(default)]
+    pub coefficients_ret_steps: Option<Vec<f64>>,
+    /// The tensor the coefficients were fit on.
+    #[serde(default)]
+    pub indicator: Option<Indicator>,
+    /// The tensor the `ret_steps` coefficients were fit on (default: `indicator`).
+    #[serde(default)]
+    pub indicator_ret_steps: Option<Indicator>,
+}
+
+fn variant_note(model: &ModelInfo) -> String {
+    model
+        .variant
+        .as_deref()
+        .map(|v| format!(" variant `{v}`"))
+        .unwrap_or_default()
 }
 
 fn d_threshold() -> f64 {
@@ -43,6 +76,7 @@ impl Default for TeaCacheConfig {
             threshold: d_threshold(),
             coefficients: None,
             ret_steps: false,
+            indicator: None,
         }
     }
 }
@@ -64,37 +98,62 @@ impl StrategyConfig for TeaCacheConfig {
     }
 
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        let published: TeaPublished = env.model.published("teacache")?.unwrap_or_default();
+        let ret = if self.ret_steps {
+            " with ret_steps"
+        } else {
+            ""
+        };
         let coefficients = match &self.coefficients {
             Some(c) => c.clone(),
             None => {
-                let published = env.model.tea_coefficients.as_ref();
                 let c = if self.ret_steps {
-                    published.and_then(|p| p.ret_steps.clone())
+                    published.coefficients_ret_steps.clone()
                 } else {
-                    published.map(|p| p.plain.clone())
+                    published.coefficients.clone()
                 };
                 c.ok_or_else(|| {
                     Error::config(
                         env.file,
                         "cache.coefficients",
                         format!(
-                            "TeaCache needs rescale coefficients: none in the config and none published for model family `{}`{}{}",
+                            "TeaCache needs rescale coefficients: none in the config and none published for model family `{}`{}{ret}",
                             env.model.family,
-                            env.model.variant.as_deref().map(|v| format!(" variant `{v}`")).unwrap_or_default(),
-                            if self.ret_steps { " with ret_steps" } else { "" }
+                            variant_note(env.model),
                         ),
                     )
                 })?
             }
         };
+        let published_indicator = if self.ret_steps {
+            published.indicator_ret_steps.or(published.indicator)
+        } else {
+            published.indicator
+        };
+        let indicator = self.indicator.or(published_indicator).ok_or_else(|| {
+            Error::config(
+                env.file,
+                "cache.indicator",
+                format!(
+                    "TeaCache needs an indicator: model family `{}` publishes none; set one of {}",
+                    env.model.family,
+                    Indicator::ALL.map(|i| format!("\"{i}\"")).join(", ")
+                ),
+            )
+        })?;
         Ok(Some(Box::new(TeaCache::new(TeaCacheConfig {
             coefficients: Some(coefficients),
+            indicator: Some(indicator),
             ..self.clone()
         }))))
     }
 
     fn threshold(&self) -> Option<f64> {
         Some(self.threshold)
+    }
+
+    fn metric_name(&self) -> &'static str {
+        "TeaCache accumulated rescaled distance"
     }
 }
 
@@ -117,32 +176,28 @@ struct TeaState {
     acc: f64,
     prev: Option<Tensor>,
     cache: ResidualCache,
-    last: Option<CallDecision>,
 }
 
 /// The TeaCache strategy.
 pub struct TeaCache {
     cfg: TeaCacheConfig,
     coefficients: Vec<f64>,
+    indicator: Indicator,
     states: ScopeStates<TeaState>,
 }
 
 impl TeaCache {
-    /// `cfg.coefficients` must be set (the config's `build` resolves them).
+    /// A TeaCache with resolved settings: without `cfg.coefficients` the distance is used as is
+    /// (`[1, 0]`), without `cfg.indicator` the timestep embedding is measured (the config's `build`
+    /// resolves both from the model's published data).
     pub fn new(cfg: TeaCacheConfig) -> Self {
         let coefficients = cfg.coefficients.clone().unwrap_or_else(|| vec![1.0, 0.0]);
+        let indicator = cfg.indicator.unwrap_or(Indicator::TimestepEmbedding);
         TeaCache {
             cfg,
             coefficients,
+            indicator,
             states: ScopeStates::default(),
-        }
-    }
-
-    fn indicator_name(&self) -> &'static str {
-        if self.cfg.ret_steps {
-            indicator::TEACACHE_RET_STEPS
-        } else {
-            indicator::TEACACHE
         }
     }
 }
@@ -157,20 +212,21 @@ impl TimestepCache for TeaCache {
         Ok(Vec::new())
     }
 
-    fn indicators(&self) -> Vec<String> {
-        vec![self.indicator_name().to_string()]
-    }
-
-    fn head(&mut self, cx: &HookCx<'_>, inputs: &[Tensor]) -> Result<HeadAction> {
-        let name = self.indicator_name();
-        let ind = cx
-            .indicators
-            .get(name)
-            .ok_or_else(|| Error::msg(format!("TeaCache: the model published no `{name}` indicator; this model does not support TeaCache")))?
-            .clone();
+    fn run(
+        &mut self,
+        scope: ScopeKey,
+        chain: &dyn BlockChain,
+        x: Streams,
+    ) -> Result<(Streams, CallDecision)> {
+        let kind = self.indicator;
+        let ind = chain.indicator(kind)?.ok_or_else(|| {
+            Error::msg(format!(
+                "TeaCache: the model has no `{kind}` indicator; pick another with `cache.indicator`"
+            ))
+        })?;
         let ret = self.cfg.ret_steps;
         let (thr, coef) = (self.cfg.threshold, &self.coefficients);
-        let (step, slot) = self.states.start_call(cx.scope)?;
+        let (step, slot) = self.states.start_call(scope)?;
         let steps = slot.steps;
         let st = &mut slot.state;
         let forced = if ret {
@@ -195,30 +251,14 @@ impl TimestepCache for TeaCache {
             }
         };
         st.prev = Some(ind);
-        st.last = Some(CallDecision {
-            computed: compute,
-            metric,
-        });
-        st.cache.head("TeaCache", cx, inputs, !compute)
-    }
-
-    fn is_reusing(&self, scope: ScopeKey) -> bool {
-        self.states
-            .get(scope)
-            .map(|s| s.state.cache.is_reusing())
-            .unwrap_or(false)
-    }
-
-    fn tail(&mut self, cx: &HookCx<'_>, outputs: &[Tensor]) -> Result<()> {
-        self.states
-            .get_mut(cx.scope)?
-            .state
-            .cache
-            .tail("TeaCache", cx, outputs)
-    }
-
-    fn last_decision(&self, scope: ScopeKey) -> Option<CallDecision> {
-        self.states.get(scope).ok().and_then(|s| s.state.last)
+        let out = st.cache.run("TeaCache", scope, chain, x, !compute)?;
+        Ok((
+            out,
+            CallDecision {
+                computed: compute,
+                metric,
+            },
+        ))
     }
 
     fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {

@@ -4,12 +4,15 @@
 use magcache_core::candle_core::{Device, Tensor};
 use magcache_core::maths::nearest_interp;
 use magcache_core::{
-    BlockMetadata, Branch, CacheHandle, Error, GenerationPlan, HookRegistry, ScopeKey, ScopePlan,
+    BlockChain, BlockMetadata, Branch, CacheHandle, CallCx, CallDecision, Error, GenerationPlan,
+    HookRegistry, Indicator, ScopeKey, ScopePlan, Streams,
 };
 use magcache_strategies::magcache::{predict, retention_steps};
 use magcache_strategies::ratios::{RatioSource, RatioSpec};
 use magcache_strategies::{FbCache, FbCacheConfig, MagCache, MagCacheConfig};
 use proptest::prelude::*;
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const META: BlockMetadata = BlockMetadata {
@@ -34,29 +37,74 @@ fn v(t: &Tensor) -> Vec<f32> {
 struct Toy {
     reg: HookRegistry,
     runs: Vec<AtomicUsize>,
+    cache: CacheHandle,
+    last: HashMap<ScopeKey, CallDecision>,
+}
+
+/// One call's chain over the toy's blocks.
+struct ToyChain<'a> {
+    toy: &'a Toy,
+    scope: ScopeKey,
+    indicator: Tensor,
+}
+
+impl BlockChain for ToyChain<'_> {
+    fn num_blocks(&self) -> usize {
+        self.toy.runs.len()
+    }
+    fn run(&self, blocks: Range<usize>, x: Streams) -> magcache_core::Result<Streams> {
+        let mut h = x.hidden;
+        for i in blocks {
+            let runs = &self.toy.runs[i];
+            let out = self
+                .toy
+                .reg
+                .run_block(self.scope, i, &[h], &|inp: &[Tensor]| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(vec![((&inp[0] * 2.0)? + (i as f64 + 1.0))?])
+                })?;
+            h = out[0].clone();
+        }
+        Ok(Streams::hidden(h))
+    }
+    fn indicator(&self, kind: Indicator) -> magcache_core::Result<Option<Tensor>> {
+        Ok((kind == Indicator::TimestepEmbedding).then(|| self.indicator.clone()))
+    }
 }
 
 impl Toy {
     fn new(n: usize, cache: &CacheHandle) -> Self {
-        let mut reg = HookRegistry::new(vec![META; n]);
-        cache.install(&mut reg).unwrap();
         Toy {
-            reg,
+            reg: HookRegistry::new(vec![META; n]),
             runs: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            cache: cache.clone(),
+            last: HashMap::new(),
         }
     }
     fn call(&mut self, scope: ScopeKey, x: &Tensor) -> magcache_core::Result<Tensor> {
-        self.reg.set_scope(Some(scope));
-        let mut h = x.clone();
-        for i in 0..self.runs.len() {
-            let runs = &self.runs[i];
-            let out = self.reg.run_block(i, &[h], &|inp: &[Tensor]| {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok(vec![((&inp[0] * 2.0)? + (i as f64 + 1.0))?])
-            })?;
-            h = out[0].clone();
+        self.call_with(scope, x, x)
+    }
+    /// A call whose timestep-embedding indicator is `ind`.
+    fn call_with(
+        &mut self,
+        scope: ScopeKey,
+        x: &Tensor,
+        ind: &Tensor,
+    ) -> magcache_core::Result<Tensor> {
+        let cx = CallCx::new(scope, Some(&self.cache));
+        let chain = ToyChain {
+            toy: self,
+            scope,
+            indicator: ind.clone(),
+        };
+        let out = cx.run_chain(&chain, Streams::hidden(x.clone()))?;
+        if let Some(d) = cx.decision() {
+            self.last.insert(scope, d);
         }
-        Ok(h)
+        Ok(out.hidden)
+    }
+    fn last(&self, scope: ScopeKey) -> CallDecision {
+        self.last[&scope]
     }
     fn dense(n: usize, x: &Tensor) -> Vec<f32> {
         let mut h = x.clone();
@@ -103,7 +151,7 @@ fn always_reuse_magcache(k: usize) -> MagCache {
 fn one_block_magcache_head_and_tail_on_the_same_block() {
     let cache = CacheHandle::new(Box::new(always_reuse_magcache(5)));
     let mut toy = Toy::new(1, &cache);
-    assert_eq!(toy.reg.hook_names(0), ["cache.head", "cache.tail"]);
+    assert!(toy.reg.is_empty(), "a cache installs no per-block hooks");
     cache
         .lock()
         .unwrap()
@@ -115,16 +163,13 @@ fn one_block_magcache_head_and_tail_on_the_same_block() {
     // Reused: x2 + (out1 - x1) = x2 + [2, 3]
     assert_eq!(v(&toy.call(COND, &x2).unwrap()), [12.0, 23.0]);
     assert_eq!(toy.runs(), [1]);
-    assert!(!cache.lock().unwrap().last_decision(COND).unwrap().computed);
+    assert!(!toy.last(COND).computed);
 }
 
 #[test]
 fn reused_call_adds_the_residual_exactly_once() {
     let cache = CacheHandle::new(Box::new(always_reuse_magcache(5)));
     let mut toy = Toy::new(3, &cache);
-    assert_eq!(toy.reg.hook_names(0), ["cache.head"]);
-    assert_eq!(toy.reg.hook_names(1), ["cache.pass"]);
-    assert_eq!(toy.reg.hook_names(2), ["cache.pass", "cache.tail"]);
     cache
         .lock()
         .unwrap()
@@ -160,7 +205,7 @@ fn fbcache_one_block_is_exact_whatever_it_decides() {
             Toy::dense(1, &x),
             "call {i}"
         );
-        let d = cache.lock().unwrap().last_decision(COND).unwrap();
+        let d = toy.last(COND);
         assert_eq!(d.computed, i == 0, "call {i}");
     }
 }
@@ -180,12 +225,12 @@ fn fbcache_reuse_runs_only_the_first_block() {
     let out2 = toy.call(COND, &x1).unwrap();
     assert_eq!(v(&out2), v(&out1));
     assert_eq!(toy.runs(), [2, 1, 1]);
-    let d = cache.lock().unwrap().last_decision(COND).unwrap();
+    let d = toy.last(COND);
     assert_eq!((d.computed, d.metric), (false, Some(0.0)));
     // A very different input: recompute.
     let x3 = t(&[100.0, -50.0]);
     assert_eq!(v(&toy.call(COND, &x3).unwrap()), Toy::dense(3, &x3));
-    assert!(cache.lock().unwrap().last_decision(COND).unwrap().computed);
+    assert!(toy.last(COND).computed);
 }
 
 #[test]
@@ -201,16 +246,9 @@ fn scopes_are_isolated_and_counted_separately() {
     toy.call(COND, &x).unwrap();
     // The uncond scope has no residual yet: it must compute although cond has one.
     toy.call(UNCOND, &x).unwrap();
-    assert!(
-        cache
-            .lock()
-            .unwrap()
-            .last_decision(UNCOND)
-            .unwrap()
-            .computed
-    );
+    assert!(toy.last(UNCOND).computed);
     toy.call(COND, &x).unwrap();
-    assert!(!cache.lock().unwrap().last_decision(COND).unwrap().computed);
+    assert!(!toy.last(COND).computed);
     // Each scope was told 2 steps: a third call is an error, not a silent wrap-around.
     let err = toy.call(COND, &x).unwrap_err();
     assert!(matches!(err, Error::ScopeOverrun { .. }), "{err}");
@@ -224,8 +262,10 @@ fn scopes_are_isolated_and_counted_separately() {
         .begin_generation(&plan(2, &[Branch::Cond]))
         .unwrap();
     toy.call(COND, &x).unwrap();
-    assert!(cache.lock().unwrap().last_decision(COND).unwrap().computed);
-    assert!(cache.lock().unwrap().last_decision(UNCOND).is_none());
+    assert!(toy.last(COND).computed);
+    // The old generation's uncond scope is gone.
+    let err = toy.call(UNCOND, &x).unwrap_err();
+    assert!(matches!(err, Error::ScopeNotPlanned(_)), "{err}");
 }
 
 #[test]
@@ -236,6 +276,112 @@ fn cache_without_begin_generation_is_an_error() {
         toy.call(COND, &t(&[1.0])).unwrap_err(),
         Error::ScopeNotPlanned(_)
     ));
+}
+
+/// Counts the calls of the block it wraps.
+struct Counter(
+    &'static str,
+    std::sync::Arc<AtomicUsize>,
+    magcache_core::HookOrder,
+);
+
+impl magcache_core::BlockHook for Counter {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn order(&self) -> magcache_core::HookOrder {
+        self.2
+    }
+    fn forward(
+        &self,
+        _cx: &magcache_core::HookCx<'_>,
+        inputs: &[Tensor],
+        next: magcache_core::hooks::Next<'_>,
+    ) -> magcache_core::Result<Vec<Tensor>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        next(inputs)
+    }
+}
+
+#[test]
+fn user_hooks_run_on_computed_blocks_beside_a_cache() {
+    use magcache_core::HookOrder;
+    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold: 0.5 })));
+    let mut toy = Toy::new(1, &cache);
+    // Head and tail hooks on the one block chain; the cache wraps the chain around them.
+    let (outer, inner) = (
+        std::sync::Arc::new(AtomicUsize::new(0)),
+        std::sync::Arc::new(AtomicUsize::new(0)),
+    );
+    toy.reg
+        .register(
+            0,
+            std::sync::Arc::new(Counter("outer", outer.clone(), HookOrder::Outer)),
+        )
+        .unwrap();
+    toy.reg
+        .register(
+            0,
+            std::sync::Arc::new(Counter("inner", inner.clone(), HookOrder::Inner)),
+        )
+        .unwrap();
+    cache
+        .lock()
+        .unwrap()
+        .begin_generation(&plan(2, &[Branch::Cond]))
+        .unwrap();
+    let x = t(&[1.0, 2.0]);
+    assert_eq!(v(&toy.call(COND, &x).unwrap()), Toy::dense(1, &x));
+    assert_eq!(v(&toy.call(COND, &x).unwrap()), Toy::dense(1, &x));
+    // FBCache always runs the first block: both hooks saw both calls, the block ran twice.
+    assert_eq!(outer.load(Ordering::SeqCst), 2);
+    assert_eq!(inner.load(Ordering::SeqCst), 2);
+    assert_eq!(toy.runs(), [2]);
+    assert!(!toy.last(COND).computed);
+}
+
+#[test]
+fn teacache_decides_from_the_indicator_the_chain_gives() {
+    use magcache_strategies::{TeaCache, TeaCacheConfig};
+    let cfg = TeaCacheConfig {
+        threshold: 0.5,
+        coefficients: Some(vec![1.0, 0.0]),
+        ..Default::default()
+    };
+    let cache = CacheHandle::new(Box::new(TeaCache::new(cfg)));
+    let mut toy = Toy::new(2, &cache);
+    cache
+        .lock()
+        .unwrap()
+        .begin_generation(&plan(4, &[Branch::Cond]))
+        .unwrap();
+    let x = t(&[1.0, 2.0]);
+    let ind = t(&[1.0, 1.0]);
+    toy.call_with(COND, &x, &ind).unwrap();
+    assert!(toy.last(COND).computed, "first step is forced");
+    // Indicator moved by 10 %: reuse, the metric is the accumulated distance.
+    toy.call_with(COND, &x, &t(&[1.1, 1.1])).unwrap();
+    let d = toy.last(COND);
+    assert!(!d.computed);
+    assert!((d.metric.unwrap() - 0.1).abs() < 1e-6, "{d:?}");
+    // A jump past the threshold computes.
+    toy.call_with(COND, &x, &t(&[3.0, 3.0])).unwrap();
+    assert!(toy.last(COND).computed);
+    assert_eq!(toy.runs(), [2, 2]);
+    // A chain without the indicator TeaCache asks for is an error naming it.
+    let cfg = TeaCacheConfig {
+        indicator: Some(Indicator::ModulatedInput),
+        ..Default::default()
+    };
+    let cache = CacheHandle::new(Box::new(TeaCache::new(cfg)));
+    let mut toy = Toy::new(2, &cache);
+    cache
+        .lock()
+        .unwrap()
+        .begin_generation(&plan(4, &[Branch::Cond]))
+        .unwrap();
+    let err = toy.call(COND, &x).unwrap_err().to_string();
+    assert!(err.contains("modulated_input"), "{err}");
 }
 
 proptest! {
@@ -274,7 +420,7 @@ proptest! {
         cache.lock().unwrap().begin_generation(&plan(steps, &[Branch::Cond])).unwrap();
         for (i, p) in predicted.iter().enumerate() {
             toy.call(COND, &t(&[i as f32, 1.0])).unwrap();
-            let d = cache.lock().unwrap().last_decision(COND).unwrap();
+            let d = toy.last(COND);
             prop_assert_eq!(d.computed, p.0, "call {}", i);
             prop_assert_eq!(d.metric, Some(p.1));
         }
@@ -295,7 +441,7 @@ proptest! {
         let mut toy = Toy::new(3, &cache);
         cache.lock().unwrap().begin_generation(&plan(2, &[Branch::Cond])).unwrap();
         let out = toy.call(COND, &t(&x)).unwrap();
-        let d = cache.lock().unwrap().last_decision(COND).unwrap();
+        let d = toy.last(COND);
         prop_assert!(d.computed);
         prop_assert_eq!(d.metric, None);
         prop_assert_eq!(v(&out), Toy::dense(3, &t(&x)));

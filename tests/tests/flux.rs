@@ -2,6 +2,7 @@
 //! run of `flux_tiny_loop`.
 
 use candle_core::Tensor;
+use magcache_core::{Branch, CallCx, ScopeKey};
 use magcache_models::flux::load::{load_flux, FluxLayout};
 use magcache_models::flux::model::{FluxModel, FluxTrace};
 use magcache_models::scheduler::flow_match_dynamic;
@@ -20,11 +21,7 @@ fn tiny() -> FluxModel {
     FluxModel::from_weights(l.config, &l.store).unwrap()
 }
 
-fn forward(
-    m: &mut FluxModel,
-    f: &HashMap<String, Tensor>,
-    trace: Option<&mut FluxTrace>,
-) -> Tensor {
+fn forward(m: &FluxModel, f: &HashMap<String, Tensor>, trace: Option<&mut FluxTrace>) -> Tensor {
     m.forward_traced(
         &f["hidden_states"],
         &f["encoder_hidden_states"],
@@ -33,6 +30,7 @@ fn forward(
         &f["img_ids"],
         &f["txt_ids"],
         Some(&f["guidance"]),
+        &CallCx::dense(ScopeKey::new(0, Branch::Cond)),
         trace,
     )
     .unwrap()
@@ -41,9 +39,9 @@ fn forward(
 #[test]
 fn forward_matches_reference_with_every_block() {
     let f = load("reference/flux_tiny_forward.safetensors");
-    let mut m = tiny();
+    let m = tiny();
     let mut tr = FluxTrace::default();
-    let out = forward(&mut m, &f, Some(&mut tr));
+    let out = forward(&m, &f, Some(&mut tr));
     let nd = m.cfg.num_layers;
     for (i, (o0, o1)) in tr.blocks.iter().enumerate() {
         let name = if i < nd {
@@ -221,9 +219,9 @@ fn bfl_single_file_gives_the_same_output() {
         ),
         (2, 3, 16)
     );
-    let mut m = FluxModel::from_weights(l.config, &l.store).unwrap();
+    let m = FluxModel::from_weights(l.config, &l.store).unwrap();
     let f = load("reference/flux_tiny_forward.safetensors");
-    let d = max_abs_diff(&forward(&mut m, &f, None), &f["output"]);
+    let d = max_abs_diff(&forward(&m, &f, None), &f["output"]);
     assert!(d < 1e-4, "BFL layout output differs by {d}");
 }
 

@@ -131,8 +131,8 @@ fn preset_uses_its_published_split_curve_and_warns_on_another_boundary() {
     std::fs::write(&path, text(0.875)).unwrap();
     let p = magcache_cli::prepare(&path).unwrap();
     let info = p.pipeline.model_info();
-    let rc = info
-        .mag_ratios
+    let rc = magcache_strategies::ratios::published_curves(&info)
+        .unwrap()
         .expect("published curve registered with the preset");
     assert_eq!(rc.experts.len(), 2);
     assert_eq!(rc.experts[0][&magcache_core::Branch::Cond].len(), 26);

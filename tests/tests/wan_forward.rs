@@ -1,9 +1,14 @@
 //! Forward parity of the Wan2.1 transformer with diffusers (`wan21_tiny_forward`).
 
+use magcache_core::{Branch, CallCx, ScopeKey};
 use magcache_models::wan::load::{load_wan, original_to_diffusers};
 use magcache_models::wan::model::{WanModel, WanTrace};
 use magcache_models::weights::WeightStore;
 use magcache_tests::{fixture, load, max_abs_diff};
+
+fn dense() -> CallCx<'static> {
+    CallCx::dense(ScopeKey::new(0, Branch::Cond))
+}
 
 fn tiny() -> WanModel {
     let l = load_wan(
@@ -19,13 +24,14 @@ fn tiny() -> WanModel {
 #[test]
 fn forward_matches_reference_with_every_block() {
     let f = load("reference/wan21_tiny_forward.safetensors");
-    let mut m = tiny();
+    let m = tiny();
     let mut tr = WanTrace::default();
     let out = m
         .forward_traced(
             &f["hidden_states"],
             &f["timestep"],
             &f["encoder_hidden_states"],
+            &dense(),
             Some(&mut tr),
         )
         .unwrap();
@@ -55,12 +61,13 @@ fn forward_matches_reference_with_every_block() {
 #[test]
 fn per_token_timesteps_match_reference() {
     let f = load("reference/wan21_tiny_forward.safetensors");
-    let mut m = tiny();
+    let m = tiny();
     let out = m
         .forward(
             &f["hidden_states"],
             &f["timestep_per_token"],
             &f["encoder_hidden_states"],
+            &dense(),
         )
         .unwrap();
     let d = max_abs_diff(&out, &f["output_per_token"]);
@@ -94,13 +101,14 @@ fn original_wan_layout_gives_the_same_output() {
     over.insert("rope_max_seq_len".into(), 64.into());
     let l = load_wan(&path, None, &over, "test").unwrap();
     assert_eq!(l.layout, magcache_models::wan::load::WanLayout::Original);
-    let mut m = WanModel::from_weights(l.config, &l.store).unwrap();
+    let m = WanModel::from_weights(l.config, &l.store).unwrap();
     let f = load("reference/wan21_tiny_forward.safetensors");
     let out = m
         .forward(
             &f["hidden_states"],
             &f["timestep"],
             &f["encoder_hidden_states"],
+            &dense(),
         )
         .unwrap();
     assert!(max_abs_diff(&out, &f["output"]) < 1e-4);

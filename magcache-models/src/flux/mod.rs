@@ -13,11 +13,13 @@ use crate::wan::{overrides_json, resolve};
 use candle_core::{Device, Tensor};
 use config::FluxConfig;
 use magcache_core::config::{RunConfig, WeightsSpec};
-use magcache_core::pipeline::{CallEvent, Observer};
+use magcache_core::pipeline::Observer;
 use magcache_core::registry::ModelFamily;
 use magcache_core::{
-    Branch, CacheHandle, Error, GenerationPlan, ModelInfo, Pipeline, Result, ScopeKey, ScopePlan,
+    Branch, CacheHandle, Denoiser, Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result,
+    StepsSpec,
 };
+
 use model::{FluxModel, FLUX_DOUBLE, FLUX_SINGLE};
 use std::path::Path;
 
@@ -158,10 +160,6 @@ impl Pipeline for FluxPipeline {
         self.info.clone()
     }
     fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
-        CacheHandle::uninstall(&mut self.model.hooks);
-        if let Some(c) = &cache {
-            c.install(&mut self.model.hooks)?;
-        }
         self.cache = cache;
         Ok(())
     }
@@ -188,52 +186,35 @@ impl Pipeline for FluxPipeline {
         for w in &self.warnings {
             obs.warning(w);
         }
-        if let Some(c) = &self.cache {
-            for w in c.lock()?.begin_generation(&self.plan())? {
-                obs.warning(&w);
-            }
-        }
+        let plan = self.plan();
+        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
         let b = self.inputs.latents.dim(0)?;
-        let dev = Device::Cpu;
+        let dev = self.inputs.latents.device();
         let g = self
             .model
             .cfg
             .guidance_embeds
-            .then(|| Tensor::from_vec(vec![self.guidance as f32; b], b, &dev))
+            .then(|| Tensor::from_vec(vec![self.guidance as f32; b], b, dev))
             .transpose()?;
         let mut lat = self.inputs.latents.clone();
-        let steps = self.schedule.steps();
-        let scope = ScopeKey::new(0, Branch::Cond);
-        for i in 0..steps {
+        let inp = &self.inputs;
+        for i in 0..self.schedule.steps() {
             let t = self.schedule.timesteps[i];
-            let tt = Tensor::from_vec(vec![t / 1000.0; b], b, &dev)?;
-            self.model.hooks.set_scope(Some(scope));
-            let inp = &self.inputs;
-            let out = self.model.forward(
-                &lat,
-                &inp.ctx,
-                &inp.pooled,
-                &tt,
-                &inp.img_ids,
-                &inp.txt_ids,
-                g.as_ref(),
-            );
-            self.model.hooks.set_scope(None);
-            let v = out?;
-            let decision = match &self.cache {
-                Some(c) => c.lock()?.last_decision(scope),
-                None => None,
-            };
-            obs.call(&CallEvent {
-                index: i,
-                step: i,
-                branch: Branch::Cond,
-                expert: 0,
-                timestep: t as f64,
-                decision,
-            });
+            let tt = Tensor::from_vec(vec![t / 1000.0; b], b, dev)?;
+            let v = den.call(i, 0, Branch::Cond, t as f64, |cx| {
+                self.model.forward(
+                    &lat,
+                    &inp.ctx,
+                    &inp.pooled,
+                    &tt,
+                    &inp.img_ids,
+                    &inp.txt_ids,
+                    g.as_ref(),
+                    cx,
+                )
+            })?;
             lat = (&lat + (v * self.schedule.dt(i) as f64)?)?;
-            obs.step(i + 1, steps);
+            den.step_done(i);
         }
         Ok(lat)
     }
@@ -242,19 +223,14 @@ impl Pipeline for FluxPipeline {
 /// The one scope of a FLUX generation (no CFG: guidance is embedded).
 pub fn flux_plan(schedule: &FlowSchedule) -> GenerationPlan {
     let steps = schedule.steps();
-    GenerationPlan {
-        scopes: vec![ScopePlan {
-            key: ScopeKey::new(0, Branch::Cond),
-            steps,
-            sigmas: schedule.sigmas[..steps].iter().map(|&s| s as f64).collect(),
-            step_indices: (0..steps).collect(),
-        }],
-        total_steps: steps,
-        family: "flux".into(),
-        scheduler: "flow-euler, dynamic shift".into(),
-        shift: None,
-        boundary_ratio: None,
-    }
+    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
+    GenerationPlan::from_steps(&StepsSpec {
+        family: "flux",
+        scheduler: "flow-euler, dynamic shift",
+        sigmas: &sigmas,
+        branches: &[Branch::Cond],
+        ..Default::default()
+    })
 }
 
 /// Position ids of a packed `h x w` image grid: `[0, row, col]`.
@@ -379,12 +355,24 @@ fn build_inputs(cfg: &RunConfig, file: &str, base: &Path, c: &FluxConfig) -> Res
 }
 
 fn flux_info(preset: Option<&str>) -> ModelInfo {
-    ModelInfo {
+    let mut info = ModelInfo {
         family: "flux".into(),
         variant: preset.map(String::from),
-        mag_ratios: published::single_curve("flux_dev").ok(),
-        tea_coefficients: published::tea_coefficients("flux_dev").ok(),
+        ..Default::default()
+    };
+    // The MagCache curve and the TeaCache coefficients (fit on the first double block's modulated
+    // input) published for FLUX.1-dev.
+    if let Ok(m) = published::magcache("flux_dev", false, None) {
+        info.published.insert("magcache".into(), m);
     }
+    if let Ok(t) = published::teacache(
+        Some("flux_dev"),
+        Indicator::ModulatedInput,
+        Indicator::ModulatedInput,
+    ) {
+        info.published.insert("teacache".into(), t);
+    }
+    info
 }
 
 fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {

@@ -5,7 +5,11 @@ use super::config::FluxConfig;
 use crate::nn::{attention, gelu, timestep_embedding, LayerNorm, Linear, RmsNorm};
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor, D};
-use magcache_core::{BlockMetadata, Error, HookRegistry, Result};
+use magcache_core::{
+    BlockChain, BlockMetadata, CallCx, Error, HookRegistry, Indicator, Result, ScopeKey, Streams,
+};
+use std::cell::RefCell;
+use std::ops::Range;
 
 /// Double-stream block: inputs `(hidden, encoder, temb, cos, sin)`, outputs `(encoder, hidden)`.
 pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata {
@@ -141,7 +145,7 @@ impl DoubleBlock {
         })
     }
 
-    /// The image stream after `norm1` (the modulated input): FLUX's TeaCache indicator.
+    /// The image stream after `norm1` (the modulated input, [`Indicator::ModulatedInput`]).
     fn norm1_out(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let m = modulation(&self.norm1, temb, 6)?;
         modulate(&self.ln.forward(h)?, &m[0], &m[1])
@@ -378,7 +382,7 @@ impl FluxModel {
 
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
-        &mut self,
+        &self,
         x: &Tensor,
         ctx: &Tensor,
         pooled: &Tensor,
@@ -386,13 +390,14 @@ impl FluxModel {
         img_ids: &Tensor,
         txt_ids: &Tensor,
         guidance: Option<&Tensor>,
+        cx: &CallCx<'_>,
     ) -> Result<Tensor> {
-        self.forward_traced(x, ctx, pooled, t, img_ids, txt_ids, guidance, None)
+        self.forward_traced(x, ctx, pooled, t, img_ids, txt_ids, guidance, cx, None)
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn forward_traced(
-        &mut self,
+        &self,
         x: &Tensor,
         ctx: &Tensor,
         pooled: &Tensor,
@@ -400,51 +405,23 @@ impl FluxModel {
         img_ids: &Tensor,
         txt_ids: &Tensor,
         guidance: Option<&Tensor>,
-        mut trace: Option<&mut FluxTrace>,
+        cx: &CallCx<'_>,
+        trace: Option<&mut FluxTrace>,
     ) -> Result<Tensor> {
         let h = self.x_emb.forward(x)?;
         let temb = self.temb(t, guidance, pooled)?;
         let e = self.ctx_emb.forward(ctx)?;
         let (cos, sin) = self.rope(&Tensor::cat(&[txt_ids, img_ids], 0)?)?;
-        if let Some(first) = self.double.first() {
-            use magcache_core::hooks::indicator::{TEACACHE, TEACACHE_RET_STEPS};
-            if self.hooks.wants_indicator(TEACACHE)
-                || self.hooks.wants_indicator(TEACACHE_RET_STEPS)
-            {
-                // TeaCache's FLUX indicator: the image stream after the first double block's norm1.
-                let ind = first.norm1_out(&h, &temb)?;
-                self.hooks.set_indicator(TEACACHE, ind.clone());
-                self.hooks.set_indicator(TEACACHE_RET_STEPS, ind);
-            }
-        }
-        let nd = self.double.len();
-        let (mut h, mut e) = (h, e);
-        let res = (|| -> Result<Tensor> {
-            for i in 0..nd + self.single.len() {
-                let inputs = [h.clone(), e.clone(), temb.clone(), cos.clone(), sin.clone()];
-                let out = if i < nd {
-                    let b = &self.double[i];
-                    self.hooks
-                        .run_block(i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
-                } else {
-                    let b = &self.single[i - nd];
-                    self.hooks
-                        .run_block(i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
-                };
-                let meta = &self.hooks.metadata()[i];
-                h = meta.hidden_output(&out)?.clone();
-                e = meta
-                    .encoder_output(&out)?
-                    .cloned()
-                    .ok_or_else(|| Error::msg("flux block returned no encoder stream"))?;
-                if let Some(tr) = trace.as_deref_mut() {
-                    tr.blocks.push((out[0].clone(), out[1].clone()));
-                }
-            }
-            Ok(h.clone())
-        })();
-        self.hooks.clear_indicators();
-        let h = res?;
+        let chain = FluxChain {
+            model: self,
+            scope: cx.scope,
+            hidden_in: h.clone(),
+            temb: temb.clone(),
+            cos,
+            sin,
+            trace: RefCell::new(trace),
+        };
+        let h = cx.run_chain(&chain, Streams::joint(h, e))?.hidden;
         // AdaLayerNormContinuous: (scale, shift) in that order.
         let m = self.norm_out.forward(&temb.silu()?)?;
         let d = self.cfg.inner_dim();
@@ -452,5 +429,77 @@ impl FluxModel {
         let shift = m.narrow(1, d, d)?.unsqueeze(1)?;
         let y = modulate(&self.ln_out.forward(&h)?, &shift, &scale)?;
         self.proj_out.forward(&y)
+    }
+}
+
+/// One call's block chain: double blocks then single blocks, both streams flowing between them.
+struct FluxChain<'a> {
+    model: &'a FluxModel,
+    scope: ScopeKey,
+    /// The image stream entering the chain.
+    hidden_in: Tensor,
+    temb: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    trace: RefCell<Option<&'a mut FluxTrace>>,
+}
+
+impl BlockChain for FluxChain<'_> {
+    fn num_blocks(&self) -> usize {
+        self.model.double.len() + self.model.single.len()
+    }
+
+    fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
+        let m = self.model;
+        let nd = m.double.len();
+        let mut h = x.hidden;
+        let mut e = x
+            .encoder
+            .ok_or_else(|| Error::msg("flux: the block chain needs the encoder stream"))?;
+        for i in blocks {
+            let inputs = [h, e, self.temb.clone(), self.cos.clone(), self.sin.clone()];
+            let out = match (
+                m.double.get(i),
+                i.checked_sub(nd).and_then(|j| m.single.get(j)),
+            ) {
+                (Some(b), _) => {
+                    m.hooks
+                        .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
+                }
+                (None, Some(b)) => {
+                    m.hooks
+                        .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
+                }
+                (None, None) => {
+                    return Err(Error::msg(format!(
+                        "flux: block {i} of {}",
+                        self.num_blocks()
+                    )))
+                }
+            };
+            let meta = if i < nd { &FLUX_DOUBLE } else { &FLUX_SINGLE };
+            h = meta.hidden_output(&out)?.clone();
+            e = meta
+                .encoder_output(&out)?
+                .cloned()
+                .ok_or_else(|| Error::msg("flux block returned no encoder stream"))?;
+            if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
+                tr.blocks.push((e.clone(), h.clone()));
+            }
+        }
+        Ok(Streams::joint(h, e))
+    }
+
+    fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
+        match kind {
+            Indicator::TimestepEmbedding => Ok(Some(self.temb.clone())),
+            Indicator::TimestepModulation => Ok(None),
+            // Computed only when a strategy asks: the first double block's norm1 on the image stream
+            // entering the chain.
+            Indicator::ModulatedInput => match self.model.double.first() {
+                Some(first) => first.norm1_out(&self.hidden_in, &self.temb).map(Some),
+                None => Ok(None),
+            },
+        }
     }
 }

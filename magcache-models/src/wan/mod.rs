@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use config::WanConfig;
 use magcache_core::config::{RunConfig, WeightsSpec};
 use magcache_core::registry::ModelFamily;
-use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result};
 use model::{WanModel, WAN_BLOCK};
 use pipeline::{WanInputs, WanPipeline};
 use std::path::Path;
@@ -429,12 +429,24 @@ fn info_for(family: &str, preset: Option<&WanPreset>) -> ModelInfo {
         family: family.to_string(),
         ..Default::default()
     };
+    // TeaCache's Wan coefficients are fit on the time embedding (the 6*dim projection with
+    // ret_steps); without a preset no coefficients are known.
+    let tea = published::teacache(
+        preset.and_then(|p| p.tea),
+        Indicator::TimestepEmbedding,
+        Indicator::TimestepModulation,
+    );
+    if let Ok(t) = tea {
+        info.published.insert("teacache".into(), t);
+    }
     if let Some(p) = preset {
         info.variant = Some(p.name.to_string());
-        info.mag_ratios = p
+        if let Some(Ok(m)) = p
             .curve
-            .and_then(|c| published::wan_curves(c, p.curve_high_steps).ok());
-        info.tea_coefficients = p.tea.and_then(|t| published::tea_coefficients(t).ok());
+            .map(|c| published::magcache(c, true, p.curve_high_steps))
+        {
+            info.published.insert("magcache".into(), m);
+        }
     }
     info
 }

@@ -7,7 +7,11 @@ use crate::nn::{
 };
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
-use magcache_core::{BlockMetadata, Error, HookRegistry, Result};
+use magcache_core::{
+    BlockChain, BlockMetadata, CallCx, Error, HookRegistry, Indicator, Result, ScopeKey, Streams,
+};
+use std::cell::RefCell;
+use std::ops::Range;
 
 /// A Wan block takes `(hidden, encoder, modulation, rope_cos, rope_sin)` and returns `(hidden,)`.
 pub const WAN_BLOCK: BlockMetadata = BlockMetadata {
@@ -303,15 +307,17 @@ impl WanModel {
     }
 
     /// Forward: `x [B, C, F, H, W]`, `t [B]` or `[B, S]` (0..1000), `ctx [B, L, text_dim]` -> `[B, C_out, F, H, W]`.
-    pub fn forward(&mut self, x: &Tensor, t: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        self.forward_traced(x, t, ctx, None)
+    /// The block chain runs through `cx` (the call's scope and cache).
+    pub fn forward(&self, x: &Tensor, t: &Tensor, ctx: &Tensor, cx: &CallCx<'_>) -> Result<Tensor> {
+        self.forward_traced(x, t, ctx, cx, None)
     }
 
     pub fn forward_traced(
-        &mut self,
+        &self,
         x: &Tensor,
         t: &Tensor,
         ctx: &Tensor,
+        cx: &CallCx<'_>,
         mut trace: Option<&mut WanTrace>,
     ) -> Result<Tensor> {
         self.check_latents(x)?;
@@ -334,10 +340,6 @@ impl WanModel {
         let (cos, sin) = self.rope(pf, phh, pww)?;
         let hidden = self.patchify(x)?;
         let (temb, tproj, text) = self.condition(t, ctx)?;
-        use magcache_core::hooks::indicator;
-        self.hooks.set_indicator(indicator::TEACACHE, temb.clone());
-        self.hooks
-            .set_indicator(indicator::TEACACHE_RET_STEPS, tproj.clone());
         if let Some(tr) = trace.as_deref_mut() {
             tr.temb = Some(temb.clone());
             tr.timestep_proj = Some(tproj.clone());
@@ -345,31 +347,17 @@ impl WanModel {
             tr.rope_cos = Some(cos.clone());
             tr.rope_sin = Some(sin.clone());
         }
-        let mut hs = hidden;
-        let res = (|| -> Result<Tensor> {
-            for (i, blk) in self.blocks.iter().enumerate() {
-                let inputs = [
-                    hs.clone(),
-                    text.clone(),
-                    tproj.clone(),
-                    cos.clone(),
-                    sin.clone(),
-                ];
-                let out = self
-                    .hooks
-                    .run_block(i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
-                hs = out
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| Error::msg("wan block returned nothing"))?;
-                if let Some(tr) = trace.as_deref_mut() {
-                    tr.blocks.push(hs.clone());
-                }
-            }
-            Ok(hs)
-        })();
-        self.hooks.clear_indicators();
-        let hs = res?;
+        let chain = WanChain {
+            model: self,
+            scope: cx.scope,
+            text,
+            temb: temb.clone(),
+            tproj,
+            cos,
+            sin,
+            trace: RefCell::new(trace),
+        };
+        let hs = cx.run_chain(&chain, Streams::hidden(hidden))?.hidden;
         // Output norm with the final modulation, projection, unpatchify.
         let m = self.out_table.broadcast_add(&temb.unsqueeze(2)?)?; // [B, S', 2, d]
         let shift = m.narrow(2, 0, 1)?.squeeze(2)?;
@@ -385,6 +373,61 @@ impl WanModel {
     /// Number of blocks.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
+    }
+}
+
+/// One call's block chain: the blocks with this call's conditioning. Wan's text states are constant
+/// cross-attention conditioning, so only the hidden stream flows between blocks.
+struct WanChain<'a> {
+    model: &'a WanModel,
+    scope: ScopeKey,
+    text: Tensor,
+    temb: Tensor,
+    tproj: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    trace: RefCell<Option<&'a mut WanTrace>>,
+}
+
+impl BlockChain for WanChain<'_> {
+    fn num_blocks(&self) -> usize {
+        self.model.blocks.len()
+    }
+
+    fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
+        let mut hs = x.hidden;
+        for i in blocks {
+            let blk = self.model.blocks.get(i).ok_or_else(|| {
+                Error::msg(format!("wan: block {i} of {}", self.model.blocks.len()))
+            })?;
+            let inputs = [
+                hs,
+                self.text.clone(),
+                self.tproj.clone(),
+                self.cos.clone(),
+                self.sin.clone(),
+            ];
+            let out = self
+                .model
+                .hooks
+                .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
+            hs = out
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::msg("wan block returned nothing"))?;
+            if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
+                tr.blocks.push(hs.clone());
+            }
+        }
+        Ok(Streams::hidden(hs))
+    }
+
+    fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
+        Ok(match kind {
+            Indicator::TimestepEmbedding => Some(self.temb.clone()),
+            Indicator::TimestepModulation => Some(self.tproj.clone()),
+            Indicator::ModulatedInput => None,
+        })
     }
 }
 

@@ -4,9 +4,9 @@
 use super::model::WanModel;
 use crate::scheduler::{flow_match_static, FlowSchedule};
 use candle_core::Tensor;
-use magcache_core::pipeline::{CallEvent, Observer};
+use magcache_core::pipeline::Observer;
 use magcache_core::{
-    Branch, CacheHandle, Error, GenerationPlan, ModelInfo, Pipeline, Result, ScopeKey, ScopePlan,
+    Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
 };
 
 /// Conditioning of a Wan generation.
@@ -151,12 +151,6 @@ impl Pipeline for WanPipeline {
     }
 
     fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
-        for m in &mut self.experts {
-            CacheHandle::uninstall(&mut m.hooks);
-            if let Some(c) = &cache {
-                c.install(&mut m.hooks)?;
-            }
-        }
         self.cache = cache;
         Ok(())
     }
@@ -167,68 +161,47 @@ impl Pipeline for WanPipeline {
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        if let Some(c) = &self.cache {
-            for w in c.lock()?.begin_generation(&self.plan())? {
-                obs.warning(&w);
-            }
-        }
+        let plan = self.plan();
+        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
         let mut lat = self.inputs.latents.clone();
         if let Some(ff) = &self.inputs.first_frame {
             lat = replace_first_frame(&lat, ff)?;
         }
-        let steps = self.schedule.steps();
-        let mut index = 0;
-        for i in 0..steps {
+        let uncond = match (&self.inputs.uncond, self.uses_cfg()) {
+            (Some(u), true) => Some(u),
+            _ => None,
+        };
+        for i in 0..self.schedule.steps() {
             let t = self.schedule.timesteps[i];
             let e = self.expert_for(t);
-            let g = self.guidance_of(e);
-            let cfg = self.uses_cfg();
-            let tt = self.timestep_tensor(t, &self.experts[e])?;
-            let mut preds = Vec::with_capacity(2);
-            let mut branches = vec![(Branch::Cond, self.inputs.cond.clone())];
-            if cfg {
-                branches.push((
-                    Branch::Uncond,
-                    self.inputs.uncond.clone().expect("checked by uses_cfg"),
-                ));
-            }
+            let model = self.experts.get(e).ok_or_else(|| {
+                Error::msg(format!(
+                    "wan: step {i} needs expert {e}, which is not loaded"
+                ))
+            })?;
+            let tt = self.timestep_tensor(t, model)?;
             let input = match &self.inputs.condition {
                 Some(c) => Tensor::cat(&[&lat, c], 1)?,
                 None => lat.clone(),
             };
-            for (branch, ctx) in branches {
-                let scope = ScopeKey::new(e, branch);
-                let model = &mut self.experts[e];
-                model.hooks.set_scope(Some(scope));
-                let out = model.forward(&input, &tt, &ctx);
-                model.hooks.set_scope(None);
-                preds.push(out?);
-                let decision = match &self.cache {
-                    Some(c) => c.lock()?.last_decision(scope),
-                    None => None,
-                };
-                obs.call(&CallEvent {
-                    index,
-                    step: i,
-                    branch,
-                    expert: e,
-                    timestep: t as f64,
-                    decision,
-                });
-                index += 1;
-            }
-            let pred = if cfg {
-                let (pc, pu) = (&preds[0], &preds[1]);
-                (pu + ((pc - pu)? * g)?)?
-            } else {
-                preds.pop().expect("one prediction")
+            let mut call = |branch: Branch, ctx: &Tensor| {
+                den.call(i, e, branch, t as f64, |cx| {
+                    model.forward(&input, &tt, ctx, cx)
+                })
             };
-            let dt = self.schedule.dt(i) as f64;
-            lat = (&lat + (pred * dt)?)?;
+            let cond = call(Branch::Cond, &self.inputs.cond)?;
+            let pred = match uncond {
+                Some(u) => {
+                    let pu = call(Branch::Uncond, u)?;
+                    (&pu + ((cond - &pu)? * self.guidance_of(e))?)?
+                }
+                None => cond,
+            };
+            lat = (&lat + (pred * self.schedule.dt(i) as f64)?)?;
             if let Some(ff) = &self.inputs.first_frame {
                 lat = replace_first_frame(&lat, ff)?;
             }
-            obs.step(i + 1, steps);
+            den.step_done(i);
         }
         Ok(lat)
     }
@@ -253,37 +226,26 @@ pub fn wan_plan(
     shift: f64,
     cfg: bool,
 ) -> GenerationPlan {
-    let mut scopes: Vec<ScopePlan> = Vec::new();
-    for e in 0..n_experts {
-        let steps: Vec<usize> = (0..schedule.steps())
-            .filter(|&i| expert_for(schedule.timesteps[i], n_experts, boundary_ratio) == e)
-            .collect();
-        if steps.is_empty() {
-            continue;
-        }
-        let sigmas: Vec<f64> = steps.iter().map(|&i| schedule.sigmas[i] as f64).collect();
-        let branches: &[Branch] = if cfg {
-            &[Branch::Cond, Branch::Uncond]
-        } else {
-            &[Branch::Cond]
-        };
-        for &b in branches {
-            scopes.push(ScopePlan {
-                key: ScopeKey::new(e, b),
-                steps: steps.len(),
-                sigmas: sigmas.clone(),
-                step_indices: steps.clone(),
-            });
-        }
-    }
-    GenerationPlan {
-        scopes,
-        total_steps: schedule.steps(),
-        family: family.to_string(),
-        scheduler: "flow-euler".into(),
+    let steps = schedule.steps();
+    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
+    let experts: Vec<usize> = schedule.timesteps[..steps]
+        .iter()
+        .map(|&t| expert_for(t, n_experts, boundary_ratio))
+        .collect();
+    let branches: &[Branch] = if cfg {
+        &[Branch::Cond, Branch::Uncond]
+    } else {
+        &[Branch::Cond]
+    };
+    GenerationPlan::from_steps(&StepsSpec {
+        family,
+        scheduler: "flow-euler",
         shift: Some(shift),
         boundary_ratio: if n_experts == 2 { boundary_ratio } else { None },
-    }
+        sigmas: &sigmas,
+        experts: &experts,
+        branches,
+    })
 }
 
 /// Puts the conditioning frame `[B, C, 1, H, W]` in place of latent frame 0.

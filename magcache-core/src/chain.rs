@@ -126,3 +126,82 @@ pub trait BlockChain {
         Ok(None)
     }
 }
+
+/// A lazily computed indicator of a [`PerBlock`] chain.
+type LazyIndicator<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+
+/// A [`BlockChain`] from a closure that runs one block: the shortest way for a model to hand its
+/// blocks to a cache.
+///
+/// ```
+/// # use magcache_core::{candle_core::{self, Device, Tensor}, BlockChain, Indicator, PerBlock, Streams};
+/// # fn main() -> magcache_core::Result<()> {
+/// let scales = [2.0, 3.0];
+/// let temb = Tensor::ones(4, candle_core::DType::F32, &Device::Cpu)?;
+/// let chain = PerBlock::new(scales.len(), |i, x: Streams| {
+///     Ok(Streams::hidden((x.hidden * scales[i])?))
+/// })
+/// .with_indicator(Indicator::TimestepEmbedding, &temb);
+/// let out = chain.run(0..2, Streams::hidden(temb.clone()))?;
+/// assert_eq!(out.hidden.to_vec1::<f32>()?, [6.0; 4]);
+/// assert!(chain.indicator(Indicator::ModulatedInput)?.is_none());
+/// # Ok(()) }
+/// ```
+pub struct PerBlock<'a, F> {
+    n: usize,
+    block: F,
+    indicators: Vec<(Indicator, LazyIndicator<'a>)>,
+}
+
+impl<'a, F: Fn(usize, Streams) -> Result<Streams>> PerBlock<'a, F> {
+    /// `n` blocks; `block(i, x)` runs block `i` on the streams entering it.
+    pub fn new(n: usize, block: F) -> Self {
+        PerBlock {
+            n,
+            block,
+            indicators: Vec::new(),
+        }
+    }
+
+    /// Offers `t` as the indicator `kind`.
+    pub fn with_indicator(mut self, kind: Indicator, t: &Tensor) -> Self {
+        let t = t.clone();
+        self.indicators
+            .push((kind, Box::new(move || Ok(t.clone()))));
+        self
+    }
+
+    /// Offers the indicator `kind`, computed by `f` only when a strategy asks for it.
+    pub fn with_indicator_fn(
+        mut self,
+        kind: Indicator,
+        f: impl Fn() -> Result<Tensor> + 'a,
+    ) -> Self {
+        self.indicators.push((kind, Box::new(f)));
+        self
+    }
+}
+
+impl<F: Fn(usize, Streams) -> Result<Streams>> BlockChain for PerBlock<'_, F> {
+    fn num_blocks(&self) -> usize {
+        self.n
+    }
+
+    fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
+        if blocks.end > self.n {
+            return Err(crate::error::Error::Hooks(format!(
+                "blocks {blocks:?} of a chain of {}",
+                self.n
+            )));
+        }
+        blocks.into_iter().try_fold(x, |x, i| (self.block)(i, x))
+    }
+
+    fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
+        self.indicators
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, f)| f())
+            .transpose()
+    }
+}

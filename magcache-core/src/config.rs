@@ -221,13 +221,6 @@ impl RunConfig {
                 "give either `weights` or `preset`, not both",
             ));
         }
-        if self.model.weights.is_none() && self.model.preset.is_none() {
-            return Err(Error::config(
-                file,
-                "model.weights",
-                "give `weights` (a checkpoint) or `preset` (a named architecture)",
-            ));
-        }
         if let Some(shape) = &self.inputs.latent_shape {
             if shape.is_empty() || shape.contains(&0) {
                 return Err(Error::config(

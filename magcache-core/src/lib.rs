@@ -29,7 +29,7 @@ pub mod scope;
 pub mod states;
 
 pub use cache::{CacheHandle, CallCx, CallDecision, TimestepCache};
-pub use chain::{BlockChain, Indicator, Streams};
+pub use chain::{BlockChain, Indicator, PerBlock, Streams};
 pub use config::{BuildEnv, RunConfig, StrategyConfig};
 pub use error::{Error, Result};
 pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};

@@ -90,6 +90,25 @@ pub struct StepsSpec<'a> {
     pub branches: &'a [Branch],
 }
 
+impl<'a> StepsSpec<'a> {
+    /// One expert, no shift or boundary: `family`'s loop with `scheduler` over `sigmas`, calling
+    /// `branches` at every step. Set `experts`, `shift`, `boundary_ratio` on the result as needed.
+    pub fn new(
+        family: &'a str,
+        scheduler: &'a str,
+        sigmas: &'a [f64],
+        branches: &'a [Branch],
+    ) -> Self {
+        StepsSpec {
+            family,
+            scheduler,
+            sigmas,
+            branches,
+            ..Default::default()
+        }
+    }
+}
+
 impl GenerationPlan {
     /// The plan of a loop that calls, at every step, each of `spec.branches` on the step's expert:
     /// one scope per (expert, branch) that runs at least one step, with its own step count.

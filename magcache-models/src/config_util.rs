@@ -47,3 +47,16 @@ pub fn merge_config<T: Serialize + DeserializeOwned>(
     }
     serde_json::from_value(merged).map_err(|e| Error::config(file, "model config", e.to_string()))
 }
+
+/// The checkpoint-or-architecture choice every family here needs: exactly one of `weights` and
+/// `preset`.
+pub fn require_weights_or_preset(cfg: &magcache_core::RunConfig, file: &str) -> Result<()> {
+    if cfg.model.weights.is_none() && cfg.model.preset.is_none() {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            "give `weights` (a checkpoint) or `preset` (a named architecture)",
+        ));
+    }
+    Ok(())
+}

@@ -102,3 +102,43 @@ impl TimestepCache for Calibrator {
             .collect()
     }
 }
+
+/// The measured curves of a calibration run as MagCache uses them (`RatioSource::Registered`):
+/// per expert and branch, with the sigma of every step and the schedule of `plan`.
+pub fn curves(
+    results: &BTreeMap<ScopeKey, ScopeCalibration>,
+    plan: &GenerationPlan,
+    source: &str,
+) -> magcache_core::RatioCurves {
+    let n_experts = plan.experts().last().map(|e| e + 1).unwrap_or(0);
+    let mut experts = vec![BTreeMap::new(); n_experts];
+    let mut expert_sigmas = vec![Vec::new(); n_experts];
+    for sp in &plan.scopes {
+        if let (Some(c), Some(slot)) = (results.get(&sp.key), experts.get_mut(sp.key.expert)) {
+            slot.insert(sp.key.branch, c.ratios.clone());
+        }
+        if let Some(s) = expert_sigmas.get_mut(sp.key.expert) {
+            *s = sp.sigmas.clone();
+        }
+    }
+    let mut sigmas = vec![0.0; plan.total_steps];
+    for sp in &plan.scopes {
+        for (&step, &s) in sp.step_indices.iter().zip(&sp.sigmas) {
+            if let Some(x) = sigmas.get_mut(step) {
+                *x = s;
+            }
+        }
+    }
+    magcache_core::RatioCurves {
+        experts,
+        schedule: Some(magcache_core::ScheduleMeta {
+            steps: plan.total_steps,
+            shift: plan.shift,
+            scheduler: Some(plan.scheduler.clone()),
+            boundary_ratio: plan.boundary_ratio,
+            sigmas: Some(sigmas),
+        }),
+        expert_sigmas,
+        source: source.to_string(),
+    }
+}

@@ -376,6 +376,7 @@ fn flux_info(preset: Option<&str>) -> ModelInfo {
 }
 
 fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
     if cfg.sampling.boundary_ratio.is_some() || cfg.sampling.guidance_scale_2.is_some() {
         return Err(Error::config(
             file,
@@ -459,6 +460,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
 
 /// The plan without building the model: the image length (for `mu`) comes from the inputs.
 fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
     let seq = match &cfg.inputs.file {
         Some(f) => InputFile::load(&resolve(base, f))?
             .get("latents_init", 3, "[B, seq, C] packed latents")?

@@ -462,6 +462,7 @@ fn weights_dir(base: &Path, w: &str) -> std::path::PathBuf {
 }
 
 fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
     let weights = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => Some(w.as_str()),
         Some(WeightsSpec::Many(_)) => {
@@ -506,6 +507,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 /// Wan2.2: `weights = [high, low]`, a pipeline folder with `transformer/` and `transformer_2/`, or one
 /// model (TI2V-5B); or a preset.
 fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
     let paths = wan22_paths(cfg, file, base)?;
     let mut experts = Vec::new();
     let mut descs = Vec::new();
@@ -643,6 +645,7 @@ fn plan_wan(
     base: &Path,
     family: &str,
 ) -> Result<(GenerationPlan, ModelInfo)> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
     let (paths, presets) = if family == "wan2.2" {
         (wan22_paths(cfg, file, base)?, WAN22_PRESETS)
     } else {

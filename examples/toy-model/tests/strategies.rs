@@ -1,0 +1,142 @@
+//! The toy model, registered from outside the library, runs every strategy through the same path as
+//! the runner: run file -> family -> pipeline, `[cache]` -> strategy.
+
+use magcache_core::candle_core::Tensor;
+use magcache_core::config::parse_toml;
+use magcache_core::{registry, BuildEnv, CacheHandle, CallEvent, Observer, Pipeline, RunConfig};
+use magcache_strategies::calibrate::{curves, Calibrator};
+use magcache_strategies::{MagCache, MagCacheConfig, RatioSource};
+use std::path::Path;
+
+#[derive(Default)]
+struct Calls(Vec<CallEvent>);
+impl Observer for Calls {
+    fn call(&mut self, ev: &CallEvent) {
+        self.0.push(ev.clone());
+    }
+}
+
+fn pipeline(cache: &str) -> (Box<dyn Pipeline>, Option<CacheHandle>) {
+    magcache_strategies::link();
+    toy_model::link();
+    let text = format!(
+        "[model]\nfamily = \"toy\"\nseed = 7\n[model.overrides]\nlayers = 4\ndim = 32\n[inputs]\nlatent_shape = [2, 16, 4]\n[sampling]\nsteps = 12\nguidance_scale = 3.0\n{cache}"
+    );
+    let cfg: RunConfig = parse_toml(&text, "toy.toml").unwrap();
+    cfg.validate("toy.toml").unwrap();
+    let fam = registry::family("toy").expect("the toy family registers itself");
+    let mut p = (fam.build)(&cfg, "toy.toml", Path::new(".")).unwrap();
+    let info = p.model_info();
+    let env = BuildEnv {
+        file: "toy.toml",
+        base_dir: Path::new("."),
+        model: &info,
+    };
+    let cache = cfg.strategy().build(&env).unwrap().map(CacheHandle::new);
+    p.set_cache(cache.clone()).unwrap();
+    (p, cache)
+}
+
+fn run(cache: &str) -> (Tensor, Vec<CallEvent>) {
+    let (mut p, _) = pipeline(cache);
+    let mut calls = Calls::default();
+    let out = p.generate(&mut calls).unwrap();
+    (out, calls.0)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn computed(calls: &[CallEvent]) -> usize {
+    calls
+        .iter()
+        .filter(|c| c.decision.is_none_or(|d| d.computed))
+        .count()
+}
+
+#[test]
+fn every_strategy_runs_on_the_toy_and_never_skipping_is_dense() {
+    let (dense, calls) = run("");
+    assert_eq!(calls.len(), 24, "12 steps x cond and uncond");
+    assert!(calls.iter().all(|c| c.decision.is_none()));
+    for (cache, name) in [
+        ("[cache]\nstrategy = \"magcache\"\nthreshold = 0.0\nmag_ratios = [0.9]\n", "magcache"),
+        ("[cache]\nstrategy = \"fbcache\"\nthreshold = 0.0\n", "fbcache"),
+        ("[cache]\nstrategy = \"teacache\"\nthreshold = 0.0\ncoefficients = [1.0, 0.0]\nindicator = \"timestep_embedding\"\n", "teacache"),
+    ] {
+        let (out, calls) = run(cache);
+        assert_eq!(computed(&calls), 24, "{name} with threshold 0 computes every call");
+        assert!(calls.iter().all(|c| c.decision.is_some()), "{name}");
+        assert!(max_diff(&out, &dense) < 1e-5, "{name}");
+    }
+    for (cache, name) in [
+        ("[cache]\nstrategy = \"magcache\"\nthreshold = 0.5\nmax_skip_steps = 2\nmag_ratios = [1.0, 0.98]\n", "magcache"),
+        ("[cache]\nstrategy = \"fbcache\"\nthreshold = 0.15\n", "fbcache"),
+        ("[cache]\nstrategy = \"teacache\"\nthreshold = 0.5\ncoefficients = [1.0, 0.0]\nindicator = \"timestep_embedding\"\n", "teacache"),
+    ] {
+        let (out, calls) = run(cache);
+        let n = computed(&calls);
+        assert!((4..24).contains(&n), "{name}: {n} computed");
+        let d = max_diff(&out, &dense);
+        assert!(d > 0.0 && d.is_finite(), "{name}: {d}");
+    }
+}
+
+#[test]
+fn teacache_without_an_indicator_is_a_config_error() {
+    magcache_strategies::link();
+    toy_model::link();
+    let (p, _) = pipeline("");
+    let info = p.model_info();
+    let cfg: RunConfig = parse_toml(
+        "[model]\nfamily = \"toy\"\n[sampling]\nsteps = 4\n[cache]\nstrategy = \"teacache\"\ncoefficients = [1.0, 0.0]\n",
+        "toy.toml",
+    )
+    .unwrap();
+    let env = BuildEnv {
+        file: "toy.toml",
+        base_dir: Path::new("."),
+        model: &info,
+    };
+    let err = cfg
+        .strategy()
+        .build(&env)
+        .err()
+        .expect("no indicator")
+        .to_string();
+    assert!(err.starts_with("toy.toml: cache.indicator:"), "{err}");
+}
+
+#[test]
+fn calibrated_curves_drive_magcache() {
+    let (mut p, _) = pipeline("");
+    let (cal, results) = Calibrator::new();
+    p.set_cache(Some(CacheHandle::new(Box::new(cal)))).unwrap();
+    let dense = p.generate(&mut Calls::default()).unwrap();
+    let plan = p.plan();
+    let rc = curves(&results.lock().unwrap(), &plan, "toy calibration");
+    assert_eq!(rc.experts.len(), 1);
+    assert_eq!(rc.experts[0].len(), 2, "cond and uncond curves");
+    let cfg = MagCacheConfig {
+        threshold: 0.3,
+        max_skip_steps: 3,
+        ..Default::default()
+    };
+    let mag = MagCache::new(cfg, RatioSource::Registered(rc));
+    p.set_cache(Some(CacheHandle::new(Box::new(mag)))).unwrap();
+    let mut calls = Calls::default();
+    let out = p.generate(&mut calls).unwrap();
+    let n = computed(&calls.0);
+    assert!(n < 24, "calibrated MagCache reused nothing");
+    assert!(max_diff(&out, &dense) < 0.5);
+}

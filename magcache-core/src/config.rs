@@ -106,8 +106,16 @@ pub struct ModelSection {
     /// Any config.json field, applied over the preset or the loaded config.
     #[serde(default)]
     pub overrides: Option<toml::Table>,
+    /// Weights' precision: `f32`, `bf16` or `f16` (see [`crate::placement`]).
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// `cpu`, `cuda`, `cuda:N`, `metal`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
 }
 
 fn default_dtype() -> String {
@@ -207,13 +215,8 @@ impl RunConfig {
                 ));
             }
         }
-        if self.model.dtype != "f32" {
-            return Err(Error::config(
-                file,
-                "model.dtype",
-                format!("`{}` is not supported: only \"f32\" runs on CPU (candle has no bf16 matmul there)", self.model.dtype),
-            ));
-        }
+        crate::placement::parse_dtype(&self.model.dtype, file)?;
+        crate::placement::parse_device(&self.model.device, file)?;
         if self.model.weights.is_some() && self.model.preset.is_some() {
             return Err(Error::config(
                 file,

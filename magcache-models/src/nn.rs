@@ -11,10 +11,12 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// From a PyTorch-layout weight `[out, in]` and optional bias `[out]`.
+    /// From a PyTorch-layout weight `[out, in]` (in the run's weight dtype) and optional bias
+    /// `[out]` (kept in f32).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         // A transposed view, not a copy: candle's gemm reads the transposed layout as fast (measured),
         // and loading then holds each weight once instead of twice.
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         Ok(Linear {
             wt: weight.t()?,
             bias,
@@ -36,7 +38,15 @@ impl Linear {
         } else {
             x2.contiguous()?
         };
-        let mut y = x2.matmul(&self.wt)?;
+        // Activations are f32; with bf16/f16 weights the product runs in the weights' dtype and
+        // comes back to f32.
+        let mut y = if x2.dtype() == self.wt.dtype() {
+            x2.matmul(&self.wt)?
+        } else {
+            x2.to_dtype(self.wt.dtype())?
+                .matmul(&self.wt)?
+                .to_dtype(DType::F32)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

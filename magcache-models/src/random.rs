@@ -43,11 +43,13 @@ pub fn uniform(seed: u64, shape: &[usize], a: f32) -> Result<Tensor> {
 }
 
 /// Random weights for a list of `(name, shape)`: 1-D `*.weight` (norm scales) ones, biases zeros,
-/// `*scale_shift_table` `randn / sqrt(d)`, other tensors uniform with std `1/sqrt(fan_in)`.
+/// `*scale_shift_table` `randn / sqrt(d)`, other tensors uniform with std `1/sqrt(fan_in)`, stored in
+/// `dtype` (converted tensor by tensor, so a bf16 preset never holds its f32 weights whole).
 pub fn random_store(
     seed: u64,
     shapes: Vec<(String, Vec<usize>)>,
     d: usize,
+    dtype: candle_core::DType,
 ) -> Result<crate::weights::WeightStore> {
     use candle_core::DType;
     let mut map = std::collections::HashMap::new();
@@ -61,7 +63,7 @@ pub fn random_store(
             Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?
         } else {
             let fan_in: usize = shape[1..].iter().product();
-            uniform(s, &shape, (3.0 / fan_in.max(1) as f32).sqrt())?
+            uniform(s, &shape, (3.0 / fan_in.max(1) as f32).sqrt())?.to_dtype(dtype)?
         };
         map.insert(name, t);
     }

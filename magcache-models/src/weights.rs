@@ -13,6 +13,8 @@ pub struct WeightStore {
     files: Vec<String>,
     /// What to call the store in messages (the folder or file the user gave).
     pub origin: String,
+    /// The device and linear-weight dtype tensors are handed out in.
+    placement: magcache_core::Placement,
 }
 
 impl WeightStore {
@@ -22,10 +24,21 @@ impl WeightStore {
             tensors: map.into_iter().map(|(k, v)| (k, (v, 0))).collect(),
             files: vec![origin.to_string()],
             origin: origin.to_string(),
+            placement: Default::default(),
         }
     }
 
-    /// Loads safetensors files (f32, f16 or bf16; stored as f32).
+    /// Hands tensors out on `p.device`; linear weights ([`WeightStore::get_weight`]) in `p.dtype`.
+    pub fn set_placement(&mut self, p: magcache_core::Placement) {
+        self.placement = p;
+    }
+
+    pub fn placement(&self) -> &magcache_core::Placement {
+        &self.placement
+    }
+
+    /// Loads safetensors files (f32, f16 or bf16), each tensor kept in its stored dtype until it is
+    /// handed out (converted once, then).
     pub fn load_files(origin: &str, files: &[PathBuf]) -> Result<Self> {
         let mut store = WeightStore {
             origin: origin.to_string(),
@@ -48,12 +61,16 @@ impl WeightStore {
                 )
             })?;
             for (k, t) in map {
-                let t = if t.dtype() == DType::F32 {
-                    t
-                } else {
-                    t.to_dtype(DType::F32)
-                        .map_err(|e| Error::weights(&name, &k, e.to_string()))?
-                };
+                if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+                    return Err(Error::weights(
+                        &name,
+                        &k,
+                        format!(
+                            "has dtype {:?}; weights must be f32, f16 or bf16",
+                            t.dtype()
+                        ),
+                    ));
+                }
                 store.tensors.insert(k, (t, fi));
             }
             store.files.push(name);
@@ -115,8 +132,28 @@ impl WeightStore {
         }
     }
 
-    /// A tensor that must exist.
+    /// A tensor that must exist, in f32 on the placement's device.
     pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.get_as(name, DType::F32)
+    }
+
+    /// A tensor in `dtype` on the placement's device (converted once, from the stored dtype).
+    fn get_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        let t = self.get_stored(name)?;
+        let t = t
+            .to_device(&self.placement.device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| Error::weights(self.file_of(name), name, e.to_string()))?;
+        Ok(t)
+    }
+
+    /// A linear layer's weight with this shape, in the placement's dtype.
+    pub fn get_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.check_shape(name, shape)?;
+        self.get_as(name, self.placement.dtype)
+    }
+
+    fn get_stored(&self, name: &str) -> Result<Tensor> {
         self.tensors
             .get(name)
             .map(|(t, _)| t.clone())
@@ -132,9 +169,14 @@ impl WeightStore {
             })
     }
 
-    /// A tensor that must exist with this shape.
+    /// A tensor that must exist with this shape, in f32 on the placement's device.
     pub fn get_shape(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.get(name)?;
+        self.check_shape(name, shape)?;
+        self.get(name)
+    }
+
+    fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let t = self.get_stored(name)?;
         if t.dims() != shape {
             return Err(Error::weights(
                 self.file_of(name),
@@ -146,7 +188,7 @@ impl WeightStore {
                 ),
             ));
         }
-        Ok(t)
+        Ok(())
     }
 
     /// A tensor that may be absent; if present it must have this shape.

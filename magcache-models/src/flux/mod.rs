@@ -120,6 +120,19 @@ fn shapes(c: &FluxConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+impl FluxInputs {
+    /// The inputs on `dev`.
+    pub fn to_device(self, dev: &Device) -> Result<Self> {
+        Ok(FluxInputs {
+            latents: self.latents.to_device(dev)?,
+            ctx: self.ctx.to_device(dev)?,
+            pooled: self.pooled.to_device(dev)?,
+            img_ids: self.img_ids.to_device(dev)?,
+            txt_ids: self.txt_ids.to_device(dev)?,
+        })
+    }
+}
+
 /// Conditioning of a FLUX generation (packed latents).
 pub struct FluxInputs {
     /// `[B, seq, C]`
@@ -391,11 +404,13 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         ));
     }
     let overrides = overrides_json(cfg);
+    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     let (model, desc, variant) = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => {
             let path = resolve(base, w);
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
-            let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            let mut l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            l.store.set_placement(placement.clone());
             let c = &l.config;
             let desc = format!(
                 "{} ({:?} layout): {}+{} blocks, dim {}, {} heads",
@@ -439,11 +454,13 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 c.inner_dim(),
                 c.num_attention_heads
             );
-            let store = random_store(cfg.model.seed, shapes(&c), c.inner_dim())?;
+            let mut store =
+                random_store(cfg.model.seed, shapes(&c), c.inner_dim(), placement.dtype)?;
+            store.set_placement(placement.clone());
             (FluxModel::from_weights(c, &store)?, desc, Some(p.name))
         }
     };
-    let inputs = build_inputs(cfg, file, base, &model.cfg)?;
+    let inputs = build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?;
     let mu = flux_mu(inputs.latents.dim(1)?);
     Ok(Box::new(FluxPipeline {
         schedule: flow_match_dynamic(cfg.sampling.steps, mu),

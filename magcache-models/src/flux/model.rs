@@ -32,7 +32,7 @@ pub const FLUX_SINGLE: BlockMetadata = BlockMetadata {
 
 fn lin(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
     Linear::new(
-        w.get_shape(&format!("{name}.weight"), &[out, inp])?,
+        w.get_weight(&format!("{name}.weight"), &[out, inp])?,
         Some(w.get_shape(&format!("{name}.bias"), &[out])?),
     )
 }
@@ -293,7 +293,7 @@ pub struct FluxTrace {
 
 impl FluxModel {
     pub fn from_weights(cfg: FluxConfig, w: &WeightStore) -> Result<Self> {
-        let dev = Device::Cpu;
+        let dev = w.placement().device.clone();
         let d = cfg.inner_dim();
         let tt = "time_text_embed";
         let g = if cfg.guidance_embeds {
@@ -344,6 +344,7 @@ impl FluxModel {
                 self.cfg.axes_dims_rope.len()
             )));
         }
+        let dev = ids.device().clone();
         let ids = ids.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
         let half: usize = self.cfg.axes_dims_rope.iter().sum::<usize>() / 2;
         let (mut cos, mut sin) = (Vec::with_capacity(s * half), Vec::with_capacity(s * half));
@@ -357,7 +358,6 @@ impl FluxModel {
                 }
             }
         }
-        let dev = Device::Cpu;
         Ok((
             Tensor::from_vec(cos, (s, half), &dev)?,
             Tensor::from_vec(sin, (s, half), &dev)?,

@@ -192,10 +192,12 @@ pub fn build_model(
     seed_offset: u64,
 ) -> Result<(WanModel, Option<&'static WanPreset>, String)> {
     let overrides = overrides_json(cfg);
+    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     if let Some(w) = weights {
         let path = resolve(base, w);
         let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
-        let loaded = load::load_wan(&path, config.as_deref(), &overrides, file)?;
+        let mut loaded = load::load_wan(&path, config.as_deref(), &overrides, file)?;
+        loaded.store.set_placement(placement.clone());
         let preset = match_preset(presets, &loaded.config);
         let c = &loaded.config;
         let desc = format!(
@@ -232,7 +234,8 @@ pub fn build_model(
             c.num_attention_heads,
             params as f64 / 1e9
         );
-        let store = model::random_weights(&c, cfg.model.seed + seed_offset)?;
+        let mut store = model::random_weights(&c, cfg.model.seed + seed_offset, placement.dtype)?;
+        store.set_placement(placement.clone());
         // A shrunk preset (overrides) keeps the preset's published curves: the curve shape belongs
         // to the model family and sampler far more than to the exact depth.
         Ok((WanModel::from_weights(c, &store)?, Some(preset), desc))

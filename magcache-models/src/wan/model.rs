@@ -38,7 +38,7 @@ impl Attention {
         let d = cfg.inner_dim();
         let lin = |n: &str| -> Result<Linear> {
             Linear::new(
-                w.get_shape(&format!("{p}.{n}.weight"), &[d, d])?,
+                w.get_weight(&format!("{p}.{n}.weight"), &[d, d])?,
                 Some(w.get_shape(&format!("{p}.{n}.bias"), &[d])?),
             )
         };
@@ -122,11 +122,11 @@ impl Block {
             attn2: Attention::load(w, &format!("{p}.attn2"), cfg)?,
             norm3: LayerNorm::new(d, cfg.eps, None, dev)?,
             ff1: Linear::new(
-                w.get_shape(&format!("{p}.ffn.net.0.proj.weight"), &[cfg.ffn_dim, d])?,
+                w.get_weight(&format!("{p}.ffn.net.0.proj.weight"), &[cfg.ffn_dim, d])?,
                 Some(w.get_shape(&format!("{p}.ffn.net.0.proj.bias"), &[cfg.ffn_dim])?),
             )?,
             ff2: Linear::new(
-                w.get_shape(&format!("{p}.ffn.net.2.weight"), &[d, cfg.ffn_dim])?,
+                w.get_weight(&format!("{p}.ffn.net.2.weight"), &[d, cfg.ffn_dim])?,
                 Some(w.get_shape(&format!("{p}.ffn.net.2.bias"), &[d])?),
             )?,
             table: w
@@ -199,7 +199,7 @@ pub struct WanModel {
 impl WanModel {
     /// Builds the model from diffusers-named tensors.
     pub fn from_weights(cfg: WanConfig, w: &WeightStore) -> Result<Self> {
-        let dev = Device::Cpu;
+        let dev = w.placement().device.clone();
         let d = cfg.inner_dim();
         let [pt, ph, pw] = cfg.patch_size;
         let patch_w = w.get_shape("patch_embedding.weight", &[d, cfg.in_channels, pt, ph, pw])?;
@@ -209,7 +209,7 @@ impl WanModel {
             .contiguous()?;
         let lin = |n: &str, o: usize, i: usize| -> Result<Linear> {
             Linear::new(
-                w.get_shape(&format!("{n}.weight"), &[o, i])?,
+                w.get_weight(&format!("{n}.weight"), &[o, i])?,
                 Some(w.get_shape(&format!("{n}.bias"), &[o])?),
             )
         };
@@ -264,10 +264,10 @@ impl WanModel {
                 }
             }
         }
-        let dev = Device::Cpu;
+        let dev = self.patch_b.device();
         Ok((
-            Tensor::from_vec(cos, (f * h * w, half), &dev)?,
-            Tensor::from_vec(sin, (f * h * w, half), &dev)?,
+            Tensor::from_vec(cos, (f * h * w, half), dev)?,
+            Tensor::from_vec(sin, (f * h * w, half), dev)?,
         ))
     }
 
@@ -370,6 +370,11 @@ impl WanModel {
         Ok(y.reshape((b, c_out, f, h, w))?)
     }
 
+    /// The device the model's tensors live on.
+    pub fn device(&self) -> &Device {
+        self.patch_b.device()
+    }
+
     /// Number of blocks.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
@@ -433,7 +438,11 @@ impl BlockChain for WanChain<'_> {
 
 /// Diffusers-named random weights for a config (presets): linear weights uniform with std
 /// `1/sqrt(fan_in)`, zero biases, unit norms, modulation tables `randn / sqrt(d)`.
-pub fn random_weights(cfg: &WanConfig, seed: u64) -> Result<WeightStore> {
+pub fn random_weights(
+    cfg: &WanConfig,
+    seed: u64,
+    dtype: candle_core::DType,
+) -> Result<WeightStore> {
     let d = cfg.inner_dim();
     let [pt, ph, pw] = cfg.patch_size;
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
@@ -508,5 +517,5 @@ pub fn random_weights(cfg: &WanConfig, seed: u64) -> Result<WeightStore> {
         shapes.push((format!("{p}.ffn.net.2.bias"), vec![d]));
         shapes.push((format!("{p}.scale_shift_table"), vec![1, 6, d]));
     }
-    crate::random::random_store(seed, shapes, d)
+    crate::random::random_store(seed, shapes, d, dtype)
 }

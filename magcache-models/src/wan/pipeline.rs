@@ -9,6 +9,20 @@ use magcache_core::{
     Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
 };
 
+impl WanInputs {
+    /// The inputs on `dev`.
+    pub fn to_device(self, dev: &candle_core::Device) -> Result<Self> {
+        let mv = |t: Option<Tensor>| t.map(|t| t.to_device(dev)).transpose();
+        Ok(WanInputs {
+            latents: self.latents.to_device(dev)?,
+            cond: self.cond.to_device(dev)?,
+            uncond: mv(self.uncond)?,
+            condition: mv(self.condition)?,
+            first_frame: mv(self.first_frame)?,
+        })
+    }
+}
+
 /// Conditioning of a Wan generation.
 pub struct WanInputs {
     /// `[B, C, F, H, W]`
@@ -62,6 +76,10 @@ impl WanPipeline {
                 experts.len()
             )));
         }
+        let inputs = match experts.first() {
+            Some(m) => inputs.to_device(m.device())?,
+            None => inputs,
+        };
         if experts.len() == 2 && boundary_ratio.is_none() {
             return Err(Error::msg(
                 "two experts need `boundary_ratio` in [sampling]",
@@ -119,9 +137,13 @@ impl WanPipeline {
                     *x = 0.0;
                 }
             }
-            Ok(Tensor::from_vec(v, (b, seq), &candle_core::Device::Cpu)?)
+            Ok(Tensor::from_vec(v, (b, seq), self.inputs.latents.device())?)
         } else {
-            Ok(Tensor::from_vec(vec![t; b], b, &candle_core::Device::Cpu)?)
+            Ok(Tensor::from_vec(
+                vec![t; b],
+                b,
+                self.inputs.latents.device(),
+            )?)
         }
     }
 }

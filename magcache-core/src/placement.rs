@@ -1,0 +1,122 @@
+//! Where a model runs and in which precision: `[model] device` and `dtype`.
+//!
+//! `device = "cpu" | "cuda" | "cuda:N" | "metal" | "metal:N"`; `dtype = "f32" | "bf16" | "f16"`: the
+//! precision of the weights of the linear layers (almost all of a transformer's parameters) and of
+//! their matrix products. Norms, softmax, modulation and the cache maths stay in f32.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+/// A parsed device name: `Cpu`, or `Cuda(n)` / `Metal(n)` with an ordinal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+/// Parses a device name; errors name `file` and `model.device`.
+pub fn parse_device(s: &str, file: &str) -> Result<DeviceSpec> {
+    let bad = || {
+        Error::config(
+            file,
+            "model.device",
+            format!("`{s}` is not a device: use \"cpu\", \"cuda\", \"cuda:N\" or \"metal\""),
+        )
+    };
+    let (kind, ordinal) = match s.split_once(':') {
+        Some((k, n)) => (k, n.parse::<usize>().map_err(|_| bad())?),
+        None => (s, 0),
+    };
+    match kind {
+        "cpu" if !s.contains(':') => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(ordinal)),
+        "metal" => Ok(DeviceSpec::Metal(ordinal)),
+        _ => Err(bad()),
+    }
+}
+
+/// Parses a dtype name; errors name `file` and `model.dtype`.
+pub fn parse_dtype(s: &str, file: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => Err(Error::config(
+            file,
+            "model.dtype",
+            format!("`{s}` is not supported: use \"f32\", \"bf16\" or \"f16\""),
+        )),
+    }
+}
+
+/// The device and the weights' dtype of a run.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl Placement {
+    /// Opens the device. On a machine (or a build) without it: one line naming `model.device`.
+    pub fn open(device: &str, dtype: &str, file: &str) -> Result<Placement> {
+        let dtype = parse_dtype(dtype, file)?;
+        let unavailable = |e: candle_core::Error| {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default().to_string();
+            Error::config(
+                file,
+                "model.device",
+                format!("`{device}` is not available here: {first}"),
+            )
+        };
+        let device = match parse_device(device, file)? {
+            DeviceSpec::Cpu => Device::Cpu,
+            DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(unavailable)?,
+            DeviceSpec::Metal(n) => Device::new_metal(n).map_err(unavailable)?,
+        };
+        Ok(Placement { device, dtype })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_bad_ones_name_the_key() {
+        assert_eq!(parse_device("cpu", "f").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(parse_device("cuda", "f").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(parse_device("cuda:3", "f").unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!(parse_device("metal", "f").unwrap(), DeviceSpec::Metal(0));
+        for bad in ["gpu", "cpu:1", "cuda:x", "", "cuda:"] {
+            let e = parse_device(bad, "run.toml").unwrap_err().to_string();
+            assert!(e.starts_with("run.toml: model.device:"), "{e}");
+        }
+        assert_eq!(parse_dtype("bf16", "f").unwrap(), DType::BF16);
+        let e = parse_dtype("f64", "run.toml").unwrap_err().to_string();
+        assert!(e.starts_with("run.toml: model.dtype:"), "{e}");
+    }
+
+    #[test]
+    fn a_device_this_build_lacks_is_one_line_naming_the_key() {
+        // CI builds without the `cuda` feature (and has no GPU): opening CUDA must fail cleanly.
+        if let Err(e) = Placement::open("cuda:7", "f32", "run.toml") {
+            let e = e.to_string();
+            assert!(
+                e.starts_with("run.toml: model.device: `cuda:7` is not available"),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `[model] dtype` and `device`: bf16 weights run the reference loops within bf16 tolerance, and a
+//! device this build or machine lacks is one line naming `model.device`.
+
+use magcache_tests::{fixture, load, load_json, loop_toml, max_abs_diff, run_toml, weights_of};
+
+/// The reference run `name` of the Wan2.1 loop fixture with `[model]` lines added.
+fn wan21_run(name: &str, model_extra: &str) -> (candle_core::Tensor, magcache_cli::Report, f32) {
+    let rel = "reference/wan21_tiny_loop";
+    let meta = load_json(&format!("{rel}.json"));
+    let tensors = load(&format!("{rel}.safetensors"));
+    let run = &meta["runs"][name];
+    let cache = magcache_tests::cache_table_for(name, &run["config"]);
+    let inputs = fixture(&format!("{rel}.safetensors")).display().to_string();
+    let text = loop_toml(
+        "wan2.1",
+        &weights_of("reference/wan21_tiny"),
+        &inputs,
+        &meta,
+        cache.as_deref(),
+    )
+    .replacen("[model]\n", &format!("[model]\n{model_extra}"), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let (fin, rep) = run_toml(dir.path(), &text);
+    let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
+    (fin, rep, d)
+}
+
+#[test]
+fn bf16_weights_follow_the_f32_reference() {
+    // Explicit f32 on cpu is today's path: identical to the reference within 1e-3.
+    let (_, _, d32) = wan21_run("dense", "dtype = \"f32\"\ndevice = \"cpu\"\n");
+    assert!(d32 < 1e-3, "{d32}");
+    // bf16 linear weights and products (norms, softmax, modulation in f32): bf16 has 8 bits of
+    // mantissa, so the final latents stay within a few 1e-2 of the f32 reference, and finite.
+    let (fin, _, d) = wan21_run("dense", "dtype = \"bf16\"\n");
+    assert!(fin
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite()));
+    assert!(
+        d > 0.0 && d < 5e-2,
+        "bf16 final differs from the f32 reference by {d}"
+    );
+    // A cached run in bf16 keeps MagCache's decisions (they come from the curve, not the data).
+    let (_, rep32, _) = wan21_run("magcache_a", "");
+    let (_, rep16, _) = wan21_run("magcache_a", "dtype = \"bf16\"\n");
+    let decisions =
+        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
+    assert_eq!(decisions(&rep32), decisions(&rep16));
+}
+
+#[test]
+fn a_missing_device_is_one_line_naming_the_key() {
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    for dev in ["cuda", "cuda:3", "metal"] {
+        let text = format!(
+            "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\ndevice = \"{dev}\"\n[model.overrides]\nnum_layers = 1\n[inputs]\nlatent_shape = [1, 16, 1, 4, 4]\ntext_len = 3\n[sampling]\nsteps = 2\n"
+        );
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        match magcache_cli::prepare(&path) {
+            // A machine with that device and a build with its feature runs it.
+            Ok(_) => {}
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("model.device"), "{e}");
+                assert!(e.contains(&format!("`{dev}` is not available")), "{e}");
+                assert!(!e.contains('\n'), "{e}");
+            }
+        }
+    }
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\ndevice = \"gpu\"\n[sampling]\nsteps = 2\n",
+    )
+    .unwrap();
+    let e = magcache_cli::prepare(&dir.path().join("bad.toml"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.device: `gpu` is not a device"), "{e}");
+}

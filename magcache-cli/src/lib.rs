@@ -264,7 +264,7 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
             indicatif::ProgressStyle::with_template(
                 "{prefix} [{bar:30}] step {pos}/{len} {msg} ({elapsed})",
             )
-            .expect("valid template")
+            .map_err(|e| Error::msg(format!("progress bar template: {e}")))?
             .progress_chars("=> "),
         );
         b.set_prefix(format!("{} {}", p.cfg.model.family, p.strategy));
@@ -435,7 +435,12 @@ pub fn calibrate(
     let mut sigmas = vec![0.0; plan.total_steps];
     for sp in &plan.scopes {
         for (&step, &s) in sp.step_indices.iter().zip(&sp.sigmas) {
-            sigmas[step] = s;
+            *sigmas.get_mut(step).ok_or_else(|| {
+                Error::msg(format!(
+                    "calibrate: scope {} runs step {step} of a {}-step plan",
+                    sp.key, plan.total_steps
+                ))
+            })? = s;
         }
     }
     let mut prof = Profile {
@@ -568,7 +573,10 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
         }
     }
     let sigma_of = |key: magcache_core::ScopeKey, i: usize| {
-        gplan.scope(key).map(|s| s.sigmas[i]).unwrap_or(0.0)
+        gplan
+            .scope(key)
+            .and_then(|s| s.sigmas.get(i).copied())
+            .unwrap_or(0.0)
     };
     let calls: Vec<CallReport> = gplan
         .calls()

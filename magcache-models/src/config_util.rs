@@ -47,3 +47,13 @@ pub fn merge_config<T: Serialize + DeserializeOwned>(
     }
     serde_json::from_value(merged).map_err(|e| Error::config(file, "model config", e.to_string()))
 }
+
+/// The fields of a config as a JSON map (the base that `[model.overrides]` are merged into). `class`
+/// names the model class in messages.
+pub fn to_map<T: Serialize>(cfg: &T, class: &str) -> Result<Map<String, Value>> {
+    match serde_json::to_value(cfg) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Error::msg(format!("{class} config is not an object"))),
+        Err(e) => Err(Error::msg(format!("{class} config: {e}"))),
+    }
+}

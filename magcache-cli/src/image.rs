@@ -15,6 +15,9 @@ pub fn planes_png(
     per_row: usize,
     scale: usize,
 ) -> Result<Vec<u8>> {
+    if per_row == 0 {
+        return Err(Error::msg("a picture needs at least one plane per row"));
+    }
     let mut sets = Vec::new();
     for r in rows {
         let (n, h, w) = r.dims3()?;

@@ -387,3 +387,37 @@ fn class_conditioning_errors_name_the_key() {
     c.run_err(&toml("[3, 1, 4]", 2), &["run.toml", "inputs.classes"]);
     c.run_err(&toml("[10]", 1), &["run.toml", "inputs.classes"]);
 }
+
+#[test]
+fn one_row_class_table_is_named() {
+    let c = Case::new();
+    let digits =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trained/digits_wan");
+    let w = c.path("w");
+    std::fs::create_dir(&w).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(digits.join(f), w.join(f)).unwrap();
+    }
+    // Only the null class: no row is left for a class.
+    let table =
+        candle_core::safetensors::load(digits.join("class_embeddings.safetensors"), &Device::Cpu)
+            .unwrap();
+    let one = table["class_embeddings"]
+        .narrow(0, 0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("class_embeddings".to_string(), one)]),
+        w.join("class_embeddings.safetensors"),
+    )
+    .unwrap();
+    let toml = format!(
+        "[model]\nfamily = \"wan2.1\"\nweights = \"{}\"\n[inputs]\nclasses = [0]\nlatent_shape = [1, 1, 1, 16, 16]\n[sampling]\nsteps = 2\nshift = 3.0\nguidance_scale = 4.0\n",
+        w.display()
+    );
+    c.run_err(
+        &toml,
+        &["class_embeddings.safetensors", "tensor `class_embeddings`"],
+    );
+}

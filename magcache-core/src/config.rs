@@ -260,7 +260,10 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     let Some(span) = e.span() else {
         return Error::config(file, "(document)", msg);
     };
-    let start = span.start.min(text.len());
+    let mut start = span.start.min(text.len());
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
     let line_no = text[..start].matches('\n').count() + 1;
     // The table the error is in: the last `[header]` before the error.
     let mut table = String::new();

@@ -96,8 +96,9 @@ pub fn ssim(a: &Tensor, b: &Tensor, range: f64) -> Result<f64> {
         let x = &a[p * h * w..(p + 1) * h * w];
         let y = &b[p * h * w..(p + 1) * h * w];
         // Windows fully inside the plane (scikit-image crops the borders the same way).
-        for i in 0..=(h - win) {
-            for j in 0..=(w - win) {
+        // (None for planes smaller than the window, i.e. empty ones.)
+        for i in 0..(h + 1).saturating_sub(win) {
+            for j in 0..(w + 1).saturating_sub(win) {
                 let (mut sx, mut sy, mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
                 for di in 0..win {
                     for dj in 0..win {

@@ -60,3 +60,13 @@ pub fn require_weights_or_preset(cfg: &magcache_core::RunConfig, file: &str) -> 
     }
     Ok(())
 }
+
+/// The fields of a config as a JSON map (the base that `[model.overrides]` are merged into). `class`
+/// names the model class in messages.
+pub fn to_map<T: Serialize>(cfg: &T, class: &str) -> Result<Map<String, Value>> {
+    match serde_json::to_value(cfg) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Error::msg(format!("{class} config is not an object"))),
+        Err(e) => Err(Error::msg(format!("{class} config: {e}"))),
+    }
+}

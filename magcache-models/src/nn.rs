@@ -1,7 +1,7 @@
 //! Small building blocks shared by the transformers (f32, CPU-friendly layouts).
 
 use candle_core::{DType, Device, Tensor};
-use magcache_core::Result;
+use magcache_core::{Error, Result};
 
 /// A linear layer: `y = x W^T + b`, with `W^T` kept as a transposed view of the `[out, in]` weight.
 #[derive(Clone, Debug)]
@@ -23,14 +23,13 @@ impl Linear {
         })
     }
 
-    pub fn out_dim(&self) -> usize {
-        self.wt.dim(1).unwrap_or(0)
-    }
-
     /// `x [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let last = *dims.last().expect("rank >= 1");
+        let Some((&last, lead)) = x.dims().split_last() else {
+            return Err(Error::msg(
+                "linear layer: the input is a scalar, expected [..., in]",
+            ));
+        };
         let rows = x.elem_count() / last.max(1);
         let x2 = x.reshape((rows, last))?;
         let x2 = if x2.is_contiguous() {
@@ -50,8 +49,8 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.wt.dim(1)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.wt.dim(1)?);
         Ok(y.reshape(out_dims)?)
     }
 }

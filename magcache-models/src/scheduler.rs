@@ -59,8 +59,10 @@ pub fn flow_match_static(steps: usize, shift: f64) -> FlowSchedule {
 /// torch's float32 `linspace`: the first half counts up from `start`, the second half down from
 /// `end`, both with `step = (end - start) / (n - 1)`.
 fn linspace_f32_torch(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
+    match n {
+        0 => return vec![],
+        1 => return vec![start],
+        _ => {}
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;

@@ -190,15 +190,6 @@ impl WeightStore {
         }
         Ok(())
     }
-
-    /// A tensor that may be absent; if present it must have this shape.
-    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        if self.contains(name) {
-            self.get_shape(name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 }
 
 /// The weight files of a model path: a file, a folder with a `*.safetensors.index.json`, a folder with

@@ -173,11 +173,6 @@ impl MagCache {
             states: ScopeStates::default(),
         }
     }
-
-    /// The resampled curve a scope uses in the current generation.
-    pub fn scope_ratios(&self, scope: ScopeKey) -> Result<&[f64]> {
-        Ok(&self.states.get(scope)?.state.ratios)
-    }
 }
 
 /// The decision rule on the accumulators of one scope; returns `(reuse, metric)`.

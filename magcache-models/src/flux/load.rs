@@ -44,12 +44,22 @@ fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
                 .ok()
         })
         .max()
-        .map(|m| m + 1)
+        .map(|m| m.saturating_add(1))
         .unwrap_or(0)
 }
 
-/// Splits a fused `[n * d (+ extra), in]` weight (or bias) into parts of the given row counts.
-fn split_rows(t: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
+/// Splits a fused `[n * d (+ extra), in]` weight (or bias) `name` of the checkpoint `origin` into
+/// parts of the given row counts.
+fn split_rows(t: &Tensor, sizes: &[usize], origin: &str, name: &str) -> Result<Vec<Tensor>> {
+    let rows = t.dim(0)?;
+    let need: usize = sizes.iter().sum();
+    if rows < need {
+        return Err(Error::weights(
+            origin,
+            name,
+            format!("has {rows} rows; the fused parts {sizes:?} need {need}",),
+        ));
+    }
     let mut out = Vec::new();
     let mut off = 0;
     for &s in sizes {
@@ -149,8 +159,12 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
             ("txt", ["add_q_proj", "add_k_proj", "add_v_proj"]),
         ] {
             for suffix in ["weight", "bias"] {
-                let fused = take(store, &format!("{b}.{stream}_attn.qkv.{suffix}"))?;
-                for (n, part) in names.iter().zip(split_rows(&fused, &[d, d, d])?) {
+                let name = format!("{b}.{stream}_attn.qkv.{suffix}");
+                let fused = take(store, &name)?;
+                for (n, part) in names
+                    .iter()
+                    .zip(split_rows(&fused, &[d, d, d], &origin, &name)?)
+                {
                     store.insert(&format!("{t}.{n}.{suffix}"), part);
                 }
             }
@@ -182,9 +196,17 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
             format!("single_transformer_blocks.{i}"),
         );
         for suffix in ["weight", "bias"] {
-            let fused = take(store, &format!("{b}.linear1.{suffix}"))?;
-            let mlp = fused.dim(0)? - 3 * d;
-            let parts = split_rows(&fused, &[d, d, d, mlp])?;
+            let name = format!("{b}.linear1.{suffix}");
+            let fused = take(store, &name)?;
+            let rows = fused.dim(0)?;
+            let mlp = rows.checked_sub(3 * d).ok_or_else(|| {
+                Error::weights(
+                    &origin,
+                    &name,
+                    format!("has {rows} rows; expected 3 x {d} (q, k, v) plus the MLP rows"),
+                )
+            })?;
+            let parts = split_rows(&fused, &[d, d, d, mlp], &origin, &name)?;
             for (n, part) in ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
                 .iter()
                 .zip(parts)
@@ -205,11 +227,15 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
     }
     // BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift).
     for suffix in ["weight", "bias"] {
-        let t = take(store, &format!("final_layer.adaLN_modulation.1.{suffix}"))?;
-        let parts = split_rows(&t, &[d, d])?;
+        let name = format!("final_layer.adaLN_modulation.1.{suffix}");
+        let t = take(store, &name)?;
+        let parts = split_rows(&t, &[d, d], &origin, &name)?;
+        let [shift, scale] = parts.as_slice() else {
+            return Err(Error::weights(&origin, &name, "expected (shift, scale)"));
+        };
         store.insert(
             &format!("norm_out.linear.{suffix}"),
-            Tensor::cat(&[&parts[1], &parts[0]], 0)?,
+            Tensor::cat(&[scale, shift], 0)?,
         );
     }
     Ok(())
@@ -283,11 +309,7 @@ pub fn load_flux(
     };
     let mut config = FluxConfig::from_map(base, &obj, &shown, &serde_json::Map::new())?;
     if !overrides.is_empty() {
-        let cur = serde_json::to_value(&config)
-            .expect("serializable")
-            .as_object()
-            .cloned()
-            .expect("object");
+        let cur = crate::config_util::to_map(&config, "FluxTransformer2DModel")?;
         config = FluxConfig::from_map(FluxConfig::default(), &cur, cfg_file, overrides)?;
     }
     if layout == FluxLayout::Bfl {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod load;
 pub mod model;
 
+use crate::config_util::to_map;
 use crate::inputs::InputFile;
 use crate::published;
 use crate::random::{randn, random_store};
@@ -149,7 +150,6 @@ pub struct FluxInputs {
 pub struct FluxPipeline {
     pub model: FluxModel,
     pub schedule: FlowSchedule,
-    pub mu: f64,
     pub guidance: f64,
     pub inputs: FluxInputs,
     pub info: ModelInfo,
@@ -180,9 +180,16 @@ impl Pipeline for FluxPipeline {
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
         let (b, seq, c) = latents.dims3()?;
         let ids = self.inputs.img_ids.to_vec2::<f32>()?;
-        let h = ids.iter().map(|r| r[1] as usize).max().unwrap_or(0) + 1;
-        let w = ids.iter().map(|r| r[2] as usize).max().unwrap_or(0) + 1;
-        if h * w != seq {
+        // Rows `[0, row, col]`; ids with fewer axes give no grid (one row of `seq` values).
+        let extent = |axis: usize| {
+            ids.iter()
+                .map(|r| r.get(axis).map_or(0, |&v| v as usize))
+                .max()
+                .unwrap_or(0)
+                .saturating_add(1)
+        };
+        let (h, w) = (extent(1), extent(2));
+        if h.checked_mul(w) != Some(seq) {
             return Ok(latents
                 .permute((0, 2, 1))?
                 .contiguous()?
@@ -342,7 +349,7 @@ fn build_inputs(cfg: &RunConfig, file: &str, base: &Path, c: &FluxConfig) -> Res
         .clone()
         .unwrap_or_else(|| vec![1, c.in_channels / 4, 64, 64]);
     if shape.len() != 4
-        || shape[1] * 4 != c.in_channels
+        || shape[1].checked_mul(4) != Some(c.in_channels)
         || !shape[2].is_multiple_of(2)
         || !shape[3].is_multiple_of(2)
     {
@@ -435,15 +442,17 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             ))
         }
         None => {
-            let name = cfg.model.preset.as_deref().expect("validated");
+            let name = cfg.model.preset.as_deref().ok_or_else(|| {
+                Error::config(
+                    file,
+                    "model.weights",
+                    "give `weights` (a checkpoint) or `preset` (a named architecture)",
+                )
+            })?;
             let p = FLUX_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
                 Error::config(file, "model.preset", format!("unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"))
             })?;
-            let base_cfg = serde_json::to_value((p.config)())
-                .expect("serializable")
-                .as_object()
-                .cloned()
-                .expect("object");
+            let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
             let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
             let desc = format!(
                 "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
@@ -464,7 +473,6 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     let mu = flux_mu(inputs.latents.dim(1)?);
     Ok(Box::new(FluxPipeline {
         schedule: flow_match_dynamic(cfg.sampling.steps, mu),
-        mu,
         guidance: cfg.sampling.guidance_scale.unwrap_or(3.5),
         inputs,
         info: flux_info(variant),
@@ -495,7 +503,7 @@ fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan
                     format!("{s:?} is not [B, C, H, W]"),
                 ));
             }
-            (s[2] / 2) * (s[3] / 2)
+            (s[2] / 2).saturating_mul(s[3] / 2)
         }
     };
     let variant = cfg

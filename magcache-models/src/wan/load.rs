@@ -102,7 +102,6 @@ pub struct LoadedWan {
     pub config: WanConfig,
     pub store: WeightStore,
     pub layout: WanLayout,
-    pub origin: PathBuf,
 }
 
 /// Finds the config.json of a weights path: `explicit`, else `config.json` in the folder or beside the
@@ -144,11 +143,7 @@ pub fn read_wan_config(
     if overrides.is_empty() {
         return Ok(base);
     }
-    let obj = serde_json::to_value(&base)
-        .expect("serializable")
-        .as_object()
-        .cloned()
-        .expect("object");
+    let obj = crate::config_util::to_map(&base, "WanTransformer3DModel")?;
     WanConfig::from_map(obj, cfg_file, overrides)
 }
 
@@ -169,6 +164,5 @@ pub fn load_wan(
         config,
         store,
         layout,
-        origin: weights.to_path_buf(),
     })
 }

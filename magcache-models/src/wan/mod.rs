@@ -5,6 +5,7 @@ pub mod load;
 pub mod model;
 pub mod pipeline;
 
+use crate::config_util::to_map;
 use crate::inputs::InputFile;
 use crate::published;
 use crate::random::randn;
@@ -212,17 +213,15 @@ pub fn build_model(
         let model = WanModel::from_weights(loaded.config, &loaded.store)?;
         Ok((model, preset, desc))
     } else {
-        let name = cfg
-            .model
-            .preset
-            .as_deref()
-            .expect("validated: weights or preset");
+        let name = cfg.model.preset.as_deref().ok_or_else(|| {
+            Error::config(
+                file,
+                "model.weights",
+                "give `weights` (a checkpoint) or `preset` (a named architecture)",
+            )
+        })?;
         let preset = find_preset(cfg, file, presets, name)?;
-        let base_cfg = serde_json::to_value((preset.config)())
-            .expect("serializable")
-            .as_object()
-            .cloned()
-            .expect("object");
+        let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
         let c = WanConfig::from_map(base_cfg, file, &overrides)?;
         let params = estimate_params(&c);
         let desc = format!(
@@ -399,6 +398,13 @@ fn class_conditioning(
     let inp = InputFile::load(&path)?;
     let table = inp.get("class_embeddings", 3, "[classes + 1, L, text_dim]")?;
     let rows = table.dim(0)?;
+    if rows < 2 {
+        return Err(Error::inputs(
+            &inp.path,
+            "class_embeddings",
+            format!("has {rows} row(s); expected at least 2 (one per class, then the null class)"),
+        ));
+    }
     if classes.len() != batch {
         return Err(Error::config(
             file,
@@ -558,7 +564,10 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     }
     let expand = experts.len() == 1;
     let wdir = paths.first().map(|w| weights_dir(base, w));
-    let inputs = build_inputs(cfg, file, base, &experts[0], wdir.as_deref())?;
+    let first = experts
+        .first()
+        .ok_or_else(|| Error::config(file, "model.weights", "no model to run"))?;
+    let inputs = build_inputs(cfg, file, base, first, wdir.as_deref())?;
     let mut p = WanPipeline::new(
         "wan2.2",
         experts,
@@ -621,13 +630,13 @@ fn wan_arch(
     paths: &[String],
     presets: &'static [WanPreset],
 ) -> Result<(usize, Option<&'static WanPreset>)> {
-    if paths.is_empty() {
+    let Some(first) = paths.first() else {
         let name = cfg.model.preset.as_deref().unwrap_or_default();
         let p = find_preset(cfg, file, presets, name)?;
         return Ok((p.experts, Some(p)));
-    }
+    };
     let c = load::read_wan_config(
-        &resolve(base, &paths[0]),
+        &resolve(base, first),
         cfg.model
             .config
             .as_deref()

@@ -132,8 +132,9 @@ impl WanPipeline {
                 0
             };
             let mut v = vec![t; b * seq];
-            for bi in 0..b {
-                for x in &mut v[bi * seq..bi * seq + clean] {
+            // The first `clean` tokens of every sample.
+            for sample in v.chunks_mut(seq.max(1)) {
+                for x in sample.iter_mut().take(clean) {
                     *x = 0.0;
                 }
             }

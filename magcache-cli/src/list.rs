@@ -1,0 +1,42 @@
+//! `magcache list`: the registered model families, presets and strategies.
+
+use crate::prepare::link_all;
+use magcache_core::registry;
+
+/// Text of `magcache list`.
+pub fn list() -> String {
+    link_all();
+    let mut s = String::from("model families:\n");
+    for f in registry::families() {
+        s.push_str(&format!("  {:<10} {}\n", f.name, f.description));
+        if !f.presets.is_empty() {
+            s.push_str(&format!("             presets: {}\n", f.presets.join(", ")));
+        }
+        if !f.published.is_empty() {
+            s.push_str(&format!(
+                "             published: {}\n",
+                f.published.join(", ")
+            ));
+        }
+        let kinds: Vec<String> = f
+            .blocks
+            .iter()
+            .map(|b| {
+                format!(
+                    "{} (hidden in {} out {}, encoder in {} out {})",
+                    b.kind,
+                    b.hidden_in,
+                    b.hidden_out,
+                    b.encoder_in.map(|i| i.to_string()).unwrap_or("-".into()),
+                    b.encoder_out.map(|i| i.to_string()).unwrap_or("-".into())
+                )
+            })
+            .collect();
+        s.push_str(&format!("             blocks: {}\n", kinds.join("; ")));
+    }
+    s.push_str("strategies:\n");
+    for st in registry::strategies() {
+        s.push_str(&format!("  {:<10} {}\n", st.name, st.description));
+    }
+    s
+}

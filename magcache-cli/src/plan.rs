@@ -1,0 +1,127 @@
+//! `magcache plan`: the compute/reuse map predicted from the config alone.
+
+use crate::prepare::{base_dir, family_of, link_all};
+use crate::report::CallReport;
+use magcache_core::{BuildEnv, Result, RunConfig};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The predicted compute/reuse map of a run (`magcache plan`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanReport {
+    pub family: String,
+    pub strategy: String,
+    /// True when the strategy decides from the data (TeaCache, FBCache): no calls are predicted.
+    pub decides_from_data: bool,
+    pub calls: Vec<CallReport>,
+    pub computed_calls: usize,
+    pub total_calls: usize,
+    pub predicted_speedup: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Predicts every call of a run from the config alone (no model is built or run).
+pub fn plan(config: &Path) -> Result<PlanReport> {
+    link_all();
+    let cfg = RunConfig::load(config)?;
+    let file = config.display().to_string();
+    let base = base_dir(config);
+    let fam = family_of(&cfg, &file)?;
+    let (gplan, info) = (fam.plan)(&cfg, &file, &base)?;
+    let strategy_cfg = cfg.strategy();
+    let strategy = strategy_cfg.typetag_name().to_string();
+    let env = BuildEnv {
+        file: &file,
+        base_dir: &base,
+        model: &info,
+    };
+    let cache = strategy_cfg.build(&env)?;
+    let mut warnings = Vec::new();
+    let mut predicted: HashMap<magcache_core::ScopeKey, Vec<magcache_core::CallDecision>> =
+        HashMap::new();
+    let mut from_data = false;
+    if let Some(mut c) = cache {
+        warnings = c.begin_generation(&gplan)?;
+        for sp in &gplan.scopes {
+            match c.predict(sp.key) {
+                Some(d) => {
+                    predicted.insert(sp.key, d);
+                }
+                None => from_data = true,
+            }
+        }
+    }
+    let sigma_of = |key: magcache_core::ScopeKey, i: usize| {
+        gplan
+            .scope(key)
+            .and_then(|s| s.sigmas.get(i).copied())
+            .unwrap_or(0.0)
+    };
+    let calls: Vec<CallReport> = gplan
+        .calls()
+        .into_iter()
+        .map(|(step, key, i)| {
+            let d = if from_data {
+                None
+            } else {
+                predicted.get(&key).and_then(|v| v.get(i)).copied()
+            };
+            CallReport {
+                step,
+                branch: key.branch.to_string(),
+                context: key.branch.to_string(),
+                expert: key.expert,
+                timestep: sigma_of(key, i) * 1000.0,
+                computed: d.map(|d| d.computed),
+                metric: d.and_then(|d| d.metric),
+            }
+        })
+        .collect();
+    let computed_calls = calls.iter().filter(|c| c.computed != Some(false)).count();
+    Ok(PlanReport {
+        family: cfg.model.family.clone(),
+        strategy,
+        decides_from_data: from_data,
+        total_calls: calls.len(),
+        computed_calls,
+        predicted_speedup: calls.len() as f64 / computed_calls.max(1) as f64,
+        calls,
+        warnings,
+    })
+}
+
+/// Human text of a plan.
+pub fn plan_text(r: &PlanReport) -> String {
+    let mut s = String::new();
+    if r.decides_from_data {
+        s.push_str(&format!(
+            "{} decides from the data of each call (the model's activations), so its decisions cannot be known before the run: use `magcache run` to see them.\n",
+            r.strategy
+        ));
+        s.push_str(&format!(
+            "transformer calls: {} (an upper bound on the computed ones)\n",
+            r.total_calls
+        ));
+        return s;
+    }
+    let mut scopes: BTreeMap<(usize, String), String> = BTreeMap::new();
+    for c in &r.calls {
+        scopes
+            .entry((c.expert, c.branch.clone()))
+            .or_default()
+            .push(if c.computed == Some(false) { '.' } else { '#' });
+    }
+    s.push_str(&format!(
+        "{} plan for {} (# computed, . reused; one mark per call of the scope)\n",
+        r.strategy, r.family
+    ));
+    for ((e, b), m) in &scopes {
+        s.push_str(&format!("expert {e} {b:<8} {m}\n"));
+    }
+    s.push_str(&format!(
+        "predicted transformer calls: {}/{} computed   predicted speedup {:.2}x (transformer calls)\n",
+        r.computed_calls, r.total_calls, r.predicted_speedup
+    ));
+    s
+}

@@ -1,0 +1,75 @@
+//! From a run file to a pipeline and its cache, ready to generate.
+
+use magcache_core::{registry, BuildEnv, CacheHandle, Error, Pipeline, Result, RunConfig};
+use std::path::{Path, PathBuf};
+
+/// Keeps every registration linked in.
+pub fn link_all() {
+    magcache_strategies::link();
+    magcache_models::link();
+}
+
+/// A run file, its pipeline and its cache, ready to generate.
+pub struct Prepared {
+    pub cfg: RunConfig,
+    pub file: String,
+    pub pipeline: Box<dyn Pipeline>,
+    pub cache: Option<CacheHandle>,
+    pub strategy: String,
+}
+
+/// Loads and validates a run file and builds the pipeline, without a cache.
+pub fn prepare_pipeline(config: &Path) -> Result<Prepared> {
+    link_all();
+    let cfg = RunConfig::load(config)?;
+    let file = config.display().to_string();
+    let base = base_dir(config);
+    let fam = family_of(&cfg, &file)?;
+    let pipeline = (fam.build)(&cfg, &file, &base)?;
+    Ok(Prepared {
+        cfg,
+        file,
+        pipeline,
+        cache: None,
+        strategy: "none".into(),
+    })
+}
+
+/// Loads and validates a run file and builds the pipeline and the cache.
+pub fn prepare(config: &Path) -> Result<Prepared> {
+    let mut p = prepare_pipeline(config)?;
+    let base = base_dir(config);
+    let info = p.pipeline.model_info();
+    let env = BuildEnv {
+        file: &p.file,
+        base_dir: &base,
+        model: &info,
+    };
+    let strategy_cfg = p.cfg.strategy();
+    p.strategy = strategy_cfg.typetag_name().to_string();
+    p.cache = strategy_cfg.build(&env)?.map(CacheHandle::new);
+    p.pipeline.set_cache(p.cache.clone())?;
+    Ok(p)
+}
+
+pub(crate) fn base_dir(config: &Path) -> PathBuf {
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub(crate) fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
+    registry::family(&cfg.model.family).ok_or_else(|| {
+        let known: Vec<&str> = registry::families().iter().map(|f| f.name).collect();
+        Error::config(
+            file,
+            "model.family",
+            format!(
+                "unknown family `{}` (known: {})",
+                cfg.model.family,
+                known.join(", ")
+            ),
+        )
+    })
+}

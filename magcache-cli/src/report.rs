@@ -1,0 +1,153 @@
+//! The report of a run: every call, the per-scope summary, and its human summary.
+
+use crate::prepare::Prepared;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// One call in the report.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CallReport {
+    pub step: usize,
+    pub branch: String,
+    /// Same as `branch` (the reference fixtures' name for it).
+    pub context: String,
+    pub expert: usize,
+    pub timestep: f64,
+    /// `null` when no cache ran (dense).
+    pub computed: Option<bool>,
+    pub metric: Option<f64>,
+}
+
+/// Per scope summary.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ScopeSummary {
+    pub expert: usize,
+    pub branch: String,
+    pub calls: usize,
+    pub computed: usize,
+    pub reused: usize,
+    pub longest_reuse_run: usize,
+    /// Bytes the cache holds for this scope at the end of the run.
+    pub cache_bytes: usize,
+}
+
+/// The JSON report of `magcache run`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub family: String,
+    pub model: String,
+    pub strategy: String,
+    pub steps: usize,
+    pub calls: Vec<CallReport>,
+    pub computed_calls: usize,
+    pub total_calls: usize,
+    pub wall_seconds: f64,
+    pub cache_bytes: usize,
+    /// Peak resident memory of the process so far (Linux `VmHWM`), if known.
+    pub peak_rss_bytes: Option<u64>,
+    pub scopes: Vec<ScopeSummary>,
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    pub fn from_calls(
+        p: &Prepared,
+        calls: Vec<CallReport>,
+        wall: f64,
+        scope_bytes: &[(magcache_core::ScopeKey, usize)],
+        warnings: Vec<String>,
+    ) -> Report {
+        let computed_calls = calls.iter().filter(|c| c.computed != Some(false)).count();
+        let mut scopes: BTreeMap<(usize, String), ScopeSummary> = BTreeMap::new();
+        let mut runs: HashMap<(usize, String), usize> = HashMap::new();
+        for c in &calls {
+            let key = (c.expert, c.branch.clone());
+            let s = scopes.entry(key.clone()).or_insert_with(|| ScopeSummary {
+                expert: c.expert,
+                branch: c.branch.clone(),
+                calls: 0,
+                computed: 0,
+                reused: 0,
+                longest_reuse_run: 0,
+                cache_bytes: 0,
+            });
+            s.calls += 1;
+            let run = runs.entry(key).or_insert(0);
+            if c.computed == Some(false) {
+                s.reused += 1;
+                *run += 1;
+                s.longest_reuse_run = s.longest_reuse_run.max(*run);
+            } else {
+                s.computed += 1;
+                *run = 0;
+            }
+        }
+        for (k, b) in scope_bytes {
+            if let Some(sc) = scopes.get_mut(&(k.expert, k.branch.to_string())) {
+                sc.cache_bytes = *b;
+            }
+        }
+        let cache_bytes = scope_bytes.iter().map(|(_, b)| b).sum();
+        Report {
+            family: p.cfg.model.family.clone(),
+            model: p.pipeline.describe(),
+            strategy: p.strategy.clone(),
+            steps: p.cfg.sampling.steps,
+            total_calls: calls.len(),
+            computed_calls,
+            calls,
+            wall_seconds: wall,
+            cache_bytes,
+            peak_rss_bytes: peak_rss_bytes(),
+            scopes: scopes.into_values().collect(),
+            warnings,
+        }
+    }
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Human summary of a report (stdout of `magcache run`).
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("model:    {}\n", r.model));
+    s.push_str(&format!("strategy: {}   steps: {}\n", r.strategy, r.steps));
+    s.push_str("scope                 calls  computed  reused  longest reuse  cache bytes\n");
+    for sc in &r.scopes {
+        s.push_str(&format!(
+            "expert {} {:<8}  {:>9}  {:>8}  {:>6}  {:>13}  {:>11}\n",
+            sc.expert,
+            sc.branch,
+            sc.calls,
+            sc.computed,
+            sc.reused,
+            sc.longest_reuse_run,
+            sc.cache_bytes
+        ));
+    }
+    let map: String = r
+        .calls
+        .iter()
+        .map(|c| match c.computed {
+            Some(false) => '.',
+            _ => '#',
+        })
+        .collect();
+    s.push_str(&format!("calls (# computed, . reused): {map}\n"));
+    s.push_str(&format!(
+        "transformer calls computed: {}/{} ({:.2}x fewer)   cache holds {} bytes   peak RSS {}   wall {:.3} s\n",
+        r.computed_calls,
+        r.total_calls,
+        r.total_calls as f64 / r.computed_calls.max(1) as f64,
+        r.cache_bytes,
+        r.peak_rss_bytes.map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or_else(|| "n/a".into()),
+        r.wall_seconds
+    ));
+    s
+}

@@ -1,0 +1,110 @@
+//! Running a prepared generation: the observer that collects the calls, the progress display.
+
+use crate::prepare::Prepared;
+use crate::report::{CallReport, Report};
+use candle_core::Tensor;
+use magcache_core::pipeline::{CallEvent, Observer};
+use magcache_core::{Error, Result};
+use std::time::Instant;
+
+/// What the runner shows while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+    /// One JSON object per transformer call on stderr (machine-readable progress).
+    Json,
+}
+
+struct Collector {
+    json: bool,
+    calls: Vec<CallReport>,
+    warnings: Vec<String>,
+    bar: Option<indicatif::ProgressBar>,
+    last: String,
+}
+
+impl Observer for Collector {
+    fn warning(&mut self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("warning: {msg}")),
+            None => eprintln!("warning: {msg}"),
+        }
+        self.warnings.push(msg.to_string());
+    }
+    fn call(&mut self, ev: &CallEvent) {
+        let computed = ev.decision.map(|d| d.computed);
+        if self.json {
+            let line = serde_json::json!({
+                "event": "call", "step": ev.step, "branch": ev.branch.as_str(), "expert": ev.expert,
+                "computed": computed, "metric": ev.decision.and_then(|d| d.metric),
+            });
+            eprintln!("{line}");
+        }
+        self.last = format!(
+            "expert {} {} {}",
+            ev.expert,
+            ev.branch,
+            match computed {
+                Some(false) => "reused",
+                _ => "computed",
+            }
+        );
+        self.calls.push(CallReport {
+            step: ev.step,
+            branch: ev.branch.to_string(),
+            context: ev.branch.to_string(),
+            expert: ev.expert,
+            timestep: ev.timestep,
+            computed,
+            metric: ev.decision.and_then(|d| d.metric),
+        });
+    }
+    fn step(&mut self, done: usize, _total: usize) {
+        if let Some(b) = &self.bar {
+            b.set_position(done as u64);
+            b.set_message(self.last.clone());
+        }
+    }
+}
+
+/// Runs the generation of a prepared run; returns the final latents and the report.
+pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Report)> {
+    let bar = if verbosity == Verbosity::Normal {
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(p.cfg.sampling.steps as u64),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] step {pos}/{len} {msg} ({elapsed})",
+            )
+            .map_err(|e| Error::msg(format!("progress bar template: {e}")))?
+            .progress_chars("=> "),
+        );
+        b.set_prefix(format!("{} {}", p.cfg.model.family, p.strategy));
+        Some(b)
+    } else {
+        None
+    };
+    let mut col = Collector {
+        json: verbosity == Verbosity::Json,
+        calls: Vec::new(),
+        warnings: Vec::new(),
+        bar,
+        last: String::new(),
+    };
+    let t0 = Instant::now();
+    let out = p.pipeline.generate(&mut col);
+    let wall = t0.elapsed().as_secs_f64();
+    if let Some(b) = &col.bar {
+        b.finish_and_clear();
+    }
+    let out = out?;
+    let bytes = match &p.cache {
+        Some(c) => c.lock()?.cached_bytes_by_scope(),
+        None => Vec::new(),
+    };
+    let report = Report::from_calls(p, col.calls, wall, &bytes, col.warnings);
+    Ok((out, report))
+}

@@ -51,14 +51,21 @@ pub fn merge_config<T: Serialize + DeserializeOwned>(
 /// The checkpoint-or-architecture choice every family here needs: exactly one of `weights` and
 /// `preset`.
 pub fn require_weights_or_preset(cfg: &magcache_core::RunConfig, file: &str) -> Result<()> {
-    if cfg.model.weights.is_none() && cfg.model.preset.is_none() {
-        return Err(Error::config(
+    match cfg.model.weights {
+        Some(_) => Ok(()),
+        None => preset_name(cfg, file).map(|_| ()),
+    }
+}
+
+/// The preset of a run without `weights`; an error naming `model.weights` when there is none.
+pub fn preset_name<'a>(cfg: &'a magcache_core::RunConfig, file: &str) -> Result<&'a str> {
+    cfg.model.preset.as_deref().ok_or_else(|| {
+        Error::config(
             file,
             "model.weights",
             "give `weights` (a checkpoint) or `preset` (a named architecture)",
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 /// The fields of a config as a JSON map (the base that `[model.overrides]` are merged into). `class`

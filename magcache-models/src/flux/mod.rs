@@ -442,13 +442,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             ))
         }
         None => {
-            let name = cfg.model.preset.as_deref().ok_or_else(|| {
-                Error::config(
-                    file,
-                    "model.weights",
-                    "give `weights` (a checkpoint) or `preset` (a named architecture)",
-                )
-            })?;
+            let name = crate::config_util::preset_name(cfg, file)?;
             let p = FLUX_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
                 Error::config(file, "model.preset", format!("unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"))
             })?;

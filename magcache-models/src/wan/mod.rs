@@ -213,13 +213,7 @@ pub fn build_model(
         let model = WanModel::from_weights(loaded.config, &loaded.store)?;
         Ok((model, preset, desc))
     } else {
-        let name = cfg.model.preset.as_deref().ok_or_else(|| {
-            Error::config(
-                file,
-                "model.weights",
-                "give `weights` (a checkpoint) or `preset` (a named architecture)",
-            )
-        })?;
+        let name = crate::config_util::preset_name(cfg, file)?;
         let preset = find_preset(cfg, file, presets, name)?;
         let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
         let c = WanConfig::from_map(base_cfg, file, &overrides)?;

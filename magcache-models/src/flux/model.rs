@@ -477,7 +477,12 @@ impl BlockChain for FluxChain<'_> {
                     )))
                 }
             };
-            let meta = if i < nd { &FLUX_DOUBLE } else { &FLUX_SINGLE };
+            // The registry holds each block's metadata (built once in `from_weights`).
+            let meta = m
+                .hooks
+                .metadata()
+                .get(i)
+                .ok_or_else(|| Error::msg(format!("flux: block {i} has no metadata")))?;
             h = meta.hidden_output(&out)?.clone();
             e = meta
                 .encoder_output(&out)?

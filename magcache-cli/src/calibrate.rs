@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 pub fn calibrate(
     config: &Path,
     verbosity: Verbosity,
-) -> Result<(magcache_core::profile::Profile, Report)> {
-    use magcache_core::profile::{expert_name, Profile, ProfileMeta};
+) -> Result<(magcache_strategies::profile::Profile, Report)> {
+    use magcache_strategies::profile::{expert_name, Profile, ProfileMeta};
     let mut p = prepare_pipeline(config)?;
     let (cal, results) = magcache_strategies::calibrate::Calibrator::new();
     let handle = CacheHandle::new(Box::new(cal));

@@ -24,7 +24,6 @@ pub mod metadata;
 pub mod metrics;
 pub mod pipeline;
 pub mod placement;
-pub mod profile;
 pub mod registry;
 pub mod scope;
 pub mod states;
@@ -37,7 +36,7 @@ pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};
 pub use metadata::BlockMetadata;
 pub use pipeline::{CallEvent, Denoiser, Observer, Pipeline, Silent};
 pub use placement::Placement;
-pub use registry::{ModelFamily, ModelInfo, RatioCurves, ScheduleMeta, StrategyRegistration};
+pub use registry::{ModelFamily, ModelInfo, ScheduleMeta, StrategyRegistration};
 pub use scope::{Branch, GenerationPlan, ScopeKey, ScopePlan, StepsSpec};
 pub use states::{ScopeSlot, ScopeStates};
 

@@ -7,7 +7,6 @@ use crate::config::RunConfig;
 use crate::error::Result;
 use crate::metadata::BlockMetadata;
 use crate::pipeline::Pipeline;
-use crate::scope::Branch;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -24,19 +23,6 @@ pub struct ScheduleMeta {
     /// Sigmas of the calibrated steps, where known (enables `resample = "sigma"`).
     #[serde(default)]
     pub sigmas: Option<Vec<f64>>,
-}
-
-/// A MagCache ratio curve per expert and branch, with the schedule it was calibrated on.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RatioCurves {
-    /// Index = expert. Each expert's curves cover that expert's own steps.
-    pub experts: Vec<BTreeMap<Branch, Vec<f64>>>,
-    pub schedule: Option<ScheduleMeta>,
-    /// Sigma of each entry of each expert's curves, where known (calibration profiles); enables
-    /// `resample = "sigma"`.
-    pub expert_sigmas: Vec<Vec<f64>>,
-    /// Where the curves come from, for messages (`published wan21_t2v_1_3b`, a profile path, ...).
-    pub source: String,
 }
 
 /// What a strategy may know about the model it runs on.

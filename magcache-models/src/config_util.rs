@@ -77,3 +77,26 @@ pub fn to_map<T: Serialize>(cfg: &T, class: &str) -> Result<Map<String, Value>> 
         Err(e) => Err(Error::msg(format!("{class} config: {e}"))),
     }
 }
+
+/// Converts a `[model.overrides]` TOML table to JSON.
+pub fn overrides_json(
+    cfg: &magcache_core::RunConfig,
+) -> serde_json::Map<String, serde_json::Value> {
+    match &cfg.model.overrides {
+        Some(t) => serde_json::to_value(t)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default(),
+        None => serde_json::Map::new(),
+    }
+}
+
+/// Resolves a path of the run file against its folder.
+pub fn resolve(base: &std::path::Path, p: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(p);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}

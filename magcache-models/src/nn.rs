@@ -1,9 +1,15 @@
 //! Small building blocks shared by the transformers (f32, CPU-friendly layouts).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use magcache_core::{Error, Result};
 
 /// A linear layer: `y = x W^T + b`, with `W^T` kept as a transposed view of the `[out, in]` weight.
+///
+/// Not `candle_nn::Linear`: that one needs the input, weight and bias in one dtype, while we keep
+/// activations and biases in f32 and only the weights (and the product) in the run's dtype (bf16/f16
+/// halve the weights' memory without moving norms and modulation out of f32). It also multiplies a
+/// `[B, S, in]` input by the weight broadcast over `B` (a batched matmul); we flatten to one
+/// `[B*S, in]` product.
 #[derive(Clone, Debug)]
 pub struct Linear {
     wt: Tensor,
@@ -55,13 +61,10 @@ impl Linear {
     }
 }
 
-/// LayerNorm over the last axis, optional affine.
+/// LayerNorm over the last axis, optional affine: candle-nn's, fed a contiguous input (its fused
+/// kernel only runs on contiguous tensors; on others it falls back to a slower composite path).
 #[derive(Clone, Debug)]
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
+pub struct LayerNorm(candle_nn::LayerNorm);
 
 impl LayerNorm {
     pub fn new(
@@ -77,49 +80,24 @@ impl LayerNorm {
                 Tensor::zeros(dim, DType::F32, dev)?,
             ),
         };
-        Ok(LayerNorm {
-            weight,
-            bias,
-            eps: eps as f32,
-        })
+        Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps)))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if x.is_contiguous() {
-            x.clone()
-        } else {
-            x.contiguous()?
-        };
-        Ok(candle_nn::ops::layer_norm(
-            &x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        Ok(self.0.forward(&x.contiguous()?)?)
     }
 }
 
-/// RMSNorm over the last axis with a weight.
+/// RMSNorm over the last axis with a weight: candle-nn's, fed a contiguous input (see [`LayerNorm`]).
 #[derive(Clone, Debug)]
-pub struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
+pub struct RmsNorm(candle_nn::RmsNorm);
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        RmsNorm {
-            weight,
-            eps: eps as f32,
-        }
+        RmsNorm(candle_nn::RmsNorm::new(weight, eps))
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if x.is_contiguous() {
-            x.clone()
-        } else {
-            x.contiguous()?
-        };
-        Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?)
+        Ok(self.0.forward(&x.contiguous()?)?)
     }
 }
 

@@ -1,5 +1,10 @@
 //! Reading checkpoints: single files, sharded `*.safetensors.index.json`, diffusers folders. Every
 //! failure names the file and the tensor.
+//!
+//! Not candle-nn's `VarBuilder`: its errors name neither the file nor the folder a tensor was looked
+//! for in, it converts every tensor to one dtype as it is fetched (we keep norms and biases in f32
+//! and only linear weights in the run's dtype), and it cannot report which checkpoint tensors a model
+//! never asked for.
 
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};

@@ -109,7 +109,7 @@ pub fn curves(
     results: &BTreeMap<ScopeKey, ScopeCalibration>,
     plan: &GenerationPlan,
     source: &str,
-) -> magcache_core::RatioCurves {
+) -> crate::RatioCurves {
     let n_experts = plan.experts().last().map(|e| e + 1).unwrap_or(0);
     let mut experts = vec![BTreeMap::new(); n_experts];
     let mut expert_sigmas = vec![Vec::new(); n_experts];
@@ -129,7 +129,7 @@ pub fn curves(
             }
         }
     }
-    magcache_core::RatioCurves {
+    crate::RatioCurves {
         experts,
         schedule: Some(magcache_core::ScheduleMeta {
             steps: plan.total_steps,

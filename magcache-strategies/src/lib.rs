@@ -13,13 +13,14 @@
 pub mod calibrate;
 pub mod fbcache;
 pub mod magcache;
+pub mod profile;
 pub mod ratios;
 pub mod residual;
 pub mod teacache;
 
 pub use fbcache::{FbCache, FbCacheConfig};
 pub use magcache::{MagCache, MagCacheConfig};
-pub use ratios::{RatioSource, RatioSpec, Resample};
+pub use ratios::{RatioCurves, RatioSource, RatioSpec, Resample};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
 /// Every strategy's `threshold`: a finite, non-negative number.

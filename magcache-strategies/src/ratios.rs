@@ -5,11 +5,22 @@
 //! number of steps its scope runs.
 
 use magcache_core::maths::nearest_interp;
-use magcache_core::{
-    Branch, Error, GenerationPlan, ModelInfo, RatioCurves, Result, ScheduleMeta, ScopePlan,
-};
+use magcache_core::{Branch, Error, GenerationPlan, ModelInfo, Result, ScheduleMeta, ScopePlan};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// A MagCache ratio curve per expert and branch, with the schedule it was calibrated on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RatioCurves {
+    /// Index = expert. Each expert's curves cover that expert's own steps.
+    pub experts: Vec<BTreeMap<Branch, Vec<f64>>>,
+    pub schedule: Option<ScheduleMeta>,
+    /// Sigma of each entry of each expert's curves, where known (calibration profiles); enables
+    /// `resample = "sigma"`.
+    pub expert_sigmas: Vec<Vec<f64>>,
+    /// Where the curves come from, for messages (`published wan21_t2v_1_3b`, a profile path, ...).
+    pub source: String,
+}
 
 /// What a model publishes for MagCache under the `magcache` key: a ratio curve from the MagCache
 /// authors with the schedule it was calibrated on.

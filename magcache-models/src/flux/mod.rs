@@ -6,11 +6,11 @@ pub mod load;
 pub mod model;
 
 use crate::config_util::to_map;
+use crate::config_util::{overrides_json, resolve};
 use crate::inputs::InputFile;
 use crate::published;
 use crate::random::{randn, random_store};
 use crate::scheduler::{flow_match_dynamic, flux_mu, FlowSchedule};
-use crate::wan::{overrides_json, resolve};
 use candle_core::{Device, Tensor};
 use config::FluxConfig;
 use magcache_core::config::{RunConfig, WeightsSpec};

@@ -11,10 +11,9 @@
 //! main = [1.0, ...]
 //! ```
 
-use crate::config::parse_toml;
-use crate::error::{Error, Result};
-use crate::registry::{RatioCurves, ScheduleMeta};
-use crate::scope::Branch;
+use crate::ratios::RatioCurves;
+use magcache_core::config::parse_toml;
+use magcache_core::{Branch, Error, Result, ScheduleMeta};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;

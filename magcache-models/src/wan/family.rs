@@ -1,0 +1,346 @@
+//! The `wan2.1` and `wan2.2` families: building models and pipelines from a run config, planning
+//! without weights, and their registrations.
+
+use super::config::WanConfig;
+use super::inputs::build_inputs;
+use super::load;
+use super::model::{self, WanModel, WAN_BLOCK};
+use super::pipeline::{self, WanPipeline};
+use super::presets::{
+    find_preset, info_for, match_preset, WanPreset, WAN21_PRESETS, WAN22_PRESETS,
+};
+use crate::config_util::{overrides_json, resolve, to_map};
+use crate::scheduler::flow_match_static;
+use magcache_core::config::{RunConfig, WeightsSpec};
+use magcache_core::registry::ModelFamily;
+use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use std::path::Path;
+
+/// One Wan model from a weights path or a preset; returns the model, its preset (if any) and a
+/// description.
+pub fn build_model(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    weights: Option<&str>,
+    presets: &'static [WanPreset],
+    seed_offset: u64,
+) -> Result<(WanModel, Option<&'static WanPreset>, String)> {
+    let overrides = overrides_json(cfg);
+    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    if let Some(w) = weights {
+        let path = resolve(base, w);
+        let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
+        let mut loaded = load::load_wan(&path, config.as_deref(), &overrides, file)?;
+        loaded.store.set_placement(placement.clone());
+        let preset = match_preset(presets, &loaded.config);
+        let c = &loaded.config;
+        let desc = format!(
+            "{} ({:?} layout): {} blocks, dim {}, {} heads, in {} ch",
+            path.display(),
+            loaded.layout,
+            c.num_layers,
+            c.inner_dim(),
+            c.num_attention_heads,
+            c.in_channels
+        );
+        let model = WanModel::from_weights(loaded.config, &loaded.store)?;
+        Ok((model, preset, desc))
+    } else {
+        let name = crate::config_util::preset_name(cfg, file)?;
+        let preset = find_preset(cfg, file, presets, name)?;
+        let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
+        let c = WanConfig::from_map(base_cfg, file, &overrides)?;
+        let params = estimate_params(&c);
+        let desc = format!(
+            "preset {} (random init, seed {}): {} blocks, dim {}, {} heads, {:.2}B parameters",
+            preset.name,
+            cfg.model.seed + seed_offset,
+            c.num_layers,
+            c.inner_dim(),
+            c.num_attention_heads,
+            params as f64 / 1e9
+        );
+        let mut store = model::random_weights(&c, cfg.model.seed + seed_offset, placement.dtype)?;
+        store.set_placement(placement.clone());
+        // A shrunk preset (overrides) keeps the preset's published curves: the curve shape belongs
+        // to the model family and sampler far more than to the exact depth.
+        Ok((WanModel::from_weights(c, &store)?, Some(preset), desc))
+    }
+}
+
+fn estimate_params(c: &WanConfig) -> usize {
+    let d = c.inner_dim();
+    c.num_layers * (8 * d * d + 2 * d * c.ffn_dim + 6 * d) + 6 * d * d + 2 * d * d + d * c.text_dim
+}
+
+/// The folder class embeddings and other side files are looked up in.
+fn weights_dir(base: &Path, w: &str) -> std::path::PathBuf {
+    let p = resolve(base, w);
+    if p.is_dir() {
+        p
+    } else {
+        p.parent().map(|x| x.to_path_buf()).unwrap_or_default()
+    }
+}
+
+fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    let weights = match &cfg.model.weights {
+        Some(WeightsSpec::One(w)) => Some(w.as_str()),
+        Some(WeightsSpec::Many(_)) => {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "wan2.1 takes one weights path (a list is for wan2.2's two experts)",
+            ))
+        }
+        None => None,
+    };
+    if cfg.sampling.boundary_ratio.is_some() || cfg.sampling.guidance_scale_2.is_some() {
+        return Err(Error::config(
+            file,
+            "sampling.boundary_ratio",
+            "only wan2.2 (two experts) has an expert boundary and a second guidance scale",
+        ));
+    }
+    let (model, preset, desc) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
+    let inputs = build_inputs(
+        cfg,
+        file,
+        base,
+        &model,
+        weights.map(|w| weights_dir(base, w)).as_deref(),
+    )?;
+    let p = WanPipeline::new(
+        "wan2.1",
+        vec![model],
+        None,
+        cfg.sampling.steps,
+        cfg.sampling.shift.unwrap_or(5.0),
+        cfg.sampling.guidance_scale.unwrap_or(5.0),
+        None,
+        inputs,
+        info_for("wan2.1", preset),
+        desc,
+    )?;
+    Ok(Box::new(p))
+}
+
+/// Wan2.2: `weights = [high, low]`, a pipeline folder with `transformer/` and `transformer_2/`, or one
+/// model (TI2V-5B); or a preset.
+fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    let paths = wan22_paths(cfg, file, base)?;
+    let mut experts = Vec::new();
+    let mut descs = Vec::new();
+    let mut preset = None;
+    if paths.is_empty() {
+        let name = cfg.model.preset.as_deref().unwrap_or_default();
+        let p = WAN22_PRESETS.iter().find(|p| p.name == name);
+        let n = p.map(|p| p.experts).unwrap_or(1);
+        for e in 0..n {
+            let (m, pr, d) = build_model(cfg, file, base, None, WAN22_PRESETS, e as u64)?;
+            preset = pr;
+            experts.push(m);
+            descs.push(d);
+        }
+    } else {
+        for w in &paths {
+            let (m, pr, d) = build_model(cfg, file, base, Some(w), WAN22_PRESETS, 0)?;
+            preset = pr;
+            experts.push(m);
+            descs.push(d);
+        }
+        // A single loaded model matches the TI2V preset; two loaded experts match an A14B preset.
+        preset = preset.filter(|p| p.experts == experts.len());
+    }
+    if experts.len() == 2 && experts[0].cfg != experts[1].cfg {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            "the two experts have different architectures",
+        ));
+    }
+    let boundary = cfg
+        .sampling
+        .boundary_ratio
+        .or(preset.and_then(|p| p.boundary_ratio));
+    if experts.len() == 2 && boundary.is_none() {
+        return Err(Error::config(file, "sampling.boundary_ratio", "two experts need the boundary between them (e.g. 0.875 for T2V-A14B, 0.9 for I2V-A14B)"));
+    }
+    if experts.len() == 1 && cfg.sampling.boundary_ratio.is_some() {
+        return Err(Error::config(
+            file,
+            "sampling.boundary_ratio",
+            "a single-model wan2.2 (TI2V) has no expert boundary",
+        ));
+    }
+    let expand = experts.len() == 1;
+    let wdir = paths.first().map(|w| weights_dir(base, w));
+    let first = experts
+        .first()
+        .ok_or_else(|| Error::config(file, "model.weights", "no model to run"))?;
+    let inputs = build_inputs(cfg, file, base, first, wdir.as_deref())?;
+    let mut p = WanPipeline::new(
+        "wan2.2",
+        experts,
+        boundary,
+        cfg.sampling.steps,
+        cfg.sampling
+            .shift
+            .unwrap_or(if expand { 5.0 } else { 12.0 }),
+        cfg.sampling
+            .guidance_scale
+            .unwrap_or(if expand { 5.0 } else { 4.0 }),
+        cfg.sampling.guidance_scale_2,
+        inputs,
+        info_for("wan2.2", preset),
+        descs.join(" | "),
+    )?;
+    p.expand_timesteps = expand;
+    Ok(Box::new(p))
+}
+
+/// The weights paths of a wan2.2 run: `[high, low]`, a pipeline folder's `transformer/` (and
+/// `transformer_2/`), or one model.
+fn wan22_paths(cfg: &RunConfig, file: &str, base: &Path) -> Result<Vec<String>> {
+    Ok(match &cfg.model.weights {
+        Some(WeightsSpec::Many(v)) => {
+            if v.len() != 2 {
+                return Err(Error::config(
+                    file,
+                    "model.weights",
+                    format!(
+                        "wan2.2 takes [high_noise, low_noise] weights, got {} paths",
+                        v.len()
+                    ),
+                ));
+            }
+            v.clone()
+        }
+        Some(WeightsSpec::One(w)) => {
+            // Sub-paths stay relative to the run file, like `w` itself (resolved once, later).
+            let dir = resolve(base, w);
+            let sub = |n: &str| Path::new(w).join(n).display().to_string();
+            match (
+                dir.join("transformer").is_dir(),
+                dir.join("transformer_2").is_dir(),
+            ) {
+                (true, true) => vec![sub("transformer"), sub("transformer_2")],
+                (true, false) => vec![sub("transformer")],
+                _ => vec![w.clone()],
+            }
+        }
+        None => Vec::new(),
+    })
+}
+
+/// `(experts, preset)` of a run, reading only configs.
+fn wan_arch(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    paths: &[String],
+    presets: &'static [WanPreset],
+) -> Result<(usize, Option<&'static WanPreset>)> {
+    let Some(first) = paths.first() else {
+        let name = cfg.model.preset.as_deref().unwrap_or_default();
+        let p = find_preset(cfg, file, presets, name)?;
+        return Ok((p.experts, Some(p)));
+    };
+    let c = load::read_wan_config(
+        &resolve(base, first),
+        cfg.model
+            .config
+            .as_deref()
+            .map(|c| resolve(base, c))
+            .as_deref(),
+        &overrides_json(cfg),
+        file,
+    )?;
+    Ok((
+        paths.len(),
+        match_preset(presets, &c).filter(|p| p.experts == paths.len()),
+    ))
+}
+
+fn plan_wan(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    family: &str,
+) -> Result<(GenerationPlan, ModelInfo)> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    let (paths, presets) = if family == "wan2.2" {
+        (wan22_paths(cfg, file, base)?, WAN22_PRESETS)
+    } else {
+        (
+            cfg.model
+                .weights
+                .as_ref()
+                .map(|w| w.paths().iter().map(|s| s.to_string()).collect())
+                .unwrap_or_default(),
+            WAN21_PRESETS,
+        )
+    };
+    let (n, preset) = wan_arch(cfg, file, base, &paths, presets)?;
+    let boundary = cfg
+        .sampling
+        .boundary_ratio
+        .or(preset.and_then(|p| p.boundary_ratio));
+    let single = n == 1;
+    let shift = cfg
+        .sampling
+        .shift
+        .unwrap_or(if family == "wan2.2" && !single {
+            12.0
+        } else {
+            5.0
+        });
+    let guidance = cfg
+        .sampling
+        .guidance_scale
+        .unwrap_or(if family == "wan2.2" && !single {
+            4.0
+        } else {
+            5.0
+        });
+    let schedule = flow_match_static(cfg.sampling.steps, shift);
+    Ok((
+        pipeline::wan_plan(family, n, boundary, &schedule, shift, guidance > 1.0),
+        info_for(family, preset),
+    ))
+}
+
+fn plan_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    plan_wan(cfg, file, base, "wan2.1")
+}
+
+fn plan_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    plan_wan(cfg, file, base, "wan2.2")
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "wan2.1",
+        description: "Wan2.1 text-to-video transformer (WanTransformer3DModel), flow-matching Euler with static shift, CFG",
+        blocks: &[WAN_BLOCK],
+        presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
+        published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "teacache wan21_t2v_1_3b"],
+        build: build_wan21,
+        plan: plan_wan21,
+    }
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "wan2.2",
+        description: "Wan2.2: A14B dual-expert (high-noise `transformer` for t >= boundary*1000, low-noise `transformer_2` below) and TI2V-5B (per-token timesteps)",
+        blocks: &[WAN_BLOCK],
+        presets: &["wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"],
+        published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b"],
+        build: build_wan22,
+        plan: plan_wan22,
+    }
+}

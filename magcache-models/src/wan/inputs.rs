@@ -1,0 +1,200 @@
+//! The inputs of a Wan run: latents and text embeddings from a file, or drawn from a seed, or class
+//! conditioning beside the weights; checked against the model.
+
+use super::config::WanConfig;
+use super::model::WanModel;
+use super::pipeline::WanInputs;
+use crate::config_util::resolve;
+use crate::inputs::InputFile;
+use crate::random::randn;
+use candle_core::Tensor;
+use magcache_core::config::RunConfig;
+use magcache_core::{Error, Result};
+use std::path::Path;
+
+/// Reads or draws the inputs of a Wan run and checks them against the model.
+pub fn build_inputs(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    model: &WanModel,
+    weights_dir: Option<&Path>,
+) -> Result<WanInputs> {
+    let c = &model.cfg;
+    // Image-conditioned experts (Wan2.2 I2V, 36 channels) take the latents plus `in - out` condition
+    // channels; the latents themselves have `out_channels`.
+    let extra = c.in_channels.saturating_sub(c.out_channels);
+    let latent_cfg = WanConfig {
+        in_channels: c.in_channels - extra,
+        ..c.clone()
+    };
+    if let Some(f) = &cfg.inputs.file {
+        let inp = InputFile::load(&resolve(base, f))?;
+        let lat = inp.get(
+            "latents_init",
+            5,
+            &format!("[B, {}, F, H, W] latents", c.in_channels),
+        )?;
+        if let Some(msg) = latent_cfg.latent_shape_error(lat.dims()) {
+            return Err(Error::inputs(&inp.path, "latents_init", msg));
+        }
+        let ld = lat.dims().to_vec();
+        let text = |name: &str| -> Result<Tensor> {
+            let t = inp.get(name, 3, &format!("[B, L, {}] text embeddings", c.text_dim))?;
+            if t.dim(0)? != ld[0] || t.dim(2)? != c.text_dim {
+                return Err(Error::inputs(
+                    &inp.path,
+                    name,
+                    format!(
+                        "has shape {:?}; expected [{}, L, {}]",
+                        t.dims(),
+                        ld[0],
+                        c.text_dim
+                    ),
+                ));
+            }
+            Ok(t)
+        };
+        let cond = text("cond")?;
+        let uncond = if inp.has("uncond") {
+            Some(text("uncond")?)
+        } else {
+            None
+        };
+        if uncond.is_none() && cfg.sampling.guidance_scale.unwrap_or(5.0) > 1.0 {
+            return Err(Error::inputs(&inp.path, "uncond", "missing: classifier-free guidance (guidance_scale > 1) needs the unconditional embeddings"));
+        }
+        let condition = if extra > 0 {
+            let t = inp.get(
+                "condition",
+                5,
+                &format!("[B, {extra}, F, H, W] image condition (mask + image latents)"),
+            )?;
+            let want = [ld[0], extra, ld[2], ld[3], ld[4]];
+            if t.dims() != want {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "condition",
+                    format!("has shape {:?}; expected {want:?}", t.dims()),
+                ));
+            }
+            Some(t)
+        } else {
+            None
+        };
+        let first_frame = if inp.has("image_latents") {
+            let t = inp.get(
+                "image_latents",
+                5,
+                "[B, C, 1, H, W] latents of the conditioning image",
+            )?;
+            let want = [ld[0], ld[1], 1, ld[3], ld[4]];
+            if t.dims() != want {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "image_latents",
+                    format!("has shape {:?}; expected {want:?}", t.dims()),
+                ));
+            }
+            Some(t)
+        } else {
+            None
+        };
+        return Ok(WanInputs {
+            latents: lat,
+            cond,
+            uncond,
+            condition,
+            first_frame,
+        });
+    }
+    let seed = cfg.inputs.seed.unwrap_or(cfg.model.seed);
+    let shape = cfg
+        .inputs
+        .latent_shape
+        .clone()
+        .unwrap_or_else(|| vec![1, latent_cfg.in_channels, 3, 24, 40]);
+    if let Some(msg) = latent_cfg.latent_shape_error(&shape) {
+        return Err(Error::config(file, "inputs.latent_shape", msg));
+    }
+    let latents = randn(seed.wrapping_add(1), &shape)?;
+    let condition = if extra > 0 {
+        Some(randn(
+            seed.wrapping_add(4),
+            &[shape[0], extra, shape[2], shape[3], shape[4]],
+        )?)
+    } else {
+        None
+    };
+    let (cond, uncond) = match &cfg.inputs.classes {
+        Some(classes) => class_conditioning(file, weights_dir, classes, shape[0])?,
+        None => {
+            let l = cfg.inputs.text_len.unwrap_or(64);
+            (
+                randn(seed.wrapping_add(2), &[shape[0], l, c.text_dim])?,
+                randn(seed.wrapping_add(3), &[shape[0], l, c.text_dim])?,
+            )
+        }
+    };
+    Ok(WanInputs {
+        latents,
+        cond,
+        uncond: Some(uncond),
+        condition,
+        first_frame: None,
+    })
+}
+
+/// Class conditioning from `class_embeddings.safetensors` beside the weights: rows `classes` for the
+/// cond branch, the last row (the null class) for the uncond branch.
+fn class_conditioning(
+    file: &str,
+    weights_dir: Option<&Path>,
+    classes: &[usize],
+    batch: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dir = weights_dir.ok_or_else(|| {
+        Error::config(
+            file,
+            "inputs.classes",
+            "class conditioning needs `weights` (class_embeddings.safetensors beside them)",
+        )
+    })?;
+    let path = dir.join("class_embeddings.safetensors");
+    let inp = InputFile::load(&path)?;
+    let table = inp.get("class_embeddings", 3, "[classes + 1, L, text_dim]")?;
+    let rows = table.dim(0)?;
+    if rows < 2 {
+        return Err(Error::inputs(
+            &inp.path,
+            "class_embeddings",
+            format!("has {rows} row(s); expected at least 2 (one per class, then the null class)"),
+        ));
+    }
+    if classes.len() != batch {
+        return Err(Error::config(
+            file,
+            "inputs.classes",
+            format!(
+                "{} classes for a batch of {batch}: give one class per sample",
+                classes.len()
+            ),
+        ));
+    }
+    if let Some(&bad) = classes.iter().find(|&&c| c + 1 >= rows) {
+        return Err(Error::config(
+            file,
+            "inputs.classes",
+            format!("class {bad} is out of range (0..{})", rows - 2),
+        ));
+    }
+    let idx = Tensor::from_vec(
+        classes.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+        classes.len(),
+        &candle_core::Device::Cpu,
+    )?;
+    let cond = table.index_select(&idx, 0)?;
+    let null = table.narrow(0, rows - 1, 1)?;
+    let uncond = null.repeat((batch, 1, 1))?;
+    Ok((cond, uncond))
+}

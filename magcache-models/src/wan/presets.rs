@@ -1,0 +1,179 @@
+//! The Wan architectures we know by name, with their published calibration data.
+
+use super::config::WanConfig;
+use crate::published;
+use magcache_core::config::RunConfig;
+use magcache_core::{Error, Indicator, ModelInfo, Result};
+
+/// A named architecture with its published calibration data.
+pub struct WanPreset {
+    pub name: &'static str,
+    pub family: &'static str,
+    pub config: fn() -> WanConfig,
+    /// Published MagCache curve name in `published_curves.toml`.
+    pub curve: Option<&'static str>,
+    /// Published TeaCache coefficient set.
+    pub tea: Option<&'static str>,
+    /// Number of transformers (2: high-noise and low-noise experts).
+    pub experts: usize,
+    /// Default expert boundary (two experts).
+    pub boundary_ratio: Option<f64>,
+    /// Steps of the published curve that belong to the high-noise expert (two experts).
+    pub curve_high_steps: Option<usize>,
+    /// One timestep per token (Wan2.2 TI2V).
+    pub expand_timesteps: bool,
+}
+
+fn cfg_1_3b() -> WanConfig {
+    WanConfig {
+        num_attention_heads: 12,
+        attention_head_dim: 128,
+        ffn_dim: 8960,
+        num_layers: 30,
+        ..WanConfig::default()
+    }
+}
+fn cfg_14b() -> WanConfig {
+    WanConfig::default()
+}
+fn cfg_i2v_a14b() -> WanConfig {
+    WanConfig {
+        in_channels: 36,
+        ..WanConfig::default()
+    }
+}
+fn cfg_ti2v_5b() -> WanConfig {
+    WanConfig {
+        num_attention_heads: 24,
+        attention_head_dim: 128,
+        ffn_dim: 14336,
+        num_layers: 30,
+        in_channels: 48,
+        out_channels: 48,
+        ..WanConfig::default()
+    }
+}
+
+const fn single(
+    name: &'static str,
+    config: fn() -> WanConfig,
+    curve: Option<&'static str>,
+    tea: Option<&'static str>,
+) -> WanPreset {
+    WanPreset {
+        name,
+        family: "wan2.1",
+        config,
+        curve,
+        tea,
+        experts: 1,
+        boundary_ratio: None,
+        curve_high_steps: None,
+        expand_timesteps: false,
+    }
+}
+
+pub const WAN21_PRESETS: &[WanPreset] = &[
+    single(
+        "wan2.1-t2v-1.3b",
+        cfg_1_3b,
+        Some("wan21_t2v_1_3b"),
+        Some("wan21_t2v_1_3b"),
+    ),
+    single("wan2.1-t2v-14b", cfg_14b, Some("wan21_t2v_14b"), None),
+];
+
+/// Wan2.2: the A14B models are two 14B experts; the published curves span both experts
+/// (26 of 40 steps high-noise for T2V at shift 12, 15 of 40 for I2V at shift 5).
+pub const WAN22_PRESETS: &[WanPreset] = &[
+    WanPreset {
+        name: "wan2.2-t2v-a14b",
+        family: "wan2.2",
+        config: cfg_14b,
+        curve: Some("wan22_t2v_a14b"),
+        tea: None,
+        experts: 2,
+        boundary_ratio: Some(0.875),
+        curve_high_steps: Some(26),
+        expand_timesteps: false,
+    },
+    WanPreset {
+        name: "wan2.2-i2v-a14b",
+        family: "wan2.2",
+        config: cfg_i2v_a14b,
+        curve: Some("wan22_i2v_a14b"),
+        tea: None,
+        experts: 2,
+        boundary_ratio: Some(0.9),
+        curve_high_steps: Some(15),
+        expand_timesteps: false,
+    },
+    WanPreset {
+        name: "wan2.2-ti2v-5b",
+        family: "wan2.2",
+        config: cfg_ti2v_5b,
+        curve: None,
+        tea: None,
+        experts: 1,
+        boundary_ratio: None,
+        curve_high_steps: None,
+        expand_timesteps: true,
+    },
+];
+
+/// The preset `name` of the run's family, or an error naming `model.preset` and the known ones.
+pub(crate) fn find_preset(
+    cfg: &RunConfig,
+    file: &str,
+    presets: &'static [WanPreset],
+    name: &str,
+) -> Result<&'static WanPreset> {
+    presets.iter().find(|p| p.name == name).ok_or_else(|| {
+        let known: Vec<&str> = presets.iter().map(|p| p.name).collect();
+        Error::config(
+            file,
+            "model.preset",
+            format!(
+                "unknown preset `{name}` for family `{}` (known: {})",
+                cfg.model.family,
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+/// The preset whose architecture matches a loaded config (for published curves), if any.
+pub(crate) fn match_preset(
+    presets: &'static [WanPreset],
+    cfg: &WanConfig,
+) -> Option<&'static WanPreset> {
+    presets.iter().find(|p| (p.config)() == *cfg)
+}
+
+/// What strategies may know of a Wan run: the family, the preset and its published tables.
+pub(crate) fn info_for(family: &str, preset: Option<&WanPreset>) -> ModelInfo {
+    let mut info = ModelInfo {
+        family: family.to_string(),
+        ..Default::default()
+    };
+    // TeaCache's Wan coefficients are fit on the time embedding (the 6*dim projection with
+    // ret_steps); without a preset no coefficients are known.
+    let tea = published::teacache(
+        preset.and_then(|p| p.tea),
+        Indicator::TimestepEmbedding,
+        Indicator::TimestepModulation,
+    );
+    if let Ok(t) = tea {
+        info.published.insert("teacache".into(), t);
+    }
+    if let Some(p) = preset {
+        info.variant = Some(p.name.to_string());
+        if let Some(Ok(m)) = p
+            .curve
+            .map(|c| published::magcache(c, true, p.curve_high_steps))
+        {
+            info.published.insert("magcache".into(), m);
+        }
+    }
+    info
+}

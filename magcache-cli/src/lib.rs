@@ -15,7 +15,7 @@ mod run;
 pub use calibrate::{calibrate, fingerprint};
 pub use compare::{compare, compare_text, CompareReport, Comparison};
 pub use list::list;
-pub use output::{write_atomic, write_latents};
+pub use output::{install_signal_cleanup, write_atomic, write_latents, Outputs};
 pub use plan::{plan, plan_text, PlanReport};
 pub use prepare::{link_all, prepare, prepare_pipeline, Prepared};
 pub use report::{peak_rss_bytes, summary, CallReport, Report, ScopeSummary};

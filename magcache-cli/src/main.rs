@@ -1,8 +1,10 @@
 //! `magcache`: run diffusion transformers with timestep caching, side by side with dense.
 
 use clap::{Parser, Subcommand};
-use magcache_cli::{generate, list, prepare, summary, write_atomic, write_latents, Verbosity};
-use std::path::PathBuf;
+use magcache_cli::{generate, install_signal_cleanup, list, prepare, summary, Outputs, Verbosity};
+use magcache_core::Result;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -90,18 +92,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main(cli: Cli) -> magcache_core::Result<()> {
+fn verbosity(quiet: bool, json: bool) -> Verbosity {
+    if json {
+        Verbosity::Json
+    } else if quiet {
+        Verbosity::Quiet
+    } else {
+        Verbosity::Normal
+    }
+}
+
+/// The outputs of a command over `config`, each checked (not an input, not another output, a
+/// writable folder) before any work.
+fn plan_outputs(config: &Path, outputs: &[(&str, &Option<PathBuf>)]) -> Result<Outputs> {
+    let mut o = Outputs::new();
+    o.run_inputs(config)?;
+    for (flag, path) in outputs {
+        if let Some(p) = path {
+            o.plan(flag, p)?;
+        }
+    }
+    Ok(o)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| magcache_core::Error::msg(e.to_string()))
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    install_signal_cleanup();
     match cli.cmd {
         Cmd::Calibrate { config, out, quiet } => {
-            let (profile, report) = magcache_cli::calibrate(
-                &config,
-                if quiet {
-                    Verbosity::Quiet
-                } else {
-                    Verbosity::Normal
-                },
-            )?;
-            write_atomic(&out, profile.to_toml()?.as_bytes())?;
+            let mut outs = plan_outputs(&config, &[("--out", &Some(out.clone()))])?;
+            let (profile, report) = magcache_cli::calibrate(&config, verbosity(quiet, false))?;
+            outs.write(&out, profile.to_toml()?.as_bytes())?;
+            outs.commit()?;
             if !quiet {
                 println!(
                     "calibrated {} calls over {} steps in {:.3} s; profile written to {}",
@@ -116,11 +141,7 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
         Cmd::Plan { config, json } => {
             let r = magcache_cli::plan(&config)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r)
-                        .map_err(|e| magcache_core::Error::msg(e.to_string()))?
-                );
+                println!("{}", to_json(&r)?);
             } else {
                 for w in &r.warnings {
                     eprintln!("warning: {w}");
@@ -141,55 +162,45 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
             quiet,
             json,
         } => {
-            let c = magcache_cli::compare(
-                &config,
-                if json {
-                    Verbosity::Json
-                } else if quiet {
-                    Verbosity::Quiet
-                } else {
-                    Verbosity::Normal
-                },
-                data_range,
-            )?;
+            if let Some(r) = data_range {
+                if !(r.is_finite() && r > 0.0) {
+                    return Err(magcache_core::Error::msg(format!(
+                        "--data-range {r}: must be a finite number > 0 (the value range of the results)"
+                    )));
+                }
+            }
+            let mut outs = plan_outputs(&config, &[("--plot", &plot), ("--png", &png)])?;
+            let c = magcache_cli::compare(&config, verbosity(quiet, json), data_range)?;
             let r = &c.report;
             if let Some(f) = &plot {
                 let title = format!(
                     "{} {} ({} computed of {} calls)",
                     r.family, r.strategy, r.cached_computed_calls, r.total_calls
                 );
-                write_atomic(
-                    f,
-                    magcache_cli::image::calls_svg(
-                        &title,
-                        &r.cached.calls,
-                        r.threshold,
-                        c.metric_name,
-                    )
-                    .as_bytes(),
-                )?;
+                let svg = magcache_cli::image::calls_svg(
+                    &title,
+                    &r.cached.calls,
+                    r.threshold,
+                    c.metric_name,
+                );
+                outs.write(f, svg.as_bytes())?;
             }
             if let Some(f) = &png {
                 let (lo, hi) = picture_range(&c.dense_planes, data_range)?;
                 let diff = ((&c.dense_planes - &c.cached_planes)?.abs()? * 4.0)?;
                 let diff = (diff + lo as f64)?;
-                write_atomic(
-                    f,
-                    &magcache_cli::image::planes_png(
-                        &[c.dense_planes.clone(), c.cached_planes.clone(), diff],
-                        lo,
-                        hi,
-                        16,
-                        4,
-                    )?,
+                let bytes = magcache_cli::image::planes_png(
+                    &[c.dense_planes.clone(), c.cached_planes.clone(), diff],
+                    lo,
+                    hi,
+                    16,
+                    4,
                 )?;
+                outs.write(f, &bytes)?;
             }
+            outs.commit()?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(r)
-                        .map_err(|e| magcache_core::Error::msg(e.to_string()))?
-                );
+                println!("{}", to_json(r)?);
             } else if !quiet {
                 print!("{}", magcache_cli::compare_text(r));
             }
@@ -203,27 +214,22 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
             json,
             png,
         } => {
+            let mut outs = plan_outputs(
+                &config,
+                &[("--out", &out), ("--report", &report), ("--png", &png)],
+            )?;
             let mut p = prepare(&config)?;
-            if !quiet && !json {
+            if !quiet && !json && std::io::stderr().is_terminal() {
                 eprintln!("{}", p.pipeline.describe());
             }
-            let (latents, rep) = generate(
-                &mut p,
-                if json {
-                    Verbosity::Json
-                } else if quiet {
-                    Verbosity::Quiet
-                } else {
-                    Verbosity::Normal
-                },
-            )?;
+            let (latents, rep) = generate(&mut p, verbosity(quiet, json))?;
             if let Some(o) = &out {
-                write_latents(o, &latents)?;
+                outs.write_tensors(o, &[("final", &latents)])?;
             }
             if let Some(f) = &png {
                 let planes = p.pipeline.to_planes(&latents)?;
                 let (lo, hi) = picture_range(&planes, None)?;
-                write_atomic(
+                outs.write(
                     f,
                     &magcache_cli::image::planes_png(&[planes], lo, hi, 16, 4)?,
                 )?;
@@ -231,14 +237,11 @@ fn real_main(cli: Cli) -> magcache_core::Result<()> {
             if let Some(r) = &report {
                 let text = serde_json::to_string_pretty(&rep)
                     .map_err(|e| magcache_core::Error::msg(e.to_string()))?;
-                write_atomic(r, text.as_bytes())?;
+                outs.write(r, text.as_bytes())?;
             }
+            outs.commit()?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&rep)
-                        .map_err(|e| magcache_core::Error::msg(e.to_string()))?
-                );
+                println!("{}", to_json(&rep)?);
             } else if !quiet {
                 print!("{}", summary(&rep));
             }

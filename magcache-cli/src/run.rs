@@ -18,6 +18,7 @@ pub enum Verbosity {
 
 struct Collector {
     json: bool,
+    quiet: bool,
     calls: Vec<CallReport>,
     warnings: Vec<String>,
     bar: Option<indicatif::ProgressBar>,
@@ -26,9 +27,11 @@ struct Collector {
 
 impl Observer for Collector {
     fn warning(&mut self, msg: &str) {
+        // A hidden bar (stderr not a terminal) would swallow the line: print it directly then.
         match &self.bar {
-            Some(b) => b.println(format!("warning: {msg}")),
-            None => eprintln!("warning: {msg}"),
+            Some(b) if !b.is_hidden() => b.println(format!("warning: {msg}")),
+            _ if self.quiet => {}
+            _ => eprintln!("warning: {msg}"),
         }
         self.warnings.push(msg.to_string());
     }
@@ -70,7 +73,8 @@ impl Observer for Collector {
 
 /// Runs the generation of a prepared run; returns the final latents and the report.
 pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Report)> {
-    let bar = if verbosity == Verbosity::Normal {
+    use std::io::IsTerminal;
+    let bar = if verbosity == Verbosity::Normal && std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::with_draw_target(
             Some(p.cfg.sampling.steps as u64),
             indicatif::ProgressDrawTarget::stderr(),
@@ -89,6 +93,7 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
     };
     let mut col = Collector {
         json: verbosity == Verbosity::Json,
+        quiet: verbosity == Verbosity::Quiet,
         calls: Vec::new(),
         warnings: Vec::new(),
         bar,

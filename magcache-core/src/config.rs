@@ -48,6 +48,11 @@ pub trait StrategyConfig: Debug + Send + Sync {
     fn metric_name(&self) -> &'static str {
         "metric"
     }
+    /// Files the strategy reads (paths as written in the config), with their keys: outputs of the
+    /// run must not overwrite them.
+    fn input_files(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
 }
 
 /// `strategy = "none"`: dense, no hooks.

@@ -139,6 +139,13 @@ impl StrategyConfig for MagCacheConfig {
         "MagCache accumulated error"
     }
 
+    fn input_files(&self) -> Vec<(&'static str, String)> {
+        self.profile
+            .iter()
+            .map(|p| ("cache.profile", p.clone()))
+            .collect()
+    }
+
     fn threshold(&self) -> Option<f64> {
         Some(self.threshold)
     }

@@ -251,7 +251,7 @@ impl Outputs {
     /// Writes `bytes` as the content of output `path` (into its temporary).
     pub fn write(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
         let slot = self.slot(path)?;
-        std::fs::write(&slot.tmp, bytes).map_err(|e| Error::io(&path.display().to_string(), e))?;
+        std::fs::write(&slot.tmp, bytes).map_err(|e| Error::io(path.display().to_string(), e))?;
         slot.written = true;
         Ok(())
     }
@@ -264,7 +264,7 @@ impl Outputs {
         }
         let slot = self.slot(path)?;
         candle_core::safetensors::save(&map, &slot.tmp)
-            .map_err(|e| Error::io(&path.display().to_string(), e))?;
+            .map_err(|e| Error::io(path.display().to_string(), e))?;
         slot.written = true;
         Ok(())
     }
@@ -277,7 +277,7 @@ impl Outputs {
         for p in planned {
             if p.written && first_err.is_none() {
                 if let Err(e) = std::fs::rename(&p.tmp, &p.target) {
-                    first_err = Some(Error::io(&p.target.display().to_string(), e));
+                    first_err = Some(Error::io(p.target.display().to_string(), e));
                 }
             }
             let _ = std::fs::remove_file(&p.tmp);

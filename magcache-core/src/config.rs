@@ -162,6 +162,13 @@ pub struct SamplingSection {
     pub guidance_scale_2: Option<f64>,
     #[serde(default)]
     pub boundary_ratio: Option<f64>,
+    /// Wan: `"euler"` or `"unipc"`; absent: UniPC when the weights lie in a diffusers pipeline folder
+    /// whose `scheduler/scheduler_config.json` is UniPC (or `scheduler_config` is given), else Euler.
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    /// Wan: a diffusers `UniPCMultistepScheduler` `scheduler_config.json` to sample with.
+    #[serde(default)]
+    pub scheduler_config: Option<String>,
 }
 
 /// A whole `RUN.toml`.

@@ -1,6 +1,7 @@
 //! # magcache-models
 //!
-//! candle implementations of the diffusion transformers, their checkpoint loaders, schedulers and
+//! candle implementations of the diffusion transformers, their checkpoint loaders, schedulers
+//! (flow-matching Euler in [`scheduler`], UniPC in [`unipc`]) and
 //! denoising loops. Each family registers itself with `inventory` ([`magcache_core::ModelFamily`]):
 //! block metadata, presets and published calibration data. Models know nothing of a strategy's
 //! maths: they run their blocks through [`magcache_core::HookRegistry`] and set each call's scope.
@@ -12,6 +13,7 @@ pub mod nn;
 pub mod published;
 pub mod random;
 pub mod scheduler;
+pub mod unipc;
 pub mod wan;
 pub mod weights;
 

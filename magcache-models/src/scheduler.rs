@@ -1,4 +1,10 @@
-//! Flow-matching Euler sampling (diffusers `FlowMatchEulerDiscreteScheduler`).
+//! Flow-matching Euler sampling (diffusers `FlowMatchEulerDiscreteScheduler`), and the choice between
+//! it and UniPC ([`crate::unipc`]) for the static-shift (Wan) loops.
+
+use crate::unipc::{UniPc, UniPcConfig, UNIPC_CLASS};
+use candle_core::Tensor;
+use magcache_core::{Error, Result};
+use std::path::{Path, PathBuf};
 
 /// The sampler's schedule: `timesteps[i]` (0..1000) for each step and `sigmas` with a final 0.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,6 +104,184 @@ fn finish(sigmas: Vec<f32>, n_train: usize) -> FlowSchedule {
     let mut sigmas = sigmas;
     sigmas.push(0.0);
     FlowSchedule { timesteps, sigmas }
+}
+
+/// The sampler of a static-shift flow-matching loop (Wan).
+#[derive(Clone, Debug, PartialEq)]
+pub enum FlowSampler {
+    /// `FlowMatchEulerDiscreteScheduler` with a static shift ([`flow_match_static`]).
+    Euler { shift: f64 },
+    /// `UniPCMultistepScheduler` with flow sigmas.
+    UniPc(UniPcConfig),
+}
+
+impl FlowSampler {
+    /// The sampler's name in generation plans and calibration profiles.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FlowSampler::Euler { .. } => "flow-euler",
+            FlowSampler::UniPc(_) => "unipc",
+        }
+    }
+
+    /// The static flow shift.
+    pub fn shift(&self) -> f64 {
+        match self {
+            FlowSampler::Euler { shift } => *shift,
+            FlowSampler::UniPc(c) => c.flow_shift,
+        }
+    }
+
+    /// The schedule of `steps` steps (UniPC: integer timesteps, as floats).
+    pub fn schedule(&self, steps: usize) -> Result<FlowSchedule> {
+        match self {
+            FlowSampler::Euler { shift } => Ok(flow_match_static(steps, *shift)),
+            FlowSampler::UniPc(c) => Ok(c.schedule(steps)?.to_flow_schedule()),
+        }
+    }
+
+    /// A fresh stepper for one generation over `schedule` (as [`FlowSampler::schedule`] made it).
+    pub fn stepper(&self, schedule: &FlowSchedule) -> Result<FlowStepper> {
+        match self {
+            FlowSampler::Euler { .. } => Ok(FlowStepper::Euler(schedule.clone())),
+            FlowSampler::UniPc(c) => Ok(FlowStepper::UniPc(Box::new(UniPc::new(
+                c,
+                schedule.steps(),
+            )?))),
+        }
+    }
+}
+
+/// One generation's sampler state.
+#[derive(Debug)]
+pub enum FlowStepper {
+    Euler(FlowSchedule),
+    UniPc(Box<UniPc>),
+}
+
+impl FlowStepper {
+    /// Step `i`: the next latents from the (guided) velocity `pred` at `lat`.
+    pub fn step(&mut self, i: usize, pred: &Tensor, lat: &Tensor) -> Result<Tensor> {
+        match self {
+            FlowStepper::Euler(s) => {
+                if i + 1 >= s.sigmas.len() {
+                    return Err(Error::msg(format!(
+                        "euler: step {i} requested but the schedule has {} steps",
+                        s.steps()
+                    )));
+                }
+                Ok((lat + (pred * s.dt(i) as f64)?)?)
+            }
+            FlowStepper::UniPc(u) => {
+                if u.step_index() != i {
+                    return Err(Error::msg(format!(
+                        "unipc: step {i} requested but the sampler is at step {}",
+                        u.step_index()
+                    )));
+                }
+                u.step(pred, lat)
+            }
+        }
+    }
+}
+
+/// `scheduler/scheduler_config.json` of the diffusers pipeline folder that `weights` is or lies in
+/// (`PIPELINE` itself, or `PIPELINE/transformer` / `PIPELINE/transformer_2`), if there is one.
+pub fn pipeline_scheduler_config(weights: &Path) -> Option<PathBuf> {
+    let mut roots = vec![weights.to_path_buf()];
+    let name = weights.file_name().and_then(|n| n.to_str());
+    if matches!(name, Some("transformer" | "transformer_2")) {
+        if let Some(parent) = weights.parent() {
+            roots.push(parent.to_path_buf());
+        }
+    }
+    roots
+        .into_iter()
+        .map(|r| r.join("scheduler").join("scheduler_config.json"))
+        .find(|p| p.is_file())
+}
+
+/// The `_class_name` of a diffusers scheduler config.
+pub fn scheduler_class(path: &Path) -> Result<Option<String>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(&file, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&file, "(document)", format!("invalid JSON: {e}")))?;
+    Ok(v.get("_class_name")
+        .and_then(|c| c.as_str())
+        .map(String::from))
+}
+
+/// How a run chooses its sampler: the `[sampling]` keys `scheduler` and `scheduler_config`.
+#[derive(Clone, Debug, Default)]
+pub struct SamplerChoice<'a> {
+    /// `"euler"`, `"unipc"`, or absent.
+    pub scheduler: Option<&'a str>,
+    /// An explicit `scheduler_config.json` (UniPC).
+    pub scheduler_config: Option<PathBuf>,
+    /// The pipeline folder's `scheduler/scheduler_config.json`, if the weights lie in one.
+    pub pipeline_config: Option<PathBuf>,
+    /// `[sampling] shift`, which overrides a config file's `flow_shift`.
+    pub shift: Option<f64>,
+    /// The family's shift when neither the run nor a config file gives one.
+    pub default_shift: f64,
+}
+
+/// Resolves a run's sampler (`file` names the run file in errors):
+/// - `scheduler = "euler"`: Euler with `shift` (or the default);
+/// - `scheduler = "unipc"`: UniPC from `scheduler_config`, else from the pipeline folder's
+///   `scheduler/scheduler_config.json` when that is a UniPC config, else the released Wan
+///   configuration; `shift`, when given,
+///   replaces the file's `flow_shift`;
+/// - absent: UniPC when `scheduler_config` is given or the pipeline folder's scheduler is a
+///   `UniPCMultistepScheduler`, Euler otherwise (in particular for runs without a pipeline folder).
+pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<FlowSampler> {
+    let shift = choice.shift.unwrap_or(choice.default_shift);
+    let unipc_from = |path: Option<&PathBuf>| -> Result<FlowSampler> {
+        let mut c = match path {
+            Some(p) => UniPcConfig::load(p)?,
+            None => UniPcConfig::wan(shift),
+        };
+        if let Some(s) = choice.shift {
+            c.flow_shift = s;
+        }
+        Ok(FlowSampler::UniPc(c))
+    };
+    match choice.scheduler {
+        Some("euler") => {
+            if choice.scheduler_config.is_some() {
+                return Err(Error::config(
+                    file,
+                    "sampling.scheduler_config",
+                    "is read by scheduler = \"unipc\" only; remove it or choose unipc",
+                ));
+            }
+            Ok(FlowSampler::Euler { shift })
+        }
+        Some("unipc") => match (&choice.scheduler_config, &choice.pipeline_config) {
+            (Some(p), _) => unipc_from(Some(p)),
+            (None, Some(p)) if scheduler_class(p)?.as_deref() == Some(UNIPC_CLASS) => {
+                unipc_from(Some(p))
+            }
+            _ => unipc_from(None),
+        },
+        Some(other) => Err(Error::config(
+            file,
+            "sampling.scheduler",
+            format!("unknown scheduler `{other}` (known: \"euler\", \"unipc\")"),
+        )),
+        None => {
+            if let Some(p) = &choice.scheduler_config {
+                return unipc_from(Some(p));
+            }
+            match &choice.pipeline_config {
+                Some(p) if scheduler_class(p)?.as_deref() == Some(UNIPC_CLASS) => {
+                    unipc_from(Some(p))
+                }
+                _ => Ok(FlowSampler::Euler { shift }),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

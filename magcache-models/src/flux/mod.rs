@@ -395,8 +395,28 @@ fn flux_info(preset: Option<&str>) -> ModelInfo {
     info
 }
 
+/// FLUX samples with Euler (dynamic shift) only.
+fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
+    if cfg.sampling.scheduler_config.is_some() {
+        return Err(Error::config(
+            file,
+            "sampling.scheduler_config",
+            "flux samples with flow-matching Euler (dynamic shift); scheduler configs are read by Wan's UniPC only",
+        ));
+    }
+    match cfg.sampling.scheduler.as_deref() {
+        None | Some("euler") => Ok(()),
+        Some(other) => Err(Error::config(
+            file,
+            "sampling.scheduler",
+            format!("flux supports only \"euler\" (dynamic shift), not `{other}`"),
+        )),
+    }
+}
+
 fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
+    check_flux_scheduler(cfg, file)?;
     if cfg.sampling.boundary_ratio.is_some() || cfg.sampling.guidance_scale_2.is_some() {
         return Err(Error::config(
             file,
@@ -480,6 +500,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
 /// The plan without building the model: the image length (for `mu`) comes from the inputs.
 fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
+    check_flux_scheduler(cfg, file)?;
     let seq = match &cfg.inputs.file {
         Some(f) => InputFile::load(&resolve(base, f))?
             .get("latents_init", 3, "[B, seq, C] packed latents")?

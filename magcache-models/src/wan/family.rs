@@ -10,7 +10,9 @@ use super::presets::{
     find_preset, info_for, match_preset, WanPreset, WAN21_PRESETS, WAN22_PRESETS,
 };
 use crate::config_util::{overrides_json, resolve, to_map};
-use crate::scheduler::flow_match_static;
+use crate::scheduler::{
+    choose_flow_sampler, pipeline_scheduler_config, FlowSampler, SamplerChoice,
+};
 use magcache_core::config::{RunConfig, WeightsSpec};
 use magcache_core::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
@@ -84,6 +86,27 @@ fn weights_dir(base: &Path, w: &str) -> std::path::PathBuf {
     }
 }
 
+/// The sampler of a Wan run (see [`choose_flow_sampler`]): `[sampling] scheduler` and
+/// `scheduler_config`, the scheduler of the pipeline folder the first weights path lies in, and
+/// `default_shift` when neither the run nor a scheduler config gives a shift.
+pub fn wan_sampler(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    weights: Option<&str>,
+    default_shift: f64,
+) -> Result<FlowSampler> {
+    let s = &cfg.sampling;
+    let choice = SamplerChoice {
+        scheduler: s.scheduler.as_deref(),
+        scheduler_config: s.scheduler_config.as_deref().map(|p| resolve(base, p)),
+        pipeline_config: weights.and_then(|w| pipeline_scheduler_config(&resolve(base, w))),
+        shift: s.shift,
+        default_shift,
+    };
+    choose_flow_sampler(&choice, file)
+}
+
 fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     let weights = match &cfg.model.weights {
@@ -104,6 +127,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
             "only wan2.2 (two experts) has an expert boundary and a second guidance scale",
         ));
     }
+    let sampler = wan_sampler(cfg, file, base, weights, 5.0)?;
     let (model, preset, desc) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
     let inputs = build_inputs(
         cfg,
@@ -123,7 +147,8 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         inputs,
         info_for("wan2.1", preset),
         desc,
-    )?;
+    )?
+    .with_sampler(sampler)?;
     Ok(Box::new(p))
 }
 
@@ -177,6 +202,13 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         ));
     }
     let expand = experts.len() == 1;
+    let sampler = wan_sampler(
+        cfg,
+        file,
+        base,
+        paths.first().map(|p| p.as_str()),
+        if expand { 5.0 } else { 12.0 },
+    )?;
     let wdir = paths.first().map(|w| weights_dir(base, w));
     let first = experts
         .first()
@@ -197,7 +229,8 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         inputs,
         info_for("wan2.2", preset),
         descs.join(" | "),
-    )?;
+    )?
+    .with_sampler(sampler)?;
     p.expand_timesteps = expand;
     Ok(Box::new(p))
 }
@@ -290,14 +323,18 @@ fn plan_wan(
         .boundary_ratio
         .or(preset.and_then(|p| p.boundary_ratio));
     let single = n == 1;
-    let shift = cfg
-        .sampling
-        .shift
-        .unwrap_or(if family == "wan2.2" && !single {
-            12.0
-        } else {
-            5.0
-        });
+    let default_shift = if family == "wan2.2" && !single {
+        12.0
+    } else {
+        5.0
+    };
+    let sampler = wan_sampler(
+        cfg,
+        file,
+        base,
+        paths.first().map(|p| p.as_str()),
+        default_shift,
+    )?;
     let guidance = cfg
         .sampling
         .guidance_scale
@@ -306,9 +343,17 @@ fn plan_wan(
         } else {
             5.0
         });
-    let schedule = flow_match_static(cfg.sampling.steps, shift);
+    let schedule = sampler.schedule(cfg.sampling.steps)?;
     Ok((
-        pipeline::wan_plan(family, n, boundary, &schedule, shift, guidance > 1.0),
+        pipeline::wan_plan(
+            family,
+            n,
+            boundary,
+            &schedule,
+            sampler.name(),
+            sampler.shift(),
+            guidance > 1.0,
+        ),
         info_for(family, preset),
     ))
 }

@@ -8,6 +8,6 @@ pub mod model;
 pub mod pipeline;
 pub mod presets;
 
-pub use family::build_model;
+pub use family::{build_model, wan_sampler};
 pub use inputs::build_inputs;
 pub use presets::{WanPreset, WAN21_PRESETS, WAN22_PRESETS};

@@ -1,8 +1,9 @@
-//! The Wan denoising loop: flow-matching Euler with static shift, classifier-free guidance with the
-//! cond call then the uncond call (each its own cache branch), one or two experts.
+//! The Wan denoising loop: flow-matching Euler or UniPC with static shift ([`FlowSampler`]),
+//! classifier-free guidance with the cond call then the uncond call (each its own cache branch), one
+//! or two experts.
 
 use super::model::WanModel;
-use crate::scheduler::{flow_match_static, FlowSchedule};
+use crate::scheduler::{flow_match_static, FlowSampler, FlowSchedule};
 use candle_core::Tensor;
 use magcache_core::pipeline::Observer;
 use magcache_core::{
@@ -46,6 +47,8 @@ pub struct WanPipeline {
     pub boundary_ratio: Option<f64>,
     pub schedule: FlowSchedule,
     pub shift: f64,
+    /// Euler (default of [`WanPipeline::new`]) or UniPC; see [`WanPipeline::with_sampler`].
+    pub sampler: FlowSampler,
     pub guidance: f64,
     pub guidance_2: Option<f64>,
     pub inputs: WanInputs,
@@ -91,6 +94,7 @@ impl WanPipeline {
             boundary_ratio,
             schedule: flow_match_static(steps, shift),
             shift,
+            sampler: FlowSampler::Euler { shift },
             guidance,
             guidance_2,
             inputs,
@@ -99,6 +103,14 @@ impl WanPipeline {
             expand_timesteps: false,
             cache: None,
         })
+    }
+
+    /// Samples with `sampler` instead (same step count; the shift becomes the sampler's).
+    pub fn with_sampler(mut self, sampler: FlowSampler) -> Result<Self> {
+        self.schedule = sampler.schedule(self.schedule.steps())?;
+        self.shift = sampler.shift();
+        self.sampler = sampler;
+        Ok(self)
     }
 
     /// The expert that runs timestep `t`: the high-noise expert for `t >= boundary * 1000`.
@@ -164,6 +176,7 @@ impl Pipeline for WanPipeline {
             self.experts.len(),
             self.boundary_ratio,
             &self.schedule,
+            self.sampler.name(),
             self.shift,
             self.uses_cfg(),
         )
@@ -187,6 +200,7 @@ impl Pipeline for WanPipeline {
         let plan = self.plan();
         let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
         let mut lat = self.inputs.latents.clone();
+        let mut stepper = self.sampler.stepper(&self.schedule)?;
         if let Some(ff) = &self.inputs.first_frame {
             lat = replace_first_frame(&lat, ff)?;
         }
@@ -220,7 +234,7 @@ impl Pipeline for WanPipeline {
                 }
                 None => cond,
             };
-            lat = (&lat + (pred * self.schedule.dt(i) as f64)?)?;
+            lat = stepper.step(i, &pred, &lat)?;
             if let Some(ff) = &self.inputs.first_frame {
                 lat = replace_first_frame(&lat, ff)?;
             }
@@ -240,12 +254,14 @@ pub fn expert_for(t: f32, n_experts: usize, boundary_ratio: Option<f64>) -> usiz
 }
 
 /// The scopes of a Wan generation: every expert that runs at least one step, times cond (and uncond
-/// with CFG), each with the steps it runs.
+/// with CFG), each with the steps it runs. `scheduler` is the sampler's name
+/// ([`FlowSampler::name`]: `flow-euler` or `unipc`).
 pub fn wan_plan(
     family: &str,
     n_experts: usize,
     boundary_ratio: Option<f64>,
     schedule: &FlowSchedule,
+    scheduler: &str,
     shift: f64,
     cfg: bool,
 ) -> GenerationPlan {
@@ -262,7 +278,7 @@ pub fn wan_plan(
     };
     GenerationPlan::from_steps(&StepsSpec {
         family,
-        scheduler: "flow-euler",
+        scheduler,
         shift: Some(shift),
         boundary_ratio: if n_experts == 2 { boundary_ratio } else { None },
         sigmas: &sigmas,

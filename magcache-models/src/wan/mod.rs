@@ -4,6 +4,7 @@ pub mod config;
 pub mod load;
 pub mod model;
 pub mod pipeline;
+pub mod vae;
 
 use crate::config_util::to_map;
 use crate::inputs::InputFile;

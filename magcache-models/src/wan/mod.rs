@@ -7,6 +7,7 @@ pub mod load;
 pub mod model;
 pub mod pipeline;
 pub mod presets;
+pub mod vae;
 
 pub use family::{build_model, wan_sampler};
 pub use inputs::build_inputs;

@@ -12,6 +12,7 @@ pub mod nn;
 pub mod published;
 pub mod random;
 pub mod scheduler;
+pub mod text;
 pub mod wan;
 pub mod weights;
 

@@ -13,6 +13,7 @@ pub mod nn;
 pub mod published;
 pub mod random;
 pub mod scheduler;
+pub mod text;
 pub mod unipc;
 pub mod wan;
 pub mod weights;

@@ -1,0 +1,182 @@
+//! The Wan tokenizer (`T5TokenizerFast` over the pipeline folder's `tokenizer/tokenizer.json`) as
+//! `WanPipeline._get_t5_prompt_embeds` calls it: `padding="max_length", max_length=L,
+//! truncation=True, add_special_tokens=True`. Normalisation, pre-tokenisation, the Unigram model
+//! and the post-processor (`</s>`) all come from the `tokenizers` crate reading `tokenizer.json`.
+
+use magcache_core::{Error, Result};
+use std::path::{Path, PathBuf};
+use tokenizers::{PaddingDirection, PostProcessor, Tokenizer, TruncationDirection};
+
+/// One prompt through the tokenizer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenizedPrompt {
+    /// Token ids, `max_len` of them when padded.
+    pub ids: Vec<u32>,
+    /// 1 for real tokens (the pieces and `</s>`), 0 for padding.
+    pub attention_mask: Vec<u32>,
+    /// The token strings (`▁A`, `</s>`, `<pad>`, ...).
+    pub tokens: Vec<String>,
+    /// Number of mask ones (what the pipeline calls `seq_lens`).
+    pub seq_len: usize,
+}
+
+/// `tokenizer.json` of a pipeline's `tokenizer/` folder.
+pub struct WanTokenizer {
+    tokenizer: Tokenizer,
+    file: String,
+    pad_id: u32,
+    pad_token: String,
+    /// Special tokens the post-processor adds to one sequence (`</s>`: 1).
+    added: usize,
+}
+
+impl WanTokenizer {
+    /// Loads `DIR/tokenizer.json` (or the file itself when `path` is a file). The pad token is
+    /// `pad_token` of `DIR/tokenizer_config.json` when that file exists, else `<pad>`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let (file, dir): (PathBuf, Option<&Path>) = if path.is_file() {
+            (path.to_path_buf(), path.parent())
+        } else {
+            (path.join("tokenizer.json"), Some(path))
+        };
+        let shown = file.display().to_string();
+        if !file.is_file() {
+            return Err(Error::io(&shown, "tokenizer file does not exist"));
+        }
+        let mut tokenizer = Tokenizer::from_file(&file)
+            .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;
+        // The pipeline's own truncation/padding are applied per call (`encode`).
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::config(&shown, "truncation", e.to_string()))?;
+        tokenizer.with_padding(None);
+
+        let mut pad_token = "<pad>".to_string();
+        if let Some(cfg) = dir
+            .map(|d| d.join("tokenizer_config.json"))
+            .filter(|c| c.is_file())
+        {
+            let cshown = cfg.display().to_string();
+            let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cshown, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&cshown, "(json)", format!("invalid JSON: {e}")))?;
+            match v.get("pad_token") {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::String(s)) => pad_token = s.clone(),
+                // Older configs store an AddedToken object.
+                Some(o) => match o.get("content").and_then(|c| c.as_str()) {
+                    Some(s) => pad_token = s.to_string(),
+                    None => {
+                        return Err(Error::config(
+                            &cshown,
+                            "pad_token",
+                            "expected a string or an object with `content`",
+                        ))
+                    }
+                },
+            }
+        }
+        let pad_id = tokenizer.token_to_id(&pad_token).ok_or_else(|| {
+            Error::config(
+                &shown,
+                "added_tokens",
+                format!("the pad token `{pad_token}` is not in the vocabulary"),
+            )
+        })?;
+        let added = tokenizer
+            .get_post_processor()
+            .map(|p| p.added_tokens(false))
+            .unwrap_or(0);
+        Ok(WanTokenizer {
+            tokenizer,
+            file: shown,
+            pad_id,
+            pad_token,
+            added,
+        })
+    }
+
+    /// The file it was loaded from (for messages).
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// The raw tokenizer call, no padding or truncation: `tokenizer(text, add_special_tokens=...)`.
+    pub fn encode_unpadded(&self, text: &str, add_special_tokens: bool) -> Result<TokenizedPrompt> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.err(e))?;
+        Ok(self.to_prompt(&enc))
+    }
+
+    /// The pipeline's call: special tokens added, truncated to `max_len` tokens (the pieces cut to
+    /// `max_len` minus the special tokens, so a truncated row still ends in `</s>`), right-padded
+    /// with the pad id (mask 0) to exactly `max_len`.
+    pub fn encode(&self, text: &str, max_len: usize) -> Result<TokenizedPrompt> {
+        if max_len == 0 || max_len < self.added {
+            return Err(Error::config(
+                &self.file,
+                "max_sequence_length",
+                format!(
+                    "must be at least 1 and hold the {} special token(s) the tokenizer adds; got {max_len}",
+                    self.added
+                ),
+            ));
+        }
+        // What `Tokenizer::encode` does with truncation and padding configured, without mutating
+        // the tokenizer: pieces, truncation (leaving room for the special tokens), post-processing,
+        // padding.
+        let mut enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| self.err(e))?;
+        enc.truncate(max_len - self.added, 0, TruncationDirection::Right);
+        let mut enc = self
+            .tokenizer
+            .post_process(enc, None, true)
+            .map_err(|e| self.err(e))?;
+        enc.pad(
+            max_len,
+            self.pad_id,
+            0,
+            &self.pad_token,
+            PaddingDirection::Right,
+        );
+        let out = self.to_prompt(&enc);
+        if out.ids.len() != max_len {
+            return Err(Error::msg(format!(
+                "{}: tokenizer produced {} tokens for max_sequence_length {max_len}",
+                self.file,
+                out.ids.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    fn err(&self, e: tokenizers::Error) -> Error {
+        Error::msg(format!("{}: tokenizing failed: {e}", self.file))
+    }
+
+    /// Tokens as transformers' `convert_ids_to_tokens` names them: the vocabulary entry of each id
+    /// (`<unk>` for unknown characters, where the encoding keeps the original text).
+    fn to_prompt(&self, enc: &tokenizers::Encoding) -> TokenizedPrompt {
+        let attention_mask = enc.get_attention_mask().to_vec();
+        let tokens = enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_tokens())
+            .map(|(&id, t)| self.tokenizer.id_to_token(id).unwrap_or_else(|| t.clone()))
+            .collect();
+        TokenizedPrompt {
+            ids: enc.get_ids().to_vec(),
+            seq_len: attention_mask.iter().filter(|&&m| m != 0).count(),
+            attention_mask,
+            tokens,
+        }
+    }
+}

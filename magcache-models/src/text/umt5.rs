@@ -1,0 +1,427 @@
+//! The UMT5 text encoder (transformers' `UMT5EncoderModel`), Wan's text side.
+//!
+//! Own module rather than candle-transformers' `t5`: that implementation (0.11) builds the relative
+//! position bias only in block 0 (`T5Block::load(i == 0, ..)`) and hands block 0's bias to every
+//! later block, as T5 does, whereas UMT5 stores and uses a `relative_attention_bias` in **every**
+//! layer, so later layers' biases would be ignored. Its `T5EncoderModel::forward` also takes no
+//! attention mask, so padded positions would be attended to and rows < seq_len would depend on the
+//! padding. (It would also pull candle-transformers and its dependency tree in for ~200 lines.)
+//!
+//! Semantics (transformers `modeling_umt5.py`, checked against the fixtures): `h = shared[ids]`
+//! (no scaling); per layer `h += o(attn(rms(h)))`, `h += wo(act(wi_0(rms(h))) * wi_1(rms(h)))`
+//! (gated) or `h += wo(act(wi(rms(h))))`; finally `rms`. Attention scores are `q . k` **without**
+//! `1/sqrt(d_kv)`, plus the layer's relative position bias, plus `f32::MIN` on masked keys.
+//! Activations stay in f32 (linear products in the run's weight dtype), so transformers' fp16
+//! clamping of hidden states is not needed.
+
+use crate::nn::{merge_heads, split_heads, Linear, RmsNorm};
+use crate::weights::WeightStore;
+use candle_core::{DType, Device, Tensor};
+use magcache_core::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// The feed-forward activation (`feed_forward_proj` = `[gated-]ACT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Umt5Act {
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation (`gated-gelu` maps here).
+    GeluTanh,
+    /// `gelu`: the exact (erf) form.
+    Gelu,
+    Relu,
+}
+
+/// The sizes of `text_encoder/config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Umt5Config {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    pub gated: bool,
+    pub act: Umt5Act,
+    /// `t5` checkpoints have the relative bias in block 0 only (shared by every block); `umt5`
+    /// ones have one per block.
+    pub bias_per_layer: bool,
+}
+
+impl Umt5Config {
+    /// Reads `config.json` (the file, or `DIR/config.json`). Sizes are required; the relative
+    /// attention fields, epsilon and `feed_forward_proj` default as in transformers' `UMT5Config`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_file() {
+            path.to_path_buf()
+        } else {
+            path.join("config.json")
+        };
+        let shown = file.display().to_string();
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&shown, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
+        Self::from_json(&v, &shown)
+    }
+
+    pub fn from_json(v: &Value, file: &str) -> Result<Self> {
+        let usize_of = |key: &str, default: Option<usize>| -> Result<usize> {
+            match v.get(key) {
+                None | Some(Value::Null) => default.ok_or_else(|| {
+                    Error::config(file, key, "missing (the text encoder config needs it)")
+                }),
+                Some(x) => x
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        Error::config(file, key, format!("expected a positive integer, got {x}"))
+                    }),
+            }
+        };
+        let model_type = v
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .unwrap_or("umt5");
+        let bias_per_layer = match model_type {
+            "umt5" => true,
+            "t5" => false,
+            other => {
+                return Err(Error::config(
+                    file,
+                    "model_type",
+                    format!("`{other}` is not a UMT5/T5 encoder (expected `umt5`)"),
+                ))
+            }
+        };
+        let proj = match v.get("feed_forward_proj") {
+            None | Some(Value::Null) => "gated-gelu".to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(x) => {
+                return Err(Error::config(
+                    file,
+                    "feed_forward_proj",
+                    format!("expected a string, got {x}"),
+                ))
+            }
+        };
+        let (gated, act_name) = match proj.strip_prefix("gated-") {
+            Some(a) => (true, a),
+            None => (false, proj.as_str()),
+        };
+        let act = match (gated, act_name) {
+            // transformers maps `gated-gelu` to `gelu_new`.
+            (true, "gelu") | (_, "gelu_new") | (_, "gelu_pytorch_tanh") => Umt5Act::GeluTanh,
+            (false, "gelu") => Umt5Act::Gelu,
+            (_, "relu") => Umt5Act::Relu,
+            _ => {
+                return Err(Error::config(
+                    file,
+                    "feed_forward_proj",
+                    format!(
+                        "`{proj}` is not supported (gated-gelu, gelu, gelu_new, relu, gated-relu)"
+                    ),
+                ))
+            }
+        };
+        let eps = match v.get("layer_norm_epsilon") {
+            None | Some(Value::Null) => 1e-6,
+            Some(x) => x.as_f64().filter(|e| *e > 0.0).ok_or_else(|| {
+                Error::config(
+                    file,
+                    "layer_norm_epsilon",
+                    format!("expected a positive number, got {x}"),
+                )
+            })?,
+        };
+        let relative_attention_num_buckets = usize_of("relative_attention_num_buckets", Some(32))?;
+        if relative_attention_num_buckets < 2 {
+            return Err(Error::config(
+                file,
+                "relative_attention_num_buckets",
+                format!("must be at least 2, got {relative_attention_num_buckets}"),
+            ));
+        }
+        Ok(Umt5Config {
+            vocab_size: usize_of("vocab_size", None)?,
+            d_model: usize_of("d_model", None)?,
+            d_kv: usize_of("d_kv", None)?,
+            d_ff: usize_of("d_ff", None)?,
+            num_layers: usize_of("num_layers", None)?,
+            num_heads: usize_of("num_heads", None)?,
+            relative_attention_num_buckets,
+            relative_attention_max_distance: usize_of(
+                "relative_attention_max_distance",
+                Some(128),
+            )?,
+            layer_norm_epsilon: eps,
+            gated,
+            act,
+            bias_per_layer,
+        })
+    }
+}
+
+/// T5's bidirectional relative position bucket of `rel = key_pos - query_pos`: half the buckets for
+/// keys after the query; distances below `num_buckets / 4` exact, then logarithmic up to
+/// `max_distance` (the log in f32, as transformers computes it), saturating at the last bucket.
+pub fn relative_position_bucket(rel: i64, num_buckets: usize, max_distance: usize) -> u32 {
+    let half = (num_buckets / 2) as i64;
+    let base = if rel > 0 { half } else { 0 };
+    let n = rel.abs();
+    let max_exact = half / 2;
+    if n < max_exact {
+        return (base + n) as u32;
+    }
+    let denom = (max_distance as f64 / max_exact as f64).ln() as f32;
+    let ratio = (n as f32 / max_exact as f32).ln() / denom * (half - max_exact) as f32;
+    // `.to(int64)` truncates toward zero; a non-finite ratio (degenerate configs) saturates.
+    let large = if ratio.is_finite() {
+        max_exact + ratio as i64
+    } else {
+        half - 1
+    };
+    (base + large.min(half - 1)) as u32
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    /// `[num_buckets, heads]` (f32); `None`: use block 0's (T5).
+    rel_bias: Option<Tensor>,
+    ff_norm: RmsNorm,
+    /// `wi_0` (gated) or `wi`.
+    wi_0: Linear,
+    wi_1: Option<Linear>,
+    wo: Linear,
+}
+
+/// `UMT5EncoderModel`: `forward(ids, mask) -> last_hidden_state`.
+pub struct Umt5Encoder {
+    pub config: Umt5Config,
+    /// `[vocab, d_model]` in the run's weight dtype.
+    shared: Tensor,
+    layers: Vec<Layer>,
+    final_norm: RmsNorm,
+    device: Device,
+}
+
+impl Umt5Encoder {
+    /// Loads `DIR/config.json` and the folder's weights: a single `model.safetensors` or shards
+    /// with `model.safetensors.index.json`. Weights are handed out on `device`, linear weights and
+    /// the embedding in `dtype`; norms and relative biases in f32.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let config = Umt5Config::load(dir)?;
+        let files = crate::weights::weight_files(dir)?;
+        let mut store = WeightStore::load_files(&dir.display().to_string(), &files)?;
+        store.set_placement(magcache_core::Placement {
+            device: device.clone(),
+            dtype,
+        });
+        // The store is dropped on return: the model then holds the only copy of each weight.
+        Self::from_weights(config, &store)
+    }
+
+    pub fn from_weights(config: Umt5Config, store: &WeightStore) -> Result<Self> {
+        let c = &config;
+        let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
+        let shared_name =
+            if store.contains("shared.weight") || !store.contains("encoder.embed_tokens.weight") {
+                "shared.weight"
+            } else {
+                "encoder.embed_tokens.weight"
+            };
+        let shared = store.get_weight(shared_name, &[c.vocab_size, d])?;
+        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Linear::new(store.get_weight(name, &[out, inp])?, None)
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                store.get_shape(name, &[d])?,
+                c.layer_norm_epsilon,
+            ))
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("encoder.block.{i}.layer");
+            let bias_name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
+            let rel_bias = if c.bias_per_layer || i == 0 {
+                Some(
+                    store
+                        .get_shape(&bias_name, &[c.relative_attention_num_buckets, c.num_heads])?,
+                )
+            } else {
+                None
+            };
+            let (wi_0, wi_1) = if c.gated {
+                (
+                    lin(&format!("{p}.1.DenseReluDense.wi_0.weight"), c.d_ff, d)?,
+                    Some(lin(
+                        &format!("{p}.1.DenseReluDense.wi_1.weight"),
+                        c.d_ff,
+                        d,
+                    )?),
+                )
+            } else {
+                (
+                    lin(&format!("{p}.1.DenseReluDense.wi.weight"), c.d_ff, d)?,
+                    None,
+                )
+            };
+            layers.push(Layer {
+                attn_norm: norm(&format!("{p}.0.layer_norm.weight"))?,
+                q: lin(&format!("{p}.0.SelfAttention.q.weight"), inner, d)?,
+                k: lin(&format!("{p}.0.SelfAttention.k.weight"), inner, d)?,
+                v: lin(&format!("{p}.0.SelfAttention.v.weight"), inner, d)?,
+                o: lin(&format!("{p}.0.SelfAttention.o.weight"), d, inner)?,
+                rel_bias,
+                ff_norm: norm(&format!("{p}.1.layer_norm.weight"))?,
+                wi_0,
+                wi_1,
+                wo: lin(&format!("{p}.1.DenseReluDense.wo.weight"), d, c.d_ff)?,
+            });
+        }
+        let final_norm = norm("encoder.final_layer_norm.weight")?;
+        Ok(Umt5Encoder {
+            device: store.placement().device.clone(),
+            config,
+            shared,
+            layers,
+            final_norm,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `ids [B, L]` (u32 or i64), `mask [B, L]` (1 = token, 0 = padding; any dtype) ->
+    /// `last_hidden_state [B, L, d_model]` in f32.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, l) = ids.dims2()?;
+        if b == 0 || l == 0 {
+            return Err(Error::msg(format!(
+                "text encoder: empty input ids {:?} (the tokenizer always adds `</s>`)",
+                ids.dims()
+            )));
+        }
+        if mask.dims() != [b, l] {
+            return Err(Error::msg(format!(
+                "text encoder: attention mask has shape {:?}, the ids {:?}",
+                mask.dims(),
+                ids.dims()
+            )));
+        }
+        let ids = ids.to_dtype(DType::U32)?.to_device(&self.device)?;
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= c.vocab_size {
+            return Err(Error::msg(format!(
+                "text encoder: token id {max_id} is outside the vocabulary ({} entries in config.json)",
+                c.vocab_size
+            )));
+        }
+        let mut h = self
+            .shared
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((b, l, c.d_model))?;
+
+        // Additive key mask [B, 1, 1, L]: 0 on tokens, f32::MIN on padding.
+        let keep = mask
+            .to_device(&self.device)?
+            .to_dtype(DType::F32)?
+            .ne(0f32)?
+            .to_dtype(DType::F32)?;
+        let key_bias = ((1.0 - keep)? * f64::from(f32::MIN))?.reshape((b, 1, 1, l))?;
+
+        let buckets: Vec<u32> = (0..l as i64)
+            .flat_map(|q| {
+                (0..l as i64).map(move |k| {
+                    relative_position_bucket(
+                        k - q,
+                        c.relative_attention_num_buckets,
+                        c.relative_attention_max_distance,
+                    )
+                })
+            })
+            .collect();
+        let buckets = Tensor::from_vec(buckets, l * l, &self.device)?;
+        let bias_of = |table: &Tensor| -> Result<Tensor> {
+            // [L*L, H] -> [1, H, L, L], plus the key mask -> [B, H, L, L].
+            let pos = table
+                .index_select(&buckets, 0)?
+                .reshape((l, l, c.num_heads))?
+                .permute((2, 0, 1))?
+                .unsqueeze(0)?;
+            Ok(pos.broadcast_add(&key_bias)?.contiguous()?)
+        };
+        let mut shared_bias: Option<Tensor> = None;
+
+        for layer in &self.layers {
+            let bias = match &layer.rel_bias {
+                Some(t) => {
+                    let bb = bias_of(t)?;
+                    if !c.bias_per_layer {
+                        shared_bias = Some(bb.clone());
+                    }
+                    bb
+                }
+                None => shared_bias
+                    .clone()
+                    .ok_or_else(|| Error::msg("text encoder: block 0 has no relative bias"))?,
+            };
+            let x = layer.attn_norm.forward(&h)?;
+            let q = split_heads(&layer.q.forward(&x)?, c.num_heads)?;
+            let k = split_heads(&layer.k.forward(&x)?, c.num_heads)?;
+            let v = split_heads(&layer.v.forward(&x)?, c.num_heads)?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?.add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let a = merge_heads(&probs.matmul(&v)?)?;
+            h = (h + layer.o.forward(&a)?)?;
+
+            let x = layer.ff_norm.forward(&h)?;
+            let mut y = self.act(&layer.wi_0.forward(&x)?)?;
+            if let Some(wi_1) = &layer.wi_1 {
+                y = (y * wi_1.forward(&x)?)?;
+            }
+            h = (h + layer.wo.forward(&y)?)?;
+        }
+        self.final_norm.forward(&h)
+    }
+
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.config.act {
+            Umt5Act::GeluTanh => crate::nn::gelu(x)?,
+            Umt5Act::Gelu => x.gelu_erf()?,
+            Umt5Act::Relu => x.relu()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_position_bucket;
+
+    #[test]
+    fn buckets_follow_the_t5_rule() {
+        // 32 buckets, max distance 128: exact below 8, log up to 128, keys after the query + 16.
+        let b = |r| relative_position_bucket(r, 32, 128);
+        assert_eq!(b(0), 0);
+        assert_eq!(b(-7), 7);
+        assert_eq!(b(7), 23);
+        assert_eq!(b(-8), 8);
+        assert_eq!(b(-16), 10);
+        assert_eq!(b(-64), 14);
+        assert_eq!(b(64), 30);
+        assert_eq!(b(-90), 14);
+        assert_eq!(b(-100), 15);
+        assert_eq!(b(-128), 15);
+        assert_eq!(b(1000), 31);
+    }
+}

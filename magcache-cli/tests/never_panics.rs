@@ -1,5 +1,6 @@
 //! Property test: whatever the run file and the input shapes, the runner returns (Ok or a clear error)
-//! and never panics.
+//! and never panics: also with empty tensors, huge sizes (refused by the size guard, whose limit
+//! `MAGCACHE_MEMORY_LIMIT` fixes here) and non-finite or huge values.
 
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
@@ -24,7 +25,21 @@ fn value() -> impl Strategy<Value = String> {
         Just("[1.0, 0.99, 0.98]".to_string()),
         Just("true".to_string()),
         Just("[0, 1, 2]".to_string()),
+        Just("100000000000".to_string()),
+        Just("1000000000000".to_string()),
+        Just("1e38".to_string()),
+        Just("1e-300".to_string()),
+        Just("[1, 4, 1, 100000, 100000]".to_string()),
+        Just("[1, 4, 100000000, 100000000, 100000000]".to_string()),
     ]
+}
+
+/// The memory the size guard compares with in these tests (the tiny runs need a few MB).
+const LIMIT: &str = "2G";
+
+fn set_limit() {
+    // Every test sets the same value, so concurrent tests agree.
+    std::env::set_var("MAGCACHE_MEMORY_LIMIT", LIMIT);
 }
 
 fn key() -> impl Strategy<Value = &'static str> {
@@ -45,6 +60,9 @@ fn key() -> impl Strategy<Value = &'static str> {
         Just("cache.mag_ratios"),
         Just("cache.coefficients"),
         Just("cache.bogus"),
+        Just("model.overrides.ffn_dim"),
+        Just("model.overrides.num_layers"),
+        Just("model.overrides.num_attention_heads"),
     ]
 }
 
@@ -134,7 +152,7 @@ fn run_file(fam: &str, strat: &str, edits: &[(&str, String)]) -> String {
         tables[4].1.retain(|(k, _)| k != "coefficients");
     }
     for (k, v) in edits {
-        let (t, name) = k.split_once('.').unwrap();
+        let (t, name) = k.rsplit_once('.').unwrap();
         let table = tables.iter_mut().find(|(n, _)| n == t).unwrap();
         table.1.retain(|(n, _)| n != name);
         table.1.push((name.to_string(), v.clone()));
@@ -150,6 +168,7 @@ fn run_file(fam: &str, strat: &str, edits: &[(&str, String)]) -> String {
 }
 
 fn run(text: &str) {
+    set_limit();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("run.toml");
     std::fs::write(&p, text).unwrap();
@@ -171,17 +190,19 @@ proptest! {
 
     #[test]
     fn random_input_shapes_never_panic(
-        lat in prop::collection::vec(1usize..6, 0..7),
-        txt in prop::collection::vec(1usize..30, 0..5),
+        lat in prop::collection::vec(0usize..6, 0..7),
+        txt in prop::collection::vec(0usize..30, 0..5),
         drop_uncond in any::<bool>(),
+        fill in prop_oneof![Just(0f32), Just(1e30f32), Just(-3e38f32), Just(f32::NAN), Just(f32::INFINITY)],
     ) {
         magcache_cli::link_all();
         let dir = tempfile::tempdir().unwrap();
         let mut m: HashMap<String, Tensor> = HashMap::new();
-        m.insert("latents_init".into(), Tensor::zeros(lat.as_slice(), DType::F32, &Device::Cpu).unwrap());
-        m.insert("cond".into(), Tensor::zeros(txt.as_slice(), DType::F32, &Device::Cpu).unwrap());
+        let full = |shape: &[usize]| (Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap() * fill as f64).unwrap();
+        m.insert("latents_init".into(), full(lat.as_slice()));
+        m.insert("cond".into(), full(txt.as_slice()));
         if !drop_uncond {
-            m.insert("uncond".into(), Tensor::zeros(txt.as_slice(), DType::F32, &Device::Cpu).unwrap());
+            m.insert("uncond".into(), full(txt.as_slice()));
         }
         let inp = dir.path().join("in.safetensors");
         candle_core::safetensors::save(&m, &inp).unwrap();
@@ -197,6 +218,7 @@ proptest! {
 #[test]
 fn the_unedited_base_runs_succeed() {
     magcache_cli::link_all();
+    set_limit();
     for fam in ["wan2.1", "wan2.2", "flux"] {
         for strat in ["none", "magcache", "fbcache", "teacache"] {
             let text = run_file(fam, strat, &[]);

@@ -32,6 +32,18 @@ pub enum Error {
         msg: String,
     },
 
+    /// A transformer call or a sampler step produced NaN or infinite values; the run stops.
+    #[error("non-finite values at {at}: {what}")]
+    NonFinite { at: String, what: String },
+
+    /// The run would need more memory than is available (see [`crate::guard`]).
+    #[error("{file}: {key}: {msg}")]
+    TooLarge {
+        file: String,
+        key: String,
+        msg: String,
+    },
+
     /// A file could not be read or written.
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },

@@ -10,7 +10,9 @@
 //! - [`maths`]: curve resampling and calibration statistics; [`profile`]: calibration profiles;
 //! - [`config`]: the TOML run file and the typetag strategy table;
 //! - [`registry`]: model families and strategies registered through `inventory`;
-//! - [`Pipeline`]: the denoising loop interface the runner drives.
+//! - [`Pipeline`]: the denoising loop interface the runner drives;
+//! - [`finite`]: the non-finite checks on every call and step; [`guard`]: the size guard that refuses
+//!   runs that cannot fit in memory before anything is allocated.
 //!
 //! See `docs/architecture.md` for how a call flows: loop -> denoiser -> model -> cache -> chain.
 
@@ -18,6 +20,8 @@ pub mod cache;
 pub mod chain;
 pub mod config;
 pub mod error;
+pub mod finite;
+pub mod guard;
 pub mod hooks;
 pub mod maths;
 pub mod metadata;

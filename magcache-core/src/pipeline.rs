@@ -78,17 +78,26 @@ impl<'a> Denoiser<'a> {
     }
 
     /// One transformer call of sampler step `step`, expert `expert`, CFG branch `branch` at model
-    /// timestep `timestep` (0..1000). `forward` runs the model with the call's context.
-    pub fn call<T>(
+    /// timestep `timestep` (0..1000). `forward` runs the model with the call's context. The output is
+    /// checked finite (one reduction); NaN or infinite values stop the run with an
+    /// [`Error::NonFinite`](crate::Error::NonFinite) naming the step and the call.
+    pub fn call(
         &mut self,
         step: usize,
         expert: usize,
         branch: Branch,
         timestep: f64,
-        forward: impl FnOnce(&CallCx<'_>) -> Result<T>,
-    ) -> Result<T> {
-        let cx = CallCx::new(ScopeKey::new(expert, branch), self.cache);
+        forward: impl FnOnce(&CallCx<'_>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let key = ScopeKey::new(expert, branch);
+        let cx = CallCx::new(key, self.cache);
         let out = forward(&cx)?;
+        crate::finite::ensure_finite(
+            &out,
+            &format!("sampler step {step}, call {key} at timestep {timestep:.1}"),
+            "the transformer output",
+            "check the magnitude of the inputs and of sampling.guidance_scale, and the weights",
+        )?;
         self.obs.call(&CallEvent {
             index: self.index,
             step,
@@ -101,9 +110,18 @@ impl<'a> Denoiser<'a> {
         Ok(out)
     }
 
-    /// Reports that sampler step `step` (0-based) is done.
-    pub fn step_done(&mut self, step: usize) {
+    /// Reports that sampler step `step` (0-based) is done, with the latents it produced. The latents
+    /// are checked finite (one reduction): NaN or infinite values stop the run with an
+    /// [`Error::NonFinite`](crate::Error::NonFinite) naming the step.
+    pub fn step_done(&mut self, step: usize, latents: &Tensor) -> Result<()> {
+        crate::finite::ensure_finite(
+            latents,
+            &format!("sampler step {step}"),
+            "the latents after the step",
+            "the update overflowed: check sampling.guidance_scale, sampling.shift and the inputs' magnitude",
+        )?;
         self.obs.step(step + 1, self.total_steps);
+        Ok(())
     }
 
     /// Passes a warning to the observer.
@@ -127,7 +145,14 @@ pub trait Pipeline {
     /// metrics. This is the named "latents to pixels" stage: for models whose latents are the pixels
     /// (the digits model) the planes are the picture; a VAE decoder would take its place.
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor>;
+    /// What building the pipeline found that the user should know (checkpoint tensors the model
+    /// never used, settings the family ignores). The pipeline also passes them to the observer at the
+    /// start of every generation, so a runner that only observes generations sees them too.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Runs the whole loop and returns the final latents. With a cache attached, the pipeline starts a
-    /// new cache generation first (warnings go to the observer).
+    /// new cache generation first (warnings go to the observer). NaN or infinite values in a call's
+    /// output or a step's latents end the generation with an error ([`Denoiser`] checks them).
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor>;
 }

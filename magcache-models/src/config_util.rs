@@ -100,3 +100,13 @@ pub fn resolve(base: &std::path::Path, p: &str) -> std::path::PathBuf {
         base.join(path)
     }
 }
+
+/// What sets a model's number of blocks, for messages: `model.overrides.KEY = N` when the run file
+/// overrides it, else `KEY = N in the model config`.
+pub fn depth_key(overrides: &Map<String, Value>, key: &str, n: usize) -> String {
+    if overrides.contains_key(key) {
+        format!("model.overrides.{key} = {n}")
+    } else {
+        format!("{key} = {n} in the model config")
+    }
+}

@@ -50,6 +50,16 @@ impl InputFile {
                 format!("has shape {:?}; expected {what}", t.dims()),
             ));
         }
+        if t.dims().contains(&0) {
+            return Err(Error::inputs(
+                &self.path,
+                name,
+                format!(
+                    "is empty (shape {:?}); expected {what} with every dimension at least 1 (text embeddings need at least one token)",
+                    t.dims()
+                ),
+            ));
+        }
         let t = t
             .to_dtype(candle_core::DType::F32)
             .map_err(|e| Error::inputs(&self.path, name, e.to_string()))?;
@@ -61,11 +71,11 @@ impl InputFile {
 /// Errors if the tensor holds NaN or Inf.
 pub fn check_finite(t: &Tensor, file: &str, name: &str) -> Result<()> {
     let v = t.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
         return Err(Error::inputs(
             file,
             name,
-            format!("holds a non-finite value ({}) at flat index {i}", v[i]),
+            format!("holds a non-finite value ({x}) at flat index {i}"),
         ));
     }
     Ok(())

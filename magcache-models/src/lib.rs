@@ -8,6 +8,7 @@
 
 pub mod config_util;
 pub mod flux;
+pub mod footprint;
 pub mod inputs;
 pub mod nn;
 pub mod published;

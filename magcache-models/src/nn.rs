@@ -129,7 +129,7 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// Largest score matrix (bytes) one attention matmul may materialise; longer sequences are processed
 /// in query chunks, so a 32k-token video needs ~256 MB for scores, not `H * S * S * 4` bytes.
-const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
+pub const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
 
 /// Scaled dot-product attention, no mask. `q [B, H, S, D]`, `k`/`v` `[B, H, L, D]` -> `[B, H, S, D]`.
 /// Queries are processed in chunks whose `[B, H, chunk, L]` scores fit [`ATTENTION_SCORE_BUDGET`]

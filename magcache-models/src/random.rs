@@ -15,9 +15,19 @@ pub fn sub_seed(seed: u64, name: &str) -> u64 {
     h
 }
 
+/// Elements of `shape`; an error (not an overflow) for sizes no memory holds.
+fn elems(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| {
+            magcache_core::Error::msg(format!("random tensor of shape {shape:?} is too large"))
+        })
+}
+
 /// Standard normal samples (Box-Muller).
 pub fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
+    let n = elems(shape)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut v = Vec::with_capacity(n);
     while v.len() < n {
@@ -35,7 +45,7 @@ pub fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
 
 /// Uniform samples in `[-a, a]` (fast; used for large random weights).
 pub fn uniform(seed: u64, shape: &[usize], a: f32) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
+    let n = elems(shape)?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     // `gen::<f32>()` (uniform in [0, 1)) is far cheaper than `gen_range` per element.
     let v: Vec<f32> = (0..n).map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * a).collect();

@@ -24,6 +24,44 @@ impl FlowSchedule {
     }
 }
 
+impl FlowSchedule {
+    /// An error naming `file` and `key` (the setting that shaped the schedule, e.g. `sampling.shift`)
+    /// when a timestep or sigma is not finite or a sigma lies outside `[0, 1]`: such a schedule gives
+    /// NaN latents from the first step.
+    pub fn check(&self, file: &str, key: &str, value: f64) -> magcache_core::Result<()> {
+        let bad = self
+            .sigmas
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !(s.is_finite() && (0.0..=1.0).contains(*s)))
+            .map(|(i, s)| format!("sigma {i} = {s}"))
+            .or_else(|| {
+                self.timesteps
+                    .iter()
+                    .enumerate()
+                    .find(|(_, t)| !t.is_finite())
+                    .map(|(i, t)| format!("timestep {i} = {t}"))
+            });
+        match bad {
+            None => Ok(()),
+            Some(b) => Err(magcache_core::Error::config(
+                file,
+                key,
+                format!("{} gives a noise schedule that is not finite or leaves [0, 1] ({b}); use a moderate value (Wan uses 3 to 12)", short(value)),
+            )),
+        }
+    }
+}
+
+/// `5`, `0.25`, `1e-300`: a number as a user would write it.
+fn short(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 /// numpy's `linspace(start, stop, n)`: `start + i * step`, with the last entry exactly `stop`.
 fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
     match n {

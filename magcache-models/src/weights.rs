@@ -8,14 +8,17 @@
 
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// Tensors by name, each remembering the file it came from.
+/// Tensors by name, each remembering the file it came from, and which names the model fetched.
 #[derive(Default)]
 pub struct WeightStore {
     tensors: HashMap<String, (Tensor, usize)>,
     files: Vec<String>,
+    /// Names handed out by `get*` (after renames): what the model used.
+    used: Mutex<HashSet<String>>,
     /// What to call the store in messages (the folder or file the user gave).
     pub origin: String,
     /// The device and linear-weight dtype tensors are handed out in.
@@ -28,6 +31,7 @@ impl WeightStore {
         WeightStore {
             tensors: map.into_iter().map(|(k, v)| (k, (v, 0))).collect(),
             files: vec![origin.to_string()],
+            used: Default::default(),
             origin: origin.to_string(),
             placement: Default::default(),
         }
@@ -76,6 +80,14 @@ impl WeightStore {
                         ),
                     ));
                 }
+                if let Some((_, other)) = store.tensors.get(&k) {
+                    let other = store.files.get(*other).cloned().unwrap_or_default();
+                    return Err(Error::weights(
+                        &name,
+                        &k,
+                        format!("is also in {other}: two shards hold the same tensor and neither can be chosen (remove one, or give an index *.safetensors.index.json)"),
+                    ));
+                }
                 store.tensors.insert(k, (t, fi));
             }
             store.files.push(name);
@@ -115,6 +127,10 @@ impl WeightStore {
     pub fn rename(&mut self, f: impl Fn(&str) -> String) {
         let old = std::mem::take(&mut self.tensors);
         self.tensors = old.into_iter().map(|(k, v)| (f(&k), v)).collect();
+        if let Ok(mut used) = self.used.lock() {
+            let old = std::mem::take(&mut *used);
+            *used = old.into_iter().map(|k| f(&k)).collect();
+        }
     }
 
     /// Removes a tensor (used by layout conversions that split fused tensors).
@@ -142,14 +158,124 @@ impl WeightStore {
         self.get_as(name, DType::F32)
     }
 
-    /// A tensor in `dtype` on the placement's device (converted once, from the stored dtype).
+    /// A tensor in `dtype` on the placement's device (converted once, from the stored dtype),
+    /// checked finite: a NaN or an infinity (in the file, or from a conversion that overflows the
+    /// run's dtype) is an error naming the tensor and its file. Marks the name as used.
     fn get_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
-        let t = self.get_stored(name)?;
-        let t = t
+        let stored = self.get_stored(name)?;
+        let file = self.file_of(name);
+        let t = stored
             .to_device(&self.placement.device)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| Error::weights(self.file_of(name), name, e.to_string()))?;
+            .map_err(|e| Error::weights(file, name, e.to_string()))?;
+        let finite = |t: &Tensor| {
+            magcache_core::finite::all_finite(t)
+                .map_err(|e| Error::weights(file, name, e.to_string()))
+        };
+        if !finite(&t)? {
+            let what = magcache_core::finite::describe_non_finite(&t)
+                .map_err(|e| Error::weights(file, name, e.to_string()))?;
+            let msg = if stored.dtype() != dtype && finite(&stored)? {
+                format!(
+                    "is finite as stored ({:?}) but overflows {dtype:?}, the run's dtype ({what}); use a wider `model.dtype`",
+                    stored.dtype()
+                )
+            } else {
+                format!("holds non-finite values: {what}")
+            };
+            return Err(Error::weights(file, name, msg));
+        }
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
         Ok(t)
+    }
+
+    /// Checkpoint tensors the model never fetched, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = match self.used.lock() {
+            Ok(u) => u.clone(),
+            Err(_) => return Vec::new(),
+        };
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// After a model is built from this store: the warning naming checkpoint tensors it did not use
+    /// (`None` when it used them all), or an error when a whole block (`blocks.N.*`,
+    /// `transformer_blocks.N.*`, ...: every tensor under a numbered prefix) is left over: the model
+    /// was built with fewer blocks than the checkpoint holds. `depth_key` maps a block prefix
+    /// (`blocks`) to what sets that number of blocks (`model.overrides.num_layers = 2`, or
+    /// `num_layers = 2 in config.json`); a key under `model.overrides.` makes the error name the
+    /// run file and that key, any other the checkpoint file and the block.
+    pub fn check_unused(
+        &self,
+        cfg_file: &str,
+        depth_key: impl Fn(&str) -> String,
+    ) -> Result<Option<String>> {
+        let unused = self.unused();
+        if unused.is_empty() {
+            return Ok(None);
+        }
+        let used = match self.used.lock() {
+            Ok(u) => u.clone(),
+            Err(_) => HashSet::new(),
+        };
+        // Numbered prefixes (`blocks.2`) none of whose tensors was used.
+        let mut left_blocks: BTreeSet<(String, usize)> = BTreeSet::new();
+        for k in &unused {
+            if let Some((prefix, n)) = block_of(k) {
+                let p = format!("{prefix}.{n}.");
+                if !used.iter().any(|u| u.starts_with(&p)) {
+                    left_blocks.insert((prefix.to_string(), n));
+                }
+            }
+        }
+        if let Some((prefix, first)) = left_blocks.iter().next() {
+            let names: Vec<String> = left_blocks
+                .iter()
+                .map(|(p, n)| format!("{p}.{n}.*"))
+                .collect();
+            let depth_key = depth_key(prefix);
+            let msg = format!(
+                "{} holds block(s) {} that the model does not build (its depth comes from {depth_key}): a model shallower than its checkpoint would run silently wrong; set the number of blocks to match the checkpoint",
+                self.origin,
+                names.join(", ")
+            );
+            return Err(if depth_key.starts_with("model.overrides.") {
+                let key = depth_key.split(' ').next().unwrap_or_default().to_string();
+                Error::config(cfg_file, key, msg)
+            } else {
+                let p = format!("{prefix}.{first}.");
+                let file = unused
+                    .iter()
+                    .find(|k| k.starts_with(&p))
+                    .map(|k| self.file_of(k))
+                    .unwrap_or(&self.origin);
+                Error::weights(file, format!("{prefix}.{first}.*"), msg)
+            });
+        }
+        const SHOWN: usize = 8;
+        let mut list: Vec<&str> = unused.iter().take(SHOWN).map(|s| s.as_str()).collect();
+        let more = unused.len().saturating_sub(SHOWN);
+        let extra = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        list.sort();
+        Ok(Some(format!(
+            "{}: {} checkpoint tensor(s) not used by the model: {}{extra}",
+            self.origin,
+            unused.len(),
+            list.join(", ")
+        )))
     }
 
     /// A linear layer's weight with this shape, in the placement's dtype.
@@ -195,6 +321,19 @@ impl WeightStore {
         }
         Ok(())
     }
+}
+
+/// `blocks.12.attn1.to_q.weight` -> `("blocks", 12)`: the prefix up to the first numbered component.
+fn block_of(name: &str) -> Option<(&str, usize)> {
+    let mut start: usize = 0;
+    for part in name.split('.') {
+        if let Ok(n) = part.parse::<usize>() {
+            let prefix = name.get(..start.checked_sub(1)?)?;
+            return Some((prefix, n));
+        }
+        start += part.len() + 1;
+    }
+    None
 }
 
 /// The weight files of a model path: a file, a folder with a `*.safetensors.index.json`, a folder with

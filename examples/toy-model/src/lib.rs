@@ -228,7 +228,7 @@ impl Pipeline for ToyPipeline {
                 _ => return Err(Error::msg("toy: one or two branches per step")),
             };
             x = (&x + (pred * (s_next - s))?)?;
-            den.step_done(i); // cache
+            den.step_done(i, &x)?; // cache
         }
         Ok(x)
     }

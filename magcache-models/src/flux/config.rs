@@ -54,7 +54,8 @@ const FIELDS: &[&str] = &[
 
 impl FluxConfig {
     pub fn inner_dim(&self) -> usize {
-        self.num_attention_heads * self.attention_head_dim
+        self.num_attention_heads
+            .saturating_mul(self.attention_head_dim)
     }
     pub fn out_channels(&self) -> usize {
         self.out_channels.unwrap_or(self.in_channels)

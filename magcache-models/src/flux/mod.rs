@@ -2,6 +2,7 @@
 //! embedded guidance, and the family registration.
 
 pub mod config;
+pub mod footprint;
 pub mod load;
 pub mod model;
 
@@ -202,6 +203,10 @@ impl Pipeline for FluxPipeline {
             .reshape((b * c, h, w))?)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         for w in &self.warnings {
             obs.warning(w);
@@ -234,7 +239,7 @@ impl Pipeline for FluxPipeline {
                 )
             })?;
             lat = (&lat + (v * self.schedule.dt(i) as f64)?)?;
-            den.step_done(i);
+            den.step_done(i, &lat)?;
         }
         Ok(lat)
     }
@@ -255,7 +260,11 @@ pub fn flux_plan(schedule: &FlowSchedule) -> GenerationPlan {
 
 /// Position ids of a packed `h x w` image grid: `[0, row, col]`.
 pub fn image_ids(h: usize, w: usize) -> Result<Tensor> {
-    let mut v = Vec::with_capacity(h * w * 3);
+    let n = h
+        .checked_mul(w)
+        .and_then(|n| n.checked_mul(3))
+        .ok_or_else(|| Error::msg(format!("image grid {h}x{w} is too large")))?;
+    let mut v = Vec::with_capacity(n);
     for r in 0..h {
         for c in 0..w {
             v.extend_from_slice(&[0.0f32, r as f32, c as f32]);
@@ -360,9 +369,16 @@ fn build_inputs(cfg: &RunConfig, file: &str, base: &Path, c: &FluxConfig) -> Res
         ));
     }
     let (b, h, w) = (shape[0], shape[2] / 2, shape[3] / 2);
+    let seq = h.checked_mul(w).ok_or_else(|| {
+        Error::config(
+            file,
+            "inputs.latent_shape",
+            format!("{shape:?} is too large"),
+        )
+    })?;
     let l = cfg.inputs.text_len.unwrap_or(64);
     Ok(FluxInputs {
-        latents: randn(seed.wrapping_add(1), &[b, h * w, c.in_channels])?,
+        latents: randn(seed.wrapping_add(1), &[b, seq, c.in_channels])?,
         ctx: randn(seed.wrapping_add(2), &[b, l, c.joint_attention_dim])?,
         pooled: randn(seed.wrapping_add(3), &[b, c.pooled_projection_dim])?,
         img_ids: image_ids(h, w)?,
@@ -436,7 +452,17 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         Some(WeightsSpec::One(w)) => {
             let path = resolve(base, w);
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
+            // Before loading, the checkpoint files themselves must fit (FLUX's config may come
+            // from the tensors); then the whole run.
+            let files = crate::weights::weight_files(&path).ok();
+            let mut fp = magcache_core::guard::Footprint::default();
+            let on_disk =
+                crate::footprint::weights_bytes(crate::footprint::sz(0), "f32", files.as_deref());
+            fp.add("weights", "model.weights", on_disk.0);
+            crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
+            fp.check(file)?;
             let mut l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            footprint::flux_footprint(cfg, base, &l.config, None, files.as_deref()).check(file)?;
             l.store.set_placement(placement.clone());
             let c = &l.config;
             let desc = format!(
@@ -452,7 +478,17 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 .iter()
                 .find(|p| (p.config)() == l.config)
                 .map(|p| p.name);
-            (FluxModel::from_weights(l.config, &l.store)?, desc, variant)
+            let (n_double, n_single) = (l.config.num_layers, l.config.num_single_layers);
+            let model = FluxModel::from_weights(l.config, &l.store)?;
+            let unused = l.store.check_unused(file, |prefix| {
+                if prefix == "single_transformer_blocks" {
+                    crate::config_util::depth_key(&overrides, "num_single_layers", n_single)
+                } else {
+                    crate::config_util::depth_key(&overrides, "num_layers", n_double)
+                }
+            })?;
+            warnings.extend(unused);
+            (model, desc, variant)
         }
         Some(WeightsSpec::Many(_)) => {
             return Err(Error::config(
@@ -468,6 +504,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             })?;
             let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
             let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
+            footprint::flux_footprint(cfg, base, &c, Some(&base_cfg), None).check(file)?;
             let desc = format!(
                 "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
                 p.name,
@@ -485,8 +522,10 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     };
     let inputs = build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?;
     let mu = flux_mu(inputs.latents.dim(1)?);
+    let schedule = flow_match_dynamic(cfg.sampling.steps, mu);
+    schedule.check(file, "inputs.latent_shape", mu)?;
     Ok(Box::new(FluxPipeline {
-        schedule: flow_match_dynamic(cfg.sampling.steps, mu),
+        schedule,
         guidance: cfg.sampling.guidance_scale.unwrap_or(3.5),
         inputs,
         info: flux_info(variant),
@@ -501,6 +540,9 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
 fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
+    let mut fp = magcache_core::guard::Footprint::default();
+    crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
+    fp.check(file)?;
     let seq = match &cfg.inputs.file {
         Some(f) => InputFile::load(&resolve(base, f))?
             .get("latents_init", 3, "[B, seq, C] packed latents")?

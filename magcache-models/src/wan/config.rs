@@ -70,7 +70,8 @@ const FIELDS: &[&str] = &[
 
 impl WanConfig {
     pub fn inner_dim(&self) -> usize {
-        self.num_attention_heads * self.attention_head_dim
+        self.num_attention_heads
+            .saturating_mul(self.attention_head_dim)
     }
 
     /// Why a latent shape does not fit this model (`[B, in_channels, F, H, W]` with F, H, W multiples

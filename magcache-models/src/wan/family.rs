@@ -18,8 +18,9 @@ use magcache_core::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use std::path::Path;
 
-/// One Wan model from a weights path or a preset; returns the model, its preset (if any) and a
-/// description.
+/// One Wan model from a weights path or a preset; returns the model, its preset (if any), a
+/// description and the warnings of loading (checkpoint tensors the model did not use). A checkpoint
+/// block the model does not build is an error.
 pub fn build_model(
     cfg: &RunConfig,
     file: &str,
@@ -27,7 +28,7 @@ pub fn build_model(
     weights: Option<&str>,
     presets: &'static [WanPreset],
     seed_offset: u64,
-) -> Result<(WanModel, Option<&'static WanPreset>, String)> {
+) -> Result<BuiltModel> {
     let overrides = overrides_json(cfg);
     let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     if let Some(w) = weights {
@@ -46,14 +47,18 @@ pub fn build_model(
             c.num_attention_heads,
             c.in_channels
         );
+        let layers = loaded.config.num_layers;
         let model = WanModel::from_weights(loaded.config, &loaded.store)?;
-        Ok((model, preset, desc))
+        let warning = loaded.store.check_unused(file, |_| {
+            crate::config_util::depth_key(&overrides, "num_layers", layers)
+        })?;
+        Ok((model, preset, desc, warning.into_iter().collect()))
     } else {
         let name = crate::config_util::preset_name(cfg, file)?;
         let preset = find_preset(cfg, file, presets, name)?;
         let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
         let c = WanConfig::from_map(base_cfg, file, &overrides)?;
-        let params = estimate_params(&c);
+        let params = super::footprint::wan_params(&c).0.unwrap_or(u64::MAX);
         let desc = format!(
             "preset {} (random init, seed {}): {} blocks, dim {}, {} heads, {:.2}B parameters",
             preset.name,
@@ -67,13 +72,33 @@ pub fn build_model(
         store.set_placement(placement.clone());
         // A shrunk preset (overrides) keeps the preset's published curves: the curve shape belongs
         // to the model family and sampler far more than to the exact depth.
-        Ok((WanModel::from_weights(c, &store)?, Some(preset), desc))
+        Ok((
+            WanModel::from_weights(c, &store)?,
+            Some(preset),
+            desc,
+            Vec::new(),
+        ))
     }
 }
 
-fn estimate_params(c: &WanConfig) -> usize {
-    let d = c.inner_dim();
-    c.num_layers * (8 * d * d + 2 * d * c.ffn_dim + 6 * d) + 6 * d * d + 2 * d * d + d * c.text_dim
+/// A built Wan model: the model, its preset (if any), a description and its load warnings.
+pub type BuiltModel = (WanModel, Option<&'static WanPreset>, String, Vec<String>);
+
+/// Refuses a run that cannot fit in memory ([`super::footprint::wan_footprint`]) and a shift whose
+/// schedule is not finite, before anything is built.
+fn guard(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    paths: &[String],
+    presets: &'static [WanPreset],
+    family: &str,
+    sampler: &FlowSampler,
+) -> Result<()> {
+    super::footprint::wan_footprint(cfg, file, base, paths, presets, family)?.check(file)?;
+    sampler
+        .schedule(cfg.sampling.steps)?
+        .check(file, "sampling.shift", sampler.shift())
 }
 
 /// The folder class embeddings and other side files are looked up in.
@@ -128,7 +153,9 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         ));
     }
     let sampler = wan_sampler(cfg, file, base, weights, 5.0)?;
-    let (model, preset, desc) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
+    let paths: Vec<String> = weights.iter().map(|w| w.to_string()).collect();
+    guard(cfg, file, base, &paths, WAN21_PRESETS, "wan2.1", &sampler)?;
+    let (model, preset, desc, warnings) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
     let inputs = build_inputs(
         cfg,
         file,
@@ -136,12 +163,12 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         &model,
         weights.map(|w| weights_dir(base, w)).as_deref(),
     )?;
-    let p = WanPipeline::new(
+    let mut p = WanPipeline::new(
         "wan2.1",
         vec![model],
         None,
         cfg.sampling.steps,
-        cfg.sampling.shift.unwrap_or(5.0),
+        sampler.shift(),
         cfg.sampling.guidance_scale.unwrap_or(5.0),
         None,
         inputs,
@@ -149,6 +176,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         desc,
     )?
     .with_sampler(sampler)?;
+    p.warnings = warnings;
     Ok(Box::new(p))
 }
 
@@ -157,23 +185,43 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     let paths = wan22_paths(cfg, file, base)?;
+    let single = match paths.len() {
+        0 => {
+            let name = cfg.model.preset.as_deref().unwrap_or_default();
+            WAN22_PRESETS
+                .iter()
+                .find(|p| p.name == name)
+                .is_none_or(|p| p.experts == 1)
+        }
+        n => n == 1,
+    };
+    let sampler = wan_sampler(
+        cfg,
+        file,
+        base,
+        paths.first().map(|p| p.as_str()),
+        if single { 5.0 } else { 12.0 },
+    )?;
+    guard(cfg, file, base, &paths, WAN22_PRESETS, "wan2.2", &sampler)?;
     let mut experts = Vec::new();
     let mut descs = Vec::new();
+    let mut warnings = Vec::new();
     let mut preset = None;
     if paths.is_empty() {
         let name = cfg.model.preset.as_deref().unwrap_or_default();
         let p = WAN22_PRESETS.iter().find(|p| p.name == name);
         let n = p.map(|p| p.experts).unwrap_or(1);
         for e in 0..n {
-            let (m, pr, d) = build_model(cfg, file, base, None, WAN22_PRESETS, e as u64)?;
+            let (m, pr, d, _) = build_model(cfg, file, base, None, WAN22_PRESETS, e as u64)?;
             preset = pr;
             experts.push(m);
             descs.push(d);
         }
     } else {
         for w in &paths {
-            let (m, pr, d) = build_model(cfg, file, base, Some(w), WAN22_PRESETS, 0)?;
+            let (m, pr, d, ws) = build_model(cfg, file, base, Some(w), WAN22_PRESETS, 0)?;
             preset = pr;
+            warnings.extend(ws);
             experts.push(m);
             descs.push(d);
         }
@@ -202,13 +250,6 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         ));
     }
     let expand = experts.len() == 1;
-    let sampler = wan_sampler(
-        cfg,
-        file,
-        base,
-        paths.first().map(|p| p.as_str()),
-        if expand { 5.0 } else { 12.0 },
-    )?;
     let wdir = paths.first().map(|w| weights_dir(base, w));
     let first = experts
         .first()
@@ -219,9 +260,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         experts,
         boundary,
         cfg.sampling.steps,
-        cfg.sampling
-            .shift
-            .unwrap_or(if expand { 5.0 } else { 12.0 }),
+        sampler.shift(),
         cfg.sampling
             .guidance_scale
             .unwrap_or(if expand { 5.0 } else { 4.0 }),
@@ -232,6 +271,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     )?
     .with_sampler(sampler)?;
     p.expand_timesteps = expand;
+    p.warnings = warnings;
     Ok(Box::new(p))
 }
 
@@ -343,7 +383,15 @@ fn plan_wan(
         } else {
             5.0
         });
+    let mut fp = magcache_core::guard::Footprint::default();
+    crate::footprint::add_plan(
+        &mut fp,
+        cfg.sampling.steps,
+        if guidance > 1.0 { 2 } else { 1 },
+    );
+    fp.check(file)?;
     let schedule = sampler.schedule(cfg.sampling.steps)?;
+    schedule.check(file, "sampling.shift", sampler.shift())?;
     Ok((
         pipeline::wan_plan(
             family,

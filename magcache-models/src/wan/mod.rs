@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod family;
+pub mod footprint;
 pub mod inputs;
 pub mod load;
 pub mod model;

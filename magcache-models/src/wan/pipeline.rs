@@ -56,6 +56,9 @@ pub struct WanPipeline {
     pub description: String,
     /// Per-token timesteps (Wan2.2 TI2V `expand_timesteps`).
     pub expand_timesteps: bool,
+    /// Found while building (unused checkpoint tensors, ...); reported at the start of every
+    /// generation.
+    pub warnings: Vec<String>,
     cache: Option<CacheHandle>,
 }
 
@@ -101,6 +104,7 @@ impl WanPipeline {
             info,
             description,
             expand_timesteps: false,
+            warnings: Vec::new(),
             cache: None,
         })
     }
@@ -196,7 +200,14 @@ impl Pipeline for WanPipeline {
         Ok(latents.reshape((b * c * f, h, w))?)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
+        for w in &self.warnings {
+            obs.warning(w);
+        }
         let plan = self.plan();
         let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
         let mut lat = self.inputs.latents.clone();
@@ -238,7 +249,7 @@ impl Pipeline for WanPipeline {
             if let Some(ff) = &self.inputs.first_frame {
                 lat = replace_first_frame(&lat, ff)?;
             }
-            den.step_done(i);
+            den.step_done(i, &lat)?;
         }
         Ok(lat)
     }

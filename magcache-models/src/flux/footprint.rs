@@ -1,0 +1,112 @@
+//! What a FLUX run will hold in memory, from its config and file headers only (nothing is built).
+
+use super::config::FluxConfig;
+use crate::config_util::{overrides_json, resolve};
+use crate::footprint::{
+    add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
+    CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
+};
+use magcache_core::config::RunConfig;
+use magcache_core::guard::Footprint;
+use std::path::{Path, PathBuf};
+
+/// Parameters of a FLUX transformer (checked arithmetic).
+pub fn flux_params(c: &FluxConfig) -> Sz {
+    let d = sz(c.inner_dim());
+    let hd = sz(c.attention_head_dim);
+    let lin = |o: Sz, i: Sz| o * i + o;
+    let guidance = if c.guidance_embeds {
+        lin(d, sz(256)) + lin(d, d)
+    } else {
+        sz(0)
+    };
+    let top = lin(d, sz(c.in_channels))
+        + lin(d, sz(c.joint_attention_dim))
+        + lin(d, sz(256))
+        + lin(d, d)
+        + guidance
+        + lin(d, sz(c.pooled_projection_dim))
+        + lin(d, d)
+        + lin(d * sz(2), d)
+        + lin(sz(c.out_channels()), d);
+    let ff = lin(d * sz(4), d) + lin(d, d * sz(4));
+    let double = lin(d * sz(6), d) * sz(2) + lin(d, d) * sz(8) + ff * sz(2) + hd * sz(4);
+    let single =
+        lin(d * sz(3), d) + lin(d, d) * sz(3) + lin(d * sz(4), d) + lin(d, d * sz(5)) + hd * sz(2);
+    sz(c.num_layers) * double + sz(c.num_single_layers) * single + top
+}
+
+/// The footprint of a FLUX run of `c` (`base_cfg`: the preset's fields, for naming the override
+/// that grows it; `files`: the checkpoint files, `None` for a preset).
+pub fn flux_footprint(
+    cfg: &RunConfig,
+    base: &Path,
+    c: &FluxConfig,
+    base_cfg: Option<&serde_json::Map<String, serde_json::Value>>,
+    files: Option<&[PathBuf]>,
+) -> Footprint {
+    let mut fp = Footprint::default();
+    let knob = match base_cfg {
+        Some(b) => weights_knob(b, &overrides_json(cfg)),
+        None => "model.weights".to_string(),
+    };
+    fp.add(
+        "weights",
+        knob,
+        weights_bytes(flux_params(c), &cfg.model.dtype, files).0,
+    );
+    add_plan(&mut fp, cfg.sampling.steps, 1);
+    // (batch, image tokens, text tokens)
+    let (dims, lat_knob, text_knob) = match &cfg.inputs.file {
+        Some(f) => {
+            let shapes = safetensors_shapes(&resolve(base, f));
+            let get = |n: &str| shapes.as_ref().and_then(|s| s.get(n).cloned());
+            let dims = match (
+                get("latents_init").as_deref(),
+                get("encoder_hidden_states").as_deref(),
+            ) {
+                (Some(&[b, s, _]), Some(&[_, l, _])) => Some((b, s, l)),
+                _ => None,
+            };
+            (dims, "inputs.file", "inputs.file")
+        }
+        None => {
+            let shape = cfg
+                .inputs
+                .latent_shape
+                .clone()
+                .unwrap_or_else(|| vec![1, c.in_channels / 4, 64, 64]);
+            let dims = match shape.as_slice() {
+                &[b, _, h, w] => Some((
+                    b,
+                    (h / 2).saturating_mul(w / 2),
+                    cfg.inputs.text_len.unwrap_or(64),
+                )),
+                _ => None,
+            };
+            (dims, "inputs.latent_shape", "inputs.text_len")
+        }
+    };
+    let Some((b, s, l)) = dims else {
+        return fp;
+    };
+    let d = sz(c.inner_dim());
+    let f32b = sz(4);
+    let heads = c.num_attention_heads;
+    let per_token = (sz(HIDDEN_FACTOR) * d + sz(FFN_FACTOR * 4) * d) * f32b;
+    let joint = s.saturating_add(l);
+    let activations = sz(b) * sz(s) * per_token
+        + attention_bytes(b, heads, joint, joint)
+        + sz(b) * sz(s) * sz(c.in_channels) * sz(LATENT_FACTOR) * f32b
+        + sz(s) * sz(3) * f32b;
+    fp.add("activations", lat_knob, activations.0);
+    fp.add(
+        "cache",
+        lat_knob,
+        (sz(CACHE_FACTOR) * sz(b) * sz(joint) * d * f32b).0,
+    );
+    let text =
+        sz(b) * sz(l) * (per_token + sz(c.joint_attention_dim) * f32b) + sz(l) * sz(3) * f32b;
+    fp.add("text embeddings", text_knob, text.0);
+    fp
+}

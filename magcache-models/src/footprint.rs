@@ -1,0 +1,196 @@
+//! Memory estimates of the models here, for core's size guard ([`magcache_core::guard`]): weights
+//! (parameters x bytes of the run's dtype, or the checkpoint files plus converted copies),
+//! activations of one transformer call (tokens x dims x a factor, attention scores capped by
+//! [`crate::nn::ATTENTION_SCORE_BUDGET`]), the text embeddings, the cache (a few hidden-state-sized
+//! tensors per scope) and the plan (per call). All arithmetic is checked: an overflow is "more than
+//! any memory", never a panic.
+
+use magcache_core::guard::{Footprint, BYTES_PER_CALL};
+use std::collections::HashMap;
+use std::ops::{Add, Mul};
+use std::path::Path;
+
+/// A size in bytes or elements; `None` once an operation overflowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sz(pub Option<u64>);
+
+impl From<usize> for Sz {
+    fn from(x: usize) -> Self {
+        Sz(u64::try_from(x).ok())
+    }
+}
+
+impl Add for Sz {
+    type Output = Sz;
+    fn add(self, o: Sz) -> Sz {
+        Sz(self.0.zip(o.0).and_then(|(a, b)| a.checked_add(b)))
+    }
+}
+
+impl Mul for Sz {
+    type Output = Sz;
+    fn mul(self, o: Sz) -> Sz {
+        Sz(self.0.zip(o.0).and_then(|(a, b)| a.checked_mul(b)))
+    }
+}
+
+impl Sz {
+    pub fn min(self, cap: u64) -> Sz {
+        Sz(self.0.map(|x| x.min(cap)))
+    }
+}
+
+/// Shorthand: a size from a `usize`.
+pub fn sz(x: usize) -> Sz {
+    Sz::from(x)
+}
+
+/// Live hidden-state copies of one transformer call, in units of `tokens x inner_dim` (q, k, v,
+/// attention output, residuals, norms, modulated inputs, rotated q and k).
+pub const HIDDEN_FACTOR: usize = 12;
+/// Live copies of the feed-forward hidden layer (`tokens x ffn_dim`: the projection and its GELU).
+pub const FFN_FACTOR: usize = 2;
+/// Hidden-state-sized tensors a cache keeps per scope (residuals, first-block outputs).
+pub const CACHE_FACTOR: usize = 3;
+/// Latent-sized tensors a loop holds (latents, model input, each branch's output, guided
+/// prediction, update, result).
+pub const LATENT_FACTOR: usize = 8;
+
+/// Score matrices of one attention over `s` queries and `l` keys (scores and their softmax), each
+/// capped by the chunking budget.
+pub fn attention_bytes(b: usize, heads: usize, s: usize, l: usize) -> Sz {
+    // Queries are chunked so one score matrix stays within the budget, however long the sequence.
+    let cap = crate::nn::ATTENTION_SCORE_BUDGET as u64;
+    let one = (sz(b) * sz(heads) * sz(s) * sz(l) * sz(4))
+        .0
+        .map_or(cap, |x| x.min(cap));
+    Sz(Some(one)) * sz(2)
+}
+
+/// Bytes of a dtype name (`f32`, `bf16`, `f16`); 4 for anything else.
+pub fn dtype_bytes(dtype: &str) -> usize {
+    match dtype {
+        "bf16" | "f16" => 2,
+        _ => 4,
+    }
+}
+
+/// The weights part of a footprint: `params` in `dtype` for generated weights; for checkpoint files,
+/// their size plus converted copies (when the files' bytes per parameter differ from the run's).
+pub fn weights_bytes(params: Sz, dtype: &str, files: Option<&[std::path::PathBuf]>) -> Sz {
+    let run = params * sz(dtype_bytes(dtype));
+    let Some(files) = files else {
+        return run;
+    };
+    let on_disk = files
+        .iter()
+        .map(|f| Sz(std::fs::metadata(f).ok().map(|m| m.len())))
+        .fold(Sz(Some(0)), |a, b| a + b);
+    match (on_disk.0, params.0) {
+        (Some(d), Some(p)) if p > 0 => {
+            let per = (d as f64 / p as f64).round() as usize;
+            if per == dtype_bytes(dtype) {
+                on_disk
+            } else {
+                on_disk + run
+            }
+        }
+        _ => on_disk + run,
+    }
+}
+
+/// Adds the plan part: `steps` sampler steps of `calls_per_step` calls each.
+pub fn add_plan(fp: &mut Footprint, steps: usize, calls_per_step: usize) {
+    let per_step = sz(64) + sz(calls_per_step) * Sz(Some(BYTES_PER_CALL));
+    fp.add(
+        "plan and report",
+        "sampling.steps",
+        (sz(steps) * per_step).0,
+    );
+}
+
+/// The shapes of the tensors of a safetensors file, read from its header only (no tensor data).
+/// `None` when the file is missing or its header unreadable (the loader reports that later).
+pub fn safetensors_shapes(path: &Path) -> Option<HashMap<String, Vec<usize>>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).ok()?;
+    let len = u64::from_le_bytes(n);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut buf = vec![0u8; usize::try_from(len).ok()?];
+    f.read_exact(&mut buf).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+    let obj = v.as_object()?;
+    let mut out = HashMap::new();
+    for (k, t) in obj {
+        if k == "__metadata__" {
+            continue;
+        }
+        let shape = t
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<Vec<usize>>>()?;
+        out.insert(k.clone(), shape);
+    }
+    Some(out)
+}
+
+/// The `[model.overrides]` key that grows a preset the most (the largest ratio of an overridden
+/// number to the preset's), or `model.preset` when no override grows it. Names the knob of a preset's
+/// weights in refusals.
+pub fn weights_knob(
+    base: &serde_json::Map<String, serde_json::Value>,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> String {
+    let num = |v: &serde_json::Value| -> Option<f64> {
+        match v {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_f64())
+                .try_fold(1.0, |acc, x| x.map(|x| acc * x)),
+            v => v.as_f64(),
+        }
+    };
+    overrides
+        .iter()
+        .filter_map(|(k, v)| {
+            let new = num(v)?;
+            let old = base.get(k).and_then(num).unwrap_or(1.0).max(1.0);
+            let r = new / old;
+            (r > 1.0).then(|| (k.clone(), r))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(k, _)| format!("model.overrides.{k}"))
+        .unwrap_or_else(|| "model.preset".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_sizes_saturate_to_none() {
+        assert_eq!((sz(3) * sz(4) + sz(1)).0, Some(13));
+        assert_eq!((sz(usize::MAX) * sz(usize::MAX)).0, None);
+        assert_eq!((Sz(None) + sz(1)).0, None);
+        assert_eq!(
+            attention_bytes(1, 2, 1 << 40, 1 << 40).0,
+            Some(2 * crate::nn::ATTENTION_SCORE_BUDGET as u64)
+        );
+    }
+
+    #[test]
+    fn the_growing_override_is_named() {
+        let base: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"ffn_dim": 100, "num_layers": 30}"#).unwrap();
+        let o = serde_json::from_str(r#"{"ffn_dim": 100000000000, "num_layers": 2}"#).unwrap();
+        assert_eq!(weights_knob(&base, &o), "model.overrides.ffn_dim");
+        let o = serde_json::from_str(r#"{"num_layers": 2}"#).unwrap();
+        assert_eq!(weights_knob(&base, &o), "model.preset");
+    }
+}

@@ -1,0 +1,148 @@
+//! What a Wan run will hold in memory, from its configs and file headers only (nothing is built).
+
+use super::config::WanConfig;
+use super::load;
+use super::presets::{find_preset, WanPreset};
+use crate::config_util::{overrides_json, resolve, to_map};
+use crate::footprint::{
+    add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
+    CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
+};
+use crate::weights::weight_files;
+use magcache_core::config::RunConfig;
+use magcache_core::guard::Footprint;
+use magcache_core::Result;
+use std::path::Path;
+
+/// Parameters of a Wan transformer (checked arithmetic).
+pub fn wan_params(c: &WanConfig) -> Sz {
+    let d = sz(c.inner_dim());
+    let [pt, ph, pw] = c.patch_size;
+    let patch = sz(pt) * sz(ph) * sz(pw);
+    let lin = |o: Sz, i: Sz| o * i + o;
+    let attn = lin(d, d) * sz(4)
+        + if c.qk_norm.is_some() {
+            d * sz(2)
+        } else {
+            sz(0)
+        };
+    let norm2 = if c.cross_attn_norm { d * sz(2) } else { sz(0) };
+    let ffn = sz(c.ffn_dim);
+    let block = attn * sz(2) + norm2 + lin(ffn, d) + lin(d, ffn) + d * sz(6);
+    let top = lin(d, sz(c.in_channels) * patch)
+        + lin(d, sz(c.freq_dim))
+        + lin(d, d)
+        + lin(d * sz(6), d)
+        + lin(d, sz(c.text_dim))
+        + lin(d, d)
+        + lin(sz(c.out_channels) * patch, d)
+        + d * sz(2);
+    sz(c.num_layers) * block + top
+}
+
+/// The footprint of a Wan run over `paths` (weights of each expert; empty: the preset).
+pub fn wan_footprint(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    paths: &[String],
+    presets: &'static [WanPreset],
+    family: &str,
+) -> Result<Footprint> {
+    let overrides = overrides_json(cfg);
+    let dtype = cfg.model.dtype.as_str();
+    let mut fp = Footprint::default();
+    // The architecture of each expert and its weights.
+    let mut configs = Vec::new();
+    if paths.is_empty() {
+        let name = crate::config_util::preset_name(cfg, file)?;
+        let preset = find_preset(cfg, file, presets, name)?;
+        let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
+        let c = WanConfig::from_map(base_cfg.clone(), file, &overrides)?;
+        let n = preset.experts.max(1);
+        fp.add(
+            "weights",
+            weights_knob(&base_cfg, &overrides),
+            (weights_bytes(wan_params(&c), dtype, None) * sz(n)).0,
+        );
+        configs.extend(std::iter::repeat_n(c, n));
+    } else {
+        let mut total = sz(0);
+        for w in paths {
+            let path = resolve(base, w);
+            let explicit = cfg.model.config.as_deref().map(|c| resolve(base, c));
+            let c = load::read_wan_config(&path, explicit.as_deref(), &overrides, file)?;
+            let files = weight_files(&path).ok();
+            total = total + weights_bytes(wan_params(&c), dtype, files.as_deref());
+            configs.push(c);
+        }
+        fp.add("weights", "model.weights", total.0);
+    }
+    let Some(c) = configs.first() else {
+        return Ok(fp);
+    };
+    let experts = configs.len();
+    let extra = c.in_channels.saturating_sub(c.out_channels);
+    let latent_ch = c.in_channels.saturating_sub(extra);
+    let guidance = cfg.sampling.guidance_scale.unwrap_or(5.0);
+    // Latents and text length: from the inputs file's header, else the config (or the defaults).
+    let (lat, text_len, lat_knob, text_knob) = match &cfg.inputs.file {
+        Some(f) => {
+            let shapes = safetensors_shapes(&resolve(base, f));
+            let lat = shapes.as_ref().and_then(|s| s.get("latents_init").cloned());
+            let l = shapes.as_ref().and_then(|s| {
+                ["cond", "uncond"]
+                    .iter()
+                    .filter_map(|n| s.get(*n).and_then(|d| d.get(1).copied()))
+                    .max()
+            });
+            (lat, l, "inputs.file", "inputs.file")
+        }
+        None => (
+            Some(
+                cfg.inputs
+                    .latent_shape
+                    .clone()
+                    .unwrap_or_else(|| vec![1, latent_ch, 3, 24, 40]),
+            ),
+            Some(cfg.inputs.text_len.unwrap_or(64)),
+            "inputs.latent_shape",
+            "inputs.text_len",
+        ),
+    };
+    let branches = if guidance > 1.0 { 2 } else { 1 };
+    add_plan(&mut fp, cfg.sampling.steps, branches);
+    let Some(&[b, _, f, h, w]) = lat.as_deref() else {
+        // A shape the model cannot take: the inputs' own check reports it.
+        return Ok(fp);
+    };
+    let [pt, ph, pw] = c.patch_size;
+    let s = (f / pt.max(1))
+        .saturating_mul(h / ph.max(1))
+        .saturating_mul(w / pw.max(1));
+    let tokens = sz(b) * sz(s);
+    let d = sz(c.inner_dim());
+    let heads = c.num_attention_heads;
+    let f32b = sz(4);
+    let latent_elems = sz(b) * sz(c.in_channels) * sz(f) * sz(h) * sz(w);
+    let per_token_t = family == "wan2.2" && experts == 1;
+    let tproj = if per_token_t {
+        tokens * d * sz(7) * f32b
+    } else {
+        sz(b) * d * sz(7) * f32b
+    };
+    let activations = tokens * (sz(HIDDEN_FACTOR) * d + sz(FFN_FACTOR) * sz(c.ffn_dim)) * f32b
+        + attention_bytes(b, heads, s, s)
+        + sz(s) * sz(c.attention_head_dim) * f32b
+        + tproj
+        + latent_elems * sz(LATENT_FACTOR) * f32b;
+    fp.add("activations", lat_knob, activations.0);
+    let cache = sz(experts * branches) * sz(CACHE_FACTOR) * tokens * d * f32b;
+    fp.add("cache", lat_knob, cache.0);
+    if let Some(l) = text_len {
+        let text = sz(branches) * sz(b) * sz(l) * (sz(c.text_dim) + d * sz(3)) * f32b
+            + attention_bytes(b, heads, s, l);
+        fp.add("text embeddings", text_knob, text.0);
+    }
+    Ok(fp)
+}

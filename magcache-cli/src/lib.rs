@@ -11,6 +11,7 @@ mod plan;
 mod prepare;
 mod report;
 mod run;
+pub mod video;
 
 pub use calibrate::{calibrate, fingerprint};
 pub use compare::{compare, compare_text, CompareReport, Comparison};

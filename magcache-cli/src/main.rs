@@ -36,9 +36,16 @@ enum Cmd {
         /// Print the report as JSON on stdout instead of the summary.
         #[arg(long)]
         json: bool,
-        /// Write the final latents of image-like models as a grid of pictures (PNG).
+        /// A picture: the decoded image or frames of a prompted run, else the final latents as a
+        /// grid of planes (PNG).
         #[arg(long)]
         png: Option<PathBuf>,
+        /// The decoded video of a prompted Wan run: .mp4 (needs ffmpeg), .gif, or .png (frame grid).
+        #[arg(long)]
+        video: Option<PathBuf>,
+        /// Frames per second of --video (Wan's 16 by default).
+        #[arg(long, default_value_t = 16)]
+        fps: u32,
     },
     /// Run dense and cached on the same inputs and compare speed and quality.
     Compare {
@@ -213,26 +220,69 @@ fn real_main(cli: Cli) -> Result<()> {
             quiet,
             json,
             png,
+            video,
+            fps,
         } => {
+            let video_kind = match &video {
+                Some(v) => {
+                    let cfg = magcache_core::RunConfig::load(&config)?;
+                    if cfg.prompt.is_none() {
+                        return Err(magcache_core::Error::msg(format!(
+                            "--video {}: only a prompted run (a `[prompt]` table) has decoded frames to write",
+                            v.display()
+                        )));
+                    }
+                    Some(magcache_cli::video::video_kind("--video", v)?)
+                }
+                None => None,
+            };
             let mut outs = plan_outputs(
                 &config,
-                &[("--out", &out), ("--report", &report), ("--png", &png)],
+                &[
+                    ("--out", &out),
+                    ("--report", &report),
+                    ("--png", &png),
+                    ("--video", &video),
+                ],
             )?;
+            magcache_core::progress::set_visible(
+                !quiet && !json && std::io::stderr().is_terminal(),
+            );
             let mut p = prepare(&config)?;
             if !quiet && !json && std::io::stderr().is_terminal() {
                 eprintln!("{}", p.pipeline.describe());
             }
-            let (latents, rep) = generate(&mut p, verbosity(quiet, json))?;
+            let (latents, mut rep) = generate(&mut p, verbosity(quiet, json))?;
+            let extra = p.pipeline.finish(&latents)?;
+            rep.set_stages(p.pipeline.stages());
             if let Some(o) = &out {
-                outs.write_tensors(o, &[("final", &latents)])?;
+                let mut tensors = vec![("final", &latents)];
+                tensors.extend(extra.iter().map(|(k, t)| (k.as_str(), t)));
+                outs.write_tensors(o, &tensors)?;
             }
+            let decoded = extra.iter().find(|(k, _)| k == "decoded").map(|(_, t)| t);
             if let Some(f) = &png {
-                let planes = p.pipeline.to_planes(&latents)?;
-                let (lo, hi) = picture_range(&planes, None)?;
-                outs.write(
-                    f,
-                    &magcache_cli::image::planes_png(&[planes], lo, hi, 16, 4)?,
-                )?;
+                let bytes = match decoded {
+                    Some(d) => magcache_cli::video::Frames::from_decoded(d)?.grid_png(8)?,
+                    None => {
+                        let planes = p.pipeline.to_planes(&latents)?;
+                        let (lo, hi) = picture_range(&planes, None)?;
+                        magcache_cli::image::planes_png(&[planes], lo, hi, 16, 4)?
+                    }
+                };
+                outs.write(f, &bytes)?;
+            }
+            if let (Some(v), Some(kind)) = (&video, video_kind) {
+                let d = decoded.ok_or_else(|| {
+                    magcache_core::Error::msg("--video: the run produced no decoded frames")
+                })?;
+                let frames = magcache_cli::video::Frames::from_decoded(d)?;
+                use magcache_cli::video::VideoKind;
+                match kind {
+                    VideoKind::Png => outs.write(v, &frames.grid_png(8)?)?,
+                    VideoKind::Gif => outs.write(v, &frames.gif(fps)?)?,
+                    VideoKind::Mp4 => outs.write_with(v, |tmp| frames.mp4(fps, tmp))?,
+                }
             }
             if let Some(r) = &report {
                 let text = serde_json::to_string_pretty(&rep)

@@ -256,6 +256,18 @@ impl Outputs {
         Ok(())
     }
 
+    /// Lets `write` fill output `path`'s temporary (an external writer such as ffmpeg).
+    pub fn write_with(
+        &mut self,
+        path: &Path,
+        write: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        let slot = self.slot(path)?;
+        write(&slot.tmp)?;
+        slot.written = true;
+        Ok(())
+    }
+
     /// Writes tensors as safetensors into output `path`'s temporary.
     pub fn write_tensors(&mut self, path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
         let mut map = HashMap::new();

@@ -47,6 +47,9 @@ pub struct Report {
     pub peak_rss_bytes: Option<u64>,
     pub scopes: Vec<ScopeSummary>,
     pub warnings: Vec<String>,
+    /// Prompted runs: wall time and peak memory of each stage (encode text, denoise, decode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<magcache_core::progress::StageTime>,
 }
 
 impl Report {
@@ -101,17 +104,12 @@ impl Report {
             peak_rss_bytes: peak_rss_bytes(),
             scopes: scopes.into_values().collect(),
             warnings,
+            stages: Vec::new(),
         }
     }
 }
 
-/// Peak resident set size of this process (Linux), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use magcache_core::progress::peak_rss_bytes;
 
 /// Human summary of a report (stdout of `magcache run`).
 pub fn summary(r: &Report) -> String {
@@ -150,4 +148,24 @@ pub fn summary(r: &Report) -> String {
         r.wall_seconds
     ));
     s
+}
+
+impl Report {
+    /// Adds the pipeline's stages around the denoising loop (this report's wall time): stages named
+    /// `decode` after it, the others (encoding the text) before.
+    pub fn set_stages(&mut self, pipeline: Vec<magcache_core::progress::StageTime>) {
+        if pipeline.is_empty() {
+            return;
+        }
+        let (after, before): (Vec<_>, Vec<_>) = pipeline
+            .into_iter()
+            .partition(|s| s.name.starts_with("decode"));
+        self.stages = before;
+        self.stages.push(magcache_core::progress::StageTime {
+            name: "denoise".into(),
+            wall_seconds: self.wall_seconds,
+            peak_rss_bytes: self.peak_rss_bytes,
+        });
+        self.stages.extend(after);
+    }
 }

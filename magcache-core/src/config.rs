@@ -146,6 +146,28 @@ pub struct InputsSection {
     /// Class-conditioned models: rows of `class_embeddings.safetensors` beside the weights.
     #[serde(default)]
     pub classes: Option<Vec<usize>>,
+    /// Prompted runs: the picture's height in pixels (default: the pipeline's).
+    #[serde(default)]
+    pub height: Option<usize>,
+    /// Prompted runs: the picture's width in pixels (default: the pipeline's).
+    #[serde(default)]
+    pub width: Option<usize>,
+    /// Prompted Wan runs: frames of the video (`1 + 4k`; default 81).
+    #[serde(default)]
+    pub num_frames: Option<usize>,
+}
+
+/// `[prompt]`: a prompted run encodes its text and decodes its result (see the contract).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSection {
+    pub text: String,
+    /// The negative prompt of classifier-free guidance (Wan; default empty).
+    #[serde(default)]
+    pub negative: Option<String>,
+    /// Tokens the text is padded or cut to (default: the pipeline's, 512).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
 }
 
 /// `[sampling]`
@@ -176,6 +198,9 @@ pub struct SamplingSection {
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub model: ModelSection,
+    /// Absent: the conditioning comes from `[inputs]`.
+    #[serde(default)]
+    pub prompt: Option<PromptSection>,
     #[serde(default)]
     pub inputs: InputsSection,
     pub sampling: SamplingSection,
@@ -247,6 +272,62 @@ impl RunConfig {
         }
         if self.inputs.text_len == Some(0) {
             return Err(Error::config(file, "inputs.text_len", "must be at least 1"));
+        }
+        let i = &self.inputs;
+        match &self.prompt {
+            Some(p) => {
+                for (key, set) in [
+                    ("inputs.latent_shape", i.latent_shape.is_some()),
+                    ("inputs.text_len", i.text_len.is_some()),
+                    ("inputs.classes", i.classes.is_some()),
+                ] {
+                    if set {
+                        return Err(Error::config(
+                            file,
+                            key,
+                            "does not apply to a prompted run (`[prompt]`): the size comes from inputs.height/width/num_frames and the text from the prompt",
+                        ));
+                    }
+                }
+                if p.max_sequence_length == Some(0) {
+                    return Err(Error::config(
+                        file,
+                        "prompt.max_sequence_length",
+                        "must be at least 1",
+                    ));
+                }
+                if self.model.weights.is_none() {
+                    return Err(Error::config(
+                        file,
+                        "model.weights",
+                        "a prompted run needs a diffusers pipeline folder (model_index.json beside tokenizer/, text_encoder/, transformer/, vae/, scheduler/)",
+                    ));
+                }
+                for (key, v) in [
+                    ("inputs.height", i.height),
+                    ("inputs.width", i.width),
+                    ("inputs.num_frames", i.num_frames),
+                ] {
+                    if v == Some(0) {
+                        return Err(Error::config(file, key, "must be at least 1"));
+                    }
+                }
+            }
+            None => {
+                for (key, set) in [
+                    ("inputs.height", i.height.is_some()),
+                    ("inputs.width", i.width.is_some()),
+                    ("inputs.num_frames", i.num_frames.is_some()),
+                ] {
+                    if set {
+                        return Err(Error::config(
+                            file,
+                            key,
+                            "applies only to prompted runs (a `[prompt]` table); without one the size is inputs.latent_shape or the inputs file's",
+                        ));
+                    }
+                }
+            }
         }
         if let Some(c) = &self.cache {
             c.validate(file)?;

@@ -28,13 +28,14 @@ pub mod metadata;
 pub mod metrics;
 pub mod pipeline;
 pub mod placement;
+pub mod progress;
 pub mod registry;
 pub mod scope;
 pub mod states;
 
 pub use cache::{CacheHandle, CallCx, CallDecision, TimestepCache};
 pub use chain::{BlockChain, Indicator, PerBlock, Streams};
-pub use config::{BuildEnv, RunConfig, StrategyConfig};
+pub use config::{BuildEnv, PromptSection, RunConfig, StrategyConfig};
 pub use error::{Error, Result};
 pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};
 pub use metadata::BlockMetadata;

@@ -155,4 +155,15 @@ pub trait Pipeline {
     /// new cache generation first (warnings go to the observer). NaN or infinite values in a call's
     /// output or a step's latents end the generation with an error ([`Denoiser`] checks them).
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor>;
+    /// After [`Pipeline::generate`]: the outputs of a prompted run beyond the final latents (the
+    /// decoded pixels `decoded`, the embeddings the transformer received), named as the contract
+    /// names them. Empty for runs without a `[prompt]`.
+    fn finish(&mut self, _latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+    /// Wall time and peak memory of the stages outside the denoising loop (encoding the text,
+    /// decoding), in the order they ran.
+    fn stages(&self) -> Vec<crate::progress::StageTime> {
+        Vec::new()
+    }
 }

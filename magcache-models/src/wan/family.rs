@@ -9,6 +9,7 @@ use super::pipeline::{self, WanPipeline};
 use super::presets::{
     find_preset, info_for, match_preset, WanPreset, WAN21_PRESETS, WAN22_PRESETS,
 };
+use super::prompted;
 use crate::config_util::{overrides_json, resolve, to_map};
 use crate::scheduler::{
     choose_flow_sampler, pipeline_scheduler_config, FlowSampler, SamplerChoice,
@@ -153,23 +154,37 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         ));
     }
     let sampler = wan_sampler(cfg, file, base, weights, 5.0)?;
+    let guidance = cfg.sampling.guidance_scale.unwrap_or(5.0);
+    // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
+    let prompted = match &cfg.prompt {
+        Some(_) => {
+            let root = prompted::pipeline_root(cfg, file, base)?;
+            Some(prompted::encode(cfg, file, &root, guidance > 1.0)?)
+        }
+        None => None,
+    };
+    let tpath = weights.map(|w| wan21_path(base, w));
+    let weights = tpath.as_deref();
     let paths: Vec<String> = weights.iter().map(|w| w.to_string()).collect();
     guard(cfg, file, base, &paths, WAN21_PRESETS, "wan2.1", &sampler)?;
     let (model, preset, desc, warnings) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
-    let inputs = build_inputs(
-        cfg,
-        file,
-        base,
-        &model,
-        weights.map(|w| weights_dir(base, w)).as_deref(),
-    )?;
+    let inputs = match &prompted {
+        Some(p) => prompted::inputs(cfg, file, base, &model, p)?,
+        None => build_inputs(
+            cfg,
+            file,
+            base,
+            &model,
+            weights.map(|w| weights_dir(base, w)).as_deref(),
+        )?,
+    };
     let mut p = WanPipeline::new(
         "wan2.1",
         vec![model],
         None,
         cfg.sampling.steps,
         sampler.shift(),
-        cfg.sampling.guidance_scale.unwrap_or(5.0),
+        guidance,
         None,
         inputs,
         info_for("wan2.1", preset),
@@ -177,6 +192,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     )?
     .with_sampler(sampler)?;
     p.warnings = warnings;
+    p.prompted = prompted;
     Ok(Box::new(p))
 }
 
@@ -185,6 +201,19 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     let paths = wan22_paths(cfg, file, base)?;
+    // Prompted: the text is encoded (and its encoder freed) before the transformers load.
+    let prompted = match &cfg.prompt {
+        Some(_) => {
+            let root = prompted::pipeline_root(cfg, file, base)?;
+            let g = cfg
+                .sampling
+                .guidance_scale
+                .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
+            let g2 = cfg.sampling.guidance_scale_2.unwrap_or(g);
+            Some(prompted::encode(cfg, file, &root, g > 1.0 || g2 > 1.0)?)
+        }
+        None => None,
+    };
     let single = match paths.len() {
         0 => {
             let name = cfg.model.preset.as_deref().unwrap_or_default();
@@ -254,7 +283,10 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     let first = experts
         .first()
         .ok_or_else(|| Error::config(file, "model.weights", "no model to run"))?;
-    let inputs = build_inputs(cfg, file, base, first, wdir.as_deref())?;
+    let inputs = match &prompted {
+        Some(p) => prompted::inputs(cfg, file, base, first, p)?,
+        None => build_inputs(cfg, file, base, first, wdir.as_deref())?,
+    };
     let mut p = WanPipeline::new(
         "wan2.2",
         experts,
@@ -272,7 +304,17 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     .with_sampler(sampler)?;
     p.expand_timesteps = expand;
     p.warnings = warnings;
+    p.prompted = prompted;
     Ok(Box::new(p))
+}
+
+/// The weights path of a wan2.1 model: `transformer/` of a diffusers pipeline folder, else as given.
+fn wan21_path(base: &Path, w: &str) -> String {
+    if resolve(base, w).join("transformer").is_dir() {
+        Path::new(w).join("transformer").display().to_string()
+    } else {
+        w.to_string()
+    }
 }
 
 /// The weights paths of a wan2.2 run: `[high, low]`, a pipeline folder's `transformer/` (and
@@ -352,7 +394,7 @@ fn plan_wan(
             cfg.model
                 .weights
                 .as_ref()
-                .map(|w| w.paths().iter().map(|s| s.to_string()).collect())
+                .map(|w| w.paths().iter().map(|s| wan21_path(base, s)).collect())
                 .unwrap_or_default(),
             WAN21_PRESETS,
         )

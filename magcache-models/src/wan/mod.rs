@@ -8,6 +8,7 @@ pub mod load;
 pub mod model;
 pub mod pipeline;
 pub mod presets;
+pub mod prompted;
 pub mod vae;
 
 pub use family::{build_model, wan_sampler};

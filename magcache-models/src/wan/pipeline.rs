@@ -59,6 +59,8 @@ pub struct WanPipeline {
     /// Found while building (unused checkpoint tensors, ...); reported at the start of every
     /// generation.
     pub warnings: Vec<String>,
+    /// Prompted runs (`[prompt]`): the pipeline folder and encoded prompts, decoded in `finish`.
+    pub prompted: Option<super::prompted::Prompted>,
     cache: Option<CacheHandle>,
 }
 
@@ -105,6 +107,7 @@ impl WanPipeline {
             description,
             expand_timesteps: false,
             warnings: Vec::new(),
+            prompted: None,
             cache: None,
         })
     }
@@ -252,6 +255,20 @@ impl Pipeline for WanPipeline {
             den.step_done(i, &lat)?;
         }
         Ok(lat)
+    }
+
+    fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        match &mut self.prompted {
+            Some(p) => super::prompted::finish(p, latents),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn stages(&self) -> Vec<magcache_core::progress::StageTime> {
+        self.prompted
+            .as_ref()
+            .map(|p| p.stages.clone())
+            .unwrap_or_default()
     }
 }
 

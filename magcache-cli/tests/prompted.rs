@@ -1,0 +1,151 @@
+//! Prompted runs through the binary (the contract's "Prompted runs"): a Wan pipeline folder
+//! assembled from the fixture parts as a released one is laid out; every output written; errors.
+//! Parity with diffusers' pipeline is tested in `tests/tests/wan_pipeline.rs`.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
+}
+
+const PIPELINE: &str = "pipelines/wan_pipeline";
+
+fn load_json(rel: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap()
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// A released-style pipeline folder from the fixture parts: `wan_X/` becomes `X/`.
+fn assemble(dir: &Path) -> PathBuf {
+    let root = dir.join("Wan-Tiny-Diffusers");
+    for part in [
+        "tokenizer",
+        "text_encoder",
+        "transformer",
+        "vae",
+        "scheduler",
+    ] {
+        let to = root.join(part);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(fixture(&format!("pipelines/wan_{part}"))).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::write(
+        root.join("model_index.json"),
+        r#"{"_class_name": "WanPipeline", "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}"#,
+    )
+    .unwrap();
+    root
+}
+
+/// The contract's prompted run with the fixture call's prompt, size and sampling; FBCache.
+fn run_toml(root: &Path, meta: &Value) -> String {
+    let call = &meta["call"];
+    format!(
+        "[model]\nfamily = \"wan2.1\"\nweights = {}\n\n[prompt]\ntext = {}\nnegative = {}\nmax_sequence_length = {}\n\n[inputs]\nheight = {}\nwidth = {}\nnum_frames = {}\n\n[sampling]\nsteps = {}\nguidance_scale = {}\n\n[cache]\nstrategy = \"fbcache\"\nthreshold = 0.1\n",
+        toml_str(&root.display().to_string()),
+        toml_str(call["prompt"].as_str().unwrap()),
+        toml_str(call["negative_prompt"].as_str().unwrap()),
+        call["max_sequence_length"],
+        call["height"],
+        call["width"],
+        call["num_frames"],
+        call["num_inference_steps"],
+        call["guidance_scale"],
+    )
+}
+
+/// The contract's prompted run through the binary: `--out` holds `final`, `decoded` and both
+/// embeddings; `--video` (GIF) and `--png` (frame grid) are written; the report has the stages.
+#[test]
+fn prompted_run_through_the_binary_writes_every_output() {
+    let meta = load_json(&format!("{PIPELINE}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path());
+    let cfg = dir.path().join("run.toml");
+    // Seeded latents (no inputs file): the size comes from height/width/num_frames.
+    std::fs::write(&cfg, run_toml(&root, &meta)).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let gif = dir.path().join("video.gif");
+    let png = dir.path().join("frames.png");
+    let report = dir.path().join("report.json");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .arg("--video")
+        .arg(&gif)
+        .arg("--png")
+        .arg(&png)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let call = &meta["call"];
+    let (h, w, f) = (
+        call["height"].as_u64().unwrap() as usize,
+        call["width"].as_u64().unwrap() as usize,
+        call["num_frames"].as_u64().unwrap() as usize,
+    );
+    assert_eq!(t["decoded"].dims(), &[1, f, h, w, 3]);
+    let lat: Vec<usize> = serde_json::from_value(meta["latent_shape"].clone()).unwrap();
+    assert_eq!(t["final"].dims(), lat.as_slice());
+    assert!(t.contains_key("prompt_embeds") && t.contains_key("negative_prompt_embeds"));
+    let px = t["decoded"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(
+        px.iter().all(|v| (0.0..=1.0).contains(v)),
+        "pixels in [0, 1]"
+    );
+    assert!(std::fs::read(&gif).unwrap().starts_with(b"GIF89a"));
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let stages: Vec<&str> = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["encode text", "denoise", "decode"]);
+}
+
+/// A prompted run needs a pipeline folder, and `--video` a prompted run: one-line errors.
+#[test]
+fn prompted_run_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nfamily = \"wan2.1\"\nweights = {}\n\n[prompt]\ntext = \"a fox\"\n\n[sampling]\nsteps = 2\n",
+            toml_str(&fixture("pipelines/wan_transformer").display().to_string())
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("model.weights") && err.contains("model_index.json"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

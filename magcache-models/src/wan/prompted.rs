@@ -1,0 +1,215 @@
+//! Prompted Wan runs (`[prompt]`): from a diffusers pipeline folder as released (`model_index.json`
+//! beside `tokenizer/`, `text_encoder/`, `transformer/` (+ `transformer_2/`), `vae/`, `scheduler/`),
+//! the prompts are encoded by UMT5 (freed before the transformer loads), the latents drawn or read,
+//! and the final latents decoded by the Wan VAE, as diffusers' `WanPipeline` does.
+
+use super::model::WanModel;
+use super::pipeline::WanInputs;
+use super::vae::{WanVae, WanVaeConfig};
+use crate::config_util::resolve;
+use crate::inputs::InputFile;
+use crate::text::WanTextEncoder;
+use candle_core::Tensor;
+use magcache_core::config::{RunConfig, WeightsSpec};
+use magcache_core::progress::{Stage, StageTime};
+use magcache_core::{Error, Placement, Result};
+use std::path::{Path, PathBuf};
+
+/// The pipeline's defaults (`WanPipeline.__call__`).
+const DEFAULT_HEIGHT: usize = 480;
+const DEFAULT_WIDTH: usize = 832;
+const DEFAULT_FRAMES: usize = 81;
+const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// What a prompted run carries from building to decoding.
+pub struct Prompted {
+    pub root: PathBuf,
+    pub prompt_embeds: Tensor,
+    /// With classifier-free guidance.
+    pub negative_prompt_embeds: Option<Tensor>,
+    pub placement: Placement,
+    pub stages: Vec<StageTime>,
+}
+
+/// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
+/// a Wan pipeline.
+pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
+    let Some(WeightsSpec::One(w)) = &cfg.model.weights else {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            "a prompted run takes one diffusers pipeline folder (model_index.json beside tokenizer/, text_encoder/, transformer/, vae/, scheduler/)",
+        ));
+    };
+    let root = resolve(base, w);
+    let index = root.join("model_index.json");
+    let shown = index.display().to_string();
+    let text = std::fs::read_to_string(&index).map_err(|e| {
+        Error::config(
+            file,
+            "model.weights",
+            format!("a prompted run needs a diffusers pipeline folder; cannot read {shown}: {e}"),
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+    let class = v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+    if !class.starts_with("Wan") {
+        return Err(Error::config(
+            &shown,
+            "_class_name",
+            format!("`{class}` is not a Wan pipeline (WanPipeline, ...); check model.family"),
+        ));
+    }
+    if class.contains("ImageToVideo") {
+        return Err(Error::config(
+            &shown,
+            "_class_name",
+            format!("`{class}`: image-to-video prompted runs are not supported yet (text-to-video pipelines only)"),
+        ));
+    }
+    for sub in ["tokenizer", "text_encoder", "transformer", "vae"] {
+        if !root.join(sub).is_dir() {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                format!("the pipeline folder {} has no `{sub}/`", root.display()),
+            ));
+        }
+    }
+    Ok(root)
+}
+
+/// Encodes the prompt (and, with guidance, the negative prompt) with the folder's tokenizer and
+/// UMT5 encoder; the encoder is dropped before this returns.
+pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Result<Prompted> {
+    let Some(p) = &cfg.prompt else {
+        return Err(Error::msg("internal: a prompted Wan run without [prompt]"));
+    };
+    let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    let stage = Stage::begin("encode text");
+    let enc = WanTextEncoder::load_pipeline(root, &placement.device, placement.dtype)?;
+    let (prompt_embeds, _) = enc.encode(&p.text, max_len)?;
+    let negative_prompt_embeds = if guidance {
+        Some(enc.encode(p.negative.as_deref().unwrap_or(""), max_len)?.0)
+    } else {
+        None
+    };
+    drop(enc);
+    Ok(Prompted {
+        root: root.to_path_buf(),
+        prompt_embeds,
+        negative_prompt_embeds,
+        placement,
+        stages: vec![stage.end()],
+    })
+}
+
+/// The inputs of a prompted run: `latents_init` from `[inputs] file` or seeded random latents of the
+/// size `height x width x num_frames` gives through the VAE's scale factors, checked against the
+/// transformer; the encoded prompts as conditioning.
+pub fn inputs(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    model: &WanModel,
+    p: &Prompted,
+) -> Result<WanInputs> {
+    let vae_cfg = WanVaeConfig::read(&p.root.join("vae").join("config.json"))?;
+    let c = &model.cfg;
+    let (ss, ts) = (vae_cfg.spatial_scale(), vae_cfg.temporal_scale());
+    let height = cfg.inputs.height.unwrap_or(DEFAULT_HEIGHT);
+    let width = cfg.inputs.width.unwrap_or(DEFAULT_WIDTH);
+    let frames = cfg.inputs.num_frames.unwrap_or(DEFAULT_FRAMES);
+    let unit = ss.saturating_mul(c.patch_size[1].max(c.patch_size[2]));
+    for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
+        if unit == 0 || v % unit != 0 {
+            return Err(Error::config(
+                file,
+                key,
+                format!("{v} must be a multiple of {unit} (the VAE's {ss}x downsampling times the transformer's patch)"),
+            ));
+        }
+    }
+    if ts == 0 || frames == 0 || !(frames - 1).is_multiple_of(ts) {
+        return Err(Error::config(
+            file,
+            "inputs.num_frames",
+            format!("{frames} must be 1 + {ts}k (the VAE compresses {ts} frames into one latent frame after the first)"),
+        ));
+    }
+    let shape = [
+        1,
+        vae_cfg.z_dim,
+        (frames - 1) / ts + 1,
+        height / ss,
+        width / ss,
+    ];
+    if vae_cfg.z_dim != c.out_channels || c.in_channels != c.out_channels {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "the VAE's z_dim {} does not match the transformer's in/out channels {}/{} (text-to-video needs them equal)",
+                vae_cfg.z_dim, c.in_channels, c.out_channels
+            ),
+        ));
+    }
+    let dev = &p.placement.device;
+    let latents = match &cfg.inputs.file {
+        Some(f) => {
+            let inp = InputFile::load(&resolve(base, f))?;
+            let l = inp.get("latents_init", 5, "[B, C, F, h, w]")?;
+            if l.dims() != shape {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "latents_init",
+                    format!(
+                        "has shape {:?}; height {height}, width {width}, num_frames {frames} give {shape:?}",
+                        l.dims()
+                    ),
+                ));
+            }
+            l
+        }
+        None => crate::random::randn(cfg.inputs.seed.unwrap_or(cfg.model.seed), &shape)?,
+    };
+    let text_dim = p.prompt_embeds.dim(2)?;
+    if text_dim != c.text_dim {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "the text encoder gives {text_dim}-wide embeddings but the transformer's text_dim is {}",
+                c.text_dim
+            ),
+        ));
+    }
+    WanInputs {
+        latents,
+        cond: p.prompt_embeds.clone(),
+        uncond: p.negative_prompt_embeds.clone(),
+        condition: None,
+        first_frame: None,
+    }
+    .to_device(dev)
+}
+
+/// Decodes the final latents with the folder's VAE: `decoded` pixels `[B, F, H, W, 3]` in [0, 1] and
+/// the embeddings the transformer received.
+pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let stage = Stage::begin("decode");
+    let vae = WanVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    let decoded = vae.decode_latents(latents)?;
+    drop(vae);
+    p.stages.push(stage.end());
+    let mut out = vec![
+        ("decoded".to_string(), decoded),
+        ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
+    ];
+    if let Some(n) = &p.negative_prompt_embeds {
+        out.push(("negative_prompt_embeds".to_string(), n.clone()));
+    }
+    Ok(out)
+}

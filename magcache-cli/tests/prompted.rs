@@ -149,3 +149,48 @@ fn prompted_run_errors_name_the_key() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// A Wan2.2 A14B-style folder (`transformer/` + `transformer_2/`, `boundary_ratio` in
+/// `model_index.json`) runs prompted: both experts run their own steps and the video is decoded.
+#[test]
+fn wan22_two_expert_pipeline_folder_runs_prompted() {
+    let meta = load_json(&format!("{PIPELINE}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path());
+    let t2 = root.join("transformer_2");
+    std::fs::create_dir_all(&t2).unwrap();
+    for e in std::fs::read_dir(root.join("transformer")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), t2.join(e.file_name())).unwrap();
+    }
+    std::fs::write(
+        root.join("model_index.json"),
+        r#"{"_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}"#,
+    )
+    .unwrap();
+    let cfg = dir.path().join("run.toml");
+    let text = run_toml(&root, &meta).replace("family = \"wan2.1\"", "family = \"wan2.2\"");
+    std::fs::write(&cfg, text).unwrap();
+    let report = dir.path().join("r.json");
+    let out = dir.path().join("o.safetensors");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--report")
+        .arg(&report)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let experts: std::collections::BTreeSet<u64> = r["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["expert"].as_u64().unwrap())
+        .collect();
+    assert_eq!(experts.len(), 2, "both experts run: {experts:?}");
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert!(t.contains_key("decoded"));
+}

@@ -267,6 +267,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     let boundary = cfg
         .sampling
         .boundary_ratio
+        .or(index_boundary_ratio(cfg, base))
         .or(preset.and_then(|p| p.boundary_ratio));
     if experts.len() == 2 && boundary.is_none() {
         return Err(Error::config(file, "sampling.boundary_ratio", "two experts need the boundary between them (e.g. 0.875 for T2V-A14B, 0.9 for I2V-A14B)"));
@@ -306,6 +307,17 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     p.warnings = warnings;
     p.prompted = prompted;
     Ok(Box::new(p))
+}
+
+/// `boundary_ratio` of a Wan2.2 pipeline folder's `model_index.json` (diffusers keeps it there), when
+/// `model.weights` is such a folder.
+fn index_boundary_ratio(cfg: &RunConfig, base: &Path) -> Option<f64> {
+    let Some(WeightsSpec::One(w)) = &cfg.model.weights else {
+        return None;
+    };
+    let text = std::fs::read_to_string(resolve(base, w).join("model_index.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("boundary_ratio")?.as_f64()
 }
 
 /// The weights path of a wan2.1 model: `transformer/` of a diffusers pipeline folder, else as given.
@@ -403,6 +415,7 @@ fn plan_wan(
     let boundary = cfg
         .sampling
         .boundary_ratio
+        .or(index_boundary_ratio(cfg, base))
         .or(preset.and_then(|p| p.boundary_ratio));
     let single = n == 1;
     let default_shift = if family == "wan2.2" && !single {

@@ -52,15 +52,25 @@ pub fn planes_png(
         }
         line += n.div_ceil(per_row);
     }
+    encode_png(width, height, png::ColorType::Grayscale, &img)
+}
+
+/// 8-bit PNG bytes of `pixels` (row-major, `color`'s channels per pixel).
+pub fn encode_png(
+    width: usize,
+    height: usize,
+    color: png::ColorType,
+    pixels: &[u8],
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
-        enc.set_color(png::ColorType::Grayscale);
+        enc.set_color(color);
         enc.set_depth(png::BitDepth::Eight);
         let mut wr = enc
             .write_header()
             .map_err(|e| Error::msg(format!("png: {e}")))?;
-        wr.write_image_data(&img)
+        wr.write_image_data(pixels)
             .map_err(|e| Error::msg(format!("png: {e}")))?;
     }
     Ok(out)

@@ -136,18 +136,7 @@ impl Frames {
                 img[dst..dst + w * 3].copy_from_slice(&frame[y * w * 3..(y + 1) * w * 3]);
             }
         }
-        let mut out = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let mut wr = enc
-                .write_header()
-                .map_err(|e| Error::msg(format!("png: {e}")))?;
-            wr.write_image_data(&img)
-                .map_err(|e| Error::msg(format!("png: {e}")))?;
-        }
-        Ok(out)
+        crate::image::encode_png(width, height, png::ColorType::Rgb, &img)
     }
 
     /// An animated GIF at `fps`, looping forever.

@@ -187,6 +187,65 @@ fn chunked_attention_equals_one_shot() {
     assert!(d < 1e-6, "{d}");
 }
 
+/// Largest im2col matrix (bytes) one conv2d call may build. candle lowers conv2d to im2col + matmul
+/// on CPU and CUDA: at 480x832 a Wan VAE 96-channel 3-tap layer over 4 frames, or a FLUX VAE
+/// 128-channel 3x3 layer at 1024x1024, would need 5-16 GB in one call, so larger convolutions run
+/// over slices of the batch, then of output rows ([`conv2d_bounded`]).
+pub const IM2COL_BUDGET: usize = 256 << 20;
+
+/// `x.conv2d(w, pad, stride)` computed in pieces whose im2col matrix stays under `budget` bytes:
+/// whole images in groups, or, when one image is over budget, bands of output rows (each reading
+/// its rows of the explicitly zero-padded input plus the kernel's halo).
+pub fn conv2d_bounded(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    if h + 2 * pad < kh || wd + 2 * pad < kw || stride == 0 {
+        return Err(Error::msg(format!(
+            "a {kh}x{kw} convolution (padding {pad}, stride {stride}) got a {h}x{wd} input: too small"
+        )));
+    }
+    let h_out = (h + 2 * pad - kh) / stride + 1;
+    let w_out = (wd + 2 * pad - kw) / stride + 1;
+    let row_bytes = w_out * c * kh * kw * x.dtype().size_in_bytes();
+    let image_bytes = h_out * row_bytes;
+    if n * image_bytes <= budget {
+        return Ok(x.conv2d(w, pad, stride, 1, 1)?);
+    }
+    if image_bytes <= budget {
+        let per = (budget / image_bytes.max(1)).max(1);
+        let parts = (0..n)
+            .step_by(per)
+            .map(|i| {
+                Ok(x.narrow(0, i, per.min(n - i))?
+                    .conv2d(w, pad, stride, 1, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&parts, 0)?);
+    }
+    let rows = (budget / row_bytes.max(1)).max(1);
+    let padded = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+    let mut images = Vec::with_capacity(n);
+    for i in 0..n {
+        let img = padded.narrow(0, i, 1)?;
+        let bands = (0..h_out)
+            .step_by(rows)
+            .map(|r0| {
+                let r = rows.min(h_out - r0);
+                let band = img.narrow(2, r0 * stride, (r - 1) * stride + kh)?;
+                Ok(band.conv2d(w, 0, stride, 1, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        images.push(Tensor::cat(&bands, 2)?);
+    }
+    Ok(Tensor::cat(&images, 0)?)
+}
+
 /// `[B, S, H*D] -> [B, H, S, D]` (contiguous).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, s, hd) = x.dims3()?;

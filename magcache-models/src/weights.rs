@@ -123,6 +123,11 @@ impl WeightStore {
         self.tensors.contains_key(name)
     }
 
+    /// The stored shape of a tensor, without handing it out (layout detection, config inference).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|(t, _)| t.dims().to_vec())
+    }
+
     /// Renames every key through `f` (layout conversion).
     pub fn rename(&mut self, f: impl Fn(&str) -> String) {
         let old = std::mem::take(&mut self.tensors);
@@ -142,7 +147,8 @@ impl WeightStore {
         self.tensors.insert(name.to_string(), (t, 0));
     }
 
-    fn file_of(&self, name: &str) -> &str {
+    /// The file a tensor was read from (the store's origin when unknown).
+    pub fn file_of(&self, name: &str) -> &str {
         match self.tensors.get(name) {
             Some((_, i)) => self
                 .files

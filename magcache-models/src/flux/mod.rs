@@ -1,10 +1,11 @@
-//! FLUX.1: model, loading (diffusers and BFL), presets, the Euler sampler with dynamic shift and
-//! embedded guidance, and the family registration.
+//! FLUX.1: model, loading (diffusers and BFL), the image VAE ([`vae`]), presets, the Euler sampler
+//! with dynamic shift and embedded guidance, and the family registration.
 
 pub mod config;
 pub mod footprint;
 pub mod load;
 pub mod model;
+pub mod vae;
 
 use crate::config_util::to_map;
 use crate::config_util::{overrides_json, resolve};

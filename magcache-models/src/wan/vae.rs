@@ -18,7 +18,7 @@
 //! The Wan2.2 VAE (TI2V-5B: `is_residual`, `patch_size` 2, z_dim 48) is refused at load with an error
 //! naming the config file and key.
 
-use crate::nn::{attention, Linear};
+use crate::nn::{attention, conv2d_bounded, Linear, IM2COL_BUDGET};
 use crate::random::{sub_seed, uniform};
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
@@ -354,64 +354,6 @@ impl Conv {
         let (_, o, ho, wo) = y.dims4()?;
         Ok(y.reshape((b, t_out, o, ho, wo))?)
     }
-}
-
-/// Largest im2col matrix (bytes) one conv2d call may build. candle lowers conv2d to im2col + matmul
-/// on CPU and CUDA; at 480x832 a 96-channel 3-tap layer over 4 frames would need ~16 GB in one
-/// call, so larger convolutions run over slices of frames, then of output rows.
-const IM2COL_BUDGET: usize = 256 << 20;
-
-/// `x.conv2d(w, pad, stride)` computed in pieces whose im2col matrix stays under `budget` bytes:
-/// whole images in groups, or, when one image is over budget, bands of output rows (each reading
-/// its rows of the explicitly zero-padded input plus the kernel's halo).
-fn conv2d_bounded(
-    x: &Tensor,
-    w: &Tensor,
-    pad: usize,
-    stride: usize,
-    budget: usize,
-) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (_, _, kh, kw) = w.dims4()?;
-    if h + 2 * pad < kh || wd + 2 * pad < kw || stride == 0 {
-        return Err(Error::msg(format!(
-            "Wan VAE: a {kh}x{kw} convolution got a {h}x{wd} frame (too small for this VAE)"
-        )));
-    }
-    let h_out = (h + 2 * pad - kh) / stride + 1;
-    let w_out = (wd + 2 * pad - kw) / stride + 1;
-    let row_bytes = w_out * c * kh * kw * x.dtype().size_in_bytes();
-    let image_bytes = h_out * row_bytes;
-    if n * image_bytes <= budget {
-        return Ok(x.conv2d(w, pad, stride, 1, 1)?);
-    }
-    if image_bytes <= budget {
-        let per = (budget / image_bytes.max(1)).max(1);
-        let parts = (0..n)
-            .step_by(per)
-            .map(|i| {
-                Ok(x.narrow(0, i, per.min(n - i))?
-                    .conv2d(w, pad, stride, 1, 1)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        return Ok(Tensor::cat(&parts, 0)?);
-    }
-    let rows = (budget / row_bytes.max(1)).max(1);
-    let padded = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
-    let mut images = Vec::with_capacity(n);
-    for i in 0..n {
-        let img = padded.narrow(0, i, 1)?;
-        let bands = (0..h_out)
-            .step_by(rows)
-            .map(|r0| {
-                let r = rows.min(h_out - r0);
-                let band = img.narrow(2, r0 * stride, (r - 1) * stride + kh)?;
-                Ok(band.conv2d(w, 0, stride, 1, 1)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        images.push(Tensor::cat(&bands, 2)?);
-    }
-    Ok(Tensor::cat(&images, 0)?)
 }
 
 /// `WanRMS_norm`: `x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma`, f32.

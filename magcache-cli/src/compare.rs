@@ -18,9 +18,20 @@ pub struct CompareReport {
     pub dense_computed_calls: usize,
     pub cached_computed_calls: usize,
     pub speedup_calls: f64,
+    /// Median wall time of the timed dense runs.
     pub dense_wall_seconds: f64,
+    /// Median wall time of the timed cached runs.
     pub cached_wall_seconds: f64,
+    /// `dense_wall_seconds / cached_wall_seconds` (medians).
     pub speedup_wall: f64,
+    /// Timed runs of each kind (`--repeat`).
+    pub repeat: usize,
+    /// Every timed dense run's wall time, in the order run.
+    pub dense_wall_runs: Vec<f64>,
+    /// Every timed cached run's wall time, in the order run.
+    pub cached_wall_runs: Vec<f64>,
+    /// The untimed run made before timing: `"cached"` (one full run with the cache).
+    pub warmup: String,
     pub quality: magcache_core::metrics::Quality,
     pub threshold: Option<f64>,
     pub cached: Report,
@@ -37,17 +48,96 @@ pub struct Comparison {
     pub metric_name: &'static str,
 }
 
-/// Runs the config dense and then with its cache, on the same inputs in one process.
-pub fn compare(config: &Path, verbosity: Verbosity, data_range: Option<f64>) -> Result<Comparison> {
+/// The median of `v` (the mean of the middle two for an even count); 0 for none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the config dense and with its cache, on the same inputs in one process.
+///
+/// Timing: first one untimed run with the cache (the shorter kind; it pays the cold-start costs,
+/// first allocations, page faults of the weights, lazy initialisation, for both kinds since they
+/// share the model), then `repeat` timed runs of each kind, alternated (dense first in odd rounds,
+/// cached first in even ones) so neither kind always runs on a warmer or a busier machine. The
+/// wall times reported are the medians. Results are those of the first timed runs (every run of a
+/// kind is the same computation on the same inputs).
+pub fn compare(
+    config: &Path,
+    verbosity: Verbosity,
+    data_range: Option<f64>,
+    repeat: usize,
+) -> Result<Comparison> {
+    if repeat == 0 {
+        return Err(magcache_core::Error::msg(
+            "--repeat 0: must be at least 1 (timed runs of each kind)",
+        ));
+    }
     let mut p = prepare(config)?;
     let cache = p.cache.take();
     let strategy = std::mem::replace(&mut p.strategy, "none".into());
-    p.pipeline.set_cache(None)?;
-    let (dense, dense_rep) = generate(&mut p, verbosity)?;
+    // Progress of the warm-up and of the repeats would only repeat the first runs' lines.
+    let quiet_again = match verbosity {
+        Verbosity::Json => Verbosity::Quiet,
+        v => v,
+    };
+    let run_dense = |p: &mut crate::prepare::Prepared, v: Verbosity| -> Result<_> {
+        p.pipeline.set_cache(None)?;
+        p.cache = None;
+        p.strategy = "none".into();
+        generate(p, v)
+    };
+    let run_cached = |p: &mut crate::prepare::Prepared, v: Verbosity| -> Result<_> {
+        p.pipeline.set_cache(cache.clone())?;
+        p.cache = cache.clone();
+        p.strategy = strategy.clone();
+        generate(p, v)
+    };
+    // Warm-up, untimed and unreported.
+    run_cached(&mut p, Verbosity::Quiet)?;
+    let mut dense_runs = Vec::with_capacity(repeat);
+    let mut cached_runs = Vec::with_capacity(repeat);
+    let mut dense_first: Option<(Tensor, Report)> = None;
+    let mut cached_first: Option<(Tensor, Report)> = None;
+    for round in 0..repeat {
+        let v = if round == 0 { verbosity } else { quiet_again };
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for use_cache in order {
+            let (t, r) = if use_cache {
+                run_cached(&mut p, v)?
+            } else {
+                run_dense(&mut p, v)?
+            };
+            if use_cache {
+                cached_runs.push(r.wall_seconds);
+                cached_first.get_or_insert((t, r));
+            } else {
+                dense_runs.push(r.wall_seconds);
+                dense_first.get_or_insert((t, r));
+            }
+        }
+    }
+    // Leave the prepared run as `prepare` made it (with its cache).
     p.pipeline.set_cache(cache.clone())?;
-    p.cache = cache;
-    p.strategy = strategy;
-    let (cached, rep) = generate(&mut p, verbosity)?;
+    p.cache = cache.clone();
+    p.strategy = strategy.clone();
+    let (Some((dense, mut dense_rep)), Some((cached, mut rep))) = (dense_first, cached_first)
+    else {
+        return Err(magcache_core::Error::msg("compare: no timed run"));
+    };
+    let dense_wall = median(&dense_runs);
+    let cached_wall = median(&cached_runs);
+    dense_rep.wall_seconds = dense_wall;
+    rep.wall_seconds = cached_wall;
     let dense_planes = p.pipeline.to_planes(&dense)?;
     let cached_planes = p.pipeline.to_planes(&cached)?;
     let quality = magcache_core::metrics::quality(
@@ -65,9 +155,13 @@ pub fn compare(config: &Path, verbosity: Verbosity, data_range: Option<f64>) -> 
         dense_computed_calls: dense_rep.computed_calls,
         cached_computed_calls: rep.computed_calls,
         speedup_calls: rep.total_calls as f64 / rep.computed_calls.max(1) as f64,
-        dense_wall_seconds: dense_rep.wall_seconds,
-        cached_wall_seconds: rep.wall_seconds,
-        speedup_wall: dense_rep.wall_seconds / rep.wall_seconds.max(1e-9),
+        dense_wall_seconds: dense_wall,
+        cached_wall_seconds: cached_wall,
+        speedup_wall: dense_wall / cached_wall.max(1e-9),
+        repeat,
+        dense_wall_runs: dense_runs,
+        cached_wall_runs: cached_runs,
+        warmup: "cached".into(),
         quality,
         threshold: p.cfg.strategy().threshold(),
         cached: rep,
@@ -92,8 +186,13 @@ pub fn compare_text(r: &CompareReport) -> String {
         "| transformer calls computed | {}/{} | {}/{} |\n",
         r.dense_computed_calls, r.total_calls, r.cached_computed_calls, r.total_calls
     ));
+    let label = if r.repeat > 1 {
+        format!("wall time (s, median of {})", r.repeat)
+    } else {
+        "wall time (s)".to_string()
+    };
     s.push_str(&format!(
-        "| wall time (s) | {:.3} | {:.3} |\n",
+        "| {label} | {:.3} | {:.3} |\n",
         r.dense_wall_seconds, r.cached_wall_seconds
     ));
     s.push_str(&format!(

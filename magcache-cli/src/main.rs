@@ -60,6 +60,10 @@ enum Cmd {
         /// Value range for PSNR/SSIM and pictures (default: the dense result's max - min).
         #[arg(long)]
         data_range: Option<f64>,
+        /// Timed runs of each kind, dense and cached alternated, after one untimed warm-up run;
+        /// the wall times reported are the medians.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         #[arg(long)]
         quiet: bool,
         /// Print the comparison as JSON.
@@ -166,9 +170,15 @@ fn real_main(cli: Cli) -> Result<()> {
             plot,
             png,
             data_range,
+            repeat,
             quiet,
             json,
         } => {
+            if repeat == 0 {
+                return Err(magcache_core::Error::msg(
+                    "--repeat 0: must be at least 1 (timed runs of each kind)",
+                ));
+            }
             if let Some(r) = data_range {
                 if !(r.is_finite() && r > 0.0) {
                     return Err(magcache_core::Error::msg(format!(
@@ -177,7 +187,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 }
             }
             let mut outs = plan_outputs(&config, &[("--plot", &plot), ("--png", &png)])?;
-            let c = magcache_cli::compare(&config, verbosity(quiet, json), data_range)?;
+            let c = magcache_cli::compare(&config, verbosity(quiet, json), data_range, repeat)?;
             let r = &c.report;
             if let Some(f) = &plot {
                 let title = format!(

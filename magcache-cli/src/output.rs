@@ -12,7 +12,6 @@
 
 use candle_core::Tensor;
 use magcache_core::{Error, Result, RunConfig};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -268,17 +267,31 @@ impl Outputs {
         Ok(())
     }
 
-    /// Writes tensors as safetensors into output `path`'s temporary.
+    /// Writes tensors as safetensors (f32) into output `path`'s temporary. The bytes are made in
+    /// memory and written into the planned temporary: candle's own `save` goes through a
+    /// temporary file of its own (mode 0600, and left behind when the process is killed).
     pub fn write_tensors(&mut self, path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
-        let mut map = HashMap::new();
+        let shown = path.display().to_string();
+        let mut data = Vec::with_capacity(tensors.len());
         for (k, t) in tensors {
-            map.insert(k.to_string(), t.contiguous()?);
+            let v = t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            data.push((k.to_string(), t.dims().to_vec(), bytes));
         }
-        let slot = self.slot(path)?;
-        candle_core::safetensors::save(&map, &slot.tmp)
-            .map_err(|e| Error::io(path.display().to_string(), e))?;
-        slot.written = true;
-        Ok(())
+        let views = data
+            .iter()
+            .map(|(k, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| Error::io(&shown, format!("tensor `{k}`: {e:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = safetensors::tensor::serialize(views, &None)
+            .map_err(|e| Error::io(&shown, format!("{e:?}")))?;
+        self.write(path, &bytes)
     }
 
     /// Renames every written temporary into place. Outputs planned but never written (their step

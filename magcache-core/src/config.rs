@@ -53,6 +53,12 @@ pub trait StrategyConfig: Debug + Send + Sync {
     fn input_files(&self) -> Vec<(&'static str, String)> {
         Vec::new()
     }
+    /// Refuses keys that cannot apply to a `family` run of `experts` transformer models (e.g.
+    /// per-expert curves on a one-model run); errors name `file` and the key. Families call it
+    /// before any weights load.
+    fn check_experts(&self, _file: &str, _family: &str, _experts: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `strategy = "none"`: dense, no hooks.
@@ -213,7 +219,7 @@ impl RunConfig {
     /// Reads and validates a run file.
     pub fn load(path: &Path) -> Result<RunConfig> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(&file, e))?;
+        let text = crate::error::read_text(path)?;
         let cfg = parse_toml::<RunConfig>(&text, &file)?;
         cfg.validate(&file)?;
         Ok(cfg)
@@ -349,10 +355,20 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Res
 }
 
 fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
-    let msg = e.message().trim().replace('\n', " ");
+    let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
     let Some(span) = e.span() else {
         return Error::config(file, "(document)", msg);
     };
+    // A missing top-level field comes with an empty span at 0: name the field (a whole table), not
+    // the first table of the file.
+    if span.is_empty() {
+        if let Some(f) = msg
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            return Error::config(file, f, format!("missing: the file has no `[{f}]` table"));
+        }
+    }
     let mut start = span.start.min(text.len());
     while !text.is_char_boundary(start) {
         start -= 1;
@@ -394,20 +410,24 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     Error::config(format!("{file}:{line_no}"), key, msg)
 }
 
-/// The field a serde message is about: "unknown field `x`", "... in `x`", "missing field `x`".
+/// The field a serde message is about: "unknown field `x`", "missing field `x`", each under the
+/// path of "... in `a.b`" when the message gives one.
 fn field_in_message(msg: &str) -> Option<String> {
     let after = |pat: &str| -> Option<String> {
         let i = msg.find(pat)? + pat.len();
         let rest = &msg[i..];
         Some(rest[..rest.find('`')?].to_string())
     };
-    after("unknown field `")
-        .or_else(|| after("missing field `"))
-        .or_else(|| {
-            let i = msg.rfind(" in `")? + 5;
-            let rest = &msg[i..];
-            Some(rest[..rest.find('`')?].to_string())
-        })
+    let field = after("unknown field `").or_else(|| after("missing field `"));
+    let path = (|| {
+        let i = msg.rfind(" in `")? + 5;
+        let rest = &msg[i..];
+        Some(rest[..rest.find('`')?].to_string())
+    })();
+    match (path, field) {
+        (Some(p), Some(f)) => Some(format!("{p}.{f}")),
+        (p, f) => p.or(f),
+    }
 }
 
 #[cfg(test)]
@@ -448,6 +468,15 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains('x'), "{err}");
+    }
+
+    #[test]
+    fn missing_table_is_named() {
+        let err = parse_toml::<RunConfig>("[model]\nfamily = \"wan2.1\"\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("f: sampling: missing"), "{err}");
+        assert!(!err.contains("model.sampling"), "{err}");
     }
 
     #[test]

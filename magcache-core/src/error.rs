@@ -113,3 +113,49 @@ impl Error {
         Error::Msg(m.into())
     }
 }
+
+/// Why `path` cannot be read as a file, in words (`None` when it is a readable regular file, as far
+/// as its metadata says): "does not exist", "is a folder, not a file", "symlink loop (...)", or the
+/// OS error.
+pub fn not_a_file(path: &std::path::Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => None,
+        Ok(m) if m.is_dir() => Some("is a folder, not a file".into()),
+        Ok(_) => Some("is not a regular file".into()),
+        Err(e) => Some(describe_io(path, &e)),
+    }
+}
+
+/// Why `path` (a file or a folder) cannot be opened, in words; `None` when it exists.
+pub fn not_found(path: &std::path::Path) -> Option<String> {
+    std::fs::metadata(path).err().map(|e| describe_io(path, &e))
+}
+
+/// An I/O error of opening `path`, in words: a missing path, a symlink loop, else the OS error.
+pub fn describe_io(path: &std::path::Path, e: &std::io::Error) -> String {
+    // ELOOP: 40 on Linux, 62 on macOS and the BSDs.
+    let eloop = if cfg!(target_os = "linux") { 40 } else { 62 };
+    if e.raw_os_error() == Some(eloop) {
+        return format!("symlink loop ({e})");
+    }
+    if e.kind() == std::io::ErrorKind::NotFound {
+        // A dangling link exists as a link: say where it points.
+        if let Ok(target) = std::fs::read_link(path) {
+            return format!(
+                "is a symbolic link to {}, which does not exist",
+                target.display()
+            );
+        }
+        return "does not exist".into();
+    }
+    e.to_string()
+}
+
+/// Reads a whole text file; an error names the file and says why (a folder, a symlink loop, ...).
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let shown = path.display().to_string();
+    if let Some(why) = not_a_file(path) {
+        return Err(Error::io(&shown, why));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(&shown, describe_io(path, &e)))
+}

@@ -13,11 +13,11 @@ pub struct InputFile {
 impl InputFile {
     pub fn load(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        if !path.is_file() {
+        if let Some(why) = magcache_core::error::not_a_file(path) {
             return Err(Error::inputs(
                 &shown,
                 "(file)",
-                "inputs file does not exist",
+                format!("inputs file {why}"),
             ));
         }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {

@@ -242,7 +242,7 @@ pub fn pipeline_scheduler_config(weights: &Path) -> Option<PathBuf> {
 /// The `_class_name` of a diffusers scheduler config.
 pub fn scheduler_class(path: &Path) -> Result<Option<String>> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(&file, e))?;
+    let text = magcache_core::error::read_text(std::path::Path::new(path))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(&file, "(document)", format!("invalid JSON: {e}")))?;
     Ok(v.get("_class_name")

@@ -69,7 +69,7 @@ impl UniPcConfig {
     /// Reads and checks a diffusers `scheduler_config.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(&file, e))?;
+        let text = magcache_core::error::read_text(std::path::Path::new(path))?;
         Self::from_json_str(&text, &file)
     }
 

@@ -55,11 +55,11 @@ impl WeightStore {
         };
         for (fi, f) in files.iter().enumerate() {
             let name = f.display().to_string();
-            if !f.is_file() {
+            if let Some(why) = magcache_core::error::not_a_file(f) {
                 return Err(Error::weights(
                     &name,
                     "(file)",
-                    "weight file does not exist",
+                    format!("weight file {why}"),
                 ));
             }
             let map = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
@@ -352,8 +352,20 @@ pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
         }
         return Ok(vec![path.to_path_buf()]);
     }
+    if let Some(why) = magcache_core::error::not_found(path) {
+        let why = if why == "does not exist" {
+            "no such file or folder".to_string()
+        } else {
+            why
+        };
+        return Err(Error::weights(&shown, "(file)", why));
+    }
     if !path.is_dir() {
-        return Err(Error::weights(&shown, "(file)", "no such file or folder"));
+        return Err(Error::weights(
+            &shown,
+            "(file)",
+            "is neither a file nor a folder",
+        ));
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::io(&shown, e))?
@@ -386,7 +398,7 @@ pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
     let shown = idx.display().to_string();
-    let text = std::fs::read_to_string(idx).map_err(|e| Error::io(&shown, e))?;
+    let text = magcache_core::error::read_text(std::path::Path::new(idx))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::weights(&shown, "(index)", format!("invalid JSON: {e}")))?;
     let map = v

@@ -83,6 +83,33 @@ impl StrategyConfig for MagCacheConfig {
         if let Some(r) = &self.mag_ratios {
             r.validate(file)?;
         }
+        if self.mag_ratios.is_some() && self.profile.is_some() {
+            return Err(Error::config(
+                file,
+                "cache.profile",
+                "give either `mag_ratios` or `profile`, not both",
+            ));
+        }
+        if self.resample == Resample::Sigma && self.profile.is_none() {
+            return Err(Error::config(
+                file,
+                "cache.resample",
+                "\"sigma\" maps a curve by the noise level of each calibrated step, which only a calibration profile records: give `profile = ...` or remove `resample`",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_experts(&self, file: &str, family: &str, experts: usize) -> Result<()> {
+        if experts < 2 {
+            if let Some(RatioSpec::PerExpert(_)) = &self.mag_ratios {
+                return Err(Error::config(
+                    file,
+                    "cache.mag_ratios.high_noise",
+                    format!("per-expert curves (`high_noise` / `low_noise`) are for a two-expert wan2.2; this {family} run has one model: give one curve, `mag_ratios = [...]`"),
+                ));
+            }
+        }
         Ok(())
     }
 

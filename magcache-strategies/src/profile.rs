@@ -65,7 +65,7 @@ impl Profile {
 
     pub fn load(path: &Path) -> Result<Profile> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(&shown, e))?;
+        let text = magcache_core::error::read_text(path)?;
         let p: Profile = parse_toml(&text, &shown)?;
         p.check(&shown)?;
         Ok(p)

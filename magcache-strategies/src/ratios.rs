@@ -86,11 +86,50 @@ pub fn published_curves(model: &ModelInfo) -> Result<Option<RatioCurves>> {
 }
 
 /// `mag_ratios = [...]` or `[cache.mag_ratios] high_noise = [...], low_noise = [...]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum RatioSpec {
     Curve(Vec<f64>),
     PerExpert(PerExpert),
+}
+
+/// What `mag_ratios` accepts, for messages.
+const RATIO_SHAPES: &str = "a list of positive numbers (`mag_ratios = [1.0, 0.99, ...]`, one curve) or a table of two lists, `high_noise` and `low_noise` (`[cache.mag_ratios]`, one curve per expert of a two-expert wan2.2)";
+
+impl<'de> Deserialize<'de> for RatioSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RatioSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(RATIO_SHAPES)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<RatioSpec, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = seq.next_element::<f64>().map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "entry {}: {e}; expected {RATIO_SHAPES}",
+                        v.len()
+                    ))
+                })? {
+                    v.push(x);
+                }
+                Ok(RatioSpec::Curve(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<RatioSpec, A::Error> {
+                PerExpert::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RatioSpec::PerExpert)
+                    .map_err(|e| serde::de::Error::custom(format!("{e}; expected {RATIO_SHAPES}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

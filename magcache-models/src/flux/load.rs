@@ -286,7 +286,7 @@ pub fn load_flux(
     let (base, obj, shown) = match &cpath {
         Some(p) => {
             let shown = p.display().to_string();
-            let text = std::fs::read_to_string(p).map_err(|e| Error::io(&shown, e))?;
+            let text = magcache_core::error::read_text(std::path::Path::new(p))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
             let obj = v.as_object().cloned().ok_or_else(|| {

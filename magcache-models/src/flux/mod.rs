@@ -431,16 +431,16 @@ fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
     }
 }
 
+/// The keys a flux run cannot use: errors naming them, before anything loads. (`shift` stays a
+/// warning: configs written for diffusers carry one, see `tests/tests/config_compat.rs`.)
+fn check_flux_keys(cfg: &RunConfig, file: &str) -> Result<()> {
+    crate::config_util::check_applicable(cfg, file, "flux", 1, false)
+}
+
 fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
-    if cfg.sampling.boundary_ratio.is_some() || cfg.sampling.guidance_scale_2.is_some() {
-        return Err(Error::config(
-            file,
-            "sampling.boundary_ratio",
-            "flux has one model: no expert boundary or second guidance scale",
-        ));
-    }
+    check_flux_keys(cfg, file)?;
     let mut warnings = Vec::new();
     if let Some(shift) = cfg.sampling.shift {
         warnings.push(format!(
@@ -541,6 +541,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
 fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
+    check_flux_keys(cfg, file)?;
     let mut fp = magcache_core::guard::Footprint::default();
     crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
     fp.check(file)?;

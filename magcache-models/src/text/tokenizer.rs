@@ -40,8 +40,8 @@ impl WanTokenizer {
             (path.join("tokenizer.json"), Some(path))
         };
         let shown = file.display().to_string();
-        if !file.is_file() {
-            return Err(Error::io(&shown, "tokenizer file does not exist"));
+        if let Some(why) = magcache_core::error::not_a_file(&file) {
+            return Err(Error::io(&shown, format!("tokenizer file {why}")));
         }
         let mut tokenizer = Tokenizer::from_file(&file)
             .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;
@@ -57,7 +57,7 @@ impl WanTokenizer {
             .filter(|c| c.is_file())
         {
             let cshown = cfg.display().to_string();
-            let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cshown, e))?;
+            let text = magcache_core::error::read_text(std::path::Path::new(&cfg))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&cshown, "(json)", format!("invalid JSON: {e}")))?;
             match v.get("pad_token") {

@@ -60,7 +60,7 @@ impl Umt5Config {
             path.join("config.json")
         };
         let shown = file.display().to_string();
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&shown, e))?;
+        let text = magcache_core::error::read_text(std::path::Path::new(&file))?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
         Self::from_json(&v, &shown)

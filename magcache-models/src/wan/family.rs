@@ -146,13 +146,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         }
         None => None,
     };
-    if cfg.sampling.boundary_ratio.is_some() || cfg.sampling.guidance_scale_2.is_some() {
-        return Err(Error::config(
-            file,
-            "sampling.boundary_ratio",
-            "only wan2.2 (two experts) has an expert boundary and a second guidance scale",
-        ));
-    }
+    crate::config_util::check_applicable(cfg, file, "wan2.1", 1, true)?;
     let sampler = wan_sampler(cfg, file, base, weights, 5.0)?;
     let guidance = cfg.sampling.guidance_scale.unwrap_or(5.0);
     // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
@@ -224,6 +218,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         }
         n => n == 1,
     };
+    crate::config_util::check_applicable(cfg, file, "wan2.2", if single { 1 } else { 2 }, true)?;
     let sampler = wan_sampler(
         cfg,
         file,
@@ -271,13 +266,6 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         .or(preset.and_then(|p| p.boundary_ratio));
     if experts.len() == 2 && boundary.is_none() {
         return Err(Error::config(file, "sampling.boundary_ratio", "two experts need the boundary between them (e.g. 0.875 for T2V-A14B, 0.9 for I2V-A14B)"));
-    }
-    if experts.len() == 1 && cfg.sampling.boundary_ratio.is_some() {
-        return Err(Error::config(
-            file,
-            "sampling.boundary_ratio",
-            "a single-model wan2.2 (TI2V) has no expert boundary",
-        ));
     }
     let expand = experts.len() == 1;
     let wdir = paths.first().map(|w| weights_dir(base, w));
@@ -412,6 +400,7 @@ fn plan_wan(
         )
     };
     let (n, preset) = wan_arch(cfg, file, base, &paths, presets)?;
+    crate::config_util::check_applicable(cfg, file, family, n, true)?;
     let boundary = cfg
         .sampling
         .boundary_ratio

@@ -107,6 +107,11 @@ pub struct LoadedWan {
 /// Finds the config.json of a weights path: `explicit`, else `config.json` in the folder or beside the
 /// file.
 fn config_path(weights: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    // The weights themselves first: a missing path or a symlink loop is said as such, not as a
+    // missing config.json.
+    if let Some(why) = magcache_core::error::not_found(weights) {
+        return Err(Error::weights(weights.display().to_string(), "(file)", why));
+    }
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
@@ -136,7 +141,7 @@ pub fn read_wan_config(
 ) -> Result<WanConfig> {
     let cpath = config_path(weights, config)?;
     let cshown = cpath.display().to_string();
-    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cshown, e))?;
+    let text = magcache_core::error::read_text(std::path::Path::new(&cpath))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(&cshown, "(document)", format!("invalid JSON: {e}")))?;
     let base = WanConfig::from_json(&json, &cshown)?;

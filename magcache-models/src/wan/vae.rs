@@ -60,7 +60,7 @@ impl WanVaeConfig {
     /// Reads `config.json`; errors name the file and the key.
     pub fn read(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(&shown, e))?;
+        let text = magcache_core::error::read_text(std::path::Path::new(path))?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
         Self::from_json(&json, &shown)

@@ -1,0 +1,692 @@
+//! Issue 12 through the binary, one section per class of fault: outputs never replace an input or
+//! another output (1), a failed run replaces nothing and a bad output folder fails fast (2), warnings
+//! reach a non-terminal stderr and an error after loading is one line (6), misleading messages and
+//! keys that cannot apply (7), an interrupted write leaves nothing and outputs follow the umask (8),
+//! and `compare --repeat` reports its medians (9).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference")
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_magcache"));
+    c.env("RUST_BACKTRACE", "1");
+    c
+}
+
+fn magcache(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Asserts a failure with one line on stderr naming each of `must_name`; returns stderr.
+fn check_err(o: &Output, must_name: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for n in must_name {
+        assert!(stderr.contains(n), "stderr should name `{n}`: {stderr}");
+    }
+    stderr
+}
+
+/// A folder with a copy of the tiny Wan checkpoint (`w/`), its inputs (`in.safetensors`) and a run
+/// file (`run.toml`) over them; `extra` is appended to the run file.
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new(extra: &str) -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("w");
+        std::fs::create_dir(&w).unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(fixtures().join("wan21_tiny").join(f), w.join(f)).unwrap();
+        }
+        std::fs::copy(
+            fixtures().join("wan21_tiny_loop.safetensors"),
+            dir.path().join("in.safetensors"),
+        )
+        .unwrap();
+        let c = Case { dir };
+        c.write_run(&format!(
+            "[model]\nfamily = \"wan2.1\"\nweights = \"w\"\n\n[inputs]\nfile = \"in.safetensors\"\n\n[sampling]\nsteps = 3\nshift = 5.0\nguidance_scale = 5.0\n{extra}"
+        ));
+        c
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn run_file(&self) -> PathBuf {
+        self.p("run.toml")
+    }
+    fn write_run(&self, text: &str) {
+        std::fs::write(self.run_file(), text).unwrap();
+    }
+    /// Every file name in the folder (not recursing), sorted.
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+    /// Runs `args`, expects an error naming `must_name`, and asserts `protected` is byte for byte
+    /// unchanged and no file appeared.
+    fn refuses(&self, args: &[&str], protected: &Path, must_name: &[&str]) -> String {
+        let before = std::fs::read(protected).unwrap();
+        let names = self.names();
+        let o = magcache(args);
+        let e = check_err(&o, must_name);
+        assert_eq!(
+            std::fs::read(protected).unwrap(),
+            before,
+            "{} changed",
+            protected.display()
+        );
+        assert_eq!(self.names(), names, "files appeared or vanished: {e}");
+        e
+    }
+}
+
+// ---- class 1: a user's file is never destroyed ----
+
+#[test]
+fn class1_outputs_never_replace_inputs_or_each_other() {
+    let c = Case::new("[cache]\nstrategy = \"magcache\"\nmag_ratios = [1.0, 0.99, 0.98]\n");
+    let run = c.run_file();
+    let inputs = c.p("in.safetensors");
+    let weights = c.p("w/diffusion_pytorch_model.safetensors");
+    let r = s(&run);
+    // run --out on the inputs file, on the weights file, on the run file.
+    c.refuses(
+        &["run", "--quiet", "--config", r, "--out", s(&inputs)],
+        &inputs,
+        &["--out", "inputs"],
+    );
+    c.refuses(
+        &["run", "--quiet", "--config", r, "--out", s(&weights)],
+        &weights,
+        &["--out", "weights"],
+    );
+    c.refuses(
+        &["run", "--quiet", "--config", r, "--out", r],
+        &run,
+        &["--out", "run.toml"],
+    );
+    // calibrate --out RUN.toml; compare --png RUN.toml.
+    c.refuses(
+        &["calibrate", "--quiet", "--config", r, "--out", r],
+        &run,
+        &["--out"],
+    );
+    c.refuses(
+        &["compare", "--quiet", "--config", r, "--png", r],
+        &run,
+        &["--png"],
+    );
+    // --out X --report X, with X an existing file of the user's.
+    let x = c.p("x.bin");
+    std::fs::write(&x, b"the user's file").unwrap();
+    c.refuses(
+        &[
+            "run",
+            "--quiet",
+            "--config",
+            r,
+            "--out",
+            s(&x),
+            "--report",
+            s(&x),
+        ],
+        &x,
+        &["--report", "--out"],
+    );
+    // The same file under another name (a symlink) is the same file.
+    std::os::unix::fs::symlink(&inputs, c.p("alias.safetensors")).unwrap();
+    c.refuses(
+        &[
+            "run",
+            "--quiet",
+            "--config",
+            r,
+            "--out",
+            s(&c.p("alias.safetensors")),
+        ],
+        &inputs,
+        &["--out"],
+    );
+}
+
+// ---- class 2: a failed run replaces nothing; a bad folder fails fast ----
+
+/// A run slow enough to be interrupted or to show a late check: the tiny model over a larger
+/// random latent for many steps (each call a few ms; minutes in all).
+fn slow_run(c: &Case) {
+    c.write_run(
+        "[model]\nfamily = \"wan2.1\"\nweights = \"w\"\n\n[inputs]\nlatent_shape = [1, 4, 2, 32, 32]\ntext_len = 8\n\n[sampling]\nsteps = 100000\nshift = 5.0\nguidance_scale = 5.0\n",
+    );
+}
+
+#[test]
+fn class2_failed_run_leaves_existing_output_unchanged() {
+    let c = Case::new("");
+    let out = c.p("o.safetensors");
+    std::fs::write(&out, b"previous result").unwrap();
+    // /proc/r.json cannot be created: the run fails and o.safetensors stays as it was.
+    c.refuses(
+        &[
+            "run",
+            "--quiet",
+            "--config",
+            s(&c.run_file()),
+            "--out",
+            s(&out),
+            "--report",
+            "/proc/r.json",
+        ],
+        &out,
+        &["/proc/r.json", "--report"],
+    );
+}
+
+#[test]
+fn class2_compare_failed_png_leaves_no_plot() {
+    let c = Case::new("[cache]\nstrategy = \"magcache\"\nmag_ratios = [1.0, 0.99, 0.98]\n");
+    let plot = c.p("p.svg");
+    let names = c.names();
+    let o = magcache(&[
+        "compare",
+        "--quiet",
+        "--config",
+        s(&c.run_file()),
+        "--plot",
+        s(&plot),
+        "--png",
+        "/missing/p.png",
+    ]);
+    check_err(&o, &["/missing", "--png"]);
+    assert!(!plot.exists(), "p.svg written by a failed compare");
+    assert_eq!(c.names(), names);
+}
+
+#[test]
+fn class2_bad_output_folder_fails_before_the_generation() {
+    let c = Case::new("");
+    slow_run(&c);
+    for (cmd, flag) in [("run", "--out"), ("run", "--report"), ("compare", "--plot")] {
+        let t0 = Instant::now();
+        let o = magcache(&[
+            cmd,
+            "--config",
+            s(&c.run_file()),
+            flag,
+            "/missing/folder/o.file",
+        ]);
+        check_err(&o, &["/missing/folder", flag]);
+        // The generation would take minutes: the check came first.
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{cmd} {flag}: took {:?}",
+            t0.elapsed()
+        );
+    }
+}
+
+// ---- class 6: lost or doubled messages ----
+
+#[test]
+fn class6_warnings_reach_a_non_terminal_stderr() {
+    // num_inference_steps that matches no scope is a warning (configs written for diffusers).
+    let c = Case::new(
+        "[cache]\nstrategy = \"magcache\"\nmag_ratios = [1.0, 0.99, 0.98]\nnum_inference_steps = 7\n",
+    );
+    let o = magcache(&["run", "--config", s(&c.run_file())]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("num_inference_steps"),
+        "{stderr}"
+    );
+    // No model description or progress when stderr is not a terminal: only the warning.
+    assert!(
+        stderr.lines().all(|l| l.starts_with("warning: ")),
+        "{stderr}"
+    );
+    // --quiet silences it.
+    let o = magcache(&["run", "--quiet", "--config", s(&c.run_file())]);
+    assert!(o.status.success());
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn class6_error_after_loading_is_one_line() {
+    // The model loads, then guidance this large overflows at the first step.
+    let c = Case::new("");
+    let text = std::fs::read_to_string(c.run_file())
+        .unwrap()
+        .replace("guidance_scale = 5.0", "guidance_scale = 1e38");
+    c.write_run(&text);
+    let o = magcache(&["run", "--config", s(&c.run_file())]);
+    check_err(&o, &["non-finite"]);
+}
+
+// ---- class 7: misleading messages and keys that cannot apply ----
+
+fn wan_preset(inputs: &str, sampling: &str, cache: &str) -> String {
+    format!(
+        "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\n[model.overrides]\nnum_layers = 1\n[inputs]\n{inputs}\n[sampling]\nsteps = 3\n{sampling}\n{cache}"
+    )
+}
+
+/// `run` and `plan` of `text` both fail, naming each of `must_name` (and not `must_not`).
+fn both_refuse(text: &str, must_name: &[&str], must_not: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, text).unwrap();
+    for cmd in ["run", "plan"] {
+        let mut args = vec![cmd, "--config", s(&cfg)];
+        if cmd == "run" {
+            args.push("--quiet");
+        }
+        let o = magcache(&args);
+        let e = check_err(&o, must_name);
+        for n in must_not {
+            assert!(!e.contains(n), "{cmd}: should not name `{n}`: {e}");
+        }
+    }
+}
+
+#[test]
+fn class7_two_expert_keys_on_one_model_name_the_key() {
+    both_refuse(
+        &wan_preset("", "guidance_scale_2 = 3.0", ""),
+        &["run.toml", "sampling.guidance_scale_2"],
+        &["boundary_ratio"],
+    );
+    both_refuse(
+        &wan_preset("", "boundary_ratio = 0.9", ""),
+        &["run.toml", "sampling.boundary_ratio"],
+        &[],
+    );
+    // A single-expert wan2.2 (TI2V-5B).
+    let ti2v = |sampling: &str, cache: &str| {
+        format!("[model]\nfamily = \"wan2.2\"\npreset = \"wan2.2-ti2v-5b\"\n[model.overrides]\nnum_layers = 1\n[sampling]\nsteps = 3\n{sampling}\n{cache}")
+    };
+    both_refuse(
+        &ti2v("boundary_ratio = 0.9", ""),
+        &["sampling.boundary_ratio"],
+        &[],
+    );
+    both_refuse(
+        &ti2v("guidance_scale_2 = 3.0", ""),
+        &["sampling.guidance_scale_2"],
+        &[],
+    );
+    // Per-expert MagCache curves on one-model families.
+    let per_expert = "[cache]\nstrategy = \"magcache\"\n[cache.mag_ratios]\nhigh_noise = [1.0, 0.9]\nlow_noise = [1.0, 0.9]\n";
+    both_refuse(
+        &wan_preset("", "", per_expert),
+        &["cache.mag_ratios.high_noise", "wan2.1"],
+        &[],
+    );
+    both_refuse(&ti2v("", per_expert), &["cache.mag_ratios"], &[]);
+    let flux = |inputs: &str, sampling: &str, cache: &str| {
+        format!("[model]\nfamily = \"flux\"\npreset = \"flux-dev\"\n[model.overrides]\nnum_layers = 1\nnum_single_layers = 1\n[inputs]\n{inputs}\n[sampling]\nsteps = 3\n{sampling}\n{cache}")
+    };
+    both_refuse(&flux("", "", per_expert), &["cache.mag_ratios"], &[]);
+    both_refuse(
+        &flux("", "guidance_scale_2 = 2.0", ""),
+        &["sampling.guidance_scale_2"],
+        &["boundary_ratio"],
+    );
+    // Classes on FLUX.
+    both_refuse(
+        &flux("classes = [1]", "", ""),
+        &["inputs.classes", "flux"],
+        &[],
+    );
+}
+
+#[test]
+fn class7_keys_beside_an_inputs_file_are_errors() {
+    let inputs = fixtures().join("wan21_tiny_loop.safetensors");
+    let weights = fixtures().join("wan21_tiny");
+    let with = |extra: &str| {
+        format!(
+            "[model]\nfamily = \"wan2.1\"\nweights = \"{}\"\n[inputs]\nfile = \"{}\"\n{extra}\n[sampling]\nsteps = 3\n",
+            weights.display(),
+            inputs.display()
+        )
+    };
+    for (extra, key) in [
+        ("classes = [0]", "inputs.classes"),
+        ("latent_shape = [1, 4, 1, 8, 8]", "inputs.latent_shape"),
+        ("text_len = 8", "inputs.text_len"),
+        ("seed = 3", "inputs.seed"),
+    ] {
+        both_refuse(&with(extra), &[key, "inputs file"], &[]);
+    }
+    // Classes with a preset (no class table) and text_len with classes.
+    both_refuse(
+        &wan_preset("classes = [0]", "", ""),
+        &["inputs.classes", "weights"],
+        &[],
+    );
+    let w = format!(
+        "[model]\nfamily = \"wan2.1\"\nweights = \"{}\"\n[inputs]\nclasses = [0]\ntext_len = 4\nlatent_shape = [1, 4, 1, 8, 8]\n[sampling]\nsteps = 3\n",
+        weights.display()
+    );
+    both_refuse(&w, &["inputs.text_len"], &[]);
+    // model.config with a preset.
+    let text = wan_preset("", "", "").replace(
+        "preset = \"wan2.1-t2v-1.3b\"",
+        "preset = \"wan2.1-t2v-1.3b\"\nconfig = \"config.json\"",
+    );
+    both_refuse(&text, &["model.config"], &[]);
+}
+
+#[test]
+fn class7_mag_ratios_of_a_wrong_shape_say_what_is_accepted() {
+    for ratios in [
+        "mag_ratios = \"fast\"",
+        "mag_ratios = [1.0, \"x\"]",
+        "mag_ratios = { high = [1.0] }",
+        "mag_ratios = { high_noise = [1.0] }",
+    ] {
+        let text = wan_preset(
+            "",
+            "",
+            &format!("[cache]\nstrategy = \"magcache\"\n{ratios}\n"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("run.toml");
+        std::fs::write(&cfg, &text).unwrap();
+        let e = check_err(
+            &magcache(&["plan", "--config", s(&cfg)]),
+            &["run.toml", "cache.mag_ratios", "high_noise", "list"],
+        );
+        assert!(!e.contains("untagged") && !e.contains("RatioSpec"), "{e}");
+    }
+}
+
+#[test]
+fn class7_profile_missing_a_table_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let prof = dir.path().join("p.toml");
+    let full = "[meta]\nfamily = \"wan2.1\"\nmodel = \"x\"\nsteps = 3\nscheduler = \"euler\"\nsigmas = [1.0, 0.5, 0.2]\n\n[ratios.main]\ncond = [1.0, 0.9, 0.8]\n\n[mag_stds.main]\ncond = [0.1, 0.1, 0.1]\n\n[cos_dists.main]\ncond = [0.1, 0.1, 0.1]\n\n[sigmas]\nmain = [1.0, 0.5, 0.2]\n";
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        wan_preset(
+            "",
+            "",
+            "[cache]\nstrategy = \"magcache\"\nprofile = \"p.toml\"\n",
+        ),
+    )
+    .unwrap();
+    for table in ["ratios", "mag_stds", "cos_dists", "sigmas", "meta"] {
+        // Drop `[table]` / `[table.main]` and its lines.
+        let text: String = full
+            .split("\n\n")
+            .filter(|block| {
+                let h = block.lines().next().unwrap_or("");
+                h != format!("[{table}]") && h != format!("[{table}.main]")
+            })
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        std::fs::write(&prof, &text).unwrap();
+        let o = magcache(&["plan", "--config", s(&cfg)]);
+        let e = check_err(&o, &["p.toml", &format!("[{table}]")]);
+        assert!(!e.contains("meta.ratios"), "{e}");
+    }
+}
+
+#[test]
+fn class7_folder_or_symlink_loop_where_a_file_is_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("folder.toml")).unwrap();
+    std::fs::create_dir(d.join("folder.safetensors")).unwrap();
+    std::os::unix::fs::symlink(d.join("loop_b"), d.join("loop_a")).unwrap();
+    std::os::unix::fs::symlink(d.join("loop_a"), d.join("loop_b")).unwrap();
+    // The run file itself.
+    for (path, why) in [("folder.toml", "is a folder"), ("loop_a", "symlink loop")] {
+        let o = magcache(&["plan", "--config", s(&d.join(path))]);
+        let e = check_err(&o, &[path, why]);
+        assert!(!e.contains("does not exist"), "{e}");
+    }
+    // The inputs file, the weights, a profile.
+    let weights = fixtures().join("wan21_tiny");
+    let cfg = d.join("run.toml");
+    let cases = [
+        (
+            format!(
+                "[model]\nfamily = \"wan2.1\"\nweights = \"{}\"\n[inputs]\nfile = \"folder.safetensors\"\n[sampling]\nsteps = 2\n",
+                weights.display()
+            ),
+            "folder.safetensors",
+            "is a folder",
+        ),
+        (
+            format!(
+                "[model]\nfamily = \"wan2.1\"\nweights = \"{}\"\n[inputs]\nfile = \"loop_a\"\n[sampling]\nsteps = 2\n",
+                weights.display()
+            ),
+            "loop_a",
+            "symlink loop",
+        ),
+        (
+            "[model]\nfamily = \"wan2.1\"\nweights = \"loop_a\"\n[sampling]\nsteps = 2\n".into(),
+            "loop_a",
+            "symlink loop",
+        ),
+        (
+            wan_preset("", "", "[cache]\nstrategy = \"magcache\"\nprofile = \"folder.toml\"\n"),
+            "folder.toml",
+            "is a folder",
+        ),
+        (
+            wan_preset("", "", "[cache]\nstrategy = \"magcache\"\nprofile = \"loop_a\"\n"),
+            "loop_a",
+            "symlink loop",
+        ),
+    ];
+    for (text, path, why) in cases {
+        std::fs::write(&cfg, &text).unwrap();
+        let o = magcache(&["run", "--quiet", "--config", s(&cfg)]);
+        let e = check_err(&o, &[path, why]);
+        assert!(!e.contains("does not exist"), "{e}");
+    }
+}
+
+// ---- class 8: leftovers and permissions ----
+
+/// Files in `dir` that are temporaries of an output (`.NAME.magcache-PID.tmp`).
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".magcache-") || n.ends_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn class8_sigint_during_a_run_leaves_nothing() {
+    let c = Case::new("");
+    slow_run(&c);
+    let out = c.p("o.safetensors");
+    let report = c.p("r.json");
+    std::fs::write(&out, b"previous result").unwrap();
+    let names = c.names();
+    let mut child = bin()
+        .args(["run", "--quiet", "--config"])
+        .arg(c.run_file())
+        .arg("--out")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the temporaries (created when the outputs are planned, before the model loads), then
+    // give the run a moment to be in the middle of its generation.
+    let t0 = Instant::now();
+    while temporaries(c.dir.path()).len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no temporary appeared"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before SIGINT"
+    );
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t1.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the run did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(temporaries(c.dir.path()), Vec::<String>::new());
+    assert_eq!(c.names(), names, "leftovers");
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
+    assert!(!report.exists());
+}
+
+#[test]
+fn class8_outputs_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Case::new("");
+    for (umask, mode) in [("022", 0o644), ("077", 0o600), ("002", 0o664)] {
+        let out = c.p(&format!("o{umask}.safetensors"));
+        let report = c.p(&format!("r{umask}.json"));
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask {umask} && exec \"$0\" run --quiet --config \"$1\" --out \"$2\" --report \"$3\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_magcache"))
+            .arg(c.run_file())
+            .arg(&out)
+            .arg(&report)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for f in [&out, &report] {
+            let m = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(m, mode, "{} under umask {umask}: {m:o}", f.display());
+        }
+    }
+    assert_eq!(temporaries(c.dir.path()), Vec::<String>::new());
+}
+
+// ---- class 9: honest timing ----
+
+#[test]
+fn class9_compare_repeat_reports_medians() {
+    let c = Case::new("[cache]\nstrategy = \"magcache\"\nmag_ratios = [1.0, 0.99, 0.98]\n");
+    let o = magcache(&[
+        "compare",
+        "--config",
+        s(&c.run_file()),
+        "--repeat",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["repeat"], 3);
+    let runs = |k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (d, cr) = (runs("dense_wall_runs"), runs("cached_wall_runs"));
+    assert_eq!((d.len(), cr.len()), (3, 3));
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[1]
+    };
+    let dw = v["dense_wall_seconds"].as_f64().unwrap();
+    let cw = v["cached_wall_seconds"].as_f64().unwrap();
+    assert_eq!(dw, median(d));
+    assert_eq!(cw, median(cr));
+    let sp = v["speedup_wall"].as_f64().unwrap();
+    assert!((sp - dw / cw).abs() < 1e-9 * sp.max(1.0), "{sp} {dw} {cw}");
+    assert_eq!(v["warmup"], "cached");
+    assert_eq!(v["cached"]["wall_seconds"].as_f64().unwrap(), cw);
+    // --repeat 0 is refused before any work.
+    check_err(
+        &magcache(&["compare", "--config", s(&c.run_file()), "--repeat", "0"]),
+        &["--repeat"],
+    );
+    // Default: one timed run of each kind.
+    let o = magcache(&["compare", "--config", s(&c.run_file()), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["repeat"], 1);
+    for k in ["speedup_wall", "dense_wall_seconds", "cached_wall_seconds"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+}
+
+#[test]
+fn class7_magcache_keys_that_cannot_apply_fail_before_loading() {
+    // resample = "sigma" needs a profile; mag_ratios and profile exclude each other.
+    both_refuse(
+        &wan_preset(
+            "",
+            "",
+            "[cache]\nstrategy = \"magcache\"\nmag_ratios = [1.0, 0.9]\nresample = \"sigma\"\n",
+        ),
+        &["cache.resample", "profile"],
+        &[],
+    );
+    both_refuse(
+        &wan_preset(
+            "",
+            "",
+            "[cache]\nstrategy = \"magcache\"\nmag_ratios = [1.0, 0.9]\nprofile = \"p.toml\"\n",
+        ),
+        &["cache.profile", "mag_ratios"],
+        &[],
+    );
+}

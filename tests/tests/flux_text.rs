@@ -206,6 +206,16 @@ fn encoders_match_clip_and_t5_outputs() {
 /// Writes the tensors of `src/model.safetensors` into `dst/` as two shards plus
 /// `model.safetensors.index.json`, renaming keys through `rename`.
 fn shard(src: &Path, dst: &Path, rename: impl Fn(&str) -> String) {
+    shard_with(src, dst, rename, None)
+}
+
+/// [`shard`], with one extra tensor in the first shard.
+fn shard_with(
+    src: &Path,
+    dst: &Path,
+    rename: impl Fn(&str) -> String,
+    extra: Option<(&str, Tensor)>,
+) {
     std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
     let map = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
@@ -215,8 +225,11 @@ fn shard(src: &Path, dst: &Path, rename: impl Fn(&str) -> String) {
     let mut weight_map = serde_json::Map::new();
     for (k, part) in [&names[..half], &names[half..]].iter().enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", k + 1);
-        let tensors: HashMap<String, Tensor> =
+        let mut tensors: HashMap<String, Tensor> =
             part.iter().map(|n| (rename(n), map[*n].clone())).collect();
+        if let (0, Some((name, t))) = (k, &extra) {
+            tensors.insert(name.to_string(), t.clone());
+        }
         for n in tensors.keys() {
             weight_map.insert(n.clone(), Value::String(file.clone()));
         }
@@ -239,7 +252,18 @@ fn sharded_text_encoders_load_identically() {
         tmp.path().join("text_encoder"),
         tmp.path().join("text_encoder_2"),
     );
-    shard(&dir("text_encoder"), &te, |n| n.to_string());
+    // With the int64 `position_ids` buffer older transformers versions saved (skipped on load).
+    let l_clip = ClipTokenizer::load(&dir("tokenizer")).unwrap().max_length();
+    let position_ids = Tensor::arange(0i64, l_clip as i64, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    shard_with(
+        &dir("text_encoder"),
+        &te,
+        |n| n.to_string(),
+        Some(("text_model.embeddings.position_ids", position_ids)),
+    );
     // The T5 embedding under its tied name `encoder.embed_tokens.weight` instead of `shared.weight`.
     shard(&dir("text_encoder_2"), &te2, |n| {
         if n == "shared.weight" {

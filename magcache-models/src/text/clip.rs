@@ -99,7 +99,7 @@ impl ClipTokenizer {
             Some(x) => {
                 // transformers writes 1e30 for "no limit": FluxPipeline would then pad to it.
                 let n = x.as_f64().unwrap_or(f64::NAN);
-                if !(n >= 2.0 && n <= 1e6 && n.fract() == 0.0) {
+                if !((2.0..=1e6).contains(&n) && n.fract() == 0.0) {
                     return Err(Error::config(
                         &cfg_shown,
                         "model_max_length",

@@ -8,6 +8,13 @@
 //!   encoder (`text_encoder_2/`, [`Umt5Encoder`] with `model_type: "t5"`). **No attention mask**
 //!   reaches the encoder: padding positions are attended and encoded, and all L rows are kept.
 //!
+//! CLIP runs on candle-transformers' `clip::text_model` (see [`super::clip`]). T5 does not use
+//! candle-transformers' `t5` although it would read these tensors: the project already has a T5/UMT5
+//! encoder checked against transformers (Wan's), which keeps activations in f32 with bf16/f16
+//! weights, takes `shared.weight` or `encoder.embed_tokens.weight`, and loads through
+//! [`crate::weights::WeightStore`] (shards, errors naming file and tensor, finiteness checks); one
+//! T5 implementation for both families.
+//!
 //! ```no_run
 //! # fn main() -> magcache_core::Result<()> {
 //! use magcache_models::text::FluxTextEncoders;

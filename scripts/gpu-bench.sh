@@ -45,6 +45,7 @@ text_len = 512
 steps = $2
 shift = 5.0
 guidance_scale = 5.0
+scheduler = "unipc"
 TOML
       [ "$3" = cached ] && printf '\n[cache]\nstrategy = "magcache"\nthreshold = 0.12\nmax_skip_steps = 2\nretention_ratio = 0.2\n' >> "$f";;
     flux) cat > "$f" <<TOML
@@ -68,6 +69,7 @@ TOML
   echo "$f"
 }
 run() { # config -> "wall total computed"
+  set -o pipefail
   "$bin" run --quiet --json --config "$1" \
     | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["total_calls"], d["computed_calls"])'
 }
@@ -77,9 +79,10 @@ echo "magcache: $bin   steps: $steps"
 rows=()
 for m in ${ONLY:-wan flux}; do
   echo "== $m" >&2
-  read -r w2 c2 _ <<<"$(run "$(config "$m" 2 dense)")"
-  read -r wd cd _ <<<"$(run "$(config "$m" "$steps" dense)")"
-  read -r wc cc kc <<<"$(run "$(config "$m" "$steps" cached)")"
+  fail() { echo "gpu-bench.sh: magcache failed on $m ($1)" >&2; exit 1; }
+  o=$(run "$(config "$m" 2 dense)") || fail "dense, 2 steps"; read -r w2 c2 _ <<<"$o"
+  o=$(run "$(config "$m" "$steps" dense)") || fail dense; read -r wd cd _ <<<"$o"
+  o=$(run "$(config "$m" "$steps" cached)") || fail cached; read -r wc cc kc <<<"$o"
   rs=$("$py" -c "print(($wd - $w2) / ($cd - $c2))")
   if [ -z "${SKIP_TORCH:-}" ]; then
     ts=$("$py" "$here/diffusers_gpu_bench.py" "$m" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["seconds_per_call"])')

@@ -4,14 +4,17 @@
 //! `diff = mean|r1 - r1_prev| / mean|r1_prev|`, `r1_prev` being the first-block residual of the last
 //! *computed* call. The remaining blocks compute when there is no previous residual or
 //! `diff > threshold`; otherwise the first block's output plus the cached residual of the remaining
-//! blocks (hidden and, where the blocks carry it, encoder stream) is returned.
+//! blocks (hidden and, where the blocks carry it, encoder stream) is returned. Under sequence
+//! parallelism `diff`'s numerator and denominator are averaged over the ranks first
+//! ([`magcache_core::DecisionSync`]).
 
 use magcache_core::candle_core::Tensor;
-use magcache_core::maths::{rel_l1, tensor_bytes};
+use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
+use magcache_core::sync::synced_rel_l1;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, GenerationPlan, Result, ScopeKey, ScopeStates,
-    StrategyConfig, Streams, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, DecisionSync, GenerationPlan, Result, ScopeKey,
+    ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +98,7 @@ impl TimestepCache for FbCache {
         scope: ScopeKey,
         chain: &dyn BlockChain,
         x: Streams,
+        sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
         let (_, slot) = self.states.start_call(scope)?;
         let st = &mut slot.state;
@@ -102,7 +106,8 @@ impl TimestepCache for FbCache {
         let first = chain.run(0..1, x)?;
         let r1 = (&first.hidden - &input)?;
         let metric = match &st.head_residual {
-            Some(prev) => Some(rel_l1(&r1, prev)?),
+            // Averaged over the ranks (sequence parallel): every rank decides alike.
+            Some(prev) => Some(synced_rel_l1(&r1, prev, sync)?),
             None => None,
         };
         if let (Some(d), Some(res)) = (metric, &st.tail_residual) {

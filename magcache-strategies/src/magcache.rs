@@ -12,8 +12,8 @@ use crate::ratios::{RatioSource, RatioSpec, Resample};
 use crate::residual::ResidualCache;
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, Error, GenerationPlan, Result, ScopeKey, ScopeStates,
-    StrategyConfig, Streams, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey,
+    ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 
@@ -286,6 +286,7 @@ impl TimestepCache for MagCache {
         scope: ScopeKey,
         chain: &dyn BlockChain,
         x: Streams,
+        _sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
         let (step, slot) = self.states.start_call(scope)?;
         let st = &mut slot.state;

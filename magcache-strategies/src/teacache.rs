@@ -1,7 +1,8 @@
 //! TeaCache: decide before any block from a model-provided indicator.
 //!
 //! Per scope: the first and the last step compute (with `ret_steps`: the first 5 steps compute and the
-//! last is not forced); otherwise `acc += poly(rel_l1(ind, ind_prev))`, with `poly` the rescale
+//! last is not forced); otherwise `acc += poly(rel_l1(ind, ind_prev))` (its numerator
+//! and denominator averaged over the ranks of a sequence-parallel run first), with `poly` the rescale
 //! polynomial (coefficients highest power first); the call reuses while `acc < threshold`, else it
 //! computes and sets `acc = 0`. `ind_prev` is updated on every call, computed or not. Residual and
 //! reuse as MagCache (last block's hidden output minus first block's hidden input, added once at the
@@ -14,11 +15,12 @@
 
 use crate::residual::ResidualCache;
 use magcache_core::candle_core::Tensor;
-use magcache_core::maths::{rel_l1, tensor_bytes};
+use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
+use magcache_core::sync::synced_rel_l1;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, Error, GenerationPlan, Indicator, ModelInfo, Result,
-    ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, ModelInfo,
+    Result, ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 
@@ -217,6 +219,7 @@ impl TimestepCache for TeaCache {
         scope: ScopeKey,
         chain: &dyn BlockChain,
         x: Streams,
+        sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
         let kind = self.indicator;
         let ind = chain.indicator(kind)?.ok_or_else(|| {
@@ -237,7 +240,8 @@ impl TimestepCache for TeaCache {
         let (compute, metric) = match &st.prev {
             Some(prev) if !forced && st.cache.has_residual() => {
                 // A change from an all-zero indicator is an infinite distance: compute.
-                st.acc += poly(coef, rel_l1(&ind, prev)?);
+                // Averaged over the ranks (sequence parallel): every rank accumulates alike.
+                st.acc += poly(coef, synced_rel_l1(&ind, prev, sync)?);
                 let m = st.acc;
                 let compute = st.acc >= thr || !st.acc.is_finite();
                 if compute {

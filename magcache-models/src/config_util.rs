@@ -209,3 +209,54 @@ pub fn check_applicable(
     }
     cfg.strategy().check_experts(file, family, experts)
 }
+
+/// A diffusers pipeline folder as released: `model.weights` names one folder whose
+/// `model_index.json` is read (returned with the folder) and which has every sub-folder in `parts`.
+/// Errors name `model.weights` or the index file and key. Used by prompted runs of every family.
+pub fn pipeline_folder(
+    cfg: &magcache_core::RunConfig,
+    file: &str,
+    base: &std::path::Path,
+    parts: &[&str],
+) -> Result<(std::path::PathBuf, Value)> {
+    let Some(magcache_core::config::WeightsSpec::One(w)) = &cfg.model.weights else {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "a prompted run takes one diffusers pipeline folder (model_index.json beside {}/, scheduler/)",
+                parts.join("/, ")
+            ),
+        ));
+    };
+    let root = resolve(base, w);
+    let index = root.join("model_index.json");
+    let shown = index.display().to_string();
+    let text = std::fs::read_to_string(&index).map_err(|e| {
+        Error::config(
+            file,
+            "model.weights",
+            format!("a prompted run needs a diffusers pipeline folder; cannot read {shown}: {e}"),
+        )
+    })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+    for sub in parts {
+        if !root.join(sub).is_dir() {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                format!("the pipeline folder {} has no `{sub}/`", root.display()),
+            ));
+        }
+    }
+    Ok((root, v))
+}
+
+/// `_class_name` of a pipeline's `model_index.json` (empty when absent).
+pub fn pipeline_class(index: &Value) -> &str {
+    index
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .unwrap_or("")
+}

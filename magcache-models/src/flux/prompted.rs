@@ -9,7 +9,7 @@ use crate::config_util::resolve;
 use crate::inputs::InputFile;
 use crate::text::flux::FluxTextEncoders;
 use candle_core::{DType, Device, Tensor};
-use magcache_core::config::{RunConfig, WeightsSpec};
+use magcache_core::config::RunConfig;
 use magcache_core::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use std::path::{Path, PathBuf};
@@ -32,48 +32,26 @@ pub struct Prompted {
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
 /// a FLUX pipeline and the parts it needs.
 pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
-    let Some(WeightsSpec::One(w)) = &cfg.model.weights else {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            "a prompted run takes one diffusers pipeline folder (model_index.json beside tokenizer/, tokenizer_2/, text_encoder/, text_encoder_2/, transformer/, vae/, scheduler/)",
-        ));
-    };
-    let root = resolve(base, w);
-    let index = root.join("model_index.json");
-    let shown = index.display().to_string();
-    let text = std::fs::read_to_string(&index).map_err(|e| {
-        Error::config(
-            file,
-            "model.weights",
-            format!("a prompted run needs a diffusers pipeline folder; cannot read {shown}: {e}"),
-        )
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
-    let class = v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+    let (root, index) = crate::config_util::pipeline_folder(
+        cfg,
+        file,
+        base,
+        &[
+            "tokenizer",
+            "tokenizer_2",
+            "text_encoder",
+            "text_encoder_2",
+            "transformer",
+            "vae",
+        ],
+    )?;
+    let class = crate::config_util::pipeline_class(&index);
     if !class.starts_with("Flux") {
         return Err(Error::config(
-            &shown,
+            root.join("model_index.json").display().to_string(),
             "_class_name",
             format!("`{class}` is not a FLUX pipeline (FluxPipeline); check model.family"),
         ));
-    }
-    for sub in [
-        "tokenizer",
-        "tokenizer_2",
-        "text_encoder",
-        "text_encoder_2",
-        "transformer",
-        "vae",
-    ] {
-        if !root.join(sub).is_dir() {
-            return Err(Error::config(
-                file,
-                "model.weights",
-                format!("the pipeline folder {} has no `{sub}/`", root.display()),
-            ));
-        }
     }
     Ok(root)
 }

@@ -10,7 +10,7 @@ use crate::config_util::resolve;
 use crate::inputs::InputFile;
 use crate::text::WanTextEncoder;
 use candle_core::Tensor;
-use magcache_core::config::{RunConfig, WeightsSpec};
+use magcache_core::config::RunConfig;
 use magcache_core::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use std::path::{Path, PathBuf};
@@ -34,26 +34,14 @@ pub struct Prompted {
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
 /// a Wan pipeline.
 pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
-    let Some(WeightsSpec::One(w)) = &cfg.model.weights else {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            "a prompted run takes one diffusers pipeline folder (model_index.json beside tokenizer/, text_encoder/, transformer/, vae/, scheduler/)",
-        ));
-    };
-    let root = resolve(base, w);
-    let index = root.join("model_index.json");
-    let shown = index.display().to_string();
-    let text = std::fs::read_to_string(&index).map_err(|e| {
-        Error::config(
-            file,
-            "model.weights",
-            format!("a prompted run needs a diffusers pipeline folder; cannot read {shown}: {e}"),
-        )
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
-    let class = v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+    let (root, index) = crate::config_util::pipeline_folder(
+        cfg,
+        file,
+        base,
+        &["tokenizer", "text_encoder", "transformer", "vae"],
+    )?;
+    let shown = root.join("model_index.json").display().to_string();
+    let class = crate::config_util::pipeline_class(&index);
     if !class.starts_with("Wan") {
         return Err(Error::config(
             &shown,
@@ -67,15 +55,6 @@ pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf
             "_class_name",
             format!("`{class}`: image-to-video prompted runs are not supported yet (text-to-video pipelines only)"),
         ));
-    }
-    for sub in ["tokenizer", "text_encoder", "transformer", "vae"] {
-        if !root.join(sub).is_dir() {
-            return Err(Error::config(
-                file,
-                "model.weights",
-                format!("the pipeline folder {} has no `{sub}/`", root.display()),
-            ));
-        }
     }
     Ok(root)
 }

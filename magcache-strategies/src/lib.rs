@@ -4,7 +4,11 @@
 //! `[cache]` table:
 //! - [`magcache`]: MagCache, magnitude-ratio error model over calibrated curves (`strategy = "magcache"`);
 //! - [`fbcache`]: First-Block Cache, relative L1 of the first block's residual (`strategy = "fbcache"`);
-//! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`).
+//! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`);
+//! - [`seacache`]: SeaCache, accumulated distance of the spectrally filtered input latents with
+//!   residual extrapolation (`strategy = "seacache"`).
+//!
+//! What a reused call returns is the estimator axis, shared by all of them ([`residual`]).
 //!
 //! Strategies know nothing of a model's internals: they see a call's block chain through
 //! [`magcache_core::BlockChain`] (run a range of blocks, ask for an [`magcache_core::Indicator`]) and
@@ -16,11 +20,14 @@ pub mod magcache;
 pub mod profile;
 pub mod ratios;
 pub mod residual;
+pub mod seacache;
 pub mod teacache;
 
 pub use fbcache::{FbCache, FbCacheConfig};
 pub use magcache::{MagCache, MagCacheConfig};
 pub use ratios::{RatioCurves, RatioSource, RatioSpec, Resample};
+pub use residual::Estimator;
+pub use seacache::{SeaCache, SeaCacheConfig};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
 /// Every strategy's `threshold`: a finite, non-negative number.
@@ -43,4 +50,5 @@ pub fn link() {
     std::hint::black_box(magcache::MagCacheConfig::default());
     std::hint::black_box(fbcache::FbCacheConfig::default());
     std::hint::black_box(teacache::TeaCacheConfig::default());
+    std::hint::black_box(seacache::SeaCacheConfig::default());
 }

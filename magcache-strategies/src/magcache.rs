@@ -291,7 +291,7 @@ impl TimestepCache for MagCache {
         let st = &mut slot.state;
         let has_residual = st.cache.has_residual();
         let (reuse, metric) = decide(&self.cfg, st, step, has_residual);
-        let out = st.cache.run("MagCache", scope, chain, x, reuse)?;
+        let out = st.cache.run("MagCache", scope, step, chain, x, reuse)?;
         Ok((
             out,
             CallDecision {

@@ -251,7 +251,7 @@ impl TimestepCache for TeaCache {
             }
         };
         st.prev = Some(ind);
-        let out = st.cache.run("TeaCache", scope, chain, x, !compute)?;
+        let out = st.cache.run("TeaCache", scope, step, chain, x, !compute)?;
         Ok((
             out,
             CallDecision {

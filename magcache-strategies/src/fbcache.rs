@@ -4,8 +4,10 @@
 //! `diff = mean|r1 - r1_prev| / mean|r1_prev|`, `r1_prev` being the first-block residual of the last
 //! *computed* call. The remaining blocks compute when there is no previous residual or
 //! `diff > threshold`; otherwise the first block's output plus the cached residual of the remaining
-//! blocks (hidden and, where the blocks carry it, encoder stream) is returned.
+//! blocks (hidden and, where the blocks carry it, encoder stream) is returned, or its forecast with
+//! `estimator = "taylor1" | "taylor2"` (see [`crate::residual`]).
 
+use crate::residual::{Estimator, ResidualHistory};
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::{rel_l1, tensor_bytes};
 use magcache_core::registry::StrategyRegistration;
@@ -22,6 +24,10 @@ pub struct FbCacheConfig {
     /// Largest relative change of the first-block residual that still reuses.
     #[serde(default = "d_threshold")]
     pub threshold: f64,
+    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
+    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
+    #[serde(default)]
+    pub estimator: Estimator,
 }
 
 fn d_threshold() -> f64 {
@@ -32,6 +38,7 @@ impl Default for FbCacheConfig {
     fn default() -> Self {
         FbCacheConfig {
             threshold: d_threshold(),
+            estimator: Estimator::Reuse,
         }
     }
 }
@@ -61,8 +68,8 @@ inventory::submit! {
 struct FbState {
     /// First-block residual of the last computed call.
     head_residual: Option<Tensor>,
-    /// Residual of the remaining blocks (last output - first output) of the last computed call.
-    tail_residual: Option<Streams>,
+    /// Residuals of the remaining blocks (last output - first output) of the last computed calls.
+    tail_residual: ResidualHistory,
 }
 
 /// The FBCache strategy.
@@ -86,7 +93,13 @@ impl TimestepCache for FbCache {
     }
 
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        self.states.begin(plan, |_| Ok(FbState::default()))?;
+        let e = self.cfg.estimator;
+        self.states.begin(plan, |_| {
+            Ok(FbState {
+                head_residual: None,
+                tail_residual: ResidualHistory::new(e),
+            })
+        })?;
         Ok(Vec::new())
     }
 
@@ -96,7 +109,7 @@ impl TimestepCache for FbCache {
         chain: &dyn BlockChain,
         x: Streams,
     ) -> Result<(Streams, CallDecision)> {
-        let (_, slot) = self.states.start_call(scope)?;
+        let (step, slot) = self.states.start_call(scope)?;
         let st = &mut slot.state;
         let input = x.hidden.clone();
         let first = chain.run(0..1, x)?;
@@ -105,14 +118,14 @@ impl TimestepCache for FbCache {
             Some(prev) => Some(rel_l1(&r1, prev)?),
             None => None,
         };
-        if let (Some(d), Some(res)) = (metric, &st.tail_residual) {
+        if let (Some(d), Some(res)) = (metric, st.tail_residual.estimate(step)?) {
             if d <= self.cfg.threshold {
-                return Ok((first.add(res)?, CallDecision::reused(metric)));
+                return Ok((first.add(&res)?, CallDecision::reused(metric)));
             }
         }
         st.head_residual = Some(r1);
         let last = chain.run(1..chain.num_blocks(), first.clone())?;
-        st.tail_residual = Some(last.sub(&first)?);
+        st.tail_residual.push(step, last.sub(&first)?);
         Ok((last, CallDecision::computed(metric)))
     }
 
@@ -127,11 +140,7 @@ impl TimestepCache for FbCache {
                         .as_ref()
                         .map(tensor_bytes)
                         .unwrap_or(0)
-                        + s.state
-                            .tail_residual
-                            .as_ref()
-                            .map(Streams::bytes)
-                            .unwrap_or(0),
+                        + s.state.tail_residual.bytes(),
                 )
             })
             .collect()

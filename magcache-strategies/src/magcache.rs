@@ -9,7 +9,7 @@
 //! returns the chain's input plus that residual (added once) and runs no block.
 
 use crate::ratios::{RatioSource, RatioSpec, Resample};
-use crate::residual::ResidualCache;
+use crate::residual::{Estimator, ResidualCache};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
     BlockChain, BuildEnv, CallDecision, Error, GenerationPlan, Result, ScopeKey, ScopeStates,
@@ -43,6 +43,10 @@ pub struct MagCacheConfig {
     /// from the run's plan, so a value that matches no scope is warned about, never used.
     #[serde(default)]
     pub num_inference_steps: Option<usize>,
+    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
+    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
+    #[serde(default)]
+    pub estimator: Estimator,
 }
 
 fn d_threshold() -> f64 {
@@ -65,6 +69,7 @@ impl Default for MagCacheConfig {
             profile: None,
             resample: Resample::Index,
             num_inference_steps: None,
+            estimator: Estimator::Reuse,
         }
     }
 }
@@ -265,6 +270,7 @@ impl TimestepCache for MagCache {
                 ratios: source.curve_for_mode(plan, sp, cfg.resample)?,
                 retention: retention_steps(cfg.retention_ratio, sp.steps),
                 acc_ratio: 1.0,
+                cache: ResidualCache::new(cfg.estimator),
                 ..Default::default()
             })
         })?;

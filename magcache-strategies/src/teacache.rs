@@ -12,7 +12,7 @@
 //! the first block's modulated input. Models publish that choice (and, per variant, the
 //! coefficients) under the `teacache` key; `indicator = "..."` in the config overrides it.
 
-use crate::residual::ResidualCache;
+use crate::residual::{Estimator, ResidualCache};
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::{rel_l1, tensor_bytes};
 use magcache_core::registry::StrategyRegistration;
@@ -39,6 +39,10 @@ pub struct TeaCacheConfig {
     /// The model tensor to measure; default: the one the model's published data names.
     #[serde(default)]
     pub indicator: Option<Indicator>,
+    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
+    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
+    #[serde(default)]
+    pub estimator: Estimator,
 }
 
 /// What a model publishes for TeaCache under the `teacache` key.
@@ -77,6 +81,7 @@ impl Default for TeaCacheConfig {
             coefficients: None,
             ret_steps: false,
             indicator: None,
+            estimator: Estimator::Reuse,
         }
     }
 }
@@ -208,7 +213,13 @@ impl TimestepCache for TeaCache {
     }
 
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        self.states.begin(plan, |_| Ok(TeaState::default()))?;
+        let e = self.cfg.estimator;
+        self.states.begin(plan, |_| {
+            Ok(TeaState {
+                cache: ResidualCache::new(e),
+                ..Default::default()
+            })
+        })?;
         Ok(Vec::new())
     }
 

@@ -188,7 +188,10 @@ fn reused_call_adds_the_residual_exactly_once() {
 #[test]
 fn fbcache_one_block_is_exact_whatever_it_decides() {
     // On one block the first block is the whole model: reuse adds a zero residual.
-    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold: 1e9 })));
+    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig {
+        threshold: 1e9,
+        ..Default::default()
+    })));
     let mut toy = Toy::new(1, &cache);
     cache
         .lock()
@@ -212,7 +215,10 @@ fn fbcache_one_block_is_exact_whatever_it_decides() {
 
 #[test]
 fn fbcache_reuse_runs_only_the_first_block() {
-    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold: 0.5 })));
+    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig {
+        threshold: 0.5,
+        ..Default::default()
+    })));
     let mut toy = Toy::new(3, &cache);
     cache
         .lock()
@@ -306,7 +312,10 @@ impl magcache_core::BlockHook for Counter {
 #[test]
 fn user_hooks_run_on_computed_blocks_beside_a_cache() {
     use magcache_core::HookOrder;
-    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold: 0.5 })));
+    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig {
+        threshold: 0.5,
+        ..Default::default()
+    })));
     let mut toy = Toy::new(1, &cache);
     // Head and tail hooks on the one block chain; the cache wraps the chain around them.
     let (outer, inner) = (
@@ -437,7 +446,7 @@ proptest! {
 
     #[test]
     fn fbcache_always_computes_the_first_call(threshold in 0.0f64..1e6, x in prop::collection::vec(-10.0f32..10.0, 1..8)) {
-        let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold })));
+        let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold, ..Default::default() })));
         let mut toy = Toy::new(3, &cache);
         cache.lock().unwrap().begin_generation(&plan(2, &[Branch::Cond])).unwrap();
         let out = toy.call(COND, &t(&x)).unwrap();
@@ -446,4 +455,52 @@ proptest! {
         prop_assert_eq!(d.metric, None);
         prop_assert_eq!(v(&out), Toy::dense(3, &t(&x)));
     }
+}
+
+/// The estimator axis through a strategy: FBCache with `taylor1` on a chain whose tail residual
+/// changes linearly in the step returns the forecast, `reuse` the stale residual.
+#[test]
+fn fbcache_taylor1_forecasts_the_tail_residual() {
+    use magcache_core::candle_core::{DType, Device, Tensor};
+    use magcache_core::{
+        Branch, GenerationPlan, PerBlock, ScopeKey, StepsSpec, Streams, TimestepCache,
+    };
+    use magcache_strategies::{Estimator, FbCache, FbCacheConfig};
+    let sigmas = [1.0, 0.8, 0.6, 0.4];
+    let branches = [Branch::Cond];
+    let plan = GenerationPlan::from_steps(&StepsSpec::new("toy", "euler", &sigmas, &branches));
+    // Block 0 adds 1 at step 0 and 100 after (so steps 0 and 1 compute, 2 and 3 reuse); block 1
+    // adds 1 + k: a tail residual linear in the step.
+    let head = [1.0, 100.0, 100.0, 100.0];
+    let run = |e: Estimator| -> Vec<(f32, bool)> {
+        let mut c = FbCache::new(FbCacheConfig {
+            threshold: 0.5,
+            estimator: e,
+        });
+        c.begin_generation(&plan).unwrap();
+        (0..sigmas.len())
+            .map(|k| {
+                let chain = PerBlock::new(2, |i, x: Streams| {
+                    let add = if i == 0 { head[k] } else { 1.0 + k as f64 };
+                    Ok(Streams::hidden((x.hidden + add)?))
+                });
+                let x = Streams::hidden(Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+                let (y, d) = c.run(ScopeKey::new(0, Branch::Cond), &chain, x).unwrap();
+                (y.hidden.to_vec1::<f32>().unwrap()[0], d.computed)
+            })
+            .collect()
+    };
+    let computed = [true, true, false, false];
+    let reuse = run(Estimator::Reuse);
+    assert_eq!(reuse.iter().map(|r| r.1).collect::<Vec<_>>(), computed);
+    assert_eq!(
+        reuse.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [2.0, 102.0, 102.0, 102.0]
+    );
+    let t1 = run(Estimator::Taylor1);
+    assert_eq!(t1.iter().map(|r| r.1).collect::<Vec<_>>(), computed);
+    assert_eq!(
+        t1.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [2.0, 102.0, 103.0, 104.0]
+    );
 }

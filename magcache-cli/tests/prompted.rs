@@ -194,3 +194,30 @@ fn wan22_two_expert_pipeline_folder_runs_prompted() {
     let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
     assert!(t.contains_key("decoded"));
 }
+
+/// A FLUX.1 pipeline folder (the fixture example) runs prompted through the binary: `--out` holds
+/// `decoded` `[1, H, W, 3]` and both embeddings, `--png` writes the picture.
+#[test]
+fn flux_prompted_run_writes_the_picture() {
+    let ex = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/flux_tiny_prompted.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let png = dir.path().join("cat.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--quiet", "--config"])
+        .arg(&ex)
+        .arg("--out")
+        .arg(&out)
+        .arg("--png")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let cfg: toml::Table = std::fs::read_to_string(&ex).unwrap().parse().unwrap();
+    let h = cfg["inputs"]["height"].as_integer().unwrap() as usize;
+    let w = cfg["inputs"]["width"].as_integer().unwrap() as usize;
+    assert_eq!(t["decoded"].dims(), &[1, h, w, 3]);
+    assert!(t.contains_key("prompt_embeds") && t.contains_key("pooled_prompt_embeds"));
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+}

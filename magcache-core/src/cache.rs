@@ -9,6 +9,7 @@
 use crate::chain::{BlockChain, Streams};
 use crate::error::{Error, Result};
 use crate::scope::{GenerationPlan, ScopeKey};
+use crate::sync::{DecisionSync, SingleProcess};
 use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -49,11 +50,17 @@ pub trait TimestepCache: Send {
 
     /// One transformer call of `scope`: decide, run what must run of `chain` on `x` (the streams
     /// entering block 0), and return the streams leaving the last block with the decision.
+    ///
+    /// A strategy that decides from the data passes its metric's partial quantities through `sync`
+    /// ([`DecisionSync::all_reduce_mean`], for example [`crate::sync::synced_rel_l1`]) before
+    /// comparing it with a threshold, once per call on every rank, so that all ranks of a
+    /// sequence-parallel run take the same decision. [`SingleProcess`] (one rank) is the identity.
     fn run(
         &mut self,
         scope: ScopeKey,
         chain: &dyn BlockChain,
         x: Streams,
+        sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)>;
 
     /// Bytes of tensors each scope holds now (residuals, indicators).
@@ -74,10 +81,12 @@ pub trait TimestepCache: Send {
 }
 
 /// A shared handle on one strategy instance: the pipeline runs calls through it, the runner reads
-/// the cache's size and results after a generation.
+/// the cache's size and results after a generation. It also carries the [`DecisionSync`] of the
+/// process group the run belongs to ([`SingleProcess`] unless [`CacheHandle::with_sync`]).
 #[derive(Clone)]
 pub struct CacheHandle {
     inner: Arc<Mutex<Box<dyn TimestepCache>>>,
+    sync: Arc<dyn DecisionSync>,
 }
 
 impl std::fmt::Debug for CacheHandle {
@@ -87,10 +96,22 @@ impl std::fmt::Debug for CacheHandle {
 }
 
 impl CacheHandle {
+    /// A handle for a single-process run.
     pub fn new(cache: Box<dyn TimestepCache>) -> Self {
+        Self::with_sync(cache, Arc::new(SingleProcess))
+    }
+
+    /// A handle whose calls synchronise their decisions through `sync` (one rank of a group).
+    pub fn with_sync(cache: Box<dyn TimestepCache>, sync: Arc<dyn DecisionSync>) -> Self {
         CacheHandle {
             inner: Arc::new(Mutex::new(cache)),
+            sync,
         }
+    }
+
+    /// The decision synchronisation this handle's calls use.
+    pub fn sync(&self) -> &dyn DecisionSync {
+        &*self.sync
     }
 
     /// Locks the strategy. Fails only if a previous holder panicked.
@@ -134,7 +155,7 @@ impl<'a> CallCx<'a> {
                 if chain.num_blocks() == 0 {
                     return Err(Error::Hooks("cannot cache a chain without blocks".into()));
                 }
-                let (out, d) = c.lock()?.run(self.scope, chain, x)?;
+                let (out, d) = c.lock()?.run(self.scope, chain, x, c.sync())?;
                 self.decision.set(Some(d));
                 Ok(out)
             }

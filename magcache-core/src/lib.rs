@@ -4,6 +4,8 @@
 //! - [`TimestepCache`]: the strategy trait: one call of a [`BlockChain`], decided and run as a whole;
 //! - [`Denoiser`], [`CallCx`], [`GenerationPlan::from_steps`]: the denoising kit a model's loop uses;
 //! - [`Indicator`]: the tensors a model can compute for strategies, named by what they are;
+//! - [`DecisionSync`]: the collective data-dependent strategies average their metric through, so
+//!   that every rank of a sequence-parallel run decides alike ([`SingleProcess`] by default);
 //! - [`HookRegistry`]: general hooks composed around each block (observers, probes);
 //! - [`BlockMetadata`]: where hidden and encoder states sit in a block's tuples (for hooks);
 //! - [`ScopeKey`] / [`ScopeStates`]: per (expert, branch) state and step accounting;
@@ -32,6 +34,7 @@ pub mod progress;
 pub mod registry;
 pub mod scope;
 pub mod states;
+pub mod sync;
 
 pub use cache::{CacheHandle, CallCx, CallDecision, TimestepCache};
 pub use chain::{BlockChain, Indicator, PerBlock, Streams};
@@ -44,6 +47,7 @@ pub use placement::Placement;
 pub use registry::{ModelFamily, ModelInfo, ScheduleMeta, StrategyRegistration};
 pub use scope::{Branch, GenerationPlan, ScopeKey, ScopePlan, StepsSpec};
 pub use states::{ScopeSlot, ScopeStates};
+pub use sync::{DecisionSync, SingleProcess};
 
 pub use candle_core;
 pub use inventory;

@@ -62,16 +62,7 @@ pub fn mean_abs(t: &Tensor) -> Result<f64> {
 /// Relative L1 distance `mean|a - b| / mean|b|`. A zero `b` gives `0` when `a == b` and
 /// `f64::INFINITY` otherwise: never NaN, never a division by zero.
 pub fn rel_l1(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let num = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .mean_all()?
-        .to_scalar::<f32>()?;
-    let den = b
-        .to_dtype(DType::F32)?
-        .abs()?
-        .mean_all()?
-        .to_scalar::<f32>()?;
-    Ok(safe_ratio(num as f64, den as f64))
+    crate::sync::synced_rel_l1(a, b, &crate::sync::SingleProcess)
 }
 
 /// `num / den` with the conventions of [`rel_l1`] for a zero denominator.

@@ -70,6 +70,13 @@ impl WeightStore {
                 )
             })?;
             for (k, t) in map {
+                // Integer `position_ids` buffers (older transformers CLIP checkpoints store
+                // `text_model.embeddings.position_ids`) are not weights: positions are 0..L.
+                if k.ends_with("position_ids")
+                    && matches!(t.dtype(), DType::I64 | DType::U32 | DType::U8)
+                {
+                    continue;
+                }
                 if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
                     return Err(Error::weights(
                         &name,

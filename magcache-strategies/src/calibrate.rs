@@ -5,8 +5,8 @@
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::{mag_stats, tensor_bytes};
 use magcache_core::{
-    BlockChain, CallDecision, Error, GenerationPlan, Result, ScopeKey, ScopeStates, Streams,
-    TimestepCache,
+    BlockChain, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey, ScopeStates,
+    Streams, TimestepCache,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -70,6 +70,7 @@ impl TimestepCache for Calibrator {
         scope: ScopeKey,
         chain: &dyn BlockChain,
         x: Streams,
+        _sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
         let (_, slot) = self.states.start_call(scope)?;
         let st = &mut slot.state;

@@ -18,11 +18,12 @@
 //! The model must offer [`Indicator::InputLatents`]: Wan does; FLUX does not (diffusers has no
 //! SeaCache adapter for FLUX), and the strategy refuses such a model when it is built.
 
+use crate::guards::{few_step_warnings, GuardConfig, Guards, Verdict};
 use crate::residual::{Estimator, ResidualCache};
 use magcache_core::candle_core::{DType, Tensor};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, Error, GenerationPlan, Indicator, Result, ScopeKey,
+    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, Result, ScopeKey,
     ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use rustfft::num_complex::Complex;
@@ -51,6 +52,10 @@ pub struct SeaCacheConfig {
     /// Exponent of the spectral power law `P = 1 / |f|^power_exp`.
     #[serde(default = "d_power_exp")]
     pub power_exp: f64,
+    /// The uncond call of a step takes the cond call's decision (see [`crate::guards`]; SeaCache's
+    /// own knobs above are its other guards).
+    #[serde(default)]
+    pub cfg_shared: bool,
 }
 
 fn d_threshold() -> f64 {
@@ -75,6 +80,20 @@ impl Default for SeaCacheConfig {
             cache_end_steps: d_one(),
             max_consecutive_cached: d_max_consecutive(),
             power_exp: d_power_exp(),
+            cfg_shared: false,
+        }
+    }
+}
+
+impl SeaCacheConfig {
+    /// diffusers' knobs as the shared guards: `retention_steps` is the warm-up, `cache_end_steps`
+    /// the last steps, `max_consecutive_cached` (0: none) the cap.
+    pub fn guards(&self) -> GuardConfig {
+        GuardConfig {
+            warmup_steps: self.retention_steps,
+            last_steps: self.cache_end_steps,
+            max_consecutive: (self.max_consecutive_cached > 0).then_some(self.max_consecutive_cached),
+            cfg_shared: self.cfg_shared,
         }
     }
 }
@@ -244,7 +263,6 @@ pub fn sea_distance(cur: &[Vec<f64>], prev: &[Vec<f64>]) -> Result<f64> {
 #[derive(Debug, Default)]
 struct SeaState {
     acc: f64,
-    consecutive: usize,
     prev: Option<Vec<Vec<f64>>>,
     cache: ResidualCache,
 }
@@ -253,6 +271,7 @@ struct SeaState {
 pub struct SeaCache {
     cfg: SeaCacheConfig,
     estimator: Estimator,
+    guards: Guards,
     states: ScopeStates<SeaState>,
 }
 
@@ -260,6 +279,7 @@ impl SeaCache {
     pub fn new(cfg: SeaCacheConfig) -> Self {
         let estimator = Estimator::from_order(cfg.residual_order).unwrap_or(Estimator::Taylor2);
         SeaCache {
+            guards: Guards::new(cfg.guards()),
             cfg,
             estimator,
             states: ScopeStates::default(),
@@ -274,13 +294,14 @@ impl TimestepCache for SeaCache {
 
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
         let e = self.estimator;
+        self.guards.begin(plan);
         self.states.begin(plan, |_| {
             Ok(SeaState {
                 cache: ResidualCache::new(e),
                 ..Default::default()
             })
         })?;
-        Ok(Vec::new())
+        Ok(few_step_warnings("seacache", plan, self.guards.config()))
     }
 
     fn run(
@@ -288,6 +309,10 @@ impl TimestepCache for SeaCache {
         scope: ScopeKey,
         chain: &dyn BlockChain,
         x: Streams,
+        // The indicator is computed from the transformer's input latents, which every rank of a
+        // sequence-parallel run holds whole (sharding starts after patch embedding): the metric is
+        // the same on every rank without a collective.
+        _sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
         let latents = chain.indicator(Indicator::InputLatents)?.ok_or_else(|| {
             Error::msg(format!(
@@ -305,23 +330,24 @@ impl TimestepCache for SeaCache {
         })?;
         let st = &mut slot.state;
         let ind = sea_filter(&latents, sigma, cfg.power_exp)?;
-        let forced = step < cfg.retention_steps
-            || step + cfg.cache_end_steps >= steps
-            || st.prev.is_none()
-            || (cfg.max_consecutive_cached > 0 && st.consecutive >= cfg.max_consecutive_cached)
-            || !st.cache.has_residual();
+        let verdict = self.guards.verdict(scope, step, steps);
+        let has_residual = st.cache.has_residual();
+        let forced = verdict == Verdict::Compute || st.prev.is_none() || !has_residual;
         let (compute, metric) = match &st.prev {
-            Some(prev) if !forced => {
+            Some(prev) if !forced && verdict == Verdict::Free => {
                 let m = st.acc + sea_distance(&ind, prev)?;
                 (m >= cfg.threshold || !m.is_finite(), Some(m))
             }
+            // `cfg_shared`: the cond call of this step reused.
+            _ if !forced => (false, None),
             _ => (true, None),
         };
         st.acc = match (compute, metric) {
             (false, Some(m)) => m,
+            (false, None) => st.acc,
             _ => 0.0,
         };
-        st.consecutive = if compute { 0 } else { st.consecutive + 1 };
+        self.guards.record(scope, step, !compute);
         st.prev = Some(ind);
         let out = st.cache.run("SeaCache", scope, step, chain, x, !compute)?;
         Ok((

@@ -1,7 +1,8 @@
 //! TeaCache: decide before any block from a model-provided indicator.
 //!
 //! Per scope: the first and the last step compute (with `ret_steps`: the first 5 steps compute and the
-//! last is not forced); otherwise `acc += poly(rel_l1(ind, ind_prev))`, with `poly` the rescale
+//! last is not forced); otherwise `acc += poly(rel_l1(ind, ind_prev))` (its numerator
+//! and denominator averaged over the ranks of a sequence-parallel run first), with `poly` the rescale
 //! polynomial (coefficients highest power first); the call reuses while `acc < threshold`, else it
 //! computes and sets `acc = 0`. `ind_prev` is updated on every call, computed or not. Residual and
 //! reuse as MagCache (last block's hidden output minus first block's hidden input, added once at the
@@ -14,11 +15,13 @@
 
 use crate::residual::{Estimator, ResidualCache};
 use magcache_core::candle_core::Tensor;
-use magcache_core::maths::{rel_l1, tensor_bytes};
+use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
+use crate::guards::{few_step_warnings, Guards};
+use magcache_core::sync::synced_rel_l1;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, Error, GenerationPlan, Indicator, ModelInfo, Result,
-    ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, ModelInfo,
+    Result, ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +46,15 @@ pub struct TeaCacheConfig {
     /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
     #[serde(default)]
     pub estimator: Estimator,
+    /// Guards: see [`crate::guards`].
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub last_steps: usize,
+    #[serde(default)]
+    pub max_consecutive: Option<usize>,
+    #[serde(default)]
+    pub cfg_shared: bool,
 }
 
 /// What a model publishes for TeaCache under the `teacache` key.
@@ -82,6 +94,22 @@ impl Default for TeaCacheConfig {
             ret_steps: false,
             indicator: None,
             estimator: Estimator::Reuse,
+            warmup_steps: 0,
+            last_steps: 0,
+            max_consecutive: None,
+            cfg_shared: false,
+        }
+    }
+}
+
+impl TeaCacheConfig {
+    /// The guard keys of this config.
+    pub fn guards(&self) -> crate::guards::GuardConfig {
+        crate::guards::GuardConfig {
+            warmup_steps: self.warmup_steps,
+            last_steps: self.last_steps,
+            max_consecutive: self.max_consecutive,
+            cfg_shared: self.cfg_shared,
         }
     }
 }
@@ -90,6 +118,7 @@ impl Default for TeaCacheConfig {
 impl StrategyConfig for TeaCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         crate::check_threshold(file, self.threshold)?;
+        self.guards().validate(file)?;
         if let Some(c) = &self.coefficients {
             if c.is_empty() || c.iter().any(|x| !x.is_finite()) {
                 return Err(Error::config(
@@ -188,6 +217,7 @@ pub struct TeaCache {
     cfg: TeaCacheConfig,
     coefficients: Vec<f64>,
     indicator: Indicator,
+    guards: Guards,
     states: ScopeStates<TeaState>,
 }
 
@@ -199,6 +229,7 @@ impl TeaCache {
         let coefficients = cfg.coefficients.clone().unwrap_or_else(|| vec![1.0, 0.0]);
         let indicator = cfg.indicator.unwrap_or(Indicator::TimestepEmbedding);
         TeaCache {
+            guards: Guards::new(cfg.guards()),
             cfg,
             coefficients,
             indicator,
@@ -214,13 +245,14 @@ impl TimestepCache for TeaCache {
 
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
         let e = self.cfg.estimator;
+        self.guards.begin(plan);
         self.states.begin(plan, |_| {
             Ok(TeaState {
                 cache: ResidualCache::new(e),
                 ..Default::default()
             })
         })?;
-        Ok(Vec::new())
+        Ok(few_step_warnings("teacache", plan, self.guards.config()))
     }
 
     fn run(
@@ -228,6 +260,7 @@ impl TimestepCache for TeaCache {
         scope: ScopeKey,
         chain: &dyn BlockChain,
         x: Streams,
+        sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
         let kind = self.indicator;
         let ind = chain.indicator(kind)?.ok_or_else(|| {
@@ -245,22 +278,23 @@ impl TimestepCache for TeaCache {
         } else {
             step == 0 || step + 1 == steps
         };
-        let (compute, metric) = match &st.prev {
-            Some(prev) if !forced && st.cache.has_residual() => {
+        let verdict = self.guards.verdict(scope, step, steps);
+        let has_residual = st.cache.has_residual();
+        let (want, metric) = match &st.prev {
+            Some(prev) if !forced && !verdict.imposed() && has_residual => {
                 // A change from an all-zero indicator is an infinite distance: compute.
-                st.acc += poly(coef, rel_l1(&ind, prev)?);
+                // Averaged over the ranks (sequence parallel): every rank accumulates alike.
+                st.acc += poly(coef, synced_rel_l1(&ind, prev, sync)?);
                 let m = st.acc;
-                let compute = st.acc >= thr || !st.acc.is_finite();
-                if compute {
-                    st.acc = 0.0;
-                }
-                (compute, Some(m))
+                (st.acc < thr && st.acc.is_finite(), Some(m))
             }
-            _ => {
-                st.acc = 0.0;
-                (true, None)
-            }
+            _ => (false, None),
         };
+        let compute = forced || !verdict.apply(want, has_residual);
+        if compute {
+            st.acc = 0.0;
+        }
+        self.guards.record(scope, step, !compute);
         st.prev = Some(ind);
         let out = st.cache.run("TeaCache", scope, step, chain, x, !compute)?;
         Ok((

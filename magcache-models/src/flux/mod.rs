@@ -5,6 +5,7 @@ pub mod config;
 pub mod footprint;
 pub mod load;
 pub mod model;
+pub mod prompted;
 pub mod vae;
 
 use crate::config_util::to_map;
@@ -158,6 +159,8 @@ pub struct FluxPipeline {
     pub description: String,
     /// Found while building; reported at the start of every generation.
     pub warnings: Vec<String>,
+    /// Prompted runs (`[prompt]`): the pipeline folder and encoded prompt, decoded in `finish`.
+    pub prompted: Option<prompted::Prompted>,
     cache: Option<CacheHandle>,
 }
 
@@ -243,6 +246,20 @@ impl Pipeline for FluxPipeline {
             den.step_done(i, &lat)?;
         }
         Ok(lat)
+    }
+
+    fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        match &mut self.prompted {
+            Some(p) => prompted::finish(p, latents),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn stages(&self) -> Vec<magcache_core::progress::StageTime> {
+        self.prompted
+            .as_ref()
+            .map(|p| p.stages.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -450,9 +467,17 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     }
     let overrides = overrides_json(cfg);
     let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
+    let prompted = match &cfg.prompt {
+        Some(_) => {
+            let root = prompted::pipeline_root(cfg, file, base)?;
+            Some(prompted::encode(cfg, file, &root)?)
+        }
+        None => None,
+    };
     let (model, desc, variant) = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => {
-            let path = resolve(base, w);
+            let path = transformer_dir(resolve(base, w));
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
             // Before loading, the checkpoint files themselves must fit (FLUX's config may come
             // from the tensors); then the whole run.
@@ -522,7 +547,10 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             (FluxModel::from_weights(c, &store)?, desc, Some(p.name))
         }
     };
-    let inputs = build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?;
+    let inputs = match &prompted {
+        Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
+        None => build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?,
+    };
     let mu = flux_mu(inputs.latents.dim(1)?);
     let schedule = flow_match_dynamic(cfg.sampling.steps, mu);
     schedule.check(file, "inputs.latent_shape", mu)?;
@@ -534,8 +562,19 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         description: desc,
         warnings,
         model,
+        prompted,
         cache: None,
     }))
+}
+
+/// `transformer/` of a diffusers pipeline folder, else the path as given.
+fn transformer_dir(path: std::path::PathBuf) -> std::path::PathBuf {
+    let t = path.join("transformer");
+    if t.is_dir() {
+        t
+    } else {
+        path
+    }
 }
 
 /// The plan without building the model: the image length (for `mu`) comes from the inputs.
@@ -546,11 +585,15 @@ fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan
     let mut fp = magcache_core::guard::Footprint::default();
     crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
     fp.check(file)?;
-    let seq = match &cfg.inputs.file {
-        Some(f) => InputFile::load(&resolve(base, f))?
+    let seq = match (&cfg.prompt, &cfg.inputs.file) {
+        (Some(_), _) => {
+            let root = prompted::pipeline_root(cfg, file, base)?;
+            prompted::image_seq_len(cfg, file, &root)?
+        }
+        (None, Some(f)) => InputFile::load(&resolve(base, f))?
             .get("latents_init", 3, "[B, seq, C] packed latents")?
             .dim(1)?,
-        None => {
+        (None, None) => {
             let s = cfg
                 .inputs
                 .latent_shape

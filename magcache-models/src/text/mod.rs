@@ -1,7 +1,8 @@
-//! The text side of a Wan run, as diffusers' `WanPipeline.encode_prompt` does it: prompt cleaning
-//! ([`prompt_clean`]), the tokenizer ([`WanTokenizer`], padded and truncated to
-//! `max_sequence_length`), the UMT5 encoder ([`Umt5Encoder`]), and the embeddings the transformer
-//! receives: `last_hidden_state[:seq_len]` followed by exact zero rows up to `max_sequence_length`.
+//! The text side of prompted runs. FLUX.1 (CLIP + T5): see [`flux`]. Wan, as diffusers'
+//! `WanPipeline.encode_prompt` does it: prompt cleaning ([`prompt_clean`]), the tokenizer
+//! ([`WanTokenizer`], padded and truncated to `max_sequence_length`), the UMT5 encoder
+//! ([`Umt5Encoder`]), and the embeddings the transformer receives: `last_hidden_state[:seq_len]`
+//! followed by exact zero rows up to `max_sequence_length`.
 //!
 //! ```no_run
 //! # fn main() -> magcache_core::Result<()> {
@@ -20,11 +21,15 @@
 //! ```
 
 pub mod clean;
+pub mod clip;
+pub mod flux;
 mod html_entities;
 pub mod tokenizer;
 pub mod umt5;
 
 pub use clean::{html_unescape, prompt_clean};
+pub use clip::{ClipTextEncoder, ClipTextModelConfig, ClipTokenizer};
+pub use flux::{FluxPromptEncoding, FluxTextEncoders};
 pub use tokenizer::{TokenizedPrompt, WanTokenizer};
 pub use umt5::{Umt5Config, Umt5Encoder};
 

@@ -43,13 +43,9 @@ impl WanTokenizer {
         if let Some(why) = magcache_core::error::not_a_file(&file) {
             return Err(Error::io(&shown, format!("tokenizer file {why}")));
         }
-        let mut tokenizer = Tokenizer::from_file(&file)
-            .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;
         // The pipeline's own truncation/padding are applied per call (`encode`).
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| Error::config(&shown, "truncation", e.to_string()))?;
-        tokenizer.with_padding(None);
+        let tokenizer = Tokenizer::from_file(&file)
+            .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;
 
         let mut pad_token = "<pad>".to_string();
         if let Some(cfg) = dir
@@ -76,9 +72,20 @@ impl WanTokenizer {
                 },
             }
         }
-        let pad_id = tokenizer.token_to_id(&pad_token).ok_or_else(|| {
+        Self::from_tokenizer(tokenizer, &shown, &pad_token)
+    }
+
+    /// Wraps an assembled tokenizer (e.g. the CLIP one built from `vocab.json` + `merges.txt`):
+    /// `encode` pads with `pad_token` and truncates as for `tokenizer.json`. `file` names the
+    /// tokenizer in messages. The tokenizer's own truncation and padding are switched off.
+    pub fn from_tokenizer(mut tokenizer: Tokenizer, file: &str, pad_token: &str) -> Result<Self> {
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::config(file, "truncation", e.to_string()))?;
+        tokenizer.with_padding(None);
+        let pad_id = tokenizer.token_to_id(pad_token).ok_or_else(|| {
             Error::config(
-                &shown,
+                file,
                 "added_tokens",
                 format!("the pad token `{pad_token}` is not in the vocabulary"),
             )
@@ -89,11 +96,21 @@ impl WanTokenizer {
             .unwrap_or(0);
         Ok(WanTokenizer {
             tokenizer,
-            file: shown,
+            file: file.to_string(),
             pad_id,
-            pad_token,
+            pad_token: pad_token.to_string(),
             added,
         })
+    }
+
+    /// The wrapped `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Special tokens the post-processor adds to one sequence.
+    pub fn added_tokens(&self) -> usize {
+        self.added
     }
 
     /// The file it was loaded from (for messages).

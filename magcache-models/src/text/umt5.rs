@@ -92,7 +92,7 @@ impl Umt5Config {
                 return Err(Error::config(
                     file,
                     "model_type",
-                    format!("`{other}` is not a UMT5/T5 encoder (expected `umt5`)"),
+                    format!("`{other}` is not a UMT5/T5 encoder (expected `umt5` or `t5`)"),
                 ))
             }
         };
@@ -393,6 +393,13 @@ impl Umt5Encoder {
             h = (h + layer.wo.forward(&y)?)?;
         }
         self.final_norm.forward(&h)
+    }
+
+    /// `ids [B, L]` -> `last_hidden_state [B, L, d_model]` (f32) with every position attended,
+    /// padding included: what FLUX's `T5EncoderModel(input_ids)` call does (no attention mask).
+    pub fn forward_unmasked(&self, ids: &Tensor) -> Result<Tensor> {
+        let mask = Tensor::ones(ids.dims(), DType::U8, &self.device)?;
+        self.forward(ids, &mask)
     }
 
     fn act(&self, x: &Tensor) -> Result<Tensor> {

@@ -1,0 +1,220 @@
+//! Prompted FLUX.1 runs (`[prompt]`): from a diffusers pipeline folder as released (`model_index.json`
+//! beside `tokenizer/`, `tokenizer_2/`, `text_encoder/`, `text_encoder_2/`, `transformer/`, `vae/`,
+//! `scheduler/`), CLIP and T5 encode the prompt (both freed before the transformer loads), the packed
+//! latents are drawn or read, and AutoencoderKL decodes, as diffusers' `FluxPipeline` does.
+
+use super::vae::{FluxVae, FluxVaeConfig};
+use super::FluxInputs;
+use crate::config_util::resolve;
+use crate::inputs::InputFile;
+use crate::text::flux::FluxTextEncoders;
+use candle_core::{DType, Device, Tensor};
+use magcache_core::config::{RunConfig, WeightsSpec};
+use magcache_core::progress::{Stage, StageTime};
+use magcache_core::{Error, Placement, Result};
+use std::path::{Path, PathBuf};
+
+/// `FluxPipeline`'s defaults: 1024 x 1024 (`default_sample_size` 128 x the VAE's 8), 512 T5 tokens.
+const DEFAULT_SIZE: usize = 1024;
+const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// What a prompted run carries from building to decoding.
+pub struct Prompted {
+    pub root: PathBuf,
+    pub prompt_embeds: Tensor,
+    pub pooled_prompt_embeds: Tensor,
+    pub height: usize,
+    pub width: usize,
+    pub placement: Placement,
+    pub stages: Vec<StageTime>,
+}
+
+/// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
+/// a FLUX pipeline and the parts it needs.
+pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
+    let Some(WeightsSpec::One(w)) = &cfg.model.weights else {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            "a prompted run takes one diffusers pipeline folder (model_index.json beside tokenizer/, tokenizer_2/, text_encoder/, text_encoder_2/, transformer/, vae/, scheduler/)",
+        ));
+    };
+    let root = resolve(base, w);
+    let index = root.join("model_index.json");
+    let shown = index.display().to_string();
+    let text = std::fs::read_to_string(&index).map_err(|e| {
+        Error::config(
+            file,
+            "model.weights",
+            format!("a prompted run needs a diffusers pipeline folder; cannot read {shown}: {e}"),
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+    let class = v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+    if !class.starts_with("Flux") {
+        return Err(Error::config(
+            &shown,
+            "_class_name",
+            format!("`{class}` is not a FLUX pipeline (FluxPipeline); check model.family"),
+        ));
+    }
+    for sub in [
+        "tokenizer",
+        "tokenizer_2",
+        "text_encoder",
+        "text_encoder_2",
+        "transformer",
+        "vae",
+    ] {
+        if !root.join(sub).is_dir() {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                format!("the pipeline folder {} has no `{sub}/`", root.display()),
+            ));
+        }
+    }
+    Ok(root)
+}
+
+/// `(height, width)` in pixels, checked: multiples of the VAE factor times the 2x2 packing.
+pub fn image_size(cfg: &RunConfig, file: &str, root: &Path) -> Result<(usize, usize, usize)> {
+    let vae = FluxVaeConfig::read(&root.join("vae").join("config.json"))?;
+    let f = vae.vae_scale_factor();
+    let unit = f.saturating_mul(2);
+    let height = cfg.inputs.height.unwrap_or(DEFAULT_SIZE);
+    let width = cfg.inputs.width.unwrap_or(DEFAULT_SIZE);
+    for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
+        if unit == 0 || v == 0 || !v.is_multiple_of(unit) {
+            return Err(Error::config(
+                file,
+                key,
+                format!("{v} must be a positive multiple of {unit} (the VAE's {f}x downsampling times FLUX's 2x2 packing)"),
+            ));
+        }
+    }
+    Ok((height, width, f))
+}
+
+/// Encodes the prompt with CLIP (pooled) and T5; both encoders are dropped before this returns.
+pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
+    let Some(p) = &cfg.prompt else {
+        return Err(Error::msg("internal: a prompted FLUX run without [prompt]"));
+    };
+    if p.negative.is_some() {
+        return Err(Error::config(
+            file,
+            "prompt.negative",
+            "FLUX.1 has no negative prompt (embedded guidance, one call per step)",
+        ));
+    }
+    let (height, width, _) = image_size(cfg, file, root)?;
+    let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    let stage = Stage::begin("encode text");
+    let enc = FluxTextEncoders::load_pipeline(root, &placement.device, placement.dtype)?;
+    let (prompt_embeds, pooled_prompt_embeds) = enc.encode(&p.text, max_len)?;
+    drop(enc);
+    Ok(Prompted {
+        root: root.to_path_buf(),
+        prompt_embeds,
+        pooled_prompt_embeds,
+        height,
+        width,
+        placement,
+        stages: vec![stage.end()],
+    })
+}
+
+/// Packed image tokens of a prompted run (for `mu` and planning).
+pub fn image_seq_len(cfg: &RunConfig, file: &str, root: &Path) -> Result<usize> {
+    let (height, width, f) = image_size(cfg, file, root)?;
+    Ok((height / (2 * f)).saturating_mul(width / (2 * f)))
+}
+
+/// The inputs of a prompted run: `latents_init` (packed) from `[inputs] file` or seeded random
+/// latents of the image's size, packed 2x2; the encoded prompt; text ids zero, image ids `(0, r, c)`.
+pub fn inputs(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    c: &super::config::FluxConfig,
+    p: &Prompted,
+) -> Result<FluxInputs> {
+    let (_, _, f) = image_size(cfg, file, &p.root)?;
+    let (h2, w2) = (p.height / (2 * f), p.width / (2 * f));
+    let seq = h2.saturating_mul(w2);
+    let latents = match &cfg.inputs.file {
+        Some(path) => {
+            let inp = InputFile::load(&resolve(base, path))?;
+            let l = inp.get("latents_init", 3, "[B, seq, C] packed latents")?;
+            if l.dims() != [1, seq, c.in_channels] {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "latents_init",
+                    format!(
+                        "has shape {:?}; height {} and width {} give [1, {seq}, {}]",
+                        l.dims(),
+                        p.height,
+                        p.width,
+                        c.in_channels
+                    ),
+                ));
+            }
+            l
+        }
+        None => crate::random::randn(
+            cfg.inputs.seed.unwrap_or(cfg.model.seed),
+            &[1, seq, c.in_channels],
+        )?,
+    };
+    let (l, d) = (p.prompt_embeds.dim(1)?, p.prompt_embeds.dim(2)?);
+    if d != c.joint_attention_dim {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "the T5 encoder gives {d}-wide embeddings but the transformer's joint_attention_dim is {}",
+                c.joint_attention_dim
+            ),
+        ));
+    }
+    let pd = p.pooled_prompt_embeds.dim(1)?;
+    if pd != c.pooled_projection_dim {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "CLIP gives {pd}-wide pooled embeddings but the transformer's pooled_projection_dim is {}",
+                c.pooled_projection_dim
+            ),
+        ));
+    }
+    FluxInputs {
+        latents,
+        ctx: p.prompt_embeds.clone(),
+        pooled: p.pooled_prompt_embeds.clone(),
+        img_ids: super::image_ids(h2, w2)?,
+        txt_ids: Tensor::zeros((l, c.axes_dims_rope.len()), DType::F32, &Device::Cpu)?,
+    }
+    .to_device(&p.placement.device)
+}
+
+/// Decodes the final packed latents with the folder's VAE: `decoded` pixels `[B, H, W, 3]` in
+/// [0, 1], and the embeddings the transformer received.
+pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let stage = Stage::begin("decode");
+    let vae = FluxVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    let decoded = vae.decode_packed(latents, p.height, p.width)?;
+    drop(vae);
+    p.stages.push(stage.end());
+    Ok(vec![
+        ("decoded".to_string(), decoded),
+        ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
+        (
+            "pooled_prompt_embeds".to_string(),
+            p.pooled_prompt_embeds.clone(),
+        ),
+    ])
+}

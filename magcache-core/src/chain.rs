@@ -84,13 +84,17 @@ pub enum Indicator {
     /// The first block's hidden input after its adaptive norm and modulation (FLUX's first double
     /// block's `norm1` output).
     ModulatedInput,
+    /// The transformer's input latents before patch embedding (the current sample `x_k`), per batch
+    /// element as frames x height x width x channels: `[B, F, h, w, C]` (an image model: `F = 1`).
+    InputLatents,
 }
 
 impl Indicator {
-    pub const ALL: [Indicator; 3] = [
+    pub const ALL: [Indicator; 4] = [
         Indicator::TimestepEmbedding,
         Indicator::TimestepModulation,
         Indicator::ModulatedInput,
+        Indicator::InputLatents,
     ];
 
     /// The config name (`timestep_embedding`, ...).
@@ -99,6 +103,7 @@ impl Indicator {
             Indicator::TimestepEmbedding => "timestep_embedding",
             Indicator::TimestepModulation => "timestep_modulation",
             Indicator::ModulatedInput => "modulated_input",
+            Indicator::InputLatents => "input_latents",
         }
     }
 }

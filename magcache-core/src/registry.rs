@@ -35,6 +35,10 @@ pub struct ModelInfo {
     /// name) and gives the table its own type ([`ModelInfo::published`]); neither core nor the
     /// models interpret it.
     pub published: BTreeMap<String, toml::Value>,
+    /// The indicators the model's block chain offers ([`crate::BlockChain::indicator`] answers
+    /// `Some` for these), so that a strategy that needs one can refuse the model before any weights
+    /// load. Empty: the model lists none.
+    pub indicators: Vec<crate::chain::Indicator>,
 }
 
 impl ModelInfo {

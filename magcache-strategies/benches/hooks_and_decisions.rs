@@ -207,7 +207,10 @@ fn decisions(c: &mut Criterion) {
     });
 
     // FBCache: the first block (a scale) and the relative L1 of its residual.
-    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig { threshold: 1e9 })));
+    let cache = CacheHandle::new(Box::new(FbCache::new(FbCacheConfig {
+        threshold: 1e9,
+        ..Default::default()
+    })));
     let chain = Chain {
         reg: &two,
         first: 1.5,

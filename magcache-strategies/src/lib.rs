@@ -3,8 +3,15 @@
 //! Timestep-caching strategies behind [`magcache_core::TimestepCache`], each configured by a typetag
 //! `[cache]` table:
 //! - [`magcache`]: MagCache, magnitude-ratio error model over calibrated curves (`strategy = "magcache"`);
-//! - [`fbcache`]: First-Block Cache, relative L1 of the first block's residual (`strategy = "fbcache"`);
-//! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`).
+//! - [`fbcache`]: First-Block Cache, relative change of the first block's residual (`strategy =
+//!   "fbcache"`), and DBCache, its generalisation to `Fn` front and `Bn` back blocks (`strategy =
+//!   "dbcache"`);
+//! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`);
+//! - [`seacache`]: SeaCache, accumulated distance of the spectrally filtered input latents with
+//!   residual extrapolation (`strategy = "seacache"`).
+//!
+//! What a reused call returns is the estimator axis, shared by all of them ([`residual`]); so are the
+//! guards (warm-up, last steps, consecutive cap, CFG sharing, few-step warnings: [`guards`]).
 //!
 //! Strategies know nothing of a model's internals: they see a call's block chain through
 //! [`magcache_core::BlockChain`] (run a range of blocks, ask for an [`magcache_core::Indicator`]) and
@@ -12,15 +19,20 @@
 
 pub mod calibrate;
 pub mod fbcache;
+pub mod guards;
 pub mod magcache;
 pub mod profile;
 pub mod ratios;
 pub mod residual;
+pub mod seacache;
 pub mod teacache;
 
-pub use fbcache::{FbCache, FbCacheConfig};
+pub use fbcache::{DbCacheConfig, FbCache, FbCacheConfig, HeadMetric};
+pub use guards::GuardConfig;
 pub use magcache::{MagCache, MagCacheConfig};
 pub use ratios::{RatioCurves, RatioSource, RatioSpec, Resample};
+pub use residual::Estimator;
+pub use seacache::{SeaCache, SeaCacheConfig};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
 /// Every strategy's `threshold`: a finite, non-negative number.
@@ -42,5 +54,7 @@ pub(crate) fn check_threshold(file: &str, threshold: f64) -> magcache_core::Resu
 pub fn link() {
     std::hint::black_box(magcache::MagCacheConfig::default());
     std::hint::black_box(fbcache::FbCacheConfig::default());
+    std::hint::black_box(fbcache::DbCacheConfig::default());
     std::hint::black_box(teacache::TeaCacheConfig::default());
+    std::hint::black_box(seacache::SeaCacheConfig::default());
 }

@@ -8,8 +8,10 @@
 //! accumulators. The residual is the chain's hidden output minus its hidden input; a reused call
 //! returns the chain's input plus that residual (added once) and runs no block.
 
+use crate::guards::{few_step_warnings, Guards, Verdict};
 use crate::ratios::{RatioSource, RatioSpec, Resample};
-use crate::residual::ResidualCache;
+use std::collections::HashMap;
+use crate::residual::{Estimator, ResidualCache};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
     BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey,
@@ -43,6 +45,19 @@ pub struct MagCacheConfig {
     /// from the run's plan, so a value that matches no scope is warned about, never used.
     #[serde(default)]
     pub num_inference_steps: Option<usize>,
+    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
+    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
+    #[serde(default)]
+    pub estimator: Estimator,
+    /// Guards: see [`crate::guards`].
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub last_steps: usize,
+    #[serde(default)]
+    pub max_consecutive: Option<usize>,
+    #[serde(default)]
+    pub cfg_shared: bool,
 }
 
 fn d_threshold() -> f64 {
@@ -65,6 +80,23 @@ impl Default for MagCacheConfig {
             profile: None,
             resample: Resample::Index,
             num_inference_steps: None,
+            estimator: Estimator::Reuse,
+            warmup_steps: 0,
+            last_steps: 0,
+            max_consecutive: None,
+            cfg_shared: false,
+        }
+    }
+}
+
+impl MagCacheConfig {
+    /// The guard keys of this config.
+    pub fn guards(&self) -> crate::guards::GuardConfig {
+        crate::guards::GuardConfig {
+            warmup_steps: self.warmup_steps,
+            last_steps: self.last_steps,
+            max_consecutive: self.max_consecutive,
+            cfg_shared: self.cfg_shared,
         }
     }
 }
@@ -73,6 +105,7 @@ impl Default for MagCacheConfig {
 impl StrategyConfig for MagCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         crate::check_threshold(file, self.threshold)?;
+        self.guards().validate(file)?;
         if !(0.0..=1.0).contains(&self.retention_ratio) {
             return Err(Error::config(
                 file,
@@ -196,30 +229,42 @@ struct MagState {
 pub struct MagCache {
     cfg: MagCacheConfig,
     source: RatioSource,
+    guards: Guards,
     states: ScopeStates<MagState>,
+    /// The current generation's plan (predictions replay all of its calls, `cfg_shared` included).
+    plan: GenerationPlan,
 }
 
 impl MagCache {
     pub fn new(cfg: MagCacheConfig, source: RatioSource) -> Self {
         MagCache {
+            guards: Guards::new(cfg.guards()),
             cfg,
             source,
             states: ScopeStates::default(),
+            plan: GenerationPlan::default(),
         }
     }
 }
 
-/// The decision rule on the accumulators of one scope; returns `(reuse, metric)`.
-fn decide(cfg: &MagCacheConfig, st: &mut MagState, step: usize, has_residual: bool) -> (bool, f64) {
+/// The decision rule on the accumulators of one scope under the guards' `verdict`; returns
+/// `(reuse, metric)`.
+fn decide(
+    cfg: &MagCacheConfig,
+    st: &mut MagState,
+    step: usize,
+    has_residual: bool,
+    verdict: Verdict,
+) -> (bool, f64) {
     let mut reuse = false;
     if step >= st.retention {
         let scale = st.ratios.get(step).copied().unwrap_or(1.0);
         st.acc_ratio *= scale;
         st.acc_steps += 1;
         st.acc_err += (1.0 - st.acc_ratio).abs();
-        if has_residual && st.acc_err <= cfg.threshold && st.acc_steps <= cfg.max_skip_steps {
-            reuse = true;
-        } else {
+        let want = st.acc_err <= cfg.threshold && st.acc_steps <= cfg.max_skip_steps;
+        reuse = verdict.apply(want, has_residual);
+        if !reuse {
             st.acc_ratio = 1.0;
             st.acc_steps = 0;
             st.acc_err = 0.0;
@@ -228,7 +273,8 @@ fn decide(cfg: &MagCacheConfig, st: &mut MagState, step: usize, has_residual: bo
     (reuse, st.acc_err)
 }
 
-/// Predicted decisions of one scope from its resampled curve alone: `(computed, metric)` per call.
+/// Predicted decisions of one scope from its resampled curve alone: `(computed, metric)` per call,
+/// under the single-scope guards (`warmup_steps`, `last_steps`, `max_consecutive`).
 /// MagCache decisions do not depend on the data, so this is exact.
 pub fn predict(cfg: &MagCacheConfig, ratios: &[f64], steps: usize) -> Vec<(bool, f64)> {
     let mut st = MagState {
@@ -237,10 +283,15 @@ pub fn predict(cfg: &MagCacheConfig, ratios: &[f64], steps: usize) -> Vec<(bool,
         acc_ratio: 1.0,
         ..Default::default()
     };
+    let mut guards = Guards::new(cfg.guards());
+    guards.begin(&GenerationPlan::default());
+    let key = ScopeKey::new(0, magcache_core::Branch::Cond);
     let mut has_residual = false;
     (0..steps)
         .map(|step| {
-            let (reuse, m) = decide(cfg, &mut st, step, has_residual);
+            let v = guards.verdict(key, step, steps);
+            let (reuse, m) = decide(cfg, &mut st, step, has_residual, v);
+            guards.record(key, step, reuse);
             has_residual |= !reuse;
             (!reuse, m)
         })
@@ -265,10 +316,14 @@ impl TimestepCache for MagCache {
                 ratios: source.curve_for_mode(plan, sp, cfg.resample)?,
                 retention: retention_steps(cfg.retention_ratio, sp.steps),
                 acc_ratio: 1.0,
+                cache: ResidualCache::new(cfg.estimator),
                 ..Default::default()
             })
         })?;
+        self.guards.begin(plan);
+        self.plan = plan.clone();
         let mut warnings = self.source.schedule_warnings(plan, self.cfg.resample);
+        warnings.extend(few_step_warnings("magcache", plan, self.guards.config()));
         if let Some(n) = self.cfg.num_inference_steps {
             if n != plan.total_steps && plan.scopes.iter().all(|s| s.steps != n) {
                 warnings.push(format!(
@@ -289,10 +344,12 @@ impl TimestepCache for MagCache {
         _sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
         let (step, slot) = self.states.start_call(scope)?;
+        let verdict = self.guards.verdict(scope, step, slot.steps);
         let st = &mut slot.state;
         let has_residual = st.cache.has_residual();
-        let (reuse, metric) = decide(&self.cfg, st, step, has_residual);
-        let out = st.cache.run("MagCache", scope, chain, x, reuse)?;
+        let (reuse, metric) = decide(&self.cfg, st, step, has_residual, verdict);
+        self.guards.record(scope, step, reuse);
+        let out = st.cache.run("MagCache", scope, step, chain, x, reuse)?;
         Ok((
             out,
             CallDecision {
@@ -303,16 +360,37 @@ impl TimestepCache for MagCache {
     }
 
     fn predict(&self, scope: ScopeKey) -> Option<Vec<CallDecision>> {
-        let slot = self.states.get(scope).ok()?;
-        Some(
-            predict(&self.cfg, &slot.state.ratios, slot.steps)
-                .into_iter()
-                .map(|(computed, m)| CallDecision {
-                    computed,
+        // Replays every call of the plan in order on fresh accumulators: exact, since the
+        // decisions depend on the curves and the guards only.
+        self.states.get(scope).ok()?;
+        let mut states: HashMap<ScopeKey, (MagState, bool)> = HashMap::new();
+        for (k, s) in self.states.iter() {
+            let st = MagState {
+                ratios: s.state.ratios.clone(),
+                retention: s.state.retention,
+                acc_ratio: 1.0,
+                ..Default::default()
+            };
+            states.insert(*k, (st, false));
+        }
+        let mut guards = Guards::new(self.cfg.guards());
+        guards.begin(&self.plan);
+        let mut out = Vec::new();
+        for (_, key, i) in self.plan.calls() {
+            let steps = self.states.get(key).ok()?.steps;
+            let (st, has_residual) = states.get_mut(&key)?;
+            let v = guards.verdict(key, i, steps);
+            let (reuse, m) = decide(&self.cfg, st, i, *has_residual, v);
+            guards.record(key, i, reuse);
+            *has_residual |= !reuse;
+            if key == scope {
+                out.push(CallDecision {
+                    computed: !reuse,
                     metric: Some(m),
-                })
-                .collect(),
-        )
+                });
+            }
+        }
+        Some(out)
     }
 
     fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {

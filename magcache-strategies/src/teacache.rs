@@ -13,10 +13,11 @@
 //! the first block's modulated input. Models publish that choice (and, per variant, the
 //! coefficients) under the `teacache` key; `indicator = "..."` in the config overrides it.
 
-use crate::residual::ResidualCache;
+use crate::residual::{Estimator, ResidualCache};
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
+use crate::guards::{few_step_warnings, Guards};
 use magcache_core::sync::synced_rel_l1;
 use magcache_core::{
     BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, ModelInfo,
@@ -41,6 +42,19 @@ pub struct TeaCacheConfig {
     /// The model tensor to measure; default: the one the model's published data names.
     #[serde(default)]
     pub indicator: Option<Indicator>,
+    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
+    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
+    #[serde(default)]
+    pub estimator: Estimator,
+    /// Guards: see [`crate::guards`].
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub last_steps: usize,
+    #[serde(default)]
+    pub max_consecutive: Option<usize>,
+    #[serde(default)]
+    pub cfg_shared: bool,
 }
 
 /// What a model publishes for TeaCache under the `teacache` key.
@@ -79,6 +93,23 @@ impl Default for TeaCacheConfig {
             coefficients: None,
             ret_steps: false,
             indicator: None,
+            estimator: Estimator::Reuse,
+            warmup_steps: 0,
+            last_steps: 0,
+            max_consecutive: None,
+            cfg_shared: false,
+        }
+    }
+}
+
+impl TeaCacheConfig {
+    /// The guard keys of this config.
+    pub fn guards(&self) -> crate::guards::GuardConfig {
+        crate::guards::GuardConfig {
+            warmup_steps: self.warmup_steps,
+            last_steps: self.last_steps,
+            max_consecutive: self.max_consecutive,
+            cfg_shared: self.cfg_shared,
         }
     }
 }
@@ -87,6 +118,7 @@ impl Default for TeaCacheConfig {
 impl StrategyConfig for TeaCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         crate::check_threshold(file, self.threshold)?;
+        self.guards().validate(file)?;
         if let Some(c) = &self.coefficients {
             if c.is_empty() || c.iter().any(|x| !x.is_finite()) {
                 return Err(Error::config(
@@ -185,6 +217,7 @@ pub struct TeaCache {
     cfg: TeaCacheConfig,
     coefficients: Vec<f64>,
     indicator: Indicator,
+    guards: Guards,
     states: ScopeStates<TeaState>,
 }
 
@@ -196,6 +229,7 @@ impl TeaCache {
         let coefficients = cfg.coefficients.clone().unwrap_or_else(|| vec![1.0, 0.0]);
         let indicator = cfg.indicator.unwrap_or(Indicator::TimestepEmbedding);
         TeaCache {
+            guards: Guards::new(cfg.guards()),
             cfg,
             coefficients,
             indicator,
@@ -210,8 +244,15 @@ impl TimestepCache for TeaCache {
     }
 
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        self.states.begin(plan, |_| Ok(TeaState::default()))?;
-        Ok(Vec::new())
+        let e = self.cfg.estimator;
+        self.guards.begin(plan);
+        self.states.begin(plan, |_| {
+            Ok(TeaState {
+                cache: ResidualCache::new(e),
+                ..Default::default()
+            })
+        })?;
+        Ok(few_step_warnings("teacache", plan, self.guards.config()))
     }
 
     fn run(
@@ -237,25 +278,25 @@ impl TimestepCache for TeaCache {
         } else {
             step == 0 || step + 1 == steps
         };
-        let (compute, metric) = match &st.prev {
-            Some(prev) if !forced && st.cache.has_residual() => {
+        let verdict = self.guards.verdict(scope, step, steps);
+        let has_residual = st.cache.has_residual();
+        let (want, metric) = match &st.prev {
+            Some(prev) if !forced && !verdict.imposed() && has_residual => {
                 // A change from an all-zero indicator is an infinite distance: compute.
                 // Averaged over the ranks (sequence parallel): every rank accumulates alike.
                 st.acc += poly(coef, synced_rel_l1(&ind, prev, sync)?);
                 let m = st.acc;
-                let compute = st.acc >= thr || !st.acc.is_finite();
-                if compute {
-                    st.acc = 0.0;
-                }
-                (compute, Some(m))
+                (st.acc < thr && st.acc.is_finite(), Some(m))
             }
-            _ => {
-                st.acc = 0.0;
-                (true, None)
-            }
+            _ => (false, None),
         };
+        let compute = forced || !verdict.apply(want, has_residual);
+        if compute {
+            st.acc = 0.0;
+        }
+        self.guards.record(scope, step, !compute);
         st.prev = Some(ind);
-        let out = st.cache.run("TeaCache", scope, chain, x, !compute)?;
+        let out = st.cache.run("TeaCache", scope, step, chain, x, !compute)?;
         Ok((
             out,
             CallDecision {

@@ -86,6 +86,29 @@ pub fn teacache_table(c: &serde_json::Value) -> String {
     )
 }
 
+/// `[cache]` body of a SeaCache run config from the fixture json (diffusers' `SeaCacheConfig` field
+/// names; only the built-in indicator, `raw_vision_callback = null`, is supported).
+pub fn seacache_table(c: &serde_json::Value) -> String {
+    assert!(
+        c.get("raw_vision_callback").is_none_or(|v| v.is_null()),
+        "SeaCache run with a custom raw_vision_callback"
+    );
+    let mut s = String::from("strategy = \"seacache\"\n");
+    for k in [
+        "threshold",
+        "residual_order",
+        "retention_steps",
+        "cache_end_steps",
+        "max_consecutive_cached",
+        "power_exp",
+    ] {
+        if let Some(v) = c.get(k) {
+            s.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    s
+}
+
 /// Runs a run file through the runner library; returns final latents and the report.
 pub fn run_toml(dir: &std::path::Path, toml_text: &str) -> (Tensor, magcache_cli::Report) {
     link_all();
@@ -184,6 +207,8 @@ pub fn cache_table_for(name: &str, c: &serde_json::Value) -> Option<String> {
         Some(magcache_table(c))
     } else if name.starts_with("teacache") {
         Some(teacache_table(c))
+    } else if name.starts_with("seacache") {
+        Some(seacache_table(c))
     } else if name.starts_with("fbcache") {
         Some(format!(
             "strategy = \"fbcache\"\nthreshold = {}\n",

@@ -412,6 +412,7 @@ fn flux_info(preset: Option<&str>) -> ModelInfo {
     let mut info = ModelInfo {
         family: "flux".into(),
         variant: preset.map(String::from),
+        indicators: vec![Indicator::TimestepEmbedding, Indicator::ModulatedInput],
         ..Default::default()
     };
     // The MagCache curve and the TeaCache coefficients (fit on the first double block's modulated

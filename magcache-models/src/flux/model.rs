@@ -505,6 +505,8 @@ impl BlockChain for FluxChain<'_> {
                 Some(first) => first.norm1_out(&self.hidden_in, &self.temb).map(Some),
                 None => Ok(None),
             },
+            // diffusers' SeaCache has no FLUX adapter; the packed tokens are not offered.
+            Indicator::InputLatents => Ok(None),
         }
     }
 }

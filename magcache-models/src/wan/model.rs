@@ -355,6 +355,7 @@ impl WanModel {
             tproj,
             cos,
             sin,
+            latents: x.clone(),
             trace: RefCell::new(trace),
         };
         let hs = cx.run_chain(&chain, Streams::hidden(hidden))?.hidden;
@@ -391,6 +392,8 @@ struct WanChain<'a> {
     tproj: Tensor,
     cos: Tensor,
     sin: Tensor,
+    /// The call's input latents `[B, C, F, H, W]`, before patch embedding.
+    latents: Tensor,
     trace: RefCell<Option<&'a mut WanTrace>>,
 }
 
@@ -432,6 +435,8 @@ impl BlockChain for WanChain<'_> {
             Indicator::TimestepEmbedding => Some(self.temb.clone()),
             Indicator::TimestepModulation => Some(self.tproj.clone()),
             Indicator::ModulatedInput => None,
+            // [B, C, F, H, W] -> [B, F, H, W, C], computed only when a strategy asks.
+            Indicator::InputLatents => Some(self.latents.permute((0, 2, 3, 4, 1))?.contiguous()?),
         })
     }
 }

@@ -154,6 +154,11 @@ pub(crate) fn match_preset(
 pub(crate) fn info_for(family: &str, preset: Option<&WanPreset>) -> ModelInfo {
     let mut info = ModelInfo {
         family: family.to_string(),
+        indicators: vec![
+            Indicator::TimestepEmbedding,
+            Indicator::TimestepModulation,
+            Indicator::InputLatents,
+        ],
         ..Default::default()
     };
     // TeaCache's Wan coefficients are fit on the time embedding (the 6*dim projection with

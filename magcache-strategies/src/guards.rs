@@ -1,0 +1,262 @@
+//! Guards shared by every strategy: calls forced to compute, a cap on consecutive reuses, CFG
+//! sharing, and the few-step warning.
+//!
+//! Each strategy config carries the same four keys (flat in `[cache]`, see docs/config.md):
+//! - `warmup_steps`: the first `n` calls of every scope compute;
+//! - `last_steps`: the last `n` calls of every scope compute;
+//! - `max_consecutive`: at most `n` reused calls in a row per scope (absent: no cap);
+//! - `cfg_shared`: the uncond call of a step takes the decision the cond call of the same step and
+//!   expert took, instead of deciding itself (as Wan2.2's cache manager does); it still computes when
+//!   it has no residual yet.
+//!
+//! A strategy asks [`Guards::verdict`] before deciding, applies it with [`Verdict::apply`], and
+//! reports the final decision with [`Guards::record`]. The guards never see a tensor.
+
+use magcache_core::{Branch, Error, GenerationPlan, Result, ScopeKey};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Fewer calls than this per scope and caching gains little while each reused call covers a large
+/// part of the noise range (mold refuses to cache below 12 steps): [`few_step_warnings`] speaks up.
+pub const FEW_STEPS: usize = 12;
+
+/// The guard keys of a strategy config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuardConfig {
+    pub warmup_steps: usize,
+    pub last_steps: usize,
+    pub max_consecutive: Option<usize>,
+    pub cfg_shared: bool,
+}
+
+impl GuardConfig {
+    /// Checks the keys (`cache.max_consecutive` must allow at least one reuse when given).
+    pub fn validate(&self, file: &str) -> Result<()> {
+        if self.max_consecutive == Some(0) {
+            return Err(Error::config(
+                file,
+                "cache.max_consecutive",
+                "0 would forbid every reuse: give at least 1, or remove the key (no cap)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The calls a scope of `steps` calls must compute whatever the data says: the first call, the
+    /// warm-up and the last steps, and one call after every `max_consecutive` reuses. A lower bound,
+    /// used for the best speedup a strategy could reach.
+    pub fn min_computed(&self, steps: usize) -> usize {
+        if steps == 0 {
+            return 0;
+        }
+        let head = self.warmup_steps.max(1).min(steps);
+        let tail = self.last_steps.min(steps - head);
+        let free = steps - head - tail;
+        let capped = match self.max_consecutive {
+            Some(k) => free / (k + 1),
+            None => 0,
+        };
+        head + tail + capped
+    }
+}
+
+/// What the guards impose on one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The strategy decides.
+    Free,
+    /// The call computes (warm-up, last steps, consecutive cap, or the cond call computed).
+    Compute,
+    /// The call reuses if it can (`cfg_shared`: the cond call of this step reused).
+    Reuse,
+}
+
+impl Verdict {
+    /// The final decision, `true` to reuse: the strategy's wish `want_reuse` under this verdict,
+    /// never a reuse without a residual.
+    pub fn apply(self, want_reuse: bool, has_residual: bool) -> bool {
+        has_residual
+            && match self {
+                Verdict::Free => want_reuse,
+                Verdict::Compute => false,
+                Verdict::Reuse => true,
+            }
+    }
+
+    /// True when the strategy's own rule is overridden (its metric is not needed).
+    pub fn imposed(self) -> bool {
+        self != Verdict::Free
+    }
+}
+
+/// The guards' state over one generation.
+#[derive(Clone, Debug, Default)]
+pub struct Guards {
+    cfg: GuardConfig,
+    consecutive: HashMap<ScopeKey, usize>,
+    /// Decision (`true`: reused) of the cond call of each (expert, step within the scope).
+    cond: HashMap<(usize, usize), bool>,
+    /// Scopes with a cond twin in the plan (`cfg_shared` applies to them).
+    shared: Vec<ScopeKey>,
+}
+
+impl Guards {
+    pub fn new(cfg: GuardConfig) -> Self {
+        Guards {
+            cfg,
+            ..Default::default()
+        }
+    }
+
+    pub fn config(&self) -> &GuardConfig {
+        &self.cfg
+    }
+
+    /// Resets for a new generation.
+    pub fn begin(&mut self, plan: &GenerationPlan) {
+        self.consecutive.clear();
+        self.cond.clear();
+        self.shared = plan
+            .scopes
+            .iter()
+            .filter(|s| {
+                s.key.branch == Branch::Uncond
+                    && plan
+                        .scope(ScopeKey::new(s.key.expert, Branch::Cond))
+                        .is_some_and(|c| c.steps == s.steps)
+            })
+            .map(|s| s.key)
+            .collect();
+    }
+
+    /// The verdict for call `step` (0-based within the scope) of a scope with `steps` calls.
+    pub fn verdict(&self, scope: ScopeKey, step: usize, steps: usize) -> Verdict {
+        let c = &self.cfg;
+        if step < c.warmup_steps || step + c.last_steps >= steps {
+            return Verdict::Compute;
+        }
+        if let Some(k) = c.max_consecutive {
+            if self.consecutive.get(&scope).copied().unwrap_or(0) >= k {
+                return Verdict::Compute;
+            }
+        }
+        if c.cfg_shared && self.shared.contains(&scope) {
+            if let Some(&reused) = self.cond.get(&(scope.expert, step)) {
+                return if reused {
+                    Verdict::Reuse
+                } else {
+                    Verdict::Compute
+                };
+            }
+        }
+        Verdict::Free
+    }
+
+    /// Records the final decision of call `step` of `scope`.
+    pub fn record(&mut self, scope: ScopeKey, step: usize, reused: bool) {
+        let n = self.consecutive.entry(scope).or_insert(0);
+        *n = if reused { *n + 1 } else { 0 };
+        if scope.branch == Branch::Cond {
+            self.cond.insert((scope.expert, step), reused);
+        }
+    }
+}
+
+/// Warnings for the scopes of `plan` too short for caching to pay, with the best call speedup the
+/// guards allow (`name`: the strategy, for the message). One line per distinct step count.
+pub fn few_step_warnings(name: &str, plan: &GenerationPlan, cfg: &GuardConfig) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for sp in &plan.scopes {
+        if sp.steps == 0 || sp.steps >= FEW_STEPS || seen.contains(&sp.steps) {
+            continue;
+        }
+        seen.push(sp.steps);
+        let min = cfg.min_computed(sp.steps).max(1);
+        out.push(format!(
+            "{name}: scope {} has only {} steps (under {FEW_STEPS}): caching can skip at most {} of them (at best {:.2}x fewer calls for this scope), and on a few-step schedule each skipped call spans a large part of the noise range and costs visible quality; consider a dense run (remove [cache]) for distilled few-step models",
+            sp.key,
+            sp.steps,
+            sp.steps - min,
+            sp.steps as f64 / min as f64
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use magcache_core::StepsSpec;
+
+    fn plan(steps: usize) -> GenerationPlan {
+        let sig: Vec<f64> = (0..steps).map(|i| 1.0 - i as f64 / steps as f64).collect();
+        GenerationPlan::from_steps(&StepsSpec::new(
+            "wan2.1",
+            "flow-euler",
+            &sig,
+            &[Branch::Cond, Branch::Uncond],
+        ))
+    }
+
+    #[test]
+    fn warmup_last_and_cap() {
+        let cfg = GuardConfig {
+            warmup_steps: 2,
+            last_steps: 1,
+            max_consecutive: Some(2),
+            cfg_shared: false,
+        };
+        let mut g = Guards::new(cfg);
+        g.begin(&plan(10));
+        let s = ScopeKey::new(0, Branch::Cond);
+        let mut got = Vec::new();
+        for step in 0..10 {
+            let v = g.verdict(s, step, 10);
+            let reused = v.apply(true, step > 0);
+            g.record(s, step, reused);
+            got.push(reused);
+        }
+        // warm-up 0,1; then reuse 2,3; cap forces 4; reuse 5,6; cap 7; reuse 8; last step 9.
+        assert_eq!(
+            got,
+            [false, false, true, true, false, true, true, false, true, false]
+        );
+        assert_eq!(g.config().min_computed(10), 2 + 1 + 7 / 3);
+    }
+
+    #[test]
+    fn cfg_shared_follows_the_cond_call() {
+        let cfg = GuardConfig {
+            cfg_shared: true,
+            ..Default::default()
+        };
+        let mut g = Guards::new(cfg);
+        g.begin(&plan(6));
+        let (c, u) = (ScopeKey::new(0, Branch::Cond), ScopeKey::new(0, Branch::Uncond));
+        let cond_wants = [false, true, false, true, true, false];
+        for step in 0..6 {
+            let reused = g.verdict(c, step, 6).apply(cond_wants[step], step > 0);
+            g.record(c, step, reused);
+            let v = g.verdict(u, step, 6);
+            // The uncond call wants the opposite: the guard overrides it.
+            let ru = v.apply(!cond_wants[step], step > 0);
+            assert_eq!(ru, reused, "step {step}");
+            assert!(v.imposed());
+            g.record(u, step, ru);
+        }
+    }
+
+    #[test]
+    fn zero_cap_is_refused_and_few_steps_warn() {
+        let cfg = GuardConfig {
+            max_consecutive: Some(0),
+            ..Default::default()
+        };
+        assert!(cfg.validate("r.toml").is_err());
+        let w = few_step_warnings("fbcache", &plan(4), &GuardConfig::default());
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("4 steps") && w[0].contains("4.00x"), "{}", w[0]);
+        assert!(few_step_warnings("fbcache", &plan(12), &GuardConfig::default()).is_empty());
+    }
+}

@@ -63,7 +63,11 @@ pub fn calibrate(
         prof.cos_dists
             .entry(name.clone())
             .or_default()
-            .insert(b, c.cos_dists);
+            .insert(b.clone(), c.cos_dists);
+        prof.forecast_errors
+            .entry(name.clone())
+            .or_default()
+            .insert(b, c.forecast);
         prof.sigmas.insert(name, sp.sigmas.clone());
     }
     Ok((prof, report))

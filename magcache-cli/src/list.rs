@@ -37,6 +37,14 @@ pub fn list() -> String {
     s.push_str("strategies:\n");
     for st in registry::strategies() {
         s.push_str(&format!("  {:<10} {}\n", st.name, st.description));
+        let knobs: Vec<String> = st
+            .knobs()
+            .into_iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
+        if !knobs.is_empty() {
+            s.push_str(&format!("             keys: {}\n", knobs.join(", ")));
+        }
     }
     s
 }

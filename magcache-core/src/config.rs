@@ -80,7 +80,7 @@ impl StrategyConfig for NoCache {
 }
 
 inventory::submit! {
-    crate::registry::StrategyRegistration { name: "none", description: "no caching: every call computes every block (dense reference)" }
+    crate::registry::StrategyRegistration { name: "none", description: "no caching: every call computes every block (dense reference)", defaults: || Box::new(NoCache {}) }
 }
 
 /// `weights = "path"` or, for two experts, `weights = ["high", "low"]`.

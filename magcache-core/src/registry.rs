@@ -89,6 +89,30 @@ inventory::collect!(ModelFamily);
 pub struct StrategyRegistration {
     pub name: &'static str,
     pub description: &'static str,
+    /// The strategy's default config: its keys and their defaults (`magcache list` shows them).
+    pub defaults: fn() -> Box<dyn crate::config::StrategyConfig>,
+}
+
+impl StrategyRegistration {
+    /// `key = default` of every key of the strategy's `[cache]` table (`strategy` aside), sorted by
+    /// key; keys without a default show `-`.
+    pub fn knobs(&self) -> Vec<(String, String)> {
+        let v = serde_json::to_value((self.defaults)()).unwrap_or_default();
+        let Some(map) = v.as_object() else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter(|(k, _)| k.as_str() != "strategy")
+            .map(|(k, v)| {
+                let shown = if v.is_null() {
+                    "-".to_string()
+                } else {
+                    v.to_string()
+                };
+                (k.clone(), shown)
+            })
+            .collect()
+    }
 }
 
 inventory::collect!(StrategyRegistration);

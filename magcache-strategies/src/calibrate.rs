@@ -1,14 +1,20 @@
 //! Calibration: a cache that never skips and records, per scope and step, the MagCache statistics of
 //! the residual (the chain's hidden output minus its hidden input) against the previous
-//! step's: `ratio` (mean per-token norm ratio; 1.0 at the first step), its std, and the cosine distance.
+//! step's: `ratio` (mean per-token norm ratio; 1.0 at the first step), its std, and the cosine distance;
+//! and the forecast errors a calibrated schedule is searched on ([`crate::schedule`]): for every call
+//! `k`, the relative L1 error of reusing call `i`'s residual and of the order-1 forecast from calls
+//! `h < i`, for gaps up to [`crate::schedule::MAX_GAP`] (the last `2 * MAX_GAP` residuals of a scope
+//! are kept meanwhile).
 
+use crate::residual::extrapolate;
+use crate::schedule::{ForecastErrors, MAX_GAP};
 use magcache_core::candle_core::Tensor;
-use magcache_core::maths::{mag_stats, tensor_bytes};
+use magcache_core::maths::{mag_stats, rel_l1, tensor_bytes};
 use magcache_core::{
     BlockChain, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey, ScopeStates,
     Streams, TimestepCache,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// The statistics of one scope, one entry per step.
@@ -17,6 +23,7 @@ pub struct ScopeCalibration {
     pub ratios: Vec<f64>,
     pub stds: Vec<f64>,
     pub cos_dists: Vec<f64>,
+    pub forecast: ForecastErrors,
 }
 
 /// Results shared between the calibrator (inside the hooks) and whoever reads them after the run.
@@ -25,6 +32,8 @@ pub type CalibrationResults = Arc<Mutex<BTreeMap<ScopeKey, ScopeCalibration>>>;
 #[derive(Default)]
 struct CalState {
     prev: Option<Tensor>,
+    /// `(call, residual)` of the last `2 * MAX_GAP` calls.
+    window: VecDeque<(usize, Tensor)>,
 }
 
 /// A never-skipping cache that measures the ratio curves.
@@ -72,7 +81,7 @@ impl TimestepCache for Calibrator {
         x: Streams,
         _sync: &dyn DecisionSync,
     ) -> Result<(Streams, CallDecision)> {
-        let (_, slot) = self.states.start_call(scope)?;
+        let (k, slot) = self.states.start_call(scope)?;
         let st = &mut slot.state;
         let input = x.hidden.clone();
         let out = chain.run(0..chain.num_blocks(), x)?;
@@ -84,6 +93,27 @@ impl TimestepCache for Calibrator {
                 (s.ratio, s.std, s.cos_dist)
             }
         };
+        let mut forecast = ForecastErrors::default();
+        for (a, (i, ri)) in st.window.iter().enumerate() {
+            if k - i > MAX_GAP {
+                continue;
+            }
+            forecast
+                .reuse
+                .push([*i as f64, k as f64, rel_l1(ri, &res)?]);
+            for (h, rh) in st.window.iter().take(a) {
+                if i - h <= MAX_GAP {
+                    let f = extrapolate(&[(*h, rh), (*i, ri)], k)?;
+                    forecast
+                        .taylor1
+                        .push([*h as f64, *i as f64, k as f64, rel_l1(&f, &res)?]);
+                }
+            }
+        }
+        st.window.push_back((k, res.clone()));
+        while st.window.len() > 2 * MAX_GAP {
+            st.window.pop_front();
+        }
         st.prev = Some(res);
         let mut results = self
             .out
@@ -93,13 +123,18 @@ impl TimestepCache for Calibrator {
         c.ratios.push(ratio);
         c.stds.push(std);
         c.cos_dists.push(cos);
+        c.forecast.reuse.extend(forecast.reuse);
+        c.forecast.taylor1.extend(forecast.taylor1);
         Ok((out, CallDecision::computed(Some(ratio))))
     }
 
     fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
         self.states
             .iter()
-            .map(|(k, s)| (*k, s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0)))
+            .map(|(k, s)| {
+                let window: usize = s.state.window.iter().map(|(_, t)| tensor_bytes(t)).sum();
+                (*k, window)
+            })
             .collect()
     }
 }

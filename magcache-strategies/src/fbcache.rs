@@ -215,10 +215,7 @@ impl StrategyConfig for FbCacheConfig {
         self.as_dbcache().check(file)
     }
     fn build(&self, _env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
-        Ok(Some(Box::new(FbCache::named(
-            "fbcache",
-            self.as_dbcache(),
-        ))))
+        Ok(Some(Box::new(FbCache::named("fbcache", self.as_dbcache()))))
     }
     fn threshold(&self) -> Option<f64> {
         Some(self.threshold)
@@ -253,11 +250,11 @@ impl StrategyConfig for DbCacheConfig {
 }
 
 inventory::submit! {
-    StrategyRegistration { name: "fbcache", description: "First-Block Cache: relative change of the first block's residual (decides from data)" }
+    StrategyRegistration { name: "fbcache", description: "First-Block Cache: relative change of the first block's residual (decides from data)", defaults: || Box::new(FbCacheConfig::default()) }
 }
 
 inventory::submit! {
-    StrategyRegistration { name: "dbcache", description: "DBCache (cache-dit): front_blocks always run and decide, back_blocks always run, the middle is cached" }
+    StrategyRegistration { name: "dbcache", description: "DBCache (cache-dit): front_blocks always run and decide, back_blocks always run, the middle is cached", defaults: || Box::new(DbCacheConfig::default()) }
 }
 
 #[derive(Debug, Default)]
@@ -348,9 +345,9 @@ impl TimestepCache for FbCache {
     ) -> Result<(Streams, CallDecision)> {
         let n = chain.num_blocks();
         let (fr, bk) = (self.cfg.front_blocks, self.cfg.back_blocks);
-        if fr + bk >= n {
+        if fr + bk > n {
             return Err(Error::msg(format!(
-                "{}: front_blocks ({fr}) + back_blocks ({bk}) leave no block to cache in a chain of {n} blocks",
+                "{}: front_blocks ({fr}) + back_blocks ({bk}) exceed the chain's {n} blocks",
                 self.name
             )));
         }

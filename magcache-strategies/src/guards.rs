@@ -233,14 +233,17 @@ mod tests {
         };
         let mut g = Guards::new(cfg);
         g.begin(&plan(6));
-        let (c, u) = (ScopeKey::new(0, Branch::Cond), ScopeKey::new(0, Branch::Uncond));
+        let (c, u) = (
+            ScopeKey::new(0, Branch::Cond),
+            ScopeKey::new(0, Branch::Uncond),
+        );
         let cond_wants = [false, true, false, true, true, false];
-        for step in 0..6 {
-            let reused = g.verdict(c, step, 6).apply(cond_wants[step], step > 0);
+        for (step, &want) in cond_wants.iter().enumerate() {
+            let reused = g.verdict(c, step, 6).apply(want, step > 0);
             g.record(c, step, reused);
             let v = g.verdict(u, step, 6);
             // The uncond call wants the opposite: the guard overrides it.
-            let ru = v.apply(!cond_wants[step], step > 0);
+            let ru = v.apply(!want, step > 0);
             assert_eq!(ru, reused, "step {step}");
             assert!(v.imposed());
             g.record(u, step, ru);
@@ -256,7 +259,11 @@ mod tests {
         assert!(cfg.validate("r.toml").is_err());
         let w = few_step_warnings("fbcache", &plan(4), &GuardConfig::default());
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("4 steps") && w[0].contains("4.00x"), "{}", w[0]);
+        assert!(
+            w[0].contains("4 steps") && w[0].contains("4.00x"),
+            "{}",
+            w[0]
+        );
         assert!(few_step_warnings("fbcache", &plan(12), &GuardConfig::default()).is_empty());
     }
 }

@@ -8,7 +8,9 @@
 //!   "dbcache"`);
 //! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`);
 //! - [`seacache`]: SeaCache, accumulated distance of the spectrally filtered input latents with
-//!   residual extrapolation (`strategy = "seacache"`).
+//!   residual extrapolation (`strategy = "seacache"`);
+//! - [`schedule`]: calibrated schedules, the computed calls fixed before the run, given or searched
+//!   from a calibration profile (`strategy = "schedule"`).
 //!
 //! What a reused call returns is the estimator axis, shared by all of them ([`residual`]); so are the
 //! guards (warm-up, last steps, consecutive cap, CFG sharing, few-step warnings: [`guards`]).
@@ -24,6 +26,7 @@ pub mod magcache;
 pub mod profile;
 pub mod ratios;
 pub mod residual;
+pub mod schedule;
 pub mod seacache;
 pub mod teacache;
 
@@ -32,6 +35,7 @@ pub use guards::GuardConfig;
 pub use magcache::{MagCache, MagCacheConfig};
 pub use ratios::{RatioCurves, RatioSource, RatioSpec, Resample};
 pub use residual::Estimator;
+pub use schedule::{Schedule, ScheduleConfig};
 pub use seacache::{SeaCache, SeaCacheConfig};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
@@ -57,4 +61,5 @@ pub fn link() {
     std::hint::black_box(fbcache::DbCacheConfig::default());
     std::hint::black_box(teacache::TeaCacheConfig::default());
     std::hint::black_box(seacache::SeaCacheConfig::default());
+    std::hint::black_box(schedule::ScheduleConfig::default());
 }

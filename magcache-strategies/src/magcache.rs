@@ -10,7 +10,6 @@
 
 use crate::guards::{few_step_warnings, Guards, Verdict};
 use crate::ratios::{RatioSource, RatioSpec, Resample};
-use std::collections::HashMap;
 use crate::residual::{Estimator, ResidualCache};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
@@ -18,6 +17,7 @@ use magcache_core::{
     ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// `[cache] strategy = "magcache"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -212,7 +212,7 @@ impl StrategyConfig for MagCacheConfig {
 }
 
 inventory::submit! {
-    StrategyRegistration { name: "magcache", description: "MagCache: accumulated magnitude-ratio error over a calibrated curve (decisions known before the run)" }
+    StrategyRegistration { name: "magcache", description: "MagCache: accumulated magnitude-ratio error over a calibrated curve (decisions known before the run)", defaults: || Box::new(MagCacheConfig::default()) }
 }
 
 #[derive(Debug, Default)]

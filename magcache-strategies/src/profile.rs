@@ -9,6 +9,9 @@
 //! [cos_dists.main]
 //! [sigmas]                     # the noise level of every step of each expert
 //! main = [1.0, ...]
+//! [forecast_errors.main.cond]  # what a calibrated schedule is searched on (crate::schedule)
+//! reuse = [[i, k, err], ...]
+//! taylor1 = [[h, i, k, err], ...]
 //! ```
 
 use crate::ratios::RatioCurves;
@@ -47,6 +50,10 @@ pub struct Profile {
     pub cos_dists: ScopeTable,
     /// Sigmas of each expert's own steps.
     pub sigmas: BTreeMap<String, Vec<f64>>,
+    /// Per expert and branch, the forecast errors of [`crate::schedule`] (absent in profiles
+    /// written before calibrated schedules).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub forecast_errors: BTreeMap<String, BTreeMap<String, crate::schedule::ForecastErrors>>,
 }
 
 /// The table name of an expert: `main` for single-model runs, else `high_noise` / `low_noise`.

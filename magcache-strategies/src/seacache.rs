@@ -23,8 +23,8 @@ use crate::residual::{Estimator, ResidualCache};
 use magcache_core::candle_core::{DType, Tensor};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, Result, ScopeKey,
-    ScopeStates, StrategyConfig, Streams, TimestepCache,
+    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, Result,
+    ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
 };
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;
@@ -92,7 +92,8 @@ impl SeaCacheConfig {
         GuardConfig {
             warmup_steps: self.retention_steps,
             last_steps: self.cache_end_steps,
-            max_consecutive: (self.max_consecutive_cached > 0).then_some(self.max_consecutive_cached),
+            max_consecutive: (self.max_consecutive_cached > 0)
+                .then_some(self.max_consecutive_cached),
             cfg_shared: self.cfg_shared,
         }
     }
@@ -145,7 +146,7 @@ impl StrategyConfig for SeaCacheConfig {
 }
 
 inventory::submit! {
-    StrategyRegistration { name: "seacache", description: "SeaCache: accumulated relative L1 change of the spectrally filtered input latents, residual extrapolation (decides from data; Wan only)" }
+    StrategyRegistration { name: "seacache", description: "SeaCache: accumulated relative L1 change of the spectrally filtered input latents, residual extrapolation (decides from data; Wan only)", defaults: || Box::new(SeaCacheConfig::default()) }
 }
 
 /// The per-axis gain of length `n` (before normalisation).

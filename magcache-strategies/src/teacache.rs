@@ -13,11 +13,11 @@
 //! the first block's modulated input. Models publish that choice (and, per variant, the
 //! coefficients) under the `teacache` key; `indicator = "..."` in the config overrides it.
 
+use crate::guards::{few_step_warnings, Guards};
 use crate::residual::{Estimator, ResidualCache};
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
-use crate::guards::{few_step_warnings, Guards};
 use magcache_core::sync::synced_rel_l1;
 use magcache_core::{
     BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, ModelInfo,
@@ -192,7 +192,7 @@ impl StrategyConfig for TeaCacheConfig {
 }
 
 inventory::submit! {
-    StrategyRegistration { name: "teacache", description: "TeaCache: accumulated rescaled distance of a timestep-embedding indicator, decided before any block (decides from data)" }
+    StrategyRegistration { name: "teacache", description: "TeaCache: accumulated rescaled distance of a timestep-embedding indicator, decided before any block (decides from data)", defaults: || Box::new(TeaCacheConfig::default()) }
 }
 
 /// Horner evaluation, coefficients highest power first. Leading zeros are skipped, so an infinite `x`

@@ -105,7 +105,10 @@ fn computed(d: &[CallDecision]) -> Vec<bool> {
 }
 
 fn fbcache() -> Box<dyn TimestepCache> {
-    Box::new(FbCache::new(FbCacheConfig { threshold: 0.1 }))
+    Box::new(FbCache::new(FbCacheConfig {
+        threshold: 0.1,
+        ..Default::default()
+    }))
 }
 
 fn teacache() -> Box<dyn TimestepCache> {

@@ -486,7 +486,9 @@ fn fbcache_taylor1_forecasts_the_tail_residual() {
                     Ok(Streams::hidden((x.hidden + add)?))
                 });
                 let x = Streams::hidden(Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
-                let (y, d) = c.run(ScopeKey::new(0, Branch::Cond), &chain, x, &SingleProcess).unwrap();
+                let (y, d) = c
+                    .run(ScopeKey::new(0, Branch::Cond), &chain, x, &SingleProcess)
+                    .unwrap();
                 (y.hidden.to_vec1::<f32>().unwrap()[0], d.computed)
             })
             .collect()
@@ -526,12 +528,21 @@ fn drive(
             let scope = ScopeKey::new(0, b);
             let chain = PerBlock::new(4, |i, x: Streams| {
                 runs[i].fetch_add(1, Ordering::SeqCst);
-                let add = if i == 0 { head(scope, k) } else { (i + k) as f64 };
+                let add = if i == 0 {
+                    head(scope, k)
+                } else {
+                    (i + k) as f64
+                };
                 Ok(Streams::hidden((x.hidden + add)?))
             })
             .with_indicator(Indicator::TimestepEmbedding, &t(&[head(scope, k) as f32]));
             let (y, d) = cache
-                .run(scope, &chain, Streams::hidden(t(&[0.0, 0.0])), &SingleProcess)
+                .run(
+                    scope,
+                    &chain,
+                    Streams::hidden(t(&[0.0, 0.0])),
+                    &SingleProcess,
+                )
                 .unwrap();
             out.push((v(&y.hidden)[0], d.computed));
         }
@@ -568,19 +579,27 @@ fn dbcache_runs_front_and_back_blocks_on_every_call() {
     let mut db = FbCache::named("dbcache", cfg);
     let (out, runs) = drive(&mut db, 3, &[Branch::Cond], &|_, _| 1.0);
     // Call 0 computes; calls 1 and 2 reuse the middle (blocks 1, 2) but run blocks 0 and 3.
-    assert_eq!(out.iter().map(|o| o.1).collect::<Vec<_>>(), [true, false, false]);
+    assert_eq!(
+        out.iter().map(|o| o.1).collect::<Vec<_>>(),
+        [true, false, false]
+    );
     assert_eq!(runs, [3, 1, 1, 3]);
     // Reused call k: 1 (front) + cached middle (1 + 2 at k = 0) + back (3 + k).
     assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), [7.0, 8.0, 9.0]);
     // A chain too short for the split is an error naming the keys.
     let cfg = DbCacheConfig {
-        front_blocks: 3,
+        front_blocks: 4,
         back_blocks: 1,
         ..Default::default()
     };
     let mut db = FbCache::named("dbcache", cfg);
     let sigmas = [1.0];
-    let plan = GenerationPlan::from_steps(&magcache_core::StepsSpec::new("toy", "euler", &sigmas, &[Branch::Cond]));
+    let plan = GenerationPlan::from_steps(&magcache_core::StepsSpec::new(
+        "toy",
+        "euler",
+        &sigmas,
+        &[Branch::Cond],
+    ));
     use magcache_core::TimestepCache;
     db.begin_generation(&plan).unwrap();
     let chain = magcache_core::PerBlock::new(4, |_, x: Streams| Ok(x));
@@ -588,7 +607,7 @@ fn dbcache_runs_front_and_back_blocks_on_every_call() {
         .run(COND, &chain, Streams::hidden(t(&[0.0])), &SingleProcess)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("front_blocks (3) + back_blocks (1)"), "{err}");
+    assert!(err.contains("front_blocks (4) + back_blocks (1)"), "{err}");
 }
 
 #[test]
@@ -665,7 +684,10 @@ fn cfg_shared_uncond_takes_the_cond_decision() {
             if shared {
                 assert_eq!(uncond, cond, "{name}");
             } else {
-                assert!(uncond.iter().all(|c| *c) || name == "teacache", "{name}: {uncond:?}");
+                assert!(
+                    uncond.iter().all(|c| *c) || name == "teacache",
+                    "{name}: {uncond:?}"
+                );
                 assert_ne!(uncond, cond, "{name}");
             }
         }
@@ -689,8 +711,18 @@ fn cfg_shared_uncond_takes_the_cond_decision() {
     let mut m = MagCache::new(mag, src);
     let (out, _) = drive(&mut m, 6, &both, &head);
     use magcache_core::TimestepCache;
-    let pc: Vec<bool> = m.predict(COND).unwrap().iter().map(|d| d.computed).collect();
-    let pu: Vec<bool> = m.predict(UNCOND).unwrap().iter().map(|d| d.computed).collect();
+    let pc: Vec<bool> = m
+        .predict(COND)
+        .unwrap()
+        .iter()
+        .map(|d| d.computed)
+        .collect();
+    let pu: Vec<bool> = m
+        .predict(UNCOND)
+        .unwrap()
+        .iter()
+        .map(|d| d.computed)
+        .collect();
     assert_eq!(pc, pu);
     assert!(pc.iter().any(|c| !c));
     let run: Vec<bool> = out.iter().map(|o| o.1).collect();

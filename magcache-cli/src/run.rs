@@ -29,6 +29,10 @@ impl Observer for Collector {
     fn warning(&mut self, msg: &str) {
         // A hidden bar (stderr not a terminal) would swallow the line: print it directly then.
         match &self.bar {
+            // --json: stderr carries JSON events only.
+            _ if self.json => {
+                eprintln!("{}", serde_json::json!({"event": "warning", "message": msg}))
+            }
             Some(b) if !b.is_hidden() => b.println(format!("warning: {msg}")),
             _ if self.quiet => {}
             _ => eprintln!("warning: {msg}"),

@@ -31,7 +31,10 @@ impl Observer for Collector {
         match &self.bar {
             // --json: stderr carries JSON events only.
             _ if self.json => {
-                eprintln!("{}", serde_json::json!({"event": "warning", "message": msg}))
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"event": "warning", "message": msg})
+                )
             }
             Some(b) if !b.is_hidden() => b.println(format!("warning: {msg}")),
             _ if self.quiet => {}

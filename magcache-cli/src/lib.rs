@@ -4,6 +4,7 @@
 
 mod calibrate;
 mod compare;
+mod export;
 pub mod image;
 mod list;
 mod output;
@@ -15,6 +16,7 @@ pub mod video;
 
 pub use calibrate::{calibrate, fingerprint};
 pub use compare::{compare, compare_text, CompareReport, Comparison};
+pub use export::{export, ExportReport};
 pub use list::list;
 pub use output::{install_signal_cleanup, write_atomic, write_latents, Outputs};
 pub use plan::{plan, plan_text, PlanReport};

@@ -88,6 +88,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a preset's seeded random weights (in the run's dtype) as a new checkpoint folder in the
+    /// diffusers layout, sharded with an index, generated tensor by tensor.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// The folder to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest shard, in GB (diffusers-style `-0000k-of-0000n` shards past it).
+        #[arg(long, default_value_t = 5.0)]
+        shard_gb: f64,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List registered model families, presets and strategies.
     List,
 }
@@ -163,6 +177,36 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::List => {
             print!("{}", list());
+            Ok(())
+        }
+        Cmd::Export {
+            config,
+            out,
+            shard_gb,
+            quiet,
+        } => {
+            if !(shard_gb.is_finite() && shard_gb > 0.0) {
+                return Err(magcache_core::Error::msg(format!(
+                    "--shard-gb must be a positive number of GB, got {shard_gb}"
+                )));
+            }
+            install_signal_cleanup();
+            let t0 = std::time::Instant::now();
+            let mut progress = |line: &str| {
+                if !quiet {
+                    eprintln!("{line}");
+                }
+            };
+            let r = magcache_cli::export(&config, &out, (shard_gb * 1e9) as u64, &mut progress)?;
+            if !quiet {
+                println!(
+                    "wrote {}: {} tensors, {:.2} GB in {:.1} s",
+                    r.out.display(),
+                    r.tensors,
+                    r.bytes as f64 / 1e9,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
             Ok(())
         }
         Cmd::Compare {

@@ -24,7 +24,11 @@ pub fn install_signal_cleanup() {
     let _ = ctrlc::set_handler(|| {
         if let Ok(temps) = TEMPS.lock() {
             for t in temps.iter() {
-                let _ = std::fs::remove_file(t);
+                if t.is_dir() {
+                    let _ = std::fs::remove_dir_all(t);
+                } else {
+                    let _ = std::fs::remove_file(t);
+                }
             }
         }
         eprintln!("error: interrupted; no output written");
@@ -32,13 +36,13 @@ pub fn install_signal_cleanup() {
     });
 }
 
-fn register(tmp: &Path) {
+pub(crate) fn register(tmp: &Path) {
     if let Ok(mut t) = TEMPS.lock() {
         t.push(tmp.to_path_buf());
     }
 }
 
-fn unregister(tmp: &Path) {
+pub(crate) fn unregister(tmp: &Path) {
     if let Ok(mut t) = TEMPS.lock() {
         t.retain(|p| p != tmp);
     }
@@ -289,7 +293,7 @@ impl Outputs {
                     .map_err(|e| Error::io(&shown, format!("tensor `{k}`: {e:?}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::tensor::serialize(views, &None)
+        let bytes = safetensors::tensor::serialize(views, None)
             .map_err(|e| Error::io(&shown, format!("{e:?}")))?;
         self.write(path, &bytes)
     }

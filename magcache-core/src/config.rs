@@ -123,6 +123,14 @@ pub struct ModelSection {
     /// `cpu`, `cuda`, `cuda:N`, `metal`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// `none` (default) or `stream`: read each transformer block's weights from the checkpoint when
+    /// it runs (see [`crate::Offload`]).
+    #[serde(default = "default_offload")]
+    pub offload: String,
+}
+
+fn default_offload() -> String {
+    "none".into()
 }
 
 fn default_device() -> String {
@@ -260,6 +268,14 @@ impl RunConfig {
         }
         crate::placement::parse_dtype(&self.model.dtype, file)?;
         crate::placement::parse_device(&self.model.device, file)?;
+        let offload = crate::placement::parse_offload(&self.model.offload, file)?;
+        if offload == crate::Offload::Stream && self.model.weights.is_none() {
+            return Err(Error::config(
+                file,
+                "model.offload",
+                "\"stream\" reads blocks from a checkpoint, and a preset has none: give `weights`, or write the preset's weights once with `magcache export`",
+            ));
+        }
         if self.model.weights.is_some() && self.model.preset.is_some() {
             return Err(Error::config(
                 file,

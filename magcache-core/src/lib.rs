@@ -43,8 +43,11 @@ pub use error::{Error, Result};
 pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};
 pub use metadata::BlockMetadata;
 pub use pipeline::{CallEvent, Denoiser, Observer, Pipeline, Silent};
-pub use placement::Placement;
-pub use registry::{ModelFamily, ModelInfo, ScheduleMeta, StrategyRegistration};
+pub use placement::{Offload, Placement};
+pub use registry::{
+    ExportWeights, GeneratedWeights, ModelFamily, ModelInfo, PresetExport, ScheduleMeta,
+    StrategyRegistration,
+};
 pub use scope::{Branch, GenerationPlan, ScopeKey, ScopePlan, StepsSpec};
 pub use states::{ScopeSlot, ScopeStates};
 pub use sync::{DecisionSync, SingleProcess};

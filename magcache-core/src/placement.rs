@@ -50,6 +50,29 @@ pub fn parse_dtype(s: &str, file: &str) -> Result<DType> {
     }
 }
 
+/// Where a transformer's block weights live during a run (`[model] offload`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Offload {
+    /// Every weight is loaded once and held (the default).
+    #[default]
+    None,
+    /// Each block's weights are read from the memory-mapped checkpoint when the block runs and
+    /// dropped after it (the next block is read while one runs): only a few blocks are resident.
+    Stream,
+}
+
+pub fn parse_offload(s: &str, file: &str) -> Result<Offload> {
+    match s {
+        "none" => Ok(Offload::None),
+        "stream" => Ok(Offload::Stream),
+        _ => Err(Error::config(
+            file,
+            "model.offload",
+            format!("`{s}` is not supported: use \"none\" or \"stream\""),
+        )),
+    }
+}
+
 /// The device and the weights' dtype of a run.
 #[derive(Clone, Debug)]
 pub struct Placement {
@@ -103,6 +126,9 @@ mod tests {
             assert!(e.starts_with("run.toml: model.device:"), "{e}");
         }
         assert_eq!(parse_dtype("bf16", "f").unwrap(), DType::BF16);
+        assert_eq!(parse_offload("stream", "f").unwrap(), Offload::Stream);
+        let e = parse_offload("disk", "run.toml").unwrap_err().to_string();
+        assert!(e.starts_with("run.toml: model.offload:"), "{e}");
         let e = parse_dtype("f64", "run.toml").unwrap_err().to_string();
         assert!(e.starts_with("run.toml: model.dtype:"), "{e}");
     }

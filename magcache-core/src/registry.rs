@@ -85,6 +85,34 @@ pub struct ModelFamily {
 
 inventory::collect!(ModelFamily);
 
+/// One transformer's weights, generated tensor by tensor: `magcache export` writes a preset's seeded
+/// random weights as a checkpoint without ever holding them all (a 14B preset is 28 GB in bf16).
+pub struct GeneratedWeights {
+    /// Subfolder of the export it goes to (`""`: the export folder itself).
+    pub folder: String,
+    /// Its `config.json`.
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Checkpoint names, shapes and stored dtypes, in writing order.
+    pub tensors: Vec<(String, Vec<usize>, candle_core::DType)>,
+    /// The tensor of a name and shape: the values the preset builds in a run.
+    pub generate: GenerateTensor,
+}
+
+/// Makes one tensor of [`GeneratedWeights`] from its name and shape.
+pub type GenerateTensor = Box<dyn Fn(&str, &[usize]) -> Result<candle_core::Tensor> + Send + Sync>;
+
+/// A preset run's transformers as [`GeneratedWeights`] (one per expert).
+pub type ExportWeights = fn(cfg: &RunConfig, file: &str) -> Result<Vec<GeneratedWeights>>;
+
+/// A model family's preset exporter, registered beside its [`ModelFamily`] (a separate registration,
+/// so that families without one need not name it).
+pub struct PresetExport {
+    pub family: &'static str,
+    pub export: ExportWeights,
+}
+
+inventory::collect!(PresetExport);
+
 /// A strategy, registered with `inventory::submit!` beside its typetag config.
 pub struct StrategyRegistration {
     pub name: &'static str,
@@ -122,6 +150,11 @@ pub fn families() -> Vec<&'static ModelFamily> {
     let mut v: Vec<_> = inventory::iter::<ModelFamily>.into_iter().collect();
     v.sort_by_key(|f| f.name);
     v
+}
+
+/// Every registered preset exporter.
+pub fn exporters() -> Vec<&'static PresetExport> {
+    inventory::iter::<PresetExport>.into_iter().collect()
 }
 
 pub fn family(name: &str) -> Option<&'static ModelFamily> {

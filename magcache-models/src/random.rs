@@ -52,30 +52,79 @@ pub fn uniform(seed: u64, shape: &[usize], a: f32) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-/// Random weights for a list of `(name, shape)`: 1-D `*.weight` (norm scales) ones, biases zeros,
-/// `*scale_shift_table` `randn / sqrt(d)`, other tensors uniform with std `1/sqrt(fan_in)`, stored in
-/// `dtype` (converted tensor by tensor, so a bf16 preset never holds its f32 weights whole).
+/// The dtype a preset stores a tensor in: linear (and conv) weights in the run's `dtype`; norm
+/// scales, biases and modulation tables in f32.
+pub fn random_dtype(name: &str, shape: &[usize], dtype: candle_core::DType) -> candle_core::DType {
+    let f32_kept = name.ends_with("scale_shift_table")
+        || (shape.len() == 1 && name.ends_with(".weight"))
+        || name.ends_with(".bias");
+    if f32_kept {
+        candle_core::DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// One preset tensor: 1-D `*.weight` (norm scales) ones, biases zeros, `*scale_shift_table`
+/// `randn / sqrt(d)`, other tensors uniform with std `1/sqrt(fan_in)` in `dtype`; seeded by `seed` and
+/// the name, so it is the same whichever tensors are generated before it.
+pub fn random_tensor(
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+    d: usize,
+    dtype: candle_core::DType,
+) -> Result<Tensor> {
+    use candle_core::DType;
+    let s = sub_seed(seed, name);
+    Ok(if name.ends_with("scale_shift_table") {
+        (randn(s, shape)? / (d as f64).sqrt())?
+    } else if shape.len() == 1 && name.ends_with(".weight") {
+        Tensor::ones(shape, DType::F32, &Device::Cpu)?
+    } else if name.ends_with(".bias") {
+        Tensor::zeros(shape, DType::F32, &Device::Cpu)?
+    } else {
+        let fan_in: usize = shape[1..].iter().product();
+        uniform(s, shape, (3.0 / fan_in.max(1) as f32).sqrt())?.to_dtype(dtype)?
+    })
+}
+
+/// Random weights for a list of `(name, shape)` ([`random_tensor`]), converted tensor by tensor, so
+/// a bf16 preset never holds its f32 weights whole.
 pub fn random_store(
     seed: u64,
     shapes: Vec<(String, Vec<usize>)>,
     d: usize,
     dtype: candle_core::DType,
 ) -> Result<crate::weights::WeightStore> {
-    use candle_core::DType;
     let mut map = std::collections::HashMap::new();
     for (name, shape) in shapes {
-        let s = sub_seed(seed, &name);
-        let t = if name.ends_with("scale_shift_table") {
-            (randn(s, &shape)? / (d as f64).sqrt())?
-        } else if shape.len() == 1 && name.ends_with(".weight") {
-            Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?
-        } else if name.ends_with(".bias") {
-            Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?
-        } else {
-            let fan_in: usize = shape[1..].iter().product();
-            uniform(s, &shape, (3.0 / fan_in.max(1) as f32).sqrt())?.to_dtype(dtype)?
-        };
+        let t = random_tensor(seed, &name, &shape, d, dtype)?;
         map.insert(name, t);
     }
     Ok(crate::weights::WeightStore::from_map("(random init)", map))
+}
+
+/// A preset's transformer as [`magcache_core::GeneratedWeights`]: the same tensors
+/// [`random_store`] builds, generated one at a time when written.
+pub fn generated(
+    folder: &str,
+    config: serde_json::Map<String, serde_json::Value>,
+    seed: u64,
+    shapes: Vec<(String, Vec<usize>)>,
+    d: usize,
+    dtype: candle_core::DType,
+) -> magcache_core::GeneratedWeights {
+    magcache_core::GeneratedWeights {
+        folder: folder.to_string(),
+        config,
+        tensors: shapes
+            .into_iter()
+            .map(|(n, s)| {
+                let dt = random_dtype(&n, &s, dtype);
+                (n, s, dt)
+            })
+            .collect(),
+        generate: Box::new(move |name, shape| random_tensor(seed, name, shape, d, dtype)),
+    }
 }

@@ -10,15 +10,49 @@ use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// A tensor of the store: in memory, or where it lies in a memory-mapped checkpoint file (read when
+/// it is handed out, so a model can fetch a block's weights when the block runs).
+enum Entry {
+    Mem(Tensor),
+    Mapped {
+        /// Index into [`WeightStore::maps`].
+        map: usize,
+        dtype: DType,
+        shape: Vec<usize>,
+        /// Byte range in the file.
+        start: usize,
+        end: usize,
+    },
+}
+
+impl Entry {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Entry::Mem(t) => t.dims(),
+            Entry::Mapped { shape, .. } => shape,
+        }
+    }
+}
 
 /// Tensors by name, each remembering the file it came from, and which names the model fetched.
+///
+/// Checkpoint files are memory-mapped and only their headers read when they are opened; a tensor's
+/// bytes are copied out of the mapping when it is handed out, and (on Unix) the mapping's pages are
+/// released right after (`MADV_DONTNEED`: they stay in the page cache, not in this process), so the
+/// resident memory is the tensors the model holds, never the checkpoint.
 #[derive(Default)]
 pub struct WeightStore {
-    tensors: HashMap<String, (Tensor, usize)>,
+    tensors: HashMap<String, (Entry, usize)>,
     files: Vec<String>,
-    /// Names handed out by `get*` (after renames): what the model used.
+    maps: Vec<Arc<memmap2::Mmap>>,
+    /// Names handed out by `get*` or declared by [`WeightStore::expect`] (after renames): what the
+    /// model uses.
     used: Mutex<HashSet<String>>,
+    /// Names already checked finite in the run's dtype (a streamed block is fetched once per call:
+    /// the check runs once).
+    finite: Mutex<HashSet<String>>,
     /// What to call the store in messages (the folder or file the user gave).
     pub origin: String,
     /// The device and linear-weight dtype tensors are handed out in.
@@ -29,11 +63,13 @@ impl WeightStore {
     /// A store of in-memory tensors (presets, tests).
     pub fn from_map(origin: &str, map: HashMap<String, Tensor>) -> Self {
         WeightStore {
-            tensors: map.into_iter().map(|(k, v)| (k, (v, 0))).collect(),
+            tensors: map
+                .into_iter()
+                .map(|(k, v)| (k, (Entry::Mem(v), 0)))
+                .collect(),
             files: vec![origin.to_string()],
-            used: Default::default(),
             origin: origin.to_string(),
-            placement: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -62,31 +98,42 @@ impl WeightStore {
                     format!("weight file {why}"),
                 ));
             }
-            let map = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+            let file = std::fs::File::open(f).map_err(|e| Error::io(&name, e))?;
+            // SAFETY: the mapping is read-only; like every memory-mapped reader (candle's included),
+            // it assumes the file is not truncated or rewritten while the run reads it.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&name, e))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
                 Error::weights(
                     &name,
                     "(header)",
-                    format!("not a readable safetensors file: {e}"),
+                    format!("not a readable safetensors file: {e:?}"),
                 )
             })?;
-            for (k, t) in map {
-                // Integer `position_ids` buffers (older transformers CLIP checkpoints store
-                // `text_model.embeddings.position_ids`) are not weights: positions are 0..L.
-                if k.ends_with("position_ids")
-                    && matches!(t.dtype(), DType::I64 | DType::U32 | DType::U8)
-                {
-                    continue;
-                }
-                if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-                    return Err(Error::weights(
-                        &name,
-                        &k,
-                        format!(
-                            "has dtype {:?}; weights must be f32, f16 or bf16",
-                            t.dtype()
-                        ),
-                    ));
-                }
+            let data_start = 8 + n;
+            let mut entries: Vec<(String, safetensors::tensor::TensorInfo)> = meta
+                .tensors()
+                .into_iter()
+                .map(|(k, i)| (k, i.clone()))
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let map = store.maps.len();
+            for (k, info) in entries {
+                use safetensors::Dtype as S;
+                let dtype = match info.dtype {
+                    S::F32 => DType::F32,
+                    S::F16 => DType::F16,
+                    S::BF16 => DType::BF16,
+                    // Integer `position_ids` buffers (older transformers CLIP checkpoints store
+                    // `text_model.embeddings.position_ids`) are not weights: positions are 0..L.
+                    S::I64 | S::U32 | S::U8 if k.ends_with("position_ids") => continue,
+                    other => {
+                        return Err(Error::weights(
+                            &name,
+                            &k,
+                            format!("has dtype {other:?}; weights must be f32, f16 or bf16"),
+                        ))
+                    }
+                };
                 if let Some((_, other)) = store.tensors.get(&k) {
                     let other = store.files.get(*other).cloned().unwrap_or_default();
                     return Err(Error::weights(
@@ -95,8 +142,17 @@ impl WeightStore {
                         format!("is also in {other}: two shards hold the same tensor and neither can be chosen (remove one, or give an index *.safetensors.index.json)"),
                     ));
                 }
-                store.tensors.insert(k, (t, fi));
+                let (a, b) = info.data_offsets;
+                let entry = Entry::Mapped {
+                    map,
+                    dtype,
+                    shape: info.shape,
+                    start: data_start + a,
+                    end: data_start + b,
+                };
+                store.tensors.insert(k, (entry, fi));
             }
+            store.maps.push(Arc::new(mmap));
             store.files.push(name);
         }
         Ok(store)
@@ -132,7 +188,7 @@ impl WeightStore {
 
     /// The stored shape of a tensor, without handing it out (layout detection, config inference).
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.tensors.get(name).map(|(t, _)| t.dims().to_vec())
+        self.tensors.get(name).map(|(t, _)| t.shape().to_vec())
     }
 
     /// Renames every key through `f` (layout conversion).
@@ -146,12 +202,73 @@ impl WeightStore {
     }
 
     /// Removes a tensor (used by layout conversions that split fused tensors).
-    pub fn take(&mut self, name: &str) -> Option<Tensor> {
-        self.tensors.remove(name).map(|(t, _)| t)
+    pub fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if !self.tensors.contains_key(name) {
+            return Ok(None);
+        }
+        let t = self.get_stored(name)?;
+        self.tensors.remove(name);
+        Ok(Some(t))
+    }
+
+    /// Renames one tensor without reading it; `false` when `from` is not there.
+    pub fn move_key(&mut self, from: &str, to: &str) -> bool {
+        match self.tensors.remove(from) {
+            Some(e) => {
+                self.tensors.insert(to.to_string(), e);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Splits the fused tensor `name` along its first dimension into `parts` (new name, rows), in
+    /// order, without reading a mapped tensor (each part is the matching byte range of the file).
+    /// Rows left over after the parts are an error, as are too few.
+    pub fn split_rows(&mut self, name: &str, parts: &[(String, usize)]) -> Result<()> {
+        let shape = self.entry(name)?.shape().to_vec();
+        let file = self.file_of(name).to_string();
+        let rows = shape.first().copied().unwrap_or(0);
+        let need: usize = parts.iter().map(|(_, r)| r).sum();
+        if rows != need {
+            let sizes: Vec<usize> = parts.iter().map(|(_, r)| *r).collect();
+            return Err(Error::weights(
+                &file,
+                name,
+                format!("has {rows} rows; the fused parts {sizes:?} need {need}"),
+            ));
+        }
+        let Some((entry, fi)) = self.tensors.remove(name) else {
+            return Ok(());
+        };
+        let row_elems: usize = shape[1..].iter().product();
+        let mut off = 0;
+        for (part, r) in parts {
+            let e = match &entry {
+                Entry::Mem(t) => Entry::Mem(t.narrow(0, off, *r)?.contiguous()?),
+                Entry::Mapped {
+                    map, dtype, start, ..
+                } => {
+                    let row_bytes = row_elems * dtype.size_in_bytes();
+                    let mut sh = shape.clone();
+                    sh[0] = *r;
+                    Entry::Mapped {
+                        map: *map,
+                        dtype: *dtype,
+                        shape: sh,
+                        start: start + off * row_bytes,
+                        end: start + (off + r) * row_bytes,
+                    }
+                }
+            };
+            self.tensors.insert(part.clone(), (e, fi));
+            off += r;
+        }
+        Ok(())
     }
 
     pub fn insert(&mut self, name: &str, t: Tensor) {
-        self.tensors.insert(name.to_string(), (t, 0));
+        self.tensors.insert(name.to_string(), (Entry::Mem(t), 0));
     }
 
     /// The file a tensor was read from (the store's origin when unknown).
@@ -185,7 +302,12 @@ impl WeightStore {
             magcache_core::finite::all_finite(t)
                 .map_err(|e| Error::weights(file, name, e.to_string()))
         };
-        if !finite(&t)? {
+        let checked = self
+            .finite
+            .lock()
+            .map(|c| c.contains(name))
+            .unwrap_or(false);
+        if !checked && !finite(&t)? {
             let what = magcache_core::finite::describe_non_finite(&t)
                 .map_err(|e| Error::weights(file, name, e.to_string()))?;
             let msg = if stored.dtype() != dtype && finite(&stored)? {
@@ -198,10 +320,33 @@ impl WeightStore {
             };
             return Err(Error::weights(file, name, msg));
         }
+        if let Ok(mut c) = self.finite.lock() {
+            c.insert(name.to_string());
+        }
+        self.mark_used(name);
+        Ok(t)
+    }
+
+    fn mark_used(&self, name: &str) {
         if let Ok(mut used) = self.used.lock() {
             used.insert(name.to_string());
         }
-        Ok(t)
+    }
+
+    /// Checks that a tensor exists with this shape and counts it as used, without reading it: a
+    /// model that fetches a block's weights only when the block runs (`offload = "stream"`)
+    /// declares them at build time, so a missing or misshapen tensor fails before the first call.
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.check_shape(name, shape)?;
+        self.mark_used(name);
+        Ok(())
+    }
+
+    /// Whether the tensors are read from checkpoint files when handed out (rather than held).
+    pub fn is_mapped(&self) -> bool {
+        self.tensors
+            .values()
+            .any(|(e, _)| matches!(e, Entry::Mapped { .. }))
     }
 
     /// Checkpoint tensors the model never fetched, sorted.
@@ -297,20 +442,55 @@ impl WeightStore {
         self.get_as(name, self.placement.dtype)
     }
 
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.tensors.get(name).map(|(e, _)| e).ok_or_else(|| {
+            Error::weights(
+                &self.origin,
+                name,
+                format!(
+                    "missing from the checkpoint ({} tensors present)",
+                    self.tensors.len()
+                ),
+            )
+        })
+    }
+
+    /// The tensor in its stored dtype, on the CPU: a clone of an in-memory one, or a copy read out of
+    /// its file's mapping (whose pages are released right after, see [`WeightStore`]).
     fn get_stored(&self, name: &str) -> Result<Tensor> {
-        self.tensors
-            .get(name)
-            .map(|(t, _)| t.clone())
-            .ok_or_else(|| {
-                Error::weights(
-                    &self.origin,
-                    name,
-                    format!(
-                        "missing from the checkpoint ({} tensors present)",
-                        self.tensors.len()
-                    ),
-                )
-            })
+        match self.entry(name)? {
+            Entry::Mem(t) => Ok(t.clone()),
+            Entry::Mapped {
+                map,
+                dtype,
+                shape,
+                start,
+                end,
+            } => {
+                let file = self.file_of(name);
+                let m = self
+                    .maps
+                    .get(*map)
+                    .ok_or_else(|| Error::weights(file, name, "file mapping lost"))?;
+                let bytes = m.get(*start..*end).ok_or_else(|| {
+                    Error::weights(file, name, "data lies outside the file (truncated?)")
+                })?;
+                let t = Tensor::from_raw_buffer(bytes, *dtype, shape, &Device::Cpu)
+                    .map_err(|e| Error::weights(file, name, e.to_string()))?;
+                #[cfg(unix)]
+                // SAFETY: the mapping is a read-only file mapping: MADV_DONTNEED only drops its pages
+                // from this process (a later read faults them back in from the file); nothing
+                // borrows `bytes` any more (the tensor owns a copy).
+                unsafe {
+                    let _ = m.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        *start,
+                        end - start,
+                    );
+                }
+                Ok(t)
+            }
+        }
     }
 
     /// A tensor that must exist with this shape, in f32 on the placement's device.
@@ -320,16 +500,12 @@ impl WeightStore {
     }
 
     fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
-        let t = self.get_stored(name)?;
-        if t.dims() != shape {
+        let stored = self.entry(name)?.shape();
+        if stored != shape {
             return Err(Error::weights(
                 self.file_of(name),
                 name,
-                format!(
-                    "has shape {:?}, the model config expects {:?}",
-                    t.dims(),
-                    shape
-                ),
+                format!("has shape {stored:?}, the model config expects {shape:?}"),
             ));
         }
         Ok(())

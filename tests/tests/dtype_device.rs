@@ -84,3 +84,44 @@ fn a_missing_device_is_one_line_naming_the_key() {
         .to_string();
     assert!(e.contains("model.device: `gpu` is not a device"), "{e}");
 }
+
+#[test]
+fn streamed_blocks_match_held_ones_exactly() {
+    // `offload = "stream"` reads each block from the checkpoint as it runs (the next one on a second
+    // thread): the same tensors, the same maths, so the same bits, whichever blocks a cache skips
+    // (FBCache runs the first block alone, then the rest or nothing).
+    let decisions =
+        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
+    for name in ["dense", "magcache_a", "fbcache_a"] {
+        let (held, rep_h, d) = wan21_run(name, "");
+        let (streamed, rep_s, _) = wan21_run(name, "offload = \"stream\"\n");
+        assert!(d < 1e-3, "{name}: {d}");
+        assert_eq!(max_abs_diff(&held, &streamed), 0.0, "{name}");
+        assert_eq!(decisions(&rep_h), decisions(&rep_s), "{name}");
+    }
+    let (a, _, _) = wan21_run("dense", "dtype = \"bf16\"\n");
+    let (b, _, _) = wan21_run("dense", "dtype = \"bf16\"\noffload = \"stream\"\n");
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn streaming_a_preset_or_an_unknown_offload_is_one_line_naming_the_key() {
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    for (offload, want) in [
+        (
+            "stream",
+            "model.offload: \"stream\" reads blocks from a checkpoint",
+        ),
+        ("disk", "model.offload: `disk` is not supported"),
+    ] {
+        let text = format!(
+            "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\noffload = \"{offload}\"\n[sampling]\nsteps = 2\n"
+        );
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        let e = magcache_cli::prepare(&path).err().unwrap().to_string();
+        assert!(e.contains(want), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+}

@@ -48,35 +48,14 @@ fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Splits a fused `[n * d (+ extra), in]` weight (or bias) `name` of the checkpoint `origin` into
-/// parts of the given row counts.
-fn split_rows(t: &Tensor, sizes: &[usize], origin: &str, name: &str) -> Result<Vec<Tensor>> {
-    let rows = t.dim(0)?;
-    let need: usize = sizes.iter().sum();
-    if rows < need {
-        return Err(Error::weights(
-            origin,
-            name,
-            format!("has {rows} rows; the fused parts {sizes:?} need {need}",),
-        ));
-    }
-    let mut out = Vec::new();
-    let mut off = 0;
-    for &s in sizes {
-        out.push(t.narrow(0, off, s)?.contiguous()?);
-        off += s;
-    }
-    Ok(out)
-}
-
 /// Renames and splits BFL tensors into diffusers names, in place. `d` is the inner dimension.
 pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
     let origin = store.origin.clone();
-    let take = |s: &mut WeightStore, k: &str| {
-        s.take(k)
-            .ok_or_else(|| Error::weights(&origin, k, "missing from the BFL checkpoint"))
-    };
-    let d = store.get("img_in.weight")?.dim(0)?;
+    let missing = |k: &str| Error::weights(&origin, k, "missing from the BFL checkpoint");
+    let d = store
+        .shape("img_in.weight")
+        .and_then(|s| s.first().copied())
+        .ok_or_else(|| missing("img_in.weight"))?;
     let simple: Vec<(String, String)> = {
         let mut v = vec![
             ("img_in".to_string(), "x_embedder".to_string()),
@@ -139,15 +118,15 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
     };
     for (a, b) in simple {
         for suffix in ["weight", "bias"] {
-            if let Some(t) = store.take(&format!("{a}.{suffix}")) {
-                store.insert(&format!("{b}.{suffix}"), t);
-            }
+            store.move_key(&format!("{a}.{suffix}"), &format!("{b}.{suffix}"));
         }
     }
     let norm = |s: &mut WeightStore, from: &str, to: &str| -> Result<()> {
-        let t = take(s, from)?;
-        s.insert(to, t);
-        Ok(())
+        if s.move_key(from, to) {
+            Ok(())
+        } else {
+            Err(missing(from))
+        }
     };
     for i in 0..count_blocks(store, "double_blocks.") {
         let (b, t) = (
@@ -160,13 +139,14 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
         ] {
             for suffix in ["weight", "bias"] {
                 let name = format!("{b}.{stream}_attn.qkv.{suffix}");
-                let fused = take(store, &name)?;
-                for (n, part) in names
-                    .iter()
-                    .zip(split_rows(&fused, &[d, d, d], &origin, &name)?)
-                {
-                    store.insert(&format!("{t}.{n}.{suffix}"), part);
+                if !store.contains(&name) {
+                    return Err(missing(&name));
                 }
+                let parts: Vec<(String, usize)> = names
+                    .iter()
+                    .map(|n| (format!("{t}.{n}.{suffix}"), d))
+                    .collect();
+                store.split_rows(&name, &parts)?;
             }
         }
         norm(
@@ -197,8 +177,10 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
         );
         for suffix in ["weight", "bias"] {
             let name = format!("{b}.linear1.{suffix}");
-            let fused = take(store, &name)?;
-            let rows = fused.dim(0)?;
+            let rows = store
+                .shape(&name)
+                .and_then(|s| s.first().copied())
+                .ok_or_else(|| missing(&name))?;
             let mlp = rows.checked_sub(3 * d).ok_or_else(|| {
                 Error::weights(
                     &origin,
@@ -206,13 +188,12 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
                     format!("has {rows} rows; expected 3 x {d} (q, k, v) plus the MLP rows"),
                 )
             })?;
-            let parts = split_rows(&fused, &[d, d, d, mlp], &origin, &name)?;
-            for (n, part) in ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+            let parts: Vec<(String, usize)> = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
                 .iter()
-                .zip(parts)
-            {
-                store.insert(&format!("{t}.{n}.{suffix}"), part);
-            }
+                .zip([d, d, d, mlp])
+                .map(|(n, r)| (format!("{t}.{n}.{suffix}"), r))
+                .collect();
+            store.split_rows(&name, &parts)?;
         }
         norm(
             store,
@@ -228,14 +209,17 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
     // BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift).
     for suffix in ["weight", "bias"] {
         let name = format!("final_layer.adaLN_modulation.1.{suffix}");
-        let t = take(store, &name)?;
-        let parts = split_rows(&t, &[d, d], &origin, &name)?;
-        let [shift, scale] = parts.as_slice() else {
+        let (shift, scale) = (format!("{name}.shift"), format!("{name}.scale"));
+        if !store.contains(&name) {
+            return Err(missing(&name));
+        }
+        store.split_rows(&name, &[(shift.clone(), d), (scale.clone(), d)])?;
+        let (Some(shift), Some(scale)) = (store.take(&shift)?, store.take(&scale)?) else {
             return Err(Error::weights(&origin, &name, "expected (shift, scale)"));
         };
         store.insert(
             &format!("norm_out.linear.{suffix}"),
-            Tensor::cat(&[scale, shift], 0)?,
+            Tensor::cat(&[&scale, &shift], 0)?,
         );
     }
     Ok(())
@@ -243,8 +227,21 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
 
 /// Infers a config from BFL tensors (head dim 128 and rope axes (16, 56, 56) unless overridden).
 pub fn infer_bfl_config(store: &WeightStore) -> Result<FluxConfig> {
-    let w = store.get("img_in.weight")?;
-    let (d, cin) = w.dims2()?;
+    let dims = |k: &str| -> Result<Vec<usize>> {
+        store
+            .shape(k)
+            .ok_or_else(|| Error::weights(&store.origin, k, "missing from the BFL checkpoint"))
+    };
+    let (d, cin) = match dims("img_in.weight")?.as_slice() {
+        [d, c] => (*d, *c),
+        other => {
+            return Err(Error::weights(
+                &store.origin,
+                "img_in.weight",
+                format!("has shape {other:?}; expected [dim, in_channels]"),
+            ))
+        }
+    };
     let hd = 128;
     Ok(FluxConfig {
         in_channels: cin,
@@ -252,8 +249,11 @@ pub fn infer_bfl_config(store: &WeightStore) -> Result<FluxConfig> {
         num_single_layers: count_blocks(store, "single_blocks."),
         attention_head_dim: hd,
         num_attention_heads: (d / hd).max(1),
-        joint_attention_dim: store.get("txt_in.weight")?.dim(1)?,
-        pooled_projection_dim: store.get("vector_in.in_layer.weight")?.dim(1)?,
+        joint_attention_dim: dims("txt_in.weight")?.get(1).copied().unwrap_or(0),
+        pooled_projection_dim: dims("vector_in.in_layer.weight")?
+            .get(1)
+            .copied()
+            .unwrap_or(0),
         guidance_embeds: store.contains("guidance_in.in_layer.weight"),
         ..FluxConfig::default()
     })

@@ -621,6 +621,41 @@ fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan
     ))
 }
 
+/// A FLUX preset run's transformer, generated tensor by tensor (`magcache export`).
+fn export_flux(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    let overrides = overrides_json(cfg);
+    let name = crate::config_util::preset_name(cfg, file)?;
+    let p = FLUX_PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            Error::config(
+                file,
+                "model.preset",
+                format!(
+                    "unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"
+                ),
+            )
+        })?;
+    let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
+    let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
+    let dtype = magcache_core::placement::parse_dtype(&cfg.model.dtype, file)?;
+    let mut config = to_map(&c, "FluxTransformer2DModel")?;
+    config.insert("_class_name".into(), "FluxTransformer2DModel".into());
+    Ok(vec![crate::random::generated(
+        "",
+        config,
+        cfg.model.seed,
+        shapes(&c),
+        c.inner_dim(),
+        dtype,
+    )])
+}
+
+inventory::submit! {
+    magcache_core::PresetExport { family: "flux", export: export_flux }
+}
+
 inventory::submit! {
     ModelFamily {
         name: "flux",

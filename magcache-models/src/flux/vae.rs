@@ -818,7 +818,7 @@ fn normalize_attention(store: &mut WeightStore) -> Result<()> {
         .cloned()
         .collect();
     for k in convs {
-        if let Some(t) = store.take(&k) {
+        if let Some(t) = store.take(&k)? {
             let (o, i, kh, kw) = t.dims4()?;
             if kh != 1 || kw != 1 {
                 return Err(Error::weights(

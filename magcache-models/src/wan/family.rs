@@ -49,8 +49,17 @@ pub fn build_model(
             c.in_channels
         );
         let layers = loaded.config.num_layers;
-        let model = WanModel::from_weights(loaded.config, &loaded.store)?;
-        let warning = loaded.store.check_unused(file, |_| {
+        let store = std::sync::Arc::new(loaded.store);
+        let model = match magcache_core::placement::parse_offload(&cfg.model.offload, file)? {
+            magcache_core::Offload::None => WanModel::from_weights(loaded.config, &store)?,
+            magcache_core::Offload::Stream => WanModel::streamed(loaded.config, store.clone())?,
+        };
+        let desc = if model.is_streamed() {
+            format!("{desc}, blocks streamed from the checkpoint")
+        } else {
+            desc
+        };
+        let warning = store.check_unused(file, |_| {
             crate::config_util::depth_key(&overrides, "num_layers", layers)
         })?;
         Ok((model, preset, desc, warning.into_iter().collect()))
@@ -456,6 +465,58 @@ fn plan_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPla
 
 fn plan_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     plan_wan(cfg, file, base, "wan2.2")
+}
+
+/// A Wan preset run's transformers, generated tensor by tensor (`magcache export`): one folder, or
+/// `transformer` and `transformer_2` for the two experts of an A14B preset (the order `weights`
+/// lists them in), each seeded as the preset run seeds it.
+fn export_wan(
+    cfg: &RunConfig,
+    file: &str,
+    presets: &'static [WanPreset],
+) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    let overrides = overrides_json(cfg);
+    let name = crate::config_util::preset_name(cfg, file)?;
+    let preset = find_preset(cfg, file, presets, name)?;
+    let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
+    let c = WanConfig::from_map(base_cfg, file, &overrides)?;
+    let dtype = magcache_core::placement::parse_dtype(&cfg.model.dtype, file)?;
+    let mut config = to_map(&c, "WanTransformer3DModel")?;
+    config.insert("_class_name".into(), "WanTransformer3DModel".into());
+    let n = preset.experts.max(1);
+    Ok((0..n)
+        .map(|e| {
+            let folder = match (n, e) {
+                (1, _) => "",
+                (_, 0) => "transformer",
+                _ => "transformer_2",
+            };
+            crate::random::generated(
+                folder,
+                config.clone(),
+                cfg.model.seed + e as u64,
+                model::tensor_shapes(&c),
+                c.inner_dim(),
+                dtype,
+            )
+        })
+        .collect())
+}
+
+fn export_wan21(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    export_wan(cfg, file, WAN21_PRESETS)
+}
+
+fn export_wan22(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    export_wan(cfg, file, WAN22_PRESETS)
+}
+
+inventory::submit! {
+    magcache_core::PresetExport { family: "wan2.1", export: export_wan21 }
+}
+
+inventory::submit! {
+    magcache_core::PresetExport { family: "wan2.2", export: export_wan22 }
 }
 
 inventory::submit! {

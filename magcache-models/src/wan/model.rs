@@ -12,6 +12,7 @@ use magcache_core::{
 };
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// A Wan block takes `(hidden, encoder, modulation, rope_cos, rope_sin)` and returns `(hidden,)`.
 pub const WAN_BLOCK: BlockMetadata = BlockMetadata {
@@ -165,6 +166,42 @@ impl Block {
     }
 }
 
+/// Where the blocks' weights are.
+enum Blocks {
+    /// Built once, held.
+    Resident(Vec<Block>),
+    /// Read from the (memory-mapped) checkpoint each time a block runs (`offload = "stream"`).
+    Streamed(Arc<WeightStore>),
+}
+
+/// The diffusers-named tensors of block `i` and their shapes: what [`Block::load`] reads (the
+/// streamed model checks them all at build time; presets generate them).
+pub fn block_tensors(cfg: &WanConfig, i: usize) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.inner_dim();
+    let p = format!("blocks.{i}");
+    let mut v = Vec::new();
+    for a in ["attn1", "attn2"] {
+        for l in ["to_q", "to_k", "to_v", "to_out.0"] {
+            v.push((format!("{p}.{a}.{l}.weight"), vec![d, d]));
+            v.push((format!("{p}.{a}.{l}.bias"), vec![d]));
+        }
+        if cfg.qk_norm.is_some() {
+            v.push((format!("{p}.{a}.norm_q.weight"), vec![d]));
+            v.push((format!("{p}.{a}.norm_k.weight"), vec![d]));
+        }
+    }
+    if cfg.cross_attn_norm {
+        v.push((format!("{p}.norm2.weight"), vec![d]));
+        v.push((format!("{p}.norm2.bias"), vec![d]));
+    }
+    v.push((format!("{p}.ffn.net.0.proj.weight"), vec![cfg.ffn_dim, d]));
+    v.push((format!("{p}.ffn.net.0.proj.bias"), vec![cfg.ffn_dim]));
+    v.push((format!("{p}.ffn.net.2.weight"), vec![d, cfg.ffn_dim]));
+    v.push((format!("{p}.ffn.net.2.bias"), vec![d]));
+    v.push((format!("{p}.scale_shift_table"), vec![1, 6, d]));
+    v
+}
+
 /// Intermediate values of one forward, for parity tests.
 #[derive(Debug, Default)]
 pub struct WanTrace {
@@ -186,7 +223,7 @@ pub struct WanModel {
     time_proj: Linear,
     text1: Linear,
     text2: Linear,
-    blocks: Vec<Block>,
+    blocks: Blocks,
     norm_out: LayerNorm,
     proj_out: Linear,
     /// `[1, 1, 2, d]`
@@ -197,8 +234,29 @@ pub struct WanModel {
 }
 
 impl WanModel {
-    /// Builds the model from diffusers-named tensors.
+    /// Builds the model from diffusers-named tensors, every block loaded and held.
     pub fn from_weights(cfg: WanConfig, w: &WeightStore) -> Result<Self> {
+        let dev = w.placement().device.clone();
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Block::load(w, i, &cfg, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        Self::assemble(cfg, w, Blocks::Resident(blocks))
+    }
+
+    /// Builds the model with its blocks streamed from `w` (a checkpoint's memory-mapped store): the
+    /// embeddings and the head are loaded now, each block's tensors only checked (present, right
+    /// shape) and read when the block runs.
+    pub fn streamed(cfg: WanConfig, w: Arc<WeightStore>) -> Result<Self> {
+        for i in 0..cfg.num_layers {
+            for (name, shape) in block_tensors(&cfg, i) {
+                w.expect(&name, &shape)?;
+            }
+        }
+        let store = w.clone();
+        Self::assemble(cfg, &store, Blocks::Streamed(w))
+    }
+
+    fn assemble(cfg: WanConfig, w: &WeightStore, blocks: Blocks) -> Result<Self> {
         let dev = w.placement().device.clone();
         let d = cfg.inner_dim();
         let [pt, ph, pw] = cfg.patch_size;
@@ -213,9 +271,6 @@ impl WanModel {
                 Some(w.get_shape(&format!("{n}.bias"), &[o])?),
             )
         };
-        let blocks = (0..cfg.num_layers)
-            .map(|i| Block::load(w, i, &cfg, &dev))
-            .collect::<Result<Vec<_>>>()?;
         let out_dim = cfg.out_channels * pt * ph * pw;
         let hd = cfg.attention_head_dim;
         let h_dim = 2 * (hd / 6);
@@ -378,7 +433,12 @@ impl WanModel {
 
     /// Number of blocks.
     pub fn num_blocks(&self) -> usize {
-        self.blocks.len()
+        self.cfg.num_layers
+    }
+
+    /// Whether block weights are read from the checkpoint as blocks run.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.blocks, Blocks::Streamed(_))
     }
 }
 
@@ -397,37 +457,78 @@ struct WanChain<'a> {
     trace: RefCell<Option<&'a mut WanTrace>>,
 }
 
+impl WanChain<'_> {
+    /// Block `i` through the hook registry, then traced.
+    fn run_one(&self, i: usize, blk: &Block, hs: Tensor) -> Result<Tensor> {
+        let inputs = [
+            hs,
+            self.text.clone(),
+            self.tproj.clone(),
+            self.cos.clone(),
+            self.sin.clone(),
+        ];
+        let out = self
+            .model
+            .hooks
+            .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
+        let hs = out
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::msg("wan block returned nothing"))?;
+        if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
+            tr.blocks.push(hs.clone());
+        }
+        Ok(hs)
+    }
+}
+
+/// The block a loader thread read (a panic there is an error here, not an abort).
+fn join_loader(h: std::thread::ScopedJoinHandle<'_, Result<Block>>) -> Result<Block> {
+    h.join()
+        .map_err(|_| Error::msg("wan: the thread reading a streamed block panicked"))?
+}
+
 impl BlockChain for WanChain<'_> {
     fn num_blocks(&self) -> usize {
-        self.model.blocks.len()
+        self.model.num_blocks()
     }
 
     fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
-        let mut hs = x.hidden;
-        for i in blocks {
-            let blk = self.model.blocks.get(i).ok_or_else(|| {
-                Error::msg(format!("wan: block {i} of {}", self.model.blocks.len()))
-            })?;
-            let inputs = [
-                hs,
-                self.text.clone(),
-                self.tproj.clone(),
-                self.cos.clone(),
-                self.sin.clone(),
-            ];
-            let out = self
-                .model
-                .hooks
-                .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
-            hs = out
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::msg("wan block returned nothing"))?;
-            if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
-                tr.blocks.push(hs.clone());
+        let n = self.model.num_blocks();
+        if blocks.end > n {
+            return Err(Error::msg(format!(
+                "wan: blocks {blocks:?} asked of a model with {n}"
+            )));
+        }
+        match &self.model.blocks {
+            Blocks::Resident(v) => {
+                let mut hs = x.hidden;
+                for i in blocks {
+                    hs = self.run_one(i, &v[i], hs)?;
+                }
+                Ok(Streams::hidden(hs))
+            }
+            Blocks::Streamed(w) => {
+                let (cfg, dev) = (&self.model.cfg, self.model.device());
+                let load = |i: usize| Block::load(w, i, cfg, dev);
+                // Block i+1 is read on a second thread while block i runs: two blocks resident.
+                std::thread::scope(|s| {
+                    let mut hs = x.hidden;
+                    let mut next = None;
+                    for i in blocks.clone() {
+                        let blk = match next.take() {
+                            Some(h) => join_loader(h)?,
+                            None => load(i)?,
+                        };
+                        if i + 1 < blocks.end {
+                            next = Some(s.spawn(move || load(i + 1)));
+                        }
+                        hs = self.run_one(i, &blk, hs)?;
+                    }
+                    Ok(Streams::hidden(hs))
+                })
             }
         }
-        Ok(Streams::hidden(hs))
     }
 
     fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
@@ -448,6 +549,11 @@ pub fn random_weights(
     seed: u64,
     dtype: candle_core::DType,
 ) -> Result<WeightStore> {
+    crate::random::random_store(seed, tensor_shapes(cfg), cfg.inner_dim(), dtype)
+}
+
+/// Every diffusers-named tensor of a config and its shape, blocks in order.
+pub fn tensor_shapes(cfg: &WanConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.inner_dim();
     let [pt, ph, pw] = cfg.patch_size;
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
@@ -501,26 +607,7 @@ pub fn random_weights(
         ("scale_shift_table".into(), vec![1, 2, d]),
     ];
     for i in 0..cfg.num_layers {
-        let p = format!("blocks.{i}");
-        for a in ["attn1", "attn2"] {
-            for l in ["to_q", "to_k", "to_v", "to_out.0"] {
-                shapes.push((format!("{p}.{a}.{l}.weight"), vec![d, d]));
-                shapes.push((format!("{p}.{a}.{l}.bias"), vec![d]));
-            }
-            if cfg.qk_norm.is_some() {
-                shapes.push((format!("{p}.{a}.norm_q.weight"), vec![d]));
-                shapes.push((format!("{p}.{a}.norm_k.weight"), vec![d]));
-            }
-        }
-        if cfg.cross_attn_norm {
-            shapes.push((format!("{p}.norm2.weight"), vec![d]));
-            shapes.push((format!("{p}.norm2.bias"), vec![d]));
-        }
-        shapes.push((format!("{p}.ffn.net.0.proj.weight"), vec![cfg.ffn_dim, d]));
-        shapes.push((format!("{p}.ffn.net.0.proj.bias"), vec![cfg.ffn_dim]));
-        shapes.push((format!("{p}.ffn.net.2.weight"), vec![d, cfg.ffn_dim]));
-        shapes.push((format!("{p}.ffn.net.2.bias"), vec![d]));
-        shapes.push((format!("{p}.scale_shift_table"), vec![1, 6, d]));
+        shapes.extend(block_tensors(cfg, i));
     }
-    crate::random::random_store(seed, shapes, d, dtype)
+    shapes
 }

@@ -1,0 +1,145 @@
+//! `magcache export` writes a preset's weights as a sharded diffusers folder that loads (held or
+//! streamed) to the preset run's exact bits; it never replaces a folder and leaves nothing behind
+//! when it fails.
+
+use magcache_tests::{max_abs_diff, run_toml};
+use std::path::Path;
+
+/// A Wan2.1 or Wan2.2 (two experts) preset shrunk to a test size.
+fn preset_toml(family: &str, preset: &str, dtype: &str) -> String {
+    format!(
+        "[model]\nfamily = \"{family}\"\npreset = \"{preset}\"\nseed = 7\ndtype = \"{dtype}\"\n\
+         [model.overrides]\nnum_layers = 3\nnum_attention_heads = 2\nattention_head_dim = 12\nffn_dim = 40\ntext_dim = 16\nfreq_dim = 8\n\
+         [inputs]\nlatent_shape = [1, 16, 2, 4, 4]\ntext_len = 5\n[sampling]\nsteps = 4\n"
+    )
+}
+
+/// The same run loading `weights` instead of generating the preset.
+fn weights_toml(preset_text: &str, preset: &str, weights: &str, extra: &str) -> String {
+    let without_overrides: String = preset_text
+        .split("[inputs]")
+        .nth(1)
+        .map(|rest| format!("[inputs]{rest}"))
+        .unwrap_or_default();
+    let model = preset_text
+        .split("[model.overrides]")
+        .next()
+        .unwrap_or_default()
+        .replace(
+            &format!("preset = \"{preset}\"\n"),
+            &format!("weights = {weights}\n{extra}"),
+        );
+    format!("{model}{without_overrides}")
+}
+
+fn export(dir: &Path, text: &str, out: &Path, shard_bytes: u64) -> magcache_core::Result<()> {
+    let cfg = dir.join("export.toml");
+    std::fs::write(&cfg, text).unwrap();
+    magcache_cli::export(&cfg, out, shard_bytes, &mut |_| {}).map(|_| ())
+}
+
+#[test]
+fn an_exported_preset_loads_held_and_streamed_to_the_preset_bits() {
+    magcache_tests::link_all();
+    for dtype in ["f32", "bf16"] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = preset_toml("wan2.1", "wan2.1-t2v-1.3b", dtype);
+        let out = dir.path().join("ckpt");
+        // Small shards: the folder is sharded with an index, as released checkpoints are.
+        export(dir.path(), &text, &out, 4096).unwrap();
+        assert!(out.join("config.json").is_file());
+        assert!(out
+            .join("diffusion_pytorch_model.safetensors.index.json")
+            .is_file());
+        let shards = std::fs::read_dir(&out)
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("diffusion_pytorch_model-") && n.ends_with(".safetensors")
+            })
+            .count();
+        assert!(shards > 3, "{shards} shards");
+        // No temporary is left beside it.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains("partial")), "{names:?}");
+
+        let (preset_final, _) = run_toml(dir.path(), &text);
+        let held = weights_toml(&text, "wan2.1-t2v-1.3b", "\"ckpt\"", "");
+        let (held_final, rep) = run_toml(dir.path(), &held);
+        assert_eq!(max_abs_diff(&preset_final, &held_final), 0.0, "{dtype}");
+        assert!(
+            rep.warnings.iter().all(|w| !w.contains("not used")),
+            "{:?}",
+            rep.warnings
+        );
+        let streamed = weights_toml(
+            &text,
+            "wan2.1-t2v-1.3b",
+            "\"ckpt\"",
+            "offload = \"stream\"\n",
+        );
+        let (streamed_final, _) = run_toml(dir.path(), &streamed);
+        assert_eq!(max_abs_diff(&preset_final, &streamed_final), 0.0, "{dtype}");
+    }
+}
+
+#[test]
+fn a_two_expert_preset_exports_one_folder_per_expert() {
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    let text = preset_toml("wan2.2", "wan2.2-t2v-a14b", "f32")
+        .replace("[sampling]\n", "[sampling]\nboundary_ratio = 0.5\n");
+    let out = dir.path().join("a14b");
+    export(dir.path(), &text, &out, 1 << 30).unwrap();
+    for e in ["transformer", "transformer_2"] {
+        assert!(out.join(e).join("config.json").is_file(), "{e}");
+        assert!(out
+            .join(e)
+            .join("diffusion_pytorch_model.safetensors")
+            .is_file());
+    }
+    let (preset_final, _) = run_toml(dir.path(), &text);
+    let loaded = weights_toml(
+        &text,
+        "wan2.2-t2v-a14b",
+        "[\"a14b/transformer\", \"a14b/transformer_2\"]",
+        "offload = \"stream\"\n",
+    );
+    let (loaded_final, _) = run_toml(dir.path(), &loaded);
+    assert_eq!(max_abs_diff(&preset_final, &loaded_final), 0.0);
+}
+
+#[test]
+fn export_never_replaces_a_folder_and_refuses_checkpoint_runs() {
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    let text = preset_toml("wan2.1", "wan2.1-t2v-1.3b", "f32");
+    let out = dir.path().join("mine");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "user data").unwrap();
+    let e = export(dir.path(), &text, &out, 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "user data"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+
+    let checkpoint_run = weights_toml(&text, "wan2.1-t2v-1.3b", "\"somewhere\"", "");
+    let e = export(
+        dir.path(),
+        &checkpoint_run,
+        &dir.path().join("new"),
+        1 << 30,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("model.weights"), "{e}");
+    assert!(!dir.path().join("new").exists());
+}

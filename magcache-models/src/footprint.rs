@@ -75,28 +75,11 @@ pub fn dtype_bytes(dtype: &str) -> usize {
     }
 }
 
-/// The weights part of a footprint: `params` in `dtype` for generated weights; for checkpoint files,
-/// their size plus converted copies (when the files' bytes per parameter differ from the run's).
-pub fn weights_bytes(params: Sz, dtype: &str, files: Option<&[std::path::PathBuf]>) -> Sz {
-    let run = params * sz(dtype_bytes(dtype));
-    let Some(files) = files else {
-        return run;
-    };
-    let on_disk = files
-        .iter()
-        .map(|f| Sz(std::fs::metadata(f).ok().map(|m| m.len())))
-        .fold(Sz(Some(0)), |a, b| a + b);
-    match (on_disk.0, params.0) {
-        (Some(d), Some(p)) if p > 0 => {
-            let per = (d as f64 / p as f64).round() as usize;
-            if per == dtype_bytes(dtype) {
-                on_disk
-            } else {
-                on_disk + run
-            }
-        }
-        _ => on_disk + run,
-    }
+/// The weights part of a footprint: `params` in `dtype`. Checkpoint files are memory-mapped and read
+/// tensor by tensor ([`crate::weights::WeightStore`]), so their bytes are never held beside the
+/// converted weights (one tensor's stored copy is transient, within the activation margins).
+pub fn weights_bytes(params: Sz, dtype: &str) -> Sz {
+    params * sz(dtype_bytes(dtype))
 }
 
 /// Adds the plan part: `steps` sampler steps of `calls_per_step` calls each.

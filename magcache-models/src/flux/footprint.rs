@@ -8,7 +8,7 @@ use crate::footprint::{
 };
 use magcache_core::config::RunConfig;
 use magcache_core::guard::Footprint;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Parameters of a FLUX transformer (checked arithmetic).
 pub fn flux_params(c: &FluxConfig) -> Sz {
@@ -37,13 +37,12 @@ pub fn flux_params(c: &FluxConfig) -> Sz {
 }
 
 /// The footprint of a FLUX run of `c` (`base_cfg`: the preset's fields, for naming the override
-/// that grows it; `files`: the checkpoint files, `None` for a preset).
+/// that grows it).
 pub fn flux_footprint(
     cfg: &RunConfig,
     base: &Path,
     c: &FluxConfig,
     base_cfg: Option<&serde_json::Map<String, serde_json::Value>>,
-    files: Option<&[PathBuf]>,
 ) -> Footprint {
     let mut fp = Footprint::default();
     let knob = match base_cfg {
@@ -53,7 +52,7 @@ pub fn flux_footprint(
     fp.add(
         "weights",
         knob,
-        weights_bytes(flux_params(c), &cfg.model.dtype, files).0,
+        weights_bytes(flux_params(c), &cfg.model.dtype).0,
     );
     add_plan(&mut fp, cfg.sampling.steps, 1);
     // (batch, image tokens, text tokens)

@@ -479,17 +479,10 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         Some(WeightsSpec::One(w)) => {
             let path = transformer_dir(resolve(base, w));
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
-            // Before loading, the checkpoint files themselves must fit (FLUX's config may come
-            // from the tensors); then the whole run.
-            let files = crate::weights::weight_files(&path).ok();
-            let mut fp = magcache_core::guard::Footprint::default();
-            let on_disk =
-                crate::footprint::weights_bytes(crate::footprint::sz(0), "f32", files.as_deref());
-            fp.add("weights", "model.weights", on_disk.0);
-            crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
-            fp.check(file)?;
+            // Opening the checkpoint reads its headers only (FLUX's config may come from the
+            // tensors); then the whole run must fit.
             let mut l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
-            footprint::flux_footprint(cfg, base, &l.config, None, files.as_deref()).check(file)?;
+            footprint::flux_footprint(cfg, base, &l.config, None).check(file)?;
             l.store.set_placement(placement.clone());
             let c = &l.config;
             let desc = format!(
@@ -531,7 +524,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             })?;
             let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
             let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
-            footprint::flux_footprint(cfg, base, &c, Some(&base_cfg), None).check(file)?;
+            footprint::flux_footprint(cfg, base, &c, Some(&base_cfg)).check(file)?;
             let desc = format!(
                 "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
                 p.name,

@@ -8,7 +8,6 @@ use crate::footprint::{
     add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
     CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
 };
-use crate::weights::weight_files;
 use magcache_core::config::RunConfig;
 use magcache_core::guard::Footprint;
 use magcache_core::Result;
@@ -51,6 +50,8 @@ pub fn wan_footprint(
 ) -> Result<Footprint> {
     let overrides = overrides_json(cfg);
     let dtype = cfg.model.dtype.as_str();
+    let streamed = magcache_core::placement::parse_offload(&cfg.model.offload, file)?
+        == magcache_core::Offload::Stream;
     let mut fp = Footprint::default();
     // The architecture of each expert and its weights.
     let mut configs = Vec::new();
@@ -63,7 +64,7 @@ pub fn wan_footprint(
         fp.add(
             "weights",
             weights_knob(&base_cfg, &overrides),
-            (weights_bytes(wan_params(&c), dtype, None) * sz(n)).0,
+            (weights_bytes(wan_params(&c), dtype) * sz(n)).0,
         );
         configs.extend(std::iter::repeat_n(c, n));
     } else {
@@ -72,8 +73,16 @@ pub fn wan_footprint(
             let path = resolve(base, w);
             let explicit = cfg.model.config.as_deref().map(|c| resolve(base, c));
             let c = load::read_wan_config(&path, explicit.as_deref(), &overrides, file)?;
-            let files = weight_files(&path).ok();
-            total = total + weights_bytes(wan_params(&c), dtype, files.as_deref());
+            // Streamed: the embeddings and head, and two blocks (the one running, the next).
+            let resident = if streamed {
+                wan_params(&WanConfig {
+                    num_layers: c.num_layers.min(2),
+                    ..c.clone()
+                })
+            } else {
+                wan_params(&c)
+            };
+            total = total + weights_bytes(resident, dtype);
             configs.push(c);
         }
         fp.add("weights", "model.weights", total.0);

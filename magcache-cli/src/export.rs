@@ -167,6 +167,12 @@ fn write_all(
             let shown = path.display().to_string();
             safetensors::tensor::serialize_to_file(views, None, &path)
                 .map_err(|e| Error::io(&shown, format!("{e:?}")))?;
+            // safetensors writes through a private (0600) temporary file; give the shard the
+            // permissions the umask gave config.json, like every other file we write.
+            let perms = std::fs::metadata(&cfg_path)
+                .map_err(|e| Error::io(cfg_path.display().to_string(), e))?
+                .permissions();
+            std::fs::set_permissions(&path, perms).map_err(|e| Error::io(&shown, e))?;
             if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
                 return Err(e);
             }

@@ -60,6 +60,16 @@ fn an_exported_preset_loads_held_and_streamed_to_the_preset_bits() {
             })
             .count();
         assert!(shards > 3, "{shards} shards");
+        // Shards get the umask's permissions, like config.json (not a temp file's 0600).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            let first = out.join(format!(
+                "diffusion_pytorch_model-00001-of-{shards:05}.safetensors"
+            ));
+            assert_eq!(mode(&first), mode(&out.join("config.json")));
+        }
         // No temporary is left beside it.
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -142,4 +152,51 @@ fn export_never_replaces_a_folder_and_refuses_checkpoint_runs() {
     .to_string();
     assert!(e.contains("model.weights"), "{e}");
     assert!(!dir.path().join("new").exists());
+}
+
+/// A FLUX run over the tiny reference inputs: `model` is the `[model]` body.
+fn flux_toml(model: &str, cache: &str) -> String {
+    let inputs = magcache_tests::fixture("reference/flux_tiny_loop.safetensors");
+    format!(
+        "[model]\nfamily = \"flux\"\n{model}\n[inputs]\nfile = \"{}\"\n[sampling]\nsteps = 6\nguidance_scale = 3.5\n{cache}",
+        inputs.display()
+    )
+}
+
+#[test]
+fn flux_streams_to_the_held_bits_and_exports_its_preset() {
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = magcache_tests::fixture("reference/flux_tiny");
+    let decisions =
+        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
+    // TeaCache reads the first double block's modulated input (read for it when streamed); FBCache
+    // runs the first block alone.
+    for cache in [
+        "",
+        "[cache]\nstrategy = \"teacache\"\nthreshold = 0.45\n",
+        "[cache]\nstrategy = \"fbcache\"\nthreshold = 0.2\n",
+    ] {
+        let held = flux_toml(&format!("weights = \"{}\"", weights.display()), cache);
+        let streamed = flux_toml(
+            &format!("weights = \"{}\"\noffload = \"stream\"", weights.display()),
+            cache,
+        );
+        let (a, ra) = run_toml(dir.path(), &held);
+        let (b, rb) = run_toml(dir.path(), &streamed);
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{cache}");
+        assert_eq!(decisions(&ra), decisions(&rb), "{cache}");
+    }
+    // The flux-dev preset at the tiny reference's size, exported and loaded streamed.
+    let preset = flux_toml(
+        "preset = \"flux-dev\"\nseed = 3\n[model.overrides]\nattention_head_dim = 16\naxes_dims_rope = [4, 6, 6]\nin_channels = 16\njoint_attention_dim = 24\nnum_attention_heads = 2\nnum_layers = 2\nnum_single_layers = 3\npooled_projection_dim = 20",
+        "",
+    );
+    let out = dir.path().join("flux");
+    export(dir.path(), &preset, &out, 1 << 30).unwrap();
+    let (p, _) = run_toml(dir.path(), &preset);
+    let loaded = flux_toml("weights = \"flux\"\noffload = \"stream\"", "");
+    let (l, rep) = run_toml(dir.path(), &loaded);
+    assert_eq!(max_abs_diff(&p, &l), 0.0);
+    assert!(rep.model.contains("streamed"), "{}", rep.model);
 }

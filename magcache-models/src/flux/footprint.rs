@@ -49,11 +49,21 @@ pub fn flux_footprint(
         Some(b) => weights_knob(b, &overrides_json(cfg)),
         None => "model.weights".to_string(),
     };
-    fp.add(
-        "weights",
-        knob,
-        weights_bytes(flux_params(c), &cfg.model.dtype).0,
-    );
+    // Streamed: the embeddings and head, and two blocks (the one running, the next); the double
+    // blocks are the larger kind.
+    let streamed = magcache_core::placement::parse_offload(&cfg.model.offload, "")
+        .is_ok_and(|o| o == magcache_core::Offload::Stream);
+    let resident = if streamed {
+        let two = c.num_layers.min(2);
+        flux_params(&FluxConfig {
+            num_layers: two,
+            num_single_layers: 2 - two,
+            ..c.clone()
+        })
+    } else {
+        flux_params(c)
+    };
+    fp.add("weights", knob, weights_bytes(resident, &cfg.model.dtype).0);
     add_plan(&mut fp, cfg.sampling.steps, 1);
     // (batch, image tokens, text tokens)
     let (dims, lat_knob, text_knob) = match &cfg.inputs.file {

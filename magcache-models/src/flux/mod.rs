@@ -53,73 +53,11 @@ pub const FLUX_PRESETS: &[FluxPreset] = &[
     },
 ];
 
-/// Diffusers names and shapes of a FLUX model.
+/// Diffusers names and shapes of a FLUX model: the embeddings and head, then every block.
 fn shapes(c: &FluxConfig) -> Vec<(String, Vec<usize>)> {
-    let d = c.inner_dim();
-    let hd = c.attention_head_dim;
-    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut lin = |n: String, o: usize, i: usize| {
-        v.push((format!("{n}.weight"), vec![o, i]));
-        v.push((format!("{n}.bias"), vec![o]));
-    };
-    lin("x_embedder".into(), d, c.in_channels);
-    lin("context_embedder".into(), d, c.joint_attention_dim);
-    lin("time_text_embed.timestep_embedder.linear_1".into(), d, 256);
-    lin("time_text_embed.timestep_embedder.linear_2".into(), d, d);
-    if c.guidance_embeds {
-        lin("time_text_embed.guidance_embedder.linear_1".into(), d, 256);
-        lin("time_text_embed.guidance_embedder.linear_2".into(), d, d);
-    }
-    lin(
-        "time_text_embed.text_embedder.linear_1".into(),
-        d,
-        c.pooled_projection_dim,
-    );
-    lin("time_text_embed.text_embedder.linear_2".into(), d, d);
-    lin("norm_out.linear".into(), 2 * d, d);
-    lin("proj_out".into(), c.out_channels(), d);
-    for i in 0..c.num_layers {
-        let p = format!("transformer_blocks.{i}");
-        lin(format!("{p}.norm1.linear"), 6 * d, d);
-        lin(format!("{p}.norm1_context.linear"), 6 * d, d);
-        for n in [
-            "to_q",
-            "to_k",
-            "to_v",
-            "add_q_proj",
-            "add_k_proj",
-            "add_v_proj",
-            "to_out.0",
-            "to_add_out",
-        ] {
-            lin(format!("{p}.attn.{n}"), d, d);
-        }
-        for f in ["ff", "ff_context"] {
-            lin(format!("{p}.{f}.net.0.proj"), 4 * d, d);
-            lin(format!("{p}.{f}.net.2"), d, 4 * d);
-        }
-    }
-    for i in 0..c.num_single_layers {
-        let p = format!("single_transformer_blocks.{i}");
-        lin(format!("{p}.norm.linear"), 3 * d, d);
-        for n in ["to_q", "to_k", "to_v"] {
-            lin(format!("{p}.attn.{n}"), d, d);
-        }
-        lin(format!("{p}.proj_mlp"), 4 * d, d);
-        lin(format!("{p}.proj_out"), d, 5 * d);
-    }
-    for i in 0..c.num_layers {
-        for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
-            v.push((format!("transformer_blocks.{i}.attn.{n}.weight"), vec![hd]));
-        }
-    }
-    for i in 0..c.num_single_layers {
-        for n in ["norm_q", "norm_k"] {
-            v.push((
-                format!("single_transformer_blocks.{i}.attn.{n}.weight"),
-                vec![hd],
-            ));
-        }
+    let mut v = model::top_tensors(c);
+    for i in 0..c.num_layers + c.num_single_layers {
+        v.extend(model::block_tensors(c, i));
     }
     v
 }
@@ -499,8 +437,17 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 .find(|p| (p.config)() == l.config)
                 .map(|p| p.name);
             let (n_double, n_single) = (l.config.num_layers, l.config.num_single_layers);
-            let model = FluxModel::from_weights(l.config, &l.store)?;
-            let unused = l.store.check_unused(file, |prefix| {
+            let store = std::sync::Arc::new(l.store);
+            let model = match magcache_core::placement::parse_offload(&cfg.model.offload, file)? {
+                magcache_core::Offload::None => FluxModel::from_weights(l.config, &store)?,
+                magcache_core::Offload::Stream => FluxModel::streamed(l.config, store.clone())?,
+            };
+            let desc = if model.is_streamed() {
+                format!("{desc}, blocks streamed from the checkpoint")
+            } else {
+                desc
+            };
+            let unused = store.check_unused(file, |prefix| {
                 if prefix == "single_transformer_blocks" {
                     crate::config_util::depth_key(&overrides, "num_single_layers", n_single)
                 } else {

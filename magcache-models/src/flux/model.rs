@@ -10,6 +10,7 @@ use magcache_core::{
 };
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Double-stream block: inputs `(hidden, encoder, temb, cos, sin)`, outputs `(encoder, hidden)`.
 pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata {
@@ -267,6 +268,114 @@ impl SingleBlock {
     }
 }
 
+/// `weight` and `bias` of a linear layer `n` of shape `[o, i]`.
+fn lin_tensors(v: &mut Vec<(String, Vec<usize>)>, n: &str, o: usize, i: usize) {
+    v.push((format!("{n}.weight"), vec![o, i]));
+    v.push((format!("{n}.bias"), vec![o]));
+}
+
+/// The diffusers-named tensors outside the blocks (embeddings, head) and their shapes.
+pub fn top_tensors(c: &FluxConfig) -> Vec<(String, Vec<usize>)> {
+    let d = c.inner_dim();
+    let mut v = Vec::new();
+    let tt = "time_text_embed";
+    lin_tensors(&mut v, "x_embedder", d, c.in_channels);
+    lin_tensors(&mut v, "context_embedder", d, c.joint_attention_dim);
+    lin_tensors(&mut v, &format!("{tt}.timestep_embedder.linear_1"), d, 256);
+    lin_tensors(&mut v, &format!("{tt}.timestep_embedder.linear_2"), d, d);
+    if c.guidance_embeds {
+        lin_tensors(&mut v, &format!("{tt}.guidance_embedder.linear_1"), d, 256);
+        lin_tensors(&mut v, &format!("{tt}.guidance_embedder.linear_2"), d, d);
+    }
+    let pooled = c.pooled_projection_dim;
+    lin_tensors(&mut v, &format!("{tt}.text_embedder.linear_1"), d, pooled);
+    lin_tensors(&mut v, &format!("{tt}.text_embedder.linear_2"), d, d);
+    lin_tensors(&mut v, "norm_out.linear", 2 * d, d);
+    lin_tensors(&mut v, "proj_out", c.out_channels(), d);
+    v
+}
+
+/// The diffusers-named tensors of chain block `i` (double blocks first, then single blocks) and
+/// their shapes: what the block's `load` reads.
+pub fn block_tensors(c: &FluxConfig, i: usize) -> Vec<(String, Vec<usize>)> {
+    let d = c.inner_dim();
+    let hd = c.attention_head_dim;
+    let mut v = Vec::new();
+    if i < c.num_layers {
+        let p = format!("transformer_blocks.{i}");
+        lin_tensors(&mut v, &format!("{p}.norm1.linear"), 6 * d, d);
+        lin_tensors(&mut v, &format!("{p}.norm1_context.linear"), 6 * d, d);
+        for n in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_out.0",
+            "to_add_out",
+        ] {
+            lin_tensors(&mut v, &format!("{p}.attn.{n}"), d, d);
+        }
+        for f in ["ff", "ff_context"] {
+            lin_tensors(&mut v, &format!("{p}.{f}.net.0.proj"), 4 * d, d);
+            lin_tensors(&mut v, &format!("{p}.{f}.net.2"), d, 4 * d);
+        }
+        for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
+            v.push((format!("{p}.attn.{n}.weight"), vec![hd]));
+        }
+    } else {
+        let p = format!("single_transformer_blocks.{}", i - c.num_layers);
+        lin_tensors(&mut v, &format!("{p}.norm.linear"), 3 * d, d);
+        for n in ["to_q", "to_k", "to_v"] {
+            lin_tensors(&mut v, &format!("{p}.attn.{n}"), d, d);
+        }
+        lin_tensors(&mut v, &format!("{p}.proj_mlp"), 4 * d, d);
+        lin_tensors(&mut v, &format!("{p}.proj_out"), d, 5 * d);
+        for n in ["norm_q", "norm_k"] {
+            v.push((format!("{p}.attn.{n}.weight"), vec![hd]));
+        }
+    }
+    v
+}
+
+/// One block of the chain.
+enum AnyBlock {
+    Double(DoubleBlock),
+    Single(SingleBlock),
+}
+
+impl AnyBlock {
+    /// Chain block `i`: double block `i`, or single block `i - num_layers`.
+    fn load(w: &WeightStore, i: usize, c: &FluxConfig, dev: &Device) -> Result<Self> {
+        if i < c.num_layers {
+            Ok(AnyBlock::Double(DoubleBlock::load(w, i, c, dev)?))
+        } else {
+            Ok(AnyBlock::Single(SingleBlock::load(
+                w,
+                i - c.num_layers,
+                c,
+                dev,
+            )?))
+        }
+    }
+
+    fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        match self {
+            AnyBlock::Double(b) => b.forward(inputs),
+            AnyBlock::Single(b) => b.forward(inputs),
+        }
+    }
+}
+
+/// Where the blocks' weights are.
+enum Blocks {
+    /// Built once, held, in chain order.
+    Resident(Vec<AnyBlock>),
+    /// Read from the (memory-mapped) checkpoint each time a block runs (`offload = "stream"`).
+    Streamed(Arc<WeightStore>),
+}
+
 /// The FLUX transformer with its hook registry (chain: double blocks, then single blocks).
 pub struct FluxModel {
     pub cfg: FluxConfig,
@@ -277,8 +386,9 @@ pub struct FluxModel {
     g: Option<(Linear, Linear)>,
     p1: Linear,
     p2: Linear,
-    double: Vec<DoubleBlock>,
-    single: Vec<SingleBlock>,
+    blocks: Blocks,
+    /// The device the weights are handed out on.
+    device: Device,
     norm_out: Linear,
     ln_out: LayerNorm,
     proj_out: Linear,
@@ -292,7 +402,34 @@ pub struct FluxTrace {
 }
 
 impl FluxModel {
+    /// Builds the model from diffusers-named tensors, every block loaded and held.
     pub fn from_weights(cfg: FluxConfig, w: &WeightStore) -> Result<Self> {
+        let dev = w.placement().device.clone();
+        let blocks = (0..cfg.num_layers + cfg.num_single_layers)
+            .map(|i| AnyBlock::load(w, i, &cfg, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        Self::assemble(cfg, w, Blocks::Resident(blocks))
+    }
+
+    /// Builds the model with its blocks streamed from `w` (a checkpoint's memory-mapped store): the
+    /// embeddings and the head are loaded now, each block's tensors only checked (present, right
+    /// shape) and read when the block runs.
+    pub fn streamed(cfg: FluxConfig, w: Arc<WeightStore>) -> Result<Self> {
+        for i in 0..cfg.num_layers + cfg.num_single_layers {
+            for (name, shape) in block_tensors(&cfg, i) {
+                w.expect(&name, &shape)?;
+            }
+        }
+        let store = w.clone();
+        Self::assemble(cfg, &store, Blocks::Streamed(w))
+    }
+
+    /// Whether block weights are read from the checkpoint as blocks run.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.blocks, Blocks::Streamed(_))
+    }
+
+    fn assemble(cfg: FluxConfig, w: &WeightStore, blocks: Blocks) -> Result<Self> {
         let dev = w.placement().device.clone();
         let d = cfg.inner_dim();
         let tt = "time_text_embed";
@@ -304,12 +441,6 @@ impl FluxModel {
         } else {
             None
         };
-        let double = (0..cfg.num_layers)
-            .map(|i| DoubleBlock::load(w, i, &cfg, &dev))
-            .collect::<Result<Vec<_>>>()?;
-        let single = (0..cfg.num_single_layers)
-            .map(|i| SingleBlock::load(w, i, &cfg, &dev))
-            .collect::<Result<Vec<_>>>()?;
         let mut metas = vec![FLUX_DOUBLE; cfg.num_layers];
         metas.extend(vec![FLUX_SINGLE; cfg.num_single_layers]);
         Ok(FluxModel {
@@ -325,8 +456,8 @@ impl FluxModel {
                 cfg.pooled_projection_dim,
             )?,
             p2: lin(w, &format!("{tt}.text_embedder.linear_2"), d, d)?,
-            double,
-            single,
+            blocks,
+            device: dev.clone(),
             norm_out: lin(w, "norm_out.linear", 2 * d, d)?,
             ln_out: LayerNorm::new(d, 1e-6, None, &dev)?,
             proj_out: lin(w, "proj_out", cfg.out_channels(), d)?,
@@ -432,6 +563,39 @@ impl FluxModel {
     }
 }
 
+/// The block a loader thread read (a panic there is an error here, not an abort).
+fn join_loader(h: std::thread::ScopedJoinHandle<'_, Result<AnyBlock>>) -> Result<AnyBlock> {
+    h.join()
+        .map_err(|_| Error::msg("flux: the thread reading a streamed block panicked"))?
+}
+
+impl FluxChain<'_> {
+    /// Block `i` through the hook registry on `(hidden, encoder)`, then traced.
+    fn run_one(&self, i: usize, blk: &AnyBlock, he: (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+        let m = self.model;
+        let (h, e) = he;
+        let inputs = [h, e, self.temb.clone(), self.cos.clone(), self.sin.clone()];
+        let out = m
+            .hooks
+            .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
+        // The registry holds each block's metadata (built once in `assemble`).
+        let meta = m
+            .hooks
+            .metadata()
+            .get(i)
+            .ok_or_else(|| Error::msg(format!("flux: block {i} has no metadata")))?;
+        let h = meta.hidden_output(&out)?.clone();
+        let e = meta
+            .encoder_output(&out)?
+            .cloned()
+            .ok_or_else(|| Error::msg("flux block returned no encoder stream"))?;
+        if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
+            tr.blocks.push((e.clone(), h.clone()));
+        }
+        Ok((h, e))
+    }
+}
+
 /// One call's block chain: double blocks then single blocks, both streams flowing between them.
 struct FluxChain<'a> {
     model: &'a FluxModel,
@@ -446,53 +610,47 @@ struct FluxChain<'a> {
 
 impl BlockChain for FluxChain<'_> {
     fn num_blocks(&self) -> usize {
-        self.model.double.len() + self.model.single.len()
+        self.model.cfg.num_layers + self.model.cfg.num_single_layers
     }
 
     fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
-        let m = self.model;
-        let nd = m.double.len();
-        let mut h = x.hidden;
-        let mut e = x
+        let n = self.num_blocks();
+        if blocks.end > n {
+            return Err(Error::msg(format!(
+                "flux: blocks {blocks:?} asked of a model with {n}"
+            )));
+        }
+        let e = x
             .encoder
             .ok_or_else(|| Error::msg("flux: the block chain needs the encoder stream"))?;
-        for i in blocks {
-            let inputs = [h, e, self.temb.clone(), self.cos.clone(), self.sin.clone()];
-            let out = match (
-                m.double.get(i),
-                i.checked_sub(nd).and_then(|j| m.single.get(j)),
-            ) {
-                (Some(b), _) => {
-                    m.hooks
-                        .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
+        let mut he = (x.hidden, e);
+        match &self.model.blocks {
+            Blocks::Resident(v) => {
+                for i in blocks {
+                    he = self.run_one(i, &v[i], he)?;
                 }
-                (None, Some(b)) => {
-                    m.hooks
-                        .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| b.forward(inp))?
-                }
-                (None, None) => {
-                    return Err(Error::msg(format!(
-                        "flux: block {i} of {}",
-                        self.num_blocks()
-                    )))
-                }
-            };
-            // The registry holds each block's metadata (built once in `from_weights`).
-            let meta = m
-                .hooks
-                .metadata()
-                .get(i)
-                .ok_or_else(|| Error::msg(format!("flux: block {i} has no metadata")))?;
-            h = meta.hidden_output(&out)?.clone();
-            e = meta
-                .encoder_output(&out)?
-                .cloned()
-                .ok_or_else(|| Error::msg("flux block returned no encoder stream"))?;
-            if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
-                tr.blocks.push((e.clone(), h.clone()));
+            }
+            Blocks::Streamed(w) => {
+                let (cfg, dev) = (&self.model.cfg, &self.model.device);
+                let load = |i: usize| AnyBlock::load(w, i, cfg, dev);
+                // Block i+1 is read on a second thread while block i runs: two blocks resident.
+                std::thread::scope(|s| -> Result<()> {
+                    let mut next = None;
+                    for i in blocks.clone() {
+                        let blk = match next.take() {
+                            Some(h) => join_loader(h)?,
+                            None => load(i)?,
+                        };
+                        if i + 1 < blocks.end {
+                            next = Some(s.spawn(move || load(i + 1)));
+                        }
+                        he = self.run_one(i, &blk, he.clone())?;
+                    }
+                    Ok(())
+                })?;
             }
         }
-        Ok(Streams::joint(h, e))
+        Ok(Streams::joint(he.0, he.1))
     }
 
     fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
@@ -501,10 +659,24 @@ impl BlockChain for FluxChain<'_> {
             Indicator::TimestepModulation => Ok(None),
             // Computed only when a strategy asks: the first double block's norm1 on the image stream
             // entering the chain.
-            Indicator::ModulatedInput => match self.model.double.first() {
-                Some(first) => first.norm1_out(&self.hidden_in, &self.temb).map(Some),
-                None => Ok(None),
-            },
+            // Streamed, the first double block is read for it (it runs right after anyway when
+            // the call computes).
+            Indicator::ModulatedInput => {
+                let m = self.model;
+                let loaded;
+                let first = match &m.blocks {
+                    Blocks::Resident(v) => v.first(),
+                    Blocks::Streamed(w) if m.cfg.num_layers > 0 => {
+                        loaded = AnyBlock::load(w, 0, &m.cfg, &m.device)?;
+                        Some(&loaded)
+                    }
+                    Blocks::Streamed(_) => None,
+                };
+                match first {
+                    Some(AnyBlock::Double(b)) => b.norm1_out(&self.hidden_in, &self.temb).map(Some),
+                    _ => Ok(None),
+                }
+            }
             // diffusers' SeaCache has no FLUX adapter; the packed tokens are not offered.
             Indicator::InputLatents => Ok(None),
         }

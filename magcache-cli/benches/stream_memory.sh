@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Peak resident memory of Wan transformers held and streamed (`offload = "stream"`), in bf16, from
+# Peak resident memory of transformers held and streamed (`offload = "stream"`), in bf16, from
 # checkpoints written once by `magcache export` (issue 15; figures in docs/benchmarks.md).
 #
 # Usage: magcache-cli/benches/stream_memory.sh [WORK_DIR] [MODELS]
-#   WORK_DIR: where the checkpoints go (default /tmp/magcache-stream; the 14B one takes 28.6 GB of
-#             disk, the 1.3B one 2.8 GB; they are kept for re-runs, delete them after).
-#   MODELS:   "1.3b 14b" by default.
+#   WORK_DIR: where the checkpoints go (default /tmp/magcache-stream; Wan2.1-14B takes 28.6 GB of
+#             disk, FLUX.1-dev 23.8 GB, Wan2.1-1.3B 2.8 GB; they are kept for re-runs, delete them after).
+#   MODELS:   "1.3b 14b" by default; also "flux-dev".
 # Env: MAGCACHE (default target/release/magcache), STEPS (default 2; no CFG: one call per step).
-# Each run: 1 latent frame of 16x16 (64 tokens), text 64, so the weights dominate the memory.
+# Each run: 64 image tokens (Wan: 1 latent frame of 16x16; FLUX: 16x16 latents), text 64, no CFG,
+# so the weights dominate the memory.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 work="${1:-/tmp/magcache-stream}"
@@ -18,7 +19,7 @@ steps="${STEPS:-2}"
 mkdir -p "$work"
 echo "date: $(date -u +%F)  cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads, $(free -g | awk '/Mem:/{print $2}') GB"
 tail_cfg="[inputs]
-latent_shape = [1, 16, 1, 16, 16]
+latent_shape = LATENTS
 text_len = 64
 [sampling]
 steps = $steps
@@ -28,18 +29,22 @@ rss() { # run a config, print peak RSS (GB) and wall seconds from /usr/bin/time
   local out; out=$( { /usr/bin/time -v "$bin" run --config "$1" --quiet; } 2>&1 >/dev/null ) || { echo "$out" >&2; return 1; }
   local kb; kb=$(echo "$out" | sed -n 's/.*Maximum resident set size (kbytes): //p')
   local wall; wall=$(echo "$out" | sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p')
-  printf '%.2f GB peak RSS, %s wall' "$(echo "$kb / 1048576" | bc -l)" "$wall"
+  printf '%.2f GB peak RSS, %s wall' "$(echo "$kb * 1024 / 1000000000" | bc -l)" "$wall"
 }
 for m in $models; do
-  preset="wan2.1-t2v-$m"
+  case "$m" in
+    flux-dev) family=flux; preset=flux-dev; latents="[1, 16, 16, 16]" ;;
+    *) family=wan2.1; preset="wan2.1-t2v-$m"; latents="[1, 16, 1, 16, 16]" ;;
+  esac
+  cfg_tail="${tail_cfg/LATENTS/$latents}"
   ckpt="$work/$preset-bf16"
   if [ ! -d "$ckpt" ]; then
-    printf '[model]\nfamily = "wan2.1"\npreset = "%s"\ndtype = "bf16"\n%s' "$preset" "$tail_cfg" > "$work/export-$m.toml"
+    printf '[model]\nfamily = "%s"\npreset = "%s"\ndtype = "bf16"\n%s' "$family" "$preset" "$cfg_tail" > "$work/export-$m.toml"
     echo "== export $preset (bf16) -> $ckpt"
     /usr/bin/time -f "   export: %e s, %M KB peak" "$bin" export --config "$work/export-$m.toml" --out "$ckpt"
   fi
   for offload in none stream; do
-    printf '[model]\nfamily = "wan2.1"\nweights = "%s"\ndtype = "bf16"\noffload = "%s"\n%s' "$ckpt" "$offload" "$tail_cfg" > "$work/run-$m-$offload.toml"
+    printf '[model]\nfamily = "%s"\nweights = "%s"\ndtype = "bf16"\noffload = "%s"\n%s' "$family" "$ckpt" "$offload" "$cfg_tail" > "$work/run-$m-$offload.toml"
     printf '%-22s offload=%-6s ' "$preset bf16" "$offload"
     rss "$work/run-$m-$offload.toml" || echo "(refused or failed: see above)"
     echo

@@ -6,7 +6,7 @@
 //! 1. the `MAGCACHE_MEMORY_LIMIT` environment variable ([`MEMORY_LIMIT_ENV`]): bytes, or a number
 //!    with a `K`, `M`, `G` or `T` suffix (powers of 1024; `24G`, `512M`, `1.5T`), or `none` to
 //!    switch the guard off;
-//! 2. on Linux, `MemAvailable` in `/proc/meminfo`;
+//! 2. on Linux, 90% of `MemAvailable` in `/proc/meminfo` (the estimate counts tensors only);
 //! 3. elsewhere (or when `/proc/meminfo` cannot be read), a fixed ceiling of 1 TiB
 //!    ([`FALLBACK_LIMIT`]): absurd sizes are still refused at once, real ones are not checked.
 //!
@@ -84,9 +84,14 @@ pub fn available_memory() -> Result<Available> {
         .ok()
         .and_then(|t| mem_available(&t))
     {
+        // The estimate counts tensors only: keep a tenth for the process itself, the allocator's
+        // slack and the rest of the system (a bf16 FLUX.1-dev, 23.8 GB of weights, passed a bare
+        // 24.7 GB MemAvailable and then exhausted the machine).
         return Ok(Available {
-            bytes: Some(b),
-            source: format!("MemAvailable in /proc/meminfo; set {MEMORY_LIMIT_ENV} to change"),
+            bytes: Some(b / 10 * 9),
+            source: format!(
+                "90% of MemAvailable in /proc/meminfo; set {MEMORY_LIMIT_ENV} to change"
+            ),
         });
     }
     Ok(Available {
@@ -196,8 +201,8 @@ impl Footprint {
                 gb(avail.bytes),
                 avail.source,
                 match big.knob.as_str() {
-                    "model.preset" => "use a smaller preset, shrink it with [model.overrides] or a 2-byte model.dtype".to_string(),
-                    "model.weights" => "use a smaller checkpoint or a 2-byte model.dtype".to_string(),
+                    "model.preset" => "use a 2-byte model.dtype, a smaller preset or [model.overrides], or write it with `magcache export` and run it with model.offload = \"stream\"".to_string(),
+                    "model.weights" => "use model.offload = \"stream\" (blocks read from the checkpoint as they run), a 2-byte model.dtype or a smaller checkpoint".to_string(),
                     k => format!("make {k} smaller"),
                 }
             ),
@@ -254,5 +259,11 @@ mod tests {
             source: "none".into(),
         };
         assert!(f.check_against("f", &unlimited).is_ok());
+        // A checkpoint too big to hold points at streaming it.
+        let mut w = Footprint::default();
+        w.add("weights", "model.weights", Some(2 << 30));
+        let e = w.check_against("run.toml", &avail).unwrap_err().to_string();
+        assert!(e.starts_with("run.toml: model.weights: "), "{e}");
+        assert!(e.contains("model.offload = \"stream\""), "{e}");
     }
 }

@@ -97,11 +97,25 @@ pub fn fingerprint(cfg: &RunConfig, base: &Path) -> String {
             h = h.wrapping_mul(0x100000001b3);
         }
     };
+    // The size and the first and last 64 KiB of each file (header and tail), read by seeking: a
+    // checkpoint file can be larger than memory.
+    let head_tail = |f: &Path| -> std::io::Result<(u64, Vec<u8>, Vec<u8>)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(f)?;
+        let len = file.metadata()?.len();
+        let mut head = vec![0u8; len.min(65536) as usize];
+        file.read_exact(&mut head)?;
+        let tail_len = len.min(65536);
+        file.seek(SeekFrom::Start(len - tail_len))?;
+        let mut tail = vec![0u8; tail_len as usize];
+        file.read_exact(&mut tail)?;
+        Ok((len, head, tail))
+    };
     for f in &files {
-        if let Ok(data) = std::fs::read(f) {
-            feed(&(data.len() as u64).to_le_bytes());
-            feed(&data[..data.len().min(65536)]);
-            feed(&data[data.len().saturating_sub(65536)..]);
+        if let Ok((len, head, tail)) = head_tail(f) {
+            feed(&len.to_le_bytes());
+            feed(&head);
+            feed(&tail);
         }
     }
     format!("weights fnv64:{h:016x} ({} files)", files.len())

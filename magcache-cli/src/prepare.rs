@@ -60,6 +60,28 @@ pub(crate) fn base_dir(config: &Path) -> PathBuf {
 }
 
 pub(crate) fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
+    let family = known_family(cfg, file)?;
+    let offload = magcache_core::placement::parse_offload(&cfg.model.offload, file)?;
+    if offload == magcache_core::Offload::Stream && !family.streams {
+        let streaming: Vec<&str> = registry::families()
+            .iter()
+            .filter(|f| f.streams)
+            .map(|f| f.name)
+            .collect();
+        return Err(Error::config(
+            file,
+            "model.offload",
+            format!(
+                "family `{}` does not stream its blocks (families that do: {}); use offload = \"none\"",
+                family.name,
+                streaming.join(", ")
+            ),
+        ));
+    }
+    Ok(family)
+}
+
+fn known_family(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
     registry::family(&cfg.model.family).ok_or_else(|| {
         let known: Vec<&str> = registry::families().iter().map(|f| f.name).collect();
         Error::config(

@@ -201,6 +201,7 @@ impl Footprint {
                 gb(avail.bytes),
                 avail.source,
                 match big.knob.as_str() {
+                    "model.weights" if big.what.starts_with("streamed") => "use a 2-byte model.dtype or a smaller checkpoint".to_string(),
                     "model.preset" => "use a 2-byte model.dtype, a smaller preset or [model.overrides], or write it with `magcache export` and run it with model.offload = \"stream\"".to_string(),
                     "model.weights" => "use model.offload = \"stream\" (blocks read from the checkpoint as they run), a 2-byte model.dtype or a smaller checkpoint".to_string(),
                     k => format!("make {k} smaller"),
@@ -265,5 +266,17 @@ mod tests {
         let e = w.check_against("run.toml", &avail).unwrap_err().to_string();
         assert!(e.starts_with("run.toml: model.weights: "), "{e}");
         assert!(e.contains("model.offload = \"stream\""), "{e}");
+        // One already streamed does not.
+        let mut w = Footprint::default();
+        w.add(
+            "streamed weights (embeddings, head, two blocks)",
+            "model.weights",
+            Some(2 << 30),
+        );
+        let e = w.check_against("run.toml", &avail).unwrap_err().to_string();
+        assert!(
+            e.contains("2-byte model.dtype") && !e.contains("offload"),
+            "{e}"
+        );
     }
 }

@@ -79,6 +79,9 @@ pub struct ModelFamily {
     pub presets: &'static [&'static str],
     /// Names of the published MagCache curves and TeaCache coefficient sets it carries.
     pub published: &'static [&'static str],
+    /// Whether `build` honours `offload = "stream"` (reads its blocks from the checkpoint as they
+    /// run); the runner refuses the setting, naming `model.offload`, for a family that does not.
+    pub streams: bool,
     pub build: BuildPipeline,
     pub plan: PlanRun,
 }

@@ -224,3 +224,59 @@ fn bf16_runs_every_reference_loop_with_f32_decisions_where_margins_allow() {
         }
     }
 }
+
+/// A family that does not stream (as a new model crate starts out): `offload = "stream"` must be
+/// refused, not ignored.
+fn no_build(
+    _: &magcache_core::RunConfig,
+    file: &str,
+    _: &std::path::Path,
+) -> magcache_core::Result<Box<dyn magcache_core::Pipeline>> {
+    Err(magcache_core::Error::msg(format!("{file}: built")))
+}
+
+fn no_plan(
+    _: &magcache_core::RunConfig,
+    file: &str,
+    _: &std::path::Path,
+) -> magcache_core::Result<(magcache_core::GenerationPlan, magcache_core::ModelInfo)> {
+    Err(magcache_core::Error::msg(format!("{file}: planned")))
+}
+
+magcache_core::inventory::submit! {
+    magcache_core::ModelFamily {
+        name: "held-only-test",
+        description: "test family without streaming",
+        blocks: &[],
+        presets: &[],
+        published: &[],
+        streams: false,
+        build: no_build,
+        plan: no_plan,
+    }
+}
+
+#[test]
+fn a_family_that_does_not_stream_refuses_offload_stream_naming_the_key() {
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("w.safetensors"), b"").unwrap();
+    let path = dir.path().join("run.toml");
+    let run = |offload: &str| {
+        std::fs::write(
+            &path,
+            format!("[model]\nfamily = \"held-only-test\"\nweights = \"w.safetensors\"\noffload = \"{offload}\"\n[sampling]\nsteps = 2\n"),
+        )
+        .unwrap();
+        magcache_cli::prepare(&path).err().unwrap().to_string()
+    };
+    let e = run("stream");
+    assert!(
+        e.contains("model.offload: family `held-only-test` does not stream its blocks"),
+        "{e}"
+    );
+    assert!(e.contains("wan2.1") && e.contains("flux"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+    // Held, the family's own build runs.
+    assert!(run("none").contains("built"), "{}", run("none"));
+}

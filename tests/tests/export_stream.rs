@@ -170,12 +170,12 @@ fn flux_streams_to_the_held_bits_and_exports_its_preset() {
     let weights = magcache_tests::fixture("reference/flux_tiny");
     let decisions =
         |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
-    // TeaCache reads the first double block's modulated input (read for it when streamed); FBCache
-    // runs the first block alone.
+    // TeaCache reads the first double block's modulated input (streamed: from a held copy of that
+    // block's norm1); FBCache runs the first block alone.
     for cache in [
         "",
         "[cache]\nstrategy = \"teacache\"\nthreshold = 0.45\n",
-        "[cache]\nstrategy = \"fbcache\"\nthreshold = 0.2\n",
+        "[cache]\nstrategy = \"fbcache\"\nthreshold = 0.4\n",
     ] {
         let held = flux_toml(&format!("weights = \"{}\"", weights.display()), cache);
         let streamed = flux_toml(
@@ -186,6 +186,12 @@ fn flux_streams_to_the_held_bits_and_exports_its_preset() {
         let (b, rb) = run_toml(dir.path(), &streamed);
         assert_eq!(max_abs_diff(&a, &b), 0.0, "{cache}");
         assert_eq!(decisions(&ra), decisions(&rb), "{cache}");
+        if !cache.is_empty() {
+            assert!(
+                decisions(&rb).contains(&Some(false)),
+                "{cache}: no call reused, the streamed reuse path is untested"
+            );
+        }
     }
     // The flux-dev preset at the tiny reference's size, exported and loaded streamed.
     let preset = flux_toml(

@@ -311,6 +311,7 @@ magcache_core::inventory::submit! {
         blocks: &[TOY_BLOCK],
         presets: &[],
         published: &[],
+        streams: false, // the runner refuses `offload = "stream"` for it
         build,
         plan,
     }

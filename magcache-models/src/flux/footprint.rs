@@ -63,7 +63,12 @@ pub fn flux_footprint(
     } else {
         flux_params(c)
     };
-    fp.add("weights", knob, weights_bytes(resident, &cfg.model.dtype).0);
+    let what = if streamed {
+        "streamed weights (embeddings, head, two blocks)"
+    } else {
+        "weights"
+    };
+    fp.add(what, knob, weights_bytes(resident, &cfg.model.dtype).0);
     add_plan(&mut fp, cfg.sampling.steps, 1);
     // (batch, image tokens, text tokens)
     let (dims, lat_knob, text_knob) = match &cfg.inputs.file {

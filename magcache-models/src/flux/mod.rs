@@ -603,6 +603,7 @@ inventory::submit! {
         blocks: &[FLUX_DOUBLE, FLUX_SINGLE],
         presets: &["flux-dev", "flux-schnell"],
         published: &["magcache flux_dev", "teacache flux_dev"],
+        streams: true,
         build: build_flux,
         plan: plan_flux,
     }

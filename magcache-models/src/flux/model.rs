@@ -91,6 +91,13 @@ impl Ff {
     }
 }
 
+/// A double block's `norm1` applied to the image stream: layer norm, then shift and scale from the
+/// block's modulation of `temb`.
+fn modulated_input(norm1: &Linear, ln: &LayerNorm, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    let m = modulation(norm1, temb, 6)?;
+    modulate(&ln.forward(h)?, &m[0], &m[1])
+}
+
 struct DoubleBlock {
     norm1: Linear,
     norm1_ctx: Linear,
@@ -148,8 +155,7 @@ impl DoubleBlock {
 
     /// The image stream after `norm1` (the modulated input, [`Indicator::ModulatedInput`]).
     fn norm1_out(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let m = modulation(&self.norm1, temb, 6)?;
-        modulate(&self.ln.forward(h)?, &m[0], &m[1])
+        modulated_input(&self.norm1, &self.ln, h, temb)
     }
 
     fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -387,6 +393,9 @@ pub struct FluxModel {
     p1: Linear,
     p2: Linear,
     blocks: Blocks,
+    /// Streamed: the first double block's `norm1` (its modulation linear), held so that the
+    /// modulated-input indicator reads no block on the calls a cache reuses.
+    first_norm1: Option<(Linear, LayerNorm)>,
     /// The device the weights are handed out on.
     device: Device,
     norm_out: Linear,
@@ -443,6 +452,13 @@ impl FluxModel {
         };
         let mut metas = vec![FLUX_DOUBLE; cfg.num_layers];
         metas.extend(vec![FLUX_SINGLE; cfg.num_single_layers]);
+        let first_norm1 = match blocks {
+            Blocks::Streamed(_) if cfg.num_layers > 0 => Some((
+                lin(w, "transformer_blocks.0.norm1.linear", 6 * d, d)?,
+                LayerNorm::new(d, 1e-6, None, &dev)?,
+            )),
+            _ => None,
+        };
         Ok(FluxModel {
             x_emb: lin(w, "x_embedder", d, cfg.in_channels)?,
             ctx_emb: lin(w, "context_embedder", d, cfg.joint_attention_dim)?,
@@ -457,6 +473,7 @@ impl FluxModel {
             )?,
             p2: lin(w, &format!("{tt}.text_embedder.linear_2"), d, d)?,
             blocks,
+            first_norm1,
             device: dev.clone(),
             norm_out: lin(w, "norm_out.linear", 2 * d, d)?,
             ln_out: LayerNorm::new(d, 1e-6, None, &dev)?,
@@ -658,23 +675,20 @@ impl BlockChain for FluxChain<'_> {
             Indicator::TimestepEmbedding => Ok(Some(self.temb.clone())),
             Indicator::TimestepModulation => Ok(None),
             // Computed only when a strategy asks: the first double block's norm1 on the image stream
-            // entering the chain.
-            // Streamed, the first double block is read for it (it runs right after anyway when
-            // the call computes).
+            // entering the chain (streamed: from the held copy of that norm1).
             Indicator::ModulatedInput => {
                 let m = self.model;
-                let loaded;
-                let first = match &m.blocks {
-                    Blocks::Resident(v) => v.first(),
-                    Blocks::Streamed(w) if m.cfg.num_layers > 0 => {
-                        loaded = AnyBlock::load(w, 0, &m.cfg, &m.device)?;
-                        Some(&loaded)
+                match (&m.blocks, &m.first_norm1) {
+                    (Blocks::Resident(v), _) => match v.first() {
+                        Some(AnyBlock::Double(b)) => {
+                            b.norm1_out(&self.hidden_in, &self.temb).map(Some)
+                        }
+                        _ => Ok(None),
+                    },
+                    (Blocks::Streamed(_), Some((norm1, ln))) => {
+                        modulated_input(norm1, ln, &self.hidden_in, &self.temb).map(Some)
                     }
-                    Blocks::Streamed(_) => None,
-                };
-                match first {
-                    Some(AnyBlock::Double(b)) => b.norm1_out(&self.hidden_in, &self.temb).map(Some),
-                    _ => Ok(None),
+                    (Blocks::Streamed(_), None) => Ok(None),
                 }
             }
             // diffusers' SeaCache has no FLUX adapter; the packed tokens are not offered.

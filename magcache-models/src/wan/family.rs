@@ -526,6 +526,7 @@ inventory::submit! {
         blocks: &[WAN_BLOCK],
         presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
         published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "teacache wan21_t2v_1_3b"],
+        streams: true,
         build: build_wan21,
         plan: plan_wan21,
     }
@@ -538,6 +539,7 @@ inventory::submit! {
         blocks: &[WAN_BLOCK],
         presets: &["wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"],
         published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b"],
+        streams: true,
         build: build_wan22,
         plan: plan_wan22,
     }

@@ -85,7 +85,12 @@ pub fn wan_footprint(
             total = total + weights_bytes(resident, dtype);
             configs.push(c);
         }
-        fp.add("weights", "model.weights", total.0);
+        let what = if streamed {
+            "streamed weights (embeddings, head, two blocks)"
+        } else {
+            "weights"
+        };
+        fp.add(what, "model.weights", total.0);
     }
     let Some(c) = configs.first() else {
         return Ok(fp);

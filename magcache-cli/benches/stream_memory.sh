@@ -17,6 +17,7 @@ bin="${MAGCACHE:-$repo/target/release/magcache}"
 steps="${STEPS:-2}"
 [ -x "$bin" ] || { echo "stream_memory.sh: build first: cargo build --release -p magcache-cli" >&2; exit 2; }
 mkdir -p "$work"
+work="$(cd "$work" && pwd)" # absolute: a run file resolves `weights` against its own folder
 echo "date: $(date -u +%F)  cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads, $(free -g | awk '/Mem:/{print $2}') GB"
 tail_cfg="[inputs]
 latent_shape = LATENTS

@@ -10,6 +10,7 @@
 
 use crate::prepare::link_all;
 use candle_core::DType;
+use magcache_core::guard::{self, Footprint};
 use magcache_core::{registry, Error, GeneratedWeights, Result, RunConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,11 +75,20 @@ pub fn export(
         .map(|n| n.to_string_lossy().to_string())
         .ok_or_else(|| Error::io(&shown, "names no folder"))?;
     let models = (exporter.export)(&cfg, &file)?;
+    check_sizes(&cfg, &file, &models)?;
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     std::fs::create_dir(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
     crate::output::register(&tmp);
     let result = write_all(&tmp, &models, shard_bytes, progress).and_then(|r| {
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(&shown, e))?;
+        rename_new(&tmp, out).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => {
+                Error::io(
+                    &shown,
+                    "appeared while exporting; export never replaces a folder (the export is discarded)",
+                )
+            }
+            _ => Error::io(&shown, e),
+        })?;
         Ok(r)
     });
     crate::output::unregister(&tmp);
@@ -123,7 +133,7 @@ fn write_all(
         let mut cur: Vec<usize> = Vec::new();
         let mut filled = 0u64;
         for (i, (_, shape, dtype)) in m.tensors.iter().enumerate() {
-            let n = nbytes(shape, *dtype);
+            let n = size(shape, *dtype);
             if !cur.is_empty() && filled + n > shard_bytes {
                 shards.push(std::mem::take(&mut cur));
                 filled = 0;
@@ -178,7 +188,7 @@ fn write_all(
             }
             let shard_bytes: u64 = shard
                 .iter()
-                .map(|&i| nbytes(&m.tensors[i].1, m.tensors[i].2))
+                .map(|&i| size(&m.tensors[i].1, m.tensors[i].2))
                 .sum();
             folder_bytes += shard_bytes;
             for &i in shard {
@@ -213,8 +223,51 @@ fn write_all(
     Ok((folders, tensors, bytes))
 }
 
-fn nbytes(shape: &[usize], dtype: DType) -> u64 {
-    shape.iter().map(|&d| d as u64).product::<u64>() * dtype.size_in_bytes() as u64
+/// Bytes of a tensor; `None` past `u64`.
+fn nbytes(shape: &[usize], dtype: DType) -> Option<u64> {
+    guard::product(shape)?.checked_mul(dtype.size_in_bytes() as u64)
+}
+
+/// Bytes of a tensor that [`check_sizes`] accepted.
+fn size(shape: &[usize], dtype: DType) -> u64 {
+    nbytes(shape, dtype).unwrap_or(u64::MAX)
+}
+
+/// Every tensor's size is computed, checked, before anything is generated, and the largest one
+/// must fit in memory while it is written (generated in f32, converted, serialized): a size from
+/// `[model.overrides]` past any memory is a one-line error, not a wrapped size or an abort.
+fn check_sizes(cfg: &RunConfig, file: &str, models: &[GeneratedWeights]) -> Result<()> {
+    let knob = if cfg.model.overrides.as_ref().is_some_and(|t| !t.is_empty()) {
+        "model.overrides"
+    } else {
+        "model.preset"
+    };
+    let mut largest: Option<(&str, &[usize], u64)> = None;
+    for m in models {
+        for (name, shape, dtype) in &m.tensors {
+            let b = nbytes(shape, *dtype).ok_or_else(|| {
+                Error::config(
+                    file,
+                    knob,
+                    format!("tensor `{name}` of shape {shape:?} is larger than any memory"),
+                )
+            })?;
+            if largest.is_none_or(|(_, _, l)| b > l) {
+                largest = Some((name, shape, b));
+            }
+        }
+    }
+    let Some((name, shape, b)) = largest else {
+        return Ok(());
+    };
+    let f32_bytes = guard::product(shape).and_then(|n| n.checked_mul(4));
+    let mut fp = Footprint::default();
+    fp.add(
+        format!("largest tensor `{name}` while written (f32, converted, serialized)"),
+        knob,
+        guard::sum(&[f32_bytes, Some(b), Some(b)]),
+    );
+    fp.check(file)
 }
 
 /// One tensor, generated when the writer asks for its bytes. `View::data` cannot fail, so a
@@ -265,6 +318,86 @@ impl safetensors::View for Lazy<'_> {
     }
 
     fn data_len(&self) -> usize {
-        nbytes(self.shape, self.dtype) as usize
+        size(self.shape, self.dtype) as usize
+    }
+}
+
+/// Renames the finished folder into place, failing when `to` exists: a plain rename would replace
+/// an empty folder created there meanwhile.
+#[cfg(target_os = "linux")]
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; no other memory is touched.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A filesystem (or kernel) without RENAME_NOREPLACE: check, then rename.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => rename_checked(from, to),
+        _ => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    rename_checked(from, to)
+}
+
+/// Refuses an existing `to`, then renames (a folder created between the two is still replaced
+/// when empty; only where the atomic form is missing).
+fn rename_checked(from: &Path, to: &Path) -> std::io::Result<()> {
+    if to.exists() || to.is_symlink() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(from, to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finished_folder_never_replaces_one_that_appeared_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join(".new.partial"), dir.path().join("new"));
+        std::fs::create_dir(&from).unwrap();
+        std::fs::write(from.join("config.json"), "{}").unwrap();
+        // An empty folder, which a plain rename would replace.
+        std::fs::create_dir(&to).unwrap();
+        let e = rename_new(&from, &to).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty
+            ),
+            "{e}"
+        );
+        assert!(from.join("config.json").is_file());
+        assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0);
+        std::fs::remove_dir(&to).unwrap();
+        rename_new(&from, &to).unwrap();
+        assert!(to.join("config.json").is_file() && !from.exists());
+    }
+
+    #[test]
+    fn tensor_sizes_past_u64_are_none() {
+        assert_eq!(nbytes(&[2, 3], DType::BF16), Some(12));
+        assert_eq!(nbytes(&[usize::MAX, 4], DType::F32), None);
+        assert_eq!(nbytes(&[1 << 62], DType::F32), None);
     }
 }

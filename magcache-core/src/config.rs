@@ -273,7 +273,7 @@ impl RunConfig {
             return Err(Error::config(
                 file,
                 "model.offload",
-                "\"stream\" reads blocks from a checkpoint, and a preset has none: give `weights`, or write the preset's weights once with `magcache export`",
+                "\"stream\" reads blocks from a checkpoint, and a preset has none: give `weights`, or write the preset once with `magcache export` (from a run file without offload = \"stream\") and give that folder as `weights`",
             ));
         }
         if self.model.weights.is_some() && self.model.preset.is_some() {

@@ -127,6 +127,9 @@ pub struct Part {
     pub what: String,
     pub knob: String,
     pub bytes: Option<u64>,
+    /// The part is already the streamed (smallest resident) form of the weights: a refusal then
+    /// does not suggest streaming.
+    pub streamed: bool,
 }
 
 /// What a run will hold in memory, part by part.
@@ -150,7 +153,21 @@ impl Footprint {
             what: what.into(),
             knob: knob.into(),
             bytes,
+            streamed: false,
         });
+    }
+
+    /// Adds the weights a streamed model keeps resident (`model.offload = "stream"`).
+    pub fn add_streamed(
+        &mut self,
+        what: impl Into<String>,
+        knob: impl Into<String>,
+        bytes: Option<u64>,
+    ) {
+        self.add(what, knob, bytes);
+        if let Some(p) = self.parts.last_mut() {
+            p.streamed = true;
+        }
     }
 
     /// The total; `None` on overflow.
@@ -201,7 +218,7 @@ impl Footprint {
                 gb(avail.bytes),
                 avail.source,
                 match big.knob.as_str() {
-                    "model.weights" if big.what.starts_with("streamed") => "use a 2-byte model.dtype or a smaller checkpoint".to_string(),
+                    "model.weights" if big.streamed => "use a 2-byte model.dtype or a smaller checkpoint".to_string(),
                     "model.preset" => "use a 2-byte model.dtype, a smaller preset or [model.overrides], or write it with `magcache export` and run it with model.offload = \"stream\"".to_string(),
                     "model.weights" => "use model.offload = \"stream\" (blocks read from the checkpoint as they run), a 2-byte model.dtype or a smaller checkpoint".to_string(),
                     k => format!("make {k} smaller"),
@@ -252,6 +269,7 @@ mod tests {
                 what: "w".into(),
                 knob: "k".into(),
                 bytes: Some(5),
+                streamed: false,
             }],
         };
         assert!(small.check_against("f", &avail).is_ok());
@@ -268,7 +286,7 @@ mod tests {
         assert!(e.contains("model.offload = \"stream\""), "{e}");
         // One already streamed does not.
         let mut w = Footprint::default();
-        w.add(
+        w.add_streamed(
             "streamed weights (embeddings, head, two blocks)",
             "model.weights",
             Some(2 << 30),

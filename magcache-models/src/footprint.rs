@@ -1,5 +1,5 @@
 //! Memory estimates of the models here, for core's size guard ([`magcache_core::guard`]): weights
-//! (parameters x bytes of the run's dtype, or the checkpoint files plus converted copies),
+//! (parameters x bytes of the run's dtype; streamed: the embeddings, head and two blocks),
 //! activations of one transformer call (tokens x dims x a factor, attention scores capped by
 //! [`crate::nn::ATTENTION_SCORE_BUDGET`]), the text embeddings, the cache (a few hidden-state-sized
 //! tensors per scope) and the plan (per call). All arithmetic is checked: an overflow is "more than

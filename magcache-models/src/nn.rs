@@ -45,7 +45,7 @@ impl Linear {
         };
         // Activations are f32. With bf16/f16 weights on a GPU the product runs in the weights' dtype
         // and comes back to f32. On the CPU, gemm has no native bf16 kernel without AVX512-BF16:
-        // its bf16 product was 1.25-1.35x slower than f32 (docs/benchmarks.md), while widening the
+        // its bf16 product was 1.23-1.35x slower than f32 (docs/benchmarks.md), while widening the
         // weight to f32 per call (threaded, exact) and multiplying in f32 cost 1.02-1.27x there
         // and keeps the activations unrounded.
         let mut y = if x2.dtype() == self.wt.dtype() {

@@ -152,6 +152,28 @@ fn export_never_replaces_a_folder_and_refuses_checkpoint_runs() {
     .to_string();
     assert!(e.contains("model.weights"), "{e}");
     assert!(!dir.path().join("new").exists());
+
+    // A size past any memory is refused before anything is generated or written.
+    let huge = text.replace("ffn_dim = 40", "ffn_dim = 1099511627776");
+    let e = export(dir.path(), &huge, &dir.path().join("huge"), 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.overrides") && e.contains("largest tensor"),
+        "{e}"
+    );
+    assert!(!dir.path().join("huge").exists());
+    let dot_entries = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert_eq!(dot_entries, 0, "a temporary folder was left behind");
 }
 
 /// A FLUX run over the tiny reference inputs: `model` is the `[model]` body.

@@ -63,12 +63,16 @@ pub fn flux_footprint(
     } else {
         flux_params(c)
     };
-    let what = if streamed {
-        "streamed weights (embeddings, head, two blocks)"
+    let bytes = weights_bytes(resident, &cfg.model.dtype).0;
+    if streamed {
+        fp.add_streamed(
+            "streamed weights (embeddings, head, two blocks)",
+            knob,
+            bytes,
+        );
     } else {
-        "weights"
-    };
-    fp.add(what, knob, weights_bytes(resident, &cfg.model.dtype).0);
+        fp.add("weights", knob, bytes);
+    }
     add_plan(&mut fp, cfg.sampling.steps, 1);
     // (batch, image tokens, text tokens)
     let (dims, lat_knob, text_knob) = match &cfg.inputs.file {

@@ -653,17 +653,26 @@ impl BlockChain for FluxChain<'_> {
                 // Block i+1 is read on a second thread while block i runs: two blocks resident.
                 std::thread::scope(|s| -> Result<()> {
                     let mut next = None;
-                    for i in blocks.clone() {
-                        let blk = match next.take() {
-                            Some(h) => join_loader(h)?,
-                            None => load(i)?,
-                        };
-                        if i + 1 < blocks.end {
-                            next = Some(s.spawn(move || load(i + 1)));
+                    let mut go = || -> Result<()> {
+                        for i in blocks.clone() {
+                            let blk = match next.take() {
+                                Some(h) => join_loader(h)?,
+                                None => load(i)?,
+                            };
+                            if i + 1 < blocks.end {
+                                next = Some(s.spawn(move || load(i + 1)));
+                            }
+                            he = self.run_one(i, &blk, he.clone())?;
                         }
-                        he = self.run_one(i, &blk, he.clone())?;
+                        Ok(())
+                    };
+                    let r = go();
+                    // A block failed while the next was being read: join that reader here, so a
+                    // panic in it cannot escape the scope.
+                    if let Some(h) = next.take() {
+                        let _ = h.join();
                     }
-                    Ok(())
+                    r
                 })?;
             }
         }

@@ -85,12 +85,15 @@ pub fn wan_footprint(
             total = total + weights_bytes(resident, dtype);
             configs.push(c);
         }
-        let what = if streamed {
-            "streamed weights (embeddings, head, two blocks)"
+        if streamed {
+            fp.add_streamed(
+                "streamed weights (embeddings, head, two blocks)",
+                "model.weights",
+                total.0,
+            );
         } else {
-            "weights"
-        };
-        fp.add(what, "model.weights", total.0);
+            fp.add("weights", "model.weights", total.0);
+        }
     }
     let Some(c) = configs.first() else {
         return Ok(fp);

@@ -515,17 +515,26 @@ impl BlockChain for WanChain<'_> {
                 std::thread::scope(|s| {
                     let mut hs = x.hidden;
                     let mut next = None;
-                    for i in blocks.clone() {
-                        let blk = match next.take() {
-                            Some(h) => join_loader(h)?,
-                            None => load(i)?,
-                        };
-                        if i + 1 < blocks.end {
-                            next = Some(s.spawn(move || load(i + 1)));
+                    let mut go = || -> Result<()> {
+                        for i in blocks.clone() {
+                            let blk = match next.take() {
+                                Some(h) => join_loader(h)?,
+                                None => load(i)?,
+                            };
+                            if i + 1 < blocks.end {
+                                next = Some(s.spawn(move || load(i + 1)));
+                            }
+                            hs = self.run_one(i, &blk, hs.clone())?;
                         }
-                        hs = self.run_one(i, &blk, hs)?;
+                        Ok(())
+                    };
+                    let r = go();
+                    // A block failed while the next was being read: join that reader here, so a
+                    // panic in it cannot escape the scope.
+                    if let Some(h) = next.take() {
+                        let _ = h.join();
                     }
-                    Ok(Streams::hidden(hs))
+                    r.map(|()| Streams::hidden(hs))
                 })
             }
         }

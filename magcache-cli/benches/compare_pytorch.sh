@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Times the same dense run file in this project (`magcache run`, strategy forced to none) and in the
 # PyTorch reference (diffusers), one after the other on the same CPU and thread count, and prints the
-# ratio. Usage: compare_pytorch.sh RUN.toml [THREADS]   (needs python with torch + diffusers: $PYTHON)
+# ratio. Usage: compare_pytorch.sh RUN.toml [THREADS]   (needs python with torch + diffusers: $PYTHON;
+# ROUNDS=N repeats the pair N times, default 1)
 set -euo pipefail
-cfg="$1"; threads="${2:-$(nproc)}"; here="$(cd "$(dirname "$0")" && pwd)"; py="${PYTHON:-python3}"
+cfg="$1"; threads="${2:-$(nproc)}"; here="$(cd "$(dirname "$0")" && pwd)"; py="${PYTHON:-python3}"; rounds="${ROUNDS:-1}"
 bin="${MAGCACHE:-$here/../../target/release/magcache}"
 [ -x "$bin" ] || (cd "$here/../.." && cargo build --release -p magcache-cli)
 dense="$(mktemp --suffix=.toml)"; trap 'rm -f "$dense"' EXIT
 sed '/^\[cache\]/,$d' "$cfg" > "$dense"
-rust=$(RAYON_NUM_THREADS=$threads "$bin" run --quiet --json --config "$dense" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["total_calls"])')
-torch=$("$py" "$here/pytorch_dense.py" "$dense" --threads "$threads" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["calls"], d["torch"])')
-read -r rs rc <<<"$rust"; read -r ts tc tv <<<"$torch"
-echo "config: $cfg   threads: $threads   torch $tv"
-printf "magcache-rs: %6d calls %9.3f s  (%.3f s/call)\n" "$rc" "$rs" "$(echo "$rs/$rc" | bc -l)"
-printf "PyTorch:     %6d calls %9.3f s  (%.3f s/call)\n" "$tc" "$ts" "$(echo "$ts/$tc" | bc -l)"
-printf "PyTorch / magcache-rs: %.2fx\n" "$(echo "$ts/$rs" | bc -l)"
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads available, flags: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "config: $cfg   threads: $threads   rounds: $rounds (alternated; this machine's speed drifts, so compare within a round)"
+for r in $(seq 1 "$rounds"); do
+  rust=$(RAYON_NUM_THREADS=$threads "$bin" run --quiet --json --config "$dense" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["total_calls"])')
+  torch=$("$py" "$here/pytorch_dense.py" "$dense" --threads "$threads" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["calls"], d["torch"])')
+  read -r rs rc <<<"$rust"; read -r ts tc tv <<<"$torch"
+  echo "round $r (torch $tv)"
+  printf "  magcache-rs: %6d calls %9.3f s  (%.3f s/call)\n" "$rc" "$rs" "$(echo "$rs/$rc" | bc -l)"
+  printf "  PyTorch:     %6d calls %9.3f s  (%.3f s/call)\n" "$tc" "$ts" "$(echo "$ts/$tc" | bc -l)"
+  printf "  PyTorch / magcache-rs: %.2fx\n" "$(echo "$ts/$rs" | bc -l)"
+done

@@ -59,7 +59,8 @@ pub const LATENT_FACTOR: usize = 8;
 /// Score matrices of one attention over `s` queries and `l` keys (scores and their softmax), each
 /// capped by the chunking budget.
 pub fn attention_bytes(b: usize, heads: usize, s: usize, l: usize) -> Sz {
-    // Queries are chunked so one score matrix stays within the budget, however long the sequence.
+    // Queries are chunked so one score matrix stays within the budget, however long the sequence
+    // (an upper bound: the fused f32 CPU path holds only threads x 128 query rows of scores).
     let cap = crate::nn::ATTENTION_SCORE_BUDGET as u64;
     let one = (sz(b) * sz(heads) * sz(s) * sz(l) * sz(4))
         .0

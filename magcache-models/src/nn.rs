@@ -336,6 +336,22 @@ pub fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> 
     Ok(Tensor::cat(&parts, 2)?)
 }
 
+/// Largest absolute difference of two tensors (unit tests of this crate).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[cfg(test)]
 #[test]
 fn fused_cpu_attention_equals_the_matmul_path() {
@@ -347,17 +363,7 @@ fn fused_cpu_attention_equals_the_matmul_path() {
         let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
         let fused = cpu_attention(&q, &k, &v).unwrap();
         let reference = attention_in_chunks(&q, &k, &v, s).unwrap();
-        assert_eq!(fused.dims(), reference.dims());
-        let diff = (fused - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&fused, &reference);
         assert!(diff < 1e-5, "{b}x{h}x{s}x{l}x{d}: {diff}");
     }
     // A non-contiguous q (heads transposed in, as the models pass them) is accepted.
@@ -368,16 +374,7 @@ fn fused_cpu_attention_equals_the_matmul_path() {
     let k = Tensor::randn(0f32, 1.0, (1, 2, 7, 8), &dev).unwrap();
     let a = cpu_attention(&q, &k, &k).unwrap();
     let r = attention_in_chunks(&q, &k, &k, 5).unwrap();
-    let diff = (a - r)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&a, &r);
     assert!(diff < 1e-5, "{diff}");
 }
 
@@ -390,16 +387,7 @@ fn chunked_attention_equals_one_shot() {
     let v = Tensor::randn(0f32, 1.0, (1, 2, 29, 8), &dev).unwrap();
     let full = attention(&q, &k, &v).unwrap();
     let chunked = attention_in_chunks(&q, &k, &v, 5).unwrap();
-    let d = (full - chunked)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&full, &chunked);
     assert!(d < 1e-6, "{d}");
 }
 

@@ -26,12 +26,9 @@ pub fn load_json(rel: &str) -> serde_json::Value {
         .expect("json")
 }
 
-/// Largest absolute difference; panics on shape mismatch.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
+/// Largest absolute value.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -39,6 +36,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Largest absolute difference; panics on shape mismatch.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    max_abs(&(a - b).unwrap())
 }
 
 /// A run file for one reference-loop run: the `[cache]` table from the run's config in the fixture

@@ -1,7 +1,9 @@
 //! `[model] dtype` and `device`: bf16 weights run the reference loops within bf16 tolerance, and a
 //! device this build or machine lacks is one line naming `model.device`.
 
-use magcache_tests::{fixture, load, load_json, loop_toml, max_abs_diff, run_toml, weights_of};
+use magcache_tests::{
+    fixture, load, load_json, loop_toml, max_abs, max_abs_diff, run_toml, weights_of,
+};
 
 /// The reference run `name` of the Wan2.1 loop fixture with `[model]` lines added.
 fn wan21_run(name: &str, model_extra: &str) -> (candle_core::Tensor, magcache_cli::Report, f32) {
@@ -203,15 +205,7 @@ fn bf16_runs_every_reference_loop_with_f32_decisions_where_margins_allow() {
                     break;
                 }
             }
-            let scale = f32_final
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&f32_final);
             let d = max_abs_diff(&f32_final, &bf16_final);
             eprintln!("{rel} {name}: bf16 final differs by {d} (f32 final max |x| {scale}), diverged at {diverged:?}");
             assert!(d > 0.0, "{rel} {name}: bf16 ran as f32");

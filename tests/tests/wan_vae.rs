@@ -3,22 +3,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use magcache_models::wan::vae::{VaeTrace, WanVae};
-use magcache_tests::{fixture, load, load_json, max_abs_diff};
+use magcache_tests::{fixture, load, load_json, max_abs, max_abs_diff};
 use std::collections::HashMap;
 
 fn vae() -> WanVae {
     WanVae::load(&fixture("pipelines/wan_vae"), &Device::Cpu, DType::F32).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Checks `got` against `want` within `rel` x max |want| (the README's VAE tolerance); returns the

@@ -1264,16 +1264,7 @@ mod tests {
             // Budgets forcing groups of images, one image at a time, and bands of 1 or 2 rows.
             for budget in [1 << 30, 20_000, 8_000, 1_000, 1] {
                 let got = conv2d_bounded(&x, &w, pad, stride, budget).unwrap();
-                let d = (&full - &got)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = crate::nn::max_abs_diff(&full, &got);
                 assert!(d < 1e-5, "pad {pad} stride {stride} budget {budget}: {d}");
             }
         }
@@ -1307,16 +1298,7 @@ mod tests {
             })
             .collect();
         let chunked = Tensor::cat(&parts, 1).unwrap();
-        let d = (full - chunked)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::nn::max_abs_diff(&full, &chunked);
         assert!(d < 1e-5, "{d}");
     }
 }

@@ -580,12 +580,6 @@ impl FluxModel {
     }
 }
 
-/// The block a loader thread read (a panic there is an error here, not an abort).
-fn join_loader(h: std::thread::ScopedJoinHandle<'_, Result<AnyBlock>>) -> Result<AnyBlock> {
-    h.join()
-        .map_err(|_| Error::msg("flux: the thread reading a streamed block panicked"))?
-}
-
 impl FluxChain<'_> {
     /// Block `i` through the hook registry on `(hidden, encoder)`, then traced.
     fn run_one(&self, i: usize, blk: &AnyBlock, he: (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
@@ -649,31 +643,15 @@ impl BlockChain for FluxChain<'_> {
             }
             Blocks::Streamed(w) => {
                 let (cfg, dev) = (&self.model.cfg, &self.model.device);
-                let load = |i: usize| AnyBlock::load(w, i, cfg, dev);
-                // Block i+1 is read on a second thread while block i runs: two blocks resident.
-                std::thread::scope(|s| -> Result<()> {
-                    let mut next = None;
-                    let mut go = || -> Result<()> {
-                        for i in blocks.clone() {
-                            let blk = match next.take() {
-                                Some(h) => join_loader(h)?,
-                                None => load(i)?,
-                            };
-                            if i + 1 < blocks.end {
-                                next = Some(s.spawn(move || load(i + 1)));
-                            }
-                            he = self.run_one(i, &blk, he.clone())?;
-                        }
+                crate::weights::run_streamed(
+                    "flux",
+                    blocks,
+                    |i| AnyBlock::load(w, i, cfg, dev),
+                    |i, blk| {
+                        he = self.run_one(i, blk, he.clone())?;
                         Ok(())
-                    };
-                    let r = go();
-                    // A block failed while the next was being read: join that reader here, so a
-                    // panic in it cannot escape the scope.
-                    if let Some(h) = next.take() {
-                        let _ = h.join();
-                    }
-                    r
-                })?;
+                    },
+                )?;
             }
         }
         Ok(Streams::joint(he.0, he.1))

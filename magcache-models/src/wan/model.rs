@@ -482,12 +482,6 @@ impl WanChain<'_> {
     }
 }
 
-/// The block a loader thread read (a panic there is an error here, not an abort).
-fn join_loader(h: std::thread::ScopedJoinHandle<'_, Result<Block>>) -> Result<Block> {
-    h.join()
-        .map_err(|_| Error::msg("wan: the thread reading a streamed block panicked"))?
-}
-
 impl BlockChain for WanChain<'_> {
     fn num_blocks(&self) -> usize {
         self.model.num_blocks()
@@ -510,32 +504,17 @@ impl BlockChain for WanChain<'_> {
             }
             Blocks::Streamed(w) => {
                 let (cfg, dev) = (&self.model.cfg, self.model.device());
-                let load = |i: usize| Block::load(w, i, cfg, dev);
-                // Block i+1 is read on a second thread while block i runs: two blocks resident.
-                std::thread::scope(|s| {
-                    let mut hs = x.hidden;
-                    let mut next = None;
-                    let mut go = || -> Result<()> {
-                        for i in blocks.clone() {
-                            let blk = match next.take() {
-                                Some(h) => join_loader(h)?,
-                                None => load(i)?,
-                            };
-                            if i + 1 < blocks.end {
-                                next = Some(s.spawn(move || load(i + 1)));
-                            }
-                            hs = self.run_one(i, &blk, hs.clone())?;
-                        }
+                let mut hs = x.hidden;
+                crate::weights::run_streamed(
+                    "wan",
+                    blocks,
+                    |i| Block::load(w, i, cfg, dev),
+                    |i, blk| {
+                        hs = self.run_one(i, blk, hs.clone())?;
                         Ok(())
-                    };
-                    let r = go();
-                    // A block failed while the next was being read: join that reader here, so a
-                    // panic in it cannot escape the scope.
-                    if let Some(h) = next.take() {
-                        let _ = h.join();
-                    }
-                    r.map(|()| Streams::hidden(hs))
-                })
+                    },
+                )?;
+                Ok(Streams::hidden(hs))
             }
         }
     }

@@ -491,11 +491,10 @@ fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + fast_exp(-2.0 * u))
 }
 
-/// `out[i] = f(src[i])` over the machine's threads for large slices.
+/// `out[i] = f(src[i])` over candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and
+/// [`cpu_attention`]) for large slices.
 fn par_map<A: Copy + Sync, B: Send>(src: &[A], out: &mut [B], f: impl Fn(A) -> B + Sync) {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = candle_core::utils::get_num_threads();
     let apply = |o: &mut [B], i: &[A]| {
         for (o, &x) in o.iter_mut().zip(i) {
             *o = f(x);

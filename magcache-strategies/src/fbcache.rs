@@ -19,16 +19,12 @@
 //! sequence parallelism the metric's numerator and denominator are averaged over the ranks first
 //! ([`magcache_core::DecisionSync`]). The guards of [`crate::guards`] apply.
 
-use crate::guards::{few_step_warnings, GuardConfig, Guards};
-use crate::residual::{Estimator, ResidualHistory};
+use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
 use magcache_core::candle_core::{DType, Tensor};
 use magcache_core::maths::{safe_ratio, tensor_bytes};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::sync::synced_rel_l1;
-use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey,
-    ScopeStates, StrategyConfig, Streams, TimestepCache,
-};
+use magcache_core::{BuildEnv, DecisionSync, Error, Result, StrategyConfig, TimestepCache};
 use serde::{Deserialize, Serialize};
 
 /// What the front blocks' change is measured on (`metric = ...`).
@@ -44,112 +40,35 @@ pub enum HeadMetric {
     HiddenRelL2,
 }
 
-/// `[cache] strategy = "fbcache"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FbCacheConfig {
-    /// Largest relative change of the first-block residual that still reuses.
-    #[serde(default = "d_threshold")]
-    pub threshold: f64,
-    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
-    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
-    #[serde(default)]
-    pub estimator: Estimator,
-    /// What the change is measured on (see the module docs).
-    #[serde(default)]
-    pub metric: HeadMetric,
-    /// Token stride of the measurement (1: every token).
-    #[serde(default = "d_one")]
-    pub downsample: usize,
-    /// Smoothing factor of the measured change over a scope's calls, in [0, 1) (0: off).
-    #[serde(default)]
-    pub ema: f64,
-    /// Guards: see [`crate::guards`].
-    #[serde(default)]
-    pub warmup_steps: usize,
-    #[serde(default)]
-    pub last_steps: usize,
-    #[serde(default)]
-    pub max_consecutive: Option<usize>,
-    #[serde(default)]
-    pub cfg_shared: bool,
-}
-
-/// `[cache] strategy = "dbcache"`: cache-dit's dual-block cache.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DbCacheConfig {
-    /// `Fn`: blocks at the front of the chain that always compute and are measured.
-    #[serde(default = "d_front")]
-    pub front_blocks: usize,
-    /// `Bn`: blocks at the back of the chain that always compute.
-    #[serde(default)]
-    pub back_blocks: usize,
-    /// Largest relative change of the front blocks that still reuses.
-    #[serde(default = "d_db_threshold")]
-    pub threshold: f64,
-    #[serde(default)]
-    pub estimator: Estimator,
-    #[serde(default)]
-    pub metric: HeadMetric,
-    #[serde(default = "d_one")]
-    pub downsample: usize,
-    #[serde(default)]
-    pub ema: f64,
-    #[serde(default)]
-    pub warmup_steps: usize,
-    #[serde(default)]
-    pub last_steps: usize,
-    #[serde(default)]
-    pub max_consecutive: Option<usize>,
-    #[serde(default)]
-    pub cfg_shared: bool,
-}
-
-fn d_threshold() -> f64 {
-    0.05
-}
-fn d_db_threshold() -> f64 {
-    0.08
-}
-fn d_front() -> usize {
-    8
-}
-fn d_one() -> usize {
-    1
-}
-
-impl Default for FbCacheConfig {
-    fn default() -> Self {
-        FbCacheConfig {
-            threshold: d_threshold(),
-            estimator: Estimator::Reuse,
-            metric: HeadMetric::ResidualRelL1,
-            downsample: 1,
-            ema: 0.0,
-            warmup_steps: 0,
-            last_steps: 0,
-            max_consecutive: None,
-            cfg_shared: false,
-        }
+crate::strategy_config! {
+    /// `[cache] strategy = "fbcache"`.
+    pub struct FbCacheConfig {
+        /// Largest relative change of the first-block residual that still reuses.
+        pub threshold: f64 = 0.05,
+        /// What the change is measured on (see the module docs).
+        pub metric: HeadMetric = HeadMetric::ResidualRelL1,
+        /// Token stride of the measurement (1: every token).
+        pub downsample: usize = 1,
+        /// Smoothing factor of the measured change over a scope's calls, in [0, 1) (0: off).
+        pub ema: f64 = 0.0,
     }
 }
 
-impl Default for DbCacheConfig {
-    fn default() -> Self {
-        DbCacheConfig {
-            front_blocks: d_front(),
-            back_blocks: 0,
-            threshold: d_db_threshold(),
-            estimator: Estimator::Reuse,
-            metric: HeadMetric::ResidualRelL1,
-            downsample: 1,
-            ema: 0.0,
-            warmup_steps: 0,
-            last_steps: 0,
-            max_consecutive: None,
-            cfg_shared: false,
-        }
+crate::strategy_config! {
+    /// `[cache] strategy = "dbcache"`: cache-dit's dual-block cache.
+    pub struct DbCacheConfig {
+        /// `Fn`: blocks at the front of the chain that always compute and are measured.
+        pub front_blocks: usize = 8,
+        /// `Bn`: blocks at the back of the chain that always compute.
+        pub back_blocks: usize = 0,
+        /// Largest relative change of the front blocks that still reuses.
+        pub threshold: f64 = 0.08,
+        /// What the change is measured on (see the module docs).
+        pub metric: HeadMetric = HeadMetric::ResidualRelL1,
+        /// Token stride of the measurement (1: every token).
+        pub downsample: usize = 1,
+        /// Smoothing factor of the measured change over a scope's calls, in [0, 1) (0: off).
+        pub ema: f64 = 0.0,
     }
 }
 
@@ -173,15 +92,6 @@ impl FbCacheConfig {
 }
 
 impl DbCacheConfig {
-    pub fn guards(&self) -> GuardConfig {
-        GuardConfig {
-            warmup_steps: self.warmup_steps,
-            last_steps: self.last_steps,
-            max_consecutive: self.max_consecutive,
-            cfg_shared: self.cfg_shared,
-        }
-    }
-
     fn check(&self, file: &str) -> Result<()> {
         crate::check_threshold(file, self.threshold)?;
         if self.front_blocks == 0 {
@@ -205,7 +115,7 @@ impl DbCacheConfig {
                 format!("must lie in [0, 1) (0: no smoothing), got {}", self.ema),
             ));
         }
-        self.guards().validate(file)
+        self.shared().validate(file)
     }
 }
 
@@ -257,25 +167,27 @@ inventory::submit! {
     StrategyRegistration { name: "dbcache", description: "DBCache (cache-dit): front_blocks always run and decide, back_blocks always run, the middle is cached", defaults: || Box::new(DbCacheConfig::default()) }
 }
 
+/// One scope's last measurement.
 #[derive(Debug, Default)]
-struct FbState {
+pub struct FbState {
     /// What the metric compares with: the front residual or output of the last computed call.
     head: Option<Tensor>,
+    /// This call's measurement, kept as `head` if the call computes.
+    measured: Option<Tensor>,
     /// Smoothed metric of the previous call (`ema`).
     smoothed: Option<f64>,
-    /// Residuals of the middle blocks (middle output - front output) of the last computed calls.
-    middle: ResidualHistory,
+}
+
+/// The FBCache / DBCache decision rule.
+pub struct FbRule {
+    name: &'static str,
+    cfg: DbCacheConfig,
 }
 
 /// The FBCache / DBCache strategy.
-pub struct FbCache {
-    name: &'static str,
-    cfg: DbCacheConfig,
-    guards: Guards,
-    states: ScopeStates<FbState>,
-}
+pub type FbCache = Cached<FbRule>;
 
-impl FbCache {
+impl Cached<FbRule> {
     /// FBCache from its config.
     pub fn new(cfg: FbCacheConfig) -> Self {
         Self::named("fbcache", cfg.as_dbcache())
@@ -283,12 +195,64 @@ impl FbCache {
 
     /// A dual-block cache reported under `name`.
     pub fn named(name: &'static str, cfg: DbCacheConfig) -> Self {
-        FbCache {
-            name,
-            guards: Guards::new(cfg.guards()),
-            cfg,
-            states: ScopeStates::default(),
+        let shared = cfg.shared();
+        Cached::with_rule(FbRule { name, cfg }, shared)
+    }
+}
+
+impl Rule for FbRule {
+    type State = FbState;
+
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn blocks(&self, _n: usize) -> Result<(usize, usize)> {
+        Ok((self.cfg.front_blocks, self.cfg.back_blocks))
+    }
+
+    /// Reuse when the front blocks changed by at most `threshold` since the last computed call.
+    fn decide(&self, st: &mut FbState, call: &Call<'_>) -> Result<Wish> {
+        let cfg = &self.cfg;
+        let front = call.front()?;
+        let measured = match cfg.metric {
+            HeadMetric::ResidualRelL1 => (&front.output.hidden - front.input)?,
+            HeadMetric::HiddenRelL1 | HeadMetric::HiddenRelL2 => front.output.hidden.clone(),
+        };
+        let measured = downsample(&measured, cfg.downsample)?;
+        let metric = match &st.head {
+            // Averaged over the ranks (sequence parallel): every rank decides alike.
+            Some(prev) if !call.verdict.imposed() => {
+                let d = match cfg.metric {
+                    HeadMetric::HiddenRelL2 => synced_rel_l2(&measured, prev, call.sync)?,
+                    _ => synced_rel_l1(&measured, prev, call.sync)?,
+                };
+                let m = match st.smoothed {
+                    Some(p) if cfg.ema > 0.0 => cfg.ema * p + (1.0 - cfg.ema) * d,
+                    _ => d,
+                };
+                st.smoothed = Some(m);
+                Some(m)
+            }
+            _ => None,
+        };
+        st.measured = Some(measured);
+        Ok(Wish::reuse_if(
+            metric.is_some_and(|d| d <= cfg.threshold),
+            metric,
+        ))
+    }
+
+    fn settle(&self, st: &mut FbState, reused: bool, metric: Option<f64>) -> Option<f64> {
+        let measured = st.measured.take();
+        if !reused {
+            st.head = measured;
         }
+        metric
+    }
+
+    fn state_bytes(&self, st: &FbState) -> usize {
+        st.head.as_ref().map(tensor_bytes).unwrap_or(0)
     }
 }
 
@@ -316,100 +280,5 @@ fn synced_rel_l2(a: &Tensor, b: &Tensor, sync: &dyn DecisionSync) -> Result<f64>
             "decision sync returned {} values for 2",
             m.len()
         ))),
-    }
-}
-
-impl TimestepCache for FbCache {
-    fn name(&self) -> &str {
-        self.name
-    }
-
-    fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        let e = self.cfg.estimator;
-        self.guards.begin(plan);
-        self.states.begin(plan, |_| {
-            Ok(FbState {
-                middle: ResidualHistory::new(e),
-                ..Default::default()
-            })
-        })?;
-        Ok(few_step_warnings(self.name, plan, self.guards.config()))
-    }
-
-    fn run(
-        &mut self,
-        scope: ScopeKey,
-        chain: &dyn BlockChain,
-        x: Streams,
-        sync: &dyn DecisionSync,
-    ) -> Result<(Streams, CallDecision)> {
-        let n = chain.num_blocks();
-        let (fr, bk) = (self.cfg.front_blocks, self.cfg.back_blocks);
-        if fr + bk > n {
-            return Err(Error::msg(format!(
-                "{}: front_blocks ({fr}) + back_blocks ({bk}) exceed the chain's {n} blocks",
-                self.name
-            )));
-        }
-        let cfg = &self.cfg;
-        let (step, slot) = self.states.start_call(scope)?;
-        let steps = slot.steps;
-        let st = &mut slot.state;
-        let verdict = self.guards.verdict(scope, step, steps);
-        let input = x.hidden.clone();
-        let front = chain.run(0..fr, x)?;
-        let measured = match cfg.metric {
-            HeadMetric::ResidualRelL1 => (&front.hidden - &input)?,
-            HeadMetric::HiddenRelL1 | HeadMetric::HiddenRelL2 => front.hidden.clone(),
-        };
-        let measured = downsample(&measured, cfg.downsample)?;
-        let metric = match &st.head {
-            // Averaged over the ranks (sequence parallel): every rank decides alike.
-            Some(prev) if !verdict.imposed() => {
-                let d = match cfg.metric {
-                    HeadMetric::HiddenRelL2 => synced_rel_l2(&measured, prev, sync)?,
-                    _ => synced_rel_l1(&measured, prev, sync)?,
-                };
-                let m = match st.smoothed {
-                    Some(p) if cfg.ema > 0.0 => cfg.ema * p + (1.0 - cfg.ema) * d,
-                    _ => d,
-                };
-                st.smoothed = Some(m);
-                Some(m)
-            }
-            _ => None,
-        };
-        let estimate = st.middle.estimate(step)?;
-        let want = metric.is_some_and(|d| d <= cfg.threshold);
-        let reuse = verdict.apply(want, st.head.is_some() && estimate.is_some());
-        self.guards.record(scope, step, reuse);
-        let mid = match estimate {
-            Some(res) if reuse => front.add(&res)?,
-            _ => {
-                st.head = Some(measured);
-                let mid = chain.run(fr..n - bk, front.clone())?;
-                st.middle.push(step, mid.sub(&front)?);
-                mid
-            }
-        };
-        let out = chain.run(n - bk..n, mid)?;
-        let d = if reuse {
-            CallDecision::reused(metric)
-        } else {
-            CallDecision::computed(metric)
-        };
-        Ok((out, d))
-    }
-
-    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
-        self.states
-            .iter()
-            .map(|(k, s)| {
-                (
-                    *k,
-                    s.state.head.as_ref().map(tensor_bytes).unwrap_or(0) + s.state.middle.bytes(),
-                )
-            })
-            .collect()
     }
 }

@@ -1,7 +1,8 @@
 //! Guards shared by every strategy: calls forced to compute, a cap on consecutive reuses, CFG
 //! sharing, and the few-step warning.
 //!
-//! Each strategy config carries the same four keys (flat in `[cache]`, see docs/config.md):
+//! Each strategy config carries the same four keys (flat in `[cache]`, see docs/config.md; declared
+//! once by [`crate::strategy_config!`]):
 //! - `warmup_steps`: the first `n` calls of every scope compute;
 //! - `last_steps`: the last `n` calls of every scope compute;
 //! - `max_consecutive`: at most `n` reused calls in a row per scope (absent: no cap);
@@ -9,8 +10,9 @@
 //!   expert took, instead of deciding itself (as Wan2.2's cache manager does); it still computes when
 //!   it has no residual yet.
 //!
-//! A strategy asks [`Guards::verdict`] before deciding, applies it with [`Verdict::apply`], and
-//! reports the final decision with [`Guards::record`]. The guards never see a tensor.
+//! The engine ([`crate::engine`]) asks [`Guards::verdict`] before a rule decides, gives the verdict to
+//! the rule, turns the rule's wish into the decision ([`crate::Wish::decide`]) and reports it with
+//! [`Guards::record`]. The guards never see a tensor.
 
 use magcache_core::{Branch, Error, GenerationPlan, Result, ScopeKey};
 use serde::{Deserialize, Serialize};

@@ -12,14 +12,18 @@
 //! - [`schedule`]: calibrated schedules, the computed calls fixed before the run, given or searched
 //!   from a calibration profile (`strategy = "schedule"`).
 //!
-//! What a reused call returns is the estimator axis, shared by all of them ([`residual`]); so are the
-//! guards (warm-up, last steps, consecutive cap, CFG sharing, few-step warnings: [`guards`]).
+//! Each strategy is its decision [`Rule`] (what it would do with one call, and its metric) on one
+//! shared [`engine`] ([`Cached`]), which owns the per-scope state, the guards (warm-up, last steps,
+//! consecutive cap, CFG sharing, few-step warnings: [`guards`]), the residual store and the estimator
+//! axis ([`residual`]: what a reused call returns), running the chain, decision synchronisation and
+//! predictions. [`strategy_config!`] declares a config with the shared keys once.
 //!
 //! Strategies know nothing of a model's internals: they see a call's block chain through
 //! [`magcache_core::BlockChain`] (run a range of blocks, ask for an [`magcache_core::Indicator`]) and
 //! keep per-scope state in [`magcache_core::ScopeStates`].
 
 pub mod calibrate;
+pub mod engine;
 pub mod fbcache;
 pub mod guards;
 pub mod magcache;
@@ -30,6 +34,7 @@ pub mod schedule;
 pub mod seacache;
 pub mod teacache;
 
+pub use engine::{Cached, Call, Rule, Shared, SharedKeys, Want, Wish};
 pub use fbcache::{DbCacheConfig, FbCache, FbCacheConfig, HeadMetric};
 pub use guards::GuardConfig;
 pub use magcache::{MagCache, MagCacheConfig};

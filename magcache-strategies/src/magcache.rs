@@ -8,96 +8,32 @@
 //! accumulators. The residual is the chain's hidden output minus its hidden input; a reused call
 //! returns the chain's input plus that residual (added once) and runs no block.
 
-use crate::guards::{few_step_warnings, Guards, Verdict};
+use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
+use crate::guards::Guards;
 use crate::ratios::{RatioSource, RatioSpec, Resample};
-use crate::residual::{Estimator, ResidualCache};
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey,
-    ScopeStates, StrategyConfig, Streams, TimestepCache,
+    BuildEnv, Error, GenerationPlan, Result, ScopeKey, ScopePlan, StrategyConfig, TimestepCache,
 };
-use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
-/// `[cache] strategy = "magcache"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MagCacheConfig {
-    /// Largest accumulated error a reused call may carry.
-    #[serde(default = "d_threshold")]
-    pub threshold: f64,
-    /// K: most consecutive reused calls per scope.
-    #[serde(default = "d_k")]
-    pub max_skip_steps: usize,
-    /// Fraction of each scope's first steps that always compute.
-    #[serde(default = "d_retention")]
-    pub retention_ratio: f64,
-    /// Ratio curve(s); default: a profile, else the curves registered for the model.
-    #[serde(default)]
-    pub mag_ratios: Option<RatioSpec>,
-    /// A calibration profile written by `magcache calibrate`.
-    #[serde(default)]
-    pub profile: Option<String>,
-    /// How curves are mapped onto a scope's steps: `"index"` (default) or `"sigma"` (profiles).
-    #[serde(default)]
-    pub resample: Resample,
-    /// Accepted for configs written for diffusers' `MagCacheConfig`; each scope counts its own steps
-    /// from the run's plan, so a value that matches no scope is warned about, never used.
-    #[serde(default)]
-    pub num_inference_steps: Option<usize>,
-    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
-    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
-    #[serde(default)]
-    pub estimator: Estimator,
-    /// Guards: see [`crate::guards`].
-    #[serde(default)]
-    pub warmup_steps: usize,
-    #[serde(default)]
-    pub last_steps: usize,
-    #[serde(default)]
-    pub max_consecutive: Option<usize>,
-    #[serde(default)]
-    pub cfg_shared: bool,
-}
-
-fn d_threshold() -> f64 {
-    0.24
-}
-fn d_k() -> usize {
-    5
-}
-fn d_retention() -> f64 {
-    0.1
-}
-
-impl Default for MagCacheConfig {
-    fn default() -> Self {
-        MagCacheConfig {
-            threshold: d_threshold(),
-            max_skip_steps: d_k(),
-            retention_ratio: d_retention(),
-            mag_ratios: None,
-            profile: None,
-            resample: Resample::Index,
-            num_inference_steps: None,
-            estimator: Estimator::Reuse,
-            warmup_steps: 0,
-            last_steps: 0,
-            max_consecutive: None,
-            cfg_shared: false,
-        }
-    }
-}
-
-impl MagCacheConfig {
-    /// The guard keys of this config.
-    pub fn guards(&self) -> crate::guards::GuardConfig {
-        crate::guards::GuardConfig {
-            warmup_steps: self.warmup_steps,
-            last_steps: self.last_steps,
-            max_consecutive: self.max_consecutive,
-            cfg_shared: self.cfg_shared,
-        }
+crate::strategy_config! {
+    /// `[cache] strategy = "magcache"`.
+    pub struct MagCacheConfig {
+        /// Largest accumulated error a reused call may carry.
+        pub threshold: f64 = 0.24,
+        /// K: most consecutive reused calls per scope.
+        pub max_skip_steps: usize = 5,
+        /// Fraction of each scope's first steps that always compute.
+        pub retention_ratio: f64 = 0.1,
+        /// Ratio curve(s); default: a profile, else the curves registered for the model.
+        pub mag_ratios: Option<RatioSpec> = None,
+        /// A calibration profile written by `magcache calibrate`.
+        pub profile: Option<String> = None,
+        /// How curves are mapped onto a scope's steps: `"index"` (default) or `"sigma"` (profiles).
+        pub resample: Resample = Resample::Index,
+        /// Accepted for configs written for diffusers' `MagCacheConfig`; each scope counts its own
+        /// steps from the run's plan, so a value that matches no scope is warned about, never used.
+        pub num_inference_steps: Option<usize> = None,
     }
 }
 
@@ -105,7 +41,7 @@ impl MagCacheConfig {
 impl StrategyConfig for MagCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         crate::check_threshold(file, self.threshold)?;
-        self.guards().validate(file)?;
+        self.shared().validate(file)?;
         if !(0.0..=1.0).contains(&self.retention_ratio) {
             return Err(Error::config(
                 file,
@@ -200,10 +136,7 @@ impl StrategyConfig for MagCacheConfig {
     }
 
     fn input_files(&self) -> Vec<(&'static str, String)> {
-        self.profile
-            .iter()
-            .map(|p| ("cache.profile", p.clone()))
-            .collect()
+        crate::profile::input_files(&self.profile)
     }
 
     fn threshold(&self) -> Option<f64> {
@@ -215,115 +148,75 @@ inventory::submit! {
     StrategyRegistration { name: "magcache", description: "MagCache: accumulated magnitude-ratio error over a calibrated curve (decisions known before the run)", defaults: || Box::new(MagCacheConfig::default()) }
 }
 
+/// One scope's accumulators and its resampled curve.
 #[derive(Debug, Default)]
-struct MagState {
+pub struct MagState {
     ratios: Vec<f64>,
     retention: usize,
     acc_ratio: f64,
     acc_err: f64,
     acc_steps: usize,
-    cache: ResidualCache,
+}
+
+impl MagState {
+    fn new(ratios: Vec<f64>, retention: usize) -> Self {
+        MagState {
+            ratios,
+            retention,
+            acc_ratio: 1.0,
+            ..Default::default()
+        }
+    }
+}
+
+/// MagCache's decision rule over the ratio curves of `source`.
+pub struct MagRule {
+    cfg: MagCacheConfig,
+    source: RatioSource,
 }
 
 /// The MagCache strategy.
-pub struct MagCache {
-    cfg: MagCacheConfig,
-    source: RatioSource,
-    guards: Guards,
-    states: ScopeStates<MagState>,
-    /// The current generation's plan (predictions replay all of its calls, `cfg_shared` included).
-    plan: GenerationPlan,
-}
+pub type MagCache = Cached<MagRule>;
 
-impl MagCache {
+impl Cached<MagRule> {
     pub fn new(cfg: MagCacheConfig, source: RatioSource) -> Self {
-        MagCache {
-            guards: Guards::new(cfg.guards()),
-            cfg,
-            source,
-            states: ScopeStates::default(),
-            plan: GenerationPlan::default(),
-        }
+        let shared = cfg.shared();
+        Cached::with_rule(MagRule { cfg, source }, shared)
     }
 }
 
-/// The decision rule on the accumulators of one scope under the guards' `verdict`; returns
-/// `(reuse, metric)`.
-fn decide(
-    cfg: &MagCacheConfig,
-    st: &mut MagState,
-    step: usize,
-    has_residual: bool,
-    verdict: Verdict,
-) -> (bool, f64) {
-    let mut reuse = false;
-    if step >= st.retention {
-        let scale = st.ratios.get(step).copied().unwrap_or(1.0);
-        st.acc_ratio *= scale;
+impl MagRule {
+    /// From step `retention` on: `acc_ratio *= ratio[step]`, `acc_steps += 1`,
+    /// `acc_err += |1 - acc_ratio|`; reuse while `acc_err <= threshold` and `acc_steps <= K`.
+    fn decide_plain(&self, st: &mut MagState, step: usize) -> Wish {
+        if step < st.retention {
+            return Wish::force(Some(st.acc_err));
+        }
+        st.acc_ratio *= st.ratios.get(step).copied().unwrap_or(1.0);
         st.acc_steps += 1;
         st.acc_err += (1.0 - st.acc_ratio).abs();
-        let want = st.acc_err <= cfg.threshold && st.acc_steps <= cfg.max_skip_steps;
-        reuse = verdict.apply(want, has_residual);
-        if !reuse {
-            st.acc_ratio = 1.0;
-            st.acc_steps = 0;
-            st.acc_err = 0.0;
-        }
+        let want = st.acc_err <= self.cfg.threshold && st.acc_steps <= self.cfg.max_skip_steps;
+        Wish::reuse_if(want, None)
     }
-    (reuse, st.acc_err)
 }
 
-/// Predicted decisions of one scope from its resampled curve alone: `(computed, metric)` per call,
-/// under the single-scope guards (`warmup_steps`, `last_steps`, `max_consecutive`).
-/// MagCache decisions do not depend on the data, so this is exact.
-pub fn predict(cfg: &MagCacheConfig, ratios: &[f64], steps: usize) -> Vec<(bool, f64)> {
-    let mut st = MagState {
-        ratios: ratios.to_vec(),
-        retention: retention_steps(cfg.retention_ratio, steps),
-        acc_ratio: 1.0,
-        ..Default::default()
-    };
-    let mut guards = Guards::new(cfg.guards());
-    guards.begin(&GenerationPlan::default());
-    let key = ScopeKey::new(0, magcache_core::Branch::Cond);
-    let mut has_residual = false;
-    (0..steps)
-        .map(|step| {
-            let v = guards.verdict(key, step, steps);
-            let (reuse, m) = decide(cfg, &mut st, step, has_residual, v);
-            guards.record(key, step, reuse);
-            has_residual |= !reuse;
-            (!reuse, m)
-        })
-        .collect()
-}
+impl Rule for MagRule {
+    type State = MagState;
 
-/// `floor(retention_ratio * steps + 0.5)`.
-pub fn retention_steps(retention_ratio: f64, steps: usize) -> usize {
-    (retention_ratio * steps as f64 + 0.5).floor() as usize
-}
-
-impl TimestepCache for MagCache {
     fn name(&self) -> &str {
         "magcache"
     }
 
-    fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        let cfg = &self.cfg;
-        let source = &self.source;
-        self.states.begin(plan, |sp| {
-            Ok(MagState {
-                ratios: source.curve_for_mode(plan, sp, cfg.resample)?,
-                retention: retention_steps(cfg.retention_ratio, sp.steps),
-                acc_ratio: 1.0,
-                cache: ResidualCache::new(cfg.estimator),
-                ..Default::default()
-            })
-        })?;
-        self.guards.begin(plan);
-        self.plan = plan.clone();
+    fn init(&self, plan: &GenerationPlan, sp: &ScopePlan) -> Result<MagState> {
+        let ratios = self.source.curve_for_mode(plan, sp, self.cfg.resample)?;
+        Ok(MagState::new(
+            ratios,
+            retention_steps(self.cfg.retention_ratio, sp.steps),
+        ))
+    }
+
+    fn warnings(&self, plan: &GenerationPlan) -> Vec<String> {
         let mut warnings = self.source.schedule_warnings(plan, self.cfg.resample);
-        warnings.extend(few_step_warnings("magcache", plan, self.guards.config()));
         if let Some(n) = self.cfg.num_inference_steps {
             if n != plan.total_steps && plan.scopes.iter().all(|s| s.steps != n) {
                 warnings.push(format!(
@@ -333,70 +226,55 @@ impl TimestepCache for MagCache {
                 ));
             }
         }
-        Ok(warnings)
+        warnings
     }
 
-    fn run(
-        &mut self,
-        scope: ScopeKey,
-        chain: &dyn BlockChain,
-        x: Streams,
-        _sync: &dyn DecisionSync,
-    ) -> Result<(Streams, CallDecision)> {
-        let (step, slot) = self.states.start_call(scope)?;
-        let verdict = self.guards.verdict(scope, step, slot.steps);
-        let st = &mut slot.state;
-        let has_residual = st.cache.has_residual();
-        let (reuse, metric) = decide(&self.cfg, st, step, has_residual, verdict);
-        self.guards.record(scope, step, reuse);
-        let out = st.cache.run("MagCache", scope, step, chain, x, reuse)?;
-        Ok((
-            out,
-            CallDecision {
-                computed: !reuse,
-                metric: Some(metric),
-            },
-        ))
+    fn decide(&self, st: &mut MagState, call: &Call<'_>) -> Result<Wish> {
+        Ok(self.decide_plain(st, call.step))
     }
 
-    fn predict(&self, scope: ScopeKey) -> Option<Vec<CallDecision>> {
-        // Replays every call of the plan in order on fresh accumulators: exact, since the
-        // decisions depend on the curves and the guards only.
-        self.states.get(scope).ok()?;
-        let mut states: HashMap<ScopeKey, (MagState, bool)> = HashMap::new();
-        for (k, s) in self.states.iter() {
-            let st = MagState {
-                ratios: s.state.ratios.clone(),
-                retention: s.state.retention,
-                acc_ratio: 1.0,
-                ..Default::default()
-            };
-            states.insert(*k, (st, false));
+    /// A computed call resets the accumulators; the call reports the error after that.
+    fn settle(&self, st: &mut MagState, reused: bool, _metric: Option<f64>) -> Option<f64> {
+        if !reused {
+            st.acc_ratio = 1.0;
+            st.acc_steps = 0;
+            st.acc_err = 0.0;
         }
-        let mut guards = Guards::new(self.cfg.guards());
-        guards.begin(&self.plan);
-        let mut out = Vec::new();
-        for (_, key, i) in self.plan.calls() {
-            let steps = self.states.get(key).ok()?.steps;
-            let (st, has_residual) = states.get_mut(&key)?;
-            let v = guards.verdict(key, i, steps);
-            let (reuse, m) = decide(&self.cfg, st, i, *has_residual, v);
-            guards.record(key, i, reuse);
-            *has_residual |= !reuse;
-            if key == scope {
-                out.push(CallDecision {
-                    computed: !reuse,
-                    metric: Some(m),
-                });
-            }
-        }
-        Some(out)
+        Some(st.acc_err)
     }
 
-    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
-        self.states
-            .iter()
-            .map(|(k, s)| (*k, s.state.cache.bytes()))
-            .collect()
+    fn data_free(&self) -> bool {
+        true
     }
+}
+
+/// Predicted decisions of one scope from its resampled curve alone: `(computed, metric)` per call,
+/// under the single-scope guards (`warmup_steps`, `last_steps`, `max_consecutive`).
+/// MagCache decisions do not depend on the data, so this is exact.
+pub fn predict(cfg: &MagCacheConfig, ratios: &[f64], steps: usize) -> Vec<(bool, f64)> {
+    let rule = MagRule {
+        cfg: cfg.clone(),
+        source: RatioSource::Config(RatioSpec::Curve(ratios.to_vec())),
+    };
+    let mut st = MagState::new(ratios.to_vec(), retention_steps(cfg.retention_ratio, steps));
+    let mut guards = Guards::new(cfg.shared().guards);
+    guards.begin(&GenerationPlan::default());
+    let key = ScopeKey::new(0, magcache_core::Branch::Cond);
+    let mut has_residual = false;
+    (0..steps)
+        .map(|step| {
+            let verdict = guards.verdict(key, step, steps);
+            let wish = rule.decide_plain(&mut st, step);
+            let reuse = wish.decide(verdict, has_residual);
+            guards.record(key, step, reuse);
+            let m = rule.settle(&mut st, reuse, wish.metric).unwrap_or(0.0);
+            has_residual |= !reuse;
+            (!reuse, m)
+        })
+        .collect()
+}
+
+/// `floor(retention_ratio * steps + 0.5)`.
+pub fn retention_steps(retention_ratio: f64, steps: usize) -> usize {
+    (retention_ratio * steps as f64 + 0.5).floor() as usize
 }

@@ -56,6 +56,14 @@ pub struct Profile {
     pub forecast_errors: BTreeMap<String, BTreeMap<String, crate::schedule::ForecastErrors>>,
 }
 
+/// The input file of a strategy's `profile` key, for the runner's output checks.
+pub fn input_files(profile: &Option<String>) -> Vec<(&'static str, String)> {
+    profile
+        .iter()
+        .map(|p| ("cache.profile", p.clone()))
+        .collect()
+}
+
 /// The table name of an expert: `main` for single-model runs, else `high_noise` / `low_noise`.
 pub fn expert_name(expert: usize, n_experts: usize) -> &'static str {
     match (n_experts, expert) {

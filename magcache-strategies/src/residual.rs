@@ -13,7 +13,7 @@
 //! residual: reuse). An encoder-stream residual (FBCache on FLUX) is forecast the same way.
 
 use magcache_core::candle_core::Tensor;
-use magcache_core::{BlockChain, Error, Result, ScopeKey, Streams};
+use magcache_core::{Error, Result, Streams};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
@@ -144,64 +144,6 @@ impl ResidualHistory {
     /// Bytes of the stored residuals.
     pub fn bytes(&self) -> usize {
         self.hist.iter().map(|(_, r)| r.bytes()).sum()
-    }
-}
-
-/// The residual MagCache, TeaCache and SeaCache keep per scope (the whole chain's hidden residual),
-/// and how a call reuses it.
-#[derive(Debug, Default)]
-pub struct ResidualCache {
-    history: ResidualHistory,
-}
-
-impl ResidualCache {
-    /// A cache whose reused calls return what `estimator` estimates.
-    pub fn new(estimator: Estimator) -> Self {
-        ResidualCache {
-            history: ResidualHistory::new(estimator),
-        }
-    }
-
-    pub fn has_residual(&self) -> bool {
-        !self.history.is_empty()
-    }
-
-    /// Runs the call at `step` (its index within the scope) once the strategy decided: reuse
-    /// (requires a residual) or compute every block and keep the new residual.
-    pub fn run(
-        &mut self,
-        strategy: &str,
-        scope: ScopeKey,
-        step: usize,
-        chain: &dyn BlockChain,
-        x: Streams,
-        reuse: bool,
-    ) -> Result<Streams> {
-        if !reuse {
-            let input = x.hidden.clone();
-            let out = chain.run(0..chain.num_blocks(), x)?;
-            self.history
-                .push(step, Streams::hidden((&out.hidden - &input)?));
-            return Ok(out);
-        }
-        let res = self.history.estimate(step)?.ok_or_else(|| {
-            Error::Hooks(format!(
-                "{strategy} scope {scope}: reuse without a residual"
-            ))
-        })?;
-        if res.hidden.dims() != x.hidden.dims() {
-            return Err(Error::msg(format!(
-                "{strategy} scope {scope}: cached residual has shape {:?} but the hidden states have {:?}; the input size changed within a generation",
-                res.hidden.dims(),
-                x.hidden.dims()
-            )));
-        }
-        x.add(&res)
-    }
-
-    /// Bytes of the stored residuals.
-    pub fn bytes(&self) -> usize {
-        self.history.bytes()
     }
 }
 

@@ -18,12 +18,11 @@
 //! that compute, 0-based within the scope) or `profile = "..."` with `budget = B`; `magcache plan`
 //! shows the chosen schedule. Decisions do not depend on the data.
 
-use crate::guards::{few_step_warnings, GuardConfig, Guards};
-use crate::residual::{Estimator, ResidualCache};
+use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
+use crate::residual::Estimator;
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey,
-    ScopePlan, ScopeStates, StrategyConfig, Streams, TimestepCache,
+    BuildEnv, Error, GenerationPlan, Result, ScopePlan, StrategyConfig, TimestepCache,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -42,63 +41,24 @@ pub struct ForecastErrors {
     pub taylor1: Vec<[f64; 4]>,
 }
 
-/// `[cache] strategy = "schedule"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleConfig {
-    /// The calls of every scope that compute (0-based within the scope); the others reuse.
-    #[serde(default)]
-    pub compute_steps: Option<Vec<usize>>,
-    /// A calibration profile with forecast errors (`magcache calibrate`), searched for `budget`.
-    #[serde(default)]
-    pub profile: Option<String>,
-    /// Computed calls per scope when searching a profile.
-    #[serde(default)]
-    pub budget: Option<usize>,
-    /// What a reused call returns (see [`crate::residual`]); also what the search optimises for.
-    #[serde(default)]
-    pub estimator: Estimator,
-    /// Guards: see [`crate::guards`].
-    #[serde(default)]
-    pub warmup_steps: usize,
-    #[serde(default)]
-    pub last_steps: usize,
-    #[serde(default)]
-    pub max_consecutive: Option<usize>,
-    #[serde(default)]
-    pub cfg_shared: bool,
-}
-
-impl Default for ScheduleConfig {
-    fn default() -> Self {
-        ScheduleConfig {
-            compute_steps: None,
-            profile: None,
-            budget: None,
-            estimator: Estimator::Reuse,
-            warmup_steps: 0,
-            last_steps: 0,
-            max_consecutive: None,
-            cfg_shared: false,
-        }
-    }
-}
-
-impl ScheduleConfig {
-    pub fn guards(&self) -> GuardConfig {
-        GuardConfig {
-            warmup_steps: self.warmup_steps,
-            last_steps: self.last_steps,
-            max_consecutive: self.max_consecutive,
-            cfg_shared: self.cfg_shared,
-        }
+crate::strategy_config! {
+    /// `[cache] strategy = "schedule"`.
+    pub struct ScheduleConfig {
+        /// The calls of every scope that compute (0-based within the scope); the others reuse.
+        pub compute_steps: Option<Vec<usize>> = None,
+        /// A calibration profile with forecast errors (`magcache calibrate`), searched for
+        /// `budget`.
+        pub profile: Option<String> = None,
+        /// Computed calls per scope when searching a profile (also what the search optimises
+        /// for: the `estimator` key).
+        pub budget: Option<usize> = None,
     }
 }
 
 #[typetag::serde(name = "schedule")]
 impl StrategyConfig for ScheduleConfig {
     fn validate(&self, file: &str) -> Result<()> {
-        self.guards().validate(file)?;
+        self.shared().validate(file)?;
         match (&self.compute_steps, &self.profile, self.budget) {
             (Some(s), None, None) => {
                 if s.is_empty() || s[0] != 0 || s.windows(2).any(|w| w[0] >= w[1]) {
@@ -162,22 +122,25 @@ impl StrategyConfig for ScheduleConfig {
             }
             (None, None) => unreachable!("validated"),
         };
-        Ok(Some(Box::new(Schedule::new(self.clone(), source))))
+        Ok(Some(Box::new(Schedule::with_rule(
+            ScheduleRule {
+                cfg: self.clone(),
+                source,
+            },
+            self.shared(),
+        ))))
     }
 
-    fn decides_from_data(&self) -> bool {
-        false
+    fn input_files(&self) -> Vec<(&'static str, String)> {
+        crate::profile::input_files(&self.profile)
     }
 
     fn metric_name(&self) -> &'static str {
         "schedule: predicted forecast error of a reused call (searched schedules)"
     }
 
-    fn input_files(&self) -> Vec<(&'static str, String)> {
-        self.profile
-            .iter()
-            .map(|p| ("cache.profile", p.clone()))
-            .collect()
+    fn decides_from_data(&self) -> bool {
+        false
     }
 }
 
@@ -278,32 +241,16 @@ pub fn search(
     Some(steps)
 }
 
-#[derive(Debug, Default)]
-struct SchedState {
-    compute: Vec<bool>,
-    cache: ResidualCache,
+/// The schedule's rule: the calls of each scope that compute, fixed before the run.
+pub struct ScheduleRule {
+    cfg: ScheduleConfig,
+    source: Source,
 }
 
 /// The schedule strategy.
-pub struct Schedule {
-    cfg: ScheduleConfig,
-    source: Source,
-    guards: Guards,
-    states: ScopeStates<SchedState>,
-    plan: GenerationPlan,
-}
+pub type Schedule = Cached<ScheduleRule>;
 
-impl Schedule {
-    fn new(cfg: ScheduleConfig, source: Source) -> Self {
-        Schedule {
-            guards: Guards::new(cfg.guards()),
-            cfg,
-            source,
-            states: ScopeStates::default(),
-            plan: GenerationPlan::default(),
-        }
-    }
-
+impl ScheduleRule {
     /// The computed calls of scope `key` with `steps` calls.
     fn schedule_for(&self, sp: &ScopePlan, plan: &GenerationPlan) -> Result<Vec<bool>> {
         let (key, steps, n_plan) = (sp.key, sp.steps, plan.experts().len());
@@ -378,81 +325,25 @@ impl Schedule {
     }
 }
 
-impl TimestepCache for Schedule {
+impl Rule for ScheduleRule {
+    /// Per call of the scope: computes.
+    type State = Vec<bool>;
+
     fn name(&self) -> &str {
         "schedule"
     }
 
-    fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        let mut lists = BTreeMap::new();
-        for sp in &plan.scopes {
-            lists.insert(sp.key, self.schedule_for(sp, plan)?);
-        }
-        let e = self.cfg.estimator;
-        self.guards.begin(plan);
-        self.plan = plan.clone();
-        self.states.begin(plan, |sp| {
-            Ok(SchedState {
-                compute: lists.remove(&sp.key).unwrap_or_default(),
-                cache: ResidualCache::new(e),
-            })
-        })?;
-        Ok(few_step_warnings("schedule", plan, self.guards.config()))
+    fn init(&self, plan: &GenerationPlan, sp: &ScopePlan) -> Result<Vec<bool>> {
+        self.schedule_for(sp, plan)
     }
 
-    fn run(
-        &mut self,
-        scope: ScopeKey,
-        chain: &dyn BlockChain,
-        x: Streams,
-        _sync: &dyn DecisionSync,
-    ) -> Result<(Streams, CallDecision)> {
-        let (step, slot) = self.states.start_call(scope)?;
-        let verdict = self.guards.verdict(scope, step, slot.steps);
-        let st = &mut slot.state;
-        let want = !st.compute.get(step).copied().unwrap_or(true);
-        let reuse = verdict.apply(want, st.cache.has_residual());
-        self.guards.record(scope, step, reuse);
-        let out = st.cache.run("schedule", scope, step, chain, x, reuse)?;
-        Ok((
-            out,
-            if reuse {
-                CallDecision::reused(None)
-            } else {
-                CallDecision::computed(None)
-            },
-        ))
+    fn decide(&self, compute: &mut Vec<bool>, call: &Call<'_>) -> Result<Wish> {
+        let scheduled = compute.get(call.step).copied().unwrap_or(true);
+        Ok(Wish::reuse_if(!scheduled, None))
     }
 
-    fn predict(&self, scope: ScopeKey) -> Option<Vec<CallDecision>> {
-        self.states.get(scope).ok()?;
-        let mut guards = Guards::new(self.cfg.guards());
-        guards.begin(&self.plan);
-        let mut has: HashMap<ScopeKey, bool> = HashMap::new();
-        let mut out = Vec::new();
-        for (_, key, i) in self.plan.calls() {
-            let slot = self.states.get(key).ok()?;
-            let want = !slot.state.compute.get(i).copied().unwrap_or(true);
-            let h = has.entry(key).or_insert(false);
-            let reuse = guards.verdict(key, i, slot.steps).apply(want, *h);
-            guards.record(key, i, reuse);
-            *h |= !reuse;
-            if key == scope {
-                out.push(if reuse {
-                    CallDecision::reused(None)
-                } else {
-                    CallDecision::computed(None)
-                });
-            }
-        }
-        Some(out)
-    }
-
-    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
-        self.states
-            .iter()
-            .map(|(k, s)| (*k, s.state.cache.bytes()))
-            .collect()
+    fn data_free(&self) -> bool {
+        true
     }
 }
 

@@ -18,14 +18,12 @@
 //! The model must offer [`Indicator::InputLatents`]: Wan does; FLUX does not (diffusers has no
 //! SeaCache adapter for FLUX), and the strategy refuses such a model when it is built.
 
-use crate::guards::{few_step_warnings, GuardConfig, Guards, Verdict};
-use crate::residual::{Estimator, ResidualCache};
+use crate::engine::{Cached, Call, Rule, Shared, SharedKeys, Wish};
+use crate::guards::{GuardConfig, Verdict};
+use crate::residual::Estimator;
 use magcache_core::candle_core::{DType, Tensor};
 use magcache_core::registry::StrategyRegistration;
-use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, Result,
-    ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
-};
+use magcache_core::{BuildEnv, Error, Indicator, Result, StrategyConfig, TimestepCache};
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;
 use serde::{Deserialize, Serialize};
@@ -85,16 +83,19 @@ impl Default for SeaCacheConfig {
     }
 }
 
-impl SeaCacheConfig {
-    /// diffusers' knobs as the shared guards: `retention_steps` is the warm-up, `cache_end_steps`
-    /// the last steps, `max_consecutive_cached` (0: none) the cap.
-    pub fn guards(&self) -> GuardConfig {
-        GuardConfig {
-            warmup_steps: self.retention_steps,
-            last_steps: self.cache_end_steps,
-            max_consecutive: (self.max_consecutive_cached > 0)
-                .then_some(self.max_consecutive_cached),
-            cfg_shared: self.cfg_shared,
+impl SharedKeys for SeaCacheConfig {
+    /// diffusers' knobs as the shared keys: `retention_steps` is the warm-up, `cache_end_steps`
+    /// the last steps, `max_consecutive_cached` (0: none) the cap, `residual_order` the estimator.
+    fn shared(&self) -> Shared {
+        Shared {
+            guards: GuardConfig {
+                warmup_steps: self.retention_steps,
+                last_steps: self.cache_end_steps,
+                max_consecutive: (self.max_consecutive_cached > 0)
+                    .then_some(self.max_consecutive_cached),
+                cfg_shared: self.cfg_shared,
+            },
+            estimator: Estimator::from_order(self.residual_order).unwrap_or(Estimator::Taylor2),
         }
     }
 }
@@ -261,118 +262,73 @@ pub fn sea_distance(cur: &[Vec<f64>], prev: &[Vec<f64>]) -> Result<f64> {
     Ok(sum / cur.len() as f64)
 }
 
+/// One scope's accumulated distance and the filtered indicator of its last call.
 #[derive(Debug, Default)]
-struct SeaState {
+pub struct SeaState {
     acc: f64,
     prev: Option<Vec<Vec<f64>>>,
-    cache: ResidualCache,
+}
+
+/// SeaCache's decision rule.
+pub struct SeaRule {
+    cfg: SeaCacheConfig,
 }
 
 /// The SeaCache strategy.
-pub struct SeaCache {
-    cfg: SeaCacheConfig,
-    estimator: Estimator,
-    guards: Guards,
-    states: ScopeStates<SeaState>,
-}
+pub type SeaCache = Cached<SeaRule>;
 
-impl SeaCache {
+impl Cached<SeaRule> {
     pub fn new(cfg: SeaCacheConfig) -> Self {
-        let estimator = Estimator::from_order(cfg.residual_order).unwrap_or(Estimator::Taylor2);
-        SeaCache {
-            guards: Guards::new(cfg.guards()),
-            cfg,
-            estimator,
-            states: ScopeStates::default(),
-        }
+        let shared = cfg.shared();
+        Cached::with_rule(SeaRule { cfg }, shared)
     }
 }
 
-impl TimestepCache for SeaCache {
+impl Rule for SeaRule {
+    type State = SeaState;
+
     fn name(&self) -> &str {
         "seacache"
     }
 
-    fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        let e = self.estimator;
-        self.guards.begin(plan);
-        self.states.begin(plan, |_| {
-            Ok(SeaState {
-                cache: ResidualCache::new(e),
-                ..Default::default()
-            })
-        })?;
-        Ok(few_step_warnings("seacache", plan, self.guards.config()))
-    }
-
-    fn run(
-        &mut self,
-        scope: ScopeKey,
-        chain: &dyn BlockChain,
-        x: Streams,
-        // The indicator is computed from the transformer's input latents, which every rank of a
-        // sequence-parallel run holds whole (sharding starts after patch embedding): the metric is
-        // the same on every rank without a collective.
-        _sync: &dyn DecisionSync,
-    ) -> Result<(Streams, CallDecision)> {
-        let latents = chain.indicator(Indicator::InputLatents)?.ok_or_else(|| {
+    /// `m = acc + distance(filtered input, previous filtered input)`; compute once `m` reaches
+    /// `threshold`. The indicator comes from the transformer's input latents, which every rank of
+    /// a sequence-parallel run holds whole: the metric is the same on every rank without a
+    /// collective.
+    fn decide(&self, st: &mut SeaState, call: &Call<'_>) -> Result<Wish> {
+        let latents = call.indicator(Indicator::InputLatents)?;
+        let sigma = call.sigma.ok_or_else(|| {
             Error::msg(format!(
-                "SeaCache: the model offers no `{}` indicator (cache.strategy = \"seacache\" needs it)",
-                Indicator::InputLatents
+                "SeaCache scope {}: the plan gives no sigma for step {}",
+                call.scope, call.step
             ))
         })?;
-        let cfg = &self.cfg;
-        let (step, slot) = self.states.start_call(scope)?;
-        let steps = slot.steps;
-        let sigma = slot.sigmas.get(step).copied().ok_or_else(|| {
-            Error::msg(format!(
-                "SeaCache scope {scope}: the plan gives no sigma for step {step}"
-            ))
-        })?;
-        let st = &mut slot.state;
-        let ind = sea_filter(&latents, sigma, cfg.power_exp)?;
-        let verdict = self.guards.verdict(scope, step, steps);
-        let has_residual = st.cache.has_residual();
-        let forced = verdict == Verdict::Compute || st.prev.is_none() || !has_residual;
-        let (compute, metric) = match &st.prev {
-            Some(prev) if !forced && verdict == Verdict::Free => {
+        let ind = sea_filter(&latents, sigma, self.cfg.power_exp)?;
+        let wish = match &st.prev {
+            Some(prev) if call.verdict == Verdict::Free && call.has_residual => {
                 let m = st.acc + sea_distance(&ind, prev)?;
-                (m >= cfg.threshold || !m.is_finite(), Some(m))
+                Wish::reuse_if(m < self.cfg.threshold && m.is_finite(), Some(m))
             }
-            // `cfg_shared`: the cond call of this step reused.
-            _ if !forced => (false, None),
-            _ => (true, None),
+            _ => Wish::compute(),
         };
-        st.acc = match (compute, metric) {
-            (false, Some(m)) => m,
-            (false, None) => st.acc,
-            _ => 0.0,
-        };
-        self.guards.record(scope, step, !compute);
         st.prev = Some(ind);
-        let out = st.cache.run("SeaCache", scope, step, chain, x, !compute)?;
-        Ok((
-            out,
-            CallDecision {
-                computed: compute,
-                metric,
-            },
-        ))
+        Ok(wish)
     }
 
-    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
-        self.states
-            .iter()
-            .map(|(k, s)| {
-                let ind: usize = s
-                    .state
-                    .prev
-                    .as_ref()
-                    .map(|p| p.iter().map(|r| r.len() * 8).sum())
-                    .unwrap_or(0);
-                (*k, s.state.cache.bytes() + ind)
-            })
-            .collect()
+    fn settle(&self, st: &mut SeaState, reused: bool, metric: Option<f64>) -> Option<f64> {
+        st.acc = match (reused, metric) {
+            (true, Some(m)) => m,
+            (true, None) => st.acc,
+            (false, _) => 0.0,
+        };
+        metric
+    }
+
+    fn state_bytes(&self, st: &SeaState) -> usize {
+        st.prev
+            .as_ref()
+            .map(|p| p.iter().map(|r| r.len() * 8).sum())
+            .unwrap_or(0)
     }
 }
 

@@ -13,48 +13,27 @@
 //! the first block's modulated input. Models publish that choice (and, per variant, the
 //! coefficients) under the `teacache` key; `indicator = "..."` in the config overrides it.
 
-use crate::guards::{few_step_warnings, Guards};
-use crate::residual::{Estimator, ResidualCache};
+use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::tensor_bytes;
 use magcache_core::registry::StrategyRegistration;
 use magcache_core::sync::synced_rel_l1;
-use magcache_core::{
-    BlockChain, BuildEnv, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, ModelInfo,
-    Result, ScopeKey, ScopeStates, StrategyConfig, Streams, TimestepCache,
-};
-use serde::{Deserialize, Serialize};
+use magcache_core::{BuildEnv, Error, Indicator, ModelInfo, Result, StrategyConfig, TimestepCache};
+use serde::Deserialize;
 
-/// `[cache] strategy = "teacache"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TeaCacheConfig {
-    /// Reuse while the accumulated rescaled distance stays below this.
-    #[serde(default = "d_threshold")]
-    pub threshold: f64,
-    /// Rescale polynomial, highest power first; default: the model's published coefficients.
-    #[serde(default)]
-    pub coefficients: Option<Vec<f64>>,
-    /// Use the published `ret_steps` coefficients and indicator, and force the first 5 steps (last
-    /// step not forced).
-    #[serde(default)]
-    pub ret_steps: bool,
-    /// The model tensor to measure; default: the one the model's published data names.
-    #[serde(default)]
-    pub indicator: Option<Indicator>,
-    /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
-    /// `"taylor2"` (its forecast from the last computed calls of the scope, see [`crate::residual`]).
-    #[serde(default)]
-    pub estimator: Estimator,
-    /// Guards: see [`crate::guards`].
-    #[serde(default)]
-    pub warmup_steps: usize,
-    #[serde(default)]
-    pub last_steps: usize,
-    #[serde(default)]
-    pub max_consecutive: Option<usize>,
-    #[serde(default)]
-    pub cfg_shared: bool,
+crate::strategy_config! {
+    /// `[cache] strategy = "teacache"`.
+    pub struct TeaCacheConfig {
+        /// Reuse while the accumulated rescaled distance stays below this.
+        pub threshold: f64 = 0.08,
+        /// Rescale polynomial, highest power first; default: the model's published coefficients.
+        pub coefficients: Option<Vec<f64>> = None,
+        /// Use the published `ret_steps` coefficients and indicator, and force the first 5 steps
+        /// (last step not forced).
+        pub ret_steps: bool = false,
+        /// The model tensor to measure; default: the one the model's published data names.
+        pub indicator: Option<Indicator> = None,
+    }
 }
 
 /// What a model publishes for TeaCache under the `teacache` key.
@@ -82,43 +61,11 @@ fn variant_note(model: &ModelInfo) -> String {
         .unwrap_or_default()
 }
 
-fn d_threshold() -> f64 {
-    0.08
-}
-
-impl Default for TeaCacheConfig {
-    fn default() -> Self {
-        TeaCacheConfig {
-            threshold: d_threshold(),
-            coefficients: None,
-            ret_steps: false,
-            indicator: None,
-            estimator: Estimator::Reuse,
-            warmup_steps: 0,
-            last_steps: 0,
-            max_consecutive: None,
-            cfg_shared: false,
-        }
-    }
-}
-
-impl TeaCacheConfig {
-    /// The guard keys of this config.
-    pub fn guards(&self) -> crate::guards::GuardConfig {
-        crate::guards::GuardConfig {
-            warmup_steps: self.warmup_steps,
-            last_steps: self.last_steps,
-            max_consecutive: self.max_consecutive,
-            cfg_shared: self.cfg_shared,
-        }
-    }
-}
-
 #[typetag::serde(name = "teacache")]
 impl StrategyConfig for TeaCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         crate::check_threshold(file, self.threshold)?;
-        self.guards().validate(file)?;
+        self.shared().validate(file)?;
         if let Some(c) = &self.coefficients {
             if c.is_empty() || c.iter().any(|x| !x.is_finite()) {
                 return Err(Error::config(
@@ -182,12 +129,12 @@ impl StrategyConfig for TeaCacheConfig {
         }))))
     }
 
-    fn threshold(&self) -> Option<f64> {
-        Some(self.threshold)
-    }
-
     fn metric_name(&self) -> &'static str {
         "TeaCache accumulated rescaled distance"
+    }
+
+    fn threshold(&self) -> Option<f64> {
+        Some(self.threshold)
     }
 }
 
@@ -205,117 +152,83 @@ pub fn poly(coefficients: &[f64], x: f64) -> f64 {
     }
 }
 
+/// One scope's accumulated distance and the indicator of its last call.
 #[derive(Debug, Default)]
-struct TeaState {
+pub struct TeaState {
     acc: f64,
     prev: Option<Tensor>,
-    cache: ResidualCache,
 }
 
-/// The TeaCache strategy.
-pub struct TeaCache {
+/// TeaCache's decision rule.
+pub struct TeaRule {
     cfg: TeaCacheConfig,
     coefficients: Vec<f64>,
     indicator: Indicator,
-    guards: Guards,
-    states: ScopeStates<TeaState>,
 }
 
-impl TeaCache {
+/// The TeaCache strategy.
+pub type TeaCache = Cached<TeaRule>;
+
+impl Cached<TeaRule> {
     /// A TeaCache with resolved settings: without `cfg.coefficients` the distance is used as is
     /// (`[1, 0]`), without `cfg.indicator` the timestep embedding is measured (the config's `build`
     /// resolves both from the model's published data).
     pub fn new(cfg: TeaCacheConfig) -> Self {
         let coefficients = cfg.coefficients.clone().unwrap_or_else(|| vec![1.0, 0.0]);
         let indicator = cfg.indicator.unwrap_or(Indicator::TimestepEmbedding);
-        TeaCache {
-            guards: Guards::new(cfg.guards()),
+        let shared = cfg.shared();
+        let rule = TeaRule {
             cfg,
             coefficients,
             indicator,
-            states: ScopeStates::default(),
-        }
+        };
+        Cached::with_rule(rule, shared)
     }
 }
 
-impl TimestepCache for TeaCache {
+impl Rule for TeaRule {
+    type State = TeaState;
+
     fn name(&self) -> &str {
         "teacache"
     }
 
-    fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
-        let e = self.cfg.estimator;
-        self.guards.begin(plan);
-        self.states.begin(plan, |_| {
-            Ok(TeaState {
-                cache: ResidualCache::new(e),
-                ..Default::default()
-            })
-        })?;
-        Ok(few_step_warnings("teacache", plan, self.guards.config()))
-    }
-
-    fn run(
-        &mut self,
-        scope: ScopeKey,
-        chain: &dyn BlockChain,
-        x: Streams,
-        sync: &dyn DecisionSync,
-    ) -> Result<(Streams, CallDecision)> {
-        let kind = self.indicator;
-        let ind = chain.indicator(kind)?.ok_or_else(|| {
-            Error::msg(format!(
-                "TeaCache: the model has no `{kind}` indicator; pick another with `cache.indicator`"
-            ))
-        })?;
-        let ret = self.cfg.ret_steps;
-        let (thr, coef) = (self.cfg.threshold, &self.coefficients);
-        let (step, slot) = self.states.start_call(scope)?;
-        let steps = slot.steps;
-        let st = &mut slot.state;
-        let forced = if ret {
+    /// The first and last call compute (`ret_steps`: the first 5); otherwise
+    /// `acc += poly(rel_l1(ind, prev))` and the call reuses while `acc < threshold`.
+    fn decide(&self, st: &mut TeaState, call: &Call<'_>) -> Result<Wish> {
+        let ind = call.indicator(self.indicator)?;
+        let (step, steps) = (call.step, call.steps);
+        let forced = if self.cfg.ret_steps {
             step < 5
         } else {
             step == 0 || step + 1 == steps
         };
-        let verdict = self.guards.verdict(scope, step, steps);
-        let has_residual = st.cache.has_residual();
-        let (want, metric) = match &st.prev {
-            Some(prev) if !forced && !verdict.imposed() && has_residual => {
+        let wish = match &st.prev {
+            Some(prev) if !forced && !call.verdict.imposed() && call.has_residual => {
                 // A change from an all-zero indicator is an infinite distance: compute.
                 // Averaged over the ranks (sequence parallel): every rank accumulates alike.
-                st.acc += poly(coef, synced_rel_l1(&ind, prev, sync)?);
-                let m = st.acc;
-                (st.acc < thr && st.acc.is_finite(), Some(m))
+                st.acc += poly(&self.coefficients, synced_rel_l1(&ind, prev, call.sync)?);
+                Wish::reuse_if(
+                    st.acc < self.cfg.threshold && st.acc.is_finite(),
+                    Some(st.acc),
+                )
             }
-            _ => (false, None),
+            _ if forced => Wish::force(None),
+            _ => Wish::compute(),
         };
-        let compute = forced || !verdict.apply(want, has_residual);
-        if compute {
-            st.acc = 0.0;
-        }
-        self.guards.record(scope, step, !compute);
         st.prev = Some(ind);
-        let out = st.cache.run("TeaCache", scope, step, chain, x, !compute)?;
-        Ok((
-            out,
-            CallDecision {
-                computed: compute,
-                metric,
-            },
-        ))
+        Ok(wish)
     }
 
-    fn cached_bytes_by_scope(&self) -> Vec<(ScopeKey, usize)> {
-        self.states
-            .iter()
-            .map(|(k, s)| {
-                (
-                    *k,
-                    s.state.cache.bytes() + s.state.prev.as_ref().map(tensor_bytes).unwrap_or(0),
-                )
-            })
-            .collect()
+    fn settle(&self, st: &mut TeaState, reused: bool, metric: Option<f64>) -> Option<f64> {
+        if !reused {
+            st.acc = 0.0;
+        }
+        metric
+    }
+
+    fn state_bytes(&self, st: &TeaState) -> usize {
+        st.prev.as_ref().map(tensor_bytes).unwrap_or(0)
     }
 }
 

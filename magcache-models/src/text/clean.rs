@@ -9,8 +9,6 @@
 //! NFKC normalizer does these two anyway), normalise line breaks, drop control characters and
 //! terminal escapes, and apply NFC. Prompts free of those produce identical text either way.
 
-use super::html_entities::HTML5_ENTITIES;
-
 /// `prompt_clean(text)`: HTML-unescape twice, strip, collapse whitespace runs to one space, strip.
 pub fn prompt_clean(text: &str) -> String {
     let unescaped = html_unescape(&html_unescape(text));
@@ -130,11 +128,14 @@ fn charref(s: &str) -> Option<(String, usize)> {
     Some((format!("&{name}"), used))
 }
 
+/// The HTML5 named reference `name` (`amp;`, or a legacy bare `amp`): WHATWG's table, which is
+/// Python's `html.entities.html5`, carried by the `htmlize` crate. Its `unescape` is not used: it
+/// keeps invalid numeric references that Python drops (`&#1;`), and the fixtures follow Python.
 fn entity(name: &str) -> Option<&'static str> {
-    HTML5_ENTITIES
-        .binary_search_by(|(k, _)| k.as_bytes().cmp(name.as_bytes()))
-        .ok()
-        .map(|i| HTML5_ENTITIES[i].1)
+    let key = format!("&{name}");
+    htmlize::ENTITIES
+        .get(key.as_bytes())
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// Python's `_replace_charref` for a numeric reference.
@@ -169,9 +170,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entity_table_is_sorted() {
-        assert!(HTML5_ENTITIES
-            .windows(2)
-            .all(|w| w[0].0.as_bytes() < w[1].0.as_bytes()));
+    fn entity_table_is_pythons_html5() {
+        // Python's `html.entities.html5` has 2231 names, 106 of them legacy ones without `;`.
+        assert_eq!(htmlize::ENTITIES.len(), 2231);
+        assert_eq!(entity("amp;"), Some("&"));
+        assert_eq!(entity("amp"), Some("&"));
+        assert_eq!(entity("notin;"), Some("\u{2209}"));
+        assert_eq!(entity("notin"), None);
+        assert_eq!(
+            html_unescape("&ampx &notit; &#1;&#x80;"),
+            "&x \u{ac}it; \u{20ac}"
+        );
     }
 }

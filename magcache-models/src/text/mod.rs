@@ -23,7 +23,6 @@
 pub mod clean;
 pub mod clip;
 pub mod flux;
-mod html_entities;
 pub mod tokenizer;
 pub mod umt5;
 

@@ -1,8 +1,13 @@
 //! The runner behind the `magcache` binary: reads a run file, builds the family's pipeline and the
 //! strategy, runs the generation and reports every transformer call. See `../shared/CONTRACT.md`
 //! (copied to `docs/contract.md`) for the contract.
+//!
+//! The command line itself is [`main`]: the `magcache` binary is `magcache_cli::link_all();
+//! magcache_cli::main()`, and a model crate's binary is `my_model::link(); magcache_cli::main()`
+//! (see `examples/toy-model/src/bin/toy-magcache.rs`).
 
 mod calibrate;
+mod cli;
 mod compare;
 mod export;
 pub mod image;
@@ -15,6 +20,7 @@ mod run;
 pub mod video;
 
 pub use calibrate::{calibrate, fingerprint};
+pub use cli::main;
 pub use compare::{compare, compare_text, CompareReport, Comparison};
 pub use export::{export, ExportReport};
 pub use list::list;

@@ -1,0 +1,385 @@
+//! The `magcache` command line (`run`, `compare`, `calibrate`, `plan`, `export`, `list`) as a library
+//! function, [`main`]: the `magcache` binary and a model crate's own runner binary call it.
+
+use crate::{generate, install_signal_cleanup, list, prepare, summary, Outputs, Verbosity};
+use clap::{Parser, Subcommand};
+use magcache_core::Result;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "magcache",
+    version,
+    about = "Timestep caching (MagCache, FBCache, ...) for diffusion transformers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one generation as the config says and report every transformer call.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Final latents (safetensors, tensor `final`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// JSON report of every call.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// No progress bar and no summary.
+        #[arg(long)]
+        quiet: bool,
+        /// Print the report as JSON on stdout instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// A picture: the decoded image or frames of a prompted run, else the final latents as a
+        /// grid of planes (PNG).
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// The decoded video of a prompted Wan run: .mp4 (needs ffmpeg), .gif, or .png (frame grid).
+        #[arg(long)]
+        video: Option<PathBuf>,
+        /// Frames per second of --video (Wan's 16 by default).
+        #[arg(long, default_value_t = 16)]
+        fps: u32,
+    },
+    /// Run dense and cached on the same inputs and compare speed and quality.
+    Compare {
+        #[arg(long)]
+        config: PathBuf,
+        /// The per-call compute/reuse map with the strategy's metric and threshold (SVG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Dense, cached and |difference| (x4) as three rows of pictures (PNG).
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// Value range for PSNR/SSIM and pictures (default: the dense result's max - min).
+        #[arg(long)]
+        data_range: Option<f64>,
+        /// Timed runs of each kind, dense and cached alternated, after one untimed warm-up run;
+        /// the wall times reported are the medians.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long)]
+        quiet: bool,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run without skipping and write the MagCache calibration profile of the run.
+    Calibrate {
+        #[arg(long)]
+        config: PathBuf,
+        /// The profile (TOML) to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Predict the compute/reuse map of a MagCache run without running the model.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a preset's seeded random weights (in the run's dtype) as a new checkpoint folder in the
+    /// diffusers layout, sharded with an index, generated tensor by tensor.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// The folder to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest shard, in GB (diffusers-style `-0000k-of-0000n` shards past it).
+        #[arg(long, default_value_t = 5.0)]
+        shard_gb: f64,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List registered model families, presets and strategies.
+    List,
+}
+
+/// The `magcache` command line: parses the process's arguments, runs the command and returns its exit
+/// code (on an error, one line `error: ...` on stderr and exit code 1).
+///
+/// A model crate's binary gets the whole runner for its family from it:
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     // my_model::link(); // keeps the family's registration linked in
+///     magcache_cli::main()
+/// }
+/// ```
+///
+/// The strategies are part of the runner and linked here; model families are not: the binary links
+/// its own (`magcache_models::link()` through [`crate::link_all`] for the `magcache` binary).
+pub fn main() -> ExitCode {
+    magcache_strategies::link();
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.to_string().replace('\n', " "));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn verbosity(quiet: bool, json: bool) -> Verbosity {
+    if json {
+        Verbosity::Json
+    } else if quiet {
+        Verbosity::Quiet
+    } else {
+        Verbosity::Normal
+    }
+}
+
+/// The outputs of a command over `config`, each checked (not an input, not another output, a
+/// writable folder) before any work.
+fn plan_outputs(config: &Path, outputs: &[(&str, &Option<PathBuf>)]) -> Result<Outputs> {
+    let mut o = Outputs::new();
+    o.run_inputs(config)?;
+    for (flag, path) in outputs {
+        if let Some(p) = path {
+            o.plan(flag, p)?;
+        }
+    }
+    Ok(o)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| magcache_core::Error::msg(e.to_string()))
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    install_signal_cleanup();
+    match cli.cmd {
+        Cmd::Calibrate { config, out, quiet } => {
+            let mut outs = plan_outputs(&config, &[("--out", &Some(out.clone()))])?;
+            let (profile, report) = crate::calibrate(&config, verbosity(quiet, false))?;
+            outs.write(&out, profile.to_toml()?.as_bytes())?;
+            outs.commit()?;
+            if !quiet {
+                println!(
+                    "calibrated {} calls over {} steps in {:.3} s; profile written to {}",
+                    report.total_calls,
+                    profile.meta.steps,
+                    report.wall_seconds,
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Plan { config, json } => {
+            let r = crate::plan(&config)?;
+            if json {
+                println!("{}", to_json(&r)?);
+            } else {
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
+                print!("{}", crate::plan_text(&r));
+            }
+            Ok(())
+        }
+        Cmd::List => {
+            print!("{}", list());
+            Ok(())
+        }
+        Cmd::Export {
+            config,
+            out,
+            shard_gb,
+            quiet,
+        } => {
+            if !(shard_gb.is_finite() && shard_gb > 0.0) {
+                return Err(magcache_core::Error::msg(format!(
+                    "--shard-gb must be a positive number of GB, got {shard_gb}"
+                )));
+            }
+            install_signal_cleanup();
+            let t0 = std::time::Instant::now();
+            let mut progress = |line: &str| {
+                if !quiet {
+                    eprintln!("{line}");
+                }
+            };
+            let r = crate::export(&config, &out, (shard_gb * 1e9) as u64, &mut progress)?;
+            if !quiet {
+                println!(
+                    "wrote {}: {} tensors, {:.2} GB in {:.1} s",
+                    r.out.display(),
+                    r.tensors,
+                    r.bytes as f64 / 1e9,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Compare {
+            config,
+            plot,
+            png,
+            data_range,
+            repeat,
+            quiet,
+            json,
+        } => {
+            if repeat == 0 {
+                return Err(magcache_core::Error::msg(
+                    "--repeat 0: must be at least 1 (timed runs of each kind)",
+                ));
+            }
+            if let Some(r) = data_range {
+                if !(r.is_finite() && r > 0.0) {
+                    return Err(magcache_core::Error::msg(format!(
+                        "--data-range {r}: must be a finite number > 0 (the value range of the results)"
+                    )));
+                }
+            }
+            let mut outs = plan_outputs(&config, &[("--plot", &plot), ("--png", &png)])?;
+            let c = crate::compare(&config, verbosity(quiet, json), data_range, repeat)?;
+            let r = &c.report;
+            if let Some(f) = &plot {
+                let title = format!(
+                    "{} {} ({} computed of {} calls)",
+                    r.family, r.strategy, r.cached_computed_calls, r.total_calls
+                );
+                let svg =
+                    crate::image::calls_svg(&title, &r.cached.calls, r.threshold, c.metric_name);
+                outs.write(f, svg.as_bytes())?;
+            }
+            if let Some(f) = &png {
+                let (lo, hi) = picture_range(&c.dense_planes, data_range)?;
+                let diff = ((&c.dense_planes - &c.cached_planes)?.abs()? * 4.0)?;
+                let diff = (diff + lo as f64)?;
+                let bytes = crate::image::planes_png(
+                    &[c.dense_planes.clone(), c.cached_planes.clone(), diff],
+                    lo,
+                    hi,
+                    16,
+                    4,
+                )?;
+                outs.write(f, &bytes)?;
+            }
+            outs.commit()?;
+            if json {
+                println!("{}", to_json(r)?);
+            } else if !quiet {
+                print!("{}", crate::compare_text(r));
+            }
+            Ok(())
+        }
+        Cmd::Run {
+            config,
+            out,
+            report,
+            quiet,
+            json,
+            png,
+            video,
+            fps,
+        } => {
+            let video_kind = match &video {
+                Some(v) => {
+                    let cfg = magcache_core::RunConfig::load(&config)?;
+                    if cfg.prompt.is_none() {
+                        return Err(magcache_core::Error::msg(format!(
+                            "--video {}: only a prompted run (a `[prompt]` table) has decoded frames to write",
+                            v.display()
+                        )));
+                    }
+                    Some(crate::video::video_kind("--video", v)?)
+                }
+                None => None,
+            };
+            let mut outs = plan_outputs(
+                &config,
+                &[
+                    ("--out", &out),
+                    ("--report", &report),
+                    ("--png", &png),
+                    ("--video", &video),
+                ],
+            )?;
+            magcache_core::progress::set_visible(
+                !quiet && !json && std::io::stderr().is_terminal(),
+            );
+            let mut p = prepare(&config)?;
+            if !quiet && !json && std::io::stderr().is_terminal() {
+                eprintln!("{}", p.pipeline.describe());
+            }
+            let (latents, mut rep) = generate(&mut p, verbosity(quiet, json))?;
+            let extra = p.pipeline.finish(&latents)?;
+            rep.set_stages(p.pipeline.stages());
+            if let Some(o) = &out {
+                let mut tensors = vec![("final", &latents)];
+                tensors.extend(extra.iter().map(|(k, t)| (k.as_str(), t)));
+                outs.write_tensors(o, &tensors)?;
+            }
+            let decoded = extra.iter().find(|(k, _)| k == "decoded").map(|(_, t)| t);
+            if let Some(f) = &png {
+                let bytes = match decoded {
+                    Some(d) => crate::video::Frames::from_decoded(d)?.grid_png(8)?,
+                    None => {
+                        let planes = p.pipeline.to_planes(&latents)?;
+                        let (lo, hi) = picture_range(&planes, None)?;
+                        crate::image::planes_png(&[planes], lo, hi, 16, 4)?
+                    }
+                };
+                outs.write(f, &bytes)?;
+            }
+            if let (Some(v), Some(kind)) = (&video, video_kind) {
+                let d = decoded.ok_or_else(|| {
+                    magcache_core::Error::msg("--video: the run produced no decoded frames")
+                })?;
+                let frames = crate::video::Frames::from_decoded(d)?;
+                use crate::video::VideoKind;
+                match kind {
+                    VideoKind::Png => outs.write(v, &frames.grid_png(8)?)?,
+                    VideoKind::Gif => outs.write(v, &frames.gif(fps)?)?,
+                    VideoKind::Mp4 => outs.write_with(v, |tmp| frames.mp4(fps, tmp))?,
+                }
+            }
+            if let Some(r) = &report {
+                let text = serde_json::to_string_pretty(&rep)
+                    .map_err(|e| magcache_core::Error::msg(e.to_string()))?;
+                outs.write(r, text.as_bytes())?;
+            }
+            outs.commit()?;
+            if json {
+                println!("{}", to_json(&rep)?);
+            } else if !quiet {
+                print!("{}", summary(&rep));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The value range pictures are drawn with: `data_range` centred on the data, or its min..max.
+fn picture_range(
+    planes: &candle_core::Tensor,
+    data_range: Option<f64>,
+) -> magcache_core::Result<(f32, f32)> {
+    let v = planes.flatten_all()?.to_vec1::<f32>()?;
+    let (lo, hi) = v
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    Ok(match data_range {
+        Some(r) => {
+            let mid = (lo + hi) / 2.0;
+            (mid - r as f32 / 2.0, mid + r as f32 / 2.0)
+        }
+        None => (lo, hi),
+    })
+}

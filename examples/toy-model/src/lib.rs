@@ -132,8 +132,10 @@ impl ToyModel {
             Some(b) => Ok(Streams::hidden(b.forward(&x.hidden, &temb)?)),
             None => Err(Error::msg(format!("toy: no block {i}"))),
         };
+        let latents = || Ok(x.unsqueeze(1)?.unsqueeze(3)?); // [B, F = 1, h = S, w = 1, C]
         let chain = PerBlock::new(self.blocks.len(), block) // cache
-            .with_indicator(Indicator::TimestepEmbedding, &temb); // cache
+            .with_indicator(Indicator::TimestepEmbedding, &temb) // cache
+            .with_indicator_fn(Indicator::InputLatents, latents); // cache
         let h = cx.run_chain(&chain, Streams::hidden(h))?.hidden; // cache
         linear(&norm(&h)?, &self.w_out)
     }
@@ -198,10 +200,7 @@ impl Pipeline for ToyPipeline {
         toy_plan(self.steps, self.guidance)
     }
     fn model_info(&self) -> ModelInfo {
-        ModelInfo {
-            family: "toy".into(),
-            ..Default::default()
-        }
+        toy_info()
     }
     fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
         self.cache = cache; // cache
@@ -287,11 +286,17 @@ fn build(cfg: &RunConfig, file: &str, _base: &Path) -> Result<Box<dyn Pipeline>>
 fn plan(cfg: &RunConfig, file: &str, _base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     config_of(cfg, file)?;
     let guidance = cfg.sampling.guidance_scale.unwrap_or(1.0);
-    let info = ModelInfo {
+    Ok((toy_plan(cfg.sampling.steps, guidance), toy_info()))
+}
+
+/// What strategies may know of the toy: its family and the indicators its chain offers.
+fn toy_info() -> ModelInfo {
+    let indicators = vec![Indicator::TimestepEmbedding, Indicator::InputLatents]; // cache
+    ModelInfo {
         family: "toy".into(),
+        indicators,
         ..Default::default()
-    };
-    Ok((toy_plan(cfg.sampling.steps, guidance), info))
+    }
 }
 
 /// The one block kind of the toy's chain (for general per-block hooks).

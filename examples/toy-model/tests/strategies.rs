@@ -64,27 +64,54 @@ fn computed(calls: &[CallEvent]) -> usize {
         .count()
 }
 
+/// `[cache]` tables of every registered strategy: one that computes every call, one that skips.
+fn tables(name: &str) -> Option<(&'static str, &'static str)> {
+    Some(match name {
+        "none" => ("", ""),
+        "magcache" => (
+            "threshold = 0.0\nmag_ratios = [0.9]",
+            "threshold = 0.5\nmax_skip_steps = 2\nmag_ratios = [1.0, 0.98]",
+        ),
+        "fbcache" => ("threshold = 0.0", "threshold = 0.15"),
+        "dbcache" => (
+            "front_blocks = 1\nback_blocks = 1\nthreshold = 0.0",
+            "front_blocks = 1\nback_blocks = 1\nthreshold = 0.15",
+        ),
+        "teacache" => (
+            "threshold = 0.0\ncoefficients = [1.0, 0.0]\nindicator = \"timestep_embedding\"",
+            "threshold = 0.5\ncoefficients = [1.0, 0.0]\nindicator = \"timestep_embedding\"",
+        ),
+        "seacache" => ("threshold = 0.0", "threshold = 0.5"),
+        "schedule" => (
+            "compute_steps = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]",
+            "compute_steps = [0, 2, 4, 6, 8, 11]\nestimator = \"taylor1\"",
+        ),
+        _ => return None,
+    })
+}
+
 #[test]
 fn every_strategy_runs_on_the_toy_and_never_skipping_is_dense() {
+    magcache_strategies::link();
     let (dense, calls) = run("");
     assert_eq!(calls.len(), 24, "12 steps x cond and uncond");
     assert!(calls.iter().all(|c| c.decision.is_none()));
-    for (cache, name) in [
-        ("[cache]\nstrategy = \"magcache\"\nthreshold = 0.0\nmag_ratios = [0.9]\n", "magcache"),
-        ("[cache]\nstrategy = \"fbcache\"\nthreshold = 0.0\n", "fbcache"),
-        ("[cache]\nstrategy = \"teacache\"\nthreshold = 0.0\ncoefficients = [1.0, 0.0]\nindicator = \"timestep_embedding\"\n", "teacache"),
-    ] {
-        let (out, calls) = run(cache);
-        assert_eq!(computed(&calls), 24, "{name} with threshold 0 computes every call");
+    for reg in registry::strategies() {
+        let name = reg.name;
+        let (all, some) =
+            tables(name).unwrap_or_else(|| panic!("strategy `{name}` is not run on the toy"));
+        if name == "none" {
+            continue;
+        }
+        let (out, calls) = run(&format!("[cache]\nstrategy = \"{name}\"\n{all}\n"));
+        assert_eq!(
+            computed(&calls),
+            24,
+            "{name}: never skipping computes every call"
+        );
         assert!(calls.iter().all(|c| c.decision.is_some()), "{name}");
         assert!(max_diff(&out, &dense) < 1e-5, "{name}");
-    }
-    for (cache, name) in [
-        ("[cache]\nstrategy = \"magcache\"\nthreshold = 0.5\nmax_skip_steps = 2\nmag_ratios = [1.0, 0.98]\n", "magcache"),
-        ("[cache]\nstrategy = \"fbcache\"\nthreshold = 0.15\n", "fbcache"),
-        ("[cache]\nstrategy = \"teacache\"\nthreshold = 0.5\ncoefficients = [1.0, 0.0]\nindicator = \"timestep_embedding\"\n", "teacache"),
-    ] {
-        let (out, calls) = run(cache);
+        let (out, calls) = run(&format!("[cache]\nstrategy = \"{name}\"\n{some}\n"));
         let n = computed(&calls);
         assert!((4..24).contains(&n), "{name}: {n} computed");
         let d = max_diff(&out, &dense);

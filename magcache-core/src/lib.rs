@@ -9,7 +9,7 @@
 //! - [`HookRegistry`]: general hooks composed around each block (observers, probes);
 //! - [`BlockMetadata`]: where hidden and encoder states sit in a block's tuples (for hooks);
 //! - [`ScopeKey`] / [`ScopeStates`]: per (expert, branch) state and step accounting;
-//! - [`maths`]: curve resampling and calibration statistics; [`profile`]: calibration profiles;
+//! - [`maths`]: curve resampling and calibration statistics (profiles live in `magcache-strategies`);
 //! - [`config`]: the TOML run file and the typetag strategy table;
 //! - [`registry`]: model families and strategies registered through `inventory`;
 //! - [`Pipeline`]: the denoising loop interface the runner drives;

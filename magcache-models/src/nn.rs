@@ -139,7 +139,7 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 pub const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
 
 /// Scaled dot-product attention, no mask. `q [B, H, S, D]`, `k`/`v` `[B, H, L, D]` -> `[B, H, S, D]`.
-/// On the CPU in f32: [`cpu_attention`], fused. Elsewhere queries are processed in chunks whose
+/// On the CPU in f32: `cpu_attention`, fused. Elsewhere queries are processed in chunks whose
 /// `[B, H, chunk, L]` scores fit [`ATTENTION_SCORE_BUDGET`] (candle's CPU flash attention avoids the
 /// scores too but measured 2.6-3.5x slower here).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {

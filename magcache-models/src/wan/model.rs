@@ -174,7 +174,7 @@ enum Blocks {
     Streamed(Arc<WeightStore>),
 }
 
-/// The diffusers-named tensors of block `i` and their shapes: what [`Block::load`] reads (the
+/// The diffusers-named tensors of block `i` and their shapes: what `Block::load` reads (the
 /// streamed model checks them all at build time; presets generate them).
 pub fn block_tensors(cfg: &WanConfig, i: usize) -> Vec<(String, Vec<usize>)> {
     let d = cfg.inner_dim();

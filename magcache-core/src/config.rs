@@ -3,7 +3,7 @@
 
 use crate::cache::TimestepCache;
 use crate::error::{Error, Result};
-use crate::registry::ModelInfo;
+use crate::model::ModelInfo;
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -36,10 +36,6 @@ pub trait StrategyConfig: Debug + Send + Sync {
     fn validate(&self, file: &str) -> Result<()>;
     /// Builds the cache; `None` means no caching.
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>>;
-    /// True when decisions depend on the data (cannot be planned before a run).
-    fn decides_from_data(&self) -> bool {
-        true
-    }
     /// The threshold the strategy's metric is compared with, if any (for reports and plots).
     fn threshold(&self) -> Option<f64> {
         None
@@ -74,13 +70,10 @@ impl StrategyConfig for NoCache {
     fn build(&self, _env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
         Ok(None)
     }
-    fn decides_from_data(&self) -> bool {
-        false
-    }
 }
 
 inventory::submit! {
-    crate::registry::StrategyRegistration { name: "none", description: "no caching: every call computes every block (dense reference)", defaults: || Box::new(NoCache {}) }
+    StrategyRegistration { name: "none", description: "no caching: every call computes every block (dense reference)", defaults: || Box::new(NoCache {}) }
 }
 
 /// `weights = "path"` or, for two experts, `weights = ["high", "low"]`.
@@ -502,3 +495,35 @@ mod tests {
         assert!(err.contains("sampling.steps"), "{err}");
     }
 }
+
+/// A strategy, registered with `inventory::submit!` beside its typetag config.
+pub struct StrategyRegistration {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// The strategy's default config: its keys and their defaults (`magcache list` shows them).
+    pub defaults: fn() -> Box<dyn StrategyConfig>,
+}
+
+impl StrategyRegistration {
+    /// `key = default` of every key of the strategy's `[cache]` table (`strategy` aside), sorted by
+    /// key; keys without a default show `-`.
+    pub fn knobs(&self) -> Vec<(String, String)> {
+        let v = serde_json::to_value((self.defaults)()).unwrap_or_default();
+        let Some(map) = v.as_object() else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter(|(k, _)| k.as_str() != "strategy")
+            .map(|(k, v)| {
+                let shown = if v.is_null() {
+                    "-".to_string()
+                } else {
+                    v.to_string()
+                };
+                (k.clone(), shown)
+            })
+            .collect()
+    }
+}
+
+inventory::collect!(StrategyRegistration);

@@ -11,7 +11,8 @@
 //! - [`ScopeKey`] / [`ScopeStates`]: per (expert, branch) state and step accounting;
 //! - [`maths`]: curve resampling and calibration statistics (profiles live in `magcache-strategies`);
 //! - [`config`]: the TOML run file and the typetag strategy table;
-//! - [`registry`]: model families and strategies registered through `inventory`;
+//! - [`registry`]: model families and strategies registered through `inventory`; [`model`]: what a
+//!   strategy may know of the model ([`ModelInfo`]);
 //! - [`Pipeline`]: the denoising loop interface the runner drives;
 //! - [`finite`]: the non-finite checks on every call and step; [`guard`]: the size guard that refuses
 //!   runs that cannot fit in memory before anything is allocated.
@@ -28,6 +29,7 @@ pub mod hooks;
 pub mod maths;
 pub mod metadata;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod placement;
 pub mod progress;
@@ -42,11 +44,11 @@ pub use config::{BuildEnv, PromptSection, RunConfig, StrategyConfig};
 pub use error::{Error, Result};
 pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};
 pub use metadata::BlockMetadata;
+pub use model::{ModelInfo, ScheduleMeta};
 pub use pipeline::{CallEvent, Denoiser, Observer, Pipeline, Silent};
 pub use placement::{Offload, Placement};
 pub use registry::{
-    ExportWeights, GeneratedWeights, ModelFamily, ModelInfo, PresetExport, ScheduleMeta,
-    StrategyRegistration,
+    ExportWeights, GeneratedWeights, ModelFamily, PresetExport, StrategyRegistration,
 };
 pub use scope::{Branch, GenerationPlan, ScopeKey, ScopePlan, StepsSpec};
 pub use states::{ScopeSlot, ScopeStates};

@@ -62,7 +62,14 @@ pub fn mean_abs(t: &Tensor) -> Result<f64> {
 /// Relative L1 distance `mean|a - b| / mean|b|`. A zero `b` gives `0` when `a == b` and
 /// `f64::INFINITY` otherwise: never NaN, never a division by zero.
 pub fn rel_l1(a: &Tensor, b: &Tensor) -> Result<f64> {
-    crate::sync::synced_rel_l1(a, b, &crate::sync::SingleProcess)
+    let (num, den) = rel_l1_parts(a, b)?;
+    Ok(safe_ratio(num, den))
+}
+
+/// `(mean|a - b|, mean|b|)` in f32: the partial quantities of [`rel_l1`] (what ranks average).
+pub fn rel_l1_parts(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+    let diff = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?;
+    Ok((mean_abs(&diff)?, mean_abs(b)?))
 }
 
 /// `num / den` with the conventions of [`rel_l1`] for a zero denominator.

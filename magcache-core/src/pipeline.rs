@@ -9,7 +9,7 @@
 
 use crate::cache::{CacheHandle, CallCx, CallDecision};
 use crate::error::Result;
-use crate::registry::ModelInfo;
+use crate::model::ModelInfo;
 use crate::scope::{Branch, GenerationPlan, ScopeKey};
 use candle_core::Tensor;
 

@@ -4,57 +4,12 @@
 //! drops its registrations (see `magcache_strategies::link()` and `magcache_models::link()`).
 
 use crate::config::RunConfig;
+pub use crate::config::StrategyRegistration;
 use crate::error::Result;
 use crate::metadata::BlockMetadata;
+pub use crate::model::{ModelInfo, ScheduleMeta};
 use crate::pipeline::Pipeline;
-use std::collections::BTreeMap;
 use std::path::Path;
-
-/// The sampling a published or calibrated curve was measured on.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ScheduleMeta {
-    pub steps: usize,
-    #[serde(default)]
-    pub shift: Option<f64>,
-    #[serde(default)]
-    pub scheduler: Option<String>,
-    #[serde(default)]
-    pub boundary_ratio: Option<f64>,
-    /// Sigmas of the calibrated steps, where known (enables `resample = "sigma"`).
-    #[serde(default)]
-    pub sigmas: Option<Vec<f64>>,
-}
-
-/// What a strategy may know about the model it runs on.
-#[derive(Clone, Debug, Default)]
-pub struct ModelInfo {
-    pub family: String,
-    /// Preset name, or the published variant the loaded weights were matched to, if any.
-    pub variant: Option<String>,
-    /// Published calibration data of the variant, one table per key. Each strategy owns a key (its
-    /// name) and gives the table its own type ([`ModelInfo::published`]); neither core nor the
-    /// models interpret it.
-    pub published: BTreeMap<String, toml::Value>,
-    /// The indicators the model's block chain offers ([`crate::BlockChain::indicator`] answers
-    /// `Some` for these), so that a strategy that needs one can refuse the model before any weights
-    /// load. Empty: the model lists none.
-    pub indicators: Vec<crate::chain::Indicator>,
-}
-
-impl ModelInfo {
-    /// The published table under `key`, typed by the reader. `Ok(None)` when there is none.
-    pub fn published<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        match self.published.get(key) {
-            None => Ok(None),
-            Some(v) => v.clone().try_into().map(Some).map_err(|e| {
-                crate::error::Error::msg(format!(
-                    "published `{key}` data of model family `{}`: {e}",
-                    self.family
-                ))
-            }),
-        }
-    }
-}
 
 /// Builds a family's pipeline from a run config. `file` names the config for messages and `base_dir`
 /// resolves its relative paths.
@@ -115,38 +70,6 @@ pub struct PresetExport {
 }
 
 inventory::collect!(PresetExport);
-
-/// A strategy, registered with `inventory::submit!` beside its typetag config.
-pub struct StrategyRegistration {
-    pub name: &'static str,
-    pub description: &'static str,
-    /// The strategy's default config: its keys and their defaults (`magcache list` shows them).
-    pub defaults: fn() -> Box<dyn crate::config::StrategyConfig>,
-}
-
-impl StrategyRegistration {
-    /// `key = default` of every key of the strategy's `[cache]` table (`strategy` aside), sorted by
-    /// key; keys without a default show `-`.
-    pub fn knobs(&self) -> Vec<(String, String)> {
-        let v = serde_json::to_value((self.defaults)()).unwrap_or_default();
-        let Some(map) = v.as_object() else {
-            return Vec::new();
-        };
-        map.iter()
-            .filter(|(k, _)| k.as_str() != "strategy")
-            .map(|(k, v)| {
-                let shown = if v.is_null() {
-                    "-".to_string()
-                } else {
-                    v.to_string()
-                };
-                (k.clone(), shown)
-            })
-            .collect()
-    }
-}
-
-inventory::collect!(StrategyRegistration);
 
 /// Every registered family, by name.
 pub fn families() -> Vec<&'static ModelFamily> {

@@ -12,8 +12,8 @@
 //! process (tests). A multi-GPU implementation would all-reduce over NCCL.
 
 use crate::error::{Error, Result};
-use crate::maths::safe_ratio;
-use candle_core::{DType, Tensor};
+use crate::maths::{rel_l1_parts, safe_ratio};
+use candle_core::Tensor;
 use std::sync::{Arc, Barrier, Mutex};
 
 /// A collective over the ranks that run one generation together.
@@ -49,16 +49,8 @@ impl DecisionSync for SingleProcess {
 /// collective, then divided (conventions of [`crate::maths::safe_ratio`] for a zero denominator).
 /// With [`SingleProcess`] this is exactly [`crate::maths::rel_l1`].
 pub fn synced_rel_l1(a: &Tensor, b: &Tensor, sync: &dyn DecisionSync) -> Result<f64> {
-    let num = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .mean_all()?
-        .to_scalar::<f32>()?;
-    let den = b
-        .to_dtype(DType::F32)?
-        .abs()?
-        .mean_all()?
-        .to_scalar::<f32>()?;
-    let m = sync.all_reduce_mean(&[num as f64, den as f64])?;
+    let (num, den) = rel_l1_parts(a, b)?;
+    let m = sync.all_reduce_mean(&[num, den])?;
     match m.as_slice() {
         [n, d] => Ok(safe_ratio(*n, *d)),
         _ => Err(Error::msg(format!(
@@ -153,7 +145,7 @@ impl ThreadGroup {
 mod tests {
     use super::*;
     use crate::maths::rel_l1;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn single_process_is_the_identity_and_matches_rel_l1() {

@@ -1,7 +1,7 @@
 //! Flow-matching Euler sampling (diffusers `FlowMatchEulerDiscreteScheduler`), and the choice between
 //! it and UniPC ([`crate::unipc`]) for the static-shift (Wan) loops.
 
-use crate::unipc::{UniPc, UniPcConfig, UNIPC_CLASS};
+use crate::unipc::{UniPc, UniPcConfig, UniPcSchedule, UNIPC_CLASS};
 use candle_core::Tensor;
 use magcache_core::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -14,6 +14,14 @@ pub struct FlowSchedule {
 }
 
 impl FlowSchedule {
+    /// A UniPC schedule as the loops see it (timesteps as floats).
+    pub fn from_unipc(u: &UniPcSchedule) -> Self {
+        FlowSchedule {
+            timesteps: u.timesteps.iter().map(|&t| t as f32).collect(),
+            sigmas: u.sigmas.clone(),
+        }
+    }
+
     pub fn steps(&self) -> usize {
         self.timesteps.len()
     }
@@ -174,7 +182,7 @@ impl FlowSampler {
     pub fn schedule(&self, steps: usize) -> Result<FlowSchedule> {
         match self {
             FlowSampler::Euler { shift } => Ok(flow_match_static(steps, *shift)),
-            FlowSampler::UniPc(c) => Ok(c.schedule(steps)?.to_flow_schedule()),
+            FlowSampler::UniPc(c) => Ok(FlowSchedule::from_unipc(&c.schedule(steps)?)),
         }
     }
 

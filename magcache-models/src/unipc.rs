@@ -242,14 +242,6 @@ impl UniPcSchedule {
     pub fn steps(&self) -> usize {
         self.timesteps.len()
     }
-
-    /// The schedule as the loops see it (timesteps as floats).
-    pub fn to_flow_schedule(&self) -> crate::scheduler::FlowSchedule {
-        crate::scheduler::FlowSchedule {
-            timesteps: self.timesteps.iter().map(|&t| t as f32).collect(),
-            sigmas: self.sigmas.clone(),
-        }
-    }
 }
 
 /// numpy's `linspace(start, stop, n)` (float64): `start + i * step`, the last entry exactly `stop`.

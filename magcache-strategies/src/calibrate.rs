@@ -6,8 +6,9 @@
 //! `h < i`, for gaps up to [`crate::schedule::MAX_GAP`] (the last `2 * MAX_GAP` residuals of a scope
 //! are kept meanwhile).
 
+use crate::profile::ForecastErrors;
 use crate::residual::extrapolate;
-use crate::schedule::{ForecastErrors, MAX_GAP};
+use crate::schedule::MAX_GAP;
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::{mag_stats, rel_l1, tensor_bytes};
 use magcache_core::{

@@ -127,10 +127,6 @@ impl StrategyConfig for MagCacheConfig {
         Ok(Some(Box::new(MagCache::new(self.clone(), source))))
     }
 
-    fn decides_from_data(&self) -> bool {
-        false
-    }
-
     fn metric_name(&self) -> &'static str {
         "MagCache accumulated error"
     }

@@ -53,7 +53,17 @@ pub struct Profile {
     /// Per expert and branch, the forecast errors of [`crate::schedule`] (absent in profiles
     /// written before calibrated schedules).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub forecast_errors: BTreeMap<String, BTreeMap<String, crate::schedule::ForecastErrors>>,
+    pub forecast_errors: BTreeMap<String, BTreeMap<String, ForecastErrors>>,
+}
+
+/// The forecast errors of one scope, measured on a dense run (profile tables `[forecast_errors.*]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastErrors {
+    /// `[i, k, err]`: reuse of call `i`'s residual at call `k`.
+    pub reuse: Vec<[f64; 3]>,
+    /// `[h, i, k, err]`: the order-1 forecast from calls `h` and `i` at call `k`.
+    pub taylor1: Vec<[f64; 4]>,
 }
 
 /// The input file of a strategy's `profile` key, for the runner's output checks.

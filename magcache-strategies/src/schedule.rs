@@ -24,22 +24,13 @@ use magcache_core::registry::StrategyRegistration;
 use magcache_core::{
     BuildEnv, Error, GenerationPlan, Result, ScopePlan, StrategyConfig, TimestepCache,
 };
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
 /// Longest gap between two computed calls the calibration measures (at most `MAX_GAP - 1` reused
 /// calls in a row in a searched schedule).
 pub const MAX_GAP: usize = 8;
 
-/// The forecast errors of one scope, measured on a dense run (profile tables `[forecast_errors.*]`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForecastErrors {
-    /// `[i, k, err]`: reuse of call `i`'s residual at call `k`.
-    pub reuse: Vec<[f64; 3]>,
-    /// `[h, i, k, err]`: the order-1 forecast from calls `h` and `i` at call `k`.
-    pub taylor1: Vec<[f64; 4]>,
-}
+pub use crate::profile::ForecastErrors;
 
 crate::strategy_config! {
     /// `[cache] strategy = "schedule"`.
@@ -138,10 +129,6 @@ impl StrategyConfig for ScheduleConfig {
     fn metric_name(&self) -> &'static str {
         "schedule: predicted forecast error of a reused call (searched schedules)"
     }
-
-    fn decides_from_data(&self) -> bool {
-        false
-    }
 }
 
 inventory::submit! {
@@ -200,7 +187,8 @@ pub fn search(
     };
     // best[(h, i, used)] = least cost of calls 0..=i with `used` computed, the last two h < i.
     type Key = (Option<usize>, usize, usize);
-    let mut best: HashMap<Key, (f64, Option<Key>)> = HashMap::new();
+    // Ordered, so that among schedules of equal cost the same one is found every time.
+    let mut best: BTreeMap<Key, (f64, Option<Key>)> = BTreeMap::new();
     best.insert((None, 0, 1), (0.0, None));
     for i in 0..n {
         for used in 1..=budget {

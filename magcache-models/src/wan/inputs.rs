@@ -3,7 +3,6 @@
 
 use super::config::WanConfig;
 use super::model::WanModel;
-use super::pipeline::WanInputs;
 use crate::config_util::resolve;
 use crate::inputs::InputFile;
 use crate::random::randn;
@@ -11,6 +10,36 @@ use candle_core::Tensor;
 use magcache_core::config::RunConfig;
 use magcache_core::{Error, Result};
 use std::path::Path;
+
+impl WanInputs {
+    /// The inputs on `dev`.
+    pub fn to_device(self, dev: &candle_core::Device) -> Result<Self> {
+        let mv = |t: Option<Tensor>| t.map(|t| t.to_device(dev)).transpose();
+        Ok(WanInputs {
+            latents: self.latents.to_device(dev)?,
+            cond: self.cond.to_device(dev)?,
+            uncond: mv(self.uncond)?,
+            condition: mv(self.condition)?,
+            first_frame: mv(self.first_frame)?,
+        })
+    }
+}
+
+/// Conditioning of a Wan generation.
+pub struct WanInputs {
+    /// `[B, C, F, H, W]`
+    pub latents: Tensor,
+    /// `[B, L, text_dim]`
+    pub cond: Tensor,
+    /// `[B, L', text_dim]`; required when guidance is on.
+    pub uncond: Option<Tensor>,
+    /// Image-conditioned experts (Wan2.2 I2V): `[B, in - out, F, H, W]` concatenated to the latents
+    /// along the channels at every call.
+    pub condition: Option<Tensor>,
+    /// Wan2.2 TI2V: the first latent frame is the conditioning image, kept clean (per-token timesteps
+    /// with t = 0 on its tokens).
+    pub first_frame: Option<Tensor>,
+}
 
 /// Reads or draws the inputs of a Wan run and checks them against the model.
 pub fn build_inputs(

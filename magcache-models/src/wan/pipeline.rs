@@ -2,6 +2,7 @@
 //! classifier-free guidance with the cond call then the uncond call (each its own cache branch), one
 //! or two experts.
 
+pub use super::inputs::WanInputs;
 use super::model::WanModel;
 use crate::scheduler::{flow_match_static, FlowSampler, FlowSchedule};
 use candle_core::Tensor;
@@ -9,36 +10,6 @@ use magcache_core::pipeline::Observer;
 use magcache_core::{
     Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
 };
-
-impl WanInputs {
-    /// The inputs on `dev`.
-    pub fn to_device(self, dev: &candle_core::Device) -> Result<Self> {
-        let mv = |t: Option<Tensor>| t.map(|t| t.to_device(dev)).transpose();
-        Ok(WanInputs {
-            latents: self.latents.to_device(dev)?,
-            cond: self.cond.to_device(dev)?,
-            uncond: mv(self.uncond)?,
-            condition: mv(self.condition)?,
-            first_frame: mv(self.first_frame)?,
-        })
-    }
-}
-
-/// Conditioning of a Wan generation.
-pub struct WanInputs {
-    /// `[B, C, F, H, W]`
-    pub latents: Tensor,
-    /// `[B, L, text_dim]`
-    pub cond: Tensor,
-    /// `[B, L', text_dim]`; required when guidance is on.
-    pub uncond: Option<Tensor>,
-    /// Image-conditioned experts (Wan2.2 I2V): `[B, in - out, F, H, W]` concatenated to the latents
-    /// along the channels at every call.
-    pub condition: Option<Tensor>,
-    /// Wan2.2 TI2V: the first latent frame is the conditioning image, kept clean (per-token timesteps
-    /// with t = 0 on its tokens).
-    pub first_frame: Option<Tensor>,
-}
 
 pub struct WanPipeline {
     pub family: String,

@@ -3,8 +3,8 @@
 //! the prompts are encoded by UMT5 (freed before the transformer loads), the latents drawn or read,
 //! and the final latents decoded by the Wan VAE, as diffusers' `WanPipeline` does.
 
+use super::inputs::WanInputs;
 use super::model::WanModel;
-use super::pipeline::WanInputs;
 use super::vae::{WanVae, WanVaeConfig};
 use crate::config_util::resolve;
 use crate::inputs::InputFile;

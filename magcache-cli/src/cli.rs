@@ -311,7 +311,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     ("--video", &video),
                 ],
             )?;
-            magcache_core::progress::set_visible(
+            magcache_core::runtime::progress::set_visible(
                 !quiet && !json && std::io::stderr().is_terminal(),
             );
             let mut p = prepare(&config)?;

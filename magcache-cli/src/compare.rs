@@ -32,7 +32,7 @@ pub struct CompareReport {
     pub cached_wall_runs: Vec<f64>,
     /// The untimed run made before timing: `"cached"` (one full run with the cache).
     pub warmup: String,
-    pub quality: magcache_core::metrics::Quality,
+    pub quality: magcache_core::runtime::metrics::Quality,
     pub threshold: Option<f64>,
     pub cached: Report,
 }
@@ -140,7 +140,7 @@ pub fn compare(
     rep.wall_seconds = cached_wall;
     let dense_planes = p.pipeline.to_planes(&dense)?;
     let cached_planes = p.pipeline.to_planes(&cached)?;
-    let quality = magcache_core::metrics::quality(
+    let quality = magcache_core::runtime::metrics::quality(
         &dense,
         &cached,
         &dense_planes,

@@ -10,8 +10,9 @@
 
 use crate::prepare::link_all;
 use candle_core::DType;
-use magcache_core::guard::{self, Footprint};
-use magcache_core::{registry, Error, GeneratedWeights, Result, RunConfig};
+use magcache_core::runtime::guard::{self, Footprint};
+use magcache_core::runtime::registry;
+use magcache_core::{Error, GeneratedWeights, Result, RunConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -1,7 +1,7 @@
 //! `magcache list`: the registered model families, presets and strategies.
 
 use crate::prepare::link_all;
-use magcache_core::registry;
+use magcache_core::runtime::registry;
 
 /// Text of `magcache list`.
 pub fn list() -> String {

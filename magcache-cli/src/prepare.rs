@@ -1,6 +1,7 @@
 //! From a run file to a pipeline and its cache, ready to generate.
 
-use magcache_core::{registry, BuildEnv, CacheHandle, Error, Pipeline, Result, RunConfig};
+use magcache_core::runtime::registry;
+use magcache_core::{BuildEnv, CacheHandle, Error, Pipeline, Result, RunConfig};
 use std::path::{Path, PathBuf};
 
 /// Keeps every registration linked in.
@@ -61,7 +62,7 @@ pub(crate) fn base_dir(config: &Path) -> PathBuf {
 
 pub(crate) fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
     let family = known_family(cfg, file)?;
-    let offload = magcache_core::placement::parse_offload(&cfg.model.offload, file)?;
+    let offload = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
     if offload == magcache_core::Offload::Stream && !family.streams {
         let streaming: Vec<&str> = registry::families()
             .iter()

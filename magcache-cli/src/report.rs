@@ -49,7 +49,7 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// Prompted runs: wall time and peak memory of each stage (encode text, denoise, decode).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub stages: Vec<magcache_core::progress::StageTime>,
+    pub stages: Vec<magcache_core::runtime::progress::StageTime>,
 }
 
 impl Report {
@@ -109,7 +109,7 @@ impl Report {
     }
 }
 
-pub use magcache_core::progress::peak_rss_bytes;
+pub use magcache_core::runtime::progress::peak_rss_bytes;
 
 /// Human summary of a report (stdout of `magcache run`).
 pub fn summary(r: &Report) -> String {
@@ -153,7 +153,7 @@ pub fn summary(r: &Report) -> String {
 impl Report {
     /// Adds the pipeline's stages around the denoising loop (this report's wall time): stages named
     /// `decode` after it, the others (encoding the text) before.
-    pub fn set_stages(&mut self, pipeline: Vec<magcache_core::progress::StageTime>) {
+    pub fn set_stages(&mut self, pipeline: Vec<magcache_core::runtime::progress::StageTime>) {
         if pipeline.is_empty() {
             return;
         }
@@ -161,11 +161,12 @@ impl Report {
             .into_iter()
             .partition(|s| s.name.starts_with("decode"));
         self.stages = before;
-        self.stages.push(magcache_core::progress::StageTime {
-            name: "denoise".into(),
-            wall_seconds: self.wall_seconds,
-            peak_rss_bytes: self.peak_rss_bytes,
-        });
+        self.stages
+            .push(magcache_core::runtime::progress::StageTime {
+                name: "denoise".into(),
+                wall_seconds: self.wall_seconds,
+                peak_rss_bytes: self.peak_rss_bytes,
+            });
         self.stages.extend(after);
     }
 }

@@ -3,7 +3,7 @@
 use crate::prepare::Prepared;
 use crate::report::{CallReport, Report};
 use candle_core::Tensor;
-use magcache_core::pipeline::{CallEvent, Observer};
+use magcache_core::denoise::{CallEvent, Observer};
 use magcache_core::{Error, Result};
 use std::time::Instant;
 

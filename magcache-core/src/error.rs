@@ -36,7 +36,7 @@ pub enum Error {
     #[error("non-finite values at {at}: {what}")]
     NonFinite { at: String, what: String },
 
-    /// The run would need more memory than is available (see [`crate::guard`]).
+    /// The run would need more memory than is available (see [`crate::runtime::guard`]).
     #[error("{file}: {key}: {msg}")]
     TooLarge {
         file: String,

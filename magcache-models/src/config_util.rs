@@ -219,7 +219,7 @@ pub fn pipeline_folder(
     base: &std::path::Path,
     parts: &[&str],
 ) -> Result<(std::path::PathBuf, Value)> {
-    let Some(magcache_core::config::WeightsSpec::One(w)) = &cfg.model.weights else {
+    let Some(magcache_core::runtime::config::WeightsSpec::One(w)) = &cfg.model.weights else {
         return Err(Error::config(
             file,
             "model.weights",

@@ -1,11 +1,11 @@
-//! Memory estimates of the models here, for core's size guard ([`magcache_core::guard`]): weights
+//! Memory estimates of the models here, for core's size guard ([`magcache_core::runtime::guard`]): weights
 //! (parameters x bytes of the run's dtype; streamed: the embeddings, head and two blocks),
 //! activations of one transformer call (tokens x dims x a factor, attention scores capped by
 //! [`crate::nn::ATTENTION_SCORE_BUDGET`]), the text embeddings, the cache (a few hidden-state-sized
 //! tensors per scope) and the plan (per call). All arithmetic is checked: an overflow is "more than
 //! any memory", never a panic.
 
-use magcache_core::guard::{Footprint, BYTES_PER_CALL};
+use magcache_core::runtime::guard::{Footprint, BYTES_PER_CALL};
 use std::collections::HashMap;
 use std::ops::{Add, Mul};
 use std::path::Path;

@@ -11,7 +11,7 @@
 use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
 use crate::guards::Guards;
 use crate::ratios::{RatioSource, RatioSpec, Resample};
-use magcache_core::registry::StrategyRegistration;
+use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::{
     BuildEnv, Error, GenerationPlan, Result, ScopeKey, ScopePlan, StrategyConfig, TimestepCache,
 };

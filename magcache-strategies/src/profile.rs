@@ -15,7 +15,7 @@
 //! ```
 
 use crate::ratios::RatioCurves;
-use magcache_core::config::parse_toml;
+use magcache_core::runtime::config::parse_toml;
 use magcache_core::{Branch, Error, Result, ScheduleMeta};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

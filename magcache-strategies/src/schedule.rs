@@ -20,7 +20,7 @@
 
 use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
 use crate::residual::Estimator;
-use magcache_core::registry::StrategyRegistration;
+use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::{
     BuildEnv, Error, GenerationPlan, Result, ScopePlan, StrategyConfig, TimestepCache,
 };

@@ -22,7 +22,7 @@ use crate::engine::{Cached, Call, Rule, Shared, SharedKeys, Wish};
 use crate::guards::{GuardConfig, Verdict};
 use crate::residual::Estimator;
 use magcache_core::candle_core::{DType, Tensor};
-use magcache_core::registry::StrategyRegistration;
+use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::{BuildEnv, Error, Indicator, Result, StrategyConfig, TimestepCache};
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;

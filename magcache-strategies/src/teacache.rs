@@ -16,7 +16,7 @@
 use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
 use magcache_core::candle_core::Tensor;
 use magcache_core::maths::tensor_bytes;
-use magcache_core::registry::StrategyRegistration;
+use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::sync::synced_rel_l1;
 use magcache_core::{BuildEnv, Error, Indicator, ModelInfo, Result, StrategyConfig, TimestepCache};
 use serde::Deserialize;

@@ -4,7 +4,7 @@
 //! file; `the_doc_quotes_this_file` keeps them in step.
 
 use magcache_core::candle_core::Tensor;
-use magcache_core::registry::StrategyRegistration;
+use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::sync::synced_rel_l1;
 use magcache_core::{BuildEnv, Indicator, Result, StrategyConfig, TimestepCache};
 use magcache_strategies::{Cached, Call, Rule, SharedKeys, Wish};

@@ -315,7 +315,7 @@ fn plan_without_running_names_unipc() {
     let text = base_run("scheduler = \"unipc\"\n");
     std::fs::write(&path, &text).unwrap();
     let cfg = magcache_core::RunConfig::load(&path).unwrap();
-    let fam = magcache_core::registry::family("wan2.1").unwrap();
+    let fam = magcache_core::runtime::registry::family("wan2.1").unwrap();
     let (plan, _) = (fam.plan)(&cfg, "run.toml", dir.path()).unwrap();
     assert_eq!(plan.scheduler, "unipc");
     let meta = load_json(&format!("{LOOP}.json"));

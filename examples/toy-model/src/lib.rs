@@ -6,8 +6,8 @@
 //! plumbing the model needs beyond being a model.
 
 use magcache_core::candle_core::{Device, Tensor, D};
-use magcache_core::config::RunConfig;
-use magcache_core::registry::ModelFamily;
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{
     BlockMetadata, Branch, CacheHandle, CallCx, Denoiser, Error, GenerationPlan, Indicator,
     ModelInfo, Observer, PerBlock, Pipeline, Result, StepsSpec, Streams,

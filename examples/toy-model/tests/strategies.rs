@@ -2,8 +2,9 @@
 //! the runner: run file -> family -> pipeline, `[cache]` -> strategy.
 
 use magcache_core::candle_core::Tensor;
-use magcache_core::config::parse_toml;
-use magcache_core::{registry, BuildEnv, CacheHandle, CallEvent, Observer, Pipeline, RunConfig};
+use magcache_core::runtime::config::parse_toml;
+use magcache_core::runtime::registry;
+use magcache_core::{BuildEnv, CacheHandle, CallEvent, Observer, Pipeline, RunConfig};
 use magcache_strategies::calibrate::{curves, Calibrator};
 use magcache_strategies::{MagCache, MagCacheConfig, RatioSource};
 use std::path::Path;

@@ -6,8 +6,8 @@ use crate::footprint::{
     add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
     CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
 };
-use magcache_core::config::RunConfig;
-use magcache_core::guard::Footprint;
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::guard::Footprint;
 use std::path::Path;
 
 /// Parameters of a FLUX transformer (checked arithmetic).
@@ -51,7 +51,7 @@ pub fn flux_footprint(
     };
     // Streamed: the embeddings and head, and two blocks (the one running, the next); the double
     // blocks are the larger kind.
-    let streamed = magcache_core::placement::parse_offload(&cfg.model.offload, "")
+    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, "")
         .is_ok_and(|o| o == magcache_core::Offload::Stream);
     let resident = if streamed {
         let two = c.num_layers.min(2);

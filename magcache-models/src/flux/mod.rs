@@ -16,9 +16,9 @@ use crate::random::{randn, random_store};
 use crate::scheduler::{flow_match_dynamic, flux_mu, FlowSchedule};
 use candle_core::{Device, Tensor};
 use config::FluxConfig;
-use magcache_core::config::{RunConfig, WeightsSpec};
-use magcache_core::pipeline::Observer;
-use magcache_core::registry::ModelFamily;
+use magcache_core::denoise::Observer;
+use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{
     Branch, CacheHandle, Denoiser, Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result,
     StepsSpec,
@@ -193,7 +193,7 @@ impl Pipeline for FluxPipeline {
         }
     }
 
-    fn stages(&self) -> Vec<magcache_core::progress::StageTime> {
+    fn stages(&self) -> Vec<magcache_core::runtime::progress::StageTime> {
         self.prompted
             .as_ref()
             .map(|p| p.stages.clone())
@@ -438,10 +438,11 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 .map(|p| p.name);
             let (n_double, n_single) = (l.config.num_layers, l.config.num_single_layers);
             let store = std::sync::Arc::new(l.store);
-            let model = match magcache_core::placement::parse_offload(&cfg.model.offload, file)? {
-                magcache_core::Offload::None => FluxModel::from_weights(l.config, &store)?,
-                magcache_core::Offload::Stream => FluxModel::streamed(l.config, store.clone())?,
-            };
+            let model =
+                match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
+                    magcache_core::Offload::None => FluxModel::from_weights(l.config, &store)?,
+                    magcache_core::Offload::Stream => FluxModel::streamed(l.config, store.clone())?,
+                };
             let desc = if model.is_streamed() {
                 format!("{desc}, blocks streamed from the checkpoint")
             } else {
@@ -522,7 +523,7 @@ fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan
     crate::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
     check_flux_keys(cfg, file)?;
-    let mut fp = magcache_core::guard::Footprint::default();
+    let mut fp = magcache_core::runtime::guard::Footprint::default();
     crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
     fp.check(file)?;
     let seq = match (&cfg.prompt, &cfg.inputs.file) {
@@ -579,7 +580,7 @@ fn export_flux(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::Generat
         })?;
     let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
     let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
-    let dtype = magcache_core::placement::parse_dtype(&cfg.model.dtype, file)?;
+    let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
     let mut config = to_map(&c, "FluxTransformer2DModel")?;
     config.insert("_class_name".into(), "FluxTransformer2DModel".into());
     Ok(vec![crate::random::generated(

@@ -14,8 +14,8 @@ use crate::config_util::{overrides_json, resolve, to_map};
 use crate::scheduler::{
     choose_flow_sampler, pipeline_scheduler_config, FlowSampler, SamplerChoice,
 };
-use magcache_core::config::{RunConfig, WeightsSpec};
-use magcache_core::registry::ModelFamily;
+use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use std::path::Path;
 
@@ -50,10 +50,11 @@ pub fn build_model(
         );
         let layers = loaded.config.num_layers;
         let store = std::sync::Arc::new(loaded.store);
-        let model = match magcache_core::placement::parse_offload(&cfg.model.offload, file)? {
-            magcache_core::Offload::None => WanModel::from_weights(loaded.config, &store)?,
-            magcache_core::Offload::Stream => WanModel::streamed(loaded.config, store.clone())?,
-        };
+        let model =
+            match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
+                magcache_core::Offload::None => WanModel::from_weights(loaded.config, &store)?,
+                magcache_core::Offload::Stream => WanModel::streamed(loaded.config, store.clone())?,
+            };
         let desc = if model.is_streamed() {
             format!("{desc}, blocks streamed from the checkpoint")
         } else {
@@ -436,7 +437,7 @@ fn plan_wan(
         } else {
             5.0
         });
-    let mut fp = magcache_core::guard::Footprint::default();
+    let mut fp = magcache_core::runtime::guard::Footprint::default();
     crate::footprint::add_plan(
         &mut fp,
         cfg.sampling.steps,
@@ -480,7 +481,7 @@ fn export_wan(
     let preset = find_preset(cfg, file, presets, name)?;
     let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
     let c = WanConfig::from_map(base_cfg, file, &overrides)?;
-    let dtype = magcache_core::placement::parse_dtype(&cfg.model.dtype, file)?;
+    let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
     let mut config = to_map(&c, "WanTransformer3DModel")?;
     config.insert("_class_name".into(), "WanTransformer3DModel".into());
     let n = preset.experts.max(1);

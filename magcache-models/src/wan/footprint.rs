@@ -8,8 +8,8 @@ use crate::footprint::{
     add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
     CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
 };
-use magcache_core::config::RunConfig;
-use magcache_core::guard::Footprint;
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::guard::Footprint;
 use magcache_core::Result;
 use std::path::Path;
 
@@ -50,7 +50,7 @@ pub fn wan_footprint(
 ) -> Result<Footprint> {
     let overrides = overrides_json(cfg);
     let dtype = cfg.model.dtype.as_str();
-    let streamed = magcache_core::placement::parse_offload(&cfg.model.offload, file)?
+    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
     let mut fp = Footprint::default();
     // The architecture of each expert and its weights.

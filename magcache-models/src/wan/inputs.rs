@@ -7,7 +7,7 @@ use crate::config_util::resolve;
 use crate::inputs::InputFile;
 use crate::random::randn;
 use candle_core::Tensor;
-use magcache_core::config::RunConfig;
+use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, Result};
 use std::path::Path;
 

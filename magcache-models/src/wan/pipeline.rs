@@ -6,7 +6,7 @@ pub use super::inputs::WanInputs;
 use super::model::WanModel;
 use crate::scheduler::{flow_match_static, FlowSampler, FlowSchedule};
 use candle_core::Tensor;
-use magcache_core::pipeline::Observer;
+use magcache_core::denoise::Observer;
 use magcache_core::{
     Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
 };
@@ -235,7 +235,7 @@ impl Pipeline for WanPipeline {
         }
     }
 
-    fn stages(&self) -> Vec<magcache_core::progress::StageTime> {
+    fn stages(&self) -> Vec<magcache_core::runtime::progress::StageTime> {
         self.prompted
             .as_ref()
             .map(|p| p.stages.clone())

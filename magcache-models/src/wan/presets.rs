@@ -2,7 +2,7 @@
 
 use super::config::WanConfig;
 use crate::published;
-use magcache_core::config::RunConfig;
+use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, Indicator, ModelInfo, Result};
 
 /// A named architecture with its published calibration data.

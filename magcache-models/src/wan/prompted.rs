@@ -10,8 +10,8 @@ use crate::config_util::resolve;
 use crate::inputs::InputFile;
 use crate::text::WanTextEncoder;
 use candle_core::Tensor;
-use magcache_core::config::RunConfig;
-use magcache_core::progress::{Stage, StageTime};
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use std::path::{Path, PathBuf};
 

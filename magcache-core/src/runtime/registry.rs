@@ -3,12 +3,12 @@
 //! A crate that registers something must be referenced by the final binary or test, or the linker
 //! drops its registrations (see `magcache_strategies::link()` and `magcache_models::link()`).
 
-use crate::config::RunConfig;
-pub use crate::config::StrategyRegistration;
 use crate::error::Result;
 use crate::metadata::BlockMetadata;
 pub use crate::model::{ModelInfo, ScheduleMeta};
-use crate::pipeline::Pipeline;
+use crate::runtime::config::RunConfig;
+pub use crate::runtime::config::StrategyRegistration;
+use crate::runtime::pipeline::Pipeline;
 use std::path::Path;
 
 /// Builds a family's pipeline from a run config. `file` names the config for messages and `base_dir`

@@ -1,5 +1,5 @@
-//! The denoising kit: what a model crate's loop needs around its transformer calls, and the
-//! [`Pipeline`] interface the runner drives.
+//! The denoising kit: what a model crate's loop needs around its transformer calls (the runner drives
+//! the loop through [`crate::runtime::pipeline::Pipeline`]).
 //!
 //! A loop builds its [`GenerationPlan`] with [`GenerationPlan::from_steps`], starts a [`Denoiser`]
 //! (which announces the plan to the cache and forwards its warnings), and runs every transformer call
@@ -9,7 +9,6 @@
 
 use crate::cache::{CacheHandle, CallCx, CallDecision};
 use crate::error::Result;
-use crate::model::ModelInfo;
 use crate::scope::{Branch, GenerationPlan, ScopeKey};
 use candle_core::Tensor;
 
@@ -127,43 +126,5 @@ impl<'a> Denoiser<'a> {
     /// Passes a warning to the observer.
     pub fn warning(&mut self, msg: &str) {
         self.obs.warning(msg);
-    }
-}
-
-/// A runnable denoising pipeline of one family.
-pub trait Pipeline {
-    fn family(&self) -> &str;
-    /// One line describing the model (architecture, sizes, where the weights came from).
-    fn describe(&self) -> String;
-    /// Scopes and step counts of a generation with the current sampling settings.
-    fn plan(&self) -> GenerationPlan;
-    /// Family, variant and published calibration data, for strategies.
-    fn model_info(&self) -> ModelInfo;
-    /// Attaches a cache to every expert (replacing any previous one); `None` removes it.
-    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()>;
-    /// The final latents as 2-D image planes `[N, H, W]` (every sample, channel and frame), for image
-    /// metrics. This is the named "latents to pixels" stage: for models whose latents are the pixels
-    /// (the digits model) the planes are the picture; a VAE decoder would take its place.
-    fn to_planes(&self, latents: &Tensor) -> Result<Tensor>;
-    /// What building the pipeline found that the user should know (checkpoint tensors the model
-    /// never used, settings the family ignores). The pipeline also passes them to the observer at the
-    /// start of every generation, so a runner that only observes generations sees them too.
-    fn warnings(&self) -> Vec<String> {
-        Vec::new()
-    }
-    /// Runs the whole loop and returns the final latents. With a cache attached, the pipeline starts a
-    /// new cache generation first (warnings go to the observer). NaN or infinite values in a call's
-    /// output or a step's latents end the generation with an error ([`Denoiser`] checks them).
-    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor>;
-    /// After [`Pipeline::generate`]: the outputs of a prompted run beyond the final latents (the
-    /// decoded pixels `decoded`, the embeddings the transformer received), named as the contract
-    /// names them. Empty for runs without a `[prompt]`.
-    fn finish(&mut self, _latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
-        Ok(Vec::new())
-    }
-    /// Wall time and peak memory of the stages outside the denoising loop (encoding the text,
-    /// decoding), in the order they ran.
-    fn stages(&self) -> Vec<crate::progress::StageTime> {
-        Vec::new()
     }
 }

@@ -110,7 +110,7 @@ pub struct ModelSection {
     /// Any config.json field, applied over the preset or the loaded config.
     #[serde(default)]
     pub overrides: Option<toml::Table>,
-    /// Weights' precision: `f32`, `bf16` or `f16` (see [`crate::placement`]).
+    /// Weights' precision: `f32`, `bf16` or `f16` (see [`crate::runtime::placement`]).
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// `cpu`, `cuda`, `cuda:N`, `metal`.
@@ -259,9 +259,9 @@ impl RunConfig {
                 ));
             }
         }
-        crate::placement::parse_dtype(&self.model.dtype, file)?;
-        crate::placement::parse_device(&self.model.device, file)?;
-        let offload = crate::placement::parse_offload(&self.model.offload, file)?;
+        crate::runtime::placement::parse_dtype(&self.model.dtype, file)?;
+        crate::runtime::placement::parse_device(&self.model.device, file)?;
+        let offload = crate::runtime::placement::parse_offload(&self.model.offload, file)?;
         if offload == crate::Offload::Stream && self.model.weights.is_none() {
             return Err(Error::config(
                 file,

@@ -1,0 +1,21 @@
+//! The second floor: the runtime contract a model family implements to get the whole runner
+//! (`magcache-cli`), on top of the cache framework of the crate root.
+//!
+//! - [`config`]: the TOML run file ([`config::RunConfig`]) and the typetag `[cache]` table
+//!   ([`config::StrategyConfig`]) strategies register;
+//! - [`registry`]: model families ([`registry::ModelFamily`]: build, plan, presets) and strategies,
+//!   collected at link time through `inventory`;
+//! - [`pipeline`]: the [`pipeline::Pipeline`] a family builds and the runner drives;
+//! - [`guard`]: the size guard that refuses runs that cannot fit in memory before anything is
+//!   allocated; [`placement`]: device, dtype and offload settings;
+//! - [`metrics`]: image metrics for `compare`; [`progress`]: stage timing and progress notes.
+//!
+//! Nothing in the cache framework imports this module.
+
+pub mod config;
+pub mod guard;
+pub mod metrics;
+pub mod pipeline;
+pub mod placement;
+pub mod progress;
+pub mod registry;

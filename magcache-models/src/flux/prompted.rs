@@ -3,8 +3,8 @@
 //! `scheduler/`), CLIP and T5 encode the prompt (both freed before the transformer loads), the packed
 //! latents are drawn or read, and AutoencoderKL decodes, as diffusers' `FluxPipeline` does.
 
+use super::inputs::FluxInputs;
 use super::vae::{FluxVae, FluxVaeConfig};
-use super::FluxInputs;
 use crate::config_util::resolve;
 use crate::inputs::InputFile;
 use crate::text::flux::FluxTextEncoders;
@@ -173,7 +173,7 @@ pub fn inputs(
         latents,
         ctx: p.prompt_embeds.clone(),
         pooled: p.pooled_prompt_embeds.clone(),
-        img_ids: super::image_ids(h2, w2)?,
+        img_ids: super::inputs::image_ids(h2, w2)?,
         txt_ids: Tensor::zeros((l, c.axes_dims_rope.len()), DType::F32, &Device::Cpu)?,
     }
     .to_device(&p.placement.device)

@@ -1,0 +1,261 @@
+//! The `flux` family: checks, building a pipeline or a plan from a run file, preset export, and
+//! the registrations.
+
+use super::config::FluxConfig;
+use crate::config_util::to_map;
+use crate::config_util::{overrides_json, resolve};
+use crate::inputs::InputFile;
+use crate::random::random_store;
+use crate::scheduler::{flow_match_dynamic, flux_mu};
+use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::registry::ModelFamily;
+use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+
+use super::inputs::build_inputs;
+use super::model::{FluxModel, FLUX_DOUBLE, FLUX_SINGLE};
+use super::pipeline::{flux_plan, FluxPipeline};
+use super::presets::{flux_info, shapes, FLUX_PRESETS};
+use super::{footprint, load, prompted};
+use std::path::Path;
+
+/// FLUX samples with Euler (dynamic shift) only.
+fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
+    if cfg.sampling.scheduler_config.is_some() {
+        return Err(Error::config(
+            file,
+            "sampling.scheduler_config",
+            "flux samples with flow-matching Euler (dynamic shift); scheduler configs are read by Wan's UniPC only",
+        ));
+    }
+    match cfg.sampling.scheduler.as_deref() {
+        None | Some("euler") => Ok(()),
+        Some(other) => Err(Error::config(
+            file,
+            "sampling.scheduler",
+            format!("flux supports only \"euler\" (dynamic shift), not `{other}`"),
+        )),
+    }
+}
+
+/// The keys a flux run cannot use: errors naming them, before anything loads. (`shift` stays a
+/// warning: configs written for diffusers carry one, see `tests/tests/config_compat.rs`.)
+fn check_flux_keys(cfg: &RunConfig, file: &str) -> Result<()> {
+    crate::config_util::check_applicable(cfg, file, "flux", 1, false)
+}
+
+fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    check_flux_scheduler(cfg, file)?;
+    check_flux_keys(cfg, file)?;
+    let mut warnings = Vec::new();
+    if let Some(shift) = cfg.sampling.shift {
+        warnings.push(format!(
+            "{file}: sampling.shift = {shift} is not used by flux: it shifts dynamically from the image length (mu)"
+        ));
+    }
+    let overrides = overrides_json(cfg);
+    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
+    let prompted = match &cfg.prompt {
+        Some(_) => {
+            let root = prompted::pipeline_root(cfg, file, base)?;
+            Some(prompted::encode(cfg, file, &root)?)
+        }
+        None => None,
+    };
+    let (model, desc, variant) = match &cfg.model.weights {
+        Some(WeightsSpec::One(w)) => {
+            let path = transformer_dir(resolve(base, w));
+            let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
+            // Opening the checkpoint reads its headers only (FLUX's config may come from the
+            // tensors); then the whole run must fit.
+            let mut l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            footprint::flux_footprint(cfg, base, &l.config, None).check(file)?;
+            l.store.set_placement(placement.clone());
+            let c = &l.config;
+            let desc = format!(
+                "{} ({:?} layout): {}+{} blocks, dim {}, {} heads",
+                path.display(),
+                l.layout,
+                c.num_layers,
+                c.num_single_layers,
+                c.inner_dim(),
+                c.num_attention_heads
+            );
+            let variant = FLUX_PRESETS
+                .iter()
+                .find(|p| (p.config)() == l.config)
+                .map(|p| p.name);
+            let (n_double, n_single) = (l.config.num_layers, l.config.num_single_layers);
+            let store = std::sync::Arc::new(l.store);
+            let model =
+                match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
+                    magcache_core::Offload::None => FluxModel::from_weights(l.config, &store)?,
+                    magcache_core::Offload::Stream => FluxModel::streamed(l.config, store.clone())?,
+                };
+            let desc = if model.is_streamed() {
+                format!("{desc}, blocks streamed from the checkpoint")
+            } else {
+                desc
+            };
+            let unused = store.check_unused(file, |prefix| {
+                if prefix == "single_transformer_blocks" {
+                    crate::config_util::depth_key(&overrides, "num_single_layers", n_single)
+                } else {
+                    crate::config_util::depth_key(&overrides, "num_layers", n_double)
+                }
+            })?;
+            warnings.extend(unused);
+            (model, desc, variant)
+        }
+        Some(WeightsSpec::Many(_)) => {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "flux takes one weights path",
+            ))
+        }
+        None => {
+            let name = crate::config_util::preset_name(cfg, file)?;
+            let p = FLUX_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
+                Error::config(file, "model.preset", format!("unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"))
+            })?;
+            let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
+            let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
+            footprint::flux_footprint(cfg, base, &c, Some(&base_cfg)).check(file)?;
+            let desc = format!(
+                "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
+                p.name,
+                cfg.model.seed,
+                c.num_layers,
+                c.num_single_layers,
+                c.inner_dim(),
+                c.num_attention_heads
+            );
+            let mut store =
+                random_store(cfg.model.seed, shapes(&c), c.inner_dim(), placement.dtype)?;
+            store.set_placement(placement.clone());
+            (FluxModel::from_weights(c, &store)?, desc, Some(p.name))
+        }
+    };
+    let inputs = match &prompted {
+        Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
+        None => build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?,
+    };
+    let mu = flux_mu(inputs.latents.dim(1)?);
+    let schedule = flow_match_dynamic(cfg.sampling.steps, mu);
+    schedule.check(file, "inputs.latent_shape", mu)?;
+    Ok(Box::new(FluxPipeline {
+        schedule,
+        guidance: cfg.sampling.guidance_scale.unwrap_or(3.5),
+        inputs,
+        info: flux_info(variant),
+        description: desc,
+        warnings,
+        model,
+        prompted,
+        cache: None,
+    }))
+}
+
+/// `transformer/` of a diffusers pipeline folder, else the path as given.
+fn transformer_dir(path: std::path::PathBuf) -> std::path::PathBuf {
+    let t = path.join("transformer");
+    if t.is_dir() {
+        t
+    } else {
+        path
+    }
+}
+
+/// The plan without building the model: the image length (for `mu`) comes from the inputs.
+fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    check_flux_scheduler(cfg, file)?;
+    check_flux_keys(cfg, file)?;
+    let mut fp = magcache_core::runtime::guard::Footprint::default();
+    crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
+    fp.check(file)?;
+    let seq = match (&cfg.prompt, &cfg.inputs.file) {
+        (Some(_), _) => {
+            let root = prompted::pipeline_root(cfg, file, base)?;
+            prompted::image_seq_len(cfg, file, &root)?
+        }
+        (None, Some(f)) => InputFile::load(&resolve(base, f))?
+            .get("latents_init", 3, "[B, seq, C] packed latents")?
+            .dim(1)?,
+        (None, None) => {
+            let s = cfg
+                .inputs
+                .latent_shape
+                .clone()
+                .unwrap_or_else(|| vec![1, 16, 64, 64]);
+            if s.len() != 4 {
+                return Err(Error::config(
+                    file,
+                    "inputs.latent_shape",
+                    format!("{s:?} is not [B, C, H, W]"),
+                ));
+            }
+            (s[2] / 2).saturating_mul(s[3] / 2)
+        }
+    };
+    let variant = cfg
+        .model
+        .preset
+        .as_deref()
+        .and_then(|n| FLUX_PRESETS.iter().find(|p| p.name == n))
+        .map(|p| p.name);
+    Ok((
+        flux_plan(&flow_match_dynamic(cfg.sampling.steps, flux_mu(seq))),
+        flux_info(variant),
+    ))
+}
+
+/// A FLUX preset run's transformer, generated tensor by tensor (`magcache export`).
+fn export_flux(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    let overrides = overrides_json(cfg);
+    let name = crate::config_util::preset_name(cfg, file)?;
+    let p = FLUX_PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            Error::config(
+                file,
+                "model.preset",
+                format!(
+                    "unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"
+                ),
+            )
+        })?;
+    let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
+    let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
+    let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
+    let mut config = to_map(&c, "FluxTransformer2DModel")?;
+    config.insert("_class_name".into(), "FluxTransformer2DModel".into());
+    Ok(vec![crate::random::generated(
+        "",
+        config,
+        cfg.model.seed,
+        shapes(&c),
+        c.inner_dim(),
+        dtype,
+    )])
+}
+
+inventory::submit! {
+    magcache_core::PresetExport { family: "flux", export: export_flux }
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "flux",
+        description: "FLUX.1 (FluxTransformer2DModel): double- then single-stream blocks in one cache chain, Euler with dynamic shift, embedded guidance",
+        blocks: &[FLUX_DOUBLE, FLUX_SINGLE],
+        presets: &["flux-dev", "flux-schnell"],
+        published: &["magcache flux_dev", "teacache flux_dev"],
+        streams: true,
+        build: build_flux,
+        plan: plan_flux,
+    }
+}

@@ -1,0 +1,175 @@
+//! The inputs of a FLUX run: packed latents, text embeddings and position ids, from a file or drawn
+//! from a seed.
+
+use super::config::FluxConfig;
+use crate::config_util::resolve;
+use crate::inputs::InputFile;
+use crate::random::randn;
+use candle_core::{Device, Tensor};
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::{Error, Result};
+
+use std::path::Path;
+
+impl FluxInputs {
+    /// The inputs on `dev`.
+    pub fn to_device(self, dev: &Device) -> Result<Self> {
+        Ok(FluxInputs {
+            latents: self.latents.to_device(dev)?,
+            ctx: self.ctx.to_device(dev)?,
+            pooled: self.pooled.to_device(dev)?,
+            img_ids: self.img_ids.to_device(dev)?,
+            txt_ids: self.txt_ids.to_device(dev)?,
+        })
+    }
+}
+
+/// Conditioning of a FLUX generation (packed latents).
+pub struct FluxInputs {
+    /// `[B, seq, C]`
+    pub latents: Tensor,
+    /// `[B, L, joint_attention_dim]`
+    pub ctx: Tensor,
+    /// `[B, pooled_projection_dim]`
+    pub pooled: Tensor,
+    /// `[seq, 3]`, `[L, 3]`
+    pub img_ids: Tensor,
+    pub txt_ids: Tensor,
+}
+
+/// Position ids of a packed `h x w` image grid: `[0, row, col]`.
+pub fn image_ids(h: usize, w: usize) -> Result<Tensor> {
+    let n = h
+        .checked_mul(w)
+        .and_then(|n| n.checked_mul(3))
+        .ok_or_else(|| Error::msg(format!("image grid {h}x{w} is too large")))?;
+    let mut v = Vec::with_capacity(n);
+    for r in 0..h {
+        for c in 0..w {
+            v.extend_from_slice(&[0.0f32, r as f32, c as f32]);
+        }
+    }
+    Ok(Tensor::from_vec(v, (h * w, 3), &Device::Cpu)?)
+}
+
+pub(super) fn build_inputs(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    c: &FluxConfig,
+) -> Result<FluxInputs> {
+    if let Some(f) = &cfg.inputs.file {
+        let inp = InputFile::load(&resolve(base, f))?;
+        let lat = inp.get(
+            "latents_init",
+            3,
+            &format!("[B, seq, {}] packed latents", c.in_channels),
+        )?;
+        let (b, seq, ch) = lat.dims3()?;
+        if ch != c.in_channels {
+            return Err(Error::inputs(
+                &inp.path,
+                "latents_init",
+                format!(
+                    "has shape {:?}; the model takes {} channels",
+                    lat.dims(),
+                    c.in_channels
+                ),
+            ));
+        }
+        let ctx = inp.get(
+            "encoder_hidden_states",
+            3,
+            &format!("[B, L, {}]", c.joint_attention_dim),
+        )?;
+        if ctx.dim(0)? != b || ctx.dim(2)? != c.joint_attention_dim {
+            return Err(Error::inputs(
+                &inp.path,
+                "encoder_hidden_states",
+                format!(
+                    "has shape {:?}; expected [{b}, L, {}]",
+                    ctx.dims(),
+                    c.joint_attention_dim
+                ),
+            ));
+        }
+        let pooled = inp.get(
+            "pooled_projections",
+            2,
+            &format!("[B, {}]", c.pooled_projection_dim),
+        )?;
+        if pooled.dims() != [b, c.pooled_projection_dim] {
+            return Err(Error::inputs(
+                &inp.path,
+                "pooled_projections",
+                format!(
+                    "has shape {:?}; expected [{b}, {}]",
+                    pooled.dims(),
+                    c.pooled_projection_dim
+                ),
+            ));
+        }
+        let n_axes = c.axes_dims_rope.len();
+        let ids = |name: &str, n: usize| -> Result<Tensor> {
+            let mut t = inp.get(name, 2, &format!("[{n}, {n_axes}] position ids"))?;
+            if t.rank() == 3 {
+                t = t.get(0)?;
+            }
+            if t.dims() != [n, n_axes] {
+                return Err(Error::inputs(
+                    &inp.path,
+                    name,
+                    format!("has shape {:?}; expected [{n}, {n_axes}]", t.dims()),
+                ));
+            }
+            Ok(t)
+        };
+        let img_ids = ids("img_ids", seq)?;
+        let txt_ids = ids("txt_ids", ctx.dim(1)?)?;
+        return Ok(FluxInputs {
+            latents: lat,
+            ctx,
+            pooled,
+            img_ids,
+            txt_ids,
+        });
+    }
+    // Random inputs: latent_shape = [B, C, H, W] of unpacked latents (C * 4 = in_channels), packed 2x2.
+    let seed = cfg.inputs.seed.unwrap_or(cfg.model.seed);
+    let shape = cfg
+        .inputs
+        .latent_shape
+        .clone()
+        .unwrap_or_else(|| vec![1, c.in_channels / 4, 64, 64]);
+    if shape.len() != 4
+        || shape[1].checked_mul(4) != Some(c.in_channels)
+        || !shape[2].is_multiple_of(2)
+        || !shape[3].is_multiple_of(2)
+    {
+        return Err(Error::config(
+            file,
+            "inputs.latent_shape",
+            format!("{shape:?} is not [B, {}, H, W] with even H and W (FLUX packs 2x2 latents into {} channels)", c.in_channels / 4, c.in_channels),
+        ));
+    }
+    let (b, h, w) = (shape[0], shape[2] / 2, shape[3] / 2);
+    let seq = h.checked_mul(w).ok_or_else(|| {
+        Error::config(
+            file,
+            "inputs.latent_shape",
+            format!("{shape:?} is too large"),
+        )
+    })?;
+    let l = cfg.inputs.text_len.unwrap_or(64);
+    Ok(FluxInputs {
+        latents: randn(seed.wrapping_add(1), &[b, seq, c.in_channels])?,
+        ctx: randn(seed.wrapping_add(2), &[b, l, c.joint_attention_dim])?,
+        pooled: randn(seed.wrapping_add(3), &[b, c.pooled_projection_dim])?,
+        img_ids: image_ids(h, w)?,
+        txt_ids: Tensor::zeros(
+            (l, c.axes_dims_rope.len()),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?,
+    })
+}

@@ -1,0 +1,138 @@
+//! The FLUX denoising loop: Euler with dynamic shift, embedded guidance, one cache scope.
+
+use crate::scheduler::FlowSchedule;
+use candle_core::Tensor;
+use magcache_core::denoise::Observer;
+use magcache_core::{
+    Branch, CacheHandle, Denoiser, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
+};
+
+use super::inputs::FluxInputs;
+use super::model::FluxModel;
+use super::prompted;
+
+pub struct FluxPipeline {
+    pub model: FluxModel,
+    pub schedule: FlowSchedule,
+    pub guidance: f64,
+    pub inputs: FluxInputs,
+    pub info: ModelInfo,
+    pub description: String,
+    /// Found while building; reported at the start of every generation.
+    pub warnings: Vec<String>,
+    /// Prompted runs (`[prompt]`): the pipeline folder and encoded prompt, decoded in `finish`.
+    pub prompted: Option<prompted::Prompted>,
+    pub(super) cache: Option<CacheHandle>,
+}
+
+impl Pipeline for FluxPipeline {
+    fn family(&self) -> &str {
+        "flux"
+    }
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+    fn plan(&self) -> GenerationPlan {
+        flux_plan(&self.schedule)
+    }
+    fn model_info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
+        self.cache = cache;
+        Ok(())
+    }
+    /// Packed `[B, h*w, C]` -> `[B*C, h, w]` on the grid of `img_ids`.
+    fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, seq, c) = latents.dims3()?;
+        let ids = self.inputs.img_ids.to_vec2::<f32>()?;
+        // Rows `[0, row, col]`; ids with fewer axes give no grid (one row of `seq` values).
+        let extent = |axis: usize| {
+            ids.iter()
+                .map(|r| r.get(axis).map_or(0, |&v| v as usize))
+                .max()
+                .unwrap_or(0)
+                .saturating_add(1)
+        };
+        let (h, w) = (extent(1), extent(2));
+        if h.checked_mul(w) != Some(seq) {
+            return Ok(latents
+                .permute((0, 2, 1))?
+                .contiguous()?
+                .reshape((b * c, 1, seq))?);
+        }
+        Ok(latents
+            .reshape((b, h, w, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .reshape((b * c, h, w))?)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
+    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
+        for w in &self.warnings {
+            obs.warning(w);
+        }
+        let plan = self.plan();
+        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let b = self.inputs.latents.dim(0)?;
+        let dev = self.inputs.latents.device();
+        let g = self
+            .model
+            .cfg
+            .guidance_embeds
+            .then(|| Tensor::from_vec(vec![self.guidance as f32; b], b, dev))
+            .transpose()?;
+        let mut lat = self.inputs.latents.clone();
+        let inp = &self.inputs;
+        for i in 0..self.schedule.steps() {
+            let t = self.schedule.timesteps[i];
+            let tt = Tensor::from_vec(vec![t / 1000.0; b], b, dev)?;
+            let v = den.call(i, 0, Branch::Cond, t as f64, |cx| {
+                self.model.forward(
+                    &lat,
+                    &inp.ctx,
+                    &inp.pooled,
+                    &tt,
+                    &inp.img_ids,
+                    &inp.txt_ids,
+                    g.as_ref(),
+                    cx,
+                )
+            })?;
+            lat = (&lat + (v * self.schedule.dt(i) as f64)?)?;
+            den.step_done(i, &lat)?;
+        }
+        Ok(lat)
+    }
+
+    fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        match &mut self.prompted {
+            Some(p) => prompted::finish(p, latents),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn stages(&self) -> Vec<magcache_core::runtime::progress::StageTime> {
+        self.prompted
+            .as_ref()
+            .map(|p| p.stages.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The one scope of a FLUX generation (no CFG: guidance is embedded).
+pub fn flux_plan(schedule: &FlowSchedule) -> GenerationPlan {
+    let steps = schedule.steps();
+    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
+    GenerationPlan::from_steps(&StepsSpec {
+        family: "flux",
+        scheduler: "flow-euler, dynamic shift",
+        sigmas: &sigmas,
+        branches: &[Branch::Cond],
+        ..Default::default()
+    })
+}

@@ -2,6 +2,7 @@
 //! sampler with dynamic shift and embedded guidance ([`pipeline`]), and the family registration
 //! ([`family`]).
 
+pub mod blocks;
 pub mod config;
 pub mod family;
 pub mod footprint;

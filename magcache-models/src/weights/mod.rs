@@ -5,12 +5,21 @@
 //! for in, it converts every tensor to one dtype as it is fetched (we keep norms and biases in f32
 //! and only linear weights in the run's dtype), and it cannot report which checkpoint tensors a model
 //! never asked for.
+//!
+//! [`files`] finds a checkpoint's files (single file, sharded index, folder); [`stream`] runs blocks
+//! read from the checkpoint as they run (`offload = "stream"`).
 
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+pub mod files;
+pub mod stream;
+
+pub use files::weight_files;
+pub use stream::run_streamed;
 
 /// A tensor of the store: in memory, or where it lies in a memory-mapped checkpoint file (read when
 /// it is handed out, so a model can fetch a block's weights when the block runs).
@@ -523,121 +532,4 @@ fn block_of(name: &str) -> Option<(&str, usize)> {
         start += part.len() + 1;
     }
     None
-}
-
-/// Runs the streamed blocks `blocks` in order (`model.offload = "stream"`): `load(i)` reads block
-/// `i` from the checkpoint, `run(i, block)` computes it. Block `i + 1` is read on a second thread
-/// while block `i` runs, so two blocks are resident. On a failure the pending read is joined before
-/// returning, so a panic in it is an error, never an abort. `family` names the model in errors.
-pub fn run_streamed<B: Send>(
-    family: &str,
-    blocks: std::ops::Range<usize>,
-    load: impl Fn(usize) -> Result<B> + Sync,
-    mut run: impl FnMut(usize, &B) -> Result<()>,
-) -> Result<()> {
-    let join = |h: std::thread::ScopedJoinHandle<'_, Result<B>>| -> Result<B> {
-        h.join().map_err(|_| {
-            Error::msg(format!(
-                "{family}: the thread reading a streamed block panicked"
-            ))
-        })?
-    };
-    std::thread::scope(|s| {
-        let load = &load;
-        let mut next = None;
-        let mut go = || -> Result<()> {
-            for i in blocks.clone() {
-                let blk = match next.take() {
-                    Some(h) => join(h)?,
-                    None => load(i)?,
-                };
-                if i + 1 < blocks.end {
-                    next = Some(s.spawn(move || load(i + 1)));
-                }
-                run(i, &blk)?;
-            }
-            Ok(())
-        };
-        let r = go();
-        if let Some(h) = next.take() {
-            let _ = h.join();
-        }
-        r
-    })
-}
-
-/// The weight files of a model path: a file, a folder with a `*.safetensors.index.json`, a folder with
-/// `diffusion_pytorch_model.safetensors`, or a folder of `*.safetensors`.
-pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
-    let shown = path.display().to_string();
-    if path.is_file() {
-        if path.extension().and_then(|e| e.to_str()) == Some("json") {
-            return index_files(path);
-        }
-        return Ok(vec![path.to_path_buf()]);
-    }
-    if let Some(why) = magcache_core::error::not_found(path) {
-        let why = if why == "does not exist" {
-            "no such file or folder".to_string()
-        } else {
-            why
-        };
-        return Err(Error::weights(&shown, "(file)", why));
-    }
-    if !path.is_dir() {
-        return Err(Error::weights(
-            &shown,
-            "(file)",
-            "is neither a file nor a folder",
-        ));
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| Error::io(&shown, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    if let Some(idx) = entries
-        .iter()
-        .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
-    {
-        return index_files(idx);
-    }
-    let single = path.join("diffusion_pytorch_model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let st: Vec<PathBuf> = entries
-        .into_iter()
-        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("safetensors"))
-        .collect();
-    if st.is_empty() {
-        return Err(Error::weights(
-            &shown,
-            "(file)",
-            "folder holds no *.safetensors weights",
-        ));
-    }
-    Ok(st)
-}
-
-fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
-    let shown = idx.display().to_string();
-    let text = magcache_core::error::read_text(std::path::Path::new(idx))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::weights(&shown, "(index)", format!("invalid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| {
-            Error::weights(&shown, "weight_map", "the index has no `weight_map` object")
-        })?;
-    let dir = idx.parent().unwrap_or(Path::new("."));
-    let mut files: BTreeMap<String, ()> = BTreeMap::new();
-    for (k, f) in map {
-        let f = f
-            .as_str()
-            .ok_or_else(|| Error::weights(&shown, k, "weight_map entry is not a file name"))?;
-        files.insert(f.to_string(), ());
-    }
-    Ok(files.into_keys().map(|f| dir.join(f)).collect())
 }

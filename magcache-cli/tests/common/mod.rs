@@ -1,0 +1,98 @@
+//! Helpers shared by the runner's integration tests: the binary, its one-line errors, and a
+//! folder with a copy of the tiny Wan checkpoint.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference")
+}
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_magcache"));
+    c.env("RUST_BACKTRACE", "1");
+    c
+}
+
+pub fn magcache(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Asserts a failure with one line on stderr naming each of `must_name`; returns stderr.
+pub fn check_err(o: &Output, must_name: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for n in must_name {
+        assert!(stderr.contains(n), "stderr should name `{n}`: {stderr}");
+    }
+    stderr
+}
+
+/// A folder with a copy of the tiny Wan checkpoint (`w/`), its inputs (`in.safetensors`) and a run
+/// file (`run.toml`) over them; `extra` is appended to the run file.
+pub struct Case {
+    pub dir: tempfile::TempDir,
+}
+
+impl Case {
+    pub fn new(extra: &str) -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("w");
+        std::fs::create_dir(&w).unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(fixtures().join("wan21_tiny").join(f), w.join(f)).unwrap();
+        }
+        std::fs::copy(
+            fixtures().join("wan21_tiny_loop.safetensors"),
+            dir.path().join("in.safetensors"),
+        )
+        .unwrap();
+        let c = Case { dir };
+        c.write_run(&format!(
+            "[model]\nfamily = \"wan2.1\"\nweights = \"w\"\n\n[inputs]\nfile = \"in.safetensors\"\n\n[sampling]\nsteps = 3\nshift = 5.0\nguidance_scale = 5.0\n{extra}"
+        ));
+        c
+    }
+    pub fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn run_file(&self) -> PathBuf {
+        self.p("run.toml")
+    }
+    pub fn write_run(&self, text: &str) {
+        std::fs::write(self.run_file(), text).unwrap();
+    }
+    /// Every file name in the folder (not recursing), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+    /// Runs `args`, expects an error naming `must_name`, and asserts `protected` is byte for byte
+    /// unchanged and no file appeared.
+    pub fn refuses(&self, args: &[&str], protected: &Path, must_name: &[&str]) -> String {
+        let before = std::fs::read(protected).unwrap();
+        let names = self.names();
+        let o = magcache(args);
+        let e = check_err(&o, must_name);
+        assert_eq!(
+            std::fs::read(protected).unwrap(),
+            before,
+            "{} changed",
+            protected.display()
+        );
+        assert_eq!(self.names(), names, "files appeared or vanished: {e}");
+        e
+    }
+}

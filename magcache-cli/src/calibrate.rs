@@ -4,6 +4,7 @@ use crate::prepare::{base_dir, prepare_pipeline};
 use crate::report::Report;
 use crate::run::{generate, Verbosity};
 use magcache_core::{CacheHandle, Error, Result, RunConfig};
+use magcache_strategies::probe::{BlockProbes, BlockStat};
 use std::path::{Path, PathBuf};
 
 /// Runs the configured generation without skipping and measures the MagCache statistics of every
@@ -12,14 +13,45 @@ pub fn calibrate(
     config: &Path,
     verbosity: Verbosity,
 ) -> Result<(magcache_strategies::profile::Profile, Report)> {
+    let (prof, report, _) = calibrate_with(config, verbosity, false)?;
+    Ok((prof, report))
+}
+
+/// [`calibrate`], and with `blocks` also every block's residual change and time per scope, measured
+/// by two hooks on every block of the model's chains ([`magcache_strategies::probe`]); the changes
+/// go into the profile's `block_change` tables. A family whose pipeline offers no hook registry is
+/// refused with `blocks`.
+pub fn calibrate_with(
+    config: &Path,
+    verbosity: Verbosity,
+    blocks: bool,
+) -> Result<(
+    magcache_strategies::profile::Profile,
+    Report,
+    Vec<BlockStat>,
+)> {
     use magcache_strategies::profile::{expert_name, Profile, ProfileMeta};
     let mut p = prepare_pipeline(config)?;
+    let probes = BlockProbes::new();
+    if blocks {
+        let registries = p.pipeline.hook_registries();
+        if registries.is_empty() {
+            return Err(Error::msg(format!(
+                "--blocks: model family `{}` offers no per-block hooks",
+                p.cfg.model.family
+            )));
+        }
+        for (expert, reg) in registries.into_iter().enumerate() {
+            probes.attach(expert, reg)?;
+        }
+    }
     let (cal, results) = magcache_strategies::calibrate::Calibrator::new();
     let handle = CacheHandle::new(Box::new(cal));
     p.pipeline.set_cache(Some(handle.clone()))?;
     p.cache = Some(handle);
     p.strategy = "calibrate".into();
     let (_, report) = generate(&mut p, verbosity)?;
+    let stats = probes.summary()?;
     let plan = p.pipeline.plan();
     let n = plan.experts().len();
     let mut sigmas = vec![0.0; plan.total_steps];
@@ -70,7 +102,83 @@ pub fn calibrate(
             .insert(b, c.forecast);
         prof.sigmas.insert(name, sp.sigmas.clone());
     }
-    Ok((prof, report))
+    for st in &stats {
+        let changes = prof
+            .block_change
+            .entry(expert_name(st.expert, n).to_string())
+            .or_default()
+            .entry(st.scope.branch.to_string())
+            .or_default();
+        if changes.len() <= st.block {
+            changes.resize(st.block + 1, 0.0);
+        }
+        changes[st.block] = st.mean_change.unwrap_or(0.0);
+    }
+    Ok((prof, report, stats))
+}
+
+/// The per-block table `magcache calibrate --blocks` prints: one row per block, the mean residual
+/// change of every scope and the block's share of the chain's time; then the blocks that change
+/// least per scope.
+pub fn blocks_text(stats: &[BlockStat]) -> String {
+    use std::collections::BTreeMap;
+    let mut scopes: Vec<(usize, magcache_core::ScopeKey)> = Vec::new();
+    let mut rows: BTreeMap<usize, BTreeMap<(usize, magcache_core::ScopeKey), &BlockStat>> =
+        BTreeMap::new();
+    for st in stats {
+        if !scopes.contains(&(st.expert, st.scope)) {
+            scopes.push((st.expert, st.scope));
+        }
+        rows.entry(st.block)
+            .or_default()
+            .insert((st.expert, st.scope), st);
+    }
+    let mut out = String::from(
+        "per-block residual change between consecutive calls (mean relative L1; lower: the block is easier to cache), and share of the chain's time\n",
+    );
+    out.push_str("| block |");
+    for (e, s) in &scopes {
+        out.push_str(&format!(" expert {e} {} |", s.branch));
+    }
+    out.push_str(" time |\n|---|");
+    out.push_str(&"---|".repeat(scopes.len() + 1));
+    out.push('\n');
+    let total: f64 = stats.iter().map(|s| s.mean_seconds).sum::<f64>().max(1e-12);
+    for (block, by_scope) in &rows {
+        out.push_str(&format!("| {block} |"));
+        let mut secs = 0.0;
+        for k in &scopes {
+            match by_scope.get(k) {
+                Some(st) => {
+                    secs += st.mean_seconds;
+                    match st.mean_change {
+                        Some(c) => out.push_str(&format!(" {c:.4} |")),
+                        None => out.push_str(" - |"),
+                    }
+                }
+                None => out.push_str(" - |"),
+            }
+        }
+        out.push_str(&format!(" {:.1}% |\n", 100.0 * secs / total));
+    }
+    for k in &scopes {
+        let mut v: Vec<(usize, f64)> = stats
+            .iter()
+            .filter(|s| (s.expert, s.scope) == *k)
+            .filter_map(|s| s.mean_change.map(|c| (s.block, c)))
+            .collect();
+        v.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let least: Vec<String> = v.iter().take(3).map(|(b, _)| b.to_string()).collect();
+        if !least.is_empty() {
+            out.push_str(&format!(
+                "expert {} {}: blocks changing least: {}\n",
+                k.0,
+                k.1.branch,
+                least.join(", ")
+            ));
+        }
+    }
+    out
 }
 
 /// What identifies the model a profile was measured on: the preset and seed, or an FNV-1a

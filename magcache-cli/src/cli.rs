@@ -78,6 +78,10 @@ enum Cmd {
         /// The profile (TOML) to write.
         #[arg(long)]
         out: PathBuf,
+        /// Also probe every block (two hooks on each: its residual change between calls and its
+        /// time); prints a table and writes `block_change` into the profile.
+        #[arg(long)]
+        blocks: bool,
         #[arg(long)]
         quiet: bool,
     },
@@ -163,12 +167,21 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
 fn real_main(cli: Cli) -> Result<()> {
     install_signal_cleanup();
     match cli.cmd {
-        Cmd::Calibrate { config, out, quiet } => {
+        Cmd::Calibrate {
+            config,
+            out,
+            blocks,
+            quiet,
+        } => {
             let mut outs = plan_outputs(&config, &[("--out", &Some(out.clone()))])?;
-            let (profile, report) = crate::calibrate(&config, verbosity(quiet, false))?;
+            let (profile, report, stats) =
+                crate::calibrate_with(&config, verbosity(quiet, false), blocks)?;
             outs.write(&out, profile.to_toml()?.as_bytes())?;
             outs.commit()?;
             if !quiet {
+                if blocks {
+                    print!("{}", crate::blocks_text(&stats));
+                }
                 println!(
                     "calibrated {} calls over {} steps in {:.3} s; profile written to {}",
                     report.total_calls,

@@ -19,7 +19,7 @@ mod report;
 mod run;
 pub mod video;
 
-pub use calibrate::{calibrate, fingerprint};
+pub use calibrate::{blocks_text, calibrate, calibrate_with, fingerprint};
 pub use cli::main;
 pub use compare::{compare, compare_text, CompareReport, Comparison};
 pub use export::{export, ExportReport};

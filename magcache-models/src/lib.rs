@@ -4,7 +4,9 @@
 //! (flow-matching Euler in [`scheduler`], UniPC in [`unipc`]) and
 //! denoising loops. Each family registers itself with `inventory` ([`magcache_core::ModelFamily`]):
 //! block metadata, presets and published calibration data. Models know nothing of a strategy's
-//! maths: they run their blocks through [`magcache_core::HookRegistry`] and set each call's scope.
+//! maths: they hand their block chain to the call's cache ([`magcache_core::CallCx::run_chain`]) and
+//! run each block through their [`magcache_core::HookRegistry`], which the runner reaches through
+//! `Pipeline::hook_registries` (`magcache calibrate --blocks` probes every block).
 
 pub mod config_util;
 pub mod flux;

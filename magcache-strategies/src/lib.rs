@@ -27,6 +27,7 @@ pub mod engine;
 pub mod fbcache;
 pub mod guards;
 pub mod magcache;
+pub mod probe;
 pub mod profile;
 pub mod ratios;
 pub mod residual;

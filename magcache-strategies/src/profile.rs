@@ -54,6 +54,10 @@ pub struct Profile {
     /// written before calibrated schedules).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub forecast_errors: BTreeMap<String, BTreeMap<String, ForecastErrors>>,
+    /// Per expert and branch, each block's mean relative residual change between consecutive calls
+    /// (`magcache calibrate --blocks`, [`crate::probe`]); absent without `--blocks`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub block_change: ScopeTable,
 }
 
 /// The forecast errors of one scope, measured on a dense run (profile tables `[forecast_errors.*]`).

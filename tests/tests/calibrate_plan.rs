@@ -67,6 +67,50 @@ fn calibration_matches_reference_wan21() {
     assert!(prof.meta.model.starts_with("weights fnv64:"));
 }
 
+/// `calibrate --blocks`: two hooks on every block of both experts observe every call without
+/// changing the calibration, and every block of every scope gets its residual change and time.
+#[test]
+fn block_probes_observe_every_block_of_both_experts() {
+    link_all();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "run.toml", &wan22_toml(None));
+    let (plain, _) = magcache_cli::calibrate(&cfg, magcache_cli::Verbosity::Quiet).unwrap();
+    let (prof, _, stats) =
+        magcache_cli::calibrate_with(&cfg, magcache_cli::Verbosity::Quiet, true).unwrap();
+    assert_eq!(
+        prof.ratios, plain.ratios,
+        "probes must not change what runs"
+    );
+    assert!(plain.block_change.is_empty());
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("reference/wan22_tiny/transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    let layers = config["num_layers"].as_u64().unwrap() as usize;
+    // Two experts x two branches x every block.
+    assert_eq!(stats.len(), 2 * 2 * layers, "{stats:?}");
+    for st in &stats {
+        let c = st.mean_change.expect("every scope runs more than one call");
+        assert!(c.is_finite() && c > 0.0, "{st:?}");
+        assert!(st.mean_seconds > 0.0, "{st:?}");
+    }
+    for expert in ["high_noise", "low_noise"] {
+        for branch in ["cond", "uncond"] {
+            let v = &prof.block_change[expert][branch];
+            assert_eq!(v.len(), layers, "{expert} {branch}");
+        }
+    }
+    let text = magcache_cli::blocks_text(&stats);
+    assert!(
+        text.contains("expert 1 uncond: blocks changing least"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("| ")).count(),
+        1 + layers
+    );
+}
+
 #[test]
 fn calibration_matches_reference_per_expert_wan22() {
     link_all();

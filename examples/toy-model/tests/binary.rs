@@ -118,3 +118,20 @@ fn errors_are_one_line_and_exit_1() {
         "{err}"
     );
 }
+
+#[test]
+fn calibrate_blocks_needs_hooks_the_toy_does_not_offer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.toml");
+    let toml = toy_toml();
+    let args = ["calibrate", "--config", toml.to_str().unwrap()];
+    let o = toy_magcache(&[&args[..], &["--out", out.to_str().unwrap(), "--blocks"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--blocks") && err.contains("`toy`"), "{err}");
+    assert!(!out.exists(), "no profile is written");
+    // Without --blocks the toy calibrates.
+    let p = ok(&[&args[..], &["--out", out.to_str().unwrap(), "--quiet"]].concat());
+    assert!(p.is_empty() && out.exists());
+}

@@ -39,6 +39,12 @@ pub trait Pipeline {
     fn finish(&mut self, _latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
+    /// The hook registries of the model's block chains, one per expert (index = expert), for the
+    /// per-block hooks the runner attaches (`magcache calibrate --blocks`). Empty: the family
+    /// offers none.
+    fn hook_registries(&mut self) -> Vec<&mut crate::hooks::HookRegistry> {
+        Vec::new()
+    }
     /// Wall time and peak memory of the stages outside the denoising loop (encoding the text,
     /// decoding), in the order they ran.
     fn stages(&self) -> Vec<crate::runtime::progress::StageTime> {

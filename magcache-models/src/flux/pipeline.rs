@@ -72,6 +72,10 @@ impl Pipeline for FluxPipeline {
         self.warnings.clone()
     }
 
+    fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
+        vec![&mut self.model.hooks]
+    }
+
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         for w in &self.warnings {
             obs.warning(w);

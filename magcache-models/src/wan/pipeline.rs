@@ -178,6 +178,10 @@ impl Pipeline for WanPipeline {
         self.warnings.clone()
     }
 
+    fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
+        self.experts.iter_mut().map(|m| &mut m.hooks).collect()
+    }
+
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         for w in &self.warnings {
             obs.warning(w);

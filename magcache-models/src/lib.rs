@@ -18,6 +18,7 @@ pub mod random;
 pub mod scheduler;
 pub mod text;
 pub mod unipc;
+pub(crate) mod vae_common;
 pub mod wan;
 pub mod weights;
 

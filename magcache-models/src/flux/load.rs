@@ -33,7 +33,7 @@ pub fn detect_layout(store: &WeightStore) -> Result<FluxLayout> {
     }
 }
 
-fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
+pub(super) fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
     store
         .keys()
         .filter_map(|k| {

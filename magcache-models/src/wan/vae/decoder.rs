@@ -1,0 +1,133 @@
+//! The Wan VAE's decoder: its structure, one latent frame's forward pass and its construction.
+
+use super::config::WanVaeConfig;
+use super::layers::{Conv, FeatCache, MidBlock, Norm, ResBlock, Resample};
+use super::load::Builder;
+use super::trace::{record, VaeTrace};
+use candle_core::Tensor;
+use magcache_core::{Error, Result};
+
+pub(super) struct UpBlock {
+    pub(super) resnets: Vec<ResBlock>,
+    pub(super) upsampler: Option<Resample>,
+}
+
+pub(super) struct Decoder {
+    pub(super) conv_in: Conv,
+    pub(super) mid: MidBlock,
+    pub(super) up: Vec<UpBlock>,
+    pub(super) norm_out: Norm,
+    pub(super) conv_out: Conv,
+    pub(super) slots: usize,
+}
+
+impl Decoder {
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut FeatCache,
+        mut trace: Option<&mut VaeTrace>,
+    ) -> Result<Tensor> {
+        let x = self.conv_in.forward(x, cache)?;
+        record(&mut trace, "decoder.conv_in", &x);
+        let mut x = self.mid.forward(&x, cache)?;
+        record(&mut trace, "decoder.mid_block", &x);
+        for (i, blk) in self.up.iter().enumerate() {
+            for r in &blk.resnets {
+                x = r.forward(&x, cache)?;
+            }
+            if let Some(u) = &blk.upsampler {
+                x = u.forward(&x, cache)?;
+            }
+            if trace.is_some() {
+                record(&mut trace, &format!("decoder.up_blocks.{i}"), &x);
+            }
+        }
+        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.conv_out.forward(&x, cache)?;
+        record(&mut trace, "decoder", &x);
+        Ok(x)
+    }
+}
+
+impl Builder<'_> {
+    pub(super) fn decoder(&mut self, cfg: &WanVaeConfig) -> Result<Decoder> {
+        let d = cfg.decoder_base_dim;
+        let stages = cfg.dim_mult.len();
+        let dims: Vec<usize> = std::iter::once(cfg.dim_mult[stages - 1])
+            .chain(cfg.dim_mult.iter().rev().copied())
+            .map(|m| d * m)
+            .collect();
+        let conv_in = self.conv333("decoder.conv_in", cfg.z_dim, dims[0])?;
+        let mid = self.mid("decoder.mid_block", dims[0])?;
+        let mut up = Vec::new();
+        let mut out_dim = dims[0];
+        for i in 0..stages {
+            // Every upsampler halves the channels, so each stage after the first starts at half width.
+            let mut in_dim = if i > 0 { dims[i] / 2 } else { dims[i] };
+            out_dim = dims[i + 1];
+            let mut resnets = Vec::new();
+            for j in 0..=cfg.num_res_blocks {
+                resnets.push(self.res(
+                    &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                    in_dim,
+                    out_dim,
+                )?);
+                in_dim = out_dim;
+            }
+            let upsampler = if i + 1 != stages {
+                let name = format!("decoder.up_blocks.{i}.upsamplers.0");
+                let conv =
+                    self.conv2d(&format!("{name}.resample.1"), out_dim, out_dim / 2, 3, 1, 1)?;
+                // temperal_upsample = temperal_downsample reversed.
+                let temporal = cfg
+                    .temperal_downsample
+                    .iter()
+                    .rev()
+                    .nth(i)
+                    .copied()
+                    .ok_or_else(|| {
+                        Error::msg(format!(
+                            "Wan VAE config: temperal_downsample entry for up block {i} missing"
+                        ))
+                    })?;
+                Some(if temporal {
+                    let time_conv = self.conv3d(
+                        &format!("{name}.time_conv"),
+                        out_dim,
+                        2 * out_dim,
+                        3,
+                        1,
+                        1,
+                        0,
+                        1,
+                    )?;
+                    // The time conv's own cache slot doubles as the "first chunk seen" marker.
+                    let slot = time_conv.slot.ok_or_else(|| {
+                        Error::msg("Wan VAE: upsample time_conv without cache slot")
+                    })?;
+                    Resample::Up3d {
+                        conv,
+                        time_conv,
+                        slot,
+                    }
+                } else {
+                    Resample::Up2d { conv }
+                })
+            } else {
+                None
+            };
+            up.push(UpBlock { resnets, upsampler });
+        }
+        let norm_out = self.norm("decoder.norm_out", out_dim, false)?;
+        let conv_out = self.conv333("decoder.conv_out", out_dim, cfg.out_channels)?;
+        Ok(Decoder {
+            conv_in,
+            mid,
+            up,
+            norm_out,
+            conv_out,
+            slots: self.slots,
+        })
+    }
+}

@@ -1,0 +1,113 @@
+//! The Wan VAE's encoder: its structure, one chunk's forward pass and its construction.
+
+use super::config::WanVaeConfig;
+use super::layers::{AttnBlock, Conv, FeatCache, MidBlock, Norm, ResBlock, Resample};
+use super::load::Builder;
+use super::trace::{record, VaeTrace};
+use candle_core::Tensor;
+use magcache_core::{Error, Result};
+
+pub(super) enum DownLayer {
+    Res(ResBlock),
+    Attn(AttnBlock),
+    Resample(Resample),
+}
+
+pub(super) struct Encoder {
+    pub(super) conv_in: Conv,
+    pub(super) layers: Vec<DownLayer>,
+    pub(super) mid: MidBlock,
+    pub(super) norm_out: Norm,
+    pub(super) conv_out: Conv,
+    pub(super) slots: usize,
+}
+
+impl Encoder {
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut FeatCache,
+        mut trace: Option<&mut VaeTrace>,
+    ) -> Result<Tensor> {
+        let mut x = self.conv_in.forward(x, cache)?;
+        for l in &self.layers {
+            x = match l {
+                DownLayer::Res(r) => r.forward(&x, cache)?,
+                DownLayer::Attn(a) => a.forward(&x)?,
+                DownLayer::Resample(r) => r.forward(&x, cache)?,
+            };
+        }
+        let x = self.mid.forward(&x, cache)?;
+        record(&mut trace, "encoder.mid_block", &x);
+        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.conv_out.forward(&x, cache)?;
+        record(&mut trace, "encoder", &x);
+        Ok(x)
+    }
+}
+
+impl Builder<'_> {
+    pub(super) fn encoder(&mut self, cfg: &WanVaeConfig) -> Result<Encoder> {
+        let dims: Vec<usize> = std::iter::once(1)
+            .chain(cfg.dim_mult.iter().copied())
+            .map(|m| cfg.base_dim * m)
+            .collect();
+        let conv_in = self.conv333("encoder.conv_in", cfg.in_channels, dims[0])?;
+        let stages = cfg.dim_mult.len();
+        let mut layers = Vec::new();
+        let mut scale = 1.0f64;
+        let mut out_dim = dims[0];
+        for i in 0..stages {
+            let mut in_dim = dims[i];
+            out_dim = dims[i + 1];
+            for _ in 0..cfg.num_res_blocks {
+                let name = format!("encoder.down_blocks.{}", layers.len());
+                layers.push(DownLayer::Res(self.res(&name, in_dim, out_dim)?));
+                if cfg.attn_scales.contains(&scale) {
+                    let name = format!("encoder.down_blocks.{}", layers.len());
+                    layers.push(DownLayer::Attn(self.attn(&name, out_dim)?));
+                }
+                in_dim = out_dim;
+            }
+            if i + 1 != stages {
+                let name = format!("encoder.down_blocks.{}", layers.len());
+                let conv = self.conv2d(&format!("{name}.resample.1"), out_dim, out_dim, 3, 0, 2)?;
+                let temporal = cfg.temperal_downsample.get(i).copied().ok_or_else(|| {
+                    Error::msg(format!("Wan VAE config: temperal_downsample[{i}] missing"))
+                })?;
+                let r = if temporal {
+                    let time_conv = self.conv3d(
+                        &format!("{name}.time_conv"),
+                        out_dim,
+                        out_dim,
+                        3,
+                        1,
+                        0,
+                        0,
+                        2,
+                    )?;
+                    Resample::Down3d {
+                        conv,
+                        time_conv,
+                        slot: self.next_slot(),
+                    }
+                } else {
+                    Resample::Down2d { conv }
+                };
+                layers.push(DownLayer::Resample(r));
+                scale /= 2.0;
+            }
+        }
+        let mid = self.mid("encoder.mid_block", out_dim)?;
+        let norm_out = self.norm("encoder.norm_out", out_dim, false)?;
+        let conv_out = self.conv333("encoder.conv_out", out_dim, 2 * cfg.z_dim)?;
+        Ok(Encoder {
+            conv_in,
+            layers,
+            mid,
+            norm_out,
+            conv_out,
+            slots: self.slots,
+        })
+    }
+}

@@ -1,0 +1,317 @@
+//! The Wan VAE's layers: the causal convolution with its per-chunk feature cache, the RMS norm,
+//! the residual and attention blocks, the spatial and temporal resamplers and the mid block.
+//! Activations are f32 `[B, F, C, H, W]`.
+
+use crate::nn::{attention, Linear};
+use crate::vae_common::conv2d_f32;
+use candle_core::Tensor;
+use magcache_core::{Error, Result};
+
+/// Frames a causal convolution keeps from the previous chunk (its time padding).
+pub(super) const CACHE_T: usize = 2;
+
+/// Per-call feature cache: one slot per causal convolution / temporal resampler.
+pub(super) struct FeatCache {
+    pub(super) slots: Vec<Option<Tensor>>,
+}
+
+impl FeatCache {
+    pub(super) fn new(n: usize) -> Self {
+        FeatCache {
+            slots: vec![None; n],
+        }
+    }
+    pub(super) fn get(&self, i: usize) -> Result<Option<&Tensor>> {
+        self.slots
+            .get(i)
+            .map(|s| s.as_ref())
+            .ok_or_else(|| Error::msg(format!("Wan VAE: feature cache slot {i} out of range")))
+    }
+    pub(super) fn set(&mut self, i: usize, t: Tensor) -> Result<()> {
+        let s = self
+            .slots
+            .get_mut(i)
+            .ok_or_else(|| Error::msg(format!("Wan VAE: feature cache slot {i} out of range")))?;
+        *s = Some(t);
+        Ok(())
+    }
+}
+
+/// A (causal) convolution with `kt` time taps (1 for the per-frame 2-D convolutions).
+pub(super) struct Conv {
+    /// `[O, kt*C, kh, kw]` in the run's dtype, taps major.
+    pub(super) w: Tensor,
+    /// `[1, O, 1, 1]`, f32.
+    pub(super) b: Tensor,
+    pub(super) kt: usize,
+    pub(super) stride_t: usize,
+    pub(super) pad_hw: usize,
+    pub(super) stride_hw: usize,
+    /// Zero frames in front (`2 * time padding`); such a conv caches its last inputs in this slot.
+    pub(super) time_pad: usize,
+    pub(super) slot: Option<usize>,
+}
+
+impl Conv {
+    /// `x [B, F, C, H, W]` -> `[B, F', O, H', W']`, reading and updating the cache slot if it has one.
+    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        let x_in = match self.slot {
+            Some(slot) => {
+                let prev = cache.get(slot)?.cloned();
+                let prev_len = prev.as_ref().map(|p| p.dim(1)).transpose()?.unwrap_or(0);
+                let joined = match &prev {
+                    Some(p) => Tensor::cat(&[p, x], 1)?,
+                    None => x.clone(),
+                };
+                let n = joined.dim(1)?;
+                let keep = n.min(CACHE_T);
+                cache.set(slot, joined.narrow(1, n - keep, keep)?.copy()?)?;
+                joined.pad_with_zeros(1, self.time_pad.saturating_sub(prev_len), 0)?
+            }
+            None if self.time_pad > 0 => x.pad_with_zeros(1, self.time_pad, 0)?,
+            None => x.clone(),
+        };
+        self.apply(&x_in)
+    }
+
+    /// The convolution of an already padded input (no cache).
+    pub(super) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c, h, w) = x.dims5()?;
+        if n < self.kt {
+            return Err(Error::msg(format!(
+                "Wan VAE: a temporal convolution with {} taps got {n} frames (too few frames for this VAE's temporal downsampling)",
+                self.kt
+            )));
+        }
+        let t_out = (n - self.kt) / self.stride_t + 1;
+        let stacked = if self.kt == 1 && self.stride_t == 1 {
+            x.clone()
+        } else {
+            let taps = (0..self.kt)
+                .map(|k| -> Result<Tensor> {
+                    if self.stride_t == 1 {
+                        Ok(x.narrow(1, k, t_out)?)
+                    } else {
+                        let idx: Vec<u32> =
+                            (0..t_out).map(|j| (k + j * self.stride_t) as u32).collect();
+                        let idx = Tensor::new(idx.as_slice(), x.device())?;
+                        Ok(x.index_select(&idx, 1)?)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&taps, 2)?
+        };
+        let flat = stacked.reshape((b * t_out, self.kt * c, h, w))?;
+        let y = conv2d_f32(&flat, &self.w, &self.b, self.pad_hw, self.stride_hw)?;
+        let (_, o, ho, wo) = y.dims4()?;
+        Ok(y.reshape((b, t_out, o, ho, wo))?)
+    }
+}
+
+/// `WanRMS_norm`: `x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma`, f32.
+pub(super) struct Norm {
+    /// `[1, 1, C, 1, 1]`.
+    pub(super) gamma: Tensor,
+    pub(super) scale: f64,
+}
+
+impl Norm {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let norm = x.sqr()?.sum_keepdim(2)?.sqrt()?.maximum(1e-12)?;
+        Ok((x.broadcast_div(&norm)? * self.scale)?.broadcast_mul(&self.gamma)?)
+    }
+}
+
+pub(super) struct ResBlock {
+    pub(super) norm1: Norm,
+    pub(super) conv1: Conv,
+    pub(super) norm2: Norm,
+    pub(super) conv2: Conv,
+    pub(super) shortcut: Option<Conv>,
+}
+
+impl ResBlock {
+    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        let h = match &self.shortcut {
+            Some(s) => s.forward(x, cache)?,
+            None => x.clone(),
+        };
+        let y = self.norm1.forward(x)?.silu()?;
+        let y = self.conv1.forward(&y, cache)?;
+        let y = self.norm2.forward(&y)?.silu()?;
+        let y = self.conv2.forward(&y, cache)?;
+        Ok((y + h)?)
+    }
+}
+
+/// Single-head self-attention over the `H*W` positions of each frame.
+pub(super) struct AttnBlock {
+    pub(super) norm: Norm,
+    pub(super) to_qkv: Linear,
+    pub(super) proj: Linear,
+}
+
+impl AttnBlock {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, f, c, h, w) = x.dims5()?;
+        let xn = self
+            .norm
+            .forward(x)?
+            .reshape((b * f, c, h * w))?
+            .transpose(1, 2)?;
+        let qkv = self.to_qkv.forward(&xn)?;
+        let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i * c, c)?.unsqueeze(1)?) };
+        let o = attention(&part(0)?, &part(1)?, &part(2)?)?.squeeze(1)?;
+        let o = self.proj.forward(&o)?;
+        let o = o.transpose(1, 2)?.reshape((b, f, c, h, w))?;
+        Ok((o + x)?)
+    }
+}
+
+pub(super) enum Resample {
+    Up2d {
+        conv: Conv,
+    },
+    Up3d {
+        conv: Conv,
+        time_conv: Conv,
+        slot: usize,
+    },
+    Down2d {
+        conv: Conv,
+    },
+    Down3d {
+        conv: Conv,
+        time_conv: Conv,
+        slot: usize,
+    },
+}
+
+pub(super) fn upsample_spatial(x: &Tensor, conv: &Conv, cache: &mut FeatCache) -> Result<Tensor> {
+    let (b, f, c, h, w) = x.dims5()?;
+    let up = x
+        .reshape((b * f, c, h, w))?
+        .upsample_nearest2d(2 * h, 2 * w)?
+        .reshape((b, f, c, 2 * h, 2 * w))?;
+    conv.forward(&up, cache)
+}
+
+pub(super) fn downsample_spatial(x: &Tensor, conv: &Conv, cache: &mut FeatCache) -> Result<Tensor> {
+    // ZeroPad2d((0, 1, 0, 1)): one zero column right, one zero row below; then 3x3 stride 2.
+    let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(4, 0, 1)?;
+    conv.forward(&padded, cache)
+}
+
+impl Resample {
+    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        match self {
+            Resample::Up2d { conv } => upsample_spatial(x, conv, cache),
+            Resample::Up3d {
+                conv,
+                time_conv,
+                slot,
+            } => {
+                let x = if cache.get(*slot)?.is_none() {
+                    // First chunk: no temporal upsampling; later chunks see a zero frame before
+                    // theirs instead of this one (diffusers' "Rep" marker).
+                    cache.set(*slot, x.narrow(1, 0, 1)?.zeros_like()?)?;
+                    x.clone()
+                } else {
+                    let (b, f, c, h, w) = x.dims5()?;
+                    // [B, F, 2C, H, W]: channels [0, C) become frame 2t, [C, 2C) frame 2t + 1.
+                    time_conv.forward(x, cache)?.reshape((b, 2 * f, c, h, w))?
+                };
+                upsample_spatial(&x, conv, cache)
+            }
+            Resample::Down2d { conv } => downsample_spatial(x, conv, cache),
+            Resample::Down3d {
+                conv,
+                time_conv,
+                slot,
+            } => {
+                let s = downsample_spatial(x, conv, cache)?;
+                let n = s.dim(1)?;
+                let last = s.narrow(1, n - 1, 1)?.copy()?;
+                let prev = cache.get(*slot)?.cloned();
+                cache.set(*slot, last)?;
+                match prev {
+                    // First chunk: passes through unchanged in time.
+                    None => Ok(s),
+                    // Kernel 3, stride 2, no padding over (last frame of the previous chunk, this chunk).
+                    Some(p) => time_conv.apply(&Tensor::cat(&[&p, &s], 1)?),
+                }
+            }
+        }
+    }
+}
+
+pub(super) struct MidBlock {
+    pub(super) res0: ResBlock,
+    pub(super) attn: AttnBlock,
+    pub(super) res1: ResBlock,
+}
+
+impl MidBlock {
+    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        let x = self.res0.forward(x, cache)?;
+        let x = self.attn.forward(&x)?;
+        self.res1.forward(&x, cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::load::{Builder, Source};
+    use super::*;
+    use crate::nn::{conv2d_bounded, max_abs_diff};
+    use crate::weights::WeightStore;
+    use candle_core::Device;
+
+    #[test]
+    fn bounded_conv2d_equals_one_call() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 4, 11, 9), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (5, 4, 3, 3), &dev).unwrap();
+        for (pad, stride) in [(1, 1), (0, 2), (1, 2)] {
+            let full = x.conv2d(&w, pad, stride, 1, 1).unwrap();
+            // Budgets forcing groups of images, one image at a time, and bands of 1 or 2 rows.
+            for budget in [1 << 30, 20_000, 8_000, 1_000, 1] {
+                let got = conv2d_bounded(&x, &w, pad, stride, budget).unwrap();
+                let d = max_abs_diff(&full, &got);
+                assert!(d < 1e-5, "pad {pad} stride {stride} budget {budget}: {d}");
+            }
+        }
+    }
+
+    /// The chunked causal conv equals one pass with two zero frames in front.
+    #[test]
+    fn chunked_causal_conv_equals_full_pass() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3, 3, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let store = WeightStore::from_map(
+            "mem",
+            [("c.weight".to_string(), w), ("c.bias".to_string(), b)]
+                .into_iter()
+                .collect(),
+        );
+        let mut bld = Builder {
+            src: Source::Store(&store),
+            slots: 0,
+        };
+        let conv = bld.conv333("c", 3, 5).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 3, 4, 5), &dev).unwrap();
+        let full = conv.apply(&x.pad_with_zeros(1, 2, 0).unwrap()).unwrap();
+        let mut cache = FeatCache::new(1);
+        let parts: Vec<Tensor> = [(0, 1), (1, 4), (5, 1), (6, 1)]
+            .iter()
+            .map(|&(s, l)| {
+                conv.forward(&x.narrow(1, s, l).unwrap(), &mut cache)
+                    .unwrap()
+            })
+            .collect();
+        let chunked = Tensor::cat(&parts, 1).unwrap();
+        let d = max_abs_diff(&full, &chunked);
+        assert!(d < 1e-5, "{d}");
+    }
+}

@@ -1,0 +1,181 @@
+//! The Wan video VAE (diffusers `AutoencoderKLWan`, the Wan2.1 architecture that the Wan2.1 T2V/I2V
+//! and Wan2.2 A14B pipelines share): causal 3-D convolutions over `[B, C, F, H, W]` videos, 8x spatial
+//! and 4x temporal compression in the released configs.
+//!
+//! candle has no 3-D convolution. A causal conv3d with `kt` time taps is run as one conv2d: the `kt`
+//! time-shifted copies of the input are stacked along the channel axis (tap-major) and the weight
+//! `[O, C, kt, kh, kw]` is reshaped to `[O, kt*C, kh, kw]`, so every output frame is one 2-D
+//! convolution of its `kt` input frames; the frames go into conv2d's batch. Internally activations
+//! are laid out `[B, F, C, H, W]` so that frames <-> batch is a reshape, never a permute.
+//!
+//! Time is processed in chunks as diffusers does (encode: frame 0, then 4 frames at a time; decode:
+//! one latent frame at a time) with a per-convolution feature cache holding the last two input
+//! frames of the previous chunk, so memory is bounded by one chunk and the result equals diffusers'
+//! (a causal pass with 2 zero frames in front, except at the temporal resamplers, whose first-chunk
+//! rules are reproduced exactly). Norms, attention and activations run in f32; convolution weights
+//! in the run's dtype.
+//!
+//! The Wan2.2 VAE (TI2V-5B: `is_residual`, `patch_size` 2, z_dim 48) is refused at load with an error
+//! naming the config file and key.
+
+mod config;
+mod decoder;
+mod encoder;
+mod layers;
+mod load;
+mod trace;
+
+pub use config::WanVaeConfig;
+pub use trace::VaeTrace;
+
+use crate::vae_common::{check_input, to_pixels_channels_last};
+use candle_core::{DType, Device, Tensor};
+use decoder::Decoder;
+use encoder::Encoder;
+use layers::{Conv, FeatCache};
+use magcache_core::Result;
+use trace::record;
+
+/// The Wan2.1 video VAE (`AutoencoderKLWan`).
+pub struct WanVae {
+    pub config: WanVaeConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Conv,
+    post_quant_conv: Conv,
+    /// `[1, z, 1, 1, 1]` f32.
+    mean: Tensor,
+    /// `1 / latents_std`, `[1, z, 1, 1, 1]` f32 (the pipeline multiplies / divides by this).
+    inv_std: Tensor,
+    device: Device,
+    /// What the VAE was loaded from (for messages).
+    pub origin: String,
+}
+
+impl WanVae {
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Checks a `[B, channels, F, H, W]` input and returns it as f32 `[B, F, C, H, W]` on the device.
+    fn prepare(&self, x: &Tensor, what: &str, channels: usize, layout: &str) -> Result<Tensor> {
+        let vae = format!("Wan VAE ({})", self.origin);
+        check_input(x, 5, channels, &vae, what, layout)?;
+        Ok(x.to_device(&self.device)?
+            .to_dtype(DType::F32)?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?)
+    }
+
+    /// The posterior's `(mean, logvar)` of a video `[B, in_channels, F, H, W]` in [-1, 1], each
+    /// `[B, z_dim, 1 + (F-1)/4, H/8, W/8]` (released factors); logvar clamped to [-30, 20]. As in
+    /// diffusers, frame 0 is encoded alone and then chunks of 4 frames; frames past the last full
+    /// chunk (when `F - 1` is not a multiple of 4) are not used.
+    pub fn encode_moments(&self, video: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encode_moments_traced(video, None)
+    }
+
+    /// [`WanVae::encode_moments`], recording intermediates into `trace`.
+    pub fn encode_moments_traced(
+        &self,
+        video: &Tensor,
+        mut trace: Option<&mut VaeTrace>,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = self.prepare(
+            video,
+            "video",
+            self.config.in_channels,
+            "[B, C, F, H, W] video",
+        )?;
+        let frames = x.dim(1)?;
+        let chunks = 1 + (frames - 1) / 4;
+        let mut cache = FeatCache::new(self.encoder.slots);
+        let mut outs = Vec::with_capacity(chunks);
+        for i in 0..chunks {
+            let (start, len) = if i == 0 { (0, 1) } else { (1 + 4 * (i - 1), 4) };
+            let chunk = x.narrow(1, start, len)?;
+            outs.push(
+                self.encoder
+                    .forward(&chunk, &mut cache, trace.as_deref_mut())?,
+            );
+        }
+        let enc = Tensor::cat(&outs, 1)?;
+        let h = self.quant_conv.forward(&enc, &mut cache)?;
+        let z = self.config.z_dim;
+        let to_bcfhw =
+            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 1, 3, 4))?.contiguous()?) };
+        let mean = to_bcfhw(h.narrow(2, 0, z)?)?;
+        let logvar = to_bcfhw(h.narrow(2, z, z)?.clamp(-30f32, 20f32)?)?;
+        Ok((mean, logvar))
+    }
+
+    /// The posterior mean (`latent_dist.mode()`) of a video `[B, 3, F, H, W]` in [-1, 1]: VAE-space
+    /// latents `[B, z_dim, 1 + (F-1)/4, H/8, W/8]`, not normalised.
+    pub fn encode_mean(&self, video: &Tensor) -> Result<Tensor> {
+        Ok(self.encode_moments(video)?.0)
+    }
+
+    /// The posterior mean normalised as the image-to-video pipelines condition on it:
+    /// `(mean - latents_mean) * (1 / latents_std)`.
+    pub fn encode_normalized(&self, video: &Tensor) -> Result<Tensor> {
+        self.normalize_latents(&self.encode_mean(video)?)
+    }
+
+    /// VAE-space latents `[B, z, F, h, w]` -> the transformer's space: `(z - mean) * (1 / std)`.
+    pub fn normalize_latents(&self, z: &Tensor) -> Result<Tensor> {
+        let z = self.prepare(z, "latents", self.config.z_dim, "[B, z, F, h, w] latents")?;
+        let z = z.permute((0, 2, 1, 3, 4))?;
+        Ok(z.broadcast_sub(&self.mean)?
+            .broadcast_mul(&self.inv_std)?
+            .contiguous()?)
+    }
+
+    /// The transformer's latents `[B, z, F, h, w]` -> VAE space, as the pipeline writes it:
+    /// `latents / (1 / std) + mean`.
+    pub fn denormalize_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let l = self.prepare(
+            latents,
+            "latents",
+            self.config.z_dim,
+            "[B, z, F, h, w] latents",
+        )?;
+        let l = l.permute((0, 2, 1, 3, 4))?;
+        Ok(l.broadcast_div(&self.inv_std)?
+            .broadcast_add(&self.mean)?
+            .contiguous()?)
+    }
+
+    /// `vae.decode(z).sample`: VAE-space latents `[B, z_dim, F, h, w]` -> video
+    /// `[B, out_channels, 1 + 4(F-1), 8h, 8w]` (released factors) clamped to [-1, 1]. Decodes one
+    /// latent frame at a time with the causal feature cache.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_traced(z, None)
+    }
+
+    /// [`WanVae::decode`], recording intermediates into `trace`.
+    pub fn decode_traced(&self, z: &Tensor, mut trace: Option<&mut VaeTrace>) -> Result<Tensor> {
+        let z = self.prepare(z, "latents", self.config.z_dim, "[B, z, F, h, w] latents")?;
+        let mut cache = FeatCache::new(self.decoder.slots);
+        let x = self.post_quant_conv.forward(&z, &mut cache)?;
+        record(&mut trace, "post_quant_conv", &x);
+        let frames = x.dim(1)?;
+        let mut outs = Vec::with_capacity(frames);
+        for i in 0..frames {
+            let chunk = x.narrow(1, i, 1)?;
+            outs.push(
+                self.decoder
+                    .forward(&chunk, &mut cache, trace.as_deref_mut())?,
+            );
+        }
+        let out = Tensor::cat(&outs, 1)?.clamp(-1f32, 1f32)?;
+        Ok(out.permute((0, 2, 1, 3, 4))?.contiguous()?)
+    }
+
+    /// What the pipeline returns with `output_type="np"`: the transformer's (normalised) latents
+    /// `[B, z_dim, F, h, w]` de-normalised, decoded, mapped from [-1, 1] to [0, 1] pixels and laid out
+    /// `[B, F', H, W, out_channels]` (f32, F' = 1 + 4(F-1), H = 8h, W = 8w for the released VAE).
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = self.denormalize_latents(latents)?;
+        to_pixels_channels_last(&self.decode(&z)?)
+    }
+}

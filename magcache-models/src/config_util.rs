@@ -210,15 +210,27 @@ pub fn check_applicable(
     cfg.strategy().check_experts(file, family, experts)
 }
 
+/// What a family's prompted run needs of a pipeline folder: its sub-folders, and a `_class_name`
+/// starting with `class_prefix` (`example` names such pipelines in the error).
+pub struct PipelineKind<'a> {
+    pub parts: &'a [&'a str],
+    pub class_prefix: &'a str,
+    /// The family as messages name it (`FLUX`, `Wan`).
+    pub label: &'a str,
+    pub example: &'a str,
+}
+
 /// A diffusers pipeline folder as released: `model.weights` names one folder whose
-/// `model_index.json` is read (returned with the folder) and which has every sub-folder in `parts`.
-/// Errors name `model.weights` or the index file and key. Used by prompted runs of every family.
+/// `model_index.json` is read and names a pipeline of `kind`, and which has every sub-folder of
+/// `kind`. Returns the folder and the pipeline's class. Errors name `model.weights` or the index
+/// file and key. Used by prompted runs of every family.
 pub fn pipeline_folder(
     cfg: &magcache_core::RunConfig,
     file: &str,
     base: &std::path::Path,
-    parts: &[&str],
-) -> Result<(std::path::PathBuf, Value)> {
+    kind: &PipelineKind<'_>,
+) -> Result<(std::path::PathBuf, String)> {
+    let parts = kind.parts;
     let Some(magcache_core::runtime::config::WeightsSpec::One(w)) = &cfg.model.weights else {
         return Err(Error::config(
             file,
@@ -250,7 +262,18 @@ pub fn pipeline_folder(
             ));
         }
     }
-    Ok((root, v))
+    let class = pipeline_class(&v).to_string();
+    if !class.starts_with(kind.class_prefix) {
+        return Err(Error::config(
+            &shown,
+            "_class_name",
+            format!(
+                "`{class}` is not a {} pipeline ({}); check model.family",
+                kind.label, kind.example
+            ),
+        ));
+    }
+    Ok((root, class))
 }
 
 /// `_class_name` of a pipeline's `model_index.json` (empty when absent).

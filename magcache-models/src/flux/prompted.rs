@@ -32,11 +32,8 @@ pub struct Prompted {
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
 /// a FLUX pipeline and the parts it needs.
 pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
-    let (root, index) = crate::config_util::pipeline_folder(
-        cfg,
-        file,
-        base,
-        &[
+    let kind = crate::config_util::PipelineKind {
+        parts: &[
             "tokenizer",
             "tokenizer_2",
             "text_encoder",
@@ -44,15 +41,11 @@ pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf
             "transformer",
             "vae",
         ],
-    )?;
-    let class = crate::config_util::pipeline_class(&index);
-    if !class.starts_with("Flux") {
-        return Err(Error::config(
-            root.join("model_index.json").display().to_string(),
-            "_class_name",
-            format!("`{class}` is not a FLUX pipeline (FluxPipeline); check model.family"),
-        ));
-    }
+        class_prefix: "Flux",
+        label: "FLUX",
+        example: "FluxPipeline",
+    };
+    let (root, _) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
     Ok(root)
 }
 

@@ -34,21 +34,14 @@ pub struct Prompted {
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
 /// a Wan pipeline.
 pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
-    let (root, index) = crate::config_util::pipeline_folder(
-        cfg,
-        file,
-        base,
-        &["tokenizer", "text_encoder", "transformer", "vae"],
-    )?;
+    let kind = crate::config_util::PipelineKind {
+        parts: &["tokenizer", "text_encoder", "transformer", "vae"],
+        class_prefix: "Wan",
+        label: "Wan",
+        example: "WanPipeline, ...",
+    };
+    let (root, class) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
     let shown = root.join("model_index.json").display().to_string();
-    let class = crate::config_util::pipeline_class(&index);
-    if !class.starts_with("Wan") {
-        return Err(Error::config(
-            &shown,
-            "_class_name",
-            format!("`{class}` is not a Wan pipeline (WanPipeline, ...); check model.family"),
-        ));
-    }
     if class.contains("ImageToVideo") {
         return Err(Error::config(
             &shown,

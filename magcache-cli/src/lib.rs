@@ -1,6 +1,6 @@
 //! The runner behind the `magcache` binary: reads a run file, builds the family's pipeline and the
-//! strategy, runs the generation and reports every transformer call. See `../shared/CONTRACT.md`
-//! (copied to `docs/contract.md`) for the contract.
+//! strategy, runs the generation and reports every transformer call. See `docs/contract.md` (a copy of the
+//! shared contract) for the contract.
 //!
 //! The command line itself is [`main`]: the `magcache` binary is `magcache_cli::link_all();
 //! magcache_cli::main()`, and a model crate's binary is `my_model::link(); magcache_cli::main()`

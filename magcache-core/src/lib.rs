@@ -18,8 +18,8 @@
 //!
 //! **The runtime contract** ([`runtime`]), what a model family implements to get the whole runner:
 //! the run file ([`RunConfig`], [`StrategyConfig`]), the registries ([`ModelFamily`]), the
-//! [`Pipeline`] the runner drives, the size guard, placement, metrics and progress. The framework
-//! never imports it.
+//! [`Pipeline`] the runner drives, the size guard, placement, metrics and progress (its main types
+//! are re-exported here for convenience). The framework never imports it.
 //!
 //! See `docs/architecture.md` for how a call flows: loop -> denoiser -> model -> cache -> chain.
 

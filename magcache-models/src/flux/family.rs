@@ -133,7 +133,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 c.num_attention_heads
             );
             let mut store =
-                random_store(cfg.model.seed, shapes(&c), c.inner_dim(), placement.dtype)?;
+                random_store(cfg.model.seed, shapes(&c)?, c.inner_dim(), placement.dtype)?;
             store.set_placement(placement.clone());
             (FluxModel::from_weights(c, &store)?, desc, Some(p.name))
         }
@@ -237,7 +237,7 @@ fn export_flux(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::Generat
         "",
         config,
         cfg.model.seed,
-        shapes(&c),
+        shapes(&c)?,
         c.inner_dim(),
         dtype,
     )])

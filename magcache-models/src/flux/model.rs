@@ -60,47 +60,12 @@ pub fn top_tensors(c: &FluxConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 /// The diffusers-named tensors of chain block `i` (double blocks first, then single blocks) and
-/// their shapes: what the block's `load` reads.
-pub fn block_tensors(c: &FluxConfig, i: usize) -> Vec<(String, Vec<usize>)> {
-    let d = c.inner_dim();
-    let hd = c.attention_head_dim;
-    let mut v = Vec::new();
-    if i < c.num_layers {
-        let p = format!("transformer_blocks.{i}");
-        lin_tensors(&mut v, &format!("{p}.norm1.linear"), 6 * d, d);
-        lin_tensors(&mut v, &format!("{p}.norm1_context.linear"), 6 * d, d);
-        for n in [
-            "to_q",
-            "to_k",
-            "to_v",
-            "add_q_proj",
-            "add_k_proj",
-            "add_v_proj",
-            "to_out.0",
-            "to_add_out",
-        ] {
-            lin_tensors(&mut v, &format!("{p}.attn.{n}"), d, d);
-        }
-        for f in ["ff", "ff_context"] {
-            lin_tensors(&mut v, &format!("{p}.{f}.net.0.proj"), 4 * d, d);
-            lin_tensors(&mut v, &format!("{p}.{f}.net.2"), d, 4 * d);
-        }
-        for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
-            v.push((format!("{p}.attn.{n}.weight"), vec![hd]));
-        }
-    } else {
-        let p = format!("single_transformer_blocks.{}", i - c.num_layers);
-        lin_tensors(&mut v, &format!("{p}.norm.linear"), 3 * d, d);
-        for n in ["to_q", "to_k", "to_v"] {
-            lin_tensors(&mut v, &format!("{p}.attn.{n}"), d, d);
-        }
-        lin_tensors(&mut v, &format!("{p}.proj_mlp"), 4 * d, d);
-        lin_tensors(&mut v, &format!("{p}.proj_out"), d, 5 * d);
-        for n in ["norm_q", "norm_k"] {
-            v.push((format!("{p}.attn.{n}.weight"), vec![hd]));
-        }
-    }
-    v
+/// their shapes, in the order the block's `load` reads them: recorded by running the loader on a
+/// recording store, so names and shapes are written once.
+pub fn block_tensors(c: &FluxConfig, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = WeightStore::recording();
+    AnyBlock::load(&w, i, c, &Device::Cpu)?;
+    w.recorded()
 }
 
 /// Where the blocks' weights are.
@@ -154,7 +119,7 @@ impl FluxModel {
     /// shape) and read when the block runs.
     pub fn streamed(cfg: FluxConfig, w: Arc<WeightStore>) -> Result<Self> {
         for i in 0..cfg.num_layers + cfg.num_single_layers {
-            for (name, shape) in block_tensors(&cfg, i) {
+            for (name, shape) in block_tensors(&cfg, i)? {
                 w.expect(&name, &shape)?;
             }
         }

@@ -34,12 +34,12 @@ pub const FLUX_PRESETS: &[FluxPreset] = &[
 ];
 
 /// Diffusers names and shapes of a FLUX model: the embeddings and head, then every block.
-pub(super) fn shapes(c: &FluxConfig) -> Vec<(String, Vec<usize>)> {
+pub(super) fn shapes(c: &FluxConfig) -> magcache_core::Result<Vec<(String, Vec<usize>)>> {
     let mut v = model::top_tensors(c);
     for i in 0..c.num_layers + c.num_single_layers {
-        v.extend(model::block_tensors(c, i));
+        v.extend(model::block_tensors(c, i)?);
     }
-    v
+    Ok(v)
 }
 
 pub(super) fn flux_info(preset: Option<&str>) -> ModelInfo {

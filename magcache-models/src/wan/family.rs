@@ -485,6 +485,7 @@ fn export_wan(
     let mut config = to_map(&c, "WanTransformer3DModel")?;
     config.insert("_class_name".into(), "WanTransformer3DModel".into());
     let n = preset.experts.max(1);
+    let shapes = model::tensor_shapes(&c)?;
     Ok((0..n)
         .map(|e| {
             let folder = match (n, e) {
@@ -496,7 +497,7 @@ fn export_wan(
                 folder,
                 config.clone(),
                 cfg.model.seed + e as u64,
-                model::tensor_shapes(&c),
+                shapes.clone(),
                 c.inner_dim(),
                 dtype,
             )

@@ -174,32 +174,13 @@ enum Blocks {
     Streamed(Arc<WeightStore>),
 }
 
-/// The diffusers-named tensors of block `i` and their shapes: what `Block::load` reads (the
+/// The diffusers-named tensors of block `i` and their shapes, in the order `Block::load` reads them:
+/// recorded by running the loader on a recording store, so names and shapes are written once (the
 /// streamed model checks them all at build time; presets generate them).
-pub fn block_tensors(cfg: &WanConfig, i: usize) -> Vec<(String, Vec<usize>)> {
-    let d = cfg.inner_dim();
-    let p = format!("blocks.{i}");
-    let mut v = Vec::new();
-    for a in ["attn1", "attn2"] {
-        for l in ["to_q", "to_k", "to_v", "to_out.0"] {
-            v.push((format!("{p}.{a}.{l}.weight"), vec![d, d]));
-            v.push((format!("{p}.{a}.{l}.bias"), vec![d]));
-        }
-        if cfg.qk_norm.is_some() {
-            v.push((format!("{p}.{a}.norm_q.weight"), vec![d]));
-            v.push((format!("{p}.{a}.norm_k.weight"), vec![d]));
-        }
-    }
-    if cfg.cross_attn_norm {
-        v.push((format!("{p}.norm2.weight"), vec![d]));
-        v.push((format!("{p}.norm2.bias"), vec![d]));
-    }
-    v.push((format!("{p}.ffn.net.0.proj.weight"), vec![cfg.ffn_dim, d]));
-    v.push((format!("{p}.ffn.net.0.proj.bias"), vec![cfg.ffn_dim]));
-    v.push((format!("{p}.ffn.net.2.weight"), vec![d, cfg.ffn_dim]));
-    v.push((format!("{p}.ffn.net.2.bias"), vec![d]));
-    v.push((format!("{p}.scale_shift_table"), vec![1, 6, d]));
-    v
+pub fn block_tensors(cfg: &WanConfig, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = WeightStore::recording();
+    Block::load(&w, i, cfg, &Device::Cpu)?;
+    w.recorded()
 }
 
 /// Intermediate values of one forward, for parity tests.
@@ -248,7 +229,7 @@ impl WanModel {
     /// shape) and read when the block runs.
     pub fn streamed(cfg: WanConfig, w: Arc<WeightStore>) -> Result<Self> {
         for i in 0..cfg.num_layers {
-            for (name, shape) in block_tensors(&cfg, i) {
+            for (name, shape) in block_tensors(&cfg, i)? {
                 w.expect(&name, &shape)?;
             }
         }
@@ -537,11 +518,11 @@ pub fn random_weights(
     seed: u64,
     dtype: candle_core::DType,
 ) -> Result<WeightStore> {
-    crate::random::random_store(seed, tensor_shapes(cfg), cfg.inner_dim(), dtype)
+    crate::random::random_store(seed, tensor_shapes(cfg)?, cfg.inner_dim(), dtype)
 }
 
 /// Every diffusers-named tensor of a config and its shape, blocks in order.
-pub fn tensor_shapes(cfg: &WanConfig) -> Vec<(String, Vec<usize>)> {
+pub fn tensor_shapes(cfg: &WanConfig) -> Result<Vec<(String, Vec<usize>)>> {
     let d = cfg.inner_dim();
     let [pt, ph, pw] = cfg.patch_size;
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
@@ -595,7 +576,7 @@ pub fn tensor_shapes(cfg: &WanConfig) -> Vec<(String, Vec<usize>)> {
         ("scale_shift_table".into(), vec![1, 2, d]),
     ];
     for i in 0..cfg.num_layers {
-        shapes.extend(block_tensors(cfg, i));
+        shapes.extend(block_tensors(cfg, i)?);
     }
-    shapes
+    Ok(shapes)
 }

@@ -45,6 +45,9 @@ impl Entry {
     }
 }
 
+/// A tensor's name and shape.
+pub type TensorShape = (String, Vec<usize>);
+
 /// Tensors by name, each remembering the file it came from, and which names the model fetched.
 ///
 /// Checkpoint files are memory-mapped and only their headers read when they are opened; a tensor's
@@ -66,6 +69,8 @@ pub struct WeightStore {
     pub origin: String,
     /// The device and linear-weight dtype tensors are handed out in.
     placement: magcache_core::Placement,
+    /// A recording store ([`WeightStore::recording`]): the names and shapes asked for, in order.
+    record: Option<Mutex<Vec<TensorShape>>>,
 }
 
 impl WeightStore {
@@ -80,6 +85,41 @@ impl WeightStore {
             origin: origin.to_string(),
             ..Default::default()
         }
+    }
+
+    /// A store that holds nothing and records what a loader asks it for: each `get_weight` /
+    /// `get_shape` records the name and shape and hands out a zero-stride zero tensor of that
+    /// shape (no memory). Running a model's block loader on it lists the block's tensors, so that
+    /// names and shapes are written once, in the loader ([`WeightStore::recorded`]).
+    pub fn recording() -> Self {
+        WeightStore {
+            origin: "(recording)".into(),
+            record: Some(Mutex::new(Vec::new())),
+            ..Default::default()
+        }
+    }
+
+    /// What a recording store was asked for, in order.
+    pub fn recorded(&self) -> Result<Vec<TensorShape>> {
+        let r = self
+            .record
+            .as_ref()
+            .ok_or_else(|| Error::msg(format!("{}: not a recording store", self.origin)))?;
+        Ok(r.lock()
+            .map_err(|_| Error::msg("recording store poisoned"))?
+            .clone())
+    }
+
+    /// Records `name` and `shape` and hands out a zero-stride tensor, in a recording store.
+    fn record(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Option<Tensor>> {
+        let Some(r) = &self.record else {
+            return Ok(None);
+        };
+        r.lock()
+            .map_err(|_| Error::msg("recording store poisoned"))?
+            .push((name.to_string(), shape.to_vec()));
+        let zero = Tensor::zeros((), dtype, &Device::Cpu)?;
+        Ok(Some(zero.broadcast_as(shape)?))
     }
 
     /// Hands tensors out on `p.device`; linear weights ([`WeightStore::get_weight`]) in `p.dtype`.
@@ -447,6 +487,9 @@ impl WeightStore {
 
     /// A linear layer's weight with this shape, in the placement's dtype.
     pub fn get_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(t) = self.record(name, shape, self.placement.dtype)? {
+            return Ok(t);
+        }
         self.check_shape(name, shape)?;
         self.get_as(name, self.placement.dtype)
     }
@@ -504,6 +547,9 @@ impl WeightStore {
 
     /// A tensor that must exist with this shape, in f32 on the placement's device.
     pub fn get_shape(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(t) = self.record(name, shape, DType::F32)? {
+            return Ok(t);
+        }
         self.check_shape(name, shape)?;
         self.get(name)
     }

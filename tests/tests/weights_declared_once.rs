@@ -1,5 +1,5 @@
-//! Block tensor names and shapes are written once, in the blocks' loaders: `block_tensors` records
-//! what the loader asks a recording store for. The released-layout checkpoints of the tiny fixtures
+//! Tensor names and shapes are written once, in the loaders: `block_tensors`, `top_tensors` and
+//! `tensor_shapes` record what the loaders ask a recording store for. The released-layout checkpoints of the tiny fixtures
 //! are the truth: every block tensor they hold is recorded, with its shape, and nothing else.
 
 use magcache_models::weights::WeightStore;
@@ -66,6 +66,10 @@ fn flux_block_tensors_are_the_checkpoints_blocks() {
             &["transformer_blocks.", "single_transformer_blocks."]
         )
     );
+    // With the embeddings and head `assemble` reads: the whole checkpoint.
+    let mut all = recorded(vec![magcache_models::flux::model::top_tensors(c).unwrap()]);
+    all.extend(rec);
+    assert_eq!(all, stored(&l.store, &[""]));
 }
 
 #[test]

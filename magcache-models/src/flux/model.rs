@@ -32,31 +32,12 @@ pub const FLUX_SINGLE: BlockMetadata = BlockMetadata {
     outputs: 2,
 };
 
-/// `weight` and `bias` of a linear layer `n` of shape `[o, i]`.
-fn lin_tensors(v: &mut Vec<(String, Vec<usize>)>, n: &str, o: usize, i: usize) {
-    v.push((format!("{n}.weight"), vec![o, i]));
-    v.push((format!("{n}.bias"), vec![o]));
-}
-
-/// The diffusers-named tensors outside the blocks (embeddings, head) and their shapes.
-pub fn top_tensors(c: &FluxConfig) -> Vec<(String, Vec<usize>)> {
-    let d = c.inner_dim();
-    let mut v = Vec::new();
-    let tt = "time_text_embed";
-    lin_tensors(&mut v, "x_embedder", d, c.in_channels);
-    lin_tensors(&mut v, "context_embedder", d, c.joint_attention_dim);
-    lin_tensors(&mut v, &format!("{tt}.timestep_embedder.linear_1"), d, 256);
-    lin_tensors(&mut v, &format!("{tt}.timestep_embedder.linear_2"), d, d);
-    if c.guidance_embeds {
-        lin_tensors(&mut v, &format!("{tt}.guidance_embedder.linear_1"), d, 256);
-        lin_tensors(&mut v, &format!("{tt}.guidance_embedder.linear_2"), d, d);
-    }
-    let pooled = c.pooled_projection_dim;
-    lin_tensors(&mut v, &format!("{tt}.text_embedder.linear_1"), d, pooled);
-    lin_tensors(&mut v, &format!("{tt}.text_embedder.linear_2"), d, d);
-    lin_tensors(&mut v, "norm_out.linear", 2 * d, d);
-    lin_tensors(&mut v, "proj_out", c.out_channels(), d);
-    v
+/// The diffusers-named tensors outside the blocks (embeddings, head) and their shapes, as
+/// `assemble` reads them (recorded, so the names are written once).
+pub fn top_tensors(c: &FluxConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = WeightStore::recording();
+    FluxModel::assemble(c.clone(), &w, Blocks::Resident(Vec::new()))?;
+    w.recorded()
 }
 
 /// The diffusers-named tensors of chain block `i` (double blocks first, then single blocks) and

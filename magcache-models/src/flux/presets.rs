@@ -35,7 +35,7 @@ pub const FLUX_PRESETS: &[FluxPreset] = &[
 
 /// Diffusers names and shapes of a FLUX model: the embeddings and head, then every block.
 pub(super) fn shapes(c: &FluxConfig) -> magcache_core::Result<Vec<(String, Vec<usize>)>> {
-    let mut v = model::top_tensors(c);
+    let mut v = model::top_tensors(c)?;
     for i in 0..c.num_layers + c.num_single_layers {
         v.extend(model::block_tensors(c, i)?);
     }

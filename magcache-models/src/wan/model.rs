@@ -523,58 +523,10 @@ pub fn random_weights(
 
 /// Every diffusers-named tensor of a config and its shape, blocks in order.
 pub fn tensor_shapes(cfg: &WanConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let d = cfg.inner_dim();
-    let [pt, ph, pw] = cfg.patch_size;
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        (
-            "patch_embedding.weight".into(),
-            vec![d, cfg.in_channels, pt, ph, pw],
-        ),
-        ("patch_embedding.bias".into(), vec![d]),
-        (
-            "condition_embedder.time_embedder.linear_1.weight".into(),
-            vec![d, cfg.freq_dim],
-        ),
-        (
-            "condition_embedder.time_embedder.linear_1.bias".into(),
-            vec![d],
-        ),
-        (
-            "condition_embedder.time_embedder.linear_2.weight".into(),
-            vec![d, d],
-        ),
-        (
-            "condition_embedder.time_embedder.linear_2.bias".into(),
-            vec![d],
-        ),
-        ("condition_embedder.time_proj.weight".into(), vec![6 * d, d]),
-        ("condition_embedder.time_proj.bias".into(), vec![6 * d]),
-        (
-            "condition_embedder.text_embedder.linear_1.weight".into(),
-            vec![d, cfg.text_dim],
-        ),
-        (
-            "condition_embedder.text_embedder.linear_1.bias".into(),
-            vec![d],
-        ),
-        (
-            "condition_embedder.text_embedder.linear_2.weight".into(),
-            vec![d, d],
-        ),
-        (
-            "condition_embedder.text_embedder.linear_2.bias".into(),
-            vec![d],
-        ),
-        (
-            "proj_out.weight".into(),
-            vec![cfg.out_channels * pt * ph * pw, d],
-        ),
-        (
-            "proj_out.bias".into(),
-            vec![cfg.out_channels * pt * ph * pw],
-        ),
-        ("scale_shift_table".into(), vec![1, 2, d]),
-    ];
+    // The embeddings and head as `assemble` reads them, then every block as its loader does.
+    let w = WeightStore::recording();
+    WanModel::assemble(cfg.clone(), &w, Blocks::Resident(Vec::new()))?;
+    let mut shapes = w.recorded()?;
     for i in 0..cfg.num_layers {
         shapes.extend(block_tensors(cfg, i)?);
     }

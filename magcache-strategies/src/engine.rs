@@ -342,10 +342,9 @@ impl<R: Rule> TimestepCache for Cached<R> {
         } else {
             middle
         };
-        let decision = if reuse {
-            CallDecision::reused(metric)
-        } else {
-            CallDecision::computed(metric)
+        let decision = CallDecision {
+            computed: !reuse,
+            metric,
         };
         Ok((out, decision))
     }
@@ -384,10 +383,9 @@ impl<R: Rule> TimestepCache for Cached<R> {
             let metric = self.rule.settle(&mut slot.state.rule, reuse, wish.metric);
             *has_residual |= !reuse;
             if key == scope {
-                out.push(if reuse {
-                    CallDecision::reused(metric)
-                } else {
-                    CallDecision::computed(metric)
+                out.push(CallDecision {
+                    computed: !reuse,
+                    metric,
                 });
             }
         }

@@ -74,17 +74,6 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// The final decision, `true` to reuse: the strategy's wish `want_reuse` under this verdict,
-    /// never a reuse without a residual.
-    pub fn apply(self, want_reuse: bool, has_residual: bool) -> bool {
-        has_residual
-            && match self {
-                Verdict::Free => want_reuse,
-                Verdict::Compute => false,
-                Verdict::Reuse => true,
-            }
-    }
-
     /// True when the strategy's own rule is overridden (its metric is not needed).
     pub fn imposed(self) -> bool {
         self != Verdict::Free
@@ -189,6 +178,7 @@ pub fn few_step_warnings(name: &str, plan: &GenerationPlan, cfg: &GuardConfig) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Wish;
     use magcache_core::StepsSpec;
 
     fn plan(steps: usize) -> GenerationPlan {
@@ -215,7 +205,7 @@ mod tests {
         let mut got = Vec::new();
         for step in 0..10 {
             let v = g.verdict(s, step, 10);
-            let reused = v.apply(true, step > 0);
+            let reused = Wish::reuse_if(true, None).decide(v, step > 0);
             g.record(s, step, reused);
             got.push(reused);
         }
@@ -241,11 +231,11 @@ mod tests {
         );
         let cond_wants = [false, true, false, true, true, false];
         for (step, &want) in cond_wants.iter().enumerate() {
-            let reused = g.verdict(c, step, 6).apply(want, step > 0);
+            let reused = Wish::reuse_if(want, None).decide(g.verdict(c, step, 6), step > 0);
             g.record(c, step, reused);
             let v = g.verdict(u, step, 6);
             // The uncond call wants the opposite: the guard overrides it.
-            let ru = v.apply(!want, step > 0);
+            let ru = Wish::reuse_if(!want, None).decide(v, step > 0);
             assert_eq!(ru, reused, "step {step}");
             assert!(v.imposed());
             g.record(u, step, ru);

@@ -9,7 +9,6 @@
 //! returns the chain's input plus that residual (added once) and runs no block.
 
 use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
-use crate::guards::Guards;
 use crate::ratios::{RatioSource, RatioSpec, Resample};
 use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::{
@@ -181,21 +180,6 @@ impl Cached<MagRule> {
     }
 }
 
-impl MagRule {
-    /// From step `retention` on: `acc_ratio *= ratio[step]`, `acc_steps += 1`,
-    /// `acc_err += |1 - acc_ratio|`; reuse while `acc_err <= threshold` and `acc_steps <= K`.
-    fn decide_plain(&self, st: &mut MagState, step: usize) -> Wish {
-        if step < st.retention {
-            return Wish::force(Some(st.acc_err));
-        }
-        st.acc_ratio *= st.ratios.get(step).copied().unwrap_or(1.0);
-        st.acc_steps += 1;
-        st.acc_err += (1.0 - st.acc_ratio).abs();
-        let want = st.acc_err <= self.cfg.threshold && st.acc_steps <= self.cfg.max_skip_steps;
-        Wish::reuse_if(want, None)
-    }
-}
-
 impl Rule for MagRule {
     type State = MagState;
 
@@ -225,8 +209,18 @@ impl Rule for MagRule {
         warnings
     }
 
+    /// From step `retention` on: `acc_ratio *= ratio[step]`, `acc_steps += 1`,
+    /// `acc_err += |1 - acc_ratio|`; reuse while `acc_err <= threshold` and `acc_steps <= K`.
     fn decide(&self, st: &mut MagState, call: &Call<'_>) -> Result<Wish> {
-        Ok(self.decide_plain(st, call.step))
+        let step = call.step;
+        if step < st.retention {
+            return Ok(Wish::force(Some(st.acc_err)));
+        }
+        st.acc_ratio *= st.ratios.get(step).copied().unwrap_or(1.0);
+        st.acc_steps += 1;
+        st.acc_err += (1.0 - st.acc_ratio).abs();
+        let want = st.acc_err <= self.cfg.threshold && st.acc_steps <= self.cfg.max_skip_steps;
+        Ok(Wish::reuse_if(want, None))
     }
 
     /// A computed call resets the accumulators; the call reports the error after that.
@@ -248,25 +242,29 @@ impl Rule for MagRule {
 /// under the single-scope guards (`warmup_steps`, `last_steps`, `max_consecutive`).
 /// MagCache decisions do not depend on the data, so this is exact.
 pub fn predict(cfg: &MagCacheConfig, ratios: &[f64], steps: usize) -> Vec<(bool, f64)> {
-    let rule = MagRule {
-        cfg: cfg.clone(),
-        source: RatioSource::Config(RatioSpec::Curve(ratios.to_vec())),
+    // The curve as the scope's own (a missing entry is a ratio of 1), replayed by the engine on a
+    // one-scope plan: the same decisions a run takes.
+    let mut curve = ratios.to_vec();
+    curve.resize(steps, 1.0);
+    let cfg = MagCacheConfig {
+        resample: Resample::Index,
+        ..cfg.clone()
     };
-    let mut st = MagState::new(ratios.to_vec(), retention_steps(cfg.retention_ratio, steps));
-    let mut guards = Guards::new(cfg.shared().guards);
-    guards.begin(&GenerationPlan::default());
+    let mut m = MagCache::new(cfg, RatioSource::Config(RatioSpec::Curve(curve)));
+    let plan = GenerationPlan::from_steps(&magcache_core::StepsSpec::new(
+        "",
+        "",
+        &vec![0.0; steps],
+        &[magcache_core::Branch::Cond],
+    ));
     let key = ScopeKey::new(0, magcache_core::Branch::Cond);
-    let mut has_residual = false;
-    (0..steps)
-        .map(|step| {
-            let verdict = guards.verdict(key, step, steps);
-            let wish = rule.decide_plain(&mut st, step);
-            let reuse = wish.decide(verdict, has_residual);
-            guards.record(key, step, reuse);
-            let m = rule.settle(&mut st, reuse, wish.metric).unwrap_or(0.0);
-            has_residual |= !reuse;
-            (!reuse, m)
-        })
+    let decisions = match m.begin_generation(&plan) {
+        Ok(_) => m.predict(key).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    decisions
+        .into_iter()
+        .map(|d| (d.computed, d.metric.unwrap_or(0.0)))
         .collect()
 }
 

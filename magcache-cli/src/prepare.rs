@@ -62,6 +62,7 @@ pub(crate) fn base_dir(config: &Path) -> PathBuf {
 
 pub(crate) fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
     let family = known_family(cfg, file)?;
+    cfg.check_keys(file, family)?;
     let offload = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
     if offload == magcache_core::Offload::Stream && !family.streams {
         let streaming: Vec<&str> = registry::families()

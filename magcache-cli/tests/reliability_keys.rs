@@ -256,3 +256,60 @@ fn class7_magcache_keys_that_cannot_apply_fail_before_loading() {
         &[],
     );
 }
+
+/// Issue 23: a key belongs to core or to the run's family; another family's key, a typo and a
+/// family key of the wrong type are refused before anything loads, naming the line and the key.
+#[test]
+fn keys_belong_to_core_or_the_family() {
+    let flux = |inputs: &str, sampling: &str| {
+        format!("[model]\nfamily = \"flux\"\npreset = \"flux-dev\"\n[model.overrides]\nnum_layers = 1\nnum_single_layers = 1\n[inputs]\n{inputs}\n[sampling]\nsteps = 3\n{sampling}\n")
+    };
+    // Wan's keys on flux: the line, the key and who owns it.
+    both_refuse(
+        &flux("", "boundary_ratio = 0.9"),
+        &["run.toml:11", "sampling.boundary_ratio", "wan2.2", "flux"],
+        &[],
+    );
+    both_refuse(
+        &flux("num_frames = 5", ""),
+        &["run.toml:8", "inputs.num_frames", "wan2.1"],
+        &[],
+    );
+    both_refuse(
+        &flux("", "scheduler_config = \"s.json\""),
+        &["run.toml:11", "sampling.scheduler_config"],
+        &[],
+    );
+    // A key nobody owns, in core's tables and as a table of its own.
+    both_refuse(
+        &wan_preset("", "shfit = 3.0", ""),
+        &["run.toml:10", "sampling.shfit", "wan2.1"],
+        &["a key of"],
+    );
+    both_refuse(
+        &format!("{}[vae]\ntiling = true\n", wan_preset("", "", "")),
+        &["run.toml:11", "vae", "unknown table"],
+        &[],
+    );
+    // Wan's own keys are typed: a wrong type names the line and key.
+    both_refuse(
+        &wan_preset("", "scheduler = 3", ""),
+        &["run.toml:10", "sampling.scheduler"],
+        &[],
+    );
+    // And still apply where they belong.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        wan_preset("", "scheduler = \"unipc\"\nshift = 3.0", ""),
+    )
+    .unwrap();
+    let o = magcache(&["plan", "--config", s(&cfg)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    both_refuse(
+        &wan_preset("", "scheduler = \"dpm\"", ""),
+        &["sampling.scheduler", "dpm"],
+        &["unknown key"],
+    );
+}

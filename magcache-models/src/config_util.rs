@@ -111,40 +111,16 @@ pub fn depth_key(overrides: &Map<String, Value>, key: &str, n: usize) -> String 
     }
 }
 
-/// Refuses every key of a run that cannot apply to it, naming the key: a key of two-expert models on
-/// a one-model run, random-input keys beside an inputs file, class conditioning where there is none,
-/// the strategy's own ([`magcache_core::StrategyConfig::check_experts`]). `family` is the family's
-/// name, `experts` its number of transformer models and `classes` whether it takes class
-/// conditioning. Reads nothing: families call it before any weights load.
+/// Refuses the core keys of a run that cannot apply to it, naming the key: random-input keys beside
+/// an inputs file, `model.config` without weights, the strategy's own
+/// ([`magcache_core::StrategyConfig::check_experts`]). `family` is the family's name and `experts`
+/// its number of transformer models. Reads nothing: families call it before any weights load.
 pub fn check_applicable(
     cfg: &magcache_core::RunConfig,
     file: &str,
     family: &str,
     experts: usize,
-    classes: bool,
 ) -> Result<()> {
-    let s = &cfg.sampling;
-    if experts < 2 {
-        let what = if family == "wan2.2" {
-            "a single-model wan2.2 (TI2V)".to_string()
-        } else {
-            format!("{family} (one model)")
-        };
-        if s.boundary_ratio.is_some() {
-            return Err(Error::config(
-                file,
-                "sampling.boundary_ratio",
-                format!("{what} has no expert boundary: `boundary_ratio` splits the steps between wan2.2's two experts (A14B)"),
-            ));
-        }
-        if s.guidance_scale_2.is_some() {
-            return Err(Error::config(
-                file,
-                "sampling.guidance_scale_2",
-                format!("{what} has no second expert: `guidance_scale_2` is the guidance of wan2.2's low-noise expert (A14B); use `guidance_scale`"),
-            ));
-        }
-    }
     let i = &cfg.inputs;
     if let Some(f) = &i.file {
         let drawn = "is for seeded random inputs; the inputs file";
@@ -167,36 +143,6 @@ pub fn check_applicable(
                 file,
                 "inputs.seed",
                 format!("{drawn} `{f}` is used as it is, nothing is drawn: remove one of the two"),
-            ));
-        }
-        if i.classes.is_some() {
-            return Err(Error::config(
-                file,
-                "inputs.classes",
-                format!("class conditioning and the inputs file `{f}` (its own text embeddings) cannot both apply: remove one of the two"),
-            ));
-        }
-    }
-    if i.classes.is_some() {
-        if !classes {
-            return Err(Error::config(
-                file,
-                "inputs.classes",
-                format!("{family} has no class conditioning (class-conditioned Wan models only, with class_embeddings.safetensors beside their weights)"),
-            ));
-        }
-        if cfg.model.weights.is_none() {
-            return Err(Error::config(
-                file,
-                "inputs.classes",
-                "class conditioning needs `weights` (class_embeddings.safetensors beside them); a preset has no class table",
-            ));
-        }
-        if i.text_len.is_some() {
-            return Err(Error::config(
-                file,
-                "inputs.text_len",
-                "the class embeddings give the text length: remove `text_len` or `classes`",
             ));
         }
     }

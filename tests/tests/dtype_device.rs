@@ -244,6 +244,7 @@ magcache_core::inventory::submit! {
         blocks: &[],
         presets: &[],
         published: &[],
+        keys: &[],
         streams: false,
         build: no_build,
         plan: no_plan,

@@ -316,6 +316,7 @@ magcache_core::inventory::submit! {
         blocks: &[TOY_BLOCK],
         presets: &[],
         published: &[],
+        keys: &[],
         streams: false, // the runner refuses `offload = "stream"` for it
         build,
         plan,

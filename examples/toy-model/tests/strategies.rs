@@ -2,7 +2,6 @@
 //! the runner: run file -> family -> pipeline, `[cache]` -> strategy.
 
 use magcache_core::candle_core::Tensor;
-use magcache_core::runtime::config::parse_toml;
 use magcache_core::runtime::registry;
 use magcache_core::{BuildEnv, CacheHandle, CallEvent, Observer, Pipeline, RunConfig};
 use magcache_strategies::calibrate::{curves, Calibrator};
@@ -23,9 +22,10 @@ fn pipeline(cache: &str) -> (Box<dyn Pipeline>, Option<CacheHandle>) {
     let text = format!(
         "[model]\nfamily = \"toy\"\nseed = 7\n[model.overrides]\nlayers = 4\ndim = 32\n[inputs]\nlatent_shape = [2, 16, 4]\n[sampling]\nsteps = 12\nguidance_scale = 3.0\n{cache}"
     );
-    let cfg: RunConfig = parse_toml(&text, "toy.toml").unwrap();
+    let cfg = RunConfig::parse(&text, "toy.toml").unwrap();
     cfg.validate("toy.toml").unwrap();
     let fam = registry::family("toy").expect("the toy family registers itself");
+    cfg.check_keys("toy.toml", fam).unwrap();
     let mut p = (fam.build)(&cfg, "toy.toml", Path::new(".")).unwrap();
     let info = p.model_info();
     let env = BuildEnv {
@@ -126,7 +126,7 @@ fn teacache_without_an_indicator_is_a_config_error() {
     toy_model::link();
     let (p, _) = pipeline("");
     let info = p.model_info();
-    let cfg: RunConfig = parse_toml(
+    let cfg = RunConfig::parse(
         "[model]\nfamily = \"toy\"\n[sampling]\nsteps = 4\n[cache]\nstrategy = \"teacache\"\ncoefficients = [1.0, 0.0]\n",
         "toy.toml",
     )

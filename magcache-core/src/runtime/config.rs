@@ -95,7 +95,6 @@ impl WeightsSpec {
 
 /// `[model]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub family: String,
     #[serde(default)]
@@ -136,7 +135,6 @@ fn default_dtype() -> String {
 
 /// `[inputs]`
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct InputsSection {
     /// safetensors with `latents_init` and the conditioning tensors of the family.
     #[serde(default)]
@@ -150,23 +148,16 @@ pub struct InputsSection {
     /// Seed of random inputs (default: the model seed).
     #[serde(default)]
     pub seed: Option<u64>,
-    /// Class-conditioned models: rows of `class_embeddings.safetensors` beside the weights.
-    #[serde(default)]
-    pub classes: Option<Vec<usize>>,
     /// Prompted runs: the picture's height in pixels (default: the pipeline's).
     #[serde(default)]
     pub height: Option<usize>,
     /// Prompted runs: the picture's width in pixels (default: the pipeline's).
     #[serde(default)]
     pub width: Option<usize>,
-    /// Prompted Wan runs: frames of the video (`1 + 4k`; default 81).
-    #[serde(default)]
-    pub num_frames: Option<usize>,
 }
 
 /// `[prompt]`: a prompted run encodes its text and decodes its result (see the contract).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PromptSection {
     pub text: String,
     /// The negative prompt of classifier-free guidance (Wan; default empty).
@@ -179,30 +170,16 @@ pub struct PromptSection {
 
 /// `[sampling]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SamplingSection {
     pub steps: usize,
     #[serde(default)]
     pub shift: Option<f64>,
     #[serde(default)]
     pub guidance_scale: Option<f64>,
-    /// Guidance of the low-noise expert (wan2.2); default: `guidance_scale`.
-    #[serde(default)]
-    pub guidance_scale_2: Option<f64>,
-    #[serde(default)]
-    pub boundary_ratio: Option<f64>,
-    /// Wan: `"euler"` or `"unipc"`; absent: UniPC when the weights lie in a diffusers pipeline folder
-    /// whose `scheduler/scheduler_config.json` is UniPC (or `scheduler_config` is given), else Euler.
-    #[serde(default)]
-    pub scheduler: Option<String>,
-    /// Wan: a diffusers `UniPCMultistepScheduler` `scheduler_config.json` to sample with.
-    #[serde(default)]
-    pub scheduler_config: Option<String>,
 }
 
 /// A whole `RUN.toml`.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub model: ModelSection,
     /// Absent: the conditioning comes from `[inputs]`.
@@ -214,6 +191,10 @@ pub struct RunConfig {
     /// Absent: no caching.
     #[serde(default)]
     pub cache: Option<Box<dyn StrategyConfig>>,
+    /// The file's text, for the keys its family reads ([`RunConfig::family_keys`]) and the check that
+    /// every key has an owner ([`RunConfig::check_keys`]).
+    #[serde(skip)]
+    source: String,
 }
 
 impl RunConfig {
@@ -221,9 +202,56 @@ impl RunConfig {
     pub fn load(path: &Path) -> Result<RunConfig> {
         let file = path.display().to_string();
         let text = crate::error::read_text(path)?;
-        let cfg = parse_toml::<RunConfig>(&text, &file)?;
+        let cfg = RunConfig::parse(&text, &file)?;
         cfg.validate(&file)?;
         Ok(cfg)
+    }
+
+    /// Parses a run file's text (`file` names it in messages); keeps the text for the family's
+    /// keys. Does not validate.
+    pub fn parse(text: &str, file: &str) -> Result<RunConfig> {
+        let mut cfg = parse_toml::<RunConfig>(text, file)?;
+        cfg.source = text.to_string();
+        Ok(cfg)
+    }
+
+    /// The keys a family adds to the run file, read as the family's own typed struct `T` (its
+    /// tables as fields, e.g. `sampling: WanSampling`; missing tables and keys take `T`'s
+    /// defaults). Keys of core and of the other tables are ignored here: [`RunConfig::check_keys`]
+    /// refuses keys nobody owns. Type errors name the file, line and key.
+    pub fn family_keys<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T> {
+        parse_toml::<T>(&self.source, file)
+    }
+
+    /// Refuses the first key of the run file that neither core nor `family` owns (its
+    /// [`crate::runtime::keys::FamilyKeys`]), naming the file, line and key, and the families that
+    /// do own it. The runner calls it as soon as the family is known.
+    pub fn check_keys(
+        &self,
+        file: &str,
+        family: &crate::runtime::registry::ModelFamily,
+    ) -> Result<()> {
+        use crate::runtime::keys::fields_of;
+        let doc: toml::Table = self.source.parse().map_err(|e: toml::de::Error| {
+            Error::config(file, "(document)", e.message().to_string())
+        })?;
+        let core = [
+            ("model", Some(fields_of::<ModelSection>())),
+            ("prompt", Some(fields_of::<PromptSection>())),
+            ("inputs", Some(fields_of::<InputsSection>())),
+            ("sampling", Some(fields_of::<SamplingSection>())),
+            ("cache", None),
+        ];
+        crate::runtime::keys::Owners {
+            core: &core,
+            family: family.name,
+            family_keys: family.keys,
+            others: crate::runtime::registry::families()
+                .iter()
+                .map(|f| (f.name, f.keys))
+                .collect(),
+        }
+        .check(&doc, &self.source, file)
     }
 
     /// Range checks that the types alone do not express.
@@ -240,22 +268,12 @@ impl RunConfig {
                 ));
             }
         }
-        for (k, v) in [
-            ("sampling.guidance_scale", self.sampling.guidance_scale),
-            ("sampling.guidance_scale_2", self.sampling.guidance_scale_2),
-        ] {
-            if let Some(g) = v {
-                if !g.is_finite() {
-                    return Err(Error::config(file, k, format!("must be finite, got {g}")));
-                }
-            }
-        }
-        if let Some(b) = self.sampling.boundary_ratio {
-            if !(0.0..=1.0).contains(&b) {
+        if let Some(g) = self.sampling.guidance_scale {
+            if !g.is_finite() {
                 return Err(Error::config(
                     file,
-                    "sampling.boundary_ratio",
-                    format!("must lie in [0, 1], got {b}"),
+                    "sampling.guidance_scale",
+                    format!("must be finite, got {g}"),
                 ));
             }
         }
@@ -294,13 +312,12 @@ impl RunConfig {
                 for (key, set) in [
                     ("inputs.latent_shape", i.latent_shape.is_some()),
                     ("inputs.text_len", i.text_len.is_some()),
-                    ("inputs.classes", i.classes.is_some()),
                 ] {
                     if set {
                         return Err(Error::config(
                             file,
                             key,
-                            "does not apply to a prompted run (`[prompt]`): the size comes from inputs.height/width/num_frames and the text from the prompt",
+                            "does not apply to a prompted run (`[prompt]`): the size comes from inputs.height/width (and the family's keys) and the text from the prompt",
                         ));
                     }
                 }
@@ -318,11 +335,7 @@ impl RunConfig {
                         "a prompted run needs a diffusers pipeline folder (model_index.json beside tokenizer/, text_encoder/, transformer/, vae/, scheduler/)",
                     ));
                 }
-                for (key, v) in [
-                    ("inputs.height", i.height),
-                    ("inputs.width", i.width),
-                    ("inputs.num_frames", i.num_frames),
-                ] {
+                for (key, v) in [("inputs.height", i.height), ("inputs.width", i.width)] {
                     if v == Some(0) {
                         return Err(Error::config(file, key, "must be at least 1"));
                     }
@@ -332,7 +345,6 @@ impl RunConfig {
                 for (key, set) in [
                     ("inputs.height", i.height.is_some()),
                     ("inputs.width", i.width.is_some()),
-                    ("inputs.num_frames", i.num_frames.is_some()),
                 ] {
                     if set {
                         return Err(Error::config(
@@ -445,12 +457,40 @@ mod tests {
 
     const BASE: &str = "[model]\nfamily = \"wan2.1\"\npreset = \"x\"\n[sampling]\nsteps = 4\n";
 
+    fn no_pipeline(
+        _: &RunConfig,
+        _: &str,
+        _: &Path,
+    ) -> Result<Box<dyn crate::runtime::pipeline::Pipeline>> {
+        Err(Error::msg("no pipeline"))
+    }
+
+    fn no_plan(
+        _: &RunConfig,
+        _: &str,
+        _: &Path,
+    ) -> Result<(crate::scope::GenerationPlan, ModelInfo)> {
+        Err(Error::msg("no plan"))
+    }
+
     #[test]
     fn unknown_key_names_table_and_key() {
+        let family = crate::runtime::registry::ModelFamily {
+            name: "plain",
+            description: "",
+            blocks: &[],
+            presets: &[],
+            published: &[],
+            keys: &[],
+            streams: false,
+            build: no_pipeline,
+            plan: no_plan,
+        };
+        let cfg = RunConfig::parse(BASE, "run.toml").unwrap();
+        cfg.check_keys("run.toml", &family).unwrap();
         let text = format!("{BASE}bogus = 1\n");
-        let err = parse_toml::<RunConfig>(&text, "run.toml")
-            .unwrap_err()
-            .to_string();
+        let cfg = RunConfig::parse(&text, "run.toml").unwrap();
+        let err = cfg.check_keys("run.toml", &family).unwrap_err().to_string();
         assert!(err.contains("run.toml:6"), "{err}");
         assert!(err.contains("sampling.bogus"), "{err}");
     }

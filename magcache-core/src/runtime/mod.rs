@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: the TOML run file ([`config::RunConfig`]) and the typetag `[cache]` table
 //!   ([`config::StrategyConfig`]) strategies register;
+//! - [`keys`]: which keys of the run file core owns and which a family adds ([`keys::FamilyKeys`]);
 //! - [`registry`]: model families ([`registry::ModelFamily`]: build, plan, presets) and strategies,
 //!   collected at link time through `inventory`;
 //! - [`pipeline`]: the [`pipeline::Pipeline`] a family builds and the runner drives;
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod guard;
+pub mod keys;
 pub mod metrics;
 pub mod pipeline;
 pub mod placement;

@@ -8,6 +8,7 @@ use crate::metadata::BlockMetadata;
 pub use crate::model::{ModelInfo, ScheduleMeta};
 use crate::runtime::config::RunConfig;
 pub use crate::runtime::config::StrategyRegistration;
+pub use crate::runtime::keys::{fields_of, FamilyKeys};
 use crate::runtime::pipeline::Pipeline;
 use std::path::Path;
 
@@ -34,6 +35,9 @@ pub struct ModelFamily {
     pub presets: &'static [&'static str],
     /// Names of the published MagCache curves and TeaCache coefficient sets it carries.
     pub published: &'static [&'static str],
+    /// The keys it adds to the run file's tables beyond core's (its typed structs, read with
+    /// [`RunConfig::family_keys`]); the runner refuses keys that neither core nor the family owns.
+    pub keys: &'static [FamilyKeys],
     /// Whether `build` honours `offload = "stream"` (reads its blocks from the checkpoint as they
     /// run); the runner refuses the setting, naming `model.offload`, for a family that does not.
     pub streams: bool,

@@ -8,6 +8,7 @@ use crate::inputs::InputFile;
 use crate::random::random_store;
 use crate::scheduler::{flow_match_dynamic, flux_mu};
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::keys::{fields_of, FamilyKeys};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 
@@ -18,16 +19,29 @@ use super::presets::{flux_info, shapes, FLUX_PRESETS};
 use super::{footprint, load, prompted};
 use std::path::Path;
 
+/// The key flux adds to `[sampling]`: `scheduler`, which may only name the one it has.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct FluxSamplingKeys {
+    /// `"euler"` (dynamic shift), the only one.
+    scheduler: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct FluxKeys {
+    sampling: FluxSamplingKeys,
+}
+
+const FLUX_KEYS: &[FamilyKeys] = &[FamilyKeys {
+    table: "sampling",
+    keys: fields_of::<FluxSamplingKeys>,
+}];
+
 /// FLUX samples with Euler (dynamic shift) only.
 fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
-    if cfg.sampling.scheduler_config.is_some() {
-        return Err(Error::config(
-            file,
-            "sampling.scheduler_config",
-            "flux samples with flow-matching Euler (dynamic shift); scheduler configs are read by Wan's UniPC only",
-        ));
-    }
-    match cfg.sampling.scheduler.as_deref() {
+    let keys: FluxKeys = cfg.family_keys(file)?;
+    match keys.sampling.scheduler.as_deref() {
         None | Some("euler") => Ok(()),
         Some(other) => Err(Error::config(
             file,
@@ -40,7 +54,7 @@ fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
 /// The keys a flux run cannot use: errors naming them, before anything loads. (`shift` stays a
 /// warning: configs written for diffusers carry one, see `tests/tests/config_compat.rs`.)
 fn check_flux_keys(cfg: &RunConfig, file: &str) -> Result<()> {
-    crate::config_util::check_applicable(cfg, file, "flux", 1, false)
+    crate::config_util::check_applicable(cfg, file, "flux", 1)
 }
 
 fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
@@ -254,6 +268,7 @@ inventory::submit! {
         blocks: &[FLUX_DOUBLE, FLUX_SINGLE],
         presets: &["flux-dev", "flux-schnell"],
         published: &["magcache flux_dev", "teacache flux_dev"],
+        keys: FLUX_KEYS,
         streams: true,
         build: build_flux,
         plan: plan_flux,

@@ -3,6 +3,7 @@
 
 use super::config::WanConfig;
 use super::inputs::build_inputs;
+use super::keys::{WanKeys, WAN_KEYS};
 use super::load;
 use super::model::{self, WanModel, WAN_BLOCK};
 use super::pipeline::{self, WanPipeline};
@@ -127,17 +128,18 @@ fn weights_dir(base: &Path, w: &str) -> std::path::PathBuf {
 /// `default_shift` when neither the run nor a scheduler config gives a shift.
 pub fn wan_sampler(
     cfg: &RunConfig,
+    keys: &WanKeys,
     file: &str,
     base: &Path,
     weights: Option<&str>,
     default_shift: f64,
 ) -> Result<FlowSampler> {
-    let s = &cfg.sampling;
+    let s = &keys.sampling;
     let choice = SamplerChoice {
         scheduler: s.scheduler.as_deref(),
         scheduler_config: s.scheduler_config.as_deref().map(|p| resolve(base, p)),
         pipeline_config: weights.and_then(|w| pipeline_scheduler_config(&resolve(base, w))),
-        shift: s.shift,
+        shift: cfg.sampling.shift,
         default_shift,
     };
     choose_flow_sampler(&choice, file)
@@ -156,8 +158,9 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         }
         None => None,
     };
-    crate::config_util::check_applicable(cfg, file, "wan2.1", 1, true)?;
-    let sampler = wan_sampler(cfg, file, base, weights, 5.0)?;
+    let keys = WanKeys::read(cfg, file)?;
+    keys.check_applicable(cfg, file, "wan2.1", 1)?;
+    let sampler = wan_sampler(cfg, &keys, file, base, weights, 5.0)?;
     let guidance = cfg.sampling.guidance_scale.unwrap_or(5.0);
     // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
     let prompted = match &cfg.prompt {
@@ -204,6 +207,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 /// model (TI2V-5B); or a preset.
 fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
+    let keys = WanKeys::read(cfg, file)?;
     let paths = wan22_paths(cfg, file, base)?;
     // Prompted: the text is encoded (and its encoder freed) before the transformers load.
     let prompted = match &cfg.prompt {
@@ -213,7 +217,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
                 .sampling
                 .guidance_scale
                 .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
-            let g2 = cfg.sampling.guidance_scale_2.unwrap_or(g);
+            let g2 = keys.sampling.guidance_scale_2.unwrap_or(g);
             Some(prompted::encode(cfg, file, &root, g > 1.0 || g2 > 1.0)?)
         }
         None => None,
@@ -228,9 +232,10 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         }
         n => n == 1,
     };
-    crate::config_util::check_applicable(cfg, file, "wan2.2", if single { 1 } else { 2 }, true)?;
+    keys.check_applicable(cfg, file, "wan2.2", if single { 1 } else { 2 })?;
     let sampler = wan_sampler(
         cfg,
+        &keys,
         file,
         base,
         paths.first().map(|p| p.as_str()),
@@ -269,7 +274,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
             "the two experts have different architectures",
         ));
     }
-    let boundary = cfg
+    let boundary = keys
         .sampling
         .boundary_ratio
         .or(index_boundary_ratio(cfg, base))
@@ -295,7 +300,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         cfg.sampling
             .guidance_scale
             .unwrap_or(if expand { 5.0 } else { 4.0 }),
-        cfg.sampling.guidance_scale_2,
+        keys.sampling.guidance_scale_2,
         inputs,
         info_for("wan2.2", preset),
         descs.join(" | "),
@@ -409,9 +414,10 @@ fn plan_wan(
             WAN21_PRESETS,
         )
     };
+    let keys = WanKeys::read(cfg, file)?;
     let (n, preset) = wan_arch(cfg, file, base, &paths, presets)?;
-    crate::config_util::check_applicable(cfg, file, family, n, true)?;
-    let boundary = cfg
+    keys.check_applicable(cfg, file, family, n)?;
+    let boundary = keys
         .sampling
         .boundary_ratio
         .or(index_boundary_ratio(cfg, base))
@@ -424,6 +430,7 @@ fn plan_wan(
     };
     let sampler = wan_sampler(
         cfg,
+        &keys,
         file,
         base,
         paths.first().map(|p| p.as_str()),
@@ -528,6 +535,7 @@ inventory::submit! {
         blocks: &[WAN_BLOCK],
         presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
         published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "teacache wan21_t2v_1_3b"],
+        keys: WAN_KEYS,
         streams: true,
         build: build_wan21,
         plan: plan_wan21,
@@ -541,6 +549,7 @@ inventory::submit! {
         blocks: &[WAN_BLOCK],
         presets: &["wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"],
         published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b"],
+        keys: WAN_KEYS,
         streams: true,
         build: build_wan22,
         plan: plan_wan22,

@@ -155,7 +155,7 @@ pub fn build_inputs(
     } else {
         None
     };
-    let (cond, uncond) = match &cfg.inputs.classes {
+    let (cond, uncond) = match &super::keys::WanKeys::read(cfg, file)?.inputs.classes {
         Some(classes) => class_conditioning(file, weights_dir, classes, shape[0])?,
         None => {
             let l = cfg.inputs.text_len.unwrap_or(64);

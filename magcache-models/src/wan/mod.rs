@@ -4,6 +4,7 @@ pub mod config;
 pub mod family;
 pub mod footprint;
 pub mod inputs;
+pub mod keys;
 pub mod load;
 pub mod model;
 pub mod pipeline;

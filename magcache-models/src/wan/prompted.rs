@@ -93,7 +93,10 @@ pub fn inputs(
     let (ss, ts) = (vae_cfg.spatial_scale(), vae_cfg.temporal_scale());
     let height = cfg.inputs.height.unwrap_or(DEFAULT_HEIGHT);
     let width = cfg.inputs.width.unwrap_or(DEFAULT_WIDTH);
-    let frames = cfg.inputs.num_frames.unwrap_or(DEFAULT_FRAMES);
+    let frames = super::keys::WanKeys::read(cfg, file)?
+        .inputs
+        .num_frames
+        .unwrap_or(DEFAULT_FRAMES);
     let unit = ss.saturating_mul(c.patch_size[1].max(c.patch_size[2]));
     for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
         if unit == 0 || v % unit != 0 {

@@ -21,16 +21,7 @@ pub fn list() -> String {
         let kinds: Vec<String> = f
             .blocks
             .iter()
-            .map(|b| {
-                format!(
-                    "{} (hidden in {} out {}, encoder in {} out {})",
-                    b.kind,
-                    b.hidden_in,
-                    b.hidden_out,
-                    b.encoder_in.map(|i| i.to_string()).unwrap_or("-".into()),
-                    b.encoder_out.map(|i| i.to_string()).unwrap_or("-".into())
-                )
-            })
+            .map(|b| format!("{} ({})", b.kind, b.streams()))
             .collect();
         s.push_str(&format!("             blocks: {}\n", kinds.join("; ")));
     }

@@ -3,7 +3,7 @@
 //!
 //! A model hands its cache chain (for FLUX: the double blocks, then the single blocks) to the cache
 //! as a [`BlockChain`]. The cache decides and runs none of the blocks, the first, or all of them; it
-//! never sees a block's tuples, weights or conditioning, only the [`Streams`] between blocks.
+//! never sees a block's arguments, weights or conditioning, only the [`Streams`] between blocks.
 
 use crate::error::Result;
 use candle_core::Tensor;

@@ -3,17 +3,17 @@
 //! # Order
 //! Hooks on one block are sorted by [`HookOrder`] (`Outer` first, then `Middle`, then `Inner`); hooks of
 //! the same order keep their registration order. The first hook in that order is the outermost wrapper:
-//! it receives the block inputs and a `next` that runs the remaining hooks and finally the block.
+//! it receives the block's input [`Streams`] and a `next` that runs the remaining hooks and finally the block.
 //! Caches do not use hooks (they wrap the whole chain, see [`crate::CallCx::run_chain`]); hooks are
 //! for anything else a user attaches to a block: observers, probes, modifications. Head and tail hooks
 //! on the same block chain: the outer one sees the inner one's result.
 //!
 //! Removing a hook keeps the others (and their order) intact.
 
+use crate::chain::Streams;
 use crate::error::{Error, Result};
 use crate::metadata::BlockMetadata;
 use crate::scope::ScopeKey;
-use candle_core::Tensor;
 use std::sync::Arc;
 
 /// Where a hook sits in the composition around a block.
@@ -36,12 +36,12 @@ pub struct HookCx<'a> {
     pub block: usize,
     /// Number of blocks in the chain.
     pub num_blocks: usize,
-    /// Metadata of this block's tuples.
+    /// Metadata of this block's kind.
     pub meta: &'a BlockMetadata,
 }
 
 /// The rest of the chain: the remaining hooks and the block itself.
-pub type Next<'a> = &'a dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>;
+pub type Next<'a> = &'a dyn Fn(Streams) -> Result<Streams>;
 
 /// A wrapper around a block's forward.
 pub trait BlockHook: Send + Sync {
@@ -49,7 +49,7 @@ pub trait BlockHook: Send + Sync {
     fn name(&self) -> &str;
     fn order(&self) -> HookOrder;
     /// Runs around the block: call `next(inputs)` to run the rest of the chain, or return without it.
-    fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>>;
+    fn forward(&self, cx: &HookCx<'_>, streams: Streams, next: Next<'_>) -> Result<Streams>;
 }
 
 /// The hooks of one model's block chain (for FLUX: the double blocks, then the single blocks).
@@ -72,7 +72,7 @@ impl std::fmt::Debug for HookRegistry {
 }
 
 impl HookRegistry {
-    /// A registry for a chain of blocks, each with its tuple metadata.
+    /// A registry for a chain of blocks, each with its kind's metadata.
     pub fn new(metas: Vec<BlockMetadata>) -> Self {
         let n = metas.len();
         HookRegistry {
@@ -153,9 +153,9 @@ impl HookRegistry {
         &self,
         scope: ScopeKey,
         block: usize,
-        inputs: &[Tensor],
-        forward: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
-    ) -> Result<Vec<Tensor>> {
+        streams: Streams,
+        forward: &dyn Fn(Streams) -> Result<Streams>,
+    ) -> Result<Streams> {
         let list = self.hooks.get(block).ok_or_else(|| {
             Error::Hooks(format!(
                 "block {block} does not exist (chain of {} blocks)",
@@ -163,7 +163,7 @@ impl HookRegistry {
             ))
         })?;
         if list.is_empty() {
-            return forward(inputs);
+            return forward(streams);
         }
         let meta = self
             .metas
@@ -175,18 +175,18 @@ impl HookRegistry {
             num_blocks: self.metas.len(),
             meta,
         };
-        chain(list, &cx, inputs, forward)
+        chain(list, &cx, streams, forward)
     }
 }
 
 fn chain(
     hooks: &[Arc<dyn BlockHook>],
     cx: &HookCx<'_>,
-    inputs: &[Tensor],
-    forward: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
-) -> Result<Vec<Tensor>> {
+    streams: Streams,
+    forward: &dyn Fn(Streams) -> Result<Streams>,
+) -> Result<Streams> {
     match hooks.split_first() {
-        None => forward(inputs),
-        Some((h, rest)) => h.forward(cx, inputs, &|inp: &[Tensor]| chain(rest, cx, inp, forward)),
+        None => forward(streams),
+        Some((h, rest)) => h.forward(cx, streams, &|s: Streams| chain(rest, cx, s, forward)),
     }
 }

@@ -11,7 +11,7 @@
 //! - [`DecisionSync`]: the collective data-dependent strategies average their metric through, so
 //!   that every rank of a sequence-parallel run decides alike ([`SingleProcess`] by default);
 //! - [`HookRegistry`]: general hooks composed around each block (observers, probes);
-//!   [`BlockMetadata`]: where hidden and encoder states sit in a block's tuples;
+//!   [`BlockMetadata`]: a block's kind and whether it updates an encoder stream;
 //! - [`ScopeKey`] / [`ScopeStates`]: per (expert, branch) state and step accounting;
 //! - [`maths`]: curve resampling and calibration statistics (profiles live in `magcache-strategies`);
 //!   [`finite`]: the non-finite checks on every call and step; [`error`].

@@ -2,16 +2,12 @@
 
 use candle_core::{Device, Tensor};
 use magcache_core::hooks::{BlockHook, HookCx, HookOrder, HookRegistry, Next};
-use magcache_core::{BlockMetadata, Error, Result, ScopeKey};
+use magcache_core::{BlockMetadata, Error, Result, ScopeKey, Streams};
 use std::sync::{Arc, Mutex};
 
 const META: BlockMetadata = BlockMetadata {
     kind: "toy",
-    hidden_in: 0,
-    encoder_in: None,
-    hidden_out: 0,
-    encoder_out: None,
-    outputs: 1,
+    joint: false,
 };
 
 struct Tracer {
@@ -27,12 +23,12 @@ impl BlockHook for Tracer {
     fn order(&self) -> HookOrder {
         self.order
     }
-    fn forward(&self, _cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {
+    fn forward(&self, _cx: &HookCx<'_>, streams: Streams, next: Next<'_>) -> Result<Streams> {
         self.log
             .lock()
             .unwrap()
             .push(format!("enter {}", self.name));
-        let out = next(inputs)?;
+        let out = next(streams)?;
         self.log
             .lock()
             .unwrap()
@@ -69,9 +65,9 @@ fn hooks_compose_by_order_then_registration() {
         .unwrap();
     assert_eq!(reg.hook_names(0), ["outer", "mid1", "mid2", "inner"]);
     let blog = log.clone();
-    reg.run_block(S, 0, &[x()], &|i: &[Tensor]| {
+    reg.run_block(S, 0, Streams::hidden(x()), &|s: Streams| {
         blog.lock().unwrap().push("block".into());
-        Ok(i.to_vec())
+        Ok(s)
     })
     .unwrap();
     let got = log.lock().unwrap().clone();
@@ -106,9 +102,11 @@ fn removing_a_hook_keeps_the_others_working() {
     assert!(!reg.remove(7, "a"));
     assert_eq!(reg.hook_names(0), ["a", "c"]);
     let out = reg
-        .run_block(S, 0, &[x()], &|i: &[Tensor]| Ok(vec![(&i[0] * 3.0)?]))
+        .run_block(S, 0, Streams::hidden(x()), &|s: Streams| {
+            Ok(Streams::hidden((&s.hidden * 3.0)?))
+        })
         .unwrap();
-    assert_eq!(out[0].to_vec1::<f32>().unwrap(), [3.0, 6.0]);
+    assert_eq!(out.hidden.to_vec1::<f32>().unwrap(), [3.0, 6.0]);
     assert_eq!(
         log.lock().unwrap().as_slice(),
         ["enter a", "enter c", "leave c", "leave a"]
@@ -143,9 +141,9 @@ impl BlockHook for ScopeProbe {
     fn order(&self) -> HookOrder {
         HookOrder::Middle
     }
-    fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {
+    fn forward(&self, cx: &HookCx<'_>, streams: Streams, next: Next<'_>) -> Result<Streams> {
         self.0.lock().unwrap().push((cx.scope, cx.block));
-        next(inputs)
+        next(streams)
     }
 }
 
@@ -156,42 +154,45 @@ fn every_hook_sees_the_scope_of_its_call() {
     let mut reg = HookRegistry::new(vec![META, META]);
     reg.register(1, Arc::new(ScopeProbe(seen.clone()))).unwrap();
     let uncond = ScopeKey::new(1, Branch::Uncond);
-    let id = |i: &[Tensor]| Ok(i.to_vec());
-    reg.run_block(uncond, 0, &[x()], &id).unwrap();
-    reg.run_block(uncond, 1, &[x()], &id).unwrap();
-    reg.run_block(ScopeKey::new(0, Branch::Cond), 1, &[x()], &id)
+    let id = |s: Streams| Ok(s);
+    reg.run_block(uncond, 0, Streams::hidden(x()), &id).unwrap();
+    reg.run_block(uncond, 1, Streams::hidden(x()), &id).unwrap();
+    reg.run_block(ScopeKey::new(0, Branch::Cond), 1, Streams::hidden(x()), &id)
         .unwrap();
     assert_eq!(
         *seen.lock().unwrap(),
         [(uncond, 1), (ScopeKey::new(0, Branch::Cond), 1)]
     );
     assert!(matches!(
-        reg.run_block(uncond, 2, &[x()], &id),
+        reg.run_block(uncond, 2, Streams::hidden(x()), &id),
         Err(Error::Hooks(_))
     ));
 }
 
 #[test]
-fn pass_through_maps_streams_through_metadata() {
-    // A FLUX-like double block: inputs (hidden, encoder, temb), outputs (encoder, hidden).
+fn hooks_see_both_streams_of_a_joint_block() {
+    // A FLUX-like double block: hidden and encoder states both flow through the hooks.
     let meta = BlockMetadata {
         kind: "double",
-        hidden_in: 0,
-        encoder_in: Some(1),
-        hidden_out: 1,
-        encoder_out: Some(0),
-        outputs: 2,
+        joint: true,
     };
-    let h = x();
-    let e = (x() * 10.0).unwrap();
-    let t = (x() * 100.0).unwrap();
-    let out = meta.pass_through(&[h.clone(), e.clone(), t]).unwrap();
-    assert_eq!(
-        out[1].to_vec1::<f32>().unwrap(),
-        h.to_vec1::<f32>().unwrap()
-    );
-    assert_eq!(
-        out[0].to_vec1::<f32>().unwrap(),
-        e.to_vec1::<f32>().unwrap()
-    );
+    assert_eq!(meta.streams(), "hidden + encoder");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut reg = HookRegistry::new(vec![meta]);
+    reg.register(0, tracer("outer", HookOrder::Outer, &log))
+        .unwrap();
+    let out = reg
+        .run_block(
+            S,
+            0,
+            Streams::joint(x(), (x() * 10.0).unwrap()),
+            &|s: Streams| {
+                let e = s.encoder.clone().unwrap();
+                Ok(Streams::joint((&s.hidden + &e)?, (e * 2.0)?))
+            },
+        )
+        .unwrap();
+    assert_eq!(out.hidden.to_vec1::<f32>().unwrap(), [11.0, 22.0]);
+    assert_eq!(out.encoder.unwrap().to_vec1::<f32>().unwrap(), [20.0, 40.0]);
+    assert_eq!(log.lock().unwrap().len(), 2);
 }

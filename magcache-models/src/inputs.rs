@@ -80,3 +80,15 @@ pub fn check_finite(t: &Tensor, file: &str, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// What a run without an inputs file draws from: the seed (`inputs.seed`, else the model's) and the
+/// latents' shape (`inputs.latent_shape`, else `default`). The family checks the shape.
+pub fn drawn(cfg: &magcache_core::RunConfig, default: &[usize]) -> (u64, Vec<usize>) {
+    let seed = cfg.inputs.seed.unwrap_or(cfg.model.seed);
+    let shape = cfg
+        .inputs
+        .latent_shape
+        .clone()
+        .unwrap_or_else(|| default.to_vec());
+    (seed, shape)
+}

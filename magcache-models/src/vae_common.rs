@@ -243,3 +243,33 @@ pub(crate) fn to_pixels_channels_last(decoded: &Tensor) -> Result<Tensor> {
         .permute(order)?
         .contiguous()?)
 }
+
+/// A VAE's residual block, `conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)`, over the
+/// VAE's own norm `N` and convolution `C` (Wan's RMS norm and causal 3-D convolution, FLUX's group
+/// norm and 2-D convolution).
+pub(crate) struct ResBlock<N, C> {
+    pub(crate) norm1: N,
+    pub(crate) conv1: C,
+    pub(crate) norm2: N,
+    pub(crate) conv2: C,
+    pub(crate) shortcut: Option<C>,
+}
+
+impl<N, C> ResBlock<N, C> {
+    /// Runs the block with the VAE's `norm` and `conv`. The convolutions run in the order shortcut,
+    /// conv1, conv2: a causal convolution's feature cache counts its convolutions in that order.
+    pub(crate) fn apply(
+        &self,
+        x: &Tensor,
+        norm: impl Fn(&N, &Tensor) -> Result<Tensor>,
+        mut conv: impl FnMut(&C, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let h = match &self.shortcut {
+            Some(s) => conv(s, x)?,
+            None => x.clone(),
+        };
+        let y = conv(&self.conv1, &norm(&self.norm1, x)?.silu()?)?;
+        let y = conv(&self.conv2, &norm(&self.norm2, &y)?.silu()?)?;
+        Ok((y + h)?)
+    }
+}

@@ -21,11 +21,7 @@ use std::ops::Range;
 
 const META: BlockMetadata = BlockMetadata {
     kind: "bench",
-    hidden_in: 0,
-    encoder_in: None,
-    hidden_out: 0,
-    encoder_out: None,
-    outputs: 1,
+    joint: false,
 };
 const COND: ScopeKey = ScopeKey::new(0, Branch::Cond);
 /// A generation of `steps` calls of one scope.
@@ -84,8 +80,10 @@ impl BlockChain for Chain<'_> {
             let f = if i == 0 { self.first } else { 1.0 };
             h = self
                 .reg
-                .run_block(COND, i, &[h], &|inp: &[Tensor]| Ok(vec![(&inp[0] * f)?]))?
-                .remove(0);
+                .run_block(COND, i, Streams::hidden(h), &|s: Streams| {
+                    Ok(Streams::hidden((&s.hidden * f)?))
+                })?
+                .hidden;
         }
         Ok(Streams::hidden(h))
     }

@@ -14,7 +14,7 @@
 use magcache_core::candle_core::{DType, Tensor};
 use magcache_core::hooks::Next;
 use magcache_core::maths::rel_l1;
-use magcache_core::{BlockHook, Error, HookCx, HookOrder, HookRegistry, Result, ScopeKey};
+use magcache_core::{BlockHook, Error, HookCx, HookOrder, HookRegistry, Result, ScopeKey, Streams};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -138,12 +138,10 @@ impl BlockHook for BlockChangeProbe {
         HookOrder::Middle
     }
 
-    fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {
-        let out = next(inputs)?;
-        let hin = inputs
-            .get(cx.meta.hidden_in)
-            .ok_or_else(|| Error::Hooks(format!("block {}: no hidden input to probe", cx.block)))?;
-        let residual = strided_tokens(&(cx.meta.hidden_output(&out)? - hin)?)?;
+    fn forward(&self, cx: &HookCx<'_>, streams: Streams, next: Next<'_>) -> Result<Streams> {
+        let hin = streams.hidden.clone();
+        let out = next(streams)?;
+        let residual = strided_tokens(&(&out.hidden - &hin)?)?;
         self.probes.with((self.expert, cx.scope, cx.block), |r| {
             if let Some(prev) = &r.prev {
                 r.changes.push(rel_l1(&residual, prev)?);
@@ -170,9 +168,9 @@ impl BlockHook for BlockTimeProbe {
         HookOrder::Outer
     }
 
-    fn forward(&self, cx: &HookCx<'_>, inputs: &[Tensor], next: Next<'_>) -> Result<Vec<Tensor>> {
+    fn forward(&self, cx: &HookCx<'_>, streams: Streams, next: Next<'_>) -> Result<Streams> {
         let t0 = Instant::now();
-        let out = next(inputs)?;
+        let out = next(streams)?;
         let dt = t0.elapsed().as_secs_f64();
         self.probes.with((self.expert, cx.scope, cx.block), |r| {
             r.seconds += dt;

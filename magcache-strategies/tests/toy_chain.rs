@@ -20,11 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 const META: BlockMetadata = BlockMetadata {
     kind: "toy",
-    hidden_in: 0,
-    encoder_in: None,
-    hidden_out: 0,
-    encoder_out: None,
-    outputs: 1,
+    joint: false,
 };
 
 /// A chain of `n` toy blocks: block `i` maps `x -> x * 2 + (i + 1)`, counting its runs.
@@ -50,14 +46,14 @@ impl BlockChain for ToyChain<'_> {
         let mut h = x.hidden;
         for i in blocks {
             let runs = &self.toy.runs[i];
-            let out = self
-                .toy
-                .reg
-                .run_block(self.scope, i, &[h], &|inp: &[Tensor]| {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    Ok(vec![((&inp[0] * 2.0)? + (i as f64 + 1.0))?])
-                })?;
-            h = out[0].clone();
+            let out =
+                self.toy
+                    .reg
+                    .run_block(self.scope, i, Streams::hidden(h), &|s: Streams| {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok(Streams::hidden(((&s.hidden * 2.0)? + (i as f64 + 1.0))?))
+                    })?;
+            h = out.hidden;
         }
         Ok(Streams::hidden(h))
     }
@@ -295,11 +291,11 @@ impl magcache_core::BlockHook for Counter {
     fn forward(
         &self,
         _cx: &magcache_core::HookCx<'_>,
-        inputs: &[Tensor],
+        streams: Streams,
         next: magcache_core::hooks::Next<'_>,
-    ) -> magcache_core::Result<Vec<Tensor>> {
+    ) -> magcache_core::Result<Streams> {
         self.1.fetch_add(1, Ordering::SeqCst);
-        next(inputs)
+        next(streams)
     }
 }
 

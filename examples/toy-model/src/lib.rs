@@ -302,11 +302,7 @@ fn toy_info() -> ModelInfo {
 /// The one block kind of the toy's chain (for general per-block hooks).
 pub const TOY_BLOCK: BlockMetadata = BlockMetadata {
     kind: "toy.block",
-    hidden_in: 0,
-    encoder_in: None,
-    hidden_out: 0,
-    encoder_out: None,
-    outputs: 1,
+    joint: false,
 };
 
 magcache_core::inventory::submit! {

@@ -5,7 +5,7 @@ use super::config::FluxConfig;
 use crate::nn::{attention, gelu, LayerNorm, Linear, RmsNorm};
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor, D};
-use magcache_core::{Error, Result};
+use magcache_core::Result;
 
 /// The linear layer `name` (`weight` `[out, inp]` and `bias`).
 pub(crate) fn lin(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
@@ -80,6 +80,15 @@ pub(crate) fn modulated_input(
     modulate(&ln.forward(h)?, &m[0], &m[1])
 }
 
+/// What a FLUX block reads besides its two streams: the same for every block of a call.
+pub(crate) struct BlockArgs<'a> {
+    /// The timestep (and guidance, pooled text) embedding the modulations are computed from.
+    pub(crate) temb: &'a Tensor,
+    /// Rotary tables over the text-then-image sequence.
+    pub(crate) cos: &'a Tensor,
+    pub(crate) sin: &'a Tensor,
+}
+
 pub(crate) struct DoubleBlock {
     pub(crate) norm1: Linear,
     pub(crate) norm1_ctx: Linear,
@@ -140,13 +149,14 @@ impl DoubleBlock {
         modulated_input(&self.norm1, &self.ln, h, temb)
     }
 
-    pub(crate) fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let [h, e, temb, cos, sin] = inputs else {
-            return Err(Error::msg(format!(
-                "flux double block expects 5 inputs, got {}",
-                inputs.len()
-            )));
-        };
+    /// The (hidden, encoder) streams after the block.
+    pub(crate) fn forward(
+        &self,
+        h: &Tensor,
+        e: &Tensor,
+        args: &BlockArgs<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let BlockArgs { temb, cos, sin } = args;
         let m = modulation(&self.norm1, temb, 6)?;
         let mc = modulation(&self.norm1_ctx, temb, 6)?;
         let nh = modulate(&self.ln.forward(h)?, &m[0], &m[1])?;
@@ -185,7 +195,7 @@ impl DoubleBlock {
         let e = (e + attn_e.broadcast_mul(&mc[2])?)?;
         let x = modulate(&self.ln.forward(&e)?, &mc[3], &mc[4])?;
         let e = (&e + self.ff_ctx.forward(&x)?.broadcast_mul(&mc[5])?)?;
-        Ok(vec![e, h])
+        Ok((h, e))
     }
 }
 
@@ -222,13 +232,14 @@ impl SingleBlock {
         })
     }
 
-    pub(crate) fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let [h, e, temb, cos, sin] = inputs else {
-            return Err(Error::msg(format!(
-                "flux single block expects 5 inputs, got {}",
-                inputs.len()
-            )));
-        };
+    /// The (hidden, encoder) streams after the block: concatenated (text first), updated, split.
+    pub(crate) fn forward(
+        &self,
+        h: &Tensor,
+        e: &Tensor,
+        args: &BlockArgs<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let BlockArgs { temb, cos, sin } = args;
         let lt = e.dim(1)?;
         let li = h.dim(1)?;
         let x = Tensor::cat(&[e, h], 1)?;
@@ -252,7 +263,7 @@ impl SingleBlock {
             .forward(&Tensor::cat(&[a, mlp], 2)?)?
             .broadcast_mul(&m[2])?;
         let x = (x + y)?;
-        Ok(vec![x.narrow(1, 0, lt)?, x.narrow(1, lt, li)?])
+        Ok((x.narrow(1, lt, li)?, x.narrow(1, 0, lt)?))
     }
 }
 
@@ -277,10 +288,15 @@ impl AnyBlock {
         }
     }
 
-    pub(crate) fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward(
+        &self,
+        h: &Tensor,
+        e: &Tensor,
+        args: &BlockArgs<'_>,
+    ) -> Result<(Tensor, Tensor)> {
         match self {
-            AnyBlock::Double(b) => b.forward(inputs),
-            AnyBlock::Single(b) => b.forward(inputs),
+            AnyBlock::Double(b) => b.forward(h, e, args),
+            AnyBlock::Single(b) => b.forward(h, e, args),
         }
     }
 }

@@ -135,12 +135,7 @@ pub(super) fn build_inputs(
         });
     }
     // Random inputs: latent_shape = [B, C, H, W] of unpacked latents (C * 4 = in_channels), packed 2x2.
-    let seed = cfg.inputs.seed.unwrap_or(cfg.model.seed);
-    let shape = cfg
-        .inputs
-        .latent_shape
-        .clone()
-        .unwrap_or_else(|| vec![1, c.in_channels / 4, 64, 64]);
+    let (seed, shape) = crate::inputs::drawn(cfg, &[1, c.in_channels / 4, 64, 64]);
     if shape.len() != 4
         || shape[1].checked_mul(4) != Some(c.in_channels)
         || !shape[2].is_multiple_of(2)

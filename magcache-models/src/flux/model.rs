@@ -1,7 +1,7 @@
 //! `FluxTransformer2DModel` (FLUX.1) in candle, f32: double-stream blocks (joint attention over
 //! `[text, image]`), single-stream blocks, one cache chain over both lists.
 
-use super::blocks::{lin, modulate, modulated_input, AnyBlock};
+use super::blocks::{lin, modulate, modulated_input, AnyBlock, BlockArgs};
 use super::config::FluxConfig;
 use crate::nn::{timestep_embedding, LayerNorm, Linear};
 use crate::weights::WeightStore;
@@ -13,23 +13,16 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// Double-stream block: inputs `(hidden, encoder, temb, cos, sin)`, outputs `(encoder, hidden)`.
+/// Double-stream block: updates the image (hidden) and text (encoder) streams, each with its own
+/// weights ([`BlockArgs`] holds what it reads besides them).
 pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata {
     kind: "flux.double",
-    hidden_in: 0,
-    encoder_in: Some(1),
-    hidden_out: 1,
-    encoder_out: Some(0),
-    outputs: 2,
+    joint: true,
 };
-/// Single-stream block: same tuples as diffusers returns them, `(encoder, hidden)`.
+/// Single-stream block: the two streams concatenated (text first), split again on the way out.
 pub const FLUX_SINGLE: BlockMetadata = BlockMetadata {
     kind: "flux.single",
-    hidden_in: 0,
-    encoder_in: Some(1),
-    hidden_out: 1,
-    encoder_out: Some(0),
-    outputs: 2,
+    joint: true,
 };
 
 /// The diffusers-named tensors outside the blocks (embeddings, head) and their shapes, as
@@ -260,21 +253,25 @@ impl FluxChain<'_> {
     fn run_one(&self, i: usize, blk: &AnyBlock, he: (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
         let m = self.model;
         let (h, e) = he;
-        let inputs = [h, e, self.temb.clone(), self.cos.clone(), self.sin.clone()];
+        let args = BlockArgs {
+            temb: &self.temb,
+            cos: &self.cos,
+            sin: &self.sin,
+        };
         let out = m
             .hooks
-            .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
-        // The registry holds each block's metadata (built once in `assemble`).
-        let meta = m
-            .hooks
-            .metadata()
-            .get(i)
-            .ok_or_else(|| Error::msg(format!("flux: block {i} has no metadata")))?;
-        let h = meta.hidden_output(&out)?.clone();
-        let e = meta
-            .encoder_output(&out)?
-            .cloned()
-            .ok_or_else(|| Error::msg("flux block returned no encoder stream"))?;
+            .run_block(self.scope, i, Streams::joint(h, e), &|s: Streams| {
+                let e = s
+                    .encoder
+                    .as_ref()
+                    .ok_or_else(|| Error::msg(format!("flux block {i}: no encoder stream")))?;
+                let (h, e) = blk.forward(&s.hidden, e, &args)?;
+                Ok(Streams::joint(h, e))
+            })?;
+        let h = out.hidden;
+        let e = out
+            .encoder
+            .ok_or_else(|| Error::msg(format!("flux block {i} returned no encoder stream")))?;
         if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
             tr.blocks.push((e.clone(), h.clone()));
         }

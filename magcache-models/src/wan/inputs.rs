@@ -137,12 +137,7 @@ pub fn build_inputs(
             first_frame,
         });
     }
-    let seed = cfg.inputs.seed.unwrap_or(cfg.model.seed);
-    let shape = cfg
-        .inputs
-        .latent_shape
-        .clone()
-        .unwrap_or_else(|| vec![1, latent_cfg.in_channels, 3, 24, 40]);
+    let (seed, shape) = crate::inputs::drawn(cfg, &[1, latent_cfg.in_channels, 3, 24, 40]);
     if let Some(msg) = latent_cfg.latent_shape_error(&shape) {
         return Err(Error::config(file, "inputs.latent_shape", msg));
     }

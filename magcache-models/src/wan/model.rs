@@ -14,15 +14,22 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// A Wan block takes `(hidden, encoder, modulation, rope_cos, rope_sin)` and returns `(hidden,)`.
+/// A Wan block updates the hidden states ([`BlockArgs`] holds what it reads besides them).
 pub const WAN_BLOCK: BlockMetadata = BlockMetadata {
     kind: "wan.block",
-    hidden_in: 0,
-    encoder_in: Some(1),
-    hidden_out: 0,
-    encoder_out: None,
-    outputs: 1,
+    joint: false,
 };
+
+/// What a Wan block reads besides the hidden states: the same for every block of a call.
+pub struct BlockArgs<'a> {
+    /// The text (and image) context `[B, L, d]` of cross-attention.
+    pub context: &'a Tensor,
+    /// The timestep projection `[B, S', 6, d]` the block's modulation table is added to.
+    pub modulation: &'a Tensor,
+    /// Rotary tables of self-attention.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+}
 
 struct Attention {
     q: Linear,
@@ -136,14 +143,14 @@ impl Block {
         })
     }
 
-    /// Inputs: `(hidden [B,S,d], encoder [B,L,d], modulation [B,S',6,d], cos, sin)`.
-    fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let [h, enc, tproj, cos, sin] = inputs else {
-            return Err(Error::msg(format!(
-                "wan block expects 5 inputs, got {}",
-                inputs.len()
-            )));
-        };
+    /// The hidden states `[B, S, d]` after the block.
+    fn forward(&self, h: &Tensor, args: &BlockArgs<'_>) -> Result<Tensor> {
+        let BlockArgs {
+            context: enc,
+            modulation: tproj,
+            cos,
+            sin,
+        } = args;
         let m = self.table.broadcast_add(tproj)?;
         let chunk = |i: usize| -> Result<Tensor> { Ok(m.narrow(2, i, 1)?.squeeze(2)?) };
         let (shift, scale, gate) = (chunk(0)?, chunk(1)?, chunk(2)?);
@@ -161,8 +168,7 @@ impl Block {
 
         let x = modulate(&self.norm3.forward(&h)?, &c_shift, &c_scale)?;
         let f = self.ff2.forward(&gelu(&self.ff1.forward(&x)?)?)?;
-        let h = (h + f.broadcast_mul(&c_gate)?)?;
-        Ok(vec![h])
+        Ok((h + f.broadcast_mul(&c_gate)?)?)
     }
 }
 
@@ -441,21 +447,19 @@ struct WanChain<'a> {
 impl WanChain<'_> {
     /// Block `i` through the hook registry, then traced.
     fn run_one(&self, i: usize, blk: &Block, hs: Tensor) -> Result<Tensor> {
-        let inputs = [
-            hs,
-            self.text.clone(),
-            self.tproj.clone(),
-            self.cos.clone(),
-            self.sin.clone(),
-        ];
-        let out = self
+        let args = BlockArgs {
+            context: &self.text,
+            modulation: &self.tproj,
+            cos: &self.cos,
+            sin: &self.sin,
+        };
+        let hs = self
             .model
             .hooks
-            .run_block(self.scope, i, &inputs, &|inp: &[Tensor]| blk.forward(inp))?;
-        let hs = out
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::msg("wan block returned nothing"))?;
+            .run_block(self.scope, i, Streams::hidden(hs), &|s: Streams| {
+                Ok(Streams::hidden(blk.forward(&s.hidden, &args)?))
+            })?
+            .hidden;
         if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
             tr.blocks.push(hs.clone());
         }

@@ -29,24 +29,12 @@ impl Norm {
     }
 }
 
-/// `ResnetBlock2D` without time embedding: `conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)`.
-pub(super) struct ResBlock {
-    pub(super) norm1: Norm,
-    pub(super) conv1: Conv,
-    pub(super) norm2: Norm,
-    pub(super) conv2: Conv,
-    pub(super) shortcut: Option<Conv>,
-}
+/// `ResnetBlock2D` without time embedding: group norms and 2-D convolutions.
+pub(super) type ResBlock = crate::vae_common::ResBlock<Norm, Conv>;
 
 impl ResBlock {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let y = self.conv2.forward(&self.norm2.forward(&y)?.silu()?)?;
-        let h = match &self.shortcut {
-            Some(s) => s.forward(x)?,
-            None => x.clone(),
-        };
-        Ok((y + h)?)
+        self.apply(x, Norm::forward, Conv::forward)
     }
 }
 

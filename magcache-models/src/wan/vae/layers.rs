@@ -122,25 +122,12 @@ impl Norm {
     }
 }
 
-pub(super) struct ResBlock {
-    pub(super) norm1: Norm,
-    pub(super) conv1: Conv,
-    pub(super) norm2: Norm,
-    pub(super) conv2: Conv,
-    pub(super) shortcut: Option<Conv>,
-}
+/// `WanResidualBlock`: RMS norms and causal convolutions.
+pub(super) type ResBlock = crate::vae_common::ResBlock<Norm, Conv>;
 
 impl ResBlock {
     pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
-        let h = match &self.shortcut {
-            Some(s) => s.forward(x, cache)?,
-            None => x.clone(),
-        };
-        let y = self.norm1.forward(x)?.silu()?;
-        let y = self.conv1.forward(&y, cache)?;
-        let y = self.norm2.forward(&y)?.silu()?;
-        let y = self.conv2.forward(&y, cache)?;
-        Ok((y + h)?)
+        self.apply(x, Norm::forward, |c, t| c.forward(t, cache))
     }
 }
 

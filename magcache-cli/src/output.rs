@@ -132,6 +132,9 @@ impl Outputs {
         if let Some(c) = &cfg.model.config {
             self.input(&resolve(base, c), "the model config (model.config)");
         }
+        for l in &cfg.model.lora {
+            self.input(&resolve(base, &l.path), "a LoRA adapter (model.lora)");
+        }
         if let Some(w) = &cfg.model.weights {
             for p in w.paths() {
                 let path = resolve(base, p);

@@ -12,6 +12,7 @@ pub mod config_util;
 pub mod flux;
 pub mod footprint;
 pub mod inputs;
+pub mod lora;
 pub mod nn;
 pub mod published;
 pub mod random;

@@ -119,6 +119,27 @@ pub struct ModelSection {
     /// it runs (see [`crate::Offload`]).
     #[serde(default = "default_offload")]
     pub offload: String,
+    /// `[[model.lora]]`: LoRA adapters merged into the transformer weights, stacked.
+    #[serde(default)]
+    pub lora: Vec<LoraTable>,
+}
+
+/// One `[[model.lora]]` table: an adapter file, its strength, and (two-expert families) the expert
+/// it applies to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraTable {
+    pub path: String,
+    /// Multiplies the file's deltas (1.0; 0 disables the file; negative values are allowed).
+    #[serde(default = "default_lora_scale")]
+    pub scale: f64,
+    /// `"high_noise"` or `"low_noise"`: required on two-expert families, refused elsewhere.
+    #[serde(default)]
+    pub expert: Option<String>,
+}
+
+fn default_lora_scale() -> f64 {
+    1.0
 }
 
 fn default_offload() -> String {
@@ -275,6 +296,24 @@ impl RunConfig {
                     "sampling.guidance_scale",
                     format!("must be finite, got {g}"),
                 ));
+            }
+        }
+        for (i, l) in self.model.lora.iter().enumerate() {
+            if !l.scale.is_finite() {
+                return Err(Error::config(
+                    file,
+                    format!("model.lora[{i}].scale"),
+                    format!("must be finite, got {}", l.scale),
+                ));
+            }
+            if let Some(e) = &l.expert {
+                if e != "high_noise" && e != "low_noise" {
+                    return Err(Error::config(
+                        file,
+                        format!("model.lora[{i}].expert"),
+                        format!("must be \"high_noise\" or \"low_noise\", got `{e}`"),
+                    ));
+                }
             }
         }
         crate::runtime::placement::parse_dtype(&self.model.dtype, file)?;

@@ -86,6 +86,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             let mut l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
             footprint::flux_footprint(cfg, base, &l.config, None).check(file)?;
             l.store.set_placement(placement.clone());
+            warnings.extend(apply_lora(cfg, file, base, &mut l.store, &l.config)?);
             let c = &l.config;
             let desc = format!(
                 "{} ({:?} layout): {}+{} blocks, dim {}, {} heads",
@@ -149,6 +150,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             let mut store =
                 random_store(cfg.model.seed, shapes(&c)?, c.inner_dim(), placement.dtype)?;
             store.set_placement(placement.clone());
+            warnings.extend(apply_lora(cfg, file, base, &mut store, &c)?);
             (FluxModel::from_weights(c, &store)?, desc, Some(p.name))
         }
     };
@@ -170,6 +172,21 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         prompted,
         cache: None,
     }))
+}
+
+/// Adds the run's `[[model.lora]]` adapters to `store` (FLUX has one model: no `expert`).
+fn apply_lora(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    store: &mut crate::weights::WeightStore,
+    c: &FluxConfig,
+) -> Result<Vec<String>> {
+    let tables = crate::lora::tables_for(&cfg.model.lora, file, "flux", 1, 0)?;
+    let d = c.inner_dim();
+    // A single block's MLP is 4 x the inner dimension (`SingleBlock::load`).
+    let names = load::FluxLoraNames { d, mlp: 4 * d };
+    crate::lora::apply_tables(store, &tables, base, &names)
 }
 
 /// `transformer/` of a diffusers pipeline folder, else the path as given.

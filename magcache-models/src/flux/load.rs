@@ -48,6 +48,173 @@ pub(super) fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// BFL module -> diffusers module, outside the blocks.
+const TOP_NAMES: &[(&str, &str)] = &[
+    ("img_in", "x_embedder"),
+    ("txt_in", "context_embedder"),
+    (
+        "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_1",
+    ),
+    (
+        "time_in.out_layer",
+        "time_text_embed.timestep_embedder.linear_2",
+    ),
+    (
+        "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_1",
+    ),
+    (
+        "guidance_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_2",
+    ),
+    (
+        "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_1",
+    ),
+    (
+        "vector_in.out_layer",
+        "time_text_embed.text_embedder.linear_2",
+    ),
+    ("final_layer.linear", "proj_out"),
+];
+
+/// Inside double block N (`double_blocks.N.` -> `transformer_blocks.N.`), besides the fused `qkv`.
+const DOUBLE_NAMES: &[(&str, &str)] = &[
+    ("img_mod.lin", "norm1.linear"),
+    ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"),
+    ("txt_attn.proj", "attn.to_add_out"),
+    ("img_mlp.0", "ff.net.0.proj"),
+    ("img_mlp.2", "ff.net.2"),
+    ("txt_mlp.0", "ff_context.net.0.proj"),
+    ("txt_mlp.2", "ff_context.net.2"),
+];
+
+/// Inside single block N (`single_blocks.N.` -> `single_transformer_blocks.N.`), besides the fused
+/// `linear1`.
+const SINGLE_NAMES: &[(&str, &str)] = &[("modulation.lin", "norm.linear"), ("linear2", "proj_out")];
+
+/// The query/key norms (BFL `…norm.query_norm.scale` -> diffusers `…norm_q.weight`).
+const DOUBLE_NORMS: &[(&str, &str)] = &[
+    ("img_attn.norm.query_norm", "attn.norm_q"),
+    ("img_attn.norm.key_norm", "attn.norm_k"),
+    ("txt_attn.norm.query_norm", "attn.norm_added_q"),
+    ("txt_attn.norm.key_norm", "attn.norm_added_k"),
+];
+const SINGLE_NORMS: &[(&str, &str)] = &[
+    ("norm.query_norm", "attn.norm_q"),
+    ("norm.key_norm", "attn.norm_k"),
+];
+
+/// BFL module names for LoRA adapters (kohya, ComfyUI): the renames of [`bfl_to_diffusers`], fused
+/// modules split by rows. `d` is the inner dimension, `mlp` the single blocks' MLP width.
+pub struct FluxLoraNames {
+    pub d: usize,
+    pub mlp: usize,
+}
+
+impl crate::lora::LoraNames for FluxLoraNames {
+    fn family(&self) -> &str {
+        "FLUX"
+    }
+
+    fn compounds(&self) -> &[&'static str] {
+        &[
+            "double_blocks",
+            "single_blocks",
+            "img_attn",
+            "txt_attn",
+            "img_mlp",
+            "txt_mlp",
+            "img_mod",
+            "txt_mod",
+            "img_in",
+            "txt_in",
+            "time_in",
+            "vector_in",
+            "guidance_in",
+            "in_layer",
+            "out_layer",
+            "final_layer",
+            "adaLN_modulation",
+            "query_norm",
+            "key_norm",
+        ]
+    }
+
+    fn original(&self, module: &str) -> Option<Vec<crate::lora::Target>> {
+        use crate::lora::Target;
+        let d = self.d;
+        let split = |prefix: &str, names: &[&str], sizes: &[usize]| -> Vec<Target> {
+            let mut off = 0;
+            names
+                .iter()
+                .zip(sizes)
+                .map(|(n, r)| {
+                    let t = Target {
+                        module: format!("{prefix}.{n}"),
+                        rows: vec![(off, *r)],
+                    };
+                    off += r;
+                    t
+                })
+                .collect()
+        };
+        if let Some((_, b)) = TOP_NAMES.iter().find(|(a, _)| *a == module) {
+            return Some(vec![Target::whole(*b)]);
+        }
+        if module == "final_layer.adaLN_modulation.1" {
+            // BFL (shift, scale) rows; diffusers' AdaLayerNormContinuous (scale, shift).
+            return Some(vec![Target {
+                module: "norm_out.linear".into(),
+                rows: vec![(d, d), (0, d)],
+            }]);
+        }
+        let (kind, rest) = module.split_once('.')?;
+        let (idx, inner) = rest.split_once('.')?;
+        idx.parse::<usize>().ok()?;
+        match kind {
+            "double_blocks" => {
+                let t = format!("transformer_blocks.{idx}");
+                match inner {
+                    "img_attn.qkv" => Some(split(
+                        &format!("{t}.attn"),
+                        &["to_q", "to_k", "to_v"],
+                        &[d, d, d],
+                    )),
+                    "txt_attn.qkv" => Some(split(
+                        &format!("{t}.attn"),
+                        &["add_q_proj", "add_k_proj", "add_v_proj"],
+                        &[d, d, d],
+                    )),
+                    _ => DOUBLE_NAMES
+                        .iter()
+                        .chain(DOUBLE_NORMS)
+                        .find(|(a, _)| *a == inner)
+                        .map(|(_, b)| vec![Target::whole(format!("{t}.{b}"))]),
+                }
+            }
+            "single_blocks" => {
+                let t = format!("single_transformer_blocks.{idx}");
+                match inner {
+                    "linear1" => Some(split(
+                        &t,
+                        &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+                        &[d, d, d, self.mlp],
+                    )),
+                    _ => SINGLE_NAMES
+                        .iter()
+                        .chain(SINGLE_NORMS)
+                        .find(|(a, _)| *a == inner)
+                        .map(|(_, b)| vec![Target::whole(format!("{t}.{b}"))]),
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Renames and splits BFL tensors into diffusers names, in place. `d` is the inner dimension.
 pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
     let origin = store.origin.clone();
@@ -56,66 +223,26 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
         .shape("img_in.weight")
         .and_then(|s| s.first().copied())
         .ok_or_else(|| missing("img_in.weight"))?;
-    let simple: Vec<(String, String)> = {
-        let mut v = vec![
-            ("img_in".to_string(), "x_embedder".to_string()),
-            ("txt_in".into(), "context_embedder".into()),
-            (
-                "time_in.in_layer".into(),
-                "time_text_embed.timestep_embedder.linear_1".into(),
-            ),
-            (
-                "time_in.out_layer".into(),
-                "time_text_embed.timestep_embedder.linear_2".into(),
-            ),
-            (
-                "guidance_in.in_layer".into(),
-                "time_text_embed.guidance_embedder.linear_1".into(),
-            ),
-            (
-                "guidance_in.out_layer".into(),
-                "time_text_embed.guidance_embedder.linear_2".into(),
-            ),
-            (
-                "vector_in.in_layer".into(),
-                "time_text_embed.text_embedder.linear_1".into(),
-            ),
-            (
-                "vector_in.out_layer".into(),
-                "time_text_embed.text_embedder.linear_2".into(),
-            ),
-            ("final_layer.linear".into(), "proj_out".into()),
-        ];
-        for i in 0..count_blocks(store, "double_blocks.") {
-            let (b, t) = (
-                format!("double_blocks.{i}"),
-                format!("transformer_blocks.{i}"),
-            );
-            for (a, c) in [
-                ("img_mod.lin", "norm1.linear"),
-                ("txt_mod.lin", "norm1_context.linear"),
-                ("img_attn.proj", "attn.to_out.0"),
-                ("txt_attn.proj", "attn.to_add_out"),
-                ("img_mlp.0", "ff.net.0.proj"),
-                ("img_mlp.2", "ff.net.2"),
-                ("txt_mlp.0", "ff_context.net.0.proj"),
-                ("txt_mlp.2", "ff_context.net.2"),
-            ] {
-                v.push((format!("{b}.{a}"), format!("{t}.{c}")));
-            }
-        }
-        for i in 0..count_blocks(store, "single_blocks.") {
-            v.push((
-                format!("single_blocks.{i}.modulation.lin"),
-                format!("single_transformer_blocks.{i}.norm.linear"),
-            ));
-            v.push((
-                format!("single_blocks.{i}.linear2"),
-                format!("single_transformer_blocks.{i}.proj_out"),
+    let mut simple: Vec<(String, String)> = TOP_NAMES
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    for i in 0..count_blocks(store, "double_blocks.") {
+        for (a, c) in DOUBLE_NAMES {
+            simple.push((
+                format!("double_blocks.{i}.{a}"),
+                format!("transformer_blocks.{i}.{c}"),
             ));
         }
-        v
-    };
+    }
+    for i in 0..count_blocks(store, "single_blocks.") {
+        for (a, c) in SINGLE_NAMES {
+            simple.push((
+                format!("single_blocks.{i}.{a}"),
+                format!("single_transformer_blocks.{i}.{c}"),
+            ));
+        }
+    }
     for (a, b) in simple {
         for suffix in ["weight", "bias"] {
             store.move_key(&format!("{a}.{suffix}"), &format!("{b}.{suffix}"));
@@ -149,26 +276,14 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
                 store.split_rows(&name, &parts)?;
             }
         }
-        norm(
-            store,
-            &format!("{b}.img_attn.norm.query_norm.scale"),
-            &format!("{t}.norm_q.weight"),
-        )?;
-        norm(
-            store,
-            &format!("{b}.img_attn.norm.key_norm.scale"),
-            &format!("{t}.norm_k.weight"),
-        )?;
-        norm(
-            store,
-            &format!("{b}.txt_attn.norm.query_norm.scale"),
-            &format!("{t}.norm_added_q.weight"),
-        )?;
-        norm(
-            store,
-            &format!("{b}.txt_attn.norm.key_norm.scale"),
-            &format!("{t}.norm_added_k.weight"),
-        )?;
+        let block = format!("transformer_blocks.{i}");
+        for (a, c) in DOUBLE_NORMS {
+            norm(
+                store,
+                &format!("{b}.{a}.scale"),
+                &format!("{block}.{c}.weight"),
+            )?;
+        }
     }
     for i in 0..count_blocks(store, "single_blocks.") {
         let (b, t) = (
@@ -195,16 +310,9 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
                 .collect();
             store.split_rows(&name, &parts)?;
         }
-        norm(
-            store,
-            &format!("{b}.norm.query_norm.scale"),
-            &format!("{t}.attn.norm_q.weight"),
-        )?;
-        norm(
-            store,
-            &format!("{b}.norm.key_norm.scale"),
-            &format!("{t}.attn.norm_k.weight"),
-        )?;
+        for (a, c) in SINGLE_NORMS {
+            norm(store, &format!("{b}.{a}.scale"), &format!("{t}.{c}.weight"))?;
+        }
     }
     // BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift).
     for suffix in ["weight", "bias"] {

@@ -15,7 +15,7 @@ use crate::config_util::{overrides_json, resolve, to_map};
 use crate::scheduler::{
     choose_flow_sampler, pipeline_scheduler_config, FlowSampler, SamplerChoice,
 };
-use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::config::{LoraTable, RunConfig, WeightsSpec};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use std::path::Path;
@@ -30,6 +30,7 @@ pub fn build_model(
     weights: Option<&str>,
     presets: &'static [WanPreset],
     seed_offset: u64,
+    lora: &[&LoraTable],
 ) -> Result<BuiltModel> {
     let overrides = overrides_json(cfg);
     let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
@@ -38,6 +39,8 @@ pub fn build_model(
         let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
         let mut loaded = load::load_wan(&path, config.as_deref(), &overrides, file)?;
         loaded.store.set_placement(placement.clone());
+        let mut lora_warnings =
+            crate::lora::apply_tables(&mut loaded.store, lora, base, &load::WanLoraNames)?;
         let preset = match_preset(presets, &loaded.config);
         let c = &loaded.config;
         let desc = format!(
@@ -64,7 +67,8 @@ pub fn build_model(
         let warning = store.check_unused(file, |_| {
             crate::config_util::depth_key(&overrides, "num_layers", layers)
         })?;
-        Ok((model, preset, desc, warning.into_iter().collect()))
+        lora_warnings.extend(warning);
+        Ok((model, preset, desc, lora_warnings))
     } else {
         let name = crate::config_util::preset_name(cfg, file)?;
         let preset = find_preset(cfg, file, presets, name)?;
@@ -82,13 +86,14 @@ pub fn build_model(
         );
         let mut store = model::random_weights(&c, cfg.model.seed + seed_offset, placement.dtype)?;
         store.set_placement(placement.clone());
+        let lora_warnings = crate::lora::apply_tables(&mut store, lora, base, &load::WanLoraNames)?;
         // A shrunk preset (overrides) keeps the preset's published curves: the curve shape belongs
         // to the model family and sampler far more than to the exact depth.
         Ok((
             WanModel::from_weights(c, &store)?,
             Some(preset),
             desc,
-            Vec::new(),
+            lora_warnings,
         ))
     }
 }
@@ -174,7 +179,9 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     let weights = tpath.as_deref();
     let paths: Vec<String> = weights.iter().map(|w| w.to_string()).collect();
     guard(cfg, file, base, &paths, WAN21_PRESETS, "wan2.1", &sampler)?;
-    let (model, preset, desc, warnings) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
+    let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.1", 1, 0)?;
+    let (model, preset, desc, warnings) =
+        build_model(cfg, file, base, weights, WAN21_PRESETS, 0, &lora)?;
     let inputs = match &prompted {
         Some(p) => prompted::inputs(cfg, file, base, &model, p)?,
         None => build_inputs(
@@ -251,14 +258,18 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         let p = WAN22_PRESETS.iter().find(|p| p.name == name);
         let n = p.map(|p| p.experts).unwrap_or(1);
         for e in 0..n {
-            let (m, pr, d, _) = build_model(cfg, file, base, None, WAN22_PRESETS, e as u64)?;
+            let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.2", n, e)?;
+            let (m, pr, d, ws) =
+                build_model(cfg, file, base, None, WAN22_PRESETS, e as u64, &lora)?;
+            warnings.extend(ws);
             preset = pr;
             experts.push(m);
             descs.push(d);
         }
     } else {
-        for w in &paths {
-            let (m, pr, d, ws) = build_model(cfg, file, base, Some(w), WAN22_PRESETS, 0)?;
+        for (e, w) in paths.iter().enumerate() {
+            let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.2", paths.len(), e)?;
+            let (m, pr, d, ws) = build_model(cfg, file, base, Some(w), WAN22_PRESETS, 0, &lora)?;
             preset = pr;
             warnings.extend(ws);
             experts.push(m);

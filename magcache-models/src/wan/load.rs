@@ -171,3 +171,36 @@ pub fn load_wan(
         layout,
     })
 }
+
+/// Original Wan module names for LoRA adapters (`blocks.N.self_attn.q`, `head.head`, ...), mapped
+/// as [`original_to_diffusers`] maps checkpoint tensors.
+pub struct WanLoraNames;
+
+impl crate::lora::LoraNames for WanLoraNames {
+    fn family(&self) -> &str {
+        "Wan"
+    }
+
+    fn compounds(&self) -> &[&'static str] {
+        &[
+            "self_attn",
+            "cross_attn",
+            "norm_q",
+            "norm_k",
+            "norm_k_img",
+            "k_img",
+            "v_img",
+            "time_embedding",
+            "text_embedding",
+            "time_projection",
+            "patch_embedding",
+            "img_emb",
+        ]
+    }
+
+    fn original(&self, module: &str) -> Option<Vec<crate::lora::Target>> {
+        let mapped = original_to_diffusers(&format!("{module}.weight"));
+        let m = mapped.strip_suffix(".weight")?;
+        Some(vec![crate::lora::Target::whole(m)])
+    }
+}

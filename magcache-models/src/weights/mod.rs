@@ -71,6 +71,47 @@ pub struct WeightStore {
     placement: magcache_core::Placement,
     /// A recording store ([`WeightStore::recording`]): the names and shapes asked for, in order.
     record: Option<Mutex<Vec<TensorShape>>>,
+    /// Changes added to tensors when they are handed out (LoRA adapters), by name.
+    deltas: HashMap<String, Vec<Delta>>,
+}
+
+/// A change to one tensor of the store, added (in f32) each time the tensor is handed out: at load
+/// for a held model, per block as it is read for a streamed one.
+#[derive(Clone, Debug)]
+pub enum Delta {
+    /// `factor * up @ down`: a low-rank update, `up` `[out, r]`, `down` `[r, in]` (f32, CPU).
+    LowRank {
+        up: Tensor,
+        down: Tensor,
+        factor: f64,
+    },
+    /// `factor * t`: a full delta of the tensor's shape (f32, CPU).
+    Full { t: Tensor, factor: f64 },
+}
+
+impl Delta {
+    fn shape(&self) -> Result<Vec<usize>> {
+        Ok(match self {
+            Delta::LowRank { up, down, .. } => vec![up.dim(0)?, down.dim(1)?],
+            Delta::Full { t, .. } => t.dims().to_vec(),
+        })
+    }
+
+    fn value(&self) -> Result<Tensor> {
+        Ok(match self {
+            Delta::LowRank { up, down, factor } => (up.matmul(down)? * *factor)?,
+            Delta::Full { t, factor } => (t * *factor)?,
+        })
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        let n = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Delta::LowRank { up, down, .. } => n(up) + n(down),
+            Delta::Full { t, .. } => n(t),
+        }
+    }
 }
 
 impl WeightStore {
@@ -316,6 +357,42 @@ impl WeightStore {
         Ok(())
     }
 
+    /// Adds `delta` to tensor `name` whenever it is handed out. `what` names the delta's origin for
+    /// messages (`file: key`): a tensor the store does not hold, or a delta of another shape, is an
+    /// error naming it.
+    pub fn add_delta(&mut self, name: &str, delta: Delta, what: (&str, &str)) -> Result<()> {
+        let (file, key) = what;
+        let shape = self
+            .tensors
+            .get(name)
+            .map(|(e, _)| e.shape().to_vec())
+            .ok_or_else(|| {
+                Error::weights(
+                    file,
+                    key,
+                    format!(
+                        "matches no weight of the model (`{name}` is not in {})",
+                        self.origin
+                    ),
+                )
+            })?;
+        let ds = delta.shape()?;
+        if ds != shape {
+            return Err(Error::weights(
+                file,
+                key,
+                format!("gives a delta of shape {ds:?} for `{name}`, whose shape is {shape:?}"),
+            ));
+        }
+        self.deltas.entry(name.to_string()).or_default().push(delta);
+        Ok(())
+    }
+
+    /// Bytes the added deltas hold.
+    pub fn delta_bytes(&self) -> usize {
+        self.deltas.values().flatten().map(Delta::bytes).sum()
+    }
+
     pub fn insert(&mut self, name: &str, t: Tensor) {
         self.tensors.insert(name.to_string(), (Entry::Mem(t), 0));
     }
@@ -343,6 +420,16 @@ impl WeightStore {
     fn get_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let stored = self.get_stored(name)?;
         let file = self.file_of(name);
+        let stored = match self.deltas.get(name) {
+            None => stored,
+            Some(ds) => {
+                let mut t = stored.to_dtype(DType::F32)?;
+                for d in ds {
+                    t = (t + d.value()?)?;
+                }
+                t
+            }
+        };
         let t = stored
             .to_device(&self.placement.device)
             .and_then(|t| t.to_dtype(dtype))

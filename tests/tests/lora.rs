@@ -331,3 +331,50 @@ fn two_experts_need_the_expert_named() {
         "{err}"
     );
 }
+
+/// The real 4-step distillation LoRA of the digits model (lightx2v/ComfyUI layout, and the same
+/// adapter in diffusers names): dense, MagCache calibrated on the distilled model and FBCache
+/// reproduce `trained/digits_4step_loop`, and the run says what caching can gain at 4 steps.
+#[test]
+fn distilled_digits_four_steps() {
+    let meta = load_json("trained/digits_4step_loop.json");
+    let tensors = load("trained/digits_4step_loop.safetensors");
+    let inputs = fixture("trained/digits_4step_loop.safetensors")
+        .display()
+        .to_string();
+    for file in [
+        "digits_4step_lora_rank16_comfy.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ] {
+        for (name, run) in meta["runs"].as_object().unwrap() {
+            let cache = if run["config"].is_null() {
+                None
+            } else {
+                cache_table_for(name, &run["config"])
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let mut text = loop_toml(
+                "wan2.1",
+                &format!("\"{}\"", fixture("trained/digits_wan").display()),
+                &inputs,
+                &meta,
+                cache.as_deref(),
+            );
+            text.push_str(&format!(
+                "\n[[model.lora]]\npath = \"{}\"\n",
+                fixture(&format!("trained/digits_4step_lora/{file}")).display()
+            ));
+            let (fin, report) = run_toml(dir.path(), &text);
+            assert_calls_match(name, &report, &run["calls"], 1e-3);
+            let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
+            assert!(d < 1e-3, "{file} {name}: final differs by {d}");
+            if cache.is_some() {
+                assert!(
+                    report.warnings.iter().any(|w| w.contains("only 4 steps")),
+                    "{name}: the few-step warning: {:?}",
+                    report.warnings
+                );
+            }
+        }
+    }
+}

@@ -229,3 +229,16 @@ pub fn pipeline_class(index: &Value) -> &str {
         .and_then(|c| c.as_str())
         .unwrap_or("")
 }
+
+/// Heads and head size of a model `inner` wide whose config is inferred from its tensors: every
+/// released Wan and FLUX model's head size 128 unless `[model.overrides]` sets `attention_head_dim`,
+/// and as many heads as fill the width unless it sets `num_attention_heads` (applied after).
+pub fn inferred_heads(inner: usize, overrides: &Map<String, Value>) -> (usize, usize) {
+    let head = overrides
+        .get("attention_head_dim")
+        .and_then(|v| v.as_u64())
+        .map(|h| h as usize)
+        .filter(|h| *h > 0)
+        .unwrap_or(128);
+    ((inner / head).max(1), head)
+}

@@ -258,3 +258,33 @@ pub fn check_reference_run(
 pub fn weights_of(rel: &str) -> String {
     format!("\"{}\"", fixture(rel).display())
 }
+
+/// A fixture family's inputs (`fam["inputs"]`: run-file name -> tensor name in the loop fixture
+/// `loop_rel.safetensors`) written to `dir` under the names a run's inputs file uses; returns its
+/// path.
+pub fn family_inputs_file(
+    dir: &std::path::Path,
+    loop_rel: &str,
+    fam: &serde_json::Value,
+) -> String {
+    let all = load(&format!("{loop_rel}.safetensors"));
+    let mine: HashMap<String, Tensor> = fam["inputs"]
+        .as_object()
+        .expect("inputs table")
+        .iter()
+        .map(|(k, v)| (k.clone(), all[v.as_str().expect("tensor name")].clone()))
+        .collect();
+    let path = dir.join("inputs.safetensors");
+    candle_core::safetensors::save(&mine, &path).expect("inputs file");
+    path.display().to_string()
+}
+
+/// The run family of a fixture family key (`wan21` -> `wan2.1`).
+pub fn family_name(f: &str) -> &'static str {
+    match f {
+        "wan21" => "wan2.1",
+        "wan22" => "wan2.2",
+        "flux" => "flux",
+        other => panic!("unknown fixture family {other}"),
+    }
+}

@@ -5,21 +5,12 @@
 use candle_core::{Device, Tensor};
 use magcache_models::lora::{Adapter, LoraNames};
 use magcache_tests::{
-    assert_calls_match, cache_table_for, fixture, load, load_json, loop_toml, max_abs_diff,
-    run_toml,
+    assert_calls_match, cache_table_for, family_inputs_file, family_name, fixture, load, load_json,
+    loop_toml, max_abs_diff, run_toml,
 };
 use std::collections::HashMap;
 
 const LOOP: &str = "lora/lora_loop";
-
-fn family_name(f: &str) -> &'static str {
-    match f {
-        "wan21" => "wan2.1",
-        "wan22" => "wan2.2",
-        "flux" => "flux",
-        other => panic!("unknown family {other}"),
-    }
-}
 
 /// The base model(s) of a fixture family as a TOML `weights` value.
 fn weights(fam: &serde_json::Value) -> String {
@@ -41,18 +32,8 @@ fn weights(fam: &serde_json::Value) -> String {
     }
 }
 
-/// The family's inputs under the names a run's inputs file uses, written to `dir`.
 fn inputs_file(dir: &std::path::Path, fam: &serde_json::Value) -> String {
-    let all = load(&format!("{LOOP}.safetensors"));
-    let mine: HashMap<String, Tensor> = fam["inputs"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), all[v.as_str().unwrap()].clone()))
-        .collect();
-    let path = dir.join("inputs.safetensors");
-    candle_core::safetensors::save(&mine, &path).unwrap();
-    path.display().to_string()
+    family_inputs_file(dir, LOOP, fam)
 }
 
 fn lora_tables(loras: &serde_json::Value) -> String {

@@ -334,7 +334,10 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
 }
 
 /// Infers a config from BFL tensors (head dim 128 and rope axes (16, 56, 56) unless overridden).
-pub fn infer_bfl_config(store: &WeightStore) -> Result<FluxConfig> {
+pub fn infer_bfl_config(
+    store: &WeightStore,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<FluxConfig> {
     let dims = |k: &str| -> Result<Vec<usize>> {
         store
             .shape(k)
@@ -350,13 +353,13 @@ pub fn infer_bfl_config(store: &WeightStore) -> Result<FluxConfig> {
             ))
         }
     };
-    let hd = 128;
+    let (heads, hd) = crate::config_util::inferred_heads(d, overrides);
     Ok(FluxConfig {
         in_channels: cin,
         num_layers: count_blocks(store, "double_blocks."),
         num_single_layers: count_blocks(store, "single_blocks."),
         attention_head_dim: hd,
-        num_attention_heads: (d / hd).max(1),
+        num_attention_heads: heads,
         joint_attention_dim: dims("txt_in.weight")?.get(1).copied().unwrap_or(0),
         pooled_projection_dim: dims("vector_in.in_layer.weight")?
             .get(1)
@@ -381,16 +384,24 @@ pub fn load_flux(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<LoadedFlux> {
-    let mut store = WeightStore::load_checkpoint(weights)?;
+    let gguf = crate::weights::gguf::is_gguf(weights);
+    let mut store = if gguf {
+        let (store, arch) = WeightStore::load_gguf(weights)?;
+        crate::weights::gguf::check_architecture(weights, arch.as_deref(), "flux", "flux")?;
+        store
+    } else {
+        WeightStore::load_checkpoint(weights)?
+    };
     let layout = detect_layout(&store)?;
     let dir = if weights.is_dir() {
         weights.to_path_buf()
     } else {
         weights.parent().unwrap_or(Path::new(".")).to_path_buf()
     };
+    // A GGUF file's folder is a downloads folder: its config.json is read only when named.
     let cpath = config
         .map(Path::to_path_buf)
-        .or_else(|| Some(dir.join("config.json")).filter(|p| p.is_file()));
+        .or_else(|| Some(dir.join("config.json")).filter(|p| !gguf && p.is_file()));
     let (base, obj, shown) = match &cpath {
         Some(p) => {
             let shown = p.display().to_string();
@@ -403,7 +414,7 @@ pub fn load_flux(
             (FluxConfig::default(), obj, shown)
         }
         None if layout == FluxLayout::Bfl => (
-            infer_bfl_config(&store)?,
+            infer_bfl_config(&store, overrides)?,
             serde_json::Map::new(),
             weights.display().to_string(),
         ),
@@ -415,8 +426,13 @@ pub fn load_flux(
             ))
         }
     };
-    let mut config = FluxConfig::from_map(base, &obj, &shown, &serde_json::Map::new())?;
-    if !overrides.is_empty() {
+    let mut config = if obj.is_empty() {
+        // Inferred: the overrides complete it (e.g. rope axes for a small head).
+        FluxConfig::from_map(base, &obj, cfg_file, overrides)?
+    } else {
+        FluxConfig::from_map(base, &obj, &shown, &serde_json::Map::new())?
+    };
+    if !overrides.is_empty() && cpath.is_some() {
         let cur = crate::config_util::to_map(&config, "FluxTransformer2DModel")?;
         config = FluxConfig::from_map(FluxConfig::default(), &cur, cfg_file, overrides)?;
     }

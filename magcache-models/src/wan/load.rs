@@ -139,6 +139,17 @@ pub fn read_wan_config(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<WanConfig> {
+    if config.is_none() && crate::weights::gguf::is_gguf(weights) {
+        // A GGUF file has no config: inferred from the header's shapes.
+        let (arch, tensors) = crate::weights::gguf::gguf_header(weights)?;
+        crate::weights::gguf::check_architecture(weights, arch.as_deref(), "wan", "wan2.1/wan2.2")?;
+        let shapes = tensors
+            .into_iter()
+            .map(|(k, s)| (original_to_diffusers(&k), s))
+            .collect();
+        let obj = infer_wan_config(&shapes, &weights.display().to_string(), overrides)?;
+        return WanConfig::from_map(obj, cfg_file, overrides);
+    }
     let cpath = config_path(weights, config)?;
     let cshown = cpath.display().to_string();
     let text = magcache_core::error::read_text(std::path::Path::new(&cpath))?;
@@ -159,6 +170,9 @@ pub fn load_wan(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<LoadedWan> {
+    if crate::weights::gguf::is_gguf(weights) {
+        return load_wan_gguf(weights, config, overrides, cfg_file);
+    }
     let config = read_wan_config(weights, config, overrides, cfg_file)?;
     let mut store = WeightStore::load_checkpoint(weights)?;
     let layout = detect_layout(&store)?;
@@ -203,4 +217,86 @@ impl crate::lora::LoraNames for WanLoraNames {
         let m = mapped.strip_suffix(".weight")?;
         Some(vec![crate::lora::Target::whole(m)])
     }
+}
+
+/// A GGUF file (city96's layout: original names, no config.json): the architecture comes from
+/// `config` when given, else from the tensors' shapes ([`infer_wan_config`]); `overrides` win.
+fn load_wan_gguf(
+    weights: &Path,
+    config: Option<&Path>,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+    cfg_file: &str,
+) -> Result<LoadedWan> {
+    let (mut store, arch) = WeightStore::load_gguf(weights)?;
+    crate::weights::gguf::check_architecture(weights, arch.as_deref(), "wan", "wan2.1/wan2.2")?;
+    let layout = detect_layout(&store)?;
+    if layout == WanLayout::Original {
+        store.rename(original_to_diffusers);
+    }
+    let config = match config {
+        Some(c) => read_wan_config(weights, Some(c), overrides, cfg_file)?,
+        None => {
+            let shapes = store
+                .keys()
+                .filter_map(|k| Some((k.clone(), store.shape(k)?)))
+                .collect();
+            let obj = infer_wan_config(&shapes, &store.origin, overrides)?;
+            WanConfig::from_map(obj, cfg_file, overrides)?
+        }
+    };
+    Ok(LoadedWan {
+        config,
+        store,
+        layout,
+    })
+}
+
+/// The config of diffusers-named Wan tensors, from their shapes (as diffusers' `from_single_file`
+/// infers a released config): width, channels and patch from `patch_embedding.weight`, `text_dim`,
+/// `freq_dim`, `ffn_dim`, the number of blocks, `cross_attn_norm` and `qk_norm` from what is
+/// present; every released model's constants for the rest (head size 128, or the overridden one,
+/// with `inner_dim / head` heads; eps 1e-6). Diffusers `config.json` keys.
+pub fn infer_wan_config(
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+    origin: &str,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let dims = |k: &str| -> Result<Vec<usize>> {
+        shapes
+            .get(k)
+            .cloned()
+            .ok_or_else(|| Error::weights(origin, k, "missing: the config is inferred from it"))
+    };
+    let pe = dims("patch_embedding.weight")?;
+    let [d, cin, pt, ph, pw] = pe.as_slice() else {
+        return Err(Error::weights(
+            origin,
+            "patch_embedding.weight",
+            format!("has shape {pe:?}; expected [dim, in_channels, pt, ph, pw]"),
+        ));
+    };
+    let rows = |k: &str| -> Result<usize> { Ok(dims(k)?.first().copied().unwrap_or(0)) };
+    let cols = |k: &str| -> Result<usize> { Ok(dims(k)?.get(1).copied().unwrap_or(0)) };
+    let patch = pt * ph * pw;
+    let (heads, head) = crate::config_util::inferred_heads(*d, overrides);
+    let num_layers = (0..)
+        .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
+        .count();
+    let v = serde_json::json!({
+        "patch_size": [pt, ph, pw],
+        "in_channels": cin,
+        "out_channels": rows("proj_out.weight")? / patch.max(1),
+        "text_dim": cols("condition_embedder.text_embedder.linear_1.weight")?,
+        "freq_dim": cols("condition_embedder.time_embedder.linear_1.weight")?,
+        "ffn_dim": rows("blocks.0.ffn.net.0.proj.weight")?,
+        "num_layers": num_layers,
+        "cross_attn_norm": shapes.contains_key("blocks.0.norm2.weight"),
+        "qk_norm": shapes
+            .contains_key("blocks.0.attn1.norm_q.weight")
+            .then_some("rms_norm_across_heads"),
+        "eps": 1e-6,
+        "attention_head_dim": head,
+        "num_attention_heads": heads,
+    });
+    Ok(v.as_object().cloned().unwrap_or_default())
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub mod files;
+pub mod gguf;
 pub mod stream;
 
 pub use files::weight_files;
@@ -25,6 +26,8 @@ pub use stream::run_streamed;
 /// it is handed out, so a model can fetch a block's weights when the block runs).
 enum Entry {
     Mem(Tensor),
+    /// A GGUF tensor, read (quantized) from its file and dequantized when handed out.
+    Gguf(gguf::GgufEntry),
     Mapped {
         /// Index into [`WeightStore::maps`].
         map: usize,
@@ -41,6 +44,7 @@ impl Entry {
         match self {
             Entry::Mem(t) => t.dims(),
             Entry::Mapped { shape, .. } => shape,
+            Entry::Gguf(g) => &g.shape,
         }
     }
 }
@@ -336,6 +340,9 @@ impl WeightStore {
         for (part, r) in parts {
             let e = match &entry {
                 Entry::Mem(t) => Entry::Mem(t.narrow(0, off, *r)?.contiguous()?),
+                Entry::Gguf(g) => {
+                    Entry::Mem(g.read(&file, name)?.narrow(0, off, *r)?.contiguous()?)
+                }
                 Entry::Mapped {
                     map, dtype, start, ..
                 } => {
@@ -599,6 +606,7 @@ impl WeightStore {
     fn get_stored(&self, name: &str) -> Result<Tensor> {
         match self.entry(name)? {
             Entry::Mem(t) => Ok(t.clone()),
+            Entry::Gguf(g) => g.read(self.file_of(name), name),
             Entry::Mapped {
                 map,
                 dtype,

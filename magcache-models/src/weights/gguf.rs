@@ -1,0 +1,398 @@
+//! GGUF checkpoints (city96's ComfyUI-GGUF files for Wan and FLUX, see the contract's "GGUF"):
+//! the header read here ([`read_header`]), each tensor read from the file and dequantized
+//! (candle's ggml blocks: `d * q`, `d * q + m`, in f32) when the model asks for it: once at load for
+//! a held model, each time its block is read for a streamed one (`offload = "stream"`: nothing but
+//! the running blocks is resident). Shapes are GGUF's `ne` reversed into torch order (candle does
+//! that); a `comfy.gguf.orig_shape.<name>` metadata array overrides the stored shape; names lose a
+//! `model.diffusion_model.` prefix.
+
+use super::{Entry, WeightStore};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use magcache_core::{Error, Result};
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Whether `path` names a GGUF file (by its extension, as people name them).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Where a GGUF tensor lies: its file (read with a seek and a read, never a memory map, so a file
+/// that shrinks under the run is an error, not a SIGBUS), its byte range and ggml type.
+pub(crate) struct GgufEntry {
+    file: Arc<Mutex<std::fs::File>>,
+    dtype: GgmlDType,
+    start: u64,
+    len: usize,
+    /// The shape candle reads the blocks with (GGUF's `ne` reversed).
+    stored: Vec<usize>,
+    /// Torch order, after a `comfy.gguf.orig_shape` override.
+    pub(crate) shape: Vec<usize>,
+}
+
+impl GgufEntry {
+    /// The tensor dequantized to f32 (ggml's `d * q`, `d * q + m`) on the CPU.
+    pub(crate) fn read(&self, file: &str, name: &str) -> Result<Tensor> {
+        let err = |e: String| Error::weights(file, name, e);
+        let mut bytes = vec![0u8; self.len];
+        {
+            let mut f = self
+                .file
+                .lock()
+                .map_err(|_| err("file handle poisoned".into()))?;
+            f.seek(SeekFrom::Start(self.start))
+                .and_then(|_| f.read_exact(&mut bytes))
+                .map_err(|e| {
+                    err(format!(
+                        "cannot read its {} bytes at {} ({e}): was the file truncated?",
+                        self.len, self.start
+                    ))
+                })?;
+        }
+        let float = match self.dtype {
+            GgmlDType::F32 => Some(candle_core::DType::F32),
+            GgmlDType::F16 => Some(candle_core::DType::F16),
+            GgmlDType::BF16 => Some(candle_core::DType::BF16),
+            _ => None,
+        };
+        if let Some(dt) = float {
+            // Plain floats (any rank: Wan's patch embedding is 5-D).
+            return Tensor::from_raw_buffer(&bytes, dt, &self.stored, &Device::Cpu)
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.reshape(self.shape.as_slice()))
+                .map_err(|e| err(e.to_string()));
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            self.dtype,
+            &bytes,
+            self.stored.clone(),
+            &Device::Cpu,
+        )
+        .map_err(|e| err(format!("{:?}: {e}", self.dtype)))?;
+        q.dequantize(&Device::Cpu)
+            .and_then(|t| t.reshape(self.shape.as_slice()))
+            .map_err(|e| err(format!("{:?}: {e}", self.dtype)))
+    }
+}
+
+impl WeightStore {
+    /// Opens a GGUF file (its header only; tensors are read when handed out); returns the store and
+    /// the file's `general.architecture`.
+    pub fn load_gguf(path: &Path) -> Result<(WeightStore, Option<String>)> {
+        let shown = path.display().to_string();
+        if let Some(why) = magcache_core::error::not_found(path) {
+            return Err(Error::weights(&shown, "(file)", why));
+        }
+        let f = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
+        let file_len = f.metadata().map_err(|e| Error::io(&shown, e))?.len();
+        let h = read_header(&mut std::io::BufReader::new(&f), &shown)?;
+        let arch = architecture(&h);
+        let handle = Arc::new(Mutex::new(f));
+        let mut store = WeightStore {
+            files: vec![shown.clone()],
+            origin: shown.clone(),
+            ..Default::default()
+        };
+        for (name, ne, ty, offset) in &h.tensors {
+            let dtype = ggml_type(*ty).ok_or_else(|| {
+                Error::weights(
+                    &shown,
+                    name,
+                    format!("has ggml type {ty}, which this runner does not read (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)"),
+                )
+            })?;
+            let shape = shape_of(&h, name, ne, &shown)?;
+            let stored: Vec<usize> = ne.iter().rev().copied().collect();
+            let elems: usize = stored.iter().product();
+            let block = dtype.block_size();
+            if block == 0 || !elems.is_multiple_of(block) {
+                return Err(Error::weights(
+                    &shown,
+                    name,
+                    format!("{elems} elements are not whole {dtype:?} blocks of {block}"),
+                ));
+            }
+            let len = elems / block * dtype.type_size();
+            let start = h.data_start.saturating_add(*offset);
+            if start.saturating_add(len as u64) > file_len {
+                return Err(Error::weights(
+                    &shown,
+                    name,
+                    format!("its {len} bytes at {start} lie outside the file ({file_len} bytes): truncated?"),
+                ));
+            }
+            let key = name.strip_prefix("model.diffusion_model.").unwrap_or(name);
+            store.tensors.insert(
+                key.to_string(),
+                (
+                    Entry::Gguf(GgufEntry {
+                        file: handle.clone(),
+                        dtype,
+                        start,
+                        len,
+                        stored,
+                        shape,
+                    }),
+                    0,
+                ),
+            );
+        }
+        Ok((store, arch))
+    }
+}
+
+/// A GGUF header: metadata and tensor infos. Read here rather than with candle's `gguf_file`,
+/// which refuses tensors of more than 4 dimensions (Wan's 5-D `patch_embedding.weight`, legal in
+/// city96's files) and names no tensor when a type is unknown.
+pub(crate) struct Header {
+    pub(crate) metadata: HashMap<String, Meta>,
+    /// Name, dims in GGUF's `ne` order, ggml type id, offset from the data start.
+    pub(crate) tensors: Vec<(String, Vec<usize>, u32, u64)>,
+    pub(crate) data_start: u64,
+}
+
+/// A metadata value (only what the loader reads is kept: strings, integers, arrays of them).
+#[derive(Clone, Debug)]
+pub(crate) enum Meta {
+    Str(String),
+    Int(i128),
+    Array(Vec<Meta>),
+    Other,
+}
+
+struct Reader<'a, R: Read> {
+    r: &'a mut R,
+    pos: u64,
+}
+
+impl<R: Read> Reader<'_, R> {
+    fn bytes(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        self.r.read_exact(&mut b)?;
+        self.pos += n as u64;
+        Ok(b)
+    }
+    fn u32(&mut self) -> std::io::Result<u32> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> std::io::Result<u64> {
+        let b = self.bytes(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn string(&mut self) -> std::io::Result<String> {
+        let n = self.u64()?;
+        if n > 1 << 24 {
+            return Err(std::io::Error::other(format!("a string of {n} bytes")));
+        }
+        let b = self.bytes(n as usize)?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+    fn value(&mut self, ty: u32) -> std::io::Result<Meta> {
+        let int = |b: Vec<u8>, signed: bool| -> i128 {
+            let mut a = [0u8; 16];
+            let n = b.len();
+            a[..n].copy_from_slice(&b);
+            if signed && b[n - 1] & 0x80 != 0 {
+                a[n..].fill(0xff);
+            }
+            i128::from_le_bytes(a)
+        };
+        Ok(match ty {
+            0 | 7 => Meta::Int(int(self.bytes(1)?, false)),
+            1 => Meta::Int(int(self.bytes(1)?, true)),
+            2 => Meta::Int(int(self.bytes(2)?, false)),
+            3 => Meta::Int(int(self.bytes(2)?, true)),
+            4 => Meta::Int(int(self.bytes(4)?, false)),
+            5 => Meta::Int(int(self.bytes(4)?, true)),
+            10 => Meta::Int(int(self.bytes(8)?, false)),
+            11 => Meta::Int(int(self.bytes(8)?, true)),
+            6 => {
+                self.bytes(4)?;
+                Meta::Other
+            }
+            12 => {
+                self.bytes(8)?;
+                Meta::Other
+            }
+            8 => Meta::Str(self.string()?),
+            9 => {
+                let inner = self.u32()?;
+                let n = self.u64()?;
+                if n > 1 << 24 {
+                    return Err(std::io::Error::other(format!("an array of {n} values")));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(inner)?);
+                }
+                Meta::Array(v)
+            }
+            t => return Err(std::io::Error::other(format!("metadata value type {t}"))),
+        })
+    }
+}
+
+/// Reads a GGUF header (versions 2 and 3).
+pub(crate) fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
+    let err = |key: &str, e: String| Error::weights(shown, key, e);
+    let mut rd = Reader { r, pos: 0 };
+    let io = |e: std::io::Error| err("(header)", format!("not a readable GGUF header: {e}"));
+    if rd.bytes(4).map_err(io)? != b"GGUF" {
+        return Err(err("(header)", "not a GGUF file (no `GGUF` magic)".into()));
+    }
+    let version = rd.u32().map_err(io)?;
+    if !(2..=3).contains(&version) {
+        return Err(err(
+            "(header)",
+            format!("GGUF version {version}; versions 2 and 3 are read"),
+        ));
+    }
+    let n_tensors = rd.u64().map_err(io)?;
+    let n_kv = rd.u64().map_err(io)?;
+    if n_tensors > 1 << 24 || n_kv > 1 << 24 {
+        return Err(err(
+            "(header)",
+            format!("claims {n_tensors} tensors and {n_kv} metadata entries"),
+        ));
+    }
+    let mut metadata = HashMap::new();
+    for _ in 0..n_kv {
+        let key = rd.string().map_err(io)?;
+        let ty = rd.u32().map_err(io)?;
+        let v = rd
+            .value(ty)
+            .map_err(|e| err(&key, format!("unreadable metadata: {e}")))?;
+        metadata.insert(key, v);
+    }
+    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name = rd.string().map_err(io)?;
+        let nd = rd.u32().map_err(io)?;
+        if nd > 8 {
+            return Err(err(&name, format!("has {nd} dimensions")));
+        }
+        let mut dims = Vec::with_capacity(nd as usize);
+        for _ in 0..nd {
+            let d = rd.u64().map_err(io)?;
+            dims.push(usize::try_from(d).map_err(|_| err(&name, format!("dimension {d}")))?);
+        }
+        let ty = rd.u32().map_err(io)?;
+        let offset = rd.u64().map_err(io)?;
+        tensors.push((name, dims, ty, offset));
+    }
+    let align = match metadata.get("general.alignment") {
+        Some(Meta::Int(a)) if *a > 0 => *a as u64,
+        _ => 32,
+    };
+    let data_start = rd.pos.div_ceil(align) * align;
+    Ok(Header {
+        metadata,
+        tensors,
+        data_start,
+    })
+}
+
+/// ggml's type ids (ggml.h) that candle's blocks read.
+fn ggml_type(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+fn architecture(h: &Header) -> Option<String> {
+    match h.metadata.get("general.architecture") {
+        Some(Meta::Str(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A tensor's shape in torch order: GGUF's `ne` reversed, or its `comfy.gguf.orig_shape.<name>`.
+fn shape_of(h: &Header, name: &str, ne: &[usize], shown: &str) -> Result<Vec<usize>> {
+    let stored: Vec<usize> = ne.iter().rev().copied().collect();
+    let key = format!("comfy.gguf.orig_shape.{name}");
+    let Some(v) = h.metadata.get(&key) else {
+        return Ok(stored);
+    };
+    let dims = match v {
+        Meta::Array(a) => a
+            .iter()
+            .map(|m| match m {
+                Meta::Int(i) => usize::try_from(*i).ok(),
+                _ => None,
+            })
+            .collect::<Option<Vec<usize>>>(),
+        _ => None,
+    }
+    .ok_or_else(|| Error::weights(shown, &key, "is not an array of dimensions"))?;
+    if dims.iter().product::<usize>() != stored.iter().product::<usize>() {
+        return Err(Error::weights(
+            shown,
+            &key,
+            format!("{dims:?} does not hold the {stored:?} elements stored"),
+        ));
+    }
+    Ok(dims)
+}
+
+/// A GGUF file's `general.architecture` and its tensors' names (without a `model.diffusion_model.`
+/// prefix) and shapes, from the header alone (no tensor data is read: `plan` and the size guard).
+pub fn gguf_header(path: &Path) -> Result<(Option<String>, Vec<super::TensorShape>)> {
+    let shown = path.display().to_string();
+    if let Some(why) = magcache_core::error::not_found(path) {
+        return Err(Error::weights(&shown, "(file)", why));
+    }
+    let f = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
+    let h = read_header(&mut std::io::BufReader::new(f), &shown)?;
+    let mut out = Vec::new();
+    for (name, ne, _, _) in &h.tensors {
+        let shape = shape_of(&h, name, ne, &shown)?;
+        let key = name.strip_prefix("model.diffusion_model.").unwrap_or(name);
+        out.push((key.to_string(), shape));
+    }
+    out.sort();
+    Ok((architecture(&h), out))
+}
+
+/// Refuses a GGUF file made for another family: `general.architecture` must be `expected`.
+pub fn check_architecture(
+    file: &Path,
+    arch: Option<&str>,
+    expected: &str,
+    family: &str,
+) -> Result<()> {
+    match arch {
+        Some(a) if a == expected => Ok(()),
+        Some(a) => Err(Error::weights(
+            file.display().to_string(),
+            "general.architecture",
+            format!("is `{a}`; family {family} reads `{expected}` files"),
+        )),
+        None => Err(Error::weights(
+            file.display().to_string(),
+            "general.architecture",
+            format!("missing: family {family} reads `{expected}` files"),
+        )),
+    }
+}

@@ -1,0 +1,116 @@
+//! GGUF checkpoints (city96's layout) against diffusers: every quant type of the zoo dequantizes to
+//! gguf-py's values, and every run of `fixtures/gguf/gguf_loop` (Q8_0 and Q4_0, Wan2.1 and FLUX,
+//! dense, MagCache, FBCache) reproduces through the runner with identical decisions and final latents
+//! within the fixture's tolerances (0.06 Wan, 0.01 FLUX).
+
+use magcache_models::weights::WeightStore;
+use magcache_tests::{
+    assert_calls_match, cache_table_for, family_inputs_file, family_name, fixture, load, load_json,
+    loop_toml, max_abs_diff, run_toml,
+};
+
+const LOOP: &str = "gguf/gguf_loop";
+
+#[test]
+fn every_quant_type_dequantizes_as_gguf_py() {
+    let (store, _) = WeightStore::load_gguf(&fixture("gguf/gguf_dequant_zoo.gguf")).unwrap();
+    let want = load("gguf/gguf_dequant_zoo.safetensors");
+    let mut seen = 0;
+    for (name, t) in &want {
+        let Some(ty) = name.strip_prefix("zoo.") else {
+            continue;
+        };
+        let key = store
+            .keys()
+            .find(|k| k.ends_with(ty))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no zoo tensor for {ty}: {:?}",
+                    store.keys().collect::<Vec<_>>()
+                )
+            })
+            .clone();
+        let got = store.get_shape(&key, t.dims()).unwrap();
+        let d = max_abs_diff(&got, t);
+        assert!(d == 0.0, "{ty}: dequantized values differ by {d}");
+        seen += 1;
+    }
+    assert!(seen >= 13, "zoo types checked: {seen}");
+}
+
+fn check_run(name: &str, model_extra: &str) {
+    let meta = load_json(&format!("{LOOP}.json"));
+    let tensors = load(&format!("{LOOP}.safetensors"));
+    let run = &meta["runs"][name];
+    let fam_key = run["family"].as_str().unwrap();
+    let fam = &meta["families"][fam_key];
+    let cache = match run["cache"].get("strategy").and_then(|s| s.as_str()) {
+        None => None,
+        Some(strategy) => cache_table_for(strategy, &run["cache"]),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = family_inputs_file(dir.path(), LOOP, fam);
+    let weights = format!(
+        "\"{}\"",
+        fixture(&format!("gguf/{}", run["file"].as_str().unwrap())).display()
+    );
+    let mut text = loop_toml(
+        family_name(fam_key),
+        &weights,
+        &inputs,
+        fam,
+        cache.as_deref(),
+    );
+    text = text.replacen("[model]\n", &format!("[model]\n{model_extra}\n"), 1);
+    text.push_str("\n[model.overrides]\n");
+    for (k, v) in fam["config_overrides"].as_object().unwrap() {
+        text.push_str(&format!("{k} = {v}\n"));
+    }
+    let (fin, report) = run_toml(dir.path(), &text);
+    assert_calls_match(name, &report, &run["calls"], 1e-3);
+    assert_eq!(
+        report.computed_calls as u64,
+        run["computed_calls"].as_u64().unwrap(),
+        "{name}: computed calls"
+    );
+    let tol = if fam_key == "flux" { 0.01 } else { 0.06 };
+    let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
+    assert!(d < tol, "{name}: final differs by {d}");
+}
+
+fn runs() -> Vec<String> {
+    let meta = load_json(&format!("{LOOP}.json"));
+    meta["runs"].as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn every_gguf_run_reproduces() {
+    for name in runs() {
+        check_run(&name, "");
+    }
+}
+
+#[test]
+fn streamed_gguf_runs_reproduce() {
+    for name in ["wan21_Q4_0_magcache", "flux_Q8_0_dense"] {
+        check_run(name, "offload = \"stream\"");
+    }
+}
+
+/// A file made for another family is refused naming `general.architecture`.
+#[test]
+fn another_familys_file_is_refused() {
+    let err = magcache_models::wan::load::load_wan(
+        &fixture("gguf/flux_tiny-Q8_0.gguf"),
+        None,
+        &serde_json::Map::new(),
+        "run.toml",
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("general.architecture") && err.contains("flux"),
+        "{err}"
+    );
+}

@@ -75,7 +75,7 @@ pub fn export(
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .ok_or_else(|| Error::io(&shown, "names no folder"))?;
-    let models = (exporter.export)(&cfg, &file)?;
+    let models = (exporter.export)(&cfg, &file, &crate::prepare::base_dir(config))?;
     check_sizes(&cfg, &file, &models)?;
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     std::fs::create_dir(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;

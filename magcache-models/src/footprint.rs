@@ -153,6 +153,32 @@ pub fn weights_knob(
         .unwrap_or_else(|| "model.preset".to_string())
 }
 
+/// The `[[model.lora]]` adapters' share of a run: their tensors held in f32 (at most twice a file
+/// stored in 16 bits) and, while a weight is merged, an f32 copy of the largest weight and of its
+/// delta (`largest` elements). Files that cannot be read count nothing here: loading them names
+/// the error.
+pub fn add_lora(fp: &mut Footprint, cfg: &magcache_core::RunConfig, base: &Path, largest: Sz) {
+    if cfg.model.lora.is_empty() {
+        return;
+    }
+    let held = cfg
+        .model
+        .lora
+        .iter()
+        .filter_map(|l| {
+            std::fs::metadata(crate::config_util::resolve(base, &l.path))
+                .ok()
+                .map(|m| m.len())
+        })
+        .fold(Sz(Some(0)), |a, b| a + Sz(Some(b)) * Sz(Some(2)));
+    let merging = largest * Sz(Some(4 * 3));
+    fp.add(
+        "LoRA adapters (f32) and merging",
+        "model.lora",
+        (held + merging).0,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

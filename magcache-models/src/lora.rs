@@ -500,6 +500,38 @@ pub fn apply_tables(
     Ok(warnings)
 }
 
+/// `g` with `tables`' deltas added to every tensor it generates (`magcache export` of a preset run
+/// with adapters: the merged model). The adapters are checked against `g`'s names and shapes first.
+pub fn merged(
+    g: magcache_core::GeneratedWeights,
+    tables: &[&LoraTable],
+    base: &Path,
+    names: &dyn LoraNames,
+) -> Result<magcache_core::GeneratedWeights> {
+    if tables.is_empty() {
+        return Ok(g);
+    }
+    // A store of zero-stride tensors of `g`'s shapes: it holds nothing but checks the adapters.
+    let zero = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+    let mut shapes = std::collections::HashMap::new();
+    for (n, s, _) in &g.tensors {
+        shapes.insert(n.clone(), zero.broadcast_as(s.as_slice())?);
+    }
+    let mut store = WeightStore::from_map("(export)", shapes);
+    apply_tables(&mut store, tables, base, names)?;
+    let generate = g.generate;
+    Ok(magcache_core::GeneratedWeights {
+        generate: Box::new(move |name, shape| {
+            let t = generate(name, shape)?;
+            match store.delta(name)? {
+                None => Ok(t),
+                Some(d) => Ok((t.to_dtype(DType::F32)? + d)?.to_dtype(t.dtype())?),
+            }
+        }),
+        ..g
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

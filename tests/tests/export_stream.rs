@@ -228,3 +228,59 @@ fn flux_streams_to_the_held_bits_and_exports_its_preset() {
     assert_eq!(max_abs_diff(&p, &l), 0.0);
     assert!(rep.model.contains("streamed"), "{}", rep.model);
 }
+
+/// `export` of a preset run with `[[model.lora]]` writes the merged model: loading the export runs
+/// to the bits of the preset run with the adapter.
+#[test]
+fn export_writes_the_lora_merged_model() {
+    use candle_core::{Device, Tensor};
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    // A diffusers-layout adapter on two modules of the shrunk preset (dim 24, ffn 40).
+    let t = |shape: &[usize], seed: f64| {
+        (Tensor::arange(0f32, shape.iter().product::<usize>() as f32, &Device::Cpu)
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
+            .sin()
+            .unwrap()
+            * (0.05 * seed))
+            .unwrap()
+    };
+    let adapter: std::collections::HashMap<String, Tensor> = [
+        (
+            "transformer.blocks.0.attn1.to_q.lora_A.weight",
+            t(&[2, 24], 1.0),
+        ),
+        (
+            "transformer.blocks.0.attn1.to_q.lora_B.weight",
+            t(&[24, 2], 2.0),
+        ),
+        (
+            "transformer.blocks.1.ffn.net.0.proj.lora_A.weight",
+            t(&[2, 24], 3.0),
+        ),
+        (
+            "transformer.blocks.1.ffn.net.0.proj.lora_B.weight",
+            t(&[40, 2], 4.0),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    candle_core::safetensors::save(&adapter, dir.path().join("a.safetensors")).unwrap();
+    let plain = preset_toml("wan2.1", "wan2.1-t2v-1.3b", "f32");
+    let lora = "\n[[model.lora]]\npath = \"a.safetensors\"\nscale = 0.8\n";
+    let text = format!("{plain}{lora}");
+    let out = dir.path().join("merged");
+    export(dir.path(), &text, &out, 1 << 30).unwrap();
+    let (with_lora, _) = run_toml(dir.path(), &text);
+    let (without, _) = run_toml(dir.path(), &plain);
+    assert!(
+        max_abs_diff(&with_lora, &without) > 1e-4,
+        "the adapter changes the run"
+    );
+    let held = weights_toml(&plain, "wan2.1-t2v-1.3b", "\"merged\"", "");
+    let (exported, _) = run_toml(dir.path(), &held);
+    assert_eq!(max_abs_diff(&with_lora, &exported), 0.0);
+}

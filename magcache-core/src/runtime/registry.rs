@@ -63,8 +63,10 @@ pub struct GeneratedWeights {
 /// Makes one tensor of [`GeneratedWeights`] from its name and shape.
 pub type GenerateTensor = Box<dyn Fn(&str, &[usize]) -> Result<candle_core::Tensor> + Send + Sync>;
 
-/// A preset run's transformers as [`GeneratedWeights`] (one per expert).
-pub type ExportWeights = fn(cfg: &RunConfig, file: &str) -> Result<Vec<GeneratedWeights>>;
+/// A preset run's transformers as [`GeneratedWeights`] (one per expert); `base_dir` resolves the
+/// run file's relative paths (its LoRA adapters, merged into the weights written).
+pub type ExportWeights =
+    fn(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Vec<GeneratedWeights>>;
 
 /// A model family's preset exporter, registered beside its [`ModelFamily`] (a separate registration,
 /// so that families without one need not name it).

@@ -244,7 +244,11 @@ fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan
 }
 
 /// A FLUX preset run's transformer, generated tensor by tensor (`magcache export`).
-fn export_flux(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::GeneratedWeights>> {
+fn export_flux(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<magcache_core::GeneratedWeights>> {
     let overrides = overrides_json(cfg);
     let name = crate::config_util::preset_name(cfg, file)?;
     let p = FLUX_PRESETS
@@ -264,14 +268,18 @@ fn export_flux(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::Generat
     let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
     let mut config = to_map(&c, "FluxTransformer2DModel")?;
     config.insert("_class_name".into(), "FluxTransformer2DModel".into());
-    Ok(vec![crate::random::generated(
+    let g = crate::random::generated(
         "",
         config,
         cfg.model.seed,
         shapes(&c)?,
         c.inner_dim(),
         dtype,
-    )])
+    );
+    let tables = crate::lora::tables_for(&cfg.model.lora, file, "flux", 1, 0)?;
+    let d = c.inner_dim();
+    let names = load::FluxLoraNames { d, mlp: 4 * d };
+    Ok(vec![crate::lora::merged(g, &tables, base, &names)?])
 }
 
 inventory::submit! {

@@ -126,5 +126,7 @@ pub fn flux_footprint(
     let text =
         sz(b) * sz(l) * (per_token + sz(c.joint_attention_dim) * f32b) + sz(l) * sz(3) * f32b;
     fp.add("text embeddings", text_knob, text.0);
+    // The largest weight: a single block's fused output projection (d x 5d).
+    crate::footprint::add_lora(&mut fp, cfg, base, d * sz(5 * c.inner_dim()));
     fp
 }

@@ -492,7 +492,9 @@ fn plan_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPla
 fn export_wan(
     cfg: &RunConfig,
     file: &str,
+    base: &Path,
     presets: &'static [WanPreset],
+    family: &str,
 ) -> Result<Vec<magcache_core::GeneratedWeights>> {
     let overrides = overrides_json(cfg);
     let name = crate::config_util::preset_name(cfg, file)?;
@@ -504,31 +506,41 @@ fn export_wan(
     config.insert("_class_name".into(), "WanTransformer3DModel".into());
     let n = preset.experts.max(1);
     let shapes = model::tensor_shapes(&c)?;
-    Ok((0..n)
+    (0..n)
         .map(|e| {
             let folder = match (n, e) {
                 (1, _) => "",
                 (_, 0) => "transformer",
                 _ => "transformer_2",
             };
-            crate::random::generated(
+            let g = crate::random::generated(
                 folder,
                 config.clone(),
                 cfg.model.seed + e as u64,
                 shapes.clone(),
                 c.inner_dim(),
                 dtype,
-            )
+            );
+            let lora = crate::lora::tables_for(&cfg.model.lora, file, family, n, e)?;
+            crate::lora::merged(g, &lora, base, &load::WanLoraNames)
         })
-        .collect())
+        .collect()
 }
 
-fn export_wan21(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::GeneratedWeights>> {
-    export_wan(cfg, file, WAN21_PRESETS)
+fn export_wan21(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    export_wan(cfg, file, base, WAN21_PRESETS, "wan2.1")
 }
 
-fn export_wan22(cfg: &RunConfig, file: &str) -> Result<Vec<magcache_core::GeneratedWeights>> {
-    export_wan(cfg, file, WAN22_PRESETS)
+fn export_wan22(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    export_wan(cfg, file, base, WAN22_PRESETS, "wan2.2")
 }
 
 inventory::submit! {

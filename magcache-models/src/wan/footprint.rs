@@ -156,6 +156,7 @@ pub fn wan_footprint(
     fp.add("activations", lat_knob, activations.0);
     let cache = sz(experts * branches) * sz(CACHE_FACTOR) * tokens * d * f32b;
     fp.add("cache", lat_knob, cache.0);
+    crate::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
     if let Some(l) = text_len {
         let text = sz(branches) * sz(b) * sz(l) * (sz(c.text_dim) + d * sz(3)) * f32b
             + attention_bytes(b, heads, s, l);

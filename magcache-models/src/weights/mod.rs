@@ -395,6 +395,22 @@ impl WeightStore {
         Ok(())
     }
 
+    /// The sum of the deltas added to `name` (f32, CPU), if any.
+    pub fn delta(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(ds) = self.deltas.get(name) else {
+            return Ok(None);
+        };
+        let mut sum: Option<Tensor> = None;
+        for d in ds {
+            let v = d.value()?;
+            sum = Some(match sum {
+                None => v,
+                Some(s) => (s + v)?,
+            });
+        }
+        Ok(sum)
+    }
+
     /// Bytes the added deltas hold.
     pub fn delta_bytes(&self) -> usize {
         self.deltas.values().flatten().map(Delta::bytes).sum()

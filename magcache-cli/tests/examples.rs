@@ -22,9 +22,16 @@ fn every_example_runs_or_plans() {
     for ex in examples() {
         let name = ex.file_name().unwrap().to_string_lossy().to_string();
         if name.contains("released") {
-            // Needs a released checkpoint folder (no model hub here): the file must parse and
-            // validate, its weights folder is absent.
-            magcache_core::RunConfig::load(&ex).unwrap_or_else(|e| panic!("{name}: {e}"));
+            // Needs a released checkpoint (no model hub here): the file must parse and validate,
+            // its weights (a hub id) are not in the cache.
+            let text = std::fs::read_to_string(&ex).unwrap();
+            let cfg = magcache_core::RunConfig::parse(&text, &name)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            cfg.validate(&name)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let fam = magcache_core::runtime::registry::family(&cfg.model.family).unwrap();
+            cfg.check_keys(&name, fam)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             continue;
         }
         let plan = magcache_cli::plan(&ex).unwrap_or_else(|e| panic!("{name}: plan: {e}"));

@@ -119,6 +119,9 @@ pub struct ModelSection {
     /// it runs (see [`crate::Offload`]).
     #[serde(default = "default_offload")]
     pub offload: String,
+    /// With a hub id as `weights`: the branch, tag or commit of the cached snapshot (default `main`).
+    #[serde(default)]
+    pub revision: Option<String>,
     /// `[[model.lora]]`: LoRA adapters merged into the transformer weights, stacked.
     #[serde(default)]
     pub lora: Vec<LoraTable>,
@@ -223,9 +226,50 @@ impl RunConfig {
     pub fn load(path: &Path) -> Result<RunConfig> {
         let file = path.display().to_string();
         let text = crate::error::read_text(path)?;
-        let cfg = RunConfig::parse(&text, &file)?;
+        let mut cfg = RunConfig::parse(&text, &file)?;
         cfg.validate(&file)?;
+        let base = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        cfg.resolve_hub_ids(&file, base, &crate::runtime::hub::cache_root())?;
         Ok(cfg)
+    }
+
+    /// Replaces every `weights` entry that is a Hugging Face hub id (`owner/name`, not a path that
+    /// exists beside the run file) by its snapshot folder in the cache `root` (absolute), at
+    /// `model.revision`. A `revision` without a hub id is an error.
+    pub fn resolve_hub_ids(&mut self, file: &str, base: &Path, root: &Path) -> Result<()> {
+        use crate::runtime::hub::{looks_like_repo_id, snapshot};
+        let revision = self.model.revision.clone();
+        let mut any = false;
+        let mut one = |w: &mut String, key: &str| -> Result<()> {
+            let p = Path::new(w.as_str());
+            if p.is_absolute() || base.join(p).exists() || !looks_like_repo_id(w) {
+                return Ok(());
+            }
+            let snap = snapshot(root, w, revision.as_deref(), file, key)?;
+            *w = snap.display().to_string();
+            any = true;
+            Ok(())
+        };
+        match &mut self.model.weights {
+            Some(WeightsSpec::One(w)) => one(w, "model.weights")?,
+            Some(WeightsSpec::Many(ws)) => {
+                for (i, w) in ws.iter_mut().enumerate() {
+                    one(w, &format!("model.weights[{i}]"))?;
+                }
+            }
+            None => {}
+        }
+        if revision.is_some() && !any {
+            return Err(Error::config(
+                file,
+                "model.revision",
+                "applies to a Hugging Face hub id in `weights` (owner/name); these weights are local paths",
+            ));
+        }
+        Ok(())
     }
 
     /// Parses a run file's text (`file` names it in messages); keeps the text for the family's

@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: the TOML run file ([`config::RunConfig`]) and the typetag `[cache]` table
 //!   ([`config::StrategyConfig`]) strategies register;
+//! - [`hub`]: Hugging Face hub ids as weights, resolved in the local cache;
 //! - [`keys`]: which keys of the run file core owns and which a family adds ([`keys::FamilyKeys`]);
 //! - [`registry`]: model families ([`registry::ModelFamily`]: build, plan, presets) and strategies,
 //!   collected at link time through `inventory`;
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod guard;
+pub mod hub;
 pub mod keys;
 pub mod metrics;
 pub mod pipeline;

@@ -179,6 +179,16 @@ pub fn add_lora(fp: &mut Footprint, cfg: &magcache_core::RunConfig, base: &Path,
     );
 }
 
+/// A held GGUF checkpoint's resident bytes: its quantized linear weights stay quantized, the rest
+/// is small, so about the file's size. `None` for other files, and for streamed runs (which hold
+/// two blocks, counted from the config as for any checkpoint).
+pub fn gguf_held_bytes(path: &Path, streamed: bool) -> Option<u64> {
+    if streamed || !crate::weights::gguf::is_gguf(path) {
+        return None;
+    }
+    std::fs::metadata(path).ok().map(|m| m.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! Small building blocks shared by the transformers (f32, CPU-friendly layouts).
 
+use crate::weights::{LinearWeight, WeightStore};
 use candle_core::{DType, Device, Module, Tensor};
 use magcache_core::{Error, Result};
 
@@ -12,8 +13,35 @@ use magcache_core::{Error, Result};
 /// `[B*S, in]` product.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    wt: Tensor,
+    wt: Weight,
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weight: dense (the transposed view of `[out, in]`), or a GGUF tensor kept
+/// quantized and multiplied by candle's `QMatMul` (which rounds the activations to 8 bits).
+#[derive(Clone, Debug)]
+enum Weight {
+    Dense(Tensor),
+    Quantized {
+        mm: candle_core::quantized::QMatMul,
+        out: usize,
+    },
+}
+
+/// The linear layer `name` of a checkpoint: `{name}.weight` `[out, inp]` (quantized GGUF weights
+/// stay quantized, see [`WeightStore::get_linear`]) and `{name}.bias` `[out]`.
+pub fn linear(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    let bias = Some(w.get_shape(&format!("{name}.bias"), &[out])?);
+    match w.get_linear(&format!("{name}.weight"), &[out, inp])? {
+        LinearWeight::Dense(t) => Linear::new(t, bias),
+        LinearWeight::Quantized(q) => Ok(Linear {
+            wt: Weight::Quantized {
+                mm: candle_core::quantized::QMatMul::from_arc(q)?,
+                out,
+            },
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        }),
+    }
 }
 
 impl Linear {
@@ -24,7 +52,7 @@ impl Linear {
         // and loading then holds each weight once instead of twice.
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         Ok(Linear {
-            wt: weight.t()?,
+            wt: Weight::Dense(weight.t()?),
             bias,
         })
     }
@@ -48,22 +76,26 @@ impl Linear {
         // its bf16 product was 1.23-1.35x slower than f32 (docs/benchmarks.md), while widening the
         // weight to f32 per call (threaded, exact) and multiplying in f32 cost 1.02-1.27x there
         // and keeps the activations unrounded.
-        let mut y = if x2.dtype() == self.wt.dtype() {
-            x2.matmul(&self.wt)?
-        } else if self.wt.device().is_cpu() && x2.dtype() == DType::F32 {
-            // `wt` is the transposed view of a contiguous `[out, in]` weight: widen that, view it
-            // transposed again.
-            x2.matmul(&widen_f32(&self.wt.t()?)?.t()?)?
-        } else {
-            x2.to_dtype(self.wt.dtype())?
-                .matmul(&self.wt)?
-                .to_dtype(DType::F32)?
+        let (mut y, out) = match &self.wt {
+            Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
+            Weight::Dense(wt) => {
+                let y = if x2.dtype() == wt.dtype() {
+                    x2.matmul(wt)?
+                } else if wt.device().is_cpu() && x2.dtype() == DType::F32 {
+                    // `wt` is the transposed view of a contiguous `[out, in]` weight: widen that,
+                    // view it transposed again.
+                    x2.matmul(&widen_f32(&wt.t()?)?.t()?)?
+                } else {
+                    x2.to_dtype(wt.dtype())?.matmul(wt)?.to_dtype(DType::F32)?
+                };
+                (y, wt.dim(1)?)
+            }
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         let mut out_dims = lead.to_vec();
-        out_dims.push(self.wt.dim(1)?);
+        out_dims.push(out);
         Ok(y.reshape(out_dims)?)
     }
 }

@@ -1,7 +1,8 @@
 //! GGUF checkpoints (city96's layout) against diffusers: every quant type of the zoo dequantizes to
 //! gguf-py's values, and every run of `fixtures/gguf/gguf_loop` (Q8_0 and Q4_0, Wan2.1 and FLUX,
 //! dense, MagCache, FBCache) reproduces through the runner with identical decisions and final latents
-//! within the fixture's tolerances (0.06 Wan, 0.01 FLUX).
+//! within the fixture's tolerances (0.06 Wan, 0.01 FLUX), with the quantized weights kept quantized
+//! (candle's `QMatMul`).
 
 use magcache_models::weights::WeightStore;
 use magcache_tests::{
@@ -67,7 +68,9 @@ fn check_run(name: &str, model_extra: &str) {
         text.push_str(&format!("{k} = {v}\n"));
     }
     let (fin, report) = run_toml(dir.path(), &text);
-    assert_calls_match(name, &report, &run["calls"], 1e-3);
+    // Decisions identical; metrics within 5 %: candle's QMatMul rounds the activations to 8 bits
+    // (the fixture's decision margins are >= 6 % for FBCache, 0.05 absolute for MagCache).
+    assert_calls_match(name, &report, &run["calls"], 0.05);
     assert_eq!(
         report.computed_calls as u64,
         run["computed_calls"].as_u64().unwrap(),
@@ -75,6 +78,7 @@ fn check_run(name: &str, model_extra: &str) {
     );
     let tol = if fam_key == "flux" { 0.01 } else { 0.06 };
     let d = max_abs_diff(&fin, &tensors[&format!("{name}.final")]);
+    eprintln!("{name} {model_extra}: final max abs diff {d:.2e}");
     assert!(d < tol, "{name}: final differs by {d}");
 }
 

@@ -7,12 +7,9 @@ use crate::weights::WeightStore;
 use candle_core::{Device, Tensor, D};
 use magcache_core::Result;
 
-/// The linear layer `name` (`weight` `[out, inp]` and `bias`).
+/// The linear layer `name` (`weight` `[out, inp]` and `bias`; see [`crate::nn::linear`]).
 pub(crate) fn lin(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Linear::new(
-        w.get_weight(&format!("{name}.weight"), &[out, inp])?,
-        Some(w.get_shape(&format!("{name}.bias"), &[out])?),
-    )
+    crate::nn::linear(w, name, out, inp)
 }
 
 /// `[B, S, H*D]` -> `[B, S, H, D]` RMS-normed per head -> `[B, H, S, D]`.
@@ -268,6 +265,9 @@ impl SingleBlock {
 }
 
 /// One block of the chain.
+// One value per block of the chain, built once and never moved in a loop: the variants' sizes do
+// not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AnyBlock {
     Double(DoubleBlock),
     Single(SingleBlock),

@@ -63,7 +63,14 @@ pub fn flux_footprint(
     } else {
         flux_params(c)
     };
-    let bytes = weights_bytes(resident, &cfg.model.dtype).0;
+    let gguf = match &cfg.model.weights {
+        Some(magcache_core::runtime::config::WeightsSpec::One(w)) => {
+            crate::footprint::gguf_held_bytes(&crate::config_util::resolve(base, w), streamed)
+        }
+        _ => None,
+    };
+    // GGUF: quantized linear weights stay quantized (about the file's size).
+    let bytes = gguf.or(weights_bytes(resident, &cfg.model.dtype).0);
     if streamed {
         fp.add_streamed(
             "streamed weights (embeddings, head, two blocks)",

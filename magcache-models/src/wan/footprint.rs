@@ -82,7 +82,12 @@ pub fn wan_footprint(
             } else {
                 wan_params(&c)
             };
-            total = total + weights_bytes(resident, dtype);
+            total = total
+                + match crate::footprint::gguf_held_bytes(&path, streamed) {
+                    // GGUF: quantized linear weights stay quantized (about the file's size).
+                    Some(b) => Sz(Some(b)),
+                    None => weights_bytes(resident, dtype),
+                };
             configs.push(c);
         }
         if streamed {

@@ -2,8 +2,8 @@
 
 use super::config::WanConfig;
 use crate::nn::{
-    attention, gelu, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm, Linear,
-    RmsNorm,
+    attention, gelu, linear, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm,
+    Linear, RmsNorm,
 };
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
@@ -44,12 +44,7 @@ struct Attention {
 impl Attention {
     fn load(w: &WeightStore, p: &str, cfg: &WanConfig) -> Result<Self> {
         let d = cfg.inner_dim();
-        let lin = |n: &str| -> Result<Linear> {
-            Linear::new(
-                w.get_weight(&format!("{p}.{n}.weight"), &[d, d])?,
-                Some(w.get_shape(&format!("{p}.{n}.bias"), &[d])?),
-            )
-        };
+        let lin = |n: &str| -> Result<Linear> { linear(w, &format!("{p}.{n}"), d, d) };
         let norm = |n: &str| -> Result<Option<RmsNorm>> {
             if cfg.qk_norm.is_some() {
                 Ok(Some(RmsNorm::new(
@@ -129,14 +124,8 @@ impl Block {
             norm2,
             attn2: Attention::load(w, &format!("{p}.attn2"), cfg)?,
             norm3: LayerNorm::new(d, cfg.eps, None, dev)?,
-            ff1: Linear::new(
-                w.get_weight(&format!("{p}.ffn.net.0.proj.weight"), &[cfg.ffn_dim, d])?,
-                Some(w.get_shape(&format!("{p}.ffn.net.0.proj.bias"), &[cfg.ffn_dim])?),
-            )?,
-            ff2: Linear::new(
-                w.get_weight(&format!("{p}.ffn.net.2.weight"), &[d, cfg.ffn_dim])?,
-                Some(w.get_shape(&format!("{p}.ffn.net.2.bias"), &[d])?),
-            )?,
+            ff1: linear(w, &format!("{p}.ffn.net.0.proj"), cfg.ffn_dim, d)?,
+            ff2: linear(w, &format!("{p}.ffn.net.2"), d, cfg.ffn_dim)?,
             table: w
                 .get_shape(&format!("{p}.scale_shift_table"), &[1, 6, d])?
                 .unsqueeze(0)?,
@@ -252,12 +241,7 @@ impl WanModel {
             .reshape((d, cfg.in_channels * pt * ph * pw))?
             .t()?
             .contiguous()?;
-        let lin = |n: &str, o: usize, i: usize| -> Result<Linear> {
-            Linear::new(
-                w.get_weight(&format!("{n}.weight"), &[o, i])?,
-                Some(w.get_shape(&format!("{n}.bias"), &[o])?),
-            )
-        };
+        let lin = |n: &str, o: usize, i: usize| -> Result<Linear> { linear(w, n, o, i) };
         let out_dim = cfg.out_channels * pt * ph * pw;
         let hd = cfg.attention_head_dim;
         let h_dim = 2 * (hd / 6);

@@ -29,30 +29,62 @@ pub(crate) struct GgufEntry {
     start: u64,
     len: usize,
     /// The shape candle reads the blocks with (GGUF's `ne` reversed).
-    stored: Vec<usize>,
+    pub(crate) stored: Vec<usize>,
     /// Torch order, after a `comfy.gguf.orig_shape` override.
     pub(crate) shape: Vec<usize>,
 }
 
 impl GgufEntry {
+    /// Whether its type is a quantized one (not F32, F16, BF16).
+    pub(crate) fn is_quantized(&self) -> bool {
+        !matches!(
+            self.dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        )
+    }
+
+    fn bytes(&self, file: &str, name: &str) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; self.len];
+        let mut f = self
+            .file
+            .lock()
+            .map_err(|_| Error::weights(file, name, "file handle poisoned"))?;
+        f.seek(SeekFrom::Start(self.start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .map_err(|e| {
+                Error::weights(
+                    file,
+                    name,
+                    format!(
+                        "cannot read its {} bytes at {} ({e}): was the file truncated?",
+                        self.len, self.start
+                    ),
+                )
+            })?;
+        Ok(bytes)
+    }
+
+    /// The tensor as candle's quantized tensor on `device` (its stored shape).
+    pub(crate) fn read_quantized(
+        &self,
+        file: &str,
+        name: &str,
+        device: &Device,
+    ) -> Result<candle_core::quantized::QTensor> {
+        let bytes = self.bytes(file, name)?;
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            self.dtype,
+            &bytes,
+            self.stored.clone(),
+            device,
+        )
+        .map_err(|e| Error::weights(file, name, format!("{:?}: {e}", self.dtype)))
+    }
+
     /// The tensor dequantized to f32 (ggml's `d * q`, `d * q + m`) on the CPU.
     pub(crate) fn read(&self, file: &str, name: &str) -> Result<Tensor> {
         let err = |e: String| Error::weights(file, name, e);
-        let mut bytes = vec![0u8; self.len];
-        {
-            let mut f = self
-                .file
-                .lock()
-                .map_err(|_| err("file handle poisoned".into()))?;
-            f.seek(SeekFrom::Start(self.start))
-                .and_then(|_| f.read_exact(&mut bytes))
-                .map_err(|e| {
-                    err(format!(
-                        "cannot read its {} bytes at {} ({e}): was the file truncated?",
-                        self.len, self.start
-                    ))
-                })?;
-        }
+        let bytes = self.bytes(file, name)?;
         let float = match self.dtype {
             GgmlDType::F32 => Some(candle_core::DType::F32),
             GgmlDType::F16 => Some(candle_core::DType::F16),

@@ -52,6 +52,14 @@ impl Entry {
 /// A tensor's name and shape.
 pub type TensorShape = (String, Vec<usize>);
 
+/// A linear layer's weight as the store hands it out ([`WeightStore::get_linear`]).
+pub enum LinearWeight {
+    /// `[out, in]` in the placement's dtype.
+    Dense(Tensor),
+    /// A GGUF tensor kept quantized, `[out, in]`.
+    Quantized(Arc<candle_core::quantized::QTensor>),
+}
+
 /// Tensors by name, each remembering the file it came from, and which names the model fetched.
 ///
 /// Checkpoint files are memory-mapped and only their headers read when they are opened; a tensor's
@@ -593,6 +601,40 @@ impl WeightStore {
             unused.len(),
             list.join(", ")
         )))
+    }
+
+    /// A linear layer's weight: a quantized GGUF tensor without LoRA deltas stays quantized (on the
+    /// placement's device, checked finite once); anything else as [`WeightStore::get_weight`].
+    pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<LinearWeight> {
+        if self.record.is_none() && !self.deltas.contains_key(name) {
+            if let Some((Entry::Gguf(g), _)) = self.tensors.get(name) {
+                if g.is_quantized() && g.stored == shape {
+                    let file = self.file_of(name);
+                    let q = g.read_quantized(file, name, &self.placement.device)?;
+                    let checked = self
+                        .finite
+                        .lock()
+                        .map(|c| c.contains(name))
+                        .unwrap_or(false);
+                    if !checked {
+                        let t = q
+                            .dequantize(&Device::Cpu)
+                            .map_err(|e| Error::weights(file, name, e.to_string()))?;
+                        if !magcache_core::finite::all_finite(&t)
+                            .map_err(|e| Error::weights(file, name, e.to_string()))?
+                        {
+                            return Err(Error::weights(file, name, "holds non-finite values"));
+                        }
+                        if let Ok(mut c) = self.finite.lock() {
+                            c.insert(name.to_string());
+                        }
+                    }
+                    self.mark_used(name);
+                    return Ok(LinearWeight::Quantized(Arc::new(q)));
+                }
+            }
+        }
+        Ok(LinearWeight::Dense(self.get_weight(name, shape)?))
     }
 
     /// A linear layer's weight with this shape, in the placement's dtype.

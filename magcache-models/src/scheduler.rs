@@ -178,6 +178,24 @@ impl FlowSampler {
         }
     }
 
+    /// Where the shift was set, for errors about the schedule: `(file, key)`, the scheduler config's
+    /// `flow_shift` when it came from one, else `run_file`'s `sampling.shift`.
+    pub fn shift_key(&self, run_file: &str) -> (String, String) {
+        match self {
+            FlowSampler::UniPc(c) => match &c.flow_shift_from.0 {
+                Some(f) => (f.clone(), "flow_shift".into()),
+                None => (run_file.to_string(), "sampling.shift".into()),
+            },
+            FlowSampler::Euler { .. } => (run_file.to_string(), "sampling.shift".into()),
+        }
+    }
+
+    /// [`FlowSchedule::check`] naming where the shift was set ([`FlowSampler::shift_key`]).
+    pub fn check_schedule(&self, schedule: &FlowSchedule, run_file: &str) -> Result<()> {
+        let (file, key) = self.shift_key(run_file);
+        schedule.check(&file, &key, self.shift())
+    }
+
     /// The schedule of `steps` steps (UniPC: integer timesteps, as floats).
     pub fn schedule(&self, steps: usize) -> Result<FlowSchedule> {
         match self {
@@ -290,6 +308,7 @@ pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<Flo
         };
         if let Some(s) = choice.shift {
             c.flow_shift = s;
+            c.flow_shift_from = crate::unipc::ShiftOrigin(None);
         }
         Ok(FlowSampler::UniPc(c))
     };

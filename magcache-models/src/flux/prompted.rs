@@ -87,6 +87,19 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     let enc = FluxTextEncoders::load_pipeline(root, &placement.device, placement.dtype)?;
     let (prompt_embeds, pooled_prompt_embeds) = enc.encode(&p.text, max_len)?;
     drop(enc);
+    let check = crate::wan::prompted::check_stage;
+    let te2 = root.join("text_encoder_2").display().to_string();
+    check(
+        &prompt_embeds,
+        "the text encoder",
+        &format!("prompt_embeds (T5, from {te2})"),
+    )?;
+    let te = root.join("text_encoder").display().to_string();
+    check(
+        &pooled_prompt_embeds,
+        "the text encoder",
+        &format!("pooled_prompt_embeds (CLIP, from {te})"),
+    )?;
     Ok(Prompted {
         root: root.to_path_buf(),
         prompt_embeds,
@@ -135,7 +148,9 @@ pub fn inputs(
             }
             l
         }
-        None => crate::random::randn(
+        None => crate::random::randn_for(
+            file,
+            "inputs.height/width",
             cfg.inputs.seed.unwrap_or(cfg.model.seed),
             &[1, seq, c.in_channels],
         )?,
@@ -179,6 +194,12 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
     let vae = FluxVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     let decoded = vae.decode_packed(latents, p.height, p.width)?;
     drop(vae);
+    let v = p.root.join("vae").display().to_string();
+    crate::wan::prompted::check_stage(
+        &decoded,
+        "the VAE decode",
+        &format!("the decoded pixels (from {v})"),
+    )?;
     p.stages.push(stage.end());
     Ok(vec![
         ("decoded".to_string(), decoded),

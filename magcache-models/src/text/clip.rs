@@ -84,7 +84,7 @@ impl ClipTokenizer {
         let cfg_file = dir.join("tokenizer_config.json");
         let cfg_shown = cfg_file.display().to_string();
         let cfg: Value = if cfg_file.is_file() {
-            let text = std::fs::read_to_string(&cfg_file).map_err(|e| Error::io(&cfg_shown, e))?;
+            let text = magcache_core::error::read_text(&cfg_file)?;
             serde_json::from_str(&text)
                 .map_err(|e| Error::config(&cfg_shown, "(json)", format!("invalid JSON: {e}")))?
         } else {
@@ -117,10 +117,17 @@ impl ClipTokenizer {
         let json = dir.join("tokenizer.json");
         let (tokenizer, file) = if vocab.is_file() && merges.is_file() {
             let file = vocab.display().to_string();
+            for f in [&vocab, &merges] {
+                if let Some(why) = magcache_core::error::not_a_file(f) {
+                    return Err(Error::io(f.display().to_string(), why));
+                }
+                magcache_core::files::record_read(f);
+            }
             let tok = Self::assemble(&vocab, &merges, &bos, &eos, &unk)?;
             (tok, file)
         } else if json.is_file() {
             let file = json.display().to_string();
+            magcache_core::files::record_read(&json);
             let tok = Tokenizer::from_file(&json)
                 .map_err(|e| Error::config(&file, "(tokenizer)", format!("cannot load: {e}")))?;
             (tok, file)
@@ -294,7 +301,7 @@ impl ClipTextModelConfig {
             path.join("config.json")
         };
         let shown = file.display().to_string();
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&shown, e))?;
+        let text = magcache_core::error::read_text(&file)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
         match v.get("text_config") {

@@ -43,6 +43,7 @@ impl WanTokenizer {
         if let Some(why) = magcache_core::error::not_a_file(&file) {
             return Err(Error::io(&shown, format!("tokenizer file {why}")));
         }
+        magcache_core::files::record_read(&file);
         // The pipeline's own truncation/padding are applied per call (`encode`).
         let tokenizer = Tokenizer::from_file(&file)
             .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;

@@ -107,9 +107,7 @@ fn guard(
     sampler: &FlowSampler,
 ) -> Result<()> {
     super::footprint::wan_footprint(cfg, file, base, paths, presets, family)?.check(file)?;
-    sampler
-        .schedule(cfg.sampling.steps)?
-        .check(file, "sampling.shift", sampler.shift())
+    sampler.check_schedule(&sampler.schedule(cfg.sampling.steps)?, file)
 }
 
 /// The folder class embeddings and other side files are looked up in.
@@ -313,7 +311,7 @@ fn index_boundary_ratio(cfg: &RunConfig, base: &Path) -> Option<f64> {
     let Some(WeightsSpec::One(w)) = &cfg.model.weights else {
         return None;
     };
-    let text = std::fs::read_to_string(resolve(base, w).join("model_index.json")).ok()?;
+    let text = magcache_core::error::read_text(&resolve(base, w).join("model_index.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("boundary_ratio")?.as_f64()
 }
@@ -445,7 +443,7 @@ fn plan_wan(
     );
     fp.check(file)?;
     let schedule = sampler.schedule(cfg.sampling.steps)?;
-    schedule.check(file, "sampling.shift", sampler.shift())?;
+    sampler.check_schedule(&schedule, file)?;
     Ok((
         pipeline::wan_plan(
             family,

@@ -582,3 +582,175 @@ fn class7_a_bad_flow_shift_is_blamed_on_the_scheduler_config() {
         assert!(!e.contains("sampling.shift"), "{e}");
     }
 }
+
+// ---- class 3: prompted runs go through the size guard, stage by stage ----
+
+fn edit_json(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, v.to_string()).unwrap();
+}
+
+/// Runs the prompted case's run file with a 2 GB memory limit; expects a refusal naming `must_name`
+/// within seconds (nothing allocated first).
+fn prompted_refused(dir: &Path, must_name: &[&str]) -> String {
+    let t0 = Instant::now();
+    let o = bin()
+        .args(["run", "--quiet", "--config"])
+        .arg(dir.join("run.toml"))
+        .env("MAGCACHE_MEMORY_LIMIT", "2G")
+        .output()
+        .unwrap();
+    let e = check_err(&o, must_name);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    e
+}
+
+#[test]
+fn class3_prompted_sizes_are_guarded_naming_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let root = prompted_case(d.path());
+    let run = d.path().join("run.toml");
+    let base = std::fs::read_to_string(&run).unwrap();
+    // A 16.9 GB latent through [inputs] height/width/num_frames.
+    std::fs::write(
+        &run,
+        base.replace(
+            "height = 16\nwidth = 16\nnum_frames = 1",
+            "height = 4096\nwidth = 4096\nnum_frames = 401",
+        ),
+    )
+    .unwrap();
+    prompted_refused(d.path(), &["run.toml", "inputs.height/width/num_frames"]);
+    // A huge max_sequence_length.
+    std::fs::write(
+        &run,
+        base.replace(
+            "max_sequence_length = 8",
+            "max_sequence_length = 1000000000",
+        ),
+    )
+    .unwrap();
+    prompted_refused(d.path(), &["run.toml", "prompt.max_sequence_length"]);
+    // A text encoder config claiming 10^9 layers.
+    std::fs::write(&run, &base).unwrap();
+    edit_json(&root.join("text_encoder/config.json"), |v| {
+        v["num_layers"] = serde_json::json!(1_000_000_000u64)
+    });
+    prompted_refused(d.path(), &["text_encoder/config.json", "num_layers"]);
+}
+
+#[test]
+fn class3_a_config_that_is_not_a_regular_file_is_refused_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let root = prompted_case(d.path());
+    std::fs::remove_file(root.join("model_index.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/urandom", root.join("model_index.json")).unwrap();
+    prompted_refused(d.path(), &["model_index.json", "not a regular file"]);
+}
+
+// ---- class 6: ambiguous or inconsistent input is refused ----
+
+#[test]
+fn class6_a_tensor_under_two_names_is_refused() {
+    let c = Case::new("");
+    let w = c.p("w/diffusion_pytorch_model.safetensors");
+    let mut m = load(&w);
+    let name = "blocks.0.attn1.to_q.weight";
+    let t = m[name].clone();
+    m.insert(format!("model.diffusion_model.{name}"), t);
+    candle_core::safetensors::save(&m, &w).unwrap();
+    check_err(
+        &magcache(&["run", "--quiet", "--config", s(&c.run_file())]),
+        &[name, "model.diffusion_model.", "two names"],
+    );
+}
+
+/// Report timesteps of the prompted case's run.
+fn timesteps(dir: &Path) -> Vec<f64> {
+    let report = dir.join("r.json");
+    let o = magcache(&[
+        "run",
+        "--quiet",
+        "--config",
+        s(&dir.join("run.toml")),
+        "--report",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    v["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["timestep"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn class6_a_wan_folders_scheduler_is_read_or_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let root = prompted_case(d.path());
+    let run = d.path().join("run.toml");
+    let base = std::fs::read_to_string(&run).unwrap();
+    let sched = root.join("scheduler/scheduler_config.json");
+    // An Euler scheduler at shift 3: the folder's shift is the default.
+    std::fs::write(
+        &sched,
+        r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": false}"#,
+    )
+    .unwrap();
+    let folder = timesteps(d.path());
+    let with = |extra: &str| {
+        std::fs::write(
+            &run,
+            base.replace("steps = 2\n", &format!("steps = 2\n{extra}")),
+        )
+        .unwrap();
+        timesteps(d.path())
+    };
+    assert_eq!(folder, with("scheduler = \"euler\"\nshift = 3.0\n"));
+    assert_ne!(folder, with("scheduler = \"euler\"\nshift = 5.0\n"));
+    assert_eq!(folder, with("scheduler = \"euler\"\n"));
+    std::fs::write(&run, &base).unwrap();
+    // A class no Wan loop has.
+    std::fs::write(&sched, r#"{"_class_name": "DDIMScheduler"}"#).unwrap();
+    check_err(
+        &magcache(&["run", "--quiet", "--config", s(&run)]),
+        &["scheduler_config.json", "_class_name", "DDIMScheduler"],
+    );
+    // A missing scheduler/ is an error, as a missing tokenizer/ is.
+    std::fs::remove_dir_all(root.join("scheduler")).unwrap();
+    check_err(
+        &magcache(&["run", "--quiet", "--config", s(&run)]),
+        &["scheduler_config.json", "does not exist"],
+    );
+}
+
+#[test]
+fn class6_a_text_encoder_shallower_than_its_checkpoint_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let root = prompted_case(d.path());
+    edit_json(&root.join("text_encoder/config.json"), |v| {
+        v["num_layers"] = serde_json::json!(1)
+    });
+    check_err(
+        &magcache(&["run", "--quiet", "--config", s(&d.path().join("run.toml"))]),
+        &["encoder.block.1.*", "num_layers = 1"],
+    );
+}
+
+#[test]
+fn class6_a_tokenizer_of_another_model_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let root = prompted_case(d.path());
+    edit_json(&root.join("tokenizer/tokenizer_config.json"), |v| {
+        v["tokenizer_class"] = serde_json::json!("LlamaTokenizer")
+    });
+    check_err(
+        &magcache(&["run", "--quiet", "--config", s(&d.path().join("run.toml"))]),
+        &["tokenizer_config.json", "tokenizer_class", "LlamaTokenizer"],
+    );
+}

@@ -250,7 +250,10 @@ impl FlowStepper {
 }
 
 /// `scheduler/scheduler_config.json` of the diffusers pipeline folder that `weights` is or lies in
-/// (`PIPELINE` itself, or `PIPELINE/transformer` / `PIPELINE/transformer_2`), if there is one.
+/// (`PIPELINE` itself, or `PIPELINE/transformer` / `PIPELINE/transformer_2`), if there is one. A
+/// pipeline folder (one with `model_index.json`) always has one: its path is returned even when the
+/// file is missing or unreadable, so that reading it fails naming it (as a missing `tokenizer/`
+/// does) instead of a silent fall-back to Euler.
 pub fn pipeline_scheduler_config(weights: &Path) -> Option<PathBuf> {
     let mut roots = vec![weights.to_path_buf()];
     let name = weights.file_name().and_then(|n| n.to_str());
@@ -259,10 +262,43 @@ pub fn pipeline_scheduler_config(weights: &Path) -> Option<PathBuf> {
             roots.push(parent.to_path_buf());
         }
     }
-    roots
-        .into_iter()
-        .map(|r| r.join("scheduler").join("scheduler_config.json"))
-        .find(|p| p.is_file())
+    roots.into_iter().find_map(|r| {
+        let p = r.join("scheduler").join("scheduler_config.json");
+        (p.is_file() || r.join("model_index.json").is_file()).then_some(p)
+    })
+}
+
+/// diffusers' `FlowMatchEulerDiscreteScheduler`, the other scheduler a Wan folder may carry.
+pub const EULER_CLASS: &str = "FlowMatchEulerDiscreteScheduler";
+
+/// The static `shift` of a `FlowMatchEulerDiscreteScheduler` config (diffusers' default 1.0); its
+/// dynamic shifting (FLUX's) is refused for a static-shift (Wan) loop. Errors name the file and key.
+pub fn euler_config_shift(path: &Path) -> Result<f64> {
+    let file = path.display().to_string();
+    let text = magcache_core::error::read_text(path)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&file, "(document)", format!("invalid JSON: {e}")))?;
+    if v.get("use_dynamic_shifting").and_then(|d| d.as_bool()) == Some(true) {
+        return Err(Error::config(
+            &file,
+            "use_dynamic_shifting",
+            "dynamic shifting (FLUX's, from the image length) does not apply to a Wan loop, which shifts statically; set it false and give `shift`, or set [sampling] scheduler and shift",
+        ));
+    }
+    let shift = match v.get("shift") {
+        None | Some(serde_json::Value::Null) => 1.0,
+        Some(x) => x
+            .as_f64()
+            .ok_or_else(|| Error::config(&file, "shift", format!("expected a number, got {x}")))?,
+    };
+    if !(shift.is_finite() && shift > 0.0) {
+        return Err(Error::config(
+            &file,
+            "shift",
+            format!("must be a positive number, got {shift}"),
+        ));
+    }
+    Ok(shift)
 }
 
 /// The `_class_name` of a diffusers scheduler config.
@@ -298,7 +334,12 @@ pub struct SamplerChoice<'a> {
 ///   configuration; `shift`, when given,
 ///   replaces the file's `flow_shift`;
 /// - absent: UniPC when `scheduler_config` is given or the pipeline folder's scheduler is a
-///   `UniPCMultistepScheduler`, Euler otherwise (in particular for runs without a pipeline folder).
+///   `UniPCMultistepScheduler`; Euler at the folder's `shift` when it is a
+///   `FlowMatchEulerDiscreteScheduler`; Euler at the default shift for runs without a pipeline
+///   folder. A pipeline folder whose scheduler config is missing, unreadable or of another class is
+///   an error naming the file (and `_class_name`).
+/// - `scheduler = "euler"` over a folder whose scheduler is Euler: the folder's `shift` is the
+///   default.
 pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<FlowSampler> {
     let shift = choice.shift.unwrap_or(choice.default_shift);
     let unipc_from = |path: Option<&PathBuf>| -> Result<FlowSampler> {
@@ -321,6 +362,15 @@ pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<Flo
                     "is read by scheduler = \"unipc\" only; remove it or choose unipc",
                 ));
             }
+            // A folder whose scheduler is Euler gives the default shift.
+            let shift = match (&choice.shift, &choice.pipeline_config) {
+                (None, Some(p))
+                    if p.is_file() && scheduler_class(p)?.as_deref() == Some(EULER_CLASS) =>
+                {
+                    euler_config_shift(p)?
+                }
+                _ => shift,
+            };
             Ok(FlowSampler::Euler { shift })
         }
         Some("unipc") => match (&choice.scheduler_config, &choice.pipeline_config) {
@@ -340,10 +390,25 @@ pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<Flo
                 return unipc_from(Some(p));
             }
             match &choice.pipeline_config {
-                Some(p) if scheduler_class(p)?.as_deref() == Some(UNIPC_CLASS) => {
-                    unipc_from(Some(p))
-                }
-                _ => Ok(FlowSampler::Euler { shift }),
+                Some(p) => match scheduler_class(p)?.as_deref() {
+                    Some(UNIPC_CLASS) => unipc_from(Some(p)),
+                    // The folder's shift is the default: the run's `shift` overrides it.
+                    Some(EULER_CLASS) => Ok(FlowSampler::Euler {
+                        shift: match choice.shift {
+                            Some(s) => s,
+                            None => euler_config_shift(p)?,
+                        },
+                    }),
+                    other => Err(Error::config(
+                        p.display().to_string(),
+                        "_class_name",
+                        format!(
+                            "{} is not a scheduler a Wan run has ({UNIPC_CLASS}, {EULER_CLASS}); set [sampling] scheduler = \"unipc\" or \"euler\" to choose one",
+                            other.map_or("(missing)".to_string(), |c| format!("`{c}`"))
+                        ),
+                    )),
+                },
+                None => Ok(FlowSampler::Euler { shift }),
             }
         }
     }

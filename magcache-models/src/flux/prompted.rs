@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 /// `FluxPipeline`'s defaults: 1024 x 1024 (`default_sample_size` 128 x the VAE's 8), 512 T5 tokens.
 const DEFAULT_SIZE: usize = 1024;
-const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+pub(crate) const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
 /// What a prompted run carries from building to decoding.
 pub struct Prompted {
@@ -83,6 +83,15 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     let (height, width, _) = image_size(cfg, file, root)?;
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    // The size guard for the T5 stage (loaded, used and freed before the transformer).
+    let t5_cfg = root.join("text_encoder_2").join("config.json");
+    crate::text::Umt5Config::load(&root.join("text_encoder_2"))?
+        .footprint(
+            max_len,
+            placement.dtype.size_in_bytes(),
+            &t5_cfg.display().to_string(),
+        )
+        .check(file)?;
     let stage = Stage::begin("encode text");
     let enc = FluxTextEncoders::load_pipeline(root, &placement.device, placement.dtype)?;
     let (prompt_embeds, pooled_prompt_embeds) = enc.encode(&p.text, max_len)?;

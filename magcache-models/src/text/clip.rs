@@ -90,6 +90,17 @@ impl ClipTokenizer {
         } else {
             Value::Object(Default::default())
         };
+        super::tokenizer::check_tokenizer_class(
+            &cfg,
+            &cfg_shown,
+            &[
+                "CLIPTokenizer",
+                "CLIPTokenizerFast",
+                "TokenizersBackend",
+                "PreTrainedTokenizerFast",
+            ],
+            "a CLIP (byte-level BPE)",
+        )?;
         let bos = config_token(&cfg, "bos_token", "<|startoftext|>", &cfg_shown)?;
         let eos = config_token(&cfg, "eos_token", "<|endoftext|>", &cfg_shown)?;
         let pad = config_token(&cfg, "pad_token", &eos, &cfg_shown)?;
@@ -400,7 +411,14 @@ impl ClipTextEncoder {
             device: device.clone(),
             dtype,
         });
-        Self::from_weights(config, &store)
+        let model = Self::from_weights(config, &store)?;
+        // A whole layer left over: the config has fewer layers than the checkpoint.
+        let cfg_file = dir.join("config.json").display().to_string();
+        let n = model.config.num_hidden_layers;
+        store.check_unused(&cfg_file, |_| {
+            format!("num_hidden_layers = {n} in {cfg_file}")
+        })?;
+        Ok(model)
     }
 
     /// Builds the model from a store holding `CLIPTextModel`'s tensors, with or without the

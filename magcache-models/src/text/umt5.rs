@@ -263,7 +263,13 @@ impl Umt5Encoder {
             dtype,
         });
         // The store is dropped on return: the model then holds the only copy of each weight.
-        Self::from_weights(config, &store)
+        let model = Self::from_weights(config, &store)?;
+        // A whole block left over: the config has fewer layers than the checkpoint (the
+        // transformer's rule).
+        let cfg_file = dir.join("config.json").display().to_string();
+        let n = model.config.num_layers;
+        store.check_unused(&cfg_file, |_| format!("num_layers = {n} in {cfg_file}"))?;
+        Ok(model)
     }
 
     pub fn from_weights(config: Umt5Config, store: &WeightStore) -> Result<Self> {

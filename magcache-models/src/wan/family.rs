@@ -157,18 +157,20 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     crate::config_util::check_applicable(cfg, file, "wan2.1", 1, true)?;
     let sampler = wan_sampler(cfg, file, base, weights, 5.0)?;
     let guidance = cfg.sampling.guidance_scale.unwrap_or(5.0);
-    // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
-    let prompted = match &cfg.prompt {
-        Some(_) => {
-            let root = prompted::pipeline_root(cfg, file, base)?;
-            Some(prompted::encode(cfg, file, &root, guidance > 1.0)?)
-        }
-        None => None,
-    };
     let tpath = weights.map(|w| wan21_path(base, w));
     let weights = tpath.as_deref();
     let paths: Vec<String> = weights.iter().map(|w| w.to_string()).collect();
+    let root = match &cfg.prompt {
+        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
+        None => None,
+    };
+    // The size guard first: a prompted run's latents and text come from its [inputs] and [prompt].
     guard(cfg, file, base, &paths, WAN21_PRESETS, "wan2.1", &sampler)?;
+    // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
+    let prompted = match &root {
+        Some(root) => Some(prompted::encode(cfg, file, root, guidance > 1.0)?),
+        None => None,
+    };
     let (model, preset, desc, warnings) = build_model(cfg, file, base, weights, WAN21_PRESETS, 0)?;
     let inputs = match &prompted {
         Some(p) => prompted::inputs(cfg, file, base, &model, p)?,
@@ -203,19 +205,6 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     let paths = wan22_paths(cfg, file, base)?;
-    // Prompted: the text is encoded (and its encoder freed) before the transformers load.
-    let prompted = match &cfg.prompt {
-        Some(_) => {
-            let root = prompted::pipeline_root(cfg, file, base)?;
-            let g = cfg
-                .sampling
-                .guidance_scale
-                .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
-            let g2 = cfg.sampling.guidance_scale_2.unwrap_or(g);
-            Some(prompted::encode(cfg, file, &root, g > 1.0 || g2 > 1.0)?)
-        }
-        None => None,
-    };
     let single = match paths.len() {
         0 => {
             let name = cfg.model.preset.as_deref().unwrap_or_default();
@@ -234,7 +223,23 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         paths.first().map(|p| p.as_str()),
         if single { 5.0 } else { 12.0 },
     )?;
+    let root = match &cfg.prompt {
+        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
+        None => None,
+    };
     guard(cfg, file, base, &paths, WAN22_PRESETS, "wan2.2", &sampler)?;
+    // Prompted: the text is encoded (and its encoder freed) before the transformers load.
+    let prompted = match &root {
+        Some(root) => {
+            let g = cfg
+                .sampling
+                .guidance_scale
+                .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
+            let g2 = cfg.sampling.guidance_scale_2.unwrap_or(g);
+            Some(prompted::encode(cfg, file, root, g > 1.0 || g2 > 1.0)?)
+        }
+        None => None,
+    };
     let mut experts = Vec::new();
     let mut descs = Vec::new();
     let mut warnings = Vec::new();

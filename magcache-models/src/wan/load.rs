@@ -163,7 +163,7 @@ pub fn load_wan(
     let mut store = WeightStore::load_checkpoint(weights)?;
     let layout = detect_layout(&store)?;
     if layout == WanLayout::Original {
-        store.rename(original_to_diffusers);
+        store.rename(original_to_diffusers)?;
     }
     Ok(LoadedWan {
         config,

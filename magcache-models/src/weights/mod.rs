@@ -219,7 +219,7 @@ impl WeightStore {
         let mut store = WeightStore::load_files(&path.display().to_string(), &files)?;
         const PREFIX: &str = "model.diffusion_model.";
         if store.keys().any(|k| k.starts_with(PREFIX)) {
-            store.rename(|k| k.strip_prefix(PREFIX).unwrap_or(k).to_string());
+            store.rename(|k| k.strip_prefix(PREFIX).unwrap_or(k).to_string())?;
         }
         Ok(store)
     }
@@ -245,14 +245,38 @@ impl WeightStore {
         self.tensors.get(name).map(|(t, _)| t.shape().to_vec())
     }
 
-    /// Renames every key through `f` (layout conversion).
-    pub fn rename(&mut self, f: impl Fn(&str) -> String) {
+    /// Renames every key through `f` (layout conversion). Two tensors that get the same name (a
+    /// checkpoint holding `X` and `model.diffusion_model.X`, or a layout's two spellings of one
+    /// tensor) are an error naming both: which one the model would get is arbitrary.
+    pub fn rename(&mut self, f: impl Fn(&str) -> String) -> Result<()> {
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for k in names {
+            if let Some(other) = seen.insert(f(k), k.clone()) {
+                let (a, b) = (self.file_of(&other), self.file_of(k));
+                let place = if a == b {
+                    format!("both in {a}")
+                } else {
+                    format!("in {a} and {b}")
+                };
+                return Err(Error::weights(
+                    b,
+                    k,
+                    format!(
+                        "and `{other}` ({place}) are the same tensor `{}` under two names: which one the model would use is arbitrary; remove one of them",
+                        f(k)
+                    ),
+                ));
+            }
+        }
         let old = std::mem::take(&mut self.tensors);
         self.tensors = old.into_iter().map(|(k, v)| (f(&k), v)).collect();
         if let Ok(mut used) = self.used.lock() {
             let old = std::mem::take(&mut *used);
             *used = old.into_iter().map(|k| f(&k)).collect();
         }
+        Ok(())
     }
 
     /// Removes a tensor (used by layout conversions that split fused tensors).

@@ -754,3 +754,37 @@ fn class6_a_tokenizer_of_another_model_is_refused() {
         &["tokenizer_config.json", "tokenizer_class", "LlamaTokenizer"],
     );
 }
+
+/// A FLUX pipeline folder's scheduler is read: a schnell-style config (no dynamic shifting, shift 1)
+/// samples `linspace(1, 1/steps, steps)` unshifted; a scheduler FLUX has not is refused.
+#[test]
+fn class6_a_flux_folders_scheduler_is_read() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("pipe");
+    copy_dir(&pipelines().join("flux_tiny_folder"), &root);
+    std::fs::write(
+        d.path().join("run.toml"),
+        "[model]\nfamily = \"flux\"\nweights = \"pipe\"\n\n[prompt]\ntext = \"a cat\"\nmax_sequence_length = 8\n\n[inputs]\nheight = 32\nwidth = 32\n\n[sampling]\nsteps = 4\n",
+    )
+    .unwrap();
+    let dev = timesteps(d.path());
+    let sched = root.join("scheduler/scheduler_config.json");
+    edit_json(&sched, |v| {
+        v["use_dynamic_shifting"] = serde_json::json!(false);
+        v["shift"] = serde_json::json!(1.0);
+    });
+    let schnell = timesteps(d.path());
+    assert_ne!(dev, schnell);
+    let want = [1000.0, 750.0, 500.0, 250.0];
+    for (t, w) in schnell.iter().zip(want) {
+        assert!((t - w).abs() < 1e-3, "{schnell:?}");
+    }
+    assert_eq!(schnell.len(), 4);
+    edit_json(&sched, |v| {
+        v["_class_name"] = serde_json::json!("UniPCMultistepScheduler")
+    });
+    check_err(
+        &magcache(&["run", "--quiet", "--config", s(&d.path().join("run.toml"))]),
+        &["scheduler_config.json", "_class_name"],
+    );
+}

@@ -145,6 +145,166 @@ pub fn flux_mu(image_seq_len: usize) -> f64 {
     image_seq_len as f64 * m + b
 }
 
+/// What a FLUX pipeline folder's `scheduler/scheduler_config.json` (a
+/// `FlowMatchEulerDiscreteScheduler`) sets: dynamic shifting from the image length (FLUX.1-dev:
+/// `mu` linear from (`base_image_seq_len`, `base_shift`) to (`max_image_seq_len`, `max_shift`)), or
+/// a static `shift` (FLUX.1-schnell: `use_dynamic_shifting = false`, shift 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FluxShift {
+    pub dynamic: bool,
+    pub base_shift: f64,
+    pub max_shift: f64,
+    pub base_seq: f64,
+    pub max_seq: f64,
+    pub shift: f64,
+}
+
+impl Default for FluxShift {
+    /// FLUX.1-dev's scheduler (what a run without a pipeline folder samples with).
+    fn default() -> Self {
+        FluxShift {
+            dynamic: true,
+            base_shift: 0.5,
+            max_shift: 1.15,
+            base_seq: 256.0,
+            max_seq: 4096.0,
+            shift: 1.0,
+        }
+    }
+}
+
+impl FluxShift {
+    /// Reads a FLUX pipeline's `scheduler_config.json`; what this sampler cannot reproduce (another
+    /// class, Karras/exponential/beta sigmas, a linear time shift, a terminal shift) is an error
+    /// naming the file and the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = path.display().to_string();
+        let text = magcache_core::error::read_text(path)?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&file, "(document)", format!("invalid JSON: {e}")))?;
+        let class = v.get("_class_name").and_then(|c| c.as_str());
+        if class != Some(EULER_CLASS) {
+            return Err(Error::config(
+                &file,
+                "_class_name",
+                format!(
+                    "{} is not the scheduler FLUX samples with ({EULER_CLASS})",
+                    class.map_or("(missing)".to_string(), |c| format!("`{c}`"))
+                ),
+            ));
+        }
+        for key in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "invert_sigmas",
+            "stochastic_sampling",
+        ] {
+            if v.get(key).and_then(|b| b.as_bool()) == Some(true) {
+                return Err(Error::config(
+                    &file,
+                    key,
+                    "true is not supported by this sampler (set it false)",
+                ));
+            }
+        }
+        if let Some(t) = v.get("shift_terminal").filter(|t| !t.is_null()) {
+            return Err(Error::config(
+                &file,
+                "shift_terminal",
+                format!("{t} is not supported by this sampler (set it null)"),
+            ));
+        }
+        match v.get("time_shift_type").and_then(|t| t.as_str()) {
+            None | Some("exponential") => {}
+            Some(other) => {
+                return Err(Error::config(
+                    &file,
+                    "time_shift_type",
+                    format!("`{other}` is not supported (only \"exponential\")"),
+                ))
+            }
+        }
+        let d = FluxShift::default();
+        let num = |key: &str, default: f64| -> Result<f64> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(x) => x.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                    Error::config(&file, key, format!("expected a finite number, got {x}"))
+                }),
+            }
+        };
+        let s = FluxShift {
+            dynamic: v
+                .get("use_dynamic_shifting")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
+            base_shift: num("base_shift", d.base_shift)?,
+            max_shift: num("max_shift", d.max_shift)?,
+            base_seq: num("base_image_seq_len", d.base_seq)?,
+            max_seq: num("max_image_seq_len", d.max_seq)?,
+            shift: num("shift", 1.0)?,
+        };
+        if s.dynamic && s.base_seq == s.max_seq {
+            return Err(Error::config(
+                &file,
+                "max_image_seq_len",
+                "equals base_image_seq_len: mu cannot be interpolated",
+            ));
+        }
+        if !s.dynamic && s.shift <= 0.0 {
+            return Err(Error::config(
+                &file,
+                "shift",
+                format!("must be a positive number, got {}", s.shift),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// `mu` for `image_seq_len` image tokens (dynamic shifting).
+    pub fn mu(&self, image_seq_len: usize) -> f64 {
+        let m = (self.max_shift - self.base_shift) / (self.max_seq - self.base_seq);
+        let b = self.base_shift - m * self.base_seq;
+        image_seq_len as f64 * m + b
+    }
+
+    /// The schedule of `steps` steps over `image_seq_len` image tokens, and the value that shaped
+    /// it (`mu`, or the static shift) for messages.
+    pub fn schedule(&self, steps: usize, image_seq_len: usize) -> (FlowSchedule, f64) {
+        if self.dynamic {
+            let mu = self.mu(image_seq_len);
+            (flow_match_dynamic(steps, mu), mu)
+        } else {
+            // diffusers: `shift * s / (1 + (shift - 1) * s)` over the pipeline's float32 sigmas.
+            let base = linspace_f32_torch(1.0, 1.0 / steps as f32, steps);
+            let sh = self.shift as f32;
+            let sigmas = base
+                .iter()
+                .map(|&s| sh * s / (1.0 + (sh - 1.0) * s))
+                .collect();
+            (finish(sigmas, 1000), self.shift)
+        }
+    }
+
+    /// The shift of a FLUX run: the scheduler config of the pipeline folder its weights are (or lie
+    /// in), which must then be readable; FLUX.1-dev's dynamic shift for other runs.
+    pub fn for_run(cfg: &magcache_core::RunConfig, base: &Path) -> Result<Self> {
+        let Some(w) = cfg
+            .model
+            .weights
+            .as_ref()
+            .and_then(|w| w.paths().first().copied())
+        else {
+            return Ok(FluxShift::default());
+        };
+        match pipeline_scheduler_config(&crate::config_util::resolve(base, w)) {
+            Some(p) => FluxShift::load(&p),
+            None => Ok(FluxShift::default()),
+        }
+    }
+}
+
 fn finish(sigmas: Vec<f32>, n_train: usize) -> FlowSchedule {
     let timesteps = sigmas.iter().map(|s| s * n_train as f32).collect();
     let mut sigmas = sigmas;

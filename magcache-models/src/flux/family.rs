@@ -6,7 +6,7 @@ use crate::config_util::to_map;
 use crate::config_util::{overrides_json, resolve};
 use crate::inputs::InputFile;
 use crate::random::random_store;
-use crate::scheduler::{flow_match_dynamic, flux_mu};
+use crate::scheduler::FluxShift;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
@@ -142,8 +142,9 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
         None => build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?,
     };
-    let mu = flux_mu(inputs.latents.dim(1)?);
-    let schedule = flow_match_dynamic(cfg.sampling.steps, mu);
+    // The pipeline folder's scheduler (FLUX.1-dev's dynamic shift without one).
+    let (schedule, mu) =
+        FluxShift::for_run(cfg, base)?.schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
     schedule.check(file, "inputs.latent_shape", mu)?;
     Ok(Box::new(FluxPipeline {
         schedule,
@@ -207,7 +208,11 @@ fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan
         .and_then(|n| FLUX_PRESETS.iter().find(|p| p.name == n))
         .map(|p| p.name);
     Ok((
-        flux_plan(&flow_match_dynamic(cfg.sampling.steps, flux_mu(seq))),
+        flux_plan(
+            &FluxShift::for_run(cfg, base)?
+                .schedule(cfg.sampling.steps, seq)
+                .0,
+        ),
         flux_info(variant),
     ))
 }

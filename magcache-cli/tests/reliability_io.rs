@@ -788,3 +788,32 @@ fn class6_a_flux_folders_scheduler_is_read() {
         &["scheduler_config.json", "_class_name"],
     );
 }
+
+/// A schedule `budget` larger than the calls of a scope is refused naming it (it was clamped
+/// silently).
+#[test]
+fn class6_a_schedule_budget_beyond_the_steps_is_refused() {
+    let c = Case::new("");
+    let profile = c.p("p.toml");
+    let o = magcache(&[
+        "calibrate",
+        "--quiet",
+        "--config",
+        s(&c.run_file()),
+        "--out",
+        s(&profile),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let base = std::fs::read_to_string(c.run_file()).unwrap();
+    for (budget, ok) in [(3, true), (4, false)] {
+        c.write_run(&format!(
+            "{base}[cache]\nstrategy = \"schedule\"\nprofile = \"p.toml\"\nbudget = {budget}\n"
+        ));
+        let o = magcache(&["run", "--quiet", "--config", s(&c.run_file())]);
+        if ok {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        } else {
+            check_err(&o, &["cache.budget", "4"]);
+        }
+    }
+}

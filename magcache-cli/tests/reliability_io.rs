@@ -817,3 +817,29 @@ fn class6_a_schedule_budget_beyond_the_steps_is_refused() {
         }
     }
 }
+
+#[test]
+fn class3_prompted_flux_sizes_are_guarded_naming_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("pipe");
+    copy_dir(&pipelines().join("flux_tiny_folder"), &root);
+    let run = d.path().join("run.toml");
+    let base = "[model]\nfamily = \"flux\"\nweights = \"pipe\"\n\n[prompt]\ntext = \"a cat\"\nmax_sequence_length = 8\n\n[inputs]\nheight = 32\nwidth = 32\n\n[sampling]\nsteps = 2\n";
+    std::fs::write(
+        &run,
+        base.replace("height = 32\nwidth = 32", "height = 65536\nwidth = 65536"),
+    )
+    .unwrap();
+    prompted_refused(d.path(), &["run.toml", "inputs.height/width"]);
+    std::fs::write(&run, base).unwrap();
+    for (dir, key) in [
+        ("text_encoder", "num_hidden_layers"),
+        ("text_encoder_2", "num_layers"),
+    ] {
+        let cfg = root.join(dir).join("config.json");
+        let before = std::fs::read(&cfg).unwrap();
+        edit_json(&cfg, |v| v[key] = serde_json::json!(1_000_000_000u64));
+        prompted_refused(d.path(), &[&format!("{dir}/config.json"), key]);
+        std::fs::write(&cfg, before).unwrap();
+    }
+}

@@ -99,6 +99,14 @@ pub fn flux_footprint(
             } else {
                 "inputs.height/width"
             };
+            // The decoded image (the VAE's output and its copies while mapped to pixels).
+            let pixels = sz(cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_SIZE))
+                * sz(cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_SIZE));
+            fp.add(
+                "decoded image (f32, 4 copies)",
+                "inputs.height/width",
+                (pixels * sz(3) * sz(4) * sz(4)).0,
+            );
             (s.map(|s| (1, s, l)), knob, "prompt.max_sequence_length")
         }
         Some(f) => {

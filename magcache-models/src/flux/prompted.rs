@@ -15,7 +15,7 @@ use magcache_core::{Error, Placement, Result};
 use std::path::{Path, PathBuf};
 
 /// `FluxPipeline`'s defaults: 1024 x 1024 (`default_sample_size` 128 x the VAE's 8), 512 T5 tokens.
-const DEFAULT_SIZE: usize = 1024;
+pub(crate) const DEFAULT_SIZE: usize = 1024;
 pub(crate) const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
 /// What a prompted run carries from building to decoding.
@@ -90,6 +90,13 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
             max_len,
             placement.dtype.size_in_bytes(),
             &t5_cfg.display().to_string(),
+        )
+        .check(file)?;
+    let clip_cfg = root.join("text_encoder").join("config.json");
+    crate::text::ClipTextModelConfig::load(&root.join("text_encoder"))?
+        .footprint(
+            placement.dtype.size_in_bytes(),
+            &clip_cfg.display().to_string(),
         )
         .check(file)?;
     let stage = Stage::begin("encode text");

@@ -303,6 +303,39 @@ pub struct ClipTextModelConfig {
 const CANDLE_CLIP_LN_EPS: f64 = 1e-5;
 
 impl ClipTextModelConfig {
+    /// What encoding one prompt holds (the size guard, checked before the encoder loads): the
+    /// weights (`dtype_bytes` per parameter) named by `config` (the config file) and its sizes, and
+    /// the activations of its `max_position_embeddings` tokens (f32).
+    pub fn footprint(
+        &self,
+        dtype_bytes: usize,
+        config: &str,
+    ) -> magcache_core::runtime::guard::Footprint {
+        use crate::footprint::sz;
+        let h = sz(self.hidden_size);
+        let inter = sz(self.intermediate_size);
+        let layer = h * h * sz(4) + h * inter * sz(2) + h * sz(9) + inter;
+        let params = sz(self.vocab_size) * h
+            + sz(self.max_position_embeddings) * h
+            + sz(self.num_hidden_layers) * layer
+            + h * sz(2);
+        let l = sz(self.max_position_embeddings);
+        let acts = (l * (h * sz(8) + inter * sz(2)) + sz(self.num_attention_heads) * l * l * sz(2))
+            * sz(4);
+        let mut fp = magcache_core::runtime::guard::Footprint::default();
+        fp.add(
+            "CLIP text encoder weights",
+            format!("{config}: num_hidden_layers, hidden_size, intermediate_size, vocab_size"),
+            (params * sz(dtype_bytes)).0,
+        );
+        fp.add(
+            "CLIP text encoder activations",
+            format!("{config}: max_position_embeddings"),
+            acts.0,
+        );
+        fp
+    }
+
     /// Reads `config.json` (the file, or `DIR/config.json`); a full `CLIPModel` config is read from
     /// its `text_config`.
     pub fn load(path: &Path) -> Result<Self> {

@@ -106,7 +106,8 @@ pub(crate) fn temp_name(dir: &Path, ext: &str) -> PathBuf {
 }
 
 /// The process id in the name of a temporary this runner makes: `.magcache-PID-K.tmp`, `.bak`,
-/// `.partial`, and `.NAME.magcache-PID.tmp` / `.NAME.partial-PID` of earlier versions.
+/// `.partial`, and `.NAME.magcache-PID.tmp` of earlier versions. (Earlier exports' `.NAME.partial-PID`
+/// folders are not matched: a user's folder could be named so, and a folder is removed whole.)
 fn temp_pid(name: &str) -> Option<u32> {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if let Some(rest) = name.strip_prefix(".magcache-") {
@@ -122,8 +123,7 @@ fn temp_pid(name: &str) -> Option<u32> {
     }
     let old = name
         .strip_suffix(".tmp")
-        .and_then(|r| r.rsplit_once(".magcache-"))
-        .or_else(|| name.rsplit_once(".partial-"));
+        .and_then(|r| r.rsplit_once(".magcache-"));
     match old {
         Some((_, pid)) if digits(pid) => pid.parse().ok(),
         _ => None,
@@ -146,7 +146,7 @@ pub(crate) fn clean_stale(dir: &Path) {
         }
         match std::fs::symlink_metadata(e.path()) {
             Ok(m) if m.is_dir() => {
-                if name.ends_with(".partial") || name.contains(".partial-") {
+                if name.starts_with(".magcache-") && name.ends_with(".partial") {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -746,7 +746,6 @@ mod tests {
         assert_eq!(temp_pid(".magcache-123-4.bak"), Some(123));
         assert_eq!(temp_pid(".magcache-123-0.partial"), Some(123));
         assert_eq!(temp_pid(".out.safetensors.magcache-77.tmp"), Some(77));
-        assert_eq!(temp_pid(".ckpt.partial-88"), Some(88));
         for not in [
             "magcache-1-2.tmp",
             ".magcache-1-2.txt",
@@ -754,6 +753,7 @@ mod tests {
             ".magcache-1.tmp",
             "out.tmp",
             ".notes.partial-x",
+            ".ckpt.partial-88",
         ] {
             assert_eq!(temp_pid(not), None, "{not}");
         }

@@ -505,16 +505,16 @@ fn class7_a_killed_exports_partial_folder_is_cleaned_by_the_next() {
     wait_for("no partial folder appeared", 60, || {
         !temporaries(d.path()).is_empty()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(child.try_wait().unwrap().is_none(), "the export ended before it was killed");
     child.kill().unwrap();
     child.wait().unwrap();
     let left = temporaries(d.path());
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(!d.path().join("big").exists());
-    // A partial folder of the naming of earlier versions, of a dead process, goes too.
-    let old = d.path().join(".ckpt.partial-2147483600");
-    std::fs::create_dir(&old).unwrap();
-    std::fs::write(old.join("config.json"), "{}").unwrap();
+    // A hidden folder of the user's that only looks like a temporary stays.
+    let mine = d.path().join(".photos.partial-2024");
+    std::fs::create_dir(&mine).unwrap();
     let small = d.path().join("small.toml");
     std::fs::write(
         &small,
@@ -530,7 +530,11 @@ fn class7_a_killed_exports_partial_folder_is_cleaned_by_the_next() {
         s(&d.path().join("small")),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(temporaries(d.path()), Vec::<String>::new());
+    assert_eq!(
+        temporaries(d.path()),
+        vec![".photos.partial-2024".to_string()]
+    );
+    assert!(mine.is_dir());
     assert!(d.path().join("small/config.json").is_file());
 }
 

@@ -506,7 +506,10 @@ fn class7_a_killed_exports_partial_folder_is_cleaned_by_the_next() {
         !temporaries(d.path()).is_empty()
     });
     std::thread::sleep(Duration::from_millis(50));
-    assert!(child.try_wait().unwrap().is_none(), "the export ended before it was killed");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the export ended before it was killed"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let left = temporaries(d.path());

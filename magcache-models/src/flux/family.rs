@@ -55,22 +55,29 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     }
     let overrides = overrides_json(cfg);
     let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
-    // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
-    let prompted = match &cfg.prompt {
-        Some(_) => {
-            let root = prompted::pipeline_root(cfg, file, base)?;
-            Some(prompted::encode(cfg, file, &root)?)
-        }
+    let root = match &cfg.prompt {
+        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
         None => None,
     };
-    let (model, desc, variant) = match &cfg.model.weights {
+    // Opening the checkpoint reads its headers only (FLUX's config may come from the tensors);
+    // then the whole run must fit, before anything (the text encoders included) loads.
+    let opened = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => {
             let path = transformer_dir(resolve(base, w));
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
-            // Opening the checkpoint reads its headers only (FLUX's config may come from the
-            // tensors); then the whole run must fit.
-            let mut l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
             footprint::flux_footprint(cfg, base, &l.config, None).check(file)?;
+            Some((path, l))
+        }
+        _ => None,
+    };
+    // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
+    let prompted = match &root {
+        Some(root) => Some(prompted::encode(cfg, file, root)?),
+        None => None,
+    };
+    let (model, desc, variant) = match (&cfg.model.weights, opened) {
+        (Some(WeightsSpec::One(_)), Some((path, mut l))) => {
             l.store.set_placement(placement.clone());
             let c = &l.config;
             let desc = format!(
@@ -108,14 +115,17 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             warnings.extend(unused);
             (model, desc, variant)
         }
-        Some(WeightsSpec::Many(_)) => {
+        (Some(WeightsSpec::Many(_)), _) => {
             return Err(Error::config(
                 file,
                 "model.weights",
                 "flux takes one weights path",
             ))
         }
-        None => {
+        (Some(WeightsSpec::One(_)), None) => {
+            return Err(Error::msg("internal: flux weights were not opened"))
+        }
+        (None, _) => {
             let name = crate::config_util::preset_name(cfg, file)?;
             let p = FLUX_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
                 Error::config(file, "model.preset", format!("unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"))

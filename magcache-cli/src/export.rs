@@ -71,13 +71,14 @@ pub fn export(
     if !parent.is_dir() {
         return Err(Error::io(&shown, "its parent folder does not exist"));
     }
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .ok_or_else(|| Error::io(&shown, "names no folder"))?;
+    if out.file_name().is_none() {
+        return Err(Error::io(&shown, "names no folder"));
+    }
     let models = (exporter.export)(&cfg, &file, &crate::prepare::base_dir(config))?;
     check_sizes(&cfg, &file, &models)?;
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    // Partial folders of exports that were killed (SIGKILL) go, as runs' temporaries do.
+    crate::output::clean_stale(&parent);
+    let tmp = crate::output::temp_name(&parent, "partial");
     std::fs::create_dir(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
     crate::output::register(&tmp);
     let result = write_all(&tmp, &models, shard_bytes, progress).and_then(|r| {

@@ -1,35 +1,87 @@
 //! Writing output files safely.
 //!
-//! Every output a command will write is checked before any work ([`Outputs::plan`]): it must not be
-//! one of the run's inputs (config, inputs file, weights, profile, ...) nor another output of the
-//! same command, and its folder must exist and be writable. Planning creates an empty temporary file
-//! beside the target (proving the folder writable); results are written into the temporaries
-//! ([`Outputs::write`]) and [`Outputs::commit`] renames them all into place once everything
-//! succeeded. Until then nothing the user owns changes; temporaries are removed when the command
-//! fails, is dropped, or is interrupted (SIGINT, SIGTERM, SIGHUP: [`install_signal_cleanup`]); ones
-//! left by a killed run (SIGKILL) are removed by the next run that writes the same output. Files are
-//! created with `File::create`, so their permissions follow the umask.
+//! Every output a command will write is checked before any work ([`Outputs::plan`]): it must be
+//! absent or a regular file (never a folder, a device, a FIFO, a socket or a symbolic link), it must
+//! not be one of the run's inputs however a path reaches it (config, inputs file, every file of the
+//! weights folders, the shards an index names, the scheduler config, profiles, ...: compared by
+//! device and inode, see [`magcache_core::files`]) nor another output of the same command, and its
+//! folder must exist and be writable. Planning creates an empty temporary file beside the target
+//! (proving the folder writable) under a short name (`.magcache-PID-K.tmp`, so that any legal output
+//! name works); results are written into the temporaries ([`Outputs::write`]) and
+//! [`Outputs::commit`] checks every target again (against every file the run read, too) and then
+//! renames them all into place, keeping a hard link to each file it replaces until all renames
+//! succeeded: a failure while committing puts back what was there. Until then nothing the user owns
+//! changes; temporaries are removed when the command fails, is dropped, or is interrupted (SIGINT,
+//! SIGTERM, SIGHUP: [`install_signal_cleanup`], which also undoes a commit under way); ones left by
+//! a killed process (SIGKILL) are removed by the next command that writes into the same folder.
+//! Files are created with `File::create`, so their permissions follow the umask.
 
 use candle_core::Tensor;
+use magcache_core::files::{file_id, FileId};
 use magcache_core::{Error, Result, RunConfig};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Temporaries of this process, removed by the signal handler.
-static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// What to undo when a commit is interrupted.
+enum Undo {
+    /// Put the file that was there back (`backup` is a hard link to it).
+    Restore { backup: PathBuf, target: PathBuf },
+    /// The target did not exist: remove what the commit put there.
+    Remove(PathBuf),
+}
 
-/// Removes this process's temporaries on SIGINT/SIGTERM/SIGHUP and exits with 130.
+/// Temporaries of this process and the undo log of a commit under way, for the signal handler.
+struct Cleanup {
+    temps: Vec<PathBuf>,
+    undo: Vec<Undo>,
+}
+
+static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
+    temps: Vec::new(),
+    undo: Vec::new(),
+});
+
+fn cleanup_state() -> std::sync::MutexGuard<'static, Cleanup> {
+    CLEANUP.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Undoes `undo` (last first): what a failed or interrupted commit had replaced is put back.
+fn roll_back(undo: &mut Vec<Undo>) {
+    while let Some(u) = undo.pop() {
+        match u {
+            Undo::Restore { backup, target } => {
+                let _ = std::fs::rename(&backup, &target);
+            }
+            Undo::Remove(target) => {
+                let _ = std::fs::remove_file(&target);
+            }
+        }
+    }
+}
+
+fn remove_temp(t: &Path) {
+    match std::fs::symlink_metadata(t) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(t);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(t);
+        }
+        Err(_) => {}
+    }
+}
+
+/// Removes this process's temporaries on SIGINT/SIGTERM/SIGHUP (undoing a commit under way) and
+/// exits with 130.
 pub fn install_signal_cleanup() {
     // A second installation (tests calling into the library) is refused by ctrlc: harmless.
     let _ = ctrlc::set_handler(|| {
-        if let Ok(temps) = TEMPS.lock() {
-            for t in temps.iter() {
-                if t.is_dir() {
-                    let _ = std::fs::remove_dir_all(t);
-                } else {
-                    let _ = std::fs::remove_file(t);
-                }
-            }
+        let mut c = cleanup_state();
+        roll_back(&mut c.undo);
+        for t in c.temps.iter() {
+            remove_temp(t);
         }
         eprintln!("error: interrupted; no output written");
         std::process::exit(130);
@@ -37,20 +89,87 @@ pub fn install_signal_cleanup() {
 }
 
 pub(crate) fn register(tmp: &Path) {
-    if let Ok(mut t) = TEMPS.lock() {
-        t.push(tmp.to_path_buf());
-    }
+    cleanup_state().temps.push(tmp.to_path_buf());
 }
 
 pub(crate) fn unregister(tmp: &Path) {
-    if let Ok(mut t) = TEMPS.lock() {
-        t.retain(|p| p != tmp);
+    cleanup_state().temps.retain(|p| p != tmp);
+}
+
+static NEXT_TEMP: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh, short temporary name in `dir`: `.magcache-PID-K.EXT` (short whatever the output's name,
+/// so that a legal 255-byte output name keeps a legal temporary).
+pub(crate) fn temp_name(dir: &Path, ext: &str) -> PathBuf {
+    let k = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".magcache-{}-{k}.{ext}", std::process::id()))
+}
+
+/// The process id in the name of a temporary this runner makes: `.magcache-PID-K.tmp`, `.bak`,
+/// `.partial`, and `.NAME.magcache-PID.tmp` of earlier versions. (Earlier exports' `.NAME.partial-PID`
+/// folders are not matched: a user's folder could be named so, and a folder is removed whole.)
+fn temp_pid(name: &str) -> Option<u32> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = name.strip_prefix(".magcache-") {
+        let (pid, rest) = rest.split_once('-')?;
+        let (k, ext) = rest.split_once('.')?;
+        if digits(pid) && digits(k) && matches!(ext, "tmp" | "bak" | "partial") {
+            return pid.parse().ok();
+        }
+        return None;
+    }
+    if !name.starts_with('.') {
+        return None;
+    }
+    let old = name
+        .strip_suffix(".tmp")
+        .and_then(|r| r.rsplit_once(".magcache-"));
+    match old {
+        Some((_, pid)) if digits(pid) => pid.parse().ok(),
+        _ => None,
     }
 }
 
-/// A file or folder the command reads, with what it is (for messages).
+/// Removes the temporaries (files, and export's partial folders) that processes no longer alive
+/// left in `dir` (a SIGKILL leaves them).
+pub(crate) fn clean_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = temp_pid(&name) else {
+            continue;
+        };
+        if pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        match std::fs::symlink_metadata(e.path()) {
+            Ok(m) if m.is_dir() => {
+                if name.starts_with(".magcache-") && name.ends_with(".partial") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+            Ok(_) => {
+                let _ = std::fs::remove_file(e.path());
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A file the command reads, with what it is (for messages).
 #[derive(Clone, Debug)]
-struct Input {
+struct InputFile {
+    id: FileId,
+    path: PathBuf,
+    what: String,
+}
+
+/// A folder the command reads from.
+#[derive(Clone, Debug)]
+struct InputDir {
+    canonical: PathBuf,
     path: PathBuf,
     what: String,
 }
@@ -67,7 +186,8 @@ struct Planned {
 /// The outputs of one command: checked up front, written to temporaries, committed together.
 #[derive(Default)]
 pub struct Outputs {
-    inputs: Vec<Input>,
+    files: Vec<InputFile>,
+    dirs: Vec<InputDir>,
     planned: Vec<Planned>,
 }
 
@@ -104,21 +224,146 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// How deep, and over how many entries, an input folder is walked for its files (a pipeline folder
+/// is 3 levels and a few dozen files; the files a run actually reads are checked at commit in any
+/// case).
+const WALK_DEPTH: usize = 8;
+const WALK_ENTRIES: usize = 100_000;
+/// Largest `*.index.json` read for the shards it names.
+const INDEX_BYTES: u64 = 256 << 20;
+
+/// `path (which resolves to REAL)`, or `path` when it is its own canonical path.
+fn shown_resolved(path: &Path) -> String {
+    match path.canonicalize() {
+        Ok(c) if c != path => format!("{}, which resolves to {}", path.display(), c.display()),
+        _ => path.display().to_string(),
+    }
+}
+
+/// Why `path` cannot be an output, if it cannot: it exists and is not a regular file (a folder, a
+/// device, a FIFO, a socket, or a symbolic link: replacing a link would not write where it points,
+/// and writing through it could reach anything, `/proc/self/fd/1` included).
+fn not_replaceable(path: &Path) -> Option<String> {
+    let lm = std::fs::symlink_metadata(path).ok()?;
+    if lm.file_type().is_symlink() {
+        let to = std::fs::read_link(path)
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        let what = match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => "a regular file".to_string(),
+            Ok(m) if m.is_dir() => "a folder".to_string(),
+            Ok(m) => file_kind(&m).to_string(),
+            Err(e) => format!("nothing that can be resolved ({e})"),
+        };
+        return Some(format!(
+            "is a symbolic link to {to} ({what}), not a regular file; refusing to replace it (give the path of a regular file, or a new one)"
+        ));
+    }
+    if lm.is_file() {
+        return None;
+    }
+    Some(if lm.is_dir() {
+        "is a folder; give a file path".to_string()
+    } else {
+        format!(
+            "is {}, not a regular file; refusing to replace it (an output is a new or regular file)",
+            file_kind(&lm)
+        )
+    })
+}
+
+#[cfg(unix)]
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn file_kind(_m: &std::fs::Metadata) -> &'static str {
+    "a special file"
+}
+
 impl Outputs {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Registers a file or folder the command reads.
+    /// Registers a file or folder the command reads: a folder with every file in it (following
+    /// symlinks: a Hugging Face snapshot's files are links into its `blobs/`), a `*.index.json`
+    /// with the shards it names (`../` included).
     pub fn input(&mut self, path: &Path, what: &str) {
-        self.inputs.push(Input {
+        let mut seen = HashSet::new();
+        let mut budget = WALK_ENTRIES;
+        self.add_input(path, what, WALK_DEPTH, &mut seen, &mut budget);
+    }
+
+    fn add_input(
+        &mut self,
+        path: &Path,
+        what: &str,
+        depth: usize,
+        seen: &mut HashSet<FileId>,
+        budget: &mut usize,
+    ) {
+        let Ok(m) = std::fs::metadata(path) else {
+            return;
+        };
+        let id = magcache_core::files::file_id_of(path, &m);
+        if !seen.insert(id.clone()) {
+            return;
+        }
+        if m.is_dir() {
+            if let Ok(c) = path.canonicalize() {
+                self.dirs.push(InputDir {
+                    canonical: c,
+                    path: path.to_path_buf(),
+                    what: what.to_string(),
+                });
+            }
+            if depth == 0 {
+                return;
+            }
+            let Ok(rd) = std::fs::read_dir(path) else {
+                return;
+            };
+            let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+            entries.sort();
+            for e in entries {
+                if *budget == 0 {
+                    return;
+                }
+                *budget -= 1;
+                self.add_input(&e, what, depth - 1, seen, budget);
+            }
+            return;
+        }
+        self.files.push(InputFile {
+            id,
             path: path.to_path_buf(),
             what: what.to_string(),
         });
+        if m.is_file() && m.len() <= INDEX_BYTES && path.to_string_lossy().ends_with(".index.json")
+        {
+            for shard in index_shards(path) {
+                self.add_input(&shard, what, 0, seen, budget);
+            }
+        }
     }
 
     /// Registers every file a run config reads: the config itself, `inputs.file`, `model.weights`
-    /// (files, or folders with everything in them), `model.config`, and the strategy's files.
+    /// (files, or folders with everything in them; the pipeline folder around a `transformer/`),
+    /// `model.config`, `sampling.scheduler_config`, and the strategy's files.
     pub fn run_inputs(&mut self, config: &Path) -> Result<()> {
         self.input(config, "the run's config file");
         let cfg = RunConfig::load(config)?;
@@ -135,6 +380,15 @@ impl Outputs {
         for l in &cfg.model.lora {
             self.input(&resolve(base, &l.path), "a LoRA adapter (model.lora)");
         }
+        // Files the family's own keys name (Wan's `sampling.scheduler_config`).
+        if let Some(fam) = magcache_core::runtime::registry::family(&cfg.model.family) {
+            for (key, path) in cfg.family_files(fam) {
+                self.input(
+                    &resolve(base, &path),
+                    &format!("a file the run reads ({key})"),
+                );
+            }
+        }
         if let Some(w) = &cfg.model.weights {
             for p in w.paths() {
                 let path = resolve(base, p);
@@ -143,6 +397,15 @@ impl Outputs {
                     if let Some(dir) = path.parent() {
                         for side in ["config.json", "class_embeddings.safetensors"] {
                             self.input(&dir.join(side), "a file read beside the weights");
+                        }
+                    }
+                }
+                // A transformer folder of a pipeline: the pipeline's scheduler and index are read.
+                let name = path.file_name().and_then(|n| n.to_str());
+                if matches!(name, Some("transformer" | "transformer_2")) {
+                    if let Some(root) = path.parent() {
+                        for side in ["model_index.json", "scheduler"] {
+                            self.input(&root.join(side), "a file of the weights' pipeline folder");
                         }
                     }
                 }
@@ -155,17 +418,46 @@ impl Outputs {
         Ok(())
     }
 
+    /// The input `target` is (by identity), among the registered inputs and every file the process
+    /// has read so far.
+    fn input_of(&self, target: &Path) -> Option<(String, PathBuf)> {
+        let id = file_id(target)?;
+        if let Some(i) = self.files.iter().find(|i| i.id == id) {
+            return Some((i.what.clone(), i.path.clone()));
+        }
+        magcache_core::files::read_as(&id).map(|r| ("a file this run read".to_string(), r.path))
+    }
+
+    /// Checks that `path` may be replaced: absent or a regular file, not an input.
+    fn check_target(&self, flag: &str, path: &Path) -> Result<()> {
+        let shown = path.display().to_string();
+        let err = |why: String| Error::io(&shown, format!("{flag}: {why}"));
+        if let Some((what, input)) = self.input_of(path) {
+            return Err(err(format!(
+                "is {what} ({}); refusing to overwrite it",
+                shown_resolved(&input)
+            )));
+        }
+        match not_replaceable(path) {
+            Some(why) => Err(err(why)),
+            None => Ok(()),
+        }
+    }
+
     /// Checks an output before any work and creates its (empty) temporary. `flag` names it in
     /// messages (`--out`, `--report`, ...).
     pub fn plan(&mut self, flag: &str, path: &Path) -> Result<()> {
         let shown = path.display().to_string();
         let err = |why: String| Error::io(&shown, format!("{flag}: {why}"));
-        if path.is_dir() {
-            return Err(err("is a folder; give a file path".into()));
+        if path.file_name().is_none() {
+            return Err(err(if path.is_dir() {
+                "is a folder; give a file path"
+            } else {
+                "not a file path"
+            }
+            .into()));
         }
-        let name = path
-            .file_name()
-            .ok_or_else(|| err("not a file path".into()))?;
+        self.check_target(flag, path)?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -181,49 +473,32 @@ impl Outputs {
             }
         }
         let canonical = identity(path).ok_or_else(|| err("cannot resolve the path".into()))?;
-        for i in &self.inputs {
-            let Some(ic) = identity(&i.path) else {
-                continue;
-            };
-            if ic == canonical {
-                return Err(err(format!(
-                    "is {} ({}); refusing to overwrite it",
-                    i.what,
-                    i.path.display()
-                )));
-            }
-            if ic.is_dir() && canonical.starts_with(&ic) && canonical.exists() {
+        if canonical.exists() {
+            if let Some(i) = self
+                .dirs
+                .iter()
+                .find(|i| canonical.starts_with(&i.canonical))
+            {
                 return Err(err(format!(
                     "is a file inside {} ({}); refusing to overwrite it",
                     i.what,
-                    i.path.display()
+                    shown_resolved(&i.path)
                 )));
             }
         }
-        if let Some(other) = self.planned.iter().find(|p| p.canonical == canonical) {
+        let id = file_id(path);
+        if let Some(other) = self
+            .planned
+            .iter()
+            .find(|p| p.canonical == canonical || (id.is_some() && file_id(&p.target) == id))
+        {
             return Err(err(format!(
                 "is also the {} output; give each output its own file",
                 other.flag
             )));
         }
-        let name = name.to_string_lossy();
-        // Temporaries of killed runs (SIGKILL) of this same output.
-        let prefix = format!(".{name}.magcache-");
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let f = e.file_name().to_string_lossy().to_string();
-                let pid = f
-                    .strip_prefix(&prefix)
-                    .and_then(|r| r.strip_suffix(".tmp"))
-                    .and_then(|p| p.parse::<u32>().ok());
-                if let Some(pid) = pid {
-                    if pid != std::process::id() && !pid_alive(pid) {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-            }
-        }
-        let tmp = dir.join(format!("{prefix}{}.tmp", std::process::id()));
+        clean_stale(&dir);
+        let tmp = temp_name(&dir, "tmp");
         register(&tmp);
         if let Err(e) = std::fs::File::create(&tmp) {
             unregister(&tmp);
@@ -269,7 +544,14 @@ impl Outputs {
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
         let slot = self.slot(path)?;
-        write(&slot.tmp)?;
+        let tmp = slot.tmp.display().to_string();
+        // Errors name the output, not its temporary.
+        write(&slot.tmp).map_err(|e| match e {
+            Error::Io { path: p, msg } if p == tmp => {
+                Error::io(format!("{} ({})", path.display(), slot.flag), msg)
+            }
+            e => e,
+        })?;
         slot.written = true;
         Ok(())
     }
@@ -301,21 +583,73 @@ impl Outputs {
         self.write(path, &bytes)
     }
 
-    /// Renames every written temporary into place. Outputs planned but never written (their step
-    /// failed or was skipped) are dropped with their temporaries.
+    /// Puts every written output in place, all or none: each target is checked again first (absent
+    /// or a regular file, and not a file the run read), then the temporaries are renamed over their
+    /// targets, each replaced file kept as a hard link until every rename succeeded; a failure
+    /// (or a signal) while renaming puts back what was there. Outputs planned but never written
+    /// (their step failed or was skipped) are dropped with their temporaries.
     pub fn commit(mut self) -> Result<()> {
         let planned = std::mem::take(&mut self.planned);
-        let mut first_err = None;
-        for p in planned {
-            if p.written && first_err.is_none() {
-                if let Err(e) = std::fs::rename(&p.tmp, &p.target) {
-                    first_err = Some(Error::io(p.target.display().to_string(), e));
-                }
-            }
+        let result = self.commit_all(&planned);
+        for p in &planned {
             let _ = std::fs::remove_file(&p.tmp);
             unregister(&p.tmp);
         }
-        first_err.map_or(Ok(()), Err)
+        result
+    }
+
+    fn commit_all(&self, planned: &[Planned]) -> Result<()> {
+        let written: Vec<&Planned> = planned.iter().filter(|p| p.written).collect();
+        for p in &written {
+            self.check_target(&p.flag, &p.target)?;
+        }
+        let mut state = cleanup_state();
+        let mut backups = Vec::new();
+        let mut failed = None;
+        for p in &written {
+            let shown = p.target.display().to_string();
+            let dir = p.tmp.parent().unwrap_or(Path::new("."));
+            let step = (|| -> std::io::Result<()> {
+                let undo = match std::fs::symlink_metadata(&p.target) {
+                    Ok(_) => {
+                        let backup = temp_name(dir, "bak");
+                        state.temps.push(backup.clone());
+                        if std::fs::hard_link(&p.target, &backup).is_err() {
+                            // A file system without hard links: a copy (the target stays in place).
+                            std::fs::copy(&p.target, &backup)?;
+                        }
+                        backups.push(backup.clone());
+                        Undo::Restore {
+                            backup,
+                            target: p.target.clone(),
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Undo::Remove(p.target.clone())
+                    }
+                    Err(e) => return Err(e),
+                };
+                std::fs::rename(&p.tmp, &p.target)?;
+                state.undo.push(undo);
+                Ok(())
+            })();
+            if let Err(e) = step {
+                failed = Some(Error::io(
+                    &shown,
+                    format!("{}: {e}; no output was replaced", p.flag),
+                ));
+                break;
+            }
+        }
+        if failed.is_some() {
+            roll_back(&mut state.undo);
+        }
+        state.undo.clear();
+        for b in &backups {
+            let _ = std::fs::remove_file(b);
+            state.temps.retain(|t| t != b);
+        }
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -326,6 +660,25 @@ impl Drop for Outputs {
             unregister(&p.tmp);
         }
     }
+}
+
+/// The shard files a `*.index.json` names (its `weight_map` values, resolved against its folder).
+fn index_shards(index: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string(index) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut names: Vec<&str> = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .map(|m| m.values().filter_map(|f| f.as_str()).collect())
+        .unwrap_or_default();
+    names.sort_unstable();
+    names.dedup();
+    names.into_iter().map(|f| dir.join(f)).collect()
 }
 
 /// Writes `bytes` to `path` through a temporary file beside it and a rename (one output, no input
@@ -343,4 +696,72 @@ pub fn write_latents(path: &Path, t: &Tensor) -> Result<()> {
     o.plan("output", path)?;
     o.write_tensors(path, &[("final", t)])?;
     o.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_failed_rename_while_committing_puts_back_every_output() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, n) = (d.path().join("a"), d.path().join("b"), d.path().join("new"));
+        std::fs::write(&a, b"old a").unwrap();
+        std::fs::write(&b, b"old b").unwrap();
+        let mut o = Outputs::new();
+        for (flag, p) in [("--a", &a), ("--new", &n), ("--b", &b)] {
+            o.plan(flag, p).unwrap();
+            o.write(p, flag.as_bytes()).unwrap();
+        }
+        // The last rename fails (its temporary is gone): the first two are undone.
+        let tmp_b = o.planned[2].tmp.clone();
+        std::fs::remove_file(&tmp_b).unwrap();
+        let e = o.commit().unwrap_err().to_string();
+        assert!(
+            e.contains("--b") && e.contains("no output was replaced"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&a).unwrap(), b"old a");
+        assert_eq!(std::fs::read(&b).unwrap(), b"old b");
+        assert!(!n.exists());
+        assert_eq!(names(d.path()), ["a", "b"]);
+        // A commit that succeeds replaces all and leaves no backup.
+        let mut o = Outputs::new();
+        for (flag, p) in [("--a", &a), ("--b", &b)] {
+            o.plan(flag, p).unwrap();
+            o.write(p, flag.as_bytes()).unwrap();
+        }
+        o.commit().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"--a");
+        assert_eq!(std::fs::read(&b).unwrap(), b"--b");
+        assert_eq!(names(d.path()), ["a", "b"]);
+    }
+
+    #[test]
+    fn temporaries_are_recognised_by_name_only() {
+        assert_eq!(temp_pid(".magcache-123-4.tmp"), Some(123));
+        assert_eq!(temp_pid(".magcache-123-4.bak"), Some(123));
+        assert_eq!(temp_pid(".magcache-123-0.partial"), Some(123));
+        assert_eq!(temp_pid(".out.safetensors.magcache-77.tmp"), Some(77));
+        for not in [
+            "magcache-1-2.tmp",
+            ".magcache-1-2.txt",
+            ".magcache-x-2.tmp",
+            ".magcache-1.tmp",
+            "out.tmp",
+            ".notes.partial-x",
+            ".ckpt.partial-88",
+        ] {
+            assert_eq!(temp_pid(not), None, "{not}");
+        }
+    }
 }

@@ -207,6 +207,25 @@ impl Frames {
                 ),
             ));
         }
+        // An encoder that exits 0 without writing a video (or writes something else) must not
+        // leave an empty or broken .mp4: an MP4 file starts with its `ftyp` box.
+        let mut head = [0u8; 8];
+        let n = std::fs::File::open(dest)
+            .and_then(|mut f| {
+                use std::io::Read;
+                f.read(&mut head)
+            })
+            .unwrap_or(0);
+        if n < 8 || &head[4..8] != b"ftyp" {
+            return Err(Error::io(
+                &shown,
+                if n == 0 {
+                    "ffmpeg exited successfully but wrote an empty video; nothing written"
+                } else {
+                    "ffmpeg exited successfully but wrote no MP4 video (no `ftyp` box at the start); nothing written"
+                },
+            ));
+        }
         Ok(())
     }
 }

@@ -83,4 +83,23 @@ fn a_repo_id_runs_from_the_cache_like_its_path() {
         &run_out(&c, &cache, "x.safetensors"),
         &["model.weights", "huggingface-cli download org/absent"],
     );
+    // An output may not replace a cached blob through the snapshot's symlinks.
+    c.write_run(&text.replace("weights = \"w\"", "weights = \"org/wan21-tiny\""));
+    let target =
+        cache.join("models--org--wan21-tiny/snapshots/c0ffee/diffusion_pytorch_model.safetensors");
+    let before = std::fs::read(&target).unwrap();
+    let o = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args([
+            "run",
+            "--quiet",
+            "--config",
+            s(&c.run_file()),
+            "--out",
+            s(&target),
+        ])
+        .output()
+        .unwrap();
+    check_err(&o, &["--out"]);
+    assert_eq!(std::fs::read(&target).unwrap(), before);
 }

@@ -151,11 +151,13 @@ pub fn describe_io(path: &std::path::Path, e: &std::io::Error) -> String {
     e.to_string()
 }
 
-/// Reads a whole text file; an error names the file and says why (a folder, a symlink loop, ...).
+/// Reads a whole text file; an error names the file and says why (a folder, a symlink loop, a device
+/// or FIFO: only regular files are read). The file is recorded as read ([`crate::files`]).
 pub fn read_text(path: &std::path::Path) -> Result<String> {
     let shown = path.display().to_string();
     if let Some(why) = not_a_file(path) {
         return Err(Error::io(&shown, why));
     }
+    crate::files::record_read(path);
     std::fs::read_to_string(path).map_err(|e| Error::io(&shown, describe_io(path, &e)))
 }

@@ -27,6 +27,7 @@ pub mod cache;
 pub mod chain;
 pub mod denoise;
 pub mod error;
+pub mod files;
 pub mod finite;
 pub mod hooks;
 pub mod maths;

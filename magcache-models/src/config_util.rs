@@ -190,13 +190,14 @@ pub fn pipeline_folder(
     let root = resolve(base, w);
     let index = root.join("model_index.json");
     let shown = index.display().to_string();
-    let text = std::fs::read_to_string(&index).map_err(|e| {
-        Error::config(
+    if let Some(why) = magcache_core::error::not_a_file(&index) {
+        return Err(Error::config(
             file,
             "model.weights",
-            format!("a prompted run needs a diffusers pipeline folder; cannot read {shown}: {e}"),
-        )
-    })?;
+            format!("a prompted run needs a diffusers pipeline folder; {shown} {why}"),
+        ));
+    }
+    let text = magcache_core::error::read_text(&index)?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
     for sub in parts {

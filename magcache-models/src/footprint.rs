@@ -97,6 +97,10 @@ pub fn add_plan(fp: &mut Footprint, steps: usize, calls_per_step: usize) {
 /// `None` when the file is missing or its header unreadable (the loader reports that later).
 pub fn safetensors_shapes(path: &Path) -> Option<HashMap<String, Vec<usize>>> {
     use std::io::Read;
+    // A FIFO or a device would block or never end: only regular files are read.
+    if !path.is_file() {
+        return None;
+    }
     let mut f = std::fs::File::open(path).ok()?;
     let mut n = [0u8; 8];
     f.read_exact(&mut n).ok()?;

@@ -20,6 +20,7 @@ impl InputFile {
                 format!("inputs file {why}"),
             ));
         }
+        magcache_core::files::record_read(path);
         let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
             Error::inputs(
                 &shown,

@@ -43,6 +43,20 @@ pub fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
+/// [`randn`] for a run's random input, whose shape the run file's `key` sets: the tensor's size is
+/// checked against the available memory before anything is allocated (the size guard, see
+/// [`magcache_core::runtime::guard`]), and every error names `file` and `key`.
+pub fn randn_for(file: &str, key: &str, seed: u64, shape: &[usize]) -> Result<Tensor> {
+    let mut fp = magcache_core::runtime::guard::Footprint::default();
+    fp.add(
+        format!("random tensor of shape {shape:?} (f32)"),
+        key,
+        magcache_core::runtime::guard::product(shape).and_then(|n| n.checked_mul(4)),
+    );
+    fp.check(file)?;
+    randn(seed, shape).map_err(|e| magcache_core::Error::config(file, key, e.to_string()))
+}
+
 /// Uniform samples in `[-a, a]` (fast; used for large random weights).
 pub fn uniform(seed: u64, shape: &[usize], a: f32) -> Result<Tensor> {
     let n = elems(shape)?;

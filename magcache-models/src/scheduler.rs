@@ -145,6 +145,166 @@ pub fn flux_mu(image_seq_len: usize) -> f64 {
     image_seq_len as f64 * m + b
 }
 
+/// What a FLUX pipeline folder's `scheduler/scheduler_config.json` (a
+/// `FlowMatchEulerDiscreteScheduler`) sets: dynamic shifting from the image length (FLUX.1-dev:
+/// `mu` linear from (`base_image_seq_len`, `base_shift`) to (`max_image_seq_len`, `max_shift`)), or
+/// a static `shift` (FLUX.1-schnell: `use_dynamic_shifting = false`, shift 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FluxShift {
+    pub dynamic: bool,
+    pub base_shift: f64,
+    pub max_shift: f64,
+    pub base_seq: f64,
+    pub max_seq: f64,
+    pub shift: f64,
+}
+
+impl Default for FluxShift {
+    /// FLUX.1-dev's scheduler (what a run without a pipeline folder samples with).
+    fn default() -> Self {
+        FluxShift {
+            dynamic: true,
+            base_shift: 0.5,
+            max_shift: 1.15,
+            base_seq: 256.0,
+            max_seq: 4096.0,
+            shift: 1.0,
+        }
+    }
+}
+
+impl FluxShift {
+    /// Reads a FLUX pipeline's `scheduler_config.json`; what this sampler cannot reproduce (another
+    /// class, Karras/exponential/beta sigmas, a linear time shift, a terminal shift) is an error
+    /// naming the file and the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = path.display().to_string();
+        let text = magcache_core::error::read_text(path)?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&file, "(document)", format!("invalid JSON: {e}")))?;
+        let class = v.get("_class_name").and_then(|c| c.as_str());
+        if class != Some(EULER_CLASS) {
+            return Err(Error::config(
+                &file,
+                "_class_name",
+                format!(
+                    "{} is not the scheduler FLUX samples with ({EULER_CLASS})",
+                    class.map_or("(missing)".to_string(), |c| format!("`{c}`"))
+                ),
+            ));
+        }
+        for key in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "invert_sigmas",
+            "stochastic_sampling",
+        ] {
+            if v.get(key).and_then(|b| b.as_bool()) == Some(true) {
+                return Err(Error::config(
+                    &file,
+                    key,
+                    "true is not supported by this sampler (set it false)",
+                ));
+            }
+        }
+        if let Some(t) = v.get("shift_terminal").filter(|t| !t.is_null()) {
+            return Err(Error::config(
+                &file,
+                "shift_terminal",
+                format!("{t} is not supported by this sampler (set it null)"),
+            ));
+        }
+        match v.get("time_shift_type").and_then(|t| t.as_str()) {
+            None | Some("exponential") => {}
+            Some(other) => {
+                return Err(Error::config(
+                    &file,
+                    "time_shift_type",
+                    format!("`{other}` is not supported (only \"exponential\")"),
+                ))
+            }
+        }
+        let d = FluxShift::default();
+        let num = |key: &str, default: f64| -> Result<f64> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(x) => x.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                    Error::config(&file, key, format!("expected a finite number, got {x}"))
+                }),
+            }
+        };
+        let s = FluxShift {
+            dynamic: v
+                .get("use_dynamic_shifting")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
+            base_shift: num("base_shift", d.base_shift)?,
+            max_shift: num("max_shift", d.max_shift)?,
+            base_seq: num("base_image_seq_len", d.base_seq)?,
+            max_seq: num("max_image_seq_len", d.max_seq)?,
+            shift: num("shift", 1.0)?,
+        };
+        if s.dynamic && s.base_seq == s.max_seq {
+            return Err(Error::config(
+                &file,
+                "max_image_seq_len",
+                "equals base_image_seq_len: mu cannot be interpolated",
+            ));
+        }
+        if !s.dynamic && s.shift <= 0.0 {
+            return Err(Error::config(
+                &file,
+                "shift",
+                format!("must be a positive number, got {}", s.shift),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// `mu` for `image_seq_len` image tokens (dynamic shifting).
+    pub fn mu(&self, image_seq_len: usize) -> f64 {
+        let m = (self.max_shift - self.base_shift) / (self.max_seq - self.base_seq);
+        let b = self.base_shift - m * self.base_seq;
+        image_seq_len as f64 * m + b
+    }
+
+    /// The schedule of `steps` steps over `image_seq_len` image tokens, and the value that shaped
+    /// it (`mu`, or the static shift) for messages.
+    pub fn schedule(&self, steps: usize, image_seq_len: usize) -> (FlowSchedule, f64) {
+        if self.dynamic {
+            let mu = self.mu(image_seq_len);
+            (flow_match_dynamic(steps, mu), mu)
+        } else {
+            // diffusers: `shift * s / (1 + (shift - 1) * s)` over the pipeline's float32 sigmas.
+            let base = linspace_f32_torch(1.0, 1.0 / steps as f32, steps);
+            let sh = self.shift as f32;
+            let sigmas = base
+                .iter()
+                .map(|&s| sh * s / (1.0 + (sh - 1.0) * s))
+                .collect();
+            (finish(sigmas, 1000), self.shift)
+        }
+    }
+
+    /// The shift of a FLUX run: the scheduler config of the pipeline folder its weights are (or lie
+    /// in), which must then be readable; FLUX.1-dev's dynamic shift for other runs.
+    pub fn for_run(cfg: &magcache_core::RunConfig, base: &Path) -> Result<Self> {
+        let Some(w) = cfg
+            .model
+            .weights
+            .as_ref()
+            .and_then(|w| w.paths().first().copied())
+        else {
+            return Ok(FluxShift::default());
+        };
+        match pipeline_scheduler_config(&crate::config_util::resolve(base, w)) {
+            Some(p) => FluxShift::load(&p),
+            None => Ok(FluxShift::default()),
+        }
+    }
+}
+
 fn finish(sigmas: Vec<f32>, n_train: usize) -> FlowSchedule {
     let timesteps = sigmas.iter().map(|s| s * n_train as f32).collect();
     let mut sigmas = sigmas;
@@ -176,6 +336,24 @@ impl FlowSampler {
             FlowSampler::Euler { shift } => *shift,
             FlowSampler::UniPc(c) => c.flow_shift,
         }
+    }
+
+    /// Where the shift was set, for errors about the schedule: `(file, key)`, the scheduler config's
+    /// `flow_shift` when it came from one, else `run_file`'s `sampling.shift`.
+    pub fn shift_key(&self, run_file: &str) -> (String, String) {
+        match self {
+            FlowSampler::UniPc(c) => match &c.flow_shift_from.0 {
+                Some(f) => (f.clone(), "flow_shift".into()),
+                None => (run_file.to_string(), "sampling.shift".into()),
+            },
+            FlowSampler::Euler { .. } => (run_file.to_string(), "sampling.shift".into()),
+        }
+    }
+
+    /// [`FlowSchedule::check`] naming where the shift was set ([`FlowSampler::shift_key`]).
+    pub fn check_schedule(&self, schedule: &FlowSchedule, run_file: &str) -> Result<()> {
+        let (file, key) = self.shift_key(run_file);
+        schedule.check(&file, &key, self.shift())
     }
 
     /// The schedule of `steps` steps (UniPC: integer timesteps, as floats).
@@ -232,7 +410,10 @@ impl FlowStepper {
 }
 
 /// `scheduler/scheduler_config.json` of the diffusers pipeline folder that `weights` is or lies in
-/// (`PIPELINE` itself, or `PIPELINE/transformer` / `PIPELINE/transformer_2`), if there is one.
+/// (`PIPELINE` itself, or `PIPELINE/transformer` / `PIPELINE/transformer_2`), if there is one. A
+/// pipeline folder (one with `model_index.json`) always has one: its path is returned even when the
+/// file is missing or unreadable, so that reading it fails naming it (as a missing `tokenizer/`
+/// does) instead of a silent fall-back to Euler.
 pub fn pipeline_scheduler_config(weights: &Path) -> Option<PathBuf> {
     let mut roots = vec![weights.to_path_buf()];
     let name = weights.file_name().and_then(|n| n.to_str());
@@ -241,10 +422,43 @@ pub fn pipeline_scheduler_config(weights: &Path) -> Option<PathBuf> {
             roots.push(parent.to_path_buf());
         }
     }
-    roots
-        .into_iter()
-        .map(|r| r.join("scheduler").join("scheduler_config.json"))
-        .find(|p| p.is_file())
+    roots.into_iter().find_map(|r| {
+        let p = r.join("scheduler").join("scheduler_config.json");
+        (p.is_file() || r.join("model_index.json").is_file()).then_some(p)
+    })
+}
+
+/// diffusers' `FlowMatchEulerDiscreteScheduler`, the other scheduler a Wan folder may carry.
+pub const EULER_CLASS: &str = "FlowMatchEulerDiscreteScheduler";
+
+/// The static `shift` of a `FlowMatchEulerDiscreteScheduler` config (diffusers' default 1.0); its
+/// dynamic shifting (FLUX's) is refused for a static-shift (Wan) loop. Errors name the file and key.
+pub fn euler_config_shift(path: &Path) -> Result<f64> {
+    let file = path.display().to_string();
+    let text = magcache_core::error::read_text(path)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&file, "(document)", format!("invalid JSON: {e}")))?;
+    if v.get("use_dynamic_shifting").and_then(|d| d.as_bool()) == Some(true) {
+        return Err(Error::config(
+            &file,
+            "use_dynamic_shifting",
+            "dynamic shifting (FLUX's, from the image length) does not apply to a Wan loop, which shifts statically; set it false and give `shift`, or set [sampling] scheduler and shift",
+        ));
+    }
+    let shift = match v.get("shift") {
+        None | Some(serde_json::Value::Null) => 1.0,
+        Some(x) => x
+            .as_f64()
+            .ok_or_else(|| Error::config(&file, "shift", format!("expected a number, got {x}")))?,
+    };
+    if !(shift.is_finite() && shift > 0.0) {
+        return Err(Error::config(
+            &file,
+            "shift",
+            format!("must be a positive number, got {shift}"),
+        ));
+    }
+    Ok(shift)
 }
 
 /// The `_class_name` of a diffusers scheduler config.
@@ -280,7 +494,12 @@ pub struct SamplerChoice<'a> {
 ///   configuration; `shift`, when given,
 ///   replaces the file's `flow_shift`;
 /// - absent: UniPC when `scheduler_config` is given or the pipeline folder's scheduler is a
-///   `UniPCMultistepScheduler`, Euler otherwise (in particular for runs without a pipeline folder).
+///   `UniPCMultistepScheduler`; Euler at the folder's `shift` when it is a
+///   `FlowMatchEulerDiscreteScheduler`; Euler at the default shift for runs without a pipeline
+///   folder. A pipeline folder whose scheduler config is missing, unreadable or of another class is
+///   an error naming the file (and `_class_name`).
+/// - `scheduler = "euler"` over a folder whose scheduler is Euler: the folder's `shift` is the
+///   default.
 pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<FlowSampler> {
     let shift = choice.shift.unwrap_or(choice.default_shift);
     let unipc_from = |path: Option<&PathBuf>| -> Result<FlowSampler> {
@@ -290,6 +509,7 @@ pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<Flo
         };
         if let Some(s) = choice.shift {
             c.flow_shift = s;
+            c.flow_shift_from = crate::unipc::ShiftOrigin(None);
         }
         Ok(FlowSampler::UniPc(c))
     };
@@ -302,6 +522,15 @@ pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<Flo
                     "is read by scheduler = \"unipc\" only; remove it or choose unipc",
                 ));
             }
+            // A folder whose scheduler is Euler gives the default shift.
+            let shift = match (&choice.shift, &choice.pipeline_config) {
+                (None, Some(p))
+                    if p.is_file() && scheduler_class(p)?.as_deref() == Some(EULER_CLASS) =>
+                {
+                    euler_config_shift(p)?
+                }
+                _ => shift,
+            };
             Ok(FlowSampler::Euler { shift })
         }
         Some("unipc") => match (&choice.scheduler_config, &choice.pipeline_config) {
@@ -321,10 +550,25 @@ pub fn choose_flow_sampler(choice: &SamplerChoice<'_>, file: &str) -> Result<Flo
                 return unipc_from(Some(p));
             }
             match &choice.pipeline_config {
-                Some(p) if scheduler_class(p)?.as_deref() == Some(UNIPC_CLASS) => {
-                    unipc_from(Some(p))
-                }
-                _ => Ok(FlowSampler::Euler { shift }),
+                Some(p) => match scheduler_class(p)?.as_deref() {
+                    Some(UNIPC_CLASS) => unipc_from(Some(p)),
+                    // The folder's shift is the default: the run's `shift` overrides it.
+                    Some(EULER_CLASS) => Ok(FlowSampler::Euler {
+                        shift: match choice.shift {
+                            Some(s) => s,
+                            None => euler_config_shift(p)?,
+                        },
+                    }),
+                    other => Err(Error::config(
+                        p.display().to_string(),
+                        "_class_name",
+                        format!(
+                            "{} is not a scheduler a Wan run has ({UNIPC_CLASS}, {EULER_CLASS}); set [sampling] scheduler = \"unipc\" or \"euler\" to choose one",
+                            other.map_or("(missing)".to_string(), |c| format!("`{c}`"))
+                        ),
+                    )),
+                },
+                None => Ok(FlowSampler::Euler { shift }),
             }
         }
     }

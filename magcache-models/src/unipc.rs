@@ -49,6 +49,20 @@ pub struct UniPcConfig {
     /// Static flow shift: `sigma' = shift sigma / (1 + (shift - 1) sigma)`.
     pub flow_shift: f64,
     pub final_sigmas_type: FinalSigmas,
+    /// The file `flow_shift` was read from, for messages (`None`: the run file's `sampling.shift`
+    /// or a default). Not part of a comparison of two configs.
+    pub flow_shift_from: ShiftOrigin,
+}
+
+/// The file a scheduler config's `flow_shift` came from (errors about the schedule name it, not the
+/// run file). Two origins always compare equal: configs are compared by what they compute.
+#[derive(Clone, Debug, Default)]
+pub struct ShiftOrigin(pub Option<String>);
+
+impl PartialEq for ShiftOrigin {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl UniPcConfig {
@@ -63,6 +77,7 @@ impl UniPcConfig {
             disable_corrector: Vec::new(),
             flow_shift,
             final_sigmas_type: FinalSigmas::Zero,
+            flow_shift_from: ShiftOrigin(None),
         }
     }
 
@@ -159,6 +174,7 @@ impl UniPcConfig {
             disable_corrector: field(m, "disable_corrector", file)?.unwrap_or_default(),
             flow_shift: field(m, "flow_shift", file)?.unwrap_or(1.0),
             final_sigmas_type,
+            flow_shift_from: ShiftOrigin(Some(file.to_string())),
         };
         cfg.validate(file)?;
         Ok(cfg)

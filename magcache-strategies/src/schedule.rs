@@ -278,6 +278,13 @@ impl ScheduleRule {
                     ));
                 }
                 let budget = self.cfg.budget.unwrap_or(steps);
+                if budget > steps {
+                    return Err(Error::config(
+                        "[cache]",
+                        "cache.budget",
+                        format!("{budget} computed calls is more than scope {key} runs ({steps} calls): a budget can be at most the calls (then every call computes); give budget <= {steps}"),
+                    ));
+                }
                 // The sigma interval of each of the scope's steps over the whole generation.
                 let mut all = vec![0.0; plan.total_steps + 1];
                 for s in &plan.scopes {

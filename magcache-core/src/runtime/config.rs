@@ -288,6 +288,30 @@ impl RunConfig {
         parse_toml::<T>(&self.source, file)
     }
 
+    /// The files `family`'s own keys name in this run file (`table.key`, the value as written), for
+    /// the runner's list of a run's inputs.
+    pub fn family_files(
+        &self,
+        family: &crate::runtime::registry::ModelFamily,
+    ) -> Vec<(String, String)> {
+        let Ok(doc) = self.source.parse::<toml::Table>() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for fk in family.keys {
+            for key in fk.paths {
+                if let Some(v) = doc
+                    .get(fk.table)
+                    .and_then(|t| t.get(*key))
+                    .and_then(|v| v.as_str())
+                {
+                    out.push((format!("{}.{key}", fk.table), v.to_string()));
+                }
+            }
+        }
+        out
+    }
+
     /// Refuses the first key of the run file that neither core nor `family` owns (its
     /// [`crate::runtime::keys::FamilyKeys`]), naming the file, line and key, and the families that
     /// do own it. The runner calls it as soon as the family is known.

@@ -16,6 +16,8 @@ pub struct FamilyKeys {
     pub table: &'static str,
     /// Its field names; `fields_of::<MyStruct>`.
     pub keys: fn() -> &'static [&'static str],
+    /// Those of its keys that name files the run reads (outputs may never replace them).
+    pub paths: &'static [&'static str],
 }
 
 /// The field names of a struct with a serde `Deserialize` derive (not `flatten`ed: such a struct
@@ -225,6 +227,7 @@ mod tests {
     static WAN: [FamilyKeys; 1] = [FamilyKeys {
         table: "sampling",
         keys: fields_of::<Probe>,
+        paths: &[],
     }];
 
     #[test]

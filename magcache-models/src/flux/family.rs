@@ -6,7 +6,7 @@ use crate::config_util::to_map;
 use crate::config_util::{overrides_json, resolve};
 use crate::inputs::InputFile;
 use crate::random::random_store;
-use crate::scheduler::{flow_match_dynamic, flux_mu};
+use crate::scheduler::FluxShift;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::keys::{fields_of, FamilyKeys};
 use magcache_core::runtime::registry::ModelFamily;
@@ -36,6 +36,7 @@ struct FluxKeys {
 const FLUX_KEYS: &[FamilyKeys] = &[FamilyKeys {
     table: "sampling",
     keys: fields_of::<FluxSamplingKeys>,
+    paths: &[],
 }];
 
 /// FLUX samples with Euler (dynamic shift) only.
@@ -69,22 +70,29 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     }
     let overrides = overrides_json(cfg);
     let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
-    // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
-    let prompted = match &cfg.prompt {
-        Some(_) => {
-            let root = prompted::pipeline_root(cfg, file, base)?;
-            Some(prompted::encode(cfg, file, &root)?)
-        }
+    let root = match &cfg.prompt {
+        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
         None => None,
     };
-    let (model, desc, variant) = match &cfg.model.weights {
+    // Opening the checkpoint reads its headers only (FLUX's config may come from the tensors);
+    // then the whole run must fit, before anything (the text encoders included) loads.
+    let opened = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => {
             let path = transformer_dir(resolve(base, w));
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
-            // Opening the checkpoint reads its headers only (FLUX's config may come from the
-            // tensors); then the whole run must fit.
-            let mut l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
             footprint::flux_footprint(cfg, base, &l.config, None).check(file)?;
+            Some((path, l))
+        }
+        _ => None,
+    };
+    // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
+    let prompted = match &root {
+        Some(root) => Some(prompted::encode(cfg, file, root)?),
+        None => None,
+    };
+    let (model, desc, variant) = match (&cfg.model.weights, opened) {
+        (Some(WeightsSpec::One(_)), Some((path, mut l))) => {
             l.store.set_placement(placement.clone());
             warnings.extend(apply_lora(cfg, file, base, &mut l.store, &l.config)?);
             let c = &l.config;
@@ -123,14 +131,17 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             warnings.extend(unused);
             (model, desc, variant)
         }
-        Some(WeightsSpec::Many(_)) => {
+        (Some(WeightsSpec::Many(_)), _) => {
             return Err(Error::config(
                 file,
                 "model.weights",
                 "flux takes one weights path",
             ))
         }
-        None => {
+        (Some(WeightsSpec::One(_)), None) => {
+            return Err(Error::msg("internal: flux weights were not opened"))
+        }
+        (None, _) => {
             let name = crate::config_util::preset_name(cfg, file)?;
             let p = FLUX_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
                 Error::config(file, "model.preset", format!("unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"))
@@ -158,8 +169,9 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
         None => build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?,
     };
-    let mu = flux_mu(inputs.latents.dim(1)?);
-    let schedule = flow_match_dynamic(cfg.sampling.steps, mu);
+    // The pipeline folder's scheduler (FLUX.1-dev's dynamic shift without one).
+    let (schedule, mu) =
+        FluxShift::for_run(cfg, base)?.schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
     schedule.check(file, "inputs.latent_shape", mu)?;
     Ok(Box::new(FluxPipeline {
         schedule,
@@ -238,7 +250,11 @@ fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan
         .and_then(|n| FLUX_PRESETS.iter().find(|p| p.name == n))
         .map(|p| p.name);
     Ok((
-        flux_plan(&flow_match_dynamic(cfg.sampling.steps, flux_mu(seq))),
+        flux_plan(
+            &FluxShift::for_run(cfg, base)?
+                .schedule(cfg.sampling.steps, seq)
+                .0,
+        ),
         flux_info(variant),
     ))
 }

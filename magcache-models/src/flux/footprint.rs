@@ -83,6 +83,39 @@ pub fn flux_footprint(
     add_plan(&mut fp, cfg.sampling.steps, 1);
     // (batch, image tokens, text tokens)
     let (dims, lat_knob, text_knob) = match &cfg.inputs.file {
+        // A prompted run: the image tokens from inputs.height/width through the pipeline VAE's
+        // factor (or the inputs file's `latents_init`), the text from max_sequence_length.
+        f if cfg.prompt.is_some() => {
+            let l = cfg
+                .prompt
+                .as_ref()
+                .and_then(|p| p.max_sequence_length)
+                .unwrap_or(super::prompted::DEFAULT_MAX_SEQUENCE_LENGTH);
+            let s = match f {
+                Some(f) => safetensors_shapes(&resolve(base, f))
+                    .and_then(|m| m.get("latents_init").and_then(|d| d.get(1).copied())),
+                None => cfg
+                    .model
+                    .weights
+                    .as_ref()
+                    .and_then(|w| w.paths().first().map(|p| resolve(base, p)))
+                    .and_then(|root| super::prompted::image_seq_len(cfg, "", &root).ok()),
+            };
+            let knob = if f.is_some() {
+                "inputs.file"
+            } else {
+                "inputs.height/width"
+            };
+            // The decoded image (the VAE's output and its copies while mapped to pixels).
+            let pixels = sz(cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_SIZE))
+                * sz(cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_SIZE));
+            fp.add(
+                "decoded image (f32, 4 copies)",
+                "inputs.height/width",
+                (pixels * sz(3) * sz(4) * sz(4)).0,
+            );
+            (s.map(|s| (1, s, l)), knob, "prompt.max_sequence_length")
+        }
         Some(f) => {
             let shapes = safetensors_shapes(&resolve(base, f));
             let get = |n: &str| shapes.as_ref().and_then(|s| s.get(n).cloned());

@@ -4,7 +4,7 @@
 use super::config::FluxConfig;
 use crate::config_util::resolve;
 use crate::inputs::InputFile;
-use crate::random::randn;
+use crate::random::randn_for;
 use candle_core::{Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, Result};
@@ -157,9 +157,24 @@ pub(super) fn build_inputs(
     })?;
     let l = cfg.inputs.text_len.unwrap_or(64);
     Ok(FluxInputs {
-        latents: randn(seed.wrapping_add(1), &[b, seq, c.in_channels])?,
-        ctx: randn(seed.wrapping_add(2), &[b, l, c.joint_attention_dim])?,
-        pooled: randn(seed.wrapping_add(3), &[b, c.pooled_projection_dim])?,
+        latents: randn_for(
+            file,
+            "inputs.latent_shape",
+            seed.wrapping_add(1),
+            &[b, seq, c.in_channels],
+        )?,
+        ctx: randn_for(
+            file,
+            "inputs.text_len",
+            seed.wrapping_add(2),
+            &[b, l, c.joint_attention_dim],
+        )?,
+        pooled: randn_for(
+            file,
+            "inputs.latent_shape",
+            seed.wrapping_add(3),
+            &[b, c.pooled_projection_dim],
+        )?,
         img_ids: image_ids(h, w)?,
         txt_ids: Tensor::zeros(
             (l, c.axes_dims_rope.len()),

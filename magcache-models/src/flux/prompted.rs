@@ -15,8 +15,8 @@ use magcache_core::{Error, Placement, Result};
 use std::path::{Path, PathBuf};
 
 /// `FluxPipeline`'s defaults: 1024 x 1024 (`default_sample_size` 128 x the VAE's 8), 512 T5 tokens.
-const DEFAULT_SIZE: usize = 1024;
-const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+pub(crate) const DEFAULT_SIZE: usize = 1024;
+pub(crate) const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
 /// What a prompted run carries from building to decoding.
 pub struct Prompted {
@@ -83,10 +83,39 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     let (height, width, _) = image_size(cfg, file, root)?;
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    // The size guard for the T5 stage (loaded, used and freed before the transformer).
+    let t5_cfg = root.join("text_encoder_2").join("config.json");
+    crate::text::Umt5Config::load(&root.join("text_encoder_2"))?
+        .footprint(
+            max_len,
+            placement.dtype.size_in_bytes(),
+            &t5_cfg.display().to_string(),
+        )
+        .check(file)?;
+    let clip_cfg = root.join("text_encoder").join("config.json");
+    crate::text::ClipTextModelConfig::load(&root.join("text_encoder"))?
+        .footprint(
+            placement.dtype.size_in_bytes(),
+            &clip_cfg.display().to_string(),
+        )
+        .check(file)?;
     let stage = Stage::begin("encode text");
     let enc = FluxTextEncoders::load_pipeline(root, &placement.device, placement.dtype)?;
     let (prompt_embeds, pooled_prompt_embeds) = enc.encode(&p.text, max_len)?;
     drop(enc);
+    let check = crate::wan::prompted::check_stage;
+    let te2 = root.join("text_encoder_2").display().to_string();
+    check(
+        &prompt_embeds,
+        "the text encoder",
+        &format!("prompt_embeds (T5, from {te2})"),
+    )?;
+    let te = root.join("text_encoder").display().to_string();
+    check(
+        &pooled_prompt_embeds,
+        "the text encoder",
+        &format!("pooled_prompt_embeds (CLIP, from {te})"),
+    )?;
     Ok(Prompted {
         root: root.to_path_buf(),
         prompt_embeds,
@@ -135,7 +164,9 @@ pub fn inputs(
             }
             l
         }
-        None => crate::random::randn(
+        None => crate::random::randn_for(
+            file,
+            "inputs.height/width",
             cfg.inputs.seed.unwrap_or(cfg.model.seed),
             &[1, seq, c.in_channels],
         )?,
@@ -179,6 +210,12 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
     let vae = FluxVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     let decoded = vae.decode_packed(latents, p.height, p.width)?;
     drop(vae);
+    let v = p.root.join("vae").display().to_string();
+    crate::wan::prompted::check_stage(
+        &decoded,
+        "the VAE decode",
+        &format!("the decoded pixels (from {v})"),
+    )?;
     p.stages.push(stage.end());
     Ok(vec![
         ("decoded".to_string(), decoded),

@@ -84,12 +84,23 @@ impl ClipTokenizer {
         let cfg_file = dir.join("tokenizer_config.json");
         let cfg_shown = cfg_file.display().to_string();
         let cfg: Value = if cfg_file.is_file() {
-            let text = std::fs::read_to_string(&cfg_file).map_err(|e| Error::io(&cfg_shown, e))?;
+            let text = magcache_core::error::read_text(&cfg_file)?;
             serde_json::from_str(&text)
                 .map_err(|e| Error::config(&cfg_shown, "(json)", format!("invalid JSON: {e}")))?
         } else {
             Value::Object(Default::default())
         };
+        super::tokenizer::check_tokenizer_class(
+            &cfg,
+            &cfg_shown,
+            &[
+                "CLIPTokenizer",
+                "CLIPTokenizerFast",
+                "TokenizersBackend",
+                "PreTrainedTokenizerFast",
+            ],
+            "a CLIP (byte-level BPE)",
+        )?;
         let bos = config_token(&cfg, "bos_token", "<|startoftext|>", &cfg_shown)?;
         let eos = config_token(&cfg, "eos_token", "<|endoftext|>", &cfg_shown)?;
         let pad = config_token(&cfg, "pad_token", &eos, &cfg_shown)?;
@@ -117,10 +128,17 @@ impl ClipTokenizer {
         let json = dir.join("tokenizer.json");
         let (tokenizer, file) = if vocab.is_file() && merges.is_file() {
             let file = vocab.display().to_string();
+            for f in [&vocab, &merges] {
+                if let Some(why) = magcache_core::error::not_a_file(f) {
+                    return Err(Error::io(f.display().to_string(), why));
+                }
+                magcache_core::files::record_read(f);
+            }
             let tok = Self::assemble(&vocab, &merges, &bos, &eos, &unk)?;
             (tok, file)
         } else if json.is_file() {
             let file = json.display().to_string();
+            magcache_core::files::record_read(&json);
             let tok = Tokenizer::from_file(&json)
                 .map_err(|e| Error::config(&file, "(tokenizer)", format!("cannot load: {e}")))?;
             (tok, file)
@@ -285,6 +303,39 @@ pub struct ClipTextModelConfig {
 const CANDLE_CLIP_LN_EPS: f64 = 1e-5;
 
 impl ClipTextModelConfig {
+    /// What encoding one prompt holds (the size guard, checked before the encoder loads): the
+    /// weights (`dtype_bytes` per parameter) named by `config` (the config file) and its sizes, and
+    /// the activations of its `max_position_embeddings` tokens (f32).
+    pub fn footprint(
+        &self,
+        dtype_bytes: usize,
+        config: &str,
+    ) -> magcache_core::runtime::guard::Footprint {
+        use crate::footprint::sz;
+        let h = sz(self.hidden_size);
+        let inter = sz(self.intermediate_size);
+        let layer = h * h * sz(4) + h * inter * sz(2) + h * sz(9) + inter;
+        let params = sz(self.vocab_size) * h
+            + sz(self.max_position_embeddings) * h
+            + sz(self.num_hidden_layers) * layer
+            + h * sz(2);
+        let l = sz(self.max_position_embeddings);
+        let acts = (l * (h * sz(8) + inter * sz(2)) + sz(self.num_attention_heads) * l * l * sz(2))
+            * sz(4);
+        let mut fp = magcache_core::runtime::guard::Footprint::default();
+        fp.add(
+            "CLIP text encoder weights",
+            format!("{config}: num_hidden_layers, hidden_size, intermediate_size, vocab_size"),
+            (params * sz(dtype_bytes)).0,
+        );
+        fp.add(
+            "CLIP text encoder activations",
+            format!("{config}: max_position_embeddings"),
+            acts.0,
+        );
+        fp
+    }
+
     /// Reads `config.json` (the file, or `DIR/config.json`); a full `CLIPModel` config is read from
     /// its `text_config`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -294,7 +345,7 @@ impl ClipTextModelConfig {
             path.join("config.json")
         };
         let shown = file.display().to_string();
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&shown, e))?;
+        let text = magcache_core::error::read_text(&file)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
         match v.get("text_config") {
@@ -393,7 +444,14 @@ impl ClipTextEncoder {
             device: device.clone(),
             dtype,
         });
-        Self::from_weights(config, &store)
+        let model = Self::from_weights(config, &store)?;
+        // A whole layer left over: the config has fewer layers than the checkpoint.
+        let cfg_file = dir.join("config.json").display().to_string();
+        let n = model.config.num_hidden_layers;
+        store.check_unused(&cfg_file, |_| {
+            format!("num_hidden_layers = {n} in {cfg_file}")
+        })?;
+        Ok(model)
     }
 
     /// Builds the model from a store holding `CLIPTextModel`'s tensors, with or without the

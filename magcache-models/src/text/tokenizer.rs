@@ -20,6 +20,36 @@ pub struct TokenizedPrompt {
     pub seq_len: usize,
 }
 
+/// `tokenizer_class` values of a T5 tokenizer (Wan's `tokenizer/`, FLUX's `tokenizer_2/`).
+pub const T5_TOKENIZERS: &[&str] = &[
+    "T5Tokenizer",
+    "T5TokenizerFast",
+    "TokenizersBackend",
+    "PreTrainedTokenizerFast",
+];
+
+/// Refuses a `tokenizer_config.json` whose `tokenizer_class` is not one of `allowed` (a tokenizer of
+/// another model: its ids would mean nothing to the encoder); an absent class is accepted.
+pub fn check_tokenizer_class(
+    config: &serde_json::Value,
+    file: &str,
+    allowed: &[&str],
+    what: &str,
+) -> Result<()> {
+    match config.get("tokenizer_class") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::String(c)) if allowed.contains(&c.as_str()) => Ok(()),
+        Some(c) => Err(Error::config(
+            file,
+            "tokenizer_class",
+            format!(
+                "{c} is not {what} tokenizer, which this encoder needs (expected one of {})",
+                allowed.join(", ")
+            ),
+        )),
+    }
+}
+
 /// `tokenizer.json` of a pipeline's `tokenizer/` folder.
 pub struct WanTokenizer {
     tokenizer: Tokenizer,
@@ -43,6 +73,7 @@ impl WanTokenizer {
         if let Some(why) = magcache_core::error::not_a_file(&file) {
             return Err(Error::io(&shown, format!("tokenizer file {why}")));
         }
+        magcache_core::files::record_read(&file);
         // The pipeline's own truncation/padding are applied per call (`encode`).
         let tokenizer = Tokenizer::from_file(&file)
             .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;
@@ -56,6 +87,7 @@ impl WanTokenizer {
             let text = magcache_core::error::read_text(std::path::Path::new(&cfg))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&cshown, "(json)", format!("invalid JSON: {e}")))?;
+            check_tokenizer_class(&v, &cshown, T5_TOKENIZERS, "a T5 (SentencePiece Unigram)")?;
             match v.get("pad_token") {
                 None | Some(serde_json::Value::Null) => {}
                 Some(serde_json::Value::String(s)) => pad_token = s.clone(),

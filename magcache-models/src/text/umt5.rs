@@ -51,6 +51,45 @@ pub struct Umt5Config {
 }
 
 impl Umt5Config {
+    /// What encoding one prompt of `max_len` tokens holds (the size guard, checked before the
+    /// encoder loads): the weights (`dtype_bytes` per parameter) named by `config` (the config
+    /// file) and its sizes, and the activations (hidden states, feed-forward, attention scores and
+    /// the relative bias, in f32) named by `prompt.max_sequence_length`.
+    pub fn footprint(
+        &self,
+        max_len: usize,
+        dtype_bytes: usize,
+        config: &str,
+    ) -> magcache_core::runtime::guard::Footprint {
+        use crate::footprint::sz;
+        let d = sz(self.d_model);
+        let inner = sz(self.num_heads) * sz(self.d_kv);
+        let ff = sz(self.d_ff) * sz(if self.gated { 3 } else { 2 });
+        let bias = sz(self.relative_attention_num_buckets) * sz(self.num_heads);
+        let layers = if self.bias_per_layer {
+            sz(self.num_layers)
+        } else {
+            sz(1)
+        };
+        let block = d * inner * sz(4) + d * ff + d * sz(2);
+        let params = sz(self.vocab_size) * d + sz(self.num_layers) * block + layers * bias + d;
+        let l = sz(max_len);
+        let scores = sz(self.num_heads) * l * l * sz(3);
+        let acts = (l * (d * sz(8) + inner * sz(4) + sz(self.d_ff) * sz(3)) + scores) * sz(4);
+        let mut fp = magcache_core::runtime::guard::Footprint::default();
+        fp.add(
+            "text encoder weights",
+            format!("{config}: num_layers, d_model, d_ff, vocab_size"),
+            (params * sz(dtype_bytes)).0,
+        );
+        fp.add(
+            "text encoder activations",
+            "prompt.max_sequence_length",
+            acts.0,
+        );
+        fp
+    }
+
     /// Reads `config.json` (the file, or `DIR/config.json`). Sizes are required; the relative
     /// attention fields, epsilon and `feed_forward_proj` default as in transformers' `UMT5Config`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -224,7 +263,13 @@ impl Umt5Encoder {
             dtype,
         });
         // The store is dropped on return: the model then holds the only copy of each weight.
-        Self::from_weights(config, &store)
+        let model = Self::from_weights(config, &store)?;
+        // A whole block left over: the config has fewer layers than the checkpoint (the
+        // transformer's rule).
+        let cfg_file = dir.join("config.json").display().to_string();
+        let n = model.config.num_layers;
+        store.check_unused(&cfg_file, |_| format!("num_layers = {n} in {cfg_file}"))?;
+        Ok(model)
     }
 
     pub fn from_weights(config: Umt5Config, store: &WeightStore) -> Result<Self> {

@@ -113,9 +113,7 @@ fn guard(
     sampler: &FlowSampler,
 ) -> Result<()> {
     super::footprint::wan_footprint(cfg, file, base, paths, presets, family)?.check(file)?;
-    sampler
-        .schedule(cfg.sampling.steps)?
-        .check(file, "sampling.shift", sampler.shift())
+    sampler.check_schedule(&sampler.schedule(cfg.sampling.steps)?, file)
 }
 
 /// The folder class embeddings and other side files are looked up in.
@@ -167,18 +165,20 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     keys.check_applicable(cfg, file, "wan2.1", 1)?;
     let sampler = wan_sampler(cfg, &keys, file, base, weights, 5.0)?;
     let guidance = cfg.sampling.guidance_scale.unwrap_or(5.0);
-    // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
-    let prompted = match &cfg.prompt {
-        Some(_) => {
-            let root = prompted::pipeline_root(cfg, file, base)?;
-            Some(prompted::encode(cfg, file, &root, guidance > 1.0)?)
-        }
-        None => None,
-    };
     let tpath = weights.map(|w| wan21_path(base, w));
     let weights = tpath.as_deref();
     let paths: Vec<String> = weights.iter().map(|w| w.to_string()).collect();
+    let root = match &cfg.prompt {
+        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
+        None => None,
+    };
+    // The size guard first: a prompted run's latents and text come from its [inputs] and [prompt].
     guard(cfg, file, base, &paths, WAN21_PRESETS, "wan2.1", &sampler)?;
+    // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
+    let prompted = match &root {
+        Some(root) => Some(prompted::encode(cfg, file, root, guidance > 1.0)?),
+        None => None,
+    };
     let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.1", 1, 0)?;
     let (model, preset, desc, warnings) =
         build_model(cfg, file, base, weights, WAN21_PRESETS, 0, &lora)?;
@@ -216,19 +216,6 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     crate::config_util::require_weights_or_preset(cfg, file)?;
     let keys = WanKeys::read(cfg, file)?;
     let paths = wan22_paths(cfg, file, base)?;
-    // Prompted: the text is encoded (and its encoder freed) before the transformers load.
-    let prompted = match &cfg.prompt {
-        Some(_) => {
-            let root = prompted::pipeline_root(cfg, file, base)?;
-            let g = cfg
-                .sampling
-                .guidance_scale
-                .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
-            let g2 = keys.sampling.guidance_scale_2.unwrap_or(g);
-            Some(prompted::encode(cfg, file, &root, g > 1.0 || g2 > 1.0)?)
-        }
-        None => None,
-    };
     let single = match paths.len() {
         0 => {
             let name = cfg.model.preset.as_deref().unwrap_or_default();
@@ -248,7 +235,23 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         paths.first().map(|p| p.as_str()),
         if single { 5.0 } else { 12.0 },
     )?;
+    let root = match &cfg.prompt {
+        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
+        None => None,
+    };
     guard(cfg, file, base, &paths, WAN22_PRESETS, "wan2.2", &sampler)?;
+    // Prompted: the text is encoded (and its encoder freed) before the transformers load.
+    let prompted = match &root {
+        Some(root) => {
+            let g = cfg
+                .sampling
+                .guidance_scale
+                .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
+            let g2 = keys.sampling.guidance_scale_2.unwrap_or(g);
+            Some(prompted::encode(cfg, file, root, g > 1.0 || g2 > 1.0)?)
+        }
+        None => None,
+    };
     let mut experts = Vec::new();
     let mut descs = Vec::new();
     let mut warnings = Vec::new();
@@ -329,7 +332,7 @@ fn index_boundary_ratio(cfg: &RunConfig, base: &Path) -> Option<f64> {
     let Some(WeightsSpec::One(w)) = &cfg.model.weights else {
         return None;
     };
-    let text = std::fs::read_to_string(resolve(base, w).join("model_index.json")).ok()?;
+    let text = magcache_core::error::read_text(&resolve(base, w).join("model_index.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("boundary_ratio")?.as_f64()
 }
@@ -463,7 +466,7 @@ fn plan_wan(
     );
     fp.check(file)?;
     let schedule = sampler.schedule(cfg.sampling.steps)?;
-    schedule.check(file, "sampling.shift", sampler.shift())?;
+    sampler.check_schedule(&schedule, file)?;
     Ok((
         pipeline::wan_plan(
             family,

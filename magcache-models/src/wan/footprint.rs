@@ -39,6 +39,39 @@ pub fn wan_params(c: &WanConfig) -> Sz {
     sz(c.num_layers) * block + top
 }
 
+/// A prompted run's latent shape (from `inputs.height/width/num_frames` through the pipeline
+/// VAE's factors; the defaults as the pipeline's), its text length (`prompt.max_sequence_length`)
+/// and its decoded pixels per channel; `None` for other runs or when the VAE config cannot be read
+/// (the loader reports it).
+fn prompted_sizes(
+    cfg: &RunConfig,
+    base: &Path,
+    latent_ch: usize,
+) -> Option<(Vec<usize>, usize, Sz)> {
+    let p = cfg.prompt.as_ref()?;
+    let w = cfg.model.weights.as_ref()?.paths().first().copied()?;
+    let vae =
+        super::vae::WanVaeConfig::read(&resolve(base, w).join("vae").join("config.json")).ok()?;
+    let (ss, ts) = (vae.spatial_scale().max(1), vae.temporal_scale().max(1));
+    let height = cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_HEIGHT);
+    let width = cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_WIDTH);
+    let frames = super::keys::WanKeys::read(cfg, "")
+        .ok()?
+        .inputs
+        .num_frames
+        .unwrap_or(super::prompted::DEFAULT_FRAMES);
+    let lat_frames = frames.saturating_sub(1) / ts + 1;
+    let pixels = sz(1 + (lat_frames - 1) * ts) * sz(height) * sz(width);
+    let len = p
+        .max_sequence_length
+        .unwrap_or(super::prompted::DEFAULT_MAX_SEQUENCE_LENGTH);
+    Some((
+        vec![1, latent_ch, lat_frames, height / ss, width / ss],
+        len,
+        pixels,
+    ))
+}
+
 /// The footprint of a Wan run over `paths` (weights of each expert; empty: the preset).
 pub fn wan_footprint(
     cfg: &RunConfig,
@@ -108,7 +141,28 @@ pub fn wan_footprint(
     let latent_ch = c.in_channels.saturating_sub(extra);
     let guidance = cfg.sampling.guidance_scale.unwrap_or(5.0);
     // Latents and text length: from the inputs file's header, else the config (or the defaults).
+    let prompted = prompted_sizes(cfg, base, latent_ch);
     let (lat, text_len, lat_knob, text_knob) = match &cfg.inputs.file {
+        // A prompted run: the latents from height/width/num_frames through the VAE's factors,
+        // the text from max_sequence_length (an inputs file holds `latents_init` only).
+        _ if cfg.prompt.is_some() => {
+            let lat = match &cfg.inputs.file {
+                Some(f) => safetensors_shapes(&resolve(base, f))
+                    .and_then(|s| s.get("latents_init").cloned()),
+                None => prompted.as_ref().map(|p| p.0.clone()),
+            };
+            let knob = if cfg.inputs.file.is_some() {
+                "inputs.file"
+            } else {
+                "inputs.height/width/num_frames"
+            };
+            (
+                lat,
+                prompted.as_ref().map(|p| p.1),
+                knob,
+                "prompt.max_sequence_length",
+            )
+        }
         Some(f) => {
             let shapes = safetensors_shapes(&resolve(base, f));
             let lat = shapes.as_ref().and_then(|s| s.get("latents_init").cloned());
@@ -162,6 +216,15 @@ pub fn wan_footprint(
     let cache = sz(experts * branches) * sz(CACHE_FACTOR) * tokens * d * f32b;
     fp.add("cache", lat_knob, cache.0);
     crate::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
+    if let Some((_, _, pixels)) = &prompted {
+        // The decoded video (the VAE's output and its copies while mapped to pixels) is held with
+        // the final latents.
+        fp.add(
+            "decoded video (f32, 4 copies)",
+            "inputs.height/width/num_frames",
+            (*pixels * sz(3) * sz(4) * sz(4)).0,
+        );
+    }
     if let Some(l) = text_len {
         let text = sz(branches) * sz(b) * sz(l) * (sz(c.text_dim) + d * sz(3)) * f32b
             + attention_bytes(b, heads, s, l);

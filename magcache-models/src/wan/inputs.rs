@@ -5,7 +5,7 @@ use super::config::WanConfig;
 use super::model::WanModel;
 use crate::config_util::resolve;
 use crate::inputs::InputFile;
-use crate::random::randn;
+use crate::random::randn_for;
 use candle_core::Tensor;
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, Result};
@@ -141,9 +141,11 @@ pub fn build_inputs(
     if let Some(msg) = latent_cfg.latent_shape_error(&shape) {
         return Err(Error::config(file, "inputs.latent_shape", msg));
     }
-    let latents = randn(seed.wrapping_add(1), &shape)?;
+    let latents = randn_for(file, "inputs.latent_shape", seed.wrapping_add(1), &shape)?;
     let condition = if extra > 0 {
-        Some(randn(
+        Some(randn_for(
+            file,
+            "inputs.latent_shape",
             seed.wrapping_add(4),
             &[shape[0], extra, shape[2], shape[3], shape[4]],
         )?)
@@ -155,8 +157,18 @@ pub fn build_inputs(
         None => {
             let l = cfg.inputs.text_len.unwrap_or(64);
             (
-                randn(seed.wrapping_add(2), &[shape[0], l, c.text_dim])?,
-                randn(seed.wrapping_add(3), &[shape[0], l, c.text_dim])?,
+                randn_for(
+                    file,
+                    "inputs.text_len",
+                    seed.wrapping_add(2),
+                    &[shape[0], l, c.text_dim],
+                )?,
+                randn_for(
+                    file,
+                    "inputs.text_len",
+                    seed.wrapping_add(3),
+                    &[shape[0], l, c.text_dim],
+                )?,
             )
         }
     };

@@ -48,10 +48,12 @@ pub const WAN_KEYS: &[FamilyKeys] = &[
     FamilyKeys {
         table: "sampling",
         keys: fields_of::<WanSamplingKeys>,
+        paths: &["scheduler_config"],
     },
     FamilyKeys {
         table: "inputs",
         keys: fields_of::<WanInputKeys>,
+        paths: &[],
     },
 ];
 

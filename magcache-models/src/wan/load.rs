@@ -177,7 +177,7 @@ pub fn load_wan(
     let mut store = WeightStore::load_checkpoint(weights)?;
     let layout = detect_layout(&store)?;
     if layout == WanLayout::Original {
-        store.rename(original_to_diffusers);
+        store.rename(original_to_diffusers)?;
     }
     Ok(LoadedWan {
         config,
@@ -231,7 +231,7 @@ fn load_wan_gguf(
     crate::weights::gguf::check_architecture(weights, arch.as_deref(), "wan", "wan2.1/wan2.2")?;
     let layout = detect_layout(&store)?;
     if layout == WanLayout::Original {
-        store.rename(original_to_diffusers);
+        store.rename(original_to_diffusers)?;
     }
     let config = match config {
         Some(c) => read_wan_config(weights, Some(c), overrides, cfg_file)?,

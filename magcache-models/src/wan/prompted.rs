@@ -16,10 +16,10 @@ use magcache_core::{Error, Placement, Result};
 use std::path::{Path, PathBuf};
 
 /// The pipeline's defaults (`WanPipeline.__call__`).
-const DEFAULT_HEIGHT: usize = 480;
-const DEFAULT_WIDTH: usize = 832;
-const DEFAULT_FRAMES: usize = 81;
-const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+pub(crate) const DEFAULT_HEIGHT: usize = 480;
+pub(crate) const DEFAULT_WIDTH: usize = 832;
+pub(crate) const DEFAULT_FRAMES: usize = 81;
+pub(crate) const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
 /// What a prompted run carries from building to decoding.
 pub struct Prompted {
@@ -29,6 +29,17 @@ pub struct Prompted {
     pub negative_prompt_embeds: Option<Tensor>,
     pub placement: Placement,
     pub stages: Vec<StageTime>,
+}
+
+/// A non-finite output of a pipeline stage (text encoder, VAE) ends the run, as non-finite latents
+/// do: one line naming the stage and what holds the values.
+pub(crate) fn check_stage(t: &Tensor, stage: &str, what: &str) -> Result<()> {
+    magcache_core::finite::ensure_finite(
+        t,
+        stage,
+        what,
+        "the stage's weights overflow or hold bad values; nothing written",
+    )
 }
 
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
@@ -60,6 +71,15 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     };
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    // The size guard for the text encoder's stage (loaded, used and freed before the transformer).
+    let te_cfg = root.join("text_encoder").join("config.json");
+    crate::text::Umt5Config::load(&root.join("text_encoder"))?
+        .footprint(
+            max_len,
+            placement.dtype.size_in_bytes(),
+            &te_cfg.display().to_string(),
+        )
+        .check(file)?;
     let stage = Stage::begin("encode text");
     let enc = WanTextEncoder::load_pipeline(root, &placement.device, placement.dtype)?;
     let (prompt_embeds, _) = enc.encode(&p.text, max_len)?;
@@ -69,6 +89,15 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
         None
     };
     drop(enc);
+    let te = root.join("text_encoder").display().to_string();
+    for (name, t) in [
+        ("prompt_embeds", Some(&prompt_embeds)),
+        ("negative_prompt_embeds", negative_prompt_embeds.as_ref()),
+    ] {
+        if let Some(t) = t {
+            check_stage(t, "the text encoder", &format!("{name} (from {te})"))?;
+        }
+    }
     Ok(Prompted {
         root: root.to_path_buf(),
         prompt_embeds,
@@ -148,7 +177,12 @@ pub fn inputs(
             }
             l
         }
-        None => crate::random::randn(cfg.inputs.seed.unwrap_or(cfg.model.seed), &shape)?,
+        None => crate::random::randn_for(
+            file,
+            "inputs.height/width/num_frames",
+            cfg.inputs.seed.unwrap_or(cfg.model.seed),
+            &shape,
+        )?,
     };
     let text_dim = p.prompt_embeds.dim(2)?;
     if text_dim != c.text_dim {
@@ -178,6 +212,12 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
     let vae = WanVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     let decoded = vae.decode_latents(latents)?;
     drop(vae);
+    let v = p.root.join("vae").display().to_string();
+    check_stage(
+        &decoded,
+        "the VAE decode",
+        &format!("the decoded pixels (from {v})"),
+    )?;
     p.stages.push(stage.end());
     let mut out = vec![
         ("decoded".to_string(), decoded),

@@ -158,6 +158,13 @@ impl WeightStore {
                 ));
             }
             let key = name.strip_prefix("model.diffusion_model.").unwrap_or(name);
+            if store.tensors.contains_key(key) {
+                return Err(Error::weights(
+                    &shown,
+                    name,
+                    format!("holds tensor `{key}` under two names (with and without `model.diffusion_model.`): which one the model gets would be a guess"),
+                ));
+            }
             store.tensors.insert(
                 key.to_string(),
                 (

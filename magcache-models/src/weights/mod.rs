@@ -29,7 +29,7 @@ enum Entry {
     /// A GGUF tensor, read (quantized) from its file and dequantized when handed out.
     Gguf(gguf::GgufEntry),
     Mapped {
-        /// Index into [`WeightStore::maps`].
+        /// Index into [`WeightStore::handles`].
         map: usize,
         dtype: DType,
         shape: Vec<usize>,
@@ -62,15 +62,16 @@ pub enum LinearWeight {
 
 /// Tensors by name, each remembering the file it came from, and which names the model fetched.
 ///
-/// Checkpoint files are memory-mapped and only their headers read when they are opened; a tensor's
-/// bytes are copied out of the mapping when it is handed out, and (on Unix) the mapping's pages are
-/// released right after (`MADV_DONTNEED`: they stay in the page cache, not in this process), so the
-/// resident memory is the tensors the model holds, never the checkpoint.
+/// Only a checkpoint file's header is read when it is opened (through a memory map, dropped right
+/// after); a tensor's bytes are read from the open file when it is handed out (`pread` on Unix, not
+/// through a mapping: a file truncated while the run reads it is an error naming the file, never a
+/// SIGBUS), so the resident memory is the tensors the model holds, never the checkpoint.
 #[derive(Default)]
 pub struct WeightStore {
     tensors: HashMap<String, (Entry, usize)>,
     files: Vec<String>,
-    maps: Vec<Arc<memmap2::Mmap>>,
+    /// The open checkpoint files tensors are read from, with their length when opened.
+    handles: Vec<Arc<(std::fs::File, u64)>>,
     /// Names handed out by `get*` or declared by [`WeightStore::expect`] (after renames): what the
     /// model uses.
     used: Mutex<HashSet<String>>,
@@ -201,8 +202,11 @@ impl WeightStore {
                 ));
             }
             let file = std::fs::File::open(f).map_err(|e| Error::io(&name, e))?;
-            // SAFETY: the mapping is read-only; like every memory-mapped reader (candle's included),
-            // it assumes the file is not truncated or rewritten while the run reads it.
+            let len = file.metadata().map_err(|e| Error::io(&name, e))?.len();
+            magcache_core::files::record_read(f);
+            // SAFETY: the mapping is read-only and only its header is read, right now (the tensors
+            // are read later with `pread`, see `read_range`); it is dropped at the end of this
+            // iteration.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&name, e))?;
             let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
                 Error::weights(
@@ -218,7 +222,7 @@ impl WeightStore {
                 .map(|(k, i)| (k, i.clone()))
                 .collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            let map = store.maps.len();
+            let map = store.handles.len();
             for (k, info) in entries {
                 use safetensors::Dtype as S;
                 let dtype = match info.dtype {
@@ -254,7 +258,8 @@ impl WeightStore {
                 };
                 store.tensors.insert(k, (entry, fi));
             }
-            store.maps.push(Arc::new(mmap));
+            drop(mmap);
+            store.handles.push(Arc::new((file, len)));
             store.files.push(name);
         }
         Ok(store)
@@ -267,7 +272,7 @@ impl WeightStore {
         let mut store = WeightStore::load_files(&path.display().to_string(), &files)?;
         const PREFIX: &str = "model.diffusion_model.";
         if store.keys().any(|k| k.starts_with(PREFIX)) {
-            store.rename(|k| k.strip_prefix(PREFIX).unwrap_or(k).to_string());
+            store.rename(|k| k.strip_prefix(PREFIX).unwrap_or(k).to_string())?;
         }
         Ok(store)
     }
@@ -293,14 +298,38 @@ impl WeightStore {
         self.tensors.get(name).map(|(t, _)| t.shape().to_vec())
     }
 
-    /// Renames every key through `f` (layout conversion).
-    pub fn rename(&mut self, f: impl Fn(&str) -> String) {
+    /// Renames every key through `f` (layout conversion). Two tensors that get the same name (a
+    /// checkpoint holding `X` and `model.diffusion_model.X`, or a layout's two spellings of one
+    /// tensor) are an error naming both: which one the model would get is arbitrary.
+    pub fn rename(&mut self, f: impl Fn(&str) -> String) -> Result<()> {
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for k in names {
+            if let Some(other) = seen.insert(f(k), k.clone()) {
+                let (a, b) = (self.file_of(&other), self.file_of(k));
+                let place = if a == b {
+                    format!("both in {a}")
+                } else {
+                    format!("in {a} and {b}")
+                };
+                return Err(Error::weights(
+                    b,
+                    k,
+                    format!(
+                        "and `{other}` ({place}) are the same tensor `{}` under two names: which one the model would use is arbitrary; remove one of them",
+                        f(k)
+                    ),
+                ));
+            }
+        }
         let old = std::mem::take(&mut self.tensors);
         self.tensors = old.into_iter().map(|(k, v)| (f(&k), v)).collect();
         if let Ok(mut used) = self.used.lock() {
             let old = std::mem::take(&mut *used);
             *used = old.into_iter().map(|k| f(&k)).collect();
         }
+        Ok(())
     }
 
     /// Removes a tensor (used by layout conversions that split fused tensors).
@@ -659,8 +688,8 @@ impl WeightStore {
         })
     }
 
-    /// The tensor in its stored dtype, on the CPU: a clone of an in-memory one, or a copy read out of
-    /// its file's mapping (whose pages are released right after, see [`WeightStore`]).
+    /// The tensor in its stored dtype, on the CPU: a clone of an in-memory one, or its bytes read
+    /// from its checkpoint file.
     fn get_stored(&self, name: &str) -> Result<Tensor> {
         match self.entry(name)? {
             Entry::Mem(t) => Ok(t.clone()),
@@ -673,27 +702,14 @@ impl WeightStore {
                 end,
             } => {
                 let file = self.file_of(name);
-                let m = self
-                    .maps
+                let h = self
+                    .handles
                     .get(*map)
-                    .ok_or_else(|| Error::weights(file, name, "file mapping lost"))?;
-                let bytes = m.get(*start..*end).ok_or_else(|| {
-                    Error::weights(file, name, "data lies outside the file (truncated?)")
-                })?;
-                let t = Tensor::from_raw_buffer(bytes, *dtype, shape, &Device::Cpu)
-                    .map_err(|e| Error::weights(file, name, e.to_string()))?;
-                #[cfg(unix)]
-                // SAFETY: the mapping is a read-only file mapping: MADV_DONTNEED only drops its pages
-                // from this process (a later read faults them back in from the file); nothing
-                // borrows `bytes` any more (the tensor owns a copy).
-                unsafe {
-                    let _ = m.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        *start,
-                        end - start,
-                    );
-                }
-                Ok(t)
+                    .ok_or_else(|| Error::weights(file, name, "checkpoint file handle lost"))?;
+                let bytes = read_range(&h.0, h.1, *start, *end)
+                    .map_err(|why| Error::weights(file, name, why))?;
+                Tensor::from_raw_buffer(&bytes, *dtype, shape, &Device::Cpu)
+                    .map_err(|e| Error::weights(file, name, e.to_string()))
             }
         }
     }
@@ -718,6 +734,56 @@ impl WeightStore {
         }
         Ok(())
     }
+}
+
+/// Bytes `start..end` of an open checkpoint file that was `opened_len` bytes long when its header was
+/// read. The file's current length is checked first and the bytes are read with `pread` (not through
+/// a memory map): a file truncated or rewritten under the run is an error, in words, never a SIGBUS.
+fn read_range(
+    file: &std::fs::File,
+    opened_len: u64,
+    start: usize,
+    end: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let shrunk = |now: u64| {
+        format!(
+            "the checkpoint file changed while the run read it: it is {now} bytes now ({opened_len} when opened) and the tensor's data ends at byte {end}; do not truncate or rewrite a checkpoint a run is reading"
+        )
+    };
+    let now = file.metadata().map_err(|e| e.to_string())?.len();
+    if (end as u64) > now {
+        return Err(shrunk(now));
+    }
+    let mut buf = vec![0u8; end.saturating_sub(start)];
+    read_exact_at(file, &mut buf, start as u64).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            shrunk(file.metadata().map(|m| m.len()).unwrap_or(0))
+        } else {
+            format!("cannot read the tensor's data: {e}")
+        }
+    })?;
+    Ok(buf)
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, buf, offset) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `blocks.12.attn1.to_q.weight` -> `("blocks", 12)`: the prefix up to the first numbered component.

@@ -104,9 +104,9 @@ pub(super) fn bfl_to_diffusers(name: &str, levels: usize) -> String {
 }
 
 /// Renames a BFL-layout store to diffusers names.
-pub(super) fn rename_bfl(store: &mut WeightStore) {
+pub(super) fn rename_bfl(store: &mut WeightStore) -> Result<()> {
     let levels = count_blocks(store, "decoder.up.");
-    store.rename(|k| bfl_to_diffusers(k, levels));
+    store.rename(|k| bfl_to_diffusers(k, levels))
 }
 
 /// Attention projections stored as 1x1 convolutions (BFL, some converted checkpoints) and the
@@ -127,7 +127,7 @@ pub(super) fn normalize_attention(store: &mut WeightStore) -> Result<()> {
                 }
             }
             k
-        });
+        })?;
     }
     let convs: Vec<String> = store
         .keys()

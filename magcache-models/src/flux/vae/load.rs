@@ -124,7 +124,7 @@ impl FluxVae {
         let mut store = WeightStore::load_checkpoint(&weights)?;
         let layout = detect_layout(&store)?;
         if layout == VaeLayout::Bfl {
-            rename_bfl(&mut store);
+            rename_bfl(&mut store)?;
         }
         normalize_attention(&mut store)?;
         let config = match (&cfg_path, layout) {

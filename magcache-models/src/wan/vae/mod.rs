@@ -167,7 +167,15 @@ impl WanVae {
                     .forward(&chunk, &mut cache, trace.as_deref_mut())?,
             );
         }
-        let out = Tensor::cat(&outs, 1)?.clamp(-1f32, 1f32)?;
+        let out = Tensor::cat(&outs, 1)?;
+        // Checked before the clamp, which would turn an overflow (inf) into plausible pixels.
+        magcache_core::finite::ensure_finite(
+            &out,
+            "the VAE decode",
+            &format!("the decoder output of {}", self.origin),
+            "the VAE's weights overflow on these latents; check the vae/ checkpoint",
+        )?;
+        let out = out.clamp(-1f32, 1f32)?;
         Ok(out.permute((0, 2, 1, 3, 4))?.contiguous()?)
     }
 

@@ -104,6 +104,10 @@ enum Cmd {
         /// Largest shard, in GB (diffusers-style `-0000k-of-0000n` shards past it).
         #[arg(long, default_value_t = 5.0)]
         shard_gb: f64,
+        /// Write one GGUF file per transformer instead, its matrices quantized to this type
+        /// (`q8_0`, `q4_0`, `q4_k`, ...; Wan families).
+        #[arg(long)]
+        gguf: Option<String>,
         #[arg(long)]
         quiet: bool,
     },
@@ -212,6 +216,7 @@ fn real_main(cli: Cli) -> Result<()> {
             config,
             out,
             shard_gb,
+            gguf,
             quiet,
         } => {
             if !(shard_gb.is_finite() && shard_gb > 0.0) {
@@ -226,7 +231,13 @@ fn real_main(cli: Cli) -> Result<()> {
                     eprintln!("{line}");
                 }
             };
-            let r = crate::export(&config, &out, (shard_gb * 1e9) as u64, &mut progress)?;
+            let format = match gguf {
+                Some(quant) => crate::export::Format::Gguf { quant },
+                None => crate::export::Format::Safetensors {
+                    shard_bytes: (shard_gb * 1e9) as u64,
+                },
+            };
+            let r = crate::export_as(&config, &out, &format, &mut progress)?;
             if !quiet {
                 println!(
                     "wrote {}: {} tensors, {:.2} GB in {:.1} s",

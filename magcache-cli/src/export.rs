@@ -36,6 +36,27 @@ pub fn export(
     shard_bytes: u64,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ExportReport> {
+    export_as(config, out, &Format::Safetensors { shard_bytes }, progress)
+}
+
+/// What an export writes.
+#[derive(Clone, Debug)]
+pub enum Format {
+    /// A diffusers folder: `config.json` and safetensors shards of at most `shard_bytes`.
+    Safetensors { shard_bytes: u64 },
+    /// One GGUF file per transformer (`diffusion_pytorch_model-Q8_0.gguf`), matrices in `quant`
+    /// (`q8_0`, `q4_k`, ...) by city96's rules, diffusers tensor names, no config (the loader infers
+    /// it from the shapes).
+    Gguf { quant: String },
+}
+
+/// [`export`] in any [`Format`].
+pub fn export_as(
+    config: &Path,
+    out: &Path,
+    format: &Format,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ExportReport> {
     link_all();
     let cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
@@ -81,7 +102,21 @@ pub fn export(
     let tmp = crate::output::temp_name(&parent, "partial");
     std::fs::create_dir(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
     crate::output::register(&tmp);
-    let result = write_all(&tmp, &models, shard_bytes, progress).and_then(|r| {
+    let written = match format {
+        Format::Safetensors { shard_bytes } => write_all(&tmp, &models, *shard_bytes, progress),
+        Format::Gguf { quant } => {
+            let arch = exporter.gguf.ok_or_else(|| {
+                Error::msg(format!("--gguf: family `{}` has no GGUF export", fam.name))
+            })?;
+            let q = magcache_models::weights::gguf::quant_type(quant).ok_or_else(|| {
+                Error::msg(format!(
+                    "--gguf {quant}: not a type this runner writes (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
+                ))
+            })?;
+            write_gguf_all(&tmp, &models, arch, q, progress)
+        }
+    };
+    let result = written.and_then(|r| {
         rename_new(&tmp, out).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => {
                 Error::io(
@@ -109,6 +144,45 @@ pub fn export(
 }
 
 type Written = (Vec<(String, usize, u64)>, usize, u64);
+
+/// One GGUF file per transformer folder.
+fn write_gguf_all(
+    root: &Path,
+    models: &[GeneratedWeights],
+    arch: &str,
+    quant: candle_core::quantized::GgmlDType,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Written> {
+    let mut folders = Vec::new();
+    let (mut tensors, mut bytes) = (0, 0u64);
+    for m in models {
+        let dir = if m.folder.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&m.folder)
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        let name = format!("{quant:?}").to_uppercase();
+        let path = dir.join(format!("diffusion_pytorch_model-{name}.gguf"));
+        let list: Vec<(String, Vec<usize>)> = m
+            .tensors
+            .iter()
+            .map(|(n, s, _)| (n.clone(), s.clone()))
+            .collect();
+        let n = magcache_models::weights::gguf::write_gguf(
+            &path,
+            arch,
+            &list,
+            quant,
+            &|name, shape| (m.generate)(name, shape),
+            progress,
+        )?;
+        folders.push((m.folder.clone(), 1, n));
+        tensors += list.len();
+        bytes += n;
+    }
+    Ok((folders, tensors, bytes))
+}
 
 fn write_all(
     root: &Path,

@@ -22,7 +22,7 @@ pub mod video;
 pub use calibrate::{blocks_text, calibrate, calibrate_with, fingerprint};
 pub use cli::main;
 pub use compare::{compare, compare_text, CompareReport, Comparison};
-pub use export::{export, ExportReport};
+pub use export::{export, export_as, ExportReport, Format as ExportFormat};
 pub use list::list;
 pub use output::{install_signal_cleanup, write_atomic, write_latents, Outputs};
 pub use plan::{plan, plan_text, PlanReport};

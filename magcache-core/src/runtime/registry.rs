@@ -73,6 +73,9 @@ pub type ExportWeights =
 pub struct PresetExport {
     pub family: &'static str,
     pub export: ExportWeights,
+    /// The `general.architecture` of GGUF files of this family (`magcache export --gguf`);
+    /// `None`: no GGUF export.
+    pub gguf: Option<&'static str>,
 }
 
 inventory::collect!(PresetExport);

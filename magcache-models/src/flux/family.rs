@@ -299,7 +299,9 @@ fn export_flux(
 }
 
 inventory::submit! {
-    magcache_core::PresetExport { family: "flux", export: export_flux }
+    // FLUX GGUF files carry BFL names (config inference reads them); diffusers names would need a
+    // config.json: no GGUF export yet.
+    magcache_core::PresetExport { family: "flux", export: export_flux, gguf: None }
 }
 
 inventory::submit! {

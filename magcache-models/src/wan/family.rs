@@ -547,11 +547,11 @@ fn export_wan22(
 }
 
 inventory::submit! {
-    magcache_core::PresetExport { family: "wan2.1", export: export_wan21 }
+    magcache_core::PresetExport { family: "wan2.1", export: export_wan21, gguf: Some("wan") }
 }
 
 inventory::submit! {
-    magcache_core::PresetExport { family: "wan2.2", export: export_wan22 }
+    magcache_core::PresetExport { family: "wan2.2", export: export_wan22, gguf: Some("wan") }
 }
 
 inventory::submit! {

@@ -6,7 +6,9 @@
 #   WORK_DIR: where the checkpoints go (default /tmp/magcache-stream; Wan2.1-14B takes 28.6 GB of
 #             disk, FLUX.1-dev 23.8 GB, Wan2.1-1.3B 2.8 GB; they are kept for re-runs, delete them after).
 #   MODELS:   "1.3b 14b" by default; also "flux-dev".
-# Env: MAGCACHE (default target/release/magcache), STEPS (default 2; no CFG: one call per step).
+# Env: MAGCACHE (default target/release/magcache), STEPS (default 2; no CFG: one call per step),
+#      FORMAT (default bf16: a safetensors folder; q8_0, q4_0, ...: one GGUF file, `export --gguf`,
+#      its matrices kept quantized when held; Wan only).
 # Each run: 64 image tokens (Wan: 1 latent frame of 16x16; FLUX: 16x16 latents), text 64, no CFG,
 # so the weights dominate the memory.
 set -euo pipefail
@@ -15,6 +17,7 @@ work="${1:-/tmp/magcache-stream}"
 models="${2:-1.3b 14b}"
 bin="${MAGCACHE:-$repo/target/release/magcache}"
 steps="${STEPS:-2}"
+format="${FORMAT:-bf16}"
 [ -x "$bin" ] || { echo "stream_memory.sh: build first: cargo build --release -p magcache-cli" >&2; exit 2; }
 mkdir -p "$work"
 work="$(cd "$work" && pwd)" # absolute: a run file resolves `weights` against its own folder
@@ -38,16 +41,19 @@ for m in $models; do
     *) family=wan2.1; preset="wan2.1-t2v-$m"; latents="[1, 16, 1, 16, 16]" ;;
   esac
   cfg_tail="${tail_cfg/LATENTS/$latents}"
-  ckpt="$work/$preset-bf16"
+  ckpt="$work/$preset-$format"
   if [ ! -d "$ckpt" ]; then
     printf '[model]\nfamily = "%s"\npreset = "%s"\ndtype = "bf16"\n%s' "$family" "$preset" "$cfg_tail" > "$work/export-$m.toml"
-    echo "== export $preset (bf16) -> $ckpt"
-    /usr/bin/time -f "   export: %e s, %M KB peak" "$bin" export --config "$work/export-$m.toml" --out "$ckpt"
+    echo "== export $preset ($format) -> $ckpt"
+    gguf=(); [ "$format" = bf16 ] || gguf=(--gguf "$format")
+    /usr/bin/time -f "   export: %e s, %M KB peak" "$bin" export --config "$work/export-$m.toml" --out "$ckpt" "${gguf[@]}"
   fi
+  weights="$ckpt"
+  [ "$format" = bf16 ] || weights="$(ls "$ckpt"/*.gguf)"
   for offload in none stream; do
-    printf '[model]\nfamily = "%s"\nweights = "%s"\ndtype = "bf16"\noffload = "%s"\n%s' "$family" "$ckpt" "$offload" "$cfg_tail" > "$work/run-$m-$offload.toml"
-    printf '%-22s offload=%-6s ' "$preset bf16" "$offload"
-    rss "$work/run-$m-$offload.toml" || echo "(refused or failed: see above)"
+    printf '[model]\nfamily = "%s"\nweights = "%s"\ndtype = "bf16"\noffload = "%s"\n%s' "$family" "$weights" "$offload" "$cfg_tail" > "$work/run-$m-$format-$offload.toml"
+    printf '%-22s offload=%-6s ' "$preset $format" "$offload"
+    rss "$work/run-$m-$format-$offload.toml" || echo "(refused or failed: see above)"
     echo
   done
 done

@@ -123,5 +123,22 @@ pub fn plan_text(r: &PlanReport) -> String {
         "predicted transformer calls: {}/{} computed   predicted speedup {:.2}x (transformer calls)\n",
         r.computed_calls, r.total_calls, r.predicted_speedup
     ));
+    if r.strategy == "schedule" {
+        // A searched schedule reports each reused call's predicted forecast error.
+        let errs: Vec<f64> = r
+            .calls
+            .iter()
+            .filter(|c| c.computed == Some(false))
+            .filter_map(|c| c.metric)
+            .collect();
+        if !errs.is_empty() {
+            let max = errs.iter().copied().fold(0.0, f64::max);
+            s.push_str(&format!(
+                "predicted forecast error of the reused calls (dense calibration run): mean {:.4}, max {:.4}\n",
+                errs.iter().sum::<f64>() / errs.len() as f64,
+                max
+            ));
+        }
+    }
     s
 }

@@ -3,13 +3,15 @@
 //! step's: `ratio` (mean per-token norm ratio; 1.0 at the first step), its std, and the cosine distance;
 //! and the forecast errors a calibrated schedule is searched on ([`crate::schedule`]): for every call
 //! `k`, the relative L1 error of reusing call `i`'s residual and of the order-1 forecast from calls
-//! `h < i`, for gaps up to [`crate::schedule::MAX_GAP`] (the last `2 * MAX_GAP` residuals of a scope
-//! are kept meanwhile).
+//! `h < i`, for gaps up to [`crate::schedule::MAX_GAP`]; and the Gram matrix of the residuals (their
+//! dot products, for calls up to `3 * MAX_GAP` apart), from which the search derives the relative L2
+//! error of any linear forecast (any estimator, in step index or in sigma). The last `3 * MAX_GAP`
+//! residuals of a scope are kept meanwhile.
 
 use crate::profile::ForecastErrors;
 use crate::residual::extrapolate;
 use crate::schedule::MAX_GAP;
-use magcache_core::candle_core::Tensor;
+use magcache_core::candle_core::{DType, Tensor};
 use magcache_core::maths::{mag_stats, rel_l1, tensor_bytes};
 use magcache_core::{
     BlockChain, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey, ScopeStates,
@@ -33,7 +35,7 @@ pub type CalibrationResults = Arc<Mutex<BTreeMap<ScopeKey, ScopeCalibration>>>;
 #[derive(Default)]
 struct CalState {
     prev: Option<Tensor>,
-    /// `(call, residual)` of the last `2 * MAX_GAP` calls.
+    /// `(call, residual)` of the last `3 * MAX_GAP` calls.
     window: VecDeque<(usize, Tensor)>,
 }
 
@@ -103,16 +105,25 @@ impl TimestepCache for Calibrator {
                 .reuse
                 .push([*i as f64, k as f64, rel_l1(ri, &res)?]);
             for (h, rh) in st.window.iter().take(a) {
-                if i - h <= MAX_GAP {
-                    let f = extrapolate(&[(*h, rh), (*i, ri)], k)?;
+                if i - h <= MAX_GAP && k - h <= 2 * MAX_GAP {
+                    let f = extrapolate(&[(*h as f64, rh), (*i as f64, ri)], k as f64)?;
                     forecast
                         .taylor1
                         .push([*h as f64, *i as f64, k as f64, rel_l1(&f, &res)?]);
                 }
             }
         }
+        let res64 = res.to_dtype(DType::F64)?;
+        for (i, ri) in &st.window {
+            forecast
+                .gram
+                .push([*i as f64, k as f64, dot(&ri.to_dtype(DType::F64)?, &res64)?]);
+        }
+        forecast
+            .gram
+            .push([k as f64, k as f64, dot(&res64, &res64)?]);
         st.window.push_back((k, res.clone()));
-        while st.window.len() > 2 * MAX_GAP {
+        while st.window.len() > 3 * MAX_GAP {
             st.window.pop_front();
         }
         st.prev = Some(res);
@@ -126,6 +137,7 @@ impl TimestepCache for Calibrator {
         c.cos_dists.push(cos);
         c.forecast.reuse.extend(forecast.reuse);
         c.forecast.taylor1.extend(forecast.taylor1);
+        c.forecast.gram.extend(forecast.gram);
         Ok((out, CallDecision::computed(Some(ratio))))
     }
 
@@ -138,6 +150,11 @@ impl TimestepCache for Calibrator {
             })
             .collect()
     }
+}
+
+/// `sum(a * b)` in f64.
+fn dot(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a * b)?.sum_all()?.to_scalar::<f64>()?)
 }
 
 /// The measured curves of a calibration run as MagCache uses them (`RatioSource::Registered`):

@@ -6,7 +6,8 @@
 //!   past the announced steps is an error);
 //! - the guards ([`crate::guards`]: `warmup_steps`, `last_steps`, `max_consecutive`, `cfg_shared`)
 //!   and the final decision under them;
-//! - the residual store and the estimator ([`crate::residual`]: `reuse | taylor1 | taylor2`);
+//! - the residual store and the estimator ([`crate::residual`]: `reuse | taylor1 | taylor2 | foca`,
+//!   in step index or in sigma);
 //! - running the chain: the rule's front blocks (always run, measured by the rule), then the middle
 //!   computed or stood in for by the input plus the estimated residual (added once), then the
 //!   rule's back blocks (always run);
@@ -23,7 +24,7 @@
 //! too (FLUX's joint blocks), which the back blocks read.
 
 use crate::guards::{few_step_warnings, GuardConfig, Guards, Verdict};
-use crate::residual::{Estimator, ResidualHistory};
+use crate::residual::{Estimator, EstimatorAxis, ResidualHistory};
 use magcache_core::candle_core::Tensor;
 use magcache_core::{
     BlockChain, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, Result, ScopeKey,
@@ -36,12 +37,31 @@ use std::collections::HashMap;
 pub struct Shared {
     pub guards: GuardConfig,
     pub estimator: Estimator,
+    /// The coordinate the estimator extrapolates in.
+    pub estimator_axis: EstimatorAxis,
 }
 
 impl Shared {
     /// Checks the keys; errors name `file` and the key.
     pub fn validate(&self, file: &str) -> Result<()> {
         self.guards.validate(file)
+    }
+
+    /// Checks that `plan` gives what the estimator axis needs (a sigma for every call).
+    pub fn check_plan(&self, plan: &GenerationPlan) -> Result<()> {
+        if self.estimator_axis == EstimatorAxis::Sigma {
+            if let Some(sp) = plan
+                .scopes
+                .iter()
+                .find(|sp| sp.sigmas.len() < sp.steps || sp.sigmas.iter().any(|s| !s.is_finite()))
+            {
+                return Err(Error::msg(format!(
+                    "cache.estimator_axis = \"sigma\": the plan gives scope {} no sigma for some of its {} calls; use estimator_axis = \"step\"",
+                    sp.key, sp.steps
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -127,6 +147,9 @@ pub struct Call<'a> {
     pub has_residual: bool,
     /// The front blocks' input and output, for rules with front blocks.
     pub front: Option<Front<'a>>,
+    /// The hidden stream entering the cached (middle) blocks: the chain's input, or the front
+    /// blocks' output; `None` when the call is predicted (no model runs).
+    pub input: Option<&'a Tensor>,
     /// The decision synchronisation a data metric goes through.
     pub sync: &'a dyn DecisionSync,
     chain: Option<&'a dyn BlockChain>,
@@ -191,6 +214,14 @@ pub trait Rule: Send + 'static {
 
     /// What the rule would do with `call`.
     fn decide(&self, state: &mut Self::State, call: &Call<'_>) -> Result<Wish>;
+
+    /// Told, after a computed call, the hidden stream entering the cached (middle) blocks and the
+    /// one leaving them (rules that learn from the model's response, as EasyCache's
+    /// transformation rate does; default: nothing). Called after [`Rule::settle`].
+    fn observe(&self, state: &mut Self::State, input: &Tensor, output: &Tensor) -> Result<()> {
+        let _ = (state, input, output);
+        Ok(())
+    }
 
     /// Told the call's final decision (`reused`); returns the metric the call reports (default: the
     /// one the rule decided from).
@@ -263,6 +294,7 @@ impl<R: Rule> TimestepCache for Cached<R> {
     }
 
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>> {
+        self.shared.check_plan(plan)?;
         self.states = self.fresh_slots(plan)?;
         self.guards.begin(plan);
         self.plan = plan.clone();
@@ -295,17 +327,19 @@ impl<R: Rule> TimestepCache for Cached<R> {
         let input = x.hidden.clone();
         let front = if fr > 0 { chain.run(0..fr, x)? } else { x };
         let has_residual = !slot.state.residuals.is_empty();
+        let sigma = slot.sigmas.get(step).copied();
         let call = Call {
             scope,
             step,
             steps: slot.steps,
-            sigma: slot.sigmas.get(step).copied(),
+            sigma,
             verdict,
             has_residual,
             front: (fr > 0).then_some(Front {
                 input: &input,
                 output: &front,
             }),
+            input: Some(&front.hidden),
             sync,
             chain: Some(chain),
             strategy: name,
@@ -315,8 +349,9 @@ impl<R: Rule> TimestepCache for Cached<R> {
         self.guards.record(scope, step, reuse);
         let metric = self.rule.settle(&mut slot.state.rule, reuse, wish.metric);
         let residuals = &mut slot.state.residuals;
+        let at = self.shared.estimator_axis.coordinate(step, sigma)?;
         let middle = if reuse {
-            let res = residuals.estimate(step)?.ok_or_else(|| {
+            let res = residuals.estimate(at)?.ok_or_else(|| {
                 Error::Hooks(format!("{name} scope {scope}: reuse without a residual"))
             })?;
             if res.hidden.dims() != front.hidden.dims() {
@@ -334,7 +369,9 @@ impl<R: Rule> TimestepCache for Cached<R> {
             } else {
                 mid.sub(&front)?
             };
-            residuals.push(step, residual);
+            residuals.push(step, at, residual);
+            self.rule
+                .observe(&mut slot.state.rule, &front.hidden, &mid.hidden)?;
             mid
         };
         let out = if bk > 0 {
@@ -373,6 +410,7 @@ impl<R: Rule> TimestepCache for Cached<R> {
                 verdict,
                 has_residual: *has_residual,
                 front: None,
+                input: None,
                 sync: &SingleProcess,
                 chain: None,
                 strategy: self.rule.name(),
@@ -406,7 +444,7 @@ impl<R: Rule> TimestepCache for Cached<R> {
 }
 
 /// Declares a strategy's `[cache]` config: its own keys, each with its default, followed by the
-/// shared keys of every rule-based strategy (`estimator`, `warmup_steps`, `last_steps`,
+/// shared keys of every rule-based strategy (`estimator`, `estimator_axis`, `warmup_steps`, `last_steps`,
 /// `max_consecutive`, `cfg_shared`, see [`crate::guards`] and [`crate::residual`]), with
 /// `Serialize`/`Deserialize` (unknown keys refused, missing keys defaulted), `Default` and
 /// [`SharedKeys`]. The crate that uses it depends on `serde`.
@@ -437,9 +475,11 @@ macro_rules! strategy_config {
         #[serde(deny_unknown_fields, default)]
         pub struct $name {
             $( $(#[$fmeta])* pub $field: $ty, )*
-            /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"` or
-            /// `"taylor2"` (its forecast from the last computed calls of the scope).
+            /// What a reused call returns: `"reuse"` (the last computed residual), `"taylor1"`,
+            /// `"taylor2"` or `"foca"` (its forecast from the last computed calls of the scope).
             pub estimator: $crate::residual::Estimator,
+            /// The coordinate forecasts extrapolate in: `"step"` (the call's index) or `"sigma"`.
+            pub estimator_axis: $crate::residual::EstimatorAxis,
             /// Guard: the first `n` calls of every scope compute.
             pub warmup_steps: usize,
             /// Guard: the last `n` calls of every scope compute.
@@ -455,6 +495,7 @@ macro_rules! strategy_config {
                 $name {
                     $( $field: $default, )*
                     estimator: $crate::residual::Estimator::Reuse,
+                    estimator_axis: $crate::residual::EstimatorAxis::Step,
                     warmup_steps: 0,
                     last_steps: 0,
                     max_consecutive: None,
@@ -473,6 +514,7 @@ macro_rules! strategy_config {
                         cfg_shared: self.cfg_shared,
                     },
                     estimator: self.estimator,
+                    estimator_axis: self.estimator_axis,
                 }
             }
         }

@@ -80,6 +80,7 @@ impl FbCacheConfig {
             back_blocks: 0,
             threshold: self.threshold,
             estimator: self.estimator,
+            estimator_axis: self.estimator_axis,
             metric: self.metric,
             downsample: self.downsample,
             ema: self.ema,

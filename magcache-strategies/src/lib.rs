@@ -9,6 +9,8 @@
 //! - [`teacache`]: TeaCache, rescaled distance of a model-provided indicator (`strategy = "teacache"`);
 //! - [`seacache`]: SeaCache, accumulated distance of the spectrally filtered input latents with
 //!   residual extrapolation (`strategy = "seacache"`);
+//! - [`easycache`]: EasyCache, reuse while the output change predicted from the model's own
+//!   transformation rate stays small (`strategy = "easycache"`);
 //! - [`schedule`]: calibrated schedules, the computed calls fixed before the run, given or searched
 //!   from a calibration profile (`strategy = "schedule"`).
 //!
@@ -23,6 +25,7 @@
 //! keep per-scope state in [`magcache_core::ScopeStates`].
 
 pub mod calibrate;
+pub mod easycache;
 pub mod engine;
 pub mod fbcache;
 pub mod guards;
@@ -35,12 +38,13 @@ pub mod schedule;
 pub mod seacache;
 pub mod teacache;
 
+pub use easycache::{EasyCache, EasyCacheConfig};
 pub use engine::{Cached, Call, Rule, Shared, SharedKeys, Want, Wish};
 pub use fbcache::{DbCacheConfig, FbCache, FbCacheConfig, HeadMetric};
 pub use guards::GuardConfig;
 pub use magcache::{MagCache, MagCacheConfig};
 pub use ratios::{RatioCurves, RatioSource, RatioSpec, Resample};
-pub use residual::Estimator;
+pub use residual::{Estimator, EstimatorAxis};
 pub use schedule::{Schedule, ScheduleConfig};
 pub use seacache::{SeaCache, SeaCacheConfig};
 pub use teacache::{TeaCache, TeaCacheConfig};
@@ -68,4 +72,5 @@ pub fn link() {
     std::hint::black_box(teacache::TeaCacheConfig::default());
     std::hint::black_box(seacache::SeaCacheConfig::default());
     std::hint::black_box(schedule::ScheduleConfig::default());
+    std::hint::black_box(easycache::EasyCacheConfig::default());
 }

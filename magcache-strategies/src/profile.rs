@@ -12,6 +12,7 @@
 //! [forecast_errors.main.cond]  # what a calibrated schedule is searched on (crate::schedule)
 //! reuse = [[i, k, err], ...]
 //! taylor1 = [[h, i, k, err], ...]
+//! gram = [[i, k, dot], ...]     # residual dot products: any estimator's error, in step or sigma
 //! ```
 
 use crate::ratios::RatioCurves;
@@ -68,6 +69,11 @@ pub struct ForecastErrors {
     pub reuse: Vec<[f64; 3]>,
     /// `[h, i, k, err]`: the order-1 forecast from calls `h` and `i` at call `k`.
     pub taylor1: Vec<[f64; 4]>,
+    /// `[i, k, dot]`: the dot product of the residuals of calls `i <= k` (up to `3 * MAX_GAP`
+    /// apart), from which the search derives the relative L2 error of any linear forecast (absent
+    /// in profiles written before estimators in sigma).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gram: Vec<[f64; 3]>,
 }
 
 /// The input file of a strategy's `profile` key, for the runner's output checks.

@@ -19,7 +19,7 @@
 //! shows the chosen schedule. Decisions do not depend on the data.
 
 use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
-use crate::residual::Estimator;
+use crate::residual::{Estimator, EstimatorAxis};
 use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::{
     BuildEnv, Error, GenerationPlan, Result, ScopePlan, StrategyConfig, TimestepCache,
@@ -147,9 +147,160 @@ enum Source {
     },
 }
 
+/// How the search prices a skipped call: the forecast error of call `k` from the computed calls
+/// before it, as measured on the dense calibration run.
+///
+/// `reuse` and `taylor1` in step index read the profile's relative L1 tables (`reuse`, `taylor1`),
+/// as schedules were searched before estimators in sigma; every other estimator and axis is priced
+/// by the relative L2 error `||sum_j w_j r_j - r_k|| / ||r_k||` of its forecast, the weights `w_j`
+/// being the estimator's Lagrange weights in its coordinate, computed from the profile's Gram matrix
+/// of the residuals (`gram`). A profile without `gram` prices `taylor2` in step index by the order-1
+/// table (its behaviour before) and cannot price the others.
+#[derive(Clone, Debug)]
+pub struct ErrorModel {
+    estimator: Estimator,
+    kind: ModelKind,
+}
+
+#[derive(Clone, Debug)]
+enum ModelKind {
+    Tables {
+        reuse: HashMap<(usize, usize), f64>,
+        taylor1: HashMap<(usize, usize, usize), f64>,
+    },
+    Gram {
+        dots: HashMap<(usize, usize), f64>,
+        coords: Vec<f64>,
+    },
+}
+
+impl ErrorModel {
+    /// The model of `estimator` on `axis` (`sigmas`: the scope's sigma of every call, for the sigma
+    /// axis); an error message naming the missing table.
+    pub fn new(
+        errors: &ForecastErrors,
+        estimator: Estimator,
+        axis: EstimatorAxis,
+        sigmas: &[f64],
+        n: usize,
+    ) -> std::result::Result<ErrorModel, String> {
+        let legacy = axis == EstimatorAxis::Step
+            && (matches!(estimator, Estimator::Reuse | Estimator::Taylor1)
+                || (estimator == Estimator::Taylor2 && errors.gram.is_empty()));
+        let kind = if legacy {
+            ModelKind::Tables {
+                reuse: errors
+                    .reuse
+                    .iter()
+                    .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
+                    .collect(),
+                taylor1: errors
+                    .taylor1
+                    .iter()
+                    .map(|r| ((r[0] as usize, r[1] as usize, r[2] as usize), r[3]))
+                    .collect(),
+            }
+        } else {
+            if errors.gram.is_empty() {
+                return Err(format!(
+                    "the profile has no `gram` table, needed to search for estimator = \"{}\" with estimator_axis = \"{}\" (written by an older `magcache calibrate`): calibrate again",
+                    estimator.as_str(),
+                    axis.as_str()
+                ));
+            }
+            let coords = match axis {
+                EstimatorAxis::Step => (0..n).map(|k| k as f64).collect(),
+                EstimatorAxis::Sigma => {
+                    if sigmas.len() < n {
+                        return Err(format!(
+                            "estimator_axis = \"sigma\" needs the sigma of each of the scope's {n} calls; the plan gives {}",
+                            sigmas.len()
+                        ));
+                    }
+                    sigmas[..n].to_vec()
+                }
+            };
+            ModelKind::Gram {
+                dots: errors
+                    .gram
+                    .iter()
+                    .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
+                    .collect(),
+                coords,
+            }
+        };
+        Ok(ErrorModel { estimator, kind })
+    }
+
+    /// How many computed calls the forecast reads (1 to 3).
+    fn memory(&self) -> usize {
+        self.estimator.order() + 1
+    }
+
+    /// The error of call `k` forecast from the computed calls `hist` (oldest first, the newest
+    /// `memory()` used); `None` when the profile did not measure it.
+    pub fn error(&self, hist: &[usize], k: usize) -> Option<f64> {
+        let hist = &hist[hist.len().saturating_sub(self.memory())..];
+        match &self.kind {
+            ModelKind::Tables { reuse, taylor1 } => match hist {
+                [.., h, i] if self.estimator != Estimator::Reuse => {
+                    taylor1.get(&(*h, *i, k)).copied()
+                }
+                [.., i] => reuse.get(&(*i, k)).copied(),
+                [] => None,
+            },
+            ModelKind::Gram { dots, coords } => {
+                let dot = |a: usize, b: usize| dots.get(&(a.min(b), a.max(b))).copied();
+                let at = *coords.get(k)?;
+                let pts: Vec<f64> = hist
+                    .iter()
+                    .map(|&i| coords.get(i).copied())
+                    .collect::<Option<_>>()?;
+                let mut w = vec![0.0; hist.len()];
+                let lagrange = |w: &mut [f64], from: usize, share: f64| {
+                    for j in from..pts.len() {
+                        let mut l = 1.0;
+                        for m in from..pts.len() {
+                            if m != j {
+                                l *= (at - pts[m]) / (pts[j] - pts[m]);
+                            }
+                        }
+                        w[j] += share * l;
+                    }
+                };
+                if self.estimator == Estimator::Foca && hist.len() == 3 {
+                    lagrange(&mut w, 1, 0.5);
+                    lagrange(&mut w, 0, 0.5);
+                } else {
+                    lagrange(&mut w, 0, 1.0);
+                }
+                // ||sum_j w_j r_j - r_k||^2 from the dot products.
+                let mut idx: Vec<(usize, f64)> = hist.iter().copied().zip(w).collect();
+                idx.push((k, -1.0));
+                let mut sq = 0.0;
+                for &(a, wa) in &idx {
+                    for &(b, wb) in &idx {
+                        sq += wa * wb * dot(a, b)?;
+                    }
+                }
+                let norm = dot(k, k)?;
+                if !sq.is_finite() {
+                    return None;
+                }
+                Some(if norm > 0.0 {
+                    (sq.max(0.0) / norm).sqrt()
+                } else {
+                    0.0
+                })
+            }
+        }
+    }
+}
+
 /// The calls to compute among `n` for a budget of `budget`, minimising the summed forecast error of
-/// the skipped calls under `estimator`, call `k`'s error weighted by `weights[k]` (missing: 1);
-/// `None` when no schedule within the measured gaps exists.
+/// the skipped calls under `estimator` in step index (the relative L1 tables; see [`ErrorModel`]),
+/// call `k`'s error weighted by `weights[k]` (missing: 1); `None` when no schedule within the
+/// measured gaps exists.
 pub fn search(
     errors: &ForecastErrors,
     n: usize,
@@ -157,76 +308,105 @@ pub fn search(
     estimator: Estimator,
     weights: &[f64],
 ) -> Option<Vec<usize>> {
+    let model = ErrorModel::new(errors, estimator, EstimatorAxis::Step, &[], n).ok()?;
+    search_model(&model, n, budget, weights).map(|(s, _)| s)
+}
+
+/// As [`search`], for any [`ErrorModel`]; returns the schedule and the predicted (weighted-out)
+/// error of every call (0 for computed calls).
+pub fn search_model(
+    model: &ErrorModel,
+    n: usize,
+    budget: usize,
+    weights: &[f64],
+) -> Option<(Vec<usize>, Vec<f64>)> {
     if n == 0 {
-        return Some(Vec::new());
+        return Some((Vec::new(), Vec::new()));
     }
     let budget = budget.clamp(1, n);
-    let e0: HashMap<(usize, usize), f64> = errors
-        .reuse
-        .iter()
-        .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
-        .collect();
-    let e1: HashMap<(usize, usize, usize), f64> = errors
-        .taylor1
-        .iter()
-        .map(|r| ((r[0] as usize, r[1] as usize, r[2] as usize), r[3]))
-        .collect();
-    let order1 = estimator != Estimator::Reuse;
-    // Cost of the calls strictly between computed `i` and `j` (`j = n`: the calls after the last),
-    // the computed call before `i` being `h` (`None`: `i` is the first).
-    let gap_cost = |h: Option<usize>, i: usize, j: usize| -> Option<f64> {
-        let mut c = 0.0;
-        for k in i + 1..j {
-            let e = match h {
-                Some(h) if order1 => *e1.get(&(h, i, k))?,
-                _ => *e0.get(&(i, k))?,
-            };
-            c += e * weights.get(k).copied().unwrap_or(1.0);
-        }
-        Some(c)
+    let keep = model.memory() - 1;
+    // Errors of the calls strictly between computed `i` and `j` (`j = n`: the calls after the
+    // last), forecast from the computed calls `prev` (oldest first) and `i`.
+    let gap = |prev: [Option<usize>; 2], i: usize, j: usize| -> Option<Vec<f64>> {
+        let hist: Vec<usize> = prev.iter().flatten().copied().chain([i]).collect();
+        (i + 1..j).map(|k| model.error(&hist, k)).collect()
     };
-    // best[(h, i, used)] = least cost of calls 0..=i with `used` computed, the last two h < i.
-    type Key = (Option<usize>, usize, usize);
-    // Ordered, so that among schedules of equal cost the same one is found every time.
-    let mut best: BTreeMap<Key, (f64, Option<Key>)> = BTreeMap::new();
-    best.insert((None, 0, 1), (0.0, None));
+    let cost = |errs: &[f64], i: usize| -> f64 {
+        errs.iter()
+            .enumerate()
+            .map(|(d, e)| e * weights.get(i + 1 + d).copied().unwrap_or(1.0))
+            .sum()
+    };
+    // layers[i][(prev, used)] = (least cost of calls 0..=i with `used` computed, the last computed
+    // ones before `i` being `prev`; the state it came from). Ordered, so that among schedules of
+    // equal cost the same one is found every time.
+    type Key = ([Option<usize>; 2], usize);
+    type Layer = BTreeMap<Key, (f64, Option<(usize, Key)>)>;
+    let mut layers: Vec<Layer> = vec![BTreeMap::new(); n];
+    layers[0].insert(([None, None], 1), (0.0, None));
     for i in 0..n {
-        for used in 1..=budget {
-            let here: Vec<(Key, f64)> = best
-                .iter()
-                .filter(|((_, bi, bu), _)| *bi == i && *bu == used)
-                .map(|(k, v)| (*k, v.0))
-                .collect();
-            for (key, cost) in here {
-                if used == budget {
+        let here: Vec<(Key, f64)> = layers[i].iter().map(|(k, v)| (*k, v.0)).collect();
+        for ((prev, used), c0) in here {
+            if used == budget {
+                continue;
+            }
+            #[allow(clippy::needless_range_loop)] // `j` is a call index as well as a layer
+            for j in i + 1..(i + MAX_GAP + 1).min(n) {
+                let Some(errs) = gap(prev, i, j) else {
                     continue;
-                }
-                for j in i + 1..(i + MAX_GAP + 1).min(n) {
-                    let Some(c) = gap_cost(key.0, i, j) else {
-                        continue;
-                    };
-                    let next = (if order1 { Some(i) } else { None }, j, used + 1);
-                    let total = cost + c;
-                    if best.get(&next).is_none_or(|(b, _)| total < *b) {
-                        best.insert(next, (total, Some(key)));
+                };
+                let next_prev = match keep {
+                    0 => [None, None],
+                    1 => [None, Some(i)],
+                    _ => [prev[1], Some(i)],
+                };
+                let total = c0 + cost(&errs, i);
+                let slot = layers[j].entry((next_prev, used + 1));
+                match slot {
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        if total < o.get().0 {
+                            o.insert((total, Some((i, (prev, used)))));
+                        }
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert((total, Some((i, (prev, used)))));
                     }
                 }
             }
         }
     }
-    let end = best
-        .iter()
-        .filter(|((_, _, u), _)| *u == budget)
-        .filter_map(|(k, (c, _))| gap_cost(k.0, k.1, n).map(|t| (*k, c + t)))
-        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
+    let mut end: Option<(usize, Key, f64)> = None;
+    for (i, layer) in layers.iter().enumerate() {
+        for (key, (c, _)) in layer {
+            if key.1 != budget {
+                continue;
+            }
+            let Some(errs) = gap(key.0, i, n) else {
+                continue;
+            };
+            let total = c + cost(&errs, i);
+            if end.as_ref().is_none_or(|e| total < e.2) {
+                end = Some((i, *key, total));
+            }
+        }
+    }
+    let (i_end, key_end, _) = end?;
     let mut steps = Vec::new();
-    let mut cur = Some(end.0);
-    while let Some(k) = cur {
-        steps.push(k.1);
-        cur = best.get(&k).and_then(|v| v.1);
+    let mut cur = Some((i_end, key_end));
+    while let Some((i, key)) = cur {
+        steps.push(i);
+        cur = layers[i].get(&key).and_then(|v| v.1);
     }
     steps.reverse();
-    Some(steps)
+    let mut errors = vec![0.0; n];
+    for (a, &i) in steps.iter().enumerate() {
+        let j = steps.get(a + 1).copied().unwrap_or(n);
+        let hist: Vec<usize> = steps[a.saturating_sub(keep)..=a].to_vec();
+        for (k, e) in errors.iter_mut().enumerate().take(j).skip(i + 1) {
+            *e = model.error(&hist, k).unwrap_or(f64::NAN);
+        }
+    }
+    Some((steps, errors))
 }
 
 /// The schedule's rule: the calls of each scope that compute, fixed before the run.
@@ -239,9 +419,27 @@ pub struct ScheduleRule {
 pub type Schedule = Cached<ScheduleRule>;
 
 impl ScheduleRule {
+    /// The rule computing the calls `compute_steps` of every scope (`compute_steps = [...]`).
+    pub fn fixed(compute_steps: Vec<usize>) -> Self {
+        ScheduleRule {
+            cfg: ScheduleConfig {
+                compute_steps: Some(compute_steps.clone()),
+                ..Default::default()
+            },
+            source: Source::Fixed(compute_steps),
+        }
+    }
+
     /// The computed calls of scope `key` with `steps` calls.
-    fn schedule_for(&self, sp: &ScopePlan, plan: &GenerationPlan) -> Result<Vec<bool>> {
+    /// Per call: whether it computes, and (searched schedules) the predicted forecast error of a
+    /// reused call.
+    fn schedule_for(
+        &self,
+        sp: &ScopePlan,
+        plan: &GenerationPlan,
+    ) -> Result<Vec<(bool, Option<f64>)>> {
         let (key, steps, n_plan) = (sp.key, sp.steps, plan.experts().len());
+        let mut predicted: Option<Vec<f64>> = None;
         let list = match &self.source {
             Source::Fixed(s) => {
                 if let Some(bad) = s.iter().find(|&&i| i >= steps) {
@@ -303,38 +501,58 @@ impl ScheduleRule {
                         .abs()
                     })
                     .collect();
-                search(t, steps, budget, self.cfg.estimator, &weights).ok_or_else(|| {
-                    Error::config(
-                        file,
-                        "forecast_errors",
-                        format!("no schedule of {budget} computed calls out of {steps} keeps every gap under {MAX_GAP} calls: raise `budget`"),
-                    )
-                })?
+                let model = ErrorModel::new(
+                    t,
+                    self.cfg.estimator,
+                    self.cfg.estimator_axis,
+                    &sp.sigmas,
+                    steps,
+                )
+                .map_err(|m| {
+                    Error::config(file, format!("forecast_errors.{name}.{}", key.branch), m)
+                })?;
+                let (list, errors) = search_model(&model, steps, budget, &weights)
+                    .ok_or_else(|| {
+                        Error::config(
+                            file,
+                            "forecast_errors",
+                            format!("no schedule of {budget} computed calls out of {steps} keeps every gap under {MAX_GAP} calls: raise `budget`"),
+                        )
+                    })?;
+                predicted = Some(errors);
+                list
             }
         };
-        let mut v = vec![false; steps];
+        let mut v: Vec<(bool, Option<f64>)> = vec![(false, None); steps];
         for i in list {
-            v[i] = true;
+            v[i].0 = true;
+        }
+        if let Some(errors) = predicted {
+            for (slot, e) in v.iter_mut().zip(errors) {
+                if !slot.0 {
+                    slot.1 = Some(e);
+                }
+            }
         }
         Ok(v)
     }
 }
 
 impl Rule for ScheduleRule {
-    /// Per call of the scope: computes.
-    type State = Vec<bool>;
+    /// Per call of the scope: computes, and the predicted error when reused.
+    type State = Vec<(bool, Option<f64>)>;
 
     fn name(&self) -> &str {
         "schedule"
     }
 
-    fn init(&self, plan: &GenerationPlan, sp: &ScopePlan) -> Result<Vec<bool>> {
+    fn init(&self, plan: &GenerationPlan, sp: &ScopePlan) -> Result<Self::State> {
         self.schedule_for(sp, plan)
     }
 
-    fn decide(&self, compute: &mut Vec<bool>, call: &Call<'_>) -> Result<Wish> {
-        let scheduled = compute.get(call.step).copied().unwrap_or(true);
-        Ok(Wish::reuse_if(!scheduled, None))
+    fn decide(&self, compute: &mut Self::State, call: &Call<'_>) -> Result<Wish> {
+        let (scheduled, predicted) = compute.get(call.step).copied().unwrap_or((true, None));
+        Ok(Wish::reuse_if(!scheduled, predicted))
     }
 
     fn data_free(&self) -> bool {
@@ -390,6 +608,117 @@ mod tests {
         let s = search(&table(9), 9, 3, Estimator::Reuse, &w).unwrap();
         assert_eq!(s.len(), 3);
         assert!(s[2] < 6, "{s:?}");
+    }
+
+    /// The Gram table of residuals `r[k]` (every pair).
+    fn gram_of(r: &[Vec<f64>]) -> ForecastErrors {
+        let mut t = ForecastErrors::default();
+        for k in 0..r.len() {
+            for i in 0..=k {
+                let d: f64 = r[i].iter().zip(&r[k]).map(|(a, b)| a * b).sum();
+                t.gram.push([i as f64, k as f64, d]);
+            }
+        }
+        t
+    }
+
+    fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+        let n: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let d: f64 = b.iter().map(|y| y * y).sum();
+        (n / d).sqrt()
+    }
+
+    #[test]
+    fn gram_errors_are_the_forecasts_relative_l2_errors() {
+        // Residuals quadratic in sigma on an uneven schedule.
+        let sig = [1.0, 0.93, 0.84, 0.7, 0.5, 0.27, 0.05];
+        let r: Vec<Vec<f64>> = sig
+            .iter()
+            .map(|s| vec![1.0 + 2.0 * s, 0.5 - s * s, 3.0 * s - 1.0 + 0.2 * s * s])
+            .collect();
+        let g = gram_of(&r);
+        let model = |e, a| ErrorModel::new(&g, e, a, &sig, sig.len()).unwrap();
+        // Order 2 in sigma is exact on a quadratic in sigma; order 1 is not, and `foca` is off by
+        // half of order 1's error vector.
+        let t2 = model(Estimator::Taylor2, EstimatorAxis::Sigma);
+        assert!(t2.error(&[1, 2, 4], 6).unwrap() < 1e-6);
+        let t1 = model(Estimator::Taylor1, EstimatorAxis::Sigma);
+        let lin: Vec<f64> = (0..3)
+            .map(|j| r[4][j] + (r[4][j] - r[2][j]) * (sig[6] - sig[4]) / (sig[4] - sig[2]))
+            .collect();
+        let e1 = t1.error(&[2, 4], 6).unwrap();
+        assert!((e1 - rel_l2(&lin, &r[6])).abs() < 1e-9 && e1 > 1e-3);
+        let foca = model(Estimator::Foca, EstimatorAxis::Sigma);
+        assert!((foca.error(&[1, 2, 4], 6).unwrap() - e1 / 2.0).abs() < 1e-6);
+        // In step index the same residuals are not a polynomial: order 2 misses.
+        let t2s = model(Estimator::Taylor2, EstimatorAxis::Step);
+        assert!(t2s.error(&[1, 2, 4], 6).unwrap() > 1e-3);
+        // A profile without the Gram table cannot price the sigma axis.
+        let old = table(7);
+        let e =
+            ErrorModel::new(&old, Estimator::Taylor1, EstimatorAxis::Sigma, &sig, 7).unwrap_err();
+        assert!(e.contains("gram") && e.contains("calibrate again"), "{e}");
+        // ... but still prices `taylor2` in step index by its order-1 table.
+        assert!(ErrorModel::new(&old, Estimator::Taylor2, EstimatorAxis::Step, &[], 7).is_ok());
+    }
+
+    #[test]
+    fn four_step_distilled_schedule_leaves_the_tiny_last_call() {
+        // The distilled digits model's sigmas: each call's weight is its sigma interval. Even when
+        // the last call is the hardest to forecast (error 1 against 0.3), it spans 0.009 of the
+        // noise range and is the one left out.
+        let sig = [1.0, 0.858, 0.602, 0.0089];
+        let next = [0.858, 0.602, 0.0089, 0.0];
+        let w: Vec<f64> = sig.iter().zip(next).map(|(a, b)| a - b).collect();
+        let mut t = ForecastErrors::default();
+        for k in 1..4 {
+            for i in 0..k {
+                let e = if k == 3 { 1.0 } else { 0.3 };
+                t.reuse.push([i as f64, k as f64, e]);
+                for h in 0..i {
+                    t.taylor1.push([h as f64, i as f64, k as f64, e]);
+                }
+            }
+        }
+        for e in [Estimator::Reuse, Estimator::Taylor1] {
+            assert_eq!(search(&t, 4, 3, e, &w).unwrap(), [0, 1, 2], "{e:?}");
+            // Unweighted, the hard last call is computed instead.
+            assert_ne!(search(&t, 4, 3, e, &[]).unwrap(), [0, 1, 2], "{e:?}");
+        }
+    }
+
+    #[test]
+    fn order_two_search_keeps_three_calls_of_history() {
+        // Residuals exactly quadratic in step index: order 2 forecasts every call from any three
+        // computed ones, so any schedule costs 0 once three calls computed; the search finds a
+        // zero-cost one, and its predicted errors are zero on every reused call.
+        let r: Vec<Vec<f64>> = (0..12)
+            .map(|k| {
+                let k = k as f64;
+                vec![1.0 + k * k, 2.0 - k, 0.5 * k * k - 3.0 * k]
+            })
+            .collect();
+        let g = gram_of(&r);
+        let m = ErrorModel::new(&g, Estimator::Taylor2, EstimatorAxis::Step, &[], 12).unwrap();
+        let (s, errs) = search_model(&m, 12, 4, &[]).unwrap();
+        assert_eq!(s.len(), 4);
+        let after_three = s[2];
+        for (k, e) in errs.iter().enumerate() {
+            if k > after_three && !s.contains(&k) {
+                assert!(*e < 1e-6, "call {k}: {e} ({s:?})");
+            }
+        }
+        // Order 1 cannot do as well on the same residuals.
+        let m1 = ErrorModel::new(
+            &g,
+            Estimator::Taylor1,
+            EstimatorAxis::Sigma,
+            &(0..12).map(|k| k as f64).collect::<Vec<_>>(),
+            12,
+        )
+        .unwrap();
+        let (_, e1) = search_model(&m1, 12, 4, &[]).unwrap();
+        assert!(e1.iter().sum::<f64>() > errs.iter().sum::<f64>() + 1e-3);
     }
 
     #[test]

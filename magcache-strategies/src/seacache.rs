@@ -96,6 +96,7 @@ impl SharedKeys for SeaCacheConfig {
                 cfg_shared: self.cfg_shared,
             },
             estimator: Estimator::from_order(self.residual_order).unwrap_or(Estimator::Taylor2),
+            estimator_axis: Default::default(),
         }
     }
 }

@@ -283,3 +283,60 @@ fn cfg_shared_uncond_takes_the_cond_decision() {
     let pred: Vec<bool> = pc.iter().zip(&pu).flat_map(|(a, b)| [*a, *b]).collect();
     assert_eq!(run, pred);
 }
+
+/// The estimator axis through the engine: a schedule computing calls 0, 1 and 3 on an uneven
+/// (shifted) schedule, the chain adding `2 - 3 sigma` (a residual linear in sigma, not in the
+/// index): `taylor1` in sigma forecasts calls 2, 4 and 5 exactly, in step index it does not; `foca`
+/// in sigma is exact too (both its forecasts are), and a plan without sigmas is refused.
+#[test]
+fn sigma_axis_forecasts_in_the_samplers_time() {
+    use magcache_core::{PerBlock, StepsSpec, TimestepCache};
+    use magcache_strategies::{Estimator, EstimatorAxis, Schedule, ScheduleConfig};
+    let sigmas = [1.0, 0.95, 0.86, 0.7, 0.45, 0.1];
+    let plan =
+        GenerationPlan::from_steps(&StepsSpec::new("toy", "euler", &sigmas, &[Branch::Cond]));
+    let run = |e: Estimator, axis: EstimatorAxis| -> Vec<f32> {
+        let cfg = ScheduleConfig {
+            compute_steps: Some(vec![0, 1, 3]),
+            estimator: e,
+            estimator_axis: axis,
+            ..Default::default()
+        };
+        let mut c: Box<dyn TimestepCache> = Box::new(Schedule::with_rule(
+            magcache_strategies::schedule::ScheduleRule::fixed(vec![0, 1, 3]),
+            magcache_strategies::SharedKeys::shared(&cfg),
+        ));
+        c.begin_generation(&plan).unwrap();
+        (0..sigmas.len())
+            .map(|k| {
+                let add = 2.0 - 3.0 * sigmas[k];
+                let chain = PerBlock::new(1, move |_, x: Streams| {
+                    Ok(Streams::hidden((x.hidden + add)?))
+                });
+                let (y, _) = c
+                    .run(COND, &chain, Streams::hidden(t(&[1.0])), &SingleProcess)
+                    .unwrap();
+                v(&y.hidden)[0]
+            })
+            .collect()
+    };
+    let exact: Vec<f32> = sigmas.iter().map(|s| (3.0 - 3.0 * s) as f32).collect();
+    let close = |a: &[f32]| a.iter().zip(&exact).all(|(x, y)| (x - y).abs() < 1e-5);
+    assert!(close(&run(Estimator::Taylor1, EstimatorAxis::Sigma)));
+    assert!(close(&run(Estimator::Foca, EstimatorAxis::Sigma)));
+    assert!(!close(&run(Estimator::Taylor1, EstimatorAxis::Step)));
+    // A plan whose scope has no sigmas cannot forecast in sigma.
+    let mut bare = plan.clone();
+    bare.scopes[0].sigmas.clear();
+    let cfg = ScheduleConfig {
+        compute_steps: Some(vec![0, 1, 3]),
+        estimator_axis: EstimatorAxis::Sigma,
+        ..Default::default()
+    };
+    let mut c = Schedule::with_rule(
+        magcache_strategies::schedule::ScheduleRule::fixed(vec![0, 1, 3]),
+        magcache_strategies::SharedKeys::shared(&cfg),
+    );
+    let e = c.begin_generation(&bare).unwrap_err().to_string();
+    assert!(e.contains("cache.estimator_axis"), "{e}");
+}

@@ -23,7 +23,7 @@ fn every_quant_type_dequantizes_as_gguf_py() {
         };
         let key = store
             .keys()
-            .find(|k| k.ends_with(ty))
+            .find(|k| k.as_str() == ty || k.ends_with(&format!(".{ty}")))
             .unwrap_or_else(|| {
                 panic!(
                     "no zoo tensor for {ty}: {:?}",

@@ -145,6 +145,17 @@ pub fn export_as(
 
 type Written = (Vec<(String, usize, u64)>, usize, u64);
 
+/// The folder a transformer goes to (`root`, or its sub-folder), created.
+fn model_dir(root: &Path, m: &GeneratedWeights) -> Result<PathBuf> {
+    let dir = if m.folder.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(&m.folder)
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+    Ok(dir)
+}
+
 /// One GGUF file per transformer folder.
 fn write_gguf_all(
     root: &Path,
@@ -156,12 +167,7 @@ fn write_gguf_all(
     let mut folders = Vec::new();
     let (mut tensors, mut bytes) = (0, 0u64);
     for m in models {
-        let dir = if m.folder.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&m.folder)
-        };
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        let dir = model_dir(root, m)?;
         let name = format!("{quant:?}").to_uppercase();
         let path = dir.join(format!("diffusion_pytorch_model-{name}.gguf"));
         let list: Vec<(String, Vec<usize>)> = m
@@ -193,12 +199,7 @@ fn write_all(
     let mut folders = Vec::new();
     let (mut tensors, mut bytes) = (0, 0u64);
     for m in models {
-        let dir = if m.folder.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&m.folder)
-        };
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        let dir = model_dir(root, m)?;
         let cfg_path = dir.join("config.json");
         let text =
             serde_json::to_string_pretty(&m.config).map_err(|e| Error::msg(e.to_string()))?;

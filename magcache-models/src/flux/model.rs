@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 /// Double-stream block: updates the image (hidden) and text (encoder) streams, each with its own
-/// weights ([`BlockArgs`] holds what it reads besides them).
+/// weights (`BlockArgs` holds what it reads besides them).
 pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata {
     kind: "flux.double",
     joint: true,

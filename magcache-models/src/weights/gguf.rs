@@ -1,5 +1,5 @@
 //! GGUF checkpoints (city96's ComfyUI-GGUF files for Wan and FLUX, see the contract's "GGUF"):
-//! the header read here ([`read_header`]), each tensor read from the file and dequantized
+//! the header read here (`read_header`), each tensor read from the file and dequantized
 //! (candle's ggml blocks: `d * q`, `d * q + m`, in f32) when the model asks for it: once at load for
 //! a held model, each time its block is read for a streamed one (`offload = "stream"`: nothing but
 //! the running blocks is resident). Shapes are GGUF's `ne` reversed into torch order (candle does

@@ -639,21 +639,13 @@ impl WeightStore {
             if let Some((Entry::Gguf(g), _)) = self.tensors.get(name) {
                 if g.is_quantized() && g.stored == shape {
                     let file = self.file_of(name);
-                    let q = g.read_quantized(file, name, &self.placement.device)?;
                     let checked = self
                         .finite
                         .lock()
                         .map(|c| c.contains(name))
                         .unwrap_or(false);
+                    let q = g.read_quantized(file, name, &self.placement.device, !checked)?;
                     if !checked {
-                        let t = q
-                            .dequantize(&Device::Cpu)
-                            .map_err(|e| Error::weights(file, name, e.to_string()))?;
-                        if !magcache_core::finite::all_finite(&t)
-                            .map_err(|e| Error::weights(file, name, e.to_string()))?
-                        {
-                            return Err(Error::weights(file, name, "holds non-finite values"));
-                        }
                         if let Ok(mut c) = self.finite.lock() {
                             c.insert(name.to_string());
                         }

@@ -22,6 +22,13 @@ pub(super) struct Decoder {
 }
 
 impl Decoder {
+    /// One latent frame's chunk -> its video frames.
+    ///
+    /// After the last temporal upsampler every layer is causal in time (per-frame norms, attention
+    /// and resamplers; causal convolutions with their cache), so the rest of the decoder runs one
+    /// output frame at a time and gives the same frames as the whole chunk at once: the widest
+    /// stages (full resolution) hold one frame instead of four. With a `trace`, the chunk runs
+    /// whole (the trace records whole-chunk intermediates).
     pub(super) fn forward(
         &self,
         x: &Tensor,
@@ -32,21 +39,50 @@ impl Decoder {
         record(&mut trace, "decoder.conv_in", &x);
         let mut x = self.mid.forward(&x, cache)?;
         record(&mut trace, "decoder.mid_block", &x);
-        for (i, blk) in self.up.iter().enumerate() {
-            for r in &blk.resnets {
-                x = r.forward(&x, cache)?;
-            }
-            if let Some(u) = &blk.upsampler {
-                x = u.forward(&x, cache)?;
-            }
+        let streamed = if trace.is_some() {
+            self.up.len()
+        } else {
+            self.up
+                .iter()
+                .rposition(|b| matches!(b.upsampler, Some(Resample::Up3d { .. })))
+                .map_or(0, |i| i + 1)
+        };
+        for (i, blk) in self.up[..streamed].iter().enumerate() {
+            x = blk.forward(&x, cache)?;
             if trace.is_some() {
                 record(&mut trace, &format!("decoder.up_blocks.{i}"), &x);
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
-        let x = self.conv_out.forward(&x, cache)?;
+        let tail = |mut y: Tensor, cache: &mut FeatCache| -> Result<Tensor> {
+            for blk in &self.up[streamed..] {
+                y = blk.forward(&y, cache)?;
+            }
+            let y = self.norm_out.forward(&y)?.silu()?;
+            self.conv_out.forward(&y, cache)
+        };
+        let x = if trace.is_some() {
+            tail(x, cache)?
+        } else {
+            let frames = (0..x.dim(1)?)
+                .map(|f| tail(x.narrow(1, f, 1)?, cache))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&frames, 1)?
+        };
         record(&mut trace, "decoder", &x);
         Ok(x)
+    }
+}
+
+impl UpBlock {
+    fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        let mut x = x.clone();
+        for r in &self.resnets {
+            x = r.forward(&x, cache)?;
+        }
+        match &self.upsampler {
+            Some(u) => u.forward(&x, cache),
+            None => Ok(x),
+        }
     }
 }
 

@@ -29,13 +29,34 @@ impl Encoder {
         cache: &mut FeatCache,
         mut trace: Option<&mut VaeTrace>,
     ) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(x, cache)?;
-        for l in &self.layers {
-            x = match l {
-                DownLayer::Res(r) => r.forward(&x, cache)?,
-                DownLayer::Attn(a) => a.forward(&x)?,
-                DownLayer::Resample(r) => r.forward(&x, cache)?,
-            };
+        // Up to the first temporal downsampler every layer is causal in time, so that part runs one
+        // input frame at a time (the same frames as the whole chunk at once, with the full-
+        // resolution stages holding one frame instead of four). With a `trace`, the chunk runs whole.
+        let streamed = if trace.is_some() {
+            0
+        } else {
+            self.layers
+                .iter()
+                .position(|l| matches!(l, DownLayer::Resample(Resample::Down3d { .. })))
+                .unwrap_or(self.layers.len())
+        };
+        let head = |mut y: Tensor, cache: &mut FeatCache| -> Result<Tensor> {
+            y = self.conv_in.forward(&y, cache)?;
+            for l in &self.layers[..streamed] {
+                y = l.forward(&y, cache)?;
+            }
+            Ok(y)
+        };
+        let mut x = if streamed == 0 {
+            self.conv_in.forward(x, cache)?
+        } else {
+            let frames = (0..x.dim(1)?)
+                .map(|f| head(x.narrow(1, f, 1)?, cache))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&frames, 1)?
+        };
+        for l in &self.layers[streamed..] {
+            x = l.forward(&x, cache)?;
         }
         let x = self.mid.forward(&x, cache)?;
         record(&mut trace, "encoder.mid_block", &x);
@@ -43,6 +64,16 @@ impl Encoder {
         let x = self.conv_out.forward(&x, cache)?;
         record(&mut trace, "encoder", &x);
         Ok(x)
+    }
+}
+
+impl DownLayer {
+    fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        match self {
+            DownLayer::Res(r) => r.forward(x, cache),
+            DownLayer::Attn(a) => a.forward(x),
+            DownLayer::Resample(r) => r.forward(x, cache),
+        }
     }
 }
 

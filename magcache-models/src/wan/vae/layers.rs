@@ -2,9 +2,8 @@
 //! the residual and attention blocks, the spatial and temporal resamplers and the mid block.
 //! Activations are f32 `[B, F, C, H, W]`.
 
-use crate::nn::{attention, Linear};
-use crate::vae_common::conv2d_f32;
-use candle_core::Tensor;
+use crate::nn::{attention, conv2d_bounded, Linear, IM2COL_BUDGET};
+use candle_core::{DType, Tensor};
 use magcache_core::{Error, Result};
 
 /// Frames a causal convolution keeps from the previous chunk (its time padding).
@@ -38,9 +37,15 @@ impl FeatCache {
 }
 
 /// A (causal) convolution with `kt` time taps (1 for the per-frame 2-D convolutions).
+///
+/// candle has no 3-D convolution: output frame `j` is the sum over taps `k` of the 2-D convolution
+/// of input frame `j * stride_t + k` with the tap's `[O, C, kh, kw]` slice of the weight. Frames of
+/// the causal zero padding are skipped (their convolution is zero) and the cached frames are read
+/// where they are, so a frame's working set is its own input, one tap's output and the sum: no
+/// time-stacked copy of the input, nor the cache joined to it, is ever made.
 pub(super) struct Conv {
-    /// `[O, kt*C, kh, kw]` in the run's dtype, taps major.
-    pub(super) w: Tensor,
+    /// One `[O, C, kh, kw]` weight per time tap, in the run's dtype.
+    pub(super) taps: Vec<Tensor>,
     /// `[1, O, 1, 1]`, f32.
     pub(super) b: Tensor,
     pub(super) kt: usize,
@@ -55,56 +60,100 @@ pub(super) struct Conv {
 impl Conv {
     /// `x [B, F, C, H, W]` -> `[B, F', O, H', W']`, reading and updating the cache slot if it has one.
     pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
-        let x_in = match self.slot {
+        match self.slot {
             Some(slot) => {
                 let prev = cache.get(slot)?.cloned();
                 let prev_len = prev.as_ref().map(|p| p.dim(1)).transpose()?.unwrap_or(0);
-                let joined = match &prev {
-                    Some(p) => Tensor::cat(&[p, x], 1)?,
-                    None => x.clone(),
+                let zeros = self.time_pad.saturating_sub(prev_len);
+                let y = self.run(zeros, &[prev.as_ref(), Some(x)])?;
+                // The last `CACHE_T` frames of (cache, x).
+                let n = x.dim(1)?;
+                let kept = if n >= CACHE_T || prev.is_none() {
+                    x.narrow(1, n - n.min(CACHE_T), n.min(CACHE_T))?.copy()?
+                } else {
+                    let p = prev_len;
+                    let from_prev = (CACHE_T - n).min(p);
+                    match &prev {
+                        Some(pt) if from_prev > 0 => {
+                            Tensor::cat(&[&pt.narrow(1, p - from_prev, from_prev)?, x], 1)?
+                        }
+                        _ => x.copy()?,
+                    }
                 };
-                let n = joined.dim(1)?;
-                let keep = n.min(CACHE_T);
-                cache.set(slot, joined.narrow(1, n - keep, keep)?.copy()?)?;
-                joined.pad_with_zeros(1, self.time_pad.saturating_sub(prev_len), 0)?
+                cache.set(slot, kept)?;
+                Ok(y)
             }
-            None if self.time_pad > 0 => x.pad_with_zeros(1, self.time_pad, 0)?,
-            None => x.clone(),
-        };
-        self.apply(&x_in)
+            None => self.run(self.time_pad, &[Some(x)]),
+        }
     }
 
     /// The convolution of an already padded input (no cache).
     pub(super) fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c, h, w) = x.dims5()?;
+        self.run(0, &[Some(x)])
+    }
+
+    /// The convolution over the frames of `zeros` zero frames followed by `parts` (each
+    /// `[B, F_i, C, H, W]`, `None` parts skipped), without materialising that sequence.
+    fn run(&self, zeros: usize, parts: &[Option<&Tensor>]) -> Result<Tensor> {
+        let parts: Vec<&Tensor> = parts.iter().flatten().copied().collect();
+        let lens = parts
+            .iter()
+            .map(|p| p.dim(1))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let n = zeros + lens.iter().sum::<usize>();
         if n < self.kt {
             return Err(Error::msg(format!(
                 "Wan VAE: a temporal convolution with {} taps got {n} frames (too few frames for this VAE's temporal downsampling)",
                 self.kt
             )));
         }
-        let t_out = (n - self.kt) / self.stride_t + 1;
-        let stacked = if self.kt == 1 && self.stride_t == 1 {
-            x.clone()
-        } else {
-            let taps = (0..self.kt)
-                .map(|k| -> Result<Tensor> {
-                    if self.stride_t == 1 {
-                        Ok(x.narrow(1, k, t_out)?)
-                    } else {
-                        let idx: Vec<u32> =
-                            (0..t_out).map(|j| (k + j * self.stride_t) as u32).collect();
-                        let idx = Tensor::new(idx.as_slice(), x.device())?;
-                        Ok(x.index_select(&idx, 1)?)
-                    }
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&taps, 2)?
+        // Frame `i` of the virtual sequence: `None` inside the zero padding.
+        let frame = |i: usize| -> Result<Option<Tensor>> {
+            if i < zeros {
+                return Ok(None);
+            }
+            let mut i = i - zeros;
+            for (p, &len) in parts.iter().zip(&lens) {
+                if i < len {
+                    let (b, _, c, h, w) = p.dims5()?;
+                    return Ok(Some(p.narrow(1, i, 1)?.reshape((b, c, h, w))?));
+                }
+                i -= len;
+            }
+            Err(Error::msg("Wan VAE: convolution frame index out of range"))
         };
-        let flat = stacked.reshape((b * t_out, self.kt * c, h, w))?;
-        let y = conv2d_f32(&flat, &self.w, &self.b, self.pad_hw, self.stride_hw)?;
-        let (_, o, ho, wo) = y.dims4()?;
-        Ok(y.reshape((b, t_out, o, ho, wo))?)
+        let t_out = (n - self.kt) / self.stride_t + 1;
+        let mut outs = Vec::with_capacity(t_out);
+        for j in 0..t_out {
+            let mut acc: Option<Tensor> = None;
+            for (k, w) in self.taps.iter().enumerate() {
+                let Some(f) = frame(j * self.stride_t + k)? else {
+                    continue;
+                };
+                let y = conv2d_bounded(
+                    &f.to_dtype(w.dtype())?,
+                    w,
+                    self.pad_hw,
+                    self.stride_hw,
+                    IM2COL_BUDGET,
+                )?
+                .to_dtype(DType::F32)?;
+                acc = Some(match acc {
+                    None => y,
+                    Some(a) => (a + y)?,
+                });
+            }
+            let acc = acc.ok_or_else(|| {
+                Error::msg("Wan VAE: a convolution output frame saw only padding")
+            })?;
+            outs.push(acc.broadcast_add(&self.b)?.unsqueeze(1)?);
+        }
+        if outs.len() == 1 {
+            return outs
+                .pop()
+                .ok_or_else(|| Error::msg("Wan VAE: empty convolution"));
+        }
+        Ok(Tensor::cat(&outs, 1)?)
     }
 }
 

@@ -91,15 +91,14 @@ impl Builder<'_> {
         p: usize,
         stride_t: usize,
     ) -> Result<Conv> {
-        let w = self
-            .conv_weight(&format!("{name}.weight"), &[cout, cin, kt, k, k])?
-            .permute((0, 2, 1, 3, 4))?
-            .reshape((cout, kt * cin, k, k))?
-            .contiguous()?;
+        let w = self.conv_weight(&format!("{name}.weight"), &[cout, cin, kt, k, k])?;
+        let taps = (0..kt)
+            .map(|t| Ok(w.narrow(2, t, 1)?.squeeze(2)?.contiguous()?))
+            .collect::<Result<Vec<_>>>()?;
         let time_pad = 2 * pt;
         let slot = (time_pad > 0).then(|| self.next_slot());
         Ok(Conv {
-            w,
+            taps,
             b: self.bias(name, cout)?,
             kt,
             stride_t,
@@ -127,7 +126,7 @@ impl Builder<'_> {
     ) -> Result<Conv> {
         let w = self.conv_weight(&format!("{name}.weight"), &[cout, cin, k, k])?;
         Ok(Conv {
-            w,
+            taps: vec![w],
             b: self.bias(name, cout)?,
             kt: 1,
             stride_t: 1,

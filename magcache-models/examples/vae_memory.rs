@@ -1,0 +1,43 @@
+//! Peak memory and time of the Wan VAE decode at a real size, random weights (issue 30).
+//!
+//!     cargo run --release -p magcache-models --example vae_memory -- LATENT_FRAMES H W
+//!
+//! `H`, `W` are latent sizes (480x832 pixels = 60x104). Prints the process's peak RSS before and
+//! after the decode (Linux `VmHWM`) and the wall time.
+use candle_core::{DType, Device, Tensor};
+use magcache_models::wan::vae::{WanVae, WanVaeConfig};
+use std::time::Instant;
+
+fn hwm_gb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb * 1024.0 / 1e9)
+        .unwrap_or(f64::NAN)
+}
+
+fn main() -> magcache_core::Result<()> {
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse().unwrap_or(0))
+        .collect();
+    let (f, h, w) = (
+        a.first().copied().unwrap_or(3),
+        a.get(1).copied().unwrap_or(60),
+        a.get(2).copied().unwrap_or(104),
+    );
+    let cfg = WanVaeConfig::from_json(&serde_json::json!({}), "(released defaults)")?;
+    let vae = WanVae::random(cfg, 0, &Device::Cpu, DType::F32)?;
+    let z = Tensor::randn(0f32, 1f32, (1, 16, f, h, w), &Device::Cpu)?;
+    println!("loaded: peak {:.2} GB", hwm_gb());
+    let t = Instant::now();
+    let out = vae.decode(&z)?;
+    println!(
+        "decode {f}x{h}x{w} -> {:?}: {:.1} s, peak {:.2} GB",
+        out.dims(),
+        t.elapsed().as_secs_f64(),
+        hwm_gb()
+    );
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The Wan VAE decodes (and encodes) in memory bounded by one frame's working set, not by the
+//! frame count (issue 30): peak heap bytes, counted by this binary's allocator, of a tiny random
+//! VAE decoding 5 and 17 frames, and encoding them.
+//!
+//! One test in this binary: the counter is process-wide, so no other test may run beside it.
+
+use candle_core::{DType, Device, Tensor};
+use magcache_models::wan::vae::{WanVae, WanVaeConfig};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+/// Peak heap bytes above what was allocated before `f` ran, and `f`'s result.
+fn peak_of<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let out = f();
+    (PEAK.load(Ordering::Relaxed) - base, out)
+}
+
+fn bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+#[test]
+fn decode_and_encode_memory_does_not_grow_with_frames() {
+    // The released architecture (4 stages, 2 temporal resamplers) at a small width.
+    let cfg = WanVaeConfig::from_json(
+        &serde_json::json!({"base_dim": 8, "z_dim": 4, "latents_mean": [0.0, 0.0, 0.0, 0.0], "latents_std": [1.0, 1.0, 1.0, 1.0]}),
+        "(test)",
+    )
+    .unwrap();
+    let vae = WanVae::random(cfg, 3, &Device::Cpu, DType::F32).unwrap();
+    let (h, w) = (12, 16);
+    let mut peaks = Vec::new();
+    for latent_frames in [2, 5] {
+        let z = Tensor::randn(0f32, 1f32, (1, 4, latent_frames, h, w), &Device::Cpu).unwrap();
+        let (dec_peak, video) = peak_of(|| vae.decode(&z).unwrap());
+        let frames = video.dim(2).unwrap();
+        let (enc_peak, mean) = peak_of(|| vae.encode_mean(&video).unwrap());
+        assert_eq!(mean.dims(), z.dims());
+        // What necessarily grows with the frames: the decoded video (and its per-frame pieces
+        // before they are joined), the input video of the encode.
+        let video_bytes = bytes(&video);
+        eprintln!(
+            "{frames} frames: decode peak {dec_peak} B, encode peak {enc_peak} B, video {video_bytes} B"
+        );
+        peaks.push((frames, dec_peak, enc_peak, video_bytes));
+    }
+    let (f5, d5, e5, v5) = peaks[0];
+    let (f17, d17, e17, v17) = peaks[1];
+    assert_eq!((f5, f17), (5, 17));
+    // The working set beyond the output is the same for 17 frames as for 5: the growth is at most
+    // the output's own growth (twice: the frames and their concatenation) and a 10% margin.
+    let allowed = |p5: usize| p5 + p5 / 10 + 2 * (v17 - v5);
+    assert!(
+        d17 <= allowed(d5),
+        "decode peak grew from {d5} B (5 frames) to {d17} B (17 frames), more than the video"
+    );
+    assert!(
+        e17 <= allowed(e5),
+        "encode peak grew from {e5} B (5 frames) to {e17} B (17 frames), more than the video"
+    );
+    // And one output frame's working set is far below four frames' activations at full
+    // resolution (the widest stage: base_dim channels in f32): the decoder streams the frames.
+    let full_res_frame = 8 * (8 * h) * (8 * w) * 4;
+    assert!(
+        d5 - 2 * v5 < 48 * full_res_frame,
+        "decode working set {} B is not bounded by a few full-resolution frames ({full_res_frame} B each)",
+        d5 - 2 * v5
+    );
+}

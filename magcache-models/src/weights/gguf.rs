@@ -120,10 +120,9 @@ impl GgufEntry {
 const CHECK_BLOCKS: usize = 2048;
 
 /// Checks that the quantized tensor in `bytes` (whole blocks of `dtype`) dequantizes to finite
-/// values, a slice of [`CHECK_BLOCKS`] blocks at a time: the check never holds more than one small
-/// f32 slice, where dequantizing the whole matrix once held an f32 copy four times the size of a
-/// Q8_0 tensor and, tensor after tensor, left the heap at about twice the file (measured on a held
-/// 14B Q8_0 run, docs/benchmarks.md).
+/// values, a slice of [`CHECK_BLOCKS`] blocks at a time, so the check never holds more than one
+/// small f32 slice (it used to dequantize the whole matrix once, an f32 copy four times the size
+/// of a Q8_0 tensor).
 pub(crate) fn check_finite_blocks(
     dtype: GgmlDType,
     bytes: &[u8],

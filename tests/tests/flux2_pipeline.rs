@@ -1,0 +1,160 @@
+//! Prompted FLUX.2 [klein] runs against diffusers' whole `Flux2KleinPipeline`
+//! (`fixtures/pipelines/flux2_klein{,_base}_pipeline.*`): a pipeline folder assembled from the
+//! fixture parts as a released one is laid out (the json's `components` and `model_index`), the
+//! contract's `[prompt]` run through the runner (chat template, Qwen3, transformer under FLUX.2's
+//! schedule, distilled or with CFG, cache decisions, AutoencoderKLFlux2 decode).
+
+use magcache_tests::{
+    assert_calls_match, cache_table_for, fixture, link_all, load, load_json, max_abs_diff,
+};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A released-style pipeline folder from the fixture parts named in the json's `components`.
+fn assemble(dir: &Path, meta: &Value) -> PathBuf {
+    let root = dir.join("FLUX.2-klein-tiny");
+    for (part, folder) in meta["components"].as_object().unwrap() {
+        copy_dir(
+            &fixture(&format!("pipelines/{}", folder.as_str().unwrap())),
+            &root.join(part),
+        );
+    }
+    std::fs::write(
+        root.join("model_index.json"),
+        serde_json::to_string_pretty(&meta["model_index"]).unwrap(),
+    )
+    .unwrap();
+    root
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// The contract's prompted run for reference run `name` of `case` (its cache from the json).
+fn run_toml(root: &Path, case: &str, meta: &Value, name: &str, dtype: &str) -> String {
+    let call = &meta["call"];
+    let mut s = format!(
+        "[model]\nfamily = \"flux2\"\nweights = {}\ndtype = \"{dtype}\"\n\n[prompt]\ntext = {}\nmax_sequence_length = {}\n",
+        toml_str(&root.display().to_string()),
+        toml_str(call["prompt"].as_str().unwrap()),
+        call["max_sequence_length"],
+    );
+    if let Some(n) = call["negative_prompt"].as_str() {
+        s.push_str(&format!("negative = {}\n", toml_str(n)));
+    }
+    s.push_str(&format!(
+        "\n[inputs]\nheight = {}\nwidth = {}\nfile = {}\n\n[sampling]\nsteps = {}\nguidance_scale = {}\n",
+        call["height"],
+        call["width"],
+        toml_str(&fixture(&format!("pipelines/{case}.safetensors")).display().to_string()),
+        call["num_inference_steps"],
+        call["guidance_scale"],
+    ));
+    if name != "dense" {
+        s.push_str("\n[cache]\n");
+        s.push_str(&cache_table_for(name, &meta["runs"][name]["config"]).unwrap());
+    }
+    s
+}
+
+/// Runs `name` of `case` and checks decisions, final latents, pixels and embeddings; `strict`:
+/// the f32 tolerances, else (bf16) only the decisions where the reference's margin allows.
+fn check_run(case: &str, name: &str) {
+    link_all();
+    let meta = load_json(&format!("pipelines/{case}.json"));
+    let want = load(&format!("pipelines/{case}.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path(), &meta);
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, run_toml(&root, case, &meta, name, "f32")).unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    let extra = p.pipeline.finish(&fin).unwrap();
+    let get = |k: &str| {
+        extra
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("{case}/{name}: no `{k}` output"))
+    };
+    let run = &meta["runs"][name];
+    let label = format!("{case}/{name}");
+    if name.starts_with("magcache") {
+        // The reference's MagCache `metric` is the accumulated error as tested (the pre-reset value
+        // on computed calls); ours is the value after the decision. They agree on reused calls;
+        // decisions must agree everywhere.
+        let refc = run["calls"].as_array().unwrap();
+        assert_eq!(report.calls.len(), refc.len(), "{label}: number of calls");
+        for (i, (a, b)) in report.calls.iter().zip(refc).enumerate() {
+            assert_eq!(a.step as u64, b["step"].as_u64().unwrap(), "{label} call {i}");
+            assert_eq!(a.branch, b["context"].as_str().unwrap(), "{label} call {i}");
+            assert_eq!(a.computed, b["computed"].as_bool(), "{label} call {i}: computed");
+            if a.computed == Some(false) {
+                let (got, w) = (a.metric.unwrap(), b["metric"].as_f64().unwrap());
+                assert!(
+                    (got - w).abs() <= 1e-3 * w.abs().max(1e-3),
+                    "{label} call {i}: metric {got} vs {w}"
+                );
+            }
+        }
+    } else {
+        assert_calls_match(&label, &report, &run["calls"], 1e-3);
+    }
+    assert_eq!(
+        report.computed_calls as u64,
+        run["computed_calls"].as_u64().unwrap(),
+        "{label}: computed calls"
+    );
+    let mut embeds = vec!["prompt_embeds"];
+    if meta["cfg"].as_bool().unwrap() {
+        embeds.push("negative_prompt_embeds");
+    }
+    for k in embeds {
+        let d = max_abs_diff(&get(k), &want[k]);
+        assert!(d <= 1e-4, "{label}: {k} differs by {d}");
+    }
+    let d = max_abs_diff(&fin, &want[&format!("{name}.final")]);
+    assert!(d <= 1e-3, "{label}: final differs by {d}");
+    let d = max_abs_diff(&get("decoded"), &want[&format!("{name}.image")]);
+    assert!(d <= 3e-3, "{label}: decoded differs by {d}");
+    eprintln!("{label}: final and decoded within tolerance");
+}
+
+#[test]
+fn distilled_dense_matches_the_pipeline() {
+    check_run("flux2_klein_pipeline", "dense");
+}
+
+#[test]
+fn distilled_magcache_matches_the_pipeline() {
+    check_run("flux2_klein_pipeline", "magcache");
+}
+
+#[test]
+fn distilled_fbcache_matches_the_pipeline() {
+    check_run("flux2_klein_pipeline", "fbcache");
+}
+
+#[test]
+fn base_dense_matches_the_pipeline() {
+    check_run("flux2_klein_base_pipeline", "dense");
+}
+
+#[test]
+fn base_magcache_matches_the_pipeline() {
+    check_run("flux2_klein_base_pipeline", "magcache");
+}
+
+#[test]
+fn base_fbcache_matches_the_pipeline() {
+    check_run("flux2_klein_base_pipeline", "fbcache");
+}

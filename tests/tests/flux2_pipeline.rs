@@ -122,11 +122,126 @@ fn check_run(case: &str, name: &str) {
         let d = max_abs_diff(&get(k), &want[k]);
         assert!(d <= 1e-4, "{label}: {k} differs by {d}");
     }
-    let d = max_abs_diff(&fin, &want[&format!("{name}.final")]);
-    assert!(d <= 1e-3, "{label}: final differs by {d}");
-    let d = max_abs_diff(&get("decoded"), &want[&format!("{name}.image")]);
-    assert!(d <= 3e-3, "{label}: decoded differs by {d}");
-    eprintln!("{label}: final and decoded within tolerance");
+    let df = max_abs_diff(&fin, &want[&format!("{name}.final")]);
+    assert!(df <= 1e-3, "{label}: final differs by {df}");
+    let dd = max_abs_diff(&get("decoded"), &want[&format!("{name}.image")]);
+    assert!(dd <= 3e-3, "{label}: decoded differs by {dd}");
+    let de = max_abs_diff(&get("prompt_embeds"), &want["prompt_embeds"]);
+    eprintln!("{label}: max |final| diff {df:.2e}, decoded {dd:.2e}, prompt_embeds {de:.2e}");
+}
+
+/// The run file of `name` of `case` in a fresh folder: `(tempdir, run.toml, meta)`.
+fn setup(case: &str, name: &str, dtype: &str) -> (tempfile::TempDir, PathBuf, Value) {
+    link_all();
+    let meta = load_json(&format!("pipelines/{case}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path(), &meta);
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, run_toml(&root, case, &meta, name, dtype)).unwrap();
+    (dir, cfg, meta)
+}
+
+/// `magcache calibrate` on a FLUX.2 run gives diffusers' calibration curves (one per context), and
+/// a profile of them drives MagCache to the reference decisions.
+#[test]
+fn calibration_matches_diffusers_and_drives_magcache() {
+    for case in ["flux2_klein_pipeline", "flux2_klein_base_pipeline"] {
+        let (dir, cfg, meta) = setup(case, "dense", "f32");
+        let (prof, _) = magcache_cli::calibrate(&cfg, magcache_cli::Verbosity::Quiet).unwrap();
+        assert_eq!(prof.meta.family, "flux2");
+        for (ctx, want) in meta["mag_calibration"].as_object().unwrap() {
+            let got = &prof.ratios["main"][ctx.as_str()];
+            let want: Vec<f64> = serde_json::from_value(want.clone()).unwrap();
+            assert_eq!(got.len(), want.len(), "{case} {ctx}");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{case} {ctx}[{i}]: {a} vs {b}");
+            }
+        }
+        // The reference MagCache run used the cond curve for every context.
+        let mut prof = prof;
+        let cond = prof.ratios["main"]["cond"].clone();
+        for v in prof.ratios.get_mut("main").unwrap().values_mut() {
+            *v = cond.clone();
+        }
+        let ppath = dir.path().join("profile.toml");
+        std::fs::write(&ppath, prof.to_toml().unwrap()).unwrap();
+        let c = &meta["runs"]["magcache"]["config"];
+        let text = std::fs::read_to_string(&cfg).unwrap()
+            + &format!(
+                "\n[cache]\nstrategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\nprofile = {}\n",
+                c["threshold"], c["max_skip_steps"], c["retention_ratio"],
+                toml_str(&ppath.display().to_string())
+            );
+        std::fs::write(&cfg, text).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        let got: Vec<Option<bool>> = rep.calls.iter().map(|c| c.computed).collect();
+        let want: Vec<Option<bool>> = meta["runs"]["magcache"]["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["computed"].as_bool())
+            .collect();
+        assert_eq!(got, want, "{case}: profile-driven MagCache");
+    }
+}
+
+/// The distilled folder's few steps: caching is warned about, with the best case it can reach.
+#[test]
+fn few_step_warning_fires_on_the_distilled_folder() {
+    let (_dir, cfg, _) = setup("flux2_klein_pipeline", "magcache", "f32");
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert!(
+        rep.warnings
+            .iter()
+            .any(|w| w.contains("only 6 steps") && w.contains("fewer calls")),
+        "{:?}",
+        rep.warnings
+    );
+}
+
+/// bf16 weights: every run takes the reference decisions (their margins are at least 10%) and
+/// stays near the f32 result.
+#[test]
+fn bf16_runs_take_the_reference_decisions() {
+    for case in ["flux2_klein_pipeline", "flux2_klein_base_pipeline"] {
+        for name in ["dense", "magcache", "fbcache"] {
+            let (_dir, cfg, meta) = setup(case, name, "bf16");
+            let want = load(&format!("pipelines/{case}.safetensors"));
+            let mut p = magcache_cli::prepare(&cfg).unwrap();
+            let (fin, rep) =
+                magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+            let got: Vec<Option<bool>> = rep.calls.iter().map(|c| c.computed).collect();
+            let want_calls: Vec<Option<bool>> = meta["runs"][name]["calls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["computed"].as_bool())
+                .collect();
+            let got = if name == "dense" { vec![None; got.len()] } else { got };
+            assert_eq!(got, want_calls, "{case}/{name} bf16: decisions");
+            let d = max_abs_diff(&fin, &want[&format!("{name}.final")]);
+            eprintln!("{case}/{name} bf16: max |final| diff {d:.2e}");
+            assert!(d < 5e-2, "{case}/{name} bf16: final differs by {d}");
+        }
+    }
+}
+
+/// TeaCache decides on the first double block's modulated input (FLUX.2's shared image
+/// modulation); with coefficients given it runs and reports its metric.
+#[test]
+fn teacache_runs_on_the_modulated_input() {
+    let (_dir, cfg, _) = setup("flux2_klein_base_pipeline", "dense", "f32");
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + "\n[cache]\nstrategy = \"teacache\"\nthreshold = 0.3\ncoefficients = [1.0, 0.0]\n";
+    std::fs::write(&cfg, text).unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert_eq!(rep.total_calls, 24);
+    assert!(rep.calls.iter().skip(2).any(|c| c.metric.is_some()));
+    let v = fin.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
 }
 
 #[test]

@@ -78,15 +78,22 @@ fn preset_config(p: &Flux2Preset, cfg: &RunConfig, file: &str) -> Result<Flux2Co
     Flux2Config::from_map(Flux2Config::default(), &base, file, &overrides_json(cfg))
 }
 
-/// What strategies may know of a FLUX.2 run (no published curves yet: MagCache takes `mag_ratios`
-/// or a calibration profile).
+/// What strategies may know of a FLUX.2 run: no published curves or coefficients yet (MagCache
+/// takes `mag_ratios` or a calibration profile, TeaCache `coefficients`), and TeaCache's indicator,
+/// the first double block's modulated input, as on FLUX.1.
 pub fn flux2_info(variant: Option<&str>) -> ModelInfo {
-    ModelInfo {
+    let mut info = ModelInfo {
         family: "flux2".into(),
         variant: variant.map(String::from),
         indicators: vec![Indicator::TimestepEmbedding, Indicator::ModulatedInput],
         ..Default::default()
+    };
+    if let Ok(t) =
+        crate::published::teacache(None, Indicator::ModulatedInput, Indicator::ModulatedInput)
+    {
+        info.published.insert("teacache".into(), t);
     }
+    info
 }
 
 /// Parameters of a FLUX.2 transformer (no biases).

@@ -75,7 +75,10 @@ fn forward_matches_diffusers_with_every_block() {
     check("output", &out);
     // bf16 weights: the same call within bf16's rounding.
     let l = load_flux2(
-        &fixture(&format!("pipelines/{}", meta["transformer"].as_str().unwrap())),
+        &fixture(&format!(
+            "pipelines/{}",
+            meta["transformer"].as_str().unwrap()
+        )),
         None,
         &Default::default(),
         "test",
@@ -138,7 +141,9 @@ fn chat_template_tokenizer_and_qwen3_match_transformers() {
     }
     // Every hidden state of case 0, layer by layer.
     let case = &meta["cases"][0];
-    let e = enc.encode(case["prompt"].as_str().unwrap(), max_len).unwrap();
+    let e = enc
+        .encode(case["prompt"].as_str().unwrap(), max_len)
+        .unwrap();
     let want = &f["case0.hidden_states"];
     let n = want.dim(0).unwrap() - 1;
     let hs = enc
@@ -160,7 +165,10 @@ fn schedule_matches_the_pipeline() {
         let seq = meta["image_seq_len"].as_u64().unwrap() as usize;
         let (s, mu) = flux2_schedule(steps, seq);
         let want_mu = meta["mu"].as_f64().unwrap();
-        assert!((mu - want_mu).abs() <= 1e-6 * want_mu.abs(), "{case}: mu {mu}");
+        assert!(
+            (mu - want_mu).abs() <= 1e-6 * want_mu.abs(),
+            "{case}: mu {mu}"
+        );
         for (key, got) in [("sigmas", &s.sigmas), ("timesteps", &s.timesteps)] {
             let want = meta[key].as_array().unwrap();
             assert_eq!(got.len(), want.len(), "{case}: {key}");

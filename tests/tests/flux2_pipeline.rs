@@ -95,9 +95,17 @@ fn check_run(case: &str, name: &str) {
         let refc = run["calls"].as_array().unwrap();
         assert_eq!(report.calls.len(), refc.len(), "{label}: number of calls");
         for (i, (a, b)) in report.calls.iter().zip(refc).enumerate() {
-            assert_eq!(a.step as u64, b["step"].as_u64().unwrap(), "{label} call {i}");
+            assert_eq!(
+                a.step as u64,
+                b["step"].as_u64().unwrap(),
+                "{label} call {i}"
+            );
             assert_eq!(a.branch, b["context"].as_str().unwrap(), "{label} call {i}");
-            assert_eq!(a.computed, b["computed"].as_bool(), "{label} call {i}: computed");
+            assert_eq!(
+                a.computed,
+                b["computed"].as_bool(),
+                "{label} call {i}: computed"
+            );
             if a.computed == Some(false) {
                 let (got, w) = (a.metric.unwrap(), b["metric"].as_f64().unwrap());
                 assert!(
@@ -154,7 +162,10 @@ fn calibration_matches_diffusers_and_drives_magcache() {
             let want: Vec<f64> = serde_json::from_value(want.clone()).unwrap();
             assert_eq!(got.len(), want.len(), "{case} {ctx}");
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{case} {ctx}[{i}]: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{case} {ctx}[{i}]: {a} vs {b}"
+                );
             }
         }
         // The reference MagCache run used the cond curve for every context.
@@ -219,7 +230,11 @@ fn bf16_runs_take_the_reference_decisions() {
                 .iter()
                 .map(|c| c["computed"].as_bool())
                 .collect();
-            let got = if name == "dense" { vec![None; got.len()] } else { got };
+            let got = if name == "dense" {
+                vec![None; got.len()]
+            } else {
+                got
+            };
             assert_eq!(got, want_calls, "{case}/{name} bf16: decisions");
             let d = max_abs_diff(&fin, &want[&format!("{name}.final")]);
             eprintln!("{case}/{name} bf16: max |final| diff {d:.2e}");
@@ -272,4 +287,97 @@ fn base_magcache_matches_the_pipeline() {
 #[test]
 fn base_fbcache_matches_the_pipeline() {
     check_run("flux2_klein_base_pipeline", "fbcache");
+}
+
+/// `offload = "stream"` gives the held run's bits and decisions (FBCache runs the first block
+/// alone; TeaCache's indicator comes from the held shared modulation), and `magcache plan`
+/// predicts the MagCache run call for call.
+#[test]
+fn streamed_runs_match_held_runs_and_plan_predicts_magcache() {
+    let decisions =
+        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
+    for name in ["fbcache", "magcache"] {
+        let (_dir, cfg, _) = setup("flux2_klein_base_pipeline", name, "f32");
+        let held = std::fs::read_to_string(&cfg).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (a, ra) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        if name == "magcache" {
+            let plan = magcache_cli::plan(&cfg).unwrap();
+            assert_eq!(plan.total_calls, ra.total_calls);
+            assert_eq!(plan.computed_calls, ra.computed_calls);
+        }
+        let streamed = held.replace("dtype = \"f32\"", "dtype = \"f32\"\noffload = \"stream\"");
+        std::fs::write(&cfg, streamed).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (b, rb) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        assert!(rb.model.contains("streamed"), "{}", rb.model);
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}");
+        assert_eq!(decisions(&ra), decisions(&rb), "{name}");
+        assert!(
+            decisions(&rb).contains(&Some(false)),
+            "{name}: nothing reused"
+        );
+    }
+}
+
+/// A preset (random init, here shrunk to the fixture's size) runs on seeded random inputs, exports
+/// as a diffusers folder, and that folder loads (streamed) to the same bits.
+#[test]
+fn a_preset_runs_exports_and_loads_back() {
+    link_all();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |model: &str| {
+        format!(
+            "[model]\nfamily = \"flux2\"\n{model}\n\n[inputs]\nlatent_shape = [1, 32, 4, 6]\ntext_len = 8\n\n[sampling]\nsteps = 4\nguidance_scale = 3.0\n\n[cache]\nstrategy = \"fbcache\"\nthreshold = 0.5\n"
+        )
+    };
+    let model = "preset = \"flux2-klein-base-4b\"\nseed = 3\n[model.overrides]\nattention_head_dim = 16\naxes_dims_rope = [4, 4, 4, 4]\njoint_attention_dim = 48\nnum_attention_heads = 2\nnum_layers = 2\nnum_single_layers = 3";
+    let path = dir.path().join("preset.toml");
+    std::fs::write(&path, toml(model)).unwrap();
+    let plan = magcache_cli::plan(&path).unwrap();
+    assert_eq!(plan.total_calls, 8, "base preset: CFG, two calls per step");
+    let mut p = magcache_cli::prepare(&path).unwrap();
+    let (_, ra) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert_eq!(ra.total_calls, 8);
+    let out = dir.path().join("flux2");
+    magcache_cli::export(&path, &out, 1 << 30, &mut |_| {}).unwrap();
+    // The preset and its export on the same inputs file (the transformer folder alone does not say
+    // it is a base model: the negative embeddings do).
+    let inputs = dir.path().join("inputs.safetensors");
+    let randn = magcache_models::random::randn;
+    candle_core::safetensors::save(
+        &[
+            ("latents_init".to_string(), randn(4, &[1, 6, 128]).unwrap()),
+            ("prompt_embeds".to_string(), randn(5, &[1, 8, 48]).unwrap()),
+            (
+                "negative_prompt_embeds".to_string(),
+                randn(6, &[1, 8, 48]).unwrap(),
+            ),
+            (
+                "img_ids".to_string(),
+                magcache_models::flux2::prompted::image_ids(2, 3).unwrap(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        &inputs,
+    )
+    .unwrap();
+    let from_file = |model: &str| {
+        format!(
+            "[model]\nfamily = \"flux2\"\n{model}\n\n[inputs]\nfile = {}\n\n[sampling]\nsteps = 4\nguidance_scale = 3.0\n",
+            toml_str(&inputs.display().to_string())
+        )
+    };
+    let (x, rx) = magcache_tests::run_toml(dir.path(), &from_file(model));
+    let (y, ry) = magcache_tests::run_toml(
+        dir.path(),
+        &from_file(&format!(
+            "weights = {}\noffload = \"stream\"",
+            toml_str(&out.display().to_string())
+        )),
+    );
+    assert_eq!(rx.total_calls, 8);
+    assert_eq!(ry.total_calls, 8);
+    assert_eq!(max_abs_diff(&x, &y), 0.0);
 }

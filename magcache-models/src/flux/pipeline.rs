@@ -125,7 +125,9 @@ pub fn flux_plan(schedule: &FlowSchedule) -> GenerationPlan {
 /// `seq` values per plane.
 pub(crate) fn packed_to_planes(latents: &Tensor, img_ids: &Tensor) -> Result<Tensor> {
     let (b, seq, c) = latents.dims3()?;
-    let ids = img_ids.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    let ids = img_ids
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?;
     let extent = |axis: usize| {
         ids.iter()
             .map(|r| r.get(axis).map_or(0, |&v| v as usize))

@@ -123,7 +123,10 @@ impl Flux2Config {
             ("attention_head_dim", self.attention_head_dim),
             ("num_attention_heads", self.num_attention_heads),
             ("joint_attention_dim", self.joint_attention_dim),
-            ("timestep_guidance_channels", self.timestep_guidance_channels),
+            (
+                "timestep_guidance_channels",
+                self.timestep_guidance_channels,
+            ),
         ] {
             if v == 0 {
                 return Err(Error::config(file, k, "must be at least 1"));

@@ -60,17 +60,20 @@ pub const FLUX2_PRESETS: &[Flux2Preset] = &[
 
 fn preset(cfg: &RunConfig, file: &str) -> Result<&'static Flux2Preset> {
     let name = crate::config_util::preset_name(cfg, file)?;
-    FLUX2_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
-        let known: Vec<&str> = FLUX2_PRESETS.iter().map(|p| p.name).collect();
-        Error::config(
-            file,
-            "model.preset",
-            format!(
-                "unknown preset `{name}` for family `flux2` (known: {})",
-                known.join(", ")
-            ),
-        )
-    })
+    FLUX2_PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = FLUX2_PRESETS.iter().map(|p| p.name).collect();
+            Error::config(
+                file,
+                "model.preset",
+                format!(
+                    "unknown preset `{name}` for family `flux2` (known: {})",
+                    known.join(", ")
+                ),
+            )
+        })
 }
 
 fn preset_config(p: &Flux2Preset, cfg: &RunConfig, file: &str) -> Result<Flux2Config> {
@@ -235,7 +238,14 @@ fn plain_inputs(
     }
     let (h2, w2) = (h / 2, w / 2);
     let l = cfg.inputs.text_len.unwrap_or(512);
-    let text = |k: u64| randn_for(file, "inputs.text_len", seed.wrapping_add(k), &[b, l, joint]);
+    let text = |k: u64| {
+        randn_for(
+            file,
+            "inputs.text_len",
+            seed.wrapping_add(k),
+            &[b, l, joint],
+        )
+    };
     Ok(Flux2Inputs {
         latents: randn_for(
             file,
@@ -253,11 +263,19 @@ fn plain_inputs(
 use candle_core::Tensor;
 
 /// `(batch, image tokens, text tokens)` a run will see, from the run file and headers only.
-fn run_dims(cfg: &RunConfig, file: &str, base: &Path, c: &Flux2Config) -> Option<(usize, usize, usize)> {
+fn run_dims(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    c: &Flux2Config,
+) -> Option<(usize, usize, usize)> {
     let l = cfg
         .prompt
         .as_ref()
-        .map(|p| p.max_sequence_length.unwrap_or(prompted::DEFAULT_MAX_SEQUENCE_LENGTH))
+        .map(|p| {
+            p.max_sequence_length
+                .unwrap_or(prompted::DEFAULT_MAX_SEQUENCE_LENGTH)
+        })
         .or(cfg.inputs.text_len)
         .unwrap_or(512);
     if cfg.prompt.is_some() {
@@ -267,7 +285,10 @@ fn run_dims(cfg: &RunConfig, file: &str, base: &Path, c: &Flux2Config) -> Option
     match &cfg.inputs.file {
         Some(f) => {
             let s = crate::footprint::safetensors_shapes(&resolve(base, f))?;
-            match (s.get("latents_init")?.as_slice(), s.get("prompt_embeds")?.as_slice()) {
+            match (
+                s.get("latents_init")?.as_slice(),
+                s.get("prompt_embeds")?.as_slice(),
+            ) {
                 (&[b, seq, _], &[_, l, _]) => Some((b, seq, l)),
                 _ => None,
             }
@@ -334,7 +355,11 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
             Some(l)
         }
         Some(WeightsSpec::Many(_)) => {
-            return Err(Error::config(file, "model.weights", "flux2 takes one weights path"))
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "flux2 takes one weights path",
+            ))
         }
         None => None,
     };
@@ -358,13 +383,19 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
                 c.num_single_layers,
                 c.inner_dim(),
                 c.num_attention_heads,
-                if cfg_on { ", classifier-free guidance" } else { ", distilled" }
+                if cfg_on {
+                    ", classifier-free guidance"
+                } else {
+                    ", distilled"
+                }
             );
             let store = std::sync::Arc::new(l.store);
             let model =
                 match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
                     magcache_core::Offload::None => Flux2Model::from_weights(c.clone(), &store)?,
-                    magcache_core::Offload::Stream => Flux2Model::streamed(c.clone(), store.clone())?,
+                    magcache_core::Offload::Stream => {
+                        Flux2Model::streamed(c.clone(), store.clone())?
+                    }
                 };
             let desc = if model.is_streamed() {
                 format!("{desc}, blocks streamed from the checkpoint")
@@ -373,7 +404,11 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
             };
             let unused = store.check_unused(file, |prefix| {
                 if prefix == "single_transformer_blocks" {
-                    crate::config_util::depth_key(&overrides, "num_single_layers", c.num_single_layers)
+                    crate::config_util::depth_key(
+                        &overrides,
+                        "num_single_layers",
+                        c.num_single_layers,
+                    )
                 } else {
                     crate::config_util::depth_key(&overrides, "num_layers", c.num_layers)
                 }
@@ -399,7 +434,8 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
                 c.inner_dim(),
                 c.num_attention_heads
             );
-            let mut store = random_store(cfg.model.seed, shapes(&c)?, c.inner_dim(), placement.dtype)?;
+            let mut store =
+                random_store(cfg.model.seed, shapes(&c)?, c.inner_dim(), placement.dtype)?;
             store.set_placement(placement.clone());
             (Flux2Model::from_weights(c, &store)?, desc, Some(p.name))
         }
@@ -438,11 +474,15 @@ fn plan_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPla
     let is_distilled = distilled(cfg, file, base)?;
     let c = match &cfg.model.weights {
         Some(_) if cfg.prompt.is_some() => None,
-        Some(WeightsSpec::One(w)) => Some(
-            load_flux2(&resolve(base, w), None, &overrides_json(cfg), file)?.config,
-        ),
+        Some(WeightsSpec::One(w)) => {
+            Some(load_flux2(&resolve(base, w), None, &overrides_json(cfg), file)?.config)
+        }
         Some(WeightsSpec::Many(_)) => {
-            return Err(Error::config(file, "model.weights", "flux2 takes one weights path"))
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "flux2 takes one weights path",
+            ))
         }
         None => Some(preset_config(preset(cfg, file)?, cfg, file)?),
     };

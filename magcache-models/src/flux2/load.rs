@@ -37,10 +37,7 @@ pub fn load_flux2(
     let cfg_path = match config {
         Some(c) => c.to_path_buf(),
         None if path.is_dir() => path.join("config.json"),
-        None => path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("config.json"),
+        None => path.parent().unwrap_or(Path::new(".")).join("config.json"),
     };
     if let Some(why) = magcache_core::error::not_a_file(&cfg_path) {
         return Err(Error::config(

@@ -243,7 +243,10 @@ impl Flux2Model {
         let e = self.ctx_emb.forward(&ctx.to_dtype(DType::F32)?)?;
         let temb = self.temb(t, guidance)?;
         let mods = self.modulations(&temb)?;
-        let ids = Tensor::cat(&[txt_ids.to_dtype(DType::F64)?, img_ids.to_dtype(DType::F64)?], 0)?;
+        let ids = Tensor::cat(
+            &[txt_ids.to_dtype(DType::F64)?, img_ids.to_dtype(DType::F64)?],
+            0,
+        )?;
         let (cos, sin) = self.rope(&ids)?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.temb = Some(temb.clone());
@@ -302,9 +305,10 @@ impl Flux2Chain<'_> {
             self.model
                 .hooks
                 .run_block(self.scope, i, Streams::joint(h, e), &|s: Streams| {
-                    let e = s.encoder.as_ref().ok_or_else(|| {
-                        Error::msg(format!("flux2 block {i}: no encoder stream"))
-                    })?;
+                    let e = s
+                        .encoder
+                        .as_ref()
+                        .ok_or_else(|| Error::msg(format!("flux2 block {i}: no encoder stream")))?;
                     let (h, e) = blk.forward(&s.hidden, e, &args)?;
                     Ok(Streams::joint(h, e))
                 })?;

@@ -56,7 +56,11 @@ pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBu
     let distilled = match v.get("is_distilled") {
         None | Some(serde_json::Value::Null) => false,
         Some(b) => b.as_bool().ok_or_else(|| {
-            Error::config(&shown, "is_distilled", format!("expected true or false, got {b}"))
+            Error::config(
+                &shown,
+                "is_distilled",
+                format!("expected true or false, got {b}"),
+            )
         })?,
     };
     Ok((root, distilled))
@@ -96,7 +100,9 @@ pub fn uses_cfg(cfg: &RunConfig, distilled: bool) -> bool {
 /// dropped before this returns.
 pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<Prompted> {
     let Some(p) = &cfg.prompt else {
-        return Err(Error::msg("internal: a prompted FLUX.2 run without [prompt]"));
+        return Err(Error::msg(
+            "internal: a prompted FLUX.2 run without [prompt]",
+        ));
     };
     let (height, width, _) = image_size(cfg, file, root)?;
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;

@@ -44,7 +44,8 @@ impl Flux2VaeConfig {
             }
         }
         if let Some(p) = obj.get("patch_size").filter(|p| !p.is_null()) {
-            if p.as_array().map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
+            if p.as_array()
+                .map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
                 != Some(vec![Some(2), Some(2)])
             {
                 return Err(Error::config(
@@ -54,7 +55,10 @@ impl Flux2VaeConfig {
                 ));
             }
         }
-        if let Some(d) = obj.get("decoder_block_out_channels").filter(|d| !d.is_null()) {
+        if let Some(d) = obj
+            .get("decoder_block_out_channels")
+            .filter(|d| !d.is_null())
+        {
             if Some(d) != obj.get("block_out_channels") {
                 return Err(Error::config(
                     file,
@@ -65,9 +69,16 @@ impl Flux2VaeConfig {
         }
         let batch_norm_eps = match obj.get("batch_norm_eps") {
             None | Some(Value::Null) => 1e-4,
-            Some(v) => v.as_f64().filter(|e| e.is_finite() && *e >= 0.0).ok_or_else(|| {
-                Error::config(file, "batch_norm_eps", format!("expected a non-negative number, got {v}"))
-            })?,
+            Some(v) => v
+                .as_f64()
+                .filter(|e| e.is_finite() && *e >= 0.0)
+                .ok_or_else(|| {
+                    Error::config(
+                        file,
+                        "batch_norm_eps",
+                        format!("expected a non-negative number, got {v}"),
+                    )
+                })?,
         };
         // The AutoencoderKL fields, read by the FLUX.1 VAE's config reader.
         let mut rest = obj.clone();
@@ -164,9 +175,7 @@ impl Flux2Vae {
                 )))
             }
         }
-        let p = packed
-            .to_device(self.vae.device())?
-            .to_dtype(DType::F32)?;
+        let p = packed.to_device(self.vae.device())?.to_dtype(DType::F32)?;
         Ok(p.broadcast_mul(&self.std)?.broadcast_add(&self.mean)?)
     }
 

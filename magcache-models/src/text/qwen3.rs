@@ -115,14 +115,11 @@ impl Qwen3Config {
         }
         // transformers 4.5x: `rope_theta` / `rope_scaling` at the top; 5.x: `rope_parameters`.
         let params = v.get("rope_parameters");
-        let scaling = v
-            .get("rope_scaling")
-            .filter(|s| !s.is_null())
-            .or_else(|| {
-                params.filter(|p| {
+        let scaling = v.get("rope_scaling").filter(|s| !s.is_null()).or_else(|| {
+            params.filter(|p| {
                     matches!(p.get("rope_type").and_then(|t| t.as_str()), Some(t) if t != "default")
                 })
-            });
+        });
         if let Some(s) = scaling {
             return Err(Error::config(
                 file,

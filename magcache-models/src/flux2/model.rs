@@ -265,14 +265,14 @@ impl Flux2Model {
             trace: RefCell::new(trace),
         };
         let h = cx.run_chain(&chain, Streams::joint(h, e))?.hidden;
-        let mut trace = chain.trace.into_inner();
+        let trace = chain.trace.into_inner();
         // AdaLayerNormContinuous: (scale, shift) in that order.
         let m = self.norm_out.forward(&temb.silu()?)?;
         let d = self.cfg.inner_dim();
         let scale = m.narrow(1, 0, d)?.unsqueeze(1)?;
         let shift = m.narrow(1, d, d)?.unsqueeze(1)?;
         let y = modulate(&self.ln.forward(&h)?, &shift, &scale)?;
-        if let Some(tr) = trace.as_deref_mut() {
+        if let Some(tr) = trace {
             tr.norm_out = Some(y.clone());
         }
         self.proj_out.forward(&y)

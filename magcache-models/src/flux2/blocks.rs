@@ -1,7 +1,7 @@
 //! The blocks of `Flux2Transformer2DModel`: double-stream (joint attention over `[text, image]`,
 //! SwiGLU feed-forwards) and single-stream (one fused projection to q, k, v and the MLP input). No
 //! linear layer has a bias and no block has modulation weights of its own: every block of a kind
-//! reads the same shift/scale/gate chunks ([`Modulations`]), computed once per call.
+//! reads the same shift/scale/gate chunks (`Modulations`), computed once per call.
 
 use super::config::Flux2Config;
 use crate::flux::blocks::{heads, heads_normed, merge, rope};

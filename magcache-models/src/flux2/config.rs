@@ -26,7 +26,7 @@ pub struct Flux2Config {
 }
 
 impl Default for Flux2Config {
-    /// FLUX.2 [klein] 4B.
+    /// FLUX.2 klein 4B.
     fn default() -> Self {
         Flux2Config {
             patch_size: 1,

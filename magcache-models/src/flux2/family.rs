@@ -27,7 +27,7 @@ pub struct Flux2Preset {
 fn klein_4b() -> Flux2Config {
     Flux2Config::default()
 }
-/// FLUX.2 [dev] (32B): 8 double and 48 single blocks of width 6144, Mistral-3 text (3 x 5120),
+/// FLUX.2-dev (32B): 8 double and 48 single blocks of width 6144, Mistral-3 text (3 x 5120),
 /// embedded guidance.
 fn dev() -> Flux2Config {
     Flux2Config {

@@ -1,4 +1,4 @@
-//! FLUX.2 [klein] (`Flux2KleinPipeline`): the transformer ([`model`], [`blocks`]), the Qwen3 text
+//! FLUX.2 klein (`Flux2KleinPipeline`): the transformer ([`model`], [`blocks`]), the Qwen3 text
 //! side ([`crate::text::qwen3`]), the latent batch-norm VAE ([`vae`]), FLUX.2's schedule
 //! ([`crate::scheduler::flux2_schedule`]), prompted runs ([`prompted`]), the denoising loop
 //! ([`pipeline`]) and the family registration ([`family`]).

@@ -1,4 +1,4 @@
-//! The FLUX.2 [klein] denoising loop: flow-matching Euler on FLUX.2's schedule; distilled folders
+//! The FLUX.2 klein denoising loop: flow-matching Euler on FLUX.2's schedule; distilled folders
 //! one transformer call per step (`cond`), base folders classifier-free guidance (`cond` then
 //! `uncond`, each its own cache scope).
 

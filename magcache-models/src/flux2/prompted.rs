@@ -1,4 +1,4 @@
-//! Prompted FLUX.2 [klein] runs (`[prompt]`): from a `Flux2KleinPipeline` folder as released
+//! Prompted FLUX.2 klein runs (`[prompt]`): from a `Flux2KleinPipeline` folder as released
 //! (`model_index.json` beside `tokenizer/`, `text_encoder/` (Qwen3), `transformer/`, `vae/`,
 //! `scheduler/`), the Qwen3 encoder embeds the prompt (and the negative prompt with CFG; freed
 //! before the transformer loads), the packed latents are drawn or read, and `AutoencoderKLFlux2`

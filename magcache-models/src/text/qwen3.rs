@@ -1,4 +1,4 @@
-//! The text side of a FLUX.2 [klein] run, as diffusers' `Flux2KleinPipeline` encodes a prompt:
+//! The text side of a FLUX.2 klein run, as diffusers' `Flux2KleinPipeline` encodes a prompt:
 //!
 //! - the prompt rendered with the tokenizer's chat template for one user message, with the
 //!   generation prompt and thinking disabled (`<|im_start|>user\n{P}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n`,
@@ -427,7 +427,7 @@ pub struct Flux2PromptEncoding {
     pub prompt_embeds: Tensor,
 }
 
-/// The tokenizer and the Qwen3 encoder of a FLUX.2 [klein] pipeline folder.
+/// The tokenizer and the Qwen3 encoder of a FLUX.2 klein pipeline folder.
 pub struct Flux2TextEncoder {
     tokenizer: WanTokenizer,
     encoder: Qwen3Encoder,

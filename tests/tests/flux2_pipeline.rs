@@ -381,3 +381,27 @@ fn a_preset_runs_exports_and_loads_back() {
     assert_eq!(ry.total_calls, 8);
     assert_eq!(max_abs_diff(&x, &y), 0.0);
 }
+
+/// A size that is not a multiple of 16 is rounded down, as the pipeline does (with a warning):
+/// 56 x 72 gives the 48 x 64 run's latent grid, so the reference dense run is reproduced.
+#[test]
+fn sizes_round_down_to_the_packing_as_the_pipeline_does() {
+    let (_dir, cfg, _) = setup("flux2_klein_pipeline", "dense", "f32");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("height = 48", "height = 56")
+        .replace("width = 64", "width = 72");
+    std::fs::write(&cfg, text).unwrap();
+    let want = load("pipelines/flux2_klein_pipeline.safetensors");
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("rounded down")),
+        "{:?}",
+        rep.warnings
+    );
+    assert!(max_abs_diff(&fin, &want["dense.final"]) <= 1e-3);
+    let extra = p.pipeline.finish(&fin).unwrap();
+    let decoded = &extra.iter().find(|(k, _)| k == "decoded").unwrap().1;
+    assert!(max_abs_diff(decoded, &want["dense.image"]) <= 3e-3);
+}

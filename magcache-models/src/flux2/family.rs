@@ -11,6 +11,7 @@ use crate::footprint::{add_plan, attention_bytes, sz, weights_bytes, weights_kno
 use crate::inputs::InputFile;
 use crate::random::{randn_for, random_store};
 use crate::scheduler::flux2_schedule;
+use candle_core::Tensor;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
@@ -260,8 +261,6 @@ fn plain_inputs(
     })
 }
 
-use candle_core::Tensor;
-
 /// `(batch, image tokens, text tokens)` a run will see, from the run file and headers only.
 fn run_dims(
     cfg: &RunConfig,
@@ -367,6 +366,9 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         Some(_) => Some(prompted::pipeline_root(cfg, file, base)?.0),
         None => None,
     };
+    if let Some(r) = &root {
+        warnings.extend(prompted::size_warning(cfg, file, r)?);
+    }
     // Prompted: the text is encoded (and the encoder freed) before the transformer loads.
     let prompted = match &root {
         Some(r) => Some(prompted::encode(cfg, file, r, cfg_on)?),

@@ -66,7 +66,9 @@ pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBu
     Ok((root, distilled))
 }
 
-/// `(height, width, vae factor)`, checked: multiples of the VAE factor times the 2x2 packing.
+/// `(height, width, vae factor)`, checked: at least one 2x2 patch of latents. As the pipeline does,
+/// a size that is not a multiple of `2 * factor` is rounded down to one (the latent grid is
+/// `2 * (height // (2 * factor))`; the picture is that grid times the factor): see [`size_warning`].
 pub fn image_size(cfg: &RunConfig, file: &str, root: &Path) -> Result<(usize, usize, usize)> {
     let vae = Flux2VaeConfig::read(&root.join("vae").join("config.json"))?;
     let f = vae.vae_scale_factor();
@@ -74,15 +76,29 @@ pub fn image_size(cfg: &RunConfig, file: &str, root: &Path) -> Result<(usize, us
     let height = cfg.inputs.height.unwrap_or(DEFAULT_SIZE);
     let width = cfg.inputs.width.unwrap_or(DEFAULT_SIZE);
     for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
-        if unit == 0 || v == 0 || !v.is_multiple_of(unit) {
+        if unit == 0 || v < unit {
             return Err(Error::config(
                 file,
                 key,
-                format!("{v} must be a positive multiple of {unit} (the VAE's {f}x downsampling times the 2x2 packing)"),
+                format!("{v} must be at least {unit} (the VAE's {f}x downsampling times the 2x2 packing)"),
             ));
         }
     }
     Ok((height, width, f))
+}
+
+/// The warning `Flux2KleinPipeline` gives for a size that is not a multiple of `2 * factor`: the
+/// picture is rounded down.
+pub fn size_warning(cfg: &RunConfig, file: &str, root: &Path) -> Result<Option<String>> {
+    let (height, width, f) = image_size(cfg, file, root)?;
+    let unit = 2 * f;
+    Ok((!height.is_multiple_of(unit) || !width.is_multiple_of(unit)).then(|| {
+        format!(
+            "{file}: inputs.height/width {height}x{width} are not multiples of {unit}: the picture is {}x{} (rounded down, as the pipeline does)",
+            height / unit * unit,
+            width / unit * unit
+        )
+    }))
 }
 
 /// Packed image tokens of a prompted run (for `mu` and planning).

@@ -405,3 +405,70 @@ fn sizes_round_down_to_the_packing_as_the_pipeline_does() {
     let decoded = &extra.iter().find(|(k, _)| k == "decoded").unwrap().1;
     assert!(max_abs_diff(decoded, &want["dense.image"]) <= 3e-3);
 }
+
+/// Bad inputs end with one error naming the file and key; keys that do not apply are warned about.
+#[test]
+fn errors_name_the_file_and_key() {
+    link_all();
+    let prepare_err = |cfg: &Path| match magcache_cli::prepare(cfg) {
+        Ok(_) => panic!("{} prepared", cfg.display()),
+        Err(e) => e.to_string(),
+    };
+    // A FLUX.1 folder given to flux2.
+    let (dir, cfg, _) = setup("flux2_klein_pipeline", "dense", "f32");
+    let flux1 = fixture("pipelines/flux_tiny_folder");
+    let root = dir.path().join("FLUX.2-klein-tiny");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            &toml_str(&root.display().to_string()),
+            &toml_str(&flux1.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let e = prepare_err(&cfg);
+    assert!(
+        e.contains("model_index.json") && e.contains("_class_name"),
+        "{e}"
+    );
+    // A transformer config of another class.
+    std::fs::write(&cfg, &text).unwrap();
+    let tcfg = root.join("transformer").join("config.json");
+    let t = std::fs::read_to_string(&tcfg).unwrap();
+    std::fs::write(
+        &tcfg,
+        t.replace("Flux2Transformer2DModel", "FluxTransformer2DModel"),
+    )
+    .unwrap();
+    let e = prepare_err(&cfg);
+    assert!(
+        e.contains("config.json") && e.contains("_class_name"),
+        "{e}"
+    );
+    std::fs::write(&tcfg, t).unwrap();
+    // A text encoder that is not Qwen3.
+    let qcfg = root.join("text_encoder").join("config.json");
+    let q = std::fs::read_to_string(&qcfg).unwrap();
+    std::fs::write(&qcfg, q.replace("\"qwen3\"", "\"qwen2\"")).unwrap();
+    let e = prepare_err(&cfg);
+    assert!(e.contains("config.json") && e.contains("model_type"), "{e}");
+    std::fs::write(&qcfg, q).unwrap();
+    // A negative prompt on the distilled folder: warned about, not used.
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "max_sequence_length",
+            "negative = \"blurry\"\nmax_sequence_length",
+        ),
+    )
+    .unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert_eq!(rep.total_calls, 6);
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("prompt.negative")),
+        "{:?}",
+        rep.warnings
+    );
+}

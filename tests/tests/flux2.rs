@@ -37,9 +37,11 @@ fn forward_matches_diffusers_with_every_block() {
             Some(&mut tr),
         )
         .unwrap();
+    let worst = std::cell::Cell::new(0f32);
     let check = |name: &str, got: &Tensor| {
         let d = max_abs_diff(got, &f[name]);
         assert!(d < 1e-4, "{name}: {d}");
+        worst.set(worst.get().max(d));
     };
     check("temb", tr.temb.as_ref().unwrap());
     check("x_embedded", tr.x_embedded.as_ref().unwrap());
@@ -73,6 +75,7 @@ fn forward_matches_diffusers_with_every_block() {
     }
     check("norm_out", tr.norm_out.as_ref().unwrap());
     check("output", &out);
+    eprintln!("forward: largest difference over every checked tensor {:.2e}", worst.get());
     // bf16 weights: the same call within bf16's rounding.
     let l = load_flux2(
         &fixture(&format!(
@@ -138,6 +141,7 @@ fn chat_template_tokenizer_and_qwen3_match_transformers() {
         assert_eq!(e.tokens.attention_mask, mask, "case {i}: mask");
         let d = max_abs_diff(&e.prompt_embeds, &f[&format!("case{i}.prompt_embeds")]);
         assert!(d < 1e-4, "case {i}: prompt_embeds {d}");
+        eprintln!("text case {i}: ids exact, prompt_embeds within {d:.2e}");
     }
     // Every hidden state of case 0, layer by layer.
     let case = &meta["cases"][0];

@@ -75,7 +75,10 @@ fn forward_matches_diffusers_with_every_block() {
     }
     check("norm_out", tr.norm_out.as_ref().unwrap());
     check("output", &out);
-    eprintln!("forward: largest difference over every checked tensor {:.2e}", worst.get());
+    eprintln!(
+        "forward: largest difference over every checked tensor {:.2e}",
+        worst.get()
+    );
     // bf16 weights: the same call within bf16's rounding.
     let l = load_flux2(
         &fixture(&format!(

@@ -10,6 +10,7 @@
 
 pub mod config_util;
 pub mod flux;
+pub mod flux2;
 pub mod footprint;
 pub mod inputs;
 pub mod lora;

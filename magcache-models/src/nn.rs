@@ -44,6 +44,21 @@ pub fn linear(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Lin
     }
 }
 
+/// A linear layer without bias: `{name}.weight` `[out, inp]` (quantized GGUF weights stay
+/// quantized, as in [`linear`]).
+pub fn linear_no_bias(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    match w.get_linear(&format!("{name}.weight"), &[out, inp])? {
+        LinearWeight::Dense(t) => Linear::new(t, None),
+        LinearWeight::Quantized(q) => Ok(Linear {
+            wt: Weight::Quantized {
+                mm: candle_core::quantized::QMatMul::from_arc(q)?,
+                out,
+            },
+            bias: None,
+        }),
+    }
+}
+
 impl Linear {
     /// From a PyTorch-layout weight `[out, in]` (in the run's weight dtype) and optional bias
     /// `[out]` (kept in f32).

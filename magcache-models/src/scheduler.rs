@@ -145,6 +145,37 @@ pub fn flux_mu(image_seq_len: usize) -> f64 {
     image_seq_len as f64 * m + b
 }
 
+/// FLUX.2's `compute_empirical_mu` (diffusers' `Flux2KleinPipeline`): `mu` from the image token
+/// count and the step count, not from the scheduler config's shifts.
+pub fn flux2_mu(image_seq_len: usize, steps: usize) -> f64 {
+    let (a1, b1) = (8.73809524e-05, 1.89833333);
+    let (a2, b2) = (0.00016927, 0.45666666);
+    let seq = image_seq_len as f64;
+    if image_seq_len > 4300 {
+        return a2 * seq + b2;
+    }
+    let m200 = a2 * seq + b2;
+    let m10 = a1 * seq + b1;
+    let a = (m200 - m10) / 190.0;
+    let b = m200 - 200.0 * a;
+    a * steps as f64 + b
+}
+
+/// FLUX.2's schedule and its `mu`: sigmas `numpy.linspace(1, 1/steps, steps)` (float64) cast to
+/// float32, shifted by `e^mu / (e^mu + (1/s - 1))` in float32, a terminal 0 appended.
+pub fn flux2_schedule(steps: usize, image_seq_len: usize) -> (FlowSchedule, f64) {
+    let mu = flux2_mu(image_seq_len, steps);
+    let e = mu.exp() as f32;
+    let sigmas = linspace(1.0, 1.0 / steps.max(1) as f64, steps)
+        .into_iter()
+        .map(|s| {
+            let s = s as f32;
+            e / (e + (1.0 / s - 1.0))
+        })
+        .collect();
+    (finish(sigmas, 1000), mu)
+}
+
 /// What a FLUX pipeline folder's `scheduler/scheduler_config.json` (a
 /// `FlowMatchEulerDiscreteScheduler`) sets: dynamic shifting from the image length (FLUX.1-dev:
 /// `mu` linear from (`base_image_seq_len`, `base_shift`) to (`max_image_seq_len`, `max_shift`)), or

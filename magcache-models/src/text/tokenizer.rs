@@ -64,6 +64,13 @@ impl WanTokenizer {
     /// Loads `DIR/tokenizer.json` (or the file itself when `path` is a file). The pad token is
     /// `pad_token` of `DIR/tokenizer_config.json` when that file exists, else `<pad>`.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_as(path, T5_TOKENIZERS, "a T5 (SentencePiece Unigram)", "<pad>")
+    }
+
+    /// [`WanTokenizer::load`] for a tokenizer whose `tokenizer_class` is one of `allowed` (`what`
+    /// names the kind in the error), padding with `pad_token` unless `tokenizer_config.json` names
+    /// one.
+    pub fn load_as(path: &Path, allowed: &[&str], what: &str, default_pad: &str) -> Result<Self> {
         let (file, dir): (PathBuf, Option<&Path>) = if path.is_file() {
             (path.to_path_buf(), path.parent())
         } else {
@@ -78,7 +85,7 @@ impl WanTokenizer {
         let tokenizer = Tokenizer::from_file(&file)
             .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;
 
-        let mut pad_token = "<pad>".to_string();
+        let mut pad_token = default_pad.to_string();
         if let Some(cfg) = dir
             .map(|d| d.join("tokenizer_config.json"))
             .filter(|c| c.is_file())
@@ -87,7 +94,7 @@ impl WanTokenizer {
             let text = magcache_core::error::read_text(std::path::Path::new(&cfg))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&cshown, "(json)", format!("invalid JSON: {e}")))?;
-            check_tokenizer_class(&v, &cshown, T5_TOKENIZERS, "a T5 (SentencePiece Unigram)")?;
+            check_tokenizer_class(&v, &cshown, allowed, what)?;
             match v.get("pad_token") {
                 None | Some(serde_json::Value::Null) => {}
                 Some(serde_json::Value::String(s)) => pad_token = s.clone(),

@@ -232,6 +232,8 @@ impl WeightStore {
                     // Integer `position_ids` buffers (older transformers CLIP checkpoints store
                     // `text_model.embeddings.position_ids`) are not weights: positions are 0..L.
                     S::I64 | S::U32 | S::U8 if k.ends_with("position_ids") => continue,
+                    // A batch norm's training counter (FLUX.2's VAE `bn.num_batches_tracked`).
+                    S::I64 if k.ends_with("num_batches_tracked") => continue,
                     other => {
                         return Err(Error::weights(
                             &name,

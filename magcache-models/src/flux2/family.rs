@@ -1,0 +1,549 @@
+//! The `flux2` family: presets, the footprint, building a pipeline or a plan from a run file,
+//! preset export, and the registrations.
+
+use super::config::{Flux2Config, FLUX2_CLASS};
+use super::load::load_flux2;
+use super::model::{shapes, Flux2Model, FLUX2_DOUBLE, FLUX2_SINGLE};
+use super::pipeline::{flux2_plan, Flux2Inputs, Flux2Pipeline};
+use super::prompted::{self, image_ids, text_ids, DEFAULT_GUIDANCE};
+use crate::config_util::{overrides_json, resolve, to_map};
+use crate::footprint::{add_plan, attention_bytes, sz, weights_bytes, weights_knob, Sz};
+use crate::inputs::InputFile;
+use crate::random::{randn_for, random_store};
+use crate::scheduler::flux2_schedule;
+use candle_core::Tensor;
+use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::guard::Footprint;
+use magcache_core::runtime::registry::ModelFamily;
+use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result};
+use std::path::Path;
+
+pub struct Flux2Preset {
+    pub name: &'static str,
+    pub config: fn() -> Flux2Config,
+    /// Step-distilled (one call per step) or base (classifier-free guidance).
+    pub distilled: bool,
+}
+
+fn klein_4b() -> Flux2Config {
+    Flux2Config::default()
+}
+/// FLUX.2-dev (32B): 8 double and 48 single blocks of width 6144, Mistral-3 text (3 x 5120),
+/// embedded guidance.
+fn dev() -> Flux2Config {
+    Flux2Config {
+        num_layers: 8,
+        num_single_layers: 48,
+        num_attention_heads: 48,
+        joint_attention_dim: 15360,
+        guidance_embeds: true,
+        ..Flux2Config::default()
+    }
+}
+
+pub const FLUX2_PRESETS: &[Flux2Preset] = &[
+    Flux2Preset {
+        name: "flux2-klein-4b",
+        config: klein_4b,
+        distilled: true,
+    },
+    Flux2Preset {
+        name: "flux2-klein-base-4b",
+        config: klein_4b,
+        distilled: false,
+    },
+    Flux2Preset {
+        name: "flux2-dev",
+        config: dev,
+        distilled: true,
+    },
+];
+
+fn preset(cfg: &RunConfig, file: &str) -> Result<&'static Flux2Preset> {
+    let name = crate::config_util::preset_name(cfg, file)?;
+    FLUX2_PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = FLUX2_PRESETS.iter().map(|p| p.name).collect();
+            Error::config(
+                file,
+                "model.preset",
+                format!(
+                    "unknown preset `{name}` for family `flux2` (known: {})",
+                    known.join(", ")
+                ),
+            )
+        })
+}
+
+fn preset_config(p: &Flux2Preset, cfg: &RunConfig, file: &str) -> Result<Flux2Config> {
+    let base = to_map(&(p.config)(), FLUX2_CLASS)?;
+    Flux2Config::from_map(Flux2Config::default(), &base, file, &overrides_json(cfg))
+}
+
+/// What strategies may know of a FLUX.2 run: no published curves or coefficients yet (MagCache
+/// takes `mag_ratios` or a calibration profile, TeaCache `coefficients`), and TeaCache's indicator,
+/// the first double block's modulated input, as on FLUX.1.
+pub fn flux2_info(variant: Option<&str>) -> ModelInfo {
+    let mut info = ModelInfo {
+        family: "flux2".into(),
+        variant: variant.map(String::from),
+        indicators: vec![Indicator::TimestepEmbedding, Indicator::ModulatedInput],
+        ..Default::default()
+    };
+    if let Ok(t) =
+        crate::published::teacache(None, Indicator::ModulatedInput, Indicator::ModulatedInput)
+    {
+        info.published.insert("teacache".into(), t);
+    }
+    info
+}
+
+/// Parameters of a FLUX.2 transformer (no biases).
+pub fn flux2_params(c: &Flux2Config) -> Sz {
+    let d = sz(c.inner_dim());
+    let (tc, mlp) = (sz(c.timestep_guidance_channels), sz(c.mlp_hidden()));
+    let hd = sz(c.attention_head_dim);
+    let embed = if c.guidance_embeds { sz(2) } else { sz(1) };
+    let top = d * sz(c.in_channels)
+        + d * sz(c.joint_attention_dim)
+        + embed * (d * tc + d * d)
+        + d * d * sz(6 + 6 + 3 + 2)
+        + d * sz(c.out_channels());
+    let double = d * d * sz(8) + (mlp * sz(3) * d) * sz(2) + hd * sz(4);
+    let single = d * (d * sz(3) + mlp * sz(2)) + d * (d + mlp) + hd * sz(2);
+    top + sz(c.num_layers) * double + sz(c.num_single_layers) * single
+}
+
+/// What a FLUX.2 run holds: the transformer (or, streamed, the rest and two blocks), the plan, and
+/// the activations of one call on `(batch, image tokens, text tokens)`.
+fn footprint(
+    cfg: &RunConfig,
+    c: &Flux2Config,
+    knob: String,
+    dims: Option<(usize, usize, usize)>,
+) -> Footprint {
+    let mut fp = Footprint::default();
+    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, "")
+        .is_ok_and(|o| o == magcache_core::Offload::Stream);
+    if streamed {
+        let two = c.num_layers.min(2);
+        let held = flux2_params(&Flux2Config {
+            num_layers: two,
+            num_single_layers: 2 - two,
+            ..c.clone()
+        });
+        fp.add_streamed(
+            "streamed weights (embeddings, head, two blocks)",
+            knob,
+            weights_bytes(held, &cfg.model.dtype).0,
+        );
+    } else {
+        fp.add(
+            "weights",
+            knob,
+            weights_bytes(flux2_params(c), &cfg.model.dtype).0,
+        );
+    }
+    add_plan(&mut fp, cfg.sampling.steps, 2);
+    if let Some((b, s, l)) = dims {
+        let d = sz(c.inner_dim());
+        let joint = s.saturating_add(l);
+        let per_token = (sz(12) * d + sz(c.mlp_hidden()) * sz(6)) * sz(4);
+        let acts = sz(b) * sz(joint) * per_token
+            + attention_bytes(b, c.num_attention_heads, joint, joint)
+            + sz(b) * sz(s) * sz(c.in_channels) * sz(8) * sz(4);
+        fp.add("activations", "inputs.height/width", acts.0);
+        fp.add(
+            "cache",
+            "inputs.height/width",
+            (sz(3) * sz(b) * sz(joint) * d * sz(4)).0,
+        );
+    }
+    fp
+}
+
+/// The inputs of a run without `[prompt]`: `[inputs] file` (`latents_init` [B, seq, C],
+/// `prompt_embeds` [B, L, joint], `img_ids` [seq, 4], optional `negative_prompt_embeds`), or seeded
+/// random ones (`latent_shape` = [B, C/4, H, W] unpacked latents, `text_len` rows).
+fn plain_inputs(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    c: &Flux2Config,
+    cfg_on: bool,
+) -> Result<Flux2Inputs> {
+    let joint = c.joint_attention_dim;
+    if let Some(f) = &cfg.inputs.file {
+        let inp = InputFile::load(&resolve(base, f))?;
+        let lat = inp.get("latents_init", 3, "[B, seq, C] packed latents")?;
+        let (b, seq, ch) = lat.dims3()?;
+        if ch != c.in_channels {
+            return Err(Error::inputs(
+                &inp.path,
+                "latents_init",
+                format!("has {ch} channels; the model takes {}", c.in_channels),
+            ));
+        }
+        let emb = |name: &str| -> Result<Tensor> {
+            let t = inp.get(name, 3, &format!("[B, L, {joint}] text embeddings"))?;
+            if t.dim(0)? != b || t.dim(2)? != joint {
+                return Err(Error::inputs(
+                    &inp.path,
+                    name,
+                    format!("has shape {:?}; expected [{b}, L, {joint}]", t.dims()),
+                ));
+            }
+            Ok(t)
+        };
+        let ctx = emb("prompt_embeds")?;
+        let neg_ctx = if cfg_on && inp.has("negative_prompt_embeds") {
+            Some(emb("negative_prompt_embeds")?)
+        } else {
+            None
+        };
+        let img_ids = inp.get("img_ids", 2, "[seq, 4] position ids")?;
+        if img_ids.dims() != [seq, 4] {
+            return Err(Error::inputs(
+                &inp.path,
+                "img_ids",
+                format!("has shape {:?}; expected [{seq}, 4]", img_ids.dims()),
+            ));
+        }
+        return Ok(Flux2Inputs {
+            latents: lat,
+            txt_ids: text_ids(ctx.dim(1)?)?,
+            ctx,
+            neg_ctx,
+            img_ids,
+        });
+    }
+    let (seed, shape) = crate::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
+    let bad = || {
+        Error::config(
+            file,
+            "inputs.latent_shape",
+            format!(
+                "{shape:?} is not [B, {}, H, W] with even H and W (FLUX.2 packs 2x2 latents into {} channels)",
+                c.in_channels / 4,
+                c.in_channels
+            ),
+        )
+    };
+    let &[b, ch, h, w] = shape.as_slice() else {
+        return Err(bad());
+    };
+    if ch.checked_mul(4) != Some(c.in_channels) || h % 2 != 0 || w % 2 != 0 || b == 0 {
+        return Err(bad());
+    }
+    let (h2, w2) = (h / 2, w / 2);
+    let l = cfg.inputs.text_len.unwrap_or(512);
+    let text = |k: u64| {
+        randn_for(
+            file,
+            "inputs.text_len",
+            seed.wrapping_add(k),
+            &[b, l, joint],
+        )
+    };
+    Ok(Flux2Inputs {
+        latents: randn_for(
+            file,
+            "inputs.latent_shape",
+            seed.wrapping_add(1),
+            &[b, h2.saturating_mul(w2), c.in_channels],
+        )?,
+        ctx: text(2)?,
+        neg_ctx: if cfg_on { Some(text(3)?) } else { None },
+        img_ids: image_ids(h2, w2)?,
+        txt_ids: text_ids(l)?,
+    })
+}
+
+/// `(batch, image tokens, text tokens)` a run will see, from the run file and headers only.
+fn run_dims(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    c: &Flux2Config,
+) -> Option<(usize, usize, usize)> {
+    let l = cfg
+        .prompt
+        .as_ref()
+        .map(|p| {
+            p.max_sequence_length
+                .unwrap_or(prompted::DEFAULT_MAX_SEQUENCE_LENGTH)
+        })
+        .or(cfg.inputs.text_len)
+        .unwrap_or(512);
+    if cfg.prompt.is_some() {
+        let (root, _) = prompted::pipeline_root(cfg, file, base).ok()?;
+        return Some((1, prompted::image_seq_len(cfg, file, &root).ok()?, l));
+    }
+    match &cfg.inputs.file {
+        Some(f) => {
+            let s = crate::footprint::safetensors_shapes(&resolve(base, f))?;
+            match (
+                s.get("latents_init")?.as_slice(),
+                s.get("prompt_embeds")?.as_slice(),
+            ) {
+                (&[b, seq, _], &[_, l, _]) => Some((b, seq, l)),
+                _ => None,
+            }
+        }
+        None => {
+            let (_, shape) = crate::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
+            match shape.as_slice() {
+                &[b, _, h, w] => Some((b, (h / 2).saturating_mul(w / 2), l)),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Whether the run's folder is distilled (prompted: `model_index.json`; presets: the preset; a
+/// transformer folder without a pipeline: distilled unless the inputs give negative embeddings).
+fn distilled(cfg: &RunConfig, file: &str, base: &Path) -> Result<bool> {
+    if cfg.prompt.is_some() {
+        return Ok(prompted::pipeline_root(cfg, file, base)?.1);
+    }
+    if cfg.model.weights.is_none() {
+        return Ok(preset(cfg, file)?.distilled);
+    }
+    Ok(match &cfg.inputs.file {
+        Some(f) => !InputFile::load(&resolve(base, f))?.has("negative_prompt_embeds"),
+        None => true,
+    })
+}
+
+fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    crate::config_util::check_applicable(cfg, file, "flux2", 1)?;
+    if !cfg.model.lora.is_empty() {
+        return Err(Error::config(
+            file,
+            "model.lora",
+            "flux2 does not take LoRA adapters yet",
+        ));
+    }
+    let mut warnings = Vec::new();
+    if let Some(shift) = cfg.sampling.shift {
+        warnings.push(format!(
+            "{file}: sampling.shift = {shift} is not used by flux2: its schedule's mu comes from the image length and the step count"
+        ));
+    }
+    let overrides = overrides_json(cfg);
+    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let is_distilled = distilled(cfg, file, base)?;
+    let cfg_on = !is_distilled && cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE) > 1.0;
+    if let (Some(p), true) = (&cfg.prompt, is_distilled) {
+        if p.negative.as_deref().is_some_and(|n| !n.is_empty()) {
+            warnings.push(format!(
+                "{file}: prompt.negative is not used: the pipeline folder is step-distilled (one call per step, no classifier-free guidance)"
+            ));
+        }
+    }
+    // Open the checkpoint (headers only) and check the whole run fits before anything loads.
+    let opened = match &cfg.model.weights {
+        Some(WeightsSpec::One(w)) => {
+            let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
+            let l = load_flux2(&resolve(base, w), config.as_deref(), &overrides, file)?;
+            let dims = run_dims(cfg, file, base, &l.config);
+            footprint(cfg, &l.config, "model.weights".into(), dims).check(file)?;
+            Some(l)
+        }
+        Some(WeightsSpec::Many(_)) => {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "flux2 takes one weights path",
+            ))
+        }
+        None => None,
+    };
+    let root = match &cfg.prompt {
+        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?.0),
+        None => None,
+    };
+    if let Some(r) = &root {
+        warnings.extend(prompted::size_warning(cfg, file, r)?);
+    }
+    // Prompted: the text is encoded (and the encoder freed) before the transformer loads.
+    let prompted = match &root {
+        Some(r) => Some(prompted::encode(cfg, file, r, cfg_on)?),
+        None => None,
+    };
+    let (model, desc, variant) = match opened {
+        Some(mut l) => {
+            l.store.set_placement(placement.clone());
+            let c = l.config.clone();
+            let desc = format!(
+                "{}: {}+{} blocks, dim {}, {} heads{}",
+                l.path.display(),
+                c.num_layers,
+                c.num_single_layers,
+                c.inner_dim(),
+                c.num_attention_heads,
+                if cfg_on {
+                    ", classifier-free guidance"
+                } else {
+                    ", distilled"
+                }
+            );
+            let store = std::sync::Arc::new(l.store);
+            let model =
+                match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
+                    magcache_core::Offload::None => Flux2Model::from_weights(c.clone(), &store)?,
+                    magcache_core::Offload::Stream => {
+                        Flux2Model::streamed(c.clone(), store.clone())?
+                    }
+                };
+            let desc = if model.is_streamed() {
+                format!("{desc}, blocks streamed from the checkpoint")
+            } else {
+                desc
+            };
+            let unused = store.check_unused(file, |prefix| {
+                if prefix == "single_transformer_blocks" {
+                    crate::config_util::depth_key(
+                        &overrides,
+                        "num_single_layers",
+                        c.num_single_layers,
+                    )
+                } else {
+                    crate::config_util::depth_key(&overrides, "num_layers", c.num_layers)
+                }
+            })?;
+            warnings.extend(unused);
+            let variant = FLUX2_PRESETS
+                .iter()
+                .find(|p| (p.config)() == c && p.distilled == is_distilled)
+                .map(|p| p.name);
+            (model, desc, variant)
+        }
+        None => {
+            let p = preset(cfg, file)?;
+            let c = preset_config(p, cfg, file)?;
+            let knob = weights_knob(&to_map(&(p.config)(), FLUX2_CLASS)?, &overrides);
+            footprint(cfg, &c, knob, run_dims(cfg, file, base, &c)).check(file)?;
+            let desc = format!(
+                "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
+                p.name,
+                cfg.model.seed,
+                c.num_layers,
+                c.num_single_layers,
+                c.inner_dim(),
+                c.num_attention_heads
+            );
+            let mut store =
+                random_store(cfg.model.seed, shapes(&c)?, c.inner_dim(), placement.dtype)?;
+            store.set_placement(placement.clone());
+            (Flux2Model::from_weights(c, &store)?, desc, Some(p.name))
+        }
+    };
+    let inputs = match &prompted {
+        Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
+        None => plain_inputs(cfg, file, base, &model.cfg, cfg_on)?.to_device(&placement.device)?,
+    };
+    let cfg_scale = match (cfg_on, &inputs.neg_ctx) {
+        (true, Some(_)) => Some(cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE)),
+        _ => None,
+    };
+    let (schedule, mu) = flux2_schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
+    schedule.check(file, "inputs.height/width", mu)?;
+    Ok(Box::new(Flux2Pipeline {
+        schedule,
+        cfg_scale,
+        guidance: cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
+        inputs,
+        info: flux2_info(variant),
+        description: desc,
+        warnings,
+        model,
+        prompted,
+        cache: None,
+    }))
+}
+
+/// The plan without building the model: the image length (for `mu`) from the run file and headers.
+fn plan_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    crate::config_util::check_applicable(cfg, file, "flux2", 1)?;
+    let mut fp = Footprint::default();
+    add_plan(&mut fp, cfg.sampling.steps, 2);
+    fp.check(file)?;
+    let is_distilled = distilled(cfg, file, base)?;
+    let c = match &cfg.model.weights {
+        Some(_) if cfg.prompt.is_some() => None,
+        Some(WeightsSpec::One(w)) => {
+            Some(load_flux2(&resolve(base, w), None, &overrides_json(cfg), file)?.config)
+        }
+        Some(WeightsSpec::Many(_)) => {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "flux2 takes one weights path",
+            ))
+        }
+        None => Some(preset_config(preset(cfg, file)?, cfg, file)?),
+    };
+    let c = c.unwrap_or_default();
+    let (_, seq, _) = run_dims(cfg, file, base, &c).ok_or_else(|| {
+        Error::config(
+            file,
+            "inputs",
+            "cannot tell the image length (inputs.height/width, latent_shape or the inputs file)",
+        )
+    })?;
+    let cfg_on = !is_distilled && cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE) > 1.0;
+    let variant = cfg
+        .model
+        .preset
+        .as_deref()
+        .and_then(|n| FLUX2_PRESETS.iter().find(|p| p.name == n))
+        .map(|p| p.name);
+    Ok((
+        flux2_plan(&flux2_schedule(cfg.sampling.steps, seq).0, cfg_on),
+        flux2_info(variant),
+    ))
+}
+
+/// A FLUX.2 preset run's transformer, generated tensor by tensor (`magcache export`).
+fn export_flux2(
+    cfg: &RunConfig,
+    file: &str,
+    _base: &Path,
+) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    let p = preset(cfg, file)?;
+    let c = preset_config(p, cfg, file)?;
+    let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
+    let mut config = to_map(&c, FLUX2_CLASS)?;
+    config.insert("_class_name".into(), FLUX2_CLASS.into());
+    Ok(vec![crate::random::generated(
+        "",
+        config,
+        cfg.model.seed,
+        shapes(&c)?,
+        c.inner_dim(),
+        dtype,
+    )])
+}
+
+inventory::submit! {
+    magcache_core::PresetExport { family: "flux2", export: export_flux2, gguf: None }
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "flux2",
+        description: "FLUX.2 [klein] (Flux2Transformer2DModel, Qwen3 text, AutoencoderKLFlux2): double- then single-stream blocks in one cache chain, Euler with FLUX.2's empirical mu; distilled or CFG",
+        blocks: &[FLUX2_DOUBLE, FLUX2_SINGLE],
+        presets: &["flux2-klein-4b", "flux2-klein-base-4b", "flux2-dev"],
+        published: &[],
+        keys: &[],
+        streams: true,
+        build: build_flux2,
+        plan: plan_flux2,
+    }
+}

@@ -1,0 +1,66 @@
+//! Opening a FLUX.2 transformer checkpoint in the diffusers layout: its `config.json` and its
+//! weights (one file or shards with their index), headers only.
+
+use super::config::Flux2Config;
+use crate::weights::WeightStore;
+use magcache_core::{Error, Result};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+/// A transformer checkpoint opened for loading.
+pub struct Flux2Checkpoint {
+    pub config: Flux2Config,
+    pub store: WeightStore,
+    /// The weights path as given (a folder or a file).
+    pub path: PathBuf,
+}
+
+/// `transformer/` of a pipeline folder, else the path as given.
+pub fn transformer_dir(path: &Path) -> PathBuf {
+    let t = path.join("transformer");
+    if t.is_dir() {
+        t
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Opens `path` (a `transformer/` folder with `config.json`, a pipeline folder, or a weights file
+/// with `config` or a `config.json` beside it). Errors name the file and the key or tensor.
+pub fn load_flux2(
+    path: &Path,
+    config: Option<&Path>,
+    overrides: &Map<String, Value>,
+    file: &str,
+) -> Result<Flux2Checkpoint> {
+    let path = transformer_dir(path);
+    let cfg_path = match config {
+        Some(c) => c.to_path_buf(),
+        None if path.is_dir() => path.join("config.json"),
+        None => path.parent().unwrap_or(Path::new(".")).join("config.json"),
+    };
+    if let Some(why) = magcache_core::error::not_a_file(&cfg_path) {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "a FLUX.2 transformer needs its diffusers config.json; {} {why}",
+                cfg_path.display()
+            ),
+        ));
+    }
+    let config = Flux2Config::read(&cfg_path, overrides)?;
+    let store = WeightStore::load_checkpoint(&path)?;
+    if !store.contains("x_embedder.weight") {
+        return Err(Error::weights(
+            &store.origin,
+            "x_embedder.weight",
+            "missing: not a diffusers Flux2Transformer2DModel checkpoint",
+        ));
+    }
+    Ok(Flux2Checkpoint {
+        config,
+        store,
+        path,
+    })
+}

@@ -1,0 +1,380 @@
+//! `Flux2Transformer2DModel` in candle: double-stream then single-stream blocks in one cache chain,
+//! shared modulations, 4-axis RoPE. Norms, softmax and modulations run in f32 whatever the weights'
+//! dtype.
+//!
+//! The single-stream blocks of diffusers run on the fused `[text; image]` sequence and the last one
+//! returns it fused; here every block takes and returns the two streams (the single block fuses,
+//! updates and splits at the text length), so a cache's tail output is the image rows of that fused
+//! sequence and FBCache's text residual its text rows (huggingface/diffusers#14280, PR #14359).
+
+use super::blocks::{chunks, AnyBlock, BlockArgs, Modulations};
+use super::config::Flux2Config;
+use crate::nn::{linear_no_bias, modulate, timestep_embedding, LayerNorm, Linear};
+use crate::weights::WeightStore;
+use candle_core::{DType, Device, Tensor};
+use magcache_core::{
+    BlockChain, BlockMetadata, CallCx, Error, HookRegistry, Indicator, Result, ScopeKey, Streams,
+};
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Double-stream block: updates the image (hidden) and text (encoder) streams.
+pub const FLUX2_DOUBLE: BlockMetadata = BlockMetadata {
+    kind: "flux2.double",
+    joint: true,
+};
+/// Single-stream block: the two streams concatenated (text first), updated, split again.
+pub const FLUX2_SINGLE: BlockMetadata = BlockMetadata {
+    kind: "flux2.single",
+    joint: true,
+};
+
+/// The diffusers-named tensors outside the blocks (embeddings, modulations, head) and their shapes,
+/// as `assemble` reads them.
+pub fn top_tensors(c: &Flux2Config) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = WeightStore::recording();
+    Flux2Model::assemble(c.clone(), &w, Blocks::Resident(Vec::new()))?;
+    w.recorded()
+}
+
+/// The diffusers-named tensors of chain block `i` (double blocks first) and their shapes, recorded
+/// from the block's loader.
+pub fn block_tensors(c: &Flux2Config, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = WeightStore::recording();
+    AnyBlock::load(&w, i, c, &Device::Cpu)?;
+    w.recorded()
+}
+
+/// Every tensor of a model of `c` with its shape (top, then the blocks in chain order).
+pub fn shapes(c: &Flux2Config) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut all = top_tensors(c)?;
+    for i in 0..c.num_blocks() {
+        all.extend(block_tensors(c, i)?);
+    }
+    Ok(all)
+}
+
+/// Where the blocks' weights are.
+enum Blocks {
+    Resident(Vec<AnyBlock>),
+    /// Read from the (memory-mapped) checkpoint each time a block runs (`offload = "stream"`).
+    Streamed(Arc<WeightStore>),
+}
+
+/// The FLUX.2 transformer with its hook registry (chain: double blocks, then single blocks).
+pub struct Flux2Model {
+    pub cfg: Flux2Config,
+    x_emb: Linear,
+    ctx_emb: Linear,
+    t1: Linear,
+    t2: Linear,
+    g: Option<(Linear, Linear)>,
+    mod_img: Linear,
+    mod_txt: Linear,
+    mod_single: Linear,
+    blocks: Blocks,
+    device: Device,
+    norm_out: Linear,
+    ln: LayerNorm,
+    proj_out: Linear,
+    pub hooks: HookRegistry,
+}
+
+/// Intermediates of one forward, for parity tests.
+#[derive(Debug, Default)]
+pub struct Flux2Trace {
+    pub temb: Option<Tensor>,
+    pub x_embedded: Option<Tensor>,
+    pub context_embedded: Option<Tensor>,
+    /// `(cos, sin)` `[S, head_dim/2]`, text rows first.
+    pub rope: Option<(Tensor, Tensor)>,
+    /// Each block's `(encoder, hidden)` outputs in chain order.
+    pub blocks: Vec<(Tensor, Tensor)>,
+    /// The image rows after `norm_out`, before `proj_out`.
+    pub norm_out: Option<Tensor>,
+}
+
+impl Flux2Model {
+    /// Builds the model from diffusers-named tensors, every block loaded and held.
+    pub fn from_weights(cfg: Flux2Config, w: &WeightStore) -> Result<Self> {
+        let dev = w.placement().device.clone();
+        let blocks = (0..cfg.num_blocks())
+            .map(|i| AnyBlock::load(w, i, &cfg, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        Self::assemble(cfg, w, Blocks::Resident(blocks))
+    }
+
+    /// Builds the model with its blocks streamed from `w`: the rest is loaded now, each block's
+    /// tensors only checked (present, right shape) and read when the block runs.
+    pub fn streamed(cfg: Flux2Config, w: Arc<WeightStore>) -> Result<Self> {
+        for i in 0..cfg.num_blocks() {
+            for (name, shape) in block_tensors(&cfg, i)? {
+                w.expect(&name, &shape)?;
+            }
+        }
+        let store = w.clone();
+        Self::assemble(cfg, &store, Blocks::Streamed(w))
+    }
+
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.blocks, Blocks::Streamed(_))
+    }
+
+    fn assemble(cfg: Flux2Config, w: &WeightStore, blocks: Blocks) -> Result<Self> {
+        let dev = w.placement().device.clone();
+        let d = cfg.inner_dim();
+        let tc = cfg.timestep_guidance_channels;
+        let tg = "time_guidance_embed";
+        let g = if cfg.guidance_embeds {
+            Some((
+                linear_no_bias(w, &format!("{tg}.guidance_embedder.linear_1"), d, tc)?,
+                linear_no_bias(w, &format!("{tg}.guidance_embedder.linear_2"), d, d)?,
+            ))
+        } else {
+            None
+        };
+        let mut metas = vec![FLUX2_DOUBLE; cfg.num_layers];
+        metas.extend(vec![FLUX2_SINGLE; cfg.num_single_layers]);
+        Ok(Flux2Model {
+            x_emb: linear_no_bias(w, "x_embedder", d, cfg.in_channels)?,
+            ctx_emb: linear_no_bias(w, "context_embedder", d, cfg.joint_attention_dim)?,
+            t1: linear_no_bias(w, &format!("{tg}.timestep_embedder.linear_1"), d, tc)?,
+            t2: linear_no_bias(w, &format!("{tg}.timestep_embedder.linear_2"), d, d)?,
+            g,
+            mod_img: linear_no_bias(w, "double_stream_modulation_img.linear", 6 * d, d)?,
+            mod_txt: linear_no_bias(w, "double_stream_modulation_txt.linear", 6 * d, d)?,
+            mod_single: linear_no_bias(w, "single_stream_modulation.linear", 3 * d, d)?,
+            blocks,
+            device: dev.clone(),
+            norm_out: linear_no_bias(w, "norm_out.linear", 2 * d, d)?,
+            ln: LayerNorm::new(d, cfg.eps, None, &dev)?,
+            proj_out: linear_no_bias(w, "proj_out", cfg.out_channels(), d)?,
+            hooks: HookRegistry::new(metas),
+            cfg,
+        })
+    }
+
+    /// Rotary tables `[S, head_dim/2]` from position ids `[S, n_axes]` (any numeric dtype): axis `i`
+    /// takes `axes_dims_rope[i]` dims, `freq_j = 1 / theta^(2j / d_i)` (f64), angles `pos * freq_j`.
+    pub fn rope(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (s, n) = ids.dims2()?;
+        let axes = &self.cfg.axes_dims_rope;
+        if n != axes.len() {
+            return Err(Error::msg(format!(
+                "position ids have {n} axes, the FLUX.2 model has {} (axes_dims_rope)",
+                axes.len()
+            )));
+        }
+        let dev = ids.device().clone();
+        let ids = ids.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let half: usize = axes.iter().sum::<usize>() / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(s * half), Vec::with_capacity(s * half));
+        let theta = self.cfg.rope_theta;
+        for row in &ids {
+            for (&pos, &dim) in row.iter().zip(axes) {
+                for j in 0..dim / 2 {
+                    let f = 1.0 / theta.powf((2 * j) as f64 / dim as f64);
+                    cos.push((pos * f).cos() as f32);
+                    sin.push((pos * f).sin() as f32);
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (s, half), &dev)?,
+            Tensor::from_vec(sin, (s, half), &dev)?,
+        ))
+    }
+
+    /// The conditioning `[B, d]`: `linear_2(silu(linear_1(proj(1000 t))))` (+ the guidance
+    /// embedding where the model has one). `t` and `guidance` are on the 0..1 scale.
+    pub fn temb(&self, t: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
+        let tc = self.cfg.timestep_guidance_channels;
+        let te = timestep_embedding(&(t.to_dtype(DType::F32)? * 1000.0)?, tc)?;
+        let mut emb = self.t2.forward(&self.t1.forward(&te)?.silu()?)?;
+        if let Some((g1, g2)) = &self.g {
+            let g = guidance.ok_or_else(|| {
+                Error::msg("this FLUX.2 model embeds guidance: a guidance value is required")
+            })?;
+            let ge = timestep_embedding(&(g.to_dtype(DType::F32)? * 1000.0)?, tc)?;
+            emb = (emb + g2.forward(&g1.forward(&ge)?.silu()?)?)?;
+        }
+        Ok(emb)
+    }
+
+    fn modulations(&self, temb: &Tensor) -> Result<Modulations> {
+        Ok(Modulations {
+            img: chunks(&self.mod_img, temb, 6)?,
+            txt: chunks(&self.mod_txt, temb, 6)?,
+            single: chunks(&self.mod_single, temb, 3)?,
+        })
+    }
+
+    /// One transformer call: `x` `[B, seq, in_channels]` packed latents, `ctx` `[B, L,
+    /// joint_attention_dim]`, `t` `[B]` (0..1), `img_ids` `[seq, axes]`, `txt_ids` `[L, axes]` ->
+    /// the velocity `[B, seq, out_channels]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        t: &Tensor,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        guidance: Option<&Tensor>,
+        cx: &CallCx<'_>,
+    ) -> Result<Tensor> {
+        self.forward_traced(x, ctx, t, img_ids, txt_ids, guidance, cx, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        t: &Tensor,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        guidance: Option<&Tensor>,
+        cx: &CallCx<'_>,
+        mut trace: Option<&mut Flux2Trace>,
+    ) -> Result<Tensor> {
+        let h = self.x_emb.forward(&x.to_dtype(DType::F32)?)?;
+        let e = self.ctx_emb.forward(&ctx.to_dtype(DType::F32)?)?;
+        let temb = self.temb(t, guidance)?;
+        let mods = self.modulations(&temb)?;
+        let ids = Tensor::cat(
+            &[txt_ids.to_dtype(DType::F64)?, img_ids.to_dtype(DType::F64)?],
+            0,
+        )?;
+        let (cos, sin) = self.rope(&ids)?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.temb = Some(temb.clone());
+            tr.x_embedded = Some(h.clone());
+            tr.context_embedded = Some(e.clone());
+            tr.rope = Some((cos.clone(), sin.clone()));
+        }
+        let chain = Flux2Chain {
+            model: self,
+            scope: cx.scope,
+            hidden_in: h.clone(),
+            temb: temb.clone(),
+            mods,
+            cos,
+            sin,
+            trace: RefCell::new(trace),
+        };
+        let h = cx.run_chain(&chain, Streams::joint(h, e))?.hidden;
+        let trace = chain.trace.into_inner();
+        // AdaLayerNormContinuous: (scale, shift) in that order.
+        let m = self.norm_out.forward(&temb.silu()?)?;
+        let d = self.cfg.inner_dim();
+        let scale = m.narrow(1, 0, d)?.unsqueeze(1)?;
+        let shift = m.narrow(1, d, d)?.unsqueeze(1)?;
+        let y = modulate(&self.ln.forward(&h)?, &shift, &scale)?;
+        if let Some(tr) = trace {
+            tr.norm_out = Some(y.clone());
+        }
+        self.proj_out.forward(&y)
+    }
+}
+
+/// One call's block chain: double blocks then single blocks, both streams flowing between them.
+struct Flux2Chain<'a> {
+    model: &'a Flux2Model,
+    scope: ScopeKey,
+    /// The image stream entering the chain (after `x_embedder`).
+    hidden_in: Tensor,
+    temb: Tensor,
+    mods: Modulations,
+    cos: Tensor,
+    sin: Tensor,
+    trace: RefCell<Option<&'a mut Flux2Trace>>,
+}
+
+impl Flux2Chain<'_> {
+    /// Block `i` through the hook registry on `(hidden, encoder)`, then traced.
+    fn run_one(&self, i: usize, blk: &AnyBlock, he: (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+        let args = BlockArgs {
+            mods: &self.mods,
+            cos: &self.cos,
+            sin: &self.sin,
+        };
+        let (h, e) = he;
+        let out =
+            self.model
+                .hooks
+                .run_block(self.scope, i, Streams::joint(h, e), &|s: Streams| {
+                    let e = s
+                        .encoder
+                        .as_ref()
+                        .ok_or_else(|| Error::msg(format!("flux2 block {i}: no encoder stream")))?;
+                    let (h, e) = blk.forward(&s.hidden, e, &args)?;
+                    Ok(Streams::joint(h, e))
+                })?;
+        let e = out
+            .encoder
+            .ok_or_else(|| Error::msg(format!("flux2 block {i} returned no encoder stream")))?;
+        if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
+            tr.blocks.push((e.clone(), out.hidden.clone()));
+        }
+        Ok((out.hidden, e))
+    }
+}
+
+impl BlockChain for Flux2Chain<'_> {
+    fn num_blocks(&self) -> usize {
+        self.model.cfg.num_blocks()
+    }
+
+    fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
+        let n = self.num_blocks();
+        if blocks.end > n {
+            return Err(Error::msg(format!(
+                "flux2: blocks {blocks:?} asked of a model with {n}"
+            )));
+        }
+        let e = x
+            .encoder
+            .ok_or_else(|| Error::msg("flux2: the block chain needs the encoder stream"))?;
+        let mut he = (x.hidden, e);
+        match &self.model.blocks {
+            Blocks::Resident(v) => {
+                for i in blocks {
+                    let blk = v
+                        .get(i)
+                        .ok_or_else(|| Error::msg(format!("flux2: no block {i}")))?;
+                    he = self.run_one(i, blk, he)?;
+                }
+            }
+            Blocks::Streamed(w) => {
+                let (cfg, dev) = (&self.model.cfg, &self.model.device);
+                crate::weights::run_streamed(
+                    "flux2",
+                    blocks,
+                    |i| AnyBlock::load(w, i, cfg, dev),
+                    |i, blk| {
+                        he = self.run_one(i, blk, he.clone())?;
+                        Ok(())
+                    },
+                )?;
+            }
+        }
+        Ok(Streams::joint(he.0, he.1))
+    }
+
+    fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
+        match kind {
+            Indicator::TimestepEmbedding => Ok(Some(self.temb.clone())),
+            Indicator::TimestepModulation => Ok(None),
+            // The first double block's modulated input: the image stream entering the chain, layer
+            // normed, shifted and scaled by the shared image modulation (held by the model, so
+            // streamed runs read no block for it).
+            Indicator::ModulatedInput => {
+                let m = &self.mods.img;
+                modulate(&self.model.ln.forward(&self.hidden_in)?, &m[0], &m[1]).map(Some)
+            }
+            Indicator::InputLatents => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The FLUX.2 klein denoising loop: flow-matching Euler on FLUX.2's schedule; distilled folders
+//! one transformer call per step (`cond`), base folders classifier-free guidance (`cond` then
+//! `uncond`, each its own cache scope).
+
+use super::model::Flux2Model;
+use super::prompted;
+use crate::scheduler::FlowSchedule;
+use candle_core::{Device, Tensor};
+use magcache_core::denoise::Observer;
+use magcache_core::{
+    Branch, CacheHandle, Denoiser, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
+};
+
+/// What the transformer is called with (besides the latents it updates).
+pub struct Flux2Inputs {
+    /// `[B, seq, in_channels]` packed initial latents.
+    pub latents: Tensor,
+    /// `[B, L, joint_attention_dim]` prompt embeddings.
+    pub ctx: Tensor,
+    /// The negative prompt's embeddings, with classifier-free guidance.
+    pub neg_ctx: Option<Tensor>,
+    /// `[seq, 4]` and `[L, 4]` position ids.
+    pub img_ids: Tensor,
+    pub txt_ids: Tensor,
+}
+
+impl Flux2Inputs {
+    pub fn to_device(self, dev: &Device) -> Result<Self> {
+        Ok(Flux2Inputs {
+            latents: self.latents.to_device(dev)?,
+            ctx: self.ctx.to_device(dev)?,
+            neg_ctx: self.neg_ctx.map(|t| t.to_device(dev)).transpose()?,
+            img_ids: self.img_ids.to_device(dev)?,
+            txt_ids: self.txt_ids.to_device(dev)?,
+        })
+    }
+}
+
+pub struct Flux2Pipeline {
+    pub model: Flux2Model,
+    pub schedule: FlowSchedule,
+    /// `Some(scale)`: classifier-free guidance with the negative embeddings.
+    pub cfg_scale: Option<f64>,
+    /// The embedded guidance of models with a guidance embedder (FLUX.2-dev presets).
+    pub guidance: f64,
+    pub inputs: Flux2Inputs,
+    pub info: ModelInfo,
+    pub description: String,
+    pub warnings: Vec<String>,
+    pub prompted: Option<prompted::Prompted>,
+    pub(super) cache: Option<CacheHandle>,
+}
+
+impl Pipeline for Flux2Pipeline {
+    fn family(&self) -> &str {
+        "flux2"
+    }
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+    fn plan(&self) -> GenerationPlan {
+        flux2_plan(&self.schedule, self.cfg_scale.is_some())
+    }
+    fn model_info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
+        self.cache = cache;
+        Ok(())
+    }
+    fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
+        crate::flux::pipeline::packed_to_planes(latents, &self.inputs.img_ids)
+    }
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+    fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
+        vec![&mut self.model.hooks]
+    }
+
+    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
+        for w in &self.warnings {
+            obs.warning(w);
+        }
+        let plan = self.plan();
+        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let inp = &self.inputs;
+        let b = inp.latents.dim(0)?;
+        let dev = inp.latents.device();
+        let g = self
+            .model
+            .cfg
+            .guidance_embeds
+            .then(|| Tensor::from_vec(vec![self.guidance as f32; b], b, dev))
+            .transpose()?;
+        let mut lat = inp.latents.clone();
+        for i in 0..self.schedule.steps() {
+            let t = self.schedule.timesteps[i];
+            let tt = Tensor::from_vec(vec![t / 1000.0; b], b, dev)?;
+            let call = |ctx: &Tensor, lat: &Tensor, cx: &magcache_core::CallCx<'_>| {
+                self.model
+                    .forward(lat, ctx, &tt, &inp.img_ids, &inp.txt_ids, g.as_ref(), cx)
+            };
+            let v = den.call(i, 0, Branch::Cond, t as f64, |cx| call(&inp.ctx, &lat, cx))?;
+            let v = match (self.cfg_scale, &inp.neg_ctx) {
+                (Some(s), Some(neg)) => {
+                    let vu = den.call(i, 0, Branch::Uncond, t as f64, |cx| call(neg, &lat, cx))?;
+                    (&vu + ((v - &vu)? * s)?)?
+                }
+                _ => v,
+            };
+            lat = (&lat + (v * self.schedule.dt(i) as f64)?)?;
+            den.step_done(i, &lat)?;
+        }
+        Ok(lat)
+    }
+
+    fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        match &mut self.prompted {
+            Some(p) => prompted::finish(p, latents),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn stages(&self) -> Vec<magcache_core::runtime::progress::StageTime> {
+        self.prompted
+            .as_ref()
+            .map(|p| p.stages.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The scopes of a FLUX.2 generation: `cond`, and `uncond` with classifier-free guidance.
+pub fn flux2_plan(schedule: &FlowSchedule, cfg: bool) -> GenerationPlan {
+    let steps = schedule.steps();
+    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
+    let branches: &[Branch] = if cfg {
+        &[Branch::Cond, Branch::Uncond]
+    } else {
+        &[Branch::Cond]
+    };
+    GenerationPlan::from_steps(&StepsSpec {
+        family: "flux2",
+        scheduler: "flow-euler, FLUX.2 empirical mu",
+        sigmas: &sigmas,
+        branches,
+        ..Default::default()
+    })
+}

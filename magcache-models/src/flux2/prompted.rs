@@ -1,0 +1,281 @@
+//! Prompted FLUX.2 klein runs (`[prompt]`): from a `Flux2KleinPipeline` folder as released
+//! (`model_index.json` beside `tokenizer/`, `text_encoder/` (Qwen3), `transformer/`, `vae/`,
+//! `scheduler/`), the Qwen3 encoder embeds the prompt (and the negative prompt with CFG; freed
+//! before the transformer loads), the packed latents are drawn or read, and `AutoencoderKLFlux2`
+//! decodes, as diffusers' pipeline does.
+
+use super::pipeline::Flux2Inputs;
+use super::vae::{Flux2Vae, Flux2VaeConfig};
+use crate::config_util::resolve;
+use crate::inputs::InputFile;
+use crate::text::qwen3::{Flux2TextEncoder, Qwen3Config, FLUX2_TEXT_LAYERS};
+use candle_core::{DType, Device, Tensor};
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::{Error, Placement, Result};
+use std::path::{Path, PathBuf};
+
+/// `Flux2KleinPipeline`'s defaults: 1024 x 1024, 512 text tokens, guidance 4.0 (base folders).
+pub const DEFAULT_SIZE: usize = 1024;
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+pub const DEFAULT_GUIDANCE: f64 = 4.0;
+
+/// What a prompted run carries from building to decoding.
+pub struct Prompted {
+    pub root: PathBuf,
+    pub prompt_embeds: Tensor,
+    /// With classifier-free guidance.
+    pub negative_prompt_embeds: Option<Tensor>,
+    pub height: usize,
+    pub width: usize,
+    pub placement: Placement,
+    pub stages: Vec<StageTime>,
+}
+
+/// The pipeline folder of a prompted run and whether it is step-distilled (`is_distilled` in
+/// `model_index.json`; absent = false).
+pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBuf, bool)> {
+    let kind = crate::config_util::PipelineKind {
+        parts: &["tokenizer", "text_encoder", "transformer", "vae"],
+        class_prefix: "Flux2",
+        label: "FLUX.2",
+        example: "Flux2KleinPipeline",
+    };
+    let (root, class) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    let index = root.join("model_index.json");
+    let shown = index.display().to_string();
+    if class != "Flux2KleinPipeline" {
+        return Err(Error::config(
+            &shown,
+            "_class_name",
+            format!("`{class}` is not supported (only Flux2KleinPipeline: the Qwen3 text encoder)"),
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_str(&magcache_core::error::read_text(&index)?)
+        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+    let distilled = match v.get("is_distilled") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(b) => b.as_bool().ok_or_else(|| {
+            Error::config(
+                &shown,
+                "is_distilled",
+                format!("expected true or false, got {b}"),
+            )
+        })?,
+    };
+    Ok((root, distilled))
+}
+
+/// `(height, width, vae factor)`, checked: at least one 2x2 patch of latents. As the pipeline does,
+/// a size that is not a multiple of `2 * factor` is rounded down to one (the latent grid is
+/// `2 * (height // (2 * factor))`; the picture is that grid times the factor): see [`size_warning`].
+pub fn image_size(cfg: &RunConfig, file: &str, root: &Path) -> Result<(usize, usize, usize)> {
+    let vae = Flux2VaeConfig::read(&root.join("vae").join("config.json"))?;
+    let f = vae.vae_scale_factor();
+    let unit = f.saturating_mul(2);
+    let height = cfg.inputs.height.unwrap_or(DEFAULT_SIZE);
+    let width = cfg.inputs.width.unwrap_or(DEFAULT_SIZE);
+    for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
+        if unit == 0 || v < unit {
+            return Err(Error::config(
+                file,
+                key,
+                format!("{v} must be at least {unit} (the VAE's {f}x downsampling times the 2x2 packing)"),
+            ));
+        }
+    }
+    Ok((height, width, f))
+}
+
+/// The warning `Flux2KleinPipeline` gives for a size that is not a multiple of `2 * factor`: the
+/// picture is rounded down.
+pub fn size_warning(cfg: &RunConfig, file: &str, root: &Path) -> Result<Option<String>> {
+    let (height, width, f) = image_size(cfg, file, root)?;
+    let unit = 2 * f;
+    Ok((!height.is_multiple_of(unit) || !width.is_multiple_of(unit)).then(|| {
+        format!(
+            "{file}: inputs.height/width {height}x{width} are not multiples of {unit}: the picture is {}x{} (rounded down, as the pipeline does)",
+            height / unit * unit,
+            width / unit * unit
+        )
+    }))
+}
+
+/// Packed image tokens of a prompted run (for `mu` and planning).
+pub fn image_seq_len(cfg: &RunConfig, file: &str, root: &Path) -> Result<usize> {
+    let (height, width, f) = image_size(cfg, file, root)?;
+    Ok((height / (2 * f)).saturating_mul(width / (2 * f)))
+}
+
+/// Whether the run uses classifier-free guidance: a base folder and `guidance_scale > 1`.
+pub fn uses_cfg(cfg: &RunConfig, distilled: bool) -> bool {
+    !distilled && cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE) > 1.0
+}
+
+/// Encodes the prompt (and the negative prompt, `""` by default, with CFG); the encoder is
+/// dropped before this returns.
+pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<Prompted> {
+    let Some(p) = &cfg.prompt else {
+        return Err(Error::msg(
+            "internal: a prompted FLUX.2 run without [prompt]",
+        ));
+    };
+    let (height, width, _) = image_size(cfg, file, root)?;
+    let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    if max_len == 0 {
+        return Err(Error::config(
+            file,
+            "prompt.max_sequence_length",
+            "must be at least 1",
+        ));
+    }
+    let te = root.join("text_encoder");
+    let te_cfg = te.join("config.json").display().to_string();
+    let last = FLUX2_TEXT_LAYERS.iter().copied().max().unwrap_or(0);
+    Qwen3Config::load(&te)?
+        .footprint(last, max_len, placement.dtype.size_in_bytes(), &te_cfg)
+        .check(file)?;
+    let stage = Stage::begin("encode text");
+    let enc = Flux2TextEncoder::load_pipeline(root, &placement.device, placement.dtype)?;
+    let prompt_embeds = enc.encode(&p.text, max_len)?.prompt_embeds;
+    let negative_prompt_embeds = if cfg_on {
+        let neg = p.negative.as_deref().unwrap_or("");
+        Some(enc.encode(neg, max_len)?.prompt_embeds)
+    } else {
+        None
+    };
+    drop(enc);
+    let check = crate::wan::prompted::check_stage;
+    check(
+        &prompt_embeds,
+        "the text encoder",
+        &format!("prompt_embeds (Qwen3, from {})", te.display()),
+    )?;
+    if let Some(n) = &negative_prompt_embeds {
+        check(
+            n,
+            "the text encoder",
+            &format!("negative_prompt_embeds (Qwen3, from {})", te.display()),
+        )?;
+    }
+    Ok(Prompted {
+        root: root.to_path_buf(),
+        prompt_embeds,
+        negative_prompt_embeds,
+        height,
+        width,
+        placement,
+        stages: vec![stage.end()],
+    })
+}
+
+/// Image position ids `[h2 * w2, 4]` = `(0, r, c, 0)` in row-major order.
+pub fn image_ids(h2: usize, w2: usize) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(h2 * w2 * 4);
+    for r in 0..h2 {
+        for c in 0..w2 {
+            v.extend([0f32, r as f32, c as f32, 0f32]);
+        }
+    }
+    Ok(Tensor::from_vec(v, (h2 * w2, 4), &Device::Cpu)?)
+}
+
+/// Text position ids `[L, 4]` = `(0, 0, 0, l)`.
+pub fn text_ids(l: usize) -> Result<Tensor> {
+    let v: Vec<f32> = (0..l).flat_map(|i| [0f32, 0.0, 0.0, i as f32]).collect();
+    Ok(Tensor::from_vec(v, (l, 4), &Device::Cpu)?)
+}
+
+/// The inputs of a prompted run: `latents_init` (packed) from `[inputs] file` or seeded random
+/// latents of the image's size; the encoded prompt(s); the position ids.
+pub fn inputs(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    c: &super::config::Flux2Config,
+    p: &Prompted,
+) -> Result<Flux2Inputs> {
+    let (_, _, f) = image_size(cfg, file, &p.root)?;
+    let (h2, w2) = (p.height / (2 * f), p.width / (2 * f));
+    let seq = h2.saturating_mul(w2);
+    let latents = match &cfg.inputs.file {
+        Some(path) => {
+            let inp = InputFile::load(&resolve(base, path))?;
+            let l = inp.get("latents_init", 3, "[B, seq, C] packed latents")?;
+            if l.dims() != [1, seq, c.in_channels] {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "latents_init",
+                    format!(
+                        "has shape {:?}; height {} and width {} give [1, {seq}, {}]",
+                        l.dims(),
+                        p.height,
+                        p.width,
+                        c.in_channels
+                    ),
+                ));
+            }
+            l.to_dtype(DType::F32)?
+        }
+        None => crate::random::randn_for(
+            file,
+            "inputs.height/width",
+            cfg.inputs.seed.unwrap_or(cfg.model.seed),
+            &[1, seq, c.in_channels],
+        )?,
+    };
+    let (l, d) = (p.prompt_embeds.dim(1)?, p.prompt_embeds.dim(2)?);
+    if d != c.joint_attention_dim {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "the text encoder gives {d}-wide embeddings (3 layers x hidden) but the transformer's joint_attention_dim is {}",
+                c.joint_attention_dim
+            ),
+        ));
+    }
+    if c.axes_dims_rope.len() != 4 {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!(
+                "the transformer has {} RoPE axes; FLUX.2's position ids have 4",
+                c.axes_dims_rope.len()
+            ),
+        ));
+    }
+    Flux2Inputs {
+        latents,
+        ctx: p.prompt_embeds.clone(),
+        neg_ctx: p.negative_prompt_embeds.clone(),
+        img_ids: image_ids(h2, w2)?,
+        txt_ids: text_ids(l)?,
+    }
+    .to_device(&p.placement.device)
+}
+
+/// Decodes the final packed latents with the folder's VAE: `decoded` `[B, H, W, 3]` in [0, 1], and
+/// the embeddings the transformer received.
+pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let stage = Stage::begin("decode");
+    let vae = Flux2Vae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    let decoded = vae.decode_packed(latents, p.height, p.width)?;
+    drop(vae);
+    let v = p.root.join("vae").display().to_string();
+    crate::wan::prompted::check_stage(
+        &decoded,
+        "the VAE decode",
+        &format!("the decoded pixels (from {v})"),
+    )?;
+    p.stages.push(stage.end());
+    let mut out = vec![
+        ("decoded".to_string(), decoded),
+        ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
+    ];
+    if let Some(n) = &p.negative_prompt_embeds {
+        out.push(("negative_prompt_embeds".to_string(), n.clone()));
+    }
+    Ok(out)
+}

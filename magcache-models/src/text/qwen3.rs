@@ -1,0 +1,503 @@
+//! The text side of a FLUX.2 klein run, as diffusers' `Flux2KleinPipeline` encodes a prompt:
+//!
+//! - the prompt rendered with the tokenizer's chat template for one user message, with the
+//!   generation prompt and thinking disabled (`<|im_start|>user\n{P}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n`,
+//!   what Qwen3's template renders for that call);
+//! - tokenized by the Qwen2 byte-level BPE of `tokenizer/tokenizer.json` (`tokenizers` crate), padded
+//!   with the pad token and truncated on the right to `max_sequence_length` (no special tokens
+//!   added);
+//! - embedded by the Qwen3 decoder of `text_encoder/` with the padding mask applied (causal
+//!   attention over the real tokens), and the hidden states after decoder layers 9, 18 and 27
+//!   concatenated per token: `[1, L, 3 * hidden]`, all `L` rows.
+//!
+//! Our own Qwen3 module, not candle-transformers' `qwen3`: that one returns only the final-norm
+//! output (no per-layer hidden states), builds a causal mask without the padding mask the pipeline
+//! passes (padded keys would be attended), loads through `VarBuilder` (one dtype for norms and
+//! weights, errors naming neither file nor tensor) and keeps a KV cache we do not need. Layers after
+//! the last one asked for are never loaded. Norms, RoPE, softmax and activations run in f32.
+
+use super::tokenizer::{TokenizedPrompt, WanTokenizer};
+use crate::flux::blocks::{heads, heads_normed, merge};
+use crate::nn::{Linear, RmsNorm};
+use crate::weights::WeightStore;
+use candle_core::{DType, Device, Tensor, D};
+use magcache_core::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// The decoder layers whose outputs `Flux2KleinPipeline` stacks (its `text_encoder_out_layers`
+/// default; no config carries it).
+pub const FLUX2_TEXT_LAYERS: [usize; 3] = [9, 18, 27];
+
+/// `tokenizer_class` values of a Qwen tokenizer.
+pub const QWEN_TOKENIZERS: &[&str] = &[
+    "Qwen2Tokenizer",
+    "Qwen2TokenizerFast",
+    "TokenizersBackend",
+    "PreTrainedTokenizerFast",
+];
+
+/// `Qwen3ForCausalLM` / `Qwen3Model` configuration (`config.json`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Qwen3Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub attention_bias: bool,
+}
+
+impl Qwen3Config {
+    /// Reads `DIR/config.json` (or the file); errors name the file and key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_file() {
+            path.to_path_buf()
+        } else {
+            path.join("config.json")
+        };
+        let shown = file.display().to_string();
+        let text = magcache_core::error::read_text(&file)?;
+        magcache_core::files::record_read(&file);
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
+        Self::from_json(&v, &shown)
+    }
+
+    pub fn from_json(v: &Value, file: &str) -> Result<Self> {
+        let positive = |key: &str, default: Option<usize>| -> Result<usize> {
+            match v.get(key) {
+                None | Some(Value::Null) => default.ok_or_else(|| {
+                    Error::config(file, key, "missing (the Qwen3 text encoder needs it)")
+                }),
+                Some(x) => x
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        Error::config(file, key, format!("expected a positive integer, got {x}"))
+                    }),
+            }
+        };
+        let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64> {
+            match x {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => x
+                    .as_f64()
+                    .filter(|f| f.is_finite() && *f > 0.0)
+                    .ok_or_else(|| {
+                        Error::config(file, key, format!("expected a positive number, got {x}"))
+                    }),
+            }
+        };
+        match v.get("model_type").and_then(|m| m.as_str()) {
+            None | Some("qwen3") => {}
+            Some(other) => {
+                return Err(Error::config(
+                    file,
+                    "model_type",
+                    format!("`{other}` is not a Qwen3 text encoder (expected \"qwen3\")"),
+                ))
+            }
+        }
+        if let Some(a) = v.get("hidden_act").and_then(|a| a.as_str()) {
+            if a != "silu" {
+                return Err(Error::config(
+                    file,
+                    "hidden_act",
+                    format!("`{a}` is not supported (only \"silu\")"),
+                ));
+            }
+        }
+        // transformers 4.5x: `rope_theta` / `rope_scaling` at the top; 5.x: `rope_parameters`.
+        let params = v.get("rope_parameters");
+        let scaling = v.get("rope_scaling").filter(|s| !s.is_null()).or_else(|| {
+            params.filter(|p| {
+                    matches!(p.get("rope_type").and_then(|t| t.as_str()), Some(t) if t != "default")
+                })
+        });
+        if let Some(s) = scaling {
+            return Err(Error::config(
+                file,
+                "rope_scaling",
+                format!("{s} is not supported (only the default RoPE)"),
+            ));
+        }
+        let theta = match v.get("rope_theta") {
+            Some(t) if !t.is_null() => float(Some(t), "rope_theta", 1e6)?,
+            _ => float(
+                params.and_then(|p| p.get("rope_theta")),
+                "rope_parameters.rope_theta",
+                1e6,
+            )?,
+        };
+        let hidden_size = positive("hidden_size", None)?;
+        let num_attention_heads = positive("num_attention_heads", None)?;
+        let cfg = Qwen3Config {
+            vocab_size: positive("vocab_size", None)?,
+            hidden_size,
+            intermediate_size: positive("intermediate_size", None)?,
+            num_hidden_layers: positive("num_hidden_layers", None)?,
+            num_attention_heads,
+            num_key_value_heads: positive("num_key_value_heads", Some(num_attention_heads))?,
+            head_dim: positive("head_dim", Some(hidden_size / num_attention_heads.max(1)))?,
+            rms_norm_eps: float(v.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
+            rope_theta: theta,
+            attention_bias: v
+                .get("attention_bias")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
+        };
+        if !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
+        {
+            return Err(Error::config(
+                file,
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    cfg.num_key_value_heads, cfg.num_attention_heads
+                ),
+            ));
+        }
+        if !cfg.head_dim.is_multiple_of(2) {
+            return Err(Error::config(file, "head_dim", "must be even (RoPE pairs)"));
+        }
+        Ok(cfg)
+    }
+
+    /// Parameters of the embedding and the first `layers` decoder layers.
+    pub fn params(&self, layers: usize) -> crate::footprint::Sz {
+        use crate::footprint::sz;
+        let d = sz(self.hidden_size);
+        let q = sz(self.num_attention_heads) * sz(self.head_dim);
+        let kv = sz(self.num_key_value_heads) * sz(self.head_dim);
+        let layer = d * q * sz(2) + d * kv * sz(2) + d * sz(self.intermediate_size) * sz(3);
+        sz(self.vocab_size) * d + sz(layers) * layer
+    }
+
+    /// What encoding one prompt of `max_len` tokens holds: the weights of the layers it runs and the
+    /// activations (scores of every head, f32).
+    pub fn footprint(
+        &self,
+        layers: usize,
+        max_len: usize,
+        dtype_bytes: usize,
+        config: &str,
+    ) -> magcache_core::runtime::guard::Footprint {
+        use crate::footprint::sz;
+        let l = sz(max_len);
+        let scores = sz(self.num_attention_heads) * l * l * sz(3);
+        let d = sz(self.hidden_size);
+        let acts = (l
+            * (d * sz(8)
+                + sz(self.num_attention_heads) * sz(self.head_dim) * sz(4)
+                + sz(self.intermediate_size) * sz(3))
+            + scores)
+            * sz(4);
+        let mut fp = magcache_core::runtime::guard::Footprint::default();
+        fp.add(
+            "text encoder weights",
+            format!("{config}: num_hidden_layers, hidden_size, intermediate_size, vocab_size"),
+            (self.params(layers) * sz(dtype_bytes)).0,
+        );
+        fp.add(
+            "text encoder activations",
+            "prompt.max_sequence_length",
+            acts.0,
+        );
+        fp
+    }
+}
+
+struct Layer {
+    ln1: RmsNorm,
+    ln2: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    qn: RmsNorm,
+    kn: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The first decoder layers of a Qwen3 model, returning every hidden state.
+pub struct Qwen3Encoder {
+    pub config: Qwen3Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    device: Device,
+}
+
+impl Qwen3Encoder {
+    /// Loads `DIR/config.json` and the embedding and first `layers` decoder layers of the weights
+    /// (a single file or shards with their index; names with or without the `model.` prefix).
+    /// Linear weights and the embedding are kept in `dtype` on `device`; norms are f32.
+    pub fn load(dir: &Path, layers: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let config = Qwen3Config::load(dir)?;
+        let cfg_file = dir.join("config.json").display().to_string();
+        if layers > config.num_hidden_layers {
+            return Err(Error::config(
+                &cfg_file,
+                "num_hidden_layers",
+                format!(
+                    "{} layers, but the FLUX.2 pipeline stacks the output of layer {layers}",
+                    config.num_hidden_layers
+                ),
+            ));
+        }
+        let files = crate::weights::weight_files(dir)?;
+        let mut store = WeightStore::load_files(&dir.display().to_string(), &files)?;
+        store.set_placement(magcache_core::Placement {
+            device: device.clone(),
+            dtype,
+        });
+        Self::from_weights(config, &store, layers)
+    }
+
+    pub fn from_weights(config: Qwen3Config, store: &WeightStore, layers: usize) -> Result<Self> {
+        let c = &config;
+        let p = if store.contains("model.embed_tokens.weight") {
+            "model."
+        } else {
+            ""
+        };
+        let d = c.hidden_size;
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let embed = store.get_weight(&format!("{p}embed_tokens.weight"), &[c.vocab_size, d])?;
+        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let b = if bias {
+                Some(store.get_shape(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Linear::new(store.get_weight(&format!("{name}.weight"), &[out, inp])?, b)
+        };
+        let norm = |name: &str, n: usize| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                store.get_shape(&format!("{name}.weight"), &[n])?,
+                c.rms_norm_eps,
+            ))
+        };
+        let ab = c.attention_bias;
+        let layers = (0..layers)
+            .map(|i| {
+                let l = format!("{p}layers.{i}");
+                let a = format!("{l}.self_attn");
+                let m = format!("{l}.mlp");
+                Ok(Layer {
+                    ln1: norm(&format!("{l}.input_layernorm"), d)?,
+                    ln2: norm(&format!("{l}.post_attention_layernorm"), d)?,
+                    q: lin(&format!("{a}.q_proj"), q, d, ab)?,
+                    k: lin(&format!("{a}.k_proj"), kv, d, ab)?,
+                    v: lin(&format!("{a}.v_proj"), kv, d, ab)?,
+                    o: lin(&format!("{a}.o_proj"), d, q, false)?,
+                    qn: norm(&format!("{a}.q_norm"), c.head_dim)?,
+                    kn: norm(&format!("{a}.k_norm"), c.head_dim)?,
+                    gate: lin(&format!("{m}.gate_proj"), c.intermediate_size, d, false)?,
+                    up: lin(&format!("{m}.up_proj"), c.intermediate_size, d, false)?,
+                    down: lin(&format!("{m}.down_proj"), d, c.intermediate_size, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Qwen3Encoder {
+            device: store.placement().device.clone(),
+            config,
+            embed,
+            layers,
+        })
+    }
+
+    /// Rotate-half RoPE tables `[L, head_dim/2]` for positions `0..L` (computed in f32, as
+    /// transformers does).
+    fn rope(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.config.head_dim;
+        let theta = self.config.rope_theta as f32;
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|j| 1.0 / theta.powf((2 * j) as f32 / hd as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(len * hd / 2);
+        let mut sin = Vec::with_capacity(len * hd / 2);
+        for pos in 0..len {
+            for f in &inv {
+                let a = pos as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, hd / 2), &self.device)?,
+            Tensor::from_vec(sin, (len, hd / 2), &self.device)?,
+        ))
+    }
+
+    /// `hidden_states[0..=n]` for one sequence (`ids` and its padding `mask`, 1 = real token):
+    /// the embedding output, then each decoder layer's output, `[1, L, hidden]` f32. Query `q`
+    /// attends to the keys `k <= q` whose mask is 1. `n` is at most the layers loaded.
+    pub fn hidden_states(&self, ids: &[u32], mask: &[u32], n: usize) -> Result<Vec<Tensor>> {
+        let c = &self.config;
+        let len = ids.len();
+        if mask.len() != len || len == 0 {
+            return Err(Error::msg(format!(
+                "Qwen3 text encoder: {len} ids and {} mask values (need as many, at least one)",
+                mask.len()
+            )));
+        }
+        if n > self.layers.len() {
+            return Err(Error::msg(format!(
+                "Qwen3 text encoder: layer {n} asked, {} loaded",
+                self.layers.len()
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+            return Err(Error::msg(format!(
+                "Qwen3 text encoder: token id {bad} is outside the vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        let ids_t = Tensor::from_vec(ids.to_vec(), len, &self.device)?;
+        let mut x = self
+            .embed
+            .index_select(&ids_t, 0)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(0)?;
+        let mut bias = Vec::with_capacity(len * len);
+        for q in 0..len {
+            for (k, &m) in mask.iter().enumerate() {
+                bias.push(if k <= q && m != 0 { 0f32 } else { f32::MIN });
+            }
+        }
+        let bias = Tensor::from_vec(bias, (1, 1, len, len), &self.device)?;
+        let (cos, sin) = self.rope(len)?;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = h / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = vec![x.clone()];
+        for layer in self.layers.iter().take(n) {
+            let a = layer.ln1.forward(&x)?;
+            let rope = |t: Tensor| -> Result<Tensor> {
+                Ok(candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &sin)?)
+            };
+            let q = rope(heads_normed(&layer.q.forward(&a)?, h, &layer.qn)?)?;
+            let k = rope(heads_normed(&layer.k.forward(&a)?, kvh, &layer.kn)?)?;
+            let v = heads(&layer.v.forward(&a)?, kvh)?;
+            // Key/value head j serves query heads j*rep .. (j+1)*rep.
+            let expand = |t: Tensor| -> Result<Tensor> {
+                if rep == 1 {
+                    return Ok(t);
+                }
+                let (b, _, l, d) = t.dims4()?;
+                Ok(t.unsqueeze(2)?
+                    .broadcast_as((b, kvh, rep, l, d))?
+                    .reshape((b, h, l, d))?)
+            };
+            let (k, v) = (expand(k)?, expand(v)?);
+            let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
+            let p = candle_nn::ops::softmax_last_dim(&s)?;
+            let o = merge(&p.matmul(&v.contiguous()?)?)?;
+            x = (x + layer.o.forward(&o)?)?;
+            let m = layer.ln2.forward(&x)?;
+            let g = layer.gate.forward(&m)?.silu()?;
+            let u = layer.up.forward(&m)?;
+            x = (&x + layer.down.forward(&(g * u)?)?)?;
+            out.push(x.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// Everything one prompt went through (for tests and traces).
+pub struct Flux2PromptEncoding {
+    /// The chat-template rendering the tokenizer saw.
+    pub text: String,
+    /// Ids and mask, `max_sequence_length` of them.
+    pub tokens: TokenizedPrompt,
+    /// `[1, L, 3 * hidden]`: what the transformer receives.
+    pub prompt_embeds: Tensor,
+}
+
+/// The tokenizer and the Qwen3 encoder of a FLUX.2 klein pipeline folder.
+pub struct Flux2TextEncoder {
+    tokenizer: WanTokenizer,
+    encoder: Qwen3Encoder,
+}
+
+/// The chat template's rendering of one user message with the generation prompt and thinking
+/// disabled (Qwen3's template, as `Flux2KleinPipeline` calls it).
+pub fn flux2_chat_prompt(prompt: &str) -> String {
+    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+}
+
+impl Flux2TextEncoder {
+    /// Loads `tokenizer/` (`tokenizer.json`, pad token from `tokenizer_config.json`) and
+    /// `text_encoder/` (the layers up to the last of [`FLUX2_TEXT_LAYERS`]).
+    pub fn load(
+        tokenizer: &Path,
+        text_encoder: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let tokenizer = WanTokenizer::load_as(
+            tokenizer,
+            QWEN_TOKENIZERS,
+            "a Qwen (byte-level BPE)",
+            "<|endoftext|>",
+        )?;
+        let last = FLUX2_TEXT_LAYERS.iter().copied().max().unwrap_or(0);
+        let encoder = Qwen3Encoder::load(text_encoder, last, device, dtype)?;
+        Ok(Flux2TextEncoder { tokenizer, encoder })
+    }
+
+    /// [`Flux2TextEncoder::load`] on `ROOT/tokenizer` and `ROOT/text_encoder`.
+    pub fn load_pipeline(root: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load(
+            &root.join("tokenizer"),
+            &root.join("text_encoder"),
+            device,
+            dtype,
+        )
+    }
+
+    pub fn tokenizer(&self) -> &WanTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn encoder(&self) -> &Qwen3Encoder {
+        &self.encoder
+    }
+
+    /// The prompt through template, tokenizer and encoder: `prompt_embeds` `[1, L, 3 * hidden]`.
+    pub fn encode(&self, prompt: &str, max_len: usize) -> Result<Flux2PromptEncoding> {
+        let text = flux2_chat_prompt(prompt);
+        let tokens = self.tokenizer.encode(&text, max_len)?;
+        let last = FLUX2_TEXT_LAYERS.iter().copied().max().unwrap_or(0);
+        let hs = self
+            .encoder
+            .hidden_states(&tokens.ids, &tokens.attention_mask, last)?;
+        let parts = FLUX2_TEXT_LAYERS
+            .iter()
+            .map(|&i| {
+                hs.get(i)
+                    .cloned()
+                    .ok_or_else(|| Error::msg(format!("Qwen3 text encoder: no hidden state {i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let prompt_embeds = Tensor::cat(&parts, D::Minus1)?;
+        Ok(Flux2PromptEncoding {
+            text,
+            tokens,
+            prompt_embeds,
+        })
+    }
+}

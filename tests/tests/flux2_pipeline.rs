@@ -1,0 +1,474 @@
+//! Prompted FLUX.2 [klein] runs against diffusers' whole `Flux2KleinPipeline`
+//! (`fixtures/pipelines/flux2_klein{,_base}_pipeline.*`): a pipeline folder assembled from the
+//! fixture parts as a released one is laid out (the json's `components` and `model_index`), the
+//! contract's `[prompt]` run through the runner (chat template, Qwen3, transformer under FLUX.2's
+//! schedule, distilled or with CFG, cache decisions, AutoencoderKLFlux2 decode).
+
+use magcache_tests::{
+    assert_calls_match, cache_table_for, fixture, link_all, load, load_json, max_abs_diff,
+};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A released-style pipeline folder from the fixture parts named in the json's `components`.
+fn assemble(dir: &Path, meta: &Value) -> PathBuf {
+    let root = dir.join("FLUX.2-klein-tiny");
+    for (part, folder) in meta["components"].as_object().unwrap() {
+        copy_dir(
+            &fixture(&format!("pipelines/{}", folder.as_str().unwrap())),
+            &root.join(part),
+        );
+    }
+    std::fs::write(
+        root.join("model_index.json"),
+        serde_json::to_string_pretty(&meta["model_index"]).unwrap(),
+    )
+    .unwrap();
+    root
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// The contract's prompted run for reference run `name` of `case` (its cache from the json).
+fn run_toml(root: &Path, case: &str, meta: &Value, name: &str, dtype: &str) -> String {
+    let call = &meta["call"];
+    let mut s = format!(
+        "[model]\nfamily = \"flux2\"\nweights = {}\ndtype = \"{dtype}\"\n\n[prompt]\ntext = {}\nmax_sequence_length = {}\n",
+        toml_str(&root.display().to_string()),
+        toml_str(call["prompt"].as_str().unwrap()),
+        call["max_sequence_length"],
+    );
+    if let Some(n) = call["negative_prompt"].as_str() {
+        s.push_str(&format!("negative = {}\n", toml_str(n)));
+    }
+    s.push_str(&format!(
+        "\n[inputs]\nheight = {}\nwidth = {}\nfile = {}\n\n[sampling]\nsteps = {}\nguidance_scale = {}\n",
+        call["height"],
+        call["width"],
+        toml_str(&fixture(&format!("pipelines/{case}.safetensors")).display().to_string()),
+        call["num_inference_steps"],
+        call["guidance_scale"],
+    ));
+    if name != "dense" {
+        s.push_str("\n[cache]\n");
+        s.push_str(&cache_table_for(name, &meta["runs"][name]["config"]).unwrap());
+    }
+    s
+}
+
+/// Runs `name` of `case` and checks decisions, final latents, pixels and embeddings; `strict`:
+/// the f32 tolerances, else (bf16) only the decisions where the reference's margin allows.
+fn check_run(case: &str, name: &str) {
+    link_all();
+    let meta = load_json(&format!("pipelines/{case}.json"));
+    let want = load(&format!("pipelines/{case}.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path(), &meta);
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, run_toml(&root, case, &meta, name, "f32")).unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    let extra = p.pipeline.finish(&fin).unwrap();
+    let get = |k: &str| {
+        extra
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("{case}/{name}: no `{k}` output"))
+    };
+    let run = &meta["runs"][name];
+    let label = format!("{case}/{name}");
+    if name.starts_with("magcache") {
+        // The reference's MagCache `metric` is the accumulated error as tested (the pre-reset value
+        // on computed calls); ours is the value after the decision. They agree on reused calls;
+        // decisions must agree everywhere.
+        let refc = run["calls"].as_array().unwrap();
+        assert_eq!(report.calls.len(), refc.len(), "{label}: number of calls");
+        for (i, (a, b)) in report.calls.iter().zip(refc).enumerate() {
+            assert_eq!(
+                a.step as u64,
+                b["step"].as_u64().unwrap(),
+                "{label} call {i}"
+            );
+            assert_eq!(a.branch, b["context"].as_str().unwrap(), "{label} call {i}");
+            assert_eq!(
+                a.computed,
+                b["computed"].as_bool(),
+                "{label} call {i}: computed"
+            );
+            if a.computed == Some(false) {
+                let (got, w) = (a.metric.unwrap(), b["metric"].as_f64().unwrap());
+                assert!(
+                    (got - w).abs() <= 1e-3 * w.abs().max(1e-3),
+                    "{label} call {i}: metric {got} vs {w}"
+                );
+            }
+        }
+    } else {
+        assert_calls_match(&label, &report, &run["calls"], 1e-3);
+    }
+    assert_eq!(
+        report.computed_calls as u64,
+        run["computed_calls"].as_u64().unwrap(),
+        "{label}: computed calls"
+    );
+    let mut embeds = vec!["prompt_embeds"];
+    if meta["cfg"].as_bool().unwrap() {
+        embeds.push("negative_prompt_embeds");
+    }
+    for k in embeds {
+        let d = max_abs_diff(&get(k), &want[k]);
+        assert!(d <= 1e-4, "{label}: {k} differs by {d}");
+    }
+    let df = max_abs_diff(&fin, &want[&format!("{name}.final")]);
+    assert!(df <= 1e-3, "{label}: final differs by {df}");
+    let dd = max_abs_diff(&get("decoded"), &want[&format!("{name}.image")]);
+    assert!(dd <= 3e-3, "{label}: decoded differs by {dd}");
+    let de = max_abs_diff(&get("prompt_embeds"), &want["prompt_embeds"]);
+    eprintln!("{label}: max |final| diff {df:.2e}, decoded {dd:.2e}, prompt_embeds {de:.2e}");
+}
+
+/// The run file of `name` of `case` in a fresh folder: `(tempdir, run.toml, meta)`.
+fn setup(case: &str, name: &str, dtype: &str) -> (tempfile::TempDir, PathBuf, Value) {
+    link_all();
+    let meta = load_json(&format!("pipelines/{case}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path(), &meta);
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, run_toml(&root, case, &meta, name, dtype)).unwrap();
+    (dir, cfg, meta)
+}
+
+/// `magcache calibrate` on a FLUX.2 run gives diffusers' calibration curves (one per context), and
+/// a profile of them drives MagCache to the reference decisions.
+#[test]
+fn calibration_matches_diffusers_and_drives_magcache() {
+    for case in ["flux2_klein_pipeline", "flux2_klein_base_pipeline"] {
+        let (dir, cfg, meta) = setup(case, "dense", "f32");
+        let (prof, _) = magcache_cli::calibrate(&cfg, magcache_cli::Verbosity::Quiet).unwrap();
+        assert_eq!(prof.meta.family, "flux2");
+        for (ctx, want) in meta["mag_calibration"].as_object().unwrap() {
+            let got = &prof.ratios["main"][ctx.as_str()];
+            let want: Vec<f64> = serde_json::from_value(want.clone()).unwrap();
+            assert_eq!(got.len(), want.len(), "{case} {ctx}");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{case} {ctx}[{i}]: {a} vs {b}"
+                );
+            }
+        }
+        // The reference MagCache run used the cond curve for every context.
+        let mut prof = prof;
+        let cond = prof.ratios["main"]["cond"].clone();
+        for v in prof.ratios.get_mut("main").unwrap().values_mut() {
+            *v = cond.clone();
+        }
+        let ppath = dir.path().join("profile.toml");
+        std::fs::write(&ppath, prof.to_toml().unwrap()).unwrap();
+        let c = &meta["runs"]["magcache"]["config"];
+        let text = std::fs::read_to_string(&cfg).unwrap()
+            + &format!(
+                "\n[cache]\nstrategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\nprofile = {}\n",
+                c["threshold"], c["max_skip_steps"], c["retention_ratio"],
+                toml_str(&ppath.display().to_string())
+            );
+        std::fs::write(&cfg, text).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        let got: Vec<Option<bool>> = rep.calls.iter().map(|c| c.computed).collect();
+        let want: Vec<Option<bool>> = meta["runs"]["magcache"]["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["computed"].as_bool())
+            .collect();
+        assert_eq!(got, want, "{case}: profile-driven MagCache");
+    }
+}
+
+/// The distilled folder's few steps: caching is warned about, with the best case it can reach.
+#[test]
+fn few_step_warning_fires_on_the_distilled_folder() {
+    let (_dir, cfg, _) = setup("flux2_klein_pipeline", "magcache", "f32");
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert!(
+        rep.warnings
+            .iter()
+            .any(|w| w.contains("only 6 steps") && w.contains("fewer calls")),
+        "{:?}",
+        rep.warnings
+    );
+}
+
+/// bf16 weights: every run takes the reference decisions (their margins are at least 10%) and
+/// stays near the f32 result.
+#[test]
+fn bf16_runs_take_the_reference_decisions() {
+    for case in ["flux2_klein_pipeline", "flux2_klein_base_pipeline"] {
+        for name in ["dense", "magcache", "fbcache"] {
+            let (_dir, cfg, meta) = setup(case, name, "bf16");
+            let want = load(&format!("pipelines/{case}.safetensors"));
+            let mut p = magcache_cli::prepare(&cfg).unwrap();
+            let (fin, rep) =
+                magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+            let got: Vec<Option<bool>> = rep.calls.iter().map(|c| c.computed).collect();
+            let want_calls: Vec<Option<bool>> = meta["runs"][name]["calls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["computed"].as_bool())
+                .collect();
+            let got = if name == "dense" {
+                vec![None; got.len()]
+            } else {
+                got
+            };
+            assert_eq!(got, want_calls, "{case}/{name} bf16: decisions");
+            let d = max_abs_diff(&fin, &want[&format!("{name}.final")]);
+            eprintln!("{case}/{name} bf16: max |final| diff {d:.2e}");
+            assert!(d < 5e-2, "{case}/{name} bf16: final differs by {d}");
+        }
+    }
+}
+
+/// TeaCache decides on the first double block's modulated input (FLUX.2's shared image
+/// modulation); with coefficients given it runs and reports its metric.
+#[test]
+fn teacache_runs_on_the_modulated_input() {
+    let (_dir, cfg, _) = setup("flux2_klein_base_pipeline", "dense", "f32");
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + "\n[cache]\nstrategy = \"teacache\"\nthreshold = 0.3\ncoefficients = [1.0, 0.0]\n";
+    std::fs::write(&cfg, text).unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert_eq!(rep.total_calls, 24);
+    assert!(rep.calls.iter().skip(2).any(|c| c.metric.is_some()));
+    let v = fin.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn distilled_dense_matches_the_pipeline() {
+    check_run("flux2_klein_pipeline", "dense");
+}
+
+#[test]
+fn distilled_magcache_matches_the_pipeline() {
+    check_run("flux2_klein_pipeline", "magcache");
+}
+
+#[test]
+fn distilled_fbcache_matches_the_pipeline() {
+    check_run("flux2_klein_pipeline", "fbcache");
+}
+
+#[test]
+fn base_dense_matches_the_pipeline() {
+    check_run("flux2_klein_base_pipeline", "dense");
+}
+
+#[test]
+fn base_magcache_matches_the_pipeline() {
+    check_run("flux2_klein_base_pipeline", "magcache");
+}
+
+#[test]
+fn base_fbcache_matches_the_pipeline() {
+    check_run("flux2_klein_base_pipeline", "fbcache");
+}
+
+/// `offload = "stream"` gives the held run's bits and decisions (FBCache runs the first block
+/// alone; TeaCache's indicator comes from the held shared modulation), and `magcache plan`
+/// predicts the MagCache run call for call.
+#[test]
+fn streamed_runs_match_held_runs_and_plan_predicts_magcache() {
+    let decisions =
+        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
+    for name in ["fbcache", "magcache"] {
+        let (_dir, cfg, _) = setup("flux2_klein_base_pipeline", name, "f32");
+        let held = std::fs::read_to_string(&cfg).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (a, ra) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        if name == "magcache" {
+            let plan = magcache_cli::plan(&cfg).unwrap();
+            assert_eq!(plan.total_calls, ra.total_calls);
+            assert_eq!(plan.computed_calls, ra.computed_calls);
+        }
+        let streamed = held.replace("dtype = \"f32\"", "dtype = \"f32\"\noffload = \"stream\"");
+        std::fs::write(&cfg, streamed).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (b, rb) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        assert!(rb.model.contains("streamed"), "{}", rb.model);
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}");
+        assert_eq!(decisions(&ra), decisions(&rb), "{name}");
+        assert!(
+            decisions(&rb).contains(&Some(false)),
+            "{name}: nothing reused"
+        );
+    }
+}
+
+/// A preset (random init, here shrunk to the fixture's size) runs on seeded random inputs, exports
+/// as a diffusers folder, and that folder loads (streamed) to the same bits.
+#[test]
+fn a_preset_runs_exports_and_loads_back() {
+    link_all();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |model: &str| {
+        format!(
+            "[model]\nfamily = \"flux2\"\n{model}\n\n[inputs]\nlatent_shape = [1, 32, 4, 6]\ntext_len = 8\n\n[sampling]\nsteps = 4\nguidance_scale = 3.0\n\n[cache]\nstrategy = \"fbcache\"\nthreshold = 0.5\n"
+        )
+    };
+    let model = "preset = \"flux2-klein-base-4b\"\nseed = 3\n[model.overrides]\nattention_head_dim = 16\naxes_dims_rope = [4, 4, 4, 4]\njoint_attention_dim = 48\nnum_attention_heads = 2\nnum_layers = 2\nnum_single_layers = 3";
+    let path = dir.path().join("preset.toml");
+    std::fs::write(&path, toml(model)).unwrap();
+    let plan = magcache_cli::plan(&path).unwrap();
+    assert_eq!(plan.total_calls, 8, "base preset: CFG, two calls per step");
+    let mut p = magcache_cli::prepare(&path).unwrap();
+    let (_, ra) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert_eq!(ra.total_calls, 8);
+    let out = dir.path().join("flux2");
+    magcache_cli::export(&path, &out, 1 << 30, &mut |_| {}).unwrap();
+    // The preset and its export on the same inputs file (the transformer folder alone does not say
+    // it is a base model: the negative embeddings do).
+    let inputs = dir.path().join("inputs.safetensors");
+    let randn = magcache_models::random::randn;
+    candle_core::safetensors::save(
+        &[
+            ("latents_init".to_string(), randn(4, &[1, 6, 128]).unwrap()),
+            ("prompt_embeds".to_string(), randn(5, &[1, 8, 48]).unwrap()),
+            (
+                "negative_prompt_embeds".to_string(),
+                randn(6, &[1, 8, 48]).unwrap(),
+            ),
+            (
+                "img_ids".to_string(),
+                magcache_models::flux2::prompted::image_ids(2, 3).unwrap(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        &inputs,
+    )
+    .unwrap();
+    let from_file = |model: &str| {
+        format!(
+            "[model]\nfamily = \"flux2\"\n{model}\n\n[inputs]\nfile = {}\n\n[sampling]\nsteps = 4\nguidance_scale = 3.0\n",
+            toml_str(&inputs.display().to_string())
+        )
+    };
+    let (x, rx) = magcache_tests::run_toml(dir.path(), &from_file(model));
+    let (y, ry) = magcache_tests::run_toml(
+        dir.path(),
+        &from_file(&format!(
+            "weights = {}\noffload = \"stream\"",
+            toml_str(&out.display().to_string())
+        )),
+    );
+    assert_eq!(rx.total_calls, 8);
+    assert_eq!(ry.total_calls, 8);
+    assert_eq!(max_abs_diff(&x, &y), 0.0);
+}
+
+/// A size that is not a multiple of 16 is rounded down, as the pipeline does (with a warning):
+/// 56 x 72 gives the 48 x 64 run's latent grid, so the reference dense run is reproduced.
+#[test]
+fn sizes_round_down_to_the_packing_as_the_pipeline_does() {
+    let (_dir, cfg, _) = setup("flux2_klein_pipeline", "dense", "f32");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("height = 48", "height = 56")
+        .replace("width = 64", "width = 72");
+    std::fs::write(&cfg, text).unwrap();
+    let want = load("pipelines/flux2_klein_pipeline.safetensors");
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("rounded down")),
+        "{:?}",
+        rep.warnings
+    );
+    assert!(max_abs_diff(&fin, &want["dense.final"]) <= 1e-3);
+    let extra = p.pipeline.finish(&fin).unwrap();
+    let decoded = &extra.iter().find(|(k, _)| k == "decoded").unwrap().1;
+    assert!(max_abs_diff(decoded, &want["dense.image"]) <= 3e-3);
+}
+
+/// Bad inputs end with one error naming the file and key; keys that do not apply are warned about.
+#[test]
+fn errors_name_the_file_and_key() {
+    link_all();
+    let prepare_err = |cfg: &Path| match magcache_cli::prepare(cfg) {
+        Ok(_) => panic!("{} prepared", cfg.display()),
+        Err(e) => e.to_string(),
+    };
+    // A FLUX.1 folder given to flux2.
+    let (dir, cfg, _) = setup("flux2_klein_pipeline", "dense", "f32");
+    let flux1 = fixture("pipelines/flux_tiny_folder");
+    let root = dir.path().join("FLUX.2-klein-tiny");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            &toml_str(&root.display().to_string()),
+            &toml_str(&flux1.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let e = prepare_err(&cfg);
+    assert!(
+        e.contains("model_index.json") && e.contains("_class_name"),
+        "{e}"
+    );
+    // A transformer config of another class.
+    std::fs::write(&cfg, &text).unwrap();
+    let tcfg = root.join("transformer").join("config.json");
+    let t = std::fs::read_to_string(&tcfg).unwrap();
+    std::fs::write(
+        &tcfg,
+        t.replace("Flux2Transformer2DModel", "FluxTransformer2DModel"),
+    )
+    .unwrap();
+    let e = prepare_err(&cfg);
+    assert!(
+        e.contains("config.json") && e.contains("_class_name"),
+        "{e}"
+    );
+    std::fs::write(&tcfg, t).unwrap();
+    // A text encoder that is not Qwen3.
+    let qcfg = root.join("text_encoder").join("config.json");
+    let q = std::fs::read_to_string(&qcfg).unwrap();
+    std::fs::write(&qcfg, q.replace("\"qwen3\"", "\"qwen2\"")).unwrap();
+    let e = prepare_err(&cfg);
+    assert!(e.contains("config.json") && e.contains("model_type"), "{e}");
+    std::fs::write(&qcfg, q).unwrap();
+    // A negative prompt on the distilled folder: warned about, not used.
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "max_sequence_length",
+            "negative = \"blurry\"\nmax_sequence_length",
+        ),
+    )
+    .unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert_eq!(rep.total_calls, 6);
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("prompt.negative")),
+        "{:?}",
+        rep.warnings
+    );
+}

@@ -28,6 +28,16 @@ fn main() -> magcache_core::Result<()> {
         a.get(2).copied().unwrap_or(104),
     );
     let cfg = WanVaeConfig::from_json(&serde_json::json!({}), "(released defaults)")?;
+    let p = cfg.decode_bytes(f, h, w, 4);
+    let gb = |s: magcache_models::footprint::Sz| s.0.unwrap_or(u64::MAX) as f64 / 1e9;
+    println!(
+        "predicted: weights {:.2} + cache {:.2} + working {:.2} + video {:.2} = {:.2} GB",
+        gb(p.weights),
+        gb(p.cache),
+        gb(p.working),
+        gb(p.video),
+        gb(p.total())
+    );
     let vae = WanVae::random(cfg, 0, &Device::Cpu, DType::F32)?;
     let z = Tensor::randn(0f32, 1f32, (1, 16, f, h, w), &Device::Cpu)?;
     println!("loaded: peak {:.2} GB", hwm_gb());

@@ -38,6 +38,10 @@ impl Sz {
     pub fn min(self, cap: u64) -> Sz {
         Sz(self.0.map(|x| x.min(cap)))
     }
+    /// The larger of two sizes; `None` (overflowed) if either is.
+    pub fn max(self, o: Sz) -> Sz {
+        Sz(self.0.zip(o.0).map(|(a, b)| a.max(b)))
+    }
 }
 
 /// Shorthand: a size from a `usize`.

@@ -118,3 +118,31 @@ fn another_familys_file_is_refused() {
         "{err}"
     );
 }
+
+/// A held GGUF model keeps its quantized linear weights quantized: `get_linear` hands every
+/// quantized 2-D weight out as a quantized tensor, never dequantized.
+#[test]
+fn quantized_linear_weights_are_handed_out_quantized() {
+    use magcache_models::weights::{LinearWeight, WeightStore};
+    let (store, _) =
+        WeightStore::load_gguf(&magcache_tests::fixture("gguf/wan21_tiny-Q8_0.gguf")).unwrap();
+    let (mut quantized, mut dense) = (Vec::new(), Vec::new());
+    let mut names: Vec<String> = store.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let shape = store.shape(&name).unwrap();
+        if shape.len() != 2 || !name.ends_with(".weight") {
+            continue;
+        }
+        match store.get_linear(&name, &shape).unwrap() {
+            LinearWeight::Quantized(_) => quantized.push(name),
+            LinearWeight::Dense(_) => dense.push(name),
+        }
+    }
+    eprintln!(
+        "quantized {}, dense {}: {dense:?}",
+        quantized.len(),
+        dense.len()
+    );
+    assert!(!quantized.is_empty(), "no linear weight stayed quantized");
+}

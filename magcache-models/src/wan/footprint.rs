@@ -41,13 +41,13 @@ pub fn wan_params(c: &WanConfig) -> Sz {
 
 /// A prompted run's latent shape (from `inputs.height/width/num_frames` through the pipeline
 /// VAE's factors; the defaults as the pipeline's), its text length (`prompt.max_sequence_length`)
-/// and its decoded pixels per channel; `None` for other runs or when the VAE config cannot be read
+/// and what its VAE decode holds; `None` for other runs or when the VAE config cannot be read
 /// (the loader reports it).
 fn prompted_sizes(
     cfg: &RunConfig,
     base: &Path,
     latent_ch: usize,
-) -> Option<(Vec<usize>, usize, Sz)> {
+) -> Option<(Vec<usize>, usize, super::vae::DecodeBytes)> {
     let p = cfg.prompt.as_ref()?;
     let w = cfg.model.weights.as_ref()?.paths().first().copied()?;
     let vae =
@@ -61,14 +61,20 @@ fn prompted_sizes(
         .num_frames
         .unwrap_or(super::prompted::DEFAULT_FRAMES);
     let lat_frames = frames.saturating_sub(1) / ts + 1;
-    let pixels = sz(1 + (lat_frames - 1) * ts) * sz(height) * sz(width);
+    // The VAE runs in the run's dtype, but f32 where it is bf16 on the CPU (no bf16 conv2d there).
+    let wb = match cfg.model.dtype.as_str() {
+        "f16" | "float16" => 2,
+        "bf16" | "bfloat16" if cfg.model.device.starts_with("cuda") => 2,
+        _ => 4,
+    };
+    let decode = vae.decode_bytes(lat_frames, height / ss, width / ss, wb);
     let len = p
         .max_sequence_length
         .unwrap_or(super::prompted::DEFAULT_MAX_SEQUENCE_LENGTH);
     Some((
         vec![1, latent_ch, lat_frames, height / ss, width / ss],
         len,
-        pixels,
+        decode,
     ))
 }
 
@@ -216,13 +222,25 @@ pub fn wan_footprint(
     let cache = sz(experts * branches) * sz(CACHE_FACTOR) * tokens * d * f32b;
     fp.add("cache", lat_knob, cache.0);
     crate::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
-    if let Some((_, _, pixels)) = &prompted {
-        // The decoded video (the VAE's output and its copies while mapped to pixels) is held with
-        // the final latents.
+    if let Some((_, _, dec)) = &prompted {
+        // The VAE decode runs while the transformer is held: its weights, its feature cache (two
+        // frames per causal convolution: grows with height x width, not with the frames), one
+        // frame's working set, and the decoded video (grows with the frames).
+        fp.add("VAE weights", "model.dtype", dec.weights.0);
         fp.add(
-            "decoded video (f32, 4 copies)",
-            "inputs.height/width/num_frames",
-            (*pixels * sz(3) * sz(4) * sz(4)).0,
+            "VAE decode feature cache (two frames per causal conv, f32)",
+            "inputs.height/width",
+            dec.cache.0,
+        );
+        fp.add(
+            "VAE decode working set (one frame, f32)",
+            "inputs.height/width",
+            dec.working.0,
+        );
+        fp.add(
+            "decoded video (f32, 2 copies)",
+            "inputs.num_frames",
+            dec.video.0,
         );
     }
     if let Some(l) = text_len {

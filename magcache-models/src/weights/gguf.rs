@@ -45,12 +45,18 @@ impl GgufEntry {
 
     fn bytes(&self, file: &str, name: &str) -> Result<Vec<u8>> {
         let mut bytes = vec![0u8; self.len];
+        self.read_into(&mut bytes, file, name)?;
+        Ok(bytes)
+    }
+
+    /// Reads the tensor's bytes into `bytes` (its length).
+    fn read_into(&self, bytes: &mut [u8], file: &str, name: &str) -> Result<()> {
         let mut f = self
             .file
             .lock()
             .map_err(|_| Error::weights(file, name, "file handle poisoned"))?;
         f.seek(SeekFrom::Start(self.start))
-            .and_then(|_| f.read_exact(&mut bytes))
+            .and_then(|_| f.read_exact(bytes))
             .map_err(|e| {
                 Error::weights(
                     file,
@@ -60,8 +66,7 @@ impl GgufEntry {
                         self.len, self.start
                     ),
                 )
-            })?;
-        Ok(bytes)
+            })
     }
 
     /// The tensor as candle's quantized tensor on `device` (its stored shape); with `check`, its
@@ -73,6 +78,11 @@ impl GgufEntry {
         device: &Device,
         check: bool,
     ) -> Result<candle_core::quantized::QTensor> {
+        if device.is_cpu() {
+            if let Some(q) = self.read_blocks_cpu(file, name, check)? {
+                return Ok(q);
+            }
+        }
         let bytes = self.bytes(file, name)?;
         if check {
             check_finite_blocks(self.dtype, &bytes, file, name)?;
@@ -84,6 +94,60 @@ impl GgufEntry {
             device,
         )
         .map_err(|e| Error::weights(file, name, format!("{:?}: {e}", self.dtype)))
+    }
+
+    /// A quantized tensor read straight into the block vector candle keeps (CPU): one allocation
+    /// of the tensor's size, no intermediate byte buffer and no copy. `None` for a type read the
+    /// general way.
+    fn read_blocks_cpu(
+        &self,
+        file: &str,
+        name: &str,
+        check: bool,
+    ) -> Result<Option<candle_core::quantized::QTensor>> {
+        use candle_core::quantized::k_quants as k;
+        let storage = match self.dtype {
+            GgmlDType::Q4_0 => self.blocks::<k::BlockQ4_0>(file, name, check)?,
+            GgmlDType::Q4_1 => self.blocks::<k::BlockQ4_1>(file, name, check)?,
+            GgmlDType::Q5_0 => self.blocks::<k::BlockQ5_0>(file, name, check)?,
+            GgmlDType::Q5_1 => self.blocks::<k::BlockQ5_1>(file, name, check)?,
+            GgmlDType::Q8_0 => self.blocks::<k::BlockQ8_0>(file, name, check)?,
+            GgmlDType::Q2K => self.blocks::<k::BlockQ2K>(file, name, check)?,
+            GgmlDType::Q3K => self.blocks::<k::BlockQ3K>(file, name, check)?,
+            GgmlDType::Q4K => self.blocks::<k::BlockQ4K>(file, name, check)?,
+            GgmlDType::Q5K => self.blocks::<k::BlockQ5K>(file, name, check)?,
+            GgmlDType::Q6K => self.blocks::<k::BlockQ6K>(file, name, check)?,
+            _ => None,
+        };
+        storage
+            .map(|st| candle_core::quantized::QTensor::new(st, self.stored.clone()))
+            .transpose()
+            .map_err(|e| Error::weights(file, name, format!("{:?}: {e}", self.dtype)))
+    }
+
+    /// The blocks of type `T` read into their vector; `None` when `T`'s in-memory size is not the
+    /// file's block size (then the general path reads it).
+    fn blocks<T: candle_core::quantized::k_quants::GgmlType + Send + Sync + 'static>(
+        &self,
+        file: &str,
+        name: &str,
+        check: bool,
+    ) -> Result<Option<candle_core::quantized::QStorage>> {
+        let size = std::mem::size_of::<T>();
+        if size != self.dtype.type_size() || !self.len.is_multiple_of(size) {
+            return Ok(None);
+        }
+        let mut v: Vec<T> = vec![T::zeros(); self.len / size];
+        // SAFETY: ggml blocks are `repr(C)` aggregates of f16 scales and integer arrays with no
+        // padding (size checked equal to the file's block size above): every byte pattern is a
+        // valid block, and the slice covers exactly the vector's initialised elements.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), self.len) };
+        self.read_into(bytes, file, name)?;
+        if check {
+            check_finite_blocks(self.dtype, bytes, file, name)?;
+        }
+        Ok(Some(candle_core::quantized::QStorage::Cpu(Box::new(v))))
     }
 
     /// The tensor dequantized to f32 (ggml's `d * q`, `d * q + m`) on the CPU.

@@ -2,18 +2,21 @@
 //! and Wan2.2 A14B pipelines share): causal 3-D convolutions over `[B, C, F, H, W]` videos, 8x spatial
 //! and 4x temporal compression in the released configs.
 //!
-//! candle has no 3-D convolution. A causal conv3d with `kt` time taps is run as one conv2d: the `kt`
-//! time-shifted copies of the input are stacked along the channel axis (tap-major) and the weight
-//! `[O, C, kt, kh, kw]` is reshaped to `[O, kt*C, kh, kw]`, so every output frame is one 2-D
-//! convolution of its `kt` input frames; the frames go into conv2d's batch. Internally activations
-//! are laid out `[B, F, C, H, W]` so that frames <-> batch is a reshape, never a permute.
+//! candle has no 3-D convolution. A causal conv3d with `kt` time taps is run as a sum of 2-D
+//! convolutions: output frame `j` adds the conv2d of each of its `kt` input frames with that tap's
+//! `[O, C, kh, kw]` slice of the weight (frames of the causal zero padding are skipped, cached
+//! frames read in place). Internally activations are laid out `[B, F, C, H, W]` so that a frame is
+//! a slice, never a permute.
 //!
 //! Time is processed in chunks as diffusers does (encode: frame 0, then 4 frames at a time; decode:
 //! one latent frame at a time) with a per-convolution feature cache holding the last two input
-//! frames of the previous chunk, so memory is bounded by one chunk and the result equals diffusers'
-//! (a causal pass with 2 zero frames in front, except at the temporal resamplers, whose first-chunk
-//! rules are reproduced exactly). Norms, attention and activations run in f32; convolution weights
-//! in the run's dtype.
+//! frames of the previous chunk, and the result equals diffusers' (a causal pass with 2 zero frames
+//! in front, except at the temporal resamplers, whose first-chunk rules are reproduced exactly).
+//! Memory is bounded by one frame, not by the video: past the decoder's last temporal upsampler
+//! (and before the encoder's first temporal downsampler) every layer is causal in time, so those
+//! stages, the widest ones, run one frame at a time (bit-identical to the whole chunk). What stays
+//! is the feature cache (two frames per causal convolution) and the decoded video itself. Norms,
+//! attention and activations run in f32; convolution weights in the run's dtype.
 //!
 //! The Wan2.2 VAE (TI2V-5B: `is_residual`, `patch_size` 2, z_dim 48) is refused at load with an error
 //! naming the config file and key.
@@ -21,11 +24,13 @@
 mod config;
 mod decoder;
 mod encoder;
+mod footprint;
 mod layers;
 mod load;
 mod trace;
 
 pub use config::WanVaeConfig;
+pub use footprint::DecodeBytes;
 pub use trace::VaeTrace;
 
 use crate::vae_common::{check_input, to_pixels_channels_last};
@@ -153,7 +158,23 @@ impl WanVae {
     }
 
     /// [`WanVae::decode`], recording intermediates into `trace`.
-    pub fn decode_traced(&self, z: &Tensor, mut trace: Option<&mut VaeTrace>) -> Result<Tensor> {
+    pub fn decode_traced(&self, z: &Tensor, trace: Option<&mut VaeTrace>) -> Result<Tensor> {
+        // Each chunk clamped and laid out `[B, C, f, H, W]` as it comes.
+        let chunks = self.decode_chunks(z, trace, |x| {
+            Ok(x.clamp(-1f32, 1f32)?.permute((0, 2, 1, 3, 4))?)
+        })?;
+        Ok(Tensor::cat(&chunks, 2)?)
+    }
+
+    /// Decodes `z` one latent frame at a time, handing each chunk of frames (`[B, f, C, H, W]`,
+    /// checked finite) to `map` as it comes: the decoded video is held once as `map`'s pieces,
+    /// then once more by the caller's concatenation, never as unmapped copies.
+    fn decode_chunks(
+        &self,
+        z: &Tensor,
+        mut trace: Option<&mut VaeTrace>,
+        map: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         let z = self.prepare(z, "latents", self.config.z_dim, "[B, z, F, h, w] latents")?;
         let mut cache = FeatCache::new(self.decoder.slots);
         let x = self.post_quant_conv.forward(&z, &mut cache)?;
@@ -162,21 +183,19 @@ impl WanVae {
         let mut outs = Vec::with_capacity(frames);
         for i in 0..frames {
             let chunk = x.narrow(1, i, 1)?;
-            outs.push(
-                self.decoder
-                    .forward(&chunk, &mut cache, trace.as_deref_mut())?,
-            );
+            let out = self
+                .decoder
+                .forward(&chunk, &mut cache, trace.as_deref_mut())?;
+            // Checked before the clamp, which would turn an overflow (inf) into plausible pixels.
+            magcache_core::finite::ensure_finite(
+                &out,
+                "the VAE decode",
+                &format!("the decoder output of {}", self.origin),
+                "the VAE's weights overflow on these latents; check the vae/ checkpoint",
+            )?;
+            outs.push(map(&out)?.contiguous()?);
         }
-        let out = Tensor::cat(&outs, 1)?;
-        // Checked before the clamp, which would turn an overflow (inf) into plausible pixels.
-        magcache_core::finite::ensure_finite(
-            &out,
-            "the VAE decode",
-            &format!("the decoder output of {}", self.origin),
-            "the VAE's weights overflow on these latents; check the vae/ checkpoint",
-        )?;
-        let out = out.clamp(-1f32, 1f32)?;
-        Ok(out.permute((0, 2, 1, 3, 4))?.contiguous()?)
+        Ok(outs)
     }
 
     /// What the pipeline returns with `output_type="np"`: the transformer's (normalised) latents
@@ -184,6 +203,10 @@ impl WanVae {
     /// `[B, F', H, W, out_channels]` (f32, F' = 1 + 4(F-1), H = 8h, W = 8w for the released VAE).
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self.denormalize_latents(latents)?;
-        to_pixels_channels_last(&self.decode(&z)?)
+        // Each chunk mapped to pixels as it comes (`[B, f, H, W, C]`), then joined once.
+        let chunks = self.decode_chunks(&z, None, |x| {
+            to_pixels_channels_last(&x.clamp(-1f32, 1f32)?.permute((0, 2, 1, 3, 4))?)
+        })?;
+        Ok(Tensor::cat(&chunks, 1)?)
     }
 }

@@ -1,7 +1,7 @@
 //! The Wan VAE's encoder: its structure, one chunk's forward pass and its construction.
 
 use super::config::WanVaeConfig;
-use super::layers::{AttnBlock, Conv, FeatCache, MidBlock, Norm, ResBlock, Resample};
+use super::layers::{AttnBlock, AvgDown, Conv, FeatCache, MidBlock, Norm, ResBlock, Resample};
 use super::load::Builder;
 use super::trace::{record, VaeTrace};
 use candle_core::Tensor;
@@ -11,6 +11,13 @@ pub(super) enum DownLayer {
     Res(ResBlock),
     Attn(AttnBlock),
     Resample(Resample),
+    /// The Wan2.2 VAE's `WanResidualDownBlock`: residual blocks and the resampler, plus the
+    /// block's input through [`AvgDown`].
+    ResidualDown {
+        resnets: Vec<ResBlock>,
+        down: Option<Resample>,
+        shortcut: AvgDown,
+    },
 }
 
 pub(super) struct Encoder {
@@ -35,6 +42,20 @@ impl Encoder {
                 DownLayer::Res(r) => r.forward(&x, cache)?,
                 DownLayer::Attn(a) => a.forward(&x)?,
                 DownLayer::Resample(r) => r.forward(&x, cache)?,
+                DownLayer::ResidualDown {
+                    resnets,
+                    down,
+                    shortcut,
+                } => {
+                    let mut y = x.clone();
+                    for r in resnets {
+                        y = r.forward(&y, cache)?;
+                    }
+                    if let Some(d) = down {
+                        y = d.forward(&y, cache)?;
+                    }
+                    (y + shortcut.forward(&x)?)?
+                }
             };
         }
         let x = self.mid.forward(&x, cache)?;
@@ -54,6 +75,9 @@ impl Builder<'_> {
             .collect();
         let conv_in = self.conv333("encoder.conv_in", cfg.in_channels, dims[0])?;
         let stages = cfg.dim_mult.len();
+        if cfg.is_residual {
+            return self.residual_encoder(cfg, &dims, conv_in);
+        }
         let mut layers = Vec::new();
         let mut scale = 1.0f64;
         let mut out_dim = dims[0];
@@ -98,6 +122,17 @@ impl Builder<'_> {
                 scale /= 2.0;
             }
         }
+        self.encoder_tail(cfg, out_dim, conv_in, layers)
+    }
+
+    /// The mid block and the head after the down layers.
+    fn encoder_tail(
+        &mut self,
+        cfg: &WanVaeConfig,
+        out_dim: usize,
+        conv_in: Conv,
+        layers: Vec<DownLayer>,
+    ) -> Result<Encoder> {
         let mid = self.mid("encoder.mid_block", out_dim)?;
         let norm_out = self.norm("encoder.norm_out", out_dim, false)?;
         let conv_out = self.conv333("encoder.conv_out", out_dim, 2 * cfg.z_dim)?;
@@ -109,5 +144,67 @@ impl Builder<'_> {
             conv_out,
             slots: self.slots,
         })
+    }
+
+    /// The Wan2.2 VAE's encoder: one `WanResidualDownBlock` per stage (no attention; the last stage
+    /// does not downsample), each with an [`AvgDown`] shortcut.
+    fn residual_encoder(
+        &mut self,
+        cfg: &WanVaeConfig,
+        dims: &[usize],
+        conv_in: Conv,
+    ) -> Result<Encoder> {
+        let stages = cfg.dim_mult.len();
+        let mut layers = Vec::new();
+        for i in 0..stages {
+            let (in_dim, out_dim) = (dims[i], dims[i + 1]);
+            let name = format!("encoder.down_blocks.{i}");
+            let down_flag = i + 1 != stages;
+            let temporal = down_flag
+                && cfg.temperal_downsample.get(i).copied().ok_or_else(|| {
+                    Error::msg(format!("Wan VAE config: temperal_downsample[{i}] missing"))
+                })?;
+            let (ft, fs) = (if temporal { 2 } else { 1 }, if down_flag { 2 } else { 1 });
+            let factor = ft * fs * fs;
+            if !(in_dim * factor).is_multiple_of(out_dim) {
+                return Err(Error::msg(format!(
+                    "Wan VAE config: down block {i} cannot average {in_dim} x {factor} channels into {out_dim}"
+                )));
+            }
+            let mut resnets = Vec::new();
+            let mut cin = in_dim;
+            for j in 0..cfg.num_res_blocks {
+                resnets.push(self.res(&format!("{name}.resnets.{j}"), cin, out_dim)?);
+                cin = out_dim;
+            }
+            let down = if down_flag {
+                let d = format!("{name}.downsampler");
+                let conv = self.conv2d(&format!("{d}.resample.1"), out_dim, out_dim, 3, 0, 2)?;
+                Some(if temporal {
+                    let time_conv =
+                        self.conv3d(&format!("{d}.time_conv"), out_dim, out_dim, 3, 1, 0, 0, 2)?;
+                    Resample::Down3d {
+                        conv,
+                        time_conv,
+                        slot: self.next_slot(),
+                    }
+                } else {
+                    Resample::Down2d { conv }
+                })
+            } else {
+                None
+            };
+            layers.push(DownLayer::ResidualDown {
+                resnets,
+                down,
+                shortcut: AvgDown {
+                    ft,
+                    fs,
+                    out: out_dim,
+                    group: in_dim * factor / out_dim,
+                },
+            });
+        }
+        self.encoder_tail(cfg, dims[stages], conv_in, layers)
     }
 }

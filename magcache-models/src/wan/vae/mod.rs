@@ -15,8 +15,10 @@
 //! rules are reproduced exactly). Norms, attention and activations run in f32; convolution weights
 //! in the run's dtype.
 //!
-//! The Wan2.2 VAE (TI2V-5B: `is_residual`, `patch_size` 2, z_dim 48) is refused at load with an error
-//! naming the config file and key.
+//! The Wan2.2 VAE (TI2V-5B: `is_residual`, `patch_size` 2, z_dim 48, 16x spatial) is the same
+//! machinery with residual down/up blocks whose shortcuts average (`AvgDown3D`) or duplicate
+//! (`DupUp3D`) the block's input, a decoder whose upsamplers keep the width, and 2x2 pixels folded
+//! into channels before the encoder and unfolded after the decoder.
 
 mod config;
 mod decoder;
@@ -32,7 +34,7 @@ use crate::vae_common::{check_input, to_pixels_channels_last};
 use candle_core::{DType, Device, Tensor};
 use decoder::Decoder;
 use encoder::Encoder;
-use layers::{Conv, FeatCache};
+use layers::{patchify, unpatchify, Conv, FeatCache};
 use magcache_core::Result;
 use trace::record;
 
@@ -81,8 +83,22 @@ impl WanVae {
         video: &Tensor,
         mut trace: Option<&mut VaeTrace>,
     ) -> Result<(Tensor, Tensor)> {
+        let (pix_in, _) = self.config.pixel_channels();
+        let p = self.config.patch_size;
+        let (_, _, _, vh, vw) = video.dims5()?;
+        if !vh.is_multiple_of(p) || !vw.is_multiple_of(p) {
+            return Err(magcache_core::Error::msg(format!(
+                "Wan VAE ({}): the video's {vh}x{vw} pixels are not a multiple of patch_size {p}",
+                self.origin
+            )));
+        }
+        let video = if p > 1 && video.dim(1)? == pix_in {
+            patchify(&video.to_dtype(DType::F32)?, p)?
+        } else {
+            video.clone()
+        };
         let x = self.prepare(
-            video,
+            &video,
             "video",
             self.config.in_channels,
             "[B, C, F, H, W] video",
@@ -164,7 +180,7 @@ impl WanVae {
             let chunk = x.narrow(1, i, 1)?;
             outs.push(
                 self.decoder
-                    .forward(&chunk, &mut cache, trace.as_deref_mut())?,
+                    .forward(&chunk, &mut cache, i == 0, trace.as_deref_mut())?,
             );
         }
         let out = Tensor::cat(&outs, 1)?;
@@ -175,8 +191,9 @@ impl WanVae {
             &format!("the decoder output of {}", self.origin),
             "the VAE's weights overflow on these latents; check the vae/ checkpoint",
         )?;
-        let out = out.clamp(-1f32, 1f32)?;
-        Ok(out.permute((0, 2, 1, 3, 4))?.contiguous()?)
+        let out = out.permute((0, 2, 1, 3, 4))?.contiguous()?;
+        let out = unpatchify(&out, self.config.patch_size)?;
+        Ok(out.clamp(-1f32, 1f32)?)
     }
 
     /// What the pipeline returns with `output_type="np"`: the transformer's (normalised) latents

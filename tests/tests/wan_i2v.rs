@@ -6,18 +6,11 @@
 //! decoded video 3e-3. Sizes, prompts, steps and settings all come from the case's json.
 
 use magcache_tests::{
-    assert_calls_match, cache_table_for, fixture, link_all, load, load_json, max_abs, max_abs_diff,
+    assert_calls_match, cache_table_for, copy_dir, fixture, link_all, load, load_json, max_abs,
+    max_abs_diff,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
 
 /// The case's pipeline folder as released: each component under its own name beside the recorded
 /// `model_index.json`.
@@ -242,6 +235,24 @@ fn image_folders_refuse_what_they_cannot_run() {
     let e = prepare_err(&text, dir.path());
     assert!(
         e.contains("inputs.image") && e.contains("text-to-video"),
+        "{e}"
+    );
+}
+
+/// The image stage is guarded before it loads: an image encoder too large for the machine is
+/// refused naming its config file and key.
+#[test]
+fn image_encoder_size_is_guarded_naming_the_key() {
+    let meta = load_json("pipelines/wan21_i2v_pipeline.json");
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path(), &meta);
+    let cfg = root.join("image_encoder").join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["num_hidden_layers"] = serde_json::json!(1_000_000_000u64);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let e = prepare_err(&run_toml(&root, "wan21_i2v", &meta, "dense"), dir.path());
+    assert!(
+        e.contains("image_encoder/config.json") && e.contains("num_hidden_layers"),
         "{e}"
     );
 }

@@ -177,13 +177,14 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     // Prompted: the text is encoded (and its encoder freed) before the transformer loads, then the
     // image of an image-to-video run (CLIP, VAE encode).
     let prompted = match &root {
-        Some((root, index)) => {
-            let mut p = prompted::encode(cfg, file, root, guidance > 1.0)?;
-            let clip =
-                first_config(cfg, file, base, &paths)?.is_some_and(|c| c.image_dim.is_some());
-            prompted::encode_image(cfg, file, base, index, clip, &mut p)?;
-            Some(p)
-        }
+        Some((root, index)) => Some(encode_prompted(
+            cfg,
+            file,
+            base,
+            (root.as_path(), index),
+            &paths,
+            guidance > 1.0,
+        )?),
         None => None,
     };
     let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.1", 1, 0)?;
@@ -257,11 +258,14 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
                 .guidance_scale
                 .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
             let g2 = keys.sampling.guidance_scale_2.unwrap_or(g);
-            let mut p = prompted::encode(cfg, file, root, g > 1.0 || g2 > 1.0)?;
-            let clip =
-                first_config(cfg, file, base, &paths)?.is_some_and(|c| c.image_dim.is_some());
-            prompted::encode_image(cfg, file, base, index, clip, &mut p)?;
-            Some(p)
+            Some(encode_prompted(
+                cfg,
+                file,
+                base,
+                (root.as_path(), index),
+                &paths,
+                g > 1.0 || g2 > 1.0,
+            )?)
         }
         None => None,
     };
@@ -364,6 +368,22 @@ fn preset_for_size(
             .find(|q| q.name == "wan2.1-i2v-14b-720p"),
         other => other,
     }
+}
+
+/// A prompted run's stages before the transformers: the prompts (UMT5, freed), then the image of an
+/// image-to-video run (CLIP when the first transformer has `image_dim`, the VAE encode).
+fn encode_prompted(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    (root, index): (&Path, &super::i2v::PipelineIndex),
+    paths: &[String],
+    guidance: bool,
+) -> Result<prompted::Prompted> {
+    let mut p = prompted::encode(cfg, file, root, guidance)?;
+    let clip = first_config(cfg, file, base, paths)?.is_some_and(|c| c.image_dim.is_some());
+    prompted::encode_image(cfg, file, base, index, clip, &mut p)?;
+    Ok(p)
 }
 
 /// The config of the first transformer of a run's weights paths (configs only); `None` for presets.

@@ -451,19 +451,6 @@ impl WanModel {
         self.forward_inner(x, t, ctx, None, cx, None)
     }
 
-    /// [`WanModel::forward`] of an image-attention model (Wan2.1 I2V) with its CLIP image tokens
-    /// `image [B, N, image_dim]`; `None` on other models.
-    pub fn forward_image(
-        &self,
-        x: &Tensor,
-        t: &Tensor,
-        ctx: &Tensor,
-        image: Option<&Tensor>,
-        cx: &CallCx<'_>,
-    ) -> Result<Tensor> {
-        self.forward_inner(x, t, ctx, image, cx, None)
-    }
-
     /// Whether the model has image attention (`image_dim`, Wan2.1 I2V) and so needs image tokens.
     pub fn takes_image(&self) -> bool {
         self.image_embedder.is_some()
@@ -481,7 +468,9 @@ impl WanModel {
         self.forward_inner(x, t, ctx, None, cx, trace)
     }
 
-    fn forward_inner(
+    /// [`WanModel::forward_traced`] with the CLIP image tokens `image [B, N, image_dim]` of an
+    /// image-attention model (Wan2.1 I2V); `None` on other models.
+    pub fn forward_inner(
         &self,
         x: &Tensor,
         t: &Tensor,

@@ -95,34 +95,30 @@ impl Builder<'_> {
             }
             if i + 1 != stages {
                 let name = format!("encoder.down_blocks.{}", layers.len());
-                let conv = self.conv2d(&format!("{name}.resample.1"), out_dim, out_dim, 3, 0, 2)?;
                 let temporal = cfg.temperal_downsample.get(i).copied().ok_or_else(|| {
                     Error::msg(format!("Wan VAE config: temperal_downsample[{i}] missing"))
                 })?;
-                let r = if temporal {
-                    let time_conv = self.conv3d(
-                        &format!("{name}.time_conv"),
-                        out_dim,
-                        out_dim,
-                        3,
-                        1,
-                        0,
-                        0,
-                        2,
-                    )?;
-                    Resample::Down3d {
-                        conv,
-                        time_conv,
-                        slot: self.next_slot(),
-                    }
-                } else {
-                    Resample::Down2d { conv }
-                };
+                let r = self.downsampler(&name, out_dim, temporal)?;
                 layers.push(DownLayer::Resample(r));
                 scale /= 2.0;
             }
         }
         self.encoder_tail(cfg, out_dim, conv_in, layers)
+    }
+
+    /// `WanResample` in `downsample2d` / `downsample3d` mode (`name.resample.1`, `name.time_conv`).
+    fn downsampler(&mut self, name: &str, dim: usize, temporal: bool) -> Result<Resample> {
+        let conv = self.conv2d(&format!("{name}.resample.1"), dim, dim, 3, 0, 2)?;
+        Ok(if temporal {
+            let time_conv = self.conv3d(&format!("{name}.time_conv"), dim, dim, 3, 1, 0, 0, 2)?;
+            Resample::Down3d {
+                conv,
+                time_conv,
+                slot: self.next_slot(),
+            }
+        } else {
+            Resample::Down2d { conv }
+        })
     }
 
     /// The mid block and the head after the down layers.
@@ -178,19 +174,7 @@ impl Builder<'_> {
                 cin = out_dim;
             }
             let down = if down_flag {
-                let d = format!("{name}.downsampler");
-                let conv = self.conv2d(&format!("{d}.resample.1"), out_dim, out_dim, 3, 0, 2)?;
-                Some(if temporal {
-                    let time_conv =
-                        self.conv3d(&format!("{d}.time_conv"), out_dim, out_dim, 3, 1, 0, 0, 2)?;
-                    Resample::Down3d {
-                        conv,
-                        time_conv,
-                        slot: self.next_slot(),
-                    }
-                } else {
-                    Resample::Down2d { conv }
-                })
+                Some(self.downsampler(&format!("{name}.downsampler"), out_dim, temporal)?)
             } else {
                 None
             };

@@ -3,11 +3,12 @@
 //! and resampled as PIL resamples 8-bit images.
 //!
 //! Decoding is the `image` crate's (PNG, JPEG). Resampling is not: `image::imageops::resize` computes
-//! in f32 and differs from PIL by a level here and there, while the pipelines resize with PIL
-//! (`Image.resize`, LANCZOS for the VAE input, BICUBIC in CLIP's image processor). [`resize`] follows
-//! PIL's `ImagingResample` for 8-bit images: separable passes (horizontal, then vertical) with the
-//! filter support widened by the downscale factor, coefficients normalised in f64 then rounded to
-//! 22-bit fixed point, accumulation in integers from a half-unit bias, shifted and clipped to 0..255.
+//! in f32, not with PIL's fixed-point rounding, while the pipelines resize with PIL (`Image.resize`,
+//! LANCZOS for the VAE input, BICUBIC in CLIP's image processor). [`resize`] follows PIL's
+//! `ImagingResample` for 8-bit images: separable passes (horizontal, then vertical) with the filter
+//! support widened by the downscale factor, coefficients normalised in f64 then rounded to 22-bit
+//! fixed point, accumulation in integers from a half-unit bias, shifted and clipped to 0..255. It
+//! gives Pillow 13's bytes exactly on the test pictures (`tests/fixtures/picture/`).
 
 use candle_core::{Device, Tensor};
 use magcache_core::{Error, Result};

@@ -256,3 +256,68 @@ fn image_encoder_size_is_guarded_naming_the_key() {
         "{e}"
     );
 }
+
+/// `picture::resize` against PIL's `Image.resize` (Pillow 13, `fixtures/picture/`, written by
+/// `fixtures/tools/make_picture_fixtures.py`): LANCZOS (the VAE input) and BICUBIC (the CLIP
+/// processor) down and up, both axes and one at a time; the bytes must be PIL's.
+#[test]
+fn resampling_matches_pil_byte_for_byte() {
+    use magcache_models::picture::{load_rgb8, resize, Filter};
+    let dir = fixture("picture");
+    let src = load_rgb8(&dir.join("source.png"), "run.toml", "inputs.image").unwrap();
+    let mut checked = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        let Some(rest) = name
+            .strip_prefix("PIL-")
+            .and_then(|r| r.strip_suffix(".png"))
+        else {
+            continue;
+        };
+        let (filter, size) = rest.split_once('-').unwrap();
+        let (w, h) = size.split_once('x').unwrap();
+        let (w, h): (usize, usize) = (w.parse().unwrap(), h.parse().unwrap());
+        let f = if filter == "lanczos" {
+            Filter::Lanczos
+        } else {
+            Filter::Bicubic
+        };
+        let want = load_rgb8(&dir.join(&name), "run.toml", "inputs.image").unwrap();
+        let got = resize(&src, w, h, f);
+        assert_eq!((got.width, got.height), (want.width, want.height), "{name}");
+        let diff: Vec<i32> = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        let off = diff.iter().filter(|d| **d > 0).count();
+        let max = diff.iter().max().copied().unwrap_or(0);
+        eprintln!("{name}: {off} of {} bytes differ, max {max}", diff.len());
+        assert_eq!(max, 0, "{name}: {off} bytes differ from PIL's (max {max})");
+        checked += 1;
+    }
+    assert_eq!(checked, 10);
+}
+
+/// A JPEG whose EXIF orientation says "rotate 90 degrees" is read upright, as diffusers'
+/// `load_image` (`exif_transpose`) reads it: same size, and the pixels within JPEG decoders'
+/// rounding (libjpeg against zune-jpeg).
+#[test]
+fn exif_orientation_is_applied() {
+    use magcache_models::picture::load_rgb8;
+    let dir = fixture("picture");
+    let got = load_rgb8(&dir.join("exif6.jpg"), "run.toml", "inputs.image").unwrap();
+    let want = load_rgb8(&dir.join("exif6-as-loaded.png"), "run.toml", "inputs.image").unwrap();
+    assert_eq!((got.width, got.height), (want.width, want.height));
+    assert_eq!((got.width, got.height), (47, 61));
+    let mean: f64 = got
+        .data
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .sum::<f64>()
+        / got.data.len() as f64;
+    eprintln!("exif6.jpg: mean |diff| {mean:.3} levels against PIL's decode");
+    assert!(mean < 2.0, "mean |diff| {mean}");
+}

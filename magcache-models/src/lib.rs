@@ -15,6 +15,7 @@ pub mod footprint;
 pub mod inputs;
 pub mod lora;
 pub mod nn;
+pub mod picture;
 pub mod published;
 pub mod random;
 pub mod scheduler;

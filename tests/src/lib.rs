@@ -17,6 +17,15 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// Copies the files of folder `from` (symlinks followed) into `to`, created.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 pub fn load(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(rel), &Device::Cpu).expect("fixture")
 }

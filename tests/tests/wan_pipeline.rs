@@ -5,20 +5,12 @@
 //! `magcache-cli/tests/prompted.rs`.
 
 use magcache_tests::{
-    assert_calls_match, cache_table_for, fixture, link_all, load, load_json, max_abs_diff,
+    assert_calls_match, cache_table_for, copy_dir, fixture, link_all, load, load_json, max_abs_diff,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 const PIPELINE: &str = "pipelines/wan_pipeline";
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
 
 /// A released-style pipeline folder from the fixture parts: `wan_X/` becomes `X/`.
 fn assemble(dir: &Path) -> PathBuf {

@@ -166,11 +166,44 @@ impl WanConfig {
                 ))
             }
         }
-        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
-            return Err(Error::config(
+        // Wan2.1 I2V: CLIP image tokens through `image_embedder` (image_dim -> inner) into every
+        // block's added K/V projections (added_kv_proj_dim = inner); one without the other is no
+        // released model.
+        match (self.image_dim, self.added_kv_proj_dim) {
+            (None, None) => {}
+            (Some(i), Some(a)) => {
+                if i == 0 {
+                    return Err(Error::config(file, "image_dim", "must be at least 1"));
+                }
+                if a != self.inner_dim() {
+                    return Err(Error::config(
+                        file,
+                        "added_kv_proj_dim",
+                        format!(
+                            "{a}: the image embedder gives inner_dim = {} wide tokens to the added K/V projections",
+                            self.inner_dim()
+                        ),
+                    ));
+                }
+            }
+            (None, Some(_)) => return Err(Error::config(
                 file,
                 "image_dim",
-                "image-embedding cross-attention (Wan2.1 I2V) is not supported yet; Wan2.2 I2V (36 input channels) is",
+                "missing: `added_kv_proj_dim` (image attention) needs the CLIP width `image_dim`",
+            )),
+            (Some(_), None) => {
+                return Err(Error::config(
+                    file,
+                    "added_kv_proj_dim",
+                    "missing: `image_dim` (Wan2.1 I2V) needs the added K/V projections' width",
+                ))
+            }
+        }
+        if self.pos_embed_seq_len.is_some() {
+            return Err(Error::config(
+                file,
+                "pos_embed_seq_len",
+                "learned image position embeddings (Wan2.1 FLF2V, first and last frame) are not supported; set it to null",
             ));
         }
         Ok(())

@@ -8,7 +8,7 @@ use super::load;
 use super::model::{self, WanModel, WAN_BLOCK};
 use super::pipeline::{self, WanPipeline};
 use super::presets::{
-    find_preset, info_for, match_preset, WanPreset, WAN21_PRESETS, WAN22_PRESETS,
+    find_preset, info_for, info_for_mode, match_preset, WanPreset, WAN21_PRESETS, WAN22_PRESETS,
 };
 use super::prompted;
 use crate::config_util::{overrides_json, resolve, to_map};
@@ -174,9 +174,17 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     };
     // The size guard first: a prompted run's latents and text come from its [inputs] and [prompt].
     guard(cfg, file, base, &paths, WAN21_PRESETS, "wan2.1", &sampler)?;
-    // Prompted: the text is encoded (and its encoder freed) before the transformer loads.
+    // Prompted: the text is encoded (and its encoder freed) before the transformer loads, then the
+    // image of an image-to-video run (CLIP, VAE encode).
     let prompted = match &root {
-        Some(root) => Some(prompted::encode(cfg, file, root, guidance > 1.0)?),
+        Some((root, index)) => Some(encode_prompted(
+            cfg,
+            file,
+            base,
+            (root.as_path(), index),
+            &paths,
+            guidance > 1.0,
+        )?),
         None => None,
     };
     let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.1", 1, 0)?;
@@ -192,6 +200,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
             weights.map(|w| weights_dir(base, w)).as_deref(),
         )?,
     };
+    let preset = preset_for_size(cfg, preset);
     let mut p = WanPipeline::new(
         "wan2.1",
         vec![model],
@@ -240,15 +249,23 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         None => None,
     };
     guard(cfg, file, base, &paths, WAN22_PRESETS, "wan2.2", &sampler)?;
-    // Prompted: the text is encoded (and its encoder freed) before the transformers load.
+    // Prompted: the text is encoded (and its encoder freed) before the transformers load, then the
+    // image of an image-to-video run (VAE encode).
     let prompted = match &root {
-        Some(root) => {
+        Some((root, index)) => {
             let g = cfg
                 .sampling
                 .guidance_scale
                 .unwrap_or(if paths.len() == 1 { 5.0 } else { 4.0 });
             let g2 = keys.sampling.guidance_scale_2.unwrap_or(g);
-            Some(prompted::encode(cfg, file, root, g > 1.0 || g2 > 1.0)?)
+            Some(encode_prompted(
+                cfg,
+                file,
+                base,
+                (root.as_path(), index),
+                &paths,
+                g > 1.0 || g2 > 1.0,
+            )?)
         }
         None => None,
     };
@@ -296,7 +313,11 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     if experts.len() == 2 && boundary.is_none() {
         return Err(Error::config(file, "sampling.boundary_ratio", "two experts need the boundary between them (e.g. 0.875 for T2V-A14B, 0.9 for I2V-A14B)"));
     }
-    let expand = experts.len() == 1;
+    // A pipeline folder's index says (TI2V-5B: `expand_timesteps: true`); otherwise one model is TI2V.
+    let expand = match &root {
+        Some((_, index)) => index.expand_timesteps,
+        None => experts.len() == 1,
+    };
     let wdir = paths.first().map(|w| weights_dir(base, w));
     let first = experts
         .first()
@@ -316,7 +337,11 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
             .unwrap_or(if expand { 5.0 } else { 4.0 }),
         keys.sampling.guidance_scale_2,
         inputs,
-        info_for("wan2.2", preset),
+        info_for_mode(
+            "wan2.2",
+            preset,
+            prompted.as_ref().is_some_and(|p| p.image.is_some()),
+        ),
         descs.join(" | "),
     )?
     .with_sampler(sampler)?;
@@ -324,6 +349,60 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     p.warnings = warnings;
     p.prompted = prompted;
     Ok(Box::new(p))
+}
+
+/// The two Wan2.1 I2V-14B presets share one architecture (a loaded folder matches the 480P one): a
+/// run 1280 pixels wide (or high) or more takes the 720P preset and its curves.
+fn preset_for_size(
+    cfg: &RunConfig,
+    preset: Option<&'static WanPreset>,
+) -> Option<&'static WanPreset> {
+    let long = cfg
+        .inputs
+        .height
+        .unwrap_or(0)
+        .max(cfg.inputs.width.unwrap_or(0));
+    match preset {
+        Some(p) if p.name == "wan2.1-i2v-14b-480p" && long >= 1280 => WAN21_PRESETS
+            .iter()
+            .find(|q| q.name == "wan2.1-i2v-14b-720p"),
+        other => other,
+    }
+}
+
+/// A prompted run's stages before the transformers: the prompts (UMT5, freed), then the image of an
+/// image-to-video run (CLIP when the first transformer has `image_dim`, the VAE encode).
+fn encode_prompted(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    (root, index): (&Path, &super::i2v::PipelineIndex),
+    paths: &[String],
+    guidance: bool,
+) -> Result<prompted::Prompted> {
+    let mut p = prompted::encode(cfg, file, root, guidance)?;
+    let clip = first_config(cfg, file, base, paths)?.is_some_and(|c| c.image_dim.is_some());
+    prompted::encode_image(cfg, file, base, index, clip, &mut p)?;
+    Ok(p)
+}
+
+/// The config of the first transformer of a run's weights paths (configs only); `None` for presets.
+fn first_config(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    paths: &[String],
+) -> Result<Option<WanConfig>> {
+    let Some(first) = paths.first() else {
+        return Ok(None);
+    };
+    let explicit = cfg.model.config.as_deref().map(|c| resolve(base, c));
+    Ok(Some(load::read_wan_config(
+        &resolve(base, first),
+        explicit.as_deref(),
+        &overrides_json(cfg),
+        file,
+    )?))
 }
 
 /// `boundary_ratio` of a Wan2.2 pipeline folder's `model_index.json` (diffusers keeps it there), when
@@ -477,7 +556,11 @@ fn plan_wan(
             sampler.shift(),
             guidance > 1.0,
         ),
-        info_for(family, preset),
+        info_for_mode(
+            family,
+            preset_for_size(cfg, preset),
+            keys.inputs.image.is_some(),
+        ),
     ))
 }
 
@@ -557,10 +640,10 @@ inventory::submit! {
 inventory::submit! {
     ModelFamily {
         name: "wan2.1",
-        description: "Wan2.1 text-to-video transformer (WanTransformer3DModel), flow-matching Euler with static shift, CFG",
+        description: "Wan2.1 text-to-video and image-to-video (CLIP image attention) transformer (WanTransformer3DModel), flow-matching Euler with static shift, CFG",
         blocks: &[WAN_BLOCK],
-        presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
-        published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "teacache wan21_t2v_1_3b"],
+        presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"],
+        published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "magcache wan21_i2v_14b_480p", "magcache wan21_i2v_14b_720p", "teacache wan21_t2v_1_3b", "teacache wan21_i2v_14b_480p", "teacache wan21_i2v_14b_720p"],
         keys: WAN_KEYS,
         streams: true,
         build: build_wan21,
@@ -574,7 +657,7 @@ inventory::submit! {
         description: "Wan2.2: A14B dual-expert (high-noise `transformer` for t >= boundary*1000, low-noise `transformer_2` below) and TI2V-5B (per-token timesteps)",
         blocks: &[WAN_BLOCK],
         presets: &["wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"],
-        published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b"],
+        published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b", "magcache wan22_ti2v_5b_t2v", "magcache wan22_ti2v_5b_i2v"],
         keys: WAN_KEYS,
         streams: true,
         build: build_wan22,

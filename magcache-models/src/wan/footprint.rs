@@ -27,7 +27,16 @@ pub fn wan_params(c: &WanConfig) -> Sz {
         };
     let norm2 = if c.cross_attn_norm { d * sz(2) } else { sz(0) };
     let ffn = sz(c.ffn_dim);
-    let block = attn * sz(2) + norm2 + lin(ffn, d) + lin(d, ffn) + d * sz(6);
+    // Image attention (Wan2.1 I2V): every attn2's added K/V (and norm_added_k), and the image
+    // embedder (two affine norms, two linears).
+    let (added, image) = match (c.added_kv_proj_dim, c.image_dim) {
+        (Some(a), Some(i)) => (
+            lin(d, sz(a)) * sz(2) + d,
+            lin(sz(i), sz(i)) + lin(d, sz(i)) + sz(i) * sz(2) + d * sz(2),
+        ),
+        _ => (sz(0), sz(0)),
+    };
+    let block = attn * sz(2) + added + norm2 + lin(ffn, d) + lin(d, ffn) + d * sz(6);
     let top = lin(d, sz(c.in_channels) * patch)
         + lin(d, sz(c.freq_dim))
         + lin(d, d)
@@ -35,7 +44,8 @@ pub fn wan_params(c: &WanConfig) -> Sz {
         + lin(d, sz(c.text_dim))
         + lin(d, d)
         + lin(sz(c.out_channels) * patch, d)
-        + d * sz(2);
+        + d * sz(2)
+        + image;
     sz(c.num_layers) * block + top
 }
 

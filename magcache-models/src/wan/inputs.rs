@@ -21,6 +21,7 @@ impl WanInputs {
             uncond: mv(self.uncond)?,
             condition: mv(self.condition)?,
             first_frame: mv(self.first_frame)?,
+            image: mv(self.image)?,
         })
     }
 }
@@ -39,6 +40,8 @@ pub struct WanInputs {
     /// Wan2.2 TI2V: the first latent frame is the conditioning image, kept clean (per-token timesteps
     /// with t = 0 on its tokens).
     pub first_frame: Option<Tensor>,
+    /// Image-attention models (Wan2.1 I2V): the CLIP image tokens `[B, N, image_dim]`.
+    pub image: Option<Tensor>,
 }
 
 /// Reads or draws the inputs of a Wan run and checks them against the model.
@@ -135,6 +138,21 @@ pub fn build_inputs(
             uncond,
             condition,
             first_frame,
+            image: match c.image_dim {
+                Some(d) => {
+                    let t =
+                        inp.get("image_embeds", 3, &format!("[B, N, {d}] CLIP image tokens"))?;
+                    if t.dim(0)? != ld[0] || t.dim(2)? != d {
+                        return Err(Error::inputs(
+                            &inp.path,
+                            "image_embeds",
+                            format!("has shape {:?}; expected [{}, N, {d}]", t.dims(), ld[0]),
+                        ));
+                    }
+                    Some(t)
+                }
+                None => None,
+            },
         });
     }
     let (seed, shape) = crate::inputs::drawn(cfg, &[1, latent_cfg.in_channels, 3, 24, 40]);
@@ -178,6 +196,18 @@ pub fn build_inputs(
         uncond: Some(uncond),
         condition,
         first_frame: None,
+        // Image-attention models: 257 CLIP tokens (ViT-H/14 at 224 px), as the released pipeline.
+        image: c
+            .image_dim
+            .map(|d| {
+                randn_for(
+                    file,
+                    "inputs.latent_shape",
+                    seed.wrapping_add(5),
+                    &[shape[0], 257, d],
+                )
+            })
+            .transpose()?,
     })
 }
 

@@ -1,8 +1,8 @@
 //! The run-file keys the Wan families add to core's: Wan2.2's second expert (`boundary_ratio`,
 //! `guidance_scale_2`), the sampler (`scheduler`, `scheduler_config`), a video's `num_frames` and
-//! class conditioning (`classes`). Declared once here as typed structs; the registrations list them
-//! ([`WAN_KEYS`]) so that the runner refuses keys no family owns, and the family reads them with
-//! [`WanKeys::read`].
+//! class conditioning (`classes`), an image-to-video run's first frame (`image`). Declared once
+//! here as typed structs; the registrations list them ([`WAN_KEYS`]) so that the runner refuses
+//! keys no family owns, and the family reads them with [`WanKeys::read`].
 
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::keys::{fields_of, FamilyKeys};
@@ -41,6 +41,8 @@ pub struct WanInputKeys {
     pub num_frames: Option<usize>,
     /// Class-conditioned models: rows of `class_embeddings.safetensors` beside the weights.
     pub classes: Option<Vec<usize>>,
+    /// Image-to-video prompted runs: the first frame (PNG or JPEG).
+    pub image: Option<String>,
 }
 
 /// The tables and keys [`WanKeys`] adds, for the family registrations.
@@ -53,7 +55,7 @@ pub const WAN_KEYS: &[FamilyKeys] = &[
     FamilyKeys {
         table: "inputs",
         keys: fields_of::<WanInputKeys>,
-        paths: &[],
+        paths: &["image"],
     },
 ];
 
@@ -95,6 +97,12 @@ impl WanKeys {
                     "must be at least 1",
                 ));
             }
+        } else if i.image.is_some() {
+            return Err(Error::config(
+                file,
+                "inputs.image",
+                "applies only to prompted runs (a `[prompt]` table and a pipeline folder as weights)",
+            ));
         } else if i.num_frames.is_some() {
             return Err(Error::config(
                 file,

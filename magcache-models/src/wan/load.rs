@@ -55,6 +55,23 @@ pub fn original_to_diffusers(k: &str) -> String {
             "condition_embedder.text_embedder.linear_2.",
         ),
         ("head.head.", "proj_out."),
+        // Wan2.1 I2V's image embedder (`MLPProj`: LayerNorm, Linear, GELU, Linear, LayerNorm).
+        (
+            "img_emb.proj.0.",
+            "condition_embedder.image_embedder.norm1.",
+        ),
+        (
+            "img_emb.proj.1.",
+            "condition_embedder.image_embedder.ff.net.0.proj.",
+        ),
+        (
+            "img_emb.proj.3.",
+            "condition_embedder.image_embedder.ff.net.2.",
+        ),
+        (
+            "img_emb.proj.4.",
+            "condition_embedder.image_embedder.norm2.",
+        ),
     ];
     for (a, b) in top {
         if let Some(rest) = k.strip_prefix(a) {
@@ -86,6 +103,9 @@ pub fn original_to_diffusers(k: &str) -> String {
                         Some(("k", r)) => format!("to_k.{r}"),
                         Some(("v", r)) => format!("to_v.{r}"),
                         Some(("o", r)) => format!("to_out.0.{r}"),
+                        Some(("k_img", r)) => format!("add_k_proj.{r}"),
+                        Some(("v_img", r)) => format!("add_v_proj.{r}"),
+                        Some(("norm_k_img", r)) => format!("norm_added_k.{r}"),
                         _ => rest.to_string(),
                     };
                     format!("{attn}.{rest}")
@@ -163,6 +183,9 @@ pub fn read_wan_config(
     WanConfig::from_map(obj, cfg_file, overrides)
 }
 
+/// The first tensor of Wan2.1 I2V's image embedder, `[image_dim]`.
+const IMAGE_EMBEDDER_NORM: &str = "condition_embedder.image_embedder.norm1.weight";
+
 /// Loads a Wan checkpoint from a diffusers folder, a file, or a sharded index.
 pub fn load_wan(
     weights: &Path,
@@ -176,8 +199,18 @@ pub fn load_wan(
     let config = read_wan_config(weights, config, overrides, cfg_file)?;
     let mut store = WeightStore::load_checkpoint(weights)?;
     let layout = detect_layout(&store)?;
+    let mut config = config;
     if layout == WanLayout::Original {
         store.rename(original_to_diffusers)?;
+        // The original config says `model_type: "i2v"` for Wan2.1 I2V (CLIP image attention) and
+        // Wan2.2 I2V alike (none): the checkpoint's `img_emb` tells them apart.
+        if config.image_dim.is_none() {
+            if let Some(s) = store.shape(IMAGE_EMBEDDER_NORM) {
+                config.image_dim = s.first().copied();
+                config.added_kv_proj_dim = Some(config.inner_dim());
+                config.check(cfg_file)?;
+            }
+        }
     }
     Ok(LoadedWan {
         config,
@@ -298,5 +331,10 @@ pub fn infer_wan_config(
         "attention_head_dim": head,
         "num_attention_heads": heads,
     });
-    Ok(v.as_object().cloned().unwrap_or_default())
+    let mut m = v.as_object().cloned().unwrap_or_default();
+    if let Some(s) = shapes.get(IMAGE_EMBEDDER_NORM) {
+        m.insert("image_dim".into(), s.first().copied().unwrap_or(0).into());
+        m.insert("added_kv_proj_dim".into(), (*d).into());
+    }
+    Ok(m)
 }

@@ -3,6 +3,8 @@
 pub mod config;
 pub mod family;
 pub mod footprint;
+pub mod i2v;
+pub mod image_encoder;
 pub mod inputs;
 pub mod keys;
 pub mod load;

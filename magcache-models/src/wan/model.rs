@@ -22,8 +22,12 @@ pub const WAN_BLOCK: BlockMetadata = BlockMetadata {
 
 /// What a Wan block reads besides the hidden states: the same for every block of a call.
 pub struct BlockArgs<'a> {
-    /// The text (and image) context `[B, L, d]` of cross-attention.
+    /// The cross-attention context `[B, L, d]`: the embedded text, after the embedded image tokens
+    /// on image-attention models (Wan2.1 I2V).
     pub context: &'a Tensor,
+    /// Image-attention models: the first `image_rows` rows of `context` go to the added K/V
+    /// projections (diffusers' split at `len - 512`, see [`image_context_rows`]).
+    pub image_rows: usize,
     /// The timestep projection `[B, S', 6, d]` the block's modulation table is added to.
     pub modulation: &'a Tensor,
     /// Rotary tables of self-attention.
@@ -38,7 +42,16 @@ struct Attention {
     o: Linear,
     norm_q: Option<RmsNorm>,
     norm_k: Option<RmsNorm>,
+    /// Wan2.1 I2V cross-attention: the image tokens' own keys and values.
+    added: Option<AddedKv>,
     heads: usize,
+}
+
+/// `add_k_proj`, `add_v_proj` and `norm_added_k` of an image-attention model's `attn2`.
+struct AddedKv {
+    k: Linear,
+    v: Linear,
+    norm_k: Option<RmsNorm>,
 }
 
 impl Attention {
@@ -55,7 +68,16 @@ impl Attention {
                 Ok(None)
             }
         };
+        let added = match cfg.added_kv_proj_dim {
+            Some(a) if p.ends_with("attn2") => Some(AddedKv {
+                k: linear(w, &format!("{p}.add_k_proj"), d, a)?,
+                v: linear(w, &format!("{p}.add_v_proj"), d, a)?,
+                norm_k: norm("norm_added_k")?,
+            }),
+            _ => None,
+        };
         Ok(Attention {
+            added,
             q: lin("to_q")?,
             k: lin("to_k")?,
             v: lin("to_v")?,
@@ -68,6 +90,31 @@ impl Attention {
 
     /// `x [B, S, d]`, `kv [B, L, d]`; rope `(cos, sin)` `[S, head_dim/2]` for self-attention.
     fn forward(&self, x: &Tensor, kv: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        self.forward_split(x, kv, 0, rope)
+    }
+
+    /// As [`Attention::forward`]; with added K/V projections (image attention) the first
+    /// `image_rows` rows of `kv` are the image tokens: the query attends to them through the added
+    /// projections and, separately, to the other rows; the two outputs are summed before `to_out`.
+    fn forward_split(
+        &self,
+        x: &Tensor,
+        kv: &Tensor,
+        image_rows: usize,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let (image, kv) = match &self.added {
+            Some(_) => {
+                let len = kv.dim(1)?;
+                let rows = image_rows.min(len);
+                (
+                    (rows > 0).then(|| kv.narrow(1, 0, rows)).transpose()?,
+                    kv.narrow(1, rows, len - rows)?,
+                )
+            }
+            None => (None, kv.clone()),
+        };
+        let kv = &kv;
         let mut q = self.q.forward(x)?;
         let mut k = self.k.forward(kv)?;
         let v = self.v.forward(kv)?;
@@ -84,7 +131,16 @@ impl Attention {
             q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
             k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         }
-        let o = attention(&q, &k, &v)?;
+        let mut o = attention(&q, &k, &v)?;
+        if let (Some(a), Some(img)) = (&self.added, &image) {
+            let mut ki = a.k.forward(img)?;
+            if let Some(n) = &a.norm_k {
+                ki = n.forward(&ki)?;
+            }
+            let ki = split_heads(&ki, self.heads)?;
+            let vi = split_heads(&a.v.forward(img)?, self.heads)?;
+            o = (o + attention(&q, &ki, &vi)?)?;
+        }
         self.o.forward(&merge_heads(&o)?)
     }
 }
@@ -136,6 +192,7 @@ impl Block {
     fn forward(&self, h: &Tensor, args: &BlockArgs<'_>) -> Result<Tensor> {
         let BlockArgs {
             context: enc,
+            image_rows,
             modulation: tproj,
             cos,
             sin,
@@ -153,11 +210,61 @@ impl Block {
             Some(n) => n.forward(&h)?,
             None => h.clone(),
         };
-        let h = (&h + self.attn2.forward(&x, enc, None)?)?;
+        let h = (&h + self.attn2.forward_split(&x, enc, *image_rows, None)?)?;
 
         let x = modulate(&self.norm3.forward(&h)?, &c_shift, &c_scale)?;
         let f = self.ff2.forward(&gelu(&self.ff1.forward(&x)?)?)?;
         Ok((h + f.broadcast_mul(&c_gate)?)?)
+    }
+}
+
+/// `condition_embedder.image_embedder` (Wan2.1 I2V): LayerNorm -> Linear -> exact GELU -> Linear ->
+/// LayerNorm, CLIP width `image_dim` to the model width (both norms affine, eps 1e-5).
+struct ImageEmbedder {
+    norm1: LayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+    norm2: LayerNorm,
+}
+
+impl ImageEmbedder {
+    fn load(w: &WeightStore, image_dim: usize, d: usize, dev: &Device) -> Result<Self> {
+        let p = "condition_embedder.image_embedder";
+        let ln = |n: &str, dim: usize| -> Result<LayerNorm> {
+            LayerNorm::new(
+                dim,
+                1e-5,
+                Some((
+                    w.get_shape(&format!("{p}.{n}.weight"), &[dim])?,
+                    w.get_shape(&format!("{p}.{n}.bias"), &[dim])?,
+                )),
+                dev,
+            )
+        };
+        Ok(ImageEmbedder {
+            norm1: ln("norm1", image_dim)?,
+            ff1: linear(w, &format!("{p}.ff.net.0.proj"), image_dim, image_dim)?,
+            ff2: linear(w, &format!("{p}.ff.net.2"), d, image_dim)?,
+            norm2: ln("norm2", d)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.ff1.forward(&self.norm1.forward(x)?)?.gelu_erf()?;
+        self.norm2.forward(&self.ff2.forward(&x)?)
+    }
+}
+
+/// The rows of a cross-attention context `[image ; text]` of `len` rows that diffusers' attention
+/// processor takes as image tokens: it hard-codes 512 text rows and slices `[:, :len - 512]`, with
+/// Python's meaning of a negative bound. Right (= the image tokens) only when the text has 512 rows,
+/// the pipelines' default `max_sequence_length`; reproduced as it is for other lengths.
+pub fn image_context_rows(len: usize) -> usize {
+    if len >= 512 {
+        len - 512
+    } else {
+        // `[:, :k]` with k = len - 512 < 0 keeps the first len + k rows (none when that is negative).
+        (2 * len).saturating_sub(512)
     }
 }
 
@@ -199,6 +306,8 @@ pub struct WanModel {
     time_proj: Linear,
     text1: Linear,
     text2: Linear,
+    /// Image-attention models (Wan2.1 I2V).
+    image_embedder: Option<ImageEmbedder>,
     blocks: Blocks,
     norm_out: LayerNorm,
     proj_out: Linear,
@@ -260,6 +369,10 @@ impl WanModel {
             time_proj: lin("condition_embedder.time_proj", 6 * d, d)?,
             text1: lin("condition_embedder.text_embedder.linear_1", d, cfg.text_dim)?,
             text2: lin("condition_embedder.text_embedder.linear_2", d, d)?,
+            image_embedder: match cfg.image_dim {
+                Some(i) => Some(ImageEmbedder::load(w, i, d, &dev)?),
+                None => None,
+            },
             blocks,
             norm_out: LayerNorm::new(d, cfg.eps, None, &dev)?,
             proj_out: lin("proj_out", out_dim, d)?,
@@ -335,14 +448,34 @@ impl WanModel {
     /// Forward: `x [B, C, F, H, W]`, `t [B]` or `[B, S]` (0..1000), `ctx [B, L, text_dim]` -> `[B, C_out, F, H, W]`.
     /// The block chain runs through `cx` (the call's scope and cache).
     pub fn forward(&self, x: &Tensor, t: &Tensor, ctx: &Tensor, cx: &CallCx<'_>) -> Result<Tensor> {
-        self.forward_traced(x, t, ctx, cx, None)
+        self.forward_inner(x, t, ctx, None, cx, None)
     }
 
+    /// Whether the model has image attention (`image_dim`, Wan2.1 I2V) and so needs image tokens.
+    pub fn takes_image(&self) -> bool {
+        self.image_embedder.is_some()
+    }
+
+    /// [`WanModel::forward`], recording intermediates into `trace`.
     pub fn forward_traced(
         &self,
         x: &Tensor,
         t: &Tensor,
         ctx: &Tensor,
+        cx: &CallCx<'_>,
+        trace: Option<&mut WanTrace>,
+    ) -> Result<Tensor> {
+        self.forward_inner(x, t, ctx, None, cx, trace)
+    }
+
+    /// [`WanModel::forward_traced`] with the CLIP image tokens `image [B, N, image_dim]` of an
+    /// image-attention model (Wan2.1 I2V); `None` on other models.
+    pub fn forward_inner(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        ctx: &Tensor,
+        image: Option<&Tensor>,
         cx: &CallCx<'_>,
         mut trace: Option<&mut WanTrace>,
     ) -> Result<Tensor> {
@@ -366,6 +499,31 @@ impl WanModel {
         let (cos, sin) = self.rope(pf, phh, pww)?;
         let hidden = self.patchify(x)?;
         let (temb, tproj, text) = self.condition(t, ctx)?;
+        let (text, image_rows) = match (&self.image_embedder, image) {
+            (None, None) => (text, 0),
+            (Some(e), Some(img)) => {
+                let want = self.cfg.image_dim.unwrap_or(0);
+                if img.rank() != 3 || img.dim(0)? != b || img.dim(2)? != want {
+                    return Err(Error::msg(format!(
+                        "image embeddings have shape {:?}, expected [{b}, N, {want}]",
+                        img.dims()
+                    )));
+                }
+                let ctx = Tensor::cat(&[&e.forward(img)?, &text], 1)?;
+                let rows = image_context_rows(ctx.dim(1)?);
+                (ctx, rows)
+            }
+            (Some(_), None) => {
+                return Err(Error::msg(
+                    "this transformer has image attention (image_dim: Wan2.1 I2V) and needs the image's CLIP embeddings",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::msg(
+                    "image embeddings given to a transformer without image attention (no image_dim)",
+                ))
+            }
+        };
         if let Some(tr) = trace.as_deref_mut() {
             tr.temb = Some(temb.clone());
             tr.timestep_proj = Some(tproj.clone());
@@ -377,6 +535,7 @@ impl WanModel {
             model: self,
             scope: cx.scope,
             text,
+            image_rows,
             temb: temb.clone(),
             tproj,
             cos,
@@ -419,6 +578,7 @@ struct WanChain<'a> {
     model: &'a WanModel,
     scope: ScopeKey,
     text: Tensor,
+    image_rows: usize,
     temb: Tensor,
     tproj: Tensor,
     cos: Tensor,
@@ -433,6 +593,7 @@ impl WanChain<'_> {
     fn run_one(&self, i: usize, blk: &Block, hs: Tensor) -> Result<Tensor> {
         let args = BlockArgs {
             context: &self.text,
+            image_rows: self.image_rows,
             modulation: &self.tproj,
             cos: &self.cos,
             sin: &self.sin,

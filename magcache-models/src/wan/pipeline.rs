@@ -212,7 +212,7 @@ impl Pipeline for WanPipeline {
             };
             let mut call = |branch: Branch, ctx: &Tensor| {
                 den.call(i, e, branch, t as f64, |cx| {
-                    model.forward(&input, &tt, ctx, cx)
+                    model.forward_inner(&input, &tt, ctx, self.inputs.image.as_ref(), cx, None)
                 })
             };
             let cond = call(Branch::Cond, &self.inputs.cond)?;

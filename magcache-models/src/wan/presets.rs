@@ -22,6 +22,9 @@ pub struct WanPreset {
     pub curve_high_steps: Option<usize>,
     /// One timestep per token (Wan2.2 TI2V).
     pub expand_timesteps: bool,
+    /// The published MagCache curve of image-to-video runs, where it differs from `curve` (TI2V-5B's
+    /// text and image modes were calibrated separately).
+    pub curve_i2v: Option<&'static str>,
 }
 
 fn cfg_1_3b() -> WanConfig {
@@ -39,6 +42,15 @@ fn cfg_14b() -> WanConfig {
 fn cfg_i2v_a14b() -> WanConfig {
     WanConfig {
         in_channels: 36,
+        ..WanConfig::default()
+    }
+}
+/// Wan2.1 I2V-14B (480P and 720P share it): 36 input channels, CLIP ViT-H/14 image attention.
+fn cfg_i2v_14b() -> WanConfig {
+    WanConfig {
+        in_channels: 36,
+        image_dim: Some(1280),
+        added_kv_proj_dim: Some(5120),
         ..WanConfig::default()
     }
 }
@@ -70,6 +82,7 @@ const fn single(
         boundary_ratio: None,
         curve_high_steps: None,
         expand_timesteps: false,
+        curve_i2v: None,
     }
 }
 
@@ -81,6 +94,20 @@ pub const WAN21_PRESETS: &[WanPreset] = &[
         Some("wan21_t2v_1_3b"),
     ),
     single("wan2.1-t2v-14b", cfg_14b, Some("wan21_t2v_14b"), None),
+    // The same architecture at two resolutions, calibrated apart (shift 3 at 480P, 5 at 720P): a
+    // loaded folder matches the 480P one; runs of 720 lines or more take the 720P curves.
+    single(
+        "wan2.1-i2v-14b-480p",
+        cfg_i2v_14b,
+        Some("wan21_i2v_14b_480p"),
+        Some("wan21_i2v_14b_480p"),
+    ),
+    single(
+        "wan2.1-i2v-14b-720p",
+        cfg_i2v_14b,
+        Some("wan21_i2v_14b_720p"),
+        Some("wan21_i2v_14b_720p"),
+    ),
 ];
 
 /// Wan2.2: the A14B models are two 14B experts; the published curves span both experts
@@ -96,6 +123,7 @@ pub const WAN22_PRESETS: &[WanPreset] = &[
         boundary_ratio: Some(0.875),
         curve_high_steps: Some(26),
         expand_timesteps: false,
+        curve_i2v: None,
     },
     WanPreset {
         name: "wan2.2-i2v-a14b",
@@ -107,17 +135,19 @@ pub const WAN22_PRESETS: &[WanPreset] = &[
         boundary_ratio: Some(0.9),
         curve_high_steps: Some(15),
         expand_timesteps: false,
+        curve_i2v: None,
     },
     WanPreset {
         name: "wan2.2-ti2v-5b",
         family: "wan2.2",
         config: cfg_ti2v_5b,
-        curve: None,
+        curve: Some("wan22_ti2v_5b_t2v"),
         tea: None,
         experts: 1,
         boundary_ratio: None,
         curve_high_steps: None,
         expand_timesteps: true,
+        curve_i2v: Some("wan22_ti2v_5b_i2v"),
     },
 ];
 
@@ -152,6 +182,12 @@ pub(crate) fn match_preset(
 
 /// What strategies may know of a Wan run: the family, the preset and its published tables.
 pub(crate) fn info_for(family: &str, preset: Option<&WanPreset>) -> ModelInfo {
+    info_for_mode(family, preset, false)
+}
+
+/// [`info_for`] of a text-to-video (`image` false) or image-to-video run: a preset with an
+/// image-to-video curve of its own gives that one to image runs.
+pub(crate) fn info_for_mode(family: &str, preset: Option<&WanPreset>, image: bool) -> ModelInfo {
     let mut info = ModelInfo {
         family: family.to_string(),
         indicators: vec![
@@ -173,10 +209,12 @@ pub(crate) fn info_for(family: &str, preset: Option<&WanPreset>) -> ModelInfo {
     }
     if let Some(p) = preset {
         info.variant = Some(p.name.to_string());
-        if let Some(Ok(m)) = p
-            .curve
-            .map(|c| published::magcache(c, true, p.curve_high_steps))
-        {
+        let curve = if image {
+            p.curve_i2v.or(p.curve)
+        } else {
+            p.curve
+        };
+        if let Some(Ok(m)) = curve.map(|c| published::magcache(c, true, p.curve_high_steps)) {
             info.published.insert("magcache".into(), m);
         }
     }

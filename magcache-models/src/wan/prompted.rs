@@ -1,8 +1,11 @@
 //! Prompted Wan runs (`[prompt]`): from a diffusers pipeline folder as released (`model_index.json`
 //! beside `tokenizer/`, `text_encoder/`, `transformer/` (+ `transformer_2/`), `vae/`, `scheduler/`),
 //! the prompts are encoded by UMT5 (freed before the transformer loads), the latents drawn or read,
-//! and the final latents decoded by the Wan VAE, as diffusers' `WanPipeline` does.
+//! and the final latents decoded by the Wan VAE, as diffusers' `WanPipeline` does. Image-to-video
+//! folders (`WanImageToVideoPipeline`, and TI2V-5B's `expand_timesteps`) add the image stage of
+//! [`super::i2v`] between the text encoder and the transformers.
 
+use super::i2v::{ImageCondition, PipelineIndex};
 use super::inputs::WanInputs;
 use super::model::WanModel;
 use super::vae::{WanVae, WanVaeConfig};
@@ -27,6 +30,10 @@ pub struct Prompted {
     pub prompt_embeds: Tensor,
     /// With classifier-free guidance.
     pub negative_prompt_embeds: Option<Tensor>,
+    /// Image runs with a CLIP image encoder (Wan2.1 I2V): `[1, tokens, hidden]`.
+    pub image_embeds: Option<Tensor>,
+    /// Image runs: the encoded first frame as the transformer's calls take it.
+    pub image: Option<ImageCondition>,
     pub placement: Placement,
     pub stages: Vec<StageTime>,
 }
@@ -43,24 +50,63 @@ pub(crate) fn check_stage(t: &Tensor, stage: &str, what: &str) -> Result<()> {
 }
 
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
-/// a Wan pipeline.
-pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
+/// a Wan pipeline, and what its index says. An image-to-video folder needs `[inputs] image` (TI2V's
+/// `expand_timesteps` folder runs text-to-video without one); a text-to-video folder takes none.
+pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBuf, PipelineIndex)> {
     let kind = crate::config_util::PipelineKind {
         parts: &["tokenizer", "text_encoder", "transformer", "vae"],
         class_prefix: "Wan",
         label: "Wan",
         example: "WanPipeline, ...",
     };
-    let (root, class) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    let (root, _) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    let index = PipelineIndex::read(&root)?;
+    let image = super::keys::WanKeys::read(cfg, file)?.inputs.image;
     let shown = root.join("model_index.json").display().to_string();
-    if class.contains("ImageToVideo") {
-        return Err(Error::config(
-            &shown,
-            "_class_name",
-            format!("`{class}`: image-to-video prompted runs are not supported yet (text-to-video pipelines only)"),
-        ));
+    match (&image, index.is_image_to_video() || index.expand_timesteps) {
+        (Some(_), false) => {
+            return Err(Error::config(
+                file,
+                "inputs.image",
+                format!(
+                    "the pipeline folder is text-to-video (`{}` in {shown}, no expand_timesteps): it takes no image",
+                    index.class
+                ),
+            ))
+        }
+        (None, true) if !index.expand_timesteps => {
+            return Err(Error::config(
+                file,
+                "inputs.image",
+                format!(
+                    "missing: `{}` ({shown}) is an image-to-video pipeline; give the first frame (PNG or JPEG)",
+                    index.class
+                ),
+            ))
+        }
+        _ => {}
     }
-    Ok(root)
+    Ok((root, index))
+}
+
+/// The image stage of an image run (a no-op without `[inputs] image`): CLIP embeddings when
+/// `clip_needed` (the transformer has `image_dim`), and the VAE-encoded condition.
+pub fn encode_image(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    index: &PipelineIndex,
+    clip_needed: bool,
+    p: &mut Prompted,
+) -> Result<()> {
+    let Some(img) = super::i2v::read_image(cfg, file, base)? else {
+        return Ok(());
+    };
+    let e = super::i2v::encode_image(cfg, file, &p.root, &img, index, clip_needed, &p.placement)?;
+    p.image_embeds = e.image_embeds;
+    p.image = Some(e.condition);
+    p.stages.extend(e.stages);
+    Ok(())
 }
 
 /// Encodes the prompt (and, with guidance, the negative prompt) with the folder's tokenizer and
@@ -102,6 +148,8 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
         root: root.to_path_buf(),
         prompt_embeds,
         negative_prompt_embeds,
+        image_embeds: None,
+        image: None,
         placement,
         stages: vec![stage.end()],
     })
@@ -150,14 +198,32 @@ pub fn inputs(
         height / ss,
         width / ss,
     ];
-    if vae_cfg.z_dim != c.out_channels || c.in_channels != c.out_channels {
+    let extra = match &p.image {
+        Some(ImageCondition::Concat(t)) => t.dim(1)?,
+        _ => 0,
+    };
+    if vae_cfg.z_dim != c.out_channels || c.in_channels != c.out_channels + extra {
+        let what = if extra > 0 {
+            format!("image-to-video needs in = out + {extra} (the mask and image latent channels)")
+        } else if c.in_channels > c.out_channels {
+            "this transformer takes image-conditioned input (in > out channels): give `[inputs] image`".to_string()
+        } else {
+            "text-to-video needs them equal".to_string()
+        };
         return Err(Error::config(
             file,
             "model.weights",
             format!(
-                "the VAE's z_dim {} does not match the transformer's in/out channels {}/{} (text-to-video needs them equal)",
+                "the VAE's z_dim {} does not match the transformer's in/out channels {}/{} ({what})",
                 vae_cfg.z_dim, c.in_channels, c.out_channels
             ),
+        ));
+    }
+    if model.takes_image() != p.image_embeds.is_some() {
+        return Err(Error::config(
+            file,
+            "inputs.image",
+            "the transformer's image attention (image_dim) needs the image's CLIP embeddings (give `[inputs] image`)",
         ));
     }
     let dev = &p.placement.device;
@@ -195,12 +261,30 @@ pub fn inputs(
             ),
         ));
     }
+    let (condition, first_frame) = match &p.image {
+        Some(ImageCondition::Concat(t)) => (Some(t.clone()), None),
+        Some(ImageCondition::FirstFrame(t)) => (None, Some(t.clone())),
+        None => (None, None),
+    };
+    for (name, t) in [("condition", &condition), ("first_frame", &first_frame)] {
+        if let Some(t) = t {
+            let (_, _, f, h, w) = t.dims5()?;
+            let want_f = if name == "first_frame" { 1 } else { shape[2] };
+            if (f, h, w) != (want_f, shape[3], shape[4]) {
+                return Err(Error::msg(format!(
+                    "internal: the image condition has shape {:?} for latents {shape:?}",
+                    t.dims()
+                )));
+            }
+        }
+    }
     WanInputs {
         latents,
         cond: p.prompt_embeds.clone(),
         uncond: p.negative_prompt_embeds.clone(),
-        condition: None,
-        first_frame: None,
+        condition,
+        first_frame,
+        image: p.image_embeds.clone(),
     }
     .to_device(dev)
 }
@@ -225,6 +309,12 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
     ];
     if let Some(n) = &p.negative_prompt_embeds {
         out.push(("negative_prompt_embeds".to_string(), n.clone()));
+    }
+    if let Some(e) = &p.image_embeds {
+        out.push(("image_embeds".to_string(), e.clone()));
+    }
+    if let Some(c) = &p.image {
+        out.push(("condition".to_string(), c.tensor().clone()));
     }
     Ok(out)
 }

@@ -1,4 +1,5 @@
-//! `AutoencoderKLWan`'s `config.json`: sizes, latent statistics and the Wan2.2 refusals.
+//! `AutoencoderKLWan`'s `config.json`: sizes, latent statistics, and the Wan2.2 (TI2V-5B) VAE's
+//! residual blocks and patchifying.
 
 use crate::vae_common::{positive, read_config, ConfigReader};
 use magcache_core::{Error, Result};
@@ -20,6 +21,11 @@ pub struct WanVaeConfig {
     pub latents_std: Vec<f64>,
     pub in_channels: usize,
     pub out_channels: usize,
+    /// The Wan2.2 VAE: residual down/up blocks with `AvgDown3D` / `DupUp3D` shortcuts.
+    pub is_residual: bool,
+    /// Pixels folded into channels before the encoder (and unfolded after the decoder): `p x p`
+    /// (Wan2.2 VAE 2; 1 = none, the config's null).
+    pub patch_size: usize,
 }
 
 const DEFAULT_MEAN: [f64; 16] = [
@@ -41,21 +47,13 @@ impl WanVaeConfig {
     /// Parses an `AutoencoderKLWan` config object (`file` names it in errors).
     pub fn from_json(json: &Value, file: &str) -> Result<Self> {
         let c = ConfigReader::new(json, file, "AutoencoderKLWan", "a Wan VAE")?;
-        if c.get("is_residual").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(c.error(
-                "is_residual",
-                "true: this is the Wan2.2 VAE (TI2V-5B: residual blocks, patchified, z_dim 48), which is not supported; only the Wan2.1 VAE (is_residual false) is",
-            ));
-        }
-        match c.get("patch_size") {
-            None | Some(Value::Null) => {}
-            Some(v) if v.as_u64() == Some(1) => {}
-            Some(v) => {
-                return Err(c.error(
-                    "patch_size",
-                    format!("{v}: patchified VAEs (the Wan2.2 TI2V-5B VAE) are not supported; only patch_size null"),
-                ))
-            }
+        let is_residual = c.bool("is_residual", false)?;
+        let patch_size = match c.get("patch_size") {
+            None | Some(Value::Null) => 1,
+            Some(_) => c.usize("patch_size", 1)?,
+        };
+        if patch_size == 0 {
+            return Err(c.error("patch_size", "must be at least 1 (or null)"));
         }
         let base_dim = c.usize("base_dim", 96)?;
         let decoder_base_dim = match c.get("decoder_base_dim") {
@@ -84,8 +82,27 @@ impl WanVaeConfig {
             latents_std: floats("latents_std", &DEFAULT_STD)?,
             in_channels: c.usize("in_channels", 3)?,
             out_channels: c.usize("out_channels", 3)?,
+            is_residual,
+            patch_size,
         };
         cfg.validate(file)?;
+        // The pipelines size latents by these two keys (defaults 8 and 4); they must be what the
+        // architecture does.
+        for (key, have) in [
+            ("scale_factor_spatial", cfg.spatial_scale()),
+            ("scale_factor_temporal", cfg.temporal_scale()),
+        ] {
+            if let Some(v) = c.get(key).filter(|v| !v.is_null()) {
+                if v.as_u64() != Some(have as u64) {
+                    return Err(c.error(
+                        key,
+                        format!(
+                            "{v}, but dim_mult, temperal_downsample and patch_size give {have}"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -141,6 +158,19 @@ impl WanVaeConfig {
                 ));
             }
         }
+        let p2 = self.patch_size * self.patch_size;
+        for (k, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+        ] {
+            if !v.is_multiple_of(p2) {
+                return Err(Error::config(
+                    file,
+                    k,
+                    format!("{v} is not a multiple of patch_size^2 = {p2}"),
+                ));
+            }
+        }
         if self.latents_std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
             return Err(Error::config(
                 file,
@@ -151,11 +181,20 @@ impl WanVaeConfig {
         Ok(())
     }
 
-    /// Spatial downsampling factor (2 per stage but the last: 8 for the released VAE).
+    /// Spatial downsampling factor (2 per stage but the last, times the patch: 8 for the released
+    /// Wan2.1 VAE, 16 for the Wan2.2 one).
     pub fn spatial_scale(&self) -> usize {
         1usize
             .checked_shl(self.dim_mult.len().saturating_sub(1) as u32)
             .unwrap_or(usize::MAX)
+            .saturating_mul(self.patch_size)
+    }
+
+    /// Channels the encoder takes and the decoder gives (`in_channels` / `out_channels` are the
+    /// patchified ones: the Wan2.2 VAE's 12 are 3 colours x 2 x 2).
+    pub fn pixel_channels(&self) -> (usize, usize) {
+        let p2 = self.patch_size * self.patch_size;
+        (self.in_channels / p2, self.out_channels / p2)
     }
 
     /// Temporal downsampling factor (4 for the released VAE).
@@ -179,15 +218,24 @@ mod tests {
     }
 
     #[test]
-    fn config_reads_sizes_and_refuses_wan22() {
+    fn config_reads_sizes_and_the_wan22_keys() {
         let c = cfg("").unwrap();
         assert_eq!(c.decoder_base_dim, 4);
         assert_eq!(c.spatial_scale(), 2);
         assert_eq!(c.temporal_scale(), 2);
-        let e = cfg(r#", "is_residual": true"#).unwrap_err().to_string();
-        assert!(e.starts_with("vae/config.json: is_residual:"), "{e}");
+        assert!(!c.is_residual);
+        let c = cfg(r#", "is_residual": true, "patch_size": 2, "in_channels": 12, "out_channels": 12, "scale_factor_spatial": 4"#).unwrap();
+        assert!(c.is_residual);
+        assert_eq!((c.spatial_scale(), c.pixel_channels()), (4, (3, 3)));
         let e = cfg(r#", "patch_size": 2"#).unwrap_err().to_string();
-        assert!(e.starts_with("vae/config.json: patch_size:"), "{e}");
+        assert!(e.starts_with("vae/config.json: in_channels:"), "{e}");
+        let e = cfg(r#", "scale_factor_spatial": 8"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("vae/config.json: scale_factor_spatial:"),
+            "{e}"
+        );
         assert!(cfg(r#", "patch_size": null"#).is_ok());
         let e = cfg(r#", "latents_std": [1.0]"#).unwrap_err().to_string();
         assert!(e.contains("latents_std"), "{e}");

@@ -1,7 +1,7 @@
 //! The Wan VAE's decoder: its structure, one latent frame's forward pass and its construction.
 
 use super::config::WanVaeConfig;
-use super::layers::{Conv, FeatCache, MidBlock, Norm, ResBlock, Resample};
+use super::layers::{Conv, DupUp, FeatCache, MidBlock, Norm, ResBlock, Resample};
 use super::load::Builder;
 use super::trace::{record, VaeTrace};
 use candle_core::Tensor;
@@ -10,6 +10,8 @@ use magcache_core::{Error, Result};
 pub(super) struct UpBlock {
     pub(super) resnets: Vec<ResBlock>,
     pub(super) upsampler: Option<Resample>,
+    /// The Wan2.2 VAE's `WanResidualUpBlock`: the block's input through [`DupUp`] is added.
+    pub(super) shortcut: Option<DupUp>,
 }
 
 pub(super) struct Decoder {
@@ -22,17 +24,19 @@ pub(super) struct Decoder {
 }
 
 impl Decoder {
-    /// One latent frame's chunk -> its video frames.
+    /// One latent frame's chunk -> its video frames; `first_chunk` for frame 0 (the Wan2.2
+    /// residual shortcuts keep one frame of it).
     ///
-    /// After the last temporal upsampler every layer is causal in time (per-frame norms, attention
-    /// and resamplers; causal convolutions with their cache), so the rest of the decoder runs one
-    /// output frame at a time and gives the same frames as the whole chunk at once: the widest
-    /// stages (full resolution) hold one frame instead of four. With a `trace`, the chunk runs
-    /// whole (the trace records whole-chunk intermediates).
+    /// After the last temporal upsampler every layer is causal in time (per-frame norms, attention,
+    /// resamplers and shortcuts; causal convolutions with their cache), so the rest of the decoder
+    /// runs one output frame at a time and gives the same frames as the whole chunk at once: the
+    /// widest stages (full resolution) hold one frame instead of four. With a `trace`, the chunk
+    /// runs whole (the trace records whole-chunk intermediates).
     pub(super) fn forward(
         &self,
         x: &Tensor,
         cache: &mut FeatCache,
+        first_chunk: bool,
         mut trace: Option<&mut VaeTrace>,
     ) -> Result<Tensor> {
         let x = self.conv_in.forward(x, cache)?;
@@ -48,14 +52,14 @@ impl Decoder {
                 .map_or(0, |i| i + 1)
         };
         for (i, blk) in self.up[..streamed].iter().enumerate() {
-            x = blk.forward(&x, cache)?;
+            x = blk.forward(&x, cache, first_chunk)?;
             if trace.is_some() {
                 record(&mut trace, &format!("decoder.up_blocks.{i}"), &x);
             }
         }
         let tail = |mut y: Tensor, cache: &mut FeatCache| -> Result<Tensor> {
             for blk in &self.up[streamed..] {
-                y = blk.forward(&y, cache)?;
+                y = blk.forward(&y, cache, first_chunk)?;
             }
             let y = self.norm_out.forward(&y)?.silu()?;
             self.conv_out.forward(&y, cache)
@@ -74,14 +78,17 @@ impl Decoder {
 }
 
 impl UpBlock {
-    fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
-        let mut x = x.clone();
+    fn forward(&self, x: &Tensor, cache: &mut FeatCache, first_chunk: bool) -> Result<Tensor> {
+        let mut y = x.clone();
         for r in &self.resnets {
-            x = r.forward(&x, cache)?;
+            y = r.forward(&y, cache)?;
         }
-        match &self.upsampler {
-            Some(u) => u.forward(&x, cache),
-            None => Ok(x),
+        if let Some(u) = &self.upsampler {
+            y = u.forward(&y, cache)?;
+        }
+        match &self.shortcut {
+            Some(s) => Ok((y + s.forward(x, first_chunk)?)?),
+            None => Ok(y),
         }
     }
 }
@@ -98,9 +105,16 @@ impl Builder<'_> {
         let mid = self.mid("decoder.mid_block", dims[0])?;
         let mut up = Vec::new();
         let mut out_dim = dims[0];
+        let residual = cfg.is_residual;
         for i in 0..stages {
-            // Every upsampler halves the channels, so each stage after the first starts at half width.
-            let mut in_dim = if i > 0 { dims[i] / 2 } else { dims[i] };
+            // Every upsampler halves the channels (Wan2.1), so each stage after the first starts at
+            // half width; the Wan2.2 VAE's upsamplers keep them.
+            let mut in_dim = if i > 0 && !residual {
+                dims[i] / 2
+            } else {
+                dims[i]
+            };
+            let block_in = in_dim;
             out_dim = dims[i + 1];
             let mut resnets = Vec::new();
             for j in 0..=cfg.num_res_blocks {
@@ -111,10 +125,16 @@ impl Builder<'_> {
                 )?);
                 in_dim = out_dim;
             }
+            let mut temporal_up = false;
             let upsampler = if i + 1 != stages {
-                let name = format!("decoder.up_blocks.{i}.upsamplers.0");
+                let name = if residual {
+                    format!("decoder.up_blocks.{i}.upsampler")
+                } else {
+                    format!("decoder.up_blocks.{i}.upsamplers.0")
+                };
+                let conv_out = if residual { out_dim } else { out_dim / 2 };
                 let conv =
-                    self.conv2d(&format!("{name}.resample.1"), out_dim, out_dim / 2, 3, 1, 1)?;
+                    self.conv2d(&format!("{name}.resample.1"), out_dim, conv_out, 3, 1, 1)?;
                 // temperal_upsample = temperal_downsample reversed.
                 let temporal = cfg
                     .temperal_downsample
@@ -127,6 +147,7 @@ impl Builder<'_> {
                             "Wan VAE config: temperal_downsample entry for up block {i} missing"
                         ))
                     })?;
+                temporal_up = temporal;
                 Some(if temporal {
                     let time_conv = self.conv3d(
                         &format!("{name}.time_conv"),
@@ -153,7 +174,28 @@ impl Builder<'_> {
             } else {
                 None
             };
-            up.push(UpBlock { resnets, upsampler });
+            let shortcut = if residual && upsampler.is_some() {
+                let (ft, fs) = (if temporal_up { 2 } else { 1 }, 2);
+                let factor = ft * fs * fs;
+                if !(out_dim * factor).is_multiple_of(block_in) {
+                    return Err(Error::msg(format!(
+                        "Wan VAE config: up block {i} cannot spread {block_in} channels over {out_dim} x {factor}"
+                    )));
+                }
+                Some(DupUp {
+                    ft,
+                    fs,
+                    out: out_dim,
+                    repeats: out_dim * factor / block_in,
+                })
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                upsampler,
+                shortcut,
+            });
         }
         let norm_out = self.norm("decoder.norm_out", out_dim, false)?;
         let conv_out = self.conv333("decoder.conv_out", out_dim, cfg.out_channels)?;

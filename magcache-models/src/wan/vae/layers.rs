@@ -295,6 +295,89 @@ impl MidBlock {
     }
 }
 
+/// `AvgDown3D` (the Wan2.2 VAE's down-block shortcut): `ft` frames (zero frames in front to a
+/// multiple) and `fs x fs` pixels folded into the channels (channel `c * ft*fs*fs + t*fs*fs + y*fs +
+/// x`), then the mean of each group of `group` consecutive channels.
+pub(super) struct AvgDown {
+    pub(super) ft: usize,
+    pub(super) fs: usize,
+    pub(super) out: usize,
+    pub(super) group: usize,
+}
+
+impl AvgDown {
+    /// `x [B, T, C, H, W]` -> `[B, ceil(T / ft), out, H / fs, W / fs]`.
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (ft, fs) = (self.ft, self.fs);
+        let t = x.dim(1)?;
+        let x = x.pad_with_zeros(1, (ft - t % ft) % ft, 0)?;
+        let (b, t, c, h, w) = x.dims5()?;
+        let x = x
+            .reshape(vec![b, t / ft, ft, c, h / fs, fs, w / fs, fs])?
+            .permute(vec![0, 1, 3, 2, 5, 7, 4, 6])?
+            .contiguous()?
+            .reshape(vec![b, t / ft, self.out, self.group, h / fs, w / fs])?;
+        Ok(x.mean(3)?)
+    }
+}
+
+/// `DupUp3D` (the Wan2.2 VAE's up-block shortcut): every channel repeated `repeats` times, the
+/// result unfolded into `ft` frames and `fs x fs` pixels (the inverse layout of [`AvgDown`]); on the
+/// first chunk only the last of the `ft` frames is kept.
+pub(super) struct DupUp {
+    pub(super) ft: usize,
+    pub(super) fs: usize,
+    pub(super) out: usize,
+    pub(super) repeats: usize,
+}
+
+impl DupUp {
+    /// `x [B, T, C, H, W]` -> `[B, T * ft, out, H * fs, W * fs]` (first chunk: `ft - 1` frames fewer).
+    pub(super) fn forward(&self, x: &Tensor, first_chunk: bool) -> Result<Tensor> {
+        let (ft, fs) = (self.ft, self.fs);
+        let (b, t, c, h, w) = x.dims5()?;
+        let x = x
+            .unsqueeze(3)?
+            .broadcast_as(vec![b, t, c, self.repeats, h, w])?
+            .contiguous()?
+            .reshape(vec![b, t, self.out, ft, fs, fs, h, w])?
+            .permute(vec![0, 1, 3, 2, 6, 4, 7, 5])?
+            .contiguous()?
+            .reshape((b, t * ft, self.out, h * fs, w * fs))?;
+        if first_chunk && ft > 1 {
+            Ok(x.narrow(1, ft - 1, t * ft - (ft - 1))?)
+        } else {
+            Ok(x)
+        }
+    }
+}
+
+/// Folds `p x p` pixels into channels (diffusers' `patchify`, channel `c * p*p + dx * p + dy`):
+/// `[B, C, F, H, W]` -> `[B, C*p*p, F, H/p, W/p]`.
+pub(super) fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (b, c, f, h, w) = x.dims5()?;
+    Ok(x.reshape(vec![b, c, f, h / p, p, w / p, p])?
+        .permute(vec![0, 1, 6, 4, 2, 3, 5])?
+        .contiguous()?
+        .reshape((b, c * p * p, f, h / p, w / p))?)
+}
+
+/// The inverse of [`patchify`]: `[B, C*p*p, F, H, W]` -> `[B, C, F, H*p, W*p]`.
+pub(super) fn unpatchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (b, cp, f, h, w) = x.dims5()?;
+    let c = cp / (p * p);
+    Ok(x.reshape(vec![b, c, p, p, f, h, w])?
+        .permute(vec![0, 1, 4, 5, 3, 6, 2])?
+        .contiguous()?
+        .reshape((b, c, f, h * p, w * p))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::load::{Builder, Source};
@@ -317,6 +400,43 @@ mod tests {
                 assert!(d < 1e-5, "pad {pad} stride {stride} budget {budget}: {d}");
             }
         }
+    }
+
+    #[test]
+    fn patchify_layout_and_round_trip() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 6.0, &dev)
+            .unwrap()
+            .reshape((1, 2, 3, 4, 6))
+            .unwrap();
+        let p = patchify(&x, 2).unwrap();
+        assert_eq!(p.dims(), &[1, 8, 3, 2, 3]);
+        // Channel c * 4 + 2 * dx + dy holds pixel (2y + dy, 2x + dx): channel 1*4 + 2*1 + 0 = 6 at
+        // (f 2, y 1, x 2) is x[0, 1, 2, 2, 5].
+        let a = p
+            .get(0)
+            .unwrap()
+            .get(6)
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .get(2)
+            .unwrap();
+        let b = x
+            .get(0)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .get(5)
+            .unwrap();
+        assert_eq!(a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert_eq!(max_abs_diff(&unpatchify(&p, 2).unwrap(), &x), 0.0);
     }
 
     /// The chunked causal conv equals one pass with two zero frames in front.

@@ -18,8 +18,10 @@
 //! is the feature cache (two frames per causal convolution) and the decoded video itself. Norms,
 //! attention and activations run in f32; convolution weights in the run's dtype.
 //!
-//! The Wan2.2 VAE (TI2V-5B: `is_residual`, `patch_size` 2, z_dim 48) is refused at load with an error
-//! naming the config file and key.
+//! The Wan2.2 VAE (TI2V-5B: `is_residual`, `patch_size` 2, z_dim 48, 16x spatial) is the same
+//! machinery with residual down/up blocks whose shortcuts average (`AvgDown3D`) or duplicate
+//! (`DupUp3D`) the block's input, a decoder whose upsamplers keep the width, and 2x2 pixels folded
+//! into channels before the encoder and unfolded after the decoder.
 
 mod config;
 mod decoder;
@@ -37,7 +39,7 @@ use crate::vae_common::{check_input, to_pixels_channels_last};
 use candle_core::{DType, Device, Tensor};
 use decoder::Decoder;
 use encoder::Encoder;
-use layers::{Conv, FeatCache};
+use layers::{patchify, unpatchify, Conv, FeatCache};
 use magcache_core::Result;
 use trace::record;
 
@@ -86,8 +88,22 @@ impl WanVae {
         video: &Tensor,
         mut trace: Option<&mut VaeTrace>,
     ) -> Result<(Tensor, Tensor)> {
+        let (pix_in, _) = self.config.pixel_channels();
+        let p = self.config.patch_size;
+        let (_, _, _, vh, vw) = video.dims5()?;
+        if !vh.is_multiple_of(p) || !vw.is_multiple_of(p) {
+            return Err(magcache_core::Error::msg(format!(
+                "Wan VAE ({}): the video's {vh}x{vw} pixels are not a multiple of patch_size {p}",
+                self.origin
+            )));
+        }
+        let video = if p > 1 && video.dim(1)? == pix_in {
+            patchify(&video.to_dtype(DType::F32)?, p)?
+        } else {
+            video.clone()
+        };
         let x = self.prepare(
-            video,
+            &video,
             "video",
             self.config.in_channels,
             "[B, C, F, H, W] video",
@@ -159,15 +175,12 @@ impl WanVae {
 
     /// [`WanVae::decode`], recording intermediates into `trace`.
     pub fn decode_traced(&self, z: &Tensor, trace: Option<&mut VaeTrace>) -> Result<Tensor> {
-        // Each chunk clamped and laid out `[B, C, f, H, W]` as it comes.
-        let chunks = self.decode_chunks(z, trace, |x| {
-            Ok(x.clamp(-1f32, 1f32)?.permute((0, 2, 1, 3, 4))?)
-        })?;
+        let chunks = self.decode_chunks(z, trace, |x| Ok(x.clone()))?;
         Ok(Tensor::cat(&chunks, 2)?)
     }
 
-    /// Decodes `z` one latent frame at a time, handing each chunk of frames (`[B, f, C, H, W]`,
-    /// checked finite) to `map` as it comes: the decoded video is held once as `map`'s pieces,
+    /// Decodes `z` one latent frame at a time, handing each chunk of frames to `map` as it comes
+    /// (checked finite, unpatchified and clamped: `[B, C, f, H, W]` in [-1, 1]): the decoded video is held once as `map`'s pieces,
     /// then once more by the caller's concatenation, never as unmapped copies.
     fn decode_chunks(
         &self,
@@ -185,7 +198,7 @@ impl WanVae {
             let chunk = x.narrow(1, i, 1)?;
             let out = self
                 .decoder
-                .forward(&chunk, &mut cache, trace.as_deref_mut())?;
+                .forward(&chunk, &mut cache, i == 0, trace.as_deref_mut())?;
             // Checked before the clamp, which would turn an overflow (inf) into plausible pixels.
             magcache_core::finite::ensure_finite(
                 &out,
@@ -193,7 +206,9 @@ impl WanVae {
                 &format!("the decoder output of {}", self.origin),
                 "the VAE's weights overflow on these latents; check the vae/ checkpoint",
             )?;
-            outs.push(map(&out)?.contiguous()?);
+            let video = unpatchify(&out.permute((0, 2, 1, 3, 4))?, self.config.patch_size)?
+                .clamp(-1f32, 1f32)?;
+            outs.push(map(&video)?.contiguous()?);
         }
         Ok(outs)
     }
@@ -204,9 +219,7 @@ impl WanVae {
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self.denormalize_latents(latents)?;
         // Each chunk mapped to pixels as it comes (`[B, f, H, W, C]`), then joined once.
-        let chunks = self.decode_chunks(&z, None, |x| {
-            to_pixels_channels_last(&x.clamp(-1f32, 1f32)?.permute((0, 2, 1, 3, 4))?)
-        })?;
+        let chunks = self.decode_chunks(&z, None, to_pixels_channels_last)?;
         Ok(Tensor::cat(&chunks, 1)?)
     }
 }

@@ -1,0 +1,295 @@
+//! Pictures a run conditions on (`[inputs] image`): read as 8-bit RGB with the EXIF orientation
+//! applied (what diffusers' `load_image` does: `ImageOps.exif_transpose`, then `convert("RGB")`),
+//! and resampled as PIL resamples 8-bit images.
+//!
+//! Decoding is the `image` crate's (PNG, JPEG). Resampling is not: `image::imageops::resize` computes
+//! in f32, not with PIL's fixed-point rounding, while the pipelines resize with PIL (`Image.resize`,
+//! LANCZOS for the VAE input, BICUBIC in CLIP's image processor). [`resize`] follows PIL's
+//! `ImagingResample` for 8-bit images: separable passes (horizontal, then vertical) with the filter
+//! support widened by the downscale factor, coefficients normalised in f64 then rounded to 22-bit
+//! fixed point, accumulation in integers from a half-unit bias, shifted and clipped to 0..255. It
+//! gives Pillow 13's bytes exactly on the test pictures (`tests/fixtures/picture/`).
+
+use candle_core::{Device, Tensor};
+use magcache_core::{Error, Result};
+use std::path::Path;
+
+/// An 8-bit RGB picture, rows top to bottom, `[h][w][3]` flattened.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rgb8 {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Reads a PNG or JPEG file as 8-bit RGB, EXIF orientation applied; errors name the file and `key`
+/// (the run-file key that gave it).
+pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
+    use image::ImageDecoder;
+    let shown = path.display().to_string();
+    let bad = |why: String| Error::config(file, key, format!("{shown}: {why}"));
+    if let Some(why) = magcache_core::error::not_a_file(path) {
+        return Err(bad(why));
+    }
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| bad(format!("cannot open: {e}")))?
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    match reader.format() {
+        Some(image::ImageFormat::Png) | Some(image::ImageFormat::Jpeg) => {}
+        Some(f) => {
+            return Err(bad(format!(
+                "{f:?} pictures are not supported (PNG or JPEG)"
+            )))
+        }
+        None => return Err(bad("not a PNG or JPEG picture".into())),
+    }
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| bad(format!("cannot read its EXIF orientation: {e}")))?;
+    let mut img = image::DynamicImage::from_decoder(decoder)
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    img.apply_orientation(orientation);
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    if w == 0 || h == 0 {
+        return Err(bad("the picture is empty".into()));
+    }
+    Ok(Rgb8 {
+        width: w as usize,
+        height: h as usize,
+        data: rgb.into_raw(),
+    })
+}
+
+/// PIL's resampling filters used by the pipelines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.LANCZOS` (a = 3).
+    Lanczos,
+    /// `Image.BICUBIC` (a = -0.5).
+    Bicubic,
+}
+
+impl Filter {
+    /// PIL's `resample` code (`1` LANCZOS, `3` BICUBIC), as image processor configs store it.
+    pub fn from_pil_code(code: u64) -> Option<Filter> {
+        match code {
+            1 => Some(Filter::Lanczos),
+            3 => Some(Filter::Bicubic),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Lanczos => 3.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bicubic => {
+                let a = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+/// Fixed-point precision of PIL's 8-bit resampling (`32 - 8 - 2`).
+const PRECISION_BITS: u32 = 22;
+
+/// One output sample's input window and fixed-point weights.
+struct Taps {
+    start: usize,
+    weights: Vec<i32>,
+}
+
+/// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc` for `in_size -> out_size` over the whole axis.
+fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<Taps> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    let ss = 1.0 / filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C's (int) truncates toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(0) as usize;
+            let n = xmax.saturating_sub(xmin);
+            let w: Vec<f64> = (0..n)
+                .map(|x| filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let weights = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    let f = v * f64::from(1u32 << PRECISION_BITS);
+                    (if v < 0.0 { f - 0.5 } else { f + 0.5 }) as i32
+                })
+                .collect();
+            Taps {
+                start: xmin,
+                weights,
+            }
+        })
+        .collect()
+}
+
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes an RGB picture to `width x height` as PIL's `Image.resize(size, filter)` does for 8-bit
+/// RGB (a copy when the size is unchanged).
+pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Rgb8 {
+    if img.width == width && img.height == height {
+        return img.clone();
+    }
+    let mut cur = img.clone();
+    if cur.width != width {
+        let taps = coefficients(cur.width, width, filter);
+        let mut out = vec![0u8; width * cur.height * 3];
+        for y in 0..cur.height {
+            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
+            for (x, t) in taps.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    for (k, &w) in t.weights.iter().enumerate() {
+                        acc += i64::from(row[(t.start + k) * 3 + c]) * i64::from(w);
+                    }
+                    out[(y * width + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = Rgb8 {
+            width,
+            height: cur.height,
+            data: out,
+        };
+    }
+    if cur.height != height {
+        let taps = coefficients(cur.height, height, filter);
+        let w = cur.width;
+        let mut out = vec![0u8; w * height * 3];
+        for (y, t) in taps.iter().enumerate() {
+            for x in 0..w * 3 {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (k, &wt) in t.weights.iter().enumerate() {
+                    acc += i64::from(cur.data[(t.start + k) * w * 3 + x]) * i64::from(wt);
+                }
+                out[y * w * 3 + x] = clip8(acc);
+            }
+        }
+        cur = Rgb8 {
+            width: w,
+            height,
+            data: out,
+        };
+    }
+    cur
+}
+
+impl Rgb8 {
+    /// The pixels as `[1, 3, H, W]` f32 in [-1, 1] (`uint8 / 255`, then `2x - 1`), as diffusers'
+    /// `VaeImageProcessor` hands them to the VAE.
+    pub fn to_vae_tensor(&self, dev: &Device) -> Result<Tensor> {
+        let (h, w) = (self.height, self.width);
+        let mut v = vec![0f32; 3 * h * w];
+        for (i, px) in self.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                v[c * h * w + i] = 2.0 * (f32::from(px[c]) / 255.0) - 1.0;
+            }
+        }
+        Ok(Tensor::from_vec(v, (1, 3, h, w), dev)?)
+    }
+
+    /// The `width x height` window at (`left`, `top`) (inside the picture).
+    pub fn crop(&self, left: usize, top: usize, width: usize, height: usize) -> Rgb8 {
+        let mut data = Vec::with_capacity(width * height * 3);
+        for y in top..top + height {
+            let row = (y * self.width + left) * 3;
+            data.extend_from_slice(&self.data[row..row + width * 3]);
+        }
+        Rgb8 {
+            width,
+            height,
+            data,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(w: usize, h: usize) -> Rgb8 {
+        let data = (0..w * h * 3).map(|i| ((i * 37) % 256) as u8).collect();
+        Rgb8 {
+            width: w,
+            height: h,
+            data,
+        }
+    }
+
+    #[test]
+    fn same_size_is_a_copy_and_constants_stay_constant() {
+        let img = ramp(7, 5);
+        assert_eq!(resize(&img, 7, 5, Filter::Lanczos), img);
+        let flat = Rgb8 {
+            width: 9,
+            height: 6,
+            data: vec![200; 9 * 6 * 3],
+        };
+        for f in [Filter::Lanczos, Filter::Bicubic] {
+            for (w, h) in [(4, 3), (13, 11), (9, 2)] {
+                let r = resize(&flat, w, h, f);
+                assert_eq!((r.width, r.height), (w, h));
+                assert!(r.data.iter().all(|&v| v == 200), "{f:?} {w}x{h}");
+            }
+        }
+    }
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (i, o) in [(10, 4), (4, 10), (640, 224), (7, 7)] {
+            for f in [Filter::Lanczos, Filter::Bicubic] {
+                for t in coefficients(i, o, f) {
+                    let s: i64 = t.weights.iter().map(|&w| i64::from(w)).sum();
+                    assert!((s - (1 << PRECISION_BITS)).abs() <= t.weights.len() as i64);
+                    assert!(t.start + t.weights.len() <= i);
+                }
+            }
+        }
+    }
+}

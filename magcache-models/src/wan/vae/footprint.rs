@@ -1,7 +1,8 @@
 //! What a Wan VAE decode holds, from its config alone (the size guard's decode stage). The sizes
 //! follow the decoder as [`super::decoder`] builds and runs it: the feature cache keeps the last
 //! two input frames of every causal convolution at that convolution's resolution and width, and
-//! past the last temporal upsampler one output frame is worked on at a time.
+//! past the last temporal upsampler one output frame is worked on at a time. The Wan2.2 VAE's
+//! residual shortcuts (duplicated inputs) are counted within the working set's margin.
 
 use super::config::WanVaeConfig;
 use crate::footprint::{sz, Sz};
@@ -53,7 +54,12 @@ impl WanVaeConfig {
         let (mut widest_in, mut widest_out) = (sz(0), sz(0));
         let mut out = dims[0];
         for i in 0..stages {
-            let mut in_dim = if i > 0 { dims[i] / 2 } else { dims[i] };
+            // Wan2.1's upsamplers halve the width; the Wan2.2 VAE's keep it.
+            let mut in_dim = if i > 0 && !self.is_residual {
+                dims[i] / 2
+            } else {
+                dims[i]
+            };
             out = dims[i + 1];
             for _ in 0..=self.num_res_blocks {
                 cached = cached + (sz(in_dim) + sz(out)) * px(i);
@@ -68,7 +74,8 @@ impl WanVaeConfig {
                 // The resampler: nearest 2x (its input at the next resolution), a 3x3 conv to half
                 // the channels, and on temporal stages a cached time conv doubling the channels.
                 widest_in = widest_in.max(sz(out) * px(i + 1));
-                params = params + conv(out, out / 2, 9);
+                let half = if self.is_residual { out } else { out / 2 };
+                params = params + conv(out, half, 9);
                 let temporal = self.temperal_downsample.iter().rev().nth(i).copied() == Some(true);
                 if temporal {
                     cached = cached + sz(out) * px(i);
@@ -89,7 +96,14 @@ impl WanVaeConfig {
                 + (widest_in * sz(9) * f32b).min(IM2COL_BUDGET as u64)
                 + sz(3) * widest_out * f32b
                 + scores,
-            video: sz(2) * video_frames * px(stages - 1) * sz(self.out_channels) * f32b,
+            // The decoder's last stage, unpatchified (`patch_size` x `patch_size` pixels per position).
+            video: sz(2)
+                * video_frames
+                * px(stages - 1)
+                * sz(self.patch_size.max(1))
+                * sz(self.patch_size.max(1))
+                * sz(self.out_channels)
+                * f32b,
         }
     }
 }

@@ -13,7 +13,8 @@ use crate::nn::{ATTENTION_SCORE_BUDGET, IM2COL_BUDGET};
 pub struct DecodeBytes {
     /// The VAE's weights (encoder and decoder are loaded together) in `weight_bytes` per value.
     pub weights: Sz,
-    /// The feature cache: two frames of every causal convolution's input.
+    /// The feature cache: two frames of every causal convolution's input (one when decoding a
+    /// single latent frame).
     pub cache: Sz,
     /// One frame's working set at the widest stage: the upsampled input of a resampler twice, its
     /// convolution's im2col band, three output frames, the mid block's attention scores.
@@ -91,7 +92,8 @@ impl WanVaeConfig {
         DecodeBytes {
             // The encoder is about the decoder's size: counted as one more decoder.
             weights: sz(2) * params * sz(weight_bytes),
-            cache: sz(2) * cached * f32b,
+            // Two frames per convolution from the second latent frame on (one before).
+            cache: sz(frames.clamp(1, 2)) * cached * f32b,
             working: sz(2) * widest_in * f32b
                 + (widest_in * sz(9) * f32b).min(IM2COL_BUDGET as u64)
                 + sz(3) * widest_out * f32b

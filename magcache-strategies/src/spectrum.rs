@@ -37,7 +37,10 @@ use crate::engine::{Cached, Call, Rule, Shared, SharedKeys, Wish};
 use crate::guards::GuardConfig;
 use crate::residual::{Combination, Estimator, EstimatorAxis};
 use magcache_core::runtime::registry::StrategyRegistration;
-use magcache_core::{BuildEnv, Error, Result, StrategyConfig, TimestepCache};
+use magcache_core::{
+    Branch, BuildEnv, Error, GenerationPlan, Result, ScopeKey, StepsSpec, StrategyConfig,
+    TimestepCache,
+};
 use serde::{Deserialize, Serialize};
 
 /// `[cache] strategy = "spectrum"`, with the published knobs (sglang's names) and defaults.
@@ -90,6 +93,26 @@ impl Default for SpectrumConfig {
             max_consecutive: None,
             cfg_shared: false,
         }
+    }
+}
+
+impl SpectrumConfig {
+    /// The calls a scope of `steps` calls computes under these keys (the guards included): the
+    /// engine's prediction of a data-free rule.
+    pub fn computed_calls(&self, steps: usize) -> Result<usize> {
+        let sigmas: Vec<f64> = (0..steps).map(|k| 1.0 - k as f64 / steps as f64).collect();
+        let plan = GenerationPlan::from_steps(&StepsSpec::new(
+            "count",
+            "euler",
+            &sigmas,
+            &[Branch::Cond],
+        ));
+        let mut c = Spectrum::with_rule(SpectrumRule { cfg: self.clone() }, self.shared());
+        c.begin_generation(&plan)?;
+        let d = c
+            .predict(ScopeKey::new(0, Branch::Cond))
+            .ok_or_else(|| Error::msg("spectrum: decisions could not be predicted"))?;
+        Ok(d.iter().filter(|d| d.computed).count())
     }
 }
 
@@ -355,6 +378,9 @@ mod tests {
         assert_eq!((c.flex_window, c.w, c.m, c.warmup_steps), (3.0, 0.5, 4, 5));
         assert_eq!(c.shared().guards.warmup_steps, 5);
         assert!(toml::from_str::<SpectrumConfig>("estimator = \"taylor1\"").is_err());
+        // The reference code's counts at 50 steps: 14 computed calls, 10 with flex_window 3.
+        assert_eq!(SpectrumConfig::default().computed_calls(50).unwrap(), 14);
+        assert_eq!(c.computed_calls(50).unwrap(), 10);
         for (key, bad) in [
             ("w", "w = 1.5"),
             ("window_size", "window_size = 0.5"),

@@ -261,11 +261,9 @@ fn real_main(cli: Cli) -> Result<()> {
                         "tune: give --target-psnr DB or --target-speedup S",
                     ))
                 }
-                _ => {
-                    return Err(magcache_core::Error::msg(
-                        "tune: --target-psnr must be a number of dB, --target-speedup a number >= 1",
-                    ))
-                }
+                _ => return Err(magcache_core::Error::msg(
+                    "tune: --target-psnr must be a number of dB, --target-speedup a number >= 1",
+                )),
             };
             if let Some(r) = data_range {
                 if !(r.is_finite() && r > 0.0) {
@@ -282,7 +280,10 @@ fn real_main(cli: Cli) -> Result<()> {
             let profile = out.with_file_name(&profile_name);
             let mut outs = plan_outputs(
                 &config,
-                &[("--out", &Some(out.clone())), ("--out (profile)", &Some(profile.clone()))],
+                &[
+                    ("--out", &Some(out.clone())),
+                    ("--out (profile)", &Some(profile.clone())),
+                ],
             )?;
             let opts = crate::TuneOptions {
                 target,
@@ -301,7 +302,14 @@ fn real_main(cli: Cli) -> Result<()> {
                     );
                 }
             };
-            let r = crate::tune(&config, &opts, &profile, &profile_name, &mut write, &mut progress);
+            let r = crate::tune(
+                &config,
+                &opts,
+                &profile,
+                &profile_name,
+                &mut write,
+                &mut progress,
+            );
             let r = match r {
                 Ok(r) => r,
                 Err(e) => {

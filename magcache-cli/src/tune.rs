@@ -57,6 +57,8 @@ pub struct Tried {
     pub total_calls: usize,
     pub speedup_calls: f64,
     pub psnr_db: f64,
+    /// The calls of the first scope that computed.
+    pub schedule: Vec<usize>,
 }
 
 /// What `tune` tried and chose.
@@ -144,38 +146,100 @@ fn without_cache(text: &str) -> String {
     out
 }
 
-struct Runner<'a> {
+/// One set of inputs a candidate is measured on: its pipeline and dense result.
+struct Inputs {
     p: Prepared,
+    dense: Tensor,
+    dense_planes: Tensor,
+}
+
+struct Runner<'a> {
+    /// The run's own inputs, then others (another noise seed).
+    inputs: Vec<Inputs>,
     text: String,
     file: String,
     base: std::path::PathBuf,
-    dense: Tensor,
-    dense_planes: Tensor,
     data_range: Option<f64>,
     verbosity: Verbosity,
     _config: &'a Path,
 }
 
+/// `text` with `[inputs] seed` one past the run's (inputs drawn from a seed only; `None` for
+/// inputs read from a file).
+fn reseeded(text: &str, file: &str) -> Result<Option<String>> {
+    let mut t: toml::Table = text
+        .parse()
+        .map_err(|e| Error::msg(format!("{file}: {e}")))?;
+    let model_seed = t
+        .get("model")
+        .and_then(|m| m.get("seed"))
+        .and_then(|v| v.as_integer())
+        .unwrap_or(0);
+    let inputs = t
+        .entry("inputs")
+        .or_insert(toml::Value::Table(Default::default()));
+    let Some(tbl) = inputs.as_table_mut() else {
+        return Ok(None);
+    };
+    if tbl.contains_key("file") {
+        return Ok(None);
+    }
+    let seed = tbl
+        .get("seed")
+        .and_then(|v| v.as_integer())
+        .unwrap_or(model_seed);
+    tbl.insert("seed".into(), toml::Value::Integer(seed.wrapping_add(1)));
+    toml::to_string(&t)
+        .map(Some)
+        .map_err(|e| Error::msg(format!("{file}: {e}")))
+}
+
 impl Runner<'_> {
-    /// Runs the candidate `[cache]` lines; returns (computed calls, total calls, PSNR).
-    fn run(&mut self, cache: &[String]) -> Result<(usize, usize, f64)> {
+    /// Runs the candidate `[cache]` lines on every set of inputs; returns (computed calls, total
+    /// calls, the worst PSNR, the calls of the first scope that computed).
+    fn run(&mut self, cache: &[String]) -> Result<(usize, usize, f64, Vec<usize>)> {
         let text = format!("{}\n[cache]\n{}\n", self.text.trim_end(), cache.join("\n"));
         let cfg = RunConfig::parse(&text, &self.file)?;
-        let info = self.p.pipeline.model_info();
-        let env = BuildEnv {
-            file: &self.file,
-            base_dir: &self.base,
-            model: &info,
-        };
         let strategy = cfg.strategy();
-        let handle = strategy.build(&env)?.map(CacheHandle::new);
-        self.p.pipeline.set_cache(handle.clone())?;
-        self.p.cache = handle;
-        self.p.strategy = strategy.typetag_name().to_string();
-        let (out, rep) = generate(&mut self.p, self.verbosity)?;
-        let planes = self.p.pipeline.to_planes(&out)?;
-        let q = quality(&self.dense, &out, &self.dense_planes, &planes, self.data_range)?;
-        Ok((rep.computed_calls, rep.total_calls, q.psnr_db))
+        let mut worst = f64::INFINITY;
+        let mut first: Option<(usize, usize, Vec<usize>)> = None;
+        for inp in &mut self.inputs {
+            let info = inp.p.pipeline.model_info();
+            let env = BuildEnv {
+                file: &self.file,
+                base_dir: &self.base,
+                model: &info,
+            };
+            let handle = strategy.build(&env)?.map(CacheHandle::new);
+            inp.p.pipeline.set_cache(handle.clone())?;
+            inp.p.cache = handle;
+            inp.p.strategy = strategy.typetag_name().to_string();
+            let (out, rep) = generate(&mut inp.p, self.verbosity)?;
+            let planes = inp.p.pipeline.to_planes(&out)?;
+            let q = quality(
+                &inp.dense,
+                &out,
+                &inp.dense_planes,
+                &planes,
+                self.data_range,
+            )?;
+            worst = worst.min(q.psnr_db);
+            if first.is_none() {
+                let key = rep.calls.first().map(|c| (c.expert, c.branch.clone()));
+                let schedule = rep
+                    .calls
+                    .iter()
+                    .filter(|c| key.as_ref() == Some(&(c.expert, c.branch.clone())))
+                    .enumerate()
+                    .filter(|(_, c)| c.computed != Some(false))
+                    .map(|(i, _)| i)
+                    .collect();
+                first = Some((rep.computed_calls, rep.total_calls, schedule));
+            }
+        }
+        let (computed, total, schedule) =
+            first.ok_or_else(|| Error::msg("tune: no inputs to run on"))?;
+        Ok((computed, total, worst, schedule))
     }
 }
 
@@ -194,77 +258,85 @@ pub fn tune(
     write(profile_out, profile.to_toml()?.as_bytes())?;
     let p = prepare_pipeline(config)?;
     let plan = p.pipeline.plan();
-    let steps = plan
-        .scopes
-        .iter()
-        .map(|s| s.steps)
-        .max()
-        .ok_or_else(|| Error::msg(format!("{}: the run has no transformer calls", config.display())))?;
+    let steps = plan.scopes.iter().map(|s| s.steps).max().ok_or_else(|| {
+        Error::msg(format!(
+            "{}: the run has no transformer calls",
+            config.display()
+        ))
+    })?;
     let dense_planes = p.pipeline.to_planes(&dense)?;
+    let file = config.display().to_string();
     let text = without_cache(&magcache_core::error::read_text(config)?);
-    let mut r = Runner {
-        file: config.display().to_string(),
-        base: base_dir(config),
+    let mut inputs = vec![Inputs {
         p,
-        text,
         dense,
         dense_planes,
+    }];
+    // A second noise: a setting is judged by its worse PSNR of the two, so that one lucky noise
+    // does not choose it.
+    if let Some(other) = reseeded(&text, &file)? {
+        let mut p = crate::prepare::prepare_pipeline_text(&other, config)?;
+        let (dense, _) = generate(&mut p, quiet)?;
+        let dense_planes = p.pipeline.to_planes(&dense)?;
+        inputs.push(Inputs {
+            p,
+            dense,
+            dense_planes,
+        });
+    }
+    let mut r = Runner {
+        inputs,
+        file,
+        base: base_dir(config),
+        text,
         data_range: opts.data_range,
         verbosity: quiet,
         _config: config,
     };
-    let profile_abs = profile_out.display().to_string();
+    // The candidates name the profile relative to the run file's folder: give it absolute.
+    let profile_abs = std::path::absolute(profile_out)
+        .map_err(|e| Error::msg(format!("{}: {e}", profile_out.display())))?
+        .display()
+        .to_string();
+    let single_scope_steps = plan.scopes.iter().all(|sp| sp.steps == steps);
     let mut tried: Vec<Tried> = Vec::new();
+    let mut ctx = Ctx {
+        runner: &mut r,
+        tried: &mut tried,
+        progress,
+        max_runs: opts.max_runs,
+        profile_name,
+    };
     // Best candidate per budget: index into `tried`.
     let mut best: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut at_budget = |r: &mut Runner<'_>, b: usize, tried: &mut Vec<Tried>| -> Result<usize> {
+    let mut at_budget = |ctx: &mut Ctx<'_, '_>, b: usize| -> Result<Option<usize>> {
         if let Some(&i) = best.get(&b) {
-            return Ok(i);
+            return Ok(Some(i));
         }
         let mut top: Option<usize> = None;
         for (label, lines) in candidates(&profile_abs, steps, b) {
-            if tried.len() >= opts.max_runs {
+            let Some(i) = ctx.try_run(label, lines, b)? else {
                 break;
-            }
-            let (computed, total, psnr) = r.run(&lines)?;
-            let t = Tried {
-                cache: lines
-                    .iter()
-                    .map(|l| {
-                        if l.starts_with("profile = ") {
-                            format!("profile = {}", toml_string(profile_name))
-                        } else {
-                            l.clone()
-                        }
-                    })
-                    .collect(),
-                label,
-                budget: b,
-                computed_calls: computed,
-                total_calls: total,
-                speedup_calls: total as f64 / computed.max(1) as f64,
-                psnr_db: psnr,
             };
-            progress(&t);
-            tried.push(t);
-            let i = tried.len() - 1;
-            if top.is_none_or(|j| tried[j].psnr_db < psnr) {
+            if top.is_none_or(|j| ctx.tried[j].psnr_db < ctx.tried[i].psnr_db) {
                 top = Some(i);
             }
         }
-        let i = top.ok_or_else(|| {
-            Error::msg(format!(
-                "tune: the run budget (--runs {}) is spent before budget {b} was tried",
-                opts.max_runs
-            ))
-        })?;
-        best.insert(b, i);
-        Ok(i)
+        if let Some(i) = top {
+            best.insert(b, i);
+        }
+        Ok(top)
     };
+    let psnr =
+        |ctx: &Ctx<'_, '_>, i: Option<usize>| i.map_or(f64::NEG_INFINITY, |i| ctx.tried[i].psnr_db);
     let chosen = match opts.target {
         Target::Speedup(s) => {
             let b = ((steps as f64 / s).floor() as usize).clamp(1, steps);
-            Some(at_budget(&mut r, b, &mut tried)?)
+            let i = at_budget(&mut ctx, b)?;
+            match i {
+                Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),
+                i => i,
+            }
         }
         Target::Psnr(p) => {
             let want = p + opts.margin;
@@ -273,20 +345,28 @@ pub fn tune(
             let mut found: Option<usize> = None;
             while lo < hi {
                 let mid = (lo + hi) / 2;
-                let i = at_budget(&mut r, mid, &mut tried)?;
-                if tried[i].psnr_db >= want {
-                    found = Some(i);
+                let i = at_budget(&mut ctx, mid)?;
+                if psnr(&ctx, i) >= want {
+                    found = i;
                     hi = mid;
                 } else {
                     lo = mid + 1;
                 }
             }
-            found.or_else(|| {
-                // Every measured budget below `hi` misses: `hi` itself, if measured and meeting it.
-                best.get(&hi)
-                    .copied()
-                    .filter(|&i| tried[i].psnr_db >= want)
-            })
+            // Real runs left: move the computed calls of the best setting one budget below, one
+            // at a time, while that gains; it may reach the target with a call fewer.
+            if single_scope_steps {
+                if let Some(&below) = found
+                    .map(|i| ctx.tried[i].budget.saturating_sub(1))
+                    .and_then(|b| best.get(&b))
+                {
+                    let j = ctx.refine(below, Some(want))?;
+                    if ctx.tried[j].psnr_db >= want {
+                        found = Some(j);
+                    }
+                }
+            }
+            found
         }
     };
     Ok(TuneReport {
@@ -295,6 +375,113 @@ pub fn tune(
         tried,
         chosen,
     })
+}
+
+/// The runs of one `tune`.
+struct Ctx<'a, 'r> {
+    runner: &'a mut Runner<'r>,
+    tried: &'a mut Vec<Tried>,
+    progress: &'a mut dyn FnMut(&Tried),
+    max_runs: usize,
+    profile_name: &'a str,
+}
+
+impl Ctx<'_, '_> {
+    /// Runs candidate `lines` and records it; `None` once the run budget is spent.
+    fn try_run(
+        &mut self,
+        label: String,
+        lines: Vec<String>,
+        budget: usize,
+    ) -> Result<Option<usize>> {
+        if self.tried.len() >= self.max_runs {
+            return Ok(None);
+        }
+        let (computed, total, psnr, schedule) = self.runner.run(&lines)?;
+        let t = Tried {
+            cache: lines
+                .iter()
+                .map(|l| {
+                    if l.starts_with("profile = ") {
+                        format!("profile = {}", toml_string(self.profile_name))
+                    } else {
+                        l.clone()
+                    }
+                })
+                .collect(),
+            label,
+            budget,
+            computed_calls: computed,
+            total_calls: total,
+            speedup_calls: total as f64 / computed.max(1) as f64,
+            psnr_db: psnr,
+            schedule,
+        };
+        (self.progress)(&t);
+        self.tried.push(t);
+        Ok(Some(self.tried.len() - 1))
+    }
+
+    /// Hill-climbs the schedule of `tried[start]` (a schedule strategy) by moving one computed
+    /// call (never call 0) one step earlier or later, keeping a move that raises the PSNR, until
+    /// no move does, `stop` dB is reached, or the run budget is spent. Returns the best index.
+    fn refine(&mut self, start: usize, stop: Option<f64>) -> Result<usize> {
+        let base = &self.tried[start];
+        if !base.cache.iter().any(|l| l == "strategy = \"schedule\"") {
+            return Ok(start);
+        }
+        let keep: Vec<String> = base
+            .cache
+            .iter()
+            .filter(|l| {
+                !(l.starts_with("profile")
+                    || l.starts_with("budget")
+                    || l.starts_with("compute_steps"))
+            })
+            .cloned()
+            .collect();
+        let budget = base.budget;
+        let n = self
+            .runner
+            .inputs
+            .first()
+            .and_then(|i| i.p.pipeline.plan().scopes.first().map(|s| s.steps))
+            .unwrap_or(0);
+        let mut best = start;
+        let mut seen: Vec<Vec<usize>> = vec![self.tried[start].schedule.clone()];
+        'improve: loop {
+            if stop.is_some_and(|w| self.tried[best].psnr_db >= w) {
+                break;
+            }
+            let cur = self.tried[best].schedule.clone();
+            for pos in 1..cur.len() {
+                for delta in [-1i64, 1] {
+                    let moved = cur[pos] as i64 + delta;
+                    let mut s = cur.clone();
+                    if moved <= 0 || moved as usize >= n {
+                        continue;
+                    }
+                    s[pos] = moved as usize;
+                    if s.windows(2).any(|w| w[0] >= w[1]) || seen.contains(&s) {
+                        continue;
+                    }
+                    seen.push(s.clone());
+                    let mut lines = keep.clone();
+                    lines.insert(1, format!("compute_steps = {s:?}"));
+                    let label = format!("schedule {s:?}");
+                    let Some(i) = self.try_run(label, lines, budget)? else {
+                        break 'improve;
+                    };
+                    if self.tried[i].psnr_db > self.tried[best].psnr_db {
+                        best = i;
+                        continue 'improve;
+                    }
+                }
+            }
+            break;
+        }
+        Ok(best)
+    }
 }
 
 /// The run file `tune` writes: the original without its `[cache]`, then the chosen table.
@@ -318,7 +505,8 @@ pub fn tuned_run_file(config_text: &str, report: &TuneReport, t: &Tried) -> Stri
 
 /// The table `tune` prints.
 pub fn tune_text(r: &TuneReport) -> String {
-    let mut s = String::from("budget  setting                          computed  speedup  PSNR (dB)\n");
+    let mut s =
+        String::from("budget  setting                          computed  speedup  PSNR (dB)\n");
     for (i, t) in r.tried.iter().enumerate() {
         s.push_str(&format!(
             "{:>6}  {:<32} {:>5}/{:<3} {:>6.2}x  {:>8.2}{}\n",
@@ -328,7 +516,11 @@ pub fn tune_text(r: &TuneReport) -> String {
             t.total_calls,
             t.speedup_calls,
             t.psnr_db,
-            if r.chosen == Some(i) { "  <- chosen" } else { "" }
+            if r.chosen == Some(i) {
+                "  <- chosen"
+            } else {
+                ""
+            }
         ));
     }
     if r.chosen.is_none() {

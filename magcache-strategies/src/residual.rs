@@ -238,7 +238,11 @@ impl ResidualHistory {
 
     /// The estimate for a reused call at `at` with a rule's `combination` blended in (see
     /// [`Combination`]); `None` without a computed residual.
-    pub fn estimate_with(&self, at: f64, combination: Option<&Combination>) -> Result<Option<Streams>> {
+    pub fn estimate_with(
+        &self,
+        at: f64,
+        combination: Option<&Combination>,
+    ) -> Result<Option<Streams>> {
         let Some(c) = combination else {
             return self.estimate(at);
         };
@@ -287,7 +291,8 @@ impl ResidualHistory {
                 _ => None,
             });
         }
-        let hidden = hidden.ok_or_else(|| Error::msg("residual forecast without a computed residual"))?;
+        let hidden =
+            hidden.ok_or_else(|| Error::msg("residual forecast without a computed residual"))?;
         Ok(Streams {
             hidden,
             encoder: encoder.flatten(),

@@ -343,9 +343,8 @@ pub fn search_joint(
     }
     let budget = budget.clamp(1, n);
     let keep = models.iter().map(ErrorModel::memory).max().unwrap_or(1) - 1;
-    let error = |hist: &[usize], k: usize| -> Option<f64> {
-        models.iter().map(|m| m.error(hist, k)).sum()
-    };
+    let error =
+        |hist: &[usize], k: usize| -> Option<f64> { models.iter().map(|m| m.error(hist, k)).sum() };
     // Errors of the calls strictly between computed `i` and `j` (`j = n`: the calls after the
     // last), forecast from the computed calls `prev` (oldest first) and `i`.
     let gap = |prev: [Option<usize>; 2], i: usize, j: usize| -> Option<Vec<f64>> {
@@ -771,14 +770,19 @@ mod tests {
             let mut t = ForecastErrors::default();
             for k in 0..10usize {
                 for i in k.saturating_sub(MAX_GAP)..k {
-                    let e = if (k % 2 == 1) == exact_odd { 0.0 } else { 0.3 + 0.01 * k as f64 };
+                    let e = if (k % 2 == 1) == exact_odd {
+                        0.0
+                    } else {
+                        0.3 + 0.01 * k as f64
+                    };
                     t.reuse.push([i as f64, k as f64, e]);
                 }
             }
             t
         };
-        let m = |odd| ErrorModel::new(&tab(odd), Estimator::Reuse, EstimatorAxis::Step, &[], 10)
-            .unwrap();
+        let m = |odd| {
+            ErrorModel::new(&tab(odd), Estimator::Reuse, EstimatorAxis::Step, &[], 10).unwrap()
+        };
         let (a, b) = (m(true), m(false));
         let alone_a = search_model(&a, 10, 4, &[]).unwrap().0;
         let alone_b = search_model(&b, 10, 4, &[]).unwrap().0;

@@ -101,12 +101,8 @@ impl SpectrumConfig {
     /// engine's prediction of a data-free rule.
     pub fn computed_calls(&self, steps: usize) -> Result<usize> {
         let sigmas: Vec<f64> = (0..steps).map(|k| 1.0 - k as f64 / steps as f64).collect();
-        let plan = GenerationPlan::from_steps(&StepsSpec::new(
-            "count",
-            "euler",
-            &sigmas,
-            &[Branch::Cond],
-        ));
+        let plan =
+            GenerationPlan::from_steps(&StepsSpec::new("count", "euler", &sigmas, &[Branch::Cond]));
         let mut c = Spectrum::with_rule(SpectrumRule { cfg: self.clone() }, self.shared());
         c.begin_generation(&plan)?;
         let d = c
@@ -160,13 +156,19 @@ impl StrategyConfig for SpectrumConfig {
         if self.m > 12 {
             return bad(
                 "m",
-                format!("degree {} is beyond what a window of calls can fit: at most 12", self.m),
+                format!(
+                    "degree {} is beyond what a window of calls can fit: at most 12",
+                    self.m
+                ),
             );
         }
         if self.history_size < 2 {
             return bad(
                 "history_size",
-                format!("the fit needs at least 2 computed calls, got {}", self.history_size),
+                format!(
+                    "the fit needs at least 2 computed calls, got {}",
+                    self.history_size
+                ),
             );
         }
         if self.tau_num_steps == 0 {
@@ -389,7 +391,10 @@ mod tests {
         ] {
             let c: SpectrumConfig = toml::from_str(bad).unwrap();
             let e = c.validate("r.toml").unwrap_err().to_string();
-            assert!(e.contains("r.toml") && e.contains(&format!("cache.{key}")), "{e}");
+            assert!(
+                e.contains("r.toml") && e.contains(&format!("cache.{key}")),
+                "{e}"
+            );
         }
     }
 

@@ -90,7 +90,8 @@ fn forecast(c: &SpectrumConfig, pts: &[(f64, Vec<f64>)], t_star: f64) -> Vec<f64
     let mut xtx = vec![vec![0.0; p]; p];
     for i in 0..p {
         for j in 0..p {
-            xtx[i][j] = x.iter().map(|r| r[i] * r[j]).sum::<f64>() + if i == j { c.lam } else { 0.0 };
+            xtx[i][j] =
+                x.iter().map(|r| r[i] * r[j]).sum::<f64>() + if i == j { c.lam } else { 0.0 };
         }
     }
     let star = cheb(tau(t_star), c.m);
@@ -149,12 +150,8 @@ fn reference(c: &SpectrumConfig, n: usize) -> Vec<(bool, Vec<f64>)> {
 /// The strategy on the engine over the same recorded inputs.
 fn engine(c: &SpectrumConfig, n: usize) -> Vec<(bool, Vec<f64>)> {
     let xs = inputs(n);
-    let plan = GenerationPlan::from_steps(&StepsSpec::new(
-        "toy",
-        "euler",
-        &sigmas(n),
-        &[Branch::Cond],
-    ));
+    let plan =
+        GenerationPlan::from_steps(&StepsSpec::new("toy", "euler", &sigmas(n), &[Branch::Cond]));
     let mut cache = Spectrum::with_rule(SpectrumRule { cfg: c.clone() }, c.shared());
     cache.begin_generation(&plan).unwrap();
     let predicted: Vec<bool> = cache
@@ -172,7 +169,12 @@ fn engine(c: &SpectrumConfig, n: usize) -> Vec<(bool, Vec<f64>)> {
             });
             let x: Vec<f32> = xs[s].iter().map(|a| *a as f32).collect();
             let (y, d) = cache
-                .run(COND, &chain, Streams::hidden(t(&x)), &magcache_core::SingleProcess)
+                .run(
+                    COND,
+                    &chain,
+                    Streams::hidden(t(&x)),
+                    &magcache_core::SingleProcess,
+                )
                 .unwrap();
             (d.computed, v(&y.hidden).iter().map(|a| *a as f64).collect())
         })
@@ -223,7 +225,11 @@ fn schedule_and_forecasts_match_the_papers_predictor() {
         let dec = |x: &[(bool, Vec<f64>)]| x.iter().map(|y| y.0).collect::<Vec<_>>();
         assert_eq!(dec(&got), dec(&want), "{c:?}");
         for (s, (g, w)) in got.iter().zip(&want).enumerate() {
-            let err = g.1.iter().zip(&w.1).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let err =
+                g.1.iter()
+                    .zip(&w.1)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
             assert!(err < 2e-4, "call {s} of {c:?}: {:?} vs {:?}", g.1, w.1);
         }
         reused += got.iter().filter(|g| !g.0).count();

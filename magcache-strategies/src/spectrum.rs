@@ -249,7 +249,7 @@ impl Rule for SpectrumRule {
         if call.step < self.cfg.warmup_steps || st.computed < 2 {
             return Ok(Wish::force(Some(size)));
         }
-        let compute = (st.reused_in_a_row + 1) % size as usize == 0;
+        let compute = (st.reused_in_a_row + 1).is_multiple_of(size as usize);
         st.widens = compute;
         Ok(Wish::reuse_if(!compute, Some(size)))
     }

@@ -4,6 +4,9 @@
 //! decides and forecasts from plain vectors (the ridge coefficients solved per feature by Gaussian
 //! elimination, not the engine's weights).
 
+// The reference is written with indices, as the formulas are.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::{t, v, COND};
@@ -129,7 +132,7 @@ fn reference(c: &SpectrumConfig, n: usize) -> Vec<(bool, Vec<f64>)> {
         let mut actual = true;
         if s >= c.warmup_steps {
             let window = (ws.floor() as usize).max(1);
-            actual = (cached + 1) % window == 0;
+            actual = (cached + 1).is_multiple_of(window);
             if actual {
                 ws = ((ws + c.flex_window) * 1000.0).round() / 1000.0;
             }

@@ -30,6 +30,21 @@ pub fn calibrate_with(
     Report,
     Vec<BlockStat>,
 )> {
+    let (prof, report, stats, _) = calibrate_run(config, verbosity, blocks)?;
+    Ok((prof, report, stats))
+}
+
+/// [`calibrate_with`], also returning the final latents of the dense run.
+pub(crate) fn calibrate_run(
+    config: &Path,
+    verbosity: Verbosity,
+    blocks: bool,
+) -> Result<(
+    magcache_strategies::profile::Profile,
+    Report,
+    Vec<BlockStat>,
+    candle_core::Tensor,
+)> {
     use magcache_strategies::profile::{expert_name, Profile, ProfileMeta};
     let mut p = prepare_pipeline(config)?;
     let probes = BlockProbes::new();
@@ -50,7 +65,7 @@ pub fn calibrate_with(
     p.pipeline.set_cache(Some(handle.clone()))?;
     p.cache = Some(handle);
     p.strategy = "calibrate".into();
-    let (_, report) = generate(&mut p, verbosity)?;
+    let (dense, report) = generate(&mut p, verbosity)?;
     let stats = probes.summary()?;
     let plan = p.pipeline.plan();
     let n = plan.experts().len();
@@ -114,7 +129,7 @@ pub fn calibrate_with(
         }
         changes[st.block] = st.mean_change.unwrap_or(0.0);
     }
-    Ok((prof, report, stats))
+    Ok((prof, report, stats, dense))
 }
 
 /// The per-block table `magcache calibrate --blocks` prints: one row per block, the mean residual

@@ -1,4 +1,4 @@
-//! The `magcache` command line (`run`, `compare`, `calibrate`, `plan`, `export`, `list`) as a library
+//! The `magcache` command line (`run`, `compare`, `calibrate`, `plan`, `tune`, `export`, `list`) as a library
 //! function, [`main`]: the `magcache` binary and a model crate's own runner binary call it.
 
 use crate::{generate, install_signal_cleanup, list, prepare, summary, Outputs, Verbosity};
@@ -111,6 +111,36 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Choose a strategy, estimator and setting for a target from a calibration run and a few real
+    /// runs on the run's inputs; write the run file with the chosen `[cache]` (and its profile).
+    Tune {
+        #[arg(long)]
+        config: PathBuf,
+        /// The run file to write (its calibration profile is written beside it, as
+        /// `NAME.profile.toml`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep at least this PSNR (dB) against the dense run with the fewest computed calls.
+        #[arg(long, conflicts_with = "target_speedup")]
+        target_psnr: Option<f64>,
+        /// Compute at most 1/S of the calls with the best PSNR.
+        #[arg(long)]
+        target_speedup: Option<f64>,
+        /// Value range for PSNR (default: the dense result's max - min).
+        #[arg(long)]
+        data_range: Option<f64>,
+        /// With --target-psnr: dB above the target a setting must keep on these inputs.
+        #[arg(long, default_value_t = 0.5)]
+        margin: f64,
+        /// Most real runs besides the calibration run.
+        #[arg(long, default_value_t = 24)]
+        runs: usize,
+        #[arg(long)]
+        quiet: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List registered model families, presets and strategies.
     List,
 }
@@ -210,6 +240,104 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::List => {
             print!("{}", list());
+            Ok(())
+        }
+        Cmd::Tune {
+            config,
+            out,
+            target_psnr,
+            target_speedup,
+            data_range,
+            margin,
+            runs,
+            quiet,
+            json,
+        } => {
+            let target = match (target_psnr, target_speedup) {
+                (Some(p), None) if p.is_finite() => crate::Target::Psnr(p),
+                (None, Some(s)) if s.is_finite() && s >= 1.0 => crate::Target::Speedup(s),
+                (None, None) => {
+                    return Err(magcache_core::Error::msg(
+                        "tune: give --target-psnr DB or --target-speedup S",
+                    ))
+                }
+                _ => return Err(magcache_core::Error::msg(
+                    "tune: --target-psnr must be a number of dB, --target-speedup a number >= 1",
+                )),
+            };
+            if let Some(r) = data_range {
+                if !(r.is_finite() && r > 0.0) {
+                    return Err(magcache_core::Error::msg(format!(
+                        "--data-range {r}: must be a finite number > 0 (the value range of the results)"
+                    )));
+                }
+            }
+            let stem = out
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "tuned".into());
+            let profile_name = format!("{stem}.profile.toml");
+            let profile = out.with_file_name(&profile_name);
+            let mut outs = plan_outputs(
+                &config,
+                &[
+                    ("--out", &Some(out.clone())),
+                    ("--out (profile)", &Some(profile.clone())),
+                ],
+            )?;
+            let opts = crate::TuneOptions {
+                target,
+                data_range,
+                margin,
+                max_runs: runs,
+            };
+            // The candidates read the profile while tuning: it is written at once, and stays
+            // only if a run file is written.
+            let mut write = |path: &Path, bytes: &[u8]| crate::write_atomic(path, bytes);
+            let mut progress = |t: &crate::Tried| {
+                if !quiet && !json {
+                    eprintln!(
+                        "tried {:<32} {:>3}/{} calls  {:.2} dB",
+                        t.label, t.computed_calls, t.total_calls, t.psnr_db
+                    );
+                }
+            };
+            let r = crate::tune(
+                &config,
+                &opts,
+                &profile,
+                &profile_name,
+                &mut write,
+                &mut progress,
+            );
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&profile);
+                    return Err(e);
+                }
+            };
+            let Some(t) = r.chosen() else {
+                let _ = std::fs::remove_file(&profile);
+                if json {
+                    println!("{}", to_json(&r)?);
+                } else {
+                    print!("{}", crate::tune_text(&r));
+                }
+                return Err(magcache_core::Error::msg(format!(
+                    "tune: no setting of the {} tried met the target; nothing written",
+                    r.tried.len()
+                )));
+            };
+            let text = magcache_core::error::read_text(&config)?;
+            outs.write(&out, crate::tuned_run_file(&text, &r, t).as_bytes())?;
+            outs.commit()?;
+            if json {
+                println!("{}", to_json(&r)?);
+            } else if !quiet {
+                print!("{}", crate::tune_text(&r));
+                println!("wrote {} and {}", out.display(), profile.display());
+            }
             Ok(())
         }
         Cmd::Export {

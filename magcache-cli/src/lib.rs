@@ -17,6 +17,7 @@ mod plan;
 mod prepare;
 mod report;
 mod run;
+mod tune;
 pub mod video;
 
 pub use calibrate::{blocks_text, calibrate, calibrate_with, fingerprint};
@@ -29,3 +30,4 @@ pub use plan::{plan, plan_text, PlanReport};
 pub use prepare::{link_all, prepare, prepare_pipeline, Prepared};
 pub use report::{peak_rss_bytes, summary, CallReport, Report, ScopeSummary};
 pub use run::{generate, Verbosity};
+pub use tune::{tune, tune_text, tuned_run_file, Target, Tried, TuneOptions, TuneReport};

@@ -36,6 +36,26 @@ pub fn prepare_pipeline(config: &Path) -> Result<Prepared> {
     })
 }
 
+/// As [`prepare_pipeline`], from a run file's `text` standing for `config` (paths relative to its
+/// folder).
+pub(crate) fn prepare_pipeline_text(text: &str, config: &Path) -> Result<Prepared> {
+    link_all();
+    let file = config.display().to_string();
+    let base = base_dir(config);
+    let mut cfg = RunConfig::parse(text, &file)?;
+    cfg.validate(&file)?;
+    cfg.resolve_hub_ids(&file, &base, &magcache_core::runtime::hub::cache_root())?;
+    let fam = family_of(&cfg, &file)?;
+    let pipeline = (fam.build)(&cfg, &file, &base)?;
+    Ok(Prepared {
+        cfg,
+        file,
+        pipeline,
+        cache: None,
+        strategy: "none".into(),
+    })
+}
+
 /// Loads and validates a run file and builds the pipeline and the cache.
 pub fn prepare(config: &Path) -> Result<Prepared> {
     let mut p = prepare_pipeline(config)?;

@@ -68,3 +68,36 @@ fn every_example_runs_or_plans() {
         assert!(strategies.contains(s), "no example for strategy {s}");
     }
 }
+
+/// The shipped fast settings (docs/quality.md, "Fast settings") keep the calls their figures were
+/// measured with: checked on the plan (their PSNR needs release-build runs of the 10-digit batch).
+#[test]
+fn fast_settings_compute_the_calls_their_figures_name() {
+    magcache_cli::link_all();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for (name, computed, total, list) in [
+        ("digits_3x.toml", 12, 40, vec![0, 4, 9, 13, 16, 18]),
+        ("digits_4x.toml", 10, 40, vec![0, 5, 11, 15, 18]),
+        ("digits_5x.toml", 8, 40, vec![0, 8, 14, 17]),
+        ("digits_4step_fast.toml", 3, 4, vec![0, 1, 2]),
+    ] {
+        let plan = magcache_cli::plan(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (plan.computed_calls, plan.total_calls),
+            (computed, total),
+            "{name}"
+        );
+        let cond: Vec<usize> = plan
+            .calls
+            .iter()
+            .filter(|c| c.branch == "cond" && c.computed == Some(true))
+            .map(|c| c.step)
+            .collect();
+        assert_eq!(cond, list, "{name}");
+        let text = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(
+            text.contains("held out"),
+            "{name}: the header gives the held-out figures"
+        );
+    }
+}

@@ -24,7 +24,7 @@
 //! too (FLUX's joint blocks), which the back blocks read.
 
 use crate::guards::{few_step_warnings, GuardConfig, Guards, Verdict};
-use crate::residual::{Estimator, EstimatorAxis, ResidualHistory};
+use crate::residual::{Combination, Estimator, EstimatorAxis, ResidualHistory};
 use magcache_core::candle_core::Tensor;
 use magcache_core::{
     BlockChain, CallDecision, DecisionSync, Error, GenerationPlan, Indicator, Result, ScopeKey,
@@ -230,6 +230,28 @@ pub trait Rule: Send + 'static {
         metric
     }
 
+    /// Computed residuals the rule's own forecast ([`Rule::forecast`]) reads: the engine keeps the
+    /// last `history()` of them per scope, or what the estimator reads when that is more (default
+    /// 0: the rule has no forecast of its own).
+    fn history(&self) -> usize {
+        0
+    }
+
+    /// The rule's own forecast of the reused call `call` at coordinate `at` (on the estimator's
+    /// axis): weights over the stored computed calls `past` (`(step, coordinate)`, oldest first)
+    /// and the share of the estimate they take, the estimator's forecast taking the rest (see
+    /// [`Combination`]). Default: none, the estimator alone.
+    fn forecast(
+        &self,
+        state: &Self::State,
+        call: &Call<'_>,
+        past: &[(usize, f64)],
+        at: f64,
+    ) -> Result<Option<Combination>> {
+        let _ = (state, call, past, at);
+        Ok(None)
+    }
+
     /// Bytes of tensors the state holds (indicators kept for the next call).
     fn state_bytes(&self, state: &Self::State) -> usize {
         let _ = state;
@@ -278,10 +300,11 @@ impl<R: Rule> Cached<R> {
     fn fresh_slots(&self, plan: &GenerationPlan) -> Result<ScopeStates<Slot<R::State>>> {
         let mut states = ScopeStates::default();
         let e = self.shared.estimator;
+        let keep = self.rule.history();
         states.begin(plan, |sp| {
             Ok(Slot {
                 rule: self.rule.init(plan, sp)?,
-                residuals: ResidualHistory::new(e),
+                residuals: ResidualHistory::keeping(e, keep),
             })
         })?;
         Ok(states)
@@ -351,7 +374,10 @@ impl<R: Rule> TimestepCache for Cached<R> {
         let residuals = &mut slot.state.residuals;
         let at = self.shared.estimator_axis.coordinate(step, sigma)?;
         let middle = if reuse {
-            let res = residuals.estimate(at)?.ok_or_else(|| {
+            let own = self
+                .rule
+                .forecast(&slot.state.rule, &call, &residuals.points(), at)?;
+            let res = residuals.estimate_with(at, own.as_ref())?.ok_or_else(|| {
                 Error::Hooks(format!("{name} scope {scope}: reuse without a residual"))
             })?;
             if res.hidden.dims() != front.hidden.dims() {

@@ -11,6 +11,8 @@
 //!   residual extrapolation (`strategy = "seacache"`);
 //! - [`easycache`]: EasyCache, reuse while the output change predicted from the model's own
 //!   transformation rate stays small (`strategy = "easycache"`);
+//! - [`spectrum`]: Spectrum, computed calls on a widening window and reused calls forecast by
+//!   Chebyshev polynomials in time fitted by ridge regression (`strategy = "spectrum"`);
 //! - [`schedule`]: calibrated schedules, the computed calls fixed before the run, given or searched
 //!   from a calibration profile (`strategy = "schedule"`).
 //!
@@ -36,6 +38,7 @@ pub mod ratios;
 pub mod residual;
 pub mod schedule;
 pub mod seacache;
+pub mod spectrum;
 pub mod teacache;
 
 pub use easycache::{EasyCache, EasyCacheConfig};
@@ -44,9 +47,10 @@ pub use fbcache::{DbCacheConfig, FbCache, FbCacheConfig, HeadMetric};
 pub use guards::GuardConfig;
 pub use magcache::{MagCache, MagCacheConfig};
 pub use ratios::{RatioCurves, RatioSource, RatioSpec, Resample};
-pub use residual::{Estimator, EstimatorAxis};
+pub use residual::{Combination, Estimator, EstimatorAxis};
 pub use schedule::{Schedule, ScheduleConfig};
 pub use seacache::{SeaCache, SeaCacheConfig};
+pub use spectrum::{Spectrum, SpectrumConfig};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
 /// Every strategy's `threshold`: a finite, non-negative number.
@@ -73,4 +77,5 @@ pub fn link() {
     std::hint::black_box(seacache::SeaCacheConfig::default());
     std::hint::black_box(schedule::ScheduleConfig::default());
     std::hint::black_box(easycache::EasyCacheConfig::default());
+    std::hint::black_box(spectrum::SpectrumConfig::default());
 }

@@ -154,20 +154,45 @@ pub fn extrapolate(hist: &[(f64, &Tensor)], at: f64) -> Result<Tensor> {
     }
 }
 
+/// A forecast of a reused call's residual as a linear combination of the stored computed residuals
+/// (a rule's own forecaster, Spectrum's Chebyshev fit say), blended with the estimator's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Combination {
+    /// One weight per stored residual, oldest first ([`ResidualHistory::points`]).
+    pub weights: Vec<f64>,
+    /// The combination's share of the estimate: `share * sum_j w_j r_j + (1 - share) * (the
+    /// estimator's forecast)`.
+    pub share: f64,
+}
+
 /// The last computed residuals of one scope and the estimate a reused call returns.
 #[derive(Debug, Default)]
 pub struct ResidualHistory {
     estimator: Estimator,
-    /// `(step, coordinate, residual)` of the last `order + 1` computed calls, oldest first.
+    /// How many computed residuals are kept (at least what the estimator reads).
+    keep: usize,
+    /// `(step, coordinate, residual)` of the last `keep` computed calls, oldest first.
     hist: VecDeque<(usize, f64, Streams)>,
 }
 
 impl ResidualHistory {
     pub fn new(estimator: Estimator) -> Self {
+        Self::keeping(estimator, 0)
+    }
+
+    /// A history that keeps the last `keep` computed residuals, or what the estimator reads when
+    /// that is more.
+    pub fn keeping(estimator: Estimator, keep: usize) -> Self {
         ResidualHistory {
             estimator,
+            keep: keep.max(estimator.order() + 1),
             hist: VecDeque::new(),
         }
+    }
+
+    /// `(step, coordinate)` of the stored residuals, oldest first.
+    pub fn points(&self) -> Vec<(usize, f64)> {
+        self.hist.iter().map(|(k, s, _)| (*k, *s)).collect()
     }
 
     pub fn estimator(&self) -> Estimator {
@@ -186,7 +211,7 @@ impl ResidualHistory {
             self.hist.clear();
         }
         self.hist.push_back((step, at, residual));
-        while self.hist.len() > self.estimator.order() + 1 {
+        while self.hist.len() > self.keep {
             self.hist.pop_front();
         }
     }
@@ -209,6 +234,69 @@ impl ResidualHistory {
             hidden: e.forecast(&hidden, at)?,
             encoder: encoder.map(|h| e.forecast(&h, at)).transpose()?,
         }))
+    }
+
+    /// The estimate for a reused call at `at` with a rule's `combination` blended in (see
+    /// [`Combination`]); `None` without a computed residual.
+    pub fn estimate_with(
+        &self,
+        at: f64,
+        combination: Option<&Combination>,
+    ) -> Result<Option<Streams>> {
+        let Some(c) = combination else {
+            return self.estimate(at);
+        };
+        if c.weights.len() != self.hist.len() {
+            return Err(Error::msg(format!(
+                "a forecast of {} weights for {} stored residuals",
+                c.weights.len(),
+                self.hist.len()
+            )));
+        }
+        if self.hist.is_empty() {
+            return Ok(None);
+        }
+        let mixed = self.combine(&c.weights, c.share)?;
+        if c.share >= 1.0 {
+            return Ok(Some(mixed));
+        }
+        let Some(local) = self.estimate(at)? else {
+            return Ok(None);
+        };
+        let rest = 1.0 - c.share;
+        Ok(Some(Streams {
+            hidden: (mixed.hidden + (local.hidden * rest)?)?,
+            encoder: match (mixed.encoder, local.encoder) {
+                (Some(m), Some(l)) => Some((m + (l * rest)?)?),
+                _ => None,
+            },
+        }))
+    }
+
+    /// `scale * sum_j w_j r_j` over the stored residuals.
+    fn combine(&self, weights: &[f64], scale: f64) -> Result<Streams> {
+        let mut hidden: Option<Tensor> = None;
+        let mut encoder: Option<Option<Tensor>> = None;
+        for ((_, _, r), w) in self.hist.iter().zip(weights) {
+            let w = w * scale;
+            let h = (&r.hidden * w)?;
+            hidden = Some(match hidden {
+                Some(acc) => (acc + h)?,
+                None => h,
+            });
+            let e = r.encoder.as_ref().map(|e| e * w).transpose()?;
+            encoder = Some(match (encoder, e) {
+                (None, e) => e,
+                (Some(Some(acc)), Some(e)) => Some((acc + e)?),
+                _ => None,
+            });
+        }
+        let hidden =
+            hidden.ok_or_else(|| Error::msg("residual forecast without a computed residual"))?;
+        Ok(Streams {
+            hidden,
+            encoder: encoder.flatten(),
+        })
     }
 
     /// Bytes of the stored residuals.

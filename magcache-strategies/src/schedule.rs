@@ -320,16 +320,36 @@ pub fn search_model(
     budget: usize,
     weights: &[f64],
 ) -> Option<(Vec<usize>, Vec<f64>)> {
-    if n == 0 {
-        return Some((Vec::new(), Vec::new()));
+    let (steps, mut errors) = search_joint(std::slice::from_ref(model), n, budget, weights)?;
+    Some((steps, errors.pop().unwrap_or_default()))
+}
+
+/// As [`search_model`], one schedule for several scopes (the branches of an expert, whose calls
+/// are the same steps), minimising the sum of their weighted errors; returns the schedule and each
+/// model's predicted error of every call.
+///
+/// The branches of a CFG step must share their schedule: a step where one branch computes while
+/// the other forecasts puts the forecast's whole error into the guided difference `cond - uncond`
+/// (times the guidance scale), where two forecasts of the same kind largely cancel (on the digits
+/// model, 20.5 dB against 33.0 dB for the same calls at 4x, foca in sigma).
+pub fn search_joint(
+    models: &[ErrorModel],
+    n: usize,
+    budget: usize,
+    weights: &[f64],
+) -> Option<(Vec<usize>, Vec<Vec<f64>>)> {
+    if n == 0 || models.is_empty() {
+        return Some((Vec::new(), vec![Vec::new(); models.len()]));
     }
     let budget = budget.clamp(1, n);
-    let keep = model.memory() - 1;
+    let keep = models.iter().map(ErrorModel::memory).max().unwrap_or(1) - 1;
+    let error =
+        |hist: &[usize], k: usize| -> Option<f64> { models.iter().map(|m| m.error(hist, k)).sum() };
     // Errors of the calls strictly between computed `i` and `j` (`j = n`: the calls after the
     // last), forecast from the computed calls `prev` (oldest first) and `i`.
     let gap = |prev: [Option<usize>; 2], i: usize, j: usize| -> Option<Vec<f64>> {
         let hist: Vec<usize> = prev.iter().flatten().copied().chain([i]).collect();
-        (i + 1..j).map(|k| model.error(&hist, k)).collect()
+        (i + 1..j).map(|k| error(&hist, k)).collect()
     };
     let cost = |errs: &[f64], i: usize| -> f64 {
         errs.iter()
@@ -398,15 +418,21 @@ pub fn search_model(
         cur = layers[i].get(&key).and_then(|v| v.1);
     }
     steps.reverse();
-    let mut errors = vec![0.0; n];
-    for (a, &i) in steps.iter().enumerate() {
-        let j = steps.get(a + 1).copied().unwrap_or(n);
-        let hist: Vec<usize> = steps[a.saturating_sub(keep)..=a].to_vec();
-        for (k, e) in errors.iter_mut().enumerate().take(j).skip(i + 1) {
-            *e = model.error(&hist, k).unwrap_or(f64::NAN);
-        }
-    }
-    Some((steps, errors))
+    let per_model = models
+        .iter()
+        .map(|model| {
+            let mut errors = vec![0.0; n];
+            for (a, &i) in steps.iter().enumerate() {
+                let j = steps.get(a + 1).copied().unwrap_or(n);
+                let hist: Vec<usize> = steps[a.saturating_sub(keep)..=a].to_vec();
+                for (k, e) in errors.iter_mut().enumerate().take(j).skip(i + 1) {
+                    *e = model.error(&hist, k).unwrap_or(f64::NAN);
+                }
+            }
+            errors
+        })
+        .collect();
+    Some((steps, per_model))
 }
 
 /// The schedule's rule: the calls of each scope that compute, fixed before the run.
@@ -457,24 +483,6 @@ impl ScheduleRule {
                 tables,
             } => {
                 let name = crate::profile::expert_name(key.expert, (*n_experts).max(n_plan));
-                let t = tables
-                    .get(name)
-                    .and_then(|b| b.get(key.branch.as_str()))
-                    .ok_or_else(|| {
-                        Error::config(
-                            file,
-                            format!("forecast_errors.{name}.{}", key.branch),
-                            format!("missing: this run has scope {key}"),
-                        )
-                    })?;
-                let measured = t.reuse.iter().map(|r| r[1] as usize + 1).max().unwrap_or(0);
-                if measured != steps {
-                    return Err(Error::config(
-                        file,
-                        "meta.steps",
-                        format!("the profile's scope {key} was calibrated over {measured} calls, this run gives it {steps}: a schedule is chosen per step count, calibrate at this step count"),
-                    ));
-                }
                 let budget = self.cfg.budget.unwrap_or(steps);
                 if budget > steps {
                     return Err(Error::config(
@@ -501,17 +509,48 @@ impl ScheduleRule {
                         .abs()
                     })
                     .collect();
-                let model = ErrorModel::new(
-                    t,
-                    self.cfg.estimator,
-                    self.cfg.estimator_axis,
-                    &sp.sigmas,
-                    steps,
-                )
-                .map_err(|m| {
-                    Error::config(file, format!("forecast_errors.{name}.{}", key.branch), m)
-                })?;
-                let (list, errors) = search_model(&model, steps, budget, &weights)
+                // One schedule for every branch of the expert running the same steps (CFG).
+                let siblings: Vec<&ScopePlan> = plan
+                    .scopes
+                    .iter()
+                    .filter(|o| o.key.expert == key.expert && o.step_indices == sp.step_indices)
+                    .collect();
+                let mut models = Vec::with_capacity(siblings.len());
+                let mut own = 0;
+                for o in siblings {
+                    let table = format!("forecast_errors.{name}.{}", o.key.branch);
+                    let t = tables
+                        .get(name)
+                        .and_then(|b| b.get(o.key.branch.as_str()))
+                        .ok_or_else(|| {
+                            Error::config(
+                                file,
+                                table.clone(),
+                                format!("missing: this run has scope {}", o.key),
+                            )
+                        })?;
+                    let measured = t.reuse.iter().map(|r| r[1] as usize + 1).max().unwrap_or(0);
+                    if measured != steps {
+                        return Err(Error::config(
+                            file,
+                            "meta.steps",
+                            format!("the profile's scope {} was calibrated over {measured} calls, this run gives it {steps}: a schedule is chosen per step count, calibrate at this step count", o.key),
+                        ));
+                    }
+                    let model = ErrorModel::new(
+                        t,
+                        self.cfg.estimator,
+                        self.cfg.estimator_axis,
+                        &o.sigmas,
+                        steps,
+                    )
+                    .map_err(|m| Error::config(file, table, m))?;
+                    if o.key == key {
+                        own = models.len();
+                    }
+                    models.push(model);
+                }
+                let (list, mut errors) = search_joint(&models, steps, budget, &weights)
                     .ok_or_else(|| {
                         Error::config(
                             file,
@@ -519,6 +558,7 @@ impl ScheduleRule {
                             format!("no schedule of {budget} computed calls out of {steps} keeps every gap under {MAX_GAP} calls: raise `budget`"),
                         )
                     })?;
+                let errors = errors.swap_remove(own);
                 predicted = Some(errors);
                 list
             }
@@ -719,6 +759,54 @@ mod tests {
         .unwrap();
         let (_, e1) = search_model(&m1, 12, 4, &[]).unwrap();
         assert!(e1.iter().sum::<f64>() > errs.iter().sum::<f64>() + 1e-3);
+    }
+
+    #[test]
+    fn branches_share_one_schedule_minimising_their_summed_error() {
+        // Branch a forecasts odd calls exactly, branch b even ones: searched alone they pick
+        // different calls; searched together, one schedule whose summed cost is no more than
+        // either's own schedule priced on both.
+        let tab = |exact_odd: bool| {
+            let mut t = ForecastErrors::default();
+            for k in 0..10usize {
+                for i in k.saturating_sub(MAX_GAP)..k {
+                    let e = if (k % 2 == 1) == exact_odd {
+                        0.0
+                    } else {
+                        0.3 + 0.01 * k as f64
+                    };
+                    t.reuse.push([i as f64, k as f64, e]);
+                }
+            }
+            t
+        };
+        let m = |odd| {
+            ErrorModel::new(&tab(odd), Estimator::Reuse, EstimatorAxis::Step, &[], 10).unwrap()
+        };
+        let (a, b) = (m(true), m(false));
+        let alone_a = search_model(&a, 10, 4, &[]).unwrap().0;
+        let alone_b = search_model(&b, 10, 4, &[]).unwrap().0;
+        assert_ne!(alone_a, alone_b);
+        let (joint, errs) = search_joint(&[a.clone(), b.clone()], 10, 4, &[]).unwrap();
+        assert_eq!(errs.len(), 2);
+        let priced = |s: &[usize]| -> f64 {
+            [&a, &b]
+                .iter()
+                .map(|m| {
+                    (0..10)
+                        .filter(|k| !s.contains(k))
+                        .map(|k| {
+                            let last = s.iter().filter(|&&i| i < k).max().copied().unwrap();
+                            m.error(&[last], k).unwrap()
+                        })
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        assert!(priced(&joint) <= priced(&alone_a) + 1e-12);
+        assert!(priced(&joint) <= priced(&alone_b) + 1e-12);
+        let total: f64 = errs.iter().flatten().sum();
+        assert!((total - priced(&joint)).abs() < 1e-9);
     }
 
     #[test]

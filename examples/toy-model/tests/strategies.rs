@@ -84,6 +84,7 @@ fn tables(name: &str) -> Option<(&'static str, &'static str)> {
         ),
         "seacache" => ("threshold = 0.0", "threshold = 0.5"),
         "easycache" => ("threshold = 0.0", "threshold = 0.5"),
+        "spectrum" => ("window_size = 1.0\nflex_window = 0.0", "w = 0.5"),
         "schedule" => (
             "compute_steps = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]",
             "compute_steps = [0, 2, 4, 6, 8, 11]\nestimator = \"taylor1\"",

@@ -1,0 +1,530 @@
+//! `magcache tune`: a strategy, estimator and setting for a quality or speed target, chosen from a
+//! calibration run and a few real runs on the run's own inputs, written as a run file.
+//!
+//! 1. A calibration run (dense: every call computes) gives the reference result and the profile
+//!    (forecast errors and residual Gram tables per scope, `magcache calibrate`).
+//! 2. Candidates at a budget of `B` computed calls per scope: calibrated schedules searched from
+//!    the profile for each estimator and axis (`taylor1`, `foca` in step index and in sigma), and
+//!    Spectrum with a window growth giving `B` computed calls. Each is run for real on the run's
+//!    inputs and compared with the dense result (PSNR over `data_range`).
+//! 3. `--target-speedup S`: `B = floor(steps / S)`; the candidate with the best PSNR wins.
+//!    `--target-psnr P`: the smallest `B` whose best candidate keeps `P + margin` dB, found by
+//!    bisection over `B` (quality grows with the computed calls); among its candidates the best
+//!    PSNR wins.
+//!
+//! What was tried (setting, computed calls, PSNR) is reported; the chosen `[cache]` table replaces
+//! the run file's in the file written, with the profile beside it.
+
+use crate::prepare::{base_dir, prepare_pipeline, Prepared};
+use crate::run::{generate, Verbosity};
+use candle_core::Tensor;
+use magcache_core::runtime::metrics::quality;
+use magcache_core::{BuildEnv, CacheHandle, Error, Result, RunConfig};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What `tune` aims for.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Target {
+    /// At least this PSNR (dB) against the dense result, with the fewest computed calls.
+    Psnr(f64),
+    /// At least this call speedup, with the best PSNR.
+    Speedup(f64),
+}
+
+/// `tune`'s knobs.
+#[derive(Clone, Debug)]
+pub struct TuneOptions {
+    pub target: Target,
+    /// Value range for PSNR (default: the dense result's max - min).
+    pub data_range: Option<f64>,
+    /// With a PSNR target: dB above the target a candidate must keep on the tuning inputs (other
+    /// inputs land within about this much).
+    pub margin: f64,
+    /// Most real runs (besides the calibration run).
+    pub max_runs: usize,
+}
+
+/// One candidate run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Tried {
+    /// The `[cache]` table's lines (the profile named by its path).
+    pub cache: Vec<String>,
+    pub label: String,
+    pub budget: usize,
+    pub computed_calls: usize,
+    pub total_calls: usize,
+    pub speedup_calls: f64,
+    pub psnr_db: f64,
+    /// The calls of the first scope that computed.
+    pub schedule: Vec<usize>,
+}
+
+/// What `tune` tried and chose.
+#[derive(Clone, Debug, Serialize)]
+pub struct TuneReport {
+    pub target: Target,
+    pub steps_per_scope: usize,
+    pub tried: Vec<Tried>,
+    /// Index into `tried`; `None` when nothing met the target.
+    pub chosen: Option<usize>,
+}
+
+impl TuneReport {
+    pub fn chosen(&self) -> Option<&Tried> {
+        self.chosen.and_then(|i| self.tried.get(i))
+    }
+}
+
+/// The `[cache]` candidates at `budget` computed calls per scope of `steps`: searched schedules and
+/// the Spectrum setting with that many computed calls, if one exists.
+fn candidates(profile: &str, steps: usize, budget: usize) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for (est, axis) in [
+        ("taylor1", "step"),
+        ("taylor1", "sigma"),
+        ("foca", "sigma"),
+        ("foca", "step"),
+    ] {
+        out.push((
+            format!("schedule {est} {axis}"),
+            vec![
+                "strategy = \"schedule\"".into(),
+                format!("profile = {}", toml_string(profile)),
+                format!("budget = {budget}"),
+                format!("estimator = \"{est}\""),
+                format!("estimator_axis = \"{axis}\""),
+            ],
+        ));
+    }
+    if let Some(flex) = spectrum_flex(steps, budget) {
+        out.push((
+            format!("spectrum flex_window {flex}"),
+            vec![
+                "strategy = \"spectrum\"".into(),
+                format!("flex_window = {flex}"),
+                "w = 0.5".into(),
+            ],
+        ));
+    }
+    out
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The smallest Spectrum `flex_window` (in steps of 0.25, default warm-up and window) computing
+/// exactly `budget` of `steps` calls.
+fn spectrum_flex(steps: usize, budget: usize) -> Option<f64> {
+    (0..=40).map(|i| i as f64 * 0.25).find(|&f| {
+        magcache_strategies::SpectrumConfig {
+            flex_window: f,
+            ..Default::default()
+        }
+        .computed_calls(steps)
+        .is_ok_and(|n| n == budget)
+    })
+}
+
+/// The run file's text without its `[cache]` table.
+fn without_cache(text: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            skipping = t.starts_with("[cache]");
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// One set of inputs a candidate is measured on: its pipeline and dense result.
+struct Inputs {
+    p: Prepared,
+    dense: Tensor,
+    dense_planes: Tensor,
+}
+
+struct Runner<'a> {
+    /// The run's own inputs, then others (another noise seed).
+    inputs: Vec<Inputs>,
+    text: String,
+    file: String,
+    base: std::path::PathBuf,
+    data_range: Option<f64>,
+    verbosity: Verbosity,
+    _config: &'a Path,
+}
+
+/// `text` with `[inputs] seed` one past the run's (inputs drawn from a seed only; `None` for
+/// inputs read from a file).
+fn reseeded(text: &str, file: &str) -> Result<Option<String>> {
+    let mut t: toml::Table = text
+        .parse()
+        .map_err(|e| Error::msg(format!("{file}: {e}")))?;
+    let model_seed = t
+        .get("model")
+        .and_then(|m| m.get("seed"))
+        .and_then(|v| v.as_integer())
+        .unwrap_or(0);
+    let inputs = t
+        .entry("inputs")
+        .or_insert(toml::Value::Table(Default::default()));
+    let Some(tbl) = inputs.as_table_mut() else {
+        return Ok(None);
+    };
+    if tbl.contains_key("file") {
+        return Ok(None);
+    }
+    let seed = tbl
+        .get("seed")
+        .and_then(|v| v.as_integer())
+        .unwrap_or(model_seed);
+    tbl.insert("seed".into(), toml::Value::Integer(seed.wrapping_add(1)));
+    toml::to_string(&t)
+        .map(Some)
+        .map_err(|e| Error::msg(format!("{file}: {e}")))
+}
+
+impl Runner<'_> {
+    /// Runs the candidate `[cache]` lines on every set of inputs; returns (computed calls, total
+    /// calls, the worst PSNR, the calls of the first scope that computed).
+    fn run(&mut self, cache: &[String]) -> Result<(usize, usize, f64, Vec<usize>)> {
+        let text = format!("{}\n[cache]\n{}\n", self.text.trim_end(), cache.join("\n"));
+        let cfg = RunConfig::parse(&text, &self.file)?;
+        let strategy = cfg.strategy();
+        let mut worst = f64::INFINITY;
+        let mut first: Option<(usize, usize, Vec<usize>)> = None;
+        for inp in &mut self.inputs {
+            let info = inp.p.pipeline.model_info();
+            let env = BuildEnv {
+                file: &self.file,
+                base_dir: &self.base,
+                model: &info,
+            };
+            let handle = strategy.build(&env)?.map(CacheHandle::new);
+            inp.p.pipeline.set_cache(handle.clone())?;
+            inp.p.cache = handle;
+            inp.p.strategy = strategy.typetag_name().to_string();
+            let (out, rep) = generate(&mut inp.p, self.verbosity)?;
+            let planes = inp.p.pipeline.to_planes(&out)?;
+            let q = quality(
+                &inp.dense,
+                &out,
+                &inp.dense_planes,
+                &planes,
+                self.data_range,
+            )?;
+            worst = worst.min(q.psnr_db);
+            if first.is_none() {
+                let key = rep.calls.first().map(|c| (c.expert, c.branch.clone()));
+                let schedule = rep
+                    .calls
+                    .iter()
+                    .filter(|c| key.as_ref() == Some(&(c.expert, c.branch.clone())))
+                    .enumerate()
+                    .filter(|(_, c)| c.computed != Some(false))
+                    .map(|(i, _)| i)
+                    .collect();
+                first = Some((rep.computed_calls, rep.total_calls, schedule));
+            }
+        }
+        let (computed, total, schedule) =
+            first.ok_or_else(|| Error::msg("tune: no inputs to run on"))?;
+        Ok((computed, total, worst, schedule))
+    }
+}
+
+/// Tunes `config` for `opts.target`; the profile of the calibration run is written to
+/// `profile_out` (the candidates read it) and named in the candidates' tables as `profile_name`.
+pub fn tune(
+    config: &Path,
+    opts: &TuneOptions,
+    profile_out: &Path,
+    profile_name: &str,
+    write: &mut dyn FnMut(&Path, &[u8]) -> Result<()>,
+    progress: &mut dyn FnMut(&Tried),
+) -> Result<TuneReport> {
+    let quiet = Verbosity::Quiet;
+    let (profile, _, _, dense) = crate::calibrate::calibrate_run(config, quiet, false)?;
+    write(profile_out, profile.to_toml()?.as_bytes())?;
+    let p = prepare_pipeline(config)?;
+    let plan = p.pipeline.plan();
+    let steps = plan.scopes.iter().map(|s| s.steps).max().ok_or_else(|| {
+        Error::msg(format!(
+            "{}: the run has no transformer calls",
+            config.display()
+        ))
+    })?;
+    let dense_planes = p.pipeline.to_planes(&dense)?;
+    let file = config.display().to_string();
+    let text = without_cache(&magcache_core::error::read_text(config)?);
+    let mut inputs = vec![Inputs {
+        p,
+        dense,
+        dense_planes,
+    }];
+    // A second noise: a setting is judged by its worse PSNR of the two, so that one lucky noise
+    // does not choose it.
+    if let Some(other) = reseeded(&text, &file)? {
+        let mut p = crate::prepare::prepare_pipeline_text(&other, config)?;
+        let (dense, _) = generate(&mut p, quiet)?;
+        let dense_planes = p.pipeline.to_planes(&dense)?;
+        inputs.push(Inputs {
+            p,
+            dense,
+            dense_planes,
+        });
+    }
+    let mut r = Runner {
+        inputs,
+        file,
+        base: base_dir(config),
+        text,
+        data_range: opts.data_range,
+        verbosity: quiet,
+        _config: config,
+    };
+    // The candidates name the profile relative to the run file's folder: give it absolute.
+    let profile_abs = std::path::absolute(profile_out)
+        .map_err(|e| Error::msg(format!("{}: {e}", profile_out.display())))?
+        .display()
+        .to_string();
+    let single_scope_steps = plan.scopes.iter().all(|sp| sp.steps == steps);
+    let mut tried: Vec<Tried> = Vec::new();
+    let mut ctx = Ctx {
+        runner: &mut r,
+        tried: &mut tried,
+        progress,
+        max_runs: opts.max_runs,
+        profile_name,
+    };
+    // Best candidate per budget: index into `tried`.
+    let mut best: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut at_budget = |ctx: &mut Ctx<'_, '_>, b: usize| -> Result<Option<usize>> {
+        if let Some(&i) = best.get(&b) {
+            return Ok(Some(i));
+        }
+        let mut top: Option<usize> = None;
+        for (label, lines) in candidates(&profile_abs, steps, b) {
+            let Some(i) = ctx.try_run(label, lines, b)? else {
+                break;
+            };
+            if top.is_none_or(|j| ctx.tried[j].psnr_db < ctx.tried[i].psnr_db) {
+                top = Some(i);
+            }
+        }
+        if let Some(i) = top {
+            best.insert(b, i);
+        }
+        Ok(top)
+    };
+    let psnr =
+        |ctx: &Ctx<'_, '_>, i: Option<usize>| i.map_or(f64::NEG_INFINITY, |i| ctx.tried[i].psnr_db);
+    let chosen = match opts.target {
+        Target::Speedup(s) => {
+            let b = ((steps as f64 / s).floor() as usize).clamp(1, steps);
+            let i = at_budget(&mut ctx, b)?;
+            match i {
+                Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),
+                i => i,
+            }
+        }
+        Target::Psnr(p) => {
+            let want = p + opts.margin;
+            // Bisection for the smallest budget meeting `want` (budget `steps`: dense, always).
+            let (mut lo, mut hi) = (2usize.min(steps), steps);
+            let mut found: Option<usize> = None;
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                let i = at_budget(&mut ctx, mid)?;
+                if psnr(&ctx, i) >= want {
+                    found = i;
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            // Real runs left: move the computed calls of the best setting one budget below, one
+            // at a time, while that gains; it may reach the target with a call fewer.
+            if single_scope_steps {
+                if let Some(&below) = found
+                    .map(|i| ctx.tried[i].budget.saturating_sub(1))
+                    .and_then(|b| best.get(&b))
+                {
+                    let j = ctx.refine(below, Some(want))?;
+                    if ctx.tried[j].psnr_db >= want {
+                        found = Some(j);
+                    }
+                }
+            }
+            found
+        }
+    };
+    Ok(TuneReport {
+        target: opts.target,
+        steps_per_scope: steps,
+        tried,
+        chosen,
+    })
+}
+
+/// The runs of one `tune`.
+struct Ctx<'a, 'r> {
+    runner: &'a mut Runner<'r>,
+    tried: &'a mut Vec<Tried>,
+    progress: &'a mut dyn FnMut(&Tried),
+    max_runs: usize,
+    profile_name: &'a str,
+}
+
+impl Ctx<'_, '_> {
+    /// Runs candidate `lines` and records it; `None` once the run budget is spent.
+    fn try_run(
+        &mut self,
+        label: String,
+        lines: Vec<String>,
+        budget: usize,
+    ) -> Result<Option<usize>> {
+        if self.tried.len() >= self.max_runs {
+            return Ok(None);
+        }
+        let (computed, total, psnr, schedule) = self.runner.run(&lines)?;
+        let t = Tried {
+            cache: lines
+                .iter()
+                .map(|l| {
+                    if l.starts_with("profile = ") {
+                        format!("profile = {}", toml_string(self.profile_name))
+                    } else {
+                        l.clone()
+                    }
+                })
+                .collect(),
+            label,
+            budget,
+            computed_calls: computed,
+            total_calls: total,
+            speedup_calls: total as f64 / computed.max(1) as f64,
+            psnr_db: psnr,
+            schedule,
+        };
+        (self.progress)(&t);
+        self.tried.push(t);
+        Ok(Some(self.tried.len() - 1))
+    }
+
+    /// Hill-climbs the schedule of `tried[start]` (a schedule strategy) by moving one computed
+    /// call (never call 0) one step earlier or later, keeping a move that raises the PSNR, until
+    /// no move does, `stop` dB is reached, or the run budget is spent. Returns the best index.
+    fn refine(&mut self, start: usize, stop: Option<f64>) -> Result<usize> {
+        let base = &self.tried[start];
+        if !base.cache.iter().any(|l| l == "strategy = \"schedule\"") {
+            return Ok(start);
+        }
+        let keep: Vec<String> = base
+            .cache
+            .iter()
+            .filter(|l| {
+                !(l.starts_with("profile")
+                    || l.starts_with("budget")
+                    || l.starts_with("compute_steps"))
+            })
+            .cloned()
+            .collect();
+        let budget = base.budget;
+        let n = self
+            .runner
+            .inputs
+            .first()
+            .and_then(|i| i.p.pipeline.plan().scopes.first().map(|s| s.steps))
+            .unwrap_or(0);
+        let mut best = start;
+        let mut seen: Vec<Vec<usize>> = vec![self.tried[start].schedule.clone()];
+        'improve: loop {
+            if stop.is_some_and(|w| self.tried[best].psnr_db >= w) {
+                break;
+            }
+            let cur = self.tried[best].schedule.clone();
+            for pos in 1..cur.len() {
+                for delta in [-1i64, 1] {
+                    let moved = cur[pos] as i64 + delta;
+                    let mut s = cur.clone();
+                    if moved <= 0 || moved as usize >= n {
+                        continue;
+                    }
+                    s[pos] = moved as usize;
+                    if s.windows(2).any(|w| w[0] >= w[1]) || seen.contains(&s) {
+                        continue;
+                    }
+                    seen.push(s.clone());
+                    let mut lines = keep.clone();
+                    lines.insert(1, format!("compute_steps = {s:?}"));
+                    let label = format!("schedule {s:?}");
+                    let Some(i) = self.try_run(label, lines, budget)? else {
+                        break 'improve;
+                    };
+                    if self.tried[i].psnr_db > self.tried[best].psnr_db {
+                        best = i;
+                        continue 'improve;
+                    }
+                }
+            }
+            break;
+        }
+        Ok(best)
+    }
+}
+
+/// The run file `tune` writes: the original without its `[cache]`, then the chosen table.
+pub fn tuned_run_file(config_text: &str, report: &TuneReport, t: &Tried) -> String {
+    let target = match report.target {
+        Target::Psnr(p) => format!("PSNR >= {p} dB"),
+        Target::Speedup(s) => format!("speedup >= {s}x"),
+    };
+    format!(
+        "{}\n# Chosen by `magcache tune` for {target}: {} ({}/{} calls computed, {:.2}x fewer; {:.1} dB\n# against the dense run on these inputs; {} settings tried).\n[cache]\n{}\n",
+        without_cache(config_text).trim_end(),
+        t.label,
+        t.computed_calls,
+        t.total_calls,
+        t.speedup_calls,
+        t.psnr_db,
+        report.tried.len(),
+        t.cache.join("\n")
+    )
+}
+
+/// The table `tune` prints.
+pub fn tune_text(r: &TuneReport) -> String {
+    let mut s =
+        String::from("budget  setting                          computed  speedup  PSNR (dB)\n");
+    for (i, t) in r.tried.iter().enumerate() {
+        s.push_str(&format!(
+            "{:>6}  {:<32} {:>5}/{:<3} {:>6.2}x  {:>8.2}{}\n",
+            t.budget,
+            t.label,
+            t.computed_calls,
+            t.total_calls,
+            t.speedup_calls,
+            t.psnr_db,
+            if r.chosen == Some(i) {
+                "  <- chosen"
+            } else {
+                ""
+            }
+        ));
+    }
+    if r.chosen.is_none() {
+        s.push_str("no setting met the target\n");
+    }
+    s
+}

@@ -223,8 +223,18 @@ pub(crate) fn conv2d_f32(
     pad: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    Ok(conv2d_f32_nobias(x, w, pad, stride)?.broadcast_add(b)?)
+}
+
+/// [`conv2d_f32`] without the bias (the Wan VAE sums one per time tap, then adds its bias once).
+pub(crate) fn conv2d_f32_nobias(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> Result<Tensor> {
     let y = conv2d_bounded(&x.to_dtype(w.dtype())?, w, pad, stride, IM2COL_BUDGET)?;
-    Ok(y.to_dtype(DType::F32)?.broadcast_add(b)?)
+    Ok(y.to_dtype(DType::F32)?)
 }
 
 /// The pipeline's `output_type="np"` from decoder output `[B, C, ...]` in [-1, 1]:

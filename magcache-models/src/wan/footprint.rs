@@ -72,10 +72,11 @@ fn prompted_sizes(
         .unwrap_or(super::prompted::DEFAULT_FRAMES);
     let lat_frames = frames.saturating_sub(1) / ts + 1;
     // The VAE runs in the run's dtype, but f32 where it is bf16 on the CPU (no bf16 conv2d there).
-    let wb = match cfg.model.dtype.as_str() {
-        "f16" | "float16" => 2,
-        "bf16" | "bfloat16" if cfg.model.device.starts_with("cuda") => 2,
-        _ => 4,
+    let dtype = cfg.model.dtype.as_str();
+    let wb = if dtype == "bf16" && !cfg.model.device.starts_with("cuda") {
+        4
+    } else {
+        crate::footprint::dtype_bytes(dtype)
     };
     let decode = vae.decode_bytes(lat_frames, height / ss, width / ss, wb);
     let len = p

@@ -2,8 +2,9 @@
 //! the residual and attention blocks, the spatial and temporal resamplers and the mid block.
 //! Activations are f32 `[B, F, C, H, W]`.
 
-use crate::nn::{attention, conv2d_bounded, Linear, IM2COL_BUDGET};
-use candle_core::{DType, Tensor};
+use crate::nn::{attention, Linear};
+use crate::vae_common::conv2d_f32_nobias;
+use candle_core::Tensor;
 use magcache_core::{Error, Result};
 
 /// Frames a causal convolution keeps from the previous chunk (its time padding).
@@ -44,11 +45,10 @@ impl FeatCache {
 /// where they are, so a frame's working set is its own input, one tap's output and the sum: no
 /// time-stacked copy of the input, nor the cache joined to it, is ever made.
 pub(super) struct Conv {
-    /// One `[O, C, kh, kw]` weight per time tap, in the run's dtype.
+    /// One `[O, C, kh, kw]` weight per time tap (`kt` of them), in the run's dtype.
     pub(super) taps: Vec<Tensor>,
     /// `[1, O, 1, 1]`, f32.
     pub(super) b: Tensor,
-    pub(super) kt: usize,
     pub(super) stride_t: usize,
     pub(super) pad_hw: usize,
     pub(super) stride_hw: usize,
@@ -68,17 +68,12 @@ impl Conv {
                 let y = self.run(zeros, &[prev.as_ref(), Some(x)])?;
                 // The last `CACHE_T` frames of (cache, x).
                 let n = x.dim(1)?;
-                let kept = if n >= CACHE_T || prev.is_none() {
-                    x.narrow(1, n - n.min(CACHE_T), n.min(CACHE_T))?.copy()?
-                } else {
-                    let p = prev_len;
-                    let from_prev = (CACHE_T - n).min(p);
-                    match &prev {
-                        Some(pt) if from_prev > 0 => {
-                            Tensor::cat(&[&pt.narrow(1, p - from_prev, from_prev)?, x], 1)?
-                        }
-                        _ => x.copy()?,
+                let kept = match &prev {
+                    Some(p) if n < CACHE_T => {
+                        let k = (CACHE_T - n).min(prev_len);
+                        Tensor::cat(&[&p.narrow(1, prev_len - k, k)?, x], 1)?
                     }
+                    _ => x.narrow(1, n - n.min(CACHE_T), n.min(CACHE_T))?.copy()?,
                 };
                 cache.set(slot, kept)?;
                 Ok(y)
@@ -101,10 +96,10 @@ impl Conv {
             .map(|p| p.dim(1))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let n = zeros + lens.iter().sum::<usize>();
-        if n < self.kt {
+        let kt = self.taps.len();
+        if n < kt {
             return Err(Error::msg(format!(
-                "Wan VAE: a temporal convolution with {} taps got {n} frames (too few frames for this VAE's temporal downsampling)",
-                self.kt
+                "Wan VAE: a temporal convolution with {kt} taps got {n} frames (too few frames for this VAE's temporal downsampling)"
             )));
         }
         // Frame `i` of the virtual sequence: `None` inside the zero padding.
@@ -122,7 +117,7 @@ impl Conv {
             }
             Err(Error::msg("Wan VAE: convolution frame index out of range"))
         };
-        let t_out = (n - self.kt) / self.stride_t + 1;
+        let t_out = (n - kt) / self.stride_t + 1;
         let mut outs = Vec::with_capacity(t_out);
         for j in 0..t_out {
             let mut acc: Option<Tensor> = None;
@@ -130,14 +125,7 @@ impl Conv {
                 let Some(f) = frame(j * self.stride_t + k)? else {
                     continue;
                 };
-                let y = conv2d_bounded(
-                    &f.to_dtype(w.dtype())?,
-                    w,
-                    self.pad_hw,
-                    self.stride_hw,
-                    IM2COL_BUDGET,
-                )?
-                .to_dtype(DType::F32)?;
+                let y = conv2d_f32_nobias(&f, w, self.pad_hw, self.stride_hw)?;
                 acc = Some(match acc {
                     None => y,
                     Some(a) => (a + y)?,

@@ -100,7 +100,6 @@ impl Builder<'_> {
         Ok(Conv {
             taps,
             b: self.bias(name, cout)?,
-            kt,
             stride_t,
             pad_hw: p,
             stride_hw: 1,
@@ -128,7 +127,6 @@ impl Builder<'_> {
         Ok(Conv {
             taps: vec![w],
             b: self.bias(name, cout)?,
-            kt: 1,
             stride_t: 1,
             pad_hw: pad,
             stride_hw: stride,

@@ -4,7 +4,6 @@
 use crate::{generate, install_signal_cleanup, list, prepare, summary, Outputs, Verbosity};
 use clap::{Parser, Subcommand};
 use magcache_core::Result;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -441,6 +440,7 @@ fn real_main(cli: Cli) -> Result<()> {
             video,
             fps,
         } => {
+            let start = std::time::Instant::now();
             let video_kind = match &video {
                 Some(v) => {
                     let cfg = magcache_core::RunConfig::load(&config)?;
@@ -463,16 +463,15 @@ fn real_main(cli: Cli) -> Result<()> {
                     ("--video", &video),
                 ],
             )?;
-            magcache_core::runtime::progress::set_visible(
-                !quiet && !json && std::io::stderr().is_terminal(),
-            );
+            // Stage notes on stderr, a terminal or not (a log shows a long stage is alive).
+            magcache_core::runtime::progress::set_visible(!quiet && !json);
             let mut p = prepare(&config)?;
-            if !quiet && !json && std::io::stderr().is_terminal() {
+            if !quiet && !json {
                 eprintln!("{}", p.pipeline.describe());
             }
             let (latents, mut rep) = generate(&mut p, verbosity(quiet, json))?;
             let extra = p.pipeline.finish(&latents)?;
-            rep.set_stages(p.pipeline.stages());
+            rep.set_stages(p.pipeline.stages(), start);
             if let Some(o) = &out {
                 let mut tensors = vec![("final", &latents)];
                 tensors.extend(extra.iter().map(|(k, t)| (k.as_str(), t)));

@@ -17,22 +17,55 @@ pub struct Prepared {
     pub pipeline: Box<dyn Pipeline>,
     pub cache: Option<CacheHandle>,
     pub strategy: String,
+    /// Lines for the report's warnings from preparing the run (how `dtype = "auto"` resolved when
+    /// it fell back to bf16).
+    pub notes: Vec<String>,
+}
+
+/// Builds the family's pipeline, with `model.dtype = "auto"` resolved in `cfg`: `f32` when the size
+/// guard lets the run build in f32 (every stage's estimate fits), otherwise `bf16`, with a note
+/// saying why. The guard refuses before a stage loads anything, so the f32 attempt costs only the
+/// stages that did fit before the one that did not (a Wan text encoder may run twice).
+fn build_resolved(
+    cfg: &mut RunConfig,
+    file: &str,
+    base: &Path,
+    fam: &registry::ModelFamily,
+) -> Result<(Box<dyn Pipeline>, Vec<String>)> {
+    if !cfg.is_auto_dtype() {
+        return Ok(((fam.build)(cfg, file, base)?, Vec::new()));
+    }
+    cfg.model.dtype = "f32".into();
+    match (fam.build)(cfg, file, base) {
+        Err(Error::TooLarge { msg, .. }) => {
+            cfg.model.dtype = "bf16".into();
+            let note = format!(
+                "{file}: model.dtype = \"auto\" chose bf16: in f32 {msg} (set model.dtype to choose)"
+            );
+            if magcache_core::runtime::progress::visible() {
+                eprintln!("note: {note}");
+            }
+            Ok(((fam.build)(cfg, file, base)?, vec![note]))
+        }
+        r => Ok((r?, Vec::new())),
+    }
 }
 
 /// Loads and validates a run file and builds the pipeline, without a cache.
 pub fn prepare_pipeline(config: &Path) -> Result<Prepared> {
     link_all();
-    let cfg = RunConfig::load(config)?;
+    let mut cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
     let base = base_dir(config);
     let fam = family_of(&cfg, &file)?;
-    let pipeline = (fam.build)(&cfg, &file, &base)?;
+    let (pipeline, notes) = build_resolved(&mut cfg, &file, &base, fam)?;
     Ok(Prepared {
         cfg,
         file,
         pipeline,
         cache: None,
         strategy: "none".into(),
+        notes,
     })
 }
 
@@ -46,13 +79,14 @@ pub(crate) fn prepare_pipeline_text(text: &str, config: &Path) -> Result<Prepare
     cfg.validate(&file)?;
     cfg.resolve_hub_ids(&file, &base, &magcache_core::runtime::hub::cache_root())?;
     let fam = family_of(&cfg, &file)?;
-    let pipeline = (fam.build)(&cfg, &file, &base)?;
+    let (pipeline, notes) = build_resolved(&mut cfg, &file, &base, fam)?;
     Ok(Prepared {
         cfg,
         file,
         pipeline,
         cache: None,
         strategy: "none".into(),
+        notes,
     })
 }
 

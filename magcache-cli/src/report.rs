@@ -43,8 +43,16 @@ pub struct Report {
     pub total_calls: usize,
     pub wall_seconds: f64,
     pub cache_bytes: usize,
-    /// Peak resident memory of the process so far (Linux `VmHWM`), if known.
+    /// Peak resident memory of the denoising loop (its own: the high-water mark is reset when it
+    /// begins, see `magcache_core::runtime::progress`), if known.
     pub peak_rss_bytes: Option<u64>,
+    /// The whole run's wall time, from the start of the command to the end of its last stage (set by
+    /// the runner; the denoising loop alone when not).
+    pub run_wall_seconds: f64,
+    /// The whole run's true peak resident memory: the largest of every stage's (loading included).
+    pub run_peak_rss_bytes: Option<u64>,
+    /// Whether `peak_rss_bytes` is the denoising loop's own (the high-water mark could be reset).
+    pub denoise_own_peak: bool,
     pub scopes: Vec<ScopeSummary>,
     pub warnings: Vec<String>,
     /// Prompted runs: wall time and peak memory of each stage (encode text, denoise, decode).
@@ -56,7 +64,7 @@ impl Report {
     pub fn from_calls(
         p: &Prepared,
         calls: Vec<CallReport>,
-        wall: f64,
+        denoise: &magcache_core::runtime::progress::StageTime,
         scope_bytes: &[(magcache_core::ScopeKey, usize)],
         warnings: Vec<String>,
     ) -> Report {
@@ -99,9 +107,12 @@ impl Report {
             total_calls: calls.len(),
             computed_calls,
             calls,
-            wall_seconds: wall,
+            wall_seconds: denoise.wall_seconds,
             cache_bytes,
-            peak_rss_bytes: peak_rss_bytes(),
+            peak_rss_bytes: denoise.peak_rss_bytes,
+            run_wall_seconds: denoise.wall_seconds,
+            run_peak_rss_bytes: magcache_core::runtime::progress::run_peak_rss_bytes(),
+            denoise_own_peak: denoise.own_peak,
             scopes: scopes.into_values().collect(),
             warnings,
             stages: Vec::new(),
@@ -139,21 +150,54 @@ pub fn summary(r: &Report) -> String {
         .collect();
     s.push_str(&format!("calls (# computed, . reused): {map}\n"));
     s.push_str(&format!(
-        "transformer calls computed: {}/{} ({:.2}x fewer)   cache holds {} bytes   peak RSS {}   wall {:.3} s\n",
+        "transformer calls computed: {}/{} ({:.2}x fewer)   cache holds {} bytes   denoise: peak RSS {}   wall {:.3} s\n",
         r.computed_calls,
         r.total_calls,
         r.total_calls as f64 / r.computed_calls.max(1) as f64,
         r.cache_bytes,
-        r.peak_rss_bytes.map(|b| format!("{:.1} MB", b as f64 / 1e6)).unwrap_or_else(|| "n/a".into()),
+        mb(r.peak_rss_bytes),
         r.wall_seconds
+    ));
+    if !r.stages.is_empty() {
+        let parts: Vec<String> = r
+            .stages
+            .iter()
+            .map(|st| {
+                format!(
+                    "{} {:.1} s, peak {}{}",
+                    st.name,
+                    st.wall_seconds,
+                    mb(st.peak_rss_bytes),
+                    if st.own_peak { "" } else { " (process so far)" }
+                )
+            })
+            .collect();
+        s.push_str(&format!("stages: {}\n", parts.join(" | ")));
+    }
+    s.push_str(&format!(
+        "run: peak RSS {}   wall {:.3} s\n",
+        mb(r.run_peak_rss_bytes),
+        r.run_wall_seconds
     ));
     s
 }
 
+fn mb(b: Option<u64>) -> String {
+    b.map(|b| format!("{:.1} MB", b as f64 / 1e6))
+        .unwrap_or_else(|| "n/a".into())
+}
+
 impl Report {
     /// Adds the pipeline's stages around the denoising loop (this report's wall time): stages named
-    /// `decode` after it, the others (encoding the text) before.
-    pub fn set_stages(&mut self, pipeline: Vec<magcache_core::runtime::progress::StageTime>) {
+    /// `decode` after it, the others (encoding the text) before; then the run's wall time (from
+    /// `start`, the command's start) and true peak.
+    pub fn set_stages(
+        &mut self,
+        pipeline: Vec<magcache_core::runtime::progress::StageTime>,
+        start: std::time::Instant,
+    ) {
+        self.run_wall_seconds = start.elapsed().as_secs_f64();
+        self.run_peak_rss_bytes = magcache_core::runtime::progress::run_peak_rss_bytes();
         if pipeline.is_empty() {
             return;
         }
@@ -166,6 +210,7 @@ impl Report {
                 name: "denoise".into(),
                 wall_seconds: self.wall_seconds,
                 peak_rss_bytes: self.peak_rss_bytes,
+                own_peak: self.denoise_own_peak,
             });
         self.stages.extend(after);
     }

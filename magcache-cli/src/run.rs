@@ -5,7 +5,6 @@ use crate::report::{CallReport, Report};
 use candle_core::Tensor;
 use magcache_core::denoise::{CallEvent, Observer};
 use magcache_core::{Error, Result};
-use std::time::Instant;
 
 /// What the runner shows while it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,10 +69,14 @@ impl Observer for Collector {
             metric: ev.decision.and_then(|d| d.metric),
         });
     }
-    fn step(&mut self, done: usize, _total: usize) {
-        if let Some(b) = &self.bar {
-            b.set_position(done as u64);
-            b.set_message(self.last.clone());
+    fn step(&mut self, done: usize, total: usize) {
+        match &self.bar {
+            Some(b) => {
+                b.set_position(done as u64);
+                b.set_message(self.last.clone());
+            }
+            // Not a terminal: a line every few seconds at most (when notes are on).
+            None => magcache_core::runtime::progress::tick("denoise: step", done, total),
         }
     }
 }
@@ -102,13 +105,14 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         json: verbosity == Verbosity::Json,
         quiet: verbosity == Verbosity::Quiet,
         calls: Vec::new(),
-        warnings: Vec::new(),
+        warnings: p.notes.clone(),
         bar,
         last: String::new(),
     };
-    let t0 = Instant::now();
+    // The loop's own stage: resets the memory high-water mark, so its peak is the loop's.
+    let stage = magcache_core::runtime::progress::Stage::begin("denoise");
     let out = p.pipeline.generate(&mut col);
-    let wall = t0.elapsed().as_secs_f64();
+    let denoise = stage.end();
     if let Some(b) = &col.bar {
         b.finish_and_clear();
     }
@@ -117,6 +121,6 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         Some(c) => c.lock()?.cached_bytes_by_scope(),
         None => Vec::new(),
     };
-    let report = Report::from_calls(p, col.calls, wall, &bytes, col.warnings);
+    let report = Report::from_calls(p, col.calls, &denoise, &bytes, col.warnings);
     Ok((out, report))
 }

@@ -390,3 +390,49 @@ fn two_unindexed_shards_with_one_tensor_are_an_error_naming_both() {
         &["part-a.safetensors", "part-b.safetensors", dup],
     );
 }
+
+/// `dtype = "auto"` (the default): f32 when the run fits, bf16 (with a note in the report) when only
+/// bf16 does; an explicit dtype is obeyed, and refused when it does not fit.
+#[test]
+fn auto_dtype_falls_back_to_bf16_only_when_f32_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    // A one-block 1.3B-wide Wan: ~56M parameters, weights ~225 MB in f32 and ~112 MB in bf16.
+    let text = |dtype: &str| {
+        format!(
+            "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\n{dtype}\n[model.overrides]\nnum_layers = 1\n\n[inputs]\nlatent_shape = [1, 16, 1, 4, 4]\ntext_len = 8\n\n[sampling]\nsteps = 1\n"
+        )
+    };
+    let run = |dtype: &str, limit: &str| {
+        let cfg = dir.path().join("run.toml");
+        std::fs::write(&cfg, text(dtype)).unwrap();
+        magcache(&["run", "--json"], &cfg, limit)
+    };
+    let warnings = |o: &Output| -> Vec<String> {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap().to_string())
+            .collect()
+    };
+    let chose_bf16 = |w: &[String]| w.iter().any(|l| l.contains("chose bf16"));
+    // Room for f32: no note.
+    assert!(!chose_bf16(&warnings(&run("", "4G"))));
+    // Room for bf16 only: the note, naming the key.
+    let w = warnings(&run("", "190M"));
+    assert!(chose_bf16(&w), "{w:?}");
+    assert!(w.iter().any(|l| l.contains("model.dtype")), "{w:?}");
+    // The same with the default spelled out.
+    assert!(chose_bf16(&warnings(&run("dtype = \"auto\"", "190M"))));
+    // An explicit f32 is obeyed: refused, naming the knob.
+    let o = run("dtype = \"f32\"", "190M");
+    check_err(
+        &o,
+        &text("dtype = \"f32\""),
+        &["run.toml", "GB", "2-byte model.dtype"],
+    );
+    // An explicit bf16 runs without a note.
+    assert!(!chose_bf16(&warnings(&run("dtype = \"bf16\"", "190M"))));
+}

@@ -121,6 +121,32 @@ fn prompted_run_through_the_binary_writes_every_output() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(stages, ["encode text", "denoise", "decode"]);
+    // Each stage's own peak, the run's true peak over all of them, the run's whole wall time.
+    let st = r["stages"].as_array().unwrap();
+    let run_peak = r["run_peak_rss_bytes"].as_u64().unwrap();
+    let mut walls = 0.0;
+    for s in st {
+        assert!(s["peak_rss_bytes"].as_u64().unwrap() <= run_peak, "{s}");
+        assert!(s["own_peak"].is_boolean(), "{s}");
+        walls += s["wall_seconds"].as_f64().unwrap();
+    }
+    assert!(r["run_wall_seconds"].as_f64().unwrap() >= walls, "{r}");
+    // Not on a terminal and not --quiet: stage notes on stderr, the stages and the run in the summary.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    for note in ["encode text ...", "denoise ...", "decode done in"] {
+        assert!(err.contains(note), "stderr should say `{note}`:\n{err}");
+    }
+    assert!(out.contains("stages: encode text"), "{out}");
+    assert!(out.contains("run: peak RSS"), "{out}");
 }
 
 /// A prompted run needs a pipeline folder, and `--video` a prompted run: one-line errors.

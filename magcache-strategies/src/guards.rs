@@ -154,25 +154,36 @@ impl Guards {
 }
 
 /// Warnings for the scopes of `plan` too short for caching to pay, with the best call speedup the
-/// guards allow (`name`: the strategy, for the message). One line per distinct step count.
+/// guards allow (`name`: the strategy, for the message). One line per distinct step count, naming
+/// every scope that has it (both experts of a Wan2.2 run, every CFG branch).
 pub fn few_step_warnings(name: &str, plan: &GenerationPlan, cfg: &GuardConfig) -> Vec<String> {
-    let mut seen = Vec::new();
-    let mut out = Vec::new();
+    let mut counts: Vec<usize> = Vec::new();
     for sp in &plan.scopes {
-        if sp.steps == 0 || sp.steps >= FEW_STEPS || seen.contains(&sp.steps) {
-            continue;
+        if sp.steps > 0 && sp.steps < FEW_STEPS && !counts.contains(&sp.steps) {
+            counts.push(sp.steps);
         }
-        seen.push(sp.steps);
-        let min = cfg.min_computed(sp.steps).max(1);
-        out.push(format!(
-            "{name}: scope {} has only {} steps (under {FEW_STEPS}): caching can skip at most {} of them (at best {:.2}x fewer calls for this scope), and on a few-step schedule each skipped call spans a large part of the noise range and costs visible quality; consider a dense run (remove [cache]) for distilled few-step models",
-            sp.key,
-            sp.steps,
-            sp.steps - min,
-            sp.steps as f64 / min as f64
-        ));
     }
-    out
+    counts
+        .into_iter()
+        .map(|steps| {
+            let scopes: Vec<String> = plan
+                .scopes
+                .iter()
+                .filter(|sp| sp.steps == steps)
+                .map(|sp| sp.key.to_string())
+                .collect();
+            let min = cfg.min_computed(steps).max(1);
+            format!(
+                "{name}: {} {} {} only {steps} steps (under {FEW_STEPS}): caching can skip at most {} of them (at best {:.2}x fewer calls for {}), and on a few-step schedule each skipped call spans a large part of the noise range and costs visible quality; consider a dense run (remove [cache]) for distilled few-step models",
+                if scopes.len() == 1 { "scope" } else { "scopes" },
+                scopes.join(", "),
+                if scopes.len() == 1 { "has" } else { "have" },
+                steps - min,
+                steps as f64 / min as f64,
+                if scopes.len() == 1 { "this scope" } else { "each" },
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -256,6 +267,10 @@ mod tests {
             "{}",
             w[0]
         );
+        // One line for both CFG branches, naming each of them.
+        let keys: Vec<String> = plan(4).scopes.iter().map(|s| s.key.to_string()).collect();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.iter().all(|k| w[0].contains(k.as_str())), "{}", w[0]);
         assert!(few_step_warnings("fbcache", &plan(12), &GuardConfig::default()).is_empty());
     }
 }

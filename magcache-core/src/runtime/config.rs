@@ -109,7 +109,9 @@ pub struct ModelSection {
     /// Any config.json field, applied over the preset or the loaded config.
     #[serde(default)]
     pub overrides: Option<toml::Table>,
-    /// Weights' precision: `f32`, `bf16` or `f16` (see [`crate::runtime::placement`]).
+    /// Weights' precision: `auto` (the default), `f32`, `bf16` or `f16` (see
+    /// [`crate::runtime::placement`]). `auto` is resolved by the runner before the model loads: `f32`
+    /// where the whole run fits by the size guard's estimate, else `bf16` ([`RunConfig::is_auto_dtype`]).
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// `cpu`, `cuda`, `cuda:N`, `metal`.
@@ -154,7 +156,7 @@ fn default_device() -> String {
 }
 
 fn default_dtype() -> String {
-    "f32".into()
+    crate::runtime::placement::AUTO_DTYPE.into()
 }
 
 /// `[inputs]`
@@ -219,6 +221,13 @@ pub struct RunConfig {
     /// every key has an owner ([`RunConfig::check_keys`]).
     #[serde(skip)]
     source: String,
+}
+
+impl RunConfig {
+    /// Whether `model.dtype` is `auto`, which the runner resolves before building the model.
+    pub fn is_auto_dtype(&self) -> bool {
+        self.model.dtype == crate::runtime::placement::AUTO_DTYPE
+    }
 }
 
 impl RunConfig {

@@ -36,16 +36,22 @@ pub fn parse_device(s: &str, file: &str) -> Result<DeviceSpec> {
     }
 }
 
-/// Parses a dtype name; errors name `file` and `model.dtype`.
+/// `dtype = "auto"`: the runner picks `f32` when the whole run fits in memory by the size guard's
+/// estimate, otherwise `bf16` (and says so in one line).
+pub const AUTO_DTYPE: &str = "auto";
+
+/// Parses a dtype name; errors name `file` and `model.dtype`. `auto` reads as `f32`: the runner
+/// resolves it before building (`magcache_cli::prepare`), and code that builds a model from a run
+/// file without the runner gets the full precision.
 pub fn parse_dtype(s: &str, file: &str) -> Result<DType> {
     match s {
-        "f32" => Ok(DType::F32),
+        "f32" | AUTO_DTYPE => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
         _ => Err(Error::config(
             file,
             "model.dtype",
-            format!("`{s}` is not supported: use \"f32\", \"bf16\" or \"f16\""),
+            format!("`{s}` is not supported: use \"auto\", \"f32\", \"bf16\" or \"f16\""),
         )),
     }
 }

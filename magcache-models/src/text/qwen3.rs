@@ -384,7 +384,8 @@ impl Qwen3Encoder {
         let rep = h / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut out = vec![x.clone()];
-        for layer in self.layers.iter().take(n) {
+        for (li, layer) in self.layers.iter().take(n).enumerate() {
+            magcache_core::runtime::progress::tick("encode text: layer", li + 1, n);
             let a = layer.ln1.forward(&x)?;
             let rope = |t: Tensor| -> Result<Tensor> {
                 Ok(candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &sin)?)

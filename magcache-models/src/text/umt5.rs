@@ -408,7 +408,9 @@ impl Umt5Encoder {
         };
         let mut shared_bias: Option<Tensor> = None;
 
-        for layer in &self.layers {
+        let n_layers = self.layers.len();
+        for (li, layer) in self.layers.iter().enumerate() {
+            magcache_core::runtime::progress::tick("encode text: layer", li + 1, n_layers);
             let bias = match &layer.rel_bias {
                 Some(t) => {
                     let bb = bias_of(t)?;

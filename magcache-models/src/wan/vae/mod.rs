@@ -119,6 +119,7 @@ impl WanVae {
                 self.encoder
                     .forward(&chunk, &mut cache, trace.as_deref_mut())?,
             );
+            magcache_core::runtime::progress::tick("encode: frame chunk", i + 1, chunks);
         }
         let enc = Tensor::cat(&outs, 1)?;
         let h = self.quant_conv.forward(&enc, &mut cache)?;
@@ -209,6 +210,7 @@ impl WanVae {
             let video = unpatchify(&out.permute((0, 2, 1, 3, 4))?, self.config.patch_size)?
                 .clamp(-1f32, 1f32)?;
             outs.push(map(&video)?.contiguous()?);
+            magcache_core::runtime::progress::tick("decode: latent frame", i + 1, frames);
         }
         Ok(outs)
     }

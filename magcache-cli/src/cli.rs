@@ -4,6 +4,7 @@
 use crate::{generate, install_signal_cleanup, list, prepare, summary, Outputs, Verbosity};
 use clap::{Parser, Subcommand};
 use magcache_core::Result;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -463,10 +464,12 @@ fn real_main(cli: Cli) -> Result<()> {
                     ("--video", &video),
                 ],
             )?;
-            // Stage notes on stderr, a terminal or not (a log shows a long stage is alive).
-            magcache_core::runtime::progress::set_visible(!quiet && !json);
+            // Stage notes on stderr; not on a terminal, only for long stages (a log shows a long
+            // stage is alive; a short or failing run prints nothing more).
+            let terminal = std::io::stderr().is_terminal();
+            magcache_core::runtime::progress::set_visible(!quiet && !json, terminal);
             let mut p = prepare(&config)?;
-            if !quiet && !json {
+            if !quiet && !json && terminal {
                 eprintln!("{}", p.pipeline.describe());
             }
             let (latents, mut rep) = generate(&mut p, verbosity(quiet, json))?;

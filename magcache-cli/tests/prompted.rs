@@ -131,10 +131,12 @@ fn prompted_run_through_the_binary_writes_every_output() {
         walls += s["wall_seconds"].as_f64().unwrap();
     }
     assert!(r["run_wall_seconds"].as_f64().unwrap() >= walls, "{r}");
-    // Not on a terminal and not --quiet: stage notes on stderr, the stages and the run in the summary.
+    // Not on a terminal and not --quiet: a long stage's progress on stderr (every unit and stage
+    // here, with the interval at 0 s), the stages and the run in the summary.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
         .args(["run", "--config"])
         .arg(&cfg)
+        .env("MAGCACHE_PROGRESS_SECONDS", "0")
         .output()
         .unwrap();
     let (out, err) = (
@@ -142,10 +144,27 @@ fn prompted_run_through_the_binary_writes_every_output() {
         String::from_utf8_lossy(&o.stderr),
     );
     assert!(o.status.success(), "{err}");
-    for note in ["encode text ...", "denoise ...", "decode done in"] {
+    for note in [
+        "encode text done in",
+        "encode text: layer 1/",
+        "denoise: step 1/",
+        "decode: latent frame 1/",
+        "decode done in",
+    ] {
         assert!(err.contains(note), "stderr should say `{note}`:\n{err}");
     }
     assert!(out.contains("stages: encode text"), "{out}");
+    // With the default interval a run this short prints no progress at all.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let quiet_err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !quiet_err.contains("done in") && !quiet_err.contains("denoise:"),
+        "{quiet_err}"
+    );
     assert!(out.contains("run: peak RSS"), "{out}");
 }
 

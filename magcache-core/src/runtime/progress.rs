@@ -7,10 +7,13 @@
 //! (Linux 4.0 and later). Where the reset is refused, a stage's figure is the process's peak so far
 //! and [`StageTime::own_peak`] says so.
 //!
-//! **Notes.** When the runner enables them ([`set_visible`]: not `--quiet`, not `--json`), a stage
-//! prints `NAME ...` when it begins and `NAME done in T s (peak M GB)` when it ends, on a terminal or
-//! not, and long stages report [`tick`]s: at most one line every [`TICK_SECONDS`] seconds, so a log
-//! file shows a run is alive without filling up.
+//! **Notes.** When the runner enables them ([`set_visible`]: not `--quiet`, not `--json`), long
+//! stages report [`tick`]s, at most one line every [`TICK_SECONDS`] seconds ([`PROGRESS_SECONDS_ENV`]
+//! changes it) (the first after a stage
+//! has run that long), and a stage that took that long prints `NAME done in T s (peak M GB)`, on a
+//! terminal or not: a log file shows a long run is alive without filling up, and a short run (or a
+//! failing one: errors are one line) prints nothing more. On a terminal every stage also prints
+//! `NAME ...` when it begins and its `done` line.
 
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,17 +21,41 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 static SHOW: AtomicBool = AtomicBool::new(false);
+static TERMINAL: AtomicBool = AtomicBool::new(false);
 /// The largest `VmHWM` seen before a reset, in bytes.
 static RUN_PEAK: AtomicU64 = AtomicU64::new(0);
 /// When the last tick line was printed.
 static LAST_TICK: Mutex<Option<Instant>> = Mutex::new(None);
 
-/// At most one [`tick`] line per this many seconds.
+/// At most one [`tick`] line per this many seconds (by default; [`PROGRESS_SECONDS_ENV`] sets it).
 pub const TICK_SECONDS: f64 = 5.0;
 
-/// Whether stage notes and ticks are printed on stderr.
-pub fn set_visible(on: bool) {
+/// The environment variable that sets the seconds between progress lines (`0`: every unit, and every
+/// stage's `done` line).
+pub const PROGRESS_SECONDS_ENV: &str = "MAGCACHE_PROGRESS_SECONDS";
+
+/// The interval in milliseconds (set by [`set_visible`]).
+static INTERVAL_MS: AtomicU64 = AtomicU64::new(5000);
+
+fn interval() -> f64 {
+    INTERVAL_MS.load(Ordering::Relaxed) as f64 / 1000.0
+}
+
+/// Whether stage notes and ticks are printed on stderr (`on`), and whether stderr is a terminal
+/// (every stage's begin and end then, else only long stages').
+pub fn set_visible(on: bool, terminal: bool) {
+    let secs = std::env::var(PROGRESS_SECONDS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(TICK_SECONDS);
+    INTERVAL_MS.store((secs * 1000.0) as u64, Ordering::Relaxed);
     SHOW.store(on, Ordering::Relaxed);
+    TERMINAL.store(terminal, Ordering::Relaxed);
+}
+
+fn terminal() -> bool {
+    TERMINAL.load(Ordering::Relaxed)
 }
 
 /// Whether stage notes and ticks are printed on stderr.
@@ -58,8 +85,12 @@ impl Stage {
     /// Begins a stage: resets the memory high-water mark (after folding it into the run's peak) and
     /// prints `NAME ...` when notes are visible.
     pub fn begin(name: &str) -> Stage {
-        if visible() {
+        if visible() && terminal() {
             eprintln!("{name} ...");
+        }
+        // The first tick of this stage comes TICK_SECONDS after its start.
+        if let Ok(mut last) = LAST_TICK.lock() {
+            *last = Some(Instant::now());
         }
         let own_peak = reset_peak();
         Stage {
@@ -81,7 +112,7 @@ impl Stage {
             peak_rss_bytes: peak,
             own_peak: self.own_peak,
         };
-        if visible() {
+        if visible() && (terminal() || t.wall_seconds >= interval()) {
             eprintln!(
                 "{} done in {:.1} s{}",
                 t.name,
@@ -96,7 +127,7 @@ impl Stage {
 }
 
 /// Progress inside a long stage: `what` `done`/`total`, printed when notes are visible and the last
-/// tick line is at least [`TICK_SECONDS`] old (and always for the last unit).
+/// tick line (or the stage's start) is at least [`TICK_SECONDS`] old.
 pub fn tick(what: &str, done: usize, total: usize) {
     if !visible() {
         return;
@@ -104,8 +135,8 @@ pub fn tick(what: &str, done: usize, total: usize) {
     let Ok(mut last) = LAST_TICK.lock() else {
         return;
     };
-    let due = last.is_none_or(|t| t.elapsed().as_secs_f64() >= TICK_SECONDS);
-    if due || done == total {
+    let due = last.is_none_or(|t| t.elapsed().as_secs_f64() >= interval());
+    if due {
         eprintln!("  {what} {done}/{total}");
         *last = Some(Instant::now());
     }

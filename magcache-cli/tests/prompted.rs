@@ -266,3 +266,46 @@ fn flux_prompted_run_writes_the_picture() {
     assert!(t.contains_key("prompt_embeds") && t.contains_key("pooled_prompt_embeds"));
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
 }
+
+/// `offload = "stream"` streams the text encoder with the transformer: the same embeddings, latents
+/// and pixels as the held run, bit for bit.
+#[test]
+fn a_streamed_prompted_run_matches_the_held_one() {
+    let meta = load_json(&format!("{PIPELINE}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path());
+    let held = run_toml(&root, &meta);
+    let streamed = held.replacen("[model]\n", "[model]\noffload = \"stream\"\n", 1);
+    let mut outs = Vec::new();
+    for (name, text) in [("held", &held), ("streamed", &streamed)] {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+            .args(["run", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        outs.push(candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap());
+    }
+    for k in [
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "final",
+        "decoded",
+    ] {
+        let a = outs[0][k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = outs[1][k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{k} differs"
+        );
+    }
+}

@@ -167,6 +167,37 @@ fn encoder_matches_last_hidden_state_and_prompt_embeds() {
     }
 }
 
+/// `offload = "stream"`'s text encoder (layers read from the checkpoint as they run) gives the held
+/// encoder's output bit for bit, within the reference tolerance, and says it streams.
+#[test]
+fn a_streamed_encoder_matches_the_held_one_exactly() {
+    let j = json();
+    let l = max_len(&j);
+    let t = load("pipelines/wan_pipeline.safetensors");
+    let held = encoder();
+    let tok = WanTokenizer::load(&tokenizer_dir()).unwrap();
+    let enc = magcache_models::text::Umt5Encoder::load_with(
+        &encoder_dir(),
+        &Device::Cpu,
+        DType::F32,
+        true,
+    )
+    .unwrap();
+    assert!(enc.is_streamed());
+    assert!(!held.encoder().unwrap().is_streamed());
+    let streamed = WanTextEncoder::from_parts(tok, enc);
+    for (name, embeds) in [
+        ("prompt", "prompt_embeds"),
+        ("negative_prompt", "negative_prompt_embeds"),
+    ] {
+        let text = j[name]["text"].as_str().unwrap();
+        let (a, _) = held.encode(text, l).unwrap();
+        let (b, _) = streamed.encode(text, l).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}");
+        assert!(max_abs_diff(&b, &t[embeds]) < TOL, "{name}");
+    }
+}
+
 #[test]
 fn empty_prompt_is_eos_alone() {
     let j = json();

@@ -85,11 +85,15 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     // The size guard for the T5 stage (loaded, used and freed before the transformer).
     let t5_cfg = root.join("text_encoder_2").join("config.json");
+    // `offload = "stream"` streams the T5 encoder too: one layer held at a time.
+    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
+        == magcache_core::Offload::Stream;
     crate::text::Umt5Config::load(&root.join("text_encoder_2"))?
         .footprint(
             max_len,
             placement.dtype.size_in_bytes(),
             &t5_cfg.display().to_string(),
+            streamed,
         )
         .check(file)?;
     let clip_cfg = root.join("text_encoder").join("config.json");
@@ -100,7 +104,8 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
         )
         .check(file)?;
     let stage = Stage::begin("encode text");
-    let enc = FluxTextEncoders::load_pipeline(root, &placement.device, placement.dtype)?;
+    let enc =
+        FluxTextEncoders::load_pipeline_with(root, &placement.device, placement.dtype, streamed)?;
     let (prompt_embeds, pooled_prompt_embeds) = enc.encode(&p.text, max_len)?;
     drop(enc);
     let check = crate::wan::prompted::check_stage;

@@ -74,6 +74,27 @@ impl FluxTextEncoders {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::load_with(
+            tokenizer,
+            tokenizer_2,
+            text_encoder,
+            text_encoder_2,
+            device,
+            dtype,
+            false,
+        )
+    }
+
+    /// [`FluxTextEncoders::load`], the T5 encoder `streamed` or not ([`Umt5Encoder::load_with`]).
+    pub fn load_with(
+        tokenizer: &Path,
+        tokenizer_2: &Path,
+        text_encoder: &Path,
+        text_encoder_2: &Path,
+        device: &Device,
+        dtype: DType,
+        streamed: bool,
+    ) -> Result<Self> {
         let clip_tokenizer = ClipTokenizer::load(tokenizer)?;
         let t5_tokenizer = WanTokenizer::load(tokenizer_2)?;
         let clip = ClipTextEncoder::load(text_encoder, device, dtype)?;
@@ -92,7 +113,7 @@ impl FluxTextEncoders {
                 ),
             ));
         }
-        let t5 = Umt5Encoder::load(text_encoder_2, device, dtype)?;
+        let t5 = Umt5Encoder::load_with(text_encoder_2, device, dtype, streamed)?;
         Ok(FluxTextEncoders {
             clip_tokenizer,
             t5_tokenizer,
@@ -104,13 +125,25 @@ impl FluxTextEncoders {
     /// [`FluxTextEncoders::load`] on `ROOT/{tokenizer, tokenizer_2, text_encoder, text_encoder_2}`
     /// of a diffusers FLUX.1 folder.
     pub fn load_pipeline(root: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load(
+        Self::load_pipeline_with(root, device, dtype, false)
+    }
+
+    /// [`FluxTextEncoders::load_pipeline`], the T5 encoder `streamed` or not
+    /// ([`Umt5Encoder::load_with`]; CLIP is small and always held).
+    pub fn load_pipeline_with(
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+        streamed: bool,
+    ) -> Result<Self> {
+        Self::load_with(
             &root.join("tokenizer"),
             &root.join("tokenizer_2"),
             &root.join("text_encoder"),
             &root.join("text_encoder_2"),
             device,
             dtype,
+            streamed,
         )
     }
 

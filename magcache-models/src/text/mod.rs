@@ -73,12 +73,19 @@ impl WanTextEncoder {
 
     /// [`WanTextEncoder::load`] on `ROOT/tokenizer` and `ROOT/text_encoder` of a pipeline folder.
     pub fn load_pipeline(root: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load(
-            &root.join("tokenizer"),
-            &root.join("text_encoder"),
-            device,
-            dtype,
-        )
+        Self::load_pipeline_with(root, device, dtype, false)
+    }
+
+    /// [`WanTextEncoder::load_pipeline`], the encoder `streamed` or not ([`Umt5Encoder::load_with`]).
+    pub fn load_pipeline_with(
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+        streamed: bool,
+    ) -> Result<Self> {
+        let tokenizer = WanTokenizer::load(&root.join("tokenizer"))?;
+        let encoder = Umt5Encoder::load_with(&root.join("text_encoder"), device, dtype, streamed)?;
+        Ok(Self::from_parts(tokenizer, encoder))
     }
 
     pub fn from_parts(tokenizer: WanTokenizer, encoder: Umt5Encoder) -> Self {

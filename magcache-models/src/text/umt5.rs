@@ -55,11 +55,15 @@ impl Umt5Config {
     /// encoder loads): the weights (`dtype_bytes` per parameter) named by `config` (the config
     /// file) and its sizes, and the activations (hidden states, feed-forward, attention scores and
     /// the relative bias, in f32) named by `prompt.max_sequence_length`.
+    ///
+    /// `streamed` ([`Umt5Encoder::load_with`]): the weights held at once are the embedding (during
+    /// the lookup) or one layer, counted as the embedding plus two layers.
     pub fn footprint(
         &self,
         max_len: usize,
         dtype_bytes: usize,
         config: &str,
+        streamed: bool,
     ) -> magcache_core::runtime::guard::Footprint {
         use crate::footprint::sz;
         let d = sz(self.d_model);
@@ -72,13 +76,21 @@ impl Umt5Config {
             sz(1)
         };
         let block = d * inner * sz(4) + d * ff + d * sz(2);
-        let params = sz(self.vocab_size) * d + sz(self.num_layers) * block + layers * bias + d;
+        let params = if streamed {
+            sz(self.vocab_size) * d + sz(2) * (block + bias) + d
+        } else {
+            sz(self.vocab_size) * d + sz(self.num_layers) * block + layers * bias + d
+        };
         let l = sz(max_len);
         let scores = sz(self.num_heads) * l * l * sz(3);
         let acts = (l * (d * sz(8) + inner * sz(4) + sz(self.d_ff) * sz(3)) + scores) * sz(4);
         let mut fp = magcache_core::runtime::guard::Footprint::default();
         fp.add(
-            "text encoder weights",
+            if streamed {
+                "text encoder weights (streamed: the embedding and two layers)"
+            } else {
+                "text encoder weights"
+            },
             format!("{config}: num_layers, d_model, d_ff, vocab_size"),
             (params * sz(dtype_bytes)).0,
         );
@@ -240,12 +252,106 @@ struct Layer {
     wo: Linear,
 }
 
+/// The embedding's checkpoint name: `shared.weight`, or T5's `encoder.embed_tokens.weight`.
+fn shared_name(store: &WeightStore) -> &'static str {
+    if store.contains("shared.weight") || !store.contains("encoder.embed_tokens.weight") {
+        "shared.weight"
+    } else {
+        "encoder.embed_tokens.weight"
+    }
+}
+
+/// The checkpoint tensors of layer `i` with their shapes.
+fn layer_tensors(c: &Umt5Config, i: usize) -> Vec<(String, Vec<usize>)> {
+    let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
+    let p = format!("encoder.block.{i}.layer");
+    let mut v = vec![
+        (format!("{p}.0.layer_norm.weight"), vec![d]),
+        (format!("{p}.0.SelfAttention.q.weight"), vec![inner, d]),
+        (format!("{p}.0.SelfAttention.k.weight"), vec![inner, d]),
+        (format!("{p}.0.SelfAttention.v.weight"), vec![inner, d]),
+        (format!("{p}.0.SelfAttention.o.weight"), vec![d, inner]),
+        (format!("{p}.1.layer_norm.weight"), vec![d]),
+        (format!("{p}.1.DenseReluDense.wo.weight"), vec![d, c.d_ff]),
+    ];
+    if c.bias_per_layer || i == 0 {
+        v.push((
+            format!("{p}.0.SelfAttention.relative_attention_bias.weight"),
+            vec![c.relative_attention_num_buckets, c.num_heads],
+        ));
+    }
+    if c.gated {
+        v.push((format!("{p}.1.DenseReluDense.wi_0.weight"), vec![c.d_ff, d]));
+        v.push((format!("{p}.1.DenseReluDense.wi_1.weight"), vec![c.d_ff, d]));
+    } else {
+        v.push((format!("{p}.1.DenseReluDense.wi.weight"), vec![c.d_ff, d]));
+    }
+    v
+}
+
+/// Layer `i` read from `store`: linear weights in the store's dtype, norms and bias in f32.
+fn build_layer(c: &Umt5Config, store: &WeightStore, i: usize) -> Result<Layer> {
+    let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
+    let p = format!("encoder.block.{i}.layer");
+    let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+        Linear::new(store.get_weight(name, &[out, inp])?, None)
+    };
+    let norm = |name: &str| -> Result<RmsNorm> {
+        Ok(RmsNorm::new(
+            store.get_shape(name, &[d])?,
+            c.layer_norm_epsilon,
+        ))
+    };
+    let bias_name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
+    let rel_bias = if c.bias_per_layer || i == 0 {
+        Some(store.get_shape(&bias_name, &[c.relative_attention_num_buckets, c.num_heads])?)
+    } else {
+        None
+    };
+    let (wi_0, wi_1) = if c.gated {
+        (
+            lin(&format!("{p}.1.DenseReluDense.wi_0.weight"), c.d_ff, d)?,
+            Some(lin(
+                &format!("{p}.1.DenseReluDense.wi_1.weight"),
+                c.d_ff,
+                d,
+            )?),
+        )
+    } else {
+        (
+            lin(&format!("{p}.1.DenseReluDense.wi.weight"), c.d_ff, d)?,
+            None,
+        )
+    };
+    Ok(Layer {
+        attn_norm: norm(&format!("{p}.0.layer_norm.weight"))?,
+        q: lin(&format!("{p}.0.SelfAttention.q.weight"), inner, d)?,
+        k: lin(&format!("{p}.0.SelfAttention.k.weight"), inner, d)?,
+        v: lin(&format!("{p}.0.SelfAttention.v.weight"), inner, d)?,
+        o: lin(&format!("{p}.0.SelfAttention.o.weight"), d, inner)?,
+        rel_bias,
+        ff_norm: norm(&format!("{p}.1.layer_norm.weight"))?,
+        wi_0,
+        wi_1,
+        wo: lin(&format!("{p}.1.DenseReluDense.wo.weight"), d, c.d_ff)?,
+    })
+}
+
+/// Where the encoder's embedding and layers live.
+enum Weights {
+    /// Loaded once and held (the default).
+    Held { shared: Tensor, layers: Vec<Layer> },
+    /// Read from the memory-mapped checkpoint when used and dropped after (`offload = "stream"`): the
+    /// embedding for the lookup, then one layer at a time.
+    Streamed { store: Box<WeightStore> },
+}
+
 /// `UMT5EncoderModel`: `forward(ids, mask) -> last_hidden_state`.
 pub struct Umt5Encoder {
     pub config: Umt5Config,
-    /// `[vocab, d_model]` in the run's weight dtype.
-    shared: Tensor,
-    layers: Vec<Layer>,
+    /// `shared.weight` (`[vocab, d_model]`, in the run's weight dtype), or the T5 spelling.
+    shared_name: String,
+    weights: Weights,
     final_norm: RmsNorm,
     device: Device,
 }
@@ -255,6 +361,15 @@ impl Umt5Encoder {
     /// with `model.safetensors.index.json`. Weights are handed out on `device`, linear weights and
     /// the embedding in `dtype`; norms and relative biases in f32.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(dir, device, dtype, false)
+    }
+
+    /// As [`Umt5Encoder::load`], with `streamed`: the embedding and the layers stay in the
+    /// memory-mapped checkpoint and are read (converted to `dtype`, moved to `device`) when used,
+    /// then dropped: the encoder holds one layer at a time (or the embedding, during the lookup),
+    /// so a 5.7B UMT5-XXL runs in the memory of its embedding. Every tensor's name and shape is
+    /// checked here, before any is read. The results are the held encoder's, bit for bit.
+    pub fn load_with(dir: &Path, device: &Device, dtype: DType, streamed: bool) -> Result<Self> {
         let config = Umt5Config::load(dir)?;
         let files = crate::weights::weight_files(dir)?;
         let mut store = WeightStore::load_files(&dir.display().to_string(), &files)?;
@@ -262,81 +377,61 @@ impl Umt5Encoder {
             device: device.clone(),
             dtype,
         });
+        let cfg_file = dir.join("config.json").display().to_string();
+        let n = config.num_layers;
+        if streamed {
+            let shared_name = shared_name(&store).to_string();
+            let c = &config;
+            store.expect(&shared_name, &[c.vocab_size, c.d_model])?;
+            for i in 0..c.num_layers {
+                for (name, shape) in layer_tensors(c, i) {
+                    store.expect(&name, &shape)?;
+                }
+            }
+            let final_norm = RmsNorm::new(
+                store.get_shape("encoder.final_layer_norm.weight", &[c.d_model])?,
+                c.layer_norm_epsilon,
+            );
+            store.check_unused(&cfg_file, |_| format!("num_layers = {n} in {cfg_file}"))?;
+            return Ok(Umt5Encoder {
+                device: device.clone(),
+                config,
+                shared_name,
+                weights: Weights::Streamed {
+                    store: Box::new(store),
+                },
+                final_norm,
+            });
+        }
         // The store is dropped on return: the model then holds the only copy of each weight.
         let model = Self::from_weights(config, &store)?;
         // A whole block left over: the config has fewer layers than the checkpoint (the
         // transformer's rule).
-        let cfg_file = dir.join("config.json").display().to_string();
-        let n = model.config.num_layers;
         store.check_unused(&cfg_file, |_| format!("num_layers = {n} in {cfg_file}"))?;
         Ok(model)
     }
 
+    /// Whether the weights are read from the checkpoint as they are used ([`Umt5Encoder::load_with`]).
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.weights, Weights::Streamed { .. })
+    }
+
     pub fn from_weights(config: Umt5Config, store: &WeightStore) -> Result<Self> {
         let c = &config;
-        let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
-        let shared_name =
-            if store.contains("shared.weight") || !store.contains("encoder.embed_tokens.weight") {
-                "shared.weight"
-            } else {
-                "encoder.embed_tokens.weight"
-            };
-        let shared = store.get_weight(shared_name, &[c.vocab_size, d])?;
-        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Linear::new(store.get_weight(name, &[out, inp])?, None)
-        };
-        let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(
-                store.get_shape(name, &[d])?,
-                c.layer_norm_epsilon,
-            ))
-        };
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
-            let p = format!("encoder.block.{i}.layer");
-            let bias_name = format!("{p}.0.SelfAttention.relative_attention_bias.weight");
-            let rel_bias = if c.bias_per_layer || i == 0 {
-                Some(
-                    store
-                        .get_shape(&bias_name, &[c.relative_attention_num_buckets, c.num_heads])?,
-                )
-            } else {
-                None
-            };
-            let (wi_0, wi_1) = if c.gated {
-                (
-                    lin(&format!("{p}.1.DenseReluDense.wi_0.weight"), c.d_ff, d)?,
-                    Some(lin(
-                        &format!("{p}.1.DenseReluDense.wi_1.weight"),
-                        c.d_ff,
-                        d,
-                    )?),
-                )
-            } else {
-                (
-                    lin(&format!("{p}.1.DenseReluDense.wi.weight"), c.d_ff, d)?,
-                    None,
-                )
-            };
-            layers.push(Layer {
-                attn_norm: norm(&format!("{p}.0.layer_norm.weight"))?,
-                q: lin(&format!("{p}.0.SelfAttention.q.weight"), inner, d)?,
-                k: lin(&format!("{p}.0.SelfAttention.k.weight"), inner, d)?,
-                v: lin(&format!("{p}.0.SelfAttention.v.weight"), inner, d)?,
-                o: lin(&format!("{p}.0.SelfAttention.o.weight"), d, inner)?,
-                rel_bias,
-                ff_norm: norm(&format!("{p}.1.layer_norm.weight"))?,
-                wi_0,
-                wi_1,
-                wo: lin(&format!("{p}.1.DenseReluDense.wo.weight"), d, c.d_ff)?,
-            });
-        }
-        let final_norm = norm("encoder.final_layer_norm.weight")?;
+        let name = shared_name(store).to_string();
+        let shared = store.get_weight(&name, &[c.vocab_size, c.d_model])?;
+        let layers = (0..c.num_layers)
+            .map(|i| build_layer(c, store, i))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = RmsNorm::new(
+            store.get_shape("encoder.final_layer_norm.weight", &[c.d_model])?,
+            c.layer_norm_epsilon,
+        );
         Ok(Umt5Encoder {
             device: store.placement().device.clone(),
             config,
-            shared,
-            layers,
+            shared_name: name,
+            weights: Weights::Held { shared, layers },
             final_norm,
         })
     }
@@ -371,11 +466,15 @@ impl Umt5Encoder {
                 c.vocab_size
             )));
         }
-        let mut h = self
-            .shared
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?
-            .reshape((b, l, c.d_model))?;
+        let mut h = match &self.weights {
+            Weights::Held { shared, .. } => shared.index_select(&ids.flatten_all()?, 0)?,
+            // Read for the lookup and dropped at once.
+            Weights::Streamed { store } => store
+                .get_weight(&self.shared_name, &[c.vocab_size, c.d_model])?
+                .index_select(&ids.flatten_all()?, 0)?,
+        }
+        .to_dtype(DType::F32)?
+        .reshape((b, l, c.d_model))?;
 
         // Additive key mask [B, 1, 1, L]: 0 on tokens, f32::MIN on padding.
         let keep = mask
@@ -408,9 +507,19 @@ impl Umt5Encoder {
         };
         let mut shared_bias: Option<Tensor> = None;
 
-        let n_layers = self.layers.len();
-        for (li, layer) in self.layers.iter().enumerate() {
+        let n_layers = c.num_layers;
+        for li in 0..n_layers {
             magcache_core::runtime::progress::tick("encode text: layer", li + 1, n_layers);
+            let read;
+            let layer = match &self.weights {
+                Weights::Held { layers, .. } => layers
+                    .get(li)
+                    .ok_or_else(|| Error::msg(format!("text encoder: no layer {li}")))?,
+                Weights::Streamed { store } => {
+                    read = build_layer(c, store, li)?;
+                    &read
+                }
+            };
             let bias = match &layer.rel_bias {
                 Some(t) => {
                     let bb = bias_of(t)?;

@@ -119,15 +119,20 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     // The size guard for the text encoder's stage (loaded, used and freed before the transformer).
     let te_cfg = root.join("text_encoder").join("config.json");
+    // `offload = "stream"` streams the text encoder too: one layer held at a time.
+    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
+        == magcache_core::Offload::Stream;
     crate::text::Umt5Config::load(&root.join("text_encoder"))?
         .footprint(
             max_len,
             placement.dtype.size_in_bytes(),
             &te_cfg.display().to_string(),
+            streamed,
         )
         .check(file)?;
     let stage = Stage::begin("encode text");
-    let enc = WanTextEncoder::load_pipeline(root, &placement.device, placement.dtype)?;
+    let enc =
+        WanTextEncoder::load_pipeline_with(root, &placement.device, placement.dtype, streamed)?;
     let (prompt_embeds, _) = enc.encode(&p.text, max_len)?;
     let negative_prompt_embeds = if guidance {
         Some(enc.encode(p.negative.as_deref().unwrap_or(""), max_len)?.0)

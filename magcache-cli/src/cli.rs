@@ -108,6 +108,11 @@ enum Cmd {
         /// (`q8_0`, `q4_0`, `q4_k`, ...; Wan families).
         #[arg(long)]
         gguf: Option<String>,
+        /// Write a pipeline folder: the transformer under `transformer/` and the family's other
+        /// released parts beside it at their released sizes (Wan text-to-video: the UMT5-XXL text
+        /// encoder and the VAE), every tensor in the run's dtype.
+        #[arg(long, conflicts_with = "gguf")]
+        pipeline: bool,
         #[arg(long)]
         quiet: bool,
     },
@@ -345,6 +350,7 @@ fn real_main(cli: Cli) -> Result<()> {
             out,
             shard_gb,
             gguf,
+            pipeline,
             quiet,
         } => {
             if !(shard_gb.is_finite() && shard_gb > 0.0) {
@@ -359,11 +365,11 @@ fn real_main(cli: Cli) -> Result<()> {
                     eprintln!("{line}");
                 }
             };
+            let shard_bytes = (shard_gb * 1e9) as u64;
             let format = match gguf {
                 Some(quant) => crate::export::Format::Gguf { quant },
-                None => crate::export::Format::Safetensors {
-                    shard_bytes: (shard_gb * 1e9) as u64,
-                },
+                None if pipeline => crate::export::Format::Pipeline { shard_bytes },
+                None => crate::export::Format::Safetensors { shard_bytes },
             };
             let r = crate::export_as(&config, &out, &format, &mut progress)?;
             if !quiet {

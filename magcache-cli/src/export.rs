@@ -44,6 +44,11 @@ pub fn export(
 pub enum Format {
     /// A diffusers folder: `config.json` and safetensors shards of at most `shard_bytes`.
     Safetensors { shard_bytes: u64 },
+    /// The transformer(s) under `transformer/` and the family's other released parts beside them
+    /// (Wan text-to-video: the UMT5-XXL `text_encoder/` and the `vae/`), safetensors shards of at
+    /// most `shard_bytes`: a pipeline folder at the released sizes with random weights, less the
+    /// tokenizer and scheduler files (`scripts/real-size-pipeline.sh` adds them).
+    Pipeline { shard_bytes: u64 },
     /// One GGUF file per transformer (`diffusion_pytorch_model-Q8_0.gguf`), matrices in `quant`
     /// (`q8_0`, `q4_k`, ...) by city96's rules, diffusers tensor names, no config (the loader infers
     /// it from the shapes).
@@ -58,8 +63,18 @@ pub fn export_as(
     progress: &mut dyn FnMut(&str),
 ) -> Result<ExportReport> {
     link_all();
-    let cfg = RunConfig::load(config)?;
+    let mut cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
+    if let Format::Pipeline { .. } = format {
+        // A `[prompt]` table is what tells an exporter to write the pipeline's other parts (a run
+        // file with one needs a folder as `weights`, so the request comes as this format).
+        cfg.prompt
+            .get_or_insert(magcache_core::runtime::config::PromptSection {
+                text: String::new(),
+                negative: None,
+                max_sequence_length: None,
+            });
+    }
     if cfg.model.weights.is_some() {
         return Err(Error::config(
             &file,
@@ -103,7 +118,9 @@ pub fn export_as(
     std::fs::create_dir(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
     crate::output::register(&tmp);
     let written = match format {
-        Format::Safetensors { shard_bytes } => write_all(&tmp, &models, *shard_bytes, progress),
+        Format::Safetensors { shard_bytes } | Format::Pipeline { shard_bytes } => {
+            write_all(&tmp, &models, *shard_bytes, progress)
+        }
         Format::Gguf { quant } => {
             let arch = exporter.gguf.ok_or_else(|| {
                 Error::msg(format!("--gguf: family `{}` has no GGUF export", fam.name))
@@ -220,14 +237,19 @@ fn write_all(
         }
         shards.push(cur);
         let count = shards.len();
+        // transformers' components of a pipeline folder (text and image encoders) are named
+        // `model*.safetensors`, diffusers' `diffusion_pytorch_model*.safetensors`.
+        let stem = if m.folder.starts_with("text_encoder") || m.folder.starts_with("image_encoder")
+        {
+            "model"
+        } else {
+            "diffusion_pytorch_model"
+        };
         let file_name = |k: usize| {
             if count == 1 {
-                "diffusion_pytorch_model.safetensors".to_string()
+                format!("{stem}.safetensors")
             } else {
-                format!(
-                    "diffusion_pytorch_model-{:05}-of-{count:05}.safetensors",
-                    k + 1
-                )
+                format!("{stem}-{:05}-of-{count:05}.safetensors", k + 1)
             }
         };
         let mut weight_map = BTreeMap::new();
@@ -287,7 +309,7 @@ fn write_all(
                 "metadata": { "total_size": folder_bytes },
                 "weight_map": weight_map,
             });
-            let path = dir.join("diffusion_pytorch_model.safetensors.index.json");
+            let path = dir.join(format!("{stem}.safetensors.index.json"));
             let text =
                 serde_json::to_string_pretty(&index).map_err(|e| Error::msg(e.to_string()))?;
             std::fs::write(&path, text + "\n")

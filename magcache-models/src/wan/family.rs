@@ -592,10 +592,23 @@ fn export_wan(
     config.insert("_class_name".into(), "WanTransformer3DModel".into());
     let n = preset.experts.max(1);
     let shapes = model::tensor_shapes(&c)?;
-    (0..n)
+    // A `[prompt]` (`magcache export --pipeline`) asks for a pipeline folder: the transformer under
+    // `transformer/`, the released text encoder and VAE beside it (text-to-video presets with the
+    // Wan2.1 VAE only).
+    let pipeline = cfg.prompt.is_some();
+    if pipeline && (c.out_channels != 16 || c.image_dim.is_some()) {
+        return Err(magcache_core::Error::config(
+            file,
+            "model.preset",
+            format!(
+                "--pipeline writes the text-to-video presets' folders (the Wan2.1 VAE: 16 latent channels, no image encoder); `{name}` is not one: export its transformer without --pipeline"
+            ),
+        ));
+    }
+    let mut out = (0..n)
         .map(|e| {
             let folder = match (n, e) {
-                (1, _) => "",
+                (1, _) if !pipeline => "",
                 (_, 0) => "transformer",
                 _ => "transformer_2",
             };
@@ -610,7 +623,14 @@ fn export_wan(
             let lora = crate::lora::tables_for(&cfg.model.lora, file, family, n, e)?;
             crate::lora::merged(g, &lora, base, &load::WanLoraNames)
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    if pipeline {
+        out.extend(super::pipeline_export::pipeline_parts(
+            cfg.model.seed,
+            dtype,
+        )?);
+    }
+    Ok(out)
 }
 
 fn export_wan21(

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod load;
 pub mod model;
 pub mod pipeline;
+pub mod pipeline_export;
 pub mod presets;
 pub mod prompted;
 pub mod vae;

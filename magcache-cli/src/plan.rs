@@ -19,12 +19,37 @@ pub struct PlanReport {
     pub total_calls: usize,
     pub predicted_speedup: f64,
     pub warnings: Vec<String>,
+    /// The weights' dtype the run uses (`auto` resolved as the runner resolves it).
+    pub dtype: String,
+    /// The size guard's estimate of each stage's peak, in the order they run (empty when the
+    /// family gives none).
+    pub memory: Vec<StageMemory>,
+    /// The memory the guard compares with (`None`: unlimited) and where that number came from.
+    pub available_bytes: Option<u64>,
+    pub available_source: String,
+}
+
+/// One stage's estimate: its total and its parts, each with the key that drives it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageMemory {
+    pub stage: String,
+    /// `None`: larger than any memory (the estimate overflowed).
+    pub bytes: Option<u64>,
+    pub parts: Vec<MemoryPart>,
+}
+
+/// One part of a stage's estimate.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryPart {
+    pub what: String,
+    pub key: String,
+    pub bytes: Option<u64>,
 }
 
 /// Predicts every call of a run from the config alone (no model is built or run).
 pub fn plan(config: &Path) -> Result<PlanReport> {
     link_all();
-    let cfg = RunConfig::load(config)?;
+    let mut cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
     let base = base_dir(config);
     let fam = family_of(&cfg, &file)?;
@@ -79,7 +104,44 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
         })
         .collect();
     let computed_calls = calls.iter().filter(|c| c.computed != Some(false)).count();
+    // Memory per stage, in the dtype the runner would choose.
+    let mut dtype = cfg.model.dtype.clone();
+    if cfg.is_auto_dtype() {
+        if let Some((d, note)) =
+            crate::prepare::auto_dtype_by_estimate(&mut cfg, &file, &base, fam)?
+        {
+            cfg.model.dtype = d.clone();
+            dtype = d;
+            warnings.extend(note);
+        } else {
+            dtype = "f32 (auto: bf16 if the run is refused in f32)".into();
+        }
+    }
+    let memory = match fam.estimate {
+        Some(est) => est(&cfg, &file, &base)?
+            .into_iter()
+            .map(|(stage, fp)| StageMemory {
+                stage,
+                bytes: fp.total(),
+                parts: fp
+                    .parts
+                    .iter()
+                    .map(|p| MemoryPart {
+                        what: p.what.clone(),
+                        key: p.knob.clone(),
+                        bytes: p.bytes,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let avail = magcache_core::runtime::guard::available_memory()?;
     Ok(PlanReport {
+        dtype,
+        memory,
+        available_bytes: avail.bytes,
+        available_source: avail.source,
         family: cfg.model.family.clone(),
         strategy,
         decides_from_data: from_data,
@@ -93,6 +155,47 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
 
 /// Human text of a plan.
 pub fn plan_text(r: &PlanReport) -> String {
+    let mut s = calls_text(r);
+    s.push_str(&memory_text(r));
+    s
+}
+
+/// The memory table of a plan: each stage's estimated peak and its largest parts.
+fn memory_text(r: &PlanReport) -> String {
+    if r.memory.is_empty() {
+        return String::new();
+    }
+    let gb = magcache_core::runtime::guard::gb;
+    let mut s = format!(
+        "memory (the size guard's estimate of each stage's peak; dtype {}; available {}, {}):\n",
+        r.dtype,
+        gb(r.available_bytes),
+        r.available_source
+    );
+    for st in &r.memory {
+        let mut parts: Vec<&MemoryPart> = st.parts.iter().collect();
+        parts.sort_by_key(|p| std::cmp::Reverse(p.bytes.unwrap_or(u64::MAX)));
+        let shown: Vec<String> = parts
+            .iter()
+            .take(4)
+            .map(|p| format!("{} {}", p.what, gb(p.bytes)))
+            .collect();
+        let fits = match (st.bytes, r.available_bytes) {
+            (_, None) => "",
+            (Some(b), Some(a)) if b <= a => "",
+            _ => "  DOES NOT FIT",
+        };
+        s.push_str(&format!(
+            "  {:<20} {:>9}{fits}  ({})\n",
+            st.stage,
+            gb(st.bytes),
+            shown.join(", ")
+        ));
+    }
+    s
+}
+
+fn calls_text(r: &PlanReport) -> String {
     let mut s = String::new();
     if r.decides_from_data {
         s.push_str(&format!(

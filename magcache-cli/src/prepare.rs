@@ -22,6 +22,36 @@ pub struct Prepared {
     pub notes: Vec<String>,
 }
 
+/// `dtype = "auto"` by the family's per-stage estimate ([`registry::EstimateRun`]): `f32` when
+/// every stage fits the available memory in f32, else `bf16` and the note naming the stage that
+/// does not fit. `None` when the family gives no estimate.
+pub(crate) fn auto_dtype_by_estimate(
+    cfg: &mut RunConfig,
+    file: &str,
+    base: &Path,
+    fam: &registry::ModelFamily,
+) -> Result<Option<(String, Option<String>)>> {
+    let Some(estimate) = fam.estimate else {
+        return Ok(None);
+    };
+    let avail = magcache_core::runtime::guard::available_memory()?;
+    // The estimate in f32; `cfg` keeps its own dtype.
+    let saved = std::mem::replace(&mut cfg.model.dtype, "f32".into());
+    let stages = estimate(cfg, file, base);
+    cfg.model.dtype = saved;
+    for (stage, fp) in stages? {
+        if let Err(Error::TooLarge { msg, .. }) = fp.check_against(file, &avail) {
+            return Ok(Some((
+                "bf16".into(),
+                Some(format!(
+                    "{file}: model.dtype = \"auto\" chose bf16: in f32 the `{stage}` stage {msg} (set model.dtype to choose)"
+                )),
+            )));
+        }
+    }
+    Ok(Some(("f32".into(), None)))
+}
+
 /// Builds the family's pipeline, with `model.dtype = "auto"` resolved in `cfg`: `f32` when the size
 /// guard lets the run build in f32 (every stage's estimate fits), otherwise `bf16`, with a note
 /// saying why. The guard refuses before a stage loads anything, so the f32 attempt costs only the
@@ -35,6 +65,16 @@ fn build_resolved(
     if !cfg.is_auto_dtype() {
         return Ok(((fam.build)(cfg, file, base)?, Vec::new()));
     }
+    if let Some((dtype, note)) = auto_dtype_by_estimate(cfg, file, base, fam)? {
+        cfg.model.dtype = dtype;
+        if let Some(n) = &note {
+            if magcache_core::runtime::progress::visible() {
+                eprintln!("note: {n}");
+            }
+        }
+        return Ok(((fam.build)(cfg, file, base)?, note.into_iter().collect()));
+    }
+    // No per-stage estimate: try f32, and bf16 when the guard refuses it.
     cfg.model.dtype = "f32".into();
     match (fam.build)(cfg, file, base) {
         Err(Error::TooLarge { msg, .. }) => {

@@ -435,4 +435,26 @@ fn auto_dtype_falls_back_to_bf16_only_when_f32_does_not_fit() {
     );
     // An explicit bf16 runs without a note.
     assert!(!chose_bf16(&warnings(&run("dtype = \"bf16\"", "190M"))));
+    // `plan` resolves it the same way and shows each stage's estimate in the chosen dtype.
+    let cfg = dir.path().join("run.toml");
+    for (limit, want) in [("4G", "f32"), ("190M", "bf16")] {
+        std::fs::write(&cfg, text("")).unwrap();
+        let o = magcache(&["plan", "--json"], &cfg, limit);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["dtype"], want, "{limit}");
+        let stages = v["memory"].as_array().unwrap();
+        assert_eq!(stages.len(), 1, "{v}");
+        assert_eq!(stages[0]["stage"], "denoise");
+        let total = stages[0]["bytes"].as_u64().unwrap();
+        let parts: u64 = stages[0]["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, parts);
+        // Fits the limit in the chosen dtype (the guard's own comparison).
+        assert!(total <= v["available_bytes"].as_u64().unwrap(), "{v}");
+    }
 }

@@ -154,6 +154,21 @@ fn prompted_run_through_the_binary_writes_every_output() {
         assert!(err.contains(note), "stderr should say `{note}`:\n{err}");
     }
     assert!(out.contains("stages: encode text"), "{out}");
+    // `plan` estimates each stage the run goes through.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["plan", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = plan["memory"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["encode text", "denoise and decode"]);
     // With the default interval a run this short prints no progress at all.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
         .args(["run", "--config"])

@@ -248,6 +248,7 @@ magcache_core::inventory::submit! {
         streams: false,
         build: no_build,
         plan: no_plan,
+        estimate: None,
     }
 }
 

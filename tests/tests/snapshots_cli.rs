@@ -25,5 +25,7 @@ fn plan_of_the_reference_magcache_run() {
         Some(&magcache_table(&meta["runs"]["magcache_b"]["config"])),
     );
     std::fs::write(&cfg, t).unwrap();
+    // The memory table names the available memory: a fixed limit keeps the text machine-independent.
+    std::env::set_var(magcache_core::runtime::guard::MEMORY_LIMIT_ENV, "8G");
     insta::assert_snapshot!(magcache_cli::plan_text(&magcache_cli::plan(&cfg).unwrap()));
 }

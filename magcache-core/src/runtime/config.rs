@@ -601,6 +601,7 @@ mod tests {
             streams: false,
             build: no_pipeline,
             plan: no_plan,
+            estimate: None,
         };
         let cfg = RunConfig::parse(BASE, "run.toml").unwrap();
         cfg.check_keys("run.toml", &family).unwrap();

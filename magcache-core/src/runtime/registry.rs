@@ -24,6 +24,14 @@ pub type PlanRun = fn(
     base_dir: &Path,
 ) -> Result<(crate::scope::GenerationPlan, ModelInfo)>;
 
+/// The size guard's estimate of each stage of a run (`"encode text"`, `"transformer and decode"`,
+/// ...), in the order they run, without loading anything (for `magcache plan` and `dtype = "auto"`).
+pub type EstimateRun = fn(
+    cfg: &RunConfig,
+    file: &str,
+    base_dir: &Path,
+) -> Result<Vec<(String, crate::runtime::guard::Footprint)>>;
+
 /// A model family, registered by the models crate with `inventory::submit!`.
 pub struct ModelFamily {
     /// `family = "..."` in the run file.
@@ -43,6 +51,9 @@ pub struct ModelFamily {
     pub streams: bool,
     pub build: BuildPipeline,
     pub plan: PlanRun,
+    /// Each stage's memory estimate ([`EstimateRun`]); `None`: the family gives none (`plan`
+    /// prints no memory table for it).
+    pub estimate: Option<EstimateRun>,
 }
 
 inventory::collect!(ModelFamily);

@@ -315,5 +315,6 @@ inventory::submit! {
         streams: true,
         build: build_flux,
         plan: plan_flux,
+        estimate: None,
     }
 }

@@ -545,5 +545,6 @@ inventory::submit! {
         streams: true,
         build: build_flux2,
         plan: plan_flux2,
+        estimate: None,
     }
 }

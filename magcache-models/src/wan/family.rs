@@ -564,6 +564,62 @@ fn plan_wan(
     ))
 }
 
+/// The size guard's estimate per stage: the text encoder (prompted runs), then the transformer(s)
+/// with the denoising's activations and the VAE decode (they are held together).
+fn estimate_wan(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    family: &str,
+) -> Result<Vec<(String, magcache_core::runtime::guard::Footprint)>> {
+    let (paths, presets) = if family == "wan2.2" {
+        (wan22_paths(cfg, file, base)?, WAN22_PRESETS)
+    } else {
+        (
+            cfg.model
+                .weights
+                .as_ref()
+                .map(|w| w.paths().iter().map(|s| wan21_path(base, s)).collect())
+                .unwrap_or_default(),
+            WAN21_PRESETS,
+        )
+    };
+    let mut out = Vec::new();
+    if cfg.prompt.is_some() {
+        let (root, _) = prompted::pipeline_root(cfg, file, base)?;
+        out.push((
+            "encode text".to_string(),
+            prompted::text_footprint(cfg, file, &root)?,
+        ));
+    }
+    let last = if cfg.prompt.is_some() {
+        "denoise and decode"
+    } else {
+        "denoise"
+    };
+    out.push((
+        last.to_string(),
+        super::footprint::wan_footprint(cfg, file, base, &paths, presets, family)?,
+    ));
+    Ok(out)
+}
+
+fn estimate_wan21(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<(String, magcache_core::runtime::guard::Footprint)>> {
+    estimate_wan(cfg, file, base, "wan2.1")
+}
+
+fn estimate_wan22(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<(String, magcache_core::runtime::guard::Footprint)>> {
+    estimate_wan(cfg, file, base, "wan2.2")
+}
+
 fn plan_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     plan_wan(cfg, file, base, "wan2.1")
 }
@@ -668,6 +724,7 @@ inventory::submit! {
         streams: true,
         build: build_wan21,
         plan: plan_wan21,
+        estimate: Some(estimate_wan21),
     }
 }
 
@@ -682,5 +739,6 @@ inventory::submit! {
         streams: true,
         build: build_wan22,
         plan: plan_wan22,
+        estimate: Some(estimate_wan22),
     }
 }

@@ -111,6 +111,33 @@ pub fn encode_image(
 
 /// Encodes the prompt (and, with guidance, the negative prompt) with the folder's tokenizer and
 /// UMT5 encoder; the encoder is dropped before this returns.
+/// The size guard's estimate of the text stage: the UMT5 encoder's weights in the run's dtype (the
+/// embedding and two layers when `offload = "stream"`, which streams it too) and its activations at
+/// `prompt.max_sequence_length`.
+pub fn text_footprint(
+    cfg: &RunConfig,
+    file: &str,
+    root: &Path,
+) -> Result<magcache_core::runtime::guard::Footprint> {
+    let max_len = cfg
+        .prompt
+        .as_ref()
+        .and_then(|p| p.max_sequence_length)
+        .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
+    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
+        == magcache_core::Offload::Stream;
+    let te_cfg = root.join("text_encoder").join("config.json");
+    Ok(
+        crate::text::Umt5Config::load(&root.join("text_encoder"))?.footprint(
+            max_len,
+            dtype.size_in_bytes(),
+            &te_cfg.display().to_string(),
+            streamed,
+        ),
+    )
+}
+
 pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Result<Prompted> {
     let Some(p) = &cfg.prompt else {
         return Err(Error::msg("internal: a prompted Wan run without [prompt]"));
@@ -118,18 +145,9 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     // The size guard for the text encoder's stage (loaded, used and freed before the transformer).
-    let te_cfg = root.join("text_encoder").join("config.json");
-    // `offload = "stream"` streams the text encoder too: one layer held at a time.
+    text_footprint(cfg, file, root)?.check(file)?;
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
-    crate::text::Umt5Config::load(&root.join("text_encoder"))?
-        .footprint(
-            max_len,
-            placement.dtype.size_in_bytes(),
-            &te_cfg.display().to_string(),
-            streamed,
-        )
-        .check(file)?;
     let stage = Stage::begin("encode text");
     let enc =
         WanTextEncoder::load_pipeline_with(root, &placement.device, placement.dtype, streamed)?;

@@ -537,12 +537,12 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-/// `--fps` given as 0 is an error (a video needs a frame rate).
+/// `--fps` must be 1 to 1000 (frames per second of `--video`), checked before any work.
 fn check_fps(fps: Option<u32>) -> Result<()> {
     match fps {
-        Some(0) => Err(magcache_core::Error::msg(
-            "--fps 0: must be at least 1 (frames per second of --video)",
-        )),
+        Some(f) if f == 0 || f > 1000 => Err(magcache_core::Error::msg(format!(
+            "--fps {f}: must be 1 to 1000 (frames per second of --video)"
+        ))),
         _ => Ok(()),
     }
 }

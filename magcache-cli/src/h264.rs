@@ -157,8 +157,8 @@ fn encode(frames: &[Vec<u8>], w: usize, h: usize, fps: u32) -> Res<Vec<u8>> {
     if frames.is_empty() || w == 0 || h == 0 {
         return Err("no frames to encode".into());
     }
-    if fps == 0 {
-        return Err("frame rate 0".into());
+    if fps == 0 || fps > 1000 {
+        return Err(format!("{fps} frames per second: give 1 to 1000"));
     }
     let (pw, ph) = coded_size(w, h);
     let width = u16::try_from(pw).map_err(|_| format!("{pw} pixels wide: too wide for MP4"))?;

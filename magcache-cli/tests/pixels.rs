@@ -392,4 +392,42 @@ fn mp4_pads_odd_sizes_and_halves_oversized_pictures() {
     let (vw, vh, got) = decode_mp4(&magcache_cli::h264::encode_mp4(&tiny, 5, 3, 16).unwrap());
     assert_eq!((vw, vh, got.len()), (16, 16, 1));
     assert!(magcache_cli::h264::encode_mp4(&[], 4, 4, 16).is_err());
+    assert!(magcache_cli::h264::encode_mp4(&tiny, 5, 3, 0).is_err());
+    assert!(magcache_cli::h264::encode_mp4(&tiny, 5, 3, u32::MAX).is_err());
+}
+
+/// A frame rate of 0 (or past 1000) and `--video` on a run without a decoder are one-line errors
+/// before any work.
+#[test]
+fn video_flags_are_checked_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cached_cfg, _) = configs(dir.path(), "wan21_tiny_prompted.toml");
+    let v = dir.path().join("v.mp4");
+    for (cmd, fps) in [("run", "0"), ("compare", "1001")] {
+        let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+            .args([cmd, "--fps", fps, "--config"])
+            .arg(&cached_cfg)
+            .arg("--video")
+            .arg(&v)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--fps"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!v.exists());
+    }
+    let digits = examples().join("digits_magcache.toml");
+    let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["compare", "--config"])
+        .arg(&digits)
+        .arg("--video")
+        .arg(&v)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--video") && err.contains("[prompt]"),
+        "{err}"
+    );
+    assert!(!v.exists());
 }

@@ -431,3 +431,29 @@ fn video_flags_are_checked_before_any_work() {
     );
     assert!(!v.exists());
 }
+
+/// How long the pixel metrics take at Wan's 480x832 (21 frames; time grows with the frames):
+/// `cargo test -p magcache-cli --test pixels -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn pixel_quality_time_at_480x832() {
+    let shape = (1usize, 21usize, 480usize, 832usize, 3usize);
+    let n = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+    let a: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let b: Vec<f32> = a
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v + (i % 13) as f32 / 500.0).min(1.0))
+        .collect();
+    let dev = candle_core::Device::Cpu;
+    let a = candle_core::Tensor::from_vec(a, shape, &dev).unwrap();
+    let b = candle_core::Tensor::from_vec(b, shape, &dev).unwrap();
+    let t0 = std::time::Instant::now();
+    let q = magcache_core::runtime::metrics::pixel_quality(&a, &b).unwrap();
+    eprintln!(
+        "21 frames 480x832: {:.2} s ({q:?})",
+        t0.elapsed().as_secs_f64()
+    );
+}

@@ -232,26 +232,34 @@ fn gaussian_ssim(x: &[f64], y: &[f64], h: usize, w: usize, taps: &[f64]) -> f64 
     let (oh, ow) = (h - k + 1, w - k + 1);
     let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
     // Five maps filtered: x, y, x^2, y^2, xy.
-    let filter = |f: &dyn Fn(usize) -> f64| -> Vec<f64> {
-        let mut rows = vec![0.0; h * ow];
+    let mut rows = vec![0.0; h * ow];
+    let mut filter = |v: &[f64]| -> Vec<f64> {
         for i in 0..h {
-            for j in 0..ow {
-                rows[i * ow + j] = (0..k).map(|t| taps[t] * f(i * w + j + t)).sum();
+            let src = &v[i * w..(i + 1) * w];
+            let dst = &mut rows[i * ow..(i + 1) * ow];
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = taps.iter().zip(&src[j..j + k]).map(|(t, s)| t * s).sum();
             }
         }
         let mut out = vec![0.0; oh * ow];
         for i in 0..oh {
-            for j in 0..ow {
-                out[i * ow + j] = (0..k).map(|t| taps[t] * rows[(i + t) * ow + j]).sum();
+            let dst = &mut out[i * ow..(i + 1) * ow];
+            for (t, &g) in taps.iter().enumerate() {
+                let src = &rows[(i + t) * ow..(i + t + 1) * ow];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += g * s;
+                }
             }
         }
         out
     };
-    let mx = filter(&|p| x[p]);
-    let my = filter(&|p| y[p]);
-    let mxx = filter(&|p| x[p] * x[p]);
-    let myy = filter(&|p| y[p] * y[p]);
-    let mxy = filter(&|p| x[p] * y[p]);
+    let product =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(u, v)| u * v).collect() };
+    let mx = filter(x);
+    let my = filter(y);
+    let mxx = filter(&product(x, x));
+    let myy = filter(&product(y, y));
+    let mxy = filter(&product(x, y));
     let mut total = 0.0;
     for p in 0..oh * ow {
         let (u, v) = (mx[p], my[p]);

@@ -41,12 +41,13 @@ enum Cmd {
         /// grid of planes (PNG).
         #[arg(long)]
         png: Option<PathBuf>,
-        /// The decoded video of a prompted Wan run: .mp4 (needs ffmpeg), .gif, or .png (frame grid).
+        /// The decoded video of a prompted Wan run: .mp4 (H.264, written in process), .gif, or .png
+        /// (frame grid).
         #[arg(long)]
         video: Option<PathBuf>,
-        /// Frames per second of --video (Wan's 16 by default).
-        #[arg(long, default_value_t = 16)]
-        fps: u32,
+        /// Frames per second of --video (default: the model's, Wan 16, Wan2.2 TI2V 24).
+        #[arg(long)]
+        fps: Option<u32>,
     },
     /// Run dense and cached on the same inputs and compare speed and quality.
     Compare {
@@ -55,9 +56,18 @@ enum Cmd {
         /// The per-call compute/reuse map with the strategy's metric and threshold (SVG).
         #[arg(long)]
         plot: Option<PathBuf>,
-        /// Dense, cached and |difference| (x4) as three rows of pictures (PNG).
+        /// Dense | cached | |difference| x4 side by side (PNG): the decoded image of a prompted
+        /// run (a video: one row per frame, at most 9 evenly spaced), else the final latents'
+        /// planes as three rows.
         #[arg(long)]
         png: Option<PathBuf>,
+        /// Dense | cached | |difference| x4 side by side as a video, for a prompted video run:
+        /// .mp4 (H.264, written in process), .gif, or .png (frame grid).
+        #[arg(long)]
+        video: Option<PathBuf>,
+        /// Frames per second of --video (default: the model's, Wan 16).
+        #[arg(long)]
+        fps: Option<u32>,
         /// Value range for PSNR/SSIM and pictures (default: the dense result's max - min).
         #[arg(long)]
         data_range: Option<f64>,
@@ -387,6 +397,8 @@ fn real_main(cli: Cli) -> Result<()> {
             config,
             plot,
             png,
+            video,
+            fps,
             data_range,
             repeat,
             quiet,
@@ -404,7 +416,12 @@ fn real_main(cli: Cli) -> Result<()> {
                     )));
                 }
             }
-            let mut outs = plan_outputs(&config, &[("--plot", &plot), ("--png", &png)])?;
+            check_fps(fps)?;
+            let video_kind = video_kind_of(&config, &video)?;
+            let mut outs = plan_outputs(
+                &config,
+                &[("--plot", &plot), ("--png", &png), ("--video", &video)],
+            )?;
             let c = crate::compare(&config, verbosity(quiet, json), data_range, repeat)?;
             let r = &c.report;
             if let Some(f) = &plot {
@@ -416,7 +433,24 @@ fn real_main(cli: Cli) -> Result<()> {
                     crate::image::calls_svg(&title, &r.cached.calls, r.threshold, c.metric_name);
                 outs.write(f, svg.as_bytes())?;
             }
-            if let Some(f) = &png {
+            let side_by_side = match &c.decoded {
+                Some((d, k)) => Some(crate::video::Frames::comparison(d, k, 4.0)?),
+                None => None,
+            };
+            if let (Some(v), Some(kind)) = (&video, video_kind) {
+                let frames = side_by_side.as_ref().ok_or_else(|| {
+                    magcache_core::Error::msg(format!(
+                        "--video {}: the run produced no decoded frames",
+                        v.display()
+                    ))
+                })?;
+                let fps = fps.or(c.frame_rate).unwrap_or(16);
+                write_video(&mut outs, v, kind, frames, fps, 1)?;
+            }
+            if let (Some(f), Some(frames)) = (&png, &side_by_side) {
+                // A video's picture: at most 9 frames, evenly spaced, one row each.
+                outs.write(f, &frames.evenly(9).grid_png(1)?)?;
+            } else if let Some(f) = &png {
                 let (lo, hi) = picture_range(&c.dense_planes, data_range)?;
                 let diff = ((&c.dense_planes - &c.cached_planes)?.abs()? * 4.0)?;
                 let diff = (diff + lo as f64)?;
@@ -448,19 +482,8 @@ fn real_main(cli: Cli) -> Result<()> {
             fps,
         } => {
             let start = std::time::Instant::now();
-            let video_kind = match &video {
-                Some(v) => {
-                    let cfg = magcache_core::RunConfig::load(&config)?;
-                    if cfg.prompt.is_none() {
-                        return Err(magcache_core::Error::msg(format!(
-                            "--video {}: only a prompted run (a `[prompt]` table) has decoded frames to write",
-                            v.display()
-                        )));
-                    }
-                    Some(crate::video::video_kind("--video", v)?)
-                }
-                None => None,
-            };
+            check_fps(fps)?;
+            let video_kind = video_kind_of(&config, &video)?;
             let mut outs = plan_outputs(
                 &config,
                 &[
@@ -503,12 +526,8 @@ fn real_main(cli: Cli) -> Result<()> {
                     magcache_core::Error::msg("--video: the run produced no decoded frames")
                 })?;
                 let frames = crate::video::Frames::from_decoded(d)?;
-                use crate::video::VideoKind;
-                match kind {
-                    VideoKind::Png => outs.write(v, &frames.grid_png(8)?)?,
-                    VideoKind::Gif => outs.write(v, &frames.gif(fps)?)?,
-                    VideoKind::Mp4 => outs.write_with(v, |tmp| frames.mp4(fps, tmp))?,
-                }
+                let fps = fps.or(p.pipeline.frame_rate()).unwrap_or(16);
+                write_video(&mut outs, v, kind, &frames, fps, 8)?;
             }
             if let Some(r) = &report {
                 let text = serde_json::to_string_pretty(&rep)
@@ -522,6 +541,58 @@ fn real_main(cli: Cli) -> Result<()> {
                 print!("{}", summary(&rep));
             }
             Ok(())
+        }
+    }
+}
+
+/// `--fps` must be 1 to 1000 (frames per second of `--video`), checked before any work.
+fn check_fps(fps: Option<u32>) -> Result<()> {
+    match fps {
+        Some(f) if f == 0 || f > 1000 => Err(magcache_core::Error::msg(format!(
+            "--fps {f}: must be 1 to 1000 (frames per second of --video)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The container `--video` asks for, checked before any work: only a prompted run (a `[prompt]`
+/// table) has decoded frames.
+fn video_kind_of(
+    config: &Path,
+    video: &Option<PathBuf>,
+) -> Result<Option<crate::video::VideoKind>> {
+    let Some(v) = video else {
+        return Ok(None);
+    };
+    let cfg = magcache_core::RunConfig::load(config)?;
+    if cfg.prompt.is_none() {
+        return Err(magcache_core::Error::msg(format!(
+            "--video {}: only a prompted run (a `[prompt]` table) has decoded frames to write",
+            v.display()
+        )));
+    }
+    Ok(Some(crate::video::video_kind("--video", v)?))
+}
+
+/// Writes `frames` at `fps` as `kind` into `path` (through the planned outputs); a PNG grid holds
+/// `per_row` frames a row.
+fn write_video(
+    outs: &mut Outputs,
+    path: &Path,
+    kind: crate::video::VideoKind,
+    frames: &crate::video::Frames,
+    fps: u32,
+    per_row: usize,
+) -> Result<()> {
+    use crate::video::VideoKind;
+    match kind {
+        VideoKind::Png => outs.write(path, &frames.grid_png(per_row)?),
+        VideoKind::Gif => outs.write(path, &frames.gif(fps)?),
+        VideoKind::Mp4 => {
+            let bytes = frames.mp4(fps).map_err(|e| {
+                magcache_core::Error::msg(format!("--video {}: {e}", path.display()))
+            })?;
+            outs.write(path, &bytes)
         }
     }
 }

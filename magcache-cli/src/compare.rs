@@ -32,7 +32,16 @@ pub struct CompareReport {
     pub cached_wall_runs: Vec<f64>,
     /// The untimed run made before timing: `"cached"` (one full run with the cache).
     pub warmup: String,
+    /// The cached result against the dense one: on the decoded pixels for a prompted run (both
+    /// finals decoded; [`magcache_core::runtime::metrics::pixel_quality`]), else on the final
+    /// latents (which are the pixels for models without a decoder, the digits model).
     pub quality: magcache_core::runtime::metrics::Quality,
+    /// What `quality` was measured on: `"pixels"` or `"latents"`.
+    pub quality_on: String,
+    /// The final latents' figures of a prompted run (where `quality` is the pixels'); absent
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent_quality: Option<magcache_core::runtime::metrics::Quality>,
     pub threshold: Option<f64>,
     pub cached: Report,
 }
@@ -43,6 +52,10 @@ pub struct Comparison {
     pub cached: Tensor,
     pub dense_planes: Tensor,
     pub cached_planes: Tensor,
+    /// Both finals decoded (`[B, F, H, W, 3]` or `[B, H, W, 3]` in [0, 1]) for a prompted run.
+    pub decoded: Option<(Tensor, Tensor)>,
+    /// Frames per second of the family's videos (`Pipeline::frame_rate`).
+    pub frame_rate: Option<u32>,
     pub report: CompareReport,
     /// What the strategy's per-call metric measures (plot label).
     pub metric_name: &'static str,
@@ -140,13 +153,35 @@ pub fn compare(
     rep.wall_seconds = cached_wall;
     let dense_planes = p.pipeline.to_planes(&dense)?;
     let cached_planes = p.pipeline.to_planes(&cached)?;
-    let quality = magcache_core::runtime::metrics::quality(
+    let latent = magcache_core::runtime::metrics::quality(
         &dense,
         &cached,
         &dense_planes,
         &cached_planes,
         data_range,
     )?;
+    // A prompted run decodes both finals (the decoder the run would use); quality is then measured
+    // on what a person sees.
+    let decoded_of = |extra: Vec<(String, Tensor)>| {
+        extra
+            .into_iter()
+            .find(|(k, _)| k == "decoded")
+            .map(|(_, t)| t)
+    };
+    let dense_decoded = decoded_of(p.pipeline.finish(&dense)?);
+    let cached_decoded = match dense_decoded {
+        Some(_) => decoded_of(p.pipeline.finish(&cached)?),
+        None => None,
+    };
+    let decoded = dense_decoded.zip(cached_decoded);
+    let (quality, quality_on, latent_quality) = match &decoded {
+        Some((d, c)) => (
+            magcache_core::runtime::metrics::pixel_quality(d, c)?,
+            "pixels",
+            Some(latent),
+        ),
+        None => (latent, "latents", None),
+    };
     let report = CompareReport {
         family: rep.family.clone(),
         model: rep.model.clone(),
@@ -163,6 +198,8 @@ pub fn compare(
         cached_wall_runs: cached_runs,
         warmup: "cached".into(),
         quality,
+        quality_on: quality_on.into(),
+        latent_quality,
         threshold: p.cfg.strategy().threshold(),
         cached: rep,
     };
@@ -172,6 +209,8 @@ pub fn compare(
         cached,
         dense_planes,
         cached_planes,
+        decoded,
+        frame_rate: p.pipeline.frame_rate(),
         report,
     })
 }
@@ -199,14 +238,34 @@ pub fn compare_text(r: &CompareReport) -> String {
         "| speedup (calls / wall) | 1.00x / 1.00x | {:.2}x / {:.2}x |\n",
         r.speedup_calls, r.speedup_wall
     ));
+    if r.quality_on == "pixels" {
+        s.push_str(&format!(
+            "| PSNR vs dense, decoded pixels (dB, per frame) | - | {:.2} |\n",
+            q.psnr_db
+        ));
+        s.push_str(&format!(
+            "| SSIM vs dense, decoded pixels | - | {:.4} |\n",
+            q.ssim
+        ));
+        s.push_str(&format!(
+            "| max / mean abs error, pixels in [0, 1] | - | {:.4} / {:.5} |\n",
+            q.max_abs, q.mean_abs
+        ));
+    }
+    let l = r.latent_quality.as_ref().unwrap_or(q);
+    let on = if r.latent_quality.is_some() {
+        ", latents"
+    } else {
+        ""
+    };
     s.push_str(&format!(
-        "| PSNR vs dense (dB, range {:.3}) | - | {:.2} |\n",
-        q.data_range, q.psnr_db
+        "| PSNR vs dense{on} (dB, range {:.3}) | - | {:.2} |\n",
+        l.data_range, l.psnr_db
     ));
-    s.push_str(&format!("| SSIM vs dense | - | {:.4} |\n", q.ssim));
+    s.push_str(&format!("| SSIM vs dense{on} | - | {:.4} |\n", l.ssim));
     s.push_str(&format!(
-        "| max / mean abs error | - | {:.4} / {:.5} |\n",
-        q.max_abs, q.mean_abs
+        "| max / mean abs error{on} | - | {:.4} / {:.5} |\n",
+        l.max_abs, l.mean_abs
     ));
     let map: String = r
         .cached

@@ -10,6 +10,7 @@ mod calibrate;
 mod cli;
 mod compare;
 mod export;
+pub mod h264;
 pub mod image;
 mod list;
 mod output;

@@ -537,7 +537,7 @@ impl Outputs {
         Ok(())
     }
 
-    /// Lets `write` fill output `path`'s temporary (an external writer such as ffmpeg).
+    /// Lets `write` fill output `path`'s temporary (a writer that wants a path, not bytes).
     pub fn write_with(
         &mut self,
         path: &Path,

@@ -1,9 +1,10 @@
 //! Pictures a person opens from decoded pixels: `.png` (every frame side by side in a grid), `.gif`
-//! (the `gif` crate, frames quantised by its NeuQuant), `.mp4` (H.264 through `ffmpeg` on PATH).
+//! (the `gif` crate, frames quantised by its NeuQuant), `.mp4` (H.264, encoded and muxed in process:
+//! [`crate::h264`]).
 
 use candle_core::Tensor;
 use magcache_core::{Error, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Container kinds `--video` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,8 +14,7 @@ pub enum VideoKind {
     Mp4,
 }
 
-/// The kind of `path` by its extension; `Err` names the flag and the kinds known. `.mp4` also needs
-/// `ffmpeg` on PATH, checked here so the run fails before any work.
+/// The kind of `path` by its extension; `Err` names the flag and the kinds known.
 pub fn video_kind(flag: &str, path: &Path) -> Result<VideoKind> {
     let ext = path
         .extension()
@@ -27,26 +27,12 @@ pub fn video_kind(flag: &str, path: &Path) -> Result<VideoKind> {
         "mp4" => VideoKind::Mp4,
         _ => {
             return Err(Error::msg(format!(
-                "{flag} {}: unknown picture format `.{ext}` (use .mp4 (needs ffmpeg), .gif, or .png for a grid of frames)",
+                "{flag} {}: unknown picture format `.{ext}` (use .mp4, .gif, or .png for a grid of frames)",
                 path.display()
             )))
         }
     };
-    if kind == VideoKind::Mp4 && find_on_path("ffmpeg").is_none() {
-        return Err(Error::msg(format!(
-            "{flag} {}: writing .mp4 needs `ffmpeg` on PATH, which was not found (install ffmpeg, or write .gif or .png)",
-            path.display()
-        )));
-    }
     Ok(kind)
-}
-
-fn find_on_path(exe: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(exe))
-            .find(|p| p.is_file())
-    })
 }
 
 /// Frames of one sample as 8-bit RGB: `pixels` is `[F, H, W, 3]` (or `[H, W, 3]`) in [0, 1].
@@ -119,6 +105,69 @@ impl Frames {
         })
     }
 
+    /// Several sets of frames side by side (dense | cached | difference), left to right, 2-pixel
+    /// dark gaps between them: frame `i` of the result holds frame `i` of every set.
+    pub fn side_by_side(sets: &[Frames]) -> Result<Frames> {
+        let first = sets.first().ok_or_else(|| Error::msg("nothing to draw"))?;
+        let (w, h, n) = (first.width, first.height, first.rgb.len());
+        if sets
+            .iter()
+            .any(|s| (s.width, s.height, s.rgb.len()) != (w, h, n))
+        {
+            return Err(Error::msg("pictures side by side need one size"));
+        }
+        let gap = 2;
+        let width = sets.len() * w + (sets.len() - 1) * gap;
+        let rgb = (0..n)
+            .map(|f| {
+                let mut out = vec![40u8; width * h * 3];
+                for (k, s) in sets.iter().enumerate() {
+                    let x0 = k * (w + gap);
+                    for y in 0..h {
+                        let dst = (y * width + x0) * 3;
+                        out[dst..dst + w * 3]
+                            .copy_from_slice(&s.rgb[f][y * w * 3..(y + 1) * w * 3]);
+                    }
+                }
+                out
+            })
+            .collect();
+        Ok(Frames {
+            width,
+            height: h,
+            rgb,
+        })
+    }
+
+    /// Dense | cached | |dense - cached| x `gain` side by side, from two decoded outputs
+    /// (`[B, F, H, W, 3]` or `[B, H, W, 3]`, sample 0).
+    pub fn comparison(dense: &Tensor, cached: &Tensor, gain: f64) -> Result<Frames> {
+        let diff = ((dense - cached)?.abs()? * gain)?;
+        Frames::side_by_side(&[
+            Frames::from_decoded(dense)?,
+            Frames::from_decoded(cached)?,
+            Frames::from_decoded(&diff)?,
+        ])
+    }
+
+    /// At most `n` of the frames, evenly spaced from the first to the last (all when there are no
+    /// more than `n`).
+    pub fn evenly(&self, n: usize) -> Frames {
+        let total = self.rgb.len();
+        let rgb = if total <= n || n < 2 {
+            self.rgb.iter().take(n.max(1)).cloned().collect()
+        } else {
+            (0..n)
+                .map(|i| self.rgb[(i * (total - 1) + (n - 1) / 2) / (n - 1)].clone())
+                .collect()
+        };
+        Frames {
+            width: self.width,
+            height: self.height,
+            rgb,
+        }
+    }
+
     /// Every frame side by side, wrapping after `per_row`, 2-pixel dark gaps: one RGB PNG.
     pub fn grid_png(&self, per_row: usize) -> Result<Vec<u8>> {
         let n = self.rgb.len().max(1);
@@ -162,70 +211,8 @@ impl Frames {
         Ok(out)
     }
 
-    /// H.264 MP4 written by `ffmpeg` into `dest` (raw RGB frames on its stdin).
-    pub fn mp4(&self, fps: u32, dest: &Path) -> Result<()> {
-        use std::io::Write;
-        let shown = dest.display().to_string();
-        let mut child = std::process::Command::new("ffmpeg")
-            .args([
-                "-y",
-                "-loglevel",
-                "error",
-                "-f",
-                "rawvideo",
-                "-pix_fmt",
-                "rgb24",
-            ])
-            .args(["-s", &format!("{}x{}", self.width, self.height)])
-            .args(["-r", &fps.to_string(), "-i", "-"])
-            // yuv420p needs even sizes: pad by one pixel where odd.
-            .args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"])
-            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4"])
-            .arg(dest)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::io(&shown, format!("cannot start ffmpeg: {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            for f in &self.rgb {
-                stdin
-                    .write_all(f)
-                    .map_err(|e| Error::io(&shown, format!("ffmpeg: {e}")))?;
-            }
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::io(&shown, format!("ffmpeg: {e}")))?;
-        if !out.status.success() {
-            let msg = String::from_utf8_lossy(&out.stderr);
-            return Err(Error::io(
-                &shown,
-                format!(
-                    "ffmpeg failed: {}",
-                    msg.lines().next().unwrap_or("no message")
-                ),
-            ));
-        }
-        // An encoder that exits 0 without writing a video (or writes something else) must not
-        // leave an empty or broken .mp4: an MP4 file starts with its `ftyp` box.
-        let mut head = [0u8; 8];
-        let n = std::fs::File::open(dest)
-            .and_then(|mut f| {
-                use std::io::Read;
-                f.read(&mut head)
-            })
-            .unwrap_or(0);
-        if n < 8 || &head[4..8] != b"ftyp" {
-            return Err(Error::io(
-                &shown,
-                if n == 0 {
-                    "ffmpeg exited successfully but wrote an empty video; nothing written"
-                } else {
-                    "ffmpeg exited successfully but wrote no MP4 video (no `ftyp` box at the start); nothing written"
-                },
-            ));
-        }
-        Ok(())
+    /// An H.264 MP4 at `fps`, encoded and muxed in process ([`crate::h264`]).
+    pub fn mp4(&self, fps: u32) -> Result<Vec<u8>> {
+        crate::h264::encode_mp4(&self.rgb, self.width, self.height, fps)
     }
 }

@@ -76,6 +76,9 @@ fn compare_reports_quality_and_writes_plot_and_png() {
     assert_eq!(r["cached_computed_calls"], 26);
     let psnr = r["quality"]["psnr_db"].as_f64().unwrap();
     let ssim = r["quality"]["ssim"].as_f64().unwrap();
+    // The digits model has no decoder: its latents are the pixels, measured as such.
+    assert_eq!(r["quality_on"], "latents");
+    assert!(r.get("latent_quality").is_none());
     assert!((35.0..60.0).contains(&psnr), "PSNR {psnr}");
     assert!((0.9..1.0).contains(&ssim), "SSIM {ssim}");
     let text = std::fs::read_to_string(&svg).unwrap();

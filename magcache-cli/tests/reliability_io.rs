@@ -2,7 +2,7 @@
 //! destroyed and special files are never replaced (1), outputs are committed all or nothing (2),
 //! random tensors go through the size guard (3), a checkpoint truncated under a streamed run is an
 //! error (4), non-finite decodes and encodings stop the run (5), and messages and leftovers (7):
-//! long output names, killed exports, empty videos, a bad `flow_shift`.
+//! long output names, killed exports, MP4 without ffmpeg, a bad `flow_shift`.
 
 mod common;
 
@@ -541,9 +541,10 @@ fn class7_a_killed_exports_partial_folder_is_cleaned_by_the_next() {
     assert!(d.path().join("small/config.json").is_file());
 }
 
-/// An encoder that exits 0 without writing a video is an error, not an empty `.mp4`.
+/// `.mp4` is written in process: an `ffmpeg` first on PATH that would write nothing (and exit 0)
+/// is never run, and the video is a real MP4 (`ftyp` then `moov`).
 #[test]
-fn class7_an_empty_video_from_the_encoder_is_an_error() {
+fn class7_mp4_is_written_without_running_ffmpeg() {
     let d = tempfile::tempdir().unwrap();
     prompted_case(d.path());
     let fake = d.path().join("bin");
@@ -552,23 +553,26 @@ fn class7_an_empty_video_from_the_encoder_is_an_error() {
     std::fs::write(&ffmpeg, "#!/bin/sh\ncat > /dev/null\nexit 0\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&ffmpeg, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
     let video = d.path().join("v.mp4");
-    let out = d.path().join("o.safetensors");
     let before = tree(d.path());
     let o = bin()
         .args(["run", "--quiet", "--config"])
         .arg(d.path().join("run.toml"))
         .arg("--video")
         .arg(&video)
-        .arg("--out")
-        .arg(&out)
-        .env("PATH", path)
+        .env("PATH", &fake)
         .output()
         .unwrap();
-    check_err(&o, &["v.mp4", "--video", "empty video"]);
-    assert!(!video.exists() && !out.exists());
-    assert_eq!(tree(d.path()), before);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Only the video appeared (no temporary left behind).
+    let mut want = before;
+    want.push("v.mp4".to_string());
+    want.sort();
+    assert_eq!(tree(d.path()), want);
+    let bytes = std::fs::read(&video).unwrap();
+    assert_eq!(&bytes[4..8], b"ftyp");
+    let moov = u32::from_be_bytes(bytes[0..4].try_into().unwrap()) as usize;
+    assert_eq!(&bytes[moov + 4..moov + 8], b"moov");
 }
 
 /// A `flow_shift` in a scheduler config that breaks the schedule is blamed on that file and key.

@@ -6,6 +6,10 @@
 //! - `ssim`: mean structural similarity over every 2-D image plane (`[N, H, W]`), with a 7x7 uniform
 //!   window (smaller for smaller planes), `C1 = (0.01 range)^2`, `C2 = (0.03 range)^2` and the sample
 //!   covariance, as scikit-image's default `structural_similarity`.
+//!
+//! [`pixel_quality`] measures decoded pixels as the papers' evaluation scripts do (the
+//! `common_metrics_on_video_quality` scripts the TeaCache and MagCache evaluations run): pixels in
+//! [0, 1], PSNR and SSIM per frame, then the mean over the frames.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -128,6 +132,143 @@ pub fn ssim(a: &Tensor, b: &Tensor, range: f64) -> Result<f64> {
     })
 }
 
+/// Frames of decoded pixels: `(frames, height, width, channels, values)` of `[B, F, H, W, C]` (a
+/// video; `B * F` frames) or `[B, H, W, C]` (images; `B` frames), values as f64.
+fn frames_of(t: &Tensor) -> Result<(usize, usize, usize, usize, Vec<f64>)> {
+    let d = t.dims();
+    let (n, h, w, c) = match *d {
+        [b, f, h, w, c] => (b * f, h, w, c),
+        [b, h, w, c] => (b, h, w, c),
+        _ => {
+            return Err(Error::msg(format!(
+                "decoded pixels of shape {d:?}: expected [B, F, H, W, C] or [B, H, W, C]"
+            )))
+        }
+    };
+    let v = flat(t)?.into_iter().map(f64::from).collect();
+    Ok((n, h, w, c, v))
+}
+
+/// The per-frame PSNR a frame gets when it equals the reference (MSE below 1e-10), as the papers'
+/// scripts give it.
+pub const PSNR_IDENTICAL_DB: f64 = 100.0;
+
+/// The normalised 1-D Gaussian of `size` taps, sigma 1.5 (OpenCV's `getGaussianKernel(size, 1.5)`).
+fn gaussian_taps(size: usize) -> Vec<f64> {
+    let mid = (size / 2) as f64;
+    let g: Vec<f64> = (0..size)
+        .map(|i| (-((i as f64 - mid).powi(2)) / (2.0 * 1.5 * 1.5)).exp())
+        .collect();
+    let s: f64 = g.iter().sum();
+    g.into_iter().map(|v| v / s).collect()
+}
+
+/// Quality of decoded pixels `test` against `reference` (same shape, `[B, F, H, W, C]` or
+/// `[B, H, W, C]`, values in [0, 1]; values outside are clamped to it first):
+///
+/// - `psnr_db`: per frame `10 log10(1 / MSE)` with the MSE over the frame's `H * W * C` values
+///   ([`PSNR_IDENTICAL_DB`] where the MSE is below 1e-10), then the mean over the frames.
+/// - `ssim`: per frame and channel, SSIM with an 11x11 Gaussian window of sigma 1.5 (smaller frames:
+///   the largest odd size that fits, same sigma, renormalised) over the windows wholly inside the
+///   frame, `C1 = 0.01^2`, `C2 = 0.03^2`, weighted (biased) variances; the mean of the map, then
+///   the mean over channels, then over frames (Wang et al. 2004 as the scripts compute it).
+/// - `max_abs`, `mean_abs` over every value; `data_range` 1.
+pub fn pixel_quality(reference: &Tensor, test: &Tensor) -> Result<Quality> {
+    if reference.dims() != test.dims() {
+        return Err(Error::msg(format!(
+            "cannot compare decoded pixels of shapes {:?} and {:?}",
+            reference.dims(),
+            test.dims()
+        )));
+    }
+    let (n, h, w, c, a) = frames_of(reference)?;
+    let (_, _, _, _, b) = frames_of(test)?;
+    let a: Vec<f64> = a.into_iter().map(|v| v.clamp(0.0, 1.0)).collect();
+    let b: Vec<f64> = b.into_iter().map(|v| v.clamp(0.0, 1.0)).collect();
+    let per = h * w * c;
+    let (mut max_abs, mut sum_abs) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        let d = (x - y).abs();
+        max_abs = max_abs.max(d);
+        sum_abs += d;
+    }
+    let win = 11.min(h).min(w);
+    let win = if win % 2 == 0 { win - 1 } else { win };
+    let taps = gaussian_taps(win.max(1));
+    let (mut psnr_sum, mut ssim_sum) = (0.0, 0.0);
+    for f in 0..n {
+        let x = &a[f * per..(f + 1) * per];
+        let y = &b[f * per..(f + 1) * per];
+        let mse = x.iter().zip(y).map(|(u, v)| (u - v) * (u - v)).sum::<f64>() / per.max(1) as f64;
+        psnr_sum += if mse < 1e-10 {
+            PSNR_IDENTICAL_DB
+        } else {
+            10.0 * (1.0 / mse).log10()
+        };
+        let mut frame_ssim = 0.0;
+        for ch in 0..c {
+            let plane = |v: &[f64]| -> Vec<f64> { (0..h * w).map(|k| v[k * c + ch]).collect() };
+            frame_ssim += gaussian_ssim(&plane(x), &plane(y), h, w, &taps);
+        }
+        ssim_sum += frame_ssim / c.max(1) as f64;
+    }
+    let frames = n.max(1) as f64;
+    Ok(Quality {
+        psnr_db: psnr_sum / frames,
+        ssim: ssim_sum / frames,
+        max_abs,
+        mean_abs: sum_abs / a.len().max(1) as f64,
+        data_range: 1.0,
+    })
+}
+
+/// Mean SSIM of one `h x w` plane pair over the windows wholly inside it, the window the outer
+/// product of `taps` (separable: rows, then columns); 1 when no window fits.
+fn gaussian_ssim(x: &[f64], y: &[f64], h: usize, w: usize, taps: &[f64]) -> f64 {
+    let k = taps.len();
+    if k == 0 || h < k || w < k {
+        return 1.0;
+    }
+    let (oh, ow) = (h - k + 1, w - k + 1);
+    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+    // Five maps filtered: x, y, x^2, y^2, xy.
+    let mut rows = vec![0.0; h * ow];
+    let mut filter = |v: &[f64]| -> Vec<f64> {
+        for i in 0..h {
+            let src = &v[i * w..(i + 1) * w];
+            let dst = &mut rows[i * ow..(i + 1) * ow];
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = taps.iter().zip(&src[j..j + k]).map(|(t, s)| t * s).sum();
+            }
+        }
+        let mut out = vec![0.0; oh * ow];
+        for i in 0..oh {
+            let dst = &mut out[i * ow..(i + 1) * ow];
+            for (t, &g) in taps.iter().enumerate() {
+                let src = &rows[(i + t) * ow..(i + t + 1) * ow];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += g * s;
+                }
+            }
+        }
+        out
+    };
+    let product =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(u, v)| u * v).collect() };
+    let mx = filter(x);
+    let my = filter(y);
+    let mxx = filter(&product(x, x));
+    let myy = filter(&product(y, y));
+    let mxy = filter(&product(x, y));
+    let mut total = 0.0;
+    for p in 0..oh * ow {
+        let (u, v) = (mx[p], my[p]);
+        let (vx, vy, cxy) = (mxx[p] - u * u, myy[p] - v * v, mxy[p] - u * v);
+        total += ((2.0 * u * v + c1) * (2.0 * cxy + c2)) / ((u * u + v * v + c1) * (vx + vy + c2));
+    }
+    total / (oh * ow) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +288,32 @@ mod tests {
         assert!((q.psnr_db - 10.0 * (63.0f64 * 63.0).log10()).abs() < 1e-9);
         assert!(q.ssim < 1.0 && q.ssim > 0.9);
         assert_eq!(q.mean_abs, 1.0);
+    }
+
+    #[test]
+    fn pixel_quality_is_per_frame_in_unit_range() {
+        let d = Device::Cpu;
+        let a = (Tensor::arange(0f32, 2.0 * 16.0 * 12.0 * 3.0, &d)
+            .unwrap()
+            .reshape((1, 2, 16, 12, 3))
+            .unwrap()
+            / 1500.0)
+            .unwrap();
+        let q = pixel_quality(&a, &a).unwrap();
+        assert_eq!(q.psnr_db, PSNR_IDENTICAL_DB);
+        assert!((q.ssim - 1.0).abs() < 1e-12);
+        // Frame 0 off by 0.1 everywhere, frame 1 equal: (20 + 100) / 2 dB.
+        let off = Tensor::cat(
+            &[
+                (a.narrow(1, 0, 1).unwrap() + 0.1).unwrap(),
+                a.narrow(1, 1, 1).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let q = pixel_quality(&a, &off).unwrap();
+        assert!((q.psnr_db - 60.0).abs() < 1e-4, "{}", q.psnr_db);
+        assert!(q.ssim < 1.0 && q.ssim > 0.5 && q.data_range == 1.0);
+        assert!(pixel_quality(&a, &a.narrow(1, 0, 1).unwrap()).is_err());
     }
 }

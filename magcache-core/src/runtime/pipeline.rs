@@ -39,6 +39,11 @@ pub trait Pipeline {
     fn finish(&mut self, _latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
+    /// Frames per second the family's videos are shown at (the frame rate its reference pipeline
+    /// exports them with), for `--video`; `None` for image families.
+    fn frame_rate(&self) -> Option<u32> {
+        None
+    }
     /// The hook registries of the model's block chains, one per expert (index = expert), for the
     /// per-block hooks the runner attaches (`magcache calibrate --blocks`). Empty: the family
     /// offers none.

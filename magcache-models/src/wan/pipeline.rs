@@ -239,6 +239,12 @@ impl Pipeline for WanPipeline {
         }
     }
 
+    /// 16 fps as Wan's examples export their videos; 24 for Wan2.2 TI2V-5B (per-token timesteps),
+    /// whose examples export at 24.
+    fn frame_rate(&self) -> Option<u32> {
+        Some(if self.expand_timesteps { 24 } else { 16 })
+    }
+
     fn stages(&self) -> Vec<magcache_core::runtime::progress::StageTime> {
         self.prompted
             .as_ref()

@@ -305,6 +305,11 @@ impl ErrorModel {
         })
     }
 
+    /// True when the profile's relative L1 tables price it (`reuse` and `taylor1` in step index).
+    pub fn is_tables(&self) -> bool {
+        matches!(self.kind, ModelKind::Tables { .. })
+    }
+
     /// How many computed calls the forecast reads (1 to 3).
     fn memory(&self) -> usize {
         self.estimator.order() + 1
@@ -656,10 +661,14 @@ impl ScheduleRule {
                     siblings_sigmas.push(&o.sigmas);
                 }
                 // With CFG and a profile that measured the branches' cross products, one model of
-                // the guided combination stands for both branches.
+                // the guided combination stands for both branches, for the estimators priced by
+                // the Gram tables; `reuse` and `taylor1` in step index keep their L1 tables (priced
+                // by the guided L2 error, the digits model's searched 2.5x `taylor1` schedule lost
+                // 3.6 dB: 41.1 against 37.4).
                 let guided = match (guidance, &siblings_tables[..]) {
                     (Some(g), [(bc, tc), (bu, tu)])
                         if *g > 1.0
+                            && !models.iter().any(ErrorModel::is_tables)
                             && *bc == Branch::Cond
                             && *bu == Branch::Uncond
                             && !tc.cross.is_empty()

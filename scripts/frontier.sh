@@ -47,3 +47,16 @@ for t in 0.25 0.5; do
   row "$t (residual_order 1)" seacache taylor1 "threshold = $t"
 done
 row "examples/digits_fast.toml" schedule taylor1 "compute_steps = [0, 2, 4, 8, 11, 14, 16, 18]" 'estimator = "taylor1"'
+# Issue 29: schedules searched for estimators in sigma, the fast run files, EasyCache, Spectrum.
+for est in taylor1 foca; do
+  for b in 6 5 4; do
+    row "searched, budget $b, sigma" schedule "$est-sigma" "profile = \"$WORK/digits.profile.toml\"" "budget = $b" "estimator = \"$est\"" 'estimator_axis = "sigma"'
+  done
+done
+row "examples/digits_3x.toml" schedule taylor1 "compute_steps = [0, 4, 9, 13, 16, 18]" 'estimator = "taylor1"'
+row "examples/digits_4x.toml" schedule taylor1 "compute_steps = [0, 5, 11, 15, 18]" 'estimator = "taylor1"'
+row "examples/digits_5x.toml" schedule taylor1 "compute_steps = [0, 8, 14, 17]" 'estimator = "taylor1"'
+for t in 0.1 0.2; do
+  row "$t" easycache reuse "threshold = $t"
+done
+row "published defaults, w 0.5" spectrum reuse "w = 0.5"

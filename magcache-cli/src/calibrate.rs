@@ -89,6 +89,12 @@ pub(crate) fn calibrate_run(
             scheduler: plan.scheduler.clone(),
             boundary_ratio: plan.boundary_ratio,
             sigmas,
+            guidance_scale: plan
+                .scopes
+                .iter()
+                .any(|sp| sp.key.branch == magcache_core::Branch::Uncond)
+                .then_some(p.cfg.sampling.guidance_scale)
+                .flatten(),
         },
         ..Default::default()
     };

@@ -4,9 +4,11 @@
 //! 1. A calibration run (dense: every call computes) gives the reference result and the profile
 //!    (forecast errors and residual Gram tables per scope, `magcache calibrate`).
 //! 2. Candidates at a budget of `B` computed calls per scope: calibrated schedules searched from
-//!    the profile for each estimator and axis (`taylor1`, `foca` in step index and in sigma), and
-//!    Spectrum with a window growth giving `B` computed calls. Each is run for real on the run's
-//!    inputs and compared with the dense result (PSNR over `data_range`).
+//!    the profile for each estimator and axis (`taylor1`, `foca` in step index and in sigma), the
+//!    `taylor1` search with at most one or two calls more than the even spread reused in a row
+//!    (`max_consecutive`), and Spectrum with a window growth giving `B` computed calls. Each is
+//!    run for real on the run's inputs and compared with the dense result (PSNR over
+//!    `data_range`).
 //! 3. `--target-speedup S`: `B = floor(steps / S)`; the candidate with the best PSNR wins.
 //!    `--target-psnr P`: the smallest `B` whose best candidate keeps `P + margin` dB, found by
 //!    bisection over `B` (quality grows with the computed calls); among its candidates the best
@@ -97,6 +99,25 @@ fn candidates(profile: &str, steps: usize, budget: usize) -> Vec<(String, Vec<St
                 format!("estimator_axis = \"{axis}\""),
             ],
         ));
+    }
+    // The search with shorter gaps: its price misses how an early error grows along a guided
+    // trajectory, and left alone it opens with the longest gap measured (docs/quality.md).
+    if budget > 0 && budget < steps {
+        let even = (steps - budget).div_ceil(budget);
+        for cap in [even + 1, even + 2] {
+            if cap < magcache_strategies::schedule::MAX_GAP - 1 && cap < steps - budget {
+                out.push((
+                    format!("schedule taylor1 step max_consecutive {cap}"),
+                    vec![
+                        "strategy = \"schedule\"".into(),
+                        format!("profile = {}", toml_string(profile)),
+                        format!("budget = {budget}"),
+                        "estimator = \"taylor1\"".into(),
+                        format!("max_consecutive = {cap}"),
+                    ],
+                ));
+            }
+        }
     }
     if let Some(flex) = spectrum_flex(steps, budget) {
         out.push((
@@ -527,4 +548,34 @@ pub fn tune_text(r: &TuneReport) -> String {
         s.push_str("no setting met the target\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(steps: usize, budget: usize) -> Vec<String> {
+        candidates("p.toml", steps, budget)
+            .into_iter()
+            .flat_map(|(_, lines)| lines)
+            .filter(|l| l.starts_with("max_consecutive"))
+            .collect()
+    }
+
+    /// The capped searches allow one or two reused calls in a row more than the even spread, and
+    /// only where that is a cap at all.
+    #[test]
+    fn capped_candidates_around_the_even_spread() {
+        assert_eq!(caps(20, 6), ["max_consecutive = 4", "max_consecutive = 5"]);
+        assert_eq!(caps(20, 5), ["max_consecutive = 4", "max_consecutive = 5"]);
+        assert_eq!(caps(20, 4), ["max_consecutive = 5", "max_consecutive = 6"]);
+        // Past what the calibration measures, or more than the calls left to reuse: none.
+        assert!(caps(20, 2).is_empty());
+        assert!(caps(20, 19).is_empty());
+        // Every candidate is a valid `[cache]` table.
+        for (label, lines) in candidates("p.toml", 20, 6) {
+            let t: toml::Table = lines.join("\n").parse().unwrap();
+            assert!(t.contains_key("strategy"), "{label}");
+        }
+    }
 }

@@ -6,7 +6,9 @@
 //! `h < i`, for gaps up to [`crate::schedule::MAX_GAP`]; and the Gram matrix of the residuals (their
 //! dot products, for calls up to `3 * MAX_GAP` apart), from which the search derives the relative L2
 //! error of any linear forecast (any estimator, in step index or in sigma). The last `3 * MAX_GAP`
-//! residuals of a scope are kept meanwhile.
+//! residuals of a scope are kept meanwhile. With CFG, each branch's residual is also dotted with
+//! the other branch's residuals up to the same call (`cross`), from which the search prices the
+//! guided combination `uncond + g (cond - uncond)` rather than each branch alone.
 
 use crate::profile::ForecastErrors;
 use crate::residual::extrapolate;
@@ -14,8 +16,8 @@ use crate::schedule::MAX_GAP;
 use magcache_core::candle_core::{DType, Tensor};
 use magcache_core::maths::{mag_stats, rel_l1, tensor_bytes};
 use magcache_core::{
-    BlockChain, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey, ScopeStates,
-    Streams, TimestepCache,
+    BlockChain, Branch, CallDecision, DecisionSync, Error, GenerationPlan, Result, ScopeKey,
+    ScopeStates, Streams, TimestepCache,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -127,6 +129,25 @@ impl TimestepCache for Calibrator {
             st.window.pop_front();
         }
         st.prev = Some(res);
+        // The other CFG branch of this expert: its residuals up to this call against this one.
+        let other = ScopeKey::new(
+            scope.expert,
+            match scope.branch {
+                Branch::Cond => Branch::Uncond,
+                Branch::Uncond => Branch::Cond,
+            },
+        );
+        if let Ok(o) = self.states.get(other) {
+            for (i, ri) in &o.state.window {
+                if *i <= k && k - i <= 3 * MAX_GAP {
+                    forecast.cross.push([
+                        *i as f64,
+                        k as f64,
+                        dot(&ri.to_dtype(DType::F64)?, &res64)?,
+                    ]);
+                }
+            }
+        }
         let mut results = self
             .out
             .lock()
@@ -138,6 +159,7 @@ impl TimestepCache for Calibrator {
         c.forecast.reuse.extend(forecast.reuse);
         c.forecast.taylor1.extend(forecast.taylor1);
         c.forecast.gram.extend(forecast.gram);
+        c.forecast.cross.extend(forecast.cross);
         Ok((out, CallDecision::computed(Some(ratio))))
     }
 

@@ -13,6 +13,7 @@
 //! reuse = [[i, k, err], ...]
 //! taylor1 = [[h, i, k, err], ...]
 //! gram = [[i, k, dot], ...]     # residual dot products: any estimator's error, in step or sigma
+//! cross = [[i, k, dot], ...]    # with the other CFG branch's residuals: the guided error
 //! ```
 
 use crate::ratios::RatioCurves;
@@ -37,6 +38,10 @@ pub struct ProfileMeta {
     pub boundary_ratio: Option<f64>,
     /// Sigmas of every step of the run.
     pub sigmas: Vec<f64>,
+    /// The run's classifier-free guidance scale (absent: no CFG, or a profile written before it
+    /// was recorded); the schedule search prices the guided combination with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
 }
 
 /// Per expert name (`main`, `high_noise`, `low_noise`), per branch (`cond`, `uncond`).
@@ -74,6 +79,12 @@ pub struct ForecastErrors {
     /// in profiles written before estimators in sigma).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gram: Vec<[f64; 3]>,
+    /// `[i, k, dot]` (CFG runs): the dot product of the other branch's residual at call `i <= k`
+    /// with this branch's at call `k` (up to `3 * MAX_GAP` apart); the two branches' tables
+    /// together give every cross product, from which the search prices the error of the guided
+    /// combination (absent in profiles written before, and without CFG).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cross: Vec<[f64; 3]>,
 }
 
 /// The input file of a strategy's `profile` key, for the runner's output checks.

@@ -22,7 +22,7 @@ use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
 use crate::residual::{Estimator, EstimatorAxis};
 use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::{
-    BuildEnv, Error, GenerationPlan, Result, ScopePlan, StrategyConfig, TimestepCache,
+    Branch, BuildEnv, Error, GenerationPlan, Result, ScopePlan, StrategyConfig, TimestepCache,
 };
 use std::collections::{BTreeMap, HashMap};
 
@@ -108,6 +108,7 @@ impl StrategyConfig for ScheduleConfig {
                 Source::Searched {
                     file: shown,
                     n_experts: prof.ratios.len(),
+                    guidance: prof.meta.guidance_scale,
                     tables: prof.forecast_errors,
                 }
             }
@@ -142,6 +143,8 @@ enum Source {
     Searched {
         file: String,
         n_experts: usize,
+        /// The calibration run's guidance scale (CFG profiles).
+        guidance: Option<f64>,
         /// Per expert name, per branch name.
         tables: BTreeMap<String, BTreeMap<String, ForecastErrors>>,
     },
@@ -171,6 +174,8 @@ enum ModelKind {
     Gram {
         dots: HashMap<(usize, usize), f64>,
         coords: Vec<f64>,
+        /// What call `k`'s error is relative to: `||r_k||^2` (absent: `dots[(k, k)]`).
+        norms: Option<HashMap<usize, f64>>,
     },
 }
 
@@ -227,9 +232,82 @@ impl ErrorModel {
                     .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
                     .collect(),
                 coords,
+                norms: None,
             }
         };
         Ok(ErrorModel { estimator, kind })
+    }
+
+    /// The model of the guided combination of a CFG step, `uncond + g (cond - uncond)`: both
+    /// branches forecast with the same estimator from the same calls, so the error the guidance
+    /// passes on is the forecast error of `d_k = g c_k - (g - 1) u_k` (`c`, `u`: the branches'
+    /// residuals), whose dot products come from both branches' Gram tables and their cross
+    /// products (`cross`):
+    /// `<d_i, d_k> = g^2 <c_i, c_k> + (g - 1)^2 <u_i, u_k> - g (g - 1) (<c_i, u_k> + <u_i, c_k>)`.
+    /// The error is relative to the cond residual's norm
+    /// (at `g = 1` it is the cond branch's own error). Where the branches' forecast errors point the
+    /// same way they cancel in the guided difference; where they do not, they add up to `2g - 1`
+    /// times one branch's.
+    pub fn guided(
+        cond: &ForecastErrors,
+        uncond: &ForecastErrors,
+        g: f64,
+        estimator: Estimator,
+        axis: EstimatorAxis,
+        sigmas: &[f64],
+        n: usize,
+    ) -> std::result::Result<ErrorModel, String> {
+        if cond.cross.is_empty() || uncond.cross.is_empty() {
+            return Err("the profile has no `cross` tables (written by an older `magcache calibrate`): calibrate again".into());
+        }
+        let ErrorModel {
+            kind: ModelKind::Gram { coords, .. },
+            ..
+        } = ErrorModel::new(cond, Estimator::Taylor2, axis, sigmas, n)?
+        else {
+            return Err("the profile has no `gram` table: calibrate again".into());
+        };
+        let table = |t: &[[f64; 3]]| -> HashMap<(usize, usize), f64> {
+            t.iter()
+                .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
+                .collect()
+        };
+        let (cc, uu) = (table(&cond.gram), table(&uncond.gram));
+        // x[(a, b)] = <c_a, u_b>: uncond's table has <c_i, u_k>, cond's <u_i, c_k>.
+        let mut x = table(&uncond.cross);
+        x.extend(
+            cond.cross
+                .iter()
+                .map(|r| ((r[1] as usize, r[0] as usize), r[2])),
+        );
+        let mut dots = HashMap::new();
+        let mut norms = HashMap::new();
+        for (&(i, k), &c) in &cc {
+            if i == k {
+                norms.insert(k, c);
+            }
+            let (Some(u), Some(a), Some(b)) = (uu.get(&(i, k)), x.get(&(i, k)), x.get(&(k, i)))
+            else {
+                continue;
+            };
+            dots.insert(
+                (i, k),
+                g * g * c + (g - 1.0) * (g - 1.0) * u - g * (g - 1.0) * (a + b),
+            );
+        }
+        Ok(ErrorModel {
+            estimator,
+            kind: ModelKind::Gram {
+                dots,
+                coords,
+                norms: Some(norms),
+            },
+        })
+    }
+
+    /// True when the profile's relative L1 tables price it (`reuse` and `taylor1` in step index).
+    pub fn is_tables(&self) -> bool {
+        matches!(self.kind, ModelKind::Tables { .. })
     }
 
     /// How many computed calls the forecast reads (1 to 3).
@@ -249,7 +327,11 @@ impl ErrorModel {
                 [.., i] => reuse.get(&(*i, k)).copied(),
                 [] => None,
             },
-            ModelKind::Gram { dots, coords } => {
+            ModelKind::Gram {
+                dots,
+                coords,
+                norms,
+            } => {
                 let dot = |a: usize, b: usize| dots.get(&(a.min(b), a.max(b))).copied();
                 let at = *coords.get(k)?;
                 let pts: Vec<f64> = hist
@@ -283,7 +365,10 @@ impl ErrorModel {
                         sq += wa * wb * dot(a, b)?;
                     }
                 }
-                let norm = dot(k, k)?;
+                let norm = match norms {
+                    Some(n) => *n.get(&k)?,
+                    None => dot(k, k)?,
+                };
                 if !sq.is_finite() {
                     return None;
                 }
@@ -338,6 +423,26 @@ pub fn search_joint(
     budget: usize,
     weights: &[f64],
 ) -> Option<(Vec<usize>, Vec<Vec<f64>>)> {
+    search_joint_within(models, n, budget, weights, None)
+}
+
+/// As [`search_joint`], with at most `longest` reused calls in a row (the `max_consecutive`
+/// guard; `None`: what the calibration measured, `MAX_GAP - 1` between computed calls). The priced error of a long gap
+/// misses how its errors grow along the trajectory: on the digits model at guidance 4 every
+/// unconstrained search opens with the longest gap allowed (`[0, 8, ...]`) and loses 2-7 dB
+/// against schedules with shorter gaps (docs/quality.md).
+pub fn search_joint_within(
+    models: &[ErrorModel],
+    n: usize,
+    budget: usize,
+    weights: &[f64],
+    longest: Option<usize>,
+) -> Option<(Vec<usize>, Vec<Vec<f64>>)> {
+    // Between computed calls, and after the last (whose errors the tables bound by themselves).
+    let (inner, tail) = match longest {
+        Some(l) => (l.min(MAX_GAP - 1), l),
+        None => (MAX_GAP - 1, n),
+    };
     if n == 0 || models.is_empty() {
         return Some((Vec::new(), vec![Vec::new(); models.len()]));
     }
@@ -371,7 +476,7 @@ pub fn search_joint(
                 continue;
             }
             #[allow(clippy::needless_range_loop)] // `j` is a call index as well as a layer
-            for j in i + 1..(i + MAX_GAP + 1).min(n) {
+            for j in i + 1..(i + inner + 2).min(n) {
                 let Some(errs) = gap(prev, i, j) else {
                     continue;
                 };
@@ -398,7 +503,7 @@ pub fn search_joint(
     let mut end: Option<(usize, Key, f64)> = None;
     for (i, layer) in layers.iter().enumerate() {
         for (key, (c, _)) in layer {
-            if key.1 != budget {
+            if key.1 != budget || n - i - 1 > tail {
                 continue;
             }
             let Some(errs) = gap(key.0, i, n) else {
@@ -480,6 +585,7 @@ impl ScheduleRule {
             Source::Searched {
                 file,
                 n_experts,
+                guidance,
                 tables,
             } => {
                 let name = crate::profile::expert_name(key.expert, (*n_experts).max(n_plan));
@@ -517,6 +623,8 @@ impl ScheduleRule {
                     .collect();
                 let mut models = Vec::with_capacity(siblings.len());
                 let mut own = 0;
+                let mut siblings_tables: Vec<(Branch, &ForecastErrors)> = Vec::new();
+                let mut siblings_sigmas: Vec<&[f64]> = Vec::new();
                 for o in siblings {
                     let table = format!("forecast_errors.{name}.{}", o.key.branch);
                     let t = tables
@@ -549,15 +657,56 @@ impl ScheduleRule {
                         own = models.len();
                     }
                     models.push(model);
+                    siblings_tables.push((o.key.branch, t));
+                    siblings_sigmas.push(&o.sigmas);
                 }
-                let (list, mut errors) = search_joint(&models, steps, budget, &weights)
-                    .ok_or_else(|| {
-                        Error::config(
-                            file,
-                            "forecast_errors",
-                            format!("no schedule of {budget} computed calls out of {steps} keeps every gap under {MAX_GAP} calls: raise `budget`"),
+                // With CFG and a profile that measured the branches' cross products, one model of
+                // the guided combination stands for both branches, for the estimators priced by
+                // the Gram tables; `reuse` and `taylor1` in step index keep their L1 tables (priced
+                // by the guided L2 error, the digits model's searched 2.5x `taylor1` schedule lost
+                // 3.6 dB: 41.1 against 37.4).
+                let guided = match (guidance, &siblings_tables[..]) {
+                    (Some(g), [(bc, tc), (bu, tu)])
+                        if *g > 1.0
+                            && !models.iter().any(ErrorModel::is_tables)
+                            && *bc == Branch::Cond
+                            && *bu == Branch::Uncond
+                            && !tc.cross.is_empty()
+                            && !tu.cross.is_empty() =>
+                    {
+                        let sigmas = &siblings_sigmas[0];
+                        Some(
+                            ErrorModel::guided(
+                                tc,
+                                tu,
+                                *g,
+                                self.cfg.estimator,
+                                self.cfg.estimator_axis,
+                                sigmas,
+                                steps,
+                            )
+                            .map_err(|m| {
+                                Error::config(file, format!("forecast_errors.{name}"), m)
+                            })?,
                         )
-                    })?;
+                    }
+                    _ => None,
+                };
+                if let Some(m) = guided {
+                    models = vec![m];
+                    own = 0;
+                }
+                let longest = self.cfg.max_consecutive;
+                let (list, mut errors) =
+                    search_joint_within(&models, steps, budget, &weights, longest).ok_or_else(
+                        || {
+                            Error::config(
+                                file,
+                                "forecast_errors",
+                                format!("no schedule of {budget} computed calls out of {steps} reuses at most {} calls in a row (`max_consecutive`, or the {} the calibration measures): raise `budget`", longest.unwrap_or(MAX_GAP - 1).min(MAX_GAP - 1), MAX_GAP - 1),
+                            )
+                        },
+                    )?;
                 let errors = errors.swap_remove(own);
                 predicted = Some(errors);
                 list
@@ -700,6 +849,143 @@ mod tests {
         assert!(e.contains("gram") && e.contains("calibrate again"), "{e}");
         // ... but still prices `taylor2` in step index by its order-1 table.
         assert!(ErrorModel::new(&old, Estimator::Taylor2, EstimatorAxis::Step, &[], 7).is_ok());
+    }
+
+    /// The Gram and cross tables of two branches' residuals `c[k]`, `u[k]` (every pair).
+    fn guided_tables(c: &[Vec<f64>], u: &[Vec<f64>]) -> (ForecastErrors, ForecastErrors) {
+        let d = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+        let (mut tc, mut tu) = (gram_of(c), gram_of(u));
+        for k in 0..c.len() {
+            for i in 0..=k {
+                // cond's table: the other branch (uncond) at i with cond at k; uncond's: cond at
+                // i with uncond at k.
+                if i < k {
+                    tc.cross.push([i as f64, k as f64, d(&u[i], &c[k])]);
+                }
+                tu.cross.push([i as f64, k as f64, d(&c[i], &u[k])]);
+            }
+        }
+        (tc, tu)
+    }
+
+    proptest::proptest! {
+        /// The guided model's error of any forecast is the relative L2 error of that forecast of
+        /// `g c - (g - 1) u`, relative to the cond residual; at `g = 1` it is the cond model's.
+        #[test]
+        fn guided_error_is_the_error_of_the_guided_combination(
+            g in 1.0f64..8.0,
+            seed in proptest::collection::vec(-1.0f64..1.0, 42),
+            axis_sigma: bool,
+            est in 0usize..4,
+        ) {
+            let sig = [1.0, 0.95, 0.88, 0.78, 0.62, 0.41, 0.12];
+            let c: Vec<Vec<f64>> = (0..7).map(|k| seed[3 * k..3 * k + 3].to_vec()).collect();
+            let u: Vec<Vec<f64>> = (0..7).map(|k| seed[21 + 3 * k..24 + 3 * k].to_vec()).collect();
+            let (tc, tu) = guided_tables(&c, &u);
+            let est = [Estimator::Reuse, Estimator::Taylor1, Estimator::Taylor2, Estimator::Foca][est];
+            let axis = if axis_sigma { EstimatorAxis::Sigma } else { EstimatorAxis::Step };
+            let m = ErrorModel::guided(&tc, &tu, g, est, axis, &sig, 7).unwrap();
+            let coord = |k: usize| if axis_sigma { sig[k] } else { k as f64 };
+            let hist = [1usize, 3, 4];
+            let k = 6;
+            let used = &hist[3 - (est.order() + 1)..];
+            // The forecast of each branch, from the estimator itself.
+            let fc = |r: &[Vec<f64>]| -> Vec<f64> {
+                (0..3)
+                    .map(|j| {
+                        let ts: Vec<(f64, magcache_core::candle_core::Tensor)> = used
+                            .iter()
+                            .map(|&i| {
+                                (coord(i), magcache_core::candle_core::Tensor::new(&[r[i][j]], &magcache_core::candle_core::Device::Cpu).unwrap())
+                            })
+                            .collect();
+                        let refs: Vec<(f64, &magcache_core::candle_core::Tensor)> =
+                            ts.iter().map(|(a, t)| (*a, t)).collect();
+                        est.forecast(&refs, coord(k)).unwrap().to_vec1::<f64>().unwrap()[0]
+                    })
+                    .collect()
+            };
+            let (fcc, fcu) = (fc(&c), fc(&u));
+            let err: Vec<f64> = (0..3)
+                .map(|j| g * (fcc[j] - c[k][j]) - (g - 1.0) * (fcu[j] - u[k][j]))
+                .collect();
+            let want = (err.iter().map(|e| e * e).sum::<f64>()
+                / c[k].iter().map(|e| e * e).sum::<f64>())
+            .sqrt();
+            let got = m.error(&hist, k).unwrap();
+            proptest::prop_assert!((got - want).abs() <= 1e-6 * (1.0 + want), "{got} {want}");
+            let m1 = ErrorModel::guided(&tc, &tu, 1.0, est, axis, &sig, 7).unwrap();
+            let mc = ErrorModel::new(&tc, est, axis, &sig, 7).unwrap();
+            // (`reuse`, and `taylor1` in step index, are priced by the L1 tables.)
+            if est != Estimator::Reuse && (axis_sigma || est != Estimator::Taylor1) {
+                let (a, b) = (m1.error(&hist, k).unwrap(), mc.error(&hist, k).unwrap());
+                proptest::prop_assert!((a - b).abs() <= 1e-9 * (1.0 + b));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// A cap on the reused calls in a row (`max_consecutive`) is kept by the searched
+        /// schedule, which is the cheapest of all schedules within the cap (brute force).
+        #[test]
+        fn capped_search_is_the_cheapest_schedule_within_the_cap(
+            n in 6usize..11,
+            budget in 2usize..5,
+            cap in 1usize..5,
+            errs in proptest::collection::vec(0.0f64..1.0, 11 * 11),
+        ) {
+            let mut t = ForecastErrors::default();
+            for k in 0..n {
+                for i in k.saturating_sub(MAX_GAP)..k {
+                    t.reuse.push([i as f64, k as f64, errs[i * 11 + k] + 0.1 * (k - i) as f64]);
+                }
+            }
+            let m = ErrorModel::new(&t, Estimator::Reuse, EstimatorAxis::Step, &[], n).unwrap();
+            let price = |s: &[usize]| -> f64 {
+                (0..n)
+                    .filter(|k| !s.contains(k))
+                    .map(|k| {
+                        let last = s.iter().filter(|&&i| i < k).max().copied().unwrap();
+                        m.error(&[last], k).unwrap()
+                    })
+                    .sum()
+            };
+            let within = |s: &[usize]| {
+                s.windows(2).all(|w| w[1] - w[0] - 1 <= cap) && n - 1 - s[s.len() - 1] <= cap
+            };
+            // Brute force over the schedules starting with call 0.
+            let mut best: Option<f64> = None;
+            for mask in 0u32..(1 << (n - 1)) {
+                if mask.count_ones() as usize != budget - 1 {
+                    continue;
+                }
+                let s: Vec<usize> =
+                    std::iter::once(0).chain((1..n).filter(|k| mask >> (k - 1) & 1 == 1)).collect();
+                if within(&s) {
+                    let p = price(&s);
+                    best = Some(best.map_or(p, |b: f64| b.min(p)));
+                }
+            }
+            let got = search_joint_within(std::slice::from_ref(&m), n, budget, &[], Some(cap));
+            match (got, best) {
+                (Some((s, _)), Some(b)) => {
+                    proptest::prop_assert!(within(&s), "{s:?}");
+                    proptest::prop_assert_eq!(s.len(), budget);
+                    proptest::prop_assert!((price(&s) - b).abs() < 1e-9, "{s:?}: {} vs {b}", price(&s));
+                }
+                (None, None) => {}
+                (g, b) => proptest::prop_assert!(false, "search {g:?}, brute force {b:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn guided_search_needs_cross_tables() {
+        let r: Vec<Vec<f64>> = (0..5).map(|k| vec![k as f64, 1.0]).collect();
+        let g = gram_of(&r);
+        let e = ErrorModel::guided(&g, &g, 4.0, Estimator::Taylor1, EstimatorAxis::Step, &[], 5)
+            .unwrap_err();
+        assert!(e.contains("cross") && e.contains("calibrate again"), "{e}");
     }
 
     #[test]

@@ -340,3 +340,43 @@ fn sigma_axis_forecasts_in_the_samplers_time() {
     let e = c.begin_generation(&bare).unwrap_err().to_string();
     assert!(e.contains("cache.estimator_axis"), "{e}");
 }
+
+/// The few-step warning of a data-free rule quotes what `magcache plan` predicts: the computed
+/// calls and the share of the noise range the reused ones span (the distilled digits model's
+/// 4-step sigmas, its last call reused: 0.89 % of the range).
+#[test]
+fn few_step_warning_quotes_the_plan() {
+    use magcache_core::{StepsSpec, TimestepCache};
+    use magcache_strategies::{Schedule, ScheduleConfig};
+    let sigmas = [1.0, 0.858, 0.602, 0.0089];
+    let plan =
+        GenerationPlan::from_steps(&StepsSpec::new("toy", "euler", &sigmas, &[Branch::Cond]));
+    let cfg = ScheduleConfig {
+        compute_steps: Some(vec![0, 1, 2]),
+        ..Default::default()
+    };
+    let mut c = Schedule::with_rule(
+        magcache_strategies::schedule::ScheduleRule::fixed(vec![0, 1, 2]),
+        magcache_strategies::SharedKeys::shared(&cfg),
+    );
+    let w = c.begin_generation(&plan).unwrap();
+    assert!(w.iter().any(|w| w.contains("only 4 steps")), "{w:?}");
+    let quoted = w
+        .iter()
+        .find(|w| w.contains("`magcache plan` predicts"))
+        .unwrap_or_else(|| panic!("{w:?}"));
+    assert!(
+        quoted.contains("`###.`")
+            && quoted.contains("3 of 4 calls computed (1.33x)")
+            && quoted.contains("0.9 % of the noise range"),
+        "{quoted}"
+    );
+    // A rule deciding from the data has nothing to quote.
+    let mut fb = FbCache::new(FbCacheConfig::default());
+    let w = fb.begin_generation(&plan).unwrap();
+    assert!(w.iter().any(|w| w.contains("only 4 steps")), "{w:?}");
+    assert!(
+        !w.iter().any(|w| w.contains("`magcache plan` predicts")),
+        "{w:?}"
+    );
+}

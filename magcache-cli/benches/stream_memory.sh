@@ -29,11 +29,11 @@ text_len = 64
 steps = $steps
 guidance_scale = 1.0
 "
-rss() { # run a config, print peak RSS (GB) and wall seconds from /usr/bin/time
-  local out; out=$( { /usr/bin/time -v "$bin" run --config "$1" --quiet; } 2>&1 >/dev/null ) || { echo "$out" >&2; return 1; }
-  local kb; kb=$(echo "$out" | sed -n 's/.*Maximum resident set size (kbytes): //p')
-  local wall; wall=$(echo "$out" | sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p')
-  printf '%.2f GB peak RSS, %s wall' "$(echo "$kb * 1024 / 1000000000" | bc -l)" "$wall"
+rss() { # run a config, print the run's true peak RSS (GB) and wall seconds from its report
+  # (not /usr/bin/time: the runner resets the kernel's high-water mark at each stage to measure the
+  # stage's own peak, so `time -v` sees only the last stage's; the report keeps the true peak).
+  local out; out=$("$bin" run --config "$1" --json 2>/dev/null) || { "$bin" run --config "$1" --quiet >&2; return 1; }
+  echo "$out" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.2f GB peak RSS, %.1f s wall" % (r["run_peak_rss_bytes"]/1e9, r["run_wall_seconds"]), end="")'
 }
 for m in $models; do
   case "$m" in

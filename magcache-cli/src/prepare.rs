@@ -39,12 +39,20 @@ pub(crate) fn auto_dtype_by_estimate(
     let saved = std::mem::replace(&mut cfg.model.dtype, "f32".into());
     let stages = estimate(cfg, file, base);
     cfg.model.dtype = saved;
+    let gb = magcache_core::runtime::guard::gb;
     for (stage, fp) in stages? {
-        if let Err(Error::TooLarge { msg, .. }) = fp.check_against(file, &avail) {
+        if fp.check_against(file, &avail).is_err() {
+            let big = fp
+                .largest()
+                .map(|p| format!(", {} {}", p.what, gb(p.bytes)))
+                .unwrap_or_default();
             return Ok(Some((
                 "bf16".into(),
                 Some(format!(
-                    "{file}: model.dtype = \"auto\" chose bf16: in f32 the `{stage}` stage {msg} (set model.dtype to choose)"
+                    "{file}: model.dtype = \"auto\" chose bf16: in f32 the `{stage}` stage would need about {}{big}, more than the {} available ({}); set model.dtype to choose",
+                    gb(fp.total()),
+                    gb(avail.bytes),
+                    avail.source
                 )),
             )));
         }

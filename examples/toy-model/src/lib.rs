@@ -316,7 +316,7 @@ magcache_core::inventory::submit! {
         streams: false, // the runner refuses `offload = "stream"` for it
         build,
         plan,
-        estimate: None,
+        estimate: None, // or Some(fn): each stage's size-guard estimate
     }
 }
 

@@ -57,7 +57,7 @@ impl Umt5Config {
     /// the relative bias, in f32) named by `prompt.max_sequence_length`.
     ///
     /// `streamed` ([`Umt5Encoder::load_with`]): the weights held at once are the embedding (during
-    /// the lookup) or one layer, counted as the embedding plus two layers.
+    /// the lookup, dropped after it) or a layer being read beside the one running: the larger.
     pub fn footprint(
         &self,
         max_len: usize,
@@ -77,7 +77,8 @@ impl Umt5Config {
         };
         let block = d * inner * sz(4) + d * ff + d * sz(2);
         let params = if streamed {
-            sz(self.vocab_size) * d + sz(2) * (block + bias) + d
+            // The embedding is read for the lookup and dropped before the first layer is read.
+            (sz(self.vocab_size) * d).max(sz(2) * (block + bias)) + d
         } else {
             sz(self.vocab_size) * d + sz(self.num_layers) * block + layers * bias + d
         };
@@ -87,7 +88,7 @@ impl Umt5Config {
         let mut fp = magcache_core::runtime::guard::Footprint::default();
         fp.add(
             if streamed {
-                "text encoder weights (streamed: the embedding and two layers)"
+                "text encoder weights (streamed: the embedding, or two layers)"
             } else {
                 "text encoder weights"
             },

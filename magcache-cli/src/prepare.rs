@@ -73,30 +73,32 @@ fn build_resolved(
     if !cfg.is_auto_dtype() {
         return Ok(((fam.build)(cfg, file, base)?, Vec::new()));
     }
-    if let Some((dtype, note)) = auto_dtype_by_estimate(cfg, file, base, fam)? {
-        cfg.model.dtype = dtype;
-        if let Some(n) = &note {
-            if magcache_core::runtime::progress::visible() {
-                eprintln!("note: {n}");
+    let (pipeline, note) = match auto_dtype_by_estimate(cfg, file, base, fam)? {
+        Some((dtype, note)) => {
+            cfg.model.dtype = dtype;
+            ((fam.build)(cfg, file, base)?, note)
+        }
+        // No per-stage estimate: try f32, and bf16 when the guard refuses it.
+        None => {
+            cfg.model.dtype = "f32".into();
+            match (fam.build)(cfg, file, base) {
+                Err(Error::TooLarge { msg, .. }) => {
+                    cfg.model.dtype = "bf16".into();
+                    let note = format!(
+                        "{file}: model.dtype = \"auto\" chose bf16: in f32 {msg} (set model.dtype to choose)"
+                    );
+                    ((fam.build)(cfg, file, base)?, Some(note))
+                }
+                r => (r?, None),
             }
         }
-        return Ok(((fam.build)(cfg, file, base)?, note.into_iter().collect()));
-    }
-    // No per-stage estimate: try f32, and bf16 when the guard refuses it.
-    cfg.model.dtype = "f32".into();
-    match (fam.build)(cfg, file, base) {
-        Err(Error::TooLarge { msg, .. }) => {
-            cfg.model.dtype = "bf16".into();
-            let note = format!(
-                "{file}: model.dtype = \"auto\" chose bf16: in f32 {msg} (set model.dtype to choose)"
-            );
-            if magcache_core::runtime::progress::visible() {
-                eprintln!("note: {note}");
-            }
-            Ok(((fam.build)(cfg, file, base)?, vec![note]))
+    };
+    if let Some(n) = &note {
+        if magcache_core::runtime::progress::visible() {
+            eprintln!("note: {n}");
         }
-        r => Ok((r?, Vec::new())),
     }
+    Ok((pipeline, note.into_iter().collect()))
 }
 
 /// Loads and validates a run file and builds the pipeline, without a cache.

@@ -262,34 +262,6 @@ fn shared_name(store: &WeightStore) -> &'static str {
     }
 }
 
-/// The checkpoint tensors of layer `i` with their shapes.
-fn layer_tensors(c: &Umt5Config, i: usize) -> Vec<(String, Vec<usize>)> {
-    let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
-    let p = format!("encoder.block.{i}.layer");
-    let mut v = vec![
-        (format!("{p}.0.layer_norm.weight"), vec![d]),
-        (format!("{p}.0.SelfAttention.q.weight"), vec![inner, d]),
-        (format!("{p}.0.SelfAttention.k.weight"), vec![inner, d]),
-        (format!("{p}.0.SelfAttention.v.weight"), vec![inner, d]),
-        (format!("{p}.0.SelfAttention.o.weight"), vec![d, inner]),
-        (format!("{p}.1.layer_norm.weight"), vec![d]),
-        (format!("{p}.1.DenseReluDense.wo.weight"), vec![d, c.d_ff]),
-    ];
-    if c.bias_per_layer || i == 0 {
-        v.push((
-            format!("{p}.0.SelfAttention.relative_attention_bias.weight"),
-            vec![c.relative_attention_num_buckets, c.num_heads],
-        ));
-    }
-    if c.gated {
-        v.push((format!("{p}.1.DenseReluDense.wi_0.weight"), vec![c.d_ff, d]));
-        v.push((format!("{p}.1.DenseReluDense.wi_1.weight"), vec![c.d_ff, d]));
-    } else {
-        v.push((format!("{p}.1.DenseReluDense.wi.weight"), vec![c.d_ff, d]));
-    }
-    v
-}
-
 /// Layer `i` read from `store`: linear weights in the store's dtype, norms and bias in f32.
 fn build_layer(c: &Umt5Config, store: &WeightStore, i: usize) -> Result<Layer> {
     let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
@@ -384,8 +356,11 @@ impl Umt5Encoder {
             let shared_name = shared_name(&store).to_string();
             let c = &config;
             store.expect(&shared_name, &[c.vocab_size, c.d_model])?;
+            // Each layer's names and shapes from its own loader, run on a recording store.
             for i in 0..c.num_layers {
-                for (name, shape) in layer_tensors(c, i) {
+                let rec = WeightStore::recording();
+                build_layer(c, &rec, i)?;
+                for (name, shape) in rec.recorded()? {
                     store.expect(&name, &shape)?;
                 }
             }

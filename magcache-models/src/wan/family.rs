@@ -495,18 +495,7 @@ fn plan_wan(
     family: &str,
 ) -> Result<(GenerationPlan, ModelInfo)> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
-    let (paths, presets) = if family == "wan2.2" {
-        (wan22_paths(cfg, file, base)?, WAN22_PRESETS)
-    } else {
-        (
-            cfg.model
-                .weights
-                .as_ref()
-                .map(|w| w.paths().iter().map(|s| wan21_path(base, s)).collect())
-                .unwrap_or_default(),
-            WAN21_PRESETS,
-        )
-    };
+    let (paths, presets) = paths_and_presets(cfg, file, base, family)?;
     let keys = WanKeys::read(cfg, file)?;
     let (n, preset) = wan_arch(cfg, file, base, &paths, presets)?;
     keys.check_applicable(cfg, file, family, n)?;
@@ -564,15 +553,14 @@ fn plan_wan(
     ))
 }
 
-/// The size guard's estimate per stage: the text encoder (prompted runs), then the transformer(s)
-/// with the denoising's activations and the VAE decode (they are held together).
-fn estimate_wan(
+/// The checkpoint paths of a run (empty: a preset) and the family's presets.
+fn paths_and_presets(
     cfg: &RunConfig,
     file: &str,
     base: &Path,
     family: &str,
-) -> Result<Vec<(String, magcache_core::runtime::guard::Footprint)>> {
-    let (paths, presets) = if family == "wan2.2" {
+) -> Result<(Vec<String>, &'static [WanPreset])> {
+    Ok(if family == "wan2.2" {
         (wan22_paths(cfg, file, base)?, WAN22_PRESETS)
     } else {
         (
@@ -583,7 +571,18 @@ fn estimate_wan(
                 .unwrap_or_default(),
             WAN21_PRESETS,
         )
-    };
+    })
+}
+
+/// The size guard's estimate per stage: the text encoder (prompted runs), then the transformer(s)
+/// with the denoising's activations and the VAE decode (they are held together).
+fn estimate_wan(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+    family: &str,
+) -> Result<Vec<(String, magcache_core::runtime::guard::Footprint)>> {
+    let (paths, presets) = paths_and_presets(cfg, file, base, family)?;
     let mut out = Vec::new();
     if cfg.prompt.is_some() {
         let (root, _) = prompted::pipeline_root(cfg, file, base)?;

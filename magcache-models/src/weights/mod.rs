@@ -705,7 +705,12 @@ impl WeightStore {
                 // UMT5-XXL's 4.2 GB f32 embedding). f32 only, the released folders' dtype: 2-byte
                 // tensors take the byte path (their vector type needs the `half` crate).
                 let read = match dtype {
-                    DType::F32 => read_tensor::<f32>(&h.0, h.1, *start, *end, shape),
+                    DType::F32
+                        if cfg!(target_endian = "little")
+                            && (end.saturating_sub(*start)).is_multiple_of(4) =>
+                    {
+                        read_f32(&h.0, h.1, *start, *end, shape)
+                    }
                     _ => read_range(&h.0, h.1, *start, *end).and_then(|bytes| {
                         Tensor::from_raw_buffer(&bytes, *dtype, shape, &Device::Cpu)
                             .map_err(|e| e.to_string())
@@ -741,26 +746,20 @@ impl WeightStore {
 /// Bytes `start..end` of an open checkpoint file that was `opened_len` bytes long when its header was
 /// read. The file's current length is checked first and the bytes are read with `pread` (not through
 /// a memory map): a file truncated or rewritten under the run is an error, in words, never a SIGBUS.
-/// The tensor of `shape` whose little-endian `T` values lie at `start..end` of `file`, read into its
-/// vector (no intermediate byte buffer).
-fn read_tensor<T: candle_core::WithDType + Default>(
+/// The tensor of `shape` whose little-endian f32 values lie at `start..end` of `file` (a whole
+/// number of them, on a little-endian machine: the caller checks), read into its vector (no
+/// intermediate byte buffer).
+fn read_f32(
     file: &std::fs::File,
     opened_len: u64,
     start: usize,
     end: usize,
     shape: &[usize],
 ) -> std::result::Result<Tensor, String> {
-    let size = std::mem::size_of::<T>();
     let n = end.saturating_sub(start);
-    if !cfg!(target_endian = "little") || !n.is_multiple_of(size) {
-        return read_range(file, opened_len, start, end).and_then(|bytes| {
-            Tensor::from_raw_buffer(&bytes, T::DTYPE, shape, &Device::Cpu)
-                .map_err(|e| e.to_string())
-        });
-    }
-    let mut v: Vec<T> = vec![T::default(); n / size];
-    // SAFETY: `T` is f32 (the only caller): plain `Copy` values of `size` bytes for which every bit
-    // pattern is valid; the slice covers exactly the vector's `n` initialised bytes.
+    let mut v: Vec<f32> = vec![0.0; n / 4];
+    // SAFETY: every bit pattern is a valid f32; the slice covers exactly the vector's `n`
+    // initialised bytes.
     let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), n) };
     read_range_into(file, opened_len, start, end, bytes)?;
     Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| e.to_string())

@@ -653,6 +653,100 @@ fn class3_prompted_sizes_are_guarded_naming_the_key() {
 }
 
 #[test]
+fn class3_a_decode_too_large_for_one_frame_points_at_vae_tiling_which_fits_it() {
+    let d = tempfile::tempdir().unwrap();
+    prompted_case(d.path());
+    let run = d.path().join("run.toml");
+    let base = std::fs::read_to_string(&run).unwrap().replace(
+        "height = 16\nwidth = 16\nnum_frames = 1",
+        "height = 1024\nwidth = 1024\nnum_frames = 5",
+    );
+    std::fs::write(&run, &base).unwrap();
+    let base = base.replace("weights = \"pipe\"", "weights = \"pipe\"\ndtype = \"f32\"");
+    std::fs::write(&run, &base).unwrap();
+    // Untiled, the VAE's feature cache and working set of a 1024x1024 frame are the largest part.
+    let run_with = |limit: &str| {
+        bin()
+            .args(["run", "--quiet", "--config"])
+            .arg(&run)
+            .env("MAGCACHE_MEMORY_LIMIT", limit)
+            .output()
+            .unwrap()
+    };
+    let e = check_err(
+        &run_with("1G"),
+        &["run.toml: vae.tiling:", "set `tiling = true` in [vae]"],
+    );
+    assert!(e.contains("VAE decode working set (one frame"), "{e}");
+    // Tiled, the same run fits: the plan's estimate is under the same limit.
+    std::fs::write(&run, format!("{base}\n[vae]\ntiling = true\n")).unwrap();
+    let o = bin()
+        .args(["plan", "--config"])
+        .arg(&run)
+        .env("MAGCACHE_MEMORY_LIMIT", "1G")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("VAE decode tiles") && !out.contains("DOES NOT FIT"),
+        "{out}"
+    );
+    // Tile sizes without tiling, bad sizes, and tiling on a run without a VAE are refused by key.
+    std::fs::write(
+        &run,
+        format!("{base}\n[vae]\ntile_sample_min_height = 128\n"),
+    )
+    .unwrap();
+    prompted_refused(d.path(), &["run.toml: vae.tiling:", "tiling = true"]);
+    std::fs::write(
+        &run,
+        format!("{base}\n[vae]\ntiling = true\ntile_sample_stride_width = 100\n"),
+    )
+    .unwrap();
+    prompted_refused(
+        d.path(),
+        &["run.toml: vae.tile_sample_stride_width: 100", "multiple of"],
+    );
+    // A small run with small tiles decodes through the tiles: same shape as untiled, other pixels.
+    let small = base.replace(
+        "height = 1024\nwidth = 1024\nnum_frames = 5",
+        "height = 48\nwidth = 64\nnum_frames = 5",
+    );
+    let decoded = |text: &str, name: &str| {
+        std::fs::write(&run, text).unwrap();
+        let out = d.path().join(name);
+        let o = bin()
+            .args(["run", "--quiet", "--config"])
+            .arg(&run)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["decoded"].clone()
+    };
+    let plain = decoded(&small, "plain.safetensors");
+    let tiled = decoded(
+        &format!("{small}\n[vae]\ntiling = true\ntile_sample_min_height = 32\ntile_sample_min_width = 32\ntile_sample_stride_height = 16\ntile_sample_stride_width = 24\n"),
+        "tiled.safetensors",
+    );
+    assert_eq!(plain.dims(), tiled.dims());
+    let diff = (plain - tiled)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 1e-4, "tiling changed nothing ({diff})");
+    let c = Case::new("\n[vae]\ntiling = true\n");
+    let o = magcache(&["run", "--quiet", "--config", s(&c.run_file())]);
+    check_err(&o, &["vae.tiling", "prompted runs"]);
+}
+
+#[test]
 fn class3_a_config_that_is_not_a_regular_file_is_refused_at_once() {
     let d = tempfile::tempdir().unwrap();
     let root = prompted_case(d.path());
@@ -842,6 +936,24 @@ fn class3_prompted_flux_sizes_are_guarded_naming_the_key() {
     )
     .unwrap();
     prompted_refused(d.path(), &["run.toml", "inputs.height/width"]);
+    // `plan` prints the stages' estimates: the text encoders, then the transformer with the VAE
+    // decode, whose working set grows with the image.
+    std::fs::write(
+        &run,
+        base.replace("height = 32\nwidth = 32", "height = 1024\nwidth = 1024"),
+    )
+    .unwrap();
+    let o = bin().args(["plan", "--config"]).arg(&run).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "encode text",
+        "CLIP text encoder weights",
+        "denoise and decode",
+        "VAE decode working set",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
     std::fs::write(&run, base).unwrap();
     for (dir, key) in [
         ("text_encoder", "num_hidden_layers"),

@@ -287,8 +287,14 @@ fn keys_belong_to_core_or_the_family() {
         &["a key of"],
     );
     both_refuse(
-        &format!("{}[vae]\ntiling = true\n", wan_preset("", "", "")),
-        &["run.toml:11", "vae", "unknown table"],
+        &format!("{}[decoder]\ntiling = true\n", wan_preset("", "", "")),
+        &["run.toml:11", "decoder", "unknown table"],
+        &[],
+    );
+    // Wan's `[vae]` table on flux names its owners.
+    both_refuse(
+        &format!("{}[vae]\ntiling = true\n", flux("", "")),
+        &["run.toml:12", "vae", "wan2.1"],
         &[],
     );
     // Wan's own keys are typed: a wrong type names the line and key.

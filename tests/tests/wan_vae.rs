@@ -307,3 +307,76 @@ fn half_precision_decode_close_to_f32() {
         assert!(err < tol, "{dtype:?}: {err}");
     }
 }
+
+/// Spatial tiling against diffusers' own `tiled_decode` / `tiled_encode`
+/// (`pipelines/wan_vae_tiling.*`, `tests/fixtures/tools/make_vae_tiling_fixtures.py`): the tiny
+/// Wan2.1 VAE and the Wan2.2 (TI2V, patch 2) one at small tile sizes, narrow last rows and columns
+/// included. Also prints how far tiling moves the output from the untiled one.
+#[test]
+fn tiled_decode_and_encode_match_diffusers() {
+    use magcache_models::wan::vae::VaeTiling;
+    let f = load("pipelines/wan_vae_tiling.safetensors");
+    let meta = load_json("pipelines/wan_vae_tiling.json");
+    for (name, case) in meta["cases"].as_object().unwrap() {
+        let mut v = WanVae::load(
+            &fixture(case["vae"].as_str().unwrap()),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let size = |k: &str| case[k].as_u64().unwrap() as usize;
+        let tiling = VaeTiling {
+            tile_sample_min_height: size("tile_sample_min_height"),
+            tile_sample_min_width: size("tile_sample_min_width"),
+            tile_sample_stride_height: size("tile_sample_stride_height"),
+            tile_sample_stride_width: size("tile_sample_stride_width"),
+        };
+        let z = &f[&format!("{name}.latents")];
+        let video = &f[&format!("{name}.video")];
+        let untiled = v.decode(z).unwrap();
+        let want = case["decode_max_abs_tiled_vs_untiled"].as_f64().unwrap() as f32;
+        let untiled_mean = v.encode_mean(video).unwrap();
+        v.set_tiling(Some(tiling)).unwrap();
+        assert_eq!(v.tiling(), Some(tiling));
+        let tiled = v.decode(z).unwrap();
+        check(
+            &format!("{name} tiled decode"),
+            &tiled,
+            &f[&format!("{name}.decode.tiled")],
+            1e-4,
+        );
+        let (mean, logvar) = v.encode_moments(video).unwrap();
+        check(
+            &format!("{name} tiled encode mean"),
+            &mean,
+            &f[&format!("{name}.encode.tiled.mean")],
+            1e-4,
+        );
+        check(
+            &format!("{name} tiled encode logvar"),
+            &logvar,
+            &f[&format!("{name}.encode.tiled.logvar")],
+            1e-4,
+        );
+        // Tiling moved the output as far as it did in diffusers (the inputs span several tiles) ...
+        let moved = max_abs_diff(&tiled, &untiled);
+        assert!(
+            want > 1e-3 && (moved - want).abs() < 1e-3,
+            "{name}: tiled vs untiled {moved} against diffusers' {want}"
+        );
+        assert!(
+            max_abs_diff(&mean, &untiled_mean) > 1e-4,
+            "{name}: encode not tiled"
+        );
+        eprintln!(
+            "{name}: tiled vs untiled: decode max abs {:.3e}, encode mean max abs {:.3e}",
+            max_abs_diff(&tiled, &untiled),
+            max_abs_diff(&mean, &untiled_mean)
+        );
+        // ... and an input within one tile decodes exactly as untiled.
+        let small = z.narrow(3, 0, 2).unwrap().narrow(4, 0, 2).unwrap();
+        let tiled_small = v.decode(&small).unwrap();
+        v.set_tiling(None).unwrap();
+        assert_eq!(max_abs_diff(&tiled_small, &v.decode(&small).unwrap()), 0.0);
+    }
+}

@@ -5,7 +5,7 @@
 //! One test in this binary: the counter is process-wide, so no other test may run beside it.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_models::wan::vae::{WanVae, WanVaeConfig};
+use magcache_models::wan::vae::{VaeTiling, WanVae, WanVaeConfig};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -51,7 +51,7 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
         "(test)",
     )
     .unwrap();
-    let vae = WanVae::random(cfg, 3, &Device::Cpu, DType::F32).unwrap();
+    let mut vae = WanVae::random(cfg, 3, &Device::Cpu, DType::F32).unwrap();
     let (h, w) = (12, 16);
     let mut peaks = Vec::new();
     for latent_frames in [2, 5] {
@@ -101,4 +101,32 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
         "decode working set {} B is not bounded by a few full-resolution frames ({full_res_frame} B each)",
         d5 - 2 * v5
     );
+    // Tiled (`[vae] tiling`, tiles of 4x4 latents, one every 3): the feature cache and working set
+    // are a tile's, and the guard's estimate (with two rows of tiles) still covers the peak.
+    let tiling = VaeTiling {
+        tile_sample_min_height: 32,
+        tile_sample_min_width: 32,
+        tile_sample_stride_height: 24,
+        tile_sample_stride_width: 24,
+    };
+    vae.set_tiling(Some(tiling)).unwrap();
+    for (&lf, &(frames, dec_peak, _, video_bytes)) in [2usize, 5].iter().zip(&peaks) {
+        let z = Tensor::randn(0f32, 1f32, (1, 4, lf, h, w), &Device::Cpu).unwrap();
+        let (tiled_peak, video) = peak_of(|| vae.decode(&z).unwrap());
+        assert_eq!(bytes(&video), video_bytes);
+        let p = vae.config.decode_bytes_tiled(lf, h, w, 4, Some(tiling));
+        let predicted = (p.cache + p.working + p.video + p.tiles).0.unwrap();
+        eprintln!(
+            "{frames} frames tiled: decode peak {tiled_peak} B (untiled {dec_peak} B), predicted {predicted} B"
+        );
+        assert!(
+            predicted as usize >= tiled_peak && (predicted as usize) < 3 * tiled_peak,
+            "{frames} frames tiled: predicted {predicted} B against {tiled_peak} B measured"
+        );
+        // Beyond the video itself, a tile's cache and working set are smaller than the frame's.
+        assert!(
+            tiled_peak - 2 * video_bytes < dec_peak - 2 * video_bytes,
+            "{frames} frames: tiling did not lower the decode's own memory ({tiled_peak} B against {dec_peak} B)"
+        );
+    }
 }

@@ -130,6 +130,9 @@ pub struct Part {
     /// The part is already the streamed (smallest resident) form of the weights: a refusal then
     /// does not suggest streaming.
     pub streamed: bool,
+    /// What a refusal whose largest part this is tells the user to do, when more than "make the
+    /// knob smaller" (e.g. a switch that bounds the part).
+    pub advice: Option<String>,
 }
 
 /// What a run will hold in memory, part by part.
@@ -154,7 +157,15 @@ impl Footprint {
             knob: knob.into(),
             bytes,
             streamed: false,
+            advice: None,
         });
+    }
+
+    /// Sets what a refusal tells the user to do when the last part added is the largest.
+    pub fn advise(&mut self, advice: impl Into<String>) {
+        if let Some(p) = self.parts.last_mut() {
+            p.advice = Some(advice.into());
+        }
     }
 
     /// Adds the weights a streamed model keeps resident (`model.offload = "stream"`).
@@ -218,6 +229,7 @@ impl Footprint {
                 gb(avail.bytes),
                 avail.source,
                 match big.knob.as_str() {
+                    _ if big.advice.is_some() => big.advice.clone().unwrap_or_default(),
                     "model.weights" if big.streamed => "use a 2-byte model.dtype or a smaller checkpoint".to_string(),
                     "model.preset" => "use a 2-byte model.dtype, a smaller preset or [model.overrides], or write it with `magcache export` and run it with model.offload = \"stream\"".to_string(),
                     "model.weights" => "use model.offload = \"stream\" (blocks read from the checkpoint as they run), a 2-byte model.dtype or a smaller checkpoint".to_string(),
@@ -270,9 +282,19 @@ mod tests {
                 knob: "k".into(),
                 bytes: Some(5),
                 streamed: false,
+                advice: None,
             }],
         };
         assert!(small.check_against("f", &avail).is_ok());
+        // A part with its own advice says it.
+        let mut t = Footprint::default();
+        t.add("cache", "vae.tiling", Some(2 << 30));
+        t.advise("set tiling = true in [vae]");
+        let e = t.check_against("run.toml", &avail).unwrap_err().to_string();
+        assert!(
+            e.starts_with("run.toml: vae.tiling: ") && e.ends_with("; set tiling = true in [vae]"),
+            "{e}"
+        );
         let unlimited = Available {
             bytes: None,
             source: "none".into(),

@@ -142,12 +142,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             return Err(Error::msg("internal: flux weights were not opened"))
         }
         (None, _) => {
-            let name = crate::config_util::preset_name(cfg, file)?;
-            let p = FLUX_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
-                Error::config(file, "model.preset", format!("unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"))
-            })?;
-            let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
-            let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
+            let (p, base_cfg, c) = flux_preset(cfg, file, &overrides)?;
             footprint::flux_footprint(cfg, base, &c, Some(&base_cfg)).check(file)?;
             let desc = format!(
                 "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
@@ -184,6 +179,34 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         prompted,
         cache: None,
     }))
+}
+
+/// The run's preset: its entry, its config fields and the config with `[model.overrides]`.
+fn flux_preset(
+    cfg: &RunConfig,
+    file: &str,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(
+    &'static super::presets::FluxPreset,
+    serde_json::Map<String, serde_json::Value>,
+    FluxConfig,
+)> {
+    let name = crate::config_util::preset_name(cfg, file)?;
+    let p = FLUX_PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            Error::config(
+                file,
+                "model.preset",
+                format!(
+                    "unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"
+                ),
+            )
+        })?;
+    let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
+    let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, overrides)?;
+    Ok((p, base_cfg, c))
 }
 
 /// Adds the run's `[[model.lora]]` adapters to `store` (FLUX has one model: no `expert`).
@@ -315,6 +338,52 @@ inventory::submit! {
         streams: true,
         build: build_flux,
         plan: plan_flux,
-        estimate: None,
+        estimate: Some(estimate_flux),
     }
+}
+
+/// The size guard's estimate per stage, as `build_flux` checks them: the text encoders (prompted
+/// runs), then the transformer with the denoising's activations and the VAE decode (held
+/// together). Reads configs and checkpoint headers only.
+fn estimate_flux(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<(String, magcache_core::runtime::guard::Footprint)>> {
+    crate::config_util::require_weights_or_preset(cfg, file)?;
+    let overrides = overrides_json(cfg);
+    let mut out = Vec::new();
+    if cfg.prompt.is_some() {
+        let root = prompted::pipeline_root(cfg, file, base)?;
+        out.push((
+            "encode text".to_string(),
+            prompted::text_footprint(cfg, file, &root)?,
+        ));
+    }
+    let fp = match &cfg.model.weights {
+        Some(WeightsSpec::One(w)) => {
+            let path = transformer_dir(resolve(base, w));
+            let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
+            let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
+            footprint::flux_footprint(cfg, base, &l.config, None)
+        }
+        Some(WeightsSpec::Many(_)) => {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                "flux takes one weights path",
+            ))
+        }
+        None => {
+            let (_, base_cfg, c) = flux_preset(cfg, file, &overrides)?;
+            footprint::flux_footprint(cfg, base, &c, Some(&base_cfg))
+        }
+    };
+    let last = if cfg.prompt.is_some() {
+        "denoise and decode"
+    } else {
+        "denoise"
+    };
+    out.push((last.to_string(), fp));
+    Ok(out)
 }

@@ -106,14 +106,52 @@ pub fn flux_footprint(
             } else {
                 "inputs.height/width"
             };
-            // The decoded image (the VAE's output and its copies while mapped to pixels).
-            let pixels = sz(cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_SIZE))
-                * sz(cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_SIZE));
-            fp.add(
-                "decoded image (f32, 4 copies)",
-                "inputs.height/width",
-                (pixels * sz(3) * sz(4) * sz(4)).0,
+            // The VAE decode runs while the transformer is held: its weights, its working set at
+            // the image's size, and the decoded image (the VAE's output and its copies while
+            // mapped to pixels).
+            let (ph, pw) = (
+                cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_SIZE),
+                cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_SIZE),
             );
+            let vae = cfg
+                .model
+                .weights
+                .as_ref()
+                .and_then(|w| w.paths().first().map(|p| resolve(base, p)))
+                .and_then(|root| {
+                    super::vae::FluxVaeConfig::read(&root.join("vae").join("config.json")).ok()
+                });
+            match vae {
+                Some(v) => {
+                    let f = v.vae_scale_factor().max(1);
+                    let (lh, lw) = (ph / f, pw / f);
+                    let cpu = !cfg.model.device.starts_with("cuda");
+                    let wb = if cpu {
+                        4
+                    } else {
+                        crate::footprint::dtype_bytes(&cfg.model.dtype)
+                    };
+                    fp.add("VAE weights", "model.dtype", (v.params() * sz(wb)).0);
+                    fp.add(
+                        "VAE decode working set (f32)",
+                        "inputs.height/width",
+                        v.decode_working_bytes(lh, lw, cpu).0,
+                    );
+                    fp.add(
+                        "decoded image (f32, 4 copies)",
+                        "inputs.height/width",
+                        v.decode_image_bytes(lh, lw).0,
+                    );
+                }
+                None => {
+                    let pixels = sz(ph) * sz(pw);
+                    fp.add(
+                        "decoded image (f32, 4 copies)",
+                        "inputs.height/width",
+                        (pixels * sz(3) * sz(4) * sz(4)).0,
+                    );
+                }
+            }
             (s.map(|s| (1, s, l)), knob, "prompt.max_sequence_length")
         }
         Some(f) => {

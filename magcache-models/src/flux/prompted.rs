@@ -68,6 +68,39 @@ pub fn image_size(cfg: &RunConfig, file: &str, root: &Path) -> Result<(usize, us
     Ok((height, width, f))
 }
 
+/// The size guard's estimate of the text stage: the T5 encoder (one layer at a time with
+/// `offload = "stream"`, which streams it too) and CLIP, loaded together, in the run's dtype, with
+/// their activations at `prompt.max_sequence_length`.
+pub fn text_footprint(
+    cfg: &RunConfig,
+    file: &str,
+    root: &Path,
+) -> Result<magcache_core::runtime::guard::Footprint> {
+    let max_len = cfg
+        .prompt
+        .as_ref()
+        .and_then(|p| p.max_sequence_length)
+        .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    let bytes =
+        magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?.size_in_bytes();
+    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
+        == magcache_core::Offload::Stream;
+    let t5_cfg = root.join("text_encoder_2").join("config.json");
+    let mut fp = crate::text::Umt5Config::load(&root.join("text_encoder_2"))?.footprint(
+        max_len,
+        bytes,
+        &t5_cfg.display().to_string(),
+        streamed,
+    );
+    let clip_cfg = root.join("text_encoder").join("config.json");
+    fp.parts.extend(
+        crate::text::ClipTextModelConfig::load(&root.join("text_encoder"))?
+            .footprint(bytes, &clip_cfg.display().to_string())
+            .parts,
+    );
+    Ok(fp)
+}
+
 /// Encodes the prompt with CLIP (pooled) and T5; both encoders are dropped before this returns.
 pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     let Some(p) = &cfg.prompt else {
@@ -83,26 +116,10 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     let (height, width, _) = image_size(cfg, file, root)?;
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
-    // The size guard for the T5 stage (loaded, used and freed before the transformer).
-    let t5_cfg = root.join("text_encoder_2").join("config.json");
-    // `offload = "stream"` streams the T5 encoder too: one layer held at a time.
+    // The size guard for the text stage (loaded, used and freed before the transformer).
+    text_footprint(cfg, file, root)?.check(file)?;
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
-    crate::text::Umt5Config::load(&root.join("text_encoder_2"))?
-        .footprint(
-            max_len,
-            placement.dtype.size_in_bytes(),
-            &t5_cfg.display().to_string(),
-            streamed,
-        )
-        .check(file)?;
-    let clip_cfg = root.join("text_encoder").join("config.json");
-    crate::text::ClipTextModelConfig::load(&root.join("text_encoder"))?
-        .footprint(
-            placement.dtype.size_in_bytes(),
-            &clip_cfg.display().to_string(),
-        )
-        .check(file)?;
     let stage = Stage::begin("encode text");
     let enc =
         FluxTextEncoders::load_pipeline_with(root, &placement.device, placement.dtype, streamed)?;

@@ -51,13 +51,13 @@ pub fn wan_params(c: &WanConfig) -> Sz {
 
 /// A prompted run's latent shape (from `inputs.height/width/num_frames` through the pipeline
 /// VAE's factors; the defaults as the pipeline's), its text length (`prompt.max_sequence_length`)
-/// and what its VAE decode holds; `None` for other runs or when the VAE config cannot be read
-/// (the loader reports it).
+/// and what its VAE decode holds (with `[vae] tiling` as the run sets it); `None` for other runs or
+/// when the VAE config cannot be read (the loader reports it).
 fn prompted_sizes(
     cfg: &RunConfig,
     base: &Path,
     latent_ch: usize,
-) -> Option<(Vec<usize>, usize, super::vae::DecodeBytes)> {
+) -> Option<(Vec<usize>, usize, super::vae::DecodeBytes, bool)> {
     let p = cfg.prompt.as_ref()?;
     let w = cfg.model.weights.as_ref()?.paths().first().copied()?;
     let vae =
@@ -65,11 +65,12 @@ fn prompted_sizes(
     let (ss, ts) = (vae.spatial_scale().max(1), vae.temporal_scale().max(1));
     let height = cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_HEIGHT);
     let width = cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_WIDTH);
-    let frames = super::keys::WanKeys::read(cfg, "")
-        .ok()?
+    let keys = super::keys::WanKeys::read(cfg, "").ok()?;
+    let frames = keys
         .inputs
         .num_frames
         .unwrap_or(super::prompted::DEFAULT_FRAMES);
+    let tiling = keys.vae.tiling("", ss).ok().flatten();
     let lat_frames = frames.saturating_sub(1) / ts + 1;
     // The VAE runs in the run's dtype, but f32 where it is bf16 on the CPU (no bf16 conv2d there).
     let dtype = cfg.model.dtype.as_str();
@@ -78,7 +79,7 @@ fn prompted_sizes(
     } else {
         crate::footprint::dtype_bytes(dtype)
     };
-    let decode = vae.decode_bytes(lat_frames, height / ss, width / ss, wb);
+    let decode = vae.decode_bytes_tiled(lat_frames, height / ss, width / ss, wb, tiling);
     let len = p
         .max_sequence_length
         .unwrap_or(super::prompted::DEFAULT_MAX_SEQUENCE_LENGTH);
@@ -86,6 +87,7 @@ fn prompted_sizes(
         vec![1, latent_ch, lat_frames, height / ss, width / ss],
         len,
         decode,
+        tiling.is_some(),
     ))
 }
 
@@ -233,21 +235,45 @@ pub fn wan_footprint(
     let cache = sz(experts * branches) * sz(CACHE_FACTOR) * tokens * d * f32b;
     fp.add("cache", lat_knob, cache.0);
     crate::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
-    if let Some((_, _, dec)) = &prompted {
+    if let Some((_, _, dec, tiled)) = &prompted {
         // The VAE decode runs while the transformer is held: its weights, its feature cache (two
-        // frames per causal convolution: grows with height x width, not with the frames), one
-        // frame's working set, and the decoded video (grows with the frames).
+        // frames per causal convolution: grows with height x width, or a tile's with tiling, not
+        // with the frames), one frame's (tile's) working set, and the decoded video (grows with
+        // the frames).
         fp.add("VAE weights", "model.dtype", dec.weights.0);
+        let (knob, advice, of) = if *tiled {
+            (
+                "vae.tile_sample_min_height/width",
+                "make vae.tile_sample_min_height/width smaller (or inputs.height/width)",
+                "one tile",
+            )
+        } else {
+            (
+                "vae.tiling",
+                "set `tiling = true` in [vae] (the decode then holds one 256x256 tile's cache, not the frame's) or make inputs.height/width smaller",
+                "one frame",
+            )
+        };
         fp.add(
-            "VAE decode feature cache (two frames per causal conv, f32)",
-            "inputs.height/width",
+            format!("VAE decode feature cache (two frames per causal conv of {of}, f32)"),
+            knob,
             dec.cache.0,
         );
+        fp.advise(advice);
         fp.add(
-            "VAE decode working set (one frame, f32)",
-            "inputs.height/width",
+            format!("VAE decode working set ({of}, f32)"),
+            knob,
             dec.working.0,
         );
+        fp.advise(advice);
+        if *tiled {
+            fp.add(
+                "VAE decode tiles (two rows of tiles for blending, f32)",
+                "vae.tile_sample_min_height/width",
+                dec.tiles.0,
+            );
+            fp.advise(advice);
+        }
         fp.add(
             "decoded video (f32, 2 copies)",
             "inputs.num_frames",

@@ -154,6 +154,7 @@ pub fn image_stage_footprint(
     size: (usize, usize, usize),
     expand_timesteps: bool,
     dtype: &str,
+    tiling: Option<super::vae::VaeTiling>,
 ) -> Footprint {
     let mut fp = Footprint::default();
     let dbytes = sz(crate::footprint::dtype_bytes(dtype));
@@ -189,13 +190,30 @@ pub fn image_stage_footprint(
         .unwrap_or(0);
     fp.add("VAE weights (encode)", "vae/", Some(vae_files));
     let video = sz(3) * sz(frames) * sz(h) * sz(w) * f32b;
+    // Tiled (diffusers' rule: a side larger than one tile, in patchified pixels), a chunk covers
+    // one tile.
+    let p = vae.patch_size.max(1);
+    let (ch, cw) = match tiling {
+        Some(t) if h / p > t.tile_sample_min_height || w / p > t.tile_sample_min_width => (
+            h.min(t.tile_sample_min_height * p),
+            w.min(t.tile_sample_min_width * p),
+        ),
+        _ => (h, w),
+    };
     // One chunk: 4 frames (plus the 2 cached) at full resolution, base_dim wide, a few live copies.
-    let chunk = sz(6) * sz(h) * sz(w) * sz(vae.base_dim.max(1)) * sz(6) * f32b;
+    let chunk = sz(6) * sz(ch) * sz(cw) * sz(vae.base_dim.max(1)) * sz(6) * f32b;
     fp.add(
         "VAE encode of the image (video and one chunk)",
-        "inputs.height/width/num_frames",
+        if tiling.is_some() {
+            "inputs.height/width/num_frames"
+        } else {
+            "vae.tiling"
+        },
         (video + chunk).0,
     );
+    if tiling.is_none() {
+        fp.advise("set `tiling = true` in [vae] (the encode then works on 256x256 tiles) or make inputs.height/width/num_frames smaller");
+    }
     fp
 }
 
@@ -246,6 +264,7 @@ pub fn encode_image(
         (height, width, frames),
         index.expand_timesteps,
         &cfg.model.dtype,
+        super::prompted::vae_tiling(cfg, file, root)?,
     )
     .check(file)?;
     let mut stages = Vec::new();
@@ -275,7 +294,8 @@ pub fn encode_image(
         None => None,
     };
     let stage = Stage::begin("encode image (VAE)");
-    let vae = WanVae::load(&root.join("vae"), &placement.device, placement.dtype)?;
+    let mut vae = WanVae::load(&root.join("vae"), &placement.device, placement.dtype)?;
+    vae.set_tiling(super::prompted::vae_tiling(cfg, file, root)?)?;
     let pic = resize(img, width, height, Filter::Lanczos);
     let x = pic.to_vae_tensor(&placement.device)?.unsqueeze(2)?; // [1, 3, 1, H, W]
     let condition = if index.expand_timesteps {

@@ -1,6 +1,7 @@
 //! The run-file keys the Wan families add to core's: Wan2.2's second expert (`boundary_ratio`,
 //! `guidance_scale_2`), the sampler (`scheduler`, `scheduler_config`), a video's `num_frames` and
-//! class conditioning (`classes`), an image-to-video run's first frame (`image`). Declared once
+//! class conditioning (`classes`), an image-to-video run's first frame (`image`), the VAE's
+//! spatial tiling (`[vae] tiling` and tile sizes). Declared once
 //! here as typed structs; the registrations list them ([`WAN_KEYS`]) so that the runner refuses
 //! keys no family owns, and the family reads them with [`WanKeys::read`].
 
@@ -15,6 +16,70 @@ use serde::Deserialize;
 pub struct WanKeys {
     pub sampling: WanSamplingKeys,
     pub inputs: WanInputKeys,
+    pub vae: WanVaeKeys,
+}
+
+/// Wan's `[vae]` table: spatial tiling of the VAE decode (and of an image run's encode), as
+/// diffusers' `vae.enable_tiling(...)`; the sizes are pixels, diffusers' defaults when absent.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct WanVaeKeys {
+    /// Cut frames larger than one tile into overlapping tiles (bounded memory at large sizes, small
+    /// seams: see docs/benchmarks.md); default false, as diffusers.
+    pub tiling: Option<bool>,
+    /// Tile height in pixels (default 256).
+    pub tile_sample_min_height: Option<usize>,
+    /// Tile width in pixels (default 256).
+    pub tile_sample_min_width: Option<usize>,
+    /// A tile every this many pixels down (default 192: 64 pixels blended).
+    pub tile_sample_stride_height: Option<usize>,
+    /// A tile every this many pixels across (default 192).
+    pub tile_sample_stride_width: Option<usize>,
+}
+
+impl WanVaeKeys {
+    /// The tiling these keys ask for, checked against a VAE of `spatial_scale` pixels per latent;
+    /// `None` when `tiling` is not true (tile sizes without `tiling = true` are an error: they would
+    /// do nothing).
+    pub fn tiling(
+        &self,
+        file: &str,
+        spatial_scale: usize,
+    ) -> Result<Option<super::vae::VaeTiling>> {
+        let d = super::vae::VaeTiling::default();
+        let sizes = [
+            self.tile_sample_min_height,
+            self.tile_sample_min_width,
+            self.tile_sample_stride_height,
+            self.tile_sample_stride_width,
+        ];
+        if self.tiling != Some(true) {
+            if sizes.iter().any(Option::is_some) {
+                return Err(Error::config(
+                    file,
+                    "vae.tiling",
+                    "tile sizes are given but tiling is off: add `tiling = true` to [vae]",
+                ));
+            }
+            return Ok(None);
+        }
+        let t = super::vae::VaeTiling {
+            tile_sample_min_height: self
+                .tile_sample_min_height
+                .unwrap_or(d.tile_sample_min_height),
+            tile_sample_min_width: self
+                .tile_sample_min_width
+                .unwrap_or(d.tile_sample_min_width),
+            tile_sample_stride_height: self
+                .tile_sample_stride_height
+                .unwrap_or(d.tile_sample_stride_height),
+            tile_sample_stride_width: self
+                .tile_sample_stride_width
+                .unwrap_or(d.tile_sample_stride_width),
+        };
+        t.check(spatial_scale, &format!("{file}: vae"))?;
+        Ok(Some(t))
+    }
 }
 
 /// Wan's keys of `[sampling]`.
@@ -57,6 +122,11 @@ pub const WAN_KEYS: &[FamilyKeys] = &[
         keys: fields_of::<WanInputKeys>,
         paths: &["image"],
     },
+    FamilyKeys {
+        table: "vae",
+        keys: fields_of::<WanVaeKeys>,
+        paths: &[],
+    },
 ];
 
 impl WanKeys {
@@ -80,6 +150,13 @@ impl WanKeys {
                     format!("must lie in [0, 1], got {b}"),
                 ));
             }
+        }
+        if k.vae.tiling.is_some() && cfg.prompt.is_none() {
+            return Err(Error::config(
+                file,
+                "vae.tiling",
+                "applies only to prompted runs (a `[prompt]` table and a pipeline folder: they decode with the VAE)",
+            ));
         }
         let i = &k.inputs;
         if cfg.prompt.is_some() {

@@ -36,6 +36,8 @@ pub struct Prompted {
     pub image: Option<ImageCondition>,
     pub placement: Placement,
     pub stages: Vec<StageTime>,
+    /// `[vae] tiling` (checked against the folder's VAE).
+    pub vae_tiling: Option<super::vae::VaeTiling>,
 }
 
 /// A non-finite output of a pipeline stage (text encoder, VAE) ends the run, as non-finite latents
@@ -144,6 +146,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     };
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+    let vae_tiling = vae_tiling(cfg, file, root)?;
     // The size guard for the text encoder's stage (loaded, used and freed before the transformer).
     text_footprint(cfg, file, root)?.check(file)?;
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
@@ -175,7 +178,22 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
         image: None,
         placement,
         stages: vec![stage.end()],
+        vae_tiling,
     })
+}
+
+/// `[vae] tiling` of a run over the pipeline folder `root`, checked against its VAE's scale.
+pub fn vae_tiling(
+    cfg: &RunConfig,
+    file: &str,
+    root: &Path,
+) -> Result<Option<super::vae::VaeTiling>> {
+    let keys = super::keys::WanKeys::read(cfg, file)?;
+    if keys.vae.tiling != Some(true) {
+        return keys.vae.tiling(file, 1);
+    }
+    let vae_cfg = WanVaeConfig::read(&root.join("vae").join("config.json"))?;
+    keys.vae.tiling(file, vae_cfg.spatial_scale())
 }
 
 /// The inputs of a prompted run: `latents_init` from `[inputs] file` or seeded random latents of the
@@ -316,7 +334,8 @@ pub fn inputs(
 /// the embeddings the transformer received.
 pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
     let stage = Stage::begin("decode");
-    let vae = WanVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    let mut vae = WanVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    vae.set_tiling(p.vae_tiling)?;
     let decoded = vae.decode_latents(latents)?;
     drop(vae);
     let v = p.root.join("vae").display().to_string();

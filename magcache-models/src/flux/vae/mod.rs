@@ -28,6 +28,7 @@
 mod config;
 mod decoder;
 mod encoder;
+mod footprint;
 mod layers;
 mod layout;
 mod load;

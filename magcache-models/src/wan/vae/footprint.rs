@@ -22,15 +22,50 @@ pub struct DecodeBytes {
     pub working: Sz,
     /// The decoded video as pixels, twice (the per-chunk pieces and their concatenation).
     pub video: Sz,
+    /// Tiled decodes: two rows of decoded tiles (the row above, kept for blending, and the one being
+    /// decoded) and one tile's frames twice (pieces and their join); 0 untiled.
+    pub tiles: Sz,
 }
 
 impl DecodeBytes {
     pub fn total(&self) -> Sz {
-        self.weights + self.cache + self.working + self.video
+        self.weights + self.cache + self.working + self.video + self.tiles
     }
 }
 
 impl WanVaeConfig {
+    /// What decoding latents of `frames` x `h` x `w` holds with `tiling` (diffusers' rule: tiled
+    /// when either side is larger than one tile): the cache and working set of one tile, the tiles
+    /// held for blending, and the whole video.
+    pub fn decode_bytes_tiled(
+        &self,
+        frames: usize,
+        h: usize,
+        w: usize,
+        weight_bytes: usize,
+        tiling: Option<super::VaeTiling>,
+    ) -> DecodeBytes {
+        let full = self.decode_bytes(frames, h, w, weight_bytes);
+        let ss = self.spatial_scale().max(1);
+        let Some(t) = tiling else {
+            return full;
+        };
+        let (th, tw) = (t.tile_sample_min_height / ss, t.tile_sample_min_width / ss);
+        if h <= th && w <= tw {
+            return full;
+        }
+        let tile = self.decode_bytes(frames, h.min(th), w.min(tw), weight_bytes);
+        let cols = w.div_ceil((t.tile_sample_stride_width / ss).max(1));
+        // `tile.video` is one tile's frames twice: two rows of `cols` tiles and the tile being
+        // decoded (pieces and join).
+        DecodeBytes {
+            cache: tile.cache,
+            working: tile.working,
+            tiles: tile.video * sz(cols + 1),
+            ..full
+        }
+    }
+
     /// What decoding latents of `frames` x `h` x `w` (latent sizes) holds at its peak.
     pub fn decode_bytes(
         &self,
@@ -107,6 +142,7 @@ impl WanVaeConfig {
                 * sz(self.patch_size.max(1))
                 * sz(self.out_channels)
                 * f32b,
+            tiles: sz(0),
         }
     }
 }

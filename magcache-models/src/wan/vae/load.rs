@@ -285,6 +285,7 @@ impl WanVae {
             post_quant_conv,
             device,
             origin: origin.to_string(),
+            tiling: None,
         })
     }
 }

@@ -29,10 +29,12 @@ mod encoder;
 mod footprint;
 mod layers;
 mod load;
+mod tiling;
 mod trace;
 
 pub use config::WanVaeConfig;
 pub use footprint::DecodeBytes;
+pub use tiling::VaeTiling;
 pub use trace::VaeTrace;
 
 use crate::vae_common::{check_input, to_pixels_channels_last};
@@ -57,11 +59,31 @@ pub struct WanVae {
     device: Device,
     /// What the VAE was loaded from (for messages).
     pub origin: String,
+    /// Spatial tiling for inputs larger than one tile (diffusers' `enable_tiling`); `None`: off.
+    tiling: Option<VaeTiling>,
 }
 
 impl WanVae {
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Turns spatial tiling on (diffusers' `enable_tiling(...)`) or off; the sizes are checked
+    /// against this VAE's pixels per latent.
+    pub fn set_tiling(&mut self, tiling: Option<VaeTiling>) -> Result<()> {
+        if let Some(t) = &tiling {
+            t.check(
+                self.config.spatial_scale(),
+                &format!("Wan VAE ({}) tiling", self.origin),
+            )?;
+        }
+        self.tiling = tiling;
+        Ok(())
+    }
+
+    /// The tiling in use, if any.
+    pub fn tiling(&self) -> Option<VaeTiling> {
+        self.tiling
     }
 
     /// Checks a `[B, channels, F, H, W]` input and returns it as f32 `[B, F, C, H, W]` on the device.
@@ -86,7 +108,7 @@ impl WanVae {
     pub fn encode_moments_traced(
         &self,
         video: &Tensor,
-        mut trace: Option<&mut VaeTrace>,
+        trace: Option<&mut VaeTrace>,
     ) -> Result<(Tensor, Tensor)> {
         let (pix_in, _) = self.config.pixel_channels();
         let p = self.config.patch_size;
@@ -108,6 +130,30 @@ impl WanVae {
             self.config.in_channels,
             "[B, C, F, H, W] video",
         )?;
+        let h = match self.tiling.filter(|t| {
+            trace.is_none()
+                && (x.dim(4).is_ok_and(|w| w > t.tile_sample_min_width)
+                    || x.dim(3).is_ok_and(|h| h > t.tile_sample_min_height))
+        }) {
+            Some(t) => self.encode_tiled(&x, t)?,
+            None => self.encode_all(&x, trace, true)?,
+        };
+        let z = self.config.z_dim;
+        let to_bcfhw =
+            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 1, 3, 4))?.contiguous()?) };
+        let mean = to_bcfhw(h.narrow(2, 0, z)?)?;
+        let logvar = to_bcfhw(h.narrow(2, z, z)?.clamp(-30f32, 20f32)?)?;
+        Ok((mean, logvar))
+    }
+
+    /// The encoder over `[B, F, C, H, W]` (patchified) frames with a fresh feature cache: frame 0,
+    /// then chunks of 4, each through `quant_conv` (a 1x1x1 convolution), joined over time.
+    fn encode_all(
+        &self,
+        x: &Tensor,
+        mut trace: Option<&mut VaeTrace>,
+        progress: bool,
+    ) -> Result<Tensor> {
         let frames = x.dim(1)?;
         let chunks = 1 + (frames - 1) / 4;
         let mut cache = FeatCache::new(self.encoder.slots);
@@ -115,20 +161,66 @@ impl WanVae {
         for i in 0..chunks {
             let (start, len) = if i == 0 { (0, 1) } else { (1 + 4 * (i - 1), 4) };
             let chunk = x.narrow(1, start, len)?;
-            outs.push(
-                self.encoder
-                    .forward(&chunk, &mut cache, trace.as_deref_mut())?,
-            );
-            magcache_core::runtime::progress::tick("encode: frame chunk", i + 1, chunks);
+            let enc = self
+                .encoder
+                .forward(&chunk, &mut cache, trace.as_deref_mut())?;
+            outs.push(self.quant_conv.forward(&enc, &mut cache)?);
+            if progress {
+                magcache_core::runtime::progress::tick("encode: frame chunk", i + 1, chunks);
+            }
         }
-        let enc = Tensor::cat(&outs, 1)?;
-        let h = self.quant_conv.forward(&enc, &mut cache)?;
-        let z = self.config.z_dim;
-        let to_bcfhw =
-            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 1, 3, 4))?.contiguous()?) };
-        let mean = to_bcfhw(h.narrow(2, 0, z)?)?;
-        let logvar = to_bcfhw(h.narrow(2, z, z)?.clamp(-30f32, 20f32)?)?;
-        Ok((mean, logvar))
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+
+    /// diffusers' `tiled_encode` of `[B, F, C, H, W]` (patchified) frames: tiles in the
+    /// patchified sample space, blended in latent space; `[B, F', 2 z, H / r, W / r]`.
+    fn encode_tiled(&self, x: &Tensor, t: VaeTiling) -> Result<Tensor> {
+        let r = (self.config.spatial_scale() / self.config.patch_size.max(1)).max(1);
+        let (_, _, _, h, w) = x.dims5()?;
+        let rows = tiling::Axis {
+            len: h,
+            min: t.tile_sample_min_height,
+            stride: t.tile_sample_stride_height,
+        }
+        .tiles();
+        let cols = tiling::Axis {
+            len: w,
+            min: t.tile_sample_min_width,
+            stride: t.tile_sample_stride_width,
+        }
+        .tiles();
+        let keep = (
+            t.tile_sample_stride_height / r,
+            t.tile_sample_stride_width / r,
+        );
+        let blend = (
+            t.tile_sample_min_height / r - keep.0,
+            t.tile_sample_min_width / r - keep.1,
+        );
+        let (out_h, out_w) = (h / r, w / r);
+        let tiles = rows.len() * cols.len();
+        let mut above: Vec<Tensor> = Vec::new();
+        let mut strips = Vec::with_capacity(rows.len());
+        let mut height = 0;
+        let mut n = 0;
+        for &(i, th) in &rows {
+            let mut row = Vec::with_capacity(cols.len());
+            for &(j, tw) in &cols {
+                n += 1;
+                let tile = x.narrow(3, i, th)?.narrow(4, j, tw)?;
+                row.push(self.encode_all(&tile, None, false)?);
+                magcache_core::runtime::progress::tick("encode: tile", n, tiles);
+            }
+            let row = tiling::blend_row(row, &above, (3, 4), blend)?;
+            let strip = tiling::join_row(&row, (3, 4), keep, out_w, out_h.saturating_sub(height))?;
+            height += strip.dim(3)?;
+            strips.push(strip);
+            above = row;
+            if height >= out_h {
+                break;
+            }
+        }
+        Ok(Tensor::cat(&strips, 3)?)
     }
 
     /// The posterior mean (`latent_dist.mode()`) of a video `[B, 3, F, H, W]` in [-1, 1]: VAE-space
@@ -181,21 +273,56 @@ impl WanVae {
     }
 
     /// Decodes `z` one latent frame at a time, handing each chunk of frames to `map` as it comes
-    /// (checked finite, unpatchified and clamped: `[B, C, f, H, W]` in [-1, 1]): the decoded video is held once as `map`'s pieces,
-    /// then once more by the caller's concatenation, never as unmapped copies.
+    /// (checked finite, unpatchified and clamped: `[B, C, f, H, W]` in [-1, 1]): the decoded video is
+    /// held once as `map`'s pieces, then once more by the caller's concatenation along the frames,
+    /// never as unmapped copies. With tiling on and latents larger than one tile, the tiles' rows
+    /// are decoded one after another and `map` gets the whole video once (one piece).
     fn decode_chunks(
         &self,
         z: &Tensor,
-        mut trace: Option<&mut VaeTrace>,
+        trace: Option<&mut VaeTrace>,
         map: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Vec<Tensor>> {
         let z = self.prepare(z, "latents", self.config.z_dim, "[B, z, F, h, w] latents")?;
-        let mut cache = FeatCache::new(self.decoder.slots);
-        let x = self.post_quant_conv.forward(&z, &mut cache)?;
-        record(&mut trace, "post_quant_conv", &x);
-        let frames = x.dim(1)?;
+        if let Some(t) = self.tiled_decode(&z, trace.is_some()) {
+            let video = self.decode_tiled(&z, t)?;
+            return Ok(vec![map(&video)?.contiguous()?]);
+        }
+        let frames = z.dim(1)?;
         let mut outs = Vec::with_capacity(frames);
-        for i in 0..frames {
+        let p = self.config.patch_size;
+        self.decode_frames(&z, trace, &mut |out, i| {
+            let video = unpatchify(&out.permute((0, 2, 1, 3, 4))?, p)?.clamp(-1f32, 1f32)?;
+            outs.push(map(&video)?.contiguous()?);
+            magcache_core::runtime::progress::tick("decode: latent frame", i + 1, frames);
+            Ok(())
+        })?;
+        Ok(outs)
+    }
+
+    /// The tiling to decode `[B, F, z, h, w]` latents with: diffusers tiles when either side is larger
+    /// than one tile (a trace always runs untiled).
+    fn tiled_decode(&self, z: &Tensor, traced: bool) -> Option<VaeTiling> {
+        let t = self.tiling?;
+        let ss = self.config.spatial_scale().max(1);
+        let (h, w) = (z.dim(3).ok()?, z.dim(4).ok()?);
+        (!traced && (w > t.tile_sample_min_width / ss || h > t.tile_sample_min_height / ss))
+            .then_some(t)
+    }
+
+    /// Runs the decoder over `[B, F, z, h, w]` latents one latent frame at a time with a fresh
+    /// feature cache, handing `each` the raw decoder output of frame `i` (`[B, f, C, H, W]`, checked
+    /// finite, before unpatchify and clamp).
+    fn decode_frames(
+        &self,
+        z: &Tensor,
+        mut trace: Option<&mut VaeTrace>,
+        each: &mut dyn FnMut(Tensor, usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut cache = FeatCache::new(self.decoder.slots);
+        let x = self.post_quant_conv.forward(z, &mut cache)?;
+        record(&mut trace, "post_quant_conv", &x);
+        for i in 0..x.dim(1)? {
             let chunk = x.narrow(1, i, 1)?;
             let out = self
                 .decoder
@@ -207,12 +334,67 @@ impl WanVae {
                 &format!("the decoder output of {}", self.origin),
                 "the VAE's weights overflow on these latents; check the vae/ checkpoint",
             )?;
-            let video = unpatchify(&out.permute((0, 2, 1, 3, 4))?, self.config.patch_size)?
-                .clamp(-1f32, 1f32)?;
-            outs.push(map(&video)?.contiguous()?);
-            magcache_core::runtime::progress::tick("decode: latent frame", i + 1, frames);
+            each(out, i)?;
         }
-        Ok(outs)
+        Ok(())
+    }
+
+    /// diffusers' `tiled_decode` of `[B, F, z, h, w]` latents: `[B, C, F', H, W]` in [-1, 1].
+    fn decode_tiled(&self, z: &Tensor, t: VaeTiling) -> Result<Tensor> {
+        let ss = self.config.spatial_scale().max(1);
+        let p = self.config.patch_size.max(1);
+        let (_, frames, _, h, w) = z.dims5()?;
+        let rows = tiling::Axis {
+            len: h,
+            min: t.tile_sample_min_height / ss,
+            stride: t.tile_sample_stride_height / ss,
+        }
+        .tiles();
+        let cols = tiling::Axis {
+            len: w,
+            min: t.tile_sample_min_width / ss,
+            stride: t.tile_sample_stride_width / ss,
+        }
+        .tiles();
+        // In the decoder's output space (patchified positions for the Wan2.2 VAE).
+        let keep = (
+            t.tile_sample_stride_height / p,
+            t.tile_sample_stride_width / p,
+        );
+        let blend = (
+            t.tile_sample_min_height / p - keep.0,
+            t.tile_sample_min_width / p - keep.1,
+        );
+        let (out_h, out_w) = (h * ss / p, w * ss / p);
+        let total = rows.len() * cols.len() * frames;
+        let mut done = 0;
+        let mut above: Vec<Tensor> = Vec::new();
+        let mut strips = Vec::with_capacity(rows.len());
+        let mut height = 0;
+        for &(i, th) in &rows {
+            let mut row = Vec::with_capacity(cols.len());
+            for &(j, tw) in &cols {
+                let tile = z.narrow(3, i, th)?.narrow(4, j, tw)?;
+                let mut pieces = Vec::with_capacity(frames);
+                self.decode_frames(&tile, None, &mut |out, _| {
+                    pieces.push(out);
+                    done += 1;
+                    magcache_core::runtime::progress::tick("decode: tile frame", done, total);
+                    Ok(())
+                })?;
+                row.push(Tensor::cat(&pieces, 1)?);
+            }
+            let row = tiling::blend_row(row, &above, (3, 4), blend)?;
+            let strip = tiling::join_row(&row, (3, 4), keep, out_w, out_h - height)?;
+            height += strip.dim(3)?;
+            strips.push(unpatchify(&strip.permute((0, 2, 1, 3, 4))?, p)?.clamp(-1f32, 1f32)?);
+            above = row;
+            if height >= out_h {
+                break;
+            }
+        }
+        drop(above);
+        Ok(Tensor::cat(&strips, 3)?)
     }
 
     /// What the pipeline returns with `output_type="np"`: the transformer's (normalised) latents

@@ -8,7 +8,9 @@
 #   WORK_DIR: default /tmp/magcache-real-size. The folder takes 29 GB of disk (UMT5-XXL 22.7 GB in
 #             5 shards, the transformer 5.7 GB, the VAE 0.5 GB); kept for re-runs, delete it after.
 # Env: MAGCACHE (default target/release/magcache); HEIGHT, WIDTH, FRAMES (default 240, 416, 5);
-#      RUN_EXTRA: lines added to the run file's [model] table (e.g. 'offload = "stream"').
+#      RUN_EXTRA: lines added to the run file's [model] table (e.g. 'offload = "stream"');
+#      RUN_TABLES: tables added at the end (e.g. $'[vae]\ntiling = true'); STEPS (default 2),
+#      GUIDANCE (default 5.0: CFG, two calls per step; 1.0: one).
 #
 # The tokenizer and the scheduler config come from the tiny fixture folder (the released scheduler
 # config; a small tokenizer whose ids fit the real vocabulary): the tokenizer's size is not what is
@@ -57,11 +59,13 @@ width = ${WIDTH:-416}
 num_frames = ${FRAMES:-5}
 
 [sampling]
-steps = 2
-guidance_scale = 5.0
+steps = ${STEPS:-2}
+guidance_scale = ${GUIDANCE:-5.0}
 
 [cache]
 strategy = "magcache"
+
+${RUN_TABLES:-}
 TOML
 # The summary's `run:` line is the true peak: the runner resets the kernel's high-water mark at each
 # stage (to measure each stage's own), so /usr/bin/time would report only the last stage's.

@@ -502,6 +502,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 eprintln!("{}", p.pipeline.describe());
             }
             let (latents, mut rep) = generate(&mut p, verbosity(quiet, json))?;
+            // The transformer is not needed to decode: freed first.
+            p.pipeline.release_models();
             let extra = p.pipeline.finish(&latents)?;
             rep.set_stages(p.pipeline.stages(), start);
             if let Some(o) = &out {

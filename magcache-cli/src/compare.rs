@@ -168,6 +168,8 @@ pub fn compare(
             .find(|(k, _)| k == "decoded")
             .map(|(_, t)| t)
     };
+    // Both generations are done: the transformer is not needed to decode.
+    p.pipeline.release_models();
     let dense_decoded = decoded_of(p.pipeline.finish(&dense)?);
     let cached_decoded = match dense_decoded {
         Some(_) => decoded_of(p.pipeline.finish(&cached)?),

@@ -168,7 +168,7 @@ fn prompted_run_through_the_binary_writes_every_output() {
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["encode text", "denoise and decode"]);
+    assert_eq!(names, ["encode text", "denoise", "decode"]);
     // With the default interval a run this short prints no progress at all.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))
         .args(["run", "--config"])

@@ -352,7 +352,8 @@ impl<R: Rule> Cached<R> {
                     (all.get(i).copied().unwrap_or(0.0) - all.get(i + 1).copied().unwrap_or(0.0))
                         .abs()
                 })
-                .sum();
+                // Not `sum()`: an empty f64 sum is -0.0, printed "-0.0 %".
+                .fold(0.0, |a, b| a + b);
             let errs: Vec<f64> = d
                 .iter()
                 .filter(|c| !c.computed)

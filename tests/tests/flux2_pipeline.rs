@@ -210,6 +210,12 @@ fn few_step_warning_fires_on_the_distilled_folder() {
         "{:?}",
         rep.warnings
     );
+    // No "-0.0 %" (an empty f64 sum) where nothing is reused.
+    assert!(
+        rep.warnings.iter().all(|w| !w.contains("-0.0")),
+        "{:?}",
+        rep.warnings
+    );
 }
 
 /// bf16 weights: every run takes the reference decisions (their margins are at least 10%) and

@@ -81,7 +81,15 @@ fn check_run(name: &str) {
     std::fs::write(&cfg, run_toml(&root, &meta, name)).unwrap();
     let mut p = magcache_cli::prepare(&cfg).unwrap();
     let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    // As the runner does: the transformer is freed before the decode, which does not need it ...
+    p.pipeline.release_models();
     let extra = p.pipeline.finish(&fin).unwrap();
+    // ... and a generation after that is refused, not run on missing weights.
+    let e = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("released"), "{e}");
     let get = |k: &str| {
         extra
             .iter()

@@ -39,6 +39,10 @@ pub trait Pipeline {
     fn finish(&mut self, _latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
+    /// After the last [`Pipeline::generate`] and before [`Pipeline::finish`]: frees the transformer
+    /// weights, so that decoding does not hold them (a 14B model's 28 GB in bf16). A later
+    /// `generate` is then an error. Default: nothing to free.
+    fn release_models(&mut self) {}
     /// Frames per second the family's videos are shown at (the frame rate its reference pipeline
     /// exports them with), for `--video`; `None` for image families.
     fn frame_rate(&self) -> Option<u32> {

@@ -112,7 +112,13 @@ fn guard(
     family: &str,
     sampler: &FlowSampler,
 ) -> Result<()> {
-    super::footprint::wan_footprint(cfg, file, base, paths, presets, family)?.check(file)?;
+    // The denoising and the decode after it (the transformers freed first) must each fit.
+    let (denoise, decode) =
+        super::footprint::wan_footprint(cfg, file, base, paths, presets, family)?;
+    denoise.check(file)?;
+    if let Some(d) = decode {
+        d.check(file)?;
+    }
     sampler.check_schedule(&sampler.schedule(cfg.sampling.steps)?, file)
 }
 
@@ -574,8 +580,8 @@ fn paths_and_presets(
     })
 }
 
-/// The size guard's estimate per stage: the text encoder (prompted runs), then the transformer(s)
-/// with the denoising's activations and the VAE decode (they are held together).
+/// The size guard's estimate per stage: the text encoder (prompted runs), the transformer(s) with
+/// the denoising's activations, then the VAE decode (the transformers freed before it).
 fn estimate_wan(
     cfg: &RunConfig,
     file: &str,
@@ -591,15 +597,12 @@ fn estimate_wan(
             prompted::text_footprint(cfg, file, &root)?,
         ));
     }
-    let last = if cfg.prompt.is_some() {
-        "denoise and decode"
-    } else {
-        "denoise"
-    };
-    out.push((
-        last.to_string(),
-        super::footprint::wan_footprint(cfg, file, base, &paths, presets, family)?,
-    ));
+    let (denoise, decode) =
+        super::footprint::wan_footprint(cfg, file, base, &paths, presets, family)?;
+    out.push(("denoise".to_string(), denoise));
+    if let Some(d) = decode {
+        out.push(("decode".to_string(), d));
+    }
     Ok(out)
 }
 

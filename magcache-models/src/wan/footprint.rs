@@ -91,7 +91,9 @@ fn prompted_sizes(
     ))
 }
 
-/// The footprint of a Wan run over `paths` (weights of each expert; empty: the preset).
+/// The footprint of a Wan run over `paths` (weights of each expert; empty: the preset): the
+/// denoising (the transformers, their activations and cache), and for a prompted run the VAE decode
+/// that follows it (the runner frees the transformers first: `Pipeline::release_models`).
 pub fn wan_footprint(
     cfg: &RunConfig,
     file: &str,
@@ -99,7 +101,7 @@ pub fn wan_footprint(
     paths: &[String],
     presets: &'static [WanPreset],
     family: &str,
-) -> Result<Footprint> {
+) -> Result<(Footprint, Option<Footprint>)> {
     let overrides = overrides_json(cfg);
     let dtype = cfg.model.dtype.as_str();
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
@@ -153,7 +155,7 @@ pub fn wan_footprint(
         }
     }
     let Some(c) = configs.first() else {
-        return Ok(fp);
+        return Ok((fp, None));
     };
     let experts = configs.len();
     let extra = c.in_channels.saturating_sub(c.out_channels);
@@ -209,7 +211,7 @@ pub fn wan_footprint(
     add_plan(&mut fp, cfg.sampling.steps, branches);
     let Some(&[b, _, f, h, w]) = lat.as_deref() else {
         // A shape the model cannot take: the inputs' own check reports it.
-        return Ok(fp);
+        return Ok((fp, None));
     };
     let [pt, ph, pw] = c.patch_size;
     let s = (f / pt.max(1))
@@ -235,8 +237,14 @@ pub fn wan_footprint(
     let cache = sz(experts * branches) * sz(CACHE_FACTOR) * tokens * d * f32b;
     fp.add("cache", lat_knob, cache.0);
     crate::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
-    if let Some((_, _, dec, tiled)) = &prompted {
-        // The VAE decode runs while the transformer is held: its weights, its feature cache (two
+    if let Some(l) = text_len {
+        let text = sz(branches) * sz(b) * sz(l) * (sz(c.text_dim) + d * sz(3)) * f32b
+            + attention_bytes(b, heads, s, l);
+        fp.add("text embeddings", text_knob, text.0);
+    }
+    let decode = prompted.as_ref().map(|(_, _, dec, tiled)| {
+        let mut fp = Footprint::default();
+        // The VAE decode (after the transformers are freed): its weights, its feature cache (two
         // frames per causal convolution: grows with height x width, or a tile's with tiling, not
         // with the frames), one frame's (tile's) working set, and the decoded video (grows with
         // the frames).
@@ -279,11 +287,13 @@ pub fn wan_footprint(
             "inputs.num_frames",
             dec.video.0,
         );
-    }
-    if let Some(l) = text_len {
-        let text = sz(branches) * sz(b) * sz(l) * (sz(c.text_dim) + d * sz(3)) * f32b
-            + attention_bytes(b, heads, s, l);
-        fp.add("text embeddings", text_knob, text.0);
-    }
-    Ok(fp)
+        // The final latents, held while decoding.
+        fp.add(
+            "final latents (f32)",
+            "inputs.height/width/num_frames",
+            (latent_elems * f32b).0,
+        );
+        fp
+    });
+    Ok((fp, decode))
 }

@@ -33,6 +33,8 @@ pub struct WanPipeline {
     /// Prompted runs (`[prompt]`): the pipeline folder and encoded prompts, decoded in `finish`.
     pub prompted: Option<super::prompted::Prompted>,
     cache: Option<CacheHandle>,
+    /// How many experts the pipeline was built with (`experts` is emptied by `release_models`).
+    n_experts: usize,
 }
 
 impl WanPipeline {
@@ -59,6 +61,7 @@ impl WanPipeline {
             Some(m) => inputs.to_device(m.device())?,
             None => inputs,
         };
+        let experts_len = experts.len();
         if experts.len() == 2 && boundary_ratio.is_none() {
             return Err(Error::msg(
                 "two experts need `boundary_ratio` in [sampling]",
@@ -80,6 +83,7 @@ impl WanPipeline {
             warnings: Vec::new(),
             prompted: None,
             cache: None,
+            n_experts: experts_len,
         })
     }
 
@@ -93,7 +97,7 @@ impl WanPipeline {
 
     /// The expert that runs timestep `t`: the high-noise expert for `t >= boundary * 1000`.
     pub fn expert_for(&self, t: f32) -> usize {
-        expert_for(t, self.experts.len(), self.boundary_ratio)
+        expert_for(t, self.n_experts, self.boundary_ratio)
     }
 
     fn guidance_of(&self, expert: usize) -> f64 {
@@ -151,7 +155,7 @@ impl Pipeline for WanPipeline {
     fn plan(&self) -> GenerationPlan {
         wan_plan(
             &self.family,
-            self.experts.len(),
+            self.n_experts,
             self.boundary_ratio,
             &self.schedule,
             self.sampler.name(),
@@ -185,6 +189,11 @@ impl Pipeline for WanPipeline {
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         for w in &self.warnings {
             obs.warning(w);
+        }
+        if self.experts.len() != self.n_experts {
+            return Err(Error::msg(
+                "wan: the transformer was released after the last generation (release_models): build the pipeline again to generate",
+            ));
         }
         let plan = self.plan();
         let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
@@ -230,6 +239,10 @@ impl Pipeline for WanPipeline {
             den.step_done(i, &lat)?;
         }
         Ok(lat)
+    }
+
+    fn release_models(&mut self) {
+        self.experts.clear();
     }
 
     fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {

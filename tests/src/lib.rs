@@ -297,3 +297,37 @@ pub fn family_name(f: &str) -> &'static str {
         other => panic!("unknown fixture family {other}"),
     }
 }
+
+/// A global allocator that counts live heap bytes and their peak, for memory tests. A test binary
+/// installs it with `#[global_allocator] static A: CountingAlloc = CountingAlloc;` and measures
+/// with [`heap_peak_of`]; the counter is process-wide, so such a binary holds one test.
+pub struct CountingAlloc;
+
+static HEAP_CURRENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static HEAP_PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        use std::sync::atomic::Ordering;
+        let p = unsafe { std::alloc::System.alloc(l) };
+        if !p.is_null() {
+            let now = HEAP_CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            HEAP_PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(p, l) };
+        HEAP_CURRENT.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Peak heap bytes (counted by [`CountingAlloc`]) above what was allocated before `f` ran, and
+/// `f`'s result.
+pub fn heap_peak_of<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    use std::sync::atomic::Ordering;
+    let base = HEAP_CURRENT.load(Ordering::Relaxed);
+    HEAP_PEAK.store(base, Ordering::Relaxed);
+    let out = f();
+    (HEAP_PEAK.load(Ordering::Relaxed) - base, out)
+}

@@ -8,37 +8,10 @@
 use candle_core::{DType, Device, Tensor};
 use magcache_models::flux::vae::FluxVae;
 use magcache_tests::fixture;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-}
+use magcache_tests::{heap_peak_of, CountingAlloc};
 
 #[global_allocator]
-static A: Counting = Counting;
-
-fn peak_of<T>(f: impl FnOnce() -> T) -> (usize, T) {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let out = f();
-    (PEAK.load(Ordering::Relaxed) - base, out)
-}
+static A: CountingAlloc = CountingAlloc;
 
 #[test]
 fn decode_estimate_covers_the_measured_peak() {
@@ -46,7 +19,7 @@ fn decode_estimate_covers_the_measured_peak() {
     let c = vae.config.clone();
     for (h, w) in [(8, 8), (24, 40), (48, 64)] {
         let z = Tensor::randn(0f32, 1f32, (1, c.latent_channels, h, w), &Device::Cpu).unwrap();
-        let (peak, img) = peak_of(|| vae.decode_latents(&z).unwrap());
+        let (peak, img) = heap_peak_of(|| vae.decode_latents(&z).unwrap());
         assert_eq!(img.dims()[1..3], [8 * h, 8 * w]);
         let predicted = (c.decode_working_bytes(h, w, true) + c.decode_image_bytes(h, w))
             .0

@@ -6,38 +6,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use magcache_models::wan::vae::{VaeTiling, WanVae, WanVaeConfig};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-}
+use magcache_tests::{heap_peak_of, CountingAlloc};
 
 #[global_allocator]
-static A: Counting = Counting;
-
-/// Peak heap bytes above what was allocated before `f` ran, and `f`'s result.
-fn peak_of<T>(f: impl FnOnce() -> T) -> (usize, T) {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let out = f();
-    (PEAK.load(Ordering::Relaxed) - base, out)
-}
+static A: CountingAlloc = CountingAlloc;
 
 fn bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
@@ -56,9 +28,9 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
     let mut peaks = Vec::new();
     for latent_frames in [2, 5] {
         let z = Tensor::randn(0f32, 1f32, (1, 4, latent_frames, h, w), &Device::Cpu).unwrap();
-        let (dec_peak, video) = peak_of(|| vae.decode(&z).unwrap());
+        let (dec_peak, video) = heap_peak_of(|| vae.decode(&z).unwrap());
         let frames = video.dim(2).unwrap();
-        let (enc_peak, mean) = peak_of(|| vae.encode_mean(&video).unwrap());
+        let (enc_peak, mean) = heap_peak_of(|| vae.encode_mean(&video).unwrap());
         assert_eq!(mean.dims(), z.dims());
         // What necessarily grows with the frames: the decoded video (and its per-frame pieces
         // before they are joined), the input video of the encode.
@@ -112,7 +84,7 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
     vae.set_tiling(Some(tiling)).unwrap();
     for (&lf, &(frames, dec_peak, _, video_bytes)) in [2usize, 5].iter().zip(&peaks) {
         let z = Tensor::randn(0f32, 1f32, (1, 4, lf, h, w), &Device::Cpu).unwrap();
-        let (tiled_peak, video) = peak_of(|| vae.decode(&z).unwrap());
+        let (tiled_peak, video) = heap_peak_of(|| vae.decode(&z).unwrap());
         assert_eq!(bytes(&video), video_bytes);
         let p = vae.config.decode_bytes_tiled(lf, h, w, 4, Some(tiling));
         let predicted = (p.cache + p.working + p.video + p.tiles).0.unwrap();

@@ -5,30 +5,10 @@
 
 use candle_core::{Device, Tensor};
 use magcache_models::weights::WeightStore;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-}
+use magcache_tests::{heap_peak_of, CountingAlloc};
 
 #[global_allocator]
-static A: Counting = Counting;
+static A: CountingAlloc = CountingAlloc;
 
 #[test]
 fn an_f32_tensor_is_read_with_one_allocation_of_its_size() {
@@ -46,10 +26,7 @@ fn an_f32_tensor_is_read_with_one_allocation_of_its_size() {
     .unwrap();
     drop(t);
     let store = WeightStore::load_checkpoint(&path).unwrap();
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let w = store.get_shape("w", &[1024, n / 1024]).unwrap();
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let (peak, w) = heap_peak_of(|| store.get_shape("w", &[1024, n / 1024]).unwrap());
     let size = n * 4;
     assert!(
         peak < size + size / 10,

@@ -289,21 +289,7 @@ fn export_flux(
     base: &Path,
 ) -> Result<Vec<magcache_core::GeneratedWeights>> {
     let overrides = overrides_json(cfg);
-    let name = crate::config_util::preset_name(cfg, file)?;
-    let p = FLUX_PRESETS
-        .iter()
-        .find(|p| p.name == name)
-        .ok_or_else(|| {
-            Error::config(
-                file,
-                "model.preset",
-                format!(
-                    "unknown preset `{name}` for family `flux` (known: flux-dev, flux-schnell)"
-                ),
-            )
-        })?;
-    let base_cfg = to_map(&(p.config)(), "FluxTransformer2DModel")?;
-    let c = FluxConfig::from_map(FluxConfig::default(), &base_cfg, file, &overrides)?;
+    let (_, _, c) = flux_preset(cfg, file, &overrides)?;
     let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
     let mut config = to_map(&c, "FluxTransformer2DModel")?;
     config.insert("_class_name".into(), "FluxTransformer2DModel".into());

@@ -177,49 +177,22 @@ impl WanVae {
     fn encode_tiled(&self, x: &Tensor, t: VaeTiling) -> Result<Tensor> {
         let r = (self.config.spatial_scale() / self.config.patch_size.max(1)).max(1);
         let (_, _, _, h, w) = x.dims5()?;
-        let rows = tiling::Axis {
-            len: h,
-            min: t.tile_sample_min_height,
-            stride: t.tile_sample_stride_height,
-        }
-        .tiles();
-        let cols = tiling::Axis {
-            len: w,
-            min: t.tile_sample_min_width,
-            stride: t.tile_sample_stride_width,
-        }
-        .tiles();
-        let keep = (
-            t.tile_sample_stride_height / r,
-            t.tile_sample_stride_width / r,
-        );
-        let blend = (
-            t.tile_sample_min_height / r - keep.0,
-            t.tile_sample_min_width / r - keep.1,
-        );
-        let (out_h, out_w) = (h / r, w / r);
-        let tiles = rows.len() * cols.len();
-        let mut above: Vec<Tensor> = Vec::new();
-        let mut strips = Vec::with_capacity(rows.len());
-        let mut height = 0;
+        let tiles = t.tile_count(h, w, 1);
         let mut n = 0;
-        for &(i, th) in &rows {
-            let mut row = Vec::with_capacity(cols.len());
-            for &(j, tw) in &cols {
+        let strips = tiling::run(
+            &t,
+            (h, w),
+            (1, r),
+            (h / r, w / r),
+            |i, th, j, tw| {
                 n += 1;
                 let tile = x.narrow(3, i, th)?.narrow(4, j, tw)?;
-                row.push(self.encode_all(&tile, None, false)?);
+                let enc = self.encode_all(&tile, None, false)?;
                 magcache_core::runtime::progress::tick("encode: tile", n, tiles);
-            }
-            let row = tiling::blend_row(row, &above, (3, 4), blend)?;
-            let strip = tiling::join_row(&row, (3, 4), keep, out_w, out_h.saturating_sub(height))?;
-            height += strip.dim(3)?;
-            strips.push(strip);
-            above = row;
-            if height >= out_h {
-                break;
-            }
-        }
+                Ok(enc)
+            },
+            Ok,
+        )?;
         Ok(Tensor::cat(&strips, 3)?)
     }
 
@@ -344,36 +317,15 @@ impl WanVae {
         let ss = self.config.spatial_scale().max(1);
         let p = self.config.patch_size.max(1);
         let (_, frames, _, h, w) = z.dims5()?;
-        let rows = tiling::Axis {
-            len: h,
-            min: t.tile_sample_min_height / ss,
-            stride: t.tile_sample_stride_height / ss,
-        }
-        .tiles();
-        let cols = tiling::Axis {
-            len: w,
-            min: t.tile_sample_min_width / ss,
-            stride: t.tile_sample_stride_width / ss,
-        }
-        .tiles();
-        // In the decoder's output space (patchified positions for the Wan2.2 VAE).
-        let keep = (
-            t.tile_sample_stride_height / p,
-            t.tile_sample_stride_width / p,
-        );
-        let blend = (
-            t.tile_sample_min_height / p - keep.0,
-            t.tile_sample_min_width / p - keep.1,
-        );
-        let (out_h, out_w) = (h * ss / p, w * ss / p);
-        let total = rows.len() * cols.len() * frames;
+        let total = t.tile_count(h, w, ss) * frames;
         let mut done = 0;
-        let mut above: Vec<Tensor> = Vec::new();
-        let mut strips = Vec::with_capacity(rows.len());
-        let mut height = 0;
-        for &(i, th) in &rows {
-            let mut row = Vec::with_capacity(cols.len());
-            for &(j, tw) in &cols {
+        // Blended in the decoder's output space (patchified positions for the Wan2.2 VAE).
+        let strips = tiling::run(
+            &t,
+            (h, w),
+            (ss, p),
+            (h * ss / p, w * ss / p),
+            |i, th, j, tw| {
                 let tile = z.narrow(3, i, th)?.narrow(4, j, tw)?;
                 let mut pieces = Vec::with_capacity(frames);
                 self.decode_frames(&tile, None, &mut |out, _| {
@@ -382,18 +334,10 @@ impl WanVae {
                     magcache_core::runtime::progress::tick("decode: tile frame", done, total);
                     Ok(())
                 })?;
-                row.push(Tensor::cat(&pieces, 1)?);
-            }
-            let row = tiling::blend_row(row, &above, (3, 4), blend)?;
-            let strip = tiling::join_row(&row, (3, 4), keep, out_w, out_h - height)?;
-            height += strip.dim(3)?;
-            strips.push(unpatchify(&strip.permute((0, 2, 1, 3, 4))?, p)?.clamp(-1f32, 1f32)?);
-            above = row;
-            if height >= out_h {
-                break;
-            }
-        }
-        drop(above);
+                Ok(Tensor::cat(&pieces, 1)?)
+            },
+            |s| Ok(unpatchify(&s.permute((0, 2, 1, 3, 4))?, p)?.clamp(-1f32, 1f32)?),
+        )?;
         Ok(Tensor::cat(&strips, 3)?)
     }
 

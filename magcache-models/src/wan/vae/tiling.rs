@@ -36,6 +36,13 @@ impl Default for VaeTiling {
 }
 
 impl VaeTiling {
+    /// How many tiles cover `h x w` input positions whose tile sizes are the pixel sizes / `div`.
+    pub(super) fn tile_count(&self, h: usize, w: usize, div: usize) -> usize {
+        let d = div.max(1);
+        h.div_ceil((self.tile_sample_stride_height / d).max(1))
+            * w.div_ceil((self.tile_sample_stride_width / d).max(1))
+    }
+
     /// Checks the sizes against a VAE of `spatial_scale` pixels per latent (`patch_size` pixels per
     /// patchified position): every size a positive multiple of the scale, strides at most the tile.
     /// `what` names the source for the error (`"run.toml: vae"`).
@@ -73,6 +80,60 @@ impl VaeTiling {
         }
         Ok(())
     }
+}
+
+/// Runs `tile` over the grid of an input of `h x w` positions (`[B, F, C, H, W]`, height and width in
+/// dims 3 and 4), whose tile sizes are the pixel sizes divided by `in_div`, and joins the results
+/// (blended and cut in the output's positions: pixel sizes divided by `out_div`) into strips of
+/// `out_w` wide, `out_h` high in all, each mapped by `strip`. Only the previous row of tiles is
+/// kept for blending. `tile(i, th, j, tw)` gets the tile's start and size in input positions.
+pub(super) fn run(
+    t: &VaeTiling,
+    (h, w): (usize, usize),
+    (in_div, out_div): (usize, usize),
+    (out_h, out_w): (usize, usize),
+    mut tile: impl FnMut(usize, usize, usize, usize) -> Result<Tensor>,
+    mut strip: impl FnMut(Tensor) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let (id, od) = (in_div.max(1), out_div.max(1));
+    let rows = Axis {
+        len: h,
+        min: t.tile_sample_min_height / id,
+        stride: t.tile_sample_stride_height / id,
+    }
+    .tiles();
+    let cols = Axis {
+        len: w,
+        min: t.tile_sample_min_width / id,
+        stride: t.tile_sample_stride_width / id,
+    }
+    .tiles();
+    let keep = (
+        t.tile_sample_stride_height / od,
+        t.tile_sample_stride_width / od,
+    );
+    let blend = (
+        (t.tile_sample_min_height / od).saturating_sub(keep.0),
+        (t.tile_sample_min_width / od).saturating_sub(keep.1),
+    );
+    let mut above: Vec<Tensor> = Vec::new();
+    let mut strips = Vec::with_capacity(rows.len());
+    let mut height = 0;
+    for &(i, th) in &rows {
+        let row = cols
+            .iter()
+            .map(|&(j, tw)| tile(i, th, j, tw))
+            .collect::<Result<Vec<_>>>()?;
+        let row = blend_row(row, &above, (3, 4), blend)?;
+        let s = join_row(&row, (3, 4), keep, out_w, out_h.saturating_sub(height))?;
+        height += s.dim(3)?;
+        strips.push(strip(s)?);
+        above = row;
+        if height >= out_h {
+            break;
+        }
+    }
+    Ok(strips)
 }
 
 /// The grid of one axis: where each tile starts (every `stride` from 0 below `len`), how long it is

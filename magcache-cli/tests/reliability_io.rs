@@ -923,6 +923,60 @@ fn class6_a_schedule_budget_beyond_the_steps_is_refused() {
     }
 }
 
+/// A FLUX image whose untiled VAE decode does not fit is refused naming `vae.tiling`; with
+/// `[vae] tiling = true` the decode's estimate is one tile's and the run's plan fits; the tiling keys
+/// are checked by name.
+#[test]
+fn class3_a_flux_decode_too_large_points_at_vae_tiling_which_fits_it() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("pipe");
+    copy_dir(&pipelines().join("flux_tiny_folder"), &root);
+    let run = d.path().join("run.toml");
+    let base = "[model]\nfamily = \"flux\"\nweights = \"pipe\"\ndtype = \"f32\"\n\n[prompt]\ntext = \"a cat\"\nmax_sequence_length = 8\n\n[inputs]\nheight = 4096\nwidth = 4096\n\n[sampling]\nsteps = 2\n";
+    std::fs::write(&run, base).unwrap();
+    let with_limit = |cmd: &str| {
+        bin()
+            .args([cmd, "--quiet", "--config"])
+            .arg(&run)
+            .env("MAGCACHE_MEMORY_LIMIT", "3G")
+            .output()
+            .unwrap()
+    };
+    let e = check_err(
+        &with_limit("run"),
+        &["run.toml: vae.tiling:", "set `tiling = true` in [vae]"],
+    );
+    assert!(e.contains("VAE decode working set"), "{e}");
+    std::fs::write(&run, format!("{base}\n[vae]\ntiling = true\n")).unwrap();
+    let o = bin()
+        .args(["plan", "--config"])
+        .arg(&run)
+        .env("MAGCACHE_MEMORY_LIMIT", "3G")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("VAE decode tiles")
+            && out.contains("8x8-latent tile")
+            && !out.contains("DOES NOT FIT"),
+        "{out}"
+    );
+    for (table, must) in [
+        (
+            "tile_sample_min_size = 32\n",
+            vec!["run.toml: vae.tiling:", "tiling = true"],
+        ),
+        (
+            "tiling = true\ntile_sample_min_size = 48\n",
+            vec!["run.toml: vae: tile_sample_min_size 48", "multiple of 32"],
+        ),
+    ] {
+        std::fs::write(&run, format!("{base}\n[vae]\n{table}")).unwrap();
+        check_err(&with_limit("run"), &must);
+    }
+}
+
 #[test]
 fn class3_prompted_flux_sizes_are_guarded_naming_the_key() {
     let d = tempfile::tempdir().unwrap();
@@ -936,8 +990,8 @@ fn class3_prompted_flux_sizes_are_guarded_naming_the_key() {
     )
     .unwrap();
     prompted_refused(d.path(), &["run.toml", "inputs.height/width"]);
-    // `plan` prints the stages' estimates: the text encoders, then the transformer with the VAE
-    // decode, whose working set grows with the image.
+    // `plan` prints the stages' estimates: the text encoders, the transformer, then the VAE decode
+    // (the transformer freed first), whose working set grows with the image.
     std::fs::write(
         &run,
         base.replace("height = 32\nwidth = 32", "height = 1024\nwidth = 1024"),
@@ -949,7 +1003,8 @@ fn class3_prompted_flux_sizes_are_guarded_naming_the_key() {
     for want in [
         "encode text",
         "CLIP text encoder weights",
-        "denoise and decode",
+        "denoise",
+        "decode",
         "VAE decode working set",
     ] {
         assert!(out.contains(want), "{want}: {out}");

@@ -291,10 +291,15 @@ fn keys_belong_to_core_or_the_family() {
         &["run.toml:11", "decoder", "unknown table"],
         &[],
     );
-    // Wan's `[vae]` table on flux names its owners.
+    // Wan's `[vae]` keys on flux name their owners; flux's own `[vae] tiling` needs a prompted run.
+    both_refuse(
+        &format!("{}[vae]\ntile_sample_stride_height = 192\n", flux("", "")),
+        &["run.toml:13", "vae.tile_sample_stride_height", "wan2.1"],
+        &[],
+    );
     both_refuse(
         &format!("{}[vae]\ntiling = true\n", flux("", "")),
-        &["run.toml:12", "vae", "wan2.1"],
+        &["run.toml", "vae.tiling", "prompted runs"],
         &[],
     );
     // Wan's own keys are typed: a wrong type names the line and key.

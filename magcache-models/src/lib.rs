@@ -22,6 +22,7 @@ pub mod scheduler;
 pub mod text;
 pub mod unipc;
 pub(crate) mod vae_common;
+pub(crate) mod vae_tiles;
 pub mod wan;
 pub mod weights;
 

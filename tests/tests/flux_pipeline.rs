@@ -145,3 +145,43 @@ fn magcache_flux_ratios_run_matches_the_pipeline() {
 fn fbcache_run_matches_the_pipeline() {
     check_run("fbcache");
 }
+
+/// `[vae] tiling = true` reaches the decode: a 128x96 image (larger than the tiny VAE's 64-pixel
+/// tile) decodes as the VAE's own tiled decode of the final latents, not the untiled one; and the
+/// runner's `release_models` frees the transformer before it (a later generation is refused).
+#[test]
+fn vae_tiling_reaches_the_decode_and_the_transformer_is_released_first() {
+    use candle_core::{DType, Device};
+    use magcache_models::flux::vae::{FluxTiling, FluxVae};
+    link_all();
+    let meta = load_json(&format!("{PIPELINE}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path(), &meta);
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nfamily = \"flux\"\nweights = {}\ndtype = \"f32\"\n\n[prompt]\ntext = \"a cat\"\nmax_sequence_length = 8\n\n[inputs]\nheight = 128\nwidth = 96\n\n[sampling]\nsteps = 1\n\n[vae]\ntiling = true\n",
+            toml_str(&root.display().to_string())
+        ),
+    )
+    .unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, _) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    p.pipeline.release_models();
+    let e = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("released"), "{e}");
+    let extra = p.pipeline.finish(&fin).unwrap();
+    let decoded = &extra.iter().find(|(n, _)| n == "decoded").unwrap().1;
+    assert_eq!(decoded.dims(), [1, 128, 96, 3]);
+    let mut vae = FluxVae::load(&root.join("vae"), &Device::Cpu, DType::F32).unwrap();
+    let untiled = vae.decode_packed(&fin, 128, 96).unwrap();
+    vae.set_tiling(Some(FluxTiling::of_config(&vae.config)))
+        .unwrap();
+    let tiled = vae.decode_packed(&fin, 128, 96).unwrap();
+    assert_eq!(max_abs_diff(decoded, &tiled), 0.0);
+    assert!(max_abs_diff(decoded, &untiled) > 1e-3);
+}

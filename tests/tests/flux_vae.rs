@@ -399,3 +399,136 @@ fn errors_name_file_and_key() {
     assert!(e.contains("64x48"), "{e}");
     one_line_err(v.decode_packed(&packed.squeeze(0).unwrap(), 64, 48));
 }
+
+/// FLUX.1's and FLUX.2's VAEs behind one face, for the tiling test.
+enum AnyVae {
+    One(FluxVae),
+    Two(magcache_models::flux2::vae::Flux2Vae),
+}
+
+impl AnyVae {
+    fn set_tiling(&mut self, t: Option<magcache_models::flux::vae::FluxTiling>) {
+        match self {
+            AnyVae::One(v) => v.set_tiling(t).unwrap(),
+            AnyVae::Two(v) => v.set_tiling(t).unwrap(),
+        }
+        let now = match self {
+            AnyVae::One(v) => v.tiling(),
+            AnyVae::Two(v) => v.tiling(),
+        };
+        assert_eq!(now, t);
+    }
+
+    fn decode(&self, z: &Tensor) -> Tensor {
+        match self {
+            AnyVae::One(v) => v.decode(z).unwrap(),
+            AnyVae::Two(v) => v.decode(z).unwrap(),
+        }
+    }
+
+    fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
+        match self {
+            AnyVae::One(v) => v.encode_moments(x).unwrap(),
+            AnyVae::Two(v) => v.encode_moments(x).unwrap(),
+        }
+    }
+}
+
+/// Spatial tiling against diffusers' own `AutoencoderKL.tiled_decode` / `_tiled_encode` and
+/// `AutoencoderKLFlux2`'s (`pipelines/flux_vae_tiling.*`,
+/// `tests/fixtures/tools/make_flux_vae_tiling_fixtures.py`): the tiny FLUX.1 VAE with its config's
+/// tile size (`sample_size`), the tiny FLUX.2 VAE with the tile size set as a run file sets it,
+/// narrow last rows and columns included; tiling moves the output as far as it does in diffusers,
+/// and an input within one tile is untouched.
+#[test]
+fn tiled_decode_and_encode_match_diffusers() {
+    use magcache_models::flux::vae::FluxTiling;
+    let f = load("pipelines/flux_vae_tiling.safetensors");
+    let meta = load_json("pipelines/flux_vae_tiling.json");
+    assert_eq!(meta["cases"].as_object().unwrap().len(), 2);
+    for (name, case) in meta["cases"].as_object().unwrap() {
+        let dir = fixture(case["vae"].as_str().unwrap());
+        let tile = FluxTiling {
+            tile_sample_min_size: case["tile_sample_min_size"].as_u64().unwrap() as usize,
+        };
+        let mut v = if case["class"] == "AutoencoderKL" {
+            let v = FluxVae::load(&dir, &Device::Cpu, DType::F32).unwrap();
+            assert_eq!(
+                FluxTiling::of_config(&v.config),
+                tile,
+                "{name}: the config's size"
+            );
+            AnyVae::One(v)
+        } else {
+            AnyVae::Two(
+                magcache_models::flux2::vae::Flux2Vae::load(&dir, &Device::Cpu, DType::F32)
+                    .unwrap(),
+            )
+        };
+        let z = &f[&format!("{name}.latents")];
+        let image = &f[&format!("{name}.image")];
+        let untiled = v.decode(z);
+        let (untiled_mean, _) = v.encode(image);
+        v.set_tiling(Some(tile));
+        let tiled = v.decode(z);
+        check_rel(
+            &format!("{name} tiled decode"),
+            &tiled,
+            &f[&format!("{name}.decode.tiled")],
+            1e-4,
+        );
+        let (mean, logvar) = v.encode(image);
+        check_rel(
+            &format!("{name} tiled encode mean"),
+            &mean,
+            &f[&format!("{name}.encode.tiled.mean")],
+            1e-4,
+        );
+        check_rel(
+            &format!("{name} tiled encode logvar"),
+            &logvar,
+            &f[&format!("{name}.encode.tiled.logvar")],
+            1e-4,
+        );
+        // Tiling moved the outputs as far as it did in diffusers (the inputs span several tiles) ...
+        for (what, got, other, key) in [
+            (
+                "decode",
+                &tiled,
+                &untiled,
+                "decode_max_abs_tiled_vs_untiled",
+            ),
+            (
+                "encode",
+                &mean,
+                &untiled_mean,
+                "encode_max_abs_tiled_vs_untiled",
+            ),
+        ] {
+            let want = case[key].as_f64().unwrap() as f32;
+            let moved = max_abs_diff(got, other);
+            eprintln!(
+                "{name}: tiled vs untiled {what}: max abs {moved:.3e} (diffusers {want:.3e})"
+            );
+            assert!(
+                want > 1e-3 && (moved - want).abs() < 1e-3 * want.max(1.0),
+                "{name}: tiled vs untiled {what} {moved} against diffusers' {want}"
+            );
+        }
+        // ... and an input within one tile decodes and encodes exactly as untiled.
+        let m = tile.tile_sample_min_size / 8;
+        let small = z.narrow(2, 0, m).unwrap().narrow(3, 0, m).unwrap();
+        let small_image = image
+            .narrow(2, 0, 8 * m)
+            .unwrap()
+            .narrow(3, 0, 8 * m)
+            .unwrap();
+        let (tiled_small, tiled_small_mean) = (v.decode(&small), v.encode(&small_image).0);
+        v.set_tiling(None);
+        assert_eq!(max_abs_diff(&tiled_small, &v.decode(&small)), 0.0);
+        assert_eq!(
+            max_abs_diff(&tiled_small_mean, &v.encode(&small_image).0),
+            0.0
+        );
+    }
+}

@@ -33,11 +33,14 @@ struct FluxKeys {
     sampling: FluxSamplingKeys,
 }
 
-const FLUX_KEYS: &[FamilyKeys] = &[FamilyKeys {
-    table: "sampling",
-    keys: fields_of::<FluxSamplingKeys>,
-    paths: &[],
-}];
+const FLUX_KEYS: &[FamilyKeys] = &[
+    FamilyKeys {
+        table: "sampling",
+        keys: fields_of::<FluxSamplingKeys>,
+        paths: &[],
+    },
+    super::vae::FLUX_VAE_KEYS,
+];
 
 /// FLUX samples with Euler (dynamic shift) only.
 fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
@@ -54,14 +57,22 @@ fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
 
 /// The keys a flux run cannot use: errors naming them, before anything loads. (`shift` stays a
 /// warning: configs written for diffusers carry one, see `tests/tests/config_compat.rs`.)
-fn check_flux_keys(cfg: &RunConfig, file: &str) -> Result<()> {
-    crate::config_util::check_applicable(cfg, file, "flux", 1)
+fn check_flux_keys(cfg: &RunConfig, file: &str, base: &Path) -> Result<()> {
+    crate::config_util::check_applicable(cfg, file, "flux", 1)?;
+    // `[vae]`: checked against the pipeline's VAE before the size guard reads it (without
+    // `[prompt]`, an error naming the key: nothing is decoded).
+    let root = match cfg.prompt {
+        Some(_) => prompted::pipeline_root(cfg, file, base)?,
+        None => std::path::PathBuf::new(),
+    };
+    super::vae::run_tiling(cfg, file, &root)?;
+    Ok(())
 }
 
 fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
-    check_flux_keys(cfg, file)?;
+    check_flux_keys(cfg, file, base)?;
     let mut warnings = Vec::new();
     if let Some(shift) = cfg.sampling.shift {
         warnings.push(format!(
@@ -82,6 +93,10 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
             let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
             footprint::flux_footprint(cfg, base, &l.config, None).check(file)?;
+            // The decode after it (the transformer freed first) must fit too.
+            if let Some(d) = footprint::flux_decode_footprint(cfg, base) {
+                d.check(file)?;
+            }
             Some((path, l))
         }
         _ => None,
@@ -175,7 +190,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         info: flux_info(variant),
         description: desc,
         warnings,
-        model,
+        model: Some(model),
         prompted,
         cache: None,
     }))
@@ -238,7 +253,7 @@ fn transformer_dir(path: std::path::PathBuf) -> std::path::PathBuf {
 fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
-    check_flux_keys(cfg, file)?;
+    check_flux_keys(cfg, file, base)?;
     let mut fp = magcache_core::runtime::guard::Footprint::default();
     crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
     fp.check(file)?;
@@ -365,11 +380,9 @@ fn estimate_flux(
             footprint::flux_footprint(cfg, base, &c, Some(&base_cfg))
         }
     };
-    let last = if cfg.prompt.is_some() {
-        "denoise and decode"
-    } else {
-        "denoise"
-    };
-    out.push((last.to_string(), fp));
+    out.push(("denoise".to_string(), fp));
+    if let Some(d) = footprint::flux_decode_footprint(cfg, base) {
+        out.push(("decode".to_string(), d));
+    }
     Ok(out)
 }

@@ -36,8 +36,9 @@ pub fn flux_params(c: &FluxConfig) -> Sz {
     sz(c.num_layers) * double + sz(c.num_single_layers) * single + top
 }
 
-/// The footprint of a FLUX run of `c` (`base_cfg`: the preset's fields, for naming the override
-/// that grows it).
+/// The footprint of a FLUX run's denoising with `c` (`base_cfg`: the preset's fields, for naming
+/// the override that grows it). A prompted run's decode is its own stage
+/// ([`flux_decode_footprint`]): the runner frees the transformer before it.
 pub fn flux_footprint(
     cfg: &RunConfig,
     base: &Path,
@@ -106,52 +107,6 @@ pub fn flux_footprint(
             } else {
                 "inputs.height/width"
             };
-            // The VAE decode runs while the transformer is held: its weights, its working set at
-            // the image's size, and the decoded image (the VAE's output and its copies while
-            // mapped to pixels).
-            let (ph, pw) = (
-                cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_SIZE),
-                cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_SIZE),
-            );
-            let vae = cfg
-                .model
-                .weights
-                .as_ref()
-                .and_then(|w| w.paths().first().map(|p| resolve(base, p)))
-                .and_then(|root| {
-                    super::vae::FluxVaeConfig::read(&root.join("vae").join("config.json")).ok()
-                });
-            match vae {
-                Some(v) => {
-                    let f = v.vae_scale_factor().max(1);
-                    let (lh, lw) = (ph / f, pw / f);
-                    let cpu = !cfg.model.device.starts_with("cuda");
-                    let wb = if cpu {
-                        4
-                    } else {
-                        crate::footprint::dtype_bytes(&cfg.model.dtype)
-                    };
-                    fp.add("VAE weights", "model.dtype", (v.params() * sz(wb)).0);
-                    fp.add(
-                        "VAE decode working set (f32)",
-                        "inputs.height/width",
-                        v.decode_working_bytes(lh, lw, cpu).0,
-                    );
-                    fp.add(
-                        "decoded image (f32, 4 copies)",
-                        "inputs.height/width",
-                        v.decode_image_bytes(lh, lw).0,
-                    );
-                }
-                None => {
-                    let pixels = sz(ph) * sz(pw);
-                    fp.add(
-                        "decoded image (f32, 4 copies)",
-                        "inputs.height/width",
-                        (pixels * sz(3) * sz(4) * sz(4)).0,
-                    );
-                }
-            }
             (s.map(|s| (1, s, l)), knob, "prompt.max_sequence_length")
         }
         Some(f) => {
@@ -207,4 +162,66 @@ pub fn flux_footprint(
     // The largest weight: a single block's fused output projection (d x 5d).
     crate::footprint::add_lora(&mut fp, cfg, base, d * sz(5 * c.inner_dim()));
     fp
+}
+
+/// The VAE decode of a prompted FLUX run, after the transformer is freed
+/// (`Pipeline::release_models`): the VAE's weights, the decode's working set at the image's size
+/// (one tile's with `[vae] tiling`, plus two rows of decoded tiles held for blending), and the
+/// decoded image. `None` for other runs, or when the run's VAE config cannot be read (the loader
+/// reports it).
+pub fn flux_decode_footprint(cfg: &RunConfig, base: &Path) -> Option<Footprint> {
+    cfg.prompt.as_ref()?;
+    let root = resolve(base, cfg.model.weights.as_ref()?.paths().first()?);
+    let v = super::vae::FluxVaeConfig::read(&root.join("vae").join("config.json")).ok()?;
+    let tiling = super::vae::run_tiling(cfg, "", &root).ok().flatten();
+    let (ph, pw) = (
+        cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_SIZE),
+        cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_SIZE),
+    );
+    let f = v.vae_scale_factor().max(1);
+    let (lh, lw) = (ph / f, pw / f);
+    let cpu = !cfg.model.device.starts_with("cuda");
+    let wb = if cpu {
+        4
+    } else {
+        crate::footprint::dtype_bytes(&cfg.model.dtype)
+    };
+    let mut fp = Footprint::default();
+    fp.add("VAE weights", "model.dtype", (v.params() * sz(wb)).0);
+    match tiling.filter(|t| t.tiles_latents(&v, lh, lw)) {
+        Some(t) => {
+            let m = t.latent_min(&v);
+            fp.add(
+                format!("VAE decode working set (one {m}x{m}-latent tile, f32)"),
+                "vae.tile_sample_min_size",
+                v.decode_working_bytes(lh.min(m), lw.min(m), cpu).0,
+            );
+            fp.advise("make vae.tile_sample_min_size smaller (or inputs.height/width)");
+            // Two rows of decoded tiles, each a tile of pixels.
+            let cols = lw.div_ceil((m * 3 / 4).max(1));
+            let px = sz(t.tile_sample_min_size);
+            fp.add(
+                "VAE decode tiles (two rows of tiles for blending, f32)",
+                "vae.tile_sample_min_size",
+                (sz(2) * sz(cols) * px * px * sz(v.out_channels) * sz(4)).0,
+            );
+        }
+        None => {
+            fp.add(
+                "VAE decode working set (f32)",
+                "vae.tiling",
+                v.decode_working_bytes(lh, lw, cpu).0,
+            );
+            fp.advise(format!(
+                "set `tiling = true` in [vae] (the decode then works in {}-pixel tiles) or make inputs.height/width smaller",
+                super::vae::FluxTiling::of_config(&v).tile_sample_min_size
+            ));
+        }
+    }
+    fp.add(
+        "decoded image (f32, 4 copies)",
+        "inputs.height/width",
+        v.decode_image_bytes(lh, lw).0,
+    );
+    Some(fp)
 }

@@ -12,7 +12,8 @@ use super::model::FluxModel;
 use super::prompted;
 
 pub struct FluxPipeline {
-    pub model: FluxModel,
+    /// The transformer; `None` after [`Pipeline::release_models`] (a later generation is refused).
+    pub model: Option<FluxModel>,
     pub schedule: FlowSchedule,
     pub guidance: f64,
     pub inputs: FluxInputs,
@@ -52,19 +53,23 @@ impl Pipeline for FluxPipeline {
     }
 
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
-        vec![&mut self.model.hooks]
+        self.model.iter_mut().map(|m| &mut m.hooks).collect()
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         for w in &self.warnings {
             obs.warning(w);
         }
+        let model = self.model.as_ref().ok_or_else(|| {
+            magcache_core::Error::msg(
+                "flux: the transformer was released after the last generation (release_models): build the pipeline again to generate",
+            )
+        })?;
         let plan = self.plan();
         let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
         let b = self.inputs.latents.dim(0)?;
         let dev = self.inputs.latents.device();
-        let g = self
-            .model
+        let g = model
             .cfg
             .guidance_embeds
             .then(|| Tensor::from_vec(vec![self.guidance as f32; b], b, dev))
@@ -75,7 +80,7 @@ impl Pipeline for FluxPipeline {
             let t = self.schedule.timesteps[i];
             let tt = Tensor::from_vec(vec![t / 1000.0; b], b, dev)?;
             let v = den.call(i, 0, Branch::Cond, t as f64, |cx| {
-                self.model.forward(
+                model.forward(
                     &lat,
                     &inp.ctx,
                     &inp.pooled,
@@ -90,6 +95,11 @@ impl Pipeline for FluxPipeline {
             den.step_done(i, &lat)?;
         }
         Ok(lat)
+    }
+
+    /// Frees the transformer before the VAE decode (FLUX.1-dev's 24 GB in bf16).
+    fn release_models(&mut self) {
+        self.model = None;
     }
 
     fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {

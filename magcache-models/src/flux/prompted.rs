@@ -27,6 +27,8 @@ pub struct Prompted {
     pub width: usize,
     pub placement: Placement,
     pub stages: Vec<StageTime>,
+    /// `[vae] tiling` (checked before anything loads).
+    pub tiling: Option<crate::flux::vae::FluxTiling>,
 }
 
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
@@ -115,6 +117,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     }
     let (height, width, _) = image_size(cfg, file, root)?;
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let tiling = crate::flux::vae::run_tiling(cfg, file, root)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     // The size guard for the text stage (loaded, used and freed before the transformer).
     text_footprint(cfg, file, root)?.check(file)?;
@@ -146,6 +149,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
         width,
         placement,
         stages: vec![stage.end()],
+        tiling,
     })
 }
 
@@ -229,7 +233,8 @@ pub fn inputs(
 /// [0, 1], and the embeddings the transformer received.
 pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
     let stage = Stage::begin("decode");
-    let vae = FluxVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    let mut vae = FluxVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    vae.set_tiling(p.tiling)?;
     let decoded = vae.decode_packed(latents, p.height, p.width)?;
     drop(vae);
     let v = p.root.join("vae").display().to_string();

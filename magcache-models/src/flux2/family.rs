@@ -320,6 +320,10 @@ fn distilled(cfg: &RunConfig, file: &str, base: &Path) -> Result<bool> {
 fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
     crate::config_util::require_weights_or_preset(cfg, file)?;
     crate::config_util::check_applicable(cfg, file, "flux2", 1)?;
+    if cfg.prompt.is_none() {
+        // `[vae]` without `[prompt]`: an error naming the key (nothing is decoded).
+        crate::flux::vae::run_tiling(cfg, file, Path::new(""))?;
+    }
     if !cfg.model.lora.is_empty() {
         return Err(Error::config(
             file,
@@ -460,7 +464,7 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         info: flux2_info(variant),
         description: desc,
         warnings,
-        model,
+        model: Some(model),
         prompted,
         cache: None,
     }))
@@ -541,7 +545,7 @@ inventory::submit! {
         blocks: &[FLUX2_DOUBLE, FLUX2_SINGLE],
         presets: &["flux2-klein-4b", "flux2-klein-base-4b", "flux2-dev"],
         published: &[],
-        keys: &[],
+        keys: &[crate::flux::vae::FLUX_VAE_KEYS],
         streams: true,
         build: build_flux2,
         plan: plan_flux2,

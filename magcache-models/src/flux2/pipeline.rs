@@ -37,7 +37,8 @@ impl Flux2Inputs {
 }
 
 pub struct Flux2Pipeline {
-    pub model: Flux2Model,
+    /// The transformer; `None` after [`Pipeline::release_models`] (a later generation is refused).
+    pub model: Option<Flux2Model>,
     pub schedule: FlowSchedule,
     /// `Some(scale)`: classifier-free guidance with the negative embeddings.
     pub cfg_scale: Option<f64>,
@@ -75,20 +76,24 @@ impl Pipeline for Flux2Pipeline {
         self.warnings.clone()
     }
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
-        vec![&mut self.model.hooks]
+        self.model.iter_mut().map(|m| &mut m.hooks).collect()
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
         for w in &self.warnings {
             obs.warning(w);
         }
+        let model = self.model.as_ref().ok_or_else(|| {
+            magcache_core::Error::msg(
+                "flux2: the transformer was released after the last generation (release_models): build the pipeline again to generate",
+            )
+        })?;
         let plan = self.plan();
         let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
         let inp = &self.inputs;
         let b = inp.latents.dim(0)?;
         let dev = inp.latents.device();
-        let g = self
-            .model
+        let g = model
             .cfg
             .guidance_embeds
             .then(|| Tensor::from_vec(vec![self.guidance as f32; b], b, dev))
@@ -98,8 +103,7 @@ impl Pipeline for Flux2Pipeline {
             let t = self.schedule.timesteps[i];
             let tt = Tensor::from_vec(vec![t / 1000.0; b], b, dev)?;
             let call = |ctx: &Tensor, lat: &Tensor, cx: &magcache_core::CallCx<'_>| {
-                self.model
-                    .forward(lat, ctx, &tt, &inp.img_ids, &inp.txt_ids, g.as_ref(), cx)
+                model.forward(lat, ctx, &tt, &inp.img_ids, &inp.txt_ids, g.as_ref(), cx)
             };
             let v = den.call(i, 0, Branch::Cond, t as f64, |cx| call(&inp.ctx, &lat, cx))?;
             let v = match (self.cfg_scale, &inp.neg_ctx) {
@@ -113,6 +117,11 @@ impl Pipeline for Flux2Pipeline {
             den.step_done(i, &lat)?;
         }
         Ok(lat)
+    }
+
+    /// Frees the transformer before the VAE decode (FLUX.1-dev's 24 GB in bf16).
+    fn release_models(&mut self) {
+        self.model = None;
     }
 
     fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {

@@ -30,6 +30,8 @@ pub struct Prompted {
     pub width: usize,
     pub placement: Placement,
     pub stages: Vec<StageTime>,
+    /// `[vae] tiling` (checked before anything loads).
+    pub tiling: Option<crate::flux::vae::FluxTiling>,
 }
 
 /// The pipeline folder of a prompted run and whether it is step-distilled (`is_distilled` in
@@ -122,6 +124,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
     };
     let (height, width, _) = image_size(cfg, file, root)?;
     let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let tiling = crate::flux::vae::run_tiling(cfg, file, root)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     if max_len == 0 {
         return Err(Error::config(
@@ -167,6 +170,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         width,
         placement,
         stages: vec![stage.end()],
+        tiling,
     })
 }
 
@@ -260,7 +264,8 @@ pub fn inputs(
 /// the embeddings the transformer received.
 pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
     let stage = Stage::begin("decode");
-    let vae = Flux2Vae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    let mut vae = Flux2Vae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
+    vae.set_tiling(p.tiling)?;
     let decoded = vae.decode_packed(latents, p.height, p.width)?;
     drop(vae);
     let v = p.root.join("vae").display().to_string();

@@ -5,7 +5,7 @@
 //! latents with it, `z * sqrt(running_var + batch_norm_eps) + running_mean` per packed channel,
 //! unpatchifies them and decodes.
 
-use crate::flux::vae::{to_pixels, unpack_latents, FluxVae, FluxVaeConfig};
+use crate::flux::vae::{to_pixels, unpack_latents, FluxTiling, FluxVae, FluxVaeConfig};
 use crate::vae_common::{check_dtype, read_config};
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
@@ -195,5 +195,22 @@ impl Flux2Vae {
     /// `vae.decode(z)` of VAE-space latents `[B, C, h, w]` -> `[B, 3, 8h, 8w]`, not clamped.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.vae.decode(z)
+    }
+
+    /// `vae.encode(x).latent_dist`'s `(mean, logvar)` of an image `[B, 3, H, W]` in [-1, 1], VAE
+    /// space (before patchifying and the batch-norm statistics).
+    pub fn encode_moments(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.vae.encode_moments(image)
+    }
+
+    /// Spatial tiling as diffusers' `AutoencoderKLFlux2.enable_tiling()` (the same as FLUX.1's:
+    /// [`FluxTiling`], whose default is this config's `sample_size`); `None`: off.
+    pub fn set_tiling(&mut self, tiling: Option<FluxTiling>) -> Result<()> {
+        self.vae.set_tiling(tiling)
+    }
+
+    /// The tiling in use, if any.
+    pub fn tiling(&self) -> Option<FluxTiling> {
+        self.vae.tiling()
     }
 }

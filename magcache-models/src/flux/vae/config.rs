@@ -11,6 +11,10 @@ use std::path::Path;
 const BFL_GROUPS: usize = 32;
 const BFL_SCALE: f64 = 0.3611;
 const BFL_SHIFT: f64 = 0.1159;
+/// The released FLUX.1 `vae/config.json`'s `sample_size`, taken for BFL's file (which has no config).
+const BFL_SAMPLE_SIZE: usize = 1024;
+/// `AutoencoderKL`'s default `sample_size`.
+const DIFFUSERS_SAMPLE_SIZE: usize = 32;
 
 /// `AutoencoderKL` configuration (`vae/config.json`), with diffusers' defaults for absent keys.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +33,9 @@ pub struct FluxVaeConfig {
     pub mid_block_add_attention: bool,
     /// diffusers pipelines run such a VAE in f32 when asked for f16 (f16 overflows in it).
     pub force_upcast: bool,
+    /// `sample_size` (pixels; a list's first entry, as diffusers reads it): the tile size of
+    /// `enable_tiling` ([`super::FluxTiling`]); 1024 in the released FLUX.1 and FLUX.2 VAEs.
+    pub sample_size: usize,
 }
 
 impl FluxVaeConfig {
@@ -82,6 +89,13 @@ impl FluxVaeConfig {
             use_post_quant_conv: c.bool("use_post_quant_conv", true)?,
             mid_block_add_attention: c.bool("mid_block_add_attention", true)?,
             force_upcast: c.bool("force_upcast", true)?,
+            sample_size: match c.get("sample_size") {
+                Some(v @ Value::Array(_)) => c
+                    .list("sample_size", positive)?
+                    .and_then(|l| l.first().copied())
+                    .ok_or_else(|| c.error("sample_size", format!("{v} has no entries")))?,
+                _ => c.usize("sample_size", DIFFUSERS_SAMPLE_SIZE)?,
+            },
         };
         cfg.validate(file)?;
         Ok(cfg)
@@ -95,6 +109,7 @@ impl FluxVaeConfig {
             ("latent_channels", self.latent_channels),
             ("layers_per_block", self.layers_per_block),
             ("norm_num_groups", self.norm_num_groups),
+            ("sample_size", self.sample_size),
         ] {
             if v == 0 {
                 return Err(Error::config(file, k, "must be positive"));
@@ -187,6 +202,7 @@ impl FluxVaeConfig {
             use_post_quant_conv: store.contains("post_quant_conv.weight"),
             mid_block_add_attention: store.contains("decoder.mid_block.attentions.0.to_q.weight"),
             force_upcast: true,
+            sample_size: BFL_SAMPLE_SIZE,
         };
         cfg.validate(&format!(
             "{} (sizes inferred from its tensors)",

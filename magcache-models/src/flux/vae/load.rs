@@ -183,6 +183,7 @@ impl FluxVae {
             device: store.placement().device.clone(),
             origin: store.origin.clone(),
             warnings: Vec::new(),
+            tiling: None,
         })
     }
 

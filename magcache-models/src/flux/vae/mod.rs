@@ -33,10 +33,12 @@ mod layers;
 mod layout;
 mod load;
 mod packing;
+mod tiling;
 
 pub use config::FluxVaeConfig;
 pub use layout::{detect_layout, VaeLayout};
 pub use packing::{pack_latents, to_pixels, unpack_latents};
+pub use tiling::{run_tiling, FluxTiling, FluxVaeKeys, FLUX_VAE_KEYS};
 
 use crate::vae_common::check_input;
 use candle_core::{DType, Device, Tensor};
@@ -58,11 +60,29 @@ pub struct FluxVae {
     pub origin: String,
     /// Checkpoint tensors the VAE did not use (outside the encoder and decoder), for the report.
     pub warnings: Vec<String>,
+    /// Spatial tiling for inputs larger than one tile (diffusers' `enable_tiling()`); `None`: off.
+    tiling: Option<FluxTiling>,
 }
 
 impl FluxVae {
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Turns spatial tiling on (diffusers' `enable_tiling()`, with `tile_sample_min_size` as given;
+    /// [`FluxTiling::of_config`] is diffusers' default) or off; the size is checked against this
+    /// VAE.
+    pub fn set_tiling(&mut self, tiling: Option<FluxTiling>) -> Result<()> {
+        if let Some(t) = &tiling {
+            t.check(&self.config, &format!("FLUX VAE ({}) tiling", self.origin))?;
+        }
+        self.tiling = tiling;
+        Ok(())
+    }
+
+    /// The tiling in use, if any.
+    pub fn tiling(&self) -> Option<FluxTiling> {
+        self.tiling
     }
 
     /// Pixels per latent along each side (8 for FLUX.1).
@@ -119,12 +139,32 @@ impl FluxVae {
                 self.origin
             )));
         }
-        let h = self.per_item(&x, "encode", |x| {
+        let encode = |x: &Tensor| {
             let h = self.encoder.forward(x)?;
             match &self.quant_conv {
                 Some(q) => q.forward(&h),
                 None => Ok(h),
             }
+        };
+        let h = self.per_item(&x, "encode", |x| match self.tiling {
+            Some(t) if t.tiles_pixels(ih, iw) => {
+                let grid = t.encode_grid(&self.config);
+                let (tiles, mut n) = (grid.count(ih, iw), 0);
+                let strips = crate::vae_tiles::run(
+                    &grid,
+                    (ih, iw),
+                    (usize::MAX, usize::MAX),
+                    |i, th, j, tw| {
+                        n += 1;
+                        let h = encode(&x.narrow(2, i, th)?.narrow(3, j, tw)?)?;
+                        magcache_core::runtime::progress::tick("encode: tile", n, tiles);
+                        Ok(h)
+                    },
+                    Ok,
+                )?;
+                Ok(Tensor::cat(&strips, 2)?)
+            }
+            _ => encode(x),
         })?;
         let z = self.config.latent_channels;
         let mean = h.narrow(1, 0, z)?.contiguous()?;
@@ -173,12 +213,34 @@ impl FluxVae {
             self.config.latent_channels,
             "[B, C, h, w] VAE-space latents",
         )?;
-        self.per_item(&z, "decode", |z| {
+        let decode = |z: &Tensor| {
             let z = match &self.post_quant_conv {
                 Some(p) => p.forward(z)?,
                 None => z.clone(),
             };
             self.decoder.forward(&z)
+        };
+        let (_, _, h, w) = z.dims4()?;
+        self.per_item(&z, "decode", |z| match self.tiling {
+            // Tiles of latents, blended in pixels, the kept parts joined uncut (as diffusers).
+            Some(t) if t.tiles_latents(&self.config, h, w) => {
+                let grid = t.decode_grid(&self.config);
+                let (tiles, mut n) = (grid.count(h, w), 0);
+                let strips = crate::vae_tiles::run(
+                    &grid,
+                    (h, w),
+                    (usize::MAX, usize::MAX),
+                    |i, th, j, tw| {
+                        n += 1;
+                        let out = decode(&z.narrow(2, i, th)?.narrow(3, j, tw)?)?;
+                        magcache_core::runtime::progress::tick("decode: tile", n, tiles);
+                        Ok(out)
+                    },
+                    Ok,
+                )?;
+                Ok(Tensor::cat(&strips, 2)?)
+            }
+            _ => decode(z),
         })
     }
 

@@ -177,12 +177,12 @@ impl WanVae {
     fn encode_tiled(&self, x: &Tensor, t: VaeTiling) -> Result<Tensor> {
         let r = (self.config.spatial_scale() / self.config.patch_size.max(1)).max(1);
         let (_, _, _, h, w) = x.dims5()?;
-        let tiles = t.tile_count(h, w, 1);
+        let grid = t.grid(1, r);
+        let tiles = grid.count(h, w);
         let mut n = 0;
-        let strips = tiling::run(
-            &t,
+        let strips = crate::vae_tiles::run(
+            &grid,
             (h, w),
-            (1, r),
             (h / r, w / r),
             |i, th, j, tw| {
                 n += 1;
@@ -317,13 +317,13 @@ impl WanVae {
         let ss = self.config.spatial_scale().max(1);
         let p = self.config.patch_size.max(1);
         let (_, frames, _, h, w) = z.dims5()?;
-        let total = t.tile_count(h, w, ss) * frames;
-        let mut done = 0;
         // Blended in the decoder's output space (patchified positions for the Wan2.2 VAE).
-        let strips = tiling::run(
-            &t,
+        let grid = t.grid(ss, p);
+        let total = grid.count(h, w) * frames;
+        let mut done = 0;
+        let strips = crate::vae_tiles::run(
+            &grid,
             (h, w),
-            (ss, p),
             (h * ss / p, w * ss / p),
             |i, th, j, tw| {
                 let tile = z.narrow(3, i, th)?.narrow(4, j, tw)?;

@@ -60,16 +60,30 @@ pub const CACHE_FACTOR: usize = 3;
 /// prediction, update, result).
 pub const LATENT_FACTOR: usize = 8;
 
-/// Score matrices of one attention over `s` queries and `l` keys (scores and their softmax), each
-/// capped by the chunking budget.
-pub fn attention_bytes(b: usize, heads: usize, s: usize, l: usize) -> Sz {
-    // Queries are chunked so one score matrix stays within the budget, however long the sequence
-    // (an upper bound: the fused f32 CPU path holds only threads x 128 query rows of scores).
+/// Score matrices of one attention over `s` queries and `l` keys as the run's `device` computes it
+/// ([`crate::nn::attention`]). On the CPU (activations are f32 there) the fused attention holds one
+/// block of 128 queries' scores per thread (measured: counting the chunked
+/// budget instead put a 480x832 Wan denoise 21-28% over its peak); elsewhere queries are chunked so
+/// that one score matrix (and its softmax) stays within the budget.
+pub fn attention_bytes(device: &str, b: usize, heads: usize, s: usize, l: usize) -> Sz {
     let cap = crate::nn::ATTENTION_SCORE_BUDGET as u64;
     let one = (sz(b) * sz(heads) * sz(s) * sz(l) * sz(4))
         .0
         .map_or(cap, |x| x.min(cap));
-    Sz(Some(one)) * sz(2)
+    let chunked = Sz(Some(one)) * sz(2);
+    if device.starts_with("cuda") || device.starts_with("metal") {
+        return chunked;
+    }
+    let qb = crate::nn::QUERY_BLOCK.min(s);
+    let tasks = (sz(b) * sz(heads) * sz(s.div_ceil(qb.max(1))))
+        .0
+        .unwrap_or(u64::MAX);
+    let threads = (candle_core::utils::get_num_threads() as u64).clamp(1, tasks.max(1));
+    let fused = Sz(Some(threads)) * sz(qb) * sz(l) * sz(4);
+    match (fused.0, chunked.0) {
+        (Some(f), Some(c)) => Sz(Some(f.min(c))),
+        _ => chunked,
+    }
 }
 
 /// Bytes of a dtype name (`f32`, `bf16`, `f16`); 4 for anything else.
@@ -187,19 +201,20 @@ pub fn add_lora(fp: &mut Footprint, cfg: &magcache_core::RunConfig, base: &Path,
     );
 }
 
-/// A held GGUF checkpoint's resident bytes: its quantized linear weights stay quantized, the rest
-/// is small, but loading peaks at about twice the file's size. `None` for other files, and for streamed runs (which hold
-/// two blocks, counted from the config as for any checkpoint).
+/// A held GGUF checkpoint's resident bytes: the file (its quantized linear weights stay quantized,
+/// the other tensors are small), plus the copies candle's quantized matmul repacks into SIMD tiles
+/// on their first product and keeps beside them on this CPU
+/// ([`crate::weights::gguf::gguf_repacked_bytes`]: about the file again for Q8_0 on an AVX-512
+/// VNNI CPU, nothing on an AVX2 one). `None` for other files, and for streamed runs (which hold two
+/// blocks, counted from the config as for any checkpoint).
 pub fn gguf_held_bytes(path: &Path, streamed: bool) -> Option<u64> {
     if streamed || !crate::weights::gguf::is_gguf(path) {
         return None;
     }
-    // Measured: a held Q8_0 Wan2.1-1.3B peaked at 2x its file (each matrix is also dequantized to
-    // f32 once while loading, and the heap keeps what those temporaries fragment); the guard counts
-    // that, not the file alone (docs/benchmarks.md).
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| m.len().saturating_mul(2))
+    let file = std::fs::metadata(path).ok()?.len();
+    // An unreadable header: the loader reports it; count the worst case meanwhile.
+    let repacked = crate::weights::gguf::gguf_repacked_bytes(path).unwrap_or(file);
+    Some(file.saturating_add(repacked))
 }
 
 #[cfg(test)]
@@ -212,9 +227,17 @@ mod tests {
         assert_eq!((sz(usize::MAX) * sz(usize::MAX)).0, None);
         assert_eq!((Sz(None) + sz(1)).0, None);
         assert_eq!(
-            attention_bytes(1, 2, 1 << 40, 1 << 40).0,
+            attention_bytes("cuda", 1, 2, 1 << 40, 1 << 40).0,
             Some(2 * crate::nn::ATTENTION_SCORE_BUDGET as u64)
         );
+        // On the CPU the fused attention holds a block of 128 queries' scores per thread.
+        let threads = candle_core::utils::get_num_threads() as u64;
+        assert_eq!(
+            attention_bytes("cpu", 1, 12, 32760, 32760).0,
+            Some((threads.min(12 * 256) * 128 * 32760 * 4).min((2 * 256) << 20))
+        );
+        // ... and never more tasks' worth than there are (one head, 10 queries).
+        assert_eq!(attention_bytes("cpu", 1, 1, 10, 64).0, Some(10 * 64 * 4));
     }
 
     #[test]

@@ -204,7 +204,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 }
 
 /// Queries per task of [`cpu_attention`]: its scores are `QUERY_BLOCK x L` floats per thread.
-const QUERY_BLOCK: usize = 128;
+pub(crate) const QUERY_BLOCK: usize = 128;
 
 /// [`attention`] on the CPU in f32, fused: one task per (batch, head, block of [`QUERY_BLOCK`]
 /// queries), spread over the threads, each running its two products single-threaded through `gemm`

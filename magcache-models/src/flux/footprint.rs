@@ -147,7 +147,7 @@ pub fn flux_footprint(
     let per_token = (sz(HIDDEN_FACTOR) * d + sz(FFN_FACTOR * 4) * d) * f32b;
     let joint = s.saturating_add(l);
     let activations = sz(b) * sz(s) * per_token
-        + attention_bytes(b, heads, joint, joint)
+        + attention_bytes(&cfg.model.device, b, heads, joint, joint)
         + sz(b) * sz(s) * sz(c.in_channels) * sz(LATENT_FACTOR) * f32b
         + sz(s) * sz(3) * f32b;
     fp.add("activations", lat_knob, activations.0);

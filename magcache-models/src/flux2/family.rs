@@ -152,7 +152,7 @@ fn footprint(
         let joint = s.saturating_add(l);
         let per_token = (sz(12) * d + sz(c.mlp_hidden()) * sz(6)) * sz(4);
         let acts = sz(b) * sz(joint) * per_token
-            + attention_bytes(b, c.num_attention_heads, joint, joint)
+            + attention_bytes(&cfg.model.device, b, c.num_attention_heads, joint, joint)
             + sz(b) * sz(s) * sz(c.in_channels) * sz(8) * sz(4);
         fp.add("activations", "inputs.height/width", acts.0);
         fp.add(

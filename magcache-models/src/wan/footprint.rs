@@ -229,7 +229,7 @@ pub fn wan_footprint(
         sz(b) * d * sz(7) * f32b
     };
     let activations = tokens * (sz(HIDDEN_FACTOR) * d + sz(FFN_FACTOR) * sz(c.ffn_dim)) * f32b
-        + attention_bytes(b, heads, s, s)
+        + attention_bytes(&cfg.model.device, b, heads, s, s)
         + sz(s) * sz(c.attention_head_dim) * f32b
         + tproj
         + latent_elems * sz(LATENT_FACTOR) * f32b;
@@ -239,7 +239,7 @@ pub fn wan_footprint(
     crate::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
     if let Some(l) = text_len {
         let text = sz(branches) * sz(b) * sz(l) * (sz(c.text_dim) + d * sz(3)) * f32b
-            + attention_bytes(b, heads, s, l);
+            + attention_bytes(&cfg.model.device, b, heads, s, l);
         fp.add("text embeddings", text_knob, text.0);
     }
     let decode = prompted.as_ref().map(|(_, _, dec, tiled)| {

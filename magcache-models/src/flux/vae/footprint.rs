@@ -41,9 +41,9 @@ impl FluxVaeConfig {
     /// largest of every residual block's live tensors (its input, kept for the sum; the group norm's
     /// centred copy and square; the normalised input and its SiLU; the shortcut and the
     /// convolution's output, at the block's resolution) and every upsampler's (its input, the 2x
-    /// copy, the convolution's output). Off the CPU (`cpu` false) also one im2col band and the
-    /// attention's scores (on the CPU neither is materialised: candle's convolution and the fused
-    /// attention; measured by `tests/tests/flux_vae_memory.rs`), and 16 MB for small buffers.
+    /// copy, the convolution's output), one im2col band, and off the CPU (`cpu` false) the
+    /// attention's scores (on the CPU the fused attention holds none; measured by
+    /// `tests/tests/flux_vae_memory.rs`), and 16 MB for small buffers.
     pub fn decode_working_bytes(&self, h: usize, w: usize, cpu: bool) -> Sz {
         let f32b = sz(4);
         let rev: Vec<usize> = self.block_out_channels.iter().rev().copied().collect();
@@ -70,10 +70,16 @@ impl FluxVaeConfig {
             cin = c;
         }
         let small = sz(16 << 20);
-        if cpu {
-            return widest * f32b + small;
-        }
         let im2col = (conv_in * sz(9) * f32b).min(IM2COL_BUDGET as u64);
+        if cpu {
+            // The CPU's row convolution keeps a band under one output image (at least 1 MB).
+            let band = (conv_in * f32b).max(sz(1 << 20));
+            let band = match (band.0, im2col.0) {
+                (Some(a), Some(b)) => Sz(Some(a.min(b))),
+                _ => im2col,
+            };
+            return widest * f32b + band + small;
+        }
         widest * f32b + im2col + scores + small
     }
 

@@ -551,6 +551,10 @@ impl candle_core::CustomOp2 for RowConv {
         let (h_out, w_out) = (h + 2 * pad - kh + 1, w + 2 * pad - kw + 1);
         let k = c * kh * kw;
         let mut out = vec![0f32; n * o * h_out * w_out];
+        if k == 0 || out.is_empty() {
+            // No input channel (or no output): the convolution is all zeros.
+            return Ok((F32(out), candle_core::Shape::from((n, o, h_out, w_out))));
+        }
         // A band's matrix stays under the budget and under one output image (at least 1 MB, for
         // products large enough to run at speed), so it adds at most an output's worth of memory.
         let band = self.budget.min((o * h_out * w_out * 4).max(1 << 20));

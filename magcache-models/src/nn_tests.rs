@@ -20,3 +20,34 @@ fn fast_gelu_matches_the_tanh_formula() {
         );
     }
 }
+
+/// The CPU row convolution against candle's conv2d: stride 1 with and without padding, 1x1 and
+/// 3x3, bands of one row (a tiny budget) and whole images, several threads' shares of the matrix;
+/// and an input without channels gives zeros instead of a panic.
+#[test]
+fn row_convolution_matches_candles() {
+    let dev = Device::Cpu;
+    for (c, o, h, w, k, pad) in [
+        (3, 5, 7, 9, 3, 1),
+        (4, 2, 6, 5, 3, 0),
+        (6, 3, 4, 4, 1, 0),
+        (2, 2, 3, 8, 3, 2),
+    ] {
+        let x = Tensor::randn(0f32, 1f32, (2, c, h, w), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1f32, (o, c, k, k), &dev).unwrap();
+        let want = x.conv2d(&wt, pad, 1, 1, 1).unwrap();
+        for budget in [1, IM2COL_BUDGET] {
+            let got = conv2d_bounded(&x, &wt, pad, 1, budget).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                d.to_scalar::<f32>().unwrap() < 1e-4,
+                "{c} {o} {h} {w} {k} {pad}"
+            );
+        }
+    }
+    let x = Tensor::zeros((1, 0, 4, 4), DType::F32, &dev).unwrap();
+    let wt = Tensor::zeros((3, 0, 3, 3), DType::F32, &dev).unwrap();
+    let y = conv2d_bounded(&x, &wt, 1, 1, IM2COL_BUDGET).unwrap();
+    assert_eq!(y.dims(), [1, 3, 4, 4]);
+}

@@ -11,13 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use magcache_models::flux::vae::{FluxTiling, FluxVae};
 use std::time::Instant;
 
+/// The process's peak resident memory (Linux `VmHWM`), GB.
 fn hwm_gb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb * 1024.0 / 1e9)
-        .unwrap_or(f64::NAN)
+    magcache_core::runtime::progress::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / 1e9)
 }
 
 fn main() -> magcache_core::Result<()> {

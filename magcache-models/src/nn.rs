@@ -221,6 +221,18 @@ fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 struct CpuAttention;
 
+/// The elements of a contiguous custom-op input (`what` names the op in the error).
+fn contiguous<'a>(
+    x: &'a [f32],
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= x.len() => Ok(&x[a..b]),
+        _ => candle_core::bail!("{what}: contiguous inputs only"),
+    }
+}
+
 impl candle_core::CustomOp3 for CpuAttention {
     fn name(&self) -> &'static str {
         "cpu-attention"
@@ -239,15 +251,12 @@ impl candle_core::CustomOp3 for CpuAttention {
         let (F32(q), F32(k), F32(v)) = (s1, s2, s3) else {
             candle_core::bail!("cpu attention: f32 only");
         };
-        let slice = |x: &'_ [f32],
-                     l: &candle_core::Layout|
-         -> candle_core::Result<std::ops::Range<usize>> {
-            match l.contiguous_offsets() {
-                Some((a, b)) if b <= x.len() => Ok(a..b),
-                _ => candle_core::bail!("cpu attention: contiguous inputs only"),
-            }
-        };
-        let (q, k, v) = (&q[slice(q, l1)?], &k[slice(k, l2)?], &v[slice(v, l3)?]);
+        let what = "cpu attention";
+        let (q, k, v) = (
+            contiguous(q, l1, what)?,
+            contiguous(k, l2, what)?,
+            contiguous(v, l3, what)?,
+        );
         let (b, h, s, d) = l1.shape().dims4()?;
         let (kb, kh, l, kd) = l2.shape().dims4()?;
         if (kb, kh, kd) != (b, h, d) || l3.shape() != l2.shape() {
@@ -534,10 +543,10 @@ impl candle_core::CustomOp2 for RowConv {
         let (F32(x), F32(wt)) = (s1, s2) else {
             candle_core::bail!("row conv2d: f32 only");
         };
-        let (x, wt) = match (l1.contiguous_offsets(), l2.contiguous_offsets()) {
-            (Some((a, b)), Some((c, d))) if b <= x.len() && d <= wt.len() => (&x[a..b], &wt[c..d]),
-            _ => candle_core::bail!("row conv2d: contiguous inputs only"),
-        };
+        let (x, wt) = (
+            contiguous(x, l1, "row conv2d")?,
+            contiguous(wt, l2, "row conv2d")?,
+        );
         let (n, c, h, w) = l1.shape().dims4()?;
         let (o, wc, kh, kw) = l2.shape().dims4()?;
         let pad = self.pad;

@@ -148,21 +148,7 @@ impl FluxVae {
         };
         let h = self.per_item(&x, "encode", |x| match self.tiling {
             Some(t) if t.tiles_pixels(ih, iw) => {
-                let grid = t.encode_grid(&self.config);
-                let (tiles, mut n) = (grid.count(ih, iw), 0);
-                let strips = crate::vae_tiles::run(
-                    &grid,
-                    (ih, iw),
-                    (usize::MAX, usize::MAX),
-                    |i, th, j, tw| {
-                        n += 1;
-                        let h = encode(&x.narrow(2, i, th)?.narrow(3, j, tw)?)?;
-                        magcache_core::runtime::progress::tick("encode: tile", n, tiles);
-                        Ok(h)
-                    },
-                    Ok,
-                )?;
-                Ok(Tensor::cat(&strips, 2)?)
+                tiling::run_tiles(&t.encode_grid(&self.config), x, "encode: tile", encode)
             }
             _ => encode(x),
         })?;
@@ -224,21 +210,7 @@ impl FluxVae {
         self.per_item(&z, "decode", |z| match self.tiling {
             // Tiles of latents, blended in pixels, the kept parts joined uncut (as diffusers).
             Some(t) if t.tiles_latents(&self.config, h, w) => {
-                let grid = t.decode_grid(&self.config);
-                let (tiles, mut n) = (grid.count(h, w), 0);
-                let strips = crate::vae_tiles::run(
-                    &grid,
-                    (h, w),
-                    (usize::MAX, usize::MAX),
-                    |i, th, j, tw| {
-                        n += 1;
-                        let out = decode(&z.narrow(2, i, th)?.narrow(3, j, tw)?)?;
-                        magcache_core::runtime::progress::tick("decode: tile", n, tiles);
-                        Ok(out)
-                    },
-                    Ok,
-                )?;
-                Ok(Tensor::cat(&strips, 2)?)
+                tiling::run_tiles(&t.decode_grid(&self.config), z, "decode: tile", decode)
             }
             _ => decode(z),
         })

@@ -9,6 +9,7 @@
 
 use super::config::FluxVaeConfig;
 use crate::vae_tiles::Grid;
+use candle_core::Tensor;
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::keys::{fields_of, FamilyKeys};
 use magcache_core::{Error, Result};
@@ -129,6 +130,32 @@ pub fn run_tiling(cfg: &RunConfig, file: &str, root: &Path) -> Result<Option<Flu
         .unwrap_or_else(|| FluxTiling::of_config(&c));
     t.check(&c, &format!("{file}: vae"))?;
     Ok(Some(t))
+}
+
+/// Runs `f` over the tiles of `grid` on a `[1, C, H, W]` input and joins the blended results uncut
+/// along the height, as diffusers' `AutoencoderKL` tiled paths do; `what` names the progress line
+/// (`"decode: tile"`).
+pub(super) fn run_tiles(
+    grid: &Grid,
+    x: &Tensor,
+    what: &str,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (tiles, mut n) = (grid.count(h, w), 0);
+    let strips = crate::vae_tiles::run(
+        grid,
+        (h, w),
+        (usize::MAX, usize::MAX),
+        |i, th, j, tw| {
+            n += 1;
+            let out = f(&x.narrow(2, i, th)?.narrow(3, j, tw)?)?;
+            magcache_core::runtime::progress::tick(what, n, tiles);
+            Ok(out)
+        },
+        Ok,
+    )?;
+    Ok(Tensor::cat(&strips, 2)?)
 }
 
 fn square(min: usize, stride: usize, keep: usize, blend: usize) -> Grid {

@@ -664,7 +664,8 @@ fn class3_a_decode_too_large_for_one_frame_points_at_vae_tiling_which_fits_it() 
     std::fs::write(&run, &base).unwrap();
     let base = base.replace("weights = \"pipe\"", "weights = \"pipe\"\ndtype = \"f32\"");
     std::fs::write(&run, &base).unwrap();
-    // Untiled, the VAE's feature cache and working set of a 1024x1024 frame are the largest part.
+    // Untiled, the VAE's feature cache and working set of a 1024x1024 frame are the largest part
+    // (1.0 GB; tiled 0.2 GB).
     let run_with = |limit: &str| {
         bin()
             .args(["run", "--quiet", "--config"])
@@ -674,7 +675,7 @@ fn class3_a_decode_too_large_for_one_frame_points_at_vae_tiling_which_fits_it() 
             .unwrap()
     };
     let e = check_err(
-        &run_with("1G"),
+        &run_with("600M"),
         &["run.toml: vae.tiling:", "set `tiling = true` in [vae]"],
     );
     assert!(e.contains("VAE decode working set (one frame"), "{e}");
@@ -683,7 +684,7 @@ fn class3_a_decode_too_large_for_one_frame_points_at_vae_tiling_which_fits_it() 
     let o = bin()
         .args(["plan", "--config"])
         .arg(&run)
-        .env("MAGCACHE_MEMORY_LIMIT", "1G")
+        .env("MAGCACHE_MEMORY_LIMIT", "600M")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -24,15 +24,16 @@ fn main() -> magcache_core::Result<()> {
         a.get(2).copied().unwrap_or(104),
     );
     let cfg = WanVaeConfig::from_json(&serde_json::json!({}), "(released defaults)")?;
-    let p = cfg.decode_bytes_tiled(f, h, w, 4, tiling);
+    let p = cfg.decode_bytes_tiled(f, h, w, 4, tiling, true);
     let gb = |s: magcache_models::footprint::Sz| s.0.unwrap_or(u64::MAX) as f64 / 1e9;
     println!(
-        "predicted: weights {:.2} + cache {:.2} + working {:.2} + video {:.2} + tiles {:.2} = {:.2} GB",
+        "predicted: weights {:.2} + max(cache {:.2} + working {:.2} + video {:.2} + tiles {:.2}, join {:.2}) = {:.2} GB",
         gb(p.weights),
         gb(p.cache),
         gb(p.working),
         gb(p.video),
         gb(p.tiles),
+        gb(p.join),
         gb(p.total())
     );
     let mut vae = WanVae::random(cfg, 0, &Device::Cpu, DType::F32)?;

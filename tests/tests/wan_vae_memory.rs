@@ -43,8 +43,8 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
     // The size guard's estimate of the decode (weights aside: the VAE was built before counting)
     // covers what was measured, and not by a wide margin.
     for (&lf, &(frames, dec_peak, _, _)) in [2usize, 5].iter().zip(&peaks) {
-        let p = vae.config.decode_bytes(lf, h, w, 4);
-        let predicted = (p.cache + p.working + p.video).0.unwrap();
+        let p = vae.config.decode_bytes(lf, h, w, 4, true);
+        let predicted = p.activations().0.unwrap();
         eprintln!("{frames} frames: decode predicted {predicted} B, measured {dec_peak} B");
         assert!(
             predicted as usize >= dec_peak && (predicted as usize) < 3 * dec_peak,
@@ -86,13 +86,17 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
         let z = Tensor::randn(0f32, 1f32, (1, 4, lf, h, w), &Device::Cpu).unwrap();
         let (tiled_peak, video) = heap_peak_of(|| vae.decode(&z).unwrap());
         assert_eq!(bytes(&video), video_bytes);
-        let p = vae.config.decode_bytes_tiled(lf, h, w, 4, Some(tiling));
-        let predicted = (p.cache + p.working + p.video + p.tiles).0.unwrap();
+        let p = vae
+            .config
+            .decode_bytes_tiled(lf, h, w, 4, Some(tiling), true);
+        let predicted = p.activations().0.unwrap();
         eprintln!(
             "{frames} frames tiled: decode peak {tiled_peak} B (untiled {dec_peak} B), predicted {predicted} B"
         );
+        // gemm's per-thread scratch was allocated by the untiled decodes above: not in this peak.
+        let slabs = magcache_models::wan::vae::gemm_slabs().0.unwrap() as usize;
         assert!(
-            predicted as usize >= tiled_peak && (predicted as usize) < 3 * tiled_peak,
+            predicted as usize >= tiled_peak && (predicted as usize) - slabs < 3 * tiled_peak,
             "{frames} frames tiled: predicted {predicted} B against {tiled_peak} B measured"
         );
         // Beyond the video itself, a tile's cache and working set are smaller than the frame's.

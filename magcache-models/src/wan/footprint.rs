@@ -79,7 +79,9 @@ fn prompted_sizes(
     } else {
         crate::footprint::dtype_bytes(dtype)
     };
-    let decode = vae.decode_bytes_tiled(lat_frames, height / ss, width / ss, wb, tiling);
+    // The CPU runs an f32 VAE's convolutions as the row convolution (`nn::conv2d_bounded`).
+    let row_conv = wb == 4 && !cfg.model.device.starts_with("cuda");
+    let decode = vae.decode_bytes_tiled(lat_frames, height / ss, width / ss, wb, tiling, row_conv);
     let len = p
         .max_sequence_length
         .unwrap_or(super::prompted::DEFAULT_MAX_SEQUENCE_LENGTH);
@@ -282,11 +284,34 @@ pub fn wan_footprint(
             );
             fp.advise(advice);
         }
-        fp.add(
-            "decoded video (f32, 2 copies)",
-            "inputs.num_frames",
-            dec.video.0,
-        );
+        if *tiled {
+            fp.add(
+                "decoded video (f32, the rows joined so far)",
+                "inputs.num_frames",
+                dec.video.0,
+            );
+            // The rows' join (two copies of the video) comes after the tiles are freed: counted
+            // where it is more than the tile stage.
+            let stage = dec.cache + dec.working + dec.video + dec.tiles;
+            let more = dec
+                .join
+                .0
+                .zip(stage.0)
+                .map(|(j, s)| j.saturating_sub(s));
+            if more != Some(0) {
+                fp.add(
+                    "decoded video's join (f32, 2 copies, after the tiles are freed)",
+                    "inputs.num_frames",
+                    more,
+                );
+            }
+        } else {
+            fp.add(
+                "decoded video (f32, 2 copies)",
+                "inputs.num_frames",
+                dec.video.0,
+            );
+        }
         // The final latents, held while decoding.
         fp.add(
             "final latents (f32)",

@@ -8,6 +8,14 @@ use super::config::WanVaeConfig;
 use crate::footprint::{sz, Sz};
 use crate::nn::{ATTENTION_SCORE_BUDGET, IM2COL_BUDGET};
 
+/// The `gemm` crate's per-thread scratch: every thread that runs a product keeps an L2-cache-sized
+/// buffer (1 MB on this Zen 5, up to 2 MB on current x86) from its first product on; counted for
+/// candle's threads and the calling one (the tiny decode of `tests/tests/wan_vae_memory.rs` fell
+/// 1.1 MB short without it).
+pub fn gemm_slabs() -> Sz {
+    sz(2 << 20) * sz(candle_core::utils::get_num_threads() + 1)
+}
+
 /// The parts of a decode of `[1, z, frames, h, w]` latents, in bytes (f32 activations).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeBytes {
@@ -20,23 +28,34 @@ pub struct DecodeBytes {
     /// (measured: twice fell 4% short of a 480x832 decode), its
     /// convolution's im2col band, three output frames, the mid block's attention scores.
     pub working: Sz,
-    /// The decoded video as pixels, twice (the per-chunk pieces and their concatenation).
+    /// The decoded video as pixels held while decoding: twice untiled (the per-chunk pieces and
+    /// their concatenation), once tiled (the joined rows of tiles so far).
     pub video: Sz,
     /// Tiled decodes: two rows of decoded tiles (the row above, kept for blending, and the one being
-    /// decoded) and one tile's frames twice (pieces and their join); 0 untiled.
+    /// decoded) and the tile being decoded (its frames and their join); 0 untiled.
     pub tiles: Sz,
+    /// Tiled decodes: the rows' join into the video (two copies of it), which comes after the
+    /// tiles' caches and working sets are freed, so it is a peak of its own; 0 untiled.
+    pub join: Sz,
 }
 
 impl DecodeBytes {
+    /// What the decode holds besides its weights: the larger of the decoding and the join.
+    pub fn activations(&self) -> Sz {
+        (self.cache + self.working + self.video + self.tiles).max(self.join)
+    }
+
     pub fn total(&self) -> Sz {
-        self.weights + self.cache + self.working + self.video + self.tiles
+        self.weights + self.activations()
     }
 }
 
 impl WanVaeConfig {
     /// What decoding latents of `frames` x `h` x `w` holds with `tiling` (diffusers' rule: tiled
     /// when either side is larger than one tile): the cache and working set of one tile, the tiles
-    /// held for blending, and the whole video.
+    /// held for blending, and the rows of the video joined so far; or, later, the video's join.
+    /// `row_conv`: the convolutions run as [`crate::nn`]'s CPU row convolution (f32 on the CPU),
+    /// whose im2col band is at most one output image.
     pub fn decode_bytes_tiled(
         &self,
         frames: usize,
@@ -44,8 +63,9 @@ impl WanVaeConfig {
         w: usize,
         weight_bytes: usize,
         tiling: Option<super::VaeTiling>,
+        row_conv: bool,
     ) -> DecodeBytes {
-        let full = self.decode_bytes(frames, h, w, weight_bytes);
+        let full = self.decode_bytes(frames, h, w, weight_bytes, row_conv);
         let ss = self.spatial_scale().max(1);
         let Some(t) = tiling else {
             return full;
@@ -54,25 +74,32 @@ impl WanVaeConfig {
         if h <= th && w <= tw {
             return full;
         }
-        let tile = self.decode_bytes(frames, h.min(th), w.min(tw), weight_bytes);
+        let tile = self.decode_bytes(frames, h.min(th), w.min(tw), weight_bytes, row_conv);
         let cols = w.div_ceil((t.tile_sample_stride_width / ss).max(1));
-        // `tile.video` is one tile's frames twice: two rows of `cols` tiles and the tile being
-        // decoded (pieces and join).
+        // `*.video` are two copies of the frames. While a row is decoded the row above is held for
+        // blending, the row's own tiles so far, the tile being decoded twice (its frames and their
+        // join) and the strips joined so far (at most the video once); the strips' join into the
+        // video comes after the last tile is freed (measured at 480x832x81: 2.25 GB, this 2.57 GB).
+        let half = |s: Sz| Sz(s.0.map(|x| x / 2));
         DecodeBytes {
             cache: tile.cache,
             working: tile.working,
-            tiles: tile.video * sz(cols + 1),
+            video: half(full.video),
+            tiles: half(tile.video) * sz(2 * cols + 1),
+            join: full.video,
             ..full
         }
     }
 
-    /// What decoding latents of `frames` x `h` x `w` (latent sizes) holds at its peak.
+    /// What decoding latents of `frames` x `h` x `w` (latent sizes) holds at its peak (`row_conv`
+    /// as in [`Self::decode_bytes_tiled`]).
     pub fn decode_bytes(
         &self,
         frames: usize,
         h: usize,
         w: usize,
         weight_bytes: usize,
+        row_conv: bool,
     ) -> DecodeBytes {
         let d = self.decoder_base_dim;
         let stages = self.dim_mult.len();
@@ -89,6 +116,8 @@ impl WanVaeConfig {
             + sz(4) * conv(dims[0], dims[0], 27)
             + sz(4) * sz(dims[0]) * sz(dims[0]);
         let (mut widest_in, mut widest_out) = (sz(0), sz(0));
+        // The largest output image of one convolution (the row convolution's band is at most that).
+        let mut widest_conv = sz(self.out_channels) * px(stages - 1);
         let mut out = dims[0];
         for i in 0..stages {
             // Wan2.1's upsamplers halve the width; the Wan2.2 VAE's keep it.
@@ -107,14 +136,17 @@ impl WanVaeConfig {
                 in_dim = out;
             }
             widest_out = widest_out.max(sz(out) * px(i));
+            widest_conv = widest_conv.max(sz(out) * px(i));
             if i + 1 != stages {
                 // The resampler: nearest 2x (its input at the next resolution), a 3x3 conv to half
                 // the channels, and on temporal stages a cached time conv doubling the channels.
                 widest_in = widest_in.max(sz(out) * px(i + 1));
                 let half = if self.is_residual { out } else { out / 2 };
                 params = params + conv(out, half, 9);
+                widest_conv = widest_conv.max(sz(half) * px(i + 1));
                 let temporal = self.temperal_downsample.iter().rev().nth(i).copied() == Some(true);
                 if temporal {
+                    widest_conv = widest_conv.max(sz(2 * out) * px(i));
                     cached = cached + sz(out) * px(i);
                     params = params + conv(out, 2 * out, 3);
                 }
@@ -125,13 +157,23 @@ impl WanVaeConfig {
         let f32b = sz(4);
         let scores = (px(0) * px(0) * f32b).min(ATTENTION_SCORE_BUDGET as u64);
         let video_frames = sz(1 + frames.saturating_sub(1) * self.temporal_scale());
+        // One convolution's im2col band: under the budget, and with the row convolution under its
+        // output image too (at least 1 MB). Counted twice: the `gemm` crate packs (a block of) it
+        // into a buffer of its own for the product (the tiny decode of `wan_vae_memory.rs` fell
+        // 2.2 MB short with the band counted once).
+        let mut band = (widest_in * sz(9) * f32b).min(IM2COL_BUDGET as u64);
+        if row_conv {
+            let out = (widest_conv * f32b).max(sz(1usize << 20));
+            band = Sz(band.0.zip(out.0).map(|(b, o)| b.min(o)));
+        }
         DecodeBytes {
             // The encoder is about the decoder's size: counted as one more decoder.
             weights: sz(2) * params * sz(weight_bytes),
             // Two frames per convolution from the second latent frame on (one before).
             cache: sz(frames.clamp(1, 2)) * cached * f32b,
             working: sz(3) * widest_in * f32b
-                + (widest_in * sz(9) * f32b).min(IM2COL_BUDGET as u64)
+                + sz(2) * band
+                + gemm_slabs()
                 + sz(3) * widest_out * f32b
                 + scores,
             // The decoder's last stage, unpatchified (`patch_size` x `patch_size` pixels per position).
@@ -143,6 +185,7 @@ impl WanVaeConfig {
                 * sz(self.out_channels)
                 * f32b,
             tiles: sz(0),
+            join: sz(0),
         }
     }
 }

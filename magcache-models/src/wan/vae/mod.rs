@@ -33,7 +33,7 @@ mod tiling;
 mod trace;
 
 pub use config::WanVaeConfig;
-pub use footprint::DecodeBytes;
+pub use footprint::{gemm_slabs, DecodeBytes};
 pub use tiling::VaeTiling;
 pub use trace::VaeTrace;
 

@@ -8,7 +8,8 @@
 #   MODELS:   "1.3b 14b" by default; also "flux-dev".
 # Env: MAGCACHE (default target/release/magcache), STEPS (default 2; no CFG: one call per step),
 #      FORMAT (default bf16: a safetensors folder; q8_0, q4_0, ...: one GGUF file, `export --gguf`,
-#      its matrices kept quantized when held; Wan only).
+#      its matrices kept quantized when held; Wan only); RUN_EXTRA: a line added to each run's [model]
+#      table (e.g. 'gguf_repack = false': held GGUF matrices not repacked by candle, one copy).
 # Each run: 64 image tokens (Wan: 1 latent frame of 16x16; FLUX: 16x16 latents), text 64, no CFG,
 # so the weights dominate the memory.
 set -euo pipefail
@@ -51,7 +52,7 @@ for m in $models; do
   weights="$ckpt"
   [ "$format" = bf16 ] || weights="$(ls "$ckpt"/*.gguf)"
   for offload in none stream; do
-    printf '[model]\nfamily = "%s"\nweights = "%s"\ndtype = "bf16"\noffload = "%s"\n%s' "$family" "$weights" "$offload" "$cfg_tail" > "$work/run-$m-$format-$offload.toml"
+    printf '[model]\nfamily = "%s"\nweights = "%s"\ndtype = "bf16"\noffload = "%s"\n%s\n%s' "$family" "$weights" "$offload" "${RUN_EXTRA:-}" "$cfg_tail" > "$work/run-$m-$format-$offload.toml"
     printf '%-22s offload=%-6s ' "$preset $format" "$offload"
     rss "$work/run-$m-$format-$offload.toml" || echo "(refused or failed: see above)"
     echo

@@ -202,24 +202,77 @@ pub fn add_lora(fp: &mut Footprint, cfg: &magcache_core::RunConfig, base: &Path,
 }
 
 /// A held GGUF checkpoint's resident bytes: the file (its quantized linear weights stay quantized,
-/// the other tensors are small), plus the copies candle's quantized matmul repacks into SIMD tiles
-/// on their first product and keeps beside them on this CPU
-/// ([`crate::weights::gguf::gguf_repacked_bytes`]: about the file again for Q8_0 on an AVX-512
-/// VNNI CPU, nothing on an AVX2 one). `None` for other files, and for streamed runs (which hold two
-/// blocks, counted from the config as for any checkpoint).
-pub fn gguf_held_bytes(path: &Path, streamed: bool) -> Option<u64> {
+/// the other tensors are small) and, with `repack` (`model.gguf_repack`), the copies candle's
+/// quantized matmul repacks into SIMD tiles on their first product and keeps beside them on this
+/// CPU ([`crate::weights::gguf::gguf_repacked_bytes`]: about the file again for Q8_0 on an AVX-512
+/// VNNI CPU, nothing on an AVX2 one). `None` for other files, and for streamed runs (which hold
+/// two blocks, counted from the config as for any checkpoint).
+pub fn gguf_held_bytes(path: &Path, streamed: bool, repack: bool) -> Option<GgufHeld> {
     if streamed || !crate::weights::gguf::is_gguf(path) {
         return None;
     }
     let file = std::fs::metadata(path).ok()?.len();
     // An unreadable header: the loader reports it; count the worst case meanwhile.
-    let repacked = crate::weights::gguf::gguf_repacked_bytes(path).unwrap_or(file);
-    Some(file.saturating_add(repacked))
+    let repacked = if repack {
+        crate::weights::gguf::gguf_repacked_bytes(path).unwrap_or(file)
+    } else {
+        0
+    };
+    Some(GgufHeld { file, repacked })
+}
+
+/// What a held GGUF checkpoint keeps resident ([`gguf_held_bytes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GgufHeld {
+    pub file: u64,
+    pub repacked: u64,
+}
+
+/// Adds a held GGUF run's repacked copies to `fp` (nothing when there are none), and tells a
+/// refusal whose largest part is the weights or these copies how to fit without them.
+pub fn add_gguf_repacked(fp: &mut Footprint, repacked: u64) {
+    if repacked == 0 {
+        return;
+    }
+    let advice = "set `gguf_repack = false` in [model] (the quantized products then read the file's own blocks: one copy, slower) or use model.offload = \"stream\"";
+    fp.advise(advice);
+    fp.add(
+        "GGUF matrices repacked into SIMD tiles by candle (kept beside the file)",
+        "model.gguf_repack",
+        Some(repacked),
+    );
+    fp.advise(advice);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A held GGUF run refused for its repacked copies is told to turn repacking off (or stream),
+    /// whether the file or the copies are the largest part; without copies nothing is added.
+    #[test]
+    fn repacked_gguf_copies_are_a_part_that_names_gguf_repack() {
+        use magcache_core::runtime::guard::Available;
+        let avail = Available {
+            bytes: Some(20),
+            source: "test".into(),
+        };
+        for (file, copies) in [(15u64, 14u64), (10, 14)] {
+            let mut fp = Footprint::default();
+            fp.add("weights", "model.weights", Some(file));
+            add_gguf_repacked(&mut fp, copies);
+            let e = fp
+                .check_against("run.toml", &avail)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("gguf_repack = false"), "{e}");
+            assert!(e.contains("GGUF matrices repacked"), "{e}");
+        }
+        let mut fp = Footprint::default();
+        fp.add("weights", "model.weights", Some(15));
+        add_gguf_repacked(&mut fp, 0);
+        assert!(fp.check_against("run.toml", &avail).is_ok());
+    }
 
     #[test]
     fn checked_sizes_saturate_to_none() {

@@ -26,6 +26,110 @@ enum Weight {
         mm: candle_core::quantized::QMatMul,
         out: usize,
     },
+    /// A GGUF tensor multiplied from its own blocks, never repacked (`model.gguf_repack = false`).
+    Compact {
+        op: CompactQMatMul,
+        out: usize,
+    },
+}
+
+/// The quantized weight of a linear layer as the placement wants it: candle's `QMatMul`, or, with
+/// `gguf_repack` off on the CPU, [`CompactQMatMul`].
+fn quantized_weight(
+    w: &WeightStore,
+    q: std::sync::Arc<candle_core::quantized::QTensor>,
+    out: usize,
+) -> Result<Weight> {
+    if !w.placement().gguf_repack && w.placement().device.is_cpu() {
+        return Ok(Weight::Compact {
+            op: CompactQMatMul(q),
+            out,
+        });
+    }
+    Ok(Weight::Quantized {
+        mm: candle_core::quantized::QMatMul::from_arc(q)?,
+        out,
+    })
+}
+
+/// `x [m, k] (f32) -> x W^T [m, n]` for a quantized `W [n, k]` on the CPU, computed from the
+/// tensor's own blocks by candle's generic quantized product (`k_quants::matmul`: the activations
+/// rounded to the weight type's dot-product blocks, as `QMatMul` does). candle's `QMatMul` instead
+/// repacks Q4_K / Q6_K (and Q8_0 on AVX-512 VNNI CPUs) into SIMD tiles on the first product and
+/// keeps them beside the blocks: faster, but a held Q8_0 checkpoint then takes twice its file
+/// (docs/benchmarks.md, "GGUF"). This op holds the file once.
+#[derive(Clone, Debug)]
+pub struct CompactQMatMul(std::sync::Arc<candle_core::quantized::QTensor>);
+
+impl CompactQMatMul {
+    fn product<T: candle_core::quantized::k_quants::GgmlType>(
+        &self,
+        mkn: (usize, usize, usize),
+        lhs: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
+        let data = self.0.data()?;
+        let size = std::mem::size_of::<T>();
+        let (m, k, n) = mkn;
+        let blocks = n * k / T::BLCK_SIZE;
+        if k % T::BLCK_SIZE != 0
+            || data.len() != blocks * size
+            || !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+        {
+            candle_core::bail!(
+                "quantized product: a {:?} tensor of {} bytes is not {n}x{k} in whole aligned blocks",
+                self.0.dtype(),
+                data.len()
+            );
+        }
+        // SAFETY: the bytes are the CPU storage's `Vec<T>` of exactly `blocks` blocks (length and
+        // alignment checked above); `T` is a plain-old-data block type.
+        let rhs = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<T>(), blocks) };
+        let mut dst = vec![0f32; m * n];
+        candle_core::quantized::k_quants::matmul(mkn, lhs, rhs, &mut dst)?;
+        Ok(dst)
+    }
+}
+
+impl candle_core::CustomOp1 for CompactQMatMul {
+    fn name(&self) -> &'static str {
+        "compact-qmatmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::quantized::{k_quants as kq, GgmlDType as G};
+        let candle_core::CpuStorage::F32(x) = s else {
+            candle_core::bail!("quantized product: f32 activations only");
+        };
+        let x = contiguous(x, l, "quantized product")?;
+        let (m, k) = l.shape().dims2()?;
+        let (n, wk) = self.0.shape().dims2()?;
+        if wk != k {
+            candle_core::bail!(
+                "quantized product: input {:?} against weight {:?}",
+                l.shape(),
+                self.0.shape()
+            );
+        }
+        let mkn = (m, k, n);
+        let y = match self.0.dtype() {
+            G::Q4_0 => self.product::<kq::BlockQ4_0>(mkn, x)?,
+            G::Q4_1 => self.product::<kq::BlockQ4_1>(mkn, x)?,
+            G::Q5_0 => self.product::<kq::BlockQ5_0>(mkn, x)?,
+            G::Q5_1 => self.product::<kq::BlockQ5_1>(mkn, x)?,
+            G::Q8_0 => self.product::<kq::BlockQ8_0>(mkn, x)?,
+            G::Q2K => self.product::<kq::BlockQ2K>(mkn, x)?,
+            G::Q3K => self.product::<kq::BlockQ3K>(mkn, x)?,
+            G::Q4K => self.product::<kq::BlockQ4K>(mkn, x)?,
+            G::Q5K => self.product::<kq::BlockQ5K>(mkn, x)?,
+            G::Q6K => self.product::<kq::BlockQ6K>(mkn, x)?,
+            other => candle_core::bail!("quantized product: {other:?} weights are not supported"),
+        };
+        Ok((candle_core::CpuStorage::F32(y), (m, n).into()))
+    }
 }
 
 /// The linear layer `name` of a checkpoint: `{name}.weight` `[out, inp]` (quantized GGUF weights
@@ -35,10 +139,7 @@ pub fn linear(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Lin
     match w.get_linear(&format!("{name}.weight"), &[out, inp])? {
         LinearWeight::Dense(t) => Linear::new(t, bias),
         LinearWeight::Quantized(q) => Ok(Linear {
-            wt: Weight::Quantized {
-                mm: candle_core::quantized::QMatMul::from_arc(q)?,
-                out,
-            },
+            wt: quantized_weight(w, q, out)?,
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
         }),
     }
@@ -50,10 +151,7 @@ pub fn linear_no_bias(w: &WeightStore, name: &str, out: usize, inp: usize) -> Re
     match w.get_linear(&format!("{name}.weight"), &[out, inp])? {
         LinearWeight::Dense(t) => Linear::new(t, None),
         LinearWeight::Quantized(q) => Ok(Linear {
-            wt: Weight::Quantized {
-                mm: candle_core::quantized::QMatMul::from_arc(q)?,
-                out,
-            },
+            wt: quantized_weight(w, q, out)?,
             bias: None,
         }),
     }
@@ -93,6 +191,12 @@ impl Linear {
         // and keeps the activations unrounded.
         let (mut y, out) = match &self.wt {
             Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
+            Weight::Compact { op, out } => (
+                x2.to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(op)?,
+                *out,
+            ),
             Weight::Dense(wt) => {
                 let y = if x2.dtype() == wt.dtype() {
                     x2.matmul(wt)?

@@ -51,3 +51,41 @@ fn row_convolution_matches_candles() {
     let y = conv2d_bounded(&x, &wt, 1, 1, IM2COL_BUDGET).unwrap();
     assert_eq!(y.dims(), [1, 3, 4, 4]);
 }
+
+/// The compact quantized product is as close to the exact product of the dequantized weights as
+/// candle's `QMatMul` (which repacks these sizes into SIMD tiles on x86; both round the activations
+/// to 8 bits, in their own blocks).
+#[test]
+fn compact_quantized_product_is_as_exact_as_qmatmul() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    let dev = Device::Cpu;
+    let (m, k, n) = (33, 512, 64);
+    let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+    for ty in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        let q = std::sync::Arc::new(QTensor::quantize(&w, ty).unwrap());
+        let exact = x.matmul(&q.dequantize(&dev).unwrap().t().unwrap()).unwrap();
+        let qmm = QMatMul::from_arc(q.clone()).unwrap().forward(&x).unwrap();
+        let got = x.apply_op1_no_bwd(&CompactQMatMul(q)).unwrap();
+        assert_eq!(got.dims(), &[m, n]);
+        let scale = exact
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let (d, d_qmm) = (max_abs_diff(&exact, &got), max_abs_diff(&exact, &qmm));
+        eprintln!("{ty:?}: compact {d}, QMatMul {d_qmm}, of {scale}");
+        assert!(
+            d <= 0.02 * scale && d <= 2.0 * d_qmm.max(1e-4 * scale),
+            "{ty:?}: {d} from the exact product (QMatMul: {d_qmm}) of {scale}"
+        );
+    }
+}

@@ -94,6 +94,7 @@ fn forward_matches_diffusers_with_every_block() {
     store.set_placement(magcache_core::Placement {
         device: candle_core::Device::Cpu,
         dtype: DType::BF16,
+        ..Default::default()
     });
     let mb = Flux2Model::from_weights(l.config, &store).unwrap();
     let ob = mb

@@ -101,6 +101,15 @@ fn streamed_gguf_runs_reproduce() {
     }
 }
 
+/// `gguf_repack = false`: the quantized products read the file's own blocks (no SIMD-tiled copy)
+/// and every run still reproduces.
+#[test]
+fn gguf_runs_without_repacking_reproduce() {
+    for name in runs() {
+        check_run(&name, "gguf_repack = false");
+    }
+}
+
 /// A file made for another family is refused naming `general.architecture`.
 #[test]
 fn another_familys_file_is_refused() {

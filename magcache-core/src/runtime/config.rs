@@ -121,6 +121,12 @@ pub struct ModelSection {
     /// it runs (see [`crate::Offload`]).
     #[serde(default = "default_offload")]
     pub offload: String,
+    /// GGUF weights held on the CPU: `true` (default) lets candle repack Q4_K / Q6_K (and Q8_0 on
+    /// AVX-512 VNNI or AVX-VNNI CPUs) matrices into SIMD tiles on their first product, kept beside
+    /// the file's blocks (faster; a held Q8_0 file then takes about twice its size); `false`
+    /// multiplies from the file's blocks (one copy, slower).
+    #[serde(default = "default_true")]
+    pub gguf_repack: bool,
     /// With a hub id as `weights`: the branch, tag or commit of the cached snapshot (default `main`).
     #[serde(default)]
     pub revision: Option<String>,
@@ -145,6 +151,10 @@ pub struct LoraTable {
 
 fn default_lora_scale() -> f64 {
     1.0
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_offload() -> String {

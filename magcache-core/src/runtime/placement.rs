@@ -84,6 +84,9 @@ pub fn parse_offload(s: &str, file: &str) -> Result<Offload> {
 pub struct Placement {
     pub device: Device,
     pub dtype: DType,
+    /// GGUF weights on the CPU: let candle repack quantized matrices into SIMD tiles on their first
+    /// product, kept beside the file's blocks (`model.gguf_repack`, default on).
+    pub gguf_repack: bool,
 }
 
 impl Default for Placement {
@@ -91,11 +94,23 @@ impl Default for Placement {
         Placement {
             device: Device::Cpu,
             dtype: DType::F32,
+            gguf_repack: true,
         }
     }
 }
 
 impl Placement {
+    /// The run's placement: [`Placement::open`] of `model.device` and `model.dtype`, with
+    /// `model.gguf_repack`.
+    pub fn for_model(
+        model: &crate::runtime::config::ModelSection,
+        file: &str,
+    ) -> Result<Placement> {
+        let mut p = Placement::open(&model.device, &model.dtype, file)?;
+        p.gguf_repack = model.gguf_repack;
+        Ok(p)
+    }
+
     /// Opens the device. On a machine (or a build) without it: one line naming `model.device`.
     pub fn open(device: &str, dtype: &str, file: &str) -> Result<Placement> {
         let dtype = parse_dtype(dtype, file)?;
@@ -113,7 +128,11 @@ impl Placement {
             DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(unavailable)?,
             DeviceSpec::Metal(n) => Device::new_metal(n).map_err(unavailable)?,
         };
-        Ok(Placement { device, dtype })
+        Ok(Placement {
+            device,
+            dtype,
+            gguf_repack: true,
+        })
     }
 }
 

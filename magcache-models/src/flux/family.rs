@@ -80,7 +80,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         ));
     }
     let overrides = overrides_json(cfg);
-    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let placement = magcache_core::Placement::for_model(&cfg.model, file)?;
     let root = match &cfg.prompt {
         Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
         None => None,

@@ -66,12 +66,18 @@ pub fn flux_footprint(
     };
     let gguf = match &cfg.model.weights {
         Some(magcache_core::runtime::config::WeightsSpec::One(w)) => {
-            crate::footprint::gguf_held_bytes(&crate::config_util::resolve(base, w), streamed)
+            crate::footprint::gguf_held_bytes(
+                &crate::config_util::resolve(base, w),
+                streamed,
+                cfg.model.gguf_repack,
+            )
         }
         _ => None,
     };
     // GGUF: quantized linear weights stay quantized (about the file's size).
-    let bytes = gguf.or(weights_bytes(resident, &cfg.model.dtype).0);
+    let bytes = gguf
+        .map(|g| g.file)
+        .or(weights_bytes(resident, &cfg.model.dtype).0);
     if streamed {
         fp.add_streamed(
             "streamed weights (embeddings, head, two blocks)",
@@ -80,6 +86,7 @@ pub fn flux_footprint(
         );
     } else {
         fp.add("weights", knob, bytes);
+        crate::footprint::add_gguf_repacked(&mut fp, gguf.map_or(0, |g| g.repacked));
     }
     add_plan(&mut fp, cfg.sampling.steps, 1);
     // (batch, image tokens, text tokens)

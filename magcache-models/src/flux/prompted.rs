@@ -116,7 +116,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
         ));
     }
     let (height, width, _) = image_size(cfg, file, root)?;
-    let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let placement = Placement::for_model(&cfg.model, file)?;
     let tiling = crate::flux::vae::run_tiling(cfg, file, root)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     // The size guard for the text stage (loaded, used and freed before the transformer).

@@ -338,7 +338,7 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         ));
     }
     let overrides = overrides_json(cfg);
-    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let placement = magcache_core::Placement::for_model(&cfg.model, file)?;
     let is_distilled = distilled(cfg, file, base)?;
     let cfg_on = !is_distilled && cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE) > 1.0;
     if let (Some(p), true) = (&cfg.prompt, is_distilled) {

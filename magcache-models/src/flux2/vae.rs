@@ -140,6 +140,7 @@ impl Flux2Vae {
         store.set_placement(Placement {
             device: device.clone(),
             dtype,
+            ..Default::default()
         });
         let c4 = 4 * config.base.latent_channels;
         let mean = store.get_shape("bn.running_mean", &[c4])?;

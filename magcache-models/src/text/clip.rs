@@ -443,6 +443,7 @@ impl ClipTextEncoder {
         store.set_placement(magcache_core::Placement {
             device: device.clone(),
             dtype,
+            ..Default::default()
         });
         let model = Self::from_weights(config, &store)?;
         // A whole layer left over: the config has fewer layers than the checkpoint.

@@ -259,6 +259,7 @@ impl Qwen3Encoder {
         store.set_placement(magcache_core::Placement {
             device: device.clone(),
             dtype,
+            ..Default::default()
         });
         Self::from_weights(config, &store, layers)
     }

@@ -349,6 +349,7 @@ impl Umt5Encoder {
         store.set_placement(magcache_core::Placement {
             device: device.clone(),
             dtype,
+            ..Default::default()
         });
         let cfg_file = dir.join("config.json").display().to_string();
         let n = config.num_layers;

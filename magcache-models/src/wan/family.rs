@@ -33,7 +33,7 @@ pub fn build_model(
     lora: &[&LoraTable],
 ) -> Result<BuiltModel> {
     let overrides = overrides_json(cfg);
-    let placement = magcache_core::Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let placement = magcache_core::Placement::for_model(&cfg.model, file)?;
     if let Some(w) = weights {
         let path = resolve(base, w);
         let config = cfg.model.config.as_deref().map(|c| resolve(base, c));

@@ -125,6 +125,7 @@ pub fn wan_footprint(
         configs.extend(std::iter::repeat_n(c, n));
     } else {
         let mut total = sz(0);
+        let mut repacked = 0u64;
         for w in paths {
             let path = resolve(base, w);
             let explicit = cfg.model.config.as_deref().map(|c| resolve(base, c));
@@ -139,9 +140,12 @@ pub fn wan_footprint(
                 wan_params(&c)
             };
             total = total
-                + match crate::footprint::gguf_held_bytes(&path, streamed) {
+                + match crate::footprint::gguf_held_bytes(&path, streamed, cfg.model.gguf_repack) {
                     // GGUF: quantized linear weights stay quantized (about the file's size).
-                    Some(b) => Sz(Some(b)),
+                    Some(g) => {
+                        repacked = repacked.saturating_add(g.repacked);
+                        Sz(Some(g.file))
+                    }
                     None => weights_bytes(resident, dtype),
                 };
             configs.push(c);
@@ -154,6 +158,7 @@ pub fn wan_footprint(
             );
         } else {
             fp.add("weights", "model.weights", total.0);
+            crate::footprint::add_gguf_repacked(&mut fp, repacked);
         }
     }
     let Some(c) = configs.first() else {

@@ -144,7 +144,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     let Some(p) = &cfg.prompt else {
         return Err(Error::msg("internal: a prompted Wan run without [prompt]"));
     };
-    let placement = Placement::open(&cfg.model.device, &cfg.model.dtype, file)?;
+    let placement = Placement::for_model(&cfg.model, file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     let vae_tiling = vae_tiling(cfg, file, root)?;
     // The size guard for the text encoder's stage (loaded, used and freed before the transformer).

@@ -146,6 +146,7 @@ impl FluxVae {
         store.set_placement(Placement {
             device: device.clone(),
             dtype,
+            ..Default::default()
         });
         let mut vae = FluxVae::from_store(config, &store)?;
         vae.layout = layout;

@@ -213,6 +213,7 @@ impl WanVae {
         store.set_placement(Placement {
             device: device.clone(),
             dtype,
+            ..Default::default()
         });
         WanVae::from_store(config, &store)
     }

@@ -79,8 +79,11 @@ fn prompted_sizes(
     } else {
         crate::footprint::dtype_bytes(dtype)
     };
-    // The CPU runs an f32 VAE's convolutions as the row convolution (`nn::conv2d_bounded`).
-    let row_conv = wb == 4 && !cfg.model.device.starts_with("cuda");
+    // The CPU runs an f32 VAE's convolutions as the row convolution (`nn::conv2d_bounded`; not on
+    // a GPU, Metal included).
+    let on_cpu = magcache_core::runtime::placement::parse_device(&cfg.model.device, "")
+        .is_ok_and(|d| d == magcache_core::runtime::placement::DeviceSpec::Cpu);
+    let row_conv = wb == 4 && on_cpu;
     let decode = vae.decode_bytes_tiled(lat_frames, height / ss, width / ss, wb, tiling, row_conv);
     let len = p
         .max_sequence_length
@@ -297,7 +300,7 @@ pub fn wan_footprint(
             );
             // The rows' join (two copies of the video) comes after the tiles are freed: counted
             // where it is more than the tile stage.
-            let stage = dec.cache + dec.working + dec.video + dec.tiles;
+            let stage = dec.decoding();
             let more = dec
                 .join
                 .0

@@ -40,9 +40,14 @@ pub struct DecodeBytes {
 }
 
 impl DecodeBytes {
+    /// What the decoding of the frames (tiles) holds besides the weights, before any join.
+    pub fn decoding(&self) -> Sz {
+        self.cache + self.working + self.video + self.tiles
+    }
+
     /// What the decode holds besides its weights: the larger of the decoding and the join.
     pub fn activations(&self) -> Sz {
-        (self.cache + self.working + self.video + self.tiles).max(self.join)
+        self.decoding().max(self.join)
     }
 
     pub fn total(&self) -> Sz {

@@ -36,6 +36,14 @@ impl Streams {
         }
     }
 
+    /// The encoder stream a joint block of `model` (chain block `block`) needs: an error naming
+    /// both when it is missing.
+    pub fn joint_encoder(&self, model: &str, block: usize) -> Result<&Tensor> {
+        self.encoder.as_ref().ok_or_else(|| {
+            crate::error::Error::msg(format!("{model} block {block}: no encoder stream"))
+        })
+    }
+
     /// `self - base`, stream by stream (a residual). An encoder stream missing on either side is
     /// missing in the result.
     pub fn sub(&self, base: &Streams) -> Result<Streams> {
@@ -132,8 +140,31 @@ pub trait BlockChain {
     }
 }
 
-/// A lazily computed indicator of a [`PerBlock`] chain.
+/// A lazily computed indicator.
 type LazyIndicator<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+
+/// The indicators a call's chain offers, each computed only when a strategy asks
+/// ([`BlockChain::indicator`]); shared by [`PerBlock`] and [`crate::CallChain`].
+#[derive(Default)]
+pub struct Indicators<'a> {
+    offered: Vec<(Indicator, LazyIndicator<'a>)>,
+}
+
+impl<'a> Indicators<'a> {
+    /// Offers `f()` as the indicator `kind`.
+    pub fn offer(&mut self, kind: Indicator, f: impl Fn() -> Result<Tensor> + 'a) {
+        self.offered.push((kind, Box::new(f)));
+    }
+
+    /// The indicator `kind`, computed now; `None` when not offered.
+    pub fn get(&self, kind: Indicator) -> Result<Option<Tensor>> {
+        self.offered
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, f)| f())
+            .transpose()
+    }
+}
 
 /// A [`BlockChain`] from a closure that runs one block: the shortest way for a model to hand its
 /// blocks to a cache.
@@ -155,7 +186,7 @@ type LazyIndicator<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
 pub struct PerBlock<'a, F> {
     n: usize,
     block: F,
-    indicators: Vec<(Indicator, LazyIndicator<'a>)>,
+    indicators: Indicators<'a>,
 }
 
 impl<'a, F: Fn(usize, Streams) -> Result<Streams>> PerBlock<'a, F> {
@@ -164,15 +195,14 @@ impl<'a, F: Fn(usize, Streams) -> Result<Streams>> PerBlock<'a, F> {
         PerBlock {
             n,
             block,
-            indicators: Vec::new(),
+            indicators: Indicators::default(),
         }
     }
 
     /// Offers `t` as the indicator `kind`.
     pub fn with_indicator(mut self, kind: Indicator, t: &Tensor) -> Self {
         let t = t.clone();
-        self.indicators
-            .push((kind, Box::new(move || Ok(t.clone()))));
+        self.indicators.offer(kind, move || Ok(t.clone()));
         self
     }
 
@@ -182,7 +212,7 @@ impl<'a, F: Fn(usize, Streams) -> Result<Streams>> PerBlock<'a, F> {
         kind: Indicator,
         f: impl Fn() -> Result<Tensor> + 'a,
     ) -> Self {
-        self.indicators.push((kind, Box::new(f)));
+        self.indicators.offer(kind, f);
         self
     }
 }
@@ -203,10 +233,6 @@ impl<F: Fn(usize, Streams) -> Result<Streams>> BlockChain for PerBlock<'_, F> {
     }
 
     fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
-        self.indicators
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, f)| f())
-            .transpose()
+        self.indicators.get(kind)
     }
 }

@@ -10,6 +10,8 @@
 //!   what a strategy may know of the model ([`ModelInfo`]);
 //! - [`DecisionSync`]: the collective data-dependent strategies average their metric through, so
 //!   that every rank of a sequence-parallel run decides alike ([`SingleProcess`] by default);
+//! - [`ModelBlocks`]: a model's chain of blocks (held or streamed) with its hooks, and each call's
+//!   [`BlockChain`] over it ([`CallChain`]): a family gives its blocks and how one runs;
 //! - [`HookRegistry`]: general hooks composed around each block (observers, probes);
 //!   [`BlockMetadata`]: a block's kind and whether it updates an encoder stream;
 //! - [`ScopeKey`] / [`ScopeStates`]: per (expert, branch) state and step accounting;
@@ -23,6 +25,7 @@
 //!
 //! See `docs/architecture.md` for how a call flows: loop -> denoiser -> model -> cache -> chain.
 
+pub mod blocks;
 pub mod cache;
 pub mod chain;
 pub mod denoise;
@@ -38,8 +41,9 @@ pub mod scope;
 pub mod states;
 pub mod sync;
 
+pub use blocks::{CallChain, ModelBlocks};
 pub use cache::{CacheHandle, CallCx, CallDecision, TimestepCache};
-pub use chain::{BlockChain, Indicator, PerBlock, Streams};
+pub use chain::{BlockChain, Indicator, Indicators, PerBlock, Streams};
 pub use denoise::{CallEvent, Denoiser, Observer, Silent};
 pub use error::{Error, Result};
 pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};

@@ -14,6 +14,7 @@ pub mod flux2;
 pub mod footprint;
 pub mod inputs;
 pub mod lora;
+pub mod mmdit;
 pub mod nn;
 pub mod picture;
 pub mod published;

@@ -750,6 +750,13 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
+/// `[B, S, H*D]` -> `[B, S, H, D]` RMS-normed per head -> `[B, H, S, D]`.
+pub fn heads_normed(x: &Tensor, heads: usize, norm: &RmsNorm) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    let x = norm.forward(&x.reshape((b, s, heads, hd / heads))?)?;
+    Ok(x.transpose(1, 2)?.contiguous()?)
+}
+
 /// `[B, H, S, D] -> [B, S, H*D]`.
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;

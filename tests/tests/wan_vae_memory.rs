@@ -67,11 +67,14 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
     );
     // And one output frame's working set is far below four frames' activations at full
     // resolution (the widest stage: base_dim channels in f32): the decoder streams the frames.
+    // gemm's per-thread scratch (sized by this CPU's L2 cache and thread count, allocated by the
+    // first decode) is the machine's, not the decoder's: taken out, so the bound holds on any CPU.
     let full_res_frame = 8 * (8 * h) * (8 * w) * 4;
+    let slabs = magcache_models::wan::vae::gemm_slabs().0.unwrap() as usize;
+    let own = (d5 - 2 * v5).saturating_sub(slabs);
     assert!(
-        d5 - 2 * v5 < 48 * full_res_frame,
-        "decode working set {} B is not bounded by a few full-resolution frames ({full_res_frame} B each)",
-        d5 - 2 * v5
+        own < 48 * full_res_frame,
+        "decode working set {own} B (gemm's {slabs} B of scratch aside) is not bounded by a few full-resolution frames ({full_res_frame} B each)"
     );
     // Tiled (`[vae] tiling`, tiles of 4x4 latents, one every 3): the feature cache and working set
     // are a tile's, and the guard's estimate (with two rows of tiles) still covers the peak.
@@ -94,7 +97,6 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
             "{frames} frames tiled: decode peak {tiled_peak} B (untiled {dec_peak} B), predicted {predicted} B"
         );
         // gemm's per-thread scratch was allocated by the untiled decodes above: not in this peak.
-        let slabs = magcache_models::wan::vae::gemm_slabs().0.unwrap() as usize;
         assert!(
             predicted as usize >= tiled_peak && (predicted as usize) - slabs < 3 * tiled_peak,
             "{frames} frames tiled: predicted {predicted} B against {tiled_peak} B measured"

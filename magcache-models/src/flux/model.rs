@@ -1,16 +1,13 @@
 //! `FluxTransformer2DModel` (FLUX.1) in candle, f32: double-stream blocks (joint attention over
 //! `[text, image]`), single-stream blocks, one cache chain over both lists.
 
-use super::blocks::{lin, modulate, modulated_input, AnyBlock, BlockArgs};
+use super::blocks::{lin, modulated_input, AnyBlock, BlockArgs};
 use super::config::FluxConfig;
+use crate::nn::modulate;
 use crate::nn::{timestep_embedding, LayerNorm, Linear};
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
-use magcache_core::{
-    BlockChain, BlockMetadata, CallCx, Error, HookRegistry, Indicator, Result, ScopeKey, Streams,
-};
-use std::cell::RefCell;
-use std::ops::Range;
+use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
 use std::sync::Arc;
 
 /// Double-stream block: updates the image (hidden) and text (encoder) streams, each with its own
@@ -29,7 +26,11 @@ pub const FLUX_SINGLE: BlockMetadata = BlockMetadata {
 /// `assemble` reads them (recorded, so the names are written once).
 pub fn top_tensors(c: &FluxConfig) -> Result<Vec<(String, Vec<usize>)>> {
     let w = WeightStore::recording();
-    FluxModel::assemble(c.clone(), &w, Blocks::Resident(Vec::new()))?;
+    FluxModel::assemble(
+        c.clone(),
+        &w,
+        ModelBlocks::held("flux", Vec::new(), Vec::new())?,
+    )?;
     w.recorded()
 }
 
@@ -42,14 +43,6 @@ pub fn block_tensors(c: &FluxConfig, i: usize) -> Result<Vec<(String, Vec<usize>
     w.recorded()
 }
 
-/// Where the blocks' weights are.
-enum Blocks {
-    /// Built once, held, in chain order.
-    Resident(Vec<AnyBlock>),
-    /// Read from the (memory-mapped) checkpoint each time a block runs (`offload = "stream"`).
-    Streamed(Arc<WeightStore>),
-}
-
 /// The FLUX transformer with its hook registry (chain: double blocks, then single blocks).
 pub struct FluxModel {
     pub cfg: FluxConfig,
@@ -60,16 +53,14 @@ pub struct FluxModel {
     g: Option<(Linear, Linear)>,
     p1: Linear,
     p2: Linear,
-    blocks: Blocks,
+    /// The chain (double blocks, then single blocks), held or streamed, and its hooks.
+    pub(crate) blocks: ModelBlocks<AnyBlock>,
     /// Streamed: the first double block's `norm1` (its modulation linear), held so that the
     /// modulated-input indicator reads no block on the calls a cache reuses.
     first_norm1: Option<(Linear, LayerNorm)>,
-    /// The device the weights are handed out on.
-    device: Device,
     norm_out: Linear,
     ln_out: LayerNorm,
     proj_out: Linear,
-    pub hooks: HookRegistry,
 }
 
 /// Intermediates of one forward, for parity tests: each block's two outputs in chain order.
@@ -85,7 +76,8 @@ impl FluxModel {
         let blocks = (0..cfg.num_layers + cfg.num_single_layers)
             .map(|i| AnyBlock::load(w, i, &cfg, &dev))
             .collect::<Result<Vec<_>>>()?;
-        Self::assemble(cfg, w, Blocks::Resident(blocks))
+        let metas = chain_kinds(&cfg);
+        Self::assemble(cfg, w, ModelBlocks::held("flux", blocks, metas)?)
     }
 
     /// Builds the model with its blocks streamed from `w` (a checkpoint's memory-mapped store): the
@@ -97,16 +89,37 @@ impl FluxModel {
                 w.expect(&name, &shape)?;
             }
         }
+        let (c, dev) = (cfg.clone(), w.placement().device.clone());
         let store = w.clone();
-        Self::assemble(cfg, &store, Blocks::Streamed(w))
+        let load = move |i| AnyBlock::load(&w, i, &c, &dev);
+        Self::assemble(
+            cfg.clone(),
+            &store,
+            ModelBlocks::streamed("flux", chain_kinds(&cfg), load),
+        )
     }
 
     /// Whether block weights are read from the checkpoint as blocks run.
     pub fn is_streamed(&self) -> bool {
-        matches!(self.blocks, Blocks::Streamed(_))
+        self.blocks.is_streamed()
     }
 
-    fn assemble(cfg: FluxConfig, w: &WeightStore, blocks: Blocks) -> Result<Self> {
+    /// The modulated-input indicator: the first double block's `norm1` on the image stream `h`
+    /// entering the chain (streamed: from the held copy of that `norm1`, so a reused call reads no
+    /// block). diffusers' SeaCache has no FLUX adapter: the packed tokens (`InputLatents`) are not
+    /// offered.
+    fn modulated_input(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let first = self.blocks.held_blocks().and_then(|v| v.first());
+        match (first, &self.first_norm1) {
+            (Some(AnyBlock::Double(b)), _) => b.norm1_out(h, temb),
+            (None, Some((norm1, ln))) => modulated_input(norm1, ln, h, temb),
+            _ => Err(Error::msg(
+                "flux: the chain has no double block to modulate its input",
+            )),
+        }
+    }
+
+    fn assemble(cfg: FluxConfig, w: &WeightStore, blocks: ModelBlocks<AnyBlock>) -> Result<Self> {
         let dev = w.placement().device.clone();
         let d = cfg.inner_dim();
         let tt = "time_text_embed";
@@ -118,10 +131,8 @@ impl FluxModel {
         } else {
             None
         };
-        let mut metas = vec![FLUX_DOUBLE; cfg.num_layers];
-        metas.extend(vec![FLUX_SINGLE; cfg.num_single_layers]);
-        let first_norm1 = match blocks {
-            Blocks::Streamed(_) if cfg.num_layers > 0 => Some((
+        let first_norm1 = match blocks.is_streamed() {
+            true if cfg.num_layers > 0 => Some((
                 lin(w, "transformer_blocks.0.norm1.linear", 6 * d, d)?,
                 LayerNorm::new(d, 1e-6, None, &dev)?,
             )),
@@ -142,11 +153,9 @@ impl FluxModel {
             p2: lin(w, &format!("{tt}.text_embedder.linear_2"), d, d)?,
             blocks,
             first_norm1,
-            device: dev.clone(),
             norm_out: lin(w, "norm_out.linear", 2 * d, d)?,
             ln_out: LayerNorm::new(d, 1e-6, None, &dev)?,
             proj_out: lin(w, "proj_out", cfg.out_channels(), d)?,
-            hooks: HookRegistry::new(metas),
             cfg,
         })
     }
@@ -222,22 +231,35 @@ impl FluxModel {
         txt_ids: &Tensor,
         guidance: Option<&Tensor>,
         cx: &CallCx<'_>,
-        trace: Option<&mut FluxTrace>,
+        mut trace: Option<&mut FluxTrace>,
     ) -> Result<Tensor> {
         let h = self.x_emb.forward(x)?;
         let temb = self.temb(t, guidance, pooled)?;
         let e = self.ctx_emb.forward(ctx)?;
         let (cos, sin) = self.rope(&Tensor::cat(&[txt_ids, img_ids], 0)?)?;
-        let chain = FluxChain {
-            model: self,
-            scope: cx.scope,
-            hidden_in: h.clone(),
-            temb: temb.clone(),
-            cos,
-            sin,
-            trace: RefCell::new(trace),
+        let args = BlockArgs {
+            temb: &temb,
+            cos: &cos,
+            sin: &sin,
         };
-        let h = cx.run_chain(&chain, Streams::joint(h, e))?.hidden;
+        let mut record = |_: usize, s: &Streams| {
+            if let (Some(tr), Some(e)) = (trace.as_deref_mut(), &s.encoder) {
+                tr.blocks.push((e.clone(), s.hidden.clone()));
+            }
+        };
+        let mut chain = (self.blocks)
+            .call(cx.scope, |i, b: &AnyBlock, s: Streams| {
+                let (h, e) = b.forward(&s.hidden, s.joint_encoder("flux", i)?, &args)?;
+                Ok(Streams::joint(h, e))
+            })
+            .with_indicator(Indicator::TimestepEmbedding, &temb);
+        if self.cfg.num_layers > 0 {
+            let input = || self.modulated_input(&h, &temb);
+            chain = chain.with_indicator_fn(Indicator::ModulatedInput, input);
+        }
+        let chain = chain.traced(&mut record);
+        let h = cx.run_chain(&chain, Streams::joint(h.clone(), e))?.hidden;
+        drop(chain);
         // AdaLayerNormContinuous: (scale, shift) in that order.
         let m = self.norm_out.forward(&temb.silu()?)?;
         let d = self.cfg.inner_dim();
@@ -248,110 +270,9 @@ impl FluxModel {
     }
 }
 
-impl FluxChain<'_> {
-    /// Block `i` through the hook registry on `(hidden, encoder)`, then traced.
-    fn run_one(&self, i: usize, blk: &AnyBlock, he: (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
-        let m = self.model;
-        let (h, e) = he;
-        let args = BlockArgs {
-            temb: &self.temb,
-            cos: &self.cos,
-            sin: &self.sin,
-        };
-        let out = m
-            .hooks
-            .run_block(self.scope, i, Streams::joint(h, e), &|s: Streams| {
-                let e = s
-                    .encoder
-                    .as_ref()
-                    .ok_or_else(|| Error::msg(format!("flux block {i}: no encoder stream")))?;
-                let (h, e) = blk.forward(&s.hidden, e, &args)?;
-                Ok(Streams::joint(h, e))
-            })?;
-        let h = out.hidden;
-        let e = out
-            .encoder
-            .ok_or_else(|| Error::msg(format!("flux block {i} returned no encoder stream")))?;
-        if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
-            tr.blocks.push((e.clone(), h.clone()));
-        }
-        Ok((h, e))
-    }
-}
-
-/// One call's block chain: double blocks then single blocks, both streams flowing between them.
-struct FluxChain<'a> {
-    model: &'a FluxModel,
-    scope: ScopeKey,
-    /// The image stream entering the chain.
-    hidden_in: Tensor,
-    temb: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    trace: RefCell<Option<&'a mut FluxTrace>>,
-}
-
-impl BlockChain for FluxChain<'_> {
-    fn num_blocks(&self) -> usize {
-        self.model.cfg.num_layers + self.model.cfg.num_single_layers
-    }
-
-    fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
-        let n = self.num_blocks();
-        if blocks.end > n {
-            return Err(Error::msg(format!(
-                "flux: blocks {blocks:?} asked of a model with {n}"
-            )));
-        }
-        let e = x
-            .encoder
-            .ok_or_else(|| Error::msg("flux: the block chain needs the encoder stream"))?;
-        let mut he = (x.hidden, e);
-        match &self.model.blocks {
-            Blocks::Resident(v) => {
-                for i in blocks {
-                    he = self.run_one(i, &v[i], he)?;
-                }
-            }
-            Blocks::Streamed(w) => {
-                let (cfg, dev) = (&self.model.cfg, &self.model.device);
-                crate::weights::run_streamed(
-                    "flux",
-                    blocks,
-                    |i| AnyBlock::load(w, i, cfg, dev),
-                    |i, blk| {
-                        he = self.run_one(i, blk, he.clone())?;
-                        Ok(())
-                    },
-                )?;
-            }
-        }
-        Ok(Streams::joint(he.0, he.1))
-    }
-
-    fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
-        match kind {
-            Indicator::TimestepEmbedding => Ok(Some(self.temb.clone())),
-            Indicator::TimestepModulation => Ok(None),
-            // Computed only when a strategy asks: the first double block's norm1 on the image stream
-            // entering the chain (streamed: from the held copy of that norm1).
-            Indicator::ModulatedInput => {
-                let m = self.model;
-                match (&m.blocks, &m.first_norm1) {
-                    (Blocks::Resident(v), _) => match v.first() {
-                        Some(AnyBlock::Double(b)) => {
-                            b.norm1_out(&self.hidden_in, &self.temb).map(Some)
-                        }
-                        _ => Ok(None),
-                    },
-                    (Blocks::Streamed(_), Some((norm1, ln))) => {
-                        modulated_input(norm1, ln, &self.hidden_in, &self.temb).map(Some)
-                    }
-                    (Blocks::Streamed(_), None) => Ok(None),
-                }
-            }
-            // diffusers' SeaCache has no FLUX adapter; the packed tokens are not offered.
-            Indicator::InputLatents => Ok(None),
-        }
-    }
+/// The kind of every chain block: the double blocks, then the single blocks.
+fn chain_kinds(c: &FluxConfig) -> Vec<BlockMetadata> {
+    let mut metas = vec![FLUX_DOUBLE; c.num_layers];
+    metas.extend(vec![FLUX_SINGLE; c.num_single_layers]);
+    metas
 }

@@ -53,7 +53,7 @@ impl Pipeline for FluxPipeline {
     }
 
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
-        self.model.iter_mut().map(|m| &mut m.hooks).collect()
+        self.model.iter_mut().map(|m| &mut m.blocks.hooks).collect()
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {

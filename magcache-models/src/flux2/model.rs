@@ -7,16 +7,13 @@
 //! updates and splits at the text length), so a cache's tail output is the image rows of that fused
 //! sequence and FBCache's text residual its text rows (huggingface/diffusers#14280, PR #14359).
 
-use super::blocks::{chunks, AnyBlock, BlockArgs, Modulations};
+use super::blocks::{AnyBlock, BlockArgs, Modulations};
 use super::config::Flux2Config;
+use crate::mmdit::chunks;
 use crate::nn::{linear_no_bias, modulate, timestep_embedding, LayerNorm, Linear};
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
-use magcache_core::{
-    BlockChain, BlockMetadata, CallCx, Error, HookRegistry, Indicator, Result, ScopeKey, Streams,
-};
-use std::cell::RefCell;
-use std::ops::Range;
+use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
 use std::sync::Arc;
 
 /// Double-stream block: updates the image (hidden) and text (encoder) streams.
@@ -34,7 +31,11 @@ pub const FLUX2_SINGLE: BlockMetadata = BlockMetadata {
 /// as `assemble` reads them.
 pub fn top_tensors(c: &Flux2Config) -> Result<Vec<(String, Vec<usize>)>> {
     let w = WeightStore::recording();
-    Flux2Model::assemble(c.clone(), &w, Blocks::Resident(Vec::new()))?;
+    Flux2Model::assemble(
+        c.clone(),
+        &w,
+        ModelBlocks::held("flux2", Vec::new(), Vec::new())?,
+    )?;
     w.recorded()
 }
 
@@ -55,13 +56,6 @@ pub fn shapes(c: &Flux2Config) -> Result<Vec<(String, Vec<usize>)>> {
     Ok(all)
 }
 
-/// Where the blocks' weights are.
-enum Blocks {
-    Resident(Vec<AnyBlock>),
-    /// Read from the (memory-mapped) checkpoint each time a block runs (`offload = "stream"`).
-    Streamed(Arc<WeightStore>),
-}
-
 /// The FLUX.2 transformer with its hook registry (chain: double blocks, then single blocks).
 pub struct Flux2Model {
     pub cfg: Flux2Config,
@@ -73,12 +67,11 @@ pub struct Flux2Model {
     mod_img: Linear,
     mod_txt: Linear,
     mod_single: Linear,
-    blocks: Blocks,
-    device: Device,
+    /// The chain (double blocks, then single blocks), held or streamed, and its hooks.
+    pub(crate) blocks: ModelBlocks<AnyBlock>,
     norm_out: Linear,
     ln: LayerNorm,
     proj_out: Linear,
-    pub hooks: HookRegistry,
 }
 
 /// Intermediates of one forward, for parity tests.
@@ -102,7 +95,8 @@ impl Flux2Model {
         let blocks = (0..cfg.num_blocks())
             .map(|i| AnyBlock::load(w, i, &cfg, &dev))
             .collect::<Result<Vec<_>>>()?;
-        Self::assemble(cfg, w, Blocks::Resident(blocks))
+        let metas = chain_kinds(&cfg);
+        Self::assemble(cfg, w, ModelBlocks::held("flux2", blocks, metas)?)
     }
 
     /// Builds the model with its blocks streamed from `w`: the rest is loaded now, each block's
@@ -113,15 +107,21 @@ impl Flux2Model {
                 w.expect(&name, &shape)?;
             }
         }
+        let (c, dev) = (cfg.clone(), w.placement().device.clone());
         let store = w.clone();
-        Self::assemble(cfg, &store, Blocks::Streamed(w))
+        let load = move |i| AnyBlock::load(&w, i, &c, &dev);
+        Self::assemble(
+            cfg.clone(),
+            &store,
+            ModelBlocks::streamed("flux2", chain_kinds(&cfg), load),
+        )
     }
 
     pub fn is_streamed(&self) -> bool {
-        matches!(self.blocks, Blocks::Streamed(_))
+        self.blocks.is_streamed()
     }
 
-    fn assemble(cfg: Flux2Config, w: &WeightStore, blocks: Blocks) -> Result<Self> {
+    fn assemble(cfg: Flux2Config, w: &WeightStore, blocks: ModelBlocks<AnyBlock>) -> Result<Self> {
         let dev = w.placement().device.clone();
         let d = cfg.inner_dim();
         let tc = cfg.timestep_guidance_channels;
@@ -134,8 +134,6 @@ impl Flux2Model {
         } else {
             None
         };
-        let mut metas = vec![FLUX2_DOUBLE; cfg.num_layers];
-        metas.extend(vec![FLUX2_SINGLE; cfg.num_single_layers]);
         Ok(Flux2Model {
             x_emb: linear_no_bias(w, "x_embedder", d, cfg.in_channels)?,
             ctx_emb: linear_no_bias(w, "context_embedder", d, cfg.joint_attention_dim)?,
@@ -146,11 +144,9 @@ impl Flux2Model {
             mod_txt: linear_no_bias(w, "double_stream_modulation_txt.linear", 6 * d, d)?,
             mod_single: linear_no_bias(w, "single_stream_modulation.linear", 3 * d, d)?,
             blocks,
-            device: dev.clone(),
             norm_out: linear_no_bias(w, "norm_out.linear", 2 * d, d)?,
             ln: LayerNorm::new(d, cfg.eps, None, &dev)?,
             proj_out: linear_no_bias(w, "proj_out", cfg.out_channels(), d)?,
-            hooks: HookRegistry::new(metas),
             cfg,
         })
     }
@@ -254,18 +250,30 @@ impl Flux2Model {
             tr.context_embedded = Some(e.clone());
             tr.rope = Some((cos.clone(), sin.clone()));
         }
-        let chain = Flux2Chain {
-            model: self,
-            scope: cx.scope,
-            hidden_in: h.clone(),
-            temb: temb.clone(),
-            mods,
-            cos,
-            sin,
-            trace: RefCell::new(trace),
+        let args = BlockArgs {
+            mods: &mods,
+            cos: &cos,
+            sin: &sin,
         };
-        let h = cx.run_chain(&chain, Streams::joint(h, e))?.hidden;
-        let trace = chain.trace.into_inner();
+        let mut record = |_: usize, s: &Streams| {
+            if let (Some(tr), Some(e)) = (trace.as_deref_mut(), &s.encoder) {
+                tr.blocks.push((e.clone(), s.hidden.clone()));
+            }
+        };
+        // The first double block's modulated input: the image stream entering the chain, layer
+        // normed, shifted and scaled by the shared image modulation (held by the model, so
+        // streamed runs read no block for it).
+        let input = || modulate(&self.ln.forward(&h)?, &mods.img[0], &mods.img[1]);
+        let chain = (self.blocks)
+            .call(cx.scope, |i, b: &AnyBlock, s: Streams| {
+                let (h, e) = b.forward(&s.hidden, s.joint_encoder("flux2", i)?, &args)?;
+                Ok(Streams::joint(h, e))
+            })
+            .with_indicator(Indicator::TimestepEmbedding, &temb)
+            .with_indicator_fn(Indicator::ModulatedInput, input)
+            .traced(&mut record);
+        let h = cx.run_chain(&chain, Streams::joint(h.clone(), e))?.hidden;
+        drop(chain);
         // AdaLayerNormContinuous: (scale, shift) in that order.
         let m = self.norm_out.forward(&temb.silu()?)?;
         let d = self.cfg.inner_dim();
@@ -279,102 +287,9 @@ impl Flux2Model {
     }
 }
 
-/// One call's block chain: double blocks then single blocks, both streams flowing between them.
-struct Flux2Chain<'a> {
-    model: &'a Flux2Model,
-    scope: ScopeKey,
-    /// The image stream entering the chain (after `x_embedder`).
-    hidden_in: Tensor,
-    temb: Tensor,
-    mods: Modulations,
-    cos: Tensor,
-    sin: Tensor,
-    trace: RefCell<Option<&'a mut Flux2Trace>>,
-}
-
-impl Flux2Chain<'_> {
-    /// Block `i` through the hook registry on `(hidden, encoder)`, then traced.
-    fn run_one(&self, i: usize, blk: &AnyBlock, he: (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
-        let args = BlockArgs {
-            mods: &self.mods,
-            cos: &self.cos,
-            sin: &self.sin,
-        };
-        let (h, e) = he;
-        let out =
-            self.model
-                .hooks
-                .run_block(self.scope, i, Streams::joint(h, e), &|s: Streams| {
-                    let e = s
-                        .encoder
-                        .as_ref()
-                        .ok_or_else(|| Error::msg(format!("flux2 block {i}: no encoder stream")))?;
-                    let (h, e) = blk.forward(&s.hidden, e, &args)?;
-                    Ok(Streams::joint(h, e))
-                })?;
-        let e = out
-            .encoder
-            .ok_or_else(|| Error::msg(format!("flux2 block {i} returned no encoder stream")))?;
-        if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
-            tr.blocks.push((e.clone(), out.hidden.clone()));
-        }
-        Ok((out.hidden, e))
-    }
-}
-
-impl BlockChain for Flux2Chain<'_> {
-    fn num_blocks(&self) -> usize {
-        self.model.cfg.num_blocks()
-    }
-
-    fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
-        let n = self.num_blocks();
-        if blocks.end > n {
-            return Err(Error::msg(format!(
-                "flux2: blocks {blocks:?} asked of a model with {n}"
-            )));
-        }
-        let e = x
-            .encoder
-            .ok_or_else(|| Error::msg("flux2: the block chain needs the encoder stream"))?;
-        let mut he = (x.hidden, e);
-        match &self.model.blocks {
-            Blocks::Resident(v) => {
-                for i in blocks {
-                    let blk = v
-                        .get(i)
-                        .ok_or_else(|| Error::msg(format!("flux2: no block {i}")))?;
-                    he = self.run_one(i, blk, he)?;
-                }
-            }
-            Blocks::Streamed(w) => {
-                let (cfg, dev) = (&self.model.cfg, &self.model.device);
-                crate::weights::run_streamed(
-                    "flux2",
-                    blocks,
-                    |i| AnyBlock::load(w, i, cfg, dev),
-                    |i, blk| {
-                        he = self.run_one(i, blk, he.clone())?;
-                        Ok(())
-                    },
-                )?;
-            }
-        }
-        Ok(Streams::joint(he.0, he.1))
-    }
-
-    fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
-        match kind {
-            Indicator::TimestepEmbedding => Ok(Some(self.temb.clone())),
-            Indicator::TimestepModulation => Ok(None),
-            // The first double block's modulated input: the image stream entering the chain, layer
-            // normed, shifted and scaled by the shared image modulation (held by the model, so
-            // streamed runs read no block for it).
-            Indicator::ModulatedInput => {
-                let m = &self.mods.img;
-                modulate(&self.model.ln.forward(&self.hidden_in)?, &m[0], &m[1]).map(Some)
-            }
-            Indicator::InputLatents => Ok(None),
-        }
-    }
+/// The kind of every chain block: the double blocks, then the single blocks.
+fn chain_kinds(c: &Flux2Config) -> Vec<BlockMetadata> {
+    let mut metas = vec![FLUX2_DOUBLE; c.num_layers];
+    metas.extend(vec![FLUX2_SINGLE; c.num_single_layers]);
+    metas
 }

@@ -17,7 +17,7 @@
 //! the last one asked for are never loaded. Norms, RoPE, softmax and activations run in f32.
 
 use super::tokenizer::{TokenizedPrompt, WanTokenizer};
-use crate::flux::blocks::{heads, heads_normed, merge};
+use crate::nn::{heads_normed, merge_heads, split_heads};
 use crate::nn::{Linear, RmsNorm};
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor, D};
@@ -393,7 +393,7 @@ impl Qwen3Encoder {
             };
             let q = rope(heads_normed(&layer.q.forward(&a)?, h, &layer.qn)?)?;
             let k = rope(heads_normed(&layer.k.forward(&a)?, kvh, &layer.kn)?)?;
-            let v = heads(&layer.v.forward(&a)?, kvh)?;
+            let v = split_heads(&layer.v.forward(&a)?, kvh)?;
             // Key/value head j serves query heads j*rep .. (j+1)*rep.
             let expand = |t: Tensor| -> Result<Tensor> {
                 if rep == 1 {
@@ -407,7 +407,7 @@ impl Qwen3Encoder {
             let (k, v) = (expand(k)?, expand(v)?);
             let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
             let p = candle_nn::ops::softmax_last_dim(&s)?;
-            let o = merge(&p.matmul(&v.contiguous()?)?)?;
+            let o = merge_heads(&p.matmul(&v.contiguous()?)?)?;
             x = (x + layer.o.forward(&o)?)?;
             let m = layer.ln2.forward(&x)?;
             let g = layer.gate.forward(&m)?.silu()?;

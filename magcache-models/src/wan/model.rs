@@ -7,11 +7,7 @@ use crate::nn::{
 };
 use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
-use magcache_core::{
-    BlockChain, BlockMetadata, CallCx, Error, HookRegistry, Indicator, Result, ScopeKey, Streams,
-};
-use std::cell::RefCell;
-use std::ops::Range;
+use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
 use std::sync::Arc;
 
 /// A Wan block updates the hidden states ([`BlockArgs`] holds what it reads besides them).
@@ -145,7 +141,8 @@ impl Attention {
     }
 }
 
-struct Block {
+/// One transformer block (self-attention, cross-attention, feed-forward), loaded from `blocks.{i}`.
+pub(crate) struct Block {
     norm1: LayerNorm,
     attn1: Attention,
     norm2: Option<LayerNorm>,
@@ -268,14 +265,6 @@ pub fn image_context_rows(len: usize) -> usize {
     }
 }
 
-/// Where the blocks' weights are.
-enum Blocks {
-    /// Built once, held.
-    Resident(Vec<Block>),
-    /// Read from the (memory-mapped) checkpoint each time a block runs (`offload = "stream"`).
-    Streamed(Arc<WeightStore>),
-}
-
 /// The diffusers-named tensors of block `i` and their shapes, in the order `Block::load` reads them:
 /// recorded by running the loader on a recording store, so names and shapes are written once (the
 /// streamed model checks them all at build time; presets generate them).
@@ -308,14 +297,14 @@ pub struct WanModel {
     text2: Linear,
     /// Image-attention models (Wan2.1 I2V).
     image_embedder: Option<ImageEmbedder>,
-    blocks: Blocks,
+    /// The block chain (held or streamed) and its hooks.
+    pub(crate) blocks: ModelBlocks<Block>,
     norm_out: LayerNorm,
     proj_out: Linear,
     /// `[1, 1, 2, d]`
     out_table: Tensor,
     /// Per-axis rotary frequencies (f64), lengths t/2, h/2, w/2 of the head dim.
     rope_freqs: [Vec<f64>; 3],
-    pub hooks: HookRegistry,
 }
 
 impl WanModel {
@@ -325,7 +314,12 @@ impl WanModel {
         let blocks = (0..cfg.num_layers)
             .map(|i| Block::load(w, i, &cfg, &dev))
             .collect::<Result<Vec<_>>>()?;
-        Self::assemble(cfg, w, Blocks::Resident(blocks))
+        let n = blocks.len();
+        Self::assemble(
+            cfg,
+            w,
+            ModelBlocks::held("wan", blocks, vec![WAN_BLOCK; n])?,
+        )
     }
 
     /// Builds the model with its blocks streamed from `w` (a checkpoint's memory-mapped store): the
@@ -337,11 +331,14 @@ impl WanModel {
                 w.expect(&name, &shape)?;
             }
         }
+        let (c, dev) = (cfg.clone(), w.placement().device.clone());
+        let metas = vec![WAN_BLOCK; cfg.num_layers];
         let store = w.clone();
-        Self::assemble(cfg, &store, Blocks::Streamed(w))
+        let blocks = ModelBlocks::streamed("wan", metas, move |i| Block::load(&w, i, &c, &dev));
+        Self::assemble(cfg, &store, blocks)
     }
 
-    fn assemble(cfg: WanConfig, w: &WeightStore, blocks: Blocks) -> Result<Self> {
+    fn assemble(cfg: WanConfig, w: &WeightStore, blocks: ModelBlocks<Block>) -> Result<Self> {
         let dev = w.placement().device.clone();
         let d = cfg.inner_dim();
         let [pt, ph, pw] = cfg.patch_size;
@@ -360,7 +357,6 @@ impl WanModel {
                 .map(|j| 1.0 / 10000f64.powf((2 * j) as f64 / dim as f64))
                 .collect()
         };
-        let n_blocks = cfg.num_layers;
         Ok(WanModel {
             patch_b: w.get_shape("patch_embedding.bias", &[d])?,
             patch_w,
@@ -378,7 +374,6 @@ impl WanModel {
             proj_out: lin("proj_out", out_dim, d)?,
             out_table: w.get_shape("scale_shift_table", &[1, 2, d])?.unsqueeze(0)?,
             rope_freqs: [freqs(t_dim), freqs(h_dim), freqs(h_dim)],
-            hooks: HookRegistry::new(vec![WAN_BLOCK; n_blocks]),
             cfg,
         })
     }
@@ -531,19 +526,30 @@ impl WanModel {
             tr.rope_cos = Some(cos.clone());
             tr.rope_sin = Some(sin.clone());
         }
-        let chain = WanChain {
-            model: self,
-            scope: cx.scope,
-            text,
+        let args = BlockArgs {
+            context: &text,
             image_rows,
-            temb: temb.clone(),
-            tproj,
-            cos,
-            sin,
-            latents: x.clone(),
-            trace: RefCell::new(trace),
+            modulation: &tproj,
+            cos: &cos,
+            sin: &sin,
         };
+        let mut record = |_: usize, s: &Streams| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.blocks.push(s.hidden.clone());
+            }
+        };
+        // [B, C, F, H, W] -> [B, F, H, W, C], computed only when a strategy asks.
+        let latents = || Ok(x.permute((0, 2, 3, 4, 1))?.contiguous()?);
+        let chain = (self.blocks)
+            .call(cx.scope, |_, b: &Block, s: Streams| {
+                Ok(Streams::hidden(b.forward(&s.hidden, &args)?))
+            })
+            .with_indicator(Indicator::TimestepEmbedding, &temb)
+            .with_indicator(Indicator::TimestepModulation, &tproj)
+            .with_indicator_fn(Indicator::InputLatents, latents)
+            .traced(&mut record);
         let hs = cx.run_chain(&chain, Streams::hidden(hidden))?.hidden;
+        drop(chain);
         // Output norm with the final modulation, projection, unpatchify.
         let m = self.out_table.broadcast_add(&temb.unsqueeze(2)?)?; // [B, S', 2, d]
         let shift = m.narrow(2, 0, 1)?.squeeze(2)?;
@@ -568,95 +574,7 @@ impl WanModel {
 
     /// Whether block weights are read from the checkpoint as blocks run.
     pub fn is_streamed(&self) -> bool {
-        matches!(self.blocks, Blocks::Streamed(_))
-    }
-}
-
-/// One call's block chain: the blocks with this call's conditioning. Wan's text states are constant
-/// cross-attention conditioning, so only the hidden stream flows between blocks.
-struct WanChain<'a> {
-    model: &'a WanModel,
-    scope: ScopeKey,
-    text: Tensor,
-    image_rows: usize,
-    temb: Tensor,
-    tproj: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    /// The call's input latents `[B, C, F, H, W]`, before patch embedding.
-    latents: Tensor,
-    trace: RefCell<Option<&'a mut WanTrace>>,
-}
-
-impl WanChain<'_> {
-    /// Block `i` through the hook registry, then traced.
-    fn run_one(&self, i: usize, blk: &Block, hs: Tensor) -> Result<Tensor> {
-        let args = BlockArgs {
-            context: &self.text,
-            image_rows: self.image_rows,
-            modulation: &self.tproj,
-            cos: &self.cos,
-            sin: &self.sin,
-        };
-        let hs = self
-            .model
-            .hooks
-            .run_block(self.scope, i, Streams::hidden(hs), &|s: Streams| {
-                Ok(Streams::hidden(blk.forward(&s.hidden, &args)?))
-            })?
-            .hidden;
-        if let Some(tr) = self.trace.borrow_mut().as_deref_mut() {
-            tr.blocks.push(hs.clone());
-        }
-        Ok(hs)
-    }
-}
-
-impl BlockChain for WanChain<'_> {
-    fn num_blocks(&self) -> usize {
-        self.model.num_blocks()
-    }
-
-    fn run(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
-        let n = self.model.num_blocks();
-        if blocks.end > n {
-            return Err(Error::msg(format!(
-                "wan: blocks {blocks:?} asked of a model with {n}"
-            )));
-        }
-        match &self.model.blocks {
-            Blocks::Resident(v) => {
-                let mut hs = x.hidden;
-                for i in blocks {
-                    hs = self.run_one(i, &v[i], hs)?;
-                }
-                Ok(Streams::hidden(hs))
-            }
-            Blocks::Streamed(w) => {
-                let (cfg, dev) = (&self.model.cfg, self.model.device());
-                let mut hs = x.hidden;
-                crate::weights::run_streamed(
-                    "wan",
-                    blocks,
-                    |i| Block::load(w, i, cfg, dev),
-                    |i, blk| {
-                        hs = self.run_one(i, blk, hs.clone())?;
-                        Ok(())
-                    },
-                )?;
-                Ok(Streams::hidden(hs))
-            }
-        }
-    }
-
-    fn indicator(&self, kind: Indicator) -> Result<Option<Tensor>> {
-        Ok(match kind {
-            Indicator::TimestepEmbedding => Some(self.temb.clone()),
-            Indicator::TimestepModulation => Some(self.tproj.clone()),
-            Indicator::ModulatedInput => None,
-            // [B, C, F, H, W] -> [B, F, H, W, C], computed only when a strategy asks.
-            Indicator::InputLatents => Some(self.latents.permute((0, 2, 3, 4, 1))?.contiguous()?),
-        })
+        self.blocks.is_streamed()
     }
 }
 
@@ -674,7 +592,11 @@ pub fn random_weights(
 pub fn tensor_shapes(cfg: &WanConfig) -> Result<Vec<(String, Vec<usize>)>> {
     // The embeddings and head as `assemble` reads them, then every block as its loader does.
     let w = WeightStore::recording();
-    WanModel::assemble(cfg.clone(), &w, Blocks::Resident(Vec::new()))?;
+    WanModel::assemble(
+        cfg.clone(),
+        &w,
+        ModelBlocks::held("wan", Vec::new(), Vec::new())?,
+    )?;
     let mut shapes = w.recorded()?;
     for i in 0..cfg.num_layers {
         shapes.extend(block_tensors(cfg, i)?);

@@ -183,7 +183,10 @@ impl Pipeline for WanPipeline {
     }
 
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
-        self.experts.iter_mut().map(|m| &mut m.hooks).collect()
+        self.experts
+            .iter_mut()
+            .map(|m| &mut m.blocks.hooks)
+            .collect()
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {

@@ -6,8 +6,8 @@
 //! and only linear weights in the run's dtype), and it cannot report which checkpoint tensors a model
 //! never asked for.
 //!
-//! [`files`] finds a checkpoint's files (single file, sharded index, folder); [`stream`] runs blocks
-//! read from the checkpoint as they run (`offload = "stream"`).
+//! [`files`] finds a checkpoint's files (single file, sharded index, folder); blocks read from the
+//! checkpoint as they run (`offload = "stream"`) are run by `magcache_core::blocks`.
 
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
@@ -17,10 +17,8 @@ use std::sync::{Arc, Mutex};
 
 pub mod files;
 pub mod gguf;
-pub mod stream;
 
 pub use files::weight_files;
-pub use stream::run_streamed;
 
 /// A tensor of the store: in memory, or where it lies in a memory-mapped checkpoint file (read when
 /// it is handed out, so a model can fetch a block's weights when the block runs).

@@ -8,12 +8,14 @@ use super::config::WanVaeConfig;
 use crate::footprint::{sz, Sz};
 use crate::nn::{ATTENTION_SCORE_BUDGET, IM2COL_BUDGET};
 
-/// The `gemm` crate's per-thread scratch: every thread that runs a product keeps an L2-cache-sized
-/// buffer (1 MB on this Zen 5, up to 2 MB on current x86) from its first product on; counted for
-/// candle's threads and the calling one (the tiny decode of `tests/tests/wan_vae_memory.rs` fell
-/// 1.1 MB short without it).
+/// The `gemm` crate's per-thread scratch: every thread that runs a product keeps a buffer the size
+/// of this CPU's L2 cache as gemm reads it (1 MB on Zen 3/5, 2 MB on current Xeons) from its first
+/// product on; counted for candle's threads and the calling one (the tiny decode of
+/// `tests/tests/wan_vae_memory.rs` fell 1.1 MB short without it). Read from gemm itself, not
+/// assumed: a fixed 2 MB over-counted on AMD, and a test bound without it failed on an Intel Xeon.
 pub fn gemm_slabs() -> Sz {
-    sz(2 << 20) * sz(candle_core::utils::get_num_threads() + 1)
+    let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes;
+    sz(l2) * sz(candle_core::utils::get_num_threads() + 1)
 }
 
 /// The parts of a decode of `[1, z, frames, h, w]` latents, in bytes (f32 activations).

@@ -173,7 +173,7 @@ enum Cmd {
 /// ```
 ///
 /// The strategies are part of the runner and linked here; model families are not: the binary links
-/// its own (`magcache_models::link()` through [`crate::link_all`] for the `magcache` binary).
+/// its own (`magcache_models::link()` in the `magcache` binary).
 pub fn main() -> ExitCode {
     magcache_strategies::link();
     let cli = Cli::parse();

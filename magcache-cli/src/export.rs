@@ -8,7 +8,7 @@
 //! renamed into place when complete: it appears whole or not at all, and an existing one is never
 //! touched.
 
-use crate::prepare::link_all;
+use crate::prepare::link_strategies;
 use candle_core::DType;
 use magcache_core::runtime::guard::{self, Footprint};
 use magcache_core::runtime::registry;
@@ -62,7 +62,7 @@ pub fn export_as(
     format: &Format,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ExportReport> {
-    link_all();
+    link_strategies();
     let mut cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
     if let Format::Pipeline { .. } = format {
@@ -125,7 +125,7 @@ pub fn export_as(
             let arch = exporter.gguf.ok_or_else(|| {
                 Error::msg(format!("--gguf: family `{}` has no GGUF export", fam.name))
             })?;
-            let q = magcache_models::weights::gguf::quant_type(quant).ok_or_else(|| {
+            let q = magcache_layers::weights::gguf::quant_type(quant).ok_or_else(|| {
                 Error::msg(format!(
                     "--gguf {quant}: not a type this runner writes (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
                 ))
@@ -192,7 +192,7 @@ fn write_gguf_all(
             .iter()
             .map(|(n, s, _)| (n.clone(), s.clone()))
             .collect();
-        let n = magcache_models::weights::gguf::write_gguf(
+        let n = magcache_layers::weights::gguf::write_gguf(
             &path,
             arch,
             &list,

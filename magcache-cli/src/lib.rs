@@ -2,9 +2,10 @@
 //! strategy, runs the generation and reports every transformer call. See `docs/contract.md` (a copy of the
 //! shared contract) for the contract.
 //!
-//! The command line itself is [`main`]: the `magcache` binary is `magcache_cli::link_all();
+//! The command line itself is [`main`]: the `magcache` binary is `magcache_models::link();
 //! magcache_cli::main()`, and a model crate's binary is `my_model::link(); magcache_cli::main()`
-//! (see `examples/toy-model/src/bin/toy-magcache.rs`).
+//! (see `examples/toy-model/src/bin/toy-magcache.rs`). The library names no model family: a
+//! binary has exactly the families it links.
 
 mod calibrate;
 mod cli;
@@ -28,7 +29,7 @@ pub use export::{export, export_as, ExportReport, Format as ExportFormat};
 pub use list::list;
 pub use output::{install_signal_cleanup, write_atomic, write_latents, Outputs};
 pub use plan::{plan, plan_text, PlanReport};
-pub use prepare::{link_all, prepare, prepare_pipeline, Prepared};
+pub use prepare::{prepare, prepare_pipeline, Prepared};
 pub use report::{peak_rss_bytes, summary, CallReport, Report, ScopeSummary};
 pub use run::{generate, Verbosity};
 pub use tune::{tune, tune_text, tuned_run_file, Target, Tried, TuneOptions, TuneReport};

@@ -1,11 +1,11 @@
 //! `magcache list`: the registered model families, presets and strategies.
 
-use crate::prepare::link_all;
+use crate::prepare::link_strategies;
 use magcache_core::runtime::registry;
 
 /// Text of `magcache list`.
 pub fn list() -> String {
-    link_all();
+    link_strategies();
     let mut s = String::from("model families:\n");
     for f in registry::families() {
         s.push_str(&format!("  {:<10} {}\n", f.name, f.description));

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    magcache_cli::link_all();
+    // The families this runner serves; the strategies come with the runner.
+    magcache_models::link();
     magcache_cli::main()
 }

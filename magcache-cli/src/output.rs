@@ -382,7 +382,7 @@ impl Outputs {
         }
         // Files the family's own keys name (Wan's `sampling.scheduler_config`).
         if let Some(fam) = magcache_core::runtime::registry::family(&cfg.model.family) {
-            for (key, path) in cfg.family_files(fam) {
+            for (key, path) in fam.files_in(&cfg) {
                 self.input(
                     &resolve(base, &path),
                     &format!("a file the run reads ({key})"),

@@ -1,6 +1,6 @@
 //! `magcache plan`: the compute/reuse map predicted from the config alone.
 
-use crate::prepare::{base_dir, family_of, link_all};
+use crate::prepare::{base_dir, family_of, link_strategies};
 use crate::report::CallReport;
 use magcache_core::{BuildEnv, Result, RunConfig};
 use serde::Serialize;
@@ -48,7 +48,7 @@ pub struct MemoryPart {
 
 /// Predicts every call of a run from the config alone (no model is built or run).
 pub fn plan(config: &Path) -> Result<PlanReport> {
-    link_all();
+    link_strategies();
     let mut cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
     let base = base_dir(config);

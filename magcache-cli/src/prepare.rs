@@ -4,10 +4,10 @@ use magcache_core::runtime::registry;
 use magcache_core::{BuildEnv, CacheHandle, Error, Pipeline, Result, RunConfig};
 use std::path::{Path, PathBuf};
 
-/// Keeps every registration linked in.
-pub fn link_all() {
+/// Keeps the strategies' registrations linked in (they are part of the runner). Model families are
+/// not: a binary links its own (`magcache_models::link()` in the `magcache` binary).
+pub(crate) fn link_strategies() {
     magcache_strategies::link();
-    magcache_models::link();
 }
 
 /// A run file, its pipeline and its cache, ready to generate.
@@ -103,7 +103,7 @@ fn build_resolved(
 
 /// Loads and validates a run file and builds the pipeline, without a cache.
 pub fn prepare_pipeline(config: &Path) -> Result<Prepared> {
-    link_all();
+    link_strategies();
     let mut cfg = RunConfig::load(config)?;
     let file = config.display().to_string();
     let base = base_dir(config);
@@ -122,7 +122,7 @@ pub fn prepare_pipeline(config: &Path) -> Result<Prepared> {
 /// As [`prepare_pipeline`], from a run file's `text` standing for `config` (paths relative to its
 /// folder).
 pub(crate) fn prepare_pipeline_text(text: &str, config: &Path) -> Result<Prepared> {
-    link_all();
+    link_strategies();
     let file = config.display().to_string();
     let base = base_dir(config);
     let mut cfg = RunConfig::parse(text, &file)?;
@@ -166,7 +166,7 @@ pub(crate) fn base_dir(config: &Path) -> PathBuf {
 
 pub(crate) fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
     let family = known_family(cfg, file)?;
-    cfg.check_keys(file, family)?;
+    family.check_keys(cfg, file)?;
     let offload = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
     if offload == magcache_core::Offload::Stream && !family.streams {
         let streaming: Vec<&str> = registry::families()

@@ -16,7 +16,7 @@ fn examples() -> Vec<PathBuf> {
 
 #[test]
 fn every_example_runs_or_plans() {
-    magcache_cli::link_all();
+    magcache_models::link();
     let mut families = std::collections::BTreeSet::new();
     let mut strategies = std::collections::BTreeSet::new();
     for ex in examples() {
@@ -30,7 +30,7 @@ fn every_example_runs_or_plans() {
             cfg.validate(&name)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             let fam = magcache_core::runtime::registry::family(&cfg.model.family).unwrap();
-            cfg.check_keys(&name, fam)
+            fam.check_keys(&cfg, &name)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             continue;
         }
@@ -73,7 +73,7 @@ fn every_example_runs_or_plans() {
 /// measured with: checked on the plan (their PSNR needs release-build runs of the 10-digit batch).
 #[test]
 fn fast_settings_compute_the_calls_their_figures_name() {
-    magcache_cli::link_all();
+    magcache_models::link();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
     for (name, computed, total, list) in [
         ("digits_3x.toml", 12, 40, vec![0, 4, 9, 13, 16, 18]),

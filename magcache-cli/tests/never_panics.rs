@@ -183,7 +183,7 @@ proptest! {
 
     #[test]
     fn random_run_files_never_panic(fam in family(), strat in strategy_name(), edits in prop::collection::vec((key(), value()), 0..4)) {
-        magcache_cli::link_all();
+        magcache_models::link();
         let edits: Vec<(&str, String)> = edits.into_iter().collect();
         run(&run_file(fam, strat, &edits));
     }
@@ -195,7 +195,7 @@ proptest! {
         drop_uncond in any::<bool>(),
         fill in prop_oneof![Just(0f32), Just(1e30f32), Just(-3e38f32), Just(f32::NAN), Just(f32::INFINITY)],
     ) {
-        magcache_cli::link_all();
+        magcache_models::link();
         let dir = tempfile::tempdir().unwrap();
         let mut m: HashMap<String, Tensor> = HashMap::new();
         let full = |shape: &[usize]| (Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap() * fill as f64).unwrap();
@@ -217,7 +217,7 @@ proptest! {
 
 #[test]
 fn the_unedited_base_runs_succeed() {
-    magcache_cli::link_all();
+    magcache_models::link();
     set_limit();
     for fam in ["wan2.1", "wan2.2", "flux"] {
         for strat in ["none", "magcache", "fbcache", "teacache"] {

@@ -39,7 +39,7 @@ fn run_png_shows_digits_not_noise() {
     // the model's pixel range, and a mostly dark background with bright strokes.
     let fin = &candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["final"];
     // The seeded initial noise of the example (`[inputs] seed = 0`: latents drawn with seed 0 + 1).
-    let noise = magcache_models::random::randn(1, &[10, 1, 1, 16, 16]).unwrap();
+    let noise = magcache_layers::random::randn(1, &[10, 1, 1, 16, 16]).unwrap();
     let diff = (fin - &noise)
         .unwrap()
         .abs()

@@ -14,6 +14,24 @@ pub struct BlockMetadata {
 }
 
 impl BlockMetadata {
+    /// A kind of block that updates the hidden stream only (its context is constant conditioning).
+    pub const fn hidden(kind: &'static str) -> Self {
+        BlockMetadata { kind, joint: false }
+    }
+
+    /// A kind of block that updates the hidden and the encoder streams (joint attention).
+    pub const fn joint(kind: &'static str) -> Self {
+        BlockMetadata { kind, joint: true }
+    }
+
+    /// The kind of every block of a chain made of `runs`: `n` blocks of each kind, in order
+    /// (FLUX: the double blocks, then the single blocks).
+    pub fn chain(runs: &[(BlockMetadata, usize)]) -> Vec<BlockMetadata> {
+        runs.iter()
+            .flat_map(|&(kind, n)| std::iter::repeat_n(kind, n))
+            .collect()
+    }
+
     /// Its streams, for listings: `hidden` or `hidden + encoder`.
     pub fn streams(&self) -> &'static str {
         if self.joint {

@@ -8,7 +8,7 @@
 //! as `[vae] tiling = true`. Prints the size guard's estimate, the process's peak RSS (Linux
 //! `VmHWM`) after loading and after the decode, and the wall time.
 use candle_core::{DType, Device, Tensor};
-use magcache_models::flux::vae::{FluxTiling, FluxVae};
+use magcache_layers::autoencoder_kl::{FluxTiling, FluxVae};
 use std::time::Instant;
 
 /// The process's peak resident memory (Linux `VmHWM`), GB.
@@ -37,10 +37,10 @@ fn main() -> magcache_core::Result<()> {
         Some(t) => (h.min(t.latent_min(&c)), w.min(t.latent_min(&c))),
         None => (h, w),
     };
-    let gb = |s: magcache_models::footprint::Sz| s.0.unwrap_or(u64::MAX) as f64 / 1e9;
+    let gb = |s: magcache_layers::footprint::Sz| s.0.unwrap_or(u64::MAX) as f64 / 1e9;
     println!(
         "predicted: weights {:.2} + working set {:.2} ({eh}x{ew} latents) + image {:.2} GB",
-        gb(c.params() * magcache_models::footprint::sz(4)),
+        gb(c.params() * magcache_layers::footprint::sz(4)),
         gb(c.decode_working_bytes(eh, ew, true)),
         gb(c.decode_image_bytes(h, w)),
     );

@@ -6,7 +6,7 @@
 //! pixels, one every 192), as `[vae] tiling = true`. Prints the process's peak RSS before and
 //! after the decode (Linux `VmHWM`) and the wall time.
 use candle_core::{DType, Device, Tensor};
-use magcache_models::wan::vae::{VaeTiling, WanVae, WanVaeConfig};
+use magcache_layers::autoencoder_kl_wan::{VaeTiling, WanVae, WanVaeConfig};
 use std::time::Instant;
 
 /// The process's peak resident memory (Linux `VmHWM`), GB.
@@ -25,7 +25,7 @@ fn main() -> magcache_core::Result<()> {
     );
     let cfg = WanVaeConfig::from_json(&serde_json::json!({}), "(released defaults)")?;
     let p = cfg.decode_bytes_tiled(f, h, w, 4, tiling, true);
-    let gb = |s: magcache_models::footprint::Sz| s.0.unwrap_or(u64::MAX) as f64 / 1e9;
+    let gb = |s: magcache_layers::footprint::Sz| s.0.unwrap_or(u64::MAX) as f64 / 1e9;
     println!(
         "predicted: weights {:.2} + max(cache {:.2} + working {:.2} + video {:.2} + tiles {:.2}, join {:.2}) = {:.2} GB",
         gb(p.weights),

@@ -3,9 +3,9 @@
 
 use candle_core::Tensor;
 use magcache_core::{Branch, CallCx, ScopeKey};
+use magcache_layers::scheduler::flow_match_dynamic;
 use magcache_models::flux::load::{load_flux, FluxLayout};
 use magcache_models::flux::model::{FluxModel, FluxTrace};
-use magcache_models::scheduler::flow_match_dynamic;
 use magcache_tests::{check_reference_run, fixture, load, load_json, max_abs_diff, weights_of};
 use std::collections::HashMap;
 
@@ -235,7 +235,7 @@ fn dynamic_shift_schedule_matches_reference() {
             "timestep {i}"
         );
     }
-    assert!((magcache_models::scheduler::flux_mu(24) - meta["mu"].as_f64().unwrap()).abs() < 1e-12);
+    assert!((magcache_layers::scheduler::flux_mu(24) - meta["mu"].as_f64().unwrap()).abs() < 1e-12);
 }
 
 fn check_run(name: &str) {

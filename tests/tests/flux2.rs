@@ -114,7 +114,7 @@ fn forward_matches_diffusers_with_every_block() {
 
 #[test]
 fn chat_template_tokenizer_and_qwen3_match_transformers() {
-    use magcache_models::text::qwen3::{flux2_chat_prompt, Flux2TextEncoder};
+    use magcache_text::qwen3::{flux2_chat_prompt, Flux2TextEncoder};
     let meta = load_json("pipelines/flux2_text_encoder_cases.json");
     let f = load("pipelines/flux2_text_encoder_cases.safetensors");
     let enc = Flux2TextEncoder::load(
@@ -166,7 +166,7 @@ fn chat_template_tokenizer_and_qwen3_match_transformers() {
 
 #[test]
 fn schedule_matches_the_pipeline() {
-    use magcache_models::scheduler::flux2_schedule;
+    use magcache_layers::scheduler::flux2_schedule;
     for case in ["flux2_klein_pipeline", "flux2_klein_base_pipeline"] {
         let meta = load_json(&format!("pipelines/{case}.json"));
         let steps = meta["call"]["num_inference_steps"].as_u64().unwrap() as usize;

@@ -350,7 +350,7 @@ fn a_preset_runs_exports_and_loads_back() {
     // The preset and its export on the same inputs file (the transformer folder alone does not say
     // it is a base model: the negative embeddings do).
     let inputs = dir.path().join("inputs.safetensors");
-    let randn = magcache_models::random::randn;
+    let randn = magcache_layers::random::randn;
     candle_core::safetensors::save(
         &[
             ("latents_init".to_string(), randn(4, &[1, 6, 128]).unwrap()),

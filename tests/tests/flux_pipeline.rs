@@ -152,7 +152,7 @@ fn fbcache_run_matches_the_pipeline() {
 #[test]
 fn vae_tiling_reaches_the_decode_and_the_transformer_is_released_first() {
     use candle_core::{DType, Device};
-    use magcache_models::flux::vae::{FluxTiling, FluxVae};
+    use magcache_layers::autoencoder_kl::{FluxTiling, FluxVae};
     link_all();
     let meta = load_json(&format!("{PIPELINE}.json"));
     let dir = tempfile::tempdir().unwrap();

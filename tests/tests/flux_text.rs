@@ -4,8 +4,8 @@
 //! `pooler_output`, T5's `last_hidden_state` (no mask). Every size comes from the fixture files.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_models::text::{ClipTokenizer, FluxTextEncoders, WanTokenizer};
 use magcache_tests::{fixture, load, load_json, max_abs_diff};
+use magcache_text::{ClipTokenizer, FluxTextEncoders, WanTokenizer};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! `vae_input` -> `decoded` -> `image`). Every size comes from the fixture files.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_models::flux::vae::{pack_latents, unpack_latents, FluxVae, VaeLayout};
+use magcache_layers::autoencoder_kl::{pack_latents, unpack_latents, FluxVae, VaeLayout};
 use magcache_tests::{fixture, load, load_json, max_abs, max_abs_diff};
 use std::collections::HashMap;
 use std::path::Path;
@@ -407,7 +407,7 @@ enum AnyVae {
 }
 
 impl AnyVae {
-    fn set_tiling(&mut self, t: Option<magcache_models::flux::vae::FluxTiling>) {
+    fn set_tiling(&mut self, t: Option<magcache_layers::autoencoder_kl::FluxTiling>) {
         match self {
             AnyVae::One(v) => v.set_tiling(t).unwrap(),
             AnyVae::Two(v) => v.set_tiling(t).unwrap(),
@@ -442,7 +442,7 @@ impl AnyVae {
 /// and an input within one tile is untouched.
 #[test]
 fn tiled_decode_and_encode_match_diffusers() {
-    use magcache_models::flux::vae::FluxTiling;
+    use magcache_layers::autoencoder_kl::FluxTiling;
     let f = load("pipelines/flux_vae_tiling.safetensors");
     let meta = load_json("pipelines/flux_vae_tiling.json");
     assert_eq!(meta["cases"].as_object().unwrap().len(), 2);

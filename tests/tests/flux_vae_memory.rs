@@ -6,7 +6,7 @@
 //! One test in this binary: the counter is process-wide, so no other test may run beside it.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_models::flux::vae::FluxVae;
+use magcache_layers::autoencoder_kl::FluxVae;
 use magcache_tests::fixture;
 use magcache_tests::{heap_peak_of, CountingAlloc};
 

@@ -4,7 +4,7 @@
 //! within the fixture's tolerances (0.06 Wan, 0.01 FLUX), with the quantized weights kept quantized
 //! (candle's `QMatMul`).
 
-use magcache_models::weights::WeightStore;
+use magcache_layers::weights::WeightStore;
 use magcache_tests::{
     assert_calls_match, cache_table_for, family_inputs_file, family_name, fixture, load, load_json,
     loop_toml, max_abs_diff, run_toml,
@@ -132,7 +132,7 @@ fn another_familys_file_is_refused() {
 /// quantized 2-D weight out as a quantized tensor, never dequantized.
 #[test]
 fn quantized_linear_weights_are_handed_out_quantized() {
-    use magcache_models::weights::{LinearWeight, WeightStore};
+    use magcache_layers::weights::{LinearWeight, WeightStore};
     let (store, _) =
         WeightStore::load_gguf(&magcache_tests::fixture("gguf/wan21_tiny-Q8_0.gguf")).unwrap();
     let (mut quantized, mut dense) = (Vec::new(), Vec::new());

@@ -3,7 +3,7 @@
 //! FBCache) through the runner with identical decisions and final latents within 1e-3.
 
 use candle_core::{Device, Tensor};
-use magcache_models::lora::{Adapter, LoraNames};
+use magcache_layers::lora::{Adapter, LoraNames};
 use magcache_tests::{
     assert_calls_match, cache_table_for, family_inputs_file, family_name, fixture, load, load_json,
     loop_toml, max_abs_diff, run_toml,

@@ -1,7 +1,7 @@
 //! Wan2.2 dual-expert: the runner reproduces `wan22_tiny_loop` (dense and MagCache per expert), and
 //! each expert's scope counts only its own steps.
 
-use magcache_models::scheduler::flow_match_static;
+use magcache_layers::scheduler::flow_match_static;
 use magcache_tests::{
     assert_calls_match, check_reference_run, fixture, load_json, loop_toml, run_toml,
 };

@@ -1,9 +1,9 @@
 //! Forward parity of the Wan2.1 transformer with diffusers (`wan21_tiny_forward`).
 
 use magcache_core::{Branch, CallCx, ScopeKey};
+use magcache_layers::weights::WeightStore;
 use magcache_models::wan::load::{load_wan, original_to_diffusers};
 use magcache_models::wan::model::{WanModel, WanTrace};
-use magcache_models::weights::WeightStore;
 use magcache_tests::{fixture, load, max_abs_diff};
 
 fn dense() -> CallCx<'static> {

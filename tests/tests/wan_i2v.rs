@@ -180,7 +180,7 @@ fn wan21_i2v_clip_pixel_values_match_the_processor() {
     let meta = load_json("pipelines/wan21_i2v_pipeline.json");
     let want = load("pipelines/wan21_i2v_pipeline.safetensors");
     let png = fixture(&format!("pipelines/{}", meta["image"].as_str().unwrap()));
-    let img = magcache_models::picture::load_rgb8(&png, "run.toml", "inputs.image").unwrap();
+    let img = magcache_layers::picture::load_rgb8(&png, "run.toml", "inputs.image").unwrap();
     let cfg = fixture("pipelines/wan21_i2v_image_processor/preprocessor_config.json");
     let proc = ClipImageProcessor::read(&cfg).unwrap();
     let px = proc
@@ -262,7 +262,7 @@ fn image_encoder_size_is_guarded_naming_the_key() {
 /// processor) down and up, both axes and one at a time; the bytes must be PIL's.
 #[test]
 fn resampling_matches_pil_byte_for_byte() {
-    use magcache_models::picture::{load_rgb8, resize, Filter};
+    use magcache_layers::picture::{load_rgb8, resize, Filter};
     let dir = fixture("picture");
     let src = load_rgb8(&dir.join("source.png"), "run.toml", "inputs.image").unwrap();
     let mut checked = 0;
@@ -305,7 +305,7 @@ fn resampling_matches_pil_byte_for_byte() {
 /// rounding (libjpeg against zune-jpeg).
 #[test]
 fn exif_orientation_is_applied() {
-    use magcache_models::picture::load_rgb8;
+    use magcache_layers::picture::load_rgb8;
     let dir = fixture("picture");
     let got = load_rgb8(&dir.join("exif6.jpg"), "run.toml", "inputs.image").unwrap();
     let want = load_rgb8(&dir.join("exif6-as-loaded.png"), "run.toml", "inputs.image").unwrap();

@@ -4,10 +4,8 @@
 //! files.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_models::text::{
-    html_unescape, prompt_clean, TokenizedPrompt, WanTextEncoder, WanTokenizer,
-};
 use magcache_tests::{fixture, load, load_json, max_abs_diff};
+use magcache_text::{html_unescape, prompt_clean, TokenizedPrompt, WanTextEncoder, WanTokenizer};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -176,13 +174,8 @@ fn a_streamed_encoder_matches_the_held_one_exactly() {
     let t = load("pipelines/wan_pipeline.safetensors");
     let held = encoder();
     let tok = WanTokenizer::load(&tokenizer_dir()).unwrap();
-    let enc = magcache_models::text::Umt5Encoder::load_with(
-        &encoder_dir(),
-        &Device::Cpu,
-        DType::F32,
-        true,
-    )
-    .unwrap();
+    let enc = magcache_text::Umt5Encoder::load_with(&encoder_dir(), &Device::Cpu, DType::F32, true)
+        .unwrap();
     assert!(enc.is_streamed());
     assert!(!held.encoder().unwrap().is_streamed());
     let streamed = WanTextEncoder::from_parts(tok, enc);

@@ -5,8 +5,8 @@
 //! identical, final latents within 1e-3).
 
 use candle_core::{Device, IndexOp, Tensor};
-use magcache_models::scheduler::{flow_match_static, FlowSampler};
-use magcache_models::unipc::{UniPc, UniPcConfig};
+use magcache_layers::scheduler::{flow_match_static, FlowSampler};
+use magcache_layers::unipc::{UniPc, UniPcConfig};
 use magcache_tests::{
     assert_calls_match, cache_table_for, fixture, link_all, load, load_json, loop_toml,
     max_abs_diff, weights_of,

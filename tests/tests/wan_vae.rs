@@ -2,7 +2,7 @@
 //! (encode and decode with intermediates) and the `dense` run's video in `pipelines/wan_pipeline.*`.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_models::wan::vae::{VaeTrace, WanVae};
+use magcache_layers::autoencoder_kl_wan::{VaeTrace, WanVae};
 use magcache_tests::{fixture, load, load_json, max_abs, max_abs_diff};
 use std::collections::HashMap;
 
@@ -253,7 +253,7 @@ fn other_sizes_shapes_causality_batch() {
         ),
     ];
     for (i, (json, (f, h, w))) in configs.iter().enumerate() {
-        let cfg = magcache_models::wan::vae::WanVaeConfig::from_json(
+        let cfg = magcache_layers::autoencoder_kl_wan::WanVaeConfig::from_json(
             &serde_json::from_str(json).unwrap(),
             "test",
         )
@@ -314,7 +314,7 @@ fn half_precision_decode_close_to_f32() {
 /// included. Also prints how far tiling moves the output from the untiled one.
 #[test]
 fn tiled_decode_and_encode_match_diffusers() {
-    use magcache_models::wan::vae::VaeTiling;
+    use magcache_layers::autoencoder_kl_wan::VaeTiling;
     let f = load("pipelines/wan_vae_tiling.safetensors");
     let meta = load_json("pipelines/wan_vae_tiling.json");
     for (name, case) in meta["cases"].as_object().unwrap() {

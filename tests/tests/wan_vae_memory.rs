@@ -5,7 +5,7 @@
 //! One test in this binary: the counter is process-wide, so no other test may run beside it.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_models::wan::vae::{VaeTiling, WanVae, WanVaeConfig};
+use magcache_layers::autoencoder_kl_wan::{VaeTiling, WanVae, WanVaeConfig};
 use magcache_tests::{heap_peak_of, CountingAlloc};
 
 #[global_allocator]
@@ -70,7 +70,7 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
     // gemm's per-thread scratch (sized by this CPU's L2 cache and thread count, allocated by the
     // first decode) is the machine's, not the decoder's: taken out, so the bound holds on any CPU.
     let full_res_frame = 8 * (8 * h) * (8 * w) * 4;
-    let slabs = magcache_models::wan::vae::gemm_slabs().0.unwrap() as usize;
+    let slabs = magcache_layers::autoencoder_kl_wan::gemm_slabs().0.unwrap() as usize;
     let own = (d5 - 2 * v5).saturating_sub(slabs);
     assert!(
         own < 48 * full_res_frame,

@@ -2,7 +2,7 @@
 //! `tensor_shapes` record what the loaders ask a recording store for. The released-layout checkpoints of the tiny fixtures
 //! are the truth: every block tensor they hold is recorded, with its shape, and nothing else.
 
-use magcache_models::weights::WeightStore;
+use magcache_layers::weights::WeightStore;
 use magcache_tests::fixture;
 use std::collections::BTreeMap;
 

@@ -4,7 +4,7 @@
 //! One test in this binary: the counter is process-wide, so no other test may run beside it.
 
 use candle_core::{Device, Tensor};
-use magcache_models::weights::WeightStore;
+use magcache_layers::weights::WeightStore;
 use magcache_tests::{heap_peak_of, CountingAlloc};
 
 #[global_allocator]

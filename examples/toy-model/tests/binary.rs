@@ -34,6 +34,17 @@ fn list_names_the_toy_family_and_the_strategies() {
         .find(|l| l.trim_start().starts_with("toy "))
         .unwrap_or_else(|| panic!("no toy family in:\n{out}"));
     assert!(toy.contains("examples/toy-model"), "{toy}");
+    // Exactly its own family: the runner library links none (the `magcache` binary links Wan,
+    // FLUX.1 and FLUX.2 itself).
+    let families: Vec<&str> = out
+        .split("strategies:\n")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(families, ["toy"], "{out}");
     assert!(out.contains("blocks: toy.block"), "{out}");
     let strategies = out.split("strategies:\n").nth(1).expect("strategies");
     for s in ["magcache", "fbcache", "teacache"] {

@@ -1,11 +1,13 @@
 //! `docs/adding-a-model.md` shows this crate's code: every Rust snippet must appear verbatim in
-//! `src/lib.rs` or the runner binary `src/bin/toy-magcache.rs`, every TOML snippet in the run file
-//! `toy.toml`, and the plumbing count it states must be the number of `// cache` lines.
+//! `src/lib.rs` or the runner binary `src/bin/toy-magcache.rs` (or, for the one real family it
+//! shows, Wan's `magcache-models/src/wan/model.rs`), every TOML snippet in the run file `toy.toml`,
+//! and the plumbing count it states must be the number of `// cache` lines.
 
 const DOC: &str = include_str!("../../../docs/adding-a-model.md");
 const SRC: &str = include_str!("../src/lib.rs");
 const BIN: &str = include_str!("../src/bin/toy-magcache.rs");
 const RUN_FILE: &str = include_str!("../toy.toml");
+const WAN: &str = include_str!("../../../magcache-models/src/wan/model.rs");
 
 /// The fenced blocks of `md` whose opening line starts with ```` ```lang ````.
 fn snippets_of(md: &str, lang: &str) -> Vec<String> {
@@ -36,8 +38,8 @@ fn every_snippet_is_in_the_crate() {
     assert!(snips.len() >= 6, "found {} snippets", snips.len());
     for s in snips {
         assert!(
-            SRC.contains(&s) || BIN.contains(&s),
-            "not in examples/toy-model/src/lib.rs nor src/bin/toy-magcache.rs:\n{s}"
+            SRC.contains(&s) || BIN.contains(&s) || WAN.contains(&s),
+            "not in examples/toy-model/src/lib.rs, src/bin/toy-magcache.rs nor wan/model.rs:\n{s}"
         );
     }
     assert!(

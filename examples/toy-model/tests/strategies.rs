@@ -25,7 +25,7 @@ fn pipeline(cache: &str) -> (Box<dyn Pipeline>, Option<CacheHandle>) {
     let cfg = RunConfig::parse(&text, "toy.toml").unwrap();
     cfg.validate("toy.toml").unwrap();
     let fam = registry::family("toy").expect("the toy family registers itself");
-    cfg.check_keys("toy.toml", fam).unwrap();
+    fam.check_keys(&cfg, "toy.toml").unwrap();
     let mut p = (fam.build)(&cfg, "toy.toml", Path::new(".")).unwrap();
     let info = p.model_info();
     let env = BuildEnv {

@@ -84,6 +84,16 @@ pub enum WeightsSpec {
     Many(Vec<String>),
 }
 
+impl ModelSection {
+    /// The run's placement: [`crate::runtime::placement::Placement::open`] of `device` and
+    /// `dtype`, with `gguf_repack`.
+    pub fn placement(&self, file: &str) -> Result<crate::runtime::placement::Placement> {
+        let mut p = crate::runtime::placement::Placement::open(&self.device, &self.dtype, file)?;
+        p.gguf_repack = self.gguf_repack;
+        Ok(p)
+    }
+}
+
 impl WeightsSpec {
     pub fn paths(&self) -> Vec<&str> {
         match self {
@@ -228,12 +238,18 @@ pub struct RunConfig {
     #[serde(default)]
     pub cache: Option<Box<dyn StrategyConfig>>,
     /// The file's text, for the keys its family reads ([`RunConfig::family_keys`]) and the check that
-    /// every key has an owner ([`RunConfig::check_keys`]).
+    /// every key has an owner ([`crate::runtime::registry::ModelFamily::check_keys`]).
     #[serde(skip)]
     source: String,
 }
 
 impl RunConfig {
+    /// The run file's text as read (for checks that walk its tables, e.g.
+    /// [`crate::runtime::registry::ModelFamily::check_keys`]).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Whether `model.dtype` is `auto`, which the runner resolves before building the model.
     pub fn is_auto_dtype(&self) -> bool {
         self.model.dtype == crate::runtime::placement::AUTO_DTYPE
@@ -301,65 +317,10 @@ impl RunConfig {
 
     /// The keys a family adds to the run file, read as the family's own typed struct `T` (its
     /// tables as fields, e.g. `sampling: WanSampling`; missing tables and keys take `T`'s
-    /// defaults). Keys of core and of the other tables are ignored here: [`RunConfig::check_keys`]
+    /// defaults). Keys of core and of the other tables are ignored here: [`crate::runtime::registry::ModelFamily::check_keys`]
     /// refuses keys nobody owns. Type errors name the file, line and key.
     pub fn family_keys<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T> {
         parse_toml::<T>(&self.source, file)
-    }
-
-    /// The files `family`'s own keys name in this run file (`table.key`, the value as written), for
-    /// the runner's list of a run's inputs.
-    pub fn family_files(
-        &self,
-        family: &crate::runtime::registry::ModelFamily,
-    ) -> Vec<(String, String)> {
-        let Ok(doc) = self.source.parse::<toml::Table>() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for fk in family.keys {
-            for key in fk.paths {
-                if let Some(v) = doc
-                    .get(fk.table)
-                    .and_then(|t| t.get(*key))
-                    .and_then(|v| v.as_str())
-                {
-                    out.push((format!("{}.{key}", fk.table), v.to_string()));
-                }
-            }
-        }
-        out
-    }
-
-    /// Refuses the first key of the run file that neither core nor `family` owns (its
-    /// [`crate::runtime::keys::FamilyKeys`]), naming the file, line and key, and the families that
-    /// do own it. The runner calls it as soon as the family is known.
-    pub fn check_keys(
-        &self,
-        file: &str,
-        family: &crate::runtime::registry::ModelFamily,
-    ) -> Result<()> {
-        use crate::runtime::keys::fields_of;
-        let doc: toml::Table = self.source.parse().map_err(|e: toml::de::Error| {
-            Error::config(file, "(document)", e.message().to_string())
-        })?;
-        let core = [
-            ("model", Some(fields_of::<ModelSection>())),
-            ("prompt", Some(fields_of::<PromptSection>())),
-            ("inputs", Some(fields_of::<InputsSection>())),
-            ("sampling", Some(fields_of::<SamplingSection>())),
-            ("cache", None),
-        ];
-        crate::runtime::keys::Owners {
-            core: &core,
-            family: family.name,
-            family_keys: family.keys,
-            others: crate::runtime::registry::families()
-                .iter()
-                .map(|f| (f.name, f.keys))
-                .collect(),
-        }
-        .check(&doc, &self.source, file)
     }
 
     /// Range checks that the types alone do not express.
@@ -614,10 +575,10 @@ mod tests {
             estimate: None,
         };
         let cfg = RunConfig::parse(BASE, "run.toml").unwrap();
-        cfg.check_keys("run.toml", &family).unwrap();
+        family.check_keys(&cfg, "run.toml").unwrap();
         let text = format!("{BASE}bogus = 1\n");
         let cfg = RunConfig::parse(&text, "run.toml").unwrap();
-        let err = cfg.check_keys("run.toml", &family).unwrap_err().to_string();
+        let err = family.check_keys(&cfg, "run.toml").unwrap_err().to_string();
         assert!(err.contains("run.toml:6"), "{err}");
         assert!(err.contains("sampling.bogus"), "{err}");
     }

@@ -100,17 +100,6 @@ impl Default for Placement {
 }
 
 impl Placement {
-    /// The run's placement: [`Placement::open`] of `model.device` and `model.dtype`, with
-    /// `model.gguf_repack`.
-    pub fn for_model(
-        model: &crate::runtime::config::ModelSection,
-        file: &str,
-    ) -> Result<Placement> {
-        let mut p = Placement::open(&model.device, &model.dtype, file)?;
-        p.gguf_repack = model.gguf_repack;
-        Ok(p)
-    }
-
     /// Opens the device. On a machine (or a build) without it: one line naming `model.device`.
     pub fn open(device: &str, dtype: &str, file: &str) -> Result<Placement> {
         let dtype = parse_dtype(dtype, file)?;

@@ -3,7 +3,7 @@
 //! A crate that registers something must be referenced by the final binary or test, or the linker
 //! drops its registrations (see `magcache_strategies::link()` and `magcache_models::link()`).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metadata::BlockMetadata;
 pub use crate::model::{ModelInfo, ScheduleMeta};
 use crate::runtime::config::RunConfig;
@@ -54,6 +54,55 @@ pub struct ModelFamily {
     /// Each stage's memory estimate ([`EstimateRun`]); `None`: the family gives none (`plan`
     /// prints no memory table for it).
     pub estimate: Option<EstimateRun>,
+}
+
+impl ModelFamily {
+    /// The files this family's own keys name in the run file `cfg` (`table.key`, the value as written), for
+    /// the runner's list of a run's inputs.
+    pub fn files_in(&self, cfg: &RunConfig) -> Vec<(String, String)> {
+        let family = self;
+        let Ok(doc) = cfg.source().parse::<toml::Table>() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for fk in family.keys {
+            for key in fk.paths {
+                if let Some(v) = doc
+                    .get(fk.table)
+                    .and_then(|t| t.get(*key))
+                    .and_then(|v| v.as_str())
+                {
+                    out.push((format!("{}.{key}", fk.table), v.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Refuses the first key of the run file `cfg` that neither core nor this family owns (its
+    /// [`crate::runtime::keys::FamilyKeys`]), naming the file, line and key, and the families that
+    /// do own it. The runner calls it as soon as the family is known.
+    pub fn check_keys(&self, cfg: &RunConfig, file: &str) -> Result<()> {
+        use crate::runtime::config::{InputsSection, ModelSection, PromptSection, SamplingSection};
+        let family = self;
+        let doc: toml::Table = cfg.source().parse().map_err(|e: toml::de::Error| {
+            Error::config(file, "(document)", e.message().to_string())
+        })?;
+        let core = [
+            ("model", Some(fields_of::<ModelSection>())),
+            ("prompt", Some(fields_of::<PromptSection>())),
+            ("inputs", Some(fields_of::<InputsSection>())),
+            ("sampling", Some(fields_of::<SamplingSection>())),
+            ("cache", None),
+        ];
+        crate::runtime::keys::Owners {
+            core: &core,
+            family: family.name,
+            family_keys: family.keys,
+            others: families().iter().map(|f| (f.name, f.keys)).collect(),
+        }
+        .check(&doc, cfg.source(), file)
+    }
 }
 
 inventory::collect!(ModelFamily);

@@ -1,19 +1,19 @@
 //! The blocks of `FluxTransformer2DModel`: its tensor names and per-block modulations over the
-//! shared joint-attention blocks ([`crate::mmdit`]). Every linear layer has a bias; each block
+//! shared joint-attention blocks ([`magcache_layers::mmdit`]). Every linear layer has a bias; each block
 //! computes its own shift/scale/gate chunks from the call's embedding.
 
 use super::config::FluxConfig;
-use crate::mmdit::{
-    chunks, Act, DoubleStream, FeedForward, JointAttention, SingleProjection, SingleStream,
-};
-use crate::nn::{modulate, LayerNorm, Linear, RmsNorm};
-use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
 use magcache_core::Result;
+use magcache_layers::mmdit::{
+    chunks, Act, DoubleStream, FeedForward, JointAttention, SingleProjection, SingleStream,
+};
+use magcache_layers::nn::{modulate, LayerNorm, Linear, RmsNorm};
+use magcache_layers::weights::WeightStore;
 
-/// The linear layer `name` (`weight` `[out, inp]` and `bias`; see [`crate::nn::linear`]).
+/// The linear layer `name` (`weight` `[out, inp]` and `bias`; see [`magcache_layers::nn::linear`]).
 pub(crate) fn lin(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    crate::nn::linear(w, name, out, inp)
+    magcache_layers::nn::linear(w, name, out, inp)
 }
 
 /// A double block's `norm1` applied to the image stream: layer norm, then shift and scale from the

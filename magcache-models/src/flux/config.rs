@@ -69,7 +69,7 @@ impl FluxConfig {
         file: &str,
         overrides: &Map<String, Value>,
     ) -> Result<Self> {
-        let cfg = crate::config_util::merge_config(
+        let cfg = magcache_layers::config_util::merge_config(
             &base,
             obj,
             overrides,

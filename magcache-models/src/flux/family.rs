@@ -2,15 +2,15 @@
 //! the registrations.
 
 use super::config::FluxConfig;
-use crate::config_util::to_map;
-use crate::config_util::{overrides_json, resolve};
-use crate::inputs::InputFile;
-use crate::random::random_store;
-use crate::scheduler::FluxShift;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::keys::{fields_of, FamilyKeys};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use magcache_layers::config_util::to_map;
+use magcache_layers::config_util::{overrides_json, resolve};
+use magcache_layers::inputs::InputFile;
+use magcache_layers::random::random_store;
+use magcache_layers::scheduler::FluxShift;
 
 use super::inputs::build_inputs;
 use super::model::{FluxModel, FLUX_DOUBLE, FLUX_SINGLE};
@@ -39,7 +39,7 @@ const FLUX_KEYS: &[FamilyKeys] = &[
         keys: fields_of::<FluxSamplingKeys>,
         paths: &[],
     },
-    super::vae::FLUX_VAE_KEYS,
+    magcache_layers::autoencoder_kl::FLUX_VAE_KEYS,
 ];
 
 /// FLUX samples with Euler (dynamic shift) only.
@@ -58,19 +58,19 @@ fn check_flux_scheduler(cfg: &RunConfig, file: &str) -> Result<()> {
 /// The keys a flux run cannot use: errors naming them, before anything loads. (`shift` stays a
 /// warning: configs written for diffusers carry one, see `tests/tests/config_compat.rs`.)
 fn check_flux_keys(cfg: &RunConfig, file: &str, base: &Path) -> Result<()> {
-    crate::config_util::check_applicable(cfg, file, "flux", 1)?;
+    magcache_layers::config_util::check_applicable(cfg, file, "flux", 1)?;
     // `[vae]`: checked against the pipeline's VAE before the size guard reads it (without
     // `[prompt]`, an error naming the key: nothing is decoded).
     let root = match cfg.prompt {
         Some(_) => prompted::pipeline_root(cfg, file, base)?,
         None => std::path::PathBuf::new(),
     };
-    super::vae::run_tiling(cfg, file, &root)?;
+    magcache_layers::autoencoder_kl::run_tiling(cfg, file, &root)?;
     Ok(())
 }
 
 fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
     check_flux_keys(cfg, file, base)?;
     let mut warnings = Vec::new();
@@ -80,7 +80,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         ));
     }
     let overrides = overrides_json(cfg);
-    let placement = magcache_core::Placement::for_model(&cfg.model, file)?;
+    let placement = cfg.model.placement(file)?;
     let root = match &cfg.prompt {
         Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
         None => None,
@@ -138,9 +138,13 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
             };
             let unused = store.check_unused(file, |prefix| {
                 if prefix == "single_transformer_blocks" {
-                    crate::config_util::depth_key(&overrides, "num_single_layers", n_single)
+                    magcache_layers::config_util::depth_key(
+                        &overrides,
+                        "num_single_layers",
+                        n_single,
+                    )
                 } else {
-                    crate::config_util::depth_key(&overrides, "num_layers", n_double)
+                    magcache_layers::config_util::depth_key(&overrides, "num_layers", n_double)
                 }
             })?;
             warnings.extend(unused);
@@ -206,7 +210,7 @@ fn flux_preset(
     serde_json::Map<String, serde_json::Value>,
     FluxConfig,
 )> {
-    let name = crate::config_util::preset_name(cfg, file)?;
+    let name = magcache_layers::config_util::preset_name(cfg, file)?;
     let p = FLUX_PRESETS
         .iter()
         .find(|p| p.name == name)
@@ -229,14 +233,14 @@ fn apply_lora(
     cfg: &RunConfig,
     file: &str,
     base: &Path,
-    store: &mut crate::weights::WeightStore,
+    store: &mut magcache_layers::weights::WeightStore,
     c: &FluxConfig,
 ) -> Result<Vec<String>> {
-    let tables = crate::lora::tables_for(&cfg.model.lora, file, "flux", 1, 0)?;
+    let tables = magcache_layers::lora::tables_for(&cfg.model.lora, file, "flux", 1, 0)?;
     let d = c.inner_dim();
     // A single block's MLP is 4 x the inner dimension (`SingleBlock::load`).
     let names = load::FluxLoraNames { d, mlp: 4 * d };
-    crate::lora::apply_tables(store, &tables, base, &names)
+    magcache_layers::lora::apply_tables(store, &tables, base, &names)
 }
 
 /// `transformer/` of a diffusers pipeline folder, else the path as given.
@@ -251,11 +255,11 @@ fn transformer_dir(path: std::path::PathBuf) -> std::path::PathBuf {
 
 /// The plan without building the model: the image length (for `mu`) comes from the inputs.
 fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
     check_flux_scheduler(cfg, file)?;
     check_flux_keys(cfg, file, base)?;
     let mut fp = magcache_core::runtime::guard::Footprint::default();
-    crate::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
+    magcache_layers::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
     fp.check(file)?;
     let seq = match (&cfg.prompt, &cfg.inputs.file) {
         (Some(_), _) => {
@@ -308,7 +312,7 @@ fn export_flux(
     let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
     let mut config = to_map(&c, "FluxTransformer2DModel")?;
     config.insert("_class_name".into(), "FluxTransformer2DModel".into());
-    let g = crate::random::generated(
+    let g = magcache_layers::random::generated(
         "",
         config,
         cfg.model.seed,
@@ -316,10 +320,12 @@ fn export_flux(
         c.inner_dim(),
         dtype,
     );
-    let tables = crate::lora::tables_for(&cfg.model.lora, file, "flux", 1, 0)?;
+    let tables = magcache_layers::lora::tables_for(&cfg.model.lora, file, "flux", 1, 0)?;
     let d = c.inner_dim();
     let names = load::FluxLoraNames { d, mlp: 4 * d };
-    Ok(vec![crate::lora::merged(g, &tables, base, &names)?])
+    Ok(vec![magcache_layers::lora::merged(
+        g, &tables, base, &names,
+    )?])
 }
 
 inventory::submit! {
@@ -351,7 +357,7 @@ fn estimate_flux(
     file: &str,
     base: &Path,
 ) -> Result<Vec<(String, magcache_core::runtime::guard::Footprint)>> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
     let overrides = overrides_json(cfg);
     let mut out = Vec::new();
     if cfg.prompt.is_some() {

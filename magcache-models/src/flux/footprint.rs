@@ -1,13 +1,13 @@
 //! What a FLUX run will hold in memory, from its config and file headers only (nothing is built).
 
 use super::config::FluxConfig;
-use crate::config_util::{overrides_json, resolve};
-use crate::footprint::{
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::guard::Footprint;
+use magcache_layers::config_util::{overrides_json, resolve};
+use magcache_layers::footprint::{
     add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
     CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
 };
-use magcache_core::runtime::config::RunConfig;
-use magcache_core::runtime::guard::Footprint;
 use std::path::Path;
 
 /// Parameters of a FLUX transformer (checked arithmetic).
@@ -66,8 +66,8 @@ pub fn flux_footprint(
     };
     let gguf = match &cfg.model.weights {
         Some(magcache_core::runtime::config::WeightsSpec::One(w)) => {
-            crate::footprint::gguf_held_bytes(
-                &crate::config_util::resolve(base, w),
+            magcache_layers::footprint::gguf_held_bytes(
+                &magcache_layers::config_util::resolve(base, w),
                 streamed,
                 cfg.model.gguf_repack,
             )
@@ -86,7 +86,7 @@ pub fn flux_footprint(
         );
     } else {
         fp.add("weights", knob, bytes);
-        crate::footprint::add_gguf_repacked(&mut fp, gguf.map_or(0, |g| g.repacked));
+        magcache_layers::footprint::add_gguf_repacked(&mut fp, gguf.map_or(0, |g| g.repacked));
     }
     add_plan(&mut fp, cfg.sampling.steps, 1);
     // (batch, image tokens, text tokens)
@@ -167,7 +167,7 @@ pub fn flux_footprint(
         sz(b) * sz(l) * (per_token + sz(c.joint_attention_dim) * f32b) + sz(l) * sz(3) * f32b;
     fp.add("text embeddings", text_knob, text.0);
     // The largest weight: a single block's fused output projection (d x 5d).
-    crate::footprint::add_lora(&mut fp, cfg, base, d * sz(5 * c.inner_dim()));
+    magcache_layers::footprint::add_lora(&mut fp, cfg, base, d * sz(5 * c.inner_dim()));
     fp
 }
 
@@ -179,8 +179,12 @@ pub fn flux_footprint(
 pub fn flux_decode_footprint(cfg: &RunConfig, base: &Path) -> Option<Footprint> {
     cfg.prompt.as_ref()?;
     let root = resolve(base, cfg.model.weights.as_ref()?.paths().first()?);
-    let v = super::vae::FluxVaeConfig::read(&root.join("vae").join("config.json")).ok()?;
-    let tiling = super::vae::run_tiling(cfg, "", &root).ok().flatten();
+    let v =
+        magcache_layers::autoencoder_kl::FluxVaeConfig::read(&root.join("vae").join("config.json"))
+            .ok()?;
+    let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, "", &root)
+        .ok()
+        .flatten();
     let (ph, pw) = (
         cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_SIZE),
         cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_SIZE),
@@ -191,7 +195,7 @@ pub fn flux_decode_footprint(cfg: &RunConfig, base: &Path) -> Option<Footprint> 
     let wb = if cpu {
         4
     } else {
-        crate::footprint::dtype_bytes(&cfg.model.dtype)
+        magcache_layers::footprint::dtype_bytes(&cfg.model.dtype)
     };
     let mut fp = Footprint::default();
     fp.add("VAE weights", "model.dtype", (v.params() * sz(wb)).0);
@@ -221,7 +225,7 @@ pub fn flux_decode_footprint(cfg: &RunConfig, base: &Path) -> Option<Footprint> 
             );
             fp.advise(format!(
                 "set `tiling = true` in [vae] (the decode then works in {}-pixel tiles) or make inputs.height/width smaller",
-                super::vae::FluxTiling::of_config(&v).tile_sample_min_size
+                magcache_layers::autoencoder_kl::FluxTiling::of_config(&v).tile_sample_min_size
             ));
         }
     }

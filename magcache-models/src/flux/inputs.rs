@@ -2,12 +2,12 @@
 //! from a seed.
 
 use super::config::FluxConfig;
-use crate::config_util::resolve;
-use crate::inputs::InputFile;
-use crate::random::randn_for;
 use candle_core::{Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::resolve;
+use magcache_layers::inputs::InputFile;
+use magcache_layers::random::randn_for;
 
 use std::path::Path;
 
@@ -135,7 +135,7 @@ pub(super) fn build_inputs(
         });
     }
     // Random inputs: latent_shape = [B, C, H, W] of unpacked latents (C * 4 = in_channels), packed 2x2.
-    let (seed, shape) = crate::inputs::drawn(cfg, &[1, c.in_channels / 4, 64, 64]);
+    let (seed, shape) = magcache_layers::inputs::drawn(cfg, &[1, c.in_channels / 4, 64, 64]);
     if shape.len() != 4
         || shape[1].checked_mul(4) != Some(c.in_channels)
         || !shape[2].is_multiple_of(2)

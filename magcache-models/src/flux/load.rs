@@ -2,9 +2,9 @@
 //! (`double_blocks.N.img_attn.qkv`, fused projections), detected from the keys.
 
 use super::config::FluxConfig;
-use crate::weights::WeightStore;
 use candle_core::Tensor;
 use magcache_core::{Error, Result};
+use magcache_layers::weights::WeightStore;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,21 +31,6 @@ pub fn detect_layout(store: &WeightStore) -> Result<FluxLayout> {
             "neither diffusers (`transformer_blocks.*`, `x_embedder.*`) nor BFL (`double_blocks.*`, `img_in.*`) FLUX tensor names",
         ))
     }
-}
-
-pub(super) fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
-    store
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix(prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map(|m| m.saturating_add(1))
-        .unwrap_or(0)
 }
 
 /// BFL module -> diffusers module, outside the blocks.
@@ -114,7 +99,7 @@ pub struct FluxLoraNames {
     pub mlp: usize,
 }
 
-impl crate::lora::LoraNames for FluxLoraNames {
+impl magcache_layers::lora::LoraNames for FluxLoraNames {
     fn family(&self) -> &str {
         "FLUX"
     }
@@ -143,8 +128,8 @@ impl crate::lora::LoraNames for FluxLoraNames {
         ]
     }
 
-    fn original(&self, module: &str) -> Option<Vec<crate::lora::Target>> {
-        use crate::lora::Target;
+    fn original(&self, module: &str) -> Option<Vec<magcache_layers::lora::Target>> {
+        use magcache_layers::lora::Target;
         let d = self.d;
         let split = |prefix: &str, names: &[&str], sizes: &[usize]| -> Vec<Target> {
             let mut off = 0;
@@ -227,7 +212,7 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
-    for i in 0..count_blocks(store, "double_blocks.") {
+    for i in 0..magcache_layers::weights::count_blocks(store, "double_blocks.") {
         for (a, c) in DOUBLE_NAMES {
             simple.push((
                 format!("double_blocks.{i}.{a}"),
@@ -235,7 +220,7 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
             ));
         }
     }
-    for i in 0..count_blocks(store, "single_blocks.") {
+    for i in 0..magcache_layers::weights::count_blocks(store, "single_blocks.") {
         for (a, c) in SINGLE_NAMES {
             simple.push((
                 format!("single_blocks.{i}.{a}"),
@@ -255,7 +240,7 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
             Err(missing(from))
         }
     };
-    for i in 0..count_blocks(store, "double_blocks.") {
+    for i in 0..magcache_layers::weights::count_blocks(store, "double_blocks.") {
         let (b, t) = (
             format!("double_blocks.{i}"),
             format!("transformer_blocks.{i}.attn"),
@@ -285,7 +270,7 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
             )?;
         }
     }
-    for i in 0..count_blocks(store, "single_blocks.") {
+    for i in 0..magcache_layers::weights::count_blocks(store, "single_blocks.") {
         let (b, t) = (
             format!("single_blocks.{i}"),
             format!("single_transformer_blocks.{i}"),
@@ -353,11 +338,11 @@ pub fn infer_bfl_config(
             ))
         }
     };
-    let (heads, hd) = crate::config_util::inferred_heads(d, overrides);
+    let (heads, hd) = magcache_layers::config_util::inferred_heads(d, overrides);
     Ok(FluxConfig {
         in_channels: cin,
-        num_layers: count_blocks(store, "double_blocks."),
-        num_single_layers: count_blocks(store, "single_blocks."),
+        num_layers: magcache_layers::weights::count_blocks(store, "double_blocks."),
+        num_single_layers: magcache_layers::weights::count_blocks(store, "single_blocks."),
         attention_head_dim: hd,
         num_attention_heads: heads,
         joint_attention_dim: dims("txt_in.weight")?.get(1).copied().unwrap_or(0),
@@ -384,10 +369,15 @@ pub fn load_flux(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<LoadedFlux> {
-    let gguf = crate::weights::gguf::is_gguf(weights);
+    let gguf = magcache_layers::weights::gguf::is_gguf(weights);
     let mut store = if gguf {
         let (store, arch) = WeightStore::load_gguf(weights)?;
-        crate::weights::gguf::check_architecture(weights, arch.as_deref(), "flux", "flux")?;
+        magcache_layers::weights::gguf::check_architecture(
+            weights,
+            arch.as_deref(),
+            "flux",
+            "flux",
+        )?;
         store
     } else {
         WeightStore::load_checkpoint(weights)?
@@ -433,7 +423,7 @@ pub fn load_flux(
         FluxConfig::from_map(base, &obj, &shown, &serde_json::Map::new())?
     };
     if !overrides.is_empty() && cpath.is_some() {
-        let cur = crate::config_util::to_map(&config, "FluxTransformer2DModel")?;
+        let cur = magcache_layers::config_util::to_map(&config, "FluxTransformer2DModel")?;
         config = FluxConfig::from_map(FluxConfig::default(), &cur, cfg_file, overrides)?;
     }
     if layout == FluxLayout::Bfl {

@@ -1,4 +1,5 @@
-//! FLUX.1: model, loading (diffusers and BFL), the image VAE ([`vae`]), presets, inputs, the Euler
+//! FLUX.1: model, loading (diffusers and BFL), presets (its VAE is the shared
+//! `magcache_layers::autoencoder_kl`), inputs, the Euler
 //! sampler with dynamic shift and embedded guidance ([`pipeline`]), and the family registration
 //! ([`family`]).
 
@@ -12,7 +13,6 @@ pub mod model;
 pub mod pipeline;
 pub mod presets;
 pub mod prompted;
-pub mod vae;
 
 pub use inputs::{image_ids, FluxInputs};
 pub use pipeline::{flux_plan, FluxPipeline};

@@ -3,24 +3,18 @@
 
 use super::blocks::{lin, modulated_input, AnyBlock, BlockArgs};
 use super::config::FluxConfig;
-use crate::nn::modulate;
-use crate::nn::{timestep_embedding, LayerNorm, Linear};
-use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::nn::modulate;
+use magcache_layers::nn::{timestep_embedding, LayerNorm, Linear};
+use magcache_layers::weights::WeightStore;
 use std::sync::Arc;
 
 /// Double-stream block: updates the image (hidden) and text (encoder) streams, each with its own
 /// weights (`BlockArgs` holds what it reads besides them).
-pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata {
-    kind: "flux.double",
-    joint: true,
-};
+pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata::joint("flux.double");
 /// Single-stream block: the two streams concatenated (text first), split again on the way out.
-pub const FLUX_SINGLE: BlockMetadata = BlockMetadata {
-    kind: "flux.single",
-    joint: true,
-};
+pub const FLUX_SINGLE: BlockMetadata = BlockMetadata::joint("flux.single");
 
 /// The diffusers-named tensors outside the blocks (embeddings, head) and their shapes, as
 /// `assemble` reads them (recorded, so the names are written once).
@@ -80,7 +74,7 @@ impl FluxModel {
         Self::assemble(cfg, w, ModelBlocks::held("flux", blocks, metas)?)
     }
 
-    /// Builds the model with its blocks streamed from `w` (a checkpoint's memory-mapped store): the
+    /// Builds the model with its blocks streamed from `w` (a checkpoint's store): the
     /// embeddings and the head are loaded now, each block's tensors only checked (present, right
     /// shape) and read when the block runs.
     pub fn streamed(cfg: FluxConfig, w: Arc<WeightStore>) -> Result<Self> {
@@ -272,7 +266,8 @@ impl FluxModel {
 
 /// The kind of every chain block: the double blocks, then the single blocks.
 fn chain_kinds(c: &FluxConfig) -> Vec<BlockMetadata> {
-    let mut metas = vec![FLUX_DOUBLE; c.num_layers];
-    metas.extend(vec![FLUX_SINGLE; c.num_single_layers]);
-    metas
+    BlockMetadata::chain(&[
+        (FLUX_DOUBLE, c.num_layers),
+        (FLUX_SINGLE, c.num_single_layers),
+    ])
 }

@@ -1,11 +1,11 @@
 //! The FLUX denoising loop: Euler with dynamic shift, embedded guidance, one cache scope.
 
-use crate::scheduler::FlowSchedule;
 use candle_core::Tensor;
 use magcache_core::denoise::Observer;
 use magcache_core::{
     Branch, CacheHandle, Denoiser, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
 };
+use magcache_layers::scheduler::FlowSchedule;
 
 use super::inputs::FluxInputs;
 use super::model::FluxModel;
@@ -45,7 +45,7 @@ impl Pipeline for FluxPipeline {
     }
     /// Packed `[B, h*w, C]` -> `[B*C, h, w]` on the grid of `img_ids`.
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
-        packed_to_planes(latents, &self.inputs.img_ids)
+        magcache_layers::autoencoder_kl::packed_to_planes(latents, &self.inputs.img_ids)
     }
 
     fn warnings(&self) -> Vec<String> {
@@ -128,33 +128,4 @@ pub fn flux_plan(schedule: &FlowSchedule) -> GenerationPlan {
         branches: &[Branch::Cond],
         ..Default::default()
     })
-}
-
-/// Packed latents `[B, h*w, C]` -> `[B*C, h, w]` on the grid of position ids `[seq, axes]` whose
-/// axes 1 and 2 are the row and column (FLUX.1 and FLUX.2); ids that give no grid: one row of
-/// `seq` values per plane.
-pub(crate) fn packed_to_planes(latents: &Tensor, img_ids: &Tensor) -> Result<Tensor> {
-    let (b, seq, c) = latents.dims3()?;
-    let ids = img_ids
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec2::<f32>()?;
-    let extent = |axis: usize| {
-        ids.iter()
-            .map(|r| r.get(axis).map_or(0, |&v| v as usize))
-            .max()
-            .unwrap_or(0)
-            .saturating_add(1)
-    };
-    let (h, w) = (extent(1), extent(2));
-    if h.checked_mul(w) != Some(seq) {
-        return Ok(latents
-            .permute((0, 2, 1))?
-            .contiguous()?
-            .reshape((b * c, 1, seq))?);
-    }
-    Ok(latents
-        .reshape((b, h, w, c))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?
-        .reshape((b * c, h, w))?)
 }

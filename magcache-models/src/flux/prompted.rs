@@ -4,14 +4,14 @@
 //! latents are drawn or read, and AutoencoderKL decodes, as diffusers' `FluxPipeline` does.
 
 use super::inputs::FluxInputs;
-use super::vae::{FluxVae, FluxVaeConfig};
-use crate::config_util::resolve;
-use crate::inputs::InputFile;
-use crate::text::flux::FluxTextEncoders;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::autoencoder_kl::{FluxVae, FluxVaeConfig};
+use magcache_layers::config_util::resolve;
+use magcache_layers::inputs::InputFile;
+use magcache_text::flux::FluxTextEncoders;
 use std::path::{Path, PathBuf};
 
 /// `FluxPipeline`'s defaults: 1024 x 1024 (`default_sample_size` 128 x the VAE's 8), 512 T5 tokens.
@@ -28,13 +28,13 @@ pub struct Prompted {
     pub placement: Placement,
     pub stages: Vec<StageTime>,
     /// `[vae] tiling` (checked before anything loads).
-    pub tiling: Option<crate::flux::vae::FluxTiling>,
+    pub tiling: Option<magcache_layers::autoencoder_kl::FluxTiling>,
 }
 
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
 /// a FLUX pipeline and the parts it needs.
 pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
-    let kind = crate::config_util::PipelineKind {
+    let kind = magcache_layers::config_util::PipelineKind {
         parts: &[
             "tokenizer",
             "tokenizer_2",
@@ -47,7 +47,7 @@ pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf
         label: "FLUX",
         example: "FluxPipeline",
     };
-    let (root, _) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    let (root, _) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
     Ok(root)
 }
 
@@ -88,7 +88,7 @@ pub fn text_footprint(
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
     let t5_cfg = root.join("text_encoder_2").join("config.json");
-    let mut fp = crate::text::Umt5Config::load(&root.join("text_encoder_2"))?.footprint(
+    let mut fp = magcache_text::Umt5Config::load(&root.join("text_encoder_2"))?.footprint(
         max_len,
         bytes,
         &t5_cfg.display().to_string(),
@@ -96,7 +96,7 @@ pub fn text_footprint(
     );
     let clip_cfg = root.join("text_encoder").join("config.json");
     fp.parts.extend(
-        crate::text::ClipTextModelConfig::load(&root.join("text_encoder"))?
+        magcache_text::ClipTextModelConfig::load(&root.join("text_encoder"))?
             .footprint(bytes, &clip_cfg.display().to_string())
             .parts,
     );
@@ -116,8 +116,8 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
         ));
     }
     let (height, width, _) = image_size(cfg, file, root)?;
-    let placement = Placement::for_model(&cfg.model, file)?;
-    let tiling = crate::flux::vae::run_tiling(cfg, file, root)?;
+    let placement = cfg.model.placement(file)?;
+    let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, root)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     // The size guard for the text stage (loaded, used and freed before the transformer).
     text_footprint(cfg, file, root)?.check(file)?;
@@ -128,7 +128,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
         FluxTextEncoders::load_pipeline_with(root, &placement.device, placement.dtype, streamed)?;
     let (prompt_embeds, pooled_prompt_embeds) = enc.encode(&p.text, max_len)?;
     drop(enc);
-    let check = crate::wan::prompted::check_stage;
+    let check = magcache_layers::stage::check_stage;
     let te2 = root.join("text_encoder_2").display().to_string();
     check(
         &prompt_embeds,
@@ -190,7 +190,7 @@ pub fn inputs(
             }
             l
         }
-        None => crate::random::randn_for(
+        None => magcache_layers::random::randn_for(
             file,
             "inputs.height/width",
             cfg.inputs.seed.unwrap_or(cfg.model.seed),
@@ -238,7 +238,7 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
     let decoded = vae.decode_packed(latents, p.height, p.width)?;
     drop(vae);
     let v = p.root.join("vae").display().to_string();
-    crate::wan::prompted::check_stage(
+    magcache_layers::stage::check_stage(
         &decoded,
         "the VAE decode",
         &format!("the decoded pixels (from {v})"),

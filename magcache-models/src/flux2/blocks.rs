@@ -1,17 +1,17 @@
 //! The blocks of `Flux2Transformer2DModel`: its tensor names over the shared joint-attention
-//! blocks ([`crate::mmdit`]), with SwiGLU feed-forwards and, in the single blocks, one fused
+//! blocks ([`magcache_layers::mmdit`]), with SwiGLU feed-forwards and, in the single blocks, one fused
 //! projection to q, k, v and the MLP input. No linear layer has a bias and no block has modulation
 //! weights of its own: every block of a kind reads the same shift/scale/gate chunks
 //! (`Modulations`), computed once per call.
 
 use super::config::Flux2Config;
-use crate::mmdit::{
-    Act, DoubleStream, FeedForward, JointAttention, SingleProjection, SingleStream,
-};
-use crate::nn::{linear_no_bias, LayerNorm, RmsNorm};
-use crate::weights::WeightStore;
 use candle_core::{Device, Tensor};
 use magcache_core::Result;
+use magcache_layers::mmdit::{
+    Act, DoubleStream, FeedForward, JointAttention, SingleProjection, SingleStream,
+};
+use magcache_layers::nn::{linear_no_bias, LayerNorm, RmsNorm};
+use magcache_layers::weights::WeightStore;
 
 /// The shared modulations of one call: image and text streams of the double blocks (shift, scale,
 /// gate of attention, then of the MLP) and the single blocks (shift, scale, gate).

@@ -98,8 +98,14 @@ impl Flux2Config {
                 ));
             }
         }
-        let cfg =
-            crate::config_util::merge_config(&base, obj, overrides, file, FIELDS, FLUX2_CLASS)?;
+        let cfg = magcache_layers::config_util::merge_config(
+            &base,
+            obj,
+            overrides,
+            file,
+            FIELDS,
+            FLUX2_CLASS,
+        )?;
         cfg.check(file)?;
         Ok(cfg)
     }

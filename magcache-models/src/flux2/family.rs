@@ -6,16 +6,16 @@ use super::load::load_flux2;
 use super::model::{shapes, Flux2Model, FLUX2_DOUBLE, FLUX2_SINGLE};
 use super::pipeline::{flux2_plan, Flux2Inputs, Flux2Pipeline};
 use super::prompted::{self, image_ids, text_ids, DEFAULT_GUIDANCE};
-use crate::config_util::{overrides_json, resolve, to_map};
-use crate::footprint::{add_plan, attention_bytes, sz, weights_bytes, weights_knob, Sz};
-use crate::inputs::InputFile;
-use crate::random::{randn_for, random_store};
-use crate::scheduler::flux2_schedule;
 use candle_core::Tensor;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result};
+use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes, weights_knob, Sz};
+use magcache_layers::inputs::InputFile;
+use magcache_layers::random::{randn_for, random_store};
+use magcache_layers::scheduler::flux2_schedule;
 use std::path::Path;
 
 pub struct Flux2Preset {
@@ -60,7 +60,7 @@ pub const FLUX2_PRESETS: &[Flux2Preset] = &[
 ];
 
 fn preset(cfg: &RunConfig, file: &str) -> Result<&'static Flux2Preset> {
-    let name = crate::config_util::preset_name(cfg, file)?;
+    let name = magcache_layers::config_util::preset_name(cfg, file)?;
     FLUX2_PRESETS
         .iter()
         .find(|p| p.name == name)
@@ -219,7 +219,7 @@ fn plain_inputs(
             img_ids,
         });
     }
-    let (seed, shape) = crate::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
+    let (seed, shape) = magcache_layers::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
     let bad = || {
         Error::config(
             file,
@@ -283,7 +283,7 @@ fn run_dims(
     }
     match &cfg.inputs.file {
         Some(f) => {
-            let s = crate::footprint::safetensors_shapes(&resolve(base, f))?;
+            let s = magcache_layers::footprint::safetensors_shapes(&resolve(base, f))?;
             match (
                 s.get("latents_init")?.as_slice(),
                 s.get("prompt_embeds")?.as_slice(),
@@ -293,7 +293,7 @@ fn run_dims(
             }
         }
         None => {
-            let (_, shape) = crate::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
+            let (_, shape) = magcache_layers::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
             match shape.as_slice() {
                 &[b, _, h, w] => Some((b, (h / 2).saturating_mul(w / 2), l)),
                 _ => None,
@@ -318,11 +318,11 @@ fn distilled(cfg: &RunConfig, file: &str, base: &Path) -> Result<bool> {
 }
 
 fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
-    crate::config_util::check_applicable(cfg, file, "flux2", 1)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::check_applicable(cfg, file, "flux2", 1)?;
     if cfg.prompt.is_none() {
         // `[vae]` without `[prompt]`: an error naming the key (nothing is decoded).
-        crate::flux::vae::run_tiling(cfg, file, Path::new(""))?;
+        magcache_layers::autoencoder_kl::run_tiling(cfg, file, Path::new(""))?;
     }
     if !cfg.model.lora.is_empty() {
         return Err(Error::config(
@@ -338,7 +338,7 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         ));
     }
     let overrides = overrides_json(cfg);
-    let placement = magcache_core::Placement::for_model(&cfg.model, file)?;
+    let placement = cfg.model.placement(file)?;
     let is_distilled = distilled(cfg, file, base)?;
     let cfg_on = !is_distilled && cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE) > 1.0;
     if let (Some(p), true) = (&cfg.prompt, is_distilled) {
@@ -410,13 +410,13 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
             };
             let unused = store.check_unused(file, |prefix| {
                 if prefix == "single_transformer_blocks" {
-                    crate::config_util::depth_key(
+                    magcache_layers::config_util::depth_key(
                         &overrides,
                         "num_single_layers",
                         c.num_single_layers,
                     )
                 } else {
-                    crate::config_util::depth_key(&overrides, "num_layers", c.num_layers)
+                    magcache_layers::config_util::depth_key(&overrides, "num_layers", c.num_layers)
                 }
             })?;
             warnings.extend(unused);
@@ -472,8 +472,8 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 
 /// The plan without building the model: the image length (for `mu`) from the run file and headers.
 fn plan_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
-    crate::config_util::check_applicable(cfg, file, "flux2", 1)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::check_applicable(cfg, file, "flux2", 1)?;
     let mut fp = Footprint::default();
     add_plan(&mut fp, cfg.sampling.steps, 2);
     fp.check(file)?;
@@ -524,7 +524,7 @@ fn export_flux2(
     let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
     let mut config = to_map(&c, FLUX2_CLASS)?;
     config.insert("_class_name".into(), FLUX2_CLASS.into());
-    Ok(vec![crate::random::generated(
+    Ok(vec![magcache_layers::random::generated(
         "",
         config,
         cfg.model.seed,
@@ -545,7 +545,7 @@ inventory::submit! {
         blocks: &[FLUX2_DOUBLE, FLUX2_SINGLE],
         presets: &["flux2-klein-4b", "flux2-klein-base-4b", "flux2-dev"],
         published: &[],
-        keys: &[crate::flux::vae::FLUX_VAE_KEYS],
+        keys: &[magcache_layers::autoencoder_kl::FLUX_VAE_KEYS],
         streams: true,
         build: build_flux2,
         plan: plan_flux2,

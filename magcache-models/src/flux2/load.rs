@@ -2,8 +2,8 @@
 //! weights (one file or shards with their index), headers only.
 
 use super::config::Flux2Config;
-use crate::weights::WeightStore;
 use magcache_core::{Error, Result};
+use magcache_layers::weights::WeightStore;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 

@@ -1,11 +1,12 @@
 //! FLUX.2 klein (`Flux2KleinPipeline`): the transformer ([`model`], [`blocks`]), the Qwen3 text
-//! side ([`crate::text::qwen3`]), the latent batch-norm VAE ([`vae`]), FLUX.2's schedule
-//! ([`crate::scheduler::flux2_schedule`]), prompted runs ([`prompted`]), the denoising loop
+//! side ([`magcache_text::qwen3`]), the latent batch-norm VAE ([`vae`]), FLUX.2's schedule
+//! ([`magcache_layers::scheduler::flux2_schedule`]), prompted runs ([`prompted`]), the denoising loop
 //! ([`pipeline`]) and the family registration ([`family`]).
 
 pub mod blocks;
 pub mod config;
 pub mod family;
+pub mod inputs;
 pub mod load;
 pub mod model;
 pub mod pipeline;

@@ -9,23 +9,17 @@
 
 use super::blocks::{AnyBlock, BlockArgs, Modulations};
 use super::config::Flux2Config;
-use crate::mmdit::chunks;
-use crate::nn::{linear_no_bias, modulate, timestep_embedding, LayerNorm, Linear};
-use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::mmdit::chunks;
+use magcache_layers::nn::{linear_no_bias, modulate, timestep_embedding, LayerNorm, Linear};
+use magcache_layers::weights::WeightStore;
 use std::sync::Arc;
 
 /// Double-stream block: updates the image (hidden) and text (encoder) streams.
-pub const FLUX2_DOUBLE: BlockMetadata = BlockMetadata {
-    kind: "flux2.double",
-    joint: true,
-};
+pub const FLUX2_DOUBLE: BlockMetadata = BlockMetadata::joint("flux2.double");
 /// Single-stream block: the two streams concatenated (text first), updated, split again.
-pub const FLUX2_SINGLE: BlockMetadata = BlockMetadata {
-    kind: "flux2.single",
-    joint: true,
-};
+pub const FLUX2_SINGLE: BlockMetadata = BlockMetadata::joint("flux2.single");
 
 /// The diffusers-named tensors outside the blocks (embeddings, modulations, head) and their shapes,
 /// as `assemble` reads them.
@@ -289,7 +283,8 @@ impl Flux2Model {
 
 /// The kind of every chain block: the double blocks, then the single blocks.
 fn chain_kinds(c: &Flux2Config) -> Vec<BlockMetadata> {
-    let mut metas = vec![FLUX2_DOUBLE; c.num_layers];
-    metas.extend(vec![FLUX2_SINGLE; c.num_single_layers]);
-    metas
+    BlockMetadata::chain(&[
+        (FLUX2_DOUBLE, c.num_layers),
+        (FLUX2_SINGLE, c.num_single_layers),
+    ])
 }

@@ -2,39 +2,15 @@
 //! one transformer call per step (`cond`), base folders classifier-free guidance (`cond` then
 //! `uncond`, each its own cache scope).
 
+pub use super::inputs::Flux2Inputs;
 use super::model::Flux2Model;
 use super::prompted;
-use crate::scheduler::FlowSchedule;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use magcache_core::denoise::Observer;
 use magcache_core::{
     Branch, CacheHandle, Denoiser, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
 };
-
-/// What the transformer is called with (besides the latents it updates).
-pub struct Flux2Inputs {
-    /// `[B, seq, in_channels]` packed initial latents.
-    pub latents: Tensor,
-    /// `[B, L, joint_attention_dim]` prompt embeddings.
-    pub ctx: Tensor,
-    /// The negative prompt's embeddings, with classifier-free guidance.
-    pub neg_ctx: Option<Tensor>,
-    /// `[seq, 4]` and `[L, 4]` position ids.
-    pub img_ids: Tensor,
-    pub txt_ids: Tensor,
-}
-
-impl Flux2Inputs {
-    pub fn to_device(self, dev: &Device) -> Result<Self> {
-        Ok(Flux2Inputs {
-            latents: self.latents.to_device(dev)?,
-            ctx: self.ctx.to_device(dev)?,
-            neg_ctx: self.neg_ctx.map(|t| t.to_device(dev)).transpose()?,
-            img_ids: self.img_ids.to_device(dev)?,
-            txt_ids: self.txt_ids.to_device(dev)?,
-        })
-    }
-}
+use magcache_layers::scheduler::FlowSchedule;
 
 pub struct Flux2Pipeline {
     /// The transformer; `None` after [`Pipeline::release_models`] (a later generation is refused).
@@ -70,7 +46,7 @@ impl Pipeline for Flux2Pipeline {
         Ok(())
     }
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
-        crate::flux::pipeline::packed_to_planes(latents, &self.inputs.img_ids)
+        magcache_layers::autoencoder_kl::packed_to_planes(latents, &self.inputs.img_ids)
     }
     fn warnings(&self) -> Vec<String> {
         self.warnings.clone()

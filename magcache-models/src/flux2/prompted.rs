@@ -4,15 +4,15 @@
 //! before the transformer loads), the packed latents are drawn or read, and `AutoencoderKLFlux2`
 //! decodes, as diffusers' pipeline does.
 
-use super::pipeline::Flux2Inputs;
+use super::inputs::Flux2Inputs;
 use super::vae::{Flux2Vae, Flux2VaeConfig};
-use crate::config_util::resolve;
-use crate::inputs::InputFile;
-use crate::text::qwen3::{Flux2TextEncoder, Qwen3Config, FLUX2_TEXT_LAYERS};
 use candle_core::{DType, Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::config_util::resolve;
+use magcache_layers::inputs::InputFile;
+use magcache_text::qwen3::{Flux2TextEncoder, Qwen3Config, FLUX2_TEXT_LAYERS};
 use std::path::{Path, PathBuf};
 
 /// `Flux2KleinPipeline`'s defaults: 1024 x 1024, 512 text tokens, guidance 4.0 (base folders).
@@ -31,19 +31,19 @@ pub struct Prompted {
     pub placement: Placement,
     pub stages: Vec<StageTime>,
     /// `[vae] tiling` (checked before anything loads).
-    pub tiling: Option<crate::flux::vae::FluxTiling>,
+    pub tiling: Option<magcache_layers::autoencoder_kl::FluxTiling>,
 }
 
 /// The pipeline folder of a prompted run and whether it is step-distilled (`is_distilled` in
 /// `model_index.json`; absent = false).
 pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBuf, bool)> {
-    let kind = crate::config_util::PipelineKind {
+    let kind = magcache_layers::config_util::PipelineKind {
         parts: &["tokenizer", "text_encoder", "transformer", "vae"],
         class_prefix: "Flux2",
         label: "FLUX.2",
         example: "Flux2KleinPipeline",
     };
-    let (root, class) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    let (root, class) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
     let index = root.join("model_index.json");
     let shown = index.display().to_string();
     if class != "Flux2KleinPipeline" {
@@ -123,8 +123,8 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         ));
     };
     let (height, width, _) = image_size(cfg, file, root)?;
-    let placement = Placement::for_model(&cfg.model, file)?;
-    let tiling = crate::flux::vae::run_tiling(cfg, file, root)?;
+    let placement = cfg.model.placement(file)?;
+    let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, root)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     if max_len == 0 {
         return Err(Error::config(
@@ -149,7 +149,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         None
     };
     drop(enc);
-    let check = crate::wan::prompted::check_stage;
+    let check = magcache_layers::stage::check_stage;
     check(
         &prompt_embeds,
         "the text encoder",
@@ -222,7 +222,7 @@ pub fn inputs(
             }
             l.to_dtype(DType::F32)?
         }
-        None => crate::random::randn_for(
+        None => magcache_layers::random::randn_for(
             file,
             "inputs.height/width",
             cfg.inputs.seed.unwrap_or(cfg.model.seed),
@@ -269,7 +269,7 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
     let decoded = vae.decode_packed(latents, p.height, p.width)?;
     drop(vae);
     let v = p.root.join("vae").display().to_string();
-    crate::wan::prompted::check_stage(
+    magcache_layers::stage::check_stage(
         &decoded,
         "the VAE decode",
         &format!("the decoded pixels (from {v})"),

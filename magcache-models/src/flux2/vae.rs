@@ -1,15 +1,17 @@
 //! FLUX.2's image VAE, diffusers `AutoencoderKLFlux2`: the `AutoencoderKL` encoder/decoder of
-//! [`crate::flux::vae`] (32 latent channels, `quant_conv` / `post_quant_conv`) plus a latent batch
+//! [`magcache_layers::autoencoder_kl`] (32 latent channels, `quant_conv` / `post_quant_conv`) plus a latent batch
 //! norm `bn` over the 2x2-patchified latents (`4 * latent_channels` channels, no affine) that
 //! replaces `scaling_factor` / `shift_factor`. The pipeline de-normalises the transformer's packed
 //! latents with it, `z * sqrt(running_var + batch_norm_eps) + running_mean` per packed channel,
 //! unpatchifies them and decodes.
 
-use crate::flux::vae::{to_pixels, unpack_latents, FluxTiling, FluxVae, FluxVaeConfig};
-use crate::vae_common::{check_dtype, read_config};
-use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::autoencoder_kl::{
+    to_pixels, unpack_latents, FluxTiling, FluxVae, FluxVaeConfig,
+};
+use magcache_layers::vae_common::{check_dtype, read_config};
+use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

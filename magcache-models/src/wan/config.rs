@@ -113,7 +113,7 @@ impl WanConfig {
         file: &str,
         overrides: &Map<String, Value>,
     ) -> Result<Self> {
-        let cfg = crate::config_util::merge_config(
+        let cfg = magcache_layers::config_util::merge_config(
             &WanConfig::default(),
             &obj,
             overrides,

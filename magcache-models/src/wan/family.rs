@@ -11,13 +11,13 @@ use super::presets::{
     find_preset, info_for, info_for_mode, match_preset, WanPreset, WAN21_PRESETS, WAN22_PRESETS,
 };
 use super::prompted;
-use crate::config_util::{overrides_json, resolve, to_map};
-use crate::scheduler::{
-    choose_flow_sampler, pipeline_scheduler_config, FlowSampler, SamplerChoice,
-};
 use magcache_core::runtime::config::{LoraTable, RunConfig, WeightsSpec};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::scheduler::{
+    choose_flow_sampler, pipeline_scheduler_config, FlowSampler, SamplerChoice,
+};
 use std::path::Path;
 
 /// One Wan model from a weights path or a preset; returns the model, its preset (if any), a
@@ -33,14 +33,18 @@ pub fn build_model(
     lora: &[&LoraTable],
 ) -> Result<BuiltModel> {
     let overrides = overrides_json(cfg);
-    let placement = magcache_core::Placement::for_model(&cfg.model, file)?;
+    let placement = cfg.model.placement(file)?;
     if let Some(w) = weights {
         let path = resolve(base, w);
         let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
         let mut loaded = load::load_wan(&path, config.as_deref(), &overrides, file)?;
         loaded.store.set_placement(placement.clone());
-        let mut lora_warnings =
-            crate::lora::apply_tables(&mut loaded.store, lora, base, &load::WanLoraNames)?;
+        let mut lora_warnings = magcache_layers::lora::apply_tables(
+            &mut loaded.store,
+            lora,
+            base,
+            &load::WanLoraNames,
+        )?;
         let preset = match_preset(presets, &loaded.config);
         let c = &loaded.config;
         let desc = format!(
@@ -65,12 +69,12 @@ pub fn build_model(
             desc
         };
         let warning = store.check_unused(file, |_| {
-            crate::config_util::depth_key(&overrides, "num_layers", layers)
+            magcache_layers::config_util::depth_key(&overrides, "num_layers", layers)
         })?;
         lora_warnings.extend(warning);
         Ok((model, preset, desc, lora_warnings))
     } else {
-        let name = crate::config_util::preset_name(cfg, file)?;
+        let name = magcache_layers::config_util::preset_name(cfg, file)?;
         let preset = find_preset(cfg, file, presets, name)?;
         let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
         let c = WanConfig::from_map(base_cfg, file, &overrides)?;
@@ -86,7 +90,8 @@ pub fn build_model(
         );
         let mut store = model::random_weights(&c, cfg.model.seed + seed_offset, placement.dtype)?;
         store.set_placement(placement.clone());
-        let lora_warnings = crate::lora::apply_tables(&mut store, lora, base, &load::WanLoraNames)?;
+        let lora_warnings =
+            magcache_layers::lora::apply_tables(&mut store, lora, base, &load::WanLoraNames)?;
         // A shrunk preset (overrides) keeps the preset's published curves: the curve shape belongs
         // to the model family and sampler far more than to the exact depth.
         Ok((
@@ -155,7 +160,7 @@ pub fn wan_sampler(
 }
 
 fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
     let weights = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => Some(w.as_str()),
         Some(WeightsSpec::Many(_)) => {
@@ -193,7 +198,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         )?),
         None => None,
     };
-    let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.1", 1, 0)?;
+    let lora = magcache_layers::lora::tables_for(&cfg.model.lora, file, "wan2.1", 1, 0)?;
     let (model, preset, desc, warnings) =
         build_model(cfg, file, base, weights, WAN21_PRESETS, 0, &lora)?;
     let inputs = match &prompted {
@@ -228,7 +233,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
 /// Wan2.2: `weights = [high, low]`, a pipeline folder with `transformer/` and `transformer_2/`, or one
 /// model (TI2V-5B); or a preset.
 fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
     let keys = WanKeys::read(cfg, file)?;
     let paths = wan22_paths(cfg, file, base)?;
     let single = match paths.len() {
@@ -284,7 +289,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         let p = WAN22_PRESETS.iter().find(|p| p.name == name);
         let n = p.map(|p| p.experts).unwrap_or(1);
         for e in 0..n {
-            let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.2", n, e)?;
+            let lora = magcache_layers::lora::tables_for(&cfg.model.lora, file, "wan2.2", n, e)?;
             let (m, pr, d, ws) =
                 build_model(cfg, file, base, None, WAN22_PRESETS, e as u64, &lora)?;
             warnings.extend(ws);
@@ -294,7 +299,8 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         }
     } else {
         for (e, w) in paths.iter().enumerate() {
-            let lora = crate::lora::tables_for(&cfg.model.lora, file, "wan2.2", paths.len(), e)?;
+            let lora =
+                magcache_layers::lora::tables_for(&cfg.model.lora, file, "wan2.2", paths.len(), e)?;
             let (m, pr, d, ws) = build_model(cfg, file, base, Some(w), WAN22_PRESETS, 0, &lora)?;
             preset = pr;
             warnings.extend(ws);
@@ -500,7 +506,7 @@ fn plan_wan(
     base: &Path,
     family: &str,
 ) -> Result<(GenerationPlan, ModelInfo)> {
-    crate::config_util::require_weights_or_preset(cfg, file)?;
+    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
     let (paths, presets) = paths_and_presets(cfg, file, base, family)?;
     let keys = WanKeys::read(cfg, file)?;
     let (n, preset) = wan_arch(cfg, file, base, &paths, presets)?;
@@ -533,7 +539,7 @@ fn plan_wan(
             5.0
         });
     let mut fp = magcache_core::runtime::guard::Footprint::default();
-    crate::footprint::add_plan(
+    magcache_layers::footprint::add_plan(
         &mut fp,
         cfg.sampling.steps,
         if guidance > 1.0 { 2 } else { 1 },
@@ -641,7 +647,7 @@ fn export_wan(
     family: &str,
 ) -> Result<Vec<magcache_core::GeneratedWeights>> {
     let overrides = overrides_json(cfg);
-    let name = crate::config_util::preset_name(cfg, file)?;
+    let name = magcache_layers::config_util::preset_name(cfg, file)?;
     let preset = find_preset(cfg, file, presets, name)?;
     let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
     let c = WanConfig::from_map(base_cfg, file, &overrides)?;
@@ -670,7 +676,7 @@ fn export_wan(
                 (_, 0) => "transformer",
                 _ => "transformer_2",
             };
-            let g = crate::random::generated(
+            let g = magcache_layers::random::generated(
                 folder,
                 config.clone(),
                 cfg.model.seed + e as u64,
@@ -678,8 +684,8 @@ fn export_wan(
                 c.inner_dim(),
                 dtype,
             );
-            let lora = crate::lora::tables_for(&cfg.model.lora, file, family, n, e)?;
-            crate::lora::merged(g, &lora, base, &load::WanLoraNames)
+            let lora = magcache_layers::lora::tables_for(&cfg.model.lora, file, family, n, e)?;
+            magcache_layers::lora::merged(g, &lora, base, &load::WanLoraNames)
         })
         .collect::<Result<Vec<_>>>()?;
     if pipeline {

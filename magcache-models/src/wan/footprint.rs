@@ -3,14 +3,14 @@
 use super::config::WanConfig;
 use super::load;
 use super::presets::{find_preset, WanPreset};
-use crate::config_util::{overrides_json, resolve, to_map};
-use crate::footprint::{
-    add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
-    CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
-};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::Result;
+use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::footprint::{
+    add_plan, attention_bytes, safetensors_shapes, sz, weights_bytes, weights_knob, Sz,
+    CACHE_FACTOR, FFN_FACTOR, HIDDEN_FACTOR, LATENT_FACTOR,
+};
 use std::path::Path;
 
 /// Parameters of a Wan transformer (checked arithmetic).
@@ -57,19 +57,26 @@ fn prompted_sizes(
     cfg: &RunConfig,
     base: &Path,
     latent_ch: usize,
-) -> Option<(Vec<usize>, usize, super::vae::DecodeBytes, bool)> {
+) -> Option<(
+    Vec<usize>,
+    usize,
+    magcache_layers::autoencoder_kl_wan::DecodeBytes,
+    bool,
+)> {
     let p = cfg.prompt.as_ref()?;
     let w = cfg.model.weights.as_ref()?.paths().first().copied()?;
-    let vae =
-        super::vae::WanVaeConfig::read(&resolve(base, w).join("vae").join("config.json")).ok()?;
+    let vae = magcache_layers::autoencoder_kl_wan::WanVaeConfig::read(
+        &resolve(base, w).join("vae").join("config.json"),
+    )
+    .ok()?;
     let (ss, ts) = (vae.spatial_scale().max(1), vae.temporal_scale().max(1));
-    let height = cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_HEIGHT);
-    let width = cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_WIDTH);
+    let height = cfg.inputs.height.unwrap_or(super::keys::DEFAULT_HEIGHT);
+    let width = cfg.inputs.width.unwrap_or(super::keys::DEFAULT_WIDTH);
     let keys = super::keys::WanKeys::read(cfg, "").ok()?;
     let frames = keys
         .inputs
         .num_frames
-        .unwrap_or(super::prompted::DEFAULT_FRAMES);
+        .unwrap_or(super::keys::DEFAULT_FRAMES);
     let tiling = keys.vae.tiling("", ss).ok().flatten();
     let lat_frames = frames.saturating_sub(1) / ts + 1;
     // The VAE runs in the run's dtype, but f32 where it is bf16 on the CPU (no bf16 conv2d there).
@@ -77,7 +84,7 @@ fn prompted_sizes(
     let wb = if dtype == "bf16" && !cfg.model.device.starts_with("cuda") {
         4
     } else {
-        crate::footprint::dtype_bytes(dtype)
+        magcache_layers::footprint::dtype_bytes(dtype)
     };
     // The CPU runs an f32 VAE's convolutions as the row convolution (`nn::conv2d_bounded`; not on
     // a GPU, Metal included).
@@ -115,7 +122,7 @@ pub fn wan_footprint(
     // The architecture of each expert and its weights.
     let mut configs = Vec::new();
     if paths.is_empty() {
-        let name = crate::config_util::preset_name(cfg, file)?;
+        let name = magcache_layers::config_util::preset_name(cfg, file)?;
         let preset = find_preset(cfg, file, presets, name)?;
         let base_cfg = to_map(&(preset.config)(), "WanTransformer3DModel")?;
         let c = WanConfig::from_map(base_cfg.clone(), file, &overrides)?;
@@ -143,7 +150,11 @@ pub fn wan_footprint(
                 wan_params(&c)
             };
             total = total
-                + match crate::footprint::gguf_held_bytes(&path, streamed, cfg.model.gguf_repack) {
+                + match magcache_layers::footprint::gguf_held_bytes(
+                    &path,
+                    streamed,
+                    cfg.model.gguf_repack,
+                ) {
                     // GGUF: quantized linear weights stay quantized (about the file's size).
                     Some(g) => {
                         repacked = repacked.saturating_add(g.repacked);
@@ -161,7 +172,7 @@ pub fn wan_footprint(
             );
         } else {
             fp.add("weights", "model.weights", total.0);
-            crate::footprint::add_gguf_repacked(&mut fp, repacked);
+            magcache_layers::footprint::add_gguf_repacked(&mut fp, repacked);
         }
     }
     let Some(c) = configs.first() else {
@@ -246,7 +257,7 @@ pub fn wan_footprint(
     fp.add("activations", lat_knob, activations.0);
     let cache = sz(experts * branches) * sz(CACHE_FACTOR) * tokens * d * f32b;
     fp.add("cache", lat_knob, cache.0);
-    crate::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
+    magcache_layers::footprint::add_lora(&mut fp, cfg, base, d * sz(c.ffn_dim.max(c.inner_dim())));
     if let Some(l) = text_len {
         let text = sz(branches) * sz(b) * sz(l) * (sz(c.text_dim) + d * sz(3)) * f32b
             + attention_bytes(&cfg.model.device, b, heads, s, l);

@@ -11,15 +11,15 @@
 //!   replaces latent frame 0 at every call (timestep 0 on its tokens) and in the result.
 
 use super::image_encoder::{ClipImageProcessor, ClipVisionConfig, ClipVisionEncoder};
-use super::vae::{WanVae, WanVaeConfig};
-use crate::config_util::resolve;
-use crate::footprint::{sz, Sz};
-use crate::picture::{load_rgb8, resize, Filter, Rgb8};
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::autoencoder_kl_wan::{WanVae, WanVaeConfig};
+use magcache_layers::config_util::resolve;
+use magcache_layers::footprint::{sz, Sz};
+use magcache_layers::picture::{load_rgb8, resize, Filter, Rgb8};
 use serde_json::Value;
 use std::path::Path;
 
@@ -54,7 +54,7 @@ impl PipelineIndex {
         let text = magcache_core::error::read_text(&path)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
-        let class = crate::config_util::pipeline_class(&v).to_string();
+        let class = magcache_layers::config_util::pipeline_class(&v).to_string();
         let audio = ["audio_encoder", "audio_processor"]
             .iter()
             .find(|k| names_component(v.get(**k)));
@@ -136,12 +136,12 @@ pub struct EncodedImage {
 /// The size of a prompted run's video: `(height, width, num_frames)` with the pipeline's defaults.
 pub fn video_size(cfg: &RunConfig, file: &str) -> Result<(usize, usize, usize)> {
     Ok((
-        cfg.inputs.height.unwrap_or(super::prompted::DEFAULT_HEIGHT),
-        cfg.inputs.width.unwrap_or(super::prompted::DEFAULT_WIDTH),
+        cfg.inputs.height.unwrap_or(super::keys::DEFAULT_HEIGHT),
+        cfg.inputs.width.unwrap_or(super::keys::DEFAULT_WIDTH),
         super::keys::WanKeys::read(cfg, file)?
             .inputs
             .num_frames
-            .unwrap_or(super::prompted::DEFAULT_FRAMES),
+            .unwrap_or(super::keys::DEFAULT_FRAMES),
     ))
 }
 
@@ -154,10 +154,10 @@ pub fn image_stage_footprint(
     size: (usize, usize, usize),
     expand_timesteps: bool,
     dtype: &str,
-    tiling: Option<super::vae::VaeTiling>,
+    tiling: Option<magcache_layers::autoencoder_kl_wan::VaeTiling>,
 ) -> Footprint {
     let mut fp = Footprint::default();
-    let dbytes = sz(crate::footprint::dtype_bytes(dtype));
+    let dbytes = sz(magcache_layers::footprint::dtype_bytes(dtype));
     let f32b = sz(4);
     if let Some(c) = clip {
         let d = sz(c.hidden_size);
@@ -264,7 +264,7 @@ pub fn encode_image(
         (height, width, frames),
         index.expand_timesteps,
         &cfg.model.dtype,
-        super::prompted::vae_tiling(cfg, file, root)?,
+        super::keys::vae_tiling(cfg, file, root)?,
     )
     .check(file)?;
     let mut stages = Vec::new();
@@ -280,7 +280,7 @@ pub fn encode_image(
             let enc = ClipVisionEncoder::load(&root.join("image_encoder"), placement)?;
             let e = enc.hidden_states_penultimate(&px)?;
             drop(enc);
-            super::prompted::check_stage(
+            magcache_layers::stage::check_stage(
                 &e,
                 "the image encoder",
                 &format!(
@@ -295,7 +295,7 @@ pub fn encode_image(
     };
     let stage = Stage::begin("encode image (VAE)");
     let mut vae = WanVae::load(&root.join("vae"), &placement.device, placement.dtype)?;
-    vae.set_tiling(super::prompted::vae_tiling(cfg, file, root)?)?;
+    vae.set_tiling(super::keys::vae_tiling(cfg, file, root)?)?;
     let pic = resize(img, width, height, Filter::Lanczos);
     let x = pic.to_vae_tensor(&placement.device)?.unsqueeze(2)?; // [1, 3, 1, H, W]
     let condition = if index.expand_timesteps {
@@ -329,7 +329,7 @@ pub fn encode_image(
         ImageCondition::Concat(Tensor::cat(&[&mask, &latent], 1)?)
     };
     drop(vae);
-    super::prompted::check_stage(
+    magcache_layers::stage::check_stage(
         condition.tensor(),
         "the VAE encode",
         &format!("the image condition (from {})", root.join("vae").display()),

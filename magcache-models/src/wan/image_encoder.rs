@@ -8,12 +8,12 @@
 //! only the `L - 1` layers that `hidden_states[-2]` needs run (the last layer, `post_layernorm`
 //! and `visual_projection` are never used by the pipeline).
 
-use crate::nn::{attention, linear, merge_heads, split_heads, LayerNorm, Linear};
-use crate::picture::{resize, Filter, Rgb8};
-use crate::vae_common::read_config;
-use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::nn::{attention, linear, merge_heads, split_heads, LayerNorm, Linear};
+use magcache_layers::picture::{resize, Filter, Rgb8};
+use magcache_layers::vae_common::read_config;
+use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::path::Path;
 

@@ -3,12 +3,12 @@
 
 use super::config::WanConfig;
 use super::model::WanModel;
-use crate::config_util::resolve;
-use crate::inputs::InputFile;
-use crate::random::randn_for;
 use candle_core::Tensor;
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::resolve;
+use magcache_layers::inputs::InputFile;
+use magcache_layers::random::randn_for;
 use std::path::Path;
 
 impl WanInputs {
@@ -155,7 +155,8 @@ pub fn build_inputs(
             },
         });
     }
-    let (seed, shape) = crate::inputs::drawn(cfg, &[1, latent_cfg.in_channels, 3, 24, 40]);
+    let (seed, shape) =
+        magcache_layers::inputs::drawn(cfg, &[1, latent_cfg.in_channels, 3, 24, 40]);
     if let Some(msg) = latent_cfg.latent_shape_error(&shape) {
         return Err(Error::config(file, "inputs.latent_shape", msg));
     }

@@ -9,6 +9,7 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::keys::{fields_of, FamilyKeys};
 use magcache_core::{Error, Result};
 use serde::Deserialize;
+use std::path::Path;
 
 /// A Wan run's own keys, by table.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -45,8 +46,8 @@ impl WanVaeKeys {
         &self,
         file: &str,
         spatial_scale: usize,
-    ) -> Result<Option<super::vae::VaeTiling>> {
-        let d = super::vae::VaeTiling::default();
+    ) -> Result<Option<magcache_layers::autoencoder_kl_wan::VaeTiling>> {
+        let d = magcache_layers::autoencoder_kl_wan::VaeTiling::default();
         let sizes = [
             self.tile_sample_min_height,
             self.tile_sample_min_width,
@@ -63,7 +64,7 @@ impl WanVaeKeys {
             }
             return Ok(None);
         }
-        let t = super::vae::VaeTiling {
+        let t = magcache_layers::autoencoder_kl_wan::VaeTiling {
             tile_sample_min_height: self
                 .tile_sample_min_height
                 .unwrap_or(d.tile_sample_min_height),
@@ -246,6 +247,28 @@ impl WanKeys {
                 ));
             }
         }
-        crate::config_util::check_applicable(cfg, file, family, experts)
+        magcache_layers::config_util::check_applicable(cfg, file, family, experts)
     }
+}
+
+/// The size of a prompted run without `[inputs] height`, `width` or `num_frames` (the released
+/// pipelines' defaults).
+pub(crate) const DEFAULT_HEIGHT: usize = 480;
+pub(crate) const DEFAULT_WIDTH: usize = 832;
+pub(crate) const DEFAULT_FRAMES: usize = 81;
+
+/// `[vae] tiling` of a run over the pipeline folder `root`, checked against its VAE's scale.
+pub fn vae_tiling(
+    cfg: &RunConfig,
+    file: &str,
+    root: &Path,
+) -> Result<Option<magcache_layers::autoencoder_kl_wan::VaeTiling>> {
+    let keys = WanKeys::read(cfg, file)?;
+    if keys.vae.tiling != Some(true) {
+        return keys.vae.tiling(file, 1);
+    }
+    let vae_cfg = magcache_layers::autoencoder_kl_wan::WanVaeConfig::read(
+        &root.join("vae").join("config.json"),
+    )?;
+    keys.vae.tiling(file, vae_cfg.spatial_scale())
 }

@@ -2,8 +2,8 @@
 //! and the original Wan layout (`blocks.N.self_attn.q`, `head.head`, ...), detected from the keys.
 
 use super::config::WanConfig;
-use crate::weights::WeightStore;
 use magcache_core::{Error, Result};
+use magcache_layers::weights::WeightStore;
 use std::path::{Path, PathBuf};
 
 /// Key layouts a Wan checkpoint may come in.
@@ -159,10 +159,15 @@ pub fn read_wan_config(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<WanConfig> {
-    if config.is_none() && crate::weights::gguf::is_gguf(weights) {
+    if config.is_none() && magcache_layers::weights::gguf::is_gguf(weights) {
         // A GGUF file has no config: inferred from the header's shapes.
-        let (arch, tensors) = crate::weights::gguf::gguf_header(weights)?;
-        crate::weights::gguf::check_architecture(weights, arch.as_deref(), "wan", "wan2.1/wan2.2")?;
+        let (arch, tensors) = magcache_layers::weights::gguf::gguf_header(weights)?;
+        magcache_layers::weights::gguf::check_architecture(
+            weights,
+            arch.as_deref(),
+            "wan",
+            "wan2.1/wan2.2",
+        )?;
         let shapes = tensors
             .into_iter()
             .map(|(k, s)| (original_to_diffusers(&k), s))
@@ -179,7 +184,7 @@ pub fn read_wan_config(
     if overrides.is_empty() {
         return Ok(base);
     }
-    let obj = crate::config_util::to_map(&base, "WanTransformer3DModel")?;
+    let obj = magcache_layers::config_util::to_map(&base, "WanTransformer3DModel")?;
     WanConfig::from_map(obj, cfg_file, overrides)
 }
 
@@ -193,7 +198,7 @@ pub fn load_wan(
     overrides: &serde_json::Map<String, serde_json::Value>,
     cfg_file: &str,
 ) -> Result<LoadedWan> {
-    if crate::weights::gguf::is_gguf(weights) {
+    if magcache_layers::weights::gguf::is_gguf(weights) {
         return load_wan_gguf(weights, config, overrides, cfg_file);
     }
     let config = read_wan_config(weights, config, overrides, cfg_file)?;
@@ -223,7 +228,7 @@ pub fn load_wan(
 /// as [`original_to_diffusers`] maps checkpoint tensors.
 pub struct WanLoraNames;
 
-impl crate::lora::LoraNames for WanLoraNames {
+impl magcache_layers::lora::LoraNames for WanLoraNames {
     fn family(&self) -> &str {
         "Wan"
     }
@@ -245,10 +250,10 @@ impl crate::lora::LoraNames for WanLoraNames {
         ]
     }
 
-    fn original(&self, module: &str) -> Option<Vec<crate::lora::Target>> {
+    fn original(&self, module: &str) -> Option<Vec<magcache_layers::lora::Target>> {
         let mapped = original_to_diffusers(&format!("{module}.weight"));
         let m = mapped.strip_suffix(".weight")?;
-        Some(vec![crate::lora::Target::whole(m)])
+        Some(vec![magcache_layers::lora::Target::whole(m)])
     }
 }
 
@@ -261,7 +266,12 @@ fn load_wan_gguf(
     cfg_file: &str,
 ) -> Result<LoadedWan> {
     let (mut store, arch) = WeightStore::load_gguf(weights)?;
-    crate::weights::gguf::check_architecture(weights, arch.as_deref(), "wan", "wan2.1/wan2.2")?;
+    magcache_layers::weights::gguf::check_architecture(
+        weights,
+        arch.as_deref(),
+        "wan",
+        "wan2.1/wan2.2",
+    )?;
     let layout = detect_layout(&store)?;
     if layout == WanLayout::Original {
         store.rename(original_to_diffusers)?;
@@ -311,7 +321,7 @@ pub fn infer_wan_config(
     let rows = |k: &str| -> Result<usize> { Ok(dims(k)?.first().copied().unwrap_or(0)) };
     let cols = |k: &str| -> Result<usize> { Ok(dims(k)?.get(1).copied().unwrap_or(0)) };
     let patch = pt * ph * pw;
-    let (heads, head) = crate::config_util::inferred_heads(*d, overrides);
+    let (heads, head) = magcache_layers::config_util::inferred_heads(*d, overrides);
     let num_layers = (0..)
         .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
         .count();

@@ -13,7 +13,6 @@ pub mod pipeline;
 pub mod pipeline_export;
 pub mod presets;
 pub mod prompted;
-pub mod vae;
 
 pub use family::{build_model, wan_sampler};
 pub use inputs::build_inputs;

@@ -1,20 +1,17 @@
 //! `WanTransformer3DModel` (Wan2.1 / Wan2.2) in candle, f32.
 
 use super::config::WanConfig;
-use crate::nn::{
+use candle_core::{Device, Tensor};
+use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::nn::{
     attention, gelu, linear, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm,
     Linear, RmsNorm,
 };
-use crate::weights::WeightStore;
-use candle_core::{Device, Tensor};
-use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::weights::WeightStore;
 use std::sync::Arc;
 
 /// A Wan block updates the hidden states ([`BlockArgs`] holds what it reads besides them).
-pub const WAN_BLOCK: BlockMetadata = BlockMetadata {
-    kind: "wan.block",
-    joint: false,
-};
+pub const WAN_BLOCK: BlockMetadata = BlockMetadata::hidden("wan.block");
 
 /// What a Wan block reads besides the hidden states: the same for every block of a call.
 pub struct BlockArgs<'a> {
@@ -322,7 +319,7 @@ impl WanModel {
         )
     }
 
-    /// Builds the model with its blocks streamed from `w` (a checkpoint's memory-mapped store): the
+    /// Builds the model with its blocks streamed from `w` (a checkpoint's store): the
     /// embeddings and the head are loaded now, each block's tensors only checked (present, right
     /// shape) and read when the block runs.
     pub fn streamed(cfg: WanConfig, w: Arc<WeightStore>) -> Result<Self> {
@@ -585,7 +582,7 @@ pub fn random_weights(
     seed: u64,
     dtype: candle_core::DType,
 ) -> Result<WeightStore> {
-    crate::random::random_store(seed, tensor_shapes(cfg)?, cfg.inner_dim(), dtype)
+    magcache_layers::random::random_store(seed, tensor_shapes(cfg)?, cfg.inner_dim(), dtype)
 }
 
 /// Every diffusers-named tensor of a config and its shape, blocks in order.

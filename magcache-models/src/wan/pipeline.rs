@@ -4,12 +4,12 @@
 
 pub use super::inputs::WanInputs;
 use super::model::WanModel;
-use crate::scheduler::{flow_match_static, FlowSampler, FlowSchedule};
 use candle_core::Tensor;
 use magcache_core::denoise::Observer;
 use magcache_core::{
     Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
 };
+use magcache_layers::scheduler::{flow_match_static, FlowSampler, FlowSchedule};
 
 pub struct WanPipeline {
     pub family: String,

@@ -5,11 +5,11 @@
 //! the tokenizer, the scheduler and `model_index.json`). The tensor lists come from the loaders
 //! themselves (a recording store), so what is written is what a run reads.
 
-use crate::text::{Umt5Config, Umt5Encoder};
-use crate::wan::vae::{WanVae, WanVaeConfig};
-use crate::weights::WeightStore;
 use candle_core::DType;
 use magcache_core::{Error, GeneratedWeights, Result};
+use magcache_layers::autoencoder_kl_wan::{WanVae, WanVaeConfig};
+use magcache_layers::weights::WeightStore;
+use magcache_text::{Umt5Config, Umt5Encoder};
 use serde_json::{json, Map, Value};
 
 /// `text_encoder/config.json` of the released Wan2.1 / Wan2.2 diffusers folders (UMT5-XXL's
@@ -61,7 +61,7 @@ fn object(v: Value) -> Result<Map<String, Value>> {
 
 /// The text encoder and the VAE as [`GeneratedWeights`]: every tensor stored in `dtype` (the
 /// released folders store f32), norm scales ones, biases zeros, the rest uniform with std
-/// `1/sqrt(fan_in)` ([`crate::random::random_tensor`]), seeded by `seed`.
+/// `1/sqrt(fan_in)` ([`magcache_layers::random::random_tensor`]), seeded by `seed`.
 pub fn pipeline_parts(seed: u64, dtype: DType) -> Result<Vec<GeneratedWeights>> {
     let te_json = umt5_xxl_config();
     let te = Umt5Config::from_json(&te_json, "(released UMT5-XXL)")?;
@@ -80,7 +80,7 @@ pub fn pipeline_parts(seed: u64, dtype: DType) -> Result<Vec<GeneratedWeights>> 
             config: object(config)?,
             tensors: shapes.into_iter().map(|(n, sh)| (n, sh, dtype)).collect(),
             generate: Box::new(move |name, shape| {
-                crate::random::random_tensor(s, name, shape, d, dtype)
+                magcache_layers::random::random_tensor(s, name, shape, d, dtype)
             }),
         })
     };

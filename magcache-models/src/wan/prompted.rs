@@ -8,20 +8,17 @@
 use super::i2v::{ImageCondition, PipelineIndex};
 use super::inputs::WanInputs;
 use super::model::WanModel;
-use super::vae::{WanVae, WanVaeConfig};
-use crate::config_util::resolve;
-use crate::inputs::InputFile;
-use crate::text::WanTextEncoder;
 use candle_core::Tensor;
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::autoencoder_kl_wan::{WanVae, WanVaeConfig};
+use magcache_layers::config_util::resolve;
+use magcache_layers::inputs::InputFile;
+use magcache_text::WanTextEncoder;
 use std::path::{Path, PathBuf};
 
 /// The pipeline's defaults (`WanPipeline.__call__`).
-pub(crate) const DEFAULT_HEIGHT: usize = 480;
-pub(crate) const DEFAULT_WIDTH: usize = 832;
-pub(crate) const DEFAULT_FRAMES: usize = 81;
 pub(crate) const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
 /// What a prompted run carries from building to decoding.
@@ -37,31 +34,20 @@ pub struct Prompted {
     pub placement: Placement,
     pub stages: Vec<StageTime>,
     /// `[vae] tiling` (checked against the folder's VAE).
-    pub vae_tiling: Option<super::vae::VaeTiling>,
-}
-
-/// A non-finite output of a pipeline stage (text encoder, VAE) ends the run, as non-finite latents
-/// do: one line naming the stage and what holds the values.
-pub(crate) fn check_stage(t: &Tensor, stage: &str, what: &str) -> Result<()> {
-    magcache_core::finite::ensure_finite(
-        t,
-        stage,
-        what,
-        "the stage's weights overflow or hold bad values; nothing written",
-    )
+    pub vae_tiling: Option<magcache_layers::autoencoder_kl_wan::VaeTiling>,
 }
 
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
 /// a Wan pipeline, and what its index says. An image-to-video folder needs `[inputs] image` (TI2V's
 /// `expand_timesteps` folder runs text-to-video without one); a text-to-video folder takes none.
 pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBuf, PipelineIndex)> {
-    let kind = crate::config_util::PipelineKind {
+    let kind = magcache_layers::config_util::PipelineKind {
         parts: &["tokenizer", "text_encoder", "transformer", "vae"],
         class_prefix: "Wan",
         label: "Wan",
         example: "WanPipeline, ...",
     };
-    let (root, _) = crate::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    let (root, _) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
     let index = PipelineIndex::read(&root)?;
     let image = super::keys::WanKeys::read(cfg, file)?.inputs.image;
     let shown = root.join("model_index.json").display().to_string();
@@ -131,7 +117,7 @@ pub fn text_footprint(
         == magcache_core::Offload::Stream;
     let te_cfg = root.join("text_encoder").join("config.json");
     Ok(
-        crate::text::Umt5Config::load(&root.join("text_encoder"))?.footprint(
+        magcache_text::Umt5Config::load(&root.join("text_encoder"))?.footprint(
             max_len,
             dtype.size_in_bytes(),
             &te_cfg.display().to_string(),
@@ -144,9 +130,9 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     let Some(p) = &cfg.prompt else {
         return Err(Error::msg("internal: a prompted Wan run without [prompt]"));
     };
-    let placement = Placement::for_model(&cfg.model, file)?;
+    let placement = cfg.model.placement(file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
-    let vae_tiling = vae_tiling(cfg, file, root)?;
+    let vae_tiling = super::keys::vae_tiling(cfg, file, root)?;
     // The size guard for the text encoder's stage (loaded, used and freed before the transformer).
     text_footprint(cfg, file, root)?.check(file)?;
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
@@ -167,7 +153,11 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
         ("negative_prompt_embeds", negative_prompt_embeds.as_ref()),
     ] {
         if let Some(t) = t {
-            check_stage(t, "the text encoder", &format!("{name} (from {te})"))?;
+            magcache_layers::stage::check_stage(
+                t,
+                "the text encoder",
+                &format!("{name} (from {te})"),
+            )?;
         }
     }
     Ok(Prompted {
@@ -180,20 +170,6 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
         stages: vec![stage.end()],
         vae_tiling,
     })
-}
-
-/// `[vae] tiling` of a run over the pipeline folder `root`, checked against its VAE's scale.
-pub fn vae_tiling(
-    cfg: &RunConfig,
-    file: &str,
-    root: &Path,
-) -> Result<Option<super::vae::VaeTiling>> {
-    let keys = super::keys::WanKeys::read(cfg, file)?;
-    if keys.vae.tiling != Some(true) {
-        return keys.vae.tiling(file, 1);
-    }
-    let vae_cfg = WanVaeConfig::read(&root.join("vae").join("config.json"))?;
-    keys.vae.tiling(file, vae_cfg.spatial_scale())
 }
 
 /// The inputs of a prompted run: `latents_init` from `[inputs] file` or seeded random latents of the
@@ -209,12 +185,12 @@ pub fn inputs(
     let vae_cfg = WanVaeConfig::read(&p.root.join("vae").join("config.json"))?;
     let c = &model.cfg;
     let (ss, ts) = (vae_cfg.spatial_scale(), vae_cfg.temporal_scale());
-    let height = cfg.inputs.height.unwrap_or(DEFAULT_HEIGHT);
-    let width = cfg.inputs.width.unwrap_or(DEFAULT_WIDTH);
+    let height = cfg.inputs.height.unwrap_or(super::keys::DEFAULT_HEIGHT);
+    let width = cfg.inputs.width.unwrap_or(super::keys::DEFAULT_WIDTH);
     let frames = super::keys::WanKeys::read(cfg, file)?
         .inputs
         .num_frames
-        .unwrap_or(DEFAULT_FRAMES);
+        .unwrap_or(super::keys::DEFAULT_FRAMES);
     let unit = ss.saturating_mul(c.patch_size[1].max(c.patch_size[2]));
     for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
         if unit == 0 || v % unit != 0 {
@@ -284,7 +260,7 @@ pub fn inputs(
             }
             l
         }
-        None => crate::random::randn_for(
+        None => magcache_layers::random::randn_for(
             file,
             "inputs.height/width/num_frames",
             cfg.inputs.seed.unwrap_or(cfg.model.seed),
@@ -339,7 +315,7 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
     let decoded = vae.decode_latents(latents)?;
     drop(vae);
     let v = p.root.join("vae").display().to_string();
-    check_stage(
+    magcache_layers::stage::check_stage(
         &decoded,
         "the VAE decode",
         &format!("the decoded pixels (from {v})"),

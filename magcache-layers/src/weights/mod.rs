@@ -834,3 +834,19 @@ fn block_of(name: &str) -> Option<(&str, usize)> {
     }
     None
 }
+
+/// How many numbered blocks `{prefix}{i}.` the store holds (one more than the largest `i`; 0 for none).
+pub fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
+    store
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map(|m| m.saturating_add(1))
+        .unwrap_or(0)
+}

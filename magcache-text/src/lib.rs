@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! # fn main() -> magcache_core::Result<()> {
-//! use magcache_models::text::WanTextEncoder;
+//! use magcache_text::WanTextEncoder;
 //! let root = std::path::Path::new("Wan2.1-T2V-1.3B-Diffusers");
 //! let enc = WanTextEncoder::load(
 //!     &root.join("tokenizer"),

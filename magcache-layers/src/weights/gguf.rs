@@ -23,20 +23,20 @@ pub fn is_gguf(path: &Path) -> bool {
 
 /// Where a GGUF tensor lies: its file (read with a seek and a read, never a memory map, so a file
 /// that shrinks under the run is an error, not a SIGBUS), its byte range and ggml type.
-pub(crate) struct GgufEntry {
+pub struct GgufEntry {
     file: Arc<Mutex<std::fs::File>>,
     dtype: GgmlDType,
     start: u64,
     len: usize,
     /// The shape candle reads the blocks with (GGUF's `ne` reversed).
-    pub(crate) stored: Vec<usize>,
+    pub stored: Vec<usize>,
     /// Torch order, after a `comfy.gguf.orig_shape` override.
-    pub(crate) shape: Vec<usize>,
+    pub shape: Vec<usize>,
 }
 
 impl GgufEntry {
     /// Whether its type is a quantized one (not F32, F16, BF16).
-    pub(crate) fn is_quantized(&self) -> bool {
+    pub fn is_quantized(&self) -> bool {
         !matches!(
             self.dtype,
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
@@ -71,7 +71,7 @@ impl GgufEntry {
 
     /// The tensor as candle's quantized tensor on `device` (its stored shape); with `check`, its
     /// values are first checked finite block by block ([`check_finite_blocks`]).
-    pub(crate) fn read_quantized(
+    pub fn read_quantized(
         &self,
         file: &str,
         name: &str,
@@ -151,7 +151,7 @@ impl GgufEntry {
     }
 
     /// The tensor dequantized to f32 (ggml's `d * q`, `d * q + m`) on the CPU.
-    pub(crate) fn read(&self, file: &str, name: &str) -> Result<Tensor> {
+    pub fn read(&self, file: &str, name: &str) -> Result<Tensor> {
         let err = |e: String| Error::weights(file, name, e);
         let bytes = self.bytes(file, name)?;
         let float = match self.dtype {
@@ -184,15 +184,10 @@ impl GgufEntry {
 const CHECK_BLOCKS: usize = 2048;
 
 /// Checks that the quantized tensor in `bytes` (whole blocks of `dtype`) dequantizes to finite
-/// values, a slice of [`CHECK_BLOCKS`] blocks at a time, so the check never holds more than one
+/// values, a slice of `CHECK_BLOCKS` blocks at a time, so the check never holds more than one
 /// small f32 slice (it used to dequantize the whole matrix once, an f32 copy four times the size
 /// of a Q8_0 tensor).
-pub(crate) fn check_finite_blocks(
-    dtype: GgmlDType,
-    bytes: &[u8],
-    file: &str,
-    name: &str,
-) -> Result<()> {
+pub fn check_finite_blocks(dtype: GgmlDType, bytes: &[u8], file: &str, name: &str) -> Result<()> {
     let (bs, ts) = (dtype.block_size(), dtype.type_size());
     if ts == 0 || !bytes.len().is_multiple_of(ts) {
         return Err(Error::weights(
@@ -299,16 +294,16 @@ impl WeightStore {
 /// A GGUF header: metadata and tensor infos. Read here rather than with candle's `gguf_file`,
 /// which refuses tensors of more than 4 dimensions (Wan's 5-D `patch_embedding.weight`, legal in
 /// city96's files) and names no tensor when a type is unknown.
-pub(crate) struct Header {
-    pub(crate) metadata: HashMap<String, Meta>,
+pub struct Header {
+    pub metadata: HashMap<String, Meta>,
     /// Name, dims in GGUF's `ne` order, ggml type id, offset from the data start.
-    pub(crate) tensors: Vec<(String, Vec<usize>, u32, u64)>,
-    pub(crate) data_start: u64,
+    pub tensors: Vec<(String, Vec<usize>, u32, u64)>,
+    pub data_start: u64,
 }
 
 /// A metadata value (only what the loader reads is kept: strings, integers, arrays of them).
 #[derive(Clone, Debug)]
-pub(crate) enum Meta {
+pub enum Meta {
     Str(String),
     Int(i128),
     Array(Vec<Meta>),
@@ -391,7 +386,7 @@ impl<R: Read> Reader<'_, R> {
 }
 
 /// Reads a GGUF header (versions 2 and 3).
-pub(crate) fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
+pub fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
     let err = |key: &str, e: String| Error::weights(shown, key, e);
     let mut rd = Reader { r, pos: 0 };
     let io = |e: std::io::Error| err("(header)", format!("not a readable GGUF header: {e}"));
@@ -552,7 +547,7 @@ pub fn gguf_repacked_bytes(path: &Path) -> Result<u64> {
 /// The SIMD levels candle's repacking keys on (`repack_x86::level`, `amx_available`;
 /// `repack::PackedKind::select` on aarch64).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RepackCpu {
+pub enum RepackCpu {
     /// x86-64 with AVX2 + FMA, with or without VNNI (AVX-512 VNNI or AVX-VNNI) and AMX.
     X86 { vnni: bool, amx: bool },
     /// aarch64 with the dot-product or i8mm instructions.
@@ -596,7 +591,7 @@ impl RepackCpu {
 /// bytes, a Q4_K tile of 16 rows x 256 values 1 024 bytes of f32 scales and mins and 2 048 of
 /// nibbles (its AMX form 4 096 of bytes), a Q6_K tile 1 024 + 4 096; on aarch64, interleaved
 /// blocks of the original size).
-pub(crate) fn repacked_bytes(cpu: RepackCpu, t: GgmlDType, n: usize, k: usize) -> u64 {
+pub fn repacked_bytes(cpu: RepackCpu, t: GgmlDType, n: usize, k: usize) -> u64 {
     let (n, k) = (n as u64, k as u64);
     match cpu {
         RepackCpu::X86 { vnni, amx } => {

@@ -1,4 +1,4 @@
-//! What the Wan video VAE ([`crate::wan::vae`]) and FLUX.1's image VAE ([`crate::flux::vae`]) do
+//! What the Wan video VAE ([`crate::autoencoder_kl_wan`]) and FLUX.1's image VAE ([`crate::autoencoder_kl`]) do
 //! alike: reading a diffusers VAE `config.json` (errors name the file and the key), finding the
 //! config and weights from the path a user gives, checking the dtype and the input tensors, the
 //! convolution that runs in the weights' dtype with f32 activations, and the pipeline's `np` pixels.
@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
 /// Reads and parses a `config.json`; returns the document and the path as errors show it.
-pub(crate) fn read_config(path: &Path) -> Result<(Value, String)> {
+pub fn read_config(path: &Path) -> Result<(Value, String)> {
     let shown = path.display().to_string();
     let text = magcache_core::error::read_text(path)?;
     let json: Value = serde_json::from_str(&text)
@@ -20,7 +20,7 @@ pub(crate) fn read_config(path: &Path) -> Result<(Value, String)> {
 
 /// A VAE config object with the file it came from: typed reads with defaults, errors naming the
 /// file and the key.
-pub(crate) struct ConfigReader<'a> {
+pub struct ConfigReader<'a> {
     obj: &'a Map<String, Value>,
     file: &'a str,
 }
@@ -28,7 +28,7 @@ pub(crate) struct ConfigReader<'a> {
 impl<'a> ConfigReader<'a> {
     /// `json` as the config of a diffusers `class` (`kind` describes it in messages, e.g. "a Wan
     /// VAE"): it must be an object, and a `_class_name` it has must be `class`.
-    pub(crate) fn new(json: &'a Value, file: &'a str, class: &str, kind: &str) -> Result<Self> {
+    pub fn new(json: &'a Value, file: &'a str, class: &str, kind: &str) -> Result<Self> {
         let obj = json.as_object().ok_or_else(|| {
             Error::config(
                 file,
@@ -49,17 +49,17 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// The raw value of `key`, if present.
-    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
         self.obj.get(key)
     }
 
     /// An error naming the file and `key`.
-    pub(crate) fn error(&self, key: &str, msg: impl Into<String>) -> Error {
+    pub fn error(&self, key: &str, msg: impl Into<String>) -> Error {
         Error::config(self.file, key, msg)
     }
 
     /// A non-negative integer; `default` when absent (null is an error).
-    pub(crate) fn usize(&self, key: &str, default: usize) -> Result<usize> {
+    pub fn usize(&self, key: &str, default: usize) -> Result<usize> {
         match self.obj.get(key) {
             None => Ok(default),
             Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
@@ -69,7 +69,7 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// A boolean; `default` when absent or null.
-    pub(crate) fn bool(&self, key: &str, default: bool) -> Result<bool> {
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v
@@ -79,7 +79,7 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// A number; `default` when absent or null.
-    pub(crate) fn float(&self, key: &str, default: f64) -> Result<f64> {
+    pub fn float(&self, key: &str, default: f64) -> Result<f64> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v
@@ -89,11 +89,7 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// A list whose entries `f` reads; `None` when absent (null is an error: not a list).
-    pub(crate) fn list<T>(
-        &self,
-        key: &str,
-        f: impl Fn(&Value) -> Option<T>,
-    ) -> Result<Option<Vec<T>>> {
+    pub fn list<T>(&self, key: &str, f: impl Fn(&Value) -> Option<T>) -> Result<Option<Vec<T>>> {
         self.obj
             .get(key)
             .map(|v| self.entries(v, key, f))
@@ -101,7 +97,7 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// A list whose entries `f` reads; `None` when absent or null.
-    pub(crate) fn nullable_list<T>(
+    pub fn nullable_list<T>(
         &self,
         key: &str,
         f: impl Fn(&Value) -> Option<T>,
@@ -123,12 +119,12 @@ impl<'a> ConfigReader<'a> {
 }
 
 /// A list entry that is a positive integer (channel multipliers and widths).
-pub(crate) fn positive(x: &Value) -> Option<usize> {
+pub fn positive(x: &Value) -> Option<usize> {
     x.as_u64().filter(|&n| n > 0).map(|n| n as usize)
 }
 
 /// Where a VAE's config and weights are.
-pub(crate) struct VaeFiles {
+pub struct VaeFiles {
     /// `config.json`, when there is one.
     pub config: Option<PathBuf>,
     /// A weights file or a folder of them.
@@ -140,7 +136,7 @@ pub(crate) struct VaeFiles {
 /// pipeline folder whose `vae/` holds it. `Ok(None)` for a folder with no `config.json` in it or
 /// in its `vae/` (the caller has its own fallback or message); an error naming the path when it
 /// is neither a file nor a folder.
-pub(crate) fn locate(path: &Path) -> Result<Option<VaeFiles>> {
+pub fn locate(path: &Path) -> Result<Option<VaeFiles>> {
     if path.is_file() {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         if path.file_name().and_then(|n| n.to_str()) == Some("config.json") {
@@ -175,7 +171,7 @@ pub(crate) fn locate(path: &Path) -> Result<Option<VaeFiles>> {
 }
 
 /// Refuses a dtype the VAEs do not run in (`what` names the VAE in the message).
-pub(crate) fn check_dtype(dtype: DType, what: &str) -> Result<()> {
+pub fn check_dtype(dtype: DType, what: &str) -> Result<()> {
     if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         Ok(())
     } else {
@@ -187,7 +183,7 @@ pub(crate) fn check_dtype(dtype: DType, what: &str) -> Result<()> {
 
 /// Checks that `x` has `rank` dimensions, `channels` at axis 1 and none empty. `what` names the
 /// VAE and where it was loaded from, `name` the input and `layout` the expected shape.
-pub(crate) fn check_input(
+pub fn check_input(
     x: &Tensor,
     rank: usize,
     channels: usize,
@@ -206,7 +202,7 @@ pub(crate) fn check_input(
 
 /// A convolution weight as the convolution runs it: in the run's dtype, except bf16 on the CPU,
 /// where candle's conv2d has no bf16 kernel; there the bf16-rounded weight runs in f32.
-pub(crate) fn runnable_conv_weight(w: Tensor) -> Result<Tensor> {
+pub fn runnable_conv_weight(w: Tensor) -> Result<Tensor> {
     if w.dtype() == DType::BF16 && w.device().is_cpu() {
         Ok(w.to_dtype(DType::F32)?)
     } else {
@@ -216,30 +212,19 @@ pub(crate) fn runnable_conv_weight(w: Tensor) -> Result<Tensor> {
 
 /// `conv2d(x, w) + b` of images `[N, C, H, W]`: `x` in `w`'s dtype through
 /// [`crate::nn::conv2d_bounded`], the result in f32 with the f32 bias `[1, O, 1, 1]` added.
-pub(crate) fn conv2d_f32(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    pad: usize,
-    stride: usize,
-) -> Result<Tensor> {
+pub fn conv2d_f32(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize, stride: usize) -> Result<Tensor> {
     Ok(conv2d_f32_nobias(x, w, pad, stride)?.broadcast_add(b)?)
 }
 
 /// [`conv2d_f32`] without the bias (the Wan VAE sums one per time tap, then adds its bias once).
-pub(crate) fn conv2d_f32_nobias(
-    x: &Tensor,
-    w: &Tensor,
-    pad: usize,
-    stride: usize,
-) -> Result<Tensor> {
+pub fn conv2d_f32_nobias(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> Result<Tensor> {
     let y = conv2d_bounded(&x.to_dtype(w.dtype())?, w, pad, stride, IM2COL_BUDGET)?;
     Ok(y.to_dtype(DType::F32)?)
 }
 
 /// The pipeline's `output_type="np"` from decoder output `[B, C, ...]` in [-1, 1]:
 /// `clamp(x * 0.5 + 0.5, 0, 1)` with the channel axis moved last (`[B, ..., C]`).
-pub(crate) fn to_pixels_channels_last(decoded: &Tensor) -> Result<Tensor> {
+pub fn to_pixels_channels_last(decoded: &Tensor) -> Result<Tensor> {
     let rank = decoded.rank();
     if rank < 2 {
         return Err(Error::msg(format!(
@@ -257,18 +242,18 @@ pub(crate) fn to_pixels_channels_last(decoded: &Tensor) -> Result<Tensor> {
 /// A VAE's residual block, `conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)`, over the
 /// VAE's own norm `N` and convolution `C` (Wan's RMS norm and causal 3-D convolution, FLUX's group
 /// norm and 2-D convolution).
-pub(crate) struct ResBlock<N, C> {
-    pub(crate) norm1: N,
-    pub(crate) conv1: C,
-    pub(crate) norm2: N,
-    pub(crate) conv2: C,
-    pub(crate) shortcut: Option<C>,
+pub struct ResBlock<N, C> {
+    pub norm1: N,
+    pub conv1: C,
+    pub norm2: N,
+    pub conv2: C,
+    pub shortcut: Option<C>,
 }
 
 impl<N, C> ResBlock<N, C> {
     /// Runs the block with the VAE's `norm` and `conv`. The convolutions run in the order shortcut,
     /// conv1, conv2: a causal convolution's feature cache counts its convolutions in that order.
-    pub(crate) fn apply(
+    pub fn apply(
         &self,
         x: &Tensor,
         norm: impl Fn(&N, &Tensor) -> Result<Tensor>,

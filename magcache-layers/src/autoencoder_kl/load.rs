@@ -191,7 +191,7 @@ impl FluxVae {
     /// Tensors the model did not use: an error when they belong to the encoder, decoder or quant
     /// convs (the config builds a smaller VAE than the checkpoint: it would decode wrongly), a
     /// warning otherwise.
-    pub(crate) fn check_unused(&mut self, store: &WeightStore, cfg_name: &str) -> Result<()> {
+    pub fn check_unused(&mut self, store: &WeightStore, cfg_name: &str) -> Result<()> {
         let unused = store.unused();
         let structural: BTreeSet<&String> = unused
             .iter()

@@ -12,12 +12,12 @@
 //! candle-transformers' `t5` although it would read these tensors: the project already has a T5/UMT5
 //! encoder checked against transformers (Wan's), which keeps activations in f32 with bf16/f16
 //! weights, takes `shared.weight` or `encoder.embed_tokens.weight`, and loads through
-//! [`crate::weights::WeightStore`] (shards, errors naming file and tensor, finiteness checks); one
+//! [`magcache_layers::weights::WeightStore`] (shards, errors naming file and tensor, finiteness checks); one
 //! T5 implementation for both families.
 //!
 //! ```no_run
 //! # fn main() -> magcache_core::Result<()> {
-//! use magcache_models::text::FluxTextEncoders;
+//! use magcache_text::FluxTextEncoders;
 //! let root = std::path::Path::new("FLUX.1-dev");
 //! let enc = FluxTextEncoders::load_pipeline(root, &candle_core::Device::Cpu, candle_core::DType::BF16)?;
 //! let (prompt_embeds, pooled) = enc.encode("A red fox in the snow.", 512)?;

@@ -1,7 +1,7 @@
 //! `AutoencoderKL`'s `config.json`, and the sizes of a BFL `ae.safetensors` read from its tensors.
 
-use crate::flux::load::count_blocks;
 use crate::vae_common::{positive, read_config, ConfigReader};
+use crate::weights::count_blocks;
 use crate::weights::WeightStore;
 use magcache_core::{Error, Result};
 use serde_json::Value;

@@ -14,10 +14,10 @@
 //! Activations stay in f32 (linear products in the run's weight dtype), so transformers' fp16
 //! clamping of hidden states is not needed.
 
-use crate::nn::{merge_heads, split_heads, Linear, RmsNorm};
-use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
+use magcache_layers::nn::{merge_heads, split_heads, Linear, RmsNorm};
+use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::path::Path;
 
@@ -65,7 +65,7 @@ impl Umt5Config {
         config: &str,
         streamed: bool,
     ) -> magcache_core::runtime::guard::Footprint {
-        use crate::footprint::sz;
+        use magcache_layers::footprint::sz;
         let d = sz(self.d_model);
         let inner = sz(self.num_heads) * sz(self.d_kv);
         let ff = sz(self.d_ff) * sz(if self.gated { 3 } else { 2 });
@@ -344,7 +344,7 @@ impl Umt5Encoder {
     /// checked here, before any is read. The results are the held encoder's, bit for bit.
     pub fn load_with(dir: &Path, device: &Device, dtype: DType, streamed: bool) -> Result<Self> {
         let config = Umt5Config::load(dir)?;
-        let files = crate::weights::weight_files(dir)?;
+        let files = magcache_layers::weights::weight_files(dir)?;
         let mut store = WeightStore::load_files(&dir.display().to_string(), &files)?;
         store.set_placement(magcache_core::Placement {
             device: device.clone(),
@@ -537,7 +537,7 @@ impl Umt5Encoder {
 
     fn act(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.config.act {
-            Umt5Act::GeluTanh => crate::nn::gelu(x)?,
+            Umt5Act::GeluTanh => magcache_layers::nn::gelu(x)?,
             Umt5Act::Gelu => x.gelu_erf()?,
             Umt5Act::Relu => x.relu()?,
         })

@@ -22,12 +22,12 @@
 //! the tensor) and handed to its `VarBuilder` already checked.
 
 use super::tokenizer::{TokenizedPrompt, WanTokenizer};
-use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig as CtClipTextConfig, ClipTextTransformer,
 };
 use magcache_core::{Error, Result};
+use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -311,7 +311,7 @@ impl ClipTextModelConfig {
         dtype_bytes: usize,
         config: &str,
     ) -> magcache_core::runtime::guard::Footprint {
-        use crate::footprint::sz;
+        use magcache_layers::footprint::sz;
         let h = sz(self.hidden_size);
         let inter = sz(self.intermediate_size);
         let layer = h * h * sz(4) + h * inter * sz(2) + h * sz(9) + inter;
@@ -438,7 +438,7 @@ impl ClipTextEncoder {
     /// runs in one dtype; its attention is computed in f32).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = ClipTextModelConfig::load(dir)?;
-        let files: Vec<PathBuf> = crate::weights::weight_files(dir)?;
+        let files: Vec<PathBuf> = magcache_layers::weights::weight_files(dir)?;
         let mut store = WeightStore::load_files(&dir.display().to_string(), &files)?;
         store.set_placement(magcache_core::Placement {
             device: device.clone(),

@@ -64,6 +64,35 @@ pub fn to_pixels(decoded: &Tensor) -> Result<Tensor> {
     to_pixels_channels_last(decoded)
 }
 
+/// Packed latents `[B, h*w, C]` -> `[B*C, h, w]` on the grid of position ids `[seq, axes]` whose
+/// axes 1 and 2 are the row and column (FLUX.1 and FLUX.2); ids that give no grid: one row of
+/// `seq` values per plane.
+pub fn packed_to_planes(latents: &Tensor, img_ids: &Tensor) -> Result<Tensor> {
+    let (b, seq, c) = latents.dims3()?;
+    let ids = img_ids
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?;
+    let extent = |axis: usize| {
+        ids.iter()
+            .map(|r| r.get(axis).map_or(0, |&v| v as usize))
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1)
+    };
+    let (h, w) = (extent(1), extent(2));
+    if h.checked_mul(w) != Some(seq) {
+        return Ok(latents
+            .permute((0, 2, 1))?
+            .contiguous()?
+            .reshape((b * c, 1, seq))?);
+    }
+    Ok(latents
+        .reshape((b, h, w, c))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?
+        .reshape((b * c, h, w))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

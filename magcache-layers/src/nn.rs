@@ -307,8 +307,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// Queries per task of [`cpu_attention`]: its scores are `QUERY_BLOCK x L` floats per thread.
-pub(crate) const QUERY_BLOCK: usize = 128;
+/// Queries per task of `cpu_attention`: its scores are `QUERY_BLOCK x L` floats per thread.
+pub const QUERY_BLOCK: usize = 128;
 
 /// [`attention`] on the CPU in f32, fused: one task per (batch, head, block of [`QUERY_BLOCK`]
 /// queries), spread over the threads, each running its two products single-threaded through `gemm`
@@ -498,7 +498,7 @@ pub fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> 
 
 /// Largest absolute difference of two tensors (unit tests of this crate).
 #[cfg(test)]
-pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     (a - b)
         .unwrap()

@@ -17,11 +17,11 @@
 //! the last one asked for are never loaded. Norms, RoPE, softmax and activations run in f32.
 
 use super::tokenizer::{TokenizedPrompt, WanTokenizer};
-use crate::nn::{heads_normed, merge_heads, split_heads};
-use crate::nn::{Linear, RmsNorm};
-use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor, D};
 use magcache_core::{Error, Result};
+use magcache_layers::nn::{heads_normed, merge_heads, split_heads};
+use magcache_layers::nn::{Linear, RmsNorm};
+use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::path::Path;
 
@@ -172,8 +172,8 @@ impl Qwen3Config {
     }
 
     /// Parameters of the embedding and the first `layers` decoder layers.
-    pub fn params(&self, layers: usize) -> crate::footprint::Sz {
-        use crate::footprint::sz;
+    pub fn params(&self, layers: usize) -> magcache_layers::footprint::Sz {
+        use magcache_layers::footprint::sz;
         let d = sz(self.hidden_size);
         let q = sz(self.num_attention_heads) * sz(self.head_dim);
         let kv = sz(self.num_key_value_heads) * sz(self.head_dim);
@@ -190,7 +190,7 @@ impl Qwen3Config {
         dtype_bytes: usize,
         config: &str,
     ) -> magcache_core::runtime::guard::Footprint {
-        use crate::footprint::sz;
+        use magcache_layers::footprint::sz;
         let l = sz(max_len);
         let scores = sz(self.num_attention_heads) * l * l * sz(3);
         let d = sz(self.hidden_size);
@@ -254,7 +254,7 @@ impl Qwen3Encoder {
                 ),
             ));
         }
-        let files = crate::weights::weight_files(dir)?;
+        let files = magcache_layers::weights::weight_files(dir)?;
         let mut store = WeightStore::load_files(&dir.display().to_string(), &files)?;
         store.set_placement(magcache_core::Placement {
             device: device.clone(),

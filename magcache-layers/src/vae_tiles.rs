@@ -3,8 +3,8 @@
 //! its own, and each tile's first rows (columns) are blended linearly with the last rows (columns)
 //! of the tile above (to the left), already blended, before the first `keep` of every tile are
 //! joined. The families say where the tiles are ([`Grid`]: the Wan VAEs from `enable_tiling`'s
-//! sizes, [`crate::wan::vae::VaeTiling`]; FLUX's `AutoencoderKL` from its `sample_size` and a
-//! quarter overlap, [`crate::flux::vae::FluxTiling`]); this module walks the grid.
+//! sizes, [`crate::autoencoder_kl_wan::VaeTiling`]; FLUX's `AutoencoderKL` from its `sample_size` and a
+//! quarter overlap, [`crate::autoencoder_kl::FluxTiling`]); this module walks the grid.
 //!
 //! Rows of tiles are run one after another and only the previous row is kept for blending, so at
 //! most two rows of tiles are held besides the output (diffusers holds every tile).
@@ -15,22 +15,22 @@ use magcache_core::Result;
 /// Where the tiles are, per axis as (height, width): their size and spacing in input positions,
 /// what each keeps and blends in output positions, and the tensor dimensions of height and width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Grid {
+pub struct Grid {
     /// A tile's size (shorter at the end), input positions.
-    pub(crate) min: (usize, usize),
+    pub min: (usize, usize),
     /// One tile every this many input positions.
-    pub(crate) stride: (usize, usize),
+    pub stride: (usize, usize),
     /// Output positions kept of each tile (its first ones; all of a shorter last tile).
-    pub(crate) keep: (usize, usize),
+    pub keep: (usize, usize),
     /// Output positions blended with the previous tile's last ones.
-    pub(crate) blend: (usize, usize),
+    pub blend: (usize, usize),
     /// The dimensions of height and width in the tensors (`(3, 4)` for `[B, F, C, H, W]`).
-    pub(crate) dims: (usize, usize),
+    pub dims: (usize, usize),
 }
 
 impl Grid {
     /// How many tiles cover `h x w` input positions.
-    pub(crate) fn count(&self, h: usize, w: usize) -> usize {
+    pub fn count(&self, h: usize, w: usize) -> usize {
         h.div_ceil(self.stride.0.max(1)) * w.div_ceil(self.stride.1.max(1))
     }
 }
@@ -40,7 +40,7 @@ impl Grid {
 /// `out_h` high (`usize::MAX`: uncut, as diffusers' `AutoencoderKL` joins them), each mapped by
 /// `strip`. Only the previous row of tiles is kept for blending. `tile(i, th, j, tw)` gets the
 /// tile's start and size in input positions.
-pub(crate) fn run(
+pub fn run(
     g: &Grid,
     (h, w): (usize, usize),
     (out_h, out_w): (usize, usize),

@@ -1,7 +1,7 @@
 //! Checkpoint layouts of an image VAE: diffusers names, or BFL's `ae.safetensors` renamed to them;
 //! attention projections stored as 1x1 convolutions or under deprecated names normalised.
 
-use crate::flux::load::count_blocks;
+use crate::weights::count_blocks;
 use crate::weights::WeightStore;
 use magcache_core::{Error, Result};
 

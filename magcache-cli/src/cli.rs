@@ -306,9 +306,13 @@ fn real_main(cli: Cli) -> Result<()> {
                 margin,
                 max_runs: runs,
             };
-            // The candidates read the profile while tuning: it is written at once, and stays
-            // only if a run file is written.
-            let mut write = |path: &Path, bytes: &[u8]| crate::write_atomic(path, bytes);
+            // The candidates read the profile while tuning: it is written into the profile
+            // output's temporary (an existing NAME.profile.toml stays as it is) and put in place
+            // with the run file, both or neither; a failure or a signal removes the temporary.
+            let tmp_profile = outs.temporary(&profile).ok_or_else(|| {
+                magcache_core::Error::msg("internal: the profile output was not planned")
+            })?;
+            let mut write = |_: &Path, bytes: &[u8]| outs.write(&profile, bytes);
             let mut progress = |t: &crate::Tried| {
                 if !quiet && !json {
                     eprintln!(
@@ -320,20 +324,12 @@ fn real_main(cli: Cli) -> Result<()> {
             let r = crate::tune(
                 &config,
                 &opts,
-                &profile,
+                &tmp_profile,
                 &profile_name,
                 &mut write,
                 &mut progress,
-            );
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&profile);
-                    return Err(e);
-                }
-            };
+            )?;
             let Some(t) = r.chosen() else {
-                let _ = std::fs::remove_file(&profile);
                 if json {
                     println!("{}", to_json(&r)?);
                 } else {

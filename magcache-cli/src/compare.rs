@@ -95,10 +95,7 @@ pub fn compare(
     let cache = p.cache.take();
     let strategy = std::mem::replace(&mut p.strategy, "none".into());
     // Progress of the warm-up and of the repeats would only repeat the first runs' lines.
-    let quiet_again = match verbosity {
-        Verbosity::Json => Verbosity::Quiet,
-        v => v,
-    };
+    let quiet_again = Verbosity::Silent;
     let run_dense = |p: &mut crate::prepare::Prepared, v: Verbosity| -> Result<_> {
         p.pipeline.set_cache(None)?;
         p.cache = None;
@@ -112,7 +109,7 @@ pub fn compare(
         generate(p, v)
     };
     // Warm-up, untimed and unreported.
-    run_cached(&mut p, Verbosity::Quiet)?;
+    run_cached(&mut p, Verbosity::Silent)?;
     let mut dense_runs = Vec::with_capacity(repeat);
     let mut cached_runs = Vec::with_capacity(repeat);
     let mut dense_first: Option<(Tensor, Report)> = None;

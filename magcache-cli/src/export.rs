@@ -110,28 +110,23 @@ pub fn export_as(
     if out.file_name().is_none() {
         return Err(Error::io(&shown, "names no folder"));
     }
+    // Every check before the temporary folder exists: a refused export leaves nothing behind.
+    let gguf = gguf_format(format, exporter, fam.name)?;
     let models = (exporter.export)(&cfg, &file, &crate::prepare::base_dir(config))?;
     check_sizes(&cfg, &file, &models)?;
     // Partial folders of exports that were killed (SIGKILL) go, as runs' temporaries do.
-    crate::output::clean_stale(&parent);
-    let tmp = crate::output::temp_name(&parent, "partial");
+    crate::temps::clean_stale(&parent, &|_| false);
+    let tmp = crate::temps::temp_name(&parent, "partial");
     std::fs::create_dir(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
-    crate::output::register(&tmp);
+    crate::temps::register(&tmp);
     let written = match format {
         Format::Safetensors { shard_bytes } | Format::Pipeline { shard_bytes } => {
             write_all(&tmp, &models, *shard_bytes, progress)
         }
-        Format::Gguf { quant } => {
-            let arch = exporter.gguf.ok_or_else(|| {
-                Error::msg(format!("--gguf: family `{}` has no GGUF export", fam.name))
-            })?;
-            let q = magcache_layers::weights::gguf::quant_type(quant).ok_or_else(|| {
-                Error::msg(format!(
-                    "--gguf {quant}: not a type this runner writes (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
-                ))
-            })?;
-            write_gguf_all(&tmp, &models, arch, q, progress)
-        }
+        Format::Gguf { .. } => match gguf {
+            Some((arch, q)) => write_gguf_all(&tmp, &models, arch, q, progress),
+            None => Err(Error::msg("internal: a GGUF export without its type")),
+        },
     };
     let result = written.and_then(|r| {
         rename_new(&tmp, out).map_err(|e| match e.kind() {
@@ -145,7 +140,7 @@ pub fn export_as(
         })?;
         Ok(r)
     });
-    crate::output::unregister(&tmp);
+    crate::temps::unregister(&tmp);
     match result {
         Ok((folders, tensors, bytes)) => Ok(ExportReport {
             out: out.to_path_buf(),
@@ -158,6 +153,26 @@ pub fn export_as(
             Err(e)
         }
     }
+}
+
+/// The GGUF architecture and type of a `--gguf` export (`None` for other formats), or why not.
+fn gguf_format(
+    format: &Format,
+    exporter: &magcache_core::PresetExport,
+    family: &str,
+) -> Result<Option<(&'static str, candle_core::quantized::GgmlDType)>> {
+    let Format::Gguf { quant } = format else {
+        return Ok(None);
+    };
+    let arch = exporter
+        .gguf
+        .ok_or_else(|| Error::msg(format!("--gguf: family `{family}` has no GGUF export")))?;
+    let q = magcache_layers::weights::gguf::quant_type(quant).ok_or_else(|| {
+        Error::msg(format!(
+            "--gguf {quant}: not a type this runner writes (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k)"
+        ))
+    })?;
+    Ok(Some((arch, q)))
 }
 
 type Written = (Vec<(String, usize, u64)>, usize, u64);
@@ -395,6 +410,16 @@ impl safetensors::View for Lazy<'_> {
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         let made = (self.model.generate)(self.name, self.shape).and_then(|t| {
             let t = t.to_dtype(self.dtype)?;
+            // Checked in the written dtype: a value past f16's range becomes `inf` there. A
+            // non-finite weight is refused, naming the tensor (`run` would refuse the file).
+            if !magcache_core::finite::all_finite(&t)? {
+                return Err(Error::msg(format!(
+                    "export: tensor `{}` holds non-finite values in {:?} ({}); nothing written",
+                    self.name,
+                    self.dtype,
+                    magcache_core::finite::describe_non_finite(&t)?
+                )));
+            }
             if t.dims() != self.shape {
                 return Err(Error::msg(format!(
                     "export: `{}` generated with shape {:?}, declared {:?}",

@@ -16,147 +16,12 @@
 //! a killed process (SIGKILL) are removed by the next command that writes into the same folder.
 //! Files are created with `File::create`, so their permissions follow the umask.
 
+use crate::temps::{clean_stale, cleanup_state, register, roll_back, temp_name, unregister, Undo};
 use candle_core::Tensor;
 use magcache_core::files::{file_id, FileId};
 use magcache_core::{Error, Result, RunConfig};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-
-/// What to undo when a commit is interrupted.
-enum Undo {
-    /// Put the file that was there back (`backup` is a hard link to it).
-    Restore { backup: PathBuf, target: PathBuf },
-    /// The target did not exist: remove what the commit put there.
-    Remove(PathBuf),
-}
-
-/// Temporaries of this process and the undo log of a commit under way, for the signal handler.
-struct Cleanup {
-    temps: Vec<PathBuf>,
-    undo: Vec<Undo>,
-}
-
-static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
-    temps: Vec::new(),
-    undo: Vec::new(),
-});
-
-fn cleanup_state() -> std::sync::MutexGuard<'static, Cleanup> {
-    CLEANUP.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Undoes `undo` (last first): what a failed or interrupted commit had replaced is put back.
-fn roll_back(undo: &mut Vec<Undo>) {
-    while let Some(u) = undo.pop() {
-        match u {
-            Undo::Restore { backup, target } => {
-                let _ = std::fs::rename(&backup, &target);
-            }
-            Undo::Remove(target) => {
-                let _ = std::fs::remove_file(&target);
-            }
-        }
-    }
-}
-
-fn remove_temp(t: &Path) {
-    match std::fs::symlink_metadata(t) {
-        Ok(m) if m.is_dir() => {
-            let _ = std::fs::remove_dir_all(t);
-        }
-        Ok(_) => {
-            let _ = std::fs::remove_file(t);
-        }
-        Err(_) => {}
-    }
-}
-
-/// Removes this process's temporaries on SIGINT/SIGTERM/SIGHUP (undoing a commit under way) and
-/// exits with 130.
-pub fn install_signal_cleanup() {
-    // A second installation (tests calling into the library) is refused by ctrlc: harmless.
-    let _ = ctrlc::set_handler(|| {
-        let mut c = cleanup_state();
-        roll_back(&mut c.undo);
-        for t in c.temps.iter() {
-            remove_temp(t);
-        }
-        eprintln!("error: interrupted; no output written");
-        std::process::exit(130);
-    });
-}
-
-pub(crate) fn register(tmp: &Path) {
-    cleanup_state().temps.push(tmp.to_path_buf());
-}
-
-pub(crate) fn unregister(tmp: &Path) {
-    cleanup_state().temps.retain(|p| p != tmp);
-}
-
-static NEXT_TEMP: AtomicUsize = AtomicUsize::new(0);
-
-/// A fresh, short temporary name in `dir`: `.magcache-PID-K.EXT` (short whatever the output's name,
-/// so that a legal 255-byte output name keeps a legal temporary).
-pub(crate) fn temp_name(dir: &Path, ext: &str) -> PathBuf {
-    let k = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".magcache-{}-{k}.{ext}", std::process::id()))
-}
-
-/// The process id in the name of a temporary this runner makes: `.magcache-PID-K.tmp`, `.bak`,
-/// `.partial`, and `.NAME.magcache-PID.tmp` of earlier versions. (Earlier exports' `.NAME.partial-PID`
-/// folders are not matched: a user's folder could be named so, and a folder is removed whole.)
-fn temp_pid(name: &str) -> Option<u32> {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if let Some(rest) = name.strip_prefix(".magcache-") {
-        let (pid, rest) = rest.split_once('-')?;
-        let (k, ext) = rest.split_once('.')?;
-        if digits(pid) && digits(k) && matches!(ext, "tmp" | "bak" | "partial") {
-            return pid.parse().ok();
-        }
-        return None;
-    }
-    if !name.starts_with('.') {
-        return None;
-    }
-    let old = name
-        .strip_suffix(".tmp")
-        .and_then(|r| r.rsplit_once(".magcache-"));
-    match old {
-        Some((_, pid)) if digits(pid) => pid.parse().ok(),
-        _ => None,
-    }
-}
-
-/// Removes the temporaries (files, and export's partial folders) that processes no longer alive
-/// left in `dir` (a SIGKILL leaves them).
-pub(crate) fn clean_stale(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = temp_pid(&name) else {
-            continue;
-        };
-        if pid == std::process::id() || pid_alive(pid) {
-            continue;
-        }
-        match std::fs::symlink_metadata(e.path()) {
-            Ok(m) if m.is_dir() => {
-                if name.starts_with(".magcache-") && name.ends_with(".partial") {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-            Ok(_) => {
-                let _ = std::fs::remove_file(e.path());
-            }
-            Err(_) => {}
-        }
-    }
-}
 
 /// A file the command reads, with what it is (for messages).
 #[derive(Clone, Debug)]
@@ -211,16 +76,6 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
         path.to_path_buf()
     } else {
         base.join(path)
-    }
-}
-
-/// Whether process `pid` is alive (Linux: `/proc/PID`; elsewhere assumed alive, so nothing of a
-/// running process is ever removed).
-fn pid_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
     }
 }
 
@@ -497,10 +352,16 @@ impl Outputs {
                 other.flag
             )));
         }
-        clean_stale(&dir);
+        let inputs: Vec<FileId> = self.files.iter().map(|f| f.id.clone()).collect();
+        clean_stale(&dir, &|p| file_id(p).is_some_and(|id| inputs.contains(&id)));
         let tmp = temp_name(&dir, "tmp");
         register(&tmp);
-        if let Err(e) = std::fs::File::create(&tmp) {
+        // `create_new`: a temporary never truncates a file that is there.
+        if let Err(e) = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
             unregister(&tmp);
             return Err(err(format!(
                 "the folder {} is not writable: {e}",
@@ -527,6 +388,15 @@ impl Outputs {
                     path.display()
                 ))
             })
+    }
+
+    /// The temporary that output `path` is written into until [`Outputs::commit`] (a command that
+    /// reads its own output back while it works, as `tune` reads its profile).
+    pub(crate) fn temporary(&self, path: &Path) -> Option<PathBuf> {
+        self.planned
+            .iter()
+            .find(|p| p.target == path)
+            .map(|p| p.tmp.clone())
     }
 
     /// Writes `bytes` as the content of output `path` (into its temporary).
@@ -744,24 +614,5 @@ mod tests {
         assert_eq!(std::fs::read(&a).unwrap(), b"--a");
         assert_eq!(std::fs::read(&b).unwrap(), b"--b");
         assert_eq!(names(d.path()), ["a", "b"]);
-    }
-
-    #[test]
-    fn temporaries_are_recognised_by_name_only() {
-        assert_eq!(temp_pid(".magcache-123-4.tmp"), Some(123));
-        assert_eq!(temp_pid(".magcache-123-4.bak"), Some(123));
-        assert_eq!(temp_pid(".magcache-123-0.partial"), Some(123));
-        assert_eq!(temp_pid(".out.safetensors.magcache-77.tmp"), Some(77));
-        for not in [
-            "magcache-1-2.tmp",
-            ".magcache-1-2.txt",
-            ".magcache-x-2.tmp",
-            ".magcache-1.tmp",
-            "out.tmp",
-            ".notes.partial-x",
-            ".ckpt.partial-88",
-        ] {
-            assert_eq!(temp_pid(not), None, "{not}");
-        }
     }
 }

@@ -9,7 +9,11 @@ use magcache_core::{Error, Result};
 /// What the runner shows while it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verbosity {
+    /// `--quiet`: warnings and errors only.
     Quiet,
+    /// Nothing, warnings included: the runner's own repeated runs (compare's warm-up and repeats,
+    /// tune's candidates), whose warnings are those of the runs it reports.
+    Silent,
     Normal,
     /// One JSON object per transformer call on stderr (machine-readable progress).
     Json,
@@ -17,7 +21,7 @@ pub enum Verbosity {
 
 struct Collector {
     json: bool,
-    quiet: bool,
+    silent: bool,
     calls: Vec<CallReport>,
     warnings: Vec<String>,
     bar: Option<indicatif::ProgressBar>,
@@ -27,7 +31,9 @@ struct Collector {
 impl Observer for Collector {
     fn warning(&mut self, msg: &str) {
         // A hidden bar (stderr not a terminal) would swallow the line: print it directly then.
+        // `--quiet` keeps warnings (docs/runner.md): only progress and summaries go.
         match &self.bar {
+            _ if self.silent => {}
             // --json: stderr carries JSON events only.
             _ if self.json => {
                 eprintln!(
@@ -36,7 +42,6 @@ impl Observer for Collector {
                 )
             }
             Some(b) if !b.is_hidden() => b.println(format!("warning: {msg}")),
-            _ if self.quiet => {}
             _ => eprintln!("warning: {msg}"),
         }
         self.warnings.push(msg.to_string());
@@ -103,7 +108,7 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
     };
     let mut col = Collector {
         json: verbosity == Verbosity::Json,
-        quiet: verbosity == Verbosity::Quiet,
+        silent: verbosity == Verbosity::Silent,
         calls: Vec::new(),
         warnings: p.notes.clone(),
         bar,

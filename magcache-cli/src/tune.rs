@@ -157,7 +157,10 @@ fn without_cache(text: &str) -> String {
     for line in text.lines() {
         let t = line.trim_start();
         if t.starts_with('[') {
-            skipping = t.starts_with("[cache]");
+            // `[cache]` and its subtables (`[cache.mag_ratios]`, `[[cache.x]]`).
+            let name = t.trim_start_matches('[');
+            let name = name.split(']').next().unwrap_or("").trim();
+            skipping = name == "cache" || name.starts_with("cache.");
         }
         if !skipping {
             out.push_str(line);
@@ -264,27 +267,15 @@ impl Runner<'_> {
     }
 }
 
-/// Tunes `config` for `opts.target`; the profile of the calibration run is written to
-/// `profile_out` (the candidates read it) and named in the candidates' tables as `profile_name`.
-pub fn tune(
-    config: &Path,
+/// The runs a `tune` measures candidates on: the run file's own inputs (its pipeline `p` and
+/// dense result `dense`) and, where the run has a seed, a second noise.
+fn runner<'a>(
+    config: &'a Path,
     opts: &TuneOptions,
-    profile_out: &Path,
-    profile_name: &str,
-    write: &mut dyn FnMut(&Path, &[u8]) -> Result<()>,
-    progress: &mut dyn FnMut(&Tried),
-) -> Result<TuneReport> {
-    let quiet = Verbosity::Quiet;
-    let (profile, _, _, dense) = crate::calibrate::calibrate_run(config, quiet, false)?;
-    write(profile_out, profile.to_toml()?.as_bytes())?;
-    let p = prepare_pipeline(config)?;
-    let plan = p.pipeline.plan();
-    let steps = plan.scopes.iter().map(|s| s.steps).max().ok_or_else(|| {
-        Error::msg(format!(
-            "{}: the run has no transformer calls",
-            config.display()
-        ))
-    })?;
+    p: Prepared,
+    dense: Tensor,
+) -> Result<Runner<'a>> {
+    let quiet = Verbosity::Silent;
     let dense_planes = p.pipeline.to_planes(&dense)?;
     let file = config.display().to_string();
     let text = without_cache(&magcache_core::error::read_text(config)?);
@@ -305,7 +296,7 @@ pub fn tune(
             dense_planes,
         });
     }
-    let mut r = Runner {
+    Ok(Runner {
         inputs,
         file,
         base: base_dir(config),
@@ -313,7 +304,31 @@ pub fn tune(
         data_range: opts.data_range,
         verbosity: quiet,
         _config: config,
-    };
+    })
+}
+
+/// Tunes `config` for `opts.target`; the profile of the calibration run is written to
+/// `profile_out` (the candidates read it) and named in the candidates' tables as `profile_name`.
+pub fn tune(
+    config: &Path,
+    opts: &TuneOptions,
+    profile_out: &Path,
+    profile_name: &str,
+    write: &mut dyn FnMut(&Path, &[u8]) -> Result<()>,
+    progress: &mut dyn FnMut(&Tried),
+) -> Result<TuneReport> {
+    let quiet = Verbosity::Silent;
+    let (profile, _, _, dense) = crate::calibrate::calibrate_run(config, quiet, false)?;
+    write(profile_out, profile.to_toml()?.as_bytes())?;
+    let p = prepare_pipeline(config)?;
+    let plan = p.pipeline.plan();
+    let steps = plan.scopes.iter().map(|s| s.steps).max().ok_or_else(|| {
+        Error::msg(format!(
+            "{}: the run has no transformer calls",
+            config.display()
+        ))
+    })?;
+    let mut r = runner(config, opts, p, dense)?;
     // The candidates name the profile relative to the run file's folder: give it absolute.
     let profile_abs = std::path::absolute(profile_out)
         .map_err(|e| Error::msg(format!("{}: {e}", profile_out.display())))?
@@ -354,10 +369,13 @@ pub fn tune(
         Target::Speedup(s) => {
             let b = ((steps as f64 / s).floor() as usize).clamp(1, steps);
             let i = at_budget(&mut ctx, b)?;
-            match i {
+            let i = match i {
                 Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),
                 i => i,
-            }
+            };
+            // The budget aims at the target; what the run measured decides (guards or scopes
+            // with other step counts can compute more calls than the budget).
+            i.filter(|&i| ctx.tried[i].speedup_calls + 1e-9 >= s)
         }
         Target::Psnr(p) => {
             let want = p + opts.margin;

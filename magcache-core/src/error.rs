@@ -64,13 +64,37 @@ pub enum Error {
     #[error("hook registry: {0}")]
     Hooks(String),
 
-    /// Tensor maths failed.
-    #[error("tensor op: {0}")]
-    Candle(#[from] candle_core::Error),
+    /// Tensor maths failed (candle's backtrace, captured under `RUST_BACKTRACE=1`, is dropped:
+    /// errors are one line).
+    #[error("tensor op: {}", .0.to_string().trim().replace('\n', "; "))]
+    Candle(#[source] candle_core::Error),
 
     /// Anything else, with a message that says what and where.
     #[error("{0}")]
     Msg(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(without_backtrace(e))
+    }
+}
+
+/// `e` without the backtraces candle attaches (its `Display` prints them on lines of their own).
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        C::Context { inner, context } => C::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        C::WithPath { inner, path } => C::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        e => e,
+    }
 }
 
 impl Error {
@@ -151,6 +175,48 @@ pub fn describe_io(path: &std::path::Path, e: &std::io::Error) -> String {
     e.to_string()
 }
 
+/// Opens `path` for reading when it is a regular file (after links), the one check every file a run
+/// reads goes through: a folder, a FIFO (whose open or read would block forever), a device
+/// (`/dev/zero`, read until memory runs out) or a missing path is an error naming the file, checked
+/// before opening and again on the opened file. The file is recorded as read ([`crate::files`]).
+pub fn open_regular(path: &std::path::Path) -> Result<std::fs::File> {
+    let shown = path.display().to_string();
+    if let Some(why) = not_a_file(path) {
+        return Err(Error::io(&shown, why));
+    }
+    let f = std::fs::File::open(path).map_err(|e| Error::io(&shown, describe_io(path, &e)))?;
+    match f.metadata() {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(Error::io(&shown, "is not a regular file")),
+        Err(e) => return Err(Error::io(&shown, e)),
+    }
+    crate::files::record_read(path);
+    Ok(f)
+}
+
+/// Reads a whole regular file ([`open_regular`]) of at most `limit` bytes: a longer one is an error
+/// naming the file, before anything is read.
+pub fn read_regular(path: &std::path::Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let f = open_regular(path)?;
+    let len = f.metadata().map_err(|e| Error::io(&shown, e))?.len();
+    if len > limit {
+        return Err(Error::io(
+            &shown,
+            format!("is {len} bytes, more than the {limit} this file may have"),
+        ));
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| Error::io(&shown, describe_io(path, &e)))?;
+    if out.len() as u64 > limit {
+        return Err(Error::io(&shown, "grew while it was read"));
+    }
+    Ok(out)
+}
+
 /// Reads a whole text file; an error names the file and says why (a folder, a symlink loop, a device
 /// or FIFO: only regular files are read). The file is recorded as read ([`crate::files`]).
 pub fn read_text(path: &std::path::Path) -> Result<String> {
@@ -160,4 +226,37 @@ pub fn read_text(path: &std::path::Path) -> Result<String> {
     }
     crate::files::record_read(path);
     std::fs::read_to_string(path).map_err(|e| Error::io(&shown, describe_io(path, &e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_backtraces_never_reach_the_message() {
+        let traced = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = Error::from(traced.context("in block 3")).to_string();
+        assert!(e.contains("shape mismatch") && e.contains("block 3"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn special_files_are_not_opened() {
+        let e = open_regular(std::path::Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // A file that outlives the test (a deleted one's inode could be reused by another test's
+        // file while the process-wide record of reads still names it).
+        let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let n = std::fs::metadata(&f).unwrap().len();
+        assert_eq!(read_regular(&f, n).unwrap(), std::fs::read(&f).unwrap());
+        assert!(read_regular(&f, n - 1)
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
+    }
 }

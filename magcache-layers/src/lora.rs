@@ -21,8 +21,11 @@ use crate::weights::{Delta, WeightStore};
 use candle_core::{DType, Device, Tensor};
 use magcache_core::runtime::config::LoraTable;
 use magcache_core::{Error, Result};
+use meta::{peft_meta, PeftMeta};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+mod meta;
 
 /// How a family's original checkpoints name its modules, for adapters in those names.
 pub trait LoraNames {
@@ -76,14 +79,6 @@ struct Parts {
     diff_b: Option<(String, Tensor)>,
 }
 
-/// diffusers' `lora_adapter_metadata` (the `transformer.` entries).
-#[derive(Default)]
-struct PeftMeta {
-    alpha: Option<f64>,
-    alpha_pattern: BTreeMap<String, f64>,
-    rslora: bool,
-}
-
 /// An adapter file, read and grouped by module.
 pub struct Adapter {
     /// The file as messages name it.
@@ -115,14 +110,19 @@ const SUFFIXES: &[&str] = &[
     ".diff",
 ];
 
+/// The largest adapter file read (64 GB): a bound on what a lying or endless file can make a run
+/// read, far above any published adapter.
+const MAX_ADAPTER_BYTES: u64 = 64 << 30;
+
 impl Adapter {
     /// Reads an adapter file (safetensors, any float dtype; kept in f32 on the CPU).
     pub fn read(path: &Path) -> Result<Adapter> {
         let file = path.display().to_string();
-        if let Some(why) = magcache_core::error::not_found(path) {
+        if let Some(why) = magcache_core::error::not_a_file(path) {
             return Err(Error::weights(&file, "(file)", why));
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(&file, e))?;
+        // An adapter is read whole (the largest published ones are a few GB).
+        let bytes = magcache_core::error::read_regular(path, MAX_ADAPTER_BYTES)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::weights(&file, "(header)", e.to_string()))?;
         let meta = peft_meta(&file, header.metadata().as_ref())?;
@@ -173,6 +173,7 @@ impl Adapter {
             let t = t
                 .to_dtype(DType::F32)
                 .map_err(|e| Error::weights(&file, &key, e.to_string()))?;
+            check_tensor(&file, &key, suffix, &t)?;
             let parts = modules.entry(module).or_default();
             let slot = match *suffix {
                 ".lora_down.weight" | ".lora_A.weight" => &mut parts.down,
@@ -403,38 +404,36 @@ pub fn restore_dots(name: &str, compounds: &[&str]) -> String {
     s
 }
 
-/// diffusers' `lora_adapter_metadata` header entry (a JSON string), when there is one.
-fn peft_meta(
-    file: &str,
-    header: Option<&std::collections::HashMap<String, String>>,
-) -> Result<PeftMeta> {
-    let Some(text) = header.and_then(|h| h.get("lora_adapter_metadata")) else {
-        return Ok(PeftMeta::default());
-    };
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        Error::weights(
+/// A tensor of an adapter file: finite (a non-finite value would surface as a NaN blamed on the
+/// base checkpoint) and of a rank its role allows (a 0-d `lora_A` failed later with no file named).
+fn check_tensor(file: &str, key: &str, suffix: &str, t: &Tensor) -> Result<()> {
+    if !magcache_core::finite::all_finite(t)? {
+        return Err(Error::weights(
             file,
-            "__metadata__.lora_adapter_metadata",
-            format!("invalid JSON: {e}"),
-        )
-    })?;
-    let alpha_pattern = v
-        .get("transformer.alpha_pattern")
-        .and_then(|p| p.as_object())
-        .map(|o| {
-            o.iter()
-                .filter_map(|(k, a)| Some((k.clone(), a.as_f64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(PeftMeta {
-        alpha: v.get("transformer.lora_alpha").and_then(|a| a.as_f64()),
-        alpha_pattern,
-        rslora: v
-            .get("transformer.use_rslora")
-            .and_then(|a| a.as_bool())
-            .unwrap_or(false),
-    })
+            key,
+            format!(
+                "holds non-finite values ({})",
+                magcache_core::finite::describe_non_finite(t)?
+            ),
+        ));
+    }
+    let min_rank = match suffix {
+        ".lora_down.weight" | ".lora_A.weight" | ".lora_up.weight" | ".lora_B.weight" => 2,
+        ".alpha" => 0,
+        _ => 1,
+    };
+    if t.rank() < min_rank {
+        return Err(Error::weights(
+            file,
+            key,
+            format!(
+                "has shape {:?}; a LoRA {} has at least {min_rank} dimensions",
+                t.dims(),
+                suffix.trim_start_matches('.')
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The `[[model.lora]]` tables of the model `expert` of a run with `experts` transformer models

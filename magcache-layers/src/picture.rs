@@ -22,6 +22,20 @@ pub struct Rgb8 {
     pub data: Vec<u8>,
 }
 
+/// The largest picture read: its file, each side and its pixels (8192 x 8192; a conditioning
+/// picture is resized to the run's size, at most a few megapixels, anyway). The decoders' own
+/// allocations are limited to twice the pixels' RGBA bytes.
+const MAX_PICTURE_BYTES: u64 = 512 << 20;
+const MAX_PICTURE_SIDE: u32 = 1 << 15;
+const MAX_PICTURE_PIXELS: u64 = 1 << 26;
+
+/// Whether a JPEG's data ends with the end-of-image marker (`FF D9`), allowing the few padding or
+/// trailer bytes some writers append after it.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(4096)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
 /// Reads a PNG or JPEG file as 8-bit RGB, EXIF orientation applied; errors name the file and `key`
 /// (the run-file key that gave it).
 pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
@@ -31,10 +45,17 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
     if let Some(why) = magcache_core::error::not_a_file(path) {
         return Err(bad(why));
     }
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| bad(format!("cannot open: {e}")))?
+    let bytes = magcache_core::error::read_regular(path, MAX_PICTURE_BYTES)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read: {e}")))?;
+    // The decoders allocate what the header claims: bounded before anything is decoded.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_PICTURE_SIDE);
+    limits.max_image_height = Some(MAX_PICTURE_SIDE);
+    limits.max_alloc = Some(MAX_PICTURE_PIXELS * 4 * 2);
+    reader.limits(limits);
     match reader.format() {
         Some(image::ImageFormat::Png) | Some(image::ImageFormat::Jpeg) => {}
         Some(f) => {
@@ -44,14 +65,35 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
         }
         None => return Err(bad("not a PNG or JPEG picture".into())),
     }
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_has_end(&bytes) {
+        // The JPEG decoder fills what is missing with gray: a cut file would condition the run
+        // on a picture that is not the user's.
+        return Err(bad(
+            "the JPEG is truncated (no end-of-image marker): cannot decode it whole".into(),
+        ));
+    }
+    let too_large = || {
+        bad(format!(
+            "the picture is larger than a run reads (at most {MAX_PICTURE_SIDE} pixels a side and {MAX_PICTURE_PIXELS} pixels in all; resize it first)"
+        ))
+    };
+    let mut decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => too_large(),
+        e => bad(format!("cannot decode: {e}")),
+    })?;
+    let (w, h) = decoder.dimensions();
+    if (w as u64) * (h as u64) > MAX_PICTURE_PIXELS {
+        return Err(bad(format!(
+            "{w}x{h} pixels, more than the {MAX_PICTURE_PIXELS} a picture may have (resize it first)"
+        )));
+    }
     let orientation = decoder
         .orientation()
         .map_err(|e| bad(format!("cannot read its EXIF orientation: {e}")))?;
-    let mut img = image::DynamicImage::from_decoder(decoder)
-        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::Limits(_) => too_large(),
+        e => bad(format!("cannot decode: {e}")),
+    })?;
     img.apply_orientation(orientation);
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();

@@ -483,11 +483,24 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     }
     let line_no = text[..start].matches('\n').count() + 1;
     // The table the error is in: the last `[header]` before the error.
+    // An array of tables (`[[model.lora]]`) names the entry: `model.lora[1]`.
     let mut table = String::new();
+    let mut entries: std::collections::HashMap<String, usize> = Default::default();
     for line in text[..start].lines() {
         let t = line.trim();
-        if t.starts_with('[') && !t.starts_with("[[") {
-            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        if t.starts_with('[') {
+            let name = t.split('#').next().unwrap_or(t).trim();
+            let name = name
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
+            table = if t.starts_with("[[") {
+                let n = entries.entry(name.clone()).or_insert(0);
+                *n += 1;
+                format!("{name}[{}]", *n - 1)
+            } else {
+                name
+            };
         }
     }
     let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);

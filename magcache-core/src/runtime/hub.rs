@@ -57,6 +57,13 @@ pub fn snapshot(
         format!("`huggingface-cli download {id}{r}` fetches it")
     };
     let rev = revision.unwrap_or("main");
+    if let Some(why) = bad_revision(rev) {
+        return Err(Error::config(
+            file,
+            "model.revision",
+            format!("`{rev}` is not a branch, tag or commit name: {why}"),
+        ));
+    }
     if !repo.is_dir() {
         return Err(Error::config(
             file,
@@ -89,8 +96,19 @@ pub fn snapshot(
                 ),
             )
         })?;
+    if !is_commit_hash(&commit) {
+        return Err(Error::config(
+            file,
+            key,
+            format!(
+                "`{id}`: {} does not hold a commit hash: a damaged cache ({})",
+                repo.join("refs").join(rev).display(),
+                fetch(rev)
+            ),
+        ));
+    }
     let snap = repo.join("snapshots").join(&commit);
-    if snap.is_dir() && !commit.is_empty() && !commit.contains(['/', '\\']) {
+    if snap.is_dir() {
         Ok(snap)
     } else {
         Err(Error::config(
@@ -103,6 +121,34 @@ pub fn snapshot(
             ),
         ))
     }
+}
+
+/// Why `rev` cannot be a revision (a git branch, tag or commit name, `refs/pr/N` included): `None`
+/// when it can. It names a folder inside the repo's cache entry, so it may not leave it: no empty,
+/// `.`-led or `..` component, no absolute path, only ASCII letters, digits, `.`, `_`, `-` and `/`.
+pub fn bad_revision(rev: &str) -> Option<&'static str> {
+    if rev.is_empty() {
+        return Some("it is empty");
+    }
+    if rev.starts_with('/') || rev.contains('\\') {
+        return Some("it is a path");
+    }
+    if rev.split('/').any(|c| c.is_empty() || c.starts_with('.')) {
+        return Some("a part of it is empty or starts with `.` (`..` would leave the cache)");
+    }
+    if !rev
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+    {
+        return Some("only letters, digits, `.`, `_`, `-` and `/` are allowed");
+    }
+    None
+}
+
+/// A git commit hash as a ref file holds it: hexadecimal digits (40 for SHA-1, 64 for SHA-256; an
+/// abbreviated one is accepted).
+fn is_commit_hash(s: &str) -> bool {
+    (4..=64).contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -122,16 +168,37 @@ mod tests {
     fn snapshots_by_branch_commit_and_missing() {
         let d = std::env::temp_dir().join(format!("hub-test-{}", std::process::id()));
         let repo = d.join("models--org--m");
-        std::fs::create_dir_all(repo.join("snapshots/abc")).unwrap();
+        let abc = "abc0".repeat(10);
+        std::fs::create_dir_all(repo.join("snapshots").join(&abc)).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs/main"), "abc\n").unwrap();
+        std::fs::write(repo.join("refs/main"), format!("{abc}\n")).unwrap();
         assert_eq!(
             snapshot(&d, "org/m", None, "f", "model.weights").unwrap(),
-            repo.join("snapshots/abc")
+            repo.join("snapshots").join(&abc)
         );
         assert_eq!(
-            snapshot(&d, "org/m", Some("abc"), "f", "model.weights").unwrap(),
-            repo.join("snapshots/abc")
+            snapshot(&d, "org/m", Some(&abc), "f", "model.weights").unwrap(),
+            repo.join("snapshots").join(&abc)
+        );
+        // A revision that would leave the repo's cache entry, or a ref file that holds no commit
+        // hash (its contents are never printed).
+        std::fs::write(d.join("secret"), "top secret line\n").unwrap();
+        for rev in ["../../secret", "/etc/passwd", "a//b", ".hidden", "v1 2"] {
+            let e = snapshot(&d, "org/m", Some(rev), "f", "model.weights")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("model.revision") && !e.contains("top secret"),
+                "{rev}: {e}"
+            );
+        }
+        std::fs::write(repo.join("refs/v9"), "top secret line\n").unwrap();
+        let e = snapshot(&d, "org/m", Some("v9"), "f", "model.weights")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("commit hash") && !e.contains("top secret"),
+            "{e}"
         );
         let e = snapshot(&d, "org/m", Some("v2"), "f", "model.weights")
             .unwrap_err()

@@ -7,10 +7,12 @@
 //! `model.diffusion_model.` prefix.
 
 use super::{Entry, WeightStore};
+pub use header::{read_header, Header, Meta};
+
+mod header;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use magcache_core::{Error, Result};
-use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -223,10 +225,10 @@ impl WeightStore {
     /// the file's `general.architecture`.
     pub fn load_gguf(path: &Path) -> Result<(WeightStore, Option<String>)> {
         let shown = path.display().to_string();
-        if let Some(why) = magcache_core::error::not_found(path) {
+        if let Some(why) = magcache_core::error::not_a_file(path) {
             return Err(Error::weights(&shown, "(file)", why));
         }
-        let f = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
+        let f = magcache_core::error::open_regular(path)?;
         let file_len = f.metadata().map_err(|e| Error::io(&shown, e))?.len();
         let h = read_header(&mut std::io::BufReader::new(&f), &shown)?;
         let arch = architecture(&h);
@@ -291,160 +293,6 @@ impl WeightStore {
     }
 }
 
-/// A GGUF header: metadata and tensor infos. Read here rather than with candle's `gguf_file`,
-/// which refuses tensors of more than 4 dimensions (Wan's 5-D `patch_embedding.weight`, legal in
-/// city96's files) and names no tensor when a type is unknown.
-pub struct Header {
-    pub metadata: HashMap<String, Meta>,
-    /// Name, dims in GGUF's `ne` order, ggml type id, offset from the data start.
-    pub tensors: Vec<(String, Vec<usize>, u32, u64)>,
-    pub data_start: u64,
-}
-
-/// A metadata value (only what the loader reads is kept: strings, integers, arrays of them).
-#[derive(Clone, Debug)]
-pub enum Meta {
-    Str(String),
-    Int(i128),
-    Array(Vec<Meta>),
-    Other,
-}
-
-struct Reader<'a, R: Read> {
-    r: &'a mut R,
-    pos: u64,
-}
-
-impl<R: Read> Reader<'_, R> {
-    fn bytes(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
-        let mut b = vec![0u8; n];
-        self.r.read_exact(&mut b)?;
-        self.pos += n as u64;
-        Ok(b)
-    }
-    fn u32(&mut self) -> std::io::Result<u32> {
-        let b = self.bytes(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> std::io::Result<u64> {
-        let b = self.bytes(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn string(&mut self) -> std::io::Result<String> {
-        let n = self.u64()?;
-        if n > 1 << 24 {
-            return Err(std::io::Error::other(format!("a string of {n} bytes")));
-        }
-        let b = self.bytes(n as usize)?;
-        Ok(String::from_utf8_lossy(&b).into_owned())
-    }
-    fn value(&mut self, ty: u32) -> std::io::Result<Meta> {
-        let int = |b: Vec<u8>, signed: bool| -> i128 {
-            let mut a = [0u8; 16];
-            let n = b.len();
-            a[..n].copy_from_slice(&b);
-            if signed && b[n - 1] & 0x80 != 0 {
-                a[n..].fill(0xff);
-            }
-            i128::from_le_bytes(a)
-        };
-        Ok(match ty {
-            0 | 7 => Meta::Int(int(self.bytes(1)?, false)),
-            1 => Meta::Int(int(self.bytes(1)?, true)),
-            2 => Meta::Int(int(self.bytes(2)?, false)),
-            3 => Meta::Int(int(self.bytes(2)?, true)),
-            4 => Meta::Int(int(self.bytes(4)?, false)),
-            5 => Meta::Int(int(self.bytes(4)?, true)),
-            10 => Meta::Int(int(self.bytes(8)?, false)),
-            11 => Meta::Int(int(self.bytes(8)?, true)),
-            6 => {
-                self.bytes(4)?;
-                Meta::Other
-            }
-            12 => {
-                self.bytes(8)?;
-                Meta::Other
-            }
-            8 => Meta::Str(self.string()?),
-            9 => {
-                let inner = self.u32()?;
-                let n = self.u64()?;
-                if n > 1 << 24 {
-                    return Err(std::io::Error::other(format!("an array of {n} values")));
-                }
-                let mut v = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    v.push(self.value(inner)?);
-                }
-                Meta::Array(v)
-            }
-            t => return Err(std::io::Error::other(format!("metadata value type {t}"))),
-        })
-    }
-}
-
-/// Reads a GGUF header (versions 2 and 3).
-pub fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
-    let err = |key: &str, e: String| Error::weights(shown, key, e);
-    let mut rd = Reader { r, pos: 0 };
-    let io = |e: std::io::Error| err("(header)", format!("not a readable GGUF header: {e}"));
-    if rd.bytes(4).map_err(io)? != b"GGUF" {
-        return Err(err("(header)", "not a GGUF file (no `GGUF` magic)".into()));
-    }
-    let version = rd.u32().map_err(io)?;
-    if !(2..=3).contains(&version) {
-        return Err(err(
-            "(header)",
-            format!("GGUF version {version}; versions 2 and 3 are read"),
-        ));
-    }
-    let n_tensors = rd.u64().map_err(io)?;
-    let n_kv = rd.u64().map_err(io)?;
-    if n_tensors > 1 << 24 || n_kv > 1 << 24 {
-        return Err(err(
-            "(header)",
-            format!("claims {n_tensors} tensors and {n_kv} metadata entries"),
-        ));
-    }
-    let mut metadata = HashMap::new();
-    for _ in 0..n_kv {
-        let key = rd.string().map_err(io)?;
-        let ty = rd.u32().map_err(io)?;
-        let v = rd
-            .value(ty)
-            .map_err(|e| err(&key, format!("unreadable metadata: {e}")))?;
-        metadata.insert(key, v);
-    }
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
-    for _ in 0..n_tensors {
-        let name = rd.string().map_err(io)?;
-        let nd = rd.u32().map_err(io)?;
-        if nd > 8 {
-            return Err(err(&name, format!("has {nd} dimensions")));
-        }
-        let mut dims = Vec::with_capacity(nd as usize);
-        for _ in 0..nd {
-            let d = rd.u64().map_err(io)?;
-            dims.push(usize::try_from(d).map_err(|_| err(&name, format!("dimension {d}")))?);
-        }
-        let ty = rd.u32().map_err(io)?;
-        let offset = rd.u64().map_err(io)?;
-        tensors.push((name, dims, ty, offset));
-    }
-    let align = match metadata.get("general.alignment") {
-        Some(Meta::Int(a)) if *a > 0 => *a as u64,
-        _ => 32,
-    };
-    let data_start = rd.pos.div_ceil(align) * align;
-    Ok(Header {
-        metadata,
-        tensors,
-        data_start,
-    })
-}
-
 /// ggml's type ids (ggml.h) that candle's blocks read.
 fn ggml_type(id: u32) -> Option<GgmlDType> {
     Some(match id {
@@ -506,10 +354,10 @@ fn shape_of(h: &Header, name: &str, ne: &[usize], shown: &str) -> Result<Vec<usi
 /// prefix) and shapes, from the header alone (no tensor data is read: `plan` and the size guard).
 pub fn gguf_header(path: &Path) -> Result<(Option<String>, Vec<super::TensorShape>)> {
     let shown = path.display().to_string();
-    if let Some(why) = magcache_core::error::not_found(path) {
+    if let Some(why) = magcache_core::error::not_a_file(path) {
         return Err(Error::weights(&shown, "(file)", why));
     }
-    let f = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
+    let f = magcache_core::error::open_regular(path)?;
     let h = read_header(&mut std::io::BufReader::new(f), &shown)?;
     let mut out = Vec::new();
     for (name, ne, _, _) in &h.tensors {
@@ -531,7 +379,7 @@ pub fn gguf_header(path: &Path) -> Result<(Option<String>, Vec<super::TensorShap
 /// with the block.
 pub fn gguf_repacked_bytes(path: &Path) -> Result<u64> {
     let shown = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
+    let f = magcache_core::error::open_regular(path)?;
     let h = read_header(&mut std::io::BufReader::new(f), &shown)?;
     let cpu = RepackCpu::detect();
     Ok(h.tensors
@@ -753,6 +601,18 @@ pub fn write_gguf(
     let mut since = 0u64;
     for ((name, shape), (ty, len)) in tensors.iter().zip(plan) {
         let t = generate(name, shape)?.to_dtype(candle_core::DType::F32)?;
+        // Quantizing writes a NaN as 0 and an infinity as a clamped block: a file that looks
+        // sound and is not. Refused, naming the tensor (a LoRA with a non-finite alpha, say).
+        if !magcache_core::finite::all_finite(&t)? {
+            return Err(Error::weights(
+                &shown,
+                name,
+                format!(
+                    "holds non-finite values ({}); nothing written",
+                    magcache_core::finite::describe_non_finite(&t)?
+                ),
+            ));
+        }
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let t = t.reshape((t.elem_count() / cols, cols))?;
         let q = candle_core::quantized::QTensor::quantize(&t, ty)

@@ -389,9 +389,11 @@ pub fn load_flux(
         weights.parent().unwrap_or(Path::new(".")).to_path_buf()
     };
     // A GGUF file's folder is a downloads folder: its config.json is read only when named.
-    let cpath = config
-        .map(Path::to_path_buf)
-        .or_else(|| Some(dir.join("config.json")).filter(|p| !gguf && p.is_file()));
+    let cpath = config.map(Path::to_path_buf).or_else(|| {
+        // A dangling link (a hub snapshot whose blob is missing) is read, and its error
+        // says so, rather than taken for no config.json.
+        Some(dir.join("config.json")).filter(|p| !gguf && (p.is_file() || p.is_symlink()))
+    });
     let (base, obj, shown) = match &cpath {
         Some(p) => {
             let shown = p.display().to_string();

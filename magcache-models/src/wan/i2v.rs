@@ -69,6 +69,18 @@ impl PipelineIndex {
                 format!("`{class}` is a speech-to-video pipeline (Wan2.2 S2V-14B: wav2vec2 audio conditioning), which is not supported; text-to-video and image-to-video Wan folders are"),
             ));
         }
+        // The tokenizer this runner implements for Wan folders is T5's (a SentencePiece unigram
+        // model in `tokenizer.json`); another class named here would tokenize differently.
+        if let Some(Value::Array(a)) = v.get("tokenizer") {
+            let tok = a.get(1).and_then(|c| c.as_str()).unwrap_or("");
+            if !matches!(tok, "T5TokenizerFast" | "T5Tokenizer") {
+                return Err(Error::config(
+                    &shown,
+                    "tokenizer",
+                    format!("`{tok}` is not a tokenizer class this runner implements for Wan folders (T5TokenizerFast, T5Tokenizer)"),
+                ));
+            }
+        }
         let boundary_ratio =
             match v.get("boundary_ratio") {
                 None | Some(Value::Null) => None,

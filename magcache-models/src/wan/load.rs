@@ -141,7 +141,8 @@ fn config_path(weights: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
         weights.parent().unwrap_or(Path::new(".")).to_path_buf()
     };
     let c = dir.join("config.json");
-    if c.is_file() {
+    // A dangling link (a hub snapshot whose blob is missing) is returned: reading it says so.
+    if c.is_file() || c.is_symlink() {
         Ok(c)
     } else {
         Err(Error::weights(

@@ -1,0 +1,180 @@
+//! The runner's temporaries: their names (`.magcache-PID-K.EXT`, which no user file is expected
+//! to take), the signal handler that removes this process's and undoes a commit under way, and the
+//! cleanup of those that killed processes left.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// What to undo when a commit is interrupted.
+pub(crate) enum Undo {
+    /// Put the file that was there back (`backup` is a hard link to it).
+    Restore { backup: PathBuf, target: PathBuf },
+    /// The target did not exist: remove what the commit put there.
+    Remove(PathBuf),
+}
+
+/// Temporaries of this process and the undo log of a commit under way, for the signal handler.
+pub(crate) struct Cleanup {
+    pub(crate) temps: Vec<PathBuf>,
+    pub(crate) undo: Vec<Undo>,
+}
+
+static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
+    temps: Vec::new(),
+    undo: Vec::new(),
+});
+
+pub(crate) fn cleanup_state() -> std::sync::MutexGuard<'static, Cleanup> {
+    CLEANUP.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Undoes `undo` (last first): what a failed or interrupted commit had replaced is put back.
+pub(crate) fn roll_back(undo: &mut Vec<Undo>) {
+    while let Some(u) = undo.pop() {
+        match u {
+            Undo::Restore { backup, target } => {
+                let _ = std::fs::rename(&backup, &target);
+            }
+            Undo::Remove(target) => {
+                let _ = std::fs::remove_file(&target);
+            }
+        }
+    }
+}
+
+fn remove_temp(t: &Path) {
+    match std::fs::symlink_metadata(t) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(t);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(t);
+        }
+        Err(_) => {}
+    }
+}
+
+/// Removes this process's temporaries on SIGINT/SIGTERM/SIGHUP (undoing a commit under way) and
+/// exits with 130.
+pub fn install_signal_cleanup() {
+    // A second installation (tests calling into the library) is refused by ctrlc: harmless.
+    let _ = ctrlc::set_handler(|| {
+        let mut c = cleanup_state();
+        roll_back(&mut c.undo);
+        for t in c.temps.iter() {
+            remove_temp(t);
+        }
+        eprintln!("error: interrupted; no output written");
+        std::process::exit(130);
+    });
+}
+
+pub(crate) fn register(tmp: &Path) {
+    cleanup_state().temps.push(tmp.to_path_buf());
+}
+
+pub(crate) fn unregister(tmp: &Path) {
+    cleanup_state().temps.retain(|p| p != tmp);
+}
+
+static NEXT_TEMP: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh, short temporary name in `dir`: `.magcache-PID-K.EXT` (short whatever the output's name,
+/// so that a legal 255-byte output name keeps a legal temporary).
+pub(crate) fn temp_name(dir: &Path, ext: &str) -> PathBuf {
+    let k = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".magcache-{}-{k}.{ext}", std::process::id()))
+}
+
+/// The process id in the name of a temporary this runner makes: `.magcache-PID-K.tmp`, `.bak`,
+/// `.partial`. (Earlier versions' `.NAME.magcache-PID.tmp` files and exports' `.NAME.partial-PID`
+/// folders are not matched: a user's file could be named so.)
+fn temp_pid(name: &str) -> Option<u32> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let rest = name.strip_prefix(".magcache-")?;
+    let (pid, rest) = rest.split_once('-')?;
+    let (k, ext) = rest.split_once('.')?;
+    if digits(pid) && digits(k) && matches!(ext, "tmp" | "bak" | "partial") {
+        return pid.parse().ok();
+    }
+    None
+}
+
+/// Whether this process's user owns `m`'s file (a temporary it could have made); on systems
+/// without owners, true.
+fn owned_by_us(m: &std::fs::Metadata) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        m.uid() == unsafe { libc::geteuid() }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = m;
+        true
+    }
+}
+
+/// Removes the temporaries (files, and export's partial folders) that processes no longer alive
+/// left in `dir` (a SIGKILL leaves them): only names of the runner's own pattern, owned by this
+/// user, never a link, and never a file `keep` names (this run's inputs).
+pub(crate) fn clean_stale(dir: &Path, keep: &dyn Fn(&Path) -> bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = temp_pid(&name) else {
+            continue;
+        };
+        if pid == std::process::id() || pid_alive(pid) || keep(&e.path()) {
+            continue;
+        }
+        match std::fs::symlink_metadata(e.path()) {
+            Ok(m) if !owned_by_us(&m) => {}
+            Ok(m) if m.is_dir() && name.ends_with(".partial") => {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+            Ok(m) if m.is_file() => {
+                let _ = std::fs::remove_file(e.path());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether process `pid` is alive (Linux: `/proc/PID`; elsewhere assumed alive, so nothing of a
+/// running process is ever removed).
+fn pid_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporaries_are_recognised_by_name_only() {
+        assert_eq!(temp_pid(".magcache-123-4.tmp"), Some(123));
+        assert_eq!(temp_pid(".magcache-123-4.bak"), Some(123));
+        assert_eq!(temp_pid(".magcache-123-0.partial"), Some(123));
+        for not in [
+            ".out.safetensors.magcache-77.tmp",
+            "magcache-1-2.tmp",
+            ".magcache-1-2.txt",
+            ".magcache-x-2.tmp",
+            ".magcache-1.tmp",
+            "out.tmp",
+            ".notes.partial-x",
+            ".ckpt.partial-88",
+        ] {
+            assert_eq!(temp_pid(not), None, "{not}");
+        }
+    }
+}

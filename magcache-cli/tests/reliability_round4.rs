@@ -1,0 +1,382 @@
+//! Reliability round 4 (issue 42), through the binary: file headers that claim too much (GGUF
+//! nesting and counts, a picture's size), special files where a file is expected (FIFOs,
+//! devices), revisions that leave the hub cache, `tune` never touching a profile it did not write,
+//! one-line errors that name the `[[model.lora]]` entry, and `--quiet` keeping warnings.
+
+mod common;
+
+use common::{bin, check_err, magcache, s, Case};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A GGUF v3 header with no tensor and the one metadata entry `key` whose value bytes are `value`
+/// (after its type id `ty`).
+fn gguf_with(key: &str, ty: u32, value: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata entries
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key.as_bytes());
+    b.extend(ty.to_le_bytes());
+    b.extend(value);
+    b
+}
+
+fn run_file(dir: &Path, weights: &str, extra: &str) -> PathBuf {
+    let p = dir.join("run.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[model]\nfamily = \"wan2.1\"\nweights = {weights:?}\n\n[inputs]\nlatent_shape = [1, 4, 1, 4, 4]\n\n[sampling]\nsteps = 2\n{extra}"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Runs `args`, and fails the test if it takes more than `secs` (a hang) or dies of a signal.
+fn within(secs: u64, args: &[&str]) -> std::process::Output {
+    let mut child = bin()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            panic!("`magcache {}` still running after {secs} s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn gguf_headers_that_claim_too_much_are_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    // Arrays nested 100 000 deep (a stack overflow when read recursively without a bound).
+    let mut deep = Vec::new();
+    for _ in 0..100_000 {
+        deep.extend(9u32.to_le_bytes());
+        deep.extend(1u64.to_le_bytes());
+    }
+    // An array claiming 2^24 entries, then nothing (capacity reserved from the claim).
+    let mut big = 4u32.to_le_bytes().to_vec();
+    big.extend((1u64 << 24).to_le_bytes());
+    for (name, value, says) in [("deep.gguf", deep, "nested"), ("big.gguf", big, "(header)")] {
+        let f = d.path().join(name);
+        std::fs::write(&f, gguf_with("x", 9, &value)).unwrap();
+        let run = run_file(d.path(), s(&f), "");
+        for args in [vec!["plan"], vec!["run", "--quiet"]] {
+            let mut args = args.clone();
+            args.extend(["--config", s(&run)]);
+            let o = within(60, &args);
+            let e = check_err(&o, &[name]);
+            assert!(
+                e.contains(says) || e.contains("array") || e.contains("header"),
+                "{e}"
+            );
+        }
+    }
+    // A tensor whose data offset is off the file's alignment.
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    let name = "blocks.0.ffn.net.2.weight";
+    b.extend((name.len() as u64).to_le_bytes());
+    b.extend(name.as_bytes());
+    b.extend(2u32.to_le_bytes());
+    b.extend(4u64.to_le_bytes());
+    b.extend(4u64.to_le_bytes());
+    b.extend(0u32.to_le_bytes()); // f32
+    b.extend(3u64.to_le_bytes()); // offset 3: not a multiple of 32
+    b.resize(b.len() + 256, 0);
+    let f = d.path().join("shifted.gguf");
+    std::fs::write(&f, b).unwrap();
+    let run = run_file(d.path(), s(&f), "");
+    let o = within(60, &["run", "--config", s(&run), "--quiet"]);
+    check_err(&o, &["shifted.gguf", name, "alignment"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn special_files_are_refused_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("adapter.safetensors");
+    let gguf_fifo = d.path().join("model.gguf");
+    for f in [&fifo, &gguf_fifo] {
+        let made = std::process::Command::new("mkfifo")
+            .arg(f)
+            .status()
+            .unwrap();
+        assert!(made.success());
+    }
+    for (lora, what) in [
+        (s(&fifo), "adapter.safetensors"),
+        ("/dev/zero", "/dev/zero"),
+    ] {
+        let c = Case::new(&format!("\n[[model.lora]]\npath = {lora:?}\n"));
+        let o = within(30, &["run", "--config", s(&c.run_file()), "--quiet"]);
+        check_err(&o, &[what, "not a regular file"]);
+    }
+    let run = run_file(d.path(), s(&gguf_fifo), "");
+    let o = within(30, &["run", "--config", s(&run), "--quiet"]);
+    check_err(&o, &["model.gguf", "not a regular file"]);
+}
+
+/// A PNG whose header claims `w x h` (valid chunks and CRCs, one tiny IDAT).
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend(data);
+        out.extend(&body);
+        out.extend(crc32(&body).to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+#[test]
+fn pictures_that_claim_too_much_or_are_cut_are_refused() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("wan21_i2v_tiny_prompted.toml")).unwrap();
+    let folder = examples.join("../tests/fixtures/pipelines/wan21_i2v_folder");
+    let d = tempfile::tempdir().unwrap();
+    let huge = d.path().join("huge.png");
+    std::fs::write(&huge, png_claiming(100_000, 100_000)).unwrap();
+    assert!(std::fs::metadata(&huge).unwrap().len() < 200);
+    // A real JPEG cut short (the decoder would fill the rest with gray).
+    let jpeg = d.path().join("cut.jpg");
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 90]));
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    bytes.truncate(bytes.len() * 2 / 3);
+    std::fs::write(&jpeg, bytes).unwrap();
+    for (pic, says) in [(&huge, "larger than a run reads"), (&jpeg, "truncated")] {
+        let run = d.path().join("run.toml");
+        let body: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("weights") {
+                    format!("weights = {:?}", s(&folder))
+                } else if l.starts_with("image") {
+                    format!("image = {:?}", s(pic))
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&run, body).unwrap();
+        let o = within(120, &["run", "--config", s(&run), "--quiet"]);
+        check_err(&o, &["inputs.image", says]);
+    }
+}
+
+#[test]
+fn a_revision_never_leaves_the_hub_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let hub = d.path().join("hub");
+    let repo = hub.join("models--org--m");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::write(
+        d.path().join("secret.txt"),
+        "the first line of a private file\n",
+    )
+    .unwrap();
+    for rev in ["../../../secret.txt", "/etc/hostname", "a/../../b"] {
+        let run = run_file(d.path(), "org/m", "");
+        let text = std::fs::read_to_string(&run).unwrap().replace(
+            "weights = \"org/m\"",
+            &format!("weights = \"org/m\"\nrevision = {rev:?}"),
+        );
+        std::fs::write(&run, text).unwrap();
+        let o = bin()
+            .args(["plan", "--config", s(&run)])
+            .env("HF_HUB_CACHE", &hub)
+            .output()
+            .unwrap();
+        let e = check_err(&o, &["model.revision"]);
+        assert!(!e.contains("private file"), "{e}");
+    }
+}
+
+#[test]
+fn lora_table_errors_name_the_entry() {
+    let c = Case::new("\n[[model.lora]]\npath = \"a.safetensors\"\n\n[[model.lora]]\npath = 5\n");
+    let o = magcache(&["plan", "--config", s(&c.run_file())]);
+    check_err(&o, &["model.lora[1].path"]);
+}
+
+#[test]
+fn quiet_keeps_warnings() {
+    // The 4-step distilled digits model with a cache: the few-step warning.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("digits_4step_lora.toml")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let fixtures = examples.join("../tests");
+    let text = text.replace("\"../tests", &format!("\"{}", s(&fixtures)));
+    let run = d.path().join("run.toml");
+    std::fs::write(
+        &run,
+        format!("{text}\n[cache]\nstrategy = \"fbcache\"\nthreshold = 0.3\n"),
+    )
+    .unwrap();
+    let o = magcache(&["run", "--config", s(&run), "--quiet"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:"),
+        "--quiet dropped the warnings: {stderr}"
+    );
+    assert!(o.stdout.is_empty(), "--quiet printed a summary");
+}
+
+#[test]
+fn tune_never_touches_a_profile_it_did_not_write() {
+    let d = tempfile::tempdir().unwrap();
+    let profile = d.path().join("tuned.profile.toml");
+    std::fs::write(&profile, "mine\n").unwrap();
+    let out = d.path().join("tuned.toml");
+    // Fails in its calibration run (no such weights): the user's profile stays.
+    let run = run_file(d.path(), "missing-weights", "");
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "2",
+        "--quiet",
+    ]);
+    check_err(&o, &["missing-weights"]);
+    assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
+    assert!(!out.exists());
+    // A speedup no setting reaches (6 steps, 100x), from a run file whose `[cache]` has a
+    // `[cache.mag_ratios]` subtable (tune replaces both): an error, nothing written, the profile
+    // kept.
+    // Our own example, with a `[cache.mag_ratios]` subtable (tune replaces it with the table it
+    // chooses).
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("wan22_tiny_magcache.toml"))
+        .unwrap()
+        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let digits = d.path().join("wan22.toml");
+    std::fs::write(&digits, text).unwrap();
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(&digits),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "100",
+        "--quiet",
+    ]);
+    check_err(&o, &["nothing written"]);
+    assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
+    assert!(!out.exists());
+    let left: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".magcache-"))
+        .collect();
+    assert!(left.is_empty(), "temporaries left: {left:?}");
+}
+
+/// Temporaries of the runner left in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".magcache-") || n.contains("partial"))
+        .collect()
+}
+
+#[test]
+fn a_refused_export_leaves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let preset = |family: &str, preset: &str| {
+        let p = d.path().join(format!("{family}.toml"));
+        std::fs::write(
+            &p,
+            format!("[model]\nfamily = \"{family}\"\npreset = \"{preset}\"\nseed = 7\n\n[inputs]\nlatent_shape = [1, 16, 2, 4, 4]\n\n[sampling]\nsteps = 2\n"),
+        )
+        .unwrap();
+        p
+    };
+    let wan = preset("wan2.1", "wan2.1-t2v-1.3b");
+    let flux = preset("flux", "flux-dev");
+    let out = d.path().join("out");
+    for (run, gguf, says) in [(&wan, "q9_9", "q9_9"), (&flux, "q8_0", "no GGUF export")] {
+        let o = magcache(&[
+            "export",
+            "--config",
+            s(run),
+            "--out",
+            s(&out),
+            "--gguf",
+            gguf,
+        ]);
+        check_err(&o, &[says]);
+        assert!(!out.exists());
+        assert_eq!(temporaries(d.path()), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn a_non_finite_lora_is_named_with_its_key() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/lora/wan21_diffusers.safetensors");
+    let mut tensors = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu).unwrap();
+    let key = tensors
+        .keys()
+        .find(|k| k.contains("lora_B") || k.contains("lora_up"))
+        .unwrap()
+        .clone();
+    let t = &tensors[&key];
+    let bad = (t.ones_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert(key.clone(), bad);
+    let c = Case::new("\n[[model.lora]]\npath = \"nan.safetensors\"\n");
+    candle_core::safetensors::save(&tensors, c.dir.path().join("nan.safetensors")).unwrap();
+    let o = magcache(&["run", "--config", s(&c.run_file()), "--quiet"]);
+    check_err(&o, &["nan.safetensors", &key, "non-finite"]);
+}

@@ -24,6 +24,8 @@ pub enum Meta {
     Other,
 }
 
+/// The most values one tensor may claim (2^50: a petabyte of f8).
+const MAX_TENSOR_VALUES: u64 = 1 << 50;
 /// How deep metadata arrays may nest.
 const MAX_META_DEPTH: usize = 8;
 /// How many metadata values (array elements included) a header may hold: far above a diffusion
@@ -165,6 +167,18 @@ pub fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
         for _ in 0..nd {
             let d = rd.u64().map_err(io)?;
             dims.push(usize::try_from(d).map_err(|_| err(&name, format!("dimension {d}")))?);
+        }
+        // Sizes are multiplied out later (bytes, footprints): a product past 2^50 values is no
+        // real tensor, and past 2^64 an overflow.
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .filter(|&e| e <= MAX_TENSOR_VALUES);
+        if elems.is_none() {
+            return Err(err(
+                &name,
+                format!("dimensions {dims:?} claim more than 2^50 values"),
+            ));
         }
         let ty = rd.u32().map_err(io)?;
         let offset = rd.u64().map_err(io)?;

@@ -302,6 +302,15 @@ fn run_dims(
     }
 }
 
+/// The run's description, saying which chat template rendered the prompt (checked when the text
+/// encoder loaded).
+fn with_template(desc: String, prompted: Option<&prompted::Prompted>) -> String {
+    match prompted {
+        Some(p) => format!("{desc}; prompt rendered as {}", p.template),
+        None => desc,
+    }
+}
+
 /// Whether the run's folder is distilled (prompted: `model_index.json`; presets: the preset; a
 /// transformer folder without a pipeline: distilled unless the inputs give negative embeddings).
 fn distilled(cfg: &RunConfig, file: &str, base: &Path) -> Result<bool> {
@@ -462,7 +471,7 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         guidance: cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
         inputs,
         info: flux2_info(variant),
-        description: desc,
+        description: with_template(desc, prompted.as_ref()),
         warnings,
         model: Some(model),
         prompted,

@@ -32,6 +32,8 @@ pub struct Prompted {
     pub stages: Vec<StageTime>,
     /// `[vae] tiling` (checked before anything loads).
     pub tiling: Option<magcache_layers::autoencoder_kl::FluxTiling>,
+    /// The chat template the prompt was rendered with, in words, naming its file.
+    pub template: String,
 }
 
 /// The pipeline folder of a prompted run and whether it is step-distilled (`is_distilled` in
@@ -141,6 +143,10 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         .check(file)?;
     let stage = Stage::begin("encode text");
     let enc = Flux2TextEncoder::load_pipeline(root, &placement.device, placement.dtype)?;
+    let template = format!(
+        "Qwen3 ChatML, one user message, thinking off (the template of {})",
+        magcache_text::qwen3::check_chat_template(&root.join("tokenizer"))?
+    );
     let prompt_embeds = enc.encode(&p.text, max_len)?.prompt_embeds;
     let negative_prompt_embeds = if cfg_on {
         let neg = p.negative.as_deref().unwrap_or("");
@@ -171,6 +177,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         placement,
         stages: vec![stage.end()],
         tiling,
+        template,
     })
 }
 

@@ -500,14 +500,14 @@ fn real_main(cli: Cli) -> Result<()> {
             let (latents, mut rep) = generate(&mut p, verbosity(quiet, json))?;
             // The transformer is not needed to decode: freed first.
             p.pipeline.release_models();
-            let extra = p.pipeline.finish(&latents)?;
+            let finished = p.pipeline.finish(&latents)?;
             rep.set_stages(p.pipeline.stages(), start);
             if let Some(o) = &out {
                 let mut tensors = vec![("final", &latents)];
-                tensors.extend(extra.iter().map(|(k, t)| (k.as_str(), t)));
+                tensors.extend(finished.iter().flat_map(|d| d.named()));
                 outs.write_tensors(o, &tensors)?;
             }
-            let decoded = extra.iter().find(|(k, _)| k == "decoded").map(|(_, t)| t);
+            let decoded = finished.as_ref().map(|d| &d.pixels);
             if let Some(f) = &png {
                 let bytes = match decoded {
                     Some(d) => crate::video::Frames::from_decoded(d)?.grid_png(8)?,

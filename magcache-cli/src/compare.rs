@@ -159,12 +159,7 @@ pub fn compare(
     )?;
     // A prompted run decodes both finals (the decoder the run would use); quality is then measured
     // on what a person sees.
-    let decoded_of = |extra: Vec<(String, Tensor)>| {
-        extra
-            .into_iter()
-            .find(|(k, _)| k == "decoded")
-            .map(|(_, t)| t)
-    };
+    let decoded_of = |d: Option<magcache_core::Decoded>| d.map(|d| d.pixels);
     // Both generations are done: the transformer is not needed to decode.
     p.pipeline.release_models();
     let dense_decoded = decoded_of(p.pipeline.finish(&dense)?);

@@ -44,13 +44,15 @@ fn every_example_runs_or_plans() {
         let mut p = magcache_cli::prepare(&ex).unwrap_or_else(|e| panic!("{name}: {e}"));
         let (out, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let extra = p
+        let decoded = p
             .pipeline
             .finish(&out)
             .unwrap_or_else(|e| panic!("{name}: finish: {e}"));
-        if name.contains("prompted") {
-            assert!(extra.iter().any(|(k, _)| k == "decoded"), "{name}: decoded");
-        }
+        assert_eq!(
+            decoded.is_some(),
+            name.contains("prompted"),
+            "{name}: decoded"
+        );
         assert_eq!(rep.total_calls, plan.total_calls, "{name}");
         if !plan.decides_from_data {
             assert_eq!(

@@ -78,7 +78,16 @@ fn check_run(case: &str, name: &str) {
     std::fs::write(&cfg, run_toml(&root, case, &meta, name, "f32")).unwrap();
     let mut p = magcache_cli::prepare(&cfg).unwrap();
     let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
-    let extra = p.pipeline.finish(&fin).unwrap();
+    // Every output `run --out` writes, by name (`decoded` first).
+    let extra: Vec<(String, candle_core::Tensor)> = p
+        .pipeline
+        .finish(&fin)
+        .unwrap()
+        .expect("a prompted run decodes")
+        .named()
+        .into_iter()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
     let get = |k: &str| {
         extra
             .iter()
@@ -407,7 +416,16 @@ fn sizes_round_down_to_the_packing_as_the_pipeline_does() {
         rep.warnings
     );
     assert!(max_abs_diff(&fin, &want["dense.final"]) <= 1e-3);
-    let extra = p.pipeline.finish(&fin).unwrap();
+    // Every output `run --out` writes, by name (`decoded` first).
+    let extra: Vec<(String, candle_core::Tensor)> = p
+        .pipeline
+        .finish(&fin)
+        .unwrap()
+        .expect("a prompted run decodes")
+        .named()
+        .into_iter()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
     let decoded = &extra.iter().find(|(k, _)| k == "decoded").unwrap().1;
     assert!(max_abs_diff(decoded, &want["dense.image"]) <= 3e-3);
 }

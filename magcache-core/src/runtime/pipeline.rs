@@ -33,11 +33,10 @@ pub trait Pipeline {
     /// new cache generation first (warnings go to the observer). NaN or infinite values in a call's
     /// output or a step's latents end the generation with an error ([`Denoiser`](crate::denoise::Denoiser) checks them).
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor>;
-    /// After [`Pipeline::generate`]: the outputs of a prompted run beyond the final latents (the
-    /// decoded pixels `decoded`, the embeddings the transformer received), named as the contract
-    /// names them. Empty for runs without a `[prompt]`.
-    fn finish(&mut self, _latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
-        Ok(Vec::new())
+    /// After [`Pipeline::generate`]: a prompted run's decode stage, the pixels of `latents` and
+    /// what the transformer was given ([`Decoded`]). `None` for runs without a `[prompt]`.
+    fn finish(&mut self, _latents: &Tensor) -> Result<Option<Decoded>> {
+        Ok(None)
     }
     /// After the last [`Pipeline::generate`] and before [`Pipeline::finish`]: frees the transformer
     /// weights, so that decoding does not hold them (a 14B model's 28 GB in bf16). A later
@@ -58,5 +57,24 @@ pub trait Pipeline {
     /// decoding), in the order they ran.
     fn stages(&self) -> Vec<crate::runtime::progress::StageTime> {
         Vec::new()
+    }
+}
+
+/// What a prompted run's decode stage gives beside the final latents.
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    /// The decoded pixels, in [-1, 1]: `[B, C, F, H, W]` (video) or `[B, C, H, W]` (image).
+    pub pixels: Tensor,
+    /// What the transformer was given, under the names the contract gives them (`prompt_embeds`,
+    /// `negative_prompt_embeds`, `pooled_prompt_embeds`, `image_embeds`, `condition`).
+    pub inputs: Vec<(String, Tensor)>,
+}
+
+impl Decoded {
+    /// Every tensor under the name `run --out` writes it with: `decoded` (the pixels) first.
+    pub fn named(&self) -> Vec<(&str, &Tensor)> {
+        std::iter::once(("decoded", &self.pixels))
+            .chain(self.inputs.iter().map(|(k, t)| (k.as_str(), t)))
+            .collect()
     }
 }

@@ -102,10 +102,10 @@ impl Pipeline for FluxPipeline {
         self.model = None;
     }
 
-    fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    fn finish(&mut self, latents: &Tensor) -> Result<Option<magcache_core::Decoded>> {
         match &mut self.prompted {
-            Some(p) => prompted::finish(p, latents),
-            None => Ok(Vec::new()),
+            Some(p) => prompted::finish(p, latents).map(Some),
+            None => Ok(None),
         }
     }
 

@@ -231,7 +231,7 @@ pub fn inputs(
 
 /// Decodes the final packed latents with the folder's VAE: `decoded` pixels `[B, H, W, 3]` in
 /// [0, 1], and the embeddings the transformer received.
-pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decoded> {
     let stage = Stage::begin("decode");
     let mut vae = FluxVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     vae.set_tiling(p.tiling)?;
@@ -244,12 +244,14 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
         &format!("the decoded pixels (from {v})"),
     )?;
     p.stages.push(stage.end());
-    Ok(vec![
-        ("decoded".to_string(), decoded),
-        ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
-        (
-            "pooled_prompt_embeds".to_string(),
-            p.pooled_prompt_embeds.clone(),
-        ),
-    ])
+    Ok(magcache_core::Decoded {
+        pixels: decoded,
+        inputs: vec![
+            ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
+            (
+                "pooled_prompt_embeds".to_string(),
+                p.pooled_prompt_embeds.clone(),
+            ),
+        ],
+    })
 }

@@ -269,7 +269,7 @@ pub fn inputs(
 
 /// Decodes the final packed latents with the folder's VAE: `decoded` `[B, H, W, 3]` in [0, 1], and
 /// the embeddings the transformer received.
-pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decoded> {
     let stage = Stage::begin("decode");
     let mut vae = Flux2Vae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     vae.set_tiling(p.tiling)?;
@@ -282,12 +282,12 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
         &format!("the decoded pixels (from {v})"),
     )?;
     p.stages.push(stage.end());
-    let mut out = vec![
-        ("decoded".to_string(), decoded),
-        ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
-    ];
+    let mut inputs = vec![("prompt_embeds".to_string(), p.prompt_embeds.clone())];
     if let Some(n) = &p.negative_prompt_embeds {
-        out.push(("negative_prompt_embeds".to_string(), n.clone()));
+        inputs.push(("negative_prompt_embeds".to_string(), n.clone()));
     }
-    Ok(out)
+    Ok(magcache_core::Decoded {
+        pixels: decoded,
+        inputs,
+    })
 }

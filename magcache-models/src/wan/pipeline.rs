@@ -248,10 +248,10 @@ impl Pipeline for WanPipeline {
         self.experts.clear();
     }
 
-    fn finish(&mut self, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    fn finish(&mut self, latents: &Tensor) -> Result<Option<magcache_core::Decoded>> {
         match &mut self.prompted {
-            Some(p) => super::prompted::finish(p, latents),
-            None => Ok(Vec::new()),
+            Some(p) => super::prompted::finish(p, latents).map(Some),
+            None => Ok(None),
         }
     }
 

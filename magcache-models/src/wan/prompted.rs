@@ -308,7 +308,7 @@ pub fn inputs(
 
 /// Decodes the final latents with the folder's VAE: `decoded` pixels `[B, F, H, W, 3]` in [0, 1] and
 /// the embeddings the transformer received.
-pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)>> {
+pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decoded> {
     let stage = Stage::begin("decode");
     let mut vae = WanVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     vae.set_tiling(p.vae_tiling)?;
@@ -321,18 +321,18 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<Vec<(String, Tensor)
         &format!("the decoded pixels (from {v})"),
     )?;
     p.stages.push(stage.end());
-    let mut out = vec![
-        ("decoded".to_string(), decoded),
-        ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
-    ];
+    let mut inputs = vec![("prompt_embeds".to_string(), p.prompt_embeds.clone())];
     if let Some(n) = &p.negative_prompt_embeds {
-        out.push(("negative_prompt_embeds".to_string(), n.clone()));
+        inputs.push(("negative_prompt_embeds".to_string(), n.clone()));
     }
     if let Some(e) = &p.image_embeds {
-        out.push(("image_embeds".to_string(), e.clone()));
+        inputs.push(("image_embeds".to_string(), e.clone()));
     }
     if let Some(c) = &p.image {
-        out.push(("condition".to_string(), c.tensor().clone()));
+        inputs.push(("condition".to_string(), c.tensor().clone()));
     }
-    Ok(out)
+    Ok(magcache_core::Decoded {
+        pixels: decoded,
+        inputs,
+    })
 }

@@ -5,7 +5,46 @@ use magcache_core::{Error, Indicator, Result};
 
 const DATA: &str = include_str!("../data/published_curves.toml");
 
+/// The file's shape, typed: unknown fields (a misspelt key would be dropped silently by the
+/// readers) are refused, so a test can check every entry parses (`every_entry_is_typed_and_listed`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read by the typed check; the tables themselves go out as TOML values
+struct Data {
+    magcache: std::collections::BTreeMap<String, MagCacheEntry>,
+    teacache: std::collections::BTreeMap<String, TeaCacheEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct MagCacheEntry {
+    schedule: Schedule,
+    ratios: Vec<f64>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Schedule {
+    steps: usize,
+    shift: Option<f64>,
+    scheduler: String,
+    boundary_ratio: Option<f64>,
+    recipe: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct TeaCacheEntry {
+    coefficients: Vec<f64>,
+    coefficients_ret_steps: Option<Vec<f64>>,
+    published: Option<String>,
+}
+
 fn entry(kind: &str, name: &str) -> Result<toml::Table> {
+    toml::from_str::<Data>(DATA).map_err(|e| Error::msg(format!("published_curves.toml: {e}")))?;
     let t = DATA
         .parse::<toml::Table>()
         .map_err(|e| Error::msg(format!("published_curves.toml: {e}")))?;
@@ -50,6 +89,33 @@ pub fn teacache(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every entry of the data parses into its typed shape, every `published` name a family
+    /// registers has an entry, and every entry is registered by some family.
+    #[test]
+    fn every_entry_is_typed_and_listed() {
+        let data: Data = toml::from_str(DATA).unwrap();
+        let mut listed = std::collections::BTreeSet::new();
+        for f in magcache_core::runtime::registry::families() {
+            for p in f.published {
+                let (kind, name) = p.split_once(' ').unwrap();
+                assert!(entry(kind, name).is_ok(), "{}: `{p}` has no data", f.name);
+                listed.insert((kind.to_string(), name.to_string()));
+            }
+        }
+        let held: std::collections::BTreeSet<(String, String)> = data
+            .magcache
+            .keys()
+            .map(|n| ("magcache".to_string(), n.clone()))
+            .chain(
+                data.teacache
+                    .keys()
+                    .map(|n| ("teacache".to_string(), n.clone())),
+            )
+            .collect();
+        let unlisted: Vec<_> = held.difference(&listed).collect();
+        assert!(unlisted.is_empty(), "entries no family lists: {unlisted:?}");
+    }
 
     #[test]
     fn wan_curve_table_names_its_layout() {

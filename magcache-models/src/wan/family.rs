@@ -727,7 +727,7 @@ inventory::submit! {
         description: "Wan2.1 text-to-video and image-to-video (CLIP image attention) transformer (WanTransformer3DModel), flow-matching Euler with static shift, CFG",
         blocks: &[WAN_BLOCK],
         presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"],
-        published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "magcache wan21_i2v_14b_480p", "magcache wan21_i2v_14b_720p", "teacache wan21_t2v_1_3b", "teacache wan21_i2v_14b_480p", "teacache wan21_i2v_14b_720p"],
+        published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "magcache wan21_i2v_14b_480p", "magcache wan21_i2v_14b_720p", "teacache wan21_t2v_1_3b", "teacache wan21_t2v_14b", "teacache wan21_i2v_14b_480p", "teacache wan21_i2v_14b_720p"],
         keys: WAN_KEYS,
         streams: true,
         build: build_wan21,

@@ -93,7 +93,14 @@ pub const WAN21_PRESETS: &[WanPreset] = &[
         Some("wan21_t2v_1_3b"),
         Some("wan21_t2v_1_3b"),
     ),
-    single("wan2.1-t2v-14b", cfg_14b, Some("wan21_t2v_14b"), None),
+    // TeaCache's published 14B T2V coefficients (they were in the data, unused, until the check of
+    // the published lists against the data found them).
+    single(
+        "wan2.1-t2v-14b",
+        cfg_14b,
+        Some("wan21_t2v_14b"),
+        Some("wan21_t2v_14b"),
+    ),
     // The same architecture at two resolutions, calibrated apart (shift 3 at 480P, 5 at 720P): a
     // loaded folder matches the 480P one; runs of 720 lines or more take the 720P curves.
     single(

@@ -10,6 +10,22 @@ pub fn link_all() {
     magcache_models::link();
 }
 
+/// A prompted run's decode stage: every output `run --out` writes beside `final`, by name
+/// (`decoded` first).
+pub fn decoded_outputs(
+    pipeline: &mut dyn magcache_core::Pipeline,
+    fin: &Tensor,
+) -> Vec<(String, Tensor)> {
+    pipeline
+        .finish(fin)
+        .unwrap()
+        .expect("a prompted run decodes")
+        .named()
+        .into_iter()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect()
+}
+
 /// `tests/fixtures/...` of this repository.
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -78,16 +78,7 @@ fn check_run(case: &str, name: &str) {
     std::fs::write(&cfg, run_toml(&root, case, &meta, name, "f32")).unwrap();
     let mut p = magcache_cli::prepare(&cfg).unwrap();
     let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
-    // Every output `run --out` writes, by name (`decoded` first).
-    let extra: Vec<(String, candle_core::Tensor)> = p
-        .pipeline
-        .finish(&fin)
-        .unwrap()
-        .expect("a prompted run decodes")
-        .named()
-        .into_iter()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
+    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
     let get = |k: &str| {
         extra
             .iter()
@@ -416,16 +407,7 @@ fn sizes_round_down_to_the_packing_as_the_pipeline_does() {
         rep.warnings
     );
     assert!(max_abs_diff(&fin, &want["dense.final"]) <= 1e-3);
-    // Every output `run --out` writes, by name (`decoded` first).
-    let extra: Vec<(String, candle_core::Tensor)> = p
-        .pipeline
-        .finish(&fin)
-        .unwrap()
-        .expect("a prompted run decodes")
-        .named()
-        .into_iter()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
+    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
     let decoded = &extra.iter().find(|(k, _)| k == "decoded").unwrap().1;
     assert!(max_abs_diff(decoded, &want["dense.image"]) <= 3e-3);
 }

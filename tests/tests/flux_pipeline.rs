@@ -74,16 +74,7 @@ fn check_run(name: &str) {
     std::fs::write(&cfg, run_toml(&root, &meta, name)).unwrap();
     let mut p = magcache_cli::prepare(&cfg).unwrap();
     let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
-    // Every output `run --out` writes, by name (`decoded` first).
-    let extra: Vec<(String, candle_core::Tensor)> = p
-        .pipeline
-        .finish(&fin)
-        .unwrap()
-        .expect("a prompted run decodes")
-        .named()
-        .into_iter()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
+    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
     let get = |k: &str| {
         extra
             .iter()
@@ -183,16 +174,7 @@ fn vae_tiling_reaches_the_decode_and_the_transformer_is_released_first() {
         .unwrap()
         .to_string();
     assert!(e.contains("released"), "{e}");
-    // Every output `run --out` writes, by name (`decoded` first).
-    let extra: Vec<(String, candle_core::Tensor)> = p
-        .pipeline
-        .finish(&fin)
-        .unwrap()
-        .expect("a prompted run decodes")
-        .named()
-        .into_iter()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
+    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
     let decoded = &extra.iter().find(|(n, _)| n == "decoded").unwrap().1;
     assert_eq!(decoded.dims(), [1, 128, 96, 3]);
     let mut vae = FluxVae::load(&root.join("vae"), &Device::Cpu, DType::F32).unwrap();

@@ -82,16 +82,7 @@ fn check_run(case: &str, name: &str) {
     std::fs::write(&cfg, run_toml(&root, case, &meta, name)).unwrap();
     let mut p = magcache_cli::prepare(&cfg).unwrap();
     let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
-    // Every output `run --out` writes, by name (`decoded` first).
-    let extra: Vec<(String, candle_core::Tensor)> = p
-        .pipeline
-        .finish(&fin)
-        .unwrap()
-        .expect("a prompted run decodes")
-        .named()
-        .into_iter()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
+    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
     let get = |k: &str| extra.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone());
     let run = &meta["runs"][name];
     assert_calls_match(&format!("{case}/{name}"), &report, &run["calls"], 1e-3);

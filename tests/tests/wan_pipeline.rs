@@ -83,16 +83,7 @@ fn check_run(name: &str) {
     let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
     // As the runner does: the transformer is freed before the decode, which does not need it ...
     p.pipeline.release_models();
-    // Every output `run --out` writes, by name (`decoded` first).
-    let extra: Vec<(String, candle_core::Tensor)> = p
-        .pipeline
-        .finish(&fin)
-        .unwrap()
-        .expect("a prompted run decodes")
-        .named()
-        .into_iter()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
+    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
     // ... and a generation after that is refused, not run on missing weights.
     let e = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet)
         .err()

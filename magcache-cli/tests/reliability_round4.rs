@@ -380,3 +380,111 @@ fn a_non_finite_lora_is_named_with_its_key() {
     let o = magcache(&["run", "--config", s(&c.run_file()), "--quiet"]);
     check_err(&o, &["nan.safetensors", &key, "non-finite"]);
 }
+
+#[test]
+fn a_zero_dimensional_lora_factor_is_named() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/lora/wan21_diffusers.safetensors");
+    let mut tensors = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu).unwrap();
+    let key = tensors
+        .keys()
+        .find(|k| k.contains("lora_A") || k.contains("lora_down"))
+        .unwrap()
+        .clone();
+    tensors.insert(
+        key.clone(),
+        candle_core::Tensor::new(1f32, &candle_core::Device::Cpu).unwrap(),
+    );
+    let c = Case::new("\n[[model.lora]]\npath = \"zero_d.safetensors\"\n");
+    candle_core::safetensors::save(&tensors, c.dir.path().join("zero_d.safetensors")).unwrap();
+    let o = magcache(&["run", "--config", s(&c.run_file()), "--quiet"]);
+    check_err(&o, &["zero_d.safetensors", &key, "dimensions"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_dangling_config_link_says_so() {
+    let c = Case::new("");
+    let cfg = c.dir.path().join("w").join("config.json");
+    std::fs::remove_file(&cfg).unwrap();
+    std::os::unix::fs::symlink("../blobs/0123abcd", &cfg).unwrap();
+    let o = magcache(&["run", "--config", s(&c.run_file()), "--quiet"]);
+    check_err(&o, &["config.json", "symbolic link", "does not exist"]);
+}
+
+#[test]
+fn the_stale_temporary_cleanup_never_takes_an_input() {
+    // An inputs file whose name matches the runner's temporaries, of a process that is gone.
+    let c = Case::new("");
+    let name = ".magcache-4000000-0.tmp";
+    std::fs::rename(c.dir.path().join("in.safetensors"), c.dir.path().join(name)).unwrap();
+    let text = std::fs::read_to_string(c.run_file())
+        .unwrap()
+        .replace("in.safetensors", name);
+    c.write_run(&text);
+    let out = c.dir.path().join("out.safetensors");
+    let o = magcache(&[
+        "run",
+        "--config",
+        s(&c.run_file()),
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        c.dir.path().join(name).exists(),
+        "the run's input was removed"
+    );
+    assert!(out.exists());
+}
+
+#[test]
+fn lora_metadata_of_the_wrong_type_is_named() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/lora/wan21_diffusers.safetensors");
+    let tensors = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu).unwrap();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                k.clone(),
+                t.dims().to_vec(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    for (meta, key) in [
+        (
+            r#"{"transformer.lora_alpha": "8"}"#,
+            "transformer.lora_alpha",
+        ),
+        (
+            r#"{"transformer.use_rslora": "true"}"#,
+            "transformer.use_rslora",
+        ),
+    ] {
+        let c = Case::new("\n[[model.lora]]\npath = \"meta.safetensors\"\n");
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(k, sh, b)| {
+                let v =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), b);
+                (k.clone(), v.unwrap())
+            })
+            .collect();
+        let m = std::collections::HashMap::from([(
+            "lora_adapter_metadata".to_string(),
+            meta.to_string(),
+        )]);
+        safetensors::tensor::serialize_to_file(
+            views,
+            Some(m),
+            &c.dir.path().join("meta.safetensors"),
+        )
+        .unwrap();
+        let o = magcache(&["run", "--config", s(&c.run_file()), "--quiet"]);
+        check_err(&o, &["meta.safetensors", key]);
+    }
+}

@@ -7,8 +7,10 @@
 //! (see `examples/toy-model/src/bin/toy-magcache.rs`). The library names no model family: a
 //! binary has exactly the families it links.
 
+mod args;
 mod calibrate;
 mod cli;
+mod commands;
 mod compare;
 mod export;
 pub mod h264;

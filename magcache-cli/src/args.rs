@@ -1,0 +1,149 @@
+//! The arguments of each command of the command line ([`crate::main`]).
+
+use clap::Args;
+use std::path::PathBuf;
+
+/// The arguments of `magcache run`.
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+    /// Final latents (safetensors, tensor `final`).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+    /// JSON report of every call.
+    #[arg(long)]
+    pub(crate) report: Option<PathBuf>,
+    /// No progress bar and no summary.
+    #[arg(long)]
+    pub(crate) quiet: bool,
+    /// Print the report as JSON on stdout instead of the summary.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// A picture: the decoded image or frames of a prompted run, else the final latents as a
+    /// grid of planes (PNG).
+    #[arg(long)]
+    pub(crate) png: Option<PathBuf>,
+    /// The decoded video of a prompted Wan run: .mp4 (H.264, written in process), .gif, or .png
+    /// (frame grid).
+    #[arg(long)]
+    pub(crate) video: Option<PathBuf>,
+    /// Frames per second of --video (default: the model's, Wan 16, Wan2.2 TI2V 24).
+    #[arg(long)]
+    pub(crate) fps: Option<u32>,
+}
+
+/// The arguments of `magcache compare`.
+#[derive(Args)]
+pub(crate) struct CompareArgs {
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+    /// The per-call compute/reuse map with the strategy's metric and threshold (SVG).
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
+    /// Dense | cached | |difference| x4 side by side (PNG): the decoded image of a prompted
+    /// run (a video: one row per frame, at most 9 evenly spaced), else the final latents'
+    /// planes as three rows.
+    #[arg(long)]
+    pub(crate) png: Option<PathBuf>,
+    /// Dense | cached | |difference| x4 side by side as a video, for a prompted video run:
+    /// .mp4 (H.264, written in process), .gif, or .png (frame grid).
+    #[arg(long)]
+    pub(crate) video: Option<PathBuf>,
+    /// Frames per second of --video (default: the model's, Wan 16).
+    #[arg(long)]
+    pub(crate) fps: Option<u32>,
+    /// Value range for PSNR/SSIM and pictures (default: the dense result's max - min).
+    #[arg(long)]
+    pub(crate) data_range: Option<f64>,
+    /// Timed runs of each kind, dense and cached alternated, after one untimed warm-up run;
+    /// the wall times reported are the medians.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) repeat: usize,
+    #[arg(long)]
+    pub(crate) quiet: bool,
+    /// Print the comparison as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The arguments of `magcache calibrate`.
+#[derive(Args)]
+pub(crate) struct CalibrateArgs {
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+    /// The profile (TOML) to write.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Also probe every block (two hooks on each: its residual change between calls and its
+    /// time); prints a table and writes `block_change` into the profile.
+    #[arg(long)]
+    pub(crate) blocks: bool,
+    #[arg(long)]
+    pub(crate) quiet: bool,
+}
+
+/// The arguments of `magcache plan`.
+#[derive(Args)]
+pub(crate) struct PlanArgs {
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The arguments of `magcache export`.
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+    /// The folder to create (must not exist).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Largest shard, in GB (diffusers-style `-0000k-of-0000n` shards past it).
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) shard_gb: f64,
+    /// Write one GGUF file per transformer instead, its matrices quantized to this type
+    /// (`q8_0`, `q4_0`, `q4_k`, ...; Wan families).
+    #[arg(long)]
+    pub(crate) gguf: Option<String>,
+    /// Write a pipeline folder: the transformer under `transformer/` and the family's other
+    /// released parts beside it at their released sizes (Wan text-to-video: the UMT5-XXL text
+    /// encoder and the VAE), every tensor in the run's dtype.
+    #[arg(long, conflicts_with = "gguf")]
+    pub(crate) pipeline: bool,
+    #[arg(long)]
+    pub(crate) quiet: bool,
+}
+
+/// The arguments of `magcache tune`.
+#[derive(Args)]
+pub(crate) struct TuneArgs {
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+    /// The run file to write (its calibration profile is written beside it, as
+    /// `NAME.profile.toml`).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Keep at least this PSNR (dB) against the dense run with the fewest computed calls.
+    #[arg(long, conflicts_with = "target_speedup")]
+    pub(crate) target_psnr: Option<f64>,
+    /// Compute at most 1/S of the calls with the best PSNR.
+    #[arg(long)]
+    pub(crate) target_speedup: Option<f64>,
+    /// Value range for PSNR (default: the dense result's max - min).
+    #[arg(long)]
+    pub(crate) data_range: Option<f64>,
+    /// With --target-psnr: dB above the target a setting must keep on these inputs.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) margin: f64,
+    /// Most real runs besides the calibration run.
+    #[arg(long, default_value_t = 24)]
+    pub(crate) runs: usize,
+    #[arg(long)]
+    pub(crate) quiet: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}

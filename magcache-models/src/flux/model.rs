@@ -241,17 +241,15 @@ impl FluxModel {
                 tr.blocks.push((e.clone(), s.hidden.clone()));
             }
         };
-        let mut chain = (self.blocks)
+        let input = || self.modulated_input(&h, &temb);
+        let chain = (self.blocks)
             .call(cx.scope, |i, b: &AnyBlock, s: Streams| {
                 let (h, e) = b.forward(&s.hidden, s.joint_encoder("flux", i)?, &args)?;
                 Ok(Streams::joint(h, e))
             })
-            .with_indicator(Indicator::TimestepEmbedding, &temb);
-        if self.cfg.num_layers > 0 {
-            let input = || self.modulated_input(&h, &temb);
-            chain = chain.with_indicator_fn(Indicator::ModulatedInput, input);
-        }
-        let chain = chain.traced(&mut record);
+            .with_indicator(Indicator::TimestepEmbedding, &temb)
+            .with_indicator_fn(Indicator::ModulatedInput, input)
+            .traced(&mut record);
         let h = cx.run_chain(&chain, Streams::joint(h.clone(), e))?.hidden;
         drop(chain);
         // AdaLayerNormContinuous: (scale, shift) in that order.

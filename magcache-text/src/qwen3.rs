@@ -438,7 +438,7 @@ pub struct Flux2TextEncoder {
 /// The tokenizer folder's chat template (`chat_template.jinja`, which transformers prefers, else
 /// `tokenizer_config.json`'s `chat_template`), checked to be one this runner renders: ChatML
 /// (`<|im_start|>ROLE\n...<|im_end|>\n`) with a generation prompt and Qwen3's `enable_thinking`
-/// switch writing the empty think block, as Qwen3's own template and FLUX.2 [klein]'s folders do.
+/// switch writing the empty think block, as Qwen3's own template and FLUX.2 \[klein\]'s folders do.
 /// The runner renders it for the pipeline's one call (one user message, generation prompt,
 /// thinking off: [`flux2_chat_prompt`]) rather than running Jinja, so any other template (another
 /// chat format, no thinking switch, none at all) is refused naming the file: it would render

@@ -335,6 +335,9 @@ pub fn tune(
         .display()
         .to_string();
     let single_scope_steps = plan.scopes.iter().all(|sp| sp.steps == steps);
+    // A budget is per scope and may not exceed any scope's calls (scopes of two experts run
+    // different step counts): the search stays within the shortest scope.
+    let most = plan.scopes.iter().map(|s| s.steps).min().unwrap_or(steps);
     let mut tried: Vec<Tried> = Vec::new();
     let mut ctx = Ctx {
         runner: &mut r,
@@ -367,7 +370,7 @@ pub fn tune(
         |ctx: &Ctx<'_, '_>, i: Option<usize>| i.map_or(f64::NEG_INFINITY, |i| ctx.tried[i].psnr_db);
     let chosen = match opts.target {
         Target::Speedup(s) => {
-            let b = ((steps as f64 / s).floor() as usize).clamp(1, steps);
+            let b = ((steps as f64 / s).floor() as usize).clamp(1, most);
             let i = at_budget(&mut ctx, b)?;
             let i = match i {
                 Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),
@@ -379,8 +382,8 @@ pub fn tune(
         }
         Target::Psnr(p) => {
             let want = p + opts.margin;
-            // Bisection for the smallest budget meeting `want` (budget `steps`: dense, always).
-            let (mut lo, mut hi) = (2usize.min(steps), steps);
+            // Bisection for the smallest budget meeting `want` (up to the shortest scope's calls).
+            let (mut lo, mut hi) = (2usize.min(most), most);
             let mut found: Option<usize> = None;
             while lo < hi {
                 let mid = (lo + hi) / 2;

@@ -488,3 +488,63 @@ fn lora_metadata_of_the_wrong_type_is_named() {
         check_err(&o, &["meta.safetensors", key]);
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn sigint_during_tune_leaves_the_profile() {
+    let d = tempfile::tempdir().unwrap();
+    let profile = d.path().join("tuned.profile.toml");
+    std::fs::write(&profile, "mine\n").unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("wan22_tiny_magcache.toml"))
+        .unwrap()
+        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let run = d.path().join("wan22.toml");
+    std::fs::write(&run, text).unwrap();
+    let out = d.path().join("tuned.toml");
+    let mut child = bin()
+        .args([
+            "tune",
+            "--config",
+            s(&run),
+            "--out",
+            s(&out),
+            "--target-psnr",
+            "300",
+            "--quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupted once the calibration profile is in its temporary (the candidates are running).
+    let start = Instant::now();
+    loop {
+        let written = std::fs::read_dir(d.path()).unwrap().any(|e| {
+            let e = e.unwrap();
+            e.file_name().to_string_lossy().starts_with(".magcache-")
+                && e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+        });
+        if written || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no profile written"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    eprintln!("tune ended with {:?}: {stderr}", o.status.code());
+    // Interrupted (130), or, had it ended first, refused (1): never a written profile.
+    assert!(matches!(o.status.code(), Some(130) | Some(1)), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
+    assert!(!out.exists());
+    assert_eq!(temporaries(d.path()), Vec::<String>::new(), "{stderr}");
+}

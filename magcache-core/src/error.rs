@@ -220,12 +220,12 @@ pub fn read_regular(path: &std::path::Path, limit: u64) -> Result<Vec<u8>> {
 /// Reads a whole text file; an error names the file and says why (a folder, a symlink loop, a device
 /// or FIFO: only regular files are read). The file is recorded as read ([`crate::files`]).
 pub fn read_text(path: &std::path::Path) -> Result<String> {
-    let shown = path.display().to_string();
-    if let Some(why) = not_a_file(path) {
-        return Err(Error::io(&shown, why));
-    }
-    crate::files::record_read(path);
-    std::fs::read_to_string(path).map_err(|e| Error::io(&shown, describe_io(path, &e)))
+    use std::io::Read;
+    let mut text = String::new();
+    open_regular(path)?
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io(path.display().to_string(), describe_io(path, &e)))?;
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -407,25 +407,6 @@ impl Outputs {
         Ok(())
     }
 
-    /// Lets `write` fill output `path`'s temporary (a writer that wants a path, not bytes).
-    pub fn write_with(
-        &mut self,
-        path: &Path,
-        write: impl FnOnce(&Path) -> Result<()>,
-    ) -> Result<()> {
-        let slot = self.slot(path)?;
-        let tmp = slot.tmp.display().to_string();
-        // Errors name the output, not its temporary.
-        write(&slot.tmp).map_err(|e| match e {
-            Error::Io { path: p, msg } if p == tmp => {
-                Error::io(format!("{} ({})", path.display(), slot.flag), msg)
-            }
-            e => e,
-        })?;
-        slot.written = true;
-        Ok(())
-    }
-
     /// Writes tensors as safetensors (f32) into output `path`'s temporary. The bytes are made in
     /// memory and written into the planned temporary: candle's own `save` goes through a
     /// temporary file of its own (mode 0600, and left behind when the process is killed).

@@ -78,33 +78,6 @@ impl Frames {
         })
     }
 
-    /// Several sets of frames one above the other (dense, cached, difference), each set a row.
-    pub fn stack_rows(sets: &[Frames]) -> Result<Frames> {
-        let first = sets.first().ok_or_else(|| Error::msg("nothing to draw"))?;
-        let (w, h, n) = (first.width, first.height, first.rgb.len());
-        if sets
-            .iter()
-            .any(|s| (s.width, s.height, s.rgb.len()) != (w, h, n))
-        {
-            return Err(Error::msg("pictures side by side need one size"));
-        }
-        let rows = sets.len();
-        let rgb = (0..n)
-            .map(|f| {
-                let mut out = Vec::with_capacity(w * h * 3 * rows);
-                for s in sets {
-                    out.extend_from_slice(&s.rgb[f]);
-                }
-                out
-            })
-            .collect();
-        Ok(Frames {
-            width: w,
-            height: h * rows,
-            rgb,
-        })
-    }
-
     /// Several sets of frames side by side (dense | cached | difference), left to right, 2-pixel
     /// dark gaps between them: frame `i` of the result holds frame `i` of every set.
     pub fn side_by_side(sets: &[Frames]) -> Result<Frames> {

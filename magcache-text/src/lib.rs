@@ -115,11 +115,6 @@ impl WanTextEncoder {
         self.encoder = None;
     }
 
-    /// Drops the encoder, keeps the tokenizer.
-    pub fn into_tokenizer(self) -> WanTokenizer {
-        self.tokenizer
-    }
-
     /// `(prompt_embeds [1, max_len, D] f32, seq_len)`: the cleaned prompt through the tokenizer and
     /// encoder; rows >= `seq_len` (the attention mask's ones) are exactly 0. An empty prompt gives
     /// `seq_len` 1 (`</s>` alone).

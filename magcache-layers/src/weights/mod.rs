@@ -448,11 +448,6 @@ impl WeightStore {
         Ok(sum)
     }
 
-    /// Bytes the added deltas hold.
-    pub fn delta_bytes(&self) -> usize {
-        self.deltas.values().flatten().map(Delta::bytes).sum()
-    }
-
     pub fn insert(&mut self, name: &str, t: Tensor) {
         self.tensors.insert(name.to_string(), (Entry::Mem(t), 0));
     }
@@ -536,13 +531,6 @@ impl WeightStore {
         self.check_shape(name, shape)?;
         self.mark_used(name);
         Ok(())
-    }
-
-    /// Whether the tensors are read from checkpoint files when handed out (rather than held).
-    pub fn is_mapped(&self) -> bool {
-        self.tensors
-            .values()
-            .any(|(e, _)| matches!(e, Entry::Mapped { .. }))
     }
 
     /// Checkpoint tensors the model never fetched, sorted.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The framework's shape, checked in CI (issue 40): library files stay under 600 lines and
 functions under ~100; no two modules of a crate import each other (directly or round a circle);
-no model family imports another family.
+no model family imports another family; no public function that nothing calls (its name appears
+nowhere else in the workspace's code, tests or docs).
 
 Library code is every `src/` file of the workspace crates except tests (`*_tests.rs`, `tests.rs`)
 and `#[cfg(test)]` modules at a file's end. Files and functions that were over the limits when the
@@ -169,6 +170,35 @@ def circles(crate, files):
     return [" -> ".join("::".join(n) for n in c) for c in found]
 
 
+def dead_functions():
+    """Public functions of library code whose name appears nowhere else (code, tests, docs)."""
+    defs = []
+    for _crate, path in library_files():
+        for i, line in enumerate(library_lines(path)):
+            m = re.match(r"\s*pub(\([a-z:]+\))? fn (\w+)", line)
+            if m:
+                defs.append((m.group(2), path, i + 1))
+    texts = []
+    for root in CRATES + ["tests", "docs"]:
+        for dirpath, _, names in os.walk(os.path.join(ROOT, root)):
+            if os.sep + "target" in dirpath:
+                continue
+            for n in names:
+                if n.endswith((".rs", ".md")):
+                    with open(os.path.join(dirpath, n), encoding="utf-8") as f:
+                        texts.append(f.read())
+    words = {}
+    for t in texts:
+        for w in re.findall(r"\w+", t):
+            words[w] = words.get(w, 0) + 1
+    common = {"main", "new", "default", "fmt", "from", "drop", "len", "is_empty"}
+    return [
+        f"{path}:{line}: public fn `{name}` is called nowhere (remove it, or use it)"
+        for name, path, line in defs
+        if name not in common and words.get(name, 0) <= 1
+    ]
+
+
 def load_debt():
     debt = {}
     if os.path.exists(DEBT):
@@ -210,6 +240,7 @@ def main():
         for target in imports("magcache-models", path, library_lines(path)):
             if target and target[0] in FAMILIES and target[0] != fam:
                 problems.append(f"{path}: family `{fam}` imports family `{target[0]}` ({'::'.join(target)})")
+    problems += dead_functions()
     if print_debt:
         for key, size in sorted(offenders):
             print(f"{key} {size}")

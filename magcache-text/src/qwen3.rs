@@ -433,6 +433,8 @@ pub struct Flux2PromptEncoding {
 pub struct Flux2TextEncoder {
     tokenizer: WanTokenizer,
     encoder: Qwen3Encoder,
+    /// Where the checked chat template came from ([`check_chat_template`]).
+    template: String,
 }
 
 /// The tokenizer folder's chat template (`chat_template.jinja`, which transformers prefers, else
@@ -526,7 +528,7 @@ impl Flux2TextEncoder {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        check_chat_template(tokenizer)?;
+        let template = check_chat_template(tokenizer)?;
         let tokenizer = WanTokenizer::load_as(
             tokenizer,
             QWEN_TOKENIZERS,
@@ -535,7 +537,11 @@ impl Flux2TextEncoder {
         )?;
         let last = FLUX2_TEXT_LAYERS.iter().copied().max().unwrap_or(0);
         let encoder = Qwen3Encoder::load(text_encoder, last, device, dtype)?;
-        Ok(Flux2TextEncoder { tokenizer, encoder })
+        Ok(Flux2TextEncoder {
+            tokenizer,
+            encoder,
+            template,
+        })
     }
 
     /// [`Flux2TextEncoder::load`] on `ROOT/tokenizer` and `ROOT/text_encoder`.
@@ -546,6 +552,11 @@ impl Flux2TextEncoder {
             device,
             dtype,
         )
+    }
+
+    /// The file the prompt's chat template was read from (checked when the encoder loaded).
+    pub fn template_source(&self) -> &str {
+        &self.template
     }
 
     pub fn tokenizer(&self) -> &WanTokenizer {

@@ -125,12 +125,13 @@ impl FluxModel {
         } else {
             None
         };
-        let first_norm1 = match blocks.is_streamed() {
-            true if cfg.num_layers > 0 => Some((
+        let first_norm1 = if blocks.is_streamed() && cfg.num_layers > 0 {
+            Some((
                 lin(w, "transformer_blocks.0.norm1.linear", 6 * d, d)?,
                 LayerNorm::new(d, 1e-6, None, &dev)?,
-            )),
-            _ => None,
+            ))
+        } else {
+            None
         };
         Ok(FluxModel {
             x_emb: lin(w, "x_embedder", d, cfg.in_channels)?,

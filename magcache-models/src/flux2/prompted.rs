@@ -145,7 +145,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
     let enc = Flux2TextEncoder::load_pipeline(root, &placement.device, placement.dtype)?;
     let template = format!(
         "Qwen3 ChatML, one user message, thinking off (the template of {})",
-        magcache_text::qwen3::check_chat_template(&root.join("tokenizer"))?
+        enc.template_source()
     );
     let prompt_embeds = enc.encode(&p.text, max_len)?.prompt_embeds;
     let negative_prompt_embeds = if cfg_on {

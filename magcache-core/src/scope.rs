@@ -9,6 +9,11 @@ use std::fmt;
 pub enum Branch {
     Cond,
     Uncond,
+    /// One call for both branches batched together (`[cond; uncond]` rows, as Z-Image's pipeline
+    /// runs classifier-free guidance): one cache decision per call. Named after the context
+    /// diffusers' hooks open for such a call.
+    #[serde(rename = "inference")]
+    Batched,
 }
 
 impl Branch {
@@ -16,7 +21,15 @@ impl Branch {
         match self {
             Branch::Cond => "cond",
             Branch::Uncond => "uncond",
+            Branch::Batched => "inference",
         }
+    }
+
+    /// The branch a name (`cond`, `uncond`, `inference`) stands for.
+    pub fn parse(name: &str) -> Option<Branch> {
+        [Branch::Cond, Branch::Uncond, Branch::Batched]
+            .into_iter()
+            .find(|b| b.as_str() == name)
     }
 }
 

@@ -6,6 +6,9 @@ use candle_core::Tensor;
 use magcache_core::{Error, Result};
 use std::path::{Path, PathBuf};
 
+mod shifted;
+pub use shifted::{flow_match_dynamic, flow_match_shifted};
+
 /// The sampler's schedule: `timesteps[i]` (0..1000) for each step and `sigmas` with a final 0.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FlowSchedule {
@@ -106,36 +109,6 @@ pub fn flow_match_static(steps: usize, shift: f64) -> FlowSchedule {
         })
         .collect();
     finish(sigmas, n_train)
-}
-
-/// torch's float32 `linspace`: the first half counts up from `start`, the second half down from
-/// `end`, both with `step = (end - start) / (n - 1)`.
-fn linspace_f32_torch(start: f32, end: f32, n: usize) -> Vec<f32> {
-    match n {
-        0 => return vec![],
-        1 => return vec![start],
-        _ => {}
-    }
-    let step = (end - start) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - 1 - i) as f32
-            }
-        })
-        .collect()
-}
-
-/// Dynamic shift (FLUX): sigmas `linspace(1, 1/steps, steps)` (float32, as torch), shifted by
-/// `e^mu / (e^mu + (1/s - 1))` in float32 (as numpy does on a float32 array).
-pub fn flow_match_dynamic(steps: usize, mu: f64) -> FlowSchedule {
-    let base = linspace_f32_torch(1.0, 1.0 / steps as f32, steps);
-    let e = mu.exp() as f32;
-    let sigmas: Vec<f32> = base.iter().map(|&s| e / (e + (1.0 / s - 1.0))).collect();
-    finish(sigmas, 1000)
 }
 
 /// FLUX's `mu` from the image sequence length: linear from (256, 0.5) to (4096, 1.15).
@@ -308,13 +281,7 @@ impl FluxShift {
             (flow_match_dynamic(steps, mu), mu)
         } else {
             // diffusers: `shift * s / (1 + (shift - 1) * s)` over the pipeline's float32 sigmas.
-            let base = linspace_f32_torch(1.0, 1.0 / steps as f32, steps);
-            let sh = self.shift as f32;
-            let sigmas = base
-                .iter()
-                .map(|&s| sh * s / (1.0 + (sh - 1.0) * s))
-                .collect();
-            (finish(sigmas, 1000), self.shift)
+            (flow_match_shifted(steps, self.shift), self.shift)
         }
     }
 

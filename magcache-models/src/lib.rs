@@ -12,6 +12,7 @@ pub mod flux;
 pub mod flux2;
 pub mod published;
 pub mod wan;
+pub mod zimage;
 
 /// Call this from a binary or test that reaches the families only through the registry: it keeps
 /// the linker from dropping this crate's `inventory` registrations.

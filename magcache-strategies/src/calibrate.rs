@@ -130,14 +130,13 @@ impl TimestepCache for Calibrator {
         }
         st.prev = Some(res);
         // The other CFG branch of this expert: its residuals up to this call against this one.
-        let other = ScopeKey::new(
-            scope.expert,
-            match scope.branch {
-                Branch::Cond => Branch::Uncond,
-                Branch::Uncond => Branch::Cond,
-            },
-        );
-        if let Ok(o) = self.states.get(other) {
+        let other = match scope.branch {
+            Branch::Cond => Some(Branch::Uncond),
+            Branch::Uncond => Some(Branch::Cond),
+            Branch::Batched => None,
+        }
+        .map(|b| ScopeKey::new(scope.expert, b));
+        if let Some(Ok(o)) = other.map(|k| self.states.get(k)) {
             for (i, ri) in &o.state.window {
                 if *i <= k && k - i <= 3 * MAX_GAP {
                     forecast.cross.push([

@@ -139,11 +139,11 @@ impl Profile {
                 .get(name)
                 .ok_or_else(|| Error::config(file, format!("ratios.{name}"), "missing"))?;
             for (branch, c) in t {
-                if !matches!(branch.as_str(), "cond" | "uncond") {
+                if Branch::parse(branch).is_none() {
                     return Err(Error::config(
                         file,
                         format!("ratios.{name}.{branch}"),
-                        "branches are `cond` and `uncond`",
+                        "branches are `cond`, `uncond` and `inference` (one batched call)",
                     ));
                 }
                 if c.is_empty() || c.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
@@ -168,16 +168,7 @@ impl Profile {
                     .get(*n)
                     .map(|t| {
                         t.iter()
-                            .map(|(b, c)| {
-                                (
-                                    if b == "uncond" {
-                                        Branch::Uncond
-                                    } else {
-                                        Branch::Cond
-                                    },
-                                    c.clone(),
-                                )
-                            })
+                            .map(|(b, c)| (Branch::parse(b).unwrap_or(Branch::Cond), c.clone()))
                             .collect()
                     })
                     .unwrap_or_default()

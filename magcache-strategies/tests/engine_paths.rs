@@ -214,7 +214,7 @@ fn cfg_shared_uncond_takes_the_cond_decision() {
     // would compute every call).
     let head = |s: ScopeKey, k: usize| match s.branch {
         Branch::Cond => 1.0,
-        Branch::Uncond => (1 + k * k) as f64,
+        Branch::Uncond | Branch::Batched => (1 + k * k) as f64,
     };
     let both = [Branch::Cond, Branch::Uncond];
     for shared in [false, true] {

@@ -20,12 +20,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod chat;
 pub mod clean;
 pub mod clip;
 pub mod flux;
 pub mod qwen3;
 pub mod tokenizer;
 pub mod umt5;
+pub mod zimage;
 
 pub use clean::{html_unescape, prompt_clean};
 pub use clip::{ClipTextEncoder, ClipTextModelConfig, ClipTokenizer};

@@ -1,0 +1,383 @@
+//! Building a resolved z-image run: the size guard per stage, the text encoder (freed before the
+//! transformer loads), the transformer held or streamed, the inputs, and the registration.
+
+use super::config::ZImageConfig;
+use super::family::{zimage_info, zimage_params, Source, ZImageRun};
+use super::model::{padded, shapes, ZImageModel, ZIMAGE_LAYER};
+use super::pipeline::{ZImageDecode, ZImagePipeline};
+use candle_core::{DType, Tensor};
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::guard::Footprint;
+use magcache_core::runtime::progress::Stage;
+use magcache_core::runtime::registry::ModelFamily;
+use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
+use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
+use magcache_layers::inputs::InputFile;
+use magcache_layers::random::{randn_for, random_store};
+use magcache_layers::weights::WeightStore;
+use magcache_text::zimage::{zimage_text_layers, ZImageTextEncoder};
+use std::path::Path;
+use std::sync::Arc;
+
+impl ZImageRun {
+    fn dtype_name(&self) -> &'static str {
+        match self.placement.dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            _ => "bf16",
+        }
+    }
+
+    /// The text encoder's stage: its layers' weights and one prompt's activations.
+    fn text_footprint(&self) -> Option<Footprint> {
+        let Source::Folder { root, text, .. } = &self.source else {
+            return None;
+        };
+        let te = root
+            .join("text_encoder")
+            .join("config.json")
+            .display()
+            .to_string();
+        Some(text.footprint(
+            zimage_text_layers(text),
+            self.text_len,
+            self.placement.dtype.size_in_bytes(),
+            &te,
+        ))
+    }
+
+    /// The transformer's stage: its weights (or, streamed, all but the main blocks and two of them),
+    /// the plan, one call's activations, the cache, and the VAE decode.
+    fn transformer_footprint(&self) -> Footprint {
+        let c = &self.transformer;
+        let mut fp = Footprint::default();
+        let knob = match &self.source {
+            Source::Folder { .. } | Source::Transformer(_) => "model.weights".to_string(),
+            Source::Preset(_) => "model.preset".to_string(),
+        };
+        let dt = self.dtype_name();
+        if self.offload == Offload::Stream {
+            let held = zimage_params(&ZImageConfig {
+                n_layers: c.n_layers.min(2),
+                ..c.clone()
+            });
+            fp.add_streamed(
+                "streamed weights (refiners, embedders, head, two blocks)",
+                knob,
+                weights_bytes(held, dt).0,
+            );
+        } else {
+            fp.add("weights", knob, weights_bytes(zimage_params(c), dt).0);
+        }
+        add_plan(&mut fp, self.steps, 1);
+        let b = self.batch * if self.cfg_scale.is_some() { 2 } else { 1 };
+        let l = padded(self.image_tokens()) + padded(self.text_len);
+        let d = sz(c.dim);
+        let per_token = (sz(8) * d + sz(c.ffn_hidden()) * sz(3)) * sz(4);
+        let acts = sz(b) * sz(l) * per_token
+            + attention_bytes(&self.placement_device(), b, c.n_heads, l, l);
+        fp.add("activations", "inputs.height/width", acts.0);
+        fp.add(
+            "cache",
+            "inputs.height/width",
+            (sz(3) * sz(b) * sz(l) * d * sz(4)).0,
+        );
+        if let Source::Folder { root, tiling, .. } = &self.source {
+            if let Ok(v) = magcache_layers::autoencoder_kl::FluxVaeConfig::read(
+                &root.join("vae").join("config.json"),
+            ) {
+                let (lh, lw) = self.lat;
+                let cpu = self.placement.device.is_cpu();
+                fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
+                let (eh, ew) = match tiling.filter(|t| t.tiles_latents(&v, lh, lw)) {
+                    Some(t) => (lh.min(t.latent_min(&v)), lw.min(t.latent_min(&v))),
+                    None => (lh, lw),
+                };
+                fp.add(
+                    "VAE decode working set (f32)",
+                    "vae.tiling",
+                    v.decode_working_bytes(eh, ew, cpu).0,
+                );
+                fp.add(
+                    "decoded image (f32, 4 copies)",
+                    "inputs.height/width",
+                    v.decode_image_bytes(lh, lw).0,
+                );
+            }
+        }
+        fp
+    }
+
+    fn placement_device(&self) -> String {
+        if self.placement.device.is_cpu() {
+            "cpu".into()
+        } else {
+            "cuda".into()
+        }
+    }
+
+    /// Each stage's estimate, in the order they run.
+    pub fn estimate(&self) -> Vec<(String, Footprint)> {
+        let mut v = Vec::new();
+        if let Some(t) = self.text_footprint() {
+            v.push(("encode text".to_string(), t));
+        }
+        v.push((
+            "transformer and decode".to_string(),
+            self.transformer_footprint(),
+        ));
+        v
+    }
+
+    /// The captions (prompt, then negative with CFG) of one item each, `[n, hidden]`: encoded by the
+    /// folder's Qwen3 (freed before this returns), or seeded random rows for presets.
+    #[allow(clippy::type_complexity)]
+    fn captions(
+        &self,
+    ) -> Result<(
+        Tensor,
+        Option<Tensor>,
+        Option<(String, magcache_core::runtime::progress::StageTime)>,
+    )> {
+        let dev = &self.placement.device;
+        let Source::Folder { root, .. } = &self.source else {
+            if let Some(p) = &self.latents_file {
+                let inp = InputFile::load(p)?;
+                if inp.has("prompt_embeds") {
+                    let get = |k: &str| -> Result<Tensor> {
+                        let t = inp.get(k, 3, "[1, n, cap_feat_dim] caption")?;
+                        Ok(t.squeeze(0)?.to_dtype(DType::F32)?.to_device(dev)?)
+                    };
+                    let neg = match self.cfg_scale {
+                        Some(_) => Some(get("negative_prompt_embeds")?),
+                        None => None,
+                    };
+                    return Ok((get("prompt_embeds")?, neg, None));
+                }
+            }
+            let rows = |k: u64| {
+                randn_for(
+                    &self.file,
+                    "inputs.text_len",
+                    self.seed.wrapping_add(k),
+                    &[self.text_len, self.transformer.cap_feat_dim],
+                )
+            };
+            let neg = self.cfg_scale.map(|_| rows(3)).transpose()?;
+            return Ok((
+                rows(2)?.to_device(dev)?,
+                neg.map(|n| n.to_device(dev)).transpose()?,
+                None,
+            ));
+        };
+        let (text, negative) = self.prompt.clone().unwrap_or_default();
+        let stage = Stage::begin("encode text");
+        let enc = ZImageTextEncoder::load_pipeline(root, dev, self.placement.dtype)?;
+        if enc.hidden_size() != self.transformer.cap_feat_dim {
+            return Err(Error::config(
+                root.join("transformer")
+                    .join("config.json")
+                    .display()
+                    .to_string(),
+                "cap_feat_dim",
+                format!(
+                    "{} but the text encoder's hidden_size is {}",
+                    self.transformer.cap_feat_dim,
+                    enc.hidden_size()
+                ),
+            ));
+        }
+        let template = format!(
+            "Qwen3 ChatML, one user message, thinking on (the template of {})",
+            enc.template_source()
+        );
+        let pos = enc.encode(&text, self.text_len)?.prompt_embeds.squeeze(0)?;
+        let neg = match self.cfg_scale {
+            Some(_) => Some(
+                enc.encode(&negative, self.text_len)?
+                    .prompt_embeds
+                    .squeeze(0)?,
+            ),
+            None => None,
+        };
+        drop(enc);
+        let stage = stage.end();
+        let te = root.join("text_encoder").display().to_string();
+        magcache_layers::stage::check_stage(
+            &pos,
+            "the text encoder",
+            &format!("prompt_embeds (Qwen3, from {te})"),
+        )?;
+        if let Some(n) = &neg {
+            magcache_layers::stage::check_stage(
+                n,
+                "the text encoder",
+                &format!("negative_prompt_embeds (Qwen3, from {te})"),
+            )?;
+        }
+        Ok((pos, neg, Some((template, stage))))
+    }
+
+    /// The transformer: the folder's checkpoint (held or streamed), or a preset's seeded weights.
+    fn transformer(&self) -> Result<(ZImageModel, Option<String>)> {
+        let c = self.transformer.clone();
+        let mut store = match &self.source {
+            Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
+            Source::Transformer(dir) => WeightStore::load_checkpoint(dir)?,
+            Source::Preset(_) => {
+                random_store(self.model_seed, shapes(&c)?, c.dim, self.placement.dtype)?
+            }
+        };
+        store.set_placement(self.placement.clone());
+        let store = Arc::new(store);
+        let model = match self.offload {
+            Offload::Stream => ZImageModel::streamed(c.clone(), store.clone())?,
+            Offload::None => ZImageModel::from_weights(c.clone(), &store)?,
+        };
+        let overrides = serde_json::Map::new();
+        let unused = store.check_unused(&self.file, |_| {
+            magcache_layers::config_util::depth_key(&overrides, "n_layers", c.n_layers)
+        })?;
+        Ok((model, unused))
+    }
+
+    /// The initial latents `[B, C, h, w]`: `latents_init` of the inputs file or seeded noise.
+    fn latents(&self) -> Result<Tensor> {
+        let c = self.transformer.in_channels;
+        let l = match &self.latents_file {
+            Some(p) => InputFile::load(p)?
+                .get("latents_init", 4, "[B, C, h, w] latents")?
+                .to_dtype(DType::F32)?,
+            None => randn_for(
+                &self.file,
+                "inputs.height/width",
+                self.seed,
+                &[self.batch, c, self.lat.0, self.lat.1],
+            )?,
+        };
+        Ok(l.to_device(&self.placement.device)?)
+    }
+
+    /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
+    pub fn build(&self) -> Result<ZImagePipeline> {
+        for (_, fp) in self.estimate() {
+            fp.check(&self.file)?;
+        }
+        let (pos, neg, template) = self.captions()?;
+        let (model, unused) = self.transformer()?;
+        let mut warnings = self.warnings.clone();
+        warnings.extend(unused);
+        let c = &self.transformer;
+        let mut desc = match &self.source {
+            Source::Folder { root, .. } => format!("{}: ", root.display()),
+            Source::Transformer(dir) => format!("{}: ", dir.display()),
+            Source::Preset(p) => format!(
+                "preset {} (random init, seed {}): ",
+                p.name, self.model_seed
+            ),
+        };
+        desc.push_str(&format!(
+            "{} layers + {}+{} refiners, dim {}, {} heads{}",
+            c.n_layers,
+            c.n_refiner_layers,
+            c.n_refiner_layers,
+            c.dim,
+            c.n_heads,
+            match self.cfg_scale {
+                Some(g) => format!(", CFG {g} batched with the negative prompt"),
+                None => ", no CFG".into(),
+            }
+        ));
+        if model.is_streamed() {
+            desc.push_str(", main blocks streamed from the checkpoint");
+        }
+        let mut stages = Vec::new();
+        if let Some((t, stage)) = template {
+            desc.push_str(&format!("; prompt rendered as {t}"));
+            stages.push(stage);
+        }
+        let latents = self.latents()?;
+        let b = latents.dim(0)?;
+        let decode = match &self.source {
+            Source::Folder { root, tiling, .. } => Some(ZImageDecode {
+                root: root.clone(),
+                placement: self.placement.clone(),
+                tiling: *tiling,
+            }),
+            Source::Preset(_) | Source::Transformer(_) => None,
+        };
+        Ok(ZImagePipeline {
+            model: Some(model),
+            schedule: self.schedule()?,
+            shift: self.shift.shift,
+            latents,
+            caps: vec![pos; b],
+            negative: neg.zip(self.cfg_scale).map(|(n, g)| (vec![n; b], g)),
+            info: zimage_info(self.variant()),
+            description: desc,
+            warnings,
+            decode,
+            stages,
+            cache: None,
+        })
+    }
+}
+
+fn build_zimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    Ok(Box::new(ZImageRun::resolve(cfg, file, base)?.build()?))
+}
+
+fn plan_zimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    ZImageRun::resolve(cfg, file, base)?.plan()
+}
+
+fn estimate_zimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<Vec<(String, Footprint)>> {
+    Ok(ZImageRun::resolve(cfg, file, base)?.estimate())
+}
+
+/// A Z-Image preset run's transformer, generated tensor by tensor (`magcache export`): with the
+/// folder written, `offload = "stream"` runs the preset at its released size from disk.
+fn export_zimage(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    let run = ZImageRun::resolve(cfg, file, base)?;
+    if !matches!(run.source, Source::Preset(_)) {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            "magcache export writes presets; this run has weights",
+        ));
+    }
+    let c = &run.transformer;
+    let mut config = magcache_layers::config_util::to_map(c, super::config::ZIMAGE_CLASS)?;
+    config.insert("_class_name".into(), super::config::ZIMAGE_CLASS.into());
+    Ok(vec![magcache_layers::random::generated(
+        "",
+        config,
+        run.model_seed,
+        shapes(c)?,
+        c.dim,
+        run.placement.dtype,
+    )])
+}
+
+inventory::submit! {
+    magcache_core::PresetExport { family: "z-image", export: export_zimage, gguf: None }
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "z-image",
+        description: "Z-Image / Z-Image-Turbo (ZImageTransformer2DModel, Qwen3 text, AutoencoderKL): refiners on every call, the main single-stream layers in one cache chain, Euler with a static shift; CFG as one batched call",
+        blocks: &[ZIMAGE_LAYER],
+        presets: &["z-image-turbo", "z-image"],
+        published: &[],
+        keys: &[magcache_layers::autoencoder_kl::FLUX_VAE_KEYS],
+        streams: true,
+        build: build_zimage,
+        plan: plan_zimage,
+        estimate: Some(estimate_zimage),
+    }
+}

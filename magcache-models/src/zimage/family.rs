@@ -1,0 +1,377 @@
+//! The `z-image` family: a run file resolved once into a [`ZImageRun`] (pipeline folder or preset,
+//! every size, schedule, guidance, placement) before anything loads; building is then the three
+//! stages in turn (encode text, load the transformer, and the decode `finish` runs).
+
+use super::config::{ZImageConfig, ZIMAGE_CLASS};
+use super::pipeline::zimage_plan;
+use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
+use magcache_layers::autoencoder_kl::{FluxTiling, FluxVaeConfig};
+use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::footprint::{sz, Sz};
+use magcache_layers::inputs::InputFile;
+use magcache_layers::scheduler::FluxShift;
+use magcache_text::qwen3::Qwen3Config;
+use std::path::{Path, PathBuf};
+
+/// `ZImagePipeline`'s defaults: 1024 x 1024, 512 text tokens, guidance 5.0.
+pub const DEFAULT_SIZE: usize = 1024;
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+pub const DEFAULT_GUIDANCE: f64 = 5.0;
+
+/// Presets at released sizes (seeded random weights; `plan`, memory and speed figures).
+pub struct ZImagePreset {
+    pub name: &'static str,
+    /// Runs without classifier-free guidance by default (Turbo: 8 distilled steps).
+    pub distilled: bool,
+}
+
+pub const ZIMAGE_PRESETS: &[ZImagePreset] = &[
+    ZImagePreset {
+        name: "z-image-turbo",
+        distilled: true,
+    },
+    ZImagePreset {
+        name: "z-image",
+        distilled: false,
+    },
+];
+
+/// Where a run's parts come from.
+pub(super) enum Source {
+    /// A `ZImagePipeline` folder as released.
+    Folder {
+        root: PathBuf,
+        text: Qwen3Config,
+        tiling: Option<FluxTiling>,
+    },
+    /// A transformer folder (`config.json` and weights, e.g. a preset written by `magcache export`)
+    /// without a pipeline: captions and latents from `[inputs]`, nothing decoded.
+    Transformer(PathBuf),
+    /// Seeded random transformer weights and inputs at a released size.
+    Preset(&'static ZImagePreset),
+}
+
+/// A z-image run file resolved before anything loads.
+pub struct ZImageRun {
+    pub(super) file: String,
+    pub(super) source: Source,
+    pub(super) transformer: ZImageConfig,
+    pub(super) shift: FluxShift,
+    pub(super) steps: usize,
+    /// Latent grid `(h, w)` (even) and batch.
+    pub(super) lat: (usize, usize),
+    pub(super) batch: usize,
+    /// Caption rows: the prompt's `max_sequence_length` (an upper bound) or a preset's `text_len`.
+    pub(super) text_len: usize,
+    pub(super) cfg_scale: Option<f64>,
+    pub(super) placement: Placement,
+    pub(super) offload: Offload,
+    /// The inputs' seed (latents, preset captions) and the preset weights' seed.
+    pub(super) seed: u64,
+    pub(super) model_seed: u64,
+    pub(super) latents_file: Option<PathBuf>,
+    pub(super) prompt: Option<(String, String)>,
+    pub(super) warnings: Vec<String>,
+}
+
+fn preset(cfg: &RunConfig, file: &str) -> Result<&'static ZImagePreset> {
+    let name = magcache_layers::config_util::preset_name(cfg, file)?;
+    ZIMAGE_PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = ZIMAGE_PRESETS.iter().map(|p| p.name).collect();
+            Error::config(
+                file,
+                "model.preset",
+                format!(
+                    "unknown preset `{name}` for family `z-image` (known: {})",
+                    known.join(", ")
+                ),
+            )
+        })
+}
+
+/// The pipeline folder of a run: `model_index.json` naming `ZImagePipeline`.
+fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
+    let kind = magcache_layers::config_util::PipelineKind {
+        parts: &[
+            "tokenizer",
+            "text_encoder",
+            "transformer",
+            "vae",
+            "scheduler",
+        ],
+        class_prefix: "ZImage",
+        label: "Z-Image",
+        example: "ZImagePipeline",
+    };
+    let (root, class) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    if class != "ZImagePipeline" {
+        return Err(Error::config(
+            root.join("model_index.json").display().to_string(),
+            "_class_name",
+            format!("`{class}` is not supported (only ZImagePipeline: text to image)"),
+        ));
+    }
+    Ok(root)
+}
+
+impl ZImageRun {
+    /// Reads the run file's keys and the folder's configs (never a weight), checks them, and fixes
+    /// every size the run will have.
+    pub fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+        magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
+        magcache_layers::config_util::check_applicable(cfg, file, "z-image", 1)?;
+        if !cfg.model.lora.is_empty() {
+            return Err(Error::config(
+                file,
+                "model.lora",
+                "z-image does not take LoRA adapters yet",
+            ));
+        }
+        let mut warnings = Vec::new();
+        let overrides = overrides_json(cfg);
+        let (source, transformer, shift, distilled) = match &cfg.model.weights {
+            Some(WeightsSpec::One(w)) if cfg.prompt.is_none() => {
+                let dir = resolve(base, w);
+                let dir = if dir.join("transformer").is_dir() {
+                    dir.join("transformer")
+                } else {
+                    dir
+                };
+                let t = ZImageConfig::read(&dir.join("config.json"), &overrides)?;
+                let shift = FluxShift {
+                    dynamic: false,
+                    shift: 3.0,
+                    ..FluxShift::default()
+                };
+                (Source::Transformer(dir), t, shift, true)
+            }
+            Some(WeightsSpec::One(_)) => {
+                let root = pipeline_root(cfg, file, base)?;
+                let t =
+                    ZImageConfig::read(&root.join("transformer").join("config.json"), &overrides)?;
+                let shift = FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
+                let text = Qwen3Config::load(&root.join("text_encoder"))?;
+                let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, &root)?;
+                (Source::Folder { root, text, tiling }, t, shift, false)
+            }
+            Some(WeightsSpec::Many(_)) => {
+                return Err(Error::config(
+                    file,
+                    "model.weights",
+                    "z-image takes one pipeline folder",
+                ))
+            }
+            None => {
+                let p = preset(cfg, file)?;
+                let base_map = to_map(&ZImageConfig::default(), ZIMAGE_CLASS)?;
+                let t =
+                    ZImageConfig::from_map(ZImageConfig::default(), &base_map, file, &overrides)?;
+                let shift = FluxShift {
+                    dynamic: false,
+                    shift: 3.0,
+                    ..FluxShift::default()
+                };
+                (Source::Preset(p), t, shift, p.distilled)
+            }
+        };
+        if let Some(s) = cfg.sampling.shift {
+            warnings.push(format!(
+                "{file}: sampling.shift = {s} is not used by z-image: the shift comes from the pipeline's scheduler_config.json"
+            ));
+        }
+        let guidance =
+            cfg.sampling
+                .guidance_scale
+                .unwrap_or(if distilled { 0.0 } else { DEFAULT_GUIDANCE });
+        let cfg_scale = (guidance > 0.0).then_some(guidance);
+        let prompt = cfg
+            .prompt
+            .as_ref()
+            .map(|p| (p.text.clone(), p.negative.clone().unwrap_or_default()));
+        if let (Some(p), None) = (&cfg.prompt, cfg_scale) {
+            if p.negative.as_deref().is_some_and(|n| !n.is_empty()) {
+                warnings.push(format!(
+                    "{file}: prompt.negative is not used: guidance_scale is 0 (no classifier-free guidance)"
+                ));
+            }
+        }
+        let (lat, batch, latents_file, text_len) =
+            Self::sizes(cfg, file, base, &source, &transformer)?;
+        Ok(ZImageRun {
+            file: file.to_string(),
+            source,
+            transformer,
+            shift,
+            steps: cfg.sampling.steps,
+            lat,
+            batch,
+            text_len,
+            cfg_scale,
+            placement: cfg.model.placement(file)?,
+            offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
+            seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
+            model_seed: cfg.model.seed,
+            latents_file,
+            prompt,
+            warnings,
+        })
+    }
+
+    /// `((h, w), batch, latents file, caption rows)` from the run file (and the latents file's header).
+    #[allow(clippy::type_complexity)]
+    fn sizes(
+        cfg: &RunConfig,
+        file: &str,
+        base: &Path,
+        source: &Source,
+        t: &ZImageConfig,
+    ) -> Result<((usize, usize), usize, Option<PathBuf>, usize)> {
+        let c = t.in_channels;
+        let text_len = match &cfg.prompt {
+            Some(p) => p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
+            None => cfg.inputs.text_len.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
+        };
+        if text_len == 0 {
+            return Err(Error::config(
+                file,
+                "prompt.max_sequence_length",
+                "must be at least 1",
+            ));
+        }
+        if let Source::Folder { root, .. } = source {
+            let vae = FluxVaeConfig::read(&root.join("vae").join("config.json"))?;
+            let unit = vae.vae_scale_factor().saturating_mul(2);
+            if vae.latent_channels != c {
+                return Err(Error::config(
+                    root.join("vae").join("config.json").display().to_string(),
+                    "latent_channels",
+                    format!(
+                        "{} but the transformer takes {c} in_channels",
+                        vae.latent_channels
+                    ),
+                ));
+            }
+            let height = cfg.inputs.height.unwrap_or(DEFAULT_SIZE);
+            let width = cfg.inputs.width.unwrap_or(DEFAULT_SIZE);
+            for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
+                if unit == 0 || v < unit {
+                    return Err(Error::config(file, key, format!("{v} must be at least {unit} (the VAE's downsampling times the 2x2 patches)")));
+                }
+            }
+            let lat = (2 * (height / unit), 2 * (width / unit));
+            return match &cfg.inputs.file {
+                Some(f) => {
+                    let path = resolve(base, f);
+                    let inp = InputFile::load(&path)?;
+                    let l = inp.get("latents_init", 4, "[B, C, h, w] latents")?;
+                    let (b, lc, lh, lw) = l.dims4()?;
+                    if (lc, lh, lw) != (c, lat.0, lat.1) || b == 0 {
+                        return Err(Error::inputs(&inp.path, "latents_init", format!(
+                            "has shape {:?}; height {height} and width {width} give [B, {c}, {}, {}]",
+                            l.dims(), lat.0, lat.1
+                        )));
+                    }
+                    Ok((lat, b, Some(path), text_len))
+                }
+                None => Ok((lat, 1, None, text_len)),
+            };
+        }
+        if let Some(f) = &cfg.inputs.file {
+            let path = resolve(base, f);
+            let l = InputFile::load(&path)?.get("latents_init", 4, "[B, C, h, w] latents")?;
+            return match l.dims4()? {
+                (b, lc, h, w)
+                    if lc == c && b > 0 && h >= 2 && w >= 2 && h % 2 == 0 && w % 2 == 0 =>
+                {
+                    Ok(((h, w), b, Some(path), text_len))
+                }
+                _ => Err(Error::inputs(
+                    path.display().to_string(),
+                    "latents_init",
+                    format!(
+                        "has shape {:?}; expected [B, {c}, h, w] with even h and w",
+                        l.dims()
+                    ),
+                )),
+            };
+        }
+        let (_, shape) = magcache_layers::inputs::drawn(cfg, &[1, c, 128, 128]);
+        match shape.as_slice() {
+            &[b, ch, h, w] if ch == c && b > 0 && h >= 2 && w >= 2 && h % 2 == 0 && w % 2 == 0 => {
+                Ok(((h, w), b, None, text_len))
+            }
+            _ => Err(Error::config(
+                file,
+                "inputs.latent_shape",
+                format!("{shape:?} is not [B, {c}, h, w] with even h and w"),
+            )),
+        }
+    }
+
+    pub(super) fn image_tokens(&self) -> usize {
+        (self.lat.0 / 2) * (self.lat.1 / 2)
+    }
+
+    pub fn schedule(&self) -> Result<magcache_layers::scheduler::FlowSchedule> {
+        let (s, v) = self.shift.schedule(self.steps, self.image_tokens());
+        s.check(&self.file, "scheduler shift", v)?;
+        Ok(s)
+    }
+
+    pub fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+        Ok((
+            zimage_plan(&self.schedule()?, self.shift.shift),
+            zimage_info(self.variant()),
+        ))
+    }
+
+    pub(super) fn variant(&self) -> Option<&'static str> {
+        match &self.source {
+            Source::Preset(p) => Some(p.name),
+            Source::Folder { .. } | Source::Transformer(_) => None,
+        }
+    }
+}
+
+/// What strategies may know of a Z-Image run: no published curves yet (MagCache takes
+/// `mag_ratios` or a calibration profile); the timestep conditioning as an indicator.
+pub fn zimage_info(variant: Option<&str>) -> ModelInfo {
+    ModelInfo {
+        family: "z-image".into(),
+        variant: variant.map(String::from),
+        indicators: vec![Indicator::TimestepEmbedding],
+        ..Default::default()
+    }
+}
+
+/// Parameters of a Z-Image transformer.
+pub fn zimage_params(c: &ZImageConfig) -> Sz {
+    let (d, a, f, hd) = (
+        sz(c.dim),
+        sz(c.adaln_dim()),
+        sz(c.ffn_hidden()),
+        sz(c.head_dim()),
+    );
+    let pc = sz(c.patch_channels());
+    let block = d * d * sz(4) + d * f * sz(3) + d * sz(4) + hd * sz(2);
+    let modulation = a * d * sz(4) + d * sz(4);
+    let top = sz(256) * sz(1024)
+        + sz(1024)
+        + sz(1024) * a
+        + a
+        + pc * d
+        + d
+        + sz(c.cap_feat_dim) * (d + sz(1))
+        + d
+        + d * sz(2)
+        + a * d
+        + d
+        + d * pc
+        + pc;
+    top + sz(c.n_refiner_layers) * (block * sz(2) + modulation)
+        + sz(c.n_layers) * (block + modulation)
+}

@@ -1,0 +1,167 @@
+//! The Z-Image denoising loop: flow-matching Euler on the scheduler's shift, the transformer's
+//! reversed time, and classifier-free guidance as one batched `[cond; uncond]` call per step (the
+//! reference's), so one cache scope (`inference`) decides once per call.
+
+use super::model::ZImageModel;
+use candle_core::{DType, Tensor};
+use magcache_core::denoise::Observer;
+use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::{
+    Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Placement, Result,
+    StepsSpec,
+};
+use magcache_layers::autoencoder_kl::{FluxTiling, FluxVae};
+use magcache_layers::scheduler::FlowSchedule;
+use std::path::PathBuf;
+
+/// What a run decodes with: the pipeline folder's `vae/`, and the embeddings to report.
+pub struct ZImageDecode {
+    pub root: PathBuf,
+    pub placement: Placement,
+    pub tiling: Option<FluxTiling>,
+}
+
+pub struct ZImagePipeline {
+    /// The transformer; `None` after [`Pipeline::release_models`].
+    pub model: Option<ZImageModel>,
+    pub schedule: FlowSchedule,
+    /// The scheduler's static shift (for the plan's description).
+    pub shift: f64,
+    /// Initial latents `[B, C, h, w]` (unpacked).
+    pub latents: Tensor,
+    /// Each item's caption `[n, cap_feat_dim]` (the prompt's, one per latent).
+    pub caps: Vec<Tensor>,
+    /// With classifier-free guidance: the negative captions and the scale.
+    pub negative: Option<(Vec<Tensor>, f64)>,
+    pub info: ModelInfo,
+    pub description: String,
+    pub warnings: Vec<String>,
+    /// Prompted runs: decoded in `finish`.
+    pub decode: Option<ZImageDecode>,
+    pub stages: Vec<StageTime>,
+    pub(super) cache: Option<CacheHandle>,
+}
+
+/// The scopes of a Z-Image generation: one per step, `inference` (cond and uncond batched).
+pub fn zimage_plan(schedule: &FlowSchedule, shift: f64) -> GenerationPlan {
+    let steps = schedule.steps();
+    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
+    let scheduler = format!("flow-euler, static shift {shift}");
+    GenerationPlan::from_steps(&StepsSpec {
+        family: "z-image",
+        scheduler: &scheduler,
+        sigmas: &sigmas,
+        branches: &[Branch::Batched],
+        ..Default::default()
+    })
+}
+
+impl ZImagePipeline {
+    /// One step's velocity: the batched call, then the guidance `pos + g (pos - neg)`.
+    fn velocity(&self, den: &mut Denoiser<'_>, i: usize, lat: &Tensor) -> Result<Tensor> {
+        let model = self.model.as_ref().ok_or_else(|| {
+            Error::msg("z-image: the transformer was released after the last generation (release_models): build the pipeline again to generate")
+        })?;
+        let ts = self.schedule.timesteps[i];
+        let b = lat.dim(0)?;
+        let (x, caps) = match &self.negative {
+            Some((neg, _)) => (
+                Tensor::cat(&[lat, lat], 0)?,
+                [self.caps.clone(), neg.clone()].concat(),
+            ),
+            None => (lat.clone(), self.caps.clone()),
+        };
+        let n = x.dim(0)?;
+        // The transformer's time runs the other way: 0 at pure noise.
+        let t = (1000f32 - ts) / 1000f32;
+        let tt = Tensor::from_vec(vec![t; n], n, lat.device())?;
+        let out = den.call(i, 0, Branch::Batched, ts as f64, |cx| {
+            model.forward(&x, &caps, &tt, cx)
+        })?;
+        Ok(match &self.negative {
+            Some((_, g)) => {
+                let pos = out.narrow(0, 0, b)?;
+                let neg = out.narrow(0, b, b)?;
+                (&pos + ((&pos - neg)? * *g)?)?
+            }
+            None => out,
+        })
+    }
+}
+
+impl Pipeline for ZImagePipeline {
+    fn family(&self) -> &str {
+        "z-image"
+    }
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+    fn plan(&self) -> GenerationPlan {
+        zimage_plan(&self.schedule, self.shift)
+    }
+    fn model_info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
+        self.cache = cache;
+        Ok(())
+    }
+    /// `[B, C, h, w]` -> `[B*C, h, w]`.
+    fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = latents.dims4()?;
+        Ok(latents.reshape((b * c, h, w))?)
+    }
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+    fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
+        self.model.iter_mut().map(|m| &mut m.blocks.hooks).collect()
+    }
+
+    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
+        for w in &self.warnings {
+            obs.warning(w);
+        }
+        let plan = self.plan();
+        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let mut lat = self.latents.to_dtype(DType::F32)?;
+        for i in 0..self.schedule.steps() {
+            let v = self.velocity(&mut den, i, &lat)?;
+            // The model predicts minus the velocity: Euler on `-v`.
+            lat = (&lat + (v.neg()? * self.schedule.dt(i) as f64)?)?;
+            den.step_done(i, &lat)?;
+        }
+        Ok(lat)
+    }
+
+    fn release_models(&mut self) {
+        self.model = None;
+    }
+
+    fn finish(&mut self, latents: &Tensor) -> Result<Option<magcache_core::Decoded>> {
+        let Some(d) = &self.decode else {
+            return Ok(None);
+        };
+        let stage = Stage::begin("decode");
+        let vae_dir = d.root.join("vae");
+        let mut vae = FluxVae::load(&vae_dir, &d.placement.device, d.placement.dtype)?;
+        vae.set_tiling(d.tiling)?;
+        let pixels = vae.decode_latents(latents)?;
+        drop(vae);
+        magcache_layers::stage::check_stage(
+            &pixels,
+            "the VAE decode",
+            &format!("the decoded pixels (from {})", vae_dir.display()),
+        )?;
+        self.stages.push(stage.end());
+        let mut inputs = vec![("prompt_embeds".to_string(), self.caps[0].unsqueeze(0)?)];
+        if let Some((neg, _)) = &self.negative {
+            inputs.push(("negative_prompt_embeds".to_string(), neg[0].unsqueeze(0)?));
+        }
+        Ok(Some(magcache_core::Decoded { pixels, inputs }))
+    }
+
+    fn stages(&self) -> Vec<StageTime> {
+        self.stages.clone()
+    }
+}

@@ -1,4 +1,4 @@
-//! The chat templates of Qwen text encoders (FLUX.2 [klein], Z-Image): which template a tokenizer
+//! The chat templates of Qwen text encoders (FLUX.2 \[klein\], Z-Image): which template a tokenizer
 //! folder carries, checked to be one this runner renders without running Jinja, and its rendering of
 //! the pipelines' one call (one user message, the generation prompt, thinking on or off).
 
@@ -9,7 +9,7 @@ use std::path::Path;
 /// Qwen3's `enable_thinking` as the pipeline passes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Thinking {
-    /// `enable_thinking=False` (FLUX.2 [klein]): the template writes an empty think block.
+    /// `enable_thinking=False` (FLUX.2 \[klein\]): the template writes an empty think block.
     Off,
     /// `enable_thinking=True` (Z-Image): no think block.
     On,
@@ -95,7 +95,7 @@ pub fn check_chat_template(tokenizer: &Path, thinking: Thinking) -> Result<Strin
         return Err(Error::config(
             &from,
             "chat_template",
-            format!("has no {what}: not a template this runner renders (ChatML with Qwen3's enable_thinking switch, as FLUX.2 [klein] and Z-Image ship)"),
+            format!("has no {what}: not a template this runner renders (ChatML with Qwen3's enable_thinking switch, as FLUX.2 \[klein\] and Z-Image ship)"),
         ));
     }
     if thinking == Thinking::Off && !think {

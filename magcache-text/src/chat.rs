@@ -95,7 +95,7 @@ pub fn check_chat_template(tokenizer: &Path, thinking: Thinking) -> Result<Strin
         return Err(Error::config(
             &from,
             "chat_template",
-            format!("has no {what}: not a template this runner renders (ChatML with Qwen3's enable_thinking switch, as FLUX.2 \[klein\] and Z-Image ship)"),
+            format!("has no {what}: not a template this runner renders (ChatML with Qwen3's enable_thinking switch, as FLUX.2 [klein] and Z-Image ship)"),
         ));
     }
     if thinking == Thinking::Off && !think {

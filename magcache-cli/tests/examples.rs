@@ -63,7 +63,7 @@ fn every_example_runs_or_plans() {
         let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|x| x.is_finite()), "{name}");
     }
-    for f in ["wan2.1", "wan2.2", "flux", "flux2", "z-image"] {
+    for f in ["wan2.1", "wan2.2", "flux", "flux2", "z-image", "qwen-image"] {
         assert!(families.contains(f), "no example for family {f}");
     }
     for s in ["none", "magcache", "fbcache", "teacache"] {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 mod shifted;
 pub use shifted::{flow_match_dynamic, flow_match_shifted};
+use shifted::{linspace, stretch_to_terminal};
 
 /// The sampler's schedule: `timesteps[i]` (0..1000) for each step and `sigmas` with a final 0.
 #[derive(Clone, Debug, PartialEq)]
@@ -70,20 +71,6 @@ fn short(x: f64) -> String {
         format!("{x:e}")
     } else {
         format!("{x}")
-    }
-}
-
-/// numpy's `linspace(start, stop, n)`: `start + i * step`, with the last entry exactly `stop`.
-fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
-    match n {
-        0 => vec![],
-        1 => vec![start],
-        _ => {
-            let step = (stop - start) / (n - 1) as f64;
-            let mut v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
-            v[n - 1] = stop;
-            v
-        }
     }
 }
 
@@ -161,6 +148,8 @@ pub struct FluxShift {
     pub base_seq: f64,
     pub max_seq: f64,
     pub shift: f64,
+    /// `shift_terminal`: the shifted sigmas stretched to end at this value (Qwen-Image: 0.02).
+    pub shift_terminal: Option<f64>,
 }
 
 impl Default for FluxShift {
@@ -173,6 +162,7 @@ impl Default for FluxShift {
             base_seq: 256.0,
             max_seq: 4096.0,
             shift: 1.0,
+            shift_terminal: None,
         }
     }
 }
@@ -212,13 +202,20 @@ impl FluxShift {
                 ));
             }
         }
-        if let Some(t) = v.get("shift_terminal").filter(|t| !t.is_null()) {
-            return Err(Error::config(
-                &file,
-                "shift_terminal",
-                format!("{t} is not supported by this sampler (set it null)"),
-            ));
-        }
+        let shift_terminal = match v.get("shift_terminal").filter(|t| !t.is_null()) {
+            None => None,
+            Some(t) => Some(
+                t.as_f64()
+                    .filter(|t| t.is_finite() && (0.0..1.0).contains(t))
+                    .ok_or_else(|| {
+                        Error::config(
+                            &file,
+                            "shift_terminal",
+                            format!("{t} must be a number in [0, 1) or null"),
+                        )
+                    })?,
+            ),
+        };
         match v.get("time_shift_type").and_then(|t| t.as_str()) {
             None | Some("exponential") => {}
             Some(other) => {
@@ -248,6 +245,7 @@ impl FluxShift {
             base_seq: num("base_image_seq_len", d.base_seq)?,
             max_seq: num("max_image_seq_len", d.max_seq)?,
             shift: num("shift", 1.0)?,
+            shift_terminal,
         };
         if s.dynamic && s.base_seq == s.max_seq {
             return Err(Error::config(
@@ -276,13 +274,17 @@ impl FluxShift {
     /// The schedule of `steps` steps over `image_seq_len` image tokens, and the value that shaped
     /// it (`mu`, or the static shift) for messages.
     pub fn schedule(&self, steps: usize, image_seq_len: usize) -> (FlowSchedule, f64) {
-        if self.dynamic {
+        let (mut s, v) = if self.dynamic {
             let mu = self.mu(image_seq_len);
             (flow_match_dynamic(steps, mu), mu)
         } else {
             // diffusers: `shift * s / (1 + (shift - 1) * s)` over the pipeline's float32 sigmas.
             (flow_match_shifted(steps, self.shift), self.shift)
+        };
+        if let Some(t) = self.shift_terminal {
+            stretch_to_terminal(&mut s, t);
         }
+        (s, v)
     }
 
     /// The shift of a FLUX run: the scheduler config of the pipeline folder its weights are (or lie

@@ -11,6 +11,7 @@
 pub mod flux;
 pub mod flux2;
 pub mod published;
+pub mod qwenimage;
 pub mod wan;
 pub mod zimage;
 

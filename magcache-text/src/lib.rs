@@ -25,6 +25,7 @@ pub mod clean;
 pub mod clip;
 pub mod flux;
 pub mod qwen3;
+pub mod qwenimage;
 pub mod tokenizer;
 pub mod umt5;
 pub mod zimage;

@@ -50,6 +50,8 @@ pub struct Qwen3Config {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub attention_bias: bool,
+    /// Per-head RMS norms on the queries and keys (Qwen3; Qwen2 and Qwen2.5-VL have none).
+    pub qk_norm: bool,
 }
 
 impl Qwen3Config {
@@ -69,6 +71,12 @@ impl Qwen3Config {
     }
 
     pub fn from_json(v: &Value, file: &str) -> Result<Self> {
+        // Qwen2.5-VL (Qwen-Image's text encoder): the language model's fields at the top level as
+        // released (transformers 4.5x), or only under `text_config` (5.x).
+        let v = match v.get("hidden_size") {
+            None => v.get("text_config").unwrap_or(v),
+            Some(_) => v,
+        };
         let positive = |key: &str, default: Option<usize>| -> Result<usize> {
             match v.get(key) {
                 None | Some(Value::Null) => default.ok_or_else(|| {
@@ -94,13 +102,19 @@ impl Qwen3Config {
                     }),
             }
         };
+        // Qwen2.5-VL's language model: q/k/v biases, no q/k norms, and a multimodal RoPE whose three
+        // position rows are equal for text, which makes it the ordinary RoPE.
+        let vl = matches!(
+            v.get("model_type").and_then(|m| m.as_str()),
+            Some("qwen2_5_vl" | "qwen2_5_vl_text")
+        );
         match v.get("model_type").and_then(|m| m.as_str()) {
-            None | Some("qwen3") => {}
+            None | Some("qwen3" | "qwen2_5_vl" | "qwen2_5_vl_text") => {}
             Some(other) => {
                 return Err(Error::config(
                     file,
                     "model_type",
-                    format!("`{other}` is not a Qwen3 text encoder (expected \"qwen3\")"),
+                    format!("`{other}` is not a Qwen3 or Qwen2.5-VL text encoder (expected \"qwen3\" or \"qwen2_5_vl\")"),
                 ))
             }
         }
@@ -113,28 +127,7 @@ impl Qwen3Config {
                 ));
             }
         }
-        // transformers 4.5x: `rope_theta` / `rope_scaling` at the top; 5.x: `rope_parameters`.
-        let params = v.get("rope_parameters");
-        let scaling = v.get("rope_scaling").filter(|s| !s.is_null()).or_else(|| {
-            params.filter(|p| {
-                    matches!(p.get("rope_type").and_then(|t| t.as_str()), Some(t) if t != "default")
-                })
-        });
-        if let Some(s) = scaling {
-            return Err(Error::config(
-                file,
-                "rope_scaling",
-                format!("{s} is not supported (only the default RoPE)"),
-            ));
-        }
-        let theta = match v.get("rope_theta") {
-            Some(t) if !t.is_null() => float(Some(t), "rope_theta", 1e6)?,
-            _ => float(
-                params.and_then(|p| p.get("rope_theta")),
-                "rope_parameters.rope_theta",
-                1e6,
-            )?,
-        };
+        let theta = rope_theta(v, file, vl)?;
         let hidden_size = positive("hidden_size", None)?;
         let num_attention_heads = positive("num_attention_heads", None)?;
         let cfg = Qwen3Config {
@@ -150,7 +143,8 @@ impl Qwen3Config {
             attention_bias: v
                 .get("attention_bias")
                 .and_then(|b| b.as_bool())
-                .unwrap_or(false),
+                .unwrap_or(vl),
+            qk_norm: !vl,
         };
         if !cfg
             .num_attention_heads
@@ -222,8 +216,8 @@ struct Layer {
     k: Linear,
     v: Linear,
     o: Linear,
-    qn: RmsNorm,
-    kn: RmsNorm,
+    qn: Option<RmsNorm>,
+    kn: Option<RmsNorm>,
     gate: Linear,
     up: Linear,
     down: Linear,
@@ -234,6 +228,8 @@ pub struct Qwen3Encoder {
     pub config: Qwen3Config,
     embed: Tensor,
     layers: Vec<Layer>,
+    /// The final RMS norm, loaded when the encoder has every layer (`hidden_states[-1]` is normed).
+    norm: Option<RmsNorm>,
     device: Device,
 }
 
@@ -266,11 +262,10 @@ impl Qwen3Encoder {
 
     pub fn from_weights(config: Qwen3Config, store: &WeightStore, layers: usize) -> Result<Self> {
         let c = &config;
-        let p = if store.contains("model.embed_tokens.weight") {
-            "model."
-        } else {
-            ""
-        };
+        let p = ["model.language_model.", "model.", ""]
+            .into_iter()
+            .find(|p| store.contains(&format!("{p}embed_tokens.weight")))
+            .unwrap_or("");
         let d = c.hidden_size;
         let (q, kv) = (
             c.num_attention_heads * c.head_dim,
@@ -304,15 +299,25 @@ impl Qwen3Encoder {
                     k: lin(&format!("{a}.k_proj"), kv, d, ab)?,
                     v: lin(&format!("{a}.v_proj"), kv, d, ab)?,
                     o: lin(&format!("{a}.o_proj"), d, q, false)?,
-                    qn: norm(&format!("{a}.q_norm"), c.head_dim)?,
-                    kn: norm(&format!("{a}.k_norm"), c.head_dim)?,
+                    qn: c
+                        .qk_norm
+                        .then(|| norm(&format!("{a}.q_norm"), c.head_dim))
+                        .transpose()?,
+                    kn: c
+                        .qk_norm
+                        .then(|| norm(&format!("{a}.k_norm"), c.head_dim))
+                        .transpose()?,
                     gate: lin(&format!("{m}.gate_proj"), c.intermediate_size, d, false)?,
                     up: lin(&format!("{m}.up_proj"), c.intermediate_size, d, false)?,
                     down: lin(&format!("{m}.down_proj"), d, c.intermediate_size, false)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let norm = (layers.len() == c.num_hidden_layers)
+            .then(|| norm(&format!("{p}norm"), d))
+            .transpose()?;
         Ok(Qwen3Encoder {
+            norm,
             device: store.placement().device.clone(),
             config,
             embed,
@@ -391,8 +396,12 @@ impl Qwen3Encoder {
             let rope = |t: Tensor| -> Result<Tensor> {
                 Ok(candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &sin)?)
             };
-            let q = rope(heads_normed(&layer.q.forward(&a)?, h, &layer.qn)?)?;
-            let k = rope(heads_normed(&layer.k.forward(&a)?, kvh, &layer.kn)?)?;
+            let heads = |x: Tensor, n: usize, norm: &Option<RmsNorm>| match norm {
+                Some(norm) => heads_normed(&x, n, norm),
+                None => split_heads(&x, n),
+            };
+            let q = rope(heads(layer.q.forward(&a)?, h, &layer.qn)?)?;
+            let k = rope(heads(layer.k.forward(&a)?, kvh, &layer.kn)?)?;
             let v = split_heads(&layer.v.forward(&a)?, kvh)?;
             // Key/value head j serves query heads j*rep .. (j+1)*rep.
             let expand = |t: Tensor| -> Result<Tensor> {
@@ -416,6 +425,19 @@ impl Qwen3Encoder {
             out.push(x.clone());
         }
         Ok(out)
+    }
+}
+
+impl Qwen3Encoder {
+    /// The final RMS norm of the last hidden state (`hidden_states[-1]` of transformers); an error
+    /// when the encoder was loaded without its last layers.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.norm {
+            Some(n) => n.forward(x),
+            None => Err(Error::msg(
+                "Qwen text encoder: loaded without its last layers, so without the final norm",
+            )),
+        }
     }
 }
 
@@ -519,4 +541,57 @@ impl Flux2TextEncoder {
             prompt_embeds,
         })
     }
+}
+
+/// `rope_theta` of a Qwen config, refusing RoPE scalings this encoder does not apply: transformers
+/// 4.5x writes `rope_theta` / `rope_scaling` at the top, 5.x `rope_parameters`; Qwen2.5-VL's
+/// multimodal sections (`mrope_section`, `vl`) are the ordinary RoPE for text.
+fn rope_theta(v: &Value, file: &str, vl: bool) -> Result<f64> {
+    let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64> {
+        match x {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x
+                .as_f64()
+                .filter(|f| f.is_finite() && *f > 0.0)
+                .ok_or_else(|| {
+                    Error::config(file, key, format!("expected a positive number, got {x}"))
+                }),
+        }
+    };
+    // transformers 4.5x: `rope_theta` / `rope_scaling` at the top; 5.x: `rope_parameters`.
+    let params = v.get("rope_parameters");
+    let mrope = |s: &&Value| {
+        vl && s.get("mrope_section").is_some()
+            && matches!(
+                s.get("rope_type")
+                    .or(s.get("type"))
+                    .and_then(|t| t.as_str()),
+                None | Some("default" | "mrope")
+            )
+    };
+    let scaling = v
+        .get("rope_scaling")
+        .filter(|s| !s.is_null() && !mrope(s))
+        .or_else(|| {
+            params.filter(|p| {
+                matches!(p.get("rope_type").and_then(|t| t.as_str()), Some(t) if t != "default")
+                    && !mrope(p)
+            })
+        });
+    if let Some(s) = scaling {
+        return Err(Error::config(
+            file,
+            "rope_scaling",
+            format!("{s} is not supported (only the default RoPE)"),
+        ));
+    }
+    let theta = match v.get("rope_theta") {
+        Some(t) if !t.is_null() => float(Some(t), "rope_theta", 1e6)?,
+        _ => float(
+            params.and_then(|p| p.get("rope_theta")),
+            "rope_parameters.rope_theta",
+            1e6,
+        )?,
+    };
+    Ok(theta)
 }

@@ -1,5 +1,7 @@
 //! Helpers for the cross-crate integration tests: fixture paths, tensor comparison, reference loops.
 
+pub mod prompted;
+
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -46,7 +46,12 @@ impl WanVaeConfig {
 
     /// Parses an `AutoencoderKLWan` config object (`file` names it in errors).
     pub fn from_json(json: &Value, file: &str) -> Result<Self> {
-        let c = ConfigReader::new(json, file, "AutoencoderKLWan", "a Wan VAE")?;
+        // Qwen-Image's `AutoencoderKLQwenImage` is this VAE (the Wan2.1 architecture) used on one frame.
+        let class = match json.get("_class_name").and_then(|c| c.as_str()) {
+            Some("AutoencoderKLQwenImage") => "AutoencoderKLQwenImage",
+            _ => "AutoencoderKLWan",
+        };
+        let c = ConfigReader::new(json, file, class, "a Wan VAE")?;
         let is_residual = c.bool("is_residual", false)?;
         let patch_size = match c.get("patch_size") {
             None | Some(Value::Null) => 1,

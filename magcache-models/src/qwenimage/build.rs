@@ -1,0 +1,356 @@
+//! Building a resolved qwen-image run: the size guard per stage, the text encoder (freed before the
+//! transformer loads), the transformer held or streamed, the inputs, and the registration.
+
+use super::config::{QwenImageConfig, QWENIMAGE_CLASS};
+use super::family::{qwenimage_info, qwenimage_params, QwenImageRun, Source};
+use super::model::{shapes, QwenImageModel, QWENIMAGE_BLOCK};
+use super::pipeline::{QwenImageDecode, QwenImagePipeline};
+use candle_core::{DType, Tensor};
+use magcache_core::runtime::config::RunConfig;
+use magcache_core::runtime::guard::Footprint;
+use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::runtime::registry::ModelFamily;
+use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
+use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, weights_bytes};
+use magcache_layers::inputs::InputFile;
+use magcache_layers::random::{randn_for, random_store};
+use magcache_layers::weights::WeightStore;
+use magcache_text::qwenimage::{QwenImageTextEncoder, QWENIMAGE_DROP};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The embeddings of a run: the prompt's `[1, L, j]` and, with true CFG, the negative's.
+type Captions = (Tensor, Option<Tensor>, Option<StageTime>);
+
+impl QwenImageRun {
+    fn dtype_name(&self) -> &'static str {
+        match self.placement.dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            _ => "bf16",
+        }
+    }
+
+    /// Each stage's estimate, in the order they run.
+    pub fn estimate(&self) -> Vec<(String, Footprint)> {
+        let mut v = Vec::new();
+        if let Source::Folder { root, text, .. } = &self.source {
+            let te = root
+                .join("text_encoder")
+                .join("config.json")
+                .display()
+                .to_string();
+            let fp = text.footprint(
+                text.num_hidden_layers,
+                self.text_len + QWENIMAGE_DROP + 40,
+                self.placement.dtype.size_in_bytes(),
+                &te,
+            );
+            v.push(("encode text".to_string(), fp));
+        }
+        v.push((
+            "transformer and decode".to_string(),
+            self.transformer_footprint(),
+        ));
+        v
+    }
+
+    /// The transformer's weights (or, streamed, all but the blocks and three of them), the plan,
+    /// one call's activations, the cache, and the one-frame VAE decode.
+    fn transformer_footprint(&self) -> Footprint {
+        let c = &self.transformer;
+        let mut fp = Footprint::default();
+        let knob = match &self.source {
+            Source::Preset(_) => "model.preset",
+            _ => "model.weights",
+        };
+        let dt = self.dtype_name();
+        if self.offload == Offload::Stream {
+            let held = qwenimage_params(&QwenImageConfig {
+                num_layers: 3,
+                ..c.clone()
+            });
+            fp.add_streamed(
+                "streamed weights (embeddings, head, block 0 and two running)",
+                knob,
+                weights_bytes(held, dt).0,
+            );
+        } else {
+            fp.add("weights", knob, weights_bytes(qwenimage_params(c), dt).0);
+        }
+        add_plan(&mut fp, self.steps, 2);
+        let (b, s, l) = (self.batch, self.image_tokens(), self.text_len);
+        let joint = s.saturating_add(l);
+        let d = sz(c.inner_dim());
+        let dev = if self.placement.device.is_cpu() {
+            "cpu"
+        } else {
+            "cuda"
+        };
+        let acts = sz(b) * sz(joint) * (sz(12) * d + d * sz(4) * sz(2)) * sz(4)
+            + attention_bytes(dev, b, c.num_attention_heads, joint, joint);
+        fp.add("activations", "inputs.height/width", acts.0);
+        fp.add(
+            "cache",
+            "inputs.height/width",
+            (sz(3) * sz(b) * sz(joint) * d * sz(4)).0,
+        );
+        if let Source::Folder { vae, .. } = &self.source {
+            let (h, w) = (2 * self.grid.0, 2 * self.grid.1);
+            let cpu = self.placement.device.is_cpu();
+            let wb = if cpu { 4 } else { dtype_bytes(dt) };
+            let bytes = vae.decode_bytes(1, h, w, wb, cpu);
+            fp.add(
+                "VAE decode (weights, working set, frame)",
+                "inputs.height/width",
+                bytes.total().0,
+            );
+        }
+        fp
+    }
+
+    fn captions(&self) -> Result<Captions> {
+        let dev = &self.placement.device;
+        let j = self.transformer.joint_attention_dim;
+        let Source::Folder { root, .. } = &self.source else {
+            if let Some(p) = &self.latents_file {
+                let inp = InputFile::load(p)?;
+                if inp.has("prompt_embeds") {
+                    let get = |k: &str| -> Result<Tensor> {
+                        Ok(inp
+                            .get(k, 3, "[1, L, joint_attention_dim] text embeddings")?
+                            .to_dtype(DType::F32)?
+                            .to_device(dev)?)
+                    };
+                    let neg = match (self.cfg_scale, inp.has("negative_prompt_embeds")) {
+                        (Some(_), true) => Some(get("negative_prompt_embeds")?),
+                        _ => None,
+                    };
+                    return Ok((get("prompt_embeds")?, neg, None));
+                }
+            }
+            let rows = |k: u64| {
+                randn_for(
+                    &self.file,
+                    "inputs.text_len",
+                    self.seed.wrapping_add(k),
+                    &[1, self.text_len, j],
+                )
+            };
+            let neg = self.cfg_scale.map(|_| rows(3)).transpose()?;
+            return Ok((
+                rows(2)?.to_device(dev)?,
+                neg.map(|n| n.to_device(dev)).transpose()?,
+                None,
+            ));
+        };
+        let (text, negative) = self.prompt.clone().unwrap_or_default();
+        let stage = Stage::begin("encode text");
+        let enc = QwenImageTextEncoder::load_pipeline(root, dev, self.placement.dtype)?;
+        if enc.hidden_size() != j {
+            return Err(Error::config(
+                root.join("transformer")
+                    .join("config.json")
+                    .display()
+                    .to_string(),
+                "joint_attention_dim",
+                format!(
+                    "{j} but the text encoder's hidden_size is {}",
+                    enc.hidden_size()
+                ),
+            ));
+        }
+        let pos = enc.encode(&text, self.text_len)?.prompt_embeds;
+        let neg = match (self.cfg_scale, negative) {
+            (Some(_), Some(n)) => Some(enc.encode(&n, self.text_len)?.prompt_embeds),
+            _ => None,
+        };
+        drop(enc);
+        let stage = stage.end();
+        let te = root.join("text_encoder").display().to_string();
+        magcache_layers::stage::check_stage(
+            &pos,
+            "the text encoder",
+            &format!("prompt_embeds (Qwen2.5-VL, from {te})"),
+        )?;
+        if let Some(n) = &neg {
+            magcache_layers::stage::check_stage(
+                n,
+                "the text encoder",
+                &format!("negative_prompt_embeds (Qwen2.5-VL, from {te})"),
+            )?;
+        }
+        Ok((pos, neg, Some(stage)))
+    }
+
+    fn transformer(&self) -> Result<(QwenImageModel, Option<String>)> {
+        let c = self.transformer.clone();
+        let mut store = match &self.source {
+            Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
+            Source::Transformer(dir) => WeightStore::load_checkpoint(dir)?,
+            Source::Preset(_) => random_store(
+                self.model_seed,
+                shapes(&c)?,
+                c.inner_dim(),
+                self.placement.dtype,
+            )?,
+        };
+        store.set_placement(self.placement.clone());
+        let store = Arc::new(store);
+        let model = match self.offload {
+            Offload::Stream => QwenImageModel::streamed(c.clone(), store.clone())?,
+            Offload::None => QwenImageModel::from_weights(c.clone(), &store)?,
+        };
+        let overrides = serde_json::Map::new();
+        let unused = store.check_unused(&self.file, |_| {
+            magcache_layers::config_util::depth_key(&overrides, "num_layers", c.num_layers)
+        })?;
+        Ok((model, unused))
+    }
+
+    fn latents(&self) -> Result<Tensor> {
+        let l = match &self.latents_file {
+            Some(p) => InputFile::load(p)?
+                .get("latents_init", 3, "[B, seq, C] packed latents")?
+                .to_dtype(DType::F32)?,
+            None => randn_for(
+                &self.file,
+                "inputs.height/width",
+                self.seed,
+                &[
+                    self.batch,
+                    self.image_tokens(),
+                    self.transformer.in_channels,
+                ],
+            )?,
+        };
+        Ok(l.to_device(&self.placement.device)?)
+    }
+
+    /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
+    pub fn build(&self) -> Result<QwenImagePipeline> {
+        for (_, fp) in self.estimate() {
+            fp.check(&self.file)?;
+        }
+        let (pos, neg, stage) = self.captions()?;
+        let (model, unused) = self.transformer()?;
+        let mut warnings = self.warnings.clone();
+        warnings.extend(unused);
+        let c = &self.transformer;
+        let mut desc = match &self.source {
+            Source::Folder { root, .. } => format!("{}: ", root.display()),
+            Source::Transformer(dir) => format!("{}: ", dir.display()),
+            Source::Preset(p) => format!("preset {p} (random init, seed {}): ", self.model_seed),
+        };
+        desc.push_str(&format!(
+            "{} double-stream blocks, dim {}, {} heads{}",
+            c.num_layers,
+            c.inner_dim(),
+            c.num_attention_heads,
+            match self.cfg_scale {
+                Some(g) if neg.is_some() => format!(", true CFG {g} with the negative prompt"),
+                _ => ", no CFG".into(),
+            }
+        ));
+        if model.is_streamed() {
+            desc.push_str(", blocks streamed from the checkpoint");
+        }
+        let latents = self.latents()?;
+        let b = latents.dim(0)?;
+        let rep = |t: &Tensor| -> Result<Tensor> { Ok(t.repeat((b, 1, 1))?) };
+        let mut embeds = vec![("prompt_embeds".to_string(), pos.clone())];
+        if let Some(n) = &neg {
+            embeds.push(("negative_prompt_embeds".to_string(), n.clone()));
+        }
+        let decode = match &self.source {
+            Source::Folder { root, vae, .. } => Some(QwenImageDecode {
+                root: root.clone(),
+                placement: self.placement.clone(),
+                height: 2 * self.grid.0 * vae.spatial_scale(),
+                width: 2 * self.grid.1 * vae.spatial_scale(),
+            }),
+            _ => None,
+        };
+        let negative = match (&neg, self.cfg_scale) {
+            (Some(n), Some(s)) => Some((rep(n)?, s)),
+            _ => None,
+        };
+        Ok(QwenImagePipeline {
+            model: Some(model),
+            schedule: self.schedule()?,
+            ctx: rep(&pos)?,
+            latents,
+            grid: self.grid,
+            negative,
+            info: qwenimage_info(self.variant()),
+            description: desc,
+            warnings,
+            decode,
+            embeds,
+            stages: stage.into_iter().collect(),
+            cache: None,
+        })
+    }
+}
+
+fn build_qwenimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
+    Ok(Box::new(QwenImageRun::resolve(cfg, file, base)?.build()?))
+}
+
+fn plan_qwenimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+    QwenImageRun::resolve(cfg, file, base)?.plan()
+}
+
+fn estimate_qwenimage(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<(String, Footprint)>> {
+    Ok(QwenImageRun::resolve(cfg, file, base)?.estimate())
+}
+
+/// A Qwen-Image preset's transformer, generated tensor by tensor (`magcache export`).
+fn export_qwenimage(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<magcache_core::GeneratedWeights>> {
+    let run = QwenImageRun::resolve(cfg, file, base)?;
+    if !matches!(run.source, Source::Preset(_)) {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            "magcache export writes presets; this run has weights",
+        ));
+    }
+    let c = &run.transformer;
+    let mut config = magcache_layers::config_util::to_map(c, QWENIMAGE_CLASS)?;
+    config.insert("_class_name".into(), QWENIMAGE_CLASS.into());
+    Ok(vec![magcache_layers::random::generated(
+        "",
+        config,
+        run.model_seed,
+        shapes(c)?,
+        c.inner_dim(),
+        run.placement.dtype,
+    )])
+}
+
+inventory::submit! {
+    magcache_core::PresetExport { family: "qwen-image", export: export_qwenimage, gguf: None }
+}
+
+inventory::submit! {
+    ModelFamily {
+        name: "qwen-image",
+        description: "Qwen-Image (QwenImageTransformer2DModel, Qwen2.5-VL text, the Wan VAE on one frame): double-stream blocks in one cache chain, Euler with dynamic shift to a terminal sigma; true CFG (cond, uncond) with the cond norm kept",
+        blocks: &[QWENIMAGE_BLOCK],
+        presets: &["qwen-image"],
+        published: &[],
+        keys: &[],
+        streams: true,
+        build: build_qwenimage,
+        plan: plan_qwenimage,
+        estimate: Some(estimate_qwenimage),
+    }
+}

@@ -1,0 +1,168 @@
+//! `QwenImageTransformer2DModel` configuration (diffusers `config.json`), with overrides.
+
+use magcache_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The diffusers class this config describes.
+pub const QWENIMAGE_CLASS: &str = "QwenImageTransformer2DModel";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QwenImageConfig {
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub out_channels: Option<usize>,
+    pub num_layers: usize,
+    pub attention_head_dim: usize,
+    pub num_attention_heads: usize,
+    pub joint_attention_dim: usize,
+    pub guidance_embeds: bool,
+    pub axes_dims_rope: Vec<usize>,
+    /// Unused by the model (kept so released configs read).
+    pub pooled_projection_dim: Option<usize>,
+    /// Later variants' keys (Qwen-Image-Edit-2511 and on); only their defaults are supported.
+    pub zero_cond_t: bool,
+    pub use_additional_t_cond: bool,
+    pub use_layer3d_rope: bool,
+}
+
+impl Default for QwenImageConfig {
+    /// Qwen-Image (20B), as released.
+    fn default() -> Self {
+        QwenImageConfig {
+            patch_size: 2,
+            in_channels: 64,
+            out_channels: Some(16),
+            num_layers: 60,
+            attention_head_dim: 128,
+            num_attention_heads: 24,
+            joint_attention_dim: 3584,
+            guidance_embeds: false,
+            axes_dims_rope: vec![16, 56, 56],
+            pooled_projection_dim: Some(768),
+            zero_cond_t: false,
+            use_additional_t_cond: false,
+            use_layer3d_rope: false,
+        }
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "guidance_embeds",
+    "axes_dims_rope",
+    "pooled_projection_dim",
+    "zero_cond_t",
+    "use_additional_t_cond",
+    "use_layer3d_rope",
+];
+
+impl QwenImageConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads
+            .saturating_mul(self.attention_head_dim)
+    }
+    /// Channels of the transformer's output tokens: `patch^2 * out_channels`.
+    pub fn out_tokens(&self) -> usize {
+        self.patch_size
+            .saturating_mul(self.patch_size)
+            .saturating_mul(self.out_channels.unwrap_or(self.in_channels))
+    }
+
+    pub fn from_map(
+        base: QwenImageConfig,
+        obj: &Map<String, Value>,
+        file: &str,
+        overrides: &Map<String, Value>,
+    ) -> Result<Self> {
+        if let Some(c) = obj.get("_class_name").and_then(|v| v.as_str()) {
+            if c != QWENIMAGE_CLASS {
+                return Err(Error::config(
+                    file,
+                    "_class_name",
+                    format!("`{c}` is not a Qwen-Image transformer (expected {QWENIMAGE_CLASS})"),
+                ));
+            }
+        }
+        let cfg = magcache_layers::config_util::merge_config(
+            &base,
+            obj,
+            overrides,
+            file,
+            FIELDS,
+            QWENIMAGE_CLASS,
+        )?;
+        cfg.check(file)?;
+        Ok(cfg)
+    }
+
+    /// Reads a transformer `config.json`; errors name the file and key.
+    pub fn read(path: &std::path::Path, overrides: &Map<String, Value>) -> Result<Self> {
+        let shown = path.display().to_string();
+        let text = magcache_core::error::read_text(path)?;
+        magcache_core::files::record_read(path);
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::config(&shown, "(document)", "expected a JSON object"))?;
+        Self::from_map(QwenImageConfig::default(), obj, &shown, overrides)
+    }
+
+    pub fn check(&self, file: &str) -> Result<()> {
+        for (k, v) in [
+            ("in_channels", self.in_channels),
+            ("num_layers", self.num_layers),
+            ("attention_head_dim", self.attention_head_dim),
+            ("num_attention_heads", self.num_attention_heads),
+            ("joint_attention_dim", self.joint_attention_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::config(file, k, "must be at least 1"));
+            }
+        }
+        if self.patch_size != 2
+            || self.in_channels != 4 * self.out_channels.unwrap_or(self.in_channels / 4)
+        {
+            return Err(Error::config(
+                file,
+                "patch_size",
+                "only patch_size 2 with in_channels = 4 x out_channels (the pipeline packs 2x2 latents) is supported",
+            ));
+        }
+        for (k, on) in [
+            ("guidance_embeds", self.guidance_embeds),
+            ("zero_cond_t", self.zero_cond_t),
+            ("use_additional_t_cond", self.use_additional_t_cond),
+            ("use_layer3d_rope", self.use_layer3d_rope),
+        ] {
+            if on {
+                return Err(Error::config(
+                    file,
+                    k,
+                    "true is not supported yet (Qwen-Image and Qwen-Image-2512 set it false)",
+                ));
+            }
+        }
+        if self.axes_dims_rope.len() != 3
+            || self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim
+            || self.axes_dims_rope.iter().any(|d| !d.is_multiple_of(2))
+        {
+            return Err(Error::config(
+                file,
+                "axes_dims_rope",
+                format!(
+                    "{:?} must be three even sizes summing to attention_head_dim {}",
+                    self.axes_dims_rope, self.attention_head_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,373 @@
+//! The `qwen-image` family: a run file resolved once into a [`QwenImageRun`] (pipeline folder,
+//! transformer folder or preset; every size, the schedule's shift, guidance, placement) before
+//! anything loads.
+
+use super::config::{QwenImageConfig, QWENIMAGE_CLASS};
+use super::pipeline::qwenimage_plan;
+use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
+use magcache_layers::autoencoder_kl_wan::WanVaeConfig;
+use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::footprint::{sz, Sz};
+use magcache_layers::inputs::InputFile;
+use magcache_layers::scheduler::{FlowSchedule, FluxShift};
+use magcache_text::qwen3::Qwen3Config;
+use magcache_text::qwenimage::QWENIMAGE_MAX_LEN;
+use std::path::{Path, PathBuf};
+
+/// `QwenImagePipeline`'s defaults: 1024 x 1024 (its default follows the transformer's sample
+/// size), 512 text rows, `true_cfg_scale` 4.0.
+pub const DEFAULT_SIZE: usize = 1024;
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
+pub const DEFAULT_TRUE_CFG: f64 = 4.0;
+
+/// Presets at released sizes (seeded random weights; `plan`, memory and speed figures).
+pub const QWENIMAGE_PRESETS: &[&str] = &["qwen-image"];
+
+/// Where a run's parts come from.
+pub(super) enum Source {
+    /// A `QwenImagePipeline` folder as released.
+    Folder {
+        root: PathBuf,
+        text: Qwen3Config,
+        vae: Box<WanVaeConfig>,
+    },
+    /// A transformer folder without a pipeline: inputs from `[inputs]`, nothing decoded.
+    Transformer(PathBuf),
+    Preset(&'static str),
+}
+
+/// A qwen-image run file resolved before anything loads.
+pub struct QwenImageRun {
+    pub(super) file: String,
+    pub(super) source: Source,
+    pub(super) transformer: QwenImageConfig,
+    pub(super) shift: FluxShift,
+    pub(super) steps: usize,
+    /// The patch grid `(h', w')` and the batch.
+    pub(super) grid: (usize, usize),
+    pub(super) batch: usize,
+    /// Text rows (an upper bound for prompted runs).
+    pub(super) text_len: usize,
+    pub(super) cfg_scale: Option<f64>,
+    pub(super) placement: Placement,
+    pub(super) offload: Offload,
+    pub(super) seed: u64,
+    pub(super) model_seed: u64,
+    pub(super) latents_file: Option<PathBuf>,
+    pub(super) prompt: Option<(String, Option<String>)>,
+    pub(super) warnings: Vec<String>,
+}
+
+fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
+    let kind = magcache_layers::config_util::PipelineKind {
+        parts: &[
+            "tokenizer",
+            "text_encoder",
+            "transformer",
+            "vae",
+            "scheduler",
+        ],
+        class_prefix: "QwenImage",
+        label: "Qwen-Image",
+        example: "QwenImagePipeline",
+    };
+    let (root, class) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
+    if class != "QwenImagePipeline" {
+        return Err(Error::config(
+            root.join("model_index.json").display().to_string(),
+            "_class_name",
+            format!("`{class}` is not supported (only QwenImagePipeline: text to image)"),
+        ));
+    }
+    Ok(root)
+}
+
+/// The released scheduler's shift (what runs without a pipeline folder sample with).
+fn released_shift() -> FluxShift {
+    FluxShift {
+        dynamic: true,
+        base_shift: 0.5,
+        max_shift: 0.9,
+        base_seq: 256.0,
+        max_seq: 8192.0,
+        shift: 1.0,
+        shift_terminal: Some(0.02),
+    }
+}
+
+impl QwenImageRun {
+    /// Reads the run file's keys and the folder's configs (never a weight) and fixes every size.
+    pub fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+        magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
+        magcache_layers::config_util::check_applicable(cfg, file, "qwen-image", 1)?;
+        if !cfg.model.lora.is_empty() {
+            return Err(Error::config(
+                file,
+                "model.lora",
+                "qwen-image does not take LoRA adapters yet",
+            ));
+        }
+        let (source, transformer, shift) = Self::source(cfg, file, base)?;
+        let mut warnings = Vec::new();
+        if let Some(s) = cfg.sampling.shift {
+            warnings.push(format!(
+                "{file}: sampling.shift = {s} is not used by qwen-image: its schedule's mu comes from the image length and the scheduler config"
+            ));
+        }
+        let prompt = cfg
+            .prompt
+            .as_ref()
+            .map(|p| (p.text.clone(), p.negative.clone()));
+        let scale = cfg.sampling.guidance_scale.unwrap_or(DEFAULT_TRUE_CFG);
+        let has_negative = match &source {
+            Source::Folder { .. } => prompt.as_ref().is_some_and(|p| p.1.is_some()),
+            // Seeded or file captions: CFG follows the scale alone.
+            _ => true,
+        };
+        let cfg_scale = (scale > 1.0 && has_negative).then_some(scale);
+        if prompt.as_ref().is_some_and(|p| p.1.is_none())
+            && scale > 1.0
+            && cfg.sampling.guidance_scale.is_some()
+        {
+            warnings.push(format!(
+                "{file}: sampling.guidance_scale = {scale} needs a negative prompt for true CFG (prompt.negative; \"\" or \" \" will do): running without CFG, as the pipeline does"
+            ));
+        }
+        let (grid, batch, latents_file, text_len) =
+            Self::sizes(cfg, file, base, &source, &transformer)?;
+        Ok(QwenImageRun {
+            file: file.to_string(),
+            source,
+            transformer,
+            shift,
+            steps: cfg.sampling.steps,
+            grid,
+            batch,
+            text_len,
+            cfg_scale,
+            placement: cfg.model.placement(file)?,
+            offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
+            seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
+            model_seed: cfg.model.seed,
+            latents_file,
+            prompt,
+            warnings,
+        })
+    }
+
+    /// Where the parts come from, the transformer's config and the schedule's shift.
+    fn source(
+        cfg: &RunConfig,
+        file: &str,
+        base: &Path,
+    ) -> Result<(Source, QwenImageConfig, FluxShift)> {
+        let overrides = overrides_json(cfg);
+        Ok(match &cfg.model.weights {
+            Some(WeightsSpec::One(w)) if cfg.prompt.is_none() => {
+                let dir = resolve(base, w);
+                let dir = if dir.join("transformer").is_dir() {
+                    dir.join("transformer")
+                } else {
+                    dir
+                };
+                let t = QwenImageConfig::read(&dir.join("config.json"), &overrides)?;
+                (Source::Transformer(dir), t, released_shift())
+            }
+            Some(WeightsSpec::One(_)) => {
+                let root = pipeline_root(cfg, file, base)?;
+                let t = QwenImageConfig::read(
+                    &root.join("transformer").join("config.json"),
+                    &overrides,
+                )?;
+                let shift = FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
+                let text = Qwen3Config::load(&root.join("text_encoder"))?;
+                let vae = Box::new(WanVaeConfig::read(&root.join("vae").join("config.json"))?);
+                (Source::Folder { root, text, vae }, t, shift)
+            }
+            Some(WeightsSpec::Many(_)) => {
+                return Err(Error::config(
+                    file,
+                    "model.weights",
+                    "qwen-image takes one pipeline folder",
+                ))
+            }
+            None => {
+                let name = magcache_layers::config_util::preset_name(cfg, file)?;
+                let p = QWENIMAGE_PRESETS
+                    .iter()
+                    .find(|p| **p == name)
+                    .ok_or_else(|| {
+                        Error::config(
+                            file,
+                            "model.preset",
+                            format!(
+                                "unknown preset `{name}` for family `qwen-image` (known: {})",
+                                QWENIMAGE_PRESETS.join(", ")
+                            ),
+                        )
+                    })?;
+                let base_map = to_map(&QwenImageConfig::default(), QWENIMAGE_CLASS)?;
+                let t = QwenImageConfig::from_map(
+                    QwenImageConfig::default(),
+                    &base_map,
+                    file,
+                    &overrides,
+                )?;
+                (Source::Preset(p), t, released_shift())
+            }
+        })
+    }
+
+    /// `((h', w'), batch, latents file, text rows)`.
+    #[allow(clippy::type_complexity)]
+    fn sizes(
+        cfg: &RunConfig,
+        file: &str,
+        base: &Path,
+        source: &Source,
+        t: &QwenImageConfig,
+    ) -> Result<((usize, usize), usize, Option<PathBuf>, usize)> {
+        let text_len = match &cfg.prompt {
+            Some(p) => p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
+            None => cfg.inputs.text_len.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
+        };
+        if text_len == 0 || (cfg.prompt.is_some() && text_len > QWENIMAGE_MAX_LEN) {
+            return Err(Error::config(
+                file,
+                "prompt.max_sequence_length",
+                format!("{text_len} must be 1 to {QWENIMAGE_MAX_LEN}"),
+            ));
+        }
+        let c4 = t.in_channels;
+        let grid = match source {
+            Source::Folder { vae, .. } => {
+                let unit = vae.spatial_scale().saturating_mul(2);
+                let (height, width) = (
+                    cfg.inputs.height.unwrap_or(DEFAULT_SIZE),
+                    cfg.inputs.width.unwrap_or(DEFAULT_SIZE),
+                );
+                for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
+                    if unit == 0 || v < unit {
+                        return Err(Error::config(file, key, format!("{v} must be at least {unit} (the VAE's downsampling times the 2x2 packing)")));
+                    }
+                }
+                if 4 * vae.z_dim != c4 {
+                    return Err(Error::config(
+                        file,
+                        "model.weights",
+                        format!(
+                            "the VAE's z_dim {} packs to {} channels; the transformer takes {c4}",
+                            vae.z_dim,
+                            4 * vae.z_dim
+                        ),
+                    ));
+                }
+                Some((height / unit, width / unit))
+            }
+            _ => None,
+        };
+        if let Some(f) = &cfg.inputs.file {
+            let path = resolve(base, f);
+            let l = InputFile::load(&path)?.get("latents_init", 3, "[B, seq, C] packed latents")?;
+            let (b, seq, ch) = l.dims3()?;
+            let g = grid.unwrap_or_else(|| square_grid(seq));
+            if ch != c4 || seq != g.0 * g.1 || b == 0 {
+                return Err(Error::inputs(
+                    path.display().to_string(),
+                    "latents_init",
+                    format!(
+                        "has shape {:?}; the run takes [B, {}, {c4}]",
+                        l.dims(),
+                        g.0 * g.1
+                    ),
+                ));
+            }
+            return Ok((g, b, Some(path), text_len));
+        }
+        if let Some(g) = grid {
+            return Ok((g, 1, None, text_len));
+        }
+        let (_, shape) = magcache_layers::inputs::drawn(cfg, &[1, c4 / 4, 128, 128]);
+        match shape.as_slice() {
+            &[b, ch, h, w]
+                if ch * 4 == c4 && b > 0 && h >= 2 && w >= 2 && h % 2 == 0 && w % 2 == 0 =>
+            {
+                Ok(((h / 2, w / 2), b, None, text_len))
+            }
+            _ => Err(Error::config(
+                file,
+                "inputs.latent_shape",
+                format!("{shape:?} is not [B, {}, h, w] with even h and w", c4 / 4),
+            )),
+        }
+    }
+
+    pub(super) fn image_tokens(&self) -> usize {
+        self.grid.0 * self.grid.1
+    }
+
+    pub fn schedule(&self) -> Result<FlowSchedule> {
+        let (s, mu) = self.shift.schedule(self.steps, self.image_tokens());
+        s.check(&self.file, "inputs.height/width", mu)?;
+        Ok(s)
+    }
+
+    pub fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+        Ok((
+            qwenimage_plan(&self.schedule()?, self.cfg_scale.is_some()),
+            qwenimage_info(self.variant()),
+        ))
+    }
+
+    pub(super) fn variant(&self) -> Option<&'static str> {
+        match &self.source {
+            Source::Preset(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// The patch grid of a square-ish token count read from an inputs file without a pipeline folder:
+/// the most square `h' x w'` with `h' <= w'` (the grid only shapes RoPE).
+fn square_grid(seq: usize) -> (usize, usize) {
+    let mut h = (seq as f64).sqrt() as usize;
+    while h > 1 && !seq.is_multiple_of(h) {
+        h -= 1;
+    }
+    let h = h.max(1);
+    (h, seq / h)
+}
+
+/// What strategies may know of a Qwen-Image run: no published curves yet; the timestep embedding
+/// and the first block's modulated image input as indicators.
+pub fn qwenimage_info(variant: Option<&str>) -> ModelInfo {
+    ModelInfo {
+        family: "qwen-image".into(),
+        variant: variant.map(String::from),
+        indicators: vec![Indicator::TimestepEmbedding, Indicator::ModulatedInput],
+        ..Default::default()
+    }
+}
+
+/// Parameters of a Qwen-Image transformer (every linear layer has a bias).
+pub fn qwenimage_params(c: &QwenImageConfig) -> Sz {
+    let (d, j, hd) = (
+        sz(c.inner_dim()),
+        sz(c.joint_attention_dim),
+        sz(c.attention_head_dim),
+    );
+    let lin = |o: Sz, i: Sz| o * i + o;
+    let block = lin(sz(6) * d, d) * sz(2)
+        + lin(d, d) * sz(8)
+        + hd * sz(4)
+        + (lin(sz(4) * d, d) + lin(d, sz(4) * d)) * sz(2);
+    let top = lin(d, sz(c.in_channels))
+        + j
+        + lin(d, j)
+        + lin(d, sz(256))
+        + lin(d, d)
+        + lin(sz(2) * d, d)
+        + lin(sz(c.out_tokens()), d);
+    top + sz(c.num_layers) * block
+}

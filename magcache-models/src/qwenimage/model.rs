@@ -1,0 +1,315 @@
+//! `QwenImageTransformer2DModel` in candle: a double-stream MMDiT (the joint-attention blocks of
+//! [`magcache_layers::mmdit`], each with its own image and text modulations), its centred 3-axis
+//! RoPE, and one cache chain over its blocks. Norms, softmax and modulation run in f32.
+
+use super::config::QwenImageConfig;
+use candle_core::{DType, Device, Tensor, D};
+use magcache_core::{BlockMetadata, CallCx, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::mmdit::{chunks, Act, DoubleStream, FeedForward, JointAttention};
+use magcache_layers::nn::{linear, modulate, LayerNorm, Linear, RmsNorm};
+use magcache_layers::weights::WeightStore;
+use std::sync::Arc;
+
+/// A double-stream block: image (hidden) and text (encoder) streams.
+pub const QWENIMAGE_BLOCK: BlockMetadata = BlockMetadata::joint("qwenimage.block");
+
+/// One `transformer_blocks.{i}`: `img_mod.1` / `txt_mod.1` and the shared double-stream maths.
+pub struct QBlock {
+    img_mod: Linear,
+    txt_mod: Linear,
+    inner: DoubleStream,
+}
+
+impl QBlock {
+    pub fn load(w: &WeightStore, i: usize, c: &QwenImageConfig, dev: &Device) -> Result<Self> {
+        let (d, hd) = (c.inner_dim(), c.attention_head_dim);
+        let p = format!("transformer_blocks.{i}");
+        let l = |n: &str| linear(w, n, d, d);
+        let rms = |n: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                w.get_shape(&format!("{n}.weight"), &[hd])?,
+                1e-6,
+            ))
+        };
+        let mlp = |n: &str| -> Result<FeedForward> {
+            Ok(FeedForward {
+                inp: linear(w, &format!("{p}.{n}.net.0.proj"), 4 * d, d)?,
+                out: linear(w, &format!("{p}.{n}.net.2"), d, 4 * d)?,
+                act: Act::Gelu,
+            })
+        };
+        Ok(QBlock {
+            img_mod: linear(w, &format!("{p}.img_mod.1"), 6 * d, d)?,
+            txt_mod: linear(w, &format!("{p}.txt_mod.1"), 6 * d, d)?,
+            inner: DoubleStream {
+                attn: JointAttention::load(&format!("{p}.attn"), c.num_attention_heads, l, rms)?,
+                ff: mlp("img_mlp")?,
+                ff_context: mlp("txt_mlp")?,
+                ln: LayerNorm::new(d, 1e-6, None, dev)?,
+            },
+        })
+    }
+
+    /// `(image, text)` after the block.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        e: &Tensor,
+        temb: &Tensor,
+        r: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let m = chunks(&self.img_mod, temb, 6)?;
+        let mc = chunks(&self.txt_mod, temb, 6)?;
+        self.inner.forward(h, e, &m, &mc, &r.0, &r.1)
+    }
+
+    /// The block's modulated image input (TeaCache's indicator).
+    fn modulated_input(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = chunks(&self.img_mod, temb, 6)?;
+        modulate(&self.inner.ln.forward(h)?, &m[0], &m[1])
+    }
+}
+
+/// The tensors outside the blocks and their shapes.
+pub fn top_tensors(c: &QwenImageConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = WeightStore::recording();
+    QwenImageModel::assemble(
+        c.clone(),
+        &w,
+        ModelBlocks::held("qwen-image", Vec::new(), Vec::new())?,
+        None,
+    )?;
+    w.recorded()
+}
+
+/// The tensors of block `i` and their shapes.
+pub fn block_tensors(c: &QwenImageConfig, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = WeightStore::recording();
+    QBlock::load(&w, i, c, &Device::Cpu)?;
+    w.recorded()
+}
+
+/// Every tensor of a model of `c` with its shape.
+pub fn shapes(c: &QwenImageConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut all = top_tensors(c)?;
+    for i in 0..c.num_layers {
+        all.extend(block_tensors(c, i)?);
+    }
+    Ok(all)
+}
+
+pub struct QwenImageModel {
+    pub cfg: QwenImageConfig,
+    img_in: Linear,
+    txt_norm: RmsNorm,
+    txt_in: Linear,
+    t1: Linear,
+    t2: Linear,
+    /// The chain, held or streamed, and its hooks.
+    pub(crate) blocks: ModelBlocks<QBlock>,
+    /// Block 0 held for the modulated-input indicator when the chain is streamed.
+    first: Option<QBlock>,
+    norm_out: Linear,
+    ln: LayerNorm,
+    proj_out: Linear,
+}
+
+/// Intermediates of one forward, for parity tests.
+#[derive(Debug, Default)]
+pub struct QwenImageTrace {
+    pub temb: Option<Tensor>,
+    pub img_in: Option<Tensor>,
+    pub txt_in: Option<Tensor>,
+    /// `(cos, sin)` `[L_text + L_image, head_dim/2]`, text rows first.
+    pub rope: Option<(Tensor, Tensor)>,
+    /// Each block's `(encoder, hidden)` outputs.
+    pub blocks: Vec<(Tensor, Tensor)>,
+    pub norm_out: Option<Tensor>,
+}
+
+impl QwenImageModel {
+    pub fn from_weights(cfg: QwenImageConfig, w: &WeightStore) -> Result<Self> {
+        let dev = w.placement().device.clone();
+        let blocks = (0..cfg.num_layers)
+            .map(|i| QBlock::load(w, i, &cfg, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        let metas = BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)]);
+        Self::assemble(
+            cfg,
+            w,
+            ModelBlocks::held("qwen-image", blocks, metas)?,
+            None,
+        )
+    }
+
+    /// The blocks streamed from `w` (checked now, read when they run); block 0 is also held for
+    /// the modulated-input indicator.
+    pub fn streamed(cfg: QwenImageConfig, w: Arc<WeightStore>) -> Result<Self> {
+        for i in 0..cfg.num_layers {
+            for (name, shape) in block_tensors(&cfg, i)? {
+                w.expect(&name, &shape)?;
+            }
+        }
+        let dev = w.placement().device.clone();
+        let first = QBlock::load(&w, 0, &cfg, &dev)?;
+        let (c, store) = (cfg.clone(), w.clone());
+        let load = move |i: usize| QBlock::load(&w, i, &c, &dev);
+        let metas = BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)]);
+        Self::assemble(
+            cfg,
+            &store,
+            ModelBlocks::streamed("qwen-image", metas, load),
+            Some(first),
+        )
+    }
+
+    pub fn is_streamed(&self) -> bool {
+        self.blocks.is_streamed()
+    }
+
+    fn assemble(
+        cfg: QwenImageConfig,
+        w: &WeightStore,
+        blocks: ModelBlocks<QBlock>,
+        first: Option<QBlock>,
+    ) -> Result<Self> {
+        let dev = w.placement().device.clone();
+        let (d, j) = (cfg.inner_dim(), cfg.joint_attention_dim);
+        let te = "time_text_embed.timestep_embedder";
+        Ok(QwenImageModel {
+            img_in: linear(w, "img_in", d, cfg.in_channels)?,
+            txt_norm: RmsNorm::new(w.get_shape("txt_norm.weight", &[j])?, 1e-6),
+            txt_in: linear(w, "txt_in", d, j)?,
+            t1: linear(w, &format!("{te}.linear_1"), d, 256)?,
+            t2: linear(w, &format!("{te}.linear_2"), d, d)?,
+            blocks,
+            first,
+            norm_out: linear(w, "norm_out.linear", 2 * d, d)?,
+            ln: LayerNorm::new(d, 1e-6, None, &dev)?,
+            proj_out: linear(w, "proj_out", cfg.out_tokens(), d)?,
+            cfg,
+        })
+    }
+
+    /// `temb` `[B, inner]`: `Timesteps(256, scale=1000)` (cosines first, the argument `1000 * (t *
+    /// f_i)` in f32) through the two-layer MLP.
+    pub fn temb(&self, t: &Tensor) -> Result<Tensor> {
+        let dev = t.device();
+        let t = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let half = 128;
+        let f: Vec<f32> = (0..half)
+            .map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp())
+            .collect();
+        let mut v = Vec::with_capacity(t.len() * 2 * half);
+        for &ti in &t {
+            let args: Vec<f32> = f.iter().map(|fi| 1000f32 * (ti * fi)).collect();
+            v.extend(args.iter().map(|a| a.cos()));
+            v.extend(args.iter().map(|a| a.sin()));
+        }
+        let p = Tensor::from_vec(v, (t.len(), 2 * half), dev)?;
+        self.t2.forward(&self.t1.forward(&p)?.silu()?)
+    }
+
+    /// Rotary tables `[L_text + h'w', head_dim/2]` (text rows first) for an `h' x w'` patch grid
+    /// and `l` text tokens: per axis `freq_j = 1 / 10000^(2j / d)` and the angle `pos * freq_j`, in
+    /// f32; image rows `(0, r - (h' - h'/2), c - (w' - w'/2))`, text row `k` at `max(h'/2, w'/2) + k`
+    /// on every axis.
+    pub fn rope(&self, hp: usize, wp: usize, l: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let axes = &self.cfg.axes_dims_rope;
+        let half: usize = axes.iter().sum::<usize>() / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let mut row = |pos: [i64; 3]| {
+            for (&p, &d) in pos.iter().zip(axes) {
+                for j in 0..d / 2 {
+                    let f = 1f32 / 10000f32.powf((2 * j) as f32 / d as f32);
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        };
+        let start = (hp / 2).max(wp / 2) as i64;
+        for k in 0..l as i64 {
+            row([start + k; 3]);
+        }
+        let (oh, ow) = ((hp - hp / 2) as i64, (wp - wp / 2) as i64);
+        for r in 0..hp as i64 {
+            for c in 0..wp as i64 {
+                row([0, r - oh, c - ow]);
+            }
+        }
+        let n = l + hp * wp;
+        Ok((
+            Tensor::from_vec(cos, (n, half), dev)?,
+            Tensor::from_vec(sin, (n, half), dev)?,
+        ))
+    }
+
+    /// One call: `x` `[B, h'w', in_channels]` packed latents on an `h' x w'` grid, `ctx` `[B, L,
+    /// joint_attention_dim]`, `t` `[B]` (0..1) -> `[B, h'w', 4 * out_channels]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        t: &Tensor,
+        grid: (usize, usize),
+        cx: &CallCx<'_>,
+    ) -> Result<Tensor> {
+        self.forward_traced(x, ctx, t, grid, cx, None)
+    }
+
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        t: &Tensor,
+        grid: (usize, usize),
+        cx: &CallCx<'_>,
+        mut trace: Option<&mut QwenImageTrace>,
+    ) -> Result<Tensor> {
+        let h = self.img_in.forward(&x.to_dtype(DType::F32)?)?;
+        let e = self
+            .txt_in
+            .forward(&self.txt_norm.forward(&ctx.to_dtype(DType::F32)?)?)?;
+        let temb = self.temb(&t.to_device(x.device())?)?;
+        let r = self.rope(grid.0, grid.1, ctx.dim(1)?, x.device())?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.temb = Some(temb.clone());
+            tr.img_in = Some(h.clone());
+            tr.txt_in = Some(e.clone());
+            tr.rope = Some(r.clone());
+        }
+        let mut record = |_: usize, s: &Streams| {
+            if let (Some(tr), Some(e)) = (trace.as_deref_mut(), &s.encoder) {
+                tr.blocks.push((e.clone(), s.hidden.clone()));
+            }
+        };
+        let input = || match (&self.first, self.blocks.held_blocks()) {
+            (Some(b), _) => b.modulated_input(&h, &temb),
+            (None, Some([b, ..])) => b.modulated_input(&h, &temb),
+            _ => Err(magcache_core::Error::msg(
+                "qwen-image: no first block for the modulated input",
+            )),
+        };
+        let chain = (self.blocks)
+            .call(cx.scope, |i, b: &QBlock, s: Streams| {
+                let (h, e) = b.forward(&s.hidden, s.joint_encoder("qwen-image", i)?, &temb, &r)?;
+                Ok(Streams::joint(h, e))
+            })
+            .with_indicator(Indicator::TimestepEmbedding, &temb)
+            .with_indicator_fn(Indicator::ModulatedInput, input)
+            .traced(&mut record);
+        let h = cx.run_chain(&chain, Streams::joint(h.clone(), e))?.hidden;
+        drop(chain);
+        // AdaLayerNormContinuous: (scale, shift) in that order.
+        let m = self.norm_out.forward(&temb.silu()?)?;
+        let d = self.cfg.inner_dim();
+        let scale = m.narrow(D::Minus1, 0, d)?.unsqueeze(1)?;
+        let shift = m.narrow(D::Minus1, d, d)?.unsqueeze(1)?;
+        let y = modulate(&self.ln.forward(&h)?, &shift, &scale)?;
+        if let Some(tr) = trace {
+            tr.norm_out = Some(y.clone());
+        }
+        self.proj_out.forward(&y)
+    }
+}

@@ -243,3 +243,60 @@ pub fn inferred_heads(inner: usize, overrides: &Map<String, Value>) -> (usize, u
         .unwrap_or(128);
     ((inner / head).max(1), head)
 }
+
+/// A transformer config read from a diffusers `config.json`: its class, its fields and its own
+/// checks; reading, merging over a base, `[model.overrides]` and the class check are shared.
+pub trait ModelConfig: Serialize + DeserializeOwned + Default {
+    /// The diffusers class (`_class_name`).
+    const CLASS: &'static str;
+    /// What it is, for messages (`a FLUX.2 transformer`).
+    const KIND: &'static str;
+    /// Its field names (other keys are errors naming the file or `model.overrides.KEY`).
+    const FIELDS: &'static [&'static str];
+
+    /// Its own consistency checks, naming `file` and the key.
+    fn check(&self, file: &str) -> Result<()>;
+
+    /// `base` with the fields of `obj` (keys starting with `_` are metadata), then the overrides,
+    /// checked.
+    fn from_map(
+        base: Self,
+        obj: &Map<String, Value>,
+        file: &str,
+        overrides: &Map<String, Value>,
+    ) -> Result<Self> {
+        if let Some(c) = obj.get("_class_name").and_then(|v| v.as_str()) {
+            if c != Self::CLASS {
+                return Err(Error::config(
+                    file,
+                    "_class_name",
+                    format!("`{c}` is not {} (expected {})", Self::KIND, Self::CLASS),
+                ));
+            }
+        }
+        let cfg = merge_config(&base, obj, overrides, file, Self::FIELDS, Self::CLASS)?;
+        cfg.check(file)?;
+        Ok(cfg)
+    }
+
+    /// Reads a `config.json` over the default; errors name the file and key.
+    fn read(path: &std::path::Path, overrides: &Map<String, Value>) -> Result<Self> {
+        let shown = path.display().to_string();
+        let text = magcache_core::error::read_text(path)?;
+        magcache_core::files::record_read(path);
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::config(&shown, "(document)", "expected a JSON object"))?;
+        Self::from_map(Self::default(), obj, &shown, overrides)
+    }
+}
+
+/// The first of `(key, value)` that is 0, as an error naming `file` and the key.
+pub fn positive(file: &str, fields: &[(&str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((k, _)) => Err(Error::config(file, *k, "must be at least 1")),
+        None => Ok(()),
+    }
+}

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Tensor};
 use magcache_core::{Branch, CallCx, ScopeKey};
+use magcache_layers::config_util::ModelConfig;
 use magcache_layers::weights::WeightStore;
 use magcache_models::zimage::{ZImageConfig, ZImageModel, ZImageTrace};
 use magcache_tests::{fixture, load, load_json, max_abs_diff};

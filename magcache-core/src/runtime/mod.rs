@@ -7,6 +7,8 @@
 //! - [`keys`]: which keys of the run file core owns and which a family adds ([`keys::FamilyKeys`]);
 //! - [`registry`]: model families ([`registry::ModelFamily`]: build, plan, presets) and strategies,
 //!   collected at link time through `inventory`;
+//! - [`resolved`]: a family's run file resolved once ([`resolved::ResolvedRun`]) before anything
+//!   loads, and the registry entry points generic over it;
 //! - [`pipeline`]: the [`pipeline::Pipeline`] a family builds and the runner drives;
 //! - [`guard`]: the size guard that refuses runs that cannot fit in memory before anything is
 //!   allocated; [`placement`]: device, dtype and offload settings;
@@ -23,3 +25,4 @@ pub mod pipeline;
 pub mod placement;
 pub mod progress;
 pub mod registry;
+pub mod resolved;

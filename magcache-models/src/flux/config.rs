@@ -1,8 +1,8 @@
 //! `FluxTransformer2DModel` configuration (diffusers `config.json`), with overrides.
 
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::ModelConfig;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FluxConfig {
@@ -60,40 +60,25 @@ impl FluxConfig {
     pub fn out_channels(&self) -> usize {
         self.out_channels.unwrap_or(self.in_channels)
     }
+}
 
-    /// From a base and a map of diffusers fields (keys starting with `_` are metadata), then overrides
-    /// (unknown override keys are errors naming `model.overrides.KEY`).
-    pub fn from_map(
-        base: FluxConfig,
-        obj: &Map<String, Value>,
-        file: &str,
-        overrides: &Map<String, Value>,
-    ) -> Result<Self> {
-        let cfg = magcache_layers::config_util::merge_config(
-            &base,
-            obj,
-            overrides,
+impl ModelConfig for FluxConfig {
+    const CLASS: &'static str = "FluxTransformer2DModel";
+    const KIND: &'static str = "a FLUX.1 transformer";
+    const FIELDS: &'static [&'static str] = FIELDS;
+
+    fn check(&self, file: &str) -> Result<()> {
+        magcache_layers::config_util::positive(
             file,
-            FIELDS,
-            "FluxTransformer2DModel",
+            &[
+                ("in_channels", self.in_channels),
+                ("num_layers", self.num_layers),
+                ("attention_head_dim", self.attention_head_dim),
+                ("num_attention_heads", self.num_attention_heads),
+                ("joint_attention_dim", self.joint_attention_dim),
+                ("pooled_projection_dim", self.pooled_projection_dim),
+            ],
         )?;
-        cfg.check(file)?;
-        Ok(cfg)
-    }
-
-    pub fn check(&self, file: &str) -> Result<()> {
-        for (k, v) in [
-            ("in_channels", self.in_channels),
-            ("num_layers", self.num_layers),
-            ("attention_head_dim", self.attention_head_dim),
-            ("num_attention_heads", self.num_attention_heads),
-            ("joint_attention_dim", self.joint_attention_dim),
-            ("pooled_projection_dim", self.pooled_projection_dim),
-        ] {
-            if v == 0 {
-                return Err(Error::config(file, k, "must be at least 1"));
-            }
-        }
         if self.patch_size != 1 {
             return Err(Error::config(
                 file,

@@ -7,6 +7,7 @@ use magcache_core::runtime::keys::{fields_of, FamilyKeys};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::config_util::to_map;
+use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::random_store;

@@ -4,6 +4,7 @@
 use super::config::FluxConfig;
 use candle_core::Tensor;
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::ModelConfig;
 use magcache_layers::weights::WeightStore;
 use std::path::Path;
 

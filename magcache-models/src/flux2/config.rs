@@ -1,8 +1,8 @@
 //! `Flux2Transformer2DModel` configuration (diffusers `config.json`), with overrides.
 
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::ModelConfig;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 /// The diffusers class this config describes.
 pub const FLUX2_CLASS: &str = "Flux2Transformer2DModel";
@@ -80,64 +80,27 @@ impl Flux2Config {
     pub fn num_blocks(&self) -> usize {
         self.num_layers.saturating_add(self.num_single_layers)
     }
+}
 
-    /// From a base and a map of diffusers fields (keys starting with `_` are metadata), then
-    /// overrides (unknown keys are errors naming the file or `model.overrides.KEY`).
-    pub fn from_map(
-        base: Flux2Config,
-        obj: &Map<String, Value>,
-        file: &str,
-        overrides: &Map<String, Value>,
-    ) -> Result<Self> {
-        if let Some(c) = obj.get("_class_name").and_then(|v| v.as_str()) {
-            if c != FLUX2_CLASS {
-                return Err(Error::config(
-                    file,
-                    "_class_name",
-                    format!("`{c}` is not a FLUX.2 transformer (expected {FLUX2_CLASS})"),
-                ));
-            }
-        }
-        let cfg = magcache_layers::config_util::merge_config(
-            &base,
-            obj,
-            overrides,
+impl ModelConfig for Flux2Config {
+    const CLASS: &'static str = FLUX2_CLASS;
+    const KIND: &'static str = "a FLUX.2 transformer";
+    const FIELDS: &'static [&'static str] = FIELDS;
+
+    fn check(&self, file: &str) -> Result<()> {
+        magcache_layers::config_util::positive(
             file,
-            FIELDS,
-            FLUX2_CLASS,
+            &[
+                ("in_channels", self.in_channels),
+                ("attention_head_dim", self.attention_head_dim),
+                ("num_attention_heads", self.num_attention_heads),
+                ("joint_attention_dim", self.joint_attention_dim),
+                (
+                    "timestep_guidance_channels",
+                    self.timestep_guidance_channels,
+                ),
+            ],
         )?;
-        cfg.check(file)?;
-        Ok(cfg)
-    }
-
-    /// Reads a transformer `config.json`; errors name the file and key.
-    pub fn read(path: &std::path::Path, overrides: &Map<String, Value>) -> Result<Self> {
-        let shown = path.display().to_string();
-        let text = magcache_core::error::read_text(path)?;
-        magcache_core::files::record_read(path);
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::config(&shown, "(document)", "expected a JSON object"))?;
-        Self::from_map(Flux2Config::default(), obj, &shown, overrides)
-    }
-
-    pub fn check(&self, file: &str) -> Result<()> {
-        for (k, v) in [
-            ("in_channels", self.in_channels),
-            ("attention_head_dim", self.attention_head_dim),
-            ("num_attention_heads", self.num_attention_heads),
-            ("joint_attention_dim", self.joint_attention_dim),
-            (
-                "timestep_guidance_channels",
-                self.timestep_guidance_channels,
-            ),
-        ] {
-            if v == 0 {
-                return Err(Error::config(file, k, "must be at least 1"));
-            }
-        }
         if self.num_blocks() == 0 {
             return Err(Error::config(
                 file,

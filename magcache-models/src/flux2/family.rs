@@ -11,6 +11,7 @@ use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result};
+use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve, to_map};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes, weights_knob, Sz};
 use magcache_layers::inputs::InputFile;

@@ -3,6 +3,7 @@
 
 use super::config::Flux2Config;
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::ModelConfig;
 use magcache_layers::weights::WeightStore;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,9 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::runtime::registry::ModelFamily;
+use magcache_core::runtime::resolved::{
+    build_run, estimate_run, export_run, plan_run, ResolvedRun,
+};
 use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
@@ -32,7 +35,7 @@ impl QwenImageRun {
     }
 
     /// Each stage's estimate, in the order they run.
-    pub fn estimate(&self) -> Vec<(String, Footprint)> {
+    fn estimates(&self) -> Vec<(String, Footprint)> {
         let mut v = Vec::new();
         if let Source::Folder { root, text, .. } = &self.source {
             let te = root
@@ -228,8 +231,8 @@ impl QwenImageRun {
     }
 
     /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
-    pub fn build(&self) -> Result<QwenImagePipeline> {
-        for (_, fp) in self.estimate() {
+    fn pipeline(&self) -> Result<QwenImagePipeline> {
+        for (_, fp) in self.estimates() {
             fp.check(&self.file)?;
         }
         let (pos, neg, stage) = self.captions()?;
@@ -293,51 +296,45 @@ impl QwenImageRun {
     }
 }
 
-fn build_qwenimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    Ok(Box::new(QwenImageRun::resolve(cfg, file, base)?.build()?))
-}
-
-fn plan_qwenimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
-    QwenImageRun::resolve(cfg, file, base)?.plan()
-}
-
-fn estimate_qwenimage(
-    cfg: &RunConfig,
-    file: &str,
-    base: &Path,
-) -> Result<Vec<(String, Footprint)>> {
-    Ok(QwenImageRun::resolve(cfg, file, base)?.estimate())
-}
-
-/// A Qwen-Image preset's transformer, generated tensor by tensor (`magcache export`).
-fn export_qwenimage(
-    cfg: &RunConfig,
-    file: &str,
-    base: &Path,
-) -> Result<Vec<magcache_core::GeneratedWeights>> {
-    let run = QwenImageRun::resolve(cfg, file, base)?;
-    if !matches!(run.source, Source::Preset(_)) {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            "magcache export writes presets; this run has weights",
-        ));
+impl ResolvedRun for QwenImageRun {
+    fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+        Self::read(cfg, file, base)
     }
-    let c = &run.transformer;
-    let mut config = magcache_layers::config_util::to_map(c, QWENIMAGE_CLASS)?;
-    config.insert("_class_name".into(), QWENIMAGE_CLASS.into());
-    Ok(vec![magcache_layers::random::generated(
-        "",
-        config,
-        run.model_seed,
-        shapes(c)?,
-        c.inner_dim(),
-        run.placement.dtype,
-    )])
+
+    fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+        self.plan_of()
+    }
+
+    fn estimate(&self) -> Vec<(String, Footprint)> {
+        self.estimates()
+    }
+
+    fn build(&self) -> Result<Box<dyn Pipeline>> {
+        Ok(Box::new(self.pipeline()?))
+    }
+
+    /// The preset's transformer, generated tensor by tensor (`magcache export`): with the folder
+    /// written, `offload = "stream"` runs the preset at its released size from disk.
+    fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
+        if !matches!(self.source, Source::Preset(_)) {
+            return Ok(None);
+        }
+        let c = &self.transformer;
+        let mut config = magcache_layers::config_util::to_map(c, QWENIMAGE_CLASS)?;
+        config.insert("_class_name".into(), QWENIMAGE_CLASS.into());
+        Ok(Some(vec![magcache_layers::random::generated(
+            "",
+            config,
+            self.model_seed,
+            shapes(c)?,
+            c.inner_dim(),
+            self.placement.dtype,
+        )]))
+    }
 }
 
 inventory::submit! {
-    magcache_core::PresetExport { family: "qwen-image", export: export_qwenimage, gguf: None }
+    magcache_core::PresetExport { family: "qwen-image", export: export_run::<QwenImageRun>, gguf: None }
 }
 
 inventory::submit! {
@@ -349,8 +346,8 @@ inventory::submit! {
         published: &[],
         keys: &[],
         streams: true,
-        build: build_qwenimage,
-        plan: plan_qwenimage,
-        estimate: Some(estimate_qwenimage),
+        build: build_run::<QwenImageRun>,
+        plan: plan_run::<QwenImageRun>,
+        estimate: Some(estimate_run::<QwenImageRun>),
     }
 }

@@ -1,8 +1,8 @@
 //! `QwenImageTransformer2DModel` configuration (diffusers `config.json`), with overrides.
 
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::ModelConfig;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 /// The diffusers class this config describes.
 pub const QWENIMAGE_CLASS: &str = "QwenImageTransformer2DModel";
@@ -74,59 +74,24 @@ impl QwenImageConfig {
             .saturating_mul(self.patch_size)
             .saturating_mul(self.out_channels.unwrap_or(self.in_channels))
     }
+}
 
-    pub fn from_map(
-        base: QwenImageConfig,
-        obj: &Map<String, Value>,
-        file: &str,
-        overrides: &Map<String, Value>,
-    ) -> Result<Self> {
-        if let Some(c) = obj.get("_class_name").and_then(|v| v.as_str()) {
-            if c != QWENIMAGE_CLASS {
-                return Err(Error::config(
-                    file,
-                    "_class_name",
-                    format!("`{c}` is not a Qwen-Image transformer (expected {QWENIMAGE_CLASS})"),
-                ));
-            }
-        }
-        let cfg = magcache_layers::config_util::merge_config(
-            &base,
-            obj,
-            overrides,
+impl ModelConfig for QwenImageConfig {
+    const CLASS: &'static str = QWENIMAGE_CLASS;
+    const KIND: &'static str = "a Qwen-Image transformer";
+    const FIELDS: &'static [&'static str] = FIELDS;
+
+    fn check(&self, file: &str) -> Result<()> {
+        magcache_layers::config_util::positive(
             file,
-            FIELDS,
-            QWENIMAGE_CLASS,
+            &[
+                ("in_channels", self.in_channels),
+                ("num_layers", self.num_layers),
+                ("attention_head_dim", self.attention_head_dim),
+                ("num_attention_heads", self.num_attention_heads),
+                ("joint_attention_dim", self.joint_attention_dim),
+            ],
         )?;
-        cfg.check(file)?;
-        Ok(cfg)
-    }
-
-    /// Reads a transformer `config.json`; errors name the file and key.
-    pub fn read(path: &std::path::Path, overrides: &Map<String, Value>) -> Result<Self> {
-        let shown = path.display().to_string();
-        let text = magcache_core::error::read_text(path)?;
-        magcache_core::files::record_read(path);
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::config(&shown, "(document)", "expected a JSON object"))?;
-        Self::from_map(QwenImageConfig::default(), obj, &shown, overrides)
-    }
-
-    pub fn check(&self, file: &str) -> Result<()> {
-        for (k, v) in [
-            ("in_channels", self.in_channels),
-            ("num_layers", self.num_layers),
-            ("attention_head_dim", self.attention_head_dim),
-            ("num_attention_heads", self.num_attention_heads),
-            ("joint_attention_dim", self.joint_attention_dim),
-        ] {
-            if v == 0 {
-                return Err(Error::config(file, k, "must be at least 1"));
-            }
-        }
         if self.patch_size != 2
             || self.in_channels != 4 * self.out_channels.unwrap_or(self.in_channels / 4)
         {

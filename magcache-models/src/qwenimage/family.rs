@@ -7,6 +7,7 @@ use super::pipeline::qwenimage_plan;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
 use magcache_layers::autoencoder_kl_wan::WanVaeConfig;
+use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve, to_map};
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::InputFile;
@@ -98,7 +99,7 @@ fn released_shift() -> FluxShift {
 
 impl QwenImageRun {
     /// Reads the run file's keys and the folder's configs (never a weight) and fixes every size.
-    pub fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+    pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
         magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
         magcache_layers::config_util::check_applicable(cfg, file, "qwen-image", 1)?;
         if !cfg.model.lora.is_empty() {
@@ -313,7 +314,7 @@ impl QwenImageRun {
         Ok(s)
     }
 
-    pub fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+    pub(super) fn plan_of(&self) -> Result<(GenerationPlan, ModelInfo)> {
         Ok((
             qwenimage_plan(&self.schedule()?, self.cfg_scale.is_some()),
             qwenimage_info(self.variant()),

@@ -10,6 +10,9 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::progress::Stage;
 use magcache_core::runtime::registry::ModelFamily;
+use magcache_core::runtime::resolved::{
+    build_run, estimate_run, export_run, plan_run, ResolvedRun,
+};
 use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
@@ -117,7 +120,7 @@ impl ZImageRun {
     }
 
     /// Each stage's estimate, in the order they run.
-    pub fn estimate(&self) -> Vec<(String, Footprint)> {
+    fn estimates(&self) -> Vec<(String, Footprint)> {
         let mut v = Vec::new();
         if let Some(t) = self.text_footprint() {
             v.push(("encode text".to_string(), t));
@@ -259,8 +262,8 @@ impl ZImageRun {
     }
 
     /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
-    pub fn build(&self) -> Result<ZImagePipeline> {
-        for (_, fp) in self.estimate() {
+    fn pipeline(&self) -> Result<ZImagePipeline> {
+        for (_, fp) in self.estimates() {
             fp.check(&self.file)?;
         }
         let (pos, neg, template) = self.captions()?;
@@ -323,48 +326,45 @@ impl ZImageRun {
     }
 }
 
-fn build_zimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    Ok(Box::new(ZImageRun::resolve(cfg, file, base)?.build()?))
-}
-
-fn plan_zimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
-    ZImageRun::resolve(cfg, file, base)?.plan()
-}
-
-fn estimate_zimage(cfg: &RunConfig, file: &str, base: &Path) -> Result<Vec<(String, Footprint)>> {
-    Ok(ZImageRun::resolve(cfg, file, base)?.estimate())
-}
-
-/// A Z-Image preset run's transformer, generated tensor by tensor (`magcache export`): with the
-/// folder written, `offload = "stream"` runs the preset at its released size from disk.
-fn export_zimage(
-    cfg: &RunConfig,
-    file: &str,
-    base: &Path,
-) -> Result<Vec<magcache_core::GeneratedWeights>> {
-    let run = ZImageRun::resolve(cfg, file, base)?;
-    if !matches!(run.source, Source::Preset(_)) {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            "magcache export writes presets; this run has weights",
-        ));
+impl ResolvedRun for ZImageRun {
+    fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+        Self::read(cfg, file, base)
     }
-    let c = &run.transformer;
-    let mut config = magcache_layers::config_util::to_map(c, super::config::ZIMAGE_CLASS)?;
-    config.insert("_class_name".into(), super::config::ZIMAGE_CLASS.into());
-    Ok(vec![magcache_layers::random::generated(
-        "",
-        config,
-        run.model_seed,
-        shapes(c)?,
-        c.dim,
-        run.placement.dtype,
-    )])
+
+    fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+        self.plan_of()
+    }
+
+    fn estimate(&self) -> Vec<(String, Footprint)> {
+        self.estimates()
+    }
+
+    fn build(&self) -> Result<Box<dyn Pipeline>> {
+        Ok(Box::new(self.pipeline()?))
+    }
+
+    /// The preset's transformer, generated tensor by tensor (`magcache export`): with the folder
+    /// written, `offload = "stream"` runs the preset at its released size from disk.
+    fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
+        if !matches!(self.source, Source::Preset(_)) {
+            return Ok(None);
+        }
+        let c = &self.transformer;
+        let mut config = magcache_layers::config_util::to_map(c, super::config::ZIMAGE_CLASS)?;
+        config.insert("_class_name".into(), super::config::ZIMAGE_CLASS.into());
+        Ok(Some(vec![magcache_layers::random::generated(
+            "",
+            config,
+            self.model_seed,
+            shapes(c)?,
+            c.dim,
+            self.placement.dtype,
+        )]))
+    }
 }
 
 inventory::submit! {
-    magcache_core::PresetExport { family: "z-image", export: export_zimage, gguf: None }
+    magcache_core::PresetExport { family: "z-image", export: export_run::<ZImageRun>, gguf: None }
 }
 
 inventory::submit! {
@@ -376,8 +376,8 @@ inventory::submit! {
         published: &[],
         keys: &[magcache_layers::autoencoder_kl::FLUX_VAE_KEYS],
         streams: true,
-        build: build_zimage,
-        plan: plan_zimage,
-        estimate: Some(estimate_zimage),
+        build: build_run::<ZImageRun>,
+        plan: plan_run::<ZImageRun>,
+        estimate: Some(estimate_run::<ZImageRun>),
     }
 }

@@ -1,8 +1,8 @@
 //! `ZImageTransformer2DModel` configuration (diffusers `config.json`), with overrides.
 
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::ModelConfig;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 /// The diffusers class this config describes.
 pub const ZIMAGE_CLASS: &str = "ZImageTransformer2DModel";
@@ -95,61 +95,24 @@ impl ZImageConfig {
     pub fn patch_channels(&self) -> usize {
         self.in_channels.saturating_mul(4)
     }
+}
 
-    /// From a base and a map of diffusers fields (keys starting with `_` are metadata), then
-    /// overrides (unknown keys are errors naming the file or `model.overrides.KEY`).
-    pub fn from_map(
-        base: ZImageConfig,
-        obj: &Map<String, Value>,
-        file: &str,
-        overrides: &Map<String, Value>,
-    ) -> Result<Self> {
-        if let Some(c) = obj.get("_class_name").and_then(|v| v.as_str()) {
-            if c != ZIMAGE_CLASS {
-                return Err(Error::config(
-                    file,
-                    "_class_name",
-                    format!("`{c}` is not a Z-Image transformer (expected {ZIMAGE_CLASS})"),
-                ));
-            }
-        }
-        let cfg = magcache_layers::config_util::merge_config(
-            &base,
-            obj,
-            overrides,
+impl ModelConfig for ZImageConfig {
+    const CLASS: &'static str = ZIMAGE_CLASS;
+    const KIND: &'static str = "a Z-Image transformer";
+    const FIELDS: &'static [&'static str] = FIELDS;
+
+    fn check(&self, file: &str) -> Result<()> {
+        magcache_layers::config_util::positive(
             file,
-            FIELDS,
-            ZIMAGE_CLASS,
+            &[
+                ("in_channels", self.in_channels),
+                ("dim", self.dim),
+                ("n_heads", self.n_heads),
+                ("cap_feat_dim", self.cap_feat_dim),
+                ("n_layers", self.n_layers),
+            ],
         )?;
-        cfg.check(file)?;
-        Ok(cfg)
-    }
-
-    /// Reads a transformer `config.json`; errors name the file and key.
-    pub fn read(path: &std::path::Path, overrides: &Map<String, Value>) -> Result<Self> {
-        let shown = path.display().to_string();
-        let text = magcache_core::error::read_text(path)?;
-        magcache_core::files::record_read(path);
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::config(&shown, "(document)", "expected a JSON object"))?;
-        Self::from_map(ZImageConfig::default(), obj, &shown, overrides)
-    }
-
-    pub fn check(&self, file: &str) -> Result<()> {
-        for (k, v) in [
-            ("in_channels", self.in_channels),
-            ("dim", self.dim),
-            ("n_heads", self.n_heads),
-            ("cap_feat_dim", self.cap_feat_dim),
-            ("n_layers", self.n_layers),
-        ] {
-            if v == 0 {
-                return Err(Error::config(file, k, "must be at least 1"));
-            }
-        }
         if !self.dim.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 file,

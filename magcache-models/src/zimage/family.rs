@@ -7,6 +7,7 @@ use super::pipeline::zimage_plan;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVaeConfig};
+use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve, to_map};
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::InputFile;
@@ -121,7 +122,7 @@ fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
 impl ZImageRun {
     /// Reads the run file's keys and the folder's configs (never a weight), checks them, and fixes
     /// every size the run will have.
-    pub fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+    pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
         magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
         magcache_layers::config_util::check_applicable(cfg, file, "z-image", 1)?;
         if !cfg.model.lora.is_empty() {
@@ -322,7 +323,7 @@ impl ZImageRun {
         Ok(s)
     }
 
-    pub fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+    pub(super) fn plan_of(&self) -> Result<(GenerationPlan, ModelInfo)> {
         Ok((
             zimage_plan(&self.schedule()?, self.shift.shift),
             zimage_info(self.variant()),

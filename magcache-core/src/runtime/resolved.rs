@@ -1,0 +1,80 @@
+//! A family's run, resolved once: the run file's keys typed, the placement, the pipeline folder and
+//! every size fixed before anything loads, then shared by `plan`, the size guard, `build` and
+//! `export`. A family implements [`ResolvedRun`] and registers the generic entry points
+//! ([`build_run`], [`plan_run`], [`estimate_run`], [`export_run`]) for its type:
+//!
+//! ```ignore
+//! inventory::submit! {
+//!     ModelFamily { build: build_run::<MyRun>, plan: plan_run::<MyRun>,
+//!                   estimate: Some(estimate_run::<MyRun>), /* name, blocks, ... */ }
+//! }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::model::ModelInfo;
+use crate::runtime::config::RunConfig;
+use crate::runtime::guard::Footprint;
+use crate::runtime::pipeline::Pipeline;
+use crate::runtime::registry::GeneratedWeights;
+use crate::scope::GenerationPlan;
+use std::path::Path;
+
+/// A run file as one family reads it, resolved before anything loads.
+pub trait ResolvedRun: Sized {
+    /// Reads and checks the run file's keys and the configs it points to (never a weight).
+    fn resolve(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Self>;
+    /// The cache scopes of the generation and what strategies may know of the model.
+    fn plan(&self) -> Result<(GenerationPlan, ModelInfo)>;
+    /// Each stage's memory estimate, in the order the stages run.
+    fn estimate(&self) -> Vec<(String, Footprint)>;
+    /// Runs the stages up to the denoising loop (size guard first) and returns the pipeline.
+    fn build(&self) -> Result<Box<dyn Pipeline>>;
+    /// A preset run's transformers as generated weights (`magcache export`); `None`: this run has
+    /// no preset to export.
+    fn export(&self) -> Result<Option<Vec<GeneratedWeights>>> {
+        Ok(None)
+    }
+}
+
+/// [`crate::runtime::registry::BuildPipeline`] of a [`ResolvedRun`].
+pub fn build_run<R: ResolvedRun>(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Box<dyn Pipeline>> {
+    R::resolve(cfg, file, base)?.build()
+}
+
+/// [`crate::runtime::registry::PlanRun`] of a [`ResolvedRun`].
+pub fn plan_run<R: ResolvedRun>(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<(GenerationPlan, ModelInfo)> {
+    R::resolve(cfg, file, base)?.plan()
+}
+
+/// [`crate::runtime::registry::EstimateRun`] of a [`ResolvedRun`].
+pub fn estimate_run<R: ResolvedRun>(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<(String, Footprint)>> {
+    Ok(R::resolve(cfg, file, base)?.estimate())
+}
+
+/// [`crate::runtime::registry::ExportWeights`] of a [`ResolvedRun`]: an error naming
+/// `model.weights` when the run is not a preset.
+pub fn export_run<R: ResolvedRun>(
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<GeneratedWeights>> {
+    R::resolve(cfg, file, base)?.export()?.ok_or_else(|| {
+        Error::config(
+            file,
+            "model.weights",
+            "magcache export writes presets; this run has weights",
+        )
+    })
+}

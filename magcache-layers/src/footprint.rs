@@ -180,12 +180,20 @@ pub fn weights_knob(
 /// delta (`largest` elements). Files that cannot be read count nothing here: loading them names
 /// the error.
 pub fn add_lora(fp: &mut Footprint, cfg: &magcache_core::RunConfig, base: &Path, largest: Sz) {
-    if cfg.model.lora.is_empty() {
+    add_lora_tables(fp, &cfg.model.lora, base, largest)
+}
+
+/// [`add_lora`] for the adapter tables themselves (paths relative to `base`).
+pub fn add_lora_tables(
+    fp: &mut Footprint,
+    tables: &[magcache_core::runtime::config::LoraTable],
+    base: &Path,
+    largest: Sz,
+) {
+    if tables.is_empty() {
         return;
     }
-    let held = cfg
-        .model
-        .lora
+    let held = tables
         .iter()
         .filter_map(|l| {
             std::fs::metadata(crate::config_util::resolve(base, &l.path))

@@ -81,6 +81,12 @@ impl QwenImageRun {
         } else {
             fp.add("weights", knob, weights_bytes(qwenimage_params(c), dt).0);
         }
+        magcache_layers::footprint::add_lora_tables(
+            &mut fp,
+            &self.loras,
+            Path::new(""),
+            sz(self.transformer.inner_dim()) * sz(6 * self.transformer.inner_dim()),
+        );
         add_plan(&mut fp, self.steps, 2);
         let (b, s, l) = (self.batch, self.image_tokens(), self.text_len);
         let joint = s.saturating_add(l);
@@ -186,7 +192,7 @@ impl QwenImageRun {
         Ok((pos, neg, Some(stage)))
     }
 
-    fn transformer(&self) -> Result<(QwenImageModel, Option<String>)> {
+    fn transformer(&self) -> Result<(QwenImageModel, Vec<String>)> {
         let c = self.transformer.clone();
         let mut store = match &self.source {
             Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
@@ -198,6 +204,13 @@ impl QwenImageRun {
                 self.placement.dtype,
             )?,
         };
+        let refs: Vec<_> = self.loras.iter().collect();
+        let mut lora_warnings = magcache_layers::lora::apply_tables(
+            &mut store,
+            &refs,
+            Path::new(""),
+            &super::lora::QwenImageLoraNames,
+        )?;
         store.set_placement(self.placement.clone());
         let store = Arc::new(store);
         let model = match self.offload {
@@ -208,7 +221,8 @@ impl QwenImageRun {
         let unused = store.check_unused(&self.file, |_| {
             magcache_layers::config_util::depth_key(&overrides, "num_layers", c.num_layers)
         })?;
-        Ok((model, unused))
+        lora_warnings.extend(unused);
+        Ok((model, lora_warnings))
     }
 
     fn latents(&self) -> Result<Tensor> {
@@ -322,14 +336,22 @@ impl ResolvedRun for QwenImageRun {
         let c = &self.transformer;
         let mut config = magcache_layers::config_util::to_map(c, QWENIMAGE_CLASS)?;
         config.insert("_class_name".into(), QWENIMAGE_CLASS.into());
-        Ok(Some(vec![magcache_layers::random::generated(
+        let g = magcache_layers::random::generated(
             "",
             config,
             self.model_seed,
             shapes(c)?,
             c.inner_dim(),
             self.placement.dtype,
-        )]))
+        );
+        let refs: Vec<_> = self.loras.iter().collect();
+        let names = super::lora::QwenImageLoraNames;
+        Ok(Some(vec![magcache_layers::lora::merged(
+            g,
+            &refs,
+            Path::new(""),
+            &names,
+        )?]))
     }
 }
 

@@ -58,6 +58,8 @@ pub struct QwenImageRun {
     pub(super) latents_file: Option<PathBuf>,
     pub(super) prompt: Option<(String, Option<String>)>,
     pub(super) warnings: Vec<String>,
+    /// `[[model.lora]]`, paths resolved against the run file's folder.
+    pub(super) loras: Vec<magcache_core::runtime::config::LoraTable>,
 }
 
 fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
@@ -102,13 +104,6 @@ impl QwenImageRun {
     pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
         magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
         magcache_layers::config_util::check_applicable(cfg, file, "qwen-image", 1)?;
-        if !cfg.model.lora.is_empty() {
-            return Err(Error::config(
-                file,
-                "model.lora",
-                "qwen-image does not take LoRA adapters yet",
-            ));
-        }
         let (source, transformer, shift) = Self::source(cfg, file, base)?;
         let mut warnings = Vec::new();
         if let Some(s) = cfg.sampling.shift {
@@ -154,6 +149,13 @@ impl QwenImageRun {
             latents_file,
             prompt,
             warnings,
+            loras: magcache_layers::lora::tables_for(&cfg.model.lora, file, "qwen-image", 1, 0)?
+                .into_iter()
+                .map(|t| magcache_core::runtime::config::LoraTable {
+                    path: resolve(base, &t.path).display().to_string(),
+                    ..t.clone()
+                })
+                .collect(),
         })
     }
 

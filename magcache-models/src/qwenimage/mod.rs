@@ -5,6 +5,7 @@
 pub mod build;
 pub mod config;
 pub mod family;
+pub mod lora;
 pub mod model;
 pub mod pipeline;
 

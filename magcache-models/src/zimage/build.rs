@@ -72,6 +72,12 @@ impl ZImageRun {
         } else {
             fp.add("weights", knob, weights_bytes(zimage_params(c), dt).0);
         }
+        magcache_layers::footprint::add_lora_tables(
+            &mut fp,
+            &self.loras,
+            Path::new(""),
+            sz(self.transformer.dim) * sz(self.transformer.ffn_hidden()),
+        );
         add_plan(&mut fp, self.steps, 1);
         let b = self.batch * if self.cfg_scale.is_some() { 2 } else { 1 };
         let l = padded(self.image_tokens()) + padded(self.text_len);
@@ -222,7 +228,7 @@ impl ZImageRun {
     }
 
     /// The transformer: the folder's checkpoint (held or streamed), or a preset's seeded weights.
-    fn transformer(&self) -> Result<(ZImageModel, Option<String>)> {
+    fn transformer(&self) -> Result<(ZImageModel, Vec<String>)> {
         let c = self.transformer.clone();
         let mut store = match &self.source {
             Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
@@ -231,6 +237,15 @@ impl ZImageRun {
                 random_store(self.model_seed, shapes(&c)?, c.dim, self.placement.dtype)?
             }
         };
+        let refs: Vec<_> = self.loras.iter().collect();
+        let mut lora_warnings = magcache_layers::lora::apply_tables(
+            &mut store,
+            &refs,
+            Path::new(""),
+            &super::lora::ZImageLoraNames {
+                dim: self.transformer.dim,
+            },
+        )?;
         store.set_placement(self.placement.clone());
         let store = Arc::new(store);
         let model = match self.offload {
@@ -241,7 +256,8 @@ impl ZImageRun {
         let unused = store.check_unused(&self.file, |_| {
             magcache_layers::config_util::depth_key(&overrides, "n_layers", c.n_layers)
         })?;
-        Ok((model, unused))
+        lora_warnings.extend(unused);
+        Ok((model, lora_warnings))
     }
 
     /// The initial latents `[B, C, h, w]`: `latents_init` of the inputs file or seeded noise.
@@ -352,14 +368,22 @@ impl ResolvedRun for ZImageRun {
         let c = &self.transformer;
         let mut config = magcache_layers::config_util::to_map(c, super::config::ZIMAGE_CLASS)?;
         config.insert("_class_name".into(), super::config::ZIMAGE_CLASS.into());
-        Ok(Some(vec![magcache_layers::random::generated(
+        let g = magcache_layers::random::generated(
             "",
             config,
             self.model_seed,
             shapes(c)?,
             c.dim,
             self.placement.dtype,
-        )]))
+        );
+        let refs: Vec<_> = self.loras.iter().collect();
+        let names = super::lora::ZImageLoraNames { dim: c.dim };
+        Ok(Some(vec![magcache_layers::lora::merged(
+            g,
+            &refs,
+            Path::new(""),
+            &names,
+        )?]))
     }
 }
 

@@ -74,6 +74,8 @@ pub struct ZImageRun {
     pub(super) latents_file: Option<PathBuf>,
     pub(super) prompt: Option<(String, String)>,
     pub(super) warnings: Vec<String>,
+    /// `[[model.lora]]`, paths resolved against the run file's folder.
+    pub(super) loras: Vec<magcache_core::runtime::config::LoraTable>,
 }
 
 fn preset(cfg: &RunConfig, file: &str) -> Result<&'static ZImagePreset> {
@@ -125,13 +127,6 @@ impl ZImageRun {
     pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
         magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
         magcache_layers::config_util::check_applicable(cfg, file, "z-image", 1)?;
-        if !cfg.model.lora.is_empty() {
-            return Err(Error::config(
-                file,
-                "model.lora",
-                "z-image does not take LoRA adapters yet",
-            ));
-        }
         let mut warnings = Vec::new();
         let overrides = overrides_json(cfg);
         let (source, transformer, shift, distilled) = match &cfg.model.weights {
@@ -219,6 +214,13 @@ impl ZImageRun {
             latents_file,
             prompt,
             warnings,
+            loras: magcache_layers::lora::tables_for(&cfg.model.lora, file, "z-image", 1, 0)?
+                .into_iter()
+                .map(|t| magcache_core::runtime::config::LoraTable {
+                    path: resolve(base, &t.path).display().to_string(),
+                    ..t.clone()
+                })
+                .collect(),
         })
     }
 

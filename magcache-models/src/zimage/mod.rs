@@ -6,6 +6,7 @@ pub mod blocks;
 pub mod build;
 pub mod config;
 pub mod family;
+pub mod lora;
 pub mod model;
 pub mod pipeline;
 

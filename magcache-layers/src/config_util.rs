@@ -300,3 +300,59 @@ pub fn positive(file: &str, fields: &[(&str, usize)]) -> Result<()> {
         None => Ok(()),
     }
 }
+
+/// Where a run of an image family that reads released pipeline folders takes its model from.
+pub enum RunSource {
+    /// A pipeline folder of the one supported class (`[prompt]` runs).
+    Pipeline(std::path::PathBuf),
+    /// A transformer folder (`config.json` and weights; `transformer/` of a pipeline folder taken
+    /// when given the folder) for runs without `[prompt]`.
+    Transformer(std::path::PathBuf),
+    /// A preset, by name (`model.preset`).
+    Preset(String),
+}
+
+/// The run's [`RunSource`]: one weights path (a GGUF file is refused, naming `model.weights`), a
+/// pipeline folder of `kind` whose `_class_name` is exactly `class` for prompted runs, or a preset.
+pub fn run_source(
+    cfg: &magcache_core::RunConfig,
+    file: &str,
+    base: &std::path::Path,
+    kind: &PipelineKind<'_>,
+    class: &str,
+) -> Result<RunSource> {
+    use magcache_core::runtime::config::WeightsSpec;
+    require_weights_or_preset(cfg, file)?;
+    let w = match &cfg.model.weights {
+        None => return Ok(RunSource::Preset(preset_name(cfg, file)?.to_string())),
+        Some(WeightsSpec::Many(_)) => {
+            return Err(Error::config(
+                file,
+                "model.weights",
+                format!("{} takes one folder", kind.label),
+            ))
+        }
+        Some(WeightsSpec::One(w)) => w,
+    };
+    if crate::weights::gguf::is_gguf(&resolve(base, w)) {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!("`{w}` is a GGUF file: {} runs read diffusers folders (a pipeline folder, or a transformer folder without [prompt]); GGUF checkpoints are not read for it yet", kind.label),
+        ));
+    }
+    if cfg.prompt.is_none() {
+        let dir = resolve(base, w);
+        let t = dir.join("transformer");
+        return Ok(RunSource::Transformer(if t.is_dir() { t } else { dir }));
+    }
+    let (root, found) = pipeline_folder(cfg, file, base, kind)?;
+    if found != class {
+        return Err(Error::config(
+            root.join("model_index.json").display().to_string(),
+            "_class_name",
+            format!("`{found}` is not supported (only {class})"),
+        ));
+    }
+    Ok(RunSource::Pipeline(root))
+}

@@ -4,11 +4,13 @@
 
 use super::config::{QwenImageConfig, QWENIMAGE_CLASS};
 use super::pipeline::qwenimage_plan;
-use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
 use magcache_layers::autoencoder_kl_wan::WanVaeConfig;
 use magcache_layers::config_util::ModelConfig;
-use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::config_util::{
+    overrides_json, resolve, run_source, to_map, PipelineKind, RunSource,
+};
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::scheduler::{FlowSchedule, FluxShift};
@@ -62,29 +64,19 @@ pub struct QwenImageRun {
     pub(super) loras: Vec<magcache_core::runtime::config::LoraTable>,
 }
 
-fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
-    let kind = magcache_layers::config_util::PipelineKind {
-        parts: &[
-            "tokenizer",
-            "text_encoder",
-            "transformer",
-            "vae",
-            "scheduler",
-        ],
-        class_prefix: "QwenImage",
-        label: "Qwen-Image",
-        example: "QwenImagePipeline",
-    };
-    let (root, class) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
-    if class != "QwenImagePipeline" {
-        return Err(Error::config(
-            root.join("model_index.json").display().to_string(),
-            "_class_name",
-            format!("`{class}` is not supported (only QwenImagePipeline: text to image)"),
-        ));
-    }
-    Ok(root)
-}
+/// What a Qwen-Image pipeline folder holds.
+const PIPELINE: PipelineKind<'static> = PipelineKind {
+    parts: &[
+        "tokenizer",
+        "text_encoder",
+        "transformer",
+        "vae",
+        "scheduler",
+    ],
+    class_prefix: "QwenImage",
+    label: "Qwen-Image",
+    example: "QwenImagePipeline",
+};
 
 /// The released scheduler's shift (what runs without a pipeline folder sample with).
 fn released_shift() -> FluxShift {
@@ -102,7 +94,6 @@ fn released_shift() -> FluxShift {
 impl QwenImageRun {
     /// Reads the run file's keys and the folder's configs (never a weight) and fixes every size.
     pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
-        magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
         magcache_layers::config_util::check_applicable(cfg, file, "qwen-image", 1)?;
         let (source, transformer, shift) = Self::source(cfg, file, base)?;
         let mut warnings = Vec::new();
@@ -166,60 +157,48 @@ impl QwenImageRun {
         base: &Path,
     ) -> Result<(Source, QwenImageConfig, FluxShift)> {
         let overrides = overrides_json(cfg);
-        Ok(match &cfg.model.weights {
-            Some(WeightsSpec::One(w)) if cfg.prompt.is_none() => {
-                let dir = resolve(base, w);
-                let dir = if dir.join("transformer").is_dir() {
-                    dir.join("transformer")
-                } else {
-                    dir
-                };
-                let t = QwenImageConfig::read(&dir.join("config.json"), &overrides)?;
-                (Source::Transformer(dir), t, released_shift())
-            }
-            Some(WeightsSpec::One(_)) => {
-                let root = pipeline_root(cfg, file, base)?;
-                let t = QwenImageConfig::read(
-                    &root.join("transformer").join("config.json"),
-                    &overrides,
-                )?;
-                let shift = FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
-                let text = Qwen3Config::load(&root.join("text_encoder"))?;
-                let vae = Box::new(WanVaeConfig::read(&root.join("vae").join("config.json"))?);
-                (Source::Folder { root, text, vae }, t, shift)
-            }
-            Some(WeightsSpec::Many(_)) => {
-                return Err(Error::config(
-                    file,
-                    "model.weights",
-                    "qwen-image takes one pipeline folder",
-                ))
-            }
-            None => {
-                let name = magcache_layers::config_util::preset_name(cfg, file)?;
-                let p = QWENIMAGE_PRESETS
-                    .iter()
-                    .find(|p| **p == name)
-                    .ok_or_else(|| {
-                        Error::config(
-                            file,
-                            "model.preset",
-                            format!(
-                                "unknown preset `{name}` for family `qwen-image` (known: {})",
-                                QWENIMAGE_PRESETS.join(", ")
-                            ),
-                        )
-                    })?;
-                let base_map = to_map(&QwenImageConfig::default(), QWENIMAGE_CLASS)?;
-                let t = QwenImageConfig::from_map(
-                    QwenImageConfig::default(),
-                    &base_map,
-                    file,
-                    &overrides,
-                )?;
-                (Source::Preset(p), t, released_shift())
-            }
-        })
+        Ok(
+            match run_source(cfg, file, base, &PIPELINE, "QwenImagePipeline")? {
+                RunSource::Transformer(dir) => {
+                    let t = QwenImageConfig::read(&dir.join("config.json"), &overrides)?;
+                    (Source::Transformer(dir), t, released_shift())
+                }
+                RunSource::Pipeline(root) => {
+                    let t = QwenImageConfig::read(
+                        &root.join("transformer").join("config.json"),
+                        &overrides,
+                    )?;
+                    let shift =
+                        FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
+                    let text = Qwen3Config::load(&root.join("text_encoder"))?;
+                    let vae = Box::new(WanVaeConfig::read(&root.join("vae").join("config.json"))?);
+                    (Source::Folder { root, text, vae }, t, shift)
+                }
+                RunSource::Preset(name) => {
+                    let p = QWENIMAGE_PRESETS
+                        .iter()
+                        .find(|p| **p == name)
+                        .ok_or_else(|| {
+                            Error::config(
+                                file,
+                                "model.preset",
+                                format!(
+                                    "unknown preset `{name}` for family `qwen-image` (known: {})",
+                                    QWENIMAGE_PRESETS.join(", ")
+                                ),
+                            )
+                        })?;
+                    let base_map = to_map(&QwenImageConfig::default(), QWENIMAGE_CLASS)?;
+                    let t = QwenImageConfig::from_map(
+                        QwenImageConfig::default(),
+                        &base_map,
+                        file,
+                        &overrides,
+                    )?;
+                    (Source::Preset(p), t, released_shift())
+                }
+            },
+        )
     }
 
     /// `((h', w'), batch, latents file, text rows)`.

@@ -4,11 +4,13 @@
 
 use super::config::{ZImageConfig, ZIMAGE_CLASS};
 use super::pipeline::zimage_plan;
-use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVaeConfig};
 use magcache_layers::config_util::ModelConfig;
-use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::config_util::{
+    overrides_json, resolve, run_source, to_map, PipelineKind, RunSource,
+};
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::scheduler::FluxShift;
@@ -78,102 +80,27 @@ pub struct ZImageRun {
     pub(super) loras: Vec<magcache_core::runtime::config::LoraTable>,
 }
 
-fn preset(cfg: &RunConfig, file: &str) -> Result<&'static ZImagePreset> {
-    let name = magcache_layers::config_util::preset_name(cfg, file)?;
-    ZIMAGE_PRESETS
-        .iter()
-        .find(|p| p.name == name)
-        .ok_or_else(|| {
-            let known: Vec<&str> = ZIMAGE_PRESETS.iter().map(|p| p.name).collect();
-            Error::config(
-                file,
-                "model.preset",
-                format!(
-                    "unknown preset `{name}` for family `z-image` (known: {})",
-                    known.join(", ")
-                ),
-            )
-        })
-}
-
-/// The pipeline folder of a run: `model_index.json` naming `ZImagePipeline`.
-fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<PathBuf> {
-    let kind = magcache_layers::config_util::PipelineKind {
-        parts: &[
-            "tokenizer",
-            "text_encoder",
-            "transformer",
-            "vae",
-            "scheduler",
-        ],
-        class_prefix: "ZImage",
-        label: "Z-Image",
-        example: "ZImagePipeline",
-    };
-    let (root, class) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
-    if class != "ZImagePipeline" {
-        return Err(Error::config(
-            root.join("model_index.json").display().to_string(),
-            "_class_name",
-            format!("`{class}` is not supported (only ZImagePipeline: text to image)"),
-        ));
-    }
-    Ok(root)
-}
+/// What a Z-Image pipeline folder holds.
+const PIPELINE: PipelineKind<'static> = PipelineKind {
+    parts: &[
+        "tokenizer",
+        "text_encoder",
+        "transformer",
+        "vae",
+        "scheduler",
+    ],
+    class_prefix: "ZImage",
+    label: "Z-Image",
+    example: "ZImagePipeline",
+};
 
 impl ZImageRun {
     /// Reads the run file's keys and the folder's configs (never a weight), checks them, and fixes
     /// every size the run will have.
     pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
-        magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
         magcache_layers::config_util::check_applicable(cfg, file, "z-image", 1)?;
         let mut warnings = Vec::new();
-        let overrides = overrides_json(cfg);
-        let (source, transformer, shift, distilled) = match &cfg.model.weights {
-            Some(WeightsSpec::One(w)) if cfg.prompt.is_none() => {
-                let dir = resolve(base, w);
-                let dir = if dir.join("transformer").is_dir() {
-                    dir.join("transformer")
-                } else {
-                    dir
-                };
-                let t = ZImageConfig::read(&dir.join("config.json"), &overrides)?;
-                let shift = FluxShift {
-                    dynamic: false,
-                    shift: 3.0,
-                    ..FluxShift::default()
-                };
-                (Source::Transformer(dir), t, shift, true)
-            }
-            Some(WeightsSpec::One(_)) => {
-                let root = pipeline_root(cfg, file, base)?;
-                let t =
-                    ZImageConfig::read(&root.join("transformer").join("config.json"), &overrides)?;
-                let shift = FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
-                let text = Qwen3Config::load(&root.join("text_encoder"))?;
-                let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, &root)?;
-                (Source::Folder { root, text, tiling }, t, shift, false)
-            }
-            Some(WeightsSpec::Many(_)) => {
-                return Err(Error::config(
-                    file,
-                    "model.weights",
-                    "z-image takes one pipeline folder",
-                ))
-            }
-            None => {
-                let p = preset(cfg, file)?;
-                let base_map = to_map(&ZImageConfig::default(), ZIMAGE_CLASS)?;
-                let t =
-                    ZImageConfig::from_map(ZImageConfig::default(), &base_map, file, &overrides)?;
-                let shift = FluxShift {
-                    dynamic: false,
-                    shift: 3.0,
-                    ..FluxShift::default()
-                };
-                (Source::Preset(p), t, shift, p.distilled)
-            }
-        };
+        let (source, transformer, shift, distilled) = Self::source(cfg, file, base)?;
         if let Some(s) = cfg.sampling.shift {
             warnings.push(format!(
                 "{file}: sampling.shift = {s} is not used by z-image: the shift comes from the pipeline's scheduler_config.json"
@@ -222,6 +149,64 @@ impl ZImageRun {
                 })
                 .collect(),
         })
+    }
+
+    /// Where the parts come from, the transformer's config, the scheduler's shift, and whether the
+    /// run defaults to no CFG.
+    fn source(
+        cfg: &RunConfig,
+        file: &str,
+        base: &Path,
+    ) -> Result<(Source, ZImageConfig, FluxShift, bool)> {
+        let overrides = overrides_json(cfg);
+        let static3 = FluxShift {
+            dynamic: false,
+            shift: 3.0,
+            ..FluxShift::default()
+        };
+        Ok(
+            match run_source(cfg, file, base, &PIPELINE, "ZImagePipeline")? {
+                RunSource::Transformer(dir) => {
+                    let t = ZImageConfig::read(&dir.join("config.json"), &overrides)?;
+                    (Source::Transformer(dir), t, static3, true)
+                }
+                RunSource::Pipeline(root) => {
+                    let t = ZImageConfig::read(
+                        &root.join("transformer").join("config.json"),
+                        &overrides,
+                    )?;
+                    let shift =
+                        FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
+                    let text = Qwen3Config::load(&root.join("text_encoder"))?;
+                    let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, &root)?;
+                    (Source::Folder { root, text, tiling }, t, shift, false)
+                }
+                RunSource::Preset(name) => {
+                    let p = ZIMAGE_PRESETS
+                        .iter()
+                        .find(|p| p.name == name)
+                        .ok_or_else(|| {
+                            let known: Vec<&str> = ZIMAGE_PRESETS.iter().map(|p| p.name).collect();
+                            Error::config(
+                                file,
+                                "model.preset",
+                                format!(
+                                    "unknown preset `{name}` for family `z-image` (known: {})",
+                                    known.join(", ")
+                                ),
+                            )
+                        })?;
+                    let base_map = to_map(&ZImageConfig::default(), ZIMAGE_CLASS)?;
+                    let t = ZImageConfig::from_map(
+                        ZImageConfig::default(),
+                        &base_map,
+                        file,
+                        &overrides,
+                    )?;
+                    (Source::Preset(p), t, static3, p.distilled)
+                }
+            },
+        )
     }
 
     /// `((h, w), batch, latents file, caption rows)` from the run file (and the latents file's header).

@@ -5,7 +5,8 @@
 # Usage: magcache-cli/benches/stream_memory.sh [WORK_DIR] [MODELS]
 #   WORK_DIR: where the checkpoints go (default /tmp/magcache-stream; Wan2.1-14B takes 28.6 GB of
 #             disk, FLUX.1-dev 23.8 GB, Wan2.1-1.3B 2.8 GB; they are kept for re-runs, delete them after).
-#   MODELS:   "1.3b 14b" by default; also "flux-dev".
+#   MODELS:   "1.3b 14b" by default; also "flux-dev", "z-image-turbo" (6B, 12 GB) and "qwen-image"
+#             (20B, 41 GB).
 # Env: MAGCACHE (default target/release/magcache), STEPS (default 2; no CFG: one call per step),
 #      FORMAT (default bf16: a safetensors folder; q8_0, q4_0, ...: one GGUF file, `export --gguf`,
 #      its matrices kept quantized when held; Wan only); RUN_EXTRA: a line added to each run's [model]
@@ -28,7 +29,7 @@ latent_shape = LATENTS
 text_len = 64
 [sampling]
 steps = $steps
-guidance_scale = 1.0
+guidance_scale = GUIDANCE
 "
 rss() { # run a config, print the run's true peak RSS (GB) and wall seconds from its report
   # (not /usr/bin/time: the runner resets the kernel's high-water mark at each stage to measure the
@@ -38,10 +39,13 @@ rss() { # run a config, print the run's true peak RSS (GB) and wall seconds from
 }
 for m in $models; do
   case "$m" in
-    flux-dev) family=flux; preset=flux-dev; latents="[1, 16, 16, 16]" ;;
-    *) family=wan2.1; preset="wan2.1-t2v-$m"; latents="[1, 16, 1, 16, 16]" ;;
+    flux-dev) family=flux; preset=flux-dev; latents="[1, 16, 16, 16]"; guidance=1.0 ;;
+    z-image-turbo) family=z-image; preset=z-image-turbo; latents="[1, 16, 16, 16]"; guidance=0.0 ;;
+    qwen-image) family=qwen-image; preset=qwen-image; latents="[1, 16, 16, 16]"; guidance=1.0 ;;
+    *) family=wan2.1; preset="wan2.1-t2v-$m"; latents="[1, 16, 1, 16, 16]"; guidance=1.0 ;;
   esac
   cfg_tail="${tail_cfg/LATENTS/$latents}"
+  cfg_tail="${cfg_tail/GUIDANCE/$guidance}"
   ckpt="$work/$preset-$format"
   if [ ! -d "$ckpt" ]; then
     printf '[model]\nfamily = "%s"\npreset = "%s"\ndtype = "bf16"\n%s' "$family" "$preset" "$cfg_tail" > "$work/export-$m.toml"

@@ -50,7 +50,7 @@ pub use hooks::{BlockHook, HookCx, HookOrder, HookRegistry};
 pub use metadata::BlockMetadata;
 pub use model::{ModelInfo, ScheduleMeta};
 pub use runtime::config::{BuildEnv, PromptSection, RunConfig, StrategyConfig};
-pub use runtime::pipeline::{Decoded, Pipeline};
+pub use runtime::pipeline::{Decoded, Pipeline, PipelineCommon};
 pub use runtime::placement::{Offload, Placement};
 pub use runtime::registry::{
     ExportWeights, GeneratedWeights, ModelFamily, PresetExport, StrategyRegistration,

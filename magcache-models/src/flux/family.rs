@@ -192,12 +192,9 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         schedule,
         guidance: cfg.sampling.guidance_scale.unwrap_or(3.5),
         inputs,
-        info: flux_info(variant),
-        description: desc,
-        warnings,
         model: Some(model),
         prompted,
-        cache: None,
+        common: magcache_core::PipelineCommon::new(desc, flux_info(variant), warnings),
     }))
 }
 

@@ -2,9 +2,8 @@
 
 use candle_core::Tensor;
 use magcache_core::denoise::Observer;
-use magcache_core::{
-    Branch, CacheHandle, Denoiser, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
-};
+use magcache_core::PipelineCommon;
+use magcache_core::{Branch, GenerationPlan, Pipeline, Result, StepsSpec};
 use magcache_layers::scheduler::FlowSchedule;
 
 use super::inputs::FluxInputs;
@@ -17,39 +16,25 @@ pub struct FluxPipeline {
     pub schedule: FlowSchedule,
     pub guidance: f64,
     pub inputs: FluxInputs,
-    pub info: ModelInfo,
-    pub description: String,
-    /// Found while building; reported at the start of every generation.
-    pub warnings: Vec<String>,
+    /// Description, model info, the build's warnings and the cache.
+    pub common: PipelineCommon,
     /// Prompted runs (`[prompt]`): the pipeline folder and encoded prompt, decoded in `finish`.
     pub prompted: Option<prompted::Prompted>,
-    pub(super) cache: Option<CacheHandle>,
 }
 
 impl Pipeline for FluxPipeline {
-    fn family(&self) -> &str {
-        "flux"
+    fn common(&self) -> Option<&PipelineCommon> {
+        Some(&self.common)
     }
-    fn describe(&self) -> String {
-        self.description.clone()
+    fn common_mut(&mut self) -> Option<&mut PipelineCommon> {
+        Some(&mut self.common)
     }
     fn plan(&self) -> GenerationPlan {
         flux_plan(&self.schedule)
     }
-    fn model_info(&self) -> ModelInfo {
-        self.info.clone()
-    }
-    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
-        self.cache = cache;
-        Ok(())
-    }
     /// Packed `[B, h*w, C]` -> `[B*C, h, w]` on the grid of `img_ids`.
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
         magcache_layers::autoencoder_kl::packed_to_planes(latents, &self.inputs.img_ids)
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        self.warnings.clone()
     }
 
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
@@ -57,16 +42,13 @@ impl Pipeline for FluxPipeline {
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        for w in &self.warnings {
-            obs.warning(w);
-        }
         let model = self.model.as_ref().ok_or_else(|| {
             magcache_core::Error::msg(
                 "flux: the transformer was released after the last generation (release_models): build the pipeline again to generate",
             )
         })?;
         let plan = self.plan();
-        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let mut den = self.common.start(&plan, obs)?;
         let b = self.inputs.latents.dim(0)?;
         let dev = self.inputs.latents.device();
         let g = model

@@ -466,17 +466,15 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     };
     let (schedule, mu) = flux2_schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
     schedule.check(file, "inputs.height/width", mu)?;
+    let description = with_template(desc, prompted.as_ref());
     Ok(Box::new(Flux2Pipeline {
         schedule,
         cfg_scale,
         guidance: cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
         inputs,
-        info: flux2_info(variant),
-        description: with_template(desc, prompted.as_ref()),
-        warnings,
         model: Some(model),
         prompted,
-        cache: None,
+        common: magcache_core::PipelineCommon::new(description, flux2_info(variant), warnings),
     }))
 }
 

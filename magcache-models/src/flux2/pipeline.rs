@@ -7,9 +7,8 @@ use super::model::Flux2Model;
 use super::prompted;
 use candle_core::Tensor;
 use magcache_core::denoise::Observer;
-use magcache_core::{
-    Branch, CacheHandle, Denoiser, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
-};
+use magcache_core::PipelineCommon;
+use magcache_core::{Branch, GenerationPlan, Pipeline, Result, StepsSpec};
 use magcache_layers::scheduler::FlowSchedule;
 
 pub struct Flux2Pipeline {
@@ -21,51 +20,36 @@ pub struct Flux2Pipeline {
     /// The embedded guidance of models with a guidance embedder (FLUX.2-dev presets).
     pub guidance: f64,
     pub inputs: Flux2Inputs,
-    pub info: ModelInfo,
-    pub description: String,
-    pub warnings: Vec<String>,
+    /// Description, model info, the build's warnings and the cache.
+    pub common: PipelineCommon,
     pub prompted: Option<prompted::Prompted>,
-    pub(super) cache: Option<CacheHandle>,
 }
 
 impl Pipeline for Flux2Pipeline {
-    fn family(&self) -> &str {
-        "flux2"
+    fn common(&self) -> Option<&PipelineCommon> {
+        Some(&self.common)
     }
-    fn describe(&self) -> String {
-        self.description.clone()
+    fn common_mut(&mut self) -> Option<&mut PipelineCommon> {
+        Some(&mut self.common)
     }
     fn plan(&self) -> GenerationPlan {
         flux2_plan(&self.schedule, self.cfg_scale.is_some())
     }
-    fn model_info(&self) -> ModelInfo {
-        self.info.clone()
-    }
-    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
-        self.cache = cache;
-        Ok(())
-    }
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
         magcache_layers::autoencoder_kl::packed_to_planes(latents, &self.inputs.img_ids)
-    }
-    fn warnings(&self) -> Vec<String> {
-        self.warnings.clone()
     }
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
         self.model.iter_mut().map(|m| &mut m.blocks.hooks).collect()
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        for w in &self.warnings {
-            obs.warning(w);
-        }
         let model = self.model.as_ref().ok_or_else(|| {
             magcache_core::Error::msg(
                 "flux2: the transformer was released after the last generation (release_models): build the pipeline again to generate",
             )
         })?;
         let plan = self.plan();
-        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let mut den = self.common.start(&plan, obs)?;
         let inp = &self.inputs;
         let b = inp.latents.dim(0)?;
         let dev = inp.latents.device();

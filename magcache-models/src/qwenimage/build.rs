@@ -13,6 +13,7 @@ use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::runtime::resolved::{
     build_run, estimate_run, export_run, plan_run, ResolvedRun,
 };
+use magcache_core::PipelineCommon;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
@@ -299,13 +300,15 @@ impl QwenImageRun {
             latents,
             grid: self.grid,
             negative,
-            info: qwenimage_info(self.variant()),
-            description: desc,
-            warnings,
             decode,
             embeds,
-            stages: stage.into_iter().collect(),
-            cache: None,
+            common: PipelineCommon {
+                description: desc,
+                info: qwenimage_info(self.variant()),
+                warnings,
+                stages: stage.into_iter().collect(),
+                cache: None,
+            },
         })
     }
 }

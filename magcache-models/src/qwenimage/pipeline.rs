@@ -5,11 +5,9 @@
 use super::model::QwenImageModel;
 use candle_core::{Tensor, D};
 use magcache_core::denoise::Observer;
-use magcache_core::runtime::progress::{Stage, StageTime};
-use magcache_core::{
-    Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Placement, Result,
-    StepsSpec,
-};
+use magcache_core::runtime::progress::Stage;
+use magcache_core::PipelineCommon;
+use magcache_core::{Branch, Error, GenerationPlan, Pipeline, Placement, Result, StepsSpec};
 use magcache_layers::autoencoder_kl::unpack_latents;
 use magcache_layers::autoencoder_kl_wan::WanVae;
 use magcache_layers::scheduler::FlowSchedule;
@@ -34,14 +32,11 @@ pub struct QwenImagePipeline {
     pub ctx: Tensor,
     /// True CFG: the negative embeddings and `true_cfg_scale`.
     pub negative: Option<(Tensor, f64)>,
-    pub info: ModelInfo,
-    pub description: String,
-    pub warnings: Vec<String>,
+    /// Description, model info, warnings, stage times and the cache.
+    pub common: PipelineCommon,
     pub decode: Option<QwenImageDecode>,
     /// The prompt's (and negative prompt's) embeddings, reported with the pixels.
     pub embeds: Vec<(String, Tensor)>,
-    pub stages: Vec<StageTime>,
-    pub(super) cache: Option<CacheHandle>,
 }
 
 /// The scopes of a Qwen-Image generation: `cond`, and `uncond` with true CFG.
@@ -70,21 +65,14 @@ pub fn true_cfg(cond: &Tensor, uncond: &Tensor, scale: f64) -> Result<Tensor> {
 }
 
 impl Pipeline for QwenImagePipeline {
-    fn family(&self) -> &str {
-        "qwen-image"
+    fn common(&self) -> Option<&PipelineCommon> {
+        Some(&self.common)
     }
-    fn describe(&self) -> String {
-        self.description.clone()
+    fn common_mut(&mut self) -> Option<&mut PipelineCommon> {
+        Some(&mut self.common)
     }
     fn plan(&self) -> GenerationPlan {
         qwenimage_plan(&self.schedule, self.negative.is_some())
-    }
-    fn model_info(&self) -> ModelInfo {
-        self.info.clone()
-    }
-    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
-        self.cache = cache;
-        Ok(())
     }
     /// Packed `[B, h'w', 4C]` -> `[B*C, 2h', 2w']`.
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
@@ -93,22 +81,16 @@ impl Pipeline for QwenImagePipeline {
         let u = unpack_latents(latents, hp * 16, wp * 16, 8)?;
         Ok(u.reshape((b * (pc / 4), 2 * hp, 2 * wp))?)
     }
-    fn warnings(&self) -> Vec<String> {
-        self.warnings.clone()
-    }
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
         self.model.iter_mut().map(|m| &mut m.blocks.hooks).collect()
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        for w in &self.warnings {
-            obs.warning(w);
-        }
         let model = self.model.as_ref().ok_or_else(|| {
             Error::msg("qwen-image: the transformer was released after the last generation (release_models): build the pipeline again to generate")
         })?;
         let plan = self.plan();
-        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let mut den = self.common.start(&plan, obs)?;
         let mut lat = self.latents.clone();
         let b = lat.dim(0)?;
         for i in 0..self.schedule.steps() {
@@ -153,14 +135,10 @@ impl Pipeline for QwenImagePipeline {
             "the VAE decode",
             &format!("the decoded pixels (from {})", vae_dir.display()),
         )?;
-        self.stages.push(stage.end());
+        self.common.stages.push(stage.end());
         Ok(Some(magcache_core::Decoded {
             pixels,
             inputs: self.embeds.clone(),
         }))
-    }
-
-    fn stages(&self) -> Vec<StageTime> {
-        self.stages.clone()
     }
 }

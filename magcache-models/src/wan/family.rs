@@ -225,7 +225,7 @@ fn build_wan21(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         desc,
     )?
     .with_sampler(sampler)?;
-    p.warnings = warnings;
+    p.common.warnings = warnings;
     p.prompted = prompted;
     Ok(Box::new(p))
 }
@@ -358,7 +358,7 @@ fn build_wan22(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     )?
     .with_sampler(sampler)?;
     p.expand_timesteps = expand;
-    p.warnings = warnings;
+    p.common.warnings = warnings;
     p.prompted = prompted;
     Ok(Box::new(p))
 }

@@ -7,7 +7,7 @@ use super::model::WanModel;
 use candle_core::Tensor;
 use magcache_core::denoise::Observer;
 use magcache_core::{
-    Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Result, StepsSpec,
+    Branch, Error, GenerationPlan, ModelInfo, Pipeline, PipelineCommon, Result, StepsSpec,
 };
 use magcache_layers::scheduler::{flow_match_static, FlowSampler, FlowSchedule};
 
@@ -23,16 +23,13 @@ pub struct WanPipeline {
     pub guidance: f64,
     pub guidance_2: Option<f64>,
     pub inputs: WanInputs,
-    pub info: ModelInfo,
-    pub description: String,
     /// Per-token timesteps (Wan2.2 TI2V `expand_timesteps`).
     pub expand_timesteps: bool,
-    /// Found while building (unused checkpoint tensors, ...); reported at the start of every
-    /// generation.
-    pub warnings: Vec<String>,
+    /// Description, model info, the build's warnings (reported at the start of every generation)
+    /// and the cache.
+    pub common: PipelineCommon,
     /// Prompted runs (`[prompt]`): the pipeline folder and encoded prompts, decoded in `finish`.
     pub prompted: Option<super::prompted::Prompted>,
-    cache: Option<CacheHandle>,
     /// How many experts the pipeline was built with (`experts` is emptied by `release_models`).
     n_experts: usize,
 }
@@ -77,12 +74,13 @@ impl WanPipeline {
             guidance,
             guidance_2,
             inputs,
-            info,
-            description,
+            common: PipelineCommon {
+                description,
+                info,
+                ..Default::default()
+            },
             expand_timesteps: false,
-            warnings: Vec::new(),
             prompted: None,
-            cache: None,
             n_experts: experts_len,
         })
     }
@@ -144,12 +142,16 @@ impl WanPipeline {
 }
 
 impl Pipeline for WanPipeline {
-    fn family(&self) -> &str {
-        &self.family
+    fn common(&self) -> Option<&PipelineCommon> {
+        Some(&self.common)
     }
 
-    fn describe(&self) -> String {
-        self.description.clone()
+    fn common_mut(&mut self) -> Option<&mut PipelineCommon> {
+        Some(&mut self.common)
+    }
+
+    fn family(&self) -> &str {
+        &self.family
     }
 
     fn plan(&self) -> GenerationPlan {
@@ -164,22 +166,9 @@ impl Pipeline for WanPipeline {
         )
     }
 
-    fn model_info(&self) -> ModelInfo {
-        self.info.clone()
-    }
-
-    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
-        self.cache = cache;
-        Ok(())
-    }
-
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
         let (b, c, f, h, w) = latents.dims5()?;
         Ok(latents.reshape((b * c * f, h, w))?)
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        self.warnings.clone()
     }
 
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
@@ -190,16 +179,13 @@ impl Pipeline for WanPipeline {
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        for w in &self.warnings {
-            obs.warning(w);
-        }
         if self.experts.len() != self.n_experts {
             return Err(Error::msg(
                 "wan: the transformer was released after the last generation (release_models): build the pipeline again to generate",
             ));
         }
         let plan = self.plan();
-        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let mut den = self.common.start(&plan, obs)?;
         let mut lat = self.inputs.latents.clone();
         let mut stepper = self.sampler.stepper(&self.schedule)?;
         if let Some(ff) = &self.inputs.first_frame {

@@ -13,6 +13,7 @@ use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::runtime::resolved::{
     build_run, estimate_run, export_run, plan_run, ResolvedRun,
 };
+use magcache_core::PipelineCommon;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
@@ -332,12 +333,14 @@ impl ZImageRun {
             latents,
             caps: vec![pos; b],
             negative: neg.zip(self.cfg_scale).map(|(n, g)| (vec![n; b], g)),
-            info: zimage_info(self.variant()),
-            description: desc,
-            warnings,
             decode,
-            stages,
-            cache: None,
+            common: PipelineCommon {
+                description: desc,
+                info: zimage_info(self.variant()),
+                warnings,
+                stages,
+                cache: None,
+            },
         })
     }
 }

@@ -5,10 +5,10 @@
 use super::model::ZImageModel;
 use candle_core::{DType, Tensor};
 use magcache_core::denoise::Observer;
-use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::runtime::progress::Stage;
+use magcache_core::PipelineCommon;
 use magcache_core::{
-    Branch, CacheHandle, Denoiser, Error, GenerationPlan, ModelInfo, Pipeline, Placement, Result,
-    StepsSpec,
+    Branch, Denoiser, Error, GenerationPlan, Pipeline, Placement, Result, StepsSpec,
 };
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVae};
 use magcache_layers::scheduler::FlowSchedule;
@@ -33,13 +33,10 @@ pub struct ZImagePipeline {
     pub caps: Vec<Tensor>,
     /// With classifier-free guidance: the negative captions and the scale.
     pub negative: Option<(Vec<Tensor>, f64)>,
-    pub info: ModelInfo,
-    pub description: String,
-    pub warnings: Vec<String>,
     /// Prompted runs: decoded in `finish`.
+    /// Description, model info, warnings, stage times and the cache.
+    pub common: PipelineCommon,
     pub decode: Option<ZImageDecode>,
-    pub stages: Vec<StageTime>,
-    pub(super) cache: Option<CacheHandle>,
 }
 
 /// The scopes of a Z-Image generation: one per step, `inference` (cond and uncond batched).
@@ -90,40 +87,27 @@ impl ZImagePipeline {
 }
 
 impl Pipeline for ZImagePipeline {
-    fn family(&self) -> &str {
-        "z-image"
+    fn common(&self) -> Option<&PipelineCommon> {
+        Some(&self.common)
     }
-    fn describe(&self) -> String {
-        self.description.clone()
+    fn common_mut(&mut self) -> Option<&mut PipelineCommon> {
+        Some(&mut self.common)
     }
     fn plan(&self) -> GenerationPlan {
         zimage_plan(&self.schedule, self.shift)
-    }
-    fn model_info(&self) -> ModelInfo {
-        self.info.clone()
-    }
-    fn set_cache(&mut self, cache: Option<CacheHandle>) -> Result<()> {
-        self.cache = cache;
-        Ok(())
     }
     /// `[B, C, h, w]` -> `[B*C, h, w]`.
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = latents.dims4()?;
         Ok(latents.reshape((b * c, h, w))?)
     }
-    fn warnings(&self) -> Vec<String> {
-        self.warnings.clone()
-    }
     fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
         self.model.iter_mut().map(|m| &mut m.blocks.hooks).collect()
     }
 
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        for w in &self.warnings {
-            obs.warning(w);
-        }
         let plan = self.plan();
-        let mut den = Denoiser::start(&plan, self.cache.as_ref(), obs)?;
+        let mut den = self.common.start(&plan, obs)?;
         let mut lat = self.latents.to_dtype(DType::F32)?;
         for i in 0..self.schedule.steps() {
             let v = self.velocity(&mut den, i, &lat)?;
@@ -153,15 +137,11 @@ impl Pipeline for ZImagePipeline {
             "the VAE decode",
             &format!("the decoded pixels (from {})", vae_dir.display()),
         )?;
-        self.stages.push(stage.end());
+        self.common.stages.push(stage.end());
         let mut inputs = vec![("prompt_embeds".to_string(), self.caps[0].unsqueeze(0)?)];
         if let Some((neg, _)) = &self.negative {
             inputs.push(("negative_prompt_embeds".to_string(), neg[0].unsqueeze(0)?));
         }
         Ok(Some(magcache_core::Decoded { pixels, inputs }))
-    }
-
-    fn stages(&self) -> Vec<StageTime> {
-        self.stages.clone()
     }
 }

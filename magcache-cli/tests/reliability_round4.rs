@@ -548,3 +548,64 @@ fn sigint_during_tune_leaves_the_profile() {
     assert!(!out.exists());
     assert_eq!(temporaries(d.path()), Vec::<String>::new(), "{stderr}");
 }
+
+/// A safetensors file of f32 tensors `(name, shape, value)`, each filled with its one value.
+fn safetensors_of(tensors: &[(&str, Vec<usize>, f32)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, v) in tensors {
+        let n: usize = shape.iter().product();
+        let start = data.len();
+        for _ in 0..n {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&data);
+    out
+}
+
+/// `export` in f16 of a preset whose adapter pushes a weight past f16's range (65504) refuses,
+/// naming the tensor, and writes nothing (it used to write `inf` with exit 0).
+#[test]
+fn an_f16_export_that_overflows_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    // Wan2.1 shrunk: 2 heads of 12 -> width 24; the adapter adds 3e5 to every `to_q` weight of block 0.
+    let lora = d.path().join("big.safetensors");
+    std::fs::write(
+        &lora,
+        safetensors_of(&[
+            (
+                "transformer.blocks.0.attn1.to_q.lora_A.weight",
+                vec![1, 24],
+                1.0,
+            ),
+            (
+                "transformer.blocks.0.attn1.to_q.lora_B.weight",
+                vec![24, 1],
+                3e5,
+            ),
+        ]),
+    )
+    .unwrap();
+    let run = d.path().join("run.toml");
+    std::fs::write(
+        &run,
+        format!(
+            "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\nseed = 7\ndtype = \"f16\"\n\n[[model.lora]]\npath = {:?}\n\n[model.overrides]\nnum_layers = 2\nnum_attention_heads = 2\nattention_head_dim = 12\nffn_dim = 40\ntext_dim = 16\nfreq_dim = 8\n\n[inputs]\nlatent_shape = [1, 16, 2, 4, 4]\ntext_len = 5\n\n[sampling]\nsteps = 2\n",
+            s(&lora)
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("out");
+    let o = magcache(&["export", "--config", s(&run), "--out", s(&out)]);
+    check_err(&o, &["blocks.0.attn1.to_q.weight", "non-finite"]);
+    assert!(!out.exists());
+    assert_eq!(temporaries(d.path()), Vec::<String>::new());
+}

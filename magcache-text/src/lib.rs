@@ -25,15 +25,16 @@ pub mod clean;
 pub mod clip;
 pub mod flux;
 pub mod qwen3;
+pub mod qwen_chat;
 pub mod qwenimage;
 pub mod tokenizer;
 pub mod umt5;
-pub mod zimage;
 
 pub use clean::{html_unescape, prompt_clean};
 pub use clip::{ClipTextEncoder, ClipTextModelConfig, ClipTokenizer};
 pub use flux::{FluxPromptEncoding, FluxTextEncoders};
-pub use qwen3::{Flux2PromptEncoding, Flux2TextEncoder, Qwen3Config, Qwen3Encoder};
+pub use qwen3::{Qwen3Config, Qwen3Encoder};
+pub use qwen_chat::{QwenChatEncoder, QwenChatEncoding, FLUX2_CHAT, ZIMAGE_CHAT};
 pub use tokenizer::{TokenizedPrompt, WanTokenizer};
 pub use umt5::{Umt5Config, Umt5Encoder};
 

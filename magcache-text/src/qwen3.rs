@@ -1,14 +1,8 @@
-//! The text side of a FLUX.2 klein run, as diffusers' `Flux2KleinPipeline` encodes a prompt:
-//!
-//! - the prompt rendered with the tokenizer's chat template for one user message, with the
-//!   generation prompt and thinking disabled (`<|im_start|>user\n{P}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n`,
-//!   what Qwen3's template renders for that call);
-//! - tokenized by the Qwen2 byte-level BPE of `tokenizer/tokenizer.json` (`tokenizers` crate), padded
-//!   with the pad token and truncated on the right to `max_sequence_length` (no special tokens
-//!   added);
-//! - embedded by the Qwen3 decoder of `text_encoder/` with the padding mask applied (causal
-//!   attention over the real tokens), and the hidden states after decoder layers 9, 18 and 27
-//!   concatenated per token: `[1, L, 3 * hidden]`, all `L` rows.
+//! The Qwen decoder the image pipelines use as their text encoder, returning every hidden state:
+//! Qwen3 (FLUX.2 \[klein\], Z-Image: per-head q/k RMS norms, no biases) and the language model of
+//! Qwen2.5-VL (Qwen-Image: q/k/v biases, no q/k norms, its multimodal RoPE the ordinary one for
+//! text), with the padding mask applied (causal attention over the real tokens). How each pipeline
+//! renders and reads a prompt: [`crate::qwen_chat`] (FLUX.2, Z-Image), [`crate::qwenimage`].
 //!
 //! Our own Qwen3 module, not candle-transformers' `qwen3`: that one returns only the final-norm
 //! output (no per-layer hidden states), builds a causal mask without the padding mask the pipeline
@@ -16,18 +10,13 @@
 //! weights, errors naming neither file nor tensor) and keeps a KV cache we do not need. Layers after
 //! the last one asked for are never loaded. Norms, RoPE, softmax and activations run in f32.
 
-use super::tokenizer::{TokenizedPrompt, WanTokenizer};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
 use magcache_layers::nn::{heads_normed, merge_heads, split_heads};
 use magcache_layers::nn::{Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::path::Path;
-
-/// The decoder layers whose outputs `Flux2KleinPipeline` stacks (its `text_encoder_out_layers`
-/// default; no config carries it).
-pub const FLUX2_TEXT_LAYERS: [usize; 3] = [9, 18, 27];
 
 /// `tokenizer_class` values of a Qwen tokenizer.
 pub const QWEN_TOKENIZERS: &[&str] = &[
@@ -245,7 +234,7 @@ impl Qwen3Encoder {
                 &cfg_file,
                 "num_hidden_layers",
                 format!(
-                    "{} layers, but the FLUX.2 pipeline stacks the output of layer {layers}",
+                    "{} layers, but the pipeline reads the output of layer {layers}",
                     config.num_hidden_layers
                 ),
             ));
@@ -441,24 +430,6 @@ impl Qwen3Encoder {
     }
 }
 
-/// Everything one prompt went through (for tests and traces).
-pub struct Flux2PromptEncoding {
-    /// The chat-template rendering the tokenizer saw.
-    pub text: String,
-    /// Ids and mask, `max_sequence_length` of them.
-    pub tokens: TokenizedPrompt,
-    /// `[1, L, 3 * hidden]`: what the transformer receives.
-    pub prompt_embeds: Tensor,
-}
-
-/// The tokenizer and the Qwen3 encoder of a FLUX.2 klein pipeline folder.
-pub struct Flux2TextEncoder {
-    tokenizer: WanTokenizer,
-    encoder: Qwen3Encoder,
-    /// Where the checked chat template came from ([`check_chat_template`]).
-    template: String,
-}
-
 /// [`crate::chat::check_chat_template`] for FLUX.2's call (thinking off).
 pub fn check_chat_template(tokenizer: &Path) -> Result<String> {
     crate::chat::check_chat_template(tokenizer, crate::chat::Thinking::Off)
@@ -468,79 +439,6 @@ pub fn check_chat_template(tokenizer: &Path) -> Result<String> {
 /// disabled (Qwen3's template, as `Flux2KleinPipeline` calls it).
 pub fn flux2_chat_prompt(prompt: &str) -> String {
     crate::chat::chat_prompt(prompt, crate::chat::Thinking::Off)
-}
-
-impl Flux2TextEncoder {
-    /// Loads `tokenizer/` (`tokenizer.json`, pad token from `tokenizer_config.json`) and
-    /// `text_encoder/` (the layers up to the last of [`FLUX2_TEXT_LAYERS`]).
-    pub fn load(
-        tokenizer: &Path,
-        text_encoder: &Path,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let template = check_chat_template(tokenizer)?;
-        let tokenizer = WanTokenizer::load_as(
-            tokenizer,
-            QWEN_TOKENIZERS,
-            "a Qwen (byte-level BPE)",
-            "<|endoftext|>",
-        )?;
-        let last = FLUX2_TEXT_LAYERS.iter().copied().max().unwrap_or(0);
-        let encoder = Qwen3Encoder::load(text_encoder, last, device, dtype)?;
-        Ok(Flux2TextEncoder {
-            tokenizer,
-            encoder,
-            template,
-        })
-    }
-
-    /// [`Flux2TextEncoder::load`] on `ROOT/tokenizer` and `ROOT/text_encoder`.
-    pub fn load_pipeline(root: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load(
-            &root.join("tokenizer"),
-            &root.join("text_encoder"),
-            device,
-            dtype,
-        )
-    }
-
-    /// The file the prompt's chat template was read from (checked when the encoder loaded).
-    pub fn template_source(&self) -> &str {
-        &self.template
-    }
-
-    pub fn tokenizer(&self) -> &WanTokenizer {
-        &self.tokenizer
-    }
-
-    pub fn encoder(&self) -> &Qwen3Encoder {
-        &self.encoder
-    }
-
-    /// The prompt through template, tokenizer and encoder: `prompt_embeds` `[1, L, 3 * hidden]`.
-    pub fn encode(&self, prompt: &str, max_len: usize) -> Result<Flux2PromptEncoding> {
-        let text = flux2_chat_prompt(prompt);
-        let tokens = self.tokenizer.encode(&text, max_len)?;
-        let last = FLUX2_TEXT_LAYERS.iter().copied().max().unwrap_or(0);
-        let hs = self
-            .encoder
-            .hidden_states(&tokens.ids, &tokens.attention_mask, last)?;
-        let parts = FLUX2_TEXT_LAYERS
-            .iter()
-            .map(|&i| {
-                hs.get(i)
-                    .cloned()
-                    .ok_or_else(|| Error::msg(format!("Qwen3 text encoder: no hidden state {i}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let prompt_embeds = Tensor::cat(&parts, D::Minus1)?;
-        Ok(Flux2PromptEncoding {
-            text,
-            tokens,
-            prompt_embeds,
-        })
-    }
 }
 
 /// `rope_theta` of a Qwen config, refusing RoPE scalings this encoder does not apply: transformers

@@ -114,12 +114,14 @@ fn forward_matches_diffusers_with_every_block() {
 
 #[test]
 fn chat_template_tokenizer_and_qwen3_match_transformers() {
-    use magcache_text::qwen3::{flux2_chat_prompt, Flux2TextEncoder};
+    use magcache_text::qwen3::flux2_chat_prompt;
+    use magcache_text::qwen_chat::{QwenChatEncoder, FLUX2_CHAT};
     let meta = load_json("pipelines/flux2_text_encoder_cases.json");
     let f = load("pipelines/flux2_text_encoder_cases.safetensors");
-    let enc = Flux2TextEncoder::load(
+    let enc = QwenChatEncoder::load(
         &fixture("pipelines/flux2_tokenizer"),
         &fixture("pipelines/flux2_text_encoder"),
+        FLUX2_CHAT,
         &candle_core::Device::Cpu,
         DType::F32,
     )

@@ -114,12 +114,13 @@ fn batched_items_of_different_lengths_match_single_calls() {
 
 #[test]
 fn chat_template_tokenizer_and_qwen3_match_transformers() {
-    use magcache_text::zimage::ZImageTextEncoder;
+    use magcache_text::qwen_chat::{QwenChatEncoder, ZIMAGE_CHAT};
     let meta = load_json("pipelines/zimage_text_encoder_cases.json");
     let f = load("pipelines/zimage_text_encoder_cases.safetensors");
-    let enc = ZImageTextEncoder::load(
+    let enc = QwenChatEncoder::load(
         &fixture("pipelines/zimage_tokenizer"),
         &fixture("pipelines/zimage_text_encoder"),
+        ZIMAGE_CHAT,
         &candle_core::Device::Cpu,
         DType::F32,
     )

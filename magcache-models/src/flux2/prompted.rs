@@ -12,7 +12,8 @@ use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use magcache_layers::config_util::resolve;
 use magcache_layers::inputs::InputFile;
-use magcache_text::qwen3::{Flux2TextEncoder, Qwen3Config, FLUX2_TEXT_LAYERS};
+use magcache_text::qwen3::Qwen3Config;
+use magcache_text::qwen_chat::{QwenChatEncoder, FLUX2_CHAT, FLUX2_TEXT_LAYERS};
 use std::path::{Path, PathBuf};
 
 /// `Flux2KleinPipeline`'s defaults: 1024 x 1024, 512 text tokens, guidance 4.0 (base folders).
@@ -142,7 +143,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         .footprint(last, max_len, placement.dtype.size_in_bytes(), &te_cfg)
         .check(file)?;
     let stage = Stage::begin("encode text");
-    let enc = Flux2TextEncoder::load_pipeline(root, &placement.device, placement.dtype)?;
+    let enc = QwenChatEncoder::load_pipeline(root, FLUX2_CHAT, &placement.device, placement.dtype)?;
     let template = format!(
         "Qwen3 ChatML, one user message, thinking off (the template of {})",
         enc.template_source()

@@ -19,7 +19,9 @@ use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, wei
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::{randn_for, random_store};
 use magcache_layers::weights::WeightStore;
-use magcache_text::qwenimage::{QwenImageTextEncoder, QWENIMAGE_DROP};
+use magcache_text::qwenimage::{
+    QwenImageTextEncoder, QWENIMAGE_DROP, QWENIMAGE_MAX_LEN, QWENIMAGE_TEMPLATE,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -44,9 +46,19 @@ impl QwenImageRun {
                 .join("config.json")
                 .display()
                 .to_string();
+            // The encoder runs every token of the templated prompt (the rows past
+            // `max_sequence_length` are cut after it): at most one per byte of the longer prompt
+            // plus the template's, and at most the tokenizer's limit.
+            let longest = self
+                .prompt
+                .as_ref()
+                .map(|(p, n)| p.len().max(n.as_ref().map_or(0, String::len)))
+                .unwrap_or(0);
+            let tokens =
+                (longest + QWENIMAGE_TEMPLATE.len()).min(QWENIMAGE_MAX_LEN + QWENIMAGE_DROP);
             let fp = text.footprint(
                 text.num_hidden_layers,
-                self.text_len + QWENIMAGE_DROP + 40,
+                tokens,
                 self.placement.dtype.size_in_bytes(),
                 &te,
             );
@@ -70,12 +82,15 @@ impl QwenImageRun {
         };
         let dt = self.dtype_name();
         if self.offload == Offload::Stream {
-            let held = qwenimage_params(&QwenImageConfig {
-                num_layers: 3,
+            // Embeddings, head, two blocks at a time, and block 0's `img_mod` (the indicator).
+            let two = qwenimage_params(&QwenImageConfig {
+                num_layers: 2,
                 ..c.clone()
             });
+            let d = sz(c.inner_dim());
+            let held = two + sz(6) * d * d;
             fp.add_streamed(
-                "streamed weights (embeddings, head, block 0 and two running)",
+                "streamed weights (embeddings, head, two blocks, block 0's modulation)",
                 knob,
                 weights_bytes(held, dt).0,
             );

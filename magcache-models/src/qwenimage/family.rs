@@ -290,6 +290,18 @@ impl QwenImageRun {
     }
 
     pub fn schedule(&self) -> Result<FlowSchedule> {
+        if let (Some(t), true) = (self.shift.shift_terminal, self.steps < 2) {
+            // diffusers stretches `1 - sigma` so the last sigma is `shift_terminal`: a single step's
+            // only sigma is 1, and the stretch divides by zero (NaN latents).
+            return Err(Error::config(
+                &self.file,
+                "sampling.steps",
+                format!(
+                    "{} is too few: the scheduler's shift_terminal ({t}) needs at least 2 steps",
+                    self.steps
+                ),
+            ));
+        }
         let (s, mu) = self.shift.schedule(self.steps, self.image_tokens());
         s.check(&self.file, "inputs.height/width", mu)?;
         Ok(s)

@@ -62,12 +62,12 @@ impl QBlock {
         let mc = chunks(&self.txt_mod, temb, 6)?;
         self.inner.forward(h, e, &m, &mc, &r.0, &r.1)
     }
+}
 
-    /// The block's modulated image input (TeaCache's indicator).
-    fn modulated_input(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let m = chunks(&self.img_mod, temb, 6)?;
-        modulate(&self.inner.ln.forward(h)?, &m[0], &m[1])
-    }
+/// A block's modulated image input (TeaCache's indicator) from its `img_mod`.
+fn modulated_input(img_mod: &Linear, ln: &LayerNorm, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    let m = chunks(img_mod, temb, 6)?;
+    modulate(&ln.forward(h)?, &m[0], &m[1])
 }
 
 /// The tensors outside the blocks and their shapes.
@@ -107,8 +107,8 @@ pub struct QwenImageModel {
     t2: Linear,
     /// The chain, held or streamed, and its hooks.
     pub(crate) blocks: ModelBlocks<QBlock>,
-    /// Block 0 held for the modulated-input indicator when the chain is streamed.
-    first: Option<QBlock>,
+    /// Block 0's `img_mod`, held for the modulated-input indicator when the chain is streamed.
+    mod0: Option<Linear>,
     norm_out: Linear,
     ln: LayerNorm,
     proj_out: Linear,
@@ -150,16 +150,16 @@ impl QwenImageModel {
                 w.expect(&name, &shape)?;
             }
         }
-        let dev = w.placement().device.clone();
-        let first = QBlock::load(&w, 0, &cfg, &dev)?;
-        let (c, store) = (cfg.clone(), w.clone());
+        let d = cfg.inner_dim();
+        let mod0 = linear(&w, "transformer_blocks.0.img_mod.1", 6 * d, d)?;
+        let (c, store, dev) = (cfg.clone(), w.clone(), w.placement().device.clone());
         let load = move |i: usize| QBlock::load(&w, i, &c, &dev);
         let metas = BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)]);
         Self::assemble(
             cfg,
             &store,
             ModelBlocks::streamed("qwen-image", metas, load),
-            Some(first),
+            Some(mod0),
         )
     }
 
@@ -171,7 +171,7 @@ impl QwenImageModel {
         cfg: QwenImageConfig,
         w: &WeightStore,
         blocks: ModelBlocks<QBlock>,
-        first: Option<QBlock>,
+        mod0: Option<Linear>,
     ) -> Result<Self> {
         let dev = w.placement().device.clone();
         let (d, j) = (cfg.inner_dim(), cfg.joint_attention_dim);
@@ -183,7 +183,7 @@ impl QwenImageModel {
             t1: linear(w, &format!("{te}.linear_1"), d, 256)?,
             t2: linear(w, &format!("{te}.linear_2"), d, d)?,
             blocks,
-            first,
+            mod0,
             norm_out: linear(w, "norm_out.linear", 2 * d, d)?,
             ln: LayerNorm::new(d, 1e-6, None, &dev)?,
             proj_out: linear(w, "proj_out", cfg.out_tokens(), d)?,
@@ -284,9 +284,9 @@ impl QwenImageModel {
                 tr.blocks.push((e.clone(), s.hidden.clone()));
             }
         };
-        let input = || match (&self.first, self.blocks.held_blocks()) {
-            (Some(b), _) => b.modulated_input(&h, &temb),
-            (None, Some([b, ..])) => b.modulated_input(&h, &temb),
+        let input = || match (&self.mod0, self.blocks.held_blocks()) {
+            (Some(m), _) => modulated_input(m, &self.ln, &h, &temb),
+            (None, Some([b, ..])) => modulated_input(&b.img_mod, &self.ln, &h, &temb),
             _ => Err(magcache_core::Error::msg(
                 "qwen-image: no first block for the modulated input",
             )),

@@ -19,7 +19,7 @@ use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::{randn_for, random_store};
 use magcache_layers::weights::WeightStore;
-use magcache_text::zimage::{zimage_text_layers, ZImageTextEncoder};
+use magcache_text::qwen_chat::{QwenChatEncoder, ZIMAGE_CHAT};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -43,7 +43,7 @@ impl ZImageRun {
             .display()
             .to_string();
         Some(text.footprint(
-            zimage_text_layers(text),
+            text.num_hidden_layers.saturating_sub(1),
             self.text_len,
             self.placement.dtype.size_in_bytes(),
             &te,
@@ -182,8 +182,8 @@ impl ZImageRun {
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let enc = ZImageTextEncoder::load_pipeline(root, dev, self.placement.dtype)?;
-        if enc.hidden_size() != self.transformer.cap_feat_dim {
+        let enc = QwenChatEncoder::load_pipeline(root, ZIMAGE_CHAT, dev, self.placement.dtype)?;
+        if enc.encoder().config.hidden_size != self.transformer.cap_feat_dim {
             return Err(Error::config(
                 root.join("transformer")
                     .join("config.json")
@@ -193,7 +193,7 @@ impl ZImageRun {
                 format!(
                     "{} but the text encoder's hidden_size is {}",
                     self.transformer.cap_feat_dim,
-                    enc.hidden_size()
+                    enc.encoder().config.hidden_size
                 ),
             ));
         }

@@ -1,5 +1,5 @@
 //! Z-Image and Z-Image-Turbo (`ZImagePipeline`): the transformer ([`model`], [`blocks`]), the Qwen3
-//! text side ([`magcache_text::zimage`]), FLUX's `AutoencoderKL`, a run file resolved once
+//! text side ([`magcache_text::qwen_chat`]), FLUX's `AutoencoderKL`, a run file resolved once
 //! ([`family`]) and built stage by stage ([`build`]), and the denoising loop ([`pipeline`]).
 
 pub mod blocks;

@@ -102,7 +102,7 @@ pub trait Pipeline {
     }
     /// Runs the whole loop and returns the final latents. With a cache attached, the pipeline starts a
     /// new cache generation first (warnings go to the observer). NaN or infinite values in a call's
-    /// output or a step's latents end the generation with an error ([`Denoiser`](crate::denoise::Denoiser) checks them).
+    /// output or a step's latents end the generation with an error ([`Denoiser`] checks them).
     fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor>;
     /// After [`Pipeline::generate`]: a prompted run's decode stage, the pixels of `latents` and
     /// what the transformer was given ([`Decoded`]). `None` for runs without a `[prompt]`.

@@ -65,3 +65,34 @@ fn an_exported_preset_runs_held_and_streamed_to_the_preset_bits() {
         );
     }
 }
+
+/// TeaCache on the first block's modulated input: a streamed chain (block 0's `img_mod` held beside
+/// it) decides and ends exactly as the held one.
+#[test]
+fn teacache_on_the_modulated_input_streams_as_it_holds() {
+    let mut finals = Vec::new();
+    for extra in ["", "offload = \"stream\"\n"] {
+        let (_dir, cfg, _) = magcache_tests::prompted::setup(
+            "qwen-image",
+            "qwenimage_nocfg_pipeline",
+            "dense",
+            "f32",
+        );
+        let text = std::fs::read_to_string(&cfg).unwrap().replacen("[prompt]", &format!("{extra}\n[prompt]"), 1)
+            + "\n[cache]\nstrategy = \"teacache\"\nthreshold = 0.6\ncoefficients = [1.0, 0.0]\nindicator = \"modulated_input\"\n";
+        std::fs::write(&cfg, text).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (fin, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        let decisions: Vec<Option<bool>> = rep.calls.iter().map(|c| c.computed).collect();
+        assert!(
+            decisions.contains(&Some(false)),
+            "{extra}: nothing reused: {decisions:?}"
+        );
+        finals.push((fin, decisions));
+    }
+    assert_eq!(finals[0].1, finals[1].1);
+    assert_eq!(
+        magcache_tests::max_abs_diff(&finals[0].0, &finals[1].0),
+        0.0
+    );
+}

@@ -65,7 +65,15 @@ impl QBlock {
 }
 
 /// A block's modulated image input (TeaCache's indicator) from its `img_mod`.
-fn modulated_input(img_mod: &Linear, ln: &LayerNorm, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+fn modulated_input(
+    img_mod: Option<&Linear>,
+    ln: &LayerNorm,
+    h: &Tensor,
+    temb: &Tensor,
+) -> Result<Tensor> {
+    let img_mod = img_mod.ok_or_else(|| {
+        magcache_core::Error::msg("qwen-image: an empty chain has no modulated input")
+    })?;
     let m = chunks(img_mod, temb, 6)?;
     modulate(&ln.forward(h)?, &m[0], &m[1])
 }
@@ -77,7 +85,6 @@ pub fn top_tensors(c: &QwenImageConfig) -> Result<Vec<(String, Vec<usize>)>> {
         c.clone(),
         &w,
         ModelBlocks::held("qwen-image", Vec::new(), Vec::new())?,
-        None,
     )?;
     w.recorded()
 }
@@ -134,12 +141,7 @@ impl QwenImageModel {
             .map(|i| QBlock::load(w, i, &cfg, &dev))
             .collect::<Result<Vec<_>>>()?;
         let metas = BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)]);
-        Self::assemble(
-            cfg,
-            w,
-            ModelBlocks::held("qwen-image", blocks, metas)?,
-            None,
-        )
+        Self::assemble(cfg, w, ModelBlocks::held("qwen-image", blocks, metas)?)
     }
 
     /// The blocks streamed from `w` (checked now, read when they run); block 0 is also held for
@@ -150,8 +152,6 @@ impl QwenImageModel {
                 w.expect(&name, &shape)?;
             }
         }
-        let d = cfg.inner_dim();
-        let mod0 = linear(&w, "transformer_blocks.0.img_mod.1", 6 * d, d)?;
         let (c, store, dev) = (cfg.clone(), w.clone(), w.placement().device.clone());
         let load = move |i: usize| QBlock::load(&w, i, &c, &dev);
         let metas = BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)]);
@@ -159,7 +159,6 @@ impl QwenImageModel {
             cfg,
             &store,
             ModelBlocks::streamed("qwen-image", metas, load),
-            Some(mod0),
         )
     }
 
@@ -171,10 +170,13 @@ impl QwenImageModel {
         cfg: QwenImageConfig,
         w: &WeightStore,
         blocks: ModelBlocks<QBlock>,
-        mod0: Option<Linear>,
     ) -> Result<Self> {
         let dev = w.placement().device.clone();
         let (d, j) = (cfg.inner_dim(), cfg.joint_attention_dim);
+        let mod0 = blocks
+            .is_streamed()
+            .then(|| linear(w, "transformer_blocks.0.img_mod.1", 6 * d, d))
+            .transpose()?;
         let te = "time_text_embed.timestep_embedder";
         Ok(QwenImageModel {
             img_in: linear(w, "img_in", d, cfg.in_channels)?,
@@ -284,13 +286,9 @@ impl QwenImageModel {
                 tr.blocks.push((e.clone(), s.hidden.clone()));
             }
         };
-        let input = || match (&self.mod0, self.blocks.held_blocks()) {
-            (Some(m), _) => modulated_input(m, &self.ln, &h, &temb),
-            (None, Some([b, ..])) => modulated_input(&b.img_mod, &self.ln, &h, &temb),
-            _ => Err(magcache_core::Error::msg(
-                "qwen-image: no first block for the modulated input",
-            )),
-        };
+        let held = self.blocks.held_blocks().and_then(|b| b.first());
+        let mod0 = self.mod0.as_ref().or(held.map(|b| &b.img_mod));
+        let input = || modulated_input(mod0, &self.ln, &h, &temb);
         let chain = (self.blocks)
             .call(cx.scope, |i, b: &QBlock, s: Streams| {
                 let (h, e) = b.forward(&s.hidden, s.joint_encoder("qwen-image", i)?, &temb, &r)?;

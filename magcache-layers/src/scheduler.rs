@@ -216,6 +216,8 @@ impl FluxShift {
                     })?,
             ),
         };
+        // diffusers tests `if self.config.shift_terminal:`: 0 means no stretch.
+        let shift_terminal = shift_terminal.filter(|t| *t != 0.0);
         match v.get("time_shift_type").and_then(|t| t.as_str()) {
             None | Some("exponential") => {}
             Some(other) => {

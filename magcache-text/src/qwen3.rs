@@ -80,17 +80,8 @@ impl Qwen3Config {
                     }),
             }
         };
-        let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64> {
-            match x {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_f64()
-                    .filter(|f| f.is_finite() && *f > 0.0)
-                    .ok_or_else(|| {
-                        Error::config(file, key, format!("expected a positive number, got {x}"))
-                    }),
-            }
-        };
+        let float =
+            |x: Option<&Value>, key: &str, default: f64| positive_float(x, file, key, default);
         // Qwen2.5-VL's language model: q/k/v biases, no q/k norms, and a multimodal RoPE whose three
         // position rows are equal for text, which makes it the ordinary RoPE.
         let vl = matches!(
@@ -126,7 +117,16 @@ impl Qwen3Config {
             num_hidden_layers: positive("num_hidden_layers", None)?,
             num_attention_heads,
             num_key_value_heads: positive("num_key_value_heads", Some(num_attention_heads))?,
-            head_dim: positive("head_dim", Some(hidden_size / num_attention_heads.max(1)))?,
+            // transformers' Qwen3 defaults `head_dim` to 128; Qwen2 / Qwen2.5-VL have no such key
+            // (hidden / heads).
+            head_dim: positive(
+                "head_dim",
+                Some(if vl {
+                    hidden_size / num_attention_heads.max(1)
+                } else {
+                    128
+                }),
+            )?,
             rms_norm_eps: float(v.get("rms_norm_eps"), "rms_norm_eps", 1e-6)?,
             rope_theta: theta,
             attention_bias: v
@@ -445,17 +445,7 @@ pub fn flux2_chat_prompt(prompt: &str) -> String {
 /// 4.5x writes `rope_theta` / `rope_scaling` at the top, 5.x `rope_parameters`; Qwen2.5-VL's
 /// multimodal sections (`mrope_section`, `vl`) are the ordinary RoPE for text.
 fn rope_theta(v: &Value, file: &str, vl: bool) -> Result<f64> {
-    let float = |x: Option<&Value>, key: &str, default: f64| -> Result<f64> {
-        match x {
-            None | Some(Value::Null) => Ok(default),
-            Some(x) => x
-                .as_f64()
-                .filter(|f| f.is_finite() && *f > 0.0)
-                .ok_or_else(|| {
-                    Error::config(file, key, format!("expected a positive number, got {x}"))
-                }),
-        }
-    };
+    let float = |x: Option<&Value>, key: &str, default: f64| positive_float(x, file, key, default);
     // transformers 4.5x: `rope_theta` / `rope_scaling` at the top; 5.x: `rope_parameters`.
     let params = v.get("rope_parameters");
     let mrope = |s: &&Value| {
@@ -492,4 +482,17 @@ fn rope_theta(v: &Value, file: &str, vl: bool) -> Result<f64> {
         )?,
     };
     Ok(theta)
+}
+
+/// A positive finite number at `key` (`default` when absent or null), or an error naming it.
+fn positive_float(x: Option<&Value>, file: &str, key: &str, default: f64) -> Result<f64> {
+    match x {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => x
+            .as_f64()
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| {
+                Error::config(file, key, format!("expected a positive number, got {x}"))
+            }),
+    }
 }

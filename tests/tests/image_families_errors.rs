@@ -86,3 +86,34 @@ fn wrong_folders_and_keys_are_named() {
         "{e}"
     );
 }
+
+/// Z-Image refuses a size that is not a multiple of 16 (as `ZImagePipeline` does); Qwen-Image rounds
+/// it down and says so (as `QwenImagePipeline` does).
+#[test]
+fn sizes_off_the_grid_follow_each_pipeline() {
+    let (dir, cfg, _) = setup("z-image", "zimage_turbo_pipeline", "dense", "f32");
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    let e = prepare_err(&good.replace("height = 48", "height = 56"), dir.path());
+    assert!(
+        e.contains("inputs.height") && e.contains("multiple of 16"),
+        "{e}"
+    );
+    magcache_tests::link_all();
+    let (_qdir, qcfg, _) = setup("qwen-image", "qwenimage_nocfg_pipeline", "dense", "f32");
+    let text = std::fs::read_to_string(&qcfg).unwrap();
+    // No inputs file: seeded latents of the rounded-down grid.
+    let file_line = text
+        .lines()
+        .find(|l| l.starts_with("file = "))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &qcfg,
+        text.replace("height = 48", "height = 56")
+            .replace(&file_line, "seed = 1"),
+    )
+    .unwrap();
+    let p = magcache_cli::prepare(&qcfg).unwrap();
+    let w = p.pipeline.warnings().join("\n");
+    assert!(w.contains("56x80") && w.contains("48x80"), "{w}");
+}

@@ -142,10 +142,18 @@ impl QwenImageRun {
                 let inp = InputFile::load(p)?;
                 if inp.has("prompt_embeds") {
                     let get = |k: &str| -> Result<Tensor> {
-                        Ok(inp
-                            .get(k, 3, "[1, L, joint_attention_dim] text embeddings")?
-                            .to_dtype(DType::F32)?
-                            .to_device(dev)?)
+                        let t = inp.get(k, 3, "[1, L, joint_attention_dim] text embeddings")?;
+                        if t.dim(0)? != 1 || t.dim(2)? != j {
+                            return Err(Error::inputs(
+                                &inp.path,
+                                k,
+                                format!(
+                                    "has shape {:?}; expected [1, L, {j}] (joint_attention_dim)",
+                                    t.dims()
+                                ),
+                            ));
+                        }
+                        Ok(t.to_dtype(DType::F32)?.to_device(dev)?)
                     };
                     let neg = match (self.cfg_scale, inp.has("negative_prompt_embeds")) {
                         (Some(_), true) => Some(get("negative_prompt_embeds")?),

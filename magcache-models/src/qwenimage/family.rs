@@ -121,6 +121,20 @@ impl QwenImageRun {
                 "{file}: sampling.guidance_scale = {scale} needs a negative prompt for true CFG (prompt.negative; \"\" or \" \" will do): running without CFG, as the pipeline does"
             ));
         }
+        if let Source::Folder { vae, .. } = &source {
+            let unit = vae.spatial_scale() * 2;
+            let (h, w) = (
+                cfg.inputs.height.unwrap_or(DEFAULT_SIZE),
+                cfg.inputs.width.unwrap_or(DEFAULT_SIZE),
+            );
+            if !h.is_multiple_of(unit) || !w.is_multiple_of(unit) {
+                warnings.push(format!(
+                    "{file}: inputs.height/width {h}x{w} are not multiples of {unit}: the picture is {}x{} (rounded down, as the pipeline does)",
+                    h / unit * unit,
+                    w / unit * unit
+                ));
+            }
+        }
         let (grid, batch, latents_file, text_len) =
             Self::sizes(cfg, file, base, &source, &transformer)?;
         Ok(QwenImageRun {
@@ -236,8 +250,8 @@ impl QwenImageRun {
                 }
                 if 4 * vae.z_dim != c4 {
                     return Err(Error::config(
-                        file,
-                        "model.weights",
+                        format!("{file} (model.weights: vae/config.json)"),
+                        "z_dim",
                         format!(
                             "the VAE's z_dim {} packs to {} channels; the transformer takes {c4}",
                             vae.z_dim,
@@ -253,7 +267,14 @@ impl QwenImageRun {
             let path = resolve(base, f);
             let l = InputFile::load(&path)?.get("latents_init", 3, "[B, seq, C] packed latents")?;
             let (b, seq, ch) = l.dims3()?;
-            let g = grid.unwrap_or_else(|| square_grid(seq));
+            // Without a pipeline folder the grid only shapes RoPE: `inputs.height`/`width` when
+            // given (pixels, as for prompted runs), else the most square one.
+            let given = cfg
+                .inputs
+                .height
+                .zip(cfg.inputs.width)
+                .map(|(h, w)| (h / 16, w / 16));
+            let g = grid.or(given).unwrap_or_else(|| square_grid(seq));
             if ch != c4 || seq != g.0 * g.1 || b == 0 {
                 return Err(Error::inputs(
                     path.display().to_string(),

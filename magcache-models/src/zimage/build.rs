@@ -154,8 +154,19 @@ impl ZImageRun {
             if let Some(p) = &self.latents_file {
                 let inp = InputFile::load(p)?;
                 if inp.has("prompt_embeds") {
+                    let cap = self.transformer.cap_feat_dim;
                     let get = |k: &str| -> Result<Tensor> {
                         let t = inp.get(k, 3, "[1, n, cap_feat_dim] caption")?;
+                        if t.dim(0)? != 1 || t.dim(2)? != cap || t.dim(1)? == 0 {
+                            return Err(Error::inputs(
+                                &inp.path,
+                                k,
+                                format!(
+                                    "has shape {:?}; expected [1, n >= 1, {cap}] (cap_feat_dim)",
+                                    t.dims()
+                                ),
+                            ));
+                        }
                         Ok(t.squeeze(0)?.to_dtype(DType::F32)?.to_device(dev)?)
                     };
                     let neg = match self.cfg_scale {

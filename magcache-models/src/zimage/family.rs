@@ -224,11 +224,12 @@ impl ZImageRun {
             None => cfg.inputs.text_len.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
         };
         if text_len == 0 {
-            return Err(Error::config(
-                file,
-                "prompt.max_sequence_length",
-                "must be at least 1",
-            ));
+            let key = if cfg.prompt.is_some() {
+                "prompt.max_sequence_length"
+            } else {
+                "inputs.text_len"
+            };
+            return Err(Error::config(file, key, "must be at least 1"));
         }
         if let Source::Folder { root, .. } = source {
             let vae = FluxVaeConfig::read(&root.join("vae").join("config.json"))?;
@@ -246,8 +247,8 @@ impl ZImageRun {
             let height = cfg.inputs.height.unwrap_or(DEFAULT_SIZE);
             let width = cfg.inputs.width.unwrap_or(DEFAULT_SIZE);
             for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
-                if unit == 0 || v < unit {
-                    return Err(Error::config(file, key, format!("{v} must be at least {unit} (the VAE's downsampling times the 2x2 patches)")));
+                if unit == 0 || v < unit || !v.is_multiple_of(unit) {
+                    return Err(Error::config(file, key, format!("{v} must be a positive multiple of {unit} (the VAE's downsampling times the 2x2 patches), as ZImagePipeline requires")));
                 }
             }
             let lat = (2 * (height / unit), 2 * (width / unit));

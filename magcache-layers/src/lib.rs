@@ -27,6 +27,7 @@ pub mod mmdit;
 pub mod nn;
 pub mod picture;
 pub mod random;
+pub mod run_basics;
 pub mod scheduler;
 pub mod stage;
 pub mod unipc;

@@ -1,7 +1,7 @@
 //! Building a resolved qwen-image run: the size guard per stage, the text encoder (freed before the
 //! transformer loads), the transformer held or streamed, the inputs, and the registration.
 
-use super::config::{QwenImageConfig, QWENIMAGE_CLASS};
+use super::config::QwenImageConfig;
 use super::family::{qwenimage_info, qwenimage_params, QwenImageRun, Source};
 use super::model::{shapes, QwenImageModel, QWENIMAGE_BLOCK};
 use super::pipeline::{QwenImageDecode, QwenImagePipeline};
@@ -29,14 +29,6 @@ use std::sync::Arc;
 type Captions = (Tensor, Option<Tensor>, Option<StageTime>);
 
 impl QwenImageRun {
-    fn dtype_name(&self) -> &'static str {
-        match self.placement.dtype {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            _ => "bf16",
-        }
-    }
-
     /// Each stage's estimate, in the order they run.
     fn estimates(&self) -> Vec<(String, Footprint)> {
         let mut v = Vec::new();
@@ -59,7 +51,7 @@ impl QwenImageRun {
             let fp = text.footprint(
                 text.num_hidden_layers,
                 tokens,
-                self.placement.dtype.size_in_bytes(),
+                self.run.placement.dtype.size_in_bytes(),
                 &te,
             );
             v.push(("encode text".to_string(), fp));
@@ -80,8 +72,8 @@ impl QwenImageRun {
             Source::Preset(_) => "model.preset",
             _ => "model.weights",
         };
-        let dt = self.dtype_name();
-        if self.offload == Offload::Stream {
+        let dt = self.run.dtype_name();
+        if self.run.streamed() {
             // Embeddings, head, two blocks at a time, and block 0's `img_mod` (the indicator).
             let two = qwenimage_params(&QwenImageConfig {
                 num_layers: 2,
@@ -99,15 +91,15 @@ impl QwenImageRun {
         }
         magcache_layers::footprint::add_lora_tables(
             &mut fp,
-            &self.loras,
+            &self.run.loras,
             Path::new(""),
             sz(self.transformer.inner_dim()) * sz(6 * self.transformer.inner_dim()),
         );
-        add_plan(&mut fp, self.steps, 2);
+        add_plan(&mut fp, self.run.steps, 2);
         let (b, s, l) = (self.batch, self.image_tokens(), self.text_len);
         let joint = s.saturating_add(l);
         let d = sz(c.inner_dim());
-        let dev = if self.placement.device.is_cpu() {
+        let dev = if self.run.placement.device.is_cpu() {
             "cpu"
         } else {
             "cuda"
@@ -122,7 +114,7 @@ impl QwenImageRun {
         );
         if let Source::Folder { vae, .. } = &self.source {
             let (h, w) = (2 * self.grid.0, 2 * self.grid.1);
-            let cpu = self.placement.device.is_cpu();
+            let cpu = self.run.placement.device.is_cpu();
             let wb = if cpu { 4 } else { dtype_bytes(dt) };
             let bytes = vae.decode_bytes(1, h, w, wb, cpu);
             fp.add(
@@ -135,7 +127,7 @@ impl QwenImageRun {
     }
 
     fn captions(&self) -> Result<Captions> {
-        let dev = &self.placement.device;
+        let dev = &self.run.placement.device;
         let j = self.transformer.joint_attention_dim;
         let Source::Folder { root, .. } = &self.source else {
             if let Some(p) = &self.latents_file {
@@ -164,9 +156,9 @@ impl QwenImageRun {
             }
             let rows = |k: u64| {
                 randn_for(
-                    &self.file,
+                    &self.run.file,
                     "inputs.text_len",
-                    self.seed.wrapping_add(k),
+                    self.run.seed.wrapping_add(k),
                     &[1, self.text_len, j],
                 )
             };
@@ -179,7 +171,7 @@ impl QwenImageRun {
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let enc = QwenImageTextEncoder::load_pipeline(root, dev, self.placement.dtype)?;
+        let enc = QwenImageTextEncoder::load_pipeline(root, dev, self.run.placement.dtype)?;
         if enc.hidden_size() != j {
             return Err(Error::config(
                 root.join("transformer")
@@ -222,27 +214,27 @@ impl QwenImageRun {
             Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
             Source::Transformer(dir) => WeightStore::load_checkpoint(dir)?,
             Source::Preset(_) => random_store(
-                self.model_seed,
+                self.run.model_seed,
                 shapes(&c)?,
                 c.inner_dim(),
-                self.placement.dtype,
+                self.run.placement.dtype,
             )?,
         };
-        let refs: Vec<_> = self.loras.iter().collect();
+        let refs: Vec<_> = self.run.loras.iter().collect();
         let mut lora_warnings = magcache_layers::lora::apply_tables(
             &mut store,
             &refs,
             Path::new(""),
             &super::lora::QwenImageLoraNames,
         )?;
-        store.set_placement(self.placement.clone());
+        store.set_placement(self.run.placement.clone());
         let store = Arc::new(store);
-        let model = match self.offload {
+        let model = match self.run.offload {
             Offload::Stream => QwenImageModel::streamed(c.clone(), store.clone())?,
             Offload::None => QwenImageModel::from_weights(c.clone(), &store)?,
         };
         let overrides = serde_json::Map::new();
-        let unused = store.check_unused(&self.file, |_| {
+        let unused = store.check_unused(&self.run.file, |_| {
             magcache_layers::config_util::depth_key(&overrides, "num_layers", c.num_layers)
         })?;
         lora_warnings.extend(unused);
@@ -255,9 +247,9 @@ impl QwenImageRun {
                 .get("latents_init", 3, "[B, seq, C] packed latents")?
                 .to_dtype(DType::F32)?,
             None => randn_for(
-                &self.file,
+                &self.run.file,
                 "inputs.height/width",
-                self.seed,
+                self.run.seed,
                 &[
                     self.batch,
                     self.image_tokens(),
@@ -265,23 +257,25 @@ impl QwenImageRun {
                 ],
             )?,
         };
-        Ok(l.to_device(&self.placement.device)?)
+        Ok(l.to_device(&self.run.placement.device)?)
     }
 
     /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
     fn pipeline(&self) -> Result<QwenImagePipeline> {
         for (_, fp) in self.estimates() {
-            fp.check(&self.file)?;
+            fp.check(&self.run.file)?;
         }
         let (pos, neg, stage) = self.captions()?;
         let (model, unused) = self.transformer()?;
-        let mut warnings = self.warnings.clone();
+        let mut warnings = self.run.warnings.clone();
         warnings.extend(unused);
         let c = &self.transformer;
         let mut desc = match &self.source {
             Source::Folder { root, .. } => format!("{}: ", root.display()),
             Source::Transformer(dir) => format!("{}: ", dir.display()),
-            Source::Preset(p) => format!("preset {p} (random init, seed {}): ", self.model_seed),
+            Source::Preset(p) => {
+                format!("preset {p} (random init, seed {}): ", self.run.model_seed)
+            }
         };
         desc.push_str(&format!(
             "{} double-stream blocks, dim {}, {} heads{}",
@@ -306,7 +300,7 @@ impl QwenImageRun {
         let decode = match &self.source {
             Source::Folder { root, vae, .. } => Some(QwenImageDecode {
                 root: root.clone(),
-                placement: self.placement.clone(),
+                placement: self.run.placement.clone(),
                 height: 2 * self.grid.0 * vae.spatial_scale(),
                 width: 2 * self.grid.1 * vae.spatial_scale(),
             }),
@@ -360,22 +354,11 @@ impl ResolvedRun for QwenImageRun {
             return Ok(None);
         }
         let c = &self.transformer;
-        let mut config = magcache_layers::config_util::to_map(c, QWENIMAGE_CLASS)?;
-        config.insert("_class_name".into(), QWENIMAGE_CLASS.into());
-        let g = magcache_layers::random::generated(
-            "",
-            config,
-            self.model_seed,
+        let names = super::lora::QwenImageLoraNames;
+        Ok(Some(vec![self.run.export_preset(
+            c,
             shapes(c)?,
             c.inner_dim(),
-            self.placement.dtype,
-        );
-        let refs: Vec<_> = self.loras.iter().collect();
-        let names = super::lora::QwenImageLoraNames;
-        Ok(Some(vec![magcache_layers::lora::merged(
-            g,
-            &refs,
-            Path::new(""),
             &names,
         )?]))
     }

@@ -5,7 +5,7 @@
 use super::config::{QwenImageConfig, QWENIMAGE_CLASS};
 use super::pipeline::qwenimage_plan;
 use magcache_core::runtime::config::RunConfig;
-use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
+use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Result};
 use magcache_layers::autoencoder_kl_wan::WanVaeConfig;
 use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{
@@ -13,6 +13,7 @@ use magcache_layers::config_util::{
 };
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::InputFile;
+use magcache_layers::run_basics::RunBasics;
 use magcache_layers::scheduler::{FlowSchedule, FluxShift};
 use magcache_text::qwen3::Qwen3Config;
 use magcache_text::qwenimage::QWENIMAGE_MAX_LEN;
@@ -42,26 +43,19 @@ pub(super) enum Source {
 
 /// A qwen-image run file resolved before anything loads.
 pub struct QwenImageRun {
-    pub(super) file: String,
+    /// The run file, placement, seeds, adapters and warnings.
+    pub(super) run: RunBasics,
     pub(super) source: Source,
     pub(super) transformer: QwenImageConfig,
     pub(super) shift: FluxShift,
-    pub(super) steps: usize,
     /// The patch grid `(h', w')` and the batch.
     pub(super) grid: (usize, usize),
     pub(super) batch: usize,
     /// Text rows (an upper bound for prompted runs).
     pub(super) text_len: usize,
     pub(super) cfg_scale: Option<f64>,
-    pub(super) placement: Placement,
-    pub(super) offload: Offload,
-    pub(super) seed: u64,
-    pub(super) model_seed: u64,
     pub(super) latents_file: Option<PathBuf>,
     pub(super) prompt: Option<(String, Option<String>)>,
-    pub(super) warnings: Vec<String>,
-    /// `[[model.lora]]`, paths resolved against the run file's folder.
-    pub(super) loras: Vec<magcache_core::runtime::config::LoraTable>,
 }
 
 /// What a Qwen-Image pipeline folder holds.
@@ -96,7 +90,8 @@ impl QwenImageRun {
     pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
         magcache_layers::config_util::check_applicable(cfg, file, "qwen-image", 1)?;
         let (source, transformer, shift) = Self::source(cfg, file, base)?;
-        let mut warnings = Vec::new();
+        let mut run = RunBasics::read(cfg, file, base, "qwen-image")?;
+        let warnings = &mut run.warnings;
         if let Some(s) = cfg.sampling.shift {
             warnings.push(format!(
                 "{file}: sampling.shift = {s} is not used by qwen-image: its schedule's mu comes from the image length and the scheduler config"
@@ -138,29 +133,16 @@ impl QwenImageRun {
         let (grid, batch, latents_file, text_len) =
             Self::sizes(cfg, file, base, &source, &transformer)?;
         Ok(QwenImageRun {
-            file: file.to_string(),
+            run,
             source,
             transformer,
             shift,
-            steps: cfg.sampling.steps,
             grid,
             batch,
             text_len,
             cfg_scale,
-            placement: cfg.model.placement(file)?,
-            offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
-            seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
-            model_seed: cfg.model.seed,
             latents_file,
             prompt,
-            warnings,
-            loras: magcache_layers::lora::tables_for(&cfg.model.lora, file, "qwen-image", 1, 0)?
-                .into_iter()
-                .map(|t| magcache_core::runtime::config::LoraTable {
-                    path: resolve(base, &t.path).display().to_string(),
-                    ..t.clone()
-                })
-                .collect(),
         })
     }
 
@@ -311,20 +293,20 @@ impl QwenImageRun {
     }
 
     pub fn schedule(&self) -> Result<FlowSchedule> {
-        if let (Some(t), true) = (self.shift.shift_terminal, self.steps < 2) {
+        if let (Some(t), true) = (self.shift.shift_terminal, self.run.steps < 2) {
             // diffusers stretches `1 - sigma` so the last sigma is `shift_terminal`: a single step's
             // only sigma is 1, and the stretch divides by zero (NaN latents).
             return Err(Error::config(
-                &self.file,
+                &self.run.file,
                 "sampling.steps",
                 format!(
                     "{} is too few: the scheduler's shift_terminal ({t}) needs at least 2 steps",
-                    self.steps
+                    self.run.steps
                 ),
             ));
         }
-        let (s, mu) = self.shift.schedule(self.steps, self.image_tokens());
-        s.check(&self.file, "inputs.height/width", mu)?;
+        let (s, mu) = self.shift.schedule(self.run.steps, self.image_tokens());
+        s.check(&self.run.file, "inputs.height/width", mu)?;
         Ok(s)
     }
 

@@ -24,14 +24,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 impl ZImageRun {
-    fn dtype_name(&self) -> &'static str {
-        match self.placement.dtype {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            _ => "bf16",
-        }
-    }
-
     /// The text encoder's stage: its layers' weights and one prompt's activations.
     fn text_footprint(&self) -> Option<Footprint> {
         let Source::Folder { root, text, .. } = &self.source else {
@@ -45,7 +37,7 @@ impl ZImageRun {
         Some(text.footprint(
             text.num_hidden_layers.saturating_sub(1),
             self.text_len,
-            self.placement.dtype.size_in_bytes(),
+            self.run.placement.dtype.size_in_bytes(),
             &te,
         ))
     }
@@ -59,8 +51,8 @@ impl ZImageRun {
             Source::Folder { .. } | Source::Transformer(_) => "model.weights".to_string(),
             Source::Preset(_) => "model.preset".to_string(),
         };
-        let dt = self.dtype_name();
-        if self.offload == Offload::Stream {
+        let dt = self.run.dtype_name();
+        if self.run.streamed() {
             let held = zimage_params(&ZImageConfig {
                 n_layers: c.n_layers.min(2),
                 ..c.clone()
@@ -75,11 +67,11 @@ impl ZImageRun {
         }
         magcache_layers::footprint::add_lora_tables(
             &mut fp,
-            &self.loras,
+            &self.run.loras,
             Path::new(""),
             sz(self.transformer.dim) * sz(self.transformer.ffn_hidden()),
         );
-        add_plan(&mut fp, self.steps, 1);
+        add_plan(&mut fp, self.run.steps, 1);
         let b = self.batch * if self.cfg_scale.is_some() { 2 } else { 1 };
         let l = padded(self.image_tokens()) + padded(self.text_len);
         let d = sz(c.dim);
@@ -97,7 +89,7 @@ impl ZImageRun {
                 &root.join("vae").join("config.json"),
             ) {
                 let (lh, lw) = self.lat;
-                let cpu = self.placement.device.is_cpu();
+                let cpu = self.run.placement.device.is_cpu();
                 fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
                 let (eh, ew) = match tiling.filter(|t| t.tiles_latents(&v, lh, lw)) {
                     Some(t) => (lh.min(t.latent_min(&v)), lw.min(t.latent_min(&v))),
@@ -119,7 +111,7 @@ impl ZImageRun {
     }
 
     fn placement_device(&self) -> String {
-        if self.placement.device.is_cpu() {
+        if self.run.placement.device.is_cpu() {
             "cpu".into()
         } else {
             "cuda".into()
@@ -149,7 +141,7 @@ impl ZImageRun {
         Option<Tensor>,
         Option<(String, magcache_core::runtime::progress::StageTime)>,
     )> {
-        let dev = &self.placement.device;
+        let dev = &self.run.placement.device;
         let Source::Folder { root, .. } = &self.source else {
             if let Some(p) = &self.latents_file {
                 let inp = InputFile::load(p)?;
@@ -178,9 +170,9 @@ impl ZImageRun {
             }
             let rows = |k: u64| {
                 randn_for(
-                    &self.file,
+                    &self.run.file,
                     "inputs.text_len",
-                    self.seed.wrapping_add(k),
+                    self.run.seed.wrapping_add(k),
                     &[self.text_len, self.transformer.cap_feat_dim],
                 )
             };
@@ -193,7 +185,7 @@ impl ZImageRun {
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let enc = QwenChatEncoder::load_pipeline(root, ZIMAGE_CHAT, dev, self.placement.dtype)?;
+        let enc = QwenChatEncoder::load_pipeline(root, ZIMAGE_CHAT, dev, self.run.placement.dtype)?;
         if enc.encoder().config.hidden_size != self.transformer.cap_feat_dim {
             return Err(Error::config(
                 root.join("transformer")
@@ -245,11 +237,14 @@ impl ZImageRun {
         let mut store = match &self.source {
             Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
             Source::Transformer(dir) => WeightStore::load_checkpoint(dir)?,
-            Source::Preset(_) => {
-                random_store(self.model_seed, shapes(&c)?, c.dim, self.placement.dtype)?
-            }
+            Source::Preset(_) => random_store(
+                self.run.model_seed,
+                shapes(&c)?,
+                c.dim,
+                self.run.placement.dtype,
+            )?,
         };
-        let refs: Vec<_> = self.loras.iter().collect();
+        let refs: Vec<_> = self.run.loras.iter().collect();
         let mut lora_warnings = magcache_layers::lora::apply_tables(
             &mut store,
             &refs,
@@ -258,14 +253,14 @@ impl ZImageRun {
                 dim: self.transformer.dim,
             },
         )?;
-        store.set_placement(self.placement.clone());
+        store.set_placement(self.run.placement.clone());
         let store = Arc::new(store);
-        let model = match self.offload {
+        let model = match self.run.offload {
             Offload::Stream => ZImageModel::streamed(c.clone(), store.clone())?,
             Offload::None => ZImageModel::from_weights(c.clone(), &store)?,
         };
         let overrides = serde_json::Map::new();
-        let unused = store.check_unused(&self.file, |_| {
+        let unused = store.check_unused(&self.run.file, |_| {
             magcache_layers::config_util::depth_key(&overrides, "n_layers", c.n_layers)
         })?;
         lora_warnings.extend(unused);
@@ -280,23 +275,23 @@ impl ZImageRun {
                 .get("latents_init", 4, "[B, C, h, w] latents")?
                 .to_dtype(DType::F32)?,
             None => randn_for(
-                &self.file,
+                &self.run.file,
                 "inputs.height/width",
-                self.seed,
+                self.run.seed,
                 &[self.batch, c, self.lat.0, self.lat.1],
             )?,
         };
-        Ok(l.to_device(&self.placement.device)?)
+        Ok(l.to_device(&self.run.placement.device)?)
     }
 
     /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
     fn pipeline(&self) -> Result<ZImagePipeline> {
         for (_, fp) in self.estimates() {
-            fp.check(&self.file)?;
+            fp.check(&self.run.file)?;
         }
         let (pos, neg, template) = self.captions()?;
         let (model, unused) = self.transformer()?;
-        let mut warnings = self.warnings.clone();
+        let mut warnings = self.run.warnings.clone();
         warnings.extend(unused);
         let c = &self.transformer;
         let mut desc = match &self.source {
@@ -304,7 +299,7 @@ impl ZImageRun {
             Source::Transformer(dir) => format!("{}: ", dir.display()),
             Source::Preset(p) => format!(
                 "preset {} (random init, seed {}): ",
-                p.name, self.model_seed
+                p.name, self.run.model_seed
             ),
         };
         desc.push_str(&format!(
@@ -332,7 +327,7 @@ impl ZImageRun {
         let decode = match &self.source {
             Source::Folder { root, tiling, .. } => Some(ZImageDecode {
                 root: root.clone(),
-                placement: self.placement.clone(),
+                placement: self.run.placement.clone(),
                 tiling: *tiling,
             }),
             Source::Preset(_) | Source::Transformer(_) => None,
@@ -380,22 +375,11 @@ impl ResolvedRun for ZImageRun {
             return Ok(None);
         }
         let c = &self.transformer;
-        let mut config = magcache_layers::config_util::to_map(c, super::config::ZIMAGE_CLASS)?;
-        config.insert("_class_name".into(), super::config::ZIMAGE_CLASS.into());
-        let g = magcache_layers::random::generated(
-            "",
-            config,
-            self.model_seed,
+        let names = super::lora::ZImageLoraNames { dim: c.dim };
+        Ok(Some(vec![self.run.export_preset(
+            c,
             shapes(c)?,
             c.dim,
-            self.placement.dtype,
-        );
-        let refs: Vec<_> = self.loras.iter().collect();
-        let names = super::lora::ZImageLoraNames { dim: c.dim };
-        Ok(Some(vec![magcache_layers::lora::merged(
-            g,
-            &refs,
-            Path::new(""),
             &names,
         )?]))
     }

@@ -5,7 +5,7 @@
 use super::config::{ZImageConfig, ZIMAGE_CLASS};
 use super::pipeline::zimage_plan;
 use magcache_core::runtime::config::RunConfig;
-use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Offload, Placement, Result};
+use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVaeConfig};
 use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{
@@ -13,6 +13,7 @@ use magcache_layers::config_util::{
 };
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::InputFile;
+use magcache_layers::run_basics::RunBasics;
 use magcache_layers::scheduler::FluxShift;
 use magcache_text::qwen3::Qwen3Config;
 use std::path::{Path, PathBuf};
@@ -57,27 +58,19 @@ pub(super) enum Source {
 
 /// A z-image run file resolved before anything loads.
 pub struct ZImageRun {
-    pub(super) file: String,
+    /// The run file, placement, seeds, adapters and warnings.
+    pub(super) run: RunBasics,
     pub(super) source: Source,
     pub(super) transformer: ZImageConfig,
     pub(super) shift: FluxShift,
-    pub(super) steps: usize,
     /// Latent grid `(h, w)` (even) and batch.
     pub(super) lat: (usize, usize),
     pub(super) batch: usize,
     /// Caption rows: the prompt's `max_sequence_length` (an upper bound) or a preset's `text_len`.
     pub(super) text_len: usize,
     pub(super) cfg_scale: Option<f64>,
-    pub(super) placement: Placement,
-    pub(super) offload: Offload,
-    /// The inputs' seed (latents, preset captions) and the preset weights' seed.
-    pub(super) seed: u64,
-    pub(super) model_seed: u64,
     pub(super) latents_file: Option<PathBuf>,
     pub(super) prompt: Option<(String, String)>,
-    pub(super) warnings: Vec<String>,
-    /// `[[model.lora]]`, paths resolved against the run file's folder.
-    pub(super) loras: Vec<magcache_core::runtime::config::LoraTable>,
 }
 
 /// What a Z-Image pipeline folder holds.
@@ -99,7 +92,8 @@ impl ZImageRun {
     /// every size the run will have.
     pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
         magcache_layers::config_util::check_applicable(cfg, file, "z-image", 1)?;
-        let mut warnings = Vec::new();
+        let mut run = RunBasics::read(cfg, file, base, "z-image")?;
+        let warnings = &mut run.warnings;
         let (source, transformer, shift, distilled) = Self::source(cfg, file, base)?;
         if let Some(s) = cfg.sampling.shift {
             warnings.push(format!(
@@ -125,29 +119,16 @@ impl ZImageRun {
         let (lat, batch, latents_file, text_len) =
             Self::sizes(cfg, file, base, &source, &transformer)?;
         Ok(ZImageRun {
-            file: file.to_string(),
+            run,
             source,
             transformer,
             shift,
-            steps: cfg.sampling.steps,
             lat,
             batch,
             text_len,
             cfg_scale,
-            placement: cfg.model.placement(file)?,
-            offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
-            seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
-            model_seed: cfg.model.seed,
             latents_file,
             prompt,
-            warnings,
-            loras: magcache_layers::lora::tables_for(&cfg.model.lora, file, "z-image", 1, 0)?
-                .into_iter()
-                .map(|t| magcache_core::runtime::config::LoraTable {
-                    path: resolve(base, &t.path).display().to_string(),
-                    ..t.clone()
-                })
-                .collect(),
         })
     }
 
@@ -306,8 +287,8 @@ impl ZImageRun {
     }
 
     pub fn schedule(&self) -> Result<magcache_layers::scheduler::FlowSchedule> {
-        let (s, v) = self.shift.schedule(self.steps, self.image_tokens());
-        s.check(&self.file, "scheduler shift", v)?;
+        let (s, v) = self.shift.schedule(self.run.steps, self.image_tokens());
+        s.check(&self.run.file, "scheduler shift", v)?;
         Ok(s)
     }
 

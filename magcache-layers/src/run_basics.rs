@@ -1,0 +1,81 @@
+//! What a family's resolved run keeps besides its model, source and sizes: the run file's name, the
+//! placement and offload, the seeds, the adapters with their paths resolved, and the warnings found
+//! while resolving. Z-Image and Qwen-Image hold one in their `ResolvedRun`.
+
+use candle_core::DType;
+use magcache_core::runtime::config::{LoraTable, RunConfig};
+use magcache_core::{Offload, Placement, Result};
+use std::path::Path;
+
+pub struct RunBasics {
+    /// The run file, as messages name it.
+    pub file: String,
+    pub steps: usize,
+    pub placement: Placement,
+    pub offload: Offload,
+    /// The inputs' seed (latents, seeded captions): `inputs.seed`, else `model.seed`.
+    pub seed: u64,
+    /// A preset's weights' seed (`model.seed`).
+    pub model_seed: u64,
+    /// `[[model.lora]]` of a one-model family, paths resolved against the run file's folder.
+    pub loras: Vec<LoraTable>,
+    /// Found while resolving; the pipeline reports them at every generation.
+    pub warnings: Vec<String>,
+}
+
+impl RunBasics {
+    /// Reads the shared keys of `cfg` (`family` names the family in messages).
+    pub fn read(cfg: &RunConfig, file: &str, base: &Path, family: &str) -> Result<Self> {
+        Ok(RunBasics {
+            file: file.to_string(),
+            steps: cfg.sampling.steps,
+            placement: cfg.model.placement(file)?,
+            offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
+            seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
+            model_seed: cfg.model.seed,
+            loras: crate::lora::tables_for(&cfg.model.lora, file, family, 1, 0)?
+                .into_iter()
+                .map(|t| LoraTable {
+                    path: crate::config_util::resolve(base, &t.path)
+                        .display()
+                        .to_string(),
+                    ..t.clone()
+                })
+                .collect(),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// The weights' dtype as the size guard names it (`f32`, `f16`, `bf16`).
+    pub fn dtype_name(&self) -> &'static str {
+        match self.placement.dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            _ => "bf16",
+        }
+    }
+
+    /// Whether the blocks stream from the checkpoint.
+    pub fn streamed(&self) -> bool {
+        self.offload == Offload::Stream
+    }
+}
+
+impl RunBasics {
+    /// A preset's transformer of config `c` for `magcache export`: the seeded tensors of `shapes`
+    /// (`d` the model width, as the preset's weights are drawn), with the run's adapters merged.
+    pub fn export_preset<C: crate::config_util::ModelConfig>(
+        &self,
+        c: &C,
+        shapes: Vec<(String, Vec<usize>)>,
+        d: usize,
+        names: &dyn crate::lora::LoraNames,
+    ) -> Result<magcache_core::GeneratedWeights> {
+        let mut config = crate::config_util::to_map(c, C::CLASS)?;
+        config.insert("_class_name".into(), C::CLASS.into());
+        let g =
+            crate::random::generated("", config, self.model_seed, shapes, d, self.placement.dtype);
+        let refs: Vec<&LoraTable> = self.loras.iter().collect();
+        crate::lora::merged(g, &refs, Path::new(""), names)
+    }
+}

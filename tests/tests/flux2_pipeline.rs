@@ -4,196 +4,29 @@
 //! contract's `[prompt]` run through the runner (chat template, Qwen3, transformer under FLUX.2's
 //! schedule, distilled or with CFG, cache decisions, AutoencoderKLFlux2 decode).
 
-use magcache_tests::{
-    assert_calls_match, cache_table_for, fixture, link_all, load, load_json, max_abs_diff,
-};
+use magcache_tests::prompted::{check_calibration, q as toml_str};
+use magcache_tests::{fixture, link_all, load, max_abs_diff};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
-/// A released-style pipeline folder from the fixture parts named in the json's `components`.
-fn assemble(dir: &Path, meta: &Value) -> PathBuf {
-    let root = dir.join("FLUX.2-klein-tiny");
-    for (part, folder) in meta["components"].as_object().unwrap() {
-        copy_dir(
-            &fixture(&format!("pipelines/{}", folder.as_str().unwrap())),
-            &root.join(part),
-        );
-    }
-    std::fs::write(
-        root.join("model_index.json"),
-        serde_json::to_string_pretty(&meta["model_index"]).unwrap(),
-    )
-    .unwrap();
-    root
-}
-
-fn toml_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap()
-}
-
-/// The contract's prompted run for reference run `name` of `case` (its cache from the json).
-fn run_toml(root: &Path, case: &str, meta: &Value, name: &str, dtype: &str) -> String {
-    let call = &meta["call"];
-    let mut s = format!(
-        "[model]\nfamily = \"flux2\"\nweights = {}\ndtype = \"{dtype}\"\n\n[prompt]\ntext = {}\nmax_sequence_length = {}\n",
-        toml_str(&root.display().to_string()),
-        toml_str(call["prompt"].as_str().unwrap()),
-        call["max_sequence_length"],
-    );
-    if let Some(n) = call["negative_prompt"].as_str() {
-        s.push_str(&format!("negative = {}\n", toml_str(n)));
-    }
-    s.push_str(&format!(
-        "\n[inputs]\nheight = {}\nwidth = {}\nfile = {}\n\n[sampling]\nsteps = {}\nguidance_scale = {}\n",
-        call["height"],
-        call["width"],
-        toml_str(&fixture(&format!("pipelines/{case}.safetensors")).display().to_string()),
-        call["num_inference_steps"],
-        call["guidance_scale"],
-    ));
-    if name != "dense" {
-        s.push_str("\n[cache]\n");
-        s.push_str(&cache_table_for(name, &meta["runs"][name]["config"]).unwrap());
-    }
-    s
-}
-
-/// Runs `name` of `case` and checks decisions, final latents, pixels and embeddings; `strict`:
-/// the f32 tolerances, else (bf16) only the decisions where the reference's margin allows.
-fn check_run(case: &str, name: &str) {
-    link_all();
-    let meta = load_json(&format!("pipelines/{case}.json"));
-    let want = load(&format!("pipelines/{case}.safetensors"));
-    let dir = tempfile::tempdir().unwrap();
-    let root = assemble(dir.path(), &meta);
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, run_toml(&root, case, &meta, name, "f32")).unwrap();
-    let mut p = magcache_cli::prepare(&cfg).unwrap();
-    let (fin, report) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
-    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
-    let get = |k: &str| {
-        extra
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, t)| t.clone())
-            .unwrap_or_else(|| panic!("{case}/{name}: no `{k}` output"))
-    };
-    let run = &meta["runs"][name];
-    let label = format!("{case}/{name}");
-    if name.starts_with("magcache") {
-        // The reference's MagCache `metric` is the accumulated error as tested (the pre-reset value
-        // on computed calls); ours is the value after the decision. They agree on reused calls;
-        // decisions must agree everywhere.
-        let refc = run["calls"].as_array().unwrap();
-        assert_eq!(report.calls.len(), refc.len(), "{label}: number of calls");
-        for (i, (a, b)) in report.calls.iter().zip(refc).enumerate() {
-            assert_eq!(
-                a.step as u64,
-                b["step"].as_u64().unwrap(),
-                "{label} call {i}"
-            );
-            assert_eq!(a.branch, b["context"].as_str().unwrap(), "{label} call {i}");
-            assert_eq!(
-                a.computed,
-                b["computed"].as_bool(),
-                "{label} call {i}: computed"
-            );
-            if a.computed == Some(false) {
-                let (got, w) = (a.metric.unwrap(), b["metric"].as_f64().unwrap());
-                assert!(
-                    (got - w).abs() <= 1e-3 * w.abs().max(1e-3),
-                    "{label} call {i}: metric {got} vs {w}"
-                );
-            }
-        }
-    } else {
-        assert_calls_match(&label, &report, &run["calls"], 1e-3);
-    }
-    assert_eq!(
-        report.computed_calls as u64,
-        run["computed_calls"].as_u64().unwrap(),
-        "{label}: computed calls"
-    );
-    let mut embeds = vec!["prompt_embeds"];
-    if meta["cfg"].as_bool().unwrap() {
-        embeds.push("negative_prompt_embeds");
-    }
-    for k in embeds {
-        let d = max_abs_diff(&get(k), &want[k]);
-        assert!(d <= 1e-4, "{label}: {k} differs by {d}");
-    }
-    let df = max_abs_diff(&fin, &want[&format!("{name}.final")]);
-    assert!(df <= 1e-3, "{label}: final differs by {df}");
-    let dd = max_abs_diff(&get("decoded"), &want[&format!("{name}.image")]);
-    assert!(dd <= 3e-3, "{label}: decoded differs by {dd}");
-    let de = max_abs_diff(&get("prompt_embeds"), &want["prompt_embeds"]);
-    eprintln!("{label}: max |final| diff {df:.2e}, decoded {dd:.2e}, prompt_embeds {de:.2e}");
-}
-
-/// The run file of `name` of `case` in a fresh folder: `(tempdir, run.toml, meta)`.
+/// The run file of reference run `name` of `case` in a fresh folder (`pipeline/` assembled as
+/// released): `(tempdir, run.toml, meta)`.
 fn setup(case: &str, name: &str, dtype: &str) -> (tempfile::TempDir, PathBuf, Value) {
-    link_all();
-    let meta = load_json(&format!("pipelines/{case}.json"));
-    let dir = tempfile::tempdir().unwrap();
-    let root = assemble(dir.path(), &meta);
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, run_toml(&root, case, &meta, name, dtype)).unwrap();
-    (dir, cfg, meta)
+    magcache_tests::prompted::setup("flux2", case, name, dtype)
+}
+
+/// Runs `name` of `case` and checks decisions, final latents, pixels and embeddings.
+fn check_run(case: &str, name: &str) {
+    magcache_tests::prompted::check_run("flux2", case, name)
 }
 
 /// `magcache calibrate` on a FLUX.2 run gives diffusers' calibration curves (one per context), and
 /// a profile of them drives MagCache to the reference decisions.
 #[test]
 fn calibration_matches_diffusers_and_drives_magcache() {
+    // The reference MagCache run used the cond curve for every context.
     for case in ["flux2_klein_pipeline", "flux2_klein_base_pipeline"] {
-        let (dir, cfg, meta) = setup(case, "dense", "f32");
-        let (prof, _) = magcache_cli::calibrate(&cfg, magcache_cli::Verbosity::Quiet).unwrap();
-        assert_eq!(prof.meta.family, "flux2");
-        for (ctx, want) in meta["mag_calibration"].as_object().unwrap() {
-            let got = &prof.ratios["main"][ctx.as_str()];
-            let want: Vec<f64> = serde_json::from_value(want.clone()).unwrap();
-            assert_eq!(got.len(), want.len(), "{case} {ctx}");
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                    "{case} {ctx}[{i}]: {a} vs {b}"
-                );
-            }
-        }
-        // The reference MagCache run used the cond curve for every context.
-        let mut prof = prof;
-        let cond = prof.ratios["main"]["cond"].clone();
-        for v in prof.ratios.get_mut("main").unwrap().values_mut() {
-            *v = cond.clone();
-        }
-        let ppath = dir.path().join("profile.toml");
-        std::fs::write(&ppath, prof.to_toml().unwrap()).unwrap();
-        let c = &meta["runs"]["magcache"]["config"];
-        let text = std::fs::read_to_string(&cfg).unwrap()
-            + &format!(
-                "\n[cache]\nstrategy = \"magcache\"\nthreshold = {}\nmax_skip_steps = {}\nretention_ratio = {}\nprofile = {}\n",
-                c["threshold"], c["max_skip_steps"], c["retention_ratio"],
-                toml_str(&ppath.display().to_string())
-            );
-        std::fs::write(&cfg, text).unwrap();
-        let mut p = magcache_cli::prepare(&cfg).unwrap();
-        let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
-        let got: Vec<Option<bool>> = rep.calls.iter().map(|c| c.computed).collect();
-        let want: Vec<Option<bool>> = meta["runs"]["magcache"]["calls"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["computed"].as_bool())
-            .collect();
-        assert_eq!(got, want, "{case}: profile-driven MagCache");
+        check_calibration("flux2", case, "cond");
     }
 }
 
@@ -423,7 +256,7 @@ fn errors_name_the_file_and_key() {
     // A FLUX.1 folder given to flux2.
     let (dir, cfg, _) = setup("flux2_klein_pipeline", "dense", "f32");
     let flux1 = fixture("pipelines/flux_tiny_folder");
-    let root = dir.path().join("FLUX.2-klein-tiny");
+    let root = dir.path().join("pipeline");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,

@@ -342,9 +342,7 @@ pub fn run_source(
         ));
     }
     if cfg.prompt.is_none() {
-        let dir = resolve(base, w);
-        let t = dir.join("transformer");
-        return Ok(RunSource::Transformer(if t.is_dir() { t } else { dir }));
+        return Ok(RunSource::Transformer(transformer_dir(&resolve(base, w))));
     }
     let (root, found) = pipeline_folder(cfg, file, base, kind)?;
     if found != class {
@@ -355,4 +353,33 @@ pub fn run_source(
         ));
     }
     Ok(RunSource::Pipeline(root))
+}
+
+/// `transformer/` of a diffusers pipeline folder, else the path as given (a transformer folder or
+/// file).
+pub fn transformer_dir(path: &std::path::Path) -> std::path::PathBuf {
+    let t = path.join("transformer");
+    if t.is_dir() {
+        t
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// The warning of pipelines that round a picture size down to a multiple of `unit` (twice the VAE's
+/// factor) rather than refuse it; `None` when both sides are multiples.
+pub fn rounded_size_warning(
+    file: &str,
+    height: usize,
+    width: usize,
+    unit: usize,
+) -> Option<String> {
+    let off = |v: usize| unit > 0 && !v.is_multiple_of(unit);
+    (off(height) || off(width)).then(|| {
+        format!(
+            "{file}: inputs.height/width {height}x{width} are not multiples of {unit}: the picture is {}x{} (rounded down, as the pipeline does)",
+            height / unit * unit,
+            width / unit * unit
+        )
+    })
 }

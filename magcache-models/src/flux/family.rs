@@ -90,7 +90,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     // then the whole run must fit, before anything (the text encoders included) loads.
     let opened = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => {
-            let path = transformer_dir(resolve(base, w));
+            let path = magcache_layers::config_util::transformer_dir(&resolve(base, w));
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
             let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
             footprint::flux_footprint(cfg, base, &l.config, None).check(file)?;
@@ -241,16 +241,6 @@ fn apply_lora(
     magcache_layers::lora::apply_tables(store, &tables, base, &names)
 }
 
-/// `transformer/` of a diffusers pipeline folder, else the path as given.
-fn transformer_dir(path: std::path::PathBuf) -> std::path::PathBuf {
-    let t = path.join("transformer");
-    if t.is_dir() {
-        t
-    } else {
-        path
-    }
-}
-
 /// The plan without building the model: the image length (for `mu`) comes from the inputs.
 fn plan_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
     magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
@@ -367,7 +357,7 @@ fn estimate_flux(
     }
     let fp = match &cfg.model.weights {
         Some(WeightsSpec::One(w)) => {
-            let path = transformer_dir(resolve(base, w));
+            let path = magcache_layers::config_util::transformer_dir(&resolve(base, w));
             let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
             let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
             footprint::flux_footprint(cfg, base, &l.config, None)

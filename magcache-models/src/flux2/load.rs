@@ -16,15 +16,7 @@ pub struct Flux2Checkpoint {
     pub path: PathBuf,
 }
 
-/// `transformer/` of a pipeline folder, else the path as given.
-pub fn transformer_dir(path: &Path) -> PathBuf {
-    let t = path.join("transformer");
-    if t.is_dir() {
-        t
-    } else {
-        path.to_path_buf()
-    }
-}
+pub use magcache_layers::config_util::transformer_dir;
 
 /// Opens `path` (a `transformer/` folder with `config.json`, a pipeline folder, or a weights file
 /// with `config` or a `config.json` beside it). Errors name the file and the key or tensor.

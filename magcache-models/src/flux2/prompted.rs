@@ -96,14 +96,12 @@ pub fn image_size(cfg: &RunConfig, file: &str, root: &Path) -> Result<(usize, us
 /// picture is rounded down.
 pub fn size_warning(cfg: &RunConfig, file: &str, root: &Path) -> Result<Option<String>> {
     let (height, width, f) = image_size(cfg, file, root)?;
-    let unit = 2 * f;
-    Ok((!height.is_multiple_of(unit) || !width.is_multiple_of(unit)).then(|| {
-        format!(
-            "{file}: inputs.height/width {height}x{width} are not multiples of {unit}: the picture is {}x{} (rounded down, as the pipeline does)",
-            height / unit * unit,
-            width / unit * unit
-        )
-    }))
+    Ok(magcache_layers::config_util::rounded_size_warning(
+        file,
+        height,
+        width,
+        2 * f,
+    ))
 }
 
 /// Packed image tokens of a prompted run (for `mu` and planning).

@@ -117,18 +117,14 @@ impl QwenImageRun {
             ));
         }
         if let Source::Folder { vae, .. } = &source {
-            let unit = vae.spatial_scale() * 2;
             let (h, w) = (
                 cfg.inputs.height.unwrap_or(DEFAULT_SIZE),
                 cfg.inputs.width.unwrap_or(DEFAULT_SIZE),
             );
-            if !h.is_multiple_of(unit) || !w.is_multiple_of(unit) {
-                warnings.push(format!(
-                    "{file}: inputs.height/width {h}x{w} are not multiples of {unit}: the picture is {}x{} (rounded down, as the pipeline does)",
-                    h / unit * unit,
-                    w / unit * unit
-                ));
-            }
+            let unit = vae.spatial_scale() * 2;
+            warnings.extend(magcache_layers::config_util::rounded_size_warning(
+                file, h, w, unit,
+            ));
         }
         let (grid, batch, latents_file, text_len) =
             Self::sizes(cfg, file, base, &source, &transformer)?;

@@ -84,28 +84,25 @@ impl ZImageRun {
             "inputs.height/width",
             (sz(3) * sz(b) * sz(l) * d * sz(4)).0,
         );
-        if let Source::Folder { root, tiling, .. } = &self.source {
-            if let Ok(v) = magcache_layers::autoencoder_kl::FluxVaeConfig::read(
-                &root.join("vae").join("config.json"),
-            ) {
-                let (lh, lw) = self.lat;
-                let cpu = self.run.placement.device.is_cpu();
-                fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
-                let (eh, ew) = match tiling.filter(|t| t.tiles_latents(&v, lh, lw)) {
-                    Some(t) => (lh.min(t.latent_min(&v)), lw.min(t.latent_min(&v))),
-                    None => (lh, lw),
-                };
-                fp.add(
-                    "VAE decode working set (f32)",
-                    "vae.tiling",
-                    v.decode_working_bytes(eh, ew, cpu).0,
-                );
-                fp.add(
-                    "decoded image (f32, 4 copies)",
-                    "inputs.height/width",
-                    v.decode_image_bytes(lh, lw).0,
-                );
-            }
+        if let Source::Folder { vae, tiling, .. } = &self.source {
+            let v = &**vae;
+            let (lh, lw) = self.lat;
+            let cpu = self.run.placement.device.is_cpu();
+            fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
+            let (eh, ew) = match tiling.filter(|t| t.tiles_latents(v, lh, lw)) {
+                Some(t) => (lh.min(t.latent_min(v)), lw.min(t.latent_min(v))),
+                None => (lh, lw),
+            };
+            fp.add(
+                "VAE decode working set (f32)",
+                "vae.tiling",
+                v.decode_working_bytes(eh, ew, cpu).0,
+            );
+            fp.add(
+                "decoded image (f32, 4 copies)",
+                "inputs.height/width",
+                v.decode_image_bytes(lh, lw).0,
+            );
         }
         fp
     }

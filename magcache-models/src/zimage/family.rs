@@ -47,6 +47,7 @@ pub(super) enum Source {
     Folder {
         root: PathBuf,
         text: Qwen3Config,
+        vae: Box<FluxVaeConfig>,
         tiling: Option<FluxTiling>,
     },
     /// A transformer folder (`config.json` and weights, e.g. a preset written by `magcache export`)
@@ -159,8 +160,19 @@ impl ZImageRun {
                     let shift =
                         FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
                     let text = Qwen3Config::load(&root.join("text_encoder"))?;
+                    let vae = Box::new(FluxVaeConfig::read(&root.join("vae").join("config.json"))?);
                     let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, &root)?;
-                    (Source::Folder { root, text, tiling }, t, shift, false)
+                    (
+                        Source::Folder {
+                            root,
+                            text,
+                            vae,
+                            tiling,
+                        },
+                        t,
+                        shift,
+                        false,
+                    )
                 }
                 RunSource::Preset(name) => {
                     let p = ZIMAGE_PRESETS
@@ -212,8 +224,7 @@ impl ZImageRun {
             };
             return Err(Error::config(file, key, "must be at least 1"));
         }
-        if let Source::Folder { root, .. } = source {
-            let vae = FluxVaeConfig::read(&root.join("vae").join("config.json"))?;
+        if let Source::Folder { root, vae, .. } = source {
             let unit = vae.vae_scale_factor().saturating_mul(2);
             if vae.latent_channels != c {
                 return Err(Error::config(

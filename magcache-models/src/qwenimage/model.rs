@@ -220,10 +220,17 @@ impl QwenImageModel {
         let axes = &self.cfg.axes_dims_rope;
         let half: usize = axes.iter().sum::<usize>() / 2;
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let freqs: Vec<Vec<f32>> = axes
+            .iter()
+            .map(|&d| {
+                (0..d / 2)
+                    .map(|j| 1f32 / 10000f32.powf((2 * j) as f32 / d as f32))
+                    .collect()
+            })
+            .collect();
         let mut row = |pos: [i64; 3]| {
-            for (&p, &d) in pos.iter().zip(axes) {
-                for j in 0..d / 2 {
-                    let f = 1f32 / 10000f32.powf((2 * j) as f32 / d as f32);
+            for (&p, fs) in pos.iter().zip(&freqs) {
+                for &f in fs {
                     let a = p as f32 * f;
                     cos.push(a.cos());
                     sin.push(a.sin());

@@ -136,12 +136,23 @@ impl ZBlock {
     }
 }
 
-/// Rotary factors of one position `(p0, p1, p2)`: per axis `a`, `freq_j = 1 / theta^(2j / d_a)`
-/// (f64), the angle `p * freq_j` cast to f32, its cosine and sine (f32).
-fn rope_row(c: &ZImageConfig, pos: [usize; 3], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
-    for (&p, &d) in pos.iter().zip(&c.axes_dims) {
-        for j in 0..d / 2 {
-            let f = 1.0 / c.rope_theta.powf((2 * j) as f64 / d as f64);
+/// Each axis's RoPE frequencies: `freq_j = 1 / theta^(2j / d_a)` (f64), computed once per table.
+fn rope_freqs(c: &ZImageConfig) -> Vec<Vec<f64>> {
+    c.axes_dims
+        .iter()
+        .map(|&d| {
+            (0..d / 2)
+                .map(|j| 1.0 / c.rope_theta.powf((2 * j) as f64 / d as f64))
+                .collect()
+        })
+        .collect()
+}
+
+/// Rotary factors of one position `(p0, p1, p2)`: per axis, the angle `p * freq_j` cast to f32, its
+/// cosine and sine (f32).
+fn rope_row(freqs: &[Vec<f64>], pos: [usize; 3], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    for (&p, fs) in pos.iter().zip(freqs) {
+        for f in fs {
             let a = (p as f64 * f) as f32;
             cos.push(a.cos());
             sin.push(a.sin());
@@ -170,11 +181,12 @@ pub fn check_positions(c: &ZImageConfig, pos: &[[usize; 3]], what: &str) -> Resu
 pub fn seq_rope(c: &ZImageConfig, items: &[Vec<[usize; 3]>], dev: &Device) -> Result<SeqRope> {
     let l = items.iter().map(Vec::len).max().unwrap_or(0);
     let half = c.head_dim() / 2;
+    let freqs = rope_freqs(c);
     let (mut cos, mut sin) = (Vec::new(), Vec::new());
     let mut bias = Vec::with_capacity(items.len() * l);
     for it in items {
         for p in it {
-            rope_row(c, *p, &mut cos, &mut sin);
+            rope_row(&freqs, *p, &mut cos, &mut sin);
         }
         let pad = (l - it.len()) * half;
         cos.extend(std::iter::repeat_n(0f32, pad));

@@ -214,10 +214,11 @@ impl ZImageModel {
         }
         check_positions(&self.cfg, &x_pos.concat(), "the picture and caption")?;
         check_positions(&self.cfg, &cap_pos.concat(), "the caption")?;
+        let mut cs = pad_rows(&cap_rows)?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.adaln_input = Some(adaln.clone());
             tr.x_embedded = Some(xt.clone());
-            tr.cap_embedded = Some(pad_rows(&cap_rows)?);
+            tr.cap_embedded = Some(cs.clone());
         }
         let xr = seq_rope(&self.cfg, &x_pos, &dev)?;
         let mut xs = xt;
@@ -228,7 +229,6 @@ impl ZImageModel {
             }
         }
         let cr = seq_rope(&self.cfg, &cap_pos, &dev)?;
-        let mut cs = pad_rows(&cap_rows)?;
         for blk in &self.context_refiner {
             cs = blk.forward(&cs, None, &cr)?;
             if let Some(tr) = trace.as_deref_mut() {

@@ -19,6 +19,7 @@
 
 pub mod autoencoder_kl;
 pub mod autoencoder_kl_wan;
+pub mod chain_model;
 pub mod config_util;
 pub mod footprint;
 pub mod inputs;

@@ -62,20 +62,76 @@ impl RunBasics {
 }
 
 impl RunBasics {
-    /// A preset's transformer of config `c` for `magcache export`: the seeded tensors of `shapes`
-    /// (`d` the model width, as the preset's weights are drawn), with the run's adapters merged.
-    pub fn export_preset<C: crate::config_util::ModelConfig>(
+    /// A preset's transformer of config `c` for `magcache export` (`None` when the run is not a
+    /// preset): the seeded tensors (`width` the model width they are drawn for), with the run's
+    /// adapters merged.
+    pub fn export_preset<M: crate::chain_model::ChainModel>(
         &self,
-        c: &C,
-        shapes: Vec<(String, Vec<usize>)>,
-        d: usize,
+        preset: bool,
+        c: &M::Config,
+        width: usize,
         names: &dyn crate::lora::LoraNames,
-    ) -> Result<magcache_core::GeneratedWeights> {
-        let mut config = crate::config_util::to_map(c, C::CLASS)?;
-        config.insert("_class_name".into(), C::CLASS.into());
-        let g =
-            crate::random::generated("", config, self.model_seed, shapes, d, self.placement.dtype);
+    ) -> Result<Option<Vec<magcache_core::GeneratedWeights>>>
+    where
+        M::Config: crate::config_util::ModelConfig,
+    {
+        use crate::config_util::ModelConfig;
+        if !preset {
+            return Ok(None);
+        }
+        let class = <M::Config as ModelConfig>::CLASS;
+        let mut config = crate::config_util::to_map(c, class)?;
+        config.insert("_class_name".into(), class.into());
+        let g = crate::random::generated(
+            "",
+            config,
+            self.model_seed,
+            M::shapes(c)?,
+            width,
+            self.placement.dtype,
+        );
         let refs: Vec<&LoraTable> = self.loras.iter().collect();
-        crate::lora::merged(g, &refs, Path::new(""), names)
+        Ok(Some(vec![crate::lora::merged(
+            g,
+            &refs,
+            Path::new(""),
+            names,
+        )?]))
+    }
+}
+
+impl RunBasics {
+    /// The transformer of a one-model run: the checkpoint in `dir`, or without one a preset's
+    /// seeded weights (`width` the model width they are drawn for); the run's adapters merged,
+    /// the model built held or streamed as `model.offload` says; with the adapters' warnings and
+    /// the checkpoint's unused tensors (`depth`: the config key and value that set the number of
+    /// blocks, for that message).
+    pub fn model<M: crate::chain_model::ChainModel>(
+        &self,
+        dir: Option<&Path>,
+        cfg: M::Config,
+        width: usize,
+        names: &dyn crate::lora::LoraNames,
+        depth: (&str, usize),
+    ) -> Result<(M, Vec<String>)> {
+        let mut store = match dir {
+            Some(dir) => crate::weights::WeightStore::load_checkpoint(dir)?,
+            None => crate::random::random_store(
+                self.model_seed,
+                M::shapes(&cfg)?,
+                width,
+                self.placement.dtype,
+            )?,
+        };
+        let refs: Vec<&LoraTable> = self.loras.iter().collect();
+        let mut warnings = crate::lora::apply_tables(&mut store, &refs, Path::new(""), names)?;
+        store.set_placement(self.placement.clone());
+        let store = std::sync::Arc::new(store);
+        let model = M::placed(cfg, store.clone(), self.offload)?;
+        let overrides = serde_json::Map::new();
+        warnings.extend(store.check_unused(&self.file, |_| {
+            crate::config_util::depth_key(&overrides, depth.0, depth.1)
+        })?);
+        Ok((model, warnings))
     }
 }

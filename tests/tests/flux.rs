@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 use magcache_core::{Branch, CallCx, ScopeKey};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::scheduler::flow_match_dynamic;
 use magcache_models::flux::load::{load_flux, FluxLayout};
 use magcache_models::flux::model::{FluxModel, FluxTrace};

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use magcache_core::{Branch, CallCx, ScopeKey};
+use magcache_layers::chain_model::ChainModel;
 use magcache_models::flux2::load::load_flux2;
 use magcache_models::flux2::{Flux2Model, Flux2Trace};
 use magcache_tests::{fixture, load, load_json, max_abs_diff};

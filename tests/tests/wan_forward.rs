@@ -1,6 +1,7 @@
 //! Forward parity of the Wan2.1 transformer with diffusers (`wan21_tiny_forward`).
 
 use magcache_core::{Branch, CallCx, ScopeKey};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::weights::WeightStore;
 use magcache_models::wan::load::{load_wan, original_to_diffusers};
 use magcache_models::wan::model::{WanModel, WanTrace};

@@ -1,8 +1,11 @@
 //! Tensor names and shapes are written once, in the loaders: `block_tensors`, `top_tensors` and
-//! `tensor_shapes` record what the loaders ask a recording store for. The released-layout checkpoints of the tiny fixtures
+//! `shapes` (magcache_layers::chain_model::ChainModel) record what the loaders ask a recording store for. The released-layout checkpoints of the tiny fixtures
 //! are the truth: every block tensor they hold is recorded, with its shape, and nothing else.
 
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::weights::WeightStore;
+use magcache_models::flux::model::FluxModel;
+use magcache_models::wan::model::WanModel;
 use magcache_tests::fixture;
 use std::collections::BTreeMap;
 
@@ -34,12 +37,12 @@ fn wan_block_tensors_are_the_checkpoints_blocks() {
     .unwrap();
     let rec = recorded(
         (0..l.config.num_layers)
-            .map(|i| magcache_models::wan::model::block_tensors(&l.config, i).unwrap())
+            .map(|i| WanModel::block_tensors(&l.config, i).unwrap())
             .collect(),
     );
     assert_eq!(rec, stored(&l.store, &["blocks."]));
     // The whole list (embeddings and head, then the blocks) is what presets generate.
-    let all = magcache_models::wan::model::tensor_shapes(&l.config).unwrap();
+    let all = WanModel::shapes(&l.config).unwrap();
     let all: BTreeMap<String, Vec<usize>> = all.into_iter().collect();
     assert_eq!(all, stored(&l.store, &[""]));
 }
@@ -56,7 +59,7 @@ fn flux_block_tensors_are_the_checkpoints_blocks() {
     let c = &l.config;
     let rec = recorded(
         (0..c.num_layers + c.num_single_layers)
-            .map(|i| magcache_models::flux::model::block_tensors(c, i).unwrap())
+            .map(|i| FluxModel::block_tensors(c, i).unwrap())
             .collect(),
     );
     assert_eq!(
@@ -67,7 +70,7 @@ fn flux_block_tensors_are_the_checkpoints_blocks() {
         )
     );
     // With the embeddings and head `assemble` reads: the whole checkpoint.
-    let mut all = recorded(vec![magcache_models::flux::model::top_tensors(c).unwrap()]);
+    let mut all = recorded(vec![FluxModel::top_tensors(c).unwrap()]);
     all.extend(rec);
     assert_eq!(all, stored(&l.store, &[""]));
 }

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Tensor};
 use magcache_core::{Branch, CallCx, ScopeKey};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::ModelConfig;
 use magcache_layers::weights::WeightStore;
 use magcache_models::zimage::{ZImageConfig, ZImageModel, ZImageTrace};

@@ -27,7 +27,8 @@ pub trait ResolvedRun: Sized {
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)>;
     /// Each stage's memory estimate, in the order the stages run.
     fn estimate(&self) -> Vec<(String, Footprint)>;
-    /// Runs the stages up to the denoising loop (size guard first) and returns the pipeline.
+    /// Runs the stages up to the denoising loop and returns the pipeline ([`build_run`] has
+    /// checked every stage's estimate against the size guard first).
     fn build(&self) -> Result<Box<dyn Pipeline>>;
     /// A preset run's transformers as generated weights (`magcache export`); `None`: this run has
     /// no preset to export.
@@ -36,13 +37,18 @@ pub trait ResolvedRun: Sized {
     }
 }
 
-/// [`crate::runtime::registry::BuildPipeline`] of a [`ResolvedRun`].
+/// [`crate::runtime::registry::BuildPipeline`] of a [`ResolvedRun`]: the size guard on every
+/// stage's estimate, then the build.
 pub fn build_run<R: ResolvedRun>(
     cfg: &RunConfig,
     file: &str,
     base: &Path,
 ) -> Result<Box<dyn Pipeline>> {
-    R::resolve(cfg, file, base)?.build()
+    let run = R::resolve(cfg, file, base)?;
+    for (_, fp) in run.estimate() {
+        fp.check(file)?;
+    }
+    run.build()
 }
 
 /// [`crate::runtime::registry::PlanRun`] of a [`ResolvedRun`].

@@ -46,7 +46,7 @@ fn feed_forward(w: &WeightStore, p: &str, d: usize) -> Result<FeedForward> {
     })
 }
 
-pub(crate) struct DoubleBlock {
+pub struct DoubleBlock {
     norm1: Linear,
     norm1_ctx: Linear,
     inner: DoubleStream,
@@ -84,7 +84,7 @@ impl DoubleBlock {
     }
 }
 
-pub(crate) struct SingleBlock {
+pub struct SingleBlock {
     norm: Linear,
     inner: SingleStream,
 }
@@ -123,7 +123,7 @@ impl SingleBlock {
 // One value per block of the chain, built once and never moved in a loop: the variants' sizes do
 // not matter.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum AnyBlock {
+pub enum AnyBlock {
     Double(DoubleBlock),
     Single(SingleBlock),
 }

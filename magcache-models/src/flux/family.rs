@@ -6,6 +6,7 @@ use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::keys::{fields_of, FamilyKeys};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::to_map;
 use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve};
@@ -16,7 +17,7 @@ use magcache_layers::scheduler::FluxShift;
 use super::inputs::build_inputs;
 use super::model::{FluxModel, FLUX_DOUBLE, FLUX_SINGLE};
 use super::pipeline::{flux_plan, FluxPipeline};
-use super::presets::{flux_info, shapes, FLUX_PRESETS};
+use super::presets::{flux_info, FLUX_PRESETS};
 use super::{footprint, load, prompted};
 use std::path::Path;
 
@@ -127,11 +128,9 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 .map(|p| p.name);
             let (n_double, n_single) = (l.config.num_layers, l.config.num_single_layers);
             let store = std::sync::Arc::new(l.store);
-            let model =
-                match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
-                    magcache_core::Offload::None => FluxModel::from_weights(l.config, &store)?,
-                    magcache_core::Offload::Stream => FluxModel::streamed(l.config, store.clone())?,
-                };
+            let offload =
+                magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
+            let model = FluxModel::placed(l.config, store.clone(), offload)?;
             let desc = if model.is_streamed() {
                 format!("{desc}, blocks streamed from the checkpoint")
             } else {
@@ -173,8 +172,12 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 c.inner_dim(),
                 c.num_attention_heads
             );
-            let mut store =
-                random_store(cfg.model.seed, shapes(&c)?, c.inner_dim(), placement.dtype)?;
+            let mut store = random_store(
+                cfg.model.seed,
+                FluxModel::shapes(&c)?,
+                c.inner_dim(),
+                placement.dtype,
+            )?;
             store.set_placement(placement.clone());
             warnings.extend(apply_lora(cfg, file, base, &mut store, &c)?);
             (FluxModel::from_weights(c, &store)?, desc, Some(p.name))
@@ -304,7 +307,7 @@ fn export_flux(
         "",
         config,
         cfg.model.seed,
-        shapes(&c)?,
+        FluxModel::shapes(&c)?,
         c.inner_dim(),
         dtype,
     );

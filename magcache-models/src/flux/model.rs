@@ -5,37 +5,16 @@ use super::blocks::{lin, modulated_input, AnyBlock, BlockArgs};
 use super::config::FluxConfig;
 use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::nn::modulate;
 use magcache_layers::nn::{timestep_embedding, LayerNorm, Linear};
 use magcache_layers::weights::WeightStore;
-use std::sync::Arc;
 
 /// Double-stream block: updates the image (hidden) and text (encoder) streams, each with its own
 /// weights (`BlockArgs` holds what it reads besides them).
 pub const FLUX_DOUBLE: BlockMetadata = BlockMetadata::joint("flux.double");
 /// Single-stream block: the two streams concatenated (text first), split again on the way out.
 pub const FLUX_SINGLE: BlockMetadata = BlockMetadata::joint("flux.single");
-
-/// The diffusers-named tensors outside the blocks (embeddings, head) and their shapes, as
-/// `assemble` reads them (recorded, so the names are written once).
-pub fn top_tensors(c: &FluxConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    FluxModel::assemble(
-        c.clone(),
-        &w,
-        ModelBlocks::held("flux", Vec::new(), Vec::new())?,
-    )?;
-    w.recorded()
-}
-
-/// The diffusers-named tensors of chain block `i` (double blocks first, then single blocks) and
-/// their shapes, in the order the block's `load` reads them: recorded by running the loader on a
-/// recording store, so names and shapes are written once.
-pub fn block_tensors(c: &FluxConfig, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    AnyBlock::load(&w, i, c, &Device::Cpu)?;
-    w.recorded()
-}
 
 /// The FLUX transformer with its hook registry (chain: double blocks, then single blocks).
 pub struct FluxModel {
@@ -63,54 +42,21 @@ pub struct FluxTrace {
     pub blocks: Vec<(Tensor, Tensor)>,
 }
 
-impl FluxModel {
-    /// Builds the model from diffusers-named tensors, every block loaded and held.
-    pub fn from_weights(cfg: FluxConfig, w: &WeightStore) -> Result<Self> {
-        let dev = w.placement().device.clone();
-        let blocks = (0..cfg.num_layers + cfg.num_single_layers)
-            .map(|i| AnyBlock::load(w, i, &cfg, &dev))
-            .collect::<Result<Vec<_>>>()?;
-        let metas = chain_kinds(&cfg);
-        Self::assemble(cfg, w, ModelBlocks::held("flux", blocks, metas)?)
+impl ChainModel for FluxModel {
+    type Config = FluxConfig;
+    type Block = AnyBlock;
+    const FAMILY: &'static str = "flux";
+
+    /// Double blocks, then single blocks.
+    fn chain(c: &FluxConfig) -> Vec<BlockMetadata> {
+        BlockMetadata::chain(&[
+            (FLUX_DOUBLE, c.num_layers),
+            (FLUX_SINGLE, c.num_single_layers),
+        ])
     }
 
-    /// Builds the model with its blocks streamed from `w` (a checkpoint's store): the
-    /// embeddings and the head are loaded now, each block's tensors only checked (present, right
-    /// shape) and read when the block runs.
-    pub fn streamed(cfg: FluxConfig, w: Arc<WeightStore>) -> Result<Self> {
-        for i in 0..cfg.num_layers + cfg.num_single_layers {
-            for (name, shape) in block_tensors(&cfg, i)? {
-                w.expect(&name, &shape)?;
-            }
-        }
-        let (c, dev) = (cfg.clone(), w.placement().device.clone());
-        let store = w.clone();
-        let load = move |i| AnyBlock::load(&w, i, &c, &dev);
-        Self::assemble(
-            cfg.clone(),
-            &store,
-            ModelBlocks::streamed("flux", chain_kinds(&cfg), load),
-        )
-    }
-
-    /// Whether block weights are read from the checkpoint as blocks run.
-    pub fn is_streamed(&self) -> bool {
-        self.blocks.is_streamed()
-    }
-
-    /// The modulated-input indicator: the first double block's `norm1` on the image stream `h`
-    /// entering the chain (streamed: from the held copy of that `norm1`, so a reused call reads no
-    /// block). diffusers' SeaCache has no FLUX adapter: the packed tokens (`InputLatents`) are not
-    /// offered.
-    fn modulated_input(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let first = self.blocks.held_blocks().and_then(|v| v.first());
-        match (first, &self.first_norm1) {
-            (Some(AnyBlock::Double(b)), _) => b.norm1_out(h, temb),
-            (None, Some((norm1, ln))) => modulated_input(norm1, ln, h, temb),
-            _ => Err(Error::msg(
-                "flux: the chain has no double block to modulate its input",
-            )),
-        }
+    fn load_block(w: &WeightStore, i: usize, c: &FluxConfig, dev: &Device) -> Result<AnyBlock> {
+        AnyBlock::load(w, i, c, dev)
     }
 
     fn assemble(cfg: FluxConfig, w: &WeightStore, blocks: ModelBlocks<AnyBlock>) -> Result<Self> {
@@ -153,6 +99,28 @@ impl FluxModel {
             proj_out: lin(w, "proj_out", cfg.out_channels(), d)?,
             cfg,
         })
+    }
+}
+
+impl FluxModel {
+    /// Whether block weights are read from the checkpoint as blocks run.
+    pub fn is_streamed(&self) -> bool {
+        self.blocks.is_streamed()
+    }
+
+    /// The modulated-input indicator: the first double block's `norm1` on the image stream `h`
+    /// entering the chain (streamed: from the held copy of that `norm1`, so a reused call reads no
+    /// block). diffusers' SeaCache has no FLUX adapter: the packed tokens (`InputLatents`) are not
+    /// offered.
+    fn modulated_input(&self, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let first = self.blocks.held_blocks().and_then(|v| v.first());
+        match (first, &self.first_norm1) {
+            (Some(AnyBlock::Double(b)), _) => b.norm1_out(h, temb),
+            (None, Some((norm1, ln))) => modulated_input(norm1, ln, h, temb),
+            _ => Err(Error::msg(
+                "flux: the chain has no double block to modulate its input",
+            )),
+        }
     }
 
     /// Rotary tables `[S, head_dim/2]` from position ids `[S, n_axes]`.
@@ -261,12 +229,4 @@ impl FluxModel {
         let y = modulate(&self.ln_out.forward(&h)?, &shift, &scale)?;
         self.proj_out.forward(&y)
     }
-}
-
-/// The kind of every chain block: the double blocks, then the single blocks.
-fn chain_kinds(c: &FluxConfig) -> Vec<BlockMetadata> {
-    BlockMetadata::chain(&[
-        (FLUX_DOUBLE, c.num_layers),
-        (FLUX_SINGLE, c.num_single_layers),
-    ])
 }

@@ -5,8 +5,6 @@ use super::config::FluxConfig;
 use crate::published;
 use magcache_core::{Indicator, ModelInfo};
 
-use super::model;
-
 pub struct FluxPreset {
     pub name: &'static str,
     pub config: fn() -> FluxConfig,
@@ -32,15 +30,6 @@ pub const FLUX_PRESETS: &[FluxPreset] = &[
         config: schnell,
     },
 ];
-
-/// Diffusers names and shapes of a FLUX model: the embeddings and head, then every block.
-pub(super) fn shapes(c: &FluxConfig) -> magcache_core::Result<Vec<(String, Vec<usize>)>> {
-    let mut v = model::top_tensors(c)?;
-    for i in 0..c.num_layers + c.num_single_layers {
-        v.extend(model::block_tensors(c, i)?);
-    }
-    Ok(v)
-}
 
 pub(super) fn flux_info(preset: Option<&str>) -> ModelInfo {
     let mut info = ModelInfo {

@@ -82,7 +82,7 @@ fn single(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<Si
 /// One block of the chain.
 // One value per block, built once and never moved in a loop: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum AnyBlock {
+pub enum AnyBlock {
     Double(DoubleStream),
     Single(SingleStream),
 }

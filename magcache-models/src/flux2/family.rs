@@ -3,7 +3,7 @@
 
 use super::config::{Flux2Config, FLUX2_CLASS};
 use super::load::load_flux2;
-use super::model::{shapes, Flux2Model, FLUX2_DOUBLE, FLUX2_SINGLE};
+use super::model::{Flux2Model, FLUX2_DOUBLE, FLUX2_SINGLE};
 use super::pipeline::{flux2_plan, Flux2Inputs, Flux2Pipeline};
 use super::prompted::{self, image_ids, text_ids, DEFAULT_GUIDANCE};
 use candle_core::Tensor;
@@ -11,6 +11,7 @@ use magcache_core::runtime::config::{RunConfig, WeightsSpec};
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve, to_map};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes, weights_knob, Sz};
@@ -406,13 +407,9 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
                 }
             );
             let store = std::sync::Arc::new(l.store);
-            let model =
-                match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
-                    magcache_core::Offload::None => Flux2Model::from_weights(c.clone(), &store)?,
-                    magcache_core::Offload::Stream => {
-                        Flux2Model::streamed(c.clone(), store.clone())?
-                    }
-                };
+            let offload =
+                magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
+            let model = Flux2Model::placed(c.clone(), store.clone(), offload)?;
             let desc = if model.is_streamed() {
                 format!("{desc}, blocks streamed from the checkpoint")
             } else {
@@ -450,8 +447,12 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
                 c.inner_dim(),
                 c.num_attention_heads
             );
-            let mut store =
-                random_store(cfg.model.seed, shapes(&c)?, c.inner_dim(), placement.dtype)?;
+            let mut store = random_store(
+                cfg.model.seed,
+                Flux2Model::shapes(&c)?,
+                c.inner_dim(),
+                placement.dtype,
+            )?;
             store.set_placement(placement.clone());
             (Flux2Model::from_weights(c, &store)?, desc, Some(p.name))
         }
@@ -536,7 +537,7 @@ fn export_flux2(
         "",
         config,
         cfg.model.seed,
-        shapes(&c)?,
+        Flux2Model::shapes(&c)?,
         c.inner_dim(),
         dtype,
     )])

@@ -11,44 +11,15 @@ use super::blocks::{AnyBlock, BlockArgs, Modulations};
 use super::config::Flux2Config;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::mmdit::chunks;
 use magcache_layers::nn::{linear_no_bias, modulate, timestep_embedding, LayerNorm, Linear};
 use magcache_layers::weights::WeightStore;
-use std::sync::Arc;
 
 /// Double-stream block: updates the image (hidden) and text (encoder) streams.
 pub const FLUX2_DOUBLE: BlockMetadata = BlockMetadata::joint("flux2.double");
 /// Single-stream block: the two streams concatenated (text first), updated, split again.
 pub const FLUX2_SINGLE: BlockMetadata = BlockMetadata::joint("flux2.single");
-
-/// The diffusers-named tensors outside the blocks (embeddings, modulations, head) and their shapes,
-/// as `assemble` reads them.
-pub fn top_tensors(c: &Flux2Config) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    Flux2Model::assemble(
-        c.clone(),
-        &w,
-        ModelBlocks::held("flux2", Vec::new(), Vec::new())?,
-    )?;
-    w.recorded()
-}
-
-/// The diffusers-named tensors of chain block `i` (double blocks first) and their shapes, recorded
-/// from the block's loader.
-pub fn block_tensors(c: &Flux2Config, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    AnyBlock::load(&w, i, c, &Device::Cpu)?;
-    w.recorded()
-}
-
-/// Every tensor of a model of `c` with its shape (top, then the blocks in chain order).
-pub fn shapes(c: &Flux2Config) -> Result<Vec<(String, Vec<usize>)>> {
-    let mut all = top_tensors(c)?;
-    for i in 0..c.num_blocks() {
-        all.extend(block_tensors(c, i)?);
-    }
-    Ok(all)
-}
 
 /// The FLUX.2 transformer with its hook registry (chain: double blocks, then single blocks).
 pub struct Flux2Model {
@@ -82,37 +53,21 @@ pub struct Flux2Trace {
     pub norm_out: Option<Tensor>,
 }
 
-impl Flux2Model {
-    /// Builds the model from diffusers-named tensors, every block loaded and held.
-    pub fn from_weights(cfg: Flux2Config, w: &WeightStore) -> Result<Self> {
-        let dev = w.placement().device.clone();
-        let blocks = (0..cfg.num_blocks())
-            .map(|i| AnyBlock::load(w, i, &cfg, &dev))
-            .collect::<Result<Vec<_>>>()?;
-        let metas = chain_kinds(&cfg);
-        Self::assemble(cfg, w, ModelBlocks::held("flux2", blocks, metas)?)
+impl ChainModel for Flux2Model {
+    type Config = Flux2Config;
+    type Block = AnyBlock;
+    const FAMILY: &'static str = "flux2";
+
+    /// Double blocks, then single blocks.
+    fn chain(c: &Flux2Config) -> Vec<BlockMetadata> {
+        BlockMetadata::chain(&[
+            (FLUX2_DOUBLE, c.num_layers),
+            (FLUX2_SINGLE, c.num_single_layers),
+        ])
     }
 
-    /// Builds the model with its blocks streamed from `w`: the rest is loaded now, each block's
-    /// tensors only checked (present, right shape) and read when the block runs.
-    pub fn streamed(cfg: Flux2Config, w: Arc<WeightStore>) -> Result<Self> {
-        for i in 0..cfg.num_blocks() {
-            for (name, shape) in block_tensors(&cfg, i)? {
-                w.expect(&name, &shape)?;
-            }
-        }
-        let (c, dev) = (cfg.clone(), w.placement().device.clone());
-        let store = w.clone();
-        let load = move |i| AnyBlock::load(&w, i, &c, &dev);
-        Self::assemble(
-            cfg.clone(),
-            &store,
-            ModelBlocks::streamed("flux2", chain_kinds(&cfg), load),
-        )
-    }
-
-    pub fn is_streamed(&self) -> bool {
-        self.blocks.is_streamed()
+    fn load_block(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<AnyBlock> {
+        AnyBlock::load(w, i, c, dev)
     }
 
     fn assemble(cfg: Flux2Config, w: &WeightStore, blocks: ModelBlocks<AnyBlock>) -> Result<Self> {
@@ -143,6 +98,12 @@ impl Flux2Model {
             proj_out: linear_no_bias(w, "proj_out", cfg.out_channels(), d)?,
             cfg,
         })
+    }
+}
+
+impl Flux2Model {
+    pub fn is_streamed(&self) -> bool {
+        self.blocks.is_streamed()
     }
 
     /// Rotary tables `[S, head_dim/2]` from position ids `[S, n_axes]` (any numeric dtype): axis `i`
@@ -279,12 +240,4 @@ impl Flux2Model {
         }
         self.proj_out.forward(&y)
     }
-}
-
-/// The kind of every chain block: the double blocks, then the single blocks.
-fn chain_kinds(c: &Flux2Config) -> Vec<BlockMetadata> {
-    BlockMetadata::chain(&[
-        (FLUX2_DOUBLE, c.num_layers),
-        (FLUX2_SINGLE, c.num_single_layers),
-    ])
 }

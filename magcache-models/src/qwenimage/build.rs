@@ -3,7 +3,7 @@
 
 use super::config::QwenImageConfig;
 use super::family::{qwenimage_info, qwenimage_params, QwenImageRun, Source};
-use super::model::{shapes, QwenImageModel, QWENIMAGE_BLOCK};
+use super::model::{QwenImageModel, QWENIMAGE_BLOCK};
 use super::pipeline::{QwenImageDecode, QwenImagePipeline};
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
@@ -14,55 +14,19 @@ use magcache_core::runtime::resolved::{
     build_run, estimate_run, export_run, plan_run, ResolvedRun,
 };
 use magcache_core::PipelineCommon;
-use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
+use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
-use magcache_layers::random::{randn_for, random_store};
-use magcache_layers::weights::WeightStore;
+use magcache_layers::random::randn_for;
 use magcache_text::qwenimage::{
     QwenImageTextEncoder, QWENIMAGE_DROP, QWENIMAGE_MAX_LEN, QWENIMAGE_TEMPLATE,
 };
 use std::path::Path;
-use std::sync::Arc;
 
 /// The embeddings of a run: the prompt's `[1, L, j]` and, with true CFG, the negative's.
 type Captions = (Tensor, Option<Tensor>, Option<StageTime>);
 
 impl QwenImageRun {
-    /// Each stage's estimate, in the order they run.
-    fn estimates(&self) -> Vec<(String, Footprint)> {
-        let mut v = Vec::new();
-        if let Source::Folder { root, text, .. } = &self.source {
-            let te = root
-                .join("text_encoder")
-                .join("config.json")
-                .display()
-                .to_string();
-            // The encoder runs every token of the templated prompt (the rows past
-            // `max_sequence_length` are cut after it): at most one per byte of the longer prompt
-            // plus the template's, and at most the tokenizer's limit.
-            let longest = self
-                .prompt
-                .as_ref()
-                .map(|(p, n)| p.len().max(n.as_ref().map_or(0, String::len)))
-                .unwrap_or(0);
-            let tokens =
-                (longest + QWENIMAGE_TEMPLATE.len()).min(QWENIMAGE_MAX_LEN + QWENIMAGE_DROP);
-            let fp = text.footprint(
-                text.num_hidden_layers,
-                tokens,
-                self.run.placement.dtype.size_in_bytes(),
-                &te,
-            );
-            v.push(("encode text".to_string(), fp));
-        }
-        v.push((
-            "transformer and decode".to_string(),
-            self.transformer_footprint(),
-        ));
-        v
-    }
-
     /// The transformer's weights (or, streamed, all but the blocks and three of them), the plan,
     /// one call's activations, the cache, and the one-frame VAE decode.
     fn transformer_footprint(&self) -> Footprint {
@@ -210,35 +174,19 @@ impl QwenImageRun {
 
     fn transformer(&self) -> Result<(QwenImageModel, Vec<String>)> {
         let c = self.transformer.clone();
-        let mut store = match &self.source {
-            Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
-            Source::Transformer(dir) => WeightStore::load_checkpoint(dir)?,
-            Source::Preset(_) => random_store(
-                self.run.model_seed,
-                shapes(&c)?,
-                c.inner_dim(),
-                self.run.placement.dtype,
-            )?,
+        let dir = match &self.source {
+            Source::Folder { root, .. } => Some(root.join("transformer")),
+            Source::Transformer(dir) => Some(dir.clone()),
+            Source::Preset(_) => None,
         };
-        let refs: Vec<_> = self.run.loras.iter().collect();
-        let mut lora_warnings = magcache_layers::lora::apply_tables(
-            &mut store,
-            &refs,
-            Path::new(""),
+        let (width, depth) = (c.inner_dim(), ("num_layers", c.num_layers));
+        self.run.model(
+            dir.as_deref(),
+            c,
+            width,
             &super::lora::QwenImageLoraNames,
-        )?;
-        store.set_placement(self.run.placement.clone());
-        let store = Arc::new(store);
-        let model = match self.run.offload {
-            Offload::Stream => QwenImageModel::streamed(c.clone(), store.clone())?,
-            Offload::None => QwenImageModel::from_weights(c.clone(), &store)?,
-        };
-        let overrides = serde_json::Map::new();
-        let unused = store.check_unused(&self.run.file, |_| {
-            magcache_layers::config_util::depth_key(&overrides, "num_layers", c.num_layers)
-        })?;
-        lora_warnings.extend(unused);
-        Ok((model, lora_warnings))
+            depth,
+        )
     }
 
     fn latents(&self) -> Result<Tensor> {
@@ -259,12 +207,53 @@ impl QwenImageRun {
         };
         Ok(l.to_device(&self.run.placement.device)?)
     }
+}
 
-    /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
-    fn pipeline(&self) -> Result<QwenImagePipeline> {
-        for (_, fp) in self.estimates() {
-            fp.check(&self.run.file)?;
+impl ResolvedRun for QwenImageRun {
+    fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+        Self::read(cfg, file, base)
+    }
+
+    fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+        self.plan_of()
+    }
+
+    fn estimate(&self) -> Vec<(String, Footprint)> {
+        let mut v = Vec::new();
+        if let Source::Folder { root, text, .. } = &self.source {
+            let te = root
+                .join("text_encoder")
+                .join("config.json")
+                .display()
+                .to_string();
+            // The encoder runs every token of the templated prompt (the rows past
+            // `max_sequence_length` are cut after it): at most one per byte of the longer prompt
+            // plus the template's, and at most the tokenizer's limit.
+            let longest = self
+                .prompt
+                .as_ref()
+                .map(|(p, n)| p.len().max(n.as_ref().map_or(0, String::len)))
+                .unwrap_or(0);
+            let tokens =
+                (longest + QWENIMAGE_TEMPLATE.len()).min(QWENIMAGE_MAX_LEN + QWENIMAGE_DROP);
+            let fp = text.footprint(
+                text.num_hidden_layers,
+                tokens,
+                self.run.placement.dtype.size_in_bytes(),
+                &te,
+            );
+            v.push(("encode text".to_string(), fp));
         }
+        v.push((
+            "transformer and decode".to_string(),
+            self.transformer_footprint(),
+        ));
+        v
+    }
+
+    /// The stages up to the loop: text, transformer, inputs (`build_run` checked every stage's
+    /// estimate first).
+    fn build(&self) -> Result<Box<dyn Pipeline>> {
         let (pos, neg, stage) = self.captions()?;
         let (model, unused) = self.transformer()?;
         let mut warnings = self.run.warnings.clone();
@@ -310,7 +299,7 @@ impl QwenImageRun {
             (Some(n), Some(s)) => Some((rep(n)?, s)),
             _ => None,
         };
-        Ok(QwenImagePipeline {
+        Ok(Box::new(QwenImagePipeline {
             model: Some(model),
             schedule: self.schedule()?,
             ctx: rep(&pos)?,
@@ -326,41 +315,20 @@ impl QwenImageRun {
                 stages: stage.into_iter().collect(),
                 cache: None,
             },
-        })
-    }
-}
-
-impl ResolvedRun for QwenImageRun {
-    fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
-        Self::read(cfg, file, base)
-    }
-
-    fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        self.plan_of()
-    }
-
-    fn estimate(&self) -> Vec<(String, Footprint)> {
-        self.estimates()
-    }
-
-    fn build(&self) -> Result<Box<dyn Pipeline>> {
-        Ok(Box::new(self.pipeline()?))
+        }))
     }
 
     /// The preset's transformer, generated tensor by tensor (`magcache export`): with the folder
     /// written, `offload = "stream"` runs the preset at its released size from disk.
     fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
-        if !matches!(self.source, Source::Preset(_)) {
-            return Ok(None);
-        }
         let c = &self.transformer;
-        let names = super::lora::QwenImageLoraNames;
-        Ok(Some(vec![self.run.export_preset(
+        let preset = matches!(self.source, Source::Preset(_));
+        self.run.export_preset::<QwenImageModel>(
+            preset,
             c,
-            shapes(c)?,
             c.inner_dim(),
-            &names,
-        )?]))
+            &super::lora::QwenImageLoraNames,
+        )
     }
 }
 

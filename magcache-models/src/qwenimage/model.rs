@@ -5,10 +5,10 @@
 use super::config::QwenImageConfig;
 use candle_core::{DType, Device, Tensor, D};
 use magcache_core::{BlockMetadata, CallCx, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::mmdit::{chunks, Act, DoubleStream, FeedForward, JointAttention};
 use magcache_layers::nn::{linear, modulate, LayerNorm, Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
-use std::sync::Arc;
 
 /// A double-stream block: image (hidden) and text (encoder) streams.
 pub const QWENIMAGE_BLOCK: BlockMetadata = BlockMetadata::joint("qwenimage.block");
@@ -78,33 +78,6 @@ fn modulated_input(
     modulate(&ln.forward(h)?, &m[0], &m[1])
 }
 
-/// The tensors outside the blocks and their shapes.
-pub fn top_tensors(c: &QwenImageConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    QwenImageModel::assemble(
-        c.clone(),
-        &w,
-        ModelBlocks::held("qwen-image", Vec::new(), Vec::new())?,
-    )?;
-    w.recorded()
-}
-
-/// The tensors of block `i` and their shapes.
-pub fn block_tensors(c: &QwenImageConfig, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    QBlock::load(&w, i, c, &Device::Cpu)?;
-    w.recorded()
-}
-
-/// Every tensor of a model of `c` with its shape.
-pub fn shapes(c: &QwenImageConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let mut all = top_tensors(c)?;
-    for i in 0..c.num_layers {
-        all.extend(block_tensors(c, i)?);
-    }
-    Ok(all)
-}
-
 pub struct QwenImageModel {
     pub cfg: QwenImageConfig,
     img_in: Linear,
@@ -134,36 +107,17 @@ pub struct QwenImageTrace {
     pub norm_out: Option<Tensor>,
 }
 
-impl QwenImageModel {
-    pub fn from_weights(cfg: QwenImageConfig, w: &WeightStore) -> Result<Self> {
-        let dev = w.placement().device.clone();
-        let blocks = (0..cfg.num_layers)
-            .map(|i| QBlock::load(w, i, &cfg, &dev))
-            .collect::<Result<Vec<_>>>()?;
-        let metas = BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)]);
-        Self::assemble(cfg, w, ModelBlocks::held("qwen-image", blocks, metas)?)
+impl ChainModel for QwenImageModel {
+    type Config = QwenImageConfig;
+    type Block = QBlock;
+    const FAMILY: &'static str = "qwen-image";
+
+    fn chain(cfg: &QwenImageConfig) -> Vec<BlockMetadata> {
+        BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)])
     }
 
-    /// The blocks streamed from `w` (checked now, read when they run); block 0 is also held for
-    /// the modulated-input indicator.
-    pub fn streamed(cfg: QwenImageConfig, w: Arc<WeightStore>) -> Result<Self> {
-        for i in 0..cfg.num_layers {
-            for (name, shape) in block_tensors(&cfg, i)? {
-                w.expect(&name, &shape)?;
-            }
-        }
-        let (c, store, dev) = (cfg.clone(), w.clone(), w.placement().device.clone());
-        let load = move |i: usize| QBlock::load(&w, i, &c, &dev);
-        let metas = BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)]);
-        Self::assemble(
-            cfg,
-            &store,
-            ModelBlocks::streamed("qwen-image", metas, load),
-        )
-    }
-
-    pub fn is_streamed(&self) -> bool {
-        self.blocks.is_streamed()
+    fn load_block(w: &WeightStore, i: usize, c: &QwenImageConfig, dev: &Device) -> Result<QBlock> {
+        QBlock::load(w, i, c, dev)
     }
 
     fn assemble(
@@ -191,6 +145,12 @@ impl QwenImageModel {
             proj_out: linear(w, "proj_out", cfg.out_tokens(), d)?,
             cfg,
         })
+    }
+}
+
+impl QwenImageModel {
+    pub fn is_streamed(&self) -> bool {
+        self.blocks.is_streamed()
     }
 
     /// `temb` `[B, inner]`: `Timesteps(256, scale=1000)` (cosines first, the argument `1000 * (t *

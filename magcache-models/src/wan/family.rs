@@ -14,6 +14,7 @@ use super::prompted;
 use magcache_core::runtime::config::{LoraTable, RunConfig, WeightsSpec};
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, resolve, to_map};
 use magcache_layers::scheduler::{
     choose_flow_sampler, pipeline_scheduler_config, FlowSampler, SamplerChoice,
@@ -58,11 +59,8 @@ pub fn build_model(
         );
         let layers = loaded.config.num_layers;
         let store = std::sync::Arc::new(loaded.store);
-        let model =
-            match magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)? {
-                magcache_core::Offload::None => WanModel::from_weights(loaded.config, &store)?,
-                magcache_core::Offload::Stream => WanModel::streamed(loaded.config, store.clone())?,
-            };
+        let offload = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
+        let model = WanModel::placed(loaded.config, store.clone(), offload)?;
         let desc = if model.is_streamed() {
             format!("{desc}, blocks streamed from the checkpoint")
         } else {
@@ -655,7 +653,7 @@ fn export_wan(
     let mut config = to_map(&c, "WanTransformer3DModel")?;
     config.insert("_class_name".into(), "WanTransformer3DModel".into());
     let n = preset.experts.max(1);
-    let shapes = model::tensor_shapes(&c)?;
+    let shapes = model::WanModel::shapes(&c)?;
     // A `[prompt]` (`magcache export --pipeline`) asks for a pipeline folder: the transformer under
     // `transformer/`, the released text encoder and VAE beside it (text-to-video presets with the
     // Wan2.1 VAE only).

@@ -3,12 +3,12 @@
 use super::config::WanConfig;
 use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::nn::{
     attention, gelu, linear, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm,
     Linear, RmsNorm,
 };
 use magcache_layers::weights::WeightStore;
-use std::sync::Arc;
 
 /// A Wan block updates the hidden states ([`BlockArgs`] holds what it reads besides them).
 pub const WAN_BLOCK: BlockMetadata = BlockMetadata::hidden("wan.block");
@@ -139,7 +139,7 @@ impl Attention {
 }
 
 /// One transformer block (self-attention, cross-attention, feed-forward), loaded from `blocks.{i}`.
-pub(crate) struct Block {
+pub struct Block {
     norm1: LayerNorm,
     attn1: Attention,
     norm2: Option<LayerNorm>,
@@ -262,15 +262,6 @@ pub fn image_context_rows(len: usize) -> usize {
     }
 }
 
-/// The diffusers-named tensors of block `i` and their shapes, in the order `Block::load` reads them:
-/// recorded by running the loader on a recording store, so names and shapes are written once (the
-/// streamed model checks them all at build time; presets generate them).
-pub fn block_tensors(cfg: &WanConfig, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    Block::load(&w, i, cfg, &Device::Cpu)?;
-    w.recorded()
-}
-
 /// Intermediate values of one forward, for parity tests.
 #[derive(Debug, Default)]
 pub struct WanTrace {
@@ -304,35 +295,17 @@ pub struct WanModel {
     rope_freqs: [Vec<f64>; 3],
 }
 
-impl WanModel {
-    /// Builds the model from diffusers-named tensors, every block loaded and held.
-    pub fn from_weights(cfg: WanConfig, w: &WeightStore) -> Result<Self> {
-        let dev = w.placement().device.clone();
-        let blocks = (0..cfg.num_layers)
-            .map(|i| Block::load(w, i, &cfg, &dev))
-            .collect::<Result<Vec<_>>>()?;
-        let n = blocks.len();
-        Self::assemble(
-            cfg,
-            w,
-            ModelBlocks::held("wan", blocks, vec![WAN_BLOCK; n])?,
-        )
+impl ChainModel for WanModel {
+    type Config = WanConfig;
+    type Block = Block;
+    const FAMILY: &'static str = "wan";
+
+    fn chain(cfg: &WanConfig) -> Vec<BlockMetadata> {
+        vec![WAN_BLOCK; cfg.num_layers]
     }
 
-    /// Builds the model with its blocks streamed from `w` (a checkpoint's store): the
-    /// embeddings and the head are loaded now, each block's tensors only checked (present, right
-    /// shape) and read when the block runs.
-    pub fn streamed(cfg: WanConfig, w: Arc<WeightStore>) -> Result<Self> {
-        for i in 0..cfg.num_layers {
-            for (name, shape) in block_tensors(&cfg, i)? {
-                w.expect(&name, &shape)?;
-            }
-        }
-        let (c, dev) = (cfg.clone(), w.placement().device.clone());
-        let metas = vec![WAN_BLOCK; cfg.num_layers];
-        let store = w.clone();
-        let blocks = ModelBlocks::streamed("wan", metas, move |i| Block::load(&w, i, &c, &dev));
-        Self::assemble(cfg, &store, blocks)
+    fn load_block(w: &WeightStore, i: usize, cfg: &WanConfig, dev: &Device) -> Result<Block> {
+        Block::load(w, i, cfg, dev)
     }
 
     fn assemble(cfg: WanConfig, w: &WeightStore, blocks: ModelBlocks<Block>) -> Result<Self> {
@@ -374,7 +347,9 @@ impl WanModel {
             cfg,
         })
     }
+}
 
+impl WanModel {
     /// Rotary tables `[S, head_dim/2]` for a latent grid of `f x h x w` patches.
     pub fn rope(&self, f: usize, h: usize, w: usize) -> Result<(Tensor, Tensor)> {
         let half: usize = self.rope_freqs.iter().map(|v| v.len()).sum();
@@ -582,21 +557,5 @@ pub fn random_weights(
     seed: u64,
     dtype: candle_core::DType,
 ) -> Result<WeightStore> {
-    magcache_layers::random::random_store(seed, tensor_shapes(cfg)?, cfg.inner_dim(), dtype)
-}
-
-/// Every diffusers-named tensor of a config and its shape, blocks in order.
-pub fn tensor_shapes(cfg: &WanConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    // The embeddings and head as `assemble` reads them, then every block as its loader does.
-    let w = WeightStore::recording();
-    WanModel::assemble(
-        cfg.clone(),
-        &w,
-        ModelBlocks::held("wan", Vec::new(), Vec::new())?,
-    )?;
-    let mut shapes = w.recorded()?;
-    for i in 0..cfg.num_layers {
-        shapes.extend(block_tensors(cfg, i)?);
-    }
-    Ok(shapes)
+    magcache_layers::random::random_store(seed, WanModel::shapes(cfg)?, cfg.inner_dim(), dtype)
 }

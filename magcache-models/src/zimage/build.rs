@@ -3,7 +3,7 @@
 
 use super::config::ZImageConfig;
 use super::family::{zimage_info, zimage_params, Source, ZImageRun};
-use super::model::{padded, shapes, ZImageModel, ZIMAGE_LAYER};
+use super::model::{padded, ZImageModel, ZIMAGE_LAYER};
 use super::pipeline::{ZImageDecode, ZImagePipeline};
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
@@ -14,14 +14,12 @@ use magcache_core::runtime::resolved::{
     build_run, estimate_run, export_run, plan_run, ResolvedRun,
 };
 use magcache_core::PipelineCommon;
-use magcache_core::{Error, GenerationPlan, ModelInfo, Offload, Pipeline, Result};
+use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
-use magcache_layers::random::{randn_for, random_store};
-use magcache_layers::weights::WeightStore;
+use magcache_layers::random::randn_for;
 use magcache_text::qwen_chat::{QwenChatEncoder, ZIMAGE_CHAT};
 use std::path::Path;
-use std::sync::Arc;
 
 impl ZImageRun {
     /// The text encoder's stage: its layers' weights and one prompt's activations.
@@ -113,19 +111,6 @@ impl ZImageRun {
         } else {
             "cuda".into()
         }
-    }
-
-    /// Each stage's estimate, in the order they run.
-    fn estimates(&self) -> Vec<(String, Footprint)> {
-        let mut v = Vec::new();
-        if let Some(t) = self.text_footprint() {
-            v.push(("encode text".to_string(), t));
-        }
-        v.push((
-            "transformer and decode".to_string(),
-            self.transformer_footprint(),
-        ));
-        v
     }
 
     /// The captions (prompt, then negative with CFG) of one item each, `[n, hidden]`: encoded by the
@@ -231,37 +216,19 @@ impl ZImageRun {
     /// The transformer: the folder's checkpoint (held or streamed), or a preset's seeded weights.
     fn transformer(&self) -> Result<(ZImageModel, Vec<String>)> {
         let c = self.transformer.clone();
-        let mut store = match &self.source {
-            Source::Folder { root, .. } => WeightStore::load_checkpoint(&root.join("transformer"))?,
-            Source::Transformer(dir) => WeightStore::load_checkpoint(dir)?,
-            Source::Preset(_) => random_store(
-                self.run.model_seed,
-                shapes(&c)?,
-                c.dim,
-                self.run.placement.dtype,
-            )?,
+        let dir = match &self.source {
+            Source::Folder { root, .. } => Some(root.join("transformer")),
+            Source::Transformer(dir) => Some(dir.clone()),
+            Source::Preset(_) => None,
         };
-        let refs: Vec<_> = self.run.loras.iter().collect();
-        let mut lora_warnings = magcache_layers::lora::apply_tables(
-            &mut store,
-            &refs,
-            Path::new(""),
-            &super::lora::ZImageLoraNames {
-                dim: self.transformer.dim,
-            },
-        )?;
-        store.set_placement(self.run.placement.clone());
-        let store = Arc::new(store);
-        let model = match self.run.offload {
-            Offload::Stream => ZImageModel::streamed(c.clone(), store.clone())?,
-            Offload::None => ZImageModel::from_weights(c.clone(), &store)?,
-        };
-        let overrides = serde_json::Map::new();
-        let unused = store.check_unused(&self.run.file, |_| {
-            magcache_layers::config_util::depth_key(&overrides, "n_layers", c.n_layers)
-        })?;
-        lora_warnings.extend(unused);
-        Ok((model, lora_warnings))
+        let (width, depth) = (c.dim, ("n_layers", c.n_layers));
+        self.run.model(
+            dir.as_deref(),
+            c,
+            width,
+            &super::lora::ZImageLoraNames { dim: width },
+            depth,
+        )
     }
 
     /// The initial latents `[B, C, h, w]`: `latents_init` of the inputs file or seeded noise.
@@ -280,12 +247,32 @@ impl ZImageRun {
         };
         Ok(l.to_device(&self.run.placement.device)?)
     }
+}
 
-    /// Builds the pipeline: the guard on every stage first, then text, transformer, inputs.
-    fn pipeline(&self) -> Result<ZImagePipeline> {
-        for (_, fp) in self.estimates() {
-            fp.check(&self.run.file)?;
+impl ResolvedRun for ZImageRun {
+    fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
+        Self::read(cfg, file, base)
+    }
+
+    fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
+        self.plan_of()
+    }
+
+    fn estimate(&self) -> Vec<(String, Footprint)> {
+        let mut v = Vec::new();
+        if let Some(t) = self.text_footprint() {
+            v.push(("encode text".to_string(), t));
         }
+        v.push((
+            "transformer and decode".to_string(),
+            self.transformer_footprint(),
+        ));
+        v
+    }
+
+    /// The stages up to the loop: text, transformer, inputs (`build_run` checked every stage's
+    /// estimate first).
+    fn build(&self) -> Result<Box<dyn Pipeline>> {
         let (pos, neg, template) = self.captions()?;
         let (model, unused) = self.transformer()?;
         let mut warnings = self.run.warnings.clone();
@@ -329,7 +316,7 @@ impl ZImageRun {
             }),
             Source::Preset(_) | Source::Transformer(_) => None,
         };
-        Ok(ZImagePipeline {
+        Ok(Box::new(ZImagePipeline {
             model: Some(model),
             schedule: self.schedule()?,
             shift: self.shift.shift,
@@ -344,41 +331,20 @@ impl ZImageRun {
                 stages,
                 cache: None,
             },
-        })
-    }
-}
-
-impl ResolvedRun for ZImageRun {
-    fn resolve(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
-        Self::read(cfg, file, base)
-    }
-
-    fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        self.plan_of()
-    }
-
-    fn estimate(&self) -> Vec<(String, Footprint)> {
-        self.estimates()
-    }
-
-    fn build(&self) -> Result<Box<dyn Pipeline>> {
-        Ok(Box::new(self.pipeline()?))
+        }))
     }
 
     /// The preset's transformer, generated tensor by tensor (`magcache export`): with the folder
     /// written, `offload = "stream"` runs the preset at its released size from disk.
     fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
-        if !matches!(self.source, Source::Preset(_)) {
-            return Ok(None);
-        }
         let c = &self.transformer;
-        let names = super::lora::ZImageLoraNames { dim: c.dim };
-        Ok(Some(vec![self.run.export_preset(
+        let preset = matches!(self.source, Source::Preset(_));
+        self.run.export_preset::<ZImageModel>(
+            preset,
             c,
-            shapes(c)?,
             c.dim,
-            &names,
-        )?]))
+            &super::lora::ZImageLoraNames { dim: c.dim },
+        )
     }
 }
 

@@ -7,39 +7,12 @@ use super::blocks::{check_positions, pad_rows, seq_rope, ZBlock};
 use super::config::{ZImageConfig, SEQ_MULTI_OF, T_FREQ_CHANNELS, T_MLP_HIDDEN};
 use candle_core::{DType, Device, Tensor, D};
 use magcache_core::{BlockMetadata, CallCx, Indicator, ModelBlocks, Result, Streams};
+use magcache_layers::chain_model::ChainModel;
 use magcache_layers::nn::{linear, timestep_embedding, LayerNorm, Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
-use std::sync::Arc;
 
 /// A main block: the unified `[image; caption]` sequence, modulated by the timestep.
 pub const ZIMAGE_LAYER: BlockMetadata = BlockMetadata::hidden("zimage.layer");
-
-/// The diffusers-named tensors outside the chain and their shapes, as `assemble` reads them.
-pub fn top_tensors(c: &ZImageConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    ZImageModel::assemble(
-        c.clone(),
-        &w,
-        ModelBlocks::held("z-image", Vec::new(), Vec::new())?,
-    )?;
-    w.recorded()
-}
-
-/// The tensors of main block `i` and their shapes.
-pub fn block_tensors(c: &ZImageConfig, i: usize) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = WeightStore::recording();
-    ZBlock::load(&w, &format!("layers.{i}"), c, true)?;
-    w.recorded()
-}
-
-/// Every tensor of a model of `c` with its shape (outside the chain, then the main blocks).
-pub fn shapes(c: &ZImageConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    let mut all = top_tensors(c)?;
-    for i in 0..c.n_layers {
-        all.extend(block_tensors(c, i)?);
-    }
-    Ok(all)
-}
 
 pub struct ZImageModel {
     pub cfg: ZImageConfig,
@@ -77,32 +50,17 @@ pub fn padded(n: usize) -> usize {
     n.div_ceil(SEQ_MULTI_OF) * SEQ_MULTI_OF
 }
 
-impl ZImageModel {
-    /// Builds the model from diffusers-named tensors, every block loaded and held.
-    pub fn from_weights(cfg: ZImageConfig, w: &WeightStore) -> Result<Self> {
-        let blocks = (0..cfg.n_layers)
-            .map(|i| ZBlock::load(w, &format!("layers.{i}"), &cfg, true))
-            .collect::<Result<Vec<_>>>()?;
-        let metas = BlockMetadata::chain(&[(ZIMAGE_LAYER, cfg.n_layers)]);
-        Self::assemble(cfg, w, ModelBlocks::held("z-image", blocks, metas)?)
+impl ChainModel for ZImageModel {
+    type Config = ZImageConfig;
+    type Block = ZBlock;
+    const FAMILY: &'static str = "z-image";
+
+    fn chain(cfg: &ZImageConfig) -> Vec<BlockMetadata> {
+        BlockMetadata::chain(&[(ZIMAGE_LAYER, cfg.n_layers)])
     }
 
-    /// The main blocks streamed from `w` (checked now, read when they run); the refiners, embedders
-    /// and head are loaded now.
-    pub fn streamed(cfg: ZImageConfig, w: Arc<WeightStore>) -> Result<Self> {
-        for i in 0..cfg.n_layers {
-            for (name, shape) in block_tensors(&cfg, i)? {
-                w.expect(&name, &shape)?;
-            }
-        }
-        let (c, store) = (cfg.clone(), w.clone());
-        let load = move |i: usize| ZBlock::load(&w, &format!("layers.{i}"), &c, true);
-        let metas = BlockMetadata::chain(&[(ZIMAGE_LAYER, cfg.n_layers)]);
-        Self::assemble(cfg, &store, ModelBlocks::streamed("z-image", metas, load))
-    }
-
-    pub fn is_streamed(&self) -> bool {
-        self.blocks.is_streamed()
+    fn load_block(w: &WeightStore, i: usize, c: &ZImageConfig, _: &Device) -> Result<ZBlock> {
+        ZBlock::load(w, &format!("layers.{i}"), c, true)
     }
 
     fn assemble(cfg: ZImageConfig, w: &WeightStore, blocks: ModelBlocks<ZBlock>) -> Result<Self> {
@@ -133,6 +91,12 @@ impl ZImageModel {
             final_lin: linear(w, &format!("{fl}.linear"), cfg.patch_channels(), d)?,
             cfg,
         })
+    }
+}
+
+impl ZImageModel {
+    pub fn is_streamed(&self) -> bool {
+        self.blocks.is_streamed()
     }
 
     /// `adaln_input` `[B, min(dim, 256)]`: the timestep MLP on the cosine-first sinusoid of

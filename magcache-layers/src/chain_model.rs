@@ -33,6 +33,9 @@ pub trait ChainModel: Sized {
         blocks: ModelBlocks<Self::Block>,
     ) -> Result<Self>;
 
+    /// The chain's general per-block hooks ([`ModelBlocks::hooks`]).
+    fn hooks(&mut self) -> &mut magcache_core::HookRegistry;
+
     /// Every block loaded now and held.
     fn from_weights(cfg: Self::Config, w: &WeightStore) -> Result<Self> {
         let dev = w.placement().device.clone();

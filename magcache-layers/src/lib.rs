@@ -22,6 +22,7 @@ pub mod autoencoder_kl_wan;
 pub mod chain_model;
 pub mod config_util;
 pub mod footprint;
+pub mod generation;
 pub mod inputs;
 pub mod lora;
 pub mod mmdit;

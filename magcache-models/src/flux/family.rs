@@ -16,7 +16,7 @@ use magcache_layers::scheduler::FluxShift;
 
 use super::inputs::build_inputs;
 use super::model::{FluxModel, FLUX_DOUBLE, FLUX_SINGLE};
-use super::pipeline::{flux_plan, FluxPipeline};
+use super::pipeline::{flux_plan, FluxPipeline, FluxSteps};
 use super::presets::{flux_info, FLUX_PRESETS};
 use super::{footprint, load, prompted};
 use std::path::Path;
@@ -104,7 +104,7 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
         _ => None,
     };
     // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
-    let prompted = match &root {
+    let mut prompted = match &root {
         Some(root) => Some(prompted::encode(cfg, file, root)?),
         None => None,
     };
@@ -191,13 +191,19 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
     let (schedule, mu) =
         FluxShift::for_run(cfg, base)?.schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
     schedule.check(file, "inputs.latent_shape", mu)?;
+    let mut common = magcache_core::PipelineCommon::new(desc, flux_info(variant), warnings);
+    if let Some(p) = &mut prompted {
+        common.stages = std::mem::take(&mut p.stages);
+    }
     Ok(Box::new(FluxPipeline {
-        schedule,
-        guidance: cfg.sampling.guidance_scale.unwrap_or(3.5),
-        inputs,
+        steps: FluxSteps {
+            schedule,
+            guidance: cfg.sampling.guidance_scale.unwrap_or(3.5),
+            inputs,
+            prompted,
+        },
         model: Some(model),
-        prompted,
-        common: magcache_core::PipelineCommon::new(desc, flux_info(variant), warnings),
+        common,
     }))
 }
 

@@ -55,6 +55,10 @@ impl ChainModel for FluxModel {
         ])
     }
 
+    fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
+        &mut self.blocks.hooks
+    }
+
     fn load_block(w: &WeightStore, i: usize, c: &FluxConfig, dev: &Device) -> Result<AnyBlock> {
         AnyBlock::load(w, i, c, dev)
     }

@@ -231,7 +231,11 @@ pub fn inputs(
 
 /// Decodes the final packed latents with the folder's VAE: `decoded` pixels `[B, H, W, 3]` in
 /// [0, 1], and the embeddings the transformer received.
-pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decoded> {
+pub fn finish(
+    p: &Prompted,
+    latents: &Tensor,
+    stages: &mut Vec<StageTime>,
+) -> Result<magcache_core::Decoded> {
     let stage = Stage::begin("decode");
     let mut vae = FluxVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     vae.set_tiling(p.tiling)?;
@@ -243,7 +247,7 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decod
         "the VAE decode",
         &format!("the decoded pixels (from {v})"),
     )?;
-    p.stages.push(stage.end());
+    stages.push(stage.end());
     Ok(magcache_core::Decoded {
         pixels: decoded,
         inputs: vec![

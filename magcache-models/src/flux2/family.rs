@@ -4,7 +4,7 @@
 use super::config::{Flux2Config, FLUX2_CLASS};
 use super::load::load_flux2;
 use super::model::{Flux2Model, FLUX2_DOUBLE, FLUX2_SINGLE};
-use super::pipeline::{flux2_plan, Flux2Inputs, Flux2Pipeline};
+use super::pipeline::{flux2_plan, Flux2Inputs, Flux2Pipeline, Flux2Steps};
 use super::prompted::{self, image_ids, text_ids, DEFAULT_GUIDANCE};
 use candle_core::Tensor;
 use magcache_core::runtime::config::{RunConfig, WeightsSpec};
@@ -385,7 +385,7 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
         warnings.extend(prompted::size_warning(cfg, file, r)?);
     }
     // Prompted: the text is encoded (and the encoder freed) before the transformer loads.
-    let prompted = match &root {
+    let mut prompted = match &root {
         Some(r) => Some(prompted::encode(cfg, file, r, cfg_on)?),
         None => None,
     };
@@ -468,14 +468,20 @@ fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipel
     let (schedule, mu) = flux2_schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
     schedule.check(file, "inputs.height/width", mu)?;
     let description = with_template(desc, prompted.as_ref());
+    let mut common = magcache_core::PipelineCommon::new(description, flux2_info(variant), warnings);
+    if let Some(p) = &mut prompted {
+        common.stages = std::mem::take(&mut p.stages);
+    }
     Ok(Box::new(Flux2Pipeline {
-        schedule,
-        cfg_scale,
-        guidance: cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
-        inputs,
+        steps: Flux2Steps {
+            schedule,
+            cfg_scale,
+            guidance: cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
+            inputs,
+            prompted,
+        },
         model: Some(model),
-        prompted,
-        common: magcache_core::PipelineCommon::new(description, flux2_info(variant), warnings),
+        common,
     }))
 }
 

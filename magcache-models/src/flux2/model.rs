@@ -66,6 +66,10 @@ impl ChainModel for Flux2Model {
         ])
     }
 
+    fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
+        &mut self.blocks.hooks
+    }
+
     fn load_block(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<AnyBlock> {
         AnyBlock::load(w, i, c, dev)
     }

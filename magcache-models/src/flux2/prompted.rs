@@ -268,7 +268,11 @@ pub fn inputs(
 
 /// Decodes the final packed latents with the folder's VAE: `decoded` `[B, H, W, 3]` in [0, 1], and
 /// the embeddings the transformer received.
-pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decoded> {
+pub fn finish(
+    p: &Prompted,
+    latents: &Tensor,
+    stages: &mut Vec<StageTime>,
+) -> Result<magcache_core::Decoded> {
     let stage = Stage::begin("decode");
     let mut vae = Flux2Vae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
     vae.set_tiling(p.tiling)?;
@@ -280,7 +284,7 @@ pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decod
         "the VAE decode",
         &format!("the decoded pixels (from {v})"),
     )?;
-    p.stages.push(stage.end());
+    stages.push(stage.end());
     let mut inputs = vec![("prompt_embeds".to_string(), p.prompt_embeds.clone())];
     if let Some(n) = &p.negative_prompt_embeds {
         inputs.push(("negative_prompt_embeds".to_string(), n.clone()));

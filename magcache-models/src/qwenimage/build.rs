@@ -4,7 +4,7 @@
 use super::config::QwenImageConfig;
 use super::family::{qwenimage_info, qwenimage_params, QwenImageRun, Source};
 use super::model::{QwenImageModel, QWENIMAGE_BLOCK};
-use super::pipeline::{QwenImageDecode, QwenImagePipeline};
+use super::pipeline::{QwenImageDecode, QwenImagePipeline, QwenImageSteps};
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
@@ -301,13 +301,15 @@ impl ResolvedRun for QwenImageRun {
         };
         Ok(Box::new(QwenImagePipeline {
             model: Some(model),
-            schedule: self.schedule()?,
-            ctx: rep(&pos)?,
-            latents,
-            grid: self.grid,
-            negative,
-            decode,
-            embeds,
+            steps: QwenImageSteps {
+                schedule: self.schedule()?,
+                ctx: rep(&pos)?,
+                latents,
+                grid: self.grid,
+                negative,
+                decode,
+                embeds,
+            },
             common: PipelineCommon {
                 description: desc,
                 info: qwenimage_info(self.variant()),

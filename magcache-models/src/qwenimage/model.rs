@@ -116,6 +116,10 @@ impl ChainModel for QwenImageModel {
         BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)])
     }
 
+    fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
+        &mut self.blocks.hooks
+    }
+
     fn load_block(w: &WeightStore, i: usize, c: &QwenImageConfig, dev: &Device) -> Result<QBlock> {
         QBlock::load(w, i, c, dev)
     }

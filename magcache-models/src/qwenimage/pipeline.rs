@@ -4,12 +4,13 @@
 
 use super::model::QwenImageModel;
 use candle_core::{Tensor, D};
-use magcache_core::denoise::Observer;
-use magcache_core::runtime::progress::Stage;
-use magcache_core::PipelineCommon;
-use magcache_core::{Branch, Error, GenerationPlan, Pipeline, Placement, Result, StepsSpec};
+use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::{Denoiser, GenerationPlan, Placement, Result};
 use magcache_layers::autoencoder_kl::unpack_latents;
 use magcache_layers::autoencoder_kl_wan::WanVae;
+use magcache_layers::generation::{
+    cfg_branches, euler_step, flow_plan, guided_call, per_item, Generation, Steps,
+};
 use magcache_layers::scheduler::FlowSchedule;
 use std::path::PathBuf;
 
@@ -22,8 +23,11 @@ pub struct QwenImageDecode {
     pub width: usize,
 }
 
-pub struct QwenImagePipeline {
-    pub model: Option<QwenImageModel>,
+/// A built Qwen-Image run.
+pub type QwenImagePipeline = Generation<QwenImageSteps>;
+
+/// The Qwen-Image loop's inputs.
+pub struct QwenImageSteps {
     pub schedule: FlowSchedule,
     /// Packed latents `[B, h'w', 64]` on the patch grid `grid`.
     pub latents: Tensor,
@@ -32,8 +36,6 @@ pub struct QwenImagePipeline {
     pub ctx: Tensor,
     /// True CFG: the negative embeddings and `true_cfg_scale`.
     pub negative: Option<(Tensor, f64)>,
-    /// Description, model info, warnings, stage times and the cache.
-    pub common: PipelineCommon,
     pub decode: Option<QwenImageDecode>,
     /// The prompt's (and negative prompt's) embeddings, reported with the pixels.
     pub embeds: Vec<(String, Tensor)>,
@@ -41,20 +43,8 @@ pub struct QwenImagePipeline {
 
 /// The scopes of a Qwen-Image generation: `cond`, and `uncond` with true CFG.
 pub fn qwenimage_plan(schedule: &FlowSchedule, cfg: bool) -> GenerationPlan {
-    let steps = schedule.steps();
-    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
-    let branches: &[Branch] = if cfg {
-        &[Branch::Cond, Branch::Uncond]
-    } else {
-        &[Branch::Cond]
-    };
-    GenerationPlan::from_steps(&StepsSpec {
-        family: "qwen-image",
-        scheduler: "flow-euler, dynamic shift to a terminal sigma",
-        sigmas: &sigmas,
-        branches,
-        ..Default::default()
-    })
+    let scheduler = "flow-euler, dynamic shift to a terminal sigma";
+    flow_plan("qwen-image", scheduler, schedule, cfg_branches(cfg))
 }
 
 /// `u + s (c - u)` rescaled per token to the norm of `c` (L2 over the channels).
@@ -64,13 +54,8 @@ pub fn true_cfg(cond: &Tensor, uncond: &Tensor, scale: f64) -> Result<Tensor> {
     Ok(comb.broadcast_mul(&(norm(cond)? / norm(&comb)?)?)?)
 }
 
-impl Pipeline for QwenImagePipeline {
-    fn common(&self) -> Option<&PipelineCommon> {
-        Some(&self.common)
-    }
-    fn common_mut(&mut self) -> Option<&mut PipelineCommon> {
-        Some(&mut self.common)
-    }
+impl Steps for QwenImageSteps {
+    type Model = QwenImageModel;
     fn plan(&self) -> GenerationPlan {
         qwenimage_plan(&self.schedule, self.negative.is_some())
     }
@@ -81,45 +66,35 @@ impl Pipeline for QwenImagePipeline {
         let u = unpack_latents(latents, hp * 16, wp * 16, 8)?;
         Ok(u.reshape((b * (pc / 4), 2 * hp, 2 * wp))?)
     }
-    fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
-        self.model.iter_mut().map(|m| &mut m.blocks.hooks).collect()
-    }
 
-    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        let model = self.model.as_ref().ok_or_else(|| {
-            Error::msg("qwen-image: the transformer was released after the last generation (release_models): build the pipeline again to generate")
-        })?;
-        let plan = self.plan();
-        let mut den = self.common.start(&plan, obs)?;
+    fn run(&self, model: &QwenImageModel, den: &mut Denoiser<'_>) -> Result<Tensor> {
         let mut lat = self.latents.clone();
         let b = lat.dim(0)?;
         for i in 0..self.schedule.steps() {
             let ts = self.schedule.timesteps[i];
-            let tt = Tensor::from_vec(vec![ts / 1000.0; b], b, lat.device())?;
-            let call = |ctx: &Tensor, lat: &Tensor, cx: &magcache_core::CallCx<'_>| {
-                model.forward(lat, ctx, &tt, self.grid, cx)
+            let tt = per_item(ts / 1000.0, b, lat.device())?;
+            let (neg, s) = match &self.negative {
+                Some((n, s)) => (Some(n), *s),
+                None => (None, 1.0),
             };
-            let v = den.call(i, 0, Branch::Cond, ts as f64, |cx| {
-                call(&self.ctx, &lat, cx)
-            })?;
-            let v = match &self.negative {
-                Some((neg, s)) => {
-                    let vu = den.call(i, 0, Branch::Uncond, ts as f64, |cx| call(neg, &lat, cx))?;
-                    true_cfg(&v, &vu, *s)?
-                }
-                None => v,
-            };
-            lat = (&lat + (v * self.schedule.dt(i) as f64)?)?;
-            den.step_done(i, &lat)?;
+            let v = guided_call(
+                den,
+                (i, ts as f64),
+                &self.ctx,
+                neg,
+                |ctx, cx| model.forward(&lat, ctx, &tt, self.grid, cx),
+                |c, u| true_cfg(c, u, s),
+            )?;
+            lat = euler_step(den, i, &lat, &v, self.schedule.dt(i) as f64)?;
         }
         Ok(lat)
     }
 
-    fn release_models(&mut self) {
-        self.model = None;
-    }
-
-    fn finish(&mut self, latents: &Tensor) -> Result<Option<magcache_core::Decoded>> {
+    fn finish(
+        &mut self,
+        latents: &Tensor,
+        stages: &mut Vec<StageTime>,
+    ) -> Result<Option<magcache_core::Decoded>> {
         let Some(d) = &self.decode else {
             return Ok(None);
         };
@@ -135,7 +110,7 @@ impl Pipeline for QwenImagePipeline {
             "the VAE decode",
             &format!("the decoded pixels (from {})", vae_dir.display()),
         )?;
-        self.common.stages.push(stage.end());
+        stages.push(stage.end());
         Ok(Some(magcache_core::Decoded {
             pixels,
             inputs: self.embeds.clone(),

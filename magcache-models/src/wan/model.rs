@@ -304,6 +304,10 @@ impl ChainModel for WanModel {
         vec![WAN_BLOCK; cfg.num_layers]
     }
 
+    fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
+        &mut self.blocks.hooks
+    }
+
     fn load_block(w: &WeightStore, i: usize, cfg: &WanConfig, dev: &Device) -> Result<Block> {
         Block::load(w, i, cfg, dev)
     }

@@ -4,7 +4,7 @@
 use super::config::ZImageConfig;
 use super::family::{zimage_info, zimage_params, Source, ZImageRun};
 use super::model::{padded, ZImageModel, ZIMAGE_LAYER};
-use super::pipeline::{ZImageDecode, ZImagePipeline};
+use super::pipeline::{ZImageDecode, ZImagePipeline, ZImageSteps};
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
@@ -318,12 +318,14 @@ impl ResolvedRun for ZImageRun {
         };
         Ok(Box::new(ZImagePipeline {
             model: Some(model),
-            schedule: self.schedule()?,
-            shift: self.shift.shift,
-            latents,
-            caps: vec![pos; b],
-            negative: neg.zip(self.cfg_scale).map(|(n, g)| (vec![n; b], g)),
-            decode,
+            steps: ZImageSteps {
+                schedule: self.schedule()?,
+                shift: self.shift.shift,
+                latents,
+                caps: vec![pos; b],
+                negative: neg.zip(self.cfg_scale).map(|(n, g)| (vec![n; b], g)),
+                decode,
+            },
             common: PipelineCommon {
                 description: desc,
                 info: zimage_info(self.variant()),

@@ -59,6 +59,10 @@ impl ChainModel for ZImageModel {
         BlockMetadata::chain(&[(ZIMAGE_LAYER, cfg.n_layers)])
     }
 
+    fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
+        &mut self.blocks.hooks
+    }
+
     fn load_block(w: &WeightStore, i: usize, c: &ZImageConfig, _: &Device) -> Result<ZBlock> {
         ZBlock::load(w, &format!("layers.{i}"), c, true)
     }

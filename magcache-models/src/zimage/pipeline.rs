@@ -4,13 +4,10 @@
 
 use super::model::ZImageModel;
 use candle_core::{DType, Tensor};
-use magcache_core::denoise::Observer;
-use magcache_core::runtime::progress::Stage;
-use magcache_core::PipelineCommon;
-use magcache_core::{
-    Branch, Denoiser, Error, GenerationPlan, Pipeline, Placement, Result, StepsSpec,
-};
+use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::{Branch, Denoiser, GenerationPlan, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVae};
+use magcache_layers::generation::{euler_step, flow_plan, per_item, Generation, Steps};
 use magcache_layers::scheduler::FlowSchedule;
 use std::path::PathBuf;
 
@@ -21,9 +18,11 @@ pub struct ZImageDecode {
     pub tiling: Option<FluxTiling>,
 }
 
-pub struct ZImagePipeline {
-    /// The transformer; `None` after [`Pipeline::release_models`].
-    pub model: Option<ZImageModel>,
+/// A built Z-Image run.
+pub type ZImagePipeline = Generation<ZImageSteps>;
+
+/// The Z-Image loop's inputs.
+pub struct ZImageSteps {
     pub schedule: FlowSchedule,
     /// The scheduler's static shift (for the plan's description).
     pub shift: f64,
@@ -34,31 +33,24 @@ pub struct ZImagePipeline {
     /// With classifier-free guidance: the negative captions and the scale.
     pub negative: Option<(Vec<Tensor>, f64)>,
     /// Prompted runs: decoded in `finish`.
-    /// Description, model info, warnings, stage times and the cache.
-    pub common: PipelineCommon,
     pub decode: Option<ZImageDecode>,
 }
 
 /// The scopes of a Z-Image generation: one per step, `inference` (cond and uncond batched).
 pub fn zimage_plan(schedule: &FlowSchedule, shift: f64) -> GenerationPlan {
-    let steps = schedule.steps();
-    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
     let scheduler = format!("flow-euler, static shift {shift}");
-    GenerationPlan::from_steps(&StepsSpec {
-        family: "z-image",
-        scheduler: &scheduler,
-        sigmas: &sigmas,
-        branches: &[Branch::Batched],
-        ..Default::default()
-    })
+    flow_plan("z-image", &scheduler, schedule, &[Branch::Batched])
 }
 
-impl ZImagePipeline {
+impl ZImageSteps {
     /// One step's velocity: the batched call, then the guidance `pos + g (pos - neg)`.
-    fn velocity(&self, den: &mut Denoiser<'_>, i: usize, lat: &Tensor) -> Result<Tensor> {
-        let model = self.model.as_ref().ok_or_else(|| {
-            Error::msg("z-image: the transformer was released after the last generation (release_models): build the pipeline again to generate")
-        })?;
+    fn velocity(
+        &self,
+        model: &ZImageModel,
+        den: &mut Denoiser<'_>,
+        i: usize,
+        lat: &Tensor,
+    ) -> Result<Tensor> {
         let ts = self.schedule.timesteps[i];
         let b = lat.dim(0)?;
         let (x, caps) = match &self.negative {
@@ -71,7 +63,7 @@ impl ZImagePipeline {
         let n = x.dim(0)?;
         // The transformer's time runs the other way: 0 at pure noise.
         let t = (1000f32 - ts) / 1000f32;
-        let tt = Tensor::from_vec(vec![t; n], n, lat.device())?;
+        let tt = per_item(t, n, lat.device())?;
         let out = den.call(i, 0, Branch::Batched, ts as f64, |cx| {
             model.forward(&x, &caps, &tt, cx)
         })?;
@@ -86,13 +78,8 @@ impl ZImagePipeline {
     }
 }
 
-impl Pipeline for ZImagePipeline {
-    fn common(&self) -> Option<&PipelineCommon> {
-        Some(&self.common)
-    }
-    fn common_mut(&mut self) -> Option<&mut PipelineCommon> {
-        Some(&mut self.common)
-    }
+impl Steps for ZImageSteps {
+    type Model = ZImageModel;
     fn plan(&self) -> GenerationPlan {
         zimage_plan(&self.schedule, self.shift)
     }
@@ -101,28 +88,22 @@ impl Pipeline for ZImagePipeline {
         let (b, c, h, w) = latents.dims4()?;
         Ok(latents.reshape((b * c, h, w))?)
     }
-    fn hook_registries(&mut self) -> Vec<&mut magcache_core::HookRegistry> {
-        self.model.iter_mut().map(|m| &mut m.blocks.hooks).collect()
-    }
 
-    fn generate(&mut self, obs: &mut dyn Observer) -> Result<Tensor> {
-        let plan = self.plan();
-        let mut den = self.common.start(&plan, obs)?;
+    fn run(&self, model: &ZImageModel, den: &mut Denoiser<'_>) -> Result<Tensor> {
         let mut lat = self.latents.to_dtype(DType::F32)?;
         for i in 0..self.schedule.steps() {
-            let v = self.velocity(&mut den, i, &lat)?;
+            let v = self.velocity(model, den, i, &lat)?;
             // The model predicts minus the velocity: Euler on `-v`.
-            lat = (&lat + (v.neg()? * self.schedule.dt(i) as f64)?)?;
-            den.step_done(i, &lat)?;
+            lat = euler_step(den, i, &lat, &v.neg()?, self.schedule.dt(i) as f64)?;
         }
         Ok(lat)
     }
 
-    fn release_models(&mut self) {
-        self.model = None;
-    }
-
-    fn finish(&mut self, latents: &Tensor) -> Result<Option<magcache_core::Decoded>> {
+    fn finish(
+        &mut self,
+        latents: &Tensor,
+        stages: &mut Vec<StageTime>,
+    ) -> Result<Option<magcache_core::Decoded>> {
         let Some(d) = &self.decode else {
             return Ok(None);
         };
@@ -137,7 +118,7 @@ impl Pipeline for ZImagePipeline {
             "the VAE decode",
             &format!("the decoded pixels (from {})", vae_dir.display()),
         )?;
-        self.common.stages.push(stage.end());
+        stages.push(stage.end());
         let mut inputs = vec![("prompt_embeds".to_string(), self.caps[0].unsqueeze(0)?)];
         if let Some((neg, _)) = &self.negative {
             inputs.push(("negative_prompt_embeds".to_string(), neg[0].unsqueeze(0)?));

@@ -111,6 +111,19 @@ pub fn depth_key(overrides: &Map<String, Value>, key: &str, n: usize) -> String 
     }
 }
 
+/// [`depth_key`] for a double- then single-stream checkpoint (FLUX.1, FLUX.2): tensors under
+/// `single_transformer_blocks` are counted by `num_single_layers`, the rest by `num_layers`.
+pub fn double_single_depth(
+    overrides: &Map<String, Value>,
+    prefix: &str,
+    (n_double, n_single): (usize, usize),
+) -> String {
+    match prefix {
+        "single_transformer_blocks" => depth_key(overrides, "num_single_layers", n_single),
+        _ => depth_key(overrides, "num_layers", n_double),
+    }
+}
+
 /// Refuses the core keys of a run that cannot apply to it, naming the key: random-input keys beside
 /// an inputs file, `model.config` without weights, the strategy's own
 /// ([`magcache_core::StrategyConfig::check_experts`]). `family` is the family's name and `experts`

@@ -250,6 +250,19 @@ impl RunConfig {
         &self.source
     }
 
+    /// A copy of every table but `[cache]` (the strategy's, which no family reads): what a
+    /// family's resolved run keeps of its run file.
+    pub fn without_cache(&self) -> RunConfig {
+        RunConfig {
+            model: self.model.clone(),
+            prompt: self.prompt.clone(),
+            inputs: self.inputs.clone(),
+            sampling: self.sampling.clone(),
+            cache: None,
+            source: self.source.clone(),
+        }
+    }
+
     /// Whether `model.dtype` is `auto`, which the runner resolves before building the model.
     pub fn is_auto_dtype(&self) -> bool {
         self.model.dtype == crate::runtime::placement::AUTO_DTYPE

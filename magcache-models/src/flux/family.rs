@@ -126,26 +126,15 @@ fn build_flux(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeli
                 .iter()
                 .find(|p| (p.config)() == l.config)
                 .map(|p| p.name);
-            let (n_double, n_single) = (l.config.num_layers, l.config.num_single_layers);
+            let depth = (l.config.num_layers, l.config.num_single_layers);
             let store = std::sync::Arc::new(l.store);
             let offload =
                 magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
             let model = FluxModel::placed(l.config, store.clone(), offload)?;
-            let desc = if model.is_streamed() {
-                format!("{desc}, blocks streamed from the checkpoint")
-            } else {
-                desc
-            };
+            let streamed = ", blocks streamed from the checkpoint";
+            let desc = format!("{desc}{}", if model.is_streamed() { streamed } else { "" });
             let unused = store.check_unused(file, |prefix| {
-                if prefix == "single_transformer_blocks" {
-                    magcache_layers::config_util::depth_key(
-                        &overrides,
-                        "num_single_layers",
-                        n_single,
-                    )
-                } else {
-                    magcache_layers::config_util::depth_key(&overrides, "num_layers", n_double)
-                }
+                magcache_layers::config_util::double_single_depth(&overrides, prefix, depth)
             })?;
             warnings.extend(unused);
             (model, desc, variant)

@@ -2,22 +2,17 @@
 //! preset export, and the registrations.
 
 use super::config::{Flux2Config, FLUX2_CLASS};
-use super::load::load_flux2;
-use super::model::{Flux2Model, FLUX2_DOUBLE, FLUX2_SINGLE};
-use super::pipeline::{flux2_plan, Flux2Inputs, Flux2Pipeline, Flux2Steps};
-use super::prompted::{self, image_ids, text_ids, DEFAULT_GUIDANCE};
+use super::pipeline::Flux2Inputs;
+use super::prompted::{self, image_ids, text_ids};
 use candle_core::Tensor;
-use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
-use magcache_core::runtime::registry::ModelFamily;
-use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Pipeline, Result};
-use magcache_layers::chain_model::ChainModel;
+use magcache_core::{Error, Indicator, ModelInfo, Result};
 use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve, to_map};
-use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes, weights_knob, Sz};
+use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes, Sz};
 use magcache_layers::inputs::InputFile;
-use magcache_layers::random::{randn_for, random_store};
-use magcache_layers::scheduler::flux2_schedule;
+use magcache_layers::random::randn_for;
 use std::path::Path;
 
 pub struct Flux2Preset {
@@ -61,7 +56,7 @@ pub const FLUX2_PRESETS: &[Flux2Preset] = &[
     },
 ];
 
-fn preset(cfg: &RunConfig, file: &str) -> Result<&'static Flux2Preset> {
+pub(super) fn preset(cfg: &RunConfig, file: &str) -> Result<&'static Flux2Preset> {
     let name = magcache_layers::config_util::preset_name(cfg, file)?;
     FLUX2_PRESETS
         .iter()
@@ -79,7 +74,7 @@ fn preset(cfg: &RunConfig, file: &str) -> Result<&'static Flux2Preset> {
         })
 }
 
-fn preset_config(p: &Flux2Preset, cfg: &RunConfig, file: &str) -> Result<Flux2Config> {
+pub(super) fn preset_config(p: &Flux2Preset, cfg: &RunConfig, file: &str) -> Result<Flux2Config> {
     let base = to_map(&(p.config)(), FLUX2_CLASS)?;
     Flux2Config::from_map(Flux2Config::default(), &base, file, &overrides_json(cfg))
 }
@@ -120,7 +115,7 @@ pub fn flux2_params(c: &Flux2Config) -> Sz {
 
 /// What a FLUX.2 run holds: the transformer (or, streamed, the rest and two blocks), the plan, and
 /// the activations of one call on `(batch, image tokens, text tokens)`.
-fn footprint(
+pub(super) fn footprint(
     cfg: &RunConfig,
     c: &Flux2Config,
     knob: String,
@@ -169,7 +164,7 @@ fn footprint(
 /// The inputs of a run without `[prompt]`: `[inputs] file` (`latents_init` [B, seq, C],
 /// `prompt_embeds` [B, L, joint], `img_ids` [seq, 4], optional `negative_prompt_embeds`), or seeded
 /// random ones (`latent_shape` = [B, C/4, H, W] unpacked latents, `text_len` rows).
-fn plain_inputs(
+pub(super) fn plain_inputs(
     cfg: &RunConfig,
     file: &str,
     base: &Path,
@@ -264,7 +259,7 @@ fn plain_inputs(
 }
 
 /// `(batch, image tokens, text tokens)` a run will see, from the run file and headers only.
-fn run_dims(
+pub(super) fn run_dims(
     cfg: &RunConfig,
     file: &str,
     base: &Path,
@@ -306,7 +301,7 @@ fn run_dims(
 
 /// The run's description, saying which chat template rendered the prompt (checked when the text
 /// encoder loaded).
-fn with_template(desc: String, prompted: Option<&prompted::Prompted>) -> String {
+pub(super) fn with_template(desc: String, prompted: Option<&prompted::Prompted>) -> String {
     match prompted {
         Some(p) => format!("{desc}; prompt rendered as {}", p.template),
         None => desc,
@@ -315,7 +310,7 @@ fn with_template(desc: String, prompted: Option<&prompted::Prompted>) -> String 
 
 /// Whether the run's folder is distilled (prompted: `model_index.json`; presets: the preset; a
 /// transformer folder without a pipeline: distilled unless the inputs give negative embeddings).
-fn distilled(cfg: &RunConfig, file: &str, base: &Path) -> Result<bool> {
+pub(super) fn distilled(cfg: &RunConfig, file: &str, base: &Path) -> Result<bool> {
     if cfg.prompt.is_some() {
         return Ok(prompted::pipeline_root(cfg, file, base)?.1);
     }
@@ -326,244 +321,4 @@ fn distilled(cfg: &RunConfig, file: &str, base: &Path) -> Result<bool> {
         Some(f) => !InputFile::load(&resolve(base, f))?.has("negative_prompt_embeds"),
         None => true,
     })
-}
-
-fn build_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<Box<dyn Pipeline>> {
-    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
-    magcache_layers::config_util::check_applicable(cfg, file, "flux2", 1)?;
-    if cfg.prompt.is_none() {
-        // `[vae]` without `[prompt]`: an error naming the key (nothing is decoded).
-        magcache_layers::autoencoder_kl::run_tiling(cfg, file, Path::new(""))?;
-    }
-    if !cfg.model.lora.is_empty() {
-        return Err(Error::config(
-            file,
-            "model.lora",
-            "flux2 does not take LoRA adapters yet",
-        ));
-    }
-    let mut warnings = Vec::new();
-    if let Some(shift) = cfg.sampling.shift {
-        warnings.push(format!(
-            "{file}: sampling.shift = {shift} is not used by flux2: its schedule's mu comes from the image length and the step count"
-        ));
-    }
-    let overrides = overrides_json(cfg);
-    let placement = cfg.model.placement(file)?;
-    let is_distilled = distilled(cfg, file, base)?;
-    let cfg_on = !is_distilled && cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE) > 1.0;
-    if let (Some(p), true) = (&cfg.prompt, is_distilled) {
-        if p.negative.as_deref().is_some_and(|n| !n.is_empty()) {
-            warnings.push(format!(
-                "{file}: prompt.negative is not used: the pipeline folder is step-distilled (one call per step, no classifier-free guidance)"
-            ));
-        }
-    }
-    // Open the checkpoint (headers only) and check the whole run fits before anything loads.
-    let opened = match &cfg.model.weights {
-        Some(WeightsSpec::One(w)) => {
-            let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
-            let l = load_flux2(&resolve(base, w), config.as_deref(), &overrides, file)?;
-            let dims = run_dims(cfg, file, base, &l.config);
-            footprint(cfg, &l.config, "model.weights".into(), dims).check(file)?;
-            Some(l)
-        }
-        Some(WeightsSpec::Many(_)) => {
-            return Err(Error::config(
-                file,
-                "model.weights",
-                "flux2 takes one weights path",
-            ))
-        }
-        None => None,
-    };
-    let root = match &cfg.prompt {
-        Some(_) => Some(prompted::pipeline_root(cfg, file, base)?.0),
-        None => None,
-    };
-    if let Some(r) = &root {
-        warnings.extend(prompted::size_warning(cfg, file, r)?);
-    }
-    // Prompted: the text is encoded (and the encoder freed) before the transformer loads.
-    let mut prompted = match &root {
-        Some(r) => Some(prompted::encode(cfg, file, r, cfg_on)?),
-        None => None,
-    };
-    let (model, desc, variant) = match opened {
-        Some(mut l) => {
-            l.store.set_placement(placement.clone());
-            let c = l.config.clone();
-            let desc = format!(
-                "{}: {}+{} blocks, dim {}, {} heads{}",
-                l.path.display(),
-                c.num_layers,
-                c.num_single_layers,
-                c.inner_dim(),
-                c.num_attention_heads,
-                if cfg_on {
-                    ", classifier-free guidance"
-                } else {
-                    ", distilled"
-                }
-            );
-            let store = std::sync::Arc::new(l.store);
-            let offload =
-                magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
-            let model = Flux2Model::placed(c.clone(), store.clone(), offload)?;
-            let desc = if model.is_streamed() {
-                format!("{desc}, blocks streamed from the checkpoint")
-            } else {
-                desc
-            };
-            let unused = store.check_unused(file, |prefix| {
-                if prefix == "single_transformer_blocks" {
-                    magcache_layers::config_util::depth_key(
-                        &overrides,
-                        "num_single_layers",
-                        c.num_single_layers,
-                    )
-                } else {
-                    magcache_layers::config_util::depth_key(&overrides, "num_layers", c.num_layers)
-                }
-            })?;
-            warnings.extend(unused);
-            let variant = FLUX2_PRESETS
-                .iter()
-                .find(|p| (p.config)() == c && p.distilled == is_distilled)
-                .map(|p| p.name);
-            (model, desc, variant)
-        }
-        None => {
-            let p = preset(cfg, file)?;
-            let c = preset_config(p, cfg, file)?;
-            let knob = weights_knob(&to_map(&(p.config)(), FLUX2_CLASS)?, &overrides);
-            footprint(cfg, &c, knob, run_dims(cfg, file, base, &c)).check(file)?;
-            let desc = format!(
-                "preset {} (random init, seed {}): {}+{} blocks, dim {}, {} heads",
-                p.name,
-                cfg.model.seed,
-                c.num_layers,
-                c.num_single_layers,
-                c.inner_dim(),
-                c.num_attention_heads
-            );
-            let mut store = random_store(
-                cfg.model.seed,
-                Flux2Model::shapes(&c)?,
-                c.inner_dim(),
-                placement.dtype,
-            )?;
-            store.set_placement(placement.clone());
-            (Flux2Model::from_weights(c, &store)?, desc, Some(p.name))
-        }
-    };
-    let inputs = match &prompted {
-        Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
-        None => plain_inputs(cfg, file, base, &model.cfg, cfg_on)?.to_device(&placement.device)?,
-    };
-    let cfg_scale = match (cfg_on, &inputs.neg_ctx) {
-        (true, Some(_)) => Some(cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE)),
-        _ => None,
-    };
-    let (schedule, mu) = flux2_schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
-    schedule.check(file, "inputs.height/width", mu)?;
-    let description = with_template(desc, prompted.as_ref());
-    let mut common = magcache_core::PipelineCommon::new(description, flux2_info(variant), warnings);
-    if let Some(p) = &mut prompted {
-        common.stages = std::mem::take(&mut p.stages);
-    }
-    Ok(Box::new(Flux2Pipeline {
-        steps: Flux2Steps {
-            schedule,
-            cfg_scale,
-            guidance: cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
-            inputs,
-            prompted,
-        },
-        model: Some(model),
-        common,
-    }))
-}
-
-/// The plan without building the model: the image length (for `mu`) from the run file and headers.
-fn plan_flux2(cfg: &RunConfig, file: &str, base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
-    magcache_layers::config_util::require_weights_or_preset(cfg, file)?;
-    magcache_layers::config_util::check_applicable(cfg, file, "flux2", 1)?;
-    let mut fp = Footprint::default();
-    add_plan(&mut fp, cfg.sampling.steps, 2);
-    fp.check(file)?;
-    let is_distilled = distilled(cfg, file, base)?;
-    let c = match &cfg.model.weights {
-        Some(_) if cfg.prompt.is_some() => None,
-        Some(WeightsSpec::One(w)) => {
-            Some(load_flux2(&resolve(base, w), None, &overrides_json(cfg), file)?.config)
-        }
-        Some(WeightsSpec::Many(_)) => {
-            return Err(Error::config(
-                file,
-                "model.weights",
-                "flux2 takes one weights path",
-            ))
-        }
-        None => Some(preset_config(preset(cfg, file)?, cfg, file)?),
-    };
-    let c = c.unwrap_or_default();
-    let (_, seq, _) = run_dims(cfg, file, base, &c).ok_or_else(|| {
-        Error::config(
-            file,
-            "inputs",
-            "cannot tell the image length (inputs.height/width, latent_shape or the inputs file)",
-        )
-    })?;
-    let cfg_on = !is_distilled && cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE) > 1.0;
-    let variant = cfg
-        .model
-        .preset
-        .as_deref()
-        .and_then(|n| FLUX2_PRESETS.iter().find(|p| p.name == n))
-        .map(|p| p.name);
-    Ok((
-        flux2_plan(&flux2_schedule(cfg.sampling.steps, seq).0, cfg_on),
-        flux2_info(variant),
-    ))
-}
-
-/// A FLUX.2 preset run's transformer, generated tensor by tensor (`magcache export`).
-fn export_flux2(
-    cfg: &RunConfig,
-    file: &str,
-    _base: &Path,
-) -> Result<Vec<magcache_core::GeneratedWeights>> {
-    let p = preset(cfg, file)?;
-    let c = preset_config(p, cfg, file)?;
-    let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
-    let mut config = to_map(&c, FLUX2_CLASS)?;
-    config.insert("_class_name".into(), FLUX2_CLASS.into());
-    Ok(vec![magcache_layers::random::generated(
-        "",
-        config,
-        cfg.model.seed,
-        Flux2Model::shapes(&c)?,
-        c.inner_dim(),
-        dtype,
-    )])
-}
-
-inventory::submit! {
-    magcache_core::PresetExport { family: "flux2", export: export_flux2, gguf: None }
-}
-
-inventory::submit! {
-    ModelFamily {
-        name: "flux2",
-        description: "FLUX.2 [klein] (Flux2Transformer2DModel, Qwen3 text, AutoencoderKLFlux2): double- then single-stream blocks in one cache chain, Euler with FLUX.2's empirical mu; distilled or CFG",
-        blocks: &[FLUX2_DOUBLE, FLUX2_SINGLE],
-        presets: &["flux2-klein-4b", "flux2-klein-base-4b", "flux2-dev"],
-        published: &[],
-        keys: &[magcache_layers::autoencoder_kl::FLUX_VAE_KEYS],
-        streams: true,
-        build: build_flux2,
-        plan: plan_flux2,
-        estimate: None,
-    }
 }

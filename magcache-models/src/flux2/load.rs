@@ -26,6 +26,22 @@ pub fn load_flux2(
     overrides: &Map<String, Value>,
     file: &str,
 ) -> Result<Flux2Checkpoint> {
+    let (path, config) = flux2_config(path, config, overrides, file)?;
+    Ok(Flux2Checkpoint {
+        config,
+        store: open_flux2(&path)?,
+        path,
+    })
+}
+
+/// The transformer's weights path (`transformer/` of a pipeline folder, or `path`) and its config,
+/// read and checked (no weight opened).
+pub fn flux2_config(
+    path: &Path,
+    config: Option<&Path>,
+    overrides: &Map<String, Value>,
+    file: &str,
+) -> Result<(PathBuf, Flux2Config)> {
     let path = transformer_dir(path);
     let cfg_path = match config {
         Some(c) => c.to_path_buf(),
@@ -42,8 +58,12 @@ pub fn load_flux2(
             ),
         ));
     }
-    let config = Flux2Config::read(&cfg_path, overrides)?;
-    let store = WeightStore::load_checkpoint(&path)?;
+    Ok((path, Flux2Config::read(&cfg_path, overrides)?))
+}
+
+/// The checkpoint's store (headers read, tensors on demand), checked to be a FLUX.2 transformer.
+pub fn open_flux2(path: &Path) -> Result<WeightStore> {
+    let store = WeightStore::load_checkpoint(path)?;
     if !store.contains("x_embedder.weight") {
         return Err(Error::weights(
             &store.origin,
@@ -51,9 +71,5 @@ pub fn load_flux2(
             "missing: not a diffusers Flux2Transformer2DModel checkpoint",
         ));
     }
-    Ok(Flux2Checkpoint {
-        config,
-        store,
-        path,
-    })
+    Ok(store)
 }

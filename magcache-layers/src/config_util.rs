@@ -396,3 +396,29 @@ pub fn rounded_size_warning(
         )
     })
 }
+
+/// The checks of a FLUX-style transformer's config (FLUX.1, FLUX.2): `patch_size` 1 (the pipeline
+/// packs 2x2 latents itself) and RoPE axes (`axes_dims_rope`) each even and summing to
+/// `attention_head_dim`.
+pub fn check_packed_rope(
+    file: &str,
+    patch_size: usize,
+    axes: &[usize],
+    head_dim: usize,
+) -> Result<()> {
+    if patch_size != 1 {
+        return Err(Error::config(
+            file,
+            "patch_size",
+            "only patch_size 1 (the pipeline packs 2x2 latents itself) is supported",
+        ));
+    }
+    if axes.iter().sum::<usize>() != head_dim || axes.iter().any(|d| !d.is_multiple_of(2)) {
+        return Err(Error::config(
+            file,
+            "axes_dims_rope",
+            format!("{axes:?} must be even and sum to attention_head_dim {head_dim}"),
+        ));
+    }
+    Ok(())
+}

@@ -93,3 +93,38 @@ pub fn drawn(cfg: &magcache_core::RunConfig, default: &[usize]) -> (u64, Vec<usi
         .unwrap_or_else(|| default.to_vec());
     (seed, shape)
 }
+
+/// A prompted run's initial packed latents `[1, seq, channels]` (f32): `latents_init` of
+/// `[inputs] file`, its shape checked against the picture's `(height, width)`, or seeded noise
+/// (`inputs.seed`, else `model.seed`).
+pub fn packed_latents(
+    cfg: &magcache_core::RunConfig,
+    file: &str,
+    base: &Path,
+    (seq, channels): (usize, usize),
+    (height, width): (usize, usize),
+) -> Result<Tensor> {
+    match &cfg.inputs.file {
+        Some(path) => {
+            let inp = InputFile::load(&crate::config_util::resolve(base, path))?;
+            let l = inp.get("latents_init", 3, "[B, seq, C] packed latents")?;
+            if l.dims() != [1, seq, channels] {
+                return Err(Error::inputs(
+                    &inp.path,
+                    "latents_init",
+                    format!(
+                        "has shape {:?}; height {height} and width {width} give [1, {seq}, {channels}]",
+                        l.dims(),
+                    ),
+                ));
+            }
+            Ok(l.to_dtype(candle_core::DType::F32)?)
+        }
+        None => crate::random::randn_for(
+            file,
+            "inputs.height/width",
+            cfg.inputs.seed.unwrap_or(cfg.model.seed),
+            &[1, seq, channels],
+        ),
+    }
+}

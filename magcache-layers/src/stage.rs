@@ -14,3 +14,21 @@ pub fn check_stage(t: &Tensor, stage: &str, what: &str) -> Result<()> {
         "the stage's weights overflow or hold bad values; nothing written",
     )
 }
+
+/// The decode stage of a prompted run: `decode(vae_dir)` timed as `decode` (the VAE loaded and
+/// dropped inside it), its pixels checked finite naming `vae_dir`, the time pushed to `stages`.
+pub fn decode_stage(
+    stages: &mut Vec<magcache_core::runtime::progress::StageTime>,
+    vae_dir: &std::path::Path,
+    decode: impl FnOnce(&std::path::Path) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let stage = magcache_core::runtime::progress::Stage::begin("decode");
+    let pixels = decode(vae_dir)?;
+    check_stage(
+        &pixels,
+        "the VAE decode",
+        &format!("the decoded pixels (from {})", vae_dir.display()),
+    )?;
+    stages.push(stage.end());
+    Ok(pixels)
+}

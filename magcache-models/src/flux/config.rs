@@ -1,6 +1,6 @@
 //! `FluxTransformer2DModel` configuration (diffusers `config.json`), with overrides.
 
-use magcache_core::{Error, Result};
+use magcache_core::Result;
 use magcache_layers::config_util::ModelConfig;
 use serde::{Deserialize, Serialize};
 
@@ -79,25 +79,12 @@ impl ModelConfig for FluxConfig {
                 ("pooled_projection_dim", self.pooled_projection_dim),
             ],
         )?;
-        if self.patch_size != 1 {
-            return Err(Error::config(
-                file,
-                "patch_size",
-                "only patch_size 1 (FLUX packs 2x2 latents itself) is supported",
-            ));
-        }
-        if self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim
-            || self.axes_dims_rope.iter().any(|d| !d.is_multiple_of(2))
-        {
-            return Err(Error::config(
-                file,
-                "axes_dims_rope",
-                format!(
-                    "{:?} must be even and sum to attention_head_dim {}",
-                    self.axes_dims_rope, self.attention_head_dim
-                ),
-            ));
-        }
+        magcache_layers::config_util::check_packed_rope(
+            file,
+            self.patch_size,
+            &self.axes_dims_rope,
+            self.attention_head_dim,
+        )?;
         Ok(())
     }
 }

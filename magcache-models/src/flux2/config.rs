@@ -108,13 +108,6 @@ impl ModelConfig for Flux2Config {
                 "the model needs at least one block (num_layers + num_single_layers)",
             ));
         }
-        if self.patch_size != 1 {
-            return Err(Error::config(
-                file,
-                "patch_size",
-                "only patch_size 1 (the pipeline packs 2x2 latents itself) is supported",
-            ));
-        }
         if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {
             return Err(Error::config(file, "mlp_ratio", "must be positive"));
         }
@@ -131,18 +124,12 @@ impl ModelConfig for Flux2Config {
                 "must be even (cosines and sines)",
             ));
         }
-        if self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim
-            || self.axes_dims_rope.iter().any(|d| !d.is_multiple_of(2))
-        {
-            return Err(Error::config(
-                file,
-                "axes_dims_rope",
-                format!(
-                    "{:?} must be even and sum to attention_head_dim {}",
-                    self.axes_dims_rope, self.attention_head_dim
-                ),
-            ));
-        }
+        magcache_layers::config_util::check_packed_rope(
+            file,
+            self.patch_size,
+            &self.axes_dims_rope,
+            self.attention_head_dim,
+        )?;
         Ok(())
     }
 }

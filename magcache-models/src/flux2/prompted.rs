@@ -6,12 +6,11 @@
 
 use super::inputs::Flux2Inputs;
 use super::vae::{Flux2Vae, Flux2VaeConfig};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
-use magcache_layers::config_util::resolve;
-use magcache_layers::inputs::InputFile;
+use magcache_layers::stage::decode_stage;
 use magcache_text::qwen3::Qwen3Config;
 use magcache_text::qwen_chat::{QwenChatEncoder, FLUX2_CHAT, FLUX2_TEXT_LAYERS};
 use std::path::{Path, PathBuf};
@@ -209,32 +208,13 @@ pub fn inputs(
     let (_, _, f) = image_size(cfg, file, &p.root)?;
     let (h2, w2) = (p.height / (2 * f), p.width / (2 * f));
     let seq = h2.saturating_mul(w2);
-    let latents = match &cfg.inputs.file {
-        Some(path) => {
-            let inp = InputFile::load(&resolve(base, path))?;
-            let l = inp.get("latents_init", 3, "[B, seq, C] packed latents")?;
-            if l.dims() != [1, seq, c.in_channels] {
-                return Err(Error::inputs(
-                    &inp.path,
-                    "latents_init",
-                    format!(
-                        "has shape {:?}; height {} and width {} give [1, {seq}, {}]",
-                        l.dims(),
-                        p.height,
-                        p.width,
-                        c.in_channels
-                    ),
-                ));
-            }
-            l.to_dtype(DType::F32)?
-        }
-        None => magcache_layers::random::randn_for(
-            file,
-            "inputs.height/width",
-            cfg.inputs.seed.unwrap_or(cfg.model.seed),
-            &[1, seq, c.in_channels],
-        )?,
-    };
+    let latents = magcache_layers::inputs::packed_latents(
+        cfg,
+        file,
+        base,
+        (seq, c.in_channels),
+        (p.height, p.width),
+    )?;
     let (l, d) = (p.prompt_embeds.dim(1)?, p.prompt_embeds.dim(2)?);
     if d != c.joint_attention_dim {
         return Err(Error::config(
@@ -273,18 +253,11 @@ pub fn finish(
     latents: &Tensor,
     stages: &mut Vec<StageTime>,
 ) -> Result<magcache_core::Decoded> {
-    let stage = Stage::begin("decode");
-    let mut vae = Flux2Vae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
-    vae.set_tiling(p.tiling)?;
-    let decoded = vae.decode_packed(latents, p.height, p.width)?;
-    drop(vae);
-    let v = p.root.join("vae").display().to_string();
-    magcache_layers::stage::check_stage(
-        &decoded,
-        "the VAE decode",
-        &format!("the decoded pixels (from {v})"),
-    )?;
-    stages.push(stage.end());
+    let decoded = decode_stage(stages, &p.root.join("vae"), |dir| {
+        let mut vae = Flux2Vae::load(dir, &p.placement.device, p.placement.dtype)?;
+        vae.set_tiling(p.tiling)?;
+        vae.decode_packed(latents, p.height, p.width)
+    })?;
     let mut inputs = vec![("prompt_embeds".to_string(), p.prompt_embeds.clone())];
     if let Some(n) = &p.negative_prompt_embeds {
         inputs.push(("negative_prompt_embeds".to_string(), n.clone()));

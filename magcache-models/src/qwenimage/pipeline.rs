@@ -4,7 +4,7 @@
 
 use super::model::QwenImageModel;
 use candle_core::{Tensor, D};
-use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::runtime::progress::StageTime;
 use magcache_core::{Denoiser, GenerationPlan, Placement, Result};
 use magcache_layers::autoencoder_kl::unpack_latents;
 use magcache_layers::autoencoder_kl_wan::WanVae;
@@ -12,6 +12,7 @@ use magcache_layers::generation::{
     cfg_branches, euler_step, flow_plan, guided_call, per_item, Generation, Steps,
 };
 use magcache_layers::scheduler::FlowSchedule;
+use magcache_layers::stage::decode_stage;
 use std::path::PathBuf;
 
 /// What a prompted run decodes with.
@@ -98,19 +99,12 @@ impl Steps for QwenImageSteps {
         let Some(d) = &self.decode else {
             return Ok(None);
         };
-        let stage = Stage::begin("decode");
-        let vae_dir = d.root.join("vae");
-        let vae = WanVae::load(&vae_dir, &d.placement.device, d.placement.dtype)?;
-        let z =
-            unpack_latents(latents, d.height, d.width, vae.config.spatial_scale())?.unsqueeze(2)?;
-        let pixels = vae.decode_latents(&z)?.squeeze(1)?;
-        drop(vae);
-        magcache_layers::stage::check_stage(
-            &pixels,
-            "the VAE decode",
-            &format!("the decoded pixels (from {})", vae_dir.display()),
-        )?;
-        stages.push(stage.end());
+        let pixels = decode_stage(stages, &d.root.join("vae"), |dir| {
+            let vae = WanVae::load(dir, &d.placement.device, d.placement.dtype)?;
+            let f = vae.config.spatial_scale();
+            let z = unpack_latents(latents, d.height, d.width, f)?.unsqueeze(2)?;
+            vae.decode_latents(&z)?.squeeze(1).map_err(Into::into)
+        })?;
         Ok(Some(magcache_core::Decoded {
             pixels,
             inputs: self.embeds.clone(),

@@ -15,6 +15,7 @@ use magcache_core::{Error, Placement, Result};
 use magcache_layers::autoencoder_kl_wan::{WanVae, WanVaeConfig};
 use magcache_layers::config_util::resolve;
 use magcache_layers::inputs::InputFile;
+use magcache_layers::stage::decode_stage;
 use magcache_text::WanTextEncoder;
 use std::path::{Path, PathBuf};
 
@@ -309,18 +310,11 @@ pub fn inputs(
 /// Decodes the final latents with the folder's VAE: `decoded` pixels `[B, F, H, W, 3]` in [0, 1] and
 /// the embeddings the transformer received.
 pub fn finish(p: &mut Prompted, latents: &Tensor) -> Result<magcache_core::Decoded> {
-    let stage = Stage::begin("decode");
-    let mut vae = WanVae::load(&p.root.join("vae"), &p.placement.device, p.placement.dtype)?;
-    vae.set_tiling(p.vae_tiling)?;
-    let decoded = vae.decode_latents(latents)?;
-    drop(vae);
-    let v = p.root.join("vae").display().to_string();
-    magcache_layers::stage::check_stage(
-        &decoded,
-        "the VAE decode",
-        &format!("the decoded pixels (from {v})"),
-    )?;
-    p.stages.push(stage.end());
+    let decoded = decode_stage(&mut p.stages, &p.root.join("vae"), |dir| {
+        let mut vae = WanVae::load(dir, &p.placement.device, p.placement.dtype)?;
+        vae.set_tiling(p.vae_tiling)?;
+        vae.decode_latents(latents)
+    })?;
     let mut inputs = vec![("prompt_embeds".to_string(), p.prompt_embeds.clone())];
     if let Some(n) = &p.negative_prompt_embeds {
         inputs.push(("negative_prompt_embeds".to_string(), n.clone()));

@@ -4,11 +4,12 @@
 
 use super::model::ZImageModel;
 use candle_core::{DType, Tensor};
-use magcache_core::runtime::progress::{Stage, StageTime};
+use magcache_core::runtime::progress::StageTime;
 use magcache_core::{Branch, Denoiser, GenerationPlan, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVae};
 use magcache_layers::generation::{euler_step, flow_plan, per_item, Generation, Steps};
 use magcache_layers::scheduler::FlowSchedule;
+use magcache_layers::stage::decode_stage;
 use std::path::PathBuf;
 
 /// What a run decodes with: the pipeline folder's `vae/`, and the embeddings to report.
@@ -107,18 +108,11 @@ impl Steps for ZImageSteps {
         let Some(d) = &self.decode else {
             return Ok(None);
         };
-        let stage = Stage::begin("decode");
-        let vae_dir = d.root.join("vae");
-        let mut vae = FluxVae::load(&vae_dir, &d.placement.device, d.placement.dtype)?;
-        vae.set_tiling(d.tiling)?;
-        let pixels = vae.decode_latents(latents)?;
-        drop(vae);
-        magcache_layers::stage::check_stage(
-            &pixels,
-            "the VAE decode",
-            &format!("the decoded pixels (from {})", vae_dir.display()),
-        )?;
-        stages.push(stage.end());
+        let pixels = decode_stage(stages, &d.root.join("vae"), |dir| {
+            let mut vae = FluxVae::load(dir, &d.placement.device, d.placement.dtype)?;
+            vae.set_tiling(d.tiling)?;
+            vae.decode_latents(latents)
+        })?;
         let mut inputs = vec![("prompt_embeds".to_string(), self.caps[0].unsqueeze(0)?)];
         if let Some((neg, _)) = &self.negative {
             inputs.push(("negative_prompt_embeds".to_string(), neg[0].unsqueeze(0)?));

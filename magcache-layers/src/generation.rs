@@ -12,6 +12,9 @@ use magcache_core::{
     StepsSpec,
 };
 
+/// The stages outside the loop, as they ran.
+pub type Stages = Vec<StageTime>;
+
 /// One family's denoising loop over its transformer `Model`.
 pub trait Steps {
     type Model: ChainModel;
@@ -129,15 +132,19 @@ pub fn per_item(v: f32, b: usize, dev: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(vec![v; b], b, dev)?)
 }
 
-/// One Euler step of flow matching: `lat + v * dt`, then the step reported to `den`.
-pub fn euler_step(
+/// Flow-matching Euler over `schedule` from `latents`: each step's velocity from
+/// `velocity(den, i, timestep, lat)`, then `lat + v * dt` reported to `den`; the final latents.
+pub fn euler_loop(
     den: &mut Denoiser<'_>,
-    i: usize,
-    lat: &Tensor,
-    v: &Tensor,
-    dt: f64,
+    schedule: &FlowSchedule,
+    latents: Tensor,
+    mut velocity: impl FnMut(&mut Denoiser<'_>, usize, f32, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let next = (lat + (v * dt)?)?;
-    den.step_done(i, &next)?;
-    Ok(next)
+    let mut lat = latents;
+    for i in 0..schedule.steps() {
+        let v = velocity(den, i, schedule.timesteps[i], &lat)?;
+        lat = (&lat + (v * schedule.dt(i) as f64)?)?;
+        den.step_done(i, &lat)?;
+    }
+    Ok(lat)
 }

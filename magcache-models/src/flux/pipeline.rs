@@ -1,10 +1,9 @@
 //! The FLUX denoising loop: Euler with dynamic shift, embedded guidance, one cache scope.
 
 use candle_core::Tensor;
-use magcache_core::runtime::progress::StageTime;
-use magcache_core::{Branch, Denoiser, GenerationPlan, Result};
+use magcache_core::{Branch, Decoded, Denoiser, GenerationPlan, Result};
 use magcache_layers::generation::{
-    cfg_branches, euler_step, flow_plan, per_item, Generation, Steps,
+    cfg_branches, euler_loop, flow_plan, per_item, Generation, Stages, Steps,
 };
 use magcache_layers::scheduler::FlowSchedule;
 
@@ -35,40 +34,27 @@ impl Steps for FluxSteps {
     }
 
     fn run(&self, model: &FluxModel, den: &mut Denoiser<'_>) -> Result<Tensor> {
-        let b = self.inputs.latents.dim(0)?;
-        let dev = self.inputs.latents.device();
-        let g = model
-            .cfg
-            .guidance_embeds
+        let inp = &self.inputs;
+        let (b, dev) = (inp.latents.dim(0)?, inp.latents.device());
+        let g = model.cfg.guidance_embeds;
+        let g = g
             .then(|| per_item(self.guidance as f32, b, dev))
             .transpose()?;
-        let mut lat = self.inputs.latents.clone();
-        let inp = &self.inputs;
-        for i in 0..self.schedule.steps() {
-            let t = self.schedule.timesteps[i];
-            let tt = per_item(t / 1000.0, b, dev)?;
-            let v = den.call(i, 0, Branch::Cond, t as f64, |cx| {
-                model.forward(
-                    &lat,
-                    &inp.ctx,
-                    &inp.pooled,
-                    &tt,
-                    &inp.img_ids,
-                    &inp.txt_ids,
-                    g.as_ref(),
-                    cx,
-                )
-            })?;
-            lat = euler_step(den, i, &lat, &v, self.schedule.dt(i) as f64)?;
-        }
-        Ok(lat)
+        euler_loop(
+            den,
+            &self.schedule,
+            inp.latents.clone(),
+            |den, i, t, lat| {
+                let tt = per_item(t / 1000.0, b, dev)?;
+                den.call(i, 0, Branch::Cond, t as f64, |cx| {
+                    let (ids, g) = ((&inp.img_ids, &inp.txt_ids), g.as_ref());
+                    model.forward(lat, &inp.ctx, &inp.pooled, &tt, ids.0, ids.1, g, cx)
+                })
+            },
+        )
     }
 
-    fn finish(
-        &mut self,
-        latents: &Tensor,
-        stages: &mut Vec<StageTime>,
-    ) -> Result<Option<magcache_core::Decoded>> {
+    fn finish(&mut self, latents: &Tensor, stages: &mut Stages) -> Result<Option<Decoded>> {
         match &self.prompted {
             Some(p) => prompted::finish(p, latents, stages).map(Some),
             None => Ok(None),

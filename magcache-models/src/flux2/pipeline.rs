@@ -6,10 +6,9 @@ pub use super::inputs::Flux2Inputs;
 use super::model::Flux2Model;
 use super::prompted;
 use candle_core::Tensor;
-use magcache_core::runtime::progress::StageTime;
-use magcache_core::{Denoiser, GenerationPlan, Result};
+use magcache_core::{Decoded, Denoiser, GenerationPlan, Result};
 use magcache_layers::generation::{
-    cfg_branches, euler_step, flow_plan, guided_call, per_item, Generation, Steps,
+    cfg_branches, euler_loop, flow_plan, guided_call, per_item, Generation, Stages, Steps,
 };
 use magcache_layers::scheduler::FlowSchedule;
 
@@ -38,39 +37,35 @@ impl Steps for Flux2Steps {
 
     fn run(&self, model: &Flux2Model, den: &mut Denoiser<'_>) -> Result<Tensor> {
         let inp = &self.inputs;
-        let b = inp.latents.dim(0)?;
-        let dev = inp.latents.device();
-        let g = model
-            .cfg
-            .guidance_embeds
+        let (b, dev) = (inp.latents.dim(0)?, inp.latents.device());
+        let g = model.cfg.guidance_embeds;
+        let g = g
             .then(|| per_item(self.guidance as f32, b, dev))
             .transpose()?;
-        let mut lat = inp.latents.clone();
-        for i in 0..self.schedule.steps() {
-            let t = self.schedule.timesteps[i];
-            let tt = per_item(t / 1000.0, b, dev)?;
-            let (neg, s) = match (self.cfg_scale, &inp.neg_ctx) {
-                (Some(s), Some(neg)) => (Some(neg), s),
-                _ => (None, 1.0),
-            };
-            let v = guided_call(
-                den,
-                (i, t as f64),
-                &inp.ctx,
-                neg,
-                |ctx, cx| model.forward(&lat, ctx, &tt, &inp.img_ids, &inp.txt_ids, g.as_ref(), cx),
-                |v, vu| Ok((vu + ((v - vu)? * s)?)?),
-            )?;
-            lat = euler_step(den, i, &lat, &v, self.schedule.dt(i) as f64)?;
-        }
-        Ok(lat)
+        let (neg, s) = match (self.cfg_scale, &inp.neg_ctx) {
+            (Some(s), Some(neg)) => (Some(neg), s),
+            _ => (None, 1.0),
+        };
+        euler_loop(
+            den,
+            &self.schedule,
+            inp.latents.clone(),
+            |den, i, t, lat| {
+                let tt = per_item(t / 1000.0, b, dev)?;
+                let (img, txt) = (&inp.img_ids, &inp.txt_ids);
+                guided_call(
+                    den,
+                    (i, t as f64),
+                    &inp.ctx,
+                    neg,
+                    |ctx, cx| model.forward(lat, ctx, &tt, img, txt, g.as_ref(), cx),
+                    |v, vu| Ok((vu + ((v - vu)? * s)?)?),
+                )
+            },
+        )
     }
 
-    fn finish(
-        &mut self,
-        latents: &Tensor,
-        stages: &mut Vec<StageTime>,
-    ) -> Result<Option<magcache_core::Decoded>> {
+    fn finish(&mut self, latents: &Tensor, stages: &mut Stages) -> Result<Option<Decoded>> {
         match &self.prompted {
             Some(p) => prompted::finish(p, latents, stages).map(Some),
             None => Ok(None),

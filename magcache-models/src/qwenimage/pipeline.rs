@@ -4,12 +4,11 @@
 
 use super::model::QwenImageModel;
 use candle_core::{Tensor, D};
-use magcache_core::runtime::progress::StageTime;
-use magcache_core::{Denoiser, GenerationPlan, Placement, Result};
+use magcache_core::{Decoded, Denoiser, GenerationPlan, Placement, Result};
 use magcache_layers::autoencoder_kl::unpack_latents;
 use magcache_layers::autoencoder_kl_wan::WanVae;
 use magcache_layers::generation::{
-    cfg_branches, euler_step, flow_plan, guided_call, per_item, Generation, Steps,
+    cfg_branches, euler_loop, flow_plan, guided_call, per_item, Generation, Stages, Steps,
 };
 use magcache_layers::scheduler::FlowSchedule;
 use magcache_layers::stage::decode_stage;
@@ -69,33 +68,30 @@ impl Steps for QwenImageSteps {
     }
 
     fn run(&self, model: &QwenImageModel, den: &mut Denoiser<'_>) -> Result<Tensor> {
-        let mut lat = self.latents.clone();
-        let b = lat.dim(0)?;
-        for i in 0..self.schedule.steps() {
-            let ts = self.schedule.timesteps[i];
-            let tt = per_item(ts / 1000.0, b, lat.device())?;
-            let (neg, s) = match &self.negative {
-                Some((n, s)) => (Some(n), *s),
-                None => (None, 1.0),
-            };
-            let v = guided_call(
-                den,
-                (i, ts as f64),
-                &self.ctx,
-                neg,
-                |ctx, cx| model.forward(&lat, ctx, &tt, self.grid, cx),
-                |c, u| true_cfg(c, u, s),
-            )?;
-            lat = euler_step(den, i, &lat, &v, self.schedule.dt(i) as f64)?;
-        }
-        Ok(lat)
+        let b = self.latents.dim(0)?;
+        let (neg, s) = match &self.negative {
+            Some((n, s)) => (Some(n), *s),
+            None => (None, 1.0),
+        };
+        euler_loop(
+            den,
+            &self.schedule,
+            self.latents.clone(),
+            |den, i, ts, lat| {
+                let tt = per_item(ts / 1000.0, b, lat.device())?;
+                guided_call(
+                    den,
+                    (i, ts as f64),
+                    &self.ctx,
+                    neg,
+                    |ctx, cx| model.forward(lat, ctx, &tt, self.grid, cx),
+                    |c, u| true_cfg(c, u, s),
+                )
+            },
+        )
     }
 
-    fn finish(
-        &mut self,
-        latents: &Tensor,
-        stages: &mut Vec<StageTime>,
-    ) -> Result<Option<magcache_core::Decoded>> {
+    fn finish(&mut self, latents: &Tensor, stages: &mut Stages) -> Result<Option<Decoded>> {
         let Some(d) = &self.decode else {
             return Ok(None);
         };

@@ -4,10 +4,9 @@
 
 use super::model::ZImageModel;
 use candle_core::{DType, Tensor};
-use magcache_core::runtime::progress::StageTime;
-use magcache_core::{Branch, Denoiser, GenerationPlan, Placement, Result};
+use magcache_core::{Branch, Decoded, Denoiser, GenerationPlan, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVae};
-use magcache_layers::generation::{euler_step, flow_plan, per_item, Generation, Steps};
+use magcache_layers::generation::{euler_loop, flow_plan, per_item, Generation, Stages, Steps};
 use magcache_layers::scheduler::FlowSchedule;
 use magcache_layers::stage::decode_stage;
 use std::path::PathBuf;
@@ -91,20 +90,14 @@ impl Steps for ZImageSteps {
     }
 
     fn run(&self, model: &ZImageModel, den: &mut Denoiser<'_>) -> Result<Tensor> {
-        let mut lat = self.latents.to_dtype(DType::F32)?;
-        for i in 0..self.schedule.steps() {
-            let v = self.velocity(model, den, i, &lat)?;
+        let lat = self.latents.to_dtype(DType::F32)?;
+        euler_loop(den, &self.schedule, lat, |den, i, _, lat| {
             // The model predicts minus the velocity: Euler on `-v`.
-            lat = euler_step(den, i, &lat, &v.neg()?, self.schedule.dt(i) as f64)?;
-        }
-        Ok(lat)
+            Ok(self.velocity(model, den, i, lat)?.neg()?)
+        })
     }
 
-    fn finish(
-        &mut self,
-        latents: &Tensor,
-        stages: &mut Vec<StageTime>,
-    ) -> Result<Option<magcache_core::Decoded>> {
+    fn finish(&mut self, latents: &Tensor, stages: &mut Stages) -> Result<Option<Decoded>> {
         let Some(d) = &self.decode else {
             return Ok(None);
         };

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod files;
 pub mod gguf;
+pub mod warm;
 
 pub use files::weight_files;
 
@@ -673,7 +674,10 @@ impl WeightStore {
     fn get_stored(&self, name: &str) -> Result<Tensor> {
         match self.entry(name)? {
             Entry::Mem(t) => Ok(t.clone()),
-            Entry::Gguf(g) => g.read(self.file_of(name), name),
+            Entry::Gguf(g) => {
+                let file = self.file_of(name);
+                warm::tensor(file, format!("gguf {name}"), || g.read(file, name))
+            }
             Entry::Mapped {
                 map,
                 dtype,
@@ -690,7 +694,7 @@ impl WeightStore {
                 // (reading bytes and then building the tensor from them held it twice: 8.4 GB for
                 // UMT5-XXL's 4.2 GB f32 embedding). f32 only, the released folders' dtype: 2-byte
                 // tensors take the byte path (their vector type needs the `half` crate).
-                let read = match dtype {
+                let read = || match dtype {
                     DType::F32
                         if cfg!(target_endian = "little")
                             && (end.saturating_sub(*start)).is_multiple_of(4) =>
@@ -702,7 +706,10 @@ impl WeightStore {
                             .map_err(|e| e.to_string())
                     }),
                 };
-                read.map_err(|why| Error::weights(file, name, why))
+                let place = format!("{start}..{end}");
+                warm::tensor(file, place, || {
+                    read().map_err(|why| Error::weights(file, name, why))
+                })
             }
         }
     }

@@ -10,6 +10,7 @@ use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxVae, FluxVaeConfig};
 use magcache_layers::stage::decode_stage;
+use magcache_layers::weights::warm;
 use magcache_text::flux::FluxTextEncoders;
 use std::path::{Path, PathBuf};
 
@@ -123,10 +124,13 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
     let stage = Stage::begin("encode text");
-    let enc =
-        FluxTextEncoders::load_pipeline_with(root, &placement.device, placement.dtype, streamed)?;
-    let (prompt_embeds, pooled_prompt_embeds) = enc.encode(&p.text, max_len)?;
-    drop(enc);
+    let (dev, dt) = (&placement.device, placement.dtype);
+    let key = format!("flux {:?}", (root, dt, dev, streamed, max_len, &p.text));
+    let [prompt_embeds, pooled_prompt_embeds] = warm::prompt_n(key, || {
+        let enc = FluxTextEncoders::load_pipeline_with(root, dev, dt, streamed)?;
+        let (t5, clip) = enc.encode(&p.text, max_len)?;
+        Ok([t5, clip])
+    })?;
     let check = magcache_layers::stage::check_stage;
     let te2 = root.join("text_encoder_2").display().to_string();
     check(

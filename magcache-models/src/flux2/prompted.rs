@@ -11,6 +11,7 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use magcache_layers::stage::decode_stage;
+use magcache_layers::weights::warm;
 use magcache_text::qwen3::Qwen3Config;
 use magcache_text::qwen_chat::{QwenChatEncoder, FLUX2_CHAT, FLUX2_TEXT_LAYERS};
 use std::path::{Path, PathBuf};
@@ -140,19 +141,19 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         .footprint(last, max_len, placement.dtype.size_in_bytes(), &te_cfg)
         .check(file)?;
     let stage = Stage::begin("encode text");
-    let enc = QwenChatEncoder::load_pipeline(root, FLUX2_CHAT, &placement.device, placement.dtype)?;
-    let template = format!(
-        "Qwen3 ChatML, one user message, thinking off (the template of {})",
-        enc.template_source()
-    );
-    let prompt_embeds = enc.encode(&p.text, max_len)?.prompt_embeds;
-    let negative_prompt_embeds = if cfg_on {
-        let neg = p.negative.as_deref().unwrap_or("");
-        Some(enc.encode(neg, max_len)?.prompt_embeds)
-    } else {
-        None
-    };
-    drop(enc);
+    let (dev, dt) = (&placement.device, placement.dtype);
+    let neg = cfg_on.then(|| p.negative.as_deref().unwrap_or(""));
+    let key = format!("flux2 {:?}", (root, dt, dev, max_len, &p.text, neg));
+    let ((prompt_embeds, negative_prompt_embeds), template) = warm::prompt_pair(key, || {
+        let enc = QwenChatEncoder::load_pipeline(root, FLUX2_CHAT, dev, dt)?;
+        let template = format!(
+            "Qwen3 ChatML, one user message, thinking off (the template of {})",
+            enc.template_source()
+        );
+        let pos = enc.encode(&p.text, max_len)?.prompt_embeds;
+        let neg = neg.map(|n| enc.encode(n, max_len)).transpose()?;
+        Ok(((pos, neg.map(|n| n.prompt_embeds)), template))
+    })?;
     let check = magcache_layers::stage::check_stage;
     check(
         &prompt_embeds,

@@ -18,6 +18,7 @@ use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::randn_for;
+use magcache_layers::weights::warm;
 use magcache_text::qwenimage::{
     QwenImageTextEncoder, QWENIMAGE_DROP, QWENIMAGE_MAX_LEN, QWENIMAGE_TEMPLATE,
 };
@@ -135,26 +136,34 @@ impl QwenImageRun {
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let enc = QwenImageTextEncoder::load_pipeline(root, dev, self.run.placement.dtype)?;
-        if enc.hidden_size() != j {
-            return Err(Error::config(
-                root.join("transformer")
-                    .join("config.json")
-                    .display()
-                    .to_string(),
-                "joint_attention_dim",
-                format!(
-                    "{j} but the text encoder's hidden_size is {}",
-                    enc.hidden_size()
-                ),
-            ));
-        }
-        let pos = enc.encode(&text, self.text_len)?.prompt_embeds;
-        let neg = match (self.cfg_scale, negative) {
-            (Some(_), Some(n)) => Some(enc.encode(&n, self.text_len)?.prompt_embeds),
-            _ => None,
-        };
-        drop(enc);
+        let dt = self.run.placement.dtype;
+        let negative = negative.filter(|_| self.cfg_scale.is_some());
+        let key = format!(
+            "qwen-image {:?}",
+            (root, dt, dev, self.text_len, &text, &negative)
+        );
+        let ((pos, neg), _) = warm::prompt_pair(key, || {
+            let enc = QwenImageTextEncoder::load_pipeline(root, dev, dt)?;
+            if enc.hidden_size() != j {
+                return Err(Error::config(
+                    root.join("transformer")
+                        .join("config.json")
+                        .display()
+                        .to_string(),
+                    "joint_attention_dim",
+                    format!(
+                        "{j} but the text encoder's hidden_size is {}",
+                        enc.hidden_size()
+                    ),
+                ));
+            }
+            let pos = enc.encode(&text, self.text_len)?.prompt_embeds;
+            let neg = negative.as_ref().map(|n| enc.encode(n, self.text_len));
+            Ok((
+                (pos, neg.transpose()?.map(|n| n.prompt_embeds)),
+                String::new(),
+            ))
+        })?;
         let stage = stage.end();
         let te = root.join("text_encoder").display().to_string();
         magcache_layers::stage::check_stage(

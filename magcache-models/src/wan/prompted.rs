@@ -16,6 +16,7 @@ use magcache_layers::autoencoder_kl_wan::{WanVae, WanVaeConfig};
 use magcache_layers::config_util::resolve;
 use magcache_layers::inputs::InputFile;
 use magcache_layers::stage::decode_stage;
+use magcache_layers::weights::warm;
 use magcache_text::WanTextEncoder;
 use std::path::{Path, PathBuf};
 
@@ -139,15 +140,15 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
     let stage = Stage::begin("encode text");
-    let enc =
-        WanTextEncoder::load_pipeline_with(root, &placement.device, placement.dtype, streamed)?;
-    let (prompt_embeds, _) = enc.encode(&p.text, max_len)?;
-    let negative_prompt_embeds = if guidance {
-        Some(enc.encode(p.negative.as_deref().unwrap_or(""), max_len)?.0)
-    } else {
-        None
-    };
-    drop(enc);
+    let (dev, dt) = (&placement.device, placement.dtype);
+    let neg = guidance.then(|| p.negative.as_deref().unwrap_or(""));
+    let key = format!("wan {:?}", (root, dt, dev, streamed, max_len, &p.text, neg));
+    let ((prompt_embeds, negative_prompt_embeds), _) = warm::prompt_pair(key, || {
+        let enc = WanTextEncoder::load_pipeline_with(root, dev, dt, streamed)?;
+        let (pos, _) = enc.encode(&p.text, max_len)?;
+        let neg = neg.map(|n| enc.encode(n, max_len)).transpose()?;
+        Ok(((pos, neg.map(|n| n.0)), String::new()))
+    })?;
     let te = root.join("text_encoder").display().to_string();
     for (name, t) in [
         ("prompt_embeds", Some(&prompt_embeds)),

@@ -18,6 +18,7 @@ use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::randn_for;
+use magcache_layers::weights::warm;
 use magcache_text::qwen_chat::{QwenChatEncoder, ZIMAGE_CHAT};
 use std::path::Path;
 
@@ -167,35 +168,43 @@ impl ZImageRun {
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let enc = QwenChatEncoder::load_pipeline(root, ZIMAGE_CHAT, dev, self.run.placement.dtype)?;
-        if enc.encoder().config.hidden_size != self.transformer.cap_feat_dim {
-            return Err(Error::config(
-                root.join("transformer")
-                    .join("config.json")
-                    .display()
-                    .to_string(),
-                "cap_feat_dim",
-                format!(
-                    "{} but the text encoder's hidden_size is {}",
-                    self.transformer.cap_feat_dim,
-                    enc.encoder().config.hidden_size
-                ),
-            ));
-        }
-        let template = format!(
-            "Qwen3 ChatML, one user message, thinking on (the template of {})",
-            enc.template_source()
+        let dt = self.run.placement.dtype;
+        let neg_text = self.cfg_scale.map(|_| &negative);
+        let key = format!(
+            "z-image {:?}",
+            (root, dt, dev, self.text_len, &text, neg_text)
         );
-        let pos = enc.encode(&text, self.text_len)?.prompt_embeds.squeeze(0)?;
-        let neg = match self.cfg_scale {
-            Some(_) => Some(
-                enc.encode(&negative, self.text_len)?
-                    .prompt_embeds
-                    .squeeze(0)?,
-            ),
-            None => None,
-        };
-        drop(enc);
+        let ((pos, neg), template) = warm::prompt_pair(key, || {
+            let enc = QwenChatEncoder::load_pipeline(root, ZIMAGE_CHAT, dev, dt)?;
+            if enc.encoder().config.hidden_size != self.transformer.cap_feat_dim {
+                return Err(Error::config(
+                    root.join("transformer")
+                        .join("config.json")
+                        .display()
+                        .to_string(),
+                    "cap_feat_dim",
+                    format!(
+                        "{} but the text encoder's hidden_size is {}",
+                        self.transformer.cap_feat_dim,
+                        enc.encoder().config.hidden_size
+                    ),
+                ));
+            }
+            let template = format!(
+                "Qwen3 ChatML, one user message, thinking on (the template of {})",
+                enc.template_source()
+            );
+            let pos = enc.encode(&text, self.text_len)?.prompt_embeds.squeeze(0)?;
+            let neg = match self.cfg_scale {
+                Some(_) => Some(
+                    enc.encode(&negative, self.text_len)?
+                        .prompt_embeds
+                        .squeeze(0)?,
+                ),
+                None => None,
+            };
+            Ok(((pos, neg), template))
+        })?;
         let stage = stage.end();
         let te = root.join("text_encoder").display().to_string();
         magcache_layers::stage::check_stage(

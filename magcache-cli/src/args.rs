@@ -147,3 +147,23 @@ pub(crate) struct TuneArgs {
     #[arg(long)]
     pub(crate) json: bool,
 }
+
+/// The arguments of `magcache serve`.
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// A run file to serve (repeat for several models; each one's id is its file stem).
+    #[arg(long, required = true)]
+    pub(crate) config: Vec<PathBuf>,
+    /// The address to listen on (loopback unless told otherwise).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) host: String,
+    /// The port (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub(crate) port: u16,
+    /// Requests must send `Authorization: Bearer KEY` (also read from MAGCACHE_API_KEY).
+    #[arg(long, env = "MAGCACHE_API_KEY")]
+    pub(crate) api_key: Option<String>,
+    /// Jobs queued per model (the one running included) before requests get 429.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) max_queue: usize,
+}

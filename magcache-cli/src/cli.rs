@@ -1,7 +1,7 @@
-//! The `magcache` command line (`run`, `compare`, `calibrate`, `plan`, `tune`, `export`, `list`) as a library
+//! The `magcache` command line (`run`, `compare`, `calibrate`, `plan`, `tune`, `export`, `list`, `serve`) as a library
 //! function, [`main`]: the `magcache` binary and a model crate's own runner binary call it.
 
-use crate::args::{CalibrateArgs, CompareArgs, ExportArgs, PlanArgs, RunArgs, TuneArgs};
+use crate::args::{CalibrateArgs, CompareArgs, ExportArgs, PlanArgs, RunArgs, ServeArgs, TuneArgs};
 use crate::{commands, install_signal_cleanup};
 use clap::{Parser, Subcommand};
 use magcache_core::Result;
@@ -36,6 +36,8 @@ enum Cmd {
     Tune(TuneArgs),
     /// List registered model families, presets and strategies.
     List,
+    /// Keep the run files' models warm behind an OpenAI-compatible HTTP API (docs/serve.md).
+    Serve(ServeArgs),
 }
 
 /// The `magcache` command line: parses the process's arguments, runs the command and returns its exit
@@ -65,8 +67,13 @@ pub fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> Result<()> {
+    // The server answers SIGINT/SIGTERM itself (it writes no temporary file).
+    if let Cmd::Serve(a) = cli.cmd {
+        return crate::serve::serve(a);
+    }
     install_signal_cleanup();
     match cli.cmd {
+        Cmd::Serve(_) => Ok(()),
         Cmd::Calibrate(a) => commands::calibrate(a),
         Cmd::Plan(a) => commands::plan(a),
         Cmd::List => commands::list(),

@@ -21,6 +21,7 @@ mod plan;
 mod prepare;
 mod report;
 mod run;
+mod serve;
 mod temps;
 mod tune;
 pub mod video;

@@ -143,18 +143,23 @@ pub(crate) fn prepare_pipeline_text(text: &str, config: &Path) -> Result<Prepare
 /// Loads and validates a run file and builds the pipeline and the cache.
 pub fn prepare(config: &Path) -> Result<Prepared> {
     let mut p = prepare_pipeline(config)?;
-    let base = base_dir(config);
+    attach_cache(&mut p, &base_dir(config))?;
+    Ok(p)
+}
+
+/// Builds the run's strategy (`[cache]`) for the prepared pipeline and attaches it.
+pub(crate) fn attach_cache(p: &mut Prepared, base: &Path) -> Result<()> {
     let info = p.pipeline.model_info();
     let env = BuildEnv {
         file: &p.file,
-        base_dir: &base,
+        base_dir: base,
         model: &info,
     };
     let strategy_cfg = p.cfg.strategy();
     p.strategy = strategy_cfg.typetag_name().to_string();
     p.cache = strategy_cfg.build(&env)?.map(CacheHandle::new);
     p.pipeline.set_cache(p.cache.clone())?;
-    Ok(p)
+    Ok(())
 }
 
 pub(crate) fn base_dir(config: &Path) -> PathBuf {

@@ -161,6 +161,15 @@ impl Frames {
         crate::image::encode_png(width, height, png::ColorType::Rgb, &img)
     }
 
+    /// The first frame alone as a PNG: the pixels `grid_png` draws inside its frame.
+    pub fn first_png(&self) -> Result<Vec<u8>> {
+        let first = self
+            .rgb
+            .first()
+            .ok_or_else(|| Error::msg("no decoded frame"))?;
+        crate::image::encode_png(self.width, self.height, png::ColorType::Rgb, first)
+    }
+
     /// An animated GIF at `fps`, looping forever.
     pub fn gif(&self, fps: u32) -> Result<Vec<u8>> {
         let (w, h) = (

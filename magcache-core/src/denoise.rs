@@ -41,6 +41,11 @@ pub trait Observer {
     fn step(&mut self, done: usize, total: usize) {
         let _ = (done, total);
     }
+    /// Checked before every transformer call: `true` ends the generation with
+    /// [`crate::Error::Cancelled`] (a server's cancelled job, within one call).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that ignores everything.
@@ -88,6 +93,9 @@ impl<'a> Denoiser<'a> {
         timestep: f64,
         forward: impl FnOnce(&CallCx<'_>) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        if self.obs.cancelled() {
+            return Err(crate::Error::Cancelled);
+        }
         let key = ScopeKey::new(expert, branch);
         let cx = CallCx::new(key, self.cache);
         let out = forward(&cx)?;

@@ -48,6 +48,11 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },
 
+    /// The generation was cancelled (its observer said so, see
+    /// [`crate::denoise::Observer::cancelled`]).
+    #[error("cancelled")]
+    Cancelled,
+
     /// A cache received a call for a scope the generation plan did not announce.
     #[error("cache scope {0} was not announced by the generation plan (call `begin_generation` with every scope)")]
     ScopeNotPlanned(ScopeKey),

@@ -36,11 +36,6 @@ pub fn keep_warm() {
     }
 }
 
-/// Whether the warm caches are on.
-pub fn is_warm() -> bool {
-    warm().lock().map(|w| w.on).unwrap_or(false)
-}
-
 /// The tensor at `place` of `file`: kept from an earlier read when warm, else `read()` (kept when
 /// warm).
 pub(super) fn tensor(

@@ -114,6 +114,50 @@ impl ZImageRun {
         }
     }
 
+    /// Runs without a pipeline folder: the inputs file's `prompt_embeds` (and negative ones with
+    /// CFG), else seeded random rows.
+    fn unprompted_captions(&self) -> Result<(Tensor, Option<Tensor>)> {
+        let dev = &self.run.placement.device;
+        if let Some(p) = &self.latents_file {
+            let inp = InputFile::load(p)?;
+            if inp.has("prompt_embeds") {
+                let cap = self.transformer.cap_feat_dim;
+                let get = |k: &str| -> Result<Tensor> {
+                    let t = inp.get(k, 3, "[1, n, cap_feat_dim] caption")?;
+                    if t.dim(0)? != 1 || t.dim(2)? != cap || t.dim(1)? == 0 {
+                        return Err(Error::inputs(
+                            &inp.path,
+                            k,
+                            format!(
+                                "has shape {:?}; expected [1, n >= 1, {cap}] (cap_feat_dim)",
+                                t.dims()
+                            ),
+                        ));
+                    }
+                    Ok(t.squeeze(0)?.to_dtype(DType::F32)?.to_device(dev)?)
+                };
+                let neg = match self.cfg_scale {
+                    Some(_) => Some(get("negative_prompt_embeds")?),
+                    None => None,
+                };
+                return Ok((get("prompt_embeds")?, neg));
+            }
+        }
+        let rows = |k: u64| {
+            randn_for(
+                &self.run.file,
+                "inputs.text_len",
+                self.run.seed.wrapping_add(k),
+                &[self.text_len, self.transformer.cap_feat_dim],
+            )
+        };
+        let neg = self.cfg_scale.map(|_| rows(3)).transpose()?;
+        Ok((
+            rows(2)?.to_device(dev)?,
+            neg.map(|n| n.to_device(dev)).transpose()?,
+        ))
+    }
+
     /// The captions (prompt, then negative with CFG) of one item each, `[n, hidden]`: encoded by the
     /// folder's Qwen3 (freed before this returns), or seeded random rows for presets.
     #[allow(clippy::type_complexity)]
@@ -126,45 +170,8 @@ impl ZImageRun {
     )> {
         let dev = &self.run.placement.device;
         let Source::Folder { root, .. } = &self.source else {
-            if let Some(p) = &self.latents_file {
-                let inp = InputFile::load(p)?;
-                if inp.has("prompt_embeds") {
-                    let cap = self.transformer.cap_feat_dim;
-                    let get = |k: &str| -> Result<Tensor> {
-                        let t = inp.get(k, 3, "[1, n, cap_feat_dim] caption")?;
-                        if t.dim(0)? != 1 || t.dim(2)? != cap || t.dim(1)? == 0 {
-                            return Err(Error::inputs(
-                                &inp.path,
-                                k,
-                                format!(
-                                    "has shape {:?}; expected [1, n >= 1, {cap}] (cap_feat_dim)",
-                                    t.dims()
-                                ),
-                            ));
-                        }
-                        Ok(t.squeeze(0)?.to_dtype(DType::F32)?.to_device(dev)?)
-                    };
-                    let neg = match self.cfg_scale {
-                        Some(_) => Some(get("negative_prompt_embeds")?),
-                        None => None,
-                    };
-                    return Ok((get("prompt_embeds")?, neg, None));
-                }
-            }
-            let rows = |k: u64| {
-                randn_for(
-                    &self.run.file,
-                    "inputs.text_len",
-                    self.run.seed.wrapping_add(k),
-                    &[self.text_len, self.transformer.cap_feat_dim],
-                )
-            };
-            let neg = self.cfg_scale.map(|_| rows(3)).transpose()?;
-            return Ok((
-                rows(2)?.to_device(dev)?,
-                neg.map(|n| n.to_device(dev)).transpose()?,
-                None,
-            ));
+            let (pos, neg) = self.unprompted_captions()?;
+            return Ok((pos, neg, None));
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");

@@ -1,0 +1,158 @@
+//! `magcache serve`: each run file one model, built once at start (size guard first) and kept warm
+//! ([`magcache_layers::weights::warm`]: its weights and the last prompts' embeddings), behind
+//! OpenAI's HTTP shapes (docs/serve.md). axum on tokio answers; each model's jobs run one at a time
+//! on its own worker thread, from a bounded queue (past it: 429).
+
+mod api;
+mod metrics;
+mod model;
+
+use crate::args::ServeArgs;
+use api::ApiError;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use magcache_core::{Error, Result};
+use metrics::Metrics;
+use model::Served;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Request bodies up to this many bytes (a prompt, or a first frame as a `data:` URL).
+const BODY_LIMIT: usize = 16 << 20;
+
+/// What the handlers share.
+pub(crate) struct App {
+    models: Vec<Served>,
+    api_key: Option<String>,
+    metrics: Arc<Metrics>,
+    /// The cancel flags of the jobs in flight (set on shutdown).
+    inflight: Mutex<Vec<Weak<AtomicBool>>>,
+}
+
+impl App {
+    fn model(&self, id: &str) -> std::result::Result<&Served, ApiError> {
+        self.models.iter().find(|m| m.id == id).ok_or_else(|| {
+            let known: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
+            ApiError {
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+                ..ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    format!("no model `{id}` (served: {})", known.join(", ")),
+                )
+            }
+        })
+    }
+
+    /// Keeps a job's cancel flag, for shutdown.
+    fn track(&self, cancel: &Arc<AtomicBool>) {
+        if let Ok(mut v) = self.inflight.lock() {
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Arc::downgrade(cancel));
+        }
+    }
+
+    /// Cancels every job in flight (each ends within one transformer call).
+    fn cancel_all(&self) {
+        if let Ok(v) = self.inflight.lock() {
+            for c in v.iter().filter_map(Weak::upgrade) {
+                c.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM (then jobs in flight are cancelled and it exits 0).
+pub(crate) fn serve(a: ServeArgs) -> Result<()> {
+    if a.config.is_empty() {
+        return Err(Error::msg("serve: give at least one --config RUN.toml"));
+    }
+    if a.max_queue == 0 {
+        return Err(Error::msg("serve: --max-queue must be at least 1"));
+    }
+    crate::prepare::link_strategies();
+    magcache_layers::weights::warm::keep_warm();
+    let metrics = Arc::new(Metrics::default());
+    let mut models: Vec<Served> = Vec::new();
+    for path in &a.config {
+        eprintln!("serve: loading {}", path.display());
+        let m = Served::start(path, None, a.max_queue, metrics.clone())?;
+        if let Some(other) = models.iter().find(|o| o.id == m.id) {
+            return Err(Error::msg(format!(
+                "serve: {} and {} would both be model `{}` (rename one file)",
+                other.path.display(),
+                path.display(),
+                m.id
+            )));
+        }
+        eprintln!("serve: model `{}` ({}) ready", m.id, m.family);
+        models.push(m);
+    }
+    let kept = magcache_layers::weights::warm::kept_bytes();
+    eprintln!("serve: {:.1} MB of weights kept warm", kept as f64 / 1e6);
+    let app = Arc::new(App {
+        models,
+        api_key: a.api_key.clone(),
+        metrics,
+        inflight: Mutex::new(Vec::new()),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::msg(format!("serve: {e}")))?;
+    rt.block_on(listen(app, &a.host, a.port))
+}
+
+async fn listen(app: Arc<App>, host: &str, port: u16) -> Result<()> {
+    let router = Router::new()
+        .route("/v1/images/generations", post(api::images))
+        .route("/v1/models", get(api::models))
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .fallback(api::not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app.clone());
+    let addr = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| Error::msg(format!("serve: cannot listen on {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::msg(format!("serve: {e}")))?;
+    eprintln!("serve: listening on http://{local}");
+    let shutdown = async move {
+        wait_for_signal().await;
+        eprintln!("serve: shutting down (cancelling jobs in flight)");
+        app.cancel_all();
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::msg(format!("serve: {e}")))
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

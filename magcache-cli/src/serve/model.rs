@@ -1,0 +1,231 @@
+//! One served model: its run file, kept warm by a worker thread that runs its jobs one at a time
+//! (off the async threads), each job a request's keys laid over the run file and run exactly as
+//! `magcache run` runs it.
+
+use super::metrics::Metrics;
+use crate::prepare::{attach_cache, prepare_pipeline_text, Prepared};
+use magcache_core::denoise::{CallEvent, Observer};
+use magcache_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// What a request may set besides the run file (OpenAI's names, and the run file's `[cache]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Request {
+    pub model: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub size: Option<String>,
+    #[serde(default)]
+    pub response_format: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub num_inference_steps: Option<u64>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    /// Replaces the run file's `[cache]` table.
+    #[serde(default)]
+    pub cache: Option<toml::Table>,
+}
+
+/// The cache's figures for one picture (the `magcache` entries of a response).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Figures {
+    pub seed: u64,
+    pub calls: usize,
+    pub computed: usize,
+    pub strategy: String,
+    pub wall_s: f64,
+    pub prompt_cached: bool,
+}
+
+/// One generated picture: PNG bytes and its figures.
+pub(crate) struct Picture {
+    pub png: Vec<u8>,
+    pub figures: Figures,
+}
+
+/// A job for a model's worker.
+pub(crate) struct Job {
+    /// The request's run file text (the run file with the request's keys).
+    pub text: String,
+    pub seeds: Vec<u64>,
+    pub cancel: Arc<AtomicBool>,
+    pub reply: oneshot::Sender<Result<Vec<Picture>>>,
+}
+
+/// A served model.
+pub(crate) struct Served {
+    pub id: String,
+    pub path: PathBuf,
+    /// The run file's text as read at start.
+    pub text: String,
+    pub family: String,
+    /// The run's own seed (`inputs.seed`, else `model.seed`): a request without `seed` uses it.
+    pub seed: u64,
+    queue: SyncSender<Job>,
+    pub depth: Arc<AtomicUsize>,
+}
+
+impl Served {
+    /// Reads `path`, builds its pipeline once (the size guard first: a model that cannot fit is
+    /// refused here, naming the file), and starts its worker.
+    pub fn start(
+        path: &Path,
+        id: Option<String>,
+        max_queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Served> {
+        let text = magcache_core::error::read_text(path)?;
+        let warm = prepare(&text, path)?;
+        let family = warm.cfg.model.family.clone();
+        let seed = warm.cfg.inputs.seed.unwrap_or(warm.cfg.model.seed);
+        drop(warm);
+        let id = id.unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let (tx, rx) = sync_channel::<Job>(max_queue);
+        let depth = Arc::new(AtomicUsize::new(0));
+        let (p, d) = (path.to_path_buf(), depth.clone());
+        std::thread::Builder::new()
+            .name(format!("magcache-{id}"))
+            .spawn(move || work(&p, rx, &d, &metrics))
+            .map_err(|e| Error::msg(format!("{}: cannot start its worker: {e}", path.display())))?;
+        Ok(Served {
+            id,
+            path: path.to_path_buf(),
+            text,
+            family,
+            seed,
+            queue: tx,
+            depth,
+        })
+    }
+
+    /// Queues a job; `false` when the queue is full (nothing accepted is dropped).
+    pub fn submit(&self, job: Job) -> bool {
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match self.queue.try_send(job) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                false
+            }
+        }
+    }
+}
+
+/// Parses, validates and builds a run from its text, with its cache, as `magcache run` does.
+fn prepare(text: &str, path: &Path) -> Result<Prepared> {
+    let mut p = prepare_pipeline_text(text, path)?;
+    attach_cache(&mut p, &crate::prepare::base_dir(path))?;
+    Ok(p)
+}
+
+fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) {
+    for job in rx {
+        let out = if job.cancel.load(Ordering::SeqCst) {
+            Err(Error::Cancelled)
+        } else {
+            job.seeds
+                .iter()
+                .map(|&s| picture(path, &job.text, s, &job.cancel, metrics))
+                .collect()
+        };
+        depth.fetch_sub(1, Ordering::SeqCst);
+        let _ = job.reply.send(out);
+    }
+}
+
+/// Counts the calls and passes the cancel flag to the generation.
+struct Watch<'a> {
+    calls: usize,
+    computed: usize,
+    cancel: &'a AtomicBool,
+}
+
+impl Observer for Watch<'_> {
+    fn call(&mut self, ev: &CallEvent) {
+        self.calls += 1;
+        if ev.decision.is_none_or(|d| d.computed) {
+            self.computed += 1;
+        }
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// One picture of a job: the run file text with `inputs.seed = seed`, built (weights and prompt
+/// from the warm caches), generated and decoded as `magcache run --png` does.
+fn picture(
+    path: &Path,
+    text: &str,
+    seed: u64,
+    cancel: &AtomicBool,
+    metrics: &Metrics,
+) -> Result<Picture> {
+    let start = std::time::Instant::now();
+    let text = with_seed(text, seed, path)?;
+    let hits = magcache_layers::weights::warm::prompt_hits();
+    let mut p = prepare(&text, path)?;
+    let prompt_cached = magcache_layers::weights::warm::prompt_hits() > hits;
+    let mut watch = Watch {
+        calls: 0,
+        computed: 0,
+        cancel,
+    };
+    let latents = p.pipeline.generate(&mut watch)?;
+    p.pipeline.release_models();
+    let decoded = p.pipeline.finish(&latents)?.ok_or_else(|| {
+        Error::msg(format!(
+            "{}: the run decodes no picture (a [prompt] run of a pipeline folder is needed)",
+            path.display()
+        ))
+    })?;
+    let frames = crate::video::Frames::from_decoded(&decoded.pixels)?;
+    let png = frames.first_png()?;
+    let wall_s = start.elapsed().as_secs_f64();
+    metrics.generated(watch.calls, watch.computed, prompt_cached, wall_s);
+    Ok(Picture {
+        png,
+        figures: Figures {
+            seed,
+            calls: watch.calls,
+            computed: watch.computed,
+            strategy: p.strategy.clone(),
+            wall_s,
+            prompt_cached,
+        },
+    })
+}
+
+/// The run file text with `[inputs] seed` set.
+fn with_seed(text: &str, seed: u64, path: &Path) -> Result<String> {
+    let mut doc: toml::Table = toml::from_str(text)
+        .map_err(|e| Error::config(path.display().to_string(), "(document)", e.to_string()))?;
+    let inputs = doc
+        .entry("inputs")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    if let Some(t) = inputs.as_table_mut() {
+        t.insert("seed".into(), toml::Value::Integer(seed_value(seed)?));
+    }
+    toml::to_string(&doc).map_err(|e| Error::msg(format!("{}: {e}", path.display())))
+}
+
+/// A seed as TOML holds it (a signed 64-bit integer).
+pub(crate) fn seed_value(seed: u64) -> Result<i64> {
+    i64::try_from(seed).map_err(|_| Error::config("request", "seed", "must be at most 2^63 - 1"))
+}

@@ -1,0 +1,411 @@
+//! `magcache serve` through the real binary and plain HTTP on loopback (issue 43): a picture equal
+//! to `magcache run --png`'s for the same seed, the prompt cache, bad requests each answered in
+//! OpenAI's error shape while the server stays healthy, the API key, the bounded queue, the
+//! metrics adding up, and SIGTERM ending it with exit 0.
+
+mod common;
+
+use common::{bin, s};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixture_folder() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/pipelines/flux_tiny_folder")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A prompted FLUX.1 run file on the tiny folder, in `dir`, named `name.toml`.
+fn run_file(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "[model]\nfamily = \"flux\"\nweights = {:?}\n\n[prompt]\ntext = \"a photo of a tiny cat\"\nmax_sequence_length = 16\n\n[inputs]\nheight = 64\nwidth = 48\nseed = {seed}\n\n[sampling]\nsteps = 8\nguidance_scale = 3.5\n\n[cache]\nstrategy = \"fbcache\"\nthreshold = 0.5\n",
+            s(&fixture_folder())
+        ),
+    )
+    .unwrap();
+    p
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = bin()
+            .arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .env_remove("MAGCACHE_API_KEY")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("the server printed its address")
+                .unwrap();
+            if let Some(rest) = line.split("listening on http://127.0.0.1:").nth(1) {
+                break rest.trim().parse().unwrap();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, port }
+    }
+
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: &[u8],
+    ) -> (u16, String, Vec<u8>) {
+        http(self.port, method, path, headers, body)
+    }
+
+    fn json(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        json(self.port, method, path, headers, body)
+    }
+
+    /// Sends SIGTERM and waits: the exit code.
+    fn stop(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the server took over 10 s to stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One request on loopback; `(status, head, body)`.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes()).unwrap();
+    // A server refusing a body over its limit answers and closes before reading it all.
+    let _ = c.write_all(body);
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response");
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head, out[split + 4..].to_vec())
+}
+
+/// One JSON request; `(status, JSON body)`.
+fn json(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut h = vec!["Content-Type: application/json"];
+    h.extend(headers);
+    let (status, head, body) = http(port, method, path, &h, body.as_bytes());
+    let body = dechunk(&head, &body);
+    let v = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "{status}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    (status, v)
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A body sent with `Transfer-Encoding: chunked`, joined.
+fn dechunk(head: &str, body: &[u8]) -> Vec<u8> {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return body.to_vec();
+    }
+    let (mut out, mut rest) = (Vec::new(), body);
+    loop {
+        let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend(&rest[eol + 2..eol + 2 + n]);
+        rest = &rest[eol + 4 + n..];
+    }
+}
+
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut r = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    // The standard alphabet with padding, as the server writes it.
+    let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        acc = (acc << 6) | table.iter().position(|&t| t == c).unwrap() as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_served_picture_is_the_run_s_picture_and_bad_requests_leave_it_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = run_file(dir.path(), "tiny", 0);
+    let srv = Server::start(&["--config", s(&model)]);
+    let (st, v) = srv.json("GET", "/health", &[], "");
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = srv.json("GET", "/v1/models", &[], "");
+    assert_eq!(
+        (st, v["data"][0]["id"].as_str()),
+        (200, Some("tiny")),
+        "{v}"
+    );
+
+    // Two pictures, seeds 3 and 4: each equals `magcache run --png` with that seed.
+    let req = r#"{"model": "tiny", "prompt": "a photo of a tiny cat", "n": 2, "size": "48x64", "seed": 3, "response_format": "b64_json"}"#;
+    let (st, v) = srv.json("POST", "/v1/images/generations", &[], req);
+    assert_eq!(st, 200, "{v}");
+    let figs = v["magcache"].as_array().unwrap();
+    assert_eq!(figs.len(), 2);
+    for (i, seed) in [3u64, 4].into_iter().enumerate() {
+        assert_eq!(figs[i]["seed"], seed);
+        assert_eq!(figs[i]["strategy"], "fbcache");
+        assert_eq!(figs[i]["calls"], 8);
+        let computed = figs[i]["computed"].as_u64().unwrap();
+        assert!((1..=8).contains(&computed), "{v}");
+        let (w, h, served) = decode_png(&b64(v["data"][i]["b64_json"].as_str().unwrap()));
+        assert_eq!((w, h), (48, 64));
+        let own = run_file(dir.path(), &format!("seed{seed}"), seed);
+        let png = dir.path().join(format!("run{seed}.png"));
+        let o = bin()
+            .args(["run", "--config", s(&own), "--png", s(&png), "--quiet"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (fw, _, framed) = decode_png(&std::fs::read(&png).unwrap());
+        // `run --png` draws the picture inside a 2-pixel frame.
+        for y in 0..h as usize {
+            let row = ((2 + y) * fw as usize + 2) * 3;
+            assert_eq!(
+                &framed[row..row + 48 * 3],
+                &served[y * 48 * 3..(y + 1) * 48 * 3],
+                "seed {seed}, row {y}: the served picture differs from run --png's"
+            );
+        }
+    }
+    // The first picture encoded the prompt (or the warm-up did); the repeat is cached.
+    let (st, v) = srv.json(
+        "POST",
+        "/v1/images/generations",
+        &[],
+        r#"{"model": "tiny", "prompt": "a photo of a tiny cat", "size": "48x64"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["magcache"][0]["prompt_cached"], true, "{v}");
+
+    let bad = |body: &str, status: u16, param: Option<&str>| {
+        let (st, v) = srv.json("POST", "/v1/images/generations", &[], body);
+        assert_eq!(st, status, "{body}: {v}");
+        let e = &v["error"];
+        let msg = e["message"].as_str().unwrap();
+        assert!(!msg.is_empty() && !msg.contains('\n'), "{v}");
+        if let Some(p) = param {
+            assert_eq!(e["param"].as_str(), Some(p), "{body}: {v}");
+        }
+    };
+    bad("{not json", 400, None);
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "colour": "red"}"#,
+        400,
+        None,
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "size": "0x0"}"#,
+        400,
+        Some("size"),
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "size": "100000x100000"}"#,
+        400,
+        Some("size"),
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "size": "16000x16000"}"#,
+        400,
+        Some("size"),
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "n": 1000}"#,
+        400,
+        Some("n"),
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "guidance_scale": NaN}"#,
+        400,
+        None,
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "cache": {"strategy": "bogus"}}"#,
+        400,
+        Some("cache"),
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "cache": {"strategy": "fbcache", "threshold": -1}}"#,
+        400,
+        Some("cache"),
+    );
+    bad(r#"{"model": "nope", "prompt": "x"}"#, 404, Some("model"));
+    let huge = format!(
+        r#"{{"model": "tiny", "prompt": "{}"}}"#,
+        "a".repeat(20 << 20)
+    );
+    bad(&huge, 413, None);
+    let (st, _) = srv.json("GET", "/health", &[], "");
+    assert_eq!(st, 200, "healthy after the bad requests");
+
+    // /metrics adds up: 2 + 1 pictures generated (8 calls each), the requests by status.
+    let (st, head, body) = srv.http("GET", "/metrics", &[], b"");
+    assert_eq!(st, 200);
+    let text = String::from_utf8(dechunk(&head, &body)).unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let calls = value("magcache_transformer_calls_total{kind=\"computed\"}")
+        + value("magcache_transformer_calls_total{kind=\"reused\"}");
+    assert_eq!(calls, 24.0, "{text}");
+    assert_eq!(value("magcache_generation_seconds_count"), 3.0, "{text}");
+    assert_eq!(
+        value("magcache_requests_total{route=\"/v1/images/generations\",status=\"200\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("magcache_requests_total{route=\"/v1/images/generations\",status=\"400\"}"),
+        9.0
+    );
+    assert!(value("magcache_prompt_cache_hits_total") >= 1.0);
+    assert_eq!(srv.stop(), Some(0));
+}
+
+#[test]
+fn a_key_is_required_when_set_and_a_full_queue_answers_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = run_file(dir.path(), "tiny", 0);
+    let srv = Server::start(&[
+        "--config",
+        s(&model),
+        "--api-key",
+        "sekrit",
+        "--max-queue",
+        "1",
+    ]);
+    let (st, v) = srv.json("GET", "/v1/models", &[], "");
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{v}"
+    );
+    let (st, _) = srv.json("GET", "/v1/models", &["Authorization: Bearer wrong"], "");
+    assert_eq!(st, 401);
+    let (st, _) = srv.json("GET", "/v1/models", &["Authorization: Bearer sekrit"], "");
+    assert_eq!(st, 200);
+
+    // Long jobs from six clients at once: one runs, one waits, the rest are told to retry; every
+    // answer is a picture or a 429.
+    let port = srv.port;
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(move || {
+                json(
+                    port,
+                    "POST",
+                    "/v1/images/generations",
+                    &["Authorization: Bearer sekrit"],
+                    r#"{"model": "tiny", "prompt": "a cat", "size": "48x64", "n": 8, "num_inference_steps": 100}"#,
+                )
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, serde_json::Value)> =
+        clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let ok = answers.iter().filter(|(st, _)| *st == 200).count();
+    let busy = answers.iter().filter(|(st, _)| *st == 429).count();
+    assert_eq!(ok + busy, 6, "{answers:?}");
+    assert!(ok >= 1 && busy >= 1, "{answers:?}");
+    for (st, v) in &answers {
+        if *st == 200 {
+            assert_eq!(v["data"].as_array().unwrap().len(), 8);
+        }
+    }
+    assert_eq!(srv.stop(), Some(0));
+}

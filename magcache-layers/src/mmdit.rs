@@ -262,3 +262,11 @@ impl SingleStream {
         Ok((x.narrow(1, lt, li)?, x.narrow(1, 0, lt)?))
     }
 }
+
+/// The chain of an MMDiT of `n.0` double-stream then `n.1` single-stream blocks, of `kinds`.
+pub fn double_then_single(
+    kinds: (magcache_core::BlockMetadata, magcache_core::BlockMetadata),
+    n: (usize, usize),
+) -> Vec<magcache_core::BlockMetadata> {
+    magcache_core::BlockMetadata::chain(&[(kinds.0, n.0), (kinds.1, n.1)])
+}

@@ -6,6 +6,7 @@ use super::config::FluxConfig;
 use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
 use magcache_layers::chain_model::ChainModel;
+use magcache_layers::mmdit::double_then_single;
 use magcache_layers::nn::modulate;
 use magcache_layers::nn::{timestep_embedding, LayerNorm, Linear};
 use magcache_layers::weights::WeightStore;
@@ -47,12 +48,11 @@ impl ChainModel for FluxModel {
     type Block = AnyBlock;
     const FAMILY: &'static str = "flux";
 
-    /// Double blocks, then single blocks.
     fn chain(c: &FluxConfig) -> Vec<BlockMetadata> {
-        BlockMetadata::chain(&[
-            (FLUX_DOUBLE, c.num_layers),
-            (FLUX_SINGLE, c.num_single_layers),
-        ])
+        double_then_single(
+            (FLUX_DOUBLE, FLUX_SINGLE),
+            (c.num_layers, c.num_single_layers),
+        )
     }
 
     fn hooks(&mut self) -> &mut magcache_core::HookRegistry {

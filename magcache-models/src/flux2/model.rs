@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::mmdit::chunks;
+use magcache_layers::mmdit::double_then_single;
 use magcache_layers::nn::{linear_no_bias, modulate, timestep_embedding, LayerNorm, Linear};
 use magcache_layers::weights::WeightStore;
 
@@ -58,12 +59,11 @@ impl ChainModel for Flux2Model {
     type Block = AnyBlock;
     const FAMILY: &'static str = "flux2";
 
-    /// Double blocks, then single blocks.
     fn chain(c: &Flux2Config) -> Vec<BlockMetadata> {
-        BlockMetadata::chain(&[
-            (FLUX2_DOUBLE, c.num_layers),
-            (FLUX2_SINGLE, c.num_single_layers),
-        ])
+        double_then_single(
+            (FLUX2_DOUBLE, FLUX2_SINGLE),
+            (c.num_layers, c.num_single_layers),
+        )
     }
 
     fn hooks(&mut self) -> &mut magcache_core::HookRegistry {

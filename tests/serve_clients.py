@@ -19,16 +19,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import openai
 
+# The client marks its video methods deprecated (its own service's schedule), not ours.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
 ROOT = pathlib.Path(__file__).resolve().parent
 FOLDER = ROOT / "fixtures" / "pipelines" / "flux_tiny_folder"
+EXAMPLES = ROOT.parent / "examples"
+FIRST_FRAME = ROOT / "fixtures" / "pipelines" / "wan22_i2v_first_frame.png"
 
 
-def start(binary, run_file, key):
+def start(binary, run_files, key):
+    configs = [a for f in run_files for a in ("--config", str(f))]
     p = subprocess.Popen(
-        [binary, "serve", "--config", str(run_file), "--port", "0", "--api-key", key],
+        [binary, "serve", *configs, "--port", "0", "--api-key", key],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -43,6 +50,48 @@ def png_size(data):
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+def video_done(client, video):
+    t = time.time()
+    while video.status in ("queued", "in_progress"):
+        assert time.time() - t < 300, video
+        time.sleep(0.2)
+        video = client.videos.retrieve(video.id)
+    return video
+
+
+def videos(client):
+    """Wan2.1 text-to-video and Wan2.2 image-to-video with a first frame: created, followed,
+    downloaded as MP4, deleted (404 after); a queued job deleted is cancelled."""
+    v = client.videos.create(model="wan21_tiny_prompted", prompt="a sailboat on a lake",
+                             size="32x32", extra_body={"num_frames": 5, "seed": 1})
+    assert v.status in ("queued", "in_progress", "completed"), v
+    v = video_done(client, v)
+    assert v.status == "completed", v
+    assert v.model_extra["magcache"]["seed"] == 1
+    mp4 = client.videos.download_content(v.id).read()
+    assert mp4[4:8] == b"ftyp", mp4[:16]
+    with open(FIRST_FRAME, "rb") as f:
+        i2v = client.videos.create(model="wan22_i2v_tiny_prompted", prompt="a boat",
+                                   size="32x48", input_reference=f, extra_body={"num_frames": 9})
+    i2v = video_done(client, i2v)
+    assert i2v.status == "completed", i2v
+    assert client.videos.download_content(i2v.id).read()[4:8] == b"ftyp"
+    ids = {x.id for x in client.videos.list().data}
+    assert {v.id, i2v.id} <= ids, ids
+    client.videos.delete(v.id)
+    try:
+        client.videos.retrieve(v.id)
+        raise AssertionError("a deleted video is still there")
+    except openai.NotFoundError:
+        pass
+    try:
+        client.videos.create(model="wan21_tiny_prompted", prompt="x",
+                             input_reference=("x.png", b"not a picture", "image/png"))
+        raise AssertionError("a corrupt input_reference was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "input_reference", e.body
+
+
 def main():
     binary = sys.argv[1]
     with tempfile.TemporaryDirectory() as d:
@@ -54,11 +103,21 @@ def main():
             "[sampling]\nsteps = 8\nguidance_scale = 3.5\n\n"
             '[cache]\nstrategy = "fbcache"\nthreshold = 0.5\n'
         )
-        server, addr = start(binary, run, "sekrit")
+        server, addr = start(
+            binary,
+            [run, EXAMPLES / "flux2_klein_tiny_prompted.toml", EXAMPLES / "wan21_tiny_prompted.toml",
+             EXAMPLES / "wan22_i2v_tiny_prompted.toml"],
+            "sekrit",
+        )
         try:
             client = openai.OpenAI(base_url=f"http://{addr}/v1", api_key="sekrit")
             ids = [m.id for m in client.models.list().data]
-            assert ids == ["tiny"], ids
+            assert ids == ["tiny", "flux2_klein_tiny_prompted", "wan21_tiny_prompted",
+                           "wan22_i2v_tiny_prompted"], ids
+            r = client.images.generate(model="flux2_klein_tiny_prompted", prompt="a red fox",
+                                       size="64x64", response_format="b64_json")
+            assert png_size(base64.b64decode(r.data[0].b64_json)) == (64, 64)
+            videos(client)
 
             r = client.images.generate(
                 model="tiny",

@@ -409,3 +409,52 @@ fn a_key_is_required_when_set_and_a_full_queue_answers_429() {
     }
     assert_eq!(srv.stop(), Some(0));
 }
+
+#[test]
+fn a_running_video_job_is_cancelled_by_delete_within_a_call() {
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let wan = examples.join("wan21_tiny_prompted.toml");
+    let srv = Server::start(&["--config", s(&wan)]);
+    let body = r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "size": "32x32", "num_frames": 5, "num_inference_steps": 400}"#;
+    let (st, v) = srv.json("POST", "/v1/videos", &[], body);
+    assert_eq!(st, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/videos/{id}");
+    let t = Instant::now();
+    loop {
+        let (_, v) = srv.json("GET", &path, &[], "");
+        if v["status"] == "in_progress" {
+            break;
+        }
+        assert_eq!(v["status"], "queued", "{v}");
+        assert!(t.elapsed() < Duration::from_secs(60), "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, v) = srv.json("DELETE", &path, &[], "");
+    assert_eq!((st, v["status"].as_str()), (200, Some("cancelled")), "{v}");
+    // The worker stops within one transformer call: the next job runs at once.
+    let quick = r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "size": "32x32", "num_frames": 5, "num_inference_steps": 2}"#;
+    let (_, v) = srv.json("POST", "/v1/videos", &[], quick);
+    let next = format!("/v1/videos/{}", v["id"].as_str().unwrap());
+    let t = Instant::now();
+    loop {
+        let (_, v) = srv.json("GET", &next, &[], "");
+        if v["status"] == "completed" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the cancelled job kept the worker: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, _) = srv.json("GET", &path, &[], "");
+    assert_eq!(st, 200);
+    let (st, v) = srv.json("DELETE", &path, &[], "");
+    assert_eq!((st, v["deleted"].as_bool()), (200, Some(true)), "{v}");
+    let (st, v) = srv.json("GET", &path, &[], "");
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = srv.json("GET", &format!("{path}/content"), &[], "");
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(srv.stop(), Some(0));
+}

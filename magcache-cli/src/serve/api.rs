@@ -33,6 +33,16 @@ impl ApiError {
             code: None,
         }
     }
+    /// The model's queue is full (429, `Retry-After`).
+    pub fn busy(model: &str) -> Self {
+        ApiError {
+            code: Some("queue_full"),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("model `{model}`: the queue is full; retry later"),
+            )
+        }
+    }
     pub fn bad(param: &str, message: impl Into<String>) -> Self {
         ApiError {
             param: Some(param.to_string()),
@@ -95,6 +105,10 @@ fn from_run(e: Error) -> ApiError {
         "prompt"
     } else if key.starts_with("inputs.seed") {
         "seed"
+    } else if key.starts_with("inputs.num_frames") {
+        "num_frames"
+    } else if key.starts_with("inputs.image") {
+        "input_reference"
     } else {
         return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     };
@@ -156,7 +170,11 @@ fn table<'a>(doc: &'a mut toml::Table, name: &str) -> Result<&'a mut toml::Table
 
 /// The model's run file with the request's keys: the text every picture of the request is run
 /// from, checked as a run file is (errors name the request field).
-pub(crate) fn request_text(m: &Served, r: &Request) -> Result<String, ApiError> {
+pub(crate) fn request_text(
+    m: &Served,
+    r: &Request,
+    inputs: toml::Table,
+) -> Result<String, ApiError> {
     let file = m.path.display().to_string();
     let mut doc: toml::Table = toml::from_str(&m.text)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{file}: {e}")))?;
@@ -189,6 +207,7 @@ pub(crate) fn request_text(m: &Served, r: &Request) -> Result<String, ApiError> 
     if let Some(c) = &r.cache {
         doc.insert("cache".into(), toml::Value::Table(c.clone()));
     }
+    table(&mut doc, "inputs")?.extend(inputs);
     let text = toml::to_string(&doc)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let cfg = RunConfig::parse(&text, &file).map_err(from_run)?;
@@ -255,7 +274,7 @@ async fn generate_images(
             "only `b64_json` is served (no URLs)",
         ));
     }
-    let text = request_text(m, &r)?;
+    let text = request_text(m, &r, toml::Table::new())?;
     let seed = r.seed.unwrap_or(m.seed);
     seed_value(seed).map_err(from_run)?;
     let seeds: Vec<u64> = (0..n).map(|i| seed.wrapping_add(i)).collect();
@@ -267,16 +286,11 @@ async fn generate_images(
         text,
         seeds,
         cancel,
+        video: None,
         reply: tx,
     };
     if !m.submit(job) {
-        return Err(ApiError {
-            code: Some("queue_full"),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("model `{}`: the queue is full; retry later", m.id),
-            )
-        });
+        return Err(ApiError::busy(&m.id));
     }
     let pictures = rx
         .await
@@ -290,7 +304,7 @@ async fn generate_images(
     let b64 = base64::engine::general_purpose::STANDARD;
     let data: Vec<Value> = pictures
         .iter()
-        .map(|p| json!({"b64_json": b64.encode(&p.png)}))
+        .map(|p| json!({"b64_json": b64.encode(&p.bytes)}))
         .collect();
     let figures: Vec<_> = pictures.iter().map(|p| &p.figures).collect();
     let created = std::time::SystemTime::now()

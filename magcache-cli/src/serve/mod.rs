@@ -6,6 +6,7 @@
 mod api;
 mod metrics;
 mod model;
+mod videos;
 
 use crate::args::ServeArgs;
 use api::ApiError;
@@ -28,6 +29,11 @@ pub(crate) struct App {
     metrics: Arc<Metrics>,
     /// The cancel flags of the jobs in flight (set on shutdown).
     inflight: Mutex<Vec<Weak<AtomicBool>>>,
+    /// Video jobs by id.
+    videos: Mutex<std::collections::BTreeMap<String, videos::Video>>,
+    /// The server's own folder for first frames sent with requests (removed at exit).
+    tmp: std::path::PathBuf,
+    ids: std::sync::atomic::AtomicU64,
 }
 
 impl App {
@@ -43,6 +49,16 @@ impl App {
                 )
             }
         })
+    }
+
+    /// A new job id.
+    fn next_id(&self) -> u64 {
+        let n = self.ids.fetch_add(1, Ordering::SeqCst);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (t << 16) ^ n
     }
 
     /// Keeps a job's cancel flag, for shutdown.
@@ -91,23 +107,38 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     }
     let kept = magcache_layers::weights::warm::kept_bytes();
     eprintln!("serve: {:.1} MB of weights kept warm", kept as f64 / 1e6);
+    let tmp = std::env::temp_dir().join(format!("magcache-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
     let app = Arc::new(App {
         models,
         api_key: a.api_key.clone(),
         metrics,
         inflight: Mutex::new(Vec::new()),
+        videos: Mutex::default(),
+        tmp: tmp.clone(),
+        ids: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
-    rt.block_on(listen(app, &a.host, a.port))
+    let served = rt.block_on(listen(app, &a.host, a.port));
+    // Jobs cancelled at shutdown end within one call; their first frames go with the folder.
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&tmp);
+    served
 }
 
 async fn listen(app: Arc<App>, host: &str, port: u16) -> Result<()> {
     let router = Router::new()
         .route("/v1/images/generations", post(api::images))
+        .route("/v1/videos", post(videos::create).get(videos::list))
+        .route(
+            "/v1/videos/{id}",
+            get(videos::retrieve).delete(videos::delete),
+        )
+        .route("/v1/videos/{id}/content", get(videos::content))
         .route("/v1/models", get(api::models))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))

@@ -8,7 +8,7 @@ use magcache_core::denoise::{CallEvent, Observer};
 use magcache_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -49,9 +49,9 @@ pub(crate) struct Figures {
     pub prompt_cached: bool,
 }
 
-/// One generated picture: PNG bytes and its figures.
+/// One generated picture (PNG) or video (MP4) and its figures.
 pub(crate) struct Picture {
-    pub png: Vec<u8>,
+    pub bytes: Vec<u8>,
     pub figures: Figures,
 }
 
@@ -61,6 +61,8 @@ pub(crate) struct Job {
     pub text: String,
     pub seeds: Vec<u64>,
     pub cancel: Arc<AtomicBool>,
+    /// A video job: its progress (0-100), and the frame rate it is written at.
+    pub video: Option<(Arc<AtomicU8>, u32)>,
     pub reply: oneshot::Sender<Result<Vec<Picture>>>,
 }
 
@@ -73,6 +75,8 @@ pub(crate) struct Served {
     pub family: String,
     /// The run's own seed (`inputs.seed`, else `model.seed`): a request without `seed` uses it.
     pub seed: u64,
+    /// Video models: the frame rate their videos are written at.
+    pub fps: Option<u32>,
     queue: SyncSender<Job>,
     pub depth: Arc<AtomicUsize>,
 }
@@ -90,6 +94,7 @@ impl Served {
         let warm = prepare(&text, path)?;
         let family = warm.cfg.model.family.clone();
         let seed = warm.cfg.inputs.seed.unwrap_or(warm.cfg.model.seed);
+        let fps = warm.pipeline.frame_rate();
         drop(warm);
         let id = id.unwrap_or_else(|| {
             path.file_stem()
@@ -109,6 +114,7 @@ impl Served {
             text,
             family,
             seed,
+            fps,
             queue: tx,
             depth,
         })
@@ -141,7 +147,7 @@ fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) 
         } else {
             job.seeds
                 .iter()
-                .map(|&s| picture(path, &job.text, s, &job.cancel, metrics))
+                .map(|&s| picture(path, &job, s, metrics))
                 .collect()
         };
         depth.fetch_sub(1, Ordering::SeqCst);
@@ -149,11 +155,12 @@ fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) 
     }
 }
 
-/// Counts the calls and passes the cancel flag to the generation.
+/// Counts the calls, reports the steps done and passes the cancel flag to the generation.
 struct Watch<'a> {
     calls: usize,
     computed: usize,
     cancel: &'a AtomicBool,
+    progress: Option<&'a AtomicU8>,
 }
 
 impl Observer for Watch<'_> {
@@ -163,29 +170,34 @@ impl Observer for Watch<'_> {
             self.computed += 1;
         }
     }
+    fn step(&mut self, done: usize, total: usize) {
+        if let Some(p) = self.progress {
+            // The decode after the loop is the last 5%.
+            p.store((done * 95 / total.max(1)) as u8, Ordering::SeqCst);
+        }
+    }
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 }
 
-/// One picture of a job: the run file text with `inputs.seed = seed`, built (weights and prompt
-/// from the warm caches), generated and decoded as `magcache run --png` does.
-fn picture(
-    path: &Path,
-    text: &str,
-    seed: u64,
-    cancel: &AtomicBool,
-    metrics: &Metrics,
-) -> Result<Picture> {
+/// One picture (or video) of a job: the run file text with `inputs.seed = seed`, built (weights
+/// and prompt from the warm caches), generated and decoded as `magcache run --png` (`--video`)
+/// does.
+fn picture(path: &Path, job: &Job, seed: u64, metrics: &Metrics) -> Result<Picture> {
     let start = std::time::Instant::now();
-    let text = with_seed(text, seed, path)?;
+    if let Some((progress, _)) = &job.video {
+        progress.store(1, Ordering::SeqCst);
+    }
+    let text = with_seed(&job.text, seed, path)?;
     let hits = magcache_layers::weights::warm::prompt_hits();
     let mut p = prepare(&text, path)?;
     let prompt_cached = magcache_layers::weights::warm::prompt_hits() > hits;
     let mut watch = Watch {
         calls: 0,
         computed: 0,
-        cancel,
+        cancel: &job.cancel,
+        progress: job.video.as_ref().map(|v| &*v.0),
     };
     let latents = p.pipeline.generate(&mut watch)?;
     p.pipeline.release_models();
@@ -196,11 +208,18 @@ fn picture(
         ))
     })?;
     let frames = crate::video::Frames::from_decoded(&decoded.pixels)?;
-    let png = frames.first_png()?;
+    let bytes = match &job.video {
+        Some((progress, fps)) => {
+            let mp4 = frames.mp4(*fps)?;
+            progress.store(100, Ordering::SeqCst);
+            mp4
+        }
+        None => frames.first_png()?,
+    };
     let wall_s = start.elapsed().as_secs_f64();
     metrics.generated(watch.calls, watch.computed, prompt_cached, wall_s);
     Ok(Picture {
-        png,
+        bytes,
         figures: Figures {
             seed,
             calls: watch.calls,

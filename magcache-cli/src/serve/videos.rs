@@ -1,0 +1,435 @@
+//! `/v1/videos`: video jobs in OpenAI's shapes. `POST` (multipart form as the `openai` client's
+//! `videos.create` sends it, or JSON with `input_reference` as a `data:` URL) queues a job and
+//! answers at once; `GET /v1/videos/{id}` follows it, `/content` returns the MP4, `DELETE` cancels
+//! a job in flight (within one transformer call) or removes a finished one.
+
+use super::api::{authorize, request_text, ApiError};
+use super::model::{Figures, Job, Request};
+use super::App;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Path, Request as HttpRequest, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// A video job as the server keeps it.
+pub(crate) struct Video {
+    id: String,
+    model: String,
+    size: String,
+    created_at: u64,
+    /// `queued`, `in_progress` (progress > 0), `completed`, `failed` or `cancelled`.
+    status: &'static str,
+    progress: Arc<AtomicU8>,
+    cancel: Arc<AtomicBool>,
+    mp4: Option<Vec<u8>>,
+    figures: Option<Figures>,
+    error: Option<String>,
+}
+
+impl Video {
+    fn object(&self) -> Value {
+        let progress = self.progress.load(Ordering::SeqCst);
+        let status = match self.status {
+            "queued" if progress > 0 => "in_progress",
+            s => s,
+        };
+        json!({
+            "id": self.id, "object": "video", "model": self.model, "status": status,
+            "progress": progress, "created_at": self.created_at, "size": self.size,
+            "error": self.error.as_ref().map(|m| json!({"message": m})),
+            "magcache": self.figures,
+        })
+    }
+}
+
+/// The form's fields, from either body.
+#[derive(Default)]
+struct Fields {
+    text: BTreeMap<String, String>,
+    cache: Option<toml::Table>,
+    reference: Option<Vec<u8>>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+const FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "size",
+    "seconds",
+    "num_frames",
+    "negative_prompt",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "cache",
+    "input_reference",
+];
+
+async fn fields(req: HttpRequest) -> Result<Fields, ApiError> {
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let mut f = Fields::default();
+    if multipart {
+        let mut form = Multipart::from_request(req, &())
+            .await
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))?
+        {
+            let name = field.name().unwrap_or("").to_string();
+            let bytes = field
+                .bytes()
+                .await
+                .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+            add(&mut f, &name, Field::Bytes(bytes))?;
+        }
+        return Ok(f);
+    }
+    let body = Bytes::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let v: serde_json::Map<String, Value> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad("(body)", format!("invalid request body: {e}")))?;
+    for (k, v) in v {
+        add(&mut f, &k, Field::Json(v))?;
+    }
+    Ok(f)
+}
+
+enum Field {
+    Bytes(Bytes),
+    Json(Value),
+}
+
+fn add(f: &mut Fields, name: &str, v: Field) -> Result<(), ApiError> {
+    if !FIELDS.contains(&name) {
+        return Err(ApiError::bad(name, format!("unknown field `{name}`")));
+    }
+    let text = |v: &Field| -> Result<String, ApiError> {
+        match v {
+            Field::Bytes(b) => {
+                String::from_utf8(b.to_vec()).map_err(|_| ApiError::bad(name, "is not UTF-8 text"))
+            }
+            Field::Json(Value::String(s)) => Ok(s.clone()),
+            Field::Json(Value::Number(n)) => Ok(n.to_string()),
+            Field::Json(other) => Err(ApiError::bad(
+                name,
+                format!("{other} is not a string or number"),
+            )),
+        }
+    };
+    match (name, &v) {
+        ("input_reference", Field::Bytes(b)) => f.reference = Some(b.to_vec()),
+        ("input_reference", Field::Json(Value::String(s))) => {
+            let data = s
+                .split_once(";base64,")
+                .filter(|(head, _)| head.starts_with("data:image/"))
+                .map(|(_, d)| d)
+                .ok_or_else(|| {
+                    ApiError::bad(name, "a JSON body gives it as a data:image/...;base64, URL")
+                })?;
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|e| ApiError::bad(name, format!("bad base64: {e}")))?;
+            f.reference = Some(b);
+        }
+        ("cache", Field::Json(Value::Object(o))) => {
+            let t = toml::Table::try_from(o).map_err(|e| ApiError::bad(name, e.to_string()))?;
+            f.cache = Some(t);
+        }
+        ("cache", _) => {
+            let s = text(&v)?;
+            let t: toml::Table = serde_json::from_str::<serde_json::Map<String, Value>>(&s)
+                .map_err(|e| e.to_string())
+                .and_then(|o| toml::Table::try_from(o).map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    ApiError::bad(name, format!("an object of [cache] keys as JSON: {e}"))
+                })?;
+            f.cache = Some(t);
+        }
+        _ => {
+            let t = text(&v)?;
+            f.text.insert(name.to_string(), t);
+        }
+    }
+    Ok(())
+}
+
+fn number<T: std::str::FromStr>(f: &Fields, name: &str) -> Result<Option<T>, ApiError> {
+    f.text
+        .get(name)
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| ApiError::bad(name, format!("`{s}` is not a number")))
+        })
+        .transpose()
+}
+
+/// The request's run file text: the shared keys, then the frames and the first frame.
+fn video_text(
+    app: &App,
+    f: &Fields,
+    reference: Option<&std::path::Path>,
+) -> Result<(String, String, u64), ApiError> {
+    let model = f.text.get("model").cloned().unwrap_or_default();
+    let m = app.model(&model)?;
+    let fps = m.fps.ok_or_else(|| {
+        ApiError::bad(
+            "model",
+            format!("model `{model}` makes pictures (POST /v1/images/generations)"),
+        )
+    })?;
+    let r = Request {
+        model: model.clone(),
+        prompt: f.text.get("prompt").cloned().unwrap_or_default(),
+        negative_prompt: f.text.get("negative_prompt").cloned(),
+        size: f.text.get("size").cloned(),
+        seed: number(f, "seed")?,
+        num_inference_steps: number(f, "num_inference_steps")?,
+        guidance_scale: number(f, "guidance_scale")?,
+        cache: f.cache.clone(),
+        ..Default::default()
+    };
+    let frames: Option<u64> = match (
+        number::<u64>(f, "num_frames")?,
+        number::<f64>(f, "seconds")?,
+    ) {
+        (Some(n), _) => Some(n),
+        (None, Some(s)) if s.is_finite() && s > 0.0 && s <= 60.0 => {
+            // Wan takes 4k + 1 frames.
+            Some(((s * fps as f64 / 4.0).round() as u64).max(1) * 4 + 1)
+        }
+        (None, Some(_)) => return Err(ApiError::bad("seconds", "must be in (0, 60]")),
+        (None, None) => None,
+    };
+    if frames.is_some_and(|n| !(1..=1001).contains(&n)) {
+        return Err(ApiError::bad("num_frames", "must be 1..=1001"));
+    }
+    let mut extra = toml::Table::new();
+    if let Some(n) = frames {
+        extra.insert("num_frames".into(), toml::Value::Integer(n as i64));
+    }
+    if let Some(p) = reference {
+        extra.insert("image".into(), p.display().to_string().into());
+    }
+    let text = request_text(m, &r, extra)?;
+    let seed = r.seed.unwrap_or(m.seed);
+    let size = r.size.unwrap_or_default();
+    Ok((text, size, seed))
+}
+
+/// `POST /v1/videos`.
+pub(crate) async fn create(State(app): State<Arc<App>>, req: HttpRequest) -> Response {
+    let r = create_job(&app, req).await;
+    let status = r.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
+    app.metrics.request("/v1/videos", status);
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError> {
+    authorize(app, req.headers())?;
+    let f = fields(req).await?;
+    let id = format!("video_{:016x}", app.next_id());
+    // The first frame, written where the run file can name it (removed when the job ends).
+    let reference = match &f.reference {
+        Some(b) => {
+            let p = app.tmp.join(format!("{id}.img"));
+            std::fs::write(&p, b)
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            if let Err(e) = magcache_layers::picture::load_rgb8(&p, "request", "input_reference") {
+                let _ = std::fs::remove_file(&p);
+                return Err(ApiError::bad("input_reference", e.to_string()));
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    let made = video_text(app, &f, reference.as_deref());
+    let (text, size, seed) = match made {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(p) = &reference {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
+    let model = f.text.get("model").cloned().unwrap_or_default();
+    let m = app.model(&model)?;
+    let video = Video {
+        id: id.clone(),
+        model,
+        size,
+        created_at: now(),
+        status: "queued",
+        progress: Arc::new(AtomicU8::new(0)),
+        cancel: Arc::new(AtomicBool::new(false)),
+        mp4: None,
+        figures: None,
+        error: None,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job {
+        text,
+        seeds: vec![seed],
+        cancel: video.cancel.clone(),
+        video: Some((video.progress.clone(), m.fps.unwrap_or(16))),
+        reply: tx,
+    };
+    app.track(&video.cancel);
+    let object = video.object();
+    if let Ok(mut v) = app.videos.lock() {
+        v.insert(id.clone(), video);
+    }
+    if !m.submit(job) {
+        if let Ok(mut v) = app.videos.lock() {
+            v.remove(&id);
+        }
+        if let Some(p) = &reference {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(ApiError::busy(&m.id));
+    }
+    let app2 = app.clone();
+    tokio::spawn(async move {
+        let out = rx.await;
+        if let Some(p) = &reference {
+            let _ = std::fs::remove_file(p);
+        }
+        let Ok(mut all) = app2.videos.lock() else {
+            return;
+        };
+        let Some(v) = all.get_mut(&id) else {
+            return;
+        };
+        match out {
+            Ok(Ok(mut pics)) if !pics.is_empty() => {
+                let p = pics.remove(0);
+                v.status = "completed";
+                v.progress.store(100, Ordering::SeqCst);
+                v.mp4 = Some(p.bytes);
+                v.figures = Some(p.figures);
+            }
+            Ok(Err(magcache_core::Error::Cancelled)) => v.status = "cancelled",
+            Ok(Err(e)) => {
+                v.status = "failed";
+                v.error = Some(e.to_string().replace('\n', " "));
+            }
+            _ => {
+                v.status = "failed";
+                v.error = Some("the model's worker stopped".into());
+            }
+        }
+    });
+    Ok(object)
+}
+
+fn lookup<R>(
+    app: &App,
+    id: &str,
+    f: impl FnOnce(&mut BTreeMap<String, Video>) -> Option<R>,
+) -> Result<R, ApiError> {
+    let mut all = app
+        .videos
+        .lock()
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "video table poisoned"))?;
+    f(&mut all).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no video `{id}`")))
+}
+
+fn answer(app: &App, route: &str, r: Result<Response, ApiError>) -> Response {
+    let r = r.unwrap_or_else(IntoResponse::into_response);
+    app.metrics.request(route, r.status().as_u16());
+    r
+}
+
+/// `GET /v1/videos/{id}`.
+pub(crate) async fn retrieve(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let r = authorize(&app, &headers)
+        .and_then(|_| lookup(&app, &id, |all| all.get(&id).map(Video::object)))
+        .map(|v| Json(v).into_response());
+    answer(&app, "/v1/videos/{id}", r)
+}
+
+/// `GET /v1/videos/{id}/content`: the MP4 of a completed job.
+pub(crate) async fn content(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let r = authorize(&app, &headers)
+        .and_then(|_| {
+            lookup(&app, &id, |all| {
+                all.get(&id).map(|v| (v.status, v.mp4.clone()))
+            })
+        })
+        .and_then(|(status, mp4)| {
+            mp4.ok_or_else(|| {
+                ApiError::bad(
+                    "video_id",
+                    format!("video `{id}` is {status}, not completed"),
+                )
+            })
+        })
+        .map(|mp4| ([(header::CONTENT_TYPE, "video/mp4")], mp4).into_response());
+    answer(&app, "/v1/videos/{id}/content", r)
+}
+
+/// `DELETE /v1/videos/{id}`: cancels a job in flight, removes a finished one.
+pub(crate) async fn delete(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let r = authorize(&app, &headers)
+        .and_then(|_| {
+            lookup(&app, &id, |all| {
+                let v = all.get_mut(&id)?;
+                if v.status == "queued" {
+                    v.cancel.store(true, Ordering::SeqCst);
+                    v.status = "cancelled";
+                    return Some(v.object());
+                }
+                all.remove(&id)
+                    .map(|_| json!({"id": id, "object": "video.deleted", "deleted": true}))
+            })
+        })
+        .map(|v| Json(v).into_response());
+    answer(&app, "/v1/videos/{id}", r)
+}
+
+/// `GET /v1/videos`.
+pub(crate) async fn list(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
+    let r = authorize(&app, &headers)
+        .and_then(|_| {
+            lookup(&app, "", |all| {
+                Some(all.values().map(Video::object).collect::<Vec<_>>())
+            })
+        })
+        .map(|data| Json(json!({"object": "list", "data": data})).into_response());
+    answer(&app, "/v1/videos", r)
+}

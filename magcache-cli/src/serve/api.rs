@@ -324,7 +324,10 @@ pub(crate) async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> R
     let data: Vec<Value> = app
         .models
         .iter()
-        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "magcache", "family": m.family}))
+        .map(|m| {
+            json!({"id": m.id, "object": "model", "created": 0, "owned_by": "magcache",
+                   "family": m.family, "video": m.fps.is_some()})
+        })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -345,6 +348,16 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
     let text = app.metrics.text(queue);
     app.metrics.request("/metrics", 200);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `GET /`: the page (served by the binary itself: no CDN, no build step).
+pub(crate) async fn page(State(app): State<Arc<App>>) -> Response {
+    app.metrics.request("/", 200);
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("page.html"),
+    )
+        .into_response()
 }
 
 /// Any other path.

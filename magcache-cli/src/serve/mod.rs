@@ -140,6 +140,7 @@ async fn listen(app: Arc<App>, host: &str, port: u16) -> Result<()> {
         )
         .route("/v1/videos/{id}/content", get(videos::content))
         .route("/v1/models", get(api::models))
+        .route("/", get(api::page))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .fallback(api::not_found)

@@ -140,8 +140,37 @@ fn prepare(text: &str, path: &Path) -> Result<Prepared> {
     Ok(p)
 }
 
+/// Whether `RUST_LOG` (`error`, `warn`, `info` (the default), `debug`) lets lines of `level` out.
+pub(crate) fn logs(level: &str) -> bool {
+    let rank = |l: &str| match l {
+        "error" => 0,
+        "warn" => 1,
+        "debug" | "trace" => 3,
+        _ => 2,
+    };
+    let set = std::env::var("RUST_LOG")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let set = set
+        .rsplit(['=', ','])
+        .next()
+        .unwrap_or("info")
+        .trim()
+        .to_string();
+    rank(level) <= rank(if set.is_empty() { "info" } else { &set })
+}
+
 fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) {
+    let name = path.display().to_string();
     for job in rx {
+        let start = std::time::Instant::now();
+        let what = match job.video {
+            Some(_) => "a video".to_string(),
+            None => format!("{} picture(s)", job.seeds.len()),
+        };
+        if logs("info") {
+            eprintln!("serve: {name}: {what} started");
+        }
         let out = if job.cancel.load(Ordering::SeqCst) {
             Err(Error::Cancelled)
         } else {
@@ -151,6 +180,13 @@ fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) 
                 .collect()
         };
         depth.fetch_sub(1, Ordering::SeqCst);
+        if logs("info") {
+            let t = start.elapsed().as_secs_f64();
+            match &out {
+                Ok(_) => eprintln!("serve: {name}: {what} done in {t:.1} s"),
+                Err(e) => eprintln!("serve: {name}: {what} ended after {t:.1} s: {e}"),
+            }
+        }
         let _ = job.reply.send(out);
     }
 }
@@ -161,6 +197,8 @@ struct Watch<'a> {
     computed: usize,
     cancel: &'a AtomicBool,
     progress: Option<&'a AtomicU8>,
+    /// Step lines on stderr (`RUST_LOG=debug`).
+    log: bool,
 }
 
 impl Observer for Watch<'_> {
@@ -171,6 +209,9 @@ impl Observer for Watch<'_> {
         }
     }
     fn step(&mut self, done: usize, total: usize) {
+        if self.log {
+            eprintln!("serve: step {done}/{total}");
+        }
         if let Some(p) = self.progress {
             // The decode after the loop is the last 5%.
             p.store((done * 95 / total.max(1)) as u8, Ordering::SeqCst);
@@ -198,6 +239,7 @@ fn picture(path: &Path, job: &Job, seed: u64, metrics: &Metrics) -> Result<Pictu
         computed: 0,
         cancel: &job.cancel,
         progress: job.video.as_ref().map(|v| &*v.0),
+        log: logs("debug"),
     };
     let latents = p.pipeline.generate(&mut watch)?;
     p.pipeline.release_models();

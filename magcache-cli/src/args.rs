@@ -148,22 +148,23 @@ pub(crate) struct TuneArgs {
     pub(crate) json: bool,
 }
 
-/// The arguments of `magcache serve`.
+/// The arguments of `magcache serve` (each but `--config` may also come from a run file's
+/// `[serve]` table; the command line wins).
 #[derive(Args)]
 pub(crate) struct ServeArgs {
     /// A run file to serve (repeat for several models; each one's id is its file stem).
     #[arg(long, required = true)]
     pub(crate) config: Vec<PathBuf>,
-    /// The address to listen on (loopback unless told otherwise).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub(crate) host: String,
-    /// The port (0: any free port, printed at start).
-    #[arg(long, default_value_t = 8000)]
-    pub(crate) port: u16,
+    /// The address to listen on (default 127.0.0.1: loopback unless told otherwise).
+    #[arg(long)]
+    pub(crate) host: Option<String>,
+    /// The port (default 8000; 0: any free port, printed at start).
+    #[arg(long)]
+    pub(crate) port: Option<u16>,
     /// Requests must send `Authorization: Bearer KEY` (also read from MAGCACHE_API_KEY).
     #[arg(long, env = "MAGCACHE_API_KEY")]
     pub(crate) api_key: Option<String>,
-    /// Jobs queued per model (the one running included) before requests get 429.
-    #[arg(long, default_value_t = 16)]
-    pub(crate) max_queue: usize,
+    /// Jobs waiting per model before requests get 429 (default 16).
+    #[arg(long)]
+    pub(crate) max_queue: Option<usize>,
 }

@@ -360,15 +360,20 @@ fn a_served_picture_is_the_run_s_picture_and_bad_requests_leave_it_healthy() {
 #[test]
 fn a_key_is_required_when_set_and_a_full_queue_answers_429() {
     let dir = tempfile::tempdir().unwrap();
+    // The options from the run file's `[serve]` table; `magcache run` takes the same file.
     let model = run_file(dir.path(), "tiny", 0);
-    let srv = Server::start(&[
-        "--config",
-        s(&model),
-        "--api-key",
-        "sekrit",
-        "--max-queue",
-        "1",
-    ]);
+    let text = std::fs::read_to_string(&model).unwrap();
+    std::fs::write(
+        &model,
+        format!("{text}\n[serve]\nid = \"tiny\"\napi_key = \"sekrit\"\nmax_queue = 1\n"),
+    )
+    .unwrap();
+    let o = bin()
+        .args(["run", "--config", s(&model), "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let srv = Server::start(&["--config", s(&model)]);
     let (st, v) = srv.json("GET", "/v1/models", &[], "");
     assert_eq!(
         (st, v["error"]["code"].as_str()),

@@ -79,24 +79,95 @@ impl App {
     }
 }
 
+/// The server's options: the command line's, else the first run file's `[serve]` table's.
+struct Options {
+    host: String,
+    port: u16,
+    api_key: Option<String>,
+    max_queue: usize,
+    /// Each run file and its `[serve] id`.
+    models: Vec<(std::path::PathBuf, Option<String>)>,
+}
+
+fn options(a: ServeArgs) -> Result<Options> {
+    let mut o = Options {
+        host: String::new(),
+        port: 0,
+        api_key: a.api_key,
+        max_queue: 0,
+        models: Vec::new(),
+    };
+    let (mut host, mut port, mut queue) = (a.host, a.port, a.max_queue);
+    for path in a.config {
+        let file = path.display().to_string();
+        let doc: toml::Table =
+            magcache_core::error::read_text(&path)?
+                .parse()
+                .map_err(|e: toml::de::Error| {
+                    Error::config(&file, "(document)", e.message().to_string())
+                })?;
+        let t = match doc.get("serve") {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(t)) => t.clone(),
+            Some(_) => return Err(Error::config(&file, "serve", "must be a table")),
+        };
+        let text = |k: &str| -> Result<Option<String>> {
+            t.get(k)
+                .map(|v| {
+                    v.as_str().map(String::from).ok_or_else(|| {
+                        Error::config(&file, format!("serve.{k}"), "must be a string")
+                    })
+                })
+                .transpose()
+        };
+        let int = |k: &str, max: i64| -> Result<Option<i64>> {
+            t.get(k)
+                .map(|v| {
+                    v.as_integer()
+                        .filter(|n| (0..=max).contains(n))
+                        .ok_or_else(|| {
+                            Error::config(
+                                &file,
+                                format!("serve.{k}"),
+                                format!("must be an integer 0..={max}"),
+                            )
+                        })
+                })
+                .transpose()
+        };
+        host = host.or(text("host")?);
+        o.api_key = o.api_key.or(text("api_key")?);
+        port = port.or(int("port", 65535)?.map(|p| p as u16));
+        queue = queue.or(int("max_queue", 1 << 20)?.map(|q| q as usize));
+        o.models.push((path, text("id")?));
+    }
+    o.host = host.unwrap_or_else(|| "127.0.0.1".into());
+    o.port = port.unwrap_or(8000);
+    o.max_queue = queue.unwrap_or(16);
+    Ok(o)
+}
+
 /// Runs the server until SIGINT or SIGTERM (then jobs in flight are cancelled and it exits 0).
 pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     if a.config.is_empty() {
         return Err(Error::msg("serve: give at least one --config RUN.toml"));
     }
-    if a.max_queue == 0 {
-        return Err(Error::msg("serve: --max-queue must be at least 1"));
+    let o = options(a)?;
+    if o.max_queue == 0 {
+        return Err(Error::msg(
+            "serve: --max-queue (serve.max_queue) must be at least 1",
+        ));
     }
     crate::prepare::link_strategies();
     magcache_layers::weights::warm::keep_warm();
     let metrics = Arc::new(Metrics::default());
     let mut models: Vec<Served> = Vec::new();
-    for path in &a.config {
+    for (path, id) in &o.models {
         eprintln!("serve: loading {}", path.display());
-        let m = Served::start(path, None, a.max_queue, metrics.clone())?;
-        if let Some(other) = models.iter().find(|o| o.id == m.id) {
+        let m = Served::start(path, id.clone(), o.max_queue, metrics.clone())?;
+        if let Some(other) = models.iter().find(|x| x.id == m.id) {
             return Err(Error::msg(format!(
-                "serve: {} and {} would both be model `{}` (rename one file)",
+                "serve: {} and {} would both be model `{}` (rename one file, or set [serve] id)",
                 other.path.display(),
                 path.display(),
                 m.id
@@ -111,7 +182,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
     let app = Arc::new(App {
         models,
-        api_key: a.api_key.clone(),
+        api_key: o.api_key.clone(),
         metrics,
         inflight: Mutex::new(Vec::new()),
         videos: Mutex::default(),
@@ -123,7 +194,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
-    let served = rt.block_on(listen(app, &a.host, a.port));
+    let served = rt.block_on(listen(app, &o.host, o.port));
     // Jobs cancelled at shutdown end within one call; their first frames go with the folder.
     drop(rt);
     let _ = std::fs::remove_dir_all(&tmp);

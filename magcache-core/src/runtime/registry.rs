@@ -12,6 +12,9 @@ pub use crate::runtime::keys::{fields_of, FamilyKeys};
 use crate::runtime::pipeline::Pipeline;
 use std::path::Path;
 
+/// The keys of a run file's `[serve]` table (`magcache serve`; other commands ignore them).
+pub const SERVE_KEYS: &[&str] = &["id", "host", "port", "api_key", "max_queue"];
+
 /// Builds a family's pipeline from a run config. `file` names the config for messages and `base_dir`
 /// resolves its relative paths.
 pub type BuildPipeline =
@@ -94,6 +97,8 @@ impl ModelFamily {
             ("inputs", Some(fields_of::<InputsSection>())),
             ("sampling", Some(fields_of::<SamplingSection>())),
             ("cache", None),
+            // `magcache serve`'s options for this run file (docs/serve.md); other commands ignore it.
+            ("serve", Some(SERVE_KEYS)),
         ];
         crate::runtime::keys::Owners {
             core: &core,

@@ -463,3 +463,49 @@ fn a_running_video_job_is_cancelled_by_delete_within_a_call() {
     assert_eq!(st, 404, "{v}");
     assert_eq!(srv.stop(), Some(0));
 }
+
+#[test]
+fn a_client_that_hangs_up_cancels_its_picture_and_no_temporary_file_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = run_file(dir.path(), "tiny", 0);
+    let srv = Server::start(&["--config", s(&model)]);
+    let pid = srv.child.id();
+    let tmp = std::env::temp_dir().join(format!("magcache-serve-{pid}"));
+    assert!(tmp.is_dir(), "the server's own folder for first frames");
+    // A long request, abandoned once it runs.
+    let body = r#"{"model": "tiny", "prompt": "a cat", "size": "48x64", "n": 8, "num_inference_steps": 1000}"#;
+    let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    let head = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    let t = Instant::now();
+    loop {
+        let (_, head, body) = srv.http("GET", "/metrics", &[], b"");
+        let text = String::from_utf8(dechunk(&head, &body)).unwrap();
+        if text.contains("magcache_queue_depth 1") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drop(c);
+    // The worker is free within a call: a short request is answered at once.
+    let t = Instant::now();
+    let (st, v) = srv.json(
+        "POST",
+        "/v1/images/generations",
+        &[],
+        r#"{"model": "tiny", "prompt": "a cat", "size": "48x64", "num_inference_steps": 2}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the abandoned request kept the worker for {:?}",
+        t.elapsed()
+    );
+    assert_eq!(srv.stop(), Some(0));
+    assert!(!tmp.exists(), "{} left behind", tmp.display());
+}

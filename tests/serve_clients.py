@@ -12,8 +12,6 @@ OpenAI's error (raised as `openai.BadRequestError` naming the field), a wrong AP
 
 import base64
 import json
-import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -26,23 +24,10 @@ import openai
 # The client marks its video methods deprecated (its own service's schedule), not ours.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-ROOT = pathlib.Path(__file__).resolve().parent
-FOLDER = ROOT / "fixtures" / "pipelines" / "flux_tiny_folder"
+from serve_common import ROOT, start, tiny_run
+
 EXAMPLES = ROOT.parent / "examples"
 FIRST_FRAME = ROOT / "fixtures" / "pipelines" / "wan22_i2v_first_frame.png"
-
-
-def start(binary, run_files, key):
-    configs = [a for f in run_files for a in ("--config", str(f))]
-    p = subprocess.Popen(
-        [binary, "serve", *configs, "--port", "0", "--api-key", key],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in p.stderr:
-        if "listening on http://" in line:
-            return p, line.strip().rsplit("http://", 1)[1]
-    raise SystemExit(f"the server did not start (exit {p.wait()})")
 
 
 def png_size(data):
@@ -95,18 +80,12 @@ def videos(client):
 def main():
     binary = sys.argv[1]
     with tempfile.TemporaryDirectory() as d:
-        run = pathlib.Path(d) / "tiny.toml"
-        run.write_text(
-            f'[model]\nfamily = "flux"\nweights = {json.dumps(str(FOLDER))}\n\n'
-            '[prompt]\ntext = "a photo of a tiny cat"\nmax_sequence_length = 16\n\n'
-            "[inputs]\nheight = 64\nwidth = 48\nseed = 0\n\n"
-            "[sampling]\nsteps = 8\nguidance_scale = 3.5\n\n"
-            '[cache]\nstrategy = "fbcache"\nthreshold = 0.5\n'
-        )
+        run = tiny_run(d)
         server, addr = start(
             binary,
             [run, EXAMPLES / "flux2_klein_tiny_prompted.toml", EXAMPLES / "wan21_tiny_prompted.toml",
              EXAMPLES / "wan22_i2v_tiny_prompted.toml"],
+            "--api-key",
             "sekrit",
         )
         try:

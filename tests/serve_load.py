@@ -11,16 +11,13 @@ Prints the figures (docs/benchmarks.md, "Serving").
 import base64
 import concurrent.futures
 import json
-import pathlib
 import signal
-import subprocess
 import sys
 import tempfile
 import urllib.error
 import urllib.request
 
-ROOT = pathlib.Path(__file__).resolve().parent
-FOLDER = ROOT / "fixtures" / "pipelines" / "flux_tiny_folder"
+from serve_common import start, tiny_run
 
 
 def rss_mb(pid):
@@ -72,23 +69,9 @@ def main():
     total = int(sys.argv[2]) if len(sys.argv) > 2 else 200
     clients = int(sys.argv[3]) if len(sys.argv) > 3 else 16
     with tempfile.TemporaryDirectory() as d:
-        run = pathlib.Path(d) / "tiny.toml"
-        run.write_text(
-            f'[model]\nfamily = "flux"\nweights = {json.dumps(str(FOLDER))}\n\n'
-            '[prompt]\ntext = "a photo of a tiny cat"\nmax_sequence_length = 16\n\n'
-            "[inputs]\nheight = 64\nwidth = 48\nseed = 0\n\n"
-            "[sampling]\nsteps = 8\nguidance_scale = 3.5\n\n"
-            '[cache]\nstrategy = "fbcache"\nthreshold = 0.5\n'
-        )
-        server = subprocess.Popen([binary, "serve", "--config", str(run), "--port", "0",
-                                   "--max-queue", "8"], stderr=subprocess.PIPE, text=True)
+        run = tiny_run(d)
+        server, addr = start(binary, [run], "--max-queue", "8")
         try:
-            addr = None
-            for line in server.stderr:
-                if "listening on http://" in line:
-                    addr = line.strip().rsplit("http://", 1)[1]
-                    break
-            assert addr, "the server did not start"
             # Warm-up: every prompt of the run once, one at a time.
             for i in range(10):
                 assert post(addr, i) == 200

@@ -6,8 +6,6 @@ and shows both with their cache figures.
     python3 tests/serve_page.py target/debug/magcache [chromium]
 """
 
-import json
-import pathlib
 import re
 import signal
 import subprocess
@@ -15,31 +13,16 @@ import sys
 import tempfile
 import urllib.parse
 
-ROOT = pathlib.Path(__file__).resolve().parent
-FOLDER = ROOT / "fixtures" / "pipelines" / "flux_tiny_folder"
+from serve_common import start, tiny_run
 
 
 def main():
     binary = sys.argv[1]
     browser = sys.argv[2] if len(sys.argv) > 2 else "chromium"
     with tempfile.TemporaryDirectory() as d:
-        run = pathlib.Path(d) / "tiny.toml"
-        run.write_text(
-            f'[model]\nfamily = "flux"\nweights = {json.dumps(str(FOLDER))}\n\n'
-            '[prompt]\ntext = "a photo of a tiny cat"\nmax_sequence_length = 16\n\n'
-            "[inputs]\nheight = 64\nwidth = 48\nseed = 0\n\n"
-            "[sampling]\nsteps = 8\nguidance_scale = 3.5\n\n"
-            '[cache]\nstrategy = "fbcache"\nthreshold = 0.5\n'
-        )
-        server = subprocess.Popen([binary, "serve", "--config", str(run), "--port", "0"],
-                                  stderr=subprocess.PIPE, text=True)
+        run = tiny_run(d)
+        server, addr = start(binary, [run])
         try:
-            addr = None
-            for line in server.stderr:
-                if "listening on http://" in line:
-                    addr = line.strip().rsplit("http://", 1)[1]
-                    break
-            assert addr, "the server did not start"
             query = urllib.parse.urlencode(
                 {"model": "tiny", "prompt": "a photo of a tiny cat", "seed": 5, "dense": 1, "auto": 1})
             dom = subprocess.run(

@@ -8,7 +8,7 @@ use super::model::{Figures, Job, Request};
 use super::App;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Path, Request as HttpRequest, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
@@ -345,91 +345,73 @@ async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError>
     Ok(object)
 }
 
-fn lookup<R>(
+/// Runs `f` on the job table once the key is checked; a job `f` does not find is a 404.
+fn with_jobs(
     app: &App,
-    id: &str,
-    f: impl FnOnce(&mut BTreeMap<String, Video>) -> Option<R>,
-) -> Result<R, ApiError> {
-    let mut all = app
-        .videos
-        .lock()
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "video table poisoned"))?;
-    f(&mut all).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no video `{id}`")))
-}
-
-fn answer(app: &App, route: &str, r: Result<Response, ApiError>) -> Response {
+    headers: &HeaderMap,
+    (route, id): (&str, &str),
+    f: impl FnOnce(&mut BTreeMap<String, Video>) -> Option<Result<Response, ApiError>>,
+) -> Response {
+    let r = authorize(app, headers).and_then(|_| {
+        let mut all = app.videos.lock().map_err(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "video table poisoned")
+        })?;
+        f(&mut all).unwrap_or_else(|| {
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no video `{id}`"),
+            ))
+        })
+    });
     let r = r.unwrap_or_else(IntoResponse::into_response);
     app.metrics.request(route, r.status().as_u16());
     r
 }
 
+type Id = Path<String>;
+
 /// `GET /v1/videos/{id}`.
-pub(crate) async fn retrieve(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    let r = authorize(&app, &headers)
-        .and_then(|_| lookup(&app, &id, |all| all.get(&id).map(Video::object)))
-        .map(|v| Json(v).into_response());
-    answer(&app, "/v1/videos/{id}", r)
+pub(crate) async fn retrieve(State(app): State<Arc<App>>, Path(id): Id, h: HeaderMap) -> Response {
+    with_jobs(&app, &h, ("/v1/videos/{id}", &id), |all| {
+        all.get(&id).map(|v| Ok(Json(v.object()).into_response()))
+    })
 }
 
 /// `GET /v1/videos/{id}/content`: the MP4 of a completed job.
-pub(crate) async fn content(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    let r = authorize(&app, &headers)
-        .and_then(|_| {
-            lookup(&app, &id, |all| {
-                all.get(&id).map(|v| (v.status, v.mp4.clone()))
-            })
+pub(crate) async fn content(State(app): State<Arc<App>>, Path(id): Id, h: HeaderMap) -> Response {
+    with_jobs(&app, &h, ("/v1/videos/{id}/content", &id), |all| {
+        let v = all.get(&id)?;
+        Some(match &v.mp4 {
+            Some(mp4) => Ok(([(header::CONTENT_TYPE, "video/mp4")], mp4.clone()).into_response()),
+            None => Err(ApiError::bad(
+                "video_id",
+                format!("video `{id}` is {}, not completed", v.status),
+            )),
         })
-        .and_then(|(status, mp4)| {
-            mp4.ok_or_else(|| {
-                ApiError::bad(
-                    "video_id",
-                    format!("video `{id}` is {status}, not completed"),
-                )
-            })
-        })
-        .map(|mp4| ([(header::CONTENT_TYPE, "video/mp4")], mp4).into_response());
-    answer(&app, "/v1/videos/{id}/content", r)
+    })
 }
 
 /// `DELETE /v1/videos/{id}`: cancels a job in flight, removes a finished one.
-pub(crate) async fn delete(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    let r = authorize(&app, &headers)
-        .and_then(|_| {
-            lookup(&app, &id, |all| {
-                let v = all.get_mut(&id)?;
-                if v.status == "queued" {
-                    v.cancel.store(true, Ordering::SeqCst);
-                    v.status = "cancelled";
-                    return Some(v.object());
-                }
-                all.remove(&id)
-                    .map(|_| json!({"id": id, "object": "video.deleted", "deleted": true}))
-            })
-        })
-        .map(|v| Json(v).into_response());
-    answer(&app, "/v1/videos/{id}", r)
+pub(crate) async fn delete(State(app): State<Arc<App>>, Path(id): Id, h: HeaderMap) -> Response {
+    with_jobs(&app, &h, ("/v1/videos/{id}", &id), |all| {
+        let v = all.get_mut(&id)?;
+        if v.status == "queued" {
+            v.cancel.store(true, Ordering::SeqCst);
+            v.status = "cancelled";
+            return Some(Ok(Json(v.object()).into_response()));
+        }
+        all.remove(&id)?;
+        let gone = json!({"id": id, "object": "video.deleted", "deleted": true});
+        Some(Ok(Json(gone).into_response()))
+    })
 }
 
 /// `GET /v1/videos`.
-pub(crate) async fn list(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Response {
-    let r = authorize(&app, &headers)
-        .and_then(|_| {
-            lookup(&app, "", |all| {
-                Some(all.values().map(Video::object).collect::<Vec<_>>())
-            })
-        })
-        .map(|data| Json(json!({"object": "list", "data": data})).into_response());
-    answer(&app, "/v1/videos", r)
+pub(crate) async fn list(State(app): State<Arc<App>>, h: HeaderMap) -> Response {
+    with_jobs(&app, &h, ("/v1/videos", ""), |all| {
+        let data: Vec<Value> = all.values().map(Video::object).collect();
+        Some(Ok(
+            Json(json!({"object": "list", "data": data})).into_response()
+        ))
+    })
 }

@@ -422,3 +422,22 @@ pub fn check_packed_rope(
     }
     Ok(())
 }
+
+/// `model.weights` of a one-model family: the path, `None` for a preset, an error naming the key
+/// for a list.
+pub fn single_weights<'a>(
+    cfg: &'a magcache_core::RunConfig,
+    file: &str,
+    family: &str,
+) -> Result<Option<&'a str>> {
+    use magcache_core::runtime::config::WeightsSpec;
+    match &cfg.model.weights {
+        Some(WeightsSpec::One(w)) => Ok(Some(w)),
+        Some(WeightsSpec::Many(_)) => Err(Error::config(
+            file,
+            "model.weights",
+            format!("{family} takes one weights path"),
+        )),
+        None => Ok(None),
+    }
+}

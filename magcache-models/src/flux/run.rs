@@ -10,7 +10,7 @@ use super::model::{FluxModel, FLUX_DOUBLE, FLUX_SINGLE};
 use super::pipeline::{flux_plan, FluxPipeline, FluxSteps};
 use super::presets::{flux_info, FluxPreset, FLUX_PRESETS};
 use super::{footprint, prompted};
-use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::runtime::resolved::{
@@ -18,7 +18,7 @@ use magcache_core::runtime::resolved::{
 };
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::config_util::{overrides_json, resolve, single_weights, to_map};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::scheduler::FluxShift;
 use serde_json::{Map, Value};
@@ -63,21 +63,14 @@ impl ResolvedRun for FluxRun {
             ));
         }
         let overrides = overrides_json(cfg);
-        let (source, transformer) = match &cfg.model.weights {
-            Some(WeightsSpec::One(w)) => {
+        let (source, transformer) = match single_weights(cfg, file, "flux")? {
+            Some(w) => {
                 let path = magcache_layers::config_util::transformer_dir(&resolve(base, w));
                 let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
                 let l = load::load_flux(&path, config.as_deref(), &overrides, file)?;
                 let c = l.config.clone();
                 let opened = RefCell::new(Some(Box::new(l)));
                 (Source::Checkpoint { path, opened }, c)
-            }
-            Some(WeightsSpec::Many(_)) => {
-                return Err(Error::config(
-                    file,
-                    "model.weights",
-                    "flux takes one weights path",
-                ))
             }
             None => {
                 let (p, base_cfg, c) = flux_preset(cfg, file, &overrides)?;

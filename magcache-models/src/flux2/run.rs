@@ -11,7 +11,7 @@ use super::load::{flux2_config, open_flux2};
 use super::model::{Flux2Model, FLUX2_DOUBLE, FLUX2_SINGLE};
 use super::pipeline::{flux2_plan, Flux2Pipeline, Flux2Steps};
 use super::prompted::{self, DEFAULT_GUIDANCE};
-use magcache_core::runtime::config::{RunConfig, WeightsSpec};
+use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::runtime::resolved::{
@@ -19,7 +19,7 @@ use magcache_core::runtime::resolved::{
 };
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::config_util::{overrides_json, resolve, single_weights, to_map};
 use magcache_layers::footprint::{add_plan, weights_knob};
 use magcache_layers::random::random_store;
 use magcache_layers::scheduler::flux2_schedule;
@@ -84,19 +84,12 @@ impl Flux2Run {
                 ));
             }
         }
-        let (source, transformer, knob) = match &cfg.model.weights {
-            Some(WeightsSpec::One(w)) => {
+        let (source, transformer, knob) = match single_weights(cfg, file, "flux2")? {
+            Some(w) => {
                 let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
                 let (dir, c) =
                     flux2_config(&resolve(base, w), config.as_deref(), &overrides, file)?;
                 (Source::Checkpoint(dir), c, "model.weights".to_string())
-            }
-            Some(WeightsSpec::Many(_)) => {
-                return Err(Error::config(
-                    file,
-                    "model.weights",
-                    "flux2 takes one weights path",
-                ))
             }
             None => {
                 let p = preset(cfg, file)?;

@@ -49,6 +49,7 @@ pub trait ChainModel: Sized {
     /// The blocks streamed from `w`: each block's tensors checked now (present, right shape) and
     /// read when the block runs; the rest loaded now.
     fn streamed(cfg: Self::Config, w: Arc<WeightStore>) -> Result<Self> {
+        w.streamed.store(true, std::sync::atomic::Ordering::Relaxed);
         let metas = Self::chain(&cfg);
         for i in 0..metas.len() {
             for (name, shape) in Self::block_tensors(&cfg, i)? {

@@ -354,6 +354,10 @@ impl Umt5Encoder {
         let cfg_file = dir.join("config.json").display().to_string();
         let n = config.num_layers;
         if streamed {
+            // Read for every prompt, never kept by a server's warm cache.
+            store
+                .streamed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let shared_name = shared_name(&store).to_string();
             let c = &config;
             store.expect(&shared_name, &[c.vocab_size, c.d_model])?;

@@ -85,6 +85,8 @@ pub struct WeightStore {
     record: Option<Mutex<Vec<TensorShape>>>,
     /// Changes added to tensors when they are handed out (LoRA adapters), by name.
     deltas: HashMap<String, Vec<Delta>>,
+    /// Streamed from (`offload = "stream"`): never kept warm ([`warm`]), its bound holds.
+    pub streamed: std::sync::atomic::AtomicBool,
 }
 
 /// A change to one tensor of the store, added (in f32) each time the tensor is handed out: at load
@@ -676,7 +678,8 @@ impl WeightStore {
             Entry::Mem(t) => Ok(t.clone()),
             Entry::Gguf(g) => {
                 let file = self.file_of(name);
-                warm::tensor(file, format!("gguf {name}"), || g.read(file, name))
+                let keep = !self.streamed.load(std::sync::atomic::Ordering::Relaxed);
+                warm::tensor(file, format!("gguf {name}"), keep, || g.read(file, name))
             }
             Entry::Mapped {
                 map,
@@ -706,8 +709,8 @@ impl WeightStore {
                             .map_err(|e| e.to_string())
                     }),
                 };
-                let place = format!("{start}..{end}");
-                warm::tensor(file, place, || {
+                let keep = !self.streamed.load(std::sync::atomic::Ordering::Relaxed);
+                warm::tensor(file, format!("{start}..{end}"), keep, || {
                     read().map_err(|why| Error::weights(file, name, why))
                 })
             }

@@ -37,12 +37,16 @@ pub fn keep_warm() {
 }
 
 /// The tensor at `place` of `file`: kept from an earlier read when warm, else `read()` (kept when
-/// warm).
+/// warm and `keep`: a streamed model's blocks are read for every call and never kept).
 pub(super) fn tensor(
     file: &str,
     place: String,
+    keep: bool,
     read: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
+    if !keep {
+        return read();
+    }
     let key = (file.to_string(), place);
     // The lock is never held while reading (a read may build what reads again).
     let kept = match warm().lock() {

@@ -320,6 +320,11 @@ fn a_served_picture_is_the_run_s_picture_and_bad_requests_leave_it_healthy() {
         400,
         Some("cache"),
     );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "seed": 18446744073709551615}"#,
+        400,
+        Some("seed"),
+    );
     bad(r#"{"model": "nope", "prompt": "x"}"#, 404, Some("model"));
     let huge = format!(
         r#"{{"model": "tiny", "prompt": "{}"}}"#,
@@ -351,7 +356,7 @@ fn a_served_picture_is_the_run_s_picture_and_bad_requests_leave_it_healthy() {
     );
     assert_eq!(
         value("magcache_requests_total{route=\"/v1/images/generations\",status=\"400\"}"),
-        9.0
+        10.0
     );
     assert!(value("magcache_prompt_cache_hits_total") >= 1.0);
     assert_eq!(srv.stop(), Some(0));

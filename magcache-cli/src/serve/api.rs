@@ -103,7 +103,7 @@ fn from_run(e: Error) -> ApiError {
         "negative_prompt"
     } else if key.starts_with("prompt") {
         "prompt"
-    } else if key.starts_with("inputs.seed") {
+    } else if key.starts_with("inputs.seed") || key == "seed" {
         "seed"
     } else if key.starts_with("inputs.num_frames") {
         "num_frames"

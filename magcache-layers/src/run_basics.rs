@@ -3,15 +3,22 @@
 //! while resolving. Z-Image and Qwen-Image hold one in their `ResolvedRun`.
 
 use candle_core::DType;
-use magcache_core::runtime::config::{LoraTable, RunConfig};
+use magcache_core::runtime::config::{LoraTable, ModelSection, RunConfig};
 use magcache_core::{Offload, Placement, Result};
+use std::cell::OnceCell;
 use std::path::Path;
 
 pub struct RunBasics {
     /// The run file, as messages name it.
     pub file: String,
     pub steps: usize,
-    pub placement: Placement,
+    /// The weights' dtype (`model.dtype`; `auto` is resolved by the runner before building).
+    pub dtype: DType,
+    /// Whether `model.device` is the CPU (estimates need no device opened).
+    pub on_cpu: bool,
+    /// `[model]`, to open the placement when a stage first needs it.
+    model: ModelSection,
+    placement: OnceCell<Placement>,
     pub offload: Offload,
     /// The inputs' seed (latents, seeded captions): `inputs.seed`, else `model.seed`.
     pub seed: u64,
@@ -29,7 +36,13 @@ impl RunBasics {
         Ok(RunBasics {
             file: file.to_string(),
             steps: cfg.sampling.steps,
-            placement: cfg.model.placement(file)?,
+            dtype: magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?,
+            on_cpu: matches!(
+                magcache_core::runtime::placement::parse_device(&cfg.model.device, file)?,
+                magcache_core::runtime::placement::DeviceSpec::Cpu
+            ),
+            model: cfg.model.clone(),
+            placement: OnceCell::new(),
             offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
             seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
             model_seed: cfg.model.seed,
@@ -46,9 +59,19 @@ impl RunBasics {
         })
     }
 
+    /// The device and dtype, opened the first time a stage needs them (never by `plan` or an
+    /// estimate: a run file for a GPU plans on a machine without one).
+    pub fn placement(&self) -> Result<&Placement> {
+        if let Some(p) = self.placement.get() {
+            return Ok(p);
+        }
+        let p = self.model.placement(&self.file)?;
+        Ok(self.placement.get_or_init(|| p))
+    }
+
     /// The weights' dtype as the size guard names it (`f32`, `f16`, `bf16`).
     pub fn dtype_name(&self) -> &'static str {
-        match self.placement.dtype {
+        match self.dtype {
             DType::F32 => "f32",
             DType::F16 => "f16",
             _ => "bf16",
@@ -88,7 +111,7 @@ impl RunBasics {
             self.model_seed,
             M::shapes(c)?,
             width,
-            self.placement.dtype,
+            self.dtype,
         );
         let refs: Vec<&LoraTable> = self.loras.iter().collect();
         Ok(Some(vec![crate::lora::merged(
@@ -116,16 +139,13 @@ impl RunBasics {
     ) -> Result<(M, Vec<String>)> {
         let mut store = match dir {
             Some(dir) => crate::weights::WeightStore::load_checkpoint(dir)?,
-            None => crate::random::random_store(
-                self.model_seed,
-                M::shapes(&cfg)?,
-                width,
-                self.placement.dtype,
-            )?,
+            None => {
+                crate::random::random_store(self.model_seed, M::shapes(&cfg)?, width, self.dtype)?
+            }
         };
         let refs: Vec<&LoraTable> = self.loras.iter().collect();
         let mut warnings = crate::lora::apply_tables(&mut store, &refs, Path::new(""), names)?;
-        store.set_placement(self.placement.clone());
+        store.set_placement(self.placement()?.clone());
         let store = std::sync::Arc::new(store);
         let model = M::placed(cfg, store.clone(), self.offload)?;
         let overrides = serde_json::Map::new();

@@ -117,3 +117,31 @@ fn sizes_off_the_grid_follow_each_pipeline() {
     let w = p.pipeline.warnings().join("\n");
     assert!(w.contains("56x80") && w.contains("48x80"), "{w}");
 }
+
+/// A run file for a GPU plans on a machine without one (resolving opens no device); building it
+/// there is refused naming `model.device`.
+#[test]
+fn a_gpu_run_file_plans_without_the_gpu() {
+    for (family, case) in [
+        ("flux2", "flux2_klein_pipeline"),
+        ("z-image", "zimage_turbo_pipeline"),
+        ("qwen-image", "qwenimage_nocfg_pipeline"),
+    ] {
+        let (_dir, cfg, _) = setup(family, case, "dense", "f32");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            text.replace("dtype = \"f32\"", "dtype = \"f32\"\ndevice = \"cuda\""),
+        )
+        .unwrap();
+        let plan = magcache_cli::plan(&cfg);
+        assert!(plan.is_ok(), "{family}: {:?}", plan.err());
+        if candle_core::utils::cuda_is_available() {
+            continue;
+        }
+        match magcache_cli::prepare(&cfg) {
+            Ok(_) => panic!("{family}: built on a device this machine lacks"),
+            Err(e) => assert!(e.to_string().contains("model.device"), "{family}: {e}"),
+        }
+    }
+}

@@ -20,6 +20,7 @@ use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, resolve, single_weights, to_map};
 use magcache_layers::inputs::InputFile;
+use magcache_layers::run_basics::RunBasics;
 use magcache_layers::scheduler::FluxShift;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -41,14 +42,14 @@ enum Source {
 pub struct FluxRun {
     /// Every table of the run file but `[cache]`.
     cfg: RunConfig,
-    file: String,
+    /// The run file, placement (opened when a stage needs it), offload, seeds and warnings.
+    run: RunBasics,
     base: PathBuf,
     source: Source,
     transformer: FluxConfig,
     overrides: Map<String, Value>,
     /// Prompted runs: the pipeline folder.
     root: Option<PathBuf>,
-    warnings: Vec<String>,
 }
 
 impl ResolvedRun for FluxRun {
@@ -81,21 +82,22 @@ impl ResolvedRun for FluxRun {
             Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
             None => None,
         };
+        let mut run = RunBasics::read(cfg, file, base, "flux")?;
+        run.warnings = warnings;
         Ok(FluxRun {
             cfg: cfg.without_cache(),
-            file: file.to_string(),
+            run,
             base: base.to_path_buf(),
             source,
             transformer,
             overrides,
             root,
-            warnings,
         })
     }
 
     /// The plan: the image length (for `mu`) from the inputs.
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        let (cfg, file) = (&self.cfg, self.file.as_str());
+        let (cfg, file) = (&self.cfg, self.run.file.as_str());
         let mut fp = Footprint::default();
         magcache_layers::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
         fp.check(file)?;
@@ -132,7 +134,7 @@ impl ResolvedRun for FluxRun {
         let (cfg, base) = (&self.cfg, self.base.as_path());
         let mut out = Vec::new();
         if let Some(root) = &self.root {
-            if let Ok(fp) = prompted::text_footprint(cfg, &self.file, root) {
+            if let Ok(fp) = prompted::text_footprint(cfg, &self.run.file, root) {
                 out.push(("encode text".to_string(), fp));
             }
         }
@@ -149,15 +151,15 @@ impl ResolvedRun for FluxRun {
     }
 
     fn build(&self) -> Result<Box<dyn Pipeline>> {
-        let (cfg, file, base) = (&self.cfg, self.file.as_str(), self.base.as_path());
+        let (cfg, file, base) = (&self.cfg, self.run.file.as_str(), self.base.as_path());
         // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
         let mut prompted = match &self.root {
             Some(root) => Some(prompted::encode(cfg, file, root)?),
             None => None,
         };
         let (model, desc, variant, mut warnings) = self.model()?;
-        warnings.splice(0..0, self.warnings.iter().cloned());
-        let placement = cfg.model.placement(file)?;
+        warnings.splice(0..0, self.run.warnings.iter().cloned());
+        let placement = self.run.placement()?;
         let inputs = match &prompted {
             Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
             None => build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?,
@@ -187,8 +189,8 @@ impl ResolvedRun for FluxRun {
         if !matches!(self.source, Source::Preset(..)) {
             return Ok(None);
         }
-        let (cfg, file, c) = (&self.cfg, self.file.as_str(), &self.transformer);
-        let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
+        let (cfg, file, c) = (&self.cfg, self.run.file.as_str(), &self.transformer);
+        let dtype = self.run.dtype;
         let mut config = to_map(c, "FluxTransformer2DModel")?;
         config.insert("_class_name".into(), "FluxTransformer2DModel".into());
         let seed = cfg.model.seed;
@@ -213,8 +215,8 @@ impl FluxRun {
     /// description and preset name, and the warnings (adapters, unused tensors).
     #[allow(clippy::type_complexity)]
     fn model(&self) -> Result<(FluxModel, String, Option<&'static str>, Vec<String>)> {
-        let (cfg, file, base) = (&self.cfg, self.file.as_str(), self.base.as_path());
-        let placement = cfg.model.placement(file)?;
+        let (cfg, file, base) = (&self.cfg, self.run.file.as_str(), self.base.as_path());
+        let placement = self.run.placement()?;
         let c = self.transformer.clone();
         let sizes = format!(
             "{}+{} blocks, dim {}, {} heads",
@@ -263,8 +265,7 @@ impl FluxRun {
             .map(|p| p.name);
         let depth = (c.num_layers, c.num_single_layers);
         let store = std::sync::Arc::new(l.store);
-        let offload = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
-        let model = FluxModel::placed(l.config, store.clone(), offload)?;
+        let model = FluxModel::placed(l.config, store.clone(), self.run.offload)?;
         let streamed = ", blocks streamed from the checkpoint";
         let desc = format!("{desc}{}", if model.is_streamed() { streamed } else { "" });
         warnings.extend(store.check_unused(file, |prefix| {

@@ -22,6 +22,7 @@ use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, resolve, single_weights, to_map};
 use magcache_layers::footprint::{add_plan, weights_knob};
 use magcache_layers::random::random_store;
+use magcache_layers::run_basics::RunBasics;
 use magcache_layers::scheduler::flux2_schedule;
 use std::path::Path;
 
@@ -36,7 +37,8 @@ enum Source {
 pub struct Flux2Run {
     /// Every table of the run file but `[cache]`.
     cfg: RunConfig,
-    file: String,
+    /// The run file, placement (opened when a stage needs it), offload, seeds and warnings.
+    run: RunBasics,
     base: std::path::PathBuf,
     source: Source,
     transformer: Flux2Config,
@@ -47,9 +49,6 @@ pub struct Flux2Run {
     root: Option<std::path::PathBuf>,
     distilled: bool,
     cfg_on: bool,
-    placement: magcache_core::Placement,
-    offload: magcache_core::Offload,
-    warnings: Vec<String>,
 }
 
 impl Flux2Run {
@@ -104,9 +103,11 @@ impl Flux2Run {
         if let Some(r) = &root {
             warnings.extend(prompted::size_warning(cfg, file, r)?);
         }
+        let mut run = RunBasics::read(cfg, file, base, "flux2")?;
+        run.warnings = warnings;
         Ok(Flux2Run {
             cfg: cfg.without_cache(),
-            file: file.to_string(),
+            run,
             base: base.to_path_buf(),
             source,
             transformer,
@@ -115,14 +116,11 @@ impl Flux2Run {
             root,
             distilled,
             cfg_on,
-            placement: cfg.model.placement(file)?,
-            offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
-            warnings,
         })
     }
 
     fn dims(&self) -> Option<(usize, usize, usize)> {
-        run_dims(&self.cfg, &self.file, &self.base, &self.transformer)
+        run_dims(&self.cfg, &self.run.file, &self.base, &self.transformer)
     }
 
     /// The transformer (held, or streamed from a checkpoint), its description and preset name,
@@ -140,9 +138,9 @@ impl Flux2Run {
             Source::Preset(p) => p,
             Source::Checkpoint(dir) => {
                 let mut store = open_flux2(dir)?;
-                store.set_placement(self.placement.clone());
+                store.set_placement(self.run.placement()?.clone());
                 let store = std::sync::Arc::new(store);
-                let model = Flux2Model::placed(c.clone(), store.clone(), self.offload)?;
+                let model = Flux2Model::placed(c.clone(), store.clone(), self.run.offload)?;
                 let mode = if self.cfg_on {
                     ", classifier-free guidance"
                 } else {
@@ -155,7 +153,7 @@ impl Flux2Run {
                 };
                 let desc = format!("{}: {sizes}{mode}{streamed}", dir.display());
                 let depth = (c.num_layers, c.num_single_layers);
-                let unused = store.check_unused(&self.file, |prefix| {
+                let unused = store.check_unused(&self.run.file, |prefix| {
                     magcache_layers::config_util::double_single_depth(
                         &self.overrides,
                         prefix,
@@ -171,9 +169,9 @@ impl Flux2Run {
         };
         let seed = self.cfg.model.seed;
         let desc = format!("preset {} (random init, seed {seed}): {sizes}", p.name);
-        let dtype = self.placement.dtype;
+        let dtype = self.run.dtype;
         let mut store = random_store(seed, Flux2Model::shapes(&c)?, c.inner_dim(), dtype)?;
-        store.set_placement(self.placement.clone());
+        store.set_placement(self.run.placement()?.clone());
         Ok((
             Flux2Model::from_weights(c, &store)?,
             desc,
@@ -192,10 +190,10 @@ impl ResolvedRun for Flux2Run {
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
         let mut fp = Footprint::default();
         add_plan(&mut fp, self.cfg.sampling.steps, 2);
-        fp.check(&self.file)?;
+        fp.check(&self.run.file)?;
         let (_, seq, _) = self.dims().ok_or_else(|| {
             Error::config(
-                &self.file,
+                &self.run.file,
                 "inputs",
                 "cannot tell the image length (inputs.height/width, latent_shape or the inputs file)",
             )
@@ -215,19 +213,19 @@ impl ResolvedRun for Flux2Run {
     }
 
     fn build(&self) -> Result<Box<dyn Pipeline>> {
-        let (cfg, file, base) = (&self.cfg, self.file.as_str(), self.base.as_path());
+        let (cfg, file, base) = (&self.cfg, self.run.file.as_str(), self.base.as_path());
         // Prompted: the text is encoded (and the encoder freed) before the transformer loads.
         let prompted = match &self.root {
             Some(r) => Some(prompted::encode(cfg, file, r, self.cfg_on)?),
             None => None,
         };
         let (model, desc, variant, unused) = self.model()?;
-        let mut warnings = self.warnings.clone();
+        let mut warnings = self.run.warnings.clone();
         warnings.extend(unused);
         let inputs = match &prompted {
             Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
             None => plain_inputs(cfg, file, base, &model.cfg, self.cfg_on)?
-                .to_device(&self.placement.device)?,
+                .to_device(&self.run.placement()?.device)?,
         };
         let guidance = cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
         let cfg_scale = (self.cfg_on && inputs.neg_ctx.is_some()).then_some(guidance);
@@ -267,7 +265,7 @@ impl ResolvedRun for Flux2Run {
             self.cfg.model.seed,
             Flux2Model::shapes(c)?,
             c.inner_dim(),
-            self.placement.dtype,
+            self.run.dtype,
         )]))
     }
 }

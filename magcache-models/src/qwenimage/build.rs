@@ -64,11 +64,7 @@ impl QwenImageRun {
         let (b, s, l) = (self.batch, self.image_tokens(), self.text_len);
         let joint = s.saturating_add(l);
         let d = sz(c.inner_dim());
-        let dev = if self.run.placement.device.is_cpu() {
-            "cpu"
-        } else {
-            "cuda"
-        };
+        let dev = if self.run.on_cpu { "cpu" } else { "cuda" };
         let acts = sz(b) * sz(joint) * (sz(12) * d + d * sz(4) * sz(2)) * sz(4)
             + attention_bytes(dev, b, c.num_attention_heads, joint, joint);
         fp.add("activations", "inputs.height/width", acts.0);
@@ -79,7 +75,7 @@ impl QwenImageRun {
         );
         if let Source::Folder { vae, .. } = &self.source {
             let (h, w) = (2 * self.grid.0, 2 * self.grid.1);
-            let cpu = self.run.placement.device.is_cpu();
+            let cpu = self.run.on_cpu;
             let wb = if cpu { 4 } else { dtype_bytes(dt) };
             let bytes = vae.decode_bytes(1, h, w, wb, cpu);
             fp.add(
@@ -92,7 +88,7 @@ impl QwenImageRun {
     }
 
     fn captions(&self) -> Result<Captions> {
-        let dev = &self.run.placement.device;
+        let dev = &self.run.placement()?.device;
         let j = self.transformer.joint_attention_dim;
         let Source::Folder { root, .. } = &self.source else {
             if let Some(p) = &self.latents_file {
@@ -136,7 +132,7 @@ impl QwenImageRun {
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let dt = self.run.placement.dtype;
+        let dt = self.run.dtype;
         let negative = negative.filter(|_| self.cfg_scale.is_some());
         let key = format!(
             "qwen-image {:?}",
@@ -214,7 +210,7 @@ impl QwenImageRun {
                 ],
             )?,
         };
-        Ok(l.to_device(&self.run.placement.device)?)
+        Ok(l.to_device(&self.run.placement()?.device)?)
     }
 }
 
@@ -248,7 +244,7 @@ impl ResolvedRun for QwenImageRun {
             let fp = text.footprint(
                 text.num_hidden_layers,
                 tokens,
-                self.run.placement.dtype.size_in_bytes(),
+                self.run.dtype.size_in_bytes(),
                 &te,
             );
             v.push(("encode text".to_string(), fp));
@@ -298,7 +294,7 @@ impl ResolvedRun for QwenImageRun {
         let decode = match &self.source {
             Source::Folder { root, vae, .. } => Some(QwenImageDecode {
                 root: root.clone(),
-                placement: self.run.placement.clone(),
+                placement: self.run.placement()?.clone(),
                 height: 2 * self.grid.0 * vae.spatial_scale(),
                 width: 2 * self.grid.1 * vae.spatial_scale(),
             }),

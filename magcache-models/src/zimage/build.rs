@@ -36,7 +36,7 @@ impl ZImageRun {
         Some(text.footprint(
             text.num_hidden_layers.saturating_sub(1),
             self.text_len,
-            self.run.placement.dtype.size_in_bytes(),
+            self.run.dtype.size_in_bytes(),
             &te,
         ))
     }
@@ -86,7 +86,7 @@ impl ZImageRun {
         if let Source::Folder { vae, tiling, .. } = &self.source {
             let v = &**vae;
             let (lh, lw) = self.lat;
-            let cpu = self.run.placement.device.is_cpu();
+            let cpu = self.run.on_cpu;
             fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
             let (eh, ew) = match tiling.filter(|t| t.tiles_latents(v, lh, lw)) {
                 Some(t) => (lh.min(t.latent_min(v)), lw.min(t.latent_min(v))),
@@ -107,7 +107,7 @@ impl ZImageRun {
     }
 
     fn placement_device(&self) -> String {
-        if self.run.placement.device.is_cpu() {
+        if self.run.on_cpu {
             "cpu".into()
         } else {
             "cuda".into()
@@ -117,7 +117,7 @@ impl ZImageRun {
     /// Runs without a pipeline folder: the inputs file's `prompt_embeds` (and negative ones with
     /// CFG), else seeded random rows.
     fn unprompted_captions(&self) -> Result<(Tensor, Option<Tensor>)> {
-        let dev = &self.run.placement.device;
+        let dev = &self.run.placement()?.device;
         if let Some(p) = &self.latents_file {
             let inp = InputFile::load(p)?;
             if inp.has("prompt_embeds") {
@@ -168,14 +168,14 @@ impl ZImageRun {
         Option<Tensor>,
         Option<(String, magcache_core::runtime::progress::StageTime)>,
     )> {
-        let dev = &self.run.placement.device;
+        let dev = &self.run.placement()?.device;
         let Source::Folder { root, .. } = &self.source else {
             let (pos, neg) = self.unprompted_captions()?;
             return Ok((pos, neg, None));
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let dt = self.run.placement.dtype;
+        let dt = self.run.dtype;
         let neg_text = self.cfg_scale.map(|_| &negative);
         let key = format!(
             "z-image {:?}",
@@ -261,7 +261,7 @@ impl ZImageRun {
                 &[self.batch, c, self.lat.0, self.lat.1],
             )?,
         };
-        Ok(l.to_device(&self.run.placement.device)?)
+        Ok(l.to_device(&self.run.placement()?.device)?)
     }
 }
 
@@ -327,7 +327,7 @@ impl ResolvedRun for ZImageRun {
         let decode = match &self.source {
             Source::Folder { root, tiling, .. } => Some(ZImageDecode {
                 root: root.clone(),
-                placement: self.run.placement.clone(),
+                placement: self.run.placement()?.clone(),
                 tiling: *tiling,
             }),
             Source::Preset(_) | Source::Transformer(_) => None,

@@ -180,13 +180,14 @@ pub fn weights_knob(
 /// delta (`largest` elements). Files that cannot be read count nothing here: loading them names
 /// the error.
 pub fn add_lora(fp: &mut Footprint, cfg: &magcache_core::RunConfig, base: &Path, largest: Sz) {
-    add_lora_tables(fp, &cfg.model.lora, base, largest)
+    let tables: Vec<_> = cfg.model.lora.iter().collect();
+    add_lora_tables(fp, &tables, base, largest)
 }
 
 /// [`add_lora`] for the adapter tables themselves (paths relative to `base`).
 pub fn add_lora_tables(
     fp: &mut Footprint,
-    tables: &[magcache_core::runtime::config::LoraTable],
+    tables: &[&magcache_core::runtime::config::LoraTable],
     base: &Path,
     largest: Sz,
 ) {

@@ -24,8 +24,9 @@ pub struct RunBasics {
     pub seed: u64,
     /// A preset's weights' seed (`model.seed`).
     pub model_seed: u64,
-    /// `[[model.lora]]` of a one-model family, paths resolved against the run file's folder.
-    pub loras: Vec<LoraTable>,
+    /// `[[model.lora]]` of each expert (one for a one-model family), paths resolved against the
+    /// run file's folder.
+    loras: Vec<Vec<LoraTable>>,
     /// Found while resolving; the pipeline reports them at every generation.
     pub warnings: Vec<String>,
 }
@@ -33,6 +34,30 @@ pub struct RunBasics {
 impl RunBasics {
     /// Reads the shared keys of `cfg` (`family` names the family in messages).
     pub fn read(cfg: &RunConfig, file: &str, base: &Path, family: &str) -> Result<Self> {
+        Self::read_experts(cfg, file, base, family, 1)
+    }
+
+    /// [`RunBasics::read`] of a family of `experts` transformer models: each expert's adapters
+    /// (`expert = "high_noise"` or `"low_noise"` on two).
+    pub fn read_experts(
+        cfg: &RunConfig,
+        file: &str,
+        base: &Path,
+        family: &str,
+        experts: usize,
+    ) -> Result<Self> {
+        let resolved = |t: &LoraTable| LoraTable {
+            path: crate::config_util::resolve(base, &t.path)
+                .display()
+                .to_string(),
+            ..t.clone()
+        };
+        let loras = (0..experts.max(1))
+            .map(|e| {
+                let tables = crate::lora::tables_for(&cfg.model.lora, file, family, experts, e)?;
+                Ok(tables.into_iter().map(resolved).collect())
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(RunBasics {
             file: file.to_string(),
             steps: cfg.sampling.steps,
@@ -46,15 +71,7 @@ impl RunBasics {
             offload: magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?,
             seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
             model_seed: cfg.model.seed,
-            loras: crate::lora::tables_for(&cfg.model.lora, file, family, 1, 0)?
-                .into_iter()
-                .map(|t| LoraTable {
-                    path: crate::config_util::resolve(base, &t.path)
-                        .display()
-                        .to_string(),
-                    ..t.clone()
-                })
-                .collect(),
+            loras,
             warnings: Vec::new(),
         })
     }
@@ -76,6 +93,14 @@ impl RunBasics {
             DType::F16 => "f16",
             _ => "bf16",
         }
+    }
+
+    /// The adapters of expert `e` (0 for a one-model family).
+    pub fn loras(&self, e: usize) -> Vec<&LoraTable> {
+        self.loras
+            .get(e)
+            .map(|t| t.iter().collect())
+            .unwrap_or_default()
     }
 
     /// Whether the blocks stream from the checkpoint.
@@ -113,10 +138,9 @@ impl RunBasics {
             width,
             self.dtype,
         );
-        let refs: Vec<&LoraTable> = self.loras.iter().collect();
         Ok(Some(vec![crate::lora::merged(
             g,
-            &refs,
+            &self.loras(0),
             Path::new(""),
             names,
         )?]))
@@ -143,8 +167,8 @@ impl RunBasics {
                 crate::random::random_store(self.model_seed, M::shapes(&cfg)?, width, self.dtype)?
             }
         };
-        let refs: Vec<&LoraTable> = self.loras.iter().collect();
-        let mut warnings = crate::lora::apply_tables(&mut store, &refs, Path::new(""), names)?;
+        let mut warnings =
+            crate::lora::apply_tables(&mut store, &self.loras(0), Path::new(""), names)?;
         store.set_placement(self.placement()?.clone());
         let store = std::sync::Arc::new(store);
         let model = M::placed(cfg, store.clone(), self.offload)?;

@@ -56,7 +56,7 @@ impl QwenImageRun {
         }
         magcache_layers::footprint::add_lora_tables(
             &mut fp,
-            &self.run.loras,
+            &self.run.loras(0),
             Path::new(""),
             sz(self.transformer.inner_dim()) * sz(6 * self.transformer.inner_dim()),
         );

@@ -2,6 +2,7 @@
 //! `config.json` (`dim`, `num_heads`, `in_dim`, ...), with `[model.overrides]` applied on top.
 
 use magcache_core::{Error, Result};
+use magcache_layers::footprint::{sz, Sz};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -246,4 +247,43 @@ fn original_to_diffusers(o: &Map<String, Value>, file: &str) -> Result<Map<Strin
         m.insert("patch_size".into(), v.clone());
     }
     Ok(m)
+}
+
+impl WanConfig {
+    /// Parameters of a Wan transformer (checked arithmetic).
+    pub fn params(&self) -> Sz {
+        let c = self;
+        let d = sz(c.inner_dim());
+        let [pt, ph, pw] = c.patch_size;
+        let patch = sz(pt) * sz(ph) * sz(pw);
+        let lin = |o: Sz, i: Sz| o * i + o;
+        let attn = lin(d, d) * sz(4)
+            + if c.qk_norm.is_some() {
+                d * sz(2)
+            } else {
+                sz(0)
+            };
+        let norm2 = if c.cross_attn_norm { d * sz(2) } else { sz(0) };
+        let ffn = sz(c.ffn_dim);
+        // Image attention (Wan2.1 I2V): every attn2's added K/V (and norm_added_k), and the image
+        // embedder (two affine norms, two linears).
+        let (added, image) = match (c.added_kv_proj_dim, c.image_dim) {
+            (Some(a), Some(i)) => (
+                lin(d, sz(a)) * sz(2) + d,
+                lin(sz(i), sz(i)) + lin(d, sz(i)) + sz(i) * sz(2) + d * sz(2),
+            ),
+            _ => (sz(0), sz(0)),
+        };
+        let block = attn * sz(2) + added + norm2 + lin(ffn, d) + lin(d, ffn) + d * sz(6);
+        let top = lin(d, sz(c.in_channels) * patch)
+            + lin(d, sz(c.freq_dim))
+            + lin(d, d)
+            + lin(d * sz(6), d)
+            + lin(d, sz(c.text_dim))
+            + lin(d, d)
+            + lin(sz(c.out_channels) * patch, d)
+            + d * sz(2)
+            + image;
+        sz(c.num_layers) * block + top
+    }
 }

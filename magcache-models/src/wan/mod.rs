@@ -13,7 +13,9 @@ pub mod pipeline;
 pub mod pipeline_export;
 pub mod presets;
 pub mod prompted;
+pub mod run;
 
-pub use family::{build_model, wan_sampler};
+pub use family::{Wan21, Wan22};
 pub use inputs::build_inputs;
 pub use presets::{WanPreset, WAN21_PRESETS, WAN22_PRESETS};
+pub use run::WanRun;

@@ -187,13 +187,9 @@ pub(crate) fn match_preset(
     presets.iter().find(|p| (p.config)() == *cfg)
 }
 
-/// What strategies may know of a Wan run: the family, the preset and its published tables.
-pub(crate) fn info_for(family: &str, preset: Option<&WanPreset>) -> ModelInfo {
-    info_for_mode(family, preset, false)
-}
-
-/// [`info_for`] of a text-to-video (`image` false) or image-to-video run: a preset with an
-/// image-to-video curve of its own gives that one to image runs.
+/// What strategies may know of a Wan run: the family, the preset and its published tables (of a
+/// text-to-video run, `image` false, or an image-to-video run: a preset with an image-to-video
+/// curve of its own gives that one to image runs).
 pub(crate) fn info_for_mode(family: &str, preset: Option<&WanPreset>, image: bool) -> ModelInfo {
     let mut info = ModelInfo {
         family: family.to_string(),

@@ -99,8 +99,6 @@ pub fn encode_image(
     Ok(())
 }
 
-/// Encodes the prompt (and, with guidance, the negative prompt) with the folder's tokenizer and
-/// UMT5 encoder; the encoder is dropped before this returns.
 /// The size guard's estimate of the text stage: the UMT5 encoder's weights in the run's dtype (the
 /// embedding and two layers when `offload = "stream"`, which streams it too) and its activations at
 /// `prompt.max_sequence_length`.
@@ -128,6 +126,9 @@ pub fn text_footprint(
     )
 }
 
+/// Encodes the prompt (and, with guidance, the negative prompt) with the folder's tokenizer and
+/// UMT5 encoder; the encoder is dropped before this returns (the size guard checked the stage's
+/// [`text_footprint`] before the run began).
 pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Result<Prompted> {
     let Some(p) = &cfg.prompt else {
         return Err(Error::msg("internal: a prompted Wan run without [prompt]"));
@@ -135,8 +136,6 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
     let placement = cfg.model.placement(file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     let vae_tiling = super::keys::vae_tiling(cfg, file, root)?;
-    // The size guard for the text encoder's stage (loaded, used and freed before the transformer).
-    text_footprint(cfg, file, root)?.check(file)?;
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
     let stage = Stage::begin("encode text");

@@ -66,7 +66,7 @@ impl ZImageRun {
         }
         magcache_layers::footprint::add_lora_tables(
             &mut fp,
-            &self.run.loras,
+            &self.run.loras(0),
             Path::new(""),
             sz(self.transformer.dim) * sz(self.transformer.ffn_hidden()),
         );

@@ -11,6 +11,7 @@
 //!   replaces latent frame 0 at every call (timestep 0 on its tokens) and in the result.
 
 use super::image_encoder::{ClipImageProcessor, ClipVisionConfig, ClipVisionEncoder};
+use super::keys::WanKeys;
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
@@ -146,15 +147,14 @@ pub struct EncodedImage {
 }
 
 /// The size of a prompted run's video: `(height, width, num_frames)` with the pipeline's defaults.
-pub fn video_size(cfg: &RunConfig, file: &str) -> Result<(usize, usize, usize)> {
-    Ok((
+pub fn video_size(cfg: &RunConfig, keys: &WanKeys) -> (usize, usize, usize) {
+    (
         cfg.inputs.height.unwrap_or(super::keys::DEFAULT_HEIGHT),
         cfg.inputs.width.unwrap_or(super::keys::DEFAULT_WIDTH),
-        super::keys::WanKeys::read(cfg, file)?
-            .inputs
+        keys.inputs
             .num_frames
             .unwrap_or(super::keys::DEFAULT_FRAMES),
-    ))
+    )
 }
 
 /// The size guard of the image stage: the CLIP encoder (weights and activations) when it runs, and
@@ -230,8 +230,7 @@ pub fn image_stage_footprint(
 }
 
 /// Reads `[inputs] image` (relative to the run file) as 8-bit RGB.
-pub fn read_image(cfg: &RunConfig, file: &str, base: &Path) -> Result<Option<Rgb8>> {
-    let keys = super::keys::WanKeys::read(cfg, file)?;
+pub fn read_image(keys: &WanKeys, file: &str, base: &Path) -> Result<Option<Rgb8>> {
     match &keys.inputs.image {
         None => Ok(None),
         Some(p) => Ok(Some(load_rgb8(&resolve(base, p), file, "inputs.image")?)),
@@ -239,18 +238,17 @@ pub fn read_image(cfg: &RunConfig, file: &str, base: &Path) -> Result<Option<Rgb
 }
 
 /// Runs the image stage: CLIP (when `clip_needed`) on the original picture, then the VAE encode of
-/// the picture resized to `width x height` (PIL LANCZOS when its size differs).
-#[allow(clippy::too_many_arguments)]
+/// the picture resized to `width x height` (PIL LANCZOS when its size differs), in the `tiling`
+/// of `[vae]`.
 pub fn encode_image(
-    cfg: &RunConfig,
-    file: &str,
-    root: &Path,
+    (cfg, keys, file): (&RunConfig, &WanKeys, &str),
+    (root, index): (&Path, &PipelineIndex),
     img: &Rgb8,
-    index: &PipelineIndex,
     clip_needed: bool,
     placement: &Placement,
+    tiling: Option<magcache_layers::autoencoder_kl_wan::VaeTiling>,
 ) -> Result<EncodedImage> {
-    let (height, width, frames) = video_size(cfg, file)?;
+    let (height, width, frames) = video_size(cfg, keys);
     let vae_cfg = WanVaeConfig::read(&root.join("vae").join("config.json"))?;
     let clip_cfg = if clip_needed {
         if !root.join("image_encoder").is_dir() || !root.join("image_processor").is_dir() {
@@ -276,7 +274,7 @@ pub fn encode_image(
         (height, width, frames),
         index.expand_timesteps,
         &cfg.model.dtype,
-        super::keys::vae_tiling(cfg, file, root)?,
+        tiling,
     )
     .check(file)?;
     let mut stages = Vec::new();
@@ -307,7 +305,7 @@ pub fn encode_image(
     };
     let stage = Stage::begin("encode image (VAE)");
     let mut vae = WanVae::load(&root.join("vae"), &placement.device, placement.dtype)?;
-    vae.set_tiling(super::keys::vae_tiling(cfg, file, root)?)?;
+    vae.set_tiling(tiling)?;
     let pic = resize(img, width, height, Filter::Lanczos);
     let x = pic.to_vae_tensor(&placement.device)?.unsqueeze(2)?; // [1, 3, 1, H, W]
     let condition = if index.expand_timesteps {

@@ -44,13 +44,13 @@ pub struct WanInputs {
     pub image: Option<Tensor>,
 }
 
-/// Reads or draws the inputs of a Wan run and checks them against the model.
+/// Reads or draws the inputs of a Wan run and checks them against the model; `classes` (`[inputs]
+/// classes`) are rows of `class_embeddings.safetensors` in `weights_dir`.
 pub fn build_inputs(
-    cfg: &RunConfig,
-    file: &str,
-    base: &Path,
+    (cfg, file, base): (&RunConfig, &str, &Path),
     model: &WanModel,
     weights_dir: Option<&Path>,
+    classes: Option<&[usize]>,
 ) -> Result<WanInputs> {
     let c = &model.cfg;
     // Image-conditioned experts (Wan2.2 I2V, 36 channels) take the latents plus `in - out` condition
@@ -171,7 +171,7 @@ pub fn build_inputs(
     } else {
         None
     };
-    let (cond, uncond) = match &super::keys::WanKeys::read(cfg, file)?.inputs.classes {
+    let (cond, uncond) = match classes {
         Some(classes) => class_conditioning(file, weights_dir, classes, shape[0])?,
         None => {
             let l = cfg.inputs.text_len.unwrap_or(64);

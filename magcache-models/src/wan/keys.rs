@@ -259,11 +259,10 @@ pub(crate) const DEFAULT_FRAMES: usize = 81;
 
 /// `[vae] tiling` of a run over the pipeline folder `root`, checked against its VAE's scale.
 pub fn vae_tiling(
-    cfg: &RunConfig,
+    keys: &WanKeys,
     file: &str,
     root: &Path,
 ) -> Result<Option<magcache_layers::autoencoder_kl_wan::VaeTiling>> {
-    let keys = WanKeys::read(cfg, file)?;
     if keys.vae.tiling != Some(true) {
         return keys.vae.tiling(file, 1);
     }

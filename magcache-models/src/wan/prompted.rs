@@ -7,6 +7,7 @@
 
 use super::i2v::{ImageCondition, PipelineIndex};
 use super::inputs::WanInputs;
+use super::keys::WanKeys;
 use super::model::WanModel;
 use candle_core::Tensor;
 use magcache_core::runtime::config::RunConfig;
@@ -42,7 +43,12 @@ pub struct Prompted {
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
 /// a Wan pipeline, and what its index says. An image-to-video folder needs `[inputs] image` (TI2V's
 /// `expand_timesteps` folder runs text-to-video without one); a text-to-video folder takes none.
-pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBuf, PipelineIndex)> {
+pub fn pipeline_root(
+    cfg: &RunConfig,
+    keys: &WanKeys,
+    file: &str,
+    base: &Path,
+) -> Result<(PathBuf, PipelineIndex)> {
     let kind = magcache_layers::config_util::PipelineKind {
         parts: &["tokenizer", "text_encoder", "transformer", "vae"],
         class_prefix: "Wan",
@@ -51,7 +57,7 @@ pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBu
     };
     let (root, _) = magcache_layers::config_util::pipeline_folder(cfg, file, base, &kind)?;
     let index = PipelineIndex::read(&root)?;
-    let image = super::keys::WanKeys::read(cfg, file)?.inputs.image;
+    let image = &keys.inputs.image;
     let shown = root.join("model_index.json").display().to_string();
     match (&image, index.is_image_to_video() || index.expand_timesteps) {
         (Some(_), false) => {
@@ -82,17 +88,23 @@ pub fn pipeline_root(cfg: &RunConfig, file: &str, base: &Path) -> Result<(PathBu
 /// The image stage of an image run (a no-op without `[inputs] image`): CLIP embeddings when
 /// `clip_needed` (the transformer has `image_dim`), and the VAE-encoded condition.
 pub fn encode_image(
-    cfg: &RunConfig,
-    file: &str,
+    (cfg, keys, file): (&RunConfig, &WanKeys, &str),
     base: &Path,
     index: &PipelineIndex,
     clip_needed: bool,
     p: &mut Prompted,
 ) -> Result<()> {
-    let Some(img) = super::i2v::read_image(cfg, file, base)? else {
+    let Some(img) = super::i2v::read_image(keys, file, base)? else {
         return Ok(());
     };
-    let e = super::i2v::encode_image(cfg, file, &p.root, &img, index, clip_needed, &p.placement)?;
+    let e = super::i2v::encode_image(
+        (cfg, keys, file),
+        (&p.root, index),
+        &img,
+        clip_needed,
+        &p.placement,
+        p.vae_tiling,
+    )?;
     p.image_embeds = e.image_embeds;
     p.image = Some(e.condition);
     p.stages.extend(e.stages);
@@ -129,13 +141,17 @@ pub fn text_footprint(
 /// Encodes the prompt (and, with guidance, the negative prompt) with the folder's tokenizer and
 /// UMT5 encoder; the encoder is dropped before this returns (the size guard checked the stage's
 /// [`text_footprint`] before the run began).
-pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Result<Prompted> {
+pub fn encode(
+    (cfg, keys, file): (&RunConfig, &WanKeys, &str),
+    root: &Path,
+    guidance: bool,
+) -> Result<Prompted> {
     let Some(p) = &cfg.prompt else {
         return Err(Error::msg("internal: a prompted Wan run without [prompt]"));
     };
     let placement = cfg.model.placement(file)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
-    let vae_tiling = super::keys::vae_tiling(cfg, file, root)?;
+    let vae_tiling = super::keys::vae_tiling(keys, file, root)?;
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
     let stage = Stage::begin("encode text");
@@ -177,8 +193,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, guidance: bool) -> Resul
 /// size `height x width x num_frames` gives through the VAE's scale factors, checked against the
 /// transformer; the encoded prompts as conditioning.
 pub fn inputs(
-    cfg: &RunConfig,
-    file: &str,
+    (cfg, keys, file): (&RunConfig, &WanKeys, &str),
     base: &Path,
     model: &WanModel,
     p: &Prompted,
@@ -188,7 +203,7 @@ pub fn inputs(
     let (ss, ts) = (vae_cfg.spatial_scale(), vae_cfg.temporal_scale());
     let height = cfg.inputs.height.unwrap_or(super::keys::DEFAULT_HEIGHT);
     let width = cfg.inputs.width.unwrap_or(super::keys::DEFAULT_WIDTH);
-    let frames = super::keys::WanKeys::read(cfg, file)?
+    let frames = keys
         .inputs
         .num_frames
         .unwrap_or(super::keys::DEFAULT_FRAMES);

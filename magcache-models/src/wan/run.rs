@@ -179,10 +179,11 @@ impl<V: Variant> WanRun<V> {
     fn encode(&self, root: &Path, index: &PipelineIndex) -> Result<prompted::Prompted> {
         let (cfg, file) = (&self.cfg, self.file());
         let g2 = self.keys.sampling.guidance_scale_2.unwrap_or(self.guidance);
-        let mut p = prompted::encode(cfg, file, root, self.guidance > 1.0 || g2 > 1.0)?;
+        let keys = (cfg, &self.keys, file);
+        let mut p = prompted::encode(keys, root, self.guidance > 1.0 || g2 > 1.0)?;
         // Presets have no pipeline folder: a prompted run's configs are its checkpoints'.
         let clip = !self.paths.is_empty() && self.configs[0].image_dim.is_some();
-        prompted::encode_image(cfg, file, &self.base, index, clip, &mut p)?;
+        prompted::encode_image(keys, &self.base, index, clip, &mut p)?;
         Ok(p)
     }
 
@@ -229,7 +230,7 @@ impl<V: Variant> ResolvedRun for WanRun<V> {
             .guidance_scale
             .unwrap_or(if two { 4.0 } else { 5.0 });
         let root = match &cfg.prompt {
-            Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
+            Some(_) => Some(prompted::pipeline_root(cfg, &keys, file, base)?),
             None => None,
         };
         let (configs, preset) = Self::architecture(cfg, file, base, &paths)?;
@@ -312,10 +313,11 @@ impl<V: Variant> ResolvedRun for WanRun<V> {
                 .filter(|p| p.experts.max(1) == experts.len()),
         };
         let inputs = match &prompted {
-            Some(p) => prompted::inputs(cfg, file, base, &experts[0], p)?,
+            Some(p) => prompted::inputs((cfg, &self.keys, file), base, &experts[0], p)?,
             None => {
                 let wdir = self.paths.first().map(|w| weights_dir(base, w));
-                build_inputs(cfg, file, base, &experts[0], wdir.as_deref())?
+                let classes = self.keys.inputs.classes.as_deref();
+                build_inputs((cfg, file, base), &experts[0], wdir.as_deref(), classes)?
             }
         };
         let mut p = WanPipeline::new(

@@ -441,3 +441,16 @@ pub fn single_weights<'a>(
         None => Ok(None),
     }
 }
+
+/// Refuses a text encoder whose embeddings (`what`, `got` wide) do not fit the transformer's
+/// `key` (`want`): an error naming `model.weights`.
+pub fn check_width(file: &str, what: &str, got: usize, key: &str, want: usize) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(Error::config(
+        file,
+        "model.weights",
+        format!("{what} gives {got}-wide embeddings but the transformer's {key} is {want}"),
+    ))
+}

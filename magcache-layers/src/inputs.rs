@@ -94,17 +94,20 @@ pub fn drawn(cfg: &magcache_core::RunConfig, default: &[usize]) -> (u64, Vec<usi
     (seed, shape)
 }
 
-/// A prompted run's initial packed latents `[1, seq, channels]` (f32): `latents_init` of
-/// `[inputs] file`, its shape checked against the picture's `(height, width)`, or seeded noise
+/// A prompted run's initial packed latents `[1, seq, channels]` (f32) and their grid `(h2, w2)`
+/// (`seq = h2 * w2`: the picture's `(height, width)` through the VAE's `factor` and 2x2 packing):
+/// `latents_init` of `[inputs] file`, its shape checked against the picture's, or seeded noise
 /// (`inputs.seed`, else `model.seed`).
 pub fn packed_latents(
     cfg: &magcache_core::RunConfig,
     file: &str,
     base: &Path,
-    (seq, channels): (usize, usize),
-    (height, width): (usize, usize),
-) -> Result<Tensor> {
-    match &cfg.inputs.file {
+    channels: usize,
+    (height, width, factor): (usize, usize, usize),
+) -> Result<(Tensor, (usize, usize))> {
+    let grid = (height / (2 * factor), width / (2 * factor));
+    let seq = grid.0.saturating_mul(grid.1);
+    let latents = match &cfg.inputs.file {
         Some(path) => {
             let inp = InputFile::load(&crate::config_util::resolve(base, path))?;
             let l = inp.get("latents_init", 3, "[B, seq, C] packed latents")?;
@@ -118,13 +121,14 @@ pub fn packed_latents(
                     ),
                 ));
             }
-            Ok(l.to_dtype(candle_core::DType::F32)?)
+            l.to_dtype(candle_core::DType::F32)?
         }
         None => crate::random::randn_for(
             file,
             "inputs.height/width",
             cfg.inputs.seed.unwrap_or(cfg.model.seed),
             &[1, seq, channels],
-        ),
-    }
+        )?,
+    };
+    Ok((latents, grid))
 }

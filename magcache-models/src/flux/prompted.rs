@@ -9,6 +9,8 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxVae, FluxVaeConfig};
+use magcache_layers::config_util::check_width;
+use magcache_layers::inputs::packed_latents;
 use magcache_layers::stage::decode_stage;
 use magcache_layers::weights::warm;
 use magcache_text::flux::FluxTextEncoders;
@@ -172,37 +174,14 @@ pub fn inputs(
     p: &Prompted,
 ) -> Result<FluxInputs> {
     let (_, _, f) = image_size(cfg, file, &p.root)?;
-    let (h2, w2) = (p.height / (2 * f), p.width / (2 * f));
-    let seq = h2.saturating_mul(w2);
-    let latents = magcache_layers::inputs::packed_latents(
-        cfg,
-        file,
-        base,
-        (seq, c.in_channels),
-        (p.height, p.width),
-    )?;
+    let size = (p.height, p.width, f);
+    let (latents, (h2, w2)) = packed_latents(cfg, file, base, c.in_channels, size)?;
     let (l, d) = (p.prompt_embeds.dim(1)?, p.prompt_embeds.dim(2)?);
-    if d != c.joint_attention_dim {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            format!(
-                "the T5 encoder gives {d}-wide embeddings but the transformer's joint_attention_dim is {}",
-                c.joint_attention_dim
-            ),
-        ));
-    }
+    let joint = ("joint_attention_dim", c.joint_attention_dim);
+    check_width(file, "the T5 encoder", d, joint.0, joint.1)?;
     let pd = p.pooled_prompt_embeds.dim(1)?;
-    if pd != c.pooled_projection_dim {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            format!(
-                "CLIP gives {pd}-wide pooled embeddings but the transformer's pooled_projection_dim is {}",
-                c.pooled_projection_dim
-            ),
-        ));
-    }
+    let pooled = ("pooled_projection_dim", c.pooled_projection_dim);
+    check_width(file, "CLIP (pooled)", pd, pooled.0, pooled.1)?;
     FluxInputs {
         latents,
         ctx: p.prompt_embeds.clone(),

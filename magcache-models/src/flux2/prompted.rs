@@ -10,6 +10,8 @@ use candle_core::{Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::config_util::check_width;
+use magcache_layers::inputs::packed_latents;
 use magcache_layers::stage::decode_stage;
 use magcache_layers::weights::warm;
 use magcache_text::qwen3::Qwen3Config;
@@ -207,26 +209,11 @@ pub fn inputs(
     p: &Prompted,
 ) -> Result<Flux2Inputs> {
     let (_, _, f) = image_size(cfg, file, &p.root)?;
-    let (h2, w2) = (p.height / (2 * f), p.width / (2 * f));
-    let seq = h2.saturating_mul(w2);
-    let latents = magcache_layers::inputs::packed_latents(
-        cfg,
-        file,
-        base,
-        (seq, c.in_channels),
-        (p.height, p.width),
-    )?;
+    let size = (p.height, p.width, f);
+    let (latents, (h2, w2)) = packed_latents(cfg, file, base, c.in_channels, size)?;
     let (l, d) = (p.prompt_embeds.dim(1)?, p.prompt_embeds.dim(2)?);
-    if d != c.joint_attention_dim {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            format!(
-                "the text encoder gives {d}-wide embeddings (3 layers x hidden) but the transformer's joint_attention_dim is {}",
-                c.joint_attention_dim
-            ),
-        ));
-    }
+    let what = "the text encoder (3 layers x hidden)";
+    check_width(file, what, d, "joint_attention_dim", c.joint_attention_dim)?;
     if c.axes_dims_rope.len() != 4 {
         return Err(Error::config(
             file,

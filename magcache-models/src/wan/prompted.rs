@@ -284,16 +284,8 @@ pub fn inputs(
         )?,
     };
     let text_dim = p.prompt_embeds.dim(2)?;
-    if text_dim != c.text_dim {
-        return Err(Error::config(
-            file,
-            "model.weights",
-            format!(
-                "the text encoder gives {text_dim}-wide embeddings but the transformer's text_dim is {}",
-                c.text_dim
-            ),
-        ));
-    }
+    let what = "the text encoder";
+    magcache_layers::config_util::check_width(file, what, text_dim, "text_dim", c.text_dim)?;
     let (condition, first_frame) = match &p.image {
         Some(ImageCondition::Concat(t)) => (Some(t.clone()), None),
         Some(ImageCondition::FirstFrame(t)) => (None, Some(t.clone())),

@@ -67,6 +67,28 @@ impl InputFile {
         check_finite(&t, &self.path, name)?;
         Ok(t)
     }
+
+    /// [`InputFile::get`] of a tensor of shape `want` (`None`: any size there, shown as `_`).
+    pub fn get_shaped(&self, name: &str, what: &str, want: &[Option<usize>]) -> Result<Tensor> {
+        let t = self.get(name, want.len(), what)?;
+        let fits = t
+            .dims()
+            .iter()
+            .zip(want)
+            .all(|(d, w)| w.is_none_or(|w| w == *d));
+        if !fits {
+            let shown: Vec<String> = want
+                .iter()
+                .map(|w| w.map_or("_".to_string(), |w| w.to_string()))
+                .collect();
+            return Err(Error::inputs(
+                &self.path,
+                name,
+                format!("has shape {:?}; expected [{}]", t.dims(), shown.join(", ")),
+            ));
+        }
+        Ok(t)
+    }
 }
 
 /// Errors if the tensor holds NaN or Inf.

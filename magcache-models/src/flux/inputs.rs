@@ -52,6 +52,39 @@ pub fn image_ids(h: usize, w: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (h * w, 3), &Device::Cpu)?)
 }
 
+/// The inputs of an `[inputs] file`: `latents_init` (packed), `encoder_hidden_states`,
+/// `pooled_projections` and the position ids, each checked against the model's sizes.
+fn read_inputs(inp: &InputFile, c: &FluxConfig) -> Result<FluxInputs> {
+    let ch = Some(c.in_channels);
+    let what = format!("[B, seq, {}] packed latents", c.in_channels);
+    let lat = inp.get_shaped("latents_init", &what, &[None, None, ch])?;
+    let (b, seq, _) = lat.dims3()?;
+    let joint = c.joint_attention_dim;
+    let what = format!("[B, L, {joint}]");
+    let ctx = inp.get_shaped(
+        "encoder_hidden_states",
+        &what,
+        &[Some(b), None, Some(joint)],
+    )?;
+    let pooled_dim = c.pooled_projection_dim;
+    let what = format!("[B, {pooled_dim}]");
+    let pooled = inp.get_shaped("pooled_projections", &what, &[Some(b), Some(pooled_dim)])?;
+    let n_axes = c.axes_dims_rope.len();
+    let ids = |name: &str, n: usize| {
+        let what = format!("[{n}, {n_axes}] position ids");
+        inp.get_shaped(name, &what, &[Some(n), Some(n_axes)])
+    };
+    Ok(FluxInputs {
+        img_ids: ids("img_ids", seq)?,
+        txt_ids: ids("txt_ids", ctx.dim(1)?)?,
+        latents: lat,
+        ctx,
+        pooled,
+    })
+}
+
+/// Reads or draws the inputs of a FLUX.1 run (`[inputs] file`, or seeded random inputs of
+/// `latent_shape` and `text_len`).
 pub(super) fn build_inputs(
     cfg: &RunConfig,
     file: &str,
@@ -59,80 +92,7 @@ pub(super) fn build_inputs(
     c: &FluxConfig,
 ) -> Result<FluxInputs> {
     if let Some(f) = &cfg.inputs.file {
-        let inp = InputFile::load(&resolve(base, f))?;
-        let lat = inp.get(
-            "latents_init",
-            3,
-            &format!("[B, seq, {}] packed latents", c.in_channels),
-        )?;
-        let (b, seq, ch) = lat.dims3()?;
-        if ch != c.in_channels {
-            return Err(Error::inputs(
-                &inp.path,
-                "latents_init",
-                format!(
-                    "has shape {:?}; the model takes {} channels",
-                    lat.dims(),
-                    c.in_channels
-                ),
-            ));
-        }
-        let ctx = inp.get(
-            "encoder_hidden_states",
-            3,
-            &format!("[B, L, {}]", c.joint_attention_dim),
-        )?;
-        if ctx.dim(0)? != b || ctx.dim(2)? != c.joint_attention_dim {
-            return Err(Error::inputs(
-                &inp.path,
-                "encoder_hidden_states",
-                format!(
-                    "has shape {:?}; expected [{b}, L, {}]",
-                    ctx.dims(),
-                    c.joint_attention_dim
-                ),
-            ));
-        }
-        let pooled = inp.get(
-            "pooled_projections",
-            2,
-            &format!("[B, {}]", c.pooled_projection_dim),
-        )?;
-        if pooled.dims() != [b, c.pooled_projection_dim] {
-            return Err(Error::inputs(
-                &inp.path,
-                "pooled_projections",
-                format!(
-                    "has shape {:?}; expected [{b}, {}]",
-                    pooled.dims(),
-                    c.pooled_projection_dim
-                ),
-            ));
-        }
-        let n_axes = c.axes_dims_rope.len();
-        let ids = |name: &str, n: usize| -> Result<Tensor> {
-            let mut t = inp.get(name, 2, &format!("[{n}, {n_axes}] position ids"))?;
-            if t.rank() == 3 {
-                t = t.get(0)?;
-            }
-            if t.dims() != [n, n_axes] {
-                return Err(Error::inputs(
-                    &inp.path,
-                    name,
-                    format!("has shape {:?}; expected [{n}, {n_axes}]", t.dims()),
-                ));
-            }
-            Ok(t)
-        };
-        let img_ids = ids("img_ids", seq)?;
-        let txt_ids = ids("txt_ids", ctx.dim(1)?)?;
-        return Ok(FluxInputs {
-            latents: lat,
-            ctx,
-            pooled,
-            img_ids,
-            txt_ids,
-        });
+        return read_inputs(&InputFile::load(&resolve(base, f))?, c);
     }
     // Random inputs: latent_shape = [B, C, H, W] of unpacked latents (C * 4 = in_channels), packed 2x2.
     let (seed, shape) = magcache_layers::inputs::drawn(cfg, &[1, c.in_channels / 4, 64, 64]);

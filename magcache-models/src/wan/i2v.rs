@@ -237,6 +237,30 @@ pub fn read_image(keys: &WanKeys, file: &str, base: &Path) -> Result<Option<Rgb8
     }
 }
 
+/// CLIP vision `hidden_states[-2]` of the original picture (the folder's `image_processor/` and
+/// `image_encoder/`), the encoder freed before this returns.
+fn clip_embeds(
+    root: &Path,
+    img: &Rgb8,
+    placement: &Placement,
+    stages: &mut Vec<StageTime>,
+) -> Result<Tensor> {
+    let stage = Stage::begin("encode image (CLIP)");
+    let proc_path = root
+        .join("image_processor")
+        .join("preprocessor_config.json");
+    let processor = ClipImageProcessor::read(&proc_path)?;
+    let px = processor.pixel_values(img, &placement.device, &proc_path.display().to_string())?;
+    let enc = ClipVisionEncoder::load(&root.join("image_encoder"), placement)?;
+    let e = enc.hidden_states_penultimate(&px)?;
+    drop(enc);
+    let shown = root.join("image_encoder").display().to_string();
+    let what = format!("image_embeds (from {shown})");
+    magcache_layers::stage::check_stage(&e, "the image encoder", &what)?;
+    stages.push(stage.end());
+    Ok(e)
+}
+
 /// Runs the image stage: CLIP (when `clip_needed`) on the original picture, then the VAE encode of
 /// the picture resized to `width x height` (PIL LANCZOS when its size differs), in the `tiling`
 /// of `[vae]`.
@@ -279,28 +303,7 @@ pub fn encode_image(
     .check(file)?;
     let mut stages = Vec::new();
     let image_embeds = match &clip_cfg {
-        Some(_) => {
-            let stage = Stage::begin("encode image (CLIP)");
-            let proc_path = root
-                .join("image_processor")
-                .join("preprocessor_config.json");
-            let processor = ClipImageProcessor::read(&proc_path)?;
-            let px =
-                processor.pixel_values(img, &placement.device, &proc_path.display().to_string())?;
-            let enc = ClipVisionEncoder::load(&root.join("image_encoder"), placement)?;
-            let e = enc.hidden_states_penultimate(&px)?;
-            drop(enc);
-            magcache_layers::stage::check_stage(
-                &e,
-                "the image encoder",
-                &format!(
-                    "image_embeds (from {})",
-                    root.join("image_encoder").display()
-                ),
-            )?;
-            stages.push(stage.end());
-            Some(e)
-        }
+        Some(_) => Some(clip_embeds(root, img, placement, &mut stages)?),
         None => None,
     };
     let stage = Stage::begin("encode image (VAE)");

@@ -61,99 +61,8 @@ pub fn build_inputs(
         ..c.clone()
     };
     if let Some(f) = &cfg.inputs.file {
-        let inp = InputFile::load(&resolve(base, f))?;
-        let lat = inp.get(
-            "latents_init",
-            5,
-            &format!("[B, {}, F, H, W] latents", c.in_channels),
-        )?;
-        if let Some(msg) = latent_cfg.latent_shape_error(lat.dims()) {
-            return Err(Error::inputs(&inp.path, "latents_init", msg));
-        }
-        let ld = lat.dims().to_vec();
-        let text = |name: &str| -> Result<Tensor> {
-            let t = inp.get(name, 3, &format!("[B, L, {}] text embeddings", c.text_dim))?;
-            if t.dim(0)? != ld[0] || t.dim(2)? != c.text_dim {
-                return Err(Error::inputs(
-                    &inp.path,
-                    name,
-                    format!(
-                        "has shape {:?}; expected [{}, L, {}]",
-                        t.dims(),
-                        ld[0],
-                        c.text_dim
-                    ),
-                ));
-            }
-            Ok(t)
-        };
-        let cond = text("cond")?;
-        let uncond = if inp.has("uncond") {
-            Some(text("uncond")?)
-        } else {
-            None
-        };
-        if uncond.is_none() && cfg.sampling.guidance_scale.unwrap_or(5.0) > 1.0 {
-            return Err(Error::inputs(&inp.path, "uncond", "missing: classifier-free guidance (guidance_scale > 1) needs the unconditional embeddings"));
-        }
-        let condition = if extra > 0 {
-            let t = inp.get(
-                "condition",
-                5,
-                &format!("[B, {extra}, F, H, W] image condition (mask + image latents)"),
-            )?;
-            let want = [ld[0], extra, ld[2], ld[3], ld[4]];
-            if t.dims() != want {
-                return Err(Error::inputs(
-                    &inp.path,
-                    "condition",
-                    format!("has shape {:?}; expected {want:?}", t.dims()),
-                ));
-            }
-            Some(t)
-        } else {
-            None
-        };
-        let first_frame = if inp.has("image_latents") {
-            let t = inp.get(
-                "image_latents",
-                5,
-                "[B, C, 1, H, W] latents of the conditioning image",
-            )?;
-            let want = [ld[0], ld[1], 1, ld[3], ld[4]];
-            if t.dims() != want {
-                return Err(Error::inputs(
-                    &inp.path,
-                    "image_latents",
-                    format!("has shape {:?}; expected {want:?}", t.dims()),
-                ));
-            }
-            Some(t)
-        } else {
-            None
-        };
-        return Ok(WanInputs {
-            latents: lat,
-            cond,
-            uncond,
-            condition,
-            first_frame,
-            image: match c.image_dim {
-                Some(d) => {
-                    let t =
-                        inp.get("image_embeds", 3, &format!("[B, N, {d}] CLIP image tokens"))?;
-                    if t.dim(0)? != ld[0] || t.dim(2)? != d {
-                        return Err(Error::inputs(
-                            &inp.path,
-                            "image_embeds",
-                            format!("has shape {:?}; expected [{}, N, {d}]", t.dims(), ld[0]),
-                        ));
-                    }
-                    Some(t)
-                }
-                None => None,
-            },
-        });
+        let guided = cfg.sampling.guidance_scale.unwrap_or(5.0) > 1.0;
+        return read_inputs(&InputFile::load(&resolve(base, f))?, c, &latent_cfg, guided);
     }
     let (seed, shape) =
         magcache_layers::inputs::drawn(cfg, &[1, latent_cfg.in_channels, 3, 24, 40]);
@@ -209,6 +118,62 @@ pub fn build_inputs(
                 )
             })
             .transpose()?,
+    })
+}
+
+/// The inputs of an `[inputs] file`: `latents_init`, `cond` (and `uncond` when `guided`), and as
+/// the model takes them `condition` (image-conditioned experts), `image_latents` (TI2V) and
+/// `image_embeds` (image attention), each checked against the model's sizes.
+fn read_inputs(
+    inp: &InputFile,
+    c: &WanConfig,
+    latent_cfg: &WanConfig,
+    guided: bool,
+) -> Result<WanInputs> {
+    let what = format!("[B, {}, F, H, W] latents", c.in_channels);
+    let lat = inp.get("latents_init", 5, &what)?;
+    if let Some(msg) = latent_cfg.latent_shape_error(lat.dims()) {
+        return Err(Error::inputs(&inp.path, "latents_init", msg));
+    }
+    let ld: Vec<Option<usize>> = lat.dims().iter().map(|&d| Some(d)).collect();
+    let (b, text_dim) = (ld[0], Some(c.text_dim));
+    let text = |name: &str| {
+        let what = format!("[B, L, {}] text embeddings", c.text_dim);
+        inp.get_shaped(name, &what, &[b, None, text_dim])
+    };
+    let cond = text("cond")?;
+    let uncond = inp.has("uncond").then(|| text("uncond")).transpose()?;
+    if uncond.is_none() && guided {
+        return Err(Error::inputs(&inp.path, "uncond", "missing: classifier-free guidance (guidance_scale > 1) needs the unconditional embeddings"));
+    }
+    let extra = c.in_channels.saturating_sub(c.out_channels);
+    let condition = (extra > 0)
+        .then(|| {
+            let what = format!("[B, {extra}, F, H, W] image condition (mask + image latents)");
+            inp.get_shaped("condition", &what, &[b, Some(extra), ld[2], ld[3], ld[4]])
+        })
+        .transpose()?;
+    let first_frame = inp
+        .has("image_latents")
+        .then(|| {
+            let what = "[B, C, 1, H, W] latents of the conditioning image";
+            inp.get_shaped("image_latents", what, &[b, ld[1], Some(1), ld[3], ld[4]])
+        })
+        .transpose()?;
+    let image = c
+        .image_dim
+        .map(|d| {
+            let what = format!("[B, N, {d}] CLIP image tokens");
+            inp.get_shaped("image_embeds", &what, &[b, None, Some(d)])
+        })
+        .transpose()?;
+    Ok(WanInputs {
+        latents: lat,
+        cond,
+        uncond,
+        condition,
+        first_frame,
+        image,
     })
 }
 

@@ -189,24 +189,16 @@ pub fn encode(
     })
 }
 
-/// The inputs of a prompted run: `latents_init` from `[inputs] file` or seeded random latents of the
-/// size `height x width x num_frames` gives through the VAE's scale factors, checked against the
-/// transformer; the encoded prompts as conditioning.
-pub fn inputs(
+/// The latents' shape `[1, z_dim, F, h, w]` of a prompted run's video (height, width and frames,
+/// the pipeline's defaults where absent) through the VAE's factors; the sizes checked against the
+/// VAE's and the transformer's grids.
+fn latent_shape(
     (cfg, keys, file): (&RunConfig, &WanKeys, &str),
-    base: &Path,
-    model: &WanModel,
-    p: &Prompted,
-) -> Result<WanInputs> {
-    let vae_cfg = WanVaeConfig::read(&p.root.join("vae").join("config.json"))?;
-    let c = &model.cfg;
+    c: &super::config::WanConfig,
+    vae_cfg: &WanVaeConfig,
+) -> Result<([usize; 5], (usize, usize, usize))> {
     let (ss, ts) = (vae_cfg.spatial_scale(), vae_cfg.temporal_scale());
-    let height = cfg.inputs.height.unwrap_or(super::keys::DEFAULT_HEIGHT);
-    let width = cfg.inputs.width.unwrap_or(super::keys::DEFAULT_WIDTH);
-    let frames = keys
-        .inputs
-        .num_frames
-        .unwrap_or(super::keys::DEFAULT_FRAMES);
+    let (height, width, frames) = super::i2v::video_size(cfg, keys);
     let unit = ss.saturating_mul(c.patch_size[1].max(c.patch_size[2]));
     for (key, v) in [("inputs.height", height), ("inputs.width", width)] {
         if unit == 0 || v % unit != 0 {
@@ -224,34 +216,57 @@ pub fn inputs(
             format!("{frames} must be 1 + {ts}k (the VAE compresses {ts} frames into one latent frame after the first)"),
         ));
     }
-    let shape = [
-        1,
-        vae_cfg.z_dim,
-        (frames - 1) / ts + 1,
-        height / ss,
-        width / ss,
-    ];
+    let lat_frames = (frames - 1) / ts + 1;
+    let shape = [1, vae_cfg.z_dim, lat_frames, height / ss, width / ss];
+    Ok((shape, (height, width, frames)))
+}
+
+/// The VAE's latent channels against the transformer's in/out channels (`extra`: the image
+/// condition's channels of an image-to-video run).
+fn check_channels(
+    file: &str,
+    c: &super::config::WanConfig,
+    z_dim: usize,
+    extra: usize,
+) -> Result<()> {
+    if z_dim == c.out_channels && c.in_channels == c.out_channels + extra {
+        return Ok(());
+    }
+    let what = if extra > 0 {
+        format!("image-to-video needs in = out + {extra} (the mask and image latent channels)")
+    } else if c.in_channels > c.out_channels {
+        "this transformer takes image-conditioned input (in > out channels): give `[inputs] image`"
+            .to_string()
+    } else {
+        "text-to-video needs them equal".to_string()
+    };
+    Err(Error::config(
+        file,
+        "model.weights",
+        format!(
+            "the VAE's z_dim {z_dim} does not match the transformer's in/out channels {}/{} ({what})",
+            c.in_channels, c.out_channels
+        ),
+    ))
+}
+
+/// The inputs of a prompted run: `latents_init` from `[inputs] file` or seeded random latents of the
+/// size `height x width x num_frames` gives through the VAE's scale factors, checked against the
+/// transformer; the encoded prompts as conditioning.
+pub fn inputs(
+    (cfg, keys, file): (&RunConfig, &WanKeys, &str),
+    base: &Path,
+    model: &WanModel,
+    p: &Prompted,
+) -> Result<WanInputs> {
+    let vae_cfg = WanVaeConfig::read(&p.root.join("vae").join("config.json"))?;
+    let c = &model.cfg;
+    let (shape, (height, width, frames)) = latent_shape((cfg, keys, file), c, &vae_cfg)?;
     let extra = match &p.image {
         Some(ImageCondition::Concat(t)) => t.dim(1)?,
         _ => 0,
     };
-    if vae_cfg.z_dim != c.out_channels || c.in_channels != c.out_channels + extra {
-        let what = if extra > 0 {
-            format!("image-to-video needs in = out + {extra} (the mask and image latent channels)")
-        } else if c.in_channels > c.out_channels {
-            "this transformer takes image-conditioned input (in > out channels): give `[inputs] image`".to_string()
-        } else {
-            "text-to-video needs them equal".to_string()
-        };
-        return Err(Error::config(
-            file,
-            "model.weights",
-            format!(
-                "the VAE's z_dim {} does not match the transformer's in/out channels {}/{} ({what})",
-                vae_cfg.z_dim, c.in_channels, c.out_channels
-            ),
-        ));
-    }
+    check_channels(file, c, vae_cfg.z_dim, extra)?;
     if model.takes_image() != p.image_embeds.is_some() {
         return Err(Error::config(
             file,

@@ -38,6 +38,7 @@ pub mod ratios;
 pub mod residual;
 pub mod schedule;
 pub mod seacache;
+pub mod search;
 pub mod spectrum;
 pub mod teacache;
 

@@ -19,18 +19,16 @@
 //! shows the chosen schedule. Decisions do not depend on the data.
 
 use crate::engine::{Cached, Call, Rule, SharedKeys, Wish};
-use crate::residual::{Estimator, EstimatorAxis};
 use magcache_core::runtime::registry::StrategyRegistration;
 use magcache_core::{
     Branch, BuildEnv, Error, GenerationPlan, Result, ScopePlan, StrategyConfig, TimestepCache,
 };
-use std::collections::{BTreeMap, HashMap};
-
-/// Longest gap between two computed calls the calibration measures (at most `MAX_GAP - 1` reused
-/// calls in a row in a searched schedule).
-pub const MAX_GAP: usize = 8;
+use std::collections::BTreeMap;
 
 pub use crate::profile::ForecastErrors;
+pub use crate::search::{
+    search, search_joint, search_joint_within, search_model, ErrorModel, MAX_GAP,
+};
 
 crate::strategy_config! {
     /// `[cache] strategy = "schedule"`.
@@ -150,396 +148,6 @@ enum Source {
     },
 }
 
-/// How the search prices a skipped call: the forecast error of call `k` from the computed calls
-/// before it, as measured on the dense calibration run.
-///
-/// `reuse` and `taylor1` in step index read the profile's relative L1 tables (`reuse`, `taylor1`),
-/// as schedules were searched before estimators in sigma; every other estimator and axis is priced
-/// by the relative L2 error `||sum_j w_j r_j - r_k|| / ||r_k||` of its forecast, the weights `w_j`
-/// being the estimator's Lagrange weights in its coordinate, computed from the profile's Gram matrix
-/// of the residuals (`gram`). A profile without `gram` prices `taylor2` in step index by the order-1
-/// table (its behaviour before) and cannot price the others.
-#[derive(Clone, Debug)]
-pub struct ErrorModel {
-    estimator: Estimator,
-    kind: ModelKind,
-}
-
-#[derive(Clone, Debug)]
-enum ModelKind {
-    Tables {
-        reuse: HashMap<(usize, usize), f64>,
-        taylor1: HashMap<(usize, usize, usize), f64>,
-    },
-    Gram {
-        dots: HashMap<(usize, usize), f64>,
-        coords: Vec<f64>,
-        /// What call `k`'s error is relative to: `||r_k||^2` (absent: `dots[(k, k)]`).
-        norms: Option<HashMap<usize, f64>>,
-    },
-}
-
-impl ErrorModel {
-    /// The model of `estimator` on `axis` (`sigmas`: the scope's sigma of every call, for the sigma
-    /// axis); an error message naming the missing table.
-    pub fn new(
-        errors: &ForecastErrors,
-        estimator: Estimator,
-        axis: EstimatorAxis,
-        sigmas: &[f64],
-        n: usize,
-    ) -> std::result::Result<ErrorModel, String> {
-        let legacy = axis == EstimatorAxis::Step
-            && (matches!(estimator, Estimator::Reuse | Estimator::Taylor1)
-                || (estimator == Estimator::Taylor2 && errors.gram.is_empty()));
-        let kind = if legacy {
-            ModelKind::Tables {
-                reuse: errors
-                    .reuse
-                    .iter()
-                    .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
-                    .collect(),
-                taylor1: errors
-                    .taylor1
-                    .iter()
-                    .map(|r| ((r[0] as usize, r[1] as usize, r[2] as usize), r[3]))
-                    .collect(),
-            }
-        } else {
-            if errors.gram.is_empty() {
-                return Err(format!(
-                    "the profile has no `gram` table, needed to search for estimator = \"{}\" with estimator_axis = \"{}\" (written by an older `magcache calibrate`): calibrate again",
-                    estimator.as_str(),
-                    axis.as_str()
-                ));
-            }
-            let coords = match axis {
-                EstimatorAxis::Step => (0..n).map(|k| k as f64).collect(),
-                EstimatorAxis::Sigma => {
-                    if sigmas.len() < n {
-                        return Err(format!(
-                            "estimator_axis = \"sigma\" needs the sigma of each of the scope's {n} calls; the plan gives {}",
-                            sigmas.len()
-                        ));
-                    }
-                    sigmas[..n].to_vec()
-                }
-            };
-            ModelKind::Gram {
-                dots: errors
-                    .gram
-                    .iter()
-                    .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
-                    .collect(),
-                coords,
-                norms: None,
-            }
-        };
-        Ok(ErrorModel { estimator, kind })
-    }
-
-    /// The model of the guided combination of a CFG step, `uncond + g (cond - uncond)`: both
-    /// branches forecast with the same estimator from the same calls, so the error the guidance
-    /// passes on is the forecast error of `d_k = g c_k - (g - 1) u_k` (`c`, `u`: the branches'
-    /// residuals), whose dot products come from both branches' Gram tables and their cross
-    /// products (`cross`):
-    /// `<d_i, d_k> = g^2 <c_i, c_k> + (g - 1)^2 <u_i, u_k> - g (g - 1) (<c_i, u_k> + <u_i, c_k>)`.
-    /// The error is relative to the cond residual's norm
-    /// (at `g = 1` it is the cond branch's own error). Where the branches' forecast errors point the
-    /// same way they cancel in the guided difference; where they do not, they add up to `2g - 1`
-    /// times one branch's.
-    pub fn guided(
-        cond: &ForecastErrors,
-        uncond: &ForecastErrors,
-        g: f64,
-        estimator: Estimator,
-        axis: EstimatorAxis,
-        sigmas: &[f64],
-        n: usize,
-    ) -> std::result::Result<ErrorModel, String> {
-        if cond.cross.is_empty() || uncond.cross.is_empty() {
-            return Err("the profile has no `cross` tables (written by an older `magcache calibrate`): calibrate again".into());
-        }
-        let ErrorModel {
-            kind: ModelKind::Gram { coords, .. },
-            ..
-        } = ErrorModel::new(cond, Estimator::Taylor2, axis, sigmas, n)?
-        else {
-            return Err("the profile has no `gram` table: calibrate again".into());
-        };
-        let table = |t: &[[f64; 3]]| -> HashMap<(usize, usize), f64> {
-            t.iter()
-                .map(|r| ((r[0] as usize, r[1] as usize), r[2]))
-                .collect()
-        };
-        let (cc, uu) = (table(&cond.gram), table(&uncond.gram));
-        // x[(a, b)] = <c_a, u_b>: uncond's table has <c_i, u_k>, cond's <u_i, c_k>.
-        let mut x = table(&uncond.cross);
-        x.extend(
-            cond.cross
-                .iter()
-                .map(|r| ((r[1] as usize, r[0] as usize), r[2])),
-        );
-        let mut dots = HashMap::new();
-        let mut norms = HashMap::new();
-        for (&(i, k), &c) in &cc {
-            if i == k {
-                norms.insert(k, c);
-            }
-            let (Some(u), Some(a), Some(b)) = (uu.get(&(i, k)), x.get(&(i, k)), x.get(&(k, i)))
-            else {
-                continue;
-            };
-            dots.insert(
-                (i, k),
-                g * g * c + (g - 1.0) * (g - 1.0) * u - g * (g - 1.0) * (a + b),
-            );
-        }
-        Ok(ErrorModel {
-            estimator,
-            kind: ModelKind::Gram {
-                dots,
-                coords,
-                norms: Some(norms),
-            },
-        })
-    }
-
-    /// True when the profile's relative L1 tables price it (`reuse` and `taylor1` in step index).
-    pub fn is_tables(&self) -> bool {
-        matches!(self.kind, ModelKind::Tables { .. })
-    }
-
-    /// How many computed calls the forecast reads (1 to 3).
-    fn memory(&self) -> usize {
-        self.estimator.order() + 1
-    }
-
-    /// The error of call `k` forecast from the computed calls `hist` (oldest first, the newest
-    /// `memory()` used); `None` when the profile did not measure it.
-    pub fn error(&self, hist: &[usize], k: usize) -> Option<f64> {
-        let hist = &hist[hist.len().saturating_sub(self.memory())..];
-        match &self.kind {
-            ModelKind::Tables { reuse, taylor1 } => match hist {
-                [.., h, i] if self.estimator != Estimator::Reuse => {
-                    taylor1.get(&(*h, *i, k)).copied()
-                }
-                [.., i] => reuse.get(&(*i, k)).copied(),
-                [] => None,
-            },
-            ModelKind::Gram {
-                dots,
-                coords,
-                norms,
-            } => {
-                let dot = |a: usize, b: usize| dots.get(&(a.min(b), a.max(b))).copied();
-                let at = *coords.get(k)?;
-                let pts: Vec<f64> = hist
-                    .iter()
-                    .map(|&i| coords.get(i).copied())
-                    .collect::<Option<_>>()?;
-                let mut w = vec![0.0; hist.len()];
-                let lagrange = |w: &mut [f64], from: usize, share: f64| {
-                    for j in from..pts.len() {
-                        let mut l = 1.0;
-                        for m in from..pts.len() {
-                            if m != j {
-                                l *= (at - pts[m]) / (pts[j] - pts[m]);
-                            }
-                        }
-                        w[j] += share * l;
-                    }
-                };
-                if self.estimator == Estimator::Foca && hist.len() == 3 {
-                    lagrange(&mut w, 1, 0.5);
-                    lagrange(&mut w, 0, 0.5);
-                } else {
-                    lagrange(&mut w, 0, 1.0);
-                }
-                // ||sum_j w_j r_j - r_k||^2 from the dot products.
-                let mut idx: Vec<(usize, f64)> = hist.iter().copied().zip(w).collect();
-                idx.push((k, -1.0));
-                let mut sq = 0.0;
-                for &(a, wa) in &idx {
-                    for &(b, wb) in &idx {
-                        sq += wa * wb * dot(a, b)?;
-                    }
-                }
-                let norm = match norms {
-                    Some(n) => *n.get(&k)?,
-                    None => dot(k, k)?,
-                };
-                if !sq.is_finite() {
-                    return None;
-                }
-                Some(if norm > 0.0 {
-                    (sq.max(0.0) / norm).sqrt()
-                } else {
-                    0.0
-                })
-            }
-        }
-    }
-}
-
-/// The calls to compute among `n` for a budget of `budget`, minimising the summed forecast error of
-/// the skipped calls under `estimator` in step index (the relative L1 tables; see [`ErrorModel`]),
-/// call `k`'s error weighted by `weights[k]` (missing: 1); `None` when no schedule within the
-/// measured gaps exists.
-pub fn search(
-    errors: &ForecastErrors,
-    n: usize,
-    budget: usize,
-    estimator: Estimator,
-    weights: &[f64],
-) -> Option<Vec<usize>> {
-    let model = ErrorModel::new(errors, estimator, EstimatorAxis::Step, &[], n).ok()?;
-    search_model(&model, n, budget, weights).map(|(s, _)| s)
-}
-
-/// As [`search`], for any [`ErrorModel`]; returns the schedule and the predicted (weighted-out)
-/// error of every call (0 for computed calls).
-pub fn search_model(
-    model: &ErrorModel,
-    n: usize,
-    budget: usize,
-    weights: &[f64],
-) -> Option<(Vec<usize>, Vec<f64>)> {
-    let (steps, mut errors) = search_joint(std::slice::from_ref(model), n, budget, weights)?;
-    Some((steps, errors.pop().unwrap_or_default()))
-}
-
-/// As [`search_model`], one schedule for several scopes (the branches of an expert, whose calls
-/// are the same steps), minimising the sum of their weighted errors; returns the schedule and each
-/// model's predicted error of every call.
-///
-/// The branches of a CFG step must share their schedule: a step where one branch computes while
-/// the other forecasts puts the forecast's whole error into the guided difference `cond - uncond`
-/// (times the guidance scale), where two forecasts of the same kind largely cancel (on the digits
-/// model, 20.5 dB against 33.0 dB for the same calls at 4x, foca in sigma).
-pub fn search_joint(
-    models: &[ErrorModel],
-    n: usize,
-    budget: usize,
-    weights: &[f64],
-) -> Option<(Vec<usize>, Vec<Vec<f64>>)> {
-    search_joint_within(models, n, budget, weights, None)
-}
-
-/// As [`search_joint`], with at most `longest` reused calls in a row (the `max_consecutive`
-/// guard; `None`: what the calibration measured, `MAX_GAP - 1` between computed calls). The priced error of a long gap
-/// misses how its errors grow along the trajectory: on the digits model at guidance 4 every
-/// unconstrained search opens with the longest gap allowed (`[0, 8, ...]`) and loses 2-7 dB
-/// against schedules with shorter gaps (docs/quality.md).
-pub fn search_joint_within(
-    models: &[ErrorModel],
-    n: usize,
-    budget: usize,
-    weights: &[f64],
-    longest: Option<usize>,
-) -> Option<(Vec<usize>, Vec<Vec<f64>>)> {
-    // Between computed calls, and after the last (whose errors the tables bound by themselves).
-    let (inner, tail) = match longest {
-        Some(l) => (l.min(MAX_GAP - 1), l),
-        None => (MAX_GAP - 1, n),
-    };
-    if n == 0 || models.is_empty() {
-        return Some((Vec::new(), vec![Vec::new(); models.len()]));
-    }
-    let budget = budget.clamp(1, n);
-    let keep = models.iter().map(ErrorModel::memory).max().unwrap_or(1) - 1;
-    let error =
-        |hist: &[usize], k: usize| -> Option<f64> { models.iter().map(|m| m.error(hist, k)).sum() };
-    // Errors of the calls strictly between computed `i` and `j` (`j = n`: the calls after the
-    // last), forecast from the computed calls `prev` (oldest first) and `i`.
-    let gap = |prev: [Option<usize>; 2], i: usize, j: usize| -> Option<Vec<f64>> {
-        let hist: Vec<usize> = prev.iter().flatten().copied().chain([i]).collect();
-        (i + 1..j).map(|k| error(&hist, k)).collect()
-    };
-    let cost = |errs: &[f64], i: usize| -> f64 {
-        errs.iter()
-            .enumerate()
-            .map(|(d, e)| e * weights.get(i + 1 + d).copied().unwrap_or(1.0))
-            .sum()
-    };
-    // layers[i][(prev, used)] = (least cost of calls 0..=i with `used` computed, the last computed
-    // ones before `i` being `prev`; the state it came from). Ordered, so that among schedules of
-    // equal cost the same one is found every time.
-    type Key = ([Option<usize>; 2], usize);
-    type Layer = BTreeMap<Key, (f64, Option<(usize, Key)>)>;
-    let mut layers: Vec<Layer> = vec![BTreeMap::new(); n];
-    layers[0].insert(([None, None], 1), (0.0, None));
-    for i in 0..n {
-        let here: Vec<(Key, f64)> = layers[i].iter().map(|(k, v)| (*k, v.0)).collect();
-        for ((prev, used), c0) in here {
-            if used == budget {
-                continue;
-            }
-            #[allow(clippy::needless_range_loop)] // `j` is a call index as well as a layer
-            for j in i + 1..(i + inner + 2).min(n) {
-                let Some(errs) = gap(prev, i, j) else {
-                    continue;
-                };
-                let next_prev = match keep {
-                    0 => [None, None],
-                    1 => [None, Some(i)],
-                    _ => [prev[1], Some(i)],
-                };
-                let total = c0 + cost(&errs, i);
-                let slot = layers[j].entry((next_prev, used + 1));
-                match slot {
-                    std::collections::btree_map::Entry::Occupied(mut o) => {
-                        if total < o.get().0 {
-                            o.insert((total, Some((i, (prev, used)))));
-                        }
-                    }
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert((total, Some((i, (prev, used)))));
-                    }
-                }
-            }
-        }
-    }
-    let mut end: Option<(usize, Key, f64)> = None;
-    for (i, layer) in layers.iter().enumerate() {
-        for (key, (c, _)) in layer {
-            if key.1 != budget || n - i - 1 > tail {
-                continue;
-            }
-            let Some(errs) = gap(key.0, i, n) else {
-                continue;
-            };
-            let total = c + cost(&errs, i);
-            if end.as_ref().is_none_or(|e| total < e.2) {
-                end = Some((i, *key, total));
-            }
-        }
-    }
-    let (i_end, key_end, _) = end?;
-    let mut steps = Vec::new();
-    let mut cur = Some((i_end, key_end));
-    while let Some((i, key)) = cur {
-        steps.push(i);
-        cur = layers[i].get(&key).and_then(|v| v.1);
-    }
-    steps.reverse();
-    let per_model = models
-        .iter()
-        .map(|model| {
-            let mut errors = vec![0.0; n];
-            for (a, &i) in steps.iter().enumerate() {
-                let j = steps.get(a + 1).copied().unwrap_or(n);
-                let hist: Vec<usize> = steps[a.saturating_sub(keep)..=a].to_vec();
-                for (k, e) in errors.iter_mut().enumerate().take(j).skip(i + 1) {
-                    *e = model.error(&hist, k).unwrap_or(f64::NAN);
-                }
-            }
-            errors
-        })
-        .collect();
-    Some((steps, per_model))
-}
-
 /// The schedule's rule: the calls of each scope that compute, fixed before the run.
 pub struct ScheduleRule {
     cfg: ScheduleConfig,
@@ -569,9 +177,8 @@ impl ScheduleRule {
         sp: &ScopePlan,
         plan: &GenerationPlan,
     ) -> Result<Vec<(bool, Option<f64>)>> {
-        let (key, steps, n_plan) = (sp.key, sp.steps, plan.experts().len());
-        let mut predicted: Option<Vec<f64>> = None;
-        let list = match &self.source {
+        let (key, steps) = (sp.key, sp.steps);
+        let (list, predicted) = match &self.source {
             Source::Fixed(s) => {
                 if let Some(bad) = s.iter().find(|&&i| i >= steps) {
                     return Err(Error::config(
@@ -580,136 +187,11 @@ impl ScheduleRule {
                         format!("call {bad} is beyond scope {key}, which runs {steps} calls (0..{steps})"),
                     ));
                 }
-                s.clone()
+                (s.clone(), None)
             }
-            Source::Searched {
-                file,
-                n_experts,
-                guidance,
-                tables,
-            } => {
-                let name = crate::profile::expert_name(key.expert, (*n_experts).max(n_plan));
-                let budget = self.cfg.budget.unwrap_or(steps);
-                if budget > steps {
-                    return Err(Error::config(
-                        "[cache]",
-                        "cache.budget",
-                        format!("{budget} computed calls is more than scope {key} runs ({steps} calls): a budget can be at most the calls (then every call computes); give budget <= {steps}"),
-                    ));
-                }
-                // The sigma interval of each of the scope's steps over the whole generation.
-                let mut all = vec![0.0; plan.total_steps + 1];
-                for s in &plan.scopes {
-                    for (&i, &sg) in s.step_indices.iter().zip(&s.sigmas) {
-                        if let Some(x) = all.get_mut(i) {
-                            *x = sg;
-                        }
-                    }
-                }
-                let weights: Vec<f64> = sp
-                    .step_indices
-                    .iter()
-                    .map(|&i| {
-                        (all.get(i).copied().unwrap_or(0.0)
-                            - all.get(i + 1).copied().unwrap_or(0.0))
-                        .abs()
-                    })
-                    .collect();
-                // One schedule for every branch of the expert running the same steps (CFG).
-                let siblings: Vec<&ScopePlan> = plan
-                    .scopes
-                    .iter()
-                    .filter(|o| o.key.expert == key.expert && o.step_indices == sp.step_indices)
-                    .collect();
-                let mut models = Vec::with_capacity(siblings.len());
-                let mut own = 0;
-                let mut siblings_tables: Vec<(Branch, &ForecastErrors)> = Vec::new();
-                let mut siblings_sigmas: Vec<&[f64]> = Vec::new();
-                for o in siblings {
-                    let table = format!("forecast_errors.{name}.{}", o.key.branch);
-                    let t = tables
-                        .get(name)
-                        .and_then(|b| b.get(o.key.branch.as_str()))
-                        .ok_or_else(|| {
-                            Error::config(
-                                file,
-                                table.clone(),
-                                format!("missing: this run has scope {}", o.key),
-                            )
-                        })?;
-                    let measured = t.reuse.iter().map(|r| r[1] as usize + 1).max().unwrap_or(0);
-                    if measured != steps {
-                        return Err(Error::config(
-                            file,
-                            "meta.steps",
-                            format!("the profile's scope {} was calibrated over {measured} calls, this run gives it {steps}: a schedule is chosen per step count, calibrate at this step count", o.key),
-                        ));
-                    }
-                    let model = ErrorModel::new(
-                        t,
-                        self.cfg.estimator,
-                        self.cfg.estimator_axis,
-                        &o.sigmas,
-                        steps,
-                    )
-                    .map_err(|m| Error::config(file, table, m))?;
-                    if o.key == key {
-                        own = models.len();
-                    }
-                    models.push(model);
-                    siblings_tables.push((o.key.branch, t));
-                    siblings_sigmas.push(&o.sigmas);
-                }
-                // With CFG and a profile that measured the branches' cross products, one model of
-                // the guided combination stands for both branches, for the estimators priced by
-                // the Gram tables; `reuse` and `taylor1` in step index keep their L1 tables (priced
-                // by the guided L2 error, the digits model's searched 2.5x `taylor1` schedule lost
-                // 3.6 dB: 41.1 against 37.4).
-                let guided = match (guidance, &siblings_tables[..]) {
-                    (Some(g), [(bc, tc), (bu, tu)])
-                        if *g > 1.0
-                            && !models.iter().any(ErrorModel::is_tables)
-                            && *bc == Branch::Cond
-                            && *bu == Branch::Uncond
-                            && !tc.cross.is_empty()
-                            && !tu.cross.is_empty() =>
-                    {
-                        let sigmas = &siblings_sigmas[0];
-                        Some(
-                            ErrorModel::guided(
-                                tc,
-                                tu,
-                                *g,
-                                self.cfg.estimator,
-                                self.cfg.estimator_axis,
-                                sigmas,
-                                steps,
-                            )
-                            .map_err(|m| {
-                                Error::config(file, format!("forecast_errors.{name}"), m)
-                            })?,
-                        )
-                    }
-                    _ => None,
-                };
-                if let Some(m) = guided {
-                    models = vec![m];
-                    own = 0;
-                }
-                let longest = self.cfg.max_consecutive;
-                let (list, mut errors) =
-                    search_joint_within(&models, steps, budget, &weights, longest).ok_or_else(
-                        || {
-                            Error::config(
-                                file,
-                                "forecast_errors",
-                                format!("no schedule of {budget} computed calls out of {steps} reuses at most {} calls in a row (`max_consecutive`, or the {} the calibration measures): raise `budget`", longest.unwrap_or(MAX_GAP - 1).min(MAX_GAP - 1), MAX_GAP - 1),
-                            )
-                        },
-                    )?;
-                let errors = errors.swap_remove(own);
-                predicted = Some(errors);
-                list
+            Source::Searched { .. } => {
+                let (list, errors) = self.searched(sp, plan)?;
+                (list, Some(errors))
             }
         };
         let mut v: Vec<(bool, Option<f64>)> = vec![(false, None); steps];
@@ -725,6 +207,143 @@ impl ScheduleRule {
         }
         Ok(v)
     }
+
+    /// The searched schedule of scope `sp` within the budget (its computed calls) and the
+    /// predicted error of each of its calls were it reused.
+    fn searched(&self, sp: &ScopePlan, plan: &GenerationPlan) -> Result<(Vec<usize>, Vec<f64>)> {
+        let Source::Searched {
+            file,
+            n_experts,
+            guidance,
+            tables,
+        } = &self.source
+        else {
+            return Err(Error::msg("internal: a fixed schedule searched"));
+        };
+        let (key, steps) = (sp.key, sp.steps);
+        let name = crate::profile::expert_name(key.expert, (*n_experts).max(plan.experts().len()));
+        let budget = self.cfg.budget.unwrap_or(steps);
+        if budget > steps {
+            return Err(Error::config(
+                "[cache]",
+                "cache.budget",
+                format!("{budget} computed calls is more than scope {key} runs ({steps} calls): a budget can be at most the calls (then every call computes); give budget <= {steps}"),
+            ));
+        }
+        let weights = step_weights(sp, plan);
+        let branches = tables.get(name);
+        let (mut models, mut own, siblings) =
+            self.sibling_models(sp, plan, file, name, branches)?;
+        if let Some(m) = self.guided_model(*guidance, &siblings, &models, file, name, steps)? {
+            models = vec![m];
+            own = 0;
+        }
+        let longest = self.cfg.max_consecutive;
+        let (list, mut errors) = search_joint_within(&models, steps, budget, &weights, longest)
+            .ok_or_else(|| {
+                Error::config(
+                    file,
+                    "forecast_errors",
+                    format!("no schedule of {budget} computed calls out of {steps} reuses at most {} calls in a row (`max_consecutive`, or the {} the calibration measures): raise `budget`", longest.unwrap_or(MAX_GAP - 1).min(MAX_GAP - 1), MAX_GAP - 1),
+                )
+            })?;
+        Ok((list, errors.swap_remove(own)))
+    }
+
+    /// One error model for each branch of the expert running the same steps as `sp` (CFG: one
+    /// schedule for both), which of them is `sp`'s, and each one's tables and sigmas.
+    #[allow(clippy::type_complexity)]
+    fn sibling_models<'a>(
+        &self,
+        sp: &ScopePlan,
+        plan: &'a GenerationPlan,
+        file: &str,
+        name: &str,
+        branches: Option<&'a BTreeMap<String, ForecastErrors>>,
+    ) -> Result<(
+        Vec<ErrorModel>,
+        usize,
+        Vec<(Branch, &'a ForecastErrors, &'a [f64])>,
+    )> {
+        let (key, steps) = (sp.key, sp.steps);
+        let (mut models, mut own, mut siblings) = (Vec::new(), 0, Vec::new());
+        let same = |o: &&ScopePlan| o.key.expert == key.expert && o.step_indices == sp.step_indices;
+        for o in plan.scopes.iter().filter(same) {
+            let table = format!("forecast_errors.{name}.{}", o.key.branch);
+            let t = branches
+                .and_then(|b| b.get(o.key.branch.as_str()))
+                .ok_or_else(|| {
+                    let why = format!("missing: this run has scope {}", o.key);
+                    Error::config(file, table.clone(), why)
+                })?;
+            let measured = t.reuse.iter().map(|r| r[1] as usize + 1).max().unwrap_or(0);
+            if measured != steps {
+                return Err(Error::config(
+                    file,
+                    "meta.steps",
+                    format!("the profile's scope {} was calibrated over {measured} calls, this run gives it {steps}: a schedule is chosen per step count, calibrate at this step count", o.key),
+                ));
+            }
+            let (estimator, axis) = (self.cfg.estimator, self.cfg.estimator_axis);
+            let model = ErrorModel::new(t, estimator, axis, &o.sigmas, steps)
+                .map_err(|m| Error::config(file, table, m))?;
+            if o.key == key {
+                own = models.len();
+            }
+            models.push(model);
+            siblings.push((o.key.branch, t, o.sigmas.as_slice()));
+        }
+        Ok((models, own, siblings))
+    }
+
+    /// With CFG and a profile that measured the branches' cross products, one model of the guided
+    /// combination stands for both branches, for the estimators priced by the Gram tables; `reuse`
+    /// and `taylor1` in step index keep their L1 tables (priced by the guided L2 error, the digits
+    /// model's searched 2.5x `taylor1` schedule lost 3.6 dB: 41.1 against 37.4).
+    fn guided_model(
+        &self,
+        guidance: Option<f64>,
+        siblings: &[(Branch, &ForecastErrors, &[f64])],
+        models: &[ErrorModel],
+        file: &str,
+        name: &str,
+        steps: usize,
+    ) -> Result<Option<ErrorModel>> {
+        let (Some(g), [(Branch::Cond, tc, sigmas), (Branch::Uncond, tu, _)]) = (guidance, siblings)
+        else {
+            return Ok(None);
+        };
+        if g <= 1.0
+            || models.iter().any(ErrorModel::is_tables)
+            || tc.cross.is_empty()
+            || tu.cross.is_empty()
+        {
+            return Ok(None);
+        }
+        let (estimator, axis) = (self.cfg.estimator, self.cfg.estimator_axis);
+        ErrorModel::guided(tc, tu, g, estimator, axis, sigmas, steps)
+            .map(Some)
+            .map_err(|m| Error::config(file, format!("forecast_errors.{name}"), m))
+    }
+}
+
+/// The sigma interval of each of the scope's steps over the whole generation (what a reused
+/// call's error weighs in the search).
+fn step_weights(sp: &ScopePlan, plan: &GenerationPlan) -> Vec<f64> {
+    let mut all = vec![0.0; plan.total_steps + 1];
+    for s in &plan.scopes {
+        for (&i, &sg) in s.step_indices.iter().zip(&s.sigmas) {
+            if let Some(x) = all.get_mut(i) {
+                *x = sg;
+            }
+        }
+    }
+    sp.step_indices
+        .iter()
+        .map(|&i| {
+            (all.get(i).copied().unwrap_or(0.0) - all.get(i + 1).copied().unwrap_or(0.0)).abs()
+        })
+        .collect()
 }
 
 impl Rule for ScheduleRule {
@@ -752,6 +371,7 @@ impl Rule for ScheduleRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::residual::{Estimator, EstimatorAxis};
 
     /// Errors that grow with the gap; the forecast is exact on even calls only.
     fn table(n: usize) -> ForecastErrors {

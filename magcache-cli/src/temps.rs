@@ -1,6 +1,6 @@
 //! The runner's temporaries: their names (`.magcache-PID-K.EXT`, which no user file is expected
 //! to take), the signal handler that removes this process's and undoes a commit under way, and the
-//! cleanup of those that killed processes left.
+//! warning of those that killed processes left (never removed: they may be a user's).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -117,13 +117,16 @@ fn owned_by_us(m: &std::fs::Metadata) -> bool {
     }
 }
 
-/// Removes the temporaries (files, and export's partial folders) that processes no longer alive
-/// left in `dir` (a SIGKILL leaves them): only names of the runner's own pattern, owned by this
-/// user, never a link, and never a file `keep` names (this run's inputs).
+/// Warns of the temporaries (files, and export's partial folders) that processes no longer alive
+/// left in `dir` (a SIGKILL leaves them), and removes none of them: a name of the runner's pattern
+/// may still be a user's file (or the only copy of an output a killed commit was replacing), and
+/// the runner deletes only what it created in this process. `keep` names files said nothing of
+/// (this run's inputs).
 pub(crate) fn clean_stale(dir: &Path, keep: &dyn Fn(&Path) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    let mut left: Vec<String> = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(pid) = temp_pid(&name) else {
@@ -132,16 +135,19 @@ pub(crate) fn clean_stale(dir: &Path, keep: &dyn Fn(&Path) -> bool) {
         if pid == std::process::id() || pid_alive(pid) || keep(&e.path()) {
             continue;
         }
-        match std::fs::symlink_metadata(e.path()) {
-            Ok(m) if !owned_by_us(&m) => {}
-            Ok(m) if m.is_dir() && name.ends_with(".partial") => {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-            Ok(m) if m.is_file() => {
-                let _ = std::fs::remove_file(e.path());
-            }
-            _ => {}
+        if matches!(std::fs::symlink_metadata(e.path()), Ok(m) if owned_by_us(&m)) {
+            left.push(e.path().display().to_string());
         }
+    }
+    left.sort();
+    if let Some(first) = left.first() {
+        let more = match left.len() {
+            1 => String::new(),
+            n => format!(" and {} more of the same pattern", n - 1),
+        };
+        eprintln!(
+            "warning: {first}{more}: left by a runner process that is gone (killed while writing); not removed (a `.bak` is what a killed commit was replacing): delete it once you no longer need it"
+        );
     }
 }
 

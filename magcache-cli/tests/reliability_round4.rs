@@ -422,6 +422,9 @@ fn the_stale_temporary_cleanup_never_takes_an_input() {
         .unwrap()
         .replace("in.safetensors", name);
     c.write_run(&text);
+    // A user's file of the same pattern (or the backup a killed commit left): never removed.
+    let precious = c.dir.path().join(".magcache-4000001-0.bak");
+    std::fs::write(&precious, "precious").unwrap();
     let out = c.dir.path().join("out.safetensors");
     let o = magcache(&[
         "run",
@@ -431,10 +434,16 @@ fn the_stale_temporary_cleanup_never_takes_an_input() {
         s(&out),
         "--quiet",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
     assert!(
         c.dir.path().join(name).exists(),
         "the run's input was removed"
+    );
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious");
+    assert!(
+        stderr.contains(".magcache-4000001-0.bak") && stderr.contains("not removed"),
+        "{stderr}"
     );
     assert!(out.exists());
 }
@@ -608,4 +617,43 @@ fn an_f16_export_that_overflows_is_refused() {
     check_err(&o, &["blocks.0.attn1.to_q.weight", "non-finite"]);
     assert!(!out.exists());
     assert_eq!(temporaries(d.path()), Vec::<String>::new());
+    // In f32 the values are finite, but a GGUF block's f16 scale (its largest value over 127 for
+    // Q8_0, over 8 for Q4_0) is not: refused as written, naming the tensor.
+    std::fs::write(&lora, {
+        let big = |k: &str, shape: Vec<usize>, v: f32| (k.to_string(), shape, v);
+        let t = [
+            big(
+                "transformer.blocks.0.attn1.to_q.lora_A.weight",
+                vec![1, 24],
+                1.0,
+            ),
+            big(
+                "transformer.blocks.0.attn1.to_q.lora_B.weight",
+                vec![24, 1],
+                3e7,
+            ),
+        ];
+        let refs: Vec<(&str, Vec<usize>, f32)> = t
+            .iter()
+            .map(|(k, s, v)| (k.as_str(), s.clone(), *v))
+            .collect();
+        safetensors_of(&refs)
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&run).unwrap();
+    std::fs::write(&run, text.replace("dtype = \"f16\"", "dtype = \"f32\"")).unwrap();
+    for quant in ["q8_0", "q4_0"] {
+        let o = magcache(&[
+            "export",
+            "--config",
+            s(&run),
+            "--out",
+            s(&out),
+            "--gguf",
+            quant,
+        ]);
+        check_err(&o, &["blocks.0.attn1.to_q.weight", "overflows"]);
+        assert!(!out.exists(), "{quant}");
+        assert_eq!(temporaries(d.path()), Vec::<String>::new(), "{quant}");
+    }
 }

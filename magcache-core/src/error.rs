@@ -85,6 +85,12 @@ impl From<candle_core::Error> for Error {
     }
 }
 
+/// The one-line message of a candle error, without the backtraces candle attaches under
+/// `RUST_BACKTRACE=1`: for errors that wrap it with their own file and key.
+pub fn candle_text(e: candle_core::Error) -> String {
+    without_backtrace(e).to_string().trim().replace('\n', "; ")
+}
+
 /// `e` without the backtraces candle attaches (its `Display` prints them on lines of their own).
 fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
     use candle_core::Error as C;

@@ -25,7 +25,10 @@ impl InputFile {
             Error::inputs(
                 &shown,
                 "(header)",
-                format!("not a readable safetensors file: {e}"),
+                format!(
+                    "not a readable safetensors file: {}",
+                    magcache_core::error::candle_text(e)
+                ),
             )
         })?;
         Ok(InputFile {
@@ -61,9 +64,23 @@ impl InputFile {
                 ),
             ));
         }
+        use candle_core::DType;
+        if !matches!(
+            t.dtype(),
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64
+        ) {
+            return Err(Error::inputs(
+                &self.path,
+                name,
+                format!(
+                    "has dtype {:?}; expected f32, f16 or bf16 values",
+                    t.dtype()
+                ),
+            ));
+        }
         let t = t
-            .to_dtype(candle_core::DType::F32)
-            .map_err(|e| Error::inputs(&self.path, name, e.to_string()))?;
+            .to_dtype(DType::F32)
+            .map_err(|e| Error::inputs(&self.path, name, magcache_core::error::candle_text(e)))?;
         check_finite(&t, &self.path, name)?;
         Ok(t)
     }

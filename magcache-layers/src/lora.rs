@@ -126,8 +126,9 @@ impl Adapter {
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::weights(&file, "(header)", e.to_string()))?;
         let meta = peft_meta(&file, header.metadata().as_ref())?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| Error::weights(&file, "(tensors)", e.to_string()))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+            Error::weights(&file, "(tensors)", magcache_core::error::candle_text(e))
+        })?;
         let mut keys: Vec<(String, Tensor)> = tensors.into_iter().collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         let mut layout: Option<(Layout, String)> = None;
@@ -170,9 +171,7 @@ impl Adapter {
                 ));
             };
             let module = rest[..rest.len() - suffix.len()].to_string();
-            let t = t
-                .to_dtype(DType::F32)
-                .map_err(|e| Error::weights(&file, &key, e.to_string()))?;
+            let t = as_f32(t, &file, &key)?;
             check_tensor(&file, &key, suffix, &t)?;
             let parts = modules.entry(module).or_default();
             let slot = match *suffix {
@@ -185,7 +184,9 @@ impl Adapter {
                     let a = t
                         .flatten_all()
                         .and_then(|a| a.to_vec1::<f32>())
-                        .map_err(|e| Error::weights(&file, &key, e.to_string()))?;
+                        .map_err(|e| {
+                            Error::weights(&file, &key, magcache_core::error::candle_text(e))
+                        })?;
                     let [a] = a.as_slice() else {
                         return Err(Error::weights(&file, &key, "an alpha must be one number"));
                     };
@@ -271,7 +272,7 @@ impl Adapter {
                             ),
                         ));
                     }
-                    let factor = scale * self.alpha_over_rank(module, parts, r);
+                    let factor = self.factor(module, parts, scale, (dk, uk))?;
                     for t in &targets {
                         let up = rows_of(up, &t.rows, file, uk)?;
                         store.add_delta(
@@ -349,6 +350,26 @@ impl Adapter {
 
     /// `alpha / r` of a module (`alpha / sqrt(r)` under rsLoRA): its `.alpha`, else the metadata's
     /// per-module or global `lora_alpha`, else `r` (a factor of 1).
+    /// The merge factor of a low-rank pair (keys `dk` and `uk`): `scale` x alpha / rank; a rank of
+    /// 0 or a factor beyond f32 is an error naming the key.
+    fn factor(&self, module: &str, parts: &Parts, scale: f64, keys: (&str, &str)) -> Result<f64> {
+        let (file, (dk, uk)) = (self.file.as_str(), keys);
+        let r = parts.down.as_ref().map_or(Ok(0), |(_, d)| d.dim(0))?;
+        if r == 0 {
+            let why = "has rank 0 (no rows): an empty adapter factor";
+            return Err(Error::weights(file, dk, why));
+        }
+        let factor = scale * self.alpha_over_rank(module, parts, r);
+        if !factor.is_finite() || factor.abs() > f32::MAX as f64 {
+            return Err(Error::weights(
+                file,
+                uk,
+                format!("its merge factor (scale {scale} x alpha / rank) is {factor}, beyond f32: check `scale` in [[model.lora]] and the file's alpha"),
+            ));
+        }
+        Ok(factor)
+    }
+
     fn alpha_over_rank(&self, module: &str, parts: &Parts, r: usize) -> f64 {
         let alpha = parts
             .alpha
@@ -368,6 +389,23 @@ impl Adapter {
             Some(a) => a / r as f64,
         }
     }
+}
+
+/// An adapter tensor in f32: floating-point values only (an integer tensor is an error naming the
+/// key, not a silent cast).
+fn as_f32(t: Tensor, file: &str, key: &str) -> Result<Tensor> {
+    if !matches!(
+        t.dtype(),
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64
+    ) {
+        let why = format!(
+            "has dtype {:?}; adapter tensors are f32, f16 or bf16",
+            t.dtype()
+        );
+        return Err(Error::weights(file, key, why));
+    }
+    t.to_dtype(DType::F32)
+        .map_err(|e| Error::weights(file, key, magcache_core::error::candle_text(e)))
 }
 
 /// The rows `ranges` of `t` (all of it for none), concatenated.

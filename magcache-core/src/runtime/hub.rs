@@ -79,23 +79,28 @@ pub fn snapshot(
     if direct.is_dir() {
         return Ok(direct);
     }
-    let commit = std::fs::read_to_string(repo.join("refs").join(rev))
-        .map(|s| s.trim().to_string())
-        .map_err(|_| {
-            Error::config(
-                file,
-                if revision.is_some() {
-                    "model.revision"
-                } else {
-                    key
-                },
-                format!(
-                    "`{id}` has no revision `{rev}` in the Hugging Face cache {} ({})",
-                    root.display(),
-                    fetch(rev)
-                ),
-            )
-        })?;
+    // A ref file holds a commit hash: read through the one regular-file check (a FIFO or a device
+    // there is refused at once), and a few bytes at most.
+    let ref_file = repo.join("refs").join(rev);
+    let ref_key = if revision.is_some() {
+        "model.revision"
+    } else {
+        key
+    };
+    let commit = match ref_file.symlink_metadata() {
+        Err(_) => Err(format!(
+            "`{id}` has no revision `{rev}` in the Hugging Face cache {} ({})",
+            root.display(),
+            fetch(rev)
+        )),
+        Ok(_) => crate::error::read_regular(&ref_file, 1024)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                String::from_utf8(b).map_err(|_| format!("{}: is not text", ref_file.display()))
+            })
+            .map(|s| s.trim().to_string()),
+    }
+    .map_err(|why| Error::config(file, ref_key, why))?;
     if !is_commit_hash(&commit) {
         return Err(Error::config(
             file,

@@ -95,7 +95,10 @@ impl GgufEntry {
             self.stored.clone(),
             device,
         )
-        .map_err(|e| Error::weights(file, name, format!("{:?}: {e}", self.dtype)))
+        .map_err(|e| {
+            let e = magcache_core::error::candle_text(e);
+            Error::weights(file, name, format!("{:?}: {e}", self.dtype))
+        })
     }
 
     /// A quantized tensor read straight into the block vector candle keeps (CPU): one allocation
@@ -124,7 +127,10 @@ impl GgufEntry {
         storage
             .map(|st| candle_core::quantized::QTensor::new(st, self.stored.clone()))
             .transpose()
-            .map_err(|e| Error::weights(file, name, format!("{:?}: {e}", self.dtype)))
+            .map_err(|e| {
+                let e = magcache_core::error::candle_text(e);
+                Error::weights(file, name, format!("{:?}: {e}", self.dtype))
+            })
     }
 
     /// The blocks of type `T` read into their vector; `None` when `T`'s in-memory size is not the
@@ -167,7 +173,7 @@ impl GgufEntry {
             return Tensor::from_raw_buffer(&bytes, dt, &self.stored, &Device::Cpu)
                 .and_then(|t| t.to_dtype(candle_core::DType::F32))
                 .and_then(|t| t.reshape(self.shape.as_slice()))
-                .map_err(|e| err(e.to_string()));
+                .map_err(|e| err(magcache_core::error::candle_text(e)));
         }
         let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
             self.dtype,
@@ -175,10 +181,22 @@ impl GgufEntry {
             self.stored.clone(),
             &Device::Cpu,
         )
-        .map_err(|e| err(format!("{:?}: {e}", self.dtype)))?;
+        .map_err(|e| {
+            err(format!(
+                "{:?}: {}",
+                self.dtype,
+                magcache_core::error::candle_text(e)
+            ))
+        })?;
         q.dequantize(&Device::Cpu)
             .and_then(|t| t.reshape(self.shape.as_slice()))
-            .map_err(|e| err(format!("{:?}: {e}", self.dtype)))
+            .map_err(|e| {
+                err(format!(
+                    "{:?}: {}",
+                    self.dtype,
+                    magcache_core::error::candle_text(e)
+                ))
+            })
     }
 }
 
@@ -210,7 +228,10 @@ pub fn check_finite_blocks(dtype: GgmlDType, bytes: &[u8], file: &str, name: &st
             &Device::Cpu,
         )
         .and_then(|q| q.dequantize(&Device::Cpu))
-        .map_err(|e| Error::weights(file, name, format!("{dtype:?}: {e}")))?;
+        .map_err(|e| {
+            let e = magcache_core::error::candle_text(e);
+            Error::weights(file, name, format!("{dtype:?}: {e}"))
+        })?;
         if !magcache_core::finite::all_finite(&q)
             .map_err(|e| Error::weights(file, name, e.to_string()))?
         {
@@ -303,13 +324,12 @@ fn ggml_type(id: u32) -> Option<GgmlDType> {
         6 => GgmlDType::Q5_0,
         7 => GgmlDType::Q5_1,
         8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
+        // Q8_1 (9) and Q8_K (15) are candle's activation formats: it cannot dequantize them.
         10 => GgmlDType::Q2K,
         11 => GgmlDType::Q3K,
         12 => GgmlDType::Q4K,
         13 => GgmlDType::Q5K,
         14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
         30 => GgmlDType::BF16,
         _ => return None,
     })
@@ -340,7 +360,8 @@ fn shape_of(h: &Header, name: &str, ne: &[usize], shown: &str) -> Result<Vec<usi
         _ => None,
     }
     .ok_or_else(|| Error::weights(shown, &key, "is not an array of dimensions"))?;
-    if dims.iter().product::<usize>() != stored.iter().product::<usize>() {
+    let count = |d: &[usize]| d.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+    if dims.is_empty() || count(&dims).is_none() || count(&dims) != count(&stored) {
         return Err(Error::weights(
             shown,
             &key,
@@ -615,8 +636,10 @@ pub fn write_gguf(
         }
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let t = t.reshape((t.elem_count() / cols, cols))?;
-        let q = candle_core::quantized::QTensor::quantize(&t, ty)
-            .map_err(|e| Error::weights(&shown, name, format!("{ty:?}: {e}")))?;
+        let q = candle_core::quantized::QTensor::quantize(&t, ty).map_err(|e| {
+            let e = magcache_core::error::candle_text(e);
+            Error::weights(&shown, name, format!("{ty:?}: {e}"))
+        })?;
         let data = q.data()?;
         if data.len() as u64 != len {
             return Err(Error::weights(
@@ -625,6 +648,7 @@ pub fn write_gguf(
                 format!("{ty:?} gave {} bytes, {len} expected", data.len()),
             ));
         }
+        check_written(ty, &data, &shown, name)?;
         put(&mut w, &data)?;
         let p = pad(len);
         put(&mut w, &p)?;
@@ -636,6 +660,18 @@ pub fn write_gguf(
     }
     w.w.flush().map_err(io)?;
     Ok(w.pos)
+}
+
+/// A finite tensor can still overflow what a GGUF file stores: f16 values, and the f16 scale of a
+/// quantized block (its largest value over 127 for Q8_0): checked as written, naming the tensor.
+fn check_written(ty: GgmlDType, data: &[u8], shown: &str, name: &str) -> Result<()> {
+    check_finite_blocks(ty, data, shown, name).map_err(|_| {
+        Error::weights(
+            shown,
+            name,
+            format!("overflows {ty:?} (a value or a block scale past f16's 65504 as written); nothing written"),
+        )
+    })
 }
 
 /// A writer counting its bytes.

@@ -15,10 +15,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+mod delta;
 pub mod files;
 pub mod gguf;
 pub mod warm;
 
+pub use delta::Delta;
 pub use files::weight_files;
 
 /// A tensor of the store: in memory, or where it lies in a memory-mapped checkpoint file (read when
@@ -84,48 +86,10 @@ pub struct WeightStore {
     /// A recording store ([`WeightStore::recording`]): the names and shapes asked for, in order.
     record: Option<Mutex<Vec<TensorShape>>>,
     /// Changes added to tensors when they are handed out (LoRA adapters), by name.
-    deltas: HashMap<String, Vec<Delta>>,
+    /// Each tensor's deltas with their origins (`file: key`, for messages).
+    deltas: HashMap<String, Vec<(Delta, String)>>,
     /// Streamed from (`offload = "stream"`): never kept warm ([`warm`]), its bound holds.
     pub streamed: std::sync::atomic::AtomicBool,
-}
-
-/// A change to one tensor of the store, added (in f32) each time the tensor is handed out: at load
-/// for a held model, per block as it is read for a streamed one.
-#[derive(Clone, Debug)]
-pub enum Delta {
-    /// `factor * up @ down`: a low-rank update, `up` `[out, r]`, `down` `[r, in]` (f32, CPU).
-    LowRank {
-        up: Tensor,
-        down: Tensor,
-        factor: f64,
-    },
-    /// `factor * t`: a full delta of the tensor's shape (f32, CPU).
-    Full { t: Tensor, factor: f64 },
-}
-
-impl Delta {
-    fn shape(&self) -> Result<Vec<usize>> {
-        Ok(match self {
-            Delta::LowRank { up, down, .. } => vec![up.dim(0)?, down.dim(1)?],
-            Delta::Full { t, .. } => t.dims().to_vec(),
-        })
-    }
-
-    fn value(&self) -> Result<Tensor> {
-        Ok(match self {
-            Delta::LowRank { up, down, factor } => (up.matmul(down)? * *factor)?,
-            Delta::Full { t, factor } => (t * *factor)?,
-        })
-    }
-
-    /// Bytes it holds.
-    pub fn bytes(&self) -> usize {
-        let n = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        match self {
-            Delta::LowRank { up, down, .. } => n(up) + n(down),
-            Delta::Full { t, .. } => n(t),
-        }
-    }
 }
 
 impl WeightStore {
@@ -431,7 +395,11 @@ impl WeightStore {
                 format!("gives a delta of shape {ds:?} for `{name}`, whose shape is {shape:?}"),
             ));
         }
-        self.deltas.entry(name.to_string()).or_default().push(delta);
+        let origin = format!("{file}: {key}");
+        self.deltas
+            .entry(name.to_string())
+            .or_default()
+            .push((delta, origin));
         Ok(())
     }
 
@@ -441,7 +409,7 @@ impl WeightStore {
             return Ok(None);
         };
         let mut sum: Option<Tensor> = None;
-        for d in ds {
+        for (d, _) in ds {
             let v = d.value()?;
             sum = Some(match sum {
                 None => v,
@@ -478,29 +446,23 @@ impl WeightStore {
     fn get_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let stored = self.get_stored(name)?;
         let file = self.file_of(name);
-        let stored = match self.deltas.get(name) {
-            None => stored,
-            Some(ds) => {
-                let mut t = stored.to_dtype(DType::F32)?;
-                for d in ds {
-                    t = (t + d.value()?)?;
-                }
-                t
-            }
-        };
-        let t = stored
-            .to_device(&self.placement.device)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| Error::weights(file, name, e.to_string()))?;
-        let finite = |t: &Tensor| {
-            magcache_core::finite::all_finite(t)
-                .map_err(|e| Error::weights(file, name, e.to_string()))
-        };
         let checked = self
             .finite
             .lock()
             .map(|c| c.contains(name))
             .unwrap_or(false);
+        let stored = match self.deltas.get(name) {
+            None => stored,
+            Some(ds) => delta::merged(&stored, ds, !checked, (file, name))?,
+        };
+        let t = stored
+            .to_device(&self.placement.device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| Error::weights(file, name, magcache_core::error::candle_text(e)))?;
+        let finite = |t: &Tensor| {
+            magcache_core::finite::all_finite(t)
+                .map_err(|e| Error::weights(file, name, e.to_string()))
+        };
         if !checked && !finite(&t)? {
             let what = magcache_core::finite::describe_non_finite(&t)
                 .map_err(|e| Error::weights(file, name, e.to_string()))?;
@@ -706,7 +668,7 @@ impl WeightStore {
                     }
                     _ => read_range(&h.0, h.1, *start, *end).and_then(|bytes| {
                         Tensor::from_raw_buffer(&bytes, *dtype, shape, &Device::Cpu)
-                            .map_err(|e| e.to_string())
+                            .map_err(magcache_core::error::candle_text)
                     }),
                 };
                 let keep = !self.streamed.load(std::sync::atomic::Ordering::Relaxed);
@@ -758,7 +720,7 @@ fn read_f32(
     // initialised bytes.
     let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), n) };
     read_range_into(file, opened_len, start, end, bytes)?;
-    Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| e.to_string())
+    Tensor::from_vec(v, shape, &Device::Cpu).map_err(magcache_core::error::candle_text)
 }
 
 fn read_range(

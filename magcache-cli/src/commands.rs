@@ -108,6 +108,7 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         margin,
         max_runs: runs,
     };
+    crate::prepare::refuse_moved_paths(&config, &out)?;
     // The candidates read the profile while tuning: it is written into the profile
     // output's temporary (an existing NAME.profile.toml stays as it is) and put in place
     // with the run file, both or neither; a failure or a signal removes the temporary.

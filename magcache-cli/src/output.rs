@@ -304,11 +304,17 @@ impl Outputs {
     pub fn plan(&mut self, flag: &str, path: &Path) -> Result<()> {
         let shown = path.display().to_string();
         let err = |why: String| Error::io(&shown, format!("{flag}: {why}"));
-        if path.file_name().is_none() {
+        // `out.png/` names a folder to the system (the rename at the end would fail), though
+        // `file_name` drops the slash.
+        let trailing = path
+            .as_os_str()
+            .to_string_lossy()
+            .ends_with(['/', std::path::MAIN_SEPARATOR]);
+        if path.file_name().is_none() || trailing {
             return Err(err(if path.is_dir() {
                 "is a folder; give a file path"
             } else {
-                "not a file path"
+                "not a file path (it ends with a separator)"
             }
             .into()));
         }

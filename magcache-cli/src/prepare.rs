@@ -206,3 +206,75 @@ fn known_family(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelF
         )
     })
 }
+
+/// The run file's relative paths that name something beside it, as `(key, path)`: `inputs.file`,
+/// `model.config`, adapters, the family's own files and `model.weights` (a hub id names nothing
+/// there). A run file written into another folder would not find them.
+pub(crate) fn relative_paths(config: &Path) -> Result<Vec<(String, String)>> {
+    let cfg = RunConfig::load(config)?;
+    let base = config
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut named: Vec<(String, String)> = Vec::new();
+    named.extend(
+        cfg.inputs
+            .file
+            .iter()
+            .map(|f| ("inputs.file".into(), f.clone())),
+    );
+    named.extend(
+        cfg.model
+            .config
+            .iter()
+            .map(|c| ("model.config".into(), c.clone())),
+    );
+    named.extend(
+        cfg.model
+            .lora
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("model.lora[{i}].path"), l.path.clone())),
+    );
+    if let Some(fam) = registry::family(&cfg.model.family) {
+        named.extend(fam.files_in(&cfg));
+    }
+    if let Some(w) = &cfg.model.weights {
+        named.extend(
+            w.paths()
+                .into_iter()
+                .map(|p| ("model.weights".into(), p.to_string())),
+        );
+    }
+    Ok(named
+        .into_iter()
+        .filter(|(_, p)| Path::new(p).is_relative() && base.join(p).symlink_metadata().is_ok())
+        .collect())
+}
+
+/// The tuned run file keeps the run file's text: refused (before any run) when it goes to another
+/// folder and that text names files by relative paths, which would not resolve from there.
+pub(crate) fn refuse_moved_paths(config: &Path, out: &Path) -> Result<()> {
+    let folder = |p: &Path| {
+        let d = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::canonicalize(d).ok()
+    };
+    if folder(config) == folder(out) {
+        return Ok(());
+    }
+    let rel = relative_paths(config)?;
+    if let Some((key, p)) = rel.first() {
+        return Err(Error::config(
+            config.display().to_string(),
+            key,
+            format!(
+                "`{p}` is relative to the run file's folder, and --out {} is in another folder, where the tuned run file would not find it: write --out beside the run file, or make the path absolute",
+                out.display()
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -24,6 +24,7 @@ pub mod config_util;
 pub mod footprint;
 pub mod generation;
 pub mod inputs;
+mod jpeg_walk;
 pub mod lora;
 pub mod mmdit;
 pub mod nn;

@@ -29,13 +29,6 @@ const MAX_PICTURE_BYTES: u64 = 512 << 20;
 const MAX_PICTURE_SIDE: u32 = 1 << 15;
 const MAX_PICTURE_PIXELS: u64 = 1 << 26;
 
-/// Whether a JPEG's data ends with the end-of-image marker (`FF D9`), allowing the few padding or
-/// trailer bytes some writers append after it.
-fn jpeg_has_end(bytes: &[u8]) -> bool {
-    let tail = &bytes[bytes.len().saturating_sub(4096)..];
-    tail.windows(2).any(|w| w == [0xFF, 0xD9])
-}
-
 /// Reads a PNG or JPEG file as 8-bit RGB, EXIF orientation applied; errors name the file and `key`
 /// (the run-file key that gave it).
 pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
@@ -51,10 +44,15 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read: {e}")))?;
     // The decoders allocate what the header claims: bounded before anything is decoded.
+    // What the run may use (`MAGCACHE_MEMORY_LIMIT`, else most of the free memory) bounds the
+    // decoders' allocations too, ancillary chunks (an ICC profile that inflates) included.
+    let available = magcache_core::runtime::guard::available_memory()?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_PICTURE_SIDE);
     limits.max_image_height = Some(MAX_PICTURE_SIDE);
-    limits.max_alloc = Some(MAX_PICTURE_PIXELS * 4 * 2);
+    limits.max_alloc = Some(available.bytes.map_or(MAX_PICTURE_PIXELS * 4 * 2, |a| {
+        a.min(MAX_PICTURE_PIXELS * 4 * 2)
+    }));
     reader.limits(limits);
     match reader.format() {
         Some(image::ImageFormat::Png) | Some(image::ImageFormat::Jpeg) => {}
@@ -65,12 +63,12 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
         }
         None => return Err(bad("not a PNG or JPEG picture".into())),
     }
-    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_has_end(&bytes) {
-        // The JPEG decoder fills what is missing with gray: a cut file would condition the run
-        // on a picture that is not the user's.
-        return Err(bad(
-            "the JPEG is truncated (no end-of-image marker): cannot decode it whole".into(),
-        ));
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        // The JPEG decoder fills what is missing with gray: a cut file, or a header claiming more
+        // than the data holds, would condition the run on a picture that is not the user's.
+        if let Some(why) = crate::jpeg_walk::fault(&bytes) {
+            return Err(bad(why));
+        }
     }
     let too_large = || {
         bad(format!(
@@ -87,11 +85,29 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
             "{w}x{h} pixels, more than the {MAX_PICTURE_PIXELS} a picture may have (resize it first)"
         )));
     }
+    // The decoded picture, a turned copy of it and its 8-bit RGB form live at once.
+    let need = decoder
+        .total_bytes()
+        .checked_mul(2)
+        .and_then(|b| b.checked_add(u64::from(w) * u64::from(h) * 3));
+    if let Some(avail) = available.bytes {
+        if need.is_none_or(|n| n > avail) {
+            return Err(bad(format!(
+                "decoding its {w}x{h} pixels takes about {} MB, more than the {} MB available ({}): resize it first",
+                need.map_or(u64::MAX, |n| n >> 20),
+                avail >> 20,
+                available.source
+            )));
+        }
+    }
     let orientation = decoder
         .orientation()
         .map_err(|e| bad(format!("cannot read its EXIF orientation: {e}")))?;
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| match e {
-        image::ImageError::Limits(_) => too_large(),
+        image::ImageError::Limits(_) => bad(format!(
+            "decoding it needs more memory than the run may use ({}) or a picture may take",
+            available.source
+        )),
         e => bad(format!("cannot decode: {e}")),
     })?;
     img.apply_orientation(orientation);

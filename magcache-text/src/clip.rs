@@ -81,15 +81,10 @@ impl ClipTokenizer {
         if !dir.is_dir() {
             return Err(Error::io(&shown, "CLIP tokenizer folder does not exist"));
         }
-        let cfg_file = dir.join("tokenizer_config.json");
-        let cfg_shown = cfg_file.display().to_string();
-        let cfg: Value = if cfg_file.is_file() {
-            let text = magcache_core::error::read_text(&cfg_file)?;
-            serde_json::from_str(&text)
-                .map_err(|e| Error::config(&cfg_shown, "(json)", format!("invalid JSON: {e}")))?
-        } else {
-            Value::Object(Default::default())
-        };
+        let (cfg, cfg_shown) = super::tokenizer::read_tokenizer_config(dir)?.unwrap_or_else(|| {
+            let shown = dir.join("tokenizer_config.json").display().to_string();
+            (Value::Object(Default::default()), shown)
+        });
         super::tokenizer::check_tokenizer_class(
             &cfg,
             &cfg_shown,
@@ -105,28 +100,14 @@ impl ClipTokenizer {
         let eos = config_token(&cfg, "eos_token", "<|endoftext|>", &cfg_shown)?;
         let pad = config_token(&cfg, "pad_token", &eos, &cfg_shown)?;
         let unk = config_token(&cfg, "unk_token", &eos, &cfg_shown)?;
-        let max_length = match cfg.get("model_max_length") {
-            None | Some(Value::Null) => CLIP_DEFAULT_MAX_LENGTH,
-            Some(x) => {
-                // transformers writes 1e30 for "no limit": FluxPipeline would then pad to it.
-                let n = x.as_f64().unwrap_or(f64::NAN);
-                if !((2.0..=1e6).contains(&n) && n.fract() == 0.0) {
-                    return Err(Error::config(
-                        &cfg_shown,
-                        "model_max_length",
-                        format!(
-                            "expected an integer between 2 and 1000000 (CLIP's is 77), got {x}"
-                        ),
-                    ));
-                }
-                n as usize
-            }
-        };
+        let max_length = model_max_length(&cfg, &cfg_shown)?;
 
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
         let json = dir.join("tokenizer.json");
-        let (tokenizer, file) = if vocab.is_file() && merges.is_file() {
+        // Present in any form (a FIFO, a dangling link): the regular-file check below says why.
+        let present = |p: &Path| p.symlink_metadata().is_ok();
+        let (tokenizer, file) = if present(&vocab) || present(&merges) {
             let file = vocab.display().to_string();
             for f in [&vocab, &merges] {
                 if let Some(why) = magcache_core::error::not_a_file(f) {
@@ -136,8 +117,11 @@ impl ClipTokenizer {
             }
             let tok = Self::assemble(&vocab, &merges, &bos, &eos, &unk)?;
             (tok, file)
-        } else if json.is_file() {
+        } else if present(&json) {
             let file = json.display().to_string();
+            if let Some(why) = magcache_core::error::not_a_file(&json) {
+                return Err(Error::io(&file, why));
+            }
             magcache_core::files::record_read(&json);
             let tok = Tokenizer::from_file(&json)
                 .map_err(|e| Error::config(&file, "(tokenizer)", format!("cannot load: {e}")))?;
@@ -585,4 +569,23 @@ impl ClipTextEncoder {
         let pooled = Tensor::stack(&pooled, 0)?;
         Ok((last, pooled))
     }
+}
+
+/// `model_max_length` of a CLIP `tokenizer_config.json` (77 when absent).
+fn model_max_length(cfg: &Value, cfg_shown: &str) -> Result<usize> {
+    Ok(match cfg.get("model_max_length") {
+        None | Some(Value::Null) => CLIP_DEFAULT_MAX_LENGTH,
+        Some(x) => {
+            // transformers writes 1e30 for "no limit": FluxPipeline would then pad to it.
+            let n = x.as_f64().unwrap_or(f64::NAN);
+            if !((2.0..=1e6).contains(&n) && n.fract() == 0.0) {
+                return Err(Error::config(
+                    cfg_shown,
+                    "model_max_length",
+                    format!("expected an integer between 2 and 1000000 (CLIP's is 77), got {x}"),
+                ));
+            }
+            n as usize
+        }
+    })
 }

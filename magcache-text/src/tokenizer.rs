@@ -28,6 +28,24 @@ pub const T5_TOKENIZERS: &[&str] = &[
     "PreTrainedTokenizerFast",
 ];
 
+/// Reads `DIR/tokenizer_config.json`: the JSON and its shown path, `None` when absent. Present in
+/// any form (a FIFO, a folder, a dangling link) it is read through the regular-file check, which
+/// refuses what is not a file, rather than passed over; it must be a JSON object.
+pub(crate) fn read_tokenizer_config(dir: &Path) -> Result<Option<(serde_json::Value, String)>> {
+    let cfg = dir.join("tokenizer_config.json");
+    if cfg.symlink_metadata().is_err() {
+        return Ok(None);
+    }
+    let shown = cfg.display().to_string();
+    let text = magcache_core::error::read_text(&cfg)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(Error::config(&shown, "(json)", "is not a JSON object"));
+    }
+    Ok(Some((v, shown)))
+}
+
 /// Refuses a `tokenizer_config.json` whose `tokenizer_class` is not one of `allowed` (a tokenizer of
 /// another model: its ids would mean nothing to the encoder); an absent class is accepted.
 pub fn check_tokenizer_class(
@@ -86,14 +104,7 @@ impl WanTokenizer {
             .map_err(|e| Error::config(&shown, "(tokenizer)", format!("cannot load: {e}")))?;
 
         let mut pad_token = default_pad.to_string();
-        if let Some(cfg) = dir
-            .map(|d| d.join("tokenizer_config.json"))
-            .filter(|c| c.is_file())
-        {
-            let cshown = cfg.display().to_string();
-            let text = magcache_core::error::read_text(std::path::Path::new(&cfg))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::config(&cshown, "(json)", format!("invalid JSON: {e}")))?;
+        if let Some((v, cshown)) = dir.map(read_tokenizer_config).transpose()?.flatten() {
             check_tokenizer_class(&v, &cshown, allowed, what)?;
             match v.get("pad_token") {
                 None | Some(serde_json::Value::Null) => {}

@@ -357,3 +357,49 @@ fn bad_input_gives_one_line_errors_naming_file_and_tensor() {
     let got = tok.encode("é\u{0}\t<|endoftext|> ☃").unwrap();
     assert_eq!(got.ids.len(), tok.max_length());
 }
+
+/// A `tokenizer_config.json` that is there but not a readable JSON object (a FIFO that would
+/// block, a dangling link, a JSON array) is refused naming the file, for the CLIP and the T5
+/// tokenizers alike, rather than passed over for the defaults.
+#[test]
+fn a_tokenizer_config_that_is_not_a_json_object_file_is_refused() {
+    for name in ["tokenizer", "tokenizer_2"] {
+        let load = |d: &Path| -> Result<(), String> {
+            if name == "tokenizer" {
+                ClipTokenizer::load(d)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                WanTokenizer::load(d).map(|_| ()).map_err(|e| e.to_string())
+            }
+        };
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in std::fs::read_dir(dir(name)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
+        }
+        load(&d).unwrap();
+        let cfg = d.join("tokenizer_config.json");
+        std::fs::write(&cfg, "[1, 2]").unwrap();
+        let e = load(&d).unwrap_err();
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("object"),
+            "{name}: {e}"
+        );
+        std::fs::remove_file(&cfg).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(t.path().join("gone.json"), &cfg).unwrap();
+            let e = load(&d).unwrap_err();
+            assert!(e.contains("tokenizer_config.json"), "{name}: {e}");
+            std::fs::remove_file(&cfg).unwrap();
+            let made = std::process::Command::new("mkfifo").arg(&cfg).status();
+            if matches!(made, Ok(s) if s.success()) {
+                let e = load(&d).unwrap_err();
+                assert!(e.contains("tokenizer_config.json"), "{name}: {e}");
+            }
+        }
+    }
+}

@@ -295,6 +295,51 @@ fn load_wan_gguf(
     })
 }
 
+/// The config is read off block 0: every block must hold the same tensors (a block 0 without
+/// `attn1.norm_q.weight` would drop the other blocks' norms), and no block may sit past a gap.
+fn same_block_tensors(
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+    num_layers: usize,
+    origin: &str,
+) -> Result<()> {
+    let mut per_block: Vec<std::collections::BTreeSet<&str>> = vec![Default::default(); num_layers];
+    for k in shapes.keys() {
+        let Some((i, rest)) = k
+            .strip_prefix("blocks.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest)))
+        else {
+            continue;
+        };
+        match per_block.get_mut(i) {
+            Some(set) => {
+                set.insert(rest);
+            }
+            None => {
+                return Err(Error::weights(
+                    origin,
+                    k,
+                    format!("is past block {num_layers}, which has no attn1.to_q.weight: the blocks are not numbered 0..N"),
+                ))
+            }
+        }
+    }
+    let Some(first) = per_block.first() else {
+        return Ok(());
+    };
+    for (i, set) in per_block.iter().enumerate().skip(1) {
+        if let Some(extra) = set.symmetric_difference(first).next() {
+            let (has, lacks) = if set.contains(extra) { (i, 0) } else { (0, i) };
+            return Err(Error::weights(
+                origin,
+                format!("blocks.{has}.{extra}"),
+                format!("block {has} has it and block {lacks} does not: every block must hold the same tensors"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The config of diffusers-named Wan tensors, from their shapes (as diffusers' `from_single_file`
 /// infers a released config): width, channels and patch from `patch_embedding.weight`, `text_dim`,
 /// `freq_dim`, `ffn_dim`, the number of blocks, `cross_attn_norm` and `qk_norm` from what is
@@ -326,6 +371,7 @@ pub fn infer_wan_config(
     let num_layers = (0..)
         .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
         .count();
+    same_block_tensors(shapes, num_layers, origin)?;
     let v = serde_json::json!({
         "patch_size": [pt, ph, pw],
         "in_channels": cin,

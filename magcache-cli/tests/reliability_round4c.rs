@@ -1,0 +1,239 @@
+//! Reliability round 4, third pass (issue 42), through the binary: pictures decoded within the
+//! memory a run may use and JPEG headers checked against their data; an output path the system
+//! reads as a folder refused before the run; `tune` refusing to write a run file whose relative
+//! paths would not resolve from its folder; a Wan checkpoint whose blocks differ refused.
+
+mod common;
+
+use common::{check_err, magcache, s, Case};
+use std::path::{Path, PathBuf};
+
+/// The tiny prompted I2V run, its first frame replaced by `picture`.
+fn i2v_run(dir: &Path, picture: &Path) -> PathBuf {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("wan21_i2v_tiny_prompted.toml")).unwrap();
+    let folder = examples.join("../tests/fixtures/pipelines/wan21_i2v_folder");
+    let body: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("weights") {
+                format!("weights = {:?}", s(&folder))
+            } else if l.starts_with("image") {
+                format!("image = {:?}", s(picture))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let run = dir.join("run.toml");
+    std::fs::write(&run, body).unwrap();
+    run
+}
+
+fn encoded(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), format)
+        .unwrap();
+    bytes
+}
+
+/// A 16-bit picture of 2000 x 2000 pixels (a few KB as a file; decoded, turned and made 8-bit, 60
+/// MB) is refused under a 40 MB limit before it is decoded, naming the limit.
+#[test]
+fn a_picture_is_decoded_within_the_memory_a_run_may_use() {
+    let d = tempfile::tempdir().unwrap();
+    let pic = d.path().join("deep.png");
+    let img = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_pixel(
+        2000,
+        2000,
+        image::Rgb([40000, 2000, 9000]),
+    );
+    std::fs::write(
+        &pic,
+        encoded(
+            image::DynamicImage::ImageRgb16(img),
+            image::ImageFormat::Png,
+        ),
+    )
+    .unwrap();
+    assert!(std::fs::metadata(&pic).unwrap().len() < 1 << 20);
+    let run = i2v_run(d.path(), &pic);
+    let o = common::bin()
+        .args(["plan", "--config", s(&run)])
+        .env("MAGCACHE_MEMORY_LIMIT", "40M")
+        .output()
+        .unwrap();
+    // `plan` reads no picture; the run does, and refuses it before decoding.
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = common::bin()
+        .args(["run", "--quiet", "--config", s(&run)])
+        .env("MAGCACHE_MEMORY_LIMIT", "40M")
+        .output()
+        .unwrap();
+    check_err(
+        &o,
+        &[
+            "inputs.image",
+            "deep.png",
+            "MAGCACHE_MEMORY_LIMIT=40M",
+            "2000x2000",
+        ],
+    );
+}
+
+/// A JPEG whose frame header claims 8000 x 8000 pixels over a 64 x 64 picture's data is refused
+/// (the decoder would fill it with gray); one with a motion photo's trailer after its end marker
+/// is read.
+#[test]
+fn a_jpeg_is_checked_against_its_data_not_its_tail() {
+    let d = tempfile::tempdir().unwrap();
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 90]));
+    let jpeg = encoded(
+        image::DynamicImage::ImageRgb8(img),
+        image::ImageFormat::Jpeg,
+    );
+    let mut lie = jpeg.clone();
+    let sof = lie.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    lie[sof + 5..sof + 9].copy_from_slice(&[0x1F, 0x40, 0x1F, 0x40]);
+    let pic = d.path().join("lie.jpg");
+    std::fs::write(&pic, &lie).unwrap();
+    let run = i2v_run(d.path(), &pic);
+    let o = magcache(&["run", "--quiet", "--config", s(&run)]);
+    check_err(&o, &["inputs.image", "lie.jpg", "claims"]);
+    // A motion photo: 64 KB of video after the end-of-image marker.
+    let mut motion = jpeg;
+    motion.extend(b"\0\0\0\x18ftypmp42");
+    motion.extend(vec![7u8; 64 << 10]);
+    let pic = d.path().join("motion.jpg");
+    std::fs::write(&pic, &motion).unwrap();
+    let run = i2v_run(d.path(), &pic);
+    let out = d.path().join("out.safetensors");
+    let o = magcache(&["run", "--quiet", "--config", s(&run), "--out", s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.is_file());
+}
+
+/// `--out out.safetensors/` names a folder to the system: refused before the run, and nothing
+/// appears.
+#[test]
+fn an_output_path_ending_in_a_separator_is_refused_before_the_run() {
+    let c = Case::new("");
+    let names = c.names();
+    for cmd in ["run", "calibrate"] {
+        let out = format!("{}/", s(&c.p("out.safetensors")));
+        let o = magcache(&[cmd, "--config", s(&c.run_file()), "--out", &out]);
+        check_err(&o, &["--out", "out.safetensors/", "separator"]);
+        assert_eq!(c.names(), names, "{cmd}");
+    }
+}
+
+/// `tune --out sub/fast.toml` would copy `weights = "w"` into `sub/`, where it names nothing:
+/// refused before any run, naming the key; beside the run file, or with absolute paths, it works.
+#[test]
+fn tune_refuses_a_run_file_in_another_folder_with_relative_paths() {
+    let c = Case::new("");
+    std::fs::create_dir(c.p("sub")).unwrap();
+    let out = c.p("sub/fast.toml");
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(&c.run_file()),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "1.5",
+    ]);
+    check_err(&o, &["run.toml", "inputs.file", "--out", "absolute"]);
+    assert_eq!(std::fs::read_dir(c.p("sub")).unwrap().count(), 0);
+    // Absolute paths travel.
+    let text = std::fs::read_to_string(c.run_file())
+        .unwrap()
+        .replace("\"w\"", &format!("{:?}", s(&c.p("w"))))
+        .replace(
+            "\"in.safetensors\"",
+            &format!("{:?}", s(&c.p("in.safetensors"))),
+        );
+    c.write_run(&text);
+    let o = magcache(&[
+        "tune",
+        "--quiet",
+        "--config",
+        s(&c.run_file()),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "1.5",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = magcache(&["plan", "--config", s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A GGUF file (f32 tensors, `general.architecture = "wan"`) of `tensors`.
+fn gguf(tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Vec<u8> {
+    fn text(b: &mut Vec<u8>, t: &str) {
+        b.extend((t.len() as u64).to_le_bytes());
+        b.extend(t.as_bytes());
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((names.len() as u64).to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    text(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes()); // string
+    text(&mut b, "wan");
+    let mut data: Vec<u8> = Vec::new();
+    for n in &names {
+        let t = &tensors[*n];
+        text(&mut b, n);
+        let dims = t.dims();
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims.iter().rev() {
+            b.extend((*d as u64).to_le_bytes());
+        }
+        b.extend(0u32.to_le_bytes()); // f32
+        b.extend((data.len() as u64).to_le_bytes());
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        data.resize(data.len().div_ceil(32) * 32, 0);
+    }
+    b.resize(b.len().div_ceil(32) * 32, 0);
+    b.extend(data);
+    b
+}
+
+/// A GGUF Wan checkpoint has no config: it is read off block 0's tensors. A block 0 without the
+/// query norm that the other blocks have is refused, naming the tensor, rather than run without
+/// any block's norms.
+#[test]
+fn a_wan_checkpoint_whose_blocks_differ_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let src = common::fixtures().join("wan21_tiny/diffusion_pytorch_model.safetensors");
+    let mut t = candle_core::safetensors::load(&src, &candle_core::Device::Cpu).unwrap();
+    let run = d.path().join("run.toml");
+    let write_run = |f: &Path| {
+        std::fs::write(
+            &run,
+            format!(
+                "[model]\nfamily = \"wan2.1\"\nweights = {:?}\n\n[model.overrides]\nattention_head_dim = 16\n\n[inputs]\nlatent_shape = [1, 4, 1, 4, 4]\ntext_len = 4\n\n[sampling]\nsteps = 2\n",
+                s(f)
+            ),
+        )
+        .unwrap();
+    };
+    // Whole, it runs.
+    let f = d.path().join("whole.gguf");
+    std::fs::write(&f, gguf(&t)).unwrap();
+    write_run(&f);
+    let o = magcache(&["run", "--quiet", "--config", s(&run)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(t.remove("blocks.0.attn1.norm_q.weight").is_some());
+    let f = d.path().join("odd.gguf");
+    std::fs::write(&f, gguf(&t)).unwrap();
+    write_run(&f);
+    let o = magcache(&["run", "--quiet", "--config", s(&run)]);
+    check_err(&o, &["odd.gguf", "attn1.norm_q.weight", "block 0"]);
+}

@@ -172,6 +172,7 @@ pub(crate) fn base_dir(config: &Path) -> PathBuf {
 pub(crate) fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {
     let family = known_family(cfg, file)?;
     family.check_keys(cfg, file)?;
+    family.check_files(cfg, file, &base_dir(Path::new(file)))?;
     let offload = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?;
     if offload == magcache_core::Offload::Stream && !family.streams {
         let streaming: Vec<&str> = registry::families()

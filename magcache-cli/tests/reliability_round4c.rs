@@ -172,6 +172,14 @@ fn tune_refuses_a_run_file_in_another_folder_with_relative_paths() {
 
 /// A GGUF file (f32 tensors, `general.architecture = "wan"`) of `tensors`.
 fn gguf(tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Vec<u8> {
+    gguf_as(tensors, Ok("wan"))
+}
+
+/// [`gguf`] with `general.architecture` a string, or a u32 (`Err`).
+fn gguf_as(
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    arch: Result<&str, u32>,
+) -> Vec<u8> {
     fn text(b: &mut Vec<u8>, t: &str) {
         b.extend((t.len() as u64).to_le_bytes());
         b.extend(t.as_bytes());
@@ -183,8 +191,16 @@ fn gguf(tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Vec
     b.extend((names.len() as u64).to_le_bytes());
     b.extend(1u64.to_le_bytes());
     text(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes()); // string
-    text(&mut b, "wan");
+    match arch {
+        Ok(a) => {
+            b.extend(8u32.to_le_bytes()); // string
+            text(&mut b, a);
+        }
+        Err(n) => {
+            b.extend(4u32.to_le_bytes()); // u32
+            b.extend(n.to_le_bytes());
+        }
+    }
     let mut data: Vec<u8> = Vec::new();
     for n in &names {
         let t = &tensors[*n];
@@ -236,4 +252,220 @@ fn a_wan_checkpoint_whose_blocks_differ_is_refused() {
     write_run(&f);
     let o = magcache(&["run", "--quiet", "--config", s(&run)]);
     check_err(&o, &["odd.gguf", "attn1.norm_q.weight", "block 0"]);
+}
+
+/// `plan` refuses the seeded latent shapes `run` refuses (a 4-d shape for Wan, channels that do
+/// not pack into the model's, odd sides), with the same message, for every family.
+#[test]
+fn plan_refuses_the_latent_shapes_run_refuses() {
+    let d = tempfile::tempdir().unwrap();
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let cases = [
+        (
+            "wan2.1",
+            f.join("reference/wan21_tiny"),
+            "[1, 4, 1, 4, 4]",
+            "[1, 4, 1, 4]",
+            "[1, 5, 1, 4, 4]",
+        ),
+        (
+            "flux",
+            f.join("reference/flux_tiny"),
+            "[1, 4, 4, 4]",
+            "[1, 4, 3, 4]",
+            "[1, 5, 4, 4]",
+        ),
+        (
+            "flux2",
+            f.join("pipelines/flux2_transformer"),
+            "[1, 32, 4, 4]",
+            "[1, 4, 4, 4]",
+            "[1, 32, 4, 3]",
+        ),
+        (
+            "z-image",
+            f.join("pipelines/zimage_transformer"),
+            "[1, 16, 4, 4]",
+            "[1, 16, 3, 4]",
+            "[1, 4, 4, 4, 4]",
+        ),
+        (
+            "qwen-image",
+            f.join("pipelines/qwenimage_transformer"),
+            "[1, 16, 4, 4]",
+            "[1, 5, 4, 4]",
+            "[1, 16, 4]",
+        ),
+    ];
+    for (family, weights, good, bad1, bad2) in cases {
+        for (shape, ok) in [(good, true), (bad1, false), (bad2, false)] {
+            let run = d.path().join("run.toml");
+            std::fs::write(
+                &run,
+                format!(
+                    "[model]\nfamily = {family:?}\nweights = {:?}\n\n[inputs]\nlatent_shape = {shape}\ntext_len = 4\n\n[sampling]\nsteps = 2\n",
+                    s(&weights)
+                ),
+            )
+            .unwrap();
+            let plan = magcache(&["plan", "--config", s(&run)]);
+            let run = magcache(&["run", "--quiet", "--config", s(&run)]);
+            let what = format!("{family} {shape}");
+            assert_eq!(
+                plan.status.success(),
+                ok,
+                "{what}: {}",
+                String::from_utf8_lossy(&plan.stderr)
+            );
+            assert_eq!(
+                run.status.success(),
+                ok,
+                "{what}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            if !ok {
+                let e = check_err(&plan, &["inputs.latent_shape"]);
+                assert_eq!(e, String::from_utf8_lossy(&run.stderr), "{what}");
+            }
+        }
+    }
+}
+
+/// The tiny pipeline folder of `example` (its `weights`), linked into `dir/folder` with its
+/// `model_index.json` changed by `edit`, and the example's run file pointing there.
+#[cfg(unix)]
+fn edited_folder(
+    dir: &Path,
+    example: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> PathBuf {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join(example)).unwrap();
+    let w = text
+        .lines()
+        .find_map(|l| l.strip_prefix("weights = "))
+        .unwrap()
+        .trim_matches('"');
+    let src = examples.join(w);
+    let folder = dir.join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "model_index.json" {
+            std::os::unix::fs::symlink(e.path(), folder.join(e.file_name())).unwrap();
+        }
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap())
+            .unwrap();
+    edit(v.as_object_mut().unwrap());
+    std::fs::write(folder.join("model_index.json"), v.to_string()).unwrap();
+    let run = dir.join("run.toml");
+    let body: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("weights = ") {
+            Some(_) => format!("weights = {:?}", s(&folder)),
+            None if l.starts_with("image = \"../") => {
+                l.replace("\"../", &format!("\"{}/../", s(&examples)))
+            }
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&run, body).unwrap();
+    run
+}
+
+/// A pipeline folder's `model_index.json` must declare each component the run loads as
+/// `[library, class]`: a null, a bare string or a one-sided pair is refused naming the key, for
+/// every family; `[null, null]` for an optional one (Wan2.2's image encoder) stays "absent".
+#[cfg(unix)]
+#[test]
+fn pipeline_components_are_declared_library_and_class() {
+    use serde_json::json;
+    let cases = [
+        ("wan21_tiny_prompted.toml", "text_encoder", json!(null)),
+        ("flux_tiny_prompted.toml", "vae", json!("AutoencoderKL")),
+        (
+            "flux2_klein_tiny_prompted.toml",
+            "transformer",
+            json!(["diffusers", null]),
+        ),
+        (
+            "zimage_tiny_prompted.toml",
+            "scheduler",
+            json!([null, null]),
+        ),
+        ("qwenimage_tiny_prompted.toml", "tokenizer", json!(7)),
+        (
+            "wan21_i2v_tiny_prompted.toml",
+            "image_encoder",
+            json!(["transformers"]),
+        ),
+    ];
+    for (example, key, value) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let run = edited_folder(d.path(), example, |m| {
+            m.insert(key.into(), value.clone());
+        });
+        let o = magcache(&["plan", "--config", s(&run)]);
+        let o = if o.status.success() {
+            magcache(&["run", "--quiet", "--config", s(&run)])
+        } else {
+            o
+        };
+        check_err(&o, &["model_index.json", key]);
+    }
+    // Unchanged, each folder plans.
+    let d = tempfile::tempdir().unwrap();
+    let run = edited_folder(d.path(), "wan22_i2v_tiny_prompted.toml", |_| {});
+    let o = magcache(&["plan", "--config", s(&run)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Errors about files the run file names say the key: a FIFO as `model.config` or a scheduler
+/// config, a missing adapter; a GGUF `general.architecture` that is a number is said to be one
+/// (was "missing"), and called a key, not a tensor.
+#[cfg(unix)]
+#[test]
+fn named_files_and_gguf_metadata_are_named_as_such() {
+    let c = Case::new("");
+    let fifo = c.p("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let text = std::fs::read_to_string(c.run_file()).unwrap();
+    for (edit, key) in [
+        (
+            text.replace("weights = \"w\"", "weights = \"w\"\nconfig = \"fifo\""),
+            "model.config",
+        ),
+        (
+            format!("{text}\n[[model.lora]]\npath = \"gone.safetensors\"\n"),
+            "model.lora[0].path",
+        ),
+        (
+            text.replace("shift = 5.0", "shift = 5.0\nscheduler_config = \"fifo\""),
+            "sampling.scheduler_config",
+        ),
+    ] {
+        c.write_run(&edit);
+        let o = magcache(&["plan", "--config", s(&c.run_file())]);
+        check_err(&o, &["run.toml", key]);
+    }
+    let src = common::fixtures().join("wan21_tiny/diffusion_pytorch_model.safetensors");
+    let t = candle_core::safetensors::load(&src, &candle_core::Device::Cpu).unwrap();
+    let f = c.p("n.gguf");
+    std::fs::write(&f, gguf_as(&t, Err(7))).unwrap();
+    c.write_run(
+        "[model]\nfamily = \"wan2.1\"\nweights = \"n.gguf\"\n\n[inputs]\nlatent_shape = [1, 4, 1, 4, 4]\ntext_len = 4\n\n[sampling]\nsteps = 2\n",
+    );
+    let o = magcache(&["plan", "--config", s(&c.run_file())]);
+    let e = check_err(
+        &o,
+        &["n.gguf", "key `general.architecture`", "not a string"],
+    );
+    assert!(!e.contains("tensor"), "{e}");
 }

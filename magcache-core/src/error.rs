@@ -16,8 +16,10 @@ pub enum Error {
         msg: String,
     },
 
-    /// A weight file is unreadable, truncated, or lacks a tensor.
-    #[error("{file}: tensor `{tensor}`: {msg}")]
+    /// A weight file is unreadable, truncated, or lacks a tensor. `tensor` may also name a
+    /// metadata key (`general.architecture`, `__metadata__.…`, `weight_map`) or, in parentheses,
+    /// a part of the file (`(header)`; `(file)`: the file itself), and is shown as such.
+    #[error("{}", weights_line(file, tensor, msg))]
     Weights {
         file: String,
         tensor: String,
@@ -108,6 +110,21 @@ fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
     }
 }
 
+/// `FILE: tensor `T`: MSG`, with `T` called a key when it is file metadata and left out when it
+/// is the file itself.
+fn weights_line(file: &str, tensor: &str, msg: &str) -> String {
+    let metadata = ["general.", "comfy.gguf.", "__metadata__", "weight_map"];
+    if tensor == "(file)" {
+        format!("{file}: {msg}")
+    } else if tensor.starts_with('(') {
+        format!("{file}: {tensor}: {msg}")
+    } else if metadata.iter().any(|m| tensor.starts_with(m)) {
+        format!("{file}: key `{tensor}`: {msg}")
+    } else {
+        format!("{file}: tensor `{tensor}`: {msg}")
+    }
+}
+
 impl Error {
     pub fn config(file: impl Into<String>, key: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Config {
@@ -158,6 +175,29 @@ pub fn not_a_file(path: &std::path::Path) -> Option<String> {
         Ok(m) if m.is_dir() => Some("is a folder, not a file".into()),
         Ok(_) => Some("is not a regular file".into()),
         Err(e) => Some(describe_io(path, &e)),
+    }
+}
+
+/// Refuses a file the run file names under `key` (`p`, relative to `base`) that is not a regular
+/// file, naming the key; an absent one passes unless `required`.
+pub fn check_named_file(
+    file: &str,
+    base: &std::path::Path,
+    key: &str,
+    p: &str,
+    required: bool,
+) -> Result<()> {
+    let path = if std::path::Path::new(p).is_absolute() {
+        std::path::PathBuf::from(p)
+    } else {
+        base.join(p)
+    };
+    if !required && path.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    match not_a_file(&path) {
+        Some(why) => Err(Error::config(file, key, format!("`{p}` {why}"))),
+        None => Ok(()),
     }
 }
 

@@ -222,6 +222,19 @@ pub fn pipeline_folder(
             ));
         }
     }
+    // Each component the run loads, when the index names it, must be declared `[library, class]`:
+    // one it marks absent (null) is one diffusers would not load.
+    for sub in parts.iter().copied().chain(["scheduler"]) {
+        if v.get(sub).is_some() && component(&v, &shown, sub)?.is_none() {
+            return Err(Error::config(
+                &shown,
+                sub,
+                format!(
+                    "declares no `{sub}` component ([library, class]), which the pipeline needs"
+                ),
+            ));
+        }
+    }
     let class = pipeline_class(&v).to_string();
     if !class.starts_with(kind.class_prefix) {
         return Err(Error::config(
@@ -234,6 +247,35 @@ pub fn pipeline_folder(
         ));
     }
     Ok((root, class))
+}
+
+/// A component entry of a pipeline's `model_index.json` (`file` as messages show it): `[library,
+/// class]`, or `None` for a component the pipeline does not have (absent, `null`, `[null, null]`).
+/// Anything else (a bare string, a one-sided pair) is an error naming the key: diffusers would
+/// load nothing, or something else, for it.
+pub fn component(index: &Value, file: &str, key: &str) -> Result<Option<(String, String)>> {
+    match index.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) if a.len() == 2 && a.iter().all(Value::is_null) => Ok(None),
+        Some(Value::Array(a)) => match a.as_slice() {
+            [Value::String(l), Value::String(c)] if !l.is_empty() && !c.is_empty() => {
+                Ok(Some((l.clone(), c.clone())))
+            }
+            _ => Err(Error::config(
+                file,
+                key,
+                format!(
+                    "{}: expected [library, class] or [null, null]",
+                    Value::Array(a.clone())
+                ),
+            )),
+        },
+        Some(other) => Err(Error::config(
+            file,
+            key,
+            format!("{other}: expected [library, class] or [null, null]"),
+        )),
+    }
 }
 
 /// `_class_name` of a pipeline's `model_index.json` (empty when absent).

@@ -133,6 +133,36 @@ pub fn drawn(cfg: &magcache_core::RunConfig, default: &[usize]) -> (u64, Vec<usi
     (seed, shape)
 }
 
+/// Seeded latents `[B, C, H, W]` that `family` packs 2x2 into `in_channels = 4 C`: `(B, H, W)`, or
+/// the error naming `inputs.latent_shape` (plan and build check with this one rule).
+pub fn packed_drawn_shape(
+    shape: &[usize],
+    in_channels: usize,
+    family: &str,
+    file: &str,
+) -> Result<(usize, usize, usize)> {
+    match *shape {
+        [b, ch, h, w]
+            if b > 0
+                && ch.checked_mul(4) == Some(in_channels)
+                && h > 0
+                && w > 0
+                && h % 2 == 0
+                && w % 2 == 0 =>
+        {
+            Ok((b, h, w))
+        }
+        _ => Err(Error::config(
+            file,
+            "inputs.latent_shape",
+            format!(
+                "{shape:?} is not [B, {}, H, W] with positive even H and W ({family} packs 2x2 latents into {in_channels} channels)",
+                in_channels / 4
+            ),
+        )),
+    }
+}
+
 /// A prompted run's initial packed latents `[1, seq, channels]` (f32) and their grid `(h2, w2)`
 /// (`seq = h2 * w2`: the picture's `(height, width)` through the VAE's `factor` and 2x2 packing):
 /// `latents_init` of `[inputs] file`, its shape checked against the picture's, or seeded noise

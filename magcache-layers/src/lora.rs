@@ -139,13 +139,7 @@ impl Adapter {
                 skipped_text += 1;
                 continue;
             }
-            let (this, rest) = if let Some(r) = key.strip_prefix("transformer.") {
-                (Layout::Diffusers, r)
-            } else if let Some(r) = key.strip_prefix("diffusion_model.") {
-                (Layout::Original, r)
-            } else if let Some(r) = key.strip_prefix("lora_unet_") {
-                (Layout::Underscored, r)
-            } else {
+            let Some((this, rest)) = layout_of(&key) else {
                 return Err(Error::weights(
                     &file,
                     &key,
@@ -208,6 +202,7 @@ impl Adapter {
             None if skipped_text > 0 => Layout::Diffusers,
             None => return Err(Error::weights(&file, "(file)", "holds no LoRA tensors")),
         };
+        meta.check_patterns(&file, modules.keys().map(String::as_str))?;
         Ok(Adapter {
             file,
             layout,
@@ -389,6 +384,17 @@ impl Adapter {
             Some(a) => a / r as f64,
         }
     }
+}
+
+/// A key's layout, told by its prefix, and the rest of the key.
+fn layout_of(key: &str) -> Option<(Layout, &str)> {
+    [
+        ("transformer.", Layout::Diffusers),
+        ("diffusion_model.", Layout::Original),
+        ("lora_unet_", Layout::Underscored),
+    ]
+    .into_iter()
+    .find_map(|(p, l)| key.strip_prefix(p).map(|r| (l, r)))
 }
 
 /// An adapter tensor in f32: floating-point values only (an integer tensor is an error naming the

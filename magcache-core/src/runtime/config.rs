@@ -281,7 +281,39 @@ impl RunConfig {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         cfg.resolve_hub_ids(&file, base, &crate::runtime::hub::cache_root())?;
+        cfg.check_named_files(&file, base)?;
         Ok(cfg)
+    }
+
+    /// The files the run file names by key, checked before anything reads them, so the error
+    /// names the key: `inputs.file`, `model.config` and adapters must be regular files; the
+    /// strategy's files (a profile) must not be a FIFO, a device, a folder or a dangling link when
+    /// they are there (the family's are checked as the run resolves, see
+    /// [`crate::runtime::registry::ModelFamily::check_files`]).
+    fn check_named_files(&self, file: &str, base: &Path) -> Result<()> {
+        let mut must: Vec<(String, String)> = Vec::new();
+        must.extend(
+            self.inputs
+                .file
+                .iter()
+                .map(|f| ("inputs.file".into(), f.clone())),
+        );
+        must.extend(
+            self.model
+                .config
+                .iter()
+                .map(|c| ("model.config".into(), c.clone())),
+        );
+        for (i, l) in self.model.lora.iter().enumerate() {
+            must.push((format!("model.lora[{i}].path"), l.path.clone()));
+        }
+        for (key, p) in must {
+            crate::error::check_named_file(file, base, &key, &p, true)?;
+        }
+        for (key, p) in self.strategy().input_files() {
+            crate::error::check_named_file(file, base, key, &p, false)?;
+        }
+        Ok(())
     }
 
     /// Replaces every `weights` entry that is a Hugging Face hub id (`owner/name`, not a path that

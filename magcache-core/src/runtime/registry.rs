@@ -60,6 +60,15 @@ pub struct ModelFamily {
 }
 
 impl ModelFamily {
+    /// Refuses a file this family's own keys name (`files_in`) that is there but not a regular
+    /// file (a FIFO, a folder, a dangling link), naming the key.
+    pub fn check_files(&self, cfg: &RunConfig, file: &str, base: &std::path::Path) -> Result<()> {
+        for (key, p) in self.files_in(cfg) {
+            crate::error::check_named_file(file, base, &key, &p, false)?;
+        }
+        Ok(())
+    }
+
     /// The files this family's own keys name in the run file `cfg` (`table.key`, the value as written), for
     /// the runner's list of a run's inputs.
     pub fn files_in(&self, cfg: &RunConfig) -> Vec<(String, String)> {

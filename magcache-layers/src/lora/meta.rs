@@ -27,6 +27,14 @@ pub(super) fn peft_meta(
         )
     })?;
     let key = |k: &str| format!("__metadata__.lora_adapter_metadata.{k}");
+    if !v.is_object() {
+        return Err(Error::weights(
+            file,
+            "__metadata__.lora_adapter_metadata",
+            format!("must be a JSON object, got {v}"),
+        ));
+    }
+    check_kind(file, &v)?;
     // A value of the wrong type changes the merge silently if ignored: an error naming the key.
     let number = |k: &str, a: &serde_json::Value| -> Result<f64> {
         match a.as_f64() {
@@ -77,4 +85,63 @@ pub(super) fn peft_meta(
         alpha_pattern,
         rslora,
     })
+}
+
+/// Refuses what the merge cannot honour (DoRA) and a rank of the wrong type.
+fn check_kind(file: &str, v: &serde_json::Value) -> Result<()> {
+    let key = |k: &str| format!("__metadata__.lora_adapter_metadata.{k}");
+    // DoRA adds a magnitude vector the merge of a low-rank pair does not apply.
+    match v.get("transformer.use_dora") {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
+        Some(serde_json::Value::Bool(true)) => {
+            return Err(Error::weights(
+                file,
+                key("transformer.use_dora"),
+                "a DoRA adapter: its magnitude vectors are not supported (merging only the low-rank pairs would change the model differently than the adapter does)",
+            ))
+        }
+        Some(other) => {
+            return Err(Error::weights(
+                file,
+                key("transformer.use_dora"),
+                format!("must be true or false, got {other}"),
+            ))
+        }
+    }
+    // The rank itself comes from the tensors; a rank of the wrong type is still a broken file.
+    if let Some(r) = v.get("transformer.r").filter(|r| !r.is_null()) {
+        if r.as_u64().is_none_or(|r| r == 0) {
+            return Err(Error::weights(
+                file,
+                key("transformer.r"),
+                format!("must be a positive integer (the rank), got {r}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl PeftMeta {
+    /// Refuses an `alpha_pattern` entry that names no module of the adapter (`modules`): its alpha
+    /// would silently not apply.
+    pub(super) fn check_patterns<'a>(
+        &self,
+        file: &str,
+        modules: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<()> {
+        for k in self.alpha_pattern.keys() {
+            let suffix = format!(".{k}");
+            if !modules
+                .clone()
+                .any(|m| m == k.as_str() || m.ends_with(&suffix))
+            {
+                return Err(Error::weights(
+                    file,
+                    format!("__metadata__.lora_adapter_metadata.transformer.alpha_pattern.{k}"),
+                    "names no module of the adapter: its alpha would apply to nothing",
+                ));
+            }
+        }
+        Ok(())
+    }
 }

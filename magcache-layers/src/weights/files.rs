@@ -71,12 +71,83 @@ fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
             Error::weights(&shown, "weight_map", "the index has no `weight_map` object")
         })?;
     let dir = idx.parent().unwrap_or(Path::new("."));
-    let mut files: BTreeMap<String, ()> = BTreeMap::new();
+    // Each shard's tensors, as the index says.
+    let mut shards: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for (k, f) in map {
         let f = f
             .as_str()
             .ok_or_else(|| Error::weights(&shown, k, "weight_map entry is not a file name"))?;
-        files.insert(f.to_string(), ());
+        // A shard is a file beside the index: never a path that leaves its folder.
+        let plain = Path::new(f).file_name().is_some_and(|n| n == f) && f != "..";
+        if !plain {
+            return Err(Error::weights(
+                &shown,
+                k,
+                format!("weight_map names `{f}`, not a file name beside the index"),
+            ));
+        }
+        shards.entry(f.to_string()).or_default().push(k);
     }
-    Ok(files.into_keys().map(|f| dir.join(f)).collect())
+    if shards.is_empty() {
+        return Err(Error::weights(
+            &shown,
+            "weight_map",
+            "the index names no tensors",
+        ));
+    }
+    for (f, listed) in &shards {
+        let path = dir.join(f);
+        let held = header_names(&path)?;
+        if let Some(k) = listed.iter().find(|k| !held.contains(**k)) {
+            return Err(Error::weights(
+                &shown,
+                *k,
+                format!("weight_map places it in {f}, which does not hold it"),
+            ));
+        }
+        if let Some(k) = held.iter().find(|k| !listed.contains(&k.as_str())) {
+            return Err(Error::weights(
+                path.display().to_string(),
+                k,
+                format!("is in this shard but not in {shown}'s weight_map (an index from another checkpoint?)"),
+            ));
+        }
+    }
+    Ok(shards.into_keys().map(|f| dir.join(f)).collect())
+}
+
+/// The tensor names of a safetensors file, from its header only (a shard may be tens of GB).
+fn header_names(path: &Path) -> Result<std::collections::BTreeSet<String>> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    if let Some(why) = magcache_core::error::not_a_file(path) {
+        return Err(Error::weights(
+            &shown,
+            "(file)",
+            format!("a shard the index names {why}"),
+        ));
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(&shown, e))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|e| Error::weights(&shown, "(header)", format!("cannot read: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    // safetensors' own bound on a header.
+    if n > 100_000_000 {
+        return Err(Error::weights(
+            &shown,
+            "(header)",
+            format!("claims a {n}-byte header"),
+        ));
+    }
+    let mut text = Vec::new();
+    f.take(n)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::weights(&shown, "(header)", format!("cannot read: {e}")))?;
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| Error::weights(&shown, "(header)", format!("invalid JSON: {e}")))?;
+    Ok(v.into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
 }

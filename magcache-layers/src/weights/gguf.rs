@@ -252,7 +252,7 @@ impl WeightStore {
         let f = magcache_core::error::open_regular(path)?;
         let file_len = f.metadata().map_err(|e| Error::io(&shown, e))?.len();
         let h = read_header(&mut std::io::BufReader::new(&f), &shown)?;
-        let arch = architecture(&h);
+        let arch = architecture(&h, &shown)?;
         let handle = Arc::new(Mutex::new(f));
         let mut store = WeightStore {
             files: vec![shown.clone()],
@@ -335,10 +335,16 @@ fn ggml_type(id: u32) -> Option<GgmlDType> {
     })
 }
 
-fn architecture(h: &Header) -> Option<String> {
+/// `general.architecture`: a string, or absent (a number or an array is an error, not "missing").
+fn architecture(h: &Header, shown: &str) -> Result<Option<String>> {
     match h.metadata.get("general.architecture") {
-        Some(Meta::Str(s)) => Some(s.clone()),
-        _ => None,
+        Some(Meta::Str(s)) => Ok(Some(s.clone())),
+        None => Ok(None),
+        Some(_) => Err(Error::weights(
+            shown,
+            "general.architecture",
+            "is not a string (the model's architecture name, e.g. `wan` or `flux`)",
+        )),
     }
 }
 
@@ -387,7 +393,7 @@ pub fn gguf_header(path: &Path) -> Result<(Option<String>, Vec<super::TensorShap
         out.push((key.to_string(), shape));
     }
     out.sort();
-    Ok((architecture(&h), out))
+    Ok((architecture(&h, &shown)?, out))
 }
 
 /// What candle's quantized matmul adds to a held GGUF checkpoint on this CPU: the weights it

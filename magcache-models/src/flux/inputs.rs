@@ -96,18 +96,9 @@ pub(super) fn build_inputs(
     }
     // Random inputs: latent_shape = [B, C, H, W] of unpacked latents (C * 4 = in_channels), packed 2x2.
     let (seed, shape) = magcache_layers::inputs::drawn(cfg, &[1, c.in_channels / 4, 64, 64]);
-    if shape.len() != 4
-        || shape[1].checked_mul(4) != Some(c.in_channels)
-        || !shape[2].is_multiple_of(2)
-        || !shape[3].is_multiple_of(2)
-    {
-        return Err(Error::config(
-            file,
-            "inputs.latent_shape",
-            format!("{shape:?} is not [B, {}, H, W] with even H and W (FLUX packs 2x2 latents into {} channels)", c.in_channels / 4, c.in_channels),
-        ));
-    }
-    let (b, h, w) = (shape[0], shape[2] / 2, shape[3] / 2);
+    let (b, h, w) =
+        magcache_layers::inputs::packed_drawn_shape(&shape, c.in_channels, "FLUX", file)?;
+    let (h, w) = (h / 2, w / 2);
     let seq = h.checked_mul(w).ok_or_else(|| {
         Error::config(
             file,

@@ -16,7 +16,7 @@ use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::runtime::resolved::{
     build_run, estimate_run, export_run, plan_run, ResolvedRun,
 };
-use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use magcache_core::{GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, resolve, single_weights, to_map};
 use magcache_layers::inputs::InputFile;
@@ -107,15 +107,9 @@ impl ResolvedRun for FluxRun {
                 .get("latents_init", 3, "[B, seq, C] packed latents")?
                 .dim(1)?,
             (None, None) => {
-                let s = cfg.inputs.latent_shape.clone();
-                let s = s.unwrap_or_else(|| vec![1, 16, 64, 64]);
-                let &[_, _, h, w] = s.as_slice() else {
-                    return Err(Error::config(
-                        file,
-                        "inputs.latent_shape",
-                        format!("{s:?} is not [B, C, H, W]"),
-                    ));
-                };
+                let c = self.transformer.in_channels;
+                let (_, s) = magcache_layers::inputs::drawn(cfg, &[1, c / 4, 64, 64]);
+                let (_, h, w) = magcache_layers::inputs::packed_drawn_shape(&s, c, "FLUX", file)?;
                 (h / 2).saturating_mul(w / 2)
             }
         };

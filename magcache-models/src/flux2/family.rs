@@ -217,23 +217,8 @@ pub(super) fn plain_inputs(
         });
     }
     let (seed, shape) = magcache_layers::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
-    let bad = || {
-        Error::config(
-            file,
-            "inputs.latent_shape",
-            format!(
-                "{shape:?} is not [B, {}, H, W] with even H and W (FLUX.2 packs 2x2 latents into {} channels)",
-                c.in_channels / 4,
-                c.in_channels
-            ),
-        )
-    };
-    let &[b, ch, h, w] = shape.as_slice() else {
-        return Err(bad());
-    };
-    if ch.checked_mul(4) != Some(c.in_channels) || h % 2 != 0 || w % 2 != 0 || b == 0 {
-        return Err(bad());
-    }
+    let (b, h, w) =
+        magcache_layers::inputs::packed_drawn_shape(&shape, c.in_channels, "FLUX.2", file)?;
     let (h2, w2) = (h / 2, w / 2);
     let l = cfg.inputs.text_len.unwrap_or(512);
     let text = |k: u64| {

@@ -191,6 +191,12 @@ impl ResolvedRun for Flux2Run {
         let mut fp = Footprint::default();
         add_plan(&mut fp, self.cfg.sampling.steps, 2);
         fp.check(&self.run.file)?;
+        // Drawn latents are checked as the build checks them: plan refuses what run refuses.
+        if self.cfg.prompt.is_none() && self.cfg.inputs.file.is_none() {
+            let c = self.transformer.in_channels;
+            let (_, s) = magcache_layers::inputs::drawn(&self.cfg, &[1, c / 4, 128, 128]);
+            magcache_layers::inputs::packed_drawn_shape(&s, c, "FLUX.2", &self.run.file)?;
+        }
         let (_, seq, _) = self.dims().ok_or_else(|| {
             Error::config(
                 &self.run.file,

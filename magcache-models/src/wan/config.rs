@@ -75,6 +75,15 @@ impl WanConfig {
             .saturating_mul(self.attention_head_dim)
     }
 
+    /// The config the latents themselves fit: an image-conditioned expert (Wan2.2 I2V, 36 input
+    /// channels) takes the latents (`out_channels`) plus `in - out` condition channels.
+    pub fn latents_config(&self) -> WanConfig {
+        WanConfig {
+            in_channels: self.in_channels.min(self.out_channels),
+            ..self.clone()
+        }
+    }
+
     /// Why a latent shape does not fit this model (`[B, in_channels, F, H, W]` with F, H, W multiples
     /// of the patch size), or `None` if it fits.
     pub fn latent_shape_error(&self, dims: &[usize]) -> Option<String> {

@@ -18,7 +18,7 @@ use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use magcache_layers::autoencoder_kl_wan::{WanVae, WanVaeConfig};
-use magcache_layers::config_util::resolve;
+use magcache_layers::config_util::{component, resolve};
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::picture::{load_rgb8, resize, Filter, Rgb8};
 use serde_json::Value;
@@ -37,15 +37,6 @@ pub struct PipelineIndex {
     pub image_encoder: bool,
 }
 
-/// Whether a component entry of `model_index.json` names a class (`["transformers", "X"]`, not
-/// `[null, null]`).
-fn names_component(v: Option<&Value>) -> bool {
-    match v {
-        Some(Value::Array(a)) => a.iter().any(|x| !x.is_null()),
-        _ => false,
-    }
-}
-
 impl PipelineIndex {
     /// Reads `root/model_index.json`; errors name the file and the key. A speech-to-video folder
     /// (Wan2.2 S2V-14B) is refused here.
@@ -56,12 +47,16 @@ impl PipelineIndex {
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
         let class = magcache_layers::config_util::pipeline_class(&v).to_string();
-        let audio = ["audio_encoder", "audio_processor"]
-            .iter()
-            .find(|k| names_component(v.get(**k)));
+        let names = |k: &str| component(&v, &shown, k).map(|c| c.is_some());
+        let mut audio = None;
+        for k in ["audio_encoder", "audio_processor"] {
+            if names(k)? {
+                audio = audio.or(Some(k));
+            }
+        }
         if class.contains("SpeechToVideo") || class.contains("S2V") || audio.is_some() {
             let key = match audio {
-                Some(k) if !class.contains("SpeechToVideo") && !class.contains("S2V") => *k,
+                Some(k) if !class.contains("SpeechToVideo") && !class.contains("S2V") => k,
                 _ => "_class_name",
             };
             return Err(Error::config(
@@ -107,7 +102,7 @@ impl PipelineIndex {
             }
         };
         Ok(PipelineIndex {
-            image_encoder: names_component(v.get("image_encoder")),
+            image_encoder: names("image_encoder")?,
             class,
             boundary_ratio,
             expand_timesteps,

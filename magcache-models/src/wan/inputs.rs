@@ -53,13 +53,8 @@ pub fn build_inputs(
     classes: Option<&[usize]>,
 ) -> Result<WanInputs> {
     let c = &model.cfg;
-    // Image-conditioned experts (Wan2.2 I2V, 36 channels) take the latents plus `in - out` condition
-    // channels; the latents themselves have `out_channels`.
     let extra = c.in_channels.saturating_sub(c.out_channels);
-    let latent_cfg = WanConfig {
-        in_channels: c.in_channels - extra,
-        ..c.clone()
-    };
+    let latent_cfg = c.latents_config();
     if let Some(f) = &cfg.inputs.file {
         let guided = cfg.sampling.guidance_scale.unwrap_or(5.0) > 1.0;
         return read_inputs(&InputFile::load(&resolve(base, f))?, c, &latent_cfg, guided);

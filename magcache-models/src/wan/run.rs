@@ -277,6 +277,15 @@ impl<V: Variant> ResolvedRun for WanRun<V> {
         fp.check(self.file())?;
         let schedule = self.sampler.schedule(steps)?;
         self.sampler.check_schedule(&schedule, self.file())?;
+        // Drawn latents are checked as the build checks them: plan refuses what run refuses.
+        let drawn = self.root.is_none() && self.cfg.inputs.file.is_none();
+        if let (true, Some(shape), Some(c)) =
+            (drawn, &self.cfg.inputs.latent_shape, self.configs.first())
+        {
+            if let Some(msg) = c.latents_config().latent_shape_error(shape) {
+                return Err(Error::config(self.file(), "inputs.latent_shape", msg));
+            }
+        }
         let plan = pipeline::wan_plan(
             self.family(),
             self.configs.len(),

@@ -69,17 +69,7 @@ pub(crate) fn calibrate_run(
     let stats = probes.summary()?;
     let plan = p.pipeline.plan();
     let n = plan.experts().len();
-    let mut sigmas = vec![0.0; plan.total_steps];
-    for sp in &plan.scopes {
-        for (&step, &s) in sp.step_indices.iter().zip(&sp.sigmas) {
-            *sigmas.get_mut(step).ok_or_else(|| {
-                Error::msg(format!(
-                    "calibrate: scope {} runs step {step} of a {}-step plan",
-                    sp.key, plan.total_steps
-                ))
-            })? = s;
-        }
-    }
+    let sigmas = step_sigmas(&plan)?;
     let mut prof = Profile {
         meta: ProfileMeta {
             family: p.cfg.model.family.clone(),
@@ -136,6 +126,22 @@ pub(crate) fn calibrate_run(
         changes[st.block] = st.mean_change.unwrap_or(0.0);
     }
     Ok((prof, report, stats, dense))
+}
+
+/// The sigma of every step of `plan` (each scope's steps, in the generation's numbering).
+fn step_sigmas(plan: &magcache_core::GenerationPlan) -> Result<Vec<f64>> {
+    let mut sigmas = vec![0.0; plan.total_steps];
+    for sp in &plan.scopes {
+        for (&step, &s) in sp.step_indices.iter().zip(&sp.sigmas) {
+            *sigmas.get_mut(step).ok_or_else(|| {
+                Error::msg(format!(
+                    "calibrate: scope {} runs step {step} of a {}-step plan",
+                    sp.key, plan.total_steps
+                ))
+            })? = s;
+        }
+    }
+    Ok(sigmas)
 }
 
 /// The per-block table `magcache calibrate --blocks` prints: one row per block, the mean residual

@@ -92,54 +92,8 @@ pub fn compare(
         ));
     }
     let mut p = prepare(config)?;
-    let cache = p.cache.take();
-    let strategy = std::mem::replace(&mut p.strategy, "none".into());
-    // Progress of the warm-up and of the repeats would only repeat the first runs' lines.
-    let quiet_again = Verbosity::Silent;
-    let run_dense = |p: &mut crate::prepare::Prepared, v: Verbosity| -> Result<_> {
-        p.pipeline.set_cache(None)?;
-        p.cache = None;
-        p.strategy = "none".into();
-        generate(p, v)
-    };
-    let run_cached = |p: &mut crate::prepare::Prepared, v: Verbosity| -> Result<_> {
-        p.pipeline.set_cache(cache.clone())?;
-        p.cache = cache.clone();
-        p.strategy = strategy.clone();
-        generate(p, v)
-    };
-    // Warm-up, untimed and unreported.
-    run_cached(&mut p, Verbosity::Silent)?;
-    let mut dense_runs = Vec::with_capacity(repeat);
-    let mut cached_runs = Vec::with_capacity(repeat);
-    let mut dense_first: Option<(Tensor, Report)> = None;
-    let mut cached_first: Option<(Tensor, Report)> = None;
-    for round in 0..repeat {
-        let v = if round == 0 { verbosity } else { quiet_again };
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for use_cache in order {
-            let (t, r) = if use_cache {
-                run_cached(&mut p, v)?
-            } else {
-                run_dense(&mut p, v)?
-            };
-            if use_cache {
-                cached_runs.push(r.wall_seconds);
-                cached_first.get_or_insert((t, r));
-            } else {
-                dense_runs.push(r.wall_seconds);
-                dense_first.get_or_insert((t, r));
-            }
-        }
-    }
-    // Leave the prepared run as `prepare` made it (with its cache).
-    p.pipeline.set_cache(cache.clone())?;
-    p.cache = cache.clone();
-    p.strategy = strategy.clone();
+    let (dense_runs, cached_runs, dense_first, cached_first) =
+        alternated(&mut p, repeat, verbosity)?;
     let (Some((dense, mut dense_rep)), Some((cached, mut rep))) = (dense_first, cached_first)
     else {
         return Err(magcache_core::Error::msg("compare: no timed run"));
@@ -207,6 +161,61 @@ pub fn compare(
         frame_rate: p.pipeline.frame_rate(),
         report,
     })
+}
+
+/// The first run of each kind and every run's wall time: a cached warm-up (untimed), then
+/// `repeat` rounds, dense and cached alternated (dense first on even rounds), progress shown on the
+/// first round only; the prepared run is left with its cache.
+#[allow(clippy::type_complexity)]
+fn alternated(
+    p: &mut crate::prepare::Prepared,
+    repeat: usize,
+    verbosity: Verbosity,
+) -> Result<(
+    Vec<f64>,
+    Vec<f64>,
+    Option<(Tensor, Report)>,
+    Option<(Tensor, Report)>,
+)> {
+    let cache = p.cache.take();
+    let strategy = std::mem::replace(&mut p.strategy, "none".into());
+    let run_dense = |p: &mut crate::prepare::Prepared, v: Verbosity| -> Result<_> {
+        p.pipeline.set_cache(None)?;
+        (p.cache, p.strategy) = (None, "none".into());
+        generate(p, v)
+    };
+    let set_cached = |p: &mut crate::prepare::Prepared| -> Result<()> {
+        p.pipeline.set_cache(cache.clone())?;
+        (p.cache, p.strategy) = (cache.clone(), strategy.clone());
+        Ok(())
+    };
+    set_cached(p)?;
+    generate(p, Verbosity::Silent)?;
+    let (mut dense_runs, mut cached_runs) = (Vec::new(), Vec::new());
+    let mut dense_first: Option<(Tensor, Report)> = None;
+    let mut cached_first: Option<(Tensor, Report)> = None;
+    for round in 0..repeat {
+        // Progress of the repeats would only repeat the first runs' lines.
+        let v = if round == 0 {
+            verbosity
+        } else {
+            Verbosity::Silent
+        };
+        for use_cache in [round % 2 == 1, round % 2 == 0] {
+            if use_cache {
+                set_cached(p)?;
+                let (t, r) = generate(p, v)?;
+                cached_runs.push(r.wall_seconds);
+                cached_first.get_or_insert((t, r));
+            } else {
+                let (t, r) = run_dense(p, v)?;
+                dense_runs.push(r.wall_seconds);
+                dense_first.get_or_insert((t, r));
+            }
+        }
+    }
+    set_cached(p)?;
+    Ok((dense_runs, cached_runs, dense_first, cached_first))
 }
 
 /// Human table of a comparison.

@@ -117,25 +117,7 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
             dtype = "f32 (auto: bf16 if the run is refused in f32)".into();
         }
     }
-    let memory = match fam.estimate {
-        Some(est) => est(&cfg, &file, &base)?
-            .into_iter()
-            .map(|(stage, fp)| StageMemory {
-                stage,
-                bytes: fp.total(),
-                parts: fp
-                    .parts
-                    .iter()
-                    .map(|p| MemoryPart {
-                        what: p.what.clone(),
-                        key: p.knob.clone(),
-                        bytes: p.bytes,
-                    })
-                    .collect(),
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    let memory = stage_memory(fam, &cfg, &file, &base)?;
     let avail = magcache_core::runtime::guard::available_memory()?;
     Ok(PlanReport {
         dtype,
@@ -151,6 +133,34 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
         calls,
         warnings,
     })
+}
+
+/// The size guard's estimate of each stage, part by part (none when the family gives none).
+fn stage_memory(
+    fam: &magcache_core::runtime::registry::ModelFamily,
+    cfg: &RunConfig,
+    file: &str,
+    base: &Path,
+) -> Result<Vec<StageMemory>> {
+    let Some(est) = fam.estimate else {
+        return Ok(Vec::new());
+    };
+    Ok(est(cfg, file, base)?
+        .into_iter()
+        .map(|(stage, fp)| StageMemory {
+            stage,
+            bytes: fp.total(),
+            parts: fp
+                .parts
+                .iter()
+                .map(|p| MemoryPart {
+                    what: p.what.clone(),
+                    key: p.knob.clone(),
+                    bytes: p.bytes,
+                })
+                .collect(),
+        })
+        .collect())
 }
 
 /// Human text of a plan.

@@ -345,33 +345,14 @@ pub fn tune(
         progress,
         max_runs: opts.max_runs,
         profile_name,
+        profile_abs,
+        steps,
+        best: BTreeMap::new(),
     };
-    // Best candidate per budget: index into `tried`.
-    let mut best: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut at_budget = |ctx: &mut Ctx<'_, '_>, b: usize| -> Result<Option<usize>> {
-        if let Some(&i) = best.get(&b) {
-            return Ok(Some(i));
-        }
-        let mut top: Option<usize> = None;
-        for (label, lines) in candidates(&profile_abs, steps, b) {
-            let Some(i) = ctx.try_run(label, lines, b)? else {
-                break;
-            };
-            if top.is_none_or(|j| ctx.tried[j].psnr_db < ctx.tried[i].psnr_db) {
-                top = Some(i);
-            }
-        }
-        if let Some(i) = top {
-            best.insert(b, i);
-        }
-        Ok(top)
-    };
-    let psnr =
-        |ctx: &Ctx<'_, '_>, i: Option<usize>| i.map_or(f64::NEG_INFINITY, |i| ctx.tried[i].psnr_db);
     let chosen = match opts.target {
         Target::Speedup(s) => {
             let b = ((steps as f64 / s).floor() as usize).clamp(1, most);
-            let i = at_budget(&mut ctx, b)?;
+            let i = ctx.at_budget(b)?;
             let i = match i {
                 Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),
                 i => i,
@@ -380,36 +361,7 @@ pub fn tune(
             // with other step counts can compute more calls than the budget).
             i.filter(|&i| ctx.tried[i].speedup_calls + 1e-9 >= s)
         }
-        Target::Psnr(p) => {
-            let want = p + opts.margin;
-            // Bisection for the smallest budget meeting `want` (up to the shortest scope's calls).
-            let (mut lo, mut hi) = (2usize.min(most), most);
-            let mut found: Option<usize> = None;
-            while lo < hi {
-                let mid = (lo + hi) / 2;
-                let i = at_budget(&mut ctx, mid)?;
-                if psnr(&ctx, i) >= want {
-                    found = i;
-                    hi = mid;
-                } else {
-                    lo = mid + 1;
-                }
-            }
-            // Real runs left: move the computed calls of the best setting one budget below, one
-            // at a time, while that gains; it may reach the target with a call fewer.
-            if single_scope_steps {
-                if let Some(&below) = found
-                    .map(|i| ctx.tried[i].budget.saturating_sub(1))
-                    .and_then(|b| best.get(&b))
-                {
-                    let j = ctx.refine(below, Some(want))?;
-                    if ctx.tried[j].psnr_db >= want {
-                        found = Some(j);
-                    }
-                }
-            }
-            found
-        }
+        Target::Psnr(p) => ctx.smallest_budget(p + opts.margin, most, single_scope_steps)?,
     };
     Ok(TuneReport {
         target: opts.target,
@@ -426,9 +378,67 @@ struct Ctx<'a, 'r> {
     progress: &'a mut dyn FnMut(&Tried),
     max_runs: usize,
     profile_name: &'a str,
+    /// The calibration profile, absolute (the candidates name it).
+    profile_abs: String,
+    /// Calls per scope.
+    steps: usize,
+    /// Best candidate per budget: index into `tried`.
+    best: BTreeMap<usize, usize>,
 }
 
 impl Ctx<'_, '_> {
+    /// The best candidate at budget `b` (each candidate run once, remembered).
+    fn at_budget(&mut self, b: usize) -> Result<Option<usize>> {
+        if let Some(&i) = self.best.get(&b) {
+            return Ok(Some(i));
+        }
+        let mut top: Option<usize> = None;
+        for (label, lines) in candidates(&self.profile_abs, self.steps, b) {
+            let Some(i) = self.try_run(label, lines, b)? else {
+                break;
+            };
+            if top.is_none_or(|j| self.tried[j].psnr_db < self.tried[i].psnr_db) {
+                top = Some(i);
+            }
+        }
+        if let Some(i) = top {
+            self.best.insert(b, i);
+        }
+        Ok(top)
+    }
+
+    /// Bisection for the smallest budget (up to `most`) whose best candidate keeps `want` dB;
+    /// then, with real runs left and one step count, the best setting one budget below refined
+    /// one move at a time, which may reach `want` with a call fewer.
+    fn smallest_budget(&mut self, want: f64, most: usize, refine: bool) -> Result<Option<usize>> {
+        let psnr =
+            |ctx: &Self, i: Option<usize>| i.map_or(f64::NEG_INFINITY, |i| ctx.tried[i].psnr_db);
+        let (mut lo, mut hi) = (2usize.min(most), most);
+        let mut found: Option<usize> = None;
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let i = self.at_budget(mid)?;
+            if psnr(self, i) >= want {
+                found = i;
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        if refine {
+            if let Some(&below) = found
+                .map(|i| self.tried[i].budget.saturating_sub(1))
+                .and_then(|b| self.best.get(&b))
+            {
+                let j = self.refine(below, Some(want))?;
+                if self.tried[j].psnr_db >= want {
+                    found = Some(j);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Runs candidate `lines` and records it; `None` once the run budget is spent.
     fn try_run(
         &mut self,

@@ -10,12 +10,14 @@ use super::{Entry, WeightStore};
 pub use header::{read_header, Header, Meta};
 
 mod header;
+mod write;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use magcache_core::{Error, Result};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+pub use write::{quant_type, write_gguf};
 
 /// Whether `path` names a GGUF file (by its extension, as people name them).
 pub fn is_gguf(path: &Path) -> bool {
@@ -515,175 +517,6 @@ pub fn check_architecture(
             format!("missing: family {family} reads `{expected}` files"),
         )),
     }
-}
-
-/// ggml's type id of `t` (ggml.h), for writing.
-fn ggml_id(t: GgmlDType) -> u32 {
-    match t {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
-    }
-}
-
-/// A quantization a GGUF export can write, by its usual name (`q8_0`, `q4_k`, ...).
-pub fn quant_type(name: &str) -> Option<GgmlDType> {
-    Some(match name.to_ascii_lowercase().as_str() {
-        "q8_0" => GgmlDType::Q8_0,
-        "q4_0" => GgmlDType::Q4_0,
-        "q4_1" => GgmlDType::Q4_1,
-        "q5_0" => GgmlDType::Q5_0,
-        "q5_1" => GgmlDType::Q5_1,
-        "q2_k" => GgmlDType::Q2K,
-        "q3_k" => GgmlDType::Q3K,
-        "q4_k" => GgmlDType::Q4K,
-        "q5_k" => GgmlDType::Q5K,
-        "q6_k" => GgmlDType::Q6K,
-        _ => return None,
-    })
-}
-
-/// The type a tensor is written in, by city96's rules: matrices whose rows are whole blocks in
-/// `quant`, other matrices F16, everything else (biases, norms, modulation tables, the 5-D patch
-/// embedding) F32.
-fn written_type(shape: &[usize], quant: GgmlDType) -> GgmlDType {
-    match shape {
-        [_, cols] if cols % quant.block_size() == 0 => quant,
-        [_, _] => GgmlDType::F16,
-        _ => GgmlDType::F32,
-    }
-}
-
-/// Writes `tensors` (names and torch-order shapes; values from `generate`, one tensor at a time,
-/// never all held) as a GGUF file of architecture `arch` quantized to `quant`. Returns the bytes
-/// written. `progress` gets a line every few GB.
-pub fn write_gguf(
-    path: &Path,
-    arch: &str,
-    tensors: &[(String, Vec<usize>)],
-    quant: GgmlDType,
-    generate: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
-    progress: &mut dyn FnMut(&str),
-) -> Result<u64> {
-    use std::io::Write;
-    const ALIGN: u64 = 32;
-    let shown = path.display().to_string();
-    let io = |e: std::io::Error| Error::io(&shown, e);
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut w = Counted {
-        w: std::io::BufWriter::new(file),
-        pos: 0,
-    };
-    let put = |w: &mut Counted, b: &[u8]| -> Result<()> {
-        w.w.write_all(b).map_err(|e| Error::io(&shown, e))?;
-        w.pos += b.len() as u64;
-        Ok(())
-    };
-    let string = |s: &str| -> Vec<u8> {
-        let mut v = (s.len() as u64).to_le_bytes().to_vec();
-        v.extend_from_slice(s.as_bytes());
-        v
-    };
-    put(&mut w, b"GGUF")?;
-    put(&mut w, &3u32.to_le_bytes())?;
-    put(&mut w, &(tensors.len() as u64).to_le_bytes())?;
-    put(&mut w, &2u64.to_le_bytes())?;
-    put(&mut w, &string("general.architecture"))?;
-    put(&mut w, &8u32.to_le_bytes())?;
-    put(&mut w, &string(arch))?;
-    put(&mut w, &string("general.quantization_version"))?;
-    put(&mut w, &4u32.to_le_bytes())?;
-    put(&mut w, &2u32.to_le_bytes())?;
-    let mut offset = 0u64;
-    let mut plan = Vec::with_capacity(tensors.len());
-    for (name, shape) in tensors {
-        let ty = written_type(shape, quant);
-        let elems: usize = shape.iter().product();
-        let len = (elems / ty.block_size() * ty.type_size()) as u64;
-        put(&mut w, &string(name))?;
-        put(&mut w, &(shape.len() as u32).to_le_bytes())?;
-        for d in shape.iter().rev() {
-            put(&mut w, &(*d as u64).to_le_bytes())?;
-        }
-        put(&mut w, &ggml_id(ty).to_le_bytes())?;
-        put(&mut w, &offset.to_le_bytes())?;
-        plan.push((ty, len));
-        offset = (offset + len).div_ceil(ALIGN) * ALIGN;
-    }
-    let pad = |at: u64| vec![0u8; (at.div_ceil(ALIGN) * ALIGN - at) as usize];
-    let p = pad(w.pos);
-    put(&mut w, &p)?;
-    let mut since = 0u64;
-    for ((name, shape), (ty, len)) in tensors.iter().zip(plan) {
-        let t = generate(name, shape)?.to_dtype(candle_core::DType::F32)?;
-        // Quantizing writes a NaN as 0 and an infinity as a clamped block: a file that looks
-        // sound and is not. Refused, naming the tensor (a LoRA with a non-finite alpha, say).
-        if !magcache_core::finite::all_finite(&t)? {
-            return Err(Error::weights(
-                &shown,
-                name,
-                format!(
-                    "holds non-finite values ({}); nothing written",
-                    magcache_core::finite::describe_non_finite(&t)?
-                ),
-            ));
-        }
-        let cols = shape.last().copied().unwrap_or(1).max(1);
-        let t = t.reshape((t.elem_count() / cols, cols))?;
-        let q = candle_core::quantized::QTensor::quantize(&t, ty).map_err(|e| {
-            let e = magcache_core::error::candle_text(e);
-            Error::weights(&shown, name, format!("{ty:?}: {e}"))
-        })?;
-        let data = q.data()?;
-        if data.len() as u64 != len {
-            return Err(Error::weights(
-                &shown,
-                name,
-                format!("{ty:?} gave {} bytes, {len} expected", data.len()),
-            ));
-        }
-        check_written(ty, &data, &shown, name)?;
-        put(&mut w, &data)?;
-        let p = pad(len);
-        put(&mut w, &p)?;
-        since += len;
-        if since > 2_000_000_000 {
-            progress(&format!("{shown}: {:.1} GB written", w.pos as f64 / 1e9));
-            since = 0;
-        }
-    }
-    w.w.flush().map_err(io)?;
-    Ok(w.pos)
-}
-
-/// A finite tensor can still overflow what a GGUF file stores: f16 values, and the f16 scale of a
-/// quantized block (its largest value over 127 for Q8_0): checked as written, naming the tensor.
-fn check_written(ty: GgmlDType, data: &[u8], shown: &str, name: &str) -> Result<()> {
-    check_finite_blocks(ty, data, shown, name).map_err(|_| {
-        Error::weights(
-            shown,
-            name,
-            format!("overflows {ty:?} (a value or a block scale past f16's 65504 as written); nothing written"),
-        )
-    })
-}
-
-/// A writer counting its bytes.
-struct Counted {
-    w: std::io::BufWriter<std::fs::File>,
-    pos: u64,
 }
 
 #[cfg(test)]

@@ -18,10 +18,14 @@ use std::sync::{Arc, Mutex};
 mod delta;
 pub mod files;
 pub mod gguf;
+mod open;
+mod read;
+mod unused;
 pub mod warm;
 
 pub use delta::Delta;
 pub use files::weight_files;
+use read::{read_f32, read_range};
 
 /// A tensor of the store: in memory, or where it lies in a memory-mapped checkpoint file (read when
 /// it is handed out, so a model can fetch a block's weights when the block runs).
@@ -148,100 +152,6 @@ impl WeightStore {
 
     pub fn placement(&self) -> &magcache_core::Placement {
         &self.placement
-    }
-
-    /// Loads safetensors files (f32, f16 or bf16), each tensor kept in its stored dtype until it is
-    /// handed out (converted once, then).
-    pub fn load_files(origin: &str, files: &[PathBuf]) -> Result<Self> {
-        let mut store = WeightStore {
-            origin: origin.to_string(),
-            ..Default::default()
-        };
-        for (fi, f) in files.iter().enumerate() {
-            let name = f.display().to_string();
-            if let Some(why) = magcache_core::error::not_a_file(f) {
-                return Err(Error::weights(
-                    &name,
-                    "(file)",
-                    format!("weight file {why}"),
-                ));
-            }
-            let file = std::fs::File::open(f).map_err(|e| Error::io(&name, e))?;
-            let len = file.metadata().map_err(|e| Error::io(&name, e))?.len();
-            magcache_core::files::record_read(f);
-            // SAFETY: the mapping is read-only and only its header is read, right now (the tensors
-            // are read later with `pread`, see `read_range`); it is dropped at the end of this
-            // iteration.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&name, e))?;
-            let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                Error::weights(
-                    &name,
-                    "(header)",
-                    format!("not a readable safetensors file: {e:?}"),
-                )
-            })?;
-            let data_start = 8 + n;
-            let mut entries: Vec<(String, safetensors::tensor::TensorInfo)> = meta
-                .tensors()
-                .into_iter()
-                .map(|(k, i)| (k, i.clone()))
-                .collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            let map = store.handles.len();
-            for (k, info) in entries {
-                use safetensors::Dtype as S;
-                let dtype = match info.dtype {
-                    S::F32 => DType::F32,
-                    S::F16 => DType::F16,
-                    S::BF16 => DType::BF16,
-                    // Integer `position_ids` buffers (older transformers CLIP checkpoints store
-                    // `text_model.embeddings.position_ids`) are not weights: positions are 0..L.
-                    S::I64 | S::U32 | S::U8 if k.ends_with("position_ids") => continue,
-                    // A batch norm's training counter (FLUX.2's VAE `bn.num_batches_tracked`).
-                    S::I64 if k.ends_with("num_batches_tracked") => continue,
-                    other => {
-                        return Err(Error::weights(
-                            &name,
-                            &k,
-                            format!("has dtype {other:?}; weights must be f32, f16 or bf16"),
-                        ))
-                    }
-                };
-                if let Some((_, other)) = store.tensors.get(&k) {
-                    let other = store.files.get(*other).cloned().unwrap_or_default();
-                    return Err(Error::weights(
-                        &name,
-                        &k,
-                        format!("is also in {other}: two shards hold the same tensor and neither can be chosen (remove one, or give an index *.safetensors.index.json)"),
-                    ));
-                }
-                let (a, b) = info.data_offsets;
-                let entry = Entry::Mapped {
-                    map,
-                    dtype,
-                    shape: info.shape,
-                    start: data_start + a,
-                    end: data_start + b,
-                };
-                store.tensors.insert(k, (entry, fi));
-            }
-            drop(mmap);
-            store.handles.push(Arc::new((file, len)));
-            store.files.push(name);
-        }
-        Ok(store)
-    }
-
-    /// Loads every weight file of a model path (see [`weight_files`]) and strips the
-    /// `model.diffusion_model.` prefix single-file checkpoints often carry.
-    pub fn load_checkpoint(path: &Path) -> Result<Self> {
-        let files = weight_files(path)?;
-        let mut store = WeightStore::load_files(&path.display().to_string(), &files)?;
-        const PREFIX: &str = "model.diffusion_model.";
-        if store.keys().any(|k| k.starts_with(PREFIX)) {
-            store.rename(|k| k.strip_prefix(PREFIX).unwrap_or(k).to_string())?;
-        }
-        Ok(store)
     }
 
     pub fn len(&self) -> usize {
@@ -498,93 +408,6 @@ impl WeightStore {
         Ok(())
     }
 
-    /// Checkpoint tensors the model never fetched, sorted.
-    pub fn unused(&self) -> Vec<String> {
-        let used = match self.used.lock() {
-            Ok(u) => u.clone(),
-            Err(_) => return Vec::new(),
-        };
-        let mut v: Vec<String> = self
-            .tensors
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .cloned()
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// After a model is built from this store: the warning naming checkpoint tensors it did not use
-    /// (`None` when it used them all), or an error when a whole block (`blocks.N.*`,
-    /// `transformer_blocks.N.*`, ...: every tensor under a numbered prefix) is left over: the model
-    /// was built with fewer blocks than the checkpoint holds. `depth_key` maps a block prefix
-    /// (`blocks`) to what sets that number of blocks (`model.overrides.num_layers = 2`, or
-    /// `num_layers = 2 in config.json`); a key under `model.overrides.` makes the error name the
-    /// run file and that key, any other the checkpoint file and the block.
-    pub fn check_unused(
-        &self,
-        cfg_file: &str,
-        depth_key: impl Fn(&str) -> String,
-    ) -> Result<Option<String>> {
-        let unused = self.unused();
-        if unused.is_empty() {
-            return Ok(None);
-        }
-        let used = match self.used.lock() {
-            Ok(u) => u.clone(),
-            Err(_) => HashSet::new(),
-        };
-        // Numbered prefixes (`blocks.2`) none of whose tensors was used.
-        let mut left_blocks: BTreeSet<(String, usize)> = BTreeSet::new();
-        for k in &unused {
-            if let Some((prefix, n)) = block_of(k) {
-                let p = format!("{prefix}.{n}.");
-                if !used.iter().any(|u| u.starts_with(&p)) {
-                    left_blocks.insert((prefix.to_string(), n));
-                }
-            }
-        }
-        if let Some((prefix, first)) = left_blocks.iter().next() {
-            let names: Vec<String> = left_blocks
-                .iter()
-                .map(|(p, n)| format!("{p}.{n}.*"))
-                .collect();
-            let depth_key = depth_key(prefix);
-            let msg = format!(
-                "{} holds block(s) {} that the model does not build (its depth comes from {depth_key}): a model shallower than its checkpoint would run silently wrong; set the number of blocks to match the checkpoint",
-                self.origin,
-                names.join(", ")
-            );
-            return Err(if depth_key.starts_with("model.overrides.") {
-                let key = depth_key.split(' ').next().unwrap_or_default().to_string();
-                Error::config(cfg_file, key, msg)
-            } else {
-                let p = format!("{prefix}.{first}.");
-                let file = unused
-                    .iter()
-                    .find(|k| k.starts_with(&p))
-                    .map(|k| self.file_of(k))
-                    .unwrap_or(&self.origin);
-                Error::weights(file, format!("{prefix}.{first}.*"), msg)
-            });
-        }
-        const SHOWN: usize = 8;
-        let mut list: Vec<&str> = unused.iter().take(SHOWN).map(|s| s.as_str()).collect();
-        let more = unused.len().saturating_sub(SHOWN);
-        let extra = if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        };
-        list.sort();
-        Ok(Some(format!(
-            "{}: {} checkpoint tensor(s) not used by the model: {}{extra}",
-            self.origin,
-            unused.len(),
-            list.join(", ")
-        )))
-    }
-
     /// A linear layer's weight: a quantized GGUF tensor without LoRA deltas stays quantized (on the
     /// placement's device, checked finite once); anything else as [`WeightStore::get_weight`].
     pub fn get_linear(&self, name: &str, shape: &[usize]) -> Result<LinearWeight> {
@@ -699,87 +522,6 @@ impl WeightStore {
         }
         Ok(())
     }
-}
-
-/// Bytes `start..end` of an open checkpoint file that was `opened_len` bytes long when its header was
-/// read. The file's current length is checked first and the bytes are read with `pread` (not through
-/// a memory map): a file truncated or rewritten under the run is an error, in words, never a SIGBUS.
-/// The tensor of `shape` whose little-endian f32 values lie at `start..end` of `file` (a whole
-/// number of them, on a little-endian machine: the caller checks), read into its vector (no
-/// intermediate byte buffer).
-fn read_f32(
-    file: &std::fs::File,
-    opened_len: u64,
-    start: usize,
-    end: usize,
-    shape: &[usize],
-) -> std::result::Result<Tensor, String> {
-    let n = end.saturating_sub(start);
-    let mut v: Vec<f32> = vec![0.0; n / 4];
-    // SAFETY: every bit pattern is a valid f32; the slice covers exactly the vector's `n`
-    // initialised bytes.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), n) };
-    read_range_into(file, opened_len, start, end, bytes)?;
-    Tensor::from_vec(v, shape, &Device::Cpu).map_err(magcache_core::error::candle_text)
-}
-
-fn read_range(
-    file: &std::fs::File,
-    opened_len: u64,
-    start: usize,
-    end: usize,
-) -> std::result::Result<Vec<u8>, String> {
-    let mut buf = vec![0u8; end.saturating_sub(start)];
-    read_range_into(file, opened_len, start, end, &mut buf)?;
-    Ok(buf)
-}
-
-/// Reads `start..end` of `file` into `buf` (its length), naming a file that shrank since it was
-/// opened (`opened_len`).
-fn read_range_into(
-    file: &std::fs::File,
-    opened_len: u64,
-    start: usize,
-    end: usize,
-    buf: &mut [u8],
-) -> std::result::Result<(), String> {
-    let shrunk = |now: u64| {
-        format!(
-            "the checkpoint file changed while the run read it: it is {now} bytes now ({opened_len} when opened) and the tensor's data ends at byte {end}; do not truncate or rewrite a checkpoint a run is reading"
-        )
-    };
-    let now = file.metadata().map_err(|e| e.to_string())?.len();
-    if (end as u64) > now {
-        return Err(shrunk(now));
-    }
-    read_exact_at(file, buf, start as u64).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            shrunk(file.metadata().map(|m| m.len()).unwrap_or(0))
-        } else {
-            format!("cannot read the tensor's data: {e}")
-        }
-    })
-}
-
-#[cfg(unix)]
-fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-}
-
-#[cfg(windows)]
-fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match std::os::windows::fs::FileExt::seek_read(file, buf, offset) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// `blocks.12.attn1.to_q.weight` -> `("blocks", 12)`: the prefix up to the first numbered component.

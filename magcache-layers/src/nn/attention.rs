@@ -1,0 +1,273 @@
+//! Scaled dot-product attention: fused on the CPU in f32, query-chunked elsewhere.
+
+use super::contiguous;
+use super::pointwise::fast_exp;
+#[cfg(test)]
+use candle_core::Device;
+use candle_core::{DType, Tensor};
+use magcache_core::Result;
+
+/// Largest score matrix (bytes) one attention matmul may materialise; longer sequences are processed
+/// in query chunks, so a 32k-token video needs ~256 MB for scores, not `H * S * S * 4` bytes.
+pub const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
+
+/// Scaled dot-product attention, no mask. `q [B, H, S, D]`, `k`/`v` `[B, H, L, D]` -> `[B, H, S, D]`.
+/// On the CPU in f32: `cpu_attention`, fused. Elsewhere queries are processed in chunks whose
+/// `[B, H, chunk, L]` scores fit [`ATTENTION_SCORE_BUDGET`] (candle's CPU flash attention avoids the
+/// scores too but measured 2.6-3.5x slower here).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
+        return cpu_attention(q, k, v);
+    }
+    let (b, h, s, _) = q.dims4()?;
+    let per_query = b * h * k.dim(2)? * 4;
+    attention_in_chunks(
+        q,
+        k,
+        v,
+        (ATTENTION_SCORE_BUDGET / per_query.max(1)).clamp(1, s.max(1)),
+    )
+}
+
+/// Queries per task of `cpu_attention`: its scores are `QUERY_BLOCK x L` floats per thread.
+pub const QUERY_BLOCK: usize = 128;
+
+/// [`attention`] on the CPU in f32, fused: one task per (batch, head, block of [`QUERY_BLOCK`]
+/// queries), spread over the threads, each running its two products single-threaded through `gemm`
+/// with the softmax in between on its own score rows. candle's batched matmul instead threads each
+/// head's small product in turn (measured 25-45% below the linear layers' throughput), materialises
+/// `[B, H, S, L]` scores and passes over them three times; candle's CPU flash attention was slower
+/// still (see [`attention`]).
+fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let d = q.dim(3)?;
+    let q = (q * (1.0 / (d as f64).sqrt()))?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    Ok(q.apply_op3_no_bwd(&k, &v, &CpuAttention)?)
+}
+
+struct CpuAttention;
+
+impl candle_core::CustomOp3 for CpuAttention {
+    fn name(&self) -> &'static str {
+        "cpu-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage::F32;
+        let (F32(q), F32(k), F32(v)) = (s1, s2, s3) else {
+            candle_core::bail!("cpu attention: f32 only");
+        };
+        let what = "cpu attention";
+        let (q, k, v) = (
+            contiguous(q, l1, what)?,
+            contiguous(k, l2, what)?,
+            contiguous(v, l3, what)?,
+        );
+        let (b, h, s, d) = l1.shape().dims4()?;
+        let (kb, kh, l, kd) = l2.shape().dims4()?;
+        if (kb, kh, kd) != (b, h, d) || l3.shape() != l2.shape() {
+            candle_core::bail!(
+                "cpu attention: q {:?}, k {:?}, v {:?} do not match",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let mut out = vec![0f32; b * h * s * d];
+        if out.is_empty() || l == 0 {
+            return Ok((F32(out), l1.shape().clone()));
+        }
+        let qb = QUERY_BLOCK.min(s);
+        // (batch x head, first query, its output rows): disjoint, in any order.
+        let mut tasks = Vec::new();
+        for (bh, head_out) in out.chunks_mut(s * d).enumerate() {
+            for (i, rows) in head_out.chunks_mut(qb * d).enumerate() {
+                tasks.push((bh, i * qb, rows));
+            }
+        }
+        let threads = candle_core::utils::get_num_threads().clamp(1, tasks.len());
+        let tasks = std::sync::Mutex::new(tasks.into_iter());
+        let run = || {
+            let mut scores = vec![0f32; qb * l];
+            loop {
+                let next = match tasks.lock() {
+                    Ok(mut t) => t.next(),
+                    Err(_) => None,
+                };
+                let Some((bh, q0, o)) = next else { break };
+                let rows = o.len() / d;
+                let qs = &q[(bh * s + q0) * d..(bh * s + q0 + rows) * d];
+                let (ks, vs) = (
+                    &k[bh * l * d..(bh + 1) * l * d],
+                    &v[bh * l * d..(bh + 1) * l * d],
+                );
+                attend_rows(qs, (ks, vs), &mut scores[..rows * l], o, (rows, l, d));
+            }
+        };
+        std::thread::scope(|sc| {
+            for _ in 1..threads {
+                sc.spawn(run);
+            }
+            run();
+        });
+        Ok((F32(out), l1.shape().clone()))
+    }
+}
+
+/// One task of [`CpuAttention`]: `o = softmax(qs . ks^T) . vs` for `rows` queries over `l` keys of
+/// width `d`, the scores in `sc` (`rows x l`); every slice row-major.
+fn attend_rows(
+    qs: &[f32],
+    (ks, vs): (&[f32], &[f32]),
+    sc: &mut [f32],
+    o: &mut [f32],
+    (rows, l, d): (usize, usize, usize),
+) {
+    // SAFETY: every pointer and stride below stays inside its slice: `qs` is
+    // rows x d, `ks` and `vs` are l x d, `sc` rows x l and `o` rows x d, all row-major.
+    unsafe {
+        // sc = qs . ks^T
+        gemm::gemm(
+            rows,
+            l,
+            d,
+            sc.as_mut_ptr(),
+            1,
+            l as isize,
+            false,
+            qs.as_ptr(),
+            1,
+            d as isize,
+            ks.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for row in sc.chunks_mut(l) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = fast_exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    // SAFETY: as above.
+    unsafe {
+        // o = softmax(sc) . vs
+        gemm::gemm(
+            rows,
+            d,
+            l,
+            o.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            sc.as_ptr(),
+            1,
+            l as isize,
+            vs.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// [`attention`] over chunks of `chunk` queries (the path off the CPU, and the CPU path's reference).
+pub fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Result<Tensor> {
+    let (_, _, s, d) = q.dims4()?;
+    // The 1/sqrt(d) scale goes on `q` (S x D values), not on the S x L scores: candle's CPU affine
+    // is a single-threaded pass, which over the scores of a 32k-token video would read and write
+    // tens of GB per block while one core idles.
+    let q = (q * (1.0 / (d as f64).sqrt()))?;
+    let kt = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    let one = |q: &Tensor| -> Result<Tensor> {
+        let scores = q.matmul(&kt)?;
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
+    };
+    if chunk >= s {
+        return one(&q);
+    }
+    let parts = (0..s)
+        .step_by(chunk.max(1))
+        .map(|start| one(&q.narrow(2, start, chunk.min(s - start))?.contiguous()?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 2)?)
+}
+
+/// Largest absolute difference of two tensors (unit tests of this crate).
+#[cfg(test)]
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[cfg(test)]
+#[test]
+fn fused_cpu_attention_equals_the_matmul_path() {
+    let dev = Device::Cpu;
+    // Query counts across and off the task block, keys fewer and more than the queries.
+    for (b, h, s, l, d) in [(2, 3, 300, 200, 16), (1, 2, 128, 129, 8), (1, 1, 1, 3, 4)] {
+        let q = Tensor::randn(0f32, 2.0, (b, h, s, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 2.0, (b, h, l, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
+        let fused = cpu_attention(&q, &k, &v).unwrap();
+        let reference = attention_in_chunks(&q, &k, &v, s).unwrap();
+        let diff = max_abs_diff(&fused, &reference);
+        assert!(diff < 1e-5, "{b}x{h}x{s}x{l}x{d}: {diff}");
+    }
+    // A non-contiguous q (heads transposed in, as the models pass them) is accepted.
+    let q = Tensor::randn(0f32, 1.0, (1, 5, 2, 8), &dev)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 7, 8), &dev).unwrap();
+    let a = cpu_attention(&q, &k, &k).unwrap();
+    let r = attention_in_chunks(&q, &k, &k, 5).unwrap();
+    let diff = max_abs_diff(&a, &r);
+    assert!(diff < 1e-5, "{diff}");
+}
+
+#[cfg(test)]
+#[test]
+fn chunked_attention_equals_one_shot() {
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 29, 8), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (1, 2, 29, 8), &dev).unwrap();
+    let full = attention(&q, &k, &v).unwrap();
+    let chunked = attention_in_chunks(&q, &k, &v, 5).unwrap();
+    let d = max_abs_diff(&full, &chunked);
+    assert!(d < 1e-6, "{d}");
+}

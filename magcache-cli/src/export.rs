@@ -233,24 +233,9 @@ fn write_all(
     for m in models {
         let dir = model_dir(root, m)?;
         let cfg_path = dir.join("config.json");
-        let text =
-            serde_json::to_string_pretty(&m.config).map_err(|e| Error::msg(e.to_string()))?;
-        std::fs::write(&cfg_path, text + "\n")
-            .map_err(|e| Error::io(cfg_path.display().to_string(), e))?;
+        write_json(&cfg_path, &m.config)?;
         // Shards in writing order, each at most `shard_bytes` (a larger tensor alone).
-        let mut shards: Vec<Vec<usize>> = Vec::new();
-        let mut cur: Vec<usize> = Vec::new();
-        let mut filled = 0u64;
-        for (i, (_, shape, dtype)) in m.tensors.iter().enumerate() {
-            let n = size(shape, *dtype);
-            if !cur.is_empty() && filled + n > shard_bytes {
-                shards.push(std::mem::take(&mut cur));
-                filled = 0;
-            }
-            cur.push(i);
-            filled += n;
-        }
-        shards.push(cur);
+        let shards = shard_plan(m, shard_bytes);
         let count = shards.len();
         // transformers' components of a pipeline folder (text and image encoders) are named
         // `model*.safetensors`, diffusers' `diffusion_pytorch_model*.safetensors`.
@@ -324,17 +309,38 @@ fn write_all(
                 "metadata": { "total_size": folder_bytes },
                 "weight_map": weight_map,
             });
-            let path = dir.join(format!("{stem}.safetensors.index.json"));
-            let text =
-                serde_json::to_string_pretty(&index).map_err(|e| Error::msg(e.to_string()))?;
-            std::fs::write(&path, text + "\n")
-                .map_err(|e| Error::io(path.display().to_string(), e))?;
+            write_json(&dir.join(format!("{stem}.safetensors.index.json")), &index)?;
         }
         tensors += m.tensors.len();
         bytes += folder_bytes;
         folders.push((m.folder.clone(), count, folder_bytes));
     }
     Ok((folders, tensors, bytes))
+}
+
+/// The tensors of `m` (indices, in writing order) grouped into shards of at most `shard_bytes`
+/// (a larger tensor alone).
+fn shard_plan(m: &GeneratedWeights, shard_bytes: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut filled = 0u64;
+    for (i, (_, shape, dtype)) in m.tensors.iter().enumerate() {
+        let n = size(shape, *dtype);
+        if !cur.is_empty() && filled + n > shard_bytes {
+            shards.push(std::mem::take(&mut cur));
+            filled = 0;
+        }
+        cur.push(i);
+        filled += n;
+    }
+    shards.push(cur);
+    shards
+}
+
+/// Writes `v` as pretty JSON with a final newline.
+fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::msg(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path.display().to_string(), e))
 }
 
 /// Bytes of a tensor; `None` past `u64`.

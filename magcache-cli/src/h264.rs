@@ -148,6 +148,48 @@ pub fn encode_mp4(frames: &[Vec<u8>], w: usize, h: usize, fps: u32) -> Result<Ve
     encode(&frames, w, h, fps).map_err(|e| Error::msg(format!("H.264 MP4: {e}")))
 }
 
+/// The MP4 sample of one encoded frame: its NAL units, each behind its 4-byte length, less the
+/// parameter sets (the first SPS and PPS are kept for the track's header).
+fn frame_sample(
+    stream: &[u8],
+    sps: &mut Option<Vec<u8>>,
+    pps: &mut Option<Vec<u8>>,
+) -> Res<Vec<u8>> {
+    let mut sample = Vec::with_capacity(stream.len() + 16);
+    for nal in nal_units(stream) {
+        match nal[0] & 0x1f {
+            7 => {
+                sps.get_or_insert_with(|| nal.to_vec());
+            }
+            8 => {
+                pps.get_or_insert_with(|| nal.to_vec());
+            }
+            _ => {
+                let n = u32::try_from(nal.len()).map_err(|_| "NAL unit over 4 GB".to_string())?;
+                sample.extend_from_slice(&n.to_be_bytes());
+                sample.extend_from_slice(nal);
+            }
+        }
+    }
+    Ok(sample)
+}
+
+/// The file's brands (ISO base media with AVC) and its 1 ms movie timescale.
+fn mp4_config() -> Res<mp4::Mp4Config> {
+    let brand = |s: &str| -> Res<mp4::FourCC> { s.parse().map_err(|e| format!("mp4: {e:?}")) };
+    Ok(mp4::Mp4Config {
+        major_brand: brand("isom")?,
+        minor_version: 512,
+        compatible_brands: vec![
+            brand("isom")?,
+            brand("iso2")?,
+            brand("avc1")?,
+            brand("mp41")?,
+        ],
+        timescale: 1000,
+    })
+}
+
 fn encode(frames: &[Vec<u8>], w: usize, h: usize, fps: u32) -> Res<Vec<u8>> {
     use openh264::encoder::{
         BitRate, Encoder, EncoderConfig, FrameRate, FrameType, RateControlMode, UsageType,
@@ -195,23 +237,7 @@ fn encode(frames: &[Vec<u8>], w: usize, h: usize, fps: u32) -> Res<Vec<u8>> {
             .map_err(|e| format!("the encoder, frame {i}: {e}"))?;
         let sync = bs.frame_type() == FrameType::IDR;
         let stream = bs.to_vec();
-        let mut sample = Vec::with_capacity(stream.len() + 16);
-        for nal in nal_units(&stream) {
-            match nal[0] & 0x1f {
-                7 => {
-                    sps.get_or_insert_with(|| nal.to_vec());
-                }
-                8 => {
-                    pps.get_or_insert_with(|| nal.to_vec());
-                }
-                _ => {
-                    let n =
-                        u32::try_from(nal.len()).map_err(|_| "NAL unit over 4 GB".to_string())?;
-                    sample.extend_from_slice(&n.to_be_bytes());
-                    sample.extend_from_slice(nal);
-                }
-            }
-        }
+        let sample = frame_sample(&stream, &mut sps, &mut pps)?;
         if sample.is_empty() {
             return Err(format!("the encoder gave no picture for frame {i}"));
         }
@@ -223,18 +249,7 @@ fn encode(frames: &[Vec<u8>], w: usize, h: usize, fps: u32) -> Res<Vec<u8>> {
     if sps.len() < 4 {
         return Err("the encoder wrote an SPS shorter than 4 bytes".into());
     }
-    let brand = |s: &str| -> Res<mp4::FourCC> { s.parse().map_err(|e| format!("mp4: {e:?}")) };
-    let cfg = mp4::Mp4Config {
-        major_brand: brand("isom")?,
-        minor_version: 512,
-        compatible_brands: vec![
-            brand("isom")?,
-            brand("iso2")?,
-            brand("avc1")?,
-            brand("mp41")?,
-        ],
-        timescale: 1000,
-    };
+    let cfg = mp4_config()?;
     let mut w4 = mp4::Mp4Writer::write_start(Cursor::new(Vec::new()), &cfg)
         .map_err(|e| format!("mp4: {e}"))?;
     w4.add_track(&mp4::TrackConfig {

@@ -109,29 +109,7 @@ pub fn calls_svg(
         r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">{}</text>"#,
         xml(title)
     );
-    for (li, (e, b)) in scopes.iter().enumerate() {
-        let y = top + lane * li as f64;
-        let _ = writeln!(s, r#"<text x="10" y="{}">expert {e} {b}</text>"#, y + 15.0);
-        for c in calls.iter().filter(|c| c.expert == *e && &c.branch == b) {
-            let x = left + cell * c.step as f64;
-            let fill = if c.computed == Some(false) {
-                "white"
-            } else {
-                "#3060c0"
-            };
-            let _ = writeln!(
-                s,
-                r##"<rect x="{x}" y="{y}" width="{}" height="18" fill="{fill}" stroke="#3060c0"><title>step {} {}</title></rect>"##,
-                cell - 2.0,
-                c.step,
-                if c.computed == Some(false) {
-                    "reused"
-                } else {
-                    "computed"
-                }
-            );
-        }
-    }
+    lanes_svg(&mut s, calls, &scopes, (left, top, cell, lane));
     let metrics: Vec<(usize, f64)> = calls
         .iter()
         .filter_map(|c| c.metric.filter(|m| m.is_finite()).map(|m| (c.step, m)))
@@ -188,6 +166,38 @@ pub fn calls_svg(
     );
     s.push_str("</svg>\n");
     s
+}
+
+/// One lane per scope: a cell per call, filled when computed, hollow when reused.
+fn lanes_svg(
+    s: &mut String,
+    calls: &[CallReport],
+    scopes: &[(usize, String)],
+    (left, top, cell, lane): (f64, f64, f64, f64),
+) {
+    for (li, (e, b)) in scopes.iter().enumerate() {
+        let y = top + lane * li as f64;
+        let _ = writeln!(s, r#"<text x="10" y="{}">expert {e} {b}</text>"#, y + 15.0);
+        for c in calls.iter().filter(|c| c.expert == *e && &c.branch == b) {
+            let x = left + cell * c.step as f64;
+            let fill = if c.computed == Some(false) {
+                "white"
+            } else {
+                "#3060c0"
+            };
+            let _ = writeln!(
+                s,
+                r##"<rect x="{x}" y="{y}" width="{}" height="18" fill="{fill}" stroke="#3060c0"><title>step {} {}</title></rect>"##,
+                cell - 2.0,
+                c.step,
+                if c.computed == Some(false) {
+                    "reused"
+                } else {
+                    "computed"
+                }
+            );
+        }
+    }
 }
 
 fn xml(t: &str) -> String {

@@ -217,26 +217,7 @@ pub(crate) fn relative_paths(config: &Path) -> Result<Vec<(String, String)>> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut named: Vec<(String, String)> = Vec::new();
-    named.extend(
-        cfg.inputs
-            .file
-            .iter()
-            .map(|f| ("inputs.file".into(), f.clone())),
-    );
-    named.extend(
-        cfg.model
-            .config
-            .iter()
-            .map(|c| ("model.config".into(), c.clone())),
-    );
-    named.extend(
-        cfg.model
-            .lora
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (format!("model.lora[{i}].path"), l.path.clone())),
-    );
+    let mut named = cfg.named_files();
     if let Some(fam) = registry::family(&cfg.model.family) {
         named.extend(fam.files_in(&cfg));
     }

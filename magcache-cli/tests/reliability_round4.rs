@@ -169,9 +169,6 @@ fn png_claiming(w: u32, h: u32) -> Vec<u8> {
 
 #[test]
 fn pictures_that_claim_too_much_or_are_cut_are_refused() {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join("wan21_i2v_tiny_prompted.toml")).unwrap();
-    let folder = examples.join("../tests/fixtures/pipelines/wan21_i2v_folder");
     let d = tempfile::tempdir().unwrap();
     let huge = d.path().join("huge.png");
     std::fs::write(&huge, png_claiming(100_000, 100_000)).unwrap();
@@ -189,21 +186,7 @@ fn pictures_that_claim_too_much_or_are_cut_are_refused() {
     bytes.truncate(bytes.len() * 2 / 3);
     std::fs::write(&jpeg, bytes).unwrap();
     for (pic, says) in [(&huge, "larger than a run reads"), (&jpeg, "truncated")] {
-        let run = d.path().join("run.toml");
-        let body: String = text
-            .lines()
-            .map(|l| {
-                if l.starts_with("weights") {
-                    format!("weights = {:?}", s(&folder))
-                } else if l.starts_with("image") {
-                    format!("image = {:?}", s(pic))
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(&run, body).unwrap();
+        let run = common::i2v_run(d.path(), pic);
         let o = within(120, &["run", "--config", s(&run), "--quiet"]);
         check_err(&o, &["inputs.image", says]);
     }

@@ -5,31 +5,8 @@
 
 mod common;
 
-use common::{check_err, magcache, s, Case};
+use common::{check_err, i2v_run, magcache, s, Case};
 use std::path::{Path, PathBuf};
-
-/// The tiny prompted I2V run, its first frame replaced by `picture`.
-fn i2v_run(dir: &Path, picture: &Path) -> PathBuf {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join("wan21_i2v_tiny_prompted.toml")).unwrap();
-    let folder = examples.join("../tests/fixtures/pipelines/wan21_i2v_folder");
-    let body: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("weights") {
-                format!("weights = {:?}", s(&folder))
-            } else if l.starts_with("image") {
-                format!("image = {:?}", s(picture))
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let run = dir.join("run.toml");
-    std::fs::write(&run, body).unwrap();
-    run
-}
 
 fn encoded(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
     let mut bytes = Vec::new();

@@ -217,42 +217,7 @@ impl Adapter {
     pub fn apply(&self, store: &mut WeightStore, scale: f64, names: &dyn LoraNames) -> Result<()> {
         let file = self.file.as_str();
         for (module, parts) in &self.modules {
-            let first_key = [
-                &parts.down,
-                &parts.up,
-                &parts.diff,
-                &parts.diff_b,
-                &parts.up_bias,
-            ]
-            .into_iter()
-            .flatten()
-            .map(|(k, _)| k.clone())
-            .next()
-            .or_else(|| parts.alpha.as_ref().map(|(k, _)| k.clone()))
-            .unwrap_or_else(|| module.clone());
-            let targets = match self.layout {
-                Layout::Diffusers => vec![Target::whole(module.clone())],
-                Layout::Original => names.original(module).ok_or_else(|| {
-                    Error::weights(
-                        file,
-                        &first_key,
-                        format!("matches no module of {}", names.family()),
-                    )
-                })?,
-                Layout::Underscored => {
-                    let dotted = restore_dots(module, names.compounds());
-                    names.original(&dotted).ok_or_else(|| {
-                        Error::weights(
-                            file,
-                            &first_key,
-                            format!(
-                                "matches no module of {} (read as `{dotted}`)",
-                                names.family()
-                            ),
-                        )
-                    })?
-                }
-            };
+            let targets = self.targets(module, parts, names)?;
             match (&parts.down, &parts.up) {
                 (Some((dk, down)), Some((uk, up))) => {
                     let r = down.dim(0)?;
@@ -341,6 +306,48 @@ impl Adapter {
             }
         }
         Ok(())
+    }
+
+    /// The store modules (and row ranges) an adapter module merges into, by its layout; one that
+    /// matches nothing is an error naming its first key.
+    fn targets(&self, module: &str, parts: &Parts, names: &dyn LoraNames) -> Result<Vec<Target>> {
+        let file = self.file.as_str();
+        let first_key = [
+            &parts.down,
+            &parts.up,
+            &parts.diff,
+            &parts.diff_b,
+            &parts.up_bias,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k.clone())
+        .next()
+        .or_else(|| parts.alpha.as_ref().map(|(k, _)| k.clone()))
+        .unwrap_or_else(|| module.to_string());
+        Ok(match self.layout {
+            Layout::Diffusers => vec![Target::whole(module)],
+            Layout::Original => names.original(module).ok_or_else(|| {
+                Error::weights(
+                    file,
+                    &first_key,
+                    format!("matches no module of {}", names.family()),
+                )
+            })?,
+            Layout::Underscored => {
+                let dotted = restore_dots(module, names.compounds());
+                names.original(&dotted).ok_or_else(|| {
+                    Error::weights(
+                        file,
+                        &first_key,
+                        format!(
+                            "matches no module of {} (read as `{dotted}`)",
+                            names.family()
+                        ),
+                    )
+                })?
+            }
+        })
     }
 
     /// `alpha / r` of a module (`alpha / sqrt(r)` under rsLoRA): its `.alpha`, else the metadata's

@@ -421,9 +421,8 @@ impl Umt5Encoder {
         &self.device
     }
 
-    /// `ids [B, L]` (u32 or i64), `mask [B, L]` (1 = token, 0 = padding; any dtype) ->
-    /// `last_hidden_state [B, L, d_model]` in f32.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// The checked ids' embeddings `[B, L, d_model]` (f32), with `B` and `L`.
+    fn embed(&self, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, usize, usize)> {
         let c = &self.config;
         let (b, l) = ids.dims2()?;
         if b == 0 || l == 0 {
@@ -447,7 +446,7 @@ impl Umt5Encoder {
                 c.vocab_size
             )));
         }
-        let mut h = match &self.weights {
+        let h = match &self.weights {
             Weights::Held { shared, .. } => shared.index_select(&ids.flatten_all()?, 0)?,
             // Read for the lookup and dropped at once.
             Weights::Streamed { store } => store
@@ -456,6 +455,14 @@ impl Umt5Encoder {
         }
         .to_dtype(DType::F32)?
         .reshape((b, l, c.d_model))?;
+        Ok((h, b, l))
+    }
+
+    /// `ids [B, L]` (u32 or i64), `mask [B, L]` (1 = token, 0 = padding; any dtype) ->
+    /// `last_hidden_state [B, L, d_model]` in f32.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (mut h, b, l) = self.embed(ids, mask)?;
 
         // Additive key mask [B, 1, 1, L]: 0 on tokens, f32::MIN on padding.
         let keep = mask

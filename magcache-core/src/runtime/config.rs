@@ -285,37 +285,6 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    /// The files the run file names by key, checked before anything reads them, so the error
-    /// names the key: `inputs.file`, `model.config` and adapters must be regular files; the
-    /// strategy's files (a profile) must not be a FIFO, a device, a folder or a dangling link when
-    /// they are there (the family's are checked as the run resolves, see
-    /// [`crate::runtime::registry::ModelFamily::check_files`]).
-    fn check_named_files(&self, file: &str, base: &Path) -> Result<()> {
-        let mut must: Vec<(String, String)> = Vec::new();
-        must.extend(
-            self.inputs
-                .file
-                .iter()
-                .map(|f| ("inputs.file".into(), f.clone())),
-        );
-        must.extend(
-            self.model
-                .config
-                .iter()
-                .map(|c| ("model.config".into(), c.clone())),
-        );
-        for (i, l) in self.model.lora.iter().enumerate() {
-            must.push((format!("model.lora[{i}].path"), l.path.clone()));
-        }
-        for (key, p) in must {
-            crate::error::check_named_file(file, base, &key, &p, true)?;
-        }
-        for (key, p) in self.strategy().input_files() {
-            crate::error::check_named_file(file, base, key, &p, false)?;
-        }
-        Ok(())
-    }
-
     /// Replaces every `weights` entry that is a Hugging Face hub id (`owner/name`, not a path that
     /// exists beside the run file) by its snapshot folder in the cache `root` (absolute), at
     /// `model.revision`. A `revision` without a hub id is an error.
@@ -438,6 +407,16 @@ impl RunConfig {
         if self.inputs.text_len == Some(0) {
             return Err(Error::config(file, "inputs.text_len", "must be at least 1"));
         }
+        self.validate_inputs(file)?;
+        if let Some(c) = &self.cache {
+            c.validate(file)?;
+        }
+        Ok(())
+    }
+
+    /// The `[inputs]` keys against `[prompt]`: sizes of seeded runs do not apply to prompted
+    /// ones and the other way round.
+    fn validate_inputs(&self, file: &str) -> Result<()> {
         let i = &self.inputs;
         match &self.prompt {
             Some(p) => {
@@ -487,9 +466,6 @@ impl RunConfig {
                     }
                 }
             }
-        }
-        if let Some(c) = &self.cache {
-            c.validate(file)?;
         }
         Ok(())
     }

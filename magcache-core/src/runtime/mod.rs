@@ -21,6 +21,7 @@ pub mod guard;
 pub mod hub;
 pub mod keys;
 pub mod metrics;
+mod named_files;
 pub mod pipeline;
 pub mod placement;
 pub mod progress;

@@ -125,54 +125,11 @@ impl Builder<'_> {
                 )?);
                 in_dim = out_dim;
             }
-            let mut temporal_up = false;
-            let upsampler = if i + 1 != stages {
-                let name = if residual {
-                    format!("decoder.up_blocks.{i}.upsampler")
-                } else {
-                    format!("decoder.up_blocks.{i}.upsamplers.0")
-                };
-                let conv_out = if residual { out_dim } else { out_dim / 2 };
-                let conv =
-                    self.conv2d(&format!("{name}.resample.1"), out_dim, conv_out, 3, 1, 1)?;
-                // temperal_upsample = temperal_downsample reversed.
-                let temporal = cfg
-                    .temperal_downsample
-                    .iter()
-                    .rev()
-                    .nth(i)
-                    .copied()
-                    .ok_or_else(|| {
-                        Error::msg(format!(
-                            "Wan VAE config: temperal_downsample entry for up block {i} missing"
-                        ))
-                    })?;
-                temporal_up = temporal;
-                Some(if temporal {
-                    let time_conv = self.conv3d(
-                        &format!("{name}.time_conv"),
-                        out_dim,
-                        2 * out_dim,
-                        3,
-                        1,
-                        1,
-                        0,
-                        1,
-                    )?;
-                    // The time conv's own cache slot doubles as the "first chunk seen" marker.
-                    let slot = time_conv.slot.ok_or_else(|| {
-                        Error::msg("Wan VAE: upsample time_conv without cache slot")
-                    })?;
-                    Resample::Up3d {
-                        conv,
-                        time_conv,
-                        slot,
-                    }
-                } else {
-                    Resample::Up2d { conv }
-                })
+            let (upsampler, temporal_up) = if i + 1 != stages {
+                let (u, t) = self.upsampler(cfg, i, out_dim)?;
+                (Some(u), t)
             } else {
-                None
+                (None, false)
             };
             let shortcut = if residual && upsampler.is_some() {
                 let (ft, fs) = (if temporal_up { 2 } else { 1 }, 2);
@@ -207,5 +164,58 @@ impl Builder<'_> {
             conv_out,
             slots: self.slots,
         })
+    }
+
+    /// The upsampler of up block `i` (not the last) and whether it also upsamples in time.
+    fn upsampler(
+        &mut self,
+        cfg: &WanVaeConfig,
+        i: usize,
+        out_dim: usize,
+    ) -> Result<(Resample, bool)> {
+        let residual = cfg.is_residual;
+        let name = if residual {
+            format!("decoder.up_blocks.{i}.upsampler")
+        } else {
+            format!("decoder.up_blocks.{i}.upsamplers.0")
+        };
+        let conv_out = if residual { out_dim } else { out_dim / 2 };
+        let conv = self.conv2d(&format!("{name}.resample.1"), out_dim, conv_out, 3, 1, 1)?;
+        // temperal_upsample = temperal_downsample reversed.
+        let temporal = cfg
+            .temperal_downsample
+            .iter()
+            .rev()
+            .nth(i)
+            .copied()
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "Wan VAE config: temperal_downsample entry for up block {i} missing"
+                ))
+            })?;
+        let resample = if temporal {
+            let time_conv = self.conv3d(
+                &format!("{name}.time_conv"),
+                out_dim,
+                2 * out_dim,
+                3,
+                1,
+                1,
+                0,
+                1,
+            )?;
+            // The time conv's own cache slot doubles as the "first chunk seen" marker.
+            let slot = time_conv
+                .slot
+                .ok_or_else(|| Error::msg("Wan VAE: upsample time_conv without cache slot"))?;
+            Resample::Up3d {
+                conv,
+                time_conv,
+                slot,
+            }
+        } else {
+            Resample::Up2d { conv }
+        };
+        Ok((resample, temporal))
     }
 }

@@ -89,8 +89,42 @@ pub fn flux_footprint(
         magcache_layers::footprint::add_gguf_repacked(&mut fp, gguf.map_or(0, |g| g.repacked));
     }
     add_plan(&mut fp, cfg.sampling.steps, 1);
-    // (batch, image tokens, text tokens)
-    let (dims, lat_knob, text_knob) = match &cfg.inputs.file {
+    let (dims, lat_knob, text_knob) = token_dims(cfg, base, c);
+    let Some((b, s, l)) = dims else {
+        return fp;
+    };
+    let d = sz(c.inner_dim());
+    let f32b = sz(4);
+    let heads = c.num_attention_heads;
+    let per_token = (sz(HIDDEN_FACTOR) * d + sz(FFN_FACTOR * 4) * d) * f32b;
+    let joint = s.saturating_add(l);
+    let activations = sz(b) * sz(s) * per_token
+        + attention_bytes(&cfg.model.device, b, heads, joint, joint)
+        + sz(b) * sz(s) * sz(c.in_channels) * sz(LATENT_FACTOR) * f32b
+        + sz(s) * sz(3) * f32b;
+    fp.add("activations", lat_knob, activations.0);
+    fp.add(
+        "cache",
+        lat_knob,
+        (sz(CACHE_FACTOR) * sz(b) * sz(joint) * d * f32b).0,
+    );
+    let text =
+        sz(b) * sz(l) * (per_token + sz(c.joint_attention_dim) * f32b) + sz(l) * sz(3) * f32b;
+    fp.add("text embeddings", text_knob, text.0);
+    // The largest weight: a single block's fused output projection (d x 5d).
+    magcache_layers::footprint::add_lora(&mut fp, cfg, base, d * sz(5 * c.inner_dim()));
+    fp
+}
+
+/// (batch, image tokens, text tokens) of a FLUX run, and the keys that set the image and the text
+/// sizes; `None` when they cannot be told without loading anything.
+#[allow(clippy::type_complexity)]
+fn token_dims(
+    cfg: &RunConfig,
+    base: &Path,
+    c: &FluxConfig,
+) -> (Option<(usize, usize, usize)>, &'static str, &'static str) {
+    match &cfg.inputs.file {
         // A prompted run: the image tokens from inputs.height/width through the pipeline VAE's
         // factor (or the inputs file's `latents_init`), the text from max_sequence_length.
         f if cfg.prompt.is_some() => {
@@ -144,31 +178,7 @@ pub fn flux_footprint(
             };
             (dims, "inputs.latent_shape", "inputs.text_len")
         }
-    };
-    let Some((b, s, l)) = dims else {
-        return fp;
-    };
-    let d = sz(c.inner_dim());
-    let f32b = sz(4);
-    let heads = c.num_attention_heads;
-    let per_token = (sz(HIDDEN_FACTOR) * d + sz(FFN_FACTOR * 4) * d) * f32b;
-    let joint = s.saturating_add(l);
-    let activations = sz(b) * sz(s) * per_token
-        + attention_bytes(&cfg.model.device, b, heads, joint, joint)
-        + sz(b) * sz(s) * sz(c.in_channels) * sz(LATENT_FACTOR) * f32b
-        + sz(s) * sz(3) * f32b;
-    fp.add("activations", lat_knob, activations.0);
-    fp.add(
-        "cache",
-        lat_knob,
-        (sz(CACHE_FACTOR) * sz(b) * sz(joint) * d * f32b).0,
-    );
-    let text =
-        sz(b) * sz(l) * (per_token + sz(c.joint_attention_dim) * f32b) + sz(l) * sz(3) * f32b;
-    fp.add("text embeddings", text_knob, text.0);
-    // The largest weight: a single block's fused output projection (d x 5d).
-    magcache_layers::footprint::add_lora(&mut fp, cfg, base, d * sz(5 * c.inner_dim()));
-    fp
+    }
 }
 
 /// The VAE decode of a prompted FLUX run, after the transformer is freed

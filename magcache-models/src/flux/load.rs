@@ -300,12 +300,21 @@ pub fn bfl_to_diffusers(store: &mut WeightStore) -> Result<()> {
             norm(store, &format!("{b}.{a}.scale"), &format!("{t}.{c}.weight"))?;
         }
     }
-    // BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift).
+    final_modulation(store, d)
+}
+
+/// BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is (scale, shift).
+fn final_modulation(store: &mut WeightStore, d: usize) -> Result<()> {
+    let origin = store.origin.clone();
     for suffix in ["weight", "bias"] {
         let name = format!("final_layer.adaLN_modulation.1.{suffix}");
         let (shift, scale) = (format!("{name}.shift"), format!("{name}.scale"));
         if !store.contains(&name) {
-            return Err(missing(&name));
+            return Err(Error::weights(
+                &origin,
+                &name,
+                "missing from the BFL checkpoint",
+            ));
         }
         store.split_rows(&name, &[(shift.clone(), d), (scale.clone(), d)])?;
         let (Some(shift), Some(scale)) = (store.take(&shift)?, store.take(&scale)?) else {

@@ -108,33 +108,8 @@ impl ClipImageProcessor {
         } else {
             None
         };
-        let triple = |k: &str, default: [f64; 3]| -> Result<[f64; 3]> {
-            match v.get(k) {
-                None | Some(Value::Null) => Ok(default),
-                Some(Value::Array(a)) if a.len() == 3 => {
-                    let mut out = [0.0; 3];
-                    for (o, x) in out.iter_mut().zip(a) {
-                        *o = x
-                            .as_f64()
-                            .ok_or_else(|| bad(k, format!("expected numbers, got {x}")))?;
-                    }
-                    Ok(out)
-                }
-                Some(o) => Err(bad(
-                    k,
-                    format!("expected 3 numbers (one per channel), got {o}"),
-                )),
-            }
-        };
         let mean_std = if flag("do_normalize")? {
-            let std = triple("image_std", [0.26862954, 0.26130258, 0.27577711])?;
-            if std.contains(&0.0) {
-                return Err(bad("image_std", "must not be 0".into()));
-            }
-            Some((
-                triple("image_mean", [0.48145466, 0.4578275, 0.40821073])?,
-                std,
-            ))
+            Some(mean_std(&v, &file)?)
         } else {
             None
         };
@@ -417,4 +392,35 @@ impl ClipVisionEncoder {
         }
         Ok(x)
     }
+}
+
+/// `image_mean` and `image_std` of a CLIP processor config (CLIP's defaults when absent).
+fn mean_std(v: &Value, file: &str) -> Result<([f64; 3], [f64; 3])> {
+    let bad = |k: &str, m: String| Error::config(file, k, m);
+    let triple = |k: &str, default: [f64; 3]| -> Result<[f64; 3]> {
+        match v.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Array(a)) if a.len() == 3 => {
+                let mut out = [0.0; 3];
+                for (o, x) in out.iter_mut().zip(a) {
+                    *o = x
+                        .as_f64()
+                        .ok_or_else(|| bad(k, format!("expected numbers, got {x}")))?;
+                }
+                Ok(out)
+            }
+            Some(o) => Err(bad(
+                k,
+                format!("expected 3 numbers (one per channel), got {o}"),
+            )),
+        }
+    };
+    let std = triple("image_std", [0.26862954, 0.26130258, 0.27577711])?;
+    if std.contains(&0.0) {
+        return Err(bad("image_std", "must not be 0".into()));
+    }
+    Ok((
+        triple("image_mean", [0.48145466, 0.4578275, 0.40821073])?,
+        std,
+    ))
 }

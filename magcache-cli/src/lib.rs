@@ -23,6 +23,7 @@ mod report;
 mod run;
 mod serve;
 mod temps;
+mod threshold;
 mod tune;
 pub mod video;
 

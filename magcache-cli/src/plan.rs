@@ -2,6 +2,7 @@
 
 use crate::prepare::{base_dir, family_of, link_strategies};
 use crate::report::CallReport;
+use crate::threshold::{threshold_checks, Compared};
 use magcache_core::{BuildEnv, Result, RunConfig};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +28,10 @@ pub struct PlanReport {
     /// The memory the guard compares with (`None`: unlimited) and where that number came from.
     pub available_bytes: Option<u64>,
     pub available_source: String,
+    /// Scopes predicted to compute more than 90% of their calls: their compared values against
+    /// the threshold.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub threshold_checks: Vec<crate::threshold::ThresholdCheck>,
 }
 
 /// One stage's estimate: its total and its parts, each with the key that drives it.
@@ -77,33 +82,20 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
             }
         }
     }
-    let sigma_of = |key: magcache_core::ScopeKey, i: usize| {
-        gplan
-            .scope(key)
-            .and_then(|s| s.sigmas.get(i).copied())
-            .unwrap_or(0.0)
-    };
-    let calls: Vec<CallReport> = gplan
-        .calls()
-        .into_iter()
-        .map(|(step, key, i)| {
-            let d = if from_data {
-                None
-            } else {
-                predicted.get(&key).and_then(|v| v.get(i)).copied()
-            };
-            CallReport {
-                step,
-                branch: key.branch.to_string(),
-                context: key.branch.to_string(),
-                expert: key.expert,
-                timestep: sigma_of(key, i) * 1000.0,
-                computed: d.map(|d| d.computed),
-                metric: d.and_then(|d| d.metric),
-            }
-        })
-        .collect();
+    let (calls, compared) = predicted_calls(&gplan, &predicted, from_data);
     let computed_calls = calls.iter().filter(|c| c.computed != Some(false)).count();
+    // A data-free rule predicted to compute (nearly) every call says why.
+    let st = strategy_cfg;
+    let checks = match from_data {
+        true => Vec::new(),
+        false => threshold_checks(
+            &compared,
+            st.threshold(),
+            st.metric_name(),
+            st.accumulates(),
+        ),
+    };
+    warnings.extend(checks.iter().map(|c| c.warning(&strategy)));
     // Memory per stage, in the dtype the runner would choose.
     let mut dtype = cfg.model.dtype.clone();
     if cfg.is_auto_dtype() {
@@ -132,7 +124,50 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
         predicted_speedup: calls.len() as f64 / computed_calls.max(1) as f64,
         calls,
         warnings,
+        threshold_checks: checks,
     })
+}
+
+/// Every call of `gplan` with its predicted decision (none when the strategy decides from data),
+/// and each as the threshold check reads it.
+fn predicted_calls(
+    gplan: &magcache_core::GenerationPlan,
+    predicted: &HashMap<magcache_core::ScopeKey, Vec<magcache_core::CallDecision>>,
+    from_data: bool,
+) -> (Vec<CallReport>, Vec<Compared>) {
+    let sigma_of = |key: magcache_core::ScopeKey, i: usize| {
+        gplan
+            .scope(key)
+            .and_then(|s| s.sigmas.get(i).copied())
+            .unwrap_or(0.0)
+    };
+    gplan
+        .calls()
+        .into_iter()
+        .map(|(step, key, i)| {
+            let d = if from_data {
+                None
+            } else {
+                predicted.get(&key).and_then(|v| v.get(i)).copied()
+            };
+            let call = CallReport {
+                step,
+                branch: key.branch.to_string(),
+                context: key.branch.to_string(),
+                expert: key.expert,
+                timestep: sigma_of(key, i) * 1000.0,
+                computed: d.map(|d| d.computed),
+                metric: d.and_then(|d| d.metric),
+            };
+            let c = Compared {
+                expert: key.expert,
+                branch: call.branch.clone(),
+                computed: call.computed != Some(false),
+                value: d.and_then(|d| d.compared),
+            };
+            (call, c)
+        })
+        .unzip()
 }
 
 /// The size guard's estimate of each stage, part by part (none when the family gives none).

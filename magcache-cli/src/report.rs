@@ -29,6 +29,10 @@ pub struct ScopeSummary {
     pub longest_reuse_run: usize,
     /// Bytes the cache holds for this scope at the end of the run.
     pub cache_bytes: usize,
+    /// A scope that computed more than 90% of its calls: its compared values against the
+    /// threshold (see `crate::threshold`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold_check: Option<crate::threshold::ThresholdCheck>,
 }
 
 /// The JSON report of `magcache run`.
@@ -81,6 +85,7 @@ impl Report {
                 reused: 0,
                 longest_reuse_run: 0,
                 cache_bytes: 0,
+                threshold_check: None,
             });
             s.calls += 1;
             let run = runs.entry(key).or_insert(0);

@@ -23,6 +23,8 @@ struct Collector {
     json: bool,
     silent: bool,
     calls: Vec<CallReport>,
+    /// Each call as the threshold check reads it (`CallDecision::compared`).
+    compared: Vec<crate::threshold::Compared>,
     warnings: Vec<String>,
     bar: Option<indicatif::ProgressBar>,
     last: String,
@@ -64,6 +66,12 @@ impl Observer for Collector {
                 _ => "computed",
             }
         );
+        self.compared.push(crate::threshold::Compared {
+            expert: ev.expert,
+            branch: ev.branch.to_string(),
+            computed: computed != Some(false),
+            value: ev.decision.and_then(|d| d.compared),
+        });
         self.calls.push(CallReport {
             step: ev.step,
             branch: ev.branch.to_string(),
@@ -110,6 +118,7 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         json: verbosity == Verbosity::Json,
         silent: verbosity == Verbosity::Silent,
         calls: Vec::new(),
+        compared: Vec::new(),
         warnings: p.notes.clone(),
         bar,
         last: String::new(),
@@ -126,6 +135,26 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         Some(c) => c.lock()?.cached_bytes_by_scope(),
         None => Vec::new(),
     };
-    let report = Report::from_calls(p, col.calls, &denoise, &bytes, col.warnings);
+    // A scope that computed (nearly) every call says why: its values against the threshold.
+    let st = p.cfg.strategy();
+    let checks = crate::threshold::threshold_checks(
+        &col.compared,
+        st.threshold(),
+        st.metric_name(),
+        st.accumulates(),
+    );
+    for c in &checks {
+        col.warning(&c.warning(&p.strategy));
+    }
+    let mut report = Report::from_calls(p, col.calls, &denoise, &bytes, col.warnings);
+    for c in checks {
+        if let Some(sc) = report
+            .scopes
+            .iter_mut()
+            .find(|sc| sc.expert == c.expert && sc.branch == c.branch)
+        {
+            sc.threshold_check = Some(c);
+        }
+    }
     Ok((out, report))
 }

@@ -19,6 +19,12 @@ pub struct CallDecision {
     pub computed: bool,
     /// The strategy's decision quantity, if it computed one for this call.
     pub metric: Option<f64>,
+    /// The value the strategy compared with its threshold on a call it was free to decide (no
+    /// guard, no forced compute, a residual to reuse); `None` otherwise. Equal to `metric` for
+    /// most strategies; a strategy that reports its state after the decision (MagCache resets its
+    /// accumulators on a computed call) gives here what it decided from. Runs that compute nearly
+    /// every call report its spread against the threshold.
+    pub compared: Option<f64>,
 }
 
 impl CallDecision {
@@ -27,6 +33,7 @@ impl CallDecision {
         CallDecision {
             computed: true,
             metric,
+            compared: None,
         }
     }
     /// A reused call.
@@ -34,6 +41,7 @@ impl CallDecision {
         CallDecision {
             computed: false,
             metric,
+            compared: None,
         }
     }
 }

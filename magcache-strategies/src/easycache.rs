@@ -62,6 +62,9 @@ impl StrategyConfig for EasyCacheConfig {
     fn metric_name(&self) -> &'static str {
         "easycache: accumulated estimated relative output change"
     }
+    fn accumulates(&self) -> bool {
+        true
+    }
 }
 
 inventory::submit! {

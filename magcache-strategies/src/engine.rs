@@ -225,6 +225,13 @@ pub trait Rule: Send + 'static {
         Ok(())
     }
 
+    /// The value the rule compared with its threshold for the call it just decided (`wish`), read
+    /// before [`Rule::settle`] (default: the wish's metric).
+    fn compared(&self, state: &Self::State, wish: &Wish) -> Option<f64> {
+        let _ = state;
+        wish.metric
+    }
+
     /// Told the call's final decision (`reused`); returns the metric the call reports (default: the
     /// one the rule decided from).
     fn settle(&self, state: &mut Self::State, reused: bool, metric: Option<f64>) -> Option<f64> {
@@ -265,6 +272,12 @@ pub trait Rule: Send + 'static {
     fn data_free(&self) -> bool {
         false
     }
+}
+
+/// Whether the rule's own comparison decided the call: the guards left it free, the rule did not
+/// force a compute, and a residual could be reused.
+fn free_choice(verdict: Verdict, wish: &Wish, has_residual: bool) -> bool {
+    verdict == Verdict::Free && wish.want != Want::Force && has_residual
 }
 
 /// One scope's state in the engine: the rule's, and the residuals.
@@ -372,6 +385,9 @@ impl<R: Rule> TimestepCache for Cached<R> {
         let wish = self.rule.decide(&mut slot.state.rule, &call)?;
         let reuse = wish.decide(verdict, has_residual);
         self.guards.record(scope, step, reuse);
+        let compared = free_choice(verdict, &wish, has_residual)
+            .then(|| self.rule.compared(&slot.state.rule, &wish))
+            .flatten();
         let metric = self.rule.settle(&mut slot.state.rule, reuse, wish.metric);
         let residuals = &mut slot.state.residuals;
         let at = self.shared.estimator_axis.coordinate(step, sigma)?;
@@ -410,6 +426,7 @@ impl<R: Rule> TimestepCache for Cached<R> {
         let decision = CallDecision {
             computed: !reuse,
             metric,
+            compared,
         };
         Ok((out, decision))
     }
@@ -446,12 +463,16 @@ impl<R: Rule> TimestepCache for Cached<R> {
             let wish = self.rule.decide(&mut slot.state.rule, &call).ok()?;
             let reuse = wish.decide(verdict, *has_residual);
             guards.record(key, i, reuse);
+            let compared = free_choice(verdict, &wish, *has_residual)
+                .then(|| self.rule.compared(&slot.state.rule, &wish))
+                .flatten();
             let metric = self.rule.settle(&mut slot.state.rule, reuse, wish.metric);
             *has_residual |= !reuse;
             if key == scope {
                 out.push(CallDecision {
                     computed: !reuse,
                     metric,
+                    compared,
                 });
             }
         }

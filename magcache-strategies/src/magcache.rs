@@ -129,6 +129,9 @@ impl StrategyConfig for MagCacheConfig {
     fn metric_name(&self) -> &'static str {
         "MagCache accumulated error"
     }
+    fn accumulates(&self) -> bool {
+        true
+    }
 
     fn input_files(&self) -> Vec<(&'static str, String)> {
         crate::profile::input_files(&self.profile)
@@ -221,6 +224,11 @@ impl Rule for MagRule {
         st.acc_err += (1.0 - st.acc_ratio).abs();
         let want = st.acc_err <= self.cfg.threshold && st.acc_steps <= self.cfg.max_skip_steps;
         Ok(Wish::reuse_if(want, None))
+    }
+
+    /// The accumulated error the call was decided from (before a computed call resets it).
+    fn compared(&self, st: &MagState, _wish: &Wish) -> Option<f64> {
+        Some(st.acc_err)
     }
 
     /// A computed call resets the accumulators; the call reports the error after that.

@@ -145,6 +145,9 @@ impl StrategyConfig for SeaCacheConfig {
     fn metric_name(&self) -> &'static str {
         "SeaCache accumulated distance of the spectrally filtered input"
     }
+    fn accumulates(&self) -> bool {
+        true
+    }
 }
 
 inventory::submit! {

@@ -132,6 +132,9 @@ impl StrategyConfig for TeaCacheConfig {
     fn metric_name(&self) -> &'static str {
         "TeaCache accumulated rescaled distance"
     }
+    fn accumulates(&self) -> bool {
+        true
+    }
 
     fn threshold(&self) -> Option<f64> {
         Some(self.threshold)

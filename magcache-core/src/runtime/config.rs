@@ -44,6 +44,12 @@ pub trait StrategyConfig: Debug + Send + Sync {
     fn metric_name(&self) -> &'static str {
         "metric"
     }
+    /// Whether the compared value accumulates over the reused calls since the last computed one
+    /// (TeaCache, MagCache: the threshold bounds the sum), rather than being one call's alone
+    /// (FBCache). Used to estimate the threshold a run would have needed.
+    fn accumulates(&self) -> bool {
+        false
+    }
     /// Files the strategy reads (paths as written in the config), with their keys: outputs of the
     /// run must not overwrite them.
     fn input_files(&self) -> Vec<(&'static str, String)> {

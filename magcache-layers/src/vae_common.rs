@@ -9,6 +9,9 @@ use magcache_core::{Error, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
+/// The most repeated layers per VAE stage a config may claim.
+pub const MAX_LAYERS: usize = 64;
+
 /// Reads and parses a `config.json`; returns the document and the path as errors show it.
 pub fn read_config(path: &Path) -> Result<(Value, String)> {
     let shown = path.display().to_string();
@@ -66,6 +69,21 @@ impl<'a> ConfigReader<'a> {
                 self.error(key, format!("expected a non-negative integer, got {v}"))
             }),
         }
+    }
+
+    /// A count of repeated layers (`num_res_blocks`, `layers_per_block`): at most `max`, so a config
+    /// claiming 10^10 layers is refused at once, not sized one layer at a time.
+    pub fn count(&self, key: &str, default: usize, max: usize) -> Result<usize> {
+        let n = self.usize(key, default)?;
+        if n > max {
+            return Err(self.error(
+                key,
+                format!(
+                    "{n} is more than any VAE has (at most {max} here; released VAEs have 1 to 3)"
+                ),
+            ));
+        }
+        Ok(n)
     }
 
     /// A boolean; `default` when absent or null.

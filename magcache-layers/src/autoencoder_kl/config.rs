@@ -1,5 +1,6 @@
 //! `AutoencoderKL`'s `config.json`, and the sizes of a BFL `ae.safetensors` read from its tensors.
 
+use crate::vae_common::MAX_LAYERS;
 use crate::vae_common::{positive, read_config, ConfigReader};
 use crate::weights::count_blocks;
 use crate::weights::WeightStore;
@@ -81,7 +82,7 @@ impl FluxVaeConfig {
             out_channels: c.usize("out_channels", 3)?,
             latent_channels: c.usize("latent_channels", 4)?,
             block_out_channels,
-            layers_per_block: c.usize("layers_per_block", 1)?,
+            layers_per_block: c.count("layers_per_block", 1, MAX_LAYERS)?,
             norm_num_groups: c.usize("norm_num_groups", 32)?,
             scaling_factor: c.float("scaling_factor", 0.18215)?,
             shift_factor: c.float("shift_factor", 0.0)?,
@@ -241,6 +242,8 @@ mod tests {
             ),
             (r#", "scaling_factor": 0"#, "scaling_factor"),
             (r#", "layers_per_block": -1"#, "layers_per_block"),
+            // 10^10 layers: refused at once, not sized one layer at a time.
+            (r#", "layers_per_block": 10000000000"#, "layers_per_block"),
             (r#", "_class_name": "AutoencoderKLWan""#, "_class_name"),
         ] {
             let e = parse(extra).unwrap_err().to_string();

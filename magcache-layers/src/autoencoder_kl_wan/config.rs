@@ -1,6 +1,7 @@
 //! `AutoencoderKLWan`'s `config.json`: sizes, latent statistics, and the Wan2.2 (TI2V-5B) VAE's
 //! residual blocks and patchifying.
 
+use crate::vae_common::MAX_LAYERS;
 use crate::vae_common::{positive, read_config, ConfigReader};
 use magcache_core::{Error, Result};
 use serde_json::Value;
@@ -76,7 +77,7 @@ impl WanVaeConfig {
             dim_mult: c
                 .list("dim_mult", positive)?
                 .unwrap_or_else(|| vec![1, 2, 4, 4]),
-            num_res_blocks: c.usize("num_res_blocks", 2)?,
+            num_res_blocks: c.count("num_res_blocks", 2, MAX_LAYERS)?,
             attn_scales: c
                 .nullable_list("attn_scales", |x| x.as_f64())?
                 .unwrap_or_default(),
@@ -244,5 +245,10 @@ mod tests {
         assert!(cfg(r#", "patch_size": null"#).is_ok());
         let e = cfg(r#", "latents_std": [1.0]"#).unwrap_err().to_string();
         assert!(e.contains("latents_std"), "{e}");
+        // 10^10 blocks a stage: refused at once, not sized one block at a time.
+        let e = cfg(r#", "num_res_blocks": 10000000000"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("vae/config.json: num_res_blocks:"), "{e}");
     }
 }

@@ -348,6 +348,15 @@ pub trait ModelConfig: Serialize + DeserializeOwned + Default {
     }
 }
 
+/// [`positive`] over fields of a config named once each: `positive_fields!(file, cfg, a b c)`
+/// checks `cfg.a`, `cfg.b`, `cfg.c` and names the first that is 0.
+#[macro_export]
+macro_rules! positive_fields {
+    ($file:expr, $cfg:expr, $($field:ident)+) => {
+        $crate::config_util::positive($file, &[$((stringify!($field), $cfg.$field)),+])
+    };
+}
+
 /// The first of `(key, value)` that is 0, as an error naming `file` and the key.
 pub fn positive(file: &str, fields: &[(&str, usize)]) -> Result<()> {
     match fields.iter().find(|(_, v)| *v == 0) {
@@ -495,4 +504,45 @@ pub fn check_width(file: &str, what: &str, got: usize, key: &str, want: usize) -
         "model.weights",
         format!("{what} gives {got}-wide embeddings but the transformer's {key} is {want}"),
     ))
+}
+
+/// The preset `name` of `family` among `presets` (`name_of` gives each one's name), or the error
+/// naming `model.preset` with the known names.
+pub fn find_preset<'a, P>(
+    presets: &'a [P],
+    name_of: fn(&P) -> &str,
+    name: &str,
+    (family, file): (&str, &str),
+) -> Result<&'a P> {
+    presets.iter().find(|p| name_of(p) == name).ok_or_else(|| {
+        let known: Vec<&str> = presets.iter().map(name_of).collect();
+        Error::config(
+            file,
+            "model.preset",
+            format!(
+                "unknown preset `{name}` for family `{family}` (known: {})",
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+/// A preset's transformer config: `base` as if read from a `config.json`, with the run's
+/// `[model.overrides]`, checked.
+pub fn preset_config<C: ModelConfig>(
+    base: C,
+    file: &str,
+    overrides: &Map<String, Value>,
+) -> Result<C> {
+    let map = to_map(&base, C::CLASS)?;
+    C::from_map(C::default(), &map, file, overrides)
+}
+
+/// The text rows of an image run: `prompt.max_sequence_length` for prompted runs, else
+/// `inputs.text_len`, else `default`.
+pub fn text_len(cfg: &magcache_core::RunConfig, default: usize) -> usize {
+    match &cfg.prompt {
+        Some(p) => p.max_sequence_length.unwrap_or(default),
+        None => cfg.inputs.text_len.unwrap_or(default),
+    }
 }

@@ -8,7 +8,8 @@
 //!   pipeline folders);
 //! - layers: [`nn`] (linear layers over dense or quantized weights, norms, the fused CPU attention
 //!   and GELU, the row convolution), [`mmdit`] (the joint-attention double- and single-stream
-//!   blocks of MMDiT families);
+//!   blocks of MMDiT families), [`dit`] (what a DiT holds around its chain: time embedding, rotary
+//!   tables, the output layer, one joint chain call);
 //! - sampling: [`scheduler`] (flow-matching Euler, shifts), [`unipc`] (UniPC bh2);
 //! - the shared VAEs: [`autoencoder_kl`] (diffusers' `AutoencoderKL`, FLUX.1/FLUX.2 style) and
 //!   [`autoencoder_kl_wan`] (the causal 3-D `AutoencoderKLWan`), with [`vae_common`] and the tile
@@ -21,6 +22,7 @@ pub mod autoencoder_kl;
 pub mod autoencoder_kl_wan;
 pub mod chain_model;
 pub mod config_util;
+pub mod dit;
 pub mod footprint;
 pub mod generation;
 pub mod inputs;

@@ -263,6 +263,31 @@ impl SingleStream {
     }
 }
 
+/// A block of an MMDiT chain: the first blocks double-stream, the rest single-stream.
+// One value per block of the chain, built once and never moved in a loop: the variants' sizes do
+// not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum DoubleOrSingle<D, S> {
+    Double(D),
+    Single(S),
+}
+
+impl<D, S> DoubleOrSingle<D, S> {
+    /// Chain block `i` of a chain of `doubles` double blocks then single ones: `double(i)`, or
+    /// `single(i - doubles)`.
+    pub fn load(
+        i: usize,
+        doubles: usize,
+        double: impl FnOnce(usize) -> Result<D>,
+        single: impl FnOnce(usize) -> Result<S>,
+    ) -> Result<Self> {
+        Ok(match i.checked_sub(doubles) {
+            None => DoubleOrSingle::Double(double(i)?),
+            Some(j) => DoubleOrSingle::Single(single(j)?),
+        })
+    }
+}
+
 /// The chain of an MMDiT of `n.0` double-stream then `n.1` single-stream blocks, of `kinds`.
 pub fn double_then_single(
     kinds: (magcache_core::BlockMetadata, magcache_core::BlockMetadata),

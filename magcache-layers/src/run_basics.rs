@@ -107,6 +107,19 @@ impl RunBasics {
     pub fn streamed(&self) -> bool {
         self.offload == Offload::Stream
     }
+
+    /// Where the weights came from, as a description starts: `{path}: ` for a folder, else
+    /// `preset NAME (random init, seed S): `.
+    pub fn source_label(&self, path: Option<&Path>, preset: Option<&str>) -> String {
+        match (path, preset) {
+            (Some(p), _) => format!("{}: ", p.display()),
+            (None, p) => format!(
+                "preset {} (random init, seed {}): ",
+                p.unwrap_or("?"),
+                self.model_seed
+            ),
+        }
+    }
 }
 
 impl RunBasics {
@@ -178,4 +191,146 @@ impl RunBasics {
         })?);
         Ok((model, warnings))
     }
+}
+
+/// Where an image run's parts come from: a released pipeline folder (its root and what the family
+/// read of it, `F`), a transformer folder without a pipeline (inputs from `[inputs]`, nothing
+/// decoded), or a preset `P` (seeded random weights at a released size).
+pub enum ImageSource<F, P> {
+    Folder(std::path::PathBuf, F),
+    Transformer(std::path::PathBuf),
+    Preset(P),
+}
+
+impl<F, P: Copy> ImageSource<F, P> {
+    /// The folder the weights come from (a pipeline's root or a transformer folder).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ImageSource::Folder(root, _) => Some(root),
+            ImageSource::Transformer(dir) => Some(dir),
+            ImageSource::Preset(_) => None,
+        }
+    }
+
+    /// The transformer's checkpoint folder; `None` for a preset.
+    pub fn weights_dir(&self) -> Option<std::path::PathBuf> {
+        match self {
+            ImageSource::Folder(root, _) => Some(root.join("transformer")),
+            ImageSource::Transformer(dir) => Some(dir.clone()),
+            ImageSource::Preset(_) => None,
+        }
+    }
+
+    /// The pipeline folder's root and what was read of it.
+    pub fn folder(&self) -> Option<(&Path, &F)> {
+        match self {
+            ImageSource::Folder(root, f) => Some((root, f)),
+            _ => None,
+        }
+    }
+
+    /// The preset, when the run has one.
+    pub fn preset(&self) -> Option<P> {
+        match self {
+            ImageSource::Preset(p) => Some(*p),
+            _ => None,
+        }
+    }
+}
+
+/// The sub-folders of a one-text-encoder image pipeline as released (Z-Image, Qwen-Image).
+pub const IMAGE_PIPELINE_PARTS: &[&str] = &[
+    "tokenizer",
+    "text_encoder",
+    "transformer",
+    "vae",
+    "scheduler",
+];
+
+impl<F, P: Copy> ImageSource<F, P> {
+    /// The run's source and transformer config, read from its configs only: a transformer folder's
+    /// `config.json`; a pipeline folder of `kind` (`_class_name` exactly `class`) with what
+    /// `folder(root)` reads of it and its scheduler's shift; or the preset `preset(name)` finds,
+    /// with the config's defaults (the family's released size). The shift is `None` where no
+    /// scheduler config was read.
+    pub fn resolve<C: crate::config_util::ModelConfig>(
+        (cfg, file, base): (&RunConfig, &str, &Path),
+        (kind, class): (&crate::config_util::PipelineKind<'_>, &str),
+        folder: impl FnOnce(&Path) -> Result<F>,
+        preset: impl FnOnce(&str) -> Result<P>,
+    ) -> Result<(Self, C, Option<crate::scheduler::FluxShift>)> {
+        use crate::config_util::{overrides_json, run_source, RunSource};
+        let overrides = overrides_json(cfg);
+        Ok(match run_source(cfg, file, base, kind, class)? {
+            RunSource::Transformer(dir) => {
+                let t = C::read(&dir.join("config.json"), &overrides)?;
+                (ImageSource::Transformer(dir), t, None)
+            }
+            RunSource::Pipeline(root) => {
+                let (t, shift) = pipeline_transformer(&root, &overrides)?;
+                let f = folder(&root)?;
+                (ImageSource::Folder(root, f), t, Some(shift))
+            }
+            RunSource::Preset(name) => {
+                let p = preset(&name)?;
+                let t = crate::config_util::preset_config(C::default(), file, &overrides)?;
+                (ImageSource::Preset(p), t, None)
+            }
+        })
+    }
+}
+
+/// What a one-transformer image family resolves a run file to before anything loads; the family
+/// keeps its own grid and prompt beside it.
+pub struct ImageRun<F, P, C> {
+    /// The run file, placement, seeds, adapters and warnings.
+    pub run: RunBasics,
+    pub source: ImageSource<F, P>,
+    /// The transformer's config.
+    pub transformer: C,
+    /// The schedule's shift.
+    pub shift: crate::scheduler::FluxShift,
+    /// Items in the batch.
+    pub batch: usize,
+    /// Text rows (an upper bound for prompted runs).
+    pub text_len: usize,
+    /// `Some(scale)`: classifier-free guidance.
+    pub cfg_scale: Option<f64>,
+    /// The inputs file whose `latents_init` starts the run.
+    pub latents_file: Option<std::path::PathBuf>,
+}
+
+/// An image run's `(batch, latents file, text rows)`.
+pub type ImageSizes = (usize, Option<std::path::PathBuf>, usize);
+
+impl<F, P, C> ImageRun<F, P, C> {
+    /// Put together from the resolved parts.
+    pub fn new(
+        run: RunBasics,
+        (source, transformer, shift): (ImageSource<F, P>, C, crate::scheduler::FluxShift),
+        (batch, latents_file, text_len): ImageSizes,
+        cfg_scale: Option<f64>,
+    ) -> Self {
+        ImageRun {
+            run,
+            source,
+            transformer,
+            shift,
+            batch,
+            text_len,
+            cfg_scale,
+            latents_file,
+        }
+    }
+}
+
+/// What a pipeline folder's `transformer/config.json` and `scheduler/scheduler_config.json` say.
+fn pipeline_transformer<C: crate::config_util::ModelConfig>(
+    root: &std::path::Path,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(C, crate::scheduler::FluxShift)> {
+    let t = C::read(&root.join("transformer").join("config.json"), overrides)?;
+    let shift =
+        crate::scheduler::FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
+    Ok((t, shift))
 }

@@ -32,3 +32,24 @@ pub fn decode_stage(
     stages.push(stage.end());
     Ok(pixels)
 }
+
+/// A text stage's outputs checked finite ([`check_stage`]): `prompt_embeds` and, when there is
+/// one, `negative_prompt_embeds`, named with the encoder (`Qwen3`) and its folder.
+pub fn check_embeds(
+    pos: &Tensor,
+    neg: Option<&Tensor>,
+    encoder: &str,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let te = dir.display();
+    for (name, t) in [
+        ("prompt_embeds", Some(pos)),
+        ("negative_prompt_embeds", neg),
+    ] {
+        if let Some(t) = t {
+            let what = format!("{name} ({encoder}, from {te})");
+            check_stage(t, "the text encoder", &what)?;
+        }
+    }
+    Ok(())
+}

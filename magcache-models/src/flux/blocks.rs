@@ -5,27 +5,17 @@
 use super::config::FluxConfig;
 use candle_core::{Device, Tensor};
 use magcache_core::Result;
+use magcache_layers::dit::modulated_input;
 use magcache_layers::mmdit::{
-    chunks, Act, DoubleStream, FeedForward, JointAttention, SingleProjection, SingleStream,
+    chunks, Act, DoubleOrSingle, DoubleStream, FeedForward, JointAttention, SingleProjection,
+    SingleStream,
 };
-use magcache_layers::nn::{modulate, LayerNorm, Linear, RmsNorm};
+use magcache_layers::nn::{LayerNorm, Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
 
 /// The linear layer `name` (`weight` `[out, inp]` and `bias`; see [`magcache_layers::nn::linear`]).
 pub(crate) fn lin(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
     magcache_layers::nn::linear(w, name, out, inp)
-}
-
-/// A double block's `norm1` applied to the image stream: layer norm, then shift and scale from the
-/// block's modulation of `temb`.
-pub(crate) fn modulated_input(
-    norm1: &Linear,
-    ln: &LayerNorm,
-    h: &Tensor,
-    temb: &Tensor,
-) -> Result<Tensor> {
-    let m = chunks(norm1, temb, 6)?;
-    modulate(&ln.forward(h)?, &m[0], &m[1])
 }
 
 /// What a FLUX block reads besides its two streams: the same for every block of a call.
@@ -120,37 +110,32 @@ impl SingleBlock {
 }
 
 /// A block of the FLUX.1 chain.
-// One value per block of the chain, built once and never moved in a loop: the variants' sizes do
-// not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum AnyBlock {
-    Double(DoubleBlock),
-    Single(SingleBlock),
+pub type AnyBlock = DoubleOrSingle<DoubleBlock, SingleBlock>;
+
+/// Chain block `i`: double block `i`, or single block `i - num_layers`.
+pub(crate) fn load_block(
+    w: &WeightStore,
+    i: usize,
+    c: &FluxConfig,
+    dev: &Device,
+) -> Result<AnyBlock> {
+    let double = |i| DoubleBlock::load(w, i, c, dev);
+    DoubleOrSingle::load(i, c.num_layers, double, |j| SingleBlock::load(w, j, c, dev))
 }
 
-impl AnyBlock {
-    /// Chain block `i`: double block `i`, or single block `i - num_layers`.
-    pub(crate) fn load(w: &WeightStore, i: usize, c: &FluxConfig, dev: &Device) -> Result<Self> {
-        Ok(match i.checked_sub(c.num_layers) {
-            None => AnyBlock::Double(DoubleBlock::load(w, i, c, dev)?),
-            Some(j) => AnyBlock::Single(SingleBlock::load(w, j, c, dev)?),
-        })
-    }
-
-    /// The (hidden, encoder) streams after the block, its modulation computed from `args.temb`.
-    pub(crate) fn forward(
-        &self,
-        h: &Tensor,
-        e: &Tensor,
-        args: &BlockArgs<'_>,
-    ) -> Result<(Tensor, Tensor)> {
-        let BlockArgs { temb, cos, sin } = args;
-        match self {
-            AnyBlock::Double(b) => {
-                let (m, mc) = (chunks(&b.norm1, temb, 6)?, chunks(&b.norm1_ctx, temb, 6)?);
-                b.inner.forward(h, e, &m, &mc, cos, sin)
-            }
-            AnyBlock::Single(b) => b.inner.forward(h, e, &chunks(&b.norm, temb, 3)?, cos, sin),
+/// The (hidden, encoder) streams after block `b`, its modulation computed from `args.temb`.
+pub(crate) fn forward(
+    b: &AnyBlock,
+    h: &Tensor,
+    e: &Tensor,
+    args: &BlockArgs<'_>,
+) -> Result<(Tensor, Tensor)> {
+    let BlockArgs { temb, cos, sin } = args;
+    match b {
+        DoubleOrSingle::Double(b) => {
+            let (m, mc) = (chunks(&b.norm1, temb, 6)?, chunks(&b.norm1_ctx, temb, 6)?);
+            b.inner.forward(h, e, &m, &mc, cos, sin)
         }
+        DoubleOrSingle::Single(b) => b.inner.forward(h, e, &chunks(&b.norm, temb, 3)?, cos, sin),
     }
 }

@@ -68,17 +68,8 @@ impl ModelConfig for FluxConfig {
     const FIELDS: &'static [&'static str] = FIELDS;
 
     fn check(&self, file: &str) -> Result<()> {
-        magcache_layers::config_util::positive(
-            file,
-            &[
-                ("in_channels", self.in_channels),
-                ("num_layers", self.num_layers),
-                ("attention_head_dim", self.attention_head_dim),
-                ("num_attention_heads", self.num_attention_heads),
-                ("joint_attention_dim", self.joint_attention_dim),
-                ("pooled_projection_dim", self.pooled_projection_dim),
-            ],
-        )?;
+        magcache_layers::positive_fields!(file, self,
+        in_channels num_layers attention_head_dim num_attention_heads joint_attention_dim pooled_projection_dim)?;
         magcache_layers::config_util::check_packed_rope(
             file,
             self.patch_size,

@@ -8,7 +8,7 @@ use super::config::Flux2Config;
 use candle_core::{Device, Tensor};
 use magcache_core::Result;
 use magcache_layers::mmdit::{
-    Act, DoubleStream, FeedForward, JointAttention, SingleProjection, SingleStream,
+    Act, DoubleOrSingle, DoubleStream, FeedForward, JointAttention, SingleProjection, SingleStream,
 };
 use magcache_layers::nn::{linear_no_bias, LayerNorm, RmsNorm};
 use magcache_layers::weights::WeightStore;
@@ -80,33 +80,29 @@ fn single(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<Si
 }
 
 /// One block of the chain.
-// One value per block, built once and never moved in a loop: the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum AnyBlock {
-    Double(DoubleStream),
-    Single(SingleStream),
+pub type AnyBlock = DoubleOrSingle<DoubleStream, SingleStream>;
+
+/// Chain block `i`: double block `i`, or single block `i - num_layers`.
+pub(crate) fn load_block(
+    w: &WeightStore,
+    i: usize,
+    c: &Flux2Config,
+    dev: &Device,
+) -> Result<AnyBlock> {
+    let load_double = |i| double(w, i, c, dev);
+    DoubleOrSingle::load(i, c.num_layers, load_double, |j| single(w, j, c, dev))
 }
 
-impl AnyBlock {
-    /// Chain block `i`: double block `i`, or single block `i - num_layers`.
-    pub(crate) fn load(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<Self> {
-        Ok(match i.checked_sub(c.num_layers) {
-            None => AnyBlock::Double(double(w, i, c, dev)?),
-            Some(j) => AnyBlock::Single(single(w, j, c, dev)?),
-        })
-    }
-
-    /// The (hidden, encoder) streams after the block, with the call's shared modulations.
-    pub(crate) fn forward(
-        &self,
-        h: &Tensor,
-        e: &Tensor,
-        args: &BlockArgs<'_>,
-    ) -> Result<(Tensor, Tensor)> {
-        let (m, cos, sin) = (args.mods, args.cos, args.sin);
-        match self {
-            AnyBlock::Double(b) => b.forward(h, e, &m.img, &m.txt, cos, sin),
-            AnyBlock::Single(b) => b.forward(h, e, &m.single, cos, sin),
-        }
+/// The (hidden, encoder) streams after block `b`, with the call's shared modulations.
+pub(crate) fn forward(
+    b: &AnyBlock,
+    h: &Tensor,
+    e: &Tensor,
+    args: &BlockArgs<'_>,
+) -> Result<(Tensor, Tensor)> {
+    let (m, cos, sin) = (args.mods, args.cos, args.sin);
+    match b {
+        DoubleOrSingle::Double(b) => b.forward(h, e, &m.img, &m.txt, cos, sin),
+        DoubleOrSingle::Single(b) => b.forward(h, e, &m.single, cos, sin),
     }
 }

@@ -88,19 +88,8 @@ impl ModelConfig for Flux2Config {
     const FIELDS: &'static [&'static str] = FIELDS;
 
     fn check(&self, file: &str) -> Result<()> {
-        magcache_layers::config_util::positive(
-            file,
-            &[
-                ("in_channels", self.in_channels),
-                ("attention_head_dim", self.attention_head_dim),
-                ("num_attention_heads", self.num_attention_heads),
-                ("joint_attention_dim", self.joint_attention_dim),
-                (
-                    "timestep_guidance_channels",
-                    self.timestep_guidance_channels,
-                ),
-            ],
-        )?;
+        magcache_layers::positive_fields!(file, self,
+        in_channels attention_head_dim num_attention_heads joint_attention_dim timestep_guidance_channels)?;
         if self.num_blocks() == 0 {
             return Err(Error::config(
                 file,

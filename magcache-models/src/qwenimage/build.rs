@@ -2,7 +2,7 @@
 //! transformer loads), the transformer held or streamed, the inputs, and the registration.
 
 use super::config::QwenImageConfig;
-use super::family::{qwenimage_info, qwenimage_params, QwenImageRun, Source};
+use super::family::{qwenimage_info, qwenimage_params, QwenImageFolder, QwenImageRun, Source};
 use super::model::{QwenImageModel, QWENIMAGE_BLOCK};
 use super::pipeline::{QwenImageDecode, QwenImagePipeline, QwenImageSteps};
 use candle_core::{DType, Tensor};
@@ -31,14 +31,14 @@ impl QwenImageRun {
     /// The transformer's weights (or, streamed, all but the blocks and three of them), the plan,
     /// one call's activations, the cache, and the one-frame VAE decode.
     fn transformer_footprint(&self) -> Footprint {
-        let c = &self.transformer;
+        let c = &self.base.transformer;
         let mut fp = Footprint::default();
-        let knob = match &self.source {
+        let knob = match &self.base.source {
             Source::Preset(_) => "model.preset",
             _ => "model.weights",
         };
-        let dt = self.run.dtype_name();
-        if self.run.streamed() {
+        let dt = self.base.run.dtype_name();
+        if self.base.run.streamed() {
             // Embeddings, head, two blocks at a time, and block 0's `img_mod` (the indicator).
             let two = qwenimage_params(&QwenImageConfig {
                 num_layers: 2,
@@ -56,15 +56,15 @@ impl QwenImageRun {
         }
         magcache_layers::footprint::add_lora_tables(
             &mut fp,
-            &self.run.loras(0),
+            &self.base.run.loras(0),
             Path::new(""),
-            sz(self.transformer.inner_dim()) * sz(6 * self.transformer.inner_dim()),
+            sz(self.base.transformer.inner_dim()) * sz(6 * self.base.transformer.inner_dim()),
         );
-        add_plan(&mut fp, self.run.steps, 2);
-        let (b, s, l) = (self.batch, self.image_tokens(), self.text_len);
+        add_plan(&mut fp, self.base.run.steps, 2);
+        let (b, s, l) = (self.base.batch, self.image_tokens(), self.base.text_len);
         let joint = s.saturating_add(l);
         let d = sz(c.inner_dim());
-        let dev = if self.run.on_cpu { "cpu" } else { "cuda" };
+        let dev = if self.base.run.on_cpu { "cpu" } else { "cuda" };
         let acts = sz(b) * sz(joint) * (sz(12) * d + d * sz(4) * sz(2)) * sz(4)
             + attention_bytes(dev, b, c.num_attention_heads, joint, joint);
         fp.add("activations", "inputs.height/width", acts.0);
@@ -73,9 +73,9 @@ impl QwenImageRun {
             "inputs.height/width",
             (sz(3) * sz(b) * sz(joint) * d * sz(4)).0,
         );
-        if let Source::Folder { vae, .. } = &self.source {
+        if let Source::Folder(_, QwenImageFolder { vae, .. }) = &self.base.source {
             let (h, w) = (2 * self.grid.0, 2 * self.grid.1);
-            let cpu = self.run.on_cpu;
+            let cpu = self.base.run.on_cpu;
             let wb = if cpu { 4 } else { dtype_bytes(dt) };
             let bytes = vae.decode_bytes(1, h, w, wb, cpu);
             fp.add(
@@ -88,10 +88,10 @@ impl QwenImageRun {
     }
 
     fn captions(&self) -> Result<Captions> {
-        let dev = &self.run.placement()?.device;
-        let j = self.transformer.joint_attention_dim;
-        let Source::Folder { root, .. } = &self.source else {
-            if let Some(p) = &self.latents_file {
+        let dev = &self.base.run.placement()?.device;
+        let j = self.base.transformer.joint_attention_dim;
+        let Source::Folder(root, ..) = &self.base.source else {
+            if let Some(p) = &self.base.latents_file {
                 let inp = InputFile::load(p)?;
                 if inp.has("prompt_embeds") {
                     let get = |k: &str| -> Result<Tensor> {
@@ -108,7 +108,7 @@ impl QwenImageRun {
                         }
                         Ok(t.to_dtype(DType::F32)?.to_device(dev)?)
                     };
-                    let neg = match (self.cfg_scale, inp.has("negative_prompt_embeds")) {
+                    let neg = match (self.base.cfg_scale, inp.has("negative_prompt_embeds")) {
                         (Some(_), true) => Some(get("negative_prompt_embeds")?),
                         _ => None,
                     };
@@ -117,13 +117,13 @@ impl QwenImageRun {
             }
             let rows = |k: u64| {
                 randn_for(
-                    &self.run.file,
+                    &self.base.run.file,
                     "inputs.text_len",
-                    self.run.seed.wrapping_add(k),
-                    &[1, self.text_len, j],
+                    self.base.run.seed.wrapping_add(k),
+                    &[1, self.base.text_len, j],
                 )
             };
-            let neg = self.cfg_scale.map(|_| rows(3)).transpose()?;
+            let neg = self.base.cfg_scale.map(|_| rows(3)).transpose()?;
             return Ok((
                 rows(2)?.to_device(dev)?,
                 neg.map(|n| n.to_device(dev)).transpose()?,
@@ -132,11 +132,11 @@ impl QwenImageRun {
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let dt = self.run.dtype;
-        let negative = negative.filter(|_| self.cfg_scale.is_some());
+        let dt = self.base.run.dtype;
+        let negative = negative.filter(|_| self.base.cfg_scale.is_some());
         let key = format!(
             "qwen-image {:?}",
-            (root, dt, dev, self.text_len, &text, &negative)
+            (root, dt, dev, self.base.text_len, &text, &negative)
         );
         let ((pos, neg), _) = warm::prompt_pair(key, || {
             let enc = QwenImageTextEncoder::load_pipeline(root, dev, dt)?;
@@ -153,39 +153,24 @@ impl QwenImageRun {
                     ),
                 ));
             }
-            let pos = enc.encode(&text, self.text_len)?.prompt_embeds;
-            let neg = negative.as_ref().map(|n| enc.encode(n, self.text_len));
+            let pos = enc.encode(&text, self.base.text_len)?.prompt_embeds;
+            let neg = negative.as_ref().map(|n| enc.encode(n, self.base.text_len));
             Ok((
                 (pos, neg.transpose()?.map(|n| n.prompt_embeds)),
                 String::new(),
             ))
         })?;
         let stage = stage.end();
-        let te = root.join("text_encoder").display().to_string();
-        magcache_layers::stage::check_stage(
-            &pos,
-            "the text encoder",
-            &format!("prompt_embeds (Qwen2.5-VL, from {te})"),
-        )?;
-        if let Some(n) = &neg {
-            magcache_layers::stage::check_stage(
-                n,
-                "the text encoder",
-                &format!("negative_prompt_embeds (Qwen2.5-VL, from {te})"),
-            )?;
-        }
+        let te = root.join("text_encoder");
+        magcache_layers::stage::check_embeds(&pos, neg.as_ref(), "Qwen2.5-VL", &te)?;
         Ok((pos, neg, Some(stage)))
     }
 
     fn transformer(&self) -> Result<(QwenImageModel, Vec<String>)> {
-        let c = self.transformer.clone();
-        let dir = match &self.source {
-            Source::Folder { root, .. } => Some(root.join("transformer")),
-            Source::Transformer(dir) => Some(dir.clone()),
-            Source::Preset(_) => None,
-        };
+        let c = self.base.transformer.clone();
+        let dir = self.base.source.weights_dir();
         let (width, depth) = (c.inner_dim(), ("num_layers", c.num_layers));
-        self.run.model(
+        self.base.run.model(
             dir.as_deref(),
             c,
             width,
@@ -195,22 +180,22 @@ impl QwenImageRun {
     }
 
     fn latents(&self) -> Result<Tensor> {
-        let l = match &self.latents_file {
+        let l = match &self.base.latents_file {
             Some(p) => InputFile::load(p)?
                 .get("latents_init", 3, "[B, seq, C] packed latents")?
                 .to_dtype(DType::F32)?,
             None => randn_for(
-                &self.run.file,
+                &self.base.run.file,
                 "inputs.height/width",
-                self.run.seed,
+                self.base.run.seed,
                 &[
-                    self.batch,
+                    self.base.batch,
                     self.image_tokens(),
-                    self.transformer.in_channels,
+                    self.base.transformer.in_channels,
                 ],
             )?,
         };
-        Ok(l.to_device(&self.run.placement()?.device)?)
+        Ok(l.to_device(&self.base.run.placement()?.device)?)
     }
 }
 
@@ -225,7 +210,7 @@ impl ResolvedRun for QwenImageRun {
 
     fn estimate(&self) -> Vec<(String, Footprint)> {
         let mut v = Vec::new();
-        if let Source::Folder { root, text, .. } = &self.source {
+        if let Source::Folder(root, QwenImageFolder { text, .. }) = &self.base.source {
             let te = root
                 .join("text_encoder")
                 .join("config.json")
@@ -244,7 +229,7 @@ impl ResolvedRun for QwenImageRun {
             let fp = text.footprint(
                 text.num_hidden_layers,
                 tokens,
-                self.run.dtype.size_in_bytes(),
+                self.base.run.dtype.size_in_bytes(),
                 &te,
             );
             v.push(("encode text".to_string(), fp));
@@ -261,22 +246,19 @@ impl ResolvedRun for QwenImageRun {
     fn build(&self) -> Result<Box<dyn Pipeline>> {
         let (pos, neg, stage) = self.captions()?;
         let (model, unused) = self.transformer()?;
-        let mut warnings = self.run.warnings.clone();
+        let mut warnings = self.base.run.warnings.clone();
         warnings.extend(unused);
-        let c = &self.transformer;
-        let mut desc = match &self.source {
-            Source::Folder { root, .. } => format!("{}: ", root.display()),
-            Source::Transformer(dir) => format!("{}: ", dir.display()),
-            Source::Preset(p) => {
-                format!("preset {p} (random init, seed {}): ", self.run.model_seed)
-            }
-        };
+        let c = &self.base.transformer;
+        let mut desc = self
+            .base
+            .run
+            .source_label(self.base.source.path(), self.variant());
         desc.push_str(&format!(
             "{} double-stream blocks, dim {}, {} heads{}",
             c.num_layers,
             c.inner_dim(),
             c.num_attention_heads,
-            match self.cfg_scale {
+            match self.base.cfg_scale {
                 Some(g) if neg.is_some() => format!(", true CFG {g} with the negative prompt"),
                 _ => ", no CFG".into(),
             }
@@ -291,16 +273,16 @@ impl ResolvedRun for QwenImageRun {
         if let Some(n) = &neg {
             embeds.push(("negative_prompt_embeds".to_string(), n.clone()));
         }
-        let decode = match &self.source {
-            Source::Folder { root, vae, .. } => Some(QwenImageDecode {
+        let decode = match &self.base.source {
+            Source::Folder(root, QwenImageFolder { vae, .. }) => Some(QwenImageDecode {
                 root: root.clone(),
-                placement: self.run.placement()?.clone(),
+                placement: self.base.run.placement()?.clone(),
                 height: 2 * self.grid.0 * vae.spatial_scale(),
                 width: 2 * self.grid.1 * vae.spatial_scale(),
             }),
             _ => None,
         };
-        let negative = match (&neg, self.cfg_scale) {
+        let negative = match (&neg, self.base.cfg_scale) {
             (Some(n), Some(s)) => Some((rep(n)?, s)),
             _ => None,
         };
@@ -316,11 +298,8 @@ impl ResolvedRun for QwenImageRun {
                 embeds,
             },
             common: PipelineCommon {
-                description: desc,
-                info: qwenimage_info(self.variant()),
-                warnings,
                 stages: stage.into_iter().collect(),
-                cache: None,
+                ..PipelineCommon::new(desc, qwenimage_info(self.variant()), warnings)
             },
         }))
     }
@@ -328,9 +307,9 @@ impl ResolvedRun for QwenImageRun {
     /// The preset's transformer, generated tensor by tensor (`magcache export`): with the folder
     /// written, `offload = "stream"` runs the preset at its released size from disk.
     fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
-        let c = &self.transformer;
-        let preset = matches!(self.source, Source::Preset(_));
-        self.run.export_preset::<QwenImageModel>(
+        let c = &self.base.transformer;
+        let preset = matches!(self.base.source, Source::Preset(_));
+        self.base.run.export_preset::<QwenImageModel>(
             preset,
             c,
             c.inner_dim(),

@@ -82,16 +82,8 @@ impl ModelConfig for QwenImageConfig {
     const FIELDS: &'static [&'static str] = FIELDS;
 
     fn check(&self, file: &str) -> Result<()> {
-        magcache_layers::config_util::positive(
-            file,
-            &[
-                ("in_channels", self.in_channels),
-                ("num_layers", self.num_layers),
-                ("attention_head_dim", self.attention_head_dim),
-                ("num_attention_heads", self.num_attention_heads),
-                ("joint_attention_dim", self.joint_attention_dim),
-            ],
-        )?;
+        magcache_layers::positive_fields!(file, self,
+        in_channels num_layers attention_head_dim num_attention_heads joint_attention_dim)?;
         if self.patch_size != 2
             || self.in_channels != 4 * self.out_channels.unwrap_or(self.in_channels / 4)
         {

@@ -2,22 +2,21 @@
 //! transformer folder or preset; every size, the schedule's shift, guidance, placement) before
 //! anything loads.
 
-use super::config::{QwenImageConfig, QWENIMAGE_CLASS};
+use super::config::QwenImageConfig;
 use super::pipeline::qwenimage_plan;
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Result};
 use magcache_layers::autoencoder_kl_wan::WanVaeConfig;
-use magcache_layers::config_util::ModelConfig;
-use magcache_layers::config_util::{
-    overrides_json, resolve, run_source, to_map, PipelineKind, RunSource,
-};
+use magcache_layers::config_util::{find_preset, resolve, text_len, PipelineKind};
 use magcache_layers::footprint::{sz, Sz};
-use magcache_layers::inputs::InputFile;
-use magcache_layers::run_basics::RunBasics;
+use magcache_layers::inputs::{packed_drawn_shape, InputFile};
+use magcache_layers::run_basics::{
+    ImageRun, ImageSizes, ImageSource, RunBasics, IMAGE_PIPELINE_PARTS,
+};
 use magcache_layers::scheduler::{FlowSchedule, FluxShift};
 use magcache_text::qwen3::Qwen3Config;
 use magcache_text::qwenimage::QWENIMAGE_MAX_LEN;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `QwenImagePipeline`'s defaults: 1024 x 1024 (its default follows the transformer's sample
 /// size), 512 text rows, `true_cfg_scale` 4.0.
@@ -28,45 +27,26 @@ pub const DEFAULT_TRUE_CFG: f64 = 4.0;
 /// Presets at released sizes (seeded random weights; `plan`, memory and speed figures).
 pub const QWENIMAGE_PRESETS: &[&str] = &["qwen-image"];
 
-/// Where a run's parts come from.
-pub(super) enum Source {
-    /// A `QwenImagePipeline` folder as released.
-    Folder {
-        root: PathBuf,
-        text: Qwen3Config,
-        vae: Box<WanVaeConfig>,
-    },
-    /// A transformer folder without a pipeline: inputs from `[inputs]`, nothing decoded.
-    Transformer(PathBuf),
-    Preset(&'static str),
+/// What a released `QwenImagePipeline` folder's configs say.
+pub(super) struct QwenImageFolder {
+    pub(super) text: Qwen3Config,
+    pub(super) vae: Box<WanVaeConfig>,
 }
+
+/// Where a run's parts come from: a pipeline folder, a transformer folder or a preset.
+pub(super) type Source = ImageSource<QwenImageFolder, &'static str>;
 
 /// A qwen-image run file resolved before anything loads.
 pub struct QwenImageRun {
-    /// The run file, placement, seeds, adapters and warnings.
-    pub(super) run: RunBasics,
-    pub(super) source: Source,
-    pub(super) transformer: QwenImageConfig,
-    pub(super) shift: FluxShift,
-    /// The patch grid `(h', w')` and the batch.
+    pub(super) base: ImageRun<QwenImageFolder, &'static str, QwenImageConfig>,
+    /// The patch grid `(h', w')`.
     pub(super) grid: (usize, usize),
-    pub(super) batch: usize,
-    /// Text rows (an upper bound for prompted runs).
-    pub(super) text_len: usize,
-    pub(super) cfg_scale: Option<f64>,
-    pub(super) latents_file: Option<PathBuf>,
     pub(super) prompt: Option<(String, Option<String>)>,
 }
 
 /// What a Qwen-Image pipeline folder holds.
 const PIPELINE: PipelineKind<'static> = PipelineKind {
-    parts: &[
-        "tokenizer",
-        "text_encoder",
-        "transformer",
-        "vae",
-        "scheduler",
-    ],
+    parts: IMAGE_PIPELINE_PARTS,
     class_prefix: "QwenImage",
     label: "Qwen-Image",
     example: "QwenImagePipeline",
@@ -103,7 +83,7 @@ impl QwenImageRun {
             .map(|p| (p.text.clone(), p.negative.clone()));
         let scale = cfg.sampling.guidance_scale.unwrap_or(DEFAULT_TRUE_CFG);
         let has_negative = match &source {
-            Source::Folder { .. } => prompt.as_ref().is_some_and(|p| p.1.is_some()),
+            Source::Folder(..) => prompt.as_ref().is_some_and(|p| p.1.is_some()),
             // Seeded or file captions: CFG follows the scale alone.
             _ => true,
         };
@@ -116,7 +96,7 @@ impl QwenImageRun {
                 "{file}: sampling.guidance_scale = {scale} needs a negative prompt for true CFG (prompt.negative; \"\" or \" \" will do): running without CFG, as the pipeline does"
             ));
         }
-        if let Source::Folder { vae, .. } = &source {
+        if let Source::Folder(_, QwenImageFolder { vae, .. }) = &source {
             let (h, w) = (
                 cfg.inputs.height.unwrap_or(DEFAULT_SIZE),
                 cfg.inputs.width.unwrap_or(DEFAULT_SIZE),
@@ -126,20 +106,9 @@ impl QwenImageRun {
                 file, h, w, unit,
             ));
         }
-        let (grid, batch, latents_file, text_len) =
-            Self::sizes(cfg, file, base, &source, &transformer)?;
-        Ok(QwenImageRun {
-            run,
-            source,
-            transformer,
-            shift,
-            grid,
-            batch,
-            text_len,
-            cfg_scale,
-            latents_file,
-            prompt,
-        })
+        let (grid, sizes) = Self::sizes(cfg, file, base, &source, &transformer)?;
+        let base = ImageRun::new(run, (source, transformer, shift), sizes, cfg_scale);
+        Ok(QwenImageRun { base, grid, prompt })
     }
 
     /// Where the parts come from, the transformer's config and the schedule's shift.
@@ -148,49 +117,20 @@ impl QwenImageRun {
         file: &str,
         base: &Path,
     ) -> Result<(Source, QwenImageConfig, FluxShift)> {
-        let overrides = overrides_json(cfg);
-        Ok(
-            match run_source(cfg, file, base, &PIPELINE, "QwenImagePipeline")? {
-                RunSource::Transformer(dir) => {
-                    let t = QwenImageConfig::read(&dir.join("config.json"), &overrides)?;
-                    (Source::Transformer(dir), t, released_shift())
-                }
-                RunSource::Pipeline(root) => {
-                    let t = QwenImageConfig::read(
-                        &root.join("transformer").join("config.json"),
-                        &overrides,
-                    )?;
-                    let shift =
-                        FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
-                    let text = Qwen3Config::load(&root.join("text_encoder"))?;
-                    let vae = Box::new(WanVaeConfig::read(&root.join("vae").join("config.json"))?);
-                    (Source::Folder { root, text, vae }, t, shift)
-                }
-                RunSource::Preset(name) => {
-                    let p = QWENIMAGE_PRESETS
-                        .iter()
-                        .find(|p| **p == name)
-                        .ok_or_else(|| {
-                            Error::config(
-                                file,
-                                "model.preset",
-                                format!(
-                                    "unknown preset `{name}` for family `qwen-image` (known: {})",
-                                    QWENIMAGE_PRESETS.join(", ")
-                                ),
-                            )
-                        })?;
-                    let base_map = to_map(&QwenImageConfig::default(), QWENIMAGE_CLASS)?;
-                    let t = QwenImageConfig::from_map(
-                        QwenImageConfig::default(),
-                        &base_map,
-                        file,
-                        &overrides,
-                    )?;
-                    (Source::Preset(p), t, released_shift())
-                }
-            },
-        )
+        let folder = |root: &Path| -> Result<QwenImageFolder> {
+            let text = Qwen3Config::load(&root.join("text_encoder"))?;
+            let vae = Box::new(WanVaeConfig::read(&root.join("vae").join("config.json"))?);
+            Ok(QwenImageFolder { text, vae })
+        };
+        let preset =
+            |name: &str| find_preset(QWENIMAGE_PRESETS, |p| *p, name, ("qwen-image", file));
+        let (source, t, shift) = Source::resolve(
+            (cfg, file, base),
+            (&PIPELINE, "QwenImagePipeline"),
+            folder,
+            |name| preset(name).copied(),
+        )?;
+        Ok((source, t, shift.unwrap_or_else(released_shift)))
     }
 
     /// `((h', w'), batch, latents file, text rows)`.
@@ -201,11 +141,8 @@ impl QwenImageRun {
         base: &Path,
         source: &Source,
         t: &QwenImageConfig,
-    ) -> Result<((usize, usize), usize, Option<PathBuf>, usize)> {
-        let text_len = match &cfg.prompt {
-            Some(p) => p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
-            None => cfg.inputs.text_len.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
-        };
+    ) -> Result<((usize, usize), ImageSizes)> {
+        let text_len = text_len(cfg, DEFAULT_MAX_SEQUENCE_LENGTH);
         if text_len == 0 || (cfg.prompt.is_some() && text_len > QWENIMAGE_MAX_LEN) {
             return Err(Error::config(
                 file,
@@ -215,7 +152,7 @@ impl QwenImageRun {
         }
         let c4 = t.in_channels;
         let grid = match source {
-            Source::Folder { vae, .. } => {
+            Source::Folder(_, QwenImageFolder { vae, .. }) => {
                 let unit = vae.spatial_scale().saturating_mul(2);
                 let (height, width) = (
                     cfg.inputs.height.unwrap_or(DEFAULT_SIZE),
@@ -264,24 +201,14 @@ impl QwenImageRun {
                     ),
                 ));
             }
-            return Ok((g, b, Some(path), text_len));
+            return Ok((g, (b, Some(path), text_len)));
         }
         if let Some(g) = grid {
-            return Ok((g, 1, None, text_len));
+            return Ok((g, (1, None, text_len)));
         }
         let (_, shape) = magcache_layers::inputs::drawn(cfg, &[1, c4 / 4, 128, 128]);
-        match shape.as_slice() {
-            &[b, ch, h, w]
-                if ch * 4 == c4 && b > 0 && h >= 2 && w >= 2 && h % 2 == 0 && w % 2 == 0 =>
-            {
-                Ok(((h / 2, w / 2), b, None, text_len))
-            }
-            _ => Err(Error::config(
-                file,
-                "inputs.latent_shape",
-                format!("{shape:?} is not [B, {}, h, w] with even h and w", c4 / 4),
-            )),
-        }
+        let (b, h, w) = packed_drawn_shape(&shape, c4, "Qwen-Image", file)?;
+        Ok(((h / 2, w / 2), (b, None, text_len)))
     }
 
     pub(super) fn image_tokens(&self) -> usize {
@@ -289,35 +216,35 @@ impl QwenImageRun {
     }
 
     pub fn schedule(&self) -> Result<FlowSchedule> {
-        if let (Some(t), true) = (self.shift.shift_terminal, self.run.steps < 2) {
+        if let (Some(t), true) = (self.base.shift.shift_terminal, self.base.run.steps < 2) {
             // diffusers stretches `1 - sigma` so the last sigma is `shift_terminal`: a single step's
             // only sigma is 1, and the stretch divides by zero (NaN latents).
             return Err(Error::config(
-                &self.run.file,
+                &self.base.run.file,
                 "sampling.steps",
                 format!(
                     "{} is too few: the scheduler's shift_terminal ({t}) needs at least 2 steps",
-                    self.run.steps
+                    self.base.run.steps
                 ),
             ));
         }
-        let (s, mu) = self.shift.schedule(self.run.steps, self.image_tokens());
-        s.check(&self.run.file, "inputs.height/width", mu)?;
+        let (s, mu) = self
+            .base
+            .shift
+            .schedule(self.base.run.steps, self.image_tokens());
+        s.check(&self.base.run.file, "inputs.height/width", mu)?;
         Ok(s)
     }
 
     pub(super) fn plan_of(&self) -> Result<(GenerationPlan, ModelInfo)> {
         Ok((
-            qwenimage_plan(&self.schedule()?, self.cfg_scale.is_some()),
+            qwenimage_plan(&self.schedule()?, self.base.cfg_scale.is_some()),
             qwenimage_info(self.variant()),
         ))
     }
 
     pub(super) fn variant(&self) -> Option<&'static str> {
-        match &self.source {
-            Source::Preset(p) => Some(p),
-            _ => None,
-        }
+        self.base.source.preset()
     }
 }
 

@@ -3,11 +3,12 @@
 //! RoPE, and one cache chain over its blocks. Norms, softmax and modulation run in f32.
 
 use super::config::QwenImageConfig;
-use candle_core::{DType, Device, Tensor, D};
-use magcache_core::{BlockMetadata, CallCx, Indicator, ModelBlocks, Result, Streams};
+use candle_core::{DType, Device, Tensor};
+use magcache_core::{BlockMetadata, CallCx, Error, ModelBlocks, Result};
 use magcache_layers::chain_model::ChainModel;
+use magcache_layers::dit::{joint_chain_call, modulated_input, OutputLayer};
 use magcache_layers::mmdit::{chunks, Act, DoubleStream, FeedForward, JointAttention};
-use magcache_layers::nn::{linear, modulate, LayerNorm, Linear, RmsNorm};
+use magcache_layers::nn::{linear, LayerNorm, Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
 
 /// A double-stream block: image (hidden) and text (encoder) streams.
@@ -64,20 +65,6 @@ impl QBlock {
     }
 }
 
-/// A block's modulated image input (TeaCache's indicator) from its `img_mod`.
-fn modulated_input(
-    img_mod: Option<&Linear>,
-    ln: &LayerNorm,
-    h: &Tensor,
-    temb: &Tensor,
-) -> Result<Tensor> {
-    let img_mod = img_mod.ok_or_else(|| {
-        magcache_core::Error::msg("qwen-image: an empty chain has no modulated input")
-    })?;
-    let m = chunks(img_mod, temb, 6)?;
-    modulate(&ln.forward(h)?, &m[0], &m[1])
-}
-
 pub struct QwenImageModel {
     pub cfg: QwenImageConfig,
     img_in: Linear,
@@ -89,9 +76,7 @@ pub struct QwenImageModel {
     pub(crate) blocks: ModelBlocks<QBlock>,
     /// Block 0's `img_mod`, held for the modulated-input indicator when the chain is streamed.
     mod0: Option<Linear>,
-    norm_out: Linear,
-    ln: LayerNorm,
-    proj_out: Linear,
+    out: OutputLayer,
 }
 
 /// Intermediates of one forward, for parity tests.
@@ -129,7 +114,6 @@ impl ChainModel for QwenImageModel {
         w: &WeightStore,
         blocks: ModelBlocks<QBlock>,
     ) -> Result<Self> {
-        let dev = w.placement().device.clone();
         let (d, j) = (cfg.inner_dim(), cfg.joint_attention_dim);
         let mod0 = blocks
             .is_streamed()
@@ -144,9 +128,7 @@ impl ChainModel for QwenImageModel {
             t2: linear(w, &format!("{te}.linear_2"), d, d)?,
             blocks,
             mod0,
-            norm_out: linear(w, "norm_out.linear", 2 * d, d)?,
-            ln: LayerNorm::new(d, 1e-6, None, &dev)?,
-            proj_out: linear(w, "proj_out", cfg.out_tokens(), d)?,
+            out: OutputLayer::load(w, (d, cfg.out_tokens()), 1e-6, linear)?,
             cfg,
         })
     }
@@ -252,33 +234,28 @@ impl QwenImageModel {
             tr.txt_in = Some(e.clone());
             tr.rope = Some(r.clone());
         }
-        let mut record = |_: usize, s: &Streams| {
-            if let (Some(tr), Some(e)) = (trace.as_deref_mut(), &s.encoder) {
-                tr.blocks.push((e.clone(), s.hidden.clone()));
-            }
-        };
         let held = self.blocks.held_blocks().and_then(|b| b.first());
         let mod0 = self.mod0.as_ref().or(held.map(|b| &b.img_mod));
-        let input = || modulated_input(mod0, &self.ln, &h, &temb);
-        let chain = (self.blocks)
-            .call(cx.scope, |i, b: &QBlock, s: Streams| {
-                let (h, e) = b.forward(&s.hidden, s.joint_encoder("qwen-image", i)?, &temb, &r)?;
-                Ok(Streams::joint(h, e))
-            })
-            .with_indicator(Indicator::TimestepEmbedding, &temb)
-            .with_indicator_fn(Indicator::ModulatedInput, input)
-            .traced(&mut record);
-        let h = cx.run_chain(&chain, Streams::joint(h.clone(), e))?.hidden;
-        drop(chain);
-        // AdaLayerNormContinuous: (scale, shift) in that order.
-        let m = self.norm_out.forward(&temb.silu()?)?;
-        let d = self.cfg.inner_dim();
-        let scale = m.narrow(D::Minus1, 0, d)?.unsqueeze(1)?;
-        let shift = m.narrow(D::Minus1, d, d)?.unsqueeze(1)?;
-        let y = modulate(&self.ln.forward(&h)?, &shift, &scale)?;
+        let input = || match mod0 {
+            Some(m) => modulated_input(m, &self.out.ln, &h, &temb),
+            None => Err(Error::msg(
+                "qwen-image: an empty chain has no modulated input",
+            )),
+        };
+        let h = joint_chain_call(
+            &self.blocks,
+            cx,
+            "qwen-image",
+            (h.clone(), e),
+            &temb,
+            input,
+            trace.as_deref_mut().map(|t| &mut t.blocks),
+            |b: &QBlock, h, e| b.forward(h, e, &temb, &r),
+        )?;
+        let (y, out) = self.out.forward(&h, &temb)?;
         if let Some(tr) = trace {
-            tr.norm_out = Some(y.clone());
+            tr.norm_out = Some(y);
         }
-        self.proj_out.forward(&y)
+        Ok(out)
     }
 }

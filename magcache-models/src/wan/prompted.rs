@@ -164,19 +164,8 @@ pub fn encode(
         let neg = neg.map(|n| enc.encode(n, max_len)).transpose()?;
         Ok(((pos, neg.map(|n| n.0)), String::new()))
     })?;
-    let te = root.join("text_encoder").display().to_string();
-    for (name, t) in [
-        ("prompt_embeds", Some(&prompt_embeds)),
-        ("negative_prompt_embeds", negative_prompt_embeds.as_ref()),
-    ] {
-        if let Some(t) = t {
-            magcache_layers::stage::check_stage(
-                t,
-                "the text encoder",
-                &format!("{name} (from {te})"),
-            )?;
-        }
-    }
+    let (te, neg) = (root.join("text_encoder"), negative_prompt_embeds.as_ref());
+    magcache_layers::stage::check_embeds(&prompt_embeds, neg, "UMT5", &te)?;
     Ok(Prompted {
         root: root.to_path_buf(),
         prompt_embeds,

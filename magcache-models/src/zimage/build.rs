@@ -2,7 +2,7 @@
 //! transformer loads), the transformer held or streamed, the inputs, and the registration.
 
 use super::config::ZImageConfig;
-use super::family::{zimage_info, zimage_params, Source, ZImageRun};
+use super::family::{zimage_info, zimage_params, Source, ZImageFolder, ZImageRun};
 use super::model::{padded, ZImageModel, ZIMAGE_LAYER};
 use super::pipeline::{ZImageDecode, ZImagePipeline, ZImageSteps};
 use candle_core::{DType, Tensor};
@@ -25,7 +25,7 @@ use std::path::Path;
 impl ZImageRun {
     /// The text encoder's stage: its layers' weights and one prompt's activations.
     fn text_footprint(&self) -> Option<Footprint> {
-        let Source::Folder { root, text, .. } = &self.source else {
+        let Source::Folder(root, ZImageFolder { text, .. }) = &self.base.source else {
             return None;
         };
         let te = root
@@ -35,8 +35,8 @@ impl ZImageRun {
             .to_string();
         Some(text.footprint(
             text.num_hidden_layers.saturating_sub(1),
-            self.text_len,
-            self.run.dtype.size_in_bytes(),
+            self.base.text_len,
+            self.base.run.dtype.size_in_bytes(),
             &te,
         ))
     }
@@ -44,14 +44,14 @@ impl ZImageRun {
     /// The transformer's stage: its weights (or, streamed, all but the main blocks and two of them),
     /// the plan, one call's activations, the cache, and the VAE decode.
     fn transformer_footprint(&self) -> Footprint {
-        let c = &self.transformer;
+        let c = &self.base.transformer;
         let mut fp = Footprint::default();
-        let knob = match &self.source {
-            Source::Folder { .. } | Source::Transformer(_) => "model.weights".to_string(),
+        let knob = match &self.base.source {
+            Source::Folder(..) | Source::Transformer(_) => "model.weights".to_string(),
             Source::Preset(_) => "model.preset".to_string(),
         };
-        let dt = self.run.dtype_name();
-        if self.run.streamed() {
+        let dt = self.base.run.dtype_name();
+        if self.base.run.streamed() {
             let held = zimage_params(&ZImageConfig {
                 n_layers: c.n_layers.min(2),
                 ..c.clone()
@@ -66,13 +66,13 @@ impl ZImageRun {
         }
         magcache_layers::footprint::add_lora_tables(
             &mut fp,
-            &self.run.loras(0),
+            &self.base.run.loras(0),
             Path::new(""),
-            sz(self.transformer.dim) * sz(self.transformer.ffn_hidden()),
+            sz(self.base.transformer.dim) * sz(self.base.transformer.ffn_hidden()),
         );
-        add_plan(&mut fp, self.run.steps, 1);
-        let b = self.batch * if self.cfg_scale.is_some() { 2 } else { 1 };
-        let l = padded(self.image_tokens()) + padded(self.text_len);
+        add_plan(&mut fp, self.base.run.steps, 1);
+        let b = self.base.batch * if self.base.cfg_scale.is_some() { 2 } else { 1 };
+        let l = padded(self.image_tokens()) + padded(self.base.text_len);
         let d = sz(c.dim);
         let per_token = (sz(8) * d + sz(c.ffn_hidden()) * sz(3)) * sz(4);
         let acts = sz(b) * sz(l) * per_token
@@ -83,10 +83,10 @@ impl ZImageRun {
             "inputs.height/width",
             (sz(3) * sz(b) * sz(l) * d * sz(4)).0,
         );
-        if let Source::Folder { vae, tiling, .. } = &self.source {
+        if let Source::Folder(_, ZImageFolder { vae, tiling, .. }) = &self.base.source {
             let v = &**vae;
             let (lh, lw) = self.lat;
-            let cpu = self.run.on_cpu;
+            let cpu = self.base.run.on_cpu;
             fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
             let (eh, ew) = match tiling.filter(|t| t.tiles_latents(v, lh, lw)) {
                 Some(t) => (lh.min(t.latent_min(v)), lw.min(t.latent_min(v))),
@@ -107,7 +107,7 @@ impl ZImageRun {
     }
 
     fn placement_device(&self) -> String {
-        if self.run.on_cpu {
+        if self.base.run.on_cpu {
             "cpu".into()
         } else {
             "cuda".into()
@@ -117,11 +117,11 @@ impl ZImageRun {
     /// Runs without a pipeline folder: the inputs file's `prompt_embeds` (and negative ones with
     /// CFG), else seeded random rows.
     fn unprompted_captions(&self) -> Result<(Tensor, Option<Tensor>)> {
-        let dev = &self.run.placement()?.device;
-        if let Some(p) = &self.latents_file {
+        let dev = &self.base.run.placement()?.device;
+        if let Some(p) = &self.base.latents_file {
             let inp = InputFile::load(p)?;
             if inp.has("prompt_embeds") {
-                let cap = self.transformer.cap_feat_dim;
+                let cap = self.base.transformer.cap_feat_dim;
                 let get = |k: &str| -> Result<Tensor> {
                     let t = inp.get(k, 3, "[1, n, cap_feat_dim] caption")?;
                     if t.dim(0)? != 1 || t.dim(2)? != cap || t.dim(1)? == 0 {
@@ -136,7 +136,7 @@ impl ZImageRun {
                     }
                     Ok(t.squeeze(0)?.to_dtype(DType::F32)?.to_device(dev)?)
                 };
-                let neg = match self.cfg_scale {
+                let neg = match self.base.cfg_scale {
                     Some(_) => Some(get("negative_prompt_embeds")?),
                     None => None,
                 };
@@ -145,13 +145,13 @@ impl ZImageRun {
         }
         let rows = |k: u64| {
             randn_for(
-                &self.run.file,
+                &self.base.run.file,
                 "inputs.text_len",
-                self.run.seed.wrapping_add(k),
-                &[self.text_len, self.transformer.cap_feat_dim],
+                self.base.run.seed.wrapping_add(k),
+                &[self.base.text_len, self.base.transformer.cap_feat_dim],
             )
         };
-        let neg = self.cfg_scale.map(|_| rows(3)).transpose()?;
+        let neg = self.base.cfg_scale.map(|_| rows(3)).transpose()?;
         Ok((
             rows(2)?.to_device(dev)?,
             neg.map(|n| n.to_device(dev)).transpose()?,
@@ -168,22 +168,22 @@ impl ZImageRun {
         Option<Tensor>,
         Option<(String, magcache_core::runtime::progress::StageTime)>,
     )> {
-        let dev = &self.run.placement()?.device;
-        let Source::Folder { root, .. } = &self.source else {
+        let dev = &self.base.run.placement()?.device;
+        let Source::Folder(root, ..) = &self.base.source else {
             let (pos, neg) = self.unprompted_captions()?;
             return Ok((pos, neg, None));
         };
         let (text, negative) = self.prompt.clone().unwrap_or_default();
         let stage = Stage::begin("encode text");
-        let dt = self.run.dtype;
-        let neg_text = self.cfg_scale.map(|_| &negative);
+        let dt = self.base.run.dtype;
+        let neg_text = self.base.cfg_scale.map(|_| &negative);
         let key = format!(
             "z-image {:?}",
-            (root, dt, dev, self.text_len, &text, neg_text)
+            (root, dt, dev, self.base.text_len, &text, neg_text)
         );
         let ((pos, neg), template) = warm::prompt_pair(key, || {
             let enc = QwenChatEncoder::load_pipeline(root, ZIMAGE_CHAT, dev, dt)?;
-            if enc.encoder().config.hidden_size != self.transformer.cap_feat_dim {
+            if enc.encoder().config.hidden_size != self.base.transformer.cap_feat_dim {
                 return Err(Error::config(
                     root.join("transformer")
                         .join("config.json")
@@ -192,7 +192,7 @@ impl ZImageRun {
                     "cap_feat_dim",
                     format!(
                         "{} but the text encoder's hidden_size is {}",
-                        self.transformer.cap_feat_dim,
+                        self.base.transformer.cap_feat_dim,
                         enc.encoder().config.hidden_size
                     ),
                 ));
@@ -201,10 +201,13 @@ impl ZImageRun {
                 "Qwen3 ChatML, one user message, thinking on (the template of {})",
                 enc.template_source()
             );
-            let pos = enc.encode(&text, self.text_len)?.prompt_embeds.squeeze(0)?;
-            let neg = match self.cfg_scale {
+            let pos = enc
+                .encode(&text, self.base.text_len)?
+                .prompt_embeds
+                .squeeze(0)?;
+            let neg = match self.base.cfg_scale {
                 Some(_) => Some(
-                    enc.encode(&negative, self.text_len)?
+                    enc.encode(&negative, self.base.text_len)?
                         .prompt_embeds
                         .squeeze(0)?,
                 ),
@@ -213,32 +216,17 @@ impl ZImageRun {
             Ok(((pos, neg), template))
         })?;
         let stage = stage.end();
-        let te = root.join("text_encoder").display().to_string();
-        magcache_layers::stage::check_stage(
-            &pos,
-            "the text encoder",
-            &format!("prompt_embeds (Qwen3, from {te})"),
-        )?;
-        if let Some(n) = &neg {
-            magcache_layers::stage::check_stage(
-                n,
-                "the text encoder",
-                &format!("negative_prompt_embeds (Qwen3, from {te})"),
-            )?;
-        }
+        let te = root.join("text_encoder");
+        magcache_layers::stage::check_embeds(&pos, neg.as_ref(), "Qwen3", &te)?;
         Ok((pos, neg, Some((template, stage))))
     }
 
     /// The transformer: the folder's checkpoint (held or streamed), or a preset's seeded weights.
     fn transformer(&self) -> Result<(ZImageModel, Vec<String>)> {
-        let c = self.transformer.clone();
-        let dir = match &self.source {
-            Source::Folder { root, .. } => Some(root.join("transformer")),
-            Source::Transformer(dir) => Some(dir.clone()),
-            Source::Preset(_) => None,
-        };
+        let c = self.base.transformer.clone();
+        let dir = self.base.source.weights_dir();
         let (width, depth) = (c.dim, ("n_layers", c.n_layers));
-        self.run.model(
+        self.base.run.model(
             dir.as_deref(),
             c,
             width,
@@ -249,19 +237,19 @@ impl ZImageRun {
 
     /// The initial latents `[B, C, h, w]`: `latents_init` of the inputs file or seeded noise.
     fn latents(&self) -> Result<Tensor> {
-        let c = self.transformer.in_channels;
-        let l = match &self.latents_file {
+        let c = self.base.transformer.in_channels;
+        let l = match &self.base.latents_file {
             Some(p) => InputFile::load(p)?
                 .get("latents_init", 4, "[B, C, h, w] latents")?
                 .to_dtype(DType::F32)?,
             None => randn_for(
-                &self.run.file,
+                &self.base.run.file,
                 "inputs.height/width",
-                self.run.seed,
-                &[self.batch, c, self.lat.0, self.lat.1],
+                self.base.run.seed,
+                &[self.base.batch, c, self.lat.0, self.lat.1],
             )?,
         };
-        Ok(l.to_device(&self.run.placement()?.device)?)
+        Ok(l.to_device(&self.base.run.placement()?.device)?)
     }
 }
 
@@ -291,17 +279,13 @@ impl ResolvedRun for ZImageRun {
     fn build(&self) -> Result<Box<dyn Pipeline>> {
         let (pos, neg, template) = self.captions()?;
         let (model, unused) = self.transformer()?;
-        let mut warnings = self.run.warnings.clone();
+        let mut warnings = self.base.run.warnings.clone();
         warnings.extend(unused);
-        let c = &self.transformer;
-        let mut desc = match &self.source {
-            Source::Folder { root, .. } => format!("{}: ", root.display()),
-            Source::Transformer(dir) => format!("{}: ", dir.display()),
-            Source::Preset(p) => format!(
-                "preset {} (random init, seed {}): ",
-                p.name, self.run.model_seed
-            ),
-        };
+        let c = &self.base.transformer;
+        let mut desc = self
+            .base
+            .run
+            .source_label(self.base.source.path(), self.variant());
         desc.push_str(&format!(
             "{} layers + {}+{} refiners, dim {}, {} heads{}",
             c.n_layers,
@@ -309,7 +293,7 @@ impl ResolvedRun for ZImageRun {
             c.n_refiner_layers,
             c.dim,
             c.n_heads,
-            match self.cfg_scale {
+            match self.base.cfg_scale {
                 Some(g) => format!(", CFG {g} batched with the negative prompt"),
                 None => ", no CFG".into(),
             }
@@ -324,10 +308,10 @@ impl ResolvedRun for ZImageRun {
         }
         let latents = self.latents()?;
         let b = latents.dim(0)?;
-        let decode = match &self.source {
-            Source::Folder { root, tiling, .. } => Some(ZImageDecode {
+        let decode = match &self.base.source {
+            Source::Folder(root, ZImageFolder { tiling, .. }) => Some(ZImageDecode {
                 root: root.clone(),
-                placement: self.run.placement()?.clone(),
+                placement: self.base.run.placement()?.clone(),
                 tiling: *tiling,
             }),
             Source::Preset(_) | Source::Transformer(_) => None,
@@ -336,18 +320,15 @@ impl ResolvedRun for ZImageRun {
             model: Some(model),
             steps: ZImageSteps {
                 schedule: self.schedule()?,
-                shift: self.shift.shift,
+                shift: self.base.shift.shift,
                 latents,
                 caps: vec![pos; b],
-                negative: neg.zip(self.cfg_scale).map(|(n, g)| (vec![n; b], g)),
+                negative: neg.zip(self.base.cfg_scale).map(|(n, g)| (vec![n; b], g)),
                 decode,
             },
             common: PipelineCommon {
-                description: desc,
-                info: zimage_info(self.variant()),
-                warnings,
                 stages,
-                cache: None,
+                ..PipelineCommon::new(desc, zimage_info(self.variant()), warnings)
             },
         }))
     }
@@ -355,9 +336,9 @@ impl ResolvedRun for ZImageRun {
     /// The preset's transformer, generated tensor by tensor (`magcache export`): with the folder
     /// written, `offload = "stream"` runs the preset at its released size from disk.
     fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
-        let c = &self.transformer;
-        let preset = matches!(self.source, Source::Preset(_));
-        self.run.export_preset::<ZImageModel>(
+        let c = &self.base.transformer;
+        let preset = matches!(self.base.source, Source::Preset(_));
+        self.base.run.export_preset::<ZImageModel>(
             preset,
             c,
             c.dim,

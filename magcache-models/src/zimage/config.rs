@@ -103,16 +103,7 @@ impl ModelConfig for ZImageConfig {
     const FIELDS: &'static [&'static str] = FIELDS;
 
     fn check(&self, file: &str) -> Result<()> {
-        magcache_layers::config_util::positive(
-            file,
-            &[
-                ("in_channels", self.in_channels),
-                ("dim", self.dim),
-                ("n_heads", self.n_heads),
-                ("cap_feat_dim", self.cap_feat_dim),
-                ("n_layers", self.n_layers),
-            ],
-        )?;
+        magcache_layers::positive_fields!(file, self, in_channels dim n_heads cap_feat_dim n_layers)?;
         if !self.dim.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 file,

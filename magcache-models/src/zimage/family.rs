@@ -2,21 +2,20 @@
 //! every size, schedule, guidance, placement) before anything loads; building is then the three
 //! stages in turn (encode text, load the transformer, and the decode `finish` runs).
 
-use super::config::{ZImageConfig, ZIMAGE_CLASS};
+use super::config::ZImageConfig;
 use super::pipeline::zimage_plan;
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVaeConfig};
-use magcache_layers::config_util::ModelConfig;
-use magcache_layers::config_util::{
-    overrides_json, resolve, run_source, to_map, PipelineKind, RunSource,
-};
+use magcache_layers::config_util::{find_preset, resolve, text_len, PipelineKind};
 use magcache_layers::footprint::{sz, Sz};
-use magcache_layers::inputs::InputFile;
-use magcache_layers::run_basics::RunBasics;
+use magcache_layers::inputs::{packed_drawn_shape, InputFile};
+use magcache_layers::run_basics::{
+    ImageRun, ImageSizes, ImageSource, RunBasics, IMAGE_PIPELINE_PARTS,
+};
 use magcache_layers::scheduler::FluxShift;
 use magcache_text::qwen3::Qwen3Config;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `ZImagePipeline`'s defaults: 1024 x 1024, 512 text tokens, guidance 5.0.
 pub const DEFAULT_SIZE: usize = 1024;
@@ -41,48 +40,28 @@ pub const ZIMAGE_PRESETS: &[ZImagePreset] = &[
     },
 ];
 
-/// Where a run's parts come from.
-pub(super) enum Source {
-    /// A `ZImagePipeline` folder as released.
-    Folder {
-        root: PathBuf,
-        text: Qwen3Config,
-        vae: Box<FluxVaeConfig>,
-        tiling: Option<FluxTiling>,
-    },
-    /// A transformer folder (`config.json` and weights, e.g. a preset written by `magcache export`)
-    /// without a pipeline: captions and latents from `[inputs]`, nothing decoded.
-    Transformer(PathBuf),
-    /// Seeded random transformer weights and inputs at a released size.
-    Preset(&'static ZImagePreset),
+/// What a released `ZImagePipeline` folder's configs say (and the run's `[vae]` tiling).
+pub(super) struct ZImageFolder {
+    pub(super) text: Qwen3Config,
+    pub(super) vae: Box<FluxVaeConfig>,
+    pub(super) tiling: Option<FluxTiling>,
 }
+
+/// Where a run's parts come from: a pipeline folder, a transformer folder (`config.json` and
+/// weights, e.g. a preset written by `magcache export`) or a preset.
+pub(super) type Source = ImageSource<ZImageFolder, &'static ZImagePreset>;
 
 /// A z-image run file resolved before anything loads.
 pub struct ZImageRun {
-    /// The run file, placement, seeds, adapters and warnings.
-    pub(super) run: RunBasics,
-    pub(super) source: Source,
-    pub(super) transformer: ZImageConfig,
-    pub(super) shift: FluxShift,
-    /// Latent grid `(h, w)` (even) and batch.
+    pub(super) base: ImageRun<ZImageFolder, &'static ZImagePreset, ZImageConfig>,
+    /// Latent grid `(h, w)` (even).
     pub(super) lat: (usize, usize),
-    pub(super) batch: usize,
-    /// Caption rows: the prompt's `max_sequence_length` (an upper bound) or a preset's `text_len`.
-    pub(super) text_len: usize,
-    pub(super) cfg_scale: Option<f64>,
-    pub(super) latents_file: Option<PathBuf>,
     pub(super) prompt: Option<(String, String)>,
 }
 
 /// What a Z-Image pipeline folder holds.
 const PIPELINE: PipelineKind<'static> = PipelineKind {
-    parts: &[
-        "tokenizer",
-        "text_encoder",
-        "transformer",
-        "vae",
-        "scheduler",
-    ],
+    parts: IMAGE_PIPELINE_PARTS,
     class_prefix: "ZImage",
     label: "Z-Image",
     example: "ZImagePipeline",
@@ -117,20 +96,9 @@ impl ZImageRun {
                 ));
             }
         }
-        let (lat, batch, latents_file, text_len) =
-            Self::sizes(cfg, file, base, &source, &transformer)?;
-        Ok(ZImageRun {
-            run,
-            source,
-            transformer,
-            shift,
-            lat,
-            batch,
-            text_len,
-            cfg_scale,
-            latents_file,
-            prompt,
-        })
+        let (lat, sizes) = Self::sizes(cfg, file, base, &source, &transformer)?;
+        let base = ImageRun::new(run, (source, transformer, shift), sizes, cfg_scale);
+        Ok(ZImageRun { base, lat, prompt })
     }
 
     /// Where the parts come from, the transformer's config, the scheduler's shift, and whether the
@@ -140,66 +108,31 @@ impl ZImageRun {
         file: &str,
         base: &Path,
     ) -> Result<(Source, ZImageConfig, FluxShift, bool)> {
-        let overrides = overrides_json(cfg);
         let static3 = FluxShift {
             dynamic: false,
             shift: 3.0,
             ..FluxShift::default()
         };
-        Ok(
-            match run_source(cfg, file, base, &PIPELINE, "ZImagePipeline")? {
-                RunSource::Transformer(dir) => {
-                    let t = ZImageConfig::read(&dir.join("config.json"), &overrides)?;
-                    (Source::Transformer(dir), t, static3, true)
-                }
-                RunSource::Pipeline(root) => {
-                    let t = ZImageConfig::read(
-                        &root.join("transformer").join("config.json"),
-                        &overrides,
-                    )?;
-                    let shift =
-                        FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
-                    let text = Qwen3Config::load(&root.join("text_encoder"))?;
-                    let vae = Box::new(FluxVaeConfig::read(&root.join("vae").join("config.json"))?);
-                    let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, &root)?;
-                    (
-                        Source::Folder {
-                            root,
-                            text,
-                            vae,
-                            tiling,
-                        },
-                        t,
-                        shift,
-                        false,
-                    )
-                }
-                RunSource::Preset(name) => {
-                    let p = ZIMAGE_PRESETS
-                        .iter()
-                        .find(|p| p.name == name)
-                        .ok_or_else(|| {
-                            let known: Vec<&str> = ZIMAGE_PRESETS.iter().map(|p| p.name).collect();
-                            Error::config(
-                                file,
-                                "model.preset",
-                                format!(
-                                    "unknown preset `{name}` for family `z-image` (known: {})",
-                                    known.join(", ")
-                                ),
-                            )
-                        })?;
-                    let base_map = to_map(&ZImageConfig::default(), ZIMAGE_CLASS)?;
-                    let t = ZImageConfig::from_map(
-                        ZImageConfig::default(),
-                        &base_map,
-                        file,
-                        &overrides,
-                    )?;
-                    (Source::Preset(p), t, static3, p.distilled)
-                }
-            },
-        )
+        let folder = |root: &Path| -> Result<ZImageFolder> {
+            let text = Qwen3Config::load(&root.join("text_encoder"))?;
+            let vae = Box::new(FluxVaeConfig::read(&root.join("vae").join("config.json"))?);
+            let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, root)?;
+            Ok(ZImageFolder { text, vae, tiling })
+        };
+        let preset = |name: &str| find_preset(ZIMAGE_PRESETS, |p| p.name, name, ("z-image", file));
+        let (source, t, shift) = Source::resolve(
+            (cfg, file, base),
+            (&PIPELINE, "ZImagePipeline"),
+            folder,
+            preset,
+        )?;
+        // A transformer folder without its pipeline: distilled defaults (no CFG) as a preset's.
+        let distilled = match &source {
+            Source::Folder(..) => false,
+            Source::Transformer(_) => true,
+            Source::Preset(p) => p.distilled,
+        };
+        Ok((source, t, shift.unwrap_or(static3), distilled))
     }
 
     /// `((h, w), batch, latents file, caption rows)` from the run file (and the latents file's header).
@@ -210,12 +143,9 @@ impl ZImageRun {
         base: &Path,
         source: &Source,
         t: &ZImageConfig,
-    ) -> Result<((usize, usize), usize, Option<PathBuf>, usize)> {
+    ) -> Result<((usize, usize), ImageSizes)> {
         let c = t.in_channels;
-        let text_len = match &cfg.prompt {
-            Some(p) => p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
-            None => cfg.inputs.text_len.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
-        };
+        let text_len = text_len(cfg, DEFAULT_MAX_SEQUENCE_LENGTH);
         if text_len == 0 {
             let key = if cfg.prompt.is_some() {
                 "prompt.max_sequence_length"
@@ -224,7 +154,7 @@ impl ZImageRun {
             };
             return Err(Error::config(file, key, "must be at least 1"));
         }
-        if let Source::Folder { root, vae, .. } = source {
+        if let Source::Folder(root, ZImageFolder { vae, .. }) = source {
             let unit = vae.vae_scale_factor().saturating_mul(2);
             if vae.latent_channels != c {
                 return Err(Error::config(
@@ -256,9 +186,9 @@ impl ZImageRun {
                             l.dims(), lat.0, lat.1
                         )));
                     }
-                    Ok((lat, b, Some(path), text_len))
+                    Ok((lat, (b, Some(path), text_len)))
                 }
-                None => Ok((lat, 1, None, text_len)),
+                None => Ok((lat, (1, None, text_len))),
             };
         }
         if let Some(f) = &cfg.inputs.file {
@@ -268,7 +198,7 @@ impl ZImageRun {
                 (b, lc, h, w)
                     if lc == c && b > 0 && h >= 2 && w >= 2 && h % 2 == 0 && w % 2 == 0 =>
                 {
-                    Ok(((h, w), b, Some(path), text_len))
+                    Ok(((h, w), (b, Some(path), text_len)))
                 }
                 _ => Err(Error::inputs(
                     path.display().to_string(),
@@ -281,16 +211,8 @@ impl ZImageRun {
             };
         }
         let (_, shape) = magcache_layers::inputs::drawn(cfg, &[1, c, 128, 128]);
-        match shape.as_slice() {
-            &[b, ch, h, w] if ch == c && b > 0 && h >= 2 && w >= 2 && h % 2 == 0 && w % 2 == 0 => {
-                Ok(((h, w), b, None, text_len))
-            }
-            _ => Err(Error::config(
-                file,
-                "inputs.latent_shape",
-                format!("{shape:?} is not [B, {c}, h, w] with even h and w"),
-            )),
-        }
+        let (b, h, w) = packed_drawn_shape(&shape, 4 * c, "Z-Image", file)?;
+        Ok(((h, w), (b, None, text_len)))
     }
 
     pub(super) fn image_tokens(&self) -> usize {
@@ -298,23 +220,23 @@ impl ZImageRun {
     }
 
     pub fn schedule(&self) -> Result<magcache_layers::scheduler::FlowSchedule> {
-        let (s, v) = self.shift.schedule(self.run.steps, self.image_tokens());
-        s.check(&self.run.file, "scheduler shift", v)?;
+        let (s, v) = self
+            .base
+            .shift
+            .schedule(self.base.run.steps, self.image_tokens());
+        s.check(&self.base.run.file, "scheduler shift", v)?;
         Ok(s)
     }
 
     pub(super) fn plan_of(&self) -> Result<(GenerationPlan, ModelInfo)> {
         Ok((
-            zimage_plan(&self.schedule()?, self.shift.shift),
+            zimage_plan(&self.schedule()?, self.base.shift.shift),
             zimage_info(self.variant()),
         ))
     }
 
     pub(super) fn variant(&self) -> Option<&'static str> {
-        match &self.source {
-            Source::Preset(p) => Some(p.name),
-            Source::Folder { .. } | Source::Transformer(_) => None,
-        }
+        self.base.source.preset().map(|p| p.name)
     }
 }
 

@@ -192,3 +192,77 @@ pub fn joint_chain_call<B: Send>(
         .traced(&mut record);
     Ok(cx.run_chain(&chain, Streams::joint(h, e))?.hidden)
 }
+
+/// What a FLUX-style transformer (packed latents, text and position ids) runs on, besides what a
+/// family adds (FLUX.1's pooled text, FLUX.2's negative prompt).
+pub struct PackedInputs {
+    /// `[B, seq, in_channels]` packed initial latents.
+    pub latents: Tensor,
+    /// `[B, L, joint_attention_dim]` prompt embeddings.
+    pub ctx: Tensor,
+    /// `[seq, axes]` and `[L, axes]` position ids.
+    pub img_ids: Tensor,
+    pub txt_ids: Tensor,
+}
+
+impl PackedInputs {
+    /// The inputs on `dev`.
+    pub fn to_device(self, dev: &candle_core::Device) -> Result<Self> {
+        Ok(PackedInputs {
+            latents: self.latents.to_device(dev)?,
+            ctx: self.ctx.to_device(dev)?,
+            img_ids: self.img_ids.to_device(dev)?,
+            txt_ids: self.txt_ids.to_device(dev)?,
+        })
+    }
+
+    /// Packed `[B, h*w, C]` latents -> `[B*C, h, w]` planes on the grid of `img_ids`.
+    pub fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
+        crate::autoencoder_kl::packed_to_planes(latents, &self.img_ids)
+    }
+
+    /// The embedded guidance `[B]` of a model that has a guidance embedder (`embeds`), else `None`.
+    pub fn guidance(&self, embeds: bool, value: f64) -> Result<Option<Tensor>> {
+        let (b, dev) = (self.latents.dim(0)?, self.latents.device());
+        embeds
+            .then(|| crate::generation::per_item(value as f32, b, dev))
+            .transpose()
+    }
+
+    /// A step's timestep `t` (0..1000) as the model takes it: `[B]`, on the 0..1 scale.
+    pub fn timestep(&self, t: f32) -> Result<Tensor> {
+        let (b, dev) = (self.latents.dim(0)?, self.latents.device());
+        crate::generation::per_item(t / 1000.0, b, dev)
+    }
+
+    /// One call on `x` at timestep `t` (`[B]`, 0..1) with the text `ctx` (the prompt's or the
+    /// negative prompt's).
+    pub fn call<'a>(
+        &'a self,
+        x: &'a Tensor,
+        ctx: &'a Tensor,
+        t: &'a Tensor,
+        guidance: Option<&'a Tensor>,
+    ) -> PackedCall<'a> {
+        PackedCall {
+            x,
+            ctx,
+            t,
+            img_ids: &self.img_ids,
+            txt_ids: &self.txt_ids,
+            guidance,
+        }
+    }
+}
+
+/// One call of a FLUX-style transformer: packed latents `[B, seq, in_channels]`, text `[B, L,
+/// joint_attention_dim]`, timestep `[B]` (0..1), position ids `[seq, axes]` and `[L, axes]`, and
+/// the embedded guidance of models that have one.
+pub struct PackedCall<'a> {
+    pub x: &'a Tensor,
+    pub ctx: &'a Tensor,
+    pub t: &'a Tensor,
+    pub img_ids: &'a Tensor,
+    pub txt_ids: &'a Tensor,
+    pub guidance: Option<&'a Tensor>,
+}

@@ -2,7 +2,7 @@
 //! placement and offload, the seeds, the adapters with their paths resolved, and the warnings found
 //! while resolving. Z-Image and Qwen-Image hold one in their `ResolvedRun`.
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::{LoraTable, ModelSection, RunConfig};
 use magcache_core::{Offload, Placement, Result};
 use std::cell::OnceCell;
@@ -193,6 +193,10 @@ impl RunBasics {
     }
 }
 
+/// A run file being resolved: the document, its path as messages show it, and the folder its
+/// relative paths start from.
+pub type RunAt<'a> = (&'a RunConfig, &'a str, &'a Path);
+
 /// Where an image run's parts come from: a released pipeline folder (its root and what the family
 /// read of it, `F`), a transformer folder without a pipeline (inputs from `[inputs]`, nothing
 /// decoded), or a preset `P` (seeded random weights at a released size).
@@ -254,7 +258,7 @@ impl<F, P: Copy> ImageSource<F, P> {
     /// with the config's defaults (the family's released size). The shift is `None` where no
     /// scheduler config was read.
     pub fn resolve<C: crate::config_util::ModelConfig>(
-        (cfg, file, base): (&RunConfig, &str, &Path),
+        (cfg, file, base): RunAt<'_>,
         (kind, class): (&crate::config_util::PipelineKind<'_>, &str),
         folder: impl FnOnce(&Path) -> Result<F>,
         preset: impl FnOnce(&str) -> Result<P>,
@@ -333,4 +337,63 @@ fn pipeline_transformer<C: crate::config_util::ModelConfig>(
     let shift =
         crate::scheduler::FluxShift::load(&root.join("scheduler").join("scheduler_config.json"))?;
     Ok((t, shift))
+}
+
+impl<F, P: Copy, C: Clone> ImageRun<F, P, C> {
+    /// The transformer: the source's checkpoint or a preset's seeded weights ([`RunBasics::model`]).
+    pub fn model<M: crate::chain_model::ChainModel<Config = C>>(
+        &self,
+        width: usize,
+        names: &dyn crate::lora::LoraNames,
+        depth: (&str, usize),
+    ) -> Result<(M, Vec<String>)> {
+        let dir = self.source.weights_dir();
+        let c = self.transformer.clone();
+        self.run.model(dir.as_deref(), c, width, names, depth)
+    }
+
+    /// The initial latents on the run's device: `latents_init` (of `rank`, `what` for messages)
+    /// from the inputs file, or noise of `shape` seeded from the run.
+    pub fn latents(&self, (rank, what): (usize, &str), shape: &[usize]) -> Result<Tensor> {
+        let l = match &self.latents_file {
+            Some(p) => crate::inputs::InputFile::load(p)?
+                .get("latents_init", rank, what)?
+                .to_dtype(DType::F32)?,
+            None => {
+                let (file, seed) = (&self.run.file, self.run.seed);
+                crate::random::randn_for(file, "inputs.height/width", seed, shape)?
+            }
+        };
+        Ok(l.to_device(&self.run.placement()?.device)?)
+    }
+
+    /// The flow-matching schedule for `image_tokens` (the shift's `mu` checked, naming `key`).
+    pub fn schedule(
+        &self,
+        image_tokens: usize,
+        key: &str,
+    ) -> Result<crate::scheduler::FlowSchedule> {
+        let (s, mu) = self.shift.schedule(self.run.steps, image_tokens);
+        s.check(&self.run.file, key, mu)?;
+        Ok(s)
+    }
+
+    /// What building starts from: the run's warnings with the checkpoint's `unused` tensors, and
+    /// the description's start (where the weights come from).
+    pub fn build_start(&self, unused: Vec<String>, preset: Option<&str>) -> (Vec<String>, String) {
+        let mut warnings = self.run.warnings.clone();
+        warnings.extend(unused);
+        (warnings, self.run.source_label(self.source.path(), preset))
+    }
+}
+
+/// The stages the size guard checks for an image run: the text encoder's (prompted runs), then
+/// the transformer's with the decode.
+pub fn image_estimate(
+    text: Option<magcache_core::runtime::guard::Footprint>,
+    transformer: magcache_core::runtime::guard::Footprint,
+) -> Vec<(String, magcache_core::runtime::guard::Footprint)> {
+    let text = text.map(|t| ("encode text".to_string(), t));
+    let rest = ("transformer and decode".to_string(), transformer);
+    text.into_iter().chain([rest]).collect()
 }

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 use magcache_core::{Branch, CallCx, ScopeKey};
 use magcache_layers::chain_model::ChainModel;
+use magcache_layers::dit::PackedCall;
 use magcache_layers::scheduler::flow_match_dynamic;
 use magcache_models::flux::load::{load_flux, FluxLayout};
 use magcache_models::flux::model::{FluxModel, FluxTrace};
@@ -23,18 +24,17 @@ fn tiny() -> FluxModel {
 }
 
 fn forward(m: &FluxModel, f: &HashMap<String, Tensor>, trace: Option<&mut FluxTrace>) -> Tensor {
-    m.forward_traced(
-        &f["hidden_states"],
-        &f["encoder_hidden_states"],
-        &f["pooled_projections"],
-        &f["timestep"],
-        &f["img_ids"],
-        &f["txt_ids"],
-        Some(&f["guidance"]),
-        &CallCx::dense(ScopeKey::new(0, Branch::Cond)),
-        trace,
-    )
-    .unwrap()
+    let call = PackedCall {
+        x: &f["hidden_states"],
+        ctx: &f["encoder_hidden_states"],
+        t: &f["timestep"],
+        img_ids: &f["img_ids"],
+        txt_ids: &f["txt_ids"],
+        guidance: Some(&f["guidance"]),
+    };
+    let cx = CallCx::dense(ScopeKey::new(0, Branch::Cond));
+    m.forward(&call, &f["pooled_projections"], &cx, trace)
+        .unwrap()
 }
 
 #[test]

@@ -5,6 +5,7 @@
 use candle_core::{DType, Tensor};
 use magcache_core::{Branch, CallCx, ScopeKey};
 use magcache_layers::chain_model::ChainModel;
+use magcache_layers::dit::PackedCall;
 use magcache_models::flux2::load::load_flux2;
 use magcache_models::flux2::{Flux2Model, Flux2Trace};
 use magcache_tests::{fixture, load, load_json, max_abs_diff};
@@ -26,18 +27,16 @@ fn forward_matches_diffusers_with_every_block() {
     let meta = load_json("pipelines/flux2_forward.json");
     let m = transformer(meta["transformer"].as_str().unwrap());
     let mut tr = Flux2Trace::default();
-    let out = m
-        .forward_traced(
-            &f["hidden_states"],
-            &f["encoder_hidden_states"],
-            &f["timestep"],
-            &f["img_ids"],
-            &f["txt_ids"],
-            None,
-            &CallCx::dense(ScopeKey::new(0, Branch::Cond)),
-            Some(&mut tr),
-        )
-        .unwrap();
+    let call = PackedCall {
+        x: &f["hidden_states"],
+        ctx: &f["encoder_hidden_states"],
+        t: &f["timestep"],
+        img_ids: &f["img_ids"],
+        txt_ids: &f["txt_ids"],
+        guidance: None,
+    };
+    let cx = CallCx::dense(ScopeKey::new(0, Branch::Cond));
+    let out = m.forward(&call, &cx, Some(&mut tr)).unwrap();
     let worst = std::cell::Cell::new(0f32);
     let check = |name: &str, got: &Tensor| {
         let d = max_abs_diff(got, &f[name]);
@@ -98,17 +97,16 @@ fn forward_matches_diffusers_with_every_block() {
         ..Default::default()
     });
     let mb = Flux2Model::from_weights(l.config, &store).unwrap();
-    let ob = mb
-        .forward(
-            &f["hidden_states"],
-            &f["encoder_hidden_states"],
-            &f["timestep"],
-            &f["img_ids"],
-            &f["txt_ids"],
-            None,
-            &CallCx::dense(ScopeKey::new(0, Branch::Cond)),
-        )
-        .unwrap();
+    let call = PackedCall {
+        x: &f["hidden_states"],
+        ctx: &f["encoder_hidden_states"],
+        t: &f["timestep"],
+        img_ids: &f["img_ids"],
+        txt_ids: &f["txt_ids"],
+        guidance: None,
+    };
+    let cx = CallCx::dense(ScopeKey::new(0, Branch::Cond));
+    let ob = mb.forward(&call, &cx, None).unwrap();
     let d = max_abs_diff(&ob, &f["output"]);
     assert!(d < 5e-2, "bf16 output: {d}");
 }

@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::{Error, Result};
 use magcache_layers::config_util::resolve;
+use magcache_layers::dit::PackedInputs;
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::randn_for;
 
@@ -15,26 +16,18 @@ impl FluxInputs {
     /// The inputs on `dev`.
     pub fn to_device(self, dev: &Device) -> Result<Self> {
         Ok(FluxInputs {
-            latents: self.latents.to_device(dev)?,
-            ctx: self.ctx.to_device(dev)?,
+            packed: self.packed.to_device(dev)?,
             pooled: self.pooled.to_device(dev)?,
-            img_ids: self.img_ids.to_device(dev)?,
-            txt_ids: self.txt_ids.to_device(dev)?,
         })
     }
 }
 
 /// Conditioning of a FLUX generation (packed latents).
 pub struct FluxInputs {
-    /// `[B, seq, C]`
-    pub latents: Tensor,
-    /// `[B, L, joint_attention_dim]`
-    pub ctx: Tensor,
-    /// `[B, pooled_projection_dim]`
+    /// Packed latents, T5 text and position ids (`[seq, 3]`, `[L, 3]`).
+    pub packed: PackedInputs,
+    /// `[B, pooled_projection_dim]` CLIP's pooled text.
     pub pooled: Tensor,
-    /// `[seq, 3]`, `[L, 3]`
-    pub img_ids: Tensor,
-    pub txt_ids: Tensor,
 }
 
 /// Position ids of a packed `h x w` image grid: `[0, row, col]`.
@@ -74,13 +67,14 @@ fn read_inputs(inp: &InputFile, c: &FluxConfig) -> Result<FluxInputs> {
         let what = format!("[{n}, {n_axes}] position ids");
         inp.get_shaped(name, &what, &[Some(n), Some(n_axes)])
     };
-    Ok(FluxInputs {
-        img_ids: ids("img_ids", seq)?,
-        txt_ids: ids("txt_ids", ctx.dim(1)?)?,
+    let (img_ids, txt_ids) = (ids("img_ids", seq)?, ids("txt_ids", ctx.dim(1)?)?);
+    let packed = PackedInputs {
         latents: lat,
         ctx,
-        pooled,
-    })
+        img_ids,
+        txt_ids,
+    };
+    Ok(FluxInputs { packed, pooled })
 }
 
 /// Reads or draws the inputs of a FLUX.1 run (`[inputs] file`, or seeded random inputs of
@@ -108,29 +102,31 @@ pub(super) fn build_inputs(
     })?;
     let l = cfg.inputs.text_len.unwrap_or(64);
     Ok(FluxInputs {
-        latents: randn_for(
-            file,
-            "inputs.latent_shape",
-            seed.wrapping_add(1),
-            &[b, seq, c.in_channels],
-        )?,
-        ctx: randn_for(
-            file,
-            "inputs.text_len",
-            seed.wrapping_add(2),
-            &[b, l, c.joint_attention_dim],
-        )?,
+        packed: PackedInputs {
+            latents: randn_for(
+                file,
+                "inputs.latent_shape",
+                seed.wrapping_add(1),
+                &[b, seq, c.in_channels],
+            )?,
+            ctx: randn_for(
+                file,
+                "inputs.text_len",
+                seed.wrapping_add(2),
+                &[b, l, c.joint_attention_dim],
+            )?,
+            img_ids: image_ids(h, w)?,
+            txt_ids: Tensor::zeros(
+                (l, c.axes_dims_rope.len()),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?,
+        },
         pooled: randn_for(
             file,
             "inputs.latent_shape",
             seed.wrapping_add(3),
             &[b, c.pooled_projection_dim],
-        )?,
-        img_ids: image_ids(h, w)?,
-        txt_ids: Tensor::zeros(
-            (l, c.axes_dims_rope.len()),
-            candle_core::DType::F32,
-            &Device::Cpu,
         )?,
     })
 }

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, ModelBlocks, Result};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::dit::{
-    axes_rope, joint_chain_call, modulated_input, OutputLayer, TimeEmbedding,
+    axes_rope, joint_chain_call, modulated_input, OutputLayer, PackedCall, TimeEmbedding,
 };
 use magcache_layers::mmdit::{double_then_single, DoubleOrSingle};
 use magcache_layers::nn::Linear;
@@ -117,38 +117,20 @@ impl FluxModel {
         Ok((emb + p)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One call: `call` (packed latents, T5 text, timestep, position ids, guidance) and CLIP's
+    /// `pooled` text -> the velocity `[B, seq, out_channels]`; each block's outputs pushed to
+    /// `trace` when given.
     pub fn forward(
         &self,
-        x: &Tensor,
-        ctx: &Tensor,
+        call: &PackedCall<'_>,
         pooled: &Tensor,
-        t: &Tensor,
-        img_ids: &Tensor,
-        txt_ids: &Tensor,
-        guidance: Option<&Tensor>,
-        cx: &CallCx<'_>,
-    ) -> Result<Tensor> {
-        self.forward_traced(x, ctx, pooled, t, img_ids, txt_ids, guidance, cx, None)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_traced(
-        &self,
-        x: &Tensor,
-        ctx: &Tensor,
-        pooled: &Tensor,
-        t: &Tensor,
-        img_ids: &Tensor,
-        txt_ids: &Tensor,
-        guidance: Option<&Tensor>,
         cx: &CallCx<'_>,
         trace: Option<&mut FluxTrace>,
     ) -> Result<Tensor> {
-        let h = self.x_emb.forward(x)?;
-        let temb = self.temb(t, guidance, pooled)?;
-        let e = self.ctx_emb.forward(ctx)?;
-        let (cos, sin) = self.rope(&Tensor::cat(&[txt_ids, img_ids], 0)?)?;
+        let h = self.x_emb.forward(call.x)?;
+        let temb = self.temb(call.t, call.guidance, pooled)?;
+        let e = self.ctx_emb.forward(call.ctx)?;
+        let (cos, sin) = self.rope(&Tensor::cat(&[call.txt_ids, call.img_ids], 0)?)?;
         let args = BlockArgs {
             temb: &temb,
             cos: &cos,

@@ -2,9 +2,7 @@
 
 use candle_core::Tensor;
 use magcache_core::{Branch, Decoded, Denoiser, GenerationPlan, Result};
-use magcache_layers::generation::{
-    cfg_branches, euler_loop, flow_plan, per_item, Generation, Stages, Steps,
-};
+use magcache_layers::generation::{cfg_branches, euler_loop, flow_plan, Generation, Stages, Steps};
 use magcache_layers::scheduler::FlowSchedule;
 
 use super::inputs::FluxInputs;
@@ -30,28 +28,20 @@ impl Steps for FluxSteps {
     }
     /// Packed `[B, h*w, C]` -> `[B*C, h, w]` on the grid of `img_ids`.
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
-        magcache_layers::autoencoder_kl::packed_to_planes(latents, &self.inputs.img_ids)
+        self.inputs.packed.to_planes(latents)
     }
 
     fn run(&self, model: &FluxModel, den: &mut Denoiser<'_>) -> Result<Tensor> {
-        let inp = &self.inputs;
-        let (b, dev) = (inp.latents.dim(0)?, inp.latents.device());
-        let g = model.cfg.guidance_embeds;
-        let g = g
-            .then(|| per_item(self.guidance as f32, b, dev))
-            .transpose()?;
-        euler_loop(
-            den,
-            &self.schedule,
-            inp.latents.clone(),
-            |den, i, t, lat| {
-                let tt = per_item(t / 1000.0, b, dev)?;
-                den.call(i, 0, Branch::Cond, t as f64, |cx| {
-                    let (ids, g) = ((&inp.img_ids, &inp.txt_ids), g.as_ref());
-                    model.forward(lat, &inp.ctx, &inp.pooled, &tt, ids.0, ids.1, g, cx)
-                })
-            },
-        )
+        let (inp, pooled) = (&self.inputs.packed, &self.inputs.pooled);
+        let g = inp.guidance(model.cfg.guidance_embeds, self.guidance)?;
+        let start = inp.latents.clone();
+        euler_loop(den, &self.schedule, start, |den, i, t, lat| {
+            let tt = inp.timestep(t)?;
+            let call = inp.call(lat, &inp.ctx, &tt, g.as_ref());
+            den.call(i, 0, Branch::Cond, t as f64, |cx| {
+                model.forward(&call, pooled, cx, None)
+            })
+        })
     }
 
     fn finish(&mut self, latents: &Tensor, stages: &mut Stages) -> Result<Option<Decoded>> {

@@ -10,6 +10,7 @@ use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use magcache_layers::autoencoder_kl::{FluxVae, FluxVaeConfig};
 use magcache_layers::config_util::check_width;
+use magcache_layers::dit::PackedInputs;
 use magcache_layers::inputs::packed_latents;
 use magcache_layers::stage::decode_stage;
 use magcache_layers::weights::warm;
@@ -183,11 +184,13 @@ pub fn inputs(
     let pooled = ("pooled_projection_dim", c.pooled_projection_dim);
     check_width(file, "CLIP (pooled)", pd, pooled.0, pooled.1)?;
     FluxInputs {
-        latents,
-        ctx: p.prompt_embeds.clone(),
+        packed: PackedInputs {
+            latents,
+            ctx: p.prompt_embeds.clone(),
+            img_ids: super::inputs::image_ids(h2, w2)?,
+            txt_ids: Tensor::zeros((l, c.axes_dims_rope.len()), DType::F32, &Device::Cpu)?,
+        },
         pooled: p.pooled_prompt_embeds.clone(),
-        img_ids: super::inputs::image_ids(h2, w2)?,
-        txt_ids: Tensor::zeros((l, c.axes_dims_rope.len()), DType::F32, &Device::Cpu)?,
     }
     .to_device(&p.placement.device)
 }

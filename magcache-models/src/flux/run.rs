@@ -159,8 +159,8 @@ impl ResolvedRun for FluxRun {
             None => build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?,
         };
         // The pipeline folder's scheduler (FLUX.1-dev's dynamic shift without one).
-        let (schedule, mu) =
-            FluxShift::for_run(cfg, base)?.schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
+        let (schedule, mu) = FluxShift::for_run(cfg, base)?
+            .schedule(cfg.sampling.steps, inputs.packed.latents.dim(1)?);
         schedule.check(file, "inputs.latent_shape", mu)?;
         let mut common = magcache_core::PipelineCommon::new(desc, flux_info(variant), warnings);
         if let Some(p) = &mut prompted {

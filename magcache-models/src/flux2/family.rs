@@ -10,6 +10,7 @@ use magcache_core::runtime::guard::Footprint;
 use magcache_core::{Error, Indicator, ModelInfo, Result};
 use magcache_layers::config_util::ModelConfig;
 use magcache_layers::config_util::{overrides_json, resolve, to_map};
+use magcache_layers::dit::PackedInputs;
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes, Sz};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::randn_for;
@@ -208,13 +209,14 @@ pub(super) fn plain_inputs(
                 format!("has shape {:?}; expected [{seq}, 4]", img_ids.dims()),
             ));
         }
-        return Ok(Flux2Inputs {
+        let txt_ids = text_ids(ctx.dim(1)?)?;
+        let packed = PackedInputs {
             latents: lat,
-            txt_ids: text_ids(ctx.dim(1)?)?,
             ctx,
-            neg_ctx,
             img_ids,
-        });
+            txt_ids,
+        };
+        return Ok(Flux2Inputs { packed, neg_ctx });
     }
     let (seed, shape) = magcache_layers::inputs::drawn(cfg, &[1, c.in_channels / 4, 128, 128]);
     let (b, h, w) =
@@ -230,16 +232,18 @@ pub(super) fn plain_inputs(
         )
     };
     Ok(Flux2Inputs {
-        latents: randn_for(
-            file,
-            "inputs.latent_shape",
-            seed.wrapping_add(1),
-            &[b, h2.saturating_mul(w2), c.in_channels],
-        )?,
-        ctx: text(2)?,
+        packed: PackedInputs {
+            latents: randn_for(
+                file,
+                "inputs.latent_shape",
+                seed.wrapping_add(1),
+                &[b, h2.saturating_mul(w2), c.in_channels],
+            )?,
+            ctx: text(2)?,
+            img_ids: image_ids(h2, w2)?,
+            txt_ids: text_ids(l)?,
+        },
         neg_ctx: if cfg_on { Some(text(3)?) } else { None },
-        img_ids: image_ids(h2, w2)?,
-        txt_ids: text_ids(l)?,
     })
 }
 

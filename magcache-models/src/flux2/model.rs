@@ -12,7 +12,7 @@ use super::config::Flux2Config;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, ModelBlocks, Result};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::dit::{axes_rope, joint_chain_call, OutputLayer, TimeEmbedding};
+use magcache_layers::dit::{axes_rope, joint_chain_call, OutputLayer, PackedCall, TimeEmbedding};
 use magcache_layers::mmdit::chunks;
 use magcache_layers::mmdit::double_then_single;
 use magcache_layers::nn::{linear_no_bias, modulate, Linear};
@@ -114,41 +114,23 @@ impl Flux2Model {
         })
     }
 
-    /// One transformer call: `x` `[B, seq, in_channels]` packed latents, `ctx` `[B, L,
-    /// joint_attention_dim]`, `t` `[B]` (0..1), `img_ids` `[seq, axes]`, `txt_ids` `[L, axes]` ->
-    /// the velocity `[B, seq, out_channels]`.
-    #[allow(clippy::too_many_arguments)]
+    /// One transformer call on `call` (packed latents, text, timestep, position ids, guidance) ->
+    /// the velocity `[B, seq, out_channels]`; intermediates recorded in `trace` when given.
     pub fn forward(
         &self,
-        x: &Tensor,
-        ctx: &Tensor,
-        t: &Tensor,
-        img_ids: &Tensor,
-        txt_ids: &Tensor,
-        guidance: Option<&Tensor>,
-        cx: &CallCx<'_>,
-    ) -> Result<Tensor> {
-        self.forward_traced(x, ctx, t, img_ids, txt_ids, guidance, cx, None)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_traced(
-        &self,
-        x: &Tensor,
-        ctx: &Tensor,
-        t: &Tensor,
-        img_ids: &Tensor,
-        txt_ids: &Tensor,
-        guidance: Option<&Tensor>,
+        call: &PackedCall<'_>,
         cx: &CallCx<'_>,
         mut trace: Option<&mut Flux2Trace>,
     ) -> Result<Tensor> {
-        let h = self.x_emb.forward(&x.to_dtype(DType::F32)?)?;
-        let e = self.ctx_emb.forward(&ctx.to_dtype(DType::F32)?)?;
-        let temb = self.temb(t, guidance)?;
+        let h = self.x_emb.forward(&call.x.to_dtype(DType::F32)?)?;
+        let e = self.ctx_emb.forward(&call.ctx.to_dtype(DType::F32)?)?;
+        let temb = self.temb(call.t, call.guidance)?;
         let mods = self.modulations(&temb)?;
         let ids = Tensor::cat(
-            &[txt_ids.to_dtype(DType::F64)?, img_ids.to_dtype(DType::F64)?],
+            &[
+                call.txt_ids.to_dtype(DType::F64)?,
+                call.img_ids.to_dtype(DType::F64)?,
+            ],
             0,
         )?;
         let (cos, sin) = self.rope(&ids)?;

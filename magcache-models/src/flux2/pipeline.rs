@@ -6,9 +6,9 @@ pub use super::inputs::Flux2Inputs;
 use super::model::Flux2Model;
 use super::prompted;
 use candle_core::Tensor;
-use magcache_core::{Decoded, Denoiser, GenerationPlan, Result};
+use magcache_core::{CallCx, Decoded, Denoiser, GenerationPlan, Result};
 use magcache_layers::generation::{
-    cfg_branches, euler_loop, flow_plan, guided_call, per_item, Generation, Stages, Steps,
+    cfg_branches, euler_loop, flow_plan, guided_call, Generation, Stages, Steps,
 };
 use magcache_layers::scheduler::FlowSchedule;
 
@@ -32,17 +32,13 @@ impl Steps for Flux2Steps {
         flux2_plan(&self.schedule, self.cfg_scale.is_some())
     }
     fn to_planes(&self, latents: &Tensor) -> Result<Tensor> {
-        magcache_layers::autoencoder_kl::packed_to_planes(latents, &self.inputs.img_ids)
+        self.inputs.packed.to_planes(latents)
     }
 
     fn run(&self, model: &Flux2Model, den: &mut Denoiser<'_>) -> Result<Tensor> {
-        let inp = &self.inputs;
-        let (b, dev) = (inp.latents.dim(0)?, inp.latents.device());
-        let g = model.cfg.guidance_embeds;
-        let g = g
-            .then(|| per_item(self.guidance as f32, b, dev))
-            .transpose()?;
-        let (neg, s) = match (self.cfg_scale, &inp.neg_ctx) {
+        let inp = &self.inputs.packed;
+        let g = inp.guidance(model.cfg.guidance_embeds, self.guidance)?;
+        let (neg, s) = match (self.cfg_scale, &self.inputs.neg_ctx) {
             (Some(s), Some(neg)) => (Some(neg), s),
             _ => (None, 1.0),
         };
@@ -51,16 +47,12 @@ impl Steps for Flux2Steps {
             &self.schedule,
             inp.latents.clone(),
             |den, i, t, lat| {
-                let tt = per_item(t / 1000.0, b, dev)?;
-                let (img, txt) = (&inp.img_ids, &inp.txt_ids);
-                guided_call(
-                    den,
-                    (i, t as f64),
-                    &inp.ctx,
-                    neg,
-                    |ctx, cx| model.forward(lat, ctx, &tt, img, txt, g.as_ref(), cx),
-                    |v, vu| Ok((vu + ((v - vu)? * s)?)?),
-                )
+                let tt = inp.timestep(t)?;
+                let forward = |ctx: &Tensor, cx: &CallCx<'_>| {
+                    model.forward(&inp.call(lat, ctx, &tt, g.as_ref()), cx, None)
+                };
+                let guide = |v: &Tensor, vu: &Tensor| Ok((vu + ((v - vu)? * s)?)?);
+                guided_call(den, (i, t as f64), &inp.ctx, neg, forward, guide)
             },
         )
     }

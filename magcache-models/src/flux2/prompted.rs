@@ -11,6 +11,7 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::{Error, Placement, Result};
 use magcache_layers::config_util::check_width;
+use magcache_layers::dit::PackedInputs;
 use magcache_layers::inputs::packed_latents;
 use magcache_layers::stage::decode_stage;
 use magcache_layers::weights::warm;
@@ -225,11 +226,13 @@ pub fn inputs(
         ));
     }
     Flux2Inputs {
-        latents,
-        ctx: p.prompt_embeds.clone(),
+        packed: PackedInputs {
+            latents,
+            ctx: p.prompt_embeds.clone(),
+            img_ids: image_ids(h2, w2)?,
+            txt_ids: text_ids(l)?,
+        },
         neg_ctx: p.negative_prompt_embeds.clone(),
-        img_ids: image_ids(h2, w2)?,
-        txt_ids: text_ids(l)?,
     }
     .to_device(&p.placement.device)
 }

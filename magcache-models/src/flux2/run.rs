@@ -235,7 +235,7 @@ impl ResolvedRun for Flux2Run {
         };
         let guidance = cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
         let cfg_scale = (self.cfg_on && inputs.neg_ctx.is_some()).then_some(guidance);
-        let (schedule, mu) = flux2_schedule(cfg.sampling.steps, inputs.latents.dim(1)?);
+        let (schedule, mu) = flux2_schedule(cfg.sampling.steps, inputs.packed.latents.dim(1)?);
         schedule.check(file, "inputs.height/width", mu)?;
         let description = with_template(desc, prompted.as_ref());
         let mut common =

@@ -4,7 +4,7 @@
 use super::config::QwenImageConfig;
 use super::family::{qwenimage_info, qwenimage_params, QwenImageFolder, QwenImageRun, Source};
 use super::model::{QwenImageModel, QWENIMAGE_BLOCK};
-use super::pipeline::{QwenImageDecode, QwenImagePipeline, QwenImageSteps};
+use super::pipeline::{qwenimage_plan, QwenImageDecode, QwenImagePipeline, QwenImageSteps};
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
@@ -18,6 +18,7 @@ use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::randn_for;
+use magcache_layers::run_basics::image_estimate;
 use magcache_layers::weights::warm;
 use magcache_text::qwenimage::{
     QwenImageTextEncoder, QWENIMAGE_DROP, QWENIMAGE_MAX_LEN, QWENIMAGE_TEMPLATE,
@@ -167,35 +168,37 @@ impl QwenImageRun {
     }
 
     fn transformer(&self) -> Result<(QwenImageModel, Vec<String>)> {
-        let c = self.base.transformer.clone();
-        let dir = self.base.source.weights_dir();
-        let (width, depth) = (c.inner_dim(), ("num_layers", c.num_layers));
-        self.base.run.model(
-            dir.as_deref(),
-            c,
-            width,
-            &super::lora::QwenImageLoraNames,
-            depth,
-        )
+        let c = &self.base.transformer;
+        let depth = ("num_layers", c.num_layers);
+        let names = super::lora::QwenImageLoraNames;
+        self.base.model(c.inner_dim(), &names, depth)
     }
 
     fn latents(&self) -> Result<Tensor> {
-        let l = match &self.base.latents_file {
-            Some(p) => InputFile::load(p)?
-                .get("latents_init", 3, "[B, seq, C] packed latents")?
-                .to_dtype(DType::F32)?,
-            None => randn_for(
-                &self.base.run.file,
-                "inputs.height/width",
-                self.base.run.seed,
-                &[
-                    self.base.batch,
-                    self.image_tokens(),
-                    self.base.transformer.in_channels,
-                ],
-            )?,
-        };
-        Ok(l.to_device(&self.base.run.placement()?.device)?)
+        let c = self.base.transformer.in_channels;
+        let shape = [self.base.batch, self.image_tokens(), c];
+        self.base.latents((3, "[B, seq, C] packed latents"), &shape)
+    }
+
+    /// The text encoder's stage estimate (prompted runs).
+    fn text_footprint(&self) -> Option<Footprint> {
+        let (root, QwenImageFolder { text, .. }) = self.base.source.folder()?;
+        let te = root
+            .join("text_encoder")
+            .join("config.json")
+            .display()
+            .to_string();
+        // The encoder runs every token of the templated prompt (the rows past
+        // `max_sequence_length` are cut after it): at most one per byte of the longer prompt
+        // plus the template's, and at most the tokenizer's limit.
+        let longest = self
+            .prompt
+            .as_ref()
+            .map(|(p, n)| p.len().max(n.as_ref().map_or(0, String::len)))
+            .unwrap_or(0);
+        let tokens = (longest + QWENIMAGE_TEMPLATE.len()).min(QWENIMAGE_MAX_LEN + QWENIMAGE_DROP);
+        let dt = self.base.run.dtype.size_in_bytes();
+        Some(text.footprint(text.num_hidden_layers, tokens, dt, &te))
     }
 }
 
@@ -205,40 +208,12 @@ impl ResolvedRun for QwenImageRun {
     }
 
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        self.plan_of()
+        let plan = qwenimage_plan(&self.schedule()?, self.base.cfg_scale.is_some());
+        Ok((plan, qwenimage_info(self.variant())))
     }
 
     fn estimate(&self) -> Vec<(String, Footprint)> {
-        let mut v = Vec::new();
-        if let Source::Folder(root, QwenImageFolder { text, .. }) = &self.base.source {
-            let te = root
-                .join("text_encoder")
-                .join("config.json")
-                .display()
-                .to_string();
-            // The encoder runs every token of the templated prompt (the rows past
-            // `max_sequence_length` are cut after it): at most one per byte of the longer prompt
-            // plus the template's, and at most the tokenizer's limit.
-            let longest = self
-                .prompt
-                .as_ref()
-                .map(|(p, n)| p.len().max(n.as_ref().map_or(0, String::len)))
-                .unwrap_or(0);
-            let tokens =
-                (longest + QWENIMAGE_TEMPLATE.len()).min(QWENIMAGE_MAX_LEN + QWENIMAGE_DROP);
-            let fp = text.footprint(
-                text.num_hidden_layers,
-                tokens,
-                self.base.run.dtype.size_in_bytes(),
-                &te,
-            );
-            v.push(("encode text".to_string(), fp));
-        }
-        v.push((
-            "transformer and decode".to_string(),
-            self.transformer_footprint(),
-        ));
-        v
+        image_estimate(self.text_footprint(), self.transformer_footprint())
     }
 
     /// The stages up to the loop: text, transformer, inputs (`build_run` checked every stage's
@@ -246,13 +221,8 @@ impl ResolvedRun for QwenImageRun {
     fn build(&self) -> Result<Box<dyn Pipeline>> {
         let (pos, neg, stage) = self.captions()?;
         let (model, unused) = self.transformer()?;
-        let mut warnings = self.base.run.warnings.clone();
-        warnings.extend(unused);
+        let (warnings, mut desc) = self.base.build_start(unused, self.variant());
         let c = &self.base.transformer;
-        let mut desc = self
-            .base
-            .run
-            .source_label(self.base.source.path(), self.variant());
         desc.push_str(&format!(
             "{} double-stream blocks, dim {}, {} heads{}",
             c.num_layers,

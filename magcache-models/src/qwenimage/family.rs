@@ -3,15 +3,14 @@
 //! anything loads.
 
 use super::config::QwenImageConfig;
-use super::pipeline::qwenimage_plan;
 use magcache_core::runtime::config::RunConfig;
-use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Result};
+use magcache_core::{Error, Indicator, ModelInfo, Result};
 use magcache_layers::autoencoder_kl_wan::WanVaeConfig;
 use magcache_layers::config_util::{find_preset, resolve, text_len, PipelineKind};
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::{packed_drawn_shape, InputFile};
 use magcache_layers::run_basics::{
-    ImageRun, ImageSizes, ImageSource, RunBasics, IMAGE_PIPELINE_PARTS,
+    ImageRun, ImageSizes, ImageSource, RunAt, RunBasics, IMAGE_PIPELINE_PARTS,
 };
 use magcache_layers::scheduler::{FlowSchedule, FluxShift};
 use magcache_text::qwen3::Qwen3Config;
@@ -69,7 +68,7 @@ impl QwenImageRun {
     /// Reads the run file's keys and the folder's configs (never a weight) and fixes every size.
     pub(super) fn read(cfg: &RunConfig, file: &str, base: &Path) -> Result<Self> {
         magcache_layers::config_util::check_applicable(cfg, file, "qwen-image", 1)?;
-        let (source, transformer, shift) = Self::source(cfg, file, base)?;
+        let (source, transformer, shift) = Self::source((cfg, file, base))?;
         let mut run = RunBasics::read(cfg, file, base, "qwen-image")?;
         let warnings = &mut run.warnings;
         if let Some(s) = cfg.sampling.shift {
@@ -106,17 +105,14 @@ impl QwenImageRun {
                 file, h, w, unit,
             ));
         }
-        let (grid, sizes) = Self::sizes(cfg, file, base, &source, &transformer)?;
+        let (grid, sizes) = Self::sizes((cfg, file, base), &source, &transformer)?;
         let base = ImageRun::new(run, (source, transformer, shift), sizes, cfg_scale);
         Ok(QwenImageRun { base, grid, prompt })
     }
 
     /// Where the parts come from, the transformer's config and the schedule's shift.
-    fn source(
-        cfg: &RunConfig,
-        file: &str,
-        base: &Path,
-    ) -> Result<(Source, QwenImageConfig, FluxShift)> {
+    fn source(at: RunAt<'_>) -> Result<(Source, QwenImageConfig, FluxShift)> {
+        let (_, file, _) = at;
         let folder = |root: &Path| -> Result<QwenImageFolder> {
             let text = Qwen3Config::load(&root.join("text_encoder"))?;
             let vae = Box::new(WanVaeConfig::read(&root.join("vae").join("config.json"))?);
@@ -124,21 +120,17 @@ impl QwenImageRun {
         };
         let preset =
             |name: &str| find_preset(QWENIMAGE_PRESETS, |p| *p, name, ("qwen-image", file));
-        let (source, t, shift) = Source::resolve(
-            (cfg, file, base),
-            (&PIPELINE, "QwenImagePipeline"),
-            folder,
-            |name| preset(name).copied(),
-        )?;
+        let (source, t, shift) =
+            Source::resolve(at, (&PIPELINE, "QwenImagePipeline"), folder, |name| {
+                preset(name).copied()
+            })?;
         Ok((source, t, shift.unwrap_or_else(released_shift)))
     }
 
     /// `((h', w'), batch, latents file, text rows)`.
     #[allow(clippy::type_complexity)]
     fn sizes(
-        cfg: &RunConfig,
-        file: &str,
-        base: &Path,
+        (cfg, file, base): RunAt<'_>,
         source: &Source,
         t: &QwenImageConfig,
     ) -> Result<((usize, usize), ImageSizes)> {
@@ -228,19 +220,8 @@ impl QwenImageRun {
                 ),
             ));
         }
-        let (s, mu) = self
-            .base
-            .shift
-            .schedule(self.base.run.steps, self.image_tokens());
-        s.check(&self.base.run.file, "inputs.height/width", mu)?;
-        Ok(s)
-    }
-
-    pub(super) fn plan_of(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        Ok((
-            qwenimage_plan(&self.schedule()?, self.base.cfg_scale.is_some()),
-            qwenimage_info(self.variant()),
-        ))
+        self.base
+            .schedule(self.image_tokens(), "inputs.height/width")
     }
 
     pub(super) fn variant(&self) -> Option<&'static str> {

@@ -4,7 +4,7 @@
 use super::config::ZImageConfig;
 use super::family::{zimage_info, zimage_params, Source, ZImageFolder, ZImageRun};
 use super::model::{padded, ZImageModel, ZIMAGE_LAYER};
-use super::pipeline::{ZImageDecode, ZImagePipeline, ZImageSteps};
+use super::pipeline::{zimage_plan, ZImageDecode, ZImagePipeline, ZImageSteps};
 use candle_core::{DType, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
@@ -18,6 +18,7 @@ use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
 use magcache_layers::inputs::InputFile;
 use magcache_layers::random::randn_for;
+use magcache_layers::run_basics::image_estimate;
 use magcache_layers::weights::warm;
 use magcache_text::qwen_chat::{QwenChatEncoder, ZIMAGE_CHAT};
 use std::path::Path;
@@ -223,33 +224,16 @@ impl ZImageRun {
 
     /// The transformer: the folder's checkpoint (held or streamed), or a preset's seeded weights.
     fn transformer(&self) -> Result<(ZImageModel, Vec<String>)> {
-        let c = self.base.transformer.clone();
-        let dir = self.base.source.weights_dir();
-        let (width, depth) = (c.dim, ("n_layers", c.n_layers));
-        self.base.run.model(
-            dir.as_deref(),
-            c,
-            width,
-            &super::lora::ZImageLoraNames { dim: width },
-            depth,
-        )
+        let c = &self.base.transformer;
+        let names = super::lora::ZImageLoraNames { dim: c.dim };
+        self.base.model(c.dim, &names, ("n_layers", c.n_layers))
     }
 
     /// The initial latents `[B, C, h, w]`: `latents_init` of the inputs file or seeded noise.
     fn latents(&self) -> Result<Tensor> {
         let c = self.base.transformer.in_channels;
-        let l = match &self.base.latents_file {
-            Some(p) => InputFile::load(p)?
-                .get("latents_init", 4, "[B, C, h, w] latents")?
-                .to_dtype(DType::F32)?,
-            None => randn_for(
-                &self.base.run.file,
-                "inputs.height/width",
-                self.base.run.seed,
-                &[self.base.batch, c, self.lat.0, self.lat.1],
-            )?,
-        };
-        Ok(l.to_device(&self.base.run.placement()?.device)?)
+        let shape = [self.base.batch, c, self.lat.0, self.lat.1];
+        self.base.latents((4, "[B, C, h, w] latents"), &shape)
     }
 }
 
@@ -259,19 +243,15 @@ impl ResolvedRun for ZImageRun {
     }
 
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        self.plan_of()
+        let schedule = self.schedule()?;
+        Ok((
+            zimage_plan(&schedule, self.base.shift.shift),
+            zimage_info(self.variant()),
+        ))
     }
 
     fn estimate(&self) -> Vec<(String, Footprint)> {
-        let mut v = Vec::new();
-        if let Some(t) = self.text_footprint() {
-            v.push(("encode text".to_string(), t));
-        }
-        v.push((
-            "transformer and decode".to_string(),
-            self.transformer_footprint(),
-        ));
-        v
+        image_estimate(self.text_footprint(), self.transformer_footprint())
     }
 
     /// The stages up to the loop: text, transformer, inputs (`build_run` checked every stage's
@@ -279,13 +259,8 @@ impl ResolvedRun for ZImageRun {
     fn build(&self) -> Result<Box<dyn Pipeline>> {
         let (pos, neg, template) = self.captions()?;
         let (model, unused) = self.transformer()?;
-        let mut warnings = self.base.run.warnings.clone();
-        warnings.extend(unused);
+        let (warnings, mut desc) = self.base.build_start(unused, self.variant());
         let c = &self.base.transformer;
-        let mut desc = self
-            .base
-            .run
-            .source_label(self.base.source.path(), self.variant());
         desc.push_str(&format!(
             "{} layers + {}+{} refiners, dim {}, {} heads{}",
             c.n_layers,

@@ -3,15 +3,14 @@
 //! stages in turn (encode text, load the transformer, and the decode `finish` runs).
 
 use super::config::ZImageConfig;
-use super::pipeline::zimage_plan;
 use magcache_core::runtime::config::RunConfig;
-use magcache_core::{Error, GenerationPlan, Indicator, ModelInfo, Result};
+use magcache_core::{Error, Indicator, ModelInfo, Result};
 use magcache_layers::autoencoder_kl::{FluxTiling, FluxVaeConfig};
 use magcache_layers::config_util::{find_preset, resolve, text_len, PipelineKind};
 use magcache_layers::footprint::{sz, Sz};
 use magcache_layers::inputs::{packed_drawn_shape, InputFile};
 use magcache_layers::run_basics::{
-    ImageRun, ImageSizes, ImageSource, RunBasics, IMAGE_PIPELINE_PARTS,
+    ImageRun, ImageSizes, ImageSource, RunAt, RunBasics, IMAGE_PIPELINE_PARTS,
 };
 use magcache_layers::scheduler::FluxShift;
 use magcache_text::qwen3::Qwen3Config;
@@ -74,7 +73,7 @@ impl ZImageRun {
         magcache_layers::config_util::check_applicable(cfg, file, "z-image", 1)?;
         let mut run = RunBasics::read(cfg, file, base, "z-image")?;
         let warnings = &mut run.warnings;
-        let (source, transformer, shift, distilled) = Self::source(cfg, file, base)?;
+        let (source, transformer, shift, distilled) = Self::source((cfg, file, base))?;
         if let Some(s) = cfg.sampling.shift {
             warnings.push(format!(
                 "{file}: sampling.shift = {s} is not used by z-image: the shift comes from the pipeline's scheduler_config.json"
@@ -96,18 +95,15 @@ impl ZImageRun {
                 ));
             }
         }
-        let (lat, sizes) = Self::sizes(cfg, file, base, &source, &transformer)?;
+        let (lat, sizes) = Self::sizes((cfg, file, base), &source, &transformer)?;
         let base = ImageRun::new(run, (source, transformer, shift), sizes, cfg_scale);
         Ok(ZImageRun { base, lat, prompt })
     }
 
     /// Where the parts come from, the transformer's config, the scheduler's shift, and whether the
     /// run defaults to no CFG.
-    fn source(
-        cfg: &RunConfig,
-        file: &str,
-        base: &Path,
-    ) -> Result<(Source, ZImageConfig, FluxShift, bool)> {
+    fn source(at: RunAt<'_>) -> Result<(Source, ZImageConfig, FluxShift, bool)> {
+        let (cfg, file, _) = at;
         let static3 = FluxShift {
             dynamic: false,
             shift: 3.0,
@@ -120,12 +116,8 @@ impl ZImageRun {
             Ok(ZImageFolder { text, vae, tiling })
         };
         let preset = |name: &str| find_preset(ZIMAGE_PRESETS, |p| p.name, name, ("z-image", file));
-        let (source, t, shift) = Source::resolve(
-            (cfg, file, base),
-            (&PIPELINE, "ZImagePipeline"),
-            folder,
-            preset,
-        )?;
+        let (source, t, shift) =
+            Source::resolve(at, (&PIPELINE, "ZImagePipeline"), folder, preset)?;
         // A transformer folder without its pipeline: distilled defaults (no CFG) as a preset's.
         let distilled = match &source {
             Source::Folder(..) => false,
@@ -138,9 +130,7 @@ impl ZImageRun {
     /// `((h, w), batch, latents file, caption rows)` from the run file (and the latents file's header).
     #[allow(clippy::type_complexity)]
     fn sizes(
-        cfg: &RunConfig,
-        file: &str,
-        base: &Path,
+        (cfg, file, base): RunAt<'_>,
         source: &Source,
         t: &ZImageConfig,
     ) -> Result<((usize, usize), ImageSizes)> {
@@ -220,19 +210,7 @@ impl ZImageRun {
     }
 
     pub fn schedule(&self) -> Result<magcache_layers::scheduler::FlowSchedule> {
-        let (s, v) = self
-            .base
-            .shift
-            .schedule(self.base.run.steps, self.image_tokens());
-        s.check(&self.base.run.file, "scheduler shift", v)?;
-        Ok(s)
-    }
-
-    pub(super) fn plan_of(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        Ok((
-            zimage_plan(&self.schedule()?, self.base.shift.shift),
-            zimage_info(self.variant()),
-        ))
+        self.base.schedule(self.image_tokens(), "scheduler shift")
     }
 
     pub(super) fn variant(&self) -> Option<&'static str> {

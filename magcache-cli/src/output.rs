@@ -13,8 +13,10 @@
 //! succeeded: a failure while committing puts back what was there. Until then nothing the user owns
 //! changes; temporaries are removed when the command fails, is dropped, or is interrupted (SIGINT,
 //! SIGTERM, SIGHUP: [`install_signal_cleanup`], which also undoes a commit under way); ones left by
-//! a killed process (SIGKILL) are removed by the next command that writes into the same folder.
-//! Files are created with `File::create`, so their permissions follow the umask.
+//! a killed process (SIGKILL) are named in a warning by the next command that writes into the same
+//! folder, never removed (see [`crate::temps`]). Temporaries and backups are created new
+//! (`create_new`, or a hard link): nothing already there is ever written over. Permissions follow
+//! the umask.
 
 use crate::temps::{clean_stale, cleanup_state, register, roll_back, temp_name, unregister, Undo};
 use candle_core::Tensor;
@@ -470,11 +472,18 @@ impl Outputs {
                 let undo = match std::fs::symlink_metadata(&p.target) {
                     Ok(_) => {
                         let backup = temp_name(dir, "bak");
-                        state.temps.push(backup.clone());
-                        if std::fs::hard_link(&p.target, &backup).is_err() {
-                            // A file system without hard links: a copy (the target stays in place).
-                            std::fs::copy(&p.target, &backup)?;
+                        match std::fs::hard_link(&p.target, &backup) {
+                            Ok(()) => {}
+                            // Something already has the backup's name: never written over.
+                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                                return Err(e)
+                            }
+                            // A file system without hard links: a copy into a new file (the target
+                            // stays in place).
+                            Err(_) => copy_new(&p.target, &backup)?,
                         }
+                        // Ours from here on: removed on a signal, as every temporary.
+                        state.temps.push(backup.clone());
                         backups.push(backup.clone());
                         Undo::Restore {
                             backup,
@@ -508,6 +517,17 @@ impl Outputs {
         }
         failed.map_or(Ok(()), Err)
     }
+}
+
+/// Copies `from` into `to`, a file created now: an existing `to` is an error, never replaced.
+fn copy_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    std::io::copy(&mut src, &mut dst)?;
+    dst.sync_all()
 }
 
 impl Drop for Outputs {

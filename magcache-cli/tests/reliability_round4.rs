@@ -655,3 +655,43 @@ fn an_f16_export_that_overflows_is_refused() {
         assert_eq!(temporaries(d.path()), Vec::<String>::new(), "{quant}");
     }
 }
+
+/// `export` of a preset with an adapter whose `.alpha` is NaN refuses, naming the adapter file and
+/// the key, and writes nothing, as f32 safetensors and as GGUF (it wrote all-NaN tensors, and Q8_0
+/// NaNs as zeros, with exit 0).
+#[test]
+fn an_export_with_a_nan_alpha_adapter_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let lora = d.path().join("nan.safetensors");
+    let q = "transformer.blocks.0.attn1.to_q";
+    std::fs::write(
+        &lora,
+        safetensors_of(&[
+            (&format!("{q}.lora_A.weight"), vec![1, 24], 0.5),
+            (&format!("{q}.lora_B.weight"), vec![24, 1], 0.5),
+            (&format!("{q}.alpha"), vec![], f32::NAN),
+        ]),
+    )
+    .unwrap();
+    let run = d.path().join("run.toml");
+    std::fs::write(
+        &run,
+        format!(
+            "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\nseed = 7\ndtype = \"f32\"\n\n[[model.lora]]\npath = {:?}\n\n[model.overrides]\nnum_layers = 2\nnum_attention_heads = 2\nattention_head_dim = 12\nffn_dim = 40\ntext_dim = 16\nfreq_dim = 8\n\n[inputs]\nlatent_shape = [1, 16, 2, 4, 4]\ntext_len = 5\n\n[sampling]\nsteps = 2\n",
+            s(&lora)
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("out");
+    for extra in [&[][..], &["--gguf", "q8_0"][..]] {
+        let mut args = vec!["export", "--config", s(&run), "--out", s(&out)];
+        args.extend_from_slice(extra);
+        let o = magcache(&args);
+        check_err(
+            &o,
+            &["nan.safetensors", &format!("{q}.alpha"), "non-finite"],
+        );
+        assert!(!out.exists(), "{extra:?}");
+        assert_eq!(temporaries(d.path()), Vec::<String>::new(), "{extra:?}");
+    }
+}

@@ -374,6 +374,12 @@ fn pipeline_components_are_declared_library_and_class() {
             json!([null, null]),
         ),
         ("qwenimage_tiny_prompted.toml", "tokenizer", json!(7)),
+        // A tokenizer class this runner does not implement for Wan (it tokenizes with T5's).
+        (
+            "wan21_tiny_prompted.toml",
+            "tokenizer",
+            json!(["transformers", "GPT2Tokenizer"]),
+        ),
         (
             "wan21_i2v_tiny_prompted.toml",
             "image_encoder",
@@ -445,4 +451,29 @@ fn named_files_and_gguf_metadata_are_named_as_such() {
         &["n.gguf", "key `general.architecture`", "not a string"],
     );
     assert!(!e.contains("tensor"), "{e}");
+}
+
+/// FLUX.2's chat template is read from the folder: one this runner cannot render (another chat
+/// format) is refused through the binary, naming the file, before any weight loads.
+#[cfg(unix)]
+#[test]
+fn a_flux2_chat_template_this_runner_cannot_render_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let run = edited_folder(d.path(), "flux2_klein_tiny_prompted.toml", |_| {});
+    // The tokenizer folder copied (the others stay links) with another chat format as template.
+    let tok = d.path().join("folder").join("tokenizer");
+    let src = std::fs::read_link(&tok).unwrap();
+    std::fs::remove_file(&tok).unwrap();
+    std::fs::create_dir(&tok).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tok.join(e.file_name())).unwrap();
+    }
+    let other = "{% for m in messages %}USER: {{ m.content }}\n{% endfor %}ASSISTANT:";
+    std::fs::write(tok.join("chat_template.jinja"), other).unwrap();
+    let o = magcache(&["run", "--quiet", "--config", s(&run)]);
+    check_err(
+        &o,
+        &["chat_template.jinja", "not a template this runner renders"],
+    );
 }

@@ -6,7 +6,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// `base` with the fields of `obj` (keys starting with `_` are metadata and skipped), then
-/// `overrides`, applied. `fields` are the config's field names; an unknown key in `obj` or in the
+/// `overrides`, applied. The config's fields are those `base` serializes (every field, written
+/// once in its struct); an unknown key in `obj` or in the
 /// overrides is an error naming `file` and the key (`model.overrides.KEY` for overrides). `class` names
 /// the model class in messages.
 pub fn merge_config<T: Serialize + DeserializeOwned>(
@@ -14,7 +15,6 @@ pub fn merge_config<T: Serialize + DeserializeOwned>(
     obj: &Map<String, Value>,
     overrides: &Map<String, Value>,
     file: &str,
-    fields: &[&str],
     class: &str,
 ) -> Result<T> {
     let mut merged =
@@ -22,6 +22,8 @@ pub fn merge_config<T: Serialize + DeserializeOwned>(
     let m = merged
         .as_object_mut()
         .ok_or_else(|| Error::msg(format!("{class} config is not an object")))?;
+    let names: Vec<String> = m.keys().cloned().collect();
+    let fields: Vec<&str> = names.iter().map(String::as_str).collect();
     for (k, v) in obj {
         if k.starts_with('_') {
             continue;
@@ -306,8 +308,6 @@ pub trait ModelConfig: Serialize + DeserializeOwned + Default {
     const CLASS: &'static str;
     /// What it is, for messages (`a FLUX.2 transformer`).
     const KIND: &'static str;
-    /// Its field names (other keys are errors naming the file or `model.overrides.KEY`).
-    const FIELDS: &'static [&'static str];
 
     /// Its own consistency checks, naming `file` and the key.
     fn check(&self, file: &str) -> Result<()>;
@@ -329,7 +329,7 @@ pub trait ModelConfig: Serialize + DeserializeOwned + Default {
                 ));
             }
         }
-        let cfg = merge_config(&base, obj, overrides, file, Self::FIELDS, Self::CLASS)?;
+        let cfg = merge_config(&base, obj, overrides, file, Self::CLASS)?;
         cfg.check(file)?;
         Ok(cfg)
     }

@@ -253,6 +253,16 @@ pub fn add_gguf_repacked(fp: &mut Footprint, repacked: u64) {
     fp.advise(advice);
 }
 
+/// The `gemm` crate's per-thread scratch: every thread that runs a product keeps a buffer the size
+/// of this CPU's L2 cache as gemm reads it (1 MB on Zen 3/5, 2 MB on current Xeons) from its first
+/// product on; counted for candle's threads and the calling one (the tiny decode of
+/// `tests/tests/wan_vae_memory.rs` fell 1.1 MB short without it). Read from gemm itself, not
+/// assumed: a fixed 2 MB over-counted on AMD, and a test bound without it failed on an Intel Xeon.
+pub fn gemm_slabs() -> Sz {
+    let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes;
+    sz(l2) * sz(candle_core::utils::get_num_threads() + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

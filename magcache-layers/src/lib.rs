@@ -30,6 +30,7 @@ mod jpeg_walk;
 pub mod lora;
 pub mod mmdit;
 pub mod nn;
+pub mod packed_picture;
 pub mod picture;
 pub mod random;
 pub mod run_basics;

@@ -295,3 +295,65 @@ pub fn double_then_single(
 ) -> Vec<magcache_core::BlockMetadata> {
     magcache_core::BlockMetadata::chain(&[(kinds.0, n.0), (kinds.1, n.1)])
 }
+
+/// A FLUX-style transformer's `config.json` struct: the fields FLUX.1's and FLUX.2's released
+/// configs share (`patch_size` through `joint_attention_dim` in diffusers' order, and
+/// `axes_dims_rope`), then the family's own; with `inner_dim()`, `out_channels()` and the packing
+/// check. The family derives what it needs.
+#[macro_export]
+macro_rules! packed_dit_config {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            pub patch_size: usize,
+            pub in_channels: usize,
+            pub out_channels: Option<usize>,
+            pub num_layers: usize,
+            pub num_single_layers: usize,
+            pub attention_head_dim: usize,
+            pub num_attention_heads: usize,
+            pub joint_attention_dim: usize,
+            /// Rotary dimensions per position axis.
+            pub axes_dims_rope: Vec<usize>,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// Heads times head width.
+            pub fn inner_dim(&self) -> usize {
+                self.num_attention_heads.saturating_mul(self.attention_head_dim)
+            }
+            /// The packed output channels (`out_channels`, else `in_channels`).
+            pub fn out_channels(&self) -> usize {
+                self.out_channels.unwrap_or(self.in_channels)
+            }
+            /// `(double, single)` blocks of the chain.
+            pub fn depths(&self) -> (usize, usize) {
+                (self.num_layers, self.num_single_layers)
+            }
+            /// `N+M blocks, dim D, H heads`, for a run's description.
+            pub fn sizes(&self) -> String {
+                format!(
+                    "{}+{} blocks, dim {}, {} heads",
+                    self.num_layers,
+                    self.num_single_layers,
+                    self.inner_dim(),
+                    self.num_attention_heads
+                )
+            }
+            /// Patch 1 over 2x2-packed latents, and rotary axes that fill a head
+            /// ([`config_util::check_packed_rope`](crate::config_util::check_packed_rope)).
+            pub fn check_packing(&self, file: &str) -> magcache_core::Result<()> {
+                $crate::config_util::check_packed_rope(
+                    file,
+                    self.patch_size,
+                    &self.axes_dims_rope,
+                    self.attention_head_dim,
+                )
+            }
+        }
+    };
+}

@@ -397,3 +397,57 @@ pub fn image_estimate(
     let rest = ("transformer and decode".to_string(), transformer);
     text.into_iter().chain([rest]).collect()
 }
+
+/// A prompted run's text stage as the size guard sees it: `prompt.max_sequence_length` (else
+/// `default`), the run's dtype and whether `offload = "stream"` streams the encoder.
+pub fn text_stage(cfg: &RunConfig, file: &str, default: usize) -> Result<(usize, DType, bool)> {
+    use magcache_core::runtime::placement::{parse_dtype, parse_offload};
+    let max_len = cfg
+        .prompt
+        .as_ref()
+        .and_then(|p| p.max_sequence_length)
+        .unwrap_or(default);
+    let streamed = parse_offload(&cfg.model.offload, file)? == Offload::Stream;
+    Ok((max_len, parse_dtype(&cfg.model.dtype, file)?, streamed))
+}
+
+/// What a family resolves a run file to when it keeps the file itself (FLUX.1, FLUX.2): the run
+/// file without `[cache]`, its basics, where the transformer comes from (`S`) and its config
+/// (`C`), the `[model.overrides]`, and the pipeline folder of a prompted run.
+pub struct RunSpec<S, C> {
+    /// Every table of the run file but `[cache]`.
+    pub cfg: RunConfig,
+    /// The run file, placement (opened when a stage needs it), offload, seeds and warnings.
+    pub run: RunBasics,
+    /// The folder the run file's relative paths start from.
+    pub base: std::path::PathBuf,
+    pub source: S,
+    pub transformer: C,
+    pub overrides: serde_json::Map<String, serde_json::Value>,
+    /// Prompted runs: the pipeline folder.
+    pub root: Option<std::path::PathBuf>,
+}
+
+impl<S, C> RunSpec<S, C> {
+    /// Puts the resolved parts together; `warnings` are the family's own (the run's basics read
+    /// now, for `family`).
+    pub fn new(
+        (cfg, file, base): RunAt<'_>,
+        family: &str,
+        (source, transformer): (S, C),
+        root: Option<std::path::PathBuf>,
+        warnings: Vec<String>,
+    ) -> Result<Self> {
+        let mut run = RunBasics::read(cfg, file, base, family)?;
+        run.warnings = warnings;
+        Ok(RunSpec {
+            cfg: cfg.without_cache(),
+            run,
+            base: base.to_path_buf(),
+            source,
+            transformer,
+            overrides: crate::config_util::overrides_json(cfg),
+            root,
+        })
+    }
+}

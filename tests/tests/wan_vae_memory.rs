@@ -41,13 +41,15 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
         peaks.push((frames, dec_peak, enc_peak, video_bytes));
     }
     // The size guard's estimate of the decode (weights aside: the VAE was built before counting)
-    // covers what was measured, and not by a wide margin.
+    // covers what was measured, and not by a wide margin once gemm's per-thread scratch (sized by
+    // this CPU's L2 cache and thread count, allocated by the first decode and kept) is set aside.
+    let slabs = magcache_layers::autoencoder_kl_wan::gemm_slabs().0.unwrap() as usize;
     for (&lf, &(frames, dec_peak, _, _)) in [2usize, 5].iter().zip(&peaks) {
         let p = vae.config.decode_bytes(lf, h, w, 4, true);
         let predicted = p.activations().0.unwrap();
         eprintln!("{frames} frames: decode predicted {predicted} B, measured {dec_peak} B");
         assert!(
-            predicted as usize >= dec_peak && (predicted as usize) < 3 * dec_peak,
+            predicted as usize >= dec_peak && (predicted as usize) - slabs < 3 * dec_peak,
             "{frames} frames: predicted {predicted} B against {dec_peak} B measured"
         );
     }
@@ -70,7 +72,6 @@ fn decode_and_encode_memory_does_not_grow_with_frames() {
     // gemm's per-thread scratch (sized by this CPU's L2 cache and thread count, allocated by the
     // first decode) is the machine's, not the decoder's: taken out, so the bound holds on any CPU.
     let full_res_frame = 8 * (8 * h) * (8 * w) * 4;
-    let slabs = magcache_layers::autoencoder_kl_wan::gemm_slabs().0.unwrap() as usize;
     let own = (d5 - 2 * v5).saturating_sub(slabs);
     assert!(
         own < 48 * full_res_frame,

@@ -5,8 +5,8 @@
 //!
 //! ```ignore
 //! inventory::submit! {
-//!     ModelFamily { build: build_run::<MyRun>, plan: plan_run::<MyRun>,
-//!                   estimate: Some(estimate_run::<MyRun>), /* name, blocks, ... */ }
+//!     ModelFamily { name: "my-family", /* description, blocks, presets, ... */
+//!                   ..ModelFamily::resolved::<MyRun>() }
 //! }
 //! ```
 
@@ -83,4 +83,25 @@ pub fn export_run<R: ResolvedRun>(
             "magcache export writes presets; this run has weights",
         )
     })
+}
+
+impl crate::runtime::registry::ModelFamily {
+    /// The registration of a family whose runs resolve through `R`: `build`, `plan` and the size
+    /// guard's estimates from `R`, blocks streamed with `offload = "stream"`, no published data or
+    /// keys of its own. The family fills in the rest with struct update syntax (`ModelFamily {
+    /// name: "...", description: "...", blocks: &[...], ..ModelFamily::resolved::<MyRun>() }`).
+    pub const fn resolved<R: ResolvedRun>() -> Self {
+        crate::runtime::registry::ModelFamily {
+            name: "",
+            description: "",
+            blocks: &[],
+            presets: &[],
+            published: &[],
+            keys: &[],
+            streams: true,
+            build: build_run::<R>,
+            plan: plan_run::<R>,
+            estimate: Some(estimate_run::<R>),
+        }
+    }
 }

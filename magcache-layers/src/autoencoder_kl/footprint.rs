@@ -78,7 +78,8 @@ impl FluxVaeConfig {
                 (Some(a), Some(b)) => Sz(Some(a.min(b))),
                 _ => im2col,
             };
-            return widest * f32b + band + small;
+            // gemm's per-thread scratch: a CPU's, as in the Wan VAE's decode.
+            return widest * f32b + band + crate::footprint::gemm_slabs() + small;
         }
         widest * f32b + im2col + scores + small
     }

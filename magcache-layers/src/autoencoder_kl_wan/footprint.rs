@@ -8,16 +8,6 @@ use super::config::WanVaeConfig;
 use crate::footprint::{sz, Sz};
 use crate::nn::{ATTENTION_SCORE_BUDGET, IM2COL_BUDGET};
 
-/// The `gemm` crate's per-thread scratch: every thread that runs a product keeps a buffer the size
-/// of this CPU's L2 cache as gemm reads it (1 MB on Zen 3/5, 2 MB on current Xeons) from its first
-/// product on; counted for candle's threads and the calling one (the tiny decode of
-/// `tests/tests/wan_vae_memory.rs` fell 1.1 MB short without it). Read from gemm itself, not
-/// assumed: a fixed 2 MB over-counted on AMD, and a test bound without it failed on an Intel Xeon.
-pub fn gemm_slabs() -> Sz {
-    let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes;
-    sz(l2) * sz(candle_core::utils::get_num_threads() + 1)
-}
-
 /// The parts of a decode of `[1, z, frames, h, w]` latents, in bytes (f32 activations).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeBytes {
@@ -180,7 +170,7 @@ impl WanVaeConfig {
             cache: sz(frames.clamp(1, 2)) * cached * f32b,
             working: sz(3) * widest_in * f32b
                 + sz(2) * band
-                + gemm_slabs()
+                + crate::footprint::gemm_slabs()
                 + sz(3) * widest_out * f32b
                 + scores,
             // The decoder's last stage, unpatchified (`patch_size` x `patch_size` pixels per position).

@@ -32,8 +32,9 @@ mod load;
 mod tiling;
 mod trace;
 
+pub use crate::footprint::gemm_slabs;
 pub use config::WanVaeConfig;
-pub use footprint::{gemm_slabs, DecodeBytes};
+pub use footprint::DecodeBytes;
 pub use tiling::VaeTiling;
 pub use trace::VaeTrace;
 

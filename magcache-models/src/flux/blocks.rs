@@ -112,30 +112,18 @@ impl SingleBlock {
 /// A block of the FLUX.1 chain.
 pub type AnyBlock = DoubleOrSingle<DoubleBlock, SingleBlock>;
 
-/// Chain block `i`: double block `i`, or single block `i - num_layers`.
-pub(crate) fn load_block(
-    w: &WeightStore,
-    i: usize,
-    c: &FluxConfig,
-    dev: &Device,
-) -> Result<AnyBlock> {
-    let double = |i| DoubleBlock::load(w, i, c, dev);
-    DoubleOrSingle::load(i, c.num_layers, double, |j| SingleBlock::load(w, j, c, dev))
-}
-
-/// The (hidden, encoder) streams after block `b`, its modulation computed from `args.temb`.
-pub(crate) fn forward(
-    b: &AnyBlock,
-    h: &Tensor,
-    e: &Tensor,
-    args: &BlockArgs<'_>,
-) -> Result<(Tensor, Tensor)> {
-    let BlockArgs { temb, cos, sin } = args;
-    match b {
-        DoubleOrSingle::Double(b) => {
-            let (m, mc) = (chunks(&b.norm1, temb, 6)?, chunks(&b.norm1_ctx, temb, 6)?);
-            b.inner.forward(h, e, &m, &mc, cos, sin)
+impl BlockArgs<'_> {
+    /// The (hidden, encoder) streams after block `b`, its modulation computed from `temb`.
+    pub(crate) fn run(&self, b: &AnyBlock, h: &Tensor, e: &Tensor) -> Result<(Tensor, Tensor)> {
+        let BlockArgs { temb, cos, sin } = self;
+        match b {
+            DoubleOrSingle::Double(b) => {
+                let (m, mc) = (chunks(&b.norm1, temb, 6)?, chunks(&b.norm1_ctx, temb, 6)?);
+                b.inner.forward(h, e, &m, &mc, cos, sin)
+            }
+            DoubleOrSingle::Single(b) => {
+                b.inner.forward(h, e, &chunks(&b.norm, temb, 3)?, cos, sin)
+            }
         }
-        DoubleOrSingle::Single(b) => b.inner.forward(h, e, &chunks(&b.norm, temb, 3)?, cos, sin),
     }
 }

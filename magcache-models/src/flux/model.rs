@@ -1,7 +1,7 @@
 //! `FluxTransformer2DModel` (FLUX.1) in candle, f32: double-stream blocks (joint attention over
 //! `[text, image]`), single-stream blocks, one cache chain over both lists.
 
-use super::blocks::{forward, lin, load_block, AnyBlock, BlockArgs};
+use super::blocks::{lin, AnyBlock, BlockArgs, DoubleBlock, SingleBlock};
 use super::config::FluxConfig;
 use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, ModelBlocks, Result};
@@ -47,18 +47,17 @@ impl ChainModel for FluxModel {
     const FAMILY: &'static str = "flux";
 
     fn chain(c: &FluxConfig) -> Vec<BlockMetadata> {
-        double_then_single(
-            (FLUX_DOUBLE, FLUX_SINGLE),
-            (c.num_layers, c.num_single_layers),
-        )
+        double_then_single((FLUX_DOUBLE, FLUX_SINGLE), c.depths())
     }
 
     fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
         &mut self.blocks.hooks
     }
 
+    /// Double block `i`, or single block `i - num_layers`.
     fn load_block(w: &WeightStore, i: usize, c: &FluxConfig, dev: &Device) -> Result<AnyBlock> {
-        load_block(w, i, c, dev)
+        let single = |j| SingleBlock::load(w, j, c, dev);
+        DoubleOrSingle::load(i, c.num_layers, |i| DoubleBlock::load(w, i, c, dev), single)
     }
 
     fn assemble(cfg: FluxConfig, w: &WeightStore, blocks: ModelBlocks<AnyBlock>) -> Result<Self> {
@@ -144,7 +143,7 @@ impl FluxModel {
             &temb,
             || self.modulated_input(&h, &temb),
             trace.map(|t| &mut t.blocks),
-            |b: &AnyBlock, h, e| forward(b, h, e, &args),
+            |b: &AnyBlock, h, e| args.run(b, h, e),
         )?;
         Ok(self.out.forward(&h, &temb)?.1)
     }

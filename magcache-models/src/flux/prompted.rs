@@ -7,12 +7,11 @@ use super::inputs::FluxInputs;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
-use magcache_core::{Error, Placement, Result};
+use magcache_core::{Error, Result};
 use magcache_layers::autoencoder_kl::{FluxVae, FluxVaeConfig};
 use magcache_layers::config_util::check_width;
-use magcache_layers::dit::PackedInputs;
-use magcache_layers::inputs::packed_latents;
-use magcache_layers::stage::decode_stage;
+use magcache_layers::packed_picture::PackedPicture;
+use magcache_layers::run_basics::{text_stage, RunAt};
 use magcache_layers::weights::warm;
 use magcache_text::flux::FluxTextEncoders;
 use std::path::{Path, PathBuf};
@@ -23,15 +22,13 @@ pub(crate) const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 
 /// What a prompted run carries from building to decoding.
 pub struct Prompted {
-    pub root: PathBuf,
+    /// The pipeline folder, the picture's size, placement and `[vae]` tiling.
+    pub picture: PackedPicture,
+    /// T5's `[1, L, joint_attention_dim]`.
     pub prompt_embeds: Tensor,
+    /// CLIP's pooled `[1, pooled_projection_dim]`.
     pub pooled_prompt_embeds: Tensor,
-    pub height: usize,
-    pub width: usize,
-    pub placement: Placement,
     pub stages: Vec<StageTime>,
-    /// `[vae] tiling` (checked before anything loads).
-    pub tiling: Option<magcache_layers::autoencoder_kl::FluxTiling>,
 }
 
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
@@ -81,15 +78,8 @@ pub fn text_footprint(
     file: &str,
     root: &Path,
 ) -> Result<magcache_core::runtime::guard::Footprint> {
-    let max_len = cfg
-        .prompt
-        .as_ref()
-        .and_then(|p| p.max_sequence_length)
-        .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
-    let bytes =
-        magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?.size_in_bytes();
-    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
-        == magcache_core::Offload::Stream;
+    let (max_len, dtype, streamed) = text_stage(cfg, file, DEFAULT_MAX_SEQUENCE_LENGTH)?;
+    let bytes = dtype.size_in_bytes();
     let t5_cfg = root.join("text_encoder_2").join("config.json");
     let mut fp = magcache_text::Umt5Config::load(&root.join("text_encoder_2"))?.footprint(
         max_len,
@@ -118,16 +108,14 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
             "FLUX.1 has no negative prompt (embedded guidance, one call per step)",
         ));
     }
-    let (height, width, _) = image_size(cfg, file, root)?;
-    let placement = cfg.model.placement(file)?;
-    let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, root)?;
+    let picture = PackedPicture::read((cfg, file), root, image_size(cfg, file, root)?)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     // The size guard for the text stage (loaded, used and freed before the transformer).
     text_footprint(cfg, file, root)?.check(file)?;
     let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
         == magcache_core::Offload::Stream;
     let stage = Stage::begin("encode text");
-    let (dev, dt) = (&placement.device, placement.dtype);
+    let (dev, dt) = (&picture.placement.device, picture.placement.dtype);
     let key = format!("flux {:?}", (root, dt, dev, streamed, max_len, &p.text));
     let [prompt_embeds, pooled_prompt_embeds] = warm::prompt_n(key, || {
         let enc = FluxTextEncoders::load_pipeline_with(root, dev, dt, streamed)?;
@@ -148,14 +136,10 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
         &format!("pooled_prompt_embeds (CLIP, from {te})"),
     )?;
     Ok(Prompted {
-        root: root.to_path_buf(),
+        picture,
         prompt_embeds,
         pooled_prompt_embeds,
-        height,
-        width,
-        placement,
         stages: vec![stage.end()],
-        tiling,
     })
 }
 
@@ -167,32 +151,24 @@ pub fn image_seq_len(cfg: &RunConfig, file: &str, root: &Path) -> Result<usize> 
 
 /// The inputs of a prompted run: `latents_init` (packed) from `[inputs] file` or seeded random
 /// latents of the image's size, packed 2x2; the encoded prompt; text ids zero, image ids `(0, r, c)`.
-pub fn inputs(
-    cfg: &RunConfig,
-    file: &str,
-    base: &Path,
-    c: &super::config::FluxConfig,
-    p: &Prompted,
-) -> Result<FluxInputs> {
-    let (_, _, f) = image_size(cfg, file, &p.root)?;
-    let size = (p.height, p.width, f);
-    let (latents, (h2, w2)) = packed_latents(cfg, file, base, c.in_channels, size)?;
-    let (l, d) = (p.prompt_embeds.dim(1)?, p.prompt_embeds.dim(2)?);
+pub fn inputs(at: RunAt<'_>, c: &super::config::FluxConfig, p: &Prompted) -> Result<FluxInputs> {
+    let file = at.1;
+    let d = p.prompt_embeds.dim(2)?;
     let joint = ("joint_attention_dim", c.joint_attention_dim);
     check_width(file, "the T5 encoder", d, joint.0, joint.1)?;
     let pd = p.pooled_prompt_embeds.dim(1)?;
     let pooled = ("pooled_projection_dim", c.pooled_projection_dim);
     check_width(file, "CLIP (pooled)", pd, pooled.0, pooled.1)?;
-    FluxInputs {
-        packed: PackedInputs {
-            latents,
-            ctx: p.prompt_embeds.clone(),
-            img_ids: super::inputs::image_ids(h2, w2)?,
-            txt_ids: Tensor::zeros((l, c.axes_dims_rope.len()), DType::F32, &Device::Cpu)?,
-        },
-        pooled: p.pooled_prompt_embeds.clone(),
-    }
-    .to_device(&p.placement.device)
+    let n_axes = c.axes_dims_rope.len();
+    let ids = |(h2, w2), l| -> Result<(Tensor, Tensor)> {
+        let txt = Tensor::zeros((l, n_axes), DType::F32, &Device::Cpu)?;
+        Ok((super::inputs::image_ids(h2, w2)?, txt))
+    };
+    let packed = p.picture.inputs(at, c.in_channels, &p.prompt_embeds, ids)?;
+    let pooled = p
+        .pooled_prompt_embeds
+        .to_device(&p.picture.placement.device)?;
+    Ok(FluxInputs { packed, pooled })
 }
 
 /// Decodes the final packed latents with the folder's VAE: `decoded` pixels `[B, H, W, 3]` in
@@ -202,19 +178,11 @@ pub fn finish(
     latents: &Tensor,
     stages: &mut Vec<StageTime>,
 ) -> Result<magcache_core::Decoded> {
-    let decoded = decode_stage(stages, &p.root.join("vae"), |dir| {
-        let mut vae = FluxVae::load(dir, &p.placement.device, p.placement.dtype)?;
-        vae.set_tiling(p.tiling)?;
-        vae.decode_packed(latents, p.height, p.width)
-    })?;
-    Ok(magcache_core::Decoded {
-        pixels: decoded,
-        inputs: vec![
-            ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
-            (
-                "pooled_prompt_embeds".to_string(),
-                p.pooled_prompt_embeds.clone(),
-            ),
-        ],
-    })
+    let pixels = p.picture.decode::<FluxVae>(latents, stages)?;
+    let pooled = p.pooled_prompt_embeds.clone();
+    let inputs = vec![
+        ("prompt_embeds".to_string(), p.prompt_embeds.clone()),
+        ("pooled_prompt_embeds".to_string(), pooled),
+    ];
+    Ok(magcache_core::Decoded { pixels, inputs })
 }

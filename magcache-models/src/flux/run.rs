@@ -13,14 +13,12 @@ use super::{footprint, prompted};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
-use magcache_core::runtime::resolved::{
-    build_run, estimate_run, export_run, plan_run, ResolvedRun,
-};
+use magcache_core::runtime::resolved::{export_run, ResolvedRun};
 use magcache_core::{GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, resolve, single_weights, to_map};
 use magcache_layers::inputs::InputFile;
-use magcache_layers::run_basics::RunBasics;
+use magcache_layers::run_basics::RunSpec;
 use magcache_layers::scheduler::FluxShift;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -40,16 +38,7 @@ enum Source {
 
 /// A flux run file resolved before anything loads.
 pub struct FluxRun {
-    /// Every table of the run file but `[cache]`.
-    cfg: RunConfig,
-    /// The run file, placement (opened when a stage needs it), offload, seeds and warnings.
-    run: RunBasics,
-    base: PathBuf,
-    source: Source,
-    transformer: FluxConfig,
-    overrides: Map<String, Value>,
-    /// Prompted runs: the pipeline folder.
-    root: Option<PathBuf>,
+    spec: RunSpec<Source, FluxConfig>,
 }
 
 impl ResolvedRun for FluxRun {
@@ -82,42 +71,34 @@ impl ResolvedRun for FluxRun {
             Some(_) => Some(prompted::pipeline_root(cfg, file, base)?),
             None => None,
         };
-        let mut run = RunBasics::read(cfg, file, base, "flux")?;
-        run.warnings = warnings;
-        Ok(FluxRun {
-            cfg: cfg.without_cache(),
-            run,
-            base: base.to_path_buf(),
-            source,
-            transformer,
-            overrides,
-            root,
-        })
+        let parts = (source, transformer);
+        let spec = RunSpec::new((cfg, file, base), "flux", parts, root, warnings)?;
+        Ok(FluxRun { spec })
     }
 
     /// The plan: the image length (for `mu`) from the inputs.
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
-        let (cfg, file) = (&self.cfg, self.run.file.as_str());
+        let (cfg, file) = (&self.spec.cfg, self.spec.run.file.as_str());
         let mut fp = Footprint::default();
         magcache_layers::footprint::add_plan(&mut fp, cfg.sampling.steps, 1);
         fp.check(file)?;
-        let seq = match (&self.root, &cfg.inputs.file) {
+        let seq = match (&self.spec.root, &cfg.inputs.file) {
             (Some(root), _) => prompted::image_seq_len(cfg, file, root)?,
-            (None, Some(f)) => InputFile::load(&resolve(&self.base, f))?
+            (None, Some(f)) => InputFile::load(&resolve(&self.spec.base, f))?
                 .get("latents_init", 3, "[B, seq, C] packed latents")?
                 .dim(1)?,
             (None, None) => {
-                let c = self.transformer.in_channels;
+                let c = self.spec.transformer.in_channels;
                 let (_, s) = magcache_layers::inputs::drawn(cfg, &[1, c / 4, 64, 64]);
                 let (_, h, w) = magcache_layers::inputs::packed_drawn_shape(&s, c, "FLUX", file)?;
                 (h / 2).saturating_mul(w / 2)
             }
         };
-        let variant = match &self.source {
+        let variant = match &self.spec.source {
             Source::Preset(p, _) => Some(p.name),
             Source::Checkpoint { .. } => None,
         };
-        let shift = FluxShift::for_run(cfg, &self.base)?;
+        let shift = FluxShift::for_run(cfg, &self.spec.base)?;
         let schedule = shift.schedule(cfg.sampling.steps, seq).0;
         Ok((flux_plan(&schedule), flux_info(variant)))
     }
@@ -125,18 +106,18 @@ impl ResolvedRun for FluxRun {
     /// The text encoders (prompted runs), the transformer with the denoising's activations, and
     /// the VAE decode (the transformer freed first). Configs and checkpoint headers only.
     fn estimate(&self) -> Vec<(String, Footprint)> {
-        let (cfg, base) = (&self.cfg, self.base.as_path());
+        let (cfg, base) = (&self.spec.cfg, self.spec.base.as_path());
         let mut out = Vec::new();
-        if let Some(root) = &self.root {
-            if let Ok(fp) = prompted::text_footprint(cfg, &self.run.file, root) {
+        if let Some(root) = &self.spec.root {
+            if let Ok(fp) = prompted::text_footprint(cfg, &self.spec.run.file, root) {
                 out.push(("encode text".to_string(), fp));
             }
         }
-        let base_cfg = match &self.source {
+        let base_cfg = match &self.spec.source {
             Source::Preset(_, m) => Some(m),
             Source::Checkpoint { .. } => None,
         };
-        let fp = footprint::flux_footprint(cfg, base, &self.transformer, base_cfg);
+        let fp = footprint::flux_footprint(cfg, base, &self.spec.transformer, base_cfg);
         out.push(("denoise".to_string(), fp));
         if let Some(d) = footprint::flux_decode_footprint(cfg, base) {
             out.push(("decode".to_string(), d));
@@ -145,17 +126,21 @@ impl ResolvedRun for FluxRun {
     }
 
     fn build(&self) -> Result<Box<dyn Pipeline>> {
-        let (cfg, file, base) = (&self.cfg, self.run.file.as_str(), self.base.as_path());
+        let (cfg, file, base) = (
+            &self.spec.cfg,
+            self.spec.run.file.as_str(),
+            self.spec.base.as_path(),
+        );
         // Prompted: the text is encoded (and both encoders freed) before the transformer loads.
-        let mut prompted = match &self.root {
+        let mut prompted = match &self.spec.root {
             Some(root) => Some(prompted::encode(cfg, file, root)?),
             None => None,
         };
         let (model, desc, variant, mut warnings) = self.model()?;
-        warnings.splice(0..0, self.run.warnings.iter().cloned());
-        let placement = self.run.placement()?;
+        warnings.splice(0..0, self.spec.run.warnings.iter().cloned());
+        let placement = self.spec.run.placement()?;
         let inputs = match &prompted {
-            Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
+            Some(p) => prompted::inputs((cfg, file, base), &model.cfg, p)?,
             None => build_inputs(cfg, file, base, &model.cfg)?.to_device(&placement.device)?,
         };
         // The pipeline folder's scheduler (FLUX.1-dev's dynamic shift without one).
@@ -180,11 +165,15 @@ impl ResolvedRun for FluxRun {
 
     /// A preset run's transformer, generated tensor by tensor, adapters merged (`magcache export`).
     fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
-        if !matches!(self.source, Source::Preset(..)) {
+        if !matches!(self.spec.source, Source::Preset(..)) {
             return Ok(None);
         }
-        let (cfg, file, c) = (&self.cfg, self.run.file.as_str(), &self.transformer);
-        let dtype = self.run.dtype;
+        let (cfg, file, c) = (
+            &self.spec.cfg,
+            self.spec.run.file.as_str(),
+            &self.spec.transformer,
+        );
+        let dtype = self.spec.run.dtype;
         let mut config = to_map(c, "FluxTransformer2DModel")?;
         config.insert("_class_name".into(), "FluxTransformer2DModel".into());
         let seed = cfg.model.seed;
@@ -199,7 +188,7 @@ impl ResolvedRun for FluxRun {
         let tables = magcache_layers::lora::tables_for(&cfg.model.lora, file, "flux", 1, 0)?;
         let d = c.inner_dim();
         let names = load::FluxLoraNames { d, mlp: 4 * d };
-        let merged = magcache_layers::lora::merged(g, &tables, &self.base, &names)?;
+        let merged = magcache_layers::lora::merged(g, &tables, &self.spec.base, &names)?;
         Ok(Some(vec![merged]))
     }
 }
@@ -209,17 +198,15 @@ impl FluxRun {
     /// description and preset name, and the warnings (adapters, unused tensors).
     #[allow(clippy::type_complexity)]
     fn model(&self) -> Result<(FluxModel, String, Option<&'static str>, Vec<String>)> {
-        let (cfg, file, base) = (&self.cfg, self.run.file.as_str(), self.base.as_path());
-        let placement = self.run.placement()?;
-        let c = self.transformer.clone();
-        let sizes = format!(
-            "{}+{} blocks, dim {}, {} heads",
-            c.num_layers,
-            c.num_single_layers,
-            c.inner_dim(),
-            c.num_attention_heads
+        let (cfg, file, base) = (
+            &self.spec.cfg,
+            self.spec.run.file.as_str(),
+            self.spec.base.as_path(),
         );
-        let (path, opened) = match &self.source {
+        let placement = self.spec.run.placement()?;
+        let c = self.spec.transformer.clone();
+        let sizes = c.sizes();
+        let (path, opened) = match &self.spec.source {
             Source::Checkpoint { path, opened } => (path, opened),
             Source::Preset(p, _) => {
                 let seed = cfg.model.seed;
@@ -247,7 +234,7 @@ impl FluxRun {
             Some(l) => *l,
             None => {
                 let config = cfg.model.config.as_deref().map(|c| resolve(base, c));
-                load::load_flux(path, config.as_deref(), &self.overrides, file)?
+                load::load_flux(path, config.as_deref(), &self.spec.overrides, file)?
             }
         };
         l.store.set_placement(placement.clone());
@@ -259,11 +246,11 @@ impl FluxRun {
             .map(|p| p.name);
         let depth = (c.num_layers, c.num_single_layers);
         let store = std::sync::Arc::new(l.store);
-        let model = FluxModel::placed(l.config, store.clone(), self.run.offload)?;
+        let model = FluxModel::placed(l.config, store.clone(), self.spec.run.offload)?;
         let streamed = ", blocks streamed from the checkpoint";
         let desc = format!("{desc}{}", if model.is_streamed() { streamed } else { "" });
         warnings.extend(store.check_unused(file, |prefix| {
-            magcache_layers::config_util::double_single_depth(&self.overrides, prefix, depth)
+            magcache_layers::config_util::double_single_depth(&self.spec.overrides, prefix, depth)
         })?);
         Ok((model, desc, variant, warnings))
     }
@@ -283,9 +270,6 @@ inventory::submit! {
         presets: &["flux-dev", "flux-schnell"],
         published: &["magcache flux_dev", "teacache flux_dev"],
         keys: FLUX_KEYS,
-        streams: true,
-        build: build_run::<FluxRun>,
-        plan: plan_run::<FluxRun>,
-        estimate: Some(estimate_run::<FluxRun>),
+        ..ModelFamily::resolved::<FluxRun>()
     }
 }

@@ -45,7 +45,12 @@ fn rms(w: &WeightStore, name: &str, hd: usize, eps: f64) -> Result<RmsNorm> {
     ))
 }
 
-fn double(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<DoubleStream> {
+pub(crate) fn double(
+    w: &WeightStore,
+    i: usize,
+    c: &Flux2Config,
+    dev: &Device,
+) -> Result<DoubleStream> {
     let d = c.inner_dim();
     let hd = c.attention_head_dim;
     let p = format!("transformer_blocks.{i}");
@@ -60,7 +65,12 @@ fn double(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<Do
     })
 }
 
-fn single(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<SingleStream> {
+pub(crate) fn single(
+    w: &WeightStore,
+    i: usize,
+    c: &Flux2Config,
+    dev: &Device,
+) -> Result<SingleStream> {
     let d = c.inner_dim();
     let mlp = c.mlp_hidden();
     let a = format!("single_transformer_blocks.{i}.attn");
@@ -82,27 +92,13 @@ fn single(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<Si
 /// One block of the chain.
 pub type AnyBlock = DoubleOrSingle<DoubleStream, SingleStream>;
 
-/// Chain block `i`: double block `i`, or single block `i - num_layers`.
-pub(crate) fn load_block(
-    w: &WeightStore,
-    i: usize,
-    c: &Flux2Config,
-    dev: &Device,
-) -> Result<AnyBlock> {
-    let load_double = |i| double(w, i, c, dev);
-    DoubleOrSingle::load(i, c.num_layers, load_double, |j| single(w, j, c, dev))
-}
-
-/// The (hidden, encoder) streams after block `b`, with the call's shared modulations.
-pub(crate) fn forward(
-    b: &AnyBlock,
-    h: &Tensor,
-    e: &Tensor,
-    args: &BlockArgs<'_>,
-) -> Result<(Tensor, Tensor)> {
-    let (m, cos, sin) = (args.mods, args.cos, args.sin);
-    match b {
-        DoubleOrSingle::Double(b) => b.forward(h, e, &m.img, &m.txt, cos, sin),
-        DoubleOrSingle::Single(b) => b.forward(h, e, &m.single, cos, sin),
+impl BlockArgs<'_> {
+    /// The (hidden, encoder) streams after block `b`, with the call's shared modulations.
+    pub(crate) fn run(&self, b: &AnyBlock, h: &Tensor, e: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (m, cos, sin) = (self.mods, self.cos, self.sin);
+        match b {
+            DoubleOrSingle::Double(b) => b.forward(h, e, &m.img, &m.txt, cos, sin),
+            DoubleOrSingle::Single(b) => b.forward(h, e, &m.single, cos, sin),
+        }
     }
 }

@@ -7,22 +7,15 @@ use serde::{Deserialize, Serialize};
 /// The diffusers class this config describes.
 pub const FLUX2_CLASS: &str = "Flux2Transformer2DModel";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Flux2Config {
-    pub patch_size: usize,
-    pub in_channels: usize,
-    pub out_channels: Option<usize>,
-    pub num_layers: usize,
-    pub num_single_layers: usize,
-    pub attention_head_dim: usize,
-    pub num_attention_heads: usize,
-    pub joint_attention_dim: usize,
-    pub timestep_guidance_channels: usize,
-    pub mlp_ratio: f64,
-    pub axes_dims_rope: Vec<usize>,
-    pub rope_theta: f64,
-    pub eps: f64,
-    pub guidance_embeds: bool,
+magcache_layers::packed_dit_config! {
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Flux2Config {
+        pub timestep_guidance_channels: usize,
+        pub mlp_ratio: f64,
+        pub rope_theta: f64,
+        pub eps: f64,
+        pub guidance_embeds: bool,
+    }
 }
 
 impl Default for Flux2Config {
@@ -47,31 +40,7 @@ impl Default for Flux2Config {
     }
 }
 
-const FIELDS: &[&str] = &[
-    "patch_size",
-    "in_channels",
-    "out_channels",
-    "num_layers",
-    "num_single_layers",
-    "attention_head_dim",
-    "num_attention_heads",
-    "joint_attention_dim",
-    "timestep_guidance_channels",
-    "mlp_ratio",
-    "axes_dims_rope",
-    "rope_theta",
-    "eps",
-    "guidance_embeds",
-];
-
 impl Flux2Config {
-    pub fn inner_dim(&self) -> usize {
-        self.num_attention_heads
-            .saturating_mul(self.attention_head_dim)
-    }
-    pub fn out_channels(&self) -> usize {
-        self.out_channels.unwrap_or(self.in_channels)
-    }
     /// The SwiGLU hidden width: `int(inner_dim * mlp_ratio)` (the input projections are twice it).
     pub fn mlp_hidden(&self) -> usize {
         (self.inner_dim() as f64 * self.mlp_ratio) as usize
@@ -85,7 +54,6 @@ impl Flux2Config {
 impl ModelConfig for Flux2Config {
     const CLASS: &'static str = FLUX2_CLASS;
     const KIND: &'static str = "a FLUX.2 transformer";
-    const FIELDS: &'static [&'static str] = FIELDS;
 
     fn check(&self, file: &str) -> Result<()> {
         magcache_layers::positive_fields!(file, self,
@@ -113,12 +81,6 @@ impl ModelConfig for Flux2Config {
                 "must be even (cosines and sines)",
             ));
         }
-        magcache_layers::config_util::check_packed_rope(
-            file,
-            self.patch_size,
-            &self.axes_dims_rope,
-            self.attention_head_dim,
-        )?;
-        Ok(())
+        self.check_packing(file)
     }
 }

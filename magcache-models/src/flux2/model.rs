@@ -7,14 +7,14 @@
 //! updates and splits at the text length), so a cache's tail output is the image rows of that fused
 //! sequence and FBCache's text residual its text rows (huggingface/diffusers#14280, PR #14359).
 
-use super::blocks::{forward, load_block, AnyBlock, BlockArgs, Modulations};
+use super::blocks::{double, single, AnyBlock, BlockArgs, Modulations};
 use super::config::Flux2Config;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, ModelBlocks, Result};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::dit::{axes_rope, joint_chain_call, OutputLayer, PackedCall, TimeEmbedding};
 use magcache_layers::mmdit::chunks;
-use magcache_layers::mmdit::double_then_single;
+use magcache_layers::mmdit::{double_then_single, DoubleOrSingle};
 use magcache_layers::nn::{linear_no_bias, modulate, Linear};
 use magcache_layers::weights::WeightStore;
 
@@ -57,18 +57,17 @@ impl ChainModel for Flux2Model {
     const FAMILY: &'static str = "flux2";
 
     fn chain(c: &Flux2Config) -> Vec<BlockMetadata> {
-        double_then_single(
-            (FLUX2_DOUBLE, FLUX2_SINGLE),
-            (c.num_layers, c.num_single_layers),
-        )
+        double_then_single((FLUX2_DOUBLE, FLUX2_SINGLE), c.depths())
     }
 
     fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
         &mut self.blocks.hooks
     }
 
+    /// Double block `i`, or single block `i - num_layers`.
     fn load_block(w: &WeightStore, i: usize, c: &Flux2Config, dev: &Device) -> Result<AnyBlock> {
-        load_block(w, i, c, dev)
+        let load_single = |j| single(w, j, c, dev);
+        DoubleOrSingle::load(i, c.num_layers, |i| double(w, i, c, dev), load_single)
     }
 
     fn assemble(cfg: Flux2Config, w: &WeightStore, blocks: ModelBlocks<AnyBlock>) -> Result<Self> {
@@ -157,7 +156,7 @@ impl Flux2Model {
             &temb,
             input,
             trace.as_deref_mut().map(|t| &mut t.blocks),
-            |b: &AnyBlock, h, e| forward(b, h, e, &args),
+            |b: &AnyBlock, h, e| args.run(b, h, e),
         )?;
         let (y, out) = self.out.forward(&h, &temb)?;
         if let Some(tr) = trace {

@@ -9,11 +9,10 @@ use super::vae::{Flux2Vae, Flux2VaeConfig};
 use candle_core::{Device, Tensor};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::progress::{Stage, StageTime};
-use magcache_core::{Error, Placement, Result};
+use magcache_core::{Error, Result};
 use magcache_layers::config_util::check_width;
-use magcache_layers::dit::PackedInputs;
-use magcache_layers::inputs::packed_latents;
-use magcache_layers::stage::decode_stage;
+use magcache_layers::packed_picture::PackedPicture;
+use magcache_layers::run_basics::RunAt;
 use magcache_layers::weights::warm;
 use magcache_text::qwen3::Qwen3Config;
 use magcache_text::qwen_chat::{QwenChatEncoder, FLUX2_CHAT, FLUX2_TEXT_LAYERS};
@@ -26,16 +25,12 @@ pub const DEFAULT_GUIDANCE: f64 = 4.0;
 
 /// What a prompted run carries from building to decoding.
 pub struct Prompted {
-    pub root: PathBuf,
+    /// The pipeline folder, the picture's size, placement and `[vae]` tiling.
+    pub picture: PackedPicture,
     pub prompt_embeds: Tensor,
     /// With classifier-free guidance.
     pub negative_prompt_embeds: Option<Tensor>,
-    pub height: usize,
-    pub width: usize,
-    pub placement: Placement,
     pub stages: Vec<StageTime>,
-    /// `[vae] tiling` (checked before anything loads).
-    pub tiling: Option<magcache_layers::autoencoder_kl::FluxTiling>,
     /// The chat template the prompt was rendered with, in words, naming its file.
     pub template: String,
 }
@@ -126,9 +121,7 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
             "internal: a prompted FLUX.2 run without [prompt]",
         ));
     };
-    let (height, width, _) = image_size(cfg, file, root)?;
-    let placement = cfg.model.placement(file)?;
-    let tiling = magcache_layers::autoencoder_kl::run_tiling(cfg, file, root)?;
+    let picture = PackedPicture::read((cfg, file), root, image_size(cfg, file, root)?)?;
     let max_len = p.max_sequence_length.unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
     if max_len == 0 {
         return Err(Error::config(
@@ -141,10 +134,15 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
     let te_cfg = te.join("config.json").display().to_string();
     let last = FLUX2_TEXT_LAYERS.iter().copied().max().unwrap_or(0);
     Qwen3Config::load(&te)?
-        .footprint(last, max_len, placement.dtype.size_in_bytes(), &te_cfg)
+        .footprint(
+            last,
+            max_len,
+            picture.placement.dtype.size_in_bytes(),
+            &te_cfg,
+        )
         .check(file)?;
     let stage = Stage::begin("encode text");
-    let (dev, dt) = (&placement.device, placement.dtype);
+    let (dev, dt) = (&picture.placement.device, picture.placement.dtype);
     let neg = cfg_on.then(|| p.negative.as_deref().unwrap_or(""));
     let key = format!("flux2 {:?}", (root, dt, dev, max_len, &p.text, neg));
     let ((prompt_embeds, negative_prompt_embeds), template) = warm::prompt_pair(key, || {
@@ -157,28 +155,13 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path, cfg_on: bool) -> Result<
         let neg = neg.map(|n| enc.encode(n, max_len)).transpose()?;
         Ok(((pos, neg.map(|n| n.prompt_embeds)), template))
     })?;
-    let check = magcache_layers::stage::check_stage;
-    check(
-        &prompt_embeds,
-        "the text encoder",
-        &format!("prompt_embeds (Qwen3, from {})", te.display()),
-    )?;
-    if let Some(n) = &negative_prompt_embeds {
-        check(
-            n,
-            "the text encoder",
-            &format!("negative_prompt_embeds (Qwen3, from {})", te.display()),
-        )?;
-    }
+    let neg = negative_prompt_embeds.as_ref();
+    magcache_layers::stage::check_embeds(&prompt_embeds, neg, "Qwen3", &te)?;
     Ok(Prompted {
-        root: root.to_path_buf(),
+        picture,
         prompt_embeds,
         negative_prompt_embeds,
-        height,
-        width,
-        placement,
         stages: vec![stage.end()],
-        tiling,
         template,
     })
 }
@@ -202,17 +185,9 @@ pub fn text_ids(l: usize) -> Result<Tensor> {
 
 /// The inputs of a prompted run: `latents_init` (packed) from `[inputs] file` or seeded random
 /// latents of the image's size; the encoded prompt(s); the position ids.
-pub fn inputs(
-    cfg: &RunConfig,
-    file: &str,
-    base: &Path,
-    c: &super::config::Flux2Config,
-    p: &Prompted,
-) -> Result<Flux2Inputs> {
-    let (_, _, f) = image_size(cfg, file, &p.root)?;
-    let size = (p.height, p.width, f);
-    let (latents, (h2, w2)) = packed_latents(cfg, file, base, c.in_channels, size)?;
-    let (l, d) = (p.prompt_embeds.dim(1)?, p.prompt_embeds.dim(2)?);
+pub fn inputs(at: RunAt<'_>, c: &super::config::Flux2Config, p: &Prompted) -> Result<Flux2Inputs> {
+    let file = at.1;
+    let d = p.prompt_embeds.dim(2)?;
     let what = "the text encoder (3 layers x hidden)";
     check_width(file, what, d, "joint_attention_dim", c.joint_attention_dim)?;
     if c.axes_dims_rope.len() != 4 {
@@ -225,16 +200,14 @@ pub fn inputs(
             ),
         ));
     }
-    Flux2Inputs {
-        packed: PackedInputs {
-            latents,
-            ctx: p.prompt_embeds.clone(),
-            img_ids: image_ids(h2, w2)?,
-            txt_ids: text_ids(l)?,
-        },
-        neg_ctx: p.negative_prompt_embeds.clone(),
-    }
-    .to_device(&p.placement.device)
+    let ids = |(h2, w2), l| Ok((image_ids(h2, w2)?, text_ids(l)?));
+    let packed = p.picture.inputs(at, c.in_channels, &p.prompt_embeds, ids)?;
+    let dev = &p.picture.placement.device;
+    let neg_ctx = p.negative_prompt_embeds.as_ref().map(|n| n.to_device(dev));
+    Ok(Flux2Inputs {
+        packed,
+        neg_ctx: neg_ctx.transpose()?,
+    })
 }
 
 /// Decodes the final packed latents with the folder's VAE: `decoded` `[B, H, W, 3]` in [0, 1], and
@@ -244,17 +217,10 @@ pub fn finish(
     latents: &Tensor,
     stages: &mut Vec<StageTime>,
 ) -> Result<magcache_core::Decoded> {
-    let decoded = decode_stage(stages, &p.root.join("vae"), |dir| {
-        let mut vae = Flux2Vae::load(dir, &p.placement.device, p.placement.dtype)?;
-        vae.set_tiling(p.tiling)?;
-        vae.decode_packed(latents, p.height, p.width)
-    })?;
+    let pixels = p.picture.decode::<Flux2Vae>(latents, stages)?;
     let mut inputs = vec![("prompt_embeds".to_string(), p.prompt_embeds.clone())];
     if let Some(n) = &p.negative_prompt_embeds {
         inputs.push(("negative_prompt_embeds".to_string(), n.clone()));
     }
-    Ok(magcache_core::Decoded {
-        pixels: decoded,
-        inputs,
-    })
+    Ok(magcache_core::Decoded { pixels, inputs })
 }

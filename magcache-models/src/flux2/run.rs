@@ -14,15 +14,13 @@ use super::prompted::{self, DEFAULT_GUIDANCE};
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
-use magcache_core::runtime::resolved::{
-    build_run, estimate_run, export_run, plan_run, ResolvedRun,
-};
+use magcache_core::runtime::resolved::{export_run, ResolvedRun};
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, resolve, single_weights, to_map};
 use magcache_layers::footprint::{add_plan, weights_knob};
 use magcache_layers::random::random_store;
-use magcache_layers::run_basics::RunBasics;
+use magcache_layers::run_basics::RunSpec;
 use magcache_layers::scheduler::flux2_schedule;
 use std::path::Path;
 
@@ -35,18 +33,9 @@ enum Source {
 
 /// A flux2 run file resolved before anything loads.
 pub struct Flux2Run {
-    /// Every table of the run file but `[cache]`.
-    cfg: RunConfig,
-    /// The run file, placement (opened when a stage needs it), offload, seeds and warnings.
-    run: RunBasics,
-    base: std::path::PathBuf,
-    source: Source,
-    transformer: Flux2Config,
-    overrides: serde_json::Map<String, serde_json::Value>,
+    spec: RunSpec<Source, Flux2Config>,
     /// The size guard's knob for the weights.
     knob: String,
-    /// Prompted runs: the pipeline folder.
-    root: Option<std::path::PathBuf>,
     distilled: bool,
     cfg_on: bool,
 }
@@ -103,44 +92,37 @@ impl Flux2Run {
         if let Some(r) = &root {
             warnings.extend(prompted::size_warning(cfg, file, r)?);
         }
-        let mut run = RunBasics::read(cfg, file, base, "flux2")?;
-        run.warnings = warnings;
+        let parts = (source, transformer);
+        let spec = RunSpec::new((cfg, file, base), "flux2", parts, root, warnings)?;
         Ok(Flux2Run {
-            cfg: cfg.without_cache(),
-            run,
-            base: base.to_path_buf(),
-            source,
-            transformer,
-            overrides,
+            spec,
             knob,
-            root,
             distilled,
             cfg_on,
         })
     }
 
     fn dims(&self) -> Option<(usize, usize, usize)> {
-        run_dims(&self.cfg, &self.run.file, &self.base, &self.transformer)
+        run_dims(
+            &self.spec.cfg,
+            &self.spec.run.file,
+            &self.spec.base,
+            &self.spec.transformer,
+        )
     }
 
     /// The transformer (held, or streamed from a checkpoint), its description and preset name,
     /// and the checkpoint's unused tensors.
     fn model(&self) -> Result<(Flux2Model, String, Option<&'static str>, Vec<String>)> {
-        let c = self.transformer.clone();
-        let sizes = format!(
-            "{}+{} blocks, dim {}, {} heads",
-            c.num_layers,
-            c.num_single_layers,
-            c.inner_dim(),
-            c.num_attention_heads
-        );
-        let p = match &self.source {
+        let c = self.spec.transformer.clone();
+        let sizes = c.sizes();
+        let p = match &self.spec.source {
             Source::Preset(p) => p,
             Source::Checkpoint(dir) => {
                 let mut store = open_flux2(dir)?;
-                store.set_placement(self.run.placement()?.clone());
+                store.set_placement(self.spec.run.placement()?.clone());
                 let store = std::sync::Arc::new(store);
-                let model = Flux2Model::placed(c.clone(), store.clone(), self.run.offload)?;
+                let model = Flux2Model::placed(c.clone(), store.clone(), self.spec.run.offload)?;
                 let mode = if self.cfg_on {
                     ", classifier-free guidance"
                 } else {
@@ -153,9 +135,9 @@ impl Flux2Run {
                 };
                 let desc = format!("{}: {sizes}{mode}{streamed}", dir.display());
                 let depth = (c.num_layers, c.num_single_layers);
-                let unused = store.check_unused(&self.run.file, |prefix| {
+                let unused = store.check_unused(&self.spec.run.file, |prefix| {
                     magcache_layers::config_util::double_single_depth(
-                        &self.overrides,
+                        &self.spec.overrides,
                         prefix,
                         depth,
                     )
@@ -167,11 +149,11 @@ impl Flux2Run {
                 return Ok((model, desc, variant, unused.into_iter().collect()));
             }
         };
-        let seed = self.cfg.model.seed;
+        let seed = self.spec.cfg.model.seed;
         let desc = format!("preset {} (random init, seed {seed}): {sizes}", p.name);
-        let dtype = self.run.dtype;
+        let dtype = self.spec.run.dtype;
         let mut store = random_store(seed, Flux2Model::shapes(&c)?, c.inner_dim(), dtype)?;
-        store.set_placement(self.run.placement()?.clone());
+        store.set_placement(self.spec.run.placement()?.clone());
         Ok((
             Flux2Model::from_weights(c, &store)?,
             desc,
@@ -189,49 +171,53 @@ impl ResolvedRun for Flux2Run {
     /// The plan: the image length (for `mu`) from the run file and headers.
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
         let mut fp = Footprint::default();
-        add_plan(&mut fp, self.cfg.sampling.steps, 2);
-        fp.check(&self.run.file)?;
+        add_plan(&mut fp, self.spec.cfg.sampling.steps, 2);
+        fp.check(&self.spec.run.file)?;
         // Drawn latents are checked as the build checks them: plan refuses what run refuses.
-        if self.cfg.prompt.is_none() && self.cfg.inputs.file.is_none() {
-            let c = self.transformer.in_channels;
-            let (_, s) = magcache_layers::inputs::drawn(&self.cfg, &[1, c / 4, 128, 128]);
-            magcache_layers::inputs::packed_drawn_shape(&s, c, "FLUX.2", &self.run.file)?;
+        if self.spec.cfg.prompt.is_none() && self.spec.cfg.inputs.file.is_none() {
+            let c = self.spec.transformer.in_channels;
+            let (_, s) = magcache_layers::inputs::drawn(&self.spec.cfg, &[1, c / 4, 128, 128]);
+            magcache_layers::inputs::packed_drawn_shape(&s, c, "FLUX.2", &self.spec.run.file)?;
         }
         let (_, seq, _) = self.dims().ok_or_else(|| {
             Error::config(
-                &self.run.file,
+                &self.spec.run.file,
                 "inputs",
                 "cannot tell the image length (inputs.height/width, latent_shape or the inputs file)",
             )
         })?;
-        let variant = match &self.source {
+        let variant = match &self.spec.source {
             Source::Preset(p) => Some(p.name),
             Source::Checkpoint(_) => None,
         };
-        let schedule = flux2_schedule(self.cfg.sampling.steps, seq).0;
+        let schedule = flux2_schedule(self.spec.cfg.sampling.steps, seq).0;
         Ok((flux2_plan(&schedule, self.cfg_on), flux2_info(variant)))
     }
 
     fn estimate(&self) -> Vec<(String, Footprint)> {
-        let (c, knob) = (&self.transformer, self.knob.clone());
-        let fp = footprint(&self.cfg, c, knob, self.dims());
+        let (c, knob) = (&self.spec.transformer, self.knob.clone());
+        let fp = footprint(&self.spec.cfg, c, knob, self.dims());
         vec![("transformer".to_string(), fp)]
     }
 
     fn build(&self) -> Result<Box<dyn Pipeline>> {
-        let (cfg, file, base) = (&self.cfg, self.run.file.as_str(), self.base.as_path());
+        let (cfg, file, base) = (
+            &self.spec.cfg,
+            self.spec.run.file.as_str(),
+            self.spec.base.as_path(),
+        );
         // Prompted: the text is encoded (and the encoder freed) before the transformer loads.
-        let prompted = match &self.root {
+        let prompted = match &self.spec.root {
             Some(r) => Some(prompted::encode(cfg, file, r, self.cfg_on)?),
             None => None,
         };
         let (model, desc, variant, unused) = self.model()?;
-        let mut warnings = self.run.warnings.clone();
+        let mut warnings = self.spec.run.warnings.clone();
         warnings.extend(unused);
         let inputs = match &prompted {
-            Some(p) => prompted::inputs(cfg, file, base, &model.cfg, p)?,
+            Some(p) => prompted::inputs((cfg, file, base), &model.cfg, p)?,
             None => plain_inputs(cfg, file, base, &model.cfg, self.cfg_on)?
-                .to_device(&self.run.placement()?.device)?,
+                .to_device(&self.spec.run.placement()?.device)?,
         };
         let guidance = cfg.sampling.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
         let cfg_scale = (self.cfg_on && inputs.neg_ctx.is_some()).then_some(guidance);
@@ -259,19 +245,19 @@ impl ResolvedRun for Flux2Run {
 
     /// A preset run's transformer, generated tensor by tensor (`magcache export`).
     fn export(&self) -> Result<Option<Vec<magcache_core::GeneratedWeights>>> {
-        if !matches!(self.source, Source::Preset(_)) {
+        if !matches!(self.spec.source, Source::Preset(_)) {
             return Ok(None);
         }
-        let c = &self.transformer;
+        let c = &self.spec.transformer;
         let mut config = to_map(c, FLUX2_CLASS)?;
         config.insert("_class_name".into(), FLUX2_CLASS.into());
         Ok(Some(vec![magcache_layers::random::generated(
             "",
             config,
-            self.cfg.model.seed,
+            self.spec.cfg.model.seed,
             Flux2Model::shapes(c)?,
             c.inner_dim(),
-            self.run.dtype,
+            self.spec.run.dtype,
         )]))
     }
 }
@@ -286,11 +272,7 @@ inventory::submit! {
         description: "FLUX.2 [klein] (Flux2Transformer2DModel, Qwen3 text, AutoencoderKLFlux2): double- then single-stream blocks in one cache chain, Euler with FLUX.2's empirical mu; distilled or CFG",
         blocks: &[FLUX2_DOUBLE, FLUX2_SINGLE],
         presets: &["flux2-klein-4b", "flux2-klein-base-4b", "flux2-dev"],
-        published: &[],
         keys: &[magcache_layers::autoencoder_kl::FLUX_VAE_KEYS],
-        streams: true,
-        build: build_run::<Flux2Run>,
-        plan: plan_run::<Flux2Run>,
-        estimate: Some(estimate_run::<Flux2Run>),
+        ..ModelFamily::resolved::<Flux2Run>()
     }
 }

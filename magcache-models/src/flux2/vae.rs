@@ -217,3 +217,15 @@ impl Flux2Vae {
         self.vae.tiling()
     }
 }
+
+impl magcache_layers::packed_picture::PackedDecoder for Flux2Vae {
+    fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Flux2Vae::load(dir, device, dtype)
+    }
+    fn set_tiling(&mut self, tiling: Option<FluxTiling>) -> Result<()> {
+        Flux2Vae::set_tiling(self, tiling)
+    }
+    fn decode_packed(&self, packed: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        Flux2Vae::decode_packed(self, packed, height, width)
+    }
+}

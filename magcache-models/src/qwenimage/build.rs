@@ -10,9 +10,7 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::progress::{Stage, StageTime};
 use magcache_core::runtime::registry::ModelFamily;
-use magcache_core::runtime::resolved::{
-    build_run, estimate_run, export_run, plan_run, ResolvedRun,
-};
+use magcache_core::runtime::resolved::{export_run, ResolvedRun};
 use magcache_core::PipelineCommon;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, dtype_bytes, sz, weights_bytes};
@@ -298,11 +296,6 @@ inventory::submit! {
         description: "Qwen-Image (QwenImageTransformer2DModel, Qwen2.5-VL text, the Wan VAE on one frame): double-stream blocks in one cache chain, Euler with dynamic shift to a terminal sigma; true CFG (cond, uncond) with the cond norm kept",
         blocks: &[QWENIMAGE_BLOCK],
         presets: &["qwen-image"],
-        published: &[],
-        keys: &[],
-        streams: true,
-        build: build_run::<QwenImageRun>,
-        plan: plan_run::<QwenImageRun>,
-        estimate: Some(estimate_run::<QwenImageRun>),
+        ..ModelFamily::resolved::<QwenImageRun>()
     }
 }

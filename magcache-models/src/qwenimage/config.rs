@@ -47,22 +47,6 @@ impl Default for QwenImageConfig {
     }
 }
 
-const FIELDS: &[&str] = &[
-    "patch_size",
-    "in_channels",
-    "out_channels",
-    "num_layers",
-    "attention_head_dim",
-    "num_attention_heads",
-    "joint_attention_dim",
-    "guidance_embeds",
-    "axes_dims_rope",
-    "pooled_projection_dim",
-    "zero_cond_t",
-    "use_additional_t_cond",
-    "use_layer3d_rope",
-];
-
 impl QwenImageConfig {
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads
@@ -79,7 +63,6 @@ impl QwenImageConfig {
 impl ModelConfig for QwenImageConfig {
     const CLASS: &'static str = QWENIMAGE_CLASS;
     const KIND: &'static str = "a Qwen-Image transformer";
-    const FIELDS: &'static [&'static str] = FIELDS;
 
     fn check(&self, file: &str) -> Result<()> {
         magcache_layers::positive_fields!(file, self,

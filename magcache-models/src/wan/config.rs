@@ -50,25 +50,6 @@ impl Default for WanConfig {
     }
 }
 
-const FIELDS: &[&str] = &[
-    "patch_size",
-    "num_attention_heads",
-    "attention_head_dim",
-    "in_channels",
-    "out_channels",
-    "text_dim",
-    "freq_dim",
-    "ffn_dim",
-    "num_layers",
-    "cross_attn_norm",
-    "qk_norm",
-    "eps",
-    "image_dim",
-    "added_kv_proj_dim",
-    "rope_max_seq_len",
-    "pos_embed_seq_len",
-];
-
 impl WanConfig {
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads
@@ -128,7 +109,6 @@ impl WanConfig {
             &obj,
             overrides,
             file,
-            FIELDS,
             "WanTransformer3DModel",
         )?;
         cfg.check(file)?;

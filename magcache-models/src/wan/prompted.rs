@@ -119,14 +119,8 @@ pub fn text_footprint(
     file: &str,
     root: &Path,
 ) -> Result<magcache_core::runtime::guard::Footprint> {
-    let max_len = cfg
-        .prompt
-        .as_ref()
-        .and_then(|p| p.max_sequence_length)
-        .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
-    let dtype = magcache_core::runtime::placement::parse_dtype(&cfg.model.dtype, file)?;
-    let streamed = magcache_core::runtime::placement::parse_offload(&cfg.model.offload, file)?
-        == magcache_core::Offload::Stream;
+    let (max_len, dtype, streamed) =
+        magcache_layers::run_basics::text_stage(cfg, file, DEFAULT_MAX_SEQUENCE_LENGTH)?;
     let te_cfg = root.join("text_encoder").join("config.json");
     Ok(
         magcache_text::Umt5Config::load(&root.join("text_encoder"))?.footprint(

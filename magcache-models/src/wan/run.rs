@@ -19,7 +19,7 @@ use super::prompted;
 use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
-use magcache_core::runtime::resolved::{build_run, estimate_run, plan_run, ResolvedRun};
+use magcache_core::runtime::resolved::ResolvedRun;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, preset_name, resolve, to_map};
@@ -422,10 +422,7 @@ inventory::submit! {
         presets: &["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p"],
         published: &["magcache wan21_t2v_1_3b", "magcache wan21_t2v_14b", "magcache wan21_i2v_14b_480p", "magcache wan21_i2v_14b_720p", "teacache wan21_t2v_1_3b", "teacache wan21_t2v_14b", "teacache wan21_i2v_14b_480p", "teacache wan21_i2v_14b_720p"],
         keys: WAN_KEYS,
-        streams: true,
-        build: build_run::<WanRun<Wan21>>,
-        plan: plan_run::<WanRun<Wan21>>,
-        estimate: Some(estimate_run::<WanRun<Wan21>>),
+        ..ModelFamily::resolved::<WanRun<Wan21>>()
     }
 }
 
@@ -437,9 +434,6 @@ inventory::submit! {
         presets: &["wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"],
         published: &["magcache wan22_t2v_a14b", "magcache wan22_i2v_a14b", "magcache wan22_ti2v_5b_t2v", "magcache wan22_ti2v_5b_i2v"],
         keys: WAN_KEYS,
-        streams: true,
-        build: build_run::<WanRun<Wan22>>,
-        plan: plan_run::<WanRun<Wan22>>,
-        estimate: Some(estimate_run::<WanRun<Wan22>>),
+        ..ModelFamily::resolved::<WanRun<Wan22>>()
     }
 }

@@ -10,9 +10,7 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::progress::Stage;
 use magcache_core::runtime::registry::ModelFamily;
-use magcache_core::runtime::resolved::{
-    build_run, estimate_run, export_run, plan_run, ResolvedRun,
-};
+use magcache_core::runtime::resolved::{export_run, ResolvedRun};
 use magcache_core::PipelineCommon;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
 use magcache_layers::footprint::{add_plan, attention_bytes, sz, weights_bytes};
@@ -332,11 +330,7 @@ inventory::submit! {
         description: "Z-Image / Z-Image-Turbo (ZImageTransformer2DModel, Qwen3 text, AutoencoderKL): refiners on every call, the main single-stream layers in one cache chain, Euler with a static shift; CFG as one batched call",
         blocks: &[ZIMAGE_LAYER],
         presets: &["z-image-turbo", "z-image"],
-        published: &[],
         keys: &[magcache_layers::autoencoder_kl::FLUX_VAE_KEYS],
-        streams: true,
-        build: build_run::<ZImageRun>,
-        plan: plan_run::<ZImageRun>,
-        estimate: Some(estimate_run::<ZImageRun>),
+        ..ModelFamily::resolved::<ZImageRun>()
     }
 }

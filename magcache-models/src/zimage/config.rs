@@ -57,24 +57,6 @@ impl Default for ZImageConfig {
     }
 }
 
-const FIELDS: &[&str] = &[
-    "all_patch_size",
-    "all_f_patch_size",
-    "in_channels",
-    "dim",
-    "n_layers",
-    "n_refiner_layers",
-    "n_heads",
-    "n_kv_heads",
-    "norm_eps",
-    "qk_norm",
-    "cap_feat_dim",
-    "rope_theta",
-    "t_scale",
-    "axes_dims",
-    "axes_lens",
-];
-
 impl ZImageConfig {
     pub fn head_dim(&self) -> usize {
         self.dim / self.n_heads.max(1)
@@ -100,7 +82,6 @@ impl ZImageConfig {
 impl ModelConfig for ZImageConfig {
     const CLASS: &'static str = ZIMAGE_CLASS;
     const KIND: &'static str = "a Z-Image transformer";
-    const FIELDS: &'static [&'static str] = FIELDS;
 
     fn check(&self, file: &str) -> Result<()> {
         magcache_layers::positive_fields!(file, self, in_channels dim n_heads cap_feat_dim n_layers)?;

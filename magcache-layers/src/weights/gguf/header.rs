@@ -149,6 +149,15 @@ pub fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
     }
     let mut metadata = HashMap::new();
     for _ in 0..n_kv {
+        // Each entry counts as a value: the header's metadata stays within one budget however
+        // it is split between entries and arrays.
+        if rd.values_left == 0 {
+            return Err(err(
+                "(header)",
+                format!("more than {MAX_META_VALUES} metadata values"),
+            ));
+        }
+        rd.values_left -= 1;
         let key = rd.string().map_err(io)?;
         let ty = rd.u32().map_err(io)?;
         let v = rd

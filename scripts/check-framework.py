@@ -2,7 +2,10 @@
 """The framework's shape, checked in CI (issue 40): library files stay under 600 lines and
 functions under ~100; no two modules of a crate import each other (directly or round a circle);
 no model family imports another family; no public function that nothing calls (its name appears
-nowhere else in the workspace's code, tests or docs).
+nowhere else in the workspace's code, tests or docs); each family's cache plumbing (its block
+kinds, the chain's field, `impl ChainModel` up to `assemble`, each call's chain, and the
+`ModelFamily` registration of one family name) stays within 30 lines of code (blank, comment and
+lone-punctuation lines aside, as `duplicates` counts).
 
 Library code is every `src/` file of the workspace crates except tests (`*_tests.rs`, `tests.rs`)
 and `#[cfg(test)]` modules at a file's end. Files and functions that were over the limits when the
@@ -11,6 +14,7 @@ never grow, and a new one may not join them. Prints every finding and exits 1 wh
 
     python3 scripts/check-framework.py            # the check
     python3 scripts/check-framework.py --debt     # prints today's offenders in the debt format
+    python3 scripts/check-framework.py --plumbing # also prints each family's plumbing by piece
 """
 import os
 import re
@@ -27,7 +31,8 @@ CRATES = [
     "examples/toy-model",
 ]
 # The family folders of magcache-models: none may import another.
-FAMILIES = ["wan", "flux", "flux2"]
+FAMILIES = ["wan", "flux", "flux2", "zimage", "qwenimage"]
+MAX_PLUMBING = 30
 MAX_FILE = 600
 MAX_FN = 100
 DEBT = os.path.join(ROOT, "scripts", "framework-debt.txt")
@@ -199,6 +204,42 @@ def dead_functions():
     ]
 
 
+def code_count(text):
+    """Lines with code: not blank, not a comment, not lone punctuation."""
+    return sum(
+        1
+        for l in text.split("\n")
+        if l.strip() and not l.strip().startswith("//") and re.search(r"[A-Za-z0-9]", l)
+    )
+
+
+def plumbing(fam):
+    """A family's cache plumbing in lines of code, by piece (see the module's doc)."""
+    folder = os.path.join(ROOT, "magcache-models", "src", fam)
+    texts = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".rs"):
+            with open(os.path.join(folder, name)) as f:
+                texts[name] = f.read()
+    allt = "\n".join(texts.values())
+    pieces = {
+        "block kinds": len(re.findall(r"BlockMetadata::(?:joint|hidden)\(", allt)),
+        "chain field": len(re.findall(r"^\s*pub(?:\(crate\))? blocks: ModelBlocks<", allt, re.M)),
+    }
+    model = next(t for t in texts.values() if "impl ChainModel for" in t)
+    a = model.index("impl ChainModel for")
+    pieces["impl ChainModel"] = code_count(model[a : model.index("fn assemble(", a)])
+    if "joint_chain_call(" in model:
+        a = model.index("joint_chain_call(")
+        pieces["each call"] = code_count(model[a : model.index(")?;", a)])
+    else:
+        a = model.index("let chain = (self.blocks)")
+        pieces["each call"] = code_count(model[a : model.index("drop(chain);", a)])
+    regs = re.findall(r"inventory::submit! \{\n    ModelFamily \{.*?\n\}\n", allt, re.S)
+    pieces["registration"] = max((code_count(r) for r in regs), default=0)
+    return pieces
+
+
 def load_debt():
     debt = {}
     if os.path.exists(DEBT):
@@ -241,6 +282,13 @@ def main():
             if target and target[0] in FAMILIES and target[0] != fam:
                 problems.append(f"{path}: family `{fam}` imports family `{target[0]}` ({'::'.join(target)})")
     problems += dead_functions()
+    for fam in FAMILIES:
+        pieces = plumbing(fam)
+        total = sum(pieces.values())
+        if "--plumbing" in sys.argv:
+            print(f"{fam}: {total} ({', '.join(f'{k} {v}' for k, v in pieces.items())})")
+        if total > MAX_PLUMBING:
+            problems.append(f"{fam}: cache plumbing {total} lines (limit {MAX_PLUMBING}): {pieces}")
     if print_debt:
         for key, size in sorted(offenders):
             print(f"{key} {size}")

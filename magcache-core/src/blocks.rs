@@ -94,6 +94,11 @@ impl<B: Send> ModelBlocks<B> {
         matches!(self.place, Place::Streamed(_))
     }
 
+    /// The model, as errors name it (`wan`, `flux`, ...).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// The held blocks; `None` when streamed.
     pub fn held_blocks(&self) -> Option<&[B]> {
         match &self.place {

@@ -162,18 +162,15 @@ pub fn modulated_input(
     modulate(&ln.forward(h)?, &m[0], &m[1])
 }
 
-/// One call of a chain of joint (image, text) blocks: `block(b, hidden, encoder)` runs one block;
-/// the timestep embedding and the modulated input (computed only when a strategy asks) are offered
-/// as indicators, and each block's `(encoder, hidden)` is pushed to `trace` when given. Returns the
-/// image stream leaving the chain.
-#[allow(clippy::too_many_arguments)]
+/// One call of a chain of joint (image, text) blocks: `block(b, hidden, encoder)` runs one block
+/// on the streams `(h, e)`; the timestep embedding `temb` and the modulated input (computed only
+/// when a strategy asks) are offered as indicators, and each block's `(encoder, hidden)` is pushed
+/// to `trace` when given. Returns the image stream leaving the chain.
 pub fn joint_chain_call<B: Send>(
     blocks: &ModelBlocks<B>,
     cx: &CallCx<'_>,
-    model: &str,
     (h, e): (Tensor, Tensor),
-    temb: &Tensor,
-    modulated_input: impl Fn() -> Result<Tensor>,
+    (temb, modulated_input): (&Tensor, impl Fn() -> Result<Tensor>),
     mut trace: Option<&mut Vec<(Tensor, Tensor)>>,
     block: impl Fn(&B, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
 ) -> Result<Tensor> {
@@ -182,6 +179,7 @@ pub fn joint_chain_call<B: Send>(
             tr.push((e.clone(), s.hidden.clone()));
         }
     };
+    let model = blocks.name();
     let chain = blocks
         .call(cx.scope, |i, b: &B, s: Streams| {
             let (h, e) = block(b, &s.hidden, s.joint_encoder(model, i)?)?;

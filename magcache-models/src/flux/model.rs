@@ -138,10 +138,8 @@ impl FluxModel {
         let h = joint_chain_call(
             &self.blocks,
             cx,
-            "flux",
             (h.clone(), e),
-            &temb,
-            || self.modulated_input(&h, &temb),
+            (&temb, || self.modulated_input(&h, &temb)),
             trace.map(|t| &mut t.blocks),
             |b: &AnyBlock, h, e| args.run(b, h, e),
         )?;

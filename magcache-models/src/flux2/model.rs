@@ -151,10 +151,8 @@ impl Flux2Model {
         let h = joint_chain_call(
             &self.blocks,
             cx,
-            "flux2",
             (h.clone(), e),
-            &temb,
-            input,
+            (&temb, input),
             trace.as_deref_mut().map(|t| &mut t.blocks),
             |b: &AnyBlock, h, e| args.run(b, h, e),
         )?;

@@ -245,10 +245,8 @@ impl QwenImageModel {
         let h = joint_chain_call(
             &self.blocks,
             cx,
-            "qwen-image",
             (h.clone(), e),
-            &temb,
-            input,
+            (&temb, input),
             trace.as_deref_mut().map(|t| &mut t.blocks),
             |b: &QBlock, h, e| b.forward(h, e, &temb, &r),
         )?;

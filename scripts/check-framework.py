@@ -229,9 +229,11 @@ def plumbing(fam):
     model = next(t for t in texts.values() if "impl ChainModel for" in t)
     a = model.index("impl ChainModel for")
     pieces["impl ChainModel"] = code_count(model[a : model.index("fn assemble(", a)])
-    if "joint_chain_call(" in model:
-        a = model.index("joint_chain_call(")
-        pieces["each call"] = code_count(model[a : model.index(")?;", a)])
+    joint = re.search(r"joint_(?:chain_call|forward)\(", model)
+    if joint:
+        a = model.rfind("let parts", 0, joint.start())
+        a = joint.start() if a < 0 else a
+        pieces["each call"] = code_count(model[a : model.index("\n    }", a)])
     else:
         a = model.index("let chain = (self.blocks)")
         pieces["each call"] = code_count(model[a : model.index("drop(chain);", a)])

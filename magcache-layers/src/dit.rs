@@ -264,3 +264,57 @@ pub struct PackedCall<'a> {
     pub txt_ids: &'a Tensor,
     pub guidance: Option<&'a Tensor>,
 }
+
+/// Intermediates of one forward of a joint-attention DiT, for parity tests (what a family does
+/// not compute stays `None`).
+#[derive(Debug, Default)]
+pub struct JointTrace {
+    pub temb: Option<Tensor>,
+    /// The image tokens after their input projection (`x_embedder`, `img_in`).
+    pub x_embedded: Option<Tensor>,
+    /// The text tokens after theirs (`context_embedder`, `txt_in`).
+    pub context_embedded: Option<Tensor>,
+    /// `(cos, sin)` `[S, head_dim/2]`, text rows first.
+    pub rope: Option<(Tensor, Tensor)>,
+    /// Each block's `(encoder, hidden)` outputs in chain order.
+    pub blocks: Vec<(Tensor, Tensor)>,
+    /// The image rows after `norm_out`, before `proj_out`.
+    pub norm_out: Option<Tensor>,
+}
+
+impl JointTrace {
+    /// Records what enters the chain: the conditioning, both streams and the rotary tables.
+    pub fn record_inputs(
+        trace: Option<&mut JointTrace>,
+        temb: &Tensor,
+        (x, ctx): (&Tensor, &Tensor),
+        rope: &(Tensor, Tensor),
+    ) {
+        if let Some(tr) = trace {
+            tr.temb = Some(temb.clone());
+            tr.x_embedded = Some(x.clone());
+            tr.context_embedded = Some(ctx.clone());
+            tr.rope = Some(rope.clone());
+        }
+    }
+}
+
+/// The rest of a joint-attention DiT's call from its embedded streams: the chain of `blocks`
+/// ([`joint_chain_call`]) through `cx`'s cache, then the output layer `out`. `inputs` are the
+/// streams `(hidden, encoder)` and the indicators `(temb, modulated input)`; each block's outputs
+/// and `norm_out` are recorded in `trace` when given.
+pub fn joint_forward<B: Send>(
+    (blocks, out, cx): (&ModelBlocks<B>, &OutputLayer, &CallCx<'_>),
+    (streams, indicators): ((Tensor, Tensor), (&Tensor, impl Fn() -> Result<Tensor>)),
+    mut trace: Option<&mut JointTrace>,
+    block: impl Fn(&B, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+) -> Result<Tensor> {
+    let temb = indicators.0;
+    let records = trace.as_deref_mut().map(|t| &mut t.blocks);
+    let h = joint_chain_call(blocks, cx, streams, indicators, records, block)?;
+    let (y, out) = out.forward(&h, temb)?;
+    if let Some(tr) = trace {
+        tr.norm_out = Some(y);
+    }
+    Ok(out)
+}

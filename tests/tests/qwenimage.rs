@@ -51,8 +51,8 @@ fn forward_matches_diffusers_with_every_block() {
         worst.set(worst.get().max(d));
     };
     check("temb", tr.temb.as_ref().unwrap());
-    check("img_in", tr.img_in.as_ref().unwrap());
-    check("txt_in", tr.txt_in.as_ref().unwrap());
+    check("img_in", tr.x_embedded.as_ref().unwrap());
+    check("txt_in", tr.context_embedded.as_ref().unwrap());
     let (cos, sin) = tr.rope.as_ref().unwrap();
     let l = f["txt_rope_cos"].dim(0).unwrap();
     check("txt_rope_cos", &cos.narrow(0, 0, l).unwrap());

@@ -6,9 +6,8 @@ use super::config::FluxConfig;
 use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, ModelBlocks, Result};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::dit::{
-    axes_rope, joint_chain_call, modulated_input, OutputLayer, PackedCall, TimeEmbedding,
-};
+use magcache_layers::dit::{axes_rope, joint_forward, modulated_input, JointTrace};
+use magcache_layers::dit::{OutputLayer, PackedCall, TimeEmbedding};
 use magcache_layers::mmdit::{double_then_single, DoubleOrSingle};
 use magcache_layers::nn::Linear;
 use magcache_layers::weights::WeightStore;
@@ -33,12 +32,6 @@ pub struct FluxModel {
     /// indicator reads no block on the calls a cache reuses.
     first_norm1: Option<Linear>,
     out: OutputLayer,
-}
-
-/// Intermediates of one forward, for parity tests: each block's two outputs in chain order.
-#[derive(Debug, Default)]
-pub struct FluxTrace {
-    pub blocks: Vec<(Tensor, Tensor)>,
 }
 
 impl ChainModel for FluxModel {
@@ -124,7 +117,7 @@ impl FluxModel {
         call: &PackedCall<'_>,
         pooled: &Tensor,
         cx: &CallCx<'_>,
-        trace: Option<&mut FluxTrace>,
+        trace: Option<&mut JointTrace>,
     ) -> Result<Tensor> {
         let h = self.x_emb.forward(call.x)?;
         let temb = self.temb(call.t, call.guidance, pooled)?;
@@ -135,14 +128,13 @@ impl FluxModel {
             cos: &cos,
             sin: &sin,
         };
-        let h = joint_chain_call(
-            &self.blocks,
-            cx,
-            (h.clone(), e),
-            (&temb, || self.modulated_input(&h, &temb)),
-            trace.map(|t| &mut t.blocks),
-            |b: &AnyBlock, h, e| args.run(b, h, e),
-        )?;
-        Ok(self.out.forward(&h, &temb)?.1)
+        let input = || self.modulated_input(&h, &temb);
+        let parts = (&self.blocks, &self.out, cx);
+        let inputs = ((h.clone(), e), (&temb, input));
+        joint_forward(parts, inputs, trace, |b: &AnyBlock, h, e| args.run(b, h, e))
     }
 }
+
+/// Intermediates of one forward, for parity tests (FLUX.1 records each block's two outputs and
+/// `norm_out`).
+pub type FluxTrace = JointTrace;

@@ -12,7 +12,8 @@ use super::config::Flux2Config;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, ModelBlocks, Result};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::dit::{axes_rope, joint_chain_call, OutputLayer, PackedCall, TimeEmbedding};
+use magcache_layers::dit::{axes_rope, joint_forward, JointTrace};
+use magcache_layers::dit::{OutputLayer, PackedCall, TimeEmbedding};
 use magcache_layers::mmdit::chunks;
 use magcache_layers::mmdit::{double_then_single, DoubleOrSingle};
 use magcache_layers::nn::{linear_no_bias, modulate, Linear};
@@ -35,20 +36,6 @@ pub struct Flux2Model {
     /// The chain (double blocks, then single blocks), held or streamed, and its hooks.
     pub(crate) blocks: ModelBlocks<AnyBlock>,
     out: OutputLayer,
-}
-
-/// Intermediates of one forward, for parity tests.
-#[derive(Debug, Default)]
-pub struct Flux2Trace {
-    pub temb: Option<Tensor>,
-    pub x_embedded: Option<Tensor>,
-    pub context_embedded: Option<Tensor>,
-    /// `(cos, sin)` `[S, head_dim/2]`, text rows first.
-    pub rope: Option<(Tensor, Tensor)>,
-    /// Each block's `(encoder, hidden)` outputs in chain order.
-    pub blocks: Vec<(Tensor, Tensor)>,
-    /// The image rows after `norm_out`, before `proj_out`.
-    pub norm_out: Option<Tensor>,
 }
 
 impl ChainModel for Flux2Model {
@@ -119,7 +106,7 @@ impl Flux2Model {
         &self,
         call: &PackedCall<'_>,
         cx: &CallCx<'_>,
-        mut trace: Option<&mut Flux2Trace>,
+        mut trace: Option<&mut JointTrace>,
     ) -> Result<Tensor> {
         let h = self.x_emb.forward(&call.x.to_dtype(DType::F32)?)?;
         let e = self.ctx_emb.forward(&call.ctx.to_dtype(DType::F32)?)?;
@@ -132,34 +119,22 @@ impl Flux2Model {
             ],
             0,
         )?;
-        let (cos, sin) = self.rope(&ids)?;
-        if let Some(tr) = trace.as_deref_mut() {
-            tr.temb = Some(temb.clone());
-            tr.x_embedded = Some(h.clone());
-            tr.context_embedded = Some(e.clone());
-            tr.rope = Some((cos.clone(), sin.clone()));
-        }
+        let rope = self.rope(&ids)?;
+        JointTrace::record_inputs(trace.as_deref_mut(), &temb, (&h, &e), &rope);
         let args = BlockArgs {
             mods: &mods,
-            cos: &cos,
-            sin: &sin,
+            cos: &rope.0,
+            sin: &rope.1,
         };
         // The first double block's modulated input: the image stream entering the chain, layer
         // normed, shifted and scaled by the shared image modulation (held by the model, so
         // streamed runs read no block for it).
         let input = || modulate(&self.out.ln.forward(&h)?, &mods.img[0], &mods.img[1]);
-        let h = joint_chain_call(
-            &self.blocks,
-            cx,
-            (h.clone(), e),
-            (&temb, input),
-            trace.as_deref_mut().map(|t| &mut t.blocks),
-            |b: &AnyBlock, h, e| args.run(b, h, e),
-        )?;
-        let (y, out) = self.out.forward(&h, &temb)?;
-        if let Some(tr) = trace {
-            tr.norm_out = Some(y);
-        }
-        Ok(out)
+        let parts = (&self.blocks, &self.out, cx);
+        let inputs = ((h.clone(), e), (&temb, input));
+        joint_forward(parts, inputs, trace, |b: &AnyBlock, h, e| args.run(b, h, e))
     }
 }
+
+/// Intermediates of one forward, for parity tests.
+pub type Flux2Trace = JointTrace;

@@ -6,7 +6,7 @@ use super::config::QwenImageConfig;
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, ModelBlocks, Result};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::dit::{joint_chain_call, modulated_input, OutputLayer};
+use magcache_layers::dit::{joint_forward, modulated_input, JointTrace, OutputLayer};
 use magcache_layers::mmdit::{chunks, Act, DoubleStream, FeedForward, JointAttention};
 use magcache_layers::nn::{linear, LayerNorm, Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
@@ -77,61 +77,6 @@ pub struct QwenImageModel {
     /// Block 0's `img_mod`, held for the modulated-input indicator when the chain is streamed.
     mod0: Option<Linear>,
     out: OutputLayer,
-}
-
-/// Intermediates of one forward, for parity tests.
-#[derive(Debug, Default)]
-pub struct QwenImageTrace {
-    pub temb: Option<Tensor>,
-    pub img_in: Option<Tensor>,
-    pub txt_in: Option<Tensor>,
-    /// `(cos, sin)` `[L_text + L_image, head_dim/2]`, text rows first.
-    pub rope: Option<(Tensor, Tensor)>,
-    /// Each block's `(encoder, hidden)` outputs.
-    pub blocks: Vec<(Tensor, Tensor)>,
-    pub norm_out: Option<Tensor>,
-}
-
-impl ChainModel for QwenImageModel {
-    type Config = QwenImageConfig;
-    type Block = QBlock;
-    const FAMILY: &'static str = "qwen-image";
-
-    fn chain(cfg: &QwenImageConfig) -> Vec<BlockMetadata> {
-        BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)])
-    }
-
-    fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
-        &mut self.blocks.hooks
-    }
-
-    fn load_block(w: &WeightStore, i: usize, c: &QwenImageConfig, dev: &Device) -> Result<QBlock> {
-        QBlock::load(w, i, c, dev)
-    }
-
-    fn assemble(
-        cfg: QwenImageConfig,
-        w: &WeightStore,
-        blocks: ModelBlocks<QBlock>,
-    ) -> Result<Self> {
-        let (d, j) = (cfg.inner_dim(), cfg.joint_attention_dim);
-        let mod0 = blocks
-            .is_streamed()
-            .then(|| linear(w, "transformer_blocks.0.img_mod.1", 6 * d, d))
-            .transpose()?;
-        let te = "time_text_embed.timestep_embedder";
-        Ok(QwenImageModel {
-            img_in: linear(w, "img_in", d, cfg.in_channels)?,
-            txt_norm: RmsNorm::new(w.get_shape("txt_norm.weight", &[j])?, 1e-6),
-            txt_in: linear(w, "txt_in", d, j)?,
-            t1: linear(w, &format!("{te}.linear_1"), d, 256)?,
-            t2: linear(w, &format!("{te}.linear_2"), d, d)?,
-            blocks,
-            mod0,
-            out: OutputLayer::load(w, (d, cfg.out_tokens()), 1e-6, linear)?,
-            cfg,
-        })
-    }
 }
 
 impl QwenImageModel {
@@ -220,7 +165,7 @@ impl QwenImageModel {
         t: &Tensor,
         grid: (usize, usize),
         cx: &CallCx<'_>,
-        mut trace: Option<&mut QwenImageTrace>,
+        mut trace: Option<&mut JointTrace>,
     ) -> Result<Tensor> {
         let h = self.img_in.forward(&x.to_dtype(DType::F32)?)?;
         let e = self
@@ -228,12 +173,7 @@ impl QwenImageModel {
             .forward(&self.txt_norm.forward(&ctx.to_dtype(DType::F32)?)?)?;
         let temb = self.temb(&t.to_device(x.device())?)?;
         let r = self.rope(grid.0, grid.1, ctx.dim(1)?, x.device())?;
-        if let Some(tr) = trace.as_deref_mut() {
-            tr.temb = Some(temb.clone());
-            tr.img_in = Some(h.clone());
-            tr.txt_in = Some(e.clone());
-            tr.rope = Some(r.clone());
-        }
+        JointTrace::record_inputs(trace.as_deref_mut(), &temb, (&h, &e), &r);
         let held = self.blocks.held_blocks().and_then(|b| b.first());
         let mod0 = self.mod0.as_ref().or(held.map(|b| &b.img_mod));
         let input = || match mod0 {
@@ -242,18 +182,56 @@ impl QwenImageModel {
                 "qwen-image: an empty chain has no modulated input",
             )),
         };
-        let h = joint_chain_call(
-            &self.blocks,
-            cx,
-            (h.clone(), e),
-            (&temb, input),
-            trace.as_deref_mut().map(|t| &mut t.blocks),
-            |b: &QBlock, h, e| b.forward(h, e, &temb, &r),
-        )?;
-        let (y, out) = self.out.forward(&h, &temb)?;
-        if let Some(tr) = trace {
-            tr.norm_out = Some(y);
-        }
-        Ok(out)
+        let parts = (&self.blocks, &self.out, cx);
+        let inputs = ((h.clone(), e), (&temb, input));
+        joint_forward(parts, inputs, trace, |b: &QBlock, h, e| {
+            b.forward(h, e, &temb, &r)
+        })
     }
 }
+
+impl ChainModel for QwenImageModel {
+    type Config = QwenImageConfig;
+    type Block = QBlock;
+    const FAMILY: &'static str = "qwen-image";
+
+    fn chain(cfg: &QwenImageConfig) -> Vec<BlockMetadata> {
+        BlockMetadata::chain(&[(QWENIMAGE_BLOCK, cfg.num_layers)])
+    }
+
+    fn hooks(&mut self) -> &mut magcache_core::HookRegistry {
+        &mut self.blocks.hooks
+    }
+
+    fn load_block(w: &WeightStore, i: usize, c: &QwenImageConfig, dev: &Device) -> Result<QBlock> {
+        QBlock::load(w, i, c, dev)
+    }
+
+    fn assemble(
+        cfg: QwenImageConfig,
+        w: &WeightStore,
+        blocks: ModelBlocks<QBlock>,
+    ) -> Result<Self> {
+        let (d, j) = (cfg.inner_dim(), cfg.joint_attention_dim);
+        let mod0 = blocks
+            .is_streamed()
+            .then(|| linear(w, "transformer_blocks.0.img_mod.1", 6 * d, d))
+            .transpose()?;
+        let te = "time_text_embed.timestep_embedder";
+        Ok(QwenImageModel {
+            img_in: linear(w, "img_in", d, cfg.in_channels)?,
+            txt_norm: RmsNorm::new(w.get_shape("txt_norm.weight", &[j])?, 1e-6),
+            txt_in: linear(w, "txt_in", d, j)?,
+            t1: linear(w, &format!("{te}.linear_1"), d, 256)?,
+            t2: linear(w, &format!("{te}.linear_2"), d, d)?,
+            blocks,
+            mod0,
+            out: OutputLayer::load(w, (d, cfg.out_tokens()), 1e-6, linear)?,
+            cfg,
+        })
+    }
+}
+
+/// Intermediates of one forward, for parity tests (`x_embedded` is `img_in`'s output,
+/// `context_embedded` `txt_in`'s).
+pub type QwenImageTrace = JointTrace;

@@ -8,7 +8,8 @@
 //! FLUX.1 from each block's own `norm1` linear, FLUX.2 once per call, shared by every block.
 
 use crate::nn::{
-    attention, gelu, heads_normed, merge_heads, modulate, split_heads, LayerNorm, Linear, RmsNorm,
+    attention_as, gelu, heads_normed, merge_heads, modulate, split_heads, LayerNorm, Linear,
+    RmsNorm,
 };
 use candle_core::{Tensor, D};
 use magcache_core::Result;
@@ -144,7 +145,8 @@ impl JointAttention {
             ],
             2,
         )?;
-        let o = merge_heads(&attention(&rope(&q, cos, sin)?, &rope(&k, cos, sin)?, &v)?)?;
+        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
+        let o = merge_heads(&attention_as(&q, &k, &v, self.q.runs_bf16())?)?;
         let (lt, li) = (ne.dim(1)?, nh.dim(1)?);
         let e = self.added_out.forward(&o.narrow(1, 0, lt)?)?;
         let h = self.out.forward(&o.narrow(1, lt, li)?)?;
@@ -252,7 +254,8 @@ impl SingleStream {
         };
         let q = rope(&heads_normed(&q, self.heads, &self.norm_q)?, cos, sin)?;
         let k = rope(&heads_normed(&k, self.heads, &self.norm_k)?, cos, sin)?;
-        let a = merge_heads(&attention(&q, &k, &split_heads(&v, self.heads)?)?)?;
+        let bf16 = self.out.runs_bf16();
+        let a = merge_heads(&attention_as(&q, &k, &split_heads(&v, self.heads)?, bf16)?)?;
         let mlp = self.act.apply(&mlp)?;
         let y = self
             .out

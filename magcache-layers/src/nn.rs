@@ -26,6 +26,11 @@ enum Weight {
         mm: candle_core::quantized::QMatMul,
         out: usize,
     },
+    /// A bf16 weight packed for the CPU's bf16 dot products ([`bf16_gemm`], AVX512-BF16).
+    Bf16 {
+        op: bf16_gemm::PackedMatMul,
+        out: usize,
+    },
     /// A GGUF tensor multiplied from its own blocks, never repacked (`model.gguf_repack = false`).
     Compact {
         op: CompactQMatMul,
@@ -164,10 +169,27 @@ impl Linear {
         // A transposed view, not a copy: candle's gemm reads the transposed layout as fast (measured),
         // and loading then holds each weight once instead of twice.
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        // On a CPU with AVX512-BF16 a bf16 weight is packed once for its dot products (the packed
+        // copy replaces the weight: the same bytes, the padding aside).
+        if weight.dtype() == DType::BF16 && weight.device().is_cpu() && bf16_gemm::available() {
+            let packed = bf16_gemm::PackedBf16::from_tensor(&weight)?;
+            let out = packed.n();
+            let op = bf16_gemm::PackedMatMul(std::sync::Arc::new(packed));
+            return Ok(Linear {
+                wt: Weight::Bf16 { op, out },
+                bias,
+            });
+        }
         Ok(Linear {
             wt: Weight::Dense(weight.t()?),
             bias,
         })
+    }
+
+    /// Whether the product runs on the CPU's bf16 kernel (a bf16 weight on a CPU with AVX512-BF16):
+    /// the block's attention then runs there too ([`attention_as`]).
+    pub fn runs_bf16(&self) -> bool {
+        matches!(self.wt, Weight::Bf16 { .. })
     }
 
     /// `x [..., in] -> [..., out]`.
@@ -191,6 +213,12 @@ impl Linear {
         // and keeps the activations unrounded.
         let (mut y, out) = match &self.wt {
             Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
+            Weight::Bf16 { op, out } => (
+                x2.to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(op)?,
+                *out,
+            ),
             Weight::Compact { op, out } => (
                 x2.to_dtype(DType::F32)?
                     .contiguous()?
@@ -319,11 +347,14 @@ fn contiguous<'a>(
 }
 
 mod attention;
+pub mod bf16_gemm;
 mod conv;
 mod pointwise;
 #[cfg(test)]
 pub use attention::max_abs_diff;
-pub use attention::{attention, attention_in_chunks, ATTENTION_SCORE_BUDGET, QUERY_BLOCK};
+pub use attention::{
+    attention, attention_as, attention_in_chunks, ATTENTION_SCORE_BUDGET, QUERY_BLOCK,
+};
 pub use conv::{conv2d_bounded, IM2COL_BUDGET};
 pub use pointwise::{gelu, widen_f32};
 

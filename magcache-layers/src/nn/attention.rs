@@ -29,6 +29,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// [`attention`], with both products in bf16 on the CPU's bf16 kernel when `bf16` is set and the
+/// CPU has it ([`super::bf16_gemm`]): the blocks whose linear weights run there pass
+/// [`super::Linear::runs_bf16`], so a bf16 run's attention is bf16 too (q, k, v and the
+/// probabilities rounded to bf16, products accumulated in f32; the softmax in f32).
+pub fn attention_as(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
+    let f32_cpu = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if bf16 && f32_cpu && super::bf16_gemm::available() {
+        let d = q.dim(3)?;
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        return Ok(q.apply_op3_no_bwd(&k, &v, &CpuAttention { bf16: true })?);
+    }
+    attention(q, k, v)
+}
+
 /// Queries per task of `cpu_attention`: its scores are `QUERY_BLOCK x L` floats per thread.
 pub const QUERY_BLOCK: usize = 128;
 
@@ -42,10 +57,13 @@ fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let d = q.dim(3)?;
     let q = (q * (1.0 / (d as f64).sqrt()))?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    Ok(q.apply_op3_no_bwd(&k, &v, &CpuAttention)?)
+    Ok(q.apply_op3_no_bwd(&k, &v, &CpuAttention { bf16: false })?)
 }
 
-struct CpuAttention;
+/// The fused CPU attention; `bf16`: its products on the bf16 kernel.
+struct CpuAttention {
+    bf16: bool,
+}
 
 impl candle_core::CustomOp3 for CpuAttention {
     fn name(&self) -> &'static str {
@@ -94,7 +112,14 @@ impl candle_core::CustomOp3 for CpuAttention {
             }
         }
         let threads = candle_core::utils::get_num_threads().clamp(1, tasks.len());
+        // bf16: each head's keys and transposed values packed once for the kernel.
+        let packed = if self.bf16 {
+            Some(pack_heads((k, v), b * h, (l, d), threads))
+        } else {
+            None
+        };
         let tasks = std::sync::Mutex::new(tasks.into_iter());
+        let failed = std::sync::Mutex::new(None);
         let run = || {
             let mut scores = vec![0f32; qb * l];
             loop {
@@ -109,7 +134,17 @@ impl candle_core::CustomOp3 for CpuAttention {
                     &k[bh * l * d..(bh + 1) * l * d],
                     &v[bh * l * d..(bh + 1) * l * d],
                 );
-                attend_rows(qs, (ks, vs), &mut scores[..rows * l], o, (rows, l, d));
+                let sc = &mut scores[..rows * l];
+                match &packed {
+                    Some(p) => {
+                        if let Err(e) = attend_rows_bf16(qs, &p[bh], sc, o, rows) {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                        }
+                    }
+                    None => attend_rows(qs, (ks, vs), sc, o, (rows, l, d)),
+                }
             }
         };
         std::thread::scope(|sc| {
@@ -118,6 +153,9 @@ impl candle_core::CustomOp3 for CpuAttention {
             }
             run();
         });
+        if let Some(e) = failed.into_inner().ok().flatten() {
+            return Err(e);
+        }
         Ok((F32(out), l1.shape().clone()))
     }
 }
@@ -157,16 +195,7 @@ fn attend_rows(
             gemm::Parallelism::None,
         );
     }
-    for row in sc.chunks_mut(l) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = fast_exp(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
-    }
+    softmax_rows(sc, l);
     // SAFETY: as above.
     unsafe {
         // o = softmax(sc) . vs
@@ -191,6 +220,66 @@ fn attend_rows(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+/// Each of `heads` heads' keys `[l, d]` and transposed values `[d, l]` packed for the bf16 kernel,
+/// over `threads` threads.
+fn pack_heads(
+    (k, v): (&[f32], &[f32]),
+    heads: usize,
+    (l, d): (usize, usize),
+    threads: usize,
+) -> Vec<(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)> {
+    use super::bf16_gemm::PackedBf16;
+    let one = |i: usize| {
+        let (ks, vs) = (
+            &k[i * l * d..(i + 1) * l * d],
+            &v[i * l * d..(i + 1) * l * d],
+        );
+        (
+            PackedBf16::pack_f32(ks, l, d),
+            PackedBf16::pack_f32_transposed(vs, l, d),
+        )
+    };
+    let per = heads.div_ceil(threads.max(1));
+    std::thread::scope(|sc| {
+        let parts: Vec<_> = (0..heads)
+            .step_by(per.max(1))
+            .map(|h0| sc.spawn(move || (h0..(h0 + per).min(heads)).map(one).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// [`attend_rows`] on the bf16 kernel: the scores from the packed keys, the softmax in f32, the
+/// output from the packed transposed values.
+fn attend_rows_bf16(
+    qs: &[f32],
+    (pk, pv): &(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16),
+    sc: &mut [f32],
+    o: &mut [f32],
+    rows: usize,
+) -> candle_core::Result<()> {
+    pk.product_into(qs, rows, sc, 1)?;
+    softmax_rows(sc, pk.n());
+    pv.product_into(sc, rows, o, 1)
+}
+
+/// Each `l`-wide row of `sc` replaced by its softmax (f32, the exponential vectorized).
+fn softmax_rows(sc: &mut [f32], l: usize) {
+    for row in sc.chunks_mut(l) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = fast_exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
     }
 }
 

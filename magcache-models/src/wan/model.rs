@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::nn::{
-    attention, gelu, linear, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm,
+    attention_as, gelu, linear, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm,
     Linear, RmsNorm,
 };
 use magcache_layers::weights::WeightStore;
@@ -124,7 +124,9 @@ impl Attention {
             q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
             k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         }
-        let mut o = attention(&q, &k, &v)?;
+        // A bf16 block on a CPU with AVX512-BF16: the attention's products in bf16 too.
+        let bf16 = self.q.runs_bf16();
+        let mut o = attention_as(&q, &k, &v, bf16)?;
         if let (Some(a), Some(img)) = (&self.added, &image) {
             let mut ki = a.k.forward(img)?;
             if let Some(n) = &a.norm_k {
@@ -132,7 +134,7 @@ impl Attention {
             }
             let ki = split_heads(&ki, self.heads)?;
             let vi = split_heads(&a.v.forward(img)?, self.heads)?;
-            o = (o + attention(&q, &ki, &vi)?)?;
+            o = (o + attention_as(&q, &ki, &vi, bf16)?)?;
         }
         self.o.forward(&merge_heads(&o)?)
     }

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use magcache_core::{Error, Result};
 use magcache_layers::mmdit::rope;
 use magcache_layers::nn::{
-    attention, heads_normed, linear, linear_no_bias, merge_heads, split_heads, Linear, RmsNorm,
+    attention_as, heads_normed, linear, linear_no_bias, merge_heads, split_heads, Linear, RmsNorm,
 };
 use magcache_layers::weights::WeightStore;
 
@@ -94,7 +94,7 @@ impl ZBlock {
         )?;
         let v = split_heads(&self.v.forward(x)?, self.heads)?;
         let o = match &r.mask {
-            None => attention(&q, &k, &v)?,
+            None => attention_as(&q, &k, &v, self.q.runs_bf16())?,
             Some(bias) => {
                 let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
                 let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(bias)?;

@@ -1,0 +1,364 @@
+//! bf16 matrix products on the CPU's bf16 dot-product instructions (AVX512-BF16's `vdpbf16ps`:
+//! two bf16 products summed into each f32 lane, twice the f32 FMA rate), for linear layers whose
+//! weights are bf16 (issue 45).
+//!
+//! Written here rather than taken from a library: candle 0.11's CPU bf16 matmul (the `gemm` crate)
+//! has no bf16 micro-kernel (it converts both operands and runs f32 FMAs), oneDNN and MKL are
+//! system or Python libraries the default build may not require, and the kernel is small: one
+//! micro-kernel over weights packed once at load. AMX tiles (`tdpbf16ps`) are not used yet: no
+//! machine this project ran on had them to test (docs/benchmarks.md).
+//!
+//! The weight `[n, k]` is packed at load into panels of [`NR`] output columns; within a panel, each
+//! pair of input features holds the panel's columns as `(w[c][2q], w[c][2q+1])` bf16 pairs, one
+//! 32-bit lane a column, as `vdpbf16ps` reads them. The f32 activations are rounded to bf16 (round
+//! to nearest even) once per product, the products accumulate in f32, and the output is f32. The
+//! work is split by panels over candle's threads.
+
+use candle_core::{CpuStorage, Layout, Shape};
+use std::sync::OnceLock;
+
+/// Output columns per panel (two 16-lane f32 accumulators a row).
+pub const NR: usize = 32;
+/// Rows of the micro-kernel.
+const MR: usize = 8;
+/// Input-feature pairs per cache block (the panel's block is `KC x NR x 4` bytes: 32 KB).
+const KC: usize = 256;
+/// Rows per cache block of the activations (`MC x KC x 4` bytes: 384 KB).
+const MC: usize = 384;
+
+/// Whether this CPU runs the bf16 kernel: AVX512-F and AVX512-BF16, and not turned off with
+/// `MAGCACHE_CPU_BF16=off` (then bf16 weights are widened to f32 for the product, as before).
+pub fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let off = std::env::var("MAGCACHE_CPU_BF16").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+        !off && cpu_has_bf16()
+    })
+}
+
+/// The CPU's flags alone (the property tests use this: they test the kernel whatever the setting).
+pub fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight `[n, k]` packed for the kernel.
+#[derive(Clone)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    /// Pairs of input features: `ceil(k / 2)`.
+    kp: usize,
+    /// `panels x kp x NR x 2` bf16 bits (zero past `n` and `k`).
+    data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    /// Packs a bf16 weight `[n, k]` (on the CPU).
+    pub fn from_tensor(w: &candle_core::Tensor) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
+        let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+        Ok(Self::pack(&bits, n, k))
+    }
+
+    /// Packs `w [n, k]` given in f32 (rounded to bf16).
+    pub fn pack_f32(w: &[f32], n: usize, k: usize) -> Self {
+        let bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
+        Self::pack(&bits, n, k)
+    }
+
+    /// Packs the transpose of `w [rows, cols]` given in f32 (rounded to bf16): a weight `[cols,
+    /// rows]` (attention's values, multiplied from the left by the probabilities).
+    pub fn pack_f32_transposed(w: &[f32], rows: usize, cols: usize) -> Self {
+        let mut bits = vec![0u16; rows * cols];
+        for (j, row) in w.chunks(cols).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                bits[c * rows + j] = bf16_bits(v);
+            }
+        }
+        Self::pack(&bits, cols, rows)
+    }
+
+    /// Packs the row-major `[n, k]` bf16 bits of a weight.
+    pub fn pack(w: &[u16], n: usize, k: usize) -> Self {
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u16; panels * kp * NR * 2];
+        for (p, panel) in data.chunks_mut(kp * NR * 2).enumerate() {
+            for c in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
+                for (j, &v) in row.iter().enumerate() {
+                    panel[(j / 2) * NR * 2 + c * 2 + j % 2] = v;
+                }
+            }
+        }
+        PackedBf16 { n, k, kp, data }
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes the packed weight holds.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// `x [m, k]` (f32, row-major) times the weight transposed: `[m, n]` f32, over candle's
+    /// threads. An error on a CPU without the instructions ([`cpu_has_bf16`]) or for `x` of another
+    /// size.
+    pub fn matmul(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        let mut c = vec![0f32; m * self.n];
+        let threads = candle_core::utils::get_num_threads();
+        self.product_into(x, m, &mut c, threads)?;
+        Ok(c)
+    }
+
+    /// [`PackedBf16::matmul`] into `c` (`[m, n]`, overwritten) on at most `threads` threads (1: this
+    /// one, as the fused attention's tasks call it).
+    pub fn product_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        c: &mut [f32],
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        if !cpu_has_bf16() {
+            candle_core::bail!("the bf16 kernel needs AVX512-BF16, which this CPU lacks");
+        }
+        if x.len() != m * self.k || c.len() != m * self.n {
+            candle_core::bail!(
+                "bf16 kernel: {} and {} values are not [{m}, {}] and [{m}, {}]",
+                x.len(),
+                c.len(),
+                self.k,
+                self.n
+            );
+        }
+        let panels = self.n.div_ceil(NR);
+        if panels == 0 || m == 0 {
+            return Ok(());
+        }
+        let threads = threads.clamp(1, panels);
+        let a = pairs(x, m, self.k, self.kp, threads);
+        let per = panels.div_ceil(threads);
+        let out = SendPtr(c.as_mut_ptr());
+        let work = |t: usize| {
+            let range = (t * per)..((t + 1) * per).min(panels);
+            // SAFETY: threads write disjoint column panels of `c`; the kernel stays in bounds.
+            unsafe { self.panels(&a, m, range, out.get()) };
+        };
+        if threads == 1 {
+            work(0);
+        } else {
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    s.spawn(move || work(t));
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Panels `range` of the product into `c` (`[m, n]`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn panels(&self, a: &[u32], m: usize, range: std::ops::Range<usize>, c: *mut f32) {
+        for m0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - m0);
+            for q0 in (0..self.kp).step_by(KC) {
+                let kc = KC.min(self.kp - q0);
+                for p in range.clone() {
+                    let cols = NR.min(self.n - p * NR);
+                    let b = self.data.as_ptr().add((p * self.kp + q0) * NR * 2);
+                    for r0 in (m0..m0 + mc).step_by(MR) {
+                        let rows = MR.min(m0 + mc - r0);
+                        let tile = Tile {
+                            a: a.as_ptr().add(r0 * self.kp + q0),
+                            lda: self.kp,
+                            b,
+                            kc,
+                            c: c.add(r0 * self.n + p * NR),
+                            ldc: self.n,
+                            cols,
+                            first: q0 == 0,
+                        };
+                        tile.run(rows);
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn panels(&self, _: &[u32], _: usize, _: std::ops::Range<usize>, _: *mut f32) {
+        unreachable!("the bf16 kernel runs on x86_64 only")
+    }
+}
+
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedBf16 [{}, {}]", self.n, self.k)
+    }
+}
+
+/// A raw output pointer shared by the threads (each writes its own panels).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// The bf16 bits of `v`, rounded to nearest even (a NaN stays a NaN).
+pub fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `x [m, k]` as bf16 pairs `[m, kp]`: the low half of each `u32` the even feature, the high half
+/// the odd one (zero past `k`).
+fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) -> Vec<u32> {
+    let mut a = vec![0u32; m * kp];
+    let convert = |rows: &mut [u32], r0: usize| {
+        for (i, row) in rows.chunks_mut(kp).enumerate() {
+            let src = &x[(r0 + i) * k..(r0 + i + 1) * k];
+            for (q, out) in row.iter_mut().enumerate() {
+                let lo = bf16_bits(src[2 * q]) as u32;
+                let hi = src.get(2 * q + 1).map_or(0, |&v| bf16_bits(v) as u32);
+                *out = lo | (hi << 16);
+            }
+        }
+    };
+    if threads > 1 && m * k >= 1 << 16 {
+        let rows = m.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (t, chunk) in a.chunks_mut(rows * kp).enumerate() {
+                s.spawn(move || convert(chunk, t * rows));
+            }
+        });
+    } else {
+        convert(&mut a, 0);
+    }
+    a
+}
+
+/// One tile of the product: up to [`MR`] rows of `a` (bf16 pairs, stride `lda`) against a panel
+/// block `b` of `kc` pairs, into `c` (stride `ldc`, `cols` valid columns), added to what `c` holds
+/// unless `first`.
+struct Tile {
+    a: *const u32,
+    lda: usize,
+    b: *const u16,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile {
+    unsafe fn run(&self, rows: usize) {
+        match rows {
+            8 => self.kernel::<8>(),
+            7 => self.kernel::<7>(),
+            6 => self.kernel::<6>(),
+            5 => self.kernel::<5>(),
+            4 => self.kernel::<4>(),
+            3 => self.kernel::<3>(),
+            2 => self.kernel::<2>(),
+            _ => self.kernel::<1>(),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel<const R: usize>(&self) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for q in 0..self.kc {
+            let bq = self.b.add(q * NR * 2) as *const __m512i;
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(1)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair = *self.a.add(r * self.lda + q) as i32;
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+            }
+        }
+        let lo = self.cols.min(16);
+        let hi = self.cols.saturating_sub(16);
+        let mask = |n: usize| -> __mmask16 { ((1u32 << n) - 1) as __mmask16 };
+        for (r, acc) in acc.iter().enumerate() {
+            let c = self.c.add(r * self.ldc);
+            for (h, (&v, n)) in acc.iter().zip([lo, hi]).enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                let at = c.add(16 * h);
+                let v = if self.first {
+                    v
+                } else {
+                    _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask(n), at))
+                };
+                _mm512_mask_storeu_ps(at, mask(n), v);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Tile {
+    unsafe fn run(&self, _: usize) {
+        unreachable!("the bf16 kernel runs on x86_64 only")
+    }
+}
+
+/// A linear layer's product with a packed bf16 weight, as a candle op on f32 `[m, k]` input.
+#[derive(Clone, Debug)]
+pub struct PackedMatMul(pub std::sync::Arc<PackedBf16>);
+
+impl candle_core::CustomOp1 for PackedMatMul {
+    fn name(&self) -> &'static str {
+        "bf16-packed-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("bf16 packed matmul: f32 input only");
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("bf16 packed matmul: contiguous input only");
+        };
+        if k != self.0.k {
+            candle_core::bail!(
+                "bf16 packed matmul: input has {k} features, the weight {}",
+                self.0.k
+            );
+        }
+        let out = self.0.matmul(&v[a..b], m)?;
+        Ok((CpuStorage::F32(out), Shape::from((m, self.0.n))))
+    }
+}

@@ -1,0 +1,150 @@
+//! The CPU's bf16 kernel (issue 45) against an f64 product of the same bf16-rounded operands, on
+//! random shapes: odd sizes, tails of rows, columns and input features, several cache blocks and
+//! threads. On a CPU without AVX512-BF16 the kernel tests print a note and test nothing more (the
+//! kernel never runs there: bf16 weights are widened to f32 instead).
+
+use magcache_layers::nn::bf16_gemm::{bf16_bits, cpu_has_bf16, PackedBf16};
+use proptest::prelude::*;
+
+fn skip() -> bool {
+    if !cpu_has_bf16() {
+        eprintln!("note: this CPU has no AVX512-BF16: the bf16 kernel is not tested on it");
+        return true;
+    }
+    false
+}
+
+fn rounded(v: f32) -> f64 {
+    f64::from(f32::from_bits(u32::from(bf16_bits(v)) << 16))
+}
+
+/// Checks the kernel's `[m, n]` product of `x [m, k]` and `w [n, k]` (f32 values, rounded to bf16
+/// as the kernel rounds them) against f64, within f32 accumulation error.
+fn check(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Result<(), TestCaseError> {
+    let bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
+    let got = PackedBf16::pack(&bits, n, k)
+        .matmul(x, m)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(got.len(), m * n);
+    for r in 0..m {
+        for c in 0..n {
+            let (mut want, mut scale) = (0f64, 0f64);
+            for j in 0..k {
+                let p = rounded(x[r * k + j]) * rounded(w[c * k + j]);
+                want += p;
+                scale += p.abs();
+            }
+            let d = (f64::from(got[r * n + c]) - want).abs();
+            prop_assert!(
+                d <= 1e-5 * scale + 1e-6,
+                "[{m}x{k}] x [{n}x{k}]^T at ({r}, {c}): {} against {want}",
+                got[r * n + c]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn values(len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(-2f32..2f32, len)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(45),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn small_shapes_match_f64((m, n, k, x, w) in (1usize..20, 1usize..70, 1usize..90).prop_flat_map(|(m, n, k)| {
+        (Just(m), Just(n), Just(k), values(m * k), values(n * k))
+    })) {
+        if !skip() {
+            check(&x, &w, m, n, k)?;
+        }
+    }
+}
+
+/// Shapes past one cache block of rows (384) and of input pairs (256), odd everywhere.
+#[test]
+fn blocked_shapes_match_f64() {
+    if skip() {
+        return;
+    }
+    let (m, n, k) = (397, 67, 541);
+    let gen = |len: usize, s: u32| -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ s) % 4001) as f32 / 1000.0 - 2.0)
+            .collect()
+    };
+    check(&gen(m * k, 7), &gen(n * k, 11), m, n, k).unwrap();
+}
+
+/// The rounding is IEEE round-to-nearest-even, as `half`'s (and PyTorch's) conversion.
+#[test]
+fn bf16_rounding_is_round_to_nearest_even() {
+    let mut s = 0x1234_5678u32;
+    for _ in 0..100_000 {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        let v = f32::from_bits(s);
+        if v.is_nan() {
+            continue;
+        }
+        assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v:e}");
+    }
+    for v in [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+    ] {
+        assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v:e}");
+    }
+}
+
+/// The fused attention on the bf16 kernel against the f32 one: within bf16's rounding of q, k, v
+/// and the probabilities (queries and keys past one task's block of 128, odd sizes).
+#[test]
+fn bf16_attention_is_the_f32_attention_within_bf16_rounding() {
+    if skip() {
+        return;
+    }
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1f32, (2, 3, 131, 24), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1f32, (2, 3, 197, 24), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1f32, (2, 3, 197, 24), &dev).unwrap();
+    let f32_out = magcache_layers::nn::attention(&q, &k, &v).unwrap();
+    let bf16_out = magcache_layers::nn::attention_as(&q, &k, &v, true).unwrap();
+    let d = (f32_out - &bf16_out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = bf16_out
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d < 0.02 * scale,
+        "bf16 attention differs by {d} (outputs up to {scale})"
+    );
+    assert!(d > 0.0, "the bf16 path did not run");
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Times one dense run file in f32, in bf16 on the CPU's bf16 kernel (AVX512-BF16, `nn::bf16_gemm`)
-# and in bf16 with the kernel off (`MAGCACHE_CPU_BF16=off`: weights widened to f32 per product),
+# in bf16 with the kernel off (`MAGCACHE_CPU_BF16=off`: weights widened to f32 per product), and
+# f32 weights with `matmul_precision = "bf16"` (rounded once at load, products on the kernel),
 # alternated round by round on the same threads, and prints seconds per call and the ratios.
 # Usage: bf16_cpu.sh RUN.toml [THREADS]   (ROUNDS=N, default 3; MAGCACHE=path to the binary)
 set -euo pipefail
@@ -12,6 +13,7 @@ tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 sed '/^\[cache\]/,$d; /^dtype *=/d' "$cfg" | sed 's/^\[model\]$/[model]\ndtype = "DTYPE"/' > "$tmp/base.toml"
 sed 's/DTYPE/f32/' "$tmp/base.toml" > "$tmp/f32.toml"
 sed 's/DTYPE/bf16/' "$tmp/base.toml" > "$tmp/bf16.toml"
+sed 's/DTYPE/f32/; s/^\[model\]$/[model]\nmatmul_precision = "bf16"/' "$tmp/base.toml" > "$tmp/f32mm.toml"
 echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads available, flags: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "config: $cfg   threads: $threads   rounds: $rounds (alternated)"
 per_call() {
@@ -22,6 +24,7 @@ for r in $(seq 1 "$rounds"); do
   cfgfile="$tmp/f32.toml"; f32=$(per_call "$bin")
   cfgfile="$tmp/bf16.toml"; bf16=$(per_call "$bin")
   cfgfile="$tmp/bf16.toml"; widened=$(per_call env MAGCACHE_CPU_BF16=off "$bin")
-  printf "round %d: f32 %s s/call   bf16 kernel %s s/call (%.2fx f32)   bf16 widened %s s/call (%.2fx f32)\n" \
-    "$r" "$f32" "$bf16" "$(echo "$f32/$bf16" | bc -l)" "$widened" "$(echo "$f32/$widened" | bc -l)"
+  cfgfile="$tmp/f32mm.toml"; f32mm=$(per_call "$bin")
+  printf "round %d: f32 %s s/call   bf16 kernel %s s/call (%.2fx f32)   bf16 widened %s s/call (%.2fx f32)   f32 weights, bf16 products %s s/call (%.2fx f32)\n" \
+    "$r" "$f32" "$bf16" "$(echo "$f32/$bf16" | bc -l)" "$widened" "$(echo "$f32/$widened" | bc -l)" "$f32mm" "$(echo "$f32/$f32mm" | bc -l)"
 done

@@ -526,8 +526,13 @@ fn copy_new(from: &Path, to: &Path) -> std::io::Result<()> {
         .write(true)
         .create_new(true)
         .open(to)?;
-    std::io::copy(&mut src, &mut dst)?;
-    dst.sync_all()
+    // Created just now: ours to remove if the copy fails.
+    let copied = std::io::copy(&mut src, &mut dst).and_then(|_| dst.sync_all());
+    if copied.is_err() {
+        drop(dst);
+        let _ = std::fs::remove_file(to);
+    }
+    copied
 }
 
 impl Drop for Outputs {

@@ -348,7 +348,7 @@ pub trait ModelConfig: Serialize + DeserializeOwned + Default {
     }
 }
 
-/// [`positive`] over fields of a config named once each: `positive_fields!(file, cfg, a b c)`
+/// `config_util::positive` over fields of a config named once each: `positive_fields!(file, cfg, a b c)`
 /// checks `cfg.a`, `cfg.b`, `cfg.c` and names the first that is 0.
 #[macro_export]
 macro_rules! positive_fields {

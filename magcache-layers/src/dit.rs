@@ -1,7 +1,8 @@
-//! What a DiT holds around its block chain, for the families that share it (FLUX.1, FLUX.2,
-//! Qwen-Image): the timestep (and guidance) embedding, multi-axis rotary tables from position ids,
-//! the AdaLN-continuous output layer, and one call of a double-stream chain with its indicators and
-//! trace. A family keeps its tensor names (a prefix, bias or not) and its own extras.
+//! What a DiT holds around its block chain, for the families that share it: the timestep (and
+//! guidance) embedding and multi-axis rotary tables from position ids (FLUX.1, FLUX.2), the
+//! AdaLN-continuous output layer and one call of a double-stream chain with its indicators, trace
+//! and output layer (FLUX.1, FLUX.2, Qwen-Image), and a FLUX-style call's packed inputs. A family
+//! keeps its tensor names (a prefix, bias or not) and its own extras.
 
 use crate::nn::{modulate, timestep_embedding, LayerNorm, Linear};
 use crate::weights::WeightStore;

@@ -348,7 +348,7 @@ macro_rules! packed_dit_config {
                 )
             }
             /// Patch 1 over 2x2-packed latents, and rotary axes that fill a head
-            /// ([`config_util::check_packed_rope`](crate::config_util::check_packed_rope)).
+            /// (`magcache_layers::config_util::check_packed_rope`).
             pub fn check_packing(&self, file: &str) -> magcache_core::Result<()> {
                 $crate::config_util::check_packed_rope(
                     file,

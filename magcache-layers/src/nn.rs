@@ -142,7 +142,7 @@ impl candle_core::CustomOp1 for CompactQMatMul {
 pub fn linear(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
     let bias = Some(w.get_shape(&format!("{name}.bias"), &[out])?);
     match w.get_linear(&format!("{name}.weight"), &[out, inp])? {
-        LinearWeight::Dense(t) => Linear::new(t, bias),
+        LinearWeight::Dense(t) => Linear::placed(w, t, bias),
         LinearWeight::Quantized(q) => Ok(Linear {
             wt: quantized_weight(w, q, out)?,
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
@@ -154,7 +154,7 @@ pub fn linear(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Lin
 /// quantized, as in [`linear`]).
 pub fn linear_no_bias(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
     match w.get_linear(&format!("{name}.weight"), &[out, inp])? {
-        LinearWeight::Dense(t) => Linear::new(t, None),
+        LinearWeight::Dense(t) => Linear::placed(w, t, None),
         LinearWeight::Quantized(q) => Ok(Linear {
             wt: quantized_weight(w, q, out)?,
             bias: None,
@@ -184,6 +184,28 @@ impl Linear {
             wt: Weight::Dense(weight.t()?),
             bias,
         })
+    }
+
+    /// [`Linear::new`], with f32 weights rounded to bf16 and packed for the CPU's bf16 kernel when the
+    /// placement says so (`model.matmul_precision = "bf16"`).
+    fn placed(w: &WeightStore, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let p = w.placement();
+        if p.matmul_bf16 && weight.dtype() == DType::F32 && weight.device().is_cpu() {
+            if !bf16_gemm::available() {
+                return Err(Error::msg(
+                    "model.matmul_precision = \"bf16\": the bf16 kernel is off here (MAGCACHE_CPU_BF16=off, or no AVX512-BF16)",
+                ));
+            }
+            let (n, k) = weight.dims2()?;
+            let v = weight.flatten_all()?.to_vec1::<f32>()?;
+            let packed = bf16_gemm::PackedBf16::pack_f32(&v, n, k);
+            let op = bf16_gemm::PackedMatMul(std::sync::Arc::new(packed));
+            return Ok(Linear {
+                wt: Weight::Bf16 { op, out: n },
+                bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            });
+        }
+        Linear::new(weight, bias)
     }
 
     /// Whether the product runs on the CPU's bf16 kernel (a bf16 weight on a CPU with AVX512-BF16):

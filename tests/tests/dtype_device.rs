@@ -54,6 +54,47 @@ fn bf16_weights_follow_the_f32_reference() {
     assert_eq!(decisions(&rep32), decisions(&rep16));
 }
 
+/// `matmul_precision = "bf16"` with f32 weights: on a CPU with AVX512-BF16 the products run on the
+/// bf16 kernel (the final within bf16's tolerance of f32's, not equal to it, the same decisions); on
+/// another CPU the key is refused, naming it. A value that is no precision is refused everywhere.
+#[test]
+fn f32_weights_with_bf16_products() {
+    let has = magcache_layers::nn::bf16_gemm::cpu_has_bf16()
+        && magcache_layers::nn::bf16_gemm::available();
+    if has {
+        let (f32_final, rep32, _) = wan21_run("magcache_a", "");
+        let (fin, rep16, _) = wan21_run("magcache_a", "matmul_precision = \"bf16\"\n");
+        let d = max_abs_diff(&fin, &f32_final);
+        let scale = max_abs_diff(&f32_final, &f32_final.zeros_like().unwrap());
+        assert!(
+            d > 0.0 && d < BF16_FINAL_REL * scale,
+            "bf16 products moved the final by {d} (f32 final max |x| {scale})"
+        );
+        let decisions =
+            |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
+        assert_eq!(decisions(&rep32), decisions(&rep16));
+    } else {
+        eprintln!("note: this CPU has no AVX512-BF16 (or MAGCACHE_CPU_BF16=off): only the refusal is tested");
+    }
+    magcache_tests::link_all();
+    let dir = tempfile::tempdir().unwrap();
+    let values: &[&str] = if has {
+        &["\"f64\""]
+    } else {
+        &["\"f64\"", "\"bf16\""]
+    };
+    for value in values {
+        let text = format!(
+            "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\nmatmul_precision = {value}\n[model.overrides]\nnum_layers = 1\n[inputs]\nlatent_shape = [1, 16, 1, 4, 4]\ntext_len = 3\n[sampling]\nsteps = 2\n"
+        );
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        let e = magcache_cli::prepare(&path).err().unwrap().to_string();
+        assert!(e.contains("model.matmul_precision"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+}
+
 #[test]
 fn a_missing_device_is_one_line_naming_the_key() {
     magcache_tests::link_all();

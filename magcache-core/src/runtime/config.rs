@@ -92,10 +92,11 @@ pub enum WeightsSpec {
 
 impl ModelSection {
     /// The run's placement: [`crate::runtime::placement::Placement::open`] of `device` and
-    /// `dtype`, with `gguf_repack`.
+    /// `dtype`, with `gguf_repack` and `matmul_precision`.
     pub fn placement(&self, file: &str) -> Result<crate::runtime::placement::Placement> {
         let mut p = crate::runtime::placement::Placement::open(&self.device, &self.dtype, file)?;
         p.gguf_repack = self.gguf_repack;
+        p.matmul_bf16 = crate::runtime::placement::matmul_bf16(&self.matmul_precision, &p, file)?;
         Ok(p)
     }
 }
@@ -143,6 +144,11 @@ pub struct ModelSection {
     /// multiplies from the file's blocks (one copy, slower).
     #[serde(default = "default_true")]
     pub gguf_repack: bool,
+    /// The linear layers' products with f32 weights: `f32` (default), or `bf16`: on a CPU with
+    /// AVX512-BF16, the weights rounded to bf16 once at load and the products run on the CPU's
+    /// bf16 kernel (PyTorch's `set_float32_matmul_precision("medium")`); refused elsewhere.
+    #[serde(default = "default_matmul_precision")]
+    pub matmul_precision: String,
     /// With a hub id as `weights`: the branch, tag or commit of the cached snapshot (default `main`).
     #[serde(default)]
     pub revision: Option<String>,
@@ -167,6 +173,10 @@ pub struct LoraTable {
 
 fn default_lora_scale() -> f64 {
     1.0
+}
+
+fn default_matmul_precision() -> String {
+    "f32".into()
 }
 
 fn default_true() -> bool {

@@ -87,6 +87,9 @@ pub struct Placement {
     /// GGUF weights on the CPU: let candle repack quantized matrices into SIMD tiles on their first
     /// product, kept beside the file's blocks (`model.gguf_repack`, default on).
     pub gguf_repack: bool,
+    /// f32 linear weights rounded to bf16 once at load, their products on the CPU's bf16 kernel
+    /// (`model.matmul_precision = "bf16"`, default off).
+    pub matmul_bf16: bool,
 }
 
 impl Default for Placement {
@@ -95,7 +98,56 @@ impl Default for Placement {
             device: Device::Cpu,
             dtype: DType::F32,
             gguf_repack: true,
+            matmul_bf16: false,
         }
+    }
+}
+
+/// `model.matmul_precision`: `f32` (false) or `bf16` (true: f32 weights on a CPU with AVX512-F and
+/// AVX512-BF16; with bf16 weights their products are bf16 already, false); errors name the key.
+pub fn matmul_bf16(value: &str, p: &Placement, file: &str) -> Result<bool> {
+    let key = "model.matmul_precision";
+    match value {
+        "f32" => Ok(false),
+        "bf16" => {
+            if !p.device.is_cpu() || p.dtype == DType::F16 {
+                return Err(Error::config(
+                    file,
+                    key,
+                    "\"bf16\" is for f32 weights on the CPU",
+                ));
+            }
+            if p.dtype == DType::BF16 {
+                // bf16 weights: their products run on the bf16 kernel already.
+                return Ok(false);
+            }
+            if !cpu_has_bf16() {
+                return Err(Error::config(
+                    file,
+                    key,
+                    "\"bf16\" needs a CPU with AVX512-BF16, which this one lacks (use \"f32\")",
+                ));
+            }
+            Ok(true)
+        }
+        other => Err(Error::config(
+            file,
+            key,
+            format!("`{other}` is not a precision (\"f32\" or \"bf16\")"),
+        )),
+    }
+}
+
+/// Whether this CPU has AVX512-F and AVX512-BF16 (the bf16 kernel's instructions).
+fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -121,6 +173,7 @@ impl Placement {
             device,
             dtype,
             gguf_repack: true,
+            matmul_bf16: false,
         })
     }
 }

@@ -104,59 +104,101 @@ impl candle_core::CustomOp3 for CpuAttention {
             return Ok((F32(out), l1.shape().clone()));
         }
         let qb = QUERY_BLOCK.min(s);
-        // (batch x head, first query, its output rows): disjoint, in any order.
-        let mut tasks = Vec::new();
-        for (bh, head_out) in out.chunks_mut(s * d).enumerate() {
-            for (i, rows) in head_out.chunks_mut(qb * d).enumerate() {
-                tasks.push((bh, i * qb, rows));
-            }
-        }
-        let threads = candle_core::utils::get_num_threads().clamp(1, tasks.len());
-        // bf16: each head's keys and transposed values packed once for the kernel.
-        let packed = if self.bf16 {
-            Some(pack_heads((k, v), b * h, (l, d), threads))
-        } else {
-            None
-        };
-        let tasks = std::sync::Mutex::new(tasks.into_iter());
-        let failed = std::sync::Mutex::new(None);
-        let run = || {
-            let mut scores = vec![0f32; qb * l];
-            loop {
-                let next = match tasks.lock() {
-                    Ok(mut t) => t.next(),
-                    Err(_) => None,
-                };
-                let Some((bh, q0, o)) = next else { break };
-                let rows = o.len() / d;
-                let qs = &q[(bh * s + q0) * d..(bh * s + q0 + rows) * d];
-                let (ks, vs) = (
-                    &k[bh * l * d..(bh + 1) * l * d],
-                    &v[bh * l * d..(bh + 1) * l * d],
-                );
-                let sc = &mut scores[..rows * l];
-                match &packed {
-                    Some(p) => {
-                        if let Err(e) = attend_rows_bf16(qs, &p[bh], sc, o, rows) {
-                            if let Ok(mut f) = failed.lock() {
-                                f.get_or_insert(e);
-                            }
-                        }
-                    }
-                    None => attend_rows(qs, (ks, vs), sc, o, (rows, l, d)),
-                }
-            }
-        };
-        std::thread::scope(|sc| {
-            for _ in 1..threads {
-                sc.spawn(run);
-            }
-            run();
-        });
-        if let Some(e) = failed.into_inner().ok().flatten() {
-            return Err(e);
+        let threads = candle_core::utils::get_num_threads().max(1);
+        // bf16: the heads a group at a time, each group's keys and transposed values packed for
+        // the kernel first (the packed copies stay a group's, not every head's).
+        let group = if self.bf16 { 2 * threads } else { b * h };
+        for (g, group_out) in out.chunks_mut(group * s * d).enumerate() {
+            let first = g * group;
+            let heads = group_out.len() / (s * d);
+            let packed = if self.bf16 {
+                let span = first * l * d..(first + heads) * l * d;
+                Some(pack_heads(
+                    (&k[span.clone()], &v[span]),
+                    heads,
+                    (l, d),
+                    threads,
+                )?)
+            } else {
+                None
+            };
+            let io = Io { q, k, v, s, l, d };
+            attend_heads(io, (first, group_out), qb, packed.as_deref(), threads)?;
         }
         Ok((F32(out), l1.shape().clone()))
+    }
+}
+
+/// The fused attention's inputs: `q [BH, s, d]`, `k` and `v [BH, l, d]`, row-major.
+#[derive(Clone, Copy)]
+struct Io<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    s: usize,
+    l: usize,
+    d: usize,
+}
+
+/// The heads from `first` whose outputs are `out` (`[heads, s, d]`): one task per block of `qb`
+/// queries, over `threads` threads; `packed`: those heads' keys and values for the bf16 kernel.
+fn attend_heads(
+    io: Io<'_>,
+    (first, out): (usize, &mut [f32]),
+    qb: usize,
+    packed: Option<&[(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)]>,
+    threads: usize,
+) -> candle_core::Result<()> {
+    let Io { q, k, v, s, l, d } = io;
+    // (head in the group, first query, its output rows): disjoint, in any order.
+    let mut tasks = Vec::new();
+    for (i, head_out) in out.chunks_mut(s * d).enumerate() {
+        for (j, rows) in head_out.chunks_mut(qb * d).enumerate() {
+            tasks.push((i, j * qb, rows));
+        }
+    }
+    let threads = threads.clamp(1, tasks.len().max(1));
+    let tasks = std::sync::Mutex::new(tasks.into_iter());
+    let failed = std::sync::Mutex::new(None);
+    let run = || {
+        let mut scores = vec![0f32; qb * l];
+        loop {
+            let next = match tasks.lock() {
+                Ok(mut t) => t.next(),
+                Err(_) => None,
+            };
+            let Some((i, q0, o)) = next else { break };
+            let bh = first + i;
+            let rows = o.len() / d;
+            let qs = &q[(bh * s + q0) * d..(bh * s + q0 + rows) * d];
+            let sc = &mut scores[..rows * l];
+            let done = match packed {
+                Some(p) => attend_rows_bf16(qs, &p[i], sc, o, rows),
+                None => {
+                    let kv = (
+                        &k[bh * l * d..(bh + 1) * l * d],
+                        &v[bh * l * d..(bh + 1) * l * d],
+                    );
+                    attend_rows(qs, kv, sc, o, (rows, l, d));
+                    Ok(())
+                }
+            };
+            if let Err(e) = done {
+                if let Ok(mut f) = failed.lock() {
+                    f.get_or_insert(e);
+                }
+            }
+        }
+    };
+    std::thread::scope(|sc| {
+        for _ in 1..threads {
+            sc.spawn(run);
+        }
+        run();
+    });
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -224,13 +266,13 @@ fn attend_rows(
 }
 
 /// Each of `heads` heads' keys `[l, d]` and transposed values `[d, l]` packed for the bf16 kernel,
-/// over `threads` threads.
+/// over `threads` threads (`k` and `v` hold those heads only).
 fn pack_heads(
     (k, v): (&[f32], &[f32]),
     heads: usize,
     (l, d): (usize, usize),
     threads: usize,
-) -> Vec<(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)> {
+) -> candle_core::Result<Vec<(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)>> {
     use super::bf16_gemm::PackedBf16;
     let one = |i: usize| {
         let (ks, vs) = (
@@ -248,10 +290,14 @@ fn pack_heads(
             .step_by(per.max(1))
             .map(|h0| sc.spawn(move || (h0..(h0 + per).min(heads)).map(one).collect::<Vec<_>>()))
             .collect();
-        parts
-            .into_iter()
-            .flat_map(|p| p.join().unwrap_or_default())
-            .collect()
+        let mut all = Vec::with_capacity(heads);
+        for p in parts {
+            match p.join() {
+                Ok(v) => all.extend(v),
+                Err(_) => candle_core::bail!("cpu attention: packing the keys and values failed"),
+            }
+        }
+        Ok(all)
     })
 }
 

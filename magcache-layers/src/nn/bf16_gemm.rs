@@ -61,42 +61,55 @@ pub struct PackedBf16 {
 }
 
 impl PackedBf16 {
-    /// Packs a bf16 weight `[n, k]` (on the CPU).
+    /// Packs a bf16 or f32 (rounded to bf16) weight `[n, k]` on the CPU, read in place: the packed
+    /// copy is the only one made.
     pub fn from_tensor(w: &candle_core::Tensor) -> candle_core::Result<Self> {
         let (n, k) = w.dims2()?;
-        let v = w.flatten_all()?.to_vec1::<half::bf16>()?;
-        let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-        Ok(Self::pack(&bits, n, k))
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bf16 packing: contiguous weights only");
+        };
+        match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::BF16(v)) => {
+                let v = &v[a..b];
+                Ok(Self::pack_with(n, k, |i| v[i].to_bits()))
+            }
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => Ok(Self::pack_f32(&v[a..b], n, k)),
+            _ => candle_core::bail!("bf16 packing: bf16 or f32 weights on the CPU only"),
+        }
     }
 
     /// Packs `w [n, k]` given in f32 (rounded to bf16).
     pub fn pack_f32(w: &[f32], n: usize, k: usize) -> Self {
-        let bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
-        Self::pack(&bits, n, k)
+        Self::pack_with(n, k, |i| bf16_bits(w[i]))
     }
 
     /// Packs the transpose of `w [rows, cols]` given in f32 (rounded to bf16): a weight `[cols,
     /// rows]` (attention's values, multiplied from the left by the probabilities).
     pub fn pack_f32_transposed(w: &[f32], rows: usize, cols: usize) -> Self {
-        let mut bits = vec![0u16; rows * cols];
-        for (j, row) in w.chunks(cols).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                bits[c * rows + j] = bf16_bits(v);
-            }
-        }
-        Self::pack(&bits, cols, rows)
+        // Element (c, j) of the weight is w[j][c].
+        Self::pack_with(cols, rows, |i| bf16_bits(w[(i % rows) * cols + i / rows]))
     }
 
     /// Packs the row-major `[n, k]` bf16 bits of a weight.
     pub fn pack(w: &[u16], n: usize, k: usize) -> Self {
+        Self::pack_with(n, k, |i| w[i])
+    }
+
+    /// Packs a weight `[n, k]` whose element `c * k + j` (row-major) has the bf16 bits `bits(c * k +
+    /// j)`.
+    fn pack_with(n: usize, k: usize, bits: impl Fn(usize) -> u16) -> Self {
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut data = vec![0u16; panels * kp * NR * 2];
-        for (p, panel) in data.chunks_mut(kp * NR * 2).enumerate() {
-            for c in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
-                for (j, &v) in row.iter().enumerate() {
-                    panel[(j / 2) * NR * 2 + c * 2 + j % 2] = v;
+        if kp > 0 {
+            for (p, panel) in data.chunks_mut(kp * NR * 2).enumerate() {
+                for c in 0..NR.min(n - p * NR) {
+                    let row = (p * NR + c) * k;
+                    for j in 0..k {
+                        panel[(j / 2) * NR * 2 + c * 2 + j % 2] = bits(row + j);
+                    }
                 }
             }
         }
@@ -153,51 +166,63 @@ impl PackedBf16 {
         if panels == 0 || m == 0 {
             return Ok(());
         }
+        if self.kp == 0 {
+            c.fill(0.0);
+            return Ok(());
+        }
         let threads = threads.clamp(1, panels);
-        let a = pairs(x, m, self.k, self.kp, threads);
         let per = panels.div_ceil(threads);
         let out = SendPtr(c.as_mut_ptr());
-        let work = |t: usize| {
-            let range = (t * per)..((t + 1) * per).min(panels);
-            // SAFETY: threads write disjoint column panels of `c`; the kernel stays in bounds.
-            unsafe { self.panels(&a, m, range, out.get()) };
-        };
-        if threads == 1 {
-            work(0);
-        } else {
-            std::thread::scope(|s| {
-                for t in 0..threads {
-                    s.spawn(move || work(t));
-                }
-            });
+        // The activations are rounded to bf16 a block of rows at a time: the copy stays one block's
+        // (`MC x k` bf16), whatever the sequence length.
+        for m0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - m0);
+            let a = pairs(
+                &x[m0 * self.k..(m0 + mc) * self.k],
+                mc,
+                self.k,
+                self.kp,
+                threads,
+            );
+            let work = |t: usize| {
+                let range = (t * per)..((t + 1) * per).min(panels);
+                // SAFETY: threads write disjoint column panels of rows `m0..m0 + mc` of `c`; the
+                // kernel stays in bounds.
+                unsafe { self.panels(&a, mc, range, out.get().add(m0 * self.n)) };
+            };
+            if threads == 1 {
+                work(0);
+            } else {
+                std::thread::scope(|s| {
+                    for t in 0..threads {
+                        s.spawn(move || work(t));
+                    }
+                });
+            }
         }
         Ok(())
     }
 
-    /// Panels `range` of the product into `c` (`[m, n]`).
+    /// Panels `range` of the product of the `m` rows `a` (bf16 pairs) into `c` (`[m, n]`).
     #[cfg(target_arch = "x86_64")]
     unsafe fn panels(&self, a: &[u32], m: usize, range: std::ops::Range<usize>, c: *mut f32) {
-        for m0 in (0..m).step_by(MC) {
-            let mc = MC.min(m - m0);
-            for q0 in (0..self.kp).step_by(KC) {
-                let kc = KC.min(self.kp - q0);
-                for p in range.clone() {
-                    let cols = NR.min(self.n - p * NR);
-                    let b = self.data.as_ptr().add((p * self.kp + q0) * NR * 2);
-                    for r0 in (m0..m0 + mc).step_by(MR) {
-                        let rows = MR.min(m0 + mc - r0);
-                        let tile = Tile {
-                            a: a.as_ptr().add(r0 * self.kp + q0),
-                            lda: self.kp,
-                            b,
-                            kc,
-                            c: c.add(r0 * self.n + p * NR),
-                            ldc: self.n,
-                            cols,
-                            first: q0 == 0,
-                        };
-                        tile.run(rows);
-                    }
+        for q0 in (0..self.kp).step_by(KC) {
+            let kc = KC.min(self.kp - q0);
+            for p in range.clone() {
+                let cols = NR.min(self.n - p * NR);
+                let b = self.data.as_ptr().add((p * self.kp + q0) * NR * 2);
+                for r0 in (0..m).step_by(MR) {
+                    let tile = Tile {
+                        a: a.as_ptr().add(r0 * self.kp + q0),
+                        lda: self.kp,
+                        b,
+                        kc,
+                        c: c.add(r0 * self.n + p * NR),
+                        ldc: self.n,
+                        cols,
+                        first: q0 == 0,
+                    };
+                    tile.run(MR.min(m - r0));
                 }
             }
         }
@@ -243,7 +268,19 @@ fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) -> Vec<u32> {
     let convert = |rows: &mut [u32], r0: usize| {
         for (i, row) in rows.chunks_mut(kp).enumerate() {
             let src = &x[(r0 + i) * k..(r0 + i + 1) * k];
-            for (q, out) in row.iter_mut().enumerate() {
+            // 32 values (16 pairs) at a time with `vcvtne2ps2bf16`, the same rounding as
+            // [`bf16_bits`]; the tail one pair at a time.
+            let whole = (k / 32) * 16;
+            // SAFETY: `convert_row` reads `2 * whole <= k` values of `src` and writes `whole <= kp`
+            // pairs of `row`; it runs only where the CPU has the instructions (checked by the
+            // caller, `product_into`).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                convert_row(src, &mut row[..whole])
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let whole = 0;
+            for (q, out) in row.iter_mut().enumerate().skip(whole) {
                 let lo = bf16_bits(src[2 * q]) as u32;
                 let hi = src.get(2 * q + 1).map_or(0, |&v| bf16_bits(v) as u32);
                 *out = lo | (hi << 16);
@@ -261,6 +298,20 @@ fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) -> Vec<u32> {
         convert(&mut a, 0);
     }
     a
+}
+
+/// `out.len()` pairs (a multiple of 16) of `src` rounded to bf16, 32 values at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_row(src: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    for (j, chunk) in out.chunks_exact_mut(16).enumerate() {
+        let lo = _mm512_loadu_ps(src.as_ptr().add(32 * j));
+        let hi = _mm512_loadu_ps(src.as_ptr().add(32 * j + 16));
+        // The second operand fills the low half: `lo`'s 16 values first, in order.
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(chunk.as_mut_ptr() as *mut __m512i, v);
+    }
 }
 
 /// One tile of the product: up to [`MR`] rows of `a` (bf16 pairs, stride `lda`) against a panel

@@ -201,7 +201,7 @@ impl ZImageRun {
             };
         }
         let (_, shape) = magcache_layers::inputs::drawn(cfg, &[1, c, 128, 128]);
-        let (b, h, w) = packed_drawn_shape(&shape, 4 * c, "Z-Image", file)?;
+        let (b, h, w) = packed_drawn_shape(&shape, c.saturating_mul(4), "Z-Image", file)?;
         Ok(((h, w), (b, None, text_len)))
     }
 

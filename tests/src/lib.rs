@@ -44,6 +44,22 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// A FLUX-style call from a forward fixture's tensors (`hidden_states`, `encoder_hidden_states`,
+/// `timestep`, `img_ids`, `txt_ids`, and `guidance` when `guided`).
+pub fn packed_call(
+    f: &HashMap<String, Tensor>,
+    guided: bool,
+) -> magcache_layers::dit::PackedCall<'_> {
+    magcache_layers::dit::PackedCall {
+        x: &f["hidden_states"],
+        ctx: &f["encoder_hidden_states"],
+        t: &f["timestep"],
+        img_ids: &f["img_ids"],
+        txt_ids: &f["txt_ids"],
+        guidance: guided.then(|| &f["guidance"]),
+    }
+}
+
 pub fn load(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(rel), &Device::Cpu).expect("fixture")
 }

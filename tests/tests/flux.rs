@@ -4,11 +4,12 @@
 use candle_core::Tensor;
 use magcache_core::{Branch, CallCx, ScopeKey};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::dit::PackedCall;
 use magcache_layers::scheduler::flow_match_dynamic;
 use magcache_models::flux::load::{load_flux, FluxLayout};
 use magcache_models::flux::model::{FluxModel, FluxTrace};
-use magcache_tests::{check_reference_run, fixture, load, load_json, max_abs_diff, weights_of};
+use magcache_tests::{
+    check_reference_run, fixture, load, load_json, max_abs_diff, packed_call, weights_of,
+};
 use std::collections::HashMap;
 
 fn tiny() -> FluxModel {
@@ -24,14 +25,7 @@ fn tiny() -> FluxModel {
 }
 
 fn forward(m: &FluxModel, f: &HashMap<String, Tensor>, trace: Option<&mut FluxTrace>) -> Tensor {
-    let call = PackedCall {
-        x: &f["hidden_states"],
-        ctx: &f["encoder_hidden_states"],
-        t: &f["timestep"],
-        img_ids: &f["img_ids"],
-        txt_ids: &f["txt_ids"],
-        guidance: Some(&f["guidance"]),
-    };
+    let call = packed_call(f, true);
     let cx = CallCx::dense(ScopeKey::new(0, Branch::Cond));
     m.forward(&call, &f["pooled_projections"], &cx, trace)
         .unwrap()

@@ -5,10 +5,9 @@
 use candle_core::{DType, Tensor};
 use magcache_core::{Branch, CallCx, ScopeKey};
 use magcache_layers::chain_model::ChainModel;
-use magcache_layers::dit::PackedCall;
 use magcache_models::flux2::load::load_flux2;
 use magcache_models::flux2::{Flux2Model, Flux2Trace};
-use magcache_tests::{fixture, load, load_json, max_abs_diff};
+use magcache_tests::{fixture, load, load_json, max_abs_diff, packed_call};
 
 fn transformer(folder: &str) -> Flux2Model {
     let l = load_flux2(
@@ -27,14 +26,7 @@ fn forward_matches_diffusers_with_every_block() {
     let meta = load_json("pipelines/flux2_forward.json");
     let m = transformer(meta["transformer"].as_str().unwrap());
     let mut tr = Flux2Trace::default();
-    let call = PackedCall {
-        x: &f["hidden_states"],
-        ctx: &f["encoder_hidden_states"],
-        t: &f["timestep"],
-        img_ids: &f["img_ids"],
-        txt_ids: &f["txt_ids"],
-        guidance: None,
-    };
+    let call = packed_call(&f, false);
     let cx = CallCx::dense(ScopeKey::new(0, Branch::Cond));
     let out = m.forward(&call, &cx, Some(&mut tr)).unwrap();
     let worst = std::cell::Cell::new(0f32);
@@ -97,14 +89,7 @@ fn forward_matches_diffusers_with_every_block() {
         ..Default::default()
     });
     let mb = Flux2Model::from_weights(l.config, &store).unwrap();
-    let call = PackedCall {
-        x: &f["hidden_states"],
-        ctx: &f["encoder_hidden_states"],
-        t: &f["timestep"],
-        img_ids: &f["img_ids"],
-        txt_ids: &f["txt_ids"],
-        guidance: None,
-    };
+    let call = packed_call(&f, false);
     let cx = CallCx::dense(ScopeKey::new(0, Branch::Cond));
     let ob = mb.forward(&call, &cx, None).unwrap();
     let d = max_abs_diff(&ob, &f["output"]);

@@ -1,6 +1,6 @@
-//! The fuzz pass of issue 42, with the guard: the readers of pictures and GGUF headers, given
-//! arbitrary or mutated bytes (real files with header fields flipped, cut or extended), never
-//! allocate past what a run may use. `MAGCACHE_MEMORY_LIMIT` is 64 MB here; every case's heap peak,
+//! The fuzz pass of issue 42, with the guard: the readers of pictures, GGUF headers, safetensors
+//! headers and LoRA files, given arbitrary or mutated bytes (real files with header fields flipped,
+//! cut or extended), never allocate past what a run may use. `MAGCACHE_MEMORY_LIMIT` is 64 MB here; every case's heap peak,
 //! counted by this binary's allocator, stays under it (with the input file itself and 8 MB for the
 //! decoders' own tables), whatever size a header claims.
 //!
@@ -138,6 +138,27 @@ fn readers_never_allocate_past_the_guard() {
         .run(&claims, |(w, h, rest)| {
             within_guard("big.png", &png_claiming(w, h, &rest), |p| {
                 let _ = magcache_layers::picture::load_rgb8(p, "run.toml", "inputs.image");
+            })
+        })
+        .unwrap();
+    // LoRA files (safetensors headers and adapter metadata) with their header mutated.
+    let base = std::fs::read(fixture("lora/wan21_diffusers.safetensors")).unwrap();
+    runner()
+        .run(&mutated(base, 1024), |b| {
+            within_guard("a.safetensors", &b, |p| {
+                let _ = magcache_layers::lora::Adapter::read(p);
+                let _ = magcache_layers::weights::WeightStore::load_checkpoint(p);
+            })
+        })
+        .unwrap();
+    // Safetensors headers claiming any length over arbitrary bytes.
+    let claims = (any::<u64>(), prop::collection::vec(any::<u8>(), 0..256));
+    runner()
+        .run(&claims, |(len, body)| {
+            let mut b = len.to_le_bytes().to_vec();
+            b.extend(body);
+            within_guard("m.safetensors", &b, |p| {
+                let _ = magcache_layers::weights::WeightStore::load_checkpoint(p);
             })
         })
         .unwrap();

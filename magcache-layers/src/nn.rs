@@ -137,6 +137,11 @@ impl candle_core::CustomOp1 for CompactQMatMul {
     }
 }
 
+/// A product as a CPU op on the f32, contiguous input (the bf16 kernel, the compact GGUF product).
+fn f32_op(x: &Tensor, op: &impl candle_core::CustomOp1) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op)?)
+}
+
 /// The linear layer `name` of a checkpoint: `{name}.weight` `[out, inp]` (quantized GGUF weights
 /// stay quantized, see [`WeightStore::get_linear`]) and `{name}.bias` `[out]`.
 pub fn linear(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
@@ -172,16 +177,21 @@ impl Linear {
         // On a CPU with AVX512-BF16 a bf16 weight is packed once for its dot products (the packed
         // copy replaces the weight: the same bytes, the padding aside).
         if weight.dtype() == DType::BF16 && weight.device().is_cpu() && bf16_gemm::available() {
-            let packed = bf16_gemm::PackedBf16::from_tensor(&weight)?;
-            let out = packed.n();
-            let op = bf16_gemm::PackedMatMul(std::sync::Arc::new(packed));
-            return Ok(Linear {
-                wt: Weight::Bf16 { op, out },
-                bias,
-            });
+            return Self::packed(&weight, bias);
         }
         Ok(Linear {
             wt: Weight::Dense(weight.t()?),
+            bias,
+        })
+    }
+
+    /// A bf16 or f32 CPU weight packed for the bf16 kernel (read in place), with an f32 bias.
+    fn packed(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let packed = bf16_gemm::PackedBf16::from_tensor(weight)?;
+        let out = packed.n();
+        let op = bf16_gemm::PackedMatMul(std::sync::Arc::new(packed));
+        Ok(Linear {
+            wt: Weight::Bf16 { op, out },
             bias,
         })
     }
@@ -196,14 +206,8 @@ impl Linear {
                     "model.matmul_precision = \"bf16\": the bf16 kernel is off here (MAGCACHE_CPU_BF16=off, or no AVX512-BF16)",
                 ));
             }
-            let (n, k) = weight.dims2()?;
-            let v = weight.flatten_all()?.to_vec1::<f32>()?;
-            let packed = bf16_gemm::PackedBf16::pack_f32(&v, n, k);
-            let op = bf16_gemm::PackedMatMul(std::sync::Arc::new(packed));
-            return Ok(Linear {
-                wt: Weight::Bf16 { op, out: n },
-                bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
-            });
+            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+            return Self::packed(&weight, bias);
         }
         Linear::new(weight, bias)
     }
@@ -235,18 +239,8 @@ impl Linear {
         // and keeps the activations unrounded.
         let (mut y, out) = match &self.wt {
             Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
-            Weight::Bf16 { op, out } => (
-                x2.to_dtype(DType::F32)?
-                    .contiguous()?
-                    .apply_op1_no_bwd(op)?,
-                *out,
-            ),
-            Weight::Compact { op, out } => (
-                x2.to_dtype(DType::F32)?
-                    .contiguous()?
-                    .apply_op1_no_bwd(op)?,
-                *out,
-            ),
+            Weight::Bf16 { op, out } => (f32_op(&x2, op)?, *out),
+            Weight::Compact { op, out } => (f32_op(&x2, op)?, *out),
             Weight::Dense(wt) => {
                 let y = if x2.dtype() == wt.dtype() {
                     x2.matmul(wt)?

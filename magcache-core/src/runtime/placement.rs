@@ -138,8 +138,8 @@ pub fn matmul_bf16(value: &str, p: &Placement, file: &str) -> Result<bool> {
     }
 }
 
-/// Whether this CPU has AVX512-F and AVX512-BF16 (the bf16 kernel's instructions).
-fn cpu_has_bf16() -> bool {
+/// Whether this CPU has AVX512-F and AVX512-BF16 (the instructions of the layers' bf16 kernel).
+pub fn cpu_has_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")

@@ -36,10 +36,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 pub fn attention_as(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
     let f32_cpu = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
     if bf16 && f32_cpu && super::bf16_gemm::available() {
-        let d = q.dim(3)?;
-        let q = (q * (1.0 / (d as f64).sqrt()))?;
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
-        return Ok(q.apply_op3_no_bwd(&k, &v, &CpuAttention { bf16: true })?);
+        return fused(q, k, v, CpuAttention { bf16: true });
     }
     attention(q, k, v)
 }
@@ -54,10 +51,15 @@ pub const QUERY_BLOCK: usize = 128;
 /// `[B, H, S, L]` scores and passes over them three times; candle's CPU flash attention was slower
 /// still (see [`attention`]).
 fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fused(q, k, v, CpuAttention { bf16: false })
+}
+
+/// The fused op `op` on `q` scaled by `1/sqrt(d)` and contiguous `k`, `v`.
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor, op: CpuAttention) -> Result<Tensor> {
     let d = q.dim(3)?;
     let q = (q * (1.0 / (d as f64).sqrt()))?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    Ok(q.apply_op3_no_bwd(&k, &v, &CpuAttention { bf16: false })?)
+    Ok(q.apply_op3_no_bwd(&k, &v, &op)?)
 }
 
 /// The fused CPU attention; `bf16`: its products on the bf16 kernel.

@@ -36,17 +36,10 @@ pub fn available() -> bool {
     })
 }
 
-/// The CPU's flags alone (the property tests use this: they test the kernel whatever the setting).
+/// The CPU's flags alone (the property tests use this: they test the kernel whatever the setting);
+/// core's check, which `model.matmul_precision` uses too.
 pub fn cpu_has_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    magcache_core::runtime::placement::cpu_has_bf16()
 }
 
 /// A weight `[n, k]` packed for the kernel.

@@ -79,6 +79,32 @@ pub(crate) struct CalibrateArgs {
     /// time); prints a table and writes `block_change` into the profile.
     #[arg(long)]
     pub(crate) blocks: bool,
+    /// Fit the fitted estimator (`estimator = "fitted"`) for a schedule: per-channel coefficients
+    /// per reused call, trained through whole cached runs on seeded inputs; writes them into the
+    /// profile's `[fitted]` table.
+    #[arg(long)]
+    pub(crate) fit: bool,
+    /// With `--fit`: computed calls per scope (the schedule is searched from the calibration).
+    #[arg(long)]
+    pub(crate) budget: Option<usize>,
+    /// With `--fit`: the schedule itself (`0,6,11,...`), instead of `--budget`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) compute_steps: Option<Vec<usize>>,
+    /// With `--fit`: Adam iterations (0 keeps the order-1 forecast in sigma).
+    #[arg(long, default_value_t = 30)]
+    pub(crate) iterations: usize,
+    /// With `--fit`: Adam's learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) learning_rate: f64,
+    /// With `--fit`: the noise seeds of the calibration batch (the fit's loss).
+    #[arg(long, value_delimiter = ',', default_value = "1000,1001,1002,1003")]
+    pub(crate) calibration_seeds: Vec<u64>,
+    /// With `--fit`: the held-out seeds that choose the kept iterate.
+    #[arg(long, value_delimiter = ',', default_value = "2000,2001")]
+    pub(crate) validation_seeds: Vec<u64>,
+    /// With `--fit`: the PSNR's data range on the validation seeds (default: the dense run's).
+    #[arg(long)]
+    pub(crate) data_range: Option<f64>,
     #[arg(long)]
     pub(crate) quiet: bool,
 }

@@ -45,8 +45,23 @@ pub(crate) fn calibrate_run(
     Vec<BlockStat>,
     candle_core::Tensor,
 )> {
-    use magcache_strategies::profile::{expert_name, Profile, ProfileMeta};
     let mut p = prepare_pipeline(config)?;
+    calibrate_on(&mut p, config, verbosity, blocks)
+}
+
+/// [`calibrate_run`] on a prepared run (`config` names its file; its cache is replaced).
+pub(crate) fn calibrate_on(
+    p: &mut crate::prepare::Prepared,
+    config: &Path,
+    verbosity: Verbosity,
+    blocks: bool,
+) -> Result<(
+    magcache_strategies::profile::Profile,
+    Report,
+    Vec<BlockStat>,
+    candle_core::Tensor,
+)> {
+    use magcache_strategies::profile::{expert_name, Profile, ProfileMeta};
     let probes = BlockProbes::new();
     if blocks {
         let registries = p.pipeline.hook_registries();
@@ -65,7 +80,7 @@ pub(crate) fn calibrate_run(
     p.pipeline.set_cache(Some(handle.clone()))?;
     p.cache = Some(handle);
     p.strategy = "calibrate".into();
-    let (dense, report) = generate(&mut p, verbosity)?;
+    let (dense, report) = generate(p, verbosity)?;
     let stats = probes.summary()?;
     let plan = p.pipeline.plan();
     let n = plan.experts().len();

@@ -13,9 +13,57 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
         config,
         out,
         blocks,
+        fit,
+        budget,
+        compute_steps,
+        iterations,
+        learning_rate,
+        calibration_seeds,
+        validation_seeds,
+        data_range,
         quiet,
     } = a;
     let mut outs = plan_outputs(&config, &[("--out", &Some(out.clone()))])?;
+    if fit {
+        if blocks {
+            return Err(magcache_core::Error::msg(
+                "calibrate: --blocks and --fit are separate runs: give one",
+            ));
+        }
+        let opts = crate::FitOptions {
+            budget,
+            compute_steps,
+            iterations,
+            learning_rate,
+            calibration_seeds,
+            validation_seeds,
+            data_range,
+        };
+        let (profile, report) = crate::fit(&config, &opts, !quiet)?;
+        outs.write(&out, profile.to_toml()?.as_bytes())?;
+        outs.commit()?;
+        if !quiet {
+            let f = profile.fitted.as_ref();
+            println!(
+                "fitted calls {:?} of {} in {:.1} s: iteration {} kept; calibration error {:.4e} -> {:.4e}, worst validation PSNR {:.2} -> {:.2} dB; profile written to {}",
+                report.compute_steps,
+                profile.meta.steps,
+                report.wall_seconds,
+                report.best_iteration,
+                f.map_or(0.0, |f| f.calibration_error[0]),
+                f.map_or(0.0, |f| f.calibration_error[1]),
+                f.map_or(0.0, |f| f.validation_psnr_db[0]),
+                f.map_or(0.0, |f| f.validation_psnr_db[1]),
+                out.display()
+            );
+        }
+        return Ok(());
+    }
+    if budget.is_some() || compute_steps.is_some() {
+        return Err(magcache_core::Error::msg(
+            "calibrate: --budget and --compute-steps choose the schedule of a fit: add --fit",
+        ));
+    }
     let (profile, report, stats) = crate::calibrate_with(&config, verbosity(quiet, false), blocks)?;
     outs.write(&out, profile.to_toml()?.as_bytes())?;
     outs.commit()?;

@@ -151,7 +151,7 @@ fn spectrum_flex(steps: usize, budget: usize) -> Option<f64> {
 }
 
 /// The run file's text without its `[cache]` table.
-fn without_cache(text: &str) -> String {
+pub(crate) fn without_cache(text: &str) -> String {
     let mut out = String::new();
     let mut skipping = false;
     for line in text.lines() {

@@ -16,7 +16,7 @@ use magcache_core::Result;
 
 /// Interleaved rotary embedding (`rope_i`) of `[B, H, S, D]` with tables `[S, D/2]`.
 pub fn rope(q: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope_i(q, cos, sin)?)
+    crate::nn::rope_i(q, cos, sin)
 }
 
 /// `n` equal parts of `lin(silu(temb))`, each `[B, 1, d]`: a modulation's shift, scale and gate

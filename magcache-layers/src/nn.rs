@@ -237,6 +237,11 @@ impl Linear {
         // its bf16 product was 1.23-1.35x slower than f32 (docs/benchmarks.md), while widening the
         // weight to f32 per call (threaded, exact) and multiplying in f32 cost 1.02-1.27x there
         // and keeps the activations unrounded.
+        if differentiable() && !matches!(self.wt, Weight::Dense(_)) {
+            return Err(Error::msg(
+                "differentiable run (the fitted estimator's fit): a packed bf16 or quantized linear weight has no backward; run the fit with dtype = \"f32\" (or \"bf16\" with MAGCACHE_CPU_BF16=off), without GGUF",
+            ));
+        }
         let (mut y, out) = match &self.wt {
             Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
             Weight::Bf16 { op, out } => (f32_op(&x2, op)?, *out),
@@ -264,9 +269,11 @@ impl Linear {
 }
 
 /// LayerNorm over the last axis, optional affine: candle-nn's, fed a contiguous input (its fused
-/// kernel only runs on contiguous tensors; on others it falls back to a slower composite path).
+/// kernel only runs on contiguous tensors; on others it falls back to a slower composite path). In
+/// [`differentiable`] mode candle-nn's composite `layer_norm_slow` (the fused kernel has no
+/// backward).
 #[derive(Clone, Debug)]
-pub struct LayerNorm(candle_nn::LayerNorm);
+pub struct LayerNorm(candle_nn::LayerNorm, f64);
 
 impl LayerNorm {
     pub fn new(
@@ -282,24 +289,85 @@ impl LayerNorm {
                 Tensor::zeros(dim, DType::F32, dev)?,
             ),
         };
-        Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps)))
+        Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps), eps))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (true, Some(b)) = (differentiable(), self.0.bias()) {
+            let w = self.0.weight();
+            return Ok(candle_nn::ops::layer_norm_slow(x, w, b, self.1 as f32)?);
+        }
         Ok(self.0.forward(&x.contiguous()?)?)
     }
 }
 
-/// RMSNorm over the last axis with a weight: candle-nn's, fed a contiguous input (see [`LayerNorm`]).
+/// RMSNorm over the last axis with a weight: candle-nn's, fed a contiguous input (see [`LayerNorm`];
+/// `rms_norm_slow` in [`differentiable`] mode).
 #[derive(Clone, Debug)]
-pub struct RmsNorm(candle_nn::RmsNorm);
+pub struct RmsNorm(candle_nn::RmsNorm, f64);
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        RmsNorm(candle_nn::RmsNorm::new(weight, eps))
+        RmsNorm(candle_nn::RmsNorm::new(weight, eps), eps)
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if differentiable() {
+            let w = self.0.weight();
+            return Ok(candle_nn::ops::rms_norm_slow(x, w, self.1 as f32)?);
+        }
         Ok(self.0.forward(&x.contiguous()?)?)
+    }
+}
+
+/// Interleaved rotary embedding (`rope_i`, Wan's and FLUX's) of `[B, H, S, D]` with tables
+/// `[S, D/2]`: candle-nn's fused kernel, or its composite `rope_i_slow` in [`differentiable`] mode.
+pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if differentiable() {
+        return Ok(candle_nn::rotary_emb::rope_i_slow(x, cos, sin)?);
+    }
+    Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?)
+}
+
+/// Softmax over the last axis: candle-nn's fused kernel, or its composite `softmax` in
+/// [`differentiable`] mode.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if differentiable() {
+        return Ok(candle_nn::ops::softmax(x, candle_core::D::Minus1)?);
+    }
+    Ok(candle_nn::ops::softmax_last_dim(x)?)
+}
+
+thread_local! {
+    static DIFFERENTIABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread runs the blocks' ops on paths candle's autograd can differentiate (see
+/// [`Differentiable`]).
+pub fn differentiable() -> bool {
+    DIFFERENTIABLE.with(|d| d.get())
+}
+
+/// While alive, this thread's blocks run on ops with a backward pass: candle-nn's fused softmax,
+/// LayerNorm, RMSNorm and `rope_i` kernels, our fused CPU attention and GELU have none (their
+/// outputs would silently cut the graph), so their composite forms run instead, and a linear layer
+/// whose product has no backward (a packed bf16 or quantized weight) is an error. The same
+/// arithmetic in plain ops: slower, and equal to the fused forms within f32 rounding. Used by the
+/// fitted estimator's fit (`magcache calibrate --fit`), which backpropagates through whole runs.
+pub struct Differentiable {
+    was: bool,
+}
+
+impl Differentiable {
+    pub fn enter() -> Self {
+        Differentiable {
+            was: DIFFERENTIABLE.with(|d| d.replace(true)),
+        }
+    }
+}
+
+impl Drop for Differentiable {
+    fn drop(&mut self) {
+        DIFFERENTIABLE.with(|d| d.set(self.was));
     }
 }
 

@@ -46,6 +46,13 @@ pub struct Shared {
 impl Shared {
     /// Checks the keys; errors name `file` and the key.
     pub fn validate(&self, file: &str) -> Result<()> {
+        if self.estimator == Estimator::Fitted {
+            return Err(Error::config(
+                file,
+                "cache.estimator",
+                "\"fitted\" reads per-call coefficients from a fitted profile: use strategy = \"schedule\" with profile = \"...\" (written by `magcache calibrate --fit`)",
+            ));
+        }
         self.guards.validate(file)
     }
 

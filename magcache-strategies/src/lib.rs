@@ -30,6 +30,7 @@ pub mod calibrate;
 pub mod easycache;
 pub mod engine;
 pub mod fbcache;
+pub mod fitted;
 pub mod guards;
 pub mod magcache;
 pub mod probe;

@@ -14,6 +14,12 @@
 //! taylor1 = [[h, i, k, err], ...]
 //! gram = [[i, k, dot], ...]     # residual dot products: any estimator's error, in step or sigma
 //! cross = [[i, k, dot], ...]    # with the other CFG branch's residuals: the guided error
+//! [fitted]                     # `calibrate --fit`: a schedule, the fit's seeds and scores
+//! compute_steps = [0, 6, ...]
+//! [[fitted.calls.main]]        # one per reused call: the fitted estimator's coefficients
+//! step = 1
+//! from = [0]
+//! weights = [[1.0, ...]]       # one row of per-channel coefficients per `from` call
 //! ```
 
 use crate::ratios::RatioCurves;
@@ -64,6 +70,10 @@ pub struct Profile {
     /// (`magcache calibrate --blocks`, [`crate::probe`]); absent without `--blocks`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub block_change: ScopeTable,
+    /// A schedule with the fitted estimator's coefficients (`magcache calibrate --fit`,
+    /// [`crate::fitted`]); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fitted: Option<FittedProfile>,
 }
 
 /// The forecast errors of one scope, measured on a dense run (profile tables `[forecast_errors.*]`).
@@ -155,6 +165,9 @@ impl Profile {
                 }
             }
         }
+        if let Some(f) = &self.fitted {
+            f.check(file)?;
+        }
         Ok(())
     }
 
@@ -190,5 +203,82 @@ impl Profile {
             expert_sigmas,
             source: format!("profile {source}"),
         }
+    }
+}
+
+/// The profile's `[fitted]` table: a schedule and the coefficients of its reused calls.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FittedProfile {
+    /// The computed calls of every scope (0-based within the scope).
+    pub compute_steps: Vec<usize>,
+    /// Calls per scope the schedule was fitted for.
+    pub steps: usize,
+    /// The axis of the order-1 forecast the fit started from.
+    pub axis: crate::residual::EstimatorAxis,
+    /// Noise seeds of the calibration batch (the fit's loss).
+    pub calibration_seeds: Vec<u64>,
+    /// Noise seeds of the held-out slice that chose the iterate (early stopping).
+    pub validation_seeds: Vec<u64>,
+    /// Adam iterations run, and the one kept.
+    pub iterations: usize,
+    pub best_iteration: usize,
+    pub learning_rate: f64,
+    /// Relative squared error of the final latent on the calibration batch: at the start (order-1
+    /// forecast) and for the kept coefficients.
+    pub calibration_error: [f64; 2],
+    /// Worst PSNR (dB) against the dense run over the held-out slice: at the start and kept.
+    pub validation_psnr_db: [f64; 2],
+    /// Per expert (`main`, `high_noise`, `low_noise`), the reused calls' coefficients.
+    pub calls: BTreeMap<String, Vec<FittedCall>>,
+}
+
+/// One reused call's coefficients in the profile.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FittedCall {
+    /// The call (0-based within its scope).
+    pub step: usize,
+    /// The computed calls whose residuals it combines, oldest first.
+    pub from: Vec<usize>,
+    /// One row of per-channel coefficients per entry of `from`.
+    pub weights: Vec<Vec<f32>>,
+}
+
+impl FittedProfile {
+    /// Checks the table's shape; errors name `file` and the key.
+    pub fn check(&self, file: &str) -> Result<()> {
+        let bad = |key: &str, why: String| Err(Error::config(file, format!("fitted.{key}"), why));
+        let s = &self.compute_steps;
+        if s.first() != Some(&0)
+            || s.windows(2).any(|w| w[0] >= w[1])
+            || s[s.len() - 1] >= self.steps
+        {
+            return bad(
+                "compute_steps",
+                format!(
+                    "must start with 0, increase strictly and stay below steps = {}",
+                    self.steps
+                ),
+            );
+        }
+        for (expert, calls) in &self.calls {
+            for c in calls {
+                let width = c.weights.first().map_or(0, Vec::len);
+                if c.from.is_empty()
+                    || c.from.len() > 2
+                    || c.weights.len() != c.from.len()
+                    || width == 0
+                    || c.weights.iter().any(|w| w.len() != width)
+                    || c.weights.iter().flatten().any(|w| !w.is_finite())
+                {
+                    return bad(
+                        &format!("calls.{expert}"),
+                        format!("call {}: one or two `from` calls, one row of finite coefficients of one width each", c.step),
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -24,7 +24,7 @@ use magcache_core::{Error, Result, Streams};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-/// `estimator = "reuse" | "taylor1" | "taylor2" | "foca"`: what a reused call returns.
+/// `estimator = "reuse" | "taylor1" | "taylor2" | "foca" | "fitted"`: what a reused call returns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Estimator {
@@ -41,6 +41,10 @@ pub enum Estimator {
     /// against 38.4 dB for order 1 alone), not the paper's solver-based corrector, which needs the
     /// model's output at the forecast point.
     Foca,
+    /// Per-channel coefficients per reused call, fitted to the final latent of whole cached runs
+    /// (`magcache calibrate --fit`, [`crate::fitted`]); `strategy = "schedule"` with a fitted
+    /// profile only. Starts from (and with no fit is) `taylor1`.
+    Fitted,
 }
 
 impl Estimator {
@@ -48,7 +52,7 @@ impl Estimator {
     pub fn order(self) -> usize {
         match self {
             Estimator::Reuse => 0,
-            Estimator::Taylor1 => 1,
+            Estimator::Taylor1 | Estimator::Fitted => 1,
             Estimator::Taylor2 | Estimator::Foca => 2,
         }
     }
@@ -69,6 +73,7 @@ impl Estimator {
             Estimator::Taylor1 => "taylor1",
             Estimator::Taylor2 => "taylor2",
             Estimator::Foca => "foca",
+            Estimator::Fitted => "fitted",
         }
     }
 
@@ -82,6 +87,9 @@ impl Estimator {
                 let quad = extrapolate(newest(3), at)?;
                 Ok(((lin + quad)? * 0.5)?)
             }
+            Estimator::Fitted => Err(Error::msg(
+                "estimator = \"fitted\" reads its coefficients from a fitted profile: use strategy = \"schedule\" with profile = \"...\" from `magcache calibrate --fit`",
+            )),
             e => extrapolate(newest(e.order() + 1), at),
         }
     }
@@ -156,13 +164,17 @@ pub fn extrapolate(hist: &[(f64, &Tensor)], at: f64) -> Result<Tensor> {
 
 /// A forecast of a reused call's residual as a linear combination of the stored computed residuals
 /// (a rule's own forecaster, Spectrum's Chebyshev fit say), blended with the estimator's.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Combination {
     /// One weight per stored residual, oldest first ([`ResidualHistory::points`]).
     pub weights: Vec<f64>,
     /// The combination's share of the estimate: `share * sum_j w_j r_j + (1 - share) * (the
     /// estimator's forecast)`.
     pub share: f64,
+    /// Per-channel weights (one `[C]` tensor per stored residual, broadcast over the hidden
+    /// stream's last axis) that replace `weights` on the hidden stream (the fitted estimator);
+    /// `weights` still weigh an encoder stream.
+    pub channels: Option<Vec<Tensor>>,
 }
 
 /// The last computed residuals of one scope and the estimate a reused call returns.
@@ -256,7 +268,7 @@ impl ResidualHistory {
         if self.hist.is_empty() {
             return Ok(None);
         }
-        let mixed = self.combine(&c.weights, c.share)?;
+        let mixed = self.combine(&c.weights, c.share, c.channels.as_deref())?;
         if c.share >= 1.0 {
             return Ok(Some(mixed));
         }
@@ -274,12 +286,15 @@ impl ResidualHistory {
     }
 
     /// `scale * sum_j w_j r_j` over the stored residuals.
-    fn combine(&self, weights: &[f64], scale: f64) -> Result<Streams> {
+    fn combine(&self, weights: &[f64], scale: f64, channels: Option<&[Tensor]>) -> Result<Streams> {
         let mut hidden: Option<Tensor> = None;
         let mut encoder: Option<Option<Tensor>> = None;
-        for ((_, _, r), w) in self.hist.iter().zip(weights) {
+        for (j, ((_, _, r), w)) in self.hist.iter().zip(weights).enumerate() {
             let w = w * scale;
-            let h = (&r.hidden * w)?;
+            let h = match channels.and_then(|c| c.get(j)) {
+                Some(c) => (r.hidden.broadcast_mul(c)? * scale)?,
+                None => (&r.hidden * w)?,
+            };
             hidden = Some(match hidden {
                 Some(acc) => (acc + h)?,
                 None => h,

@@ -47,6 +47,14 @@ crate::strategy_config! {
 #[typetag::serde(name = "schedule")]
 impl StrategyConfig for ScheduleConfig {
     fn validate(&self, file: &str) -> Result<()> {
+        if self.estimator == crate::residual::Estimator::Fitted {
+            return crate::fitted::validate_config(
+                file,
+                &self.shared().guards,
+                self.compute_steps.as_deref(),
+                self.profile.is_some(),
+            );
+        }
         self.shared().validate(file)?;
         match (&self.compute_steps, &self.profile, self.budget) {
             (Some(s), None, None) => {
@@ -81,6 +89,24 @@ impl StrategyConfig for ScheduleConfig {
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
         self.validate(env.file)?;
         let source = match (&self.compute_steps, &self.profile) {
+            (_, Some(p)) if self.estimator == crate::residual::Estimator::Fitted => {
+                let path = env.resolve(p);
+                let prof = crate::profile::Profile::load(&path)?;
+                let shown = path.display().to_string();
+                let (list, steps, coefs, note) = crate::fitted::from_profile(
+                    &prof,
+                    &shown,
+                    env,
+                    self.compute_steps.as_deref(),
+                    self.budget,
+                )?;
+                Source::Fitted {
+                    list,
+                    steps: Some(steps),
+                    coefs,
+                    note: Some(note),
+                }
+            }
             (Some(s), _) => Source::Fixed(s.clone()),
             (None, Some(p)) => {
                 let path = env.resolve(p);
@@ -138,6 +164,14 @@ inventory::submit! {
 #[derive(Clone, Debug)]
 enum Source {
     Fixed(Vec<usize>),
+    /// A fitted schedule (`estimator = "fitted"`): the computed calls, the scope length it was
+    /// fitted for, the reused calls' coefficients and a note on the fit for the run's warnings.
+    Fitted {
+        list: Vec<usize>,
+        steps: Option<usize>,
+        coefs: crate::fitted::Coefficients,
+        note: Option<String>,
+    },
     Searched {
         file: String,
         n_experts: usize,
@@ -169,6 +203,62 @@ impl ScheduleRule {
         }
     }
 
+    /// The rule computing the calls `compute_steps` of every scope and estimating the others with
+    /// the fitted estimator's `coefs` (a fit's trainable table, or [`Coefficients::taylor`]); pair
+    /// with `estimator = "fitted"` in the shared keys.
+    ///
+    /// [`Coefficients::taylor`]: crate::fitted::Coefficients::taylor
+    pub fn fitted(compute_steps: Vec<usize>, coefs: crate::fitted::Coefficients) -> Self {
+        ScheduleRule {
+            cfg: ScheduleConfig {
+                compute_steps: Some(compute_steps.clone()),
+                estimator: crate::residual::Estimator::Fitted,
+                ..Default::default()
+            },
+            source: Source::Fitted {
+                list: compute_steps,
+                steps: None,
+                coefs,
+                note: None,
+            },
+        }
+    }
+
+    /// The schedule the search picks from `prof` (read from `file`) for `budget` computed calls
+    /// per scope with the order-1 forecast in sigma (where the fitted estimator starts), for the
+    /// first scope of `plan` (a fitted schedule is one list for every scope).
+    pub fn searched_for_fit(
+        prof: &crate::profile::Profile,
+        file: &str,
+        budget: usize,
+        plan: &GenerationPlan,
+    ) -> Result<Vec<usize>> {
+        let rule = ScheduleRule {
+            cfg: ScheduleConfig {
+                budget: Some(budget),
+                estimator: crate::residual::Estimator::Taylor1,
+                estimator_axis: crate::residual::EstimatorAxis::Sigma,
+                ..Default::default()
+            },
+            source: Source::Searched {
+                file: file.to_string(),
+                n_experts: prof.ratios.len(),
+                guidance: prof.meta.guidance_scale,
+                tables: prof.forecast_errors.clone(),
+            },
+        };
+        let sp = plan
+            .scopes
+            .first()
+            .ok_or_else(|| Error::msg("the run plans no transformer call"))?;
+        let v = rule.schedule_for(sp, plan)?;
+        Ok(v.iter()
+            .enumerate()
+            .filter(|(_, c)| c.0)
+            .map(|(i, _)| i)
+            .collect())
+    }
+
     /// The computed calls of scope `key` with `steps` calls.
     /// Per call: whether it computes, and (searched schedules) the predicted forecast error of a
     /// reused call.
@@ -188,6 +278,14 @@ impl ScheduleRule {
                     ));
                 }
                 (s.clone(), None)
+            }
+            Source::Fitted {
+                list,
+                steps: fitted_for,
+                ..
+            } => {
+                crate::fitted::check_scope(list, *fitted_for, key, steps)?;
+                (list.clone(), None)
             }
             Source::Searched { .. } => {
                 let (list, errors) = self.searched(sp, plan)?;
@@ -361,6 +459,38 @@ impl Rule for ScheduleRule {
     fn decide(&self, compute: &mut Self::State, call: &Call<'_>) -> Result<Wish> {
         let (scheduled, predicted) = compute.get(call.step).copied().unwrap_or((true, None));
         Ok(Wish::reuse_if(!scheduled, predicted))
+    }
+
+    fn warnings(&self, _plan: &GenerationPlan) -> Vec<String> {
+        match &self.source {
+            Source::Fitted { note: Some(n), .. } => vec![n.clone()],
+            _ => Vec::new(),
+        }
+    }
+
+    fn forecast(
+        &self,
+        _state: &Self::State,
+        call: &Call<'_>,
+        past: &[(usize, f64)],
+        at: f64,
+    ) -> Result<Option<crate::residual::Combination>> {
+        let Source::Fitted { coefs, .. } = &self.source else {
+            return Ok(None);
+        };
+        let input = call.input.ok_or_else(|| {
+            Error::msg("fitted estimator: a reused call without its hidden input")
+        })?;
+        let channels = input.dim(magcache_core::candle_core::D::Minus1)?;
+        let c = coefs.combination(
+            call.scope.expert,
+            call.step,
+            past,
+            at,
+            channels,
+            input.device(),
+        )?;
+        Ok(Some(c))
     }
 
     fn data_free(&self) -> bool {

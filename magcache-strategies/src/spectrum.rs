@@ -290,6 +290,7 @@ impl Rule for SpectrumRule {
         Ok(Some(Combination {
             weights,
             share: self.cfg.w,
+            channels: None,
         }))
     }
 

@@ -16,7 +16,10 @@ pub const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
 /// `[B, H, chunk, L]` scores fit [`ATTENTION_SCORE_BUDGET`] (candle's CPU flash attention avoids the
 /// scores too but measured 2.6-3.5x slower here).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
+    if q.device().is_cpu()
+        && !super::differentiable()
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
+    {
         return cpu_attention(q, k, v);
     }
     let (b, h, s, _) = q.dims4()?;
@@ -35,7 +38,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// probabilities rounded to bf16, products accumulated in f32; the softmax in f32).
 pub fn attention_as(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
     let f32_cpu = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    if bf16 && f32_cpu && super::bf16_gemm::available() {
+    if bf16 && f32_cpu && super::bf16_gemm::available() && !super::differentiable() {
         return fused(q, k, v, CpuAttention { bf16: true });
     }
     attention(q, k, v)
@@ -342,7 +345,7 @@ pub fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> 
     let v = v.contiguous()?;
     let one = |q: &Tensor| -> Result<Tensor> {
         let scores = q.matmul(&kt)?;
-        Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
+        Ok(super::softmax_last_dim(&scores)?.matmul(&v)?)
     };
     if chunk >= s {
         return one(&q);

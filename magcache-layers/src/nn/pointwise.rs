@@ -115,7 +115,11 @@ impl candle_core::CustomOp1 for FastGelu {
 
 /// GELU (tanh approximation) of an f32 tensor; other dtypes use candle's.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || x.device().is_cuda() || x.device().is_metal() {
+    if x.dtype() != DType::F32
+        || x.device().is_cuda()
+        || x.device().is_metal()
+        || super::differentiable()
+    {
         return Ok(x.gelu()?);
     }
     let x = if x.is_contiguous() {

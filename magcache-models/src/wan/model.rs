@@ -121,8 +121,8 @@ impl Attention {
         let mut k = split_heads(&k, self.heads)?;
         let v = split_heads(&v, self.heads)?;
         if let Some((cos, sin)) = rope {
-            q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
-            k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
+            q = magcache_layers::nn::rope_i(&q, cos, sin)?;
+            k = magcache_layers::nn::rope_i(&k, cos, sin)?;
         }
         // A bf16 block on a CPU with AVX512-BF16: the attention's products in bf16 too.
         let bf16 = self.q.runs_bf16();

@@ -98,7 +98,7 @@ impl ZBlock {
             Some(bias) => {
                 let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
                 let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(bias)?;
-                candle_nn::ops::softmax_last_dim(&s)?.matmul(&v)?
+                magcache_layers::nn::softmax_last_dim(&s)?.matmul(&v)?
             }
         };
         self.out.forward(&merge_heads(&o)?)

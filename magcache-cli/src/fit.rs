@@ -1,0 +1,409 @@
+//! `magcache calibrate --fit`: the fitted estimator's coefficients (see
+//! `magcache_strategies::fitted`), fitted through whole cached runs with candle's autograd.
+//!
+//! 1. A dense calibration run on the first calibration seed gives the profile (and, with
+//!    `--budget`, the schedule: searched for the order-1 forecast in sigma).
+//! 2. Dense runs on every calibration and validation seed give the targets (`[inputs] seed` set,
+//!    and `[inputs] classes` put in an order drawn from the seed, so a fit sees other class orders
+//!    too).
+//! 3. Each iteration runs the cached run on every calibration seed inside
+//!    `magcache_layers::nn::Differentiable` (the blocks' fused ops without a backward swapped for
+//!    their composite forms), with the coefficients as variables; the loss is the final latent's
+//!    squared error against the dense run, relative to the dense latents' squared norm, summed
+//!    over the batch; one backward per seed, the gradients summed, one Adam step.
+//! 4. Guard against overfitting: every iterate (the start included) is scored on the validation
+//!    seeds (worst PSNR against their dense runs); the kept iterate is the best there among those
+//!    no worse than the start on the calibration batch. The start is the order-1 forecast in sigma,
+//!    so the fit never ends worse than it on either set.
+
+use crate::prepare::{prepare_pipeline_text, Prepared};
+use crate::run::{generate, Verbosity};
+use candle_core::{Tensor, Var};
+use magcache_core::runtime::metrics::quality;
+use magcache_core::{CacheHandle, Error, Result};
+use magcache_strategies::engine::Shared;
+use magcache_strategies::fitted::{Coefficients, FittedProfile};
+use magcache_strategies::profile::Profile;
+use magcache_strategies::residual::{Estimator, EstimatorAxis};
+use magcache_strategies::schedule::{Schedule, ScheduleRule};
+use serde::Serialize;
+use std::path::Path;
+
+/// What `calibrate --fit` fits.
+#[derive(Clone, Debug)]
+pub struct FitOptions {
+    /// Computed calls per scope (the schedule is searched), or
+    pub budget: Option<usize>,
+    /// the schedule itself.
+    pub compute_steps: Option<Vec<usize>>,
+    /// Adam iterations (0: the order-1 forecast, unchanged).
+    pub iterations: usize,
+    pub learning_rate: f64,
+    pub calibration_seeds: Vec<u64>,
+    pub validation_seeds: Vec<u64>,
+    /// PSNR's data range (`compare --data-range`); default: the dense run's range.
+    pub data_range: Option<f64>,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            budget: None,
+            compute_steps: None,
+            iterations: 30,
+            learning_rate: 0.01,
+            calibration_seeds: vec![1000, 1001, 1002, 1003],
+            validation_seeds: vec![2000, 2001],
+            data_range: None,
+        }
+    }
+}
+
+/// One iteration of the fit.
+#[derive(Clone, Debug, Serialize)]
+pub struct FitStep {
+    pub iteration: usize,
+    /// Relative squared error of the final latent over the calibration batch.
+    pub calibration_error: f64,
+    /// Worst PSNR (dB) over the validation seeds.
+    pub validation_psnr_db: f64,
+}
+
+/// The fit's record: every iteration, and the wall time.
+#[derive(Clone, Debug, Serialize)]
+pub struct FitReport {
+    pub compute_steps: Vec<usize>,
+    pub steps: Vec<FitStep>,
+    pub best_iteration: usize,
+    pub wall_seconds: f64,
+}
+
+/// One seed's run: its pipeline and dense result.
+struct Sample {
+    p: Prepared,
+    dense: Tensor,
+    dense_planes: Tensor,
+}
+
+/// `text` with `[inputs] seed = seed` and, where it lists `classes`, those in an order drawn from
+/// the seed (a Fisher-Yates shuffle on a 64-bit LCG).
+fn seeded(text: &str, file: &str, seed: u64) -> Result<String> {
+    let mut t: toml::Table = text
+        .parse()
+        .map_err(|e| Error::msg(format!("{file}: {e}")))?;
+    let inputs = t
+        .entry("inputs")
+        .or_insert(toml::Value::Table(Default::default()));
+    let Some(tbl) = inputs.as_table_mut() else {
+        return Err(Error::config(file, "inputs", "must be a table"));
+    };
+    if tbl.contains_key("file") || tbl.contains_key("latents") {
+        return Err(Error::config(
+            file,
+            "inputs.file",
+            "`calibrate --fit` draws its calibration and validation inputs from seeds: give a run with seeded inputs",
+        ));
+    }
+    let as_i64 =
+        |s: u64| i64::try_from(s).map_err(|_| Error::msg(format!("seed {s} is too large")));
+    tbl.insert("seed".into(), toml::Value::Integer(as_i64(seed)?));
+    if let Some(toml::Value::Array(classes)) = tbl.get_mut("classes") {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        for i in (1..classes.len()).rev() {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let j = ((state >> 33) % (i as u64 + 1)) as usize;
+            classes.swap(i, j);
+        }
+    }
+    toml::to_string(&t).map_err(|e| Error::msg(format!("{file}: {e}")))
+}
+
+/// The dense run of `config`'s text on `seed`.
+fn sample(text: &str, config: &Path, file: &str, seed: u64) -> Result<Sample> {
+    let mut p = prepare_pipeline_text(&seeded(text, file, seed)?, config)?;
+    let (dense, _) = generate(&mut p, Verbosity::Silent)?;
+    let dense_planes = p.pipeline.to_planes(&dense)?;
+    Ok(Sample {
+        p,
+        dense,
+        dense_planes,
+    })
+}
+
+/// Runs `s` with the fitted estimator's `coefs` on `list`; returns the final latents.
+fn cached(s: &mut Sample, list: &[usize], coefs: &Coefficients) -> Result<Tensor> {
+    let shared = Shared {
+        estimator: Estimator::Fitted,
+        estimator_axis: EstimatorAxis::Sigma,
+        ..Default::default()
+    };
+    let rule = ScheduleRule::fitted(list.to_vec(), coefs.clone());
+    let handle = CacheHandle::new(Box::new(Schedule::with_rule(rule, shared)));
+    s.p.pipeline.set_cache(Some(handle.clone()))?;
+    s.p.cache = Some(handle);
+    s.p.strategy = "schedule".into();
+    let out = generate(&mut s.p, Verbosity::Silent)?.0;
+    // The strategy's stored residuals would keep this run's graph alive past its backward.
+    s.p.pipeline.set_cache(None)?;
+    s.p.cache = None;
+    Ok(out)
+}
+
+/// Worst PSNR of `coefs` over `samples`.
+fn worst_psnr(
+    samples: &mut [Sample],
+    list: &[usize],
+    coefs: &Coefficients,
+    range: Option<f64>,
+) -> Result<f64> {
+    let mut worst = f64::INFINITY;
+    for s in samples.iter_mut() {
+        let out = cached(s, list, coefs)?;
+        let planes = s.p.pipeline.to_planes(&out)?;
+        let q = quality(&s.dense, &out, &s.dense_planes, &planes, range)?;
+        worst = worst.min(q.psnr_db);
+    }
+    Ok(worst)
+}
+
+/// Adam's moments of one variable.
+struct Moments {
+    m: Tensor,
+    v: Tensor,
+}
+
+/// One Adam step on `vars` with gradients `grads` (iteration `t`, 1-based).
+fn adam_step(
+    vars: &[Var],
+    grads: &[Tensor],
+    moments: &mut Vec<Moments>,
+    t: usize,
+    lr: f64,
+) -> Result<()> {
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    if moments.is_empty() {
+        for g in grads {
+            moments.push(Moments {
+                m: g.zeros_like()?,
+                v: g.zeros_like()?,
+            });
+        }
+    }
+    let (c1, c2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+    for ((var, g), mo) in vars.iter().zip(grads).zip(moments.iter_mut()) {
+        mo.m = ((&mo.m * b1)? + (g * (1.0 - b1))?)?;
+        mo.v = ((&mo.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let step = ((&mo.m / c1)? / ((&mo.v / c2)?.sqrt()? + eps)?)?;
+        var.set(&(var.as_tensor() - (step * lr)?)?)?;
+    }
+    Ok(())
+}
+
+/// Checks `opts` before any run.
+fn check_options(opts: &FitOptions) -> Result<()> {
+    if opts.calibration_seeds.is_empty() || opts.validation_seeds.is_empty() {
+        return Err(Error::msg(
+            "calibrate --fit: give at least one calibration seed and one validation seed",
+        ));
+    }
+    if let Some(s) = opts
+        .calibration_seeds
+        .iter()
+        .find(|s| opts.validation_seeds.contains(s))
+    {
+        return Err(Error::msg(format!(
+            "calibrate --fit: seed {s} is both a calibration and a validation seed: the validation slice must be noise the fit does not see"
+        )));
+    }
+    if !(opts.learning_rate.is_finite() && opts.learning_rate > 0.0) {
+        return Err(Error::msg(
+            "calibrate --fit: --learning-rate must be a positive number",
+        ));
+    }
+    match (&opts.compute_steps, opts.budget) {
+        (Some(_), None) => Ok(()),
+        (None, Some(b)) if b >= 1 => Ok(()),
+        _ => Err(Error::msg(
+            "calibrate --fit: give either --budget N (N >= 1: the schedule is searched) or --compute-steps 0,...",
+        )),
+    }
+}
+
+/// The schedule of the fit: `opts.compute_steps` checked against the scope's `steps` calls, or the
+/// one searched in `profile` for `opts.budget`.
+fn schedule(
+    opts: &FitOptions,
+    profile: &Profile,
+    file: &str,
+    plan: &magcache_core::GenerationPlan,
+    steps: usize,
+) -> Result<Vec<usize>> {
+    match &opts.compute_steps {
+        Some(s) => {
+            if s.first() != Some(&0)
+                || s.windows(2).any(|w| w[0] >= w[1])
+                || s.iter().any(|&k| k >= steps)
+            {
+                return Err(Error::msg(format!(
+                    "calibrate --fit: --compute-steps must start with 0, increase strictly and stay below the scope's {steps} calls"
+                )));
+            }
+            Ok(s.clone())
+        }
+        None => ScheduleRule::searched_for_fit(profile, file, opts.budget.unwrap_or(1), plan),
+    }
+}
+
+/// The fit's loop over its calibration samples `cal` (relative to `norm`) and validation samples
+/// `val`: returns the kept coefficients, their iteration and every iteration's record.
+fn train(
+    cal: &mut [Sample],
+    val: &mut [Sample],
+    norm: f64,
+    list: &[usize],
+    opts: &FitOptions,
+    progress: bool,
+) -> Result<(Coefficients, usize, Vec<FitStep>)> {
+    let coefs = Coefficients::trainable();
+    let mut moments = Vec::new();
+    let mut record: Vec<FitStep> = Vec::new();
+    let (mut best, mut best_it, mut best_psnr) = (None, 0usize, f64::NEG_INFINITY);
+    for it in 0..=opts.iterations {
+        let last = it == opts.iterations;
+        let (mut err, mut grads, mut vars) = (0.0, Vec::<Tensor>::new(), Vec::<Var>::new());
+        for s in cal.iter_mut() {
+            let loss = {
+                let _d = magcache_layers::nn::Differentiable::enter();
+                let out = cached(s, list, &coefs)?;
+                ((out - &s.dense)?.sqr()?.sum_all()? / norm)?
+            };
+            err += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if last {
+                continue;
+            }
+            let g = loss.backward()?;
+            if vars.is_empty() {
+                vars = coefs.vars()?.into_iter().map(|(_, v)| v).collect();
+            }
+            for (j, v) in vars.iter().enumerate() {
+                let gj = match g.get(v.as_tensor()) {
+                    Some(t) => t.clone(),
+                    None => v.as_tensor().zeros_like()?,
+                };
+                match grads.get_mut(j) {
+                    Some(acc) => *acc = (&*acc + gj)?,
+                    None => grads.push(gj),
+                }
+            }
+        }
+        if !err.is_finite() {
+            return Err(Error::msg(format!(
+                "calibrate --fit: the calibration error is not finite at iteration {it} (lower --learning-rate)"
+            )));
+        }
+        let frozen = coefs.frozen()?;
+        let psnr = worst_psnr(val, list, &frozen, opts.data_range)?;
+        let start_err = record.first().map_or(err, |r| r.calibration_error);
+        if err <= start_err && psnr > best_psnr {
+            (best, best_it, best_psnr) = (Some(frozen), it, psnr);
+        }
+        if progress {
+            eprintln!(
+                "fit: iteration {it}/{}: calibration error {err:.4e}, validation worst PSNR {psnr:.2} dB{}",
+                opts.iterations,
+                if best_it == it { " (best)" } else { "" }
+            );
+        }
+        record.push(FitStep {
+            iteration: it,
+            calibration_error: err,
+            validation_psnr_db: psnr,
+        });
+        if !last {
+            adam_step(&vars, &grads, &mut moments, it + 1, opts.learning_rate)?;
+        }
+    }
+    let best = best.ok_or_else(|| Error::msg("calibrate --fit: no iterate kept"))?;
+    Ok((best, best_it, record))
+}
+
+/// Fits the fitted estimator for the run `config` (its `[cache]` is ignored); returns the profile
+/// (the dense calibration's tables and the `[fitted]` table) and the fit's record. `progress`
+/// prints a line per iteration on stderr.
+pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile, FitReport)> {
+    let started = std::time::Instant::now();
+    let file = config.display().to_string();
+    let text = crate::tune::without_cache(&magcache_core::error::read_text(config)?);
+    check_options(opts)?;
+    // The calibration profile, on the first calibration seed.
+    let first = opts.calibration_seeds[0];
+    let mut p0 = prepare_pipeline_text(&seeded(&text, &file, first)?, config)?;
+    let (mut profile, _, _, dense0) =
+        crate::calibrate::calibrate_on(&mut p0, config, Verbosity::Silent, false)?;
+    let plan = p0.pipeline.plan();
+    let steps = plan
+        .scopes
+        .first()
+        .map(|s| s.steps)
+        .ok_or_else(|| Error::msg("the run plans no transformer call"))?;
+    let list = schedule(opts, &profile, &file, &plan, steps)?;
+    let dense_planes = p0.pipeline.to_planes(&dense0)?;
+    let mut cal = vec![Sample {
+        p: p0,
+        dense: dense0,
+        dense_planes,
+    }];
+    for &s in &opts.calibration_seeds[1..] {
+        cal.push(sample(&text, config, &file, s)?);
+    }
+    let mut val = opts
+        .validation_seeds
+        .iter()
+        .map(|&s| sample(&text, config, &file, s))
+        .collect::<Result<Vec<_>>>()?;
+    let norm: f64 = cal
+        .iter()
+        .map(|s| {
+            let n = s
+                .dense
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?;
+            Ok(n.to_scalar::<f64>()?)
+        })
+        .sum::<Result<f64>>()?
+        .max(f64::MIN_POSITIVE);
+    let (best, best_it, record) = train(&mut cal, &mut val, norm, &list, opts, progress)?;
+    profile.fitted = Some(FittedProfile {
+        compute_steps: list.clone(),
+        steps,
+        axis: EstimatorAxis::Sigma,
+        calibration_seeds: opts.calibration_seeds.clone(),
+        validation_seeds: opts.validation_seeds.clone(),
+        iterations: opts.iterations,
+        best_iteration: best_it,
+        learning_rate: opts.learning_rate,
+        calibration_error: [
+            record[0].calibration_error,
+            record[best_it].calibration_error,
+        ],
+        validation_psnr_db: [
+            record[0].validation_psnr_db,
+            record[best_it].validation_psnr_db,
+        ],
+        calls: best.to_profile_calls(profile.ratios.len())?,
+    });
+    Ok((
+        profile,
+        FitReport {
+            compute_steps: list,
+            steps: record,
+            best_iteration: best_it,
+            wall_seconds: started.elapsed().as_secs_f64(),
+        },
+    ))
+}

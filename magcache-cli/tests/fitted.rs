@@ -1,0 +1,240 @@
+//! `estimator = "fitted"` and `magcache calibrate --fit` on the trained digits model (two digits,
+//! 10 steps, CFG: small enough for a debug build): zero iterations leave the order-1 forecast in
+//! sigma; a fit never ends worse than its start on the calibration batch, nor on the held-out
+//! slice; the profile runs the schedule it was fitted for and refuses any other.
+
+mod common;
+
+use common::{check_err, magcache, s};
+use std::path::{Path, PathBuf};
+
+const SCHEDULE: &str = "0,3,6,8";
+
+fn digits_run(dir: &Path, name: &str, cache: &str) -> PathBuf {
+    let weights =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/trained/digits_wan");
+    let text = format!(
+        "[model]\nfamily = \"wan2.1\"\nweights = {:?}\n\n[inputs]\nclasses = [2, 7]\nlatent_shape = [2, 1, 1, 16, 16]\nseed = 3\n\n[sampling]\nsteps = 10\nshift = 3.0\nguidance_scale = 4.0\n{cache}",
+        weights.display().to_string()
+    );
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `calibrate --fit` of `run` for [`SCHEDULE`] with `iterations`; returns the profile's TOML.
+fn fit(run: &Path, out: &Path, iterations: usize) -> toml::Table {
+    let it = iterations.to_string();
+    let o = magcache(&[
+        "calibrate",
+        "--config",
+        s(run),
+        "--out",
+        s(out),
+        "--fit",
+        "--compute-steps",
+        SCHEDULE,
+        "--iterations",
+        &it,
+        "--calibration-seeds",
+        "11,12",
+        "--validation-seeds",
+        "21",
+        "--data-range",
+        "2",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_to_string(out).unwrap().parse().unwrap()
+}
+
+fn compare(run: &Path) -> serde_json::Value {
+    let o = magcache(&[
+        "compare",
+        "--config",
+        s(run),
+        "--data-range",
+        "2",
+        "--json",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn f64s(v: &toml::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            x.as_float()
+                .unwrap_or_else(|| x.as_integer().unwrap() as f64)
+        })
+        .collect()
+}
+
+#[test]
+fn zero_iterations_are_the_order_1_forecast_in_sigma() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = digits_run(dir.path(), "run.toml", "");
+    let prof = fit(&run, &dir.path().join("p.toml"), 0);
+    let sigmas = f64s(&prof["meta"]["sigmas"]);
+    let fitted = &prof["fitted"];
+    assert_eq!(fitted["best_iteration"].as_integer(), Some(0));
+    let calls = fitted["calls"]["main"].as_array().unwrap();
+    // Every call of 10 not in the schedule, each with the order-1 weights in sigma on every channel.
+    assert_eq!(calls.len(), 10 - 4);
+    for c in calls {
+        let k = c["step"].as_integer().unwrap() as usize;
+        let from: Vec<usize> = f64s(&c["from"]).iter().map(|&v| v as usize).collect();
+        let rows: Vec<Vec<f64>> = c["weights"].as_array().unwrap().iter().map(f64s).collect();
+        let want = match from.as_slice() {
+            [_] => vec![1.0],
+            [a, b] => {
+                let q = (sigmas[k] - sigmas[*b]) / (sigmas[*b] - sigmas[*a]);
+                vec![-q, 1.0 + q]
+            }
+            other => panic!("call {k} from {other:?}"),
+        };
+        assert_eq!(rows.len(), want.len());
+        for (row, w) in rows.iter().zip(&want) {
+            assert_eq!(row.len(), 128, "one coefficient per hidden channel");
+            assert!(row.iter().all(|v| (v - w).abs() < 1e-6), "call {k}: {w}");
+        }
+    }
+    // And the run with that profile is the order-1 forecast in sigma's run.
+    let fitted_run = digits_run(
+        dir.path(),
+        "fitted.toml",
+        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"p.toml\"\n",
+    );
+    let taylor_run = digits_run(
+        dir.path(),
+        "taylor.toml",
+        "\n[cache]\nstrategy = \"schedule\"\ncompute_steps = [0, 3, 6, 8]\nestimator = \"taylor1\"\nestimator_axis = \"sigma\"\n",
+    );
+    let (a, b) = (compare(&fitted_run), compare(&taylor_run));
+    assert_eq!(a["cached_computed_calls"], b["cached_computed_calls"]);
+    let (pa, pb) = (
+        a["quality"]["psnr_db"].as_f64().unwrap(),
+        b["quality"]["psnr_db"].as_f64().unwrap(),
+    );
+    assert!(
+        (pa - pb).abs() < 1e-3,
+        "fitted at zero iterations {pa} dB, taylor1 in sigma {pb} dB"
+    );
+}
+
+#[test]
+fn a_fit_never_ends_worse_than_its_start_and_runs_its_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = digits_run(dir.path(), "run.toml", "");
+    let prof = fit(&run, &dir.path().join("p.toml"), 3);
+    let f = &prof["fitted"];
+    let cal = f64s(&f["calibration_error"]);
+    let val = f64s(&f["validation_psnr_db"]);
+    assert!(cal[1] <= cal[0], "calibration error {cal:?}");
+    assert!(val[1] >= val[0], "validation PSNR {val:?}");
+    assert_eq!(f64s(&f["calibration_seeds"]), vec![11.0, 12.0]);
+    // The run computes exactly the fitted schedule's calls (both branches) and says where its
+    // coefficients come from.
+    let fitted_run = digits_run(
+        dir.path(),
+        "fitted.toml",
+        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"p.toml\"\n",
+    );
+    let o = magcache(&["run", "--config", s(&fitted_run), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["computed_calls"].as_u64(), Some(8));
+    let warnings = j["warnings"].to_string();
+    assert!(warnings.contains("fitted estimator from"), "{warnings}");
+    let plan = magcache(&["plan", "--config", s(&fitted_run)]);
+    let text =
+        String::from_utf8_lossy(&plan.stdout).to_string() + &String::from_utf8_lossy(&plan.stderr);
+    assert!(plan.status.success(), "{text}");
+    assert!(text.contains("computes calls [0, 3, 6, 8] of 10"), "{text}");
+
+    // Another schedule, another step count, another strategy: refused, naming the key.
+    let other = digits_run(
+        dir.path(),
+        "other.toml",
+        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"p.toml\"\ncompute_steps = [0, 4, 8]\n",
+    );
+    check_err(
+        &magcache(&["run", "--config", s(&other)]),
+        &["cache.compute_steps", "[0, 3, 6, 8]"],
+    );
+    let longer = std::fs::read_to_string(&fitted_run)
+        .unwrap()
+        .replace("steps = 10", "steps = 12");
+    let longer_run = dir.path().join("longer.toml");
+    std::fs::write(&longer_run, longer).unwrap();
+    check_err(
+        &magcache(&["run", "--config", s(&longer_run)]),
+        &["10 calls", "12"],
+    );
+    let mag = digits_run(
+        dir.path(),
+        "mag.toml",
+        "\n[cache]\nstrategy = \"magcache\"\nestimator = \"fitted\"\n",
+    );
+    check_err(
+        &magcache(&["run", "--config", s(&mag)]),
+        &["cache.estimator", "schedule"],
+    );
+}
+
+#[test]
+fn fit_arguments_are_checked_before_any_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = digits_run(dir.path(), "run.toml", "");
+    let out = dir.path().join("p.toml");
+    let o = magcache(&[
+        "calibrate",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--fit",
+        "--budget",
+        "4",
+        "--calibration-seeds",
+        "5",
+        "--validation-seeds",
+        "5",
+    ]);
+    check_err(&o, &["seed 5"]);
+    let o = magcache(&["calibrate", "--config", s(&run), "--out", s(&out), "--fit"]);
+    check_err(&o, &["--budget", "--compute-steps"]);
+    let o = magcache(&[
+        "calibrate",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--budget",
+        "4",
+    ]);
+    check_err(&o, &["--fit"]);
+    assert!(!out.exists());
+    // A profile without a [fitted] table.
+    let o = magcache(&[
+        "calibrate",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fitted_run = digits_run(
+        dir.path(),
+        "fitted.toml",
+        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"p.toml\"\n",
+    );
+    check_err(
+        &magcache(&["run", "--config", s(&fitted_run)]),
+        &["p.toml", "fitted", "--fit"],
+    );
+}

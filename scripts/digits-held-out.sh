@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# PSNR of a digits run file's [cache] against the dense run on held-out inputs: seed 0 with classes
+# 0-9 and seeds 1, 7, 11, 42 with other class orders (`compare --data-range 2`); prints each and the
+# worst. Usage: scripts/digits-held-out.sh examples/digits_3x.toml [path/to/magcache]
+set -euo pipefail
+run=$(realpath "$1")
+bin=$(realpath "${2:-target/release/magcache}")
+dir=$(dirname "$run")
+cache=$(sed -n '/^\[cache\]/,$p' "$run")
+worst=1000
+for case in "0:[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" "1:[9, 8, 7, 6, 5, 4, 3, 2, 1, 0]" \
+            "7:[3, 1, 4, 0, 5, 9, 2, 6, 8, 7]" "11:[5, 0, 8, 3, 9, 1, 7, 2, 4, 6]" \
+            "42:[7, 3, 9, 0, 2, 8, 6, 4, 1, 5]"; do
+  seed=${case%%:*}; classes=${case#*:}
+  tmp=$(mktemp "$dir/.held_out_XXXXXX.toml")
+  sed -e '/^\[cache\]/,$d' -e "s/^seed = .*/seed = $seed/" -e "s/^classes = .*/classes = $classes/" "$run" > "$tmp"
+  printf '%s\n' "$cache" >> "$tmp"
+  psnr=$("$bin" compare --config "$tmp" --data-range 2 --json --quiet 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["quality"]["psnr_db"])')
+  rm -f "$tmp"
+  echo "seed $seed classes $classes: $psnr dB"
+  worst=$(python3 -c "print(min($worst, $psnr))")
+done
+echo "worst: $worst dB"

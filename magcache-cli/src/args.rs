@@ -102,6 +102,10 @@ pub(crate) struct CalibrateArgs {
     /// With `--fit`: the held-out seeds that choose the kept iterate.
     #[arg(long, value_delimiter = ',', default_value = "2000,2001")]
     pub(crate) validation_seeds: Vec<u64>,
+    /// With `--fit`: where the coefficients start, the order-1 forecast in `sigma` (default) or in
+    /// `step` index.
+    #[arg(long, default_value = "sigma")]
+    pub(crate) start_axis: String,
     /// With `--fit`: the PSNR's data range on the validation seeds (default: the dense run's).
     #[arg(long)]
     pub(crate) data_range: Option<f64>,

@@ -34,17 +34,21 @@ pub fn calibrate_with(
     Ok((prof, report, stats))
 }
 
+/// A calibration: the profile, the run's report, the block probes' statistics and the dense run's
+/// final latents.
+pub(crate) type Calibration = (
+    magcache_strategies::profile::Profile,
+    Report,
+    Vec<BlockStat>,
+    candle_core::Tensor,
+);
+
 /// [`calibrate_with`], also returning the final latents of the dense run.
 pub(crate) fn calibrate_run(
     config: &Path,
     verbosity: Verbosity,
     blocks: bool,
-) -> Result<(
-    magcache_strategies::profile::Profile,
-    Report,
-    Vec<BlockStat>,
-    candle_core::Tensor,
-)> {
+) -> Result<Calibration> {
     let mut p = prepare_pipeline(config)?;
     calibrate_on(&mut p, config, verbosity, blocks)
 }
@@ -55,12 +59,7 @@ pub(crate) fn calibrate_on(
     config: &Path,
     verbosity: Verbosity,
     blocks: bool,
-) -> Result<(
-    magcache_strategies::profile::Profile,
-    Report,
-    Vec<BlockStat>,
-    candle_core::Tensor,
-)> {
+) -> Result<Calibration> {
     use magcache_strategies::profile::{expert_name, Profile, ProfileMeta};
     let probes = BlockProbes::new();
     if blocks {

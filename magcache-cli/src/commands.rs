@@ -21,6 +21,7 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
         calibration_seeds,
         validation_seeds,
         data_range,
+        start_axis,
         quiet,
     } = a;
     let mut outs = plan_outputs(&config, &[("--out", &Some(out.clone()))])?;
@@ -38,6 +39,15 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
             calibration_seeds,
             validation_seeds,
             data_range,
+            start_axis: match start_axis.as_str() {
+                "sigma" => magcache_strategies::residual::EstimatorAxis::Sigma,
+                "step" => magcache_strategies::residual::EstimatorAxis::Step,
+                other => {
+                    return Err(magcache_core::Error::msg(format!(
+                        "calibrate --start-axis: `{other}` is not an axis (sigma or step)"
+                    )))
+                }
+            },
         };
         let (profile, report) = crate::fit(&config, &opts, !quiet)?;
         outs.write(&out, profile.to_toml()?.as_bytes())?;

@@ -43,6 +43,8 @@ pub struct FitOptions {
     pub validation_seeds: Vec<u64>,
     /// PSNR's data range (`compare --data-range`); default: the dense run's range.
     pub data_range: Option<f64>,
+    /// The axis of the order-1 forecast the coefficients start from (sigma: the study's start).
+    pub start_axis: EstimatorAxis,
 }
 
 impl Default for FitOptions {
@@ -55,6 +57,7 @@ impl Default for FitOptions {
             calibration_seeds: vec![1000, 1001, 1002, 1003],
             validation_seeds: vec![2000, 2001],
             data_range: None,
+            start_axis: EstimatorAxis::Sigma,
         }
     }
 }
@@ -97,7 +100,7 @@ fn seeded(text: &str, file: &str, seed: u64) -> Result<String> {
     let Some(tbl) = inputs.as_table_mut() else {
         return Err(Error::config(file, "inputs", "must be a table"));
     };
-    if tbl.contains_key("file") || tbl.contains_key("latents") {
+    if tbl.contains_key("file") {
         return Err(Error::config(
             file,
             "inputs.file",
@@ -134,11 +137,17 @@ fn sample(text: &str, config: &Path, file: &str, seed: u64) -> Result<Sample> {
     })
 }
 
-/// Runs `s` with the fitted estimator's `coefs` on `list`; returns the final latents.
-fn cached(s: &mut Sample, list: &[usize], coefs: &Coefficients) -> Result<Tensor> {
+/// Runs `s` with the fitted estimator's `coefs` on `list` (calls not fitted yet start at the
+/// order-1 forecast in `axis`); returns the final latents.
+fn cached(
+    s: &mut Sample,
+    list: &[usize],
+    coefs: &Coefficients,
+    axis: EstimatorAxis,
+) -> Result<Tensor> {
     let shared = Shared {
         estimator: Estimator::Fitted,
-        estimator_axis: EstimatorAxis::Sigma,
+        estimator_axis: axis,
         ..Default::default()
     };
     let rule = ScheduleRule::fitted(list.to_vec(), coefs.clone());
@@ -159,10 +168,11 @@ fn worst_psnr(
     list: &[usize],
     coefs: &Coefficients,
     range: Option<f64>,
+    axis: EstimatorAxis,
 ) -> Result<f64> {
     let mut worst = f64::INFINITY;
     for s in samples.iter_mut() {
-        let out = cached(s, list, coefs)?;
+        let out = cached(s, list, coefs, axis)?;
         let planes = s.p.pipeline.to_planes(&out)?;
         let q = quality(&s.dense, &out, &s.dense_planes, &planes, range)?;
         worst = worst.min(q.psnr_db);
@@ -278,7 +288,7 @@ fn train(
         for s in cal.iter_mut() {
             let loss = {
                 let _d = magcache_layers::nn::Differentiable::enter();
-                let out = cached(s, list, &coefs)?;
+                let out = cached(s, list, &coefs, opts.start_axis)?;
                 ((out - &s.dense)?.sqr()?.sum_all()? / norm)?
             };
             err += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -306,7 +316,7 @@ fn train(
             )));
         }
         let frozen = coefs.frozen()?;
-        let psnr = worst_psnr(val, list, &frozen, opts.data_range)?;
+        let psnr = worst_psnr(val, list, &frozen, opts.data_range, opts.start_axis)?;
         let start_err = record.first().map_or(err, |r| r.calibration_error);
         if err <= start_err && psnr > best_psnr {
             (best, best_it, best_psnr) = (Some(frozen), it, psnr);
@@ -339,6 +349,9 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
     let file = config.display().to_string();
     let text = crate::tune::without_cache(&magcache_core::error::read_text(config)?);
     check_options(opts)?;
+    // Every seed's pipeline reads the same checkpoint: keep its tensors once (as `serve` does)
+    // instead of one copy of the weights per seed.
+    magcache_layers::weights::warm::keep_warm();
     // The calibration profile, on the first calibration seed.
     let first = opts.calibration_seeds[0];
     let mut p0 = prepare_pipeline_text(&seeded(&text, &file, first)?, config)?;
@@ -381,7 +394,7 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
     profile.fitted = Some(FittedProfile {
         compute_steps: list.clone(),
         steps,
-        axis: EstimatorAxis::Sigma,
+        axis: opts.start_axis,
         calibration_seeds: opts.calibration_seeds.clone(),
         validation_seeds: opts.validation_seeds.clone(),
         iterations: opts.iterations,

@@ -247,7 +247,13 @@ impl Linear {
             Weight::Bf16 { op, out } => (f32_op(&x2, op)?, *out),
             Weight::Compact { op, out } => (f32_op(&x2, op)?, *out),
             Weight::Dense(wt) => {
-                let y = if x2.dtype() == wt.dtype() {
+                let frozen = differentiable()
+                    && wt.device().is_cpu()
+                    && wt.dtype() == DType::F32
+                    && x2.dtype() == DType::F32;
+                let y = if frozen {
+                    x2.apply_op1(FrozenMatMul { wt: wt.clone() })?
+                } else if x2.dtype() == wt.dtype() {
                     x2.matmul(wt)?
                 } else if wt.device().is_cpu() && x2.dtype() == DType::F32 {
                     // `wt` is the transposed view of a contiguous `[out, in]` weight: widen that,
@@ -265,6 +271,47 @@ impl Linear {
         let mut out_dims = lead.to_vec();
         out_dims.push(out);
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// `x [m, k] -> x W^T [m, n]` for a weight that takes no gradient (`wt`: the `[k, n]` transposed
+/// view), in [`differentiable`] mode: candle's matmul backward computes the weight's gradient too,
+/// which for a whole model is as large as its weights and as costly as the activations' gradient;
+/// this op's backward returns the input's alone (`grad W`).
+struct FrozenMatMul {
+    wt: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatMul {
+    fn name(&self) -> &'static str {
+        "frozen-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = s else {
+            candle_core::bail!("frozen-weight matmul: f32 only");
+        };
+        let (m, k) = l.shape().dims2()?;
+        let x = Tensor::from_slice(
+            contiguous(v, l, "frozen-weight matmul")?,
+            (m, k),
+            &Device::Cpu,
+        )?;
+        let y = x.matmul(&self.wt)?;
+        let n = y.dim(1)?;
+        let out = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((m, n)),
+        ))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.wt.t()?)?))
     }
 }
 

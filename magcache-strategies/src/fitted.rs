@@ -284,16 +284,10 @@ pub fn validate_config(
             "estimator = \"fitted\" needs profile = \"...\" with a [fitted] table (written by `magcache calibrate --fit`)",
         ));
     }
-    if let Some(s) = compute_steps {
-        if s.is_empty() || s[0] != 0 || s.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::config(
-                file,
-                "cache.compute_steps",
-                "must start with 0 and increase strictly (call 0 has nothing to reuse)",
-            ));
-        }
+    match compute_steps {
+        Some(s) => crate::search::check_compute_steps(file, s),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// A fitted profile's schedule for a run: `(compute_steps, scope length, coefficients, note)`;

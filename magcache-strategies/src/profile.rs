@@ -214,7 +214,7 @@ pub struct FittedProfile {
     pub compute_steps: Vec<usize>,
     /// Calls per scope the schedule was fitted for.
     pub steps: usize,
-    /// The axis of the order-1 forecast the fit started from.
+    /// The axis of the order-1 forecast the fit started from (`--start-axis`).
     pub axis: crate::residual::EstimatorAxis,
     /// Noise seeds of the calibration batch (the fit's loss).
     pub calibration_seeds: Vec<u64>,

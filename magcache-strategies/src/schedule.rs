@@ -27,7 +27,8 @@ use std::collections::BTreeMap;
 
 pub use crate::profile::ForecastErrors;
 pub use crate::search::{
-    search, search_joint, search_joint_within, search_model, ErrorModel, MAX_GAP,
+    check_compute_steps, search, search_joint, search_joint_within, search_model, ErrorModel,
+    MAX_GAP,
 };
 
 crate::strategy_config! {
@@ -57,16 +58,7 @@ impl StrategyConfig for ScheduleConfig {
         }
         self.shared().validate(file)?;
         match (&self.compute_steps, &self.profile, self.budget) {
-            (Some(s), None, None) => {
-                if s.is_empty() || s[0] != 0 || s.windows(2).any(|w| w[0] >= w[1]) {
-                    return Err(Error::config(
-                        file,
-                        "cache.compute_steps",
-                        "must start with 0 and increase strictly (call 0 has nothing to reuse)",
-                    ));
-                }
-                Ok(())
-            }
+            (Some(s), None, None) => check_compute_steps(file, s),
             (None, Some(_), Some(b)) if b >= 1 => Ok(()),
             (None, Some(_), _) => Err(Error::config(
                 file,

@@ -403,3 +403,16 @@ fn reused_errors(model: &ErrorModel, steps: &[usize], n: usize, keep: usize) -> 
     }
     errors
 }
+
+/// `compute_steps` starts with call 0 and increases strictly; else an error naming `file` and the
+/// key.
+pub fn check_compute_steps(file: &str, s: &[usize]) -> magcache_core::Result<()> {
+    if s.first() != Some(&0) || s.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(magcache_core::Error::config(
+            file,
+            "cache.compute_steps",
+            "must start with 0 and increase strictly (call 0 has nothing to reuse)",
+        ));
+    }
+    Ok(())
+}

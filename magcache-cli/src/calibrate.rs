@@ -76,9 +76,7 @@ pub(crate) fn calibrate_on(
     }
     let (cal, results) = magcache_strategies::calibrate::Calibrator::new();
     let handle = CacheHandle::new(Box::new(cal));
-    p.pipeline.set_cache(Some(handle.clone()))?;
-    p.cache = Some(handle);
-    p.strategy = "calibrate".into();
+    p.use_cache(Some(handle), "calibrate")?;
     let (dense, report) = generate(p, verbosity)?;
     let stats = probes.summary()?;
     let plan = p.pipeline.plan();

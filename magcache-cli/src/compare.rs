@@ -180,15 +180,10 @@ fn alternated(
     let cache = p.cache.take();
     let strategy = std::mem::replace(&mut p.strategy, "none".into());
     let run_dense = |p: &mut crate::prepare::Prepared, v: Verbosity| -> Result<_> {
-        p.pipeline.set_cache(None)?;
-        (p.cache, p.strategy) = (None, "none".into());
+        p.use_cache(None, "none")?;
         generate(p, v)
     };
-    let set_cached = |p: &mut crate::prepare::Prepared| -> Result<()> {
-        p.pipeline.set_cache(cache.clone())?;
-        (p.cache, p.strategy) = (cache.clone(), strategy.clone());
-        Ok(())
-    };
+    let set_cached = |p: &mut crate::prepare::Prepared| p.use_cache(cache.clone(), &strategy);
     set_cached(p)?;
     generate(p, Verbosity::Silent)?;
     let (mut dense_runs, mut cached_runs) = (Vec::new(), Vec::new());

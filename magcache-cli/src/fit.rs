@@ -152,13 +152,10 @@ fn cached(
     };
     let rule = ScheduleRule::fitted(list.to_vec(), coefs.clone());
     let handle = CacheHandle::new(Box::new(Schedule::with_rule(rule, shared)));
-    s.p.pipeline.set_cache(Some(handle.clone()))?;
-    s.p.cache = Some(handle);
-    s.p.strategy = "schedule".into();
+    s.p.use_cache(Some(handle), "schedule")?;
     let out = generate(&mut s.p, Verbosity::Silent)?.0;
     // The strategy's stored residuals would keep this run's graph alive past its backward.
-    s.p.pipeline.set_cache(None)?;
-    s.p.cache = None;
+    s.p.use_cache(None, "none")?;
     Ok(out)
 }
 

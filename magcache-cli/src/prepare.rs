@@ -22,6 +22,15 @@ pub struct Prepared {
     pub notes: Vec<String>,
 }
 
+impl Prepared {
+    /// Attaches `cache` (none: the run is dense) to the pipeline, named `strategy` in reports.
+    pub fn use_cache(&mut self, cache: Option<CacheHandle>, strategy: &str) -> Result<()> {
+        self.pipeline.set_cache(cache.clone())?;
+        (self.cache, self.strategy) = (cache, strategy.to_string());
+        Ok(())
+    }
+}
+
 /// `dtype = "auto"` by the family's per-stage estimate ([`registry::EstimateRun`]): `f32` when
 /// every stage fits the available memory in f32, else `bf16` and the note naming the stage that
 /// does not fit. `None` when the family gives no estimate.
@@ -156,10 +165,8 @@ pub(crate) fn attach_cache(p: &mut Prepared, base: &Path) -> Result<()> {
         model: &info,
     };
     let strategy_cfg = p.cfg.strategy();
-    p.strategy = strategy_cfg.typetag_name().to_string();
-    p.cache = strategy_cfg.build(&env)?.map(CacheHandle::new);
-    p.pipeline.set_cache(p.cache.clone())?;
-    Ok(())
+    let cache = strategy_cfg.build(&env)?.map(CacheHandle::new);
+    p.use_cache(cache, strategy_cfg.typetag_name())
 }
 
 pub(crate) fn base_dir(config: &Path) -> PathBuf {

@@ -235,9 +235,7 @@ impl Runner<'_> {
                 model: &info,
             };
             let handle = strategy.build(&env)?.map(CacheHandle::new);
-            inp.p.pipeline.set_cache(handle.clone())?;
-            inp.p.cache = handle;
-            inp.p.strategy = strategy.typetag_name().to_string();
+            inp.p.use_cache(handle, strategy.typetag_name())?;
             let (out, rep) = generate(&mut inp.p, self.verbosity)?;
             let planes = inp.p.pipeline.to_planes(&out)?;
             let q = quality(

@@ -291,11 +291,12 @@ pub fn validate_config(
 }
 
 /// A fitted profile's schedule for a run: `(compute_steps, scope length, coefficients, note)`;
-/// `compute_steps` and `budget` from `[cache]`, when given, must be the fitted schedule's.
+/// `compute_steps` and `budget` from `[cache]` (of `run_file`), when given, must be the fitted
+/// schedule's. The profile (`file`) is the run's family's (the caller checks).
 pub fn from_profile(
     prof: &crate::profile::Profile,
     file: &str,
-    env: &magcache_core::BuildEnv<'_>,
+    run_file: &str,
     compute_steps: Option<&[usize]>,
     budget: Option<usize>,
 ) -> Result<(Vec<usize>, usize, Coefficients, String)> {
@@ -306,20 +307,10 @@ pub fn from_profile(
             "the profile has no [fitted] table: fit one with `magcache calibrate --fit --budget N` (or `--compute-steps`)",
         ));
     };
-    if prof.meta.family != env.model.family {
-        return Err(Error::config(
-            env.file,
-            "cache.profile",
-            format!(
-                "{file} was fitted on family `{}`, this run is `{}`",
-                prof.meta.family, env.model.family
-            ),
-        ));
-    }
     if let Some(s) = compute_steps {
         if s != f.compute_steps.as_slice() {
             return Err(Error::config(
-                env.file,
+                run_file,
                 "cache.compute_steps",
                 format!("{s:?} is not the schedule {file} was fitted for ({:?}): leave it out, or fit this one", f.compute_steps),
             ));
@@ -328,7 +319,7 @@ pub fn from_profile(
     if let Some(b) = budget {
         if b != f.compute_steps.len() {
             return Err(Error::config(
-                env.file,
+                run_file,
                 "cache.budget",
                 format!("{b} computed calls, but {file} was fitted for {} ({:?}): leave it out, or fit for this budget", f.compute_steps.len(), f.compute_steps),
             ));
@@ -351,31 +342,21 @@ pub fn from_profile(
     Ok((f.compute_steps.clone(), f.steps, coefs, note))
 }
 
-/// A fitted schedule fits scope `key` only at the step count it was fitted for (`fitted_for`;
-/// `None`: a fit in progress) and with every computed call inside it.
-pub fn check_scope(
-    list: &[usize],
+/// A fitted schedule runs a scope only at the step count it was fitted for (`fitted_for`; `None`: a
+/// fit in progress).
+pub fn check_steps(
     fitted_for: Option<usize>,
     key: magcache_core::ScopeKey,
     steps: usize,
 ) -> Result<()> {
-    if let Some(n) = fitted_for {
-        if n != steps {
-            return Err(Error::config(
-                "[cache]",
-                "cache.profile",
-                format!("the fitted schedule is for {n} calls per scope, scope {key} runs {steps}: fit at this step count"),
-            ));
-        }
-    }
-    if let Some(bad) = list.iter().find(|&&i| i >= steps) {
-        return Err(Error::config(
+    match fitted_for {
+        Some(n) if n != steps => Err(Error::config(
             "[cache]",
-            "cache.compute_steps",
-            format!("call {bad} is beyond scope {key}, which runs {steps} calls (0..{steps})"),
-        ));
+            "cache.profile",
+            format!("the fitted schedule is for {n} calls per scope, scope {key} runs {steps}: fit at this step count"),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -80,27 +80,10 @@ impl StrategyConfig for ScheduleConfig {
 
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
         self.validate(env.file)?;
+        let fitted = self.estimator == crate::residual::Estimator::Fitted;
         let source = match (&self.compute_steps, &self.profile) {
-            (_, Some(p)) if self.estimator == crate::residual::Estimator::Fitted => {
-                let path = env.resolve(p);
-                let prof = crate::profile::Profile::load(&path)?;
-                let shown = path.display().to_string();
-                let (list, steps, coefs, note) = crate::fitted::from_profile(
-                    &prof,
-                    &shown,
-                    env,
-                    self.compute_steps.as_deref(),
-                    self.budget,
-                )?;
-                Source::Fitted {
-                    list,
-                    steps: Some(steps),
-                    coefs,
-                    note: Some(note),
-                }
-            }
-            (Some(s), _) => Source::Fixed(s.clone()),
-            (None, Some(p)) => {
+            (Some(s), _) if !fitted => Source::Fixed(s.clone()),
+            (_, Some(p)) => {
                 let path = env.resolve(p);
                 let prof = crate::profile::Profile::load(&path)?;
                 let shown = path.display().to_string();
@@ -114,21 +97,37 @@ impl StrategyConfig for ScheduleConfig {
                         ),
                     ));
                 }
-                if prof.forecast_errors.is_empty() {
-                    return Err(Error::config(
+                if fitted {
+                    let (list, steps, coefs, note) = crate::fitted::from_profile(
+                        &prof,
                         &shown,
-                        "forecast_errors",
-                        "the profile has no forecast-error tables (written by an older `magcache calibrate`): calibrate again",
-                    ));
-                }
-                Source::Searched {
-                    file: shown,
-                    n_experts: prof.ratios.len(),
-                    guidance: prof.meta.guidance_scale,
-                    tables: prof.forecast_errors,
+                        env.file,
+                        self.compute_steps.as_deref(),
+                        self.budget,
+                    )?;
+                    Source::Fitted {
+                        list,
+                        steps: Some(steps),
+                        coefs,
+                        note: Some(note),
+                    }
+                } else {
+                    if prof.forecast_errors.is_empty() {
+                        return Err(Error::config(
+                            &shown,
+                            "forecast_errors",
+                            "the profile has no forecast-error tables (written by an older `magcache calibrate`): calibrate again",
+                        ));
+                    }
+                    Source::Searched {
+                        file: shown,
+                        n_experts: prof.ratios.len(),
+                        guidance: prof.meta.guidance_scale,
+                        tables: prof.forecast_errors,
+                    }
                 }
             }
-            (None, None) => unreachable!("validated"),
+            (_, None) => unreachable!("validated"),
         };
         Ok(Some(Box::new(Schedule::with_rule(
             ScheduleRule {
@@ -261,22 +260,13 @@ impl ScheduleRule {
     ) -> Result<Vec<(bool, Option<f64>)>> {
         let (key, steps) = (sp.key, sp.steps);
         let (list, predicted) = match &self.source {
-            Source::Fixed(s) => {
-                if let Some(bad) = s.iter().find(|&&i| i >= steps) {
-                    return Err(Error::config(
-                        "[cache]",
-                        "cache.compute_steps",
-                        format!("call {bad} is beyond scope {key}, which runs {steps} calls (0..{steps})"),
-                    ));
-                }
-                (s.clone(), None)
-            }
+            Source::Fixed(s) => (s.clone(), None),
             Source::Fitted {
                 list,
                 steps: fitted_for,
                 ..
             } => {
-                crate::fitted::check_scope(list, *fitted_for, key, steps)?;
+                crate::fitted::check_steps(*fitted_for, key, steps)?;
                 (list.clone(), None)
             }
             Source::Searched { .. } => {
@@ -284,6 +274,13 @@ impl ScheduleRule {
                 (list, Some(errors))
             }
         };
+        if let Some(bad) = list.iter().find(|&&i| i >= steps) {
+            return Err(Error::config(
+                "[cache]",
+                "cache.compute_steps",
+                format!("call {bad} is beyond scope {key}, which runs {steps} calls (0..{steps})"),
+            ));
+        }
         let mut v: Vec<(bool, Option<f64>)> = vec![(false, None); steps];
         for i in list {
             v[i].0 = true;

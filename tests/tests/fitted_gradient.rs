@@ -21,12 +21,10 @@ fn run(p: &mut Prepared, coefs: &Coefficients, differentiable: bool) -> Tensor {
     };
     let rule = ScheduleRule::fitted(vec![0, 2, 4], coefs.clone());
     let h = CacheHandle::new(Box::new(Schedule::with_rule(rule, shared)));
-    p.pipeline.set_cache(Some(h.clone())).unwrap();
-    p.cache = Some(h);
+    p.use_cache(Some(h), "schedule").unwrap();
     let _d = differentiable.then(magcache_layers::nn::Differentiable::enter);
     let out = generate(p, Verbosity::Silent).unwrap().0;
-    p.pipeline.set_cache(None).unwrap();
-    p.cache = None;
+    p.use_cache(None, "none").unwrap();
     out
 }
 

@@ -96,6 +96,10 @@ pub(crate) struct CalibrateArgs {
     /// With `--fit`: Adam's learning rate.
     #[arg(long, default_value_t = 0.01)]
     pub(crate) learning_rate: f64,
+    /// With `--fit`: the computed residuals each reused call combines (2: the last two, where the
+    /// order-1 forecast starts; up to 4).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) history: usize,
     /// With `--fit`: the noise seeds of the calibration batch (the fit's loss).
     #[arg(long, value_delimiter = ',', default_value = "1000,1001,1002,1003")]
     pub(crate) calibration_seeds: Vec<u64>,

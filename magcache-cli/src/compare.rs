@@ -241,6 +241,12 @@ pub fn compare_text(r: &CompareReport) -> String {
             "| PSNR vs dense, decoded pixels (dB, per frame) | - | {:.2} |\n",
             q.psnr_db
         ));
+        if let Some(w) = q.worst_sample {
+            s.push_str(&format!(
+                "| worst sample's PSNR vs dense, decoded pixels (dB) | - | {:.2} (sample {} of {}) |\n",
+                w.psnr_db, w.index, w.of
+            ));
+        }
         s.push_str(&format!(
             "| SSIM vs dense, decoded pixels | - | {:.4} |\n",
             q.ssim
@@ -260,6 +266,12 @@ pub fn compare_text(r: &CompareReport) -> String {
         "| PSNR vs dense{on} (dB, range {:.3}) | - | {:.2} |\n",
         l.data_range, l.psnr_db
     ));
+    if let Some(w) = l.worst_sample {
+        s.push_str(&format!(
+            "| worst sample's PSNR vs dense{on} (dB) | - | {:.2} (sample {} of {}) |\n",
+            w.psnr_db, w.index, w.of
+        ));
+    }
     s.push_str(&format!("| SSIM vs dense{on} | - | {:.4} |\n", l.ssim));
     s.push_str(&format!(
         "| max / mean abs error{on} | - | {:.4} / {:.5} |\n",

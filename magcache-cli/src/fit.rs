@@ -39,6 +39,8 @@ pub struct FitOptions {
     /// Adam iterations (0: the order-1 forecast, unchanged).
     pub iterations: usize,
     pub learning_rate: f64,
+    /// Computed residuals each reused call combines (2 to 4; 2: the order-1 forecast's).
+    pub history: usize,
     pub calibration_seeds: Vec<u64>,
     pub validation_seeds: Vec<u64>,
     /// PSNR's data range (`compare --data-range`); default: the dense run's range.
@@ -54,6 +56,7 @@ impl Default for FitOptions {
             compute_steps: None,
             iterations: 30,
             learning_rate: 0.01,
+            history: magcache_strategies::fitted::DEFAULT_HISTORY,
             calibration_seeds: vec![1000, 1001, 1002, 1003],
             validation_seeds: vec![2000, 2001],
             data_range: None,
@@ -226,6 +229,9 @@ fn check_options(opts: &FitOptions) -> Result<()> {
             "calibrate --fit: seed {s} is both a calibration and a validation seed: the validation slice must be noise the fit does not see"
         )));
     }
+    Coefficients::taylor()
+        .with_history(opts.history)
+        .map_err(|e| Error::msg(format!("calibrate --fit --history: {e}")))?;
     if !(opts.learning_rate.is_finite() && opts.learning_rate > 0.0) {
         return Err(Error::msg(
             "calibrate --fit: --learning-rate must be a positive number",
@@ -275,7 +281,7 @@ fn train(
     opts: &FitOptions,
     progress: bool,
 ) -> Result<(Coefficients, usize, Vec<FitStep>)> {
-    let coefs = Coefficients::trainable();
+    let coefs = Coefficients::trainable().with_history(opts.history)?;
     let mut moments = Vec::new();
     let mut record: Vec<FitStep> = Vec::new();
     let (mut best, mut best_it, mut best_psnr) = (None, 0usize, f64::NEG_INFINITY);
@@ -397,6 +403,7 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         iterations: opts.iterations,
         best_iteration: best_it,
         learning_rate: opts.learning_rate,
+        history: opts.history,
         calibration_error: [
             record[0].calibration_error,
             record[best_it].calibration_error,

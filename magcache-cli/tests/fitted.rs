@@ -69,13 +69,16 @@ fn compare(run: &Path) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// `compare`'s PSNR of `run` and its computed calls.
+/// `compare`'s PSNR of `run` and its computed calls; the batch's worst sample is reported, at or
+/// below the batch's PSNR (its error is at least the mean).
 fn psnr(run: &Path) -> (f64, serde_json::Value) {
     let j = compare(run);
-    (
-        j["quality"]["psnr_db"].as_f64().unwrap(),
-        j["cached_computed_calls"].clone(),
-    )
+    let (batch, worst) = (&j["quality"]["psnr_db"], &j["quality"]["worst_sample"]);
+    let batch = batch.as_f64().unwrap();
+    let of = worst["of"].as_u64().unwrap();
+    assert!(of >= 2 && worst["index"].as_u64().unwrap() < of, "{j}");
+    assert!(worst["psnr_db"].as_f64().unwrap() <= batch + 1e-9, "{j}");
+    (batch, j["cached_computed_calls"].clone())
 }
 
 fn f64s(v: &toml::Value) -> Vec<f64> {
@@ -217,6 +220,19 @@ fn fit_arguments_are_checked_before_any_run() {
         "5",
     ]);
     check_err(&o, &["seed 5"]);
+    let o = magcache(&[
+        "calibrate",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--fit",
+        "--budget",
+        "4",
+        "--history",
+        "5",
+    ]);
+    check_err(&o, &["--history", "5 residuals"]);
     let o = magcache(&["calibrate", "--config", s(&run), "--out", s(&out), "--fit"]);
     check_err(&o, &["--budget", "--compute-steps"]);
     let o = magcache(&[

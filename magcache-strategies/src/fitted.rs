@@ -3,8 +3,10 @@
 //! A reused call `k` after the computed calls `a < b` of its scope returns
 //! `r_k[c] = w_a[c] r_a[c] + w_b[c] r_b[c]` for each hidden channel `c`: one pair of coefficients
 //! per skipped call and channel, shared by the samples, the tokens and both CFG branches (after
-//! only one computed call, one coefficient). They start at the order-1 forecast in the estimator's
-//! axis (`w_a = -q`, `w_b = 1 + q`, `q = (s_k - s_b) / (s_b - s_a)`; one residual: `w = 1`, reuse)
+//! only one computed call, one coefficient; with `history = 3` or 4 in the profile, a coefficient
+//! on each of the last three or four computed residuals). They start at the order-1 forecast in the
+//! estimator's axis (`w_a = -q`, `w_b = 1 + q`, `q = (s_k - s_b) / (s_b - s_a)`, 0 on older
+//! residuals; one residual: `w = 1`, reuse)
 //! and are fitted by `magcache calibrate --fit` so that the **final latent** of the whole cached
 //! run matches the dense run's on a calibration batch: the smallest error at each call is not the
 //! smallest error at the end of the run (fitting each call's residual alone lost 1-2 dB to plain
@@ -21,7 +23,7 @@ use magcache_core::{Error, Result};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use crate::profile::{FittedCall, FittedProfile};
+pub use crate::profile::{FittedCall, FittedProfile, DEFAULT_HISTORY, MAX_HISTORY};
 
 /// Which coefficient a fit's variable is: `(expert, call, index within the call's from)`.
 pub type VarKey = (usize, usize, usize);
@@ -49,6 +51,8 @@ struct Entry {
 struct Table {
     calls: BTreeMap<(usize, usize), Entry>,
     start: Start,
+    /// Computed residuals each reused call combines (the last ones stored; 2 by default).
+    history: usize,
 }
 
 /// The coefficients of a run's reused calls, per `(expert, call)`: read from a profile, or (a fit)
@@ -62,7 +66,25 @@ impl Coefficients {
         Coefficients(Arc::new(Mutex::new(Table {
             calls: BTreeMap::new(),
             start,
+            history: DEFAULT_HISTORY,
         })))
+    }
+
+    /// The same table combining the last `n` computed residuals (at least 2) in each reused call;
+    /// the calls not fitted yet start at the order-1 forecast (0 on the older residuals).
+    pub fn with_history(self, n: usize) -> Result<Self> {
+        if !(DEFAULT_HISTORY..=MAX_HISTORY).contains(&n) {
+            return Err(Error::msg(format!(
+                "fitted estimator: {n} residuals per reused call (from {DEFAULT_HISTORY} to {MAX_HISTORY})"
+            )));
+        }
+        self.lock()?.history = n;
+        Ok(self)
+    }
+
+    /// Computed residuals each reused call combines.
+    pub fn history(&self) -> usize {
+        self.lock().map_or(DEFAULT_HISTORY, |t| t.history)
     }
 
     /// Every call at the order-1 forecast (what zero fit iterations leave).
@@ -101,7 +123,7 @@ impl Coefficients {
             }
         }
         drop(t);
-        Ok(c)
+        c.with_history(fitted.history)
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Table>> {
@@ -220,6 +242,7 @@ impl Coefficients {
         Ok(Coefficients(Arc::new(Mutex::new(Table {
             calls,
             start: Start::Taylor,
+            history: t.history,
         }))))
     }
 
@@ -327,9 +350,10 @@ pub fn from_profile(
     }
     let coefs = Coefficients::from_profile(f, file, prof.ratios.len())?;
     let note = format!(
-        "fitted estimator from {file}: computes calls {:?} of {}; fitted on seeds {:?} ({} of {} Adam iterations kept); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB against order-1 forecasting",
+        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel; fitted on seeds {:?} ({} of {} Adam iterations kept); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB against order-1 forecasting",
         f.compute_steps,
         f.steps,
+        f.history,
         f.calibration_seeds,
         f.best_iteration,
         f.iterations,
@@ -382,17 +406,22 @@ mod tests {
             ra in proptest::collection::vec(-5.0f32..5.0, 4),
             rb in proptest::collection::vec(-5.0f32..5.0, 4),
             two in any::<bool>(),
+            older in proptest::option::of(proptest::collection::vec(-5.0f32..5.0, 4)),
         ) {
             let sb = sa + gap;
             let at = sb + ahead;
-            let mut h = ResidualHistory::new(Estimator::Taylor1);
-            if two {
-                h.push(0, sa, Streams::hidden(t(&ra)));
+            // With a third, older residual stored (`--history 3`) the start gives it no weight.
+            let mut h = ResidualHistory::keeping(Estimator::Taylor1, 3);
+            if let (Some(r0), true) = (&older, two) {
+                h.push(0, sa - 1.0, Streams::hidden(t(r0)));
             }
-            h.push(1, sb, Streams::hidden(t(&rb)));
+            if two {
+                h.push(1, sa, Streams::hidden(t(&ra)));
+            }
+            h.push(2, sb, Streams::hidden(t(&rb)));
             let want = h.estimate(at).unwrap().unwrap().hidden;
-            let c = Coefficients::taylor();
-            let comb = c.combination(0, 2, &h.points(), at, 4, &Device::Cpu).unwrap();
+            let c = Coefficients::taylor().with_history(3).unwrap();
+            let comb = c.combination(0, 3, &h.points(), at, 4, &Device::Cpu).unwrap();
             let got = h.estimate_with(at, Some(&comb)).unwrap().unwrap().hidden;
             let d = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap()
                 .to_scalar::<f32>().unwrap();
@@ -451,5 +480,38 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("fitted.calls.main"));
+        // Three residuals per call need `history = 3` (the profile's, read back with it).
+        let c3 = Coefficients::trainable().with_history(3).unwrap();
+        let three = [(0usize, 1.0f64), (3, 0.5), (6, 0.3)];
+        c3.combination(0, 7, &three, 0.2, 3, &Device::Cpu).unwrap();
+        let mut f3 = FittedProfile {
+            compute_steps: vec![0, 3, 6],
+            steps: 8,
+            calls: c3.to_profile_calls(1).unwrap(),
+            ..Default::default()
+        };
+        let e = f3.check("p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("fitted.calls.main") && e.contains("one to 2"),
+            "{e}"
+        );
+        f3.history = 3;
+        f3.check("p.toml").unwrap();
+        let back3 = Coefficients::from_profile(&f3, "p.toml", 1).unwrap();
+        assert_eq!(back3.history(), 3);
+        let comb = back3
+            .combination(0, 7, &three, 0.2, 3, &Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            comb.channels.unwrap()[0].to_vec1::<f32>().unwrap(),
+            [0.0; 3]
+        );
+        f3.history = 9;
+        assert!(f3
+            .check("p.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("fitted.history"));
+        assert!(Coefficients::taylor().with_history(1).is_err());
     }
 }

@@ -206,8 +206,14 @@ impl Profile {
     }
 }
 
+/// Computed residuals a fitted reused call combines unless the fit says otherwise (the order-1
+/// forecast's).
+pub const DEFAULT_HISTORY: usize = 2;
+/// The most a fit may combine.
+pub const MAX_HISTORY: usize = 4;
+
 /// The profile's `[fitted]` table: a schedule and the coefficients of its reused calls.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FittedProfile {
     /// The computed calls of every scope (0-based within the scope).
@@ -224,6 +230,13 @@ pub struct FittedProfile {
     pub iterations: usize,
     pub best_iteration: usize,
     pub learning_rate: f64,
+    /// Computed residuals each reused call combines (`--history`; absent: 2, the order-1
+    /// forecast's).
+    #[serde(
+        default = "default_history",
+        skip_serializing_if = "is_default_history"
+    )]
+    pub history: usize,
     /// Relative squared error of the final latent on the calibration batch: at the start (order-1
     /// forecast) and for the kept coefficients.
     pub calibration_error: [f64; 2],
@@ -231,6 +244,33 @@ pub struct FittedProfile {
     pub validation_psnr_db: [f64; 2],
     /// Per expert (`main`, `high_noise`, `low_noise`), the reused calls' coefficients.
     pub calls: BTreeMap<String, Vec<FittedCall>>,
+}
+
+impl Default for FittedProfile {
+    fn default() -> Self {
+        FittedProfile {
+            compute_steps: Vec::new(),
+            steps: 0,
+            axis: Default::default(),
+            calibration_seeds: Vec::new(),
+            validation_seeds: Vec::new(),
+            iterations: 0,
+            best_iteration: 0,
+            learning_rate: 0.0,
+            history: default_history(),
+            calibration_error: [0.0; 2],
+            validation_psnr_db: [0.0; 2],
+            calls: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_history() -> usize {
+    DEFAULT_HISTORY
+}
+
+fn is_default_history(n: &usize) -> bool {
+    *n == DEFAULT_HISTORY
 }
 
 /// One reused call's coefficients in the profile.
@@ -262,11 +302,20 @@ impl FittedProfile {
                 ),
             );
         }
+        if !(DEFAULT_HISTORY..=MAX_HISTORY).contains(&self.history) {
+            return bad(
+                "history",
+                format!(
+                    "{} residuals per reused call: from {} to {}",
+                    self.history, DEFAULT_HISTORY, MAX_HISTORY
+                ),
+            );
+        }
         for (expert, calls) in &self.calls {
             for c in calls {
                 let width = c.weights.first().map_or(0, Vec::len);
                 if c.from.is_empty()
-                    || c.from.len() > 2
+                    || c.from.len() > self.history
                     || c.weights.len() != c.from.len()
                     || width == 0
                     || c.weights.iter().any(|w| w.len() != width)
@@ -274,7 +323,7 @@ impl FittedProfile {
                 {
                     return bad(
                         &format!("calls.{expert}"),
-                        format!("call {}: one or two `from` calls, one row of finite coefficients of one width each", c.step),
+                        format!("call {}: one to {} `from` calls, one row of finite coefficients of one width each", c.step, self.history),
                     );
                 }
             }

@@ -445,6 +445,13 @@ impl Rule for ScheduleRule {
         self.schedule_for(sp, plan)
     }
 
+    fn history(&self) -> usize {
+        match &self.source {
+            Source::Fitted { coefs, .. } => coefs.history(),
+            _ => 0,
+        }
+    }
+
     fn decide(&self, compute: &mut Self::State, call: &Call<'_>) -> Result<Wish> {
         let (scheduled, predicted) = compute.get(call.step).copied().unwrap_or((true, None));
         Ok(Wish::reuse_if(!scheduled, predicted))

@@ -7,6 +7,11 @@
 //!   window (smaller for smaller planes), `C1 = (0.01 range)^2`, `C2 = (0.03 range)^2` and the sample
 //!   covariance, as scikit-image's default `structural_similarity`.
 //!
+//! - `worst_sample`: for a batch of more than one sample (the first dimension), the sample with the
+//!   lowest PSNR and that PSNR, measured the same way on its values alone: a batch's PSNR averages
+//!   the error, and one sample far below the others (a trajectory near a point where it could turn
+//!   into another image) is what a user sees.
+//!
 //! [`pixel_quality`] measures decoded pixels as the papers' evaluation scripts do (the
 //! `common_metrics_on_video_quality` scripts the TeaCache and MagCache evaluations run): pixels in
 //! [0, 1], PSNR and SSIM per frame, then the mean over the frames.
@@ -21,6 +26,39 @@ pub struct Quality {
     pub max_abs: f64,
     pub mean_abs: f64,
     pub data_range: f64,
+    /// The lowest-PSNR sample of a batch of more than one (module docs); absent for one sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worst_sample: Option<WorstSample>,
+}
+
+/// The sample of a batch with the lowest PSNR against the reference.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct WorstSample {
+    /// Its index in the batch (0-based).
+    pub index: usize,
+    /// Of how many.
+    pub of: usize,
+    pub psnr_db: f64,
+}
+
+/// The lowest of per-sample PSNRs (`None` for fewer than two; the first of equals).
+fn worst_of(psnrs: &[f64]) -> Option<WorstSample> {
+    if psnrs.len() < 2 {
+        return None;
+    }
+    let (index, &psnr_db) =
+        psnrs
+            .iter()
+            .enumerate()
+            .fold(None, |w: Option<(usize, &f64)>, (i, p)| match w {
+                Some((_, q)) if q <= p => w,
+                _ => Some((i, p)),
+            })?;
+    Some(WorstSample {
+        index,
+        of: psnrs.len(),
+        psnr_db,
+    })
 }
 
 fn flat(t: &Tensor) -> Result<Vec<f32>> {
@@ -58,18 +96,38 @@ pub fn quality(
             .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
         (hi - lo).max(f32::MIN_POSITIVE) as f64
     });
-    let mse = sse / n;
-    let psnr_db = if mse == 0.0 {
-        f64::INFINITY
+    let psnr = |sse: f64, n: f64| {
+        let mse = sse / n;
+        if mse == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (range * range / mse).log10()
+        }
+    };
+    let batch = reference.dims().first().copied().unwrap_or(1);
+    let per_sample: Vec<f64> = if batch > 1 && a.len() % batch == 0 {
+        let per = a.len() / batch;
+        a.chunks(per)
+            .zip(b.chunks(per))
+            .map(|(x, y)| {
+                let sse = x
+                    .iter()
+                    .zip(y)
+                    .map(|(u, v)| (*u as f64 - *v as f64).powi(2))
+                    .sum::<f64>();
+                psnr(sse, per as f64)
+            })
+            .collect()
     } else {
-        10.0 * (range * range / mse).log10()
+        Vec::new()
     };
     Ok(Quality {
-        psnr_db,
+        psnr_db: psnr(sse, n),
         ssim: ssim(ref_planes, test_planes, range)?,
         max_abs,
         mean_abs: sum_abs / n,
         data_range: range,
+        worst_sample: worst_of(&per_sample),
     })
 }
 
@@ -196,15 +254,18 @@ pub fn pixel_quality(reference: &Tensor, test: &Tensor) -> Result<Quality> {
     let win = if win % 2 == 0 { win - 1 } else { win };
     let taps = gaussian_taps(win.max(1));
     let (mut psnr_sum, mut ssim_sum) = (0.0, 0.0);
+    let mut frame_psnr = Vec::with_capacity(n);
     for f in 0..n {
         let x = &a[f * per..(f + 1) * per];
         let y = &b[f * per..(f + 1) * per];
         let mse = x.iter().zip(y).map(|(u, v)| (u - v) * (u - v)).sum::<f64>() / per.max(1) as f64;
-        psnr_sum += if mse < 1e-10 {
+        let p = if mse < 1e-10 {
             PSNR_IDENTICAL_DB
         } else {
             10.0 * (1.0 / mse).log10()
         };
+        psnr_sum += p;
+        frame_psnr.push(p);
         let mut frame_ssim = 0.0;
         for ch in 0..c {
             let plane = |v: &[f64]| -> Vec<f64> { (0..h * w).map(|k| v[k * c + ch]).collect() };
@@ -213,12 +274,23 @@ pub fn pixel_quality(reference: &Tensor, test: &Tensor) -> Result<Quality> {
         ssim_sum += frame_ssim / c.max(1) as f64;
     }
     let frames = n.max(1) as f64;
+    // A sample's PSNR: the mean over its own frames, as the batch's over all.
+    let batch = reference.dims().first().copied().unwrap_or(1);
+    let per_sample: Vec<f64> = if batch > 1 && n % batch == 0 {
+        frame_psnr
+            .chunks(n / batch)
+            .map(|f| f.iter().sum::<f64>() / f.len() as f64)
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(Quality {
         psnr_db: psnr_sum / frames,
         ssim: ssim_sum / frames,
         max_abs,
         mean_abs: sum_abs / a.len().max(1) as f64,
         data_range: 1.0,
+        worst_sample: worst_of(&per_sample),
     })
 }
 
@@ -315,5 +387,52 @@ mod tests {
         assert!((q.psnr_db - 60.0).abs() < 1e-4, "{}", q.psnr_db);
         assert!(q.ssim < 1.0 && q.ssim > 0.5 && q.data_range == 1.0);
         assert!(pixel_quality(&a, &a.narrow(1, 0, 1).unwrap()).is_err());
+        assert_eq!(q.worst_sample, None, "one sample");
+        // Two samples of two frames: sample 1 is `off` (frame 0 at 20 dB), the rest equal.
+        let two = Tensor::cat(&[&a, &a], 0).unwrap();
+        let one_off = Tensor::cat(&[&a, &off], 0).unwrap();
+        let q = pixel_quality(&two, &one_off).unwrap();
+        let w = q.worst_sample.unwrap();
+        assert_eq!((w.index, w.of), (1, 2));
+        assert!((w.psnr_db - 60.0).abs() < 1e-4 && (q.psnr_db - 80.0).abs() < 1e-4);
+    }
+
+    /// A batch's worst sample is the one with the largest error, measured on its values alone.
+    #[test]
+    fn worst_sample_names_the_sample_far_below_the_batch() {
+        let d = Device::Cpu;
+        let a = Tensor::zeros((4, 2, 8, 8), DType::F32, &d).unwrap();
+        let planes = |t: &Tensor| t.reshape((8, 8, 8)).unwrap();
+        // Samples off by 0.01, 0.01, 0.1 and 0.001 everywhere: sample 2, at 20 log10(2 / 0.1).
+        let off = Tensor::new(&[0.01f32, 0.01, 0.1, 0.001], &d)
+            .unwrap()
+            .reshape((4, 1, 1, 1))
+            .unwrap()
+            .broadcast_as((4, 2, 8, 8))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let q = quality(&a, &off, &planes(&a), &planes(&off), Some(2.0)).unwrap();
+        let w = q.worst_sample.unwrap();
+        assert_eq!((w.index, w.of), (2, 4));
+        assert!((w.psnr_db - 20.0 * 20f64.log10()).abs() < 1e-4, "{w:?}");
+        assert!(q.psnr_db > w.psnr_db + 5.0);
+        let json = serde_json::to_string(&q).unwrap();
+        assert!(
+            json.contains("\"worst_sample\":{\"index\":2,\"of\":4"),
+            "{json}"
+        );
+        // One sample: none, and the JSON leaves it out.
+        let one = a.narrow(0, 0, 1).unwrap();
+        let q = quality(
+            &one,
+            &one,
+            &planes(&a).narrow(0, 0, 2).unwrap(),
+            &planes(&a).narrow(0, 0, 2).unwrap(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(q.worst_sample, None);
+        assert!(!serde_json::to_string(&q).unwrap().contains("worst_sample"));
     }
 }

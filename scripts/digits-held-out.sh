@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # PSNR of a digits run file's [cache] against the dense run on held-out inputs: seed 0 with classes
 # 0-9 and seeds 1, 7, 11, 42 with other class orders (`compare --data-range 2`); prints each and the
-# worst, with each batch's worst sample (its index in the batch). Usage: scripts/digits-held-out.sh examples/digits_3x.toml [path/to/magcache]
+# worst, with each batch's worst sample (`compare`'s `worst_sample`) and its class. Usage: scripts/digits-held-out.sh examples/digits_3x.toml [path/to/magcache]
 set -euo pipefail
 run=$(realpath "$1")
 bin=$(realpath "${2:-target/release/magcache}")
@@ -15,9 +15,9 @@ for case in "0:[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" "1:[9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
   tmp=$(mktemp "$dir/.held_out_XXXXXX.toml")
   sed -e '/^\[cache\]/,$d' -e "s/^seed = .*/seed = $seed/" -e "s/^classes = .*/classes = $classes/" "$run" > "$tmp"
   printf '%s\n' "$cache" >> "$tmp"
-  read -r psnr sample < <("$bin" compare --config "$tmp" --data-range 2 --json --quiet 2>/dev/null | python3 -c 'import json,sys; q=json.load(sys.stdin)["quality"]; w=q["worst_sample"]; print("%.2f" % q["psnr_db"], "%.2f@%d" % (w["psnr_db"], w["index"]))')
+  read -r psnr sample < <("$bin" compare --config "$tmp" --data-range 2 --json --quiet 2>/dev/null | python3 -c 'import json,sys; q=json.load(sys.stdin)["quality"]; w=q["worst_sample"]; c='"$classes"'; print("%.2f" % q["psnr_db"], "%.2f_dB_(sample_%d,_class_%d)" % (w["psnr_db"], w["index"], c[w["index"]]))')
   rm -f "$tmp"
-  echo "seed $seed classes $classes: $psnr dB (worst sample: $sample, dB@index)"
+  echo "seed $seed classes $classes: $psnr dB; worst sample ${sample//_/ }"
   worst=$(python3 -c "print(min($worst, $psnr))")
 done
 echo "worst: $worst dB"

@@ -205,34 +205,28 @@ fn fit_arguments_are_checked_before_any_run() {
     let dir = tempfile::tempdir().unwrap();
     let run = digits_run(dir.path(), "run.toml", "");
     let out = dir.path().join("p.toml");
-    let o = magcache(&[
-        "calibrate",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out),
-        "--fit",
-        "--budget",
-        "4",
-        "--calibration-seeds",
-        "5",
-        "--validation-seeds",
-        "5",
-    ]);
-    check_err(&o, &["seed 5"]);
-    let o = magcache(&[
-        "calibrate",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out),
-        "--fit",
-        "--budget",
-        "4",
-        "--history",
-        "5",
-    ]);
-    check_err(&o, &["--history", "5 residuals"]);
+    let fit_with = |extra: &[&str]| {
+        let mut args = vec![
+            "calibrate",
+            "--config",
+            s(&run),
+            "--out",
+            s(&out),
+            "--fit",
+            "--budget",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        magcache(&args)
+    };
+    check_err(
+        &fit_with(&["--calibration-seeds", "5", "--validation-seeds", "5"]),
+        &["seed 5"],
+    );
+    check_err(
+        &fit_with(&["--history", "5"]),
+        &["--history", "5 residuals"],
+    );
     let o = magcache(&["calibrate", "--config", s(&run), "--out", s(&out), "--fit"]);
     check_err(&o, &["--budget", "--compute-steps"]);
     let o = magcache(&[

@@ -13,10 +13,21 @@ for case in "0:[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" "1:[9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
             "42:[7, 3, 9, 0, 2, 8, 6, 4, 1, 5]"; do
   seed=${case%%:*}; classes=${case#*:}
   tmp=$(mktemp "$dir/.held_out_XXXXXX.toml")
+  trap 'rm -f "$tmp" "$tmp.err"' EXIT
   sed -e '/^\[cache\]/,$d' -e "s/^seed = .*/seed = $seed/" -e "s/^classes = .*/classes = $classes/" "$run" > "$tmp"
   printf '%s\n' "$cache" >> "$tmp"
-  read -r psnr sample < <("$bin" compare --config "$tmp" --data-range 2 --json --quiet 2>/dev/null | python3 -c 'import json,sys; q=json.load(sys.stdin)["quality"]; w=q["worst_sample"]; c='"$classes"'; print("%.2f" % q["psnr_db"], "%.2f_dB_(sample_%d,_class_%d)" % (w["psnr_db"], w["index"], c[w["index"]]))')
-  rm -f "$tmp"
+  # compare's stderr (per-call events) is shown only when it fails.
+  json=$("$bin" compare --config "$tmp" --data-range 2 --json --quiet 2>"$tmp.err") || {
+    cat "$tmp.err" >&2
+    exit 1
+  }
+  rm -f "$tmp" "$tmp.err"
+  read -r psnr sample < <(python3 -c 'import json,sys
+q = json.loads(sys.argv[1])["quality"]
+c = json.loads(sys.argv[2])
+w = q.get("worst_sample")
+s = "%.2f_dB_(sample_%d,_class_%d)" % (w["psnr_db"], w["index"], c[w["index"]]) if w else "-"
+print("%.2f" % q["psnr_db"], s)' "$json" "$classes")
   echo "seed $seed classes $classes: $psnr dB; worst sample ${sample//_/ }"
   worst=$(python3 -c "print(min($worst, $psnr))")
 done

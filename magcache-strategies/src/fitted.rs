@@ -148,6 +148,7 @@ impl Coefficients {
         let from: Vec<usize> = past.iter().map(|p| p.0).collect();
         let mut t = self.lock()?;
         let start = t.start.clone();
+        let history = t.history;
         let entry = match t.calls.entry((expert, step)) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
@@ -182,7 +183,7 @@ impl Coefficients {
         };
         if entry.from != from {
             return Err(Error::msg(format!(
-                "fitted estimator: reused call {step} of expert {expert} has coefficients for the residuals of calls {:?}, the run stores calls {from:?}: the schedule differs from the fitted one",
+                "fitted estimator: reused call {step} of expert {expert} has coefficients for the residuals of calls {:?}, the run stores calls {from:?} (at most the last {history} computed): the schedule or `fitted.history` differs from the fitted one",
                 entry.from
             )));
         }

@@ -323,7 +323,7 @@ impl FittedProfile {
                 {
                     return bad(
                         &format!("calls.{expert}"),
-                        format!("call {}: one to {} `from` calls, one row of finite coefficients of one width each", c.step, self.history),
+                        format!("call {}: one to {} `from` calls (`fitted.history` = {}), one row of finite coefficients of one width each", c.step, self.history, self.history),
                     );
                 }
             }

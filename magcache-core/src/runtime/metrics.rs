@@ -8,7 +8,8 @@
 //!   covariance, as scikit-image's default `structural_similarity`.
 //!
 //! - `worst_sample`: for a batch of more than one sample (the first dimension), the sample with the
-//!   lowest PSNR and that PSNR, measured the same way on its values alone: a batch's PSNR averages
+//!   lowest PSNR and that PSNR, measured the same way on its values alone (with the batch's data
+//!   range): a batch's PSNR averages
 //!   the error, and one sample far below the others (a trajectory near a point where it could turn
 //!   into another image) is what a user sees.
 //!
@@ -41,23 +42,23 @@ pub struct WorstSample {
     pub psnr_db: f64,
 }
 
-/// The lowest of per-sample PSNRs (`None` for fewer than two; the first of equals).
+/// The lowest of per-sample PSNRs (`None` for fewer than two; the first of equals; a NaN, from
+/// non-finite values, counts as the lowest).
 fn worst_of(psnrs: &[f64]) -> Option<WorstSample> {
     if psnrs.len() < 2 {
         return None;
     }
-    let (index, &psnr_db) =
-        psnrs
-            .iter()
-            .enumerate()
-            .fold(None, |w: Option<(usize, &f64)>, (i, p)| match w {
-                Some((_, q)) if q <= p => w,
-                _ => Some((i, p)),
-            })?;
+    let key = |p: f64| if p.is_nan() { f64::NEG_INFINITY } else { p };
+    let mut index = 0;
+    for (i, &p) in psnrs.iter().enumerate() {
+        if key(p) < key(psnrs[index]) {
+            index = i;
+        }
+    }
     Some(WorstSample {
         index,
         of: psnrs.len(),
-        psnr_db,
+        psnr_db: psnrs[index],
     })
 }
 
@@ -105,7 +106,7 @@ pub fn quality(
         }
     };
     let batch = reference.dims().first().copied().unwrap_or(1);
-    let per_sample: Vec<f64> = if batch > 1 && a.len() % batch == 0 {
+    let per_sample: Vec<f64> = if batch > 1 && !a.is_empty() && a.len() % batch == 0 {
         let per = a.len() / batch;
         a.chunks(per)
             .zip(b.chunks(per))
@@ -276,7 +277,7 @@ pub fn pixel_quality(reference: &Tensor, test: &Tensor) -> Result<Quality> {
     let frames = n.max(1) as f64;
     // A sample's PSNR: the mean over its own frames, as the batch's over all.
     let batch = reference.dims().first().copied().unwrap_or(1);
-    let per_sample: Vec<f64> = if batch > 1 && n % batch == 0 {
+    let per_sample: Vec<f64> = if batch > 1 && n > 0 && n % batch == 0 {
         frame_psnr
             .chunks(n / batch)
             .map(|f| f.iter().sum::<f64>() / f.len() as f64)
@@ -395,6 +396,15 @@ mod tests {
         let w = q.worst_sample.unwrap();
         assert_eq!((w.index, w.of), (1, 2));
         assert!((w.psnr_db - 60.0).abs() < 1e-4 && (q.psnr_db - 80.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn a_nan_sample_is_the_worst() {
+        let w = worst_of(&[10.0, f64::NAN, 50.0]).unwrap();
+        assert!(w.index == 1 && w.psnr_db.is_nan());
+        let w = worst_of(&[30.0, 10.0, 10.0, f64::INFINITY]).unwrap();
+        assert_eq!((w.index, w.of, w.psnr_db), (1, 4, 10.0));
+        assert_eq!(worst_of(&[5.0]), None);
     }
 
     /// A batch's worst sample is the one with the largest error, measured on its values alone.

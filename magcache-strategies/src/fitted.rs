@@ -73,10 +73,8 @@ impl Coefficients {
     /// The same table combining the last `n` computed residuals (at least 2) in each reused call;
     /// the calls not fitted yet start at the order-1 forecast (0 on the older residuals).
     pub fn with_history(self, n: usize) -> Result<Self> {
-        if !(DEFAULT_HISTORY..=MAX_HISTORY).contains(&n) {
-            return Err(Error::msg(format!(
-                "fitted estimator: {n} residuals per reused call (from {DEFAULT_HISTORY} to {MAX_HISTORY})"
-            )));
+        if let Some(why) = crate::profile::history_problem(n) {
+            return Err(Error::msg(format!("fitted estimator: {why}")));
         }
         self.lock()?.history = n;
         Ok(self)

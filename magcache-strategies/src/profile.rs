@@ -265,6 +265,12 @@ impl Default for FittedProfile {
     }
 }
 
+/// Why `n` residuals per reused call cannot be fitted or read (`None`: they can).
+pub(crate) fn history_problem(n: usize) -> Option<String> {
+    (!(DEFAULT_HISTORY..=MAX_HISTORY).contains(&n))
+        .then(|| format!("{n} residuals per reused call: from {DEFAULT_HISTORY} to {MAX_HISTORY}"))
+}
+
 fn default_history() -> usize {
     DEFAULT_HISTORY
 }
@@ -302,14 +308,8 @@ impl FittedProfile {
                 ),
             );
         }
-        if !(DEFAULT_HISTORY..=MAX_HISTORY).contains(&self.history) {
-            return bad(
-                "history",
-                format!(
-                    "{} residuals per reused call: from {} to {}",
-                    self.history, DEFAULT_HISTORY, MAX_HISTORY
-                ),
-            );
+        if let Some(why) = history_problem(self.history) {
+            return bad("history", why);
         }
         for (expert, calls) in &self.calls {
             for c in calls {

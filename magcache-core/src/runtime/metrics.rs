@@ -84,12 +84,27 @@ pub fn quality(
     let a = flat(reference)?;
     let b = flat(test)?;
     let n = a.len().max(1) as f64;
+    // One pass: the batch's sums and each sample's squared error (a batch of more than one sample
+    // along the first dimension; otherwise one chunk, no per-sample figure).
+    let batch = reference.dims().first().copied().unwrap_or(1);
+    let split = batch > 1 && !a.is_empty() && a.len() % batch == 0;
+    let per = if split {
+        a.len() / batch
+    } else {
+        a.len().max(1)
+    };
     let (mut max_abs, mut sum_abs, mut sse) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(&b) {
-        let d = (*x as f64 - *y as f64).abs();
-        max_abs = max_abs.max(d);
-        sum_abs += d;
-        sse += d * d;
+    let mut sample_sse = Vec::with_capacity(batch);
+    for (x, y) in a.chunks(per).zip(b.chunks(per)) {
+        let mut own = 0f64;
+        for (x, y) in x.iter().zip(y) {
+            let d = (*x as f64 - *y as f64).abs();
+            max_abs = max_abs.max(d);
+            sum_abs += d;
+            sse += d * d;
+            own += d * d;
+        }
+        sample_sse.push(own);
     }
     let range = data_range.unwrap_or_else(|| {
         let (lo, hi) = a
@@ -105,20 +120,8 @@ pub fn quality(
             10.0 * (range * range / mse).log10()
         }
     };
-    let batch = reference.dims().first().copied().unwrap_or(1);
-    let per_sample: Vec<f64> = if batch > 1 && !a.is_empty() && a.len() % batch == 0 {
-        let per = a.len() / batch;
-        a.chunks(per)
-            .zip(b.chunks(per))
-            .map(|(x, y)| {
-                let sse = x
-                    .iter()
-                    .zip(y)
-                    .map(|(u, v)| (*u as f64 - *v as f64).powi(2))
-                    .sum::<f64>();
-                psnr(sse, per as f64)
-            })
-            .collect()
+    let per_sample: Vec<f64> = if split {
+        sample_sse.iter().map(|&e| psnr(e, per as f64)).collect()
     } else {
         Vec::new()
     };

@@ -79,6 +79,12 @@ fn build_resolved(
     base: &Path,
     fam: &registry::ModelFamily,
 ) -> Result<(Box<dyn Pipeline>, Vec<String>)> {
+    // The library `MAGCACHE_ONEDNN` names opens before anything loads (a bad name stops here).
+    if let Some(d) = magcache_layers::nn::onednn::check()? {
+        if magcache_core::runtime::progress::visible() {
+            eprintln!("note: linear products on {d}");
+        }
+    }
     if !cfg.is_auto_dtype() {
         return Ok(((fam.build)(cfg, file, base)?, Vec::new()));
     }

@@ -59,6 +59,10 @@ pub struct Report {
     pub denoise_own_peak: bool,
     pub scopes: Vec<ScopeSummary>,
     pub warnings: Vec<String>,
+    /// Where the linear layers' products ran when not on candle's own kernels: oneDNN, named by
+    /// `MAGCACHE_ONEDNN` (its version, the CPU ISA it chose, what runs on it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub products: Option<String>,
     /// Prompted runs: wall time and peak memory of each stage (encode text, denoise, decode).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<magcache_core::runtime::progress::StageTime>,
@@ -120,6 +124,7 @@ impl Report {
             denoise_own_peak: denoise.own_peak,
             scopes: scopes.into_values().collect(),
             warnings,
+            products: magcache_layers::nn::onednn::get().map(|d| d.describe()),
             stages: Vec::new(),
         }
     }
@@ -132,6 +137,9 @@ pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("model:    {}\n", r.model));
     s.push_str(&format!("strategy: {}   steps: {}\n", r.strategy, r.steps));
+    if let Some(p) = &r.products {
+        s.push_str(&format!("products: {p}\n"));
+    }
     s.push_str("scope                 calls  computed  reused  longest reuse  cache bytes\n");
     for sc in &r.scopes {
         s.push_str(&format!(

@@ -1,10 +1,13 @@
 //! Throughput of one linear layer's product on the CPU: candle's f32 matmul (gemm's kernels)
-//! against the bf16 kernel (`nn::bf16_gemm`, AVX512-BF16), alternated, on candle's threads.
+//! against the bf16 kernel (`nn::bf16_gemm`, AVX512-BF16) and, when `MAGCACHE_ONEDNN` names a
+//! `libdnnl.so.3`, oneDNN's f32 product (and its bf16 one where it has one), alternated, on
+//! candle's threads.
 //! `cargo run --release -p magcache-layers --example bf16_gemm -- [M K N] [ROUNDS]`
 //! (default: 4680 x 1536 by 1536 x 8960, the Wan2.1-1.3B FFN at 4680 tokens, 3 rounds).
 
 use candle_core::{Device, Tensor};
 use magcache_layers::nn::bf16_gemm::{cpu_has_bf16, PackedBf16};
+use magcache_layers::nn::onednn;
 use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {
@@ -29,6 +32,12 @@ fn main() -> candle_core::Result<()> {
         .then(|| PackedBf16::from_tensor(&w.to_dtype(candle_core::DType::BF16)?))
         .transpose()?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let dnnl = onednn::check().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    println!(
+        "oneDNN: {}",
+        dnnl.as_deref().unwrap_or("off (MAGCACHE_ONEDNN unset)")
+    );
+    let wt16 = w.to_dtype(candle_core::DType::BF16)?.t()?;
     let flop = 2.0 * (m * k * n) as f64;
     for r in 1..=rounds {
         let t = Instant::now();
@@ -50,8 +59,28 @@ fn main() -> candle_core::Result<()> {
             }
             None => "bf16 kernel: this CPU has no AVX512-BF16".to_string(),
         };
+        let mut dnnl_line = String::new();
+        if let Some(d) = onednn::get() {
+            for (name, wt) in [("f32", &wt), ("bf16", &wt16)] {
+                if name == "bf16" && !d.bf16_implemented() {
+                    continue;
+                }
+                let t = Instant::now();
+                let y = d
+                    .product(&x, wt, None)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let s = t.elapsed().as_secs_f64();
+                drop(y);
+                dnnl_line += &format!(
+                    "   oneDNN {name} {:.0} ms ({:.0} GFLOP/s, {:.2}x f32)",
+                    s * 1e3,
+                    flop / s / 1e9,
+                    f32_s / s
+                );
+            }
+        }
         println!(
-            "round {r}: f32 {:.0} ms ({:.0} GFLOP/s)   {line}",
+            "round {r}: f32 {:.0} ms ({:.0} GFLOP/s)   {line}{dnnl_line}",
             f32_s * 1e3,
             flop / f32_s / 1e9
         );

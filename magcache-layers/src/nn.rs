@@ -176,7 +176,13 @@ impl Linear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         // On a CPU with AVX512-BF16 a bf16 weight is packed once for its dot products (the packed
         // copy replaces the weight: the same bytes, the padding aside).
-        if weight.dtype() == DType::BF16 && weight.device().is_cpu() && bf16_gemm::available() {
+        // Where oneDNN runs bf16 products on AMX (`MAGCACHE_ONEDNN`), the weight stays as it is.
+        let on_onednn = onednn::get().is_some_and(|d| d.bf16_products());
+        if weight.dtype() == DType::BF16
+            && weight.device().is_cpu()
+            && bf16_gemm::available()
+            && !on_onednn
+        {
             return Self::packed(&weight, bias);
         }
         Ok(Linear {
@@ -251,6 +257,22 @@ impl Linear {
                     && wt.device().is_cpu()
                     && wt.dtype() == DType::F32
                     && x2.dtype() == DType::F32;
+                let onednn = match onednn::get() {
+                    Some(d) if !differentiable() => match d.linear(&x2, wt, self.bias.as_ref())? {
+                        // bf16 weights without AMX: widened to f32 as below, the product on it.
+                        None if wt.dtype() == DType::BF16 && wt.device().is_cpu() => {
+                            d.linear(&x2, &widen_f32(&wt.t()?)?.t()?, self.bias.as_ref())?
+                        }
+                        y => y,
+                    },
+                    _ => None,
+                };
+                if let Some(y) = onednn {
+                    // The bias went into the product.
+                    let mut out_dims = lead.to_vec();
+                    out_dims.push(y.dim(1)?);
+                    return Ok(y.reshape(out_dims)?);
+                }
                 let y = if frozen {
                     x2.apply_op1(FrozenMatMul { wt: wt.clone() })?
                 } else if x2.dtype() == wt.dtype() {
@@ -480,6 +502,7 @@ fn contiguous<'a>(
 mod attention;
 pub mod bf16_gemm;
 mod conv;
+pub mod onednn;
 mod pointwise;
 #[cfg(test)]
 pub use attention::max_abs_diff;

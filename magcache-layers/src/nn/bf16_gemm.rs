@@ -256,17 +256,18 @@ pub fn bf16_bits(v: f32) -> u16 {
 
 /// `x [m, k]` as bf16 pairs `[m, kp]`: the low half of each `u32` the even feature, the high half
 /// the odd one (zero past `k`).
-fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) -> Vec<u32> {
+pub(super) fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) -> Vec<u32> {
+    let fast = cpu_has_bf16();
     let mut a = vec![0u32; m * kp];
     let convert = |rows: &mut [u32], r0: usize| {
         for (i, row) in rows.chunks_mut(kp).enumerate() {
             let src = &x[(r0 + i) * k..(r0 + i + 1) * k];
             // 32 values (16 pairs) at a time with `vcvtne2ps2bf16`, the same rounding as
             // [`bf16_bits`]; the tail one pair at a time.
-            let whole = (k / 32) * 16;
+            let whole = if fast { (k / 32) * 16 } else { 0 };
             // SAFETY: `convert_row` reads `2 * whole <= k` values of `src` and writes `whole <= kp`
-            // pairs of `row`; it runs only where the CPU has the instructions (checked by the
-            // caller, `product_into`).
+            // pairs of `row`; it runs only where the CPU has the instructions (`whole` is 0
+            // elsewhere).
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 convert_row(src, &mut row[..whole])

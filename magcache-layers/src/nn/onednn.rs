@@ -1,0 +1,518 @@
+//! Linear layers' products on oneDNN, loaded at run time when the user names it (issue 45).
+//!
+//! oneDNN is the library PyTorch's CPU bf16 products run on: it picks its kernels from the CPU at
+//! run time (AMX tiles with the `arch_prctl` permission request, AVX512-BF16, AVX-512, AVX2) and
+//! its f32 `sgemm` is MKL's kind. It is not linked: `MAGCACHE_ONEDNN` names a `libdnnl.so.3`
+//! (oneDNN 3.x's C API; `pip install onednn-cpu-gomp` ships one needing only libgomp), opened
+//! with `dlopen` the first time a product asks. Unset (or `off`) it is never opened, so the
+//! default build and binary need no system library; a name that does not open fails the run
+//! with one line naming the variable ([`check`]), never a silent fallback.
+//!
+//! What runs on it: a linear layer's product `x W^T (+ b)` whose weight is a dense f32 CPU tensor
+//! (measured 1.4x candle's gemm on an AVX2 Zen 3: docs/benchmarks.md), and one whose weight is
+//! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
+//! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
+//! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there). Weights are read in place (the
+//! transposed view candle keeps, by its strides): no copy is made or counted.
+//!
+//! oneDNN's threads are OpenMP's in the gomp build: each product sets the calling thread's count to
+//! candle's ([`candle_core::utils::get_num_threads`]).
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use magcache_core::{Error, Result};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The environment variable naming the library.
+pub const ENV: &str = "MAGCACHE_ONEDNN";
+
+use ffi::{status, QUERY_IMPL_INFO_STR, STREAM_IN_ORDER};
+use ffi::{Api, Dims, ExecArg, Handle};
+use ffi::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, ENGINE_CPU, ISA_AMX};
+
+mod ffi;
+
+/// The opened library: its functions, a CPU engine, and the products built so far.
+pub struct OneDnn {
+    api: Api,
+    engine: Handle,
+    version: String,
+    isa: u32,
+    /// Whether a bf16 product is implemented on this CPU (probed at load).
+    bf16: bool,
+    primitives: Mutex<HashMap<Key, Arc<Primitive>>>,
+    products: AtomicU64,
+    // Never unloaded: the function pointers above point into it.
+    _lib: libloading::Library,
+}
+
+// SAFETY: oneDNN's CPU engine and primitives may be used from any thread and executed concurrently
+// (its documented thread safety); the map is behind a mutex.
+unsafe impl Send for OneDnn {}
+unsafe impl Sync for OneDnn {}
+
+/// What [`state`] found.
+pub enum State {
+    /// `MAGCACHE_ONEDNN` unset or `off`.
+    Off,
+    Loaded(Box<OneDnn>),
+    /// The named library did not open (the message names the variable and the file).
+    Failed(String),
+}
+
+static STATE: OnceLock<State> = OnceLock::new();
+
+/// The library `MAGCACHE_ONEDNN` names, opened the first time this is asked.
+pub fn state() -> &'static State {
+    STATE.get_or_init(|| open(std::env::var(ENV).ok().as_deref()))
+}
+
+/// Opens `spec` (a path or a library name; `None` or `off`: none) unless a library was chosen
+/// already, and returns what is in use: the tests' way to choose one without the environment.
+pub fn init(spec: Option<&str>) -> &'static State {
+    STATE.get_or_init(|| open(spec))
+}
+
+/// The opened library, if any.
+pub fn get() -> Option<&'static OneDnn> {
+    match state() {
+        State::Loaded(d) => Some(d),
+        _ => None,
+    }
+}
+
+/// For the runner, before anything loads: `Ok(Some(description))` when products run on oneDNN,
+/// `Ok(None)` when it is off, one line naming `MAGCACHE_ONEDNN` when the named library failed.
+pub fn check() -> Result<Option<String>> {
+    match state() {
+        State::Off => Ok(None),
+        State::Loaded(d) => Ok(Some(d.describe())),
+        State::Failed(e) => Err(Error::msg(e.clone())),
+    }
+}
+
+/// Opens `spec` as `MAGCACHE_ONEDNN` would, without choosing it for the process: its description,
+/// or the one-line error a run would stop with (`magcache` checks a library this way too).
+pub fn open_for_check(spec: &str) -> std::result::Result<String, String> {
+    match open(Some(spec)) {
+        State::Loaded(d) => Ok(d.describe()),
+        State::Failed(e) => Err(e),
+        State::Off => Ok("off".into()),
+    }
+}
+
+fn open(spec: Option<&str>) -> State {
+    let spec = match spec.map(str::trim) {
+        None | Some("") => return State::Off,
+        Some(s) if s.eq_ignore_ascii_case("off") => return State::Off,
+        Some(s) => s,
+    };
+    match OneDnn::open(spec) {
+        Ok(d) => State::Loaded(Box::new(d)),
+        Err(e) => State::Failed(format!("{ENV}={spec}: {e}")),
+    }
+}
+
+/// One matmul primitive for a shape and layout.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    m: usize,
+    k: usize,
+    n: usize,
+    /// bf16 operands (else f32).
+    bf16: bool,
+    bias: bool,
+    src_strides: [usize; 2],
+    wei_strides: [usize; 2],
+}
+
+struct Primitive {
+    api: *const Api,
+    pd: Handle,
+    prim: Handle,
+    src: Handle,
+    wei: Handle,
+    bias: Handle,
+    dst: Handle,
+    impl_info: String,
+}
+
+// SAFETY: see `OneDnn`; `api` points into the never-dropped static state.
+unsafe impl Send for Primitive {}
+unsafe impl Sync for Primitive {}
+
+impl Drop for Primitive {
+    fn drop(&mut self) {
+        // SAFETY: the handles were created by this library and are destroyed once, here.
+        unsafe {
+            let api = &*self.api;
+            (api.primitive_destroy)(self.prim);
+            (api.pd_destroy)(self.pd);
+            for md in [self.src, self.wei, self.bias, self.dst] {
+                if !md.is_null() {
+                    (api.md_destroy)(md);
+                }
+            }
+        }
+    }
+}
+
+impl OneDnn {
+    fn open(spec: &str) -> std::result::Result<Self, String> {
+        let (lib, api, version_fn, isa_fn) = Api::load(spec)?;
+        // SAFETY: `dnnl_version` returns a pointer to a static struct.
+        let version = unsafe {
+            let v = &*version_fn();
+            if v.major != 3 {
+                return Err(format!(
+                    "oneDNN {}.{}.{}: the 3.x C API is needed",
+                    v.major, v.minor, v.patch
+                ));
+            }
+            format!("{}.{}.{}", v.major, v.minor, v.patch)
+        };
+        // SAFETY: no arguments; returns an enum value.
+        let isa = unsafe { isa_fn() };
+        let mut engine: Handle = std::ptr::null_mut();
+        // SAFETY: an out-pointer for the engine handle.
+        status("engine", unsafe {
+            (api.engine_create)(&mut engine, ENGINE_CPU, 0)
+        })?;
+        let mut d = OneDnn {
+            api,
+            engine,
+            version,
+            isa,
+            bf16: false,
+            primitives: Mutex::new(HashMap::new()),
+            products: AtomicU64::new(0),
+            _lib: lib,
+        };
+        // The f32 product must build; a bf16 one may not (no bf16 kernel on CPUs before AVX-512).
+        d.primitive(key(1, 2, 1, false, false, [2, 1], [1, 2]))?;
+        d.bf16 = d
+            .primitive(key(1, 2, 1, true, false, [2, 1], [1, 2]))
+            .is_ok();
+        d.primitives.lock().map_err(|e| e.to_string())?.clear();
+        Ok(d)
+    }
+
+    /// `oneDNN 3.2.0, CPU ISA avx2, bf16 products: none` and the like.
+    pub fn describe(&self) -> String {
+        let bf16 = if self.bf16_products() {
+            "bf16 products on it (AMX)"
+        } else if self.bf16 {
+            "bf16 products on the layers' kernel (no AMX)"
+        } else {
+            "no bf16 kernel on this CPU"
+        };
+        format!(
+            "oneDNN {} (CPU ISA {}): f32 linear layers on it, {bf16}",
+            self.version,
+            isa_name(self.isa)
+        )
+    }
+
+    /// Whether a bf16 product builds on this CPU (AVX-512 CPUs: AVX512-BF16 or emulated; AMX).
+    pub fn bf16_implemented(&self) -> bool {
+        self.bf16
+    }
+
+    /// Whether bf16 weights run their products here: on CPUs with AMX (elsewhere the layers' own
+    /// AVX512-BF16 kernel, measured 1.5x f32 on a Zen 5, or widening to f32).
+    pub fn bf16_products(&self) -> bool {
+        self.bf16 && self.isa & ISA_AMX == ISA_AMX
+    }
+
+    fn primitive(&self, key: Key) -> std::result::Result<Arc<Primitive>, String> {
+        let mut map = self.primitives.lock().map_err(|e| e.to_string())?;
+        if let Some(p) = map.get(&key) {
+            return Ok(p.clone());
+        }
+        let api = &self.api;
+        let dt = if key.bf16 { DT_BF16 } else { DT_F32 };
+        let md = |rows: usize, cols: usize, strides: [usize; 2], dt: c_int| {
+            let mut dims: Dims = [0; 12];
+            let mut st: Dims = [0; 12];
+            dims[0] = rows as i64;
+            dims[1] = cols as i64;
+            st[0] = strides[0] as i64;
+            st[1] = strides[1] as i64;
+            let mut h: Handle = std::ptr::null_mut();
+            // SAFETY: dims and strides hold 12 entries, 2 used.
+            status("memory descriptor", unsafe {
+                (api.md_create)(&mut h, 2, dims.as_ptr(), dt, st.as_ptr())
+            })
+            .map(|_| h)
+        };
+        let mut p = Primitive {
+            api,
+            pd: std::ptr::null_mut(),
+            prim: std::ptr::null_mut(),
+            src: std::ptr::null_mut(),
+            wei: std::ptr::null_mut(),
+            bias: std::ptr::null_mut(),
+            dst: std::ptr::null_mut(),
+            impl_info: String::new(),
+        };
+        p.src = md(key.m, key.k, key.src_strides, dt)?;
+        p.wei = md(key.k, key.n, key.wei_strides, dt)?;
+        if key.bias {
+            p.bias = md(1, key.n, [key.n, 1], DT_F32)?;
+        }
+        p.dst = md(key.m, key.n, [key.n, 1], DT_F32)?;
+        let what = format!(
+            "matmul [{} x {}] by [{} x {}] in {}",
+            key.m,
+            key.k,
+            key.k,
+            key.n,
+            if key.bf16 { "bf16" } else { "f32" }
+        );
+        // SAFETY: the descriptors were created above; a null attribute is the default.
+        status(&what, unsafe {
+            (api.matmul_pd_create)(
+                &mut p.pd,
+                self.engine,
+                p.src,
+                p.wei,
+                p.bias,
+                p.dst,
+                std::ptr::null_mut(),
+            )
+        })?;
+        let mut info: *const c_char = std::ptr::null();
+        // SAFETY: the implementation's name, a C string owned by the descriptor.
+        unsafe {
+            if (api.pd_query)(
+                p.pd,
+                QUERY_IMPL_INFO_STR,
+                0,
+                &mut info as *mut _ as *mut c_void,
+            ) == 0
+                && !info.is_null()
+            {
+                p.impl_info = CStr::from_ptr(info).to_string_lossy().into_owned();
+            }
+        }
+        // SAFETY: the descriptor built above.
+        status(&what, unsafe { (api.primitive_create)(&mut p.prim, p.pd) })?;
+        let p = Arc::new(p);
+        // A run has a few shapes; a server may see many: start over past a bound.
+        if map.len() >= 256 {
+            map.clear();
+        }
+        map.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// The name oneDNN gives the implementation of an `m x k` by `k x n` product (f32 or bf16,
+    /// contiguous operands, the weight transposed as a linear layer's): `gemm:jit:f32`,
+    /// `brg_matmul:avx512_core_amx` and the like.
+    pub fn implementation(&self, m: usize, k: usize, n: usize, bf16: bool) -> Result<String> {
+        let p = self
+            .primitive(key(m, k, n, bf16, false, [k, 1], [1, k]))
+            .map_err(Error::msg)?;
+        Ok(p.impl_info.clone())
+    }
+
+    /// Runs one product: `src [m x k]` (f32 or bf16 bits) by the weight `[k x n]` (its
+    /// strides), plus the bias, into `dst [m x n]` f32.
+    ///
+    /// # Safety
+    /// The pointers must cover the extents their strides give, in the key's dtype, and stay
+    /// valid for the call.
+    unsafe fn execute(
+        &self,
+        key: Key,
+        src: *const c_void,
+        wei: *const c_void,
+        bias: *const f32,
+        dst: *mut f32,
+    ) -> std::result::Result<(), String> {
+        let p = self.primitive(key)?;
+        let api = &self.api;
+        if let Some(set) = api.omp_set_num_threads {
+            set(candle_core::utils::get_num_threads().max(1) as c_int);
+        }
+        let mut mems: Vec<ExecArg> = Vec::with_capacity(4);
+        let mut result = Ok(());
+        for (arg, md, ptr) in [
+            (ARG_SRC, p.src, src as *mut c_void),
+            (ARG_WEIGHTS, p.wei, wei as *mut c_void),
+            (ARG_BIAS, p.bias, bias as *mut c_void),
+            (ARG_DST, p.dst, dst as *mut c_void),
+        ] {
+            if md.is_null() {
+                continue;
+            }
+            let mut mem: Handle = std::ptr::null_mut();
+            result = status(
+                "memory",
+                (api.memory_create)(&mut mem, md, self.engine, ptr),
+            );
+            if result.is_err() {
+                break;
+            }
+            mems.push(ExecArg { arg, memory: mem });
+        }
+        if result.is_ok() {
+            let mut stream: Handle = std::ptr::null_mut();
+            result = status(
+                "stream",
+                (api.stream_create)(&mut stream, self.engine, STREAM_IN_ORDER),
+            );
+            if result.is_ok() {
+                result = status(
+                    "matmul",
+                    (api.primitive_execute)(p.prim, stream, mems.len() as c_int, mems.as_ptr()),
+                )
+                .and_then(|_| status("matmul", (api.stream_wait)(stream)));
+                (api.stream_destroy)(stream);
+            }
+        }
+        for m in mems {
+            (api.memory_destroy)(m.memory);
+        }
+        result
+    }
+
+    /// A linear layer's product: `x [m, k]` (f32, any strides) by `wt [k, n]` (the transposed
+    /// view of a `[n, k]` weight, f32, or bf16 where [`Self::bf16_products`]), plus `bias [n]`
+    /// (f32): `[m, n]` f32. `None` when the operands are not for it (another device or dtype, an
+    /// empty dimension).
+    pub fn linear(&self, x: &Tensor, wt: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+        if wt.dtype() == DType::BF16 && !self.bf16_products() {
+            return Ok(None);
+        }
+        self.product(x, wt, bias)
+    }
+
+    /// Products run so far (the tests' proof that oneDNN ran).
+    pub fn products(&self) -> u64 {
+        self.products.load(Ordering::Relaxed)
+    }
+
+    /// [`Self::linear`] whatever the CPU's ISA: bf16 weights wherever oneDNN implements a bf16
+    /// product ([`Self::bf16_implemented`]), for the tests.
+    pub fn product(
+        &self,
+        x: &Tensor,
+        wt: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let ((m, k), (k2, n)) = (x.dims2()?, wt.dims2()?);
+        let bf16 = match wt.dtype() {
+            DType::F32 => false,
+            DType::BF16 if self.bf16 => true,
+            _ => return Ok(None),
+        };
+        if k != k2
+            || m == 0
+            || k == 0
+            || n == 0
+            || x.dtype() != DType::F32
+            || !x.device().is_cpu()
+            || !wt.device().is_cpu()
+            || bias.is_some_and(|b| b.dtype() != DType::F32 || b.dims() != [n])
+        {
+            return Ok(None);
+        }
+        let bias = bias.map(|b| b.contiguous()).transpose()?;
+        let (ws, wl) = wt.storage_and_layout();
+        let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+        let bias_ptr = match &bias_guard {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(CpuStorage::F32(v)) => v[l.start_offset()..].as_ptr(),
+                _ => return Ok(None),
+            },
+            None => std::ptr::null(),
+        };
+        let wei_strides = [wl.stride()[0], wl.stride()[1]];
+        let wei_ptr: *const c_void = match &*ws {
+            Storage::Cpu(CpuStorage::F32(v)) if !bf16 => {
+                v[wl.start_offset()..].as_ptr() as *const c_void
+            }
+            Storage::Cpu(CpuStorage::BF16(v)) if bf16 => {
+                v[wl.start_offset()..].as_ptr() as *const c_void
+            }
+            _ => return Ok(None),
+        };
+        let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+        let mut run = |src: *const c_void, src_strides: [usize; 2]| {
+            let key = key(m, k, n, bf16, !bias_ptr.is_null(), src_strides, wei_strides);
+            // SAFETY: the pointers come from tensors whose layouts give the strides and extents
+            // used (the destination's capacity is m * n), all held for the call.
+            unsafe { self.execute(key, src, wei_ptr, bias_ptr, dst.as_mut_ptr()) }
+        };
+        let outcome = if bf16 {
+            // The activations rounded to bf16 (RNE), rows padded to an even count of features.
+            let xc = x.contiguous()?;
+            let (cs, cl) = xc.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(cv)), Some((a, b))) = (&*cs, cl.contiguous_offsets())
+            else {
+                return Ok(None);
+            };
+            let kp = k.div_ceil(2);
+            let threads = candle_core::utils::get_num_threads();
+            let pairs = super::bf16_gemm::pairs(&cv[a..b], m, k, kp, threads);
+            run(pairs.as_ptr() as *const c_void, [2 * kp, 1])
+        } else {
+            let (xs, xl) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
+                return Ok(None);
+            };
+            run(
+                xv[xl.start_offset()..].as_ptr() as *const c_void,
+                [xl.stride()[0], xl.stride()[1]],
+            )
+        };
+        outcome.map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
+        self.products.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the product wrote all m * n values.
+        unsafe { dst.set_len(m * n) };
+        Ok(Some(Tensor::from_vec(dst, (m, n), x.device())?))
+    }
+}
+
+fn key(
+    m: usize,
+    k: usize,
+    n: usize,
+    bf16: bool,
+    bias: bool,
+    src_strides: [usize; 2],
+    wei_strides: [usize; 2],
+) -> Key {
+    Key {
+        m,
+        k,
+        n,
+        bf16,
+        bias,
+        src_strides,
+        wei_strides,
+    }
+}
+
+fn isa_name(isa: u32) -> String {
+    const NAMES: [(u32, &str); 11] = [
+        (0x1, "sse41"),
+        (0x3, "avx"),
+        (0x7, "avx2"),
+        (0xf, "avx2_vnni"),
+        (0x1f, "avx2_vnni_2"),
+        (0x27, "avx512_core"),
+        (0x67, "avx512_core_vnni"),
+        (0xe7, "avx512_core_bf16"),
+        (0x1ef, "avx512_core_fp16"),
+        (0xfef, "avx512_core_amx"),
+        (0x1fef, "avx512_core_amx_fp16"),
+    ];
+    NAMES
+        .iter()
+        .find(|(v, _)| *v == isa)
+        .map_or_else(|| format!("{isa:#x}"), |(_, n)| n.to_string())
+}

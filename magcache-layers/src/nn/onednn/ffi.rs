@@ -1,0 +1,125 @@
+//! oneDNN 3.x's C API, as much of it as [`super`] uses: constants of `dnnl_types.h`, the
+//! functions resolved from the opened library, and its status codes as messages.
+
+use std::ffi::{c_char, c_int, c_void};
+
+pub(super) type Handle = *mut c_void;
+/// `dnnl_dims_t`: `DNNL_MAX_NDIMS` (12) dimensions.
+pub(super) type Dims = [i64; 12];
+
+#[repr(C)]
+pub(super) struct ExecArg {
+    pub(super) arg: c_int,
+    pub(super) memory: Handle,
+}
+
+#[repr(C)]
+pub(super) struct Version {
+    pub(super) major: c_int,
+    pub(super) minor: c_int,
+    pub(super) patch: c_int,
+    hash: *const c_char,
+    cpu_runtime: u32,
+    gpu_runtime: u32,
+}
+
+// oneDNN 3.x C API constants (dnnl_types.h).
+pub(super) const ENGINE_CPU: c_int = 1;
+pub(super) const STREAM_IN_ORDER: u32 = 1;
+pub(super) const DT_BF16: c_int = 2;
+pub(super) const DT_F32: c_int = 3;
+pub(super) const ARG_SRC: c_int = 1;
+pub(super) const ARG_DST: c_int = 17;
+pub(super) const ARG_WEIGHTS: c_int = 33;
+pub(super) const ARG_BIAS: c_int = 41;
+pub(super) const QUERY_IMPL_INFO_STR: c_int = 8;
+/// `dnnl_cpu_isa_avx512_core_amx` (`avx10_1_512_amx`): the bits an AMX CPU's ISA has.
+pub(super) const ISA_AMX: u32 = 0xfef;
+
+/// The C functions used, resolved once.
+pub(super) struct Api {
+    pub(super) engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> c_int,
+    pub(super) stream_create: unsafe extern "C" fn(*mut Handle, Handle, u32) -> c_int,
+    pub(super) stream_wait: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) stream_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) md_create:
+        unsafe extern "C" fn(*mut Handle, c_int, *const i64, c_int, *const i64) -> c_int,
+    pub(super) md_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) matmul_pd_create:
+        unsafe extern "C" fn(*mut Handle, Handle, Handle, Handle, Handle, Handle, Handle) -> c_int,
+    pub(super) pd_query: unsafe extern "C" fn(Handle, c_int, c_int, *mut c_void) -> c_int,
+    pub(super) pd_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) primitive_create: unsafe extern "C" fn(*mut Handle, Handle) -> c_int,
+    pub(super) primitive_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) primitive_execute:
+        unsafe extern "C" fn(Handle, Handle, c_int, *const ExecArg) -> c_int,
+    pub(super) memory_create:
+        unsafe extern "C" fn(*mut Handle, Handle, Handle, *mut c_void) -> c_int,
+    pub(super) memory_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    /// OpenMP's, where the library runs on it (the gomp and iomp builds).
+    pub(super) omp_set_num_threads: Option<unsafe extern "C" fn(c_int)>,
+}
+
+/// The C function `dnnl_version`'s type.
+pub(super) type VersionFn = unsafe extern "C" fn() -> *const Version;
+/// The C function `dnnl_get_effective_cpu_isa`'s type.
+pub(super) type IsaFn = unsafe extern "C" fn() -> u32;
+
+impl Api {
+    /// Opens `spec` and resolves the functions: an error names the first one missing.
+    pub(super) fn load(spec: &str) -> Result<(libloading::Library, Api, VersionFn, IsaFn), String> {
+        // SAFETY: loading a library runs its initialisers; the user named it as oneDNN.
+        let lib = unsafe { libloading::Library::new(spec) }
+            .map_err(|e| format!("cannot open it as a library ({e})"))?;
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: the symbol's type is oneDNN 3.x's C signature for that name.
+                *unsafe { lib.get($name) }.map_err(|e| {
+                    format!(
+                        "not oneDNN 3.x: no `{}` ({e})",
+                        String::from_utf8_lossy(&$name[..$name.len() - 1])
+                    )
+                })?
+            };
+        }
+        let version_fn: VersionFn = sym!(b"dnnl_version\0");
+        let isa_fn: IsaFn = sym!(b"dnnl_get_effective_cpu_isa\0");
+        let api = Api {
+            engine_create: sym!(b"dnnl_engine_create\0"),
+            stream_create: sym!(b"dnnl_stream_create\0"),
+            stream_wait: sym!(b"dnnl_stream_wait\0"),
+            stream_destroy: sym!(b"dnnl_stream_destroy\0"),
+            md_create: sym!(b"dnnl_memory_desc_create_with_strides\0"),
+            md_destroy: sym!(b"dnnl_memory_desc_destroy\0"),
+            matmul_pd_create: sym!(b"dnnl_matmul_primitive_desc_create\0"),
+            pd_query: sym!(b"dnnl_primitive_desc_query\0"),
+            pd_destroy: sym!(b"dnnl_primitive_desc_destroy\0"),
+            primitive_create: sym!(b"dnnl_primitive_create\0"),
+            primitive_destroy: sym!(b"dnnl_primitive_destroy\0"),
+            primitive_execute: sym!(b"dnnl_primitive_execute\0"),
+            memory_create: sym!(b"dnnl_memory_create\0"),
+            memory_destroy: sym!(b"dnnl_memory_destroy\0"),
+            // SAFETY: OpenMP's `void omp_set_num_threads(int)`, found among the library's own
+            // dependencies where it runs on OpenMP.
+            omp_set_num_threads: unsafe { lib.get(b"omp_set_num_threads\0") }
+                .ok()
+                .map(|f| *f),
+        };
+        Ok((lib, api, version_fn, isa_fn))
+    }
+}
+
+/// `Ok` for `dnnl_success`, else a message naming `what` and the status.
+pub(super) fn status(what: &str, s: c_int) -> std::result::Result<(), String> {
+    if s == 0 {
+        return Ok(());
+    }
+    let name = match s {
+        1 => "out of memory",
+        2 => "invalid arguments",
+        3 => "unimplemented on this CPU",
+        5 => "runtime error",
+        _ => "failed",
+    };
+    Err(format!("oneDNN {what}: {name} (status {s})"))
+}

@@ -1,0 +1,171 @@
+//! Linear products on oneDNN (`MAGCACHE_ONEDNN`, issue 45) against an f64 product on random shapes:
+//! odd sizes, strided activations, with and without a bias, through [`Linear::forward`] and
+//! alone. The library comes from `MAGCACHE_TEST_ONEDNN` (or `MAGCACHE_ONEDNN`; `.ci/run` installs
+//! `onednn-cpu-gomp` and sets it); without one the tests print a note and test nothing more. bf16
+//! products run where oneDNN implements them on this CPU (AVX-512 and later), else a note.
+
+use candle_core::{DType, Device, Tensor};
+use magcache_layers::nn::bf16_gemm::bf16_bits;
+use magcache_layers::nn::onednn::{self, OneDnn, State};
+use magcache_layers::nn::Linear;
+use proptest::prelude::*;
+
+fn library() -> Option<&'static OneDnn> {
+    let spec = std::env::var("MAGCACHE_TEST_ONEDNN")
+        .or_else(|_| std::env::var(onednn::ENV))
+        .ok();
+    if spec.is_none() {
+        eprintln!(
+            "note: no oneDNN named (MAGCACHE_TEST_ONEDNN or MAGCACHE_ONEDNN, a libdnnl.so.3): oneDNN products are not tested"
+        );
+        return None;
+    }
+    match onednn::init(spec.as_deref()) {
+        State::Loaded(d) => Some(d),
+        State::Failed(e) => panic!("{e}"),
+        State::Off => None,
+    }
+}
+
+fn rounded(v: f32) -> f64 {
+    f64::from(f32::from_bits(u32::from(bf16_bits(v)) << 16))
+}
+
+/// `got [m, n]` against the f64 product of `x [m, k]` and `w [n, k]` (values through `round`) plus
+/// `bias`, within f32 accumulation error.
+fn check(
+    got: &Tensor,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    round: fn(f32) -> f64,
+) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.dims(), &[m, n]);
+    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for r in 0..m {
+        for c in 0..n {
+            let mut want = bias.map_or(0.0, |b| f64::from(b[c]));
+            let mut scale = want.abs();
+            for j in 0..k {
+                let p = round(x[r * k + j]) * round(w[c * k + j]);
+                want += p;
+                scale += p.abs();
+            }
+            let d = (f64::from(got[r * n + c]) - want).abs();
+            prop_assert!(
+                d <= 1e-5 * scale + 1e-6,
+                "[{m}x{k}] x [{n}x{k}]^T at ({r}, {c}): {} against {want}",
+                got[r * n + c]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn values(len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(-2f32..2f32, len)
+}
+
+fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
+    (1usize..70, 1usize..70, 1usize..70)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(45),
+        ..ProptestConfig::default()
+    })]
+
+    /// f32 linear layers through `Linear::forward`: oneDNN runs them (its count grows), within f32
+    /// accumulation error of f64; activations given transposed (strided) too.
+    #[test]
+    fn f32_linear_layers_match_f64(
+        (m, k, n) in shape(),
+        seed in 0u64..1000,
+        with_bias in any::<bool>(),
+        strided in any::<bool>(),
+    ) {
+        let Some(d) = library() else { return Ok(()) };
+        let dev = Device::Cpu;
+        let rnd = |len: usize, salt: u64| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    let h = (i as u64 ^ seed.wrapping_mul(0x9e37_79b9) ^ salt).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                    ((h >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect()
+        };
+        let (xv, wv, bv) = (rnd(m * k, 1), rnd(n * k, 2), rnd(n, 3));
+        let x = if strided {
+            // The same values as a transposed view: strides (1, m).
+            let xt: Vec<f32> = (0..k * m).map(|i| xv[(i % m) * k + i / m]).collect();
+            Tensor::from_vec(xt, (k, m), &dev).unwrap().t().unwrap()
+        } else {
+            Tensor::from_vec(xv.clone(), (m, k), &dev).unwrap()
+        };
+        let w = Tensor::from_vec(wv.clone(), (n, k), &dev).unwrap();
+        let b = with_bias.then(|| Tensor::from_vec(bv.clone(), n, &dev).unwrap());
+        let lin = Linear::new(w, b).unwrap();
+        let before = d.products();
+        let got = lin.forward(&x).unwrap();
+        prop_assert!(d.products() > before, "the product did not run on oneDNN");
+        check(&got, &xv, &wv, with_bias.then_some(&bv[..]), (m, k, n), f64::from)?;
+    }
+
+    /// bf16 weights where oneDNN has a bf16 product on this CPU: the activations rounded to bf16
+    /// (as the weights), f32 accumulation.
+    #[test]
+    fn bf16_products_match_f64(
+        (m, k, n) in shape(),
+        x in values(70 * 70),
+        w in values(70 * 70),
+    ) {
+        let Some(d) = library() else { return Ok(()) };
+        if !d.bf16_implemented() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (x, w) = (&x[..m * k], &w[..n * k]);
+        let xt = Tensor::from_slice(x, (m, k), &dev).unwrap();
+        let wt = Tensor::from_slice(w, (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let got = d.product(&xt, &wt.t().unwrap(), None).unwrap().unwrap();
+        check(&got, x, w, None, (m, k, n), rounded)?;
+    }
+}
+
+#[test]
+fn the_library_says_what_it_runs() {
+    let Some(d) = library() else { return };
+    let text = d.describe();
+    assert!(text.starts_with("oneDNN 3."), "{text}");
+    let f32_impl = d.implementation(64, 96, 80, false).unwrap();
+    assert!(!f32_impl.is_empty());
+    eprintln!("{text}; f32 product: {f32_impl}");
+    if d.bf16_implemented() {
+        eprintln!(
+            "bf16 product: {}",
+            d.implementation(64, 96, 80, true).unwrap()
+        );
+    } else {
+        eprintln!("note: oneDNN has no bf16 product on this CPU: bf16 products are not tested");
+    }
+}
+
+#[test]
+fn a_library_that_is_not_onednn_is_one_line_naming_the_variable() {
+    // Opened outside the process-wide choice: libc is a library without oneDNN's functions.
+    let e = onednn::open_for_check("libc.so.6").err().unwrap();
+    assert!(e.contains("MAGCACHE_ONEDNN=libc.so.6"), "{e}");
+    assert!(e.contains("dnnl_"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+    let e = onednn::open_for_check("/nonexistent/libdnnl.so.3")
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("MAGCACHE_ONEDNN=/nonexistent/libdnnl.so.3: cannot open"),
+        "{e}"
+    );
+}

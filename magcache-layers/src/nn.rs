@@ -218,10 +218,20 @@ impl Linear {
         Linear::new(weight, bias)
     }
 
-    /// Whether the product runs on the CPU's bf16 kernel (a bf16 weight on a CPU with AVX512-BF16):
-    /// the block's attention then runs there too ([`attention_as`]).
+    /// Whether the product runs in bf16 on the CPU (a bf16 weight on a CPU with AVX512-BF16, or on
+    /// oneDNN's AMX products): the block's attention then runs on the bf16 kernel too
+    /// ([`attention_as`]).
     pub fn runs_bf16(&self) -> bool {
-        matches!(self.wt, Weight::Bf16 { .. })
+        match &self.wt {
+            Weight::Bf16 { .. } => true,
+            // bf16 on oneDNN's AMX products: the attention takes the bf16 kernel as well.
+            Weight::Dense(wt) => {
+                wt.dtype() == DType::BF16
+                    && wt.device().is_cpu()
+                    && onednn::get().is_some_and(|d| d.bf16_products())
+            }
+            _ => false,
+        }
     }
 
     /// `x [..., in] -> [..., out]`.

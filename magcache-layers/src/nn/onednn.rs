@@ -31,6 +31,7 @@ pub const ENV: &str = "MAGCACHE_ONEDNN";
 use ffi::{status, QUERY_IMPL_INFO_STR, STREAM_IN_ORDER};
 use ffi::{Api, Dims, ExecArg, Handle};
 use ffi::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, ENGINE_CPU, ISA_AMX};
+use ffi::{ARG_SCRATCHPAD, QUERY_SCRATCHPAD_MD, SCRATCHPAD_MODE_USER};
 
 mod ffi;
 
@@ -48,8 +49,20 @@ pub struct OneDnn {
     _lib: libloading::Library,
 }
 
-// SAFETY: oneDNN's CPU engine and primitives may be used from any thread and executed concurrently
-// (its documented thread safety); the map is behind a mutex.
+impl Drop for OneDnn {
+    fn drop(&mut self) {
+        // The primitives first (they hold the engine), then the engine; the library after both.
+        if let Ok(mut map) = self.primitives.lock() {
+            map.clear();
+        }
+        // SAFETY: created at open, destroyed once here.
+        unsafe { (self.api.engine_destroy)(self.engine) };
+    }
+}
+
+// SAFETY: oneDNN's CPU engine and primitive objects may be used from any thread and a primitive
+// executed concurrently when each execution brings its own scratch memory (user scratchpad mode,
+// set on every primitive here); the map is behind a mutex.
 unsafe impl Send for OneDnn {}
 unsafe impl Sync for OneDnn {}
 
@@ -94,7 +107,7 @@ pub fn check() -> Result<Option<String>> {
 }
 
 /// Opens `spec` as `MAGCACHE_ONEDNN` would, without choosing it for the process: its description,
-/// or the one-line error a run would stop with (`magcache` checks a library this way too).
+/// or the one-line error a run would stop with (the library is closed again).
 pub fn open_for_check(spec: &str) -> std::result::Result<String, String> {
     match open(Some(spec)) {
         State::Loaded(d) => Ok(d.describe()),
@@ -136,10 +149,14 @@ struct Primitive {
     wei: Handle,
     bias: Handle,
     dst: Handle,
+    /// The scratchpad's descriptor, owned by `pd`, and its size (0: none).
+    scratch: Handle,
+    scratch_bytes: usize,
     impl_info: String,
 }
 
-// SAFETY: see `OneDnn`; `api` points into the never-dropped static state.
+// SAFETY: see `OneDnn`; `api` points into the `OneDnn` that owns the map holding this (the
+// primitives are dropped before it).
 unsafe impl Send for Primitive {}
 unsafe impl Sync for Primitive {}
 
@@ -148,8 +165,12 @@ impl Drop for Primitive {
         // SAFETY: the handles were created by this library and are destroyed once, here.
         unsafe {
             let api = &*self.api;
-            (api.primitive_destroy)(self.prim);
-            (api.pd_destroy)(self.pd);
+            if !self.prim.is_null() {
+                (api.primitive_destroy)(self.prim);
+            }
+            if !self.pd.is_null() {
+                (api.pd_destroy)(self.pd);
+            }
             for md in [self.src, self.wei, self.bias, self.dst] {
                 if !md.is_null() {
                     (api.md_destroy)(md);
@@ -199,17 +220,23 @@ impl OneDnn {
         Ok(d)
     }
 
-    /// `oneDNN 3.2.0, CPU ISA avx2, bf16 products: none` and the like.
+    /// `oneDNN 3.2.0 (CPU ISA avx2): f32 linear layers on it, bf16 weights widened to f32 on it`
+    /// and the like.
     pub fn describe(&self) -> String {
         let bf16 = if self.bf16_products() {
-            "bf16 products on it (AMX)"
-        } else if self.bf16 {
-            "bf16 products on the layers' kernel (no AMX)"
+            "bf16 weights on it (AMX)"
+        } else if super::bf16_gemm::available() {
+            "bf16 weights on the layers' AVX512-BF16 kernel"
         } else {
-            "no bf16 kernel on this CPU"
+            "bf16 weights widened to f32 on it"
+        };
+        let threads = if self.api.omp_set_num_threads.is_some() {
+            "OpenMP threads as candle's"
+        } else {
+            "the library's own threads"
         };
         format!(
-            "oneDNN {} (CPU ISA {}): f32 linear layers on it, {bf16}",
+            "oneDNN {} (CPU ISA {}): f32 linear layers on it, {bf16}; {threads}",
             self.version,
             isa_name(self.isa)
         )
@@ -233,20 +260,7 @@ impl OneDnn {
         }
         let api = &self.api;
         let dt = if key.bf16 { DT_BF16 } else { DT_F32 };
-        let md = |rows: usize, cols: usize, strides: [usize; 2], dt: c_int| {
-            let mut dims: Dims = [0; 12];
-            let mut st: Dims = [0; 12];
-            dims[0] = rows as i64;
-            dims[1] = cols as i64;
-            st[0] = strides[0] as i64;
-            st[1] = strides[1] as i64;
-            let mut h: Handle = std::ptr::null_mut();
-            // SAFETY: dims and strides hold 12 entries, 2 used.
-            status("memory descriptor", unsafe {
-                (api.md_create)(&mut h, 2, dims.as_ptr(), dt, st.as_ptr())
-            })
-            .map(|_| h)
-        };
+        let md = |rows, cols, strides, dt| memory_desc(api, rows, cols, strides, dt);
         let mut p = Primitive {
             api,
             pd: std::ptr::null_mut(),
@@ -255,6 +269,8 @@ impl OneDnn {
             wei: std::ptr::null_mut(),
             bias: std::ptr::null_mut(),
             dst: std::ptr::null_mut(),
+            scratch: std::ptr::null_mut(),
+            scratch_bytes: 0,
             impl_info: String::new(),
         };
         p.src = md(key.m, key.k, key.src_strides, dt)?;
@@ -271,18 +287,43 @@ impl OneDnn {
             key.n,
             if key.bf16 { "bf16" } else { "f32" }
         );
-        // SAFETY: the descriptors were created above; a null attribute is the default.
-        status(&what, unsafe {
-            (api.matmul_pd_create)(
-                &mut p.pd,
-                self.engine,
-                p.src,
-                p.wei,
-                p.bias,
-                p.dst,
-                std::ptr::null_mut(),
-            )
-        })?;
+        // Scratch memory is the caller's, per execution: a primitive built on one thread may run
+        // on another, and on two at once (oneDNN's own scratchpad is per thread or per primitive).
+        let mut attr: Handle = std::ptr::null_mut();
+        // SAFETY: an out-pointer for the attribute, set before use and destroyed after (the
+        // descriptor keeps a copy); the memory descriptors were created above.
+        let created = unsafe {
+            status("attribute", (api.attr_create)(&mut attr)).and_then(|_| {
+                let r = status(
+                    "scratchpad mode",
+                    (api.attr_set_scratchpad_mode)(attr, SCRATCHPAD_MODE_USER),
+                )
+                .and_then(|_| {
+                    status(
+                        &what,
+                        (api.matmul_pd_create)(
+                            &mut p.pd,
+                            self.engine,
+                            p.src,
+                            p.wei,
+                            p.bias,
+                            p.dst,
+                            attr,
+                        ),
+                    )
+                });
+                (api.attr_destroy)(attr);
+                r
+            })
+        };
+        created?;
+        // SAFETY: the descriptor's own scratchpad descriptor (null or zero bytes when none).
+        unsafe {
+            p.scratch = (api.pd_query_md)(p.pd, QUERY_SCRATCHPAD_MD, 0);
+            if !p.scratch.is_null() {
+                p.scratch_bytes = (api.md_get_size)(p.scratch);
+            }
+        }
         let mut info: *const c_char = std::ptr::null();
         // SAFETY: the implementation's name, a C string owned by the descriptor.
         unsafe {
@@ -337,15 +378,24 @@ impl OneDnn {
         if let Some(set) = api.omp_set_num_threads {
             set(candle_core::utils::get_num_threads().max(1) as c_int);
         }
-        let mut mems: Vec<ExecArg> = Vec::with_capacity(4);
+        // This execution's scratch memory, page-aligned as oneDNN's own.
+        let mut scratch: Vec<u8> = Vec::new();
+        let mut scratch_ptr: *mut c_void = std::ptr::null_mut();
+        if p.scratch_bytes > 0 {
+            scratch.resize(p.scratch_bytes + 4096, 0);
+            let at = scratch.as_ptr().align_offset(4096);
+            scratch_ptr = scratch[at..].as_mut_ptr() as *mut c_void;
+        }
+        let mut mems: Vec<ExecArg> = Vec::with_capacity(5);
         let mut result = Ok(());
         for (arg, md, ptr) in [
             (ARG_SRC, p.src, src as *mut c_void),
             (ARG_WEIGHTS, p.wei, wei as *mut c_void),
             (ARG_BIAS, p.bias, bias as *mut c_void),
             (ARG_DST, p.dst, dst as *mut c_void),
+            (ARG_SCRATCHPAD, p.scratch, scratch_ptr),
         ] {
-            if md.is_null() {
+            if md.is_null() || ptr.is_null() {
                 continue;
             }
             let mut mem: Handle = std::ptr::null_mut();
@@ -495,6 +545,26 @@ fn key(
         src_strides,
         wei_strides,
     }
+}
+
+/// A plain 2-D memory descriptor with the given strides (elements).
+fn memory_desc(
+    api: &Api,
+    rows: usize,
+    cols: usize,
+    strides: [usize; 2],
+    dt: c_int,
+) -> std::result::Result<Handle, String> {
+    let mut dims: Dims = [0; 12];
+    let mut st: Dims = [0; 12];
+    (dims[0], dims[1]) = (rows as i64, cols as i64);
+    (st[0], st[1]) = (strides[0] as i64, strides[1] as i64);
+    let mut h: Handle = std::ptr::null_mut();
+    // SAFETY: dims and strides hold 12 entries, 2 used.
+    status("memory descriptor", unsafe {
+        (api.md_create)(&mut h, 2, dims.as_ptr(), dt, st.as_ptr())
+    })
+    .map(|_| h)
 }
 
 fn isa_name(isa: u32) -> String {

@@ -33,12 +33,22 @@ pub(super) const ARG_DST: c_int = 17;
 pub(super) const ARG_WEIGHTS: c_int = 33;
 pub(super) const ARG_BIAS: c_int = 41;
 pub(super) const QUERY_IMPL_INFO_STR: c_int = 8;
+pub(super) const QUERY_SCRATCHPAD_MD: c_int = 136;
+pub(super) const ARG_SCRATCHPAD: c_int = 80;
+/// `dnnl_scratchpad_mode_user`: the caller passes each execution's scratch memory.
+pub(super) const SCRATCHPAD_MODE_USER: c_int = 1;
 /// `dnnl_cpu_isa_avx512_core_amx` (`avx10_1_512_amx`): the bits an AMX CPU's ISA has.
 pub(super) const ISA_AMX: u32 = 0xfef;
 
 /// The C functions used, resolved once.
 pub(super) struct Api {
     pub(super) engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> c_int,
+    pub(super) engine_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) attr_create: unsafe extern "C" fn(*mut Handle) -> c_int,
+    pub(super) attr_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) attr_set_scratchpad_mode: unsafe extern "C" fn(Handle, c_int) -> c_int,
+    pub(super) pd_query_md: unsafe extern "C" fn(Handle, c_int, c_int) -> Handle,
+    pub(super) md_get_size: unsafe extern "C" fn(Handle) -> usize,
     pub(super) stream_create: unsafe extern "C" fn(*mut Handle, Handle, u32) -> c_int,
     pub(super) stream_wait: unsafe extern "C" fn(Handle) -> c_int,
     pub(super) stream_destroy: unsafe extern "C" fn(Handle) -> c_int,
@@ -86,6 +96,12 @@ impl Api {
         let isa_fn: IsaFn = sym!(b"dnnl_get_effective_cpu_isa\0");
         let api = Api {
             engine_create: sym!(b"dnnl_engine_create\0"),
+            engine_destroy: sym!(b"dnnl_engine_destroy\0"),
+            attr_create: sym!(b"dnnl_primitive_attr_create\0"),
+            attr_destroy: sym!(b"dnnl_primitive_attr_destroy\0"),
+            attr_set_scratchpad_mode: sym!(b"dnnl_primitive_attr_set_scratchpad_mode\0"),
+            pd_query_md: sym!(b"dnnl_primitive_desc_query_md\0"),
+            md_get_size: sym!(b"dnnl_memory_desc_get_size\0"),
             stream_create: sym!(b"dnnl_stream_create\0"),
             stream_wait: sym!(b"dnnl_stream_wait\0"),
             stream_destroy: sym!(b"dnnl_stream_destroy\0"),

@@ -9,7 +9,8 @@
 //! with one line naming the variable ([`check`]), never a silent fallback.
 //!
 //! What runs on it: a linear layer's product `x W^T (+ b)` whose weight is a dense f32 CPU tensor
-//! (measured 1.4x candle's gemm on an AVX2 Zen 3: docs/benchmarks.md), and one whose weight is
+//! (on an AVX2 Zen 3 level with candle's gemm on a quiet host, 1.2-1.3x on a loaded one:
+//! docs/benchmarks.md), and one whose weight is
 //! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
 //! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
 //! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there). Weights are read in place (the

@@ -6,16 +6,14 @@
 use magcache_layers::nn::bf16_gemm::{bf16_bits, cpu_has_bf16, PackedBf16};
 use proptest::prelude::*;
 
+mod common;
+
 fn skip() -> bool {
     if !cpu_has_bf16() {
         eprintln!("note: this CPU has no AVX512-BF16: the bf16 kernel is not tested on it");
         return true;
     }
     false
-}
-
-fn rounded(v: f32) -> f64 {
-    f64::from(f32::from_bits(u32::from(bf16_bits(v)) << 16))
 }
 
 /// Checks the kernel's `[m, n]` product of `x [m, k]` and `w [n, k]` (f32 values, rounded to bf16
@@ -25,24 +23,7 @@ fn check(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Result<(), TestC
     let got = PackedBf16::pack(&bits, n, k)
         .matmul(x, m)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert_eq!(got.len(), m * n);
-    for r in 0..m {
-        for c in 0..n {
-            let (mut want, mut scale) = (0f64, 0f64);
-            for j in 0..k {
-                let p = rounded(x[r * k + j]) * rounded(w[c * k + j]);
-                want += p;
-                scale += p.abs();
-            }
-            let d = (f64::from(got[r * n + c]) - want).abs();
-            prop_assert!(
-                d <= 1e-5 * scale + 1e-6,
-                "[{m}x{k}] x [{n}x{k}]^T at ({r}, {c}): {} against {want}",
-                got[r * n + c]
-            );
-        }
-    }
-    Ok(())
+    common::check_product(&got, x, w, None, (m, k, n), common::rounded)
 }
 
 fn values(len: usize) -> impl Strategy<Value = Vec<f32>> {

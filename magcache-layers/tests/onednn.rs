@@ -5,10 +5,11 @@
 //! products run where oneDNN implements them on this CPU (AVX-512 and later), else a note.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_layers::nn::bf16_gemm::bf16_bits;
 use magcache_layers::nn::onednn::{self, OneDnn, State};
 use magcache_layers::nn::Linear;
 use proptest::prelude::*;
+
+mod common;
 
 fn library() -> Option<&'static OneDnn> {
     let spec = std::env::var("MAGCACHE_TEST_ONEDNN")
@@ -27,40 +28,18 @@ fn library() -> Option<&'static OneDnn> {
     }
 }
 
-fn rounded(v: f32) -> f64 {
-    f64::from(f32::from_bits(u32::from(bf16_bits(v)) << 16))
-}
-
-/// `got [m, n]` against the f64 product of `x [m, k]` and `w [n, k]` (values through `round`) plus
-/// `bias`, within f32 accumulation error.
+/// `got [m, n]` against the f64 product (see [`common::check_product`]).
 fn check(
     got: &Tensor,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
-    (m, k, n): (usize, usize, usize),
+    mkn: (usize, usize, usize),
     round: fn(f32) -> f64,
 ) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.dims(), &[m, n]);
+    prop_assert_eq!(got.dims(), &[mkn.0, mkn.2]);
     let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for r in 0..m {
-        for c in 0..n {
-            let mut want = bias.map_or(0.0, |b| f64::from(b[c]));
-            let mut scale = want.abs();
-            for j in 0..k {
-                let p = round(x[r * k + j]) * round(w[c * k + j]);
-                want += p;
-                scale += p.abs();
-            }
-            let d = (f64::from(got[r * n + c]) - want).abs();
-            prop_assert!(
-                d <= 1e-5 * scale + 1e-6,
-                "[{m}x{k}] x [{n}x{k}]^T at ({r}, {c}): {} against {want}",
-                got[r * n + c]
-            );
-        }
-    }
-    Ok(())
+    common::check_product(&got, x, w, bias, mkn, round)
 }
 
 fn values(len: usize) -> impl Strategy<Value = Vec<f32>> {
@@ -136,7 +115,7 @@ proptest! {
         let xt = Tensor::from_slice(x, (m, k), &dev).unwrap();
         let wt = Tensor::from_slice(w, (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
         let got = d.product(&xt, &wt.t().unwrap(), None).unwrap().unwrap();
-        check(&got, x, w, None, (m, k, n), rounded)?;
+        check(&got, x, w, None, (m, k, n), common::rounded)?;
     }
 }
 

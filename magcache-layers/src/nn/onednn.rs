@@ -213,10 +213,8 @@ impl OneDnn {
             _lib: lib,
         };
         // The f32 product must build; a bf16 one may not (no bf16 kernel on CPUs before AVX-512).
-        d.primitive(key(1, 2, 1, false, false, [2, 1], [1, 2]))?;
-        d.bf16 = d
-            .primitive(key(1, 2, 1, true, false, [2, 1], [1, 2]))
-            .is_ok();
+        d.primitive(Key::plain(1, 2, 1, false))?;
+        d.bf16 = d.primitive(Key::plain(1, 2, 1, true)).is_ok();
         d.primitives.lock().map_err(|e| e.to_string())?.clear();
         Ok(d)
     }
@@ -355,7 +353,7 @@ impl OneDnn {
     /// `brg_matmul:avx512_core_amx` and the like.
     pub fn implementation(&self, m: usize, k: usize, n: usize, bf16: bool) -> Result<String> {
         let p = self
-            .primitive(key(m, k, n, bf16, false, [k, 1], [1, k]))
+            .primitive(Key::plain(m, k, n, bf16))
             .map_err(Error::msg)?;
         Ok(p.impl_info.clone())
     }
@@ -493,7 +491,16 @@ impl OneDnn {
         };
         let mut dst: Vec<f32> = Vec::with_capacity(m * n);
         let mut run = |src: *const c_void, src_strides: [usize; 2]| {
-            let key = key(m, k, n, bf16, !bias_ptr.is_null(), src_strides, wei_strides);
+            let bias = !bias_ptr.is_null();
+            let key = Key {
+                m,
+                k,
+                n,
+                bf16,
+                bias,
+                src_strides,
+                wei_strides,
+            };
             // SAFETY: the pointers come from tensors whose layouts give the strides and extents
             // used (the destination's capacity is m * n), all held for the call.
             unsafe { self.execute(key, src, wei_ptr, bias_ptr, dst.as_mut_ptr()) }
@@ -528,23 +535,19 @@ impl OneDnn {
     }
 }
 
-fn key(
-    m: usize,
-    k: usize,
-    n: usize,
-    bf16: bool,
-    bias: bool,
-    src_strides: [usize; 2],
-    wei_strides: [usize; 2],
-) -> Key {
-    Key {
-        m,
-        k,
-        n,
-        bf16,
-        bias,
-        src_strides,
-        wei_strides,
+impl Key {
+    /// Contiguous activations by a linear layer's transposed weight, no bias.
+    fn plain(m: usize, k: usize, n: usize, bf16: bool) -> Key {
+        let (bias, src_strides, wei_strides) = (false, [k, 1], [1, k]);
+        Key {
+            m,
+            k,
+            n,
+            bf16,
+            bias,
+            src_strides,
+            wei_strides,
+        }
     }
 }
 

@@ -69,6 +69,16 @@ pub(crate) fn auto_dtype_by_estimate(
     Ok(Some(("f32".into(), None)))
 }
 
+/// A note for a bf16 run on a CPU with AMX and no oneDNN named (`nn::onednn::amx_hint`).
+fn bf16_hint(cfg: &RunConfig) {
+    let cpu = cfg.model.device == "cpu";
+    if cpu && cfg.model.dtype == "bf16" && magcache_core::runtime::progress::visible() {
+        if let Some(h) = magcache_layers::nn::onednn::amx_hint() {
+            eprintln!("note: {h}");
+        }
+    }
+}
+
 /// Builds the family's pipeline, with `model.dtype = "auto"` resolved in `cfg`: `f32` when the size
 /// guard lets the run build in f32 (every stage's estimate fits), otherwise `bf16`, with a note
 /// saying why. The guard refuses before a stage loads anything, so the f32 attempt costs only the
@@ -86,6 +96,7 @@ fn build_resolved(
         }
     }
     if !cfg.is_auto_dtype() {
+        bf16_hint(cfg);
         return Ok(((fam.build)(cfg, file, base)?, Vec::new()));
     }
     let (pipeline, note) = match auto_dtype_by_estimate(cfg, file, base, fam)? {
@@ -113,6 +124,7 @@ fn build_resolved(
             eprintln!("note: {n}");
         }
     }
+    bf16_hint(cfg);
     Ok((pipeline, note.into_iter().collect()))
 }
 

@@ -152,3 +152,17 @@ fn a_library_that_is_not_onednn_is_one_line_naming_the_variable() {
         "{e}"
     );
 }
+
+#[test]
+fn the_amx_hint_reads_the_cpu_flags() {
+    let amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n";
+    let zen = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\nbugs\t\t: amx_bf16\n";
+    assert!(onednn::cpuinfo_has_flag(amx, "amx_bf16"));
+    assert!(!onednn::cpuinfo_has_flag(zen, "amx_bf16"));
+    assert!(!onednn::cpuinfo_has_flag("", "amx_bf16"));
+    // No hint once a library is named, nor on this CPU unless it has AMX.
+    let here = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if library().is_some() || !onednn::cpuinfo_has_flag(&here, "amx_bf16") {
+        assert!(onednn::amx_hint().is_none());
+    }
+}

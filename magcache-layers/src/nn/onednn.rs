@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The environment variable naming the library.
 pub const ENV: &str = "MAGCACHE_ONEDNN";
 
-use ffi::{status, QUERY_IMPL_INFO_STR, STREAM_IN_ORDER};
+use ffi::{isa_name, status, QUERY_IMPL_INFO_STR, STREAM_IN_ORDER};
 use ffi::{Api, Dims, ExecArg, Handle};
 use ffi::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, ENGINE_CPU, ISA_AMX};
 use ffi::{ARG_SCRATCHPAD, QUERY_SCRATCHPAD_MD, SCRATCHPAD_MODE_USER};
@@ -115,6 +115,26 @@ pub fn open_for_check(spec: &str) -> std::result::Result<String, String> {
         State::Failed(e) => Err(e),
         State::Off => Ok("off".into()),
     }
+}
+
+/// A hint for a bf16 run on a CPU with AMX (its `amx_bf16` flag in `/proc/cpuinfo`) while no
+/// oneDNN is named: the products would run on AMX's tiles through it. `None` elsewhere.
+pub fn amx_hint() -> Option<String> {
+    if !matches!(state(), State::Off) {
+        return None;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    cpuinfo_has_flag(&cpuinfo, "amx_bf16").then(|| {
+        format!(
+            "this CPU has AMX: {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) runs bf16 products on its tiles (docs/config.md)"
+        )
+    })
+}
+
+/// Whether the first `flags` line of a `/proc/cpuinfo` text lists `flag`.
+pub fn cpuinfo_has_flag(cpuinfo: &str, flag: &str) -> bool {
+    let line = cpuinfo.lines().find(|l| l.starts_with("flags"));
+    line.is_some_and(|l| l.split_whitespace().any(|f| f == flag))
 }
 
 fn open(spec: Option<&str>) -> State {
@@ -569,24 +589,4 @@ fn memory_desc(
         (api.md_create)(&mut h, 2, dims.as_ptr(), dt, st.as_ptr())
     })
     .map(|_| h)
-}
-
-fn isa_name(isa: u32) -> String {
-    const NAMES: [(u32, &str); 11] = [
-        (0x1, "sse41"),
-        (0x3, "avx"),
-        (0x7, "avx2"),
-        (0xf, "avx2_vnni"),
-        (0x1f, "avx2_vnni_2"),
-        (0x27, "avx512_core"),
-        (0x67, "avx512_core_vnni"),
-        (0xe7, "avx512_core_bf16"),
-        (0x1ef, "avx512_core_fp16"),
-        (0xfef, "avx512_core_amx"),
-        (0x1fef, "avx512_core_amx_fp16"),
-    ];
-    NAMES
-        .iter()
-        .find(|(v, _)| *v == isa)
-        .map_or_else(|| format!("{isa:#x}"), |(_, n)| n.to_string())
 }

@@ -139,3 +139,24 @@ pub(super) fn status(what: &str, s: c_int) -> std::result::Result<(), String> {
     };
     Err(format!("oneDNN {what}: {name} (status {s})"))
 }
+
+/// The name of a `dnnl_cpu_isa_t` value (3.x), or the value in hex.
+pub(super) fn isa_name(isa: u32) -> String {
+    const NAMES: [(u32, &str); 11] = [
+        (0x1, "sse41"),
+        (0x3, "avx"),
+        (0x7, "avx2"),
+        (0xf, "avx2_vnni"),
+        (0x1f, "avx2_vnni_2"),
+        (0x27, "avx512_core"),
+        (0x67, "avx512_core_vnni"),
+        (0xe7, "avx512_core_bf16"),
+        (0x1ef, "avx512_core_fp16"),
+        (0xfef, "avx512_core_amx"),
+        (0x1fef, "avx512_core_amx_fp16"),
+    ];
+    NAMES
+        .iter()
+        .find(|(v, _)| *v == isa)
+        .map_or_else(|| format!("{isa:#x}"), |(_, n)| n.to_string())
+}

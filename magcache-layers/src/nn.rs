@@ -177,11 +177,10 @@ impl Linear {
         // On a CPU with AVX512-BF16 a bf16 weight is packed once for its dot products (the packed
         // copy replaces the weight: the same bytes, the padding aside).
         // Where oneDNN runs bf16 products on AMX (`MAGCACHE_ONEDNN`), the weight stays as it is.
-        let on_onednn = onednn::get().is_some_and(|d| d.bf16_products());
         if weight.dtype() == DType::BF16
             && weight.device().is_cpu()
             && bf16_gemm::available()
-            && !on_onednn
+            && !onednn::bf16_products()
         {
             return Self::packed(&weight, bias);
         }
@@ -226,9 +225,7 @@ impl Linear {
             Weight::Bf16 { .. } => true,
             // bf16 on oneDNN's AMX products: the attention takes the bf16 kernel as well.
             Weight::Dense(wt) => {
-                wt.dtype() == DType::BF16
-                    && wt.device().is_cpu()
-                    && onednn::get().is_some_and(|d| d.bf16_products())
+                wt.dtype() == DType::BF16 && wt.device().is_cpu() && onednn::bf16_products()
             }
             _ => false,
         }

@@ -97,6 +97,11 @@ pub fn get() -> Option<&'static OneDnn> {
     }
 }
 
+/// Whether bf16 weights run their products on the opened library ([`OneDnn::bf16_products`]).
+pub fn bf16_products() -> bool {
+    get().is_some_and(|d| d.bf16_products())
+}
+
 /// For the runner, before anything loads: `Ok(Some(description))` when products run on oneDNN,
 /// `Ok(None)` when it is off, one line naming `MAGCACHE_ONEDNN` when the named library failed.
 pub fn check() -> Result<Option<String>> {

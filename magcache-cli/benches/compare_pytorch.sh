@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Times the same dense run file in this project (`magcache run`, strategy forced to none) and in the
-# PyTorch reference (diffusers), one after the other on the same CPU and thread count, and prints the
-# ratio. Usage: compare_pytorch.sh RUN.toml [THREADS]   (needs python with torch + diffusers: $PYTHON;
+# PyTorch reference (diffusers), in the run file's dtype (f32 or bf16), one after the other on the
+# same CPU and thread count, and prints the ratio.
+# Usage: compare_pytorch.sh RUN.toml [THREADS]   (needs python with torch + diffusers: $PYTHON;
 # ROUNDS=N repeats the pair N times, default 1)
 set -euo pipefail
 cfg="$1"; threads="${2:-$(nproc)}"; here="$(cd "$(dirname "$0")" && pwd)"; py="${PYTHON:-python3}"; rounds="${ROUNDS:-1}"
@@ -13,9 +14,9 @@ echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads a
 echo "config: $cfg   threads: $threads   rounds: $rounds (alternated; this machine's speed drifts, so compare within a round)"
 for r in $(seq 1 "$rounds"); do
   rust=$(RAYON_NUM_THREADS=$threads "$bin" run --quiet --json --config "$dense" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["total_calls"])')
-  torch=$("$py" "$here/pytorch_dense.py" "$dense" --threads "$threads" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["calls"], d["torch"])')
-  read -r rs rc <<<"$rust"; read -r ts tc tv <<<"$torch"
-  echo "round $r (torch $tv)"
+  torch=$("$py" "$here/pytorch_dense.py" "$dense" --threads "$threads" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["calls"], d["torch"], d["dtype"])')
+  read -r rs rc <<<"$rust"; read -r ts tc tv tdt <<<"$torch"
+  echo "round $r (torch $tv, $tdt)"
   printf "  magcache-rs: %6d calls %9.3f s  (%.3f s/call)\n" "$rc" "$rs" "$(echo "$rs/$rc" | bc -l)"
   printf "  PyTorch:     %6d calls %9.3f s  (%.3f s/call)\n" "$tc" "$ts" "$(echo "$ts/$tc" | bc -l)"
   printf "  PyTorch / magcache-rs: %.2fx\n" "$(echo "$ts/$rs" | bc -l)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Times the dense denoising loop of a magcache run file in the PyTorch reference (diffusers), on CPU,
-f32: the same architecture (preset + overrides), latent shape, text length, steps and CFG calls.
+in the run file's `model.dtype` (f32, or bf16: weights and inputs in bf16, PyTorch's CPU bf16
+products on oneDNN, as a user's `torch_dtype=torch.bfloat16` runs them): the same architecture (preset + overrides), latent shape, text length, steps and CFG calls.
 Weights are random (timing does not depend on them). Prints JSON: {"wall_seconds": ..., "calls": ...}.
 
 Usage: python pytorch_dense.py RUN.toml [--threads N]
@@ -32,15 +33,32 @@ cfg = tomllib.load(open(a.config, "rb"))
 m, inp, smp = cfg["model"], cfg.get("inputs", {}), cfg["sampling"]
 over = m.get("overrides", {})
 steps = smp["steps"]
+dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
+if m.get("dtype", "f32") not in dtypes:
+    raise SystemExit(f"{a.config}: model.dtype = {m.get('dtype')!r}: this script times f32 or bf16")
+dt = dtypes[m.get("dtype", "f32")]
 torch.manual_seed(0)
+
+
+def keep_fp32(model):
+    """The modules a model class keeps in f32 (`_keep_in_fp32_modules`: Wan's norms, modulation,
+    time embedding), as `from_pretrained(..., torch_dtype=torch.bfloat16)` loads them."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if dt != torch.float32:
+        for name, param in model.named_parameters():
+            if any(k in name.split(".") for k in keep):
+                param.data = param.data.float()
+    return model
+
+
 if m["family"].startswith("wan"):
     c = {**WAN_BASE, **WAN[m["preset"]], **over}
     if "patch_size" in c:
         c["patch_size"] = tuple(c["patch_size"])
-    model = WanTransformer3DModel(**c).float().eval()
+    model = keep_fp32(WanTransformer3DModel(**c).to(dt).eval())
     shape = inp.get("latent_shape", [1, c["in_channels"], 3, 24, 40])
-    x = torch.randn(*shape)
-    ctx = torch.randn(shape[0], inp.get("text_len", 64), c["text_dim"])
+    x = torch.randn(*shape, dtype=dt)
+    ctx = torch.randn(shape[0], inp.get("text_len", 64), c["text_dim"], dtype=dt)
     cfg_calls = 2 if smp.get("guidance_scale", 5.0) > 1 else 1
 
     def call(t):
@@ -48,11 +66,12 @@ if m["family"].startswith("wan"):
 else:
     c = {**FLUX_BASE, **FLUX[m["preset"]], **over}
     c["axes_dims_rope"] = tuple(c["axes_dims_rope"])
-    model = FluxTransformer2DModel(**c).float().eval()
+    model = keep_fp32(FluxTransformer2DModel(**c).to(dt).eval())
     b, _, h, w = inp.get("latent_shape", [1, c["in_channels"] // 4, 64, 64])
     seq, L = (h // 2) * (w // 2), inp.get("text_len", 64)
-    x = torch.randn(b, seq, c["in_channels"])
-    ctx, pooled = torch.randn(b, L, c["joint_attention_dim"]), torch.randn(b, c["pooled_projection_dim"])
+    x = torch.randn(b, seq, c["in_channels"], dtype=dt)
+    ctx = torch.randn(b, L, c["joint_attention_dim"], dtype=dt)
+    pooled = torch.randn(b, c["pooled_projection_dim"], dtype=dt)
     img_ids = torch.zeros(h // 2, w // 2, 3)
     img_ids[..., 1] = torch.arange(h // 2)[:, None]
     img_ids[..., 2] = torch.arange(w // 2)[None, :]
@@ -70,4 +89,5 @@ for i in range(steps):
     for _ in range(cfg_calls):
         call(1000.0 * (1 - i / steps))
         n += 1
-print(json.dumps({"wall_seconds": time.perf_counter() - t0, "calls": n, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+print(json.dumps({"wall_seconds": time.perf_counter() - t0, "calls": n, "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "dtype": str(dt).removeprefix("torch.")}))

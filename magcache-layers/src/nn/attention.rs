@@ -1,7 +1,7 @@
 //! Scaled dot-product attention: fused on the CPU in f32, query-chunked elsewhere.
 
 use super::contiguous;
-use super::pointwise::fast_exp;
+use super::pointwise::{fast_exp, lanes_max, lanes_sum, widest};
 #[cfg(test)]
 use candle_core::Device;
 use candle_core::{DType, Tensor};
@@ -320,18 +320,26 @@ fn attend_rows_bf16(
     pv.product_into(sc, rows, o, 1)
 }
 
-/// Each `l`-wide row of `sc` replaced by its softmax (f32, the exponential vectorized).
+/// Each `l`-wide row of `sc` replaced by its softmax (f32), on the CPU's widest vectors
+/// ([`widest`]): the maximum and the sum over [`super::pointwise::LANES`] partial results, the
+/// exponentials in place between them. (A running sum in the exponentials' loop kept it scalar:
+/// 25% of a bf16 Wan call at 4 800 tokens, docs/benchmarks.md.)
 fn softmax_rows(sc: &mut [f32], l: usize) {
-    for row in sc.chunks_mut(l) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = fast_exp(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
-    }
+    widest(
+        #[inline(always)]
+        || {
+            for row in sc.chunks_mut(l) {
+                let max = lanes_max(row);
+                for x in row.iter_mut() {
+                    *x = fast_exp(*x - max);
+                }
+                let inv = 1.0 / lanes_sum(row);
+                for x in row.iter_mut() {
+                    *x *= inv;
+                }
+            }
+        },
+    )
 }
 
 /// [`attention`] over chunks of `chunk` queries (the path off the CPU, and the CPU path's reference).
@@ -397,6 +405,31 @@ fn fused_cpu_attention_equals_the_matmul_path() {
     let r = attention_in_chunks(&q, &k, &k, 5).unwrap();
     let diff = max_abs_diff(&a, &r);
     assert!(diff < 1e-5, "{diff}");
+}
+
+/// The softmax of score rows of many lengths (the lanes' tails) against f64.
+#[cfg(test)]
+#[test]
+fn softmax_rows_match_f64() {
+    for l in [1, 15, 16, 17, 47, 200, 4801] {
+        let rows = 3;
+        let sc: Vec<f32> = (0..rows * l)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
+            .collect();
+        let mut out = sc.clone();
+        softmax_rows(&mut out, l);
+        for (row, got) in sc.chunks(l).zip(out.chunks(l)) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            for (&x, &y) in row.iter().zip(got) {
+                let p = (x as f64 - max).exp() / sum;
+                assert!(
+                    (p - y as f64).abs() <= 1e-6 * p + 1e-12,
+                    "l {l}: {y} vs {p}"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

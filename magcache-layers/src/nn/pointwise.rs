@@ -21,6 +21,74 @@ pub(super) fn fast_exp(z: f32) -> f32 {
     f32::from_bits(((n as i32 + 127) << 23) as u32) * p
 }
 
+/// Runs `body` compiled for the widest vectors this CPU has: AVX-512F, else AVX2 with FMA, else
+/// the build's baseline (SSE2 on x86-64; the default build targets no particular CPU). The loops
+/// in `body` (inlined into the wrapper whose features are enabled) are vectorized that wide; the
+/// results are the same bits at every width where `body` does no horizontal reduction of its own
+/// (a reduction written over [`LANES`] partial results, as [`lanes_sum`], is the same at every
+/// width).
+#[inline(always)]
+pub(super) fn widest<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the wrapper is compiled for.
+            return unsafe { avx512(body) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { avx2(body) };
+        }
+    }
+    body()
+}
+
+/// Partial results a reduction keeps ([`lanes_sum`], [`lanes_max`]): one AVX-512 register's f32
+/// lanes, so the loop vectorizes (a plain running sum is a serial chain the compiler may not
+/// reorder) and the result does not depend on the vector width.
+pub(super) const LANES: usize = 16;
+
+/// The sum of `v`, over [`LANES`] partial sums.
+#[inline(always)]
+pub(super) fn lanes_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// The largest value of `v` (`f32::max`'s: a NaN is passed over), over [`LANES`] partial maxima;
+/// `-inf` when empty.
+#[inline(always)]
+pub(super) fn lanes_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter()
+        .chain(tail)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// GELU with the tanh approximation (`0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, as
 /// `gelu-approximate` in diffusers), written as `x / (1 + e^(-2u))`.
 #[inline(always)]
@@ -30,14 +98,20 @@ fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + fast_exp(-2.0 * u))
 }
 
-/// `out[i] = f(src[i])` over candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and
+/// `out[i] = f(src[i])` (`f` inlined: on the widest vectors, [`widest`]) over candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and
 /// [`cpu_attention`]) for large slices.
 fn par_map<A: Copy + Sync, B: Send>(src: &[A], out: &mut [B], f: impl Fn(A) -> B + Sync) {
     let threads = candle_core::utils::get_num_threads();
+    // On the CPU's widest vectors (the GELU's exponential is most of a call's element-wise time).
     let apply = |o: &mut [B], i: &[A]| {
-        for (o, &x) in o.iter_mut().zip(i) {
-            *o = f(x);
-        }
+        widest(
+            #[inline(always)]
+            || {
+                for (o, &x) in o.iter_mut().zip(i) {
+                    *o = f(x);
+                }
+            },
+        )
     };
     if threads > 1 && src.len() >= 1 << 18 {
         let chunk = src.len().div_ceil(threads);
@@ -128,4 +202,56 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         x.contiguous()?
     };
     Ok(x.apply_op1_no_bwd(&FastGelu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.013 - 6.0)
+            .collect()
+    }
+
+    #[test]
+    fn lane_reductions_match_f64_on_every_tail() {
+        for n in (0..70).chain([1000, 4801]) {
+            let v = values(n);
+            let exact: f64 = v.iter().map(|&x| x as f64).sum();
+            let sum = lanes_sum(&v) as f64;
+            assert!(
+                (sum - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                "n {n}: {sum} vs {exact}"
+            );
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(lanes_max(&v), max, "n {n}");
+        }
+        assert_eq!(lanes_max(&[]), f32::NEG_INFINITY);
+        // A NaN is passed over as `f32::max` does, in a lane and in the tail.
+        let mut v = values(40);
+        v[3] = f32::NAN;
+        v[37] = f32::NAN;
+        assert_eq!(
+            lanes_max(&v),
+            values(40).iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        );
+    }
+
+    /// The widest vectors give the baseline's bits: the exponential, and a reduction over lanes.
+    #[test]
+    fn widest_vectors_give_the_baseline_bits() {
+        let v: Vec<f32> = values(1037).iter().map(|x| x * 15.0).collect();
+        let body = || {
+            let e: Vec<f32> = v.iter().map(|&x| fast_exp(x)).collect();
+            let g: Vec<f32> = v.iter().map(|&x| gelu_tanh(x)).collect();
+            (lanes_sum(&e), lanes_max(&g), e, g)
+        };
+        let (wide, base) = (widest(body), body());
+        assert_eq!(wide.0.to_bits(), base.0.to_bits());
+        assert_eq!(wide.1.to_bits(), base.1.to_bits());
+        for (a, b) in wide.2.iter().zip(&base.2).chain(wide.3.iter().zip(&base.3)) {
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
+    }
 }

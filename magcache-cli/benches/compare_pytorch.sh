@@ -14,9 +14,9 @@ echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) threads a
 echo "config: $cfg   threads: $threads   rounds: $rounds (alternated; this machine's speed drifts, so compare within a round)"
 for r in $(seq 1 "$rounds"); do
   rust=$(RAYON_NUM_THREADS=$threads "$bin" run --quiet --json --config "$dense" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["total_calls"])')
-  torch=$("$py" "$here/pytorch_dense.py" "$dense" --threads "$threads" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["calls"], d["torch"], d["dtype"])')
-  read -r rs rc <<<"$rust"; read -r ts tc tv tdt <<<"$torch"
-  echo "round $r (torch $tv, $tdt)"
+  torch=$("$py" "$here/pytorch_dense.py" "$dense" --threads "$threads" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["calls"], d["torch"], d["diffusers"], d["dtype"])')
+  read -r rs rc <<<"$rust"; read -r ts tc tv dv tdt <<<"$torch"
+  echo "round $r (torch $tv, diffusers $dv, $tdt)"
   printf "  magcache-rs: %6d calls %9.3f s  (%.3f s/call)\n" "$rc" "$rs" "$(echo "$rs/$rc" | bc -l)"
   printf "  PyTorch:     %6d calls %9.3f s  (%.3f s/call)\n" "$tc" "$ts" "$(echo "$ts/$tc" | bc -l)"
   printf "  PyTorch / magcache-rs: %.2fx\n" "$(echo "$ts/$rs" | bc -l)"

@@ -8,6 +8,7 @@ Usage: python pytorch_dense.py RUN.toml [--threads N]
 Needs: torch, diffusers."""
 import argparse, json, time, tomllib
 
+import diffusers
 import torch
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
@@ -41,13 +42,18 @@ torch.manual_seed(0)
 
 
 def keep_fp32(model):
-    """The modules a model class keeps in f32 (`_keep_in_fp32_modules`: Wan's norms, modulation,
-    time embedding), as `from_pretrained(..., torch_dtype=torch.bfloat16)` loads them."""
+    """The parameters a model class keeps in f32 (`_keep_in_fp32_modules`: Wan's norms, modulation,
+    time embedding), as diffusers 0.42's `from_pretrained(..., torch_dtype=torch.bfloat16)` loads
+    them (older diffusers kept them for float16 only: the diffusers version is in the output), and
+    the buffers (Wan's RoPE tables), which `from_pretrained` leaves in f32."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     if dt != torch.float32:
         for name, param in model.named_parameters():
             if any(k in name.split(".") for k in keep):
                 param.data = param.data.float()
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.float()
     return model
 
 
@@ -90,4 +96,4 @@ for i in range(steps):
         call(1000.0 * (1 - i / steps))
         n += 1
 print(json.dumps({"wall_seconds": time.perf_counter() - t0, "calls": n, "threads": torch.get_num_threads(),
-                  "torch": torch.__version__, "dtype": str(dt).removeprefix("torch.")}))
+                  "torch": torch.__version__, "diffusers": diffusers.__version__, "dtype": str(dt).removeprefix("torch.")}))

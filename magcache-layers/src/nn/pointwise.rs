@@ -242,12 +242,21 @@ mod tests {
     #[test]
     fn widest_vectors_give_the_baseline_bits() {
         let v: Vec<f32> = values(1037).iter().map(|x| x * 15.0).collect();
-        let body = || {
-            let e: Vec<f32> = v.iter().map(|&x| fast_exp(x)).collect();
-            let g: Vec<f32> = v.iter().map(|&x| gelu_tanh(x)).collect();
+        // Plain loops inlined into the wrapper, so the wide build really vectorizes them.
+        #[inline(always)]
+        fn body(v: &[f32]) -> (f32, f32, Vec<f32>, Vec<f32>) {
+            let (mut e, mut g) = (vec![0f32; v.len()], vec![0f32; v.len()]);
+            for ((e, g), &x) in e.iter_mut().zip(g.iter_mut()).zip(v) {
+                *e = fast_exp(x);
+                *g = gelu_tanh(x);
+            }
             (lanes_sum(&e), lanes_max(&g), e, g)
-        };
-        let (wide, base) = (widest(body), body());
+        }
+        let wide = widest(
+            #[inline(always)]
+            || body(&v),
+        );
+        let base = body(&v);
         assert_eq!(wide.0.to_bits(), base.0.to_bits());
         assert_eq!(wide.1.to_bits(), base.1.to_bits());
         for (a, b) in wide.2.iter().zip(&base.2).chain(wide.3.iter().zip(&base.3)) {

@@ -98,11 +98,11 @@ fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + fast_exp(-2.0 * u))
 }
 
-/// `out[i] = f(src[i])` (`f` inlined: on the widest vectors, [`widest`]) over candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and
-/// [`cpu_attention`]) for large slices.
+/// `out[i] = f(src[i])` on the CPU's widest vectors ([`widest`]: `f` inlined into the loop), over
+/// candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and [`cpu_attention`]) for large
+/// slices.
 fn par_map<A: Copy + Sync, B: Send>(src: &[A], out: &mut [B], f: impl Fn(A) -> B + Sync) {
     let threads = candle_core::utils::get_num_threads();
-    // On the CPU's widest vectors (the GELU's exponential is most of a call's element-wise time).
     let apply = |o: &mut [B], i: &[A]| {
         widest(
             #[inline(always)]

@@ -402,13 +402,15 @@ impl OneDnn {
         if let Some(set) = api.omp_set_num_threads {
             set(candle_core::utils::get_num_threads().max(1) as c_int);
         }
-        // This execution's scratch memory, page-aligned as oneDNN's own.
+        // This execution's scratch memory, page-aligned as oneDNN's own: reserved, not zeroed
+        // (oneDNN writes its scratch before reading it).
         let mut scratch: Vec<u8> = Vec::new();
         let mut scratch_ptr: *mut c_void = std::ptr::null_mut();
         if p.scratch_bytes > 0 {
-            scratch.resize(p.scratch_bytes + 4096, 0);
+            scratch.reserve_exact(p.scratch_bytes + 4096);
             let at = scratch.as_ptr().align_offset(4096);
-            scratch_ptr = scratch[at..].as_mut_ptr() as *mut c_void;
+            // SAFETY: `at < 4096`: inside the reserved capacity, which outlives the execution.
+            scratch_ptr = unsafe { scratch.as_mut_ptr().add(at) } as *mut c_void;
         }
         let mut mems: Vec<ExecArg> = Vec::with_capacity(5);
         let mut result = Ok(());

@@ -1,0 +1,210 @@
+"""Two forecasts tried against the shipped one on the trained digits model (issue 44), on torch noise:
+each CFG branch's own order-1 forecast of the blocks' residual (`taylor1` in step index, the shipped
+files' start) against
+  - a CFG split: the conditional branch computes more steps and the unconditional fewer, its
+    residual at the other steps being the conditional one (computed or forecast) less an order-1
+    forecast of their difference (one difference per step both computed), same 12 calls of 40;
+  - forecasting the model's output instead of the residual, as velocity v, as the clean-image
+    estimate x0 = x - sigma v or as the noise estimate eps = x + (1 - sigma) v, in step index or
+    in sigma, then turned back into v at the current latent (x0 and eps close the loop on where
+    the sampler has taken the latent);
+  - a predictor-corrector: after each computed step b, the steps since the previous computed step
+    a are run again from a's corrected latent with residuals interpolated between a's and b's (in
+    step index, order 1 or, with an older one, 2) instead of extrapolated, and b's residual is
+    applied at the corrected latent (no extra block call; the head and the sampler run again).
+Prints per setting each batch's PSNR (range 2, against the dense run), the worst batch, the mean and
+the worst single sample.
+
+    python scripts/digits-forecast-study.py [BATCHES] [SEED]
+
+BATCHES batches of 10 (classes shuffled), torch noise seed SEED (default 6 and 123). Needs torch and
+diffusers 0.42 (as scripts/digits-exhaustive-search.py); about two minutes on 2 cores.
+"""
+import math
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file
+from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+torch.set_grad_enabled(False)
+D = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "trained", "digits_wan")
+m = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(D)).float().eval()
+m.load_state_dict(load_file(os.path.join(D, "diffusion_pytorch_model.safetensors")))
+emb = load_file(os.path.join(D, "class_embeddings.safetensors"))["class_embeddings"]
+STEPS, SHIFT, G = 20, 3.0, 4.0
+blocks = m.blocks
+
+
+class Chain(torch.nn.Module):
+    """Stands for the block list: `policy(h, run)` returns the blocks' output for input h."""
+    policy = None
+
+    def forward(self, h, enc, tproj, rope):
+        def run(x):
+            for b in blocks:
+                x = b(x, enc, tproj, rope)
+            return x
+        return Chain.policy(h, run)
+
+
+m.blocks = torch.nn.ModuleList([Chain()])
+
+
+def sampler():
+    s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+    s.set_timesteps(STEPS)
+    return s
+
+
+def order1(hist, at):
+    """Order-1 forecast at `at` from [(coordinate, value)] (the last value alone after one)."""
+    if len(hist) == 1:
+        return hist[-1][1]
+    (a, qa), (b, qb) = hist[-2], hist[-1]
+    return qb + (at - b) / (b - a) * (qb - qa)
+
+
+def loop(lat, cls, policy):
+    """The CFG loop; `policy(branch, step, h, run)` gives the blocks' output."""
+    s = sampler()
+    cond, uncond = emb[cls], emb[torch.full_like(cls, 10)]
+    for i, t in enumerate(s.timesteps):
+        tt = t.expand(lat.shape[0])
+        Chain.policy = lambda h, run: policy("c", i, h, run)
+        pc = m(lat, tt, cond, return_dict=False)[0]
+        Chain.policy = lambda h, run: policy("u", i, h, run)
+        pu = m(lat, tt, uncond, return_dict=False)[0]
+        lat = s.step(pu + G * (pc - pu), t, lat, return_dict=False)[0]
+    return lat
+
+
+def dense(_branch, _i, h, run):
+    return run(h)
+
+
+def residuals(sc, su, split):
+    """Residual forecasts: cond computes `sc`, uncond `su`; `split`: uncond from cond less the difference."""
+    hist = {"c": [], "u": [], "d": []}
+    cond_now = {}
+
+    def policy(br, i, h, run):
+        if i in (sc if br == "c" else su):
+            out = run(h)
+            r = out - h
+            hist[br].append((i, r))
+            if br == "c":
+                cond_now[i] = r
+            elif i in cond_now:
+                hist["d"].append((i, cond_now[i] - r))
+            return out
+        if br == "u" and split and hist["d"]:
+            return h + cond_now[i] - order1(hist["d"], i)
+        r = order1(hist[br], i)
+        if br == "c":
+            cond_now[i] = r
+        return h + r
+    return policy
+
+
+def outputs(lat, cls, steps, space, axis):
+    """Forecast of the model output in `space` (v, x0, eps) on `axis` (step, sigma)."""
+    s = sampler()
+    cond, uncond = emb[cls], emb[torch.full_like(cls, 10)]
+    Chain.policy = lambda h, run: run(h)
+    hist = {"c": [], "u": []}
+    for i, t in enumerate(s.timesteps):
+        sg = float(s.sigmas[i])
+        at = i if axis == "step" else sg
+        pred = {}
+        for br, e in (("c", cond), ("u", uncond)):
+            if i in steps:
+                v = m(lat, t.expand(lat.shape[0]), e, return_dict=False)[0]
+                hist[br].append((at, {"v": v, "x0": lat - sg * v, "eps": lat + (1 - sg) * v}[space]))
+                pred[br] = v
+            else:
+                q = order1(hist[br], at)
+                pred[br] = {"v": q, "x0": (lat - q) / sg, "eps": (q - lat) / (1 - sg)}[space]
+        lat = s.step(pred["u"] + G * (pred["c"] - pred["u"]), t, lat, return_dict=False)[0]
+    return lat
+
+
+def lagrange(pts, at):
+    """The polynomial through [(coordinate, value)] at `at`."""
+    out = 0
+    for j, (xj, vj) in enumerate(pts):
+        w = 1.0
+        for k, (xk, _) in enumerate(pts):
+            if k != j:
+                w *= (at - xk) / (xj - xk)
+        out = out + w * vj
+    return out
+
+
+def corrected(lat, cls, steps, order):
+    """The predictor-corrector over the computed `steps` (interpolation of order `order`)."""
+    s = sampler()
+    sig = [float(v) for v in s.sigmas]
+    ctx = {"c": emb[cls], "u": emb[torch.full_like(cls, 10)]}
+    hist = {"c": [], "u": []}
+
+    def call(x, i, br, r=None):
+        """The model's output at step i; r None: blocks computed (their residual stored)."""
+        def policy(h, run):
+            if r is not None:
+                return h + r
+            out = run(h)
+            hist[br].append((i, out - h))
+            return out
+        Chain.policy = policy
+        return m(x, s.timesteps[i].expand(x.shape[0]), ctx[br], return_dict=False)[0]
+
+    def advance(x, i, r):
+        v = {br: call(x, i, br, r(br)) for br in ("c", "u")}
+        return x + (sig[i + 1] - sig[i]) * (v["u"] + G * (v["c"] - v["u"]))
+
+    x = anchor = lat
+    for j, b in enumerate(steps):
+        for br in ("c", "u"):
+            call(x, b, br)
+        if j > 0:
+            a = steps[j - 1]
+            x = anchor
+            for i in range(a, b):
+                x = advance(x, i, lambda br: lagrange(hist[br][-(order + 1):], i) if i > a else hist[br][-2][1])
+        anchor = x
+        end = steps[j + 1] if j + 1 < len(steps) else STEPS
+        for i in range(b, end):
+            x = advance(x, i, lambda br: hist[br][-1][1] if i == b else order1(hist[br], i))
+    return x
+
+
+def report(name, run, batches):
+    per_batch, per_sample = [], []
+    for lat, cls, ref in batches:
+        mse = ((run(lat, cls) - ref) ** 2).flatten(1).mean(1)
+        per_sample.append(10 * torch.log10(4 / mse))
+        per_batch.append(10 * math.log10(4 / mse.mean().item()))
+    worst = torch.cat(per_sample).min().item()
+    print(f"{name:44s} {' '.join(f'{x:.2f}' for x in per_batch)} | worst {min(per_batch):.2f}"
+          f" mean {sum(per_batch) / len(per_batch):.2f} | worst sample {worst:.2f}", flush=True)
+
+
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+g = torch.Generator().manual_seed(int(sys.argv[2]) if len(sys.argv) > 2 else 123)
+batches = []
+for _ in range(n):
+    lat = torch.randn(10, 1, 1, 16, 16, generator=g)
+    cls = torch.randperm(10, generator=g)
+    batches.append((lat, cls, loop(lat, cls, dense)))
+S6 = [0, 4, 9, 13, 16, 18]  # digits_3x.toml's calls
+report("residual taylor1 (step), both branches S6", lambda l, c: loop(l, c, residuals(S6, S6, False)), batches)
+for sc, su in [([0, 2, 4, 7, 9, 12, 15, 18], [0, 4, 9, 16]), ([0, 3, 5, 8, 11, 14, 16, 18], [0, 5, 11, 16]),
+               ([0, 4, 9, 13, 16, 18], [0, 2, 6, 11, 15, 18])]:
+    report(f"CFG split c{sc} u{su}", lambda l, c: loop(l, c, residuals(sc, su, True)), batches)
+for space in ("v", "x0", "eps"):
+    for axis in ("step", "sigma"):
+        report(f"output {space} in {axis}, S6", lambda l, c: outputs(l, c, S6, space, axis), batches)
+for order in (1, 2):
+    report(f"predictor-corrector, order {order}, S6", lambda l, c: corrected(l, c, S6, order), batches)

@@ -195,9 +195,9 @@ fn attend_heads(
             }
         }
     };
-    std::thread::scope(|sc| {
+    rayon::scope(|sc| {
         for _ in 1..threads {
-            sc.spawn(run);
+            sc.spawn(|_| run());
         }
         run();
     });
@@ -289,21 +289,16 @@ fn pack_heads(
             PackedBf16::pack_f32_transposed(vs, l, d),
         )
     };
-    let per = heads.div_ceil(threads.max(1));
-    std::thread::scope(|sc| {
-        let parts: Vec<_> = (0..heads)
-            .step_by(per.max(1))
-            .map(|h0| sc.spawn(move || (h0..(h0 + per).min(heads)).map(one).collect::<Vec<_>>()))
-            .collect();
-        let mut all = Vec::with_capacity(heads);
-        for p in parts {
-            match p.join() {
-                Ok(v) => all.extend(v),
-                Err(_) => candle_core::bail!("cpu attention: packing the keys and values failed"),
-            }
+    let per = heads.div_ceil(threads.max(1)).max(1);
+    let mut parts: Vec<Vec<(PackedBf16, PackedBf16)>> =
+        (0..heads).step_by(per).map(|_| Vec::new()).collect();
+    rayon::scope(|sc| {
+        for (j, part) in parts.iter_mut().enumerate() {
+            let h0 = j * per;
+            sc.spawn(move |_| *part = (h0..(h0 + per).min(heads)).map(one).collect());
         }
-        Ok(all)
-    })
+    });
+    Ok(parts.into_iter().flatten().collect())
 }
 
 /// [`attend_rows`] on the bf16 kernel: the scores from the packed keys, the softmax in f32, the

@@ -186,9 +186,9 @@ impl PackedBf16 {
             if threads == 1 {
                 work(0);
             } else {
-                std::thread::scope(|s| {
+                rayon::scope(|s| {
                     for t in 0..threads {
-                        s.spawn(move || work(t));
+                        s.spawn(move |_| work(t));
                     }
                 });
             }
@@ -283,9 +283,9 @@ pub(super) fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) ->
     };
     if threads > 1 && m * k >= 1 << 16 {
         let rows = m.div_ceil(threads);
-        std::thread::scope(|s| {
+        rayon::scope(|s| {
             for (t, chunk) in a.chunks_mut(rows * kp).enumerate() {
-                s.spawn(move || convert(chunk, t * rows));
+                s.spawn(move |_| convert(chunk, t * rows));
             }
         });
     } else {

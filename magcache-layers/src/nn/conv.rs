@@ -168,10 +168,10 @@ impl candle_core::CustomOp2 for RowConv {
                     }
                 };
                 let per = k.div_ceil(threads);
-                std::thread::scope(|sc| {
+                rayon::scope(|sc| {
                     for (t, part) in col.chunks_mut(per * p).enumerate() {
                         let fill = &fill;
-                        sc.spawn(move || fill(t * per, part));
+                        sc.spawn(move |_| fill(t * per, part));
                     }
                 });
                 let dst = &mut out[img * o * h_out * w_out + r0 * w_out..];

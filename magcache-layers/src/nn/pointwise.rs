@@ -115,9 +115,9 @@ fn par_map<A: Copy + Sync, B: Send>(src: &[A], out: &mut [B], f: impl Fn(A) -> B
     };
     if threads > 1 && src.len() >= 1 << 18 {
         let chunk = src.len().div_ceil(threads);
-        std::thread::scope(|sc| {
+        rayon::scope(|sc| {
             for (o, i) in out.chunks_mut(chunk).zip(src.chunks(chunk)) {
-                sc.spawn(|| apply(o, i));
+                sc.spawn(|_| apply(o, i));
             }
         });
     } else {

@@ -11,14 +11,17 @@ files' start) against
   - a predictor-corrector: after each computed step b, the steps since the previous computed step
     a are run again from a's corrected latent with residuals interpolated between a's and b's (in
     step index, order 1 or, with an older one, 2) instead of extrapolated, and b's residual is
-    applied at the corrected latent (no extra block call; the head and the sampler run again).
+    applied at the corrected latent (no extra block call; the head and the sampler run again);
+  - per-sample compute, with an oracle: each batch's worst sample (under the shipped calls)
+    given more computed steps, alone (at a higher average cost) or paid for by the other nine
+    computing one step fewer (the same average cost, 6 steps of 20).
 Prints per setting each batch's PSNR (range 2, against the dense run), the worst batch, the mean and
 the worst single sample.
 
     python scripts/digits-forecast-study.py [BATCHES] [SEED]
 
 BATCHES batches of 10 (classes shuffled), torch noise seed SEED (default 6 and 123). Needs torch and
-diffusers 0.42 (as scripts/digits-exhaustive-search.py); about two minutes on 2 cores.
+diffusers 0.42 (as scripts/digits-exhaustive-search.py); about a minute on 2 cores.
 """
 import math
 import os
@@ -208,3 +211,28 @@ for space in ("v", "x0", "eps"):
         report(f"output {space} in {axis}, S6", lambda l, c: outputs(l, c, S6, space, axis), batches)
 for order in (1, 2):
     report(f"predictor-corrector, order {order}, S6", lambda l, c: corrected(l, c, S6, order), batches)
+S5 = [0, 5, 11, 15, 18]  # digits_4x.toml's calls
+S15 = [0, 1, 2, 3, 4, 6, 8, 10, 11, 12, 13, 14, 15, 17, 19]
+
+
+def psnr_of(mses):
+    return 10 * math.log10(4 / (sum(mses) / len(mses)))
+
+
+for b, (lat, cls, ref) in enumerate(batches):
+    def each(steps):
+        """Each sample's mean squared error, sample j run alone on its own computed steps[j]."""
+        out = []
+        for j in range(len(cls)):
+            x = loop(lat[j:j + 1], cls[j:j + 1], residuals(steps[j], steps[j], False))
+            out.append(((x - ref[j:j + 1]) ** 2).mean().item())
+        return out
+    base = each([S6] * 10)
+    w = max(range(10), key=lambda j: base[j])
+    line = [f"per-sample, batch {b}: S6 {psnr_of(base):.2f} (its worst sample {10 * math.log10(4 / base[w]):.2f})"]
+    for name, sw, others in [("worst dense", list(range(STEPS)), S6), ("worst 15 steps, others S5", S15, S5)]:
+        steps = [others] * 10
+        steps[w] = sw
+        cost = sum(len(s) for s in steps) / 10
+        line.append(f"{name} {psnr_of(each(steps)):.2f} ({STEPS / cost:.2f}x)")
+    print(" | ".join(line), flush=True)

@@ -123,7 +123,7 @@ impl candle_core::CustomOp3 for CpuAttention {
                     heads,
                     (l, d),
                     threads,
-                )?)
+                ))
             } else {
                 None
             };
@@ -277,8 +277,9 @@ fn pack_heads(
     heads: usize,
     (l, d): (usize, usize),
     threads: usize,
-) -> candle_core::Result<Vec<(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)>> {
+) -> Vec<(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)> {
     use super::bf16_gemm::PackedBf16;
+    use rayon::prelude::*;
     let one = |i: usize| {
         let (ks, vs) = (
             &k[i * l * d..(i + 1) * l * d],
@@ -290,15 +291,11 @@ fn pack_heads(
         )
     };
     let per = heads.div_ceil(threads.max(1)).max(1);
-    let mut parts: Vec<Vec<(PackedBf16, PackedBf16)>> =
-        (0..heads).step_by(per).map(|_| Vec::new()).collect();
-    rayon::scope(|sc| {
-        for (j, part) in parts.iter_mut().enumerate() {
-            let h0 = j * per;
-            sc.spawn(move |_| *part = (h0..(h0 + per).min(heads)).map(one).collect());
-        }
-    });
-    Ok(parts.into_iter().flatten().collect())
+    (0..heads)
+        .into_par_iter()
+        .with_min_len(per)
+        .map(one)
+        .collect()
 }
 
 /// [`attend_rows`] on the bf16 kernel: the scores from the packed keys, the softmax in f32, the

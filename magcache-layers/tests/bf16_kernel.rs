@@ -48,13 +48,13 @@ proptest! {
     }
 }
 
-/// Shapes past one cache block of rows (384) and of input pairs (256), odd everywhere.
+/// Shapes past one cache block of rows (384) and of input pairs (768), odd everywhere.
 #[test]
 fn blocked_shapes_match_f64() {
     if skip() {
         return;
     }
-    let (m, n, k) = (397, 67, 541);
+    let (m, n, k) = (397, 67, 1601);
     let gen = |len: usize, s: u32| -> Vec<f32> {
         (0..len)
             .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ s) % 4001) as f32 / 1000.0 - 2.0)

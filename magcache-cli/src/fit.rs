@@ -19,6 +19,7 @@
 use crate::prepare::{prepare_pipeline_text, Prepared};
 use crate::run::{generate, Verbosity};
 use candle_core::{Tensor, Var};
+use magcache_core::checkpoint::{self, Checkpoint};
 use magcache_core::runtime::metrics::quality;
 use magcache_core::{CacheHandle, Error, Result};
 use magcache_strategies::engine::Shared;
@@ -289,16 +290,20 @@ fn train(
         let last = it == opts.iterations;
         let (mut err, mut grads, mut vars) = (0.0, Vec::<Tensor>::new(), Vec::<Var>::new());
         for s in cal.iter_mut() {
-            let loss = {
-                let _d = magcache_layers::nn::Differentiable::enter();
-                let out = cached(s, list, &coefs, opts.start_axis)?;
-                ((out - &s.dense)?.sqr()?.sum_all()? / norm)?
-            };
+            let _d = magcache_layers::nn::Differentiable::enter();
+            // The blocks keep no graph: the backward recomputes one chain invocation at a time
+            // (`magcache_core::checkpoint`), so memory holds one call's activations, not the run's.
+            let rec = Checkpoint::record()?;
+            let out = cached(s, list, &coefs, opts.start_axis)?;
+            let tape = rec.finish()?;
+            let loss = ((out - &s.dense)?.sqr()?.sum_all()? / norm)?;
             err += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if last {
                 continue;
             }
-            let g = loss.backward()?;
+            let g = checkpoint::backward(&loss, tape, || {
+                cached(s, list, &coefs, opts.start_axis).map(drop)
+            })?;
             if vars.is_empty() {
                 vars = coefs.vars()?.into_iter().map(|(_, v)| v).collect();
             }

@@ -157,6 +157,13 @@ impl<'a> CallCx<'a> {
     /// Runs the model's block chain for this call: through the cache when there is one (which may
     /// skip blocks), else every block. Call it once per call.
     pub fn run_chain(&self, chain: &dyn BlockChain, x: Streams) -> Result<Streams> {
+        let taped;
+        let chain = if crate::checkpoint::active() {
+            taped = crate::checkpoint::Taped(chain);
+            &taped as &dyn BlockChain
+        } else {
+            chain
+        };
         match self.cache {
             None => chain.run(0..chain.num_blocks(), x),
             Some(c) => {

@@ -28,6 +28,7 @@
 pub mod blocks;
 pub mod cache;
 pub mod chain;
+pub mod checkpoint;
 pub mod denoise;
 pub mod error;
 pub mod files;

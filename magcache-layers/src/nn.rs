@@ -420,7 +420,8 @@ thread_local! {
 /// Whether this thread runs the blocks' ops on paths candle's autograd can differentiate (see
 /// [`Differentiable`]).
 pub fn differentiable() -> bool {
-    DIFFERENTIABLE.with(|d| d.get())
+    // Blocks run during a checkpointed record need no graph (`magcache_core::checkpoint`).
+    DIFFERENTIABLE.with(|d| d.get()) && !magcache_core::checkpoint::no_graph_needed()
 }
 
 /// While alive, this thread's blocks run on ops with a backward pass: candle-nn's fused softmax,

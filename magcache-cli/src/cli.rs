@@ -55,6 +55,7 @@ enum Cmd {
 /// The strategies are part of the runner and linked here; model families are not: the binary links
 /// its own (`magcache_models::link()` in the `magcache` binary).
 pub fn main() -> ExitCode {
+    pin_thread_count();
     magcache_strategies::link();
     let cli = Cli::parse();
     match real_main(cli) {
@@ -63,6 +64,25 @@ pub fn main() -> ExitCode {
             eprintln!("error: {}", e.to_string().replace('\n', " "));
             ExitCode::from(1)
         }
+    }
+}
+
+/// Sets `RAYON_NUM_THREADS` to candle's thread count when the user did not: candle 0.11 computes
+/// its default (the physical cores) anew at every matrix product and every CPU kernel's split,
+/// reading and parsing `/proc/cpuinfo` each time (`num_cpus::get_physical`; on a many-core server
+/// a file of hundreds of KB), while it reads a set variable directly. Runs first, before any other
+/// thread exists; rayon's global pool is built before the variable is set, so it keeps its own
+/// default size (the logical CPUs) as before.
+fn pin_thread_count() {
+    let set = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > 0);
+    if !set {
+        let n = candle_core::utils::get_num_threads().max(1);
+        // An error only says the pool exists already: then it keeps the size it has.
+        let _ = rayon::ThreadPoolBuilder::new().build_global();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

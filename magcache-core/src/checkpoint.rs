@@ -175,7 +175,6 @@ pub fn backward(
     let mut tape = tape.0;
     let mut total = loss.clone();
     for c in (0..tape.len()).rev() {
-        let g = total.backward()?;
         let e = &tape[c];
         let tracked =
             e.input.hidden.track_op() || e.input.encoder.as_ref().is_some_and(Tensor::track_op);
@@ -183,6 +182,7 @@ pub fn backward(
             // Nothing before this invocation depends on a leaf: no gradient to carry back.
             continue;
         }
+        let g = total.backward()?;
         let gh = g.get(e.hidden.as_tensor()).cloned();
         let ge = e.encoder.var().and_then(|v| g.get(v.as_tensor()).cloned());
         drop(g);

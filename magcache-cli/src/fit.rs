@@ -10,7 +10,9 @@
 //!    `magcache_layers::nn::Differentiable` (the blocks' fused ops without a backward swapped for
 //!    their composite forms), with the coefficients as variables; the loss is the final latent's
 //!    squared error against the dense run, relative to the dense latents' squared norm, summed
-//!    over the batch; one backward per seed, the gradients summed, one Adam step.
+//!    over the batch; one backward per seed, the gradients summed, one Adam step. The backward is
+//!    checkpointed (`magcache_core::checkpoint`): the run keeps no block activations, and each
+//!    computed call's blocks are recomputed once, alone, for their part of the gradient.
 //! 4. Guard against overfitting: every iterate (the start included) is scored on the validation
 //!    seeds (worst PSNR against their dense runs); the kept iterate is the best there among those
 //!    no worse than the start on the calibration batch. The start is the order-1 forecast in sigma,

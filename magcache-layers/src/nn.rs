@@ -396,12 +396,34 @@ impl RmsNorm {
 }
 
 /// Interleaved rotary embedding (`rope_i`, Wan's and FLUX's) of `[B, H, S, D]` with tables
-/// `[S, D/2]`: candle-nn's fused kernel, or its composite `rope_i_slow` in [`differentiable`] mode.
+/// `[S, D/2]` or per item `[B, S, D/2]` (Z-Image, Qwen-Image): candle-nn's fused kernel, or in
+/// [`differentiable`] mode the same rotation in plain ops ([`rope_i_composite`]).
 pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if differentiable() {
-        return Ok(candle_nn::rotary_emb::rope_i_slow(x, cos, sin)?);
+        return rope_i_composite(x, cos, sin);
     }
     Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?)
+}
+
+/// [`rope_i`] in ops with a backward. candle-nn's `rope_i_slow` takes `[S, D/2]` tables only (it
+/// narrows a per-item table's batch axis as if it were the sequence), so the composite is here:
+/// each pair `(x0, x1)` becomes `(x0 cos - x1 sin, x0 sin + x1 cos)`.
+pub fn rope_i_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    let table = |t: &Tensor| -> Result<Tensor> {
+        let t = match t.rank() {
+            2 => t.narrow(0, 0, s)?.reshape((1, 1, s, d / 2, 1))?,
+            3 => t.narrow(1, 0, s)?.reshape((t.dim(0)?, 1, s, d / 2, 1))?,
+            r => return Err(Error::msg(format!("rope: a rank-{r} table"))),
+        };
+        Ok(t.to_dtype(x.dtype())?)
+    };
+    let (cos, sin) = (table(cos)?, table(sin)?);
+    let x = x.reshape((b, h, s, d / 2, 2))?;
+    let (x0, x1) = (x.narrow(4, 0, 1)?, x.narrow(4, 1, 1)?);
+    let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+    Ok(Tensor::cat(&[y0, y1], 4)?.reshape((b, h, s, d))?)
 }
 
 /// Softmax over the last axis: candle-nn's fused kernel, or its composite `softmax` in

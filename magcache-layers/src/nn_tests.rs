@@ -89,3 +89,42 @@ fn compact_quantized_product_is_as_exact_as_qmatmul() {
         );
     }
 }
+
+/// The differentiable rotary embedding is candle's fused `rope_i` for shared `[S, D/2]` and per-item
+/// `[B, S, D/2]` tables (longer than the sequence too), and it carries a gradient.
+#[test]
+fn rope_composite_is_the_fused_kernel_and_differentiable() {
+    let dev = Device::Cpu;
+    let (b, h, s, d) = (2, 3, 5, 8);
+    let x = candle_core::Var::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();
+    for table in [vec![s + 2, d / 2], vec![b, s, d / 2]] {
+        let angles = Tensor::randn(0f32, 2.0, table.as_slice(), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let fused = candle_nn::rotary_emb::rope_i(
+            x.as_tensor(),
+            &cos.narrow(table.len() - 2, 0, s)
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+            &sin.narrow(table.len() - 2, 0, s)
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+        )
+        .unwrap();
+        let ours = rope_i_composite(x.as_tensor(), &cos, &sin).unwrap();
+        let diff = max_diff(&fused, &ours);
+        assert!(diff < 1e-5, "{table:?}: {diff}");
+        // A rotation keeps the norm, so d(sum y^2)/dx = 2x.
+        let g = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap();
+        let gd = max_diff(gx, &(x.as_tensor() * 2.0).unwrap());
+        assert!(gd < 1e-4, "{table:?}: gradient off by {gd}");
+    }
+}
+
+/// The largest absolute difference of two tensors.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+    d.and_then(|d| d.to_scalar::<f32>()).unwrap()
+}

@@ -304,8 +304,8 @@ fn shipped_fitted_files_beat_the_order_1_forecast_held_out() {
 }
 
 /// Every family's prompted tiny pipeline fits (one iteration, checkpointed): the fit runs each
-/// family's own blocks in differentiable mode, Z-Image's and Qwen-Image's per-item rotary tables
-/// included (candle-nn's composite `rope_i_slow` took only shared tables: Z-Image's fit stopped on
+/// family's own blocks in differentiable mode, Z-Image's per-item rotary tables
+/// (candle-nn's composite `rope_i_slow` took only shared tables: Z-Image's fit stopped on
 /// a `narrow` error), and the joint-stream FLUX blocks.
 #[test]
 fn every_family_fits() {

@@ -14,7 +14,7 @@ use crate::nn::{
 use candle_core::{Tensor, D};
 use magcache_core::Result;
 
-/// Interleaved rotary embedding (`rope_i`) of `[B, H, S, D]` with tables `[S, D/2]`.
+/// Interleaved rotary embedding (`rope_i`) of `[B, H, S, D]` with tables `[S, D/2]` or `[B, S, D/2]`.
 pub fn rope(q: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     crate::nn::rope_i(q, cos, sin)
 }

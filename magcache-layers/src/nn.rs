@@ -396,7 +396,7 @@ impl RmsNorm {
 }
 
 /// Interleaved rotary embedding (`rope_i`, Wan's and FLUX's) of `[B, H, S, D]` with tables
-/// `[S, D/2]` or per item `[B, S, D/2]` (Z-Image, Qwen-Image): candle-nn's fused kernel, or in
+/// `[S, D/2]` or per item `[B, S, D/2]` (Z-Image): candle-nn's fused kernel, or in
 /// [`differentiable`] mode the same rotation in plain ops ([`rope_i_composite`]).
 pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if differentiable() {

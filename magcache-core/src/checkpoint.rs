@@ -40,6 +40,7 @@ struct Entry {
 }
 
 /// What a recorded invocation did to the encoder stream.
+#[derive(Clone)]
 enum Encoder {
     /// Updated it: the residual's leaf.
     Residual(Var),
@@ -276,7 +277,7 @@ impl Taped<'_> {
     fn replay(&self, blocks: Range<usize>, x: Streams) -> Result<Streams> {
         // What this invocation needs, taken out of the thread's state so the blocks can run
         // without holding it.
-        let (n, target, detached, grad, recorded) = MODE.with(|m| -> Result<_> {
+        let (n, target, recorded) = MODE.with(|m| -> Result<_> {
             let mut m = m.borrow_mut();
             let Some(Mode::Replay {
                 tape,
@@ -309,19 +310,11 @@ impl Taped<'_> {
                     e.detached.hidden.dims()
                 )));
             }
-            let recorded = (
-                e.hidden.as_tensor().detach(),
-                match &e.encoder {
-                    Encoder::Residual(v) => Ok(v.as_tensor().detach()),
-                    Encoder::Constant(t) => Err(t.clone()),
-                },
-            );
-            let here = (n == *target).then(|| (e.detached.clone(), grad.clone()));
-            let (detached, grad) = here.unzip();
-            Ok((n, *target, detached, grad, recorded))
+            // The target's recorded input and residual gradient.
+            let target = (n == *target).then(|| (e.detached.clone(), grad.clone()));
+            Ok((n, target, (e.hidden.as_tensor().detach(), e.encoder.clone())))
         })?;
-        if let (Some(d), Some((gh, ge))) = (detached, grad) {
-            debug_assert_eq!(n, target);
+        if let Some((d, (gh, ge))) = target {
             let xh = Var::from_tensor(&d.hidden)?;
             let xe = d.encoder.as_ref().map(Var::from_tensor).transpose()?;
             let input = Streams {
@@ -349,13 +342,13 @@ impl Taped<'_> {
         Ok(Streams {
             hidden: (&x.hidden + rh)?,
             encoder: match (&x.encoder, re) {
-                (Some(a), Ok(r)) => Some((a + r)?),
-                (None, Ok(_)) => {
+                (Some(a), Encoder::Residual(r)) => Some((a + r.as_tensor().detach())?),
+                (None, Encoder::Residual(_)) => {
                     return Err(Error::msg(format!(
                         "checkpoint: chain invocation {n} has no encoder stream, the record had one"
                     )))
                 }
-                (_, Err(constant)) => constant,
+                (_, Encoder::Constant(constant)) => constant,
             },
         })
     }

@@ -90,6 +90,18 @@ pub(crate) struct CalibrateArgs {
     /// With `--fit`: the schedule itself (`0,6,11,...`), instead of `--budget`.
     #[arg(long, value_delimiter = ',')]
     pub(crate) compute_steps: Option<Vec<usize>>,
+    #[command(flatten)]
+    pub(crate) fit_args: FitArgs,
+    /// With `--fit`: the PSNR's data range on the validation seeds (default: the dense run's).
+    #[arg(long)]
+    pub(crate) data_range: Option<f64>,
+    #[arg(long)]
+    pub(crate) quiet: bool,
+}
+
+/// The fit's own arguments, shared by `calibrate --fit` and `tune --fit`.
+#[derive(Args)]
+pub(crate) struct FitArgs {
     /// With `--fit`: Adam iterations (0 keeps the order-1 forecast in sigma).
     #[arg(long, default_value_t = 30)]
     pub(crate) iterations: usize,
@@ -106,15 +118,10 @@ pub(crate) struct CalibrateArgs {
     /// With `--fit`: the held-out seeds that choose the kept iterate.
     #[arg(long, value_delimiter = ',', default_value = "2000,2001")]
     pub(crate) validation_seeds: Vec<u64>,
-    /// With `--fit`: where the coefficients start, the order-1 forecast in `sigma` (default) or in
-    /// `step` index.
-    #[arg(long, default_value = "sigma")]
-    pub(crate) start_axis: String,
-    /// With `--fit`: the PSNR's data range on the validation seeds (default: the dense run's).
+    /// With `--fit`: where the coefficients start, the order-1 forecast in `sigma` or in `step`
+    /// index (default: `calibrate` sigma, `tune` the axis of the schedule it fits).
     #[arg(long)]
-    pub(crate) data_range: Option<f64>,
-    #[arg(long)]
-    pub(crate) quiet: bool,
+    pub(crate) start_axis: Option<String>,
 }
 
 /// The arguments of `magcache plan`.
@@ -175,6 +182,13 @@ pub(crate) struct TuneArgs {
     /// Most real runs besides the calibration run.
     #[arg(long, default_value_t = 24)]
     pub(crate) runs: usize,
+    /// Also fit the fitted estimator (`estimator = "fitted"`, as `calibrate --fit`) on the best
+    /// schedule found and run it as one more candidate: with `--target-speedup` on the chosen
+    /// schedule, with `--target-psnr` on the best schedule one call cheaper.
+    #[arg(long)]
+    pub(crate) fit: bool,
+    #[command(flatten)]
+    pub(crate) fit_args: FitArgs,
     #[arg(long)]
     pub(crate) quiet: bool,
     /// Print the report as JSON.

@@ -1,7 +1,7 @@
 //! The commands of the command line ([`crate::main`]), one function each, and the checks they
 //! share (outputs planned before any work, `--fps`, `--video`).
 
-use crate::args::{CalibrateArgs, CompareArgs, ExportArgs, PlanArgs, RunArgs, TuneArgs};
+use crate::args::{CalibrateArgs, CompareArgs, ExportArgs, FitArgs, PlanArgs, RunArgs, TuneArgs};
 use crate::{generate, install_signal_cleanup, prepare, summary, Outputs, Verbosity};
 use magcache_core::Result;
 use std::io::IsTerminal;
@@ -16,13 +16,8 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
         fit,
         budget,
         compute_steps,
-        iterations,
-        learning_rate,
-        history,
-        calibration_seeds,
-        validation_seeds,
+        fit_args,
         data_range,
-        start_axis,
         quiet,
     } = a;
     let mut outs = plan_outputs(&config, &[("--out", &Some(out.clone()))])?;
@@ -35,21 +30,7 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
         let opts = crate::FitOptions {
             budget,
             compute_steps,
-            iterations,
-            learning_rate,
-            history,
-            calibration_seeds,
-            validation_seeds,
-            data_range,
-            start_axis: match start_axis.as_str() {
-                "sigma" => magcache_strategies::residual::EstimatorAxis::Sigma,
-                "step" => magcache_strategies::residual::EstimatorAxis::Step,
-                other => {
-                    return Err(magcache_core::Error::msg(format!(
-                        "calibrate --start-axis: `{other}` is not an axis (sigma or step)"
-                    )))
-                }
-            },
+            ..fit_options(fit_args, data_range, "calibrate")?
         };
         let (profile, report) = crate::fit(&config, &opts, !quiet)?;
         outs.write(&out, profile.to_toml()?.as_bytes())?;
@@ -94,6 +75,38 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The fit's options from its arguments (`command` names the command in errors); no schedule yet.
+fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<crate::FitOptions> {
+    let FitArgs {
+        iterations,
+        learning_rate,
+        history,
+        calibration_seeds,
+        validation_seeds,
+        start_axis,
+    } = a;
+    Ok(crate::FitOptions {
+        budget: None,
+        compute_steps: None,
+        iterations,
+        learning_rate,
+        history,
+        calibration_seeds,
+        validation_seeds,
+        data_range,
+        start_axis: match start_axis.as_deref() {
+            Some("sigma") | None => magcache_strategies::residual::EstimatorAxis::Sigma,
+            Some("step") => magcache_strategies::residual::EstimatorAxis::Step,
+            Some(other) => {
+                return Err(magcache_core::Error::msg(format!(
+                    "{command} --start-axis: `{other}` is not an axis (sigma or step)"
+                )))
+            }
+        },
+        start_axis_given: start_axis.is_some(),
+    })
+}
+
 /// `magcache plan`.
 pub(crate) fn plan(a: PlanArgs) -> Result<()> {
     let PlanArgs { config, json } = a;
@@ -115,20 +128,9 @@ pub(crate) fn list() -> Result<()> {
     Ok(())
 }
 
-/// `magcache tune`.
-pub(crate) fn tune(a: TuneArgs) -> Result<()> {
-    let TuneArgs {
-        config,
-        out,
-        target_psnr,
-        target_speedup,
-        data_range,
-        margin,
-        runs,
-        quiet,
-        json,
-    } = a;
-    let target = match (target_psnr, target_speedup) {
+/// `tune`'s target from its two flags (exactly one given).
+fn tune_target(target_psnr: Option<f64>, target_speedup: Option<f64>) -> Result<crate::Target> {
+    Ok(match (target_psnr, target_speedup) {
         (Some(p), None) if p.is_finite() => crate::Target::Psnr(p),
         (None, Some(s)) if s.is_finite() && s >= 1.0 => crate::Target::Speedup(s),
         (None, None) => {
@@ -141,7 +143,25 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
                 "tune: --target-psnr must be a number of dB, --target-speedup a number >= 1",
             ))
         }
-    };
+    })
+}
+
+/// `magcache tune`.
+pub(crate) fn tune(a: TuneArgs) -> Result<()> {
+    let TuneArgs {
+        config,
+        out,
+        target_psnr,
+        target_speedup,
+        data_range,
+        margin,
+        runs,
+        fit,
+        fit_args,
+        quiet,
+        json,
+    } = a;
+    let target = tune_target(target_psnr, target_speedup)?;
     if let Some(r) = data_range {
         if !(r.is_finite() && r > 0.0) {
             return Err(magcache_core::Error::msg(format!(
@@ -167,6 +187,12 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         data_range,
         margin,
         max_runs: runs,
+        fit: if fit {
+            Some(fit_options(fit_args, data_range, "tune")?)
+        } else {
+            None
+        },
+        progress: !quiet && !json,
     };
     crate::prepare::refuse_moved_paths(&config, &out)?;
     // The candidates read the profile while tuning: it is written into the profile

@@ -50,6 +50,9 @@ pub struct FitOptions {
     pub data_range: Option<f64>,
     /// The axis of the order-1 forecast the coefficients start from (sigma: the study's start).
     pub start_axis: EstimatorAxis,
+    /// Whether `start_axis` was asked for (`tune --fit` otherwise starts in the axis of the
+    /// schedule it fits).
+    pub start_axis_given: bool,
 }
 
 impl Default for FitOptions {
@@ -64,6 +67,7 @@ impl Default for FitOptions {
             validation_seeds: vec![2000, 2001],
             data_range: None,
             start_axis: EstimatorAxis::Sigma,
+            start_axis_given: false,
         }
     }
 }
@@ -218,6 +222,18 @@ fn adam_step(
 
 /// Checks `opts` before any run.
 fn check_options(opts: &FitOptions) -> Result<()> {
+    check_common(opts)?;
+    match (&opts.compute_steps, opts.budget) {
+        (Some(_), None) => Ok(()),
+        (None, Some(b)) if b >= 1 => Ok(()),
+        _ => Err(Error::msg(
+            "calibrate --fit: give either --budget N (N >= 1: the schedule is searched) or --compute-steps 0,...",
+        )),
+    }
+}
+
+/// Checks the options of `opts` other than its schedule (seeds, history, learning rate).
+pub(crate) fn check_common(opts: &FitOptions) -> Result<()> {
     if opts.calibration_seeds.is_empty() || opts.validation_seeds.is_empty() {
         return Err(Error::msg(
             "calibrate --fit: give at least one calibration seed and one validation seed",
@@ -240,13 +256,7 @@ fn check_options(opts: &FitOptions) -> Result<()> {
             "calibrate --fit: --learning-rate must be a positive number",
         ));
     }
-    match (&opts.compute_steps, opts.budget) {
-        (Some(_), None) => Ok(()),
-        (None, Some(b)) if b >= 1 => Ok(()),
-        _ => Err(Error::msg(
-            "calibrate --fit: give either --budget N (N >= 1: the schedule is searched) or --compute-steps 0,...",
-        )),
-    }
+    Ok(())
 }
 
 /// The schedule of the fit: `opts.compute_steps` checked against the scope's `steps` calls, or the
@@ -357,7 +367,7 @@ fn train(
 pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile, FitReport)> {
     let started = std::time::Instant::now();
     let file = config.display().to_string();
-    let text = crate::tune::without_cache(&magcache_core::error::read_text(config)?);
+    let text = crate::prepare::without_cache(&magcache_core::error::read_text(config)?);
     check_options(opts)?;
     // Every seed's pipeline reads the same checkpoint: keep its tensors once (as `serve` does)
     // instead of one copy of the weights per seed.

@@ -40,4 +40,4 @@ pub use prepare::{prepare, prepare_pipeline, Prepared};
 pub use report::{peak_rss_bytes, summary, CallReport, Report, ScopeSummary};
 pub use run::{generate, Verbosity};
 pub use temps::install_signal_cleanup;
-pub use tune::{tune, tune_text, tuned_run_file, Target, Tried, TuneOptions, TuneReport};
+pub use tune::{tune, tune_text, tuned_run_file, Target, Tried, TuneFit, TuneOptions, TuneReport};

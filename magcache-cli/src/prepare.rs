@@ -285,3 +285,23 @@ pub(crate) fn refuse_moved_paths(config: &Path, out: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The run file's text without its `[cache]` table.
+pub(crate) fn without_cache(text: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            // `[cache]` and its subtables (`[cache.mag_ratios]`, `[[cache.x]]`).
+            let name = t.trim_start_matches('[');
+            let name = name.split(']').next().unwrap_or("").trim();
+            skipping = name == "cache" || name.starts_with("cache.");
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}

@@ -122,3 +122,143 @@ fn speedup_target_sets_the_computed_calls() {
     let o = magcache(&["tune", "--config", s(&run), "--out", s(&out)]);
     common::check_err(&o, &["--target-psnr", "--target-speedup"]);
 }
+
+/// `--fit`: the fitted estimator is fitted on the chosen schedule and run as one more candidate on
+/// the same calls; the run file and profile written match what was chosen (the profile carries the
+/// `[fitted]` table only where the fitted candidate won).
+#[test]
+fn fit_joins_the_candidates_on_the_chosen_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = digits_run(dir.path(), "run.toml", 0, "[3, 6]");
+    let out = dir.path().join("fast.toml");
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "2.5",
+        "--runs",
+        "12",
+        "--data-range",
+        "2",
+        "--fit",
+        "--iterations",
+        "2",
+        "--calibration-seeds",
+        "1000",
+        "--validation-seeds",
+        "2000",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tried = j["tried"].as_array().unwrap();
+    let (from, fitted) = (
+        j["fit"]["from"].as_u64().unwrap() as usize,
+        j["fit"]["fitted"].as_u64().unwrap() as usize,
+    );
+    assert!(tried[fitted]["label"]
+        .as_str()
+        .unwrap()
+        .starts_with("fitted"));
+    // The fitted candidate ran the schedule it was fitted on, the best schedule at the budget.
+    assert_eq!(tried[fitted]["schedule"], tried[from]["schedule"]);
+    assert_eq!(tried[fitted]["computed_calls"], 8);
+    // Every setting tried, the moved lists of the refinement included, computes the budget.
+    assert!(tried.len() > 8, "{j}");
+    for t in tried {
+        assert_eq!(t["computed_calls"], 8, "{t}");
+    }
+    assert_eq!(j["fit"]["report"]["compute_steps"], tried[from]["schedule"]);
+    assert_eq!(j["fit"]["report"]["steps"].as_array().unwrap().len(), 3);
+    let chosen = j["chosen"].as_u64().unwrap() as usize;
+    let best_other = tried
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != fitted)
+        .map(|(_, t)| t["psnr_db"].as_f64().unwrap())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let fitted_psnr = tried[fitted]["psnr_db"].as_f64().unwrap();
+    assert_eq!(chosen == fitted, fitted_psnr > best_other, "{j}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let profile: toml::Table = std::fs::read_to_string(dir.path().join("fast.profile.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(text.contains("estimator = \"fitted\""), chosen == fitted);
+    assert_eq!(profile.contains_key("fitted"), chosen == fitted);
+    // The written file runs as it is, at the chosen speed and no worse than measured.
+    let (p, computed, total) = psnr(&out);
+    assert_eq!((computed, total), (8, 20));
+    assert!(
+        p + 1e-6 >= tried[chosen]["psnr_db"].as_f64().unwrap(),
+        "{p}"
+    );
+    // With no iteration the fitted candidate is the order-1 forecast in the axis its schedule was
+    // chosen for: the same PSNR, so not chosen, and the profile is left without a `[fitted]` table.
+    let out0 = dir.path().join("zero.toml");
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out0),
+        "--target-speedup",
+        "2.5",
+        "--runs",
+        "6",
+        "--data-range",
+        "2",
+        "--fit",
+        "--iterations",
+        "0",
+        "--calibration-seeds",
+        "1000",
+        "--validation-seeds",
+        "2000",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tried = j["tried"].as_array().unwrap();
+    let (from, fitted) = (
+        j["fit"]["from"].as_u64().unwrap() as usize,
+        j["fit"]["fitted"].as_u64().unwrap() as usize,
+    );
+    let (a, b) = (
+        tried[from]["psnr_db"].as_f64().unwrap(),
+        tried[fitted]["psnr_db"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-3, "{a} against {b}");
+    assert_ne!(j["chosen"].as_u64().unwrap() as usize, fitted);
+    let profile: toml::Table = std::fs::read_to_string(dir.path().join("zero.profile.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!profile.contains_key("fitted"));
+    assert!(!std::fs::read_to_string(&out0).unwrap().contains("fitted"));
+    // What the fit would refuse is refused before any run, naming the flag.
+    for (flag, value, words) in [
+        ("--start-axis", "time", vec!["--start-axis", "time"]),
+        ("--validation-seeds", "1000", vec!["1000", "validation"]),
+    ] {
+        let o = magcache(&[
+            "tune",
+            "--config",
+            s(&run),
+            "--out",
+            s(&dir.path().join("x.toml")),
+            "--target-speedup",
+            "2",
+            "--fit",
+            "--calibration-seeds",
+            "1000",
+            flag,
+            value,
+        ]);
+        common::check_err(&o, &words);
+        assert!(!dir.path().join("x.toml").exists());
+    }
+}

@@ -14,10 +14,21 @@
 //!    bisection over `B` (quality grows with the computed calls); among its candidates the best
 //!    PSNR wins.
 //!
+//! 4. `--fit`: the fitted estimator (`calibrate --fit`, [`crate::fit`]) is fitted on the best
+//!    schedule at the chosen budget (speedup target) or one call cheaper (PSNR target) and run as
+//!    one more candidate (beyond `max_runs`: it was asked for), chosen where it beats the choice
+//!    (speedup) or keeps `P + margin` (PSNR); the profile then carries its `[fitted]` table.
+//!
 //! What was tried (setting, computed calls, PSNR) is reported; the chosen `[cache]` table replaces
 //! the run file's in the file written, with the profile beside it.
 
-use crate::prepare::{base_dir, prepare_pipeline, Prepared};
+mod fit_stage;
+mod report;
+
+pub use fit_stage::TuneFit;
+pub use report::{tune_text, tuned_run_file};
+
+use crate::prepare::{base_dir, prepare_pipeline, without_cache, Prepared};
 use crate::run::{generate, Verbosity};
 use candle_core::Tensor;
 use magcache_core::runtime::metrics::quality;
@@ -46,6 +57,10 @@ pub struct TuneOptions {
     pub margin: f64,
     /// Most real runs (besides the calibration run).
     pub max_runs: usize,
+    /// Also fit the fitted estimator (its options; the schedule is the tune's) and try it.
+    pub fit: Option<crate::FitOptions>,
+    /// Print the fit's progress on stderr.
+    pub progress: bool,
 }
 
 /// One candidate run.
@@ -71,6 +86,10 @@ pub struct TuneReport {
     pub tried: Vec<Tried>,
     /// Index into `tried`; `None` when nothing met the target.
     pub chosen: Option<usize>,
+    /// With `--fit`: the fit and its candidate (`None` where no schedule was there to fit).
+    pub fit: Option<fit_stage::TuneFit>,
+    /// What the report should say beyond the table (a fit asked for and not run, and why).
+    pub notes: Vec<String>,
 }
 
 impl TuneReport {
@@ -148,26 +167,6 @@ fn spectrum_flex(steps: usize, budget: usize) -> Option<f64> {
         .computed_calls(steps)
         .is_ok_and(|n| n == budget)
     })
-}
-
-/// The run file's text without its `[cache]` table.
-pub(crate) fn without_cache(text: &str) -> String {
-    let mut out = String::new();
-    let mut skipping = false;
-    for line in text.lines() {
-        let t = line.trim_start();
-        if t.starts_with('[') {
-            // `[cache]` and its subtables (`[cache.mag_ratios]`, `[[cache.x]]`).
-            let name = t.trim_start_matches('[');
-            let name = name.split(']').next().unwrap_or("").trim();
-            skipping = name == "cache" || name.starts_with("cache.");
-        }
-        if !skipping {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 /// One set of inputs a candidate is measured on: its pipeline and dense result.
@@ -316,6 +315,9 @@ pub fn tune(
     progress: &mut dyn FnMut(&Tried),
 ) -> Result<TuneReport> {
     let quiet = Verbosity::Silent;
+    if let Some(fo) = &opts.fit {
+        fit_stage::precheck(config, fo)?;
+    }
     let (profile, _, _, dense) = crate::calibrate::calibrate_run(config, quiet, false)?;
     write(profile_out, profile.to_toml()?.as_bytes())?;
     let p = prepare_pipeline(config)?;
@@ -333,6 +335,12 @@ pub fn tune(
         .display()
         .to_string();
     let single_scope_steps = plan.scopes.iter().all(|sp| sp.steps == steps);
+    if opts.fit.is_some() && !single_scope_steps {
+        return Err(Error::msg(format!(
+            "{}: `tune --fit` fits one schedule for every scope, and this run's scopes have different step counts (two experts): fit with `calibrate --fit --compute-steps`",
+            config.display()
+        )));
+    }
     // A budget is per scope and may not exceed any scope's calls (scopes of two experts run
     // different step counts): the search stays within the shortest scope.
     let most = plan.scopes.iter().map(|s| s.steps).min().unwrap_or(steps);
@@ -361,11 +369,26 @@ pub fn tune(
         }
         Target::Psnr(p) => ctx.smallest_budget(p + opts.margin, most, single_scope_steps)?,
     };
+    let (chosen, fit, notes) = match &opts.fit {
+        Some(fo) => fit_stage::stage(
+            &mut ctx,
+            config,
+            opts,
+            fo,
+            &profile,
+            profile_out,
+            write,
+            chosen,
+        )?,
+        None => (chosen, None, Vec::new()),
+    };
     Ok(TuneReport {
         target: opts.target,
         steps_per_scope: steps,
         tried,
         chosen,
+        fit,
+        notes,
     })
 }
 
@@ -447,6 +470,11 @@ impl Ctx<'_, '_> {
         if self.tried.len() >= self.max_runs {
             return Ok(None);
         }
+        self.record_run(label, lines, budget).map(Some)
+    }
+
+    /// Runs candidate `lines` and records it, whatever the run budget (a fit's candidate).
+    fn record_run(&mut self, label: String, lines: Vec<String>, budget: usize) -> Result<usize> {
         let (computed, total, psnr, schedule) = self.runner.run(&lines)?;
         let t = Tried {
             cache: lines
@@ -469,7 +497,7 @@ impl Ctx<'_, '_> {
         };
         (self.progress)(&t);
         self.tried.push(t);
-        Ok(Some(self.tried.len() - 1))
+        Ok(self.tried.len() - 1)
     }
 
     /// Hill-climbs the schedule of `tried[start]` (a schedule strategy) by moving one computed
@@ -484,9 +512,12 @@ impl Ctx<'_, '_> {
             .cache
             .iter()
             .filter(|l| {
+                // A moved list is explicit: the search's cap (`max_consecutive`, also a guard at
+                // run time) would only add computed calls to it.
                 !(l.starts_with("profile")
                     || l.starts_with("budget")
-                    || l.starts_with("compute_steps"))
+                    || l.starts_with("compute_steps")
+                    || l.starts_with("max_consecutive"))
             })
             .cloned()
             .collect();
@@ -532,51 +563,6 @@ impl Ctx<'_, '_> {
         }
         Ok(best)
     }
-}
-
-/// The run file `tune` writes: the original without its `[cache]`, then the chosen table.
-pub fn tuned_run_file(config_text: &str, report: &TuneReport, t: &Tried) -> String {
-    let target = match report.target {
-        Target::Psnr(p) => format!("PSNR >= {p} dB"),
-        Target::Speedup(s) => format!("speedup >= {s}x"),
-    };
-    format!(
-        "{}\n# Chosen by `magcache tune` for {target}: {} ({}/{} calls computed, {:.2}x fewer; {:.1} dB\n# against the dense run on these inputs; {} settings tried).\n[cache]\n{}\n",
-        without_cache(config_text).trim_end(),
-        t.label,
-        t.computed_calls,
-        t.total_calls,
-        t.speedup_calls,
-        t.psnr_db,
-        report.tried.len(),
-        t.cache.join("\n")
-    )
-}
-
-/// The table `tune` prints.
-pub fn tune_text(r: &TuneReport) -> String {
-    let mut s =
-        String::from("budget  setting                          computed  speedup  PSNR (dB)\n");
-    for (i, t) in r.tried.iter().enumerate() {
-        s.push_str(&format!(
-            "{:>6}  {:<32} {:>5}/{:<3} {:>6.2}x  {:>8.2}{}\n",
-            t.budget,
-            t.label,
-            t.computed_calls,
-            t.total_calls,
-            t.speedup_calls,
-            t.psnr_db,
-            if r.chosen == Some(i) {
-                "  <- chosen"
-            } else {
-                ""
-            }
-        ));
-    }
-    if r.chosen.is_none() {
-        s.push_str("no setting met the target\n");
-    }
-    s
 }
 
 #[cfg(test)]

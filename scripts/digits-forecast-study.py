@@ -4,6 +4,8 @@ files' start) against
   - a CFG split: the conditional branch computes more steps and the unconditional fewer, its
     residual at the other steps being the conditional one (computed or forecast) less an order-1
     forecast of their difference (one difference per step both computed), same 12 calls of 40;
+  - staggered branches: 6 computed steps each, at different steps, each branch forecasting itself,
+    optionally corrected by the other branch's forecast error where that one computed;
   - forecasting the model's output instead of the residual, as velocity v, as the clean-image
     estimate x0 = x - sigma v or as the noise estimate eps = x + (1 - sigma) v, in step index or
     in sigma, then turned back into v at the current latent (x0 and eps close the loop on where
@@ -19,6 +21,10 @@ Prints per setting each batch's PSNR (range 2, against the dense run), the worst
 the worst single sample.
 
     python scripts/digits-forecast-study.py [BATCHES] [SEED]
+    python scripts/digits-forecast-study.py fit-bias
+
+The second form runs the fitted estimator in torch (docs/quality.md: a per-channel bias on each
+reused call, with and without): about 10 minutes on 2 cores.
 
 BATCHES batches of 10 (classes shuffled), torch noise seed SEED (default 6 and 123). Needs torch and
 diffusers 0.42 (as scripts/digits-exhaustive-search.py); about a minute on 2 cores.
@@ -109,6 +115,119 @@ def residuals(sc, su, split):
             cond_now[i] = r
         return h + r
     return policy
+
+
+def fit_bias_study(its=25):
+    """The fitted estimator in torch on `digits_3x.toml`'s calls (three residuals, from `taylor1` in
+    step index, Adam 0.01, 8 calibration and 3 validation batches of torch noise, the iterate kept
+    on the validation worst), without and with a per-channel bias on each reused call; prints the
+    12 held-out batches' PSNR."""
+    import time
+    S, H, C = [0, 4, 9, 13, 16, 18], 3, m.config.num_attention_heads * m.config.attention_head_dim
+
+    def taylor_w(past, at):
+        if len(past) == 1:
+            return [1.0]
+        sa, sb = past[-2], past[-1]
+        q = (at - sb) / (sb - sa)
+        return [0.0] * (len(past) - 2) + [-q, 1 + q]
+
+    def coefs(bias):
+        w, b, computed = {}, {}, []
+        for k in range(STEPS):
+            if k in S:
+                computed.append(k)
+                continue
+            w[k] = [torch.full((C,), v, requires_grad=True) for v in taylor_w(computed[-H:], k)]
+            if bias:
+                b[k] = torch.zeros(C, requires_grad=True)
+        return w, b
+
+    def cached(lat, cls, co):
+        w, b = co
+        hist = {"c": [], "u": []}
+
+        def policy(br, i, h, run):
+            if i in S:
+                out = run(h)
+                hist[br].append(out - h)
+                return out
+            r = sum(wj * p for wj, p in zip(w[i], hist[br][-H:]))
+            return h + (r + b[i] if b else r)
+        return loop(lat, cls, policy)
+
+    def draw(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            lat = torch.randn(10, 1, 1, 16, 16, generator=g)
+            cls = torch.randperm(10, generator=g)
+            out.append((lat, cls, loop(lat, cls, dense)))
+        return out
+
+    def psnrs(bs, co):
+        return [10 * math.log10(4 / ((cached(l, c, co) - r) ** 2).mean().item()) for l, c, r in bs]
+
+    def show(name, h):
+        print(f"{name}: held {' '.join(f'{x:.2f}' for x in h)} | worst {min(h):.2f} mean {sum(h) / len(h):.2f}",
+              flush=True)
+
+    cal, val, held = draw(8, 1000), draw(3, 2000), draw(12, 3000)
+    show("start (taylor1, step)", psnrs(held, coefs(False)))
+    for bias in (False, True):
+        co = coefs(bias)
+        params = [p for ws in co[0].values() for p in ws] + list(co[1].values())
+        opt = torch.optim.Adam(params, lr=0.01)
+        best_v, best, t0 = -1e9, None, time.time()
+        for it in range(its + 1):
+            v = min(psnrs(val, co))
+            if v > best_v:
+                best_v, best = v, ([p.detach().clone() for p in params], it)
+            if it == its:
+                break
+            opt.zero_grad()
+            tot = 0.0
+            with torch.enable_grad():
+                for l, c, r in cal:
+                    loss = ((cached(l, c, co) - r) ** 2).sum() / (r ** 2).sum()
+                    loss.backward()
+                    tot += loss.item()
+            opt.step()
+            print(f"bias {bias} iteration {it}: calibration {tot:.4e}, validation worst {v:.2f} dB ({time.time() - t0:.0f} s)",
+                  flush=True)
+        for p, q in zip(params, best[0]):
+            p.data.copy_(q)
+        show(f"fitted, bias {bias} (iteration {best[1]} kept, validation {best_v:.2f})", psnrs(held, co))
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "fit-bias":
+    fit_bias_study()
+    sys.exit(0)
+
+
+def staggered(lat, cls, sc, su, lam):
+    """Each branch on its own calls (cond `sc`, uncond `su`), its own order-1 forecast elsewhere; at
+    a step where one branch computes, it runs first and the other's forecast gains `lam` times the
+    computed branch's forecast error there."""
+    s = sampler()
+    ctx = {"c": emb[cls], "u": emb[torch.full_like(cls, 10)]}
+    sets, hist = {"c": sc, "u": su}, {"c": [], "u": []}
+    for i, t in enumerate(s.timesteps):
+        err, pred = [None], {}
+        for br in sorted("cu", key=lambda b: 0 if i in sets[b] else 1):
+            def policy(h, run, br=br):
+                if i in sets[br]:
+                    f = order1(hist[br], i) if hist[br] else None
+                    out = run(h)
+                    hist[br].append((i, out - h))
+                    err[0] = None if f is None else out - h - f
+                    return out
+                r = order1(hist[br], i)
+                return h + (r if err[0] is None else r + lam * err[0])
+            Chain.policy = policy
+            pred[br] = m(lat, t.expand(lat.shape[0]), ctx[br], return_dict=False)[0]
+        lat = s.step(pred["u"] + G * (pred["c"] - pred["u"]), t, lat, return_dict=False)[0]
+    return lat
 
 
 def outputs(lat, cls, steps, space, axis):
@@ -206,6 +325,9 @@ report("residual taylor1 (step), both branches S6", lambda l, c: loop(l, c, resi
 for sc, su in [([0, 2, 4, 7, 9, 12, 15, 18], [0, 4, 9, 16]), ([0, 3, 5, 8, 11, 14, 16, 18], [0, 5, 11, 16]),
                ([0, 4, 9, 13, 16, 18], [0, 2, 6, 11, 15, 18])]:
     report(f"CFG split c{sc} u{su}", lambda l, c: loop(l, c, residuals(sc, su, True)), batches)
+for su in ([0, 2, 7, 11, 15, 18], [0, 3, 7, 11, 15, 18], [0, 2, 6, 11, 14, 17]):
+    for lam in (0, 0.5, 1.0):
+        report(f"staggered c S6 u {su} lam {lam}", lambda l, c: staggered(l, c, S6, su, lam), batches)
 for space in ("v", "x0", "eps"):
     for axis in ("step", "sigma"):
         report(f"output {space} in {axis}, S6", lambda l, c: outputs(l, c, S6, space, axis), batches)

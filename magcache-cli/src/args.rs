@@ -99,29 +99,48 @@ pub(crate) struct CalibrateArgs {
     pub(crate) quiet: bool,
 }
 
-/// The fit's own arguments, shared by `calibrate --fit` and `tune --fit`.
+/// The fit's own arguments, shared by `calibrate --fit` and `tune --fit` (refused without
+/// `--fit`; defaults in [`crate::FitOptions::default`]).
 #[derive(Args)]
 pub(crate) struct FitArgs {
-    /// With `--fit`: Adam iterations (0 keeps the order-1 forecast in sigma).
-    #[arg(long, default_value_t = 30)]
-    pub(crate) iterations: usize,
-    /// With `--fit`: Adam's learning rate.
-    #[arg(long, default_value_t = 0.01)]
-    pub(crate) learning_rate: f64,
-    /// With `--fit`: the computed residuals each reused call combines (2: the last two, where the
-    /// order-1 forecast starts; up to 4).
-    #[arg(long, default_value_t = 2)]
-    pub(crate) history: usize,
-    /// With `--fit`: the noise seeds of the calibration batch (the fit's loss).
-    #[arg(long, value_delimiter = ',', default_value = "1000,1001,1002,1003")]
-    pub(crate) calibration_seeds: Vec<u64>,
-    /// With `--fit`: the held-out seeds that choose the kept iterate.
-    #[arg(long, value_delimiter = ',', default_value = "2000,2001")]
-    pub(crate) validation_seeds: Vec<u64>,
+    /// With `--fit`: Adam iterations (default 30; 0 keeps the order-1 forecast the fit starts
+    /// from).
+    #[arg(long)]
+    pub(crate) iterations: Option<usize>,
+    /// With `--fit`: Adam's learning rate (default 0.01).
+    #[arg(long)]
+    pub(crate) learning_rate: Option<f64>,
+    /// With `--fit`: the computed residuals each reused call combines (default 2: the last two,
+    /// where the order-1 forecast starts; up to 4).
+    #[arg(long)]
+    pub(crate) history: Option<usize>,
+    /// With `--fit`: the noise seeds of the calibration batch, the fit's loss (default
+    /// 1000,1001,1002,1003).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) calibration_seeds: Option<Vec<u64>>,
+    /// With `--fit`: the held-out seeds that choose the kept iterate (default 2000,2001).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) validation_seeds: Option<Vec<u64>>,
     /// With `--fit`: where the coefficients start, the order-1 forecast in `sigma` or in `step`
     /// index (default: `calibrate` sigma, `tune` the axis of the schedule it fits).
     #[arg(long)]
     pub(crate) start_axis: Option<String>,
+}
+
+impl FitArgs {
+    /// The first fit flag given, if any (for refusing it without `--fit`).
+    pub(crate) fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.iterations.is_some(), "--iterations"),
+            (self.learning_rate.is_some(), "--learning-rate"),
+            (self.history.is_some(), "--history"),
+            (self.calibration_seeds.is_some(), "--calibration-seeds"),
+            (self.validation_seeds.is_some(), "--validation-seeds"),
+            (self.start_axis.is_some(), "--start-axis"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
 }
 
 /// The arguments of `magcache plan`.

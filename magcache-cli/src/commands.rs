@@ -52,6 +52,7 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
         }
         return Ok(());
     }
+    refuse_fit_flags(&fit_args, "calibrate")?;
     if budget.is_some() || compute_steps.is_some() {
         return Err(magcache_core::Error::msg(
             "calibrate: --budget and --compute-steps choose the schedule of a fit: add --fit",
@@ -77,6 +78,7 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
 
 /// The fit's options from its arguments (`command` names the command in errors); no schedule yet.
 fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<crate::FitOptions> {
+    let d = crate::FitOptions::default();
     let FitArgs {
         iterations,
         learning_rate,
@@ -88,11 +90,11 @@ fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<cra
     Ok(crate::FitOptions {
         budget: None,
         compute_steps: None,
-        iterations,
-        learning_rate,
-        history,
-        calibration_seeds,
-        validation_seeds,
+        iterations: iterations.unwrap_or(d.iterations),
+        learning_rate: learning_rate.unwrap_or(d.learning_rate),
+        history: history.unwrap_or(d.history),
+        calibration_seeds: calibration_seeds.unwrap_or(d.calibration_seeds),
+        validation_seeds: validation_seeds.unwrap_or(d.validation_seeds),
         data_range,
         start_axis: match start_axis.as_deref() {
             Some("sigma") | None => magcache_strategies::residual::EstimatorAxis::Sigma,
@@ -105,6 +107,16 @@ fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<cra
         },
         start_axis_given: start_axis.is_some(),
     })
+}
+
+/// Refuses the fit's flags given without `--fit` (they would do nothing).
+fn refuse_fit_flags(a: &FitArgs, command: &str) -> Result<()> {
+    match a.first_given() {
+        Some(flag) => Err(magcache_core::Error::msg(format!(
+            "{command}: {flag} sets the fit: add --fit"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// `magcache plan`.
@@ -190,6 +202,7 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         fit: if fit {
             Some(fit_options(fit_args, data_range, "tune")?)
         } else {
+            refuse_fit_flags(&fit_args, "tune")?;
             None
         },
         progress: !quiet && !json,
@@ -229,6 +242,10 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
             r.tried.len()
         )));
     };
+    // What the tune could not do that was asked (a fit that ran nothing), even when quiet.
+    for n in &r.notes {
+        eprintln!("warning: {n}");
+    }
     let text = magcache_core::error::read_text(&config)?;
     outs.write(&out, crate::tuned_run_file(&text, &r, t).as_bytes())?;
     outs.commit()?;

@@ -6,10 +6,11 @@
 //! - `--target-psnr`: the best schedule one call cheaper than the choice; the fitted candidate wins
 //!   if it keeps the target plus the margin.
 //!
-//! The fit starts from the order-1 forecast in the axis that schedule was chosen for (unless
-//! `--start-axis` says), so with no iteration the candidate is the schedule's own forecast. Where it
-//! wins, the profile written carries the run's calibration and the fit's `[fitted]` table; where it
-//! does not, the calibration alone.
+//! The fit starts from the order-1 forecast (`taylor1`) in the axis that schedule was chosen for
+//! (unless `--start-axis` says). A fit that keeps its start (no iterate better on its validation
+//! seeds) fitted nothing: its candidate is run for the table but never chosen. Where the fitted
+//! candidate wins, the profile written carries the run's calibration and the fit's `[fitted]`
+//! table; where it does not, the calibration alone.
 
 use super::{reseeded, toml_string, Ctx, Target, TuneOptions, TuneReport};
 use crate::prepare::without_cache;
@@ -29,10 +30,14 @@ pub struct TuneFit {
     pub report: crate::FitReport,
 }
 
+/// An error of the fit as `tune --fit` reports it.
+fn renamed(e: Error) -> Error {
+    Error::msg(e.to_string().replace("calibrate --fit", "tune --fit"))
+}
+
 /// Refuses, before the tune's runs, what the fit would refuse.
 pub(super) fn precheck(config: &Path, fo: &crate::FitOptions) -> Result<()> {
-    crate::fit::check_common(fo)
-        .map_err(|e| Error::msg(e.to_string().replace("calibrate --fit", "tune --fit")))?;
+    crate::fit::check_common(fo).map_err(renamed)?;
     let file = config.display().to_string();
     let text = without_cache(&magcache_core::error::read_text(config)?);
     if reseeded(&text, &file)?.is_none() {
@@ -41,6 +46,16 @@ pub(super) fn precheck(config: &Path, fo: &crate::FitOptions) -> Result<()> {
             "inputs.file",
             "`tune --fit` draws the fit's inputs from seeds: give a run with seeded inputs",
         ));
+    }
+    // The plan alone (no weights): one schedule fits every scope only if they run as many calls.
+    crate::prepare::link_strategies();
+    let cfg = magcache_core::RunConfig::parse(&text, &file)?;
+    let fam = crate::prepare::family_of(&cfg, &file)?;
+    let (plan, _) = (fam.plan)(&cfg, &file, &crate::prepare::base_dir(config))?;
+    if plan.scopes.windows(2).any(|w| w[0].steps != w[1].steps) {
+        return Err(Error::msg(format!(
+            "{file}: `tune --fit` fits one schedule for every scope, and this run's scopes have different step counts (two experts): fit with `calibrate --fit --compute-steps`"
+        )));
     }
     Ok(())
 }
@@ -55,30 +70,41 @@ fn best_schedule(ctx: &Ctx<'_, '_>, b: usize) -> Option<usize> {
         .max_by(|&i, &j| ctx.tried[i].psnr_db.total_cmp(&ctx.tried[j].psnr_db))
 }
 
-/// The schedule to fit after the tune chose `chosen`, or why there is none.
+/// The schedule to fit after the tune chose `chosen` (with a PSNR target `want` dB: a plain
+/// candidate run here one call cheaper that keeps it becomes the choice), or why there is none.
 fn schedule_to_fit(
     ctx: &mut Ctx<'_, '_>,
     target: Target,
-    chosen: Option<usize>,
+    want: f64,
+    chosen: &mut Option<usize>,
 ) -> Result<std::result::Result<usize, &'static str>> {
-    let Some(c) = chosen else {
+    let Some(mut c) = *chosen else {
         return Ok(Err("no setting met the target, so no schedule was fitted"));
     };
-    let b = ctx.tried[c].budget;
-    Ok(match target {
-        Target::Speedup(_) => best_schedule(ctx, b).ok_or(
+    if let Target::Speedup(_) = target {
+        return Ok(best_schedule(ctx, ctx.tried[c].budget).ok_or(
             "the chosen setting is not a schedule and no schedule at its budget was run; nothing fitted",
-        ),
-        Target::Psnr(_) if b <= 1 => {
-            Err("the chosen setting computes one call per scope; none cheaper to fit")
+        ));
+    }
+    loop {
+        let b = ctx.tried[c].budget;
+        if b <= 1 {
+            return Ok(Err(
+                "the chosen setting computes one call per scope; none cheaper to fit",
+            ));
         }
-        Target::Psnr(_) => {
-            ctx.at_budget(b - 1)?;
-            best_schedule(ctx, b - 1).ok_or(
-                "no schedule one call cheaper than the chosen setting was run (raise --runs); nothing fitted",
-            )
+        match ctx.at_budget(b - 1)? {
+            Some(i) if ctx.tried[i].psnr_db >= want => {
+                c = i;
+                *chosen = Some(i);
+            }
+            _ => break,
         }
-    })
+    }
+    let b = ctx.tried[c].budget;
+    Ok(best_schedule(ctx, b - 1).ok_or(
+        "no schedule one call cheaper than the chosen setting was run (raise --runs); nothing fitted",
+    ))
 }
 
 /// The fit stage: fits, runs the fitted candidate and returns the choice (the fitted candidate
@@ -95,7 +121,12 @@ pub(super) fn stage(
     write: &mut dyn FnMut(&Path, &[u8]) -> Result<()>,
     chosen: Option<usize>,
 ) -> Result<(Option<usize>, Option<TuneFit>, Vec<String>)> {
-    let from = match schedule_to_fit(ctx, opts.target, chosen)? {
+    let mut chosen = chosen;
+    let want = match opts.target {
+        Target::Psnr(p) => p + opts.margin,
+        Target::Speedup(_) => f64::INFINITY,
+    };
+    let from = match schedule_to_fit(ctx, opts.target, want, &mut chosen)? {
         Ok(i) => i,
         Err(why) => return Ok((chosen, None, vec![format!("--fit: {why}")])),
     };
@@ -117,7 +148,10 @@ pub(super) fn stage(
         start_axis: axis,
         ..fo.clone()
     };
-    let (fitted, report) = crate::fit(config, &fo, opts.progress)?;
+    let (fitted, report) = crate::fit(config, &fo, opts.progress).map_err(renamed)?;
+    // A fit that kept its start fitted nothing: its candidate is run (the start's PSNR on these
+    // inputs, for the table) but never chosen.
+    let fitted_something = report.best_iteration > 0;
     // The run's calibration with the fit's table: the other candidates' searches read the same
     // tables as before.
     let mut merged = profile.clone();
@@ -128,15 +162,28 @@ pub(super) fn stage(
         format!("profile = {}", toml_string(&ctx.profile_abs)),
         "estimator = \"fitted\"".to_string(),
     ];
-    let label = format!("fitted {:?}", ctx.tried[from].schedule);
+    let label = format!(
+        "fitted {:?}{}",
+        ctx.tried[from].schedule,
+        if fitted_something {
+            ""
+        } else {
+            " (start kept)"
+        }
+    );
     let i = ctx.record_run(label, lines, ctx.tried[from].budget)?;
     let t = &ctx.tried[i];
-    let wins = match opts.target {
-        Target::Speedup(s) => {
-            t.speedup_calls + 1e-9 >= s && chosen.is_none_or(|c| t.psnr_db > ctx.tried[c].psnr_db)
-        }
-        Target::Psnr(p) => t.psnr_db >= p + opts.margin,
-    };
+    let wins = fitted_something
+        && match opts.target {
+            Target::Speedup(s) => {
+                t.speedup_calls + 1e-9 >= s
+                    && chosen.is_none_or(|c| t.psnr_db > ctx.tried[c].psnr_db)
+            }
+            Target::Psnr(_) => {
+                t.psnr_db >= want
+                    && chosen.is_none_or(|c| t.computed_calls < ctx.tried[c].computed_calls)
+            }
+        };
     if !wins {
         write(profile_out, profile.to_toml()?.as_bytes())?;
     }
@@ -145,7 +192,12 @@ pub(super) fn stage(
         fitted: i,
         report,
     };
-    Ok((if wins { Some(i) } else { chosen }, Some(fit), Vec::new()))
+    let notes = if fitted_something {
+        Vec::new()
+    } else {
+        vec!["--fit: the fit kept its start (no iterate beat the order-1 forecast on the validation seeds), so its candidate was not chosen".to_string()]
+    };
+    Ok((if wins { Some(i) } else { chosen }, Some(fit), notes))
 }
 
 /// The report's line on the fit (empty without one).

@@ -335,12 +335,6 @@ pub fn tune(
         .display()
         .to_string();
     let single_scope_steps = plan.scopes.iter().all(|sp| sp.steps == steps);
-    if opts.fit.is_some() && !single_scope_steps {
-        return Err(Error::msg(format!(
-            "{}: `tune --fit` fits one schedule for every scope, and this run's scopes have different step counts (two experts): fit with `calibrate --fit --compute-steps`",
-            config.display()
-        )));
-    }
     // A budget is per scope and may not exceed any scope's calls (scopes of two experts run
     // different step counts): the search stays within the shortest scope.
     let most = plan.scopes.iter().map(|s| s.steps).min().unwrap_or(steps);

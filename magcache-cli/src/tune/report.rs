@@ -43,10 +43,6 @@ pub fn tune_text(r: &TuneReport) -> String {
         ));
     }
     s.push_str(&super::fit_stage::text(r));
-    for n in &r.notes {
-        s.push_str(n);
-        s.push('\n');
-    }
     if r.chosen.is_none() {
         s.push_str("no setting met the target\n");
     }

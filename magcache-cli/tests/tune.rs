@@ -123,6 +123,43 @@ fn speedup_target_sets_the_computed_calls() {
     common::check_err(&o, &["--target-psnr", "--target-speedup"]);
 }
 
+/// `tune --fit --json` on `run` at `speedup` with `runs` runs and `iterations` fit iterations (one
+/// calibration and one validation seed), writing `out`; its report.
+fn tune_fit_json(
+    run: &Path,
+    out: &Path,
+    speedup: &str,
+    runs: &str,
+    iterations: &str,
+) -> serde_json::Value {
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(run),
+        "--out",
+        s(out),
+        "--target-speedup",
+        speedup,
+        "--runs",
+        runs,
+        "--data-range",
+        "2",
+        "--fit",
+        "--iterations",
+        iterations,
+        "--calibration-seeds",
+        "1000",
+        "--validation-seeds",
+        "2000",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let mut j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    j["stderr"] = stderr.to_string().into();
+    j
+}
+
 /// `--fit`: the fitted estimator is fitted on the chosen schedule and run as one more candidate on
 /// the same calls; the run file and profile written match what was chosen (the profile carries the
 /// `[fitted]` table only where the fitted candidate won).
@@ -131,29 +168,7 @@ fn fit_joins_the_candidates_on_the_chosen_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let run = digits_run(dir.path(), "run.toml", 0, "[3, 6]");
     let out = dir.path().join("fast.toml");
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out),
-        "--target-speedup",
-        "2.5",
-        "--runs",
-        "12",
-        "--data-range",
-        "2",
-        "--fit",
-        "--iterations",
-        "2",
-        "--calibration-seeds",
-        "1000",
-        "--validation-seeds",
-        "2000",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let j = tune_fit_json(&run, &out, "2.5", "12", "2");
     let tried = j["tried"].as_array().unwrap();
     let (from, fitted) = (
         j["fit"]["from"].as_u64().unwrap() as usize,
@@ -204,29 +219,7 @@ fn fit_joins_the_candidates_on_the_chosen_schedule() {
     // With no iteration the fitted candidate is the order-1 forecast in the axis its schedule was
     // chosen for: the same PSNR, so not chosen, and the profile is left without a `[fitted]` table.
     let out0 = dir.path().join("zero.toml");
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out0),
-        "--target-speedup",
-        "2.5",
-        "--runs",
-        "6",
-        "--data-range",
-        "2",
-        "--fit",
-        "--iterations",
-        "0",
-        "--calibration-seeds",
-        "1000",
-        "--validation-seeds",
-        "2000",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let j = tune_fit_json(&run, &out0, "2.5", "6", "0");
     let tried = j["tried"].as_array().unwrap();
     let (from, fitted) = (
         j["fit"]["from"].as_u64().unwrap() as usize,
@@ -243,7 +236,10 @@ fn fit_joins_the_candidates_on_the_chosen_schedule() {
         j["notes"][0].as_str().unwrap().contains("kept its start"),
         "{j}"
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("warning: --fit: the fit kept its start"));
+    assert!(j["stderr"]
+        .as_str()
+        .unwrap()
+        .contains("warning: --fit: the fit kept its start"));
     let profile: toml::Table = std::fs::read_to_string(dir.path().join("zero.profile.toml"))
         .unwrap()
         .parse()
@@ -252,29 +248,7 @@ fn fit_joins_the_candidates_on_the_chosen_schedule() {
     assert!(!std::fs::read_to_string(&out0).unwrap().contains("fitted"));
     // At 1.67x the best schedule is `foca` in sigma; the fit's start, `taylor1` in sigma on its
     // calls, measures higher here (42.47 against 42.40 dB) but fitted nothing: not chosen.
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&run),
-        "--out",
-        s(&dir.path().join("foca.toml")),
-        "--target-speedup",
-        "1.6",
-        "--runs",
-        "10",
-        "--data-range",
-        "2",
-        "--fit",
-        "--iterations",
-        "0",
-        "--calibration-seeds",
-        "1000",
-        "--validation-seeds",
-        "2000",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let j = tune_fit_json(&run, &dir.path().join("foca.toml"), "1.6", "10", "0");
     let fitted = j["fit"]["fitted"].as_u64().unwrap();
     assert_ne!(j["chosen"].as_u64().unwrap(), fitted, "{j}");
     assert!(!std::fs::read_to_string(dir.path().join("foca.toml"))

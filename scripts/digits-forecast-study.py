@@ -21,10 +21,11 @@ Prints per setting each batch's PSNR (range 2, against the dense run), the worst
 the worst single sample.
 
     python scripts/digits-forecast-study.py [BATCHES] [SEED]
-    python scripts/digits-forecast-study.py fit-bias
+    python scripts/digits-forecast-study.py fit VARIANT [NCAL] [ITERATIONS]
 
-The second form runs the fitted estimator in torch (docs/quality.md: a per-channel bias on each
-reused call, with and without): about 10 minutes on 2 cores.
+The second form runs the fitted estimator in torch (docs/quality.md, "The fitted estimator"):
+VARIANT `plain`, `bias` or `gate`, NCAL calibration batches of 10 (default 8), ITERATIONS Adam
+steps (default 25); 4-8 minutes on 2 cores.
 
 BATCHES batches of 10 (classes shuffled), torch noise seed SEED (default 6 and 123). Needs torch and
 diffusers 0.42 (as scripts/digits-exhaustive-search.py); about a minute on 2 cores.
@@ -117,11 +118,13 @@ def residuals(sc, su, split):
     return policy
 
 
-def fit_bias_study(its=25):
+def fit_study(variant, ncal=8, its=25):
     """The fitted estimator in torch on `digits_3x.toml`'s calls (three residuals, from `taylor1` in
-    step index, Adam 0.01, 8 calibration and 3 validation batches of torch noise, the iterate kept
-    on the validation worst), without and with a per-channel bias on each reused call; prints the
-    12 held-out batches' PSNR."""
+    step index, Adam 0.01, `ncal` calibration and 3 validation batches of torch noise, the iterate
+    kept on the validation worst); `variant`: `plain` (as `calibrate --fit`), `bias` (plus a
+    per-channel bias on each reused call, from 0) or `gate` (each coefficient plus a per-channel
+    slope times the sample's relative residual change `|r_b - r_a| / |r_b|`, from 0). Prints the
+    start's and the fit's PSNR on 12 held-out batches."""
     import time
     S, H, C = [0, 4, 9, 13, 16, 18], 3, m.config.num_attention_heads * m.config.attention_head_dim
 
@@ -132,19 +135,22 @@ def fit_bias_study(its=25):
         q = (at - sb) / (sb - sa)
         return [0.0] * (len(past) - 2) + [-q, 1 + q]
 
-    def coefs(bias):
-        w, b, computed = {}, {}, []
+    def coefs(v):
+        w, extra, computed = {}, {}, []
         for k in range(STEPS):
             if k in S:
                 computed.append(k)
                 continue
-            w[k] = [torch.full((C,), v, requires_grad=True) for v in taylor_w(computed[-H:], k)]
-            if bias:
-                b[k] = torch.zeros(C, requires_grad=True)
-        return w, b
+            past = computed[-H:]
+            w[k] = [torch.full((C,), x, requires_grad=True) for x in taylor_w(past, k)]
+            if v == "bias":
+                extra[k] = [torch.zeros(C, requires_grad=True)]
+            elif v == "gate":
+                extra[k] = [torch.zeros(C, requires_grad=True) for _ in past]
+        return w, extra, v
 
     def cached(lat, cls, co):
-        w, b = co
+        w, extra, v = co
         hist = {"c": [], "u": []}
 
         def policy(br, i, h, run):
@@ -152,8 +158,13 @@ def fit_bias_study(its=25):
                 out = run(h)
                 hist[br].append(out - h)
                 return out
-            r = sum(wj * p for wj, p in zip(w[i], hist[br][-H:]))
-            return h + (r + b[i] if b else r)
+            past = hist[br][-H:]
+            if v == "gate" and len(past) >= 2:
+                d = (past[-1] - past[-2]).flatten(1).norm(dim=1) / past[-1].flatten(1).norm(dim=1)
+                f = d.view(-1, 1, 1)
+                return h + sum((wj + f * uj) * p for wj, uj, p in zip(w[i], extra[i], past))
+            r = sum(wj * p for wj, p in zip(w[i], past))
+            return h + (r + extra[i][0] if v == "bias" else r)
         return loop(lat, cls, policy)
 
     def draw(n, seed):
@@ -172,36 +183,36 @@ def fit_bias_study(its=25):
         print(f"{name}: held {' '.join(f'{x:.2f}' for x in h)} | worst {min(h):.2f} mean {sum(h) / len(h):.2f}",
               flush=True)
 
-    cal, val, held = draw(8, 1000), draw(3, 2000), draw(12, 3000)
-    show("start (taylor1, step)", psnrs(held, coefs(False)))
-    for bias in (False, True):
-        co = coefs(bias)
-        params = [p for ws in co[0].values() for p in ws] + list(co[1].values())
-        opt = torch.optim.Adam(params, lr=0.01)
-        best_v, best, t0 = -1e9, None, time.time()
-        for it in range(its + 1):
-            v = min(psnrs(val, co))
-            if v > best_v:
-                best_v, best = v, ([p.detach().clone() for p in params], it)
-            if it == its:
-                break
-            opt.zero_grad()
-            tot = 0.0
-            with torch.enable_grad():
-                for l, c, r in cal:
-                    loss = ((cached(l, c, co) - r) ** 2).sum() / (r ** 2).sum()
-                    loss.backward()
-                    tot += loss.item()
-            opt.step()
-            print(f"bias {bias} iteration {it}: calibration {tot:.4e}, validation worst {v:.2f} dB ({time.time() - t0:.0f} s)",
-                  flush=True)
-        for p, q in zip(params, best[0]):
-            p.data.copy_(q)
-        show(f"fitted, bias {bias} (iteration {best[1]} kept, validation {best_v:.2f})", psnrs(held, co))
+    cal, val, held = draw(ncal, 1000), draw(3, 2000), draw(12, 3000)
+    show("start (taylor1, step)", psnrs(held, coefs("plain")))
+    co = coefs(variant)
+    params = [p for ws in co[0].values() for p in ws] + [p for es in co[1].values() for p in es]
+    opt = torch.optim.Adam(params, lr=0.01)
+    best_v, best, t0 = -1e9, None, time.time()
+    for it in range(its + 1):
+        v = min(psnrs(val, co))
+        if v > best_v:
+            best_v, best = v, ([p.detach().clone() for p in params], it)
+        if it == its:
+            break
+        opt.zero_grad()
+        tot = 0.0
+        with torch.enable_grad():
+            for l, c, r in cal:
+                loss = ((cached(l, c, co) - r) ** 2).sum() / (r ** 2).sum()
+                loss.backward()
+                tot += loss.item()
+        opt.step()
+        print(f"{variant} iteration {it}: calibration {tot:.4e}, validation worst {v:.2f} dB ({time.time() - t0:.0f} s)",
+              flush=True)
+    for p, q in zip(params, best[0]):
+        p.data.copy_(q)
+    show(f"fitted {variant}, {ncal} calibration batches (iteration {best[1]} kept, validation {best_v:.2f})",
+         psnrs(held, co))
 
 
-if len(sys.argv) > 1 and sys.argv[1] == "fit-bias":
-    fit_bias_study()
+if len(sys.argv) > 1 and sys.argv[1] == "fit":
+    fit_study(sys.argv[2], *(int(a) for a in sys.argv[3:5]))
     sys.exit(0)
 
 

@@ -97,15 +97,15 @@ fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<cra
         validation_seeds: validation_seeds.unwrap_or(d.validation_seeds),
         data_range,
         start_axis: match start_axis.as_deref() {
-            Some("sigma") | None => magcache_strategies::residual::EstimatorAxis::Sigma,
-            Some("step") => magcache_strategies::residual::EstimatorAxis::Step,
+            None => None,
+            Some("sigma") => Some(magcache_strategies::residual::EstimatorAxis::Sigma),
+            Some("step") => Some(magcache_strategies::residual::EstimatorAxis::Step),
             Some(other) => {
                 return Err(magcache_core::Error::msg(format!(
                     "{command} --start-axis: `{other}` is not an axis (sigma or step)"
                 )))
             }
         },
-        start_axis_given: start_axis.is_some(),
     })
 }
 

@@ -48,11 +48,9 @@ pub struct FitOptions {
     pub validation_seeds: Vec<u64>,
     /// PSNR's data range (`compare --data-range`); default: the dense run's range.
     pub data_range: Option<f64>,
-    /// The axis of the order-1 forecast the coefficients start from (sigma: the study's start).
-    pub start_axis: EstimatorAxis,
-    /// Whether `start_axis` was asked for (`tune --fit` otherwise starts in the axis of the
-    /// schedule it fits).
-    pub start_axis_given: bool,
+    /// The axis of the order-1 forecast the coefficients start from; `None`: sigma (the study's
+    /// start) for `calibrate --fit`, the axis of the schedule it fits for `tune --fit`.
+    pub start_axis: Option<EstimatorAxis>,
 }
 
 impl Default for FitOptions {
@@ -66,9 +64,15 @@ impl Default for FitOptions {
             calibration_seeds: vec![1000, 1001, 1002, 1003],
             validation_seeds: vec![2000, 2001],
             data_range: None,
-            start_axis: EstimatorAxis::Sigma,
-            start_axis_given: false,
+            start_axis: None,
         }
+    }
+}
+
+impl FitOptions {
+    /// The axis the fit starts from (sigma unless given).
+    pub fn axis(&self) -> EstimatorAxis {
+        self.start_axis.unwrap_or(EstimatorAxis::Sigma)
     }
 }
 
@@ -306,7 +310,7 @@ fn train(
             // The blocks keep no graph: the backward recomputes one chain invocation at a time
             // (`magcache_core::checkpoint`), so memory holds one call's activations, not the run's.
             let rec = Checkpoint::record()?;
-            let out = cached(s, list, &coefs, opts.start_axis)?;
+            let out = cached(s, list, &coefs, opts.axis())?;
             let tape = rec.finish()?;
             let loss = ((out - &s.dense)?.sqr()?.sum_all()? / norm)?;
             err += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -314,7 +318,7 @@ fn train(
                 continue;
             }
             let g = checkpoint::backward(&loss, tape, || {
-                cached(s, list, &coefs, opts.start_axis).map(drop)
+                cached(s, list, &coefs, opts.axis()).map(drop)
             })?;
             if vars.is_empty() {
                 vars = coefs.vars()?.into_iter().map(|(_, v)| v).collect();
@@ -336,7 +340,7 @@ fn train(
             )));
         }
         let frozen = coefs.frozen()?;
-        let psnr = worst_psnr(val, list, &frozen, opts.data_range, opts.start_axis)?;
+        let psnr = worst_psnr(val, list, &frozen, opts.data_range, opts.axis())?;
         let start_err = record.first().map_or(err, |r| r.calibration_error);
         if err <= start_err && psnr > best_psnr {
             (best, best_it, best_psnr) = (Some(frozen), it, psnr);
@@ -414,7 +418,7 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
     profile.fitted = Some(FittedProfile {
         compute_steps: list.clone(),
         steps,
-        axis: opts.start_axis,
+        axis: opts.axis(),
         calibration_seeds: opts.calibration_seeds.clone(),
         validation_seeds: opts.validation_seeds.clone(),
         iterations: opts.iterations,

@@ -131,9 +131,7 @@ pub(super) fn stage(
         Err(why) => return Ok((chosen, None, vec![format!("--fit: {why}")])),
     };
     // Unless told, the fit starts from the forecast the schedule was chosen for.
-    let axis = if fo.start_axis_given {
-        fo.start_axis
-    } else if ctx.tried[from]
+    let chosen_for = if ctx.tried[from]
         .cache
         .iter()
         .any(|l| l == "estimator_axis = \"sigma\"")
@@ -145,7 +143,7 @@ pub(super) fn stage(
     let fo = crate::FitOptions {
         budget: None,
         compute_steps: Some(ctx.tried[from].schedule.clone()),
-        start_axis: axis,
+        start_axis: Some(fo.start_axis.unwrap_or(chosen_for)),
         ..fo.clone()
     };
     let (fitted, report) = crate::fit(config, &fo, opts.progress).map_err(renamed)?;

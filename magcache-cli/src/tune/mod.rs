@@ -17,7 +17,8 @@
 //! 4. `--fit`: the fitted estimator (`calibrate --fit`, [`crate::fit`]) is fitted on the best
 //!    schedule at the chosen budget (speedup target) or one call cheaper (PSNR target) and run as
 //!    one more candidate (beyond `max_runs`: it was asked for), chosen where it beats the choice
-//!    (speedup) or keeps `P + margin` (PSNR); the profile then carries its `[fitted]` table.
+//!    (speedup) or keeps `P + margin` with fewer calls (PSNR), never when the fit kept its start;
+//!    the profile then carries its `[fitted]` table (`fit_stage.rs`).
 //!
 //! What was tried (setting, computed calls, PSNR) is reported; the chosen `[cache]` table replaces
 //! the run file's in the file written, with the profile beside it.

@@ -208,7 +208,7 @@ impl Linear {
         if p.matmul_bf16 && weight.dtype() == DType::F32 && weight.device().is_cpu() {
             if !bf16_gemm::available() {
                 return Err(Error::msg(
-                    "model.matmul_precision = \"bf16\": the bf16 kernel is off here (MAGCACHE_CPU_BF16=off, or no AVX512-BF16)",
+                    "model.matmul_precision = \"bf16\": the bf16 kernel is off here (MAGCACHE_CPU_BF16=off, no AVX512-BF16, or a CPU with AMX without MAGCACHE_CPU_BF16=on)",
                 ));
             }
             let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
@@ -537,7 +537,8 @@ mod pointwise;
 #[cfg(test)]
 pub use attention::max_abs_diff;
 pub use attention::{
-    attention, attention_as, attention_in_chunks, ATTENTION_SCORE_BUDGET, QUERY_BLOCK,
+    attention, attention_as, attention_in_chunks, attention_onednn, ATTENTION_SCORE_BUDGET,
+    QUERY_BLOCK,
 };
 pub use conv::{conv2d_bounded, IM2COL_BUDGET};
 pub use pointwise::{gelu, widen_f32};

@@ -120,3 +120,17 @@ fn bf16_attention_is_the_f32_attention_within_bf16_rounding() {
     );
     assert!(d > 0.0, "the bf16 path did not run");
 }
+
+/// The kernel's choice: on by AVX512-BF16 alone, off on CPUs with AMX (it measured slower than
+/// f32 on an AMX Xeon) unless `MAGCACHE_CPU_BF16=on`, and off whenever `MAGCACHE_CPU_BF16=off`.
+#[test]
+fn the_kernel_is_off_on_amx_unless_asked_for() {
+    use magcache_layers::nn::bf16_gemm::kernel_on;
+    assert!(kernel_on("", true, false));
+    assert!(!kernel_on("", true, true));
+    assert!(kernel_on("on", true, true));
+    assert!(kernel_on("ON", true, false));
+    assert!(!kernel_on("on", false, true));
+    assert!(!kernel_on("off", true, false));
+    assert!(!kernel_on("", false, false));
+}

@@ -166,3 +166,38 @@ fn the_amx_hint_reads_the_cpu_flags() {
         assert!(onednn::amx_hint().is_none());
     }
 }
+
+/// The attention's two products on oneDNN in bf16 (the path of bf16 runs on CPUs with AMX)
+/// against the f32 attention: within bf16's rounding of q, k, v and the probabilities (queries
+/// past one task's block of 512, odd key counts and head widths, two batches).
+#[test]
+fn bf16_attention_on_onednn_is_the_f32_attention_within_bf16_rounding() {
+    let Some(d) = library() else { return };
+    if !d.bf16_implemented() {
+        eprintln!("note: oneDNN has no bf16 product on this CPU: its attention is not tested");
+        return;
+    }
+    let dev = Device::Cpu;
+    for (b, h, s, l, hd) in [(2, 3, 600, 197, 24), (1, 2, 33, 513, 23), (1, 1, 1, 1, 2)] {
+        let q = Tensor::randn(0f32, 1f32, (b, h, s, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1f32, (b, h, l, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1f32, (b, h, l, hd), &dev).unwrap();
+        let before = d.products();
+        let got = magcache_layers::nn::attention_onednn(&q, &k, &v, d).unwrap();
+        assert!(d.products() > before, "oneDNN did not run");
+        let f32_out = magcache_layers::nn::attention(&q, &k, &v).unwrap();
+        let largest = |t: &Tensor| -> f32 {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().fold(0f32, |m, x| m.max(x.abs()))
+        };
+        let diff = largest(&(f32_out - &got).unwrap());
+        let scale = largest(&got);
+        assert!(
+            diff < 0.02 * scale,
+            "{b}x{h}x{s}x{l}x{hd}: bf16 attention on oneDNN differs by {diff} (outputs up to {scale})"
+        );
+        if l > 1 {
+            assert!(diff > 0.0, "{b}x{h}x{s}x{l}x{hd}: not rounded to bf16");
+        }
+    }
+}

@@ -151,6 +151,21 @@ pub fn cpu_has_bf16() -> bool {
     }
 }
 
+/// Whether this CPU has AMX's bf16 tiles (`amx_bf16` in Linux's `/proc/cpuinfo`; std's detection
+/// of it is not stable yet). False where that file is not readable.
+pub fn cpu_has_amx() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| cpuinfo_has_flag(&c, "amx_bf16"))
+    })
+}
+
+/// Whether the first `flags` line of a `/proc/cpuinfo` text lists `flag`.
+pub fn cpuinfo_has_flag(cpuinfo: &str, flag: &str) -> bool {
+    let line = cpuinfo.lines().find(|l| l.starts_with("flags"));
+    line.is_some_and(|l| l.split_whitespace().any(|f| f == flag))
+}
+
 impl Placement {
     /// Opens the device. On a machine (or a build) without it: one line naming `model.device`.
     pub fn open(device: &str, dtype: &str, file: &str) -> Result<Placement> {

@@ -36,12 +36,34 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// CPU has it ([`super::bf16_gemm`]): the blocks whose linear weights run there pass
 /// [`super::Linear::runs_bf16`], so a bf16 run's attention is bf16 too (q, k, v and the
 /// probabilities rounded to bf16, products accumulated in f32; the softmax in f32).
+///
+/// Where oneDNN runs the bf16 linear products (`MAGCACHE_ONEDNN` on a CPU with AMX:
+/// [`super::onednn::bf16_products`]) both products run on it instead, on AMX's tiles (the layers'
+/// AVX512-BF16 kernel ran at 0.5-0.8x gemm's f32 on a Sapphire Rapids-class Xeon:
+/// docs/benchmarks.md).
 pub fn attention_as(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
     let f32_cpu = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    if bf16 && f32_cpu && super::bf16_gemm::available() && !super::differentiable() {
-        return fused(q, k, v, CpuAttention { bf16: true });
+    if bf16 && f32_cpu && !super::differentiable() {
+        if let Some(d) = super::onednn::get().filter(|d| d.bf16_products()) {
+            return fused(q, k, v, CpuAttention::OneDnn(d));
+        }
+        if super::bf16_gemm::available() {
+            return fused(q, k, v, CpuAttention::Bf16Kernel);
+        }
     }
     attention(q, k, v)
+}
+
+/// [`attention`] with both products in bf16 on `dnnl` (q, k, v and the probabilities rounded to
+/// bf16, f32 accumulation, the softmax in f32), whatever the CPU's ISA where oneDNN implements a
+/// bf16 product: [`attention_as`]'s path on CPUs with AMX, and the tests' elsewhere.
+pub fn attention_onednn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dnnl: &'static super::onednn::OneDnn,
+) -> Result<Tensor> {
+    fused(q, k, v, CpuAttention::OneDnn(dnnl))
 }
 
 /// Queries per task of `cpu_attention`: its scores are `QUERY_BLOCK x L` floats per thread.
@@ -54,7 +76,7 @@ pub const QUERY_BLOCK: usize = 128;
 /// `[B, H, S, L]` scores and passes over them three times; candle's CPU flash attention was slower
 /// still (see [`attention`]).
 fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    fused(q, k, v, CpuAttention { bf16: false })
+    fused(q, k, v, CpuAttention::F32)
 }
 
 /// The fused op `op` on `q` scaled by `1/sqrt(d)` and contiguous `k`, `v`.
@@ -65,9 +87,15 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, op: CpuAttention) -> Result<Tensor>
     Ok(q.apply_op3_no_bwd(&k, &v, &op)?)
 }
 
-/// The fused CPU attention; `bf16`: its products on the bf16 kernel.
-struct CpuAttention {
-    bf16: bool,
+/// The fused CPU attention, by where its products run.
+#[derive(Clone, Copy)]
+enum CpuAttention {
+    /// gemm's f32.
+    F32,
+    /// The layers' AVX512-BF16 kernel ([`super::bf16_gemm`]).
+    Bf16Kernel,
+    /// oneDNN's bf16 product (AMX's tiles where the CPU has them).
+    OneDnn(&'static super::onednn::OneDnn),
 }
 
 impl candle_core::CustomOp3 for CpuAttention {
@@ -110,13 +138,19 @@ impl candle_core::CustomOp3 for CpuAttention {
         }
         let qb = QUERY_BLOCK.min(s);
         let threads = candle_core::utils::get_num_threads().max(1);
+        if let CpuAttention::OneDnn(dnnl) = *self {
+            let io = Io { q, k, v, s, l, d };
+            onednn_heads(io, &mut out, dnnl, threads)?;
+            return Ok((F32(out), l1.shape().clone()));
+        }
+        let bf16 = matches!(self, CpuAttention::Bf16Kernel);
         // bf16: the heads a group at a time, each group's keys and transposed values packed for
         // the kernel first (the packed copies stay a group's, not every head's).
-        let group = if self.bf16 { 2 * threads } else { b * h };
+        let group = if bf16 { 2 * threads } else { b * h };
         for (g, group_out) in out.chunks_mut(group * s * d).enumerate() {
             let first = g * group;
             let heads = group_out.len() / (s * d);
-            let packed = if self.bf16 {
+            let packed = if bf16 {
                 let span = first * l * d..(first + heads) * l * d;
                 Some(pack_heads(
                     (&k[span.clone()], &v[span]),
@@ -203,6 +237,81 @@ fn attend_heads(
     });
     match failed.into_inner() {
         Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Queries per task of the attention on oneDNN: larger than [`QUERY_BLOCK`], as each task's
+/// products copy their keys or values into the kernel's layout.
+const ONEDNN_QUERY_BLOCK: usize = 512;
+
+/// The fused attention with both products on oneDNN in bf16: q, k and v rounded to bf16 once, then
+/// one task per (head, block of [`ONEDNN_QUERY_BLOCK`] queries) over `threads` threads, each
+/// running its two products on one OpenMP thread with the f32 softmax between them (its
+/// probabilities rounded to bf16 for the second product). `out` is `[heads, s, d]`.
+fn onednn_heads(
+    io: Io<'_>,
+    out: &mut [f32],
+    dnnl: &super::onednn::OneDnn,
+    threads: usize,
+) -> candle_core::Result<()> {
+    use super::bf16_gemm::pairs;
+    let Io { q, k, v, s, l, d } = io;
+    let heads = out.len() / (s * d);
+    let (dp, lp) = (d.div_ceil(2), l.div_ceil(2));
+    let (q16, k16, v16) = (
+        pairs(q, heads * s, d, dp, threads),
+        pairs(k, heads * l, d, dp, threads),
+        pairs(v, heads * l, d, dp, threads),
+    );
+    let qb = ONEDNN_QUERY_BLOCK.min(s);
+    let mut tasks = Vec::new();
+    for (i, head_out) in out.chunks_mut(s * d).enumerate() {
+        for (j, rows) in head_out.chunks_mut(qb * d).enumerate() {
+            tasks.push((i, j * qb, rows));
+        }
+    }
+    let threads = threads.clamp(1, tasks.len().max(1));
+    let tasks = std::sync::Mutex::new(tasks.into_iter());
+    let failed = std::sync::Mutex::new(None);
+    let run = || {
+        let mut scores = vec![0f32; qb * l];
+        loop {
+            let next = match tasks.lock() {
+                Ok(mut t) => t.next(),
+                Err(_) => None,
+            };
+            let Some((i, q0, o)) = next else { break };
+            let rows = o.len() / d;
+            let qs = &q16[(i * s + q0) * dp..(i * s + q0 + rows) * dp];
+            let (kh, vh) = (
+                &k16[i * l * dp..(i + 1) * l * dp],
+                &v16[i * l * dp..(i + 1) * l * dp],
+            );
+            let sc = &mut scores[..rows * l];
+            // scores = q . k^T: k's row j is column j of the right operand.
+            let done = dnnl
+                .bf16_into((qs, 2 * dp), (kh, [1, 2 * dp]), (rows, d, l), sc, 1)
+                .and_then(|_| {
+                    softmax_rows(sc, l);
+                    let p = pairs(sc, rows, l, lp, 1);
+                    dnnl.bf16_into((&p, 2 * lp), (vh, [2 * dp, 1]), (rows, l, d), o, 1)
+                });
+            if let Err(e) = done {
+                if let Ok(mut f) = failed.lock() {
+                    f.get_or_insert(e);
+                }
+            }
+        }
+    };
+    rayon::scope(|sc| {
+        for _ in 1..threads {
+            sc.spawn(|_| run());
+        }
+        run();
+    });
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(candle_core::Error::Msg(e.to_string())),
         _ => Ok(()),
     }
 }

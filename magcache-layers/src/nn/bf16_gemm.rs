@@ -31,12 +31,29 @@ const MC: usize = 384;
 
 /// Whether this CPU runs the bf16 kernel: AVX512-F and AVX512-BF16, and not turned off with
 /// `MAGCACHE_CPU_BF16=off` (then bf16 weights are widened to f32 for the product, as before).
+///
+/// On CPUs with AMX (Intel's Sapphire Rapids and later) it is off unless `MAGCACHE_CPU_BF16=on`:
+/// there `vdpbf16ps` issues at half the rate of two f32 FMAs, and the kernel measured 0.5-0.8x
+/// gemm's f32 per product and 0.7-0.8x f32 per call (docs/benchmarks.md); bf16 weights are
+/// widened to f32 there, or run on AMX's tiles through oneDNN (`MAGCACHE_ONEDNN`).
 pub fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        let off = std::env::var("MAGCACHE_CPU_BF16").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
-        !off && cpu_has_bf16()
+        let var = std::env::var("MAGCACHE_CPU_BF16").unwrap_or_default();
+        kernel_on(
+            &var,
+            cpu_has_bf16(),
+            magcache_core::runtime::placement::cpu_has_amx(),
+        )
     })
+}
+
+/// [`available`]'s choice from `MAGCACHE_CPU_BF16`'s value and the CPU's AVX512-BF16 and AMX.
+pub fn kernel_on(var: &str, bf16: bool, amx: bool) -> bool {
+    if var.eq_ignore_ascii_case("off") {
+        return false;
+    }
+    bf16 && (var.eq_ignore_ascii_case("on") || !amx)
 }
 
 /// The CPU's flags alone (the property tests use this: they test the kernel whatever the setting);

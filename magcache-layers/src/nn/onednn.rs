@@ -29,12 +29,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The environment variable naming the library.
 pub const ENV: &str = "MAGCACHE_ONEDNN";
 
-use ffi::{isa_name, status, QUERY_IMPL_INFO_STR, STREAM_IN_ORDER};
-use ffi::{Api, Dims, ExecArg, Handle};
+use ffi::{isa_name, memory_desc, status, QUERY_IMPL_INFO_STR, STREAM_IN_ORDER};
+use ffi::{Api, ExecArg, Handle};
 use ffi::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, ENGINE_CPU, ISA_AMX};
 use ffi::{ARG_SCRATCHPAD, QUERY_SCRATCHPAD_MD, SCRATCHPAD_MODE_USER};
 
 mod ffi;
+mod raw;
+mod scratch;
 
 /// The opened library: its functions, a CPU engine, and the products built so far.
 pub struct OneDnn {
@@ -131,16 +133,12 @@ pub fn amx_hint() -> Option<String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     cpuinfo_has_flag(&cpuinfo, "amx_bf16").then(|| {
         format!(
-            "this CPU has AMX: {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) runs bf16 products on its tiles (docs/config.md)"
+            "this CPU has AMX: bf16 weights are widened to f32 here (the AVX512-BF16 kernel is slower than f32 on it); {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) runs bf16 products and attention on its tiles (docs/config.md)"
         )
     })
 }
 
-/// Whether the first `flags` line of a `/proc/cpuinfo` text lists `flag`.
-pub fn cpuinfo_has_flag(cpuinfo: &str, flag: &str) -> bool {
-    let line = cpuinfo.lines().find(|l| l.starts_with("flags"));
-    line.is_some_and(|l| l.split_whitespace().any(|f| f == flag))
-}
+pub use magcache_core::runtime::placement::cpuinfo_has_flag;
 
 fn open(spec: Option<&str>) -> State {
     let spec = match spec.map(str::trim) {
@@ -384,7 +382,7 @@ impl OneDnn {
     }
 
     /// Runs one product: `src [m x k]` (f32 or bf16 bits) by the weight `[k x n]` (its
-    /// strides), plus the bias, into `dst [m x n]` f32.
+    /// strides), plus the bias, into `dst [m x n]` f32, on `threads` OpenMP threads.
     ///
     /// # Safety
     /// The pointers must cover the extents their strides give, in the key's dtype, and stay
@@ -392,25 +390,33 @@ impl OneDnn {
     unsafe fn execute(
         &self,
         key: Key,
-        src: *const c_void,
-        wei: *const c_void,
+        (src, wei): (*const c_void, *const c_void),
         bias: *const f32,
         dst: *mut f32,
+        threads: usize,
     ) -> std::result::Result<(), String> {
         let p = self.primitive(key)?;
+        scratch::with(p.scratch_bytes, |scratch_ptr| {
+            // SAFETY: the caller's pointers, and this thread's scratch for the call.
+            unsafe { self.execute_with(&p, (src, wei), (bias, dst), scratch_ptr, threads) }
+        })
+    }
+
+    /// [`Self::execute`] on the primitive `p`, with its scratch memory at `scratch_ptr`.
+    ///
+    /// # Safety
+    /// As [`Self::execute`]; `scratch_ptr` holds `p.scratch_bytes` (or is null when 0).
+    unsafe fn execute_with(
+        &self,
+        p: &Primitive,
+        (src, wei): (*const c_void, *const c_void),
+        (bias, dst): (*const f32, *mut f32),
+        scratch_ptr: *mut c_void,
+        threads: usize,
+    ) -> std::result::Result<(), String> {
         let api = &self.api;
         if let Some(set) = api.omp_set_num_threads {
-            set(candle_core::utils::get_num_threads().max(1) as c_int);
-        }
-        // This execution's scratch memory, page-aligned as oneDNN's own: reserved, not zeroed
-        // (oneDNN writes its scratch before reading it).
-        let mut scratch: Vec<u8> = Vec::new();
-        let mut scratch_ptr: *mut c_void = std::ptr::null_mut();
-        if p.scratch_bytes > 0 {
-            scratch.reserve_exact(p.scratch_bytes + 4096);
-            let at = scratch.as_ptr().align_offset(4096);
-            // SAFETY: `at < 4096`: inside the reserved capacity, which outlives the execution.
-            scratch_ptr = unsafe { scratch.as_mut_ptr().add(at) } as *mut c_void;
+            set(threads.max(1) as c_int);
         }
         let mut mems: Vec<ExecArg> = Vec::with_capacity(5);
         let mut result = Ok(());
@@ -530,7 +536,15 @@ impl OneDnn {
             };
             // SAFETY: the pointers come from tensors whose layouts give the strides and extents
             // used (the destination's capacity is m * n), all held for the call.
-            unsafe { self.execute(key, src, wei_ptr, bias_ptr, dst.as_mut_ptr()) }
+            unsafe {
+                self.execute(
+                    key,
+                    (src, wei_ptr),
+                    bias_ptr,
+                    dst.as_mut_ptr(),
+                    candle_core::utils::get_num_threads(),
+                )
+            }
         };
         let outcome = if bf16 {
             // The activations rounded to bf16 (RNE), rows padded to an even count of features.
@@ -576,24 +590,4 @@ impl Key {
             wei_strides,
         }
     }
-}
-
-/// A plain 2-D memory descriptor with the given strides (elements).
-fn memory_desc(
-    api: &Api,
-    rows: usize,
-    cols: usize,
-    strides: [usize; 2],
-    dt: c_int,
-) -> std::result::Result<Handle, String> {
-    let mut dims: Dims = [0; 12];
-    let mut st: Dims = [0; 12];
-    (dims[0], dims[1]) = (rows as i64, cols as i64);
-    (st[0], st[1]) = (strides[0] as i64, strides[1] as i64);
-    let mut h: Handle = std::ptr::null_mut();
-    // SAFETY: dims and strides hold 12 entries, 2 used.
-    status("memory descriptor", unsafe {
-        (api.md_create)(&mut h, 2, dims.as_ptr(), dt, st.as_ptr())
-    })
-    .map(|_| h)
 }

@@ -160,3 +160,23 @@ pub(super) fn isa_name(isa: u32) -> String {
         .find(|(v, _)| *v == isa)
         .map_or_else(|| format!("{isa:#x}"), |(_, n)| n.to_string())
 }
+
+/// A plain 2-D memory descriptor with the given strides (elements).
+pub(super) fn memory_desc(
+    api: &Api,
+    rows: usize,
+    cols: usize,
+    strides: [usize; 2],
+    dt: c_int,
+) -> std::result::Result<Handle, String> {
+    let mut dims: Dims = [0; 12];
+    let mut st: Dims = [0; 12];
+    (dims[0], dims[1]) = (rows as i64, cols as i64);
+    (st[0], st[1]) = (strides[0] as i64, strides[1] as i64);
+    let mut h: Handle = std::ptr::null_mut();
+    // SAFETY: dims and strides hold 12 entries, 2 used.
+    status("memory descriptor", unsafe {
+        (api.md_create)(&mut h, 2, dims.as_ptr(), dt, st.as_ptr())
+    })
+    .map(|_| h)
+}

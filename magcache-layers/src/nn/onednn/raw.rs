@@ -1,0 +1,50 @@
+//! A bf16 product on slices of bf16 pairs, for the attention's two products (`nn::attention`).
+
+use super::{Key, OneDnn, ENV};
+use magcache_core::{Error, Result};
+use std::ffi::c_void;
+
+impl OneDnn {
+    /// `out [m x n] = a [m x k] . b [k x n]`, f32 accumulation and output, on `threads` OpenMP
+    /// threads (1 from a task of a thread pool). `a` and `b` hold bf16 values as pairs (the low half
+    /// of each `u32` the even element: `bf16_gemm`'s rounding, in memory order); `a`'s rows are
+    /// `a_row` bf16 apart, `b`'s element `(i, j)` is at bf16 offset `i * b_strides[0] + j *
+    /// b_strides[1]`. Wherever oneDNN implements a bf16 product ([`Self::bf16_implemented`]).
+    pub fn bf16_into(
+        &self,
+        (a, a_row): (&[u32], usize),
+        (b, b_strides): (&[u32], [usize; 2]),
+        (m, k, n): (usize, usize, usize),
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<()> {
+        if m == 0 || k == 0 || n == 0 {
+            out.iter_mut().take(m * n).for_each(|o| *o = 0.0);
+            return Ok(());
+        }
+        let a_end = (m - 1) * a_row + k;
+        let b_end = (k - 1) * b_strides[0] + (n - 1) * b_strides[1] + 1;
+        if !self.bf16 || a_end > 2 * a.len() || b_end > 2 * b.len() || out.len() < m * n {
+            return Err(Error::msg(format!(
+                "{ENV}: a bf16 product [{m} x {k}] by [{k} x {n}] out of its operands' bounds or not implemented here"
+            )));
+        }
+        let key = Key {
+            m,
+            k,
+            n,
+            bf16: true,
+            bias: false,
+            src_strides: [a_row, 1],
+            wei_strides: b_strides,
+        };
+        let ptrs = (a.as_ptr() as *const c_void, b.as_ptr() as *const c_void);
+        // SAFETY: the bounds were checked above in bf16 elements (two per `u32`), `out` holds
+        // m * n values, and all three outlive the call.
+        unsafe { self.execute(key, ptrs, std::ptr::null(), out.as_mut_ptr(), threads) }
+            .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
+        self.products
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -98,7 +98,7 @@ fn bf16_attention_is_the_f32_attention_within_bf16_rounding() {
         return;
     }
     if !magcache_layers::nn::bf16_gemm::available() {
-        eprintln!("note: MAGCACHE_CPU_BF16=off: the bf16 attention is not tested");
+        eprintln!("note: the bf16 kernel is off here (MAGCACHE_CPU_BF16=off, or a CPU with AMX): the bf16 attention is not tested");
         return;
     }
     use candle_core::{Device, Tensor};

@@ -74,7 +74,7 @@ fn f32_weights_with_bf16_products() {
             |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
         assert_eq!(decisions(&rep32), decisions(&rep16));
     } else {
-        eprintln!("note: this CPU has no AVX512-BF16 (or MAGCACHE_CPU_BF16=off): only the refusal is tested");
+        eprintln!("note: the bf16 kernel is off here (no AVX512-BF16, MAGCACHE_CPU_BF16=off, or a CPU with AMX): only the refusal is tested");
     }
     magcache_tests::link_all();
     let dir = tempfile::tempdir().unwrap();

@@ -13,8 +13,10 @@
 //! docs/benchmarks.md), and one whose weight is
 //! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
 //! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
-//! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there). Weights are read in place (the
-//! transposed view candle keeps, by its strides): no copy is made or counted.
+//! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there). Where bf16 runs here (AMX), the
+//! attention's two products do too ([`OneDnn::bf16_into`], from `nn::attention`). Weights are read
+//! in place (the transposed view candle keeps, by its strides): no copy is made or counted; each
+//! calling thread keeps the scratch memory of its largest product (`scratch`).
 //!
 //! oneDNN's threads are OpenMP's in the gomp build: each product sets the calling thread's count to
 //! candle's ([`candle_core::utils::get_num_threads`]).
@@ -133,7 +135,12 @@ pub fn amx_hint() -> Option<String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     cpuinfo_has_flag(&cpuinfo, "amx_bf16").then(|| {
         format!(
-            "this CPU has AMX: bf16 weights are widened to f32 here (the AVX512-BF16 kernel is slower than f32 on it); {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) runs bf16 products and attention on its tiles (docs/config.md)"
+            "this CPU has AMX: {}; {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) runs bf16 products and attention on its tiles (docs/config.md)",
+            if super::bf16_gemm::available() {
+                "bf16 weights run on the AVX512-BF16 kernel here (MAGCACHE_CPU_BF16=on), measured slower than f32 on such a CPU"
+            } else {
+                "bf16 weights are widened to f32 here (the AVX512-BF16 kernel is slower than f32 on it)"
+            }
         )
     })
 }
@@ -573,21 +580,5 @@ impl OneDnn {
         // SAFETY: the product wrote all m * n values.
         unsafe { dst.set_len(m * n) };
         Ok(Some(Tensor::from_vec(dst, (m, n), x.device())?))
-    }
-}
-
-impl Key {
-    /// Contiguous activations by a linear layer's transposed weight, no bias.
-    fn plain(m: usize, k: usize, n: usize, bf16: bool) -> Key {
-        let (bias, src_strides, wei_strides) = (false, [k, 1], [1, k]);
-        Key {
-            m,
-            k,
-            n,
-            bf16,
-            bias,
-            src_strides,
-            wei_strides,
-        }
     }
 }

@@ -1,4 +1,5 @@
-//! A bf16 product on slices of bf16 pairs, for the attention's two products (`nn::attention`).
+//! A bf16 product on slices of bf16 pairs, for the attention's two products (`nn::attention`),
+//! and the key of a plain linear product.
 
 use super::{Key, OneDnn, ENV};
 use magcache_core::{Error, Result};
@@ -46,5 +47,21 @@ impl OneDnn {
         self.products
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl Key {
+    /// Contiguous activations by a linear layer's transposed weight, no bias.
+    pub(super) fn plain(m: usize, k: usize, n: usize, bf16: bool) -> Key {
+        let (bias, src_strides, wei_strides) = (false, [k, 1], [1, k]);
+        Key {
+            m,
+            k,
+            n,
+            bf16,
+            bias,
+            src_strides,
+            wei_strides,
+        }
     }
 }

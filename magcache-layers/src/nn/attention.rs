@@ -179,17 +179,15 @@ struct Io<'a> {
     d: usize,
 }
 
-/// The heads from `first` whose outputs are `out` (`[heads, s, d]`): one task per block of `qb`
-/// queries, over `threads` threads; `packed`: those heads' keys and values for the bf16 kernel.
-fn attend_heads(
-    io: Io<'_>,
-    (first, out): (usize, &mut [f32]),
-    qb: usize,
-    packed: Option<&[(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)]>,
+/// Runs `task(head, first query, its output rows, scores)` once per block of `qb` queries of each
+/// head of `out` (`[heads, s, d]`), over `threads` threads of rayon's pool, each with its own
+/// `qb x l` score buffer; the blocks are disjoint, in any order. The first error is returned.
+fn query_blocks(
+    out: &mut [f32],
+    (s, l, d, qb): (usize, usize, usize, usize),
     threads: usize,
+    task: impl Fn(usize, usize, &mut [f32], &mut [f32]) -> candle_core::Result<()> + Sync,
 ) -> candle_core::Result<()> {
-    let Io { q, k, v, s, l, d } = io;
-    // (head in the group, first query, its output rows): disjoint, in any order.
     let mut tasks = Vec::new();
     for (i, head_out) in out.chunks_mut(s * d).enumerate() {
         for (j, rows) in head_out.chunks_mut(qb * d).enumerate() {
@@ -207,22 +205,8 @@ fn attend_heads(
                 Err(_) => None,
             };
             let Some((i, q0, o)) = next else { break };
-            let bh = first + i;
             let rows = o.len() / d;
-            let qs = &q[(bh * s + q0) * d..(bh * s + q0 + rows) * d];
-            let sc = &mut scores[..rows * l];
-            let done = match packed {
-                Some(p) => attend_rows_bf16(qs, &p[i], sc, o, rows),
-                None => {
-                    let kv = (
-                        &k[bh * l * d..(bh + 1) * l * d],
-                        &v[bh * l * d..(bh + 1) * l * d],
-                    );
-                    attend_rows(qs, kv, sc, o, (rows, l, d));
-                    Ok(())
-                }
-            };
-            if let Err(e) = done {
+            if let Err(e) = task(i, q0, o, &mut scores[..rows * l]) {
                 if let Ok(mut f) = failed.lock() {
                     f.get_or_insert(e);
                 }
@@ -239,6 +223,34 @@ fn attend_heads(
         Ok(Some(e)) => Err(e),
         _ => Ok(()),
     }
+}
+
+/// The heads from `first` whose outputs are `out` (`[heads, s, d]`): one task per block of `qb`
+/// queries, over `threads` threads; `packed`: those heads' keys and values for the bf16 kernel.
+fn attend_heads(
+    io: Io<'_>,
+    (first, out): (usize, &mut [f32]),
+    qb: usize,
+    packed: Option<&[(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)]>,
+    threads: usize,
+) -> candle_core::Result<()> {
+    let Io { q, k, v, s, l, d } = io;
+    query_blocks(out, (s, l, d, qb), threads, |i, q0, o, sc| {
+        let bh = first + i;
+        let rows = o.len() / d;
+        let qs = &q[(bh * s + q0) * d..(bh * s + q0 + rows) * d];
+        match packed {
+            Some(p) => attend_rows_bf16(qs, &p[i], sc, o, rows),
+            None => {
+                let kv = (
+                    &k[bh * l * d..(bh + 1) * l * d],
+                    &v[bh * l * d..(bh + 1) * l * d],
+                );
+                attend_rows(qs, kv, sc, o, (rows, l, d));
+                Ok(())
+            }
+        }
+    })
 }
 
 /// Queries per task of the attention on oneDNN: larger than [`QUERY_BLOCK`], as each task's
@@ -265,55 +277,22 @@ fn onednn_heads(
         pairs(v, heads * l, d, dp, threads),
     );
     let qb = ONEDNN_QUERY_BLOCK.min(s);
-    let mut tasks = Vec::new();
-    for (i, head_out) in out.chunks_mut(s * d).enumerate() {
-        for (j, rows) in head_out.chunks_mut(qb * d).enumerate() {
-            tasks.push((i, j * qb, rows));
-        }
-    }
-    let threads = threads.clamp(1, tasks.len().max(1));
-    let tasks = std::sync::Mutex::new(tasks.into_iter());
-    let failed = std::sync::Mutex::new(None);
-    let run = || {
-        let mut scores = vec![0f32; qb * l];
-        loop {
-            let next = match tasks.lock() {
-                Ok(mut t) => t.next(),
-                Err(_) => None,
-            };
-            let Some((i, q0, o)) = next else { break };
-            let rows = o.len() / d;
-            let qs = &q16[(i * s + q0) * dp..(i * s + q0 + rows) * dp];
-            let (kh, vh) = (
-                &k16[i * l * dp..(i + 1) * l * dp],
-                &v16[i * l * dp..(i + 1) * l * dp],
-            );
-            let sc = &mut scores[..rows * l];
-            // scores = q . k^T: k's row j is column j of the right operand.
-            let done = dnnl
-                .bf16_into((qs, 2 * dp), (kh, [1, 2 * dp]), (rows, d, l), sc, 1)
-                .and_then(|_| {
-                    softmax_rows(sc, l);
-                    let p = pairs(sc, rows, l, lp, 1);
-                    dnnl.bf16_into((&p, 2 * lp), (vh, [2 * dp, 1]), (rows, l, d), o, 1)
-                });
-            if let Err(e) = done {
-                if let Ok(mut f) = failed.lock() {
-                    f.get_or_insert(e);
-                }
-            }
-        }
-    };
-    rayon::scope(|sc| {
-        for _ in 1..threads {
-            sc.spawn(|_| run());
-        }
-        run();
-    });
-    match failed.into_inner() {
-        Ok(Some(e)) => Err(candle_core::Error::Msg(e.to_string())),
-        _ => Ok(()),
-    }
+    query_blocks(out, (s, l, d, qb), threads, |i, q0, o, sc| {
+        let rows = o.len() / d;
+        let qs = &q16[(i * s + q0) * dp..(i * s + q0 + rows) * dp];
+        let (kh, vh) = (
+            &k16[i * l * dp..(i + 1) * l * dp],
+            &v16[i * l * dp..(i + 1) * l * dp],
+        );
+        // scores = q . k^T: k's row j is column j of the right operand.
+        dnnl.bf16_into((qs, 2 * dp), (kh, [1, 2 * dp]), (rows, d, l), sc, 1)
+            .and_then(|_| {
+                softmax_rows(sc, l);
+                let p = pairs(sc, rows, l, lp, 1);
+                dnnl.bf16_into((&p, 2 * lp), (vh, [2 * dp, 1]), (rows, l, d), o, 1)
+            })
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    })
 }
 
 /// One task of [`CpuAttention`]: `o = softmax(qs . ks^T) . vs` for `rows` queries over `l` keys of

@@ -3,6 +3,7 @@
 # in bf16 with the kernel off (`MAGCACHE_CPU_BF16=off`: weights widened to f32 per product), and
 # f32 weights with `matmul_precision = "bf16"` (rounded once at load, products on the kernel),
 # alternated round by round on the same threads, and prints seconds per call and the ratios.
+# The kernel runs are forced on (`MAGCACHE_CPU_BF16=on`: on CPUs with AMX it is off by default).
 # Usage: bf16_cpu.sh RUN.toml [THREADS]   (ROUNDS=N, default 3; MAGCACHE=path to the binary)
 set -euo pipefail
 cfg="$1"; threads="${2:-$(nproc)}"; here="$(cd "$(dirname "$0")" && pwd)"; rounds="${ROUNDS:-3}"
@@ -22,9 +23,9 @@ per_call() {
 }
 for r in $(seq 1 "$rounds"); do
   cfgfile="$tmp/f32.toml"; f32=$(per_call "$bin")
-  cfgfile="$tmp/bf16.toml"; bf16=$(per_call "$bin")
+  cfgfile="$tmp/bf16.toml"; bf16=$(per_call env MAGCACHE_CPU_BF16=on "$bin")
   cfgfile="$tmp/bf16.toml"; widened=$(per_call env MAGCACHE_CPU_BF16=off "$bin")
-  cfgfile="$tmp/f32mm.toml"; f32mm=$(per_call "$bin")
+  cfgfile="$tmp/f32mm.toml"; f32mm=$(per_call env MAGCACHE_CPU_BF16=on "$bin")
   printf "round %d: f32 %s s/call   bf16 kernel %s s/call (%.2fx f32)   bf16 widened %s s/call (%.2fx f32)   f32 weights, bf16 products %s s/call (%.2fx f32)\n" \
     "$r" "$f32" "$bf16" "$(echo "$f32/$bf16" | bc -l)" "$widened" "$(echo "$f32/$widened" | bc -l)" "$f32mm" "$(echo "$f32/$f32mm" | bc -l)"
 done

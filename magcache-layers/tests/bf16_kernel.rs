@@ -108,12 +108,8 @@ fn bf16_attention_is_the_f32_attention_within_bf16_rounding() {
     let v = Tensor::randn(0f32, 1f32, (2, 3, 197, 24), &dev).unwrap();
     let f32_out = magcache_layers::nn::attention(&q, &k, &v).unwrap();
     let bf16_out = magcache_layers::nn::attention_as(&q, &k, &v, true).unwrap();
-    let largest = |t: &Tensor| -> f32 {
-        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        v.iter().fold(0f32, |m, x| m.max(x.abs()))
-    };
-    let d = largest(&(f32_out - &bf16_out).unwrap());
-    let scale = largest(&bf16_out);
+    let d = common::largest_abs(&(f32_out - &bf16_out).unwrap());
+    let scale = common::largest_abs(&bf16_out);
     assert!(
         d < 0.02 * scale,
         "bf16 attention differs by {d} (outputs up to {scale})"

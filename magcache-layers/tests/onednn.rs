@@ -186,12 +186,8 @@ fn bf16_attention_on_onednn_is_the_f32_attention_within_bf16_rounding() {
         let got = magcache_layers::nn::attention_onednn(&q, &k, &v, d).unwrap();
         assert!(d.products() > before, "oneDNN did not run");
         let f32_out = magcache_layers::nn::attention(&q, &k, &v).unwrap();
-        let largest = |t: &Tensor| -> f32 {
-            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            v.iter().fold(0f32, |m, x| m.max(x.abs()))
-        };
-        let diff = largest(&(f32_out - &got).unwrap());
-        let scale = largest(&got);
+        let diff = common::largest_abs(&(f32_out - &got).unwrap());
+        let scale = common::largest_abs(&got);
         assert!(
             diff < 0.02 * scale,
             "{b}x{h}x{s}x{l}x{hd}: bf16 attention on oneDNN differs by {diff} (outputs up to {scale})"

@@ -132,8 +132,7 @@ pub fn amx_hint() -> Option<String> {
     if !matches!(state(), State::Off) {
         return None;
     }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    cpuinfo_has_flag(&cpuinfo, "amx_bf16").then(|| {
+    magcache_core::runtime::placement::cpu_has_amx().then(|| {
         format!(
             "this CPU has AMX: {}; {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) runs bf16 products and attention on its tiles (docs/config.md)",
             if super::bf16_gemm::available() {

@@ -1,4 +1,4 @@
-//! What the product tests share: an f64 reference for `x W^T + b`.
+//! What the product tests share: an f64 reference for `x W^T + b`, and the largest absolute value.
 
 use magcache_layers::nn::bf16_gemm::bf16_bits;
 use proptest::prelude::*;
@@ -37,4 +37,10 @@ pub fn check_product(
         }
     }
     Ok(())
+}
+
+/// The largest absolute value of a tensor (the attention tests' error and scale).
+pub fn largest_abs(t: &candle_core::Tensor) -> f32 {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.iter().fold(0f32, |m, x| m.max(x.abs()))
 }

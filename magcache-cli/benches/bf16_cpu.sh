@@ -6,6 +6,8 @@
 # The kernel runs are forced on (`MAGCACHE_CPU_BF16=on`: on CPUs with AMX it is off by default).
 # Usage: bf16_cpu.sh RUN.toml [THREADS]   (ROUNDS=N, default 3; MAGCACHE=path to the binary)
 set -euo pipefail
+# a / b in floating point (awk: `bc` is missing on some machines)
+div() { awk -v a="$1" -v b="$2" "BEGIN { print a / b }"; }
 cfg="$1"; threads="${2:-$(nproc)}"; here="$(cd "$(dirname "$0")" && pwd)"; rounds="${ROUNDS:-3}"
 bin="${MAGCACHE:-$here/../../target/release/magcache}"
 [ -x "$bin" ] || (cd "$here/../.." && cargo build --release -p magcache-cli)
@@ -27,5 +29,5 @@ for r in $(seq 1 "$rounds"); do
   cfgfile="$tmp/bf16.toml"; widened=$(per_call env MAGCACHE_CPU_BF16=off "$bin")
   cfgfile="$tmp/f32mm.toml"; f32mm=$(per_call env MAGCACHE_CPU_BF16=on "$bin")
   printf "round %d: f32 %s s/call   bf16 kernel %s s/call (%.2fx f32)   bf16 widened %s s/call (%.2fx f32)   f32 weights, bf16 products %s s/call (%.2fx f32)\n" \
-    "$r" "$f32" "$bf16" "$(echo "$f32/$bf16" | bc -l)" "$widened" "$(echo "$f32/$widened" | bc -l)" "$f32mm" "$(echo "$f32/$f32mm" | bc -l)"
+    "$r" "$f32" "$bf16" "$(div "$f32" "$bf16")" "$widened" "$(div "$f32" "$widened")" "$f32mm" "$(div "$f32" "$f32mm")"
 done

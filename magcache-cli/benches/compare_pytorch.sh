@@ -5,6 +5,8 @@
 # Usage: compare_pytorch.sh RUN.toml [THREADS]   (needs python with torch + diffusers: $PYTHON;
 # ROUNDS=N repeats the pair N times, default 1)
 set -euo pipefail
+# a / b in floating point (awk: `bc` is missing on some machines)
+div() { awk -v a="$1" -v b="$2" "BEGIN { print a / b }"; }
 cfg="$1"; threads="${2:-$(nproc)}"; here="$(cd "$(dirname "$0")" && pwd)"; py="${PYTHON:-python3}"; rounds="${ROUNDS:-1}"
 bin="${MAGCACHE:-$here/../../target/release/magcache}"
 [ -x "$bin" ] || (cd "$here/../.." && cargo build --release -p magcache-cli)
@@ -17,7 +19,7 @@ for r in $(seq 1 "$rounds"); do
   torch=$("$py" "$here/pytorch_dense.py" "$dense" --threads "$threads" | "$py" -c 'import json,sys; d=json.load(sys.stdin); print(d["wall_seconds"], d["calls"], d["torch"], d["diffusers"], d["dtype"])')
   read -r rs rc <<<"$rust"; read -r ts tc tv dv tdt <<<"$torch"
   echo "round $r (torch $tv, diffusers $dv, $tdt)"
-  printf "  magcache-rs: %6d calls %9.3f s  (%.3f s/call)\n" "$rc" "$rs" "$(echo "$rs/$rc" | bc -l)"
-  printf "  PyTorch:     %6d calls %9.3f s  (%.3f s/call)\n" "$tc" "$ts" "$(echo "$ts/$tc" | bc -l)"
-  printf "  PyTorch / magcache-rs: %.2fx\n" "$(echo "$ts/$rs" | bc -l)"
+  printf "  magcache-rs: %6d calls %9.3f s  (%.3f s/call)\n" "$rc" "$rs" "$(div "$rs" "$rc")"
+  printf "  PyTorch:     %6d calls %9.3f s  (%.3f s/call)\n" "$tc" "$ts" "$(div "$ts" "$tc")"
+  printf "  PyTorch / magcache-rs: %.2fx\n" "$(div "$ts" "$rs")"
 done

@@ -4,6 +4,8 @@
 # alternated round by round on the same threads; prints seconds per call and the ratios.
 # Usage: onednn_cpu.sh RUN.toml LIB [THREADS]   (ROUNDS=N, default 3; MAGCACHE=path to the binary)
 set -euo pipefail
+# a / b in floating point (awk: `bc` is missing on some machines)
+div() { awk -v a="$1" -v b="$2" "BEGIN { print a / b }"; }
 cfg="$1"; lib="$2"; threads="${3:-$(nproc)}"; here="$(cd "$(dirname "$0")" && pwd)"; rounds="${ROUNDS:-3}"
 bin="${MAGCACHE:-$here/../../target/release/magcache}"
 [ -x "$bin" ] || (cd "$here/../.." && cargo build --release -p magcache-cli)
@@ -25,5 +27,5 @@ for r in $(seq 1 "$rounds"); do
   cfgfile="$tmp/bf16.toml"; bf16=$(per_call env MAGCACHE_ONEDNN=off "$bin")
   cfgfile="$tmp/bf16.toml"; bf16d=$(per_call env MAGCACHE_ONEDNN="$lib" "$bin")
   printf "round %d: f32 %s s/call, on oneDNN %s (%.2fx)   bf16 %s s/call, on oneDNN %s (%.2fx; %.2fx f32)\n" \
-    "$r" "$f32" "$f32d" "$(echo "$f32/$f32d" | bc -l)" "$bf16" "$bf16d" "$(echo "$bf16/$bf16d" | bc -l)" "$(echo "$f32/$bf16d" | bc -l)"
+    "$r" "$f32" "$f32d" "$(div "$f32" "$f32d")" "$bf16" "$bf16d" "$(div "$bf16" "$bf16d")" "$(div "$f32" "$bf16d")"
 done

@@ -63,6 +63,10 @@ pub struct Report {
     /// `MAGCACHE_ONEDNN` (its version, the CPU ISA it chose, what runs on it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub products: Option<String>,
+    /// CPU runs: the denoising loop's wall time in the linear layers and in the attention
+    /// (`magcache_layers::nn::timing`); the rest of `wall_seconds` is the element-wise work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_time: Option<magcache_layers::nn::timing::CpuTime>,
     /// Prompted runs: wall time and peak memory of each stage (encode text, denoise, decode).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<magcache_core::runtime::progress::StageTime>,
@@ -125,6 +129,7 @@ impl Report {
             scopes: scopes.into_values().collect(),
             warnings,
             products: magcache_layers::nn::onednn::get().map(|d| d.describe()),
+            cpu_time: None,
             stages: Vec::new(),
         }
     }
@@ -171,6 +176,14 @@ pub fn summary(r: &Report) -> String {
         mb(r.peak_rss_bytes),
         r.wall_seconds
     ));
+    if let Some(t) = &r.cpu_time {
+        s.push_str(&format!(
+            "denoise on the CPU: linear layers {:.3} s, attention {:.3} s, the rest {:.3} s\n",
+            t.linear_seconds,
+            t.attention_seconds,
+            (r.wall_seconds - t.linear_seconds - t.attention_seconds).max(0.0)
+        ));
+    }
     if !r.stages.is_empty() {
         let parts: Vec<String> = r
             .stages

@@ -125,7 +125,9 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
     };
     // The loop's own stage: resets the memory high-water mark, so its peak is the loop's.
     let stage = magcache_core::runtime::progress::Stage::begin("denoise");
+    let cpu_before = magcache_layers::nn::timing::cpu_time();
     let out = p.pipeline.generate(&mut col);
+    let cpu_time = magcache_layers::nn::timing::cpu_time().since(&cpu_before);
     let denoise = stage.end();
     if let Some(b) = &col.bar {
         b.finish_and_clear();
@@ -147,6 +149,8 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         col.warning(&c.warning(&p.strategy));
     }
     let mut report = Report::from_calls(p, col.calls, &denoise, &bytes, col.warnings);
+    report.cpu_time =
+        (cpu_time.linear_seconds + cpu_time.attention_seconds > 0.0).then_some(cpu_time);
     for c in checks {
         if let Some(sc) = report
             .scopes

@@ -131,6 +131,14 @@ fn prompted_run_through_the_binary_writes_every_output() {
         walls += s["wall_seconds"].as_f64().unwrap();
     }
     assert!(r["run_wall_seconds"].as_f64().unwrap() >= walls, "{r}");
+    // The denoising loop's time in the linear layers and the attention: both ran, and within the
+    // loop's wall time (the text encoder's layers before it not counted).
+    let (lin, att) = (
+        r["cpu_time"]["linear_seconds"].as_f64().unwrap(),
+        r["cpu_time"]["attention_seconds"].as_f64().unwrap(),
+    );
+    assert!(lin > 0.0 && att > 0.0, "{r}");
+    assert!(lin + att <= r["wall_seconds"].as_f64().unwrap(), "{r}");
     // Not on a terminal and not --quiet: a long stage's progress on stderr (every unit and stage
     // here, with the interval at 0 s), the stages and the run in the summary.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_magcache"))

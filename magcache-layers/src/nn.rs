@@ -233,6 +233,7 @@ impl Linear {
 
     /// `x [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = timing::Timer::linear(x.device().is_cpu());
         let Some((&last, lead)) = x.dims().split_last() else {
             return Err(Error::msg(
                 "linear layer: the input is a scalar, expected [..., in]",
@@ -534,6 +535,7 @@ pub mod bf16_gemm;
 mod conv;
 pub mod onednn;
 mod pointwise;
+pub mod timing;
 #[cfg(test)]
 pub use attention::max_abs_diff;
 pub use attention::{

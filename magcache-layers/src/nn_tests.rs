@@ -128,3 +128,30 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
     d.and_then(|d| d.to_scalar::<f32>()).unwrap()
 }
+
+#[test]
+fn cpu_time_counts_linear_layers_and_attention() {
+    let dev = Device::Cpu;
+    let lin = Linear::new(
+        Tensor::randn(0f32, 1.0, (64, 48), &dev).unwrap(),
+        Some(Tensor::zeros(64, DType::F32, &dev).unwrap()),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (3, 40, 48), &dev).unwrap();
+    let before = timing::cpu_time();
+    lin.forward(&x).unwrap();
+    let mid = timing::cpu_time();
+    assert!(
+        mid.linear_seconds > before.linear_seconds,
+        "{before:?} {mid:?}"
+    );
+    let q = Tensor::randn(0f32, 1.0, (1, 2, 40, 16), &dev).unwrap();
+    attention(&q, &q, &q).unwrap();
+    let after = timing::cpu_time();
+    assert!(
+        after.attention_seconds > mid.attention_seconds,
+        "{mid:?} {after:?}"
+    );
+    let d = after.since(&before);
+    assert!(d.linear_seconds > 0.0 && d.attention_seconds > 0.0, "{d:?}");
+}

@@ -81,6 +81,7 @@ fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// The fused op `op` on `q` scaled by `1/sqrt(d)` and contiguous `k`, `v`.
 fn fused(q: &Tensor, k: &Tensor, v: &Tensor, op: CpuAttention) -> Result<Tensor> {
+    let _timer = super::timing::Timer::attention(true);
     let d = q.dim(3)?;
     let q = (q * (1.0 / (d as f64).sqrt()))?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
@@ -424,6 +425,7 @@ fn softmax_rows(sc: &mut [f32], l: usize) {
 
 /// [`attention`] over chunks of `chunk` queries (the path off the CPU, and the CPU path's reference).
 pub fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Result<Tensor> {
+    let _timer = super::timing::Timer::attention(q.device().is_cpu());
     let (_, _, s, d) = q.dims4()?;
     // The 1/sqrt(d) scale goes on `q` (S x D values), not on the S x L scores: candle's CPU affine
     // is a single-threaded pass, which over the scores of a 32k-token video would read and write

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Packs what a timing sitting on a lent machine needs into `.dev/` at the repository root, under the
+# 64 MiB a device call carries (`carry: [".dev"]`): the release `magcache` and the `bf16_gemm`
+# example, stripped and xz-compressed; one or more oneDNN libraries to compare (`LABEL=PATH` to a
+# libdnnl.so.3 each); libgomp; a copy of diffusers without its pipelines (the timing scripts need
+# only the transformers); and `.dev/run.sh`, which unpacks them there and runs, alternated on the
+# same threads, the one-product figures (`bf16_gemm` against `pytorch_linear.py`) and the dense
+# 6-block Wan2.1-1.3B call at 720 and 4 680 tokens in bf16 (`compare_pytorch.sh`, ours on each
+# oneDNN against PyTorch). The machine needs python3 with torch; nothing else is installed there.
+#
+# Usage: device_pack.sh [LABEL=LIB ...]   (default: 3.2=target/onednn/lib/libdnnl.so.3;
+#        PYTHON: a python whose diffusers is copied, default python3)
+# Then:  device command `bash .dev/run.sh 2>&1 | tee $OUT/log` with carry [".dev"]
+#        (STAGES="products short long" picks stages, THREADS=2 by default, ROUNDS=2).
+# `.dev/` is added to .git/info/exclude so that git never sees it; remove it after the sitting.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"; cd "$root"
+py="${PYTHON:-python3}"
+[ $# -gt 0 ] || set -- "3.2=target/onednn/lib/libdnnl.so.3"
+mkdir -p .git/info .dev
+grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
+rm -rf .dev/*
+cargo build --release --offline -p magcache-cli
+cargo build --release --offline -p magcache-layers --example bf16_gemm
+pack() { # pack SRC DEST.xz: stripped (binaries and libraries), then xz
+  local tmp; tmp="$(mktemp)"
+  cp "$1" "$tmp"; strip "$tmp" 2>/dev/null || true
+  mkdir -p "$(dirname "$2")"; xz -9 -T0 -c "$tmp" > "$2"; rm -f "$tmp"
+}
+pack target/release/magcache .dev/magcache.xz
+pack target/release/examples/bf16_gemm .dev/bf16_gemm.xz
+labels=()
+for arg in "$@"; do
+  label="${arg%%=*}"; lib="${arg#*=}"
+  [ -f "$lib" ] || { echo "device_pack.sh: $lib: no such library (argument $arg)" >&2; exit 1; }
+  pack "$lib" ".dev/dnnl/$label/libdnnl.so.3.xz"; labels+=("$label")
+done
+gomp="$(ldconfig -p | sed -n 's/.*libgomp.so.1 (libc6,x86-64) => //p' | head -1)"
+[ -n "$gomp" ] || { echo "device_pack.sh: no libgomp.so.1 here (ldconfig -p)" >&2; exit 1; }
+pack "$gomp" .dev/lib/libgomp.so.1.xz
+site="$("$py" -c 'import diffusers, os; print(os.path.dirname(os.path.dirname(diffusers.__file__)))')"
+ver="$("$py" -c 'import diffusers; print(diffusers.__version__)')"
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+cp -r "$site/diffusers" "$tmp/"
+rm -rf "$tmp/diffusers/pipelines" "$tmp/diffusers/modular_pipelines" "$tmp/diffusers/experimental"
+find "$tmp/diffusers" -name __pycache__ -prune -exec rm -rf {} +
+mkdir -p "$tmp/diffusers/pipelines"; : > "$tmp/diffusers/pipelines/__init__.py"
+cp -r "$site/diffusers-$ver.dist-info" "$tmp/" 2>/dev/null || true
+tar -C "$tmp" -cJf .dev/diffusers.tar.xz .
+cat > .dev/run.sh <<EOF
+#!/usr/bin/env bash
+# Written by magcache-cli/benches/device_pack.sh; run from the repository root on the device.
+set -euo pipefail
+labels="${labels[*]}"
+EOF
+cat >> .dev/run.sh <<'EOF'
+w=/tmp/w; mkdir -p "$w/site"
+( cd .dev && find . -name '*.xz' ! -name diffusers.tar.xz ) | while read -r f; do
+  mkdir -p "$w/$(dirname "$f")"; xz -dc ".dev/$f" > "$w/${f%.xz}"
+done
+tar -C "$w/site" -xJf .dev/diffusers.tar.xz
+chmod +x "$w/magcache" "$w/bf16_gemm"
+export LD_LIBRARY_PATH="$w/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONPATH="$w/site" MAGCACHE="$w/magcache"
+threads="${THREADS:-2}"; rounds="${ROUNDS:-2}"; stages="${STAGES:-products short long}"
+b=magcache-cli/benches
+python3 -c 'import torch; print("torch", torch.__version__, "|", [l.strip() for l in torch.__config__.show().splitlines() if "DNN" in l])'
+cfg() { # cfg NAME LATENT STEPS: the dense 6-block Wan2.1-1.3B in bf16
+  sed -e 's/^dtype = .*/dtype = "bf16"/' -e "s/^latent_shape = .*/latent_shape = $2/" \
+      -e "s/^steps = .*/steps = $3/" $b/runs/wan_short.toml > "$w/$1.toml"
+}
+cfg short "[1, 16, 3, 24, 40]" 2
+cfg long "[1, 16, 3, 60, 104]" 1
+for stage in $stages; do
+  case $stage in
+  products)
+    for dims in "4680 1536 8960" "720 1536 1536"; do
+      for r in $(seq 1 "$rounds"); do
+        for l in $labels; do
+          echo "== product $dims, oneDNN $l"
+          MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/bf16_gemm" $dims 2
+        done
+        echo "== product $dims, PyTorch"
+        python3 $b/pytorch_linear.py $dims --rounds 2 --threads "$threads"
+      done
+    done ;;
+  short|long)
+    for r in $(seq 1 "$rounds"); do
+      for l in $labels; do
+        echo "== $stage (bf16), oneDNN $l, round $r"
+        MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" bash $b/compare_pytorch.sh "$w/$stage.toml" "$threads" | grep -v '^config'
+      done
+    done ;;
+  *) echo "run.sh: unknown stage $stage (products, short, long)" >&2; exit 1 ;;
+  esac
+done
+EOF
+chmod +x .dev/run.sh
+du -sh .dev; du -ab .dev | sort -n | tail -8
+echo "tracked files: $(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) bytes (the carry limit, 64 MiB, counts both)"

@@ -345,57 +345,6 @@ impl candle_core::CustomOp1 for FrozenMatMul {
     }
 }
 
-/// LayerNorm over the last axis, optional affine: candle-nn's, fed a contiguous input (its fused
-/// kernel only runs on contiguous tensors; on others it falls back to a slower composite path). In
-/// [`differentiable`] mode candle-nn's composite `layer_norm_slow` (the fused kernel has no
-/// backward).
-#[derive(Clone, Debug)]
-pub struct LayerNorm(candle_nn::LayerNorm, f64);
-
-impl LayerNorm {
-    pub fn new(
-        dim: usize,
-        eps: f64,
-        affine: Option<(Tensor, Tensor)>,
-        dev: &Device,
-    ) -> Result<Self> {
-        let (weight, bias) = match affine {
-            Some((w, b)) => (w, b),
-            None => (
-                Tensor::ones(dim, DType::F32, dev)?,
-                Tensor::zeros(dim, DType::F32, dev)?,
-            ),
-        };
-        Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps), eps))
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (true, Some(b)) = (differentiable(), self.0.bias()) {
-            let w = self.0.weight();
-            return Ok(candle_nn::ops::layer_norm_slow(x, w, b, self.1 as f32)?);
-        }
-        Ok(self.0.forward(&x.contiguous()?)?)
-    }
-}
-
-/// RMSNorm over the last axis with a weight: candle-nn's, fed a contiguous input (see [`LayerNorm`];
-/// `rms_norm_slow` in [`differentiable`] mode).
-#[derive(Clone, Debug)]
-pub struct RmsNorm(candle_nn::RmsNorm, f64);
-
-impl RmsNorm {
-    pub fn new(weight: Tensor, eps: f64) -> Self {
-        RmsNorm(candle_nn::RmsNorm::new(weight, eps), eps)
-    }
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if differentiable() {
-            let w = self.0.weight();
-            return Ok(candle_nn::ops::rms_norm_slow(x, w, self.1 as f32)?);
-        }
-        Ok(self.0.forward(&x.contiguous()?)?)
-    }
-}
-
 /// Interleaved rotary embedding (`rope_i`, Wan's and FLUX's) of `[B, H, S, D]` with tables
 /// `[S, D/2]` or per item `[B, S, D/2]` (Z-Image): candle-nn's fused kernel, or in
 /// [`differentiable`] mode the same rotation in plain ops ([`rope_i_composite`]).
@@ -533,6 +482,8 @@ fn contiguous<'a>(
 mod attention;
 pub mod bf16_gemm;
 mod conv;
+mod norms;
+pub use norms::{LayerNorm, RmsNorm};
 pub mod onednn;
 mod pointwise;
 pub mod timing;

@@ -12,13 +12,18 @@ pub(super) fn fast_exp(z: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to nearest
     let z = z.clamp(-87.0, 88.0);
-    let n = (z * LOG2E + ROUND) - ROUND;
+    let k = z * LOG2E + ROUND;
+    let n = k - ROUND;
     let r = z - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    // `n` as an integer from `k`'s bits (`k = 1.5 * 2^23 + n`, so its mantissa holds `n`): an
+    // integer subtraction, where `n as i32` (Rust's saturating conversion) kept the loops scalar
+    // lane by lane (measured: the GELU of the Wan2.1-1.3B FFN 2.4 ns per value on a Zen 4).
+    let n_int = k.to_bits().wrapping_sub(ROUND.to_bits());
+    f32::from_bits(n_int.wrapping_add(127) << 23) * p
 }
 
 /// Runs `body` compiled for the widest vectors this CPU has: AVX-512F, else AVX2 with FMA, else
@@ -98,31 +103,39 @@ fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + fast_exp(-2.0 * u))
 }
 
-/// `out[i] = f(src[i])` on the CPU's widest vectors ([`widest`]: `f` inlined into the loop), over
-/// candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and [`cpu_attention`]) for large
-/// slices.
-fn par_map<A: Copy + Sync, B: Send>(src: &[A], out: &mut [B], f: impl Fn(A) -> B + Sync) {
+/// `f(src[i])` for every `i` on the CPU's widest vectors ([`widest`]: `f` inlined into the loop),
+/// over candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and [`cpu_attention`]) for
+/// large slices. The output is written once, never zeroed first (a zeroed `vec!` of a large
+/// output cost a memset as long as a cheap map).
+fn par_map<A: Copy + Sync, B: Send>(src: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
+    use std::mem::MaybeUninit;
     let threads = candle_core::utils::get_num_threads();
-    let apply = |o: &mut [B], i: &[A]| {
+    let mut out: Vec<B> = Vec::with_capacity(src.len());
+    let apply = |o: &mut [MaybeUninit<B>], i: &[A]| {
         widest(
             #[inline(always)]
             || {
                 for (o, &x) in o.iter_mut().zip(i) {
-                    *o = f(x);
+                    o.write(f(x));
                 }
             },
         )
     };
+    let spare = &mut out.spare_capacity_mut()[..src.len()];
     if threads > 1 && src.len() >= 1 << 18 {
         let chunk = src.len().div_ceil(threads);
         rayon::scope(|sc| {
-            for (o, i) in out.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            for (o, i) in spare.chunks_mut(chunk).zip(src.chunks(chunk)) {
                 sc.spawn(|_| apply(o, i));
             }
         });
     } else {
-        apply(out, src);
+        apply(spare, src);
     }
+    // SAFETY: every one of the `src.len()` slots was written above (the chunks of `spare` and of
+    // `src` pair up one to one and cover both).
+    unsafe { out.set_len(src.len()) };
+    out
 }
 
 /// bf16/f16 -> f32 on the CPU, threaded (candle's `to_dtype` converts on one thread).
@@ -141,12 +154,11 @@ impl candle_core::CustomOp1 for WidenF32 {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("widen to f32: contiguous input only");
         };
-        let mut out = vec![0f32; b - a];
-        match s {
-            candle_core::CpuStorage::BF16(v) => par_map(&v[a..b], &mut out, |x| x.to_f32()),
-            candle_core::CpuStorage::F16(v) => par_map(&v[a..b], &mut out, |x| x.to_f32()),
+        let out = match s {
+            candle_core::CpuStorage::BF16(v) => par_map(&v[a..b], |x| x.to_f32()),
+            candle_core::CpuStorage::F16(v) => par_map(&v[a..b], |x| x.to_f32()),
             _ => candle_core::bail!("widen to f32: bf16 or f16 input only"),
-        }
+        };
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -181,8 +193,7 @@ impl candle_core::CustomOp1 for FastGelu {
             candle_core::bail!("fast gelu: contiguous input only");
         };
         let src = &v[a..b];
-        let mut out = vec![0f32; src.len()];
-        par_map(src, &mut out, gelu_tanh);
+        let out = par_map(src, gelu_tanh);
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 }

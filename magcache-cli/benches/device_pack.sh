@@ -63,7 +63,7 @@ chmod +x "$w/magcache" "$w/bf16_gemm"
 export LD_LIBRARY_PATH="$w/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONPATH="$w/site" MAGCACHE="$w/magcache"
 threads="${THREADS:-2}"; rounds="${ROUNDS:-2}"; stages="${STAGES:-products short long}"
 b=magcache-cli/benches
-python3 -c 'import torch; print("torch", torch.__version__, "|", [l.strip() for l in torch.__config__.show().splitlines() if "DNN" in l])'
+python3 -c 'import torch; print("torch", torch.__version__, "|", [l.strip() for l in torch.__config__.show().splitlines() if "MKL-DNN" in l or "oneDNN" in l])'
 cfg() { # cfg NAME LATENT STEPS: the dense 6-block Wan2.1-1.3B in bf16
   sed -e 's/^dtype = .*/dtype = "bf16"/' -e "s/^latent_shape = .*/latent_shape = $2/" \
       -e "s/^steps = .*/steps = $3/" $b/runs/wan_short.toml > "$w/$1.toml"

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, T
 use magcache_core::Result;
 use std::mem::MaybeUninit;
 
-/// LayerNorm over the last axis, optional affine. On the CPU in f32, `RowNorm` (below) (rows over
+/// LayerNorm over the last axis, optional affine. On the CPU in f32 this module's kernel (rows over
 /// the threads, vectorized sums); elsewhere candle-nn's, fed a contiguous input (its fused kernel
 /// only runs on contiguous tensors; on others it falls back to a slower composite path). In
 /// [`differentiable`] mode candle-nn's composite `layer_norm_slow` (the fused kernels have no
@@ -23,7 +23,7 @@ pub struct LayerNorm {
     cpu: Option<std::sync::Arc<RowNorm>>,
 }
 
-/// An f32 CPU tensor's values (the norms' constants for `RowNorm` (below)); `None` elsewhere.
+/// An f32 CPU tensor's values (a norm's constants for the CPU kernel); `None` elsewhere.
 fn cpu_values(t: &Tensor) -> Result<Option<Vec<f32>>> {
     Ok(
         (t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 1)
@@ -95,7 +95,7 @@ impl LayerNorm {
     }
 }
 
-/// RMSNorm over the last axis with a weight: on the CPU in f32 `RowNorm` (below), elsewhere
+/// RMSNorm over the last axis with a weight: on the CPU in f32 this module's kernel, elsewhere
 /// candle-nn's, fed a contiguous input (see [`LayerNorm`]; `rms_norm_slow` in [`differentiable`]
 /// mode).
 #[derive(Clone, Debug)]

@@ -5,7 +5,7 @@
 //! per LayerNorm of `[720, 1536]` on a Zen 4 core (issue 45's "rest" of a call).
 
 use super::differentiable;
-use super::pointwise::{lanes_sum, widest, LANES};
+use super::pointwise::{fill_over_threads, lanes_sum, lanes_sum_of, widest};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use magcache_core::Result;
 use std::mem::MaybeUninit;
@@ -144,26 +144,12 @@ pub(crate) struct RowNorm {
     pub bias: Option<Vec<f32>>,
 }
 
-/// The sum of `(x - c)^2` over `v`, over [`LANES`] partial sums.
-#[inline(always)]
-fn lanes_sq_sum(v: &[f32], c: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for ch in chunks {
-        for (a, &x) in acc.iter_mut().zip(ch) {
-            *a += (x - c) * (x - c);
-        }
-    }
-    acc.iter().sum::<f32>() + tail.iter().map(|&x| (x - c) * (x - c)).sum::<f32>()
-}
-
 impl RowNorm {
     #[inline(always)]
     fn row(&self, x: &[f32], y: &mut [MaybeUninit<f32>]) {
         let d = x.len() as f32;
         let mean = if self.center { lanes_sum(x) / d } else { 0.0 };
-        let var = lanes_sq_sum(x, mean) / d;
+        let var = lanes_sum_of(x, |v| (v - mean) * (v - mean)) / d;
         // A variance past f32's range (values near 1e19 and up) would scale the row to zeros: NaN
         // instead, so that the run stops with its non-finite error rather than go on with garbage.
         let inv = if var.is_finite() {
@@ -236,24 +222,12 @@ impl CustomOp1 for RowNorm {
                 }
             }
         }
-        let mut out: Vec<f32> = Vec::with_capacity(x.len());
-        if let Some(rows) = x.len().checked_div(d) {
-            let spare = &mut out.spare_capacity_mut()[..x.len()];
-            let threads = candle_core::utils::get_num_threads().min(rows);
-            if threads > 1 && x.len() >= 1 << 16 {
-                let chunk = rows.div_ceil(threads) * d;
-                rayon::scope(|sc| {
-                    for (y, x) in spare.chunks_mut(chunk).zip(x.chunks(chunk)) {
-                        sc.spawn(move |_| self.rows(x, y, d));
-                    }
-                });
-            } else {
-                self.rows(x, spare, d);
-            }
+        if d == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), l.shape().clone()));
         }
-        // SAFETY: every row of the output was written (the rows of `x` and `spare` pair up one to
-        // one; `x.len()` is a whole number of rows).
-        unsafe { out.set_len(if d > 0 { x.len() } else { 0 }) };
+        // SAFETY: the chunks hold whole rows (`x.len()` is a whole number of rows of `d`) and
+        // `rows` writes every row of its output chunk.
+        let out = unsafe { fill_over_threads(x, d, 1 << 16, |y, x| self.rows(x, y, d)) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

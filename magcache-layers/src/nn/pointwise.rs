@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor};
 use magcache_core::Result;
+use std::mem::MaybeUninit;
 
 /// `e^z` for f32 with ~1e-7 relative error, branch-free so the compiler vectorizes it: range reduction
 /// `z = n ln2 + r`, a degree-6 polynomial for `e^r` (|r| <= ln2/2), `2^n` from the exponent bits.
@@ -65,15 +66,21 @@ pub(super) const LANES: usize = 16;
 /// The sum of `v`, over [`LANES`] partial sums.
 #[inline(always)]
 pub(super) fn lanes_sum(v: &[f32]) -> f32 {
+    lanes_sum_of(v, |x| x)
+}
+
+/// The sum of `f(x)` over `v`, over [`LANES`] partial sums (`f` inlined into the loop).
+#[inline(always)]
+pub(super) fn lanes_sum_of(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = v.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
+            *a += f(x);
         }
     }
-    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+    acc.iter().sum::<f32>() + tail.iter().map(|&x| f(x)).sum::<f32>()
 }
 
 /// The largest value of `v` (`f32::max`'s: a NaN is passed over), over [`LANES`] partial maxima;
@@ -103,14 +110,44 @@ fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + fast_exp(-2.0 * u))
 }
 
-/// `f(src[i])` for every `i` on the CPU's widest vectors ([`widest`]: `f` inlined into the loop),
-/// over candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and [`cpu_attention`]) for
-/// large slices. The output is written once, never zeroed first (a zeroed `vec!` of a large
-/// output cost a memset as long as a cheap map).
-fn par_map<A: Copy + Sync, B: Send>(src: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
-    use std::mem::MaybeUninit;
-    let threads = candle_core::utils::get_num_threads();
+/// A new vector of `src.len()` values written once by `apply(out, src)` on matching chunks, never
+/// zeroed first (a zeroed `vec!` of a large output cost a memset as long as a cheap map): over
+/// candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and [`cpu_attention`]) when `src`
+/// holds at least `min_len` values, in chunks of whole `unit`s (a norm's rows), else on this
+/// thread.
+///
+/// # Safety
+/// `apply` writes every element of the output chunk it is given (as long as its input chunk).
+pub(super) unsafe fn fill_over_threads<A: Sync, B: Send>(
+    src: &[A],
+    unit: usize,
+    min_len: usize,
+    apply: impl Fn(&mut [MaybeUninit<B>], &[A]) + Sync,
+) -> Vec<B> {
     let mut out: Vec<B> = Vec::with_capacity(src.len());
+    let spare = &mut out.spare_capacity_mut()[..src.len()];
+    let units = src.len() / unit.max(1);
+    let threads = candle_core::utils::get_num_threads().min(units);
+    if threads > 1 && src.len() >= min_len {
+        let chunk = units.div_ceil(threads) * unit;
+        rayon::scope(|sc| {
+            for (o, i) in spare.chunks_mut(chunk).zip(src.chunks(chunk)) {
+                let apply = &apply;
+                sc.spawn(move |_| apply(o, i));
+            }
+        });
+    } else {
+        apply(spare, src);
+    }
+    // SAFETY: the chunks of `spare` and of `src` pair up one to one and cover both, and the
+    // caller's `apply` wrote every element of each.
+    unsafe { out.set_len(src.len()) };
+    out
+}
+
+/// `f(src[i])` for every `i` on the CPU's widest vectors ([`widest`]: `f` inlined into the loop),
+/// over the threads for large slices ([`fill_over_threads`]).
+fn par_map<A: Copy + Sync, B: Send>(src: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
     let apply = |o: &mut [MaybeUninit<B>], i: &[A]| {
         widest(
             #[inline(always)]
@@ -121,21 +158,8 @@ fn par_map<A: Copy + Sync, B: Send>(src: &[A], f: impl Fn(A) -> B + Sync) -> Vec
             },
         )
     };
-    let spare = &mut out.spare_capacity_mut()[..src.len()];
-    if threads > 1 && src.len() >= 1 << 18 {
-        let chunk = src.len().div_ceil(threads);
-        rayon::scope(|sc| {
-            for (o, i) in spare.chunks_mut(chunk).zip(src.chunks(chunk)) {
-                sc.spawn(|_| apply(o, i));
-            }
-        });
-    } else {
-        apply(spare, src);
-    }
-    // SAFETY: every one of the `src.len()` slots was written above (the chunks of `spare` and of
-    // `src` pair up one to one and cover both).
-    unsafe { out.set_len(src.len()) };
-    out
+    // SAFETY: `apply` writes every element of its output chunk (as long as its input chunk).
+    unsafe { fill_over_threads(src, 1, 1 << 18, apply) }
 }
 
 /// bf16/f16 -> f32 on the CPU, threaded (candle's `to_dtype` converts on one thread).

@@ -125,6 +125,11 @@ pub(crate) struct FitArgs {
     /// index (default: `calibrate` sigma, `tune` the axis of the schedule it fits).
     #[arg(long)]
     pub(crate) start_axis: Option<String>,
+    /// With `calibrate --fit`: continue the fit in this profile's `[fitted]` table (its schedule,
+    /// axis, history and coefficients) instead of starting from the order-1 forecast, e.g. on
+    /// more calibration seeds.
+    #[arg(long)]
+    pub(crate) start_profile: Option<PathBuf>,
 }
 
 impl FitArgs {
@@ -137,6 +142,7 @@ impl FitArgs {
             (self.calibration_seeds.is_some(), "--calibration-seeds"),
             (self.validation_seeds.is_some(), "--validation-seeds"),
             (self.start_axis.is_some(), "--start-axis"),
+            (self.start_profile.is_some(), "--start-profile"),
         ]
         .into_iter()
         .find_map(|(given, flag)| given.then_some(flag))

@@ -86,13 +86,19 @@ fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<cra
         calibration_seeds,
         validation_seeds,
         start_axis,
+        start_profile,
     } = a;
+    if command == "tune" && start_profile.is_some() {
+        return Err(magcache_core::Error::msg(
+            "tune --fit: --start-profile continues a fit of `calibrate --fit` (tune chooses its own schedule)",
+        ));
+    }
     Ok(crate::FitOptions {
         budget: None,
         compute_steps: None,
         iterations: iterations.unwrap_or(d.iterations),
         learning_rate: learning_rate.unwrap_or(d.learning_rate),
-        history: history.unwrap_or(d.history),
+        history,
         calibration_seeds: calibration_seeds.unwrap_or(d.calibration_seeds),
         validation_seeds: validation_seeds.unwrap_or(d.validation_seeds),
         data_range,
@@ -106,6 +112,7 @@ fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<cra
                 )))
             }
         },
+        start_profile,
     })
 }
 

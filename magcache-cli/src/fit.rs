@@ -15,8 +15,10 @@
 //!    computed call's blocks are recomputed once, alone, for their part of the gradient.
 //! 4. Guard against overfitting: every iterate (the start included) is scored on the validation
 //!    seeds (worst PSNR against their dense runs); the kept iterate is the best there among those
-//!    no worse than the start on the calibration batch. The start is the order-1 forecast in sigma,
-//!    so the fit never ends worse than it on either set.
+//!    no worse than the start on the calibration batch. The start is the order-1 forecast (in
+//!    sigma unless `--start-axis step`), or with `--start-profile` an earlier fit's coefficients
+//!    (its schedule, axis and history, recorded in `[[fitted.earlier]]`): the fit never ends worse
+//!    than its start on either set.
 
 use crate::prepare::{prepare_pipeline_text, Prepared};
 use crate::run::{generate, Verbosity};
@@ -25,12 +27,12 @@ use magcache_core::checkpoint::{self, Checkpoint};
 use magcache_core::runtime::metrics::quality;
 use magcache_core::{CacheHandle, Error, Result};
 use magcache_strategies::engine::Shared;
-use magcache_strategies::fitted::{Coefficients, FittedProfile};
+use magcache_strategies::fitted::{Coefficients, EarlierFit, FittedProfile, DEFAULT_HISTORY};
 use magcache_strategies::profile::Profile;
 use magcache_strategies::residual::{Estimator, EstimatorAxis};
 use magcache_strategies::schedule::{Schedule, ScheduleRule};
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What `calibrate --fit` fits.
 #[derive(Clone, Debug)]
@@ -42,8 +44,9 @@ pub struct FitOptions {
     /// Adam iterations (0: the order-1 forecast, unchanged).
     pub iterations: usize,
     pub learning_rate: f64,
-    /// Computed residuals each reused call combines (2 to 4; 2: the order-1 forecast's).
-    pub history: usize,
+    /// Computed residuals each reused call combines (2 to 4; `None`: the start profile's, else 2,
+    /// the order-1 forecast's).
+    pub history: Option<usize>,
     pub calibration_seeds: Vec<u64>,
     pub validation_seeds: Vec<u64>,
     /// PSNR's data range (`compare --data-range`); default: the dense run's range.
@@ -51,6 +54,9 @@ pub struct FitOptions {
     /// The axis of the order-1 forecast the coefficients start from; `None`: sigma (the study's
     /// start) for `calibrate --fit`, the axis of the schedule it fits for `tune --fit`.
     pub start_axis: Option<EstimatorAxis>,
+    /// A profile whose `[fitted]` table the fit continues (its schedule, axis, history and
+    /// coefficients) instead of starting from the order-1 forecast.
+    pub start_profile: Option<PathBuf>,
 }
 
 impl Default for FitOptions {
@@ -60,11 +66,12 @@ impl Default for FitOptions {
             compute_steps: None,
             iterations: 30,
             learning_rate: 0.01,
-            history: magcache_strategies::fitted::DEFAULT_HISTORY,
+            history: None,
             calibration_seeds: vec![1000, 1001, 1002, 1003],
             validation_seeds: vec![2000, 2001],
             data_range: None,
             start_axis: None,
+            start_profile: None,
         }
     }
 }
@@ -227,6 +234,14 @@ fn adam_step(
 /// Checks `opts` before any run.
 fn check_options(opts: &FitOptions) -> Result<()> {
     check_common(opts)?;
+    if opts.start_profile.is_some() {
+        return match opts.budget {
+            Some(_) => Err(Error::msg(
+                "calibrate --fit: --budget searches a schedule, --start-profile continues the profile's: give one",
+            )),
+            None => Ok(()),
+        };
+    }
     match (&opts.compute_steps, opts.budget) {
         (Some(_), None) => Ok(()),
         (None, Some(b)) if b >= 1 => Ok(()),
@@ -253,7 +268,7 @@ pub(crate) fn check_common(opts: &FitOptions) -> Result<()> {
         )));
     }
     Coefficients::taylor()
-        .with_history(opts.history)
+        .with_history(opts.history.unwrap_or(DEFAULT_HISTORY))
         .map_err(|e| Error::msg(format!("calibrate --fit --history: {e}")))?;
     if !(opts.learning_rate.is_finite() && opts.learning_rate > 0.0) {
         return Err(Error::msg(
@@ -296,9 +311,9 @@ fn train(
     norm: f64,
     list: &[usize],
     opts: &FitOptions,
+    coefs: Coefficients,
     progress: bool,
 ) -> Result<(Coefficients, usize, Vec<FitStep>)> {
-    let coefs = Coefficients::trainable().with_history(opts.history)?;
     let mut moments = Vec::new();
     let mut record: Vec<FitStep> = Vec::new();
     let (mut best, mut best_it, mut best_psnr) = (None, 0usize, f64::NEG_INFINITY);
@@ -373,6 +388,8 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
     let file = config.display().to_string();
     let text = crate::prepare::without_cache(&magcache_core::error::read_text(config)?);
     check_options(opts)?;
+    let (start, opts) = start_profile(opts)?;
+    let opts = &opts;
     // Every seed's pipeline reads the same checkpoint: keep its tensors once (as `serve` does)
     // instead of one copy of the weights per seed.
     magcache_layers::weights::warm::keep_warm();
@@ -414,7 +431,25 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         })
         .sum::<Result<f64>>()?
         .max(f64::MIN_POSITIVE);
-    let (best, best_it, record) = train(&mut cal, &mut val, norm, &list, opts, progress)?;
+    let n_experts = profile.ratios.len();
+    let (coefs, earlier) = match &start {
+        Some((sp, shown)) => {
+            check_start_fits(sp, shown, &profile, steps)?;
+            let f = sp
+                .fitted
+                .as_ref()
+                .ok_or_else(|| Error::msg("start profile lost its fit"))?;
+            let mut earlier = f.earlier.clone();
+            earlier.push(EarlierFit::of(f));
+            (Coefficients::trainable_from(f, shown, n_experts)?, earlier)
+        }
+        None => (
+            Coefficients::trainable().with_history(opts.history.unwrap_or(DEFAULT_HISTORY))?,
+            Vec::new(),
+        ),
+    };
+    let history = coefs.history();
+    let (best, best_it, record) = train(&mut cal, &mut val, norm, &list, opts, coefs, progress)?;
     profile.fitted = Some(FittedProfile {
         compute_steps: list.clone(),
         steps,
@@ -424,7 +459,7 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         iterations: opts.iterations,
         best_iteration: best_it,
         learning_rate: opts.learning_rate,
-        history: opts.history,
+        history,
         calibration_error: [
             record[0].calibration_error,
             record[best_it].calibration_error,
@@ -433,7 +468,8 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
             record[0].validation_psnr_db,
             record[best_it].validation_psnr_db,
         ],
-        calls: best.to_profile_calls(profile.ratios.len())?,
+        calls: best.to_profile_calls(n_experts)?,
+        earlier,
     });
     Ok((
         profile,
@@ -444,4 +480,83 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
             wall_seconds: started.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// `opts` with the schedule, axis and history of its `--start-profile` (refused where they
+/// differ from the ones given), and that profile with its name; `opts` itself without one.
+fn start_profile(opts: &FitOptions) -> Result<(Option<(Profile, String)>, FitOptions)> {
+    let Some(path) = &opts.start_profile else {
+        return Ok((None, opts.clone()));
+    };
+    let shown = path.display().to_string();
+    let prof = Profile::load(path)?;
+    let Some(f) = &prof.fitted else {
+        return Err(Error::config(
+            &shown,
+            "fitted",
+            "--start-profile: the profile has no [fitted] table to continue (write one with `magcache calibrate --fit`)",
+        ));
+    };
+    let differs = |flag: &str, given: String, theirs: String| {
+        Err(Error::msg(format!(
+            "calibrate --fit: {flag} {given} differs from the fit in {shown} ({theirs}), which --start-profile continues: leave {flag} out"
+        )))
+    };
+    if let Some(s) = opts
+        .compute_steps
+        .as_ref()
+        .filter(|s| **s != f.compute_steps)
+    {
+        return differs(
+            "--compute-steps",
+            format!("{s:?}"),
+            format!("{:?}", f.compute_steps),
+        );
+    }
+    if let Some(a) = opts.start_axis.filter(|a| *a != f.axis) {
+        return differs("--start-axis", format!("{a:?}"), format!("{:?}", f.axis));
+    }
+    if let Some(h) = opts.history.filter(|h| *h != f.history) {
+        return differs("--history", h.to_string(), f.history.to_string());
+    }
+    let resolved = FitOptions {
+        compute_steps: Some(f.compute_steps.clone()),
+        start_axis: Some(f.axis),
+        history: Some(f.history),
+        ..opts.clone()
+    };
+    Ok((Some((prof, shown)), resolved))
+}
+
+/// Refuses a start profile (`shown`) fitted for another model or schedule than the run's
+/// calibration `profile` with `steps` calls per scope.
+fn check_start_fits(start: &Profile, shown: &str, profile: &Profile, steps: usize) -> Result<()> {
+    let why = if start.meta.family != profile.meta.family {
+        Some(format!(
+            "it is a profile of `{}`, the run is `{}`",
+            start.meta.family, profile.meta.family
+        ))
+    } else if start.ratios.len() != profile.ratios.len() {
+        Some("its experts are not the run's".to_string())
+    } else if start.fitted.as_ref().map(|f| f.steps) != Some(steps)
+        || start.meta.sigmas.len() != profile.meta.sigmas.len()
+        || start
+            .meta
+            .sigmas
+            .iter()
+            .zip(&profile.meta.sigmas)
+            .any(|(a, b)| (a - b).abs() > 1e-6)
+    {
+        Some("its noise schedule is not the run's (steps, shift or scheduler differ)".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::config(
+            shown,
+            "fitted",
+            format!("--start-profile: cannot continue this fit: {why}"),
+        )),
+        None => Ok(()),
+    }
 }

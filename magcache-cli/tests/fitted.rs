@@ -261,6 +261,138 @@ fn fit_arguments_are_checked_before_any_run() {
     );
 }
 
+/// `calibrate --fit --start-profile P` continues P's fit: zero iterations keep P's coefficients
+/// (and score them as P's fit did, on the same seeds), more iterations never end worse than that
+/// start, and the profile records the fit it continued; a schedule, axis or history other than
+/// P's, a profile without a fit, a run of another step count and `tune` are refused.
+#[test]
+fn a_fit_continues_from_a_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = digits_run(dir.path(), "run.toml", "");
+    let first = dir.path().join("p.toml");
+    let p = fit(&run, &first, 2);
+    let go = |out: &str, iterations: &str, seeds: &str, extra: &[&str]| {
+        let mut args = vec![
+            "calibrate",
+            "--config",
+            s(&run),
+            "--out",
+            out,
+            "--fit",
+            "--start-profile",
+            s(&first),
+            "--iterations",
+            iterations,
+            "--calibration-seeds",
+            seeds,
+            "--validation-seeds",
+            "21",
+            "--data-range",
+            "2",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        magcache(&args)
+    };
+    let same = dir.path().join("same.toml");
+    let o = go(s(&same), "0", "11,12", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q: toml::Table = std::fs::read_to_string(&same).unwrap().parse().unwrap();
+    let (pf, qf) = (&p["fitted"], &q["fitted"]);
+    assert_eq!(pf["calls"], qf["calls"]);
+    assert_eq!(pf["compute_steps"], qf["compute_steps"]);
+    for key in ["calibration_error", "validation_psnr_db"] {
+        let (was, now) = (f64s(&pf[key])[1], f64s(&qf[key])[0]);
+        assert!(
+            (was - now).abs() <= 1e-6 * was.abs(),
+            "{key}: {was} then {now}"
+        );
+    }
+    let earlier = qf["earlier"].as_array().unwrap();
+    assert_eq!(earlier.len(), 1);
+    assert_eq!(f64s(&earlier[0]["calibration_seeds"]), vec![11.0, 12.0]);
+    assert_eq!(earlier[0]["iterations"].as_integer(), Some(2));
+
+    let more = dir.path().join("more.toml");
+    let o = go(s(&more), "2", "11,12,13", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: toml::Table = std::fs::read_to_string(&more).unwrap().parse().unwrap();
+    let cal = f64s(&m["fitted"]["calibration_error"]);
+    let val = f64s(&m["fitted"]["validation_psnr_db"]);
+    assert!(cal[1] <= cal[0], "calibration error {cal:?}");
+    assert!(val[1] >= val[0], "validation PSNR {val:?}");
+    assert!((val[0] - f64s(&pf["validation_psnr_db"])[1]).abs() < 1e-6);
+
+    let refused = dir.path().join("refused.toml");
+    let r = s(&refused);
+    check_err(
+        &go(r, "1", "11", &["--compute-steps", "0,4,8"]),
+        &["--compute-steps", "p.toml"],
+    );
+    check_err(
+        &go(r, "1", "11", &["--history", "3"]),
+        &["--history", "p.toml"],
+    );
+    check_err(
+        &go(r, "1", "11", &["--start-axis", "step"]),
+        &["--start-axis"],
+    );
+    check_err(
+        &go(r, "1", "11", &["--budget", "4"]),
+        &["--budget", "--start-profile"],
+    );
+    let longer = dir.path().join("longer.toml");
+    std::fs::write(
+        &longer,
+        std::fs::read_to_string(&run)
+            .unwrap()
+            .replace("steps = 10", "steps = 12"),
+    )
+    .unwrap();
+    let mut args = vec!["calibrate", "--config", s(&longer), "--out", r, "--fit"];
+    args.extend_from_slice(&["--start-profile", s(&first), "--iterations", "1"]);
+    args.extend_from_slice(&["--calibration-seeds", "11", "--validation-seeds", "21"]);
+    check_err(&magcache(&args), &["p.toml", "noise schedule"]);
+    let o = magcache(&[
+        "calibrate",
+        "--config",
+        s(&run),
+        "--out",
+        s(&same),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut args = vec!["calibrate", "--config", s(&run), "--out", r, "--fit"];
+    args.extend_from_slice(&["--start-profile", s(&same)]);
+    check_err(&magcache(&args), &["same.toml", "fitted"]);
+    check_err(
+        &magcache(&[
+            "calibrate",
+            "--config",
+            s(&run),
+            "--out",
+            r,
+            "--start-profile",
+            s(&first),
+        ]),
+        &["--fit"],
+    );
+    let tuned = dir.path().join("tuned.toml");
+    let t = s(&tuned);
+    let mut args = vec![
+        "tune",
+        "--config",
+        s(&run),
+        "--out",
+        t,
+        "--target-speedup",
+        "2",
+    ];
+    args.extend_from_slice(&["--fit", "--start-profile", s(&first)]);
+    check_err(&magcache(&args), &["tune", "--start-profile"]);
+    assert!(!refused.exists() && !tuned.exists());
+}
+
 /// The shipped fitted files (`examples/digits_3x.toml`, `digits_4x.toml`) beat order-1 forecasting
 /// in step index on the same calls on noise and a class order their fit never saw (seed 1, classes
 /// 9..0; docs/quality.md has every held-out figure).

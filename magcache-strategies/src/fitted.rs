@@ -23,7 +23,7 @@ use magcache_core::{Error, Result};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use crate::profile::{FittedCall, FittedProfile, DEFAULT_HISTORY, MAX_HISTORY};
+pub use crate::profile::{EarlierFit, FittedCall, FittedProfile, DEFAULT_HISTORY, MAX_HISTORY};
 
 /// Which coefficient a fit's variable is: `(expert, call, index within the call's from)`.
 pub type VarKey = (usize, usize, usize);
@@ -100,6 +100,16 @@ impl Coefficients {
     /// The coefficients of a profile's `[fitted]` table (`file` names it in errors); `n_experts`:
     /// the run's experts, to name their tables.
     pub fn from_profile(fitted: &FittedProfile, file: &str, n_experts: usize) -> Result<Self> {
+        Self::read(fitted, file, n_experts, false)
+    }
+
+    /// [`Coefficients::from_profile`] as variables of a fit that continues the profile's
+    /// (`calibrate --fit --start-profile`); calls the profile has no coefficients for are refused.
+    pub fn trainable_from(fitted: &FittedProfile, file: &str, n_experts: usize) -> Result<Self> {
+        Self::read(fitted, file, n_experts, true)
+    }
+
+    fn read(fitted: &FittedProfile, file: &str, n_experts: usize, trainable: bool) -> Result<Self> {
         let c = Self::new(Start::Refuse(file.to_string()));
         let mut t = c.lock()?;
         for expert in 0..n_experts.max(1) {
@@ -110,12 +120,25 @@ impl Coefficients {
                     .iter()
                     .map(|w| Tensor::new(w.as_slice(), &Device::Cpu))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
+                let vars = if trainable {
+                    weights
+                        .iter()
+                        .map(Var::from_tensor)
+                        .collect::<std::result::Result<Vec<_>, _>>()?
+                } else {
+                    Vec::new()
+                };
+                let weights = if trainable {
+                    vars.iter().map(|v| v.as_tensor().clone()).collect()
+                } else {
+                    weights
+                };
                 t.calls.insert(
                     (expert, call.step),
                     Entry {
                         from: call.from.clone(),
                         weights,
-                        vars: Vec::new(),
+                        vars,
                     },
                 );
             }
@@ -348,8 +371,18 @@ pub fn from_profile(
         }
     }
     let coefs = Coefficients::from_profile(f, file, prof.ratios.len())?;
+    let continued: String = f
+        .earlier
+        .iter()
+        .map(|e| {
+            format!(
+                ", continuing a fit on seeds {:?} ({} of {} iterations kept)",
+                e.calibration_seeds, e.best_iteration, e.iterations
+            )
+        })
+        .collect();
     let note = format!(
-        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel; fitted on seeds {:?} ({} of {} Adam iterations kept); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB against order-1 forecasting",
+        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel; fitted on seeds {:?} ({} of {} Adam iterations kept{continued}); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB against order-1 forecasting",
         f.compute_steps,
         f.steps,
         f.history,
@@ -512,5 +545,50 @@ mod tests {
             .to_string()
             .contains("fitted.history"));
         assert!(Coefficients::taylor().with_history(1).is_err());
+    }
+
+    /// A continued fit starts at the profile's coefficients, as variables the fit moves; the
+    /// calls the profile lacks are refused, not started afresh.
+    #[test]
+    fn a_continued_fit_starts_at_the_profile() {
+        let c = Coefficients::trainable().with_history(3).unwrap();
+        let past = [(0usize, 1.0f64), (3, 0.5), (6, 0.3)];
+        c.combination(0, 7, &past, 0.2, 2, &Device::Cpu).unwrap();
+        for (j, (_, v)) in c.vars().unwrap().into_iter().enumerate() {
+            v.set(&Tensor::new(&[j as f32, -(j as f32)], &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let fitted = FittedProfile {
+            compute_steps: vec![0, 3, 6],
+            steps: 8,
+            history: 3,
+            calls: c.to_profile_calls(1).unwrap(),
+            ..Default::default()
+        };
+        let go = Coefficients::trainable_from(&fitted, "p.toml", 1).unwrap();
+        assert_eq!(go.history(), 3);
+        let vars = go.vars().unwrap();
+        assert_eq!(vars.len(), 3);
+        assert_eq!(go.to_profile_calls(1).unwrap(), fitted.calls);
+        // The variables are what the runs read: a step of the fit moves the estimate.
+        vars[2]
+            .1
+            .set(&Tensor::new(&[5.0f32, 6.0], &Device::Cpu).unwrap())
+            .unwrap();
+        let comb = go.combination(0, 7, &past, 0.2, 2, &Device::Cpu).unwrap();
+        assert_eq!(
+            comb.channels.unwrap()[2].to_vec1::<f32>().unwrap(),
+            [5.0, 6.0]
+        );
+        let e = go
+            .combination(0, 5, &past[..2], 0.35, 2, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.toml") && e.contains("call 5"), "{e}");
+        assert!(Coefficients::from_profile(&fitted, "p.toml", 1)
+            .unwrap()
+            .vars()
+            .unwrap()
+            .is_empty());
     }
 }

@@ -244,6 +244,34 @@ pub struct FittedProfile {
     pub validation_psnr_db: [f64; 2],
     /// Per expert (`main`, `high_noise`, `low_noise`), the reused calls' coefficients.
     pub calls: BTreeMap<String, Vec<FittedCall>>,
+    /// The fits this one continued (`calibrate --fit --start-profile`), first first; empty when it
+    /// started from the order-1 forecast.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<EarlierFit>,
+}
+
+/// A fit that a later one continued from (`[[fitted.earlier]]`): where its coefficients came from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlierFit {
+    /// Its calibration batch's noise seeds.
+    pub calibration_seeds: Vec<u64>,
+    /// Its Adam iterations, and the one kept.
+    pub iterations: usize,
+    pub best_iteration: usize,
+    pub learning_rate: f64,
+}
+
+impl EarlierFit {
+    /// The record of `f` as an earlier fit.
+    pub fn of(f: &FittedProfile) -> Self {
+        EarlierFit {
+            calibration_seeds: f.calibration_seeds.clone(),
+            iterations: f.iterations,
+            best_iteration: f.best_iteration,
+            learning_rate: f.learning_rate,
+        }
+    }
 }
 
 impl Default for FittedProfile {
@@ -261,6 +289,7 @@ impl Default for FittedProfile {
             calibration_error: [0.0; 2],
             validation_psnr_db: [0.0; 2],
             calls: BTreeMap::new(),
+            earlier: Vec::new(),
         }
     }
 }

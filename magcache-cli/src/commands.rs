@@ -20,7 +20,13 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
         data_range,
         quiet,
     } = a;
-    let mut outs = plan_outputs(&config, &[("--out", &Some(out.clone()))])?;
+    let mut outs = Outputs::new();
+    outs.run_inputs(&config)?;
+    if let Some(start) = &fit_args.start_profile {
+        // The fit continued is the user's: `--out` never replaces it.
+        outs.input(start, "--start-profile");
+    }
+    outs.plan("--out", &out)?;
     if fit {
         if blocks {
             return Err(magcache_core::Error::msg(

@@ -341,6 +341,8 @@ fn a_fit_continues_from_a_profile() {
         &go(r, "1", "11", &["--budget", "4"]),
         &["--budget", "--start-profile"],
     );
+    // The profile continued is an input: `--out` never replaces it.
+    check_err(&go(s(&first), "1", "11", &[]), &["--out", "p.toml"]);
     let longer = dir.path().join("longer.toml");
     std::fs::write(
         &longer,

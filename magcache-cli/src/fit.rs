@@ -433,12 +433,8 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         .max(f64::MIN_POSITIVE);
     let n_experts = profile.ratios.len();
     let (coefs, earlier) = match &start {
-        Some((sp, shown)) => {
-            check_start_fits(sp, shown, &profile, steps)?;
-            let f = sp
-                .fitted
-                .as_ref()
-                .ok_or_else(|| Error::msg("start profile lost its fit"))?;
+        Some((sp, f, shown)) => {
+            check_start_fits(sp, f, shown, &profile, steps)?;
             let mut earlier = f.earlier.clone();
             earlier.push(EarlierFit::of(f));
             (Coefficients::trainable_from(f, shown, n_experts)?, earlier)
@@ -482,15 +478,18 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
     ))
 }
 
+/// A `--start-profile`: the profile (its `[fitted]` table taken out), that table, its name.
+type StartProfile = (Profile, FittedProfile, String);
+
 /// `opts` with the schedule, axis and history of its `--start-profile` (refused where they
-/// differ from the ones given), and that profile with its name; `opts` itself without one.
-fn start_profile(opts: &FitOptions) -> Result<(Option<(Profile, String)>, FitOptions)> {
+/// differ from the ones given), and that profile; `opts` itself without one.
+fn start_profile(opts: &FitOptions) -> Result<(Option<StartProfile>, FitOptions)> {
     let Some(path) = &opts.start_profile else {
         return Ok((None, opts.clone()));
     };
     let shown = path.display().to_string();
-    let prof = Profile::load(path)?;
-    let Some(f) = &prof.fitted else {
+    let mut prof = Profile::load(path)?;
+    let Some(f) = prof.fitted.take() else {
         return Err(Error::config(
             &shown,
             "fitted",
@@ -525,12 +524,18 @@ fn start_profile(opts: &FitOptions) -> Result<(Option<(Profile, String)>, FitOpt
         history: Some(f.history),
         ..opts.clone()
     };
-    Ok((Some((prof, shown)), resolved))
+    Ok((Some((prof, f, shown)), resolved))
 }
 
-/// Refuses a start profile (`shown`) fitted for another model or schedule than the run's
-/// calibration `profile` with `steps` calls per scope.
-fn check_start_fits(start: &Profile, shown: &str, profile: &Profile, steps: usize) -> Result<()> {
+/// Refuses a start profile (`shown`, its fit `fitted`) fitted for another model or schedule than
+/// the run's calibration `profile` with `steps` calls per scope.
+fn check_start_fits(
+    start: &Profile,
+    fitted: &FittedProfile,
+    shown: &str,
+    profile: &Profile,
+    steps: usize,
+) -> Result<()> {
     let why = if start.meta.family != profile.meta.family {
         Some(format!(
             "it is a profile of `{}`, the run is `{}`",
@@ -538,7 +543,7 @@ fn check_start_fits(start: &Profile, shown: &str, profile: &Profile, steps: usiz
         ))
     } else if start.ratios.len() != profile.ratios.len() {
         Some("its experts are not the run's".to_string())
-    } else if start.fitted.as_ref().map(|f| f.steps) != Some(steps)
+    } else if fitted.steps != steps
         || start.meta.sigmas.len() != profile.meta.sigmas.len()
         || start
             .meta

@@ -47,6 +47,29 @@ struct Entry {
     vars: Vec<Var>,
 }
 
+impl Entry {
+    /// The coefficients `weights` on the residuals of `from`: plain tensors, or (`trainable`)
+    /// variables a fit moves, which the runs then read.
+    fn new(from: Vec<usize>, weights: Vec<Tensor>, trainable: bool) -> Result<Self> {
+        if !trainable {
+            return Ok(Entry {
+                from,
+                weights,
+                vars: Vec::new(),
+            });
+        }
+        let vars = weights
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Entry {
+            from,
+            weights: vars.iter().map(|v| v.as_tensor().clone()).collect(),
+            vars,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Table {
     calls: BTreeMap<(usize, usize), Entry>,
@@ -120,26 +143,9 @@ impl Coefficients {
                     .iter()
                     .map(|w| Tensor::new(w.as_slice(), &Device::Cpu))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
-                let vars = if trainable {
-                    weights
-                        .iter()
-                        .map(Var::from_tensor)
-                        .collect::<std::result::Result<Vec<_>, _>>()?
-                } else {
-                    Vec::new()
-                };
-                let weights = if trainable {
-                    vars.iter().map(|v| v.as_tensor().clone()).collect()
-                } else {
-                    weights
-                };
                 t.calls.insert(
                     (expert, call.step),
-                    Entry {
-                        from: call.from.clone(),
-                        weights,
-                        vars,
-                    },
+                    Entry::new(call.from.clone(), weights, trainable)?,
                 );
             }
         }
@@ -173,7 +179,12 @@ impl Coefficients {
         let entry = match t.calls.entry((expert, step)) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
-                let make = |w: f64| Tensor::full(w as f32, channels, device);
+                let taylor = || {
+                    scalars
+                        .iter()
+                        .map(|&w| Tensor::full(w as f32, channels, device))
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                };
                 let entry = match &start {
                     Start::Refuse(file) => {
                         return Err(Error::config(
@@ -182,22 +193,8 @@ impl Coefficients {
                             format!("no coefficients for reused call {step} of expert {expert}: the profile was fitted for another schedule or step count (fit again: magcache calibrate --fit)"),
                         ))
                     }
-                    Start::Taylor => Entry {
-                        from: from.clone(),
-                        weights: scalars.iter().map(|&w| make(w)).collect::<std::result::Result<_, _>>()?,
-                        vars: Vec::new(),
-                    },
-                    Start::Trainable => {
-                        let vars = scalars
-                            .iter()
-                            .map(|&w| Var::from_tensor(&make(w)?))
-                            .collect::<std::result::Result<Vec<_>, _>>()?;
-                        Entry {
-                            from: from.clone(),
-                            weights: vars.iter().map(|v| v.as_tensor().clone()).collect(),
-                            vars,
-                        }
-                    }
+                    Start::Taylor => Entry::new(from.clone(), taylor()?, false)?,
+                    Start::Trainable => Entry::new(from.clone(), taylor()?, true)?,
                 };
                 v.insert(entry)
             }

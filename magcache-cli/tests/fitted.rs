@@ -322,6 +322,21 @@ fn a_fit_continues_from_a_profile() {
     assert!(cal[1] <= cal[0], "calibration error {cal:?}");
     assert!(val[1] >= val[0], "validation PSNR {val:?}");
     assert!((val[0] - f64s(&pf["validation_psnr_db"])[1]).abs() < 1e-6);
+    // A run of the continued profile names the fit it continued as its start.
+    let continued_run = digits_run(
+        dir.path(),
+        "continued.toml",
+        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"more.toml\"\n",
+    );
+    let plan = magcache(&["plan", "--config", s(&continued_run)]);
+    let text =
+        String::from_utf8_lossy(&plan.stdout).to_string() + &String::from_utf8_lossy(&plan.stderr);
+    assert!(plan.status.success(), "{text}");
+    assert!(
+        text.contains("continuing a fit on seeds [11, 12] (")
+            && text.contains("(start: the fit it continued)"),
+        "{text}"
+    );
 
     let refused = dir.path().join("refused.toml");
     let r = s(&refused);

@@ -379,7 +379,7 @@ pub fn from_profile(
         })
         .collect();
     let note = format!(
-        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel; fitted on seeds {:?} ({} of {} Adam iterations kept{continued}); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB against order-1 forecasting",
+        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel; fitted on seeds {:?} ({} of {} Adam iterations kept{continued}); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB (start: {})",
         f.compute_steps,
         f.steps,
         f.history,
@@ -391,6 +391,11 @@ pub fn from_profile(
         f.validation_seeds,
         f.validation_psnr_db[0],
         f.validation_psnr_db[1],
+        if f.earlier.is_empty() {
+            "order-1 forecasting"
+        } else {
+            "the fit it continued"
+        },
     );
     Ok((f.compute_steps.clone(), f.steps, coefs, note))
 }

@@ -237,8 +237,8 @@ pub struct FittedProfile {
         skip_serializing_if = "is_default_history"
     )]
     pub history: usize,
-    /// Relative squared error of the final latent on the calibration batch: at the start (order-1
-    /// forecast) and for the kept coefficients.
+    /// Relative squared error of the final latent on the calibration batch: at the start (the
+    /// order-1 forecast, or the kept coefficients of the fit it continued) and for the kept ones.
     pub calibration_error: [f64; 2],
     /// Worst PSNR (dB) against the dense run over the held-out slice: at the start and kept.
     pub validation_psnr_db: [f64; 2],

@@ -130,6 +130,10 @@ pub(crate) struct FitArgs {
     /// more calibration seeds.
     #[arg(long)]
     pub(crate) start_profile: Option<PathBuf>,
+    /// With `--fit`: one set of coefficients per classifier-free-guidance branch (cond, uncond)
+    /// instead of one shared set; with `--start-profile`, each branch starts from the profile's.
+    #[arg(long)]
+    pub(crate) per_branch: bool,
 }
 
 impl FitArgs {
@@ -143,6 +147,7 @@ impl FitArgs {
             (self.validation_seeds.is_some(), "--validation-seeds"),
             (self.start_axis.is_some(), "--start-axis"),
             (self.start_profile.is_some(), "--start-profile"),
+            (self.per_branch, "--per-branch"),
         ]
         .into_iter()
         .find_map(|(given, flag)| given.then_some(flag))

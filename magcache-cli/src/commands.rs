@@ -93,6 +93,7 @@ fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<cra
         validation_seeds,
         start_axis,
         start_profile,
+        per_branch,
     } = a;
     if command == "tune" && start_profile.is_some() {
         return Err(magcache_core::Error::msg(
@@ -119,6 +120,7 @@ fn fit_options(a: FitArgs, data_range: Option<f64>, command: &str) -> Result<cra
             }
         },
         start_profile,
+        per_branch,
     })
 }
 

@@ -57,6 +57,9 @@ pub struct FitOptions {
     /// A profile whose `[fitted]` table the fit continues (its schedule, axis, history and
     /// coefficients) instead of starting from the order-1 forecast.
     pub start_profile: Option<PathBuf>,
+    /// One set of coefficients per CFG branch instead of one shared set (a per-branch start
+    /// profile stays per branch).
+    pub per_branch: bool,
 }
 
 impl Default for FitOptions {
@@ -72,6 +75,7 @@ impl Default for FitOptions {
             data_range: None,
             start_axis: None,
             start_profile: None,
+            per_branch: false,
         }
     }
 }
@@ -432,18 +436,8 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         .sum::<Result<f64>>()?
         .max(f64::MIN_POSITIVE);
     let n_experts = profile.ratios.len();
-    let (coefs, earlier) = match &start {
-        Some((sp, f, shown)) => {
-            check_start_fits(sp, f, shown, &profile, steps)?;
-            let mut earlier = f.earlier.clone();
-            earlier.push(EarlierFit::of(f));
-            (Coefficients::trainable_from(f, shown, n_experts)?, earlier)
-        }
-        None => (
-            Coefficients::trainable().with_history(opts.history.unwrap_or(DEFAULT_HISTORY))?,
-            Vec::new(),
-        ),
-    };
+    let (coefs, earlier) = start_coefficients(start.as_ref(), opts, &profile, steps)?;
+    let per_branch = coefs.is_per_branch();
     let history = coefs.history();
     let (best, best_it, record) = train(&mut cal, &mut val, norm, &list, opts, coefs, progress)?;
     profile.fitted = Some(FittedProfile {
@@ -465,6 +459,7 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
             record[best_it].validation_psnr_db,
         ],
         calls: best.to_profile_calls(n_experts)?,
+        per_branch,
         earlier,
     });
     Ok((
@@ -476,6 +471,28 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
             wall_seconds: started.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// The coefficients a fit starts from, and the fits it continues: `start`'s (checked against the
+/// run's calibration `profile` with `steps` calls per scope), else the order-1 forecast; per CFG
+/// branch with `opts.per_branch`.
+fn start_coefficients(
+    start: Option<&StartProfile>,
+    opts: &FitOptions,
+    profile: &Profile,
+    steps: usize,
+) -> Result<(Coefficients, Vec<EarlierFit>)> {
+    let n_experts = profile.ratios.len();
+    if let Some((sp, f, shown)) = start {
+        check_start_fits(sp, f, shown, profile, steps)?;
+        let mut earlier = f.earlier.clone();
+        earlier.push(EarlierFit::of(f));
+        let c = Coefficients::trainable_from(f, shown, n_experts, opts.per_branch)?;
+        return Ok((c, earlier));
+    }
+    let c = Coefficients::trainable().with_history(opts.history.unwrap_or(DEFAULT_HISTORY))?;
+    let c = if opts.per_branch { c.per_branch()? } else { c };
+    Ok((c, Vec::new()))
 }
 
 /// A `--start-profile`: the profile (its `[fitted]` table taken out), that table, its name.

@@ -413,6 +413,91 @@ fn a_fit_continues_from_a_profile() {
 /// The shipped fitted files (`examples/digits_3x.toml`, `digits_4x.toml`) beat order-1 forecasting
 /// in step index on the same calls on noise and a class order their fit never saw (seed 1, classes
 /// 9..0; docs/quality.md has every held-out figure).
+/// `--per-branch` gives each CFG branch its own coefficients: split from a shared profile, zero
+/// iterations keep its coefficients for both branches and its scores exactly; a fit then moves
+/// the branches apart and never ends worse than that start; runs read the per-branch table.
+#[test]
+fn a_fit_splits_per_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = digits_run(dir.path(), "run.toml", "");
+    let shared = dir.path().join("shared.toml");
+    let p = fit(&run, &shared, 1);
+    let go = |out: &Path, iterations: &str| {
+        let o = magcache(&[
+            "calibrate",
+            "--config",
+            s(&run),
+            "--out",
+            s(out),
+            "--fit",
+            "--per-branch",
+            "--start-profile",
+            s(&shared),
+            "--iterations",
+            iterations,
+            "--calibration-seeds",
+            "11,12",
+            "--validation-seeds",
+            "21",
+            "--data-range",
+            "2",
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let t: toml::Table = std::fs::read_to_string(out).unwrap().parse().unwrap();
+        t
+    };
+    let weights_of = |t: &toml::Table, branch: Option<&str>| -> Vec<toml::Value> {
+        t["fitted"]["calls"]["main"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c.get("branch").and_then(|b| b.as_str()) == branch)
+            .map(|c| c["weights"].clone())
+            .collect()
+    };
+    let split = go(&dir.path().join("split.toml"), "0");
+    let f = &split["fitted"];
+    assert_eq!(f["per_branch"].as_bool(), Some(true));
+    let shared_w = weights_of(&p, None);
+    assert!(!shared_w.is_empty());
+    assert_eq!(weights_of(&split, Some("cond")), shared_w);
+    assert_eq!(weights_of(&split, Some("uncond")), shared_w);
+    assert!(weights_of(&split, None).is_empty());
+    for key in ["calibration_error", "validation_psnr_db"] {
+        let (was, now) = (f64s(&p["fitted"][key])[1], f64s(&f[key])[0]);
+        assert!(
+            (was - now).abs() <= 1e-6 * was.abs(),
+            "{key}: {was} then {now}"
+        );
+    }
+    let moved = dir.path().join("moved.toml");
+    let m = go(&moved, "2");
+    let (cal, val) = (
+        f64s(&m["fitted"]["calibration_error"]),
+        f64s(&m["fitted"]["validation_psnr_db"]),
+    );
+    assert!(cal[1] <= cal[0] && val[1] >= val[0], "{cal:?} {val:?}");
+    if m["fitted"]["best_iteration"].as_integer() != Some(0) {
+        assert_ne!(weights_of(&m, Some("cond")), weights_of(&m, Some("uncond")));
+    }
+    // A run reads the per-branch table and says so.
+    let r = digits_run(
+        dir.path(),
+        "per_branch_run.toml",
+        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"moved.toml\"\n",
+    );
+    let plan = magcache(&["plan", "--config", s(&r)]);
+    let text =
+        String::from_utf8_lossy(&plan.stdout).to_string() + &String::from_utf8_lossy(&plan.stderr);
+    assert!(
+        plan.status.success() && text.contains("per channel and CFG branch"),
+        "{text}"
+    );
+    let (db, _) = psnr(&r);
+    assert!(db.is_finite() && db > 20.0, "{db}");
+}
+
 #[test]
 fn shipped_fitted_files_beat_the_order_1_forecast_held_out() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,9 @@
 //! `r_k[c] = w_a[c] r_a[c] + w_b[c] r_b[c]` for each hidden channel `c`: one pair of coefficients
 //! per skipped call and channel, shared by the samples, the tokens and both CFG branches (after
 //! only one computed call, one coefficient; with `history = 3` or 4 in the profile, a coefficient
-//! on each of the last three or four computed residuals). They start at the order-1 forecast in the
+//! on each of the last three or four computed residuals; with `per_branch = true`, one set per
+//! classifier-free-guidance branch: guidance scales the difference of the branches' errors, which
+//! shared coefficients cannot weigh apart from their mean). They start at the order-1 forecast in the
 //! estimator's axis (`w_a = -q`, `w_b = 1 + q`, `q = (s_k - s_b) / (s_b - s_a)`, 0 on older
 //! residuals; one residual: `w = 1`, reuse)
 //! and are fitted by `magcache calibrate --fit` so that the **final latent** of the whole cached
@@ -19,14 +21,18 @@
 
 use crate::residual::Combination;
 use magcache_core::candle_core::{DType, Device, Tensor, Var};
-use magcache_core::{Error, Result};
+use magcache_core::{Branch, Error, Result, ScopeKey};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use crate::profile::{EarlierFit, FittedCall, FittedProfile, DEFAULT_HISTORY, MAX_HISTORY};
 
-/// Which coefficient a fit's variable is: `(expert, call, index within the call's from)`.
-pub type VarKey = (usize, usize, usize);
+/// Which coefficient a fit's variable is: `(expert, branch, call, index within the call's from)`
+/// (branch `None`: shared by the branches).
+pub type VarKey = (usize, Option<Branch>, usize, usize);
+
+/// A call's coefficients in the table: `(expert, branch, call)`, branch `None` when shared.
+type Key = (usize, Option<Branch>, usize);
 
 /// How a call without stored coefficients starts.
 #[derive(Clone, Debug)]
@@ -72,7 +78,13 @@ impl Entry {
 
 #[derive(Debug)]
 struct Table {
-    calls: BTreeMap<(usize, usize), Entry>,
+    calls: BTreeMap<Key, Entry>,
+    /// One set of coefficients per CFG branch (keys name it) rather than one shared set.
+    per_branch: bool,
+    /// Shared coefficients (`(expert, call)`) each branch starts from where a fit splits a shared
+    /// profile per branch; `split_trainable`: the branches' copies are variables.
+    split_from: BTreeMap<(usize, usize), Entry>,
+    split_trainable: bool,
     start: Start,
     /// Computed residuals each reused call combines (the last ones stored; 2 by default).
     history: usize,
@@ -88,9 +100,32 @@ impl Coefficients {
     fn new(start: Start) -> Self {
         Coefficients(Arc::new(Mutex::new(Table {
             calls: BTreeMap::new(),
+            per_branch: false,
+            split_from: BTreeMap::new(),
+            split_trainable: false,
             start,
             history: DEFAULT_HISTORY,
         })))
+    }
+
+    /// The same table with one set of coefficients per CFG branch (`calibrate --fit
+    /// --per-branch`): calls not fitted yet start where shared ones would, for each branch apart.
+    /// Refused on a table that already holds shared coefficients.
+    pub fn per_branch(self) -> Result<Self> {
+        let mut t = self.lock()?;
+        if t.calls.keys().any(|k| k.1.is_none()) {
+            return Err(Error::msg(
+                "fitted estimator: a table of shared coefficients cannot become per-branch in place",
+            ));
+        }
+        t.per_branch = true;
+        drop(t);
+        Ok(self)
+    }
+
+    /// Whether each CFG branch has its own coefficients.
+    pub fn is_per_branch(&self) -> bool {
+        self.lock().is_ok_and(|t| t.per_branch)
     }
 
     /// The same table combining the last `n` computed residuals (at least 2) in each reused call;
@@ -123,18 +158,33 @@ impl Coefficients {
     /// The coefficients of a profile's `[fitted]` table (`file` names it in errors); `n_experts`:
     /// the run's experts, to name their tables.
     pub fn from_profile(fitted: &FittedProfile, file: &str, n_experts: usize) -> Result<Self> {
-        Self::read(fitted, file, n_experts, false)
+        Self::read(fitted, file, n_experts, false, false)
     }
 
     /// [`Coefficients::from_profile`] as variables of a fit that continues the profile's
     /// (`calibrate --fit --start-profile`); calls the profile has no coefficients for are refused.
-    pub fn trainable_from(fitted: &FittedProfile, file: &str, n_experts: usize) -> Result<Self> {
-        Self::read(fitted, file, n_experts, true)
+    /// `per_branch`: each CFG branch gets its own copy of a shared profile's coefficients (a
+    /// per-branch profile stays per branch either way).
+    pub fn trainable_from(
+        fitted: &FittedProfile,
+        file: &str,
+        n_experts: usize,
+        per_branch: bool,
+    ) -> Result<Self> {
+        Self::read(fitted, file, n_experts, true, per_branch)
     }
 
-    fn read(fitted: &FittedProfile, file: &str, n_experts: usize, trainable: bool) -> Result<Self> {
+    fn read(
+        fitted: &FittedProfile,
+        file: &str,
+        n_experts: usize,
+        trainable: bool,
+        split: bool,
+    ) -> Result<Self> {
         let c = Self::new(Start::Refuse(file.to_string()));
         let mut t = c.lock()?;
+        t.per_branch = fitted.per_branch || split;
+        t.split_trainable = trainable;
         for expert in 0..n_experts.max(1) {
             let name = crate::profile::expert_name(expert, n_experts.max(1));
             for call in fitted.calls.get(name).into_iter().flatten() {
@@ -143,10 +193,14 @@ impl Coefficients {
                     .iter()
                     .map(|w| Tensor::new(w.as_slice(), &Device::Cpu))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
-                t.calls.insert(
-                    (expert, call.step),
-                    Entry::new(call.from.clone(), weights, trainable)?,
-                );
+                if t.per_branch && call.branch.is_none() {
+                    // Split lazily: a branch's copy is made when the branch first reuses the call.
+                    let plain = Entry::new(call.from.clone(), weights, false)?;
+                    t.split_from.insert((expert, call.step), plain);
+                } else {
+                    let entry = Entry::new(call.from.clone(), weights, trainable)?;
+                    t.calls.insert((expert, call.branch, call.step), entry);
+                }
             }
         }
         drop(t);
@@ -159,12 +213,13 @@ impl Coefficients {
             .map_err(|_| Error::msg("fitted coefficients: lock poisoned"))
     }
 
-    /// The estimate of reused call `step` of `expert`: the stored residuals `past` (`(call,
+    /// The estimate of reused call `step` of `scope` (its expert, and its CFG branch where the
+    /// table is per branch): the stored residuals `past` (`(call,
     /// coordinate)`, oldest first) weighted per channel; `at`: the call's coordinate, `channels` the
     /// hidden width, `device` the residuals'.
     pub fn combination(
         &self,
-        expert: usize,
+        scope: ScopeKey,
         step: usize,
         past: &[(usize, f64)],
         at: f64,
@@ -173,10 +228,17 @@ impl Coefficients {
     ) -> Result<Combination> {
         let scalars = taylor_weights(past, at)?;
         let from: Vec<usize> = past.iter().map(|p| p.0).collect();
+        let (expert, branch) = (scope.expert, scope.branch);
         let mut t = self.lock()?;
         let start = t.start.clone();
         let history = t.history;
-        let entry = match t.calls.entry((expert, step)) {
+        let split = t.split_from.get(&(expert, step)).map(|s| {
+            let weights: Vec<Tensor> = s.weights.clone();
+            (s.from.clone(), weights)
+        });
+        let split_trainable = t.split_trainable;
+        let key = (expert, t.per_branch.then_some(branch), step);
+        let entry = match t.calls.entry(key) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
                 let taylor = || {
@@ -185,16 +247,17 @@ impl Coefficients {
                         .map(|&w| Tensor::full(w as f32, channels, device))
                         .collect::<std::result::Result<Vec<_>, _>>()
                 };
-                let entry = match &start {
-                    Start::Refuse(file) => {
+                let entry = match (&start, split) {
+                    (_, Some((from, weights))) => Entry::new(from, weights, split_trainable)?,
+                    (Start::Refuse(file), None) => {
                         return Err(Error::config(
                             file,
                             "fitted.calls",
                             format!("no coefficients for reused call {step} of expert {expert}: the profile was fitted for another schedule or step count (fit again: magcache calibrate --fit)"),
                         ))
                     }
-                    Start::Taylor => Entry::new(from.clone(), taylor()?, false)?,
-                    Start::Trainable => Entry::new(from.clone(), taylor()?, true)?,
+                    (Start::Taylor, None) => Entry::new(from.clone(), taylor()?, false)?,
+                    (Start::Trainable, None) => Entry::new(from.clone(), taylor()?, true)?,
                 };
                 v.insert(entry)
             }
@@ -228,12 +291,12 @@ impl Coefficients {
         let t = self.lock()?;
         Ok(t.calls
             .iter()
-            .flat_map(|(&(e, k), entry)| {
+            .flat_map(|(&(e, b, k), entry)| {
                 entry
                     .vars
                     .iter()
                     .enumerate()
-                    .map(move |(j, v)| ((e, k, j), v.clone()))
+                    .map(move |(j, v)| ((e, b, k, j), v.clone()))
             })
             .collect())
     }
@@ -260,6 +323,9 @@ impl Coefficients {
         }
         Ok(Coefficients(Arc::new(Mutex::new(Table {
             calls,
+            per_branch: t.per_branch,
+            split_from: t.split_from.clone(),
+            split_trainable: false,
             start: Start::Taylor,
             history: t.history,
         }))))
@@ -269,7 +335,7 @@ impl Coefficients {
     pub fn to_profile_calls(&self, n_experts: usize) -> Result<BTreeMap<String, Vec<FittedCall>>> {
         let t = self.lock()?;
         let mut out: BTreeMap<String, Vec<FittedCall>> = BTreeMap::new();
-        for (&(expert, step), e) in &t.calls {
+        for (&(expert, branch, step), e) in &t.calls {
             let weights = e
                 .weights
                 .iter()
@@ -279,6 +345,7 @@ impl Coefficients {
                 .or_default()
                 .push(FittedCall {
                     step,
+                    branch,
                     from: e.from.clone(),
                     weights,
                 });
@@ -379,10 +446,11 @@ pub fn from_profile(
         })
         .collect();
     let note = format!(
-        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel; fitted on seeds {:?} ({} of {} Adam iterations kept{continued}); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB (start: {})",
+        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel{}; fitted on seeds {:?} ({} of {} Adam iterations kept{continued}); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB (start: {})",
         f.compute_steps,
         f.steps,
         f.history,
+        if f.per_branch { " and CFG branch" } else { "" },
         f.calibration_seeds,
         f.best_iteration,
         f.iterations,
@@ -455,7 +523,7 @@ mod tests {
             h.push(2, sb, Streams::hidden(t(&rb)));
             let want = h.estimate(at).unwrap().unwrap().hidden;
             let c = Coefficients::taylor().with_history(3).unwrap();
-            let comb = c.combination(0, 3, &h.points(), at, 4, &Device::Cpu).unwrap();
+            let comb = c.combination(ScopeKey::new(0, Branch::Cond), 3, &h.points(), at, 4, &Device::Cpu).unwrap();
             let got = h.estimate_with(at, Some(&comb)).unwrap().unwrap().hidden;
             let d = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap()
                 .to_scalar::<f32>().unwrap();
@@ -468,9 +536,24 @@ mod tests {
     fn a_profile_round_trips_and_refuses_other_calls() {
         let c = Coefficients::trainable();
         let past = [(0usize, 1.0f64), (3, 0.5)];
-        c.combination(0, 4, &past, 0.4, 3, &Device::Cpu).unwrap();
-        c.combination(0, 1, &past[..1], 0.9, 3, &Device::Cpu)
-            .unwrap();
+        c.combination(
+            ScopeKey::new(0, Branch::Cond),
+            4,
+            &past,
+            0.4,
+            3,
+            &Device::Cpu,
+        )
+        .unwrap();
+        c.combination(
+            ScopeKey::new(0, Branch::Cond),
+            1,
+            &past[..1],
+            0.9,
+            3,
+            &Device::Cpu,
+        )
+        .unwrap();
         let vars = c.vars().unwrap();
         assert_eq!(vars.len(), 3);
         vars[0]
@@ -487,23 +570,51 @@ mod tests {
         fitted.check("p.toml").unwrap();
         let back = Coefficients::from_profile(&fitted, "p.toml", 1).unwrap();
         let comb = back
-            .combination(0, 1, &past[..1], 0.9, 3, &Device::Cpu)
+            .combination(
+                ScopeKey::new(0, Branch::Cond),
+                1,
+                &past[..1],
+                0.9,
+                3,
+                &Device::Cpu,
+            )
             .unwrap();
         let w = comb.channels.unwrap()[0].to_vec1::<f32>().unwrap();
         assert_eq!(w, vec![0.5, -1.0, 2.0]);
         // Call 2 was never fitted; call 4 from other calls: both refused, naming the profile.
         let e = back
-            .combination(0, 2, &past, 0.45, 3, &Device::Cpu)
+            .combination(
+                ScopeKey::new(0, Branch::Cond),
+                2,
+                &past,
+                0.45,
+                3,
+                &Device::Cpu,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.toml") && e.contains("call 2"), "{e}");
         let e = back
-            .combination(0, 4, &[(1, 0.8), (3, 0.5)], 0.4, 3, &Device::Cpu)
+            .combination(
+                ScopeKey::new(0, Branch::Cond),
+                4,
+                &[(1, 0.8), (3, 0.5)],
+                0.4,
+                3,
+                &Device::Cpu,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("[0, 3]"), "{e}");
         let e = back
-            .combination(0, 1, &past[..1], 0.9, 5, &Device::Cpu)
+            .combination(
+                ScopeKey::new(0, Branch::Cond),
+                1,
+                &past[..1],
+                0.9,
+                5,
+                &Device::Cpu,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("5 channels"), "{e}");
@@ -517,7 +628,15 @@ mod tests {
         // Three residuals per call need `history = 3` (the profile's, read back with it).
         let c3 = Coefficients::trainable().with_history(3).unwrap();
         let three = [(0usize, 1.0f64), (3, 0.5), (6, 0.3)];
-        c3.combination(0, 7, &three, 0.2, 3, &Device::Cpu).unwrap();
+        c3.combination(
+            ScopeKey::new(0, Branch::Cond),
+            7,
+            &three,
+            0.2,
+            3,
+            &Device::Cpu,
+        )
+        .unwrap();
         let mut f3 = FittedProfile {
             compute_steps: vec![0, 3, 6],
             steps: 8,
@@ -534,7 +653,14 @@ mod tests {
         let back3 = Coefficients::from_profile(&f3, "p.toml", 1).unwrap();
         assert_eq!(back3.history(), 3);
         let comb = back3
-            .combination(0, 7, &three, 0.2, 3, &Device::Cpu)
+            .combination(
+                ScopeKey::new(0, Branch::Cond),
+                7,
+                &three,
+                0.2,
+                3,
+                &Device::Cpu,
+            )
             .unwrap();
         assert_eq!(
             comb.channels.unwrap()[0].to_vec1::<f32>().unwrap(),
@@ -555,7 +681,15 @@ mod tests {
     fn a_continued_fit_starts_at_the_profile() {
         let c = Coefficients::trainable().with_history(3).unwrap();
         let past = [(0usize, 1.0f64), (3, 0.5), (6, 0.3)];
-        c.combination(0, 7, &past, 0.2, 2, &Device::Cpu).unwrap();
+        c.combination(
+            ScopeKey::new(0, Branch::Cond),
+            7,
+            &past,
+            0.2,
+            2,
+            &Device::Cpu,
+        )
+        .unwrap();
         for (j, (_, v)) in c.vars().unwrap().into_iter().enumerate() {
             v.set(&Tensor::new(&[j as f32, -(j as f32)], &Device::Cpu).unwrap())
                 .unwrap();
@@ -567,7 +701,7 @@ mod tests {
             calls: c.to_profile_calls(1).unwrap(),
             ..Default::default()
         };
-        let go = Coefficients::trainable_from(&fitted, "p.toml", 1).unwrap();
+        let go = Coefficients::trainable_from(&fitted, "p.toml", 1, false).unwrap();
         assert_eq!(go.history(), 3);
         let vars = go.vars().unwrap();
         assert_eq!(vars.len(), 3);
@@ -577,13 +711,29 @@ mod tests {
             .1
             .set(&Tensor::new(&[5.0f32, 6.0], &Device::Cpu).unwrap())
             .unwrap();
-        let comb = go.combination(0, 7, &past, 0.2, 2, &Device::Cpu).unwrap();
+        let comb = go
+            .combination(
+                ScopeKey::new(0, Branch::Cond),
+                7,
+                &past,
+                0.2,
+                2,
+                &Device::Cpu,
+            )
+            .unwrap();
         assert_eq!(
             comb.channels.unwrap()[2].to_vec1::<f32>().unwrap(),
             [5.0, 6.0]
         );
         let e = go
-            .combination(0, 5, &past[..2], 0.35, 2, &Device::Cpu)
+            .combination(
+                ScopeKey::new(0, Branch::Cond),
+                5,
+                &past[..2],
+                0.35,
+                2,
+                &Device::Cpu,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.toml") && e.contains("call 5"), "{e}");
@@ -592,5 +742,111 @@ mod tests {
             .vars()
             .unwrap()
             .is_empty());
+    }
+
+    /// A shared profile split per branch (`--per-branch`) starts each branch at the shared
+    /// coefficients, as variables of their own; the table written back names the branches, and a
+    /// per-branch profile read back gives each branch its own.
+    #[test]
+    fn branches_split_from_shared_coefficients() {
+        let past = [(0usize, 1.0f64), (3, 0.5)];
+        let c = Coefficients::trainable();
+        c.combination(
+            ScopeKey::new(0, Branch::Cond),
+            4,
+            &past,
+            0.4,
+            2,
+            &Device::Cpu,
+        )
+        .unwrap();
+        c.vars().unwrap()[0]
+            .1
+            .set(&Tensor::new(&[0.25f32, -0.5], &Device::Cpu).unwrap())
+            .unwrap();
+        let shared = FittedProfile {
+            compute_steps: vec![0, 3],
+            steps: 5,
+            calls: c.to_profile_calls(1).unwrap(),
+            ..Default::default()
+        };
+        shared.check("p.toml").unwrap();
+        // Read shared, the branches read the same coefficients.
+        let plain = Coefficients::from_profile(&shared, "p.toml", 1).unwrap();
+        assert!(!plain.is_per_branch());
+        let w = |c: &Coefficients, b: Branch| {
+            c.combination(ScopeKey::new(0, b), 4, &past, 0.4, 2, &Device::Cpu)
+                .unwrap()
+                .channels
+                .unwrap()[0]
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(w(&plain, Branch::Uncond), [0.25, -0.5]);
+        let split = Coefficients::trainable_from(&shared, "p.toml", 1, true).unwrap();
+        assert!(split.is_per_branch());
+        assert_eq!(w(&split, Branch::Cond), [0.25, -0.5]);
+        assert_eq!(w(&split, Branch::Uncond), [0.25, -0.5]);
+        let vars = split.vars().unwrap();
+        let keys: Vec<VarKey> = vars.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [
+                (0, Some(Branch::Cond), 4, 0),
+                (0, Some(Branch::Cond), 4, 1),
+                (0, Some(Branch::Uncond), 4, 0),
+                (0, Some(Branch::Uncond), 4, 1)
+            ]
+        );
+        // Each branch's variables are its own: moving cond's leaves uncond's.
+        vars[0]
+            .1
+            .set(&Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(w(&split, Branch::Cond), [3.0, 4.0]);
+        assert_eq!(w(&split, Branch::Uncond), [0.25, -0.5]);
+        let frozen = split.frozen().unwrap();
+        assert_eq!(w(&frozen, Branch::Cond), [3.0, 4.0]);
+        let mut per = FittedProfile {
+            per_branch: true,
+            calls: split.to_profile_calls(1).unwrap(),
+            ..shared.clone()
+        };
+        per.check("p.toml").unwrap();
+        let text = toml::to_string(&per).unwrap();
+        assert!(text.contains("per_branch = true") && text.contains("branch = \"uncond\""));
+        let back = Coefficients::from_profile(&per, "p.toml", 1).unwrap();
+        assert!(back.is_per_branch());
+        assert_eq!(w(&back, Branch::Cond), [3.0, 4.0]);
+        assert_eq!(w(&back, Branch::Uncond), [0.25, -0.5]);
+        // A branch the per-branch profile has no coefficients for is refused.
+        let e = back
+            .combination(
+                ScopeKey::new(0, Branch::Batched),
+                4,
+                &past,
+                0.4,
+                2,
+                &Device::Cpu,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.toml") && e.contains("call 4"), "{e}");
+        // The flag and the calls' branches agree, or the profile is refused.
+        per.per_branch = false;
+        assert!(per
+            .check("p.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("fitted.calls.main"));
+        let mut mixed = shared.clone();
+        mixed.per_branch = true;
+        assert!(mixed
+            .check("p.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("per_branch"));
+        assert!(split.per_branch().is_ok());
+        assert!(plain.per_branch().is_err());
     }
 }

@@ -244,6 +244,10 @@ pub struct FittedProfile {
     pub validation_psnr_db: [f64; 2],
     /// Per expert (`main`, `high_noise`, `low_noise`), the reused calls' coefficients.
     pub calls: BTreeMap<String, Vec<FittedCall>>,
+    /// One set of coefficients per CFG branch (`calibrate --fit --per-branch`): every call of
+    /// `calls` names its `branch`; absent: one set shared by the branches.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_branch: bool,
     /// The fits this one continued (`calibrate --fit --start-profile`), first first; empty when it
     /// started from the order-1 forecast.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -289,6 +293,7 @@ impl Default for FittedProfile {
             calibration_error: [0.0; 2],
             validation_psnr_db: [0.0; 2],
             calls: BTreeMap::new(),
+            per_branch: false,
             earlier: Vec::new(),
         }
     }
@@ -314,6 +319,10 @@ fn is_default_history(n: &usize) -> bool {
 pub struct FittedCall {
     /// The call (0-based within its scope).
     pub step: usize,
+    /// The CFG branch (`cond`, `uncond`, `inference`) whose call it is, in a per-branch table
+    /// (`fitted.per_branch`); absent: shared by the branches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<magcache_core::Branch>,
     /// The computed calls whose residuals it combines, oldest first.
     pub from: Vec<usize>,
     /// One row of per-channel coefficients per entry of `from`.
@@ -353,6 +362,20 @@ impl FittedProfile {
                     return bad(
                         &format!("calls.{expert}"),
                         format!("call {}: one to {} `from` calls (`fitted.history` = {}), one row of finite coefficients of one width each", c.step, self.history, self.history),
+                    );
+                }
+                if c.branch.is_some() != self.per_branch {
+                    return bad(
+                        &format!("calls.{expert}"),
+                        format!(
+                            "call {}: {}",
+                            c.step,
+                            if self.per_branch {
+                                "names no `branch`, but `fitted.per_branch` is true: each call needs cond, uncond or inference"
+                            } else {
+                                "names a `branch`, but `fitted.per_branch` is not set: set it (every call then needs one) or leave the branch out"
+                            }
+                        ),
                     );
                 }
             }

@@ -478,14 +478,7 @@ impl Rule for ScheduleRule {
             Error::msg("fitted estimator: a reused call without its hidden input")
         })?;
         let channels = input.dim(magcache_core::candle_core::D::Minus1)?;
-        let c = coefs.combination(
-            call.scope.expert,
-            call.step,
-            past,
-            at,
-            channels,
-            input.device(),
-        )?;
+        let c = coefs.combination(call.scope, call.step, past, at, channels, input.device())?;
         Ok(Some(c))
     }
 

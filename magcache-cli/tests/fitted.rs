@@ -30,27 +30,18 @@ fn fit(run: &Path, out: &Path, iterations: usize) -> toml::Table {
 /// [`fit`] starting from the order-1 forecast in `axis`.
 fn fit_from(run: &Path, out: &Path, iterations: usize, axis: &str) -> toml::Table {
     let it = iterations.to_string();
-    let o = magcache(&[
-        "calibrate",
-        "--start-axis",
-        axis,
-        "--config",
-        s(run),
-        "--out",
-        s(out),
-        "--fit",
-        "--compute-steps",
-        SCHEDULE,
-        "--iterations",
-        &it,
-        "--calibration-seeds",
-        "11,12",
-        "--validation-seeds",
-        "21",
-        "--data-range",
-        "2",
-        "--quiet",
-    ]);
+    let extra = ["--start-axis", axis, "--compute-steps", SCHEDULE];
+    fit_with(run, out, &it, &extra)
+}
+
+/// `calibrate --fit` of `run` into `out` with `iterations` and the `extra` flags, on calibration
+/// seeds 11 and 12 and validation seed 21; the written profile.
+fn fit_with(run: &Path, out: &Path, iterations: &str, extra: &[&str]) -> toml::Table {
+    let mut args = vec!["calibrate", "--config", s(run), "--out", s(out), "--fit"];
+    args.extend_from_slice(&["--iterations", iterations, "--calibration-seeds", "11,12"]);
+    args.extend_from_slice(&["--validation-seeds", "21", "--data-range", "2", "--quiet"]);
+    args.extend_from_slice(extra);
+    let o = magcache(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::read_to_string(out).unwrap().parse().unwrap()
 }
@@ -423,29 +414,12 @@ fn a_fit_splits_per_branch() {
     let shared = dir.path().join("shared.toml");
     let p = fit(&run, &shared, 1);
     let go = |out: &Path, iterations: &str| {
-        let o = magcache(&[
-            "calibrate",
-            "--config",
-            s(&run),
-            "--out",
-            s(out),
-            "--fit",
-            "--per-branch",
-            "--start-profile",
-            s(&shared),
-            "--iterations",
+        fit_with(
+            &run,
+            out,
             iterations,
-            "--calibration-seeds",
-            "11,12",
-            "--validation-seeds",
-            "21",
-            "--data-range",
-            "2",
-            "--quiet",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let t: toml::Table = std::fs::read_to_string(out).unwrap().parse().unwrap();
-        t
+            &["--per-branch", "--start-profile", s(&shared)],
+        )
     };
     let weights_of = |t: &toml::Table, branch: Option<&str>| -> Vec<toml::Value> {
         t["fitted"]["calls"]["main"]

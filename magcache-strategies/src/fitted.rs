@@ -492,6 +492,25 @@ mod tests {
     use magcache_core::Streams;
     use proptest::prelude::*;
 
+    /// `c`'s combination for reused call `step` of expert 0's `branch`, on the CPU.
+    fn reused(
+        branch: Branch,
+        c: &Coefficients,
+        step: usize,
+        past: &[(usize, f64)],
+        at: f64,
+        channels: usize,
+    ) -> Result<Combination> {
+        c.combination(
+            ScopeKey::new(0, branch),
+            step,
+            past,
+            at,
+            channels,
+            &Device::Cpu,
+        )
+    }
+
     fn t(v: &[f32]) -> Tensor {
         Tensor::new(v, &Device::Cpu)
             .unwrap()
@@ -523,7 +542,7 @@ mod tests {
             h.push(2, sb, Streams::hidden(t(&rb)));
             let want = h.estimate(at).unwrap().unwrap().hidden;
             let c = Coefficients::taylor().with_history(3).unwrap();
-            let comb = c.combination(ScopeKey::new(0, Branch::Cond), 3, &h.points(), at, 4, &Device::Cpu).unwrap();
+            let comb = reused(Branch::Cond, &c, 3, &h.points(), at, 4).unwrap();
             let got = h.estimate_with(at, Some(&comb)).unwrap().unwrap().hidden;
             let d = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap()
                 .to_scalar::<f32>().unwrap();
@@ -536,24 +555,8 @@ mod tests {
     fn a_profile_round_trips_and_refuses_other_calls() {
         let c = Coefficients::trainable();
         let past = [(0usize, 1.0f64), (3, 0.5)];
-        c.combination(
-            ScopeKey::new(0, Branch::Cond),
-            4,
-            &past,
-            0.4,
-            3,
-            &Device::Cpu,
-        )
-        .unwrap();
-        c.combination(
-            ScopeKey::new(0, Branch::Cond),
-            1,
-            &past[..1],
-            0.9,
-            3,
-            &Device::Cpu,
-        )
-        .unwrap();
+        reused(Branch::Cond, &c, 4, &past, 0.4, 3).unwrap();
+        reused(Branch::Cond, &c, 1, &past[..1], 0.9, 3).unwrap();
         let vars = c.vars().unwrap();
         assert_eq!(vars.len(), 3);
         vars[0]
@@ -569,52 +572,19 @@ mod tests {
         };
         fitted.check("p.toml").unwrap();
         let back = Coefficients::from_profile(&fitted, "p.toml", 1).unwrap();
-        let comb = back
-            .combination(
-                ScopeKey::new(0, Branch::Cond),
-                1,
-                &past[..1],
-                0.9,
-                3,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let comb = reused(Branch::Cond, &back, 1, &past[..1], 0.9, 3).unwrap();
         let w = comb.channels.unwrap()[0].to_vec1::<f32>().unwrap();
         assert_eq!(w, vec![0.5, -1.0, 2.0]);
         // Call 2 was never fitted; call 4 from other calls: both refused, naming the profile.
-        let e = back
-            .combination(
-                ScopeKey::new(0, Branch::Cond),
-                2,
-                &past,
-                0.45,
-                3,
-                &Device::Cpu,
-            )
+        let e = reused(Branch::Cond, &back, 2, &past, 0.45, 3)
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.toml") && e.contains("call 2"), "{e}");
-        let e = back
-            .combination(
-                ScopeKey::new(0, Branch::Cond),
-                4,
-                &[(1, 0.8), (3, 0.5)],
-                0.4,
-                3,
-                &Device::Cpu,
-            )
+        let e = reused(Branch::Cond, &back, 4, &[(1, 0.8), (3, 0.5)], 0.4, 3)
             .unwrap_err()
             .to_string();
         assert!(e.contains("[0, 3]"), "{e}");
-        let e = back
-            .combination(
-                ScopeKey::new(0, Branch::Cond),
-                1,
-                &past[..1],
-                0.9,
-                5,
-                &Device::Cpu,
-            )
+        let e = reused(Branch::Cond, &back, 1, &past[..1], 0.9, 5)
             .unwrap_err()
             .to_string();
         assert!(e.contains("5 channels"), "{e}");
@@ -628,15 +598,7 @@ mod tests {
         // Three residuals per call need `history = 3` (the profile's, read back with it).
         let c3 = Coefficients::trainable().with_history(3).unwrap();
         let three = [(0usize, 1.0f64), (3, 0.5), (6, 0.3)];
-        c3.combination(
-            ScopeKey::new(0, Branch::Cond),
-            7,
-            &three,
-            0.2,
-            3,
-            &Device::Cpu,
-        )
-        .unwrap();
+        reused(Branch::Cond, &c3, 7, &three, 0.2, 3).unwrap();
         let mut f3 = FittedProfile {
             compute_steps: vec![0, 3, 6],
             steps: 8,
@@ -652,16 +614,7 @@ mod tests {
         f3.check("p.toml").unwrap();
         let back3 = Coefficients::from_profile(&f3, "p.toml", 1).unwrap();
         assert_eq!(back3.history(), 3);
-        let comb = back3
-            .combination(
-                ScopeKey::new(0, Branch::Cond),
-                7,
-                &three,
-                0.2,
-                3,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let comb = reused(Branch::Cond, &back3, 7, &three, 0.2, 3).unwrap();
         assert_eq!(
             comb.channels.unwrap()[0].to_vec1::<f32>().unwrap(),
             [0.0; 3]
@@ -681,15 +634,7 @@ mod tests {
     fn a_continued_fit_starts_at_the_profile() {
         let c = Coefficients::trainable().with_history(3).unwrap();
         let past = [(0usize, 1.0f64), (3, 0.5), (6, 0.3)];
-        c.combination(
-            ScopeKey::new(0, Branch::Cond),
-            7,
-            &past,
-            0.2,
-            2,
-            &Device::Cpu,
-        )
-        .unwrap();
+        reused(Branch::Cond, &c, 7, &past, 0.2, 2).unwrap();
         for (j, (_, v)) in c.vars().unwrap().into_iter().enumerate() {
             v.set(&Tensor::new(&[j as f32, -(j as f32)], &Device::Cpu).unwrap())
                 .unwrap();
@@ -711,29 +656,12 @@ mod tests {
             .1
             .set(&Tensor::new(&[5.0f32, 6.0], &Device::Cpu).unwrap())
             .unwrap();
-        let comb = go
-            .combination(
-                ScopeKey::new(0, Branch::Cond),
-                7,
-                &past,
-                0.2,
-                2,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let comb = reused(Branch::Cond, &go, 7, &past, 0.2, 2).unwrap();
         assert_eq!(
             comb.channels.unwrap()[2].to_vec1::<f32>().unwrap(),
             [5.0, 6.0]
         );
-        let e = go
-            .combination(
-                ScopeKey::new(0, Branch::Cond),
-                5,
-                &past[..2],
-                0.35,
-                2,
-                &Device::Cpu,
-            )
+        let e = reused(Branch::Cond, &go, 5, &past[..2], 0.35, 2)
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.toml") && e.contains("call 5"), "{e}");
@@ -751,15 +679,7 @@ mod tests {
     fn branches_split_from_shared_coefficients() {
         let past = [(0usize, 1.0f64), (3, 0.5)];
         let c = Coefficients::trainable();
-        c.combination(
-            ScopeKey::new(0, Branch::Cond),
-            4,
-            &past,
-            0.4,
-            2,
-            &Device::Cpu,
-        )
-        .unwrap();
+        reused(Branch::Cond, &c, 4, &past, 0.4, 2).unwrap();
         c.vars().unwrap()[0]
             .1
             .set(&Tensor::new(&[0.25f32, -0.5], &Device::Cpu).unwrap())
@@ -775,10 +695,7 @@ mod tests {
         let plain = Coefficients::from_profile(&shared, "p.toml", 1).unwrap();
         assert!(!plain.is_per_branch());
         let w = |c: &Coefficients, b: Branch| {
-            c.combination(ScopeKey::new(0, b), 4, &past, 0.4, 2, &Device::Cpu)
-                .unwrap()
-                .channels
-                .unwrap()[0]
+            reused(b, c, 4, &past, 0.4, 2).unwrap().channels.unwrap()[0]
                 .to_vec1::<f32>()
                 .unwrap()
         };
@@ -820,15 +737,7 @@ mod tests {
         assert_eq!(w(&back, Branch::Cond), [3.0, 4.0]);
         assert_eq!(w(&back, Branch::Uncond), [0.25, -0.5]);
         // A branch the per-branch profile has no coefficients for is refused.
-        let e = back
-            .combination(
-                ScopeKey::new(0, Branch::Batched),
-                4,
-                &past,
-                0.4,
-                2,
-                &Device::Cpu,
-            )
+        let e = reused(Branch::Batched, &back, 4, &past, 0.4, 2)
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.toml") && e.contains("call 4"), "{e}");

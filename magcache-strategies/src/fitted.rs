@@ -253,7 +253,10 @@ impl Coefficients {
                         return Err(Error::config(
                             file,
                             "fitted.calls",
-                            format!("no coefficients for reused call {step} of expert {expert}: the profile was fitted for another schedule or step count (fit again: magcache calibrate --fit)"),
+                            format!("no coefficients for reused call {step} of expert {expert}{}: the profile was fitted for another schedule, step count or set of CFG branches (fit again: magcache calibrate --fit)", match key.1 {
+                                Some(b) => format!(", branch {}", b.as_str()),
+                                None => String::new(),
+                            }),
                         ))
                     }
                     (Start::Taylor, None) => Entry::new(from.clone(), taylor()?, false)?,
@@ -740,7 +743,10 @@ mod tests {
         let e = reused(Branch::Batched, &back, 4, &past, 0.4, 2)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("p.toml") && e.contains("call 4"), "{e}");
+        assert!(
+            e.contains("p.toml") && e.contains("call 4") && e.contains("branch inference"),
+            "{e}"
+        );
         // The flag and the calls' branches agree, or the profile is refused.
         per.per_branch = false;
         assert!(per

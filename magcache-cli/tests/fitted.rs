@@ -46,6 +46,20 @@ fn fit_with(run: &Path, out: &Path, iterations: &str, extra: &[&str]) -> toml::T
     std::fs::read_to_string(out).unwrap().parse().unwrap()
 }
 
+/// `magcache plan` of a digits run `name` in `dir` with the fitted `profile`: its stdout and
+/// stderr (the plan must succeed).
+fn plan_fitted(dir: &Path, name: &str, profile: &str) -> String {
+    let cache = format!(
+        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = {profile:?}\n"
+    );
+    let run = digits_run(dir, name, &cache);
+    let plan = magcache(&["plan", "--config", s(&run)]);
+    let text =
+        String::from_utf8_lossy(&plan.stdout).to_string() + &String::from_utf8_lossy(&plan.stderr);
+    assert!(plan.status.success(), "{text}");
+    text
+}
+
 fn compare(run: &Path) -> serde_json::Value {
     let o = magcache(&[
         "compare",
@@ -314,15 +328,7 @@ fn a_fit_continues_from_a_profile() {
     assert!(val[1] >= val[0], "validation PSNR {val:?}");
     assert!((val[0] - f64s(&pf["validation_psnr_db"])[1]).abs() < 1e-6);
     // A run of the continued profile names the fit it continued as its start.
-    let continued_run = digits_run(
-        dir.path(),
-        "continued.toml",
-        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"more.toml\"\n",
-    );
-    let plan = magcache(&["plan", "--config", s(&continued_run)]);
-    let text =
-        String::from_utf8_lossy(&plan.stdout).to_string() + &String::from_utf8_lossy(&plan.stderr);
-    assert!(plan.status.success(), "{text}");
+    let text = plan_fitted(dir.path(), "continued.toml", "more.toml");
     assert!(
         text.contains("continuing a fit on seeds [11, 12] (")
             && text.contains("(start: the fit it continued)"),
@@ -456,18 +462,9 @@ fn a_fit_splits_per_branch() {
         assert_ne!(weights_of(&m, Some("cond")), weights_of(&m, Some("uncond")));
     }
     // A run reads the per-branch table and says so.
-    let r = digits_run(
-        dir.path(),
-        "per_branch_run.toml",
-        "\n[cache]\nstrategy = \"schedule\"\nestimator = \"fitted\"\nprofile = \"moved.toml\"\n",
-    );
-    let plan = magcache(&["plan", "--config", s(&r)]);
-    let text =
-        String::from_utf8_lossy(&plan.stdout).to_string() + &String::from_utf8_lossy(&plan.stderr);
-    assert!(
-        plan.status.success() && text.contains("per channel and CFG branch"),
-        "{text}"
-    );
+    let text = plan_fitted(dir.path(), "per_branch_run.toml", "moved.toml");
+    assert!(text.contains("per channel and CFG branch"), "{text}");
+    let r = dir.path().join("per_branch_run.toml");
     let (db, _) = psnr(&r);
     assert!(db.is_finite() && db > 20.0, "{db}");
 }

@@ -229,14 +229,9 @@ impl Coefficients {
         let scalars = taylor_weights(past, at)?;
         let from: Vec<usize> = past.iter().map(|p| p.0).collect();
         let (expert, branch) = (scope.expert, scope.branch);
-        let mut t = self.lock()?;
-        let start = t.start.clone();
+        let mut guard = self.lock()?;
+        let t = &mut *guard;
         let history = t.history;
-        let split = t.split_from.get(&(expert, step)).map(|s| {
-            let weights: Vec<Tensor> = s.weights.clone();
-            (s.from.clone(), weights)
-        });
-        let split_trainable = t.split_trainable;
         let key = (expert, t.per_branch.then_some(branch), step);
         let entry = match t.calls.entry(key) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
@@ -247,8 +242,10 @@ impl Coefficients {
                         .map(|&w| Tensor::full(w as f32, channels, device))
                         .collect::<std::result::Result<Vec<_>, _>>()
                 };
-                let entry = match (&start, split) {
-                    (_, Some((from, weights))) => Entry::new(from, weights, split_trainable)?,
+                // Only a call's first reuse looks for the shared coefficients a branch splits from.
+                let split = t.split_from.get(&(expert, step));
+                let entry = match (&t.start, split) {
+                    (_, Some(s)) => Entry::new(s.from.clone(), s.weights.clone(), t.split_trainable)?,
                     (Start::Refuse(file), None) => {
                         return Err(Error::config(
                             file,

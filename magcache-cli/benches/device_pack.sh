@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Packs what a timing sitting on a lent machine needs into `.dev/` at the repository root, under the
-# 64 MiB a device call carries (`carry: [".dev"]`): the release `magcache` and the `bf16_gemm`
-# example, stripped and xz-compressed; one or more oneDNN libraries to compare (`LABEL=PATH` to a
+# 64 MiB a device call carries (`carry: [".dev"]`): the release `magcache` and the `bf16_gemm` and
+# `attention_cpu` examples, stripped and xz-compressed; one or more oneDNN libraries to compare (`LABEL=PATH` to a
 # libdnnl.so.3 each); libgomp; a copy of diffusers without its pipelines (the timing scripts need
 # only the transformers); and `.dev/run.sh`, which unpacks them there and runs, alternated on the
-# same threads, the one-product figures (`bf16_gemm` against `pytorch_linear.py`) and the dense
+# same threads, the one-product figures (`bf16_gemm` against `pytorch_linear.py`), the attention
+# alone at 4 680 tokens (`attention_cpu`, stage `attention`) and the dense
 # 6-block Wan2.1-1.3B call at 720 and 4 680 tokens in bf16 (`compare_pytorch.sh`, ours on each
 # oneDNN against PyTorch). The machine needs python3 with torch; nothing else is installed there.
 #
 # Usage: device_pack.sh [LABEL=LIB ...]   (default: 3.2=target/onednn/lib/libdnnl.so.3;
 #        PYTHON: a python whose diffusers is copied, default python3)
 # Then:  device command `bash .dev/run.sh 2>&1 | tee $OUT/log` with carry [".dev"]
-#        (STAGES="products short long" picks stages, THREADS=2 by default, ROUNDS=2).
+#        (STAGES="products attention short long" picks stages, THREADS=2 by default, ROUNDS=2).
 # `.dev/` is added to .git/info/exclude so that git never sees it; remove it after the sitting.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"; cd "$root"
@@ -21,7 +22,7 @@ mkdir -p .git/info .dev
 grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
 rm -rf .dev/*
 cargo build --release --offline -p magcache-cli
-cargo build --release --offline -p magcache-layers --example bf16_gemm
+cargo build --release --offline -p magcache-layers --example bf16_gemm --example attention_cpu
 pack() { # pack SRC DEST.xz: stripped (binaries and libraries), then xz
   local tmp; tmp="$(mktemp)"
   cp "$1" "$tmp"; strip "$tmp" 2>/dev/null || true
@@ -29,6 +30,7 @@ pack() { # pack SRC DEST.xz: stripped (binaries and libraries), then xz
 }
 pack target/release/magcache .dev/magcache.xz
 pack target/release/examples/bf16_gemm .dev/bf16_gemm.xz
+pack target/release/examples/attention_cpu .dev/attention_cpu.xz
 labels=()
 for arg in "$@"; do
   label="${arg%%=*}"; lib="${arg#*=}"
@@ -59,9 +61,9 @@ w=/tmp/w; mkdir -p "$w/site"
   mkdir -p "$w/$(dirname "$f")"; xz -dc ".dev/$f" > "$w/${f%.xz}"
 done
 tar -C "$w/site" -xJf .dev/diffusers.tar.xz
-chmod +x "$w/magcache" "$w/bf16_gemm"
+chmod +x "$w/magcache" "$w/bf16_gemm" "$w/attention_cpu"
 export LD_LIBRARY_PATH="$w/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONPATH="$w/site" MAGCACHE="$w/magcache"
-threads="${THREADS:-2}"; rounds="${ROUNDS:-2}"; stages="${STAGES:-products short long}"
+threads="${THREADS:-2}"; rounds="${ROUNDS:-2}"; stages="${STAGES:-products attention short long}"
 b=magcache-cli/benches
 python3 -c 'import torch; print("torch", torch.__version__, "|", [l.strip() for l in torch.__config__.show().splitlines() if "MKL-DNN" in l or "oneDNN" in l])'
 cfg() { # cfg NAME LATENT STEPS: the dense 6-block Wan2.1-1.3B in bf16
@@ -83,6 +85,11 @@ for stage in $stages; do
         python3 $b/pytorch_linear.py $dims --rounds 2 --threads "$threads"
       done
     done ;;
+  attention)
+    for l in $labels; do
+      echo "== attention alone, oneDNN $l"
+      MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
+    done ;;
   short|long)
     for r in $(seq 1 "$rounds"); do
       for l in $labels; do
@@ -90,7 +97,7 @@ for stage in $stages; do
         MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" bash $b/compare_pytorch.sh "$w/$stage.toml" "$threads" | grep -v '^config'
       done
     done ;;
-  *) echo "run.sh: unknown stage $stage (products, short, long)" >&2; exit 1 ;;
+  *) echo "run.sh: unknown stage $stage (products, attention, short, long)" >&2; exit 1 ;;
   esac
 done
 EOF

@@ -38,6 +38,18 @@ fn main() -> candle_core::Result<()> {
         dnnl.as_deref().unwrap_or("off (MAGCACHE_ONEDNN unset)")
     );
     let wt16 = w.to_dtype(candle_core::DType::BF16)?.t()?;
+    // The weights packed once in oneDNN's layout (what bf16 linear layers hold on AMX).
+    let err = |e: magcache_core::Error| candle_core::Error::Msg(e.to_string());
+    let mut packed_dnnl = Vec::new();
+    if let Some(d) = onednn::get() {
+        for (name, wt) in [("f32", &wt), ("bf16", &wt16)] {
+            if name == "f32" || d.bf16_implemented() {
+                if let Some(p) = d.pack(wt).map_err(err)? {
+                    packed_dnnl.push((name, p));
+                }
+            }
+        }
+    }
     let flop = 2.0 * (m * k * n) as f64;
     for r in 1..=rounds {
         let t = Instant::now();
@@ -78,6 +90,18 @@ fn main() -> candle_core::Result<()> {
                     f32_s / s
                 );
             }
+        }
+        for (name, p) in &packed_dnnl {
+            let t = Instant::now();
+            let y = p.linear(&x, None).map_err(err)?;
+            let s = t.elapsed().as_secs_f64();
+            drop(y);
+            dnnl_line += &format!(
+                "   oneDNN {name} packed {:.0} ms ({:.0} GFLOP/s, {:.2}x f32)",
+                s * 1e3,
+                flop / s / 1e9,
+                f32_s / s
+            );
         }
         println!(
             "round {r}: f32 {:.0} ms ({:.0} GFLOP/s)   {line}{dnnl_line}",

@@ -31,6 +31,11 @@ enum Weight {
         op: bf16_gemm::PackedMatMul,
         out: usize,
     },
+    /// A bf16 weight packed once in the layout of oneDNN's products on AMX (`MAGCACHE_ONEDNN`).
+    OneDnn {
+        w: std::sync::Arc<onednn::PackedWeight>,
+        out: usize,
+    },
     /// A GGUF tensor multiplied from its own blocks, never repacked (`model.gguf_repack = false`).
     Compact {
         op: CompactQMatMul,
@@ -176,7 +181,20 @@ impl Linear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         // On a CPU with AVX512-BF16 a bf16 weight is packed once for its dot products (the packed
         // copy replaces the weight: the same bytes, the padding aside).
-        // Where oneDNN runs bf16 products on AMX (`MAGCACHE_ONEDNN`), the weight stays as it is.
+        // Where oneDNN runs bf16 products on AMX (`MAGCACHE_ONEDNN`), it is packed once in the
+        // layout oneDNN's product reads (the packed copy replaces it, as above).
+        if let Some(d) = onednn::get().filter(|d| d.bf16_products()) {
+            if weight.dtype() == DType::BF16 && weight.device().is_cpu() {
+                if let Some(w) = d.pack(&weight.t()?)? {
+                    let out = w.n();
+                    let w = std::sync::Arc::new(w);
+                    return Ok(Linear {
+                        wt: Weight::OneDnn { w, out },
+                        bias,
+                    });
+                }
+            }
+        }
         if weight.dtype() == DType::BF16
             && weight.device().is_cpu()
             && bf16_gemm::available()
@@ -222,7 +240,7 @@ impl Linear {
     /// ([`attention_as`]).
     pub fn runs_bf16(&self) -> bool {
         match &self.wt {
-            Weight::Bf16 { .. } => true,
+            Weight::Bf16 { .. } | Weight::OneDnn { .. } => true,
             // bf16 on oneDNN's AMX products: the attention takes the bf16 kernel as well.
             Weight::Dense(wt) => {
                 wt.dtype() == DType::BF16 && wt.device().is_cpu() && onednn::bf16_products()
@@ -260,6 +278,13 @@ impl Linear {
             Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
             Weight::Bf16 { op, out } => (f32_op(&x2, op)?, *out),
             Weight::Compact { op, out } => (f32_op(&x2, op)?, *out),
+            Weight::OneDnn { w, out } => {
+                // The bias went into the product.
+                let y = w.linear(&x2.to_dtype(DType::F32)?, self.bias.as_ref())?;
+                let mut out_dims = lead.to_vec();
+                out_dims.push(*out);
+                return Ok(y.reshape(out_dims)?);
+            }
             Weight::Dense(wt) => {
                 let frozen = differentiable()
                     && wt.device().is_cpu()

@@ -117,6 +117,50 @@ proptest! {
         let got = d.product(&xt, &wt.t().unwrap(), None).unwrap().unwrap();
         check(&got, x, w, None, (m, k, n), common::rounded)?;
     }
+
+    /// Weights packed once in the layout oneDNN's matmul chooses (what bf16 linear layers on AMX
+    /// hold): they unpack to exactly the values packed, and their products (with and without a
+    /// bias, any row count: packed for 1 024 rows), and the products on a plain copy made for one
+    /// product (a shape the layout does not fit), match the f64 product as the plain weight's do.
+    #[test]
+    fn packed_weights_match_f64(
+        (m, k, n) in shape(),
+        x in values(70 * 70),
+        w in values(70 * 70),
+        b in values(70),
+        bf16 in any::<bool>(),
+        with_bias in any::<bool>(),
+    ) {
+        let Some(d) = library() else { return Ok(()) };
+        if bf16 && !d.bf16_implemented() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (x, w, b) = (&x[..m * k], &w[..n * k], &b[..n]);
+        let xt = Tensor::from_slice(x, (m, k), &dev).unwrap();
+        let dt = if bf16 { DType::BF16 } else { DType::F32 };
+        let wt = Tensor::from_slice(w, (n, k), &dev).unwrap().to_dtype(dt).unwrap();
+        let bias = with_bias.then(|| Tensor::from_slice(b, n, &dev).unwrap());
+        let Some(packed) = d.pack(&wt.t().unwrap()).unwrap() else {
+            // The layout chosen is the plain one given: nothing packed.
+            return Ok(());
+        };
+        prop_assert_eq!(packed.n(), n);
+        let back = packed.unpack().unwrap();
+        let want = wt.t().unwrap().contiguous().unwrap().to_dtype(DType::F32).unwrap();
+        let diff = common::largest_abs(&(back.to_dtype(DType::F32).unwrap() - want).unwrap());
+        prop_assert!(diff == 0.0, "unpacked differs by {}", diff);
+        let before = d.products();
+        let got = packed.linear(&xt, bias.as_ref()).unwrap();
+        prop_assert!(d.products() > before, "the product did not run on oneDNN");
+        let round = if bf16 { common::rounded } else { f64::from };
+        check(&got, x, w, with_bias.then_some(b), (m, k, n), round)?;
+        // What a shape the layout does not fit runs: the same product on a plain copy.
+        let unpacked = d.unpacked_products();
+        let got = packed.linear_unpacked(&xt, bias.as_ref()).unwrap();
+        prop_assert_eq!(d.unpacked_products(), unpacked + 1);
+        check(&got, x, w, with_bias.then_some(b), (m, k, n), round)?;
+    }
 }
 
 #[test]

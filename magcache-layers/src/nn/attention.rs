@@ -288,9 +288,15 @@ fn onednn_heads(
         // scores = q . k^T: k's row j is column j of the right operand.
         dnnl.bf16_into((qs, 2 * dp), (kh, [1, 2 * dp]), (rows, d, l), sc, 1)
             .and_then(|_| {
-                softmax_rows(sc, l);
-                let p = pairs(sc, rows, l, lp, 1);
-                dnnl.bf16_into((&p, 2 * lp), (vh, [2 * dp, 1]), (rows, l, d), o, 1)
+                let inv = softmax_rows_to_pairs(sc, rows, l, lp);
+                // SAFETY: the first rows * lp values of `sc`, now bf16 pairs (u32 and f32 have
+                // one size and alignment, and any bits are a u32).
+                let p = unsafe { std::slice::from_raw_parts(sc.as_ptr().cast::<u32>(), rows * lp) };
+                dnnl.bf16_into((p, 2 * lp), (vh, [2 * dp, 1]), (rows, l, d), o, 1)?;
+                for (row, inv) in o.chunks_mut(d).zip(inv) {
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+                Ok(())
             })
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     })
@@ -423,6 +429,63 @@ fn softmax_rows(sc: &mut [f32], l: usize) {
     )
 }
 
+/// The softmax of each `l`-wide row of `sc` (`rows` rows) for a bf16 product, in place: row `r`'s
+/// exponentials `exp(x - max)`, rounded to bf16, become its `lp` pairs at `u32` offset `r * lp` of
+/// the same memory (the low half of each `u32` the even key, zero past `l`), left unnormalised.
+/// Returns each row's `1 / sum` of the f32 exponentials, the normalisation the caller applies to
+/// the product's output rows instead (`softmax(s) . v = (exp(s - max) . v) / sum`): two passes
+/// over the scores and half their bytes written, where normalising in f32 and then rounding took
+/// four and wrote them twice (the attention on oneDNN at 4 680 tokens spent more on these passes
+/// than on its products).
+fn softmax_rows_to_pairs(sc: &mut [f32], rows: usize, l: usize, lp: usize) -> Vec<f32> {
+    use super::bf16_gemm::bf16_bits;
+    const W: usize = 32;
+    debug_assert!(sc.len() >= rows * l && 2 * lp >= l && lp <= l.max(1));
+    let base = sc.as_mut_ptr();
+    widest(
+        #[inline(always)]
+        || {
+            let mut inv = Vec::with_capacity(rows);
+            for r in 0..rows {
+                // SAFETY: row r's values, not yet written (writes stay below them, see below).
+                let max = lanes_max(unsafe { std::slice::from_raw_parts(base.add(r * l), l) });
+                let out = base.cast::<u16>();
+                let mut acc = [0f32; W];
+                let mut i = 0;
+                // SAFETY: values `r * l + i ..` are copied out before bf16 values `2 * r * lp +
+                // i ..` are written, and `2 * r * lp + i + W` bf16 (2 bytes) end at or before the
+                // f32 (4 bytes) `r * l + i + W` as `lp <= l`: no write reaches a value unread.
+                unsafe {
+                    while i + W <= l {
+                        let mut e = [0f32; W];
+                        std::ptr::copy_nonoverlapping(base.add(r * l + i), e.as_mut_ptr(), W);
+                        let mut b = [0u16; W];
+                        for t in 0..W {
+                            e[t] = fast_exp(e[t] - max);
+                            acc[t] += e[t];
+                            b[t] = bf16_bits(e[t]);
+                        }
+                        std::ptr::copy_nonoverlapping(b.as_ptr(), out.add(2 * r * lp + i), W);
+                        i += W;
+                    }
+                    let mut sum = acc.iter().sum::<f32>();
+                    for i in i..2 * lp {
+                        let e = if i < l {
+                            fast_exp(*base.add(r * l + i) - max)
+                        } else {
+                            0.0
+                        };
+                        sum += e;
+                        *out.add(2 * r * lp + i) = bf16_bits(e);
+                    }
+                    inv.push(1.0 / sum);
+                }
+            }
+            inv
+        },
+    )
+}
+
 /// [`attention`] over chunks of `chunk` queries (the path off the CPU, and the CPU path's reference).
 pub fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Result<Tensor> {
     let _timer = super::timing::Timer::attention(q.device().is_cpu());
@@ -464,65 +527,5 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 #[cfg(test)]
-#[test]
-fn fused_cpu_attention_equals_the_matmul_path() {
-    let dev = Device::Cpu;
-    // Query counts across and off the task block, keys fewer and more than the queries.
-    for (b, h, s, l, d) in [(2, 3, 300, 200, 16), (1, 2, 128, 129, 8), (1, 1, 1, 3, 4)] {
-        let q = Tensor::randn(0f32, 2.0, (b, h, s, d), &dev).unwrap();
-        let k = Tensor::randn(0f32, 2.0, (b, h, l, d), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
-        let fused = cpu_attention(&q, &k, &v).unwrap();
-        let reference = attention_in_chunks(&q, &k, &v, s).unwrap();
-        let diff = max_abs_diff(&fused, &reference);
-        assert!(diff < 1e-5, "{b}x{h}x{s}x{l}x{d}: {diff}");
-    }
-    // A non-contiguous q (heads transposed in, as the models pass them) is accepted.
-    let q = Tensor::randn(0f32, 1.0, (1, 5, 2, 8), &dev)
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap();
-    let k = Tensor::randn(0f32, 1.0, (1, 2, 7, 8), &dev).unwrap();
-    let a = cpu_attention(&q, &k, &k).unwrap();
-    let r = attention_in_chunks(&q, &k, &k, 5).unwrap();
-    let diff = max_abs_diff(&a, &r);
-    assert!(diff < 1e-5, "{diff}");
-}
-
-/// The softmax of score rows of many lengths (the lanes' tails) against f64.
-#[cfg(test)]
-#[test]
-fn softmax_rows_match_f64() {
-    for l in [1, 15, 16, 17, 47, 200, 4801] {
-        let rows = 3;
-        let sc: Vec<f32> = (0..rows * l)
-            .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
-            .collect();
-        let mut out = sc.clone();
-        softmax_rows(&mut out, l);
-        for (row, got) in sc.chunks(l).zip(out.chunks(l)) {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-            for (&x, &y) in row.iter().zip(got) {
-                let p = (x as f64 - max).exp() / sum;
-                assert!(
-                    (p - y as f64).abs() <= 1e-6 * p + 1e-12,
-                    "l {l}: {y} vs {p}"
-                );
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-#[test]
-fn chunked_attention_equals_one_shot() {
-    let dev = Device::Cpu;
-    let q = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev).unwrap();
-    let k = Tensor::randn(0f32, 1.0, (1, 2, 29, 8), &dev).unwrap();
-    let v = Tensor::randn(0f32, 1.0, (1, 2, 29, 8), &dev).unwrap();
-    let full = attention(&q, &k, &v).unwrap();
-    let chunked = attention_in_chunks(&q, &k, &v, 5).unwrap();
-    let d = max_abs_diff(&full, &chunked);
-    assert!(d < 1e-6, "{d}");
-}
+#[path = "attention_tests.rs"]
+mod tests;

@@ -14,29 +14,32 @@
 //! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
 //! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
 //! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there). Where bf16 runs here (AMX), the
-//! attention's two products do too ([`OneDnn::bf16_into`], from `nn::attention`). Weights are read
-//! in place (the transposed view candle keeps, by its strides): no copy is made or counted; each
-//! calling thread keeps the scratch memory of its largest product (`scratch`).
+//! attention's two products do too ([`OneDnn::bf16_into`], from `nn::attention`). f32 weights are
+//! read in place (the transposed view candle keeps, by its strides): no copy is made or counted.
+//! bf16 weights on AMX are reordered once at load into the layout oneDNN's product reads
+//! ([`PackedWeight`], `packed`), the packed copy replacing the weight. Each calling thread keeps
+//! the scratch memory of its largest product (`scratch`).
 //!
 //! oneDNN's threads are OpenMP's in the gomp build: each product sets the calling thread's count to
 //! candle's ([`candle_core::utils::get_num_threads`]).
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use magcache_core::{Error, Result};
-use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::collections::{HashMap, HashSet};
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The environment variable naming the library.
 pub const ENV: &str = "MAGCACHE_ONEDNN";
 
-use ffi::{isa_name, memory_desc, status, QUERY_IMPL_INFO_STR, STREAM_IN_ORDER};
-use ffi::{Api, ExecArg, Handle};
-use ffi::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, ENGINE_CPU, ISA_AMX};
-use ffi::{ARG_SCRATCHPAD, QUERY_SCRATCHPAD_MD, SCRATCHPAD_MODE_USER};
+use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
+pub use packed::PackedWeight;
+use primitive::{Key, Primitive};
 
 mod ffi;
+mod packed;
+mod primitive;
 mod raw;
 mod scratch;
 
@@ -49,7 +52,12 @@ pub struct OneDnn {
     /// Whether a bf16 product is implemented on this CPU (probed at load).
     bf16: bool,
     primitives: Mutex<HashMap<Key, Arc<Primitive>>>,
+    /// Products of packed weights whose layout oneDNN refused for their shape.
+    refused: Mutex<HashSet<Key>>,
+    /// The packed weights' layouts ([`PackedWeight`]), numbered from 1.
+    formats: Mutex<Vec<OwnedMd>>,
     products: AtomicU64,
+    unpacked: AtomicU64,
     // Never unloaded: the function pointers above point into it.
     _lib: libloading::Library,
 }
@@ -59,6 +67,12 @@ impl Drop for OneDnn {
         // The primitives first (they hold the engine), then the engine; the library after both.
         if let Ok(mut map) = self.primitives.lock() {
             map.clear();
+        }
+        if let Ok(mut formats) = self.formats.lock() {
+            // SAFETY: copies made by `intern_format`, destroyed once here.
+            formats.drain(..).for_each(|f| unsafe {
+                (self.api.md_destroy)(f.0);
+            });
         }
         // SAFETY: created at open, destroyed once here.
         unsafe { (self.api.engine_destroy)(self.engine) };
@@ -70,6 +84,17 @@ impl Drop for OneDnn {
 // set on every primitive here); the map is behind a mutex.
 unsafe impl Send for OneDnn {}
 unsafe impl Sync for OneDnn {}
+
+/// A memory descriptor the library's owner destroys ([`OneDnn`]'s drop).
+struct OwnedMd(Handle);
+
+/// A weight operand: a pointer, and its strides (`format` 0) or packed layout's number.
+#[derive(Clone, Copy)]
+struct Wei {
+    ptr: *const c_void,
+    strides: [usize; 2],
+    format: u32,
+}
 
 /// What [`state`] found.
 pub enum State {
@@ -158,58 +183,6 @@ fn open(spec: Option<&str>) -> State {
     }
 }
 
-/// One matmul primitive for a shape and layout.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Key {
-    m: usize,
-    k: usize,
-    n: usize,
-    /// bf16 operands (else f32).
-    bf16: bool,
-    bias: bool,
-    src_strides: [usize; 2],
-    wei_strides: [usize; 2],
-}
-
-struct Primitive {
-    api: *const Api,
-    pd: Handle,
-    prim: Handle,
-    src: Handle,
-    wei: Handle,
-    bias: Handle,
-    dst: Handle,
-    /// The scratchpad's descriptor, owned by `pd`, and its size (0: none).
-    scratch: Handle,
-    scratch_bytes: usize,
-    impl_info: String,
-}
-
-// SAFETY: see `OneDnn`; `api` points into the `OneDnn` that owns the map holding this (the
-// primitives are dropped before it).
-unsafe impl Send for Primitive {}
-unsafe impl Sync for Primitive {}
-
-impl Drop for Primitive {
-    fn drop(&mut self) {
-        // SAFETY: the handles were created by this library and are destroyed once, here.
-        unsafe {
-            let api = &*self.api;
-            if !self.prim.is_null() {
-                (api.primitive_destroy)(self.prim);
-            }
-            if !self.pd.is_null() {
-                (api.pd_destroy)(self.pd);
-            }
-            for md in [self.src, self.wei, self.bias, self.dst] {
-                if !md.is_null() {
-                    (api.md_destroy)(md);
-                }
-            }
-        }
-    }
-}
-
 impl OneDnn {
     fn open(spec: &str) -> std::result::Result<Self, String> {
         let (lib, api, version_fn, isa_fn) = Api::load(spec)?;
@@ -238,7 +211,10 @@ impl OneDnn {
             isa,
             bf16: false,
             primitives: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashSet::new()),
+            formats: Mutex::new(Vec::new()),
             products: AtomicU64::new(0),
+            unpacked: AtomicU64::new(0),
             _lib: lib,
         };
         // The f32 product must build; a bf16 one may not (no bf16 kernel on CPUs before AVX-512).
@@ -252,7 +228,7 @@ impl OneDnn {
     /// and the like.
     pub fn describe(&self) -> String {
         let bf16 = if self.bf16_products() {
-            "bf16 weights on it (AMX)"
+            "bf16 weights on it (AMX, packed once in its layout)"
         } else if super::bf16_gemm::available() {
             "bf16 weights on the layers' AVX512-BF16 kernel"
         } else {
@@ -263,8 +239,14 @@ impl OneDnn {
         } else {
             "the library's own threads"
         };
+        let unpacked = match self.unpacked_products() {
+            0 => String::new(),
+            u => format!(
+                "; {u} products unpacked their weight (a shape its packed layout does not fit)"
+            ),
+        };
         format!(
-            "oneDNN {} (CPU ISA {}): f32 linear layers on it, {bf16}; {threads}",
+            "oneDNN {} (CPU ISA {}): f32 linear layers on it, {bf16}; {threads}{unpacked}",
             self.version,
             isa_name(self.isa)
         )
@@ -281,102 +263,6 @@ impl OneDnn {
         self.bf16 && self.isa & ISA_AMX == ISA_AMX
     }
 
-    fn primitive(&self, key: Key) -> std::result::Result<Arc<Primitive>, String> {
-        let mut map = self.primitives.lock().map_err(|e| e.to_string())?;
-        if let Some(p) = map.get(&key) {
-            return Ok(p.clone());
-        }
-        let api = &self.api;
-        let dt = if key.bf16 { DT_BF16 } else { DT_F32 };
-        let md = |rows, cols, strides, dt| memory_desc(api, rows, cols, strides, dt);
-        let mut p = Primitive {
-            api,
-            pd: std::ptr::null_mut(),
-            prim: std::ptr::null_mut(),
-            src: std::ptr::null_mut(),
-            wei: std::ptr::null_mut(),
-            bias: std::ptr::null_mut(),
-            dst: std::ptr::null_mut(),
-            scratch: std::ptr::null_mut(),
-            scratch_bytes: 0,
-            impl_info: String::new(),
-        };
-        p.src = md(key.m, key.k, key.src_strides, dt)?;
-        p.wei = md(key.k, key.n, key.wei_strides, dt)?;
-        if key.bias {
-            p.bias = md(1, key.n, [key.n, 1], DT_F32)?;
-        }
-        p.dst = md(key.m, key.n, [key.n, 1], DT_F32)?;
-        let what = format!(
-            "matmul [{} x {}] by [{} x {}] in {}",
-            key.m,
-            key.k,
-            key.k,
-            key.n,
-            if key.bf16 { "bf16" } else { "f32" }
-        );
-        // Scratch memory is the caller's, per execution: a primitive built on one thread may run
-        // on another, and on two at once (oneDNN's own scratchpad is per thread or per primitive).
-        let mut attr: Handle = std::ptr::null_mut();
-        // SAFETY: an out-pointer for the attribute, set before use and destroyed after (the
-        // descriptor keeps a copy); the memory descriptors were created above.
-        let created = unsafe {
-            status("attribute", (api.attr_create)(&mut attr)).and_then(|_| {
-                let r = status(
-                    "scratchpad mode",
-                    (api.attr_set_scratchpad_mode)(attr, SCRATCHPAD_MODE_USER),
-                )
-                .and_then(|_| {
-                    status(
-                        &what,
-                        (api.matmul_pd_create)(
-                            &mut p.pd,
-                            self.engine,
-                            p.src,
-                            p.wei,
-                            p.bias,
-                            p.dst,
-                            attr,
-                        ),
-                    )
-                });
-                (api.attr_destroy)(attr);
-                r
-            })
-        };
-        created?;
-        // SAFETY: the descriptor's own scratchpad descriptor (null or zero bytes when none).
-        unsafe {
-            p.scratch = (api.pd_query_md)(p.pd, QUERY_SCRATCHPAD_MD, 0);
-            if !p.scratch.is_null() {
-                p.scratch_bytes = (api.md_get_size)(p.scratch);
-            }
-        }
-        let mut info: *const c_char = std::ptr::null();
-        // SAFETY: the implementation's name, a C string owned by the descriptor.
-        unsafe {
-            if (api.pd_query)(
-                p.pd,
-                QUERY_IMPL_INFO_STR,
-                0,
-                &mut info as *mut _ as *mut c_void,
-            ) == 0
-                && !info.is_null()
-            {
-                p.impl_info = CStr::from_ptr(info).to_string_lossy().into_owned();
-            }
-        }
-        // SAFETY: the descriptor built above.
-        status(&what, unsafe { (api.primitive_create)(&mut p.prim, p.pd) })?;
-        let p = Arc::new(p);
-        // A run has a few shapes; a server may see many: start over past a bound.
-        if map.len() >= 256 {
-            map.clear();
-        }
-        map.insert(key, p.clone());
-        Ok(p)
-    }
-
     /// The name oneDNN gives the implementation of an `m x k` by `k x n` product (f32 or bf16,
     /// contiguous operands, the weight transposed as a linear layer's): `gemm:jit:f32`,
     /// `brg_matmul:avx512_core_amx` and the like.
@@ -385,86 +271,6 @@ impl OneDnn {
             .primitive(Key::plain(m, k, n, bf16))
             .map_err(Error::msg)?;
         Ok(p.impl_info.clone())
-    }
-
-    /// Runs one product: `src [m x k]` (f32 or bf16 bits) by the weight `[k x n]` (its
-    /// strides), plus the bias, into `dst [m x n]` f32, on `threads` OpenMP threads.
-    ///
-    /// # Safety
-    /// The pointers must cover the extents their strides give, in the key's dtype, and stay
-    /// valid for the call.
-    unsafe fn execute(
-        &self,
-        key: Key,
-        (src, wei): (*const c_void, *const c_void),
-        bias: *const f32,
-        dst: *mut f32,
-        threads: usize,
-    ) -> std::result::Result<(), String> {
-        let p = self.primitive(key)?;
-        scratch::with(p.scratch_bytes, |scratch_ptr| {
-            // SAFETY: the caller's pointers, and this thread's scratch for the call.
-            unsafe { self.execute_with(&p, (src, wei), (bias, dst), scratch_ptr, threads) }
-        })
-    }
-
-    /// [`Self::execute`] on the primitive `p`, with its scratch memory at `scratch_ptr`.
-    ///
-    /// # Safety
-    /// As [`Self::execute`]; `scratch_ptr` holds `p.scratch_bytes` (or is null when 0).
-    unsafe fn execute_with(
-        &self,
-        p: &Primitive,
-        (src, wei): (*const c_void, *const c_void),
-        (bias, dst): (*const f32, *mut f32),
-        scratch_ptr: *mut c_void,
-        threads: usize,
-    ) -> std::result::Result<(), String> {
-        let api = &self.api;
-        if let Some(set) = api.omp_set_num_threads {
-            set(threads.max(1) as c_int);
-        }
-        let mut mems: Vec<ExecArg> = Vec::with_capacity(5);
-        let mut result = Ok(());
-        for (arg, md, ptr) in [
-            (ARG_SRC, p.src, src as *mut c_void),
-            (ARG_WEIGHTS, p.wei, wei as *mut c_void),
-            (ARG_BIAS, p.bias, bias as *mut c_void),
-            (ARG_DST, p.dst, dst as *mut c_void),
-            (ARG_SCRATCHPAD, p.scratch, scratch_ptr),
-        ] {
-            if md.is_null() || ptr.is_null() {
-                continue;
-            }
-            let mut mem: Handle = std::ptr::null_mut();
-            result = status(
-                "memory",
-                (api.memory_create)(&mut mem, md, self.engine, ptr),
-            );
-            if result.is_err() {
-                break;
-            }
-            mems.push(ExecArg { arg, memory: mem });
-        }
-        if result.is_ok() {
-            let mut stream: Handle = std::ptr::null_mut();
-            result = status(
-                "stream",
-                (api.stream_create)(&mut stream, self.engine, STREAM_IN_ORDER),
-            );
-            if result.is_ok() {
-                result = status(
-                    "matmul",
-                    (api.primitive_execute)(p.prim, stream, mems.len() as c_int, mems.as_ptr()),
-                )
-                .and_then(|_| status("matmul", (api.stream_wait)(stream)));
-                (api.stream_destroy)(stream);
-            }
-        }
-        for m in mems {
-            (api.memory_destroy)(m.memory);
-        }
-        result
     }
 
     /// A linear layer's product: `x [m, k]` (f32, any strides) by `wt [k, n]` (the transposed
@@ -491,25 +297,52 @@ impl OneDnn {
         wt: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        let ((m, k), (k2, n)) = (x.dims2()?, wt.dims2()?);
+        let (k, n) = wt.dims2()?;
         let bf16 = match wt.dtype() {
             DType::F32 => false,
             DType::BF16 if self.bf16 => true,
             _ => return Ok(None),
         };
+        if !wt.device().is_cpu() {
+            return Ok(None);
+        }
+        let (ws, wl) = wt.storage_and_layout();
+        let ptr: *const c_void = match &*ws {
+            Storage::Cpu(CpuStorage::F32(v)) if !bf16 => v[wl.start_offset()..].as_ptr().cast(),
+            Storage::Cpu(CpuStorage::BF16(v)) if bf16 => v[wl.start_offset()..].as_ptr().cast(),
+            _ => return Ok(None),
+        };
+        let strides = [wl.stride()[0], wl.stride()[1]];
+        let wei = Wei {
+            ptr,
+            strides,
+            format: 0,
+        };
+        self.product_on(x, (k, n, bf16), wei, bias)
+    }
+
+    /// `x [m, k]` (f32, any strides) by the weight `wei` (`[k x n]`, bf16 or f32), plus `bias`:
+    /// `[m, n]` f32. `None` when the operands are not for it, or when `wei` is packed in a
+    /// layout oneDNN refuses for this shape (remembered: it is not asked again).
+    fn product_on(
+        &self,
+        x: &Tensor,
+        (k, n, bf16): (usize, usize, bool),
+        wei: Wei,
+        bias: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let (m, k2) = x.dims2()?;
         if k != k2
             || m == 0
             || k == 0
             || n == 0
             || x.dtype() != DType::F32
             || !x.device().is_cpu()
-            || !wt.device().is_cpu()
             || bias.is_some_and(|b| b.dtype() != DType::F32 || b.dims() != [n])
         {
             return Ok(None);
         }
         let bias = bias.map(|b| b.contiguous()).transpose()?;
-        let (ws, wl) = wt.storage_and_layout();
         let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
         let bias_ptr = match &bias_guard {
             Some((s, l)) => match &**s {
@@ -518,39 +351,33 @@ impl OneDnn {
             },
             None => std::ptr::null(),
         };
-        let wei_strides = [wl.stride()[0], wl.stride()[1]];
-        let wei_ptr: *const c_void = match &*ws {
-            Storage::Cpu(CpuStorage::F32(v)) if !bf16 => {
-                v[wl.start_offset()..].as_ptr() as *const c_void
-            }
-            Storage::Cpu(CpuStorage::BF16(v)) if bf16 => {
-                v[wl.start_offset()..].as_ptr() as *const c_void
-            }
-            _ => return Ok(None),
-        };
         let mut dst: Vec<f32> = Vec::with_capacity(m * n);
         let mut run = |src: *const c_void, src_strides: [usize; 2]| {
-            let bias = !bias_ptr.is_null();
             let key = Key {
                 m,
                 k,
                 n,
                 bf16,
-                bias,
+                bias: !bias_ptr.is_null(),
                 src_strides,
-                wei_strides,
+                wei_strides: wei.strides,
+                wei_format: wei.format,
             };
-            // SAFETY: the pointers come from tensors whose layouts give the strides and extents
-            // used (the destination's capacity is m * n), all held for the call.
+            if wei.format != 0 && !self.fits(key) {
+                return Ok(false);
+            }
+            // SAFETY: the pointers come from tensors (or a packed weight) whose layouts give the
+            // strides and extents used (the destination's capacity is m * n), held for the call.
             unsafe {
                 self.execute(
                     key,
-                    (src, wei_ptr),
+                    (src, wei.ptr),
                     bias_ptr,
                     dst.as_mut_ptr(),
                     candle_core::utils::get_num_threads(),
                 )
             }
+            .map(|_| true)
         };
         let outcome = if bf16 {
             // The activations rounded to bf16 (RNE), rows padded to an even count of features.
@@ -574,10 +401,26 @@ impl OneDnn {
                 [xl.stride()[0], xl.stride()[1]],
             )
         };
-        outcome.map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
+        if !outcome.map_err(|e| Error::msg(format!("{ENV}: {e}")))? {
+            return Ok(None);
+        }
         self.products.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the product wrote all m * n values.
         unsafe { dst.set_len(m * n) };
         Ok(Some(Tensor::from_vec(dst, (m, n), x.device())?))
+    }
+
+    /// Whether the primitive of `key` (a packed weight's) builds; a refusal is remembered.
+    fn fits(&self, key: Key) -> bool {
+        if self.refused.lock().is_ok_and(|r| r.contains(&key)) {
+            return false;
+        }
+        if self.primitive(key).is_ok() {
+            return true;
+        }
+        if let Ok(mut r) = self.refused.lock() {
+            r.insert(key);
+        }
+        false
     }
 }

@@ -34,6 +34,9 @@ pub(super) const ARG_WEIGHTS: c_int = 33;
 pub(super) const ARG_BIAS: c_int = 41;
 pub(super) const QUERY_IMPL_INFO_STR: c_int = 8;
 pub(super) const QUERY_SCRATCHPAD_MD: c_int = 136;
+pub(super) const QUERY_WEIGHTS_MD: c_int = 131;
+/// `dnnl_format_tag_any`: the primitive chooses the layout.
+pub(super) const FORMAT_TAG_ANY: c_int = 1;
 pub(super) const ARG_SCRATCHPAD: c_int = 80;
 /// `dnnl_scratchpad_mode_user`: the caller passes each execution's scratch memory.
 pub(super) const SCRATCHPAD_MODE_USER: c_int = 1;
@@ -55,6 +58,12 @@ pub(super) struct Api {
     pub(super) md_create:
         unsafe extern "C" fn(*mut Handle, c_int, *const i64, c_int, *const i64) -> c_int,
     pub(super) md_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) md_create_with_tag:
+        unsafe extern "C" fn(*mut Handle, c_int, *const i64, c_int, c_int) -> c_int,
+    pub(super) md_clone: unsafe extern "C" fn(*mut Handle, Handle) -> c_int,
+    pub(super) md_equal: unsafe extern "C" fn(Handle, Handle) -> c_int,
+    pub(super) reorder_pd_create:
+        unsafe extern "C" fn(*mut Handle, Handle, Handle, Handle, Handle, Handle) -> c_int,
     pub(super) matmul_pd_create:
         unsafe extern "C" fn(*mut Handle, Handle, Handle, Handle, Handle, Handle, Handle) -> c_int,
     pub(super) pd_query: unsafe extern "C" fn(Handle, c_int, c_int, *mut c_void) -> c_int,
@@ -107,6 +116,10 @@ impl Api {
             stream_destroy: sym!(b"dnnl_stream_destroy\0"),
             md_create: sym!(b"dnnl_memory_desc_create_with_strides\0"),
             md_destroy: sym!(b"dnnl_memory_desc_destroy\0"),
+            md_create_with_tag: sym!(b"dnnl_memory_desc_create_with_tag\0"),
+            md_clone: sym!(b"dnnl_memory_desc_clone\0"),
+            md_equal: sym!(b"dnnl_memory_desc_equal\0"),
+            reorder_pd_create: sym!(b"dnnl_reorder_primitive_desc_create\0"),
             matmul_pd_create: sym!(b"dnnl_matmul_primitive_desc_create\0"),
             pd_query: sym!(b"dnnl_primitive_desc_query\0"),
             pd_destroy: sym!(b"dnnl_primitive_desc_destroy\0"),

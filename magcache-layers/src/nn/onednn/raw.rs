@@ -38,6 +38,7 @@ impl OneDnn {
             bias: false,
             src_strides: [a_row, 1],
             wei_strides: b_strides,
+            wei_format: 0,
         };
         let ptrs = (a.as_ptr() as *const c_void, b.as_ptr() as *const c_void);
         // SAFETY: the bounds were checked above in bf16 elements (two per `u32`), `out` holds
@@ -62,6 +63,7 @@ impl Key {
             bias,
             src_strides,
             wei_strides,
+            wei_format: 0,
         }
     }
 }

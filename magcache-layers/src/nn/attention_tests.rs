@@ -1,0 +1,104 @@
+//! Unit tests of the fused CPU attention and its softmax (`nn/attention.rs`).
+
+use super::*;
+
+#[test]
+fn fused_cpu_attention_equals_the_matmul_path() {
+    let dev = Device::Cpu;
+    // Query counts across and off the task block, keys fewer and more than the queries.
+    for (b, h, s, l, d) in [(2, 3, 300, 200, 16), (1, 2, 128, 129, 8), (1, 1, 1, 3, 4)] {
+        let q = Tensor::randn(0f32, 2.0, (b, h, s, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 2.0, (b, h, l, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
+        let fused = cpu_attention(&q, &k, &v).unwrap();
+        let reference = attention_in_chunks(&q, &k, &v, s).unwrap();
+        let diff = max_abs_diff(&fused, &reference);
+        assert!(diff < 1e-5, "{b}x{h}x{s}x{l}x{d}: {diff}");
+    }
+    // A non-contiguous q (heads transposed in, as the models pass them) is accepted.
+    let q = Tensor::randn(0f32, 1.0, (1, 5, 2, 8), &dev)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 7, 8), &dev).unwrap();
+    let a = cpu_attention(&q, &k, &k).unwrap();
+    let r = attention_in_chunks(&q, &k, &k, 5).unwrap();
+    let diff = max_abs_diff(&a, &r);
+    assert!(diff < 1e-5, "{diff}");
+}
+
+/// The softmax of score rows of many lengths (the lanes' tails) against f64.
+#[test]
+fn softmax_rows_match_f64() {
+    for l in [1, 15, 16, 17, 47, 200, 4801] {
+        let rows = 3;
+        let sc: Vec<f32> = (0..rows * l)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
+            .collect();
+        let mut out = sc.clone();
+        softmax_rows(&mut out, l);
+        for (row, got) in sc.chunks(l).zip(out.chunks(l)) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            for (&x, &y) in row.iter().zip(got) {
+                let p = (x as f64 - max).exp() / sum;
+                assert!(
+                    (p - y as f64).abs() <= 1e-6 * p + 1e-12,
+                    "l {l}: {y} vs {p}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_attention_equals_one_shot() {
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1.0, (1, 2, 37, 8), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 29, 8), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (1, 2, 29, 8), &dev).unwrap();
+    let full = attention(&q, &k, &v).unwrap();
+    let chunked = attention_in_chunks(&q, &k, &v, 5).unwrap();
+    let d = max_abs_diff(&full, &chunked);
+    assert!(d < 1e-6, "{d}");
+}
+
+/// The in-place bf16 softmax: each row's pairs (at `u32` offset `r * lp`, zero past `l`) hold
+/// `exp(x - max)` within bf16's rounding, and the returned `1 / sum` is the f64 one's within f32
+/// accumulation, for row widths around the 32-value step and odd ones (a padded last pair).
+#[test]
+fn softmax_rows_to_pairs_match_f64() {
+    for l in [1usize, 2, 15, 16, 17, 31, 32, 33, 47, 64, 200, 4801] {
+        let (rows, lp) = (3, l.div_ceil(2));
+        let sc: Vec<f32> = (0..rows * l)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
+            .collect();
+        let mut buf = sc.clone();
+        let inv = softmax_rows_to_pairs(&mut buf, rows, l, lp);
+        assert_eq!(inv.len(), rows);
+        for (r, row) in sc.chunks(l).enumerate() {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            let got_inv = inv[r] as f64;
+            assert!(
+                (got_inv * sum - 1.0).abs() < 1e-5,
+                "l {l} row {r}: 1/sum {got_inv} vs {}",
+                1.0 / sum
+            );
+            for j in 0..2 * lp {
+                let pair = buf[r * lp + j / 2].to_bits();
+                let bits = if j % 2 == 0 {
+                    pair & 0xffff
+                } else {
+                    pair >> 16
+                };
+                let got = f32::from_bits(bits << 16) as f64;
+                let want = row.get(j).map_or(0.0, |&x| (x as f64 - max).exp());
+                assert!(
+                    (got - want).abs() <= want * (1.0 / 256.0),
+                    "l {l} row {r} key {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Linear weights reordered once, at load, into the layout oneDNN's matmul reads (issue 45).
+//!
+//! Given a plain weight, oneDNN's brgemm matmul copies the panels of it each product needs into a
+//! blocked layout of its own (on AMX: pairs of bf16 rows interleaved, blocks of 16 to 64 columns)
+//! in the scratch memory, on every product: the whole weight (27 MB for the Wan2.1-1.3B FFN's)
+//! read and written again per product. A weight reordered once into the layout the matmul
+//! chooses for it (`format_tag_any`) is read as it is. The packed copy replaces the plain weight
+//! (the same bytes, the blocks' padding aside: the size guard's count of the weights holds).
+//!
+//! The layout is the one chosen for a product of [`M_REF`] rows. A product whose shape the
+//! layout does not fit (oneDNN refuses the primitive: a one-row product, say, on some CPUs) runs
+//! on a plain copy of the weight made for it, counted ([`OneDnn::unpacked_products`]) and said
+//! in the run report's `products`.
+
+use super::ffi::{memory_desc, status, ExecArg, Handle, ARG_DST, ARG_SRC};
+use super::ffi::{DT_BF16, DT_F32, FORMAT_TAG_ANY, QUERY_WEIGHTS_MD, STREAM_IN_ORDER};
+use super::{OneDnn, Wei, ENV};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use magcache_core::{Error, Result};
+use std::ffi::c_void;
+use std::sync::atomic::Ordering;
+
+/// The rows of the product a weight's layout is chosen for: a few hundred to thousands of tokens
+/// times the batch in the transformers here (oneDNN's choice varies with the column count and
+/// the ISA, and differs for one-row products).
+const M_REF: usize = 1024;
+
+/// A linear layer's weight `[k x n]` (the transposed `[n, k]` of a checkpoint) in oneDNN's
+/// layout for its matmul.
+pub struct PackedWeight {
+    dnnl: &'static OneDnn,
+    k: usize,
+    n: usize,
+    bf16: bool,
+    /// The layout's number ([`OneDnn::format`]).
+    format: u32,
+    /// The packed bytes from `at` (64-byte aligned), `bytes` long.
+    buf: Vec<u8>,
+    at: usize,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dt = if self.bf16 { "bf16" } else { "f32" };
+        write!(
+            f,
+            "PackedWeight [{} x {}] {dt}, oneDNN layout {}",
+            self.k, self.n, self.format
+        )
+    }
+}
+
+impl OneDnn {
+    /// The memory descriptor of packed layout `id` (kept until the library is dropped).
+    pub(super) fn format(&self, id: u32) -> std::result::Result<Handle, String> {
+        let formats = self.formats.lock().map_err(|e| e.to_string())?;
+        formats
+            .get((id as usize).wrapping_sub(1))
+            .map(|f| f.0)
+            .ok_or_else(|| format!("oneDNN: no packed layout {id}"))
+    }
+
+    /// The number of the layout `md` describes (a copy is kept the first time it is seen).
+    fn intern_format(&self, md: Handle) -> std::result::Result<u32, String> {
+        let mut formats = self.formats.lock().map_err(|e| e.to_string())?;
+        // SAFETY: both descriptors are valid: kept ones until drop, `md` for the caller's call.
+        if let Some(i) = formats
+            .iter()
+            .position(|f| unsafe { (self.api.md_equal)(f.0, md) } != 0)
+        {
+            return Ok(i as u32 + 1);
+        }
+        let mut copy: Handle = std::ptr::null_mut();
+        // SAFETY: an out-pointer for the copy, destroyed with the library (`OwnedMd`).
+        status("memory descriptor", unsafe {
+            (self.api.md_clone)(&mut copy, md)
+        })?;
+        formats.push(super::OwnedMd(copy));
+        Ok(formats.len() as u32)
+    }
+
+    /// `wt [k, n]` (f32, or bf16 where [`Self::bf16_implemented`]; any strides: a linear layer's
+    /// transposed view) reordered into the layout oneDNN's matmul chooses for it. `None` when
+    /// that layout is the plain one given (nothing to gain) or the weight is not for it.
+    pub fn pack(&'static self, wt: &Tensor) -> Result<Option<PackedWeight>> {
+        let (k, n) = wt.dims2()?;
+        let bf16 = match wt.dtype() {
+            DType::F32 => false,
+            DType::BF16 if self.bf16 => true,
+            _ => return Ok(None),
+        };
+        if k == 0 || n == 0 || !wt.device().is_cpu() {
+            return Ok(None);
+        }
+        let (ws, wl) = wt.storage_and_layout();
+        let strides = [wl.stride()[0], wl.stride()[1]];
+        let ptr: *const c_void = match &*ws {
+            Storage::Cpu(CpuStorage::F32(v)) if !bf16 => v[wl.start_offset()..].as_ptr().cast(),
+            Storage::Cpu(CpuStorage::BF16(v)) if bf16 => v[wl.start_offset()..].as_ptr().cast(),
+            _ => return Ok(None),
+        };
+        let dt = if bf16 { DT_BF16 } else { DT_F32 };
+        let err = |e: String| Error::msg(format!("{ENV}: packing a [{k} x {n}] weight: {e}"));
+        let plain = Md(
+            memory_desc(&self.api, k, n, strides, dt).map_err(err)?,
+            &self.api,
+        );
+        let format = self.chosen_format(k, n, dt).map_err(err)?;
+        let packed_md = self.format(format).map_err(err)?;
+        // SAFETY: two valid descriptors.
+        if unsafe { (self.api.md_equal)(packed_md, plain.0) } != 0 {
+            return Ok(None);
+        }
+        // SAFETY: a valid descriptor.
+        let bytes = unsafe { (self.api.md_get_size)(packed_md) };
+        let mut buf = vec![0u8; bytes + 64];
+        let at = buf.as_ptr().align_offset(64);
+        // SAFETY: `ptr` covers the extents of `plain` (the tensor's layout), the buffer `bytes`
+        // from `at`; both outlive the call.
+        unsafe {
+            self.reorder(
+                (plain.0, ptr as *mut c_void),
+                (packed_md, buf.as_mut_ptr().add(at).cast()),
+            )
+        }
+        .map_err(err)?;
+        Ok(Some(PackedWeight {
+            dnnl: self,
+            k,
+            n,
+            bf16,
+            format,
+            buf,
+            at,
+            bytes,
+        }))
+    }
+
+    /// The layout the matmul of an [`M_REF`] x `k` by `k x n` product chooses for its weight.
+    fn chosen_format(&self, k: usize, n: usize, dt: i32) -> std::result::Result<u32, String> {
+        let api = &self.api;
+        let src = Md(memory_desc(api, M_REF, k, [k, 1], dt)?, api);
+        let dst = Md(memory_desc(api, M_REF, n, [n, 1], DT_F32)?, api);
+        let mut any: Handle = std::ptr::null_mut();
+        let dims = dims2(k, n);
+        // SAFETY: an out-pointer and 12 dimensions, 2 used.
+        status("memory descriptor", unsafe {
+            (api.md_create_with_tag)(&mut any, 2, dims.as_ptr(), dt, FORMAT_TAG_ANY)
+        })?;
+        let any = Md(any, api);
+        let mut pd: Handle = std::ptr::null_mut();
+        let null = std::ptr::null_mut();
+        // SAFETY: valid descriptors; no bias, default attributes.
+        status("matmul", unsafe {
+            (api.matmul_pd_create)(&mut pd, self.engine, src.0, any.0, null, dst.0, null)
+        })?;
+        // SAFETY: the weights' descriptor is owned by `pd`, interned (copied) before `pd` goes.
+        let id = unsafe { self.intern_format((api.pd_query_md)(pd, QUERY_WEIGHTS_MD, 0)) };
+        // SAFETY: created above, destroyed once.
+        unsafe { (api.pd_destroy)(pd) };
+        id
+    }
+
+    /// Reorders the memory `from` into `to` (descriptor and data each), on candle's threads.
+    ///
+    /// # Safety
+    /// Each pointer must hold its descriptor's extent and stay valid for the call.
+    unsafe fn reorder(
+        &self,
+        from: (Handle, *mut c_void),
+        to: (Handle, *mut c_void),
+    ) -> std::result::Result<(), String> {
+        let api = &self.api;
+        if let Some(set) = api.omp_set_num_threads {
+            set(candle_core::utils::get_num_threads().max(1) as i32);
+        }
+        let (mut pd, mut prim, mut stream) = (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        let (e, null) = (self.engine, std::ptr::null_mut());
+        let mut mems = [
+            ExecArg {
+                arg: ARG_SRC,
+                memory: null,
+            },
+            ExecArg {
+                arg: ARG_DST,
+                memory: null,
+            },
+        ];
+        let r = status(
+            "reorder",
+            (api.reorder_pd_create)(&mut pd, from.0, e, to.0, e, null),
+        )
+        .and_then(|_| status("reorder", (api.primitive_create)(&mut prim, pd)))
+        .and_then(|_| {
+            status(
+                "memory",
+                (api.memory_create)(&mut mems[0].memory, from.0, e, from.1),
+            )
+        })
+        .and_then(|_| {
+            status(
+                "memory",
+                (api.memory_create)(&mut mems[1].memory, to.0, e, to.1),
+            )
+        })
+        .and_then(|_| {
+            status(
+                "stream",
+                (api.stream_create)(&mut stream, e, STREAM_IN_ORDER),
+            )
+        })
+        .and_then(|_| {
+            status(
+                "reorder",
+                (api.primitive_execute)(prim, stream, 2, mems.as_ptr()),
+            )
+        })
+        .and_then(|_| status("reorder", (api.stream_wait)(stream)));
+        for m in mems.iter().filter(|m| !m.memory.is_null()) {
+            (api.memory_destroy)(m.memory);
+        }
+        if !stream.is_null() {
+            (api.stream_destroy)(stream);
+        }
+        if !prim.is_null() {
+            (api.primitive_destroy)(prim);
+        }
+        if !pd.is_null() {
+            (api.pd_destroy)(pd);
+        }
+        r
+    }
+
+    /// Products that found their weight's packed layout refused for their shape and ran on a
+    /// plain copy made for them.
+    pub fn unpacked_products(&self) -> u64 {
+        self.unpacked.load(Ordering::Relaxed)
+    }
+}
+
+impl PackedWeight {
+    /// The output features (`n`).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `x [m, k]` (f32, any strides) by this weight, plus `bias [n]` (f32): `[m, n]` f32, the
+    /// bias added in the product.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let d = self.dnnl;
+        let wei = Wei {
+            ptr: self.buf[self.at..].as_ptr().cast(),
+            strides: [0, 0],
+            format: self.format,
+        };
+        if let Some(y) = d.product_on(x, (self.k, self.n, self.bf16), wei, bias)? {
+            return Ok(y);
+        }
+        // Refused for this shape (or not for oneDNN): a plain copy for this product.
+        self.linear_unpacked(x, bias)
+    }
+
+    /// [`Self::linear`] on a plain copy of the weight made for this product (what a shape the
+    /// packed layout does not fit runs; counted in [`OneDnn::unpacked_products`]).
+    pub fn linear_unpacked(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let d = self.dnnl;
+        let plain = self.unpack()?;
+        let y = d.product(x, &plain, bias)?.ok_or_else(|| {
+            Error::msg(format!(
+                "{ENV}: a {:?} {:?} input is not for a [{} x {}] packed weight's product",
+                x.dims(),
+                x.dtype(),
+                self.k,
+                self.n
+            ))
+        })?;
+        d.unpacked.fetch_add(1, Ordering::Relaxed);
+        Ok(y)
+    }
+
+    /// The weight back in its plain `[k, n]` row-major layout (exactly the values packed).
+    pub fn unpack(&self) -> Result<Tensor> {
+        let d = self.dnnl;
+        let dt = if self.bf16 { DT_BF16 } else { DT_F32 };
+        let (k, n) = (self.k, self.n);
+        let err = |e: String| Error::msg(format!("{ENV}: unpacking a [{k} x {n}] weight: {e}"));
+        let plain = Md(memory_desc(&d.api, k, n, [n, 1], dt).map_err(err)?, &d.api);
+        let from = d.format(self.format).map_err(err)?;
+        let src = self.buf[self.at..self.at + self.bytes].as_ptr() as *mut c_void;
+        let dev = &candle_core::Device::Cpu;
+        // SAFETY (both arms): the packed bytes hold `from`'s extent, the vector k * n values.
+        if self.bf16 {
+            let mut v = vec![half::bf16::ZERO; k * n];
+            unsafe { d.reorder((from, src), (plain.0, v.as_mut_ptr().cast())) }.map_err(err)?;
+            Ok(Tensor::from_vec(v, (k, n), dev)?)
+        } else {
+            let mut v = vec![0f32; k * n];
+            unsafe { d.reorder((from, src), (plain.0, v.as_mut_ptr().cast())) }.map_err(err)?;
+            Ok(Tensor::from_vec(v, (k, n), dev)?)
+        }
+    }
+}
+
+/// A memory descriptor destroyed when it goes out of scope.
+struct Md<'a>(Handle, &'a super::ffi::Api);
+
+impl Drop for Md<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by this library, destroyed once.
+        unsafe { (self.1.md_destroy)(self.0) };
+    }
+}
+
+fn dims2(a: usize, b: usize) -> super::ffi::Dims {
+    let mut d: super::ffi::Dims = [0; 12];
+    (d[0], d[1]) = (a as i64, b as i64);
+    d
+}

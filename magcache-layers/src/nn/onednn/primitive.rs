@@ -1,0 +1,258 @@
+//! oneDNN's matmul primitives, built once per shape and layout and kept, and their executions
+//! (each with this thread's scratch memory).
+
+use super::ffi::{memory_desc, status, Api, ExecArg, Handle, QUERY_IMPL_INFO_STR};
+use super::ffi::{ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32};
+use super::ffi::{QUERY_SCRATCHPAD_MD, SCRATCHPAD_MODE_USER, STREAM_IN_ORDER};
+use super::{scratch, OneDnn};
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::Arc;
+
+/// One matmul primitive for a shape and layout.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct Key {
+    pub(super) m: usize,
+    pub(super) k: usize,
+    pub(super) n: usize,
+    /// bf16 operands (else f32).
+    pub(super) bf16: bool,
+    pub(super) bias: bool,
+    pub(super) src_strides: [usize; 2],
+    /// The weight's strides when `wei_format` is 0.
+    pub(super) wei_strides: [usize; 2],
+    /// 0: a plain weight (`wei_strides`); else the packed layout of that number
+    /// ([`OneDnn::format`]).
+    pub(super) wei_format: u32,
+}
+
+pub(super) struct Primitive {
+    api: *const Api,
+    pd: Handle,
+    prim: Handle,
+    src: Handle,
+    wei: Handle,
+    bias: Handle,
+    dst: Handle,
+    /// The scratchpad's descriptor, owned by `pd`, and its size (0: none).
+    scratch: Handle,
+    scratch_bytes: usize,
+    pub(super) impl_info: String,
+}
+
+// SAFETY: see `OneDnn`; `api` points into the `OneDnn` that owns the map holding this (the
+// primitives are dropped before it).
+unsafe impl Send for Primitive {}
+unsafe impl Sync for Primitive {}
+
+impl Drop for Primitive {
+    fn drop(&mut self) {
+        // SAFETY: the handles were created by this library and are destroyed once, here.
+        unsafe {
+            let api = &*self.api;
+            if !self.prim.is_null() {
+                (api.primitive_destroy)(self.prim);
+            }
+            if !self.pd.is_null() {
+                (api.pd_destroy)(self.pd);
+            }
+            for md in [self.src, self.wei, self.bias, self.dst] {
+                if !md.is_null() {
+                    (api.md_destroy)(md);
+                }
+            }
+        }
+    }
+}
+
+impl OneDnn {
+    pub(super) fn primitive(&self, key: Key) -> std::result::Result<Arc<Primitive>, String> {
+        let mut map = self.primitives.lock().map_err(|e| e.to_string())?;
+        if let Some(p) = map.get(&key) {
+            return Ok(p.clone());
+        }
+        let api = &self.api;
+        let dt = if key.bf16 { DT_BF16 } else { DT_F32 };
+        let md = |rows, cols, strides, dt| memory_desc(api, rows, cols, strides, dt);
+        let mut p = Primitive {
+            api,
+            pd: std::ptr::null_mut(),
+            prim: std::ptr::null_mut(),
+            src: std::ptr::null_mut(),
+            wei: std::ptr::null_mut(),
+            bias: std::ptr::null_mut(),
+            dst: std::ptr::null_mut(),
+            scratch: std::ptr::null_mut(),
+            scratch_bytes: 0,
+            impl_info: String::new(),
+        };
+        p.src = md(key.m, key.k, key.src_strides, dt)?;
+        p.wei = self.weight_md(key, dt)?;
+        if key.bias {
+            p.bias = md(1, key.n, [key.n, 1], DT_F32)?;
+        }
+        p.dst = md(key.m, key.n, [key.n, 1], DT_F32)?;
+        let what = format!(
+            "matmul [{} x {}] by [{} x {}] in {}",
+            key.m,
+            key.k,
+            key.k,
+            key.n,
+            if key.bf16 { "bf16" } else { "f32" }
+        );
+        // Scratch memory is the caller's, per execution: a primitive built on one thread may run
+        // on another, and on two at once (oneDNN's own scratchpad is per thread or per primitive).
+        let mut attr: Handle = std::ptr::null_mut();
+        // SAFETY: an out-pointer for the attribute, set before use and destroyed after (the
+        // descriptor keeps a copy); the memory descriptors were created above.
+        let created = unsafe {
+            status("attribute", (api.attr_create)(&mut attr)).and_then(|_| {
+                let r = status(
+                    "scratchpad mode",
+                    (api.attr_set_scratchpad_mode)(attr, SCRATCHPAD_MODE_USER),
+                )
+                .and_then(|_| {
+                    status(
+                        &what,
+                        (api.matmul_pd_create)(
+                            &mut p.pd,
+                            self.engine,
+                            p.src,
+                            p.wei,
+                            p.bias,
+                            p.dst,
+                            attr,
+                        ),
+                    )
+                });
+                (api.attr_destroy)(attr);
+                r
+            })
+        };
+        created?;
+        // SAFETY: the descriptor's own scratchpad descriptor (null or zero bytes when none).
+        unsafe {
+            p.scratch = (api.pd_query_md)(p.pd, QUERY_SCRATCHPAD_MD, 0);
+            if !p.scratch.is_null() {
+                p.scratch_bytes = (api.md_get_size)(p.scratch);
+            }
+        }
+        let mut info: *const c_char = std::ptr::null();
+        // SAFETY: the implementation's name, a C string owned by the descriptor.
+        unsafe {
+            if (api.pd_query)(
+                p.pd,
+                QUERY_IMPL_INFO_STR,
+                0,
+                &mut info as *mut _ as *mut c_void,
+            ) == 0
+                && !info.is_null()
+            {
+                p.impl_info = CStr::from_ptr(info).to_string_lossy().into_owned();
+            }
+        }
+        // SAFETY: the descriptor built above.
+        status(&what, unsafe { (api.primitive_create)(&mut p.prim, p.pd) })?;
+        let p = Arc::new(p);
+        // A run has a few shapes; a server may see many: start over past a bound.
+        if map.len() >= 256 {
+            map.clear();
+        }
+        map.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// The weight's memory descriptor for `key`: plain with its strides, or a copy of its packed
+    /// layout's (the primitive's own, destroyed with it).
+    fn weight_md(&self, key: Key, dt: c_int) -> std::result::Result<Handle, String> {
+        if key.wei_format == 0 {
+            return memory_desc(&self.api, key.k, key.n, key.wei_strides, dt);
+        }
+        let mut copy: Handle = std::ptr::null_mut();
+        let packed = self.format(key.wei_format)?;
+        // SAFETY: a kept descriptor, copied.
+        status("memory descriptor", unsafe {
+            (self.api.md_clone)(&mut copy, packed)
+        })?;
+        Ok(copy)
+    }
+
+    /// Runs one product: `src [m x k]` (f32 or bf16 bits) by the weight `[k x n]` (its
+    /// strides), plus the bias, into `dst [m x n]` f32, on `threads` OpenMP threads.
+    ///
+    /// # Safety
+    /// The pointers must cover the extents their strides give, in the key's dtype, and stay
+    /// valid for the call.
+    pub(super) unsafe fn execute(
+        &self,
+        key: Key,
+        (src, wei): (*const c_void, *const c_void),
+        bias: *const f32,
+        dst: *mut f32,
+        threads: usize,
+    ) -> std::result::Result<(), String> {
+        let p = self.primitive(key)?;
+        scratch::with(p.scratch_bytes, |scratch_ptr| {
+            // SAFETY: the caller's pointers, and this thread's scratch for the call.
+            unsafe { self.execute_with(&p, (src, wei), (bias, dst), scratch_ptr, threads) }
+        })
+    }
+
+    /// [`Self::execute`] on the primitive `p`, with its scratch memory at `scratch_ptr`.
+    ///
+    /// # Safety
+    /// As [`Self::execute`]; `scratch_ptr` holds `p.scratch_bytes` (or is null when 0).
+    unsafe fn execute_with(
+        &self,
+        p: &Primitive,
+        (src, wei): (*const c_void, *const c_void),
+        (bias, dst): (*const f32, *mut f32),
+        scratch_ptr: *mut c_void,
+        threads: usize,
+    ) -> std::result::Result<(), String> {
+        let api = &self.api;
+        if let Some(set) = api.omp_set_num_threads {
+            set(threads.max(1) as c_int);
+        }
+        let mut mems: Vec<ExecArg> = Vec::with_capacity(5);
+        let mut result = Ok(());
+        for (arg, md, ptr) in [
+            (ARG_SRC, p.src, src as *mut c_void),
+            (ARG_WEIGHTS, p.wei, wei as *mut c_void),
+            (ARG_BIAS, p.bias, bias as *mut c_void),
+            (ARG_DST, p.dst, dst as *mut c_void),
+            (ARG_SCRATCHPAD, p.scratch, scratch_ptr),
+        ] {
+            if md.is_null() || ptr.is_null() {
+                continue;
+            }
+            let mut mem: Handle = std::ptr::null_mut();
+            result = status(
+                "memory",
+                (api.memory_create)(&mut mem, md, self.engine, ptr),
+            );
+            if result.is_err() {
+                break;
+            }
+            mems.push(ExecArg { arg, memory: mem });
+        }
+        if result.is_ok() {
+            let mut stream: Handle = std::ptr::null_mut();
+            result = status(
+                "stream",
+                (api.stream_create)(&mut stream, self.engine, STREAM_IN_ORDER),
+            );
+            if result.is_ok() {
+                result = status(
+                    "matmul",
+                    (api.primitive_execute)(p.prim, stream, mems.len() as c_int, mems.as_ptr()),
+                )
+                .and_then(|_| status("matmul", (api.stream_wait)(stream)));
+                (api.stream_destroy)(stream);
+            }
+        }
+        for m in mems {
+            (api.memory_destroy)(m.memory);
+        }
+        result
+    }
+}

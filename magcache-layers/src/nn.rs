@@ -271,7 +271,7 @@ impl Linear {
         // and keeps the activations unrounded.
         if differentiable() && !matches!(self.wt, Weight::Dense(_)) {
             return Err(Error::msg(
-                "differentiable run (the fitted estimator's fit): a packed bf16 or quantized linear weight has no backward; run the fit with dtype = \"f32\" (or \"bf16\" with MAGCACHE_CPU_BF16=off), without GGUF",
+                "differentiable run (the fitted estimator's fit): a packed bf16 or quantized linear weight has no backward; run the fit with dtype = \"f32\" (or \"bf16\" with MAGCACHE_CPU_BF16=off and MAGCACHE_ONEDNN unset), without GGUF",
             ));
         }
         let (mut y, out) = match &self.wt {

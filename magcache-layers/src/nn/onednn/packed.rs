@@ -100,13 +100,52 @@ impl OneDnn {
             Storage::Cpu(CpuStorage::BF16(v)) if bf16 => v[wl.start_offset()..].as_ptr().cast(),
             _ => return Ok(None),
         };
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: `ptr` and `strides` are the tensor's, held for the call.
+        unsafe { self.pack_ptr((ptr, strides), (k, n, bf16), M_REF, threads) }
+    }
+
+    /// bf16 pairs `b` holding a `[k x n]` operand (element `(i, j)` at bf16 offset
+    /// `i * strides[0] + j * strides[1]`) packed for products of `m` rows, reordered on `threads`
+    /// OpenMP threads: the attention's keys and values, once per head. `None` as [`Self::pack`].
+    pub fn pack_pairs(
+        &'static self,
+        (b, strides): (&[u32], [usize; 2]),
+        (k, n): (usize, usize),
+        m: usize,
+        threads: usize,
+    ) -> Result<Option<PackedWeight>> {
+        if !self.bf16 || k == 0 || n == 0 || m == 0 {
+            return Ok(None);
+        }
+        if (k - 1) * strides[0] + (n - 1) * strides[1] + 1 > 2 * b.len() {
+            return Err(Error::msg(format!(
+                "{ENV}: packing a [{k} x {n}] operand: strides {strides:?} reach past its {} values",
+                2 * b.len()
+            )));
+        }
+        // SAFETY: the extent was checked above, and `b` is held for the call.
+        unsafe { self.pack_ptr((b.as_ptr().cast(), strides), (k, n, true), m, threads) }
+    }
+
+    /// [`Self::pack`]'s work on a `[k x n]` operand at `ptr` with `strides` (elements).
+    ///
+    /// # Safety
+    /// `ptr` must cover the extent the strides give, in the dtype, for the call.
+    unsafe fn pack_ptr(
+        &'static self,
+        (ptr, strides): (*const c_void, [usize; 2]),
+        (k, n, bf16): (usize, usize, bool),
+        m: usize,
+        threads: usize,
+    ) -> Result<Option<PackedWeight>> {
         let dt = if bf16 { DT_BF16 } else { DT_F32 };
         let err = |e: String| Error::msg(format!("{ENV}: packing a [{k} x {n}] weight: {e}"));
         let plain = Md(
             memory_desc(&self.api, k, n, strides, dt).map_err(err)?,
             &self.api,
         );
-        let format = self.chosen_format(k, n, dt).map_err(err)?;
+        let format = self.chosen_format((m, k, n), dt).map_err(err)?;
         let packed_md = self.format(format).map_err(err)?;
         // SAFETY: two valid descriptors.
         if unsafe { (self.api.md_equal)(packed_md, plain.0) } != 0 {
@@ -116,12 +155,13 @@ impl OneDnn {
         let bytes = unsafe { (self.api.md_get_size)(packed_md) };
         let mut buf = vec![0u8; bytes + 64];
         let at = buf.as_ptr().align_offset(64);
-        // SAFETY: `ptr` covers the extents of `plain` (the tensor's layout), the buffer `bytes`
+        // SAFETY: `ptr` covers the extents of `plain` (the caller's promise), the buffer `bytes`
         // from `at`; both outlive the call.
         unsafe {
             self.reorder(
                 (plain.0, ptr as *mut c_void),
                 (packed_md, buf.as_mut_ptr().add(at).cast()),
+                threads,
             )
         }
         .map_err(err)?;
@@ -137,11 +177,15 @@ impl OneDnn {
         }))
     }
 
-    /// The layout the matmul of an [`M_REF`] x `k` by `k x n` product chooses for its weight.
-    fn chosen_format(&self, k: usize, n: usize, dt: i32) -> std::result::Result<u32, String> {
+    /// The layout the matmul of an `m x k` by `k x n` product chooses for its weight.
+    fn chosen_format(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        dt: i32,
+    ) -> std::result::Result<u32, String> {
         let api = &self.api;
-        let src = Md(memory_desc(api, M_REF, k, [k, 1], dt)?, api);
-        let dst = Md(memory_desc(api, M_REF, n, [n, 1], DT_F32)?, api);
+        let src = Md(memory_desc(api, m, k, [k, 1], dt)?, api);
+        let dst = Md(memory_desc(api, m, n, [n, 1], DT_F32)?, api);
         let mut any: Handle = std::ptr::null_mut();
         let dims = dims2(k, n);
         // SAFETY: an out-pointer and 12 dimensions, 2 used.
@@ -162,7 +206,8 @@ impl OneDnn {
         id
     }
 
-    /// Reorders the memory `from` into `to` (descriptor and data each), on candle's threads.
+    /// Reorders the memory `from` into `to` (descriptor and data each), on `threads` OpenMP
+    /// threads.
     ///
     /// # Safety
     /// Each pointer must hold its descriptor's extent and stay valid for the call.
@@ -170,10 +215,11 @@ impl OneDnn {
         &self,
         from: (Handle, *mut c_void),
         to: (Handle, *mut c_void),
+        threads: usize,
     ) -> std::result::Result<(), String> {
         let api = &self.api;
         if let Some(set) = api.omp_set_num_threads {
-            set(candle_core::utils::get_num_threads().max(1) as i32);
+            set(threads.max(1) as i32);
         }
         let (mut pd, mut prim, mut stream) = (
             std::ptr::null_mut(),
@@ -283,6 +329,31 @@ impl PackedWeight {
         Ok(y)
     }
 
+    /// `out [m x n] = a [m x k] . self` for a bf16 packed operand ([`OneDnn::pack_pairs`]): `a`
+    /// bf16 pairs whose rows are `a_row` bf16 apart, f32 accumulation and output, on `threads`
+    /// OpenMP threads. `Ok(false)`, nothing written, when oneDNN refuses the layout for `m` rows
+    /// (the caller multiplies by its plain operand instead).
+    pub fn bf16_into(
+        &self,
+        (a, a_row): (&[u32], usize),
+        m: usize,
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<bool> {
+        let wei = Wei {
+            ptr: self.buf[self.at..].as_ptr().cast(),
+            strides: [0, 0],
+            format: self.format,
+        };
+        if !self.bf16 {
+            return Err(Error::msg(format!(
+                "{ENV}: an f32 packed operand in a bf16 product"
+            )));
+        }
+        self.dnnl
+            .bf16_on((a, a_row), wei, (m, self.k, self.n), out, threads)
+    }
+
     /// The weight back in its plain `[k, n]` row-major layout (exactly the values packed).
     pub fn unpack(&self) -> Result<Tensor> {
         let d = self.dnnl;
@@ -293,14 +364,17 @@ impl PackedWeight {
         let from = d.format(self.format).map_err(err)?;
         let src = self.buf[self.at..self.at + self.bytes].as_ptr() as *mut c_void;
         let dev = &candle_core::Device::Cpu;
+        let threads = candle_core::utils::get_num_threads();
         // SAFETY (both arms): the packed bytes hold `from`'s extent, the vector k * n values.
         if self.bf16 {
             let mut v = vec![half::bf16::ZERO; k * n];
-            unsafe { d.reorder((from, src), (plain.0, v.as_mut_ptr().cast())) }.map_err(err)?;
+            unsafe { d.reorder((from, src), (plain.0, v.as_mut_ptr().cast()), threads) }
+                .map_err(err)?;
             Ok(Tensor::from_vec(v, (k, n), dev)?)
         } else {
             let mut v = vec![0f32; k * n];
-            unsafe { d.reorder((from, src), (plain.0, v.as_mut_ptr().cast())) }.map_err(err)?;
+            unsafe { d.reorder((from, src), (plain.0, v.as_mut_ptr().cast()), threads) }
+                .map_err(err)?;
             Ok(Tensor::from_vec(v, (k, n), dev)?)
         }
     }

@@ -1,7 +1,7 @@
 //! A bf16 product on slices of bf16 pairs, for the attention's two products (`nn::attention`),
 //! and the key of a plain linear product.
 
-use super::{Key, OneDnn, ENV};
+use super::{Key, OneDnn, Wei, ENV};
 use magcache_core::{Error, Result};
 use std::ffi::c_void;
 
@@ -23,9 +23,38 @@ impl OneDnn {
             out.iter_mut().take(m * n).for_each(|o| *o = 0.0);
             return Ok(());
         }
-        let a_end = (m - 1) * a_row + k;
         let b_end = (k - 1) * b_strides[0] + (n - 1) * b_strides[1] + 1;
-        if !self.bf16 || a_end > 2 * a.len() || b_end > 2 * b.len() || out.len() < m * n {
+        if b_end > 2 * b.len() {
+            return Err(Error::msg(format!(
+                "{ENV}: a bf16 product [{m} x {k}] by [{k} x {n}]: its right operand's strides reach past its values"
+            )));
+        }
+        let wei = Wei {
+            ptr: b.as_ptr() as *const c_void,
+            strides: b_strides,
+            format: 0,
+        };
+        self.bf16_on((a, a_row), wei, (m, k, n), out, threads)
+            .map(|_| ())
+    }
+
+    /// [`Self::bf16_into`] by the right operand `wei` (plain, with its extent checked by the
+    /// caller, or packed); `Ok(false)`, nothing written, when a packed layout is refused for `m`
+    /// rows.
+    pub(super) fn bf16_on(
+        &self,
+        (a, a_row): (&[u32], usize),
+        wei: Wei,
+        (m, k, n): (usize, usize, usize),
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<bool> {
+        if m == 0 || k == 0 || n == 0 {
+            out.iter_mut().take(m * n).for_each(|o| *o = 0.0);
+            return Ok(true);
+        }
+        let a_end = (m - 1) * a_row + k;
+        if !self.bf16 || a_end > 2 * a.len() || out.len() < m * n {
             return Err(Error::msg(format!(
                 "{ENV}: a bf16 product [{m} x {k}] by [{k} x {n}] out of its operands' bounds or not implemented here"
             )));
@@ -37,17 +66,20 @@ impl OneDnn {
             bf16: true,
             bias: false,
             src_strides: [a_row, 1],
-            wei_strides: b_strides,
-            wei_format: 0,
+            wei_strides: wei.strides,
+            wei_format: wei.format,
         };
-        let ptrs = (a.as_ptr() as *const c_void, b.as_ptr() as *const c_void);
-        // SAFETY: the bounds were checked above in bf16 elements (two per `u32`), `out` holds
-        // m * n values, and all three outlive the call.
+        if wei.format != 0 && !self.fits(key) {
+            return Ok(false);
+        }
+        let ptrs = (a.as_ptr() as *const c_void, wei.ptr);
+        // SAFETY: `a` and `out` were checked above in bf16 elements (two per `u32`), the right
+        // operand by the caller (its strides, or a packed layout's whole buffer), all held.
         unsafe { self.execute(key, ptrs, std::ptr::null(), out.as_mut_ptr(), threads) }
             .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
         self.products
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -31,7 +31,8 @@ enum Weight {
         op: bf16_gemm::PackedMatMul,
         out: usize,
     },
-    /// A bf16 weight packed once in the layout of oneDNN's products on AMX (`MAGCACHE_ONEDNN`).
+    /// A weight packed once in the layout of oneDNN's products (`MAGCACHE_ONEDNN`: f32, and bf16
+    /// on AMX).
     OneDnn {
         w: std::sync::Arc<onednn::PackedWeight>,
         out: usize,
@@ -181,10 +182,16 @@ impl Linear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         // On a CPU with AVX512-BF16 a bf16 weight is packed once for its dot products (the packed
         // copy replaces the weight: the same bytes, the padding aside).
-        // Where oneDNN runs bf16 products on AMX (`MAGCACHE_ONEDNN`), it is packed once in the
-        // layout oneDNN's product reads (the packed copy replaces it, as above).
-        if let Some(d) = onednn::get().filter(|d| d.bf16_products()) {
-            if weight.dtype() == DType::BF16 && weight.device().is_cpu() {
+        // Where oneDNN runs the products (`MAGCACHE_ONEDNN`: f32 weights, and bf16 ones on AMX), the
+        // weight is packed once in the layout oneDNN's product reads (the packed copy replaces it,
+        // as above; a differentiable run unpacks it per product).
+        if let Some(d) = onednn::get() {
+            let on_dnnl = match weight.dtype() {
+                DType::F32 => true,
+                DType::BF16 => d.bf16_products(),
+                _ => false,
+            };
+            if on_dnnl && weight.device().is_cpu() {
                 if let Some(w) = d.pack(&weight.t()?)? {
                     let out = w.n();
                     let w = std::sync::Arc::new(w);
@@ -240,7 +247,8 @@ impl Linear {
     /// ([`attention_as`]).
     pub fn runs_bf16(&self) -> bool {
         match &self.wt {
-            Weight::Bf16 { .. } | Weight::OneDnn { .. } => true,
+            Weight::Bf16 { .. } => true,
+            Weight::OneDnn { w, .. } => w.is_bf16(),
             // bf16 on oneDNN's AMX products: the attention takes the bf16 kernel as well.
             Weight::Dense(wt) => {
                 wt.dtype() == DType::BF16 && wt.device().is_cpu() && onednn::bf16_products()
@@ -269,6 +277,16 @@ impl Linear {
         // its bf16 product was 1.23-1.35x slower than f32 (docs/benchmarks.md), while widening the
         // weight to f32 per call (threaded, exact) and multiplying in f32 cost 1.02-1.27x there
         // and keeps the activations unrounded.
+        if differentiable() {
+            // An f32 weight packed for oneDNN: its plain values for the differentiable product.
+            if let Weight::OneDnn { w, .. } = &self.wt {
+                if !w.is_bf16() {
+                    let wt = Weight::Dense(w.unpack()?);
+                    let bias = self.bias.clone();
+                    return Linear { wt, bias }.forward(x);
+                }
+            }
+        }
         if differentiable() && !matches!(self.wt, Weight::Dense(_)) {
             return Err(Error::msg(
                 "differentiable run (the fitted estimator's fit): a packed bf16 or quantized linear weight has no backward; run the fit with dtype = \"f32\" (or \"bf16\" with MAGCACHE_CPU_BF16=off and MAGCACHE_ONEDNN unset), without GGUF",

@@ -14,11 +14,11 @@
 //! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
 //! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
 //! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there). Where bf16 runs here (AMX), the
-//! attention's two products do too ([`OneDnn::bf16_into`], from `nn::attention`). f32 weights are
-//! read in place (the transposed view candle keeps, by its strides): no copy is made or counted.
-//! bf16 weights on AMX are reordered once at load into the layout oneDNN's product reads
-//! ([`PackedWeight`], `packed`), the packed copy replacing the weight. Each calling thread keeps
-//! the scratch memory of its largest product (`scratch`).
+//! attention's two products do too ([`OneDnn::bf16_into`], from `nn::attention`). The linear
+//! layers' weights (f32, and bf16 on AMX) are reordered once at load into the layout oneDNN's
+//! product reads ([`PackedWeight`], `packed`), the packed copy replacing the weight; [`OneDnn::product`]
+//! also reads a plain weight in place, by its strides. Each calling thread keeps the scratch
+//! memory of its largest product (`scratch`).
 //!
 //! oneDNN's threads are OpenMP's in the gomp build: each product sets the calling thread's count to
 //! candle's ([`candle_core::utils::get_num_threads`]).

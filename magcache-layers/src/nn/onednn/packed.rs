@@ -295,6 +295,11 @@ impl PackedWeight {
         self.n
     }
 
+    /// Whether it holds bf16 values (else f32).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
+    }
+
     /// `x [m, k]` (f32, any strides) by this weight, plus `bias [n]` (f32): `[m, n]` f32, the
     /// bias added in the product.
     pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {

@@ -293,6 +293,10 @@ fn onednn_heads(
     let qb = onednn_query_block(l).min(s);
     let pack = s.div_ceil(qb) > 2;
     let err = |e: magcache_core::Error| candle_core::Error::Msg(e.to_string());
+    // Head i's keys or values, `[l, d]` in bf16 pairs (`span`: l * dp of them).
+    fn head(x16: &[u32], i: usize, span: usize) -> &[u32] {
+        &x16[i * span..(i + 1) * span]
+    }
     let group = 2 * threads;
     for (g, group_out) in out.chunks_mut(group * s * d).enumerate() {
         let first = g * group;
@@ -304,13 +308,9 @@ fn onednn_heads(
                 if !pack {
                     return Ok((None, None));
                 }
-                let (kh, vh) = (
-                    &k16[i * l * dp..(i + 1) * l * dp],
-                    &v16[i * l * dp..(i + 1) * l * dp],
-                );
                 Ok((
-                    dnnl.pack_pairs((kh, [1, 2 * dp]), (d, l), qb, 1)?,
-                    dnnl.pack_pairs((vh, [2 * dp, 1]), (l, d), qb, 1)?,
+                    dnnl.pack_pairs((head(&k16, i, l * dp), [1, 2 * dp]), (d, l), qb, 1)?,
+                    dnnl.pack_pairs((head(&v16, i, l * dp), [2 * dp, 1]), (l, d), qb, 1)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()
@@ -318,32 +318,18 @@ fn onednn_heads(
         query_blocks(group_out, (s, l, d, qb), threads, |j, q0, o, sc| {
             let (i, rows) = (first + j, o.len() / d);
             let qs = &q16[(i * s + q0) * dp..(i * s + q0 + rows) * dp];
-            let (kh, vh) = (
-                &k16[i * l * dp..(i + 1) * l * dp],
-                &v16[i * l * dp..(i + 1) * l * dp],
-            );
             let (pk, pv) = &packed[j];
             // scores = q . k^T, on the packed keys where oneDNN takes them for this block.
-            let on_packed = match pk {
-                Some(pk) => pk.bf16_into((qs, 2 * dp), rows, sc, 1).map_err(err)?,
-                None => false,
-            };
-            if !on_packed {
-                dnnl.bf16_into((qs, 2 * dp), (kh, [1, 2 * dp]), (rows, d, l), sc, 1)
-                    .map_err(err)?;
-            }
+            let keys = (head(&k16, i, l * dp), [1, 2 * dp]);
+            dnnl.bf16_into_packed(pk.as_ref(), (qs, 2 * dp), keys, (rows, d, l), sc, 1)
+                .map_err(err)?;
             let inv = softmax_rows_to_pairs(sc, rows, l, lp);
             // SAFETY: the first rows * lp values of `sc`, now bf16 pairs (u32 and f32 have one
             // size and alignment, and any bits are a u32).
             let p = unsafe { std::slice::from_raw_parts(sc.as_ptr().cast::<u32>(), rows * lp) };
-            let on_packed = match pv {
-                Some(pv) => pv.bf16_into((p, 2 * lp), rows, o, 1).map_err(err)?,
-                None => false,
-            };
-            if !on_packed {
-                dnnl.bf16_into((p, 2 * lp), (vh, [2 * dp, 1]), (rows, l, d), o, 1)
-                    .map_err(err)?;
-            }
+            let values = (head(&v16, i, l * dp), [2 * dp, 1]);
+            dnnl.bf16_into_packed(pv.as_ref(), (p, 2 * lp), values, (rows, l, d), o, 1)
+                .map_err(err)?;
             for (row, inv) in o.chunks_mut(d).zip(inv) {
                 row.iter_mut().for_each(|x| *x *= inv);
             }

@@ -56,6 +56,8 @@ pub struct OneDnn {
     refused: Mutex<HashSet<Key>>,
     /// The packed weights' layouts ([`PackedWeight`]), numbered from 1.
     formats: Mutex<Vec<OwnedMd>>,
+    /// The layout chosen for each product shape and dtype (`m, k, n`, oneDNN's dtype).
+    chosen: Mutex<HashMap<(usize, usize, usize, i32), u32>>,
     products: AtomicU64,
     unpacked: AtomicU64,
     // Never unloaded: the function pointers above point into it.
@@ -213,6 +215,7 @@ impl OneDnn {
             primitives: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
             formats: Mutex::new(Vec::new()),
+            chosen: Mutex::new(HashMap::new()),
             products: AtomicU64::new(0),
             unpacked: AtomicU64::new(0),
             _lib: lib,

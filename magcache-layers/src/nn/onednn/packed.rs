@@ -118,7 +118,7 @@ impl OneDnn {
         if !self.bf16 || k == 0 || n == 0 || m == 0 {
             return Ok(None);
         }
-        if (k - 1) * strides[0] + (n - 1) * strides[1] + 1 > 2 * b.len() {
+        if !super::raw::within_pairs(b.len(), (k, n), strides) {
             return Err(Error::msg(format!(
                 "{ENV}: packing a [{k} x {n}] operand: strides {strides:?} reach past its {} values",
                 2 * b.len()
@@ -177,12 +177,17 @@ impl OneDnn {
         }))
     }
 
-    /// The layout the matmul of an `m x k` by `k x n` product chooses for its weight.
+    /// The layout the matmul of an `m x k` by `k x n` product chooses for its weight (asked of
+    /// oneDNN once per shape: the attention packs its keys and values at every call).
     fn chosen_format(
         &self,
         (m, k, n): (usize, usize, usize),
         dt: i32,
     ) -> std::result::Result<u32, String> {
+        let chosen = (m, k, n, dt);
+        if let Some(&id) = self.chosen.lock().map_err(|e| e.to_string())?.get(&chosen) {
+            return Ok(id);
+        }
         let api = &self.api;
         let src = Md(memory_desc(api, m, k, [k, 1], dt)?, api);
         let dst = Md(memory_desc(api, m, n, [n, 1], DT_F32)?, api);
@@ -203,7 +208,12 @@ impl OneDnn {
         let id = unsafe { self.intern_format((api.pd_query_md)(pd, QUERY_WEIGHTS_MD, 0)) };
         // SAFETY: created above, destroyed once.
         unsafe { (api.pd_destroy)(pd) };
-        id
+        let id = id?;
+        self.chosen
+            .lock()
+            .map_err(|e| e.to_string())?
+            .insert(chosen, id);
+        Ok(id)
     }
 
     /// Reorders the memory `from` into `to` (descriptor and data each), on `threads` OpenMP

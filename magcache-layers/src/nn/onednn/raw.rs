@@ -23,8 +23,7 @@ impl OneDnn {
             out.iter_mut().take(m * n).for_each(|o| *o = 0.0);
             return Ok(());
         }
-        let b_end = (k - 1) * b_strides[0] + (n - 1) * b_strides[1] + 1;
-        if b_end > 2 * b.len() {
+        if !within_pairs(b.len(), (k, n), b_strides) {
             return Err(Error::msg(format!(
                 "{ENV}: a bf16 product [{m} x {k}] by [{k} x {n}]: its right operand's strides reach past its values"
             )));
@@ -36,6 +35,25 @@ impl OneDnn {
         };
         self.bf16_on((a, a_row), wei, (m, k, n), out, threads)
             .map(|_| ())
+    }
+
+    /// [`Self::bf16_into`] on `packed`, `b` packed once ([`Self::pack_pairs`]), where oneDNN takes
+    /// its layout for `m` rows; else (or without one) on the plain `b`.
+    pub fn bf16_into_packed(
+        &self,
+        packed: Option<&super::PackedWeight>,
+        a: (&[u32], usize),
+        b: (&[u32], [usize; 2]),
+        (m, k, n): (usize, usize, usize),
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<()> {
+        if let Some(p) = packed {
+            if p.bf16_into(a, m, out, threads)? {
+                return Ok(());
+            }
+        }
+        self.bf16_into(a, b, (m, k, n), out, threads)
     }
 
     /// [`Self::bf16_into`] by the right operand `wei` (plain, with its extent checked by the
@@ -81,6 +99,12 @@ impl OneDnn {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
+}
+
+/// Whether a `[k x n]` operand (k, n >= 1) whose element `(i, j)` is at bf16 offset
+/// `i * strides[0] + j * strides[1]` lies within `len` bf16 pairs.
+pub(super) fn within_pairs(len: usize, (k, n): (usize, usize), strides: [usize; 2]) -> bool {
+    (k - 1) * strides[0] + (n - 1) * strides[1] < 2 * len
 }
 
 impl Key {

@@ -1,6 +1,9 @@
 //! What the product tests share: an f64 reference for `x W^T + b`, and the largest absolute value.
+// Each test binary uses part of these.
+#![allow(dead_code)]
 
 use magcache_layers::nn::bf16_gemm::bf16_bits;
+use magcache_layers::nn::onednn::{self, OneDnn, State};
 use proptest::prelude::*;
 
 /// `v` rounded to bf16 as the kernels round it, widened to f64.
@@ -43,4 +46,23 @@ pub fn check_product(
 pub fn largest_abs(t: &candle_core::Tensor) -> f32 {
     let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     v.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+/// The oneDNN named by `MAGCACHE_TEST_ONEDNN` (or `MAGCACHE_ONEDNN`); `None`, with a printed note,
+/// where none is named.
+pub fn library() -> Option<&'static OneDnn> {
+    let spec = std::env::var("MAGCACHE_TEST_ONEDNN")
+        .or_else(|_| std::env::var(onednn::ENV))
+        .ok();
+    if spec.is_none() {
+        eprintln!(
+            "note: no oneDNN named (MAGCACHE_TEST_ONEDNN or MAGCACHE_ONEDNN, a libdnnl.so.3): oneDNN products are not tested"
+        );
+        return None;
+    }
+    match onednn::init(spec.as_deref()) {
+        State::Loaded(d) => Some(d),
+        State::Failed(e) => panic!("{e}"),
+        State::Off => None,
+    }
 }

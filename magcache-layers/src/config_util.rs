@@ -336,11 +336,7 @@ pub trait ModelConfig: Serialize + DeserializeOwned + Default {
 
     /// Reads a `config.json` over the default; errors name the file and key.
     fn read(path: &std::path::Path, overrides: &Map<String, Value>) -> Result<Self> {
-        let shown = path.display().to_string();
-        let text = magcache_core::error::read_text(path)?;
-        magcache_core::files::record_read(path);
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+        let (v, shown) = read_json(path)?;
         let obj = v
             .as_object()
             .ok_or_else(|| Error::config(&shown, "(document)", "expected a JSON object"))?;
@@ -355,6 +351,49 @@ macro_rules! positive_fields {
     ($file:expr, $cfg:expr, $($field:ident)+) => {
         $crate::config_util::positive($file, &[$((stringify!($field), $cfg.$field)),+])
     };
+}
+
+/// Reads and parses the JSON document at `path` (read through the regular-file check and recorded
+/// as an input: [`magcache_core::error::read_text`]); returns it with the path as errors show it.
+pub fn read_json(path: &std::path::Path) -> Result<(Value, String)> {
+    let shown = path.display().to_string();
+    let text = magcache_core::error::read_text(path)?;
+    let v = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+    Ok((v, shown))
+}
+
+/// `path` where it is a file, else `path/config.json` (a model folder given for its config).
+pub fn config_json_in(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_file() {
+        path.to_path_buf()
+    } else {
+        path.join("config.json")
+    }
+}
+
+/// The positive integer `key` of the config object `v` (read from `file`); `default` where the key
+/// is absent or null, else an error saying that `what` (e.g. "the CLIP text encoder config") needs
+/// it. Errors name the file and the key.
+pub fn positive_json(
+    v: &Value,
+    file: &str,
+    key: &str,
+    default: Option<usize>,
+    what: &str,
+) -> Result<usize> {
+    match v.get(key) {
+        None | Some(Value::Null) => {
+            default.ok_or_else(|| Error::config(file, key, format!("missing ({what} needs it)")))
+        }
+        Some(x) => x
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                Error::config(file, key, format!("expected a positive integer, got {x}"))
+            }),
+    }
 }
 
 /// The first of `(key, value)` that is 0, as an error naming `file` and the key.
@@ -544,5 +583,54 @@ pub fn text_len(cfg: &magcache_core::RunConfig, default: usize) -> usize {
     match &cfg.prompt {
         Some(p) => p.max_sequence_length.unwrap_or(default),
         None => cfg.inputs.text_len.unwrap_or(default),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positive_json_reads_defaults_and_names_the_key() -> Result<()> {
+        let v: Value = serde_json::json!({"a": 3, "b": 0, "c": "x", "d": null, "e": -2});
+        let what = "the test config";
+        assert_eq!(positive_json(&v, "f.json", "a", None, what)?, 3);
+        assert_eq!(positive_json(&v, "f.json", "d", Some(7), what)?, 7);
+        assert_eq!(positive_json(&v, "f.json", "z", Some(5), what)?, 5);
+        for (key, says) in [
+            ("b", "expected a positive integer, got 0"),
+            ("c", "expected a positive integer, got \"x\""),
+            ("e", "expected a positive integer, got -2"),
+            ("z", "missing (the test config needs it)"),
+        ] {
+            let e = positive_json(&v, "f.json", key, None, what)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("f.json") && e.contains(key) && e.contains(says),
+                "{e}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn read_json_names_the_file_of_a_bad_document() {
+        let dir = std::env::temp_dir().join(format!("magcache-read-json-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let f = dir.join("config.json");
+        let _ = std::fs::write(&f, "{ not json");
+        assert_eq!(config_json_in(&dir), f);
+        assert_eq!(config_json_in(&f), f);
+        let e = read_json(&config_json_in(&dir))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.contains("config.json") && e.contains("invalid JSON"),
+            "{e}"
+        );
     }
 }

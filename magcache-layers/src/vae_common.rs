@@ -1,5 +1,5 @@
 //! What the Wan video VAE ([`crate::autoencoder_kl_wan`]) and FLUX.1's image VAE ([`crate::autoencoder_kl`]) do
-//! alike: reading a diffusers VAE `config.json` (errors name the file and the key), finding the
+//! alike: a diffusers VAE `config.json`'s typed fields (errors name the file and the key), finding the
 //! config and weights from the path a user gives, checking the dtype and the input tensors, the
 //! convolution that runs in the weights' dtype with f32 activations, and the pipeline's `np` pixels.
 
@@ -11,15 +11,6 @@ use std::path::{Path, PathBuf};
 
 /// The most repeated layers per VAE stage a config may claim.
 pub const MAX_LAYERS: usize = 64;
-
-/// Reads and parses a `config.json`; returns the document and the path as errors show it.
-pub fn read_config(path: &Path) -> Result<(Value, String)> {
-    let shown = path.display().to_string();
-    let text = magcache_core::error::read_text(path)?;
-    let json: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
-    Ok((json, shown))
-}
 
 /// A VAE config object with the file it came from: typed reads with defaults, errors naming the
 /// file and the key.

@@ -27,6 +27,7 @@ use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig as CtClipTextConfig, ClipTextTransformer,
 };
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::{config_json_in, positive_json, read_json};
 use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -323,15 +324,7 @@ impl ClipTextModelConfig {
     /// Reads `config.json` (the file, or `DIR/config.json`); a full `CLIPModel` config is read from
     /// its `text_config`.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_file() {
-            path.to_path_buf()
-        } else {
-            path.join("config.json")
-        };
-        let shown = file.display().to_string();
-        let text = magcache_core::error::read_text(&file)?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
+        let (v, shown) = read_json(&config_json_in(path))?;
         match v.get("text_config") {
             Some(t) if t.is_object() => Self::from_json(t, &shown),
             _ => Self::from_json(&v, &shown),
@@ -339,19 +332,8 @@ impl ClipTextModelConfig {
     }
 
     pub fn from_json(v: &Value, file: &str) -> Result<Self> {
-        let usize_of = |key: &str, default: Option<usize>| -> Result<usize> {
-            match v.get(key) {
-                None | Some(Value::Null) => default.ok_or_else(|| {
-                    Error::config(file, key, "missing (the CLIP text encoder config needs it)")
-                }),
-                Some(x) => x
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        Error::config(file, key, format!("expected a positive integer, got {x}"))
-                    }),
-            }
+        let usize_of = |key: &str, default: Option<usize>| {
+            positive_json(v, file, key, default, "the CLIP text encoder config")
         };
         match v.get("hidden_act") {
             None | Some(Value::Null) => {}

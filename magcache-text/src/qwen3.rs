@@ -12,6 +12,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::{config_json_in, positive_json, read_json};
 use magcache_layers::nn::{heads_normed, merge_heads, split_heads};
 use magcache_layers::nn::{Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
@@ -46,16 +47,7 @@ pub struct Qwen3Config {
 impl Qwen3Config {
     /// Reads `DIR/config.json` (or the file); errors name the file and key.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_file() {
-            path.to_path_buf()
-        } else {
-            path.join("config.json")
-        };
-        let shown = file.display().to_string();
-        let text = magcache_core::error::read_text(&file)?;
-        magcache_core::files::record_read(&file);
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
+        let (v, shown) = read_json(&config_json_in(path))?;
         Self::from_json(&v, &shown)
     }
 
@@ -66,19 +58,8 @@ impl Qwen3Config {
             None => v.get("text_config").unwrap_or(v),
             Some(_) => v,
         };
-        let positive = |key: &str, default: Option<usize>| -> Result<usize> {
-            match v.get(key) {
-                None | Some(Value::Null) => default.ok_or_else(|| {
-                    Error::config(file, key, "missing (the Qwen3 text encoder needs it)")
-                }),
-                Some(x) => x
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        Error::config(file, key, format!("expected a positive integer, got {x}"))
-                    }),
-            }
+        let positive = |key: &str, default: Option<usize>| {
+            positive_json(v, file, key, default, "the Qwen3 text encoder")
         };
         let float =
             |x: Option<&Value>, key: &str, default: f64| positive_float(x, file, key, default);

@@ -16,6 +16,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Result};
+use magcache_layers::config_util::{config_json_in, positive_json, read_json};
 use magcache_layers::nn::{merge_heads, split_heads, Linear, RmsNorm};
 use magcache_layers::weights::WeightStore;
 use serde_json::Value;
@@ -106,32 +107,13 @@ impl Umt5Config {
     /// Reads `config.json` (the file, or `DIR/config.json`). Sizes are required; the relative
     /// attention fields, epsilon and `feed_forward_proj` default as in transformers' `UMT5Config`.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_file() {
-            path.to_path_buf()
-        } else {
-            path.join("config.json")
-        };
-        let shown = file.display().to_string();
-        let text = magcache_core::error::read_text(std::path::Path::new(&file))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
+        let (v, shown) = read_json(&config_json_in(path))?;
         Self::from_json(&v, &shown)
     }
 
     pub fn from_json(v: &Value, file: &str) -> Result<Self> {
-        let usize_of = |key: &str, default: Option<usize>| -> Result<usize> {
-            match v.get(key) {
-                None | Some(Value::Null) => default.ok_or_else(|| {
-                    Error::config(file, key, "missing (the text encoder config needs it)")
-                }),
-                Some(x) => x
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        Error::config(file, key, format!("expected a positive integer, got {x}"))
-                    }),
-            }
+        let usize_of = |key: &str, default: Option<usize>| {
+            positive_json(v, file, key, default, "the text encoder config")
         };
         let model_type = v
             .get("model_type")

@@ -1,7 +1,8 @@
 //! `AutoencoderKL`'s `config.json`, and the sizes of a BFL `ae.safetensors` read from its tensors.
 
+use crate::config_util::read_json;
 use crate::vae_common::MAX_LAYERS;
-use crate::vae_common::{positive, read_config, ConfigReader};
+use crate::vae_common::{positive, ConfigReader};
 use crate::weights::count_blocks;
 use crate::weights::WeightStore;
 use magcache_core::{Error, Result};
@@ -42,7 +43,7 @@ pub struct FluxVaeConfig {
 impl FluxVaeConfig {
     /// Reads `config.json`; errors name the file and the key.
     pub fn read(path: &Path) -> Result<Self> {
-        let (json, shown) = read_config(path)?;
+        let (json, shown) = read_json(path)?;
         Self::from_json(&json, &shown)
     }
 

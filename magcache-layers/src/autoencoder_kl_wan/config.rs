@@ -1,8 +1,9 @@
 //! `AutoencoderKLWan`'s `config.json`: sizes, latent statistics, and the Wan2.2 (TI2V-5B) VAE's
 //! residual blocks and patchifying.
 
+use crate::config_util::read_json;
 use crate::vae_common::MAX_LAYERS;
-use crate::vae_common::{positive, read_config, ConfigReader};
+use crate::vae_common::{positive, ConfigReader};
 use magcache_core::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -41,7 +42,7 @@ const DEFAULT_STD: [f64; 16] = [
 impl WanVaeConfig {
     /// Reads `config.json`; errors name the file and the key.
     pub fn read(path: &Path) -> Result<Self> {
-        let (json, shown) = read_config(path)?;
+        let (json, shown) = read_json(path)?;
         Self::from_json(&json, &shown)
     }
 

@@ -10,7 +10,8 @@ use magcache_core::{Error, Placement, Result};
 use magcache_layers::autoencoder_kl::{
     to_pixels, unpack_latents, FluxTiling, FluxVae, FluxVaeConfig,
 };
-use magcache_layers::vae_common::{check_dtype, read_config};
+use magcache_layers::config_util::read_json;
+use magcache_layers::vae_common::check_dtype;
 use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ pub struct Flux2VaeConfig {
 impl Flux2VaeConfig {
     /// Reads `vae/config.json`; errors name the file and the key.
     pub fn read(path: &Path) -> Result<Self> {
-        let (json, shown) = read_config(path)?;
+        let (json, shown) = read_json(path)?;
         Self::from_json(&json, &shown)
     }
 

@@ -10,9 +10,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use magcache_core::{Error, Placement, Result};
+use magcache_layers::config_util::{positive_json, read_json};
 use magcache_layers::nn::{attention, linear, merge_heads, split_heads, LayerNorm, Linear};
 use magcache_layers::picture::{resize, Filter, Rgb8};
-use magcache_layers::vae_common::read_config;
 use magcache_layers::weights::WeightStore;
 use serde_json::Value;
 use std::path::Path;
@@ -32,7 +32,7 @@ pub struct ClipImageProcessor {
 impl ClipImageProcessor {
     /// Reads `image_processor/preprocessor_config.json`; errors name the file and the key.
     pub fn read(path: &Path) -> Result<Self> {
-        let (v, file) = read_config(path)?;
+        let (v, file) = read_json(path)?;
         let bad = |k: &str, m: String| Error::config(&file, k, m);
         let flag = |k: &str| -> Result<bool> {
             match v.get(k) {
@@ -186,19 +186,10 @@ pub struct ClipVisionConfig {
 
 impl ClipVisionConfig {
     pub fn read(path: &Path) -> Result<Self> {
-        let (v, file) = read_config(path)?;
+        let (v, file) = read_json(path)?;
         let v = v.get("vision_config").cloned().unwrap_or(v);
-        let int = |k: &str, default: usize| -> Result<usize> {
-            match v.get(k) {
-                None => Ok(default),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| {
-                        Error::config(&file, k, format!("expected a positive integer, got {x}"))
-                    }),
-            }
+        let int = |k: &str, default: usize| {
+            positive_json(&v, &file, k, Some(default), "the CLIP vision config")
         };
         let c = ClipVisionConfig {
             hidden_size: int("hidden_size", 768)?,

@@ -514,3 +514,84 @@ fn a_client_that_hangs_up_cancels_its_picture_and_no_temporary_file_is_left() {
     assert_eq!(srv.stop(), Some(0));
     assert!(!tmp.exists(), "{} left behind", tmp.display());
 }
+
+#[test]
+fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = run_file(dir.path(), "tiny", 0);
+    // A run the request's prompt cannot apply to is refused at start, not by every request.
+    let digits = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/digits_fbcache.toml");
+    let o = bin()
+        .args(["serve", "--port", "0", "--config", s(&digits)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("digits_fbcache.toml cannot be served"),
+        "{err}"
+    );
+    // A port in use is said before any model loads.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let o = bin()
+        .args(["serve", "--port", &port, "--config", s(&model)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("cannot listen") && !err.contains("serve: loading"),
+        "{err}"
+    );
+
+    let srv = Server::start(&["--config", s(&model), "--api-key", "k"]);
+    // The scheme of the Authorization header is case-insensitive.
+    let auth = ["Authorization: bearer k"];
+    let (st, v) = srv.json("GET", "/v1/models", &auth, "");
+    assert_eq!(st, 200, "{v}");
+    // A known path with another method: 405 in the error shape.
+    let (st, v) = srv.json("GET", "/v1/images/generations", &auth, "");
+    assert_eq!(
+        (st, v["error"]["type"].as_str()),
+        (405, Some("invalid_request_error")),
+        "{v}"
+    );
+    let bad = |body: &str, param: &str, starts: &str| {
+        let (st, v) = srv.json("POST", "/v1/images/generations", &auth, body);
+        let e = &v["error"];
+        assert_eq!((st, e["param"].as_str()), (400, Some(param)), "{body}: {v}");
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.starts_with(starts), "{body}: {v}");
+        // A request's error does not show the server's files.
+        assert!(!msg.contains(s(dir.path())), "{body}: {v}");
+    };
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "n": "2"}"#,
+        "n",
+        "n: invalid type",
+    );
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "n": 9}"#,
+        "n",
+        "n = 9: must be",
+    );
+    bad(r#"{"model": "tiny", "prompt": "   "}"#, "prompt", "prompt:");
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "cache": {"strategy": "fbcache", "threshold": -1}}"#,
+        "cache",
+        "cache",
+    );
+
+    // A client stalled mid-upload does not hold the shutdown.
+    let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    c.write_all(
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer k\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert_eq!(srv.stop(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    drop(c);
+}

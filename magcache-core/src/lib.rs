@@ -27,6 +27,7 @@
 
 pub mod blocks;
 pub mod cache;
+pub mod cancel;
 pub mod chain;
 pub mod checkpoint;
 pub mod denoise;

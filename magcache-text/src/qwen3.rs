@@ -362,6 +362,7 @@ impl Qwen3Encoder {
         let mut out = vec![x.clone()];
         for (li, layer) in self.layers.iter().take(n).enumerate() {
             magcache_core::runtime::progress::tick("encode text: layer", li + 1, n);
+            magcache_core::cancel::check()?;
             let a = layer.ln1.forward(&x)?;
             let rope = |t: Tensor| -> Result<Tensor> {
                 Ok(candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &sin)?)

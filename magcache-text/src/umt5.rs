@@ -480,6 +480,7 @@ impl Umt5Encoder {
         let n_layers = c.num_layers;
         for li in 0..n_layers {
             magcache_core::runtime::progress::tick("encode text: layer", li + 1, n_layers);
+            magcache_core::cancel::check()?;
             let read;
             let layer = match &self.weights {
                 Weights::Held { layers, .. } => layers

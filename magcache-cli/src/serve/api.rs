@@ -54,7 +54,7 @@ impl ApiError {
             401 => "authentication_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
-            400 | 413 | 422 => "invalid_request_error",
+            400 | 405 | 413 | 422 => "invalid_request_error",
             _ => "server_error",
         }
     }
@@ -79,10 +79,10 @@ impl IntoResponse for ApiError {
 
 /// A run's error as a request's: the request field behind the run file key it names.
 fn from_run(e: Error) -> ApiError {
-    let key = match &e {
+    let (key, msg) = match &e {
         // The guard's refusal: the request's own knob is the size (the message says what else).
         Error::TooLarge { .. } => return ApiError::bad("size", e.to_string()),
-        Error::Config { key, .. } => key.clone(),
+        Error::Config { key, msg, .. } => (key.clone(), msg.clone()),
         Error::Cancelled => {
             return ApiError {
                 code: Some("cancelled"),
@@ -112,7 +112,9 @@ fn from_run(e: Error) -> ApiError {
     } else {
         return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     };
-    ApiError::bad(param, e.to_string())
+    // The key is the request's (laid over the run file, which was checked at start): said without
+    // the run file's path and the line of the merged text, which would point into the user's file.
+    ApiError::bad(param, format!("{key}: {msg}"))
 }
 
 /// Checks the `Authorization: Bearer KEY` header when the server has a key.
@@ -120,10 +122,13 @@ pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> 
     let Some(key) = &app.api_key else {
         return Ok(());
     };
+    // The scheme is case-insensitive (RFC 9110, 11.1).
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(g) if g == key => Ok(()),
         _ => Err(ApiError {
@@ -178,8 +183,11 @@ pub(crate) fn request_text(
     let file = m.path.display().to_string();
     let mut doc: toml::Table = toml::from_str(&m.text)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{file}: {e}")))?;
-    if r.prompt.is_empty() {
-        return Err(ApiError::bad("prompt", "must not be empty"));
+    if r.prompt.trim().is_empty() {
+        return Err(ApiError::bad(
+            "prompt",
+            "prompt: must not be empty or blank",
+        ));
     }
     let prompt = table(&mut doc, "prompt")?;
     prompt.insert("text".into(), r.prompt.clone().into());
@@ -194,13 +202,19 @@ pub(crate) fn request_text(
     }
     if let Some(steps) = r.num_inference_steps {
         if !(1..=1000).contains(&steps) {
-            return Err(ApiError::bad("num_inference_steps", "must be 1..=1000"));
+            return Err(ApiError::bad(
+                "num_inference_steps",
+                format!("num_inference_steps = {steps}: must be 1..=1000"),
+            ));
         }
         table(&mut doc, "sampling")?.insert("steps".into(), toml::Value::Integer(steps as i64));
     }
     if let Some(g) = r.guidance_scale {
         if !g.is_finite() {
-            return Err(ApiError::bad("guidance_scale", "must be a finite number"));
+            return Err(ApiError::bad(
+                "guidance_scale",
+                "guidance_scale: must be a finite number",
+            ));
         }
         table(&mut doc, "sampling")?.insert("guidance_scale".into(), g.into());
     }
@@ -222,8 +236,23 @@ pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Request,
         let status = e.status();
         ApiError::new(status, e.body_text())
     })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad("(body)", format!("invalid request body: {e}")))
+    // The path of a field of the wrong type (`n`, `cache.threshold`) is its `param`; a body that
+    // is not JSON, or not an object, has none.
+    let whole = |inner: serde_json::Error| ApiError {
+        param: None,
+        ..ApiError::bad("", format!("invalid request body: {inner}"))
+    };
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let r: Request = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match path.as_str() {
+            "." | "" => whole(inner),
+            p => ApiError::bad(p, format!("{p}: {inner}")),
+        }
+    })?;
+    de.end().map_err(whole)?;
+    Ok(r)
 }
 
 /// Sets the job's cancel flag when the request goes away (a client that disconnects).
@@ -263,7 +292,7 @@ async fn generate_images(
     let m = app.model(&r.model)?;
     let n = r.n.unwrap_or(1);
     if !(1..=8).contains(&n) {
-        return Err(ApiError::bad("n", format!("{n}: must be 1..=8")));
+        return Err(ApiError::bad("n", format!("n = {n}: must be 1..=8")));
     }
     if r.response_format
         .as_deref()
@@ -364,4 +393,18 @@ pub(crate) async fn page(State(app): State<Arc<App>>) -> Response {
 pub(crate) async fn not_found(State(app): State<Arc<App>>) -> Response {
     app.metrics.request("(other)", 404);
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").into_response()
+}
+
+/// A known path with a method it does not take (405; the router adds the `Allow` header).
+pub(crate) async fn method_not_allowed(
+    State(app): State<Arc<App>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    app.metrics.request("(other)", 405);
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+    .into_response()
 }

@@ -16,6 +16,7 @@ use axum::Router;
 use magcache_core::{Error, Result};
 use metrics::Metrics;
 use model::Served;
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -77,7 +78,18 @@ impl App {
             }
         }
     }
+
+    /// Whether a job is still queued or running on some model's worker.
+    fn busy(&self) -> bool {
+        self.models
+            .iter()
+            .any(|m| m.depth.load(Ordering::SeqCst) > 0)
+    }
 }
+
+/// After the jobs in flight have ended at shutdown, how long the answers they owe get to go out
+/// before the connections still open (a client stalled mid-upload, a slow reader) are closed.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The server's options: the command line's, else the first run file's `[serve]` table's.
 struct Options {
@@ -158,6 +170,11 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             "serve: --max-queue (serve.max_queue) must be at least 1",
         ));
     }
+    // The address first: a port in use is said before minutes of loading, not after.
+    let addr = format!("{}:{}", o.host, o.port);
+    let listener = std::net::TcpListener::bind(&addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| Error::msg(format!("serve: cannot listen on {addr}: {e}")))?;
     crate::prepare::link_strategies();
     magcache_layers::weights::warm::keep_warm();
     let metrics = Arc::new(Metrics::default());
@@ -194,14 +211,14 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
-    let served = rt.block_on(listen(app, &o.host, o.port));
+    let served = rt.block_on(listen(app, listener));
     // Jobs cancelled at shutdown end within one call; their first frames go with the folder.
     drop(rt);
     let _ = std::fs::remove_dir_all(&tmp);
     served
 }
 
-async fn listen(app: Arc<App>, host: &str, port: u16) -> Result<()> {
+async fn listen(app: Arc<App>, listener: std::net::TcpListener) -> Result<()> {
     let router = Router::new()
         .route("/v1/images/generations", post(api::images))
         .route("/v1/videos", post(videos::create).get(videos::list))
@@ -215,25 +232,43 @@ async fn listen(app: Arc<App>, host: &str, port: u16) -> Result<()> {
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app.clone());
-    let addr = format!("{host}:{port}");
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| Error::msg(format!("serve: cannot listen on {addr}: {e}")))?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| Error::msg(format!("serve: {e}")))?;
     let local = listener
         .local_addr()
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
     eprintln!("serve: listening on http://{local}");
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+    let cancel = app.clone();
     let shutdown = async move {
         wait_for_signal().await;
         eprintln!("serve: shutting down (cancelling jobs in flight)");
-        app.cancel_all();
+        cancel.cancel_all();
+        let _ = signalled.send(());
     };
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::msg(format!("serve: {e}")))
+    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+    // The graceful shutdown waits for every open connection; one that never completes its request
+    // (a client stalled mid-upload) would hold the process forever. So once the cancelled jobs
+    // have ended, the answers get `SHUTDOWN_GRACE` to go out, and whatever is still open is closed.
+    let deadline = async move {
+        if on_signal.await.is_err() {
+            return std::future::pending().await;
+        }
+        while app.busy() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = server.into_future() => r.map_err(|e| Error::msg(format!("serve: {e}"))),
+        () = deadline => {
+            eprintln!("serve: closing the connections still open");
+            Ok(())
+        }
+    }
 }
 
 #[cfg(not(unix))]

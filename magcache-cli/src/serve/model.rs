@@ -92,6 +92,9 @@ impl Served {
     ) -> Result<Served> {
         let text = magcache_core::error::read_text(path)?;
         let warm = prepare(&text, path)?;
+        if warm.cfg.prompt.is_none() {
+            takes_prompts(&text, path)?;
+        }
         let family = warm.cfg.model.family.clone();
         let seed = warm.cfg.inputs.seed.unwrap_or(warm.cfg.model.seed);
         let fps = warm.pipeline.frame_rate();
@@ -133,6 +136,25 @@ impl Served {
     }
 }
 
+/// Refuses at start a run file without `[prompt]` that a request's prompt would make invalid (a
+/// run on latent inputs, a transformer folder without text encoder): every request to it would fail.
+fn takes_prompts(text: &str, path: &Path) -> Result<()> {
+    let file = path.display().to_string();
+    let mut doc: toml::Table = toml::from_str(text)
+        .map_err(|e| Error::config(&file, "(document)", e.message().to_string()))?;
+    let mut prompt = toml::Table::new();
+    prompt.insert("text".into(), "a prompt".into());
+    doc.insert("prompt".into(), toml::Value::Table(prompt));
+    let with = toml::to_string(&doc).map_err(|e| Error::msg(format!("{file}: {e}")))?;
+    magcache_core::RunConfig::parse(&with, &file)
+        .and_then(|c| c.validate(&file))
+        .map_err(|e| {
+            Error::msg(format!(
+                "serve: {file} cannot be served: each request sets [prompt] text, and with one {e} (serve needs a prompted run: docs/serve.md)"
+            ))
+        })
+}
+
 /// Parses, validates and builds a run from its text, with its cache, as `magcache run` does.
 fn prepare(text: &str, path: &Path) -> Result<Prepared> {
     let mut p = prepare_pipeline_text(text, path)?;
@@ -171,6 +193,9 @@ fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) 
         if logs("info") {
             eprintln!("serve: {name}: {what} started");
         }
+        // The text encoders' layers and the VAE's blocks, tiles and frames check the flag too
+        // (`magcache_core::cancel`): a cancelled job does not finish its decode.
+        let scope = magcache_core::cancel::Scope::enter(job.cancel.clone());
         let out = if job.cancel.load(Ordering::SeqCst) {
             Err(Error::Cancelled)
         } else {
@@ -178,6 +203,12 @@ fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) 
                 .iter()
                 .map(|&s| picture(path, &job, s, metrics))
                 .collect()
+        };
+        drop(scope);
+        // A stage that wraps the error it got (`VAE: decode: cancelled`) still ended for the flag.
+        let out = match out {
+            Err(_) if job.cancel.load(Ordering::SeqCst) => Err(Error::Cancelled),
+            o => o,
         };
         depth.fetch_sub(1, Ordering::SeqCst);
         if logs("info") {
@@ -227,6 +258,7 @@ impl Observer for Watch<'_> {
 /// does.
 fn picture(path: &Path, job: &Job, seed: u64, metrics: &Metrics) -> Result<Picture> {
     let start = std::time::Instant::now();
+    magcache_core::cancel::check()?;
     if let Some((progress, _)) = &job.video {
         progress.store(1, Ordering::SeqCst);
     }
@@ -242,6 +274,7 @@ fn picture(path: &Path, job: &Job, seed: u64, metrics: &Metrics) -> Result<Pictu
         log: logs("debug"),
     };
     let latents = p.pipeline.generate(&mut watch)?;
+    magcache_core::cancel::check()?;
     p.pipeline.release_models();
     let decoded = p.pipeline.finish(&latents)?.ok_or_else(|| {
         Error::msg(format!(

@@ -105,8 +105,11 @@ async fn fields(req: HttpRequest) -> Result<Fields, ApiError> {
     let body = Bytes::from_request(req, &())
         .await
         .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let v: serde_json::Map<String, Value> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad("(body)", format!("invalid request body: {e}")))?;
+    let v: serde_json::Map<String, Value> =
+        serde_json::from_slice(&body).map_err(|e| ApiError {
+            param: None,
+            ..ApiError::bad("", format!("invalid request body: {e}"))
+        })?;
     for (k, v) in v {
         add(&mut f, &k, Field::Json(v))?;
     }
@@ -217,11 +220,11 @@ fn video_text(
             // Wan takes 4k + 1 frames.
             Some(((s * fps as f64 / 4.0).round() as u64).max(1) * 4 + 1)
         }
-        (None, Some(_)) => return Err(ApiError::bad("seconds", "must be in (0, 60]")),
+        (None, Some(_)) => return Err(ApiError::bad("seconds", "seconds: must be in (0, 60]")),
         (None, None) => None,
     };
     if frames.is_some_and(|n| !(1..=1001).contains(&n)) {
-        return Err(ApiError::bad("num_frames", "must be 1..=1001"));
+        return Err(ApiError::bad("num_frames", "num_frames: must be 1..=1001"));
     }
     let mut extra = toml::Table::new();
     if let Some(n) = frames {

@@ -18,8 +18,10 @@ impl Decoder {
     pub(super) fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let x = self.conv_in.forward(z)?;
         let mut x = self.mid.forward(&x)?;
+        // A server's cancelled job stops here, between blocks (`magcache_core::cancel`).
         for s in &self.up {
             for r in &s.resnets {
+                magcache_core::cancel::check()?;
                 x = r.forward(&x)?;
             }
             if let Some(u) = &s.resample {

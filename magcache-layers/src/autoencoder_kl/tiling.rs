@@ -151,6 +151,7 @@ pub(super) fn run_tiles(
             n += 1;
             let out = f(&x.narrow(2, i, th)?.narrow(3, j, tw)?)?;
             magcache_core::runtime::progress::tick(what, n, tiles);
+            magcache_core::cancel::check()?;
             Ok(out)
         },
         Ok,

@@ -269,7 +269,7 @@ impl WanVae {
             let video = unpatchify(&out.permute((0, 2, 1, 3, 4))?, p)?.clamp(-1f32, 1f32)?;
             outs.push(map(&video)?.contiguous()?);
             magcache_core::runtime::progress::tick("decode: latent frame", i + 1, frames);
-            Ok(())
+            magcache_core::cancel::check()
         })?;
         Ok(outs)
     }
@@ -333,7 +333,7 @@ impl WanVae {
                     pieces.push(out);
                     done += 1;
                     magcache_core::runtime::progress::tick("decode: tile frame", done, total);
-                    Ok(())
+                    magcache_core::cancel::check()
                 })?;
                 Ok(Tensor::cat(&pieces, 1)?)
             },

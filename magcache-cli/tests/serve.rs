@@ -515,18 +515,44 @@ fn a_client_that_hangs_up_cancels_its_picture_and_no_temporary_file_is_left() {
     assert!(!tmp.exists(), "{} left behind", tmp.display());
 }
 
+/// `magcache serve ARGS` that must end by itself within 60 s: whether it succeeded, its stderr.
+fn ended(args: &[&str]) -> (bool, String) {
+    let mut child = bin()
+        .arg("serve")
+        .args(args)
+        .env_remove("MAGCACHE_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("serve {args:?} did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.success(), reader.join().unwrap())
+}
+
 #[test]
 fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
     let dir = tempfile::tempdir().unwrap();
     let model = run_file(dir.path(), "tiny", 0);
     // A run the request's prompt cannot apply to is refused at start, not by every request.
     let digits = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/digits_fbcache.toml");
-    let o = bin()
-        .args(["serve", "--port", "0", "--config", s(&digits)])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{err}");
+    let (ok, err) = ended(&["--port", "0", "--config", s(&digits)]);
+    assert!(!ok, "{err}");
     assert!(
         err.contains("digits_fbcache.toml cannot be served"),
         "{err}"
@@ -534,12 +560,8 @@ fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
     // A port in use is said before any model loads.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let o = bin()
-        .args(["serve", "--port", &port, "--config", s(&model)])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{err}");
+    let (ok, err) = ended(&["--port", &port, "--config", s(&model)]);
+    assert!(!ok, "{err}");
     assert!(
         err.contains("cannot listen") && !err.contains("serve: loading"),
         "{err}"
@@ -577,6 +599,11 @@ fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
         "n = 9: must be",
     );
     bad(r#"{"model": "tiny", "prompt": "   "}"#, "prompt", "prompt:");
+    bad(
+        r#"{"model": "tiny", "prompt": "x", "cache": {"threshold": null}}"#,
+        "cache",
+        "cache.threshold: ",
+    );
     bad(
         r#"{"model": "tiny", "prompt": "x", "cache": {"strategy": "fbcache", "threshold": -1}}"#,
         "cache",

@@ -5,23 +5,38 @@
 //! finishing its decode. Without a scope [`check`] never fails.
 
 use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// The flag a scope watches, and whether a check on it has found it set.
+type Watched = (Arc<AtomicBool>, bool);
+
 thread_local! {
-    static FLAG: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
+    static FLAG: RefCell<Option<Watched>> = const { RefCell::new(None) };
 }
 
-/// While alive, [`check`] on this thread fails once `flag` is set.
+/// While alive, [`check`] on this thread fails once `flag` is set. Neither `Send` nor `Sync`: it
+/// must be dropped on the thread that entered it (scopes nest, the inner dropped first).
 pub struct Scope {
-    before: Option<Arc<AtomicBool>>,
+    before: Option<Watched>,
+    _thread: PhantomData<*const ()>,
 }
 
 impl Scope {
-    /// Watches `flag` on this thread until the scope is dropped (scopes nest).
+    /// Watches `flag` on this thread until the scope is dropped.
     pub fn enter(flag: Arc<AtomicBool>) -> Scope {
-        let before = FLAG.with(|f| f.borrow_mut().replace(flag));
-        Scope { before }
+        let before = FLAG.with(|f| f.borrow_mut().replace((flag, false)));
+        Scope {
+            before,
+            _thread: PhantomData,
+        }
+    }
+
+    /// Whether a check in this scope found the flag set (an error that wraps
+    /// [`crate::Error::Cancelled`] is then the cancellation, not a failure of its own).
+    pub fn tripped(&self) -> bool {
+        FLAG.with(|f| f.borrow().as_ref().is_some_and(|w| w.1))
     }
 }
 
@@ -32,12 +47,17 @@ impl Drop for Scope {
     }
 }
 
-/// Whether this thread's job has been cancelled.
+/// Whether this thread's job has been cancelled (a `true` is remembered: [`Scope::tripped`]).
 pub fn cancelled() -> bool {
     FLAG.with(|f| {
-        f.borrow()
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::SeqCst))
+        let mut w = f.borrow_mut();
+        match w.as_mut() {
+            Some(w) if w.0.load(Ordering::SeqCst) => {
+                w.1 = true;
+                true
+            }
+            _ => false,
+        }
     })
 }
 
@@ -59,10 +79,12 @@ mod tests {
         assert!(check().is_ok());
         let flag = Arc::new(AtomicBool::new(false));
         {
-            let _s = Scope::enter(flag.clone());
+            let s = Scope::enter(flag.clone());
             assert!(check().is_ok());
             flag.store(true, Ordering::SeqCst);
+            assert!(!s.tripped());
             assert!(matches!(check(), Err(crate::Error::Cancelled)));
+            assert!(s.tripped());
             // Another thread does not see this thread's job.
             assert!(std::thread::spawn(|| check().is_ok())
                 .join()

@@ -93,7 +93,7 @@ impl<'a> Denoiser<'a> {
         timestep: f64,
         forward: impl FnOnce(&CallCx<'_>) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        if self.obs.cancelled() || crate::cancel::cancelled() {
+        if crate::cancel::cancelled() || self.obs.cancelled() {
             return Err(crate::Error::Cancelled);
         }
         let key = ScopeKey::new(expert, branch);

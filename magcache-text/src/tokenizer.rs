@@ -39,9 +39,9 @@ pub(crate) fn read_tokenizer_config(dir: &Path) -> Result<Option<(serde_json::Va
     let shown = cfg.display().to_string();
     let text = magcache_core::error::read_text(&cfg)?;
     let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&shown, "(json)", format!("invalid JSON: {e}")))?;
+        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
     if !v.is_object() {
-        return Err(Error::config(&shown, "(json)", "is not a JSON object"));
+        return Err(Error::config(&shown, "(document)", "is not a JSON object"));
     }
     Ok(Some((v, shown)))
 }

@@ -81,7 +81,7 @@ impl IntoResponse for ApiError {
 fn from_run(e: Error) -> ApiError {
     let (key, msg) = match &e {
         // The guard's refusal: the request's own knob is the size (the message says what else).
-        Error::TooLarge { .. } => return ApiError::bad("size", e.to_string()),
+        Error::TooLarge { key, msg, .. } => return ApiError::bad("size", format!("{key}: {msg}")),
         Error::Config { key, msg, .. } => (key.clone(), msg.clone()),
         Error::Cancelled => {
             return ApiError {
@@ -126,9 +126,15 @@ pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> 
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+        .and_then(|v| {
+            let mut words = v.split_ascii_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") => {
+                    Some(token)
+                }
+                _ => None,
+            }
+        });
     match given {
         Some(g) if g == key => Ok(()),
         _ => Err(ApiError {
@@ -248,7 +254,11 @@ pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Request,
         let inner = e.into_inner();
         match path.as_str() {
             "." | "" => whole(inner),
-            p => ApiError::bad(p, format!("{p}: {inner}")),
+            // `param` is the request's field (`cache`), the message the whole path.
+            p => ApiError::bad(
+                p.split(['.', '[']).next().unwrap_or(p),
+                format!("{p}: {inner}"),
+            ),
         }
     })?;
     de.end().map_err(whole)?;

@@ -30,6 +30,8 @@ pub(crate) struct App {
     metrics: Arc<Metrics>,
     /// The cancel flags of the jobs in flight (set on shutdown).
     inflight: Mutex<Vec<Weak<AtomicBool>>>,
+    /// Set on shutdown: a job whose request was still being read then is cancelled as it comes.
+    shutting_down: AtomicBool,
     /// Video jobs by id.
     videos: Mutex<std::collections::BTreeMap<String, videos::Video>>,
     /// The server's own folder for first frames sent with requests (removed at exit).
@@ -65,6 +67,9 @@ impl App {
     /// Keeps a job's cancel flag, for shutdown.
     fn track(&self, cancel: &Arc<AtomicBool>) {
         if let Ok(mut v) = self.inflight.lock() {
+            if self.shutting_down.load(Ordering::SeqCst) {
+                cancel.store(true, Ordering::SeqCst);
+            }
             v.retain(|w| w.strong_count() > 0);
             v.push(Arc::downgrade(cancel));
         }
@@ -73,6 +78,7 @@ impl App {
     /// Cancels every job in flight (each ends within one transformer call).
     fn cancel_all(&self) {
         if let Ok(v) = self.inflight.lock() {
+            self.shutting_down.store(true, Ordering::SeqCst);
             for c in v.iter().filter_map(Weak::upgrade) {
                 c.store(true, Ordering::SeqCst);
             }
@@ -90,6 +96,10 @@ impl App {
 /// After the jobs in flight have ended at shutdown, how long the answers they owe get to go out
 /// before the connections still open (a client stalled mid-upload, a slow reader) are closed.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The longest a shutdown waits for the cancelled jobs (each ends within one call or block; a
+/// stuck one does not hold the process past this).
+const SHUTDOWN_JOBS: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The server's options: the command line's, else the first run file's `[serve]` table's.
 struct Options {
@@ -170,11 +180,9 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             "serve: --max-queue (serve.max_queue) must be at least 1",
         ));
     }
-    // The address first: a port in use is said before minutes of loading, not after.
-    let addr = format!("{}:{}", o.host, o.port);
-    let listener = std::net::TcpListener::bind(&addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| Error::msg(format!("serve: cannot listen on {addr}: {e}")))?;
+    // The address is bound first (a port in use is said before minutes of loading, not after)
+    // and listened on once every model is loaded: until then a connection is refused, not queued.
+    let socket = bind(&o.host, o.port)?;
     crate::prepare::link_strategies();
     magcache_layers::weights::warm::keep_warm();
     let metrics = Arc::new(Metrics::default());
@@ -202,6 +210,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         api_key: o.api_key.clone(),
         metrics,
         inflight: Mutex::new(Vec::new()),
+        shutting_down: AtomicBool::new(false),
         videos: Mutex::default(),
         tmp: tmp.clone(),
         ids: Default::default(),
@@ -211,14 +220,37 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
-    let served = rt.block_on(listen(app, listener));
+    let served = rt.block_on(listen(app, socket));
     // Jobs cancelled at shutdown end within one call; their first frames go with the folder.
     drop(rt);
     let _ = std::fs::remove_dir_all(&tmp);
     served
 }
 
-async fn listen(app: Arc<App>, listener: std::net::TcpListener) -> Result<()> {
+/// A socket bound to `host:port` (not listening yet).
+fn bind(host: &str, port: u16) -> Result<tokio::net::TcpSocket> {
+    use std::net::ToSocketAddrs;
+    let addr = format!("{host}:{port}");
+    let cannot = |e: std::io::Error| Error::msg(format!("serve: cannot listen on {addr}: {e}"));
+    let a = (host, port)
+        .to_socket_addrs()
+        .map_err(cannot)?
+        .next()
+        .ok_or_else(|| Error::msg(format!("serve: cannot listen on {addr}: no address")))?;
+    let socket = if a.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(cannot)?;
+    // As std's and tokio's own listeners: a restarted server can take its port at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true).map_err(cannot)?;
+    socket.bind(a).map_err(cannot)?;
+    Ok(socket)
+}
+
+async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
     let router = Router::new()
         .route("/v1/images/generations", post(api::images))
         .route("/v1/videos", post(videos::create).get(videos::list))
@@ -235,7 +267,8 @@ async fn listen(app: Arc<App>, listener: std::net::TcpListener) -> Result<()> {
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app.clone());
-    let listener = tokio::net::TcpListener::from_std(listener)
+    let listener = socket
+        .listen(1024)
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
     let local = listener
         .local_addr()
@@ -257,7 +290,8 @@ async fn listen(app: Arc<App>, listener: std::net::TcpListener) -> Result<()> {
         if on_signal.await.is_err() {
             return std::future::pending().await;
         }
-        while app.busy() {
+        let t = std::time::Instant::now();
+        while app.busy() && t.elapsed() < SHUTDOWN_JOBS {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         tokio::time::sleep(SHUTDOWN_GRACE).await;

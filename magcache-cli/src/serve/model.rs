@@ -91,10 +91,11 @@ impl Served {
         metrics: Arc<Metrics>,
     ) -> Result<Served> {
         let text = magcache_core::error::read_text(path)?;
-        let warm = prepare(&text, path)?;
-        if warm.cfg.prompt.is_none() {
-            takes_prompts(&text, path)?;
-        }
+        let warm = match with_prompt(&text, path)? {
+            None => prepare(&text, path)?,
+            // Built as its requests will be: a run a prompt cannot apply to fails here, once.
+            Some(prompted) => prepare(&prompted, path).map_err(|e| not_servable(path, e))?,
+        };
         let family = warm.cfg.model.family.clone();
         let seed = warm.cfg.inputs.seed.unwrap_or(warm.cfg.model.seed);
         let fps = warm.pipeline.frame_rate();
@@ -136,23 +137,32 @@ impl Served {
     }
 }
 
-/// Refuses at start a run file without `[prompt]` that a request's prompt would make invalid (a
-/// run on latent inputs, a transformer folder without text encoder): every request to it would fail.
-fn takes_prompts(text: &str, path: &Path) -> Result<()> {
+/// A run file without `[prompt]`: its text with a placeholder prompt, as every request will set
+/// one, checked as a run file before anything loads; `None` when it has a `[prompt]` table.
+fn with_prompt(text: &str, path: &Path) -> Result<Option<String>> {
     let file = path.display().to_string();
     let mut doc: toml::Table = toml::from_str(text)
         .map_err(|e| Error::config(&file, "(document)", e.message().to_string()))?;
+    if doc.contains_key("prompt") {
+        return Ok(None);
+    }
     let mut prompt = toml::Table::new();
     prompt.insert("text".into(), "a prompt".into());
     doc.insert("prompt".into(), toml::Value::Table(prompt));
     let with = toml::to_string(&doc).map_err(|e| Error::msg(format!("{file}: {e}")))?;
     magcache_core::RunConfig::parse(&with, &file)
         .and_then(|c| c.validate(&file))
-        .map_err(|e| {
-            Error::msg(format!(
-                "serve: {file} cannot be served: each request sets [prompt] text, and with one {e} (serve needs a prompted run: docs/serve.md)"
-            ))
-        })
+        .map_err(|e| not_servable(path, e))?;
+    Ok(Some(with))
+}
+
+/// A run file a request's prompt cannot apply to (a run on latent inputs, a transformer folder
+/// without text encoder): refused at start, since every request to it would fail.
+fn not_servable(path: &Path, e: Error) -> Error {
+    Error::msg(format!(
+        "serve: {} cannot be served: each request sets [prompt] text, and with one: {e} (serve needs a prompted run: docs/serve.md)",
+        path.display()
+    ))
 }
 
 /// Parses, validates and builds a run from its text, with its cache, as `magcache run` does.
@@ -196,20 +206,26 @@ fn work(path: &Path, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) 
         // The text encoders' layers and the VAE's blocks, tiles and frames check the flag too
         // (`magcache_core::cancel`): a cancelled job does not finish its decode.
         let scope = magcache_core::cancel::Scope::enter(job.cancel.clone());
-        let out = if job.cancel.load(Ordering::SeqCst) {
-            Err(Error::Cancelled)
-        } else {
+        // A panic in a job is its error: the worker, its queue and `depth` (which a shutdown
+        // waits on) live on.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if job.cancel.load(Ordering::SeqCst) {
+                return Err(Error::Cancelled);
+            }
             job.seeds
                 .iter()
                 .map(|&s| picture(path, &job, s, metrics))
-                .collect()
+                .collect::<Result<Vec<_>>>()
+        }));
+        let out = match run {
+            // A stage that wraps the error it got (`VAE: decode: cancelled`) ended for the flag.
+            Err(_) | Ok(Err(_)) if scope.tripped() => Err(Error::Cancelled),
+            Ok(out) => out,
+            Err(_) => Err(Error::msg(format!(
+                "{name}: the job panicked (the server goes on; the log above says where)"
+            ))),
         };
         drop(scope);
-        // A stage that wraps the error it got (`VAE: decode: cancelled`) still ended for the flag.
-        let out = match out {
-            Err(_) if job.cancel.load(Ordering::SeqCst) => Err(Error::Cancelled),
-            o => o,
-        };
         depth.fetch_sub(1, Ordering::SeqCst);
         if logs("info") {
             let t = start.elapsed().as_secs_f64();

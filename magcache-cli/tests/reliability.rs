@@ -248,17 +248,11 @@ fn class8_sigint_during_a_run_leaves_nothing() {
         .status()
         .unwrap();
     assert!(st.success());
-    let t1 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t1.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("the run did not stop on SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_within(
+        &mut child,
+        Duration::from_secs(30),
+        "the run did not stop on SIGINT",
+    );
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!status.success(), "{stderr}");

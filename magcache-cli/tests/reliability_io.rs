@@ -348,17 +348,11 @@ fn class4_a_streamed_checkpoint_truncated_under_the_run_is_an_error() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("the run did not stop after its checkpoint was truncated");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_within(
+        &mut child,
+        Duration::from_secs(60),
+        "the run did not stop after its checkpoint was truncated",
+    );
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(

@@ -531,17 +531,11 @@ fn ended(args: &[&str]) -> (bool, String) {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("serve {args:?} did not end within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::wait_within(
+        &mut child,
+        Duration::from_secs(60),
+        &format!("serve {args:?} did not end"),
+    );
     (status.success(), reader.join().unwrap())
 }
 

@@ -18,6 +18,25 @@ pub fn bin() -> Command {
     c
 }
 
+/// Waits for `child` to end by itself within `limit`; kills it and fails with `what` otherwise.
+pub fn wait_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} (not ended within {limit:?})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub fn magcache(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
 }

@@ -227,27 +227,35 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     served
 }
 
-/// A socket bound to `host:port` (not listening yet).
+/// A socket bound to `host:port` (not listening yet): the first of the host's addresses that
+/// binds, as `TcpListener::bind` takes them.
 fn bind(host: &str, port: u16) -> Result<tokio::net::TcpSocket> {
     use std::net::ToSocketAddrs;
     let addr = format!("{host}:{port}");
     let cannot = |e: std::io::Error| Error::msg(format!("serve: cannot listen on {addr}: {e}"));
-    let a = (host, port)
-        .to_socket_addrs()
-        .map_err(cannot)?
-        .next()
-        .ok_or_else(|| Error::msg(format!("serve: cannot listen on {addr}: no address")))?;
-    let socket = if a.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
+    let one = |a: std::net::SocketAddr| -> std::io::Result<tokio::net::TcpSocket> {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std's and tokio's own listeners: a restarted server can take its port at once.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(a)?;
+        Ok(socket)
+    };
+    let mut last = None;
+    for a in (host, port).to_socket_addrs().map_err(cannot)? {
+        match one(a) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
     }
-    .map_err(cannot)?;
-    // As std's and tokio's own listeners: a restarted server can take its port at once.
-    #[cfg(unix)]
-    socket.set_reuseaddr(true).map_err(cannot)?;
-    socket.bind(a).map_err(cannot)?;
-    Ok(socket)
+    Err(match last {
+        Some(e) => cannot(e),
+        None => Error::msg(format!("serve: cannot listen on {addr}: no address")),
+    })
 }
 
 async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {

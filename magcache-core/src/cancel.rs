@@ -1,6 +1,6 @@
 //! Cancelling a generation outside the denoising loop: a server's job sets a flag
 //! ([`Scope::enter`] on the thread that runs the job), and the long stages that have no
-//! [[`crate::denoise::Observer`]] (the text encoders' layers, the VAE's blocks, tiles and frames)
+//! [`crate::denoise::Observer`] (the text encoders' layers, the VAE's blocks, tiles and frames)
 //! call [`check`] between their parts, so a cancelled job stops within one part instead of
 //! finishing its decode. Without a scope [`check`] never fails.
 

@@ -138,7 +138,8 @@ impl Served {
 }
 
 /// A run file without `[prompt]`: its text with a placeholder prompt, as every request will set
-/// one, checked as a run file before anything loads; `None` when it has a `[prompt]` table.
+/// one (`prepare` checks it as a run file before anything loads); `None` when it has a `[prompt]`
+/// table.
 fn with_prompt(text: &str, path: &Path) -> Result<Option<String>> {
     let file = path.display().to_string();
     let mut doc: toml::Table = toml::from_str(text)
@@ -149,11 +150,9 @@ fn with_prompt(text: &str, path: &Path) -> Result<Option<String>> {
     let mut prompt = toml::Table::new();
     prompt.insert("text".into(), "a prompt".into());
     doc.insert("prompt".into(), toml::Value::Table(prompt));
-    let with = toml::to_string(&doc).map_err(|e| Error::msg(format!("{file}: {e}")))?;
-    magcache_core::RunConfig::parse(&with, &file)
-        .and_then(|c| c.validate(&file))
-        .map_err(|e| not_servable(path, e))?;
-    Ok(Some(with))
+    toml::to_string(&doc)
+        .map(Some)
+        .map_err(|e| Error::msg(format!("{file}: {e}")))
 }
 
 /// A run file a request's prompt cannot apply to (a run on latent inputs, a transformer folder

@@ -43,6 +43,13 @@ impl ApiError {
             )
         }
     }
+    /// A body that is not JSON (or not an object): 400 with no `param`.
+    pub fn body(e: &serde_json::Error) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    }
     pub fn bad(param: &str, message: impl Into<String>) -> Self {
         ApiError {
             param: Some(param.to_string()),
@@ -250,16 +257,12 @@ pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Request,
     })?;
     // The path of a field of the wrong type (`n`, `cache.threshold`) is its `param`; a body that
     // is not JSON, or not an object, has none.
-    let whole = |inner: serde_json::Error| ApiError {
-        param: None,
-        ..ApiError::bad("", format!("invalid request body: {inner}"))
-    };
     let mut de = serde_json::Deserializer::from_slice(&body);
     let r: Request = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match path.as_str() {
-            "." | "" => whole(inner),
+            "." | "" => ApiError::body(&inner),
             // `param` is the request's field (`cache`), the message the whole path.
             p => ApiError::bad(
                 p.split(['.', '[']).next().unwrap_or(p),
@@ -267,7 +270,7 @@ pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Request,
             ),
         }
     })?;
-    de.end().map_err(whole)?;
+    de.end().map_err(|e| ApiError::body(&e))?;
     Ok(r)
 }
 

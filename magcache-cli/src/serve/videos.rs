@@ -106,10 +106,7 @@ async fn fields(req: HttpRequest) -> Result<Fields, ApiError> {
         .await
         .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let v: serde_json::Map<String, Value> =
-        serde_json::from_slice(&body).map_err(|e| ApiError {
-            param: None,
-            ..ApiError::bad("", format!("invalid request body: {e}"))
-        })?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::body(&e))?;
     for (k, v) in v {
         add(&mut f, &k, Field::Json(v))?;
     }

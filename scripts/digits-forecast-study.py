@@ -24,8 +24,9 @@ the worst single sample.
     python scripts/digits-forecast-study.py fit VARIANT [NCAL] [ITERATIONS]
 
 The second form runs the fitted estimator in torch (docs/quality.md, "The fitted estimator"):
-VARIANT `plain`, `bias` or `gate`, NCAL calibration batches of 10 (default 8), ITERATIONS Adam
-steps (default 25); 4-8 minutes on 2 cores.
+VARIANT `plain`, `bias`, `gate` or `mixR` (plus a rank-R channel mixing of each past residual, `p A B`,
+A random, B from 0; its learning rate `MIX_LR`, 0.0005 measured), NCAL calibration batches of 10
+(default 8), ITERATIONS Adam steps (default 25); 4-8 minutes on 2 cores (15 on one busy core).
 
 BATCHES batches of 10 (classes shuffled), torch noise seed SEED (default 6 and 123). Needs torch and
 diffusers 0.42 (as scripts/digits-exhaustive-search.py); about a minute on 2 cores.
@@ -122,8 +123,9 @@ def fit_study(variant, ncal=8, its=25):
     """The fitted estimator in torch on `digits_3x.toml`'s calls (three residuals, from `taylor1` in
     step index, Adam 0.01, `ncal` calibration and 3 validation batches of torch noise, the iterate
     kept on the validation worst); `variant`: `plain` (as `calibrate --fit`), `bias` (plus a
-    per-channel bias on each reused call, from 0) or `gate` (each coefficient plus a per-channel
-    slope times the sample's relative residual change `|r_b - r_a| / |r_b|`, from 0). Prints the
+    per-channel bias on each reused call, from 0), `gate` (each coefficient plus a per-channel
+    slope times the sample's relative residual change `|r_b - r_a| / |r_b|`, from 0) or `mixR`
+    (plus `sum_j (p_j A_j) B_j`, a rank-R mixing of the hidden channels of each past residual). Prints the
     start's and the fit's PSNR on 12 held-out batches."""
     import time
     S, H, C = [0, 4, 9, 13, 16, 18], 3, m.config.num_attention_heads * m.config.attention_head_dim
@@ -147,6 +149,13 @@ def fit_study(variant, ncal=8, its=25):
                 extra[k] = [torch.zeros(C, requires_grad=True)]
             elif v == "gate":
                 extra[k] = [torch.zeros(C, requires_grad=True) for _ in past]
+            elif v.startswith("mix"):
+                # low-rank channel mixing on each past residual, LoRA-style: A random, B from 0
+                rank = int(v[3:] or 4)
+                g = torch.Generator().manual_seed(k)
+                extra[k] = [t for _ in past for t in (
+                    (torch.randn(C, rank, generator=g) / math.sqrt(C)).requires_grad_(),
+                    torch.zeros(rank, C, requires_grad=True))]
         return w, extra, v
 
     def cached(lat, cls, co):
@@ -164,6 +173,9 @@ def fit_study(variant, ncal=8, its=25):
                 f = d.view(-1, 1, 1)
                 return h + sum((wj + f * uj) * p for wj, uj, p in zip(w[i], extra[i], past))
             r = sum(wj * p for wj, p in zip(w[i], past))
+            if v.startswith("mix"):
+                e = extra[i]
+                r = r + sum((p @ e[2 * j]) @ e[2 * j + 1] for j, p in enumerate(past))
             return h + (r + extra[i][0] if v == "bias" else r)
         return loop(lat, cls, policy)
 
@@ -186,8 +198,12 @@ def fit_study(variant, ncal=8, its=25):
     cal, val, held = draw(ncal, 1000), draw(3, 2000), draw(12, 3000)
     show("start (taylor1, step)", psnrs(held, coefs("plain")))
     co = coefs(variant)
-    params = [p for ws in co[0].values() for p in ws] + [p for es in co[1].values() for p in es]
-    opt = torch.optim.Adam(params, lr=0.01)
+    own = [p for ws in co[0].values() for p in ws]
+    extra = [p for es in co[1].values() for p in es]
+    params = own + extra
+    # the mixing's B is a product term (A B): its steps are scaled down apart (MIX_LR)
+    opt = torch.optim.Adam([{"params": own, "lr": 0.01},
+                            {"params": extra, "lr": float(os.environ.get("MIX_LR", "0.01"))}])
     best_v, best, t0 = -1e9, None, time.time()
     for it in range(its + 1):
         v = min(psnrs(val, co))

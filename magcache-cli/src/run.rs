@@ -6,6 +6,10 @@ use candle_core::Tensor;
 use magcache_core::denoise::{CallEvent, Observer};
 use magcache_core::{Error, Result};
 
+/// The linear layers' time in a denoise from which an f32 CPU run notes that oneDNN could run
+/// them faster on this CPU (`nn::onednn::avx2_hint`).
+const HINT_LINEAR_SECONDS: f64 = 5.0;
+
 /// What the runner shows while it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verbosity {
@@ -147,6 +151,20 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
     );
     for c in &checks {
         col.warning(&c.warning(&p.strategy));
+    }
+    // A long f32 denoise on the CPU says where its linear layers could run faster (a short one,
+    // the digits model's, would only read the note).
+    if p.cfg.model.device == "cpu"
+        && p.cfg.model.dtype == "f32"
+        && cpu_time.linear_seconds >= HINT_LINEAR_SECONDS
+        && magcache_core::runtime::progress::visible()
+    {
+        if let Some(h) = magcache_layers::nn::onednn::avx2_hint() {
+            eprintln!(
+                "note: the linear layers took {:.1} s of the denoise; {h}",
+                cpu_time.linear_seconds
+            );
+        }
     }
     let mut report = Report::from_calls(p, col.calls, &denoise, &bytes, col.warnings);
     report.cpu_time =

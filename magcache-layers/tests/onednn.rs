@@ -235,3 +235,20 @@ fn bf16_attention_on_onednn_is_the_f32_attention_within_bf16_rounding() {
         }
     }
 }
+
+#[test]
+fn the_avx2_hint_is_for_avx2_cpus_without_avx512_and_names_the_variable() {
+    let hint = onednn::avx2_hint();
+    #[cfg(target_arch = "x86_64")]
+    let avx2_only = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && !std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2_only = false;
+    if library().is_some() || !avx2_only {
+        assert!(hint.is_none(), "{hint:?}");
+    } else {
+        let h = hint.unwrap_or_default();
+        assert!(h.contains("MAGCACHE_ONEDNN=") && h.contains("AVX2"), "{h}");
+    }
+}

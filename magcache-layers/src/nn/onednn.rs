@@ -9,7 +9,7 @@
 //! with one line naming the variable ([`check`]), never a silent fallback.
 //!
 //! What runs on it: a linear layer's product `x W^T (+ b)` whose weight is a dense f32 CPU tensor
-//! (on an AVX2 Zen 3 level with candle's gemm on a quiet host, 1.2-1.3x on a loaded one:
+//! (on an AVX2 Zen 3, packed at load: 1.1-1.5x candle's gemm per product, 0.96-1.32x per call,
 //! docs/benchmarks.md), and one whose weight is
 //! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
 //! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
@@ -169,6 +169,33 @@ pub fn amx_hint() -> Option<String> {
             }
         )
     })
+}
+
+/// A hint for an f32 run on an x86 CPU with AVX2 and no AVX-512 while no oneDNN is named: there
+/// candle's gemm runs its AVX2 kernels, and oneDNN's f32 products on weights packed at load ran
+/// 1.1-1.5x faster per product and 1.3x per 720-token Wan call on an AMD Zen 3 (docs/benchmarks.md,
+/// 2026-11-26), level with or ahead of PyTorch's where candle's were 0.86-0.90x. `None` elsewhere.
+pub fn avx2_hint() -> Option<String> {
+    if !matches!(state(), State::Off) || !avx2_without_avx512() {
+        return None;
+    }
+    Some(format!(
+        "this CPU has AVX2 and no AVX-512: {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) ran f32 linear products 1.1-1.5x faster than the default kernels on such a CPU (docs/benchmarks.md)"
+    ))
+}
+
+/// Whether this is an x86 CPU with AVX2 and FMA but no AVX-512F.
+fn avx2_without_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && !std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 pub use magcache_core::runtime::placement::cpuinfo_has_flag;

@@ -159,11 +159,15 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         && cpu_time.linear_seconds >= HINT_LINEAR_SECONDS
         && magcache_core::runtime::progress::visible()
     {
+        // Once per process (`compare` denoises twice).
+        static SAID: std::sync::Once = std::sync::Once::new();
         if let Some(h) = magcache_layers::nn::onednn::avx2_hint() {
-            eprintln!(
-                "note: the linear layers took {:.1} s of the denoise; {h}",
-                cpu_time.linear_seconds
-            );
+            SAID.call_once(|| {
+                eprintln!(
+                    "note: the linear layers took {:.1} s of the denoise; {h}",
+                    cpu_time.linear_seconds
+                )
+            });
         }
     }
     let mut report = Report::from_calls(p, col.calls, &denoise, &bytes, col.warnings);

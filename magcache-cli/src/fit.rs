@@ -279,7 +279,25 @@ pub(crate) fn check_common(opts: &FitOptions) -> Result<()> {
             "calibrate --fit: --learning-rate must be a positive number",
         ));
     }
-    Ok(())
+    if let Some(s) = duplicate(&opts.calibration_seeds) {
+        return Err(Error::msg(format!(
+            "calibrate --fit: calibration seed {s} is given twice"
+        )));
+    }
+    if let Some(s) = duplicate(&opts.validation_seeds) {
+        return Err(Error::msg(format!(
+            "calibrate --fit: validation seed {s} is given twice"
+        )));
+    }
+    crate::commands::check_data_range(opts.data_range)
+}
+
+/// The first value of `v` that appears twice.
+fn duplicate(v: &[u64]) -> Option<u64> {
+    v.iter()
+        .enumerate()
+        .find(|(i, s)| v[..*i].contains(s))
+        .map(|(_, s)| *s)
 }
 
 /// The schedule of the fit: `opts.compute_steps` checked against the scope's `steps` calls, or the
@@ -303,7 +321,15 @@ fn schedule(
             }
             Ok(s.clone())
         }
-        None => ScheduleRule::searched_for_fit(profile, file, opts.budget.unwrap_or(1), plan),
+        None => {
+            let budget = opts.budget.unwrap_or(1);
+            if budget > steps {
+                return Err(Error::msg(format!(
+                    "calibrate --fit: --budget {budget} is more than the scope's {steps} calls"
+                )));
+            }
+            ScheduleRule::searched_for_fit(profile, file, budget, plan)
+        }
     }
 }
 
@@ -408,7 +434,16 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         .first()
         .map(|s| s.steps)
         .ok_or_else(|| Error::msg("the run plans no transformer call"))?;
+    // A start profile for another schedule says so before its calls are checked as if given.
+    if let Some((sp, f, shown)) = &start {
+        check_start_fits(sp, f, shown, &profile, steps)?;
+    }
     let list = schedule(opts, &profile, &file, &plan, steps)?;
+    if list.len() >= steps {
+        return Err(Error::msg(format!(
+            "calibrate --fit: the schedule {list:?} computes every one of the scope's {steps} calls: there is nothing to fit"
+        )));
+    }
     let dense_planes = p0.pipeline.to_planes(&dense0)?;
     let mut cal = vec![Sample {
         p: p0,

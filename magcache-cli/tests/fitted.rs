@@ -330,7 +330,7 @@ fn a_fit_continues_from_a_profile() {
     // A run of the continued profile names the fit it continued as its start.
     let text = plan_fitted(dir.path(), "continued.toml", "more.toml");
     assert!(
-        text.contains("continuing a fit on seeds [11, 12] (")
+        text.contains("continuing earlier fits on 2 seeds 11-12 (iteration ")
             && text.contains("(start: the fit it continued)"),
         "{text}"
     );
@@ -549,4 +549,54 @@ fn every_family_fits() {
         let t: toml::Table = std::fs::read_to_string(&out).unwrap().parse().unwrap();
         assert!(t.contains_key("fitted"), "{name}: no [fitted] table");
     }
+}
+
+/// A shipped fitted file with a guard that would compute a call its schedule reuses is refused
+/// by `plan` (and so by `run`) naming the key, not partway through the run; one at another shift
+/// runs and warns that its coefficients were fitted for other noise levels.
+#[test]
+fn a_fitted_profile_refuses_guards_off_its_calls_and_warns_on_another_shift() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let shipped = std::fs::read_to_string(ex.join("digits_3x.toml")).unwrap();
+    let text = shipped
+        .replace(
+            "\"../tests/fixtures",
+            &format!("\"{}/../tests/fixtures", ex.display()),
+        )
+        .replace(
+            "\"profiles/digits_3x.toml\"",
+            &format!("\"{}/profiles/digits_3x.toml\"", ex.display()),
+        );
+    assert!(
+        text.trim_end().ends_with("profiles/digits_3x.toml\""),
+        "[cache] is last"
+    );
+    for (key, line) in [
+        ("cache.max_consecutive", "max_consecutive = 2"),
+        ("cache.warmup_steps", "warmup_steps = 2"),
+        ("cache.last_steps", "last_steps = 2"),
+    ] {
+        let run = dir.path().join("guarded.toml");
+        std::fs::write(&run, format!("{text}{line}\n")).unwrap();
+        check_err(
+            &magcache(&["plan", "--config", s(&run)]),
+            &["guarded.toml", key, "fitted schedule [0, 4, 9, 13, 16, 18]"],
+        );
+    }
+    // A guard the fitted calls already keep is accepted.
+    let run = dir.path().join("kept.toml");
+    std::fs::write(&run, format!("{text}max_consecutive = 4\n")).unwrap();
+    let o = magcache(&["plan", "--config", s(&run)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let run = dir.path().join("shift5.toml");
+    std::fs::write(&run, text.replace("shift = 3.0", "shift = 5.0")).unwrap();
+    let o = magcache(&["plan", "--config", s(&run), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let all = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        all.contains("was fitted with shift 3, this run uses shift 5"),
+        "{all}"
+    );
 }

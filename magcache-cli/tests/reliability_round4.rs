@@ -273,7 +273,8 @@ fn tune_never_touches_a_profile_it_did_not_write() {
     check_err(&o, &["missing-weights"]);
     assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
     assert!(!out.exists());
-    // A speedup no setting reaches (6 steps, 100x), from a run file whose `[cache]` has a
+    // A speedup no setting reaches (4x of the 4 calls per scope: no measured setting computes
+    // only the first), from a run file whose `[cache]` has a
     // `[cache.mag_ratios]` subtable (tune replaces both): an error, nothing written, the profile
     // kept.
     // Our own example, with a `[cache.mag_ratios]` subtable (tune replaces it with the table it
@@ -291,10 +292,23 @@ fn tune_never_touches_a_profile_it_did_not_write() {
         "--out",
         s(&out),
         "--target-speedup",
-        "100",
+        "4",
         "--quiet",
     ]);
     check_err(&o, &["nothing written"]);
+    assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
+    // One no schedule can reach is refused before any run, saying the most there is.
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(&digits),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "100",
+        "--quiet",
+    ]);
+    check_err(&o, &["--target-speedup 100", "at most 4.00x"]);
     assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
     assert!(!out.exists());
     let left: Vec<String> = std::fs::read_dir(d.path())

@@ -435,28 +435,36 @@ pub fn from_profile(
         }
     }
     let coefs = Coefficients::from_profile(f, file, prof.ratios.len())?;
-    let continued: String = f
-        .earlier
-        .iter()
-        .map(|e| {
-            format!(
-                ", continuing a fit on seeds {:?} ({} of {} iterations kept)",
-                e.calibration_seeds, e.best_iteration, e.iterations
-            )
-        })
-        .collect();
+    // The earlier fits, oldest first, as `[[fitted.earlier]]` lists them.
+    let continued = if f.earlier.is_empty() {
+        String::new()
+    } else {
+        let fits: Vec<String> = f
+            .earlier
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} (iteration {} of {} kept)",
+                    seed_list(&e.calibration_seeds),
+                    e.best_iteration,
+                    e.iterations
+                )
+            })
+            .collect();
+        format!(", continuing earlier fits on {}", fits.join(", then "))
+    };
     let note = format!(
-        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel{}; fitted on seeds {:?} ({} of {} Adam iterations kept{continued}); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR (seeds {:?}) {:.2} -> {:.2} dB (start: {})",
+        "fitted estimator from {file}: computes calls {:?} of {}; each reused call combines the last {} computed residuals per channel{}; fitted on {} (iteration {} of {} Adam iterations kept{continued}); final-latent relative error on them {:.3e} -> {:.3e}, worst held-out PSNR ({}) {:.2} -> {:.2} dB (start: {})",
         f.compute_steps,
         f.steps,
         f.history,
         if f.per_branch { " and CFG branch" } else { "" },
-        f.calibration_seeds,
+        seed_list(&f.calibration_seeds),
         f.best_iteration,
         f.iterations,
         f.calibration_error[0],
         f.calibration_error[1],
-        f.validation_seeds,
+        seed_list(&f.validation_seeds),
         f.validation_psnr_db[0],
         f.validation_psnr_db[1],
         if f.earlier.is_empty() {
@@ -466,6 +474,30 @@ pub fn from_profile(
         },
     );
     Ok((f.compute_steps.clone(), f.steps, coefs, note))
+}
+
+/// Seeds for a note, with their count, runs of consecutive seeds as `a-b`: `64 seeds 1000-1063`,
+/// `2 seeds 2000, 2002`, `seed 7`.
+pub fn seed_list(seeds: &[u64]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seeds.len() {
+        let mut j = i;
+        while j + 1 < seeds.len() && seeds[j + 1] == seeds[j].wrapping_add(1) {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", seeds[i], seeds[j])
+        } else {
+            seeds[i].to_string()
+        });
+        i = j + 1;
+    }
+    match seeds.len() {
+        0 => "no seeds".into(),
+        1 => format!("seed {}", parts.join(", ")),
+        n => format!("{n} seeds {}", parts.join(", ")),
+    }
 }
 
 /// A fitted schedule runs a scope only at the step count it was fitted for (`fitted_for`; `None`: a
@@ -491,6 +523,17 @@ mod tests {
     use crate::residual::{Estimator, ResidualHistory};
     use magcache_core::Streams;
     use proptest::prelude::*;
+
+    #[test]
+    fn seed_lists_read_as_ranges() {
+        let r: Vec<u64> = (1000..1064).collect();
+        assert_eq!(seed_list(&r), "64 seeds 1000-1063");
+        assert_eq!(seed_list(&[2000, 2001, 2002]), "3 seeds 2000-2002");
+        assert_eq!(seed_list(&[2000, 2002]), "2 seeds 2000, 2002");
+        assert_eq!(seed_list(&[1, 2, 5, 7, 8]), "5 seeds 1-2, 5, 7-8");
+        assert_eq!(seed_list(&[7]), "seed 7");
+        assert_eq!(seed_list(&[]), "no seeds");
+    }
 
     /// `c`'s combination for reused call `step` of expert 0's `branch`, on the CPU.
     fn reused(

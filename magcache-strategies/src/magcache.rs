@@ -89,7 +89,7 @@ impl StrategyConfig for MagCacheConfig {
             (Some(spec), None) => RatioSource::Config(spec.clone()),
             (None, Some(p)) => {
                 let path = env.resolve(p);
-                let prof = crate::profile::Profile::load(&path)?;
+                let prof = crate::profile::Profile::load_named(env.file, p, &path)?;
                 if prof.meta.family != env.model.family {
                     return Err(Error::config(
                         env.file,

@@ -119,6 +119,20 @@ impl Profile {
         toml::to_string(self).map_err(|e| Error::msg(format!("cannot write the profile: {e}")))
     }
 
+    /// [`Profile::load`] of the profile the run file `run_file` names under `cache.profile` as
+    /// `named`, resolved to `path`: one that is not there (or not a file) is the run file's error,
+    /// naming the key.
+    pub fn load_named(run_file: &str, named: &str, path: &Path) -> Result<Profile> {
+        if let Some(why) = magcache_core::error::not_a_file(path) {
+            return Err(Error::config(
+                run_file,
+                "cache.profile",
+                format!("`{named}` {why}"),
+            ));
+        }
+        Profile::load(path)
+    }
+
     pub fn load(path: &Path) -> Result<Profile> {
         let shown = path.display().to_string();
         let text = magcache_core::error::read_text(path)?;

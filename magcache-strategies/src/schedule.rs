@@ -85,7 +85,7 @@ impl StrategyConfig for ScheduleConfig {
             (Some(s), _) if !fitted => Source::Fixed(s.clone()),
             (_, Some(p)) => {
                 let path = env.resolve(p);
-                let prof = crate::profile::Profile::load(&path)?;
+                let prof = crate::profile::Profile::load_named(env.file, p, &path)?;
                 let shown = path.display().to_string();
                 if prof.meta.family != env.model.family {
                     return Err(Error::config(
@@ -105,11 +105,13 @@ impl StrategyConfig for ScheduleConfig {
                         self.compute_steps.as_deref(),
                         self.budget,
                     )?;
+                    check_guards(env.file, &self.shared().guards, &list, steps)?;
                     Source::Fitted {
                         list,
                         steps: Some(steps),
                         coefs,
                         note: Some(note),
+                        fitted_on: Some((shown, prof.meta.clone())),
                     }
                 } else {
                     if prof.forecast_errors.is_empty() {
@@ -162,6 +164,9 @@ enum Source {
         steps: Option<usize>,
         coefs: crate::fitted::Coefficients,
         note: Option<String>,
+        /// The profile's path and the noise schedule it was fitted on (its `[meta]`), for the
+        /// run's warnings when the run's differs.
+        fitted_on: Option<(String, crate::profile::ProfileMeta)>,
     },
     Searched {
         file: String,
@@ -211,6 +216,7 @@ impl ScheduleRule {
                 steps: None,
                 coefs,
                 note: None,
+                fitted_on: None,
             },
         }
     }
@@ -416,6 +422,89 @@ impl ScheduleRule {
 
 /// The sigma interval of each of the scope's steps over the whole generation (what a reused
 /// call's error weighs in the search).
+/// Refuses guards that would compute a call the fitted schedule `list` (of a `steps`-call scope)
+/// reuses: its coefficients are for the fitted calls' residuals only, and the run would stop at
+/// that call.
+fn check_guards(
+    file: &str,
+    guards: &crate::guards::GuardConfig,
+    list: &[usize],
+    steps: usize,
+) -> Result<()> {
+    let reused = |i: usize| !list.contains(&i);
+    if let Some(i) = (1..guards.warmup_steps.min(steps)).find(|&i| reused(i)) {
+        return Err(Error::config(
+            file,
+            "cache.warmup_steps",
+            format!(
+                "{} computes call {i}, which the fitted schedule {list:?} reuses: a fitted profile's coefficients are for its own calls (remove the key, or fit with these calls)",
+                guards.warmup_steps
+            ),
+        ));
+    }
+    let tail = steps.saturating_sub(guards.last_steps);
+    if let Some(i) = (tail..steps).find(|&i| reused(i)) {
+        return Err(Error::config(
+            file,
+            "cache.last_steps",
+            format!(
+                "{} computes call {i}, which the fitted schedule {list:?} reuses: a fitted profile's coefficients are for its own calls (remove the key, or fit with these calls)",
+                guards.last_steps
+            ),
+        ));
+    }
+    if let Some(cap) = guards.max_consecutive {
+        let mut run = 0;
+        for i in 0..steps {
+            run = if reused(i) { run + 1 } else { 0 };
+            if run > cap {
+                return Err(Error::config(
+                    file,
+                    "cache.max_consecutive",
+                    format!(
+                        "{cap} would compute call {i}, which the fitted schedule {list:?} reuses ({run} in a row): a fitted profile's coefficients are for its own calls (remove the key, or fit with these calls)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Warnings for a fitted profile (`file`, fitted on `meta`'s noise schedule) used on a run whose
+/// sampler, shift or expert boundary differs: the coefficients extrapolate between the fitted
+/// run's noise levels.
+fn fitted_schedule_warnings(
+    file: &str,
+    meta: &crate::profile::ProfileMeta,
+    plan: &GenerationPlan,
+) -> Vec<String> {
+    let mut w = Vec::new();
+    let why = "its coefficients were fitted for that run's noise levels (fit again with `magcache calibrate --fit` on this run)";
+    if !meta.scheduler.is_empty() && !plan.scheduler.is_empty() && meta.scheduler != plan.scheduler
+    {
+        w.push(format!(
+            "the fitted profile {file} was fitted with the `{}` sampler, this run uses `{}`: {why}",
+            meta.scheduler, plan.scheduler
+        ));
+    }
+    if let (Some(a), Some(b)) = (meta.shift, plan.shift) {
+        if (a - b).abs() > 1e-9 {
+            w.push(format!(
+                "the fitted profile {file} was fitted with shift {a}, this run uses shift {b}: {why}"
+            ));
+        }
+    }
+    if let (Some(a), Some(b)) = (meta.boundary_ratio, plan.boundary_ratio) {
+        if (a - b).abs() > 1e-9 {
+            w.push(format!(
+                "the fitted profile {file} was fitted with boundary_ratio {a}, this run uses {b}: its experts' calls are split differently"
+            ));
+        }
+    }
+    w
+}
+
 fn step_weights(sp: &ScopePlan, plan: &GenerationPlan) -> Vec<f64> {
     let mut all = vec![0.0; plan.total_steps + 1];
     for s in &plan.scopes {
@@ -457,11 +546,18 @@ impl Rule for ScheduleRule {
         Ok(Wish::reuse_if(!scheduled, predicted))
     }
 
-    fn warnings(&self, _plan: &GenerationPlan) -> Vec<String> {
-        match &self.source {
-            Source::Fitted { note: Some(n), .. } => vec![n.clone()],
-            _ => Vec::new(),
+    fn warnings(&self, plan: &GenerationPlan) -> Vec<String> {
+        let Source::Fitted {
+            note, fitted_on, ..
+        } = &self.source
+        else {
+            return Vec::new();
+        };
+        let mut w: Vec<String> = note.iter().cloned().collect();
+        if let Some((file, meta)) = fitted_on {
+            w.extend(fitted_schedule_warnings(file, meta, plan));
         }
+        w
     }
 
     fn forecast(

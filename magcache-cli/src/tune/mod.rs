@@ -352,7 +352,17 @@ pub fn tune(
     };
     let chosen = match opts.target {
         Target::Speedup(s) => {
-            let b = ((steps as f64 / s).floor() as usize).clamp(1, most);
+            // A scope computes at least one call of every MAX_GAP (the searched schedules reuse
+            // at most MAX_GAP - 1 in a row).
+            let gap = magcache_strategies::schedule::MAX_GAP;
+            let fewest = most.div_ceil(gap).max(1);
+            if s > most as f64 / fewest as f64 + 1e-9 {
+                return Err(Error::msg(format!(
+                    "--target-speedup {s}: at most {:.2}x on this run (its scopes run {most} calls, and a schedule computes at least one call of every {gap})",
+                    most as f64 / fewest as f64
+                )));
+            }
+            let b = ((steps as f64 / s).floor() as usize).clamp(fewest, most);
             let i = ctx.at_budget(b)?;
             let i = match i {
                 Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),

@@ -246,3 +246,21 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) max_queue: Option<usize>,
 }
+
+/// `--data-range`, when given: a finite number > 0 (`compare`, `tune`, `calibrate --fit`).
+pub(crate) fn check_data_range(data_range: Option<f64>) -> magcache_core::Result<()> {
+    match data_range {
+        Some(r) if !(r.is_finite() && r > 0.0) => Err(magcache_core::Error::msg(format!(
+            "--data-range {r}: must be a finite number > 0 (the value range of the results)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The first value of `v` given twice.
+pub(crate) fn repeated(v: &[u64]) -> Option<u64> {
+    v.iter()
+        .enumerate()
+        .find(|(i, s)| v[..*i].contains(s))
+        .map(|(_, s)| *s)
+}

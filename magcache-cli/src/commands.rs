@@ -189,7 +189,7 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         json,
     } = a;
     let target = tune_target(target_psnr, target_speedup)?;
-    check_data_range(data_range)?;
+    crate::args::check_data_range(data_range)?;
     let stem = out
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
@@ -326,7 +326,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
             "--repeat 0: must be at least 1 (timed runs of each kind)",
         ));
     }
-    check_data_range(data_range)?;
+    crate::args::check_data_range(data_range)?;
     check_fps(fps)?;
     let video_kind = video_kind_of(&config, &video)?;
     let mut outs = plan_outputs(
@@ -553,14 +553,4 @@ fn picture_range(
         }
         None => (lo, hi),
     })
-}
-
-/// `--data-range`, when given: a finite number > 0 (`compare`, `tune`, `calibrate --fit`).
-pub(crate) fn check_data_range(data_range: Option<f64>) -> Result<()> {
-    match data_range {
-        Some(r) if !(r.is_finite() && r > 0.0) => Err(magcache_core::Error::msg(format!(
-            "--data-range {r}: must be a finite number > 0 (the value range of the results)"
-        ))),
-        _ => Ok(()),
-    }
 }

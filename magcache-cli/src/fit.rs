@@ -20,6 +20,9 @@
 //!    (its schedule, axis and history, recorded in `[[fitted.earlier]]`): the fit never ends worse
 //!    than its start on either set.
 
+mod start;
+use start::{check_start_fits, start_coefficients, start_profile};
+
 use crate::prepare::{prepare_pipeline_text, Prepared};
 use crate::run::{generate, Verbosity};
 use candle_core::{Tensor, Var};
@@ -27,7 +30,7 @@ use magcache_core::checkpoint::{self, Checkpoint};
 use magcache_core::runtime::metrics::quality;
 use magcache_core::{CacheHandle, Error, Result};
 use magcache_strategies::engine::Shared;
-use magcache_strategies::fitted::{Coefficients, EarlierFit, FittedProfile, DEFAULT_HISTORY};
+use magcache_strategies::fitted::{Coefficients, FittedProfile, DEFAULT_HISTORY};
 use magcache_strategies::profile::Profile;
 use magcache_strategies::residual::{Estimator, EstimatorAxis};
 use magcache_strategies::schedule::{Schedule, ScheduleRule};
@@ -279,25 +282,17 @@ pub(crate) fn check_common(opts: &FitOptions) -> Result<()> {
             "calibrate --fit: --learning-rate must be a positive number",
         ));
     }
-    if let Some(s) = duplicate(&opts.calibration_seeds) {
-        return Err(Error::msg(format!(
-            "calibrate --fit: calibration seed {s} is given twice"
-        )));
+    for (what, seeds) in [
+        ("calibration", &opts.calibration_seeds),
+        ("validation", &opts.validation_seeds),
+    ] {
+        if let Some(s) = crate::args::repeated(seeds) {
+            return Err(Error::msg(format!(
+                "calibrate --fit: {what} seed {s} is given twice"
+            )));
+        }
     }
-    if let Some(s) = duplicate(&opts.validation_seeds) {
-        return Err(Error::msg(format!(
-            "calibrate --fit: validation seed {s} is given twice"
-        )));
-    }
-    crate::commands::check_data_range(opts.data_range)
-}
-
-/// The first value of `v` that appears twice.
-fn duplicate(v: &[u64]) -> Option<u64> {
-    v.iter()
-        .enumerate()
-        .find(|(i, s)| v[..*i].contains(s))
-        .map(|(_, s)| *s)
+    crate::args::check_data_range(opts.data_range)
 }
 
 /// The schedule of the fit: `opts.compute_steps` checked against the scope's `steps` calls, or the
@@ -323,12 +318,12 @@ fn schedule(
         }
         None => {
             let budget = opts.budget.unwrap_or(1);
-            if budget > steps {
-                return Err(Error::msg(format!(
+            match budget > steps {
+                true => Err(Error::msg(format!(
                     "calibrate --fit: --budget {budget} is more than the scope's {steps} calls"
-                )));
+                ))),
+                false => ScheduleRule::searched_for_fit(profile, file, budget, plan),
             }
-            ScheduleRule::searched_for_fit(profile, file, budget, plan)
         }
     }
 }
@@ -506,114 +501,4 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
             wall_seconds: started.elapsed().as_secs_f64(),
         },
     ))
-}
-
-/// The coefficients a fit starts from, and the fits it continues: `start`'s (checked against the
-/// run's calibration `profile` with `steps` calls per scope), else the order-1 forecast; per CFG
-/// branch with `opts.per_branch`.
-fn start_coefficients(
-    start: Option<&StartProfile>,
-    opts: &FitOptions,
-    profile: &Profile,
-    steps: usize,
-) -> Result<(Coefficients, Vec<EarlierFit>)> {
-    let n_experts = profile.ratios.len();
-    if let Some((sp, f, shown)) = start {
-        check_start_fits(sp, f, shown, profile, steps)?;
-        let mut earlier = f.earlier.clone();
-        earlier.push(EarlierFit::of(f));
-        let c = Coefficients::trainable_from(f, shown, n_experts, opts.per_branch)?;
-        return Ok((c, earlier));
-    }
-    let c = Coefficients::trainable().with_history(opts.history.unwrap_or(DEFAULT_HISTORY))?;
-    let c = if opts.per_branch { c.per_branch()? } else { c };
-    Ok((c, Vec::new()))
-}
-
-/// A `--start-profile`: the profile (its `[fitted]` table taken out), that table, its name.
-type StartProfile = (Profile, FittedProfile, String);
-
-/// `opts` with the schedule, axis and history of its `--start-profile` (refused where they
-/// differ from the ones given), and that profile; `opts` itself without one.
-fn start_profile(opts: &FitOptions) -> Result<(Option<StartProfile>, FitOptions)> {
-    let Some(path) = &opts.start_profile else {
-        return Ok((None, opts.clone()));
-    };
-    let shown = path.display().to_string();
-    let mut prof = Profile::load(path)?;
-    let Some(f) = prof.fitted.take() else {
-        return Err(Error::config(
-            &shown,
-            "fitted",
-            "--start-profile: the profile has no [fitted] table to continue (write one with `magcache calibrate --fit`)",
-        ));
-    };
-    let differs = |flag: &str, given: String, theirs: String| {
-        Err(Error::msg(format!(
-            "calibrate --fit: {flag} {given} differs from the fit in {shown} ({theirs}), which --start-profile continues: leave {flag} out"
-        )))
-    };
-    if let Some(s) = opts
-        .compute_steps
-        .as_ref()
-        .filter(|s| **s != f.compute_steps)
-    {
-        return differs(
-            "--compute-steps",
-            format!("{s:?}"),
-            format!("{:?}", f.compute_steps),
-        );
-    }
-    if let Some(a) = opts.start_axis.filter(|a| *a != f.axis) {
-        return differs("--start-axis", format!("{a:?}"), format!("{:?}", f.axis));
-    }
-    if let Some(h) = opts.history.filter(|h| *h != f.history) {
-        return differs("--history", h.to_string(), f.history.to_string());
-    }
-    let resolved = FitOptions {
-        compute_steps: Some(f.compute_steps.clone()),
-        start_axis: Some(f.axis),
-        history: Some(f.history),
-        ..opts.clone()
-    };
-    Ok((Some((prof, f, shown)), resolved))
-}
-
-/// Refuses a start profile (`shown`, its fit `fitted`) fitted for another model or schedule than
-/// the run's calibration `profile` with `steps` calls per scope.
-fn check_start_fits(
-    start: &Profile,
-    fitted: &FittedProfile,
-    shown: &str,
-    profile: &Profile,
-    steps: usize,
-) -> Result<()> {
-    let why = if start.meta.family != profile.meta.family {
-        Some(format!(
-            "it is a profile of `{}`, the run is `{}`",
-            start.meta.family, profile.meta.family
-        ))
-    } else if start.ratios.len() != profile.ratios.len() {
-        Some("its experts are not the run's".to_string())
-    } else if fitted.steps != steps
-        || start.meta.sigmas.len() != profile.meta.sigmas.len()
-        || start
-            .meta
-            .sigmas
-            .iter()
-            .zip(&profile.meta.sigmas)
-            .any(|(a, b)| (a - b).abs() > 1e-6)
-    {
-        Some("its noise schedule is not the run's (steps, shift or scheduler differ)".to_string())
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(Error::config(
-            shown,
-            "fitted",
-            format!("--start-profile: cannot continue this fit: {why}"),
-        )),
-        None => Ok(()),
-    }
 }

@@ -271,8 +271,12 @@ impl Coefficients {
         let mut out = Vec::with_capacity(entry.weights.len());
         for w in &entry.weights {
             if w.dims() != [channels] {
+                let from = match &t.start {
+                    Start::Refuse(file) => format!("{file}: "),
+                    _ => String::new(),
+                };
                 return Err(Error::msg(format!(
-                    "fitted estimator: reused call {step} of expert {expert} has {} coefficients per residual, the model's hidden states have {channels} channels",
+                    "{from}fitted estimator: reused call {step} of expert {expert} has {} coefficients per residual, the model's hidden states have {channels} channels (a profile fitted on another model size)",
                     w.elem_count()
                 )));
             }
@@ -523,6 +527,29 @@ mod tests {
     use crate::residual::{Estimator, ResidualHistory};
     use magcache_core::Streams;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_profile_with_rows_of_two_widths_is_refused_at_load() {
+        let call = |step: usize, width: usize| FittedCall {
+            step,
+            from: vec![0],
+            weights: vec![vec![1.0; width]],
+            ..Default::default()
+        };
+        let mut f = FittedProfile {
+            compute_steps: vec![0, 3],
+            steps: 5,
+            ..Default::default()
+        };
+        f.calls.insert("main".into(), vec![call(1, 4), call(2, 4)]);
+        assert!(f.check("p.toml").is_ok());
+        f.calls.insert("main".into(), vec![call(1, 4), call(2, 3)]);
+        let e = f.check("p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("p.toml") && e.contains("fitted.calls.main") && e.contains("rows of 4"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn seed_lists_read_as_ranges() {

@@ -363,6 +363,21 @@ impl FittedProfile {
         if let Some(why) = history_problem(self.history) {
             return bad("history", why);
         }
+        // Every row is one hidden width, across the calls too: a short one is the file's error
+        // at load, not a run's at that call.
+        let mut widths = self
+            .calls
+            .iter()
+            .flat_map(|(e, calls)| calls.iter().map(move |c| (e, c)))
+            .filter_map(|(e, c)| c.weights.first().map(|w| (e, c.step, w.len())));
+        if let Some((e0, s0, w0)) = widths.next() {
+            if let Some((e, s, w)) = widths.find(|x| x.2 != w0) {
+                return bad(
+                    &format!("calls.{e}"),
+                    format!("rows of {w0} coefficients (call {s0} of `{e0}`) and {w} (call {s}): every row holds one coefficient per hidden channel"),
+                );
+            }
+        }
         for (expert, calls) in &self.calls {
             for c in calls {
                 let width = c.weights.first().map_or(0, Vec::len);

@@ -285,30 +285,14 @@ fn tune_never_touches_a_profile_it_did_not_write() {
         .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
     let digits = d.path().join("wan22.toml");
     std::fs::write(&digits, text).unwrap();
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&digits),
-        "--out",
-        s(&out),
-        "--target-speedup",
-        "4",
-        "--quiet",
-    ]);
-    check_err(&o, &["nothing written"]);
+    let tune_to = |speedup: &str| {
+        let args = ["tune", "--config", s(&digits), "--out", s(&out)];
+        magcache(&[&args[..], &["--target-speedup", speedup, "--quiet"]].concat())
+    };
+    check_err(&tune_to("4"), &["nothing written"]);
     assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
     // One no schedule can reach is refused before any run, saying the most there is.
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&digits),
-        "--out",
-        s(&out),
-        "--target-speedup",
-        "100",
-        "--quiet",
-    ]);
-    check_err(&o, &["--target-speedup 100", "at most 4.00x"]);
+    check_err(&tune_to("100"), &["--target-speedup 100", "at most 4.00x"]);
     assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
     assert!(!out.exists());
     let left: Vec<String> = std::fs::read_dir(d.path())

@@ -420,8 +420,6 @@ impl ScheduleRule {
     }
 }
 
-/// The sigma interval of each of the scope's steps over the whole generation (what a reused
-/// call's error weighs in the search).
 /// Refuses guards that would compute a call the fitted schedule `list` (of a `steps`-call scope)
 /// reuses: its coefficients are for the fitted calls' residuals only, and the run would stop at
 /// that call.
@@ -505,6 +503,8 @@ fn fitted_schedule_warnings(
     w
 }
 
+/// The sigma interval of each of the scope's steps over the whole generation (what a reused
+/// call's error weighs in the search).
 fn step_weights(sp: &ScopePlan, plan: &GenerationPlan) -> Vec<f64> {
     let mut all = vec![0.0; plan.total_steps + 1];
     for s in &plan.scopes {

@@ -318,12 +318,12 @@ fn schedule(
         }
         None => {
             let budget = opts.budget.unwrap_or(1);
-            match budget > steps {
-                true => Err(Error::msg(format!(
+            if budget > steps {
+                return Err(Error::msg(format!(
                     "calibrate --fit: --budget {budget} is more than the scope's {steps} calls"
-                ))),
-                false => ScheduleRule::searched_for_fit(profile, file, budget, plan),
+                )));
             }
+            ScheduleRule::searched_for_fit(profile, file, budget, plan)
         }
     }
 }

@@ -429,7 +429,8 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         .first()
         .map(|s| s.steps)
         .ok_or_else(|| Error::msg("the run plans no transformer call"))?;
-    // A start profile for another schedule says so before its calls are checked as if given.
+    // A start profile for another model or schedule is refused first, before its calls are
+    // checked as if given.
     if let Some((sp, f, shown)) = &start {
         check_start_fits(sp, f, shown, &profile, steps)?;
     }
@@ -466,7 +467,7 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
         .sum::<Result<f64>>()?
         .max(f64::MIN_POSITIVE);
     let n_experts = profile.ratios.len();
-    let (coefs, earlier) = start_coefficients(start.as_ref(), opts, &profile, steps)?;
+    let (coefs, earlier) = start_coefficients(start.as_ref(), opts, &profile)?;
     let per_branch = coefs.is_per_branch();
     let history = coefs.history();
     let (best, best_it, record) = train(&mut cal, &mut val, norm, &list, opts, coefs, progress)?;

@@ -6,18 +6,16 @@ use magcache_core::{Error, Result};
 use magcache_strategies::fitted::{Coefficients, EarlierFit, FittedProfile, DEFAULT_HISTORY};
 use magcache_strategies::profile::Profile;
 
-/// The coefficients a fit starts from, and the fits it continues: `start`'s (checked against the
-/// run's calibration `profile` with `steps` calls per scope), else the order-1 forecast; per CFG
-/// branch with `opts.per_branch`.
+/// The coefficients a fit starts from, and the fits it continues: `start`'s (which the caller has
+/// checked against the run with [`check_start_fits`]), else the order-1 forecast; per CFG branch
+/// with `opts.per_branch`. `profile` is the run's calibration profile.
 pub(super) fn start_coefficients(
     start: Option<&StartProfile>,
     opts: &FitOptions,
     profile: &Profile,
-    steps: usize,
 ) -> Result<(Coefficients, Vec<EarlierFit>)> {
     let n_experts = profile.ratios.len();
-    if let Some((sp, f, shown)) = start {
-        check_start_fits(sp, f, shown, profile, steps)?;
+    if let Some((_, f, shown)) = start {
         let mut earlier = f.earlier.clone();
         earlier.push(EarlierFit::of(f));
         let c = Coefficients::trainable_from(f, shown, n_experts, opts.per_branch)?;

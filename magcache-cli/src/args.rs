@@ -54,7 +54,7 @@ pub(crate) struct CompareArgs {
     #[arg(long)]
     pub(crate) fps: Option<u32>,
     /// Value range for PSNR/SSIM and pictures (default: the dense result's max - min).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(crate) data_range: Option<f64>,
     /// Timed runs of each kind, dense and cached alternated, after one untimed warm-up run;
     /// the wall times reported are the medians.
@@ -93,7 +93,7 @@ pub(crate) struct CalibrateArgs {
     #[command(flatten)]
     pub(crate) fit_args: FitArgs,
     /// With `--fit`: the PSNR's data range on the validation seeds (default: the dense run's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(crate) data_range: Option<f64>,
     #[arg(long)]
     pub(crate) quiet: bool,
@@ -108,7 +108,7 @@ pub(crate) struct FitArgs {
     #[arg(long)]
     pub(crate) iterations: Option<usize>,
     /// With `--fit`: Adam's learning rate (default 0.01).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(crate) learning_rate: Option<f64>,
     /// With `--fit`: the computed residuals each reused call combines (default 2: the last two,
     /// where the order-1 forecast starts; up to 4).
@@ -173,7 +173,7 @@ pub(crate) struct ExportArgs {
     #[arg(long)]
     pub(crate) out: PathBuf,
     /// Largest shard, in GB (diffusers-style `-0000k-of-0000n` shards past it).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5.0)]
     pub(crate) shard_gb: f64,
     /// Write one GGUF file per transformer instead, its matrices quantized to this type
     /// (`q8_0`, `q4_0`, `q4_k`, ...; Wan families).
@@ -198,16 +198,16 @@ pub(crate) struct TuneArgs {
     #[arg(long)]
     pub(crate) out: PathBuf,
     /// Keep at least this PSNR (dB) against the dense run with the fewest computed calls.
-    #[arg(long, conflicts_with = "target_speedup")]
+    #[arg(long, allow_negative_numbers = true, conflicts_with = "target_speedup")]
     pub(crate) target_psnr: Option<f64>,
     /// Compute at most 1/S of the calls with the best PSNR.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(crate) target_speedup: Option<f64>,
     /// Value range for PSNR (default: the dense result's max - min).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub(crate) data_range: Option<f64>,
     /// With --target-psnr: dB above the target a setting must keep on these inputs.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.5)]
     pub(crate) margin: f64,
     /// Most real runs besides the calibration run.
     #[arg(long, default_value_t = 24)]

@@ -144,6 +144,9 @@ pub(crate) fn plan(a: PlanArgs) -> Result<()> {
         for w in &r.warnings {
             eprintln!("warning: {w}");
         }
+        for n in &r.notes {
+            eprintln!("note: {n}");
+        }
         print!("{}", crate::plan_text(&r));
     }
     Ok(())
@@ -173,6 +176,22 @@ fn tune_target(target_psnr: Option<f64>, target_speedup: Option<f64>) -> Result<
     })
 }
 
+/// `tune`'s numbers other than its target: `--data-range`, `--runs`, `--margin`.
+fn check_tune_numbers(data_range: Option<f64>, runs: usize, margin: f64) -> Result<()> {
+    crate::args::check_data_range(data_range)?;
+    if runs == 0 {
+        return Err(magcache_core::Error::msg(
+            "tune: --runs 0 runs no candidate; give at least 1 (default 24)",
+        ));
+    }
+    if !(margin.is_finite() && margin >= 0.0) {
+        return Err(magcache_core::Error::msg(format!(
+            "tune: --margin {margin}: must be a finite number of dB >= 0"
+        )));
+    }
+    Ok(())
+}
+
 /// `magcache tune`.
 pub(crate) fn tune(a: TuneArgs) -> Result<()> {
     let TuneArgs {
@@ -189,7 +208,7 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         json,
     } = a;
     let target = tune_target(target_psnr, target_speedup)?;
-    crate::args::check_data_range(data_range)?;
+    check_tune_numbers(data_range, runs, margin)?;
     let stem = out
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
@@ -240,6 +259,11 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         &mut write,
         &mut progress,
     )?;
+    // What the tune could not do that was asked (a fit that ran nothing, a search cut short by
+    // --runs), even when quiet.
+    for n in &r.notes {
+        eprintln!("warning: {n}");
+    }
     let Some(t) = r.chosen() else {
         if json {
             println!("{}", to_json(&r)?);
@@ -251,12 +275,9 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
             r.tried.len()
         )));
     };
-    // What the tune could not do that was asked (a fit that ran nothing), even when quiet.
-    for n in &r.notes {
-        eprintln!("warning: {n}");
-    }
     let text = magcache_core::error::read_text(&config)?;
-    outs.write(&out, crate::tuned_run_file(&text, &r, t).as_bytes())?;
+    let from = config.display().to_string();
+    outs.write(&out, crate::tuned_run_file(&text, &from, &r, t).as_bytes())?;
     outs.commit()?;
     if json {
         println!("{}", to_json(&r)?);
@@ -378,6 +399,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
         println!("{}", to_json(r)?);
     } else if !quiet {
         print!("{}", crate::compare_text(r));
+        print!("{}", crate::report::warnings_tail(&r.cached.warnings));
     }
     Ok(())
 }
@@ -454,6 +476,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         println!("{}", to_json(&rep)?);
     } else if !quiet {
         print!("{}", summary(&rep));
+        print!("{}", crate::report::warnings_tail(&rep.warnings));
     }
     Ok(())
 }

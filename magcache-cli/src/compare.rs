@@ -284,8 +284,5 @@ pub fn compare_text(r: &CompareReport) -> String {
         .map(|c| if c.computed == Some(false) { '.' } else { '#' })
         .collect();
     s.push_str(&format!("calls (# computed, . reused): {map}\n"));
-    for w in &r.cached.warnings {
-        s.push_str(&format!("warning: {w}\n"));
-    }
     s
 }

@@ -20,6 +20,9 @@ pub struct PlanReport {
     pub total_calls: usize,
     pub predicted_speedup: f64,
     pub warnings: Vec<String>,
+    /// Where the strategy's settings come from (a fitted profile's provenance).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// The weights' dtype the run uses (`auto` resolved as the runner resolves it).
     pub dtype: String,
     /// The size guard's estimate of each stage's peak, in the order they run (empty when the
@@ -67,12 +70,13 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
         model: &info,
     };
     let cache = strategy_cfg.build(&env)?;
-    let mut warnings = Vec::new();
+    let (mut warnings, mut notes) = (Vec::new(), Vec::new());
     let mut predicted: HashMap<magcache_core::ScopeKey, Vec<magcache_core::CallDecision>> =
         HashMap::new();
     let mut from_data = false;
     if let Some(mut c) = cache {
         warnings = c.begin_generation(&gplan)?;
+        notes = c.notes();
         for sp in &gplan.scopes {
             match c.predict(sp.key) {
                 Some(d) => {
@@ -124,6 +128,7 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
         predicted_speedup: calls.len() as f64 / computed_calls.max(1) as f64,
         calls,
         warnings,
+        notes,
         threshold_checks: checks,
     })
 }

@@ -59,6 +59,10 @@ pub struct Report {
     pub denoise_own_peak: bool,
     pub scopes: Vec<ScopeSummary>,
     pub warnings: Vec<String>,
+    /// Where the strategy's settings come from (a fitted profile's provenance): information, not
+    /// warnings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Where the linear layers' products ran when not on candle's own kernels: oneDNN, named by
     /// `MAGCACHE_ONEDNN` (its version, the CPU ISA it chose, what runs on it).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +132,7 @@ impl Report {
             denoise_own_peak: denoise.own_peak,
             scopes: scopes.into_values().collect(),
             warnings,
+            notes: Vec::new(),
             products: magcache_layers::nn::onednn::get().map(|d| d.describe()),
             cpu_time: None,
             stages: Vec::new(),
@@ -138,6 +143,17 @@ impl Report {
 pub use magcache_core::runtime::progress::peak_rss_bytes;
 
 /// Human summary of a report (stdout of `magcache run`).
+/// The run's warnings again at the end of a summary on stdout, for a summary kept apart from
+/// stderr (a file, a pipe, another terminal); nothing when both go to the terminal, where they
+/// were just printed.
+pub fn warnings_tail(warnings: &[String]) -> String {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+        return String::new();
+    }
+    warnings.iter().map(|w| format!("warning: {w}\n")).collect()
+}
+
 pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("model:    {}\n", r.model));

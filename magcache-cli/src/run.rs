@@ -26,10 +26,13 @@ pub enum Verbosity {
 struct Collector {
     json: bool,
     silent: bool,
+    /// `--quiet`: notes are not printed (they stay in the report).
+    quiet: bool,
     calls: Vec<CallReport>,
     /// Each call as the threshold check reads it (`CallDecision::compared`).
     compared: Vec<crate::threshold::Compared>,
     warnings: Vec<String>,
+    notes: Vec<String>,
     bar: Option<indicatif::ProgressBar>,
     last: String,
 }
@@ -51,6 +54,17 @@ impl Observer for Collector {
             _ => eprintln!("warning: {msg}"),
         }
         self.warnings.push(msg.to_string());
+    }
+    fn note(&mut self, msg: &str) {
+        match &self.bar {
+            _ if self.silent || self.quiet => {}
+            _ if self.json => {
+                eprintln!("{}", serde_json::json!({"event": "note", "message": msg}))
+            }
+            Some(b) if !b.is_hidden() => b.println(format!("note: {msg}")),
+            _ => eprintln!("note: {msg}"),
+        }
+        self.notes.push(msg.to_string());
     }
     fn call(&mut self, ev: &CallEvent) {
         let computed = ev.decision.map(|d| d.computed);
@@ -121,9 +135,11 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
     let mut col = Collector {
         json: verbosity == Verbosity::Json,
         silent: verbosity == Verbosity::Silent,
+        quiet: verbosity == Verbosity::Quiet,
         calls: Vec::new(),
         compared: Vec::new(),
         warnings: p.notes.clone(),
+        notes: Vec::new(),
         bar,
         last: String::new(),
     };
@@ -171,6 +187,7 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
         }
     }
     let mut report = Report::from_calls(p, col.calls, &denoise, &bytes, col.warnings);
+    report.notes = col.notes;
     report.cpu_time =
         (cpu_time.linear_seconds + cpu_time.attention_seconds > 0.0).then_some(cpu_time);
     for c in checks {

@@ -102,6 +102,9 @@ fn tuned_run_keeps_the_psnr_target_on_held_out_noise() {
 fn speedup_target_sets_the_computed_calls() {
     let dir = tempfile::tempdir().unwrap();
     let run = digits_run(dir.path(), "run.toml", 0, "[3, 6]");
+    // The source's opening comment describes the dense file: the tuned file does not copy it.
+    let text = std::fs::read_to_string(&run).unwrap();
+    std::fs::write(&run, format!("# dense digits, no cache\n{text}")).unwrap();
     let out = dir.path().join("fast.toml");
     let o = magcache(&[
         "tune",
@@ -115,12 +118,34 @@ fn speedup_target_sets_the_computed_calls() {
         "4",
         "--quiet",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // Four runs do not cover the candidates at this budget: said even when quiet.
+    assert!(
+        stderr.contains("--runs 4: the run budget was spent"),
+        "{stderr}"
+    );
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        written.starts_with("# Written by `magcache tune` from") && !written.contains("no cache"),
+        "{written}"
+    );
     let (_, computed, total) = psnr(&out);
     assert_eq!((computed, total), (8, 20));
     // Neither target, or both: one line naming the flags.
     let o = magcache(&["tune", "--config", s(&run), "--out", s(&out)]);
     common::check_err(&o, &["--target-psnr", "--target-speedup"]);
+    // No runs, a negative margin: refused before any run, naming the flag.
+    let refused = |extra: &[&str], want: &[&str]| {
+        let mut args = vec!["tune", "--config", s(&run), "--out", s(&out)];
+        args.extend_from_slice(&["--target-speedup", "2.5"]);
+        args.extend_from_slice(extra);
+        common::check_err(&magcache(&args), want);
+    };
+    refused(&["--runs", "0"], &["--runs 0"]);
+    refused(&["--margin", "-1"], &["--margin -1"]);
+    // A negative number is read as the flag's value (and refused as such), not as a flag.
+    refused(&["--fit", "--learning-rate", "-0.01"], &["--learning-rate"]);
 }
 
 /// `tune --fit --json` on `run` at `speedup` with `runs` runs and `iterations` fit iterations (one

@@ -56,6 +56,12 @@ pub trait TimestepCache: Send {
     /// Returns warnings for the user (for example a ratio curve calibrated on another schedule).
     fn begin_generation(&mut self, plan: &GenerationPlan) -> Result<Vec<String>>;
 
+    /// Notes for the user on where the strategy's settings come from (a fitted profile's
+    /// provenance): information shown with a run, not warnings (default none).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// One transformer call of `scope`: decide, run what must run of `chain` on `x` (the streams
     /// entering block 0), and return the streams leaving the last block with the decision.
     ///

@@ -2,7 +2,7 @@
 //! the loop through [`crate::runtime::pipeline::Pipeline`]).
 //!
 //! A loop builds its [`GenerationPlan`] with [`GenerationPlan::from_steps`], starts a [`Denoiser`]
-//! (which announces the plan to the cache and forwards its warnings), and runs every transformer call
+//! (which announces the plan to the cache and forwards its warnings and notes), and runs every transformer call
 //! through [`Denoiser::call`]: the closure gets the call's [`CallCx`] (scope and cache) to hand to the
 //! model, and the denoiser reports the call with the cache's decision. No scope is set or unset by
 //! hand and no cache is locked by the loop.
@@ -31,6 +31,11 @@ pub struct CallEvent {
 pub trait Observer {
     /// A user-facing warning (printed on stderr and kept in the report).
     fn warning(&mut self, msg: &str) {
+        let _ = msg;
+    }
+    /// A user-facing note: information on the run's settings, not a warning (printed unless
+    /// quiet, kept in the report's notes).
+    fn note(&mut self, msg: &str) {
         let _ = msg;
     }
     /// After every transformer call.
@@ -69,8 +74,12 @@ impl<'a> Denoiser<'a> {
         obs: &'a mut dyn Observer,
     ) -> Result<Self> {
         if let Some(c) = cache {
-            for w in c.lock()?.begin_generation(plan)? {
+            let mut c = c.lock()?;
+            for w in c.begin_generation(plan)? {
                 obs.warning(&w);
+            }
+            for n in c.notes() {
+                obs.note(&n);
             }
         }
         Ok(Denoiser {

@@ -214,6 +214,12 @@ pub trait Rule: Send + 'static {
         Vec::new()
     }
 
+    /// Notes for the user on where the rule's settings come from (a fitted profile's provenance):
+    /// shown with a run, not warnings.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// `(front, back)`: blocks of a chain of `n` that always run, before and after the cached middle
     /// (default none: the whole chain is cached).
     fn blocks(&self, n: usize) -> Result<(usize, usize)> {
@@ -350,6 +356,10 @@ impl<R: Rule> TimestepCache for Cached<R> {
             warnings.extend(self.few_step_predictions(plan));
         }
         Ok(warnings)
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.rule.notes()
     }
 
     fn run(

@@ -296,33 +296,62 @@ impl RatioSource {
         let Some(s) = &rc.schedule else {
             return Vec::new();
         };
-        let mut w = Vec::new();
-        if let Some(a) = s.scheduler.as_deref() {
-            if !plan.scheduler.is_empty() && a != plan.scheduler {
-                w.push(format!(
-                    "MagCache ratios from {} were calibrated with the `{a}` sampler, this run uses `{}`: skips may land on the wrong steps",
-                    rc.source, plan.scheduler
-                ));
-            }
-        }
-        if let (Some(a), Some(b), Resample::Index) = (s.shift, plan.shift, mode) {
-            if (a - b).abs() > 1e-9 {
-                w.push(format!(
-                    "MagCache ratios from {} were calibrated with shift {a}, this run uses shift {b}: skips may land on the wrong steps (resample = \"sigma\" maps a profile by noise level instead)",
-                    rc.source
-                ));
-            }
-        }
-        if let (Some(a), Some(b)) = (s.boundary_ratio, plan.boundary_ratio) {
-            if (a - b).abs() > 1e-9 {
-                w.push(format!(
-                    "MagCache ratios from {} were calibrated with boundary_ratio {a}, this run uses {b}: the experts' curves are split differently",
-                    rc.source
-                ));
-            }
-        }
-        w
+        let src = &rc.source;
+        schedule_differences(
+            s.scheduler.as_deref(),
+            s.shift,
+            s.boundary_ratio,
+            plan,
+        )
+        .into_iter()
+        .filter_map(|d| match d {
+            Difference::Sampler(a, b) => Some(format!(
+                "MagCache ratios from {src} were calibrated with the `{a}` sampler, this run uses `{b}`: skips may land on the wrong steps"
+            )),
+            Difference::Shift(a, b) => (mode == Resample::Index).then(|| format!(
+                "MagCache ratios from {src} were calibrated with shift {a}, this run uses shift {b}: skips may land on the wrong steps (resample = \"sigma\" maps a profile by noise level instead)"
+            )),
+            Difference::Boundary(a, b) => Some(format!(
+                "MagCache ratios from {src} were calibrated with boundary_ratio {a}, this run uses {b}: the experts' curves are split differently"
+            )),
+        })
+        .collect()
     }
+}
+
+/// One way a calibration's noise schedule differs from a run's: (calibrated, run).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Difference {
+    Sampler(String, String),
+    Shift(f64, f64),
+    Boundary(f64, f64),
+}
+
+/// How the schedule a curve or profile was calibrated on (its sampler, shift and expert boundary,
+/// where recorded) differs from `plan`'s. Unrecorded values on either side are not compared.
+pub(crate) fn schedule_differences(
+    scheduler: Option<&str>,
+    shift: Option<f64>,
+    boundary_ratio: Option<f64>,
+    plan: &GenerationPlan,
+) -> Vec<Difference> {
+    let mut d = Vec::new();
+    if let Some(a) = scheduler.filter(|a| !a.is_empty()) {
+        if !plan.scheduler.is_empty() && a != plan.scheduler {
+            d.push(Difference::Sampler(a.to_string(), plan.scheduler.clone()));
+        }
+    }
+    if let (Some(a), Some(b)) = (shift, plan.shift) {
+        if (a - b).abs() > 1e-9 {
+            d.push(Difference::Shift(a, b));
+        }
+    }
+    if let (Some(a), Some(b)) = (boundary_ratio, plan.boundary_ratio) {
+        if (a - b).abs() > 1e-9 {
+            d.push(Difference::Boundary(a, b));
+        }
+    }
+    d
 }
 
 #[cfg(test)]

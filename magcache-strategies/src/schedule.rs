@@ -158,7 +158,7 @@ inventory::submit! {
 enum Source {
     Fixed(Vec<usize>),
     /// A fitted schedule (`estimator = "fitted"`): the computed calls, the scope length it was
-    /// fitted for, the reused calls' coefficients and a note on the fit for the run's warnings.
+    /// fitted for, the reused calls' coefficients and a note on the fit for the run's notes.
     Fitted {
         list: Vec<usize>,
         steps: Option<usize>,
@@ -477,30 +477,27 @@ fn fitted_schedule_warnings(
     meta: &crate::profile::ProfileMeta,
     plan: &GenerationPlan,
 ) -> Vec<String> {
-    let mut w = Vec::new();
+    use crate::ratios::Difference;
     let why = "its coefficients were fitted for that run's noise levels (fit again with `magcache calibrate --fit` on this run)";
-    if !meta.scheduler.is_empty() && !plan.scheduler.is_empty() && meta.scheduler != plan.scheduler
-    {
-        w.push(format!(
-            "the fitted profile {file} was fitted with the `{}` sampler, this run uses `{}`: {why}",
-            meta.scheduler, plan.scheduler
-        ));
-    }
-    if let (Some(a), Some(b)) = (meta.shift, plan.shift) {
-        if (a - b).abs() > 1e-9 {
-            w.push(format!(
-                "the fitted profile {file} was fitted with shift {a}, this run uses shift {b}: {why}"
-            ));
-        }
-    }
-    if let (Some(a), Some(b)) = (meta.boundary_ratio, plan.boundary_ratio) {
-        if (a - b).abs() > 1e-9 {
-            w.push(format!(
-                "the fitted profile {file} was fitted with boundary_ratio {a}, this run uses {b}: its experts' calls are split differently"
-            ));
-        }
-    }
-    w
+    crate::ratios::schedule_differences(
+        Some(&meta.scheduler),
+        meta.shift,
+        meta.boundary_ratio,
+        plan,
+    )
+    .into_iter()
+    .map(|d| match d {
+        Difference::Sampler(a, b) => format!(
+            "the fitted profile {file} was fitted with the `{a}` sampler, this run uses `{b}`: {why}"
+        ),
+        Difference::Shift(a, b) => format!(
+            "the fitted profile {file} was fitted with shift {a}, this run uses shift {b}: {why}"
+        ),
+        Difference::Boundary(a, b) => format!(
+            "the fitted profile {file} was fitted with boundary_ratio {a}, this run uses {b}: its experts' calls are split differently"
+        ),
+    })
+    .collect()
 }
 
 /// The sigma interval of each of the scope's steps over the whole generation (what a reused
@@ -547,17 +544,20 @@ impl Rule for ScheduleRule {
     }
 
     fn warnings(&self, plan: &GenerationPlan) -> Vec<String> {
-        let Source::Fitted {
-            note, fitted_on, ..
-        } = &self.source
-        else {
-            return Vec::new();
-        };
-        let mut w: Vec<String> = note.iter().cloned().collect();
-        if let Some((file, meta)) = fitted_on {
-            w.extend(fitted_schedule_warnings(file, meta, plan));
+        match &self.source {
+            Source::Fitted {
+                fitted_on: Some((file, meta)),
+                ..
+            } => fitted_schedule_warnings(file, meta, plan),
+            _ => Vec::new(),
         }
-        w
+    }
+
+    fn notes(&self) -> Vec<String> {
+        match &self.source {
+            Source::Fitted { note, .. } => note.iter().cloned().collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn forecast(

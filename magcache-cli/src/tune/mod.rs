@@ -349,6 +349,7 @@ pub fn tune(
         profile_abs,
         steps,
         best: BTreeMap::new(),
+        not_run: 0,
     };
     let chosen = match opts.target {
         Target::Speedup(s) => {
@@ -374,7 +375,14 @@ pub fn tune(
         }
         Target::Psnr(p) => ctx.smallest_budget(p + opts.margin, most, single_scope_steps)?,
     };
-    let (chosen, fit, notes) = match &opts.fit {
+    // A search cut short by `--runs` says so (the candidates or moves it did not run).
+    let spent = (ctx.not_run > 0).then(|| {
+        format!(
+            "--runs {}: the run budget was spent before the search ended (at least one more candidate or schedule move was left unrun); a larger --runs may find a better setting",
+            opts.max_runs
+        )
+    });
+    let (chosen, fit, mut notes) = match &opts.fit {
         Some(fo) => fit_stage::stage(
             &mut ctx,
             config,
@@ -387,6 +395,7 @@ pub fn tune(
         )?,
         None => (chosen, None, Vec::new()),
     };
+    notes.extend(spent);
     Ok(TuneReport {
         target: opts.target,
         steps_per_scope: steps,
@@ -410,6 +419,8 @@ struct Ctx<'a, 'r> {
     steps: usize,
     /// Best candidate per budget: index into `tried`.
     best: BTreeMap<usize, usize>,
+    /// Candidates not run because `max_runs` was spent.
+    not_run: usize,
 }
 
 impl Ctx<'_, '_> {
@@ -473,6 +484,7 @@ impl Ctx<'_, '_> {
         budget: usize,
     ) -> Result<Option<usize>> {
         if self.tried.len() >= self.max_runs {
+            self.not_run += 1;
             return Ok(None);
         }
         self.record_run(label, lines, budget).map(Some)

@@ -3,15 +3,24 @@
 use super::{Target, Tried, TuneReport};
 use crate::prepare::without_cache;
 
-/// The run file `tune` writes: the original without its `[cache]`, then the chosen table.
-pub fn tuned_run_file(config_text: &str, report: &TuneReport, t: &Tried) -> String {
+/// The run file `tune` writes: the original (`from`, named in its first line) without its `[cache]`
+/// table and its opening comment, then the chosen table.
+pub fn tuned_run_file(config_text: &str, from: &str, report: &TuneReport, t: &Tried) -> String {
     let target = match report.target {
         Target::Psnr(p) => format!("PSNR >= {p} dB"),
         Target::Speedup(s) => format!("speedup >= {s}x"),
     };
+    // The source's opening comment described that file (often "dense, no cache"): it is replaced
+    // by where this one comes from.
+    let body = without_cache(config_text);
+    let body = body
+        .lines()
+        .skip_while(|l| l.trim_start().starts_with('#') || l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
     format!(
-        "{}\n# Chosen by `magcache tune` for {target}: {} ({}/{} calls computed, {:.2}x fewer; {:.1} dB\n# against the dense run on these inputs; {} settings tried).\n[cache]\n{}\n",
-        without_cache(config_text).trim_end(),
+        "# Written by `magcache tune` from {from} (its [cache] table replaced).\n{}\n# Chosen by `magcache tune` for {target}: {} ({}/{} calls computed, {:.2}x fewer; {:.1} dB\n# against the dense run on these inputs; {} settings tried).\n[cache]\n{}\n",
+        body.trim_end(),
         t.label,
         t.computed_calls,
         t.total_calls,

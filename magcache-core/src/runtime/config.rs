@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
+mod parse;
+pub use parse::parse_toml;
+
 /// What a strategy config may consult when it builds its cache.
 pub struct BuildEnv<'a> {
     /// The config file, for messages.
@@ -493,101 +496,6 @@ impl RunConfig {
     }
 }
 
-/// Parses TOML into `T`, turning a parse error into one line that names the file, the key and the
-/// position.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T> {
-    toml::from_str::<T>(text).map_err(|e| toml_error(text, file, &e))
-}
-
-fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
-    let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
-    let Some(span) = e.span() else {
-        return Error::config(file, "(document)", msg);
-    };
-    // A missing top-level field comes with an empty span at 0: name the field (a whole table), not
-    // the first table of the file.
-    if span.is_empty() {
-        if let Some(f) = msg
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split('`').next())
-        {
-            return Error::config(file, f, format!("missing: the file has no `[{f}]` table"));
-        }
-    }
-    let mut start = span.start.min(text.len());
-    while !text.is_char_boundary(start) {
-        start -= 1;
-    }
-    let line_no = text[..start].matches('\n').count() + 1;
-    // The table the error is in: the last `[header]` before the error.
-    // An array of tables (`[[model.lora]]`) names the entry: `model.lora[1]`.
-    let mut table = String::new();
-    let mut entries: std::collections::HashMap<String, usize> = Default::default();
-    for line in text[..start].lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            let name = t.split('#').next().unwrap_or(t).trim();
-            let name = name
-                .trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_string();
-            table = if t.starts_with("[[") {
-                let n = entries.entry(name.clone()).or_insert(0);
-                *n += 1;
-                format!("{name}[{}]", *n - 1)
-            } else {
-                name
-            };
-        }
-    }
-    let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
-    let key = if line.starts_with('[') {
-        // The span covers a whole table (typetag tables are read as one value): name the field from
-        // the message when it says which.
-        let header = line
-            .trim_matches(|c| c == '[' || c == ']')
-            .trim()
-            .to_string();
-        match field_in_message(&msg) {
-            Some(f) => format!("{header}.{f}"),
-            None => header,
-        }
-    } else if let Some((k, _)) = line.split_once('=') {
-        let k = k.trim();
-        if table.is_empty() {
-            k.to_string()
-        } else {
-            format!("{table}.{k}")
-        }
-    } else if table.is_empty() {
-        "(document)".to_string()
-    } else {
-        format!("[{table}]")
-    };
-    Error::config(format!("{file}:{line_no}"), key, msg)
-}
-
-/// The field a serde message is about: "unknown field `x`", "missing field `x`", each under the
-/// path of "... in `a.b`" when the message gives one.
-fn field_in_message(msg: &str) -> Option<String> {
-    let after = |pat: &str| -> Option<String> {
-        let i = msg.find(pat)? + pat.len();
-        let rest = &msg[i..];
-        Some(rest[..rest.find('`')?].to_string())
-    };
-    let field = after("unknown field `").or_else(|| after("missing field `"));
-    let path = (|| {
-        let i = msg.rfind(" in `")? + 5;
-        let rest = &msg[i..];
-        Some(rest[..rest.find('`')?].to_string())
-    })();
-    match (path, field) {
-        (Some(p), Some(f)) => Some(format!("{p}.{f}")),
-        (p, f) => p.or(f),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,6 +563,20 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains('x'), "{err}");
+        // A misspelt `strategy` is named as the key meant, not only as a missing field.
+        let err = parse_toml::<RunConfig>(
+            &format!("{BASE}[cache]\nstratgey = \"none\"\nthreshold = 0.1\n"),
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cache.strategy") && err.contains("the table has `stratgey`"),
+            "{err}"
+        );
+        assert_eq!(parse::edit_distance("strategy", "strategy"), 0);
+        assert_eq!(parse::edit_distance("stratgey", "strategy"), 2);
+        assert!(parse::edit_distance("profile", "threshold") > 2);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! renames them all into place, keeping a hard link to each file it replaces until all renames
 //! succeeded: a failure while committing puts back what was there. Until then nothing the user owns
 //! changes; temporaries are removed when the command fails, is dropped, or is interrupted (SIGINT,
-//! SIGTERM, SIGHUP: [`install_signal_cleanup`], which also undoes a commit under way); ones left by
+//! SIGTERM, SIGHUP: [`crate::temps::install_signal_cleanup`], which also undoes a commit under way); ones left by
 //! a killed process (SIGKILL) are named in a warning by the next command that writes into the same
 //! folder, never removed (see [`crate::temps`]). Temporaries and backups are created new
 //! (`create_new`, or a hard link): nothing already there is ever written over. Permissions follow

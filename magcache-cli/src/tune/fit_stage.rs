@@ -1,4 +1,4 @@
-//! `tune --fit`: the fitted estimator (`calibrate --fit`, [`crate::fit`]) fitted on the schedule
+//! `tune --fit`: the fitted estimator (`calibrate --fit`, [`crate::fit()`]) fitted on the schedule
 //! the tune found and run as one more candidate.
 //!
 //! - `--target-speedup`: the best schedule at the chosen budget; the fitted candidate (same calls)

@@ -14,7 +14,7 @@
 //!    bisection over `B` (quality grows with the computed calls); among its candidates the best
 //!    PSNR wins.
 //!
-//! 4. `--fit`: the fitted estimator (`calibrate --fit`, [`crate::fit`]) is fitted on the best
+//! 4. `--fit`: the fitted estimator (`calibrate --fit`, [`crate::fit()`]) is fitted on the best
 //!    schedule at the chosen budget (speedup target) or one call cheaper (PSNR target) and run as
 //!    one more candidate (beyond `max_runs`: it was asked for), chosen where it beats the choice
 //!    (speedup) or keeps `P + margin` with fewer calls (PSNR), never when the fit kept its start;

@@ -112,7 +112,7 @@ fn gelu_tanh(x: f32) -> f32 {
 
 /// A new vector of `src.len()` values written once by `apply(out, src)` on matching chunks, never
 /// zeroed first (a zeroed `vec!` of a large output cost a memset as long as a cheap map): over
-/// candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and [`cpu_attention`]) when `src`
+/// candle's CPU threads (`RAYON_NUM_THREADS`, like its own ops and `nn::attention::cpu_attention`) when `src`
 /// holds at least `min_len` values, in chunks of whole `unit`s (a norm's rows), else on this
 /// thread.
 ///

@@ -142,18 +142,38 @@ impl Report {
 
 pub use magcache_core::runtime::progress::peak_rss_bytes;
 
-/// Human summary of a report (stdout of `magcache run`).
 /// The run's warnings again at the end of a summary on stdout, for a summary kept apart from
-/// stderr (a file, a pipe, another terminal); nothing when both go to the terminal, where they
-/// were just printed.
+/// stderr (a file, a pipe, another terminal); nothing when both streams reach the same place
+/// (the terminal, or `> log 2>&1`), where they were just printed.
 pub fn warnings_tail(warnings: &[String]) -> String {
-    use std::io::IsTerminal;
-    if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+    if same_place() {
         return String::new();
     }
     warnings.iter().map(|w| format!("warning: {w}\n")).collect()
 }
 
+/// Whether stdout and stderr reach the same place: both terminals, or one file or pipe.
+fn same_place() -> bool {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let id = |fd: u8| {
+            std::fs::metadata(format!("/dev/fd/{fd}"))
+                .ok()
+                .map(|m| (m.dev(), m.ino()))
+        };
+        if let (Some(a), Some(b)) = (id(1), id(2)) {
+            return a == b;
+        }
+    }
+    false
+}
+
+/// Human summary of a report (stdout of `magcache run`).
 pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("model:    {}\n", r.model));

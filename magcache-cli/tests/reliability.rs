@@ -175,6 +175,20 @@ fn class6_warnings_reach_a_non_terminal_stderr() {
         stderr.lines().all(|l| l.starts_with("warning: ")),
         "{stderr}"
     );
+    // The summary, kept apart from stderr, repeats it at its end; one log of both has it once.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.matches("num_inference_steps").count(), 1, "{stdout}");
+    let log_path = c.dir.path().join("both.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let status = common::bin()
+        .args(["run", "--config", s(&c.run_file())])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let both = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(both.matches("num_inference_steps").count(), 1, "{both}");
     // --quiet keeps it (docs/runner.md: nothing but errors and warnings; issue 42) and prints
     // nothing else.
     let o = magcache(&["run", "--quiet", "--config", s(&c.run_file())]);

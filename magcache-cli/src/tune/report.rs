@@ -10,14 +10,20 @@ pub fn tuned_run_file(config_text: &str, from: &str, report: &TuneReport, t: &Tr
         Target::Psnr(p) => format!("PSNR >= {p} dB"),
         Target::Speedup(s) => format!("speedup >= {s}x"),
     };
-    // The source's opening comment described that file (often "dense, no cache"): it is replaced
-    // by where this one comes from.
+    // The source's opening comment (its first block of comment lines) described that file (often
+    // "dense, no cache"): it is replaced by where this one comes from. Later comments stay.
     let body = without_cache(config_text);
     let body = body
         .lines()
-        .skip_while(|l| l.trim_start().starts_with('#') || l.trim().is_empty())
+        .skip_while(|l| l.trim_start().starts_with('#'))
+        .skip_while(|l| l.trim().is_empty())
         .collect::<Vec<_>>()
         .join("\n");
+    // A path is one comment line, whatever it holds.
+    let from: String = from
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
     format!(
         "# Written by `magcache tune` from {from} (its [cache] table replaced).\n{}\n# Chosen by `magcache tune` for {target}: {} ({}/{} calls computed, {:.2}x fewer; {:.1} dB\n# against the dense run on these inputs; {} settings tried).\n[cache]\n{}\n",
         body.trim_end(),

@@ -565,13 +565,13 @@ mod tests {
         assert!(err.contains('x'), "{err}");
         // A misspelt `strategy` is named as the key meant, not only as a missing field.
         let err = parse_toml::<RunConfig>(
-            &format!("{BASE}[cache]\nstratgey = \"none\"\nthreshold = 0.1\n"),
+            &format!("{BASE}[cache]\n# strategy = \"magcache\"\nstrateg = 1\nstratgey = \"none\"\nthreshold = 0.1\n"),
             "f",
         )
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("cache.strategy") && err.contains("the table has `stratgey`"),
+            err.contains("cache.strategy") && err.contains("the table has `strateg`"),
             "{err}"
         );
         assert_eq!(parse::edit_distance("strategy", "strategy"), 0);

@@ -87,8 +87,9 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     Error::config(format!("{file}:{line_no}"), key, msg)
 }
 
-/// For a "missing field `f`" message, a key of the table (`table`: its text from its header on)
-/// within two edits of `f`: what the user most likely meant to write.
+/// For a "missing field `f`" message, the key of the table (`table`: its text from its header on)
+/// nearest to `f`, within a third of its length in edits (at least one): what the user most likely
+/// meant to write. Comment lines are not keys.
 fn missing_field_misspelt(msg: &str, table: &str) -> Option<String> {
     let f = msg
         .split("missing field `")
@@ -96,13 +97,25 @@ fn missing_field_misspelt(msg: &str, table: &str) -> Option<String> {
         .split('`')
         .next()?
         .to_string();
+    let most = (f.chars().count() / 3).max(1);
+    // The next table's header (a continued array's line `[1, 2],` is not one).
+    let header = |l: &str| {
+        let t = l.trim_start().trim_start_matches('[');
+        l.trim_start().starts_with('[')
+            && !l.contains(',')
+            && t.starts_with(|c: char| c.is_alphabetic() || c == '"')
+    };
     table
         .lines()
         .skip(1)
-        .take_while(|l| !l.trim_start().starts_with('['))
+        .take_while(|l| !header(l))
+        .filter(|l| !l.trim_start().starts_with('#'))
         .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().trim_matches('"')))
-        .find(|k| *k != f && edit_distance(k, &f) <= 2)
-        .map(str::to_string)
+        .filter(|k| *k != f)
+        .map(|k| (edit_distance(k, &f), k))
+        .filter(|(d, _)| *d <= most)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.to_string())
 }
 
 /// Levenshtein distance between two short keys.

@@ -60,7 +60,7 @@ impl StrategyConfig for EasyCacheConfig {
     }
 
     fn metric_name(&self) -> &'static str {
-        "easycache: accumulated estimated relative output change"
+        "accumulated estimated relative output change (EasyCache)"
     }
     fn accumulates(&self) -> bool {
         true

@@ -285,6 +285,12 @@ pub trait Rule: Send + 'static {
     fn data_free(&self) -> bool {
         false
     }
+
+    /// What a data-free rule's metric on a reused call is, for `plan`'s prediction line (default:
+    /// the predicted forecast error).
+    fn predicted_metric(&self) -> &'static str {
+        "predicted forecast error"
+    }
 }
 
 /// Whether the rule's own comparison decided the call: the guards left it free, the rule did not
@@ -350,6 +356,7 @@ impl<R: Rule> TimestepCache for Cached<R> {
         self.guards.begin(plan);
         self.plan = plan.clone();
         let mut warnings = self.rule.warnings(plan);
+        warnings.extend(self.guards.config().dense_warning(self.rule.name(), plan));
         let few = few_step_warnings(self.rule.name(), plan, self.guards.config());
         if !few.is_empty() {
             warnings.extend(few);
@@ -372,9 +379,12 @@ impl<R: Rule> TimestepCache for Cached<R> {
         let name = self.rule.name();
         let n = chain.num_blocks();
         let (fr, bk) = self.rule.blocks(n)?;
-        if fr + bk > n {
+        // Front and back blocks always run: with none left between them a reused call would
+        // skip nothing and count as saved. FBCache's single first block on a one-block model is
+        // diffusers' case (a reuse adds a zero residual), kept.
+        if fr + bk > n || (fr + bk == n && (fr, bk) != (1, 0) && (fr, bk) != (0, 0)) {
             return Err(Error::msg(format!(
-                "{name}: front_blocks ({fr}) + back_blocks ({bk}) exceed the chain's {n} blocks"
+                "{name}: cache.front_blocks ({fr}) + cache.back_blocks ({bk}) leave none of the model's {n} blocks to cache: their sum must be below {n}"
             )));
         }
         let (step, slot) = self.states.start_call(scope)?;

@@ -505,15 +505,16 @@ pub fn seed_list(seeds: &[u64]) -> String {
 }
 
 /// A fitted schedule runs a scope only at the step count it was fitted for (`fitted_for`; `None`: a
-/// fit in progress).
+/// fit in progress); `file`: the run file, for the message.
 pub fn check_steps(
+    file: &str,
     fitted_for: Option<usize>,
     key: magcache_core::ScopeKey,
     steps: usize,
 ) -> Result<()> {
     match fitted_for {
         Some(n) if n != steps => Err(Error::config(
-            "[cache]",
+            file,
             "cache.profile",
             format!("the fitted schedule is for {n} calls per scope, scope {key} runs {steps}: fit at this step count"),
         )),

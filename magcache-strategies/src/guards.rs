@@ -32,6 +32,20 @@ pub struct GuardConfig {
 }
 
 impl GuardConfig {
+    /// A warning when `warmup_steps` and `last_steps` compute every call of a scope of `plan`
+    /// (the cache then runs dense); `name`: the strategy's.
+    pub fn dense_warning(&self, name: &str, plan: &GenerationPlan) -> Option<String> {
+        let sp = plan.scopes.iter().find(|sp| {
+            (0..sp.steps).all(|s| s < self.warmup_steps || s + self.last_steps >= sp.steps)
+        })?;
+        Some(format!(
+            "{name}: cache.warmup_steps ({}) and cache.last_steps ({}) compute every one of the {} calls of scope {}: nothing can be reused (the run is dense)",
+            self.warmup_steps, self.last_steps, sp.steps, sp.key
+        ))
+    }
+}
+
+impl GuardConfig {
     /// Checks the keys (`cache.max_consecutive` must allow at least one reuse when given).
     pub fn validate(&self, file: &str) -> Result<()> {
         if self.max_consecutive == Some(0) {

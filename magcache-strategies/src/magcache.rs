@@ -41,6 +41,13 @@ impl StrategyConfig for MagCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         crate::check_threshold(file, self.threshold)?;
         self.shared().validate(file)?;
+        if self.max_skip_steps == 0 {
+            return Err(Error::config(
+                file,
+                "cache.max_skip_steps",
+                "0 reuses no call (a dense run): give at least 1, or strategy = \"none\"",
+            ));
+        }
         if !(0.0..=1.0).contains(&self.retention_ratio) {
             return Err(Error::config(
                 file,

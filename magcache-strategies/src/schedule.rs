@@ -135,6 +135,7 @@ impl StrategyConfig for ScheduleConfig {
             ScheduleRule {
                 cfg: self.clone(),
                 source,
+                run_file: env.file.to_string(),
             },
             self.shared(),
         ))))
@@ -182,6 +183,8 @@ enum Source {
 pub struct ScheduleRule {
     cfg: ScheduleConfig,
     source: Source,
+    /// The run file, for messages (`[cache]` for a rule built in code).
+    run_file: String,
 }
 
 /// The schedule strategy.
@@ -196,6 +199,7 @@ impl ScheduleRule {
                 ..Default::default()
             },
             source: Source::Fixed(compute_steps),
+            run_file: "[cache]".into(),
         }
     }
 
@@ -218,6 +222,7 @@ impl ScheduleRule {
                 note: None,
                 fitted_on: None,
             },
+            run_file: "[cache]".into(),
         }
     }
 
@@ -243,6 +248,7 @@ impl ScheduleRule {
                 guidance: prof.meta.guidance_scale,
                 tables: prof.forecast_errors.clone(),
             },
+            run_file: "[cache]".into(),
         };
         let sp = plan
             .scopes
@@ -272,7 +278,7 @@ impl ScheduleRule {
                 steps: fitted_for,
                 ..
             } => {
-                crate::fitted::check_steps(*fitted_for, key, steps)?;
+                crate::fitted::check_steps(&self.run_file, *fitted_for, key, steps)?;
                 (list.clone(), None)
             }
             Source::Searched { .. } => {
@@ -282,7 +288,7 @@ impl ScheduleRule {
         };
         if let Some(bad) = list.iter().find(|&&i| i >= steps) {
             return Err(Error::config(
-                "[cache]",
+                &self.run_file,
                 "cache.compute_steps",
                 format!("call {bad} is beyond scope {key}, which runs {steps} calls (0..{steps})"),
             ));
@@ -318,7 +324,7 @@ impl ScheduleRule {
         let budget = self.cfg.budget.unwrap_or(steps);
         if budget > steps {
             return Err(Error::config(
-                "[cache]",
+                &self.run_file,
                 "cache.budget",
                 format!("{budget} computed calls is more than scope {key} runs ({steps} calls): a budget can be at most the calls (then every call computes); give budget <= {steps}"),
             ));

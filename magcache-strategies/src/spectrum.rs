@@ -236,6 +236,10 @@ impl SpectrumRule {
 }
 
 impl Rule for SpectrumRule {
+    fn predicted_metric(&self) -> &'static str {
+        "window (calls per computed call)"
+    }
+
     type State = SpectrumState;
 
     fn name(&self) -> &str {

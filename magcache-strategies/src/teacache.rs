@@ -122,6 +122,24 @@ impl StrategyConfig for TeaCacheConfig {
                 ),
             )
         })?;
+        // A model that lists its indicators is refused here, before any weights load, rather than
+        // at its first call.
+        if !env.model.indicators.is_empty() && !env.model.indicators.contains(&indicator) {
+            return Err(Error::config(
+                env.file,
+                "cache.indicator",
+                format!(
+                    "model family `{}` offers no \"{indicator}\" indicator; it offers {}",
+                    env.model.family,
+                    env.model
+                        .indicators
+                        .iter()
+                        .map(|i| format!("\"{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         Ok(Some(Box::new(TeaCache::new(TeaCacheConfig {
             coefficients: Some(coefficients),
             indicator: Some(indicator),

@@ -161,7 +161,26 @@ fn dbcache_runs_front_and_back_blocks_on_every_call() {
         .run(COND, &chain, Streams::hidden(t(&[0.0])), &SingleProcess)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("front_blocks (4) + back_blocks (1)"), "{err}");
+    assert!(
+        err.contains("cache.front_blocks (4) + cache.back_blocks (1)"),
+        "{err}"
+    );
+    // Front and back covering the whole chain leave nothing to cache: refused too, not a reuse
+    // that skips nothing.
+    let mut db = FbCache::named(
+        "dbcache",
+        DbCacheConfig {
+            front_blocks: 3,
+            back_blocks: 1,
+            ..Default::default()
+        },
+    );
+    db.begin_generation(&plan).unwrap();
+    let err = db
+        .run(COND, &chain, Streams::hidden(t(&[0.0])), &SingleProcess)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("leave none of the model's 4 blocks"), "{err}");
 }
 
 #[test]

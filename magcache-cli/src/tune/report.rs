@@ -25,7 +25,7 @@ pub fn tuned_run_file(config_text: &str, from: &str, report: &TuneReport, t: &Tr
         .map(|c| if c.is_control() { '?' } else { c })
         .collect();
     format!(
-        "# Written by `magcache tune` from {from} (its [cache] table replaced).\n{}\n# Chosen by `magcache tune` for {target}: {} ({}/{} calls computed, {:.2}x fewer; {:.1} dB\n# against the dense run on these inputs; {} settings tried).\n[cache]\n{}\n",
+        "# Written by `magcache tune` from {from}, with the cache table it chose.\n{}\n# Chosen by `magcache tune` for {target}: {} ({}/{} calls computed, {:.2}x fewer; {:.1} dB\n# against the dense run on these inputs; {} settings tried).\n[cache]\n{}\n",
         body.trim_end(),
         t.label,
         t.computed_calls,

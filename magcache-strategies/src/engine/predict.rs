@@ -55,7 +55,8 @@ impl<R: Rule> Cached<R> {
                 String::new()
             } else {
                 format!(
-                    ", predicted forecast error of the reused calls up to {:.4}",
+                    ", {} of the reused calls up to {:.4}",
+                    self.rule.predicted_metric(),
                     errs.iter().copied().fold(0.0, f64::max)
                 )
             };

@@ -91,7 +91,11 @@ impl StrategyConfig for MagCacheConfig {
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
         let source = match (&self.mag_ratios, &self.profile) {
             (Some(_), Some(_)) => {
-                return Err(Error::config(env.file, "cache.profile", "give either `mag_ratios` or `profile`, not both"))
+                return Err(Error::config(
+                    env.file,
+                    "cache.profile",
+                    "give either `mag_ratios` or `profile`, not both",
+                ))
             }
             (Some(spec), None) => RatioSource::Config(spec.clone()),
             (None, Some(p)) => {
@@ -101,7 +105,12 @@ impl StrategyConfig for MagCacheConfig {
                     return Err(Error::config(
                         env.file,
                         "cache.profile",
-                        format!("{} was calibrated on family `{}`, this run is `{}`", path.display(), prof.meta.family, env.model.family),
+                        format!(
+                            "{} was calibrated on family `{}`, this run is `{}`",
+                            path.display(),
+                            prof.meta.family,
+                            env.model.family
+                        ),
                     ));
                 }
                 RatioSource::Registered(prof.curves(&path.display().to_string()))
@@ -113,11 +122,14 @@ impl StrategyConfig for MagCacheConfig {
                         env.file,
                         "cache.mag_ratios",
                         format!(
-                            "MagCache needs ratios: no `mag_ratios` or `profile` in the config and none registered for model family `{}`{} (run `magcache calibrate` to measure them)",
-                            env.model.family,
-                            env.model.variant.as_deref().map(|v| format!(" variant `{v}`")).unwrap_or_default()
+                            "MagCache needs ratios: no `mag_ratios` or `profile` in the config and none registered for {} (run `magcache calibrate` to measure them)",
+                            match env.model.variant.as_deref() {
+                                Some(v) => format!("model family `{}` variant `{v}`", env.model.family),
+                                // The published curves (`magcache list`) are per released variant.
+                                None => format!("these `{}` weights, which match no published variant (`magcache list` shows the variants with curves)", env.model.family),
+                            }
                         ),
-                    ))
+                    ));
                 }
             },
         };

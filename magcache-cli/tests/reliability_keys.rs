@@ -324,3 +324,41 @@ fn keys_belong_to_core_or_the_family() {
         &["unknown key"],
     );
 }
+
+#[test]
+fn published_data_borrowed_for_unmatched_weights_is_a_note() {
+    // The tiny FLUX checkpoint matches no published variant: MagCache and TeaCache say they use
+    // FLUX.1-dev's published numbers, as a note (not a warning); a preset says nothing.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (file, who) in [
+        (
+            "examples/flux_tiny_magcache.toml",
+            "MagCache uses the published curve",
+        ),
+        (
+            "examples/flux_tiny_teacache.toml",
+            "TeaCache uses the rescale coefficients",
+        ),
+    ] {
+        let o = common::magcache(&["plan", "--json", "--config", common::s(&root.join(file))]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let notes = j["notes"].to_string();
+        assert!(
+            notes.contains(who) && notes.contains("match no published variant"),
+            "{file}: {notes}"
+        );
+        assert!(!j["warnings"].to_string().contains(who), "{file}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let preset = dir.path().join("preset.toml");
+    std::fs::write(
+        &preset,
+        "[model]\nfamily = \"flux\"\npreset = \"flux-dev\"\n[inputs]\nlatent_shape = [1, 16, 16, 16]\n[sampling]\nsteps = 20\n[cache]\nstrategy = \"magcache\"\n",
+    )
+    .unwrap();
+    let o = common::magcache(&["plan", "--json", "--config", common::s(&preset)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j.get("notes").is_none(), "{j}");
+}

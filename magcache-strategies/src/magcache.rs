@@ -89,6 +89,7 @@ impl StrategyConfig for MagCacheConfig {
     }
 
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        let mut borrowed = None;
         let source = match (&self.mag_ratios, &self.profile) {
             (Some(_), Some(_)) => {
                 return Err(Error::config(
@@ -116,7 +117,17 @@ impl StrategyConfig for MagCacheConfig {
                 RatioSource::Registered(prof.curves(&path.display().to_string()))
             }
             (None, None) => match crate::ratios::published_curves(env.model)? {
-                Some(rc) => RatioSource::Registered(rc),
+                Some(rc) => {
+                    // Published data on weights that match no published variant (a checkpoint of
+                    // the family's architecture at another size, say) is borrowed: said.
+                    if env.model.variant.is_none() {
+                        borrowed = Some(format!(
+                            "MagCache uses the {} of model family `{}` for these weights, which match no published variant (give `mag_ratios` or a `profile` from `magcache calibrate` for a curve of their own)",
+                            rc.source, env.model.family
+                        ));
+                    }
+                    RatioSource::Registered(rc)
+                }
                 None => {
                     return Err(Error::config(
                         env.file,
@@ -142,7 +153,13 @@ impl StrategyConfig for MagCacheConfig {
                 "resample = \"sigma\" needs a calibration profile (`profile = ...`), which records the sigma of every step",
             ));
         }
-        Ok(Some(Box::new(MagCache::new(self.clone(), source))))
+        let shared = self.shared();
+        let rule = MagRule {
+            cfg: self.clone(),
+            source,
+            note: borrowed,
+        };
+        Ok(Some(Box::new(Cached::with_rule(rule, shared))))
     }
 
     fn metric_name(&self) -> &'static str {
@@ -190,6 +207,8 @@ impl MagState {
 pub struct MagRule {
     cfg: MagCacheConfig,
     source: RatioSource,
+    /// Where the curve comes from when that is worth a note (published data borrowed).
+    note: Option<String>,
 }
 
 /// The MagCache strategy.
@@ -198,7 +217,14 @@ pub type MagCache = Cached<MagRule>;
 impl Cached<MagRule> {
     pub fn new(cfg: MagCacheConfig, source: RatioSource) -> Self {
         let shared = cfg.shared();
-        Cached::with_rule(MagRule { cfg, source }, shared)
+        Cached::with_rule(
+            MagRule {
+                cfg,
+                source,
+                note: None,
+            },
+            shared,
+        )
     }
 }
 
@@ -215,6 +241,10 @@ impl Rule for MagRule {
             ratios,
             retention_steps(self.cfg.retention_ratio, sp.steps),
         ))
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.note.iter().cloned().collect()
     }
 
     fn warnings(&self, plan: &GenerationPlan) -> Vec<String> {

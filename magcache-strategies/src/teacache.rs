@@ -140,11 +140,24 @@ impl StrategyConfig for TeaCacheConfig {
                 ),
             ));
         }
-        Ok(Some(Box::new(TeaCache::new(TeaCacheConfig {
-            coefficients: Some(coefficients),
+        // Published coefficients on weights that match no published variant are borrowed: said.
+        let note = (self.coefficients.is_none() && env.model.variant.is_none()).then(|| format!(
+            "TeaCache uses the rescale coefficients published for model family `{}` for these weights, which match no published variant (give `coefficients` fitted on them for their own)",
+            env.model.family
+        ));
+        let cfg = TeaCacheConfig {
+            coefficients: Some(coefficients.clone()),
             indicator: Some(indicator),
             ..self.clone()
-        }))))
+        };
+        let shared = cfg.shared();
+        let rule = TeaRule {
+            cfg,
+            coefficients,
+            indicator,
+            note,
+        };
+        Ok(Some(Box::new(Cached::with_rule(rule, shared))))
     }
 
     fn metric_name(&self) -> &'static str {
@@ -185,6 +198,8 @@ pub struct TeaRule {
     cfg: TeaCacheConfig,
     coefficients: Vec<f64>,
     indicator: Indicator,
+    /// Where the coefficients come from when that is worth a note (published data borrowed).
+    note: Option<String>,
 }
 
 /// The TeaCache strategy.
@@ -202,6 +217,7 @@ impl Cached<TeaRule> {
             cfg,
             coefficients,
             indicator,
+            note: None,
         };
         Cached::with_rule(rule, shared)
     }
@@ -209,6 +225,10 @@ impl Cached<TeaRule> {
 
 impl Rule for TeaRule {
     type State = TeaState;
+
+    fn notes(&self) -> Vec<String> {
+        self.note.iter().cloned().collect()
+    }
 
     fn name(&self) -> &str {
         "teacache"

@@ -153,13 +153,11 @@ impl StrategyConfig for MagCacheConfig {
                 "resample = \"sigma\" needs a calibration profile (`profile = ...`), which records the sigma of every step",
             ));
         }
-        let shared = self.shared();
-        let rule = MagRule {
-            cfg: self.clone(),
+        Ok(Some(Box::new(MagCache::with_note(
+            self.clone(),
             source,
-            note: borrowed,
-        };
-        Ok(Some(Box::new(Cached::with_rule(rule, shared))))
+            borrowed,
+        ))))
     }
 
     fn metric_name(&self) -> &'static str {
@@ -216,15 +214,13 @@ pub type MagCache = Cached<MagRule>;
 
 impl Cached<MagRule> {
     pub fn new(cfg: MagCacheConfig, source: RatioSource) -> Self {
+        Self::with_note(cfg, source, None)
+    }
+
+    /// With a note on where the curve comes from, shown with every run.
+    fn with_note(cfg: MagCacheConfig, source: RatioSource, note: Option<String>) -> Self {
         let shared = cfg.shared();
-        Cached::with_rule(
-            MagRule {
-                cfg,
-                source,
-                note: None,
-            },
-            shared,
-        )
+        Cached::with_rule(MagRule { cfg, source, note }, shared)
     }
 }
 

@@ -146,18 +146,11 @@ impl StrategyConfig for TeaCacheConfig {
             env.model.family
         ));
         let cfg = TeaCacheConfig {
-            coefficients: Some(coefficients.clone()),
+            coefficients: Some(coefficients),
             indicator: Some(indicator),
             ..self.clone()
         };
-        let shared = cfg.shared();
-        let rule = TeaRule {
-            cfg,
-            coefficients,
-            indicator,
-            note,
-        };
-        Ok(Some(Box::new(Cached::with_rule(rule, shared))))
+        Ok(Some(Box::new(TeaCache::with_note(cfg, note))))
     }
 
     fn metric_name(&self) -> &'static str {
@@ -210,6 +203,11 @@ impl Cached<TeaRule> {
     /// (`[1, 0]`), without `cfg.indicator` the timestep embedding is measured (the config's `build`
     /// resolves both from the model's published data).
     pub fn new(cfg: TeaCacheConfig) -> Self {
+        Self::with_note(cfg, None)
+    }
+
+    /// With a note on where the coefficients come from, shown with every run.
+    fn with_note(cfg: TeaCacheConfig, note: Option<String>) -> Self {
         let coefficients = cfg.coefficients.clone().unwrap_or_else(|| vec![1.0, 0.0]);
         let indicator = cfg.indicator.unwrap_or(Indicator::TimestepEmbedding);
         let shared = cfg.shared();
@@ -217,7 +215,7 @@ impl Cached<TeaRule> {
             cfg,
             coefficients,
             indicator,
-            note: None,
+            note,
         };
         Cached::with_rule(rule, shared)
     }

@@ -37,32 +37,32 @@ struct Collector {
     last: String,
 }
 
+impl Collector {
+    /// Prints a `kind` line (`warning`, `note`) on stderr: a JSON event with `--json` (stderr
+    /// carries JSON events only), above a visible bar, or directly (a hidden bar, stderr not a
+    /// terminal, would swallow the line).
+    fn say(&self, kind: &str, msg: &str) {
+        match &self.bar {
+            _ if self.json => {
+                eprintln!("{}", serde_json::json!({"event": kind, "message": msg}))
+            }
+            Some(b) if !b.is_hidden() => b.println(format!("{kind}: {msg}")),
+            _ => eprintln!("{kind}: {msg}"),
+        }
+    }
+}
+
 impl Observer for Collector {
     fn warning(&mut self, msg: &str) {
-        // A hidden bar (stderr not a terminal) would swallow the line: print it directly then.
         // `--quiet` keeps warnings (docs/runner.md): only progress and summaries go.
-        match &self.bar {
-            _ if self.silent => {}
-            // --json: stderr carries JSON events only.
-            _ if self.json => {
-                eprintln!(
-                    "{}",
-                    serde_json::json!({"event": "warning", "message": msg})
-                )
-            }
-            Some(b) if !b.is_hidden() => b.println(format!("warning: {msg}")),
-            _ => eprintln!("warning: {msg}"),
+        if !self.silent {
+            self.say("warning", msg);
         }
         self.warnings.push(msg.to_string());
     }
     fn note(&mut self, msg: &str) {
-        match &self.bar {
-            _ if self.silent || self.quiet => {}
-            _ if self.json => {
-                eprintln!("{}", serde_json::json!({"event": "note", "message": msg}))
-            }
-            Some(b) if !b.is_hidden() => b.println(format!("note: {msg}")),
-            _ => eprintln!("note: {msg}"),
+        if !(self.silent || self.quiet) {
+            self.say("note", msg);
         }
         self.notes.push(msg.to_string());
     }

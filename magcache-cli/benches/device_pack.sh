@@ -12,7 +12,13 @@
 # Usage: device_pack.sh [LABEL=LIB ...]   (default: 3.2=target/onednn/lib/libdnnl.so.3;
 #        PYTHON: a python whose diffusers is copied, default python3)
 # Then:  device command `bash .dev/run.sh 2>&1 | tee $OUT/log` with carry [".dev"]
-#        (STAGES="products attention short long" picks stages, THREADS=2 by default, ROUNDS=2).
+#        (STAGES="products attention short long f32 parity" picks stages, THREADS=2 by default,
+#        ROUNDS=2; `f32` is stage `short` in f32; BASELINE_ENV="VAR=value ..." times the same
+#        binary under those variables as well in the whole-call stages, the baseline of an A/B,
+#        e.g. MAGCACHE_ONEDNN_GELU=off; `parity` runs the digits model dense in f32, bf16, and
+#        bf16 under BASELINE_ENV, and prints how far each bf16 final is from the f32 one).
+# The tracked files travel too: with them the 64 MiB hold this build, one oneDNN and the rest,
+# not a second binary (hence BASELINE_ENV).
 # `.dev/` is added to .git/info/exclude so that git never sees it; remove it after the sitting.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"; cd "$root"
@@ -63,6 +69,11 @@ done
 tar -C "$w/site" -xJf .dev/diffusers.tar.xz
 chmod +x "$w/magcache" "$w/bf16_gemm" "$w/attention_cpu"
 export LD_LIBRARY_PATH="$w/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONPATH="$w/site" MAGCACHE="$w/magcache"
+if [ -n "${BASELINE_ENV:-}" ]; then
+  printf '#!/bin/sh\nexec env %s "%s" "$@"\n' "$BASELINE_ENV" "$w/magcache" > "$w/magcache-baseline"
+  chmod +x "$w/magcache-baseline"; export MAGCACHE_BASE="$w/magcache-baseline"
+  echo "baseline: this binary under $BASELINE_ENV"
+fi
 threads="${THREADS:-2}"; rounds="${ROUNDS:-2}"; stages="${STAGES:-products attention short long}"
 b=magcache-cli/benches
 python3 -c 'import torch; print("torch", torch.__version__, "|", [l.strip() for l in torch.__config__.show().splitlines() if "MKL-DNN" in l or "oneDNN" in l])'
@@ -72,6 +83,7 @@ cfg() { # cfg NAME LATENT STEPS: the dense 6-block Wan2.1-1.3B in bf16
 }
 cfg short "[1, 16, 3, 24, 40]" 2
 cfg long "[1, 16, 3, 60, 104]" 1
+sed -e 's/^dtype = .*/dtype = "f32"/' "$w/short.toml" > "$w/f32.toml"
 for stage in $stages; do
   case $stage in
   products)
@@ -90,14 +102,32 @@ for stage in $stages; do
       echo "== attention alone, oneDNN $l"
       MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
     done ;;
-  short|long)
+  parity)
+    # The digits model dense (examples/digits_dense.toml: 10 samples, 20 steps, CFG): bf16's
+    # finals against f32's, on each oneDNN.
+    sed -e 's#^weights = .*#weights = "'"$PWD"'/tests/fixtures/trained/digits_wan"#' examples/digits_dense.toml > "$w/digits.toml"
+    sed -e '/^\[model\]/a dtype = "bf16"' "$w/digits.toml" > "$w/digits16.toml"
+    sed -e '/^\[model\]/a dtype = "f32"' "$w/digits.toml" > "$w/digits32.toml"
+    for l in $labels; do
+      export MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads
+      "$w/magcache" run --quiet --config "$w/digits32.toml" --out "$w/f32.safetensors"
+      "$w/magcache" run --quiet --config "$w/digits16.toml" --out "$w/bf16.safetensors"
+      echo "== parity, oneDNN $l: digits bf16 against f32"; python3 $b/latent_diff.py "$w/f32.safetensors" "$w/bf16.safetensors"
+      if [ -n "${MAGCACHE_BASE:-}" ]; then
+        "$MAGCACHE_BASE" run --quiet --config "$w/digits16.toml" --out "$w/base.safetensors"
+        echo "== parity, oneDNN $l: digits bf16 under $BASELINE_ENV against f32"; python3 $b/latent_diff.py "$w/f32.safetensors" "$w/base.safetensors"
+        echo "== parity, oneDNN $l: digits bf16 against bf16 under $BASELINE_ENV"; python3 $b/latent_diff.py "$w/base.safetensors" "$w/bf16.safetensors"
+      fi
+      unset MAGCACHE_ONEDNN
+    done ;;
+  short|long|f32)
     for r in $(seq 1 "$rounds"); do
       for l in $labels; do
-        echo "== $stage (bf16), oneDNN $l, round $r"
-        MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" bash $b/compare_pytorch.sh "$w/$stage.toml" "$threads" | grep -v '^config'
+        echo "== $stage, oneDNN $l, round $r"
+        MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" ROUNDS=1 bash $b/compare_pytorch.sh "$w/$stage.toml" "$threads" | grep -v '^config'
       done
     done ;;
-  *) echo "run.sh: unknown stage $stage (products, attention, short, long)" >&2; exit 1 ;;
+  *) echo "run.sh: unknown stage $stage (products, attention, short, long, f32, parity)" >&2; exit 1 ;;
   esac
 done
 EOF

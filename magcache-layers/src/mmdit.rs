@@ -62,7 +62,10 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&self.act.apply(&self.inp.forward(x)?)?)
+        match self.act {
+            Act::Gelu => self.inp.forward_gelu_then(&self.out, x),
+            Act::SwiGlu => self.out.forward(&swiglu(&self.inp.forward(x)?)?),
+        }
     }
 }
 

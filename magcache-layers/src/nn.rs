@@ -345,6 +345,35 @@ impl Linear {
         out_dims.push(out);
         Ok(y.reshape(out_dims)?)
     }
+
+    /// `next(gelu(self(x)))`: a feed-forward's two layers with the tanh [`gelu`] between. Where
+    /// both weights are packed for oneDNN, the GELU runs on the first product's accumulators (a
+    /// post-op) and, with bf16 weights, the hidden activations come out as bf16, the second
+    /// product's operand as they are: no pass of its own over the `[rows, hidden]` activations
+    /// for the GELU, nor for their rounding (the same rounding, to nearest even, at the same
+    /// place).
+    pub fn forward_gelu_then(&self, next: &Linear, x: &Tensor) -> Result<Tensor> {
+        if let (Weight::OneDnn { w: w1, .. }, Weight::OneDnn { w: w2, out }) = (&self.wt, &next.wt)
+        {
+            let fused = onednn::gelu_in_product() && !differentiable();
+            if fused && x.device().is_cpu() && x.rank() >= 1 {
+                let _timer = timing::Timer::linear(true);
+                let last = x.dim(x.rank() - 1)?;
+                let x2 = x.reshape((x.elem_count() / last.max(1), last))?;
+                let epi = onednn::Epilogue {
+                    gelu: true,
+                    bf16_out: w1.is_bf16() && w2.is_bf16(),
+                };
+                let hidden = w1.linear_then(&x2.to_dtype(DType::F32)?, self.bias.as_ref(), epi)?;
+                if let Some(h) = hidden {
+                    let mut dims = x.dims().to_vec();
+                    *dims.last_mut().unwrap_or(&mut 0) = *out;
+                    return Ok(w2.linear(&h, next.bias.as_ref())?.reshape(dims)?);
+                }
+            }
+        }
+        next.forward(&gelu(&self.forward(x)?)?)
+    }
 }
 
 /// `x [m, k] -> x W^T [m, n]` for a weight that takes no gradient (`wt`: the `[k, n]` transposed

@@ -146,6 +146,78 @@ proptest! {
         prop_assert_eq!(d.unpacked_products(), unpacked + 1);
         check(&got, x, w, with_bias.then_some(b), (m, k, n), round)?;
     }
+
+    /// A feed-forward with the tanh GELU run on the first product's accumulators (a oneDNN
+    /// post-op), its hidden activations f32 or, for bf16 weights, bf16: the hidden layer within
+    /// f32 accumulation error of the f64 GELU of the f64 product, and the output within that of
+    /// the f64 product of those activations (bf16: as rounded, a rounding flipped by the last
+    /// bit allowed). f32 through `Linear::forward_gelu_then` (and bf16 where the layers hold
+    /// bf16 weights on oneDNN: AMX); bf16 on the packed weights themselves wherever oneDNN has
+    /// a bf16 product.
+    #[test]
+    fn feed_forwards_with_the_gelu_in_the_product_match_f64(
+        (m, k, n) in shape(),
+        hidden in 1usize..70,
+        x in values(70 * 70),
+        w1 in values(70 * 70),
+        w2 in values(70 * 70),
+        b in values(140),
+        bf16 in any::<bool>(),
+    ) {
+        let Some(d) = library() else { return Ok(()) };
+        if bf16 && !d.bf16_implemented() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (x, w1, w2) = (&x[..m * k], &w1[..hidden * k], &w2[..n * hidden]);
+        let (b1, b2) = (&b[..hidden], &b[70..70 + n]);
+        let dt = if bf16 { DType::BF16 } else { DType::F32 };
+        let t = |v: &[f32], shape: (usize, usize)| Tensor::from_slice(v, shape, &dev).unwrap();
+        let (wt1, wt2) = (t(w1, (hidden, k)).to_dtype(dt).unwrap(), t(w2, (n, hidden)).to_dtype(dt).unwrap());
+        let (bias1, bias2) = (Tensor::from_slice(b1, hidden, &dev).unwrap(), Tensor::from_slice(b2, n, &dev).unwrap());
+        let (Some(p1), Some(p2)) = (d.pack(&wt1.t().unwrap()).unwrap(), d.pack(&wt2.t().unwrap()).unwrap()) else {
+            return Ok(());
+        };
+        let epi = onednn::Epilogue { gelu: true, bf16_out: bf16 };
+        let Some(h) = p1.linear_then(&t(x, (m, k)), Some(&bias1), epi).unwrap() else {
+            // oneDNN refused the post-op for this shape: the layers run the GELU on their own.
+            return Ok(());
+        };
+        prop_assert_eq!(h.dtype(), dt);
+        let hv = h.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let round = if bf16 { common::rounded } else { f64::from };
+        for r in 0..m {
+            for c in 0..hidden {
+                let (mut acc, mut scale) = (f64::from(b1[c]), f64::from(b1[c]).abs());
+                for j in 0..k {
+                    let p = round(x[r * k + j]) * round(w1[c * k + j]);
+                    acc += p;
+                    scale += p.abs();
+                }
+                let want = gelu_tanh(acc);
+                let got = f64::from(hv[r * hidden + c]);
+                let tol = 1e-5 * scale + 1e-6 + if bf16 { want.abs() / 256.0 } else { 0.0 };
+                prop_assert!((got - want).abs() <= tol, "hidden ({}, {}): {} against {}", r, c, got, want);
+            }
+        }
+        let y = p2.linear(&h, Some(&bias2)).unwrap();
+        check(&y, &hv, w2, Some(b2), (m, hidden, n), round)?;
+        if !bf16 || d.bf16_products() {
+            // The same through the layers (their weights packed for oneDNN where it runs them).
+            let (l1, l2) = (Linear::new(wt1, Some(bias1)).unwrap(), Linear::new(wt2, Some(bias2)).unwrap());
+            let before = d.products();
+            let got = l1.forward_gelu_then(&l2, &t(x, (m, k)).reshape((1, m, k)).unwrap()).unwrap();
+            prop_assert!(d.products() >= before + 2, "the feed-forward did not run on oneDNN");
+            prop_assert_eq!(got.dims(), &[1, m, n]);
+            check(&got.squeeze(0).unwrap(), &hv, w2, Some(b2), (m, hidden, n), round)?;
+        }
+    }
+}
+
+/// GELU with the tanh approximation, in f64.
+fn gelu_tanh(x: f64) -> f64 {
+    let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+    0.5 * x * (1.0 + u.tanh())
 }
 
 #[test]

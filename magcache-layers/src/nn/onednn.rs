@@ -35,6 +35,7 @@ pub const ENV: &str = "MAGCACHE_ONEDNN";
 
 use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
 pub use packed::PackedWeight;
+pub use primitive::Epilogue;
 use primitive::{Key, Primitive};
 
 mod ffi;
@@ -98,6 +99,49 @@ struct Wei {
     format: u32,
 }
 
+/// A product's output of `len` values (f32, or bf16 where its epilogue says), allocated and not
+/// yet written.
+enum Out {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl Out {
+    fn new(len: usize, bf16: bool) -> Out {
+        match bf16 {
+            false => Out::F32(Vec::with_capacity(len)),
+            true => Out::Bf16(Vec::with_capacity(len)),
+        }
+    }
+
+    /// Where the product writes.
+    fn ptr(&mut self) -> *mut c_void {
+        match self {
+            Out::F32(v) => v.as_mut_ptr().cast(),
+            Out::Bf16(v) => v.as_mut_ptr().cast(),
+        }
+    }
+
+    /// The written values as an `[m, n]` CPU tensor.
+    ///
+    /// # Safety
+    /// All `m * n` values (the capacity) were written.
+    unsafe fn into_tensor(self, (m, n): (usize, usize)) -> Result<Tensor> {
+        let dev = &candle_core::Device::Cpu;
+        // SAFETY (both arms): the caller's guarantee.
+        Ok(match self {
+            Out::F32(mut v) => {
+                unsafe { v.set_len(m * n) };
+                Tensor::from_vec(v, (m, n), dev)?
+            }
+            Out::Bf16(mut v) => {
+                unsafe { v.set_len(m * n) };
+                Tensor::from_vec(v, (m, n), dev)?
+            }
+        })
+    }
+}
+
 /// What [`state`] found.
 pub enum State {
     /// `MAGCACHE_ONEDNN` unset or `off`.
@@ -126,6 +170,14 @@ pub fn get() -> Option<&'static OneDnn> {
         State::Loaded(d) => Some(d),
         _ => None,
     }
+}
+
+/// Whether a feed-forward's GELU runs on its first product's accumulators (a post-op:
+/// `nn::Linear::forward_gelu_then`): yes unless `MAGCACHE_ONEDNN_GELU=off`, which keeps the
+/// separate pass over the hidden activations the post-op replaces (the benchmarks' baseline).
+pub fn gelu_in_product() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MAGCACHE_ONEDNN_GELU").map_or(true, |v| v != "off"))
 }
 
 /// Whether bf16 weights run their products on the opened library ([`OneDnn::bf16_products`]).
@@ -348,25 +400,29 @@ impl OneDnn {
             strides,
             format: 0,
         };
-        self.product_on(x, (k, n, bf16), wei, bias)
+        self.product_on(x, (k, n, bf16), wei, bias, Epilogue::default())
     }
 
-    /// `x [m, k]` (f32, any strides) by the weight `wei` (`[k x n]`, bf16 or f32), plus `bias`:
-    /// `[m, n]` f32. `None` when the operands are not for it, or when `wei` is packed in a
-    /// layout oneDNN refuses for this shape (remembered: it is not asked again).
+    /// `x [m, k]` (f32, any strides; or bf16, contiguous, for a bf16 weight) by the weight `wei`
+    /// (`[k x n]`, bf16 or f32), plus `bias`, then `epi`: `[m, n]` f32 (bf16 where `epi` says).
+    /// `None` when the operands are not for it, or when `wei` is packed in a layout oneDNN refuses
+    /// for this shape and epilogue (remembered: it is not asked again).
     fn product_on(
         &self,
         x: &Tensor,
         (k, n, bf16): (usize, usize, bool),
         wei: Wei,
         bias: Option<&Tensor>,
+        epi: Epilogue,
     ) -> Result<Option<Tensor>> {
         let (m, k2) = x.dims2()?;
+        let x_bf16 = x.dtype() == DType::BF16 && bf16 && x.is_contiguous();
         if k != k2
             || m == 0
             || k == 0
             || n == 0
-            || x.dtype() != DType::F32
+            || (x.dtype() != DType::F32 && !x_bf16)
+            || (epi.bf16_out && !bf16)
             || !x.device().is_cpu()
             || bias.is_some_and(|b| b.dtype() != DType::F32 || b.dims() != [n])
         {
@@ -381,8 +437,9 @@ impl OneDnn {
             },
             None => std::ptr::null(),
         };
-        let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-        let mut run = |src: *const c_void, src_strides: [usize; 2]| {
+        let mut out = Out::new(m * n, epi.bf16_out);
+        let dst_ptr = out.ptr();
+        let run = |src: *const c_void, src_strides: [usize; 2]| {
             let key = Key {
                 m,
                 k,
@@ -392,8 +449,9 @@ impl OneDnn {
                 src_strides,
                 wei_strides: wei.strides,
                 wei_format: wei.format,
+                epilogue: epi,
             };
-            if wei.format != 0 && !self.fits(key) {
+            if (wei.format != 0 || epi != Epilogue::default()) && !self.fits(key) {
                 return Ok(false);
             }
             // SAFETY: the pointers come from tensors (or a packed weight) whose layouts give the
@@ -403,13 +461,19 @@ impl OneDnn {
                     key,
                     (src, wei.ptr),
                     bias_ptr,
-                    dst.as_mut_ptr(),
+                    dst_ptr,
                     candle_core::utils::get_num_threads(),
                 )
             }
             .map(|_| true)
         };
-        let outcome = if bf16 {
+        let outcome = if x_bf16 {
+            let (xs, xl) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::BF16(xv)) = &*xs else {
+                return Ok(None);
+            };
+            run(xv[xl.start_offset()..].as_ptr() as *const c_void, [k, 1])
+        } else if bf16 {
             // The activations rounded to bf16 (RNE), rows padded to an even count of features.
             let xc = x.contiguous()?;
             let (cs, cl) = xc.storage_and_layout();
@@ -436,8 +500,7 @@ impl OneDnn {
         }
         self.products.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the product wrote all m * n values.
-        unsafe { dst.set_len(m * n) };
-        Ok(Some(Tensor::from_vec(dst, (m, n), x.device())?))
+        Ok(Some(unsafe { out.into_tensor((m, n)) }?))
     }
 
     /// Whether the primitive of `key` (a packed weight's) builds; a refusal is remembered.

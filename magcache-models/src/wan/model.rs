@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use magcache_core::{BlockMetadata, CallCx, Error, Indicator, ModelBlocks, Result, Streams};
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::nn::{
-    attention_as, gelu, linear, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm,
+    attention_as, linear, merge_heads, modulate, split_heads, timestep_embedding, LayerNorm,
     Linear, RmsNorm,
 };
 use magcache_layers::weights::WeightStore;
@@ -209,7 +209,7 @@ impl Block {
         let h = (&h + self.attn2.forward_split(&x, enc, *image_rows, None)?)?;
 
         let x = modulate(&self.norm3.forward(&h)?, &c_shift, &c_scale)?;
-        let f = self.ff2.forward(&gelu(&self.ff1.forward(&x)?)?)?;
+        let f = self.ff1.forward_gelu_then(&self.ff2, &x)?;
         Ok((h + f.broadcast_mul(&c_gate)?)?)
     }
 }
@@ -394,7 +394,7 @@ impl WanModel {
         let tproj = self.time_proj.forward(&temb.silu()?)?;
         let temb = temb.reshape((b, s, d))?;
         let tproj = tproj.reshape((b, s, 6, d))?;
-        let text = self.text2.forward(&gelu(&self.text1.forward(ctx)?)?)?;
+        let text = self.text1.forward_gelu_then(&self.text2, ctx)?;
         Ok((temb, tproj, text))
     }
 

@@ -40,6 +40,8 @@ pub(super) const FORMAT_TAG_ANY: c_int = 1;
 pub(super) const ARG_SCRATCHPAD: c_int = 80;
 /// `dnnl_scratchpad_mode_user`: the caller passes each execution's scratch memory.
 pub(super) const SCRATCHPAD_MODE_USER: c_int = 1;
+/// `dnnl_eltwise_gelu_tanh`: GELU with the tanh approximation (`alg_kind`, an ABI constant of 3.x).
+pub(super) const ELTWISE_GELU_TANH: c_int = 0x2b;
 /// `dnnl_cpu_isa_avx512_core_amx` (`avx10_1_512_amx`): the bits an AMX CPU's ISA has.
 pub(super) const ISA_AMX: u32 = 0xfef;
 
@@ -50,6 +52,10 @@ pub(super) struct Api {
     pub(super) attr_create: unsafe extern "C" fn(*mut Handle) -> c_int,
     pub(super) attr_destroy: unsafe extern "C" fn(Handle) -> c_int,
     pub(super) attr_set_scratchpad_mode: unsafe extern "C" fn(Handle, c_int) -> c_int,
+    pub(super) attr_set_post_ops: unsafe extern "C" fn(Handle, Handle) -> c_int,
+    pub(super) post_ops_create: unsafe extern "C" fn(*mut Handle) -> c_int,
+    pub(super) post_ops_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    pub(super) post_ops_append_eltwise: unsafe extern "C" fn(Handle, c_int, f32, f32) -> c_int,
     pub(super) pd_query_md: unsafe extern "C" fn(Handle, c_int, c_int) -> Handle,
     pub(super) md_get_size: unsafe extern "C" fn(Handle) -> usize,
     pub(super) stream_create: unsafe extern "C" fn(*mut Handle, Handle, u32) -> c_int,
@@ -109,6 +115,10 @@ impl Api {
             attr_create: sym!(b"dnnl_primitive_attr_create\0"),
             attr_destroy: sym!(b"dnnl_primitive_attr_destroy\0"),
             attr_set_scratchpad_mode: sym!(b"dnnl_primitive_attr_set_scratchpad_mode\0"),
+            attr_set_post_ops: sym!(b"dnnl_primitive_attr_set_post_ops\0"),
+            post_ops_create: sym!(b"dnnl_post_ops_create\0"),
+            post_ops_destroy: sym!(b"dnnl_post_ops_destroy\0"),
+            post_ops_append_eltwise: sym!(b"dnnl_post_ops_append_eltwise\0"),
             pd_query_md: sym!(b"dnnl_primitive_desc_query_md\0"),
             md_get_size: sym!(b"dnnl_memory_desc_get_size\0"),
             stream_create: sym!(b"dnnl_stream_create\0"),

@@ -14,7 +14,7 @@
 
 use super::ffi::{memory_desc, status, ExecArg, Handle, ARG_DST, ARG_SRC};
 use super::ffi::{DT_BF16, DT_F32, FORMAT_TAG_ANY, QUERY_WEIGHTS_MD, STREAM_IN_ORDER};
-use super::{OneDnn, Wei, ENV};
+use super::{Epilogue, OneDnn, Wei, ENV};
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use magcache_core::{Error, Result};
 use std::ffi::c_void;
@@ -310,20 +310,39 @@ impl PackedWeight {
         self.bf16
     }
 
-    /// `x [m, k]` (f32, any strides) by this weight, plus `bias [n]` (f32): `[m, n]` f32, the
-    /// bias added in the product.
-    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let d = self.dnnl;
-        let wei = Wei {
+    /// The packed operand as the products take it.
+    fn wei(&self) -> Wei {
+        Wei {
             ptr: self.buf[self.at..].as_ptr().cast(),
             strides: [0, 0],
             format: self.format,
-        };
-        if let Some(y) = d.product_on(x, (self.k, self.n, self.bf16), wei, bias)? {
+        }
+    }
+
+    /// `x [m, k]` (f32, any strides; or bf16, contiguous, for a bf16 weight) by this weight, plus
+    /// `bias [n]` (f32): `[m, n]` f32, the bias added in the product.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let d = self.dnnl;
+        let wei = self.wei();
+        let key = (self.k, self.n, self.bf16);
+        if let Some(y) = d.product_on(x, key, wei, bias, Epilogue::default())? {
             return Ok(y);
         }
         // Refused for this shape (or not for oneDNN): a plain copy for this product.
         self.linear_unpacked(x, bias)
+    }
+
+    /// [`Self::linear`], then `epi` on the accumulators (the tanh GELU, a bf16 output for a bf16
+    /// weight). `None` when oneDNN refuses that product for this shape (the caller runs the plain
+    /// product and its own GELU instead).
+    pub fn linear_then(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        epi: Epilogue,
+    ) -> Result<Option<Tensor>> {
+        let key = (self.k, self.n, self.bf16);
+        self.dnnl.product_on(x, key, self.wei(), bias, epi)
     }
 
     /// [`Self::linear`] on a plain copy of the weight made for this product (what a shape the
@@ -355,11 +374,7 @@ impl PackedWeight {
         out: &mut [f32],
         threads: usize,
     ) -> Result<bool> {
-        let wei = Wei {
-            ptr: self.buf[self.at..].as_ptr().cast(),
-            strides: [0, 0],
-            format: self.format,
-        };
+        let wei = self.wei();
         if !self.bf16 {
             return Err(Error::msg(format!(
                 "{ENV}: an f32 packed operand in a bf16 product"

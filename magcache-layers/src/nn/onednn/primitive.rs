@@ -1,6 +1,7 @@
 //! oneDNN's matmul primitives, built once per shape and layout and kept, and their executions
 //! (each with this thread's scratch memory).
 
+use super::ffi::ELTWISE_GELU_TANH;
 use super::ffi::{memory_desc, status, Api, ExecArg, Handle, QUERY_IMPL_INFO_STR};
 use super::ffi::{ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32};
 use super::ffi::{QUERY_SCRATCHPAD_MD, SCRATCHPAD_MODE_USER, STREAM_IN_ORDER};
@@ -23,6 +24,35 @@ pub(super) struct Key {
     /// 0: a plain weight (`wei_strides`); else the packed layout of that number
     /// ([`OneDnn::format`]).
     pub(super) wei_format: u32,
+    /// What the product does to its accumulators before writing them.
+    pub(super) epilogue: Epilogue,
+}
+
+impl Key {
+    /// The product in words, for errors: `matmul [m x k] by [k x n] in bf16, GELU after`.
+    fn describe(&self) -> String {
+        let e = self.epilogue;
+        format!(
+            "matmul [{} x {}] by [{} x {}] in {}{}{}",
+            self.m,
+            self.k,
+            self.k,
+            self.n,
+            if self.bf16 { "bf16" } else { "f32" },
+            if e.gelu { ", GELU after" } else { "" },
+            if e.bf16_out { ", bf16 out" } else { "" },
+        )
+    }
+}
+
+/// What a product does to its accumulators before writing them: the tanh GELU (a post-op, run on
+/// the accumulators in registers), and the output's dtype (bf16, rounded to nearest even, or f32).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct Epilogue {
+    /// `gelu_tanh` applied to each output (after the bias).
+    pub gelu: bool,
+    /// The output written as bf16 (else f32).
+    pub bf16_out: bool,
 }
 
 pub(super) struct Primitive {
@@ -90,15 +120,9 @@ impl OneDnn {
         if key.bias {
             p.bias = md(1, key.n, [key.n, 1], DT_F32)?;
         }
-        p.dst = md(key.m, key.n, [key.n, 1], DT_F32)?;
-        let what = format!(
-            "matmul [{} x {}] by [{} x {}] in {}",
-            key.m,
-            key.k,
-            key.k,
-            key.n,
-            if key.bf16 { "bf16" } else { "f32" }
-        );
+        let out_dt = [DT_F32, DT_BF16][usize::from(key.epilogue.bf16_out)];
+        p.dst = md(key.m, key.n, [key.n, 1], out_dt)?;
+        let what = key.describe();
         // Scratch memory is the caller's, per execution: a primitive built on one thread may run
         // on another, and on two at once (oneDNN's own scratchpad is per thread or per primitive).
         let mut attr: Handle = std::ptr::null_mut();
@@ -110,6 +134,10 @@ impl OneDnn {
                     "scratchpad mode",
                     (api.attr_set_scratchpad_mode)(attr, SCRATCHPAD_MODE_USER),
                 )
+                .and_then(|_| match key.epilogue.gelu {
+                    true => gelu_post_op(api, attr),
+                    false => Ok(()),
+                })
                 .and_then(|_| {
                     status(
                         &what,
@@ -177,7 +205,8 @@ impl OneDnn {
     }
 
     /// Runs one product: `src [m x k]` (f32 or bf16 bits) by the weight `[k x n]` (its
-    /// strides), plus the bias, into `dst [m x n]` f32, on `threads` OpenMP threads.
+    /// strides), plus the bias, into `dst [m x n]` (f32, or bf16 bits where the key's epilogue
+    /// says), on `threads` OpenMP threads.
     ///
     /// # Safety
     /// The pointers must cover the extents their strides give, in the key's dtype, and stay
@@ -187,7 +216,7 @@ impl OneDnn {
         key: Key,
         (src, wei): (*const c_void, *const c_void),
         bias: *const f32,
-        dst: *mut f32,
+        dst: *mut c_void,
         threads: usize,
     ) -> std::result::Result<(), String> {
         let p = self.primitive(key)?;
@@ -205,7 +234,7 @@ impl OneDnn {
         &self,
         p: &Primitive,
         (src, wei): (*const c_void, *const c_void),
-        (bias, dst): (*const f32, *mut f32),
+        (bias, dst): (*const f32, *mut c_void),
         scratch_ptr: *mut c_void,
         threads: usize,
     ) -> std::result::Result<(), String> {
@@ -219,7 +248,7 @@ impl OneDnn {
             (ARG_SRC, p.src, src as *mut c_void),
             (ARG_WEIGHTS, p.wei, wei as *mut c_void),
             (ARG_BIAS, p.bias, bias as *mut c_void),
-            (ARG_DST, p.dst, dst as *mut c_void),
+            (ARG_DST, p.dst, dst),
             (ARG_SCRATCHPAD, p.scratch, scratch_ptr),
         ] {
             if md.is_null() || ptr.is_null() {
@@ -254,5 +283,24 @@ impl OneDnn {
             (api.memory_destroy)(m.memory);
         }
         result
+    }
+}
+
+/// Sets the attribute `attr`'s post-ops to one tanh GELU.
+///
+/// # Safety
+/// `attr` is a live attribute of `api`'s library.
+unsafe fn gelu_post_op(api: &Api, attr: Handle) -> std::result::Result<(), String> {
+    let mut ops: Handle = std::ptr::null_mut();
+    // SAFETY: an out-pointer for the post-ops, destroyed below (the attribute keeps a copy).
+    unsafe {
+        status("post-ops", (api.post_ops_create)(&mut ops))?;
+        let r = status(
+            "GELU post-op",
+            (api.post_ops_append_eltwise)(ops, ELTWISE_GELU_TANH, 0.0, 0.0),
+        )
+        .and_then(|_| status("post-ops", (api.attr_set_post_ops)(attr, ops)));
+        (api.post_ops_destroy)(ops);
+        r
     }
 }

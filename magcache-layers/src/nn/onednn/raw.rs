@@ -86,6 +86,7 @@ impl OneDnn {
             src_strides: [a_row, 1],
             wei_strides: wei.strides,
             wei_format: wei.format,
+            epilogue: Default::default(),
         };
         if wei.format != 0 && !self.fits(key) {
             return Ok(false);
@@ -93,8 +94,16 @@ impl OneDnn {
         let ptrs = (a.as_ptr() as *const c_void, wei.ptr);
         // SAFETY: `a` and `out` were checked above in bf16 elements (two per `u32`), the right
         // operand by the caller (its strides, or a packed layout's whole buffer), all held.
-        unsafe { self.execute(key, ptrs, std::ptr::null(), out.as_mut_ptr(), threads) }
-            .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
+        unsafe {
+            self.execute(
+                key,
+                ptrs,
+                std::ptr::null(),
+                out.as_mut_ptr().cast(),
+                threads,
+            )
+        }
+        .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
         self.products
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
@@ -120,6 +129,7 @@ impl Key {
             src_strides,
             wei_strides,
             wei_format: 0,
+            epilogue: Default::default(),
         }
     }
 }

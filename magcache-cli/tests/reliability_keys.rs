@@ -362,3 +362,38 @@ fn published_data_borrowed_for_unmatched_weights_is_a_note() {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(j.get("notes").is_none(), "{j}");
 }
+
+/// A bad value in `[cache]` (a table read as one strategy value) is placed at its key's line, not
+/// at the table's header, and said in the file's words, not serde's Rust types.
+#[test]
+fn a_bad_cache_value_is_at_its_line_in_the_files_words() {
+    let cases = [
+        (
+            "strategy = \"fbcache\"\n# a comment\nwarmup_steps = 1.5",
+            "warmup_steps",
+            "expected a whole number, 0 or more",
+        ),
+        (
+            "strategy = \"magcache\"\nthreshold = \"high\"",
+            "threshold",
+            "expected a number",
+        ),
+        (
+            "strategy = 3",
+            "strategy",
+            "expected a strategy's name in quotes",
+        ),
+    ];
+    for (cache, key, words) in cases {
+        let text = wan_preset("", "", &format!("[cache]\n{cache}\n"));
+        let line = 1 + text
+            .lines()
+            .position(|l| l.starts_with(&format!("{key} =")))
+            .unwrap();
+        both_refuse(
+            &text,
+            &[&format!("run.toml:{line}: cache.{key}:"), words],
+            &["usize", "f64", "dyn ", " in `"],
+        );
+    }
+}

@@ -28,7 +28,7 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     while !text.is_char_boundary(start) {
         start -= 1;
     }
-    let line_no = text[..start].matches('\n').count() + 1;
+    let mut line_no = text[..start].matches('\n').count() + 1;
     // The table the error is in: the last `[header]` before the error.
     // An array of tables (`[[model.lora]]`) names the entry: `model.lora[1]`.
     let mut table = String::new();
@@ -59,10 +59,16 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
             .trim_matches(|c| c == '[' || c == ']')
             .trim()
             .to_string();
-        let key = match field_in_message(&msg) {
+        let field = field_in_message(&msg);
+        let key = match &field {
             Some(f) => format!("{header}.{f}"),
             None => header,
         };
+        // The line of that key in the table, where the file has it (a missing one has none).
+        let at = field
+            .as_deref()
+            .and_then(|f| key_line(&text[line_start..], f.rsplit('.').next().unwrap_or(f)));
+        line_no += at.unwrap_or(0);
         // A missing field spelt nearly right in the table: name the key that was meant.
         if let Some(near) = missing_field_misspelt(&msg, &text[line_start..]) {
             return Error::config(
@@ -84,7 +90,72 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     } else {
         format!("[{table}]")
     };
-    Error::config(format!("{file}:{line_no}"), key, msg)
+    Error::config(format!("{file}:{line_no}"), key, plain_words(&msg))
+}
+
+/// The line, counted from 0 at the table's header, of key `k` in `table` (its text from its
+/// header on), before the next header.
+fn key_line(table: &str, k: &str) -> Option<usize> {
+    table
+        .lines()
+        .enumerate()
+        .skip(1)
+        .take_while(|(_, l)| !is_header(l))
+        .find(|(_, l)| {
+            l.split_once('=')
+                .is_some_and(|(key, _)| key.trim().trim_matches('"') == k)
+        })
+        .map(|(i, _)| i)
+}
+
+/// Whether a line opens a table (`[name]`, `[[name]]`): a continued array's line `[1, 2],` does
+/// not.
+fn is_header(l: &str) -> bool {
+    let t = l.trim_start().trim_start_matches('[');
+    l.trim_start().starts_with('[')
+        && !l.contains(',')
+        && t.starts_with(|c: char| c.is_alphabetic() || c == '"')
+}
+
+/// serde's message in a user's words: its Rust type names (`expected usize`, `expected f64`,
+/// `expected dyn StrategyConfig`) as what the file should hold, and without the trailing
+/// `` in `key` `` (the key is named before the message).
+fn plain_words(msg: &str) -> String {
+    const WORDS: [(&str, &str); 10] = [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number, 0 or more"),
+        ("expected u8", "expected a whole number, 0 to 255"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        (
+            "expected dyn StrategyConfig",
+            "expected a strategy's name in quotes (`magcache list` lists them)",
+        ),
+    ];
+    let mut m = msg.to_string();
+    if let Some(i) = m.rfind(" in `") {
+        if m.ends_with('`') && !m[i + 5..m.len() - 1].contains('`') {
+            m.truncate(i);
+        }
+    }
+    for (rust, plain) in WORDS {
+        let mut from = 0;
+        while let Some(i) = m[from..].find(rust).map(|i| i + from) {
+            let end = i + rust.len();
+            if m[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_') {
+                from = end;
+                continue;
+            }
+            m.replace_range(i..end, plain);
+            from = i + plain.len();
+        }
+    }
+    m.replace("invalid type: sequence", "invalid type: an array")
+        .replace("invalid type: map", "invalid type: a table")
 }
 
 /// For a "missing field `f`" message, the key of the table (`table`: its text from its header on)
@@ -98,17 +169,10 @@ fn missing_field_misspelt(msg: &str, table: &str) -> Option<String> {
         .next()?
         .to_string();
     let most = (f.chars().count() / 3).max(1);
-    // The next table's header (a continued array's line `[1, 2],` is not one).
-    let header = |l: &str| {
-        let t = l.trim_start().trim_start_matches('[');
-        l.trim_start().starts_with('[')
-            && !l.contains(',')
-            && t.starts_with(|c: char| c.is_alphabetic() || c == '"')
-    };
     table
         .lines()
         .skip(1)
-        .take_while(|l| !header(l))
+        .take_while(|l| !is_header(l))
         .filter(|l| !l.trim_start().starts_with('#'))
         .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().trim_matches('"')))
         .filter(|k| *k != f)
@@ -151,5 +215,38 @@ fn field_in_message(msg: &str) -> Option<String> {
     match (path, field) {
         (Some(p), Some(f)) => Some(format!("{p}.{f}")),
         (p, f) => p.or(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key_line, plain_words};
+
+    #[test]
+    fn rust_types_become_the_files_words() {
+        assert_eq!(
+            plain_words("invalid type: floating point `1.5`, expected usize in `warmup_steps`"),
+            "invalid type: floating point `1.5`, expected a whole number, 0 or more"
+        );
+        assert_eq!(
+            plain_words("invalid type: sequence, expected f64"),
+            "invalid type: an array, expected a number"
+        );
+        // Only whole words: a type name inside a longer one stays.
+        assert_eq!(plain_words("expected u8x"), "expected u8x");
+        // A message whose last quote is not a key's path is kept whole.
+        assert_eq!(
+            plain_words("unknown field `x`, expected one of `a`, `b`"),
+            "unknown field `x`, expected one of `a`, `b`"
+        );
+    }
+
+    #[test]
+    fn a_key_is_found_in_its_table_only() {
+        let t =
+            "[cache]\n# threshold = 1\nstrategy = \"x\"\n\"threshold\" = 2\n[next]\nother = 1\n";
+        assert_eq!(key_line(t, "threshold"), Some(3));
+        assert_eq!(key_line(t, "strategy"), Some(2));
+        assert_eq!(key_line(t, "other"), None);
     }
 }

@@ -1,6 +1,7 @@
-//! Runs that explain their threshold: a cached scope that computed (nearly) every call says how the
-//! values its strategy compared were spread against the threshold, and which threshold would have
-//! computed half the calls (2x), from the same values. `run`, `compare` and `plan` (data-free
+//! Runs that explain their threshold: a cached scope that computed (nearly) every call, or whose
+//! threshold decided no call at all (every value below it: only the guards and limits computed),
+//! says how the values its strategy compared were spread against the threshold, and which
+//! threshold would have computed half the calls (2x), from the same values. `run`, `compare` and `plan` (data-free
 //! rules) warn with it; the JSON report carries it per scope.
 
 use serde::Serialize;
@@ -11,6 +12,9 @@ const NEARLY_ALL: f64 = 0.9;
 /// The spread of one scope's compared values against the threshold.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ThresholdCheck {
+    /// `computes_nearly_all` (more than 90% of the calls computed) or `decides_nothing` (every
+    /// value compared stayed below the threshold: the threshold computed no call).
+    pub kind: &'static str,
     pub expert: usize,
     pub branch: String,
     pub calls: usize,
@@ -29,9 +33,29 @@ pub struct ThresholdCheck {
     pub threshold_for_2x: f64,
 }
 
+const NEARLY_ALL_KIND: &str = "computes_nearly_all";
+const DECIDES_NOTHING: &str = "decides_nothing";
+
 impl ThresholdCheck {
     /// The warning line.
     pub fn warning(&self, strategy: &str) -> String {
+        if self.kind == DECIDES_NOTHING {
+            return format!(
+                "{strategy}: scope expert {} {} reused {} of {} calls and its threshold {} decided none of them: the {} it compared (min {}, p25 {}, p50 {}, p75 {}, max {}) never reached it, so only the guards and the strategy's own limits computed calls and nothing bounds the error; replayed on these values, a threshold of about {} computes half the calls (2x) (--json: threshold_check)",
+                self.expert,
+                self.branch,
+                self.calls - self.computed,
+                self.calls,
+                g(self.threshold),
+                self.metric,
+                g(self.min),
+                g(self.p25),
+                g(self.p50),
+                g(self.p75),
+                g(self.max),
+                g(self.threshold_for_2x),
+            );
+        }
         format!(
             "{strategy}: scope expert {} {} computed {} of {} calls: the {} it compared ranged min {}, p25 {}, p50 {}, p75 {}, max {} against threshold {}; replayed on these values, a threshold of about {} computes half the calls (2x; the guards and the strategy's own limits can compute more, and reused calls change the values that follow) (--json: threshold_check)",
             self.expert,
@@ -122,8 +146,8 @@ pub struct Compared {
     pub value: Option<f64>,
 }
 
-/// The checks of every scope of `calls` that computed more than 90% of its calls, under
-/// `threshold`.
+/// The checks of every scope of `calls` that computed more than 90% of its calls, or whose
+/// `threshold` decided none of them.
 pub fn threshold_checks(
     calls: &[Compared],
     threshold: Option<f64>,
@@ -149,11 +173,23 @@ pub fn threshold_checks(
             .map(|c| c.value.filter(|x| x.is_finite()))
             .collect();
         let mut seen: Vec<f64> = values.iter().flatten().copied().collect();
-        if (computed as f64) <= NEARLY_ALL * own.len() as f64 || seen.len() < 2 {
+        // The threshold decided nothing: replayed under it, the calls computed are those without
+        // a value (the guards') and the first, as under an infinite threshold (while the run
+        // reused some: a threshold that was never reached).
+        let never = |t: f64| replay(&values, t, accumulates);
+        let kind = if (computed as f64) > NEARLY_ALL * own.len() as f64 {
+            NEARLY_ALL_KIND
+        } else if computed < own.len() && never(threshold) == never(f64::INFINITY) {
+            DECIDES_NOTHING
+        } else {
+            continue;
+        };
+        if seen.len() < 2 {
             continue;
         }
         seen.sort_by(f64::total_cmp);
         out.push(ThresholdCheck {
+            kind,
             expert,
             branch,
             calls: own.len(),
@@ -215,5 +251,28 @@ mod tests {
             threshold_checks(&calls(&v, 10), Some(0.5), "m", true).len(),
             1
         );
+    }
+
+    /// A threshold above everything the run compared decided no call: the calls it computed were
+    /// the value-less (guarded) ones and the limits'. Said, with the 2x threshold; a threshold
+    /// the values reach is not.
+    #[test]
+    fn a_threshold_never_reached_is_said() {
+        let mut v: Vec<Option<f64>> = (0..10).map(|i| Some(0.1 * i as f64)).collect();
+        v[0] = None;
+        v[1] = None;
+        let c = threshold_checks(&calls(&v, 4), Some(1e9), "m", true);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].kind, DECIDES_NOTHING);
+        assert!(c[0].warning("magcache").contains("decided none"));
+        assert!(c[0].threshold_for_2x < 1e9);
+        // Not accumulated, the largest value 0.9: a threshold of 1 is never reached either, 0.5 is.
+        assert_eq!(
+            threshold_checks(&calls(&v, 4), Some(1.0), "m", false).len(),
+            1
+        );
+        assert!(threshold_checks(&calls(&v, 4), Some(0.5), "m", false).is_empty());
+        // Accumulated, the values sum past 1: reached.
+        assert!(threshold_checks(&calls(&v, 4), Some(1.0), "m", true).is_empty());
     }
 }

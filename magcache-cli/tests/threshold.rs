@@ -47,6 +47,7 @@ fn a_threshold_below_every_value_warns_with_percentiles() {
             assert!(f("p50") <= f("p75") && f("p75") <= f("max"), "{name}: {c}");
             assert!(f("threshold_for_2x") > f("min"), "{name}: {c}");
             assert_eq!(f("threshold"), 0.00001);
+            assert_eq!(c["kind"], "computes_nearly_all", "{name}: {c}");
         }
         // At the suggested threshold the run skips calls (guards may keep it under 2x).
         let t = r["scopes"][0]["threshold_check"]["threshold_for_2x"]
@@ -70,4 +71,49 @@ fn a_threshold_below_every_value_warns_with_percentiles() {
     let run = digits(d.path(), "digits_teacache", "0.3");
     let o = magcache(&["run", "--quiet", "--config", s(&run)]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("p25"));
+}
+
+/// A threshold above every value compared decides no call: the run reuses all the guards and
+/// limits allow and says so, with the 2x threshold; `--json` marks the check `decides_nothing`.
+#[test]
+fn a_threshold_above_every_value_says_it_decided_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    for name in ["digits_magcache", "digits_teacache", "digits_fbcache"] {
+        let run = digits(d.path(), name, "1e9");
+        let o = magcache(&["run", "--json", "--config", s(&run)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(
+            err.contains("decided none of them") && err.contains("2x"),
+            "{name}: {err}"
+        );
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        for sc in r["scopes"].as_array().unwrap() {
+            let c = &sc["threshold_check"];
+            assert_eq!(c["kind"], "decides_nothing", "{name}: {c}");
+            assert!(c["threshold_for_2x"].as_f64().unwrap() < 1e9, "{name}: {c}");
+        }
+        // The shipped threshold decides calls: no such warning.
+        let run = digits(d.path(), name, "KEEP");
+        let text = std::fs::read_to_string(&run).unwrap();
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{name}.toml")),
+        )
+        .unwrap();
+        let t = shipped
+            .lines()
+            .find_map(|l| l.strip_prefix("threshold = "))
+            .unwrap();
+        std::fs::write(
+            &run,
+            text.replace("threshold = KEEP", &format!("threshold = {t}")),
+        )
+        .unwrap();
+        let o = magcache(&["run", "--quiet", "--config", s(&run)]);
+        assert!(o.status.success());
+        assert!(
+            !String::from_utf8_lossy(&o.stderr).contains("decided none"),
+            "{name}"
+        );
+    }
 }

@@ -397,3 +397,42 @@ fn a_bad_cache_value_is_at_its_line_in_the_files_words() {
         );
     }
 }
+
+/// TeaCache's published coefficients rescale the distance of the tensor they were fit on: an
+/// `indicator` naming another one, without `coefficients` of its own, is refused naming the key
+/// and both tensors (with and without `ret_steps`, whose coefficients were fit on another one).
+#[test]
+fn teacache_indicator_other_than_the_published_coefficients_is_refused() {
+    let cache = |ind: &str, ret: bool| {
+        format!("[cache]\nstrategy = \"teacache\"\nindicator = \"{ind}\"\nret_steps = {ret}\n")
+    };
+    both_refuse(
+        &wan_preset("", "", &cache("timestep_modulation", false)),
+        &["cache.indicator", "\"timestep_embedding\"", "coefficients"],
+        &[],
+    );
+    both_refuse(
+        &wan_preset("", "", &cache("timestep_embedding", true)),
+        &["cache.indicator", "\"timestep_modulation\"", "ret_steps"],
+        &[],
+    );
+    // The indicator the coefficients were fit on, or coefficients of its own: accepted.
+    let dir = tempfile::tempdir().unwrap();
+    for cache in [
+        cache("timestep_embedding", false),
+        cache("timestep_modulation", true),
+        format!(
+            "{}coefficients = [1.0, 0.0]\n",
+            cache("timestep_modulation", false)
+        ),
+    ] {
+        let cfg = dir.path().join("ok.toml");
+        std::fs::write(&cfg, wan_preset("", "", &cache)).unwrap();
+        let o = magcache(&["plan", "--config", s(&cfg)]);
+        assert!(
+            o.status.success(),
+            "{cache}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -111,6 +111,22 @@ impl StrategyConfig for TeaCacheConfig {
         } else {
             published.indicator
         };
+        // Published coefficients rescale the distance of the tensor they were fit on: another
+        // indicator with them measures a distance the polynomial was not fit to.
+        if let (None, Some(own), Some(fit)) =
+            (&self.coefficients, self.indicator, published_indicator)
+        {
+            if own != fit {
+                return Err(Error::config(
+                    env.file,
+                    "cache.indicator",
+                    format!(
+                        "\"{own}\" with the rescale coefficients published for model family `{}`{ret}, which were fit on \"{fit}\": give `coefficients` fitted on \"{own}\" too, or drop `indicator`",
+                        env.model.family
+                    ),
+                ));
+            }
+        }
         let indicator = self.indicator.or(published_indicator).ok_or_else(|| {
             Error::config(
                 env.file,

@@ -364,7 +364,8 @@ fn published_data_borrowed_for_unmatched_weights_is_a_note() {
 }
 
 /// A bad value in `[cache]` (a table read as one strategy value) is placed at its key's line, not
-/// at the table's header, and said in the file's words, not serde's Rust types.
+/// at the table's header, and said in the file's words, not serde's Rust types; a key of another
+/// strategy names the strategies it belongs to.
 #[test]
 fn a_bad_cache_value_is_at_its_line_in_the_files_words() {
     let cases = [
@@ -382,6 +383,12 @@ fn a_bad_cache_value_is_at_its_line_in_the_files_words() {
             "strategy = 3",
             "strategy",
             "expected a strategy's name in quotes",
+        ),
+        // Another strategy's key: its owner named.
+        (
+            "strategy = \"fbcache\"\nmax_skip_steps = 2",
+            "max_skip_steps",
+            "(a key of strategy `magcache`)",
         ),
     ];
     for (cache, key, words) in cases {

@@ -62,13 +62,20 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
         let field = field_in_message(&msg);
         let key = match &field {
             Some(f) => format!("{header}.{f}"),
-            None => header,
+            None => header.clone(),
         };
         // The line of that key in the table, where the file has it (a missing one has none).
         let at = field
             .as_deref()
             .and_then(|f| key_line(&text[line_start..], f.rsplit('.').next().unwrap_or(f)));
         line_no += at.unwrap_or(0);
+        // A strategy's key under another strategy: name the strategies it belongs to.
+        if header == "cache" {
+            if let Some(owners) = unknown_field(&msg).and_then(|f| strategies_with_key(&f)) {
+                let msg = format!("{} ({owners})", plain_words(&msg));
+                return Error::config(format!("{file}:{line_no}"), key, msg);
+            }
+        }
         // A missing field spelt nearly right in the table: name the key that was meant.
         if let Some(near) = missing_field_misspelt(&msg, &text[line_start..]) {
             return Error::config(
@@ -91,6 +98,22 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
         format!("[{table}]")
     };
     Error::config(format!("{file}:{line_no}"), key, plain_words(&msg))
+}
+
+/// The field of an "unknown field `f`" message.
+fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.split("unknown field `").nth(1)?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// "a key of `a` and `b`" for the registered strategies whose configs have key `k`.
+fn strategies_with_key(k: &str) -> Option<String> {
+    let owners: Vec<String> = crate::runtime::registry::strategies()
+        .into_iter()
+        .filter(|st| st.knobs().iter().any(|(key, _)| key == k))
+        .map(|st| format!("`{}`", st.name))
+        .collect();
+    (!owners.is_empty()).then(|| format!("a key of strategy {}", owners.join(", ")))
 }
 
 /// The line, counted from 0 at the table's header, of key `k` in `table` (its text from its

@@ -108,11 +108,12 @@ fn unknown_field(msg: &str) -> Option<String> {
 
 /// "a key of `a` and `b`" for the registered strategies whose configs have key `k`.
 fn strategies_with_key(k: &str) -> Option<String> {
-    let owners: Vec<String> = crate::runtime::registry::strategies()
+    let mut owners: Vec<String> = inventory::iter::<super::StrategyRegistration>
         .into_iter()
         .filter(|st| st.knobs().iter().any(|(key, _)| key == k))
         .map(|st| format!("`{}`", st.name))
         .collect();
+    owners.sort();
     (!owners.is_empty()).then(|| format!("a key of strategy {}", owners.join(", ")))
 }
 

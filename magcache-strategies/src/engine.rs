@@ -356,8 +356,9 @@ impl<R: Rule> TimestepCache for Cached<R> {
         self.guards.begin(plan);
         self.plan = plan.clone();
         let mut warnings = self.rule.warnings(plan);
-        warnings.extend(self.guards.config().dense_warning(self.rule.name(), plan));
-        let few = few_step_warnings(self.rule.name(), plan, self.guards.config());
+        let (g, name) = (self.guards.config(), self.rule.name());
+        warnings.extend(g.plan_warnings(name, plan));
+        let few = few_step_warnings(name, plan, g);
         if !few.is_empty() {
             warnings.extend(few);
             warnings.extend(self.few_step_predictions(plan));

@@ -257,13 +257,20 @@ impl Rule for FbRule {
     }
 }
 
-/// Every `s`-th token (dimension 1 of a `[B, L, ...]` tensor; dimension 0 of a vector).
+/// Every `s`-th token (dimension 1 of a `[B, L, ...]` tensor; dimension 0 of a vector). A step
+/// that leaves one token of several is refused, naming the key: the metric would be one token's.
 fn downsample(t: &Tensor, s: usize) -> Result<Tensor> {
     if s <= 1 {
         return Ok(t.clone());
     }
     let dim = usize::from(t.rank() >= 2);
     let n = t.dim(dim)?;
+    if s >= n && n > 1 {
+        return Err(Error::msg(format!(
+            "cache.downsample ({s}) is not below the {n} tokens the first block gives: one token alone would be measured; give at most {}",
+            n - 1
+        )));
+    }
     let idx: Vec<u32> = (0..n).step_by(s).map(|i| i as u32).collect();
     let idx = Tensor::new(idx.as_slice(), t.device())?;
     Ok(t.index_select(&idx, dim)?)
@@ -281,5 +288,39 @@ fn synced_rel_l2(a: &Tensor, b: &Tensor, sync: &dyn DecisionSync) -> Result<f64>
             "decision sync returned {} values for 2",
             m.len()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::downsample;
+    use magcache_core::candle_core::{Device, Tensor};
+
+    /// Every `s`-th token of `[B, L, D]`; a step that leaves one token of several is refused
+    /// naming the key, while a one-token sequence stays measurable.
+    #[test]
+    fn downsample_keeps_every_sth_token_and_refuses_one_of_many() {
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 8, 3))
+            .unwrap();
+        let d = downsample(&t, 3).unwrap();
+        assert_eq!(d.dims(), &[1, 3, 3]);
+        let first: Vec<f32> = d
+            .squeeze(0)
+            .unwrap()
+            .get_on_dim(1, 0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(first, vec![0.0, 9.0, 18.0]);
+        assert_eq!(downsample(&t, 7).unwrap().dims(), &[1, 2, 3]);
+        let err = downsample(&t, 8).unwrap_err().to_string();
+        assert!(
+            err.contains("cache.downsample") && err.contains("at most 7"),
+            "{err}"
+        );
+        let one = t.narrow(1, 0, 1).unwrap();
+        assert_eq!(downsample(&one, 4).unwrap().dims(), &[1, 1, 3]);
     }
 }

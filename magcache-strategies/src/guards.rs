@@ -32,6 +32,15 @@ pub struct GuardConfig {
 }
 
 impl GuardConfig {
+    /// The guards' warnings on `plan`: [`Self::dense_warning`], [`Self::cfg_shared_warning`].
+    pub fn plan_warnings(&self, name: &str, plan: &GenerationPlan) -> Vec<String> {
+        let dense = self.dense_warning(name, plan);
+        dense
+            .into_iter()
+            .chain(self.cfg_shared_warning(name, plan))
+            .collect()
+    }
+
     /// A warning when `warmup_steps` and `last_steps` compute every call of a scope of `plan`
     /// (the cache then runs dense); `name`: the strategy's.
     pub fn dense_warning(&self, name: &str, plan: &GenerationPlan) -> Option<String> {
@@ -41,6 +50,15 @@ impl GuardConfig {
         Some(format!(
             "{name}: cache.warmup_steps ({}) and cache.last_steps ({}) compute every one of the {} calls of scope {}: nothing can be reused (the run is dense)",
             self.warmup_steps, self.last_steps, sp.steps, sp.key
+        ))
+    }
+
+    /// A warning when `cfg_shared` is set and no scope of `plan` has an unconditional twin (no
+    /// CFG, or CFG batched into one call): it then changes nothing.
+    pub fn cfg_shared_warning(&self, name: &str, plan: &GenerationPlan) -> Option<String> {
+        let uncond = plan.scopes.iter().any(|sp| sp.key.branch == Branch::Uncond);
+        (self.cfg_shared && !uncond).then(|| format!(
+            "{name}: cache.cfg_shared = true has no unconditional calls to share with here (no CFG, or CFG batched into one call per step): it changes nothing"
         ))
     }
 }
@@ -240,6 +258,27 @@ mod tests {
             [false, false, true, true, false, true, true, false, true, false]
         );
         assert_eq!(g.config().min_computed(10), 2 + 1 + 7 / 3);
+    }
+
+    /// `cfg_shared` on a run without an unconditional branch changes nothing: said; with one (or
+    /// off) nothing is said.
+    #[test]
+    fn cfg_shared_without_cfg_is_said() {
+        let on = GuardConfig {
+            cfg_shared: true,
+            ..Default::default()
+        };
+        let sig = [1.0, 0.5, 0.2];
+        for branches in [&[Branch::Cond][..], &[Branch::Batched]] {
+            let p =
+                GenerationPlan::from_steps(&StepsSpec::new("wan2.1", "flow-euler", &sig, branches));
+            let w = on.cfg_shared_warning("fbcache", &p).unwrap();
+            assert!(w.contains("cache.cfg_shared"), "{w}");
+            assert!(GuardConfig::default()
+                .cfg_shared_warning("fbcache", &p)
+                .is_none());
+        }
+        assert!(on.cfg_shared_warning("fbcache", &plan(3)).is_none());
     }
 
     #[test]

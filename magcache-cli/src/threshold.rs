@@ -39,37 +39,26 @@ const DECIDES_NOTHING: &str = "decides_nothing";
 impl ThresholdCheck {
     /// The warning line.
     pub fn warning(&self, strategy: &str) -> String {
-        if self.kind == DECIDES_NOTHING {
-            return format!(
-                "{strategy}: scope expert {} {} reused {} of {} calls and its threshold {} decided none of them: the {} it compared (min {}, p25 {}, p50 {}, p75 {}, max {}) never reached it, so only the guards and the strategy's own limits computed calls and nothing bounds the error; replayed on these values, a threshold of about {} computes half the calls (2x) (--json: threshold_check)",
-                self.expert,
-                self.branch,
-                self.calls - self.computed,
-                self.calls,
-                g(self.threshold),
-                self.metric,
-                g(self.min),
-                g(self.p25),
-                g(self.p50),
-                g(self.p75),
-                g(self.max),
-                g(self.threshold_for_2x),
-            );
-        }
-        format!(
-            "{strategy}: scope expert {} {} computed {} of {} calls: the {} it compared ranged min {}, p25 {}, p50 {}, p75 {}, max {} against threshold {}; replayed on these values, a threshold of about {} computes half the calls (2x; the guards and the strategy's own limits can compute more, and reused calls change the values that follow) (--json: threshold_check)",
-            self.expert,
-            self.branch,
-            self.computed,
-            self.calls,
-            self.metric,
+        let scope = format!("{strategy}: scope expert {} {}", self.expert, self.branch);
+        let spread = format!(
+            "min {}, p25 {}, p50 {}, p75 {}, max {}",
             g(self.min),
             g(self.p25),
             g(self.p50),
             g(self.p75),
-            g(self.max),
-            g(self.threshold),
-            g(self.threshold_for_2x),
+            g(self.max)
+        );
+        let (t, t2, metric) = (g(self.threshold), g(self.threshold_for_2x), &self.metric);
+        if self.kind == DECIDES_NOTHING {
+            return format!(
+                "{scope} reused {} of {} calls and its threshold {t} decided none of them: the {metric} it compared ({spread}) never reached it, so only the guards and the strategy's own limits computed calls and nothing bounds the error; replayed on these values, a threshold of about {t2} computes half the calls (2x) (--json: threshold_check)",
+                self.calls - self.computed,
+                self.calls,
+            );
+        }
+        format!(
+            "{scope} computed {} of {} calls: the {metric} it compared ranged {spread} against threshold {t}; replayed on these values, a threshold of about {t2} computes half the calls (2x; the guards and the strategy's own limits can compute more, and reused calls change the values that follow) (--json: threshold_check)",
+            self.computed, self.calls,
         )
     }
 }

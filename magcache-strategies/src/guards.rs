@@ -61,9 +61,7 @@ impl GuardConfig {
             "{name}: cache.cfg_shared = true has no unconditional calls to share with here (no CFG, or CFG batched into one call per step): it changes nothing"
         ))
     }
-}
 
-impl GuardConfig {
     /// Checks the keys (`cache.max_consecutive` must allow at least one reuse when given).
     pub fn validate(&self, file: &str) -> Result<()> {
         if self.max_consecutive == Some(0) {

@@ -71,7 +71,9 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
         line_no += at.unwrap_or(0);
         // A strategy's key under another strategy: name the strategies it belongs to.
         if header == "cache" {
-            if let Some(owners) = unknown_field(&msg).and_then(|f| strategies_with_key(&f)) {
+            if let Some(owners) =
+                quoted_after(&msg, "unknown field `").and_then(|f| strategies_with_key(&f))
+            {
                 let msg = format!("{} ({owners})", plain_words(&msg));
                 return Error::config(format!("{file}:{line_no}"), key, msg);
             }
@@ -100,9 +102,10 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     Error::config(format!("{file}:{line_no}"), key, plain_words(&msg))
 }
 
-/// The field of an "unknown field `f`" message.
-fn unknown_field(msg: &str) -> Option<String> {
-    let rest = msg.split("unknown field `").nth(1)?;
+/// The text between the first `pat` of `msg` (ending in a backquote) and the next backquote: the
+/// field of "unknown field `f`", "missing field `f`".
+fn quoted_after(msg: &str, pat: &str) -> Option<String> {
+    let rest = &msg[msg.find(pat)? + pat.len()..];
     Some(rest[..rest.find('`')?].to_string())
 }
 
@@ -186,12 +189,7 @@ fn plain_words(msg: &str) -> String {
 /// nearest to `f`, within a third of its length in edits (at least one): what the user most likely
 /// meant to write. Comment lines are not keys.
 fn missing_field_misspelt(msg: &str, table: &str) -> Option<String> {
-    let f = msg
-        .split("missing field `")
-        .nth(1)?
-        .split('`')
-        .next()?
-        .to_string();
+    let f = quoted_after(msg, "missing field `")?;
     let most = (f.chars().count() / 3).max(1);
     table
         .lines()
@@ -225,12 +223,8 @@ pub(super) fn edit_distance(a: &str, b: &str) -> usize {
 /// The field a serde message is about: "unknown field `x`", "missing field `x`", each under the
 /// path of "... in `a.b`" when the message gives one.
 fn field_in_message(msg: &str) -> Option<String> {
-    let after = |pat: &str| -> Option<String> {
-        let i = msg.find(pat)? + pat.len();
-        let rest = &msg[i..];
-        Some(rest[..rest.find('`')?].to_string())
-    };
-    let field = after("unknown field `").or_else(|| after("missing field `"));
+    let field =
+        quoted_after(msg, "unknown field `").or_else(|| quoted_after(msg, "missing field `"));
     let path = (|| {
         let i = msg.rfind(" in `")? + 5;
         let rest = &msg[i..];

@@ -13,7 +13,8 @@
 #        PYTHON: a python whose diffusers is copied, default python3)
 # Then:  device command `bash .dev/run.sh 2>&1 | tee $OUT/log` with carry [".dev"]
 #        (STAGES="products attention short long f32 parity" picks stages, THREADS=2 by default,
-#        ROUNDS=2; `f32` is stage `short` in f32; BASELINE_ENV="VAR=value ..." times the same
+#        ROUNDS=2; `f32` is stage `short` in f32; `denoise` is the full model's 480x832x9 call, bf16
+#        against PyTorch and ours in f32, one round; BASELINE_ENV="VAR=value ..." times the same
 #        binary under those variables as well in the whole-call stages, the baseline of an A/B,
 #        e.g. MAGCACHE_ONEDNN_GELU=off; `parity` runs the digits model dense in f32, bf16, and
 #        bf16 under BASELINE_ENV, and prints how far each bf16 final is from the f32 one).
@@ -120,6 +121,18 @@ for stage in $stages; do
       fi
       unset MAGCACHE_ONEDNN
     done ;;
+  denoise)
+    # The 480x832x9 denoising call of docs/benchmarks.md: the full 30-block Wan2.1-1.3B at 4 680
+    # tokens, text 512, one call; bf16 against PyTorch's bf16, then ours in f32 on the same oneDNN.
+    sed -e 's/^dtype = .*/dtype = "bf16"/' $b/runs/wan_480x832x9.toml > "$w/denoise.toml"
+    sed -e 's/^dtype = .*/dtype = "f32"/' $b/runs/wan_480x832x9.toml > "$w/denoise32.toml"
+    for l in $labels; do
+      echo "== denoise 480x832x9, bf16, oneDNN $l"
+      MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" MAGCACHE_BASE= ROUNDS=1 bash $b/compare_pytorch.sh "$w/denoise.toml" "$threads" | grep -v '^config'
+      echo "== denoise 480x832x9, f32, oneDNN $l (ours alone)"
+      MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/magcache" run --quiet --json --config "$w/denoise32.toml" |
+        python3 -c 'import json,sys; d=json.load(sys.stdin); t=d.get("cpu_time") or {}; print("  magcache-rs f32: %.3f s/call (linear layers %.3f, attention %.3f)" % (d["wall_seconds"] / d["total_calls"], t.get("linear_seconds", 0), t.get("attention_seconds", 0)))'
+    done ;;
   short|long|f32)
     for r in $(seq 1 "$rounds"); do
       for l in $labels; do
@@ -127,7 +140,7 @@ for stage in $stages; do
         MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" ROUNDS=1 bash $b/compare_pytorch.sh "$w/$stage.toml" "$threads" | grep -v '^config'
       done
     done ;;
-  *) echo "run.sh: unknown stage $stage (products, attention, short, long, f32, parity)" >&2; exit 1 ;;
+  *) echo "run.sh: unknown stage $stage (products, attention, short, long, f32, parity, denoise)" >&2; exit 1 ;;
   esac
 done
 EOF

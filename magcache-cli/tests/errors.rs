@@ -40,6 +40,10 @@ impl Case {
     }
     /// Runs `magcache run` and returns (exit code, stderr); asserts the error contract.
     fn run_err(&self, text: &str, must_name: &[&str]) -> String {
+        self.run_err_env(text, &[], must_name)
+    }
+    /// [`Case::run_err`] with these environment variables set.
+    fn run_err_env(&self, text: &str, env: &[(&str, &str)], must_name: &[&str]) -> String {
         let cfg = self.path("run.toml");
         std::fs::write(&cfg, text).unwrap();
         let out_file = self.path("out.safetensors");
@@ -52,6 +56,7 @@ impl Case {
             .arg("--report")
             .arg(&report)
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr).to_string();
@@ -103,6 +108,28 @@ fn unknown_strategy() {
         &c.default_toml("strategy = \"warp\"\n"),
         &["run.toml", "cache", "warp"],
     );
+}
+
+/// `MAGCACHE_ONEDNN_PACK_BF16` other than `on` or `off` stops the run before anything loads, in
+/// one line naming it (the library from `MAGCACHE_TEST_ONEDNN`, as `.ci/run` sets it; without
+/// one a note, and nothing tested).
+#[test]
+fn a_bad_pack_bf16_value_is_one_line_naming_it() {
+    let Ok(lib) = std::env::var("MAGCACHE_TEST_ONEDNN") else {
+        eprintln!("note: MAGCACHE_TEST_ONEDNN unset: MAGCACHE_ONEDNN_PACK_BF16's check not tested");
+        return;
+    };
+    let c = Case::new();
+    let env = [
+        ("MAGCACHE_ONEDNN", lib.as_str()),
+        ("MAGCACHE_ONEDNN_PACK_BF16", "yes"),
+    ];
+    let err = c.run_err_env(
+        &c.default_toml(MAG),
+        &env,
+        &["MAGCACHE_ONEDNN_PACK_BF16=\"yes\"", "expected on or off"],
+    );
+    assert!(err.contains("MAGCACHE_ONEDNN="), "{err}");
 }
 
 #[test]

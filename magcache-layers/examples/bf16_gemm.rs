@@ -38,13 +38,18 @@ fn main() -> candle_core::Result<()> {
         dnnl.as_deref().unwrap_or("off (MAGCACHE_ONEDNN unset)")
     );
     let wt16 = w.to_dtype(candle_core::DType::BF16)?.t()?;
-    // The weights packed once in oneDNN's layout (what bf16 linear layers hold on AMX).
+    // The weights packed once in oneDNN's blocked layout, and bf16 held as plain `[n, k]` rows
+    // (what bf16 linear layers hold on AMX: one or the other by the library's version).
     let err = |e: magcache_core::Error| candle_core::Error::Msg(e.to_string());
     let mut packed_dnnl = Vec::new();
     if let Some(d) = onednn::get() {
-        for (name, wt) in [("f32", &wt), ("bf16", &wt16)] {
-            if name == "f32" || d.bf16_implemented() {
-                if let Some(p) = d.pack(wt).map_err(err)? {
+        for (name, wt, blocked) in [
+            ("f32 packed", &wt, true),
+            ("bf16 packed", &wt16, true),
+            ("bf16 rows", &wt16, false),
+        ] {
+            if name.starts_with("f32") || d.bf16_implemented() {
+                if let Some(p) = d.pack_as(wt, blocked).map_err(err)? {
                     packed_dnnl.push((name, p));
                 }
             }
@@ -97,7 +102,7 @@ fn main() -> candle_core::Result<()> {
             let s = t.elapsed().as_secs_f64();
             drop(y);
             dnnl_line += &format!(
-                "   oneDNN {name} packed {:.0} ms ({:.0} GFLOP/s, {:.2}x f32)",
+                "   oneDNN {name} {:.0} ms ({:.0} GFLOP/s, {:.2}x f32)",
                 s * 1e3,
                 flop / s / 1e9,
                 f32_s / s

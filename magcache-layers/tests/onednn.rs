@@ -103,9 +103,10 @@ proptest! {
         check(&got, x, w, None, (m, k, n), common::rounded)?;
     }
 
-    /// Weights packed once in the layout oneDNN's matmul chooses (what bf16 linear layers on AMX
-    /// hold): they unpack to exactly the values packed, and their products (with and without a
-    /// bias, any row count: packed for 1 024 rows), and the products on a plain copy made for one
+    /// Weights packed once in the layout oneDNN's matmul chooses, or copied as plain `[n, k]`
+    /// rows (what bf16 linear layers on AMX hold, one or the other by the library's version):
+    /// they unpack to exactly the values packed, and their products (with and without a bias,
+    /// any row count: packed for 1 024 rows), and the products on a plain copy made for one
     /// product (a shape the layout does not fit), match the f64 product as the plain weight's do.
     #[test]
     fn packed_weights_match_f64(
@@ -115,6 +116,7 @@ proptest! {
         b in values(70),
         bf16 in any::<bool>(),
         with_bias in any::<bool>(),
+        blocked in any::<bool>(),
     ) {
         let Some(d) = library() else { return Ok(()) };
         if bf16 && !d.bf16_implemented() {
@@ -126,8 +128,9 @@ proptest! {
         let dt = if bf16 { DType::BF16 } else { DType::F32 };
         let wt = Tensor::from_slice(w, (n, k), &dev).unwrap().to_dtype(dt).unwrap();
         let bias = with_bias.then(|| Tensor::from_slice(b, n, &dev).unwrap());
-        let Some(packed) = d.pack(&wt.t().unwrap()).unwrap() else {
+        let Some(packed) = d.pack_as(&wt.t().unwrap(), blocked).unwrap() else {
             // The layout chosen is the plain one given: nothing packed.
+            prop_assert!(blocked, "plain rows are always held");
             return Ok(());
         };
         prop_assert_eq!(packed.n(), n);
@@ -152,8 +155,8 @@ proptest! {
     /// f32 accumulation error of the f64 GELU of the f64 product, and the output within that of
     /// the f64 product of those activations (bf16: as rounded, a rounding flipped by the last
     /// bit allowed). f32 through `Linear::forward_gelu_then` (and bf16 where the layers hold
-    /// bf16 weights on oneDNN: AMX); bf16 on the packed weights themselves wherever oneDNN has
-    /// a bf16 product.
+    /// bf16 weights on oneDNN: AMX); bf16 on the packed weights (blocked, or plain rows)
+    /// themselves wherever oneDNN has a bf16 product.
     #[test]
     fn feed_forwards_with_the_gelu_in_the_product_match_f64(
         (m, k, n) in shape(),
@@ -163,6 +166,7 @@ proptest! {
         w2 in values(70 * 70),
         b in values(140),
         bf16 in any::<bool>(),
+        blocked in any::<bool>(),
     ) {
         let Some(d) = library() else { return Ok(()) };
         if bf16 && !d.bf16_implemented() {
@@ -175,7 +179,8 @@ proptest! {
         let t = |v: &[f32], shape: (usize, usize)| Tensor::from_slice(v, shape, &dev).unwrap();
         let (wt1, wt2) = (t(w1, (hidden, k)).to_dtype(dt).unwrap(), t(w2, (n, hidden)).to_dtype(dt).unwrap());
         let (bias1, bias2) = (Tensor::from_slice(b1, hidden, &dev).unwrap(), Tensor::from_slice(b2, n, &dev).unwrap());
-        let (Some(p1), Some(p2)) = (d.pack(&wt1.t().unwrap()).unwrap(), d.pack(&wt2.t().unwrap()).unwrap()) else {
+        let pack = |wt: &Tensor| d.pack_as(&wt.t().unwrap(), blocked).unwrap();
+        let (Some(p1), Some(p2)) = (pack(&wt1), pack(&wt2)) else {
             return Ok(());
         };
         let epi = onednn::Epilogue { gelu: true, bf16_out: bf16 };

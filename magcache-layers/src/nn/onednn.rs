@@ -32,6 +32,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// The environment variable naming the library.
 pub const ENV: &str = "MAGCACHE_ONEDNN";
+/// The variable that decides whether bf16 weights are packed in the blocked layout
+/// ([`OneDnn::blocks_bf16`]): `on` or `off`; unset, by the library's version.
+pub const PACK_BF16_ENV: &str = "MAGCACHE_ONEDNN_PACK_BF16";
 
 use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
 pub use packed::PackedWeight;
@@ -49,6 +52,8 @@ pub struct OneDnn {
     api: Api,
     engine: Handle,
     version: String,
+    /// Whether bf16 weights are packed in the matmul's blocked layout ([`Self::blocks_bf16`]).
+    blocks_bf16: bool,
     isa: u32,
     /// Whether a bf16 product is implemented on this CPU (probed at load).
     bf16: bool,
@@ -276,7 +281,18 @@ impl OneDnn {
                     v.major, v.minor, v.patch
                 ));
             }
-            format!("{}.{}.{}", v.major, v.minor, v.patch)
+            (format!("{}.{}.{}", v.major, v.minor, v.patch), v.minor)
+        };
+        let (version, minor) = version;
+        let blocks_bf16 = match std::env::var(PACK_BF16_ENV).as_deref() {
+            Ok("on") => true,
+            Ok("off") => false,
+            Ok(other) => {
+                return Err(format!(
+                "{PACK_BF16_ENV}={other:?}: expected on or off (unset: by the library's version)"
+            ))
+            }
+            Err(_) => minor >= 13,
         };
         // SAFETY: no arguments; returns an enum value.
         let isa = unsafe { isa_fn() };
@@ -289,6 +305,7 @@ impl OneDnn {
             api,
             engine,
             version,
+            blocks_bf16,
             isa,
             bf16: false,
             primitives: Mutex::new(HashMap::new()),
@@ -309,8 +326,10 @@ impl OneDnn {
     /// `oneDNN 3.2.0 (CPU ISA avx2): f32 linear layers on it, bf16 weights widened to f32 on it`
     /// and the like.
     pub fn describe(&self) -> String {
-        let bf16 = if self.bf16_products() {
+        let bf16 = if self.bf16_products() && self.blocks_bf16 {
             "bf16 weights on it (AMX, packed once in its layout)"
+        } else if self.bf16_products() {
+            "bf16 weights on it (AMX, held as plain rows)"
         } else if super::bf16_gemm::available() {
             "bf16 weights on the layers' AVX512-BF16 kernel"
         } else {
@@ -332,6 +351,15 @@ impl OneDnn {
             self.version,
             isa_name(self.isa)
         )
+    }
+
+    /// Whether bf16 linear weights are packed at load in the blocked layout oneDNN's matmul
+    /// chooses (else held as plain `[n, k]` rows, read as PyTorch's are): from oneDNN 3.13 on,
+    /// whose blocked copy ran faster than the plain weight on AMX, not on 3.2, whose
+    /// `BA16a64b2a` ran 1.25x slower (docs/benchmarks.md). `MAGCACHE_ONEDNN_PACK_BF16=on` or
+    /// `off` decides instead.
+    pub fn blocks_bf16(&self) -> bool {
+        self.blocks_bf16
     }
 
     /// Whether a bf16 product builds on this CPU (AVX-512 CPUs: AVX512-BF16 or emulated; AMX).

@@ -7,6 +7,11 @@
 //! chooses for it (`format_tag_any`) is read as it is. The packed copy replaces the plain weight
 //! (the same bytes, the blocks' padding aside: the size guard's count of the weights holds).
 //!
+//! bf16 weights are held plain (the checkpoint's `[n, k]` rows, as PyTorch hands them to oneDNN)
+//! where the library's blocked layout measured slower: oneDNN 3.2's AMX product read its
+//! `BA16a64b2a` copy 1.25x slower than the plain weight (docs/benchmarks.md, "fourth session"),
+//! while 3.13's `BA16a32b2a` ran faster than plain ([`OneDnn::blocks_bf16`]).
+//!
 //! The layout is the one chosen for a product of [`M_REF`] rows. A product whose shape the
 //! layout does not fit (oneDNN refuses the primitive: a one-row product, say, on some CPUs) runs
 //! on a plain copy of the weight made for it, counted ([`OneDnn::unpacked_products`]) and said
@@ -81,9 +86,18 @@ impl OneDnn {
     }
 
     /// `wt [k, n]` (f32, or bf16 where [`Self::bf16_implemented`]; any strides: a linear layer's
-    /// transposed view) reordered into the layout oneDNN's matmul chooses for it. `None` when
-    /// that layout is the plain one given (nothing to gain) or the weight is not for it.
+    /// transposed view) held for oneDNN's products: reordered into the layout its matmul chooses
+    /// for it, or, for bf16 where that layout measured slower ([`Self::blocks_bf16`]), copied
+    /// plain as `[n, k]` rows. `None` when the chosen layout is the plain one given (nothing to
+    /// gain) or the weight is not for it.
     pub fn pack(&'static self, wt: &Tensor) -> Result<Option<PackedWeight>> {
+        let blocked = wt.dtype() != DType::BF16 || self.blocks_bf16();
+        self.pack_as(wt, blocked)
+    }
+
+    /// [`Self::pack`] into the layout the matmul chooses (`blocked`), or plain `[n, k]` rows,
+    /// whatever the library's version (the `bf16_gemm` example times both).
+    pub fn pack_as(&'static self, wt: &Tensor, blocked: bool) -> Result<Option<PackedWeight>> {
         let (k, n) = wt.dims2()?;
         let bf16 = match wt.dtype() {
             DType::F32 => false,
@@ -101,6 +115,10 @@ impl OneDnn {
             _ => return Ok(None),
         };
         let threads = candle_core::utils::get_num_threads();
+        if !blocked {
+            // SAFETY: `ptr` and `strides` are the tensor's, held for the call.
+            return unsafe { self.pack_plain((ptr, strides), (k, n, bf16), threads) }.map(Some);
+        }
         // SAFETY: `ptr` and `strides` are the tensor's, held for the call.
         unsafe { self.pack_ptr((ptr, strides), (k, n, bf16), M_REF, threads) }
     }
@@ -175,6 +193,54 @@ impl OneDnn {
             at,
             bytes,
         }))
+    }
+
+    /// A `[k x n]` operand at `ptr` with `strides` copied into plain `[n, k]` rows (element
+    /// `(i, j)` at `j * k + i`: a checkpoint's layout), a layout of its own number.
+    ///
+    /// # Safety
+    /// As [`Self::pack_ptr`].
+    unsafe fn pack_plain(
+        &'static self,
+        (ptr, strides): (*const c_void, [usize; 2]),
+        (k, n, bf16): (usize, usize, bool),
+        threads: usize,
+    ) -> Result<PackedWeight> {
+        let dt = if bf16 { DT_BF16 } else { DT_F32 };
+        let err = |e: String| Error::msg(format!("{ENV}: copying a [{k} x {n}] weight: {e}"));
+        let from = Md(
+            memory_desc(&self.api, k, n, strides, dt).map_err(err)?,
+            &self.api,
+        );
+        let rows = Md(
+            memory_desc(&self.api, k, n, [1, k], dt).map_err(err)?,
+            &self.api,
+        );
+        let format = self.intern_format(rows.0).map_err(err)?;
+        // SAFETY: a valid descriptor.
+        let bytes = unsafe { (self.api.md_get_size)(rows.0) };
+        let mut buf = vec![0u8; bytes + 64];
+        let at = buf.as_ptr().align_offset(64);
+        // SAFETY: `ptr` covers `from`'s extent (the caller's promise), the buffer `bytes` from
+        // `at`; both outlive the call.
+        unsafe {
+            self.reorder(
+                (from.0, ptr as *mut c_void),
+                (rows.0, buf.as_mut_ptr().add(at).cast()),
+                threads,
+            )
+        }
+        .map_err(err)?;
+        Ok(PackedWeight {
+            dnnl: self,
+            k,
+            n,
+            bf16,
+            format,
+            buf,
+            at,
+            bytes,
+        })
     }
 
     /// The layout the matmul of an `m x k` by `k x n` product chooses for its weight (asked of

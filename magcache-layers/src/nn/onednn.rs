@@ -288,9 +288,8 @@ impl OneDnn {
             Ok("on") => true,
             Ok("off") => false,
             Ok(other) => {
-                return Err(format!(
-                "{PACK_BF16_ENV}={other:?}: expected on or off (unset: by the library's version)"
-            ))
+                let want = "expected on or off (unset: by the library's version)";
+                return Err(format!("{PACK_BF16_ENV}={other:?}: {want}"));
             }
             Err(_) => minor >= 13,
         };

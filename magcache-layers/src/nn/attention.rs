@@ -273,7 +273,8 @@ fn onednn_query_block(l: usize) -> usize {
 /// group's keys (the first product's `[d x l]` operand) and values (the second's `[l x d]`) are
 /// packed in oneDNN's layout first: given plain operands, each product copies them into that
 /// layout (at 4 680 tokens 1.04-1.14x faster on the Zen 4; at 720, two blocks, packing cost more
-/// than the copies it saved). `out` is `[heads, s, d]`.
+/// than the copies it saved; `MAGCACHE_ONEDNN_PACK_KV=off` leaves them plain, for an A/B on
+/// AMX). `out` is `[heads, s, d]`.
 fn onednn_heads(
     io: Io<'_>,
     out: &mut [f32],
@@ -291,7 +292,7 @@ fn onednn_heads(
         pairs(v, heads * l, d, dp, threads),
     );
     let qb = onednn_query_block(l).min(s);
-    let pack = s.div_ceil(qb) > 2;
+    let pack = s.div_ceil(qb) > 2 && super::onednn::pack_kv();
     let err = |e: magcache_core::Error| candle_core::Error::Msg(e.to_string());
     // Head i's keys or values, `[l, d]` in bf16 pairs (`span`: l * dp of them).
     fn head(x16: &[u32], i: usize, span: usize) -> &[u32] {

@@ -185,6 +185,15 @@ pub fn gelu_in_product() -> bool {
     *ON.get_or_init(|| std::env::var("MAGCACHE_ONEDNN_GELU").map_or(true, |v| v != "off"))
 }
 
+/// Whether the attention on oneDNN packs a head's keys and values in the matmul's layout where
+/// the head has more than two blocks of queries (`nn::attention`): yes unless
+/// `MAGCACHE_ONEDNN_PACK_KV=off`, which leaves them plain (the benchmarks' baseline: on AMX the
+/// packing was never timed against plain operands).
+pub fn pack_kv() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MAGCACHE_ONEDNN_PACK_KV").map_or(true, |v| v != "off"))
+}
+
 /// Whether bf16 weights run their products on the opened library ([`OneDnn::bf16_products`]).
 pub fn bf16_products() -> bool {
     get().is_some_and(|d| d.bf16_products())

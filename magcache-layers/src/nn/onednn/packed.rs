@@ -30,6 +30,14 @@ use std::sync::atomic::Ordering;
 /// the ISA, and differs for one-row products).
 const M_REF: usize = 1024;
 
+/// The layout [`OneDnn::pack_ptr`] reorders an operand into.
+enum Target {
+    /// The one oneDNN's matmul chooses for products of this many rows.
+    Blocked(usize),
+    /// Plain `[n, k]` rows (a checkpoint's layout).
+    Rows,
+}
+
 /// A linear layer's weight `[k x n]` (the transposed `[n, k]` of a checkpoint) in oneDNN's
 /// layout for its matmul.
 pub struct PackedWeight {
@@ -115,12 +123,12 @@ impl OneDnn {
             _ => return Ok(None),
         };
         let threads = candle_core::utils::get_num_threads();
-        if !blocked {
-            // SAFETY: `ptr` and `strides` are the tensor's, held for the call.
-            return unsafe { self.pack_plain((ptr, strides), (k, n, bf16), threads) }.map(Some);
-        }
+        let target = match blocked {
+            true => Target::Blocked(M_REF),
+            false => Target::Rows,
+        };
         // SAFETY: `ptr` and `strides` are the tensor's, held for the call.
-        unsafe { self.pack_ptr((ptr, strides), (k, n, bf16), M_REF, threads) }
+        unsafe { self.pack_ptr((ptr, strides), (k, n, bf16), target, threads) }
     }
 
     /// bf16 pairs `b` holding a `[k x n]` operand (element `(i, j)` at bf16 offset
@@ -142,11 +150,13 @@ impl OneDnn {
                 2 * b.len()
             )));
         }
+        let (ptr, target) = (b.as_ptr().cast(), Target::Blocked(m));
         // SAFETY: the extent was checked above, and `b` is held for the call.
-        unsafe { self.pack_ptr((b.as_ptr().cast(), strides), (k, n, true), m, threads) }
+        unsafe { self.pack_ptr((ptr, strides), (k, n, true), target, threads) }
     }
 
-    /// [`Self::pack`]'s work on a `[k x n]` operand at `ptr` with `strides` (elements).
+    /// [`Self::pack`]'s work on a `[k x n]` operand at `ptr` with `strides` (elements): reordered
+    /// into `target`'s layout. `None` when the blocked layout chosen is the plain one given.
     ///
     /// # Safety
     /// `ptr` must cover the extent the strides give, in the dtype, for the call.
@@ -154,21 +164,29 @@ impl OneDnn {
         &'static self,
         (ptr, strides): (*const c_void, [usize; 2]),
         (k, n, bf16): (usize, usize, bool),
-        m: usize,
+        target: Target,
         threads: usize,
     ) -> Result<Option<PackedWeight>> {
         let dt = if bf16 { DT_BF16 } else { DT_F32 };
         let err = |e: String| Error::msg(format!("{ENV}: packing a [{k} x {n}] weight: {e}"));
-        let plain = Md(
-            memory_desc(&self.api, k, n, strides, dt).map_err(err)?,
-            &self.api,
-        );
-        let format = self.chosen_format((m, k, n), dt).map_err(err)?;
+        let md = |strides: [usize; 2]| memory_desc(&self.api, k, n, strides, dt).map_err(err);
+        let plain = Md(md(strides)?, &self.api);
+        let format = match target {
+            Target::Blocked(m) => {
+                let format = self.chosen_format((m, k, n), dt).map_err(err)?;
+                let chosen = self.format(format).map_err(err)?;
+                // SAFETY: two valid descriptors.
+                if unsafe { (self.api.md_equal)(chosen, plain.0) } != 0 {
+                    return Ok(None);
+                }
+                format
+            }
+            // Element (i, j) at j * k + i.
+            Target::Rows => self
+                .intern_format(Md(md([1, k])?, &self.api).0)
+                .map_err(err)?,
+        };
         let packed_md = self.format(format).map_err(err)?;
-        // SAFETY: two valid descriptors.
-        if unsafe { (self.api.md_equal)(packed_md, plain.0) } != 0 {
-            return Ok(None);
-        }
         // SAFETY: a valid descriptor.
         let bytes = unsafe { (self.api.md_get_size)(packed_md) };
         let mut buf = vec![0u8; bytes + 64];
@@ -193,54 +211,6 @@ impl OneDnn {
             at,
             bytes,
         }))
-    }
-
-    /// A `[k x n]` operand at `ptr` with `strides` copied into plain `[n, k]` rows (element
-    /// `(i, j)` at `j * k + i`: a checkpoint's layout), a layout of its own number.
-    ///
-    /// # Safety
-    /// As [`Self::pack_ptr`].
-    unsafe fn pack_plain(
-        &'static self,
-        (ptr, strides): (*const c_void, [usize; 2]),
-        (k, n, bf16): (usize, usize, bool),
-        threads: usize,
-    ) -> Result<PackedWeight> {
-        let dt = if bf16 { DT_BF16 } else { DT_F32 };
-        let err = |e: String| Error::msg(format!("{ENV}: copying a [{k} x {n}] weight: {e}"));
-        let from = Md(
-            memory_desc(&self.api, k, n, strides, dt).map_err(err)?,
-            &self.api,
-        );
-        let rows = Md(
-            memory_desc(&self.api, k, n, [1, k], dt).map_err(err)?,
-            &self.api,
-        );
-        let format = self.intern_format(rows.0).map_err(err)?;
-        // SAFETY: a valid descriptor.
-        let bytes = unsafe { (self.api.md_get_size)(rows.0) };
-        let mut buf = vec![0u8; bytes + 64];
-        let at = buf.as_ptr().align_offset(64);
-        // SAFETY: `ptr` covers `from`'s extent (the caller's promise), the buffer `bytes` from
-        // `at`; both outlive the call.
-        unsafe {
-            self.reorder(
-                (from.0, ptr as *mut c_void),
-                (rows.0, buf.as_mut_ptr().add(at).cast()),
-                threads,
-            )
-        }
-        .map_err(err)?;
-        Ok(PackedWeight {
-            dnnl: self,
-            k,
-            n,
-            bf16,
-            format,
-            buf,
-            at,
-            bytes,
-        })
     }
 
     /// The layout the matmul of an `m x k` by `k x n` product chooses for its weight (asked of

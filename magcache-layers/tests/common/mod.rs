@@ -42,25 +42,6 @@ pub fn check_product(
     Ok(())
 }
 
-/// A CPU tensor of `shape` with values uniform in `[-sqrt 3, sqrt 3)` (unit variance) from
-/// `seed` (SplitMix64): the same every run.
-pub fn seeded<S: Into<candle_core::Shape>>(shape: S, seed: u64) -> candle_core::Tensor {
-    let shape = shape.into();
-    let mut state = seed;
-    let v: Vec<f32> = (0..shape.elem_count())
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-            (2.0 * u - 1.0) * 3f32.sqrt()
-        })
-        .collect();
-    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
-}
-
 /// The largest absolute value of a tensor (the attention tests' error and scale).
 pub fn largest_abs(t: &candle_core::Tensor) -> f32 {
     let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -182,7 +182,12 @@ pub fn get() -> Option<&'static OneDnn> {
 /// separate pass over the hidden activations the post-op replaces (the benchmarks' baseline).
 pub fn gelu_in_product() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MAGCACHE_ONEDNN_GELU").map_or(true, |v| v != "off"))
+    on_unless_off(&ON, "MAGCACHE_ONEDNN_GELU")
+}
+
+/// A benchmark switch read once: on unless the variable `var` is `off`.
+fn on_unless_off(cell: &OnceLock<bool>, var: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).map_or(true, |v| v != "off"))
 }
 
 /// Whether the attention on oneDNN packs a head's keys and values in the matmul's layout where
@@ -191,7 +196,7 @@ pub fn gelu_in_product() -> bool {
 /// packing was never timed against plain operands).
 pub fn pack_kv() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MAGCACHE_ONEDNN_PACK_KV").map_or(true, |v| v != "off"))
+    on_unless_off(&ON, "MAGCACHE_ONEDNN_PACK_KV")
 }
 
 /// Whether bf16 weights run their products on the opened library ([`OneDnn::bf16_products`]).
@@ -282,7 +287,7 @@ impl OneDnn {
     fn open(spec: &str) -> std::result::Result<Self, String> {
         let (lib, api, version_fn, isa_fn) = Api::load(spec)?;
         // SAFETY: `dnnl_version` returns a pointer to a static struct.
-        let version = unsafe {
+        let (version, minor) = unsafe {
             let v = &*version_fn();
             if v.major != 3 {
                 return Err(format!(
@@ -292,7 +297,6 @@ impl OneDnn {
             }
             (format!("{}.{}.{}", v.major, v.minor, v.patch), v.minor)
         };
-        let (version, minor) = version;
         let blocks_bf16 = match std::env::var(PACK_BF16_ENV).as_deref() {
             Ok("on") => true,
             Ok("off") => false,

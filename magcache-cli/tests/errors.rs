@@ -110,26 +110,26 @@ fn unknown_strategy() {
     );
 }
 
-/// `MAGCACHE_ONEDNN_PACK_BF16` other than `on` or `off` stops the run before anything loads, in
-/// one line naming it (the library from `MAGCACHE_TEST_ONEDNN`, as `.ci/run` sets it; without
-/// one a note, and nothing tested).
+/// `MAGCACHE_ONEDNN_PACK_BF16` or `MAGCACHE_ONEDNN_BF16` other than `on` or `off` stops the run
+/// before anything loads, in one line naming it (the library from `MAGCACHE_TEST_ONEDNN`, as
+/// `.ci/run` sets it; without one a note, and nothing tested).
 #[test]
-fn a_bad_pack_bf16_value_is_one_line_naming_it() {
+fn a_bad_onednn_switch_value_is_one_line_naming_it() {
     let Ok(lib) = std::env::var("MAGCACHE_TEST_ONEDNN") else {
-        eprintln!("note: MAGCACHE_TEST_ONEDNN unset: MAGCACHE_ONEDNN_PACK_BF16's check not tested");
+        eprintln!("note: MAGCACHE_TEST_ONEDNN unset: the oneDNN switches' checks not tested");
         return;
     };
     let c = Case::new();
-    let env = [
-        ("MAGCACHE_ONEDNN", lib.as_str()),
-        ("MAGCACHE_ONEDNN_PACK_BF16", "yes"),
-    ];
-    let err = c.run_err_env(
-        &c.default_toml(MAG),
-        &env,
-        &["MAGCACHE_ONEDNN_PACK_BF16=\"yes\"", "expected on or off"],
-    );
-    assert!(err.contains("MAGCACHE_ONEDNN="), "{err}");
+    for var in ["MAGCACHE_ONEDNN_PACK_BF16", "MAGCACHE_ONEDNN_BF16"] {
+        let env = [("MAGCACHE_ONEDNN", lib.as_str()), (var, "yes")];
+        let named = format!("{var}=\"yes\"");
+        let err = c.run_err_env(
+            &c.default_toml(MAG),
+            &env,
+            &[named.as_str(), "expected on or off"],
+        );
+        assert!(err.contains("MAGCACHE_ONEDNN="), "{err}");
+    }
 }
 
 #[test]

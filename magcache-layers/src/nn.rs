@@ -182,7 +182,8 @@ impl Linear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         // On a CPU with AVX512-BF16 a bf16 weight is packed once for its dot products (the packed
         // copy replaces the weight: the same bytes, the padding aside).
-        // Where oneDNN runs the products (`MAGCACHE_ONEDNN`: f32 weights, and bf16 ones on AMX), the
+        // Where oneDNN runs the products (`MAGCACHE_ONEDNN`: f32 weights, and bf16 ones on AMX or
+        // with `MAGCACHE_ONEDNN_BF16=on`), the
         // weight is packed once in the layout oneDNN's product reads (the packed copy replaces it,
         // as above; a differentiable run unpacks it per product).
         if let Some(d) = onednn::get() {
@@ -226,14 +227,19 @@ impl Linear {
         })
     }
 
-    /// [`Linear::new`], with f32 weights rounded to bf16 and packed for the CPU's bf16 kernel when the
-    /// placement says so (`model.matmul_precision = "bf16"`).
+    /// [`Linear::new`], with f32 weights rounded to bf16 for the CPU's bf16 products when the
+    /// placement says so (`model.matmul_precision = "bf16"`): on oneDNN where it runs bf16 weights
+    /// ([`onednn::bf16_products`]), else packed for the layers' bf16 kernel.
     fn placed(w: &WeightStore, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let p = w.placement();
         if p.matmul_bf16 && weight.dtype() == DType::F32 && weight.device().is_cpu() {
+            if onednn::bf16_products() {
+                // oneDNN runs bf16 weights' products (AMX): the weight rounded to bf16 goes there.
+                return Linear::new(weight.to_dtype(DType::BF16)?, bias);
+            }
             if !bf16_gemm::available() {
                 return Err(Error::msg(
-                    "model.matmul_precision = \"bf16\": the bf16 kernel is off here (MAGCACHE_CPU_BF16=off, no AVX512-BF16, or a CPU with AMX without MAGCACHE_CPU_BF16=on)",
+                    "model.matmul_precision = \"bf16\": no bf16 products here (MAGCACHE_CPU_BF16=off, no AVX512-BF16, or a CPU with AMX without MAGCACHE_ONEDNN or MAGCACHE_CPU_BF16=on)",
                 ));
             }
             let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;

@@ -365,3 +365,99 @@ pub fn heap_peak_of<T>(f: impl FnOnce() -> T) -> (usize, T) {
     let out = f();
     (HEAP_PEAK.load(Ordering::Relaxed) - base, out)
 }
+
+/// The reference run `name` of the loop fixture `rel` (of `family`, weights in the fixture folder
+/// `weights`) with `model_extra` added to `[model]`: its final latents and report.
+pub fn loop_run(
+    rel: &str,
+    family: &str,
+    weights: &str,
+    name: &str,
+    model_extra: &str,
+) -> (candle_core::Tensor, magcache_cli::Report) {
+    let meta = load_json(&format!("{rel}.json"));
+    let cache = cache_table_for(name, &meta["runs"][name]["config"]);
+    let inputs = fixture(&format!("{rel}.safetensors")).display().to_string();
+    let text = loop_toml(
+        family,
+        &weights_of(weights),
+        &inputs,
+        &meta,
+        cache.as_deref(),
+    )
+    .replacen("[model]\n", &format!("[model]\n{model_extra}"), 1);
+    let dir = tempfile::tempdir().unwrap();
+    run_toml(dir.path(), &text)
+}
+
+/// bf16 tolerance of the tiny loops: final latents within this of the f32 run, as a fraction of the
+/// f32 final's largest magnitude. bf16 keeps 8 bits of mantissa (0.4% per rounding). On a CPU with
+/// AVX512-BF16 the products run in bf16 (activations rounded too: `nn::bf16_gemm`) and the loops
+/// land within 0.4%; on other CPUs only the weights are rounded (widened to f32 for each product),
+/// within 0.2%; with candle's bf16 products (the GPU path) they landed within 0.7%.
+pub const BF16_FINAL_REL: f32 = 0.01;
+/// A bf16 decision may differ from the f32 one only where the f32 metric was within this fraction
+/// of the threshold.
+pub const BF16_DECISION_MARGIN: f64 = 0.05;
+
+/// Every reference loop (Wan2.1, FLUX.1, Wan2.2) run in f32 and with `model_extra` (`dtype =
+/// "bf16"`, `matmul_precision = "bf16"`): the same number of calls; a decision may differ only where
+/// the f32 metric was within [`BF16_DECISION_MARGIN`] of the threshold (the runs part there); the
+/// bf16 final differs from the f32 one (bf16 ran) and, where no decision differed, by less than
+/// [`BF16_FINAL_REL`] of its largest magnitude.
+pub fn check_bf16_loops(model_extra: &str) {
+    for (rel, family, weights) in [
+        (
+            "reference/wan21_tiny_loop",
+            "wan2.1",
+            "reference/wan21_tiny",
+        ),
+        ("reference/flux_tiny_loop", "flux", "reference/flux_tiny"),
+        (
+            "reference/wan22_tiny_loop",
+            "wan2.2",
+            "reference/wan22_tiny",
+        ),
+    ] {
+        let meta = load_json(&format!("{rel}.json"));
+        let names: Vec<String> = meta["runs"].as_object().unwrap().keys().cloned().collect();
+        for name in names {
+            let config = &meta["runs"][&name]["config"];
+            // One threshold, or one per Wan2.2 expert (`high`, `low`).
+            let threshold = |expert: usize| {
+                config["threshold"]
+                    .as_f64()
+                    .or_else(|| config[["high", "low"][expert]]["threshold"].as_f64())
+                    .unwrap()
+            };
+            let (f32_final, r32) = loop_run(rel, family, weights, &name, "");
+            let (bf16_final, r16) = loop_run(rel, family, weights, &name, model_extra);
+            assert_eq!(r32.calls.len(), r16.calls.len(), "{rel} {name}");
+            let mut diverged = None;
+            for (i, (a, b)) in r32.calls.iter().zip(&r16.calls).enumerate() {
+                if a.computed != b.computed {
+                    // Past the first difference the two runs follow different trajectories.
+                    let (t, m) = (threshold(a.expert), a.metric.unwrap());
+                    let margin = (m - t).abs() / t;
+                    eprintln!("{rel} {name}: call {i} differs in bf16, f32 metric {m} vs threshold {t} (margin {margin:.3})");
+                    assert!(
+                        margin < BF16_DECISION_MARGIN,
+                        "{rel} {name}: call {i} decided differently in bf16 with the f32 metric {m} {margin:.3} away from the threshold {t}"
+                    );
+                    diverged = Some(i);
+                    break;
+                }
+            }
+            let scale = max_abs(&f32_final);
+            let d = max_abs_diff(&f32_final, &bf16_final);
+            eprintln!("{rel} {name}: bf16 final differs by {d} (f32 final max |x| {scale}), diverged at {diverged:?}");
+            assert!(d > 0.0, "{rel} {name}: bf16 ran as f32");
+            if diverged.is_none() {
+                assert!(
+                    d < BF16_FINAL_REL * scale,
+                    "{rel} {name}: bf16 final {d} from f32 (max |x| {scale})"
+                );
+            }
+        }
+    }
+}

@@ -1,9 +1,7 @@
 //! `[model] dtype` and `device`: bf16 weights run the reference loops within bf16 tolerance, and a
 //! device this build or machine lacks is one line naming `model.device`.
 
-use magcache_tests::{
-    fixture, load, load_json, loop_toml, max_abs, max_abs_diff, run_toml, weights_of,
-};
+use magcache_tests::{fixture, load, load_json, loop_toml, max_abs_diff, run_toml, weights_of};
 
 /// The reference run `name` of the Wan2.1 loop fixture with `[model]` lines added.
 fn wan21_run(name: &str, model_extra: &str) -> (candle_core::Tensor, magcache_cli::Report, f32) {
@@ -67,7 +65,7 @@ fn f32_weights_with_bf16_products() {
         let d = max_abs_diff(&fin, &f32_final);
         let scale = max_abs_diff(&f32_final, &f32_final.zeros_like().unwrap());
         assert!(
-            d > 0.0 && d < BF16_FINAL_REL * scale,
+            d > 0.0 && d < magcache_tests::BF16_FINAL_REL * scale,
             "bf16 products moved the final by {d} (f32 final max |x| {scale})"
         );
         let decisions =
@@ -171,94 +169,9 @@ fn streaming_a_preset_or_an_unknown_offload_is_one_line_naming_the_key() {
 
 /// Run `name` of the loop fixture `rel` (family `family`, checkpoint `weights`) with `[model]` lines
 /// added: its final latents and report.
-fn loop_run(
-    rel: &str,
-    family: &str,
-    weights: &str,
-    name: &str,
-    model_extra: &str,
-) -> (candle_core::Tensor, magcache_cli::Report) {
-    let meta = load_json(&format!("{rel}.json"));
-    let cache = magcache_tests::cache_table_for(name, &meta["runs"][name]["config"]);
-    let inputs = fixture(&format!("{rel}.safetensors")).display().to_string();
-    let text = loop_toml(
-        family,
-        &weights_of(weights),
-        &inputs,
-        &meta,
-        cache.as_deref(),
-    )
-    .replacen("[model]\n", &format!("[model]\n{model_extra}"), 1);
-    let dir = tempfile::tempdir().unwrap();
-    run_toml(dir.path(), &text)
-}
-
-/// bf16 tolerance of the tiny loops: final latents within this of the f32 run, as a fraction of the
-/// f32 final's largest magnitude. bf16 keeps 8 bits of mantissa (0.4% per rounding). On a CPU with
-/// AVX512-BF16 the products run in bf16 (activations rounded too: `nn::bf16_gemm`) and the loops
-/// land within 0.4%; on other CPUs only the weights are rounded (widened to f32 for each product),
-/// within 0.2%; with candle's bf16 products (the GPU path) they landed within 0.7%.
-const BF16_FINAL_REL: f32 = 0.01;
-/// A bf16 decision may differ from the f32 one only where the f32 metric was within this fraction
-/// of the threshold.
-const BF16_DECISION_MARGIN: f64 = 0.05;
-
 #[test]
 fn bf16_runs_every_reference_loop_with_f32_decisions_where_margins_allow() {
-    for (rel, family, weights) in [
-        (
-            "reference/wan21_tiny_loop",
-            "wan2.1",
-            "reference/wan21_tiny",
-        ),
-        ("reference/flux_tiny_loop", "flux", "reference/flux_tiny"),
-        (
-            "reference/wan22_tiny_loop",
-            "wan2.2",
-            "reference/wan22_tiny",
-        ),
-    ] {
-        let meta = load_json(&format!("{rel}.json"));
-        let names: Vec<String> = meta["runs"].as_object().unwrap().keys().cloned().collect();
-        for name in names {
-            let config = &meta["runs"][&name]["config"];
-            // One threshold, or one per Wan2.2 expert (`high`, `low`).
-            let threshold = |expert: usize| {
-                config["threshold"]
-                    .as_f64()
-                    .or_else(|| config[["high", "low"][expert]]["threshold"].as_f64())
-                    .unwrap()
-            };
-            let (f32_final, r32) = loop_run(rel, family, weights, &name, "");
-            let (bf16_final, r16) = loop_run(rel, family, weights, &name, "dtype = \"bf16\"\n");
-            assert_eq!(r32.calls.len(), r16.calls.len(), "{rel} {name}");
-            let mut diverged = None;
-            for (i, (a, b)) in r32.calls.iter().zip(&r16.calls).enumerate() {
-                if a.computed != b.computed {
-                    // Past the first difference the two runs follow different trajectories.
-                    let (t, m) = (threshold(a.expert), a.metric.unwrap());
-                    let margin = (m - t).abs() / t;
-                    eprintln!("{rel} {name}: call {i} differs in bf16, f32 metric {m} vs threshold {t} (margin {margin:.3})");
-                    assert!(
-                        margin < BF16_DECISION_MARGIN,
-                        "{rel} {name}: call {i} decided differently in bf16 with the f32 metric {m} {margin:.3} away from the threshold {t}"
-                    );
-                    diverged = Some(i);
-                    break;
-                }
-            }
-            let scale = max_abs(&f32_final);
-            let d = max_abs_diff(&f32_final, &bf16_final);
-            eprintln!("{rel} {name}: bf16 final differs by {d} (f32 final max |x| {scale}), diverged at {diverged:?}");
-            assert!(d > 0.0, "{rel} {name}: bf16 ran as f32");
-            if diverged.is_none() {
-                assert!(
-                    d < BF16_FINAL_REL * scale,
-                    "{rel} {name}: bf16 final {d} from f32 (max |x| {scale})"
-                );
-            }
-        }
-    }
+    magcache_tests::check_bf16_loops("dtype = \"bf16\"\n");
 }
 
 /// A family that does not stream (as a new model crate starts out): `offload = "stream"` must be

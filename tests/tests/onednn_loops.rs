@@ -1,13 +1,16 @@
 //! The reference loops with the linear layers' products on oneDNN (`MAGCACHE_ONEDNN`, issue 45):
 //! per-call decisions identical, final latents within the reference's 1e-3, as on candle's
-//! kernels. The library comes from `MAGCACHE_TEST_ONEDNN` (or `MAGCACHE_ONEDNN`; `.ci/run`
+//! kernels; and in bf16, every loop within the bf16 tolerances on oneDNN's bf16 products (the
+//! path of CPUs with AMX, forced here where the library implements bf16). The library comes from `MAGCACHE_TEST_ONEDNN` (or `MAGCACHE_ONEDNN`; `.ci/run`
 //! installs `onednn-cpu-gomp` and sets it); without one these tests print a note and test nothing.
 //! Their own binary: the library chosen is the process's.
 
 use magcache_layers::nn::onednn::{self, State};
 use magcache_tests::{check_reference_run, weights_of};
 
-/// Opens the library; `None` (with a note) when none is named.
+/// Opens the library; `None` (with a note) when none is named. bf16 weights run their products
+/// on it wherever it implements them (`MAGCACHE_ONEDNN_BF16=on`, set once before it opens, while
+/// every other test of this binary waits): the path of CPUs with AMX, on this one.
 fn library() -> Option<&'static onednn::OneDnn> {
     let spec = std::env::var("MAGCACHE_TEST_ONEDNN")
         .or_else(|_| std::env::var(onednn::ENV))
@@ -16,6 +19,11 @@ fn library() -> Option<&'static onednn::OneDnn> {
         eprintln!("note: no oneDNN named (MAGCACHE_TEST_ONEDNN or MAGCACHE_ONEDNN): the loops on oneDNN are not tested");
         return None;
     };
+    static OPEN: std::sync::Once = std::sync::Once::new();
+    OPEN.call_once(|| {
+        std::env::set_var(onednn::BF16_ENV, "on");
+        onednn::init(Some(&spec));
+    });
     match onednn::init(Some(&spec)) {
         State::Loaded(d) => Some(d),
         State::Failed(e) => panic!("{e}"),
@@ -58,4 +66,48 @@ fn flux_dense() {
 #[test]
 fn flux_teacache() {
     check("flux", "flux_tiny", "teacache_a");
+}
+
+/// The library when it implements a bf16 product here (AMX, AVX512-BF16, or AVX-512's emulation),
+/// which `MAGCACHE_ONEDNN_BF16=on` then runs bf16 weights on; `None`, with a note, elsewhere.
+fn bf16_library() -> Option<&'static onednn::OneDnn> {
+    let d = library()?;
+    if !d.bf16_implemented() {
+        eprintln!("note: this CPU has no oneDNN bf16 product (no AVX-512): the bf16 loops on oneDNN are not tested");
+        return None;
+    }
+    assert!(
+        d.bf16_products(),
+        "MAGCACHE_ONEDNN_BF16=on did not turn bf16 products on"
+    );
+    assert!(
+        d.describe().contains("MAGCACHE_ONEDNN_BF16=on"),
+        "{}",
+        d.describe()
+    );
+    Some(d)
+}
+
+/// bf16 weights on oneDNN's bf16 products and attention: every reference loop with the f32 run's
+/// decisions where the margins allow, its final within the bf16 tolerance of the f32 one.
+#[test]
+fn bf16_weights_run_every_loop_on_onednn() {
+    let Some(d) = bf16_library() else { return };
+    let before = d.bf16_runs();
+    magcache_tests::check_bf16_loops("dtype = \"bf16\"\n");
+    assert!(d.bf16_runs() > before, "no bf16 product ran on oneDNN");
+}
+
+/// `matmul_precision = "bf16"` with f32 weights: where oneDNN runs bf16 products, the weights
+/// rounded to bf16 run there, with the same tolerances (the key needs AVX512-BF16 on the CPU).
+#[test]
+fn f32_weights_with_bf16_products_run_every_loop_on_onednn() {
+    let Some(d) = bf16_library() else { return };
+    if !magcache_layers::nn::bf16_gemm::cpu_has_bf16() {
+        eprintln!("note: no AVX512-BF16 here: matmul_precision = \"bf16\" is refused, not tested on oneDNN");
+        return;
+    }
+    let before = d.bf16_runs();
+    magcache_tests::check_bf16_loops("matmul_precision = \"bf16\"\n");
+    assert!(d.bf16_runs() > before, "no bf16 product ran on oneDNN");
 }

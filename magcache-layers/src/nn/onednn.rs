@@ -13,7 +13,8 @@
 //! docs/benchmarks.md), and one whose weight is
 //! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
 //! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
-//! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there). Where bf16 runs here (AMX), the
+//! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there) unless `MAGCACHE_ONEDNN_BF16=on`
+//! ([`OneDnn::bf16_products`]). Where bf16 runs here (AMX), the
 //! attention's two products do too ([`OneDnn::bf16_into`], from `nn::attention`). The linear
 //! layers' weights (f32, and bf16 on AMX) are reordered once at load into the layout oneDNN's
 //! product reads ([`PackedWeight`], `packed`), the packed copy replacing the weight; [`OneDnn::product`]
@@ -35,6 +36,10 @@ pub const ENV: &str = "MAGCACHE_ONEDNN";
 /// The variable that decides whether bf16 weights are packed in the blocked layout
 /// ([`OneDnn::blocks_bf16`]): `on` or `off`; unset, by the library's version.
 pub const PACK_BF16_ENV: &str = "MAGCACHE_ONEDNN_PACK_BF16";
+/// The variable that decides where bf16 weights run their products on oneDNN
+/// ([`OneDnn::bf16_products`]): `on`, wherever it implements a bf16 product; `off`, nowhere;
+/// unset, on CPUs with AMX.
+pub const BF16_ENV: &str = "MAGCACHE_ONEDNN_BF16";
 
 use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
 pub use packed::PackedWeight;
@@ -57,6 +62,8 @@ pub struct OneDnn {
     isa: u32,
     /// Whether a bf16 product is implemented on this CPU (probed at load).
     bf16: bool,
+    /// `MAGCACHE_ONEDNN_BF16`: `Some(on)` where set, `None` (by the CPU's AMX) where not.
+    bf16_switch: Option<bool>,
     primitives: Mutex<HashMap<Key, Arc<Primitive>>>,
     /// Products of packed weights whose layout oneDNN refused for their shape.
     refused: Mutex<HashSet<Key>>,
@@ -65,6 +72,7 @@ pub struct OneDnn {
     /// The layout chosen for each product shape and dtype (`m, k, n`, oneDNN's dtype).
     chosen: Mutex<HashMap<(usize, usize, usize, i32), u32>>,
     products: AtomicU64,
+    bf16_runs: AtomicU64,
     unpacked: AtomicU64,
     // Never unloaded: the function pointers above point into it.
     _lib: libloading::Library,
@@ -185,6 +193,19 @@ pub fn gelu_in_product() -> bool {
     on_unless_off(&ON, "MAGCACHE_ONEDNN_GELU")
 }
 
+/// An `on`/`off` variable read at open: `Some(on)` where set, `None` unset; another value is an
+/// error naming it (`default` says what unset means).
+fn switch(var: &str, default: &str) -> std::result::Result<Option<bool>, String> {
+    match std::env::var(var).as_deref() {
+        Ok("on") => Ok(Some(true)),
+        Ok("off") => Ok(Some(false)),
+        Ok(other) => Err(format!(
+            "{var}={other:?}: expected on or off (unset: {default})"
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 /// A benchmark switch read once: on unless the variable `var` is `off`.
 fn on_unless_off(cell: &OnceLock<bool>, var: &str) -> bool {
     *cell.get_or_init(|| std::env::var(var).map_or(true, |v| v != "off"))
@@ -297,15 +318,8 @@ impl OneDnn {
             }
             (format!("{}.{}.{}", v.major, v.minor, v.patch), v.minor)
         };
-        let blocks_bf16 = match std::env::var(PACK_BF16_ENV).as_deref() {
-            Ok("on") => true,
-            Ok("off") => false,
-            Ok(other) => {
-                let want = "expected on or off (unset: by the library's version)";
-                return Err(format!("{PACK_BF16_ENV}={other:?}: {want}"));
-            }
-            Err(_) => minor >= 13,
-        };
+        let blocks_bf16 = switch(PACK_BF16_ENV, "by the library's version")?.unwrap_or(minor >= 13);
+        let bf16_switch = switch(BF16_ENV, "on CPUs with AMX")?;
         // SAFETY: no arguments; returns an enum value.
         let isa = unsafe { isa_fn() };
         let mut engine: Handle = std::ptr::null_mut();
@@ -320,11 +334,13 @@ impl OneDnn {
             blocks_bf16,
             isa,
             bf16: false,
+            bf16_switch,
             primitives: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
             formats: Mutex::new(Vec::new()),
             chosen: Mutex::new(HashMap::new()),
             products: AtomicU64::new(0),
+            bf16_runs: AtomicU64::new(0),
             unpacked: AtomicU64::new(0),
             _lib: lib,
         };
@@ -338,14 +354,18 @@ impl OneDnn {
     /// `oneDNN 3.2.0 (CPU ISA avx2): f32 linear layers on it, bf16 weights widened to f32 on it`
     /// and the like.
     pub fn describe(&self) -> String {
+        let on = match self.bf16_switch {
+            Some(true) => BF16_ENV.to_string() + "=on",
+            _ => "AMX".into(),
+        };
         let bf16 = if self.bf16_products() && self.blocks_bf16 {
-            "bf16 weights on it (AMX, packed once in its layout)"
+            format!("bf16 weights on it ({on}, packed once in its layout)")
         } else if self.bf16_products() {
-            "bf16 weights on it (AMX, held as plain rows)"
+            format!("bf16 weights on it ({on}, held as plain rows)")
         } else if super::bf16_gemm::available() {
-            "bf16 weights on the layers' AVX512-BF16 kernel"
+            "bf16 weights on the layers' AVX512-BF16 kernel".into()
         } else {
-            "bf16 weights widened to f32 on it"
+            "bf16 weights widened to f32 on it".into()
         };
         let threads = if self.api.omp_set_num_threads.is_some() {
             "OpenMP threads as candle's"
@@ -380,9 +400,12 @@ impl OneDnn {
     }
 
     /// Whether bf16 weights run their products here: on CPUs with AMX (elsewhere the layers' own
-    /// AVX512-BF16 kernel, measured 1.5x f32 on a Zen 5, or widening to f32).
+    /// AVX512-BF16 kernel, measured 2x f32 on a Zen 5 and level with oneDNN 3.2's product there, or
+    /// widening to f32). `MAGCACHE_ONEDNN_BF16=on` runs them here wherever a bf16 product is
+    /// implemented (the A/B switch against the layers' kernel, and the tests' way to run the AMX
+    /// path's wiring on a CPU without AMX); `off` nowhere.
     pub fn bf16_products(&self) -> bool {
-        self.bf16 && self.isa & ISA_AMX == ISA_AMX
+        self.bf16 && self.bf16_switch.unwrap_or(self.isa & ISA_AMX == ISA_AMX)
     }
 
     /// The name oneDNN gives the implementation of an `m x k` by `k x n` product (f32 or bf16,
@@ -409,6 +432,19 @@ impl OneDnn {
     /// Products run so far (the tests' proof that oneDNN ran).
     pub fn products(&self) -> u64 {
         self.products.load(Ordering::Relaxed)
+    }
+
+    /// The bf16 ones among [`Self::products`].
+    pub fn bf16_runs(&self) -> u64 {
+        self.bf16_runs.load(Ordering::Relaxed)
+    }
+
+    /// Counts a product run (`bf16`: in bf16).
+    fn counted(&self, bf16: bool) {
+        self.products.fetch_add(1, Ordering::Relaxed);
+        if bf16 {
+            self.bf16_runs.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// [`Self::linear`] whatever the CPU's ISA: bf16 weights wherever oneDNN implements a bf16
@@ -538,7 +574,7 @@ impl OneDnn {
         if !outcome.map_err(|e| Error::msg(format!("{ENV}: {e}")))? {
             return Ok(None);
         }
-        self.products.fetch_add(1, Ordering::Relaxed);
+        self.counted(bf16);
         // SAFETY: the product wrote all m * n values.
         Ok(Some(unsafe { out.into_tensor((m, n)) }?))
     }

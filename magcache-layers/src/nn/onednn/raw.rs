@@ -104,8 +104,7 @@ impl OneDnn {
             )
         }
         .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
-        self.products
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counted(true);
         Ok(true)
     }
 }

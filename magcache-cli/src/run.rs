@@ -7,7 +7,7 @@ use magcache_core::denoise::{CallEvent, Observer};
 use magcache_core::{Error, Result};
 
 /// The linear layers' time in a denoise from which an f32 CPU run notes that oneDNN could run
-/// them faster on this CPU (`nn::onednn::avx2_hint`).
+/// them faster on this CPU (`nn::onednn::f32_hint`).
 const HINT_LINEAR_SECONDS: f64 = 5.0;
 
 /// What the runner shows while it runs.
@@ -177,7 +177,7 @@ pub fn generate(p: &mut Prepared, verbosity: Verbosity) -> Result<(Tensor, Repor
     {
         // Once per process (`compare` denoises twice).
         static SAID: std::sync::Once = std::sync::Once::new();
-        if let Some(h) = magcache_layers::nn::onednn::avx2_hint() {
+        if let Some(h) = magcache_layers::nn::onednn::f32_hint() {
             SAID.call_once(|| {
                 eprintln!(
                     "note: the linear layers took {:.1} s of the denoise; {h}",

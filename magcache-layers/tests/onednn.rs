@@ -318,18 +318,29 @@ fn bf16_attention_on_onednn_is_the_f32_attention_within_bf16_rounding() {
 }
 
 #[test]
-fn the_avx2_hint_is_for_avx2_cpus_without_avx512_and_names_the_variable() {
-    let hint = onednn::avx2_hint();
-    #[cfg(target_arch = "x86_64")]
-    let avx2_only = std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && !std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2_only = false;
-    if library().is_some() || !avx2_only {
-        assert!(hint.is_none(), "{hint:?}");
-    } else {
-        let h = hint.unwrap_or_default();
-        assert!(h.contains("MAGCACHE_ONEDNN=") && h.contains("AVX2"), "{h}");
+fn the_f32_hint_is_for_the_cpus_measured_and_names_the_variable() {
+    let info = |vendor: &str, family: u32| {
+        format!("processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 1\nflags\t\t: fpu avx2\n")
+    };
+    let zen3 = info("AuthenticAMD", 25);
+    let h = onednn::f32_hint_for(&zen3, Some(false)).unwrap_or_default();
+    assert!(
+        h.contains("MAGCACHE_ONEDNN=") && h.contains("AVX2") && h.contains("Zen 3"),
+        "{h}"
+    );
+    let h = onednn::f32_hint_for(&info("GenuineIntel", 6), Some(true)).unwrap_or_default();
+    assert!(h.contains("MAGCACHE_ONEDNN=") && h.contains("Intel"), "{h}");
+    let h = onednn::f32_hint_for(&info("AuthenticAMD", 26), Some(true)).unwrap_or_default();
+    assert!(h.contains("MAGCACHE_ONEDNN=") && h.contains("Zen 5"), "{h}");
+    // Zen 4 (family 25 with AVX-512) measured level; a CPU without AVX2 was never measured.
+    assert_eq!(
+        onednn::f32_hint_for(&info("AuthenticAMD", 25), Some(true)),
+        None
+    );
+    assert_eq!(onednn::f32_hint_for(&zen3, None), None);
+    assert_eq!(onednn::f32_hint_for("", Some(true)), None);
+    // With a library named (this binary's, where one is) there is no hint.
+    if library().is_some() {
+        assert_eq!(onednn::f32_hint(), None);
     }
 }

@@ -263,31 +263,60 @@ pub fn amx_hint() -> Option<String> {
     })
 }
 
-/// A hint for an f32 run on an x86 CPU with AVX2 and no AVX-512 while no oneDNN is named: there
-/// candle's gemm runs its AVX2 kernels, and oneDNN's f32 products on weights packed at load ran
-/// 1.1-1.5x faster per product and 1.3x per 720-token Wan call on an AMD Zen 3 (docs/benchmarks.md,
-/// 2026-11-26), level with or ahead of PyTorch's where candle's were 0.86-0.90x. `None` elsewhere.
-pub fn avx2_hint() -> Option<String> {
-    if !matches!(state(), State::Off) || !avx2_without_avx512() {
+/// A hint for a long f32 run while no oneDNN is named, on the x86 CPUs where oneDNN's f32
+/// products (weights packed at load) measured faster than the default kernels
+/// (docs/benchmarks.md; [`f32_hint_for`]). `None` elsewhere.
+pub fn f32_hint() -> Option<String> {
+    if !matches!(state(), State::Off) {
         return None;
     }
-    Some(format!(
-        "this CPU has AVX2 and no AVX-512: {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) ran f32 linear products 1.1-1.5x faster than the default kernels on an AMD Zen 3 (docs/benchmarks.md)"
-    ))
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    f32_hint_for(&cpuinfo, cpu_class())
 }
 
-/// Whether this is an x86 CPU with AVX2 and FMA but no AVX-512F.
-fn avx2_without_avx512() -> bool {
+/// The x86 vector units that decide [`f32_hint_for`]: `Some(true)` with AVX-512F, `Some(false)`
+/// with AVX2 and FMA but no AVX-512F, `None` otherwise (older or other CPUs).
+fn cpu_class() -> Option<bool> {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && !std::arch::is_x86_feature_detected!("avx512f")
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            Some(true)
+        } else if has!("avx2") && has!("fma") {
+            Some(false)
+        } else {
+            None
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
+}
+
+/// [`f32_hint`] for a `/proc/cpuinfo` text and [`cpu_class`]: AVX2 without AVX-512 (an AMD Zen 3:
+/// oneDNN 1.1-1.5x per product, 1.3x per 720-token Wan call, level with or ahead of PyTorch's where
+/// candle's gemm was 0.86-0.90x), an Intel CPU with AVX-512 (a Xeon with AMX: oneDNN's f32 calls
+/// 1.17x PyTorch's, gemm's 0.70-0.88x) and an AMD Zen 5 (family 26: 1.14-1.22x per call). On a Zen
+/// 4 the two measured level: no hint.
+pub fn f32_hint_for(cpuinfo: &str, avx512: Option<bool>) -> Option<String> {
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let measured = match (avx512?, field("vendor_id").as_str(), field("cpu family").as_str()) {
+        (false, _, _) => "this CPU has AVX2 and no AVX-512: oneDNN's f32 products ran 1.1-1.5x faster than the default kernels on an AMD Zen 3 (1.3x per call)",
+        (true, "GenuineIntel", _) => "on an Intel Xeon with AVX-512 oneDNN's f32 calls ran 1.17x PyTorch's f32, the default kernels 0.70-0.88x",
+        (true, "AuthenticAMD", "26") => "on an AMD Zen 5 oneDNN's f32 calls ran 1.14-1.22x faster than the default kernels",
+        _ => return None,
+    };
+    Some(format!(
+        "{measured} (docs/benchmarks.md): {ENV}=/path/libdnnl.so.3 (pip install --prefix DIR onednn-cpu-gomp) runs the linear layers on it"
+    ))
 }
 
 pub use magcache_core::runtime::placement::cpuinfo_has_flag;

@@ -1,4 +1,5 @@
-//! Time of the fused CPU attention at a transformer's shapes: f32 (gemm), and bf16 on oneDNN where
+//! Time of the fused CPU attention at a transformer's shapes: f32 (gemm), bf16 on the layers' kernel
+//! where the CPU has AVX512-BF16, and bf16 on oneDNN where
 //! `MAGCACHE_ONEDNN` names a `libdnnl.so.3` with a bf16 product (AMX's path), median of ROUNDS, on
 //! candle's threads.
 //! `cargo run --release -p magcache-layers --example attention_cpu -- [TOKENS HEADS HEAD_DIM] [ROUNDS]`
@@ -40,6 +41,15 @@ fn main() -> magcache_core::Result<()> {
     };
     let f32_s = median(&|| nn::attention(&q, &k, &v))?;
     println!("f32 (gemm): {:.1} ms", f32_s * 1e3);
+    // `attention_as` takes oneDNN instead where it runs bf16 products (AMX).
+    if nn::bf16_gemm::available() && !onednn::bf16_products() {
+        let k_s = median(&|| nn::attention_as(&q, &k, &v, true))?;
+        println!(
+            "bf16 on the layers' kernel: {:.1} ms ({:.2}x f32)",
+            k_s * 1e3,
+            f32_s / k_s
+        );
+    }
     if let Some(d) = onednn::get().filter(|d| d.bf16_implemented()) {
         let bf16_s = median(&|| nn::attention_onednn(&q, &k, &v, d))?;
         println!(

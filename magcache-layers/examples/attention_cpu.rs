@@ -41,7 +41,7 @@ fn main() -> magcache_core::Result<()> {
     };
     let f32_s = median(&|| nn::attention(&q, &k, &v))?;
     println!("f32 (gemm): {:.1} ms", f32_s * 1e3);
-    // `attention_as` takes oneDNN instead where it runs bf16 products (AMX).
+    // `attention_as` takes oneDNN instead where it runs bf16 products (AMX, MAGCACHE_ONEDNN_BF16=on).
     if nn::bf16_gemm::available() && !onednn::bf16_products() {
         let k_s = median(&|| nn::attention_as(&q, &k, &v, true))?;
         println!(

@@ -32,7 +32,7 @@ enum Weight {
         out: usize,
     },
     /// A weight packed once in the layout of oneDNN's products (`MAGCACHE_ONEDNN`: f32, and bf16
-    /// on AMX).
+    /// where it runs bf16 products: [`onednn::bf16_products`]).
     OneDnn {
         w: std::sync::Arc<onednn::PackedWeight>,
         out: usize,
@@ -234,7 +234,8 @@ impl Linear {
         let p = w.placement();
         if p.matmul_bf16 && weight.dtype() == DType::F32 && weight.device().is_cpu() {
             if onednn::bf16_products() {
-                // oneDNN runs bf16 weights' products (AMX): the weight rounded to bf16 goes there.
+                // oneDNN runs bf16 weights' products (AMX, or `MAGCACHE_ONEDNN_BF16=on`): the
+                // weight rounded to bf16 goes there.
                 return Linear::new(weight.to_dtype(DType::BF16)?, bias);
             }
             if !bf16_gemm::available() {
@@ -249,13 +250,13 @@ impl Linear {
     }
 
     /// Whether the product runs in bf16 on the CPU (a bf16 weight on a CPU with AVX512-BF16, or on
-    /// oneDNN's AMX products): the block's attention then runs on the bf16 kernel too
+    /// oneDNN's bf16 products: [`onednn::bf16_products`]): the block's attention then runs in bf16 too
     /// ([`attention_as`]).
     pub fn runs_bf16(&self) -> bool {
         match &self.wt {
             Weight::Bf16 { .. } => true,
             Weight::OneDnn { w, .. } => w.is_bf16(),
-            // bf16 on oneDNN's AMX products: the attention takes the bf16 kernel as well.
+            // bf16 on oneDNN's bf16 products: the attention runs there as well.
             Weight::Dense(wt) => {
                 wt.dtype() == DType::BF16 && wt.device().is_cpu() && onednn::bf16_products()
             }
@@ -316,7 +317,8 @@ impl Linear {
                     && x2.dtype() == DType::F32;
                 let onednn = match onednn::get() {
                     Some(d) if !differentiable() => match d.linear(&x2, wt, self.bias.as_ref())? {
-                        // bf16 weights without AMX: widened to f32 as below, the product on it.
+                        // bf16 weights where oneDNN runs no bf16 products: widened to f32 as
+                        // below, the product on it.
                         None if wt.dtype() == DType::BF16 && wt.device().is_cpu() => {
                             d.linear(&x2, &widen_f32(&wt.t()?)?.t()?, self.bias.as_ref())?
                         }

@@ -149,7 +149,7 @@ pub struct ModelSection {
     pub gguf_repack: bool,
     /// The linear layers' products with f32 weights: `f32` (default), or `bf16`: on a CPU with
     /// AVX512-BF16, the weights rounded to bf16 once at load and the products run on the CPU's
-    /// bf16 kernel (PyTorch's `set_float32_matmul_precision("medium")`); refused elsewhere.
+    /// bf16 units (PyTorch's `set_float32_matmul_precision("medium")`); refused elsewhere.
     #[serde(default = "default_matmul_precision")]
     pub matmul_precision: String,
     /// With a hub id as `weights`: the branch, tag or commit of the cached snapshot (default `main`).

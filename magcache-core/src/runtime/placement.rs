@@ -87,8 +87,9 @@ pub struct Placement {
     /// GGUF weights on the CPU: let candle repack quantized matrices into SIMD tiles on their first
     /// product, kept beside the file's blocks (`model.gguf_repack`, default on).
     pub gguf_repack: bool,
-    /// f32 linear weights rounded to bf16 once at load, their products on the CPU's bf16 kernel
-    /// (`model.matmul_precision = "bf16"`, default off).
+    /// f32 linear weights rounded to bf16 once at load, their products on the CPU's bf16 units (the
+    /// layers' kernel, or oneDNN where it runs bf16) (`model.matmul_precision = "bf16"`, default
+    /// off).
     pub matmul_bf16: bool,
 }
 

@@ -37,8 +37,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// [`super::Linear::runs_bf16`], so a bf16 run's attention is bf16 too (q, k, v and the
 /// probabilities rounded to bf16, products accumulated in f32; the softmax in f32).
 ///
-/// Where oneDNN runs the bf16 linear products (`MAGCACHE_ONEDNN` on a CPU with AMX:
-/// [`super::onednn::bf16_products`]) both products run on it instead, on AMX's tiles (the layers'
+/// Where oneDNN runs the bf16 linear products (`MAGCACHE_ONEDNN` on a CPU with AMX, or with
+/// `MAGCACHE_ONEDNN_BF16=on`: [`super::onednn::bf16_products`]) both products run on it instead,
+/// on AMX's tiles where the CPU has them (the layers'
 /// AVX512-BF16 kernel ran at 0.5-0.8x gemm's f32 on a Sapphire Rapids-class Xeon:
 /// docs/benchmarks.md).
 pub fn attention_as(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {

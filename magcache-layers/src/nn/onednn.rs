@@ -14,9 +14,9 @@
 //! bf16 where oneDNN has bf16 kernels and the CPU has AMX (the activations rounded to bf16 per
 //! product, f32 accumulation and output). On CPUs with AVX512-BF16 and no AMX the layers' own
 //! kernel ([`super::bf16_gemm`]) keeps bf16 (measured there) unless `MAGCACHE_ONEDNN_BF16=on`
-//! ([`OneDnn::bf16_products`]). Where bf16 runs here (AMX), the
+//! ([`OneDnn::bf16_products`]). Where bf16 runs here (AMX, or the switch), the
 //! attention's two products do too ([`OneDnn::bf16_into`], from `nn::attention`). The linear
-//! layers' weights (f32, and bf16 on AMX) are reordered once at load into the layout oneDNN's
+//! layers' weights (f32, and bf16 where they run here) are reordered once at load into the layout oneDNN's
 //! product reads ([`PackedWeight`], `packed`), the packed copy replacing the weight; [`OneDnn::product`]
 //! also reads a plain weight in place, by its strides. Each calling thread keeps the scratch
 //! memory of its largest product (`scratch`).
@@ -72,7 +72,7 @@ pub struct OneDnn {
     /// The layout chosen for each product shape and dtype (`m, k, n`, oneDNN's dtype).
     chosen: Mutex<HashMap<(usize, usize, usize, i32), u32>>,
     products: AtomicU64,
-    bf16_runs: AtomicU64,
+    bf16_linear: AtomicU64,
     unpacked: AtomicU64,
     // Never unloaded: the function pointers above point into it.
     _lib: libloading::Library,
@@ -296,8 +296,8 @@ fn cpu_class() -> Option<bool> {
 
 /// [`f32_hint`] for a `/proc/cpuinfo` text and [`cpu_class`]: AVX2 without AVX-512 (an AMD Zen 3:
 /// oneDNN 1.1-1.5x per product, 1.3x per 720-token Wan call, level with or ahead of PyTorch's where
-/// candle's gemm was 0.86-0.90x), an Intel CPU with AVX-512 (a Xeon with AMX: oneDNN's f32 calls
-/// 1.17x PyTorch's, gemm's 0.70-0.88x) and an AMD Zen 5 (family 26: 1.14-1.22x per call). On a Zen
+/// candle's gemm was 0.86-0.90x), an Intel CPU with AVX-512 (measured on Xeons with AMX: oneDNN's
+/// f32 calls 1.17x PyTorch's, gemm's 0.70-0.88x; older AVX-512 Xeons were not measured) and an AMD Zen 5 (family 26: 1.14-1.22x per call). On a Zen
 /// 4 the two measured level: no hint.
 pub fn f32_hint_for(cpuinfo: &str, avx512: Option<bool>) -> Option<String> {
     let field = |name: &str| {
@@ -310,7 +310,7 @@ pub fn f32_hint_for(cpuinfo: &str, avx512: Option<bool>) -> Option<String> {
     };
     let measured = match (avx512?, field("vendor_id").as_str(), field("cpu family").as_str()) {
         (false, _, _) => "this CPU has AVX2 and no AVX-512: oneDNN's f32 products ran 1.1-1.5x faster than the default kernels on an AMD Zen 3 (1.3x per call)",
-        (true, "GenuineIntel", _) => "on an Intel Xeon with AVX-512 oneDNN's f32 calls ran 1.17x PyTorch's f32, the default kernels 0.70-0.88x",
+        (true, "GenuineIntel", _) => "on an Intel Xeon with AMX (Emerald Rapids) oneDNN's f32 calls ran 1.17x PyTorch's f32, the default kernels 0.70-0.88x",
         (true, "AuthenticAMD", "26") => "on an AMD Zen 5 oneDNN's f32 calls ran 1.14-1.22x faster than the default kernels",
         _ => return None,
     };
@@ -369,7 +369,7 @@ impl OneDnn {
             formats: Mutex::new(Vec::new()),
             chosen: Mutex::new(HashMap::new()),
             products: AtomicU64::new(0),
-            bf16_runs: AtomicU64::new(0),
+            bf16_linear: AtomicU64::new(0),
             unpacked: AtomicU64::new(0),
             _lib: lib,
         };
@@ -463,16 +463,16 @@ impl OneDnn {
         self.products.load(Ordering::Relaxed)
     }
 
-    /// The bf16 ones among [`Self::products`].
-    pub fn bf16_runs(&self) -> u64 {
-        self.bf16_runs.load(Ordering::Relaxed)
+    /// The linear layers' bf16 products among [`Self::products`] (not the attention's).
+    pub fn bf16_linear_products(&self) -> u64 {
+        self.bf16_linear.load(Ordering::Relaxed)
     }
 
-    /// Counts a product run (`bf16`: in bf16).
-    fn counted(&self, bf16: bool) {
+    /// Counts a product run (`bf16_linear`: a linear layer's in bf16).
+    fn counted(&self, bf16_linear: bool) {
         self.products.fetch_add(1, Ordering::Relaxed);
-        if bf16 {
-            self.bf16_runs.fetch_add(1, Ordering::Relaxed);
+        if bf16_linear {
+            self.bf16_linear.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -104,7 +104,7 @@ impl OneDnn {
             )
         }
         .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
-        self.counted(true);
+        self.counted(false);
         Ok(true)
     }
 }

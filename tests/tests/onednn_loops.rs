@@ -96,18 +96,25 @@ fn bf16_library() -> Option<&'static onednn::OneDnn> {
     Some(d)
 }
 
+/// [`magcache_tests::check_bf16_loops`] with `model_extra`, alone, and at least one linear layer's
+/// bf16 product on oneDNN.
+fn bf16_loops_on(d: &onednn::OneDnn, model_extra: &str) {
+    let _one = one_at_a_time();
+    let before = d.bf16_linear_products();
+    magcache_tests::check_bf16_loops(model_extra);
+    let ran = d.bf16_linear_products() - before;
+    assert!(
+        ran > 0,
+        "{model_extra}: no linear layer's bf16 product ran on oneDNN"
+    );
+}
+
 /// bf16 weights on oneDNN's bf16 products and attention: every reference loop with the f32 run's
 /// decisions where the margins allow, its final within the bf16 tolerance of the f32 one.
 #[test]
 fn bf16_weights_run_every_loop_on_onednn() {
     let Some(d) = bf16_library() else { return };
-    let _one = one_at_a_time();
-    let before = d.bf16_linear_products();
-    magcache_tests::check_bf16_loops("dtype = \"bf16\"\n");
-    assert!(
-        d.bf16_linear_products() > before,
-        "no linear layer's bf16 product ran on oneDNN"
-    );
+    bf16_loops_on(d, "dtype = \"bf16\"\n");
 }
 
 /// `matmul_precision = "bf16"` with f32 weights: where oneDNN runs bf16 products, the weights
@@ -119,11 +126,5 @@ fn f32_weights_with_bf16_products_run_every_loop_on_onednn() {
         eprintln!("note: no AVX512-BF16 here: matmul_precision = \"bf16\" is refused, not tested on oneDNN");
         return;
     }
-    let _one = one_at_a_time();
-    let before = d.bf16_linear_products();
-    magcache_tests::check_bf16_loops("matmul_precision = \"bf16\"\n");
-    assert!(
-        d.bf16_linear_products() > before,
-        "no linear layer's bf16 product ran on oneDNN"
-    );
+    bf16_loops_on(d, "matmul_precision = \"bf16\"\n");
 }

@@ -301,7 +301,13 @@ impl Linear {
         }
         let (mut y, out) = match &self.wt {
             Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
-            Weight::Bf16 { op, out } => (f32_op(&x2, op)?, *out),
+            Weight::Bf16 { op, out } => {
+                // The bias went into the product.
+                let y = bf16_gemm::linear(&op.0, &x2, self.bias.as_ref(), false)?;
+                let mut out_dims = lead.to_vec();
+                out_dims.push(*out);
+                return Ok(y.reshape(out_dims)?);
+            }
             Weight::Compact { op, out } => (f32_op(&x2, op)?, *out),
             Weight::OneDnn { w, out } => {
                 // The bias went into the product.
@@ -359,7 +365,8 @@ impl Linear {
     /// post-op) and, with bf16 weights, the hidden activations come out as bf16, the second
     /// product's operand as they are: no pass of its own over the `[rows, hidden]` activations
     /// for the GELU, nor for their rounding (the same rounding, to nearest even, at the same
-    /// place).
+    /// place). On the layers' bf16 kernel the first layer's bias and the GELU run on each output
+    /// tile as it leaves the product ([`bf16_gemm::Epilogue`]: the same bits as the passes).
     pub fn forward_gelu_then(&self, next: &Linear, x: &Tensor) -> Result<Tensor> {
         if let (Weight::OneDnn { w: w1, .. }, Weight::OneDnn { w: w2, out }) = (&self.wt, &next.wt)
         {
@@ -378,6 +385,21 @@ impl Linear {
                     *dims.last_mut().unwrap_or(&mut 0) = *out;
                     return Ok(w2.linear(&h, next.bias.as_ref())?.reshape(dims)?);
                 }
+            }
+        }
+        if let Weight::Bf16 { op, out } = &self.wt {
+            if x.device().is_cpu() && x.rank() >= 1 && !differentiable() {
+                // On the layers' bf16 kernel the bias and the GELU run on each output tile as the
+                // product leaves it (the same bits as the passes they replace).
+                let last = x.dim(x.rank() - 1)?;
+                let x2 = x.reshape((x.elem_count() / last.max(1), last))?;
+                let hidden = {
+                    let _timer = timing::Timer::linear(true);
+                    bf16_gemm::linear(&op.0, &x2, self.bias.as_ref(), true)?
+                };
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().unwrap_or(&mut 0) = *out;
+                return next.forward(&hidden.reshape(dims)?);
             }
         }
         next.forward(&gelu(&self.forward(x)?)?)

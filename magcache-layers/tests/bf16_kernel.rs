@@ -130,3 +130,65 @@ fn the_kernel_is_off_on_amx_unless_asked_for() {
     assert!(!kernel_on("off", true, false));
     assert!(!kernel_on("", false, false));
 }
+
+/// The bias and the GELU in the kernel's epilogue ([`bf16_gemm::linear`]) give the same bits as
+/// the passes they replace (the product, then candle's broadcast add, then `nn::gelu`), on shapes
+/// with row, column and input-feature tails, one and several blocks of input pairs (768) and of
+/// rows (384); and `Linear::forward_gelu_then` on a bf16 weight takes that path.
+#[test]
+fn the_epilogue_gives_the_bits_of_the_passes_it_replaces() {
+    use candle_core::{DType, Device, Tensor};
+    use magcache_layers::{nn, nn::bf16_gemm, random::randn};
+    if skip() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let half = |t: Tensor| (t * 0.5).unwrap();
+    for (m, n, k) in [
+        (1, 1, 1),
+        (13, 37, 29),
+        (397, 67, 1601),
+        (40, 96, 1536),
+        (5, 33, 0),
+    ] {
+        let x = randn(1, &[m, k]).unwrap();
+        let w = half(randn(2, &[n, k]).unwrap());
+        let b = randn(3, &[n]).unwrap();
+        let packed = PackedBf16::from_tensor(&w).unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let plain = Tensor::from_vec(packed.matmul(&xv, m).unwrap(), (m, n), &dev).unwrap();
+        let biased = plain.broadcast_add(&b).unwrap();
+        for (bias, gelu, want) in [
+            (None, false, plain.clone()),
+            (Some(&b), false, biased.clone()),
+            (Some(&b), true, nn::gelu(&biased).unwrap()),
+            (None, true, nn::gelu(&plain).unwrap()),
+        ] {
+            let got = bf16_gemm::linear(&packed, &x, bias, gelu).unwrap();
+            let what = format!(
+                "[{m}, {k}] by [{k}, {n}], bias {}, gelu {gelu}",
+                bias.is_some()
+            );
+            assert!(bits(&got) == bits(&want), "{what}: not the same bits");
+        }
+        // A bf16 linear layer's feed-forward: the epilogue's path, the same bits as the passes.
+        if k > 0 {
+            let w2 = half(randn(4, &[k, n]).unwrap());
+            let l1 = nn::Linear::new(w.to_dtype(DType::BF16).unwrap(), Some(b.clone())).unwrap();
+            let l2 = nn::Linear::new(w2.to_dtype(DType::BF16).unwrap(), None).unwrap();
+            let fused = l1.forward_gelu_then(&l2, &x).unwrap();
+            let hidden = nn::gelu(&l1.forward(&x).unwrap()).unwrap();
+            let passes = l2.forward(&hidden).unwrap();
+            assert!(
+                bits(&fused) == bits(&passes),
+                "[{m}, {k}] feed-forward: not the same bits"
+            );
+        }
+    }
+}
+
+/// The bits of an f32 tensor's values.
+fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}

@@ -104,7 +104,7 @@ pub(super) fn lanes_max(v: &[f32]) -> f32 {
 /// GELU with the tanh approximation (`0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, as
 /// `gelu-approximate` in diffusers), written as `x / (1 + e^(-2u))`.
 #[inline(always)]
-fn gelu_tanh(x: f32) -> f32 {
+pub(super) fn gelu_tanh(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
     let u = C * (x + 0.044_715 * x * x * x);
     x / (1.0 + fast_exp(-2.0 * u))

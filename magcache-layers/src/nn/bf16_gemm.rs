@@ -272,7 +272,7 @@ impl PackedBf16 {
                     };
                     let rows = MR.min(m - r0);
                     tile.run(rows);
-                    if q0 + kc == self.kp {
+                    if q0 + kc == self.kp && (epi.bias.is_some() || epi.gelu) {
                         epi.apply(tile.c, (rows, self.n), p * NR, cols);
                     }
                 }
@@ -345,6 +345,7 @@ impl Epilogue<'_> {
 ///
 /// # Safety
 /// Each row holds `cols` values; `bias` is empty or holds `cols`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn each(
     c: *mut f32,

@@ -27,10 +27,7 @@ enum Weight {
         out: usize,
     },
     /// A bf16 weight packed for the CPU's bf16 dot products ([`bf16_gemm`], AVX512-BF16).
-    Bf16 {
-        op: bf16_gemm::PackedMatMul,
-        out: usize,
-    },
+    Bf16(std::sync::Arc<bf16_gemm::PackedBf16>),
     /// A weight packed once in the layout of oneDNN's products (`MAGCACHE_ONEDNN`: f32, and bf16
     /// where it runs bf16 products: [`onednn::bf16_products`]).
     OneDnn {
@@ -148,6 +145,29 @@ fn f32_op(x: &Tensor, op: &impl candle_core::CustomOp1) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op)?)
 }
 
+/// `x [..., in]` (rank 1 or more) as rows `[rows, in]`, and the shape `[..., n]` of an output of
+/// `n` features for them.
+fn as_rows(x: &Tensor, n: usize) -> Result<(Tensor, Vec<usize>)> {
+    let last = x.dim(x.rank() - 1)?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().unwrap_or(&mut 0) = n;
+    Ok((x.reshape((x.elem_count() / last.max(1), last))?, dims))
+}
+
+/// `x wt` on candle's kernels for a dense weight (`wt`: the `[in, out]` transposed view of a
+/// `[out, in]` weight in the run's dtype), f32 out.
+fn dense_product(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    Ok(if x.dtype() == wt.dtype() {
+        x.matmul(wt)?
+    } else if wt.device().is_cpu() && x.dtype() == DType::F32 {
+        // `wt` is the transposed view of a contiguous `[out, in]` weight: widen that, view it
+        // transposed again.
+        x.matmul(&widen_f32(&wt.t()?)?.t()?)?
+    } else {
+        x.to_dtype(wt.dtype())?.matmul(wt)?.to_dtype(DType::F32)?
+    })
+}
+
 /// The linear layer `name` of a checkpoint: `{name}.weight` `[out, inp]` (quantized GGUF weights
 /// stay quantized, see [`WeightStore::get_linear`]) and `{name}.bias` `[out]`.
 pub fn linear(w: &WeightStore, name: &str, out: usize, inp: usize) -> Result<Linear> {
@@ -219,10 +239,8 @@ impl Linear {
     /// A bf16 or f32 CPU weight packed for the bf16 kernel (read in place), with an f32 bias.
     fn packed(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
         let packed = bf16_gemm::PackedBf16::from_tensor(weight)?;
-        let out = packed.n();
-        let op = bf16_gemm::PackedMatMul(std::sync::Arc::new(packed));
         Ok(Linear {
-            wt: Weight::Bf16 { op, out },
+            wt: Weight::Bf16(std::sync::Arc::new(packed)),
             bias,
         })
     }
@@ -254,7 +272,7 @@ impl Linear {
     /// ([`attention_as`]).
     pub fn runs_bf16(&self) -> bool {
         match &self.wt {
-            Weight::Bf16 { .. } => true,
+            Weight::Bf16(_) => true,
             Weight::OneDnn { w, .. } => w.is_bf16(),
             // bf16 on oneDNN's bf16 products: the attention runs there as well.
             Weight::Dense(wt) => {
@@ -299,22 +317,18 @@ impl Linear {
                 "differentiable run (the fitted estimator's fit): a packed bf16 or quantized linear weight has no backward; run the fit with dtype = \"f32\" (or \"bf16\" with MAGCACHE_CPU_BF16=off and MAGCACHE_ONEDNN unset), without GGUF",
             ));
         }
-        let (mut y, out) = match &self.wt {
-            Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out),
-            Weight::Bf16 { op, out } => {
-                // The bias went into the product.
-                let y = bf16_gemm::linear(&op.0, &x2, self.bias.as_ref(), false)?;
-                let mut out_dims = lead.to_vec();
-                out_dims.push(*out);
-                return Ok(y.reshape(out_dims)?);
-            }
-            Weight::Compact { op, out } => (f32_op(&x2, op)?, *out),
+        // `biased`: the bias went into the product.
+        let (y, out, biased) = match &self.wt {
+            Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out, false),
+            Weight::Bf16(w) => (
+                bf16_gemm::linear(w, &x2, self.bias.as_ref(), false)?,
+                w.n(),
+                true,
+            ),
+            Weight::Compact { op, out } => (f32_op(&x2, op)?, *out, false),
             Weight::OneDnn { w, out } => {
-                // The bias went into the product.
                 let y = w.linear(&x2.to_dtype(DType::F32)?, self.bias.as_ref())?;
-                let mut out_dims = lead.to_vec();
-                out_dims.push(*out);
-                return Ok(y.reshape(out_dims)?);
+                (y, *out, true)
             }
             Weight::Dense(wt) => {
                 let frozen = differentiable()
@@ -323,8 +337,8 @@ impl Linear {
                     && x2.dtype() == DType::F32;
                 let onednn = match onednn::get() {
                     Some(d) if !differentiable() => match d.linear(&x2, wt, self.bias.as_ref())? {
-                        // bf16 weights where oneDNN runs no bf16 products: widened to f32 as
-                        // below, the product on it.
+                        // bf16 weights where oneDNN runs no bf16 products: widened to f32 (as
+                        // `dense_product` does), the product on it.
                         None if wt.dtype() == DType::BF16 && wt.device().is_cpu() => {
                             d.linear(&x2, &widen_f32(&wt.t()?)?.t()?, self.bias.as_ref())?
                         }
@@ -332,29 +346,18 @@ impl Linear {
                     },
                     _ => None,
                 };
-                if let Some(y) = onednn {
-                    // The bias went into the product.
-                    let mut out_dims = lead.to_vec();
-                    out_dims.push(y.dim(1)?);
-                    return Ok(y.reshape(out_dims)?);
+                let out = wt.dim(1)?;
+                match onednn {
+                    Some(y) => (y, out, true),
+                    None if frozen => (x2.apply_op1(FrozenMatMul { wt: wt.clone() })?, out, false),
+                    None => (dense_product(&x2, wt)?, out, false),
                 }
-                let y = if frozen {
-                    x2.apply_op1(FrozenMatMul { wt: wt.clone() })?
-                } else if x2.dtype() == wt.dtype() {
-                    x2.matmul(wt)?
-                } else if wt.device().is_cpu() && x2.dtype() == DType::F32 {
-                    // `wt` is the transposed view of a contiguous `[out, in]` weight: widen that,
-                    // view it transposed again.
-                    x2.matmul(&widen_f32(&wt.t()?)?.t()?)?
-                } else {
-                    x2.to_dtype(wt.dtype())?.matmul(wt)?.to_dtype(DType::F32)?
-                };
-                (y, wt.dim(1)?)
             }
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let y = match &self.bias {
+            Some(b) if !biased => y.broadcast_add(b)?,
+            _ => y,
+        };
         let mut out_dims = lead.to_vec();
         out_dims.push(out);
         Ok(y.reshape(out_dims)?)
@@ -373,32 +376,26 @@ impl Linear {
             let fused = onednn::gelu_in_product() && !differentiable();
             if fused && x.device().is_cpu() && x.rank() >= 1 {
                 let _timer = timing::Timer::linear(true);
-                let last = x.dim(x.rank() - 1)?;
-                let x2 = x.reshape((x.elem_count() / last.max(1), last))?;
+                let (x2, dims) = as_rows(x, *out)?;
                 let epi = onednn::Epilogue {
                     gelu: true,
                     bf16_out: w1.is_bf16() && w2.is_bf16(),
                 };
                 let hidden = w1.linear_then(&x2.to_dtype(DType::F32)?, self.bias.as_ref(), epi)?;
                 if let Some(h) = hidden {
-                    let mut dims = x.dims().to_vec();
-                    *dims.last_mut().unwrap_or(&mut 0) = *out;
                     return Ok(w2.linear(&h, next.bias.as_ref())?.reshape(dims)?);
                 }
             }
         }
-        if let Weight::Bf16 { op, out } = &self.wt {
+        if let Weight::Bf16(w) = &self.wt {
             if x.device().is_cpu() && x.rank() >= 1 && !differentiable() {
                 // On the layers' bf16 kernel the bias and the GELU run on each output tile as the
                 // product leaves it (the same bits as the passes they replace).
-                let last = x.dim(x.rank() - 1)?;
-                let x2 = x.reshape((x.elem_count() / last.max(1), last))?;
+                let (x2, dims) = as_rows(x, w.n())?;
                 let hidden = {
                     let _timer = timing::Timer::linear(true);
-                    bf16_gemm::linear(&op.0, &x2, self.bias.as_ref(), true)?
+                    bf16_gemm::linear(w, &x2, self.bias.as_ref(), true)?
                 };
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().unwrap_or(&mut 0) = *out;
                 return next.forward(&hidden.reshape(dims)?);
             }
         }

@@ -16,7 +16,7 @@
 //! GELU, run on each output tile after its last block of input features, while it is in the
 //! core's cache ([`Epilogue`]), not in passes of their own over the output.
 
-use candle_core::{CpuStorage, Layout, Shape};
+use candle_core::CpuStorage;
 use std::sync::OnceLock;
 
 /// Output columns per panel (two 16-lane f32 accumulators a row).
@@ -244,8 +244,8 @@ impl PackedBf16 {
     }
 
     /// Panels `range` of the product of the `m` rows `a` (bf16 pairs) into `c` (`[m, n]`), `epi`
-    /// on each tile after its last block of input features.
-    #[cfg(target_arch = "x86_64")]
+    /// on each tile after its last block of input features (on x86_64 only: elsewhere the tile's
+    /// and the epilogue's stubs are unreachable, as [`cpu_has_bf16`] is false).
     unsafe fn panels(
         &self,
         a: &[u32],
@@ -278,18 +278,6 @@ impl PackedBf16 {
                 }
             }
         }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn panels(
-        &self,
-        _: &[u32],
-        _: usize,
-        _: std::ops::Range<usize>,
-        _: *mut f32,
-        _: Epilogue<'_>,
-    ) {
-        unreachable!("the bf16 kernel runs on x86_64 only")
     }
 }
 
@@ -553,32 +541,4 @@ pub fn linear(
     };
     w.product_then(&v[a..b], m, &mut c, threads, epi)?;
     candle_core::Tensor::from_vec(c, (m, w.n), &candle_core::Device::Cpu)
-}
-
-/// A linear layer's product with a packed bf16 weight, as a candle op on f32 `[m, k]` input.
-#[derive(Clone, Debug)]
-pub struct PackedMatMul(pub std::sync::Arc<PackedBf16>);
-
-impl candle_core::CustomOp1 for PackedMatMul {
-    fn name(&self) -> &'static str {
-        "bf16-packed-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("bf16 packed matmul: f32 input only");
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("bf16 packed matmul: contiguous input only");
-        };
-        if k != self.0.k {
-            candle_core::bail!(
-                "bf16 packed matmul: input has {k} features, the weight {}",
-                self.0.k
-            );
-        }
-        let out = self.0.matmul(&v[a..b], m)?;
-        Ok((CpuStorage::F32(out), Shape::from((m, self.0.n))))
-    }
 }

@@ -163,8 +163,16 @@ pub fn cpu_has_amx() -> bool {
 
 /// Whether the first `flags` line of a `/proc/cpuinfo` text lists `flag`.
 pub fn cpuinfo_has_flag(cpuinfo: &str, flag: &str) -> bool {
-    let line = cpuinfo.lines().find(|l| l.starts_with("flags"));
-    line.is_some_and(|l| l.split_whitespace().any(|f| f == flag))
+    cpuinfo_field(cpuinfo, "flags").is_some_and(|v| v.split_whitespace().any(|f| f == flag))
+}
+
+/// The value of the first `name : value` line of a `/proc/cpuinfo` text (`vendor_id`, `cpu
+/// family`, `flags`), trimmed.
+pub fn cpuinfo_field<'a>(cpuinfo: &'a str, name: &str) -> Option<&'a str> {
+    cpuinfo.lines().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        (key.trim() == name).then(|| value.trim())
+    })
 }
 
 impl Placement {

@@ -59,18 +59,11 @@ fn cpu_class() -> Option<bool> {
 /// 0.70-0.88x; older AVX-512 Xeons were not measured) and an AMD Zen 5 (family 26: 1.14-1.22x per
 /// call). On a Zen 4 the two measured level: no hint.
 pub fn f32_hint_for(cpuinfo: &str, avx512: Option<bool>) -> Option<String> {
-    let field = |name: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let measured = match (avx512?, field("vendor_id").as_str(), field("cpu family").as_str()) {
+    let field = |name| magcache_core::runtime::placement::cpuinfo_field(cpuinfo, name);
+    let measured = match (avx512?, field("vendor_id"), field("cpu family")) {
         (false, _, _) => "this CPU has AVX2 and no AVX-512: oneDNN's f32 products ran 1.1-1.5x faster than the default kernels on an AMD Zen 3 (1.3x per call)",
-        (true, "GenuineIntel", _) => "on an Intel Xeon with AMX (Emerald Rapids) oneDNN's f32 calls ran 1.17x PyTorch's f32, the default kernels 0.70-0.88x",
-        (true, "AuthenticAMD", "26") => "on an AMD Zen 5 oneDNN's f32 calls ran 1.14-1.22x faster than the default kernels",
+        (true, Some("GenuineIntel"), _) => "on an Intel Xeon with AMX (Emerald Rapids) oneDNN's f32 calls ran 1.17x PyTorch's f32, the default kernels 0.70-0.88x",
+        (true, Some("AuthenticAMD"), Some("26")) => "on an AMD Zen 5 oneDNN's f32 calls ran 1.14-1.22x faster than the default kernels",
         _ => return None,
     };
     Some(format!(

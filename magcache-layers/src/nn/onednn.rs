@@ -315,10 +315,12 @@ impl OneDnn {
             Some(true) => BF16_ENV.to_string() + "=on",
             _ => "AMX".into(),
         };
-        let bf16 = if self.bf16_products() && self.blocks_bf16 {
-            format!("bf16 weights on it ({on}, packed once in its layout)")
-        } else if self.bf16_products() {
-            format!("bf16 weights on it ({on}, held as plain rows)")
+        let bf16 = if self.bf16_products() {
+            let layout = match self.blocks_bf16 {
+                true => "packed once in its layout",
+                false => "held as plain rows",
+            };
+            format!("bf16 weights on it ({on}, {layout})")
         } else if super::bf16_gemm::available() {
             "bf16 weights on the layers' AVX512-BF16 kernel".into()
         } else {

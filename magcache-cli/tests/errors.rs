@@ -110,7 +110,7 @@ fn unknown_strategy() {
     );
 }
 
-/// `MAGCACHE_ONEDNN_PACK_BF16` or `MAGCACHE_ONEDNN_BF16` other than `on` or `off` stops the run
+/// Any of the `MAGCACHE_ONEDNN_*` switches set other than `on` or `off` stops the run
 /// before anything loads, in one line naming it (the library from `MAGCACHE_TEST_ONEDNN`, as
 /// `.ci/run` sets it; without one a note, and nothing tested).
 #[test]
@@ -120,7 +120,12 @@ fn a_bad_onednn_switch_value_is_one_line_naming_it() {
         return;
     };
     let c = Case::new();
-    for var in ["MAGCACHE_ONEDNN_PACK_BF16", "MAGCACHE_ONEDNN_BF16"] {
+    for var in [
+        "MAGCACHE_ONEDNN_PACK_BF16",
+        "MAGCACHE_ONEDNN_BF16",
+        "MAGCACHE_ONEDNN_GELU",
+        "MAGCACHE_ONEDNN_PACK_KV",
+    ] {
         let env = [("MAGCACHE_ONEDNN", lib.as_str()), (var, "yes")];
         let named = format!("{var}=\"yes\"");
         let err = c.run_err_env(

@@ -40,6 +40,10 @@ pub const PACK_BF16_ENV: &str = "MAGCACHE_ONEDNN_PACK_BF16";
 /// ([`OneDnn::bf16_products`]): `on`, wherever it implements a bf16 product; `off`, nowhere;
 /// unset, on CPUs with AMX.
 pub const BF16_ENV: &str = "MAGCACHE_ONEDNN_BF16";
+/// `off` keeps a feed-forward's GELU out of its product ([`gelu_in_product`]); `on` or unset, in.
+pub const GELU_ENV: &str = "MAGCACHE_ONEDNN_GELU";
+/// `off` leaves the attention's keys and values plain ([`pack_kv`]); `on` or unset, packed.
+pub const PACK_KV_ENV: &str = "MAGCACHE_ONEDNN_PACK_KV";
 
 use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
 pub use hints::{amx_hint, f32_hint, f32_hint_for};
@@ -66,6 +70,9 @@ pub struct OneDnn {
     bf16: bool,
     /// `MAGCACHE_ONEDNN_BF16`: `Some(on)` where set, `None` (by the CPU's AMX) where not.
     bf16_switch: Option<bool>,
+    /// `MAGCACHE_ONEDNN_GELU` ([`gelu_in_product`]) and `MAGCACHE_ONEDNN_PACK_KV` ([`pack_kv`]).
+    gelu: bool,
+    pack_kv: bool,
     primitives: Mutex<HashMap<Key, Arc<Primitive>>>,
     /// Products of packed weights whose layout oneDNN refused for their shape.
     refused: Mutex<HashSet<Key>>,
@@ -191,8 +198,7 @@ pub fn get() -> Option<&'static OneDnn> {
 /// `nn::Linear::forward_gelu_then`): yes unless `MAGCACHE_ONEDNN_GELU=off`, which keeps the
 /// separate pass over the hidden activations the post-op replaces (the benchmarks' baseline).
 pub fn gelu_in_product() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    on_unless_off(&ON, "MAGCACHE_ONEDNN_GELU")
+    get().is_none_or(|d| d.gelu)
 }
 
 /// An `on`/`off` variable read at open: `Some(on)` where set, `None` unset; another value is an
@@ -208,18 +214,12 @@ fn switch(var: &str, default: &str) -> std::result::Result<Option<bool>, String>
     }
 }
 
-/// A benchmark switch read once: on unless the variable `var` is `off`.
-fn on_unless_off(cell: &OnceLock<bool>, var: &str) -> bool {
-    *cell.get_or_init(|| std::env::var(var).map_or(true, |v| v != "off"))
-}
-
 /// Whether the attention on oneDNN packs a head's keys and values in the matmul's layout where
 /// the head has more than two blocks of queries (`nn::attention`): yes unless
 /// `MAGCACHE_ONEDNN_PACK_KV=off`, which leaves them plain (the benchmarks' baseline: on AMX the
 /// packing was never timed against plain operands).
 pub fn pack_kv() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    on_unless_off(&ON, "MAGCACHE_ONEDNN_PACK_KV")
+    get().is_none_or(|d| d.pack_kv)
 }
 
 /// Whether bf16 weights run their products on the opened library ([`OneDnn::bf16_products`]).
@@ -277,6 +277,8 @@ impl OneDnn {
         };
         let blocks_bf16 = switch(PACK_BF16_ENV, "by the library's version")?.unwrap_or(minor >= 13);
         let bf16_switch = switch(BF16_ENV, "on CPUs with AMX")?;
+        let gelu = switch(GELU_ENV, "on")?.unwrap_or(true);
+        let pack_kv = switch(PACK_KV_ENV, "on")?.unwrap_or(true);
         // SAFETY: no arguments; returns an enum value.
         let isa = unsafe { isa_fn() };
         let mut engine: Handle = std::ptr::null_mut();
@@ -292,6 +294,8 @@ impl OneDnn {
             isa,
             bf16: false,
             bf16_switch,
+            gelu,
+            pack_kv,
             primitives: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
             formats: Mutex::new(Vec::new()),

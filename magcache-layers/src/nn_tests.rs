@@ -1,5 +1,6 @@
 //! Unit tests of [`super`] (`nn.rs`).
 use super::*;
+use candle_core::{Device, Module};
 
 #[test]
 fn fast_gelu_matches_the_tanh_formula() {

@@ -29,7 +29,7 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pub(crate) video: Option<PathBuf>,
     /// Frames per second of --video (default: the model's, Wan 16, Wan2.2 TI2V 24).
-    #[arg(long)]
+    #[arg(long, requires = "video")]
     pub(crate) fps: Option<u32>,
 }
 
@@ -51,7 +51,7 @@ pub(crate) struct CompareArgs {
     #[arg(long)]
     pub(crate) video: Option<PathBuf>,
     /// Frames per second of --video (default: the model's, Wan 16).
-    #[arg(long)]
+    #[arg(long, requires = "video")]
     pub(crate) fps: Option<u32>,
     /// Value range for PSNR/SSIM and pictures (default: the dense result's max - min).
     #[arg(long, allow_negative_numbers = true)]
@@ -206,9 +206,9 @@ pub(crate) struct TuneArgs {
     /// Value range for PSNR (default: the dense result's max - min).
     #[arg(long, allow_negative_numbers = true)]
     pub(crate) data_range: Option<f64>,
-    /// With --target-psnr: dB above the target a setting must keep on these inputs.
-    #[arg(long, allow_negative_numbers = true, default_value_t = 0.5)]
-    pub(crate) margin: f64,
+    /// With --target-psnr: dB above the target a setting must keep on these inputs [default: 0.5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub(crate) margin: Option<f64>,
     /// Most real runs besides the calibration run.
     #[arg(long, default_value_t = 24)]
     pub(crate) runs: usize,

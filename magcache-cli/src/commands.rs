@@ -208,6 +208,12 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         json,
     } = a;
     let target = tune_target(target_psnr, target_speedup)?;
+    if let (Some(m), None) = (margin, target_psnr) {
+        return Err(magcache_core::Error::msg(format!(
+            "tune: --margin {m} applies to --target-psnr only (dB kept above it)"
+        )));
+    }
+    let margin = margin.unwrap_or(0.5);
     check_tune_numbers(data_range, runs, margin)?;
     let stem = out
         .file_stem()
@@ -215,6 +221,7 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
         .unwrap_or_else(|| "tuned".into());
     let profile_name = format!("{stem}.profile.toml");
     let profile = out.with_file_name(&profile_name);
+    profile_is_replaceable(&out, &profile, &profile_name)?;
     let mut outs = plan_outputs(
         &config,
         &[
@@ -267,7 +274,7 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
     let Some(t) = r.chosen() else {
         if json {
             println!("{}", to_json(&r)?);
-        } else {
+        } else if !quiet {
             print!("{}", crate::tune_text(&r));
         }
         return Err(magcache_core::Error::msg(format!(
@@ -278,14 +285,50 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
     let text = magcache_core::error::read_text(&config)?;
     let from = config.display().to_string();
     outs.write(&out, crate::tuned_run_file(&text, &from, &r, t).as_bytes())?;
+    // The profile goes in place only where the chosen setting reads it.
+    let reads_profile = t.cache.iter().any(|l| l.starts_with("profile = "));
+    if !reads_profile {
+        outs.discard(&profile);
+    }
     outs.commit()?;
     if json {
         println!("{}", to_json(&r)?);
     } else if !quiet {
         print!("{}", crate::tune_text(&r));
-        println!("wrote {} and {}", out.display(), profile.display());
+        match reads_profile {
+            true => println!("wrote {} and {}", out.display(), profile.display()),
+            false => println!("wrote {} (its setting reads no profile)", out.display()),
+        }
     }
     Ok(())
+}
+
+/// `tune --out NAME.toml` writes its profile to `NAME.profile.toml`, a name the user did not
+/// give: a file there is replaced only when it is the profile of the run file `--out` replaces
+/// (its `[cache] profile` names it, as an earlier tune's does), and refused otherwise.
+fn profile_is_replaceable(out: &Path, profile: &Path, name: &str) -> Result<()> {
+    match std::fs::symlink_metadata(profile) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        _ => {}
+    }
+    let names_it = std::fs::read_to_string(out)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            let cache = t.get("cache")?.as_table()?;
+            Some(cache.get("profile")?.as_str()? == name)
+        })
+        .unwrap_or(false);
+    if names_it {
+        return Ok(());
+    }
+    Err(magcache_core::Error::io(
+        profile.display().to_string(),
+        format!(
+            "--out (profile): tune writes its profile here, and this file is not the profile of {} (an earlier tune's); move it or give --out another name",
+            out.display()
+        ),
+    ))
 }
 
 /// `magcache export`.
@@ -349,6 +392,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     }
     crate::args::check_data_range(data_range)?;
     check_fps(fps)?;
+    check_png_name(&png)?;
     let video_kind = video_kind_of(&config, &video)?;
     let mut outs = plan_outputs(
         &config,
@@ -418,6 +462,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     } = a;
     let start = std::time::Instant::now();
     check_fps(fps)?;
+    check_png_name(&png)?;
     let video_kind = video_kind_of(&config, &video)?;
     let mut outs = plan_outputs(
         &config,
@@ -506,6 +551,21 @@ fn plan_outputs(config: &Path, outputs: &[(&str, &Option<PathBuf>)]) -> Result<O
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| magcache_core::Error::msg(e.to_string()))
+}
+
+/// `--png` writes PNG: a name with another extension (`out.jpg`) is refused before any work.
+fn check_png_name(png: &Option<PathBuf>) -> Result<()> {
+    let Some(p) = png else { return Ok(()) };
+    match p
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+    {
+        Some(e) if e != "png" => Err(magcache_core::Error::msg(format!(
+            "--png {}: the picture is written as PNG; give a .png name",
+            p.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// `--fps` must be 1 to 1000 (frames per second of `--video`), checked before any work.

@@ -407,6 +407,13 @@ impl Outputs {
             .map(|p| p.tmp.clone())
     }
 
+    /// Drops what was written for output `path`: [`Outputs::commit`] leaves its target as it is.
+    pub(crate) fn discard(&mut self, path: &Path) {
+        if let Some(p) = self.planned.iter_mut().find(|p| p.target == path) {
+            p.written = false;
+        }
+    }
+
     /// Writes `bytes` as the content of output `path` (into its temporary).
     pub fn write(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
         let slot = self.slot(path)?;

@@ -258,21 +258,23 @@ fn tune_never_touches_a_profile_it_did_not_write() {
     let profile = d.path().join("tuned.profile.toml");
     std::fs::write(&profile, "mine\n").unwrap();
     let out = d.path().join("tuned.toml");
-    // Fails in its calibration run (no such weights): the user's profile stays.
     let run = run_file(d.path(), "missing-weights", "");
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out),
-        "--target-speedup",
-        "2",
-        "--quiet",
-    ]);
-    check_err(&o, &["missing-weights"]);
+    let tune = |run: &Path| {
+        let args = ["tune", "--config", s(run), "--out", s(&out)];
+        magcache(&[&args[..], &["--target-speedup", "2", "--quiet"]].concat())
+    };
+    // A file at NAME.profile.toml that no `--out` file names is the user's: refused before any
+    // work (the run's missing weights are never reached), naming it.
+    check_err(&tune(&run), &["tuned.profile.toml", "not the profile of"]);
     assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
     assert!(!out.exists());
+    // The profile of an earlier tune (the run file at --out names it) may be replaced, but a
+    // tune that fails leaves both as they were: here in its calibration run (no such weights).
+    let earlier = "[cache]\nstrategy = \"magcache\"\nprofile = \"tuned.profile.toml\"\n";
+    std::fs::write(&out, earlier).unwrap();
+    check_err(&tune(&run), &["missing-weights"]);
+    assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), earlier);
     // A speedup no setting reaches (4x of the 4 calls per scope: no measured setting computes
     // only the first), from a run file whose `[cache]` has a
     // `[cache.mag_ratios]` subtable (tune replaces both): an error, nothing written, the profile
@@ -294,7 +296,7 @@ fn tune_never_touches_a_profile_it_did_not_write() {
     // One no schedule can reach is refused before any run, saying the most there is.
     check_err(&tune_to("100"), &["--target-speedup 100", "at most 4.00x"]);
     assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
-    assert!(!out.exists());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), earlier);
     let left: Vec<String> = std::fs::read_dir(d.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
@@ -507,6 +509,9 @@ fn sigint_during_tune_leaves_the_profile() {
     let run = d.path().join("wan22.toml");
     std::fs::write(&run, text).unwrap();
     let out = d.path().join("tuned.toml");
+    // An earlier tune's pair (the run file names its profile): the only profile tune replaces.
+    let earlier = "[cache]\nstrategy = \"magcache\"\nprofile = \"tuned.profile.toml\"\n";
+    std::fs::write(&out, earlier).unwrap();
     let mut child = bin()
         .args([
             "tune",
@@ -550,7 +555,7 @@ fn sigint_during_tune_leaves_the_profile() {
     // Interrupted (130), or, had it ended first, refused (1): never a written profile.
     assert!(matches!(o.status.code(), Some(130) | Some(1)), "{stderr}");
     assert_eq!(std::fs::read_to_string(&profile).unwrap(), "mine\n");
-    assert!(!out.exists());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), earlier);
     assert_eq!(temporaries(d.path()), Vec::<String>::new(), "{stderr}");
 }
 

@@ -105,6 +105,26 @@ fn an_output_path_ending_in_a_separator_is_refused_before_the_run() {
     }
 }
 
+/// Flags that would do nothing or write what their name does not say are refused before the run:
+/// `--png` under another extension (it writes PNG), `--fps` without `--video`.
+#[test]
+fn flags_that_would_be_ignored_or_misnamed_are_refused() {
+    let c = Case::new("");
+    let names = c.names();
+    for cmd in ["run", "compare"] {
+        let jpg = s(&c.p("out.jpg")).to_string();
+        let o = magcache(&[cmd, "--config", s(&c.run_file()), "--png", &jpg]);
+        check_err(&o, &["--png", "out.jpg", ".png"]);
+        let o = magcache(&[cmd, "--config", s(&c.run_file()), "--fps", "10"]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && stderr.contains("--video"),
+            "{stderr}"
+        );
+        assert_eq!(c.names(), names, "{cmd}");
+    }
+}
+
 /// `tune --out sub/fast.toml` would copy `weights = "w"` into `sub/`, where it names nothing:
 /// refused before any run, naming the key; beside the run file, or with absolute paths, it works.
 #[test]

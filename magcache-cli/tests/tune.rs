@@ -132,6 +132,31 @@ fn speedup_target_sets_the_computed_calls() {
     );
     let (_, computed, total) = psnr(&out);
     assert_eq!((computed, total), (8, 20));
+    // The profile is written only where the chosen setting reads it (here an explicit schedule,
+    // which reads none).
+    let tuned: toml::Table = written.parse().unwrap();
+    let reads = tuned["cache"].get("profile").is_some();
+    assert!(reads, "{written}");
+    assert!(dir.path().join("fast.profile.toml").is_file());
+    // Tuned again to the same --out: the earlier pair is replaced (the run file names its
+    // profile), not refused as a file of the user's.
+    let again = magcache(&[
+        "tune",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "2.5",
+        "--runs",
+        "4",
+        "--quiet",
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     // Neither target, or both: one line naming the flags.
     let o = magcache(&["tune", "--config", s(&run), "--out", s(&out)]);
     common::check_err(&o, &["--target-psnr", "--target-speedup"]);
@@ -143,9 +168,21 @@ fn speedup_target_sets_the_computed_calls() {
         common::check_err(&magcache(&args), want);
     };
     refused(&["--runs", "0"], &["--runs 0"]);
-    refused(&["--margin", "-1"], &["--margin -1"]);
+    // --margin is a PSNR target's: with a speedup target it is refused, not ignored.
+    refused(&["--margin", "1"], &["--margin", "--target-psnr"]);
+    let args = ["tune", "--config", s(&run), "--out", s(&out)];
+    let psnr_target = [&args[..], &["--target-psnr", "30", "--margin", "-1"]].concat();
+    common::check_err(&magcache(&psnr_target), &["--margin -1"]);
     // A negative number is read as the flag's value (and refused as such), not as a flag.
     refused(&["--fit", "--learning-rate", "-0.01"], &["--learning-rate"]);
+}
+
+/// The profile at `path` where the tuned run file `text` reads one (it is then written), else
+/// `None` (and none was written).
+fn written_profile(text: &str, path: &Path) -> Option<toml::Table> {
+    let reads = text.contains("profile = ");
+    assert_eq!(path.exists(), reads, "{text}");
+    reads.then(|| std::fs::read_to_string(path).unwrap().parse().unwrap())
 }
 
 /// `tune --fit --json` on `run` at `speedup` with `runs` runs and `iterations` fit iterations (one
@@ -228,12 +265,14 @@ fn fit_joins_the_candidates_on_the_chosen_schedule() {
         "{j}"
     );
     let text = std::fs::read_to_string(&out).unwrap();
-    let profile: toml::Table = std::fs::read_to_string(dir.path().join("fast.profile.toml"))
-        .unwrap()
-        .parse()
-        .unwrap();
     assert_eq!(text.contains("estimator = \"fitted\""), chosen == fitted);
-    assert_eq!(profile.contains_key("fitted"), chosen == fitted);
+    // The profile is written where the chosen setting reads it (the fitted estimator does).
+    let profile = written_profile(&text, &dir.path().join("fast.profile.toml"));
+    assert!(profile.is_some() || chosen != fitted, "{text}");
+    assert_eq!(
+        profile.is_some_and(|p| p.contains_key("fitted")),
+        chosen == fitted
+    );
     // The written file runs as it is, at the chosen speed and no worse than measured.
     let (p, computed, total) = psnr(&out);
     assert_eq!((computed, total), (8, 20));
@@ -265,12 +304,10 @@ fn fit_joins_the_candidates_on_the_chosen_schedule() {
         .as_str()
         .unwrap()
         .contains("warning: --fit: the fit kept its start"));
-    let profile: toml::Table = std::fs::read_to_string(dir.path().join("zero.profile.toml"))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(!profile.contains_key("fitted"));
-    assert!(!std::fs::read_to_string(&out0).unwrap().contains("fitted"));
+    let text0 = std::fs::read_to_string(&out0).unwrap();
+    let profile = written_profile(&text0, &dir.path().join("zero.profile.toml"));
+    assert!(!profile.is_some_and(|p| p.contains_key("fitted")));
+    assert!(!text0.contains("fitted"));
     // At 1.67x the best schedule is `foca` in sigma; the fit's start, `taylor1` in sigma on its
     // calls, measures higher here (42.47 against 42.40 dB) but fitted nothing: not chosen.
     let j = tune_fit_json(&run, &dir.path().join("foca.toml"), "1.6", "10", "0");
@@ -351,4 +388,34 @@ fn fit_refuses_experts_with_other_step_counts_at_once() {
         &["wan22_i2v_tiny_prompted.toml", "--fit", "step counts"],
     );
     assert!(!out.exists());
+}
+
+/// The tiny prompted Wan example at a 2x target chooses an explicit schedule, which reads no
+/// profile: the profile is then not written (and the line says so).
+#[test]
+fn a_setting_that_reads_no_profile_writes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("wan21_tiny_prompted.toml"))
+        .unwrap()
+        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let run = dir.path().join("wp.toml");
+    std::fs::write(&run, text).unwrap();
+    let out = dir.path().join("t.toml");
+    let o = magcache(&[
+        "tune",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--target-speedup",
+        "2",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tuned: toml::Table = std::fs::read_to_string(&out).unwrap().parse().unwrap();
+    assert!(tuned["cache"].get("compute_steps").is_some(), "{tuned}");
+    assert!(tuned["cache"].get("profile").is_none(), "{tuned}");
+    assert!(!dir.path().join("t.profile.toml").exists());
+    assert!(stdout.contains("reads no profile"), "{stdout}");
 }

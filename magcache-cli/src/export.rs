@@ -129,6 +129,9 @@ pub fn export_as(
         },
     };
     let result = written.and_then(|r| {
+        // Under the cleanup lock: a signal's handler either removed the temporary first (and
+        // exits holding the lock) or finds the folder in place and says so.
+        let mut state = crate::temps::cleanup_state();
         rename_new(&tmp, out).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => {
                 Error::io(
@@ -138,6 +141,8 @@ pub fn export_as(
             }
             _ => Error::io(&shown, e),
         })?;
+        state.temps.retain(|t| t != &tmp);
+        state.committed = true;
         Ok(r)
     });
     crate::temps::unregister(&tmp);
@@ -177,14 +182,20 @@ fn gguf_format(
 
 type Written = (Vec<(String, usize, u64)>, usize, u64);
 
-/// The folder a transformer goes to (`root`, or its sub-folder), created.
+/// The folder a transformer goes to (`root`, or its sub-folder), created. `root` itself is never
+/// created: when a signal's handler has removed it, writing stops with an error instead of
+/// leaving a new partial folder.
 fn model_dir(root: &Path, m: &GeneratedWeights) -> Result<PathBuf> {
-    let dir = if m.folder.is_empty() {
-        root.to_path_buf()
-    } else {
-        root.join(&m.folder)
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+    let mut dir = root.to_path_buf();
+    for part in Path::new(&m.folder).components() {
+        dir.push(part);
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::io(dir.display().to_string(), e))
+            }
+            _ => {}
+        }
+    }
     Ok(dir)
 }
 

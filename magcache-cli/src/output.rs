@@ -516,6 +516,8 @@ impl Outputs {
         }
         if failed.is_some() {
             roll_back(&mut state.undo);
+        } else {
+            state.committed = true;
         }
         state.undo.clear();
         for b in &backups {

@@ -18,11 +18,15 @@ pub(crate) enum Undo {
 pub(crate) struct Cleanup {
     pub(crate) temps: Vec<PathBuf>,
     pub(crate) undo: Vec<Undo>,
+    /// Set, under this lock, when a command's outputs went in place: an interruption after it
+    /// says so rather than "no output written".
+    pub(crate) committed: bool,
 }
 
 static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
     temps: Vec::new(),
     undo: Vec::new(),
+    committed: false,
 });
 
 pub(crate) fn cleanup_state() -> std::sync::MutexGuard<'static, Cleanup> {
@@ -43,20 +47,33 @@ pub(crate) fn roll_back(undo: &mut Vec<Undo>) {
     }
 }
 
+/// Removes a temporary file or folder. The main thread may still be writing into a folder (an
+/// export's shards) while the signal handler removes it: a file it creates between the removal's
+/// listing and its last `rmdir` leaves the folder in place, so the removal is tried again until
+/// the folder is gone (a writer cannot create a file in a folder that no longer exists, and the
+/// writers create no parent folders).
 fn remove_temp(t: &Path) {
-    match std::fs::symlink_metadata(t) {
-        Ok(m) if m.is_dir() => {
-            let _ = std::fs::remove_dir_all(t);
+    for _ in 0..200 {
+        match std::fs::symlink_metadata(t) {
+            Ok(m) if m.is_dir() => {
+                if std::fs::remove_dir_all(t).is_ok() {
+                    return;
+                }
+            }
+            Ok(_) => {
+                let _ = std::fs::remove_file(t);
+                return;
+            }
+            Err(_) => return,
         }
-        Ok(_) => {
-            let _ = std::fs::remove_file(t);
-        }
-        Err(_) => {}
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
 /// Removes this process's temporaries on SIGINT/SIGTERM/SIGHUP (undoing a commit under way) and
-/// exits with 130.
+/// exits with 130. The handler holds the cleanup lock until the process exits, and commits put
+/// their outputs in place under that lock: an output is either in place whole before the handler
+/// runs (then it says so) or never.
 pub fn install_signal_cleanup() {
     // A second installation (tests calling into the library) is refused by ctrlc: harmless.
     let _ = ctrlc::set_handler(|| {
@@ -65,7 +82,10 @@ pub fn install_signal_cleanup() {
         for t in c.temps.iter() {
             remove_temp(t);
         }
-        eprintln!("error: interrupted; no output written");
+        match c.committed {
+            true => eprintln!("error: interrupted after the outputs were written"),
+            false => eprintln!("error: interrupted; no output written"),
+        }
         std::process::exit(130);
     });
 }

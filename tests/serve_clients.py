@@ -63,6 +63,12 @@ def videos(client):
     assert client.videos.download_content(i2v.id).read()[4:8] == b"ftyp"
     ids = {x.id for x in client.videos.list().data}
     assert {v.id, i2v.id} <= ids, ids
+    # Newest first, a page at a time, as OpenAI lists them.
+    page = client.videos.list(limit=1)
+    assert [x.id for x in page.data] == [i2v.id] and page.has_more, page
+    assert [x.id for x in client.videos.list(limit=1, after=i2v.id).data] == [v.id]
+    assert [x.id for x in client.videos.list(order="asc").data][:2] == [v.id, i2v.id]
+    assert i2v.size == "32x48", i2v
     client.videos.delete(v.id)
     try:
         client.videos.retrieve(v.id)
@@ -93,6 +99,7 @@ def main():
             ids = [m.id for m in client.models.list().data]
             assert ids == ["tiny", "flux2_klein_tiny_prompted", "wan21_tiny_prompted",
                            "wan22_i2v_tiny_prompted"], ids
+            assert client.models.retrieve("tiny").id == "tiny"
             r = client.images.generate(model="flux2_klein_tiny_prompted", prompt="a red fox",
                                        size="64x64", response_format="b64_json")
             assert png_size(base64.b64decode(r.data[0].b64_json)) == (64, 64)

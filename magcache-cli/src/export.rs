@@ -128,23 +128,7 @@ pub fn export_as(
             None => Err(Error::msg("internal: a GGUF export without its type")),
         },
     };
-    let result = written.and_then(|r| {
-        // Under the cleanup lock: a signal's handler either removed the temporary first (and
-        // exits holding the lock) or finds the folder in place and says so.
-        let mut state = crate::temps::cleanup_state();
-        rename_new(&tmp, out).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => {
-                Error::io(
-                    &shown,
-                    "appeared while exporting; export never replaces a folder (the export is discarded)",
-                )
-            }
-            _ => Error::io(&shown, e),
-        })?;
-        state.temps.retain(|t| t != &tmp);
-        state.committed = true;
-        Ok(r)
-    });
+    let result = written.and_then(|r| put_in_place(&tmp, out).map(|()| r));
     crate::temps::unregister(&tmp);
     match result {
         Ok((folders, tensors, bytes)) => Ok(ExportReport {
@@ -158,6 +142,23 @@ pub fn export_as(
             Err(e)
         }
     }
+}
+
+/// Renames the written folder `tmp` to `out`, which must not exist, under the cleanup lock: a
+/// signal's handler either removed the temporary first (and exits holding the lock) or finds the
+/// folder in place and says so.
+fn put_in_place(tmp: &Path, out: &Path) -> Result<()> {
+    let mut state = crate::temps::cleanup_state();
+    rename_new(tmp, out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => Error::io(
+            out.display().to_string(),
+            "appeared while exporting; export never replaces a folder (the export is discarded)",
+        ),
+        _ => Error::io(out.display().to_string(), e),
+    })?;
+    state.temps.retain(|t| t != tmp);
+    state.committed = true;
+    Ok(())
 }
 
 /// The GGUF architecture and type of a `--gguf` export (`None` for other formats), or why not.

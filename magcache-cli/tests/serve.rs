@@ -616,3 +616,120 @@ fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     drop(c);
 }
+
+/// Requests refused before any work, each in OpenAI's shape with its field, and none naming a
+/// server path: a missing key before the body is read, another site's page, a file named in
+/// `cache`, and what the model's worker would refuse (a size the model cannot take, a guidance
+/// that overflows, seeds past the last, a prompt far past the encoder).
+#[test]
+fn bad_requests_are_refused_before_any_work_without_server_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = run_file(dir.path(), "tiny", 0);
+    let key = "Authorization: Bearer sekrit";
+    let srv = Server::start(&["--config", s(&model), "--api-key", "sekrit"]);
+    // No key and a 15 MB body announced but never sent: 401 at once, the body unread.
+    let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 15000000\r\n\r\n{\"model\"")
+        .unwrap();
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401", "{}", String::from_utf8_lossy(&head));
+    // Another site's page (its Origin), and a page whose name was made to resolve to loopback.
+    let (st, _, _) = srv.http(
+        "GET",
+        "/v1/models",
+        &[key, "Origin: http://attacker.example"],
+        b"",
+    );
+    assert_eq!(st, 403);
+    let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    c.write_all(b"GET /v1/models HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    let own = format!("Origin: http://localhost:{}", srv.port);
+    let (st, v) = srv.json("GET", "/v1/models/tiny", &[key, &own], "");
+    assert_eq!((st, v["id"].as_str()), (200, Some("tiny")), "{v}");
+    let (st, v) = srv.json("GET", "/v1/models/nope", &[key], "");
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    // Each refused with its field before any work, and no server path in the message.
+    let secret = dir.path().join("secret.toml");
+    std::fs::write(&secret, "password = \"hunter2\"\n").unwrap();
+    let long = "cat ".repeat(5000);
+    let cases: Vec<(String, Option<&str>)> = vec![
+        (
+            format!(
+                r#"{{"model":"tiny","prompt":"x","cache":{{"strategy":"schedule","profile":{:?},"budget":2}}}}"#,
+                s(&secret)
+            ),
+            Some("cache"),
+        ),
+        (
+            r#"{"model":"tiny","prompt":"x","size":"50x48"}"#.into(),
+            Some("size"),
+        ),
+        (
+            r#"{"model":"tiny","prompt":"x","guidance_scale":1e30}"#.into(),
+            Some("guidance_scale"),
+        ),
+        (
+            r#"{"model":"tiny","prompt":"x","seed":9223372036854775807,"n":2}"#.into(),
+            Some("seed"),
+        ),
+        (
+            format!(r#"{{"model":"tiny","prompt":"{long}"}}"#),
+            Some("prompt"),
+        ),
+        (r#"{bad"#.into(), None),
+        (r#"{"model":"tiny","prompt":"x","#.into(), None),
+    ];
+    // A long job holds the worker meanwhile: answers that waited behind it would come after it.
+    let port = srv.port;
+    let long_job = std::thread::spawn(move || {
+        let t = Instant::now();
+        let body = r#"{"model":"tiny","prompt":"a cat","n":8,"num_inference_steps":1000}"#;
+        let (st, _) = json(port, "POST", "/v1/images/generations", &[key], body);
+        (st, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    for (body, param) in &cases {
+        let (st, v) = srv.json("POST", "/v1/images/generations", &[key], body);
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"].as_str(), *param, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            !msg.contains(s(dir.path())) && !msg.contains("hunter2") && !msg.contains("password"),
+            "{msg}"
+        );
+    }
+    let refused = t.elapsed();
+    let (st, long) = long_job.join().unwrap();
+    assert_eq!(st, 200);
+    assert!(
+        refused * 2 < long,
+        "refused in {refused:?}, the long job took {long:?}"
+    );
+    // Front and back blocks that leave none to cache are known once the model's chain runs: the
+    // job fails then, still a 400 naming `cache`.
+    let body = r#"{"model":"tiny","prompt":"x","cache":{"strategy":"dbcache","front_blocks":100}}"#;
+    let (st, v) = srv.json("POST", "/v1/images/generations", &[key], body);
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("cache")),
+        "{v}"
+    );
+    let (st, _) = srv.json("GET", "/health", &[], "");
+    assert_eq!(st, 200);
+    assert_eq!(srv.stop(), Some(0));
+    // A key no request could send (empty, or with a space) stops the server at start.
+    for k in ["", "two words"] {
+        let (ok, err) = ended(&["--config", s(&model), "--port", "0", "--api-key", k]);
+        assert!(!ok && err.contains("API key"), "{err}");
+    }
+}

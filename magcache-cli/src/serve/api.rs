@@ -1,164 +1,20 @@
 //! The HTTP side: OpenAI's request and error shapes, a request's keys laid over its model's run
 //! file (checked exactly as a run file is), and the handlers.
 
+use super::error::{authorize, from_run, ApiError};
 use super::model::{seed_value, Job, Request, Served};
 use super::App;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
-use magcache_core::{Error, RunConfig};
+use magcache_core::RunConfig;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-    pub param: Option<String>,
-    pub code: Option<&'static str>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            param: None,
-            code: None,
-        }
-    }
-    /// The model's queue is full (429, `Retry-After`).
-    pub fn busy(model: &str) -> Self {
-        ApiError {
-            code: Some("queue_full"),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("model `{model}`: the queue is full; retry later"),
-            )
-        }
-    }
-    /// A body that is not JSON (or not an object): 400 with no `param`.
-    pub fn body(e: &serde_json::Error) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    }
-    pub fn bad(param: &str, message: impl Into<String>) -> Self {
-        ApiError {
-            param: Some(param.to_string()),
-            ..Self::new(StatusCode::BAD_REQUEST, message)
-        }
-    }
-    fn kind(&self) -> &'static str {
-        match self.status.as_u16() {
-            401 => "authentication_error",
-            404 => "not_found_error",
-            429 => "rate_limit_error",
-            400 | 405 | 413 | 422 => "invalid_request_error",
-            _ => "server_error",
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message.replace('\n', " "),
-            "type": self.kind(),
-            "param": self.param,
-            "code": self.code,
-        }});
-        let mut r = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        r
-    }
-}
-
-/// A run's error as a request's: the request field behind the run file key it names.
-fn from_run(e: Error) -> ApiError {
-    let (key, msg) = match &e {
-        // The guard's refusal: the request's own knob is the size (the message says what else).
-        Error::TooLarge { key, msg, .. } => return ApiError::bad("size", format!("{key}: {msg}")),
-        Error::Config { key, msg, .. } => (key.clone(), msg.clone()),
-        Error::Cancelled => {
-            return ApiError {
-                code: Some("cancelled"),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the request was cancelled")
-            }
-        }
-        _ => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let param = if key.starts_with("cache") {
-        "cache"
-    } else if key.starts_with("sampling.steps") {
-        "num_inference_steps"
-    } else if key.starts_with("sampling.guidance") {
-        "guidance_scale"
-    } else if key.starts_with("inputs.height") || key.starts_with("inputs.width") {
-        "size"
-    } else if key == "prompt.negative" {
-        "negative_prompt"
-    } else if key.starts_with("prompt") {
-        "prompt"
-    } else if key.starts_with("inputs.seed") || key == "seed" {
-        "seed"
-    } else if key.starts_with("inputs.num_frames") {
-        "num_frames"
-    } else if key.starts_with("inputs.image") {
-        "input_reference"
-    } else {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    };
-    // The key is the request's (laid over the run file, which was checked at start): said without
-    // the run file's path and the line of the merged text, which would point into the user's file.
-    ApiError::bad(param, format!("{key}: {msg}"))
-}
-
-/// Checks the `Authorization: Bearer KEY` header when the server has a key.
-pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &app.api_key else {
-        return Ok(());
-    };
-    // The scheme is case-insensitive (RFC 9110, 11.1).
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let mut words = v.split_ascii_whitespace();
-            match (words.next(), words.next(), words.next()) {
-                (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") => {
-                    Some(token)
-                }
-                _ => None,
-            }
-        });
-    match given {
-        Some(g) if same_key(g.as_bytes(), key.as_bytes()) => Ok(()),
-        _ => Err(ApiError {
-            code: Some("invalid_api_key"),
-            ..ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong API key (Authorization: Bearer KEY)",
-            )
-        }),
-    }
-}
-
-/// Whether a given key is the server's, in time that depends on the length only (not on where
-/// the first differing byte is).
-fn same_key(given: &[u8], key: &[u8]) -> bool {
-    given.len() == key.len() && given.iter().zip(key).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
-}
 
 /// `WxH`, each side 1..=16384 (the size guard judges the rest).
 fn parse_size(s: &str) -> Result<(u64, u64), ApiError> {
@@ -208,6 +64,19 @@ pub(crate) fn request_text(
             "prompt: must not be empty or blank",
         ));
     }
+    // A text encoder reads a few hundred tokens at most (`max_sequence_length`); a longer text
+    // would only hold the worker and the prompt cache.
+    for (param, text) in [
+        ("prompt", Some(&r.prompt)),
+        ("negative_prompt", r.negative_prompt.as_ref()),
+    ] {
+        if let Some(t) = text.filter(|t| t.len() > MAX_PROMPT_BYTES) {
+            return Err(ApiError::bad(
+                param,
+                format!("{param}: {} bytes; at most {MAX_PROMPT_BYTES} (the text encoder reads at most its max_sequence_length tokens)", t.len()),
+            ));
+        }
+    }
     let prompt = table(&mut doc, "prompt")?;
     prompt.insert("text".into(), r.prompt.clone().into());
     if let Some(n) = &r.negative_prompt {
@@ -229,10 +98,12 @@ pub(crate) fn request_text(
         table(&mut doc, "sampling")?.insert("steps".into(), toml::Value::Integer(steps as i64));
     }
     if let Some(g) = r.guidance_scale {
-        if !g.is_finite() {
+        if !(g.is_finite() && g.abs() <= MAX_GUIDANCE) {
             return Err(ApiError::bad(
                 "guidance_scale",
-                "guidance_scale: must be a finite number",
+                format!(
+                    "guidance_scale = {g}: must be a number from -{MAX_GUIDANCE} to {MAX_GUIDANCE}"
+                ),
             ));
         }
         table(&mut doc, "sampling")?.insert("guidance_scale".into(), g.into());
@@ -245,8 +116,26 @@ pub(crate) fn request_text(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let cfg = RunConfig::parse(&text, &file).map_err(from_run)?;
     cfg.validate(&file).map_err(from_run)?;
+    // A request's `cache` names no file on the server (a profile): the server's files are its run
+    // files' to name, and an error about another file would tell the client what it holds.
+    if r.cache.is_some() {
+        if let Some((key, _)) = cfg.strategy().input_files().first() {
+            return Err(ApiError::bad(
+                "cache",
+                format!("{key}: a request may not name a file on the server; serve a run file whose [cache] names it"),
+            ));
+        }
+    }
+    super::checks::precheck(m, &text)?;
     Ok(text)
 }
+
+/// The longest `prompt` or `negative_prompt` a request may send, in bytes.
+const MAX_PROMPT_BYTES: usize = 16 << 10;
+
+/// The largest `guidance_scale` magnitude a request may ask for (far past any model's use; a
+/// larger one overflows the latents).
+const MAX_GUIDANCE: f64 = 1000.0;
 
 /// A request body as JSON (malformed JSON, unknown fields and bodies over the limit in OpenAI's
 /// shape).
@@ -262,7 +151,8 @@ pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Request,
         let path = e.path().to_string();
         let inner = e.into_inner();
         match path.as_str() {
-            "." | "" => ApiError::body(&inner),
+            // `?`: the body broke off or is not JSON before any field was read.
+            "." | "" | "?" => ApiError::body(&inner),
             // `param` is the request's field (`cache`), the message the whole path.
             p => ApiError::bad(
                 p.split(['.', '[']).next().unwrap_or(p),
@@ -325,6 +215,13 @@ async fn generate_images(
     let text = request_text(m, &r, toml::Table::new())?;
     let seed = r.seed.unwrap_or(m.seed);
     seed_value(seed).map_err(from_run)?;
+    // Picture i takes seed + i: the last one must be a seed too, before any picture is made.
+    seed_value(seed.saturating_add(n - 1)).map_err(|_| {
+        ApiError::bad(
+            "seed",
+            format!("seed = {seed} with n = {n}: the pictures take seed to seed + n - 1, which must be at most 2^63 - 1"),
+        )
+    })?;
     let seeds: Vec<u64> = (0..n).map(|i| seed.wrapping_add(i)).collect();
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
@@ -348,7 +245,11 @@ async fn generate_images(
                 "the model's worker stopped",
             )
         })?
-        .map_err(from_run)?;
+        .map_err(|e| {
+            let mut e = from_run(e);
+            e.message = super::checks::scrub(&e.message, m);
+            e
+        })?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let data: Vec<Value> = pictures
         .iter()
@@ -369,15 +270,28 @@ pub(crate) async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> R
         return e.into_response();
     }
     app.metrics.request("/v1/models", 200);
-    let data: Vec<Value> = app
-        .models
-        .iter()
-        .map(|m| {
-            json!({"id": m.id, "object": "model", "created": 0, "owned_by": "magcache",
-                   "family": m.family, "video": m.fps.is_some()})
-        })
-        .collect();
+    let data: Vec<Value> = app.models.iter().map(model_object).collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn model_object(m: &Served) -> Value {
+    json!({"id": m.id, "object": "model", "created": 0, "owned_by": "magcache",
+           "family": m.family, "video": m.fps.is_some()})
+}
+
+/// `GET /v1/models/{id}` (the `openai` client's `models.retrieve`).
+pub(crate) async fn model(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let r = authorize(&app, &headers).and_then(|_| app.model(&id).map(model_object));
+    let status = r.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
+    app.metrics.request("/v1/models/{id}", status);
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `GET /health`: 200 once every model is loaded (they are before the server listens).

@@ -4,15 +4,18 @@
 //! on its own worker thread, from a bounded queue (past it: 429).
 
 mod api;
+mod checks;
+mod error;
 mod metrics;
 mod model;
 mod videos;
 
 use crate::args::ServeArgs;
-use api::ApiError;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
+use error::ApiError;
 use magcache_core::{Error, Result};
 use metrics::Metrics;
 use model::Served;
@@ -27,6 +30,8 @@ const BODY_LIMIT: usize = 16 << 20;
 pub(crate) struct App {
     models: Vec<Served>,
     api_key: Option<String>,
+    /// Bound to a loopback address: requests must name a loopback host (`checks::foreign`).
+    loopback: bool,
     metrics: Arc<Metrics>,
     /// The cancel flags of the jobs in flight (set on shutdown).
     inflight: Mutex<Vec<Weak<AtomicBool>>>,
@@ -166,7 +171,30 @@ fn options(a: ServeArgs) -> Result<Options> {
     o.host = host.unwrap_or_else(|| "127.0.0.1".into());
     o.port = port.unwrap_or(8000);
     o.max_queue = queue.unwrap_or(16);
+    // An empty key (an empty MAGCACHE_API_KEY) or one with whitespace could never be sent in an
+    // `Authorization: Bearer KEY` header: every request would be refused.
+    if let Some(k) = &o.api_key {
+        if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::msg(
+                "serve: the API key (--api-key, MAGCACHE_API_KEY or serve.api_key) is empty or holds spaces or control characters; give a key without them, or none to serve without one",
+            ));
+        }
+    }
     Ok(o)
+}
+
+/// The server's own folder for the first frames sent with requests.
+pub(crate) fn tmp_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("magcache-serve-{}", std::process::id()))
+}
+
+/// Whether `host` (as `--host` gives it) is a loopback address or name.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Runs the server until SIGINT or SIGTERM (then jobs in flight are cancelled and it exits 0).
@@ -203,11 +231,12 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     }
     let kept = magcache_layers::weights::warm::kept_bytes();
     eprintln!("serve: {:.1} MB of weights kept warm", kept as f64 / 1e6);
-    let tmp = std::env::temp_dir().join(format!("magcache-serve-{}", std::process::id()));
+    let tmp = tmp_dir();
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
     let app = Arc::new(App {
         models,
         api_key: o.api_key.clone(),
+        loopback: is_loopback(&o.host),
         metrics,
         inflight: Mutex::new(Vec::new()),
         shutting_down: AtomicBool::new(false),
@@ -268,12 +297,16 @@ async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
         )
         .route("/v1/videos/{id}/content", get(videos::content))
         .route("/v1/models", get(api::models))
+        .route("/v1/models/{id}", get(api::model))
+        // The key before a `/v1` handler reads its body.
+        .route_layer(from_fn_with_state(app.clone(), checks::require_key))
         .route("/", get(api::page))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(from_fn_with_state(app.clone(), checks::same_origin))
         .with_state(app.clone());
     let listener = socket
         .listen(1024)

@@ -3,7 +3,8 @@
 //! answers at once; `GET /v1/videos/{id}` follows it, `/content` returns the MP4, `DELETE` cancels
 //! a job in flight (within one transformer call) or removes a finished one.
 
-use super::api::{authorize, request_text, ApiError};
+use super::api::request_text;
+use super::error::{authorize, ApiError};
 use super::model::{Figures, Job, Request};
 use super::App;
 use axum::body::Bytes;
@@ -23,6 +24,8 @@ pub(crate) struct Video {
     model: String,
     size: String,
     created_at: u64,
+    /// The order jobs were created in (lists are sorted by it).
+    seq: u64,
     /// `queued`, `in_progress` (progress > 0), `completed`, `failed` or `cancelled`.
     status: &'static str,
     progress: Arc<AtomicU8>,
@@ -55,6 +58,9 @@ struct Fields {
     cache: Option<toml::Table>,
     reference: Option<Vec<u8>>,
 }
+
+/// The next job's [`Video::seq`].
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -232,8 +238,34 @@ fn video_text(
     }
     let text = request_text(m, &r, extra)?;
     let seed = r.seed.unwrap_or(m.seed);
-    let size = r.size.unwrap_or_default();
+    let size = r.size.unwrap_or_else(|| run_size(&text));
     Ok((text, size, seed))
+}
+
+/// `WIDTHxHEIGHT` of a run's `[inputs]`, or empty where the run file leaves the size to the
+/// model's default.
+fn run_size(text: &str) -> String {
+    let doc: toml::Table = text.parse().unwrap_or_default();
+    let side = |k: &str| doc.get("inputs")?.get(k)?.as_integer();
+    match (side("width"), side("height")) {
+        (Some(w), Some(h)) => format!("{w}x{h}"),
+        _ => String::new(),
+    }
+}
+
+/// A request's first frame, written where the run file can name it (removed when the job ends),
+/// and checked as a picture.
+fn first_frame(app: &App, id: &str, bytes: &[u8]) -> Result<std::path::PathBuf, ApiError> {
+    let p = app.tmp.join(format!("{id}.img"));
+    std::fs::write(&p, bytes)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Err(e) = magcache_layers::picture::load_rgb8(&p, "request", "input_reference") {
+        let _ = std::fs::remove_file(&p);
+        // Said without the server's file the picture was written to.
+        let msg = e.to_string().replace(&format!("{}: ", p.display()), "");
+        return Err(ApiError::bad("input_reference", msg));
+    }
+    Ok(p)
 }
 
 /// `POST /v1/videos`.
@@ -251,18 +283,8 @@ async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError>
     authorize(app, req.headers())?;
     let f = fields(req).await?;
     let id = format!("video_{:016x}", app.next_id());
-    // The first frame, written where the run file can name it (removed when the job ends).
     let reference = match &f.reference {
-        Some(b) => {
-            let p = app.tmp.join(format!("{id}.img"));
-            std::fs::write(&p, b)
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            if let Err(e) = magcache_layers::picture::load_rgb8(&p, "request", "input_reference") {
-                let _ = std::fs::remove_file(&p);
-                return Err(ApiError::bad("input_reference", e.to_string()));
-            }
-            Some(p)
-        }
+        Some(b) => Some(first_frame(app, &id, b)?),
         None => None,
     };
     let made = video_text(app, &f, reference.as_deref());
@@ -282,6 +304,7 @@ async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError>
         model,
         size,
         created_at: now(),
+        seq: SEQ.fetch_add(1, Ordering::SeqCst),
         status: "queued",
         progress: Arc::new(AtomicU8::new(0)),
         cancel: Arc::new(AtomicBool::new(false)),
@@ -312,6 +335,7 @@ async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError>
         return Err(ApiError::busy(&m.id));
     }
     let app2 = app.clone();
+    let (served_path, served_id) = (m.path.clone(), m.id.clone());
     tokio::spawn(async move {
         let out = rx.await;
         if let Some(p) = &reference {
@@ -334,7 +358,8 @@ async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError>
             Ok(Err(magcache_core::Error::Cancelled)) => v.status = "cancelled",
             Ok(Err(e)) => {
                 v.status = "failed";
-                v.error = Some(e.to_string().replace('\n', " "));
+                let msg = super::checks::scrub_paths(&e.to_string(), &served_path, &served_id);
+                v.error = Some(msg.replace('\n', " "));
             }
             _ => {
                 v.status = "failed";
@@ -406,12 +431,52 @@ pub(crate) async fn delete(State(app): State<Arc<App>>, Path(id): Id, h: HeaderM
     })
 }
 
-/// `GET /v1/videos`.
-pub(crate) async fn list(State(app): State<Arc<App>>, h: HeaderMap) -> Response {
+/// `GET /v1/videos`'s query, as OpenAI's list endpoints take it.
+#[derive(serde::Deserialize)]
+pub(crate) struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+    order: Option<String>,
+}
+
+/// `GET /v1/videos`: newest first (`order=asc`: oldest first), at most `limit` (1..=100, default
+/// 20) after the job `after`, with `has_more` and the page's first and last ids.
+pub(crate) async fn list(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    q: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     with_jobs(&app, &h, ("/v1/videos", ""), |all| {
-        let data: Vec<Value> = all.values().map(Video::object).collect();
-        Some(Ok(
-            Json(json!({"object": "list", "data": data})).into_response()
-        ))
+        let q = match &q {
+            Ok(q) => q,
+            Err(e) => return Some(Err(ApiError::bad("query", e.body_text()))),
+        };
+        Some(page(all, Some(q)).map(|v| Json(v).into_response()))
     })
+}
+
+fn page(all: &BTreeMap<String, Video>, q: Option<&ListQuery>) -> Result<Value, ApiError> {
+    let limit = q.and_then(|q| q.limit).unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad("limit", "limit: must be 1..=100"));
+    }
+    let mut jobs: Vec<&Video> = all.values().collect();
+    jobs.sort_by_key(|v| v.seq);
+    match q.and_then(|q| q.order.as_deref()) {
+        None | Some("desc") => jobs.reverse(),
+        Some("asc") => {}
+        Some(o) => return Err(ApiError::bad("order", format!("order `{o}`: asc or desc"))),
+    }
+    if let Some(after) = q.and_then(|q| q.after.as_deref()) {
+        let at = jobs
+            .iter()
+            .position(|v| v.id == after)
+            .ok_or_else(|| ApiError::bad("after", format!("no video `{after}`")))?;
+        jobs.drain(..=at);
+    }
+    let has_more = jobs.len() > limit;
+    jobs.truncate(limit);
+    let data: Vec<Value> = jobs.iter().map(|v| v.object()).collect();
+    Ok(json!({"object": "list", "data": data, "has_more": has_more,
+              "first_id": jobs.first().map(|v| &v.id), "last_id": jobs.last().map(|v| &v.id)}))
 }

@@ -87,6 +87,9 @@ fn pin_thread_count() {
 }
 
 fn real_main(cli: Cli) -> Result<()> {
+    // Switches read deep in a run are checked first: a value they do not take is an error.
+    magcache_core::runtime::progress::check_env()?;
+    magcache_layers::nn::bf16_gemm::check_switch()?;
     // The server answers SIGINT/SIGTERM itself (it writes no temporary file).
     if let Cmd::Serve(a) = cli.cmd {
         return crate::serve::serve(a);

@@ -222,12 +222,12 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     }
     crate::args::check_data_range(data_range)?;
     check_fps(fps)?;
-    check_png_name(&png)?;
     let video_kind = video_kind_of(&config, &video)?;
     let mut outs = plan_outputs(
         &config,
         &[("--plot", &plot), ("--png", &png), ("--video", &video)],
     )?;
+    check_png_name(&png)?;
     let c = crate::compare(&config, verbosity(quiet, json), data_range, repeat)?;
     let r = &c.report;
     if let Some(f) = &plot {
@@ -292,7 +292,6 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     } = a;
     let start = std::time::Instant::now();
     check_fps(fps)?;
-    check_png_name(&png)?;
     let video_kind = video_kind_of(&config, &video)?;
     let mut outs = plan_outputs(
         &config,
@@ -303,6 +302,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
             ("--video", &video),
         ],
     )?;
+    check_png_name(&png)?;
     // Stage notes on stderr; not on a terminal, only for long stages (a log shows a long
     // stage is alive; a short or failing run prints nothing more).
     let terminal = std::io::stderr().is_terminal();
@@ -383,7 +383,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| magcache_core::Error::msg(e.to_string()))
 }
 
-/// `--png` writes PNG: a name with another extension (`out.jpg`) is refused before any work.
+/// `--png` writes PNG: a name with another extension (`out.jpg`) is refused before any work (after
+/// the outputs are checked: an input named as `--png` is refused as such).
 fn check_png_name(png: &Option<PathBuf>) -> Result<()> {
     let Some(p) = png else { return Ok(()) };
     match p

@@ -48,28 +48,35 @@ impl ThresholdCheck {
             g(self.p75),
             g(self.max)
         );
-        let (t, t2, metric) = (g(self.threshold), g(self.threshold_for_2x), &self.metric);
+        let (t, metric) = (g(self.threshold), &self.metric);
+        let half = match self.threshold_for_2x.is_finite() {
+            true => format!(
+                "replayed on these values, a threshold of about {} computes half the calls",
+                g(self.threshold_for_2x)
+            ),
+            false => "replayed on these values, no finite threshold computes half the calls".into(),
+        };
         if self.kind == DECIDES_NOTHING {
             return format!(
-                "{scope} reused {} of {} calls and its threshold {t} decided none of them: the {metric} it compared ({spread}) never reached it, so only the guards and the strategy's own limits computed calls and nothing bounds the error; replayed on these values, a threshold of about {t2} computes half the calls (2x) (--json: threshold_check)",
+                "{scope} reused {} of {} calls and its threshold {t} decided none of them: the {metric} it compared ({spread}) never reached it, so only the guards and the strategy's own limits computed calls and nothing bounds the error; {half} (2x) (--json: threshold_check)",
                 self.calls - self.computed,
                 self.calls,
             );
         }
         format!(
-            "{scope} computed {} of {} calls: the {metric} it compared ranged {spread} against threshold {t}; replayed on these values, a threshold of about {t2} computes half the calls (2x; the guards and the strategy's own limits can compute more, and reused calls change the values that follow) (--json: threshold_check)",
+            "{scope} computed {} of {} calls: the {metric} it compared ranged {spread} against threshold {t}; {half} (2x; the guards and the strategy's own limits can compute more, and reused calls change the values that follow) (--json: threshold_check)",
             self.computed, self.calls,
         )
     }
 }
 
-/// Four significant digits.
+/// Four significant digits (in scientific notation below 1e-3 and from 1e6 up).
 fn g(x: f64) -> String {
     if x == 0.0 || !x.is_finite() {
         return format!("{x}");
     }
     let digits = (3 - x.abs().log10().floor() as i32).max(0) as usize;
-    if x.abs() < 1e-3 {
+    if x.abs() < 1e-3 || x.abs() >= 1e6 {
         format!("{x:.3e}")
     } else {
         format!("{x:.digits$}")
@@ -229,6 +236,22 @@ mod tests {
         assert!(replay(&v, t, true) <= 5 && replay(&v, t * 0.999, true) > 5);
         assert!(t > c.threshold_for_2x);
         assert!(c.warning("teacache").contains("p50 5.500"));
+    }
+
+    #[test]
+    fn huge_values_are_short_and_no_infinite_threshold_is_suggested() {
+        assert_eq!(g(1e308), "1.000e308");
+        assert_eq!(g(12345.0), "12345");
+        let v: Vec<Option<f64>> = vec![Some(1e308); 6];
+        let c = threshold_checks(&calls(&v, 6), Some(0.25), "m", true);
+        let w = c[0].warning("magcache");
+        assert!(w.len() < 600 && w.contains("1.000e308"), "{w}");
+        if !c[0].threshold_for_2x.is_finite() {
+            assert!(
+                w.contains("no finite threshold") && !w.contains("about inf"),
+                "{w}"
+            );
+        }
     }
 
     #[test]

@@ -137,6 +137,35 @@ fn a_bad_onednn_switch_value_is_one_line_naming_it() {
     }
 }
 
+/// The switches read deep in a run (`MAGCACHE_CPU_BF16`, `MAGCACHE_PROGRESS_SECONDS`) refuse a
+/// value they do not take, in one line naming the variable, before anything loads.
+#[test]
+fn a_bad_switch_value_is_one_line_naming_it() {
+    let c = Case::new();
+    for (var, value) in [
+        ("MAGCACHE_CPU_BF16", "maybe"),
+        ("MAGCACHE_PROGRESS_SECONDS", "abc"),
+        ("MAGCACHE_PROGRESS_SECONDS", "-1"),
+    ] {
+        let named = format!("{var}=\"{value}\"");
+        c.run_err_env(&c.default_toml(MAG), &[(var, value)], &[named.as_str()]);
+    }
+}
+
+/// A NaN or infinite `[model.overrides]` value (TOML has them, a model's JSON config does not) is
+/// named, not passed on as `null`.
+#[test]
+fn a_non_finite_override_is_named() {
+    let c = Case::new();
+    for v in ["nan", "inf", "-inf"] {
+        let text = c.default_toml(MAG).replace(
+            "[inputs]",
+            &format!("[model.overrides]\neps = {v}\n\n[inputs]"),
+        );
+        c.run_err(&text, &["run.toml", "model.overrides.eps", "finite"]);
+    }
+}
+
 #[test]
 fn unknown_key() {
     let c = Case::new();

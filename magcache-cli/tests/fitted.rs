@@ -439,6 +439,25 @@ fn a_fit_splits_per_branch() {
             .map(|c| c["weights"].clone())
             .collect()
     };
+    // A run with one branch (no CFG) has nothing to split: refused, not written as `cond` only.
+    let one = dir.path().join("one.toml");
+    let text = std::fs::read_to_string(&run).unwrap();
+    std::fs::write(
+        &one,
+        text.replace("guidance_scale = 4.0", "guidance_scale = 1.0"),
+    )
+    .unwrap();
+    let out = dir.path().join("nocfg.toml");
+    let mut args = vec!["calibrate", "--config", s(&one), "--out", s(&out), "--fit"];
+    args.extend_from_slice(&[
+        "--iterations",
+        "0",
+        "--per-branch",
+        "--compute-steps",
+        SCHEDULE,
+    ]);
+    check_err(&magcache(&args), &["--per-branch", "one branch"]);
+    assert!(!out.exists());
     let split = go(&dir.path().join("split.toml"), "0");
     let f = &split["fitted"];
     assert_eq!(f["per_branch"].as_bool(), Some(true));

@@ -125,6 +125,85 @@ fn flags_that_would_be_ignored_or_misnamed_are_refused() {
     }
 }
 
+/// `retention_ratio = 1.0` retains every call as warm-up: the run is dense, and `plan` says so as
+/// it does for the guards' warm-up and last steps.
+#[test]
+fn a_retention_covering_every_call_warns_that_the_run_is_dense() {
+    let c = Case::new(
+        "\n[cache]\nstrategy = \"magcache\"\nthreshold = 0.1\nmag_ratios = [1.0, 0.99]\nretention_ratio = 1.0\n",
+    );
+    let o = magcache(&["plan", "--config", s(&c.run_file()), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let warned = j["warnings"].as_array().unwrap().iter().any(|w| {
+        let w = w.as_str().unwrap();
+        w.contains("cache.retention_ratio (1)") && w.contains("the run is dense")
+    });
+    assert!(warned, "{}", j["warnings"]);
+}
+
+/// A Wan2.2 boundary that gives one expert no step: said (the expert is loaded for nothing, and
+/// the cache's curve for it unused), in `plan` as in a run.
+#[test]
+fn a_boundary_that_leaves_an_expert_idle_is_said() {
+    let d = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("wan22_tiny_magcache.toml"))
+        .unwrap()
+        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    for (boundary, idle) in [("0.0", "expert 1 (the low-noise one)"), ("0.875", "")] {
+        let run = d.path().join("wan22.toml");
+        let edited = text.replace(
+            "boundary_ratio = 0.875",
+            &format!("boundary_ratio = {boundary}"),
+        );
+        std::fs::write(&run, edited).unwrap();
+        let o = magcache(&["plan", "--config", s(&run), "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let said = j["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("none of the 12 steps"));
+        assert_eq!(said, !idle.is_empty(), "{}", j["warnings"]);
+        if said {
+            assert!(
+                j["warnings"].to_string().contains(idle),
+                "{}",
+                j["warnings"]
+            );
+        }
+    }
+}
+
+/// A guidance scale on a step-distilled FLUX.2 klein (one call per step, no guidance embedding)
+/// does nothing: said in the run's warnings, as a negative prompt there is.
+#[test]
+fn a_guidance_scale_a_distilled_model_ignores_is_said() {
+    let d = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("flux2_klein_tiny_prompted.toml"))
+        .unwrap()
+        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    for (extra, said) in [("guidance_scale = 7.0\n", true), ("", false)] {
+        let run = d.path().join("k.toml");
+        std::fs::write(
+            &run,
+            text.replacen("[sampling]\n", &format!("[sampling]\n{extra}"), 1),
+        )
+        .unwrap();
+        let o = magcache(&["run", "--config", s(&run), "--quiet"]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert_eq!(
+            stderr.contains("guidance_scale = 7 is not used"),
+            said,
+            "{stderr}"
+        );
+    }
+}
+
 /// `tune --out sub/fast.toml` would copy `weights = "w"` into `sub/`, where it names nothing:
 /// refused before any run, naming the key; beside the run file, or with absolute paths, it works.
 #[test]
@@ -220,7 +299,7 @@ fn gguf_as(
 
 /// A GGUF Wan checkpoint has no config: it is read off block 0's tensors. A block 0 without the
 /// query norm that the other blocks have is refused, naming the tensor, rather than run without
-/// any block's norms.
+/// any block's norms; a size read off the header as zero names the file.
 #[test]
 fn a_wan_checkpoint_whose_blocks_differ_is_refused() {
     let d = tempfile::tempdir().unwrap();
@@ -243,6 +322,25 @@ fn a_wan_checkpoint_whose_blocks_differ_is_refused() {
     write_run(&f);
     let o = magcache(&["run", "--quiet", "--config", s(&run)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A size read off the header as zero is the file's fault: named with the file, not the run
+    // file.
+    let mut zero = t.clone();
+    let k = "condition_embedder.time_embedder.linear_1.weight";
+    let rows = zero[k].dim(0).unwrap();
+    zero.insert(
+        k.into(),
+        candle_core::Tensor::zeros(
+            (rows, 0),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let f = d.path().join("zero.gguf");
+    std::fs::write(&f, gguf(&zero)).unwrap();
+    write_run(&f);
+    let o = magcache(&["run", "--quiet", "--config", s(&run)]);
+    check_err(&o, &["zero.gguf", "inferred from its tensors", "freq_dim"]);
     assert!(t.remove("blocks.0.attn1.norm_q.weight").is_some());
     let f = d.path().join("odd.gguf");
     std::fs::write(&f, gguf(&t)).unwrap();

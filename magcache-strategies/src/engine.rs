@@ -584,12 +584,12 @@ macro_rules! strategy_config {
         impl $crate::engine::SharedKeys for $name {
             fn shared(&self) -> $crate::engine::Shared {
                 $crate::engine::Shared {
-                    guards: $crate::guards::GuardConfig {
-                        warmup_steps: self.warmup_steps,
-                        last_steps: self.last_steps,
-                        max_consecutive: self.max_consecutive,
-                        cfg_shared: self.cfg_shared,
-                    },
+                    guards: $crate::guards::GuardConfig::new(
+                        self.warmup_steps,
+                        self.last_steps,
+                        self.max_consecutive,
+                        self.cfg_shared,
+                    ),
                     estimator: self.estimator,
                     estimator_axis: self.estimator_axis,
                 }

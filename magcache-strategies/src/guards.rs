@@ -29,15 +29,53 @@ pub struct GuardConfig {
     pub last_steps: usize,
     pub max_consecutive: Option<usize>,
     pub cfg_shared: bool,
+    /// The strategy's own names of the two keys, for messages.
+    #[serde(skip)]
+    pub names: GuardNames,
+}
+
+/// What a strategy's run file calls [`GuardConfig::warmup_steps`] and
+/// [`GuardConfig::last_steps`] (SeaCache: diffusers' `retention_steps`, `cache_end_steps`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuardNames {
+    pub warmup: &'static str,
+    pub last: &'static str,
+}
+
+impl Default for GuardNames {
+    fn default() -> Self {
+        GuardNames {
+            warmup: "warmup_steps",
+            last: "last_steps",
+        }
+    }
 }
 
 impl GuardConfig {
-    /// The guards' warnings on `plan`: [`Self::dense_warning`], [`Self::cfg_shared_warning`].
+    /// The keys under their usual names (`warmup_steps`, `last_steps`).
+    pub fn new(
+        warmup_steps: usize,
+        last_steps: usize,
+        max_consecutive: Option<usize>,
+        cfg_shared: bool,
+    ) -> Self {
+        GuardConfig {
+            warmup_steps,
+            last_steps,
+            max_consecutive,
+            cfg_shared,
+            names: GuardNames::default(),
+        }
+    }
+
+    /// The warnings on `plan`: [`Self::dense_warning`], [`Self::cfg_shared_warning`] and
+    /// [`idle_expert_warning`].
     pub fn plan_warnings(&self, name: &str, plan: &GenerationPlan) -> Vec<String> {
         let dense = self.dense_warning(name, plan);
         dense
             .into_iter()
             .chain(self.cfg_shared_warning(name, plan))
+            .chain(idle_expert_warning(name, plan))
             .collect()
     }
 
@@ -47,8 +85,9 @@ impl GuardConfig {
         let sp = plan.scopes.iter().find(|sp| {
             (0..sp.steps).all(|s| s < self.warmup_steps || s + self.last_steps >= sp.steps)
         })?;
+        let GuardNames { warmup, last } = self.names;
         Some(format!(
-            "{name}: cache.warmup_steps ({}) and cache.last_steps ({}) compute every one of the {} calls of scope {}: nothing can be reused (the run is dense)",
+            "{name}: cache.{warmup} ({}) and cache.{last} ({}) compute every one of the {} calls of scope {}: nothing can be reused (the run is dense)",
             self.warmup_steps, self.last_steps, sp.steps, sp.key
         ))
     }
@@ -183,6 +222,24 @@ impl Guards {
     }
 }
 
+/// A warning when a two-expert run (`plan.boundary_ratio` set) gives one expert no step: that
+/// model is loaded and never runs, and the cache's settings for it (a ratio curve, coefficients)
+/// are not used.
+pub fn idle_expert_warning(name: &str, plan: &GenerationPlan) -> Option<String> {
+    let b = plan.boundary_ratio?;
+    let runs = |e: usize| {
+        plan.scopes
+            .iter()
+            .any(|sp| sp.key.expert == e && sp.steps > 0)
+    };
+    let idle = (0..2).find(|&e| !runs(e))?;
+    let which = ["high-noise", "low-noise"][idle];
+    Some(format!(
+        "{name}: sampling.boundary_ratio ({b}) gives expert {idle} (the {which} one) none of the {} steps: it is loaded and never runs, and the cache's settings for it are not used",
+        plan.total_steps
+    ))
+}
+
 /// Warnings for the scopes of `plan` too short for caching to pay, with the best call speedup the
 /// guards allow (`name`: the strategy, for the message). One line per distinct step count, naming
 /// every scope that has it (both experts of a Wan2.2 run, every CFG branch).
@@ -239,6 +296,7 @@ mod tests {
             last_steps: 1,
             max_consecutive: Some(2),
             cfg_shared: false,
+            names: Default::default(),
         };
         let mut g = Guards::new(cfg);
         g.begin(&plan(10));
@@ -311,6 +369,21 @@ mod tests {
             ..Default::default()
         };
         assert!(cfg.validate("r.toml").is_err());
+        // The dense run's warning names the strategy's own keys (SeaCache's are diffusers').
+        let sea = GuardConfig {
+            warmup_steps: 1,
+            last_steps: 1,
+            names: GuardNames {
+                warmup: "retention_steps",
+                last: "cache_end_steps",
+            },
+            ..Default::default()
+        };
+        let w = sea.dense_warning("seacache", &plan(2)).unwrap();
+        assert!(
+            w.contains("cache.retention_steps (1)") && w.contains("cache.cache_end_steps (1)"),
+            "{w}"
+        );
         let w = few_step_warnings("fbcache", &plan(4), &GuardConfig::default());
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(

@@ -254,6 +254,18 @@ impl Rule for MagRule {
                 ));
             }
         }
+        // The retained warm-up covering a whole scope leaves nothing to reuse, as the guards'
+        // warm-up and last steps do (their own warning).
+        if let Some(sp) = plan
+            .scopes
+            .iter()
+            .find(|sp| retention_steps(self.cfg.retention_ratio, sp.steps) >= sp.steps)
+        {
+            warnings.push(format!(
+                "magcache: cache.retention_ratio ({}) retains all {} calls of scope {} as warm-up: nothing can be reused (the run is dense)",
+                self.cfg.retention_ratio, sp.steps, sp.key
+            ));
+        }
         warnings
     }
 

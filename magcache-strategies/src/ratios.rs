@@ -217,9 +217,25 @@ impl RatioSource {
                     .get(&sp.key.branch)
                     .or_else(|| per.get(&Branch::Cond))
                     .ok_or_else(|| Error::msg(format!("{} has no `{}` curve", rc.source, sp.key.branch)))?;
-                let sig = rc.expert_sigmas.get(sp.key.expert).filter(|s| s.len() == c.len()).ok_or_else(|| {
-                    Error::msg(format!("resample = \"sigma\" needs the sigma of every calibrated step; {} does not record them", rc.source))
-                })?;
+                let sig = match rc.expert_sigmas.get(sp.key.expert) {
+                    Some(s) if s.len() == c.len() => s,
+                    Some(s) => {
+                        return Err(Error::msg(format!(
+                            "resample = \"sigma\" pairs each calibrated step's ratio with its sigma; {} records {} sigmas for expert {} and {} `{}` ratios",
+                            rc.source,
+                            s.len(),
+                            sp.key.expert,
+                            c.len(),
+                            sp.key.branch
+                        )))
+                    }
+                    None => {
+                        return Err(Error::msg(format!(
+                            "resample = \"sigma\" needs the sigma of every calibrated step; {} does not record them",
+                            rc.source
+                        )))
+                    }
+                };
                 magcache_core::maths::sigma_interp(c, sig, &sp.sigmas)
             }
             (Resample::Sigma, RatioSource::Config(_)) => Err(Error::msg(

@@ -94,6 +94,10 @@ impl SharedKeys for SeaCacheConfig {
                 max_consecutive: (self.max_consecutive_cached > 0)
                     .then_some(self.max_consecutive_cached),
                 cfg_shared: self.cfg_shared,
+                names: crate::guards::GuardNames {
+                    warmup: "retention_steps",
+                    last: "cache_end_steps",
+                },
             },
             estimator: Estimator::from_order(self.residual_order).unwrap_or(Estimator::Taylor2),
             estimator_axis: Default::default(),

@@ -121,6 +121,7 @@ impl SharedKeys for SpectrumConfig {
                 last_steps: self.last_steps,
                 max_consecutive: self.max_consecutive,
                 cfg_shared: self.cfg_shared,
+                names: Default::default(),
             },
             estimator: Estimator::from_order(self.taylor_order).unwrap_or(Estimator::Taylor1),
             estimator_axis: self.estimator_axis,

@@ -15,6 +15,13 @@ pub(super) fn start_coefficients(
     profile: &Profile,
 ) -> Result<(Coefficients, Vec<EarlierFit>)> {
     let n_experts = profile.ratios.len();
+    // Branches are the ratio tables' keys per expert (`cond`, `uncond`; a run without CFG, or with
+    // CFG in one batched call, has one).
+    if opts.per_branch && profile.ratios.values().all(|b| b.len() < 2) {
+        return Err(Error::msg(
+            "--per-branch: this run has one branch per expert (no CFG, or CFG in one batched call): there is nothing to fit per branch",
+        ));
+    }
     if let Some((_, f, shown)) = start {
         let mut earlier = f.earlier.clone();
         earlier.push(EarlierFit::of(f));

@@ -361,6 +361,17 @@ impl RunConfig {
         if self.sampling.steps == 0 {
             return Err(Error::config(file, "sampling.steps", "must be at least 1"));
         }
+        // A model config holds no NaN or infinity, and JSON (the configs' form) has none: such an
+        // override would reach the model as `null`, named nowhere.
+        if let Some(t) = &self.model.overrides {
+            if let Some((k, v)) = non_finite(t, "model.overrides") {
+                return Err(Error::config(
+                    file,
+                    k,
+                    format!("must be a finite number, got {v}"),
+                ));
+            }
+        }
         if let Some(s) = self.sampling.shift {
             if !(s.is_finite() && s > 0.0) {
                 return Err(Error::config(
@@ -494,6 +505,22 @@ impl RunConfig {
         static NONE: NoCache = NoCache {};
         self.cache.as_deref().unwrap_or(&NONE)
     }
+}
+
+/// The first NaN or infinite float in `t` (nested tables and arrays too), with its dotted key.
+fn non_finite(t: &toml::Table, prefix: &str) -> Option<(String, f64)> {
+    fn walk(v: &toml::Value, key: String) -> Option<(String, f64)> {
+        match v {
+            toml::Value::Float(f) if !f.is_finite() => Some((key, *f)),
+            toml::Value::Table(t) => t.iter().find_map(|(k, v)| walk(v, format!("{key}.{k}"))),
+            toml::Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, format!("{key}[{i}]"))),
+            _ => None,
+        }
+    }
+    t.iter().find_map(|(k, v)| walk(v, format!("{prefix}.{k}")))
 }
 
 #[cfg(test)]

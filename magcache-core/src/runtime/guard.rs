@@ -144,6 +144,8 @@ pub struct Footprint {
 /// `bytes` in GB (10^9 bytes), for messages.
 pub fn gb(bytes: Option<u64>) -> String {
     match bytes {
+        // Under 0.1 GB in MB, where one decimal of a GB would read 0.0.
+        Some(b) if b < 100_000_000 => format!("{:.1} MB", b as f64 / 1e6),
         Some(b) => format!("{:.1} GB", b as f64 / 1e9),
         None => "over 18 EB (the size overflows)".to_string(),
     }

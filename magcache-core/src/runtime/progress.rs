@@ -34,6 +34,19 @@ pub const TICK_SECONDS: f64 = 5.0;
 /// stage's `done` line).
 pub const PROGRESS_SECONDS_ENV: &str = "MAGCACHE_PROGRESS_SECONDS";
 
+/// Refuses a [`PROGRESS_SECONDS_ENV`] that is set and is not a number of seconds, 0 or more (one
+/// line naming it), before a command starts.
+pub fn check_env() -> crate::Result<()> {
+    match std::env::var(PROGRESS_SECONDS_ENV) {
+        Ok(v) if !v.is_empty() && !v.trim().parse::<f64>().is_ok_and(|s| s.is_finite() && s >= 0.0) => {
+            Err(crate::Error::msg(format!(
+                "{PROGRESS_SECONDS_ENV}={v:?}: expected seconds between progress lines, a number 0 or more (unset: {TICK_SECONDS})"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The interval in milliseconds (set by [`set_visible`]).
 static INTERVAL_MS: AtomicU64 = AtomicU64::new(5000);
 

@@ -85,6 +85,15 @@ impl Flux2Run {
                 (Source::Preset(p), preset_config(p, cfg, file)?, knob)
             }
         };
+        if let (true, Some(g), false) = (
+            distilled,
+            cfg.sampling.guidance_scale,
+            transformer.guidance_embeds,
+        ) {
+            warnings.push(format!(
+                "{file}: sampling.guidance_scale = {g} is not used: the model is step-distilled (one call per step, no classifier-free guidance) and embeds no guidance"
+            ));
+        }
         let root = match &cfg.prompt {
             Some(_) => Some(prompted::pipeline_root(cfg, file, base)?.0),
             None => None,

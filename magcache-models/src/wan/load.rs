@@ -173,7 +173,12 @@ pub fn read_wan_config(
             .into_iter()
             .map(|(k, s)| (original_to_diffusers(&k), s))
             .collect();
-        let obj = infer_wan_config(&shapes, &weights.display().to_string(), overrides)?;
+        let shown = weights.display().to_string();
+        let obj = infer_wan_config(&shapes, &shown, overrides)?;
+        // The inferred sizes checked as the file's (a zero dimension in its header is the file's
+        // fault, not the run file's), then the run file's overrides over them.
+        let inferred = format!("{shown} (config inferred from its tensors' shapes)");
+        WanConfig::from_map(obj.clone(), &inferred, &Default::default())?;
         return WanConfig::from_map(obj, cfg_file, overrides);
     }
     let cpath = config_path(weights, config)?;

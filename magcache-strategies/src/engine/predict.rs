@@ -54,10 +54,14 @@ impl<R: Rule> Cached<R> {
             let err = if errs.is_empty() {
                 String::new()
             } else {
+                let most = errs.iter().copied().fold(0.0, f64::max);
+                let most = match most.abs() >= 1e6 {
+                    true => format!("{most:.3e}"),
+                    false => format!("{most:.4}"),
+                };
                 format!(
-                    ", {} of the reused calls up to {:.4}",
+                    ", {} of the reused calls up to {most}",
                     self.rule.predicted_metric(),
-                    errs.iter().copied().fold(0.0, f64::max)
                 )
             };
             out.push(format!(

@@ -245,6 +245,10 @@ pub(crate) struct ServeArgs {
     /// Jobs waiting per model before requests get 429 (default 16).
     #[arg(long)]
     pub(crate) max_queue: Option<usize>,
+    /// A host name requests may name (`Host`) and browser pages may come from (`Origin`) besides
+    /// this server's own: the public name behind a reverse proxy (repeat for several).
+    #[arg(long)]
+    pub(crate) allow_host: Vec<String>,
 }
 
 /// `--data-range`, when given: a finite number > 0 (`compare`, `tune`, `calibrate --fit`).

@@ -59,7 +59,7 @@ fn an_export_interrupted_while_writing_leaves_a_whole_folder_or_nothing() {
     let d = tempfile::tempdir().unwrap();
     let run = d.path().join("run.toml");
     std::fs::write(&run, RUN).unwrap();
-    // Interrupted after 1, 3, 6, ... files are in the partial folder (or at its end): each time while shards are
+    // Interrupted after 1, 2, 4, ... files are in the partial folder (or at its end): each time while shards are
     // being written, at a different point.
     for (i, after) in [1usize, 2, 4, 5, 7, 9, 11, 13, 15, 17, 19, 20]
         .into_iter()

@@ -115,7 +115,7 @@ fn http(
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for h in headers {
@@ -727,8 +727,22 @@ fn bad_requests_are_refused_before_any_work_without_server_paths() {
     let (st, _) = srv.json("GET", "/health", &[], "");
     assert_eq!(st, 200);
     assert_eq!(srv.stop(), Some(0));
-    // A key no request could send (empty, or with a space) stops the server at start.
-    for k in ["", "two words"] {
+    // Behind a proxy that keeps the client's Host: the public name allowed, others still not.
+    let srv = Server::start(&["--config", s(&model), "--allow-host", "Images.Example.com"]);
+    for (host, status) in [("images.example.com", "200"), ("attacker.example", "403")] {
+        let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+        let req = format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status}")),
+            "{host}: {out}"
+        );
+    }
+    assert_eq!(srv.stop(), Some(0));
+    // A key no request could send (empty, with a space, not ASCII) stops the server at start.
+    for k in ["", "two words", "clé"] {
         let (ok, err) = ended(&["--config", s(&model), "--port", "0", "--api-key", k]);
         assert!(!ok && err.contains("API key"), "{err}");
     }

@@ -132,8 +132,8 @@ fn speedup_target_sets_the_computed_calls() {
     );
     let (_, computed, total) = psnr(&out);
     assert_eq!((computed, total), (8, 20));
-    // The profile is written only where the chosen setting reads it (here an explicit schedule,
-    // which reads none).
+    // The profile is written where the chosen setting reads it (here a searched schedule, which
+    // does).
     let tuned: toml::Table = written.parse().unwrap();
     let reads = tuned["cache"].get("profile").is_some();
     assert!(reads, "{written}");
@@ -402,20 +402,27 @@ fn a_setting_that_reads_no_profile_writes_none() {
     let run = dir.path().join("wp.toml");
     std::fs::write(&run, text).unwrap();
     let out = dir.path().join("t.toml");
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out),
-        "--target-speedup",
-        "2",
-    ]);
+    // An earlier tune's pair at --out: its profile goes with the run file it replaces.
+    let profile = dir.path().join("t.profile.toml");
+    std::fs::write(
+        &out,
+        "[cache]\nstrategy = \"magcache\"\nprofile = \"t.profile.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(&profile, "earlier\n").unwrap();
+    let tune = || {
+        let args = ["tune", "--config", s(&run), "--out", s(&out)];
+        magcache(&[&args[..], &["--target-speedup", "2"]].concat())
+    };
+    let o = tune();
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let tuned: toml::Table = std::fs::read_to_string(&out).unwrap().parse().unwrap();
     assert!(tuned["cache"].get("compute_steps").is_some(), "{tuned}");
     assert!(tuned["cache"].get("profile").is_none(), "{tuned}");
-    assert!(!dir.path().join("t.profile.toml").exists());
+    assert!(!profile.exists());
     assert!(stdout.contains("reads no profile"), "{stdout}");
+    // Tuned again to the same --out: nothing left in its way.
+    let o = tune();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

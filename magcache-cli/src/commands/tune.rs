@@ -137,15 +137,33 @@ pub(crate) fn tune(a: TuneArgs) -> Result<()> {
     outs.write(&out, crate::tuned_run_file(&text, &from, &r, t).as_bytes())?;
     // The profile goes in place only where the chosen setting reads it.
     let reads_profile = t.cache.iter().any(|l| l.starts_with("profile = "));
-    if !reads_profile {
-        outs.discard(&profile);
-    }
-    outs.commit()?;
+    commit(outs, &out, &profile, reads_profile)?;
     show(&r, json, quiet)?;
     if !quiet && !json {
         match reads_profile {
             true => println!("wrote {} and {}", out.display(), profile.display()),
             false => println!("wrote {} (its setting reads no profile)", out.display()),
+        }
+    }
+    Ok(())
+}
+
+/// Puts the run file in place, and the profile where the chosen setting reads one. A profile there
+/// now is the replaced run file's (checked at start): with a setting that reads none, it goes
+/// with that run file.
+fn commit(mut outs: crate::Outputs, out: &Path, profile: &Path, reads_profile: bool) -> Result<()> {
+    let stale = !reads_profile && std::fs::symlink_metadata(profile).is_ok();
+    if !reads_profile {
+        outs.discard(profile);
+    }
+    outs.commit()?;
+    if stale {
+        if let Err(e) = std::fs::remove_file(profile) {
+            eprintln!(
+                "warning: {}: the earlier tune's profile, which {} no longer names, could not be removed: {e}",
+                profile.display(),
+                out.display()
+            );
         }
     }
     Ok(())

@@ -126,7 +126,6 @@ pub(crate) fn request_text(
             ));
         }
     }
-    super::checks::precheck(m, &text)?;
     Ok(text)
 }
 
@@ -192,7 +191,7 @@ pub(crate) async fn images(
 }
 
 async fn generate_images(
-    app: &App,
+    app: &Arc<App>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
@@ -213,6 +212,7 @@ async fn generate_images(
         ));
     }
     let text = request_text(m, &r, toml::Table::new())?;
+    super::checks::precheck_off_thread(app, &m.id, &text).await?;
     let seed = r.seed.unwrap_or(m.seed);
     seed_value(seed).map_err(from_run)?;
     // Picture i takes seed + i: the last one must be a seed too, before any picture is made.

@@ -39,14 +39,18 @@ fn route_of(path: &str) -> &'static str {
     }
 }
 
-/// The host part of a `Host` header or of an `Origin`'s authority (`127.0.0.1`, `[::1]`,
-/// `localhost`), lowercased, without the port.
-fn host_of(authority: &str) -> String {
+/// The host of a `Host` header or of an `Origin`'s authority (`127.0.0.1`, `[::1]`, `localhost`),
+/// lowercased, and its port where it names one.
+fn split_authority(authority: &str) -> (String, Option<u16>) {
     let a = authority.trim().to_ascii_lowercase();
-    if let Some(end) = a.strip_prefix('[').and_then(|r| r.find(']')) {
-        return a[..end + 2].to_string();
-    }
-    a.split(':').next().unwrap_or_default().to_string()
+    let (host, rest) = match a.strip_prefix('[').and_then(|r| r.find(']')) {
+        Some(end) => (a[..end + 2].to_string(), &a[end + 2..]),
+        None => match a.split_once(':') {
+            Some((h, p)) => (h.to_string(), &a[h.len()..][..p.len() + 1]),
+            None => (a.clone(), ""),
+        },
+    };
+    (host, rest.strip_prefix(':').and_then(|p| p.parse().ok()))
 }
 
 /// Whether `host` (from [`host_of`]) names this machine's loopback interface.
@@ -58,41 +62,54 @@ fn loopback_name(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Where the server may be reached from: whether it listens on loopback only, and the host names
+/// it answers besides loopback names (`--host`'s name, `--allow-host`'s).
+pub(crate) struct Reach {
+    pub loopback: bool,
+    pub hosts: Vec<String>,
+}
+
 /// Why a request is refused as another site's, if it is: a browser page of another origin (its
-/// `Origin` is not the `Host` it sent to: a cross-site form or fetch, which needs no CORS to be
-/// sent), or, on a server bound to loopback, a `Host` that is not a loopback name (a page whose
-/// own name was made to resolve to 127.0.0.1, DNS rebinding). Clients that are not browsers send
-/// no `Origin`.
-pub(crate) fn foreign(headers: &HeaderMap, loopback: bool) -> Option<String> {
+/// `Origin`, scheme's port included, is not the `Host` it sent to and not an allowed host: a
+/// cross-site form or fetch, which needs no CORS to be sent), or, on a server bound to loopback,
+/// a `Host` that is neither a loopback name nor an allowed one (a page whose own name was made to
+/// resolve to 127.0.0.1: DNS rebinding). Clients that are not browsers send no `Origin`.
+pub(crate) fn foreign(headers: &HeaderMap, reach: &Reach) -> Option<String> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(host_of);
-    if loopback {
-        match &host {
-            Some(h) if loopback_name(h) => {}
-            _ => {
-                return Some(format!(
-                    "Host `{}`: this server listens on loopback and answers loopback names only",
-                    host.unwrap_or_default()
-                ))
-            }
-        }
+        .unwrap_or_default();
+    let (host_name, host_port) = split_authority(host);
+    let allowed = |h: &str| reach.hosts.iter().any(|a| a == h);
+    if reach.loopback && !loopback_name(&host_name) && !allowed(&host_name) {
+        return Some(format!(
+            "Host `{host}`: this server listens on loopback and answers loopback names and its allowed hosts only (--allow-host)"
+        ));
     }
-    let origin = headers.get(header::ORIGIN)?;
-    let o = origin.to_str().unwrap_or_default();
-    let authority = o.split_once("://").map_or("", |(_, a)| a);
-    match (&host, authority.is_empty()) {
-        (Some(h), false) if host_of(authority) == *h => None,
-        _ => Some(format!(
-            "Origin `{o}`: requests from another site's page are refused"
-        )),
+    let o = headers.get(header::ORIGIN)?.to_str().unwrap_or_default();
+    let refused = || {
+        Some(format!(
+            "Origin `{o}`: requests from another site's page are refused (--allow-host names the sites a server answers)"
+        ))
+    };
+    let Some((scheme, authority)) = o.split_once("://") else {
+        return refused();
+    };
+    let (name, port) = split_authority(authority);
+    let default = match scheme {
+        "https" => 443,
+        _ => 80,
+    };
+    let same = name == host_name && port.unwrap_or(default) == host_port.unwrap_or(default);
+    match same || (!name.is_empty() && allowed(&name)) {
+        true => None,
+        false => refused(),
     }
 }
 
 /// Refuses another site's requests ([`foreign`]) with 403 before anything else.
 pub(crate) async fn same_origin(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if let Some(why) = foreign(req.headers(), app.loopback) {
+    if let Some(why) = foreign(req.headers(), &app.reach) {
         app.metrics.request("(other)", 403);
         return ApiError {
             code: Some("forbidden"),
@@ -109,48 +126,55 @@ pub(crate) fn scrub(msg: &str, m: &Served) -> String {
     scrub_paths(msg, &m.path, &m.id)
 }
 
-/// [`scrub`] of the model `id` served from the run file `path`.
+/// [`scrub`] of the model `id` served from the run file `path`: the run file (as given and
+/// absolute) is the model, and any absolute path is cut to its file name (the run file's folder,
+/// a checkpoint's, the hub cache, the server's folder of first frames).
 pub(crate) fn scrub_paths(msg: &str, path: &std::path::Path, id: &str) -> String {
     let mut out = msg.to_string();
-    let tmp = super::tmp_dir();
-    let named = [
-        (path.display().to_string(), format!("model `{id}`")),
-        (tmp.display().to_string(), "(the request's picture)".into()),
-        (
-            crate::prepare::base_dir(path).display().to_string(),
-            format!("(model `{id}`'s folder)"),
-        ),
-    ];
-    for (path, name) in named {
-        if path.len() > 1 {
-            out = out.replace(&path, &name);
-        }
+    let mut files = vec![std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())];
+    files.extend(path.canonicalize().ok());
+    if path.components().count() > 1 {
+        files.push(path.to_path_buf());
     }
-    out
+    for f in files {
+        out = out.replace(&f.display().to_string(), &format!("model `{id}`"));
+    }
+    // An absolute path: a `/` at the start or after a space, quote or parenthesis, up to the next
+    // such; kept as its last component.
+    let mut cut = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find('/') {
+        let starts = i == 0 || rest[..i].ends_with([' ', '`', '"', '\'', '(', '=']);
+        if !starts {
+            cut.push_str(&rest[..=i]);
+            rest = &rest[i + 1..];
+            continue;
+        }
+        cut.push_str(&rest[..i]);
+        let end = rest[i..]
+            .find([' ', '`', '"', '\'', ')', ',', ';'])
+            .map_or(rest.len(), |e| i + e);
+        let p = rest[i..end].trim_end_matches([':', '.']);
+        let name = p.rsplit('/').find(|s| !s.is_empty()).unwrap_or("");
+        cut.push_str(&format!("…/{name}"));
+        rest = &rest[i + p.len()..];
+    }
+    cut.push_str(rest);
+    cut
 }
 
 /// What the worker would refuse for the request's run `text`, checked now: the family's
-/// resolution (its keys, sizes, frames, first frame), the size guard on each stage's estimate in
-/// the dtype the worker would choose, and the cache built and begun over the plan.
+/// resolution (its keys, sizes, frames, first frame) and the cache built and begun over the plan.
+/// The size guard stays the worker's: it judges the memory free when the job's turn comes, not
+/// while the model's current job holds its own. An error naming no request field stays a 500.
 pub(crate) fn precheck(m: &Served, text: &str) -> Result<(), ApiError> {
     let file = m.path.display().to_string();
     let base = crate::prepare::base_dir(&m.path);
     let run = || -> magcache_core::Result<()> {
         let mut cfg = RunConfig::parse(text, &file)?;
+        cfg.resolve_hub_ids(&file, &base, &magcache_core::runtime::hub::cache_root())?;
         let fam = crate::prepare::family_of(&cfg, &file)?;
-        if cfg.is_auto_dtype() {
-            if let Some((dtype, _)) =
-                crate::prepare::auto_dtype_by_estimate(&mut cfg, &file, &base, fam)?
-            {
-                cfg.model.dtype = dtype;
-            }
-        }
         let (plan, info) = (fam.plan)(&cfg, &file, &base)?;
-        if let Some(estimate) = fam.estimate {
-            for (_, fp) in estimate(&cfg, &file, &base)? {
-                fp.check(&file)?;
-            }
-        }
         let env = BuildEnv {
             file: &file,
             base_dir: &base,
@@ -163,13 +187,22 @@ pub(crate) fn precheck(m: &Served, text: &str) -> Result<(), ApiError> {
     };
     run().map_err(|e| {
         let mut e = from_run(e);
-        // The served run file passed these checks at start: what fails now is the request's.
-        if e.status == StatusCode::INTERNAL_SERVER_ERROR {
-            e.status = StatusCode::BAD_REQUEST;
-        }
         e.message = scrub(&e.message, m);
         e
     })
+}
+
+/// [`precheck`] of model `id` on a blocking thread (it reads configs, and a first frame, from
+/// disk): the async threads keep answering meanwhile.
+pub(crate) async fn precheck_off_thread(
+    app: &Arc<App>,
+    id: &str,
+    text: &str,
+) -> Result<(), ApiError> {
+    let (app, id, text) = (app.clone(), id.to_string(), text.to_string());
+    tokio::task::spawn_blocking(move || precheck(app.model(&id)?, &text))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 #[cfg(test)]
@@ -186,8 +219,16 @@ mod tests {
         h
     }
 
+    fn reach(loopback: bool, hosts: &[&str]) -> Reach {
+        Reach {
+            loopback,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn another_sites_pages_are_told_apart_from_clients_and_the_own_page() {
+        let lo = reach(true, &[]);
         // Clients (no Origin) and the server's own page, on loopback names.
         for host in [
             "127.0.0.1:8000",
@@ -195,23 +236,59 @@ mod tests {
             "[::1]:8000",
             "127.0.0.1",
         ] {
-            assert_eq!(foreign(&headers(host, None), true), None, "{host}");
+            assert_eq!(foreign(&headers(host, None), &lo), None, "{host}");
         }
         let own = headers("127.0.0.1:8000", Some("http://127.0.0.1:8000"));
-        assert_eq!(foreign(&own, true), None);
-        // A cross-site page: its Origin is not the Host.
+        assert_eq!(foreign(&own, &lo), None);
+        let v6 = headers("[::1]:8000", Some("http://[::1]:8000"));
+        assert_eq!(foreign(&v6, &lo), None);
+        // Another page on this machine (another port), and a cross-site page.
+        let other_port = headers("localhost:8000", Some("http://localhost:3000"));
+        assert!(foreign(&other_port, &lo).unwrap().contains("another site"));
         let cross = headers("127.0.0.1:8000", Some("http://attacker.example"));
-        assert!(foreign(&cross, true).unwrap().contains("another site"));
-        assert!(foreign(&headers("h:1", Some("null")), false).is_some());
+        assert!(foreign(&cross, &lo).unwrap().contains("another site"));
+        assert!(foreign(&headers("h:1", Some("null")), &reach(false, &[])).is_some());
+        // Default ports: `Host: h` is `http://h:80`.
+        let default = headers("h", Some("http://h:80"));
+        assert_eq!(foreign(&default, &reach(false, &[])), None);
         // DNS rebinding: the page's own name resolved to loopback (Origin and Host agree).
         let rebound = headers(
             "attacker.example:8000",
             Some("http://attacker.example:8000"),
         );
-        assert!(foreign(&rebound, true).unwrap().contains("Host"));
+        assert!(foreign(&rebound, &lo).unwrap().contains("Host"));
         // Bound elsewhere (`--host 0.0.0.0`), any Host; another site's page still refused.
-        assert_eq!(foreign(&headers("gpu-box:8000", None), false), None);
-        assert_eq!(foreign(&rebound, false), None);
-        assert!(foreign(&cross, false).is_some());
+        let open = reach(false, &[]);
+        assert_eq!(foreign(&headers("gpu-box:8000", None), &open), None);
+        assert_eq!(foreign(&rebound, &open), None);
+        assert!(foreign(&cross, &open).is_some());
+        // Behind a reverse proxy: the public name allowed as Host and as the page's origin.
+        let proxied = reach(true, &["images.example.com"]);
+        let via_caddy = headers("images.example.com", Some("https://images.example.com"));
+        assert_eq!(foreign(&via_caddy, &proxied), None);
+        let via_nginx = headers("127.0.0.1:8000", Some("https://images.example.com"));
+        assert_eq!(foreign(&via_nginx, &proxied), None);
+        assert!(foreign(&cross, &proxied).is_some());
+    }
+
+    #[test]
+    fn server_paths_are_cut_from_messages() {
+        let p = std::path::Path::new("/srv/runs/wan.toml");
+        let m = scrub_paths(
+            "/srv/runs/wan.toml:3: inputs.image: /tmp/magcache-serve-1/video_1.img: not a picture; num_frames 1..=1001 (\"/data/ckpt/model.safetensors\")",
+            p,
+            "wan",
+        );
+        assert_eq!(
+            m,
+            "model `wan`:3: inputs.image: …/video_1.img: not a picture; num_frames 1..=1001 (\"…/model.safetensors\")"
+        );
+        // A relative run file given with its folder, and words that hold the folder's name.
+        let m = scrub_paths(
+            "wan/run.toml: wan2.1 needs 1..=4",
+            std::path::Path::new("wan/run.toml"),
+            "r",
+        );
+        assert_eq!(m, "model `r`: wan2.1 needs 1..=4");
     }
 }

@@ -30,8 +30,8 @@ const BODY_LIMIT: usize = 16 << 20;
 pub(crate) struct App {
     models: Vec<Served>,
     api_key: Option<String>,
-    /// Bound to a loopback address: requests must name a loopback host (`checks::foreign`).
-    loopback: bool,
+    /// Where requests may come from (`checks::foreign`).
+    reach: checks::Reach,
     metrics: Arc<Metrics>,
     /// The cancel flags of the jobs in flight (set on shutdown).
     inflight: Mutex<Vec<Weak<AtomicBool>>>,
@@ -112,6 +112,8 @@ struct Options {
     port: u16,
     api_key: Option<String>,
     max_queue: usize,
+    /// `--allow-host`, else `[serve] allow_hosts` (lowercased).
+    allow_hosts: Vec<String>,
     /// Each run file and its `[serve] id`.
     models: Vec<(std::path::PathBuf, Option<String>)>,
 }
@@ -122,6 +124,7 @@ fn options(a: ServeArgs) -> Result<Options> {
         port: 0,
         api_key: a.api_key,
         max_queue: 0,
+        allow_hosts: a.allow_host,
         models: Vec::new(),
     };
     let (mut host, mut port, mut queue) = (a.host, a.port, a.max_queue);
@@ -163,6 +166,18 @@ fn options(a: ServeArgs) -> Result<Options> {
                 .transpose()
         };
         host = host.or(text("host")?);
+        if o.allow_hosts.is_empty() {
+            if let Some(v) = t.get("allow_hosts") {
+                let names = v.as_array().and_then(|a| {
+                    a.iter()
+                        .map(|n| n.as_str().map(String::from))
+                        .collect::<Option<Vec<_>>>()
+                });
+                o.allow_hosts = names.ok_or_else(|| {
+                    Error::config(&file, "serve.allow_hosts", "must be an array of host names")
+                })?;
+            }
+        }
         o.api_key = o.api_key.or(text("api_key")?);
         port = port.or(int("port", 65535)?.map(|p| p as u16));
         queue = queue.or(int("max_queue", 1 << 20)?.map(|q| q as usize));
@@ -174,27 +189,23 @@ fn options(a: ServeArgs) -> Result<Options> {
     // An empty key (an empty MAGCACHE_API_KEY) or one with whitespace could never be sent in an
     // `Authorization: Bearer KEY` header: every request would be refused.
     if let Some(k) = &o.api_key {
-        if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(Error::msg(
-                "serve: the API key (--api-key, MAGCACHE_API_KEY or serve.api_key) is empty or holds spaces or control characters; give a key without them, or none to serve without one",
+                "serve: the API key (--api-key, MAGCACHE_API_KEY or serve.api_key) is empty or holds spaces, control or non-ASCII characters, which an `Authorization: Bearer KEY` header cannot carry; give one without them, or none to serve without one",
             ));
         }
     }
+    o.allow_hosts = o
+        .allow_hosts
+        .iter()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
     Ok(o)
 }
 
 /// The server's own folder for the first frames sent with requests.
 pub(crate) fn tmp_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("magcache-serve-{}", std::process::id()))
-}
-
-/// Whether `host` (as `--host` gives it) is a loopback address or name.
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Runs the server until SIGINT or SIGTERM (then jobs in flight are cancelled and it exits 0).
@@ -236,7 +247,16 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     let app = Arc::new(App {
         models,
         api_key: o.api_key.clone(),
-        loopback: is_loopback(&o.host),
+        reach: checks::Reach {
+            // From the address bound, not the name given (`--host myhost` may be 127.0.1.1).
+            loopback: socket.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+            hosts: o
+                .allow_hosts
+                .iter()
+                .cloned()
+                .chain(Some(o.host.to_ascii_lowercase()))
+                .collect(),
+        },
         metrics,
         inflight: Mutex::new(Vec::new()),
         shutting_down: AtomicBool::new(false),

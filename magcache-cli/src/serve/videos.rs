@@ -238,6 +238,7 @@ fn video_text(
     }
     let text = request_text(m, &r, extra)?;
     let seed = r.seed.unwrap_or(m.seed);
+    super::model::seed_value(seed).map_err(super::error::from_run)?;
     let size = r.size.unwrap_or_else(|| run_size(&text));
     Ok((text, size, seed))
 }
@@ -287,7 +288,15 @@ async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError>
         Some(b) => Some(first_frame(app, &id, b)?),
         None => None,
     };
-    let made = video_text(app, &f, reference.as_deref());
+    let made = match video_text(app, &f, reference.as_deref()) {
+        Ok((text, size, seed)) => {
+            let model = f.text.get("model").cloned().unwrap_or_default();
+            super::checks::precheck_off_thread(app, &model, &text)
+                .await
+                .map(|()| (text, size, seed))
+        }
+        Err(e) => Err(e),
+    };
     let (text, size, seed) = match made {
         Ok(v) => v,
         Err(e) => {

@@ -13,7 +13,7 @@ use crate::runtime::pipeline::Pipeline;
 use std::path::Path;
 
 /// The keys of a run file's `[serve]` table (`magcache serve`; other commands ignore them).
-pub const SERVE_KEYS: &[&str] = &["id", "host", "port", "api_key", "max_queue"];
+pub const SERVE_KEYS: &[&str] = &["id", "host", "port", "api_key", "max_queue", "allow_hosts"];
 
 /// Builds a family's pipeline from a run config. `file` names the config for messages and `base_dir`
 /// resolves its relative paths.

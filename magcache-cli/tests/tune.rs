@@ -106,18 +106,17 @@ fn speedup_target_sets_the_computed_calls() {
     let text = std::fs::read_to_string(&run).unwrap();
     std::fs::write(&run, format!("# dense digits, no cache\n{text}")).unwrap();
     let out = dir.path().join("fast.toml");
-    let o = magcache(&[
-        "tune",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out),
-        "--target-speedup",
-        "2.5",
-        "--runs",
-        "4",
-        "--quiet",
-    ]);
+    let tune = || {
+        let args = ["tune", "--config", s(&run), "--out", s(&out)];
+        magcache(
+            &[
+                &args[..],
+                &["--target-speedup", "2.5", "--runs", "4", "--quiet"],
+            ]
+            .concat(),
+        )
+    };
+    let o = tune();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     // Four runs do not cover the candidates at this budget: said even when quiet.
@@ -140,18 +139,7 @@ fn speedup_target_sets_the_computed_calls() {
     assert!(dir.path().join("fast.profile.toml").is_file());
     // Tuned again to the same --out: the earlier pair is replaced (the run file names its
     // profile), not refused as a file of the user's.
-    let again = magcache(&[
-        "tune",
-        "--config",
-        s(&run),
-        "--out",
-        s(&out),
-        "--target-speedup",
-        "2.5",
-        "--runs",
-        "4",
-        "--quiet",
-    ]);
+    let again = tune();
     assert!(
         again.status.success(),
         "{}",

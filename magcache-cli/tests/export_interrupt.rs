@@ -4,7 +4,7 @@
 //! export warned of as "killed while writing"), and a folder recreated or renamed after the
 //! removal appeared at `--out` with a few shards and no `config.json`. A race: the test
 //! interrupts twelve exports at different points, and failed in 2 of 4 runs on the code before
-//! the fix (in 0 of 81 interruptions after it, by a shell loop over the release build).
+//! the fix (and in none of 120 tries of a shell loop over the release build after it).
 
 #![cfg(unix)]
 

@@ -4,7 +4,7 @@
 use crate::args::{CalibrateArgs, CompareArgs, ExportArgs, PlanArgs, RunArgs, ServeArgs, TuneArgs};
 use crate::{commands, install_signal_cleanup};
 use clap::{Parser, Subcommand};
-use magcache_core::Result;
+use magcache_core::{Error, Result};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -95,7 +95,16 @@ fn real_main(cli: Cli) -> Result<()> {
         return crate::serve::serve(a);
     }
     install_signal_cleanup();
-    match cli.cmd {
+    let config = match &cli.cmd {
+        Cmd::Calibrate(a) => Some(a.config.clone()),
+        Cmd::Plan(a) => Some(a.config.clone()),
+        Cmd::Tune(a) => Some(a.config.clone()),
+        Cmd::Export(a) => Some(a.config.clone()),
+        Cmd::Compare(a) => Some(a.config.clone()),
+        Cmd::Run(a) => Some(a.config.clone()),
+        Cmd::List | Cmd::Serve(_) => None,
+    };
+    let r = match cli.cmd {
         Cmd::Serve(_) => Ok(()),
         Cmd::Calibrate(a) => commands::calibrate(a),
         Cmd::Plan(a) => commands::plan(a),
@@ -104,5 +113,23 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Export(a) => commands::export(a),
         Cmd::Compare(a) => commands::compare(a),
         Cmd::Run(a) => commands::run(a),
+    };
+    r.map_err(|e| match config {
+        Some(c) => in_run_file(e, &c),
+        None => e,
+    })
+}
+
+/// An error about the run that names no file (values that went non-finite, a strategy's check of
+/// its keys against the model at the first call: `cache.KEY ...`) prefixed with the run file, as
+/// every other error line names the file it is about.
+fn in_run_file(e: Error, config: &std::path::Path) -> Error {
+    let strategy_key = |m: &str| m.starts_with("cache.") || m.contains(": cache.");
+    match e {
+        Error::NonFinite { .. } => Error::msg(format!("{}: {e}", config.display())),
+        Error::Msg(m) if strategy_key(&m) && !m.contains(&config.display().to_string()) => {
+            Error::msg(format!("{}: {m}", config.display()))
+        }
+        e => e,
     }
 }

@@ -166,6 +166,21 @@ fn a_non_finite_override_is_named() {
     }
 }
 
+/// Errors found once the model runs (a strategy's keys against the model's blocks, values that
+/// went non-finite) name the run file too.
+#[test]
+fn errors_at_run_time_name_the_run_file() {
+    let c = Case::new();
+    // 12 steps: no few-step warning before the error line.
+    let long = |cache: &str| c.default_toml(cache).replace("steps = 3", "steps = 12");
+    c.run_err(
+        &long("strategy = \"dbcache\"\nfront_blocks = 100\n"),
+        &["run.toml: ", "cache.front_blocks"],
+    );
+    let huge = long(MAG).replace("guidance_scale = 5.0", "guidance_scale = 1e38");
+    c.run_err(&huge, &["run.toml: ", "non-finite"]);
+}
+
 #[test]
 fn unknown_key() {
     let c = Case::new();

@@ -1,8 +1,8 @@
 //! What a request is refused on before any work: a missing key before its body is read, a
-//! request from another site's page, and everything the model's worker would refuse (the family's
-//! resolution of the request's run, the size guard, the cache over the plan), so that a bad
-//! request is a 400 at once rather than a failed job after the queue. Messages never carry the
-//! server's paths.
+//! request from another site's page, and what the model's worker would refuse (the family's
+//! resolution of the request's run, the cache over the plan; the size guard stays the worker's),
+//! so that a bad request is a 400 at once rather than a failed job after the queue. Messages never
+//! carry the server's paths.
 
 use super::error::{authorize, from_run, ApiError};
 use super::model::Served;
@@ -53,7 +53,7 @@ fn split_authority(authority: &str) -> (String, Option<u16>) {
     (host, rest.strip_prefix(':').and_then(|p| p.parse().ok()))
 }
 
-/// Whether `host` (from [`host_of`]) names this machine's loopback interface.
+/// Whether `host` (from [`split_authority`]) names this machine's loopback interface.
 fn loopback_name(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host == "localhost"
@@ -120,8 +120,7 @@ pub(crate) async fn same_origin(State(app): State<Arc<App>>, req: Request, next:
     next.run(req).await
 }
 
-/// `msg` without the server's paths: the model's run file and its folder are named by the
-/// model's id, and the server's folder of first frames as the request's picture.
+/// `msg` without the server's paths ([`scrub_paths`] for model `m`).
 pub(crate) fn scrub(msg: &str, m: &Served) -> String {
     scrub_paths(msg, &m.path, &m.id)
 }

@@ -511,6 +511,13 @@ fn a_client_that_hangs_up_cancels_its_picture_and_no_temporary_file_is_left() {
         "the abandoned request kept the worker for {:?}",
         t.elapsed()
     );
+    // Counted, as nginx counts a client that closed its request.
+    let (_, head, body) = srv.http("GET", "/metrics", &[], b"");
+    let text = String::from_utf8(dechunk(&head, &body)).unwrap();
+    assert!(
+        text.contains("route=\"/v1/images/generations\",status=\"499\"} 1"),
+        "{text}"
+    );
     assert_eq!(srv.stop(), Some(0));
     assert!(!tmp.exists(), "{} left behind", tmp.display());
 }

@@ -172,13 +172,27 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Counts a request whose client went away before its answer (the handler dropped): status 499,
+/// nginx's "client closed request".
+struct CountIfDropped<'a>(&'a App, &'static str, bool);
+
+impl Drop for CountIfDropped<'_> {
+    fn drop(&mut self) {
+        if !self.2 {
+            self.0.metrics.request(self.1, 499);
+        }
+    }
+}
+
 /// `POST /v1/images/generations`.
 pub(crate) async fn images(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let mut count = CountIfDropped(&app, "/v1/images/generations", false);
     let r = generate_images(&app, &headers, body).await;
+    count.2 = true;
     let status = match &r {
         Ok(_) => 200,
         Err(e) => e.status.as_u16(),

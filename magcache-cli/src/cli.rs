@@ -124,10 +124,12 @@ fn real_main(cli: Cli) -> Result<()> {
 /// its keys against the model at the first call: `cache.KEY ...`) prefixed with the run file, as
 /// every other error line names the file it is about.
 fn in_run_file(e: Error, config: &std::path::Path) -> Error {
-    let strategy_key = |m: &str| m.starts_with("cache.") || m.contains(": cache.");
     match e {
         Error::NonFinite { .. } => Error::msg(format!("{}: {e}", config.display())),
-        Error::Msg(m) if strategy_key(&m) && !m.contains(&config.display().to_string()) => {
+        Error::Msg(m)
+            if crate::prepare::names_cache_key(&m)
+                && !m.contains(&config.display().to_string()) =>
+        {
             Error::msg(format!("{}: {m}", config.display()))
         }
         e => e,

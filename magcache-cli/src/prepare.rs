@@ -150,12 +150,7 @@ pub fn prepare_pipeline(config: &Path) -> Result<Prepared> {
 /// folder).
 pub(crate) fn prepare_pipeline_text(text: &str, config: &Path) -> Result<Prepared> {
     link_strategies();
-    let file = config.display().to_string();
-    let base = base_dir(config);
-    let mut cfg = RunConfig::parse(text, &file)?;
-    cfg.validate(&file)?;
-    cfg.resolve_hub_ids(&file, &base, &magcache_core::runtime::hub::cache_root())?;
-    let fam = family_of(&cfg, &file)?;
+    let (mut cfg, file, base, fam) = resolve_text(text, config)?;
     let (pipeline, notes) = build_resolved(&mut cfg, &file, &base, fam)?;
     Ok(Prepared {
         cfg,
@@ -192,6 +187,29 @@ pub(crate) fn base_dir(config: &Path) -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// A run file's text as a run is built from it: parsed and validated, its hub ids resolved to the
+/// local cache's snapshots, and its family found and its keys checked; with the file's name and
+/// folder.
+pub(crate) fn resolve_text(
+    text: &str,
+    config: &Path,
+) -> Result<(RunConfig, String, PathBuf, &'static registry::ModelFamily)> {
+    let file = config.display().to_string();
+    let base = base_dir(config);
+    let mut cfg = RunConfig::parse(text, &file)?;
+    cfg.validate(&file)?;
+    cfg.resolve_hub_ids(&file, &base, &magcache_core::runtime::hub::cache_root())?;
+    let fam = family_of(&cfg, &file)?;
+    Ok((cfg, file, base, fam))
+}
+
+/// Whether an error's message is a strategy's about one of its keys, found once the model runs
+/// (`cache.downsample (..) is not below ..`, `dbcache: cache.front_blocks ..`): it names the key
+/// in its text, not as a config error.
+pub(crate) fn names_cache_key(msg: &str) -> bool {
+    msg.starts_with("cache.") || msg.contains(": cache.")
 }
 
 pub(crate) fn family_of(cfg: &RunConfig, file: &str) -> Result<&'static registry::ModelFamily> {

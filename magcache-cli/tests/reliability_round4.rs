@@ -281,10 +281,7 @@ fn tune_never_touches_a_profile_it_did_not_write() {
     // kept.
     // Our own example, with a `[cache.mag_ratios]` subtable (tune replaces it with the table it
     // chooses).
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join("wan22_tiny_magcache.toml"))
-        .unwrap()
-        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let text = common::example_text("wan22_tiny_magcache.toml");
     let digits = d.path().join("wan22.toml");
     std::fs::write(&digits, text).unwrap();
     let tune_to = |speedup: &str| {
@@ -502,10 +499,7 @@ fn sigint_during_tune_leaves_the_profile() {
     let d = tempfile::tempdir().unwrap();
     let profile = d.path().join("tuned.profile.toml");
     std::fs::write(&profile, "mine\n").unwrap();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join("wan22_tiny_magcache.toml"))
-        .unwrap()
-        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let text = common::example_text("wan22_tiny_magcache.toml");
     let run = d.path().join("wan22.toml");
     std::fs::write(&run, text).unwrap();
     let out = d.path().join("tuned.toml");

@@ -147,10 +147,7 @@ fn a_retention_covering_every_call_warns_that_the_run_is_dense() {
 #[test]
 fn a_boundary_that_leaves_an_expert_idle_is_said() {
     let d = tempfile::tempdir().unwrap();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join("wan22_tiny_magcache.toml"))
-        .unwrap()
-        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let text = common::example_text("wan22_tiny_magcache.toml");
     for (boundary, idle) in [("0.0", "expert 1 (the low-noise one)"), ("0.875", "")] {
         let run = d.path().join("wan22.toml");
         let edited = text.replace(
@@ -182,10 +179,7 @@ fn a_boundary_that_leaves_an_expert_idle_is_said() {
 #[test]
 fn a_guidance_scale_a_distilled_model_ignores_is_said() {
     let d = tempfile::tempdir().unwrap();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join("flux2_klein_tiny_prompted.toml"))
-        .unwrap()
-        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let text = common::example_text("flux2_klein_tiny_prompted.toml");
     for (extra, said) in [("guidance_scale = 7.0\n", true), ("", false)] {
         let run = d.path().join("k.toml");
         std::fs::write(

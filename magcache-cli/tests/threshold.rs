@@ -10,10 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// `examples/NAME.toml` with `threshold = T` and absolute fixture paths.
 fn digits(dir: &Path, name: &str, threshold: &str) -> PathBuf {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join(format!("{name}.toml")))
-        .unwrap()
-        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)))
+    let text = common::example_text(&format!("{name}.toml"))
         .lines()
         .map(|l| match l.starts_with("threshold = ") {
             true => format!("threshold = {threshold}"),

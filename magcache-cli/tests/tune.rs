@@ -383,10 +383,7 @@ fn fit_refuses_experts_with_other_step_counts_at_once() {
 #[test]
 fn a_setting_that_reads_no_profile_writes_none() {
     let dir = tempfile::tempdir().unwrap();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let text = std::fs::read_to_string(examples.join("wan21_tiny_prompted.toml"))
-        .unwrap()
-        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)));
+    let text = common::example_text("wan21_tiny_prompted.toml");
     let run = dir.path().join("wp.toml");
     std::fs::write(&run, text).unwrap();
     let out = dir.path().join("t.toml");

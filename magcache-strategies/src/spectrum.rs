@@ -116,13 +116,12 @@ impl SharedKeys for SpectrumConfig {
     /// `warmup_steps` is the shared warm-up; `taylor_order` the estimator of the blend.
     fn shared(&self) -> Shared {
         Shared {
-            guards: GuardConfig {
-                warmup_steps: self.warmup_steps,
-                last_steps: self.last_steps,
-                max_consecutive: self.max_consecutive,
-                cfg_shared: self.cfg_shared,
-                names: Default::default(),
-            },
+            guards: GuardConfig::new(
+                self.warmup_steps,
+                self.last_steps,
+                self.max_consecutive,
+                self.cfg_shared,
+            ),
             estimator: Estimator::from_order(self.taylor_order).unwrap_or(Estimator::Taylor1),
             estimator_axis: self.estimator_axis,
         }

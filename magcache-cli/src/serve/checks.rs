@@ -11,7 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use magcache_core::{BuildEnv, RunConfig};
+use magcache_core::BuildEnv;
 use std::sync::Arc;
 
 /// The key, checked before a keyed route's handler reads the body (a client without the key
@@ -46,7 +46,7 @@ fn split_authority(authority: &str) -> (String, Option<u16>) {
     let (host, rest) = match a.strip_prefix('[').and_then(|r| r.find(']')) {
         Some(end) => (a[..end + 2].to_string(), &a[end + 2..]),
         None => match a.split_once(':') {
-            Some((h, p)) => (h.to_string(), &a[h.len()..][..p.len() + 1]),
+            Some((h, _)) => (h.to_string(), &a[h.len()..]),
             None => (a.clone(), ""),
         },
     };
@@ -167,12 +167,8 @@ pub(crate) fn scrub_paths(msg: &str, path: &std::path::Path, id: &str) -> String
 /// The size guard stays the worker's: it judges the memory free when the job's turn comes, not
 /// while the model's current job holds its own. An error naming no request field stays a 500.
 pub(crate) fn precheck(m: &Served, text: &str) -> Result<(), ApiError> {
-    let file = m.path.display().to_string();
-    let base = crate::prepare::base_dir(&m.path);
     let run = || -> magcache_core::Result<()> {
-        let mut cfg = RunConfig::parse(text, &file)?;
-        cfg.resolve_hub_ids(&file, &base, &magcache_core::runtime::hub::cache_root())?;
-        let fam = crate::prepare::family_of(&cfg, &file)?;
+        let (cfg, file, base, fam) = crate::prepare::resolve_text(text, &m.path)?;
         let (plan, info) = (fam.plan)(&cfg, &file, &base)?;
         let env = BuildEnv {
             file: &file,

@@ -90,10 +90,9 @@ pub(crate) fn from_run(e: Error) -> ApiError {
             }
         }
         _ => {
-            // A strategy's check of its keys against the model (`cache.downsample (..) is not
-            // below the 12 tokens`, `dbcache: cache.front_blocks ..`) names the key in its text.
+            // A strategy's check of its keys against the model names the key in its text.
             let msg = e.to_string();
-            if msg.starts_with("cache.") || msg.contains(": cache.") {
+            if crate::prepare::names_cache_key(&msg) {
                 return ApiError::bad("cache", msg);
             }
             return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg);

@@ -119,6 +119,15 @@ impl Case {
     }
 }
 
+/// The text of `examples/NAME`, its fixture paths (`"../tests/...`) made absolute so that the run
+/// file can be written anywhere.
+pub fn example_text(name: &str) -> String {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    std::fs::read_to_string(examples.join(name))
+        .unwrap()
+        .replace("\"../tests", &format!("\"{}/../tests", s(&examples)))
+}
+
 /// The tiny prompted I2V run, its first frame replaced by `picture`.
 pub fn i2v_run(dir: &Path, picture: &Path) -> PathBuf {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");

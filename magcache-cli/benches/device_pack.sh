@@ -12,14 +12,17 @@
 # Usage: device_pack.sh [LABEL=LIB ...]   (default: 3.2=target/onednn/lib/libdnnl.so.3;
 #        PYTHON: a python whose diffusers is copied, default python3)
 # Then:  device command `bash .dev/run.sh 2>&1 | tee $OUT/log` with carry [".dev"]
-#        (STAGES="products attention short long f32 parity" picks stages, THREADS=2 by default,
+#        (STAGES="products attention probe short long f32 parity" picks stages, THREADS=2 by default,
 #        ROUNDS=2; `f32` is stage `short` in f32; `denoise` is the full model's 480x832x9 call, bf16
-#        against PyTorch and ours in f32, one round; BASELINE_ENV="VAR=value ..." times the same
+#        against PyTorch and ours in f32 (DENOISE_F32=off skips the f32 run), one round; BASELINE_ENV="VAR=value ..." times the same
 #        binary under those variables as well in the whole-call stages, the baseline of an A/B,
 #        e.g. MAGCACHE_ONEDNN_GELU=off; `parity` runs the digits model dense in f32, bf16, and
 #        bf16 under BASELINE_ENV, and prints how far each bf16 final is from the f32 one).
 # The tracked files travel too: with them the 64 MiB hold this build, one oneDNN and the rest,
 # not a second binary (hence BASELINE_ENV).
+# `attention` times ours at several blocks of queries (MAGCACHE_ONEDNN_QUERY_ROWS) and PyTorch's;
+# `probe` times the 720 x 1536 by 1536 x 1536 product alone under three OpenMP settings, with
+# oneDNN's own timing and the page faults, and PyTorch's.
 # `.dev/` is added to .git/info/exclude so that git never sees it; remove it after the sitting.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"; cd "$root"
@@ -99,10 +102,33 @@ for stage in $stages; do
       done
     done ;;
   attention)
-    for l in $labels; do
-      echo "== attention alone, oneDNN $l"
-      MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
-    done ;;
+    # Ours at the default blocks of queries (sized by the keys: 112 at 4 680) and at larger ones
+    # (MAGCACHE_ONEDNN_QUERY_ROWS), then PyTorch's fused attention.
+    for rows in "" 256 512 1024; do
+      for l in $labels; do
+        echo "== attention alone, oneDNN $l, queries per block: ${rows:-by the keys}"
+        env ${rows:+MAGCACHE_ONEDNN_QUERY_ROWS=$rows} MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
+      done
+    done
+    echo "== attention alone, PyTorch"
+    python3 $b/pytorch_attention.py 4680 12 128 --rounds 3 --threads "$threads" ;;
+  probe)
+    # The small products on AMX (2026-11-27: oneDNN 3.2's 720 x 1536 by 1536 x 1536 took 2.5 ms
+    # in oneDNN's own timing on a process's first run, then 6.6-7.1 ms; PyTorch's 2.5): that
+    # product alone, repeated, with oneDNN's timing and the process's page faults, under OpenMP's
+    # defaults, passive waiting, and threads bound to cores; then PyTorch's.
+    faults='import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; print("  minor page faults: %d" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt); sys.exit(r)'
+    for omp in "" "OMP_WAIT_POLICY=passive" "OMP_PROC_BIND=close OMP_PLACES=cores"; do
+      for l in $labels; do
+        echo "== probe: 720 1536 1536, oneDNN $l bf16 rows alone, ${omp:-OpenMP as it comes}"
+        env $omp ONEDNN_VERBOSE=profile_exec MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" MAGCACHE_ONEDNN_BF16=on \
+          BF16_GEMM_ONLY="oneDNN bf16 rows" RAYON_NUM_THREADS=$threads python3 -c "$faults" "$w/bf16_gemm" 720 1536 1536 8 |
+          sed -n -e 's/^onednn_verbose,exec,cpu,matmul,.*,\([0-9.]*\)$/  oneDNN exec \1 ms/p' -e '/^round/p' -e '/page faults/p' | tr '\n' ' '
+        echo
+      done
+    done
+    echo "== probe: 720 1536 1536, PyTorch"
+    python3 $b/pytorch_linear.py 720 1536 1536 --rounds 8 --threads "$threads" ;;
   parity)
     # The digits model dense (examples/digits_dense.toml: 10 samples, 20 steps, CFG): bf16's
     # finals against f32's, on each oneDNN.
@@ -129,6 +155,7 @@ for stage in $stages; do
     for l in $labels; do
       echo "== denoise 480x832x9, bf16, oneDNN $l"
       MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" MAGCACHE_BASE= ROUNDS=1 bash $b/compare_pytorch.sh "$w/denoise.toml" "$threads" | grep -v '^config'
+      [ "${DENOISE_F32:-on}" = off ] && continue
       echo "== denoise 480x832x9, f32, oneDNN $l (ours alone)"
       MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/magcache" run --quiet --json --config "$w/denoise32.toml" |
         python3 -c 'import json,sys; d=json.load(sys.stdin); t=d.get("cpu_time") or {}; print("  magcache-rs f32: %.3f s/call (linear layers %.3f, attention %.3f)" % (d["wall_seconds"] / d["total_calls"], t.get("linear_seconds", 0), t.get("attention_seconds", 0)))'
@@ -140,7 +167,7 @@ for stage in $stages; do
         MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" ROUNDS=1 bash $b/compare_pytorch.sh "$w/$stage.toml" "$threads" | grep -v '^config'
       done
     done ;;
-  *) echo "run.sh: unknown stage $stage (products, attention, short, long, f32, parity, denoise)" >&2; exit 1 ;;
+  *) echo "run.sh: unknown stage $stage (products, attention, probe, short, long, f32, parity, denoise)" >&2; exit 1 ;;
   esac
 done
 EOF

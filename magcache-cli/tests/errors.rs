@@ -135,6 +135,18 @@ fn a_bad_onednn_switch_value_is_one_line_naming_it() {
         );
         assert!(err.contains("MAGCACHE_ONEDNN="), "{err}");
     }
+    for value in ["100", "0", "8192", "many"] {
+        let env = [
+            ("MAGCACHE_ONEDNN", lib.as_str()),
+            ("MAGCACHE_ONEDNN_QUERY_ROWS", value),
+        ];
+        let named = format!("MAGCACHE_ONEDNN_QUERY_ROWS=\"{value}\"");
+        c.run_err_env(
+            &c.default_toml(MAG),
+            &env,
+            &[named.as_str(), "a multiple of 16 from 16 to 4096"],
+        );
+    }
 }
 
 /// The switches read deep in a run (`MAGCACHE_CPU_BF16`, `MAGCACHE_PROGRESS_SECONDS`) refuse a

@@ -4,6 +4,8 @@
 //! candle's threads.
 //! `cargo run --release -p magcache-layers --example bf16_gemm -- [M K N] [ROUNDS]`
 //! (default: 4680 x 1536 by 1536 x 8960, the Wan2.1-1.3B FFN at 4680 tokens, 3 rounds).
+//! `BF16_GEMM_ONLY=NAME` times that one product alone each round (`oneDNN bf16 rows`, say: a
+//! name as the rounds print it), none of the others between its runs.
 
 use candle_core::{Device, Tensor};
 use magcache_layers::nn::bf16_gemm::{cpu_has_bf16, PackedBf16};
@@ -56,6 +58,31 @@ fn main() -> candle_core::Result<()> {
         }
     }
     let flop = 2.0 * (m * k * n) as f64;
+    if let Ok(only) = std::env::var("BF16_GEMM_ONLY") {
+        let Some((_, p)) = packed_dnnl
+            .iter()
+            .find(|(name, _)| format!("oneDNN {name}") == only)
+        else {
+            let names: Vec<String> = packed_dnnl
+                .iter()
+                .map(|(n, _)| format!("oneDNN {n}"))
+                .collect();
+            return Err(candle_core::Error::Msg(format!(
+                "BF16_GEMM_ONLY={only:?}: not one of {names:?} here"
+            )));
+        };
+        for r in 1..=rounds {
+            let t = Instant::now();
+            drop(p.linear(&x, None).map_err(err)?);
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "round {r}: {only} alone {:.2} ms ({:.0} GFLOP/s)",
+                s * 1e3,
+                flop / s / 1e9
+            );
+        }
+        return Ok(());
+    }
     for r in 1..=rounds {
         let t = Instant::now();
         let y = x.matmul(&wt)?;

@@ -10,7 +10,10 @@ use magcache_tests::{check_reference_run, weights_of};
 
 /// Opens the library; `None` (with a note) when none is named. bf16 weights run their products
 /// on it wherever it implements them (`MAGCACHE_ONEDNN_BF16=on`, set once before it opens, while
-/// every other test of this binary waits): the path of CPUs with AMX, on this one.
+/// every other test of this binary waits): the path of CPUs with AMX, on this one. The attention
+/// takes its queries 16 at a time (`MAGCACHE_ONEDNN_QUERY_ROWS=16`): the tiny models' sequences
+/// then span several blocks, and past two the keys and values are packed, as at real sizes
+/// (by default one block would hold them whole).
 fn library() -> Option<&'static onednn::OneDnn> {
     let spec = std::env::var("MAGCACHE_TEST_ONEDNN")
         .or_else(|_| std::env::var(onednn::ENV))
@@ -22,6 +25,7 @@ fn library() -> Option<&'static onednn::OneDnn> {
     static OPEN: std::sync::Once = std::sync::Once::new();
     OPEN.call_once(|| {
         std::env::set_var(onednn::BF16_ENV, "on");
+        std::env::set_var(onednn::QUERY_ROWS_ENV, "16");
         onednn::init(Some(&spec));
     });
     match onednn::init(Some(&spec)) {

@@ -261,9 +261,11 @@ fn attend_heads(
 const ONEDNN_SCORES_BYTES: usize = 2 << 20;
 
 /// Queries per task of the attention on oneDNN over `l` keys ([`ONEDNN_SCORES_BYTES`]; a
-/// multiple of 16, AMX's tile rows): 512 at 720 keys, 112 at 4 680.
+/// multiple of 16, AMX's tile rows): 512 at 720 keys, 112 at 4 680; or
+/// `MAGCACHE_ONEDNN_QUERY_ROWS` where set (the benchmarks' A/B).
 fn onednn_query_block(l: usize) -> usize {
-    (ONEDNN_SCORES_BYTES / (4 * l.max(1)) / 16 * 16).clamp(64, 512)
+    super::onednn::query_rows()
+        .unwrap_or_else(|| (ONEDNN_SCORES_BYTES / (4 * l.max(1)) / 16 * 16).clamp(64, 512))
 }
 
 /// The fused attention with both products on oneDNN in bf16: q, k and v rounded to bf16 once;

@@ -44,6 +44,9 @@ pub const BF16_ENV: &str = "MAGCACHE_ONEDNN_BF16";
 pub const GELU_ENV: &str = "MAGCACHE_ONEDNN_GELU";
 /// `off` leaves the attention's keys and values plain ([`pack_kv`]); `on` or unset, packed.
 pub const PACK_KV_ENV: &str = "MAGCACHE_ONEDNN_PACK_KV";
+/// Queries per block of the attention on oneDNN ([`query_rows`]): a multiple of 16 from 16 to
+/// 4 096; unset, sized by the keys (`nn::attention`).
+pub const QUERY_ROWS_ENV: &str = "MAGCACHE_ONEDNN_QUERY_ROWS";
 
 use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
 pub use hints::{amx_hint, f32_hint, f32_hint_for};
@@ -73,6 +76,8 @@ pub struct OneDnn {
     /// `MAGCACHE_ONEDNN_GELU` ([`gelu_in_product`]) and `MAGCACHE_ONEDNN_PACK_KV` ([`pack_kv`]).
     gelu: bool,
     pack_kv: bool,
+    /// `MAGCACHE_ONEDNN_QUERY_ROWS` ([`query_rows`]).
+    query_rows: Option<usize>,
     primitives: Mutex<HashMap<Key, Arc<Primitive>>>,
     /// Products of packed weights whose layout oneDNN refused for their shape.
     refused: Mutex<HashSet<Key>>,
@@ -222,6 +227,26 @@ pub fn pack_kv() -> bool {
     get().is_none_or(|d| d.pack_kv)
 }
 
+/// The attention on oneDNN's queries per block where `MAGCACHE_ONEDNN_QUERY_ROWS` sets them (an
+/// A/B switch for the benchmarks: the default sizes a block's scores to one core's L2); `None`
+/// where unset or oneDNN is off.
+pub fn query_rows() -> Option<usize> {
+    get().and_then(|d| d.query_rows)
+}
+
+/// `MAGCACHE_ONEDNN_QUERY_ROWS`, read at open: a multiple of 16 from 16 to 4 096, or unset.
+fn query_rows_var() -> std::result::Result<Option<usize>, String> {
+    let Ok(v) = std::env::var(QUERY_ROWS_ENV) else {
+        return Ok(None);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (16..=4096).contains(&n) && n % 16 == 0 => Ok(Some(n)),
+        _ => Err(format!(
+            "{QUERY_ROWS_ENV}={v:?}: expected a multiple of 16 from 16 to 4096 (unset: sized by the keys)"
+        )),
+    }
+}
+
 /// Whether bf16 weights run their products on the opened library ([`OneDnn::bf16_products`]).
 pub fn bf16_products() -> bool {
     get().is_some_and(|d| d.bf16_products())
@@ -279,6 +304,7 @@ impl OneDnn {
         let bf16_switch = switch(BF16_ENV, "on CPUs with AMX")?;
         let gelu = switch(GELU_ENV, "on")?.unwrap_or(true);
         let pack_kv = switch(PACK_KV_ENV, "on")?.unwrap_or(true);
+        let query_rows = query_rows_var()?;
         // SAFETY: no arguments; returns an enum value.
         let isa = unsafe { isa_fn() };
         let mut engine: Handle = std::ptr::null_mut();
@@ -296,6 +322,7 @@ impl OneDnn {
             bf16_switch,
             gelu,
             pack_kv,
+            query_rows,
             primitives: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
             formats: Mutex::new(Vec::new()),

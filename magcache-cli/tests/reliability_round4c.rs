@@ -174,6 +174,34 @@ fn a_boundary_that_leaves_an_expert_idle_is_said() {
     }
 }
 
+/// `model.gguf_repack = false` on weights that are not a GGUF file does nothing: said in the
+/// run's warnings (Wan through its own run, FLUX.1 through the shared `RunSpec`), not ignored.
+#[test]
+fn gguf_repack_off_on_a_checkpoint_that_is_not_gguf_is_said() {
+    let d = tempfile::tempdir().unwrap();
+    for example in ["wan21_tiny_magcache.toml", "flux_tiny_magcache.toml"] {
+        for (extra, said) in [("gguf_repack = false\n", true), ("", false)] {
+            let run = d.path().join("r.toml");
+            let text = common::example_text(example).replacen(
+                "[model]\n",
+                &format!("[model]\n{extra}"),
+                1,
+            );
+            std::fs::write(&run, text).unwrap();
+            let o = magcache(&["run", "--config", s(&run), "--quiet"]);
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{example}: {stderr}");
+            assert_eq!(
+                stderr.contains(
+                    "model.gguf_repack = false is not used: the weights are not a GGUF file"
+                ),
+                said,
+                "{example}: {stderr}"
+            );
+        }
+    }
+}
+
 /// A guidance scale on a step-distilled FLUX.2 klein (one call per step, no guidance embedding)
 /// does nothing: said in the run's warnings, as a negative prompt there is.
 #[test]

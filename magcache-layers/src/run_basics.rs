@@ -72,7 +72,7 @@ impl RunBasics {
             seed: cfg.inputs.seed.unwrap_or(cfg.model.seed),
             model_seed: cfg.model.seed,
             loras,
-            warnings: Vec::new(),
+            warnings: gguf_repack_warning(cfg, file, base).into_iter().collect(),
         })
     }
 
@@ -411,6 +411,28 @@ pub fn text_stage(cfg: &RunConfig, file: &str, default: usize) -> Result<(usize,
     Ok((max_len, parse_dtype(&cfg.model.dtype, file)?, streamed))
 }
 
+/// `model.gguf_repack = false` where no weights file is a GGUF (a preset, safetensors, a folder):
+/// the key has nothing to act on, said rather than ignored.
+fn gguf_repack_warning(cfg: &RunConfig, file: &str, base: &Path) -> Option<String> {
+    if cfg.model.gguf_repack {
+        return None;
+    }
+    let paths = cfg
+        .model
+        .weights
+        .as_ref()
+        .map(|w| w.paths())
+        .unwrap_or_default();
+    let gguf = paths
+        .iter()
+        .any(|w| crate::weights::gguf::is_gguf(&crate::config_util::resolve(base, w)));
+    (!gguf).then(|| {
+        format!(
+            "{file}: model.gguf_repack = false is not used: the weights are not a GGUF file (it applies to GGUF weights held on the CPU)"
+        )
+    })
+}
+
 /// What a family resolves a run file to when it keeps the file itself (FLUX.1, FLUX.2): the run
 /// file without `[cache]`, its basics, where the transformer comes from (`S`) and its config
 /// (`C`), the `[model.overrides]`, and the pipeline folder of a prompted run.
@@ -439,7 +461,7 @@ impl<S, C> RunSpec<S, C> {
         warnings: Vec<String>,
     ) -> Result<Self> {
         let mut run = RunBasics::read(cfg, file, base, family)?;
-        run.warnings = warnings;
+        run.warnings.extend(warnings);
         Ok(RunSpec {
             cfg: cfg.without_cache(),
             run,
@@ -449,5 +471,42 @@ impl<S, C> RunSpec<S, C> {
             overrides: crate::config_util::overrides_json(cfg),
             root,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(model: &str) -> RunConfig {
+        let text = format!("[model]\nfamily = \"wan2.1\"\n{model}\n[sampling]\nsteps = 2\n");
+        RunConfig::parse(&text, "run.toml").unwrap()
+    }
+
+    /// `gguf_repack = false` is said to do nothing where no weights file is a GGUF, and is quiet
+    /// where one is (or where the key keeps its default).
+    #[test]
+    fn gguf_repack_off_without_a_gguf_is_said() {
+        let base = Path::new("/runs");
+        for (model, said) in [
+            ("preset = \"wan2.1-t2v-1.3b\"\ngguf_repack = false", true),
+            ("weights = \"folder\"\ngguf_repack = false", true),
+            ("weights = \"model.safetensors\"\ngguf_repack = false", true),
+            ("weights = \"wan-Q8_0.GGUF\"\ngguf_repack = false", false),
+            (
+                "weights = [\"a.gguf\", \"b.gguf\"]\ngguf_repack = false",
+                false,
+            ),
+            ("weights = \"folder\"", false),
+        ] {
+            let w = gguf_repack_warning(&cfg(model), "run.toml", base);
+            assert_eq!(w.is_some(), said, "{model}: {w:?}");
+            if let Some(w) = w {
+                assert!(
+                    w.starts_with("run.toml: model.gguf_repack = false is not used"),
+                    "{w}"
+                );
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 
 mod api;
 mod checks;
+mod conns;
 mod error;
 mod metrics;
 mod model;
@@ -19,7 +20,6 @@ use error::ApiError;
 use magcache_core::{Error, Result};
 use metrics::Metrics;
 use model::Served;
-use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -343,7 +343,6 @@ async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
         cancel.cancel_all();
         let _ = signalled.send(());
     };
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
     // The graceful shutdown waits for every open connection; one that never completes its request
     // (a client stalled mid-upload) would hold the process forever. So once the cancelled jobs
     // have ended, the answers get `SHUTDOWN_GRACE` to go out, and whatever is still open is closed.
@@ -357,13 +356,11 @@ async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
         }
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    tokio::select! {
-        r = server.into_future() => r.map_err(|e| Error::msg(format!("serve: {e}"))),
-        () = deadline => {
-            eprintln!("serve: closing the connections still open");
-            Ok(())
-        }
+    let header_timeout = conns::HEADER_READ_TIMEOUT;
+    if conns::serve(listener, router, header_timeout, shutdown, deadline).await {
+        eprintln!("serve: closing the connections still open");
     }
+    Ok(())
 }
 
 #[cfg(not(unix))]

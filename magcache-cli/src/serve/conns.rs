@@ -77,7 +77,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpStream};
+    use std::net::TcpStream;
 
     /// A server of one route on a loopback port, with the given header deadline; it stops when
     /// the returned sender is dropped or sent to.

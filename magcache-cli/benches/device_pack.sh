@@ -11,7 +11,8 @@
 #
 # Usage: device_pack.sh [LABEL=LIB ...]   (default: 3.2=target/onednn/lib/libdnnl.so.3;
 #        PYTHON: a python whose diffusers is copied, default python3)
-# Then:  device command `bash .dev/run.sh 2>&1 | tee $OUT/log` with carry [".dev"]
+# Then:  device command `bash .dev/sitting.sh` (device_sitting.sh: the next sitting's stages in
+#        order, each under a timeout) or `bash .dev/run.sh 2>&1 | tee $OUT/log` with carry [".dev"]
 #        (STAGES="products attention probe short long f32 parity" picks stages, THREADS=2 by default,
 #        ROUNDS=2; `f32` is stage `short` in f32; `denoise` is the full model's 480x832x9 call, bf16
 #        against PyTorch and ours in f32 (DENOISE_F32=off skips the f32 run), one round; BASELINE_ENV="VAR=value ..." times the same
@@ -172,5 +173,6 @@ for stage in $stages; do
 done
 EOF
 chmod +x .dev/run.sh
+cp magcache-cli/benches/device_sitting.sh .dev/sitting.sh
 du -sh .dev; du -ab .dev | sort -n | tail -8
 echo "tracked files: $(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) bytes (the carry limit, 64 MiB, counts both)"

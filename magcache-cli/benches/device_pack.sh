@@ -117,7 +117,8 @@ for stage in $stages; do
     # The small products on AMX (2026-11-27: oneDNN 3.2's 720 x 1536 by 1536 x 1536 took 2.5 ms
     # in oneDNN's own timing on a process's first run, then 6.6-7.1 ms; PyTorch's 2.5): that
     # product alone, repeated, with oneDNN's timing and the process's page faults, under OpenMP's
-    # defaults, passive waiting, and threads bound to cores; then PyTorch's.
+    # defaults, passive waiting, and threads bound to cores; then PyTorch's. And the same
+    # projection at 4 680 tokens (36 of them a call there too), once each.
     faults='import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; print("  minor page faults: %d" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt); sys.exit(r)'
     for omp in "" "OMP_WAIT_POLICY=passive" "OMP_PROC_BIND=close OMP_PLACES=cores"; do
       for l in $labels; do
@@ -129,7 +130,15 @@ for stage in $stages; do
       done
     done
     echo "== probe: 720 1536 1536, PyTorch"
-    python3 $b/pytorch_linear.py 720 1536 1536 --rounds 8 --threads "$threads" ;;
+    python3 $b/pytorch_linear.py 720 1536 1536 --rounds 8 --threads "$threads"
+    for l in $labels; do
+      echo "== probe: 4680 1536 1536, oneDNN $l bf16 rows alone"
+      MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" MAGCACHE_ONEDNN_BF16=on BF16_GEMM_ONLY="oneDNN bf16 rows" \
+        RAYON_NUM_THREADS=$threads "$w/bf16_gemm" 4680 1536 1536 6 | grep '^round' | tr '\n' ' '
+      echo
+    done
+    echo "== probe: 4680 1536 1536, PyTorch"
+    python3 $b/pytorch_linear.py 4680 1536 1536 --rounds 6 --threads "$threads" ;;
   parity)
     # The digits model dense (examples/digits_dense.toml: 10 samples, 20 steps, CFG): bf16's
     # finals against f32's, on each oneDNN.

@@ -108,7 +108,7 @@ for stage in $stages; do
     for rows in "" 256 512 1024; do
       for l in $labels; do
         echo "== attention alone, oneDNN $l, queries per block: ${rows:-by the keys}"
-        env ${rows:+MAGCACHE_ONEDNN_QUERY_ROWS=$rows} MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
+        env ${rows:+MAGCACHE_ONEDNN_QUERY_ROWS=$rows ATTENTION_CPU_ONLY=onednn} MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
       done
     done
     echo "== attention alone, PyTorch"
@@ -125,7 +125,7 @@ for stage in $stages; do
         echo "== probe: 720 1536 1536, oneDNN $l bf16 rows alone, ${omp:-OpenMP as it comes}"
         env $omp ONEDNN_VERBOSE=profile_exec MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" MAGCACHE_ONEDNN_BF16=on \
           BF16_GEMM_ONLY="oneDNN bf16 rows" RAYON_NUM_THREADS=$threads python3 -c "$faults" "$w/bf16_gemm" 720 1536 1536 8 |
-          sed -n -e 's/^onednn_verbose,exec,cpu,matmul,.*,\([0-9.]*\)$/  oneDNN exec \1 ms/p' -e '/^round/p' -e '/page faults/p' | tr '\n' ' '
+          sed -n -e 's/^onednn_verbose,.*exec,cpu,matmul,.*,\([0-9.]*\)$/  oneDNN exec \1 ms/p' -e '/^round/p' -e '/page faults/p' | tr '\n' ' '
         echo
       done
     done

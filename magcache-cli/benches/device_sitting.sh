@@ -23,8 +23,8 @@ stage() { # stage TIMEOUT ENV... : run.sh under a timeout, with the JSON event l
   # baselines are the same binary with OpenMP's threads waiting passively (720 tokens: does their
   # spinning between products slow the rest?) and with the attention's blocks at 512 queries
   # (4 680 tokens; at 720 the default is 512 already).
-  stage "${T_SHORT:-120}" STAGES=short ROUNDS=4 BASELINE_ENV=OMP_WAIT_POLICY=passive
-  stage "${T_LONG:-150}" STAGES=long ROUNDS=2 BASELINE_ENV=MAGCACHE_ONEDNN_QUERY_ROWS=512
-  stage "${T_DENOISE:-90}" STAGES=denoise DENOISE_F32=off
+  stage "${T_SHORT:-110}" STAGES=short ROUNDS=4 BASELINE_ENV=OMP_WAIT_POLICY=passive
+  stage "${T_LONG:-140}" STAGES=long ROUNDS=2 BASELINE_ENV=MAGCACHE_ONEDNN_QUERY_ROWS=512
+  stage "${T_DENOISE:-100}" STAGES=denoise DENOISE_F32=off
   date -u
 } 2>&1 | tee "${OUT:-/tmp}/log"

@@ -4,6 +4,7 @@
 //! candle's threads.
 //! `cargo run --release -p magcache-layers --example attention_cpu -- [TOKENS HEADS HEAD_DIM] [ROUNDS]`
 //! (default: 4 680 tokens of the Wan2.1-1.3B, 12 heads of 128, 5 rounds).
+//! `ATTENTION_CPU_ONLY=onednn` times oneDNN's alone.
 
 use candle_core::{Device, Tensor};
 use magcache_layers::nn::{self, onednn};
@@ -39,10 +40,17 @@ fn main() -> magcache_core::Result<()> {
         t.sort_by(f64::total_cmp);
         Ok(t[rounds / 2])
     };
-    let f32_s = median(&|| nn::attention(&q, &k, &v))?;
-    println!("f32 (gemm): {:.1} ms", f32_s * 1e3);
+    // `ATTENTION_CPU_ONLY=onednn`: the oneDNN line alone (a sitting's A/B of its settings).
+    let only_onednn = std::env::var("ATTENTION_CPU_ONLY").as_deref() == Ok("onednn");
+    let f32_s = match only_onednn {
+        true => f64::NAN,
+        false => median(&|| nn::attention(&q, &k, &v))?,
+    };
+    if !only_onednn {
+        println!("f32 (gemm): {:.1} ms", f32_s * 1e3);
+    }
     // `attention_as` takes oneDNN instead where it runs bf16 products (AMX, MAGCACHE_ONEDNN_BF16=on).
-    if nn::bf16_gemm::available() && !onednn::bf16_products() {
+    if nn::bf16_gemm::available() && !onednn::bf16_products() && !only_onednn {
         let k_s = median(&|| nn::attention_as(&q, &k, &v, true))?;
         println!(
             "bf16 on the layers' kernel: {:.1} ms ({:.2}x f32)",
@@ -52,11 +60,11 @@ fn main() -> magcache_core::Result<()> {
     }
     if let Some(d) = onednn::get().filter(|d| d.bf16_implemented()) {
         let bf16_s = median(&|| nn::attention_onednn(&q, &k, &v, d))?;
-        println!(
-            "bf16 on oneDNN: {:.1} ms ({:.2}x f32)",
-            bf16_s * 1e3,
-            f32_s / bf16_s
-        );
+        let ratio = match only_onednn {
+            true => String::new(),
+            false => format!(" ({:.2}x f32)", f32_s / bf16_s),
+        };
+        println!("bf16 on oneDNN: {:.1} ms{ratio}", bf16_s * 1e3);
     }
     Ok(())
 }

@@ -62,7 +62,8 @@ pub const LATENT_FACTOR: usize = 8;
 
 /// Score matrices of one attention over `s` queries and `l` keys as the run's `device` computes it
 /// ([`crate::nn::attention`]). On the CPU (activations are f32 there) the fused attention holds one
-/// block of 128 queries' scores per thread (measured: counting the chunked
+/// block of 128 queries' scores per thread (more where its bf16 products run on oneDNN: up to 512
+/// rows within 2 MB, or `MAGCACHE_ONEDNN_QUERY_ROWS`; measured: counting the chunked
 /// budget instead put a 480x832 Wan denoise 21-28% over its peak); elsewhere queries are chunked so
 /// that one score matrix (and its softmax) stays within the budget.
 pub fn attention_bytes(device: &str, b: usize, heads: usize, s: usize, l: usize) -> Sz {
@@ -74,7 +75,7 @@ pub fn attention_bytes(device: &str, b: usize, heads: usize, s: usize, l: usize)
     if device.starts_with("cuda") || device.starts_with("metal") {
         return chunked;
     }
-    let qb = crate::nn::QUERY_BLOCK.min(s);
+    let qb = crate::nn::cpu_query_rows(l).min(s);
     let tasks = (sz(b) * sz(heads) * sz(s.div_ceil(qb.max(1))))
         .0
         .unwrap_or(u64::MAX);

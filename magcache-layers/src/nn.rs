@@ -147,6 +147,7 @@ pub use norms::{LayerNorm, RmsNorm};
 pub mod onednn;
 mod pointwise;
 pub mod timing;
+pub(crate) use attention::cpu_query_rows;
 #[cfg(test)]
 pub use attention::max_abs_diff;
 pub use attention::{

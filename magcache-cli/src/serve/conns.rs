@@ -37,6 +37,8 @@ pub(super) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let mut stop = std::pin::pin!(stop);
+    // Accept errors that are not one connection's: said on stderr, once per 10 s at most.
+    let (mut failed, mut said) = (0u64, None::<std::time::Instant>);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -51,9 +53,16 @@ pub(super) async fn serve(
                     });
                 }
                 // Per-connection failures (ECONNABORTED, ...) pass; out of descriptors or memory,
-                // wait a moment rather than spin, as axum does.
+                // wait a moment rather than spin, as axum does, and say so.
                 Err(e) if is_connection_error(&e) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => {
+                    failed += 1;
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        eprintln!("serve: cannot accept connections ({failed} times so far): {e}");
+                        said = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
             },
             () = &mut stop => break,
         }
@@ -78,41 +87,90 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::TcpStream;
+    use std::time::Instant;
 
-    /// A server of one route on a loopback port, with the given header deadline; it stops when
-    /// the returned sender is dropped or sent to.
-    fn start(header_timeout: Duration) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let router = Router::new().route("/", axum::routing::get(|| async { "hello" }));
-            let stop = async move {
-                let _ = rx.await;
-            };
-            rt.block_on(serve(
-                listener,
-                router,
-                header_timeout,
-                stop,
-                std::future::pending(),
-            ));
-        });
-        (addr, tx)
+    /// A running [`serve`] on a loopback port: `/` answers at once, `/slow` after 500 ms.
+    struct Running {
+        addr: std::net::SocketAddr,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        /// What `serve` returned: whether the deadline cut connections off.
+        done: Option<std::thread::JoinHandle<bool>>,
     }
 
-    fn read_all(s: &mut TcpStream) -> String {
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    impl Running {
+        /// `deadline`: how long after the stop the open connections are cut off (none: never).
+        fn start(header_timeout: Duration, deadline: Option<Duration>) -> Running {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+            let done = std::thread::spawn(move || {
+                let router = Router::new()
+                    .route("/", axum::routing::get(|| async { "hello" }))
+                    .route(
+                        "/slow",
+                        axum::routing::get(|| async {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            "slow hello"
+                        }),
+                    );
+                let stop = async move {
+                    let _ = rx.await;
+                    let _ = stopped_tx.send(());
+                };
+                let deadline = async move {
+                    let _ = stopped_rx.await;
+                    match deadline {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                rt.block_on(serve(listener, router, header_timeout, stop, deadline))
+            });
+            Running {
+                addr,
+                stop: Some(tx),
+                done: Some(done),
+            }
+        }
+
+        fn connect(&self) -> TcpStream {
+            let s = TcpStream::connect(self.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        }
+
+        fn stop(&mut self) {
+            self.stop.take().unwrap().send(()).unwrap();
+        }
+
+        /// Waits for `serve` to return (within 5 s) and gives what it returned.
+        fn returned(&mut self) -> bool {
+            let t = Instant::now();
+            let done = self.done.take().unwrap();
+            while !done.is_finished() {
+                assert!(t.elapsed() < Duration::from_secs(5), "serve did not return");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done.join().unwrap()
+        }
+    }
+
+    /// Everything until the server closes the connection, and how long that took; an error if it
+    /// was not closed within the read timeout.
+    fn until_closed(s: &mut TcpStream) -> (String, Duration) {
+        let t = Instant::now();
         let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
+        s.read_to_end(&mut out)
+            .expect("the server closed the connection");
+        (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
     }
 
     /// A client that never finishes its headers is cut off at the deadline (it held the
@@ -120,47 +178,69 @@ mod tests {
     /// answered.
     #[test]
     fn unfinished_headers_are_cut_off_at_the_deadline() {
-        let (addr, _stop) = start(Duration::from_millis(300));
-        let mut slow = TcpStream::connect(addr).unwrap();
+        let srv = Running::start(Duration::from_millis(300), None);
+        let mut slow = srv.connect();
         slow.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
             .unwrap();
-        let t = std::time::Instant::now();
-        let got = read_all(&mut slow);
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "held {:?}",
-            t.elapsed()
-        );
+        let (got, took) = until_closed(&mut slow);
+        assert!(took < Duration::from_secs(5), "held {took:?}");
         assert!(!got.contains("hello"), "{got}");
-        let mut ok = TcpStream::connect(addr).unwrap();
+        let mut ok = srv.connect();
         ok.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .unwrap();
-        let got = read_all(&mut ok);
+        let (got, _) = until_closed(&mut ok);
         assert!(
             got.starts_with("HTTP/1.1 200") && got.ends_with("hello"),
             "{got}"
         );
     }
 
-    /// After `stop`, new connections are refused and an open idle one is closed.
+    /// At the stop: the listener closes, a request in flight gets its answer and then its
+    /// connection is closed, an idle keep-alive connection is closed at once, and `serve`
+    /// returns without the deadline.
     #[test]
-    fn stop_closes_the_listener_and_idle_connections() {
-        let (addr, stop) = start(HEADER_READ_TIMEOUT);
-        let mut idle = TcpStream::connect(addr).unwrap();
+    fn stop_answers_requests_in_flight_and_closes_idle_connections() {
+        let mut srv = Running::start(HEADER_READ_TIMEOUT, None);
+        let mut idle = srv.connect();
         idle.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let mut first = [0u8; 12];
-        idle.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
         idle.read_exact(&mut first).unwrap();
         assert_eq!(&first, b"HTTP/1.1 200");
-        stop.send(()).unwrap();
-        let rest = read_all(&mut idle);
+        let mut busy = srv.connect();
+        busy.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        srv.stop();
+        let (rest, took) = until_closed(&mut idle);
         assert!(rest.ends_with("hello"), "{rest}");
-        let t = std::time::Instant::now();
-        while TcpStream::connect(addr).is_ok() {
-            assert!(t.elapsed() < Duration::from_secs(5), "still accepting");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            took < Duration::from_secs(1),
+            "the idle connection stayed {took:?}"
+        );
+        let (answer, _) = until_closed(&mut busy);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("slow hello"),
+            "{answer}"
+        );
+        assert!(!srv.returned(), "the deadline cut connections off");
+        assert!(TcpStream::connect(srv.addr).is_err(), "still accepting");
+    }
+
+    /// A connection that never finishes its request holds the drain until the deadline, which
+    /// closes it: `serve` returns, saying so.
+    #[test]
+    fn the_deadline_closes_a_stalled_connection() {
+        let mut srv = Running::start(Duration::from_secs(60), Some(Duration::from_millis(300)));
+        let mut stalled = srv.connect();
+        stalled
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        srv.stop();
+        assert!(srv.returned(), "serve returned before its deadline");
+        let (got, took) = until_closed(&mut stalled);
+        assert!(took < Duration::from_secs(5), "held {took:?}");
+        assert!(!got.contains("hello"), "{got}");
     }
 }

@@ -255,6 +255,17 @@ fn attend_heads(
     })
 }
 
+/// The most queries one task of the CPU attention over `l` keys holds scores for: [`QUERY_BLOCK`]
+/// (f32), or the attention on oneDNN's blocks where its bf16 products run
+/// ([`onednn_query_block`], `MAGCACHE_ONEDNN_QUERY_ROWS` included), whichever is larger (for the
+/// size guard's estimate).
+pub(crate) fn cpu_query_rows(l: usize) -> usize {
+    match super::onednn::bf16_products() {
+        true => QUERY_BLOCK.max(onednn_query_block(l)),
+        false => QUERY_BLOCK,
+    }
+}
+
 /// Bytes of one task's scores in the attention on oneDNN: its blocks of queries are as many as
 /// keep `rows x l` f32 scores within this (one core's L2 on the AMX Xeons measured), between 64
 /// and 512 rows.

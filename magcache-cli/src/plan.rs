@@ -61,7 +61,11 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
     let file = config.display().to_string();
     let base = base_dir(config);
     let fam = family_of(&cfg, &file)?;
-    let (gplan, info) = (fam.plan)(&cfg, &file, &base)?;
+    let magcache_core::RunPlan {
+        plan: gplan,
+        info,
+        warnings: resolved,
+    } = (fam.plan)(&cfg, &file, &base)?;
     let strategy_cfg = cfg.strategy();
     let strategy = strategy_cfg.typetag_name().to_string();
     let env = BuildEnv {
@@ -70,12 +74,13 @@ pub fn plan(config: &Path) -> Result<PlanReport> {
         model: &info,
     };
     let cache = strategy_cfg.build(&env)?;
-    let (mut warnings, mut notes) = (Vec::new(), Vec::new());
+    // What a run of the file would report at its start, then the cache's.
+    let (mut warnings, mut notes) = (resolved, Vec::new());
     let mut predicted: HashMap<magcache_core::ScopeKey, Vec<magcache_core::CallDecision>> =
         HashMap::new();
     let mut from_data = false;
     if let Some(mut c) = cache {
-        warnings = c.begin_generation(&gplan)?;
+        warnings.extend(c.begin_generation(&gplan)?);
         notes = c.notes();
         for sp in &gplan.scopes {
             match c.predict(sp.key) {

@@ -175,7 +175,8 @@ fn a_boundary_that_leaves_an_expert_idle_is_said() {
 }
 
 /// `model.gguf_repack = false` on weights that are not a GGUF file does nothing: said in the
-/// run's warnings (Wan through its own run, FLUX.1 through the shared `RunSpec`), not ignored.
+/// run's warnings (Wan through its own run, FLUX.1 through the shared `RunSpec`), not ignored, and
+/// in `plan`'s, which gives the warnings a run gives at its start.
 #[test]
 fn gguf_repack_off_on_a_checkpoint_that_is_not_gguf_is_said() {
     let d = tempfile::tempdir().unwrap();
@@ -188,16 +189,16 @@ fn gguf_repack_off_on_a_checkpoint_that_is_not_gguf_is_said() {
                 1,
             );
             std::fs::write(&run, text).unwrap();
+            let line = "model.gguf_repack = false is not used: the weights are not a GGUF file";
             let o = magcache(&["run", "--config", s(&run), "--quiet"]);
             let stderr = String::from_utf8_lossy(&o.stderr);
             assert!(o.status.success(), "{example}: {stderr}");
-            assert_eq!(
-                stderr.contains(
-                    "model.gguf_repack = false is not used: the weights are not a GGUF file"
-                ),
-                said,
-                "{example}: {stderr}"
-            );
+            assert_eq!(stderr.contains(line), said, "{example}: {stderr}");
+            let o = magcache(&["plan", "--config", s(&run), "--json"]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let in_plan = j["warnings"].to_string().contains(line);
+            assert_eq!(in_plan, said, "{example}: {}", j["warnings"]);
         }
     }
 }

@@ -55,7 +55,7 @@ pub use runtime::config::{BuildEnv, PromptSection, RunConfig, StrategyConfig};
 pub use runtime::pipeline::{Decoded, Pipeline, PipelineCommon};
 pub use runtime::placement::{Offload, Placement};
 pub use runtime::registry::{
-    ExportWeights, GeneratedWeights, ModelFamily, PresetExport, StrategyRegistration,
+    ExportWeights, GeneratedWeights, ModelFamily, PresetExport, RunPlan, StrategyRegistration,
 };
 pub use scope::{Branch, GenerationPlan, ScopeKey, ScopePlan, StepsSpec};
 pub use states::{ScopeSlot, ScopeStates};

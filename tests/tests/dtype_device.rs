@@ -188,7 +188,7 @@ fn no_plan(
     _: &magcache_core::RunConfig,
     file: &str,
     _: &std::path::Path,
-) -> magcache_core::Result<(magcache_core::GenerationPlan, magcache_core::ModelInfo)> {
+) -> magcache_core::Result<magcache_core::RunPlan> {
     Err(magcache_core::Error::msg(format!("{file}: planned")))
 }
 

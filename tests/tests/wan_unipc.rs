@@ -316,7 +316,7 @@ fn plan_without_running_names_unipc() {
     std::fs::write(&path, &text).unwrap();
     let cfg = magcache_core::RunConfig::load(&path).unwrap();
     let fam = magcache_core::runtime::registry::family("wan2.1").unwrap();
-    let (plan, _) = (fam.plan)(&cfg, "run.toml", dir.path()).unwrap();
+    let plan = (fam.plan)(&cfg, "run.toml", dir.path()).unwrap().plan;
     assert_eq!(plan.scheduler, "unipc");
     let meta = load_json(&format!("{LOOP}.json"));
     assert_eq!(plan.total_steps as u64, meta["steps"].as_u64().unwrap());

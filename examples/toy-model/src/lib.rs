@@ -10,7 +10,7 @@ use magcache_core::runtime::config::RunConfig;
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::{
     BlockMetadata, Branch, CacheHandle, CallCx, Denoiser, Error, GenerationPlan, Indicator,
-    ModelInfo, Observer, PerBlock, Pipeline, Result, StepsSpec, Streams,
+    ModelInfo, Observer, PerBlock, Pipeline, Result, RunPlan, StepsSpec, Streams,
 };
 use std::path::Path;
 
@@ -283,10 +283,13 @@ fn build(cfg: &RunConfig, file: &str, _base: &Path) -> Result<Box<dyn Pipeline>>
     )))
 }
 
-fn plan(cfg: &RunConfig, file: &str, _base: &Path) -> Result<(GenerationPlan, ModelInfo)> {
+fn plan(cfg: &RunConfig, file: &str, _base: &Path) -> Result<RunPlan> {
     config_of(cfg, file)?;
     let guidance = cfg.sampling.guidance_scale.unwrap_or(1.0);
-    Ok((toy_plan(cfg.sampling.steps, guidance), toy_info()))
+    Ok(RunPlan::new(
+        toy_plan(cfg.sampling.steps, guidance),
+        toy_info(),
+    ))
 }
 
 /// What strategies may know of the toy: its family and the indicators its chain offers.

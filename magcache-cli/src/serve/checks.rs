@@ -169,7 +169,7 @@ pub(crate) fn scrub_paths(msg: &str, path: &std::path::Path, id: &str) -> String
 pub(crate) fn precheck(m: &Served, text: &str) -> Result<(), ApiError> {
     let run = || -> magcache_core::Result<()> {
         let (cfg, file, base, fam) = crate::prepare::resolve_text(text, &m.path)?;
-        let (plan, info) = (fam.plan)(&cfg, &file, &base)?;
+        let magcache_core::RunPlan { plan, info, .. } = (fam.plan)(&cfg, &file, &base)?;
         let env = BuildEnv {
             file: &file,
             base_dir: &base,

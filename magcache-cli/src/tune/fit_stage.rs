@@ -51,7 +51,7 @@ pub(super) fn precheck(config: &Path, fo: &crate::FitOptions) -> Result<()> {
     crate::prepare::link_strategies();
     let cfg = magcache_core::RunConfig::parse(&text, &file)?;
     let fam = crate::prepare::family_of(&cfg, &file)?;
-    let (plan, _) = (fam.plan)(&cfg, &file, &crate::prepare::base_dir(config))?;
+    let plan = (fam.plan)(&cfg, &file, &crate::prepare::base_dir(config))?.plan;
     if plan.scopes.windows(2).any(|w| w[0].steps != w[1].steps) {
         return Err(Error::msg(format!(
             "{file}: `tune --fit` fits one schedule for every scope, and this run's scopes have different step counts (two experts): fit with `calibrate --fit --compute-steps`"

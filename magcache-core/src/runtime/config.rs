@@ -537,11 +537,7 @@ mod tests {
         Err(Error::msg("no pipeline"))
     }
 
-    fn no_plan(
-        _: &RunConfig,
-        _: &str,
-        _: &Path,
-    ) -> Result<(crate::scope::GenerationPlan, ModelInfo)> {
+    fn no_plan(_: &RunConfig, _: &str, _: &Path) -> Result<crate::runtime::registry::RunPlan> {
         Err(Error::msg("no plan"))
     }
 

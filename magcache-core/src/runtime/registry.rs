@@ -20,12 +20,30 @@ pub const SERVE_KEYS: &[&str] = &["id", "host", "port", "api_key", "max_queue", 
 pub type BuildPipeline =
     fn(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Box<dyn Pipeline>>;
 
-/// The plan of a run and the model's info, without building the model (for `magcache plan`).
-pub type PlanRun = fn(
-    cfg: &RunConfig,
-    file: &str,
-    base_dir: &Path,
-) -> Result<(crate::scope::GenerationPlan, ModelInfo)>;
+/// The plan of a run, the model's info and what resolving the run file found, without building
+/// the model (for `magcache plan`).
+pub type PlanRun = fn(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<RunPlan>;
+
+/// What [`PlanRun`] gives: the generation's cache scopes, what strategies may know of the model,
+/// and the warnings a run of the file would report at its start (settings the family does not use,
+/// sizes it rounds), so that `magcache plan` says them too.
+#[derive(Clone, Debug, Default)]
+pub struct RunPlan {
+    pub plan: crate::scope::GenerationPlan,
+    pub info: ModelInfo,
+    pub warnings: Vec<String>,
+}
+
+impl RunPlan {
+    /// A plan and the model's info, with no warnings.
+    pub fn new(plan: crate::scope::GenerationPlan, info: ModelInfo) -> Self {
+        RunPlan {
+            plan,
+            info,
+            warnings: Vec::new(),
+        }
+    }
+}
 
 /// The size guard's estimate of each stage of a run (`"encode text"`, `"transformer and decode"`,
 /// ...), in the order they run, without loading anything (for `magcache plan` and `dtype = "auto"`).

@@ -25,6 +25,12 @@ pub trait ResolvedRun: Sized {
     fn resolve(cfg: &RunConfig, file: &str, base_dir: &Path) -> Result<Self>;
     /// The cache scopes of the generation and what strategies may know of the model.
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)>;
+    /// What resolving found that the user should know (settings the family does not use, sizes it
+    /// rounds): `magcache plan` prints them, as the built pipeline reports them at every
+    /// generation. Default: none.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Each stage's memory estimate, in the order the stages run.
     fn estimate(&self) -> Vec<(String, Footprint)>;
     /// Runs the stages up to the denoising loop and returns the pipeline ([`build_run`] has
@@ -51,13 +57,19 @@ pub fn build_run<R: ResolvedRun>(
     run.build()
 }
 
-/// [`crate::runtime::registry::PlanRun`] of a [`ResolvedRun`].
+/// [`crate::runtime::registry::PlanRun`] of a [`ResolvedRun`]: its plan, info and warnings.
 pub fn plan_run<R: ResolvedRun>(
     cfg: &RunConfig,
     file: &str,
     base: &Path,
-) -> Result<(GenerationPlan, ModelInfo)> {
-    R::resolve(cfg, file, base)?.plan()
+) -> Result<crate::runtime::registry::RunPlan> {
+    let run = R::resolve(cfg, file, base)?;
+    let (plan, info) = run.plan()?;
+    Ok(crate::runtime::registry::RunPlan {
+        plan,
+        info,
+        warnings: run.warnings(),
+    })
 }
 
 /// [`crate::runtime::registry::EstimateRun`] of a [`ResolvedRun`].

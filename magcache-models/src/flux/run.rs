@@ -76,6 +76,10 @@ impl ResolvedRun for FluxRun {
         Ok(FluxRun { spec })
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.spec.run.warnings.clone()
+    }
+
     /// The plan: the image length (for `mu`) from the inputs.
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
         let (cfg, file) = (&self.spec.cfg, self.spec.run.file.as_str());

@@ -177,6 +177,10 @@ impl ResolvedRun for Flux2Run {
         Self::read(cfg, file, base)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.spec.run.warnings.clone()
+    }
+
     /// The plan: the image length (for `mu`) from the run file and headers.
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
         let mut fp = Footprint::default();

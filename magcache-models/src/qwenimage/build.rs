@@ -205,6 +205,10 @@ impl ResolvedRun for QwenImageRun {
         Self::read(cfg, file, base)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.base.run.warnings.clone()
+    }
+
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
         let plan = qwenimage_plan(&self.schedule()?, self.base.cfg_scale.is_some());
         Ok((plan, qwenimage_info(self.variant())))

@@ -270,6 +270,10 @@ impl<V: Variant> ResolvedRun for WanRun<V> {
         Ok(run)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.run.warnings.clone()
+    }
+
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
         let steps = self.run.steps;
         let mut fp = Footprint::default();

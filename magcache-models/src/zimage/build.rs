@@ -240,6 +240,10 @@ impl ResolvedRun for ZImageRun {
         Self::read(cfg, file, base)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.base.run.warnings.clone()
+    }
+
     fn plan(&self) -> Result<(GenerationPlan, ModelInfo)> {
         let schedule = self.schedule()?;
         Ok((

@@ -22,8 +22,8 @@
 # The tracked files travel too: with them the 64 MiB hold this build, one oneDNN and the rest,
 # not a second binary (hence BASELINE_ENV).
 # `attention` times ours at several blocks of queries (MAGCACHE_ONEDNN_QUERY_ROWS) and PyTorch's;
-# `probe` times the 720 x 1536 by 1536 x 1536 product alone under three OpenMP settings, with
-# oneDNN's own timing and the page faults, and PyTorch's.
+# `probe` times the 720 x 1536 by 1536 x 1536 product alone under three OpenMP settings and with
+# the system's allocator as it is, with oneDNN's own timing and the page faults, and PyTorch's.
 # `.dev/` is added to .git/info/exclude so that git never sees it; remove it after the sitting.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"; cd "$root"
@@ -117,10 +117,12 @@ for stage in $stages; do
     # The small products on AMX (2026-11-27: oneDNN 3.2's 720 x 1536 by 1536 x 1536 took 2.5 ms
     # in oneDNN's own timing on a process's first run, then 6.6-7.1 ms; PyTorch's 2.5): that
     # product alone, repeated, with oneDNN's timing and the process's page faults, under OpenMP's
-    # defaults, passive waiting, and threads bound to cores; then PyTorch's. And the same
+    # defaults, passive waiting, threads bound to cores, and the system's allocator as it is (the
+    # example's buffers otherwise start on 64-byte lines, as PyTorch's tensors do:
+    # magcache_layers::alloc); then PyTorch's. And the same
     # projection at 4 680 tokens (36 of them a call there too), once each.
     faults='import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; print("  minor page faults: %d" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt); sys.exit(r)'
-    for omp in "" "OMP_WAIT_POLICY=passive" "OMP_PROC_BIND=close OMP_PLACES=cores"; do
+    for omp in "" "OMP_WAIT_POLICY=passive" "OMP_PROC_BIND=close OMP_PLACES=cores" "BF16_GEMM_ALIGN=off"; do
       for l in $labels; do
         echo "== probe: 720 1536 1536, oneDNN $l bf16 rows alone, ${omp:-OpenMP as it comes}"
         env $omp ONEDNN_VERBOSE=profile_exec MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" MAGCACHE_ONEDNN_BF16=on \

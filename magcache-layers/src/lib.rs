@@ -18,6 +18,7 @@
 //!
 //! A family crate depends on this crate and on `magcache-core`, never on another family.
 
+pub mod alloc;
 pub mod autoencoder_kl;
 pub mod autoencoder_kl_wan;
 pub mod chain_model;

@@ -55,6 +55,9 @@ enum Cmd {
 /// The strategies are part of the runner and linked here; model families are not: the binary links
 /// its own (`magcache_models::link()` in the `magcache` binary).
 pub fn main() -> ExitCode {
+    // First, before any large block: where the binary installs `alloc::Switched`, the variable
+    // switches it (checked again below, as the other switches are, for its error line).
+    let _ = magcache_layers::alloc::switch_from_env();
     pin_thread_count();
     magcache_strategies::link();
     let cli = Cli::parse();
@@ -90,6 +93,7 @@ fn real_main(cli: Cli) -> Result<()> {
     // Switches read deep in a run are checked first: a value they do not take is an error.
     magcache_core::runtime::progress::check_env()?;
     magcache_layers::nn::bf16_gemm::check_switch()?;
+    magcache_layers::alloc::switch_from_env().map_err(magcache_core::Error::msg)?;
     // The server answers SIGINT/SIGTERM itself (it writes no temporary file).
     if let Cmd::Serve(a) = cli.cmd {
         return crate::serve::serve(a);

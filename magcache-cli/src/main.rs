@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+/// The system's allocator; large blocks on 64-byte lines with `MAGCACHE_LINE_ALLOC=on`.
+#[global_allocator]
+static ALLOC: magcache_layers::alloc::Switched = magcache_layers::alloc::Switched;
+
 fn main() -> ExitCode {
     // The families this runner serves; the strategies come with the runner.
     magcache_models::link();

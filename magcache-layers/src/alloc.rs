@@ -5,8 +5,9 @@
 //! blocks, straddles two lines on every load. Smaller allocations are the system's as they are.
 //!
 //! A binary opts in: `#[global_allocator] static A: magcache_layers::alloc::LineAlloc =
-//! magcache_layers::alloc::LineAlloc;`. The `bf16_gemm` example does (`BF16_GEMM_ALIGN=off` for
-//! the A/B); `magcache` does not yet: on the Zen 5 the products ran level with and without it
+//! magcache_layers::alloc::LineAlloc;`, as the `bf16_gemm` example does (`BF16_GEMM_ALIGN=off` for
+//! the A/B). `magcache` installs [`Switched`], off unless `MAGCACHE_LINE_ALLOC=on`
+//! ([`switch_from_env`]): on the Zen 5 the products ran level with and without it
 //! (docs/benchmarks.md), and on AMX, where a tile row that straddles two lines may cost more, it
 //! is not measured yet.
 
@@ -65,6 +66,84 @@ unsafe impl GlobalAlloc for LineAlloc {
                 System.dealloc(ptr, old);
             }
             moved
+        }
+    }
+}
+
+/// The variable that switches [`Switched`] to [`LineAlloc`]: `on` or `off` (unset: off).
+pub const LINE_ALLOC_ENV: &str = "MAGCACHE_LINE_ALLOC";
+
+static SWITCHED_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The system's allocator, or [`LineAlloc`] once [`switch_from_env`] has read
+/// `MAGCACHE_LINE_ALLOC=on`. Blocks taken before the switch are freed through `free` either way
+/// (on Unix the system's allocator frees every alignment so), which is why it switches on Unix only.
+pub struct Switched;
+
+/// Reads `MAGCACHE_LINE_ALLOC` and switches [`Switched`] accordingly; call it first in `main`.
+/// Another value than `on` or `off` is an error naming the variable. On other systems than Unix
+/// `on` is an error too.
+pub fn switch_from_env() -> Result<(), String> {
+    let on = match std::env::var(LINE_ALLOC_ENV).as_deref() {
+        Err(_) | Ok("off") => false,
+        Ok("on") => true,
+        Ok(other) => {
+            return Err(format!(
+                "{LINE_ALLOC_ENV}={other:?}: expected on or off (unset: off)"
+            ))
+        }
+    };
+    if on && !cfg!(unix) {
+        return Err(format!("{LINE_ALLOC_ENV}=on: only on Unix systems"));
+    }
+    SWITCHED_ON.store(on, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+fn switched_on() -> bool {
+    SWITCHED_ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+// SAFETY: before the switch every block is the system's; after it, `LineAlloc` frees the earlier
+// blocks with `free` through `System` (Unix: any alignment), and reallocates them by moving.
+unsafe impl GlobalAlloc for Switched {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's layout, passed on.
+        unsafe {
+            match switched_on() {
+                true => LineAlloc.alloc(l),
+                false => System.alloc(l),
+            }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        unsafe {
+            match switched_on() {
+                true => LineAlloc.alloc_zeroed(l),
+                false => System.alloc_zeroed(l),
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, l: Layout) {
+        // SAFETY: as above.
+        unsafe {
+            match switched_on() {
+                true => LineAlloc.dealloc(ptr, l),
+                false => System.dealloc(ptr, l),
+            }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        unsafe {
+            match switched_on() {
+                true => LineAlloc.realloc(ptr, l, new_size),
+                false => System.realloc(ptr, l, new_size),
+            }
         }
     }
 }

@@ -55,8 +55,8 @@ enum Cmd {
 /// The strategies are part of the runner and linked here; model families are not: the binary links
 /// its own (`magcache_models::link()` in the `magcache` binary).
 pub fn main() -> ExitCode {
-    // First, before any large block: where the binary installs `alloc::Switched`, the variable
-    // switches it (checked again below, as the other switches are, for its error line).
+    // First, before any large block: where the binary installs `alloc::LineAlloc`, the variable
+    // switches its alignment (checked again below, as the other switches are, for its error line).
     let _ = magcache_layers::alloc::switch_from_env();
     pin_thread_count();
     magcache_strategies::link();

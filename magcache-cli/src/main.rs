@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-/// The system's allocator; large blocks on 64-byte lines with `MAGCACHE_LINE_ALLOC=on`.
+/// C's allocator; large blocks on 64-byte lines with `MAGCACHE_LINE_ALLOC=on`.
 #[global_allocator]
-static ALLOC: magcache_layers::alloc::Switched = magcache_layers::alloc::Switched;
+static ALLOC: magcache_layers::alloc::LineAlloc = magcache_layers::alloc::LineAlloc;
 
 fn main() -> ExitCode {
     // The families this runner serves; the strategies come with the runner.

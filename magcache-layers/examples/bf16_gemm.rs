@@ -7,39 +7,20 @@
 //! `BF16_GEMM_ONLY=NAME` times that one product alone each round (`oneDNN bf16 rows`, say: a
 //! name as the rounds print it), none of the others between its runs. Large buffers start on
 //! 64-byte lines (`magcache_layers::alloc::LineAlloc`, as PyTorch's tensors do);
-//! `BF16_GEMM_ALIGN=off` leaves them where the system's allocator puts them.
+//! `BF16_GEMM_ALIGN=off` leaves them where C's `malloc` puts them.
 
 use candle_core::{Device, Tensor};
 use magcache_layers::nn::bf16_gemm::{cpu_has_bf16, PackedBf16};
 use magcache_layers::nn::onednn;
 use std::time::Instant;
 
-/// `BF16_GEMM_ALIGN=off`: the system's allocator as it is (the A/B of `magcache_layers::alloc`).
-struct Switch;
-static LINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-// SAFETY: each block is freed by the allocator that gave it (the switch is read once, at start,
-// before any large block; both sides' small blocks are the system's).
-unsafe impl std::alloc::GlobalAlloc for Switch {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        match LINE.load(std::sync::atomic::Ordering::Relaxed) {
-            true => unsafe { magcache_layers::alloc::LineAlloc.alloc(l) },
-            false => unsafe { std::alloc::System.alloc(l) },
-        }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        match LINE.load(std::sync::atomic::Ordering::Relaxed) {
-            true => unsafe { magcache_layers::alloc::LineAlloc.dealloc(p, l) },
-            false => unsafe { std::alloc::System.dealloc(p, l) },
-        }
-    }
-}
+/// C's allocator, large blocks on 64-byte lines unless `BF16_GEMM_ALIGN=off`.
 #[global_allocator]
-static A: Switch = Switch;
+static A: magcache_layers::alloc::LineAlloc = magcache_layers::alloc::LineAlloc;
 
 fn main() -> candle_core::Result<()> {
-    if std::env::var("BF16_GEMM_ALIGN").as_deref() == Ok("off") {
-        LINE.store(false, std::sync::atomic::Ordering::Relaxed);
-    }
+    let align = std::env::var("BF16_GEMM_ALIGN").as_deref() != Ok("off");
+    magcache_layers::alloc::set(align).map_err(candle_core::Error::Msg)?;
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

@@ -1,188 +1,207 @@
-//! A global allocator that starts every allocation of [`LARGE`] bytes or more on a 64-byte line,
-//! as PyTorch's CPU allocator starts its tensors: a matrix row that begins on a cache line is read
-//! in whole lines by the products' vector and tile loads (AVX-512's 64 bytes, AMX's 64-byte tile
-//! rows) where one 16 bytes past a line boundary, which is where glibc's `malloc` leaves large
-//! blocks, straddles two lines on every load. Smaller allocations are the system's as they are.
+//! A global allocator that can start every allocation of [`LARGE`] bytes or more on a 64-byte
+//! line, as PyTorch's CPU allocator starts its tensors: a matrix row that begins on a cache line is
+//! read in whole lines by the products' vector and tile loads (AVX-512's 64 bytes, AMX's 64-byte
+//! tile rows) where one 16 bytes past a line boundary, which is where glibc's `malloc` leaves large
+//! blocks, straddles two lines on every load.
+//!
+//! [`LineAlloc`] is C's allocator (`malloc`, `calloc`, `realloc`, `posix_memalign`, `free`) on
+//! Unix, with large blocks aligned while [`set`] has it so. Every block, aligned or not, comes from
+//! that one allocator and goes back with `free`, which POSIX defines for all of them, so switching
+//! at any time is sound. Elsewhere it is Rust's system allocator, and aligning is refused.
 //!
 //! A binary opts in: `#[global_allocator] static A: magcache_layers::alloc::LineAlloc =
-//! magcache_layers::alloc::LineAlloc;`, as the `bf16_gemm` example does (`BF16_GEMM_ALIGN=off` for
-//! the A/B). `magcache` installs [`Switched`], off unless `MAGCACHE_LINE_ALLOC=on`
-//! ([`switch_from_env`]): on the Zen 5 the products ran level with and without it
-//! (docs/benchmarks.md), and on AMX, where a tile row that straddles two lines may cost more, it
-//! is not measured yet.
+//! magcache_layers::alloc::LineAlloc;`. `magcache` does, aligned only with `MAGCACHE_LINE_ALLOC=on`
+//! ([`switch_from_env`]): on the Zen 5 the products ran level either way (docs/benchmarks.md), and
+//! on AMX it is not measured yet. The `bf16_gemm` example aligns unless `BF16_GEMM_ALIGN=off`.
+//! Aligned large blocks are zeroed by a pass of their own (`calloc` cannot align) and grown by
+//! moving them.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Allocations of at least this many bytes are aligned to [`LINE`].
+/// Allocations of at least this many bytes are aligned to [`LINE`] while switched on.
 pub const LARGE: usize = 4096;
 /// The alignment of large allocations: one cache line.
 pub const LINE: usize = 64;
+/// The variable [`switch_from_env`] reads: `on` or `off` (unset: off).
+pub const LINE_ALLOC_ENV: &str = "MAGCACHE_LINE_ALLOC";
 
-/// The system allocator, with large allocations aligned to [`LINE`] bytes.
-pub struct LineAlloc;
+static ALIGN_LARGE: AtomicBool = AtomicBool::new(false);
 
-/// The layout `l` is served with: aligned to a line when large.
-fn served(l: Layout) -> Layout {
-    if l.size() >= LARGE && l.align() < LINE {
-        Layout::from_size_align(l.size(), LINE).unwrap_or(l)
-    } else {
-        l
+/// Whether large blocks are aligned from now on (Unix only: elsewhere `on` is an error).
+pub fn set(on: bool) -> Result<(), String> {
+    if on && !cfg!(unix) {
+        return Err(format!("{LINE_ALLOC_ENV}=on: only on Unix systems"));
+    }
+    ALIGN_LARGE.store(on, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Reads `MAGCACHE_LINE_ALLOC` and [`set`]s it; call it first in `main`. Another value than `on`
+/// or `off` is an error naming the variable.
+pub fn switch_from_env() -> Result<(), String> {
+    match std::env::var(LINE_ALLOC_ENV).as_deref() {
+        Err(_) | Ok("off") => set(false),
+        Ok("on") => set(true),
+        Ok(other) => Err(format!(
+            "{LINE_ALLOC_ENV}={other:?}: expected on or off (unset: off)"
+        )),
     }
 }
 
-// SAFETY: every block is allocated and freed by `System` with one layout, `served` of the caller's
-// (a function of its size and alignment alone, so the same at the free as at the allocation);
-// a block whose served alignment changes with its new size is moved by hand.
+/// C's allocator on Unix, large blocks on 64-byte lines while [`set`] so; Rust's system allocator
+/// elsewhere.
+pub struct LineAlloc;
+
+/// The alignment a block of layout `l` gets now: `l`'s own, or a line for a large block while
+/// switched on.
+#[cfg(unix)]
+fn alignment(l: Layout) -> usize {
+    match l.size() >= LARGE && ALIGN_LARGE.load(Ordering::Relaxed) {
+        true => l.align().max(LINE),
+        false => l.align(),
+    }
+}
+
+/// `malloc`'s own alignment (glibc: 16 on 64-bit systems; 8 is what C guarantees for `double`,
+/// kept low so that larger ones go through `posix_memalign`).
+#[cfg(unix)]
+const MALLOC_ALIGN: usize = 2 * std::mem::size_of::<usize>();
+
+#[cfg(unix)]
+// SAFETY: every block comes from C's allocator (`malloc`, `calloc`, `realloc` or
+// `posix_memalign`) with at least the layout's alignment and size, and goes back through `free`
+// (directly, or inside `realloc`), which POSIX defines for each of them.
 unsafe impl GlobalAlloc for LineAlloc {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: as the caller's layout (non-zero size), with an alignment no smaller.
-        unsafe { System.alloc(served(l)) }
+        let align = alignment(l);
+        if align <= MALLOC_ALIGN && align <= l.size() {
+            // SAFETY: a plain C allocation of a non-zero size.
+            return unsafe { libc::malloc(l.size()) }.cast();
+        }
+        let mut out: *mut libc::c_void = std::ptr::null_mut();
+        // `posix_memalign` wants a multiple of the pointer size (a power of two, as every
+        // `Layout` alignment is).
+        let align = align.max(std::mem::size_of::<usize>());
+        // SAFETY: an out-pointer and a valid alignment.
+        match unsafe { libc::posix_memalign(&mut out, align, l.size()) } {
+            0 => out.cast(),
+            _ => std::ptr::null_mut(),
+        }
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        // SAFETY: as `alloc`.
-        unsafe { System.alloc_zeroed(served(l)) }
+        let align = alignment(l);
+        if align <= MALLOC_ALIGN && align <= l.size() {
+            // SAFETY: a plain C allocation of a non-zero size.
+            return unsafe { libc::calloc(l.size(), 1) }.cast();
+        }
+        // SAFETY: as `alloc`; the block holds `l.size()` bytes.
+        unsafe {
+            let p = self.alloc(l);
+            if !p.is_null() {
+                std::ptr::write_bytes(p, 0, l.size());
+            }
+            p
+        }
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, l: Layout) {
-        // SAFETY: `ptr` came from `System` with `served(l)`.
-        unsafe { System.dealloc(ptr, served(l)) }
+    unsafe fn dealloc(&self, ptr: *mut u8, _l: Layout) {
+        // SAFETY: `ptr` came from C's allocator (above).
+        unsafe { libc::free(ptr.cast()) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        let old = served(l);
-        // SAFETY: the caller's promise: `new_size`, rounded to `l.align()`, does not overflow.
-        let new = served(unsafe { Layout::from_size_align_unchecked(new_size, l.align()) });
-        if old.align() == new.align() {
-            // SAFETY: `ptr` came from `System` with `old`, whose alignment the new block keeps.
-            return unsafe { System.realloc(ptr, old, new_size) };
+        // SAFETY: the caller's promise: `new_size` rounded to `l.align()` does not overflow.
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, l.align()) };
+        let align = alignment(new);
+        if align <= MALLOC_ALIGN && align <= new_size {
+            // SAFETY: `ptr` came from C's allocator; `realloc` keeps `malloc`'s alignment.
+            return unsafe { libc::realloc(ptr.cast(), new_size) }.cast();
         }
-        // SAFETY: a fresh block of `new`; the old one holds `l.size()` bytes and is freed as it was
-        // allocated.
+        // SAFETY: a fresh block of the new layout; the old one holds `l.size()` bytes and is freed
+        // once copied (kept where the new one cannot be had, as `realloc` does).
         unsafe {
-            let moved = System.alloc(new);
+            let moved = self.alloc(new);
             if !moved.is_null() {
                 std::ptr::copy_nonoverlapping(ptr, moved, l.size().min(new_size));
-                System.dealloc(ptr, old);
+                libc::free(ptr.cast());
             }
             moved
         }
     }
 }
 
-/// The variable that switches [`Switched`] to [`LineAlloc`]: `on` or `off` (unset: off).
-pub const LINE_ALLOC_ENV: &str = "MAGCACHE_LINE_ALLOC";
-
-static SWITCHED_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The system's allocator, or [`LineAlloc`] once [`switch_from_env`] has read
-/// `MAGCACHE_LINE_ALLOC=on`. Blocks taken before the switch are freed through `free` either way
-/// (on Unix the system's allocator frees every alignment so), which is why it switches on Unix only.
-pub struct Switched;
-
-/// Reads `MAGCACHE_LINE_ALLOC` and switches [`Switched`] accordingly; call it first in `main`.
-/// Another value than `on` or `off` is an error naming the variable. On other systems than Unix
-/// `on` is an error too.
-pub fn switch_from_env() -> Result<(), String> {
-    let on = match std::env::var(LINE_ALLOC_ENV).as_deref() {
-        Err(_) | Ok("off") => false,
-        Ok("on") => true,
-        Ok(other) => {
-            return Err(format!(
-                "{LINE_ALLOC_ENV}={other:?}: expected on or off (unset: off)"
-            ))
-        }
-    };
-    if on && !cfg!(unix) {
-        return Err(format!("{LINE_ALLOC_ENV}=on: only on Unix systems"));
-    }
-    SWITCHED_ON.store(on, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
-}
-
-fn switched_on() -> bool {
-    SWITCHED_ON.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-// SAFETY: before the switch every block is the system's; after it, `LineAlloc` frees the earlier
-// blocks with `free` through `System` (Unix: any alignment), and reallocates them by moving.
-unsafe impl GlobalAlloc for Switched {
+#[cfg(not(unix))]
+// SAFETY: Rust's system allocator, passed through.
+unsafe impl GlobalAlloc for LineAlloc {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: the caller's layout, passed on.
-        unsafe {
-            match switched_on() {
-                true => LineAlloc.alloc(l),
-                false => System.alloc(l),
-            }
-        }
+        // SAFETY: passed through.
+        unsafe { std::alloc::System.alloc(l) }
     }
-
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        // SAFETY: as `alloc`.
-        unsafe {
-            match switched_on() {
-                true => LineAlloc.alloc_zeroed(l),
-                false => System.alloc_zeroed(l),
-            }
-        }
+        // SAFETY: passed through.
+        unsafe { std::alloc::System.alloc_zeroed(l) }
     }
-
     unsafe fn dealloc(&self, ptr: *mut u8, l: Layout) {
-        // SAFETY: as above.
-        unsafe {
-            match switched_on() {
-                true => LineAlloc.dealloc(ptr, l),
-                false => System.dealloc(ptr, l),
-            }
-        }
+        // SAFETY: passed through.
+        unsafe { std::alloc::System.dealloc(ptr, l) }
     }
-
     unsafe fn realloc(&self, ptr: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as above.
-        unsafe {
-            match switched_on() {
-                true => LineAlloc.realloc(ptr, l, new_size),
-                false => System.realloc(ptr, l, new_size),
-            }
-        }
+        // SAFETY: passed through.
+        unsafe { std::alloc::System.realloc(ptr, l, new_size) }
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
-    /// Large blocks start on a line, small ones keep their own alignment, and a block that grows
-    /// or shrinks across [`LARGE`] keeps its bytes and gets the alignment of its new size.
+    /// Switched on, large blocks start on a line and small ones keep their alignment; blocks keep
+    /// their bytes through reallocations across [`LARGE`] both ways and across the switch both
+    /// ways; zeroed blocks are zero; and a block taken before a switch is freed after it. (The
+    /// switch is the process's: this is the only test that touches it, and it leaves it off.)
     #[test]
-    fn large_blocks_start_on_a_line_and_keep_their_bytes_across_sizes() {
+    fn blocks_keep_their_bytes_and_alignment_across_sizes_and_the_switch() {
         let a = LineAlloc;
+        let lay = |size: usize| Layout::from_size_align(size, 4).unwrap();
         // SAFETY: each block is used within its layout and freed with the layout it has then.
         unsafe {
+            let before = a.alloc(lay(LARGE * 2));
+            *before = 7;
+            set(true).unwrap();
             for size in [LARGE, LARGE + 4, 3 << 20, 100_001] {
-                let l = Layout::from_size_align(size, 4).unwrap();
-                let p = a.alloc(l);
-                assert!(!p.is_null());
+                let p = a.alloc(lay(size));
                 assert_eq!(p as usize % LINE, 0, "{size} bytes");
-                a.dealloc(p, l);
+                a.dealloc(p, lay(size));
+                let z = a.alloc_zeroed(lay(size));
+                assert_eq!(z as usize % LINE, 0, "{size} bytes, zeroed");
+                assert!((0..size).all(|i| *z.add(i) == 0));
+                a.dealloc(z, lay(size));
             }
-            let small = Layout::from_size_align(24, 8).unwrap();
-            let p = a.alloc(small);
-            assert_eq!(p as usize % 8, 0);
-            a.dealloc(p, small);
-            // Across the threshold, both ways, with the bytes kept.
-            let l = Layout::from_size_align(100, 4).unwrap();
-            let p = a.alloc(l);
+            let over = Layout::from_size_align(24, 128).unwrap();
+            let p = a.alloc(over);
+            assert_eq!(p as usize % 128, 0);
+            a.dealloc(p, over);
+            let p = a.alloc(lay(100));
             for i in 0..100 {
                 *p.add(i) = i as u8;
             }
-            let q = a.realloc(p, l, LARGE * 3);
+            let q = a.realloc(p, lay(100), LARGE * 3);
             assert_eq!(q as usize % LINE, 0);
             assert!((0..100).all(|i| *q.add(i) == i as u8));
-            let big = Layout::from_size_align(LARGE * 3, 4).unwrap();
-            let r = a.realloc(q, big, 50);
+            // The block taken before the switch, grown after it: moved onto a line.
+            let grown = a.realloc(before, lay(LARGE * 2), LARGE * 4);
+            assert_eq!(grown as usize % LINE, 0);
+            assert_eq!(*grown, 7);
+            set(false).unwrap();
+            // After switching off: shrunk, grown, and freed by `free`.
+            let r = a.realloc(q, lay(LARGE * 3), 50);
             assert!((0..50).all(|i| *r.add(i) == i as u8));
-            a.dealloc(r, Layout::from_size_align(50, 4).unwrap());
+            a.dealloc(r, lay(50));
+            let g = a.realloc(grown, lay(LARGE * 4), LARGE * 8);
+            assert_eq!(*g, 7);
+            a.dealloc(g, lay(LARGE * 8));
         }
     }
 }

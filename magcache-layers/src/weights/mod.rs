@@ -94,6 +94,9 @@ pub struct WeightStore {
     deltas: HashMap<String, Vec<(Delta, String)>>,
     /// Streamed from (`offload = "stream"`): never kept warm ([`warm`]), its bound holds.
     pub streamed: std::sync::atomic::AtomicBool,
+    /// The file's own name of each tensor a layout conversion renamed ([`WeightStore::rename`]),
+    /// by its new name: messages about the tensor give both.
+    renamed: HashMap<String, String>,
 }
 
 impl WeightStore {
@@ -201,6 +204,15 @@ impl WeightStore {
             }
         }
         let old = std::mem::take(&mut self.tensors);
+        let mut renamed = HashMap::new();
+        for k in old.keys() {
+            let own = self.renamed.get(k).unwrap_or(k);
+            let new = f(k);
+            if new != *own {
+                renamed.insert(new, own.clone());
+            }
+        }
+        self.renamed = renamed;
         self.tensors = old.into_iter().map(|(k, v)| (f(&k), v)).collect();
         if let Ok(mut used) = self.used.lock() {
             let old = std::mem::take(&mut *used);
@@ -376,13 +388,14 @@ impl WeightStore {
         if !checked && !finite(&t)? {
             let what = magcache_core::finite::describe_non_finite(&t)
                 .map_err(|e| Error::weights(file, name, e.to_string()))?;
+            let own = self.stored_as(name);
             let msg = if stored.dtype() != dtype && finite(&stored)? {
                 format!(
-                    "is finite as stored ({:?}) but overflows {dtype:?}, the run's dtype ({what}); use a wider `model.dtype`",
+                    "is finite as stored ({:?}){own} but overflows {dtype:?}, the run's dtype ({what}); use a wider `model.dtype`",
                     stored.dtype()
                 )
             } else {
-                format!("holds non-finite values: {what}")
+                format!("holds non-finite values{own}: {what}")
             };
             return Err(Error::weights(file, name, msg));
         }
@@ -517,10 +530,22 @@ impl WeightStore {
             return Err(Error::weights(
                 self.file_of(name),
                 name,
-                format!("has shape {stored:?}, the model config expects {shape:?}"),
+                format!(
+                    "has shape {stored:?}, the model config expects {shape:?}{}",
+                    self.stored_as(name)
+                ),
             ));
         }
         Ok(())
+    }
+
+    /// ` (stored as `X`)` where a layout conversion renamed the tensor from the file's `X`, for
+    /// messages about it; empty where it keeps the file's name.
+    fn stored_as(&self, name: &str) -> String {
+        self.renamed
+            .get(name)
+            .map(|own| format!(" (stored as `{own}`)"))
+            .unwrap_or_default()
     }
 }
 
@@ -551,4 +576,43 @@ pub fn count_blocks(store: &WeightStore, prefix: &str) -> usize {
         .max()
         .map(|m| m.saturating_add(1))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor a layout conversion renamed is named in messages by the model's name and the
+    /// file's own (kept through a second rename); one it did not rename by its name alone.
+    #[test]
+    fn a_renamed_tensor_s_shape_error_gives_the_file_s_own_name() {
+        let t = |n: usize| Tensor::zeros((n, 2), DType::F32, &Device::Cpu).unwrap();
+        let map = HashMap::from([
+            ("blocks.0.self_attn.q.weight".to_string(), t(3)),
+            ("head.head.weight".to_string(), t(3)),
+        ]);
+        let mut store = WeightStore::from_map("ckpt.safetensors", map);
+        store
+            .rename(|k| k.replace("self_attn.q", "attn1.to_q"))
+            .unwrap();
+        store.rename(|k| format!("x.{k}")).unwrap();
+        let e = store
+            .get_shape("x.blocks.0.attn1.to_q.weight", &[4, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`x.blocks.0.attn1.to_q.weight`")
+                && e.contains("(stored as `blocks.0.self_attn.q.weight`)"),
+            "{e}"
+        );
+        let e = store
+            .get_shape("x.head.head.weight", &[4, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(stored as `head.head.weight`)"), "{e}");
+        let mut plain = WeightStore::from_map("c", HashMap::from([("w".to_string(), t(3))]));
+        plain.rename(|k| k.to_string()).unwrap();
+        let e = plain.get_shape("w", &[4, 2]).unwrap_err().to_string();
+        assert!(!e.contains("stored as"), "{e}");
+    }
 }

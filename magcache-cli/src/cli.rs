@@ -56,12 +56,12 @@ enum Cmd {
 /// its own (`magcache_models::link()` in the `magcache` binary).
 pub fn main() -> ExitCode {
     // First, before any large block: where the binary installs `alloc::LineAlloc`, the variable
-    // switches its alignment (checked again below, as the other switches are, for its error line).
-    let _ = magcache_layers::alloc::switch_from_env();
+    // switches its alignment (a bad value is reported with the other switches, in `real_main`).
+    let line_alloc = magcache_layers::alloc::switch_from_env();
     pin_thread_count();
     magcache_strategies::link();
     let cli = Cli::parse();
-    match real_main(cli) {
+    match real_main(cli, line_alloc) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", e.to_string().replace('\n', " "));
@@ -89,11 +89,12 @@ fn pin_thread_count() {
     }
 }
 
-fn real_main(cli: Cli) -> Result<()> {
+/// `line_alloc`: what reading `MAGCACHE_LINE_ALLOC` at start gave.
+fn real_main(cli: Cli, line_alloc: std::result::Result<(), String>) -> Result<()> {
     // Switches read deep in a run are checked first: a value they do not take is an error.
     magcache_core::runtime::progress::check_env()?;
     magcache_layers::nn::bf16_gemm::check_switch()?;
-    magcache_layers::alloc::switch_from_env().map_err(magcache_core::Error::msg)?;
+    line_alloc.map_err(Error::msg)?;
     // The server answers SIGINT/SIGTERM itself (it writes no temporary file).
     if let Cmd::Serve(a) = cli.cmd {
         return crate::serve::serve(a);

@@ -203,16 +203,15 @@ impl WeightStore {
                 ));
             }
         }
+        // `seen` maps each new name to its old one: the file's own name goes with the new one.
+        self.renamed = seen
+            .into_iter()
+            .filter_map(|(new, old)| {
+                let own = self.renamed.get(&old).cloned().unwrap_or(old);
+                (new != own).then_some((new, own))
+            })
+            .collect();
         let old = std::mem::take(&mut self.tensors);
-        let mut renamed = HashMap::new();
-        for k in old.keys() {
-            let own = self.renamed.get(k).unwrap_or(k);
-            let new = f(k);
-            if new != *own {
-                renamed.insert(new, own.clone());
-            }
-        }
-        self.renamed = renamed;
         self.tensors = old.into_iter().map(|(k, v)| (f(&k), v)).collect();
         if let Ok(mut used) = self.used.lock() {
             let old = std::mem::take(&mut *used);

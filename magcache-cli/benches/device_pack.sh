@@ -21,7 +21,7 @@
 #        bf16 under BASELINE_ENV, and prints how far each bf16 final is from the f32 one).
 # The tracked files travel too: with them the 64 MiB hold this build, one oneDNN and the rest,
 # not a second binary (hence BASELINE_ENV).
-# `attention` times ours at several blocks of queries (MAGCACHE_ONEDNN_QUERY_ROWS) and PyTorch's;
+# `attention` times ours at several blocks of queries and keys (ATTENTION_CPU_BLOCKS) and PyTorch's;
 # `probe` times the 720 x 1536 by 1536 x 1536 product alone under three OpenMP settings and with
 # the system's allocator as it is, with oneDNN's own timing and the page faults, and PyTorch's.
 # `.dev/` is added to .git/info/exclude so that git never sees it; remove it after the sitting.
@@ -103,13 +103,14 @@ for stage in $stages; do
       done
     done ;;
   attention)
-    # Ours at the default blocks of queries (sized by the keys: 112 at 4 680) and at larger ones
-    # (MAGCACHE_ONEDNN_QUERY_ROWS), then PyTorch's fused attention.
-    for rows in "" 256 512 1024; do
-      for l in $labels; do
-        echo "== attention alone, oneDNN $l, queries per block: ${rows:-by the keys}"
-        env ${rows:+MAGCACHE_ONEDNN_QUERY_ROWS=$rows ATTENTION_CPU_ONLY=onednn} MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
-      done
+    # Ours at the default blocks (queries sized by the keys: 112 at 4 680; all keys in one
+    # product) against blocks of keys with the softmax carried across them (FlashAttention's
+    # way: a block's scores stay in the core's cache) and larger blocks of queries, alternated in
+    # one process (ATTENTION_CPU_BLOCKS, queries:keys), then PyTorch's fused attention.
+    for l in $labels; do
+      echo "== attention alone, oneDNN $l, by blocks (queries:keys)"
+      ATTENTION_CPU_ONLY=onednn ATTENTION_CPU_BLOCKS="-:all 512:all -:512 256:512 512:512 128:256 256:1024" \
+        MAGCACHE_ONEDNN="$w/dnnl/$l/libdnnl.so.3" RAYON_NUM_THREADS=$threads "$w/attention_cpu" 4680 12 128 3
     done
     echo "== attention alone, PyTorch"
     python3 $b/pytorch_attention.py 4680 12 128 --rounds 3 --threads "$threads" ;;

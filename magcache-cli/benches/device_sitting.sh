@@ -15,16 +15,17 @@ stage() { # stage TIMEOUT ENV... : run.sh under a timeout, with the JSON event l
   date -u
   lscpu | sed -n -e 's/^Model name: *//p' -e 's/^CPU family: *//p' -e 's/^Model: *//p' | tr '\n' ' '; echo
   grep -o -w -E 'amx_bf16|amx_tile|amx_int8|amx_fp16|avx512_bf16|avx512_fp16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
-  # Why the small products slow down after a process's first (probe), and whether larger blocks
-  # of queries close the attention's gap at 4 680 tokens (attention).
+  # Why the small products slow down after a process's first (probe), and whether blocks of
+  # keys (the softmax carried across them) or larger blocks of queries close the attention's gap
+  # at 4 680 tokens (attention).
   stage "${T_PROBE:-70}" STAGES=probe
   stage "${T_ATTENTION:-110}" STAGES=attention
   # The bar: the 6-block call at 720 and 4 680 tokens against PyTorch, alternated; the
   # baselines are the same binary with large blocks on 64-byte lines (720 tokens; the probe
-  # times the product alone both ways) and with the attention's blocks at 512 queries (4 680
-  # tokens; at 720 the default is 512 already).
+  # times the product alone both ways) and with the attention on blocks of 512 keys and 256
+  # queries (4 680 tokens; at 720 tokens one block of keys holds them all).
   stage "${T_SHORT:-110}" STAGES=short ROUNDS=4 BASELINE_ENV=MAGCACHE_LINE_ALLOC=on
-  stage "${T_LONG:-140}" STAGES=long ROUNDS=2 BASELINE_ENV=MAGCACHE_ONEDNN_QUERY_ROWS=512
+  stage "${T_LONG:-140}" STAGES=long ROUNDS=2 BASELINE_ENV="MAGCACHE_ONEDNN_KEY_ROWS=512 MAGCACHE_ONEDNN_QUERY_ROWS=256"
   stage "${T_DENOISE:-100}" STAGES=denoise DENOISE_F32=off
   date -u
 } 2>&1 | tee "${OUT:-/tmp}/log"

@@ -147,6 +147,21 @@ fn a_bad_onednn_switch_value_is_one_line_naming_it() {
             &[named.as_str(), "a multiple of 16 from 16 to 4096"],
         );
     }
+    for value in ["16", "100", "0", "everything"] {
+        let env = [
+            ("MAGCACHE_ONEDNN", lib.as_str()),
+            ("MAGCACHE_ONEDNN_KEY_ROWS", value),
+        ];
+        let named = format!("MAGCACHE_ONEDNN_KEY_ROWS=\"{value}\"");
+        c.run_err_env(
+            &c.default_toml(MAG),
+            &env,
+            &[
+                named.as_str(),
+                "a multiple of 32 from 32 to 1048576, or all",
+            ],
+        );
+    }
 }
 
 /// The switches read deep in a run (`MAGCACHE_CPU_BF16`, `MAGCACHE_PROGRESS_SECONDS`) refuse a

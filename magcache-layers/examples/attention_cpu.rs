@@ -4,7 +4,9 @@
 //! candle's threads.
 //! `cargo run --release -p magcache-layers --example attention_cpu -- [TOKENS HEADS HEAD_DIM] [ROUNDS]`
 //! (default: 4 680 tokens of the Wan2.1-1.3B, 12 heads of 128, 5 rounds).
-//! `ATTENTION_CPU_ONLY=onednn` times oneDNN's alone.
+//! `ATTENTION_CPU_ONLY=onednn` times oneDNN's alone; `ATTENTION_CPU_BLOCKS="Q:K ..."` times oneDNN's
+//! at each of those blocks (queries per task, keys per product; `-` the default, keys `all`),
+//! alternated.
 
 use candle_core::{Device, Tensor};
 use magcache_layers::nn::{self, onednn};
@@ -58,7 +60,37 @@ fn main() -> magcache_core::Result<()> {
             f32_s / k_s
         );
     }
-    if let Some(d) = onednn::get().filter(|d| d.bf16_implemented()) {
+    let Some(d) = onednn::get().filter(|d| d.bf16_implemented()) else {
+        return Ok(());
+    };
+    // `ATTENTION_CPU_BLOCKS="Q:K ..."`: oneDNN's line at each of these blocks instead, the
+    // blocks alternated in each round (one process: the host's drift is shared).
+    if let Ok(list) = std::env::var("ATTENTION_CPU_BLOCKS") {
+        let blocks = list
+            .split_whitespace()
+            .map(|b| parse_blocks(b).map(|x| (b, x)))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(magcache_core::Error::msg)?;
+        let mut times = vec![Vec::with_capacity(rounds); blocks.len()];
+        for _ in 0..rounds {
+            for ((_, b), t) in blocks.iter().zip(&mut times) {
+                let start = Instant::now();
+                drop(nn::attention_onednn_blocks(&q, &k, &v, d, *b)?);
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
+        for ((name, _), mut t) in blocks.into_iter().zip(times) {
+            t.sort_by(f64::total_cmp);
+            let ms: Vec<String> = t.iter().map(|x| format!("{:.1}", x * 1e3)).collect();
+            println!(
+                "bf16 on oneDNN, blocks {name} (queries:keys): median {:.1} ms ({} ms)",
+                t[rounds / 2] * 1e3,
+                ms.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    {
         let bf16_s = median(&|| nn::attention_onednn(&q, &k, &v, d))?;
         let ratio = match only_onednn {
             true => String::new(),
@@ -67,4 +99,21 @@ fn main() -> magcache_core::Result<()> {
         println!("bf16 on oneDNN: {:.1} ms{ratio}", bf16_s * 1e3);
     }
     Ok(())
+}
+
+/// `Q:K` (queries per task, keys per product; `-` for the default, K also `all`).
+fn parse_blocks(b: &str) -> Result<nn::OneDnnBlocks, String> {
+    let bad = || format!("ATTENTION_CPU_BLOCKS: {b:?} is not Q:K (numbers, `-`, or K `all`)");
+    let (qs, ks) = b.split_once(':').ok_or_else(bad)?;
+    let num = |x: &str| -> Result<Option<usize>, String> {
+        match x {
+            "-" => Ok(None),
+            "all" => Ok(Some(usize::MAX)),
+            n => n.parse().map(Some).map_err(|_| bad()),
+        }
+    };
+    Ok(nn::OneDnnBlocks {
+        query_rows: num(qs)?,
+        key_rows: num(ks)?,
+    })
 }

@@ -62,10 +62,11 @@ pub const LATENT_FACTOR: usize = 8;
 
 /// Score matrices of one attention over `s` queries and `l` keys as the run's `device` computes it
 /// ([`crate::nn::attention`]). On the CPU (activations are f32 there) the fused attention holds one
-/// block of 128 queries' scores per thread (more where its bf16 products run on oneDNN: up to 512
-/// rows within 2 MB, or `MAGCACHE_ONEDNN_QUERY_ROWS`; measured: counting the chunked
-/// budget instead put a 480x832 Wan denoise 21-28% over its peak); elsewhere queries are chunked so
-/// that one score matrix (and its softmax) stays within the budget.
+/// block of 128 queries' scores per thread (where its bf16 products run on oneDNN, its block of
+/// queries by its block of keys: within 2 MB, or `MAGCACHE_ONEDNN_QUERY_ROWS` by
+/// `MAGCACHE_ONEDNN_KEY_ROWS`; measured: counting the chunked budget instead put a 480x832 Wan
+/// denoise 21-28% over its peak); elsewhere queries are chunked so that one score matrix (and its
+/// softmax) stays within the budget.
 pub fn attention_bytes(device: &str, b: usize, heads: usize, s: usize, l: usize) -> Sz {
     let cap = crate::nn::ATTENTION_SCORE_BUDGET as u64;
     let one = (sz(b) * sz(heads) * sz(s) * sz(l) * sz(4))
@@ -75,12 +76,13 @@ pub fn attention_bytes(device: &str, b: usize, heads: usize, s: usize, l: usize)
     if device.starts_with("cuda") || device.starts_with("metal") {
         return chunked;
     }
-    let qb = crate::nn::cpu_query_rows(l).min(s);
+    let (qb, kb) = crate::nn::cpu_task_scores(l);
+    let qb = qb.min(s);
     let tasks = (sz(b) * sz(heads) * sz(s.div_ceil(qb.max(1))))
         .0
         .unwrap_or(u64::MAX);
     let threads = (candle_core::utils::get_num_threads() as u64).clamp(1, tasks.max(1));
-    let fused = Sz(Some(threads)) * sz(qb) * sz(l) * sz(4);
+    let fused = Sz(Some(threads)) * sz(qb) * sz(kb.min(l)) * sz(4);
     match (fused.0, chunked.0) {
         (Some(f), Some(c)) => Sz(Some(f.min(c))),
         _ => chunked,

@@ -5,8 +5,7 @@
 //! products run where oneDNN implements them on this CPU (AVX-512 and later), else a note.
 
 use candle_core::{DType, Device, Tensor};
-use magcache_layers::nn::onednn;
-use magcache_layers::nn::Linear;
+use magcache_layers::nn::{self, onednn, Linear};
 use proptest::prelude::*;
 
 mod common;
@@ -313,6 +312,63 @@ fn bf16_attention_on_onednn_is_the_f32_attention_within_bf16_rounding() {
         );
         if l > 1 {
             assert!(diff > 0.0, "{b}x{h}x{s}x{l}x{hd}: not rounded to bf16");
+        }
+    }
+}
+
+/// The attention on oneDNN a block of keys at a time (the softmax carried across the blocks),
+/// against the f32 attention as above: blocks of 32 keys (many, with 197 keys a last short one
+/// and odd), of sizes that split the keys unevenly, and all keys at once (odd counts: the values'
+/// padded row); each split runs two products per
+/// task and block of keys (counted: at least that many), with and without the keys and values packed.
+#[test]
+fn onednn_attention_by_blocks_of_keys_is_the_f32_attention_within_bf16_rounding() {
+    let Some(d) = library() else { return };
+    if !d.bf16_implemented() {
+        eprintln!("note: oneDNN has no bf16 product on this CPU: its attention is not tested");
+        return;
+    }
+    let randn = |shape: &[usize], seed| magcache_layers::random::randn(seed, shape).unwrap();
+    for (b, h, s, l, hd, qb) in [
+        (1, 2, 70, 197, 24, 32),
+        (2, 1, 40, 33, 8, 16),
+        (1, 1, 200, 1000, 16, 48),
+        (1, 2, 50, 301, 16, 32),
+    ] {
+        let seed = (b * 7 + h * 13 + s * 17 + l * 19 + hd * 23) as u64;
+        let q = randn(&[b, h, s, hd], seed);
+        let k = randn(&[b, h, l, hd], seed + 1);
+        let v = (randn(&[b, h, l, hd], seed + 2) + 0.5).unwrap();
+        let f32_out = magcache_layers::nn::attention(&q, &k, &v).unwrap();
+        let scale = common::largest_abs(&f32_out);
+        for key_rows in [32, 48, 100, 512, usize::MAX] {
+            let blocks = nn::OneDnnBlocks {
+                query_rows: Some(qb),
+                key_rows: Some(key_rows),
+            };
+            let before = d.products();
+            let got = nn::attention_onednn_blocks(&q, &k, &v, d, blocks).unwrap();
+            // At most `key_rows` a block (rounded down to a multiple of 32), the blocks of near
+            // one size, each a multiple of 32 but the last.
+            let most = (key_rows / 32 * 32).max(32);
+            let kb = match key_rows >= l {
+                true => l,
+                false => l.div_ceil(l.div_ceil(most)).next_multiple_of(32).min(l),
+            };
+            assert!(kb <= key_rows.max(32) && (kb == l || kb % 32 == 0));
+            let per_task = 2 * l.div_ceil(kb);
+            let tasks = b * h * s.div_ceil(qb);
+            // At least (the other tests run products on the same library at once).
+            let ran = d.products() - before;
+            assert!(
+                ran >= (tasks * per_task) as u64,
+                "{b}x{h}x{s}x{l}x{hd}, {key_rows} keys a block: {ran} products run"
+            );
+            let diff = common::largest_abs(&(&f32_out - &got).unwrap());
+            assert!(
+                diff < 0.02 * scale,
+                "{b}x{h}x{s}x{l}x{hd}, {key_rows} keys a block: differs by {diff} (outputs up to {scale})"
+            );
         }
     }
 }

@@ -11,9 +11,10 @@ use magcache_tests::{check_reference_run, weights_of};
 /// Opens the library; `None` (with a note) when none is named. bf16 weights run their products
 /// on it wherever it implements them (`MAGCACHE_ONEDNN_BF16=on`, set once before it opens, while
 /// every other test of this binary waits): the path of CPUs with AMX, on this one. The attention
-/// takes its queries 16 at a time (`MAGCACHE_ONEDNN_QUERY_ROWS=16`): the tiny models' sequences
-/// then span several blocks, and past two the keys and values are packed, as at real sizes
-/// (by default one block would hold them whole).
+/// takes its queries 16 at a time (`MAGCACHE_ONEDNN_QUERY_ROWS=16`) and its keys 32 at a time
+/// (`MAGCACHE_ONEDNN_KEY_ROWS=32`, the softmax carried across the blocks): the tiny models'
+/// sequences then span several blocks of each, and past two blocks of queries the keys and
+/// values are packed, as at real sizes (by default one block would hold them whole).
 fn library() -> Option<&'static onednn::OneDnn> {
     let spec = std::env::var("MAGCACHE_TEST_ONEDNN")
         .or_else(|_| std::env::var(onednn::ENV))
@@ -26,6 +27,7 @@ fn library() -> Option<&'static onednn::OneDnn> {
     OPEN.call_once(|| {
         std::env::set_var(onednn::BF16_ENV, "on");
         std::env::set_var(onednn::QUERY_ROWS_ENV, "16");
+        std::env::set_var(onednn::KEY_ROWS_ENV, "32");
         onednn::init(Some(&spec));
     });
     match onednn::init(Some(&spec)) {

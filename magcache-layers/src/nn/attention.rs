@@ -7,6 +7,15 @@ use candle_core::Device;
 use candle_core::{DType, Tensor};
 use magcache_core::Result;
 
+#[path = "attention_onednn.rs"]
+mod on_onednn;
+#[path = "softmax_pairs.rs"]
+mod softmax_pairs;
+pub(crate) use on_onednn::cpu_task_scores;
+use on_onednn::onednn_heads;
+pub use on_onednn::ONEDNN_KEY_ROWS;
+use softmax_pairs::exps_to_pairs;
+
 /// Largest score matrix (bytes) one attention matmul may materialise; longer sequences are processed
 /// in query chunks, so a 32k-token video needs ~256 MB for scores, not `H * S * S * 4` bytes.
 pub const ATTENTION_SCORE_BUDGET: usize = 256 << 20;
@@ -46,7 +55,7 @@ pub fn attention_as(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Te
     let f32_cpu = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
     if bf16 && f32_cpu && !super::differentiable() {
         if let Some(d) = super::onednn::get().filter(|d| d.bf16_products()) {
-            return fused(q, k, v, CpuAttention::OneDnn(d));
+            return fused(q, k, v, CpuAttention::OneDnn(d, OneDnnBlocks::default()));
         }
         if super::bf16_gemm::available() {
             return fused(q, k, v, CpuAttention::Bf16Kernel);
@@ -64,7 +73,32 @@ pub fn attention_onednn(
     v: &Tensor,
     dnnl: &'static super::onednn::OneDnn,
 ) -> Result<Tensor> {
-    fused(q, k, v, CpuAttention::OneDnn(dnnl))
+    attention_onednn_blocks(q, k, v, dnnl, OneDnnBlocks::default())
+}
+
+/// [`attention_onednn`] with its blocks given (the tests' and the benchmarks' way to compare
+/// sizes in one process); a field left `None` takes the run's default.
+pub fn attention_onednn_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dnnl: &'static super::onednn::OneDnn,
+    blocks: OneDnnBlocks,
+) -> Result<Tensor> {
+    fused(q, k, v, CpuAttention::OneDnn(dnnl, blocks))
+}
+
+/// How the attention on oneDNN splits its work: queries per task, keys per product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OneDnnBlocks {
+    /// Queries per task (each task one head's block of queries); `None`: the run's
+    /// (`MAGCACHE_ONEDNN_QUERY_ROWS`, else sized by the keys per product).
+    pub query_rows: Option<usize>,
+    /// Keys per product: a task runs `q . k^T` and `p . v` on one block of keys at a time,
+    /// carrying each row's softmax across them (its running maximum and sum, the output rescaled
+    /// where the maximum grows); at least all the keys: one product each. `None`: the run's
+    /// (`MAGCACHE_ONEDNN_KEY_ROWS`, else [`ONEDNN_KEY_ROWS`]).
+    pub key_rows: Option<usize>,
 }
 
 /// Queries per task of `cpu_attention`: its scores are `QUERY_BLOCK x L` floats per thread.
@@ -96,8 +130,8 @@ enum CpuAttention {
     F32,
     /// The layers' AVX512-BF16 kernel ([`super::bf16_gemm`]).
     Bf16Kernel,
-    /// oneDNN's bf16 product (AMX's tiles where the CPU has them).
-    OneDnn(&'static super::onednn::OneDnn),
+    /// oneDNN's bf16 product (AMX's tiles where the CPU has them), in these blocks.
+    OneDnn(&'static super::onednn::OneDnn, OneDnnBlocks),
 }
 
 impl candle_core::CustomOp3 for CpuAttention {
@@ -140,9 +174,9 @@ impl candle_core::CustomOp3 for CpuAttention {
         }
         let qb = QUERY_BLOCK.min(s);
         let threads = candle_core::utils::get_num_threads().max(1);
-        if let CpuAttention::OneDnn(dnnl) = *self {
+        if let CpuAttention::OneDnn(dnnl, blocks) = *self {
             let io = Io { q, k, v, s, l, d };
-            onednn_heads(io, &mut out, dnnl, threads)?;
+            onednn_heads(io, &mut out, (dnnl, blocks), threads)?;
             return Ok((F32(out), l1.shape().clone()));
         }
         let bf16 = matches!(self, CpuAttention::Bf16Kernel);
@@ -181,12 +215,13 @@ struct Io<'a> {
     d: usize,
 }
 
-/// Runs `task(head, first query, its output rows, scores)` once per block of `qb` queries of each
+/// Runs `task(head, first query, its output rows, scratch)` once per block of `qb` queries of each
 /// head of `out` (`[heads, s, d]`), over `threads` threads of rayon's pool, each with its own
-/// `qb x l` score buffer; the blocks are disjoint, in any order. The first error is returned.
+/// scratch of `per_row` floats a query (`rows * per_row` handed to a block of `rows`: its scores);
+/// the blocks are disjoint, in any order. The first error is returned.
 fn query_blocks(
     out: &mut [f32],
-    (s, l, d, qb): (usize, usize, usize, usize),
+    (s, per_row, d, qb): (usize, usize, usize, usize),
     threads: usize,
     task: impl Fn(usize, usize, &mut [f32], &mut [f32]) -> candle_core::Result<()> + Sync,
 ) -> candle_core::Result<()> {
@@ -200,7 +235,7 @@ fn query_blocks(
     let tasks = std::sync::Mutex::new(tasks.into_iter());
     let failed = std::sync::Mutex::new(None);
     let run = || {
-        let mut scores = vec![0f32; qb * l];
+        let mut scores = vec![0f32; qb * per_row];
         loop {
             let next = match tasks.lock() {
                 Ok(mut t) => t.next(),
@@ -208,7 +243,7 @@ fn query_blocks(
             };
             let Some((i, q0, o)) = next else { break };
             let rows = o.len() / d;
-            if let Err(e) = task(i, q0, o, &mut scores[..rows * l]) {
+            if let Err(e) = task(i, q0, o, &mut scores[..rows * per_row]) {
                 if let Ok(mut f) = failed.lock() {
                     f.get_or_insert(e);
                 }
@@ -253,105 +288,6 @@ fn attend_heads(
             }
         }
     })
-}
-
-/// The most queries one task of the CPU attention over `l` keys holds scores for: [`QUERY_BLOCK`]
-/// (f32), or the attention on oneDNN's blocks where its bf16 products run
-/// ([`onednn_query_block`], `MAGCACHE_ONEDNN_QUERY_ROWS` included), whichever is larger (for the
-/// size guard's estimate).
-pub(crate) fn cpu_query_rows(l: usize) -> usize {
-    match super::onednn::bf16_products() {
-        true => QUERY_BLOCK.max(onednn_query_block(l)),
-        false => QUERY_BLOCK,
-    }
-}
-
-/// Bytes of one task's scores in the attention on oneDNN: its blocks of queries are as many as
-/// keep `rows x l` f32 scores within this (one core's L2 on the AMX Xeons measured), between 64
-/// and 512 rows.
-const ONEDNN_SCORES_BYTES: usize = 2 << 20;
-
-/// Queries per task of the attention on oneDNN over `l` keys ([`ONEDNN_SCORES_BYTES`]; a
-/// multiple of 16, AMX's tile rows): 512 at 720 keys, 112 at 4 680; or
-/// `MAGCACHE_ONEDNN_QUERY_ROWS` where set (the benchmarks' A/B).
-fn onednn_query_block(l: usize) -> usize {
-    super::onednn::query_rows()
-        .unwrap_or_else(|| (ONEDNN_SCORES_BYTES / (4 * l.max(1)) / 16 * 16).clamp(64, 512))
-}
-
-/// The fused attention with both products on oneDNN in bf16: q, k and v rounded to bf16 once;
-/// then the heads a group at a time, and one task per (head, block of [`onednn_query_block`]
-/// queries) over `threads` threads, each running its two products
-/// on one OpenMP thread with the softmax between them (its exponentials rounded to bf16 in place,
-/// the output normalised after the second product). Where a head has more than two blocks, each
-/// group's keys (the first product's `[d x l]` operand) and values (the second's `[l x d]`) are
-/// packed in oneDNN's layout first: given plain operands, each product copies them into that
-/// layout (at 4 680 tokens 1.04-1.14x faster on the Zen 4; at 720, two blocks, packing cost more
-/// than the copies it saved; `MAGCACHE_ONEDNN_PACK_KV=off` leaves them plain, for an A/B on
-/// AMX). `out` is `[heads, s, d]`.
-fn onednn_heads(
-    io: Io<'_>,
-    out: &mut [f32],
-    dnnl: &'static super::onednn::OneDnn,
-    threads: usize,
-) -> candle_core::Result<()> {
-    use super::bf16_gemm::pairs;
-    use rayon::prelude::*;
-    let Io { q, k, v, s, l, d } = io;
-    let heads = out.len() / (s * d);
-    let (dp, lp) = (d.div_ceil(2), l.div_ceil(2));
-    let (q16, k16, v16) = (
-        pairs(q, heads * s, d, dp, threads),
-        pairs(k, heads * l, d, dp, threads),
-        pairs(v, heads * l, d, dp, threads),
-    );
-    let qb = onednn_query_block(l).min(s);
-    let pack = s.div_ceil(qb) > 2 && super::onednn::pack_kv();
-    let err = |e: magcache_core::Error| candle_core::Error::Msg(e.to_string());
-    // Head i's keys or values, `[l, d]` in bf16 pairs (`span`: l * dp of them).
-    fn head(x16: &[u32], i: usize, span: usize) -> &[u32] {
-        &x16[i * span..(i + 1) * span]
-    }
-    let group = 2 * threads;
-    for (g, group_out) in out.chunks_mut(group * s * d).enumerate() {
-        let first = g * group;
-        let n = group_out.len() / (s * d);
-        // Each head's keys `[d x l]` (k's row j is column j) and values `[l x d]`, packed.
-        let packed = (first..first + n)
-            .into_par_iter()
-            .map(|i| {
-                if !pack {
-                    return Ok((None, None));
-                }
-                Ok((
-                    dnnl.pack_pairs((head(&k16, i, l * dp), [1, 2 * dp]), (d, l), qb, 1)?,
-                    dnnl.pack_pairs((head(&v16, i, l * dp), [2 * dp, 1]), (l, d), qb, 1)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map_err(err)?;
-        query_blocks(group_out, (s, l, d, qb), threads, |j, q0, o, sc| {
-            let (i, rows) = (first + j, o.len() / d);
-            let qs = &q16[(i * s + q0) * dp..(i * s + q0 + rows) * dp];
-            let (pk, pv) = &packed[j];
-            // scores = q . k^T, on the packed keys where oneDNN takes them for this block.
-            let keys = (head(&k16, i, l * dp), [1, 2 * dp]);
-            dnnl.bf16_into_packed(pk.as_ref(), (qs, 2 * dp), keys, (rows, d, l), sc, 1)
-                .map_err(err)?;
-            let inv = softmax_rows_to_pairs(sc, rows, l, lp);
-            // SAFETY: the first rows * lp values of `sc`, now bf16 pairs (u32 and f32 have one
-            // size and alignment, and any bits are a u32).
-            let p = unsafe { std::slice::from_raw_parts(sc.as_ptr().cast::<u32>(), rows * lp) };
-            let values = (head(&v16, i, l * dp), [2 * dp, 1]);
-            dnnl.bf16_into_packed(pv.as_ref(), (p, 2 * lp), values, (rows, l, d), o, 1)
-                .map_err(err)?;
-            for (row, inv) in o.chunks_mut(d).zip(inv) {
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-            Ok(())
-        })?;
-    }
-    Ok(())
 }
 
 /// One task of [`CpuAttention`]: `o = softmax(qs . ks^T) . vs` for `rows` queries over `l` keys of
@@ -445,8 +381,9 @@ fn pack_heads(
         .collect()
 }
 
-/// [`attend_rows`] on the bf16 kernel: the scores from the packed keys, the softmax in f32, the
-/// output from the packed transposed values.
+/// [`attend_rows`] on the bf16 kernel: the scores from the packed keys, their exponentials
+/// rounded to bf16 in place ([`exps_to_pairs`]), the output from the packed transposed values,
+/// divided by the rows' sums.
 fn attend_rows_bf16(
     qs: &[f32],
     (pk, pv): &(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16),
@@ -454,9 +391,20 @@ fn attend_rows_bf16(
     o: &mut [f32],
     rows: usize,
 ) -> candle_core::Result<()> {
+    let (l, lp) = (pk.n(), pk.n().div_ceil(2));
     pk.product_into(qs, rows, sc, 1)?;
-    softmax_rows(sc, pk.n());
-    pv.product_into(sc, rows, o, 1)
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let sums = exps_to_pairs(sc, rows, l, lp, &mut max);
+    // SAFETY: the first rows * lp values of `sc`, now bf16 pairs (u32 and f32 have one size and
+    // alignment, and any bits are a u32).
+    let p = unsafe { std::slice::from_raw_parts(sc.as_ptr().cast::<u32>(), rows * lp) };
+    pv.pairs_product_into(p, rows, o, 1)?;
+    let d = o.len() / rows.max(1);
+    for (row, s) in o.chunks_mut(d).zip(sums) {
+        let inv = 1.0 / s;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    Ok(())
 }
 
 /// Each `l`-wide row of `sc` replaced by its softmax (f32), on the CPU's widest vectors
@@ -477,63 +425,6 @@ fn softmax_rows(sc: &mut [f32], l: usize) {
                     *x *= inv;
                 }
             }
-        },
-    )
-}
-
-/// The softmax of each `l`-wide row of `sc` (`rows` rows) for a bf16 product, in place: row `r`'s
-/// exponentials `exp(x - max)`, rounded to bf16, become its `lp` pairs at `u32` offset `r * lp` of
-/// the same memory (the low half of each `u32` the even key, zero past `l`), left unnormalised.
-/// Returns each row's `1 / sum` of the f32 exponentials, the normalisation the caller applies to
-/// the product's output rows instead (`softmax(s) . v = (exp(s - max) . v) / sum`): two passes
-/// over the scores and half their bytes written, where normalising in f32 and then rounding took
-/// four and wrote them twice (the attention on oneDNN at 4 680 tokens spent more on these passes
-/// than on its products).
-fn softmax_rows_to_pairs(sc: &mut [f32], rows: usize, l: usize, lp: usize) -> Vec<f32> {
-    use super::bf16_gemm::bf16_bits;
-    const W: usize = 32;
-    debug_assert!(sc.len() >= rows * l && 2 * lp >= l && lp <= l.max(1));
-    let base = sc.as_mut_ptr();
-    widest(
-        #[inline(always)]
-        || {
-            let mut inv = Vec::with_capacity(rows);
-            for r in 0..rows {
-                // SAFETY: row r's values, not yet written (writes stay below them, see below).
-                let max = lanes_max(unsafe { std::slice::from_raw_parts(base.add(r * l), l) });
-                let out = base.cast::<u16>();
-                let mut acc = [0f32; W];
-                let mut i = 0;
-                // SAFETY: values `r * l + i ..` are copied out before bf16 values `2 * r * lp +
-                // i ..` are written, and `2 * r * lp + i + W` bf16 (2 bytes) end at or before the
-                // f32 (4 bytes) `r * l + i + W` as `lp <= l`: no write reaches a value unread.
-                unsafe {
-                    while i + W <= l {
-                        let mut e = [0f32; W];
-                        std::ptr::copy_nonoverlapping(base.add(r * l + i), e.as_mut_ptr(), W);
-                        let mut b = [0u16; W];
-                        for t in 0..W {
-                            e[t] = fast_exp(e[t] - max);
-                            acc[t] += e[t];
-                            b[t] = bf16_bits(e[t]);
-                        }
-                        std::ptr::copy_nonoverlapping(b.as_ptr(), out.add(2 * r * lp + i), W);
-                        i += W;
-                    }
-                    let mut sum = acc.iter().sum::<f32>();
-                    for i in i..2 * lp {
-                        let e = if i < l {
-                            fast_exp(*base.add(r * l + i) - max)
-                        } else {
-                            0.0
-                        };
-                        sum += e;
-                        *out.add(2 * r * lp + i) = bf16_bits(e);
-                    }
-                    inv.push(1.0 / sum);
-                }
-            }
-            inv
         },
     )
 }

@@ -63,41 +63,46 @@ fn chunked_attention_equals_one_shot() {
     assert!(d < 1e-6, "{d}");
 }
 
-/// The in-place bf16 softmax: each row's pairs (at `u32` offset `r * lp`, zero past `l`) hold
-/// `exp(x - max)` within bf16's rounding, and the returned `1 / sum` is the f64 one's within f32
-/// accumulation, for row widths around the 32-value step and odd ones (a padded last pair).
+/// The in-place bf16 exponentials: each row's pairs (at `u32` offset `r * lp`, zero past `l`)
+/// hold `exp(x - m)` within bf16's rounding and the returned sums are the f64 ones' within f32
+/// accumulation, for row widths around the 32-value step and odd ones (a padded last pair), where
+/// `m` is the row's maximum (no running one) or a running maximum above it (kept).
 #[test]
-fn softmax_rows_to_pairs_match_f64() {
+fn exps_to_pairs_match_f64() {
     for l in [1usize, 2, 15, 16, 17, 31, 32, 33, 47, 64, 200, 4801] {
-        let (rows, lp) = (3, l.div_ceil(2));
-        let sc: Vec<f32> = (0..rows * l)
-            .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
-            .collect();
-        let mut buf = sc.clone();
-        let inv = softmax_rows_to_pairs(&mut buf, rows, l, lp);
-        assert_eq!(inv.len(), rows);
-        for (r, row) in sc.chunks(l).enumerate() {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-            let got_inv = inv[r] as f64;
-            assert!(
-                (got_inv * sum - 1.0).abs() < 1e-5,
-                "l {l} row {r}: 1/sum {got_inv} vs {}",
-                1.0 / sum
-            );
-            for j in 0..2 * lp {
-                let pair = buf[r * lp + j / 2].to_bits();
-                let bits = if j % 2 == 0 {
-                    pair & 0xffff
-                } else {
-                    pair >> 16
-                };
-                let got = f32::from_bits(bits << 16) as f64;
-                let want = row.get(j).map_or(0.0, |&x| (x as f64 - max).exp());
+        for running in [f32::NEG_INFINITY, -20.0, 30.0] {
+            let (rows, lp) = (3, l.div_ceil(2));
+            let sc: Vec<f32> = (0..rows * l)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
+                .collect();
+            let mut buf = sc.clone();
+            let mut max = vec![running; rows];
+            let sums = exps_to_pairs(&mut buf, rows, l, lp, &mut max);
+            assert_eq!(sums.len(), rows);
+            for (r, row) in sc.chunks(l).enumerate() {
+                let row_max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                let m = row_max.max(running as f64);
+                assert_eq!(max[r] as f64, m, "l {l} row {r}: the running maximum");
+                let sum: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                let got = sums[r] as f64;
                 assert!(
-                    (got - want).abs() <= want * (1.0 / 256.0),
-                    "l {l} row {r} key {j}: {got} vs {want}"
+                    (got / sum - 1.0).abs() < 1e-5,
+                    "l {l} row {r}: sum {got} vs {sum}"
                 );
+                for j in 0..2 * lp {
+                    let pair = buf[r * lp + j / 2].to_bits();
+                    let bits = if j % 2 == 0 {
+                        pair & 0xffff
+                    } else {
+                        pair >> 16
+                    };
+                    let got = f32::from_bits(bits << 16) as f64;
+                    let want = row.get(j).map_or(0.0, |&x| (x as f64 - m).exp());
+                    assert!(
+                        (got - want).abs() <= want * (1.0 / 256.0) + 1e-37,
+                        "l {l} row {r} key {j}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

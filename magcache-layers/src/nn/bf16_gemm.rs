@@ -19,6 +19,10 @@
 use candle_core::CpuStorage;
 use std::sync::OnceLock;
 
+#[path = "bf16_pairs.rs"]
+mod bf16_pairs;
+pub(super) use bf16_pairs::pairs;
+
 /// Output columns per panel (two 16-lane f32 accumulators a row).
 pub const NR: usize = 32;
 /// Rows of the micro-kernel: 24 accumulators of the 32 vector registers, each pair of panel
@@ -223,9 +227,6 @@ impl PackedBf16 {
             }
             return Ok(());
         }
-        let threads = threads.clamp(1, panels);
-        let per = panels.div_ceil(threads);
-        let out = SendPtr(c.as_mut_ptr());
         // The activations are rounded to bf16 a block of rows at a time: the copy stays one block's
         // (`MC x k` bf16), whatever the sequence length.
         for m0 in (0..m).step_by(MC) {
@@ -237,23 +238,76 @@ impl PackedBf16 {
                 self.kp,
                 threads,
             );
-            let work = |t: usize| {
-                let range = (t * per)..((t + 1) * per).min(panels);
-                // SAFETY: threads write disjoint column panels of rows `m0..m0 + mc` of `c`; the
-                // kernel stays in bounds.
-                unsafe { self.panels(&a, mc, range, out.get().add(m0 * self.n), epi) };
-            };
-            if threads == 1 {
-                work(0);
-            } else {
-                rayon::scope(|s| {
-                    for t in 0..threads {
-                        s.spawn(move |_| work(t));
-                    }
-                });
-            }
+            self.rows_of_pairs(
+                &a,
+                mc,
+                &mut c[m0 * self.n..(m0 + mc) * self.n],
+                threads,
+                epi,
+            );
         }
         Ok(())
+    }
+
+    /// [`PackedBf16::product_into`] of activations already rounded: `a`, `m` rows of
+    /// `ceil(k / 2)` bf16 pairs (the low half of each `u32` the even feature, the odd feature
+    /// past `k` zero: [`bf16_bits`]' rounding), as the attention's probabilities come.
+    pub fn pairs_product_into(
+        &self,
+        a: &[u32],
+        m: usize,
+        c: &mut [f32],
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        if !cpu_has_bf16() {
+            candle_core::bail!("the bf16 kernel needs AVX512-BF16, which this CPU lacks");
+        }
+        if a.len() != m * self.kp || c.len() != m * self.n {
+            candle_core::bail!(
+                "bf16 kernel: {} pairs and {} values are not [{m}, {}] and [{m}, {}]",
+                a.len(),
+                c.len(),
+                self.kp,
+                self.n
+            );
+        }
+        if self.kp == 0 {
+            c.fill(0.0);
+            return Ok(());
+        }
+        for m0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - m0);
+            let (a, c) = (
+                &a[m0 * self.kp..(m0 + mc) * self.kp],
+                &mut c[m0 * self.n..(m0 + mc) * self.n],
+            );
+            self.rows_of_pairs(a, mc, c, threads, Epilogue::default());
+        }
+        Ok(())
+    }
+
+    /// The product of `m` rows of pairs `a` into `c` (`[m, n]`), `epi` on each tile, its column
+    /// panels split over `threads` threads (`a` and `c` checked by the caller).
+    fn rows_of_pairs(&self, a: &[u32], m: usize, c: &mut [f32], threads: usize, epi: Epilogue<'_>) {
+        let panels = self.n.div_ceil(NR);
+        let threads = threads.clamp(1, panels.max(1));
+        let per = panels.div_ceil(threads);
+        let out = SendPtr(c.as_mut_ptr());
+        let work = |t: usize| {
+            let range = (t * per)..((t + 1) * per).min(panels);
+            // SAFETY: threads write disjoint column panels of the `m` rows of `c`; the kernel
+            // stays in bounds.
+            unsafe { self.panels(a, m, range, out.get(), epi) };
+        };
+        if threads == 1 {
+            work(0);
+        } else {
+            rayon::scope(|s| {
+                for t in 0..threads {
+                    s.spawn(move |_| work(t));
+                }
+            });
+        }
     }
 
     /// Panels `range` of the product of the `m` rows `a` (bf16 pairs) into `c` (`[m, n]`), `epi`
@@ -391,60 +445,6 @@ pub fn bf16_bits(v: f32) -> u16 {
         return ((b >> 16) | 0x40) as u16;
     }
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-/// `x [m, k]` as bf16 pairs `[m, kp]`: the low half of each `u32` the even feature, the high half
-/// the odd one (zero past `k`).
-pub(super) fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) -> Vec<u32> {
-    let fast = cpu_has_bf16();
-    let mut a = vec![0u32; m * kp];
-    let convert = |rows: &mut [u32], r0: usize| {
-        for (i, row) in rows.chunks_mut(kp).enumerate() {
-            let src = &x[(r0 + i) * k..(r0 + i + 1) * k];
-            // 32 values (16 pairs) at a time with `vcvtne2ps2bf16`, the same rounding as
-            // [`bf16_bits`]; the tail one pair at a time.
-            let whole = if fast { (k / 32) * 16 } else { 0 };
-            // SAFETY: `convert_row` reads `2 * whole <= k` values of `src` and writes `whole <= kp`
-            // pairs of `row`; it runs only where the CPU has the instructions (`whole` is 0
-            // elsewhere).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                convert_row(src, &mut row[..whole])
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let whole = 0;
-            for (q, out) in row.iter_mut().enumerate().skip(whole) {
-                let lo = bf16_bits(src[2 * q]) as u32;
-                let hi = src.get(2 * q + 1).map_or(0, |&v| bf16_bits(v) as u32);
-                *out = lo | (hi << 16);
-            }
-        }
-    };
-    if threads > 1 && m * k >= 1 << 16 {
-        let rows = m.div_ceil(threads);
-        rayon::scope(|s| {
-            for (t, chunk) in a.chunks_mut(rows * kp).enumerate() {
-                s.spawn(move |_| convert(chunk, t * rows));
-            }
-        });
-    } else {
-        convert(&mut a, 0);
-    }
-    a
-}
-
-/// `out.len()` pairs (a multiple of 16) of `src` rounded to bf16, 32 values at a time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn convert_row(src: &[f32], out: &mut [u32]) {
-    use std::arch::x86_64::*;
-    for (j, chunk) in out.chunks_exact_mut(16).enumerate() {
-        let lo = _mm512_loadu_ps(src.as_ptr().add(32 * j));
-        let hi = _mm512_loadu_ps(src.as_ptr().add(32 * j + 16));
-        // The second operand fills the low half: `lo`'s 16 values first, in order.
-        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_storeu_si512(chunk.as_mut_ptr() as *mut __m512i, v);
-    }
 }
 
 /// One tile of the product: up to [`MR`] rows of `a` (bf16 pairs, stride `lda`) against a panel

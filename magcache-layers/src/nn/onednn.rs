@@ -47,6 +47,9 @@ pub const PACK_KV_ENV: &str = "MAGCACHE_ONEDNN_PACK_KV";
 /// Queries per block of the attention on oneDNN ([`query_rows`]): a multiple of 16 from 16 to
 /// 4 096; unset, sized by the keys (`nn::attention`).
 pub const QUERY_ROWS_ENV: &str = "MAGCACHE_ONEDNN_QUERY_ROWS";
+/// Keys per product of the attention on oneDNN ([`key_rows`]): a multiple of 32 from 32 to
+/// 1 048 576, or `all`; unset, `nn::ONEDNN_KEY_ROWS`.
+pub const KEY_ROWS_ENV: &str = "MAGCACHE_ONEDNN_KEY_ROWS";
 
 use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
 pub use hints::{amx_hint, f32_hint, f32_hint_for};
@@ -60,6 +63,8 @@ mod packed;
 mod primitive;
 mod raw;
 mod scratch;
+mod vars;
+use vars::{rows_var, switch};
 
 /// The opened library: its functions, a CPU engine, and the products built so far.
 pub struct OneDnn {
@@ -76,8 +81,10 @@ pub struct OneDnn {
     /// `MAGCACHE_ONEDNN_GELU` ([`gelu_in_product`]) and `MAGCACHE_ONEDNN_PACK_KV` ([`pack_kv`]).
     gelu: bool,
     pack_kv: bool,
-    /// `MAGCACHE_ONEDNN_QUERY_ROWS` ([`query_rows`]).
+    /// `MAGCACHE_ONEDNN_QUERY_ROWS` ([`query_rows`]) and `MAGCACHE_ONEDNN_KEY_ROWS`
+    /// ([`key_rows`]).
     query_rows: Option<usize>,
+    key_rows: Option<usize>,
     primitives: Mutex<HashMap<Key, Arc<Primitive>>>,
     /// Products of packed weights whose layout oneDNN refused for their shape.
     refused: Mutex<HashSet<Key>>,
@@ -206,19 +213,6 @@ pub fn gelu_in_product() -> bool {
     get().is_none_or(|d| d.gelu)
 }
 
-/// An `on`/`off` variable read at open: `Some(on)` where set, `None` unset; another value is an
-/// error naming it (`default` says what unset means).
-fn switch(var: &str, default: &str) -> std::result::Result<Option<bool>, String> {
-    match std::env::var(var).as_deref() {
-        Ok("on") => Ok(Some(true)),
-        Ok("off") => Ok(Some(false)),
-        Ok(other) => Err(format!(
-            "{var}={other:?}: expected on or off (unset: {default})"
-        )),
-        Err(_) => Ok(None),
-    }
-}
-
 /// Whether the attention on oneDNN packs a head's keys and values in the matmul's layout where
 /// the head has more than two blocks of queries (`nn::attention`): yes unless
 /// `MAGCACHE_ONEDNN_PACK_KV=off`, which leaves them plain (the benchmarks' baseline: on AMX the
@@ -234,17 +228,10 @@ pub fn query_rows() -> Option<usize> {
     get().and_then(|d| d.query_rows)
 }
 
-/// `MAGCACHE_ONEDNN_QUERY_ROWS`, read at open: a multiple of 16 from 16 to 4 096, or unset.
-fn query_rows_var() -> std::result::Result<Option<usize>, String> {
-    let Ok(v) = std::env::var(QUERY_ROWS_ENV) else {
-        return Ok(None);
-    };
-    match v.trim().parse::<usize>() {
-        Ok(n) if (16..=4096).contains(&n) && n % 16 == 0 => Ok(Some(n)),
-        _ => Err(format!(
-            "{QUERY_ROWS_ENV}={v:?}: expected a multiple of 16 from 16 to 4096 (unset: sized by the keys)"
-        )),
-    }
+/// The attention on oneDNN's keys per product where `MAGCACHE_ONEDNN_KEY_ROWS` sets them
+/// (`all`: every key in one product); `None` where unset or oneDNN is off.
+pub fn key_rows() -> Option<usize> {
+    get().and_then(|d| d.key_rows)
 }
 
 /// Whether bf16 weights run their products on the opened library ([`OneDnn::bf16_products`]).
@@ -304,7 +291,8 @@ impl OneDnn {
         let bf16_switch = switch(BF16_ENV, "on CPUs with AMX")?;
         let gelu = switch(GELU_ENV, "on")?.unwrap_or(true);
         let pack_kv = switch(PACK_KV_ENV, "on")?.unwrap_or(true);
-        let query_rows = query_rows_var()?;
+        let query_rows = rows_var(QUERY_ROWS_ENV, (16, 4096), false)?;
+        let key_rows = rows_var(KEY_ROWS_ENV, (32, 1 << 20), true)?;
         // SAFETY: no arguments; returns an enum value.
         let isa = unsafe { isa_fn() };
         let mut engine: Handle = std::ptr::null_mut();
@@ -323,6 +311,7 @@ impl OneDnn {
             gelu,
             pack_kv,
             query_rows,
+            key_rows,
             primitives: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
             formats: Mutex::new(Vec::new()),

@@ -1,7 +1,7 @@
 //! Scaled dot-product attention: fused on the CPU in f32, query-chunked elsewhere.
 
 use super::contiguous;
-use super::pointwise::{fast_exp, lanes_max, lanes_sum, widest};
+use super::pointwise::{fast_exp, lanes_max, widest};
 #[cfg(test)]
 use candle_core::Device;
 use candle_core::{DType, Tensor};
@@ -325,10 +325,10 @@ fn attend_rows(
             gemm::Parallelism::None,
         );
     }
-    softmax_rows(sc, l);
+    let inv = exp_rows(sc, l);
     // SAFETY: as above.
     unsafe {
-        // o = softmax(sc) . vs
+        // o = exp(sc - max) . vs, each row then divided by its sum
         gemm::gemm(
             rows,
             d,
@@ -350,6 +350,9 @@ fn attend_rows(
             false,
             gemm::Parallelism::None,
         );
+    }
+    for (row, inv) in o.chunks_mut(d).zip(inv) {
+        row.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -407,24 +410,44 @@ fn attend_rows_bf16(
     Ok(())
 }
 
-/// Each `l`-wide row of `sc` replaced by its softmax (f32), on the CPU's widest vectors
-/// ([`widest`]): the maximum and the sum over [`super::pointwise::LANES`] partial results, the
-/// exponentials in place between them. (A running sum in the exponentials' loop kept it scalar:
-/// 25% of a bf16 Wan call at 4 800 tokens, docs/benchmarks.md.)
-fn softmax_rows(sc: &mut [f32], l: usize) {
+/// Each `l`-wide row of `sc` replaced by its exponentials `exp(x - max)` (f32), left
+/// unnormalised; returns each row's `1 / sum`, which the caller applies to the product's output
+/// rows instead (`softmax(s) . v = (exp(s - max) . v) / sum`). On the CPU's widest vectors
+/// ([`widest`]): the maximum over [`super::pointwise::LANES`] partial results, the sum over 32
+/// in the exponentials' loop (a single running sum kept that loop scalar: 25% of a bf16 Wan call
+/// at 4 800 tokens, docs/benchmarks.md). Two passes over the scores, where normalising them took
+/// four.
+fn exp_rows(sc: &mut [f32], l: usize) -> Vec<f32> {
+    const W: usize = 32;
     widest(
         #[inline(always)]
         || {
+            let mut inv = Vec::with_capacity(sc.len() / l.max(1));
             for row in sc.chunks_mut(l) {
                 let max = lanes_max(row);
-                for x in row.iter_mut() {
+                let mut acc = [0f32; W];
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    done = l / 16 * 16;
+                    // SAFETY: the CPU has the feature; the row holds `l >= done` values.
+                    acc[0] = unsafe { softmax_pairs::exps_row_f32(row.as_mut_ptr(), done, max) };
+                }
+                let mut chunks = row[done..].chunks_exact_mut(W);
+                for c in &mut chunks {
+                    for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+                        *x = fast_exp(*x - max);
+                        *a += *x;
+                    }
+                }
+                let mut sum = acc.iter().sum::<f32>();
+                for x in chunks.into_remainder() {
                     *x = fast_exp(*x - max);
+                    sum += *x;
                 }
-                let inv = 1.0 / lanes_sum(row);
-                for x in row.iter_mut() {
-                    *x *= inv;
-                }
+                inv.push(1.0 / sum);
             }
+            inv
         },
     )
 }

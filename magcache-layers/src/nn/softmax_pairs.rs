@@ -113,6 +113,34 @@ unsafe fn exps_row_bf16(src: *const f32, out: *mut u16, n: usize, m: f32) -> f32
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
 }
 
+/// `exp(x - m)` of the `n` (a multiple of 16) values at `x`, in place, on 16 lanes a step;
+/// returns their f32 sum (the f32 attention's rows: `attention::exp_rows`).
+///
+/// # Safety
+/// The CPU has AVX-512F; `x` holds `n` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exps_row_f32(x: *mut f32, n: usize, m: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let shift = _mm512_set1_ps(m);
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i < n {
+        // SAFETY: within the caller's `n` values.
+        unsafe {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x.add(i)), shift));
+            _mm512_storeu_ps(x.add(i), e);
+            if i % 32 == 0 {
+                acc0 = _mm512_add_ps(acc0, e);
+            } else {
+                acc1 = _mm512_add_ps(acc1, e);
+            }
+        }
+        i += 16;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+}
+
 /// [`fast_exp`] on 16 lanes (the polynomial's steps fused: within an f32 rounding of it; a NaN
 /// stays a NaN).
 #[cfg(target_arch = "x86_64")]

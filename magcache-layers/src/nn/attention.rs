@@ -416,7 +416,8 @@ fn attend_rows_bf16(
 /// ([`widest`]): the maximum over [`super::pointwise::LANES`] partial results, the sum over 32
 /// in the exponentials' loop (a single running sum kept that loop scalar: 25% of a bf16 Wan call
 /// at 4 800 tokens, docs/benchmarks.md). Two passes over the scores, where normalising them took
-/// four.
+/// four. On AVX-512 the exponentials are `softmax_pairs`' (the polynomial on fused multiply-adds),
+/// so they may differ from other CPUs' in their last bits (unlike [`widest`]'s plain loops).
 fn exp_rows(sc: &mut [f32], l: usize) -> Vec<f32> {
     const W: usize = 32;
     widest(
@@ -426,13 +427,19 @@ fn exp_rows(sc: &mut [f32], l: usize) -> Vec<f32> {
             for row in sc.chunks_mut(l) {
                 let max = lanes_max(row);
                 let mut acc = [0f32; W];
-                let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    done = l / 16 * 16;
-                    // SAFETY: the CPU has the feature; the row holds `l >= done` values.
-                    acc[0] = unsafe { softmax_pairs::exps_row_f32(row.as_mut_ptr(), done, max) };
-                }
+                let done = match std::arch::is_x86_feature_detected!("avx512f") {
+                    true => {
+                        let done = l / 16 * 16;
+                        // SAFETY: the CPU has the feature; the row holds `l >= done` values.
+                        acc[0] =
+                            unsafe { softmax_pairs::exps_row_f32(row.as_mut_ptr(), done, max) };
+                        done
+                    }
+                    false => 0,
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = 0;
                 let mut chunks = row[done..].chunks_exact_mut(W);
                 for c in &mut chunks {
                     for (a, x) in acc.iter_mut().zip(c.iter_mut()) {

@@ -8,20 +8,24 @@ use magcache_core::Result;
 /// The scores one task of the CPU attention over `l` keys holds, `(queries, keys)`:
 /// [`QUERY_BLOCK`] queries by all `l` keys (f32), or, where the bf16 products run on oneDNN, its
 /// block of queries by its block of keys ([`onednn_blocks`]: `MAGCACHE_ONEDNN_QUERY_ROWS` and
-/// `MAGCACHE_ONEDNN_KEY_ROWS` included), whichever holds more (for the size guard's estimate;
-/// oneDNN's tasks also hold a block of queries' partial output, `rows x head width`, which the
-/// activations' margins cover).
+/// `MAGCACHE_ONEDNN_KEY_ROWS` included), whichever holds more (for the size guard's estimate).
+/// Where the keys come in several blocks, a task also holds its queries' partial output,
+/// `rows x head width`: counted as [`PARTIAL_WIDTH`] more columns.
 pub(crate) fn cpu_task_scores(l: usize) -> (usize, usize) {
     let f32_task = (QUERY_BLOCK, l);
     if !crate::nn::onednn::bf16_products() {
         return f32_task;
     }
     let (qb, kb) = onednn_blocks(l, OneDnnBlocks::default());
-    match qb * kb > f32_task.0 * f32_task.1 {
-        true => (qb, kb),
+    let cols = if kb < l { kb + PARTIAL_WIDTH } else { kb };
+    match qb * cols > f32_task.0 * f32_task.1 {
+        true => (qb, cols),
         false => f32_task,
     }
 }
+
+/// The widest head [`cpu_task_scores`] counts a partial output for (every family here: 128).
+const PARTIAL_WIDTH: usize = 256;
 
 /// Bytes of one task's scores in the attention on oneDNN: its blocks of queries are as many as
 /// keep `rows x keys` f32 scores (one block of keys) within this (one core's L2 on the AMX Xeons
@@ -38,10 +42,11 @@ pub const ONEDNN_KEY_ROWS: usize = usize::MAX;
 /// fields where set, else the variables' (`MAGCACHE_ONEDNN_QUERY_ROWS`,
 /// `MAGCACHE_ONEDNN_KEY_ROWS`), else [`ONEDNN_KEY_ROWS`] keys and as many queries as keep their
 /// scores within [`ONEDNN_SCORES_BYTES`] (a multiple of 16, AMX's tile rows: 512 at 720 keys,
-/// 112 at 4 680). Keys per product: all `l` where the setting is at least `l`; else blocks of
-/// near one size, each a multiple of 32 (bf16 pairs in whole 64-byte lines) but maybe the last,
-/// and at most the setting rounded down to a multiple of 32 (32 at least): 4 680 keys in blocks
-/// of at most 512 are 9 of 480 and one of 360.
+/// 112 at 4 680). Keys per product: all `l` where the setting is at least `l`; else as few
+/// blocks as the setting rounded down to a multiple of 32 (32 at least) allows, each that count's
+/// share rounded up to a multiple of 32 (bf16 pairs in whole 64-byte lines) but the last, which
+/// holds the rest: 4 680 keys in blocks of at most 512 are 9 of 480 and one of 360; 301 in blocks
+/// of at most 100, three of 96 and one of 13.
 fn onednn_blocks(l: usize, blocks: OneDnnBlocks) -> (usize, usize) {
     let l = l.max(1);
     let kb = blocks
@@ -202,12 +207,13 @@ fn attend_key_blocks<'a>(
 ) -> Result<()> {
     let rows = o.len() / d;
     let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut before = vec![f32::NEG_INFINITY; rows];
     let mut sum = vec![0f32; rows];
     for (b, (kv, pk, pv)) in blocks.enumerate() {
         let (w, wp) = (kv.w, kv.w.div_ceil(2));
         let (sc, partial) = scratch.split_at_mut(rows * w);
         dnnl.bf16_into_packed(pk, (qs, 2 * dp), (kv.k, [1, 2 * dp]), (rows, d, w), sc, 1)?;
-        let before = max.clone();
+        before.copy_from_slice(&max);
         let sums = exps_to_pairs(sc, rows, w, wp, &mut max);
         // SAFETY: the first rows * wp values of `sc`, now bf16 pairs (u32 and f32 have one size
         // and alignment, and any bits are a u32).
@@ -241,4 +247,43 @@ fn attend_key_blocks<'a>(
         row.iter_mut().for_each(|x| *x *= inv);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys per product as [`onednn_blocks`]' doc says (oneDNN is not opened in these tests:
+    /// no variable applies), and the blocks of queries sized by them.
+    #[test]
+    fn blocks_of_keys_are_as_documented() {
+        let keys = |l: usize, key_rows: usize| {
+            let blocks = OneDnnBlocks {
+                query_rows: None,
+                key_rows: Some(key_rows),
+            };
+            let (qb, kb) = onednn_blocks(l, blocks);
+            let spans: Vec<usize> = (0..l).step_by(kb).map(|j| kb.min(l - j)).collect();
+            (qb, kb, spans)
+        };
+        let (qb, kb, spans) = keys(4680, 512);
+        assert_eq!((qb, kb, spans.len(), spans[9]), (512, 480, 10, 360));
+        assert_eq!(keys(301, 100).2, [96, 96, 96, 13]);
+        assert_eq!(keys(33, 32).2, [32, 1]);
+        // A setting under 32 (or 0) takes 32; one at or past the keys takes them all.
+        assert_eq!(keys(100, 16).1, 32);
+        assert_eq!(keys(100, 0).1, 32);
+        assert_eq!(keys(4680, usize::MAX).1, 4680);
+        assert_eq!(keys(4680, 4680).2, [4680]);
+        // Every block a multiple of 32 but the last, never more than the setting.
+        for (l, most) in [(4680, 1000), (1201, 256), (97, 64), (5000, 33)] {
+            let (_, kb, spans) = keys(l, most);
+            assert!(kb % 32 == 0 && kb <= most.max(32), "{l} by {most}: {kb}");
+            assert_eq!(spans.iter().sum::<usize>(), l);
+        }
+        // All keys at once: queries sized so that their scores stay within 2 MB.
+        assert_eq!(keys(4680, usize::MAX).0, 112);
+        assert_eq!(keys(720, usize::MAX).0, 512);
+        assert_eq!(onednn_blocks(0, OneDnnBlocks::default()).1, 1);
+    }
 }

@@ -28,7 +28,9 @@ fn fused_cpu_attention_equals_the_matmul_path() {
 }
 
 /// The exponentials of score rows of many lengths (the lanes' and the 32-value steps' tails)
-/// and their `1 / sum`, normalised, against the f64 softmax.
+/// and their `1 / sum`, normalised, against the f64 softmax. A CPU with AVX-512F runs the rows'
+/// whole 16-value steps on `softmax_pairs::exps_row_f32` and the rest on the plain loops; one
+/// without, the plain loops alone: each host tests the paths it takes.
 #[test]
 fn exp_rows_give_the_softmax_of_f64() {
     for l in [1, 15, 16, 17, 31, 32, 33, 47, 200, 4801] {
@@ -66,7 +68,8 @@ fn chunked_attention_equals_one_shot() {
 /// The in-place bf16 exponentials: each row's pairs (at `u32` offset `r * lp`, zero past `l`)
 /// hold `exp(x - m)` within bf16's rounding and the returned sums are the f64 ones' within f32
 /// accumulation, for row widths around the 32-value step and odd ones (a padded last pair), where
-/// `m` is the row's maximum (no running one) or a running maximum above it (kept).
+/// `m` is the row's maximum (no running one) or a running maximum above it (kept). On a CPU with
+/// AVX512-BF16 the whole 32-value steps run on `exps_row_bf16`, elsewhere on the plain loop.
 #[test]
 fn exps_to_pairs_match_f64() {
     for l in [1usize, 2, 15, 16, 17, 31, 32, 33, 47, 64, 200, 4801] {

@@ -38,3 +38,33 @@ pub(super) fn rows_var(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The block sizes a variable takes and refuses (a name of the test's own: no other test
+    /// reads it).
+    #[test]
+    fn rows_take_multiples_of_the_step_and_all_where_allowed() {
+        const VAR: &str = "MAGCACHE_TEST_ONEDNN_ROWS_VAR";
+        let read = |v: Option<&str>, all| {
+            match v {
+                Some(v) => std::env::set_var(VAR, v),
+                None => std::env::remove_var(VAR),
+            }
+            rows_var(VAR, (32, 1 << 20), all)
+        };
+        assert_eq!(read(None, true), Ok(None));
+        assert_eq!(read(Some("32"), true), Ok(Some(32)));
+        assert_eq!(read(Some(" 1048576 "), true), Ok(Some(1 << 20)));
+        assert_eq!(read(Some("all"), true), Ok(Some(usize::MAX)));
+        for bad in ["16", "48", "0", "2097152", "many", ""] {
+            let e = read(Some(bad), true).unwrap_err();
+            assert!(e.contains(VAR) && e.contains("or all"), "{e}");
+        }
+        let e = read(Some("all"), false).unwrap_err();
+        assert!(!e.contains("or all"), "{e}");
+        std::env::remove_var(VAR);
+    }
+}

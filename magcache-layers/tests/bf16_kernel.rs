@@ -48,6 +48,13 @@ proptest! {
     }
 }
 
+/// `len` values in [-2, 2) spread by a multiplicative hash seeded by `s`.
+fn gen(len: usize, s: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ s) % 4001) as f32 / 1000.0 - 2.0)
+        .collect()
+}
+
 /// Shapes past one cache block of rows (384) and of input pairs (768), odd everywhere.
 #[test]
 fn blocked_shapes_match_f64() {
@@ -55,11 +62,6 @@ fn blocked_shapes_match_f64() {
         return;
     }
     let (m, n, k) = (397, 67, 1601);
-    let gen = |len: usize, s: u32| -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ s) % 4001) as f32 / 1000.0 - 2.0)
-            .collect()
-    };
     check(&gen(m * k, 7), &gen(n * k, 11), m, n, k).unwrap();
 }
 
@@ -72,11 +74,6 @@ fn pairs_product_gives_the_bits_of_the_product() {
         return;
     }
     let (m, n, k) = (397, 45, 301);
-    let gen = |len: usize, s: u32| -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ s) % 4001) as f32 / 1000.0 - 2.0)
-            .collect()
-    };
     let (x, w) = (gen(m * k, 3), gen(n * k, 5));
     let bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
     let packed = PackedBf16::pack(&bits, n, k);

@@ -57,14 +57,10 @@ pub fn available() -> bool {
 /// Refuses a `MAGCACHE_CPU_BF16` other than `on` or `off` (one line naming it), before a command
 /// starts: [`available`] reads it deep in a run.
 pub fn check_switch() -> magcache_core::Result<()> {
-    match std::env::var("MAGCACHE_CPU_BF16") {
-        Ok(v) if !v.is_empty() && !v.eq_ignore_ascii_case("on") && !v.eq_ignore_ascii_case("off") => {
-            Err(magcache_core::Error::msg(format!(
-                "MAGCACHE_CPU_BF16={v:?}: expected on or off (unset: on where the CPU has AVX512-BF16 and no AMX)"
-            )))
-        }
-        _ => Ok(()),
-    }
+    let unset = "on where the CPU has AVX512-BF16 and no AMX";
+    crate::config_util::env_switch("MAGCACHE_CPU_BF16", unset)
+        .map_err(magcache_core::Error::msg)?;
+    Ok(())
 }
 
 /// [`available`]'s choice from `MAGCACHE_CPU_BF16`'s value and the CPU's AVX512-BF16 and AMX.

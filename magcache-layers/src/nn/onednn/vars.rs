@@ -1,18 +1,8 @@
 //! The `MAGCACHE_ONEDNN_*` variables' values, read once when the library opens: each one bad
 //! value is an error naming it.
 
-/// An `on`/`off` variable read at open: `Some(on)` where set, `None` unset; another value is an
-/// error naming it (`default` says what unset means).
-pub(super) fn switch(var: &str, default: &str) -> std::result::Result<Option<bool>, String> {
-    match std::env::var(var).as_deref() {
-        Ok("on") => Ok(Some(true)),
-        Ok("off") => Ok(Some(false)),
-        Ok(other) => Err(format!(
-            "{var}={other:?}: expected on or off (unset: {default})"
-        )),
-        Err(_) => Ok(None),
-    }
-}
+/// An `on`/`off` variable read at open ([`crate::config_util::env_switch`]).
+pub(super) use crate::config_util::env_switch as switch;
 
 /// A block size read at open from `var`: a multiple of `step` from `step` to `most`, `all` where
 /// `all` is allowed (`usize::MAX`: no blocks), or unset.

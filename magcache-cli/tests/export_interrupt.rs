@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::bin;
+use common::{bin, temporaries};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -18,15 +18,6 @@ use std::time::{Duration, Instant};
 /// Two blocks of the Wan2.1-1.3B preset in bf16 (about 230 MB), in shards of 10 MB: some twenty
 /// files, written over most of a second.
 const RUN: &str = "[model]\nfamily = \"wan2.1\"\npreset = \"wan2.1-t2v-1.3b\"\ndtype = \"bf16\"\n\n[model.overrides]\nnum_layers = 2\n\n[inputs]\nlatent_shape = [1, 16, 1, 4, 4]\ntext_len = 8\n\n[sampling]\nsteps = 1\n";
-
-/// Names in `dir` of the runner's temporaries (`.magcache-*`).
-fn temporaries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with(".magcache-"))
-        .collect()
-}
 
 /// Files in the partial folder (0 while there is none).
 fn partial_files(dir: &Path) -> usize {

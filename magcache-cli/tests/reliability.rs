@@ -6,8 +6,7 @@
 
 mod common;
 
-use common::{bin, check_err, magcache, s, Case};
-use std::path::Path;
+use common::{bin, check_err, magcache, s, temporaries, Case};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -212,15 +211,6 @@ fn class6_error_after_loading_is_one_line() {
 }
 
 // ---- class 8: leftovers and permissions ----
-
-/// Files in `dir` that are temporaries of an output (`.NAME.magcache-PID.tmp`).
-fn temporaries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains(".magcache-") || n.ends_with(".tmp"))
-        .collect()
-}
 
 #[test]
 fn class8_sigint_during_a_run_leaves_nothing() {

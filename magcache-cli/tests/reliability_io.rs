@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{bin, check_err, magcache, s, Case};
+use common::{bin, check_err, magcache, s, temporaries, Case};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -251,15 +251,6 @@ fn slow_run(c: &Case, steps: usize, extra_model: &str) {
     c.write_run(&format!(
         "[model]\nfamily = \"wan2.1\"\nweights = \"w\"\n{extra_model}\n[inputs]\nlatent_shape = [1, 4, 2, 32, 32]\ntext_len = 8\n\n[sampling]\nsteps = {steps}\nshift = 5.0\nguidance_scale = 5.0\n"
     ));
-}
-
-/// Files in `dir` that are temporaries of this runner.
-fn temporaries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains("magcache-") || n.ends_with(".tmp") || n.contains("partial"))
-        .collect()
 }
 
 fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{bin, check_err, magcache, s, Case};
+use common::{bin, check_err, magcache, s, temporaries, Case};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -300,15 +300,6 @@ fn tune_never_touches_a_profile_it_did_not_write() {
         .filter(|n| n.starts_with(".magcache-"))
         .collect();
     assert!(left.is_empty(), "temporaries left: {left:?}");
-}
-
-/// Temporaries of the runner left in `dir`.
-fn temporaries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with(".magcache-") || n.contains("partial"))
-        .collect()
 }
 
 #[test]

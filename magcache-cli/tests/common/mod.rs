@@ -150,3 +150,13 @@ pub fn i2v_run(dir: &Path, picture: &Path) -> PathBuf {
     std::fs::write(&run, body).unwrap();
     run
 }
+
+/// Names in `dir` of what the runner writes while an output is not whole: its temporaries
+/// (`.NAME.magcache-PID.tmp`, `.magcache-*` folders) and partial outputs.
+pub fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("magcache-") || n.ends_with(".tmp") || n.contains("partial"))
+        .collect()
+}

@@ -40,7 +40,7 @@ pub fn set(on: bool) -> Result<(), String> {
 /// Reads `MAGCACHE_LINE_ALLOC` and [`set`]s it; call it first in `main`. Another value than `on`
 /// or `off` is an error naming the variable.
 pub fn switch_from_env() -> Result<(), String> {
-    set(crate::config_util::env_switch(LINE_ALLOC_ENV, "off")?.unwrap_or(false))
+    set(crate::env::env_switch(LINE_ALLOC_ENV, "off")?.unwrap_or(false))
 }
 
 /// C's allocator on Unix, large blocks on 64-byte lines while [`set`] so; Rust's system allocator

@@ -24,6 +24,7 @@ pub mod autoencoder_kl_wan;
 pub mod chain_model;
 pub mod config_util;
 pub mod dit;
+pub mod env;
 pub mod footprint;
 pub mod generation;
 pub mod inputs;

@@ -58,8 +58,7 @@ pub fn available() -> bool {
 /// starts: [`available`] reads it deep in a run.
 pub fn check_switch() -> magcache_core::Result<()> {
     let unset = "on where the CPU has AVX512-BF16 and no AMX";
-    crate::config_util::env_switch("MAGCACHE_CPU_BF16", unset)
-        .map_err(magcache_core::Error::msg)?;
+    crate::env::env_switch("MAGCACHE_CPU_BF16", unset).map_err(magcache_core::Error::msg)?;
     Ok(())
 }
 

@@ -1,8 +1,8 @@
 //! The `MAGCACHE_ONEDNN_*` variables' values, read once when the library opens: each one bad
 //! value is an error naming it.
 
-/// An `on`/`off` variable read at open ([`crate::config_util::env_switch`]).
-pub(super) use crate::config_util::env_switch as switch;
+/// An `on`/`off` variable read at open ([`crate::env::env_switch`]).
+pub(super) use crate::env::env_switch as switch;
 
 /// A block size read at open from `var`: a multiple of `step` from `step` to `most`, `all` where
 /// `all` is allowed (`usize::MAX`: no blocks), or unset.

@@ -90,7 +90,8 @@ pub(super) fn onednn_heads(
     let dp = d.div_ceil(2);
     // The values' rows per head: `l`, and a row of zeros after an odd `l`, so that the second
     // product's inner size is even (the probabilities' padded pair by zeros): oneDNN 3.2 ran a
-    // product of an odd inner size on padded rows on its reference code, 100x slower.
+    // product of an odd inner size on padded rows on its reference code (430x slower at 1 201
+    // tokens, docs/benchmarks.md).
     let lv = l.next_multiple_of(2);
     let (q16, k16) = (
         pairs(q, heads * s, d, dp, threads),

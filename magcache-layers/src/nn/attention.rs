@@ -325,7 +325,7 @@ fn attend_rows(
             gemm::Parallelism::None,
         );
     }
-    let inv = exp_rows(sc, l);
+    let sums = exp_rows(sc, l);
     // SAFETY: as above.
     unsafe {
         // o = exp(sc - max) . vs, each row then divided by its sum
@@ -351,7 +351,14 @@ fn attend_rows(
             gemm::Parallelism::None,
         );
     }
-    for (row, inv) in o.chunks_mut(d).zip(inv) {
+    divide_rows(o, d, &sums);
+}
+
+/// Each `d`-wide row of `o` divided by its sum in `sums` (multiplied by `1 / sum`): the softmax's
+/// normalisation, applied to the second product's output instead of the scores.
+fn divide_rows(o: &mut [f32], d: usize, sums: &[f32]) {
+    for (row, &s) in o.chunks_mut(d.max(1)).zip(sums) {
+        let inv = 1.0 / s;
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }
@@ -402,17 +409,13 @@ fn attend_rows_bf16(
     // alignment, and any bits are a u32).
     let p = unsafe { std::slice::from_raw_parts(sc.as_ptr().cast::<u32>(), rows * lp) };
     pv.pairs_product_into(p, rows, o, 1)?;
-    let d = o.len() / rows.max(1);
-    for (row, s) in o.chunks_mut(d).zip(sums) {
-        let inv = 1.0 / s;
-        row.iter_mut().for_each(|x| *x *= inv);
-    }
+    divide_rows(o, o.len() / rows.max(1), &sums);
     Ok(())
 }
 
 /// Each `l`-wide row of `sc` replaced by its exponentials `exp(x - max)` (f32), left
-/// unnormalised; returns each row's `1 / sum`, which the caller applies to the product's output
-/// rows instead (`softmax(s) . v = (exp(s - max) . v) / sum`). On the CPU's widest vectors
+/// unnormalised; returns each row's sum, which the caller divides the product's output rows by
+/// instead ([`divide_rows`]) (`softmax(s) . v = (exp(s - max) . v) / sum`). On the CPU's widest vectors
 /// ([`widest`]): the maximum over [`super::pointwise::LANES`] partial results, the sum over 32
 /// in the exponentials' loop (a single running sum kept that loop scalar: 25% of a bf16 Wan call
 /// at 4 800 tokens, docs/benchmarks.md). Two passes over the scores, where normalising them took
@@ -423,7 +426,7 @@ fn exp_rows(sc: &mut [f32], l: usize) -> Vec<f32> {
     widest(
         #[inline(always)]
         || {
-            let mut inv = Vec::with_capacity(sc.len() / l.max(1));
+            let mut sums = Vec::with_capacity(sc.len() / l.max(1));
             for row in sc.chunks_mut(l) {
                 let max = lanes_max(row);
                 let mut acc = [0f32; W];
@@ -452,9 +455,9 @@ fn exp_rows(sc: &mut [f32], l: usize) -> Vec<f32> {
                     *x = fast_exp(*x - max);
                     sum += *x;
                 }
-                inv.push(1.0 / sum);
+                sums.push(sum);
             }
-            inv
+            sums
         },
     )
 }

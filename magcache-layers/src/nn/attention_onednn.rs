@@ -1,7 +1,7 @@
 //! The fused attention's bf16 products on oneDNN (AMX's tiles where the CPU has them): its blocks
 //! of queries and keys, and one task's products with the softmax carried from block to block.
 
-use super::{exps_to_pairs, query_blocks, Io, OneDnnBlocks, QUERY_BLOCK};
+use super::{divide_rows, exps_to_pairs, query_blocks, Io, OneDnnBlocks, QUERY_BLOCK};
 use crate::nn::pointwise::{fast_exp, widest};
 use magcache_core::Result;
 
@@ -243,10 +243,7 @@ fn attend_key_blocks<'a>(
             },
         );
     }
-    for (row, s) in o.chunks_mut(d).zip(sum) {
-        let inv = 1.0 / s;
-        row.iter_mut().for_each(|x| *x *= inv);
-    }
+    divide_rows(o, d, &sum);
     Ok(())
 }
 

@@ -28,7 +28,7 @@ fn fused_cpu_attention_equals_the_matmul_path() {
 }
 
 /// The exponentials of score rows of many lengths (the lanes' and the 32-value steps' tails)
-/// and their `1 / sum`, normalised, against the f64 softmax. A CPU with AVX-512F runs the rows'
+/// and their sums, normalised, against the f64 softmax. A CPU with AVX-512F runs the rows'
 /// whole 16-value steps on `softmax_pairs::exps_row_f32` and the rest on the plain loops; one
 /// without, the plain loops alone: each host tests the paths it takes.
 #[test]
@@ -39,14 +39,14 @@ fn exp_rows_give_the_softmax_of_f64() {
             .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
             .collect();
         let mut out = sc.clone();
-        let inv = exp_rows(&mut out, l);
-        assert_eq!(inv.len(), rows);
-        for ((row, got), inv) in sc.chunks(l).zip(out.chunks(l)).zip(inv) {
+        let sums = exp_rows(&mut out, l);
+        assert_eq!(sums.len(), rows);
+        for ((row, got), sum_of) in sc.chunks(l).zip(out.chunks(l)).zip(sums) {
             let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
             let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
             for (&x, &y) in row.iter().zip(got) {
                 let p = (x as f64 - max).exp() / sum;
-                let y = y as f64 * inv as f64;
+                let y = y as f64 * (1.0 / sum_of) as f64;
                 assert!((p - y).abs() <= 2e-6 * p + 1e-12, "l {l}: {y} vs {p}");
             }
         }

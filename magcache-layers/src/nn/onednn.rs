@@ -64,7 +64,8 @@ mod primitive;
 mod raw;
 mod scratch;
 mod vars;
-use vars::{rows_var, switch};
+use crate::env::env_switch;
+use vars::rows_var;
 
 /// The opened library: its functions, a CPU engine, and the products built so far.
 pub struct OneDnn {
@@ -287,10 +288,11 @@ impl OneDnn {
             }
             (format!("{}.{}.{}", v.major, v.minor, v.patch), v.minor)
         };
-        let blocks_bf16 = switch(PACK_BF16_ENV, "by the library's version")?.unwrap_or(minor >= 13);
-        let bf16_switch = switch(BF16_ENV, "on CPUs with AMX")?;
-        let gelu = switch(GELU_ENV, "on")?.unwrap_or(true);
-        let pack_kv = switch(PACK_KV_ENV, "on")?.unwrap_or(true);
+        let blocks_bf16 =
+            env_switch(PACK_BF16_ENV, "by the library's version")?.unwrap_or(minor >= 13);
+        let bf16_switch = env_switch(BF16_ENV, "on CPUs with AMX")?;
+        let gelu = env_switch(GELU_ENV, "on")?.unwrap_or(true);
+        let pack_kv = env_switch(PACK_KV_ENV, "on")?.unwrap_or(true);
         let query_rows = rows_var(QUERY_ROWS_ENV, (16, 4096), false)?;
         let key_rows = rows_var(KEY_ROWS_ENV, (32, 1 << 20), true)?;
         // SAFETY: no arguments; returns an enum value.

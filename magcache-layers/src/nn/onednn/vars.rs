@@ -1,8 +1,5 @@
-//! The `MAGCACHE_ONEDNN_*` variables' values, read once when the library opens: each one bad
-//! value is an error naming it.
-
-/// An `on`/`off` variable read at open ([`crate::env::env_switch`]).
-pub(super) use crate::env::env_switch as switch;
+//! The block sizes of the attention on oneDNN (`MAGCACHE_ONEDNN_QUERY_ROWS`, `_KEY_ROWS`), read
+//! once when the library opens: a bad value is an error naming it.
 
 /// A block size read at open from `var`: a multiple of `step` from `step` to `most`, `all` where
 /// `all` is allowed (`usize::MAX`: no blocks), or unset.

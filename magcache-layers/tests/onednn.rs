@@ -400,3 +400,54 @@ fn the_f32_hint_is_for_the_cpus_measured_and_names_the_variable() {
         assert_eq!(onednn::f32_hint(), None);
     }
 }
+
+/// oneDNN fixes a primitive's OpenMP thread count when it builds it (the count on the building
+/// thread), and keeps it for every execution: each product must be built under the threads it
+/// runs on, whatever count the calling thread had before (a task of a thread pool asks for one;
+/// a thread OpenMP never saw has the machine's count). Here a fresh thread is set to 3 first,
+/// then runs products asking for 1 and for candle's count.
+#[test]
+fn each_product_is_built_for_the_threads_it_runs_on() {
+    let Some(d) = library() else { return };
+    let spec = std::env::var("MAGCACHE_TEST_ONEDNN")
+        .or_else(|_| std::env::var(onednn::ENV))
+        .unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: the library the tests opened, opened again for OpenMP's setter (a dependency
+        // of the gomp and iomp builds; absent from others, which run no OpenMP).
+        let lib = unsafe { libloading::Library::new(&spec) }.unwrap();
+        let set: Option<libloading::Symbol<unsafe extern "C" fn(i32)>> =
+            unsafe { lib.get(b"omp_set_num_threads\0") }.ok();
+        let Some(set) = set else {
+            eprintln!("note: this oneDNN runs no OpenMP: its thread counts are not tested");
+            return;
+        };
+        // SAFETY: OpenMP's setter, a positive count.
+        unsafe { set(3) };
+        // Shapes no other test uses, so that these products are built here.
+        let (m, k, n) = (5, 7, 11);
+        let x = Tensor::ones((m, k), DType::F32, &Device::Cpu).unwrap();
+        let wt = Tensor::ones((k, n), DType::F32, &Device::Cpu).unwrap();
+        d.product(&x, &wt, None).unwrap().unwrap();
+        if d.bf16_implemented() {
+            let a = vec![0x3f80_3f80u32; m * 4];
+            let b = vec![0x3f80_3f80u32; 4 * n];
+            let mut out = vec![0f32; m * n];
+            d.bf16_into((&a, 8), (&b, [n, 1]), (m, 8, n), &mut out, 1)
+                .unwrap();
+            assert!(out.iter().all(|&o| o == 8.0), "{out:?}");
+        }
+    })
+    .join()
+    .unwrap();
+    let built = d.built_threads();
+    assert!(!built.is_empty());
+    for (asked, got) in built {
+        if let Some(got) = got {
+            assert_eq!(
+                got, asked,
+                "a product asked for {asked} threads was built for {got}"
+            );
+        }
+    }
+}

@@ -24,6 +24,7 @@
 //! oneDNN's threads are OpenMP's in the gomp build: each product sets the calling thread's count to
 //! candle's ([`candle_core::utils::get_num_threads`]).
 
+use candle_core::utils::get_num_threads;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use magcache_core::{Error, Result};
 use std::collections::{HashMap, HashSet};
@@ -324,8 +325,8 @@ impl OneDnn {
             _lib: lib,
         };
         // The f32 product must build; a bf16 one may not (no bf16 kernel on CPUs before AVX-512).
-        d.primitive(Key::plain(1, 2, 1, false))?;
-        d.bf16 = d.primitive(Key::plain(1, 2, 1, true)).is_ok();
+        d.primitive(Key::plain(1, 2, 1, false, 1))?;
+        d.bf16 = d.primitive(Key::plain(1, 2, 1, true, 1)).is_ok();
         d.primitives.lock().map_err(|e| e.to_string())?.clear();
         Ok(d)
     }
@@ -394,7 +395,7 @@ impl OneDnn {
     /// `brg_matmul:avx512_core_amx` and the like.
     pub fn implementation(&self, m: usize, k: usize, n: usize, bf16: bool) -> Result<String> {
         let p = self
-            .primitive(Key::plain(m, k, n, bf16))
+            .primitive(Key::plain(m, k, n, bf16, get_num_threads()))
             .map_err(Error::msg)?;
         Ok(p.impl_info.clone())
     }
@@ -413,6 +414,20 @@ impl OneDnn {
     /// Products run so far (the tests' proof that oneDNN ran).
     pub fn products(&self) -> u64 {
         self.products.load(Ordering::Relaxed)
+    }
+
+    /// Each product built so far: the OpenMP threads it was asked to run on, and OpenMP's count
+    /// when oneDNN built it, which its parallel regions keep (`None` where the library exposes no
+    /// OpenMP). The two agree unless a build escaped the key's count (the tests' check).
+    pub fn built_threads(&self) -> Vec<(usize, Option<usize>)> {
+        self.primitives
+            .lock()
+            .map(|map| {
+                map.iter()
+                    .map(|(k, p)| (k.threads, p.built_threads))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The linear layers' bf16 products among [`Self::products`] (not the attention's).
@@ -507,22 +522,14 @@ impl OneDnn {
                 wei_strides: wei.strides,
                 wei_format: wei.format,
                 epilogue: epi,
+                threads: get_num_threads(),
             };
             if (wei.format != 0 || epi != Epilogue::default()) && !self.fits(key) {
                 return Ok(false);
             }
             // SAFETY: the pointers come from tensors (or a packed weight) whose layouts give the
             // strides and extents used (the destination's capacity is m * n), held for the call.
-            unsafe {
-                self.execute(
-                    key,
-                    (src, wei.ptr),
-                    bias_ptr,
-                    dst_ptr,
-                    candle_core::utils::get_num_threads(),
-                )
-            }
-            .map(|_| true)
+            unsafe { self.execute(key, (src, wei.ptr), bias_ptr, dst_ptr) }.map(|_| true)
         };
         let outcome = if x_bf16 {
             let (xs, xl) = x.storage_and_layout();

@@ -83,6 +83,9 @@ pub(super) struct Api {
     pub(super) memory_destroy: unsafe extern "C" fn(Handle) -> c_int,
     /// OpenMP's, where the library runs on it (the gomp and iomp builds).
     pub(super) omp_set_num_threads: Option<unsafe extern "C" fn(c_int)>,
+    /// OpenMP's thread count for this thread's next parallel region: what oneDNN reads when it
+    /// builds a primitive (and keeps for its executions).
+    pub(super) omp_get_max_threads: Option<unsafe extern "C" fn() -> c_int>,
 }
 
 /// The C function `dnnl_version`'s type.
@@ -141,6 +144,10 @@ impl Api {
             // SAFETY: OpenMP's `void omp_set_num_threads(int)`, found among the library's own
             // dependencies where it runs on OpenMP.
             omp_set_num_threads: unsafe { lib.get(b"omp_set_num_threads\0") }
+                .ok()
+                .map(|f| *f),
+            // SAFETY: OpenMP's `int omp_get_max_threads(void)`, as above.
+            omp_get_max_threads: unsafe { lib.get(b"omp_get_max_threads\0") }
                 .ok()
                 .map(|f| *f),
         };

@@ -264,9 +264,7 @@ impl OneDnn {
         threads: usize,
     ) -> std::result::Result<(), String> {
         let api = &self.api;
-        if let Some(set) = api.omp_set_num_threads {
-            set(threads.max(1) as i32);
-        }
+        super::primitive::set_threads(api, threads);
         let (mut pd, mut prim, mut stream) = (
             std::ptr::null_mut(),
             std::ptr::null_mut(),

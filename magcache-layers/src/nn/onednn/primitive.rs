@@ -26,6 +26,10 @@ pub(super) struct Key {
     pub(super) wei_format: u32,
     /// What the product does to its accumulators before writing them.
     pub(super) epilogue: Epilogue,
+    /// The OpenMP threads it runs on. oneDNN fixes a primitive's thread count when it builds it
+    /// (OpenMP's count on the building thread then), not when it runs: a product built for two
+    /// threads runs on two from a task of a thread pool that asked for one.
+    pub(super) threads: usize,
 }
 
 impl Key {
@@ -67,6 +71,9 @@ pub(super) struct Primitive {
     scratch: Handle,
     scratch_bytes: usize,
     pub(super) impl_info: String,
+    /// OpenMP's thread count on the thread that built it, as oneDNN read it (`None` where the
+    /// library exposes no OpenMP).
+    pub(super) built_threads: Option<usize>,
 }
 
 // SAFETY: see `OneDnn`; `api` points into the `OneDnn` that owns the map holding this (the
@@ -101,6 +108,9 @@ impl OneDnn {
             return Ok(p.clone());
         }
         let api = &self.api;
+        // oneDNN sizes the primitive's parallel regions for OpenMP's thread count now, on this
+        // thread: the key's.
+        set_threads(api, key.threads);
         let dt = if key.bf16 { DT_BF16 } else { DT_F32 };
         let md = |rows, cols, strides, dt| memory_desc(api, rows, cols, strides, dt);
         let mut p = Primitive {
@@ -114,6 +124,7 @@ impl OneDnn {
             scratch: std::ptr::null_mut(),
             scratch_bytes: 0,
             impl_info: String::new(),
+            built_threads: None,
         };
         p.src = md(key.m, key.k, key.src_strides, dt)?;
         p.wei = self.weight_md(key, dt)?;
@@ -164,22 +175,14 @@ impl OneDnn {
                 p.scratch_bytes = (api.md_get_size)(p.scratch);
             }
         }
-        let mut info: *const c_char = std::ptr::null();
-        // SAFETY: the implementation's name, a C string owned by the descriptor.
-        unsafe {
-            if (api.pd_query)(
-                p.pd,
-                QUERY_IMPL_INFO_STR,
-                0,
-                &mut info as *mut _ as *mut c_void,
-            ) == 0
-                && !info.is_null()
-            {
-                p.impl_info = CStr::from_ptr(info).to_string_lossy().into_owned();
-            }
-        }
+        // SAFETY: the descriptor built above.
+        p.impl_info = unsafe { impl_info(api, p.pd) };
         // SAFETY: the descriptor built above.
         status(&what, unsafe { (api.primitive_create)(&mut p.prim, p.pd) })?;
+        // SAFETY: OpenMP's query, no arguments.
+        p.built_threads = api
+            .omp_get_max_threads
+            .map(|get| unsafe { get() }.max(0) as usize);
         let p = Arc::new(p);
         // A run has a few shapes; a server may see many: start over past a bound.
         if map.len() >= 256 {
@@ -206,7 +209,7 @@ impl OneDnn {
 
     /// Runs one product: `src [m x k]` (f32 or bf16 bits) by the weight `[k x n]` (its
     /// strides), plus the bias, into `dst [m x n]` (f32, or bf16 bits where the key's epilogue
-    /// says), on `threads` OpenMP threads.
+    /// says), on the key's OpenMP threads.
     ///
     /// # Safety
     /// The pointers must cover the extents their strides give, in the key's dtype, and stay
@@ -217,12 +220,11 @@ impl OneDnn {
         (src, wei): (*const c_void, *const c_void),
         bias: *const f32,
         dst: *mut c_void,
-        threads: usize,
     ) -> std::result::Result<(), String> {
         let p = self.primitive(key)?;
         scratch::with(p.scratch_bytes, |scratch_ptr| {
             // SAFETY: the caller's pointers, and this thread's scratch for the call.
-            unsafe { self.execute_with(&p, (src, wei), (bias, dst), scratch_ptr, threads) }
+            unsafe { self.execute_with(&p, (src, wei), (bias, dst), scratch_ptr, key.threads) }
         })
     }
 
@@ -239,9 +241,7 @@ impl OneDnn {
         threads: usize,
     ) -> std::result::Result<(), String> {
         let api = &self.api;
-        if let Some(set) = api.omp_set_num_threads {
-            set(threads.max(1) as c_int);
-        }
+        set_threads(api, threads);
         let mut mems: Vec<ExecArg> = Vec::with_capacity(5);
         let mut result = Ok(());
         for (arg, md, ptr) in [
@@ -283,6 +283,36 @@ impl OneDnn {
             (api.memory_destroy)(m.memory);
         }
         result
+    }
+}
+
+/// The name of the implementation oneDNN chose for the descriptor `pd` (empty if it gives none).
+///
+/// # Safety
+/// `pd` is a live primitive descriptor of `api`'s library.
+unsafe fn impl_info(api: &Api, pd: Handle) -> String {
+    let mut info: *const c_char = std::ptr::null();
+    // SAFETY: the implementation's name, a C string owned by the descriptor.
+    unsafe {
+        let asked = (api.pd_query)(
+            pd,
+            QUERY_IMPL_INFO_STR,
+            0,
+            &mut info as *mut _ as *mut c_void,
+        );
+        match asked == 0 && !info.is_null() {
+            true => CStr::from_ptr(info).to_string_lossy().into_owned(),
+            false => String::new(),
+        }
+    }
+}
+
+/// Sets OpenMP's thread count for this thread's next parallel regions (oneDNN's, where it runs
+/// on OpenMP) to `threads` (at least 1).
+pub(super) fn set_threads(api: &Api, threads: usize) {
+    if let Some(set) = api.omp_set_num_threads {
+        // SAFETY: OpenMP's setter, any positive count.
+        unsafe { set(threads.max(1) as c_int) };
     }
 }
 

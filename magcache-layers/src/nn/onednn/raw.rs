@@ -87,6 +87,7 @@ impl OneDnn {
             wei_strides: wei.strides,
             wei_format: wei.format,
             epilogue: Default::default(),
+            threads,
         };
         if wei.format != 0 && !self.fits(key) {
             return Ok(false);
@@ -94,16 +95,8 @@ impl OneDnn {
         let ptrs = (a.as_ptr() as *const c_void, wei.ptr);
         // SAFETY: `a` and `out` were checked above in bf16 elements (two per `u32`), the right
         // operand by the caller (its strides, or a packed layout's whole buffer), all held.
-        unsafe {
-            self.execute(
-                key,
-                ptrs,
-                std::ptr::null(),
-                out.as_mut_ptr().cast(),
-                threads,
-            )
-        }
-        .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
+        unsafe { self.execute(key, ptrs, std::ptr::null(), out.as_mut_ptr().cast()) }
+            .map_err(|e| Error::msg(format!("{ENV}: {e}")))?;
         self.counted(false);
         Ok(true)
     }
@@ -116,8 +109,8 @@ pub(super) fn within_pairs(len: usize, (k, n): (usize, usize), strides: [usize; 
 }
 
 impl Key {
-    /// Contiguous activations by a linear layer's transposed weight, no bias.
-    pub(super) fn plain(m: usize, k: usize, n: usize, bf16: bool) -> Key {
+    /// Contiguous activations by a linear layer's transposed weight, no bias, on `threads`.
+    pub(super) fn plain(m: usize, k: usize, n: usize, bf16: bool, threads: usize) -> Key {
         let (bias, src_strides, wei_strides) = (false, [k, 1], [1, k]);
         Key {
             m,
@@ -129,6 +122,7 @@ impl Key {
             wei_strides,
             wei_format: 0,
             epilogue: Default::default(),
+            threads,
         }
     }
 }

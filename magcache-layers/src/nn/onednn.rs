@@ -55,6 +55,7 @@ pub const KEY_ROWS_ENV: &str = "MAGCACHE_ONEDNN_KEY_ROWS";
 use ffi::{isa_name, status, Api, Handle, ENGINE_CPU, ISA_AMX};
 pub use hints::{amx_hint, f32_hint, f32_hint_for};
 pub use packed::PackedWeight;
+pub use primitive::BuiltProduct;
 pub use primitive::Epilogue;
 use primitive::{Key, Primitive};
 
@@ -416,20 +417,6 @@ impl OneDnn {
         self.products.load(Ordering::Relaxed)
     }
 
-    /// Each product built so far: the OpenMP threads it was asked to run on, and OpenMP's count
-    /// when oneDNN built it, which its parallel regions keep (`None` where the library exposes no
-    /// OpenMP). The two agree unless a build escaped the key's count (the tests' check).
-    pub fn built_threads(&self) -> Vec<(usize, Option<usize>)> {
-        self.primitives
-            .lock()
-            .map(|map| {
-                map.iter()
-                    .map(|(k, p)| (k.threads, p.built_threads))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// The linear layers' bf16 products among [`Self::products`] (not the attention's).
     pub fn bf16_linear_products(&self) -> u64 {
         self.bf16_linear.load(Ordering::Relaxed)
@@ -565,19 +552,5 @@ impl OneDnn {
         self.counted(bf16);
         // SAFETY: the product wrote all m * n values.
         Ok(Some(unsafe { out.into_tensor((m, n)) }?))
-    }
-
-    /// Whether the primitive of `key` (a packed weight's) builds; a refusal is remembered.
-    fn fits(&self, key: Key) -> bool {
-        if self.refused.lock().is_ok_and(|r| r.contains(&key)) {
-            return false;
-        }
-        if self.primitive(key).is_ok() {
-            return true;
-        }
-        if let Ok(mut r) = self.refused.lock() {
-            r.insert(key);
-        }
-        false
     }
 }

@@ -34,7 +34,7 @@ pub(super) struct Key {
 
 impl Key {
     /// The product in words, for errors: `matmul [m x k] by [k x n] in bf16, GELU after`.
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let e = self.epilogue;
         format!(
             "matmul [{} x {}] by [{} x {}] in {}{}{}",
@@ -57,6 +57,22 @@ pub struct Epilogue {
     pub gelu: bool,
     /// The output written as bf16 (else f32).
     pub bf16_out: bool,
+}
+
+/// A product oneDNN built and keeps ([`OneDnn::built`]): what it is, and how it runs.
+#[derive(Clone, Debug)]
+pub struct BuiltProduct {
+    /// `matmul [m x k] by [k x n] in bf16` and the like.
+    pub what: String,
+    /// Its weight packed (in a layout of oneDNN's, or copied as plain rows), else the caller's.
+    pub packed: bool,
+    /// The OpenMP threads it was asked to run on.
+    pub threads: usize,
+    /// OpenMP's thread count when oneDNN built it, which its parallel regions keep (`None` where
+    /// the library exposes no OpenMP): the same as `threads` unless a build escaped its count.
+    pub built_threads: Option<usize>,
+    /// oneDNN's name for the implementation it chose (`brg:avx512_core_amx`, `ref:any`, ...).
+    pub implementation: String,
 }
 
 pub(super) struct Primitive {
@@ -102,6 +118,48 @@ impl Drop for Primitive {
 }
 
 impl OneDnn {
+    /// Each product built so far (kept for its shape, layout and threads).
+    pub fn built(&self) -> Vec<BuiltProduct> {
+        self.primitives
+            .lock()
+            .map(|map| {
+                map.iter()
+                    .map(|(k, p)| BuiltProduct {
+                        what: k.describe(),
+                        packed: k.wei_format != 0,
+                        threads: k.threads,
+                        built_threads: p.built_threads,
+                        implementation: p.impl_info.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether the primitive of `key` (a packed weight's, or one with an epilogue) builds on an
+    /// optimised implementation; a refusal is remembered. oneDNN's reference code (`ref:any`)
+    /// counts as a refusal: it ran a bf16 product of 33 features on a blocked weight 100x slower
+    /// than the plain weight's product, which is what a refusal runs instead.
+    pub(super) fn fits(&self, key: Key) -> bool {
+        if self.refused.lock().is_ok_and(|r| r.contains(&key)) {
+            return false;
+        }
+        if self
+            .primitive(key)
+            .is_ok_and(|p| !p.impl_info.starts_with("ref"))
+        {
+            return true;
+        }
+        if let Ok(mut r) = self.refused.lock() {
+            r.insert(key);
+        }
+        // Not kept: the products run on the plain weight instead.
+        if let Ok(mut map) = self.primitives.lock() {
+            map.remove(&key);
+        }
+        false
+    }
+
     pub(super) fn primitive(&self, key: Key) -> std::result::Result<Arc<Primitive>, String> {
         let mut map = self.primitives.lock().map_err(|e| e.to_string())?;
         if let Some(p) = map.get(&key) {

@@ -67,6 +67,10 @@ pub struct Report {
     /// `MAGCACHE_ONEDNN` (its version, the CPU ISA it chose, what runs on it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub products: Option<String>,
+    /// The products oneDNN built for the run, counted by the implementation it chose for each
+    /// (`brg:avx512_core_amx`, `gemm:jit:bf16`, `ref:any`, ...): a shape on a slow path shows.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub onednn_implementations: std::collections::BTreeMap<String, usize>,
     /// CPU runs: the denoising loop's wall time in the linear layers and in the attention
     /// (`magcache_layers::nn::timing`); the rest of `wall_seconds` is the element-wise work.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,6 +138,7 @@ impl Report {
             warnings,
             notes: Vec::new(),
             products: magcache_layers::nn::onednn::get().map(|d| d.describe()),
+            onednn_implementations: onednn_implementations(),
             cpu_time: None,
             stages: Vec::new(),
         }
@@ -171,6 +176,18 @@ fn same_place() -> bool {
         }
     }
     false
+}
+
+/// [`Report::onednn_implementations`]: empty where oneDNN is not open.
+fn onednn_implementations() -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for p in magcache_layers::nn::onednn::get()
+        .map(|d| d.built())
+        .unwrap_or_default()
+    {
+        *counts.entry(p.implementation).or_insert(0) += 1;
+    }
+    counts
 }
 
 /// Human summary of a report (stdout of `magcache run`).

@@ -553,3 +553,42 @@ fn one_row_class_table_is_named() {
         &["class_embeddings.safetensors", "tensor `class_embeddings`"],
     );
 }
+
+/// A run on oneDNN reports the implementations its products were built on, counted
+/// (`onednn_implementations`), none of them oneDNN's reference code for the tiny Wan's even
+/// widths; a run without oneDNN has no such key.
+#[test]
+fn a_run_on_onednn_reports_its_products_implementations() {
+    let Ok(lib) = std::env::var("MAGCACHE_TEST_ONEDNN") else {
+        eprintln!("note: MAGCACHE_TEST_ONEDNN unset: the report of oneDNN's products not tested");
+        return;
+    };
+    let c = Case::new();
+    let cfg = c.path("run.toml");
+    std::fs::write(&cfg, c.default_toml(MAG)).unwrap();
+    let implementations = |env: &[(&str, &str)]| {
+        let report = c.path("report.json");
+        let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+            .args(["run", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--report")
+            .arg(&report)
+            .env_remove("MAGCACHE_ONEDNN")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        std::fs::remove_file(&report).unwrap();
+        r.get("onednn_implementations").cloned()
+    };
+    let Some(serde_json::Value::Object(counts)) = implementations(&[("MAGCACHE_ONEDNN", &lib)])
+    else {
+        panic!("no onednn_implementations in the report of a run on oneDNN");
+    };
+    let total: u64 = counts.values().filter_map(|v| v.as_u64()).sum();
+    assert!(total > 0, "{counts:?}");
+    assert!(counts.keys().all(|k| !k.starts_with("ref")), "{counts:?}");
+    assert_eq!(implementations(&[]), None);
+}

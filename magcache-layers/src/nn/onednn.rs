@@ -93,8 +93,8 @@ pub struct OneDnn {
     refused: Mutex<HashSet<Key>>,
     /// The packed weights' layouts ([`PackedWeight`]), numbered from 1.
     formats: Mutex<Vec<OwnedMd>>,
-    /// The layout chosen for each product shape and dtype (`m, k, n`, oneDNN's dtype).
-    chosen: Mutex<HashMap<(usize, usize, usize, i32), u32>>,
+    /// The layout chosen for each product shape, dtype and thread count.
+    chosen: Mutex<HashMap<Chosen, u32>>,
     products: AtomicU64,
     bf16_linear: AtomicU64,
     unpacked: AtomicU64,
@@ -189,6 +189,9 @@ pub enum State {
 }
 
 static STATE: OnceLock<State> = OnceLock::new();
+
+/// A product a packed layout is chosen for: `m, k, n`, oneDNN's dtype, the OpenMP threads.
+type Chosen = (usize, usize, usize, i32, usize);
 
 /// The library `MAGCACHE_ONEDNN` names, opened the first time this is asked.
 pub fn state() -> &'static State {

@@ -177,7 +177,7 @@ impl OneDnn {
         let plain = Md(md(strides)?, &self.api);
         let format = match target {
             Target::Blocked(m) => {
-                let format = self.chosen_format((m, k, n), dt).map_err(err)?;
+                let format = self.chosen_format((m, k, n), dt, threads).map_err(err)?;
                 let chosen = self.format(format).map_err(err)?;
                 // SAFETY: two valid descriptors.
                 if unsafe { (self.api.md_equal)(chosen, plain.0) } != 0 {
@@ -217,18 +217,22 @@ impl OneDnn {
         }))
     }
 
-    /// The layout the matmul of an `m x k` by `k x n` product chooses for its weight (asked of
-    /// oneDNN once per shape: the attention packs its keys and values at every call).
+    /// The layout the matmul of an `m x k` by `k x n` product on `threads` OpenMP threads chooses
+    /// for its weight (asked of oneDNN once per shape and count: the attention packs its keys and
+    /// values at every call). oneDNN cuts the product's blocks for the thread count, so the
+    /// layout is asked under the count the products will run on.
     fn chosen_format(
         &self,
         (m, k, n): (usize, usize, usize),
         dt: i32,
+        threads: usize,
     ) -> std::result::Result<u32, String> {
-        let chosen = (m, k, n, dt);
+        let chosen = (m, k, n, dt, threads);
         if let Some(&id) = self.chosen.lock().map_err(|e| e.to_string())?.get(&chosen) {
             return Ok(id);
         }
         let api = &self.api;
+        super::primitive::set_threads(api, threads);
         let src = Md(memory_desc(api, m, k, [k, 1], dt)?, api);
         let dst = Md(memory_desc(api, m, n, [n, 1], DT_F32)?, api);
         let mut any: Handle = std::ptr::null_mut();

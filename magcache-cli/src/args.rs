@@ -24,8 +24,8 @@ pub(crate) struct RunArgs {
     /// grid of planes (PNG).
     #[arg(long)]
     pub(crate) png: Option<PathBuf>,
-    /// The decoded video of a prompted Wan run: .mp4 (H.264, written in process), .gif, or .png
-    /// (frame grid).
+    /// The decoded frames of a prompted run: .mp4 (H.264, written in process), .gif, or .png
+    /// (frame grid); a picture model's (FLUX, Z-Image...) as one frame.
     #[arg(long)]
     pub(crate) video: Option<PathBuf>,
     /// Frames per second of --video (default: the model's, Wan 16, Wan2.2 TI2V 24).
@@ -240,7 +240,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) port: Option<u16>,
     /// Requests must send `Authorization: Bearer KEY` (also read from MAGCACHE_API_KEY).
-    #[arg(long, env = "MAGCACHE_API_KEY")]
+    #[arg(long, env = "MAGCACHE_API_KEY", hide_env_values = true)]
     pub(crate) api_key: Option<String>,
     /// Jobs waiting per model before requests get 429 (default 16).
     #[arg(long)]

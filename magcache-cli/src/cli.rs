@@ -26,7 +26,9 @@ enum Cmd {
     Compare(CompareArgs),
     /// Run without skipping and write the MagCache calibration profile of the run.
     Calibrate(CalibrateArgs),
-    /// Predict the compute/reuse map of a MagCache run without running the model.
+    /// Predict a run's compute/reuse map without running the model (MagCache, a schedule,
+    /// spectrum; strategies that decide from the data, as FBCache and TeaCache, show no calls),
+    /// with its dtype, memory estimate and warnings.
     Plan(PlanArgs),
     /// Write a preset's seeded random weights (in the run's dtype) as a new checkpoint folder in the
     /// diffusers layout, sharded with an index, generated tensor by tensor.

@@ -324,7 +324,12 @@ fn truncated_weights() {
     )
     .unwrap();
     let t = c.toml(&w, &fixtures().join("wan21_tiny_loop.safetensors"), MAG);
-    c.run_err(&t, &["diffusion_pytorch_model.safetensors"]);
+    // Said in words, not the reader's variant names.
+    let err = c.run_err(&t, &["diffusion_pytorch_model.safetensors", "truncated"]);
+    assert!(!err.contains("MetadataIncompleteBuffer"), "{err}");
+    // Cut within its header, too.
+    std::fs::write(w.join("diffusion_pytorch_model.safetensors"), &bytes[..300]).unwrap();
+    c.run_err(&t, &["diffusion_pytorch_model.safetensors", "truncated"]);
 }
 
 #[test]

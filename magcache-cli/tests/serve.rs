@@ -425,6 +425,30 @@ fn a_running_video_job_is_cancelled_by_delete_within_a_call() {
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let wan = examples.join("wan21_tiny_prompted.toml");
     let srv = Server::start(&["--config", s(&wan)]);
+    // A size or frame count the VAE's grid refuses is a 400 naming it, before queueing.
+    for (body, param, says) in [
+        (
+            r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "size": "32x32", "num_frames": 6}"#,
+            "num_frames",
+            "must be 1 + 4k",
+        ),
+        (
+            r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "size": "50x50", "num_frames": 5}"#,
+            "size",
+            "must be a multiple of",
+        ),
+    ] {
+        let (st, v) = srv.json("POST", "/v1/videos", &[], body);
+        let e = &v["error"];
+        assert_eq!((st, e["param"].as_str()), (400, Some(param)), "{body}: {v}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{body}: {v}");
+    }
+    let (_, v) = srv.json("GET", "/v1/videos", &[], "");
+    assert_eq!(
+        v["data"].as_array().map(Vec::len),
+        Some(0),
+        "nothing queued: {v}"
+    );
     let body = r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "size": "32x32", "num_frames": 5, "num_inference_steps": 400}"#;
     let (st, v) = srv.json("POST", "/v1/videos", &[], body);
     assert_eq!(st, 200, "{v}");
@@ -557,6 +581,29 @@ fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
     assert!(
         err.contains("digits_fbcache.toml cannot be served"),
         "{err}"
+    );
+    // An id a client could not name is refused at start, naming `serve.id`, before loading.
+    for id in ["", "a/b", " tiny"] {
+        let text = std::fs::read_to_string(&model).unwrap();
+        let named = dir.path().join("named.toml");
+        std::fs::write(&named, format!("{text}\n[serve]\nid = {id:?}\n")).unwrap();
+        let (ok, err) = ended(&["--port", "0", "--config", s(&named)]);
+        assert!(!ok, "{err}");
+        assert!(
+            err.contains("serve.id") && !err.contains("serve: loading"),
+            "{id:?}: {err}"
+        );
+    }
+    // The API key from the environment is not shown by --help.
+    let help = bin()
+        .args(["serve", "--help"])
+        .env("MAGCACHE_API_KEY", "sekrit")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("MAGCACHE_API_KEY") && !help.contains("sekrit"),
+        "{help}"
     );
     // A port in use is said before any model loads.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -124,7 +124,7 @@ impl Adapter {
         // An adapter is read whole (the largest published ones are a few GB).
         let bytes = magcache_core::error::read_regular(path, MAX_ADAPTER_BYTES)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::weights(&file, "(header)", e.to_string()))?;
+            .map_err(|e| crate::weights::safetensors_error(&file, &e))?;
         let meta = peft_meta(&file, header.metadata().as_ref())?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
             Error::weights(&file, "(tensors)", magcache_core::error::candle_text(e))

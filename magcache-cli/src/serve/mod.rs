@@ -181,7 +181,9 @@ fn options(a: ServeArgs) -> Result<Options> {
         o.api_key = o.api_key.or(text("api_key")?);
         port = port.or(int("port", 65535)?.map(|p| p as u16));
         queue = queue.or(int("max_queue", 1 << 20)?.map(|q| q as usize));
-        o.models.push((path, text("id")?));
+        let id = text("id")?;
+        model_id(&file, &path, id.as_deref())?;
+        o.models.push((path, id));
     }
     o.host = host.unwrap_or_else(|| "127.0.0.1".into());
     o.port = port.unwrap_or(8000);
@@ -201,6 +203,32 @@ fn options(a: ServeArgs) -> Result<Options> {
         .map(|h| h.trim().to_ascii_lowercase())
         .collect();
     Ok(o)
+}
+
+/// Checks the id a run file is served as (`[serve] id`, else the file's name without its
+/// extension): what a request's `model` names and one path segment of `/v1/models/{id}`, so 1 to
+/// 128 characters, no `/`, no control characters, no space at either end. An error names
+/// `serve.id`, or the file to rename.
+fn model_id(file: &str, path: &std::path::Path, id: Option<&str>) -> Result<()> {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let (id, what) = match (id, stem) {
+        (Some(id), _) => (id.to_string(), "serve.id"),
+        (None, Some(stem)) => (stem, "(file name)"),
+        (None, None) => return Ok(()),
+    };
+    let fits = |c: char| c != '/' && !c.is_control();
+    if (1..=128).contains(&id.chars().count()) && id.trim() == id && id.chars().all(fits) {
+        return Ok(());
+    }
+    let fix = match what {
+        "serve.id" => "give another",
+        _ => "rename the file, or set [serve] id",
+    };
+    Err(Error::config(
+        file,
+        what,
+        format!("the model id {id:?} is empty, longer than 128 characters, or holds a `/`, a control character or a space at either end: requests name it as `model`, and /v1/models/{{id}} as one path segment; {fix}"),
+    ))
 }
 
 /// The server's own folder for the first frames sent with requests.

@@ -20,12 +20,14 @@ pub mod files;
 pub mod gguf;
 mod open;
 mod read;
+mod st_errors;
 mod unused;
 pub mod warm;
 
 pub use delta::Delta;
 pub use files::weight_files;
 use read::{read_f32, read_range};
+pub use st_errors::safetensors_error;
 
 /// A tensor of the store: in memory, or where it lies in a memory-mapped checkpoint file (read when
 /// it is handed out, so a model can fetch a block's weights when the block runs).

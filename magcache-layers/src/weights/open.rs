@@ -26,13 +26,8 @@ impl WeightStore {
             // are read later with `pread`, see `read_range`); it is dropped at the end of this
             // iteration.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&name, e))?;
-            let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                Error::weights(
-                    &name,
-                    "(header)",
-                    format!("not a readable safetensors file: {e:?}"),
-                )
-            })?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| super::safetensors_error(&name, &e))?;
             let data_start = 8 + n;
             let mut entries: Vec<(String, safetensors::tensor::TensorInfo)> = meta
                 .tensors()

@@ -423,7 +423,7 @@ pub fn load_flux(
         None => {
             return Err(Error::weights(
                 weights.display().to_string(),
-                "config.json",
+                "(file)",
                 "no config.json beside the weights; add one or set `config = \"...\"` in [model]",
             ))
         }

@@ -42,6 +42,13 @@ pub fn flux2_config(
     overrides: &Map<String, Value>,
     file: &str,
 ) -> Result<(PathBuf, Flux2Config)> {
+    if magcache_layers::weights::gguf::is_gguf(path) {
+        return Err(Error::config(
+            file,
+            "model.weights",
+            format!("`{}` is a GGUF file: FLUX.2 runs read diffusers folders (a pipeline folder, or a transformer folder with its config.json); GGUF checkpoints are not read for it yet", path.display()),
+        ));
+    }
     let path = transformer_dir(path);
     let cfg_path = match config {
         Some(c) => c.to_path_buf(),

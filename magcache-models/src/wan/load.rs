@@ -147,7 +147,7 @@ fn config_path(weights: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
     } else {
         Err(Error::weights(
             weights.display().to_string(),
-            "config.json",
+            "(file)",
             "no config.json beside the weights; add one or set `config = \"...\"` in [model]",
         ))
     }

@@ -175,7 +175,7 @@ pub fn encode(
 /// The latents' shape `[1, z_dim, F, h, w]` of a prompted run's video (height, width and frames,
 /// the pipeline's defaults where absent) through the VAE's factors; the sizes checked against the
 /// VAE's and the transformer's grids.
-fn latent_shape(
+pub(super) fn latent_shape(
     (cfg, keys, file): (&RunConfig, &WanKeys, &str),
     c: &super::config::WanConfig,
     vae_cfg: &WanVaeConfig,

@@ -21,6 +21,7 @@ use magcache_core::runtime::guard::Footprint;
 use magcache_core::runtime::registry::ModelFamily;
 use magcache_core::runtime::resolved::ResolvedRun;
 use magcache_core::{Error, GenerationPlan, ModelInfo, Pipeline, Result};
+use magcache_layers::autoencoder_kl_wan::WanVaeConfig;
 use magcache_layers::chain_model::ChainModel;
 use magcache_layers::config_util::{overrides_json, preset_name, resolve, to_map};
 use magcache_layers::footprint::add_plan;
@@ -289,6 +290,12 @@ impl<V: Variant> ResolvedRun for WanRun<V> {
             if let Some(msg) = c.latents_config().latent_shape_error(shape) {
                 return Err(Error::config(self.file(), "inputs.latent_shape", msg));
             }
+        }
+        // A prompted run's video size against the VAE's and the transformer's grids, as the build
+        // checks it: a server refuses a request's size before queueing it.
+        if let (Some((root, _)), Some(c)) = (&self.root, self.configs.first()) {
+            let vae = WanVaeConfig::read(&root.join("vae").join("config.json"))?;
+            prompted::latent_shape((&self.cfg, &self.keys, self.file()), c, &vae)?;
         }
         let plan = pipeline::wan_plan(
             self.family(),

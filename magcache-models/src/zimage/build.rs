@@ -87,15 +87,25 @@ impl ZImageRun {
             let (lh, lw) = self.lat;
             let cpu = self.base.run.on_cpu;
             fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
-            let (eh, ew) = match tiling.filter(|t| t.tiles_latents(v, lh, lw)) {
-                Some(t) => (lh.min(t.latent_min(v)), lw.min(t.latent_min(v))),
-                None => (lh, lw),
-            };
-            fp.add(
-                "VAE decode working set (f32)",
-                "vae.tiling",
-                v.decode_working_bytes(eh, ew, cpu).0,
-            );
+            match tiling.filter(|t| t.tiles_latents(v, lh, lw)) {
+                Some(t) => {
+                    let m = t.latent_min(v);
+                    fp.add(
+                        format!("VAE decode working set (one {m}x{m}-latent tile, f32)"),
+                        "vae.tile_sample_min_size",
+                        v.decode_working_bytes(lh.min(m), lw.min(m), cpu).0,
+                    );
+                    fp.advise("make vae.tile_sample_min_size smaller (or inputs.height/width)");
+                }
+                None => {
+                    fp.add(
+                        "VAE decode working set (f32)",
+                        "vae.tiling",
+                        v.decode_working_bytes(lh, lw, cpu).0,
+                    );
+                    fp.advise("set `tiling = true` in [vae] (the decode then works in tiles) or make inputs.height/width smaller");
+                }
+            }
             fp.add(
                 "decoded image (f32, 4 copies)",
                 "inputs.height/width",

@@ -96,12 +96,13 @@ impl OneDnn {
     /// `wt [k, n]` (f32, or bf16 where [`Self::bf16_implemented`]; any strides: a linear layer's
     /// transposed view) held for oneDNN's products: reordered into the layout its matmul chooses
     /// for it, or, for bf16 where that layout measured slower ([`Self::blocks_bf16`]) or the input
-    /// features are odd, copied plain as `[n, k]` rows. `None` when the chosen layout is the plain one given (nothing to
-    /// gain) or the weight is not for it.
+    /// features are odd, copied plain as `[n, k]` rows. `None` when the chosen layout is the
+    /// plain one given (nothing to gain) or the weight is not for it.
     pub fn pack(&'static self, wt: &Tensor) -> Result<Option<PackedWeight>> {
         let bf16 = wt.dtype() == DType::BF16;
-        // An odd number of input features: oneDNN 3.2 multiplies the activations' padded rows by a
-        // blocked bf16 weight on its reference code only; by plain rows on its bf16 gemm.
+        // An odd number of input features: oneDNN 3.2 (measured on AVX512-BF16) multiplies the
+        // activations' padded rows by a blocked bf16 weight on its reference code only, by plain
+        // rows on its bf16 gemm.
         let odd = wt.dims().first().is_some_and(|k| k % 2 == 1);
         let blocked = !bf16 || (self.blocks_bf16() && !odd);
         self.pack_as(wt, blocked)

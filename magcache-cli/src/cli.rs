@@ -60,6 +60,7 @@ pub fn main() -> ExitCode {
     // First, before any large block: where the binary installs `alloc::LineAlloc`, the variable
     // switches its alignment (a bad value is reported with the other switches, in `real_main`).
     let line_alloc = magcache_layers::alloc::switch_from_env();
+    passive_openmp();
     pin_thread_count();
     magcache_strategies::link();
     let cli = Cli::parse();
@@ -69,6 +70,23 @@ pub fn main() -> ExitCode {
             eprintln!("error: {}", e.to_string().replace('\n', " "));
             ExitCode::from(1)
         }
+    }
+}
+
+/// Sets `OMP_WAIT_POLICY=passive` where `MAGCACHE_ONEDNN` names oneDNN and the user set neither
+/// it nor `GOMP_SPINCOUNT`. oneDNN's products run on OpenMP's threads, the rest of a call (norms,
+/// modulation, the attention's tasks) on rayon's: OpenMP's idle threads spin after each product
+/// by default (libgomp: up to 300 000 rounds), taking cores from rayon's work. Passive, they
+/// sleep; a 720-token Wan call on a 2-core Zen 5 ran 1.08-1.14x faster in bf16 on oneDNN,
+/// 1.03-1.11x in f32 (docs/benchmarks.md). Runs first, before any other thread exists and before
+/// the library (and its OpenMP, which reads the variable once) loads.
+fn passive_openmp() {
+    let named = std::env::var_os(magcache_layers::nn::onednn::ENV).is_some_and(|v| !v.is_empty());
+    let chosen = ["OMP_WAIT_POLICY", "GOMP_SPINCOUNT"]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some());
+    if named && !chosen {
+        std::env::set_var("OMP_WAIT_POLICY", "passive");
     }
 }
 

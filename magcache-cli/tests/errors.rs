@@ -561,7 +561,8 @@ fn one_row_class_table_is_named() {
 
 /// A run on oneDNN reports the implementations its products were built on, counted
 /// (`onednn_implementations`), none of them oneDNN's reference code for the tiny Wan's even
-/// widths; a run without oneDNN has no such key.
+/// widths, and OpenMP's wait policy: passive unless the user set one; a run without oneDNN has no
+/// such key.
 #[test]
 fn a_run_on_onednn_reports_its_products_implementations() {
     let Ok(lib) = std::env::var("MAGCACHE_TEST_ONEDNN") else {
@@ -579,6 +580,8 @@ fn a_run_on_onednn_reports_its_products_implementations() {
             .arg("--report")
             .arg(&report)
             .env_remove("MAGCACHE_ONEDNN")
+            .env_remove("OMP_WAIT_POLICY")
+            .env_remove("GOMP_SPINCOUNT")
             .envs(env.iter().copied())
             .output()
             .unwrap();
@@ -586,14 +589,23 @@ fn a_run_on_onednn_reports_its_products_implementations() {
         let r: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
         std::fs::remove_file(&report).unwrap();
-        r.get("onednn_implementations").cloned()
+        let products = r["products"].as_str().unwrap_or_default().to_string();
+        r.get("onednn_implementations")
+            .cloned()
+            .map(|i| (i, products))
     };
-    let Some(serde_json::Value::Object(counts)) = implementations(&[("MAGCACHE_ONEDNN", &lib)])
+    let Some((serde_json::Value::Object(counts), products)) =
+        implementations(&[("MAGCACHE_ONEDNN", &lib)])
     else {
         panic!("no onednn_implementations in the report of a run on oneDNN");
     };
+    // OpenMP's idle threads sleep between products unless the user says otherwise.
+    assert!(products.contains("OMP_WAIT_POLICY=passive"), "{products}");
+    let active = implementations(&[("MAGCACHE_ONEDNN", &lib), ("OMP_WAIT_POLICY", "active")]);
+    let products = active.map(|a| a.1).unwrap_or_default();
+    assert!(products.contains("OMP_WAIT_POLICY=active"), "{products}");
     let total: u64 = counts.values().filter_map(|v| v.as_u64()).sum();
     assert!(total > 0, "{counts:?}");
     assert!(counts.keys().all(|k| !k.starts_with("ref")), "{counts:?}");
-    assert_eq!(implementations(&[]), None);
+    assert!(implementations(&[]).is_none());
 }

@@ -193,6 +193,14 @@ static STATE: OnceLock<State> = OnceLock::new();
 /// A product a packed layout is chosen for: `m, k, n`, oneDNN's dtype, the OpenMP threads.
 type Chosen = (usize, usize, usize, i32, usize);
 
+/// `OMP_WAIT_POLICY` as set (what OpenMP's idle threads do between products), for
+/// [`OneDnn::describe`].
+fn wait_policy() -> Option<String> {
+    std::env::var("OMP_WAIT_POLICY")
+        .ok()
+        .filter(|w| !w.is_empty())
+}
+
 /// The library `MAGCACHE_ONEDNN` names, opened the first time this is asked.
 pub fn state() -> &'static State {
     STATE.get_or_init(|| open(std::env::var(ENV).ok().as_deref()))
@@ -353,10 +361,10 @@ impl OneDnn {
         } else {
             "bf16 weights widened to f32 on it".into()
         };
-        let threads = if self.api.omp_set_num_threads.is_some() {
-            "OpenMP threads as candle's"
-        } else {
-            "the library's own threads"
+        let threads = match (self.api.omp_set_num_threads.is_some(), wait_policy()) {
+            (true, Some(w)) => format!("OpenMP threads as candle's, OMP_WAIT_POLICY={w}"),
+            (true, None) => "OpenMP threads as candle's".into(),
+            (false, _) => "the library's own threads".into(),
         };
         let unpacked = match self.unpacked_products() {
             0 => String::new(),

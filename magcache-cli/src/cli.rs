@@ -77,7 +77,7 @@ pub fn main() -> ExitCode {
 /// it nor `GOMP_SPINCOUNT`. oneDNN's products run on OpenMP's threads, the rest of a call (norms,
 /// modulation, the attention's tasks) on rayon's: OpenMP's idle threads spin after each product
 /// by default (libgomp: up to 300 000 rounds), taking cores from rayon's work. Passive, they
-/// sleep; a 720-token Wan call on a 2-core Zen 5 ran 1.08-1.14x faster in bf16 on oneDNN,
+/// sleep; a 720-token Wan call on a 2-core Zen 5 ran 1.08-1.20x faster in bf16 on oneDNN,
 /// 1.03-1.11x in f32 (docs/benchmarks.md). Runs first, before any other thread exists and before
 /// the library (and its OpenMP, which reads the variable once) loads.
 fn passive_openmp() {

@@ -21,8 +21,9 @@
 //! also reads a plain weight in place, by its strides. Each calling thread keeps the scratch
 //! memory of its largest product (`scratch`).
 //!
-//! oneDNN's threads are OpenMP's in the gomp build: each product sets the calling thread's count to
-//! candle's ([`candle_core::utils::get_num_threads`]).
+//! oneDNN's threads are OpenMP's in the gomp build: each product is built and run under the
+//! calling thread's count set to candle's ([`candle_core::utils::get_num_threads`]; one from a
+//! task of the attention's), as oneDNN cuts a product's work for the count it is built under.
 
 use candle_core::utils::get_num_threads;
 use candle_core::{CpuStorage, DType, Storage, Tensor};

@@ -73,18 +73,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Sets `OMP_WAIT_POLICY=passive` where `MAGCACHE_ONEDNN` names oneDNN and the user set neither
-/// it nor `GOMP_SPINCOUNT`. oneDNN's products run on OpenMP's threads, the rest of a call (norms,
+/// Sets `OMP_WAIT_POLICY=passive` where `MAGCACHE_ONEDNN` names oneDNN and the user set none of
+/// it, `GOMP_SPINCOUNT`, `KMP_BLOCKTIME`, `KMP_LIBRARY`. oneDNN's products run on OpenMP's threads, the rest of a call (norms,
 /// modulation, the attention's tasks) on rayon's: OpenMP's idle threads spin after each product
 /// by default (libgomp: up to 300 000 rounds), taking cores from rayon's work. Passive, they
-/// sleep; a 720-token Wan call on a 2-core Zen 5 ran 1.08-1.20x faster in bf16 on oneDNN,
+/// sleep; a 720-token Wan call on a 2-core Zen 5 ran a median 1.16x faster in bf16 on oneDNN,
 /// 1.03-1.11x in f32 (docs/benchmarks.md). Runs first, before any other thread exists and before
 /// the library (and its OpenMP, which reads the variable once) loads.
 fn passive_openmp() {
-    let named = std::env::var_os(magcache_layers::nn::onednn::ENV).is_some_and(|v| !v.is_empty());
-    let chosen = ["OMP_WAIT_POLICY", "GOMP_SPINCOUNT"]
-        .iter()
-        .any(|k| std::env::var_os(k).is_some());
+    // As `onednn::open` reads it: empty or `off` opens nothing.
+    let named = std::env::var(magcache_layers::nn::onednn::ENV)
+        .is_ok_and(|v| !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("off"));
+    // libgomp's and Intel OpenMP's (the iomp builds') own settings of the same thing.
+    let chosen = [
+        "OMP_WAIT_POLICY",
+        "GOMP_SPINCOUNT",
+        "KMP_BLOCKTIME",
+        "KMP_LIBRARY",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some());
     if named && !chosen {
         std::env::set_var("OMP_WAIT_POLICY", "passive");
     }

@@ -410,7 +410,9 @@ fn the_f32_hint_is_for_the_cpus_measured_and_names_the_variable() {
 /// thread), and keeps it for every execution: each product must be built under the threads it
 /// runs on, whatever count the calling thread had before (a task of a thread pool asks for one;
 /// a thread OpenMP never saw has the machine's count). Here a fresh thread is set to 3 first,
-/// then runs products asking for 1 and for candle's count.
+/// then runs products asking for 1 and for candle's count. Each product's built count is
+/// OpenMP's on the building thread right after the build (what oneDNN read there): this checks
+/// that the count is set before the build, not oneDNN's use of it.
 #[test]
 fn each_product_is_built_for_the_threads_it_runs_on() {
     let Some(d) = library() else { return };

@@ -87,8 +87,8 @@ impl ZImageRun {
             let (lh, lw) = self.lat;
             let cpu = self.base.run.on_cpu;
             fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
-            match tiling.filter(|t| t.tiles_latents(v, lh, lw)) {
-                Some(t) => {
+            match tiling {
+                Some(t) if t.tiles_latents(v, lh, lw) => {
                     let m = t.latent_min(v);
                     fp.add(
                         format!("VAE decode working set (one {m}x{m}-latent tile, f32)"),
@@ -97,13 +97,17 @@ impl ZImageRun {
                     );
                     fp.advise("make vae.tile_sample_min_size smaller (or inputs.height/width)");
                 }
-                None => {
+                _ => {
                     fp.add(
                         "VAE decode working set (f32)",
                         "vae.tiling",
                         v.decode_working_bytes(lh, lw, cpu).0,
                     );
-                    fp.advise("set `tiling = true` in [vae] (the decode then works in tiles) or make inputs.height/width smaller");
+                    fp.advise(match tiling {
+                        // Tiling is on, but the picture fits in one tile: decoded whole.
+                        Some(_) => "make vae.tile_sample_min_size smaller than the picture (it is decoded whole in one tile now) or inputs.height/width smaller",
+                        None => "set `tiling = true` in [vae] (the decode then works in tiles) or make inputs.height/width smaller",
+                    });
                 }
             }
             fp.add(

@@ -254,10 +254,13 @@ impl OneDnn {
         // SAFETY: created above, destroyed once.
         unsafe { (api.pd_destroy)(pd) };
         let id = id?;
-        self.chosen
-            .lock()
-            .map_err(|e| e.to_string())?
-            .insert(chosen, id);
+        let mut map = self.chosen.lock().map_err(|e| e.to_string())?;
+        // Asked again after a start over (the layouts themselves stay interned: packed weights
+        // name them).
+        if map.len() >= 256 {
+            map.clear();
+        }
+        map.insert(chosen, id);
         Ok(id)
     }
 

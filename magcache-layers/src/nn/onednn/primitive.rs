@@ -139,32 +139,48 @@ impl OneDnn {
     /// Whether the primitive of `key` (a packed weight's, or one with an epilogue) builds on an
     /// optimised implementation; a refusal is remembered. oneDNN's reference code (`ref:any`)
     /// counts as a refusal: it ran a bf16 product of 33 features on a blocked weight 100x slower
-    /// than the plain weight's product, which is what a refusal runs instead.
+    /// than the plain weight's product, which is what a refusal runs instead. Only an accepted
+    /// primitive is kept (another thread never sees a refused one).
     pub(super) fn fits(&self, key: Key) -> bool {
         if self.refused.lock().is_ok_and(|r| r.contains(&key)) {
             return false;
         }
-        if self
-            .primitive(key)
-            .is_ok_and(|p| !p.impl_info.starts_with("ref"))
-        {
+        if self.primitives.lock().is_ok_and(|m| m.contains_key(&key)) {
             return true;
         }
-        if let Ok(mut r) = self.refused.lock() {
-            r.insert(key);
+        match self.build(key) {
+            Ok(p) if !p.impl_info.starts_with("ref") => {
+                if let Ok(mut map) = self.primitives.lock() {
+                    keep(&mut map, key, Arc::new(p));
+                }
+                true
+            }
+            _ => {
+                if let Ok(mut r) = self.refused.lock() {
+                    // A run has a few shapes; a server may see many: start over past a bound.
+                    if r.len() >= 256 {
+                        r.clear();
+                    }
+                    r.insert(key);
+                }
+                false
+            }
         }
-        // Not kept: the products run on the plain weight instead.
-        if let Ok(mut map) = self.primitives.lock() {
-            map.remove(&key);
-        }
-        false
     }
 
+    /// The primitive of `key`: the one kept, or built now and kept.
     pub(super) fn primitive(&self, key: Key) -> std::result::Result<Arc<Primitive>, String> {
         let mut map = self.primitives.lock().map_err(|e| e.to_string())?;
         if let Some(p) = map.get(&key) {
             return Ok(p.clone());
         }
+        let p = Arc::new(self.build(key)?);
+        keep(&mut map, key, p.clone());
+        Ok(p)
+    }
+
+    /// Builds the primitive of `key` (not kept), under the key's OpenMP thread count.
+    fn build(&self, key: Key) -> std::result::Result<Primitive, String> {
         let api = &self.api;
         // oneDNN sizes the primitive's parallel regions for OpenMP's thread count now, on this
         // thread: the key's.
@@ -241,12 +257,6 @@ impl OneDnn {
         p.built_threads = api
             .omp_get_max_threads
             .map(|get| unsafe { get() }.max(0) as usize);
-        let p = Arc::new(p);
-        // A run has a few shapes; a server may see many: start over past a bound.
-        if map.len() >= 256 {
-            map.clear();
-        }
-        map.insert(key, p.clone());
         Ok(p)
     }
 
@@ -342,6 +352,15 @@ impl OneDnn {
         }
         result
     }
+}
+
+/// Keeps `p` as `key`'s primitive (a run has a few shapes; a server may see many: the map starts
+/// over past a bound).
+fn keep(map: &mut std::collections::HashMap<Key, Arc<Primitive>>, key: Key, p: Arc<Primitive>) {
+    if map.len() >= 256 && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.entry(key).or_insert(p);
 }
 
 /// The name of the implementation oneDNN chose for the descriptor `pd` (empty if it gives none).

@@ -81,9 +81,8 @@ pub fn main() -> ExitCode {
 /// 1.03-1.11x in f32 (docs/benchmarks.md). Runs first, before any other thread exists and before
 /// the library (and its OpenMP, which reads the variable once) loads.
 fn passive_openmp() {
-    // As `onednn::open` reads it: empty or `off` opens nothing.
-    let named = std::env::var(magcache_layers::nn::onednn::ENV)
-        .is_ok_and(|v| !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("off"));
+    use magcache_layers::nn::onednn;
+    let named = onednn::named(std::env::var(onednn::ENV).ok().as_deref()).is_some();
     // libgomp's and Intel OpenMP's (the iomp builds') own settings of the same thing.
     let chosen = [
         "OMP_WAIT_POLICY",

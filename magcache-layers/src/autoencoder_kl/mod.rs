@@ -38,7 +38,7 @@ mod tiling;
 pub use config::FluxVaeConfig;
 pub use layout::{detect_layout, VaeLayout};
 pub use packing::{pack_latents, packed_to_planes, to_pixels, unpack_latents};
-pub use tiling::{run_tiling, FluxTiling, FluxVaeKeys, FLUX_VAE_KEYS};
+pub use tiling::{add_decode_parts, run_tiling, FluxTiling, FluxVaeKeys, FLUX_VAE_KEYS};
 
 use crate::vae_common::check_input;
 use candle_core::{DType, Device, Tensor};

@@ -100,6 +100,53 @@ struct VaeTable {
     vae: FluxVaeKeys,
 }
 
+/// Adds a FLUX VAE's decode of `lh x lw` latents to `fp`: the working set (one latent tile's with
+/// `tiling` where it tiles them, plus two rows of decoded tiles held for blending; else the whole
+/// picture's), and what a refusal driven by it tells the user. FLUX.1's and Z-Image's guards.
+pub fn add_decode_parts(
+    fp: &mut magcache_core::runtime::guard::Footprint,
+    v: &FluxVaeConfig,
+    tiling: Option<FluxTiling>,
+    (lh, lw): (usize, usize),
+    cpu: bool,
+) {
+    use crate::footprint::sz;
+    match tiling {
+        Some(t) if t.tiles_latents(v, lh, lw) => {
+            let m = t.latent_min(v);
+            fp.add(
+                format!("VAE decode working set (one {m}x{m}-latent tile, f32)"),
+                "vae.tile_sample_min_size",
+                v.decode_working_bytes(lh.min(m), lw.min(m), cpu).0,
+            );
+            fp.advise("make vae.tile_sample_min_size smaller (or inputs.height/width)");
+            // Two rows of decoded tiles, each a tile of pixels.
+            let cols = lw.div_ceil((m * 3 / 4).max(1));
+            let px = sz(t.tile_sample_min_size);
+            fp.add(
+                "VAE decode tiles (two rows of tiles for blending, f32)",
+                "vae.tile_sample_min_size",
+                (sz(2) * sz(cols) * px * px * sz(v.out_channels) * sz(4)).0,
+            );
+        }
+        _ => {
+            fp.add(
+                "VAE decode working set (f32)",
+                "vae.tiling",
+                v.decode_working_bytes(lh, lw, cpu).0,
+            );
+            fp.advise(match tiling {
+                // Tiling is on, but the picture fits in one tile: decoded whole.
+                Some(_) => "make vae.tile_sample_min_size smaller than the picture (it is decoded whole in one tile now) or inputs.height/width smaller".to_string(),
+                None => format!(
+                    "set `tiling = true` in [vae] (the decode then works in {}-pixel tiles) or make inputs.height/width smaller",
+                    FluxTiling::of_config(v).tile_sample_min_size
+                ),
+            });
+        }
+    }
+}
+
 /// The tiling a run file asks for (`[vae]`), checked against the pipeline's `vae/config.json` under
 /// `root` (read only when tiling is on); errors name the file and `vae.<key>`.
 pub fn run_tiling(cfg: &RunConfig, file: &str, root: &Path) -> Result<Option<FluxTiling>> {

@@ -276,11 +276,15 @@ pub fn open_for_check(spec: &str) -> std::result::Result<String, String> {
 
 pub use magcache_core::runtime::placement::cpuinfo_has_flag;
 
+/// The library a `MAGCACHE_ONEDNN` value names: `None` for none (unset, empty or `off`).
+pub fn named(spec: Option<&str>) -> Option<&str> {
+    spec.map(str::trim)
+        .filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case("off"))
+}
+
 fn open(spec: Option<&str>) -> State {
-    let spec = match spec.map(str::trim) {
-        None | Some("") => return State::Off,
-        Some(s) if s.eq_ignore_ascii_case("off") => return State::Off,
-        Some(s) => s,
+    let Some(spec) = named(spec) else {
+        return State::Off;
     };
     match OneDnn::open(spec) {
         Ok(d) => State::Loaded(Box::new(d)),

@@ -209,36 +209,7 @@ pub fn flux_decode_footprint(cfg: &RunConfig, base: &Path) -> Option<Footprint> 
     };
     let mut fp = Footprint::default();
     fp.add("VAE weights", "model.dtype", (v.params() * sz(wb)).0);
-    match tiling.filter(|t| t.tiles_latents(&v, lh, lw)) {
-        Some(t) => {
-            let m = t.latent_min(&v);
-            fp.add(
-                format!("VAE decode working set (one {m}x{m}-latent tile, f32)"),
-                "vae.tile_sample_min_size",
-                v.decode_working_bytes(lh.min(m), lw.min(m), cpu).0,
-            );
-            fp.advise("make vae.tile_sample_min_size smaller (or inputs.height/width)");
-            // Two rows of decoded tiles, each a tile of pixels.
-            let cols = lw.div_ceil((m * 3 / 4).max(1));
-            let px = sz(t.tile_sample_min_size);
-            fp.add(
-                "VAE decode tiles (two rows of tiles for blending, f32)",
-                "vae.tile_sample_min_size",
-                (sz(2) * sz(cols) * px * px * sz(v.out_channels) * sz(4)).0,
-            );
-        }
-        None => {
-            fp.add(
-                "VAE decode working set (f32)",
-                "vae.tiling",
-                v.decode_working_bytes(lh, lw, cpu).0,
-            );
-            fp.advise(format!(
-                "set `tiling = true` in [vae] (the decode then works in {}-pixel tiles) or make inputs.height/width smaller",
-                magcache_layers::autoencoder_kl::FluxTiling::of_config(&v).tile_sample_min_size
-            ));
-        }
-    }
+    magcache_layers::autoencoder_kl::add_decode_parts(&mut fp, &v, tiling, (lh, lw), cpu);
     fp.add(
         "decoded image (f32, 4 copies)",
         "inputs.height/width",

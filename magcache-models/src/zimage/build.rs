@@ -87,29 +87,7 @@ impl ZImageRun {
             let (lh, lw) = self.lat;
             let cpu = self.base.run.on_cpu;
             fp.add("VAE weights", "model.dtype", (v.params() * sz(4)).0);
-            match tiling {
-                Some(t) if t.tiles_latents(v, lh, lw) => {
-                    let m = t.latent_min(v);
-                    fp.add(
-                        format!("VAE decode working set (one {m}x{m}-latent tile, f32)"),
-                        "vae.tile_sample_min_size",
-                        v.decode_working_bytes(lh.min(m), lw.min(m), cpu).0,
-                    );
-                    fp.advise("make vae.tile_sample_min_size smaller (or inputs.height/width)");
-                }
-                _ => {
-                    fp.add(
-                        "VAE decode working set (f32)",
-                        "vae.tiling",
-                        v.decode_working_bytes(lh, lw, cpu).0,
-                    );
-                    fp.advise(match tiling {
-                        // Tiling is on, but the picture fits in one tile: decoded whole.
-                        Some(_) => "make vae.tile_sample_min_size smaller than the picture (it is decoded whole in one tile now) or inputs.height/width smaller",
-                        None => "set `tiling = true` in [vae] (the decode then works in tiles) or make inputs.height/width smaller",
-                    });
-                }
-            }
+            magcache_layers::autoencoder_kl::add_decode_parts(&mut fp, v, *tiling, (lh, lw), cpu);
             fp.add(
                 "decoded image (f32, 4 copies)",
                 "inputs.height/width",

@@ -31,6 +31,17 @@ pub fn q(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
+/// `text` (a run file) with the line of `key` (the first that starts `key = `) set to `value`;
+/// panics where there is none, so that a test never edits a line it did not find.
+pub fn set_key(text: &str, key: &str, value: &str) -> String {
+    let prefix = format!("{key} = ");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no `{key}` line in\n{text}"));
+    text.replacen(line, &format!("{prefix}{value}"), 1)
+}
+
 /// The contract's run file for reference run `name` of `case` (`guidance_scale` is the call's
 /// `true_cfg_scale` where it has one, else its `guidance_scale`).
 pub fn run_toml(

@@ -146,8 +146,8 @@ fn fbcache_run_matches_the_pipeline() {
     check_run("fbcache");
 }
 
-/// `[vae] tiling = true` reaches the decode: a 128x96 image (larger than the tiny VAE's 64-pixel
-/// tile) decodes as the VAE's own tiled decode of the final latents, not the untiled one; and the
+/// `[vae] tiling = true` reaches the decode: a 128x96 image (larger than the 64-pixel tile the run
+/// file sets) decodes as the VAE's own tiled decode of the final latents, not the untiled one; and the
 /// runner's `release_models` frees the transformer before it (a later generation is refused).
 #[test]
 fn vae_tiling_reaches_the_decode_and_the_transformer_is_released_first() {
@@ -161,7 +161,7 @@ fn vae_tiling_reaches_the_decode_and_the_transformer_is_released_first() {
     std::fs::write(
         &cfg,
         format!(
-            "[model]\nfamily = \"flux\"\nweights = {}\ndtype = \"f32\"\n\n[prompt]\ntext = \"a cat\"\nmax_sequence_length = 8\n\n[inputs]\nheight = 128\nwidth = 96\n\n[sampling]\nsteps = 1\n\n[vae]\ntiling = true\n",
+            "[model]\nfamily = \"flux\"\nweights = {}\ndtype = \"f32\"\n\n[prompt]\ntext = \"a cat\"\nmax_sequence_length = 8\n\n[inputs]\nheight = 128\nwidth = 96\n\n[sampling]\nsteps = 1\n\n[vae]\ntiling = true\ntile_sample_min_size = 64\n",
             toml_str(&root.display().to_string())
         ),
     )
@@ -179,8 +179,10 @@ fn vae_tiling_reaches_the_decode_and_the_transformer_is_released_first() {
     assert_eq!(decoded.dims(), [1, 128, 96, 3]);
     let mut vae = FluxVae::load(&root.join("vae"), &Device::Cpu, DType::F32).unwrap();
     let untiled = vae.decode_packed(&fin, 128, 96).unwrap();
-    vae.set_tiling(Some(FluxTiling::of_config(&vae.config)))
-        .unwrap();
+    vae.set_tiling(Some(FluxTiling {
+        tile_sample_min_size: 64,
+    }))
+    .unwrap();
     let tiled = vae.decode_packed(&fin, 128, 96).unwrap();
     assert_eq!(max_abs_diff(decoded, &tiled), 0.0);
     assert!(max_abs_diff(decoded, &untiled) > 1e-3);

@@ -1,6 +1,6 @@
 //! Bad input for the Z-Image and Qwen-Image families: one-line errors naming the file and key.
 
-use magcache_tests::prompted::{q, setup};
+use magcache_tests::prompted::{q, set_key, setup};
 
 fn prepare_err(text: &str, dir: &std::path::Path) -> String {
     magcache_tests::link_all();
@@ -32,13 +32,10 @@ fn wrong_folders_and_keys_are_named() {
     );
     assert!(e.contains("model.weights") && e.contains("GGUF"), "{e}");
     // A picture smaller than one 2x2 patch of latents.
-    let e = prepare_err(&good.replace("height = 48", "height = 8"), dir.path());
+    let e = prepare_err(&set_key(&good, "height", "8"), dir.path());
     assert!(e.contains("inputs.height"), "{e}");
     // max_sequence_length 0.
-    let e = prepare_err(
-        &good.replace("max_sequence_length = 48", "max_sequence_length = 0"),
-        dir.path(),
-    );
+    let e = prepare_err(&set_key(&good, "max_sequence_length", "0"), dir.path());
     assert!(e.contains("max_sequence_length"), "{e}");
     // An unknown preset names the known ones.
     let e = prepare_err(
@@ -52,10 +49,7 @@ fn wrong_folders_and_keys_are_named() {
     // Qwen-Image: more than 1024 text rows.
     let (qdir, qcfg, _) = setup("qwen-image", "qwenimage_nocfg_pipeline", "dense", "f32");
     let qgood = std::fs::read_to_string(&qcfg).unwrap();
-    let e = prepare_err(
-        &qgood.replace("max_sequence_length = 40", "max_sequence_length = 2000"),
-        qdir.path(),
-    );
+    let e = prepare_err(&set_key(&qgood, "max_sequence_length", "2000"), qdir.path());
     assert!(
         e.contains("prompt.max_sequence_length") && e.contains("1024"),
         "{e}"
@@ -91,15 +85,18 @@ fn wrong_folders_and_keys_are_named() {
 /// it down and says so (as `QwenImagePipeline` does).
 #[test]
 fn sizes_off_the_grid_follow_each_pipeline() {
-    let (dir, cfg, _) = setup("z-image", "zimage_turbo_pipeline", "dense", "f32");
+    let (dir, cfg, meta) = setup("z-image", "zimage_turbo_pipeline", "dense", "f32");
     let good = std::fs::read_to_string(&cfg).unwrap();
-    let e = prepare_err(&good.replace("height = 48", "height = 56"), dir.path());
+    let h = meta["call"]["height"].as_u64().unwrap();
+    let e = prepare_err(&set_key(&good, "height", &(h + 8).to_string()), dir.path());
     assert!(
         e.contains("inputs.height") && e.contains("multiple of 16"),
         "{e}"
     );
     magcache_tests::link_all();
-    let (_qdir, qcfg, _) = setup("qwen-image", "qwenimage_nocfg_pipeline", "dense", "f32");
+    let (_qdir, qcfg, qmeta) = setup("qwen-image", "qwenimage_nocfg_pipeline", "dense", "f32");
+    let (h, w) = (&qmeta["call"]["height"], &qmeta["call"]["width"]);
+    let (h, w) = (h.as_u64().unwrap(), w.as_u64().unwrap());
     let text = std::fs::read_to_string(&qcfg).unwrap();
     // No inputs file: seeded latents of the rounded-down grid.
     let file_line = text
@@ -109,13 +106,15 @@ fn sizes_off_the_grid_follow_each_pipeline() {
         .to_string();
     std::fs::write(
         &qcfg,
-        text.replace("height = 48", "height = 56")
-            .replace(&file_line, "seed = 1"),
+        set_key(&text, "height", &(h + 8).to_string()).replace(&file_line, "seed = 1"),
     )
     .unwrap();
     let p = magcache_cli::prepare(&qcfg).unwrap();
-    let w = p.pipeline.warnings().join("\n");
-    assert!(w.contains("56x80") && w.contains("48x80"), "{w}");
+    let warned = p.pipeline.warnings().join("\n");
+    assert!(
+        warned.contains(&format!("{}x{w}", h + 8)) && warned.contains(&format!("{h}x{w}")),
+        "{warned}"
+    );
 }
 
 /// A run file for a GPU plans on a machine without one (resolving opens no device); building it

@@ -23,7 +23,7 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 
 /// One module's adapter: `(module as the file names it, diffusers targets with their row ranges)`.
 struct Module {
-    key: &'static str,
+    key: String,
     /// `(diffusers weight, first row, rows)` each delta row block lands on.
     targets: Vec<(String, usize, usize)>,
 }
@@ -176,17 +176,37 @@ fn t(w: &str, start: usize, n: usize) -> (String, usize, usize) {
     (w.to_string(), start, n)
 }
 
+/// The fixture transformer `folder`'s config and the rows (output features) of each weight, read
+/// from its files: the adapters below take every size from them, so that another variant of the
+/// fixtures (`MAGCACHE_TEST_FIXTURES`) runs the same checks.
+fn transformer_sizes(folder: &str) -> (serde_json::Value, HashMap<String, usize>) {
+    let dir = magcache_tests::fixture(&format!("pipelines/{folder}"));
+    let config = magcache_tests::load_json(&format!("pipelines/{folder}/config.json"));
+    let rows = magcache_tests::load_folder(&dir)
+        .into_iter()
+        .map(|(k, t)| (k, t.dim(0).unwrap()))
+        .collect();
+    (config, rows)
+}
+
+fn size(config: &serde_json::Value, key: &str) -> usize {
+    config[key].as_u64().unwrap() as usize
+}
+
 #[test]
 fn zimage_adapters_in_every_layout_match_merged_weights() {
-    let d = 32; // zimage_transformer/config.json: dim
+    let (config, rows) = transformer_sizes("zimage_transformer");
+    let d = size(&config, "dim");
+    let last = size(&config, "n_layers") - 1;
+    let w1 = "noise_refiner.0.feed_forward.w1.weight";
     let diffusers = [
         Module {
-            key: "transformer.layers.0.attention.to_q",
+            key: "transformer.layers.0.attention.to_q".into(),
             targets: vec![t("layers.0.attention.to_q.weight", 0, d)],
         },
         Module {
-            key: "transformer.noise_refiner.0.feed_forward.w1",
-            targets: vec![t("noise_refiner.0.feed_forward.w1.weight", 0, 85)],
+            key: "transformer.noise_refiner.0.feed_forward.w1".into(),
+            targets: vec![t(w1, 0, rows[w1])],
         },
     ];
     check(
@@ -198,11 +218,11 @@ fn zimage_adapters_in_every_layout_match_merged_weights() {
         d,
     );
     let original = [Module {
-        key: "diffusion_model.layers.1.attention.qkv",
+        key: format!("diffusion_model.layers.{last}.attention.qkv"),
         targets: vec![
-            t("layers.1.attention.to_q.weight", 0, d),
-            t("layers.1.attention.to_k.weight", d, d),
-            t("layers.1.attention.to_v.weight", 2 * d, d),
+            t(&format!("layers.{last}.attention.to_q.weight"), 0, d),
+            t(&format!("layers.{last}.attention.to_k.weight"), d, d),
+            t(&format!("layers.{last}.attention.to_v.weight"), 2 * d, d),
         ],
     }];
     check(
@@ -214,8 +234,8 @@ fn zimage_adapters_in_every_layout_match_merged_weights() {
         d,
     );
     let musubi = [Module {
-        key: "lora_unet_layers_2_attention_to_out_0",
-        targets: vec![t("layers.2.attention.to_out.0.weight", 0, d)],
+        key: format!("lora_unet_layers_{last}_attention_to_out_0"),
+        targets: vec![t(&format!("layers.{last}.attention.to_out.0.weight"), 0, d)],
     }];
     check(
         "z-image",
@@ -229,15 +249,21 @@ fn zimage_adapters_in_every_layout_match_merged_weights() {
 
 #[test]
 fn qwenimage_adapters_in_every_layout_match_merged_weights() {
-    let d = 32; // qwenimage_transformer/config.json: 2 heads x 16
+    let (config, rows) = transformer_sizes("qwenimage_transformer");
+    let d = size(&config, "num_attention_heads") * size(&config, "attention_head_dim");
+    let last = size(&config, "num_layers") - 1;
     let diffusers = [
         Module {
-            key: "transformer.transformer_blocks.0.attn.to_q",
+            key: "transformer.transformer_blocks.0.attn.to_q".into(),
             targets: vec![t("transformer_blocks.0.attn.to_q.weight", 0, d)],
         },
         Module {
-            key: "transformer.transformer_blocks.1.attn.add_k_proj",
-            targets: vec![t("transformer_blocks.1.attn.add_k_proj.weight", 0, d)],
+            key: format!("transformer.transformer_blocks.{last}.attn.add_k_proj"),
+            targets: vec![t(
+                &format!("transformer_blocks.{last}.attn.add_k_proj.weight"),
+                0,
+                d,
+            )],
         },
     ];
     check(
@@ -248,13 +274,10 @@ fn qwenimage_adapters_in_every_layout_match_merged_weights() {
         "diffusers",
         d,
     );
+    let mlp = format!("transformer_blocks.{last}.img_mlp.net.0.proj.weight");
     let original = [Module {
-        key: "diffusion_model.transformer_blocks.2.img_mlp.net.0.proj",
-        targets: vec![t(
-            "transformer_blocks.2.img_mlp.net.0.proj.weight",
-            0,
-            4 * d,
-        )],
+        key: format!("diffusion_model.transformer_blocks.{last}.img_mlp.net.0.proj"),
+        targets: vec![t(&mlp, 0, rows[&mlp])],
     }];
     check(
         "qwen-image",
@@ -264,9 +287,10 @@ fn qwenimage_adapters_in_every_layout_match_merged_weights() {
         "original",
         d,
     );
+    let modulation = "transformer_blocks.0.img_mod.1.weight";
     let musubi = [Module {
-        key: "lora_unet_transformer_blocks_1_img_mod_1",
-        targets: vec![t("transformer_blocks.1.img_mod.1.weight", 0, 6 * d)],
+        key: "lora_unet_transformer_blocks_0_img_mod_1".into(),
+        targets: vec![t(modulation, 0, rows[modulation])],
     }];
     check(
         "qwen-image",

@@ -5,7 +5,7 @@ use magcache_layers::chain_model::ChainModel;
 use magcache_layers::weights::WeightStore;
 use magcache_models::wan::load::{load_wan, original_to_diffusers};
 use magcache_models::wan::model::{WanModel, WanTrace};
-use magcache_tests::{fixture, load, max_abs_diff};
+use magcache_tests::{fixture, load, load_json, max_abs_diff};
 
 fn dense() -> CallCx<'static> {
     CallCx::dense(ScopeKey::new(0, Branch::Cond))
@@ -93,13 +93,19 @@ fn original_wan_layout_gives_the_same_output() {
     assert!(inv.keys().any(|k| k.contains("self_attn.q.weight")));
     let path = dir.path().join("wan_original.safetensors");
     candle_core::safetensors::save(&inv, &path).unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        r#"{"_class_name": "WanModel", "dim": 32, "num_heads": 2, "in_dim": 4, "out_dim": 4, "ffn_dim": 48, "freq_dim": 32, "num_layers": 3, "text_dim": 24, "eps": 1e-6, "model_type": "t2v"}"#,
-    )
-    .unwrap();
+    // The original repository's config.json of the same model (its names for the same sizes).
+    let c = load_json("reference/wan21_tiny/config.json");
+    let heads = &c["num_attention_heads"];
+    let dim = heads.as_u64().unwrap() * c["attention_head_dim"].as_u64().unwrap();
+    let original = serde_json::json!({
+        "_class_name": "WanModel", "dim": dim, "num_heads": heads, "in_dim": c["in_channels"],
+        "out_dim": c["out_channels"], "ffn_dim": c["ffn_dim"], "freq_dim": c["freq_dim"],
+        "num_layers": c["num_layers"], "text_dim": c["text_dim"], "eps": c["eps"],
+        "model_type": "t2v",
+    });
+    std::fs::write(dir.path().join("config.json"), original.to_string()).unwrap();
     let mut over = serde_json::Map::new();
-    over.insert("rope_max_seq_len".into(), 64.into());
+    over.insert("rope_max_seq_len".into(), c["rope_max_seq_len"].clone());
     let l = load_wan(&path, None, &over, "test").unwrap();
     assert_eq!(l.layout, magcache_models::wan::load::WanLayout::Original);
     let m = WanModel::from_weights(l.config, &l.store).unwrap();

@@ -215,7 +215,8 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let j = json();
     let l = max_len(&j);
     let single = encoder();
-    let weights: HashMap<String, Tensor> = load("pipelines/wan_text_encoder/model.safetensors");
+    // Every tensor of the encoder's folder, one file or shards (the layout differs between variants).
+    let weights: HashMap<String, Tensor> = magcache_tests::load_folder(&encoder_dir());
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         encoder_dir().join("config.json"),
@@ -339,11 +340,13 @@ fn bf16_weights_stay_close() {
     let err = max_abs_diff(&pe, reference);
     eprintln!("bf16: prompt_embeds max abs err {err:.3e} (max |ref| {scale:.3})");
     assert!(err < 0.05 * scale, "{err} vs {scale}");
-    let rest = pe
-        .narrow(1, seq_len, l - seq_len)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all();
-    assert_eq!(rest.unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    if seq_len < l {
+        let rest = pe
+            .narrow(1, seq_len, l - seq_len)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all();
+        assert_eq!(rest.unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
 }

@@ -52,14 +52,12 @@ fn forward_matches_diffusers_with_every_intermediate() {
         worst.set(worst.get().max(d));
     };
     check("adaln_input", tr.adaln_input.as_ref().unwrap());
+    // The image's tokens, padded to a multiple of 32 with copies of the last (the sizes from the data).
+    let tokens = m.patchify(&x).unwrap();
+    let n = tokens.dim(1).unwrap();
     check(
         "x_tokens",
-        &m.patchify(&x)
-            .unwrap()
-            .narrow(1, 0, 15)
-            .unwrap()
-            .pad_with_same(1, 0, 17)
-            .unwrap(),
+        &tokens.pad_with_same(1, 0, n.div_ceil(32) * 32 - n).unwrap(),
     );
     check("x_embedded", tr.x_embedded.as_ref().unwrap());
     check("cap_embedded", tr.cap_embedded.as_ref().unwrap());

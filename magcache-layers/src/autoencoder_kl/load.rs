@@ -104,7 +104,7 @@ fn vae_paths(path: &Path) -> Result<(Option<PathBuf>, PathBuf)> {
     }
     Err(Error::weights(
         path.display().to_string(),
-        "config.json",
+        "(file)",
         "no AutoencoderKL config.json here or in vae/, and no BFL ae.safetensors (give the pipeline's vae/ folder or ae.safetensors)",
     ))
 }
@@ -133,7 +133,7 @@ impl FluxVae {
             (None, VaeLayout::Diffusers) => {
                 return Err(Error::weights(
                     weights.display().to_string(),
-                    "config.json",
+                    "(file)",
                     "no config.json beside these diffusers AutoencoderKL weights (give the vae/ folder)",
                 ))
             }

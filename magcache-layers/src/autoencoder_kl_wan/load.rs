@@ -196,7 +196,7 @@ impl WanVae {
         let files = locate(path)?.ok_or_else(|| {
             Error::weights(
                 path.display().to_string(),
-                "config.json",
+                "(file)",
                 "no AutoencoderKLWan config.json here or in vae/ (give the pipeline's vae/ folder)",
             )
         })?;
@@ -204,7 +204,7 @@ impl WanVae {
         let cfg_path = files.config.ok_or_else(|| {
             Error::weights(
                 weights.display().to_string(),
-                "config.json",
+                "(file)",
                 "no config.json beside the VAE weights",
             )
         })?;

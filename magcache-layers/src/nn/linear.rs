@@ -27,6 +27,8 @@ enum Weight {
     Quantized {
         mm: candle_core::quantized::QMatMul,
         out: usize,
+        /// Zero columns the input takes to meet the weight's padding ([`even_blocks`]).
+        pad: usize,
     },
     /// A bf16 weight packed for the CPU's bf16 dot products ([`bf16_gemm`], AVX512-BF16).
     Bf16(std::sync::Arc<bf16_gemm::PackedBf16>),
@@ -40,6 +42,8 @@ enum Weight {
     Compact {
         op: CompactQMatMul,
         out: usize,
+        /// As `Quantized`'s.
+        pad: usize,
     },
 }
 
@@ -50,16 +54,59 @@ fn quantized_weight(
     q: std::sync::Arc<candle_core::quantized::QTensor>,
     out: usize,
 ) -> Result<Weight> {
-    if !w.placement().gguf_repack && w.placement().device.is_cpu() {
+    let p = w.placement();
+    quantized_weight_on(q, out, p.device.is_cpu(), !p.gguf_repack)
+}
+
+/// [`quantized_weight`] for a CPU or not, compact (`gguf_repack` off) or not.
+fn quantized_weight_on(
+    q: std::sync::Arc<candle_core::quantized::QTensor>,
+    out: usize,
+    cpu: bool,
+    compact: bool,
+) -> Result<Weight> {
+    let (q, pad) = if cpu { even_blocks(q)? } else { (q, 0) };
+    if compact && cpu {
         return Ok(Weight::Compact {
             op: CompactQMatMul(q),
             out,
+            pad,
         });
     }
     Ok(Weight::Quantized {
         mm: candle_core::quantized::QMatMul::from_arc(q)?,
         out,
+        pad,
     })
+}
+
+/// A Q4_1, Q5_0 or Q5_1 weight whose rows hold an odd number of blocks, given one more block of
+/// zeros a row; and the zero columns the input then takes (0 where nothing was added). candle's
+/// CPU dot products of these types assert an even block count (ggml's SIMD takes two at a time):
+/// debug builds panic on such a row, while the generic loop release builds run is right for any
+/// count. A zero block (scale and minimum 0) adds exactly 0 against the input's zero columns (an
+/// 8-bit block of zeros), so the product is the unpadded one. Released checkpoints' rows (multiples
+/// of 64) never take this; tiny models and odd widths do.
+fn even_blocks(
+    q: std::sync::Arc<candle_core::quantized::QTensor>,
+) -> Result<(std::sync::Arc<candle_core::quantized::QTensor>, usize)> {
+    use candle_core::quantized::{GgmlDType as G, QStorage, QTensor};
+    let bs = q.dtype().block_size();
+    let (n, k) = q.shape().dims2()?;
+    let nb = k / bs;
+    if !matches!(q.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1) || nb.is_multiple_of(2) || n == 0 {
+        return Ok((q, 0));
+    }
+    let data = q.data()?;
+    let row = data.len() / n;
+    let block = row / nb.max(1);
+    let mut padded = Vec::with_capacity((row + block) * n);
+    for r in data.chunks_exact(row) {
+        padded.extend_from_slice(r);
+        padded.extend(std::iter::repeat_n(0u8, block));
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(padded), &q.device(), q.dtype())?;
+    Ok((std::sync::Arc::new(QTensor::new(storage, (n, k + bs))?), bs))
 }
 
 /// `x [m, k] (f32) -> x W^T [m, n]` for a quantized `W [n, k]` on the CPU, computed from the
@@ -145,6 +192,14 @@ impl candle_core::CustomOp1 for CompactQMatMul {
 /// A product as a CPU op on the f32, contiguous input (the bf16 kernel, the compact GGUF product).
 fn f32_op(x: &Tensor, op: &impl candle_core::CustomOp1) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op)?)
+}
+
+/// `x [rows, in]` with `pad` columns of zeros after its last (itself where `pad` is 0).
+fn pad_columns(x: &Tensor, pad: usize) -> Result<Tensor> {
+    Ok(match pad {
+        0 => x.clone(),
+        _ => x.pad_with_zeros(1, 0, pad)?,
+    })
 }
 
 /// `x [..., in]` (rank 1 or more) as rows `[rows, in]`, and the shape `[..., n]` of an output of
@@ -321,13 +376,18 @@ impl Linear {
         }
         // `biased`: the bias went into the product.
         let (y, out, biased) = match &self.wt {
-            Weight::Quantized { mm, out } => (mm.forward(&x2.to_dtype(DType::F32)?)?, *out, false),
+            Weight::Quantized { mm, out, pad } => {
+                let x = pad_columns(&x2.to_dtype(DType::F32)?, *pad)?;
+                (mm.forward(&x)?, *out, false)
+            }
             Weight::Bf16(w) => (
                 bf16_gemm::linear(w, &x2, self.bias.as_ref(), false)?,
                 w.n(),
                 true,
             ),
-            Weight::Compact { op, out } => (f32_op(&x2, op)?, *out, false),
+            Weight::Compact { op, out, pad } => {
+                (f32_op(&pad_columns(&x2, *pad)?, op)?, *out, false)
+            }
             Weight::OneDnn { w, out } => {
                 let y = w.linear(&x2.to_dtype(DType::F32)?, self.bias.as_ref())?;
                 (y, *out, true)
@@ -443,5 +503,49 @@ impl candle_core::CustomOp1 for FrozenMatMul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.wt.t()?)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    /// Q4_1, Q5_0 and Q5_1 weights of an odd number of blocks a row (one, three): the product runs
+    /// (candle asserts an even count in debug builds) and equals the same weight's product with a
+    /// second block that is zero in every row, on both quantized paths.
+    #[test]
+    fn odd_block_counts_multiply_as_the_padded_weight() {
+        let dev = Device::Cpu;
+        for k in [32, 96] {
+            let (m, n) = (5, 7);
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            for ty in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
+                let q = std::sync::Arc::new(QTensor::quantize(&w, ty).unwrap());
+                // The same rows followed by 32 zero weights, quantized by candle (zero blocks).
+                let wide = w.pad_with_zeros(1, 0, 32).unwrap();
+                let qw = QTensor::quantize(&wide, ty).unwrap();
+                let xw = x.pad_with_zeros(1, 0, 32).unwrap();
+                let want = candle_core::quantized::QMatMul::from_qtensor(qw)
+                    .unwrap()
+                    .forward(&xw)
+                    .unwrap();
+                for compact in [false, true] {
+                    let wt = quantized_weight_on(q.clone(), n, true, compact).unwrap();
+                    let y = Linear { wt, bias: None }.forward(&x).unwrap();
+                    assert_eq!(y.dims(), &[m, n]);
+                    let d = (&y - &want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(d < 1e-5, "{ty:?} k {k} compact {compact}: {d}");
+                }
+            }
+        }
     }
 }

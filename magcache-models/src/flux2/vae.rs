@@ -121,7 +121,7 @@ fn vae_paths(path: &Path) -> Result<(PathBuf, PathBuf)> {
     }
     Err(Error::weights(
         path.display().to_string(),
-        "config.json",
+        "(file)",
         "no AutoencoderKLFlux2 config.json here or in vae/ (give the pipeline's vae/ folder)",
     ))
 }

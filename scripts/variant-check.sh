@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Regenerates the reference fixtures for other sizes, seeds, prompts, layouts and quant types than the
+# committed ones (the specs in scripts/variants/), with the reference's own generators, and runs the
+# tests against them (MAGCACHE_TEST_FIXTURES, tests/fixtures/README.md). Needs the shared tools folder
+# (SHARED, default ../shared) and a Python with torch, diffusers 0.42.1, transformers 5.23,
+# tokenizers, accelerate, peft, gguf, ftfy, sentencepiece and protobuf (PYTHON, default python3).
+#
+#   scripts/variant-check.sh [OUT]     (OUT default /tmp/magcache-variant; about 2 minutes of Python)
+#
+# Expected failures, each the public fixture's own: the insta snapshot of the plan
+# (snapshots_cli) and, where the FLUX.1 variant's VAE sample_size is not a multiple of 32
+# (a size diffusers' own tiling cannot join either), the FLUX VAE tiling case (flux_vae).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+shared=${SHARED:-$here/../shared}
+tools=$shared/tools
+py=${PYTHON:-python3}
+out=${1:-/tmp/magcache-variant}
+spec=$here/scripts/variants
+export OMP_NUM_THREADS=1
+rm -rf "$out"
+mkdir -p "$out/pipelines" "$out/reference" "$out/lora" "$out/gguf" "$out/wan" "$out/i2v" "$out/flux"
+gen() { echo "== $*" >&2; (cd "$tools" && "$py" "$@") > "$out/$(basename "$1" .py).log" 2>&1 || { tail -20 "$out/$(basename "$1" .py).log"; exit 1; }; }
+gen make_reference_fixtures.py "$out/reference" --seed 17 --shape layers=4,heads=3,frames=2,h=10,w=6,text=9
+gen make_lora_fixtures.py --heldout --variant-file "$spec/lora_variant.json" --out "$out/lora" --reference-dir "$out/reference"
+gen make_gguf_fixtures.py --heldout --variant-file "$spec/gguf_variant.json" --out "$out/gguf" --reference-dir "$out/reference"
+gen make_wan_pipeline_fixtures.py "$out/wan" --seed 6 --variant heldout --variant-file "$spec/wan_variant.json" --reference-dir "$out/reference"
+cp "$spec/i2v_variant.json" "$out/i2v/"
+gen make_wan_i2v_fixtures.py "$out/i2v" --seed 4 --variant heldout
+gen make_flux_pipeline_fixtures.py "$out/flux" --seed 8 --variant heldout --variant-file "$spec/flux_variant.json"
+gen make_flux2_pipeline_fixtures.py "$out/pipelines" --seed 3 --variant heldout --variant-file "$spec/flux2_variant.json"
+gen make_zimage_pipeline_fixtures.py "$out/pipelines" --seed 5 --variant heldout --variant-file "$spec/zimage_variant.json"
+gen make_qwenimage_pipeline_fixtures.py "$out/pipelines" --seed 9 --variant heldout --variant-file "$spec/qwenimage_variant.json"
+for d in wan i2v flux; do
+  for f in "$out/$d"/*; do
+    case $(basename "$f") in *_variant.json) ;; *) ln -sfn "$f" "$out/pipelines/$(basename "$f")" ;; esac
+  done
+done
+# The tiling fixtures of this repository's own generators, for the regenerated VAEs.
+sed "s#^HERE = .*#HERE = \"$out/pipelines\"#" "$here/tests/fixtures/tools/make_vae_tiling_fixtures.py" > "$out/wan_tiling.py"
+(cd "$out" && "$py" wan_tiling.py > wan_tiling.log 2>&1)
+sed "s#^HERE = .*#HERE = \"$out/pipelines\"#" "$here/tests/fixtures/tools/make_flux_vae_tiling_fixtures.py" > "$out/flux_tiling.py"
+(cd "$out" && "$py" flux_tiling.py > flux_tiling.log 2>&1) || echo "flux VAE tiling fixture not written (see $out/flux_tiling.log)" >&2
+cd "$here"
+MAGCACHE_TEST_FIXTURES=$out cargo test -p magcache-tests --no-fail-fast

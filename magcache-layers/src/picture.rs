@@ -1,6 +1,9 @@
 //! Pictures a run conditions on (`[inputs] image`): read as 8-bit RGB with the EXIF orientation
-//! applied (what diffusers' `load_image` does: `ImageOps.exif_transpose`, then `convert("RGB")`),
-//! and resampled as PIL resamples 8-bit images.
+//! applied (what diffusers' `load_image` does: `ImageOps.exif_transpose`, then `convert("RGB")`:
+//! alpha dropped, gray and palettes expanded, 16-bit values cut to their high byte; a 16-bit
+//! grayscale PNG, which PIL clips to white, is refused), and resampled as PIL resamples 8-bit
+//! images. JPEG decoding is the `image` crate's, not libjpeg's: its pixels may differ from PIL's
+//! by 1 or 2 levels (IDCT and chroma upsampling).
 //!
 //! Decoding is the `image` crate's (PNG, JPEG). Resampling is not: `image::imageops::resize` computes
 //! in f32, not with PIL's fixed-point rounding, while the pipelines resize with PIL (`Image.resize`,
@@ -111,7 +114,27 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
         e => bad(format!("cannot decode: {e}")),
     })?;
     img.apply_orientation(orientation);
-    let rgb = img.to_rgb8();
+    let rgb = match &img {
+        // PIL opens a 16-bit grayscale PNG as 32-bit integers and clips them at 255 on its way to
+        // RGB: diffusers' `load_image` gives a nearly white picture, which no run should condition on.
+        image::DynamicImage::ImageLuma16(_) => {
+            return Err(bad(
+                "a 16-bit grayscale PNG: diffusers' load_image (PIL) clips its values at 255, which gives a nearly white picture; save it as 8-bit (or as RGB)".into(),
+            ))
+        }
+        // 16-bit color (and gray with alpha): PIL keeps each value's high byte, where the `image`
+        // crate rounds (`v / 257`); the high byte is what the pipelines see.
+        image::DynamicImage::ImageLumaA16(_)
+        | image::DynamicImage::ImageRgb16(_)
+        | image::DynamicImage::ImageRgba16(_) => {
+            let wide = img.to_rgb16();
+            let (w, h) = wide.dimensions();
+            let bytes = wide.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
+            image::RgbImage::from_raw(w, h, bytes)
+                .ok_or_else(|| bad("cannot convert its 16-bit values".into()))?
+        }
+        _ => img.to_rgb8(),
+    };
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {
         return Err(bad("the picture is empty".into()));

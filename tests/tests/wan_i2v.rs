@@ -321,3 +321,45 @@ fn exif_orientation_is_applied() {
     eprintln!("exif6.jpg: mean |diff| {mean:.3} levels against PIL's decode");
     assert!(mean < 2.0, "mean |diff| {mean}");
 }
+
+/// Every pixel format a PNG or JPEG may hold reads as diffusers' `load_image` reads it
+/// (`picture/modes/`, `tests/fixtures/tools/make_picture_fixtures.py`): PNGs byte for byte (alpha
+/// dropped, gray, 1-bit and palettes expanded, 16-bit values cut to their high byte as PIL does),
+/// JPEGs within 2 levels (another decoder); a 16-bit grayscale PNG, which PIL clips to white, is
+/// refused naming the file and key.
+#[test]
+fn every_pixel_format_reads_as_pil_converts_it() {
+    use magcache_layers::picture::load_rgb8;
+    let dir = fixture("picture/modes");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with("want_"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 13, "{names:?}");
+    for n in names {
+        let got = load_rgb8(&dir.join(&n), "run.toml", "inputs.image");
+        if n == "l16.png" {
+            let e = got.err().unwrap().to_string();
+            assert!(
+                e.contains("run.toml") && e.contains("inputs.image") && e.contains("16-bit"),
+                "{e}"
+            );
+            continue;
+        }
+        let got = got.unwrap_or_else(|e| panic!("{n}: {e}"));
+        let want = format!("want_{}.png", n.replace('.', "_"));
+        let want = load_rgb8(&dir.join(want), "run.toml", "inputs.image").unwrap();
+        assert_eq!((got.width, got.height), (want.width, want.height), "{n}");
+        let worst = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        let bound = if n.ends_with(".jpg") { 2 } else { 0 };
+        assert!(worst <= bound, "{n}: {worst} levels from PIL's");
+    }
+}

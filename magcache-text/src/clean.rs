@@ -2,12 +2,13 @@
 //! `basic_clean` = `ftfy.fix_text` (only when ftfy is installed) then `html.unescape` twice and
 //! `strip()`, then `whitespace_clean` = every run of `\s+` becomes one space, then `strip()`.
 //!
-//! **ftfy is not reproduced.** The reference fixtures were produced without ftfy installed (so
-//! diffusers skipped it), and their `cleaned` strings are the truth this module matches. With ftfy
-//! installed, diffusers would additionally fix mojibake (UTF-8 decoded as Latin-1/Windows-1252),
-//! straighten curly quotes, expand Latin ligatures and fold full-width characters (the tokenizer's
-//! NFKC normalizer does these two anyway), normalise line breaks, drop control characters and
-//! terminal escapes, and apply NFC. Prompts free of those produce identical text either way.
+//! **ftfy runs only for image-to-video.** The text-to-video reference fixtures were produced without
+//! ftfy installed (so `WanPipeline` skipped it), and their `cleaned` strings are the truth
+//! [`prompt_clean`] matches. `WanImageToVideoPipeline` calls `ftfy.fix_text` unconditionally:
+//! [`prompt_clean_ftfy`] ([`crate::ftfy`]) first fixes mojibake (UTF-8 decoded as
+//! Latin-1/Windows-1252), straightens curly quotes, expands Latin ligatures, folds full-width
+//! characters, normalises line breaks, drops control characters and terminal escapes, and applies
+//! NFC. Prompts free of those produce identical text either way.
 
 /// `prompt_clean(text)`: HTML-unescape twice, strip, collapse whitespace runs to one space, strip.
 pub fn prompt_clean(text: &str) -> String {
@@ -26,6 +27,12 @@ pub fn prompt_clean(text: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// `WanImageToVideoPipeline`'s `prompt_clean`: [`crate::ftfy::fix_text`] (ftfy always runs there),
+/// then [`prompt_clean`].
+pub fn prompt_clean_ftfy(text: &str) -> magcache_core::Result<String> {
+    Ok(prompt_clean(&crate::ftfy::fix_text(text)?))
 }
 
 /// Python's `str.isspace` (which `\s` in a `str` regex and `str.strip()` use): Unicode `White_Space`

@@ -24,13 +24,14 @@ pub mod chat;
 pub mod clean;
 pub mod clip;
 pub mod flux;
+pub mod ftfy;
 pub mod qwen3;
 pub mod qwen_chat;
 pub mod qwenimage;
 pub mod tokenizer;
 pub mod umt5;
 
-pub use clean::{html_unescape, prompt_clean};
+pub use clean::{html_unescape, prompt_clean, prompt_clean_ftfy};
 pub use clip::{ClipTextEncoder, ClipTextModelConfig, ClipTokenizer};
 pub use flux::{FluxPromptEncoding, FluxTextEncoders};
 pub use qwen3::{Qwen3Config, Qwen3Encoder};
@@ -44,7 +45,7 @@ use std::path::Path;
 
 /// Everything one prompt went through (for tests and traces).
 pub struct WanPromptEncoding {
-    /// The prompt after [`prompt_clean`].
+    /// The prompt after [`WanTextEncoder::clean`].
     pub cleaned: String,
     /// Tokenizer output, padded to `max_len`.
     pub tokens: TokenizedPrompt,
@@ -58,6 +59,8 @@ pub struct WanPromptEncoding {
 pub struct WanTextEncoder {
     tokenizer: WanTokenizer,
     encoder: Option<Umt5Encoder>,
+    /// Run [`ftfy::fix_text`] before [`prompt_clean`] (`WanImageToVideoPipeline` does, always).
+    ftfy: bool,
 }
 
 impl WanTextEncoder {
@@ -96,6 +99,22 @@ impl WanTextEncoder {
         WanTextEncoder {
             tokenizer,
             encoder: Some(encoder),
+            ftfy: false,
+        }
+    }
+
+    /// Cleans prompts as `WanImageToVideoPipeline` does (`on`: [`ftfy::fix_text`], then
+    /// [`prompt_clean`]) or as `WanPipeline` does without ftfy installed (the default).
+    pub fn with_ftfy(mut self, on: bool) -> Self {
+        self.ftfy = on;
+        self
+    }
+
+    /// `prompt` as this encoder cleans it before the tokenizer.
+    pub fn clean(&self, prompt: &str) -> Result<String> {
+        match self.ftfy {
+            true => clean::prompt_clean_ftfy(prompt),
+            false => Ok(prompt_clean(prompt)),
         }
     }
 
@@ -132,7 +151,7 @@ impl WanTextEncoder {
         let encoder = self.encoder.as_ref().ok_or_else(|| {
             Error::msg("text encoder: the UMT5 weights were released; load the encoder again to encode prompts")
         })?;
-        let cleaned = prompt_clean(prompt);
+        let cleaned = self.clean(prompt)?;
         let tokens = self.tokenizer.encode(&cleaned, max_len)?;
         let dev = encoder.device();
         let ids = Tensor::from_slice(&tokens.ids, (1, max_len), dev)?;

@@ -363,3 +363,74 @@ fn every_pixel_format_reads_as_pil_converts_it() {
         assert!(worst <= bound, "{n}: {worst} levels from PIL's");
     }
 }
+
+/// `WanImageToVideoPipeline` runs ftfy on every prompt (`prompt_cleaning_cases` of each image
+/// case: curly quotes, ligatures, full-width forms, mojibake, markup, whitespace): the cleaned text
+/// matches, and an image run's encoder cleans curly quotes to straight ones (the same embeddings),
+/// where a text-only run's (`WanPipeline`, no ftfy in the reference) keeps them.
+#[test]
+fn image_runs_clean_prompts_as_ftfy_does() {
+    for case in ["wan21_i2v", "wan22_i2v", "wan22_ti2v"] {
+        let meta = load_json(&format!("pipelines/{case}_pipeline.json"));
+        let cases = meta["prompt_cleaning_cases"].as_array().unwrap();
+        assert!(!cases.is_empty(), "{case}");
+        for c in cases {
+            let got = magcache_text::prompt_clean_ftfy(c["text"].as_str().unwrap()).unwrap();
+            assert_eq!(
+                got,
+                c["cleaned"].as_str().unwrap(),
+                "{case}: {:?}",
+                c["text"]
+            );
+        }
+    }
+    let enc = |ftfy: bool| {
+        magcache_text::WanTextEncoder::load(
+            &fixture("pipelines/wan21_i2v_tokenizer"),
+            &fixture("pipelines/wan21_i2v_text_encoder"),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap()
+        .with_ftfy(ftfy)
+    };
+    let (curly, straight) = (
+        "It\u{2019}s a \u{201c}quiet\u{201d} lake",
+        "It's a \"quiet\" lake",
+    );
+    let e = enc(true);
+    assert_eq!(e.clean(curly).unwrap(), straight);
+    let (a, _) = e.encode(curly, 16).unwrap();
+    let (b, _) = e.encode(straight, 16).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_eq!(enc(false).clean(curly).unwrap(), curly);
+}
+
+/// The image run cleans its prompt with ftfy end to end: the TI2V case's image run with its prompt
+/// wrapped in terminal escapes (which ftfy removes) reproduces the reference's embeddings and
+/// latents; its text-only run (`WanPipeline`, no ftfy) keeps the escapes and does not.
+#[test]
+fn an_image_runs_prompt_goes_through_ftfy() {
+    link_all();
+    let case = "wan22_ti2v";
+    let meta = load_json(&format!("pipelines/{case}_pipeline.json"));
+    let want = load(&format!("pipelines/{case}_pipeline.safetensors"));
+    let prompt = meta["call"]["prompt"].as_str().unwrap();
+    let wrapped = format!("\u{1b}[1m{prompt}\u{1b}[0m");
+    for (name, same) in [("dense", true), ("t2v_dense", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = assemble(dir.path(), &meta);
+        let cfg = dir.path().join("run.toml");
+        let text = run_toml(&root, case, &meta, name).replace(&q(prompt), &q(&wrapped));
+        assert!(text.contains("\\u001b"), "{text}");
+        std::fs::write(&cfg, text).unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        let (fin, _) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+        let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
+        let embeds = &extra.iter().find(|(n, _)| n == "prompt_embeds").unwrap().1;
+        let d = max_abs_diff(embeds, &want["prompt_embeds"]);
+        assert_eq!(d <= 1e-4, same, "{name}: prompt_embeds differ by {d}");
+        let d = max_abs_diff(&fin, &want[&format!("{name}.final")]);
+        assert_eq!(d <= 1e-3, same, "{name}: final differs by {d}");
+    }
+}

@@ -140,6 +140,8 @@ pub fn encode(
     root: &Path,
     guidance: bool,
 ) -> Result<Prompted> {
+    // An image conditions the run: `WanImageToVideoPipeline`, whose prompt cleaning runs ftfy.
+    let ftfy = keys.inputs.image.is_some();
     let Some(p) = &cfg.prompt else {
         return Err(Error::msg("internal: a prompted Wan run without [prompt]"));
     };
@@ -151,9 +153,12 @@ pub fn encode(
     let stage = Stage::begin("encode text");
     let (dev, dt) = (&placement.device, placement.dtype);
     let neg = guidance.then(|| p.negative.as_deref().unwrap_or(""));
-    let key = format!("wan {:?}", (root, dt, dev, streamed, max_len, &p.text, neg));
+    let key = format!(
+        "wan {:?}",
+        (root, dt, dev, streamed, max_len, &p.text, neg, ftfy)
+    );
     let ((prompt_embeds, negative_prompt_embeds), _) = warm::prompt_pair(key, || {
-        let enc = WanTextEncoder::load_pipeline_with(root, dev, dt, streamed)?;
+        let enc = WanTextEncoder::load_pipeline_with(root, dev, dt, streamed)?.with_ftfy(ftfy);
         let (pos, _) = enc.encode(&p.text, max_len)?;
         let neg = neg.map(|n| enc.encode(n, max_len)).transpose()?;
         Ok(((pos, neg.map(|n| n.0)), String::new()))

@@ -1,5 +1,5 @@
-//! `toy-magcache`: the whole `magcache` runner (`run`, `compare`, `plan`, `calibrate`, `list`,
-//! `export`) for the toy family, from a model crate outside the library.
+//! `toy-magcache`: the whole `magcache` runner (`run`, `compare`, `plan`, `calibrate`, `tune`,
+//! `serve`, `list`, `export`) for the toy family, from a model crate outside the library.
 
 fn main() -> std::process::ExitCode {
     toy_model::link();

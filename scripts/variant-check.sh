@@ -25,6 +25,8 @@ gen() { echo "== $*" >&2; (cd "$tools" && "$py" "$@") > "$out/$(basename "$1" .p
 gen make_reference_fixtures.py "$out/reference" --seed 17 --shape layers=4,heads=3,frames=2,h=10,w=6,text=9
 gen make_lora_fixtures.py --heldout --variant-file "$spec/lora_variant.json" --out "$out/lora" --reference-dir "$out/reference"
 gen make_gguf_fixtures.py --heldout --variant-file "$spec/gguf_variant.json" --out "$out/gguf" --reference-dir "$out/reference"
+mkdir -p "$out/trained"
+gen make_digits_distilled_fixtures.py "$out/trained" --seed 7 --classes 3,1,4,1,5,9,2 --with-uncond
 gen make_wan_pipeline_fixtures.py "$out/wan" --seed 6 --variant heldout --variant-file "$spec/wan_variant.json" --reference-dir "$out/reference"
 cp "$spec/i2v_variant.json" "$out/i2v/"
 gen make_wan_i2v_fixtures.py "$out/i2v" --seed 4 --variant heldout

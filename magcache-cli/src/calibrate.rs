@@ -221,10 +221,16 @@ pub fn blocks_text(stats: &[BlockStat]) -> String {
 }
 
 /// What identifies the model a profile was measured on: the preset and seed, or an FNV-1a
-/// fingerprint of the weight files (sizes, first and last 64 KiB).
+/// fingerprint of the weight files (safetensors and GGUF: sizes, first and last 64 KiB), with the
+/// run file's `[model.overrides]` where it sets any.
 pub fn fingerprint(cfg: &RunConfig, base: &Path) -> String {
+    // Sizes set in the run file make another model of the same files or preset.
+    let overrides = match &cfg.model.overrides {
+        Some(t) if !t.is_empty() => format!(" overrides {{{}}}", inline(t)),
+        _ => String::new(),
+    };
     if let Some(p) = &cfg.model.preset {
-        return format!("preset {p} seed {}", cfg.model.seed);
+        return format!("preset {p} seed {}{overrides}", cfg.model.seed);
     }
     let mut files: Vec<PathBuf> = Vec::new();
     for w in cfg
@@ -234,7 +240,7 @@ pub fn fingerprint(cfg: &RunConfig, base: &Path) -> String {
         .map(|w| w.paths())
         .unwrap_or_default()
     {
-        collect_safetensors(&base.join(w), 2, &mut files);
+        collect_weight_files(&base.join(w), 2, &mut files);
     }
     files.sort();
     let mut h: u64 = 0xcbf29ce484222325;
@@ -265,18 +271,34 @@ pub fn fingerprint(cfg: &RunConfig, base: &Path) -> String {
             feed(&tail);
         }
     }
-    format!("weights fnv64:{h:016x} ({} files)", files.len())
+    match files.len() {
+        0 => format!("family {}, no weight files{overrides}", cfg.model.family),
+        n => format!("weights fnv64:{h:016x} ({n} files){overrides}"),
+    }
 }
 
-fn collect_safetensors(p: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+/// `t` as one line of `key = value` pairs in key order.
+fn inline(t: &toml::Table) -> String {
+    let mut keys: Vec<&String> = t.keys().collect();
+    keys.sort();
+    keys.iter()
+        .map(|k| format!("{k} = {}", t[*k]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn collect_weight_files(p: &Path, depth: usize, out: &mut Vec<PathBuf>) {
     if p.is_file() {
-        if p.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("safetensors" | "gguf")
+        ) {
             out.push(p.to_path_buf());
         }
     } else if p.is_dir() && depth > 0 {
         if let Ok(rd) = std::fs::read_dir(p) {
             for e in rd.flatten() {
-                collect_safetensors(&e.path(), depth - 1, out);
+                collect_weight_files(&e.path(), depth - 1, out);
             }
         }
     }

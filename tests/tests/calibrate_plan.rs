@@ -277,3 +277,30 @@ fn plan_says_data_driven_strategies_decide_at_run_time() {
     assert!(plan.calls.iter().all(|c| c.computed.is_none()));
     assert!(magcache_cli::plan_text(&plan).contains("decides from the data"));
 }
+
+/// A profile names what it was measured on: two GGUF files of one model are told apart (not "0
+/// files"), and sizes the run file overrides are part of it, for presets too.
+#[test]
+fn the_profiles_model_names_gguf_files_and_overrides() {
+    let cfg = |model: &str| {
+        let text = format!("[model]\nfamily = \"wan2.1\"\n{model}\n[sampling]\nsteps = 2\n");
+        magcache_core::runtime::config::RunConfig::parse(&text, "run.toml").unwrap()
+    };
+    let base = fixture("gguf");
+    let q8 = magcache_cli::fingerprint(&cfg("weights = \"wan21_tiny-Q8_0.gguf\""), &base);
+    let q4 = magcache_cli::fingerprint(&cfg("weights = \"wan21_tiny-Q4_0.gguf\""), &base);
+    assert!(
+        q8.starts_with("weights fnv64:") && q8.contains("(1 files)"),
+        "{q8}"
+    );
+    assert_ne!(q8, q4);
+    let preset = "preset = \"wan2.1-t2v-1.3b\"";
+    let full = magcache_cli::fingerprint(&cfg(preset), &base);
+    let shrunk = cfg(&format!("{preset}\n[model.overrides]\nnum_layers = 1"));
+    let shrunk = magcache_cli::fingerprint(&shrunk, &base);
+    assert_eq!(full, "preset wan2.1-t2v-1.3b seed 0");
+    assert_eq!(
+        shrunk,
+        "preset wan2.1-t2v-1.3b seed 0 overrides {num_layers = 1}"
+    );
+}

@@ -219,9 +219,11 @@ fn write_gguf_all(
             .iter()
             .map(|(n, s, _)| (n.clone(), s.clone()))
             .collect();
+        let config = serde_json::Value::Object(m.config.clone()).to_string();
         let n = magcache_layers::weights::gguf::write_gguf(
             &path,
             arch,
+            Some(&config),
             &list,
             quant,
             &|name, shape| (m.generate)(name, shape),

@@ -114,27 +114,7 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
         e => bad(format!("cannot decode: {e}")),
     })?;
     img.apply_orientation(orientation);
-    let rgb = match &img {
-        // PIL opens a 16-bit grayscale PNG as 32-bit integers and clips them at 255 on its way to
-        // RGB: diffusers' `load_image` gives a nearly white picture, which no run should condition on.
-        image::DynamicImage::ImageLuma16(_) => {
-            return Err(bad(
-                "a 16-bit grayscale PNG: diffusers' load_image (PIL) clips its values at 255, which gives a nearly white picture; save it as 8-bit (or as RGB)".into(),
-            ))
-        }
-        // 16-bit color (and gray with alpha): PIL keeps each value's high byte, where the `image`
-        // crate rounds (`v / 257`); the high byte is what the pipelines see.
-        image::DynamicImage::ImageLumaA16(_)
-        | image::DynamicImage::ImageRgb16(_)
-        | image::DynamicImage::ImageRgba16(_) => {
-            let wide = img.to_rgb16();
-            let (w, h) = wide.dimensions();
-            let bytes = wide.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
-            image::RgbImage::from_raw(w, h, bytes)
-                .ok_or_else(|| bad("cannot convert its 16-bit values".into()))?
-        }
-        _ => img.to_rgb8(),
-    };
+    let rgb = as_pil_rgb8(&img).map_err(bad)?;
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {
         return Err(bad("the picture is empty".into()));
@@ -144,6 +124,28 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
         height: h as usize,
         data: rgb.into_raw(),
     })
+}
+
+/// A decoded picture as PIL's `convert("RGB")` gives it: 16-bit values cut to their high byte
+/// (PIL keeps it, where the `image` crate rounds, `v / 257`), alpha dropped, gray expanded; a
+/// 16-bit grayscale picture is refused (why, as the error): PIL opens it as 32-bit integers and
+/// clips them at 255, so diffusers' `load_image` gives a nearly white picture, which no run should
+/// condition on.
+fn as_pil_rgb8(img: &image::DynamicImage) -> std::result::Result<image::RgbImage, String> {
+    match img {
+        image::DynamicImage::ImageLuma16(_) => Err(
+            "a 16-bit grayscale PNG: diffusers' load_image (PIL) clips its values at 255, which gives a nearly white picture; save it as 8-bit (or as RGB)".into(),
+        ),
+        image::DynamicImage::ImageLumaA16(_)
+        | image::DynamicImage::ImageRgb16(_)
+        | image::DynamicImage::ImageRgba16(_) => {
+            let wide = img.to_rgb16();
+            let (w, h) = wide.dimensions();
+            let bytes = wide.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
+            image::RgbImage::from_raw(w, h, bytes).ok_or_else(|| "cannot convert its 16-bit values".into())
+        }
+        _ => Ok(img.to_rgb8()),
+    }
 }
 
 /// PIL's resampling filters used by the pipelines.

@@ -285,9 +285,9 @@ fn export_writes_the_lora_merged_model() {
     assert_eq!(max_abs_diff(&with_lora, &exported), 0.0);
 }
 
-/// `export --gguf q8_0` writes a GGUF file per transformer that loads (config inferred from the
-/// shapes, heads from the overrides) and runs close to the preset it was written from, in a
-/// quarter of the f32 bytes.
+/// `export --gguf q8_0` writes a GGUF file per transformer that loads (its config embedded, so the
+/// heads need no overrides; overrides giving the same ones change nothing) and runs close to the
+/// preset it was written from, in a quarter of the f32 bytes.
 #[test]
 fn a_preset_exports_as_gguf_and_runs_close_to_it() {
     magcache_tests::link_all();
@@ -317,6 +317,15 @@ fn a_preset_exports_as_gguf_and_runs_close_to_it() {
         "",
     ) + "[model.overrides]\nnum_attention_heads = 2\nattention_head_dim = 32\n";
     let (gguf_final, _) = run_toml(dir.path(), &run);
+    // The file carries its config (`magcache.config`): no overrides needed for its heads.
+    let bare = weights_toml(
+        &text,
+        "wan2.1-t2v-1.3b",
+        "\"q8/diffusion_pytorch_model-Q8_0.gguf\"",
+        "",
+    );
+    let (bare_final, _) = run_toml(dir.path(), &bare);
+    assert_eq!(max_abs_diff(&bare_final, &gguf_final), 0.0);
     let d = max_abs_diff(&preset_final, &gguf_final);
     let scale = magcache_tests::max_abs(&preset_final);
     // Q8_0 weights and QMatMul's 8-bit activations on a random-weight model: 2.7 % of the largest

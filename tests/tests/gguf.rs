@@ -163,3 +163,20 @@ fn quantized_linear_weights_are_handed_out_quantized() {
     );
     assert!(!quantized.is_empty(), "no linear weight stayed quantized");
 }
+
+/// A GGUF file without a config (city96's) whose width is no multiple of the released head size is
+/// refused naming the tensor and the overrides that give the heads, not run with a wrong head count.
+#[test]
+fn a_width_the_head_size_does_not_divide_asks_for_the_heads() {
+    let file = fixture("gguf/wan21_tiny-Q8_0.gguf");
+    let header = magcache_layers::weights::gguf::gguf_header(&file).unwrap();
+    assert!(header.config.is_none());
+    let e = magcache_models::wan::load::load_wan(&file, None, &serde_json::Map::new(), "run.toml")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("patch_embedding.weight") && e.contains("attention_head_dim"),
+        "{e}"
+    );
+}

@@ -381,7 +381,7 @@ fn shape_of(h: &Header, name: &str, ne: &[usize], shown: &str) -> Result<Vec<usi
 
 /// A GGUF file's `general.architecture` and its tensors' names (without a `model.diffusion_model.`
 /// prefix) and shapes, from the header alone (no tensor data is read: `plan` and the size guard).
-pub fn gguf_header(path: &Path) -> Result<(Option<String>, Vec<super::TensorShape>)> {
+pub fn gguf_header(path: &Path) -> Result<GgufHeader> {
     let shown = path.display().to_string();
     if let Some(why) = magcache_core::error::not_a_file(path) {
         return Err(Error::weights(&shown, "(file)", why));
@@ -395,7 +395,35 @@ pub fn gguf_header(path: &Path) -> Result<(Option<String>, Vec<super::TensorShap
         out.push((key.to_string(), shape));
     }
     out.sort();
-    Ok((architecture(&h, &shown)?, out))
+    let config = match h.metadata.get(CONFIG_KEY) {
+        None => None,
+        Some(Meta::Str(s)) => Some(s.clone()),
+        Some(_) => {
+            return Err(Error::weights(
+                &shown,
+                CONFIG_KEY,
+                "is not a string (the transformer's config.json, as `magcache export --gguf` writes it)",
+            ))
+        }
+    };
+    Ok(GgufHeader {
+        architecture: architecture(&h, &shown)?,
+        tensors: out,
+        config,
+    })
+}
+
+/// The metadata key under which `magcache export --gguf` stores the transformer's `config.json`
+/// (a JSON string): sizes a GGUF file's shapes cannot tell (the heads) come back with the file.
+/// city96's files have none; their config is inferred from the shapes.
+pub const CONFIG_KEY: &str = "magcache.config";
+
+/// What [`gguf_header`] reads: the architecture, each tensor's torch-order shape (names without
+/// `model.diffusion_model.`, sorted) and the embedded `config.json` ([`CONFIG_KEY`]), if any.
+pub struct GgufHeader {
+    pub architecture: Option<String>,
+    pub tensors: Vec<super::TensorShape>,
+    pub config: Option<String>,
 }
 
 /// What candle's quantized matmul adds to a held GGUF checkpoint on this CPU: the weights it

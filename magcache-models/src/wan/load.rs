@@ -162,18 +162,29 @@ pub fn read_wan_config(
 ) -> Result<WanConfig> {
     if config.is_none() && magcache_layers::weights::gguf::is_gguf(weights) {
         // A GGUF file has no config: inferred from the header's shapes.
-        let (arch, tensors) = magcache_layers::weights::gguf::gguf_header(weights)?;
+        let header = magcache_layers::weights::gguf::gguf_header(weights)?;
         magcache_layers::weights::gguf::check_architecture(
             weights,
-            arch.as_deref(),
+            header.architecture.as_deref(),
             "wan",
             "wan2.1/wan2.2",
         )?;
-        let shapes = tensors
+        let shown = weights.display().to_string();
+        if let Some(text) = &header.config {
+            // Written by `magcache export --gguf`: the exported model's own config.
+            let embedded = format!("{shown} ({})", magcache_layers::weights::gguf::CONFIG_KEY);
+            let json: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                Error::config(&embedded, "(document)", format!("invalid JSON: {e}"))
+            })?;
+            let base = WanConfig::from_json(&json, &embedded)?;
+            let obj = magcache_layers::config_util::to_map(&base, "WanTransformer3DModel")?;
+            return WanConfig::from_map(obj, cfg_file, overrides);
+        }
+        let shapes = header
+            .tensors
             .into_iter()
             .map(|(k, s)| (original_to_diffusers(&k), s))
             .collect();
-        let shown = weights.display().to_string();
         let obj = infer_wan_config(&shapes, &shown, overrides)?;
         // The inferred sizes checked as the file's (a zero dimension in its header is the file's
         // fault, not the run file's), then the run file's overrides over them.
@@ -282,17 +293,8 @@ fn load_wan_gguf(
     if layout == WanLayout::Original {
         store.rename(original_to_diffusers)?;
     }
-    let config = match config {
-        Some(c) => read_wan_config(weights, Some(c), overrides, cfg_file)?,
-        None => {
-            let shapes = store
-                .keys()
-                .filter_map(|k| Some((k.clone(), store.shape(k)?)))
-                .collect();
-            let obj = infer_wan_config(&shapes, &store.origin, overrides)?;
-            WanConfig::from_map(obj, cfg_file, overrides)?
-        }
-    };
+    // A given config.json, else the one `magcache export --gguf` embeds, else the shapes'.
+    let config = read_wan_config(weights, config, overrides, cfg_file)?;
     Ok(LoadedWan {
         config,
         store,
@@ -373,6 +375,13 @@ pub fn infer_wan_config(
     let cols = |k: &str| -> Result<usize> { Ok(dims(k)?.get(1).copied().unwrap_or(0)) };
     let patch = pt * ph * pw;
     let (heads, head) = magcache_layers::config_util::inferred_heads(*d, overrides);
+    if heads * head != *d {
+        return Err(Error::weights(
+            origin,
+            "patch_embedding.weight",
+            format!("gives the width {d}, not a multiple of the head size {head} a file without a config is read with (every released Wan's): set [model.overrides] attention_head_dim and num_attention_heads (a config.json beside it, or `config = \"...\"`, gives them too)"),
+        ));
+    }
     let num_layers = (0..)
         .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
         .count();

@@ -51,12 +51,39 @@ fn written_type(shape: &[usize], quant: GgmlDType) -> GgmlDType {
     }
 }
 
+/// A GGUF (version 3) file's start: magic, counts, and its metadata (architecture, quantization
+/// version, the config where given).
+fn metadata(arch: &str, config: Option<&str>, tensors: usize) -> Vec<u8> {
+    let string = |v: &mut Vec<u8>, s: &str| {
+        v.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        v.extend_from_slice(s.as_bytes());
+    };
+    let mut v = b"GGUF".to_vec();
+    v.extend_from_slice(&3u32.to_le_bytes());
+    v.extend_from_slice(&(tensors as u64).to_le_bytes());
+    v.extend_from_slice(&(2 + config.is_some() as u64).to_le_bytes());
+    string(&mut v, "general.architecture");
+    v.extend_from_slice(&8u32.to_le_bytes());
+    string(&mut v, arch);
+    string(&mut v, "general.quantization_version");
+    v.extend_from_slice(&4u32.to_le_bytes());
+    v.extend_from_slice(&2u32.to_le_bytes());
+    if let Some(c) = config {
+        string(&mut v, super::CONFIG_KEY);
+        v.extend_from_slice(&8u32.to_le_bytes());
+        string(&mut v, c);
+    }
+    v
+}
+
 /// Writes `tensors` (names and torch-order shapes; values from `generate`, one tensor at a time,
-/// never all held) as a GGUF file of architecture `arch` quantized to `quant`. Returns the bytes
-/// written. `progress` gets a line every few GB.
+/// never all held) as a GGUF file of architecture `arch` quantized to `quant`, with the
+/// transformer's `config.json` text under [`super::CONFIG_KEY`] where `config` is given. Returns
+/// the bytes written. `progress` gets a line every few GB.
 pub fn write_gguf(
     path: &Path,
     arch: &str,
+    config: Option<&str>,
     tensors: &[(String, Vec<usize>)],
     quant: GgmlDType,
     generate: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
@@ -81,16 +108,7 @@ pub fn write_gguf(
         v.extend_from_slice(s.as_bytes());
         v
     };
-    put(&mut w, b"GGUF")?;
-    put(&mut w, &3u32.to_le_bytes())?;
-    put(&mut w, &(tensors.len() as u64).to_le_bytes())?;
-    put(&mut w, &2u64.to_le_bytes())?;
-    put(&mut w, &string("general.architecture"))?;
-    put(&mut w, &8u32.to_le_bytes())?;
-    put(&mut w, &string(arch))?;
-    put(&mut w, &string("general.quantization_version"))?;
-    put(&mut w, &4u32.to_le_bytes())?;
-    put(&mut w, &2u32.to_le_bytes())?;
+    put(&mut w, &metadata(arch, config, tensors.len()))?;
     let mut offset = 0u64;
     let mut plan = Vec::with_capacity(tensors.len());
     for (name, shape) in tensors {

@@ -50,8 +50,9 @@ pub enum Format {
     /// tokenizer and scheduler files (`scripts/real-size-pipeline.sh` adds them).
     Pipeline { shard_bytes: u64 },
     /// One GGUF file per transformer (`diffusion_pytorch_model-Q8_0.gguf`), matrices in `quant`
-    /// (`q8_0`, `q4_k`, ...) by city96's rules, diffusers tensor names, no config (the loader infers
-    /// it from the shapes).
+    /// (`q8_0`, `q4_k`, ...) by city96's rules, diffusers tensor names, the transformer's
+    /// `config.json` as metadata `magcache.config` (which the loader reads instead of inferring
+    /// the config from the shapes).
     Gguf { quant: String },
 }
 

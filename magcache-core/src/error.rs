@@ -113,7 +113,13 @@ fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
 /// `FILE: tensor `T`: MSG`, with `T` called a key when it is file metadata and left out when it
 /// is the file itself.
 fn weights_line(file: &str, tensor: &str, msg: &str) -> String {
-    let metadata = ["general.", "comfy.gguf.", "__metadata__", "weight_map"];
+    let metadata = [
+        "general.",
+        "comfy.gguf.",
+        "magcache.",
+        "__metadata__",
+        "weight_map",
+    ];
     if tensor == "(file)" {
         format!("{file}: {msg}")
     } else if tensor.starts_with('(') {

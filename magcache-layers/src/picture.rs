@@ -66,6 +66,12 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
         }
         None => return Err(bad("not a PNG or JPEG picture".into())),
     }
+    // IHDR, the first chunk: bit depth at byte 24, colour type at 25. A 16-bit grayscale PNG
+    // with a transparent colour (tRNS) decodes as gray and alpha here, but PIL still opens it as
+    // 32-bit integers: refused as the plain one is ([`as_pil_rgb8`]).
+    if reader.format() == Some(image::ImageFormat::Png) && bytes.get(24..26) == Some(&[16, 0]) {
+        return Err(bad(GRAY16.into()));
+    }
     if reader.format() == Some(image::ImageFormat::Jpeg) {
         // The JPEG decoder fills what is missing with gray: a cut file, or a header claiming more
         // than the data holds, would condition the run on a picture that is not the user's.
@@ -126,6 +132,9 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
     })
 }
 
+/// Why a 16-bit grayscale PNG is refused.
+const GRAY16: &str = "a 16-bit grayscale PNG: diffusers' load_image (PIL) clips its values at 255, which gives a nearly white picture; save it as 8-bit (or as RGB)";
+
 /// A decoded picture as PIL's `convert("RGB")` gives it: 16-bit values cut to their high byte
 /// (PIL keeps it, where the `image` crate rounds, `v / 257`), alpha dropped, gray expanded; a
 /// 16-bit grayscale picture is refused (why, as the error): PIL opens it as 32-bit integers and
@@ -133,16 +142,19 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
 /// condition on.
 fn as_pil_rgb8(img: &image::DynamicImage) -> std::result::Result<image::RgbImage, String> {
     match img {
-        image::DynamicImage::ImageLuma16(_) => Err(
-            "a 16-bit grayscale PNG: diffusers' load_image (PIL) clips its values at 255, which gives a nearly white picture; save it as 8-bit (or as RGB)".into(),
-        ),
+        image::DynamicImage::ImageLuma16(_) => Err(GRAY16.into()),
         image::DynamicImage::ImageLumaA16(_)
         | image::DynamicImage::ImageRgb16(_)
         | image::DynamicImage::ImageRgba16(_) => {
             let wide = img.to_rgb16();
             let (w, h) = wide.dimensions();
-            let bytes = wide.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
-            image::RgbImage::from_raw(w, h, bytes).ok_or_else(|| "cannot convert its 16-bit values".into())
+            let bytes = wide
+                .into_raw()
+                .into_iter()
+                .map(|v| (v >> 8) as u8)
+                .collect();
+            image::RgbImage::from_raw(w, h, bytes)
+                .ok_or_else(|| "cannot convert its 16-bit values".into())
         }
         _ => Ok(img.to_rgb8()),
     }

@@ -2,13 +2,15 @@
 //! `basic_clean` = `ftfy.fix_text` (only when ftfy is installed) then `html.unescape` twice and
 //! `strip()`, then `whitespace_clean` = every run of `\s+` becomes one space, then `strip()`.
 //!
-//! **ftfy runs only for image-to-video.** The text-to-video reference fixtures were produced without
-//! ftfy installed (so `WanPipeline` skipped it), and their `cleaned` strings are the truth
-//! [`prompt_clean`] matches. `WanImageToVideoPipeline` calls `ftfy.fix_text` unconditionally:
+//! **ftfy runs only for image-to-video: a choice.** `WanPipeline` runs ftfy where it is installed
+//! (and any environment that runs `WanImageToVideoPipeline` has it); the text-to-video reference
+//! (`wan_pipeline.*`) was produced without it, and its `cleaned` strings are the truth
+//! [`prompt_clean`] matches, so text-only runs clean as a `WanPipeline` without ftfy does. `WanImageToVideoPipeline` calls `ftfy.fix_text` unconditionally:
 //! [`prompt_clean_ftfy`] ([`crate::ftfy`]) first fixes mojibake (UTF-8 decoded as
 //! Latin-1/Windows-1252), straightens curly quotes, expands Latin ligatures, folds full-width
 //! characters, normalises line breaks, drops control characters and terminal escapes, and applies
-//! NFC. Prompts free of those produce identical text either way.
+//! NFC, and unescapes upper-case entities (`&EACUTE;`) that `html.unescape` leaves. Prompts free of
+//! those produce identical text either way.
 
 /// `prompt_clean(text)`: HTML-unescape twice, strip, collapse whitespace runs to one space, strip.
 pub fn prompt_clean(text: &str) -> String {

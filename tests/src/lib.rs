@@ -38,6 +38,8 @@ pub fn fixture(rel: &str) -> PathBuf {
         if p.exists() {
             return p;
         }
+        // Shown with a failing test's output: which files a variant set did not replace.
+        eprintln!("fixture {rel}: not in MAGCACHE_TEST_FIXTURES, the committed one");
     }
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")

@@ -35,11 +35,13 @@ pub fn q(s: &str) -> String {
 /// panics where there is none, so that a test never edits a line it did not find.
 pub fn set_key(text: &str, key: &str, value: &str) -> String {
     let prefix = format!("{key} = ");
-    let line = text
-        .lines()
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let line = lines
+        .iter_mut()
         .find(|l| l.starts_with(&prefix))
         .unwrap_or_else(|| panic!("no `{key}` line in\n{text}"));
-    text.replacen(line, &format!("{prefix}{value}"), 1)
+    *line = format!("{prefix}{value}");
+    lines.join("\n") + if text.ends_with('\n') { "\n" } else { "" }
 }
 
 /// The contract's run file for reference run `name` of `case` (`guidance_scale` is the call's

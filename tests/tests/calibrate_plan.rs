@@ -286,18 +286,36 @@ fn the_profiles_model_names_gguf_files_and_overrides() {
         let text = format!("[model]\nfamily = \"wan2.1\"\n{model}\n[sampling]\nsteps = 2\n");
         magcache_core::runtime::config::RunConfig::parse(&text, "run.toml").unwrap()
     };
-    let base = fixture("gguf");
-    let q8 = magcache_cli::fingerprint(&cfg("weights = \"wan21_tiny-Q8_0.gguf\""), &base);
-    let q4 = magcache_cli::fingerprint(&cfg("weights = \"wan21_tiny-Q4_0.gguf\""), &base);
+    // Two of the GGUF fixtures' files, whatever their quant types.
+    let meta = load_json("gguf/gguf_loop.json");
+    let mut files: Vec<&str> = meta["runs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|r| r["file"].as_str())
+        .filter(|f| f.starts_with("wan21"))
+        .collect();
+    files.sort();
+    files.dedup();
+    assert!(files.len() >= 2, "{files:?}");
+    let weights = |f: &str| {
+        format!(
+            "weights = {:?}",
+            fixture(&format!("gguf/{f}")).display().to_string()
+        )
+    };
+    let base = std::path::Path::new("/");
+    let q8 = magcache_cli::fingerprint(&cfg(&weights(files[0])), base);
+    let q4 = magcache_cli::fingerprint(&cfg(&weights(files[1])), base);
     assert!(
         q8.starts_with("weights fnv64:") && q8.contains("(1 files)"),
         "{q8}"
     );
     assert_ne!(q8, q4);
     let preset = "preset = \"wan2.1-t2v-1.3b\"";
-    let full = magcache_cli::fingerprint(&cfg(preset), &base);
+    let full = magcache_cli::fingerprint(&cfg(preset), base);
     let shrunk = cfg(&format!("{preset}\n[model.overrides]\nnum_layers = 1"));
-    let shrunk = magcache_cli::fingerprint(&shrunk, &base);
+    let shrunk = magcache_cli::fingerprint(&shrunk, base);
     assert_eq!(full, "preset wan2.1-t2v-1.3b seed 0");
     assert_eq!(
         shrunk,

@@ -326,6 +326,25 @@ fn a_preset_exports_as_gguf_and_runs_close_to_it() {
     );
     let (bare_final, _) = run_toml(dir.path(), &bare);
     assert_eq!(max_abs_diff(&bare_final, &gguf_final), 0.0);
+    // An embedded config that disagrees with the file's blocks is named as the metadata's.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let key = b"\"num_layers\":";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    bytes[at] = if bytes[at] == b'9' {
+        b'8'
+    } else {
+        bytes[at] + 1
+    };
+    let tampered = dir.path().join("tampered.gguf");
+    std::fs::write(&tampered, bytes).unwrap();
+    let e = magcache_models::wan::load::load_wan(&tampered, None, &Default::default(), "run.toml")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("magcache.config") && e.contains("num_layers") && e.contains("blocks"),
+        "{e}"
+    );
     let d = max_abs_diff(&preset_final, &gguf_final);
     let scale = magcache_tests::max_abs(&preset_final);
     // Q8_0 weights and QMatMul's 8-bit activations on a random-weight model: 2.7 % of the largest

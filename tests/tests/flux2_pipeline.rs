@@ -4,7 +4,7 @@
 //! contract's `[prompt]` run through the runner (chat template, Qwen3, transformer under FLUX.2's
 //! schedule, distilled or with CFG, cache decisions, AutoencoderKLFlux2 decode).
 
-use magcache_tests::prompted::{check_calibration, q as toml_str};
+use magcache_tests::prompted::{check_calibration, q as toml_str, set_key};
 use magcache_tests::{fixture, link_all, load, max_abs_diff};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -234,10 +234,9 @@ fn sizes_round_down_to_the_packing_as_the_pipeline_does() {
     let (_dir, cfg, meta) = setup("flux2_klein_pipeline", "dense", "f32");
     let (h, w) = (&meta["call"]["height"], &meta["call"]["width"]);
     let (h, w) = (h.as_u64().unwrap(), w.as_u64().unwrap());
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(&format!("height = {h}"), &format!("height = {}", h + 8))
-        .replace(&format!("width = {w}"), &format!("width = {}", w + 8));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = set_key(&text, "height", &(h + 8).to_string());
+    let text = set_key(&text, "width", &(w + 8).to_string());
     std::fs::write(&cfg, text).unwrap();
     let want = load("pipelines/flux2_klein_pipeline.safetensors");
     let mut p = magcache_cli::prepare(&cfg).unwrap();

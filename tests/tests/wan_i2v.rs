@@ -325,8 +325,8 @@ fn exif_orientation_is_applied() {
 /// Every pixel format a PNG or JPEG may hold reads as diffusers' `load_image` reads it
 /// (`picture/modes/`, `tests/fixtures/tools/make_picture_fixtures.py`): PNGs byte for byte (alpha
 /// dropped, gray, 1-bit and palettes expanded, 16-bit values cut to their high byte as PIL does),
-/// JPEGs within 2 levels (another decoder); a 16-bit grayscale PNG, which PIL clips to white, is
-/// refused naming the file and key.
+/// JPEGs within 2 levels (another decoder); a 16-bit grayscale PNG (with a transparent colour or
+/// not), which PIL clips to white, is refused naming the file and key.
 #[test]
 fn every_pixel_format_reads_as_pil_converts_it() {
     use magcache_layers::picture::load_rgb8;
@@ -337,10 +337,10 @@ fn every_pixel_format_reads_as_pil_converts_it() {
         .filter(|n| !n.starts_with("want_"))
         .collect();
     names.sort();
-    assert!(names.len() >= 13, "{names:?}");
+    assert!(names.len() >= 14, "{names:?}");
     for n in names {
         let got = load_rgb8(&dir.join(&n), "run.toml", "inputs.image");
-        if n == "l16.png" {
+        if n.starts_with("l16") {
             let e = got.err().unwrap().to_string();
             assert!(
                 e.contains("run.toml") && e.contains("inputs.image") && e.contains("16-bit"),
@@ -367,7 +367,8 @@ fn every_pixel_format_reads_as_pil_converts_it() {
 /// `WanImageToVideoPipeline` runs ftfy on every prompt (`prompt_cleaning_cases` of each image
 /// case: curly quotes, ligatures, full-width forms, mojibake, markup, whitespace): the cleaned text
 /// matches, and an image run's encoder cleans curly quotes to straight ones (the same embeddings),
-/// where a text-only run's (`WanPipeline`, no ftfy in the reference) keeps them.
+/// where a text-only run's keeps them (as a `WanPipeline` without ftfy installed: the text-to-video
+/// reference's cleaning, `magcache_text::clean`).
 #[test]
 fn image_runs_clean_prompts_as_ftfy_does() {
     for case in ["wan21_i2v", "wan22_i2v", "wan22_ti2v"] {
@@ -408,7 +409,8 @@ fn image_runs_clean_prompts_as_ftfy_does() {
 
 /// The image run cleans its prompt with ftfy end to end: the TI2V case's image run with its prompt
 /// wrapped in terminal escapes (which ftfy removes) reproduces the reference's embeddings and
-/// latents; its text-only run (`WanPipeline`, no ftfy) keeps the escapes and does not.
+/// latents; its text-only run (cleaned as a `WanPipeline` without ftfy) keeps the escapes and does
+/// not.
 #[test]
 fn an_image_runs_prompt_goes_through_ftfy() {
     link_all();

@@ -170,6 +170,11 @@ pub fn read_wan_config(
             "wan2.1/wan2.2",
         )?;
         let shown = weights.display().to_string();
+        let shapes = header
+            .tensors
+            .into_iter()
+            .map(|(k, s)| (original_to_diffusers(&k), s))
+            .collect();
         if let Some(text) = &header.config {
             // Written by `magcache export --gguf`: the exported model's own config.
             let embedded = format!("{shown} ({})", magcache_layers::weights::gguf::CONFIG_KEY);
@@ -177,14 +182,10 @@ pub fn read_wan_config(
                 Error::config(&embedded, "(document)", format!("invalid JSON: {e}"))
             })?;
             let base = WanConfig::from_json(&json, &embedded)?;
+            embedded_fits(&base, &shapes, &embedded)?;
             let obj = magcache_layers::config_util::to_map(&base, "WanTransformer3DModel")?;
             return WanConfig::from_map(obj, cfg_file, overrides);
         }
-        let shapes = header
-            .tensors
-            .into_iter()
-            .map(|(k, s)| (original_to_diffusers(&k), s))
-            .collect();
         let obj = infer_wan_config(&shapes, &shown, overrides)?;
         // The inferred sizes checked as the file's (a zero dimension in its header is the file's
         // fault, not the run file's), then the run file's overrides over them.
@@ -203,6 +204,41 @@ pub fn read_wan_config(
     }
     let obj = magcache_layers::config_util::to_map(&base, "WanTransformer3DModel")?;
     WanConfig::from_map(obj, cfg_file, overrides)
+}
+
+/// A GGUF file's embedded config against its own tensors: the width and the number of blocks (the
+/// rest is checked tensor by tensor as the weights load), so that a disagreement names the
+/// metadata, not a shape the user has no config.json for.
+fn embedded_fits(
+    c: &WanConfig,
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+    embedded: &str,
+) -> Result<()> {
+    let width = shapes
+        .get("patch_embedding.weight")
+        .and_then(|s| s.first().copied());
+    let blocks = (0..)
+        .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
+        .count();
+    let dim = c.num_attention_heads * c.attention_head_dim;
+    if width != Some(dim) {
+        return Err(Error::config(
+            embedded,
+            "num_attention_heads",
+            format!(
+                "{} x attention_head_dim {} = {dim}, but the file's patch_embedding.weight is {width:?} wide",
+                c.num_attention_heads, c.attention_head_dim
+            ),
+        ));
+    }
+    if blocks != c.num_layers {
+        return Err(Error::config(
+            embedded,
+            "num_layers",
+            format!("{}, but the file holds {blocks} blocks", c.num_layers),
+        ));
+    }
+    Ok(())
 }
 
 /// The first tensor of Wan2.1 I2V's image embedder, `[image_dim]`.

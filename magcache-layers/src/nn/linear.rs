@@ -535,14 +535,7 @@ mod tests {
                     let wt = quantized_weight_on(q.clone(), n, true, compact).unwrap();
                     let y = Linear { wt, bias: None }.forward(&x).unwrap();
                     assert_eq!(y.dims(), &[m, n]);
-                    let d = (&y - &want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let d = super::super::attention::max_abs_diff(&y, &want);
                     assert!(d < 1e-5, "{ty:?} k {k} compact {compact}: {d}");
                 }
             }

@@ -41,7 +41,7 @@ pub fn fix_text(text: &str) -> Result<String> {
         }
     }
     let fixed = std::panic::catch_unwind(|| plsfix::fix_text(&hidden, None))
-        .map_err(|_| Error::msg("prompt.text: cleaning it as ftfy does (plsfix) failed"))?;
+        .map_err(|_| Error::msg("[prompt]: cleaning a prompt as ftfy does (plsfix) failed"))?;
     Ok(match protect {
         true => fixed.replace(AMP_STANDIN, "&"),
         false => fixed,

@@ -180,3 +180,47 @@ fn a_width_the_head_size_does_not_divide_asks_for_the_heads() {
         "{e}"
     );
 }
+
+/// A config-less GGUF file with diffusers tensor names (not city96's original ones) has its config
+/// inferred from those names as they are: the cross-attention norm (diffusers' `norm2`, the
+/// original `norm3`) is seen, and every size is the checkpoint's own.
+#[test]
+fn a_diffusers_named_gguf_without_config_is_read_as_it_is_named() {
+    let src = fixture("reference/wan21_tiny");
+    let want = magcache_models::wan::load::load_wan(&src, None, &Default::default(), "run.toml")
+        .unwrap()
+        .config;
+    assert!(want.cross_attn_norm);
+    let tensors = magcache_tests::load_folder(&src);
+    let mut list: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
+    list.sort();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("diffusers-named.gguf");
+    magcache_layers::weights::gguf::write_gguf(
+        &file,
+        "wan",
+        None,
+        &list,
+        candle_core::quantized::GgmlDType::Q8_0,
+        &|name, _| Ok(tensors[name].clone()),
+        &mut |_| {},
+    )
+    .unwrap();
+    let mut heads = serde_json::Map::new();
+    heads.insert(
+        "num_attention_heads".into(),
+        want.num_attention_heads.into(),
+    );
+    heads.insert("attention_head_dim".into(), want.attention_head_dim.into());
+    let got = magcache_models::wan::load::load_wan(&file, None, &heads, "run.toml")
+        .unwrap()
+        .config;
+    assert_eq!(got.cross_attn_norm, want.cross_attn_norm);
+    assert_eq!(
+        (got.num_layers, got.ffn_dim, got.text_dim, got.freq_dim),
+        (want.num_layers, want.ffn_dim, want.text_dim, want.freq_dim)
+    );
+}

@@ -170,10 +170,20 @@ pub fn read_wan_config(
             "wan2.1/wan2.2",
         )?;
         let shown = weights.display().to_string();
+        // Original names (city96's files) are renamed; diffusers names (an export's) are kept:
+        // the renaming swaps `norm2` and `norm3`, so it must not run on names that are already
+        // diffusers' (the layout test of [`detect_layout`]).
+        let diffusers = header
+            .tensors
+            .iter()
+            .any(|(k, _)| k.starts_with("condition_embedder.") || k.contains(".attn1."));
         let shapes = header
             .tensors
             .into_iter()
-            .map(|(k, s)| (original_to_diffusers(&k), s))
+            .map(|(k, s)| match diffusers {
+                true => (k, s),
+                false => (original_to_diffusers(&k), s),
+            })
             .collect();
         if let Some(text) = &header.config {
             // Written by `magcache export --gguf`: the exported model's own config.

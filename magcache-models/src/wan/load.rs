@@ -15,21 +15,29 @@ pub enum WanLayout {
 
 /// Detects the layout from the tensor names.
 pub fn detect_layout(store: &WeightStore) -> Result<WanLayout> {
-    let has = |p: &str| {
-        store
-            .keys()
-            .any(|k| k.starts_with(p) || k.contains(&format!(".{p}")))
-    };
-    if has("condition_embedder.") || store.keys().any(|k| k.contains(".attn1.")) {
-        Ok(WanLayout::Diffusers)
-    } else if has("time_embedding.") || store.keys().any(|k| k.contains(".self_attn.")) {
-        Ok(WanLayout::Original)
-    } else {
-        Err(Error::weights(
+    let names: Vec<&str> = store.keys().map(String::as_str).collect();
+    layout_of(&names).ok_or_else(|| {
+        Error::weights(
             &store.origin,
             "(layout)",
             "neither diffusers (`condition_embedder.*`, `blocks.N.attn1.*`) nor original Wan (`time_embedding.*`, `blocks.N.self_attn.*`) tensor names",
-        ))
+        )
+    })
+}
+
+/// The layout of these tensor names, if they have one.
+fn layout_of(names: &[&str]) -> Option<WanLayout> {
+    let has = |p: &str| {
+        names
+            .iter()
+            .any(|k| k.starts_with(p) || k.contains(&format!(".{p}")))
+    };
+    if has("condition_embedder.") || names.iter().any(|k| k.contains(".attn1.")) {
+        Some(WanLayout::Diffusers)
+    } else if has("time_embedding.") || names.iter().any(|k| k.contains(".self_attn.")) {
+        Some(WanLayout::Original)
+    } else {
+        None
     }
 }
 
@@ -172,11 +180,9 @@ pub fn read_wan_config(
         let shown = weights.display().to_string();
         // Original names (city96's files) are renamed; diffusers names (an export's) are kept:
         // the renaming swaps `norm2` and `norm3`, so it must not run on names that are already
-        // diffusers' (the layout test of [`detect_layout`]).
-        let diffusers = header
-            .tensors
-            .iter()
-            .any(|(k, _)| k.starts_with("condition_embedder.") || k.contains(".attn1."));
+        // diffusers'.
+        let names: Vec<&str> = header.tensors.iter().map(|(k, _)| k.as_str()).collect();
+        let diffusers = layout_of(&names) == Some(WanLayout::Diffusers);
         let shapes = header
             .tensors
             .into_iter()
@@ -188,13 +194,9 @@ pub fn read_wan_config(
         if let Some(text) = &header.config {
             // Written by `magcache export --gguf`: the exported model's own config.
             let embedded = format!("{shown} ({})", magcache_layers::weights::gguf::CONFIG_KEY);
-            let json: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-                Error::config(&embedded, "(document)", format!("invalid JSON: {e}"))
-            })?;
-            let base = WanConfig::from_json(&json, &embedded)?;
+            let base = config_text(text, &embedded)?;
             embedded_fits(&base, &shapes, &embedded)?;
-            let obj = magcache_layers::config_util::to_map(&base, "WanTransformer3DModel")?;
-            return WanConfig::from_map(obj, cfg_file, overrides);
+            return overridden(base, overrides, cfg_file);
         }
         let obj = infer_wan_config(&shapes, &shown, overrides)?;
         // The inferred sizes checked as the file's (a zero dimension in its header is the file's
@@ -206,14 +208,34 @@ pub fn read_wan_config(
     let cpath = config_path(weights, config)?;
     let cshown = cpath.display().to_string();
     let text = magcache_core::error::read_text(std::path::Path::new(&cpath))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&cshown, "(document)", format!("invalid JSON: {e}")))?;
-    let base = WanConfig::from_json(&json, &cshown)?;
+    overridden(config_text(&text, &cshown)?, overrides, cfg_file)
+}
+
+/// A `config.json`'s text (`shown` names where it came from in errors).
+fn config_text(text: &str, shown: &str) -> Result<WanConfig> {
+    let json: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::config(shown, "(document)", format!("invalid JSON: {e}")))?;
+    WanConfig::from_json(&json, shown)
+}
+
+/// `base` with the run file's `overrides` (errors name `cfg_file`).
+fn overridden(
+    base: WanConfig,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+    cfg_file: &str,
+) -> Result<WanConfig> {
     if overrides.is_empty() {
         return Ok(base);
     }
     let obj = magcache_layers::config_util::to_map(&base, "WanTransformer3DModel")?;
     WanConfig::from_map(obj, cfg_file, overrides)
+}
+
+/// The number of blocks of diffusers-named `shapes` (those before the first missing one).
+fn block_count(shapes: &std::collections::HashMap<String, Vec<usize>>) -> usize {
+    (0..)
+        .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
+        .count()
 }
 
 /// A GGUF file's embedded config against its own tensors: the width and the number of blocks (the
@@ -227,9 +249,7 @@ fn embedded_fits(
     let width = shapes
         .get("patch_embedding.weight")
         .and_then(|s| s.first().copied());
-    let blocks = (0..)
-        .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
-        .count();
+    let blocks = block_count(shapes);
     let dim = c.num_attention_heads * c.attention_head_dim;
     if width != Some(dim) {
         return Err(Error::config(
@@ -428,9 +448,7 @@ pub fn infer_wan_config(
             format!("gives the width {d}, not a multiple of the head size {head} a file without a config is read with (every released Wan's): set [model.overrides] attention_head_dim and num_attention_heads (a config.json beside it, or `config = \"...\"`, gives them too)"),
         ));
     }
-    let num_layers = (0..)
-        .take_while(|i| shapes.contains_key(&format!("blocks.{i}.attn1.to_q.weight")))
-        .count();
+    let num_layers = block_count(shapes);
     same_block_tensors(shapes, num_layers, origin)?;
     let v = serde_json::json!({
         "patch_size": [pt, ph, pw],

@@ -51,13 +51,17 @@ fn written_type(shape: &[usize], quant: GgmlDType) -> GgmlDType {
     }
 }
 
+/// A GGUF string: its length (u64, little-endian), then its bytes.
+fn gguf_string(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
 /// A GGUF (version 3) file's start: magic, counts, and its metadata (architecture, quantization
 /// version, the config where given).
 fn metadata(arch: &str, config: Option<&str>, tensors: usize) -> Vec<u8> {
-    let string = |v: &mut Vec<u8>, s: &str| {
-        v.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        v.extend_from_slice(s.as_bytes());
-    };
+    let string = |v: &mut Vec<u8>, s: &str| v.extend_from_slice(&gguf_string(s));
     let mut v = b"GGUF".to_vec();
     v.extend_from_slice(&3u32.to_le_bytes());
     v.extend_from_slice(&(tensors as u64).to_le_bytes());
@@ -103,11 +107,6 @@ pub fn write_gguf(
         w.pos += b.len() as u64;
         Ok(())
     };
-    let string = |s: &str| -> Vec<u8> {
-        let mut v = (s.len() as u64).to_le_bytes().to_vec();
-        v.extend_from_slice(s.as_bytes());
-        v
-    };
     put(&mut w, &metadata(arch, config, tensors.len()))?;
     let mut offset = 0u64;
     let mut plan = Vec::with_capacity(tensors.len());
@@ -115,7 +114,7 @@ pub fn write_gguf(
         let ty = written_type(shape, quant);
         let elems: usize = shape.iter().product();
         let len = (elems / ty.block_size() * ty.type_size()) as u64;
-        put(&mut w, &string(name))?;
+        put(&mut w, &gguf_string(name))?;
         put(&mut w, &(shape.len() as u32).to_le_bytes())?;
         for d in shape.iter().rev() {
             put(&mut w, &(*d as u64).to_le_bytes())?;

@@ -179,10 +179,85 @@ impl Profile {
                 }
             }
         }
+        self.check_numbers(file)?;
         if let Some(f) = &self.fitted {
             f.check(file)?;
         }
         Ok(())
+    }
+
+    /// Every measured number finite and in its range, and every call index of the forecast tables
+    /// a call of the calibration's `meta.steps` in its order: a profile edited by hand (or
+    /// damaged) is refused naming its table, never read as another schedule.
+    fn check_numbers(&self, file: &str) -> Result<()> {
+        let bad = |key: String, why: String| Err(Error::config(file, key, why));
+        let non_negative = |v: &f64| v.is_finite() && *v >= 0.0;
+        let lists = [("mag_stds", &self.mag_stds), ("cos_dists", &self.cos_dists)]
+            .into_iter()
+            .chain([("block_change", &self.block_change)])
+            .flat_map(|(t, table)| {
+                table
+                    .iter()
+                    .flat_map(move |(e, b)| b.iter().map(move |(b, v)| (format!("{t}.{e}.{b}"), v)))
+            })
+            .chain(self.sigmas.iter().map(|(e, v)| (format!("sigmas.{e}"), v)))
+            .chain([("meta.sigmas".to_string(), &self.meta.sigmas)]);
+        for (key, v) in lists {
+            if let Some(x) = v.iter().find(|x| !non_negative(x)) {
+                return bad(key, format!("{x} is not a finite number, 0 or more"));
+            }
+        }
+        for (e, branches) in &self.forecast_errors {
+            for (b, t) in branches {
+                let key = |table: &str| format!("forecast_errors.{e}.{b}.{table}");
+                let rows = t.reuse.iter().map(|r| (&r[..2], r[2], "reuse"));
+                let rows = rows.chain(t.taylor1.iter().map(|r| (&r[..3], r[3], "taylor1")));
+                for (calls, err, table) in rows {
+                    if let Some(why) = self.calls_problem(calls, true).or_else(|| {
+                        (!non_negative(&err))
+                            .then(|| format!("error {err} is not a finite number, 0 or more"))
+                    }) {
+                        return bad(key(table), format!("row {calls:?}: {why}"));
+                    }
+                }
+                let dots = t.gram.iter().map(|r| (r, "gram"));
+                for (r, table) in dots.chain(t.cross.iter().map(|r| (r, "cross"))) {
+                    let diagonal = table == "gram" && r[0] == r[1];
+                    let why = self.calls_problem(&r[..2], false).or_else(|| {
+                        (!r[2].is_finite() || (diagonal && r[2] < 0.0)).then(|| {
+                            format!(
+                                "dot product {} is not a finite number{}",
+                                r[2],
+                                if diagonal { ", 0 or more" } else { "" }
+                            )
+                        })
+                    });
+                    if let Some(why) = why {
+                        return bad(key(table), format!("row {:?}: {why}", &r[..2]));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Why `calls` (the call indices of a forecast table's row, earliest first) are not calls of
+    /// the calibration: whole numbers below `meta.steps` in order (`strict`: each after the last;
+    /// else not before it).
+    fn calls_problem(&self, calls: &[f64], strict: bool) -> Option<String> {
+        let steps = self.meta.steps as f64;
+        if let Some(c) = calls
+            .iter()
+            .find(|c| !(c.fract() == 0.0 && **c >= 0.0 && **c < steps))
+        {
+            return Some(format!(
+                "{c} is not a call of the calibration (a whole number below meta.steps = {steps})"
+            ));
+        }
+        let ordered = calls
+            .windows(2)
+            .all(|w| if strict { w[0] < w[1] } else { w[0] <= w[1] });
+        (!ordered).then(|| "the calls are not in their order, earliest first".to_string())
     }
 
     /// The ratio curves as strategies use them, with the schedule they were measured on.

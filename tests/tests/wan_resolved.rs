@@ -77,3 +77,57 @@ fn plan_refuses_what_the_build_refuses() {
         "model.weights",
     );
 }
+
+#[test]
+fn a_wan22_folder_missing_the_expert_its_index_names_is_refused() {
+    // A partial download or copy of an A14B folder: `model_index.json` names `transformer_2`, the
+    // folder lacks it. Running the first expert alone would be another model, silently.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pipelines");
+    let (dir, cfg) = example("wan22_i2v_tiny_prompted.toml", |t| t);
+    let folder = dir.path().join("partial");
+    std::fs::create_dir(&folder).unwrap();
+    let whole = fixtures.join("wan22_i2v_folder");
+    for e in std::fs::read_dir(&whole).unwrap() {
+        let name = e.unwrap().file_name();
+        if name != "transformer_2" {
+            std::os::unix::fs::symlink(
+                whole.join(&name).canonicalize().unwrap(),
+                folder.join(&name),
+            )
+            .unwrap();
+        }
+    }
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let weights = text
+        .lines()
+        .find(|l| l.starts_with("weights"))
+        .expect("the example names its folder");
+    std::fs::write(
+        &cfg,
+        text.replace(weights, &format!("weights = \"{}\"", folder.display())),
+    )
+    .unwrap();
+    for (what, e) in [
+        ("plan", magcache_cli::plan(&cfg).err()),
+        ("build", magcache_cli::prepare(&cfg).err()),
+    ] {
+        let e = e
+            .unwrap_or_else(|| panic!("{what}: ran on one expert"))
+            .to_string();
+        assert!(
+            e.contains("model_index.json") && e.contains("transformer_2"),
+            "{what}: {e}"
+        );
+    }
+    // With its second expert the same folder plans.
+    std::os::unix::fs::symlink(
+        whole.join("transformer_2").canonicalize().unwrap(),
+        folder.join("transformer_2"),
+    )
+    .unwrap();
+    assert!(
+        magcache_cli::plan(&cfg).is_ok(),
+        "{:?}",
+        magcache_cli::plan(&cfg).err()
+    );
+}

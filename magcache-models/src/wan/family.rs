@@ -151,10 +151,18 @@ fn wan22_paths(cfg: &RunConfig, file: &str, base: &Path) -> Result<Vec<String>> 
             // Sub-paths stay relative to the run file, like `w` itself (resolved once, later).
             let dir = resolve(base, w);
             let sub = |n: &str| Path::new(w).join(n).display().to_string();
-            match (
-                dir.join("transformer").is_dir(),
-                dir.join("transformer_2").is_dir(),
-            ) {
+            let second = dir.join("transformer_2").is_dir();
+            if !second && dir.join("transformer").is_dir() && declares_second_expert(&dir)? {
+                return Err(Error::config(
+                    dir.join("model_index.json").display().to_string(),
+                    "transformer_2",
+                    format!(
+                        "names a second expert, but {} is not a folder (an incomplete download or copy?)",
+                        dir.join("transformer_2").display()
+                    ),
+                ));
+            }
+            match (dir.join("transformer").is_dir(), second) {
                 (true, true) => vec![sub("transformer"), sub("transformer_2")],
                 (true, false) => vec![sub("transformer")],
                 _ => vec![w.clone()],
@@ -162,4 +170,18 @@ fn wan22_paths(cfg: &RunConfig, file: &str, base: &Path) -> Result<Vec<String>> 
         }
         None => Vec::new(),
     })
+}
+
+/// Whether the `model_index.json` of a pipeline folder (when it has one) declares `transformer_2`
+/// as `[library, class]`: a Wan2.2 A14B folder, whose second expert must then be there (a run on
+/// the first alone would be another model, silently).
+fn declares_second_expert(dir: &Path) -> Result<bool> {
+    let index = dir.join("model_index.json");
+    if !index.is_file() {
+        return Ok(false);
+    }
+    let shown = index.display().to_string();
+    let v: serde_json::Value = serde_json::from_str(&magcache_core::error::read_text(&index)?)
+        .map_err(|e| Error::config(&shown, "(document)", format!("invalid JSON: {e}")))?;
+    Ok(magcache_layers::config_util::component(&v, &shown, "transformer_2")?.is_some())
 }

@@ -101,10 +101,17 @@ pub(crate) fn unregister(tmp: &Path) {
 static NEXT_TEMP: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh, short temporary name in `dir`: `.magcache-PID-K.EXT` (short whatever the output's name,
-/// so that a legal 255-byte output name keeps a legal temporary).
+/// so that a legal 255-byte output name keeps a legal temporary), none that is there already (an
+/// earlier process of the same id, killed, may have left one; its creation still refuses to
+/// replace anything).
 pub(crate) fn temp_name(dir: &Path, ext: &str) -> PathBuf {
-    let k = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".magcache-{}-{k}.{ext}", std::process::id()))
+    loop {
+        let k = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+        let p = dir.join(format!(".magcache-{}-{k}.{ext}", std::process::id()));
+        if p.symlink_metadata().is_err() || k >= 1 << 20 {
+            return p;
+        }
+    }
 }
 
 /// The process id in the name of a temporary this runner makes: `.magcache-PID-K.tmp`, `.bak`,
@@ -184,6 +191,18 @@ fn pid_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_temporary_name_left_by_an_earlier_process_of_our_id_is_passed_over() {
+        let d = tempfile::tempdir().unwrap();
+        let next = NEXT_TEMP.load(Ordering::Relaxed);
+        let pid = std::process::id();
+        for k in next..next + 3 {
+            std::fs::write(d.path().join(format!(".magcache-{pid}-{k}.tmp")), "left").unwrap();
+        }
+        let t = temp_name(d.path(), "tmp");
+        assert!(t.symlink_metadata().is_err(), "{}", t.display());
+    }
 
     #[test]
     fn temporaries_are_recognised_by_name_only() {

@@ -125,9 +125,16 @@ fn special_files_are_refused_at_once() {
         let o = within(30, &["run", "--config", s(&c.run_file()), "--quiet"]);
         check_err(&o, &[what, "not a regular file"]);
     }
-    let run = run_file(d.path(), s(&gguf_fifo), "");
-    let o = within(30, &["run", "--config", s(&run), "--quiet"]);
-    check_err(&o, &["model.gguf", "not a regular file"]);
+    // Weights that are a FIFO, a device or missing: the run file's error, naming the key.
+    for (weights, says) in [
+        (s(&gguf_fifo), "not a regular file"),
+        ("/dev/zero", "not a regular file"),
+        ("/nonexistent/model.gguf", "does not exist"),
+    ] {
+        let run = run_file(d.path(), weights, "");
+        let o = within(30, &["run", "--config", s(&run), "--quiet"]);
+        check_err(&o, &[weights, "model.weights", says]);
+    }
 }
 
 /// A PNG whose header claims `w x h` (valid chunks and CRCs, one tiny IDAT).
@@ -435,27 +442,55 @@ fn lora_metadata_of_the_wrong_type_is_named() {
             )
         })
         .collect();
-    for (meta, key) in [
+    let rank = data
+        .iter()
+        .find(|(k, _, _)| k.ends_with(".lora_A.weight"))
+        .map(|(_, sh, _)| sh[0])
+        .expect("a lora_A matrix");
+    let cases: Vec<(String, String)> = vec![
         (
-            r#"{"transformer.lora_alpha": "8"}"#,
-            "transformer.lora_alpha",
+            r#"{"transformer.lora_alpha": "8"}"#.into(),
+            "transformer.lora_alpha".into(),
         ),
         (
-            r#"{"transformer.use_rslora": "true"}"#,
-            "transformer.use_rslora",
+            r#"{"transformer.use_rslora": "true"}"#.into(),
+            "transformer.use_rslora".into(),
         ),
         // Not an object; DoRA (its magnitude vectors would be dropped); a rank as a string; an
         // alpha for a module the adapter does not have (it would apply to nothing).
-        (r#"[8.0]"#, "must be a JSON object"),
-        (r#"{"transformer.use_dora": true}"#, "DoRA"),
-        (r#"{"transformer.r": "4"}"#, "transformer.r"),
+        (r#"[8.0]"#.into(), "must be a JSON object".into()),
+        (r#"{"transformer.use_dora": true}"#.into(), "DoRA".into()),
+        (r#"{"transformer.r": "4"}"#.into(), "transformer.r".into()),
         (
-            r#"{"transformer.alpha_pattern": {"blocks.9.attn1.to_q": 2.0}}"#,
-            "alpha_pattern.blocks.9.attn1.to_q",
+            r#"{"transformer.alpha_pattern": {"blocks.9.attn1.to_q": 2.0}}"#.into(),
+            "alpha_pattern.blocks.9.attn1.to_q".into(),
         ),
         // A pattern that names a module applies: this one still runs (checked below).
-        (r#"{"transformer.alpha_pattern": {"attn1.to_q": 2.0}}"#, ""),
-    ] {
+        (
+            r#"{"transformer.alpha_pattern": {"attn1.to_q": 2.0}}"#.into(),
+            "".into(),
+        ),
+        // A rank the tensors do not have, globally or for one module (PEFT builds its layers
+        // from these and refuses the file), and a rank pattern naming no module.
+        (
+            format!(r#"{{"transformer.r": {}}}"#, rank + 3),
+            "transformer.r".into(),
+        ),
+        (format!(r#"{{"transformer.r": {rank}}}"#), "".into()),
+        (
+            format!(
+                r#"{{"transformer.r": {rank}, "transformer.rank_pattern": {{"attn1.to_k": {}}}}}"#,
+                rank + 1
+            ),
+            "rank_pattern.attn1.to_k".into(),
+        ),
+        (
+            format!(r#"{{"transformer.rank_pattern": {{"blocks.9.attn1.to_k": {rank}}}}}"#),
+            "rank_pattern.blocks.9.attn1.to_k".into(),
+        ),
+    ];
+    for (meta, key) in &cases {
+        let (meta, key) = (meta.as_str(), key.as_str());
         let c = Case::new("\n[[model.lora]]\npath = \"meta.safetensors\"\n");
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
             .iter()

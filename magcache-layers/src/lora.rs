@@ -124,7 +124,7 @@ impl Adapter {
         // An adapter is read whole (the largest published ones are a few GB).
         let bytes = magcache_core::error::read_regular(path, MAX_ADAPTER_BYTES)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| crate::weights::safetensors_error(&file, &e))?;
+            .map_err(|e| crate::weights::safetensors_error(&file, &bytes, &e))?;
         let meta = peft_meta(&file, header.metadata().as_ref())?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
             Error::weights(&file, "(tensors)", magcache_core::error::candle_text(e))
@@ -202,7 +202,7 @@ impl Adapter {
             None if skipped_text > 0 => Layout::Diffusers,
             None => return Err(Error::weights(&file, "(file)", "holds no LoRA tensors")),
         };
-        meta.check_patterns(&file, modules.keys().map(String::as_str))?;
+        meta.check_modules(&file, &modules)?;
         Ok(Adapter {
             file,
             layout,

@@ -56,7 +56,7 @@ pub use spectrum::{Spectrum, SpectrumConfig};
 pub use teacache::{TeaCache, TeaCacheConfig};
 
 /// Every strategy's `threshold`: a finite, non-negative number.
-pub(crate) fn check_threshold(file: &str, threshold: f64) -> magcache_core::Result<()> {
+pub fn check_threshold(file: &str, threshold: f64) -> magcache_core::Result<()> {
     if threshold.is_finite() && threshold >= 0.0 {
         Ok(())
     } else {

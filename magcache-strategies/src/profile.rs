@@ -468,6 +468,17 @@ impl FittedProfile {
                         format!("call {}: one to {} `from` calls (`fitted.history` = {}), one row of finite coefficients of one width each", c.step, self.history, self.history),
                     );
                 }
+                if c.from.windows(2).any(|w| w[0] >= w[1])
+                    || c.from.last().is_some_and(|&f| f >= c.step)
+                {
+                    return bad(
+                        &format!("calls.{expert}"),
+                        format!(
+                            "call {}: `from` = {:?} must name calls before it, oldest first",
+                            c.step, c.from
+                        ),
+                    );
+                }
                 if c.branch.is_some() != self.per_branch {
                     return bad(
                         &format!("calls.{expert}"),

@@ -60,6 +60,7 @@ impl Rule for DriftRule {
 #[typetag::serde(name = "drift")]
 impl StrategyConfig for DriftConfig {
     fn validate(&self, file: &str) -> Result<()> {
+        magcache_strategies::check_threshold(file, self.threshold)?;
         self.shared().validate(file)
     }
     fn build(&self, _env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {

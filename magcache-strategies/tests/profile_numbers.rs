@@ -130,3 +130,16 @@ fn bad_numbers_are_refused_naming_the_table() {
         );
     }
 }
+
+#[test]
+fn a_fitted_call_combining_a_later_call_is_refused() {
+    let (_d, p) = edited("step = 1\nfrom = [0]", "step = 1\nfrom = [6]");
+    let e = match Profile::load(&p) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("p.profile.toml") && e.contains("fitted.calls.main") && e.contains("[6]"),
+        "{e}"
+    );
+}

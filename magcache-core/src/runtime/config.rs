@@ -580,7 +580,7 @@ mod tests {
         let err = parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"warp\"\n"), "f")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("warp"), "{err}");
+        assert!(err.contains("warp") && err.contains("link()"), "{err}");
         let err =
             parse_toml::<RunConfig>(&format!("{BASE}[cache]\nstrategy = \"none\"\nx = 1\n"), "f")
                 .unwrap_err()

@@ -9,6 +9,9 @@ pub(super) struct PeftMeta {
     pub(super) alpha: Option<f64>,
     pub(super) alpha_pattern: BTreeMap<String, f64>,
     pub(super) rslora: bool,
+    /// `transformer.r` and `transformer.rank_pattern`: the ranks PEFT builds the layers with.
+    pub(super) r: Option<u64>,
+    pub(super) rank_pattern: BTreeMap<String, u64>,
 }
 
 /// diffusers' `lora_adapter_metadata` header entry (a JSON string), when there is one.
@@ -80,10 +83,34 @@ pub(super) fn peft_meta(
             ))
         }
     };
+    let r = v.get("transformer.r").and_then(serde_json::Value::as_u64);
+    let rank_pattern = match v.get("transformer.rank_pattern") {
+        None | Some(serde_json::Value::Null) => Default::default(),
+        Some(serde_json::Value::Object(o)) => o
+            .iter()
+            .map(|(k, r)| match r.as_u64().filter(|r| *r > 0) {
+                Some(r) => Ok((k.clone(), r)),
+                None => Err(Error::weights(
+                    file,
+                    key(&format!("transformer.rank_pattern.{k}")),
+                    format!("must be a positive integer (the rank), got {r}"),
+                )),
+            })
+            .collect::<Result<_>>()?,
+        Some(other) => {
+            return Err(Error::weights(
+                file,
+                key("transformer.rank_pattern"),
+                format!("must be a table of module names to ranks, got {other}"),
+            ))
+        }
+    };
     Ok(PeftMeta {
         alpha,
         alpha_pattern,
         rslora,
+        r,
+        rank_pattern,
     })
 }
 
@@ -122,9 +149,77 @@ fn check_kind(file: &str, v: &serde_json::Value) -> Result<()> {
 }
 
 impl PeftMeta {
+    /// The adapter's modules against the metadata: its patterns name modules of the adapter, and
+    /// the ranks it states are the tensors' ([`PeftMeta::check_patterns`],
+    /// [`PeftMeta::check_ranks`]).
+    pub(super) fn check_modules(
+        &self,
+        file: &str,
+        modules: &BTreeMap<String, super::Parts>,
+    ) -> Result<()> {
+        self.check_patterns(file, modules.keys().map(String::as_str))?;
+        self.check_ranks(
+            file,
+            modules.iter().filter_map(|(m, p)| {
+                let (k, d) = p.down.as_ref()?;
+                Some((
+                    m.as_str(),
+                    k.as_str(),
+                    d.dims().first().copied().unwrap_or(0),
+                ))
+            }),
+        )
+    }
+
+    /// Refuses a rank the metadata states (`transformer.rank_pattern`'s for the module, else
+    /// `transformer.r`) that a module's tensors do not have (`ranks`: module, its down matrix's key
+    /// and rows): PEFT builds its layers from the metadata and would refuse such a file, and a
+    /// merge that went by the tensors would apply what the file does not say.
+    fn check_ranks<'a>(
+        &self,
+        file: &str,
+        ranks: impl Iterator<Item = (&'a str, &'a str, usize)>,
+    ) -> Result<()> {
+        let key = |k: &str| format!("__metadata__.lora_adapter_metadata.transformer.{k}");
+        let mut used = std::collections::BTreeSet::new();
+        for (module, down, r) in ranks {
+            let pattern = self
+                .rank_pattern
+                .iter()
+                .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")));
+            let (said, from) = match (pattern, self.r) {
+                (Some((k, r)), _) => {
+                    used.insert(k.as_str());
+                    (*r, key(&format!("rank_pattern.{k}")))
+                }
+                (None, Some(r)) => (r, key("r")),
+                (None, None) => continue,
+            };
+            if said != r as u64 {
+                return Err(Error::weights(
+                    file,
+                    from,
+                    format!("says rank {said}, but `{down}` has rank {r}: the metadata does not describe these tensors (PEFT would refuse the file)"),
+                ));
+            }
+        }
+        if let Some(k) = self
+            .rank_pattern
+            .keys()
+            .find(|k| !used.contains(k.as_str()))
+        {
+            return Err(Error::weights(
+                file,
+                key(&format!("rank_pattern.{k}")),
+                "names no module of the adapter",
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses an `alpha_pattern` entry that names no module of the adapter (`modules`): its alpha
     /// would silently not apply.
-    pub(super) fn check_patterns<'a>(
+    fn check_patterns<'a>(
         &self,
         file: &str,
         modules: impl Iterator<Item = &'a str> + Clone,

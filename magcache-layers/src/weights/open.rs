@@ -27,7 +27,7 @@ impl WeightStore {
             // iteration.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&name, e))?;
             let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| super::safetensors_error(&name, &e))?;
+                .map_err(|e| super::safetensors_error(&name, &mmap, &e))?;
             let data_start = 8 + n;
             let mut entries: Vec<(String, safetensors::tensor::TensorInfo)> = meta
                 .tensors()

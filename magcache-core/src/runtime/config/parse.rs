@@ -99,7 +99,13 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Error {
     } else {
         format!("[{table}]")
     };
-    Error::config(format!("{file}:{line_no}"), key, plain_words(&msg))
+    // A strategy no one registered: one of another crate is known only to a binary that links
+    // that crate (the linker drops the registrations of an unreferenced crate).
+    let mut msg = plain_words(&msg);
+    if key == "cache.strategy" && msg.starts_with("unknown variant `") {
+        msg.push_str(" (a strategy of another crate is known only to a binary that links it: call its crate's `link()`)");
+    }
+    Error::config(format!("{file}:{line_no}"), key, msg)
 }
 
 /// The text between the first `pat` of `msg` (ending in a backquote) and the next backquote: the

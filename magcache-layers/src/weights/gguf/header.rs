@@ -166,32 +166,8 @@ pub fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
         metadata.insert(key, v);
     }
     let mut tensors = Vec::with_capacity((n_tensors as usize).min(4096));
-    for _ in 0..n_tensors {
-        let name = rd.string().map_err(io)?;
-        let nd = rd.u32().map_err(io)?;
-        if nd > 8 {
-            return Err(err(&name, format!("has {nd} dimensions")));
-        }
-        let mut dims = Vec::with_capacity(nd as usize);
-        for _ in 0..nd {
-            let d = rd.u64().map_err(io)?;
-            dims.push(usize::try_from(d).map_err(|_| err(&name, format!("dimension {d}")))?);
-        }
-        // Sizes are multiplied out later (bytes, footprints): a product past 2^50 values is no
-        // real tensor, and past 2^64 an overflow.
-        let elems = dims
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
-            .filter(|&e| e <= MAX_TENSOR_VALUES);
-        if elems.is_none() {
-            return Err(err(
-                &name,
-                format!("dimensions {dims:?} claim more than 2^50 values"),
-            ));
-        }
-        let ty = rd.u32().map_err(io)?;
-        let offset = rd.u64().map_err(io)?;
-        tensors.push((name, dims, ty, offset));
+    for i in 0..n_tensors {
+        tensors.push(tensor_info(&mut rd, i, n_tensors, shown)?);
     }
     let align = match metadata.get("general.alignment") {
         None => 32,
@@ -217,4 +193,48 @@ pub fn read_header<R: Read>(r: &mut R, shown: &str) -> Result<Header> {
         tensors,
         data_start,
     })
+}
+
+/// One tensor's description (the `i`-th of `n`): name, dims in `ne` order, ggml type, offset.
+fn tensor_info<R: Read>(
+    rd: &mut Reader<'_, R>,
+    i: u64,
+    n: u64,
+    shown: &str,
+) -> Result<(String, Vec<usize>, u32, u64)> {
+    let err = |key: &str, e: String| Error::weights(shown, key, e);
+    let io = |e: std::io::Error| err("(header)", format!("not a readable GGUF header: {e}"));
+    let name = rd.string().map_err(io)?;
+    // A name that is empty or not printable is no tensor's: a header claiming more tensors than
+    // it describes reads them out of the padding.
+    if name.is_empty() || name.chars().any(char::is_control) {
+        return Err(err(
+            "(header)",
+            format!("tensor {i} of {n} has the name {name:?}: a damaged header (more tensors claimed than described?)"),
+        ));
+    }
+    let nd = rd.u32().map_err(io)?;
+    if nd > 8 {
+        return Err(err(&name, format!("has {nd} dimensions")));
+    }
+    let mut dims = Vec::with_capacity(nd as usize);
+    for _ in 0..nd {
+        let d = rd.u64().map_err(io)?;
+        dims.push(usize::try_from(d).map_err(|_| err(&name, format!("dimension {d}")))?);
+    }
+    // Sizes are multiplied out later (bytes, footprints): a product past 2^50 values is no real
+    // tensor, and past 2^64 an overflow.
+    let elems = dims
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .filter(|&e| e <= MAX_TENSOR_VALUES);
+    if elems.is_none() {
+        return Err(err(
+            &name,
+            format!("dimensions {dims:?} claim more than 2^50 values"),
+        ));
+    }
+    let ty = rd.u32().map_err(io)?;
+    let offset = rd.u64().map_err(io)?;
+    Ok((name, dims, ty, offset))
 }

@@ -8,7 +8,8 @@
 //!   is padded up to that (its last column and row repeated). Pictures past OpenH264's largest
 //!   (3840x2160, either orientation) are halved (2x2 means) until they fit.
 //! - Stream: constrained baseline (no B-frames, so decode order is display order), one slice a
-//!   frame, no frame skipped, OpenH264's buffer-based rate control at about one bit a pixel a frame;
+//!   frame, no frame skipped, OpenH264's rate control off (its fixed quantiser: the buffer-based
+//!   mode failed on noisy frames);
 //!   IDR frames are the sync samples. Track timescale `fps * 1000`, each frame 1000 ticks.
 
 use magcache_core::{Error, Result};
@@ -211,9 +212,11 @@ fn encode(frames: &[Vec<u8>], w: usize, h: usize, fps: u32) -> Res<Vec<u8>> {
         .skip_frames(false)
         .max_frame_rate(FrameRate::from_hz(fps as f32))
         .bitrate(BitRate::from_bps(bps))
-        // Buffer-based: no frame skipped and no warning printed (the quality mode prints one on
-        // stderr when frame skipping is off).
-        .rate_control_mode(RateControlMode::Bufferbased)
+        // Rate control off (the encoder's fixed quantiser): no frame skipped and no warning
+        // printed (the quality, bitrate and timestamp modes print one on stderr when frame
+        // skipping is off), and a noisy frame is coded whole: the buffer-based mode failed on
+        // one (OpenH264's error 3 at 256x256, `mp4_of_noise_is_written_and_decodes`).
+        .rate_control_mode(RateControlMode::Off)
         .usage_type(UsageType::CameraVideoRealTime)
         .vui(VuiConfig::bt601());
     let api = openh264::OpenH264API::from_source();

@@ -457,3 +457,29 @@ fn pixel_quality_time_at_480x832() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// Noise (what a model with random weights, or a diverging run, decodes to) is the hardest picture
+/// to code: at 1 bit a pixel the encoder's frames outgrow its bitstream buffer unless its quantiser
+/// is bounded. Every frame must still be written, and decode back.
+#[test]
+fn mp4_of_noise_is_written_and_decodes() {
+    for (w, h, n) in [(256usize, 256usize, 21usize), (480, 272, 9), (128, 128, 5)] {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let frames: Vec<Vec<u8>> = (0..n)
+            .map(|_| {
+                (0..w * h * 3)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        (state >> 56) as u8
+                    })
+                    .collect()
+            })
+            .collect();
+        let bytes = magcache_cli::h264::encode_mp4(&frames, w, h, 16)
+            .unwrap_or_else(|e| panic!("{w}x{h}: {e}"));
+        let (vw, vh, got) = decode_mp4(&bytes);
+        assert_eq!((vw, vh, got.len()), (w, h, n));
+    }
+}

@@ -40,10 +40,16 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str]) -> Server {
+        Server::start_with(args, &[])
+    }
+
+    /// As [`Server::start`], with environment variables set.
+    fn start_with(args: &[&str], env: &[(&str, &Path)]) -> Server {
         let mut child = bin()
             .arg("serve")
             .args(["--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("MAGCACHE_API_KEY")
             .stderr(Stdio::piped())
             .spawn()
@@ -437,6 +443,38 @@ fn a_running_video_job_is_cancelled_by_delete_within_a_call() {
             "size",
             "must be a multiple of",
         ),
+        // Fields of the wrong type, given twice, missing or contradicting each other.
+        (
+            r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "input_reference": 123}"#,
+            "input_reference",
+            "data:image",
+        ),
+        (
+            r#"{"model": "wan21_tiny_prompted", "prompt": 1}"#,
+            "prompt",
+            "prompt: 1 is not a string",
+        ),
+        (
+            r#"{"model": "wan21_tiny_prompted", "model": "other", "prompt": "a lake"}"#,
+            "model",
+            "given twice",
+        ),
+        (r#"{"prompt": "a lake"}"#, "model", "model: missing"),
+        (
+            r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "num_frames": 5, "seconds": "2"}"#,
+            "seconds",
+            "not both",
+        ),
+        (
+            r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "seed": "-1"}"#,
+            "seed",
+            "seed: `-1` is not a whole number, 0 or more",
+        ),
+        (
+            r#"{"model": "wan21_tiny_prompted", "prompt": "a lake", "cache": {"strategy": "fbcache", "threshold": null}}"#,
+            "cache",
+            "cache.threshold: null",
+        ),
     ] {
         let (st, v) = srv.json("POST", "/v1/videos", &[], body);
         let e = &v["error"];
@@ -464,6 +502,13 @@ fn a_running_video_job_is_cancelled_by_delete_within_a_call() {
         assert!(t.elapsed() < Duration::from_secs(60), "{v}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its content is asked for while it runs: the answer says so.
+    let (st, v) = srv.json("GET", &format!("{path}/content"), &[], "");
+    let says = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(st == 400 && says.contains("in_progress"), "{v}");
     let (st, v) = srv.json("DELETE", &path, &[], "");
     assert_eq!((st, v["status"].as_str()), (200, Some("cancelled")), "{v}");
     // The worker stops within one transformer call: the next job runs at once.
@@ -497,10 +542,18 @@ fn a_running_video_job_is_cancelled_by_delete_within_a_call() {
 fn a_client_that_hangs_up_cancels_its_picture_and_no_temporary_file_is_left() {
     let dir = tempfile::tempdir().unwrap();
     let model = run_file(dir.path(), "tiny", 0);
-    let srv = Server::start(&["--config", s(&model)]);
-    let pid = srv.child.id();
-    let tmp = std::env::temp_dir().join(format!("magcache-serve-{pid}"));
-    assert!(tmp.is_dir(), "the server's own folder for first frames");
+    let tmps = dir.path().join("tmp");
+    std::fs::create_dir(&tmps).unwrap();
+    let srv = Server::start_with(&["--config", s(&model)], &[("TMPDIR", &tmps)]);
+    let made: Vec<PathBuf> = std::fs::read_dir(&tmps)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let [tmp] = made.as_slice() else {
+        panic!("the server's own folder for first frames: {made:?}")
+    };
+    let tmp = tmp.clone();
+    assert!(tmp.is_dir(), "{}", tmp.display());
     // A long request, abandoned once it runs.
     let body = r#"{"model": "tiny", "prompt": "a cat", "size": "48x64", "n": 8, "num_inference_steps": 1000}"#;
     let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
@@ -594,6 +647,17 @@ fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
             "{id:?}: {err}"
         );
     }
+    // Two files that would be one model id, in two folders: said before any model loads.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let twin = other.join(model.file_name().unwrap());
+    std::fs::copy(&model, &twin).unwrap();
+    let (ok, err) = ended(&["--port", "0", "--config", s(&model), "--config", s(&twin)]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("would both be model") && !err.contains("serve: loading"),
+        "{err}"
+    );
     // The API key from the environment is not shown by --help.
     let help = bin()
         .args(["serve", "--help"])
@@ -612,6 +676,19 @@ fn shutdown_closes_a_stalled_upload_and_errors_name_their_field() {
     assert!(!ok, "{err}");
     assert!(
         err.contains("cannot listen") && !err.contains("serve: loading"),
+        "{err}"
+    );
+    drop(taken);
+    // So is one bound and not yet listened on, as another server still loading holds its port
+    // (without SO_REUSEADDR, which it sets only where a bind without it fails: on Linux two
+    // sockets that both set it may share a port until one listens).
+    let loading = tokio::net::TcpSocket::new_v4().unwrap();
+    loading.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = loading.local_addr().unwrap().port().to_string();
+    let (ok, err) = ended(&["--port", &port, "--config", s(&model)]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("cannot listen") && err.contains(&port) && !err.contains("serve: loading"),
         "{err}"
     );
 
@@ -703,6 +780,12 @@ fn bad_requests_are_refused_before_any_work_without_server_paths() {
     let mut out = String::new();
     let _ = c.read_to_string(&mut out);
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    // A page on the server's own --host name (127.0.0.1) but another port or scheme is another
+    // site.
+    for page in ["http://127.0.0.1:3000", "https://127.0.0.1"] {
+        let (st, _, _) = srv.http("GET", "/v1/models", &[key, &format!("Origin: {page}")], b"");
+        assert_eq!(st, 403, "{page}");
+    }
     let own = format!("Origin: http://localhost:{}", srv.port);
     let (st, v) = srv.json("GET", "/v1/models/tiny", &[key, &own], "");
     assert_eq!((st, v["id"].as_str()), (200, Some("tiny")), "{v}");
@@ -741,6 +824,14 @@ fn bad_requests_are_refused_before_any_work_without_server_paths() {
         ),
         (r#"{bad"#.into(), None),
         (r#"{"model":"tiny","prompt":"x","#.into(), None),
+        // An array is no request (serde would read it as the fields in order); a missing
+        // field is named; a size is digits on either side of the `x`.
+        (r#"["tiny", "a cat"]"#.into(), None),
+        (r#"{"model":"tiny"}"#.into(), Some("prompt")),
+        (
+            r#"{"model":"tiny","prompt":"x","size":"+48x64"}"#.into(),
+            Some("size"),
+        ),
     ];
     // A long job holds the worker meanwhile: answers that waited behind it would come after it.
     let port = srv.port;
@@ -800,4 +891,32 @@ fn bad_requests_are_refused_before_any_work_without_server_paths() {
         let (ok, err) = ended(&["--config", s(&model), "--port", "0", "--api-key", k]);
         assert!(!ok && err.contains("API key"), "{err}");
     }
+}
+
+/// The folder for request pictures is the server's own: made fresh (a folder of the name pattern
+/// that is there already is not used) and the only one removed at exit.
+#[test]
+fn the_server_makes_its_own_temporary_folder_and_removes_only_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = run_file(dir.path(), "tiny", 0);
+    let tmp = dir.path().join("tmp");
+    let theirs = tmp.join("magcache-serve-1");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("precious.txt"), "mine").unwrap();
+    let ours = || -> Vec<PathBuf> {
+        std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| *p != theirs)
+            .collect()
+    };
+    let srv = Server::start_with(&["--config", s(&model)], &[("TMPDIR", &tmp)]);
+    let made = ours();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(srv.stop(), Some(0));
+    assert_eq!(ours(), Vec::<PathBuf>::new());
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("precious.txt")).unwrap(),
+        "mine"
+    );
 }

@@ -24,11 +24,15 @@ fn parse_size(s: &str) -> Result<(u64, u64), ApiError> {
             format!("`{s}` is not WIDTHxHEIGHT (e.g. 1024x1024)"),
         )
     };
+    // Digits only on either side (`u64`'s parse also takes a `+`; no spaces).
+    let side = |t: &str| -> Result<u64, ApiError> {
+        match !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            true => t.parse().map_err(|_| bad()),
+            false => Err(bad()),
+        }
+    };
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
-    let (w, h): (u64, u64) = (
-        w.trim().parse().map_err(|_| bad())?,
-        h.trim().parse().map_err(|_| bad())?,
-    );
+    let (w, h) = (side(w)?, side(h)?);
     if !(1..=16384).contains(&w) || !(1..=16384).contains(&h) {
         return Err(ApiError::bad(
             "size",
@@ -145,11 +149,28 @@ pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Request,
     })?;
     // The path of a field of the wrong type (`n`, `cache.threshold`) is its `param`; a body that
     // is not JSON, or not an object, has none.
+    // A JSON array would be read as the fields in their order (serde's sequence form of a
+    // struct): the request is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid request body: a JSON object of the request's fields, not an array",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(&body);
     let r: Request = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        let missing = inner
+            .to_string()
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next().map(str::to_string));
         match path.as_str() {
+            // A required field left out: named as its `param`.
+            "." | "" if missing.is_some() => {
+                let f = missing.unwrap_or_default();
+                ApiError::bad(&f, format!("{f}: missing"))
+            }
             // `?`: the body broke off or is not JSON before any field was read.
             "." | "" | "?" => ApiError::body(&inner),
             // `param` is the request's field (`cache`), the message the whole path.

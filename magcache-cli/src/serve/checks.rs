@@ -66,7 +66,12 @@ fn loopback_name(host: &str) -> bool {
 /// it answers besides loopback names (`--host`'s name, `--allow-host`'s).
 pub(crate) struct Reach {
     pub loopback: bool,
+    /// `--allow-host`: answered as `Host` and accepted as a page's `Origin`.
     pub hosts: Vec<String>,
+    /// The name the server was told to listen on (`--host`): answered as `Host` only. A page's
+    /// `Origin` must match the `Host` it sent to, port and scheme's port included: another page
+    /// on 127.0.0.1 is another site.
+    pub own: String,
 }
 
 /// Why a request is refused as another site's, if it is: a browser page of another origin (its
@@ -81,7 +86,11 @@ pub(crate) fn foreign(headers: &HeaderMap, reach: &Reach) -> Option<String> {
         .unwrap_or_default();
     let (host_name, host_port) = split_authority(host);
     let allowed = |h: &str| reach.hosts.iter().any(|a| a == h);
-    if reach.loopback && !loopback_name(&host_name) && !allowed(&host_name) {
+    if reach.loopback
+        && !loopback_name(&host_name)
+        && !allowed(&host_name)
+        && host_name != reach.own
+    {
         return Some(format!(
             "Host `{host}`: this server listens on loopback and answers loopback names and its allowed hosts only (--allow-host)"
         ));
@@ -218,6 +227,7 @@ mod tests {
         Reach {
             loopback,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            own: "127.0.0.1".into(),
         }
     }
 
@@ -240,6 +250,16 @@ mod tests {
         // Another page on this machine (another port), and a cross-site page.
         let other_port = headers("localhost:8000", Some("http://localhost:3000"));
         assert!(foreign(&other_port, &lo).unwrap().contains("another site"));
+        // The same on the server's own `--host` name (127.0.0.1): another port, or the scheme's
+        // default one.
+        for page in [
+            "http://127.0.0.1:3000",
+            "http://127.0.0.1",
+            "https://127.0.0.1",
+        ] {
+            let h = headers("127.0.0.1:8000", Some(page));
+            assert!(foreign(&h, &lo).unwrap().contains("another site"), "{page}");
+        }
         let cross = headers("127.0.0.1:8000", Some("http://attacker.example"));
         assert!(foreign(&cross, &lo).unwrap().contains("another site"));
         assert!(foreign(&headers("h:1", Some("null")), &reach(false, &[])).is_some());

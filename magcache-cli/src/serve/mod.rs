@@ -150,16 +150,16 @@ fn options(a: ServeArgs) -> Result<Options> {
                 })
                 .transpose()
         };
-        let int = |k: &str, max: i64| -> Result<Option<i64>> {
+        let int = |k: &str, min: i64, max: i64| -> Result<Option<i64>> {
             t.get(k)
                 .map(|v| {
                     v.as_integer()
-                        .filter(|n| (0..=max).contains(n))
+                        .filter(|n| (min..=max).contains(n))
                         .ok_or_else(|| {
                             Error::config(
                                 &file,
                                 format!("serve.{k}"),
-                                format!("must be an integer 0..={max}"),
+                                format!("must be an integer {min}..={max}"),
                             )
                         })
                 })
@@ -179,12 +179,13 @@ fn options(a: ServeArgs) -> Result<Options> {
             }
         }
         o.api_key = o.api_key.or(text("api_key")?);
-        port = port.or(int("port", 65535)?.map(|p| p as u16));
-        queue = queue.or(int("max_queue", 1 << 20)?.map(|q| q as usize));
+        port = port.or(int("port", 0, 65535)?.map(|p| p as u16));
+        queue = queue.or(int("max_queue", 1, 1 << 20)?.map(|q| q as usize));
         let id = text("id")?;
         model_id(&file, &path, id.as_deref())?;
         o.models.push((path, id));
     }
+    distinct_ids(&o.models)?;
     o.host = host.unwrap_or_else(|| "127.0.0.1".into());
     o.port = port.unwrap_or(8000);
     o.max_queue = queue.unwrap_or(16);
@@ -203,6 +204,32 @@ fn options(a: ServeArgs) -> Result<Options> {
         .map(|h| h.trim().to_ascii_lowercase())
         .collect();
     Ok(o)
+}
+
+/// Refuses two run files served under one id (`[serve] id`, else the file's name), before any
+/// model loads.
+fn distinct_ids(models: &[(std::path::PathBuf, Option<String>)]) -> Result<()> {
+    let ids: Vec<(String, &std::path::Path)> = models
+        .iter()
+        .map(|(p, id)| (id.clone().unwrap_or_else(|| stem(p)), p.as_path()))
+        .collect();
+    for (i, (id, p)) in ids.iter().enumerate() {
+        if let Some((_, other)) = ids[..i].iter().find(|(x, _)| x == id) {
+            return Err(Error::msg(format!(
+                "serve: {} and {} would both be model `{id}` (rename one file, or set [serve] id)",
+                other.display(),
+                p.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A run file's default model id: its name without the extension.
+pub(crate) fn stem(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 /// Checks the id a run file is served as (`[serve] id`, else the file's name without its
@@ -231,9 +258,19 @@ fn model_id(file: &str, path: &std::path::Path, id: Option<&str>) -> Result<()> 
     ))
 }
 
-/// The server's own folder for the first frames sent with requests.
-pub(crate) fn tmp_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("magcache-serve-{}", std::process::id()))
+/// The server's own folder for the first frames sent with requests: made fresh (a random name,
+/// created only where nothing is, never through a link, private to the user) and removed with
+/// what it holds when the server ends; nothing that was there before is used or removed.
+fn tmp_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("magcache-serve-")
+        .tempdir()
+        .map_err(|e| {
+            Error::msg(format!(
+                "serve: cannot make a folder for request pictures in {}: {e}",
+                std::env::temp_dir().display()
+            ))
+        })
 }
 
 /// Runs the server until SIGINT or SIGTERM (then jobs in flight are cancelled and it exits 0).
@@ -257,33 +294,21 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     for (path, id) in &o.models {
         eprintln!("serve: loading {}", path.display());
         let m = Served::start(path, id.clone(), o.max_queue, metrics.clone())?;
-        if let Some(other) = models.iter().find(|x| x.id == m.id) {
-            return Err(Error::msg(format!(
-                "serve: {} and {} would both be model `{}` (rename one file, or set [serve] id)",
-                other.path.display(),
-                path.display(),
-                m.id
-            )));
-        }
         eprintln!("serve: model `{}` ({}) ready", m.id, m.family);
         models.push(m);
     }
     let kept = magcache_layers::weights::warm::kept_bytes();
     eprintln!("serve: {:.1} MB of weights kept warm", kept as f64 / 1e6);
-    let tmp = tmp_dir();
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?;
+    let tmp_folder = tmp_dir()?;
+    let tmp = tmp_folder.path().to_path_buf();
     let app = Arc::new(App {
         models,
         api_key: o.api_key.clone(),
         reach: checks::Reach {
             // From the address bound, not the name given (`--host myhost` may be 127.0.1.1).
             loopback: socket.local_addr().is_ok_and(|a| a.ip().is_loopback()),
-            hosts: o
-                .allow_hosts
-                .iter()
-                .cloned()
-                .chain(Some(o.host.to_ascii_lowercase()))
-                .collect(),
+            hosts: o.allow_hosts.clone(),
+            own: o.host.to_ascii_lowercase(),
         },
         metrics,
         inflight: Mutex::new(Vec::new()),
@@ -300,7 +325,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     let served = rt.block_on(listen(app, socket));
     // Jobs cancelled at shutdown end within one call; their first frames go with the folder.
     drop(rt);
-    let _ = std::fs::remove_dir_all(&tmp);
+    drop(tmp_folder);
     served
 }
 
@@ -316,7 +341,20 @@ fn bind(host: &str, port: u16) -> Result<tokio::net::TcpSocket> {
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        // As std's and tokio's own listeners: a restarted server can take its port at once.
+        // Bound without SO_REUSEADDR first: on Linux two sockets that both set it may bind one
+        // port while neither listens, so a second server starting beside a loading one would
+        // load every model before its `listen` failed. Where that bind fails, as it does while a
+        // restarted server's old connections linger in TIME_WAIT, again with it (std's and
+        // tokio's listeners set it: a restarted server takes its port at once); a port another
+        // server holds still refuses that bind, unless that server took the same fallback.
+        if socket.bind(a).is_ok() {
+            return Ok(socket);
+        }
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
         #[cfg(unix)]
         socket.set_reuseaddr(true)?;
         socket.bind(a)?;
@@ -336,6 +374,9 @@ fn bind(host: &str, port: u16) -> Result<tokio::net::TcpSocket> {
 }
 
 async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
+    let addr = socket
+        .local_addr()
+        .map_or_else(|_| "the address".to_string(), |a| a.to_string());
     let router = Router::new()
         .route("/v1/images/generations", post(api::images))
         .route("/v1/videos", post(videos::create).get(videos::list))
@@ -358,7 +399,7 @@ async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
         .with_state(app.clone());
     let listener = socket
         .listen(1024)
-        .map_err(|e| Error::msg(format!("serve: {e}")))?;
+        .map_err(|e| Error::msg(format!("serve: cannot listen on {addr}: {e}")))?;
     let local = listener
         .local_addr()
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
@@ -412,5 +453,22 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A server's port, bound and not yet listened on (its models loading), is its own: another
+    /// socket cannot bind it, even one that sets SO_REUSEADDR (a second server would otherwise
+    /// load every model before its `listen` failed).
+    #[test]
+    fn a_bound_port_is_held_while_the_models_load() {
+        let held = super::bind("127.0.0.1", 0).unwrap();
+        let port = held.local_addr().unwrap().port();
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.set_reuseaddr(true).unwrap();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(other.bind(addr).is_err(), "port {port} bound twice");
+        assert!(super::bind("127.0.0.1", port).is_err());
     }
 }

@@ -100,11 +100,7 @@ impl Served {
         let seed = warm.cfg.inputs.seed.unwrap_or(warm.cfg.model.seed);
         let fps = warm.pipeline.frame_rate();
         drop(warm);
-        let id = id.unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        });
+        let id = id.unwrap_or_else(|| super::stem(path));
         let (tx, rx) = sync_channel::<Job>(max_queue);
         let depth = Arc::new(AtomicUsize::new(0));
         let (p, d) = (path.to_path_buf(), depth.clone());

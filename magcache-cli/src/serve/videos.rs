@@ -111,12 +111,35 @@ async fn fields(req: HttpRequest) -> Result<Fields, ApiError> {
     let body = Bytes::from_request(req, &())
         .await
         .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let v: serde_json::Map<String, Value> =
-        serde_json::from_slice(&body).map_err(|e| ApiError::body(&e))?;
+    let Pairs(v) = serde_json::from_slice(&body).map_err(|e| ApiError::body(&e))?;
     for (k, v) in v {
         add(&mut f, &k, Field::Json(v))?;
     }
     Ok(f)
+}
+
+/// A JSON object's members in order, a key given twice kept twice (a map keeps the last one
+/// silently; [`add`] refuses the second).
+struct Pairs(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Pairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Pairs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object of the request's fields")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Pairs, A::Error> {
+                let mut v = Vec::new();
+                while let Some(kv) = m.next_entry::<String, Value>()? {
+                    v.push(kv);
+                }
+                Ok(Pairs(v))
+            }
+        }
+        d.deserialize_map(Members)
+    }
 }
 
 enum Field {
@@ -124,21 +147,31 @@ enum Field {
     Json(Value),
 }
 
+/// The fields that are text (the others are numbers, which a form sends as text too).
+const TEXT_FIELDS: &[&str] = &["model", "prompt", "size", "negative_prompt"];
+
 fn add(f: &mut Fields, name: &str, v: Field) -> Result<(), ApiError> {
     if !FIELDS.contains(&name) {
         return Err(ApiError::bad(name, format!("unknown field `{name}`")));
     }
+    let bad = |why: String| ApiError::bad(name, format!("{name}: {why}"));
+    let twice = f.text.contains_key(name)
+        || (name == "cache" && f.cache.is_some())
+        || (name == "input_reference" && f.reference.is_some());
+    if twice {
+        return Err(bad("given twice".into()));
+    }
     let text = |v: &Field| -> Result<String, ApiError> {
         match v {
             Field::Bytes(b) => {
-                String::from_utf8(b.to_vec()).map_err(|_| ApiError::bad(name, "is not UTF-8 text"))
+                String::from_utf8(b.to_vec()).map_err(|_| bad("is not UTF-8 text".into()))
             }
             Field::Json(Value::String(s)) => Ok(s.clone()),
-            Field::Json(Value::Number(n)) => Ok(n.to_string()),
-            Field::Json(other) => Err(ApiError::bad(
-                name,
-                format!("{other} is not a string or number"),
-            )),
+            Field::Json(Value::Number(n)) if !TEXT_FIELDS.contains(&name) => Ok(n.to_string()),
+            Field::Json(other) if TEXT_FIELDS.contains(&name) => {
+                Err(bad(format!("{other} is not a string")))
+            }
+            Field::Json(other) => Err(bad(format!("{other} is not a number"))),
         }
     };
     match (name, &v) {
@@ -148,27 +181,29 @@ fn add(f: &mut Fields, name: &str, v: Field) -> Result<(), ApiError> {
                 .split_once(";base64,")
                 .filter(|(head, _)| head.starts_with("data:image/"))
                 .map(|(_, d)| d)
-                .ok_or_else(|| {
-                    ApiError::bad(name, "a JSON body gives it as a data:image/...;base64, URL")
-                })?;
+                .ok_or_else(
+                    || bad("a JSON body gives it as a data:image/...;base64, URL".into()),
+                )?;
             let b = base64::engine::general_purpose::STANDARD
                 .decode(data.trim())
-                .map_err(|e| ApiError::bad(name, format!("bad base64: {e}")))?;
+                .map_err(|e| bad(format!("bad base64: {e}")))?;
             f.reference = Some(b);
         }
-        ("cache", Field::Json(Value::Object(o))) => {
-            let t = toml::Table::try_from(o).map_err(|e| ApiError::bad(name, e.to_string()))?;
-            f.cache = Some(t);
+        ("input_reference", Field::Json(other)) => {
+            return Err(bad(format!(
+                "{other}: a JSON body gives it as a data:image/...;base64, URL string"
+            )))
         }
+        ("cache", Field::Json(Value::Object(o))) => f.cache = Some(cache_table(o)?),
         ("cache", _) => {
             let s = text(&v)?;
-            let t: toml::Table = serde_json::from_str::<serde_json::Map<String, Value>>(&s)
-                .map_err(|e| e.to_string())
-                .and_then(|o| toml::Table::try_from(o).map_err(|e| e.to_string()))
-                .map_err(|e| {
-                    ApiError::bad(name, format!("an object of [cache] keys as JSON: {e}"))
-                })?;
-            f.cache = Some(t);
+            let o = serde_json::from_str::<serde_json::Map<String, Value>>(&s).map_err(|e| {
+                ApiError::bad(
+                    name,
+                    format!("cache: an object of [cache] keys as JSON: {e}"),
+                )
+            })?;
+            f.cache = Some(cache_table(&o)?);
         }
         _ => {
             let t = text(&v)?;
@@ -178,13 +213,41 @@ fn add(f: &mut Fields, name: &str, v: Field) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The `[cache]` keys of a request (a JSON object) as TOML; a value TOML has no form for (a
+/// `null`) is named by its key.
+fn cache_table(o: &serde_json::Map<String, Value>) -> Result<toml::Table, ApiError> {
+    fn null_at(v: &Value, at: &str) -> Option<String> {
+        match v {
+            Value::Null => Some(at.to_string()),
+            Value::Object(o) => o.iter().find_map(|(k, v)| null_at(v, &format!("{at}.{k}"))),
+            Value::Array(a) => a.iter().find_map(|v| null_at(v, at)),
+            _ => None,
+        }
+    }
+    if let Some(at) = o
+        .iter()
+        .find_map(|(k, v)| null_at(v, &format!("cache.{k}")))
+    {
+        return Err(ApiError::bad(
+            "cache",
+            format!("{at}: null is not a value (leave the key out for its default)"),
+        ));
+    }
+    toml::Table::try_from(o).map_err(|e| ApiError::bad("cache", format!("cache: {e}")))
+}
+
 fn number<T: std::str::FromStr>(f: &Fields, name: &str) -> Result<Option<T>, ApiError> {
+    let kind = match std::any::type_name::<T>() {
+        "f64" | "f32" => "a number",
+        "i64" | "i32" => "a whole number",
+        _ => "a whole number, 0 or more",
+    };
     f.text
         .get(name)
         .map(|s| {
             s.trim()
                 .parse()
-                .map_err(|_| ApiError::bad(name, format!("`{s}` is not a number")))
+                .map_err(|_| ApiError::bad(name, format!("{name}: `{s}` is not {kind}")))
         })
         .transpose()
 }
@@ -195,7 +258,11 @@ fn video_text(
     f: &Fields,
     reference: Option<&std::path::Path>,
 ) -> Result<(String, String, u64), ApiError> {
-    let model = f.text.get("model").cloned().unwrap_or_default();
+    let model = f
+        .text
+        .get("model")
+        .cloned()
+        .ok_or_else(|| ApiError::bad("model", "model: missing (the id of a served model)"))?;
     let m = app.model(&model)?;
     let fps = m.fps.ok_or_else(|| {
         ApiError::bad(
@@ -218,17 +285,30 @@ fn video_text(
         number::<u64>(f, "num_frames")?,
         number::<f64>(f, "seconds")?,
     ) {
-        (Some(n), _) => Some(n),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad(
+                "seconds",
+                "seconds: give num_frames or seconds, not both",
+            ))
+        }
+        (Some(n), None) if !(1..=1001).contains(&n) => {
+            return Err(ApiError::bad("num_frames", "num_frames: must be 1..=1001"))
+        }
+        (Some(n), None) => Some(n),
         (None, Some(s)) if s.is_finite() && s > 0.0 && s <= 60.0 => {
             // Wan takes 4k + 1 frames.
-            Some(((s * fps as f64 / 4.0).round() as u64).max(1) * 4 + 1)
+            let n = ((s * fps as f64 / 4.0).round() as u64).max(1) * 4 + 1;
+            if n > 1001 {
+                return Err(ApiError::bad(
+                    "seconds",
+                    format!("seconds: {s} s at this model's {fps} fps is {n} frames, past the 1001 a request may ask for"),
+                ));
+            }
+            Some(n)
         }
         (None, Some(_)) => return Err(ApiError::bad("seconds", "seconds: must be in (0, 60]")),
         (None, None) => None,
     };
-    if frames.is_some_and(|n| !(1..=1001).contains(&n)) {
-        return Err(ApiError::bad("num_frames", "num_frames: must be 1..=1001"));
-    }
     let mut extra = toml::Table::new();
     if let Some(n) = frames {
         extra.insert("num_frames".into(), toml::Value::Integer(n as i64));
@@ -306,6 +386,7 @@ async fn create_job(app: &Arc<App>, req: HttpRequest) -> Result<Value, ApiError>
             return Err(e);
         }
     };
+    // `video_text` found the model.
     let model = f.text.get("model").cloned().unwrap_or_default();
     let m = app.model(&model)?;
     let video = Video {
@@ -419,7 +500,10 @@ pub(crate) async fn content(State(app): State<Arc<App>>, Path(id): Id, h: Header
             Some(mp4) => Ok(([(header::CONTENT_TYPE, "video/mp4")], mp4.clone()).into_response()),
             None => Err(ApiError::bad(
                 "video_id",
-                format!("video `{id}` is {}, not completed", v.status),
+                format!(
+                    "video `{id}` is {}, not completed",
+                    v.object()["status"].as_str().unwrap_or(v.status)
+                ),
             )),
         })
     })
@@ -458,7 +542,19 @@ pub(crate) async fn list(
     with_jobs(&app, &h, ("/v1/videos", ""), |all| {
         let q = match &q {
             Ok(q) => q,
-            Err(e) => return Some(Err(ApiError::bad("query", e.body_text()))),
+            Err(e) => {
+                // Name the parameter serde's message is about (`limit=abc`, `limit=-1`).
+                let text = e.body_text();
+                let param = ["limit", "after", "order"]
+                    .into_iter()
+                    .find(|p| text.contains(&format!("`{p}`")))
+                    .unwrap_or("query");
+                let why = match param {
+                    "limit" => "limit: must be a whole number 1..=100".to_string(),
+                    _ => text,
+                };
+                return Some(Err(ApiError::bad(param, why)));
+            }
         };
         Some(page(all, Some(q)).map(|v| Json(v).into_response()))
     })

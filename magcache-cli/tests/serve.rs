@@ -766,6 +766,13 @@ fn bad_requests_are_refused_before_any_work_without_server_paths() {
     let mut head = [0u8; 12];
     c.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 401", "{}", String::from_utf8_lossy(&head));
+    // A body announced past the limit: 413 at once, not `100 Continue`, nothing read.
+    let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(format!("POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\n{key}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 99999999999\r\n\r\n").as_bytes())
+        .unwrap();
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
     // Another site's page (its Origin), and a page whose name was made to resolve to loopback.
     let (st, _, _) = srv.http(
         "GET",

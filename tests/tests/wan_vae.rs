@@ -413,3 +413,16 @@ fn tiled_decode_and_encode_match_diffusers() {
         assert_eq!(max_abs_diff(&tiled_small, &v.decode(&small).unwrap()), 0.0);
     }
 }
+
+/// A cancelled job (a served request) stops the encode of its conditioning video: the encode
+/// checks `magcache_core::cancel` after each chunk of frames.
+#[test]
+fn a_cancelled_encode_stops() {
+    let v = vae();
+    let f = load("pipelines/wan_vae_forward.safetensors");
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let scope = magcache_core::cancel::Scope::enter(flag);
+    let e = v.encode_mean(&f["encode.video"]).err();
+    assert!(matches!(e, Some(magcache_core::Error::Cancelled)), "{e:?}");
+    assert!(scope.tripped());
+}

@@ -126,6 +126,24 @@ pub(crate) async fn same_origin(State(app): State<Arc<App>>, req: Request, next:
         }
         .into_response();
     }
+    // A body announced past the limit is refused before any of it is read (and before a client
+    // that sent `Expect: 100-continue` is told to send it).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > super::BODY_LIMIT as u64) {
+        app.metrics.request("(other)", 413);
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body's Content-Length {n} is past the server's limit of {} bytes",
+                super::BODY_LIMIT
+            ),
+        )
+        .into_response();
+    }
     next.run(req).await
 }
 

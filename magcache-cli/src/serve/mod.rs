@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 /// Request bodies up to this many bytes (a prompt, or a first frame as a `data:` URL).
-const BODY_LIMIT: usize = 16 << 20;
+pub(crate) const BODY_LIMIT: usize = 16 << 20;
 
 /// What the handlers share.
 pub(crate) struct App {

@@ -169,6 +169,8 @@ impl WanVae {
             if progress {
                 magcache_core::runtime::progress::tick("encode: frame chunk", i + 1, chunks);
             }
+            // A cancelled job (a served request) stops within one chunk of the conditioning.
+            magcache_core::cancel::check()?;
         }
         Ok(Tensor::cat(&outs, 1)?)
     }

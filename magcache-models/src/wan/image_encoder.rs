@@ -370,6 +370,8 @@ impl ClipVisionEncoder {
         let mut x = self.pre_ln.forward(&x)?;
         let heads = c.num_attention_heads;
         for l in &self.layers {
+            // A cancelled job (a served request) stops within one layer.
+            magcache_core::cancel::check()?;
             let y = l.ln1.forward(&x)?;
             let q = split_heads(&l.q.forward(&y)?, heads)?;
             let k = split_heads(&l.k.forward(&y)?, heads)?;

@@ -211,6 +211,8 @@ impl FluxTextEncoders {
         let t5 = self.t5.as_ref().ok_or_else(released)?;
 
         let clip_tokens = self.clip_tokenizer.encode(prompt)?;
+        let vocab = clip.config.vocab_size;
+        clip_tokens.check_vocab(vocab, self.clip_tokenizer.file(), "CLIP text encoder")?;
         let n = clip_tokens.ids.len();
         let ids = Tensor::from_slice(&clip_tokens.ids, (1, n), clip.device())?;
         let (clip_last_hidden_state, pooled_prompt_embeds) = clip.forward(&ids)?;
@@ -219,6 +221,8 @@ impl FluxTextEncoders {
         let t5_tokens = self
             .t5_tokenizer
             .encode(prompt_2.unwrap_or(prompt), max_sequence_length)?;
+        let vocab = t5.config.vocab_size;
+        t5_tokens.check_vocab(vocab, self.t5_tokenizer.file(), "T5 text encoder")?;
         let ids = Tensor::from_slice(&t5_tokens.ids, (1, max_sequence_length), t5.device())?;
         let prompt_embeds = t5.forward_unmasked(&ids)?;
         Ok(FluxPromptEncoding {

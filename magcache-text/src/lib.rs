@@ -153,6 +153,8 @@ impl WanTextEncoder {
         })?;
         let cleaned = self.clean(prompt)?;
         let tokens = self.tokenizer.encode(&cleaned, max_len)?;
+        let vocab = encoder.config.vocab_size;
+        tokens.check_vocab(vocab, self.tokenizer.file(), "UMT5 text encoder")?;
         let dev = encoder.device();
         let ids = Tensor::from_slice(&tokens.ids, (1, max_len), dev)?;
         let mask = Tensor::from_slice(&tokens.attention_mask, (1, max_len), dev)?;

@@ -154,6 +154,8 @@ impl QwenChatEncoder {
     pub fn encode(&self, prompt: &str, max_len: usize) -> Result<QwenChatEncoding> {
         let text = chat_prompt(prompt, self.style.thinking);
         let tokens = self.tokenizer.encode(&text, max_len)?;
+        let vocab = self.encoder.config.vocab_size;
+        tokens.check_vocab(vocab, self.tokenizer.file(), "Qwen3 text encoder")?;
         let hidden_states =
             self.encoder
                 .hidden_states(&tokens.ids, &tokens.attention_mask, self.layers)?;

@@ -204,6 +204,8 @@ impl QwenImageTextEncoder {
             tokens.tokens.truncate(cap);
             tokens.seq_len = cap;
         }
+        let vocab = self.encoder.config.vocab_size;
+        tokens.check_vocab(vocab, self.tokenizer.file(), "Qwen2.5-VL text encoder")?;
         let t = tokens.ids.len();
         let n = self.encoder.config.num_hidden_layers;
         let mut hidden_states =

@@ -20,6 +20,26 @@ pub struct TokenizedPrompt {
     pub seq_len: usize,
 }
 
+impl TokenizedPrompt {
+    /// Refuses a token id past the text encoder's vocabulary (`vocab` rows, `encoder` as messages
+    /// name it), naming the tokenizer's file (`tokenizer`): the tokenizer gave an id the encoder
+    /// has no embedding for, so the two do not belong together.
+    pub fn check_vocab(&self, vocab: usize, tokenizer: &str, encoder: &str) -> Result<()> {
+        match self.ids.iter().position(|&i| i as usize >= vocab) {
+            None => Ok(()),
+            Some(at) => Err(Error::config(
+                tokenizer,
+                "(vocabulary)",
+                format!(
+                    "gave token id {} (`{}`), past the {encoder}'s vocabulary of {vocab} (its config.json vocab_size): the tokenizer and the text encoder do not belong together",
+                    self.ids[at],
+                    self.tokens.get(at).map(String::as_str).unwrap_or("?")
+                ),
+            )),
+        }
+    }
+}
+
 /// `tokenizer_class` values of a T5 tokenizer (Wan's `tokenizer/`, FLUX's `tokenizer_2/`).
 pub const T5_TOKENIZERS: &[&str] = &[
     "T5Tokenizer",
@@ -245,5 +265,30 @@ impl WanTokenizer {
             attention_mask,
             tokens,
         }
+    }
+}
+
+#[cfg(test)]
+mod vocab_tests {
+    use super::TokenizedPrompt;
+
+    #[test]
+    fn an_id_past_the_encoders_vocabulary_names_the_tokenizer() {
+        let t = TokenizedPrompt {
+            ids: vec![5, 393, 1],
+            attention_mask: vec![1, 1, 1],
+            tokens: vec!["▁a".into(), "fox".into(), "</s>".into()],
+            seq_len: 3,
+        };
+        assert!(t.check_vocab(394, "tok.json", "UMT5 text encoder").is_ok());
+        let e = t
+            .check_vocab(393, "tok.json", "UMT5 text encoder")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("tok.json") && e.contains("393 (`fox`)") && e.contains("vocab_size"),
+            "{e}"
+        );
     }
 }

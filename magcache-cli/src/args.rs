@@ -209,7 +209,8 @@ pub(crate) struct TuneArgs {
     /// With --target-psnr: dB above the target a setting must keep on these inputs [default: 0.5].
     #[arg(long, allow_negative_numbers = true)]
     pub(crate) margin: Option<f64>,
-    /// Most real runs besides the calibration run.
+    /// Most settings tried (each is run on the tune's inputs, two by default), besides the
+    /// calibration run.
     #[arg(long, default_value_t = 24)]
     pub(crate) runs: usize,
     /// Also fit the fitted estimator (`estimator = "fitted"`, as `calibrate --fit`) on the best

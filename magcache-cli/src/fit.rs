@@ -405,6 +405,28 @@ fn train(
     Ok((best, best_it, record))
 }
 
+/// Refuses, from the plan alone (no weights, before any run), a run whose scopes run different
+/// step counts (two experts): a fit is one schedule for every scope, which a run then refuses for
+/// the scope it does not fit (`what`: the command, for the message).
+pub(crate) fn check_one_step_count(
+    text: &str,
+    file: &str,
+    config: &Path,
+    what: &str,
+) -> Result<()> {
+    crate::prepare::link_strategies();
+    let cfg = magcache_core::RunConfig::parse(text, file)?;
+    let fam = crate::prepare::family_of(&cfg, file)?;
+    let plan = (fam.plan)(&cfg, file, &crate::prepare::base_dir(config))?.plan;
+    let counts: std::collections::BTreeSet<usize> = plan.scopes.iter().map(|s| s.steps).collect();
+    if counts.len() > 1 {
+        return Err(Error::msg(format!(
+            "{file}: `{what}` fits one schedule for every scope, and this run's scopes run different step counts ({counts:?} calls: two experts): the fitted estimator does not apply to it (a `schedule` with another estimator does)"
+        )));
+    }
+    Ok(())
+}
+
 /// Fits the fitted estimator for the run `config` (its `[cache]` is ignored); returns the profile
 /// (the dense calibration's tables and the `[fitted]` table) and the fit's record. `progress`
 /// prints a line per iteration on stderr.
@@ -413,6 +435,7 @@ pub fn fit(config: &Path, opts: &FitOptions, progress: bool) -> Result<(Profile,
     let file = config.display().to_string();
     let text = crate::prepare::without_cache(&magcache_core::error::read_text(config)?);
     check_options(opts)?;
+    check_one_step_count(&text, &file, config, "calibrate --fit")?;
     let (start, opts) = start_profile(opts)?;
     let opts = &opts;
     // Every seed's pipeline reads the same checkpoint: keep its tensors once (as `serve` does)

@@ -920,6 +920,12 @@ fn the_server_makes_its_own_temporary_folder_and_removes_only_it() {
     let srv = Server::start_with(&["--config", s(&model)], &[("TMPDIR", &tmp)]);
     let made = ours();
     assert_eq!(made.len(), 1, "{made:?}");
+    // Private: the pictures users send are theirs.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&made[0]).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    }
     assert_eq!(srv.stop(), Some(0));
     assert_eq!(ours(), Vec::<PathBuf>::new());
     assert_eq!(

@@ -376,6 +376,32 @@ fn fit_refuses_experts_with_other_step_counts_at_once() {
         &["wan22_i2v_tiny_prompted.toml", "--fit", "step counts"],
     );
     assert!(!out.exists());
+    // `calibrate --fit` the same, before any run (it wrote a profile every run then refused).
+    let o = magcache(&[
+        "calibrate",
+        "--config",
+        s(&run),
+        "--out",
+        s(&out),
+        "--fit",
+        "--compute-steps",
+        "0,3",
+        "--calibration-seeds",
+        "1000",
+        "--validation-seeds",
+        "2000",
+        "--iterations",
+        "0",
+    ]);
+    common::check_err(
+        &o,
+        &[
+            "wan22_i2v_tiny_prompted.toml",
+            "calibrate --fit",
+            "step counts",
+        ],
+    );
+    assert!(!out.exists());
 }
 
 /// The tiny prompted Wan example at a 2x target chooses an explicit schedule, which reads no
@@ -410,4 +436,44 @@ fn a_setting_that_reads_no_profile_writes_none() {
     // Tuned again to the same --out: nothing left in its way.
     let o = tune();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Two experts running 8 and 4 calls: a budget computes that many calls of each (all of the
+/// shorter one's), so 2x is budget 3 (6 of 12 calls) and 4x budget 1; the budget was taken from
+/// all 12 steps (2x: budget 6, then 4, 1.5x) and missed targets the run can meet.
+#[test]
+fn a_speedup_target_is_met_over_experts_of_other_step_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("examples/wan22_tiny_magcache.toml"))
+        .unwrap()
+        .replace("\"../tests/", &format!("\"{}/tests/", root.display()));
+    let run = dir.path().join("wan22.toml");
+    std::fs::write(&run, text).unwrap();
+    for target in ["2", "4"] {
+        let out = dir.path().join(format!("x{target}.toml"));
+        let o = magcache(&[
+            "tune",
+            "--config",
+            s(&run),
+            "--out",
+            s(&out),
+            "--target-speedup",
+            target,
+            "--runs",
+            "3",
+            "--quiet",
+        ]);
+        assert!(
+            o.status.success(),
+            "{target}x: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let (_, computed, total) = psnr(&out);
+        let want: f64 = target.parse().unwrap();
+        assert!(
+            total as f64 / computed as f64 + 1e-9 >= want,
+            "{target}x: {computed}/{total}"
+        );
+    }
 }

@@ -191,9 +191,8 @@ impl StrategyConfig for SpectrumConfig {
         ))))
     }
 
-    fn threshold(&self) -> Option<f64> {
-        Some(self.flex_window)
-    }
+    // No `threshold`: the window is not a value the metric is compared with (the reports'
+    // threshold hint and plot line would read `flex_window` as one).
 
     fn metric_name(&self) -> &'static str {
         "spectrum: the window (calls per computed call) when the call was decided"

@@ -259,3 +259,11 @@ fn a_window_of_one_computes_every_call_and_spectrum_is_listed() {
         .collect();
     assert!(names.contains(&"spectrum"), "{names:?}");
 }
+
+/// Spectrum compares no metric with a threshold: reports must not read its window as one (the
+/// threshold hint and the plot's line were `flex_window`).
+#[test]
+fn spectrum_reports_no_threshold() {
+    use magcache_core::StrategyConfig;
+    assert_eq!(SpectrumConfig::default().threshold(), None);
+}

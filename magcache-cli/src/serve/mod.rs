@@ -262,15 +262,20 @@ fn model_id(file: &str, path: &std::path::Path, id: Option<&str>) -> Result<()> 
 /// created only where nothing is, never through a link, private to the user) and removed with
 /// what it holds when the server ends; nothing that was there before is used or removed.
 fn tmp_dir() -> Result<tempfile::TempDir> {
-    tempfile::Builder::new()
-        .prefix("magcache-serve-")
-        .tempdir()
-        .map_err(|e| {
-            Error::msg(format!(
-                "serve: cannot make a folder for request pictures in {}: {e}",
-                std::env::temp_dir().display()
-            ))
-        })
+    let mut b = tempfile::Builder::new();
+    b.prefix("magcache-serve-");
+    // Owner only: the pictures users send are theirs (tempfile's default is 0o777 less the umask).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(0o700));
+    }
+    b.tempdir().map_err(|e| {
+        Error::msg(format!(
+            "serve: cannot make a folder for request pictures in {}: {e}",
+            std::env::temp_dir().display()
+        ))
+    })
 }
 
 /// Runs the server until SIGINT or SIGTERM (then jobs in flight are cancelled and it exits 0).

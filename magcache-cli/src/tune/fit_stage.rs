@@ -47,17 +47,7 @@ pub(super) fn precheck(config: &Path, fo: &crate::FitOptions) -> Result<()> {
             "`tune --fit` draws the fit's inputs from seeds: give a run with seeded inputs",
         ));
     }
-    // The plan alone (no weights): one schedule fits every scope only if they run as many calls.
-    crate::prepare::link_strategies();
-    let cfg = magcache_core::RunConfig::parse(&text, &file)?;
-    let fam = crate::prepare::family_of(&cfg, &file)?;
-    let plan = (fam.plan)(&cfg, &file, &crate::prepare::base_dir(config))?.plan;
-    if plan.scopes.windows(2).any(|w| w[0].steps != w[1].steps) {
-        return Err(Error::msg(format!(
-            "{file}: `tune --fit` fits one schedule for every scope, and this run's scopes have different step counts (two experts): fit with `calibrate --fit --compute-steps`"
-        )));
-    }
-    Ok(())
+    crate::fit::check_one_step_count(&text, &file, config, "tune --fit")
 }
 
 /// The best schedule candidate tried at budget `b` (a fit starts from a schedule).

@@ -357,13 +357,24 @@ pub fn tune(
             // at most MAX_GAP - 1 in a row).
             let gap = magcache_strategies::schedule::MAX_GAP;
             let fewest = most.div_ceil(gap).max(1);
-            if s > most as f64 / fewest as f64 + 1e-9 {
+            // A budget computes that many calls of every scope (all of a shorter one's): the
+            // run's speedup over its scopes together (two experts may run different counts).
+            let calls: usize = plan.scopes.iter().map(|sc| sc.steps).sum();
+            let speedup = |b: usize| {
+                let computed: usize = plan.scopes.iter().map(|sc| b.min(sc.steps)).sum();
+                calls as f64 / computed.max(1) as f64
+            };
+            if s > speedup(fewest) + 1e-9 {
                 return Err(Error::msg(format!(
-                    "--target-speedup {s}: at most {:.2}x on this run (its scopes run {most} calls, and a schedule computes at least one call of every {gap})",
-                    most as f64 / fewest as f64
+                    "--target-speedup {s}: at most {:.2}x on this run (its shortest scope runs {most} calls, and a schedule computes at least one call of every {gap})",
+                    speedup(fewest)
                 )));
             }
-            let b = ((steps as f64 / s).floor() as usize).clamp(fewest, most);
+            // The largest budget that meets the target.
+            let b = (fewest..=most)
+                .rev()
+                .find(|&b| speedup(b) + 1e-9 >= s)
+                .unwrap_or(fewest);
             let i = ctx.at_budget(b)?;
             let i = match i {
                 Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),

@@ -353,28 +353,7 @@ pub fn tune(
     };
     let chosen = match opts.target {
         Target::Speedup(s) => {
-            // A scope computes at least one call of every MAX_GAP (the searched schedules reuse
-            // at most MAX_GAP - 1 in a row).
-            let gap = magcache_strategies::schedule::MAX_GAP;
-            let fewest = most.div_ceil(gap).max(1);
-            // A budget computes that many calls of every scope (all of a shorter one's): the
-            // run's speedup over its scopes together (two experts may run different counts).
-            let calls: usize = plan.scopes.iter().map(|sc| sc.steps).sum();
-            let speedup = |b: usize| {
-                let computed: usize = plan.scopes.iter().map(|sc| b.min(sc.steps)).sum();
-                calls as f64 / computed.max(1) as f64
-            };
-            if s > speedup(fewest) + 1e-9 {
-                return Err(Error::msg(format!(
-                    "--target-speedup {s}: at most {:.2}x on this run (its shortest scope runs {most} calls, and a schedule computes at least one call of every {gap})",
-                    speedup(fewest)
-                )));
-            }
-            // The largest budget that meets the target.
-            let b = (fewest..=most)
-                .rev()
-                .find(|&b| speedup(b) + 1e-9 >= s)
-                .unwrap_or(fewest);
+            let b = speedup_budget(&plan, most, s)?;
             let i = ctx.at_budget(b)?;
             let i = match i {
                 Some(i) if single_scope_steps => Some(ctx.refine(i, None)?),
@@ -591,6 +570,32 @@ impl Ctx<'_, '_> {
         }
         Ok(best)
     }
+}
+
+/// The budget a speedup target `s` is tried at: the largest that meets it, where a budget computes
+/// that many calls of every scope (all of a shorter one's; `most`: the shortest scope's calls), so
+/// the run's speedup is over its scopes together (two experts may run different counts). A
+/// target past what the fewest calls allowed give is refused.
+fn speedup_budget(plan: &magcache_core::GenerationPlan, most: usize, s: f64) -> Result<usize> {
+    // A scope computes at least one call of every MAX_GAP (the searched schedules reuse at most
+    // MAX_GAP - 1 in a row).
+    let gap = magcache_strategies::schedule::MAX_GAP;
+    let fewest = most.div_ceil(gap).max(1);
+    let calls: usize = plan.scopes.iter().map(|sc| sc.steps).sum();
+    let speedup = |b: usize| {
+        let computed: usize = plan.scopes.iter().map(|sc| b.min(sc.steps)).sum();
+        calls as f64 / computed.max(1) as f64
+    };
+    if s > speedup(fewest) + 1e-9 {
+        return Err(Error::msg(format!(
+            "--target-speedup {s}: at most {:.2}x on this run (its shortest scope runs {most} calls, and a schedule computes at least one call of every {gap})",
+            speedup(fewest)
+        )));
+    }
+    Ok((fewest..=most)
+        .rev()
+        .find(|&b| speedup(b) + 1e-9 >= s)
+        .unwrap_or(fewest))
 }
 
 #[cfg(test)]

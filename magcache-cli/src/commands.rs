@@ -228,6 +228,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
         &[("--plot", &plot), ("--png", &png), ("--video", &video)],
     )?;
     check_png_name(&png)?;
+    check_extension("--plot", &plot, "svg", "the plot is written as SVG")?;
     let c = crate::compare(&config, verbosity(quiet, json), data_range, repeat)?;
     let r = &c.report;
     if let Some(f) = &plot {
@@ -383,16 +384,21 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| magcache_core::Error::msg(e.to_string()))
 }
 
-/// `--png` writes PNG: a name with another extension (`out.jpg`) is refused before any work (after
-/// the outputs are checked: an input named as `--png` is refused as such).
+/// `--png` writes PNG and `--plot` SVG: a name with another extension (`out.jpg`, `plot.png`)
+/// is refused before any work (after the outputs are checked: an input named as either is
+/// refused as such).
 fn check_png_name(png: &Option<PathBuf>) -> Result<()> {
-    let Some(p) = png else { return Ok(()) };
+    check_extension("--png", png, "png", "the picture is written as PNG")
+}
+
+fn check_extension(flag: &str, path: &Option<PathBuf>, ext: &str, what: &str) -> Result<()> {
+    let Some(p) = path else { return Ok(()) };
     match p
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
     {
-        Some(e) if e != "png" => Err(magcache_core::Error::msg(format!(
-            "--png {}: the picture is written as PNG; give a .png name",
+        Some(e) if e != ext => Err(magcache_core::Error::msg(format!(
+            "{flag} {}: {what}; give a .{ext} name",
             p.display()
         ))),
         _ => Ok(()),

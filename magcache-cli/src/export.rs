@@ -115,6 +115,9 @@ pub fn export_as(
     let gguf = gguf_format(format, exporter, fam.name)?;
     let models = (exporter.export)(&cfg, &file, &crate::prepare::base_dir(config))?;
     check_sizes(&cfg, &file, &models)?;
+    if !matches!(format, Format::Gguf { .. }) {
+        check_disk(&parent, &models, &shown)?;
+    }
     // Partial folders of exports that were killed (SIGKILL) go, as runs' temporaries do.
     crate::temps::clean_stale(&parent, &|_| false);
     let tmp = crate::temps::temp_name(&parent, "partial");
@@ -290,7 +293,7 @@ fn write_all(
                 .collect();
             let shown = path.display().to_string();
             safetensors::tensor::serialize_to_file(views, None, &path)
-                .map_err(|e| Error::io(&shown, format!("{e:?}")))?;
+                .map_err(|e| Error::io(&shown, e))?;
             // safetensors writes through a private (0600) temporary file; give the shard the
             // permissions the umask gave config.json, like every other file we write.
             let perms = std::fs::metadata(&cfg_path)
@@ -403,6 +406,49 @@ fn check_sizes(cfg: &RunConfig, file: &str, models: &[GeneratedWeights]) -> Resu
         guard::sum(&[f32_bytes, Some(b), Some(b)]),
     );
     fp.check(file)
+}
+
+/// Refuses an export whose tensors (`models`, written unquantized) need more bytes than the file
+/// system of `parent` has free: it would fill the disk, then fail and remove what it wrote.
+fn check_disk(parent: &Path, models: &[GeneratedWeights], out: &str) -> Result<()> {
+    let need: u64 = models
+        .iter()
+        .flat_map(|m| &m.tensors)
+        .filter_map(|(_, shape, dtype)| nbytes(shape, *dtype))
+        .fold(0u64, u64::saturating_add);
+    match free_bytes(parent) {
+        Some(free) if need > free => Err(Error::io(
+            out,
+            format!(
+                "the export writes {:.2} GB and {} has {:.2} GB free",
+                need as f64 / 1e9,
+                parent.display(),
+                free as f64 / 1e9
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes an unprivileged user may still write on the file system of `dir` (Linux; elsewhere
+/// unknown).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a zeroed struct statvfs fills.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        None
+    }
 }
 
 /// One tensor, generated when the writer asks for its bytes. `View::data` cannot fail, so a

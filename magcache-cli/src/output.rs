@@ -441,11 +441,11 @@ impl Outputs {
             .map(|(k, shape, bytes)| {
                 safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
                     .map(|v| (k.clone(), v))
-                    .map_err(|e| Error::io(&shown, format!("tensor `{k}`: {e:?}")))
+                    .map_err(|e| Error::io(&shown, format!("tensor `{k}`: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::tensor::serialize(views, None)
-            .map_err(|e| Error::io(&shown, format!("{e:?}")))?;
+        let bytes =
+            safetensors::tensor::serialize(views, None).map_err(|e| Error::io(&shown, e))?;
         self.write(path, &bytes)
     }
 

@@ -306,6 +306,24 @@ pub(crate) fn refuse_moved_paths(config: &Path, out: &Path) -> Result<()> {
 
 /// The run file's text without its `[cache]` table.
 pub(crate) fn without_cache(text: &str) -> String {
+    let out = without_cache_tables(text);
+    // A `cache` the line edit cannot see (an inline table, a dotted key at the root, a quoted
+    // header): the parsed document without it (its comments and layout are lost, its keys kept).
+    let left = out.parse::<toml::Table>();
+    if left.as_ref().is_ok_and(|t| !t.contains_key("cache")) {
+        return out;
+    }
+    match text.parse::<toml::Table>() {
+        Ok(mut doc) => {
+            doc.remove("cache");
+            toml::to_string(&doc).unwrap_or(out)
+        }
+        Err(_) => out,
+    }
+}
+
+/// `text` without its `[cache]` table and subtables, line by line (comments and layout kept).
+fn without_cache_tables(text: &str) -> String {
     let mut out = String::new();
     let mut skipping = false;
     for line in text.lines() {
@@ -322,4 +340,38 @@ pub(crate) fn without_cache(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cache_table_goes_however_it_is_spelt() {
+        let rest = "[model]\nfamily = \"wan2.1\"\n[sampling]\nsteps = 4\n";
+        for cache in [
+            "[cache]\nstrategy = \"none\"\n[cache.mag_ratios]\nmain = [1.0]\n",
+            "['cache']\nstrategy = \"none\"\n",
+        ] {
+            let text = format!("{rest}{cache}");
+            let out: toml::Table = super::without_cache(&text).parse().unwrap();
+            assert!(
+                !out.contains_key("cache") && out.contains_key("sampling"),
+                "{cache}"
+            );
+        }
+        // At the root: an inline table, a dotted key.
+        for cache in [
+            "cache = { strategy = \"none\" }\n",
+            "cache.strategy = \"none\"\n",
+        ] {
+            let text = format!("{cache}{rest}");
+            let out: toml::Table = super::without_cache(&text).parse().unwrap();
+            assert!(
+                !out.contains_key("cache") && out.contains_key("model"),
+                "{cache}"
+            );
+        }
+        // The plain form keeps the file's comments.
+        let text = format!("# mine\n{rest}[cache]\nstrategy = \"none\"\n");
+        assert!(super::without_cache(&text).starts_with("# mine\n"));
+    }
 }

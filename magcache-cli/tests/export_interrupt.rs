@@ -92,3 +92,27 @@ fn an_export_interrupted_while_writing_leaves_a_whole_folder_or_nothing() {
         let _ = std::fs::remove_dir_all(&out);
     }
 }
+
+/// An export larger than the disk's free space is refused before it writes anything (it filled
+/// the disk, then failed naming its temporary folder).
+#[test]
+fn an_export_past_the_free_disk_space_is_refused_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run.toml");
+    // 100 000 blocks of the 1.3B preset: some 17 TB in bf16.
+    std::fs::write(&run, RUN.replace("num_layers = 2", "num_layers = 100000")).unwrap();
+    let out = d.path().join("out");
+    let t = Instant::now();
+    let o = bin()
+        .args(["export", "--config"])
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("GB free") && err.contains("out"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert!(!out.exists() && temporaries(d.path()).is_empty());
+}

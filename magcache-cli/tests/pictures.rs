@@ -93,3 +93,23 @@ fn compare_reports_quality_and_writes_plot_and_png() {
         "three rows: dense, cached, difference"
     );
 }
+
+/// `--plot` writes SVG: a `.png` name is refused before any work, as `--png`'s other names are.
+#[test]
+fn a_plot_named_as_another_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("p.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
+        .args(["compare", "--quiet", "--config"])
+        .arg(example("digits_magcache.toml"))
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--plot") && err.contains(".svg"),
+        "{err}"
+    );
+    assert!(!plot.exists());
+}

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 mod parse;
 pub use parse::parse_toml;
 
+/// The most sampler steps a run may ask for (`sampling.steps`).
+pub const MAX_STEPS: usize = 100_000;
+
 /// What a strategy config may consult when it builds its cache.
 pub struct BuildEnv<'a> {
     /// The config file, for messages.
@@ -356,10 +359,16 @@ impl RunConfig {
         parse_toml::<T>(&self.source, file)
     }
 
-    /// Range checks that the types alone do not express.
+    /// Range checks that the types alone do not express ([`MAX_STEPS`] steps at most).
     pub fn validate(&self, file: &str) -> Result<()> {
-        if self.sampling.steps == 0 {
-            return Err(Error::config(file, "sampling.steps", "must be at least 1"));
+        // No sampler runs more than a few thousand steps; past the bound, the plan alone (a
+        // table per call) would claim memory the size guard does not weigh.
+        if !(1..=MAX_STEPS).contains(&self.sampling.steps) {
+            return Err(Error::config(
+                file,
+                "sampling.steps",
+                format!("must be 1..={MAX_STEPS}, got {}", self.sampling.steps),
+            ));
         }
         // A model config holds no NaN or infinity, and JSON (the configs' form) has none: such an
         // override would reach the model as `null`, named nowhere.
@@ -612,10 +621,13 @@ mod tests {
     }
 
     #[test]
-    fn zero_steps_is_an_error() {
-        let cfg = parse_toml::<RunConfig>(&BASE.replace("steps = 4", "steps = 0"), "f").unwrap();
-        let err = cfg.validate("f").unwrap_err().to_string();
-        assert!(err.contains("sampling.steps"), "{err}");
+    fn zero_steps_or_past_the_bound_is_an_error() {
+        for steps in ["0", "100001", "10000000"] {
+            let text = BASE.replace("steps = 4", &format!("steps = {steps}"));
+            let cfg = parse_toml::<RunConfig>(&text, "f").unwrap();
+            let err = cfg.validate("f").unwrap_err().to_string();
+            assert!(err.contains("sampling.steps: must be 1..=100000"), "{err}");
+        }
     }
 }
 

@@ -17,6 +17,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+mod disk;
+use disk::check_disk;
+
 /// What an export wrote.
 #[derive(Debug, serde::Serialize)]
 pub struct ExportReport {
@@ -216,8 +219,23 @@ fn write_gguf_all(
     let (mut tensors, mut bytes) = (0, 0u64);
     for m in models {
         let dir = model_dir(root, m)?;
-        let name = format!("{quant:?}").to_uppercase();
+        // ggml's own spelling, as released files are named (`Q8_0`, `Q4_K`; candle's is `Q4K`).
+        let mut name = format!("{quant:?}").to_uppercase();
+        if name.ends_with('K') && !name.contains('_') {
+            name.insert(name.len() - 1, '_');
+        }
         let path = dir.join(format!("diffusion_pytorch_model-{name}.gguf"));
+        let block = quant.block_size();
+        if !m
+            .tensors
+            .iter()
+            .any(|(_, s, _)| matches!(s.as_slice(), [_, c] if c % block == 0))
+        {
+            eprintln!(
+                "warning: {}: no matrix of this model has rows of whole {name} blocks ({block} values): every matrix is written F16",
+                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+            );
+        }
         let list: Vec<(String, Vec<usize>)> = m
             .tensors
             .iter()
@@ -406,49 +424,6 @@ fn check_sizes(cfg: &RunConfig, file: &str, models: &[GeneratedWeights]) -> Resu
         guard::sum(&[f32_bytes, Some(b), Some(b)]),
     );
     fp.check(file)
-}
-
-/// Refuses an export whose tensors (`models`, written unquantized) need more bytes than the file
-/// system of `parent` has free: it would fill the disk, then fail and remove what it wrote.
-fn check_disk(parent: &Path, models: &[GeneratedWeights], out: &str) -> Result<()> {
-    let need: u64 = models
-        .iter()
-        .flat_map(|m| &m.tensors)
-        .filter_map(|(_, shape, dtype)| nbytes(shape, *dtype))
-        .fold(0u64, u64::saturating_add);
-    match free_bytes(parent) {
-        Some(free) if need > free => Err(Error::io(
-            out,
-            format!(
-                "the export writes {:.2} GB and {} has {:.2} GB free",
-                need as f64 / 1e9,
-                parent.display(),
-                free as f64 / 1e9
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Bytes an unprivileged user may still write on the file system of `dir` (Linux; elsewhere
-/// unknown).
-fn free_bytes(dir: &Path) -> Option<u64> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-        // SAFETY: `c` is a valid NUL-terminated path and `st` a zeroed struct statvfs fills.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return None;
-        }
-        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = dir;
-        None
-    }
 }
 
 /// One tensor, generated when the writer asks for its bytes. `View::data` cannot fail, so a

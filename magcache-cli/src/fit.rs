@@ -342,37 +342,35 @@ fn train(
     let mut moments = Vec::new();
     let mut record: Vec<FitStep> = Vec::new();
     let (mut best, mut best_it, mut best_psnr) = (None, 0usize, f64::NEG_INFINITY);
+    // An iterate past the first whose run overflows (a step too large) ends the fit, which keeps
+    // its best iterate so far: it never ends worse than its start.
+    let diverged = |it: usize, e: Error| -> Result<()> {
+        match e {
+            Error::NonFinite { .. } if it > 0 => {
+                eprintln!(
+                    "warning: calibrate --fit: iteration {it} diverged ({e}): --learning-rate {} is too large for it; the fit stops and keeps its best iterate",
+                    opts.learning_rate
+                );
+                Ok(())
+            }
+            e => Err(e),
+        }
+    };
     for it in 0..=opts.iterations {
         let last = it == opts.iterations;
-        let (mut err, mut grads, mut vars) = (0.0, Vec::<Tensor>::new(), Vec::<Var>::new());
-        for s in cal.iter_mut() {
-            let _d = magcache_layers::nn::Differentiable::enter();
-            // The blocks keep no graph: the backward recomputes one chain invocation at a time
-            // (`magcache_core::checkpoint`), so memory holds one call's activations, not the run's.
-            let rec = Checkpoint::record()?;
-            let out = cached(s, list, &coefs, opts.axis())?;
-            let tape = rec.finish()?;
-            let loss = ((out - &s.dense)?.sqr()?.sum_all()? / norm)?;
-            err += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if last {
-                continue;
+        let (err, grads, vars) = match calibration_pass(cal, norm, list, opts, &coefs, last) {
+            Ok(v) => v,
+            Err(e) => {
+                diverged(it, e)?;
+                break;
             }
-            let g = checkpoint::backward(&loss, tape, || {
-                cached(s, list, &coefs, opts.axis()).map(drop)
-            })?;
-            if vars.is_empty() {
-                vars = coefs.vars()?.into_iter().map(|(_, v)| v).collect();
-            }
-            for (j, v) in vars.iter().enumerate() {
-                let gj = match g.get(v.as_tensor()) {
-                    Some(t) => t.clone(),
-                    None => v.as_tensor().zeros_like()?,
-                };
-                match grads.get_mut(j) {
-                    Some(acc) => *acc = (&*acc + gj)?,
-                    None => grads.push(gj),
-                }
-            }
+        };
+        if !err.is_finite() && it > 0 {
+            eprintln!(
+                "warning: calibrate --fit: iteration {it} diverged (a calibration error of {err}): --learning-rate {} is too large for it; the fit stops and keeps its best iterate",
+                opts.learning_rate
+            );
+            break;
         }
         if !err.is_finite() {
             return Err(Error::msg(format!(
@@ -380,7 +378,13 @@ fn train(
             )));
         }
         let frozen = coefs.frozen()?;
-        let psnr = worst_psnr(val, list, &frozen, opts.data_range, opts.axis())?;
+        let psnr = match worst_psnr(val, list, &frozen, opts.data_range, opts.axis()) {
+            Ok(p) => p,
+            Err(e) => {
+                diverged(it, e)?;
+                break;
+            }
+        };
         let start_err = record.first().map_or(err, |r| r.calibration_error);
         if err <= start_err && psnr > best_psnr {
             (best, best_it, best_psnr) = (Some(frozen), it, psnr);
@@ -403,6 +407,49 @@ fn train(
     }
     let best = best.ok_or_else(|| Error::msg("calibrate --fit: no iterate kept"))?;
     Ok((best, best_it, record))
+}
+
+/// One pass over the calibration samples `cal` with `coefs`: the summed error (relative to
+/// `norm`) and, unless `last`, its gradients with the variables they are for.
+fn calibration_pass(
+    cal: &mut [Sample],
+    norm: f64,
+    list: &[usize],
+    opts: &FitOptions,
+    coefs: &Coefficients,
+    last: bool,
+) -> Result<(f64, Vec<Tensor>, Vec<Var>)> {
+    let (mut err, mut grads, mut vars) = (0.0, Vec::<Tensor>::new(), Vec::<Var>::new());
+    for s in cal.iter_mut() {
+        let _d = magcache_layers::nn::Differentiable::enter();
+        // The blocks keep no graph: the backward recomputes one chain invocation at a time
+        // (`magcache_core::checkpoint`), so memory holds one call's activations, not the run's.
+        let rec = Checkpoint::record()?;
+        let out = cached(s, list, coefs, opts.axis())?;
+        let tape = rec.finish()?;
+        let loss = ((out - &s.dense)?.sqr()?.sum_all()? / norm)?;
+        err += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if last {
+            continue;
+        }
+        let g = checkpoint::backward(&loss, tape, || {
+            cached(s, list, coefs, opts.axis()).map(drop)
+        })?;
+        if vars.is_empty() {
+            vars = coefs.vars()?.into_iter().map(|(_, v)| v).collect();
+        }
+        for (j, v) in vars.iter().enumerate() {
+            let gj = match g.get(v.as_tensor()) {
+                Some(t) => t.clone(),
+                None => v.as_tensor().zeros_like()?,
+            };
+            match grads.get_mut(j) {
+                Some(acc) => *acc = (&*acc + gj)?,
+                None => grads.push(gj),
+            }
+        }
+    }
+    Ok((err, grads, vars))
 }
 
 /// Refuses, from the plan alone (no weights, before any run), a run whose scopes run different

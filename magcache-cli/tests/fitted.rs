@@ -622,3 +622,26 @@ fn a_fitted_profile_refuses_guards_off_its_calls_and_warns_on_another_shift() {
         "{all}"
     );
 }
+
+/// A step so large that the next iterate's run overflows ends the fit with its best iterate so
+/// far (here the start) and a warning naming `--learning-rate`; it aborted the fit blaming the
+/// run file.
+#[test]
+fn a_diverging_step_keeps_the_best_iterate() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = digits_run(dir.path(), "run.toml", "");
+    let out = dir.path().join("p.toml");
+    let mut args = vec!["calibrate", "--config", s(&run), "--out", s(&out), "--fit"];
+    args.extend_from_slice(&["--iterations", "2", "--calibration-seeds", "11"]);
+    args.extend_from_slice(&["--validation-seeds", "21", "--data-range", "2"]);
+    args.extend_from_slice(&["--compute-steps", SCHEDULE, "--learning-rate", "1e20"]);
+    let o = magcache(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("diverged") && err.contains("--learning-rate"),
+        "{err}"
+    );
+    let p: toml::Table = std::fs::read_to_string(&out).unwrap().parse().unwrap();
+    assert_eq!(p["fitted"]["best_iteration"].as_integer(), Some(0), "{p:?}");
+}

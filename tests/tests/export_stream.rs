@@ -309,6 +309,18 @@ fn a_preset_exports_as_gguf_and_runs_close_to_it() {
     .unwrap();
     let file = out.join("diffusion_pytorch_model-Q8_0.gguf");
     assert!(file.is_file());
+    // k-quants are named as ggml spells them (`Q4_K`, as released files are), not `Q4K`.
+    let k = dir.path().join("q4k");
+    magcache_cli::export_as(
+        &cfg,
+        &k,
+        &magcache_cli::ExportFormat::Gguf {
+            quant: "q4_k".into(),
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(k.join("diffusion_pytorch_model-Q4_K.gguf").is_file());
     let (preset_final, _) = run_toml(dir.path(), &text);
     let run = weights_toml(
         &text,

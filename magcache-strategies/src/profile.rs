@@ -191,20 +191,48 @@ impl Profile {
     /// damaged) is refused naming its table, never read as another schedule.
     fn check_numbers(&self, file: &str) -> Result<()> {
         let bad = |key: String, why: String| Err(Error::config(file, key, why));
-        let non_negative = |v: &f64| v.is_finite() && *v >= 0.0;
-        let lists = [("mag_stds", &self.mag_stds), ("cos_dists", &self.cos_dists)]
+        // What each table may hold: a cosine distance may round a hair below 0; a relative change
+        // or error over a zero residual is infinite (never NaN).
+        let finite_non_negative = |v: &f64| v.is_finite() && *v >= 0.0;
+        let non_negative = |v: &f64| *v >= 0.0;
+        let (finite, may_be_infinite) = (
+            "a finite number, 0 or more",
+            "a number 0 or more (infinite for a zero residual)",
+        );
+        type Rule<'a> = (&'a dyn Fn(&f64) -> bool, &'a str);
+        let tables: [(&str, &ScopeTable, Rule<'_>); 3] = [
+            ("mag_stds", &self.mag_stds, (&finite_non_negative, finite)),
+            (
+                "cos_dists",
+                &self.cos_dists,
+                (&|v: &f64| v.is_finite(), "a finite number"),
+            ),
+            (
+                "block_change",
+                &self.block_change,
+                (&non_negative, may_be_infinite),
+            ),
+        ];
+        let lists = tables
             .into_iter()
-            .chain([("block_change", &self.block_change)])
-            .flat_map(|(t, table)| {
-                table
-                    .iter()
-                    .flat_map(move |(e, b)| b.iter().map(move |(b, v)| (format!("{t}.{e}.{b}"), v)))
+            .flat_map(|(t, table, rule)| {
+                table.iter().flat_map(move |(e, b)| {
+                    b.iter()
+                        .map(move |(b, v)| (format!("{t}.{e}.{b}"), v, rule))
+                })
             })
-            .chain(self.sigmas.iter().map(|(e, v)| (format!("sigmas.{e}"), v)))
-            .chain([("meta.sigmas".to_string(), &self.meta.sigmas)]);
-        for (key, v) in lists {
-            if let Some(x) = v.iter().find(|x| !non_negative(x)) {
-                return bad(key, format!("{x} is not a finite number, 0 or more"));
+            .chain(self.sigmas.iter().map(|(e, v)| {
+                let rule: Rule<'_> = (&finite_non_negative, finite);
+                (format!("sigmas.{e}"), v, rule)
+            }))
+            .chain([(
+                "meta.sigmas".to_string(),
+                &self.meta.sigmas,
+                (&finite_non_negative as &dyn Fn(&f64) -> bool, finite),
+            )]);
+        for (key, v, (ok, what)) in lists {
+            if let Some(x) = v.iter().find(|x| !ok(x)) {
+                return bad(key, format!("{x} is not {what}"));
             }
         }
         for (e, branches) in &self.forecast_errors {
@@ -215,7 +243,7 @@ impl Profile {
                 for (calls, err, table) in rows {
                     if let Some(why) = self.calls_problem(calls, true).or_else(|| {
                         (!non_negative(&err))
-                            .then(|| format!("error {err} is not a finite number, 0 or more"))
+                            .then(|| format!("error {err} is not {may_be_infinite}"))
                     }) {
                         return bad(key(table), format!("row {calls:?}: {why}"));
                     }

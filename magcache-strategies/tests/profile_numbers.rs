@@ -143,3 +143,20 @@ fn a_fitted_call_combining_a_later_call_is_refused() {
         "{e}"
     );
 }
+
+/// What a calibration itself writes is read back: a cosine distance a hair below 0 (the cosine
+/// of two equal residuals rounds above 1) and an infinite error over a zero residual.
+#[test]
+fn rounding_and_zero_residuals_load() {
+    for (from, to) in [
+        ("cond = [0.0, 0.0026", "cond = [-1.2e-7, 0.0026"),
+        ("[[0.0, 1.0, 0.09236369246532784]", "[[0.0, 1.0, inf]"),
+    ] {
+        let (_d, p) = edited(from, to);
+        assert!(
+            Profile::load(&p).is_ok(),
+            "{to}: {:?}",
+            Profile::load(&p).err()
+        );
+    }
+}

@@ -243,11 +243,13 @@ fn the_size_guard_refuses_what_cannot_fit_naming_the_knob() {
             "wan2.2" => "wan2.2-t2v-a14b",
             _ => "flux-dev",
         };
-        refused(
-            &preset_toml(fam, preset, "", "1000000000000"),
-            "sampling.steps",
-            true,
-        );
+        // A step count past any sampler's is refused by its range, before the size guard.
+        let text = preset_toml(fam, preset, "", "1000000000000");
+        let d = tempfile::tempdir().unwrap();
+        let must = ["run.toml", "sampling.steps", "1..=100000"];
+        run_err(d.path(), &text, &must);
+        let o = magcache(&["plan"], &d.path().join("run.toml"), "8G");
+        check_err(&o, &text, &must);
     }
     refused(
         &preset_toml(

@@ -225,17 +225,6 @@ fn write_gguf_all(
             name.insert(name.len() - 1, '_');
         }
         let path = dir.join(format!("diffusion_pytorch_model-{name}.gguf"));
-        let block = quant.block_size();
-        if !m
-            .tensors
-            .iter()
-            .any(|(_, s, _)| matches!(s.as_slice(), [_, c] if c % block == 0))
-        {
-            eprintln!(
-                "warning: {}: no matrix of this model has rows of whole {name} blocks ({block} values): every matrix is written F16",
-                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
-            );
-        }
         let list: Vec<(String, Vec<usize>)> = m
             .tensors
             .iter()
@@ -251,6 +240,18 @@ fn write_gguf_all(
             &|name, shape| (m.generate)(name, shape),
             progress,
         )?;
+        // Said once the file is written (an export that fails says only why).
+        let block = quant.block_size();
+        if !m
+            .tensors
+            .iter()
+            .any(|(_, s, _)| matches!(s.as_slice(), [_, c] if c % block == 0))
+        {
+            eprintln!(
+                "warning: {}: no matrix of this model has rows of whole {name} blocks ({block} values): every matrix is written F16",
+                path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default()
+            );
+        }
         folders.push((m.folder.clone(), 1, n));
         tensors += list.len();
         bytes += n;

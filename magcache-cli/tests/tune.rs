@@ -354,10 +354,7 @@ fn fit_joins_the_candidates_on_the_chosen_schedule() {
 #[test]
 fn fit_refuses_experts_with_other_step_counts_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(root.join("examples/wan22_i2v_tiny_prompted.toml"))
-        .unwrap()
-        .replace("\"../tests/", &format!("\"{}/tests/", root.display()));
+    let text = common::example_text("wan22_i2v_tiny_prompted.toml");
     let run = dir.path().join("wan22_i2v_tiny_prompted.toml");
     std::fs::write(&run, text).unwrap();
     let out = dir.path().join("x.toml");
@@ -444,10 +441,7 @@ fn a_setting_that_reads_no_profile_writes_none() {
 #[test]
 fn a_speedup_target_is_met_over_experts_of_other_step_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(root.join("examples/wan22_tiny_magcache.toml"))
-        .unwrap()
-        .replace("\"../tests/", &format!("\"{}/tests/", root.display()));
+    let text = common::example_text("wan22_tiny_magcache.toml");
     let run = dir.path().join("wan22.toml");
     std::fs::write(&run, text).unwrap();
     for target in ["2", "4"] {

@@ -219,11 +219,7 @@ fn write_gguf_all(
     let (mut tensors, mut bytes) = (0, 0u64);
     for m in models {
         let dir = model_dir(root, m)?;
-        // ggml's own spelling, as released files are named (`Q8_0`, `Q4_K`; candle's is `Q4K`).
-        let mut name = format!("{quant:?}").to_uppercase();
-        if name.ends_with('K') && !name.contains('_') {
-            name.insert(name.len() - 1, '_');
-        }
+        let name = magcache_layers::weights::gguf::quant_name(quant);
         let path = dir.join(format!("diffusion_pytorch_model-{name}.gguf"));
         let list: Vec<(String, Vec<usize>)> = m
             .tensors

@@ -206,7 +206,8 @@ fn encode(frames: &[Vec<u8>], w: usize, h: usize, fps: u32) -> Res<Vec<u8>> {
     let (pw, ph) = coded_size(w, h);
     let width = u16::try_from(pw).map_err(|_| format!("{pw} pixels wide: too wide for MP4"))?;
     let height = u16::try_from(ph).map_err(|_| format!("{ph} pixels tall: too tall for MP4"))?;
-    // About 1 bit a pixel a frame, well above what the encoder spends at its default quantiser.
+    // The target the encoder is given, about 1 bit a pixel a frame (with rate control off, below,
+    // its fixed quantiser decides what a frame spends).
     let bps = ((pw * ph) as u64 * fps as u64).clamp(500_000, 200_000_000) as u32;
     let config = EncoderConfig::new()
         .skip_frames(false)

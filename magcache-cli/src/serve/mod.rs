@@ -237,11 +237,10 @@ pub(crate) fn stem(path: &std::path::Path) -> String {
 /// 128 characters, no `/`, no control characters, no space at either end. An error names
 /// `serve.id`, or the file to rename.
 fn model_id(file: &str, path: &std::path::Path, id: Option<&str>) -> Result<()> {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-    let (id, what) = match (id, stem) {
-        (Some(id), _) => (id.to_string(), "serve.id"),
-        (None, Some(stem)) => (stem, "(file name)"),
-        (None, None) => return Ok(()),
+    // The id the model is served as (`stem`: "model" for a path without a name, which fits).
+    let (id, what) = match id {
+        Some(id) => (id.to_string(), "serve.id"),
+        None => (stem(path), "(file name)"),
     };
     let fits = |c: char| c != '/' && !c.is_control();
     if (1..=128).contains(&id.chars().count()) && id.trim() == id && id.chars().all(fits) {
@@ -340,12 +339,12 @@ fn bind(host: &str, port: u16) -> Result<tokio::net::TcpSocket> {
     use std::net::ToSocketAddrs;
     let addr = format!("{host}:{port}");
     let cannot = |e: std::io::Error| Error::msg(format!("serve: cannot listen on {addr}: {e}"));
+    let fresh = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    };
     let one = |a: std::net::SocketAddr| -> std::io::Result<tokio::net::TcpSocket> {
-        let socket = if a.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
+        let socket = fresh(a)?;
         // Bound without SO_REUSEADDR first: on Linux two sockets that both set it may bind one
         // port while neither listens, so a second server starting beside a loading one would
         // load every model before its `listen` failed. Where that bind fails, as it does while a
@@ -355,11 +354,7 @@ fn bind(host: &str, port: u16) -> Result<tokio::net::TcpSocket> {
         if socket.bind(a).is_ok() {
             return Ok(socket);
         }
-        let socket = if a.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
+        let socket = fresh(a)?;
         #[cfg(unix)]
         socket.set_reuseaddr(true)?;
         socket.bind(a)?;

@@ -19,7 +19,7 @@ pub use repack::{gguf_repacked_bytes, repacked_bytes, RepackCpu};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-pub use write::{quant_type, write_gguf};
+pub use write::{quant_name, quant_type, write_gguf};
 
 /// Whether `path` names a GGUF file (by its extension, as people name them).
 pub fn is_gguf(path: &Path) -> bool {

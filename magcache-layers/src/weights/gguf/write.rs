@@ -23,21 +23,35 @@ fn ggml_id(t: GgmlDType) -> u32 {
     }
 }
 
+/// The quantizations a GGUF export can write, by their usual names (ggml's spelling, upper-case
+/// in released file names: `Q8_0`, `Q4_K`).
+const QUANTS: [(&str, GgmlDType); 10] = [
+    ("q8_0", GgmlDType::Q8_0),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+];
+
 /// A quantization a GGUF export can write, by its usual name (`q8_0`, `q4_k`, ...).
 pub fn quant_type(name: &str) -> Option<GgmlDType> {
-    Some(match name.to_ascii_lowercase().as_str() {
-        "q8_0" => GgmlDType::Q8_0,
-        "q4_0" => GgmlDType::Q4_0,
-        "q4_1" => GgmlDType::Q4_1,
-        "q5_0" => GgmlDType::Q5_0,
-        "q5_1" => GgmlDType::Q5_1,
-        "q2_k" => GgmlDType::Q2K,
-        "q3_k" => GgmlDType::Q3K,
-        "q4_k" => GgmlDType::Q4K,
-        "q5_k" => GgmlDType::Q5K,
-        "q6_k" => GgmlDType::Q6K,
-        _ => return None,
-    })
+    let name = name.to_ascii_lowercase();
+    QUANTS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+/// The name of a quantization [`quant_type`] reads, as released files spell it (`Q4_K`, where
+/// candle's is `Q4K`); other types by candle's name.
+pub fn quant_name(t: GgmlDType) -> String {
+    QUANTS
+        .iter()
+        .find(|(_, q)| *q == t)
+        .map_or_else(|| format!("{t:?}"), |(n, _)| n.to_string())
+        .to_uppercase()
 }
 
 /// The type a tensor is written in, by city96's rules: matrices whose rows are whole blocks in

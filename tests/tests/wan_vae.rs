@@ -302,12 +302,12 @@ fn other_sizes_shapes_causality_batch() {
 /// How far it can add up depends on the weights, so the bound is the f32 decode of the same weights
 /// rounded to the half type: the half-precision path may not drift much further than the rounding
 /// itself takes the result. That relative check is the guard; the absolute bound only catches a
-/// result far off on any weights.
+/// result far off on any weights (f16 rounding alone moved a regenerated variant's decode by 5e-2).
 #[test]
 fn half_precision_decode_close_to_f32() {
     let f = load("pipelines/wan_vae_forward.safetensors");
     let src = fixture("pipelines/wan_vae");
-    for (dtype, tol) in [(DType::BF16, 2e-1), (DType::F16, 5e-2)] {
+    for (dtype, tol) in [(DType::BF16, 2e-1), (DType::F16, 2e-1)] {
         let v = WanVae::load(&src, &Device::Cpu, dtype).unwrap();
         let got = v.decode(&f["decode.latents"]).unwrap();
         assert_eq!(got.dtype(), DType::F32);
@@ -372,11 +372,19 @@ fn tiled_decode_and_encode_match_diffusers() {
         v.set_tiling(Some(tiling)).unwrap();
         assert_eq!(v.tiling(), Some(tiling));
         let tiled = v.decode(z).unwrap();
+        let want_tiled = &f[&format!("{name}.decode.tiled")];
+        // A random tiny VAE can have ill-conditioned points (a normalised channel vector near zero:
+        // on a regenerated variant, latents moved by 1e-6 moved one pixel by 1e-4, and PyTorch's own
+        // f32 result was 5e-5 from its f64 one there). The bound allows what the latents' f32
+        // rounding, grown through the decoder (a relative 1e-6 move of them), does to our result;
+        // a tiling defect (a seam, a wrong blend or tile) moves whole rows of pixels by 1e-2 and more.
+        let nudged = v.decode(&(z * (1.0 + 1e-6)).unwrap()).unwrap();
+        let rounding = max_abs_diff(&nudged, &tiled) / max_abs(want_tiled).max(1e-12);
         check(
             &format!("{name} tiled decode"),
             &tiled,
-            &f[&format!("{name}.decode.tiled")],
-            1e-4,
+            want_tiled,
+            1e-4 + 4.0 * rounding,
         );
         let (mean, logvar) = v.encode_moments(video).unwrap();
         check(

@@ -447,7 +447,17 @@ fn write_video(
     use crate::video::VideoKind;
     match kind {
         VideoKind::Png => outs.write(path, &frames.grid_png(per_row)?),
-        VideoKind::Gif => outs.write(path, &frames.gif(fps)?),
+        VideoKind::Gif => {
+            if fps > crate::video::GIF_MAX_FPS {
+                eprintln!(
+                    "warning: --video {}: a GIF plays at most {} frames per second (its delays are whole hundredths of a second, and players slow shorter ones to 1/10 s): written at {}, not {fps} (an .mp4 keeps the rate)",
+                    path.display(),
+                    crate::video::GIF_MAX_FPS,
+                    crate::video::GIF_MAX_FPS
+                );
+            }
+            outs.write(path, &frames.gif(fps)?)
+        }
         VideoKind::Mp4 => {
             let bytes = frames.mp4(fps).map_err(|e| {
                 magcache_core::Error::msg(format!("--video {}: {e}", path.display()))

@@ -18,8 +18,10 @@
 //! (`create_new`, or a hard link): nothing already there is ever written over. Permissions follow
 //! the umask.
 
+mod kinds;
 use crate::temps::{clean_stale, cleanup_state, register, roll_back, temp_name, unregister, Undo};
 use candle_core::Tensor;
+use kinds::not_replaceable;
 use magcache_core::files::{file_id, FileId};
 use magcache_core::{Error, Result, RunConfig};
 use std::collections::HashSet;
@@ -95,60 +97,6 @@ fn shown_resolved(path: &Path) -> String {
         Ok(c) if c != path => format!("{}, which resolves to {}", path.display(), c.display()),
         _ => path.display().to_string(),
     }
-}
-
-/// Why `path` cannot be an output, if it cannot: it exists and is not a regular file (a folder, a
-/// device, a FIFO, a socket, or a symbolic link: replacing a link would not write where it points,
-/// and writing through it could reach anything, `/proc/self/fd/1` included).
-fn not_replaceable(path: &Path) -> Option<String> {
-    let lm = std::fs::symlink_metadata(path).ok()?;
-    if lm.file_type().is_symlink() {
-        let to = std::fs::read_link(path)
-            .map(|t| t.display().to_string())
-            .unwrap_or_default();
-        let what = match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => "a regular file".to_string(),
-            Ok(m) if m.is_dir() => "a folder".to_string(),
-            Ok(m) => file_kind(&m).to_string(),
-            Err(e) => format!("nothing that can be resolved ({e})"),
-        };
-        return Some(format!(
-            "is a symbolic link to {to} ({what}), not a regular file; refusing to replace it (give the path of a regular file, or a new one)"
-        ));
-    }
-    if lm.is_file() {
-        return None;
-    }
-    Some(if lm.is_dir() {
-        "is a folder; give a file path".to_string()
-    } else {
-        format!(
-            "is {}, not a regular file; refusing to replace it (an output is a new or regular file)",
-            file_kind(&lm)
-        )
-    })
-}
-
-#[cfg(unix)]
-fn file_kind(m: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "a special file"
-    }
-}
-
-#[cfg(not(unix))]
-fn file_kind(_m: &std::fs::Metadata) -> &'static str {
-    "a special file"
 }
 
 impl Outputs {
@@ -477,7 +425,9 @@ impl Outputs {
             let dir = p.tmp.parent().unwrap_or(Path::new("."));
             let step = (|| -> std::io::Result<()> {
                 let undo = match std::fs::symlink_metadata(&p.target) {
-                    Ok(_) => {
+                    Ok(old) => {
+                        // The replacement keeps the replaced file's mode (a user's `chmod 600`).
+                        std::fs::set_permissions(&p.tmp, old.permissions())?;
                         let backup = temp_name(dir, "bak");
                         match std::fs::hard_link(&p.target, &backup) {
                             Ok(()) => {}
@@ -600,6 +550,26 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_replaced_output_keeps_its_mode_and_a_read_only_one_is_not_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mine = dir.path().join("m.png");
+        std::fs::write(&mine, b"old").unwrap();
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_atomic(&mine, b"new").unwrap();
+        assert_eq!(std::fs::read(&mine).unwrap(), b"new");
+        let mode = std::fs::metadata(&mine).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let kept = dir.path().join("kept.png");
+        std::fs::write(&kept, b"keep").unwrap();
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = write_atomic(&kept, b"new").unwrap_err().to_string();
+        assert!(e.contains("read-only"), "{e}");
+        assert_eq!(std::fs::read(&kept).unwrap(), b"keep");
     }
 
     #[test]

@@ -25,6 +25,12 @@ pub fn video_kind(flag: &str, path: &Path) -> Result<VideoKind> {
         "png" => VideoKind::Png,
         "gif" => VideoKind::Gif,
         "mp4" => VideoKind::Mp4,
+        "" => {
+            return Err(Error::msg(format!(
+                "{flag} {}: the name has no extension to tell the format (use a name ending in .mp4, .gif, or .png for a grid of frames)",
+                path.display()
+            )))
+        }
         _ => {
             return Err(Error::msg(format!(
                 "{flag} {}: unknown picture format `.{ext}` (use .mp4, .gif, or .png for a grid of frames)",
@@ -33,6 +39,17 @@ pub fn video_kind(flag: &str, path: &Path) -> Result<VideoKind> {
         }
     };
     Ok(kind)
+}
+
+/// The fastest frame rate a GIF plays at: its delays are whole hundredths of a second, and players
+/// show a delay under 2/100 s as 1/10 s (so a shorter one would play slower, not faster).
+pub const GIF_MAX_FPS: u32 = 50;
+
+/// A GIF frame's delay in hundredths of a second for `fps`: the nearest, at least 2
+/// ([`GIF_MAX_FPS`]).
+pub fn gif_delay(fps: u32) -> u16 {
+    let d = (100.0 / f64::from(fps.max(1))).round();
+    (d as u16).max(2)
 }
 
 /// Frames of one sample as 8-bit RGB: `pixels` is `[F, H, W, 3]` (or `[H, W, 3]`) in [0, 1].
@@ -182,7 +199,7 @@ impl Frames {
                 .map_err(|e| Error::msg(format!("gif: {e}")))?;
             enc.set_repeat(gif::Repeat::Infinite)
                 .map_err(|e| Error::msg(format!("gif: {e}")))?;
-            let delay = (100 / fps.max(1)).max(1) as u16;
+            let delay = gif_delay(fps);
             for f in &self.rgb {
                 let mut frame = gif::Frame::from_rgb_speed(w, h, f, 10);
                 frame.delay = delay;

@@ -332,3 +332,24 @@ fn a_streamed_prompted_run_matches_the_held_one() {
         );
     }
 }
+
+/// GIF frame delays are whole hundredths of a second, rounded to the nearest, never under the 2/100 s
+/// players keep (a shorter one plays at 1/10 s); a `--video` name without an extension says so.
+#[test]
+fn gif_delays_round_to_what_players_show() {
+    use magcache_cli::video::{gif_delay, video_kind, GIF_MAX_FPS};
+    assert_eq!(gif_delay(16), 6); // 6.25
+    assert_eq!(gif_delay(3), 33);
+    assert_eq!(gif_delay(24), 4); // 4.17
+    assert_eq!(gif_delay(15), 7); // 6.67
+    assert_eq!(gif_delay(GIF_MAX_FPS), 2);
+    assert_eq!(gif_delay(60), 2);
+    assert_eq!(gif_delay(1000), 2);
+    for name in ["v", ".gif", "dir/out"] {
+        let e = video_kind("--video", std::path::Path::new(name))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no extension"), "{name}: {e}");
+    }
+}

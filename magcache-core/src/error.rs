@@ -193,6 +193,14 @@ pub fn check_named_file(
     p: &str,
     required: bool,
 ) -> Result<()> {
+    // An empty path would name the run file's own folder ("a folder, not a file").
+    if p.trim().is_empty() {
+        return Err(Error::config(
+            file,
+            key,
+            "is empty: give a file's path, or leave the key out",
+        ));
+    }
     let path = if std::path::Path::new(p).is_absolute() {
         std::path::PathBuf::from(p)
     } else {
@@ -278,16 +286,37 @@ pub fn read_regular(path: &std::path::Path, limit: u64) -> Result<Vec<u8>> {
 /// or FIFO: only regular files are read). The file is recorded as read ([`crate::files`]).
 pub fn read_text(path: &std::path::Path) -> Result<String> {
     use std::io::Read;
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     open_regular(path)?
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path.display().to_string(), describe_io(path, &e)))?;
-    Ok(text)
+    String::from_utf8(bytes).map_err(|e| {
+        // Where the first byte that is not UTF-8 lies, as an editor shows it.
+        let at = e.utf8_error().valid_up_to();
+        let head = &e.as_bytes()[..at];
+        let line = 1 + head.iter().filter(|&&b| b == b'\n').count();
+        let col = 1 + head.iter().rev().take_while(|&&b| b != b'\n').count();
+        Error::io(
+            path.display().to_string(),
+            format!("is not UTF-8 text: line {line}, column {col} (byte {at}) starts an invalid sequence"),
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_that_is_not_utf8_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        std::fs::write(&p, b"[model]\nfamily = \"wan\xff\"\n").unwrap();
+        let e = read_text(&p).unwrap_err().to_string();
+        assert!(e.contains("line 2, column 14"), "{e}");
+        std::fs::write(&p, "[model]\nfamily = \"wan\"\n").unwrap();
+        assert_eq!(read_text(&p).unwrap(), "[model]\nfamily = \"wan\"\n");
+    }
 
     #[test]
     fn candle_backtraces_never_reach_the_message() {

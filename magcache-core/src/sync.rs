@@ -66,7 +66,9 @@ struct Shared {
 }
 
 /// Ranks simulated by threads of one process, meeting at a shared barrier. Make the group with
-/// [`ThreadGroup::new`] (one handle per rank) and move each handle to its thread.
+/// [`ThreadGroup::new`] (one handle per rank) and move each handle to its thread. As with any
+/// collective (NCCL's too), a rank that stops before a call the others make (an error of its own)
+/// leaves them waiting at the barrier: end every rank when one fails.
 pub struct ThreadGroup {
     rank: usize,
     world_size: usize,

@@ -88,7 +88,13 @@ pub fn flow_plan(
     branches: &[Branch],
 ) -> GenerationPlan {
     let steps = schedule.steps();
-    let sigmas: Vec<f64> = schedule.sigmas[..steps].iter().map(|&s| s as f64).collect();
+    // One sigma per step (the sampler refuses a schedule without its final one).
+    let sigmas: Vec<f64> = schedule
+        .sigmas
+        .iter()
+        .take(steps)
+        .map(|&s| s as f64)
+        .collect();
     GenerationPlan::from_steps(&StepsSpec {
         family,
         scheduler,
@@ -140,9 +146,10 @@ pub fn euler_loop(
     latents: Tensor,
     mut velocity: impl FnMut(&mut Denoiser<'_>, usize, f32, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    schedule.check_lengths()?;
     let mut lat = latents;
-    for i in 0..schedule.steps() {
-        let v = velocity(den, i, schedule.timesteps[i], &lat)?;
+    for (i, &t) in schedule.timesteps.iter().enumerate() {
+        let v = velocity(den, i, t, &lat)?;
         lat = (&lat + (v * schedule.dt(i) as f64)?)?;
         den.step_done(i, &lat)?;
     }

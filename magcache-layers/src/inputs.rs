@@ -174,6 +174,11 @@ pub fn packed_latents(
     channels: usize,
     (height, width, factor): (usize, usize, usize),
 ) -> Result<(Tensor, (usize, usize))> {
+    if factor == 0 {
+        return Err(Error::msg(format!(
+            "{file}: packed latents need a VAE scale factor of at least 1"
+        )));
+    }
     let grid = (height / (2 * factor), width / (2 * factor));
     let seq = grid.0.saturating_mul(grid.1);
     let latents = match &cfg.inputs.file {

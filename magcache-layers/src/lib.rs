@@ -25,6 +25,7 @@ pub mod chain_model;
 pub mod config_util;
 pub mod dit;
 pub mod env;
+mod exif;
 pub mod footprint;
 pub mod generation;
 pub mod inputs;

@@ -23,10 +23,27 @@ pub fn rope(q: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// chunks.
 pub fn chunks(lin: &Linear, temb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     let m = lin.forward(&temb.silu()?)?;
-    let d = m.dim(D::Minus1)? / n;
+    let width = m.dim(D::Minus1)?;
+    if n == 0 || !width.is_multiple_of(n) {
+        return Err(magcache_core::Error::msg(format!(
+            "modulation: {width} values cannot make {n} equal chunks"
+        )));
+    }
+    let d = width / n;
     (0..n)
         .map(|i| Ok(m.narrow(1, i * d, d)?.unsqueeze(1)?))
         .collect()
+}
+
+/// An error unless a block that reads `n` modulation chunks got at least that many.
+fn need_chunks(m: &[Tensor], n: usize, what: &str) -> Result<()> {
+    if m.len() < n {
+        return Err(magcache_core::Error::msg(format!(
+            "{what}: {} modulation chunks given, {n} needed (shift, scale and gate of each part)",
+            m.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `silu(a) * b` with `[a, b]` the two halves of the last dimension.
@@ -179,6 +196,8 @@ impl DoubleStream {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        need_chunks(m, 6, "double-stream block, image stream")?;
+        need_chunks(mc, 6, "double-stream block, text stream")?;
         let nh = modulate(&self.ln.forward(h)?, &m[0], &m[1])?;
         let ne = modulate(&self.ln.forward(e)?, &mc[0], &mc[1])?;
         let (attn_h, attn_e) = self.attn.forward(&nh, &ne, cos, sin)?;
@@ -238,6 +257,7 @@ impl SingleStream {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        need_chunks(m, 3, "single-stream block")?;
         let (lt, li) = (e.dim(1)?, h.dim(1)?);
         let x = Tensor::cat(&[e, h], 1)?;
         let nx = modulate(&self.ln.forward(&x)?, &m[0], &m[1])?;
@@ -250,7 +270,7 @@ impl SingleStream {
             ),
             SingleProjection::Fused { qkv_mlp, mlp_width } => {
                 let p = qkv_mlp.forward(&nx)?;
-                let d = (p.dim(D::Minus1)? - mlp_width) / 3;
+                let d = p.dim(D::Minus1)?.saturating_sub(*mlp_width) / 3;
                 let part = |i: usize, w: usize| p.narrow(D::Minus1, i * d, w);
                 (part(0, d)?, part(1, d)?, part(2, d)?, part(3, *mlp_width)?)
             }

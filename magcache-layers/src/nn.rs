@@ -107,7 +107,8 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 /// `[B, S, H*D] -> [B, H, S, D]` (contiguous).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, s, hd) = x.dims3()?;
-    Ok(x.reshape((b, s, heads, hd / heads))?
+    let hd = head_dim(hd, heads)?;
+    Ok(x.reshape((b, s, heads, hd))?
         .transpose(1, 2)?
         .contiguous()?)
 }
@@ -115,8 +116,18 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 /// `[B, S, H*D]` -> `[B, S, H, D]` RMS-normed per head -> `[B, H, S, D]`.
 pub fn heads_normed(x: &Tensor, heads: usize, norm: &RmsNorm) -> Result<Tensor> {
     let (b, s, hd) = x.dims3()?;
-    let x = norm.forward(&x.reshape((b, s, heads, hd / heads))?)?;
+    let x = norm.forward(&x.reshape((b, s, heads, head_dim(hd, heads)?))?)?;
     Ok(x.transpose(1, 2)?.contiguous()?)
+}
+
+/// The size of each of `heads` heads of a `width`: an error unless they divide it.
+fn head_dim(width: usize, heads: usize) -> Result<usize> {
+    if heads == 0 || !width.is_multiple_of(heads) {
+        return Err(magcache_core::Error::msg(format!(
+            "attention: a width of {width} does not split into {heads} heads"
+        )));
+    }
+    Ok(width / heads)
 }
 
 /// `[B, H, S, D] -> [B, S, H*D]`.

@@ -32,6 +32,16 @@ const MAX_PICTURE_BYTES: u64 = 512 << 20;
 const MAX_PICTURE_SIDE: u32 = 1 << 15;
 const MAX_PICTURE_PIXELS: u64 = 1 << 26;
 
+/// The orientation as PIL reads it ([`crate::exif`]): the decoder's EXIF block, else (a PNG's
+/// `eXIf` after the pixel data) the file's own.
+fn orientation_of(exif: Option<Vec<u8>>, png: Option<&[u8]>) -> image::metadata::Orientation {
+    let png_tail = || png.and_then(crate::exif::png_exif).map(<[u8]>::to_vec);
+    exif.or_else(png_tail)
+        .and_then(|t| crate::exif::orientation(&t))
+        .and_then(image::metadata::Orientation::from_exif)
+        .unwrap_or(image::metadata::Orientation::NoTransforms)
+}
+
 /// Reads a PNG or JPEG file as 8-bit RGB, EXIF orientation applied; errors name the file and `key`
 /// (the run-file key that gave it).
 pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
@@ -72,6 +82,7 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
     if reader.format() == Some(image::ImageFormat::Png) && bytes.get(24..26) == Some(&[16, 0]) {
         return Err(bad(GRAY16.into()));
     }
+    let reader_png = reader.format() == Some(image::ImageFormat::Png);
     if reader.format() == Some(image::ImageFormat::Jpeg) {
         // The JPEG decoder fills what is missing with gray: a cut file, or a header claiming more
         // than the data holds, would condition the run on a picture that is not the user's.
@@ -109,9 +120,10 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
             )));
         }
     }
-    let orientation = decoder
-        .orientation()
-        .map_err(|e| bad(format!("cannot read its EXIF orientation: {e}")))?;
+    let exif = decoder
+        .exif_metadata()
+        .map_err(|e| bad(format!("cannot read its EXIF data: {e}")))?;
+    let orientation = orientation_of(exif, reader_png.then_some(&bytes[..]));
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| match e {
         image::ImageError::Limits(_) => bad(format!(
             "decoding it needs more memory than the run may use ({}) or a picture may take",
@@ -267,9 +279,16 @@ fn clip8(acc: i64) -> u8 {
 
 /// Resizes an RGB picture to `width x height` as PIL's `Image.resize(size, filter)` does for 8-bit
 /// RGB (a copy when the size is unchanged).
-pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Rgb8 {
+pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Result<Rgb8> {
+    img.check()?;
+    if width == 0 || height == 0 || img.width == 0 || img.height == 0 {
+        return Err(Error::msg(format!(
+            "picture: cannot resize {}x{} to {width}x{height}",
+            img.width, img.height
+        )));
+    }
     if img.width == width && img.height == height {
-        return img.clone();
+        return Ok(img.clone());
     }
     let mut cur = img.clone();
     if cur.width != width {
@@ -312,13 +331,31 @@ pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Rgb8 {
             data: out,
         };
     }
-    cur
+    Ok(cur)
 }
 
 impl Rgb8 {
+    /// An error unless the pixels hold exactly `width x height` RGB triples.
+    pub fn check(&self) -> Result<()> {
+        let need = self
+            .width
+            .checked_mul(self.height)
+            .and_then(|n| n.checked_mul(3));
+        if need != Some(self.data.len()) {
+            return Err(Error::msg(format!(
+                "picture: {} bytes do not hold {}x{} RGB pixels",
+                self.data.len(),
+                self.width,
+                self.height
+            )));
+        }
+        Ok(())
+    }
+
     /// The pixels as `[1, 3, H, W]` f32 in [-1, 1] (`uint8 / 255`, then `2x - 1`), as diffusers'
     /// `VaeImageProcessor` hands them to the VAE.
     pub fn to_vae_tensor(&self, dev: &Device) -> Result<Tensor> {
+        self.check()?;
         let (h, w) = (self.height, self.width);
         let mut v = vec![0f32; 3 * h * w];
         for (i, px) in self.data.chunks_exact(3).enumerate() {
@@ -329,18 +366,25 @@ impl Rgb8 {
         Ok(Tensor::from_vec(v, (1, 3, h, w), dev)?)
     }
 
-    /// The `width x height` window at (`left`, `top`) (inside the picture).
-    pub fn crop(&self, left: usize, top: usize, width: usize, height: usize) -> Rgb8 {
+    /// The `width x height` window at (`left`, `top`); an error unless it lies inside the picture.
+    pub fn crop(&self, left: usize, top: usize, width: usize, height: usize) -> Result<Rgb8> {
+        self.check()?;
+        if left.saturating_add(width) > self.width || top.saturating_add(height) > self.height {
+            return Err(Error::msg(format!(
+                "picture: the {width}x{height} window at ({left}, {top}) is outside the {}x{} picture",
+                self.width, self.height
+            )));
+        }
         let mut data = Vec::with_capacity(width * height * 3);
         for y in top..top + height {
             let row = (y * self.width + left) * 3;
             data.extend_from_slice(&self.data[row..row + width * 3]);
         }
-        Rgb8 {
+        Ok(Rgb8 {
             width,
             height,
             data,
-        }
+        })
     }
 }
 
@@ -360,7 +404,7 @@ mod tests {
     #[test]
     fn same_size_is_a_copy_and_constants_stay_constant() {
         let img = ramp(7, 5);
-        assert_eq!(resize(&img, 7, 5, Filter::Lanczos), img);
+        assert_eq!(resize(&img, 7, 5, Filter::Lanczos).unwrap(), img);
         let flat = Rgb8 {
             width: 9,
             height: 6,
@@ -368,7 +412,7 @@ mod tests {
         };
         for f in [Filter::Lanczos, Filter::Bicubic] {
             for (w, h) in [(4, 3), (13, 11), (9, 2)] {
-                let r = resize(&flat, w, h, f);
+                let r = resize(&flat, w, h, f).unwrap();
                 assert_eq!((r.width, r.height), (w, h));
                 assert!(r.data.iter().all(|&v| v == 200), "{f:?} {w}x{h}");
             }

@@ -30,9 +30,28 @@ impl FlowSchedule {
         self.timesteps.len()
     }
 
-    /// Euler step size of step `i`: `sigma[i+1] - sigma[i]` (in f32, as the reference).
+    /// Euler step size of step `i`: `sigma[i+1] - sigma[i]` (in f32, as the reference); 0 past
+    /// the sigmas ([`FlowSchedule::check_lengths`] refuses such a schedule).
     pub fn dt(&self, i: usize) -> f32 {
-        self.sigmas[i + 1] - self.sigmas[i]
+        match (self.sigmas.get(i), self.sigmas.get(i + 1)) {
+            (Some(a), Some(b)) => b - a,
+            _ => 0.0,
+        }
+    }
+
+    /// An error unless there is one sigma per step and a final one (`sigmas.len() ==
+    /// timesteps.len() + 1`), as every sampler of a flow schedule reads them: a schedule built by
+    /// hand with one sigma per step would have no size for its last step.
+    pub fn check_lengths(&self) -> Result<()> {
+        if self.sigmas.len() != self.timesteps.len() + 1 {
+            return Err(Error::msg(format!(
+                "flow schedule: {} timesteps need {} sigmas (one per step and a final one), not {}",
+                self.timesteps.len(),
+                self.timesteps.len() + 1,
+                self.sigmas.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -390,7 +409,8 @@ impl FlowStepper {
     pub fn step(&mut self, i: usize, pred: &Tensor, lat: &Tensor) -> Result<Tensor> {
         match self {
             FlowStepper::Euler(s) => {
-                if i + 1 >= s.sigmas.len() {
+                s.check_lengths()?;
+                if i >= s.steps() {
                     return Err(Error::msg(format!(
                         "euler: step {i} requested but the schedule has {} steps",
                         s.steps()

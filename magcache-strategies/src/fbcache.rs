@@ -125,7 +125,8 @@ impl StrategyConfig for FbCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         self.as_dbcache().check(file)
     }
-    fn build(&self, _env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+    fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        self.validate(env.file)?;
         Ok(Some(Box::new(FbCache::named("fbcache", self.as_dbcache()))))
     }
     fn threshold(&self) -> Option<f64> {
@@ -145,7 +146,8 @@ impl StrategyConfig for DbCacheConfig {
     fn validate(&self, file: &str) -> Result<()> {
         self.check(file)
     }
-    fn build(&self, _env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+    fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        self.validate(env.file)?;
         Ok(Some(Box::new(FbCache::named("dbcache", self.clone()))))
     }
     fn threshold(&self) -> Option<f64> {

@@ -89,6 +89,7 @@ impl StrategyConfig for MagCacheConfig {
     }
 
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        self.validate(env.file)?;
         let mut borrowed = None;
         let source = match (&self.mag_ratios, &self.profile) {
             (Some(_), Some(_)) => {

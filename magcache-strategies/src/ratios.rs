@@ -79,10 +79,25 @@ impl MagPublished {
 }
 
 /// The curves the model publishes for MagCache, if any.
+/// Each curve is checked as a run file's would be (a model crate's table with a NaN, a zero or too
+/// few entries for its `high_steps` is an error naming it, not a silently dense or skipping run).
 pub fn published_curves(model: &ModelInfo) -> Result<Option<RatioCurves>> {
-    Ok(model
-        .published::<MagPublished>("magcache")?
-        .map(|p| p.curves()))
+    let Some(p) = model.published::<MagPublished>("magcache")? else {
+        return Ok(None);
+    };
+    let curves = p.curves();
+    let what = format!(
+        "{} ({}): published MagCache curve `{}`",
+        model.family,
+        model.variant.as_deref().unwrap_or("no variant"),
+        p.name
+    );
+    for (e, branches) in curves.experts.iter().enumerate() {
+        for (b, c) in branches {
+            check_curve(&what, &format!("ratios (expert {e}, {b:?})"), c)?;
+        }
+    }
+    Ok(Some(curves))
 }
 
 /// `mag_ratios = [...]` or `[cache.mag_ratios] high_noise = [...], low_noise = [...]`.

@@ -127,6 +127,7 @@ impl StrategyConfig for SeaCacheConfig {
     }
 
     fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        self.validate(env.file)?;
         if !env.model.indicators.contains(&Indicator::InputLatents) {
             return Err(Error::config(
                 env.file,

@@ -82,7 +82,20 @@ impl ErrorModel {
                             sigmas.len()
                         ));
                     }
-                    sigmas[..n].to_vec()
+                    let c = sigmas[..n].to_vec();
+                    // A forecast through two calls at one sigma divides by their distance, 0.
+                    if estimator != Estimator::Reuse {
+                        for (i, a) in c.iter().enumerate() {
+                            if let Some(j) = c[i + 1..].iter().position(|b| b == a) {
+                                return Err(format!(
+                                    "estimator_axis = \"sigma\" with estimator = \"{}\" needs distinct sigmas; calls {i} and {} share sigma {a}: use estimator_axis = \"step\"",
+                                    estimator.as_str(),
+                                    i + 1 + j
+                                ));
+                            }
+                        }
+                    }
+                    c
                 }
             };
             ModelKind::Gram {

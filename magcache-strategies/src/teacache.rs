@@ -61,31 +61,36 @@ fn variant_note(model: &ModelInfo) -> String {
         .unwrap_or_default()
 }
 
-#[typetag::serde(name = "teacache")]
-impl StrategyConfig for TeaCacheConfig {
-    fn validate(&self, file: &str) -> Result<()> {
-        crate::check_threshold(file, self.threshold)?;
-        self.shared().validate(file)?;
-        if let Some(c) = &self.coefficients {
-            if c.is_empty() || c.iter().any(|x| !x.is_finite()) {
-                return Err(Error::config(
-                    file,
-                    "cache.coefficients",
-                    "must be a non-empty list of finite numbers (highest power first)",
-                ));
-            }
-        }
-        Ok(())
+/// Rescale coefficients (highest power first), a run file's or a model's published ones: a
+/// non-empty list of finite numbers, not all zero (a polynomial that is zero everywhere rescales every
+/// distance to 0, and every call but the forced ones would be reused).
+fn check_coefficients(file: &str, key: &str, c: &[f64]) -> Result<()> {
+    if c.is_empty() || c.iter().any(|x| !x.is_finite()) {
+        return Err(Error::config(
+            file,
+            key,
+            "must be a non-empty list of finite numbers (highest power first)",
+        ));
     }
+    if c.iter().all(|&x| x == 0.0) {
+        return Err(Error::config(
+            file,
+            key,
+            "are all zero: the rescaled distance would be 0 on every call, and every call reused",
+        ));
+    }
+    Ok(())
+}
 
-    fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
-        let published: TeaPublished = env.model.published("teacache")?.unwrap_or_default();
+impl TeaCacheConfig {
+    /// The run file's coefficients, else the model's published ones (checked, naming the table).
+    fn coefficients(&self, env: &BuildEnv<'_>, published: &TeaPublished) -> Result<Vec<f64>> {
         let ret = if self.ret_steps {
             " with ret_steps"
         } else {
             ""
         };
-        let coefficients = match &self.coefficients {
+        Ok(match &self.coefficients {
             Some(c) => c.clone(),
             None => {
                 let c = if self.ret_steps {
@@ -93,6 +98,19 @@ impl StrategyConfig for TeaCacheConfig {
                 } else {
                     published.coefficients.clone()
                 };
+                if let Some(c) = &c {
+                    let key = if self.ret_steps {
+                        "coefficients_ret_steps"
+                    } else {
+                        "coefficients"
+                    };
+                    let what = format!(
+                        "{}{}: published TeaCache table",
+                        env.model.family,
+                        variant_note(env.model)
+                    );
+                    check_coefficients(&what, key, c)?;
+                }
                 c.ok_or_else(|| {
                     Error::config(
                         env.file,
@@ -105,6 +123,29 @@ impl StrategyConfig for TeaCacheConfig {
                     )
                 })?
             }
+        })
+    }
+}
+
+#[typetag::serde(name = "teacache")]
+impl StrategyConfig for TeaCacheConfig {
+    fn validate(&self, file: &str) -> Result<()> {
+        crate::check_threshold(file, self.threshold)?;
+        self.shared().validate(file)?;
+        if let Some(c) = &self.coefficients {
+            check_coefficients(file, "cache.coefficients", c)?;
+        }
+        Ok(())
+    }
+
+    fn build(&self, env: &BuildEnv<'_>) -> Result<Option<Box<dyn TimestepCache>>> {
+        self.validate(env.file)?;
+        let published: TeaPublished = env.model.published("teacache")?.unwrap_or_default();
+        let coefficients = self.coefficients(env, &published)?;
+        let ret = if self.ret_steps {
+            " with ret_steps"
+        } else {
+            ""
         };
         let published_indicator = if self.ret_steps {
             published.indicator_ret_steps.or(published.indicator)

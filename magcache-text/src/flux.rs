@@ -60,6 +60,26 @@ pub struct FluxTextEncoders {
     t5: Option<Umt5Encoder>,
 }
 
+/// The tokens of `prompt` that FLUX.1's two encoders cut, `(clip, clip's length, t5)`: past CLIP's
+/// `model_max_length` (77 released) and past `max_sequence_length` for T5, counting each one's special
+/// tokens as the pipeline's tokenizer calls do. `FluxPipeline` warns about both (quoting the cut
+/// text); the tokenizers of pipeline folder `root` alone are read.
+pub fn truncated_tokens(
+    root: &Path,
+    prompt: &str,
+    max_sequence_length: usize,
+) -> Result<(usize, usize, usize)> {
+    let clip = ClipTokenizer::load(&root.join("tokenizer"))?;
+    let t5 = WanTokenizer::load(&root.join("tokenizer_2"))?;
+    let clip_len = clip.encode_unpadded(prompt)?.ids.len();
+    let t5_len = t5.encode_unpadded(prompt, true)?.ids.len();
+    Ok((
+        clip_len.saturating_sub(clip.max_length()),
+        clip.max_length(),
+        t5_len.saturating_sub(max_sequence_length),
+    ))
+}
+
 impl FluxTextEncoders {
     /// Loads the four folders: `tokenizer` (CLIP: `vocab.json` + `merges.txt` +
     /// `tokenizer_config.json`), `tokenizer_2` (T5: `tokenizer.json`), `text_encoder` (CLIP:

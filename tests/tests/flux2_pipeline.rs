@@ -322,3 +322,47 @@ fn errors_name_the_file_and_key() {
         rep.warnings
     );
 }
+
+/// `[vae] tiling = true` reaches FLUX.2's `AutoencoderKLFlux2` decode (its config's class is not
+/// `AutoencoderKL`'s, which the tiling's reader once demanded): the run decodes as the VAE's own
+/// tiled decode of the final latents.
+#[test]
+fn vae_tiling_reaches_the_flux2_decode() {
+    use candle_core::{DType, Device};
+    use magcache_layers::autoencoder_kl::FluxTiling;
+    use magcache_models::flux2::vae::Flux2Vae;
+    let (dir, cfg, meta) = setup("flux2_klein_pipeline", "dense", "f32");
+    let factor = meta["vae_scale_factor"].as_u64().unwrap() as usize;
+    let (h, w) = (
+        meta["call"]["height"].as_u64().unwrap() as usize,
+        meta["call"]["width"].as_u64().unwrap() as usize,
+    );
+    // The smallest tile the tiling takes (kept parts of whole latents), so the picture spans tiles.
+    let tile = 4 * factor;
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[vae]\ntiling = true\ntile_sample_min_size = {tile}\n"),
+    )
+    .unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (fin, _) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    let extra = magcache_tests::decoded_outputs(&mut *p.pipeline, &fin);
+    let decoded = &extra.iter().find(|(n, _)| n == "decoded").unwrap().1;
+    let mut vae = Flux2Vae::load(
+        &dir.path().join("pipeline").join("vae"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let untiled = vae.decode_packed(&fin, h, w).unwrap();
+    vae.set_tiling(Some(FluxTiling {
+        tile_sample_min_size: tile,
+    }))
+    .unwrap();
+    let tiled = vae.decode_packed(&fin, h, w).unwrap();
+    assert_eq!(max_abs_diff(decoded, &tiled), 0.0);
+    if h.max(w) > tile {
+        assert!(max_abs_diff(decoded, &untiled) > 1e-4);
+    }
+}

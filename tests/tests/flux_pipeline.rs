@@ -187,3 +187,43 @@ fn vae_tiling_reaches_the_decode_and_the_transformer_is_released_first() {
     assert_eq!(max_abs_diff(decoded, &tiled), 0.0);
     assert!(max_abs_diff(decoded, &untiled) > 1e-3);
 }
+
+/// A prompt longer than the encoders read is cut, as the pipeline cuts it, and said (FluxPipeline
+/// warns for CLIP's 77 tokens and for T5's `max_sequence_length`); a short one says nothing.
+#[test]
+fn a_cut_prompt_is_warned_about() {
+    link_all();
+    let meta = load_json(&format!("{PIPELINE}.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = assemble(dir.path(), &meta);
+    let run = |text: &str| {
+        let cfg = dir.path().join("run.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[model]\nfamily = \"flux\"\nweights = {}\ndtype = \"f32\"\n\n[prompt]\ntext = {}\nmax_sequence_length = 8\n\n[inputs]\nheight = 32\nwidth = 32\n\n[sampling]\nsteps = 1\n",
+                toml_str(&root.display().to_string()),
+                toml_str(text)
+            ),
+        )
+        .unwrap();
+        let mut p = magcache_cli::prepare(&cfg).unwrap();
+        magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet)
+            .unwrap()
+            .1
+            .warnings
+    };
+    let long = "a red fox jumps over the lazy dog ".repeat(20);
+    let w = run(&long);
+    assert!(
+        w.iter()
+            .any(|w| w.contains("T5 reads max_sequence_length = 8")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(|w| w.contains("CLIP reads the first")),
+        "{w:?}"
+    );
+    let w = run("a cat");
+    assert!(w.iter().all(|w| !w.contains("are cut")), "{w:?}");
+}

@@ -96,3 +96,29 @@ fn teacache_on_the_modulated_input_streams_as_it_holds() {
         0.0
     );
 }
+
+/// A negative prompt with `guidance_scale` at most 1 runs no true CFG: said, as the pipeline warns.
+#[test]
+fn an_unused_negative_prompt_is_warned_about() {
+    let (_dir, cfg, meta) =
+        magcache_tests::prompted::setup("qwen-image", "qwenimage_nocfg_pipeline", "dense", "f32");
+    let g = meta["call"]["true_cfg_scale"].as_f64().unwrap_or(1.0);
+    assert!(g <= 1.0, "the no-CFG case runs at {g}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(!text.contains("negative ="));
+    let text = text.replacen("\n\n[inputs]", "\nnegative = \" \"\n\n[inputs]", 1);
+    std::fs::write(&cfg, text).unwrap();
+    let mut p = magcache_cli::prepare(&cfg).unwrap();
+    let (_, rep) = magcache_cli::generate(&mut p, magcache_cli::Verbosity::Quiet).unwrap();
+    assert!(
+        rep.warnings
+            .iter()
+            .any(|w| w.contains("prompt.negative is not used")),
+        "{:?}",
+        rep.warnings
+    );
+    assert_eq!(
+        rep.total_calls,
+        meta["call"]["num_inference_steps"].as_u64().unwrap() as usize
+    );
+}

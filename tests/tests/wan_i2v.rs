@@ -190,6 +190,47 @@ fn wan21_i2v_clip_pixel_values_match_the_processor() {
     assert!(d <= 1e-6, "pixel_values differ by {d}");
 }
 
+/// A picture so narrow that the processor's resize (shorter side to `shortest_edge`) would make
+/// a multi-gigabyte picture is refused before the resize allocates it (1 x 32768 at the released
+/// 224 would be 224 x 7340032).
+#[test]
+fn a_picture_the_clip_resize_would_blow_up_is_refused() {
+    use magcache_layers::picture::Rgb8;
+    use magcache_models::wan::image_encoder::ClipImageProcessor;
+    let src = fixture("pipelines/wan21_i2v_image_processor/preprocessor_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    cfg["size"]["shortest_edge"] = 224.into();
+    cfg["crop_size"] = serde_json::json!({"height": 224, "width": 224});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("preprocessor_config.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let proc = ClipImageProcessor::read(&path).unwrap();
+    let narrow = Rgb8 {
+        width: 1,
+        height: 32768,
+        data: vec![128; 3 * 32768],
+    };
+    let e = proc
+        .pixel_values(&narrow, &candle_core::Device::Cpu, "cfg")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("inputs.image") && e.contains("224x7340032"),
+        "{e}"
+    );
+    // A picture of ordinary proportions still goes through.
+    let ok = Rgb8 {
+        width: 40,
+        height: 30,
+        data: vec![128; 3 * 40 * 30],
+    };
+    let px = proc
+        .pixel_values(&ok, &candle_core::Device::Cpu, "cfg")
+        .unwrap();
+    assert_eq!(px.dims(), &[1, 3, 224, 224]);
+}
+
 fn prepare_err(toml_text: &str, dir: &Path) -> String {
     link_all();
     let cfg = dir.join("run.toml");
@@ -223,6 +264,16 @@ fn image_folders_refuse_what_they_cannot_run() {
         e.contains("inputs.image") && e.contains("_no_such.png"),
         "{e}"
     );
+    // An empty path is said to be empty (it joined to the run's folder, "a folder, not a file").
+    let empty: String = text
+        .lines()
+        .map(|l| match l.starts_with("image = ") {
+            true => "image = \"\"\n".to_string(),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    let e = prepare_err(&empty, dir.path());
+    assert!(e.contains("inputs.image") && e.contains("is empty"), "{e}");
     // A speech-to-video folder.
     let mut idx = meta["model_index"].clone();
     idx["_class_name"] = "WanSpeechToVideoPipeline".into();
@@ -283,7 +334,7 @@ fn resampling_matches_pil_byte_for_byte() {
             Filter::Bicubic
         };
         let want = load_rgb8(&dir.join(&name), "run.toml", "inputs.image").unwrap();
-        let got = resize(&src, w, h, f);
+        let got = resize(&src, w, h, f).unwrap();
         assert_eq!((got.width, got.height), (want.width, want.height), "{name}");
         let diff: Vec<i32> = got
             .data
@@ -303,23 +354,34 @@ fn resampling_matches_pil_byte_for_byte() {
 /// A JPEG whose EXIF orientation says "rotate 90 degrees" is read upright, as diffusers'
 /// `load_image` (`exif_transpose`) reads it: same size, and the pixels within JPEG decoders'
 /// rounding (libjpeg against zune-jpeg).
+/// Also where the `image` crate alone would not turn it and PIL does: a PNG's `eXIf` chunk after the
+/// pixel data (exact pixels), an orientation stored as LONG.
 #[test]
 fn exif_orientation_is_applied() {
     use magcache_layers::picture::load_rgb8;
     let dir = fixture("picture");
-    let got = load_rgb8(&dir.join("exif6.jpg"), "run.toml", "inputs.image").unwrap();
-    let want = load_rgb8(&dir.join("exif6-as-loaded.png"), "run.toml", "inputs.image").unwrap();
-    assert_eq!((got.width, got.height), (want.width, want.height));
-    assert_eq!((got.width, got.height), (47, 61));
-    let mean: f64 = got
-        .data
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .sum::<f64>()
-        / got.data.len() as f64;
-    eprintln!("exif6.jpg: mean |diff| {mean:.3} levels against PIL's decode");
-    assert!(mean < 2.0, "mean |diff| {mean}");
+    for (name, as_loaded, exact) in [
+        ("exif6.jpg", "exif6-as-loaded.png", false),
+        ("exif6_long.jpg", "exif6_long-as-loaded.png", false),
+        ("exif6_late.png", "exif6_late-as-loaded.png", true),
+    ] {
+        let got = load_rgb8(&dir.join(name), "run.toml", "inputs.image").unwrap();
+        let want = load_rgb8(&dir.join(as_loaded), "run.toml", "inputs.image").unwrap();
+        assert_eq!((got.width, got.height), (want.width, want.height), "{name}");
+        assert_eq!((got.width, got.height), (47, 61), "{name}");
+        let mean: f64 = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / got.data.len() as f64;
+        eprintln!("{name}: mean |diff| {mean:.3} levels against PIL's decode");
+        match exact {
+            true => assert_eq!(got.data, want.data, "{name}"),
+            false => assert!(mean < 2.0, "{name}: mean |diff| {mean}"),
+        }
+    }
 }
 
 /// Every pixel format a PNG or JPEG may hold reads as diffusers' `load_image` reads it

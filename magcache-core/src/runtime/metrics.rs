@@ -245,6 +245,12 @@ pub fn pixel_quality(reference: &Tensor, test: &Tensor) -> Result<Quality> {
     }
     let (n, h, w, c, a) = frames_of(reference)?;
     let (_, _, _, _, b) = frames_of(test)?;
+    if n * h * w * c == 0 {
+        return Err(Error::msg(format!(
+            "cannot compare decoded pixels of shape {:?}: no pixels",
+            reference.dims()
+        )));
+    }
     let a: Vec<f64> = a.into_iter().map(|v| v.clamp(0.0, 1.0)).collect();
     let b: Vec<f64> = b.into_iter().map(|v| v.clamp(0.0, 1.0)).collect();
     let per = h * w * c;
@@ -364,6 +370,15 @@ mod tests {
         assert!((q.psnr_db - 10.0 * (63.0f64 * 63.0).log10()).abs() < 1e-9);
         assert!(q.ssim < 1.0 && q.ssim > 0.9);
         assert_eq!(q.mean_abs, 1.0);
+    }
+
+    #[test]
+    fn pixels_of_no_size_are_an_error() {
+        for shape in [(1, 0, 5, 3), (1, 5, 0, 3), (0, 5, 5, 3)] {
+            let t = Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+            let e = pixel_quality(&t, &t).unwrap_err().to_string();
+            assert!(e.contains("no pixels"), "{shape:?}: {e}");
+        }
     }
 
     #[test]

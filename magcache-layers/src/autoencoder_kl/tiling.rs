@@ -168,7 +168,7 @@ pub fn run_tiling(cfg: &RunConfig, file: &str, root: &Path) -> Result<Option<Flu
         }
         return Ok(None);
     }
-    let c = FluxVaeConfig::read(&root.join("vae").join("config.json"))?;
+    let c = tiled_vae_config(&root.join("vae").join("config.json"))?;
     let t = k
         .tile_sample_min_size
         .map(|tile_sample_min_size| FluxTiling {
@@ -177,6 +177,23 @@ pub fn run_tiling(cfg: &RunConfig, file: &str, root: &Path) -> Result<Option<Flu
         .unwrap_or_else(|| FluxTiling::of_config(&c));
     t.check(&c, &format!("{file}: vae"))?;
     Ok(Some(t))
+}
+
+/// The VAE classes whose tiling is `AutoencoderKL`'s: FLUX.2's `AutoencoderKLFlux2` wraps one (its
+/// extra keys, the batch norm's, do not shape the tiles); the rest of its config is the family's to
+/// check when it loads the VAE.
+const TILED_CLASSES: [&str; 2] = ["AutoencoderKL", "AutoencoderKLFlux2"];
+
+/// The `AutoencoderKL` part of a tiled VAE's `config.json` (any of [`TILED_CLASSES`]).
+fn tiled_vae_config(path: &Path) -> Result<FluxVaeConfig> {
+    let (mut json, shown) = crate::config_util::read_json(path)?;
+    if let Some(obj) = json.as_object_mut() {
+        let class = obj.get("_class_name").and_then(|v| v.as_str());
+        if class.is_some_and(|c| TILED_CLASSES[1..].contains(&c)) {
+            obj.remove("_class_name");
+        }
+    }
+    FluxVaeConfig::from_json(&json, &shown)
 }
 
 /// Runs `f` over the tiles of `grid` on a `[1, C, H, W]` input and joins the blended results uncut

@@ -29,6 +29,8 @@ pub struct Prompted {
     /// CLIP's pooled `[1, pooled_projection_dim]`.
     pub pooled_prompt_embeds: Tensor,
     pub stages: Vec<StageTime>,
+    /// What the encoders cut of the prompt, as the pipeline warns.
+    pub warnings: Vec<String>,
 }
 
 /// The pipeline folder of a prompted run: `model.weights`, a folder with `model_index.json` naming
@@ -135,11 +137,25 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
         "the text encoder",
         &format!("pooled_prompt_embeds (CLIP, from {te})"),
     )?;
+    let (clip_cut, clip_len, t5_cut) =
+        magcache_text::flux::truncated_tokens(root, &p.text, max_len)?;
+    let mut warnings = Vec::new();
+    if clip_cut > 0 {
+        warnings.push(format!(
+            "{file}: prompt.text: CLIP reads the first {clip_len} tokens; the last {clip_cut} are cut for its pooled embedding, as FluxPipeline warns"
+        ));
+    }
+    if t5_cut > 0 {
+        warnings.push(format!(
+            "{file}: prompt.text: T5 reads max_sequence_length = {max_len} tokens; the last {t5_cut} are cut, as FluxPipeline warns (raise prompt.max_sequence_length, up to 512)"
+        ));
+    }
     Ok(Prompted {
         picture,
         prompt_embeds,
         pooled_prompt_embeds,
         stages: vec![stage.end()],
+        warnings,
     })
 }
 

@@ -151,6 +151,9 @@ impl ResolvedRun for FluxRun {
         let (schedule, mu) = FluxShift::for_run(cfg, base)?
             .schedule(cfg.sampling.steps, inputs.packed.latents.dim(1)?);
         schedule.check(file, "inputs.latent_shape", mu)?;
+        if let Some(p) = &mut prompted {
+            warnings.append(&mut p.warnings);
+        }
         let mut common = magcache_core::PipelineCommon::new(desc, flux_info(variant), warnings);
         if let Some(p) = &mut prompted {
             common.stages = std::mem::take(&mut p.stages);

@@ -95,6 +95,11 @@ impl QwenImageRun {
                 "{file}: sampling.guidance_scale = {scale} needs a negative prompt for true CFG (prompt.negative; \"\" or \" \" will do): running without CFG, as the pipeline does"
             ));
         }
+        if prompt.as_ref().is_some_and(|p| p.1.is_some()) && scale <= 1.0 {
+            warnings.push(format!(
+                "{file}: prompt.negative is not used: sampling.guidance_scale = {scale} runs no true CFG (it needs more than 1), as the pipeline warns"
+            ));
+        }
         if let Source::Folder(_, QwenImageFolder { vae, .. }) = &source {
             let (h, w) = (
                 cfg.inputs.height.unwrap_or(DEFAULT_SIZE),

@@ -304,7 +304,7 @@ pub fn encode_image(
     let stage = Stage::begin("encode image (VAE)");
     let mut vae = WanVae::load(&root.join("vae"), &placement.device, placement.dtype)?;
     vae.set_tiling(tiling)?;
-    let pic = resize(img, width, height, Filter::Lanczos);
+    let pic = resize(img, width, height, Filter::Lanczos)?;
     let x = pic.to_vae_tensor(&placement.device)?.unsqueeze(2)?; // [1, 3, 1, H, W]
     let condition = if index.expand_timesteps {
         ImageCondition::FirstFrame(vae.encode_normalized(&x)?)

@@ -290,14 +290,19 @@ pub fn read_text(path: &std::path::Path) -> Result<String> {
     open_regular(path)?
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path.display().to_string(), describe_io(path, &e)))?;
+    utf8_text(bytes, &path.display().to_string())
+}
+
+/// `bytes` as text, or an error naming `shown` and where the first byte that is not UTF-8 lies, as
+/// an editor shows it.
+fn utf8_text(bytes: Vec<u8>, shown: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
-        // Where the first byte that is not UTF-8 lies, as an editor shows it.
         let at = e.utf8_error().valid_up_to();
         let head = &e.as_bytes()[..at];
         let line = 1 + head.iter().filter(|&&b| b == b'\n').count();
         let col = 1 + head.iter().rev().take_while(|&&b| b != b'\n').count();
         Error::io(
-            path.display().to_string(),
+            shown,
             format!("is not UTF-8 text: line {line}, column {col} (byte {at}) starts an invalid sequence"),
         )
     })
@@ -309,13 +314,17 @@ mod tests {
 
     #[test]
     fn text_that_is_not_utf8_is_located() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("run.toml");
-        std::fs::write(&p, b"[model]\nfamily = \"wan\xff\"\n").unwrap();
-        let e = read_text(&p).unwrap_err().to_string();
-        assert!(e.contains("line 2, column 14"), "{e}");
-        std::fs::write(&p, "[model]\nfamily = \"wan\"\n").unwrap();
-        assert_eq!(read_text(&p).unwrap(), "[model]\nfamily = \"wan\"\n");
+        // (No file: a file read here would join the process's record of read files, whose inode
+        // a later test's file may reuse.)
+        let e = utf8_text(b"[model]\nfamily = \"wan\xff\"\n".to_vec(), "run.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("run.toml") && e.contains("line 2, column 14"),
+            "{e}"
+        );
+        let ok = utf8_text(b"[model]\nfamily = \"wan\"\n".to_vec(), "run.toml").unwrap();
+        assert_eq!(ok, "[model]\nfamily = \"wan\"\n");
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! SIGTERM, SIGHUP: [`crate::temps::install_signal_cleanup`], which also undoes a commit under way); ones left by
 //! a killed process (SIGKILL) are named in a warning by the next command that writes into the same
 //! folder, never removed (see [`crate::temps`]). Temporaries and backups are created new
-//! (`create_new`, or a hard link): nothing already there is ever written over. Permissions follow
-//! the umask.
+//! (`create_new`, or a hard link): nothing already there is ever written over. A new output's
+//! permissions follow the umask; a replaced file's mode (its permission bits) is kept, and a file
+//! with no write bit is not replaced.
 
 mod kinds;
 use crate::temps::{clean_stale, cleanup_state, register, roll_back, temp_name, unregister, Undo};
@@ -427,7 +428,7 @@ impl Outputs {
                 let undo = match std::fs::symlink_metadata(&p.target) {
                     Ok(old) => {
                         // The replacement keeps the replaced file's mode (a user's `chmod 600`).
-                        std::fs::set_permissions(&p.tmp, old.permissions())?;
+                        keep_mode(&p.tmp, &old)?;
                         let backup = temp_name(dir, "bak");
                         match std::fs::hard_link(&p.target, &backup) {
                             Ok(()) => {}
@@ -479,6 +480,20 @@ impl Outputs {
 }
 
 /// Copies `from` into `to`, a file created now: an existing `to` is an error, never replaced.
+/// Gives `tmp` the permission bits of the file it replaces (`old`), without set-id or sticky bits.
+fn keep_mode(tmp: &Path, old: &std::fs::Metadata) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = old.permissions().mode() & 0o777;
+        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::set_permissions(tmp, old.permissions())
+    }
+}
+
 fn copy_new(from: &Path, to: &Path) -> std::io::Result<()> {
     let mut src = std::fs::File::open(from)?;
     let mut dst = std::fs::OpenOptions::new()

@@ -194,7 +194,7 @@ pub fn check_named_file(
     required: bool,
 ) -> Result<()> {
     // An empty path would name the run file's own folder ("a folder, not a file").
-    if p.trim().is_empty() {
+    if p.is_empty() {
         return Err(Error::config(
             file,
             key,
@@ -300,7 +300,9 @@ fn utf8_text(bytes: Vec<u8>, shown: &str) -> Result<String> {
         let at = e.utf8_error().valid_up_to();
         let head = &e.as_bytes()[..at];
         let line = 1 + head.iter().filter(|&&b| b == b'\n').count();
-        let col = 1 + head.iter().rev().take_while(|&&b| b != b'\n').count();
+        // The valid part's last line, counted in characters as an editor counts them.
+        let line_start = head.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let col = 1 + std::str::from_utf8(&head[line_start..]).map_or(0, |t| t.chars().count());
         Error::io(
             shown,
             format!("is not UTF-8 text: line {line}, column {col} (byte {at}) starts an invalid sequence"),
@@ -323,6 +325,11 @@ mod tests {
             e.contains("run.toml") && e.contains("line 2, column 14"),
             "{e}"
         );
+        // Columns count characters: "é" is two bytes, one column.
+        let e = utf8_text(b"a = \"\xc3\xa9\xff\"".to_vec(), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1, column 7"), "{e}");
         let ok = utf8_text(b"[model]\nfamily = \"wan\"\n".to_vec(), "run.toml").unwrap();
         assert_eq!(ok, "[model]\nfamily = \"wan\"\n");
     }

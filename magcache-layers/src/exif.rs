@@ -1,7 +1,9 @@
 //! The EXIF orientation of a picture, as PIL's `ImageOps.exif_transpose` (which diffusers'
-//! `load_image` applies) finds it: tag 0x0112 of the first IFD, whatever integer type it is stored
-//! as (the `image` crate reads only SHORT, and a PNG's `eXIf` chunk only before the pixel data;
-//! PIL reads LONG too, and the chunk anywhere in the file).
+//! `load_image` applies) finds it: tag 0x0112 of the first IFD, stored as any one-value integer type
+//! (the `image` crate reads only SHORT, a PNG's `eXIf` chunk only before the pixel data, and a
+//! JPEG's last EXIF segment; PIL reads LONG too, a PNG's last chunk anywhere in the file, and a
+//! JPEG's first segment). Not read: XMP's `tiff:Orientation`, which PIL falls back on where EXIF
+//! has none.
 
 /// The orientation (1..=8) in a TIFF-structured EXIF block (`II*\0` or `MM\0*`), if any.
 pub(crate) fn orientation(tiff: &[u8]) -> Option<u8> {
@@ -34,8 +36,8 @@ pub(crate) fn orientation(tiff: &[u8]) -> Option<u8> {
             continue;
         }
         let value = match (u16_at(e + 2)?, u32_at(e + 4)?) {
-            // BYTE, SHORT, LONG, SSHORT, SLONG: one value in the entry's value field.
-            (1, 1) => u32::from(*tiff.get(e + 8)?),
+            // BYTE, SBYTE, SHORT, LONG, SSHORT, SLONG: one value in the entry's value field.
+            (1 | 6, 1) => u32::from(*tiff.get(e + 8)?),
             (3 | 8, 1) => u32::from(u16_at(e + 8)?),
             (4 | 9, 1) => u32_at(e + 8)?,
             _ => return None,
@@ -45,19 +47,61 @@ pub(crate) fn orientation(tiff: &[u8]) -> Option<u8> {
     None
 }
 
-/// The data of a PNG's first `eXIf` chunk, wherever it lies before `IEND`.
+/// The data of a PNG's last `eXIf` chunk before `IEND`, wherever it lies (PIL reads the chunks after
+/// the pixel data too, a later one replacing an earlier one).
 pub(crate) fn png_exif(png: &[u8]) -> Option<&[u8]> {
     let mut at = 8usize;
+    let mut found = None;
     loop {
-        let len =
-            usize::try_from(u32::from_be_bytes(png.get(at..at + 4)?.try_into().ok()?)).ok()?;
-        let kind = png.get(at + 4..at + 8)?;
-        let data = png.get(at + 8..(at + 8).checked_add(len)?)?;
-        match kind {
-            b"eXIf" => return Some(data),
-            b"IEND" => return None,
-            _ => at = at + 12 + len,
+        let Some(len) = png
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .and_then(|b| usize::try_from(u32::from_be_bytes(b)).ok())
+        else {
+            return found;
+        };
+        let Some(data) = (at + 8)
+            .checked_add(len)
+            .and_then(|end| png.get(at + 8..end))
+        else {
+            return found;
+        };
+        match png.get(at + 4..at + 8) {
+            Some(b"eXIf") => found = Some(data),
+            Some(b"IEND") | None => return found,
+            _ => {}
         }
+        at = at + 12 + len;
+    }
+}
+
+/// The TIFF block of a JPEG's first `APP1` segment holding EXIF (`Exif\0\0`), before the first
+/// scan: the one PIL reads (the `image` crate's decoder keeps the last).
+pub(crate) fn jpeg_exif(jpeg: &[u8]) -> Option<&[u8]> {
+    let mut at = 2usize; // past SOI
+    loop {
+        let marker = jpeg.get(at..at + 2)?;
+        if marker[0] != 0xff {
+            return None;
+        }
+        if marker[1] == 0xff {
+            at += 1; // a fill byte
+            continue;
+        }
+        // Start of scan or end of image: no EXIF before the pixel data.
+        if marker[1] == 0xda || marker[1] == 0xd9 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes(
+            jpeg.get(at + 2..at + 4)?.try_into().ok()?,
+        ));
+        let body = jpeg.get(at + 4..(at + 2).checked_add(len)?)?;
+        if marker[1] == 0xe1 {
+            if let Some(tiff) = body.strip_prefix(b"Exif\0\0") {
+                return Some(tiff);
+            }
+        }
+        at += 2 + len;
     }
 }
 
@@ -136,5 +180,34 @@ mod tests {
         assert_eq!(png_exif(&png), Some(&t[..]));
         let cut = &png[..png.len() - 20];
         assert_eq!(png_exif(cut), None);
+        // A later chunk replaces an earlier one, as in PIL.
+        let t3 = tiff(false, 3, 3);
+        let mut two = png[..png.len() - 12].to_vec();
+        two.extend(chunk(b"eXIf", &t3));
+        two.extend(chunk(b"IEND", &[]));
+        assert_eq!(png_exif(&two), Some(&t3[..]));
+    }
+
+    #[test]
+    fn the_first_exif_segment_of_a_jpeg_is_read() {
+        let seg = |marker: u8, body: &[u8]| -> Vec<u8> {
+            let mut s = vec![0xff, marker];
+            s.extend(((body.len() + 2) as u16).to_be_bytes());
+            s.extend(body);
+            s
+        };
+        let exif = |t: &[u8]| [b"Exif\0\0".as_slice(), t].concat();
+        let (t6, t8) = (tiff(true, 3, 6), tiff(false, 4, 8));
+        let mut j = vec![0xff, 0xd8];
+        j.extend(seg(0xe0, b"JFIF\0"));
+        j.extend(seg(0xe1, b"http://ns.adobe.com/xap/1.0/\0<x/>"));
+        j.extend(seg(0xe1, &exif(&t6)));
+        j.extend(seg(0xe1, &exif(&t8)));
+        j.extend([0xff, 0xda, 0, 2]);
+        assert_eq!(jpeg_exif(&j), Some(&t6[..]));
+        assert_eq!(orientation(jpeg_exif(&j).unwrap()), Some(6));
+        assert_eq!(jpeg_exif(&[0xff, 0xd8, 0xff, 0xda]), None);
+        assert_eq!(jpeg_exif(&j[..10]), None);
+        assert_eq!(orientation(&tiff(false, 6, 6)), Some(6));
     }
 }

@@ -32,12 +32,14 @@ const MAX_PICTURE_BYTES: u64 = 512 << 20;
 const MAX_PICTURE_SIDE: u32 = 1 << 15;
 const MAX_PICTURE_PIXELS: u64 = 1 << 26;
 
-/// The orientation as PIL reads it ([`crate::exif`]): the decoder's EXIF block, else (a PNG's
-/// `eXIf` after the pixel data) the file's own.
-fn orientation_of(exif: Option<Vec<u8>>, png: Option<&[u8]>) -> image::metadata::Orientation {
-    let png_tail = || png.and_then(crate::exif::png_exif).map(<[u8]>::to_vec);
-    exif.or_else(png_tail)
-        .and_then(|t| crate::exif::orientation(&t))
+/// The EXIF orientation as PIL reads it ([`crate::exif`]): a PNG's last `eXIf` chunk, a JPEG's first
+/// EXIF segment.
+fn orientation_of(bytes: &[u8], png: bool) -> image::metadata::Orientation {
+    let tiff = match png {
+        true => crate::exif::png_exif(bytes),
+        false => crate::exif::jpeg_exif(bytes),
+    };
+    tiff.and_then(crate::exif::orientation)
         .and_then(image::metadata::Orientation::from_exif)
         .unwrap_or(image::metadata::Orientation::NoTransforms)
 }
@@ -95,7 +97,7 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
             "the picture is larger than a run reads (at most {MAX_PICTURE_SIDE} pixels a side and {MAX_PICTURE_PIXELS} pixels in all; resize it first)"
         ))
     };
-    let mut decoder = reader.into_decoder().map_err(|e| match e {
+    let decoder = reader.into_decoder().map_err(|e| match e {
         image::ImageError::Limits(_) => too_large(),
         e => bad(format!("cannot decode: {e}")),
     })?;
@@ -120,10 +122,7 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
             )));
         }
     }
-    let exif = decoder
-        .exif_metadata()
-        .map_err(|e| bad(format!("cannot read its EXIF data: {e}")))?;
-    let orientation = orientation_of(exif, reader_png.then_some(&bytes[..]));
+    let orientation = orientation_of(&bytes, reader_png);
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| match e {
         image::ImageError::Limits(_) => bad(format!(
             "decoding it needs more memory than the run may use ({}) or a picture may take",

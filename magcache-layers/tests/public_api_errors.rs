@@ -19,6 +19,8 @@ fn a_flow_schedule_without_its_final_sigma_is_an_error() {
     assert_eq!(s.dt(1), 0.0);
     let lat = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
     let mut st = FlowStepper::Euler(s);
+    // Step 0 had its sigmas; the schedule is refused whole all the same.
+    assert!(st.step(0, &lat, &lat).is_err());
     assert!(st.step(1, &lat, &lat).is_err());
     let ok = FlowSchedule {
         timesteps: vec![1000.0, 500.0],

@@ -94,7 +94,11 @@ pub fn published_curves(model: &ModelInfo) -> Result<Option<RatioCurves>> {
     );
     for (e, branches) in curves.experts.iter().enumerate() {
         for (b, c) in branches {
-            check_curve(&what, &format!("ratios (expert {e}, {b:?})"), c)?;
+            let at = match curves.experts.len() {
+                1 => format!("ratios ({b})"),
+                _ => format!("ratios (expert {e}, {b})"),
+            };
+            check_curve(&what, &at, c)?;
         }
     }
     Ok(Some(curves))

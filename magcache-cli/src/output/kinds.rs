@@ -35,18 +35,12 @@ pub(super) fn not_replaceable(path: &Path) -> Option<String> {
 }
 
 /// Why a regular file that its owner protected from writing is not replaced: no write bit at all
-/// (as `rm` asks before removing such a file), or none for this user.
-fn read_only(path: &Path, m: &std::fs::Metadata) -> Option<String> {
-    let refuse = || {
-        Some("is read-only (its mode or owner protects it); refusing to replace it (make it writable, or give another path)".to_string())
-    };
-    if m.permissions().readonly() {
-        return refuse();
-    }
-    match std::fs::OpenOptions::new().write(true).open(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => refuse(),
-        _ => None,
-    }
+/// (as `rm` asks before removing such a file). Asked of its mode alone: opening it to find out would
+/// tell file watchers it was written.
+fn read_only(_path: &Path, m: &std::fs::Metadata) -> Option<String> {
+    m.permissions().readonly().then(|| {
+        "is read-only (no write permission in its mode); refusing to replace it (make it writable, or give another path)".to_string()
+    })
 }
 
 #[cfg(unix)]

@@ -147,7 +147,8 @@ pub fn encode(cfg: &RunConfig, file: &str, root: &Path) -> Result<Prompted> {
     }
     if t5_cut > 0 {
         warnings.push(format!(
-            "{file}: prompt.text: T5 reads max_sequence_length = {max_len} tokens; the last {t5_cut} are cut, as FluxPipeline warns (raise prompt.max_sequence_length, up to 512)"
+            "{file}: prompt.text: T5 reads max_sequence_length = {max_len} tokens; the last {t5_cut} are cut, as FluxPipeline warns{}",
+            if max_len < 512 { " (raise prompt.max_sequence_length, up to 512)" } else { "" }
         ));
     }
     Ok(Prompted {

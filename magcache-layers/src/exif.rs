@@ -2,8 +2,8 @@
 //! `load_image` applies) finds it: tag 0x0112 of the first IFD, stored as any one-value integer type
 //! (the `image` crate reads only SHORT, a PNG's `eXIf` chunk only before the pixel data, and a
 //! JPEG's last EXIF segment; PIL reads LONG too, a PNG's last chunk anywhere in the file, and a
-//! JPEG's first segment). Not read: XMP's `tiff:Orientation`, which PIL falls back on where EXIF
-//! has none.
+//! JPEG's first segment, which [`crate::jpeg_walk`] finds). Not read: XMP's `tiff:Orientation`,
+//! which PIL falls back on where EXIF has none.
 
 /// The orientation (1..=8) in a TIFF-structured EXIF block (`II*\0` or `MM\0*`), if any.
 pub(crate) fn orientation(tiff: &[u8]) -> Option<u8> {
@@ -72,36 +72,6 @@ pub(crate) fn png_exif(png: &[u8]) -> Option<&[u8]> {
             _ => {}
         }
         at = at + 12 + len;
-    }
-}
-
-/// The TIFF block of a JPEG's first `APP1` segment holding EXIF (`Exif\0\0`), before the first
-/// scan: the one PIL reads (the `image` crate's decoder keeps the last).
-pub(crate) fn jpeg_exif(jpeg: &[u8]) -> Option<&[u8]> {
-    let mut at = 2usize; // past SOI
-    loop {
-        let marker = jpeg.get(at..at + 2)?;
-        if marker[0] != 0xff {
-            return None;
-        }
-        if marker[1] == 0xff {
-            at += 1; // a fill byte
-            continue;
-        }
-        // Start of scan or end of image: no EXIF before the pixel data.
-        if marker[1] == 0xda || marker[1] == 0xd9 {
-            return None;
-        }
-        let len = usize::from(u16::from_be_bytes(
-            jpeg.get(at + 2..at + 4)?.try_into().ok()?,
-        ));
-        let body = jpeg.get(at + 4..(at + 2).checked_add(len)?)?;
-        if marker[1] == 0xe1 {
-            if let Some(tiff) = body.strip_prefix(b"Exif\0\0") {
-                return Some(tiff);
-            }
-        }
-        at += 2 + len;
     }
 }
 
@@ -189,25 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn the_first_exif_segment_of_a_jpeg_is_read() {
-        let seg = |marker: u8, body: &[u8]| -> Vec<u8> {
-            let mut s = vec![0xff, marker];
-            s.extend(((body.len() + 2) as u16).to_be_bytes());
-            s.extend(body);
-            s
-        };
-        let exif = |t: &[u8]| [b"Exif\0\0".as_slice(), t].concat();
-        let (t6, t8) = (tiff(true, 3, 6), tiff(false, 4, 8));
-        let mut j = vec![0xff, 0xd8];
-        j.extend(seg(0xe0, b"JFIF\0"));
-        j.extend(seg(0xe1, b"http://ns.adobe.com/xap/1.0/\0<x/>"));
-        j.extend(seg(0xe1, &exif(&t6)));
-        j.extend(seg(0xe1, &exif(&t8)));
-        j.extend([0xff, 0xda, 0, 2]);
-        assert_eq!(jpeg_exif(&j), Some(&t6[..]));
-        assert_eq!(orientation(jpeg_exif(&j).unwrap()), Some(6));
-        assert_eq!(jpeg_exif(&[0xff, 0xd8, 0xff, 0xda]), None);
-        assert_eq!(jpeg_exif(&j[..10]), None);
+    fn sbyte_values_are_read() {
         assert_eq!(orientation(&tiff(false, 6, 6)), Some(6));
     }
 }

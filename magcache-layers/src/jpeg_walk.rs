@@ -22,6 +22,9 @@ pub(crate) struct JpegWalk {
     pub blocks: u64,
     /// Bytes of entropy-coded data over all scans.
     pub coded: u64,
+    /// Where the TIFF block of the first `APP1` segment holding EXIF (`Exif\0\0`) before the first
+    /// scan lies in the file, if any: the one PIL reads (the `image` crate's decoder keeps the last).
+    pub exif: Option<std::ops::Range<usize>>,
 }
 
 /// Why a JPEG's structure is refused.
@@ -65,6 +68,7 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
         return Err(JpegFault::Malformed("no start-of-image marker"));
     }
     let (mut at, mut blocks, mut coded) = (2usize, 0u64, 0u64);
+    let (mut exif, mut scanned) = (None, false);
     loop {
         // Extraneous bytes before a marker (libjpeg warns and skips them), and fill bytes
         // (FF FF ...).
@@ -84,6 +88,7 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
                     end: at,
                     blocks,
                     coded,
+                    exif,
                 })
             }
             // Standalone markers: no length.
@@ -99,8 +104,12 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
         if (0xC0..=0xC2).contains(&marker) {
             blocks = frame_blocks(seg).ok_or(JpegFault::Malformed("a frame header too short"))?;
         }
+        if marker == 0xE1 && exif.is_none() && !scanned && seg.starts_with(b"Exif\0\0") {
+            exif = Some(at + 2 + 6..at + len);
+        }
         at += len;
         if marker == 0xDA {
+            scanned = true;
             // Entropy-coded data runs to the next marker other than a stuffed zero or a restart.
             let start = at;
             loop {
@@ -116,21 +125,27 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
     }
 }
 
-/// The walk's verdict in words, or `None` when the JPEG is whole: its data ends at its end marker
-/// (what follows it is ignored) and covers the blocks its header asks for.
-pub(crate) fn fault(b: &[u8]) -> Option<String> {
+/// The walk of a whole JPEG, or its fault in words: a whole JPEG's data ends at its end marker (what
+/// follows it is ignored) and covers the blocks its header asks for.
+pub(crate) fn whole(b: &[u8]) -> Result<JpegWalk, String> {
     match walk(b) {
-        Err(JpegFault::Truncated) => Some(
+        Err(JpegFault::Truncated) => Err(
             "the JPEG is truncated (its data ends before the end-of-image marker): cannot decode it whole"
                 .into(),
         ),
-        Err(JpegFault::Malformed(why)) => Some(format!("not a well-formed JPEG ({why})")),
-        Ok(w) if w.coded < w.blocks / 8 => Some(format!(
+        Err(JpegFault::Malformed(why)) => Err(format!("not a well-formed JPEG ({why})")),
+        Ok(w) if w.coded < w.blocks / 8 => Err(format!(
             "the JPEG's header claims {} 8x8 blocks but its data ({} bytes) cannot hold them: the decoder would fill the rest with gray",
             w.blocks, w.coded
         )),
-        Ok(_) => None,
+        Ok(w) => Ok(w),
     }
+}
+
+/// [`whole`]'s fault alone.
+#[cfg(test)]
+fn fault(b: &[u8]) -> Option<String> {
+    whole(b).err()
 }
 
 #[cfg(test)]
@@ -166,6 +181,27 @@ mod tests {
         t.extend(b"ftypmp42");
         assert_eq!(walk(&t).unwrap().end, b.len());
         assert_eq!(fault(&t), None);
+    }
+
+    /// The first EXIF segment before the scans is the file's EXIF (PIL's choice), not an XMP
+    /// `APP1` and not a later EXIF one.
+    #[test]
+    fn the_first_exif_segment_is_found() {
+        let b = jpeg(16, 8);
+        assert_eq!(walk(&b).unwrap().exif, None);
+        let seg = |body: &[u8]| -> Vec<u8> {
+            let mut s = vec![0xFF, 0xE1];
+            s.extend(((body.len() + 2) as u16).to_be_bytes());
+            s.extend(body);
+            s
+        };
+        let mut with = b[..2].to_vec();
+        with.extend(seg(b"http://ns.adobe.com/xap/1.0/\0<x/>"));
+        with.extend(seg(b"Exif\0\0first"));
+        with.extend(seg(b"Exif\0\0second"));
+        with.extend(&b[2..]);
+        let w = walk(&with).unwrap();
+        assert_eq!(&with[w.exif.unwrap()], b"first");
     }
 
     #[test]

@@ -30,15 +30,11 @@ pub struct Rgb8 {
 /// allocations are limited to twice the pixels' RGBA bytes.
 const MAX_PICTURE_BYTES: u64 = 512 << 20;
 const MAX_PICTURE_SIDE: u32 = 1 << 15;
-const MAX_PICTURE_PIXELS: u64 = 1 << 26;
+/// The most pixels a picture read, or resized for an image encoder, may have (8192 x 8192).
+pub const MAX_PICTURE_PIXELS: u64 = 1 << 26;
 
-/// The EXIF orientation as PIL reads it ([`crate::exif`]): a PNG's last `eXIf` chunk, a JPEG's first
-/// EXIF segment.
-fn orientation_of(bytes: &[u8], png: bool) -> image::metadata::Orientation {
-    let tiff = match png {
-        true => crate::exif::png_exif(bytes),
-        false => crate::exif::jpeg_exif(bytes),
-    };
+/// The orientation in a picture's EXIF block (`tiff`), as PIL reads it ([`crate::exif`]).
+fn orientation_of(tiff: Option<&[u8]>) -> image::metadata::Orientation {
     tiff.and_then(crate::exif::orientation)
         .and_then(image::metadata::Orientation::from_exif)
         .unwrap_or(image::metadata::Orientation::NoTransforms)
@@ -84,14 +80,13 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
     if reader.format() == Some(image::ImageFormat::Png) && bytes.get(24..26) == Some(&[16, 0]) {
         return Err(bad(GRAY16.into()));
     }
-    let reader_png = reader.format() == Some(image::ImageFormat::Png);
-    if reader.format() == Some(image::ImageFormat::Jpeg) {
-        // The JPEG decoder fills what is missing with gray: a cut file, or a header claiming more
-        // than the data holds, would condition the run on a picture that is not the user's.
-        if let Some(why) = crate::jpeg_walk::fault(&bytes) {
-            return Err(bad(why));
-        }
-    }
+    // The JPEG decoder fills what is missing with gray: a cut file, or a header claiming more
+    // than the data holds, would condition the run on a picture that is not the user's. The walk
+    // also finds the EXIF segment PIL reads (a PNG's chunks are looked at for it below).
+    let jpeg_exif = match reader.format() == Some(image::ImageFormat::Jpeg) {
+        true => Some(crate::jpeg_walk::whole(&bytes).map_err(bad)?.exif),
+        false => None,
+    };
     let too_large = || {
         bad(format!(
             "the picture is larger than a run reads (at most {MAX_PICTURE_SIDE} pixels a side and {MAX_PICTURE_PIXELS} pixels in all; resize it first)"
@@ -122,7 +117,12 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
             )));
         }
     }
-    let orientation = orientation_of(&bytes, reader_png);
+    // The EXIF block PIL reads: the JPEG's first EXIF segment, a PNG's last `eXIf` chunk.
+    let tiff = match jpeg_exif {
+        Some(range) => range.and_then(|r| bytes.get(r)),
+        None => crate::exif::png_exif(&bytes),
+    };
+    let orientation = orientation_of(tiff);
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| match e {
         image::ImageError::Limits(_) => bad(format!(
             "decoding it needs more memory than the run may use ({}) or a picture may take",

@@ -29,9 +29,6 @@ pub struct ClipImageProcessor {
     pub mean_std: Option<([f64; 3], [f64; 3])>,
 }
 
-/// The most pixels a picture may have once resized for the image encoder (as many as a picture read).
-const MAX_RESIZED_PIXELS: usize = 1 << 26;
-
 impl ClipImageProcessor {
     /// Reads `image_processor/preprocessor_config.json`; errors name the file and the key.
     pub fn read(path: &Path) -> Result<Self> {
@@ -139,7 +136,7 @@ impl ClipImageProcessor {
             };
             // A very narrow picture resizes to a very long one before the crop (1 x 32768 to
             // 224 x 7340032, 4.9 GB): refused at the pictures' own limit on pixels.
-            if nw.saturating_mul(nh) > MAX_RESIZED_PIXELS {
+            if nw.saturating_mul(nh) as u64 > magcache_layers::picture::MAX_PICTURE_PIXELS {
                 return Err(Error::msg(format!(
                     "inputs.image: the {w}x{h} picture would be resized to {nw}x{nh} for the image encoder (shortest_edge {edge} in {file}), more than 8192 x 8192 pixels: crop it nearer to square"
                 )));

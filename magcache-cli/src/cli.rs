@@ -64,7 +64,19 @@ pub fn main() -> ExitCode {
     pin_thread_count();
     magcache_strategies::link();
     let cli = Cli::parse();
-    match real_main(cli, line_alloc) {
+    // `MAGCACHE_IN_POOL=on`: the command runs on one of rayon's workers (not `serve`, whose
+    // threads are its own), so that each parallel pass wakes one other thread, not every worker
+    // while this one sleeps (a 720-token Wan run on an AMX Xeon: 2 932 context switches against
+    // 15 841; docs/benchmarks.md). A bad value is reported in `real_main`.
+    let in_pool = magcache_layers::env::env_switch(IN_POOL_ENV, "off");
+    let r = match in_pool {
+        Ok(Some(true)) if !matches!(cli.cmd, Cmd::Serve(_)) => {
+            rayon::scope(move |_| real_main(cli, line_alloc))
+        }
+        Err(e) => Err(Error::msg(e)),
+        _ => real_main(cli, line_alloc),
+    };
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", e.to_string().replace('\n', " "));
@@ -72,6 +84,9 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// The switch that runs a command on one of rayon's worker threads (`on`; unset: off).
+pub const IN_POOL_ENV: &str = "MAGCACHE_IN_POOL";
 
 /// Sets `OMP_WAIT_POLICY=passive` where `MAGCACHE_ONEDNN` names oneDNN and the user set none of
 /// it, `GOMP_SPINCOUNT`, `KMP_BLOCKTIME`, `KMP_LIBRARY`. oneDNN's products run on OpenMP's threads, the rest of a call (norms,

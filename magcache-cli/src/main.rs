@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-/// C's allocator; large blocks on 64-byte lines with `MAGCACHE_LINE_ALLOC=on`.
+/// C's allocator; large blocks on 64-byte lines on CPUs with AMX or with `MAGCACHE_LINE_ALLOC=on`.
 #[global_allocator]
 static ALLOC: magcache_layers::alloc::LineAlloc = magcache_layers::alloc::LineAlloc;
 

@@ -174,34 +174,38 @@ fn a_bad_switch_value_is_one_line_naming_it() {
         ("MAGCACHE_PROGRESS_SECONDS", "abc"),
         ("MAGCACHE_PROGRESS_SECONDS", "-1"),
         ("MAGCACHE_LINE_ALLOC", "yes"),
+        ("MAGCACHE_IN_POOL", "1"),
     ] {
         let named = format!("{var}=\"{value}\"");
         c.run_err_env(&c.default_toml(MAG), &[(var, value)], &[named.as_str()]);
     }
 }
 
-/// `MAGCACHE_LINE_ALLOC=on` (large blocks on 64-byte lines) changes where the values lie, never
-/// what they are: the same run gives the same bytes with it on and off.
+/// `MAGCACHE_LINE_ALLOC=on` (large blocks on 64-byte lines) changes where the values lie, and
+/// `MAGCACHE_IN_POOL=on` which thread runs the command, never what the values are: the same run
+/// gives the same bytes with either on and off.
 #[test]
-fn the_line_allocator_gives_the_same_bytes() {
+fn the_line_allocator_and_the_pool_give_the_same_bytes() {
     let c = Case::new();
     let text = c.default_toml(MAG);
     let cfg = c.path("run.toml");
     std::fs::write(&cfg, &text).unwrap();
-    let out = |on: &str| {
-        let file = c.path(&format!("out_{on}.safetensors"));
+    let out = |var: &str, on: &str| {
+        let file = c.path(&format!("out_{var}_{on}.safetensors"));
         let o = Command::new(env!("CARGO_BIN_EXE_magcache"))
             .args(["run", "--quiet", "--config"])
             .arg(&cfg)
             .arg("--out")
             .arg(&file)
-            .env("MAGCACHE_LINE_ALLOC", on)
+            .env(var, on)
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         std::fs::read(&file).unwrap()
     };
-    assert_eq!(out("on"), out("off"));
+    let base = out("MAGCACHE_LINE_ALLOC", "off");
+    assert_eq!(out("MAGCACHE_LINE_ALLOC", "on"), base);
+    assert_eq!(out("MAGCACHE_IN_POOL", "on"), base);
 }
 
 /// A NaN or infinite `[model.overrides]` value (TOML has them, a model's JSON config does not) is

@@ -67,7 +67,7 @@ pub fn main() -> ExitCode {
     // `MAGCACHE_IN_POOL=on`: the command runs on one of rayon's workers (not `serve`, whose
     // threads are its own), so that each parallel pass wakes one other thread, not every worker
     // while this one sleeps (a 720-token Wan run on an AMX Xeon: 2 932 context switches against
-    // 15 841; docs/benchmarks.md). A bad value is reported in `real_main`.
+    // 15 841; docs/benchmarks.md). A bad value is an error here, before the command runs.
     let in_pool = magcache_layers::env::env_switch(IN_POOL_ENV, "off");
     let r = match in_pool {
         Ok(Some(true)) if !matches!(cli.cmd, Cmd::Serve(_)) => {

@@ -11,10 +11,10 @@
 //!
 //! A binary opts in: `#[global_allocator] static A: magcache_layers::alloc::LineAlloc =
 //! magcache_layers::alloc::LineAlloc;`. `magcache` does, aligned where the CPU has AMX unless
-//! `MAGCACHE_LINE_ALLOC=off`, and elsewhere only with `MAGCACHE_LINE_ALLOC=on` ([`switch_from_env`]):
-//! on an AMX Xeon oneDNN's products of a whole call ran 15-30% faster on aligned operands, on the
-//! Zen 5 they ran level either way (docs/benchmarks.md). The `bf16_gemm` example aligns unless
-//! `BF16_GEMM_ALIGN=off`.
+//! `MAGCACHE_LINE_ALLOC=off`, and elsewhere only with `MAGCACHE_LINE_ALLOC=on`
+//! ([`switch_from_env`]): on an AMX Xeon oneDNN's products of a whole call ran 1.15-1.42x faster
+//! on aligned operands, on the Zen 5 they ran level either way (docs/benchmarks.md). The
+//! `bf16_gemm` example aligns unless `BF16_GEMM_ALIGN=off`.
 //! Aligned large blocks are zeroed by a pass of their own (`calloc` cannot align) and grown by
 //! moving them.
 
@@ -57,7 +57,7 @@ pub fn line_alloc_choice(var: Option<bool>, amx: bool) -> bool {
 
 /// Whether `magcache` aligns large blocks when `MAGCACHE_LINE_ALLOC` is unset: on CPUs with AMX,
 /// whose 64-byte tile rows read an operand row that starts 16 bytes past a line in two lines each
-/// (oneDNN's products of a whole 720-token Wan call ran 15-30% faster aligned on an AMX Xeon,
+/// (oneDNN's products of a whole 720-token Wan call ran 1.15-1.42x faster aligned on an AMX Xeon,
 /// 2026-11-28); elsewhere not (level on a Zen 5, and aligned zeroed blocks lose `calloc`'s
 /// zero pages).
 pub fn aligned_by_default(amx: bool) -> bool {

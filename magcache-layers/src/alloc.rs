@@ -39,29 +39,26 @@ pub fn set(on: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads `MAGCACHE_LINE_ALLOC` and [`set`]s it ([`aligned_by_default`] where unset); call it
-/// first in `main`. Another value than `on` or `off` is an error naming the variable (the
-/// default is applied all the same).
+/// Reads `MAGCACHE_LINE_ALLOC` and [`set`]s it ([`line_alloc_choice`]); call it first in `main`.
+/// Another value than `on` or `off` is an error naming the variable (the default is applied all
+/// the same).
 pub fn switch_from_env() -> Result<(), String> {
-    let amx = magcache_core::runtime::placement::cpu_has_amx();
     let var = crate::env::env_switch(LINE_ALLOC_ENV, "on where the CPU has AMX, else off");
-    set(line_alloc_choice(var.clone().unwrap_or(None), amx))?;
+    let set_to = var.as_ref().ok().copied().flatten();
+    set(line_alloc_choice(
+        set_to,
+        magcache_core::runtime::placement::cpu_has_amx,
+    ))?;
     var.map(|_| ())
 }
 
-/// Whether large blocks are aligned: the variable's `on` or `off` where set, else
-/// [`aligned_by_default`] for a CPU with (`amx`) or without AMX tiles.
-pub fn line_alloc_choice(var: Option<bool>, amx: bool) -> bool {
-    var.unwrap_or_else(|| aligned_by_default(amx))
-}
-
-/// Whether `magcache` aligns large blocks when `MAGCACHE_LINE_ALLOC` is unset: on CPUs with AMX,
-/// whose 64-byte tile rows read an operand row that starts 16 bytes past a line in two lines each
-/// (oneDNN's products of a whole 720-token Wan call ran 1.15-1.42x faster aligned on an AMX Xeon,
-/// 2026-11-28); elsewhere not (level on a Zen 5, and aligned zeroed blocks lose `calloc`'s
-/// zero pages).
-pub fn aligned_by_default(amx: bool) -> bool {
-    amx
+/// Whether large blocks are aligned: the variable's `on` or `off` where set; unset, where the CPU
+/// has AMX (`amx`, asked only then), whose 64-byte tile rows read an operand row that starts 16
+/// bytes past a line in two lines each (oneDNN's products of a whole 720-token Wan call ran
+/// 1.15-1.42x faster aligned on an AMX Xeon, 2026-11-28); elsewhere not (level on a Zen 5, and
+/// aligned zeroed blocks lose `calloc`'s zero pages).
+pub fn line_alloc_choice(var: Option<bool>, amx: impl FnOnce() -> bool) -> bool {
+    var.unwrap_or_else(amx)
 }
 
 /// C's allocator on Unix, large blocks on 64-byte lines while [`set`] so; Rust's system allocator
@@ -175,10 +172,10 @@ mod tests {
     /// The variable decides where set; unset, CPUs with AMX align and others do not.
     #[test]
     fn the_line_alloc_default_follows_amx() {
-        assert!(line_alloc_choice(None, true));
-        assert!(!line_alloc_choice(None, false));
-        assert!(!line_alloc_choice(Some(false), true));
-        assert!(line_alloc_choice(Some(true), false));
+        assert!(line_alloc_choice(None, || true));
+        assert!(!line_alloc_choice(None, || false));
+        assert!(!line_alloc_choice(Some(false), || true));
+        assert!(line_alloc_choice(Some(true), || false));
     }
 
     /// Switched on, large blocks start on a line and small ones keep their alignment; blocks keep

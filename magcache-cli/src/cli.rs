@@ -136,7 +136,10 @@ fn real_main(cli: Cli, line_alloc: std::result::Result<(), String>) -> Result<()
     // Switches read deep in a run are checked first: a value they do not take is an error.
     magcache_core::runtime::progress::check_env()?;
     magcache_layers::nn::bf16_gemm::check_switch()?;
+    magcache_layers::nn::bf16_gemm::amx::check_switch()?;
     line_alloc.map_err(Error::msg)?;
+    // AMX's tiles are asked of Linux here, once, before a model loads (a refusal is one note).
+    magcache_layers::nn::bf16_gemm::amx::usable();
     // The server answers SIGINT/SIGTERM itself (it writes no temporary file).
     if let Cmd::Serve(a) = cli.cmd {
         return crate::serve::serve(a);

@@ -175,13 +175,16 @@ fn a_bad_switch_value_is_one_line_naming_it() {
         ("MAGCACHE_PROGRESS_SECONDS", "-1"),
         ("MAGCACHE_LINE_ALLOC", "yes"),
         ("MAGCACHE_IN_POOL", "1"),
+        ("MAGCACHE_AMX", "maybe"),
+        ("MAGCACHE_HUGE_PAGES", "2"),
     ] {
         let named = format!("{var}=\"{value}\"");
         c.run_err_env(&c.default_toml(MAG), &[(var, value)], &[named.as_str()]);
     }
 }
 
-/// `MAGCACHE_LINE_ALLOC=on` (large blocks on 64-byte lines) changes where the values lie, and
+/// `MAGCACHE_LINE_ALLOC=on` (large blocks on 64-byte lines) and `MAGCACHE_HUGE_PAGES` (on 2 MB
+/// pages) change where the values lie, and
 /// `MAGCACHE_IN_POOL=on` which thread runs the command, never what the values are: the same run
 /// gives the same bytes with either on and off.
 #[test]
@@ -206,6 +209,9 @@ fn the_line_allocator_and_the_pool_give_the_same_bytes() {
     let base = out("MAGCACHE_LINE_ALLOC", "off");
     assert_eq!(out("MAGCACHE_LINE_ALLOC", "on"), base);
     assert_eq!(out("MAGCACHE_IN_POOL", "on"), base);
+    // 2 MB pages where large blocks are aligned (by default on CPUs with AMX).
+    assert_eq!(out("MAGCACHE_HUGE_PAGES", "on"), base);
+    assert_eq!(out("MAGCACHE_HUGE_PAGES", "off"), base);
 }
 
 /// A NaN or infinite `[model.overrides]` value (TOML has them, a model's JSON config does not) is

@@ -21,6 +21,9 @@ static A: magcache_layers::alloc::LineAlloc = magcache_layers::alloc::LineAlloc;
 fn main() -> candle_core::Result<()> {
     let align = std::env::var("BF16_GEMM_ALIGN").as_deref() != Ok("off");
     magcache_layers::alloc::set(align).map_err(candle_core::Error::Msg)?;
+    let huge = align && std::env::var("BF16_GEMM_HUGE").as_deref() != Ok("off");
+    magcache_layers::alloc::set_huge(huge && cfg!(target_os = "linux"))
+        .map_err(candle_core::Error::Msg)?;
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -102,8 +105,17 @@ fn main() -> candle_core::Result<()> {
                 let y = p.matmul(&xs, m)?;
                 let bf16_s = t.elapsed().as_secs_f64();
                 drop(y);
+                if std::env::var("REUSE").is_ok() {
+                    let mut c = vec![0f32; m * n];
+                    for _ in 0..3 {
+                        let t = Instant::now();
+                        p.product_into(&xs, m, &mut c, threads)?;
+                        println!("reused output: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
                 format!(
-                    "bf16 kernel {:.0} ms ({:.0} GFLOP/s, {:.2}x f32)",
+                    "bf16 kernel{} {:.0} ms ({:.0} GFLOP/s, {:.2}x f32)",
+                    if p.on_amx() { " (AMX)" } else { "" },
                     bf16_s * 1e3,
                     flop / bf16_s / 1e9,
                     f32_s / bf16_s

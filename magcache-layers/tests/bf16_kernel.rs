@@ -3,7 +3,7 @@
 //! threads. On a CPU without AVX512-BF16 the kernel tests print a note and test nothing more (the
 //! kernel never runs there: bf16 weights are widened to f32 instead).
 
-use magcache_layers::nn::bf16_gemm::{bf16_bits, cpu_has_bf16, PackedBf16};
+use magcache_layers::nn::bf16_gemm::{amx, bf16_bits, cpu_has_bf16, PackedBf16};
 use proptest::prelude::*;
 
 mod common;
@@ -18,12 +18,20 @@ fn skip() -> bool {
 
 /// Checks the kernel's `[m, n]` product of `x [m, k]` and `w [n, k]` (f32 values, rounded to bf16
 /// as the kernel rounds them) against f64, within f32 accumulation error.
+/// Where AMX runs the products ([`amx::usable`]), both it and the AVX512-BF16 kernel are checked.
 fn check(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Result<(), TestCaseError> {
     let bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
-    let got = PackedBf16::pack(&bits, n, k)
-        .matmul(x, m)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    common::check_product(&got, x, w, None, (m, k, n), common::rounded)
+    let mut packs = vec![PackedBf16::pack(&bits, n, k)];
+    if packs[0].on_amx() {
+        packs.push(PackedBf16::pack_for_dot_products(&bits, n, k));
+    }
+    for packed in packs {
+        let got = packed
+            .matmul(x, m)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        common::check_product(&got, x, w, None, (m, k, n), common::rounded)?;
+    }
+    Ok(())
 }
 
 fn values(len: usize) -> impl Strategy<Value = Vec<f32>> {
@@ -63,6 +71,36 @@ fn blocked_shapes_match_f64() {
     }
     let (m, n, k) = (397, 67, 1601);
     check(&gen(m * k, 7), &gen(n * k, 11), m, n, k).unwrap();
+}
+
+/// On AMX: past one block of rows rounded at a time (1 024), one group of panels (16: 512
+/// columns) and several blocks of input pairs (256), with tails in each (and on the AVX512-BF16
+/// kernel the same shape).
+#[test]
+fn amx_blocked_shapes_match_f64() {
+    if skip() {
+        return;
+    }
+    let (m, n, k) = (1_061, 545, 1_101);
+    check(&gen(m * k, 13), &gen(n * k, 17), m, n, k).unwrap();
+}
+
+/// Where the CPU has AMX (and `MAGCACHE_AMX` is not `off`), the products run on its tiles: Linux
+/// granted them and the weights are packed for them. Elsewhere a note says what is not tested.
+#[test]
+fn amx_runs_where_the_cpu_has_it() {
+    let off = std::env::var(amx::ENV).is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+    if !amx::cpu_has_amx() || off {
+        eprintln!("note: no AMX here (or MAGCACHE_AMX=off): the AMX products are not tested");
+        assert!(!amx::usable() || amx::cpu_has_amx());
+        return;
+    }
+    assert!(
+        amx::usable(),
+        "this CPU has AMX but its tiles were not granted"
+    );
+    assert!(PackedBf16::pack(&[0x3f80; 6], 2, 3).on_amx());
+    assert!(!PackedBf16::pack_for_dot_products(&[0x3f80; 6], 2, 3).on_amx());
 }
 
 /// Activations handed over already rounded (pairs, as the attention's probabilities) give the

@@ -275,6 +275,10 @@ fn the_amx_hint_reads_the_cpu_flags() {
     if library().is_some() || !onednn::cpuinfo_has_flag(&here, "amx_bf16") {
         assert!(onednn::amx_hint().is_none());
     }
+    // Nor where the layers' own products run on the tiles.
+    if magcache_layers::nn::bf16_gemm::amx::usable() {
+        assert!(onednn::amx_hint().is_none());
+    }
 }
 
 /// The attention's two products on oneDNN in bf16 (the path of bf16 runs on CPUs with AMX)

@@ -1,12 +1,13 @@
-//! bf16 matrix products on the CPU's bf16 dot-product instructions (AVX512-BF16's `vdpbf16ps`:
-//! two bf16 products summed into each f32 lane, twice the f32 FMA rate), for linear layers whose
-//! weights are bf16 (issue 45).
+//! bf16 matrix products on the CPU's matrix units: AMX's tiles where the CPU has them and Linux
+//! grants them ([`amx`]: `tdpbf16ps`), else AVX512-BF16's `vdpbf16ps` (two bf16 products summed
+//! into each f32 lane, twice the f32 FMA rate), for linear layers whose weights are bf16 and the
+//! attention of their blocks (issue 45). One binary: the choice is made at run time.
 //!
 //! Written here rather than taken from a library: candle 0.11's CPU bf16 matmul (the `gemm` crate)
 //! has no bf16 micro-kernel (it converts both operands and runs f32 FMAs), oneDNN and MKL are
-//! system or Python libraries the default build may not require, and the kernel is small: one
-//! micro-kernel over weights packed once at load. AMX tiles (`tdpbf16ps`) are not used yet: no
-//! machine this project ran on had them to test (docs/benchmarks.md).
+//! system or Python libraries the default build may not require, and the kernels are small: one
+//! micro-kernel each over weights packed once at load. This doc describes the AVX512-BF16
+//! kernel's layout; [`amx`]'s has its own.
 //!
 //! The weight `[n, k]` is packed at load into panels of [`NR`] output columns; within a panel, each
 //! pair of input features holds the panel's columns as `(w[c][2q], w[c][2q+1])` bf16 pairs, one
@@ -19,6 +20,8 @@
 use candle_core::CpuStorage;
 use std::sync::OnceLock;
 
+#[path = "bf16_amx.rs"]
+pub mod amx;
 #[path = "bf16_pairs.rs"]
 mod bf16_pairs;
 pub(super) use bf16_pairs::pairs;
@@ -38,19 +41,25 @@ const MC: usize = 384;
 /// Whether this CPU runs the bf16 kernel: AVX512-F and AVX512-BF16, and not turned off with
 /// `MAGCACHE_CPU_BF16=off` (then bf16 weights are widened to f32 for the product, as before).
 ///
-/// On CPUs with AMX (Intel's Sapphire Rapids and later) it is off unless `MAGCACHE_CPU_BF16=on`:
-/// there `vdpbf16ps` issues at half the rate of two f32 FMAs, and the kernel measured 0.5-0.8x
-/// gemm's f32 per product and 0.7-0.8x f32 per call (docs/benchmarks.md); bf16 weights are
-/// widened to f32 there, or run on AMX's tiles through oneDNN (`MAGCACHE_ONEDNN`).
+/// On CPUs with AMX (Intel's Sapphire Rapids and later) the products run on its tiles
+/// ([`amx::usable`]); where those are off (`MAGCACHE_AMX=off`, or refused by Linux) the
+/// AVX512-BF16 kernel is off too unless `MAGCACHE_CPU_BF16=on`: there `vdpbf16ps` issues at half
+/// the rate of two f32 FMAs, and it measured 0.5-0.8x gemm's f32 per product and 0.7-0.8x f32 per
+/// call (docs/benchmarks.md); bf16 weights are widened to f32 then, or run on AMX's tiles through
+/// oneDNN (`MAGCACHE_ONEDNN`).
 pub fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         let var = std::env::var("MAGCACHE_CPU_BF16").unwrap_or_default();
-        kernel_on(
-            &var,
-            cpu_has_bf16(),
-            magcache_core::runtime::placement::cpu_has_amx(),
-        )
+        if var.eq_ignore_ascii_case("off") {
+            return false;
+        }
+        amx::usable()
+            || kernel_on(
+                &var,
+                cpu_has_bf16(),
+                magcache_core::runtime::placement::cpu_has_amx(),
+            )
     })
 }
 
@@ -83,8 +92,11 @@ pub struct PackedBf16 {
     k: usize,
     /// Pairs of input features: `ceil(k / 2)`.
     kp: usize,
-    /// `panels x kp x NR x 2` bf16 bits (zero past `n` and `k`).
+    /// `panels x kp x NR x 2` bf16 bits (zero past `n` and `k`); empty where the weight is
+    /// packed for AMX's tiles instead.
     data: Vec<u16>,
+    /// The weight packed for AMX's tiles, where they run the products ([`amx::usable`]).
+    amx: Option<amx::PackedAmx>,
 }
 
 impl PackedBf16 {
@@ -124,23 +136,43 @@ impl PackedBf16 {
         Self::pack_with(n, k, |i| w[i])
     }
 
+    /// [`PackedBf16::pack`] for the AVX512-BF16 kernel whether AMX runs the products or not (its
+    /// tests on a CPU with AMX).
+    pub fn pack_for_dot_products(w: &[u16], n: usize, k: usize) -> Self {
+        Self::pack_as(n, k, |i| w[i], false)
+    }
+
     /// Packs a weight `[n, k]` whose element `c * k + j` (row-major) has the bf16 bits `bits(c * k +
     /// j)`.
-    fn pack_with(n: usize, k: usize, bits: impl Fn(usize) -> u16) -> Self {
+    fn pack_with(n: usize, k: usize, bits: impl Fn(usize) -> u16 + Sync) -> Self {
+        Self::pack_as(n, k, bits, amx::usable())
+    }
+
+    /// [`PackedBf16::pack_with`] for AMX's tiles where `amx`, else for the AVX512-BF16 kernel.
+    fn pack_as(n: usize, k: usize, bits: impl Fn(usize) -> u16 + Sync, amx: bool) -> Self {
         let kp = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0u16; panels * kp * NR * 2];
-        if kp > 0 {
-            for (p, panel) in data.chunks_mut(kp * NR * 2).enumerate() {
-                for c in 0..NR.min(n - p * NR) {
-                    let row = (p * NR + c) * k;
-                    for j in 0..k {
-                        panel[(j / 2) * NR * 2 + c * 2 + j % 2] = bits(row + j);
+        let (data, amx) = match amx {
+            true => (Vec::new(), Some(amx::PackedAmx::pack_with(n, k, bits))),
+            false => {
+                let mut data = vec![0u16; n.div_ceil(NR) * kp * NR * 2];
+                for (p, panel) in data.chunks_mut((kp * NR * 2).max(1)).enumerate() {
+                    for c in 0..NR.min(n - p * NR) {
+                        let row = (p * NR + c) * k;
+                        for j in 0..k {
+                            panel[(j / 2) * NR * 2 + c * 2 + j % 2] = bits(row + j);
+                        }
                     }
                 }
+                (data, None)
             }
+        };
+        PackedBf16 {
+            n,
+            k,
+            kp,
+            data,
+            amx,
         }
-        PackedBf16 { n, k, kp, data }
     }
 
     /// Output features.
@@ -155,7 +187,12 @@ impl PackedBf16 {
 
     /// Bytes the packed weight holds.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 2
+        self.data.len() * 2 + self.amx.as_ref().map_or(0, amx::PackedAmx::bytes)
+    }
+
+    /// Whether the products run on AMX's tiles ([`amx::usable`] when packed).
+    pub fn on_amx(&self) -> bool {
+        self.amx.is_some()
     }
 
     /// `x [m, k]` (f32, row-major) times the weight transposed: `[m, n]` f32, over candle's
@@ -191,7 +228,7 @@ impl PackedBf16 {
         threads: usize,
         epi: Epilogue<'_>,
     ) -> candle_core::Result<()> {
-        if !cpu_has_bf16() {
+        if self.amx.is_none() && !cpu_has_bf16() {
             candle_core::bail!("the bf16 kernel needs AVX512-BF16, which this CPU lacks");
         }
         if epi.bias.is_some_and(|b| b.len() != self.n) {
@@ -212,6 +249,12 @@ impl PackedBf16 {
         }
         let panels = self.n.div_ceil(NR);
         if panels == 0 || m == 0 {
+            return Ok(());
+        }
+        if let Some(t) = &self.amx {
+            // SAFETY: f32 and `MaybeUninit<f32>` have one layout; only f32 values are written.
+            let c = unsafe { &mut *(c as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+            t.product_then(x, m, c, threads, epi);
             return Ok(());
         }
         if self.kp == 0 {
@@ -254,7 +297,7 @@ impl PackedBf16 {
         c: &mut [f32],
         threads: usize,
     ) -> candle_core::Result<()> {
-        if !cpu_has_bf16() {
+        if self.amx.is_none() && !cpu_has_bf16() {
             candle_core::bail!("the bf16 kernel needs AVX512-BF16, which this CPU lacks");
         }
         if a.len() != m * self.kp || c.len() != m * self.n {
@@ -268,6 +311,10 @@ impl PackedBf16 {
         }
         if self.kp == 0 {
             c.fill(0.0);
+            return Ok(());
+        }
+        if let Some(t) = &self.amx {
+            t.pairs_product_into(a, m, c, threads);
             return Ok(());
         }
         for m0 in (0..m).step_by(MC) {
@@ -541,12 +588,32 @@ pub fn linear(
     else {
         candle_core::bail!("bf16 linear: f32 input on the CPU only");
     };
-    let mut c = vec![0f32; m * w.n];
     let threads = candle_core::utils::get_num_threads();
     let epi = Epilogue {
         bias: bias.as_deref(),
         gelu,
     };
-    w.product_then(&v[a..b], m, &mut c, threads, epi)?;
+    let c = match &w.amx {
+        // On AMX the output is written whole, never read first: not zeroed beforehand (a pass
+        // over up to 167 MB a product at 4 680 Wan tokens).
+        Some(t) if m > 0 && w.n > 0 && bias.as_ref().is_none_or(|b| b.len() == w.n) => {
+            let mut c = Vec::with_capacity(m * w.n);
+            t.product_then(
+                &v[a..b],
+                m,
+                &mut c.spare_capacity_mut()[..m * w.n],
+                threads,
+                epi,
+            );
+            // SAFETY: the product wrote all `m * n` values (`PackedAmx::product_then`).
+            unsafe { c.set_len(m * w.n) };
+            c
+        }
+        _ => {
+            let mut c = vec![0f32; m * w.n];
+            w.product_then(&v[a..b], m, &mut c, threads, epi)?;
+            c
+        }
+    };
     candle_core::Tensor::from_vec(c, (m, w.n), &candle_core::Device::Cpu)
 }

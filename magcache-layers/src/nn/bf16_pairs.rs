@@ -6,10 +6,25 @@ use super::{bf16_bits, cpu_has_bf16};
 /// `x [m, k]` as bf16 pairs `[m, kp]`: the low half of each `u32` the even feature, the high half
 /// the odd one (zero past `k`).
 pub(in crate::nn) fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: usize) -> Vec<u32> {
-    let fast = cpu_has_bf16();
     let mut a = vec![0u32; m * kp];
+    pairs_into(x, (m, k), (&mut a, kp), threads);
+    a
+}
+
+/// [`pairs`] into the first `m` rows of `out`, a row every `stride` pairs (at least
+/// `ceil(k / 2)`; the pairs past `ceil(k / 2)` in each row are left as they are).
+pub(in crate::nn) fn pairs_into(
+    x: &[f32],
+    (m, k): (usize, usize),
+    (out, stride): (&mut [u32], usize),
+    threads: usize,
+) {
+    let fast = cpu_has_bf16();
+    let kp = k.div_ceil(2);
+    let out = &mut out[..m * stride];
     let convert = |rows: &mut [u32], r0: usize| {
-        for (i, row) in rows.chunks_mut(kp).enumerate() {
+        for (i, row) in rows.chunks_mut(stride.max(1)).enumerate() {
+            let row = &mut row[..kp];
             let src = &x[(r0 + i) * k..(r0 + i + 1) * k];
             // 32 values (16 pairs) at a time with `vcvtne2ps2bf16`, the same rounding as
             // [`bf16_bits`]; the tail one pair at a time.
@@ -33,14 +48,13 @@ pub(in crate::nn) fn pairs(x: &[f32], m: usize, k: usize, kp: usize, threads: us
     if threads > 1 && m * k >= 1 << 16 {
         let rows = m.div_ceil(threads);
         rayon::scope(|s| {
-            for (t, chunk) in a.chunks_mut(rows * kp).enumerate() {
+            for (t, chunk) in out.chunks_mut(rows * stride).enumerate() {
                 s.spawn(move |_| convert(chunk, t * rows));
             }
         });
     } else {
-        convert(&mut a, 0);
+        convert(out, 0);
     }
-    a
 }
 
 /// `out.len()` pairs (a multiple of 16) of `src` rounded to bf16, 32 values at a time.

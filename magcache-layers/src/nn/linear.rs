@@ -30,7 +30,7 @@ enum Weight {
         /// Zero columns the input takes to meet the weight's padding ([`even_blocks`]).
         pad: usize,
     },
-    /// A bf16 weight packed for the CPU's bf16 dot products ([`bf16_gemm`], AVX512-BF16).
+    /// A bf16 weight packed for the CPU's bf16 products ([`bf16_gemm`]: AMX or AVX512-BF16).
     Bf16(std::sync::Arc<bf16_gemm::PackedBf16>),
     /// A weight packed once in the layout of oneDNN's products (`MAGCACHE_ONEDNN`: f32, and bf16
     /// where it runs bf16 products: [`onednn::bf16_products`]).
@@ -315,7 +315,7 @@ impl Linear {
             }
             if !bf16_gemm::available() {
                 return Err(Error::msg(
-                    "model.matmul_precision = \"bf16\": no bf16 products here (MAGCACHE_CPU_BF16=off, no AVX512-BF16, or a CPU with AMX without MAGCACHE_ONEDNN or MAGCACHE_CPU_BF16=on)",
+                    "model.matmul_precision = \"bf16\": no bf16 products here (MAGCACHE_CPU_BF16=off, no AMX or AVX512-BF16, or a CPU with AMX with MAGCACHE_AMX=off and neither MAGCACHE_ONEDNN nor MAGCACHE_CPU_BF16=on)",
                 ));
             }
             let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;

@@ -3,10 +3,11 @@
 
 use super::{state, State, ENV};
 
-/// A hint for a bf16 run on a CPU with AMX (its `amx_bf16` flag in `/proc/cpuinfo`) while no
+/// A hint for a bf16 run on a CPU with AMX (its `amx_bf16` flag in `/proc/cpuinfo`) whose tiles
+/// the layers' own products do not use (`MAGCACHE_AMX=off`, or Linux refused them) while no
 /// oneDNN is named: the products would run on AMX's tiles through it. `None` elsewhere.
 pub fn amx_hint() -> Option<String> {
-    if !matches!(state(), State::Off) {
+    if !matches!(state(), State::Off) || crate::nn::bf16_gemm::amx::usable() {
         return None;
     }
     magcache_core::runtime::placement::cpu_has_amx().then(|| {

@@ -187,6 +187,32 @@ fn bf16_attention_is_the_f32_attention_within_bf16_rounding() {
     assert!(d > 0.0, "the bf16 path did not run");
 }
 
+/// The same past one block of keys on AMX (512: three blocks, the last of 76 keys, the softmax
+/// carried from block to block) and one task's queries (64), with a head width of 72 (pairs
+/// padded to 48, outputs to 96 columns).
+#[test]
+fn bf16_attention_over_blocks_of_keys_is_the_f32_attention() {
+    if skip() || !magcache_layers::nn::bf16_gemm::available() {
+        eprintln!("note: no bf16 kernel here: the blocked bf16 attention is not tested");
+        return;
+    }
+    let randn = |shape: &[usize], seed| magcache_layers::random::randn(seed, shape).unwrap();
+    let q = randn(&[1, 2, 150, 72], 4);
+    let k = randn(&[1, 2, 1_100, 72], 5);
+    let v = randn(&[1, 2, 1_100, 72], 6);
+    // Scores spread enough that the running maximum moves between blocks.
+    let q = (q * 0.3).unwrap();
+    let f32_out = magcache_layers::nn::attention(&q, &k, &v).unwrap();
+    let bf16_out = magcache_layers::nn::attention_as(&q, &k, &v, true).unwrap();
+    let d = common::largest_abs(&(f32_out - &bf16_out).unwrap());
+    let scale = common::largest_abs(&bf16_out);
+    assert!(
+        d < 0.02 * scale,
+        "bf16 attention differs by {d} (outputs up to {scale})"
+    );
+    assert!(d > 0.0, "the bf16 path did not run");
+}
+
 /// The kernel's choice: on by AVX512-BF16 alone, off on CPUs with AMX (it measured slower than
 /// f32 on an AMX Xeon) unless `MAGCACHE_CPU_BF16=on`, and off whenever `MAGCACHE_CPU_BF16=off`.
 #[test]

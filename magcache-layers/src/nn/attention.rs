@@ -7,6 +7,8 @@ use candle_core::Device;
 use candle_core::{DType, Tensor};
 use magcache_core::Result;
 
+#[path = "attention_amx.rs"]
+mod on_amx;
 #[path = "attention_onednn.rs"]
 mod on_onednn;
 #[path = "softmax_pairs.rs"]
@@ -172,14 +174,21 @@ impl candle_core::CustomOp3 for CpuAttention {
         if out.is_empty() || l == 0 {
             return Ok((F32(out), l1.shape().clone()));
         }
-        let qb = QUERY_BLOCK.min(s);
+        let bf16 = matches!(self, CpuAttention::Bf16Kernel);
+        // On AMX's tiles a task takes fewer queries: its blocks of keys stay in L2 (`on_amx`).
+        let amx = bf16 && super::bf16_gemm::amx::usable();
+        let qb = if amx {
+            on_amx::AMX_QUERIES
+        } else {
+            QUERY_BLOCK
+        }
+        .min(s);
         let threads = candle_core::utils::get_num_threads().max(1);
         if let CpuAttention::OneDnn(dnnl, blocks) = *self {
             let io = Io { q, k, v, s, l, d };
             onednn_heads(io, &mut out, (dnnl, blocks), threads)?;
             return Ok((F32(out), l1.shape().clone()));
         }
-        let bf16 = matches!(self, CpuAttention::Bf16Kernel);
         // bf16: the heads a group at a time, each group's keys and transposed values packed for
         // the kernel first (the packed copies stay a group's, not every head's).
         let group = if bf16 { 2 * threads } else { b * h };
@@ -272,11 +281,18 @@ fn attend_heads(
     threads: usize,
 ) -> candle_core::Result<()> {
     let Io { q, k, v, s, l, d } = io;
-    query_blocks(out, (s, l, d, qb), threads, |i, q0, o, sc| {
+    // On AMX's tiles a task holds a block of keys' scores of its own, not a row of all keys.
+    let on_amx = packed.is_some_and(|p| p.first().is_some_and(|(k, _)| k.on_amx()));
+    let per_row = if on_amx { 0 } else { l };
+    query_blocks(out, (s, per_row, d, qb), threads, |i, q0, o, sc| {
         let bh = first + i;
         let rows = o.len() / d;
         let qs = &q[(bh * s + q0) * d..(bh * s + q0 + rows) * d];
         match packed {
+            Some(p) if on_amx => match on_amx::attend_rows_amx(qs, &p[i], o, rows) {
+                true => Ok(()),
+                false => candle_core::bail!("cpu attention: the keys are not packed for AMX"),
+            },
             Some(p) => attend_rows_bf16(qs, &p[i], sc, o, rows),
             None => {
                 let kv = (

@@ -22,6 +22,10 @@
 //! tile and is copied out.
 
 use super::{Epilogue, SendPtr, NR};
+
+#[path = "bf16_amx_ffn.rs"]
+mod ffn;
+pub(crate) use ffn::feed_forward;
 use std::sync::OnceLock;
 
 /// Input pairs per cache block (512 features).
@@ -137,7 +141,7 @@ impl Lines {
 
 /// A weight `[n, k]` packed for the tiles (the module's doc has the layout).
 #[derive(Clone)]
-pub(super) struct PackedAmx {
+pub(crate) struct PackedAmx {
     n: usize,
     k: usize,
     /// Input pairs, padded to a multiple of [`STEP`].
@@ -169,6 +173,82 @@ impl PackedAmx {
                 }
             });
         PackedAmx { n, k, kp, data }
+    }
+
+    /// The weight `[cols, rows]` whose element `(c, j)` is `w[j][c]` (`w [rows, cols]`, f32, rounded
+    /// to bf16): the attention's values, read a pair of rows at a time (each pair of input
+    /// features is two rows of `w`), not an element at a time across rows.
+    pub(super) fn transposed_f32(w: &[f32], rows: usize, cols: usize) -> Self {
+        use super::bf16_bits;
+        let (n, k) = (cols, rows);
+        let kp = k.div_ceil(2).next_multiple_of(STEP);
+        let mut data = Lines::zeroed(n.div_ceil(NR) * kp * NR);
+        for (p, panel) in data.as_mut_slice().chunks_mut((kp * NR).max(1)).enumerate() {
+            let (c0, width) = (p * NR, NR.min(n - p * NR));
+            for (q, out) in panel.chunks_mut(NR).take(k.div_ceil(2)).enumerate() {
+                let lo = &w[2 * q * cols + c0..2 * q * cols + c0 + width];
+                let hi = w.get((2 * q + 1) * cols + c0..(2 * q + 1) * cols + c0 + width);
+                for (i, o) in out[..width].iter_mut().enumerate() {
+                    let h = hi.map_or(0, |h| bf16_bits(h[i]) as u32);
+                    *o = bf16_bits(lo[i]) as u32 | (h << 16);
+                }
+            }
+        }
+        PackedAmx { n, k, kp, data }
+    }
+
+    /// Input pairs a row of activations holds for this weight: `ceil(k / 2)` padded to 16.
+    pub(crate) fn row_pairs(&self) -> usize {
+        self.kp
+    }
+
+    /// On this thread's tiles: `c` (a row every `ldc` values) = the `rows` rows of pairs `a` (a
+    /// multiple of 32, a row every `lda` pairs, a multiple of 16; best on a 64-byte line) times
+    /// the weight's panels `panels` (32 output columns each, `c`'s columns from 0) over its input
+    /// pairs `q0 .. q0 + 16 * steps` (`q0` a multiple of 16), added to what `c` holds where `add`.
+    /// The attention's products, a block of keys at a time. Panics where a size would read or
+    /// write out of bounds; nothing where AMX is not usable (`false`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tile_product(
+        &self,
+        (a, lda, rows): (&[u32], usize, usize),
+        panels: std::ops::Range<usize>,
+        (q0, steps): (usize, usize),
+        (c, ldc): (&mut [f32], usize),
+        add: bool,
+    ) -> bool {
+        assert!(rows % 32 == 0 && lda % STEP == 0 && q0 % STEP == 0);
+        assert!(q0 + steps * STEP <= self.kp && steps * STEP <= lda);
+        assert!(a.len() >= rows * lda && panels.end <= self.n.div_ceil(NR));
+        assert!(
+            ldc >= panels.len() * NR && c.len() >= rows.saturating_sub(1) * ldc + panels.len() * NR
+        );
+        if !usable() {
+            return false;
+        }
+        // SAFETY: AMX is usable; the asserts keep every tile inside `a`, the weight and `c`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            tiles::configure();
+            for (i, p) in panels.enumerate() {
+                let b = self
+                    .data
+                    .as_slice()
+                    .as_ptr()
+                    .add(p * self.kp * NR + q0 * NR);
+                for r0 in (0..rows).step_by(32) {
+                    let block = tiles::Block {
+                        a: a.as_ptr().add(r0 * lda),
+                        lda: lda * 4,
+                        b,
+                        steps,
+                    };
+                    block.run(c.as_mut_ptr().add(r0 * ldc + i * NR), ldc * 4, add);
+                }
+            }
+            tiles::release();
+        }
+        cfg!(target_arch = "x86_64")
     }
 
     /// Bytes the packed weight holds.
@@ -356,7 +436,7 @@ impl PackedAmx {
 /// `f` on `len` `u32`s starting on a 64-byte line (their values left from before): this thread's
 /// buffer, kept from product to product and grown as needed (a fresh block of several MB a product
 /// faulted its pages in each time), or a fresh one where this thread's is in use.
-fn with_rows<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+pub(crate) fn with_rows<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
     thread_local! {
         static ROWS_BUF: std::cell::RefCell<Lines> = std::cell::RefCell::new(Lines::zeroed(0));
     }

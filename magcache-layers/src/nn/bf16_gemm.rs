@@ -24,7 +24,10 @@ use std::sync::OnceLock;
 pub mod amx;
 #[path = "bf16_pairs.rs"]
 mod bf16_pairs;
-pub(super) use bf16_pairs::pairs;
+#[path = "bf16_tile.rs"]
+mod bf16_tile;
+pub(super) use bf16_pairs::{pairs, pairs_into};
+use bf16_tile::Tile;
 
 /// Output columns per panel (two 16-lane f32 accumulators a row).
 pub const NR: usize = 32;
@@ -127,6 +130,17 @@ impl PackedBf16 {
     /// Packs the transpose of `w [rows, cols]` given in f32 (rounded to bf16): a weight `[cols,
     /// rows]` (attention's values, multiplied from the left by the probabilities).
     pub fn pack_f32_transposed(w: &[f32], rows: usize, cols: usize) -> Self {
+        if amx::usable() {
+            let amx = Some(amx::PackedAmx::transposed_f32(w, rows, cols));
+            let (n, k, kp, data) = (cols, rows, rows.div_ceil(2), Vec::new());
+            return PackedBf16 {
+                n,
+                k,
+                kp,
+                data,
+                amx,
+            };
+        }
         // Element (c, j) of the weight is w[j][c].
         Self::pack_with(cols, rows, |i| bf16_bits(w[(i % rows) * cols + i / rows]))
     }
@@ -136,8 +150,7 @@ impl PackedBf16 {
         Self::pack_with(n, k, |i| w[i])
     }
 
-    /// [`PackedBf16::pack`] for the AVX512-BF16 kernel whether AMX runs the products or not (its
-    /// tests on a CPU with AMX).
+    /// [`PackedBf16::pack`] for the AVX512-BF16 kernel even where AMX runs the products (tests).
     pub fn pack_for_dot_products(w: &[u16], n: usize, k: usize) -> Self {
         Self::pack_as(n, k, |i| w[i], false)
     }
@@ -193,6 +206,11 @@ impl PackedBf16 {
     /// Whether the products run on AMX's tiles ([`amx::usable`] when packed).
     pub fn on_amx(&self) -> bool {
         self.amx.is_some()
+    }
+
+    /// The weight as packed for AMX's tiles, where they run its products.
+    pub(crate) fn amx_packed(&self) -> Option<&amx::PackedAmx> {
+        self.amx.as_ref()
     }
 
     /// `x [m, k]` (f32, row-major) times the weight transposed: `[m, n]` f32, over candle's
@@ -489,82 +507,6 @@ pub fn bf16_bits(v: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// One tile of the product: up to [`MR`] rows of `a` (bf16 pairs, stride `lda`) against a panel
-/// block `b` of `kc` pairs, into `c` (stride `ldc`, `cols` valid columns), added to what `c` holds
-/// unless `first`.
-struct Tile {
-    a: *const u32,
-    lda: usize,
-    b: *const u16,
-    kc: usize,
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-    first: bool,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Tile {
-    unsafe fn run(&self, rows: usize) {
-        match rows {
-            12 => self.kernel::<12>(),
-            11 => self.kernel::<11>(),
-            10 => self.kernel::<10>(),
-            9 => self.kernel::<9>(),
-            8 => self.kernel::<8>(),
-            7 => self.kernel::<7>(),
-            6 => self.kernel::<6>(),
-            5 => self.kernel::<5>(),
-            4 => self.kernel::<4>(),
-            3 => self.kernel::<3>(),
-            2 => self.kernel::<2>(),
-            _ => self.kernel::<1>(),
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn kernel<const R: usize>(&self) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for q in 0..self.kc {
-            let bq = self.b.add(q * NR * 2) as *const __m512i;
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(1)));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let pair = *self.a.add(r * self.lda + q) as i32;
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
-                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
-            }
-        }
-        let lo = self.cols.min(16);
-        let hi = self.cols.saturating_sub(16);
-        let mask = |n: usize| -> __mmask16 { ((1u32 << n) - 1) as __mmask16 };
-        for (r, acc) in acc.iter().enumerate() {
-            let c = self.c.add(r * self.ldc);
-            for (h, (&v, n)) in acc.iter().zip([lo, hi]).enumerate() {
-                if n == 0 {
-                    continue;
-                }
-                let at = c.add(16 * h);
-                let v = if self.first {
-                    v
-                } else {
-                    _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask(n), at))
-                };
-                _mm512_mask_storeu_ps(at, mask(n), v);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-impl Tile {
-    unsafe fn run(&self, _: usize) {
-        unreachable!("the bf16 kernel runs on x86_64 only")
-    }
-}
-
 /// A linear layer `x W^T + bias`, then the GELU where `gelu` is set, on a packed bf16 weight: `x`
 /// `[m, k]` f32 on the CPU, `bias` `[n]` f32; `[m, n]` f32. The bias and the GELU run on each
 /// output tile as the product leaves it ([`Epilogue`]). No backward (the weight is packed).
@@ -594,8 +536,7 @@ pub fn linear(
         gelu,
     };
     let c = match &w.amx {
-        // On AMX the output is written whole, never read first: not zeroed beforehand (a pass
-        // over up to 167 MB a product at 4 680 Wan tokens).
+        // On AMX the output is written whole before it is read: not zeroed first (167 MB at most).
         Some(t) if m > 0 && w.n > 0 && bias.as_ref().is_none_or(|b| b.len() == w.n) => {
             let mut c = Vec::with_capacity(m * w.n);
             t.product_then(

@@ -325,27 +325,14 @@ impl PackedAmx {
         threads: usize,
         epi: Epilogue<'_>,
     ) {
-        let panels = self.n.div_ceil(NR);
-        let threads = threads.clamp(1, panels.max(1));
-        let per = panels.div_ceil(threads);
         let out = SendPtr(c.as_mut_ptr().cast::<f32>());
-        let work = |t: usize| {
-            let range = (t * per)..((t + 1) * per).min(panels);
-            // SAFETY: AMX is usable (the callers pack only then); threads write disjoint column
+        split_panels(self.n.div_ceil(NR), threads, |range| {
+            // SAFETY: AMX is usable (the callers pack only then); tasks write disjoint column
             // panels of the `m` rows of `c`, each value before reading it (the first block of
             // pairs stores, later ones load and add); every tile stays inside `a`, the weight and
             // `c` (edges on a scratch tile).
             unsafe { self.panels(a, m, range, out.get(), epi) };
-        };
-        if threads == 1 {
-            work(0);
-        } else {
-            rayon::scope(|s| {
-                for t in 0..threads {
-                    s.spawn(move |_| work(t));
-                }
-            });
-        }
+        });
     }
 
     /// Panels `range` of the product into `c`, on this thread's tiles (configured here, released
@@ -431,6 +418,22 @@ impl PackedAmx {
     ) {
         unreachable!("AMX runs on x86_64 only")
     }
+}
+
+/// `work` on ranges of `panels` covering them once: all on this thread where `threads` is 1, else
+/// about four tasks a thread on rayon's pool, taken as threads come free, so that a thread the
+/// host slows (a VM's vCPU) leaves its share to the others rather than holding the product up.
+fn split_panels(panels: usize, threads: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
+    if threads <= 1 || panels <= 1 {
+        return work(0..panels);
+    }
+    let per = panels.div_ceil(4 * threads);
+    let work = &work;
+    rayon::scope(|s| {
+        for p0 in (0..panels).step_by(per) {
+            s.spawn(move |_| work(p0..(p0 + per).min(panels)));
+        }
+    });
 }
 
 /// `f` on `len` `u32`s starting on a 64-byte line (their values left from before): this thread's

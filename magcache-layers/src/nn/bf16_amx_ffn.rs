@@ -8,7 +8,7 @@
 //! product's input gets (to nearest even).
 
 use super::super::{bf16_bits, Epilogue, SendPtr};
-use super::{tiles, usable, Lines, PackedAmx, Scratch, NB, NR, STEP};
+use super::{split_panels, tiles, usable, Lines, PackedAmx, Scratch, NB, NR, STEP};
 
 /// `(gelu(x w1^T + b1)) w2^T + b2` for `x [m, k]` (f32): `None` where either weight is not
 /// packed for AMX's tiles or their sizes do not chain.
@@ -33,26 +33,13 @@ pub(crate) fn feed_forward(
         bias: b1,
         gelu: true,
     };
-    let panels = w1.n.div_ceil(NR);
-    let threads = threads.clamp(1, panels);
-    let per = panels.div_ceil(threads);
     let out = SendPtr(hidden.as_mut_slice().as_mut_ptr().cast::<f32>());
     let a = a.as_slice();
-    let work = |t: usize| {
-        let range = (t * per)..((t + 1) * per).min(panels);
-        // SAFETY: AMX is usable; threads write disjoint pairs (their panels' columns) of the
+    split_panels(w1.n.div_ceil(NR), threads, |range| {
+        // SAFETY: AMX is usable; tasks write disjoint pairs (their panels' columns) of the
         // hidden rows; every tile stays inside `a`, the weight and the scratch tile.
         unsafe { first_product(w1, a, m, range, out.get().cast::<u32>(), (w2.kp, epi)) };
-    };
-    if threads == 1 {
-        work(0);
-    } else {
-        rayon::scope(|s| {
-            for t in 0..threads {
-                s.spawn(move |_| work(t));
-            }
-        });
-    }
+    });
     let mut c = vec![0f32; m * w2.n];
     let epi = Epilogue {
         bias: b2,

@@ -43,8 +43,8 @@ static HUGE_PAGES: AtomicBool = AtomicBool::new(false);
 /// Whether blocks of [`HUGE`] bytes or more start on a 2 MB page and are advised to the kernel as
 /// such (while large blocks are aligned: [`set`]). On a VM a fresh block's first touch faults a
 /// page at a time: a 4 680-token Wan FFN's 167 MB output took 512 times fewer faults in 2 MB
-/// pages, and its bf16 product on AMX ran 2-3x faster with them (docs/benchmarks.md). Linux only
-/// (elsewhere `on` is an error).
+/// pages, and its bf16 product on AMX ran 2.9x faster with them in one round, 1.1-1.5x in the next
+/// (docs/benchmarks.md). Linux only (elsewhere `on` is an error).
 pub fn set_huge(on: bool) -> Result<(), String> {
     if on && !cfg!(target_os = "linux") {
         return Err(format!("{HUGE_PAGES_ENV}=on: only on Linux"));

@@ -8,18 +8,19 @@
 //! rows are whole lines: AMX's tile rows are 64 bytes, and a row 16 bytes past a line took two
 //! (a tile load ran 13 ns aligned, 26 ns unaligned on the AMX Xeon measured; docs/benchmarks.md).
 //!
-//! Layouts. The weight `[n, k]` is packed once at load into panels of 32 output columns; a
-//! panel's input pairs (`k` padded with zeros to a multiple of 32 features) come in steps of 16
-//! pairs, each step two tiles (columns 0-15, 16-31) of 16 pair rows by 16 columns, one `u32`
-//! (`(w[c][2q], w[c][2q + 1])` as bf16) a column: 1 KB a tile, contiguous. The activations are
-//! rounded to bf16 pairs per product into rows of whole lines (the padded pair count), their row
-//! count padded to 32 with zero rows.
+//! Layouts. The weight `[n, k]` is packed once at load into panels of 32 output columns; for each
+//! pair of input features (`k` padded with zeros to a multiple of 32 features) a panel holds its 32
+//! columns' pairs, one `u32` (`(w[c][2q], w[c][2q + 1])` as bf16) a column: 128 bytes a pair. A
+//! step of 16 pairs is two weight tiles, columns 0-15 and 16-31, their rows 128 bytes apart (two
+//! contiguous 1 KB tiles instead ran level within the host's noise). The activations are rounded to
+//! bf16 pairs per product into rows of whole lines (the padded pair count), their row count padded
+//! to 32 with zero rows.
 //!
-//! Loop order (per thread, its share of the panels): the input pairs in blocks of `KC` (256), the
-//! panels in groups of `NB` (16; the group's block of weights, 512 KB, stays in L2), every 32 rows
-//! of activations (their block, 32 KB, in L1), each panel of the group. Outputs are accumulated in
-//! place across blocks of pairs; a block of outputs past the last row or column runs on a scratch
-//! tile and is copied out.
+//! Loop order (per task, a range of panels: about four tasks a thread): the input pairs in blocks
+//! of `KC` (256), the panels in groups of `NB` (16; the group's block of weights, 512 KB, stays in
+//! L2), every 32 rows of activations (their block, 32 KB, in L1), each panel of the group. Outputs
+//! are accumulated in place across blocks of pairs; a block of outputs past the last row or column
+//! runs on a scratch tile and is copied out.
 
 use super::{Epilogue, SendPtr, NR};
 
@@ -175,9 +176,9 @@ impl PackedAmx {
         PackedAmx { n, k, kp, data }
     }
 
-    /// The weight `[cols, rows]` whose element `(c, j)` is `w[j][c]` (`w [rows, cols]`, f32, rounded
-    /// to bf16): the attention's values, read a pair of rows at a time (each pair of input
-    /// features is two rows of `w`), not an element at a time across rows.
+    /// The weight `[cols, rows]` whose element `(c, j)` is `w[j][c]` (`w [rows, cols]`, f32,
+    /// rounded to bf16): the attention's values, read a pair of rows at a time (each pair of
+    /// input features is two rows of `w`), not an element at a time across rows.
     pub(super) fn transposed_f32(w: &[f32], rows: usize, cols: usize) -> Self {
         use super::bf16_bits;
         let (n, k) = (cols, rows);
@@ -208,7 +209,6 @@ impl PackedAmx {
     /// pairs `q0 .. q0 + 16 * steps` (`q0` a multiple of 16), added to what `c` holds where `add`.
     /// The attention's products, a block of keys at a time. Panics where a size would read or
     /// write out of bounds; nothing where AMX is not usable (`false`).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn tile_product(
         &self,
         (a, lda, rows): (&[u32], usize, usize),
@@ -516,7 +516,7 @@ mod tiles {
         ///
         /// # Safety
         /// The tiles are configured ([`configure`]); `a` holds 32 rows of `16 * steps` pairs at
-        /// stride `lda`, `b` `steps` steps of two 1 KB tiles, `c` 32 rows of 32 f32 at stride
+        /// stride `lda`, `b` `steps` steps of 16 rows of 32 pairs, `c` 32 rows of 32 f32 at stride
         /// `ldc`.
         pub(super) unsafe fn run(&self, c: *mut f32, ldc: usize, add: bool) {
             let c1 = c.wrapping_add(16 * ldc / 4);

@@ -900,6 +900,23 @@ fn bad_requests_are_refused_before_any_work_without_server_paths() {
     }
 }
 
+/// A SIGTERM sent the moment the address is printed stops the server cleanly (exit 0, its
+/// temporary folder removed): the handlers are in before the address goes out (a supervisor or a
+/// test may signal at once; before, such a signal could kill it outright, under load).
+#[test]
+fn a_sigterm_right_after_the_address_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = run_file(dir.path(), "tiny", 0);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    for round in 0..5 {
+        let srv = Server::start_with(&["--config", s(&model)], &[("TMPDIR", &tmp)]);
+        assert_eq!(srv.stop(), Some(0), "round {round}");
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "round {round}: {left:?}");
+    }
+}
+
 /// The folder for request pictures is the server's own: made fresh (a folder of the name pattern
 /// that is there already is not used) and the only one removed at exit.
 #[test]

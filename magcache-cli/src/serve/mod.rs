@@ -403,11 +403,14 @@ async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
     let local = listener
         .local_addr()
         .map_err(|e| Error::msg(format!("serve: {e}")))?;
+    // The handlers go in before the address is printed: a SIGTERM sent as soon as it is read
+    // (a test, a supervisor) shuts the server down cleanly instead of killing it.
+    let signals = Signals::install();
     eprintln!("serve: listening on http://{local}");
     let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
     let cancel = app.clone();
     let shutdown = async move {
-        wait_for_signal().await;
+        signals.wait().await;
         eprintln!("serve: shutting down (cancelling jobs in flight)");
         cancel.cancel_all();
         let _ = signalled.send(());
@@ -432,27 +435,43 @@ async fn listen(app: Arc<App>, socket: tokio::net::TcpSocket) -> Result<()> {
     Ok(())
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+/// SIGINT's and SIGTERM's handlers, registered when made (on Unix; elsewhere Ctrl-C's, when
+/// first waited on).
+struct Signals {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
-#[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(i), Ok(t)) => Some((i, t)),
+            _ => None,
+        };
+        Signals { streams }
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> Signals {
+        Signals {}
+    }
+
+    /// Until one of the signals comes.
+    async fn wait(self) {
+        #[cfg(unix)]
+        if let Some((mut i, mut t)) = self.streams {
             tokio::select! {
                 _ = i.recv() => {}
                 _ = t.recv() => {}
             }
+            return;
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

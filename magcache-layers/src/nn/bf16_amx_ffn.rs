@@ -3,9 +3,9 @@
 //! rounded straight into the second product's rows of pairs, so the `[tokens, hidden]`
 //! activations are never written in f32, read back and rounded (at 4 680 Wan tokens: 168 MB
 //! written, 168 MB read and 84 MB written a block). The same bits as the two products apart: the
-//! first product's whole input in one block of pairs (its accumulators never leave the tiles, as
-//! bits the same as stored and reloaded), the epilogue's function, then the rounding the second
-//! product's input gets (to nearest even).
+//! first product takes its whole input in one block of pairs (its accumulators stay on the tiles,
+//! where apart they are stored and reloaded between blocks: exact either way), then the
+//! epilogue's function, then the rounding the second product gives its input (to nearest even).
 
 use super::super::{bf16_bits, Epilogue, SendPtr};
 use super::{split_panels, tiles, usable, Lines, PackedAmx, Scratch, NB, NR, STEP};

@@ -71,17 +71,10 @@ pub fn check_switch() -> magcache_core::Result<()> {
     Ok(())
 }
 
-/// The CPU's flags: `amx_bf16` and `amx_tile` in `/proc/cpuinfo` (listed only where the kernel
-/// supports the state).
-pub fn cpu_has_amx() -> bool {
-    static AMX: OnceLock<bool> = OnceLock::new();
-    *AMX.get_or_init(|| {
-        use magcache_core::runtime::placement::cpuinfo_has_flag;
-        cfg!(target_arch = "x86_64")
-            && std::fs::read_to_string("/proc/cpuinfo")
-                .is_ok_and(|c| cpuinfo_has_flag(&c, "amx_bf16") && cpuinfo_has_flag(&c, "amx_tile"))
-    })
-}
+/// The CPU's `amx_bf16` flag in `/proc/cpuinfo` (listed only where the kernel supports the tiles'
+/// state; AMX-BF16 comes with AMX-TILE), read once: core's check, which the allocator's default
+/// follows too.
+pub use magcache_core::runtime::placement::cpu_has_amx;
 
 /// Asks Linux for the tiles' state (`ARCH_REQ_XCOMP_PERM` for `XFEATURE_XTILEDATA`): once per
 /// process, for all its threads.
@@ -256,9 +249,10 @@ impl PackedAmx {
         self.data.len * 4
     }
 
-    /// `x [m, k]` (f32) times the weight transposed into `c` (`[m, n]`, every value written, none
-    /// read before: `c` may come uninitialized), `epi` on each block of outputs after its last
-    /// input, over `threads` threads (sizes checked by the caller).
+    /// `x [m, k]` (f32, `k > 0`: the caller fills the output of none) times the weight transposed
+    /// into `c` (`[m, n]`, every value written, none read before: `c` may come uninitialized),
+    /// `epi` on each block of outputs after its last input, over `threads` threads (sizes checked
+    /// by the caller).
     pub(super) fn product_then(
         &self,
         x: &[f32],
@@ -268,6 +262,7 @@ impl PackedAmx {
         epi: Epilogue<'_>,
     ) {
         let k = self.k;
+        debug_assert!(k > 0);
         with_rows(ROWS.min(m).next_multiple_of(32) * self.kp, |a| {
             for m0 in (0..m).step_by(ROWS) {
                 let rows = ROWS.min(m - m0);
@@ -392,15 +387,6 @@ impl PackedAmx {
                             epi.apply(at, (rows, n), p * NR, cols);
                         }
                     }
-                }
-            }
-        }
-        if self.kp == 0 {
-            for r in 0..m {
-                for p in range.clone() {
-                    let cols = NR.min(n - p * NR);
-                    std::ptr::write_bytes(c.add(r * n + p * NR), 0, cols);
-                    epi.apply(c.add(r * n + p * NR), (1, n), p * NR, cols);
                 }
             }
         }

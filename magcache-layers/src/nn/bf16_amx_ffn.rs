@@ -21,7 +21,7 @@ pub(crate) fn feed_forward(
 ) -> Option<Vec<f32>> {
     let chains = w2.k == w1.n && x.len() == m * w1.k;
     let biases = b1.is_none_or(|b| b.len() == w1.n) && b2.is_none_or(|b| b.len() == w2.n);
-    if !usable() || !chains || !biases || m == 0 || w1.kp == 0 {
+    if !usable() || !chains || !biases || m == 0 || w1.kp == 0 || w2.kp == 0 {
         return None;
     }
     let m32 = m.next_multiple_of(32);

@@ -131,15 +131,7 @@ impl PackedBf16 {
     /// rows]` (attention's values, multiplied from the left by the probabilities).
     pub fn pack_f32_transposed(w: &[f32], rows: usize, cols: usize) -> Self {
         if amx::usable() {
-            let amx = Some(amx::PackedAmx::transposed_f32(w, rows, cols));
-            let (n, k, kp, data) = (cols, rows, rows.div_ceil(2), Vec::new());
-            return PackedBf16 {
-                n,
-                k,
-                kp,
-                data,
-                amx,
-            };
+            return Self::from_amx(cols, rows, amx::PackedAmx::transposed_f32(w, rows, cols));
         }
         // Element (c, j) of the weight is w[j][c].
         Self::pack_with(cols, rows, |i| bf16_bits(w[(i % rows) * cols + i / rows]))
@@ -163,22 +155,32 @@ impl PackedBf16 {
 
     /// [`PackedBf16::pack_with`] for AMX's tiles where `amx`, else for the AVX512-BF16 kernel.
     fn pack_as(n: usize, k: usize, bits: impl Fn(usize) -> u16 + Sync, amx: bool) -> Self {
+        if amx {
+            return Self::from_amx(n, k, amx::PackedAmx::pack_with(n, k, bits));
+        }
         let kp = k.div_ceil(2);
-        let (data, amx) = match amx {
-            true => (Vec::new(), Some(amx::PackedAmx::pack_with(n, k, bits))),
-            false => {
-                let mut data = vec![0u16; n.div_ceil(NR) * kp * NR * 2];
-                for (p, panel) in data.chunks_mut((kp * NR * 2).max(1)).enumerate() {
-                    for c in 0..NR.min(n - p * NR) {
-                        let row = (p * NR + c) * k;
-                        for j in 0..k {
-                            panel[(j / 2) * NR * 2 + c * 2 + j % 2] = bits(row + j);
-                        }
-                    }
+        let mut data = vec![0u16; n.div_ceil(NR) * kp * NR * 2];
+        for (p, panel) in data.chunks_mut((kp * NR * 2).max(1)).enumerate() {
+            for c in 0..NR.min(n - p * NR) {
+                let row = (p * NR + c) * k;
+                for j in 0..k {
+                    panel[(j / 2) * NR * 2 + c * 2 + j % 2] = bits(row + j);
                 }
-                (data, None)
             }
-        };
+        }
+        let amx = None;
+        PackedBf16 {
+            n,
+            k,
+            kp,
+            data,
+            amx,
+        }
+    }
+
+    /// A weight `[n, k]` packed for AMX's tiles (`t`).
+    fn from_amx(n: usize, k: usize, t: amx::PackedAmx) -> Self {
+        let (kp, data, amx) = (k.div_ceil(2), Vec::new(), Some(t));
         PackedBf16 {
             n,
             k,
@@ -269,18 +271,18 @@ impl PackedBf16 {
         if panels == 0 || m == 0 {
             return Ok(());
         }
-        if let Some(t) = &self.amx {
-            // SAFETY: f32 and `MaybeUninit<f32>` have one layout; only f32 values are written.
-            let c = unsafe { &mut *(c as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
-            t.product_then(x, m, c, threads, epi);
-            return Ok(());
-        }
         if self.kp == 0 {
             c.fill(0.0);
             for row in c.chunks_mut(self.n) {
                 // SAFETY: `row` holds `n` values, the bias `n` where there is one (checked above).
                 unsafe { epi.apply(row.as_mut_ptr(), (1, self.n), 0, self.n) };
             }
+            return Ok(());
+        }
+        if let Some(t) = &self.amx {
+            // SAFETY: f32 and `MaybeUninit<f32>` have one layout; only f32 values are written.
+            let c = unsafe { &mut *(c as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+            t.product_then(x, m, c, threads, epi);
             return Ok(());
         }
         // The activations are rounded to bf16 a block of rows at a time: the copy stays one block's
@@ -520,41 +522,71 @@ pub fn linear(
     if k != w.k {
         candle_core::bail!("bf16 linear: input has {k} features, the weight {}", w.k);
     }
+    let bias = f32_values(bias)?;
+    let threads = candle_core::utils::get_num_threads();
+    let epi = Epilogue {
+        bias: bias.as_deref(),
+        gelu,
+    };
+    let c = on_f32_rows(x, |x| match &w.amx {
+        // On AMX the output is written whole before it is read: not zeroed first (167 MB at most).
+        Some(t) if m > 0 && w.n > 0 && w.kp > 0 && epi.bias.is_none_or(|b| b.len() == w.n) => {
+            let mut c = Vec::with_capacity(m * w.n);
+            t.product_then(x, m, &mut c.spare_capacity_mut()[..m * w.n], threads, epi);
+            // SAFETY: the product wrote all `m * n` values (`PackedAmx::product_then`).
+            unsafe { c.set_len(m * w.n) };
+            Ok(c)
+        }
+        _ => {
+            let mut c = vec![0f32; m * w.n];
+            w.product_then(x, m, &mut c, threads, epi)?;
+            Ok(c)
+        }
+    })?;
+    candle_core::Tensor::from_vec(c, (m, w.n), &candle_core::Device::Cpu)
+}
+
+/// A feed-forward `gelu(x W1^T + b1) W2^T + b2` on two packed weights, `x` `[m, k]` f32 on the
+/// CPU: on AMX's tiles, its hidden activations going from one product to the next as bf16 pairs
+/// (`amx::feed_forward`: the same bits as [`linear`] twice). `None` where the weights are not
+/// both packed for AMX (or do not chain).
+pub fn feed_forward(
+    (w1, b1): (&PackedBf16, Option<&candle_core::Tensor>),
+    (w2, b2): (&PackedBf16, Option<&candle_core::Tensor>),
+    x: &candle_core::Tensor,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
+    let (Some(a1), Some(a2)) = (&w1.amx, &w2.amx) else {
+        return Ok(None);
+    };
+    let m = x.dims2()?.0;
+    let (b1, b2) = (f32_values(b1)?, f32_values(b2)?);
+    let threads = candle_core::utils::get_num_threads();
+    let y = on_f32_rows(x, |x| {
+        let (first, second) = ((a1, b1.as_deref()), (a2, b2.as_deref()));
+        Ok(amx::feed_forward(first, second, x, m, threads))
+    })?;
+    y.map(|y| candle_core::Tensor::from_vec(y, (m, w2.n), &candle_core::Device::Cpu))
+        .transpose()
+}
+
+/// `f` on `x`'s values as f32, read in place (`x` converted first where it is not contiguous
+/// f32).
+fn on_f32_rows<R>(
+    x: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    let bias = bias
-        .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
     let (storage, layout) = x.storage_and_layout();
     let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
         (&*storage, layout.contiguous_offsets())
     else {
         candle_core::bail!("bf16 linear: f32 input on the CPU only");
     };
-    let threads = candle_core::utils::get_num_threads();
-    let epi = Epilogue {
-        bias: bias.as_deref(),
-        gelu,
-    };
-    let c = match &w.amx {
-        // On AMX the output is written whole before it is read: not zeroed first (167 MB at most).
-        Some(t) if m > 0 && w.n > 0 && bias.as_ref().is_none_or(|b| b.len() == w.n) => {
-            let mut c = Vec::with_capacity(m * w.n);
-            t.product_then(
-                &v[a..b],
-                m,
-                &mut c.spare_capacity_mut()[..m * w.n],
-                threads,
-                epi,
-            );
-            // SAFETY: the product wrote all `m * n` values (`PackedAmx::product_then`).
-            unsafe { c.set_len(m * w.n) };
-            c
-        }
-        _ => {
-            let mut c = vec![0f32; m * w.n];
-            w.product_then(&v[a..b], m, &mut c, threads, epi)?;
-            c
-        }
-    };
-    candle_core::Tensor::from_vec(c, (m, w.n), &candle_core::Device::Cpu)
+    f(&v[a..b])
+}
+
+/// A bias's values in f32, where there is one.
+fn f32_values(b: Option<&candle_core::Tensor>) -> candle_core::Result<Option<Vec<f32>>> {
+    b.map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+        .transpose()
 }

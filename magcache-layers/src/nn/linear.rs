@@ -211,13 +211,6 @@ fn as_rows(x: &Tensor, n: usize) -> Result<(Tensor, Vec<usize>)> {
     Ok((x.reshape((x.elem_count() / last.max(1), last))?, dims))
 }
 
-/// A bias's values in f32, where there is one.
-fn f32_values(b: &Option<Tensor>) -> Result<Option<Vec<f32>>> {
-    Ok(b.as_ref()
-        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-        .transpose()?)
-}
-
 /// `x wt` on candle's kernels for a dense weight (`wt`: the `[in, out]` transposed view of a
 /// `[out, in]` weight in the run's dtype), f32 out.
 fn dense_product(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
@@ -457,27 +450,14 @@ impl Linear {
             }
         }
         if let (Weight::Bf16(w1), Weight::Bf16(w2)) = (&self.wt, &next.wt) {
-            if let (Some(a1), Some(a2)) = (w1.amx_packed(), w2.amx_packed()) {
-                if x.device().is_cpu() && x.rank() >= 1 && !differentiable() {
-                    // On AMX the hidden activations go from one product to the next as bf16
-                    // pairs (`bf16_gemm::amx::feed_forward`: the same bits as the two layers).
-                    let _timer = timing::Timer::linear(true);
-                    let (x2, dims) = as_rows(x, w2.n())?;
-                    let xv = x2.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
-                    let xv = xv.to_vec1::<f32>()?;
-                    let (b1, b2) = (f32_values(&self.bias)?, f32_values(&next.bias)?);
-                    let threads = candle_core::utils::get_num_threads();
-                    let ff = bf16_gemm::amx::feed_forward(
-                        (a1, b1.as_deref()),
-                        (a2, b2.as_deref()),
-                        &xv,
-                        x2.dim(0)?,
-                        threads,
-                    );
-                    if let Some(y) = ff {
-                        let y = Tensor::from_vec(y, (x2.dim(0)?, w2.n()), x.device())?;
-                        return Ok(y.reshape(dims)?);
-                    }
+            if w1.on_amx() && x.device().is_cpu() && x.rank() >= 1 && !differentiable() {
+                // On AMX the hidden activations go from one product to the next as bf16 pairs
+                // (`bf16_gemm::feed_forward`: the same bits as the two layers).
+                let _timer = timing::Timer::linear(true);
+                let (x2, dims) = as_rows(x, w2.n())?;
+                let (first, second) = ((&**w1, self.bias.as_ref()), (&**w2, next.bias.as_ref()));
+                if let Some(y) = bf16_gemm::feed_forward(first, second, &x2)? {
+                    return Ok(y.reshape(dims)?);
                 }
             }
         }

@@ -137,6 +137,7 @@ fn real_main(cli: Cli, line_alloc: std::result::Result<(), String>) -> Result<()
     magcache_core::runtime::progress::check_env()?;
     magcache_layers::nn::bf16_gemm::check_switch()?;
     magcache_layers::nn::bf16_gemm::amx::check_switch()?;
+    magcache_layers::nn::f32_gemm::check_switch()?;
     line_alloc.map_err(Error::msg)?;
     // AMX's tiles are asked of Linux here, once, before a model loads (a refusal is one note).
     magcache_layers::nn::bf16_gemm::amx::usable();

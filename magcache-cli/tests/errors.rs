@@ -177,6 +177,7 @@ fn a_bad_switch_value_is_one_line_naming_it() {
         ("MAGCACHE_IN_POOL", "1"),
         ("MAGCACHE_AMX", "maybe"),
         ("MAGCACHE_HUGE_PAGES", "2"),
+        ("MAGCACHE_CPU_F32", "fast"),
     ] {
         let named = format!("{var}=\"{value}\"");
         c.run_err_env(&c.default_toml(MAG), &[(var, value)], &[named.as_str()]);

@@ -1,5 +1,5 @@
 //! Throughput of one linear layer's product on the CPU: candle's f32 matmul (gemm's kernels)
-//! against the bf16 kernel (`nn::bf16_gemm`, AVX512-BF16) and, when `MAGCACHE_ONEDNN` names a
+//! against the layers' f32 kernel (`nn::f32_gemm`, AVX-512F), the bf16 kernel (`nn::bf16_gemm`, AVX512-BF16) and, when `MAGCACHE_ONEDNN` names a
 //! `libdnnl.so.3`, oneDNN's f32 product (and its bf16 one where it has one), alternated, on
 //! candle's threads.
 //! `cargo run --release -p magcache-layers --example bf16_gemm -- [M K N] [ROUNDS]`
@@ -11,7 +11,7 @@
 
 use candle_core::{Device, Tensor};
 use magcache_layers::nn::bf16_gemm::{cpu_has_bf16, PackedBf16};
-use magcache_layers::nn::onednn;
+use magcache_layers::nn::{f32_gemm, onednn};
 use std::time::Instant;
 
 /// C's allocator, large blocks on 64-byte lines unless `BF16_GEMM_ALIGN=off`.
@@ -45,6 +45,9 @@ fn main() -> candle_core::Result<()> {
         .then(|| PackedBf16::from_tensor(&w.to_dtype(candle_core::DType::BF16)?))
         .transpose()?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let packed_f32 = f32_gemm::cpu_has_avx512()
+        .then(|| f32_gemm::PackedF32::from_tensor(&w))
+        .transpose()?;
     let dnnl = onednn::check().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     println!(
         "oneDNN: {}",
@@ -99,7 +102,21 @@ fn main() -> candle_core::Result<()> {
         let y = x.matmul(&wt)?;
         let f32_s = t.elapsed().as_secs_f64();
         drop(y);
-        let line = match &packed {
+        let mut line = match &packed_f32 {
+            Some(p) => {
+                let t = Instant::now();
+                drop(f32_gemm::linear(p, &x, None, false)?);
+                let s = t.elapsed().as_secs_f64();
+                let rate = flop / s / 1e9;
+                format!(
+                    "f32 kernel {:.0} ms ({rate:.0} GFLOP/s, {:.2}x f32)   ",
+                    s * 1e3,
+                    f32_s / s
+                )
+            }
+            None => "f32 kernel: this CPU has no AVX-512F   ".to_string(),
+        };
+        line += &match &packed {
             Some(p) => {
                 let t = Instant::now();
                 let y = p.matmul(&xs, m)?;

@@ -151,6 +151,7 @@ fn contiguous<'a>(
 mod attention;
 pub mod bf16_gemm;
 mod conv;
+pub mod f32_gemm;
 mod linear;
 pub use linear::{linear, linear_no_bias, CompactQMatMul, Linear};
 mod norms;

@@ -435,7 +435,13 @@ impl Epilogue<'_> {
     /// one) `col + cols`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn apply(&self, c: *mut f32, (rows, ld): (usize, usize), col: usize, cols: usize) {
+    pub(super) unsafe fn apply(
+        &self,
+        c: *mut f32,
+        (rows, ld): (usize, usize),
+        col: usize,
+        cols: usize,
+    ) {
         use super::pointwise::gelu_tanh;
         let bias = self.bias.map(|b| &b[col..col + cols]);
         // SAFETY (each arm): the caller's guarantee.
@@ -450,7 +456,7 @@ impl Epilogue<'_> {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn apply(&self, _: *mut f32, _: (usize, usize), _: usize, _: usize) {
+    pub(super) unsafe fn apply(&self, _: *mut f32, _: (usize, usize), _: usize, _: usize) {
         unreachable!("the bf16 kernel runs on x86_64 only")
     }
 }
@@ -490,10 +496,10 @@ unsafe fn each(
 
 /// A raw output pointer shared by the threads (each writes its own panels).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -571,7 +577,7 @@ pub fn feed_forward(
 
 /// `f` on `x`'s values as f32, read in place (`x` converted first where it is not contiguous
 /// f32).
-fn on_f32_rows<R>(
+pub(super) fn on_f32_rows<R>(
     x: &candle_core::Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -586,7 +592,7 @@ fn on_f32_rows<R>(
 }
 
 /// A bias's values in f32, where there is one.
-fn f32_values(b: Option<&candle_core::Tensor>) -> candle_core::Result<Option<Vec<f32>>> {
+pub(super) fn f32_values(b: Option<&candle_core::Tensor>) -> candle_core::Result<Option<Vec<f32>>> {
     b.map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
         .transpose()
 }

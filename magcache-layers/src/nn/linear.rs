@@ -1,7 +1,7 @@
 //! The linear layer: its weight held as the run chose (f32, packed bf16, oneDNN, GGUF) and its
 //! products.
 
-use super::{bf16_gemm, contiguous, differentiable, gelu, onednn, timing, widen_f32};
+use super::{bf16_gemm, contiguous, differentiable, f32_gemm, gelu, onednn, timing, widen_f32};
 use crate::weights::{LinearWeight, WeightStore};
 use candle_core::{DType, Device, Module, Tensor};
 use magcache_core::{Error, Result};
@@ -32,6 +32,8 @@ enum Weight {
     },
     /// A bf16 weight packed for the CPU's bf16 products ([`bf16_gemm`]: AMX or AVX512-BF16).
     Bf16(std::sync::Arc<bf16_gemm::PackedBf16>),
+    /// An f32 weight packed for the layers' AVX-512 f32 kernel ([`f32_gemm::available`]).
+    F32(std::sync::Arc<f32_gemm::PackedF32>),
     /// A weight packed once in the layout of oneDNN's products (`MAGCACHE_ONEDNN`: f32, and bf16
     /// where it runs bf16 products: [`onednn::bf16_products`]).
     OneDnn {
@@ -280,6 +282,14 @@ impl Linear {
                 }
             }
         }
+        // f32 weights on the layers' AVX-512 kernel where it runs (packed once, replacing them).
+        if weight.dtype() == DType::F32 && weight.device().is_cpu() && f32_gemm::available() {
+            let w = std::sync::Arc::new(f32_gemm::PackedF32::from_tensor(&weight)?);
+            return Ok(Linear {
+                wt: Weight::F32(w),
+                bias,
+            });
+        }
         if weight.dtype() == DType::BF16
             && weight.device().is_cpu()
             && bf16_gemm::available()
@@ -306,6 +316,13 @@ impl Linear {
     /// placement says so (`model.matmul_precision = "bf16"`): on oneDNN where it runs bf16 weights
     /// ([`onednn::bf16_products`]), else packed for the layers' bf16 kernel.
     fn placed(w: &WeightStore, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if w.is_recording() {
+            // A recording store's zero-stride zeros: held as they are (packing would write them
+            // out at full size, for a model that is only listed).
+            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+            let wt = Weight::Dense(weight.t()?);
+            return Ok(Linear { wt, bias });
+        }
         let p = w.placement();
         if p.matmul_bf16 && weight.dtype() == DType::F32 && weight.device().is_cpu() {
             if onednn::bf16_products() {
@@ -368,6 +385,12 @@ impl Linear {
                     return Linear { wt, bias }.forward(x);
                 }
             }
+            // An f32 weight packed for the layers' kernel: its plain values, as above.
+            if let Weight::F32(w) = &self.wt {
+                let wt = Weight::Dense(w.unpack()?.t()?);
+                let bias = self.bias.clone();
+                return Linear { wt, bias }.forward(x);
+            }
         }
         if differentiable() && !matches!(self.wt, Weight::Dense(_)) {
             return Err(Error::msg(
@@ -382,6 +405,11 @@ impl Linear {
             }
             Weight::Bf16(w) => (
                 bf16_gemm::linear(w, &x2, self.bias.as_ref(), false)?,
+                w.n(),
+                true,
+            ),
+            Weight::F32(w) => (
+                f32_gemm::linear(w, &x2, self.bias.as_ref(), false)?,
                 w.n(),
                 true,
             ),
@@ -459,6 +487,17 @@ impl Linear {
                 if let Some(y) = bf16_gemm::feed_forward(first, second, &x2)? {
                     return Ok(y.reshape(dims)?);
                 }
+            }
+        }
+        if let Weight::F32(w) = &self.wt {
+            if x.device().is_cpu() && x.rank() >= 1 && !differentiable() {
+                // As the bf16 kernel's below: the bias and the GELU on each output tile.
+                let (x2, dims) = as_rows(x, w.n())?;
+                let hidden = {
+                    let _timer = timing::Timer::linear(true);
+                    f32_gemm::linear(w, &x2, self.bias.as_ref(), true)?
+                };
+                return next.forward(&hidden.reshape(dims)?);
             }
         }
         if let Weight::Bf16(w) = &self.wt {

@@ -127,6 +127,11 @@ impl WeightStore {
         }
     }
 
+    /// Whether this is a recording store (its tensors are zero-stride zeros, never multiplied).
+    pub fn is_recording(&self) -> bool {
+        self.record.is_some()
+    }
+
     /// What a recording store was asked for, in order.
     pub fn recorded(&self) -> Result<Vec<TensorShape>> {
         let r = self

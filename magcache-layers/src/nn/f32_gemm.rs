@@ -1,0 +1,383 @@
+//! f32 matrix products of linear layers on AVX-512 with weights packed once at load (issue 45):
+//! Intel's AVX-512 CPUs ran candle's gemm at 0.6-0.9x MKL's rate on a 720-token call's products,
+//! and a whole f32 call at 0.70-0.88x PyTorch's (docs/benchmarks.md, "Intel Xeon with AMX").
+//!
+//! Written here rather than taken from a library: gemm (candle's) repacks the weight on every
+//! product and blocks for its own shapes; oneDNN (`MAGCACHE_ONEDNN`, which still takes precedence
+//! where set) is a system library the default build may not require. One micro-kernel: 12 rows of
+//! activations by a panel of 32 output columns, 24 accumulators of the 32 vector registers, the
+//! panel's two vectors loaded once a feature for 12 broadcast FMAs.
+//!
+//! Layouts. The weight `[n, k]` is packed at load into panels of [`NR`] output columns, each panel
+//! `[k][NR]` (zero past `n`). A product copies each block of up to [`MC`] rows of activations into
+//! tiles of [`MR`] rows, feature-major within a block of [`KC`] features (`[KC][MR]`, rows past
+//! `m` zero), once, in a per-thread buffer kept from product to product. The output's column
+//! panels are split into groups of [`GROUP`] over candle's threads (dynamic tasks); a group's
+//! output block (`MC x GROUP x NR` f32: 384 KB) stays in L2 across the blocks of features, with
+//! the block of packed rows (`MC x KC`: 768 KB) that streams past each panel's block (`KC x NR`:
+//! 32 KB), which stays in L1 (streaming the panels past a tile in L1 instead measured no faster).
+//! A linear layer's bias, and a feed-forward's GELU, run on each output tile after its last block
+//! of features ([`Epilogue`], as the bf16 kernel does).
+//!
+//! Each output value is summed over the features in the same order whatever the threads: runs
+//! are reproducible; they differ from gemm's in the last bits (another order of the sums).
+
+use super::bf16_gemm::Epilogue;
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+/// Output columns per panel (two 16-lane accumulators a row).
+pub const NR: usize = 32;
+/// Rows of the micro-kernel.
+const MR: usize = 12;
+/// Input features per cache block.
+const KC: usize = 256;
+/// Rows per block of activations: 64 tiles (the output block of a group stays in L2).
+const MC: usize = 64 * MR;
+/// Column panels per task.
+const GROUP: usize = 4;
+
+/// The variable that turns the kernel on or off.
+pub const ENV: &str = "MAGCACHE_CPU_F32";
+
+/// Whether f32 linear weights are packed for this kernel: `MAGCACHE_CPU_F32=on` on a CPU with
+/// AVX-512F, and by default on Intel's CPUs with AVX-512F (where it was measured: 1.1-1.4x gemm's
+/// products; AMD's Zen 4 and 5 ran gemm at MKL's rate, so gemm stays there unless `on`).
+pub fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let var = crate::env::env_switch(ENV, "").ok().flatten();
+        choice(var, cpu_has_avx512(), intel(&cpuinfo))
+    })
+}
+
+/// [`available`]'s choice from the switch (`None`: unset), the CPU's AVX-512F and its vendor.
+pub fn choice(switch: Option<bool>, avx512: bool, intel: bool) -> bool {
+    avx512 && switch.unwrap_or(intel)
+}
+
+/// Whether a `/proc/cpuinfo` text is an Intel CPU's.
+pub fn intel(cpuinfo: &str) -> bool {
+    magcache_core::runtime::placement::cpuinfo_field(cpuinfo, "vendor_id") == Some("GenuineIntel")
+}
+
+/// Refuses a `MAGCACHE_CPU_F32` other than `on` or `off`, and `on` on a CPU without AVX-512F (one
+/// line naming it), before a command starts: [`available`] reads it deep in a run.
+pub fn check_switch() -> magcache_core::Result<()> {
+    let unset = "on for Intel CPUs with AVX-512F";
+    let var = crate::env::env_switch(ENV, unset).map_err(magcache_core::Error::msg)?;
+    if var == Some(true) && !cpu_has_avx512() {
+        return Err(magcache_core::Error::msg(format!(
+            "{ENV}=on: this CPU has no AVX-512F, which the f32 kernel needs"
+        )));
+    }
+    Ok(())
+}
+
+/// The CPU's AVX-512F (the kernel's instructions).
+pub fn cpu_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// An f32 weight `[n, k]` packed for the kernel.
+#[derive(Clone)]
+pub struct PackedF32 {
+    n: usize,
+    k: usize,
+    /// `panels x k x NR` values, zero past `n`.
+    data: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedF32 [{}, {}]", self.n, self.k)
+    }
+}
+
+impl PackedF32 {
+    /// Packs the row-major values of `w [n, k]`, panels over candle's threads (each panel written
+    /// in order, its columns read as 32 streams).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        use rayon::prelude::*;
+        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
+        let one = |(p, panel): (usize, &mut [f32])| {
+            let cols = NR.min(n - p * NR);
+            let rows = &w[p * NR * k..(p * NR + cols) * k];
+            for (j, out) in panel.chunks_exact_mut(NR).enumerate() {
+                for (c, v) in out.iter_mut().take(cols).enumerate() {
+                    *v = rows[c * k + j];
+                }
+            }
+        };
+        let len = (k * NR).max(1);
+        if candle_core::utils::get_num_threads() > 1 && n * k >= 1 << 16 {
+            data.par_chunks_mut(len).enumerate().for_each(one);
+        } else {
+            data.chunks_mut(len).enumerate().for_each(one);
+        }
+        PackedF32 { n, k, data }
+    }
+
+    /// Packs an f32 weight `[n, k]` on the CPU, read in place.
+    pub fn from_tensor(w: &candle_core::Tensor) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        let w = w.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("f32 packing: f32 weights on the CPU only");
+        };
+        Ok(Self::pack(&v[a..b], n, k))
+    }
+
+    /// The weight `[n, k]` as a plain tensor again (a differentiable run's product).
+    pub fn unpack(&self) -> candle_core::Result<candle_core::Tensor> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for (i, row) in w.chunks_mut(k.max(1)).enumerate().take(n) {
+            let (p, c) = (i / NR, i % NR);
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = self.data[(p * k + j) * NR + c];
+            }
+        }
+        candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes the packed weight holds.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// `x [m, k]` (row-major) times the weight transposed into `c` (`[m, n]`, every value
+    /// written), `epi` on each output tile, on at most `threads` threads.
+    pub fn product_then(
+        &self,
+        x: &[f32],
+        m: usize,
+        c: &mut [MaybeUninit<f32>],
+        threads: usize,
+        epi: Epilogue<'_>,
+    ) -> candle_core::Result<()> {
+        if !cpu_has_avx512() {
+            candle_core::bail!("the f32 kernel needs AVX-512F, which this CPU lacks");
+        }
+        let (n, k) = (self.n, self.k);
+        if x.len() != m * k || c.len() != m * n || epi.bias.is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "f32 kernel: {} and {} values are not [{m}, {k}] and [{m}, {n}] (bias of {:?})",
+                x.len(),
+                c.len(),
+                epi.bias.map(<[f32]>::len)
+            );
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            for row in c.chunks_mut(n) {
+                row.fill(MaybeUninit::new(0.0));
+                // SAFETY: `row` holds `n` values, now written; the bias `n` (checked above); the
+                // CPU has AVX-512F (checked above).
+                unsafe { epi.apply(row.as_mut_ptr().cast(), (1, n), 0, n) };
+            }
+            return Ok(());
+        }
+        let out = super::bf16_gemm::SendPtr(c.as_mut_ptr().cast());
+        for m0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - m0);
+            let tiles = mc.div_ceil(MR);
+            super::bf16_gemm::amx::with_rows(tiles * MR * k, |buf| {
+                // SAFETY: u32 and f32 have one size and alignment; the buffer is only read as f32
+                // after `pack_rows` wrote all of it.
+                let a = unsafe { &mut *(buf as *mut [u32] as *mut [f32]) };
+                pack_rows(&x[m0 * k..(m0 + mc) * k], mc, k, a, threads);
+                let a = &*a;
+                let panels = n.div_ceil(NR);
+                let work = |g: usize| {
+                    let range = g * GROUP..((g + 1) * GROUP).min(panels);
+                    // SAFETY: each task writes the columns of its own panels of rows
+                    // `m0..m0 + mc`; the kernel stays within them (rows and columns masked).
+                    unsafe { self.group(a, (m0, mc), range, out.get(), epi) };
+                };
+                let groups = panels.div_ceil(GROUP);
+                if threads <= 1 || groups <= 1 {
+                    (0..groups).for_each(work);
+                } else {
+                    let work = &work;
+                    rayon::scope(|s| (0..groups).for_each(|g| s.spawn(move |_| work(g))));
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Panels `range` of rows `m0..m0 + mc` of the output `c`, from the packed rows `a`.
+    ///
+    /// # Safety
+    /// `a` holds the rows packed by [`pack_rows`]; `c` is `[m, n]` with `m0 + mc <= m`; no other
+    /// thread writes these panels of these rows; the CPU has AVX-512F.
+    unsafe fn group(
+        &self,
+        a: &[f32],
+        (m0, mc): (usize, usize),
+        range: std::ops::Range<usize>,
+        c: *mut f32,
+        epi: Epilogue<'_>,
+    ) {
+        let (n, k) = (self.n, self.k);
+        let tiles = mc.div_ceil(MR);
+        for q0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - q0);
+            let last = q0 + kc == k;
+            for p in range.clone() {
+                let cols = NR.min(n - p * NR);
+                let b = self.data.as_ptr().add((p * k + q0) * NR);
+                for t in 0..tiles {
+                    let rows = MR.min(mc - t * MR);
+                    let at = a.as_ptr().add(q0 * tiles * MR + t * kc * MR);
+                    let ct = c.add((m0 + t * MR) * n + p * NR);
+                    kernel(at, b, kc, (ct, n), (rows, cols), q0 == 0);
+                    if last && (epi.bias.is_some() || epi.gelu) {
+                        epi.apply(ct, (rows, n), p * NR, cols);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies `mc` rows of `x` (`[mc, k]`) into tiles of [`MR`] rows, each block of [`KC`] features
+/// feature-major (`[kc][MR]`; block `q0` starts at `q0 * tiles * MR`, its tile `t` at `t * kc *
+/// MR` within it), rows past `mc` zero; over `threads` threads by tiles.
+fn pack_rows(x: &[f32], mc: usize, k: usize, a: &mut [f32], threads: usize) {
+    let tiles = mc.div_ceil(MR);
+    let one = |t: usize, a: super::bf16_gemm::SendPtr| {
+        for q0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - q0);
+            let base = q0 * tiles * MR + t * kc * MR;
+            for r in 0..MR {
+                let row = t * MR + r;
+                for q in 0..kc {
+                    let v = if row < mc { x[row * k + q0 + q] } else { 0.0 };
+                    // SAFETY: `base + q * MR + r < tiles * MR * k`, the buffer's length; tasks
+                    // write disjoint tiles.
+                    unsafe { *a.get().add(base + q * MR + r) = v };
+                }
+            }
+        }
+    };
+    let out = super::bf16_gemm::SendPtr(a.as_mut_ptr());
+    if threads <= 1 || tiles < 4 {
+        (0..tiles).for_each(|t| one(t, out));
+    } else {
+        let per = tiles.div_ceil(2 * threads);
+        let one = &one;
+        rayon::scope(|s| {
+            for t0 in (0..tiles).step_by(per) {
+                s.spawn(move |_| (t0..(t0 + per).min(tiles)).for_each(|t| one(t, out)));
+            }
+        });
+    }
+}
+
+/// One tile: the `[kc][MR]` packed rows `a` against the panel block `b` (`[kc][NR]`), into the
+/// first `rows` rows and `cols` columns of `c` (stride `ldc`), added to what `c` holds unless
+/// `first`.
+///
+/// # Safety
+/// `a` and `b` hold `kc` features; `c` holds the rows and columns written; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel(
+    a: *const f32,
+    b: *const f32,
+    kc: usize,
+    (c, ldc): (*mut f32, usize),
+    (rows, cols): (usize, usize),
+    first: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for q in 0..kc {
+        let b0 = _mm512_loadu_ps(b.add(q * NR));
+        let b1 = _mm512_loadu_ps(b.add(q * NR + 16));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*a.add(q * MR + r));
+            acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+        }
+    }
+    let mask = |n: usize| -> __mmask16 { ((1u32 << n) - 1) as __mmask16 };
+    let masks = [mask(cols.min(16)), mask(cols.saturating_sub(16))];
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let cr = c.add(r * ldc);
+        for (h, (&v, &mk)) in acc.iter().zip(&masks).enumerate() {
+            let at = cr.add(16 * h);
+            let v = if first {
+                v
+            } else {
+                _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, at))
+            };
+            _mm512_mask_storeu_ps(at, mk, v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(
+    _: *const f32,
+    _: *const f32,
+    _: usize,
+    _: (*mut f32, usize),
+    _: (usize, usize),
+    _: bool,
+) {
+    unreachable!("the f32 kernel runs on x86_64 only")
+}
+
+/// A linear layer `x W^T + bias`, then the GELU where `gelu` is set, on a packed f32 weight: `x`
+/// `[m, k]` on the CPU (f32 after conversion), `bias` `[n]`; `[m, n]` f32. No backward.
+pub fn linear(
+    w: &PackedF32,
+    x: &candle_core::Tensor,
+    bias: Option<&candle_core::Tensor>,
+    gelu: bool,
+) -> candle_core::Result<candle_core::Tensor> {
+    let (m, k) = x.dims2()?;
+    if k != w.k {
+        candle_core::bail!("f32 linear: input has {k} features, the weight {}", w.k);
+    }
+    let bias = super::bf16_gemm::f32_values(bias)?;
+    let epi = Epilogue {
+        bias: bias.as_deref(),
+        gelu,
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let c = super::bf16_gemm::on_f32_rows(x, |x| {
+        let mut c = Vec::with_capacity(m * w.n);
+        w.product_then(x, m, &mut c.spare_capacity_mut()[..m * w.n], threads, epi)?;
+        // SAFETY: the product wrote all `m * n` values.
+        unsafe { c.set_len(m * w.n) };
+        Ok(c)
+    })?;
+    candle_core::Tensor::from_vec(c, (m, w.n), &candle_core::Device::Cpu)
+}

@@ -9,10 +9,10 @@
 //! panel's two vectors loaded once a feature for 12 broadcast FMAs.
 //!
 //! Layouts. The weight `[n, k]` is packed at load into panels of [`NR`] output columns, each panel
-//! `[k][NR]` (zero past `n`). A product copies each block of up to [`MC`] rows of activations into
-//! tiles of [`MR`] rows, feature-major within a block of [`KC`] features (`[KC][MR]`, rows past
+//! `[k][NR]` (zero past `n`). A product copies each block of up to `MC` rows of activations into
+//! tiles of `MR` rows, feature-major within a block of `KC` features (`[KC][MR]`, rows past
 //! `m` zero), once, in a per-thread buffer kept from product to product. The output's column
-//! panels are split into groups of [`GROUP`] over candle's threads (dynamic tasks); a group's
+//! panels are split into groups of `GROUP` over candle's threads (dynamic tasks); a group's
 //! output block (`MC x GROUP x NR` f32: 384 KB) stays in L2 across the blocks of features, with
 //! the block of packed rows (`MC x KC`: 768 KB) that streams past each panel's block (`KC x NR`:
 //! 32 KB), which stays in L1 (streaming the panels past a tile in L1 instead measured no faster).
@@ -103,17 +103,21 @@ impl std::fmt::Debug for PackedF32 {
 }
 
 impl PackedF32 {
-    /// Packs the row-major values of `w [n, k]`, panels over candle's threads (each panel written
-    /// in order, its columns read as 32 streams).
+    /// Packs the row-major values of `w [n, k]`.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_with(n, k, |c, j| w[c * k + j])
+    }
+
+    /// Packs a weight `[n, k]` whose element `(c, j)` is `get(c, j)`, panels over candle's threads
+    /// where it is large (each panel written in order).
+    fn pack_with(n: usize, k: usize, get: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         use rayon::prelude::*;
         let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
         let one = |(p, panel): (usize, &mut [f32])| {
             let cols = NR.min(n - p * NR);
-            let rows = &w[p * NR * k..(p * NR + cols) * k];
             for (j, out) in panel.chunks_exact_mut(NR).enumerate() {
                 for (c, v) in out.iter_mut().take(cols).enumerate() {
-                    *v = rows[c * k + j];
+                    *v = get(p * NR + c, j);
                 }
             }
         };
@@ -265,22 +269,30 @@ impl PackedF32 {
     }
 }
 
-/// Copies `mc` rows of `x` (`[mc, k]`) into tiles of [`MR`] rows, each block of [`KC`] features
+/// Copies `mc` rows of `x` (`[mc, k]`) into tiles of `MR` rows, each block of `KC` features
 /// feature-major (`[kc][MR]`; block `q0` starts at `q0 * tiles * MR`, its tile `t` at `t * kc *
 /// MR` within it), rows past `mc` zero; over `threads` threads by tiles.
 fn pack_rows(x: &[f32], mc: usize, k: usize, a: &mut [f32], threads: usize) {
     let tiles = mc.div_ceil(MR);
     let one = |t: usize, a: super::bf16_gemm::SendPtr| {
+        let rows = MR.min(mc - t * MR);
         for q0 in (0..k).step_by(KC) {
             let kc = KC.min(k - q0);
             let base = q0 * tiles * MR + t * kc * MR;
-            for r in 0..MR {
-                let row = t * MR + r;
-                for q in 0..kc {
-                    let v = if row < mc { x[row * k + q0 + q] } else { 0.0 };
-                    // SAFETY: `base + q * MR + r < tiles * MR * k`, the buffer's length; tasks
-                    // write disjoint tiles.
-                    unsafe { *a.get().add(base + q * MR + r) = v };
+            // SAFETY: the tile's block is `kc * MR` values from `base`, inside the buffer
+            // (`tiles * MR * k` values); tasks write disjoint tiles.
+            let dst = unsafe { std::slice::from_raw_parts_mut(a.get().add(base), kc * MR) };
+            if rows < MR {
+                dst.fill(0.0);
+            }
+            // Feature-major writes, one feature's row values after another (12 read streams).
+            let src: [&[f32]; MR] = std::array::from_fn(|r| {
+                let row = t * MR + r.min(rows - 1);
+                &x[row * k + q0..row * k + q0 + kc]
+            });
+            for (q, out) in dst.chunks_exact_mut(MR).enumerate() {
+                for (o, s) in out.iter_mut().zip(&src).take(rows) {
+                    *o = s[q];
                 }
             }
         }

@@ -26,7 +26,8 @@ pub fn amx_hint() -> Option<String> {
 /// products (weights packed at load) measured faster than the default kernels
 /// (docs/benchmarks.md; [`f32_hint_for`]). `None` elsewhere.
 pub fn f32_hint() -> Option<String> {
-    if !matches!(state(), State::Off) {
+    // Where the layers' f32 kernel runs, oneDNN's f32 calls measured level with it: no hint.
+    if !matches!(state(), State::Off) || crate::nn::f32_gemm::available() {
         return None;
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

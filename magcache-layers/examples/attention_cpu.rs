@@ -1,4 +1,5 @@
-//! Time of the fused CPU attention at a transformer's shapes: f32 (gemm), bf16 on the layers' kernel
+//! Time of the fused CPU attention at a transformer's shapes: f32 (gemm, and the layers' f32
+//! kernel alternated with it where that runs), bf16 on the layers' kernel
 //! where the CPU has AVX512-BF16, and bf16 on oneDNN where
 //! `MAGCACHE_ONEDNN` names a `libdnnl.so.3` with a bf16 product (AMX's path), median of ROUNDS, on
 //! candle's threads.
@@ -46,10 +47,30 @@ fn main() -> magcache_core::Result<()> {
     let only_onednn = std::env::var("ATTENTION_CPU_ONLY").as_deref() == Ok("onednn");
     let f32_s = match only_onednn {
         true => f64::NAN,
+        false if nn::f32_gemm::available() => {
+            // The f32 kernel's attention and gemm's, alternated in each round.
+            let (mut ours, mut gemm) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let start = Instant::now();
+                drop(nn::attention(&q, &k, &v)?);
+                ours.push(start.elapsed().as_secs_f64());
+                let start = Instant::now();
+                drop(nn::attention_on_gemm(&q, &k, &v)?);
+                gemm.push(start.elapsed().as_secs_f64());
+            }
+            let ms = |t: &[f64]| -> String {
+                let v: Vec<String> = t.iter().map(|x| format!("{:.1}", x * 1e3)).collect();
+                v.join(", ")
+            };
+            println!("f32 on the f32 kernel: {} ms", ms(&ours));
+            println!("f32 (gemm): {} ms", ms(&gemm));
+            ours.sort_by(f64::total_cmp);
+            ours[rounds / 2]
+        }
         false => median(&|| nn::attention(&q, &k, &v))?,
     };
     if !only_onednn {
-        println!("f32 (gemm): {:.1} ms", f32_s * 1e3);
+        println!("f32: median {:.1} ms", f32_s * 1e3);
     }
     // `attention_as` takes oneDNN instead where it runs bf16 products (AMX, MAGCACHE_ONEDNN_BF16=on).
     if nn::bf16_gemm::available() && !onednn::bf16_products() && !only_onednn {

@@ -202,6 +202,22 @@ unsafe impl GlobalAlloc for LineAlloc {
     }
 }
 
+/// A fresh vector of `len` f32 values that `fill` writes whole, not zeroed first (a product's
+/// output, up to 167 MB, written before it is read).
+///
+/// # Safety
+/// Where `fill` returns `Ok` it has written every one of the `len` values it is handed.
+pub(crate) unsafe fn written(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]) -> candle_core::Result<()>,
+) -> candle_core::Result<Vec<f32>> {
+    let mut c = Vec::with_capacity(len);
+    fill(&mut c.spare_capacity_mut()[..len])?;
+    // SAFETY: `fill` wrote all `len` values (the caller's promise).
+    unsafe { c.set_len(len) };
+    Ok(c)
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;

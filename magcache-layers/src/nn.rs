@@ -163,8 +163,8 @@ pub(crate) use attention::cpu_task_scores;
 #[cfg(test)]
 pub use attention::max_abs_diff;
 pub use attention::{
-    attention, attention_as, attention_in_chunks, attention_onednn, attention_onednn_blocks,
-    OneDnnBlocks, ATTENTION_SCORE_BUDGET, ONEDNN_KEY_ROWS, QUERY_BLOCK,
+    attention, attention_as, attention_in_chunks, attention_on_gemm, attention_onednn,
+    attention_onednn_blocks, OneDnnBlocks, ATTENTION_SCORE_BUDGET, ONEDNN_KEY_ROWS, QUERY_BLOCK,
 };
 pub use conv::{conv2d_bounded, IM2COL_BUDGET};
 pub use pointwise::{gelu, widen_f32};

@@ -9,6 +9,8 @@ use magcache_core::Result;
 
 #[path = "attention_amx.rs"]
 mod on_amx;
+#[path = "attention_f32.rs"]
+mod on_f32;
 #[path = "attention_onednn.rs"]
 mod on_onednn;
 #[path = "softmax_pairs.rs"]
@@ -112,7 +114,19 @@ pub const QUERY_BLOCK: usize = 128;
 /// head's small product in turn (measured 25-45% below the linear layers' throughput), materialises
 /// `[B, H, S, L]` scores and passes over them three times; candle's CPU flash attention was slower
 /// still (see [`attention`]).
+/// Where the layers' f32 kernel runs (`super::f32_gemm::available`: Intel's AVX-512 CPUs by
+/// default) both products run on it instead (`attention_f32.rs`).
 fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let op = match super::f32_gemm::available() {
+        true => CpuAttention::F32Kernel,
+        false => CpuAttention::F32,
+    };
+    fused(q, k, v, op)
+}
+
+/// [`attention`]'s fused f32 CPU path with both products on candle's gemm whatever the CPU (the
+/// benchmarks' comparison with the f32 kernel's): `q`, `k`, `v` f32 on the CPU.
+pub fn attention_on_gemm(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     fused(q, k, v, CpuAttention::F32)
 }
 
@@ -130,6 +144,8 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, op: CpuAttention) -> Result<Tensor>
 enum CpuAttention {
     /// gemm's f32.
     F32,
+    /// The layers' f32 kernel ([`super::f32_gemm`]), blocks of keys, the scores transposed.
+    F32Kernel,
     /// The layers' AVX512-BF16 kernel ([`super::bf16_gemm`]).
     Bf16Kernel,
     /// oneDNN's bf16 product (AMX's tiles where the CPU has them), in these blocks.
@@ -174,6 +190,12 @@ impl candle_core::CustomOp3 for CpuAttention {
         if out.is_empty() || l == 0 {
             return Ok((F32(out), l1.shape().clone()));
         }
+        let threads = candle_core::utils::get_num_threads().max(1);
+        if let CpuAttention::F32Kernel = self {
+            let io = Io { q, k, v, s, l, d };
+            on_f32_heads(io, &mut out, threads)?;
+            return Ok((F32(out), l1.shape().clone()));
+        }
         let bf16 = matches!(self, CpuAttention::Bf16Kernel);
         // On AMX's tiles a task takes fewer queries: its blocks of keys stay in L2 (`on_amx`).
         let amx = bf16 && super::bf16_gemm::amx::usable();
@@ -183,7 +205,6 @@ impl candle_core::CustomOp3 for CpuAttention {
             QUERY_BLOCK
         }
         .min(s);
-        let threads = candle_core::utils::get_num_threads().max(1);
         if let CpuAttention::OneDnn(dnnl, blocks) = *self {
             let io = Io { q, k, v, s, l, d };
             onednn_heads(io, &mut out, (dnnl, blocks), threads)?;
@@ -202,6 +223,13 @@ impl candle_core::CustomOp3 for CpuAttention {
                     heads,
                     (l, d),
                     threads,
+                    |ks, vs| {
+                        use super::bf16_gemm::PackedBf16;
+                        (
+                            PackedBf16::pack_f32(ks, l, d),
+                            PackedBf16::pack_f32_transposed(vs, l, d),
+                        )
+                    },
                 ))
             } else {
                 None
@@ -269,6 +297,35 @@ fn query_blocks(
         Ok(Some(e)) => Err(e),
         _ => Ok(()),
     }
+}
+
+/// All heads on the f32 kernel (`out` `[BH, s, d]`), [`on_f32::QUERIES`] queries a task, the
+/// heads a group at a time (each group's keys and values packed first, over the threads).
+fn on_f32_heads(io: Io<'_>, out: &mut [f32], threads: usize) -> candle_core::Result<()> {
+    let Io { q, k, v, s, l, d } = io;
+    let group = 2 * threads;
+    for (g, group_out) in out.chunks_mut(group * s * d).enumerate() {
+        let first = g * group;
+        let heads = group_out.len() / (s * d);
+        let span = first * l * d..(first + heads) * l * d;
+        let packed = pack_heads(
+            (&k[span.clone()], &v[span]),
+            heads,
+            (l, d),
+            threads,
+            |ks, vs| on_f32::PackedHead::pack(ks, vs, l, d),
+        );
+        let qb = on_f32::QUERIES.min(s);
+        query_blocks(group_out, (s, 0, d, qb), threads, |i, q0, o, _| {
+            let (bh, rows) = (first + i, o.len() / d);
+            let qs = &q[(bh * s + q0) * d..(bh * s + q0 + rows) * d];
+            match on_f32::attend_rows_f32(qs, &packed[i], o, rows) {
+                true => Ok(()),
+                false => candle_core::bail!("cpu attention: the f32 kernel needs AVX-512F"),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// The heads from `first` whose outputs are `out` (`[heads, s, d]`): one task per block of `qb`
@@ -379,25 +436,19 @@ fn divide_rows(o: &mut [f32], d: usize, sums: &[f32]) {
     }
 }
 
-/// Each of `heads` heads' keys `[l, d]` and transposed values `[d, l]` packed for the bf16 kernel,
-/// over `threads` threads (`k` and `v` hold those heads only).
-fn pack_heads(
+/// `pack(keys, values)` of each of `heads` heads (`[l, d]` each), over `threads` threads (`k` and
+/// `v` hold those heads only).
+fn pack_heads<T: Send>(
     (k, v): (&[f32], &[f32]),
     heads: usize,
     (l, d): (usize, usize),
     threads: usize,
-) -> Vec<(super::bf16_gemm::PackedBf16, super::bf16_gemm::PackedBf16)> {
-    use super::bf16_gemm::PackedBf16;
+    pack: impl Fn(&[f32], &[f32]) -> T + Sync,
+) -> Vec<T> {
     use rayon::prelude::*;
     let one = |i: usize| {
-        let (ks, vs) = (
-            &k[i * l * d..(i + 1) * l * d],
-            &v[i * l * d..(i + 1) * l * d],
-        );
-        (
-            PackedBf16::pack_f32(ks, l, d),
-            PackedBf16::pack_f32_transposed(vs, l, d),
-        )
+        let span = i * l * d..(i + 1) * l * d;
+        pack(&k[span.clone()], &v[span])
     };
     let per = heads.div_ceil(threads.max(1)).max(1);
     (0..heads)

@@ -110,3 +110,73 @@ fn exps_to_pairs_match_f64() {
         }
     }
 }
+
+/// The f32 attention on the layers' f32 kernel (blocks of keys, scores transposed) against the
+/// f64 softmax, at shapes across its blocks: queries off and past a task (96), keys off a tile
+/// (12) and past a block (384), head widths off a panel (32), batch and heads. Skipped with a
+/// note on a CPU without AVX-512F.
+#[test]
+fn f32_kernel_attention_matches_f64() {
+    if !super::super::f32_gemm::cpu_has_avx512() {
+        println!("note: no AVX-512F on this CPU; the f32 kernel's attention is not tested here");
+        return;
+    }
+    for (b, h, s, l, d) in [
+        (1, 2, 97, 385, 128),
+        (2, 1, 30, 13, 40),
+        (1, 1, 1, 1, 4),
+        (1, 3, 200, 800, 64),
+        (1, 1, 96, 12, 33),
+    ] {
+        // Seeded: the same draws on every run.
+        let draw = |seed: u64, rows: usize, scale: f64| {
+            let t = crate::random::randn(seed, &[b, h, rows, d]).unwrap();
+            (t * scale).unwrap()
+        };
+        let (q, k, v) = (draw(1, s, 1.5), draw(2, l, 1.5), draw(3, l, 1.0));
+        let got = fused(&q, &k, &v, CpuAttention::F32Kernel).unwrap();
+        let want = f64_attention(&q, &k, &v);
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(&g, &w)| (g as f64 - w).abs())
+            .fold(0f64, f64::max);
+        assert!(worst < 2e-5, "{b}x{h}x{s}x{l}x{d}: {worst}");
+    }
+}
+
+/// `softmax(q k^T / sqrt(d)) v` in f64, flattened `[B, H, S, D]`.
+fn f64_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Vec<f64> {
+    let (b, h, s, d) = q.dims4().unwrap();
+    let l = k.dim(2).unwrap();
+    let flat = |t: &Tensor| -> Vec<f64> {
+        let t = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        t.into_iter().map(f64::from).collect()
+    };
+    let (q, k, v) = (flat(q), flat(k), flat(v));
+    let mut out = vec![0f64; b * h * s * d];
+    let scale = 1.0 / (d as f64).sqrt();
+    for bh in 0..b * h {
+        for i in 0..s {
+            let qi = &q[(bh * s + i) * d..][..d];
+            let scores: Vec<f64> = (0..l)
+                .map(|j| {
+                    let kj = &k[(bh * l + j) * d..][..d];
+                    qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let exps: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            let o = &mut out[(bh * s + i) * d..][..d];
+            for (j, e) in exps.iter().enumerate() {
+                let vj = &v[(bh * l + j) * d..][..d];
+                for (o, x) in o.iter_mut().zip(vj) {
+                    *o += e / sum * x;
+                }
+            }
+        }
+    }
+    out
+}

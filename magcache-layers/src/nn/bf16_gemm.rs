@@ -537,11 +537,12 @@ pub fn linear(
     let c = on_f32_rows(x, |x| match &w.amx {
         // On AMX the output is written whole before it is read: not zeroed first (167 MB at most).
         Some(t) if m > 0 && w.n > 0 && w.kp > 0 && epi.bias.is_none_or(|b| b.len() == w.n) => {
-            let mut c = Vec::with_capacity(m * w.n);
-            t.product_then(x, m, &mut c.spare_capacity_mut()[..m * w.n], threads, epi);
-            // SAFETY: the product wrote all `m * n` values (`PackedAmx::product_then`).
-            unsafe { c.set_len(m * w.n) };
-            Ok(c)
+            let fill = |c: &mut [std::mem::MaybeUninit<f32>]| {
+                t.product_then(x, m, c, threads, epi);
+                Ok(())
+            };
+            // SAFETY: the product writes all `m * n` values (`PackedAmx::product_then`).
+            unsafe { crate::alloc::written(m * w.n, fill) }
         }
         _ => {
             let mut c = vec![0f32; m * w.n];

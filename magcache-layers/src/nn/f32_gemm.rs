@@ -21,6 +21,9 @@
 //!
 //! Each output value is summed over the features in the same order whatever the threads: runs
 //! are reproducible; they differ from gemm's in the last bits (another order of the sums).
+//!
+//! The f32 attention's two products run on the same micro-kernel where this one runs
+//! (`nn/attention_f32.rs`: the scores transposed, read in place as the second product's rows).
 
 use super::bf16_gemm::Epilogue;
 use std::mem::MaybeUninit;
@@ -29,7 +32,7 @@ use std::sync::OnceLock;
 /// Output columns per panel (two 16-lane accumulators a row).
 pub const NR: usize = 32;
 /// Rows of the micro-kernel.
-const MR: usize = 12;
+pub(super) const MR: usize = 12;
 /// Input features per cache block.
 const KC: usize = 256;
 /// Rows per block of activations: 64 tiles (the output block of a group stays in L2).
@@ -40,7 +43,7 @@ const GROUP: usize = 4;
 /// The variable that turns the kernel on or off.
 pub const ENV: &str = "MAGCACHE_CPU_F32";
 
-/// Whether f32 linear weights are packed for this kernel: `MAGCACHE_CPU_F32=on` on a CPU with
+/// Whether f32 linear weights are packed for this kernel (and the f32 attention runs on it): `MAGCACHE_CPU_F32=on` on a CPU with
 /// AVX-512F, and by default on Intel's CPUs with AVX-512F (where it was measured: 1.1-1.4x gemm's
 /// products; AMD's Zen 4 and 5 ran gemm at MKL's rate, so gemm stays there unless `on`).
 pub fn available() -> bool {
@@ -259,7 +262,7 @@ impl PackedF32 {
                     let rows = MR.min(mc - t * MR);
                     let at = a.as_ptr().add(q0 * tiles * MR + t * kc * MR);
                     let ct = c.add((m0 + t * MR) * n + p * NR);
-                    kernel(at, b, kc, (ct, n), (rows, cols), q0 == 0);
+                    kernel((at, MR), b, kc, (ct, n), (rows, cols), q0 == 0);
                     if last && (epi.bias.is_some() || epi.gelu) {
                         epi.apply(ct, (rows, n), p * NR, cols);
                     }
@@ -311,16 +314,16 @@ fn pack_rows(x: &[f32], mc: usize, k: usize, a: &mut [f32], threads: usize) {
     }
 }
 
-/// One tile: the `[kc][MR]` packed rows `a` against the panel block `b` (`[kc][NR]`), into the
-/// first `rows` rows and `cols` columns of `c` (stride `ldc`), added to what `c` holds unless
-/// `first`.
+/// One tile: the packed rows `a` (feature `q`'s `MR` row values at `a + q * lda`) against the
+/// panel block `b` (`[kc][NR]`), into the first `rows` rows and `cols` columns of `c` (stride
+/// `ldc`), added to what `c` holds unless `first`. All `MR` rows are read whatever `rows`.
 ///
 /// # Safety
 /// `a` and `b` hold `kc` features; `c` holds the rows and columns written; the CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(
-    a: *const f32,
+pub(super) unsafe fn kernel(
+    (a, lda): (*const f32, usize),
     b: *const f32,
     kc: usize,
     (c, ldc): (*mut f32, usize),
@@ -333,7 +336,7 @@ unsafe fn kernel(
         let b0 = _mm512_loadu_ps(b.add(q * NR));
         let b1 = _mm512_loadu_ps(b.add(q * NR + 16));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*a.add(q * MR + r));
+            let av = _mm512_set1_ps(*a.add(q * lda + r));
             acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
             acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
         }
@@ -355,8 +358,8 @@ unsafe fn kernel(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(
-    _: *const f32,
+pub(super) unsafe fn kernel(
+    _: (*const f32, usize),
     _: *const f32,
     _: usize,
     _: (*mut f32, usize),
@@ -385,11 +388,8 @@ pub fn linear(
     };
     let threads = candle_core::utils::get_num_threads();
     let c = super::bf16_gemm::on_f32_rows(x, |x| {
-        let mut c = Vec::with_capacity(m * w.n);
-        w.product_then(x, m, &mut c.spare_capacity_mut()[..m * w.n], threads, epi)?;
-        // SAFETY: the product wrote all `m * n` values.
-        unsafe { c.set_len(m * w.n) };
-        Ok(c)
+        // SAFETY: the product writes all `m * n` values where it returns `Ok`.
+        unsafe { crate::alloc::written(m * w.n, |c| w.product_then(x, m, c, threads, epi)) }
     })?;
     candle_core::Tensor::from_vec(c, (m, w.n), &candle_core::Device::Cpu)
 }

@@ -489,28 +489,25 @@ impl Linear {
                 }
             }
         }
-        if let Weight::F32(w) = &self.wt {
-            if x.device().is_cpu() && x.rank() >= 1 && !differentiable() {
-                // As the bf16 kernel's below: the bias and the GELU on each output tile.
-                let (x2, dims) = as_rows(x, w.n())?;
-                let hidden = {
-                    let _timer = timing::Timer::linear(true);
-                    f32_gemm::linear(w, &x2, self.bias.as_ref(), true)?
-                };
-                return next.forward(&hidden.reshape(dims)?);
-            }
-        }
-        if let Weight::Bf16(w) = &self.wt {
-            if x.device().is_cpu() && x.rank() >= 1 && !differentiable() {
-                // On the layers' bf16 kernel the bias and the GELU run on each output tile as the
-                // product leaves it (the same bits as the passes they replace).
-                let (x2, dims) = as_rows(x, w.n())?;
-                let hidden = {
-                    let _timer = timing::Timer::linear(true);
-                    bf16_gemm::linear(w, &x2, self.bias.as_ref(), true)?
-                };
-                return next.forward(&hidden.reshape(dims)?);
-            }
+        let kernel_n = match &self.wt {
+            Weight::F32(w) => Some(w.n()),
+            Weight::Bf16(w) => Some(w.n()),
+            _ => None,
+        };
+        let on_kernel = x.device().is_cpu() && x.rank() >= 1 && !differentiable();
+        if let Some(n) = kernel_n.filter(|_| on_kernel) {
+            // On the layers' kernels (f32 and bf16) the bias and the GELU run on each output tile
+            // as the product leaves it (the same bits as the passes they replace).
+            let (x2, dims) = as_rows(x, n)?;
+            let hidden = {
+                let _timer = timing::Timer::linear(true);
+                match &self.wt {
+                    Weight::F32(w) => f32_gemm::linear(w, &x2, self.bias.as_ref(), true)?,
+                    Weight::Bf16(w) => bf16_gemm::linear(w, &x2, self.bias.as_ref(), true)?,
+                    _ => gelu(&self.forward(&x2)?)?,
+                }
+            };
+            return next.forward(&hidden.reshape(dims)?);
         }
         next.forward(&gelu(&self.forward(x)?)?)
     }

@@ -145,7 +145,7 @@ pub(super) unsafe fn exps_row_f32(x: *mut f32, n: usize, m: f32) -> f32 {
 /// stays a NaN).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn exp16(z: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+pub(super) fn exp16(z: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     const ROUND: f32 = 12_582_912.0;
     let c = _mm512_set1_ps;

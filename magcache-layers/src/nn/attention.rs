@@ -114,6 +114,7 @@ pub const QUERY_BLOCK: usize = 128;
 /// head's small product in turn (measured 25-45% below the linear layers' throughput), materialises
 /// `[B, H, S, L]` scores and passes over them three times; candle's CPU flash attention was slower
 /// still (see [`attention`]).
+///
 /// Where the layers' f32 kernel runs (`super::f32_gemm::available`: Intel's AVX-512 CPUs by
 /// default) both products run on it instead (`attention_f32.rs`).
 fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {

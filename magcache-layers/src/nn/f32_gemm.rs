@@ -45,7 +45,8 @@ pub const ENV: &str = "MAGCACHE_CPU_F32";
 
 /// Whether f32 linear weights are packed for this kernel (and the f32 attention runs on it):
 /// `MAGCACHE_CPU_F32=on` on a CPU with AVX-512F, and by default on Intel's CPUs with AVX-512F
-/// (where it was measured: 1.1-1.4x gemm's products; AMD's Zen 4 and 5 ran gemm at MKL's rate, so gemm stays there unless `on`).
+/// (where it was measured: 1.1-1.4x gemm's products; AMD's Zen 4 and 5 ran gemm at MKL's rate,
+/// so gemm stays there unless `on`).
 pub fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {

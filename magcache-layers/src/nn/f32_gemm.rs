@@ -6,16 +6,22 @@
 //! product and blocks for its own shapes; oneDNN (`MAGCACHE_ONEDNN`, which still takes precedence
 //! where set) is a system library the default build may not require. One micro-kernel: 12 rows of
 //! activations by a panel of 32 output columns, 24 accumulators of the 32 vector registers, the
-//! panel's two vectors loaded once a feature for 12 broadcast FMAs.
+//! panel's two vectors loaded once a feature for 12 rows' FMAs, each taking its row's value as a
+//! broadcast memory operand (the loop in `asm!`: the compiler broadcasts into a register first,
+//! one instruction more a row, and measured slower).
 //!
 //! Layouts. The weight `[n, k]` is packed at load into panels of [`NR`] output columns, each panel
 //! `[k][NR]` (zero past `n`). A product copies each block of up to `MC` rows of activations into
 //! tiles of `MR` rows, feature-major within a block of `KC` features (`[KC][MR]`, rows past
-//! `m` zero), once, in a per-thread buffer kept from product to product. The output's column
-//! panels are split into groups of `GROUP` over candle's threads (dynamic tasks); a group's
-//! output block (`MC x GROUP x NR` f32: 384 KB) stays in L2 across the blocks of features, with
-//! the block of packed rows (`MC x KC`: 768 KB) that streams past each panel's block (`KC x NR`:
-//! 32 KB), which stays in L1 (streaming the panels past a tile in L1 instead measured no faster).
+//! `m` zero), once, in a per-thread buffer kept from product to product. Each group of `GROUP`
+//! panels then runs against the block: its output block (`MC x GROUP x NR` f32: 384 KB) stays in
+//! L2 across the blocks of features, with the block of packed rows (`MC x KC`: 768 KB) that
+//! streams past each panel's block (`KC x NR`: 32 KB), which stays in L1 (streaming the panels
+//! past a tile in L1 instead measured no faster). Threads: where the rows make at least
+//! `MIN_TASKS` tasks of up to `TASK_TILES` tiles a thread (about 3 000 rows on two threads), the
+//! rows are split between them, each task packing its own rows and running all the panels
+//! against them with no wait on another thread; fewer rows split each block's groups of panels
+//! between the threads (more, smaller tasks, which balance a busy host's stalls better).
 //! A linear layer's bias, and a feed-forward's GELU, run on each output tile after its last block
 //! of features ([`Epilogue`], as the bf16 kernel does).
 //!
@@ -33,12 +39,19 @@ use std::sync::OnceLock;
 pub const NR: usize = 32;
 /// Rows of the micro-kernel.
 pub(super) const MR: usize = 12;
+// The kernel's `asm!` names one register pair per row.
+const _: () = assert!(MR == 12);
 /// Input features per cache block.
 const KC: usize = 256;
 /// Rows per block of activations: 64 tiles (the output block of a group stays in L2).
 const MC: usize = 64 * MR;
 /// Column panels per task.
 const GROUP: usize = 4;
+/// Most tiles of rows per task where rows are split between threads.
+const TASK_TILES: usize = 32;
+/// Fewest tasks a thread for rows to be split between threads (fewer: columns are, in more
+/// tasks, which a busy host's stalls balance better).
+const MIN_TASKS: usize = 4;
 
 /// The variable that turns the kernel on or off.
 pub const ENV: &str = "MAGCACHE_CPU_F32";
@@ -210,32 +223,67 @@ impl PackedF32 {
             return Ok(());
         }
         let out = super::bf16_gemm::SendPtr(c.as_mut_ptr().cast());
-        for m0 in (0..m).step_by(MC) {
-            let mc = MC.min(m - m0);
-            let tiles = mc.div_ceil(MR);
-            super::bf16_gemm::amx::with_rows(tiles * MR * k, |buf| {
-                // SAFETY: u32 and f32 have one size and alignment; the buffer is only read as f32
-                // after `pack_rows` wrote all of it.
-                let a = unsafe { &mut *(buf as *mut [u32] as *mut [f32]) };
-                pack_rows(&x[m0 * k..(m0 + mc) * k], mc, k, a, threads);
-                let a = &*a;
-                let panels = n.div_ceil(NR);
-                let work = |g: usize| {
-                    let range = g * GROUP..((g + 1) * GROUP).min(panels);
-                    // SAFETY: each task writes the columns of its own panels of rows
-                    // `m0..m0 + mc`; the kernel stays within them (rows and columns masked).
-                    unsafe { self.group(a, (m0, mc), range, out.get(), epi) };
-                };
-                let groups = panels.div_ceil(GROUP);
-                if threads <= 1 || groups <= 1 {
-                    (0..groups).for_each(work);
-                } else {
-                    let work = &work;
-                    rayon::scope(|s| (0..groups).for_each(|g| s.spawn(move |_| work(g))));
+        let tiles = m.div_ceil(MR);
+        let tasks = threads * tiles.div_ceil(threads * TASK_TILES);
+        let per = tiles.div_ceil(tasks.max(1));
+        if threads > 1 && tasks >= MIN_TASKS * threads {
+            // Rows split between threads: each task packs its own rows and runs them against
+            // every panel, no thread waiting for another's packing or block of rows.
+            let task = |t: usize| {
+                let m0 = t * per * MR;
+                if m0 < m {
+                    // SAFETY: tasks write disjoint rows, all their columns.
+                    unsafe { self.rows(x, (m0, (per * MR).min(m - m0)), out, epi, 1) };
                 }
-            });
+            };
+            let task = &task;
+            rayon::scope(|s| (0..tasks).for_each(|t| s.spawn(move |_| task(t))));
+            return Ok(());
+        }
+        for m0 in (0..m).step_by(MC) {
+            // SAFETY: one call at a time, for rows `m0..m0 + mc` of the output.
+            unsafe { self.rows(x, (m0, MC.min(m - m0)), out, epi, threads) };
         }
         Ok(())
+    }
+
+    /// Rows `m0..m0 + mc` of the output: the rows packed once, then each group of panels against
+    /// them (tasks over `threads`).
+    ///
+    /// # Safety
+    /// `out` is the `[m, n]` output, `x` the `[m, k]` input, `m0 + mc <= m`; no other thread
+    /// writes these rows; the CPU has AVX-512F.
+    unsafe fn rows(
+        &self,
+        x: &[f32],
+        (m0, mc): (usize, usize),
+        out: super::bf16_gemm::SendPtr,
+        epi: Epilogue<'_>,
+        threads: usize,
+    ) {
+        let k = self.k;
+        let panels = self.n.div_ceil(NR);
+        let groups = 0..panels.div_ceil(GROUP);
+        let tiles = mc.div_ceil(MR);
+        super::bf16_gemm::amx::with_rows(tiles * MR * k, |buf| {
+            // SAFETY: u32 and f32 have one size and alignment; the buffer is only read as f32
+            // after `pack_rows` wrote all of it.
+            let a = unsafe { &mut *(buf as *mut [u32] as *mut [f32]) };
+            pack_rows(&x[m0 * k..(m0 + mc) * k], mc, k, a, threads);
+            let a = &*a;
+            let work = |g: usize| {
+                let range = g * GROUP..((g + 1) * GROUP).min(panels);
+                // SAFETY: each task writes the columns of its own panels of rows `m0..m0 +
+                // mc`; the kernel stays within them (rows and columns masked).
+                unsafe { self.group(a, (m0, mc), range, out.get(), epi) };
+            };
+            if threads <= 1 || groups.len() <= 1 {
+                groups.for_each(work);
+            } else {
+                let work = &work;
+                rayon::scope(|s| groups.for_each(|g| s.spawn(move |_| work(g))));
+            }
+        });
     }
 
     /// Panels `range` of rows `m0..m0 + mc` of the output `c`, from the packed rows `a`.
@@ -333,14 +381,65 @@ pub(super) unsafe fn kernel(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for q in 0..kc {
-        let b0 = _mm512_loadu_ps(b.add(q * NR));
-        let b1 = _mm512_loadu_ps(b.add(q * NR + 16));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*a.add(q * lda + r));
-            acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
-        }
+    if kc > 0 {
+        // The loop is in `asm!` for a form the compiler does not choose: each FMA takes its
+        // row's value as a broadcast memory operand (`{1to16}`) where the compiler broadcasts it
+        // into a register for the row's two FMAs; one instruction fewer a row, and the kernel
+        // ran 1.06-1.09x faster in cache (docs/benchmarks.md, 2026-11-29).
+        // SAFETY: reads `kc` features of `a` (`MR` values at `a + q * lda`) and `kc * NR` values
+        // of `b`, which the caller guarantees; writes only the named registers; `kc > 0`.
+        std::arch::asm!(
+            "2:",
+            "vmovups zmm24, [{b}]",
+            "vmovups zmm25, [{b} + 64]",
+            "vfmadd231ps zmm0, zmm24, dword ptr [{a}]{{1to16}}",
+            "vfmadd231ps zmm1, zmm25, dword ptr [{a}]{{1to16}}",
+            "vfmadd231ps zmm2, zmm24, dword ptr [{a} + 4]{{1to16}}",
+            "vfmadd231ps zmm3, zmm25, dword ptr [{a} + 4]{{1to16}}",
+            "vfmadd231ps zmm4, zmm24, dword ptr [{a} + 8]{{1to16}}",
+            "vfmadd231ps zmm5, zmm25, dword ptr [{a} + 8]{{1to16}}",
+            "vfmadd231ps zmm6, zmm24, dword ptr [{a} + 12]{{1to16}}",
+            "vfmadd231ps zmm7, zmm25, dword ptr [{a} + 12]{{1to16}}",
+            "vfmadd231ps zmm8, zmm24, dword ptr [{a} + 16]{{1to16}}",
+            "vfmadd231ps zmm9, zmm25, dword ptr [{a} + 16]{{1to16}}",
+            "vfmadd231ps zmm10, zmm24, dword ptr [{a} + 20]{{1to16}}",
+            "vfmadd231ps zmm11, zmm25, dword ptr [{a} + 20]{{1to16}}",
+            "vfmadd231ps zmm12, zmm24, dword ptr [{a} + 24]{{1to16}}",
+            "vfmadd231ps zmm13, zmm25, dword ptr [{a} + 24]{{1to16}}",
+            "vfmadd231ps zmm14, zmm24, dword ptr [{a} + 28]{{1to16}}",
+            "vfmadd231ps zmm15, zmm25, dword ptr [{a} + 28]{{1to16}}",
+            "vfmadd231ps zmm16, zmm24, dword ptr [{a} + 32]{{1to16}}",
+            "vfmadd231ps zmm17, zmm25, dword ptr [{a} + 32]{{1to16}}",
+            "vfmadd231ps zmm18, zmm24, dword ptr [{a} + 36]{{1to16}}",
+            "vfmadd231ps zmm19, zmm25, dword ptr [{a} + 36]{{1to16}}",
+            "vfmadd231ps zmm20, zmm24, dword ptr [{a} + 40]{{1to16}}",
+            "vfmadd231ps zmm21, zmm25, dword ptr [{a} + 40]{{1to16}}",
+            "vfmadd231ps zmm22, zmm24, dword ptr [{a} + 44]{{1to16}}",
+            "vfmadd231ps zmm23, zmm25, dword ptr [{a} + 44]{{1to16}}",
+            "add {a}, {lda}",
+            "sub {b}, -128",
+            "dec {n}",
+            "jnz 2b",
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            n = inout(reg) kc => _,
+            lda = in(reg) lda * 4,
+            inout("zmm0") acc[0][0], inout("zmm1") acc[0][1],
+            inout("zmm2") acc[1][0], inout("zmm3") acc[1][1],
+            inout("zmm4") acc[2][0], inout("zmm5") acc[2][1],
+            inout("zmm6") acc[3][0], inout("zmm7") acc[3][1],
+            inout("zmm8") acc[4][0], inout("zmm9") acc[4][1],
+            inout("zmm10") acc[5][0], inout("zmm11") acc[5][1],
+            inout("zmm12") acc[6][0], inout("zmm13") acc[6][1],
+            inout("zmm14") acc[7][0], inout("zmm15") acc[7][1],
+            inout("zmm16") acc[8][0], inout("zmm17") acc[8][1],
+            inout("zmm18") acc[9][0], inout("zmm19") acc[9][1],
+            inout("zmm20") acc[10][0], inout("zmm21") acc[10][1],
+            inout("zmm22") acc[11][0], inout("zmm23") acc[11][1],
+            out("zmm24") _,
+            out("zmm25") _,
+            options(nostack, readonly),
+        );
     }
     let mask = |n: usize| -> __mmask16 { ((1u32 << n) - 1) as __mmask16 };
     let masks = [mask(cols.min(16)), mask(cols.saturating_sub(16))];

@@ -76,8 +76,7 @@ fn gen(len: usize, s: u32) -> Vec<f32> {
 }
 
 /// Past one block of rows (768), several groups of panels (128 columns) and blocks of features
-/// (256), with a tail in each; on two and three threads the rows are split in tasks of 17 and 22
-/// tiles of 12 rows, the last one short.
+/// (256), with a tail in each; on two and three threads the panels are split between them.
 #[test]
 fn blocked_shapes_match_f64() {
     if skip() {
@@ -85,6 +84,17 @@ fn blocked_shapes_match_f64() {
     }
     let (m, n, k) = (781, 291, 533);
     check(&gen(m * k, 7), &gen(n * k, 11), m, n, k).unwrap();
+}
+
+/// Rows enough (2 413: 202 tiles of 12) for two threads to split them, in 8 tasks of 26 tiles
+/// (the last one 20, its last tile short), each packing its own rows.
+#[test]
+fn rows_split_between_threads_match_f64() {
+    if skip() {
+        return;
+    }
+    let (m, n, k) = (2413, 67, 300);
+    check(&gen(m * k, 5), &gen(n * k, 13), m, n, k).unwrap();
 }
 
 /// The bias and the GELU on each output tile give the bits of the passes they replace (the

@@ -18,7 +18,7 @@
 //! L2 across the blocks of features, with the block of packed rows (`MC x KC`: 768 KB) that
 //! streams past each panel's block (`KC x NR`: 32 KB), which stays in L1 (streaming the panels
 //! past a tile in L1 instead measured no faster). Threads: where the rows make at least
-//! `MIN_TASKS` tasks of up to `TASK_TILES` tiles a thread (about 3 000 rows on two threads), the
+//! `MIN_TASKS` tasks of up to `TASK_TILES` tiles a thread (over 2 304 rows on two threads), the
 //! rows are split between them, each task packing its own rows and running all the panels
 //! against them with no wait on another thread; fewer rows split each block's groups of panels
 //! between the threads (more, smaller tasks, which balance a busy host's stalls better).

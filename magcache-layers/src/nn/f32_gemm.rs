@@ -11,17 +11,18 @@
 //! one instruction more a row, and measured slower).
 //!
 //! Layouts. The weight `[n, k]` is packed at load into panels of [`NR`] output columns, each panel
-//! `[k][NR]` (zero past `n`). A product copies each block of up to `MC` rows of activations into
-//! tiles of `MR` rows, feature-major within a block of `KC` features (`[KC][MR]`, rows past
-//! `m` zero), once, in a per-thread buffer kept from product to product. Each group of `GROUP`
-//! panels then runs against the block: its output block (`MC x GROUP x NR` f32: 384 KB) stays in
-//! L2 across the blocks of features, with the block of packed rows (`MC x KC`: 768 KB) that
-//! streams past each panel's block (`KC x NR`: 32 KB), which stays in L1 (streaming the panels
-//! past a tile in L1 instead measured no faster). Threads: where the rows make at least
-//! `MIN_TASKS` tasks of up to `TASK_TILES` tiles a thread (over 2 304 rows on two threads), the
-//! rows are split between them, each task packing its own rows and running all the panels
-//! against them with no wait on another thread; fewer rows split each block's groups of panels
-//! between the threads (more, smaller tasks, which balance a busy host's stalls better).
+//! `[k][NR]` (zero past `n`). A product copies each block of up to `MC` rows of activations (a
+//! task's rows where rows are split between threads, below) into tiles of `MR` rows,
+//! feature-major within a block of `KC` features (`[KC][MR]`, rows past `m` zero), once, in a
+//! per-thread buffer kept from product to product. Each group of `GROUP` panels then runs against
+//! the block: its output block (`MC x GROUP x NR` f32: 384 KB) stays in L2 across the blocks of
+//! features, with the block of packed rows (`MC x KC`: 768 KB) that streams past each panel's
+//! block (`KC x NR`: 32 KB), which stays in L1 (streaming the panels past a tile in L1 instead
+//! measured no faster). Threads: where the rows make at least `MIN_TASKS` tasks of up to
+//! `TASK_TILES` tiles a thread (over 2 304 rows on two threads), the rows are split between them,
+//! each task packing its own rows and running all the panels against them with no wait on
+//! another thread; fewer rows split each block's groups of panels between the threads (more,
+//! smaller tasks, which balance a busy host's stalls better).
 //! A linear layer's bias, and a feed-forward's GELU, run on each output tile after its last block
 //! of features ([`Epilogue`], as the bf16 kernel does).
 //!

@@ -225,20 +225,22 @@ impl PackedF32 {
         }
         let out = super::bf16_gemm::SendPtr(c.as_mut_ptr().cast());
         let tiles = m.div_ceil(MR);
-        let tasks = threads * tiles.div_ceil(threads * TASK_TILES);
-        let per = tiles.div_ceil(tasks.max(1));
+        // Tasks of up to `TASK_TILES` tiles, as many for each thread (0 threads: one).
+        let tasks = threads.max(1) * tiles.div_ceil(threads.max(1) * TASK_TILES);
         if threads > 1 && tasks >= MIN_TASKS * threads {
             // Rows split between threads: each task packs its own rows and runs them against
             // every panel, no thread waiting for another's packing or block of rows.
-            let task = |t: usize| {
-                let m0 = t * per * MR;
-                if m0 < m {
-                    // SAFETY: tasks write disjoint rows, all their columns.
-                    unsafe { self.rows(x, (m0, (per * MR).min(m - m0)), out, epi, 1) };
-                }
+            let per = tiles.div_ceil(tasks) * MR;
+            let task = |m0: usize| {
+                // SAFETY: tasks write disjoint rows, all their columns.
+                unsafe { self.rows(x, (m0, per.min(m - m0)), out, epi, 1) };
             };
             let task = &task;
-            rayon::scope(|s| (0..tasks).for_each(|t| s.spawn(move |_| task(t))));
+            rayon::scope(|s| {
+                (0..m)
+                    .step_by(per)
+                    .for_each(|m0| s.spawn(move |_| task(m0)))
+            });
             return Ok(());
         }
         for m0 in (0..m).step_by(MC) {

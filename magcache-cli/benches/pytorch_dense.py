@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times the dense denoising loop of a magcache run file in the PyTorch reference (diffusers), on CPU,
-in the run file's `model.dtype` (f32, or bf16: weights and inputs in bf16, PyTorch's CPU bf16
-products on oneDNN, as a user's `torch_dtype=torch.bfloat16` runs them): the same architecture (preset + overrides), latent shape, text length, steps and CFG calls.
+in the run file's `model.dtype` (f32, or bf16 or f16: weights and inputs in that dtype, PyTorch's CPU
+bf16 and f16 products on oneDNN, as a user's `torch_dtype=torch.bfloat16` runs them): the same architecture (preset + overrides), latent shape, text length, steps and CFG calls.
 Weights are random (timing does not depend on them). Prints JSON: {"wall_seconds": ..., "calls": ...}.
 
 Usage: python pytorch_dense.py RUN.toml [--threads N]
@@ -34,9 +34,9 @@ cfg = tomllib.load(open(a.config, "rb"))
 m, inp, smp = cfg["model"], cfg.get("inputs", {}), cfg["sampling"]
 over = m.get("overrides", {})
 steps = smp["steps"]
-dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
+dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 if m.get("dtype", "f32") not in dtypes:
-    raise SystemExit(f"{a.config}: model.dtype = {m.get('dtype')!r}: this script times f32 or bf16")
+    raise SystemExit(f"{a.config}: model.dtype = {m.get('dtype')!r}: this script times f32, bf16 or f16")
 dt = dtypes[m.get("dtype", "f32")]
 torch.manual_seed(0)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throughput of one linear layer's product in PyTorch on the CPU, the counterpart of the
 `bf16_gemm` example (`magcache-layers/examples/bf16_gemm.rs`): `torch.nn.functional.linear` of an
-`[M, K]` activation by an `[N, K]` weight, in f32 (MKL) and bf16 (PyTorch's bundled oneDNN), the
+`[M, K]` activation by an `[N, K]` weight, in f32 (MKL), bf16 and f16 (PyTorch's bundled oneDNN), the
 first call of each untimed, then ROUNDS timed calls; prints GFLOP/s per call.
 
 Usage: python pytorch_linear.py [M K N] [--rounds R] [--threads T]
@@ -26,7 +26,7 @@ flop = 2.0 * m * k * n
 print(f"[{m} x {k}] by [{k} x {n}], {torch.get_num_threads()} threads, torch {torch.__version__}")
 x = torch.randn(m, k)
 w = torch.randn(n, k)
-pairs = {"f32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
+pairs = {"f32": (x, w), "bf16": (x.bfloat16(), w.bfloat16()), "f16": (x.half(), w.half())}
 for xs, ws in pairs.values():
     torch.nn.functional.linear(xs, ws)
 for r in range(1, a.rounds + 1):

@@ -1,5 +1,5 @@
 //! Throughput of one linear layer's product on the CPU: candle's f32 matmul (gemm's kernels)
-//! against the layers' f32 kernel (`nn::f32_gemm`, AVX-512F), the bf16 kernel (`nn::bf16_gemm`, AVX512-BF16) and, when `MAGCACHE_ONEDNN` names a
+//! against the layers' f32 kernel (`nn::f32_gemm`, AVX-512F; also on the weight kept in f16), the bf16 kernel (`nn::bf16_gemm`, AVX512-BF16) and, when `MAGCACHE_ONEDNN` names a
 //! `libdnnl.so.3`, oneDNN's f32 product (and its bf16 one where it has one), alternated, on
 //! candle's threads.
 //! `cargo run --release -p magcache-layers --example bf16_gemm -- [M K N] [ROUNDS]`
@@ -47,6 +47,10 @@ fn main() -> candle_core::Result<()> {
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let packed_f32 = f32_gemm::cpu_has_avx512()
         .then(|| f32_gemm::PackedF32::from_tensor(&w))
+        .transpose()?;
+    // The same kernel on the weight kept in f16 (an f16 run's layers).
+    let packed_f16 = f32_gemm::cpu_has_avx512()
+        .then(|| f32_gemm::PackedF32::from_tensor(&w.to_dtype(candle_core::DType::F16)?))
         .transpose()?;
     let dnnl = onednn::check().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     println!(
@@ -116,6 +120,16 @@ fn main() -> candle_core::Result<()> {
             }
             None => "f32 kernel: this CPU has no AVX-512F   ".to_string(),
         };
+        if let Some(p) = &packed_f16 {
+            let t = Instant::now();
+            drop(f32_gemm::linear(p, &x, None, false)?);
+            let s = t.elapsed().as_secs_f64();
+            line += &format!(
+                "f16 weights {:.0} ms ({:.0} GFLOP/s)   ",
+                s * 1e3,
+                flop / s / 1e9
+            );
+        }
         line += &match &packed {
             Some(p) => {
                 let t = Instant::now();

@@ -158,6 +158,36 @@ fn the_packed_weight_unpacks_to_its_values() {
     }
 }
 
+/// An f16 weight packed in f16 (half the bytes) gives the bits of the same values packed in f32
+/// (each block widened, then the same kernel), on one thread and on two (rows split between them at
+/// 2 413 rows), past blocks of features, with a tail of columns; and it unpacks to its f16 values.
+#[test]
+fn f16_panels_give_the_bits_of_their_f32_values() {
+    use half::f16;
+    if skip() {
+        return;
+    }
+    for (m, n, k) in [(5, 33, 7), (781, 291, 533), (2413, 67, 300)] {
+        let w16: Vec<f16> = gen(n * k, 3).iter().map(|&v| f16::from_f32(v)).collect();
+        let wide: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        let t = Tensor::from_vec(w16.clone(), (n, k), &Device::Cpu).unwrap();
+        let half = PackedF32::from_tensor(&t).unwrap();
+        let full = PackedF32::pack(&wide, n, k);
+        assert!(half.is_f16() && !full.is_f16());
+        assert_eq!(half.bytes() * 2, full.bytes());
+        let x = gen(m * k, 9);
+        for threads in [1, 2] {
+            let a = product(&half, &x, m, threads, Epilogue::default());
+            let b = product(&full, &x, m, threads, Epilogue::default());
+            let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "[{m}, {k}] by [{k}, {n}] on {threads} threads");
+        }
+        let back = half.unpack().unwrap();
+        assert_eq!(back.dtype(), candle_core::DType::F16);
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f16>().unwrap(), w16);
+    }
+}
+
 /// Where the kernel runs: AVX-512F, and Intel's unless the switch says otherwise.
 #[test]
 fn the_kernel_runs_on_intels_avx512_unless_switched() {

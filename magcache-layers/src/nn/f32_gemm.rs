@@ -11,7 +11,8 @@
 //! one instruction more a row, and measured slower).
 //!
 //! Layouts. The weight `[n, k]` is packed at load into panels of [`NR`] output columns, each panel
-//! `[k][NR]` (zero past `n`). A product copies each block of up to `MC` rows of activations (a
+//! `[k][NR]` (zero past `n`); an f16 weight stays f16 there, widened a block at a time as a task
+//! reaches it (`Panels`). A product copies each block of up to `MC` rows of activations (a
 //! task's rows where rows are split between threads, below) into tiles of `MR` rows,
 //! feature-major within a block of `KC` features (`[KC][MR]`, rows past `m` zero), once, in a
 //! per-thread buffer kept from product to product. Each group of `GROUP` panels then runs against
@@ -105,73 +106,84 @@ pub fn cpu_has_avx512() -> bool {
     }
 }
 
-/// An f32 weight `[n, k]` packed for the kernel.
+/// An f32 or f16 weight `[n, k]` packed for the kernel.
 #[derive(Clone)]
 pub struct PackedF32 {
     n: usize,
     k: usize,
     /// `panels x k x NR` values, zero past `n`.
-    data: Vec<f32>,
+    data: Panels,
+}
+
+/// The panels' values. An f16 weight keeps its two bytes a value (half an f32 one's memory): each
+/// block of a panel (`KC x NR`) is widened to f32 into a buffer in L1 as a task reaches it, then
+/// runs against all the task's rows, so the products are f32's (sums in f32, as PyTorch's f16
+/// products on a CPU). Not AVX512-FP16's own FMAs (`vfmadd231ph`): they sum in f16, 11 bits for
+/// sums over thousands of features; nor AMX-FP16 (`tdpfp16ps`), which no CPU here had.
+#[derive(Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    /// f16 bits.
+    F16(Vec<u16>),
 }
 
 impl std::fmt::Debug for PackedF32 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedF32 [{}, {}]", self.n, self.k)
+        let dtype = match self.data {
+            Panels::F32(_) => "f32",
+            Panels::F16(_) => "f16",
+        };
+        write!(f, "PackedF32 [{}, {}] {dtype}", self.n, self.k)
     }
 }
 
 impl PackedF32 {
     /// Packs the row-major values of `w [n, k]`.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        Self::pack_with(n, k, |c, j| w[c * k + j])
-    }
-
-    /// Packs a weight `[n, k]` whose element `(c, j)` is `get(c, j)`, panels over candle's threads
-    /// where it is large (each panel written in order).
-    fn pack_with(n: usize, k: usize, get: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        use rayon::prelude::*;
-        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
-        let one = |(p, panel): (usize, &mut [f32])| {
-            let cols = NR.min(n - p * NR);
-            for (j, out) in panel.chunks_exact_mut(NR).enumerate() {
-                for (c, v) in out.iter_mut().take(cols).enumerate() {
-                    *v = get(p * NR + c, j);
-                }
-            }
-        };
-        let len = (k * NR).max(1);
-        if candle_core::utils::get_num_threads() > 1 && n * k >= 1 << 16 {
-            data.par_chunks_mut(len).enumerate().for_each(one);
-        } else {
-            data.chunks_mut(len).enumerate().for_each(one);
-        }
+        let data = Panels::F32(pack_with(n, k, |c, j| w[c * k + j]));
         PackedF32 { n, k, data }
     }
 
-    /// Packs an f32 weight `[n, k]` on the CPU, read in place.
-    pub fn from_tensor(w: &candle_core::Tensor) -> candle_core::Result<Self> {
-        let (n, k) = w.dims2()?;
-        let w = w.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        let (storage, layout) = w.storage_and_layout();
-        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("f32 packing: f32 weights on the CPU only");
-        };
-        Ok(Self::pack(&v[a..b], n, k))
+    /// Packs the row-major f16 values of `w [n, k]`, kept in f16.
+    pub fn pack_f16(w: &[half::f16], n: usize, k: usize) -> Self {
+        let data = Panels::F16(pack_with(n, k, |c, j| w[c * k + j].to_bits()));
+        PackedF32 { n, k, data }
     }
 
-    /// The weight `[n, k]` as a plain tensor again (a differentiable run's product).
+    /// Whether the panels hold f16 values.
+    pub fn is_f16(&self) -> bool {
+        matches!(self.data, Panels::F16(_))
+    }
+
+    /// Packs an f32 or f16 weight `[n, k]` on the CPU (in its dtype), read in place; another
+    /// dtype is converted to f32 first.
+    pub fn from_tensor(w: &candle_core::Tensor) -> candle_core::Result<Self> {
+        use candle_core::{CpuStorage, DType, Storage};
+        let (n, k) = w.dims2()?;
+        let to = match w.dtype() {
+            DType::F16 => DType::F16,
+            _ => DType::F32,
+        };
+        let w = w.to_dtype(to)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(Self::pack(&v[a..b], n, k)),
+            (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => Ok(Self::pack_f16(&v[a..b], n, k)),
+            _ => candle_core::bail!("f32 packing: f32 or f16 weights on the CPU only"),
+        }
+    }
+
+    /// The weight `[n, k]` as a plain tensor again, in its dtype (a differentiable run's product).
     pub fn unpack(&self) -> candle_core::Result<candle_core::Tensor> {
         let (n, k) = (self.n, self.k);
-        let mut w = vec![0f32; n * k];
-        for (i, row) in w.chunks_mut(k.max(1)).enumerate().take(n) {
-            let (p, c) = (i / NR, i % NR);
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = self.data[(p * k + j) * NR + c];
+        let dev = &candle_core::Device::Cpu;
+        match &self.data {
+            Panels::F32(d) => candle_core::Tensor::from_vec(unpack(d, n, k), (n, k), dev),
+            Panels::F16(d) => {
+                let w = unpack(d, n, k).into_iter().map(half::f16::from_bits);
+                candle_core::Tensor::from_vec(w.collect::<Vec<_>>(), (n, k), dev)
             }
         }
-        candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)
     }
 
     /// Output features.
@@ -186,7 +198,10 @@ impl PackedF32 {
 
     /// Bytes the packed weight holds.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        match &self.data {
+            Panels::F32(d) => d.len() * 4,
+            Panels::F16(d) => d.len() * 2,
+        }
     }
 
     /// `x [m, k]` (row-major) times the weight transposed into `c` (`[m, n]`, every value
@@ -304,12 +319,24 @@ impl PackedF32 {
     ) {
         let (n, k) = (self.n, self.k);
         let tiles = mc.div_ceil(MR);
+        // An f16 panel's block widened to f32 (32 KB, in L1 while the rows stream past it), on
+        // whole lines as the f32 panels are.
+        #[repr(align(64))]
+        struct Lines([f32; KC * NR]);
+        let mut wide = Lines([0.0; KC * NR]);
         for q0 in (0..k).step_by(KC) {
             let kc = KC.min(k - q0);
             let last = q0 + kc == k;
             for p in range.clone() {
                 let cols = NR.min(n - p * NR);
-                let b = self.data.as_ptr().add((p * k + q0) * NR);
+                let at = (p * k + q0) * NR;
+                let b = match &self.data {
+                    Panels::F32(d) => d.as_ptr().add(at),
+                    Panels::F16(d) => {
+                        widen_f16(&d[at..at + kc * NR], &mut wide.0);
+                        wide.0.as_ptr()
+                    }
+                };
                 for t in 0..tiles {
                     let rows = MR.min(mc - t * MR);
                     let at = a.as_ptr().add(q0 * tiles * MR + t * kc * MR);
@@ -322,6 +349,63 @@ impl PackedF32 {
             }
         }
     }
+}
+
+/// A weight `[n, k]` whose element `(c, j)` is `get(c, j)` in panels (`panels x k x NR`, zero past
+/// `n`), panels over candle's threads where it is large (each panel written in order).
+fn pack_with<T: Copy + Default + Send + Sync>(
+    n: usize,
+    k: usize,
+    get: impl Fn(usize, usize) -> T + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut data = vec![T::default(); n.div_ceil(NR) * k * NR];
+    let one = |(p, panel): (usize, &mut [T])| {
+        let cols = NR.min(n - p * NR);
+        for (j, out) in panel.chunks_exact_mut(NR).enumerate() {
+            for (c, v) in out.iter_mut().take(cols).enumerate() {
+                *v = get(p * NR + c, j);
+            }
+        }
+    };
+    let len = (k * NR).max(1);
+    if candle_core::utils::get_num_threads() > 1 && n * k >= 1 << 16 {
+        data.par_chunks_mut(len).enumerate().for_each(one);
+    } else {
+        data.chunks_mut(len).enumerate().for_each(one);
+    }
+    data
+}
+
+/// The row-major `[n, k]` values of panels packed by [`pack_with`].
+fn unpack<T: Copy + Default>(data: &[T], n: usize, k: usize) -> Vec<T> {
+    let mut w = vec![T::default(); n * k];
+    for (i, row) in w.chunks_mut(k.max(1)).enumerate().take(n) {
+        let (p, c) = (i / NR, i % NR);
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = data[(p * k + j) * NR + c];
+        }
+    }
+    w
+}
+
+/// Widens `src`'s f16 bits into `dst` (as many values; a multiple of 16).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for (s, d) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+        let h = _mm256_loadu_si256(s.as_ptr().cast());
+        _mm512_storeu_ps(d.as_mut_ptr(), _mm512_cvtph_ps(h));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn widen_f16(_: &[u16], _: &mut [f32]) {
+    unreachable!("the f32 kernel runs on x86_64 only")
 }
 
 /// Copies `mc` rows of `x` (`[mc, k]`) into tiles of `MR` rows, each block of `KC` features

@@ -32,7 +32,7 @@ enum Weight {
     },
     /// A bf16 weight packed for the CPU's bf16 products ([`bf16_gemm`]: AMX or AVX512-BF16).
     Bf16(std::sync::Arc<bf16_gemm::PackedBf16>),
-    /// An f32 weight packed for the layers' AVX-512 f32 kernel ([`f32_gemm::available`]).
+    /// An f32 or f16 weight packed for the layers' AVX-512 f32 kernel ([`f32_gemm::available`]).
     F32(std::sync::Arc<f32_gemm::PackedF32>),
     /// A weight packed once in the layout of oneDNN's products (`MAGCACHE_ONEDNN`: f32, and bf16
     /// where it runs bf16 products: [`onednn::bf16_products`]).
@@ -282,8 +282,10 @@ impl Linear {
                 }
             }
         }
-        // f32 weights on the layers' AVX-512 kernel where it runs (packed once, replacing them).
-        if weight.dtype() == DType::F32 && weight.device().is_cpu() && f32_gemm::available() {
+        // f32 and f16 weights on the layers' AVX-512 kernel where it runs (packed once in their
+        // dtype, replacing them).
+        let f32_kernel = matches!(weight.dtype(), DType::F32 | DType::F16);
+        if f32_kernel && weight.device().is_cpu() && f32_gemm::available() {
             let w = std::sync::Arc::new(f32_gemm::PackedF32::from_tensor(&weight)?);
             return Ok(Linear {
                 wt: Weight::F32(w),
@@ -385,7 +387,7 @@ impl Linear {
                     return Linear { wt, bias }.forward(x);
                 }
             }
-            // An f32 weight packed for the layers' kernel: its plain values, as above.
+            // An f32 or f16 weight packed for the layers' kernel: its plain values, as above.
             if let Weight::F32(w) = &self.wt {
                 let wt = Weight::Dense(w.unpack()?.t()?);
                 let bias = self.bias.clone();

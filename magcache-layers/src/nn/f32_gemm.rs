@@ -323,7 +323,12 @@ impl PackedF32 {
         // whole lines as the f32 panels are.
         #[repr(align(64))]
         struct Lines([f32; KC * NR]);
-        let mut wide = Lines([0.0; KC * NR]);
+        impl Lines {
+            fn zeroed() -> Self {
+                Lines([0.0; KC * NR])
+            }
+        }
+        let mut wide: Option<Lines> = None;
         for q0 in (0..k).step_by(KC) {
             let kc = KC.min(k - q0);
             let last = q0 + kc == k;
@@ -333,6 +338,8 @@ impl PackedF32 {
                 let b = match &self.data {
                     Panels::F32(d) => d.as_ptr().add(at),
                     Panels::F16(d) => {
+                        // Made on the first f16 block only: f32 panels need no buffer.
+                        let wide = wide.get_or_insert_with(Lines::zeroed);
                         widen_f16(&d[at..at + kc * NR], &mut wide.0);
                         wide.0.as_ptr()
                     }

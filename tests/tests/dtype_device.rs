@@ -25,6 +25,11 @@ fn wan21_run(name: &str, model_extra: &str) -> (candle_core::Tensor, magcache_cl
     (fin, rep, d)
 }
 
+/// Each call's decision in a run's report (computed or reused; `None` where none was made).
+fn decisions(r: &magcache_cli::Report) -> Vec<Option<bool>> {
+    r.calls.iter().map(|c| c.computed).collect()
+}
+
 #[test]
 fn bf16_weights_follow_the_f32_reference() {
     // Explicit f32 on cpu is today's path: identical to the reference within 1e-3.
@@ -47,8 +52,6 @@ fn bf16_weights_follow_the_f32_reference() {
     // A cached run in bf16 keeps MagCache's decisions (they come from the curve, not the data).
     let (_, rep32, _) = wan21_run("magcache_a", "");
     let (_, rep16, _) = wan21_run("magcache_a", "dtype = \"bf16\"\n");
-    let decisions =
-        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
     assert_eq!(decisions(&rep32), decisions(&rep16));
 }
 
@@ -73,8 +76,6 @@ fn f16_weights_follow_the_f32_reference() {
     );
     let (_, rep32, _) = wan21_run("magcache_a", "");
     let (_, rep16, _) = wan21_run("magcache_a", "dtype = \"f16\"\n");
-    let decisions =
-        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
     assert_eq!(decisions(&rep32), decisions(&rep16));
 }
 
@@ -98,8 +99,6 @@ fn f32_weights_with_bf16_products() {
             d > 0.0 && d < magcache_tests::BF16_FINAL_REL * scale,
             "bf16 products moved the final by {d} (f32 final max |x| {scale})"
         );
-        let decisions =
-            |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
         assert_eq!(decisions(&rep32), decisions(&rep16));
     } else {
         eprintln!("note: the bf16 kernel is off here (no AVX512-BF16, MAGCACHE_CPU_BF16=off, or a CPU with AMX): only the refusal is tested");
@@ -161,8 +160,6 @@ fn streamed_blocks_match_held_ones_exactly() {
     // `offload = "stream"` reads each block from the checkpoint as it runs (the next one on a second
     // thread): the same tensors, the same maths, so the same bits, whichever blocks a cache skips
     // (FBCache runs the first block alone, then the rest or nothing).
-    let decisions =
-        |r: &magcache_cli::Report| r.calls.iter().map(|c| c.computed).collect::<Vec<_>>();
     for name in ["dense", "magcache_a", "fbcache_a"] {
         let (held, rep_h, d) = wan21_run(name, "");
         let (streamed, rep_s, _) = wan21_run(name, "offload = \"stream\"\n");

@@ -71,12 +71,13 @@ fn remove_temp(t: &Path) {
 }
 
 /// Removes this process's temporaries on SIGINT/SIGTERM/SIGHUP (undoing a commit under way) and
-/// exits with 130. The handler holds the cleanup lock until the process exits, and commits put
-/// their outputs in place under that lock: an output is either in place whole before the handler
-/// runs (then it says so) or never.
+/// exits with 128 + the signal's number, as a shell reports a process the signal ended (130 on
+/// SIGINT, 143 on SIGTERM, 129 on SIGHUP; 130 for all three where that number is not known: not on
+/// Linux). The handler holds the cleanup lock until the process exits, and commits put their
+/// outputs in place under that lock: an output is either in place whole before the handler runs
+/// (then it says so) or never.
 pub fn install_signal_cleanup() {
-    // A second installation (tests calling into the library) is refused by ctrlc: harmless.
-    let _ = ctrlc::set_handler(|| {
+    on_signal(|signal| {
         let mut c = cleanup_state();
         roll_back(&mut c.undo);
         for t in c.temps.iter() {
@@ -86,7 +87,63 @@ pub fn install_signal_cleanup() {
             true => eprintln!("error: interrupted after the outputs were written"),
             false => eprintln!("error: interrupted; no output written"),
         }
-        std::process::exit(130);
+        std::process::exit(128 + signal);
+    });
+}
+
+/// `then(signal)` on a thread of its own at the first SIGINT, SIGTERM or SIGHUP (once per
+/// process: a second installation, by tests calling into the library, does nothing). Linux: the
+/// signal handlers (signal-hook-registry's, which tokio's signals share) only write the signal's
+/// number into a pipe, the one thing a handler may safely do, and the thread reads it. `ctrlc`,
+/// used before and elsewhere, does the same but does not say which signal came.
+#[cfg(target_os = "linux")]
+fn on_signal(then: impl FnOnce(i32) + Send + 'static) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` has room for the two descriptors `pipe2` writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            eprintln!(
+                "warning: no signal handler ({}): an interrupted command leaves its temporaries",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let (read, write) = (fds[0], fds[1]);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            let byte = signal as u8;
+            // SAFETY: the action calls `write` alone, which is async-signal-safe; it allocates,
+            // locks and panics not. The pipe stays open for the process's life.
+            let _ = unsafe {
+                signal_hook_registry::register(signal, move || {
+                    libc::write(write, (&byte as *const u8).cast(), 1);
+                })
+            };
+        }
+        std::thread::spawn(move || {
+            let mut byte = 0u8;
+            loop {
+                // SAFETY: one byte into `byte`.
+                match unsafe { libc::read(read, (&mut byte as *mut u8).cast(), 1) } {
+                    1 => return then(i32::from(byte)),
+                    n if n < 0
+                        && std::io::Error::last_os_error().kind()
+                            == std::io::ErrorKind::Interrupted => {}
+                    _ => return,
+                }
+            }
+        });
+    });
+}
+
+#[cfg(not(target_os = "linux"))]
+fn on_signal(then: impl FnOnce(i32) + Send + 'static) {
+    let then = Mutex::new(Some(then));
+    // A second installation (tests calling into the library) is refused by ctrlc: harmless.
+    let _ = ctrlc::set_handler(move || {
+        if let Some(f) = then.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            f(2)
+        }
     });
 }
 

@@ -214,6 +214,20 @@ fn class6_error_after_loading_is_one_line() {
 
 #[test]
 fn class8_sigint_during_a_run_leaves_nothing() {
+    signal_during_a_run_leaves_nothing("INT", 130);
+}
+
+/// SIGTERM and SIGHUP clean up as SIGINT does, and the exit code says which signal came (128 + its
+/// number, as a shell reports a process the signal ended), not SIGINT's 130 for all three.
+#[test]
+fn class8_sigterm_and_sighup_exit_with_their_own_codes() {
+    signal_during_a_run_leaves_nothing("TERM", 143);
+    signal_during_a_run_leaves_nothing("HUP", 129);
+}
+
+/// A run sent `kill -SIGNAL` in the middle of its generation: exit `code`, one line, no
+/// temporaries, the earlier output kept, no report.
+fn signal_during_a_run_leaves_nothing(signal: &str, code: i32) {
     let c = Case::new("");
     slow_run(&c);
     let out = c.p("o.safetensors");
@@ -245,22 +259,22 @@ fn class8_sigint_during_a_run_leaves_nothing() {
     std::thread::sleep(Duration::from_millis(700));
     assert!(
         child.try_wait().unwrap().is_none(),
-        "the run ended before SIGINT"
+        "the run ended before the signal"
     );
     let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
     let status = common::wait_within(
         &mut child,
         Duration::from_secs(30),
-        "the run did not stop on SIGINT",
+        "the run did not stop on the signal",
     );
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!status.success(), "{stderr}");
-    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(status.code(), Some(code), "SIG{signal}: {stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert_eq!(temporaries(c.dir.path()), Vec::<String>::new());

@@ -25,7 +25,13 @@ pub(crate) struct JpegWalk {
     /// Where the TIFF block of the first `APP1` segment holding EXIF (`Exif\0\0`) before the first
     /// scan lies in the file, if any: the one PIL reads (the `image` crate's decoder keeps the last).
     pub exif: Option<std::ops::Range<usize>>,
+    /// Where the XMP packet of the last XMP `APP1` segment (`http://ns.adobe.com/xap/1.0/\0`) before
+    /// the first scan lies, if any: PIL's, for the orientation where EXIF has none.
+    pub xmp: Option<std::ops::Range<usize>>,
 }
+
+/// The start of an XMP `APP1` segment, its namespace and the NUL after it.
+const XMP_NS: &[u8] = b"http://ns.adobe.com/xap/1.0/\0";
 
 /// Why a JPEG's structure is refused.
 #[derive(Debug, PartialEq)]
@@ -68,7 +74,7 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
         return Err(JpegFault::Malformed("no start-of-image marker"));
     }
     let (mut at, mut blocks, mut coded) = (2usize, 0u64, 0u64);
-    let (mut exif, mut scanned) = (None, false);
+    let (mut exif, mut xmp, mut scanned) = (None, None, false);
     loop {
         // Extraneous bytes before a marker (libjpeg warns and skips them), and fill bytes
         // (FF FF ...).
@@ -89,6 +95,7 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
                     blocks,
                     coded,
                     exif,
+                    xmp,
                 })
             }
             // Standalone markers: no length.
@@ -106,6 +113,9 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
         }
         if marker == 0xE1 && exif.is_none() && !scanned && seg.starts_with(b"Exif\0\0") {
             exif = Some(at + 2 + 6..at + len);
+        }
+        if marker == 0xE1 && !scanned && seg.starts_with(XMP_NS) {
+            xmp = Some(at + 2 + XMP_NS.len()..at + len);
         }
         at += len;
         if marker == 0xDA {
@@ -184,7 +194,7 @@ mod tests {
     }
 
     /// The first EXIF segment before the scans is the file's EXIF (PIL's choice), not an XMP
-    /// `APP1` and not a later EXIF one.
+    /// `APP1` and not a later EXIF one; the XMP packet is the last XMP segment's.
     #[test]
     fn the_first_exif_segment_is_found() {
         let b = jpeg(16, 8);
@@ -199,9 +209,13 @@ mod tests {
         with.extend(seg(b"http://ns.adobe.com/xap/1.0/\0<x/>"));
         with.extend(seg(b"Exif\0\0first"));
         with.extend(seg(b"Exif\0\0second"));
+        with.extend(seg(b"http://ns.adobe.com/xap/1.0/\0<last/>"));
         with.extend(&b[2..]);
         let w = walk(&with).unwrap();
         assert_eq!(&with[w.exif.unwrap()], b"first");
+        // The last XMP segment before the scans, its packet after the namespace's NUL.
+        assert_eq!(&with[w.xmp.unwrap()], b"<last/>");
+        assert_eq!(walk(&b).unwrap().xmp, None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Pictures a run conditions on (`[inputs] image`): read as 8-bit RGB with the EXIF orientation
-//! applied (what diffusers' `load_image` does: `ImageOps.exif_transpose`, then `convert("RGB")`:
+//! Pictures a run conditions on (`[inputs] image`): read as 8-bit RGB with the EXIF orientation (or,
+//! where EXIF has none, the XMP one) applied (what diffusers' `load_image` does: `ImageOps.exif_transpose`, then `convert("RGB")`:
 //! alpha dropped, gray and palettes expanded, 16-bit values cut to their high byte; a 16-bit
 //! grayscale PNG, which PIL clips to white, is refused), and resampled as PIL resamples 8-bit
 //! images. JPEG decoding is the `image` crate's, not libjpeg's: its pixels may differ from PIL's
@@ -33,9 +33,27 @@ const MAX_PICTURE_SIDE: u32 = 1 << 15;
 /// The most pixels a picture read, or resized for an image encoder, may have (8192 x 8192).
 pub const MAX_PICTURE_PIXELS: u64 = 1 << 26;
 
-/// The orientation in a picture's EXIF block (`tiff`), as PIL reads it ([`crate::exif`]).
-fn orientation_of(tiff: Option<&[u8]>) -> image::metadata::Orientation {
-    tiff.and_then(crate::exif::orientation)
+/// The orientation PIL finds for a picture's file `bytes` ([`crate::exif`]; `jpeg`: its walk,
+/// where it is a JPEG): the EXIF block's (the JPEG's first EXIF segment, a PNG's last `eXIf`
+/// chunk), else, where that has no orientation entry, its XMP packet's `tiff:Orientation`.
+fn orientation_of(
+    bytes: &[u8],
+    jpeg: Option<&crate::jpeg_walk::JpegWalk>,
+) -> image::metadata::Orientation {
+    let png = jpeg.is_none().then(|| crate::exif::png_meta(bytes));
+    let (tiff, xmp) = match (jpeg, &png) {
+        (Some(walk), _) => (
+            walk.exif.clone().and_then(|r| bytes.get(r)),
+            walk.xmp.clone().and_then(|r| bytes.get(r)),
+        ),
+        (None, Some(meta)) => (meta.exif, meta.xmp.as_deref()),
+        (None, None) => (None, None),
+    };
+    let value = match tiff.and_then(crate::exif::orientation_entry) {
+        Some(entry) => entry,
+        None => xmp.and_then(crate::exif::xmp_orientation),
+    };
+    value
         .and_then(image::metadata::Orientation::from_exif)
         .unwrap_or(image::metadata::Orientation::NoTransforms)
 }
@@ -82,9 +100,9 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
     }
     // The JPEG decoder fills what is missing with gray: a cut file, or a header claiming more
     // than the data holds, would condition the run on a picture that is not the user's. The walk
-    // also finds the EXIF segment PIL reads (a PNG's chunks are looked at for it below).
-    let jpeg_exif = match reader.format() == Some(image::ImageFormat::Jpeg) {
-        true => Some(crate::jpeg_walk::whole(&bytes).map_err(bad)?.exif),
+    // also finds the EXIF and XMP segments PIL reads (a PNG's chunks are looked at below).
+    let jpeg = match reader.format() == Some(image::ImageFormat::Jpeg) {
+        true => Some(crate::jpeg_walk::whole(&bytes).map_err(bad)?),
         false => None,
     };
     let too_large = || {
@@ -117,12 +135,7 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
             )));
         }
     }
-    // The EXIF block PIL reads: the JPEG's first EXIF segment, a PNG's last `eXIf` chunk.
-    let tiff = match jpeg_exif {
-        Some(range) => range.and_then(|r| bytes.get(r)),
-        None => crate::exif::png_exif(&bytes),
-    };
-    let orientation = orientation_of(tiff);
+    let orientation = orientation_of(&bytes, jpeg.as_ref());
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| match e {
         image::ImageError::Limits(_) => bad(format!(
             "decoding it needs more memory than the run may use ({}) or a picture may take",

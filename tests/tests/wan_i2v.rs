@@ -384,6 +384,51 @@ fn exif_orientation_is_applied() {
     }
 }
 
+/// Where the EXIF block has no orientation entry, the XMP packet's `tiff:Orientation` turns the
+/// picture, as PIL's `getexif` falls back on it (`picture/xmp/`, made by
+/// `tests/fixtures/tools/make_picture_fixtures.py`: a JPEG's XMP segment; a PNG's XMP in `iTXt`,
+/// compressed `iTXt`, `zTXt`, after the pixel data; an EXIF orientation of 1 that hides it; an EXIF
+/// block without one that does not): PIL's size and pixels, PNGs exactly, the JPEG within its
+/// decoders' rounding.
+#[test]
+fn the_xmp_orientation_is_applied_where_exif_has_none() {
+    use magcache_layers::picture::load_rgb8;
+    let dir = fixture("picture/xmp");
+    let cases = std::fs::read_to_string(dir.join("cases.txt")).unwrap();
+    let mut turned = 0;
+    for line in cases.lines() {
+        let [name, size, _, orientation] = line.split(' ').collect::<Vec<_>>()[..] else {
+            panic!("{line}")
+        };
+        let got = load_rgb8(&dir.join(name), "run.toml", "inputs.image").unwrap();
+        let want = format!("want_{}.png", name.replace('.', "_"));
+        let want = load_rgb8(&dir.join(want), "run.toml", "inputs.image").unwrap();
+        assert_eq!(format!("{}x{}", got.width, got.height), size, "{name}");
+        assert_eq!((got.width, got.height), (want.width, want.height), "{name}");
+        let worst = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        let mean = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| a.abs_diff(*b) as f64)
+            .sum::<f64>()
+            / got.data.len() as f64;
+        eprintln!("{name}: orientation {orientation}, max |diff| {worst}, mean {mean:.3}");
+        match name.ends_with(".png") {
+            true => assert_eq!(worst, 0, "{name}"),
+            false => assert!(mean < 2.0, "{name}: mean |diff| {mean}"),
+        }
+        turned += usize::from(orientation != "1");
+    }
+    assert!(turned >= 6, "{cases}");
+}
+
 /// Every pixel format a PNG or JPEG may hold reads as diffusers' `load_image` reads it
 /// (`picture/modes/`, `tests/fixtures/tools/make_picture_fixtures.py`): PNGs byte for byte (alpha
 /// dropped, gray, 1-bit and palettes expanded, 16-bit values cut to their high byte as PIL does),

@@ -231,6 +231,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     check_extension("--plot", &plot, "svg", "the plot is written as SVG")?;
     let c = crate::compare(&config, verbosity(quiet, json), data_range, repeat)?;
     let r = &c.report;
+    let mut late_warnings = Vec::new();
     if let Some(f) = &plot {
         let title = format!(
             "{} {} ({} computed of {} calls)",
@@ -251,7 +252,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
             ))
         })?;
         let fps = fps.or(c.frame_rate).unwrap_or(16);
-        write_video(&mut outs, v, kind, frames, fps, 1)?;
+        late_warnings.extend(write_video(&mut outs, v, kind, frames, fps, 1)?);
     }
     if let (Some(f), Some(frames)) = (&png, &side_by_side) {
         // A video's picture: at most 9 frames, evenly spaced, one row each.
@@ -270,10 +271,13 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
         outs.write(f, &bytes)?;
     }
     outs.commit()?;
+    // The cached run's warnings, which the report lists, and those of writing its outputs.
+    let mut r = c.report;
+    r.cached.warnings.extend(late_warnings);
     if json {
-        println!("{}", to_json(r)?);
+        println!("{}", to_json(&r)?);
     } else if !quiet {
-        print!("{}", crate::compare_text(r));
+        print!("{}", crate::compare_text(&r));
         print!("{}", crate::report::warnings_tail(&r.cached.warnings));
     }
     Ok(())
@@ -340,7 +344,9 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         })?;
         let frames = crate::video::Frames::from_decoded(d)?;
         let fps = fps.or(p.pipeline.frame_rate()).unwrap_or(16);
-        write_video(&mut outs, v, kind, &frames, fps, 8)?;
+        // Before the report is written: it lists the warning too.
+        rep.warnings
+            .extend(write_video(&mut outs, v, kind, &frames, fps, 8)?);
     }
     if let Some(r) = &report {
         let text = serde_json::to_string_pretty(&rep)
@@ -435,7 +441,8 @@ fn video_kind_of(
 }
 
 /// Writes `frames` at `fps` as `kind` into `path` (through the planned outputs); a PNG grid holds
-/// `per_row` frames a row.
+/// `per_row` frames a row. A warning it printed (a GIF slower than `fps`) is returned for the
+/// report's warnings.
 fn write_video(
     outs: &mut Outputs,
     path: &Path,
@@ -443,28 +450,32 @@ fn write_video(
     frames: &crate::video::Frames,
     fps: u32,
     per_row: usize,
-) -> Result<()> {
+) -> Result<Option<String>> {
     use crate::video::VideoKind;
+    let mut warning = None;
     match kind {
-        VideoKind::Png => outs.write(path, &frames.grid_png(per_row)?),
+        VideoKind::Png => outs.write(path, &frames.grid_png(per_row)?)?,
         VideoKind::Gif => {
             if fps > crate::video::GIF_MAX_FPS {
-                eprintln!(
-                    "warning: --video {}: a GIF plays at most {} frames per second (its delays are whole hundredths of a second, and players slow shorter ones to 1/10 s): written at {}, not {fps} (an .mp4 keeps the rate)",
+                let w = format!(
+                    "--video {}: a GIF plays at most {} frames per second (its delays are whole hundredths of a second, and players slow shorter ones to 1/10 s): written at {}, not {fps} (an .mp4 keeps the rate)",
                     path.display(),
                     crate::video::GIF_MAX_FPS,
                     crate::video::GIF_MAX_FPS
                 );
+                eprintln!("warning: {w}");
+                warning = Some(w);
             }
-            outs.write(path, &frames.gif(fps)?)
+            outs.write(path, &frames.gif(fps)?)?
         }
         VideoKind::Mp4 => {
             let bytes = frames.mp4(fps).map_err(|e| {
                 magcache_core::Error::msg(format!("--video {}: {e}", path.display()))
             })?;
-            outs.write(path, &bytes)
+            outs.write(path, &bytes)?
         }
     }
+    Ok(warning)
 }
 
 /// The value range pictures are drawn with: `data_range` centred on the data, or its min..max.

@@ -64,7 +64,8 @@ fn run_toml(root: &Path, meta: &Value) -> String {
 }
 
 /// The contract's prompted run through the binary: `--out` holds `final`, `decoded` and both
-/// embeddings; `--video` (GIF) and `--png` (frame grid) are written; the report has the stages.
+/// embeddings; `--video` (GIF) and `--png` (frame grid) are written; the report has the stages, and
+/// the warning that the GIF plays slower than `--fps 60` (on stderr as it is written, too).
 #[test]
 fn prompted_run_through_the_binary_writes_every_output() {
     let meta = load_json(&format!("{PIPELINE}.json"));
@@ -84,13 +85,16 @@ fn prompted_run_through_the_binary_writes_every_output() {
         .arg(&out)
         .arg("--video")
         .arg(&gif)
+        .args(["--fps", "60"])
         .arg("--png")
         .arg(&png)
         .arg("--report")
         .arg(&report)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("a GIF plays at most 50"), "{stderr}");
     let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
     let call = &meta["call"];
     let (h, w, f) = (
@@ -121,6 +125,15 @@ fn prompted_run_through_the_binary_writes_every_output() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(stages, ["encode text", "denoise", "decode"]);
+    let warned = r["warnings"].as_array().unwrap().iter();
+    assert!(
+        warned
+            .filter(|w| w.as_str().unwrap().contains("a GIF plays at most 50"))
+            .count()
+            == 1,
+        "{}",
+        r["warnings"]
+    );
     // Each stage's own peak, the run's true peak over all of them, the run's whole wall time.
     let st = r["stages"].as_array().unwrap();
     let run_peak = r["run_peak_rss_bytes"].as_u64().unwrap();

@@ -252,7 +252,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
             ))
         })?;
         let fps = fps.or(c.frame_rate).unwrap_or(16);
-        late_warnings.extend(write_video(&mut outs, v, kind, frames, fps, 1)?);
+        late_warnings.extend(write_video(&mut outs, v, kind, frames, fps, (1, json))?);
     }
     if let (Some(f), Some(frames)) = (&png, &side_by_side) {
         // A video's picture: at most 9 frames, evenly spaced, one row each.
@@ -346,7 +346,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         let fps = fps.or(p.pipeline.frame_rate()).unwrap_or(16);
         // Before the report is written: it lists the warning too.
         rep.warnings
-            .extend(write_video(&mut outs, v, kind, &frames, fps, 8)?);
+            .extend(write_video(&mut outs, v, kind, &frames, fps, (8, json))?);
     }
     if let Some(r) = &report {
         let text = serde_json::to_string_pretty(&rep)
@@ -441,15 +441,15 @@ fn video_kind_of(
 }
 
 /// Writes `frames` at `fps` as `kind` into `path` (through the planned outputs); a PNG grid holds
-/// `per_row` frames a row. A warning it printed (a GIF slower than `fps`) is returned for the
-/// report's warnings.
+/// `per_row` frames a row. A warning it printed (a GIF slower than `fps`; a JSON event where
+/// `json`, stderr's form then) is returned for the report's warnings.
 fn write_video(
     outs: &mut Outputs,
     path: &Path,
     kind: crate::video::VideoKind,
     frames: &crate::video::Frames,
     fps: u32,
-    per_row: usize,
+    (per_row, json): (usize, bool),
 ) -> Result<Option<String>> {
     use crate::video::VideoKind;
     let mut warning = None;
@@ -463,7 +463,10 @@ fn write_video(
                     crate::video::GIF_MAX_FPS,
                     crate::video::GIF_MAX_FPS
                 );
-                eprintln!("warning: {w}");
+                match json {
+                    true => eprintln!("{}", serde_json::json!({"event": "warning", "message": w})),
+                    false => eprintln!("warning: {w}"),
+                }
                 warning = Some(w);
             }
             outs.write(path, &frames.gif(fps)?)?

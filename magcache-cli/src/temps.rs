@@ -2,6 +2,7 @@
 //! to take), the signal handler that removes this process's and undoes a commit under way, and the
 //! warning of those that killed processes left (never removed: they may be a user's).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -83,10 +84,13 @@ pub fn install_signal_cleanup() {
         for t in c.temps.iter() {
             remove_temp(t);
         }
-        match c.committed {
-            true => eprintln!("error: interrupted after the outputs were written"),
-            false => eprintln!("error: interrupted; no output written"),
-        }
+        // Not `eprintln!`: a closed stderr (SIGHUP after the terminal went, a dead pipe) would panic
+        // the thread before the exit, and the command would go on without its temporaries.
+        let line = match c.committed {
+            true => "error: interrupted after the outputs were written",
+            false => "error: interrupted; no output written",
+        };
+        let _ = writeln!(std::io::stderr(), "{line}");
         std::process::exit(128 + signal);
     });
 }
@@ -110,7 +114,13 @@ fn on_signal(then: impl FnOnce(i32) + Send + 'static) {
             return;
         }
         let (read, write) = (fds[0], fds[1]);
+        // A full pipe (no reader left) must not block a handler: the write end does not wait.
+        // SAFETY: `fcntl` on a descriptor this function owns.
+        unsafe { libc::fcntl(write, libc::F_SETFL, libc::O_NONBLOCK) };
         for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            if signal == libc::SIGHUP && ignored(signal) {
+                continue;
+            }
             let byte = signal as u8;
             // SAFETY: the action calls `write` alone, which is async-signal-safe; it allocates,
             // locks and panics not. The pipe stays open for the process's life.
@@ -134,6 +144,19 @@ fn on_signal(then: impl FnOnce(i32) + Send + 'static) {
             }
         });
     });
+}
+
+/// Whether `signal` was ignored when this process started: `nohup` ignores SIGHUP, which is then
+/// left ignored. (SIGINT and SIGTERM are handled whatever: a shell's background jobs start with
+/// SIGINT ignored, and an interrupted command must still clean up.)
+#[cfg(target_os = "linux")]
+fn ignored(signal: libc::c_int) -> bool {
+    // SAFETY: reads the action only (a null new action); `old` is a valid `sigaction` to fill.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 #[cfg(not(target_os = "linux"))]

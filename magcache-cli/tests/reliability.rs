@@ -214,37 +214,53 @@ fn class6_error_after_loading_is_one_line() {
 
 #[test]
 fn class8_sigint_during_a_run_leaves_nothing() {
-    signal_during_a_run_leaves_nothing("INT", 130);
+    signal_during_a_run_leaves_nothing("INT", 130, false);
 }
 
 /// SIGTERM and SIGHUP clean up as SIGINT does, and the exit code says which signal came (128 + its
 /// number, as a shell reports a process the signal ended), not SIGINT's 130 for all three.
 #[test]
 fn class8_sigterm_and_sighup_exit_with_their_own_codes() {
-    signal_during_a_run_leaves_nothing("TERM", 143);
-    signal_during_a_run_leaves_nothing("HUP", 129);
+    signal_during_a_run_leaves_nothing("TERM", 143, false);
+    signal_during_a_run_leaves_nothing("HUP", 129, false);
+}
+
+/// Under `nohup` (SIGHUP ignored from the start) a SIGHUP leaves the run going; a SIGINT then
+/// stops it as ever.
+#[test]
+fn class8_sighup_stays_ignored_under_nohup() {
+    signal_during_a_run_leaves_nothing("INT", 130, true);
 }
 
 /// A run sent `kill -SIGNAL` in the middle of its generation: exit `code`, one line, no
-/// temporaries, the earlier output kept, no report.
-fn signal_during_a_run_leaves_nothing(signal: &str, code: i32) {
+/// temporaries, the earlier output kept, no report. Where `nohup`, the run starts with SIGHUP
+/// ignored and is sent one first, which must leave it running.
+fn signal_during_a_run_leaves_nothing(signal: &str, code: i32, nohup: bool) {
     let c = Case::new("");
     slow_run(&c);
     let out = c.p("o.safetensors");
     let report = c.p("r.json");
     std::fs::write(&out, b"previous result").unwrap();
     let names = c.names();
-    let mut child = bin()
-        .args(["run", "--quiet", "--config"])
+    let mut cmd = bin();
+    cmd.args(["run", "--quiet", "--config"])
         .arg(c.run_file())
         .arg("--out")
         .arg(&out)
         .arg("--report")
         .arg(&report)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    // The runner leaves SIGHUP ignored where it started so (`nohup`): the test's own start may be.
+    let hup = if nohup { libc::SIG_IGN } else { libc::SIG_DFL };
+    // SAFETY: `signal` is async-signal-safe, as the forked child's code before exec must be.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::signal(libc::SIGHUP, hup);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     // Wait for the temporaries (created when the outputs are planned, before the model loads), then
     // give the run a moment to be in the middle of its generation.
     let t0 = Instant::now();
@@ -261,6 +277,18 @@ fn signal_during_a_run_leaves_nothing(signal: &str, code: i32) {
         child.try_wait().unwrap().is_none(),
         "the run ended before the signal"
     );
+    if nohup {
+        let st = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "SIGHUP stopped a nohup run"
+        );
+    }
     let st = Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status()

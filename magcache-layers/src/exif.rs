@@ -1,12 +1,16 @@
 //! The orientation of a picture, as PIL's `ImageOps.exif_transpose` (which diffusers' `load_image`
-//! applies) finds it: tag 0x0112 of the EXIF block's first IFD, stored as any one-value integer
-//! type (the `image` crate reads only SHORT, a PNG's `eXIf` chunk only before the pixel data, and a
-//! JPEG's last EXIF segment; PIL reads LONG too, a PNG's chunks after the pixel data where none came
-//! before it, and a JPEG's first segment, which [`crate::jpeg_walk`] finds). Where the EXIF block
-//! has no such tag (or there is none), PIL falls back on the XMP packet's `tiff:Orientation`: the
-//! first `tiff:Orientation="D` or `tiff:Orientation>D` in it (a JPEG's last XMP `APP1` segment, a
-//! PNG's last `XML:com.adobe.xmp` text chunk). Not read: EXIF carried in ImageMagick's
-//! `Raw profile type exif` text chunks.
+//! applies) finds it. The EXIF block (a JPEG's EXIF `APP1` segments, the first with the later ones'
+//! data appended, which [`crate::jpeg_walk`] finds; a PNG's last `eXIf` chunk, or `tEXt` chunk named
+//! `exif`, anywhere before `IEND`) is read as PIL's `ImageFileDirectory_v2.load` reads its first
+//! IFD: entries of a type it does not read, or of no data, are skipped; one whose data lies past the
+//! block ends the reading (PIL's read fails there); the first entry kept for a tag is its value. The
+//! orientation turns the picture where its first value equals 2..=8 (PIL keeps the first of several): an integer type (SBYTE,
+//! SHORT, LONG and their signed forms, IFD, LONG8), a whole RATIONAL, or a whole FLOAT or DOUBLE
+//! (PIL's lookup compares by value); BYTE (PIL keeps bytes), ASCII and UNDEFINED never do. Where
+//! the block has no orientation entry (or there is none), PIL falls back on the XMP packet's
+//! `tiff:Orientation`: the first `tiff:Orientation="D` or `tiff:Orientation>D` in it (a JPEG's last
+//! XMP `APP1` segment, a PNG's last `XML:com.adobe.xmp` text chunk). Not read: EXIF carried in
+//! ImageMagick's `Raw profile type exif` text chunks.
 
 /// Bytes of one value of each TIFF type PIL reads (its others it skips as if the entry were not
 /// there): BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED, SSHORT, SLONG, SRATIONAL, FLOAT,
@@ -21,60 +25,104 @@ fn unit_bytes(kind: u16) -> Option<u64> {
     }
 }
 
-/// Tag 0x0112 as PIL's EXIF reader keeps it: `None` where the first IFD has no entry PIL keeps for
-/// it (none, or only ones of a type it does not read or whose data lies outside the block: then
-/// PIL looks at the XMP packet), else `Some` of its orientation where it is one integer in 1..=8.
-pub(crate) fn orientation_entry(tiff: &[u8]) -> Option<Option<u8>> {
-    let big = match tiff.get(0..4)? {
-        [0x49, 0x49, 42, 0] => false,
-        [0x4d, 0x4d, 0, 42] => true,
-        _ => return None,
+/// Tag 0x0112 of an EXIF block as PIL holds it (`block` with or without its `Exif\0\0` prefix,
+/// PIL strips one or two): `None` where its first IFD has no entry PIL keeps for the tag (then PIL
+/// looks at the XMP packet), else `Some` of the orientation where the entry's value turns the
+/// picture or is 1. A non-empty block that is not TIFF gives `Some(None)`: PIL reads no XMP
+/// orientation then either (it keeps an empty EXIF, or refuses the picture).
+pub(crate) fn orientation_entry(block: &[u8]) -> Option<Option<u8>> {
+    let mut tiff = block;
+    for _ in 0..2 {
+        tiff = tiff.strip_prefix(b"Exif\0\0").unwrap_or(tiff);
+    }
+    if tiff.is_empty() {
+        return None;
+    }
+    let big = match tiff.get(0..4) {
+        Some([0x49, 0x49, 42, 0]) => false,
+        Some([0x4d, 0x4d, 0, 42]) => true,
+        _ => return Some(None),
     };
-    let u16_at = |o: usize| -> Option<u16> {
-        let b: [u8; 2] = tiff.get(o..o.checked_add(2)?)?.try_into().ok()?;
-        Some(if big {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        })
+    let bytes = |o: usize, n: usize| tiff.get(o..o.checked_add(n)?);
+    let uint = |b: &[u8]| -> u64 {
+        let step = |v: u64, x: &u8| v << 8 | u64::from(*x);
+        match big {
+            true => b.iter().fold(0, step),
+            false => b.iter().rev().fold(0, step),
+        }
     };
-    let u32_at = |o: usize| -> Option<u32> {
-        let b: [u8; 4] = tiff.get(o..o.checked_add(4)?)?.try_into().ok()?;
-        Some(if big {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        })
+    // A cut header: PIL refuses the block.
+    let Some(ifd) = bytes(4, 4) else {
+        return Some(None);
     };
-    let ifd = usize::try_from(u32_at(4)?).ok()?;
-    let entries = usize::from(u16_at(ifd)?);
-    for k in 0..entries {
-        let e = ifd + 2 + 12 * k;
-        if u16_at(e)? != 0x0112 {
+    let ifd = usize::try_from(uint(ifd)).ok()?;
+    let entries = uint(bytes(ifd, 2)?);
+    let limit = tiff.len() as u64;
+    let (mut total, mut kept) = (0u64, vec![false; 1 << 16]);
+    for k in 0..entries as usize {
+        // A short entry ends the reading.
+        let e = bytes(ifd + 2 + 12 * k, 12)?;
+        let (tag, kind, count) = (
+            uint(&e[0..2]) as usize,
+            uint(&e[2..4]) as u16,
+            uint(&e[4..8]),
+        );
+        let Some(size) = unit_bytes(kind).map(|u| u * count) else {
+            continue;
+        };
+        if kept[tag] {
             continue;
         }
-        let (kind, count) = (u16_at(e + 2)?, u32_at(e + 4)?);
-        // An entry PIL skips: a type it does not read, no data, or data outside the block.
-        let Some(size) = unit_bytes(kind).map(|u| u * u64::from(count)) else {
-            continue;
+        let data = match size > 4 {
+            true => {
+                total += size;
+                if total > limit {
+                    continue;
+                }
+                // Past the block, PIL's read fails and its reading of the IFD ends.
+                bytes(usize::try_from(uint(&e[8..12])).ok()?, size as usize)?
+            }
+            false => &e[8..8 + size as usize],
         };
-        let outside = size > 4 && {
-            let at = u64::from(u32_at(e + 8)?);
-            at + size > tiff.len() as u64
-        };
-        if size == 0 || outside {
+        if data.is_empty() {
             continue;
         }
-        let value = match (kind, count) {
-            // BYTE, SBYTE, SHORT, LONG, SSHORT, SLONG: one value in the entry's value field.
-            (1 | 6, 1) => u32::from(*tiff.get(e + 8)?),
-            (3 | 8, 1) => u32::from(u16_at(e + 8)?),
-            (4 | 9, 1) => u32_at(e + 8)?,
-            _ => return Some(None),
-        };
-        return Some(u8::try_from(value).ok().filter(|v| (1..=8).contains(v)));
+        kept[tag] = true;
+        if tag == 0x0112 {
+            return Some(orientation_value(kind, data, &uint));
+        }
     }
     None
+}
+
+/// The orientation an entry's first value gives (see the module's doc), or `None`: PIL's tag
+/// table gives the orientation one value, so it keeps the first of several (with a warning).
+fn orientation_value(kind: u16, data: &[u8], uint: &dyn Fn(&[u8]) -> u64) -> Option<u8> {
+    let first = &data[..unit_bytes(kind)? as usize];
+    let signed = |b: &[u8]| -> i64 {
+        let bits = 8 * b.len() as u32;
+        ((uint(b) << (64 - bits)) as i64) >> (64 - bits)
+    };
+    let whole = |v: f64| (v.fract() == 0.0).then_some(v as i64);
+    let value = match kind {
+        3 | 4 | 13 | 16 => i64::try_from(uint(first)).ok(),
+        6 | 8 | 9 => Some(signed(first)),
+        5 => {
+            let (n, d) = (uint(&first[..4]), uint(&first[4..]));
+            (d != 0 && n % d == 0).then(|| (n / d) as i64)
+        }
+        10 => {
+            let (n, d) = (signed(&first[..4]), signed(&first[4..]));
+            (d != 0 && n % d == 0).then(|| n / d)
+        }
+        11 => whole(f64::from(f32::from_bits(uint(first) as u32))),
+        12 => whole(f64::from_bits(uint(first))),
+        // BYTE (PIL keeps bytes), ASCII, UNDEFINED.
+        _ => None,
+    };
+    value
+        .and_then(|v| u8::try_from(v).ok())
+        .filter(|v| (1..=8).contains(v))
 }
 
 /// The digit PIL's fallback reads from an XMP packet: the first `tiff:Orientation` followed by
@@ -99,20 +147,36 @@ pub(crate) fn xmp_orientation(xmp: &[u8]) -> Option<u8> {
 
 /// What PIL reads of a PNG's metadata for the orientation: its EXIF block and its XMP packet.
 #[derive(Debug, Default, PartialEq)]
-pub(crate) struct PngMeta<'a> {
-    /// The data of the last `eXIf` chunk PIL reads.
-    pub exif: Option<&'a [u8]>,
+pub(crate) struct PngMeta {
+    /// The EXIF block: the last `eXIf` chunk's data or `tEXt` chunk named `exif`'s text.
+    pub exif: Option<Vec<u8>>,
     /// The XMP packet: the last `XML:com.adobe.xmp` text chunk (`tEXt`, `zTXt`, or an `iTXt` whose
     /// texts are UTF-8), else, where that is empty or none, the last such `iTXt` whatever its text.
     pub xmp: Option<Vec<u8>>,
 }
 
+/// The most text PIL reads from a PNG's text chunks, in all (it refuses the picture past it).
+const MAX_TEXT_MEMORY: u64 = 64 << 20;
+
 /// The chunks PIL reads for [`PngMeta`]: all before `IEND`, a later one replacing an earlier one
-/// (`exif_transpose` loads the picture first, which reads the chunks after the pixel data too).
-pub(crate) fn png_meta(png: &[u8]) -> PngMeta<'_> {
+/// (`exif_transpose` loads the picture first, which reads the chunks after the pixel data too; in
+/// an animated PNG, up to the second frame's `fcTL`). An error where the text chunks it inflates
+/// or reads hold more than 64 MB (PIL refuses such a picture too).
+pub(crate) fn png_meta(png: &[u8]) -> Result<PngMeta, String> {
     let mut at = 8usize;
     let mut meta = PngMeta::default();
     let (mut text, mut itxt) = (None, None);
+    let (mut animated, mut pixels, mut memory) = (false, false, 0u64);
+    let mut count = |v: &Option<Vec<u8>>| {
+        memory += v.as_ref().map_or(0, |v| v.len() as u64);
+        match memory > MAX_TEXT_MEMORY {
+            true => Err(format!(
+                "its text chunks hold more than {} MB (PIL refuses it too)",
+                MAX_TEXT_MEMORY >> 20
+            )),
+            false => Ok(()),
+        }
+    };
     while let Some(len) = png
         .get(at..at + 4)
         .and_then(|b| b.try_into().ok())
@@ -125,17 +189,24 @@ pub(crate) fn png_meta(png: &[u8]) -> PngMeta<'_> {
             break;
         };
         match png.get(at + 4..at + 8) {
-            Some(b"eXIf") => meta.exif = Some(data),
+            Some(b"eXIf") => meta.exif = Some([&b"Exif\0\0"[..], data].concat()),
             Some(b"IEND") | None => break,
+            Some(b"acTL") => animated = data.get(0..4).is_some_and(|n| n > &[0, 0, 0, 1][..]),
+            Some(b"IDAT") => pixels = true,
+            Some(b"fcTL") if animated && pixels => break,
             Some(b"tEXt") => {
-                if let Some(v) = data.strip_prefix(XMP_KEY) {
+                if let Some(v) = data.strip_prefix(b"exif\0") {
+                    meta.exif = Some(v.to_vec());
+                } else if let Some(v) = data.strip_prefix(XMP_KEY) {
                     text = Some(v.to_vec());
+                    count(&text)?;
                 }
             }
             Some(b"zTXt") => {
                 // Compression method 0 (zlib); PIL refuses the picture on any other.
                 if let Some([0, z @ ..]) = data.strip_prefix(XMP_KEY) {
                     text = inflate(z);
+                    count(&text)?;
                 }
             }
             Some(b"iTXt") => {
@@ -144,6 +215,7 @@ pub(crate) fn png_meta(png: &[u8]) -> PngMeta<'_> {
                         text = Some(v.clone());
                     }
                     itxt = Some(v);
+                    count(&itxt)?;
                 }
             }
             _ => {}
@@ -151,7 +223,7 @@ pub(crate) fn png_meta(png: &[u8]) -> PngMeta<'_> {
         at = at + 12 + len;
     }
     meta.xmp = text.filter(|t| !t.is_empty()).or(itxt);
-    meta
+    Ok(meta)
 }
 
 /// A text chunk's keyword for the XMP packet, with the NUL that ends it.
@@ -177,22 +249,32 @@ fn itxt_text(r: &[u8]) -> Option<(Vec<u8>, bool)> {
     Some((v, utf8))
 }
 
-/// A zlib stream's data, at most 1 MB of it (PIL's limit on a text chunk, beyond which it drops
-/// or refuses it): `None` where it is broken or larger.
+/// A zlib stream's data, at most 1 MB of it (PIL's limit on a text chunk, beyond which it refuses
+/// the picture): `None` where it is broken or larger. A stream cut short gives what it holds, as
+/// Python's `decompressobj` does.
 fn inflate(z: &[u8]) -> Option<Vec<u8>> {
     use std::io::Read;
     const MAX_TEXT: u64 = 1 << 20;
     let mut out = Vec::new();
-    flate2::read::ZlibDecoder::new(z)
+    let read = flate2::read::ZlibDecoder::new(z)
         .take(MAX_TEXT + 1)
-        .read_to_end(&mut out)
-        .ok()?;
+        .read_to_end(&mut out);
+    match read {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(_) => return None,
+    }
     (out.len() as u64 <= MAX_TEXT).then_some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PNG's `eXIf` data as PIL holds it.
+    fn exif_of(t: &[u8]) -> Vec<u8> {
+        [&b"Exif\0\0"[..], t].concat()
+    }
 
     /// The orientation (1..=8) in a TIFF-structured EXIF block, if any.
     fn orientation(tiff: &[u8]) -> Option<u8> {
@@ -241,7 +323,8 @@ mod tests {
         for big in [false, true] {
             assert_eq!(orientation(&tiff(big, 3, 6)), Some(6));
             assert_eq!(orientation(&tiff(big, 4, 6)), Some(6));
-            assert_eq!(orientation(&tiff(big, 1, 8)), Some(8));
+            // BYTE: PIL keeps bytes, which turn nothing.
+            assert_eq!(orientation(&tiff(big, 1, 8)), None);
             assert_eq!(orientation(&tiff(big, 4, 9)), None);
             assert_eq!(orientation(&tiff(big, 2, 6)), None);
         }
@@ -267,15 +350,15 @@ mod tests {
         png.extend(chunk(b"IDAT", &[1, 2, 3]));
         png.extend(chunk(b"eXIf", &t));
         png.extend(chunk(b"IEND", &[]));
-        assert_eq!(png_meta(&png).exif, Some(&t[..]));
+        assert_eq!(png_meta(&png).unwrap().exif, Some(exif_of(&t)));
         let cut = &png[..png.len() - 20];
-        assert_eq!(png_meta(cut).exif, None);
+        assert_eq!(png_meta(cut).unwrap().exif, None);
         // A later chunk replaces an earlier one, as in PIL.
         let t3 = tiff(false, 3, 3);
         let mut two = png[..png.len() - 12].to_vec();
         two.extend(chunk(b"eXIf", &t3));
         two.extend(chunk(b"IEND", &[]));
-        assert_eq!(png_meta(&two).exif, Some(&t3[..]));
+        assert_eq!(png_meta(&two).unwrap().exif, Some(exif_of(&t3)));
     }
 
     #[test]
@@ -292,13 +375,14 @@ mod tests {
         assert_eq!(orientation_entry(&tiff(true, 4, 9)), Some(None));
         assert_eq!(orientation_entry(&tiff(false, 99, 6)), None);
         assert_eq!(orientation_entry(&tiff(false, 0, 6)), None);
-        // Two LONGs (8 bytes): at offset 400, outside the block; at 4, inside.
+        // Two LONGs (8 bytes): at offset 400, past the block (the reading ends); at 4, inside:
+        // the first (the IFD's offset, 8) is the orientation.
         let mut t = tiff(false, 4, 6);
         t[14..18].copy_from_slice(&2u32.to_le_bytes());
         t[18..22].copy_from_slice(&400u32.to_le_bytes());
         assert_eq!(orientation_entry(&t), None);
         t[18..22].copy_from_slice(&4u32.to_le_bytes());
-        assert_eq!(orientation_entry(&t), Some(None));
+        assert_eq!(orientation_entry(&t), Some(Some(8)));
         // No values at all.
         let mut t = tiff(false, 3, 6);
         t[14..18].copy_from_slice(&0u32.to_le_bytes());
@@ -353,7 +437,7 @@ mod tests {
             let v = if flag == 1 { deflate(v) } else { v.to_vec() };
             chunk(b"iTXt", &[key, &[flag, 0], b"\0\0", &v].concat())
         };
-        let xmp = |p: &[Vec<u8>]| png_meta(&png(p)).xmp;
+        let xmp = |p: &[Vec<u8>]| png_meta(&png(p)).unwrap().xmp;
         assert_eq!(xmp(&[text(b"a"), idat.clone()]), Some(b"a".to_vec()));
         assert_eq!(xmp(&[ztxt(b"z"), idat.clone()]), Some(b"z".to_vec()));
         assert_eq!(xmp(&[itxt(1, b"i"), idat.clone()]), Some(b"i".to_vec()));
@@ -380,13 +464,63 @@ mod tests {
             xmp(&[chunk(b"iTXt", &[key, &[1, 1], b"\0\0x"].concat())]),
             None
         );
+        // A zlib stream cut before its checksum gives its text, as Python's `decompressobj` does.
+        let z = deflate(b"cut");
+        let cut = chunk(b"zTXt", &[key, &[0], &z[..z.len() - 4]].concat());
+        assert_eq!(xmp(&[cut]), Some(b"cut".to_vec()));
+        // A `tEXt` chunk named `exif` is the EXIF block too.
+        let named = png(&[chunk(b"tEXt", &[&b"exif\0"[..], b"II*\0named"].concat())]);
+        assert_eq!(png_meta(&named).unwrap().exif, Some(b"II*\0named".to_vec()));
+        // An animated PNG: nothing after the second frame's control chunk.
+        let actl = chunk(b"acTL", &[0, 0, 0, 2, 0, 0, 0, 0]);
+        let fctl = chunk(b"fcTL", &[0; 26]);
+        let frames = [
+            actl,
+            fctl.clone(),
+            idat.clone(),
+            text(b"a"),
+            fctl,
+            text(b"b"),
+        ];
+        assert_eq!(xmp(&frames), Some(b"a".to_vec()));
+        // More text than PIL reads: refused.
+        let big = vec![b' '; 33 << 20];
+        let e = png_meta(&png(&[text(&big), text(&big)])).unwrap_err();
+        assert!(e.contains("64 MB"), "{e}");
         // An eXIf chunk before the pixel data: the chunks after it are read all the same.
         let exif = chunk(b"eXIf", &tiff(false, 3, 1));
         let late = png(&[exif.clone(), idat.clone(), text(b"late")]);
-        let meta = png_meta(&late);
-        let want = (Some(&tiff(false, 3, 1)[..]), Some(b"late".to_vec()));
+        let meta = png_meta(&late).unwrap();
+        let want = (Some(exif_of(&tiff(false, 3, 1))), Some(b"late".to_vec()));
         assert_eq!((meta.exif, meta.xmp), want);
         let two = png(&[exif, idat, chunk(b"eXIf", b"II*\0second")]);
-        assert_eq!(png_meta(&two).exif, Some(&b"II*\0second"[..]));
+        assert_eq!(png_meta(&two).unwrap().exif, Some(exif_of(b"II*\0second")));
+    }
+
+    /// 600 random EXIF blocks (`tests/fixtures/picture/exif_entries.json`, from
+    /// `make_picture_fixtures.py`) with what Pillow 13's `Exif` holds for the orientation: absent,
+    /// the orientation its lookup finds, or 0 where the entry is there and turns nothing.
+    #[test]
+    fn random_exif_blocks_give_pils_orientation_entries() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/picture/exif_entries.json"
+        );
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(cases.len(), 600);
+        let mut turned = 0;
+        for (i, c) in cases.iter().enumerate() {
+            let hex = c["block"].as_str().unwrap();
+            let block: Vec<u8> = (0..hex.len() / 2)
+                .map(|k| u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).unwrap())
+                .collect();
+            let want = c["orientation"]
+                .as_u64()
+                .map(|v| (v > 0).then_some(v as u8));
+            assert_eq!(orientation_entry(&block), want, "case {i}: {hex}");
+            turned += usize::from(matches!(want, Some(Some(2..=8))));
+        }
+        assert!(turned >= 15, "{turned}");
     }
 }

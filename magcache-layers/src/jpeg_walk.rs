@@ -22,9 +22,10 @@ pub(crate) struct JpegWalk {
     pub blocks: u64,
     /// Bytes of entropy-coded data over all scans.
     pub coded: u64,
-    /// Where the TIFF block of the first `APP1` segment holding EXIF (`Exif\0\0`) before the first
-    /// scan lies in the file, if any: the one PIL reads (the `image` crate's decoder keeps the last).
-    pub exif: Option<std::ops::Range<usize>>,
+    /// Where the data of each `APP1` segment holding EXIF (`Exif\0\0`) before the first scan lies
+    /// in the file, after that prefix: PIL's EXIF block is the first's with the later ones' appended
+    /// (the `image` crate's decoder keeps the last alone).
+    pub exif: Vec<std::ops::Range<usize>>,
     /// Where the XMP packet of the last XMP `APP1` segment (`http://ns.adobe.com/xap/1.0/\0`) before
     /// the first scan lies, if any: PIL's, for the orientation where EXIF has none.
     pub xmp: Option<std::ops::Range<usize>>,
@@ -74,7 +75,7 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
         return Err(JpegFault::Malformed("no start-of-image marker"));
     }
     let (mut at, mut blocks, mut coded) = (2usize, 0u64, 0u64);
-    let (mut exif, mut xmp, mut scanned) = (None, None, false);
+    let (mut exif, mut xmp, mut scanned) = (Vec::new(), None, false);
     loop {
         // Extraneous bytes before a marker (libjpeg warns and skips them), and fill bytes
         // (FF FF ...).
@@ -111,8 +112,8 @@ pub(crate) fn walk(b: &[u8]) -> Result<JpegWalk, JpegFault> {
         if (0xC0..=0xC2).contains(&marker) {
             blocks = frame_blocks(seg).ok_or(JpegFault::Malformed("a frame header too short"))?;
         }
-        if marker == 0xE1 && exif.is_none() && !scanned && seg.starts_with(b"Exif\0\0") {
-            exif = Some(at + 2 + 6..at + len);
+        if marker == 0xE1 && !scanned && seg.starts_with(b"Exif\0\0") {
+            exif.push(at + 2 + 6..at + len);
         }
         if marker == 0xE1 && !scanned && seg.starts_with(XMP_NS) {
             xmp = Some(at + 2 + XMP_NS.len()..at + len);
@@ -193,12 +194,12 @@ mod tests {
         assert_eq!(fault(&t), None);
     }
 
-    /// The first EXIF segment before the scans is the file's EXIF (PIL's choice), not an XMP
-    /// `APP1` and not a later EXIF one; the XMP packet is the last XMP segment's.
+    /// The EXIF segments before the scans, in order (PIL appends the later ones' data to the
+    /// first's), not an XMP `APP1`; the XMP packet is the last XMP segment's.
     #[test]
     fn the_first_exif_segment_is_found() {
         let b = jpeg(16, 8);
-        assert_eq!(walk(&b).unwrap().exif, None);
+        assert!(walk(&b).unwrap().exif.is_empty());
         let seg = |body: &[u8]| -> Vec<u8> {
             let mut s = vec![0xFF, 0xE1];
             s.extend(((body.len() + 2) as u16).to_be_bytes());
@@ -212,7 +213,8 @@ mod tests {
         with.extend(seg(b"http://ns.adobe.com/xap/1.0/\0<last/>"));
         with.extend(&b[2..]);
         let w = walk(&with).unwrap();
-        assert_eq!(&with[w.exif.unwrap()], b"first");
+        let exif: Vec<&[u8]> = w.exif.iter().map(|r| &with[r.clone()]).collect();
+        assert_eq!(exif, [&b"first"[..], b"second"]);
         // The last XMP segment before the scans, its packet after the namespace's NUL.
         assert_eq!(&with[w.xmp.unwrap()], b"<last/>");
         assert_eq!(walk(&b).unwrap().xmp, None);

@@ -34,28 +34,41 @@ const MAX_PICTURE_SIDE: u32 = 1 << 15;
 pub const MAX_PICTURE_PIXELS: u64 = 1 << 26;
 
 /// The orientation PIL finds for a picture's file `bytes` ([`crate::exif`]; `jpeg`: its walk,
-/// where it is a JPEG): the EXIF block's (the JPEG's first EXIF segment, a PNG's last `eXIf`
-/// chunk), else, where that has no orientation entry, its XMP packet's `tiff:Orientation`.
+/// where it is a JPEG): the EXIF block's (the JPEG's EXIF segments, the first with the later ones'
+/// data appended; a PNG's last `eXIf` chunk), else, where that has no orientation entry, its XMP
+/// packet's `tiff:Orientation`. An error where a PNG's text chunks are more than PIL reads.
 fn orientation_of(
     bytes: &[u8],
     jpeg: Option<&crate::jpeg_walk::JpegWalk>,
-) -> image::metadata::Orientation {
-    let png = jpeg.is_none().then(|| crate::exif::png_meta(bytes));
-    let (tiff, xmp) = match (jpeg, &png) {
-        (Some(walk), _) => (
-            walk.exif.clone().and_then(|r| bytes.get(r)),
-            walk.xmp.clone().and_then(|r| bytes.get(r)),
-        ),
-        (None, Some(meta)) => (meta.exif, meta.xmp.as_deref()),
-        (None, None) => (None, None),
+) -> std::result::Result<image::metadata::Orientation, String> {
+    let (tiff, xmp) = match jpeg {
+        Some(walk) => {
+            let exif = (!walk.exif.is_empty()).then(|| {
+                let mut block = b"Exif\0\0".to_vec();
+                for r in &walk.exif {
+                    block.extend_from_slice(bytes.get(r.clone()).unwrap_or_default());
+                }
+                block
+            });
+            let xmp = walk
+                .xmp
+                .clone()
+                .and_then(|r| bytes.get(r))
+                .map(<[u8]>::to_vec);
+            (exif, xmp)
+        }
+        None => {
+            let meta = crate::exif::png_meta(bytes)?;
+            (meta.exif, meta.xmp)
+        }
     };
-    let value = match tiff.and_then(crate::exif::orientation_entry) {
+    let value = match tiff.as_deref().and_then(crate::exif::orientation_entry) {
         Some(entry) => entry,
-        None => xmp.and_then(crate::exif::xmp_orientation),
+        None => xmp.as_deref().and_then(crate::exif::xmp_orientation),
     };
-    value
+    Ok(value
         .and_then(image::metadata::Orientation::from_exif)
-        .unwrap_or(image::metadata::Orientation::NoTransforms)
+        .unwrap_or(image::metadata::Orientation::NoTransforms))
 }
 
 /// Reads a PNG or JPEG file as 8-bit RGB, EXIF orientation applied; errors name the file and `key`
@@ -135,7 +148,7 @@ pub fn load_rgb8(path: &Path, file: &str, key: &str) -> Result<Rgb8> {
             )));
         }
     }
-    let orientation = orientation_of(&bytes, jpeg.as_ref());
+    let orientation = orientation_of(&bytes, jpeg.as_ref()).map_err(bad)?;
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| match e {
         image::ImageError::Limits(_) => bad(format!(
             "decoding it needs more memory than the run may use ({}) or a picture may take",

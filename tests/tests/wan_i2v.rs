@@ -384,6 +384,23 @@ fn exif_orientation_is_applied() {
     }
 }
 
+/// `got` against PIL's reading of the picture `name` in `dir` (`want_NAME_EXT.png`): the same size,
+/// and the largest and mean differences of its bytes.
+fn against_pil(
+    dir: &std::path::Path,
+    name: &str,
+    got: &magcache_layers::picture::Rgb8,
+) -> (u8, f64) {
+    let want = format!("want_{}.png", name.replace('.', "_"));
+    let want =
+        magcache_layers::picture::load_rgb8(&dir.join(want), "run.toml", "inputs.image").unwrap();
+    assert_eq!((got.width, got.height), (want.width, want.height), "{name}");
+    let diffs = || got.data.iter().zip(&want.data).map(|(a, b)| a.abs_diff(*b));
+    let worst = diffs().max().unwrap();
+    let mean = diffs().map(f64::from).sum::<f64>() / got.data.len() as f64;
+    (worst, mean)
+}
+
 /// Where the EXIF block has no orientation entry, the XMP packet's `tiff:Orientation` turns the
 /// picture, as PIL's `getexif` falls back on it (`picture/xmp/`, made by
 /// `tests/fixtures/tools/make_picture_fixtures.py`: a JPEG's XMP segment; a PNG's XMP in `iTXt`,
@@ -401,24 +418,8 @@ fn the_xmp_orientation_is_applied_where_exif_has_none() {
             panic!("{line}")
         };
         let got = load_rgb8(&dir.join(name), "run.toml", "inputs.image").unwrap();
-        let want = format!("want_{}.png", name.replace('.', "_"));
-        let want = load_rgb8(&dir.join(want), "run.toml", "inputs.image").unwrap();
         assert_eq!(format!("{}x{}", got.width, got.height), size, "{name}");
-        assert_eq!((got.width, got.height), (want.width, want.height), "{name}");
-        let worst = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        let mean = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| a.abs_diff(*b) as f64)
-            .sum::<f64>()
-            / got.data.len() as f64;
+        let (worst, mean) = against_pil(&dir, name, &got);
         eprintln!("{name}: orientation {orientation}, max |diff| {worst}, mean {mean:.3}");
         match name.ends_with(".png") {
             true => assert_eq!(worst, 0, "{name}"),
@@ -456,16 +457,7 @@ fn every_pixel_format_reads_as_pil_converts_it() {
             continue;
         }
         let got = got.unwrap_or_else(|e| panic!("{n}: {e}"));
-        let want = format!("want_{}.png", n.replace('.', "_"));
-        let want = load_rgb8(&dir.join(want), "run.toml", "inputs.image").unwrap();
-        assert_eq!((got.width, got.height), (want.width, want.height), "{n}");
-        let worst = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let (worst, _) = against_pil(&dir, &n, &got);
         let bound = if n.ends_with(".jpg") { 2 } else { 0 };
         assert!(worst <= bound, "{n}: {worst} levels from PIL's");
     }

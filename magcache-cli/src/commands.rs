@@ -463,10 +463,7 @@ fn write_video(
                     crate::video::GIF_MAX_FPS,
                     crate::video::GIF_MAX_FPS
                 );
-                match json {
-                    true => eprintln!("{}", serde_json::json!({"event": "warning", "message": w})),
-                    false => eprintln!("warning: {w}"),
-                }
+                crate::run::say(json, "warning", &w);
                 warning = Some(w);
             }
             outs.write(path, &frames.gif(fps)?)?

@@ -43,12 +43,18 @@ impl Collector {
     /// terminal, would swallow the line).
     fn say(&self, kind: &str, msg: &str) {
         match &self.bar {
-            _ if self.json => {
-                eprintln!("{}", serde_json::json!({"event": kind, "message": msg}))
-            }
-            Some(b) if !b.is_hidden() => b.println(format!("{kind}: {msg}")),
-            _ => eprintln!("{kind}: {msg}"),
+            Some(b) if !self.json && !b.is_hidden() => b.println(format!("{kind}: {msg}")),
+            _ => say(self.json, kind, msg),
         }
+    }
+}
+
+/// A `kind` line (`warning`, `note`) on stderr: a JSON event with `--json` (stderr carries JSON
+/// events only), else `kind: msg`.
+pub(crate) fn say(json: bool, kind: &str, msg: &str) {
+    match json {
+        true => eprintln!("{}", serde_json::json!({"event": kind, "message": msg})),
+        false => eprintln!("{kind}: {msg}"),
     }
 }
 

@@ -4,13 +4,13 @@
 //! `exif`, anywhere before `IEND`) is read as PIL's `ImageFileDirectory_v2.load` reads its first
 //! IFD: entries of a type it does not read, or of no data, are skipped; one whose data lies past the
 //! block ends the reading (PIL's read fails there); the first entry kept for a tag is its value. The
-//! orientation turns the picture where its first value equals 2..=8 (PIL keeps the first of several): an integer type (SBYTE,
-//! SHORT, LONG and their signed forms, IFD, LONG8), a whole RATIONAL, or a whole FLOAT or DOUBLE
-//! (PIL's lookup compares by value); BYTE (PIL keeps bytes), ASCII and UNDEFINED never do. Where
-//! the block has no orientation entry (or there is none), PIL falls back on the XMP packet's
-//! `tiff:Orientation`: the first `tiff:Orientation="D` or `tiff:Orientation>D` in it (a JPEG's last
-//! XMP `APP1` segment, a PNG's last `XML:com.adobe.xmp` text chunk). Not read: EXIF carried in
-//! ImageMagick's `Raw profile type exif` text chunks.
+//! orientation turns the picture where its first value (PIL keeps the first of several) equals
+//! 2..=8: an integer type (SBYTE, SHORT, LONG and their signed forms, IFD, LONG8), a whole RATIONAL,
+//! or a whole FLOAT or DOUBLE (PIL's lookup compares by value); BYTE (PIL keeps bytes), ASCII and
+//! UNDEFINED never do. Where the block has no orientation entry (or there is none), PIL falls back
+//! on the XMP packet's `tiff:Orientation`: the first `tiff:Orientation="D` or `tiff:Orientation>D`
+//! in it (a JPEG's last XMP `APP1` segment, a PNG's last `XML:com.adobe.xmp` text chunk). Not read:
+//! EXIF carried in ImageMagick's `Raw profile type exif` text chunks.
 
 /// Bytes of one value of each TIFF type PIL reads (its others it skips as if the entry were not
 /// there): BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED, SSHORT, SLONG, SRATIONAL, FLOAT,
@@ -30,7 +30,7 @@ fn unit_bytes(kind: u16) -> Option<u64> {
 /// looks at the XMP packet), else `Some` of the orientation where the entry's value turns the
 /// picture or is 1. A non-empty block that is not TIFF gives `Some(None)`: PIL reads no XMP
 /// orientation then either (it keeps an empty EXIF, or refuses the picture).
-pub(crate) fn orientation_entry(block: &[u8]) -> Option<Option<u8>> {
+fn orientation_entry(block: &[u8]) -> Option<Option<u8>> {
     let mut tiff = block;
     for _ in 0..2 {
         tiff = tiff.strip_prefix(b"Exif\0\0").unwrap_or(tiff);
@@ -128,7 +128,7 @@ fn orientation_value(kind: u16, data: &[u8], uint: &dyn Fn(&[u8]) -> u64) -> Opt
 /// The digit PIL's fallback reads from an XMP packet: the first `tiff:Orientation` followed by
 /// `="` or `>` and an ASCII digit (its regular expression `tiff:Orientation(="|>)([0-9])`). Only
 /// 2..=8 turn the picture.
-pub(crate) fn xmp_orientation(xmp: &[u8]) -> Option<u8> {
+fn xmp_orientation(xmp: &[u8]) -> Option<u8> {
     const TAG: &[u8] = b"tiff:Orientation";
     let mut from = 0;
     while let Some(i) = xmp[from..].windows(TAG.len()).position(|w| w == TAG) {
@@ -145,26 +145,57 @@ pub(crate) fn xmp_orientation(xmp: &[u8]) -> Option<u8> {
     None
 }
 
-/// What PIL reads of a PNG's metadata for the orientation: its EXIF block and its XMP packet.
+/// What PIL reads of a picture's metadata for the orientation: its EXIF block and its XMP packet.
 #[derive(Debug, Default, PartialEq)]
-pub(crate) struct PngMeta {
-    /// The EXIF block: the last `eXIf` chunk's data or `tEXt` chunk named `exif`'s text.
+pub(crate) struct Metadata {
+    /// The EXIF block as PIL holds it ([`png_meta`], [`jpeg_meta`]).
     pub exif: Option<Vec<u8>>,
-    /// The XMP packet: the last `XML:com.adobe.xmp` text chunk (`tEXt`, `zTXt`, or an `iTXt` whose
-    /// texts are UTF-8), else, where that is empty or none, the last such `iTXt` whatever its text.
+    /// The XMP packet ([`png_meta`], [`jpeg_meta`]).
     pub xmp: Option<Vec<u8>>,
+}
+
+impl Metadata {
+    /// The orientation PIL finds: the EXIF block's entry, else, where it has none, the XMP
+    /// packet's digit.
+    pub(crate) fn orientation(&self) -> Option<u8> {
+        match self.exif.as_deref().and_then(orientation_entry) {
+            Some(entry) => entry,
+            None => self.xmp.as_deref().and_then(xmp_orientation),
+        }
+    }
+}
+
+/// A JPEG's metadata from its walk over `bytes`: the EXIF block is the first EXIF segment with the
+/// later ones' data appended (PIL's), the XMP packet the last XMP segment's.
+pub(crate) fn jpeg_meta(bytes: &[u8], walk: &crate::jpeg_walk::JpegWalk) -> Metadata {
+    let exif = (!walk.exif.is_empty()).then(|| {
+        let mut block = b"Exif\0\0".to_vec();
+        for r in &walk.exif {
+            block.extend_from_slice(bytes.get(r.clone()).unwrap_or_default());
+        }
+        block
+    });
+    let xmp = walk
+        .xmp
+        .clone()
+        .and_then(|r| bytes.get(r))
+        .map(<[u8]>::to_vec);
+    Metadata { exif, xmp }
 }
 
 /// The most text PIL reads from a PNG's text chunks, in all (it refuses the picture past it).
 const MAX_TEXT_MEMORY: u64 = 64 << 20;
 
-/// The chunks PIL reads for [`PngMeta`]: all before `IEND`, a later one replacing an earlier one
+/// A PNG's metadata: the EXIF block is the last `eXIf` chunk's data or `tEXt` chunk named
+/// `exif`'s text; the XMP packet the last `XML:com.adobe.xmp` text chunk (`tEXt`, `zTXt`, or an
+/// `iTXt` whose texts are UTF-8), else, where that is empty or none, the last such `iTXt` whatever
+/// its text. The chunks PIL reads: all before `IEND`, a later one replacing an earlier one
 /// (`exif_transpose` loads the picture first, which reads the chunks after the pixel data too; in
 /// an animated PNG, up to the second frame's `fcTL`). An error where the text chunks it inflates
 /// or reads hold more than 64 MB (PIL refuses such a picture too).
-pub(crate) fn png_meta(png: &[u8]) -> Result<PngMeta, String> {
+pub(crate) fn png_meta(png: &[u8]) -> Result<Metadata, String> {
     let mut at = 8usize;
-    let mut meta = PngMeta::default();
+    let mut meta = Metadata::default();
     let (mut text, mut itxt) = (None, None);
     let (mut animated, mut pixels, mut memory) = (false, false, 0u64);
     let mut count = |v: &Option<Vec<u8>>| {

@@ -1,5 +1,6 @@
 //! Pictures a run conditions on (`[inputs] image`): read as 8-bit RGB with the EXIF orientation (or,
-//! where EXIF has none, the XMP one) applied (what diffusers' `load_image` does: `ImageOps.exif_transpose`, then `convert("RGB")`:
+//! where EXIF has none, the XMP one) applied (what diffusers' `load_image` does:
+//! `ImageOps.exif_transpose`, then `convert("RGB")`:
 //! alpha dropped, gray and palettes expanded, 16-bit values cut to their high byte; a 16-bit
 //! grayscale PNG, which PIL clips to white, is refused), and resampled as PIL resamples 8-bit
 //! images. JPEG decoding is the `image` crate's, not libjpeg's: its pixels may differ from PIL's
@@ -34,39 +35,17 @@ const MAX_PICTURE_SIDE: u32 = 1 << 15;
 pub const MAX_PICTURE_PIXELS: u64 = 1 << 26;
 
 /// The orientation PIL finds for a picture's file `bytes` ([`crate::exif`]; `jpeg`: its walk,
-/// where it is a JPEG): the EXIF block's (the JPEG's EXIF segments, the first with the later ones'
-/// data appended; a PNG's last `eXIf` chunk), else, where that has no orientation entry, its XMP
-/// packet's `tiff:Orientation`. An error where a PNG's text chunks are more than PIL reads.
+/// where it is a JPEG). An error where a PNG's text chunks are more than PIL reads.
 fn orientation_of(
     bytes: &[u8],
     jpeg: Option<&crate::jpeg_walk::JpegWalk>,
 ) -> std::result::Result<image::metadata::Orientation, String> {
-    let (tiff, xmp) = match jpeg {
-        Some(walk) => {
-            let exif = (!walk.exif.is_empty()).then(|| {
-                let mut block = b"Exif\0\0".to_vec();
-                for r in &walk.exif {
-                    block.extend_from_slice(bytes.get(r.clone()).unwrap_or_default());
-                }
-                block
-            });
-            let xmp = walk
-                .xmp
-                .clone()
-                .and_then(|r| bytes.get(r))
-                .map(<[u8]>::to_vec);
-            (exif, xmp)
-        }
-        None => {
-            let meta = crate::exif::png_meta(bytes)?;
-            (meta.exif, meta.xmp)
-        }
+    let meta = match jpeg {
+        Some(walk) => crate::exif::jpeg_meta(bytes, walk),
+        None => crate::exif::png_meta(bytes)?,
     };
-    let value = match tiff.as_deref().and_then(crate::exif::orientation_entry) {
-        Some(entry) => entry,
-        None => xmp.as_deref().and_then(crate::exif::xmp_orientation),
-    };
-    Ok(value
+    Ok(meta
+        .orientation()
         .and_then(image::metadata::Orientation::from_exif)
         .unwrap_or(image::metadata::Orientation::NoTransforms))
 }
